@@ -1,0 +1,73 @@
+"""Error codes of the v1 contract and the layer each belongs to.
+
+A ``failed`` event carries ``error = {code, message, layer}``. The code is
+stable API; the message is for humans.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Layer(enum.StrEnum):
+    ORCHESTRATION = "orchestration"
+    INFERENCE = "inference"
+    CONTEXT = "context"
+
+
+class ErrorCode(enum.StrEnum):
+    # Task admission (orchestration layer).
+    BAD_ENCODING = "bad_encoding"  # body is not MessagePack / not a map
+    MISSING_FIELD = "missing_field"
+    INVALID_FIELD = "invalid_field"  # wrong type or a bad id
+    UNKNOWN_WORKFLOW = "unknown_workflow"
+    INPUT_TOO_LARGE = "input_too_large"
+    DUPLICATE_TASK = "duplicate_task"
+    BUDGET_EXCEEDED = "budget_exceeded"
+    CANCELLED = "cancelled"
+    STEP_TIMEOUT = "step_timeout"
+    INTERNAL = "internal"
+    # Inference layer.
+    PROMPT_TOO_LONG = "prompt_too_long"
+    ENGINE_FAILURE = "engine_failure"
+    # Context layer.
+    BAD_REF = "bad_ref"  # forged, altered or malformed pointer
+    FORBIDDEN = "forbidden"  # another tenant's data
+    UNKNOWN_SESSION = "unknown_session"
+    MESSAGE_TOO_LARGE = "message_too_large"
+    BUDGET_TOO_SMALL = "budget_too_small"
+    BAD_REQUEST = "bad_request"
+    CONTEXT_UNAVAILABLE = "context_unavailable"
+
+
+LAYER_OF: dict[ErrorCode, Layer] = {
+    **{
+        c: Layer.ORCHESTRATION
+        for c in (
+            ErrorCode.BAD_ENCODING,
+            ErrorCode.MISSING_FIELD,
+            ErrorCode.INVALID_FIELD,
+            ErrorCode.UNKNOWN_WORKFLOW,
+            ErrorCode.INPUT_TOO_LARGE,
+            ErrorCode.DUPLICATE_TASK,
+            ErrorCode.BUDGET_EXCEEDED,
+            ErrorCode.CANCELLED,
+            ErrorCode.STEP_TIMEOUT,
+            ErrorCode.INTERNAL,
+        )
+    },
+    ErrorCode.PROMPT_TOO_LONG: Layer.INFERENCE,
+    ErrorCode.ENGINE_FAILURE: Layer.INFERENCE,
+    **{
+        c: Layer.CONTEXT
+        for c in (
+            ErrorCode.BAD_REF,
+            ErrorCode.FORBIDDEN,
+            ErrorCode.UNKNOWN_SESSION,
+            ErrorCode.MESSAGE_TOO_LARGE,
+            ErrorCode.BUDGET_TOO_SMALL,
+            ErrorCode.BAD_REQUEST,
+            ErrorCode.CONTEXT_UNAVAILABLE,
+        )
+    },
+}

@@ -1,0 +1,22 @@
+"""Size limits of the v1 contract. Every service enforces the same numbers."""
+
+from __future__ import annotations
+
+from typing import Final
+
+MAX_INPUT_BYTES: Final = 64 * 1024
+"""Largest ``input`` of a submitted task (UTF-8 bytes)."""
+
+MAX_TASK_BYTES: Final = 96 * 1024
+"""Largest whole task message on ``baton.tasks.*``."""
+
+MAX_CONTEXT_MESSAGE_BYTES: Final = 256 * 1024
+"""Largest single message appended to a session's history."""
+
+MAX_METADATA_KEYS: Final = 32
+
+MAX_OUTPUT_TOKENS: Final = 8192
+"""Ceiling on any step's ``max_tokens``."""
+
+MAX_SERVICE_MESSAGE_BYTES: Final = 4 * 1024
+"""Jobs and results between services carry pointers, so they stay under this."""

@@ -1,0 +1,212 @@
+"""Every message on the bus, as msgspec Structs.
+
+Public (v1 contract, clients depend on it): ``TaskSubmit`` and the four task
+events. Internal (Baton's own, may change): inference jobs and results,
+context requests and replies, worker heartbeats, cancellations.
+
+All bodies are MessagePack maps with string keys, except ``ContextRef`` which
+is a compact array so a pointer stays tens of bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from proto.ids import Id
+
+# --------------------------------------------------------------------------
+# Public: task submission
+# --------------------------------------------------------------------------
+
+
+class Budget(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Limits a task may spend. Unset means unlimited."""
+
+    max_tokens: int | None = None
+    max_usd: float | None = None
+
+
+class TaskSubmit(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Body of ``baton.tasks.<workflow>``."""
+
+    tenant: Id
+    input: str
+    task_id: Id | None = None
+    session: Id | None = None
+    budget: Budget | None = None
+    metadata: dict[str, Any] = {}
+
+
+# --------------------------------------------------------------------------
+# Public: task events on ``baton.events.<tenant>.<task_id>``
+# --------------------------------------------------------------------------
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    gpu_seconds: float = 0.0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            gpu_seconds=self.gpu_seconds + other.gpu_seconds,
+        )
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class ErrorInfo(msgspec.Struct, kw_only=True):
+    code: str
+    message: str
+    layer: str
+
+
+class _Event(msgspec.Struct, tag_field="type", omit_defaults=True, kw_only=True):
+    task_id: str
+    session: str = ""
+    tenant: str = ""
+    ts: float = 0.0
+
+
+class Accepted(_Event, tag="accepted"):
+    workflow: str = ""
+
+
+class Step(_Event, tag="step"):
+    step: str
+    agent: str
+    status: str  # "started" | "done"
+    usage: Usage | None = None
+
+
+class Completed(_Event, tag="completed"):
+    output: str
+    usage: Usage
+    cost_usd: float
+
+
+class Failed(_Event, tag="failed"):
+    error: ErrorInfo
+    partial_output: str | None = None
+
+
+TaskEvent = Accepted | Step | Completed | Failed
+
+# --------------------------------------------------------------------------
+# Internal: context
+# --------------------------------------------------------------------------
+
+
+class ChatMessage(msgspec.Struct, omit_defaults=True, kw_only=True):
+    role: str  # "system" | "user" | "assistant"
+    content: str
+    name: str | None = None
+
+
+class ContextRef(msgspec.Struct, array_like=True, frozen=True):
+    """A signed pointer to the first ``version`` messages of a session."""
+
+    tenant: str
+    session: str
+    version: int
+    sig: bytes
+
+
+class ContextAppend(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Append ``messages`` to a session. ``msg_id`` makes the append idempotent.
+    ``system`` seeds a new (empty) session with a system prompt."""
+
+    tenant: Id
+    session: Id
+    msg_id: str
+    messages: list[ChatMessage]
+    system: str | None = None
+
+
+class ContextAppendReply(msgspec.Struct, omit_defaults=True, kw_only=True):
+    ref: ContextRef | None = None
+    length: int = 0
+    duplicate: bool = False
+    error: ErrorInfo | None = None
+
+
+class WindowRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Resolve ``ref`` into the messages that fit ``budget_tokens``."""
+
+    tenant: Id
+    ref: ContextRef
+    budget_tokens: int
+
+
+class WindowReply(msgspec.Struct, omit_defaults=True, kw_only=True):
+    messages: list[ChatMessage] = []
+    tokens: int = 0
+    dropped: int = 0
+    error: ErrorInfo | None = None
+
+
+# --------------------------------------------------------------------------
+# Internal: inference
+# --------------------------------------------------------------------------
+
+
+class InferenceJob(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Body of ``baton.jobs.<pool>``: a pointer and limits, never the history."""
+
+    job_id: str
+    task_id: Id
+    tenant: Id
+    session: Id
+    workflow: str
+    agent: str
+    ref: ContextRef
+    max_tokens: int
+    temperature: float = 0.0
+    seed: int | None = None
+    context_budget: int = 0  # tokens for the window; 0 = worker decides
+    published_at: float = 0.0
+
+
+class InferenceResult(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Body of ``baton.results.<tenant>.<task_id>``. ``output`` is one
+    completion (bounded by ``max_tokens``), not the history."""
+
+    job_id: str
+    task_id: str
+    tenant: str
+    session: str
+    worker: str
+    ref: ContextRef | None = None
+    output: str = ""
+    usage: Usage = Usage()
+    cached_tokens: int = 0
+    queue_seconds: float = 0.0
+    error: ErrorInfo | None = None
+
+
+class Heartbeat(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Core NATS ``baton.workers.heartbeat.<pool>.<worker>``, every few seconds."""
+
+    worker: str
+    pool: str
+    ready: bool
+    engine: str
+    inflight: int = 0
+    admitted_tokens: int = 0
+    kv_capacity_tokens: int = 0
+    warm_sessions: list[str] = []
+    ts: float = 0.0
+
+
+class Cancel(msgspec.Struct, kw_only=True):
+    """Core NATS ``baton.cancel.<tenant>.<task_id>``: stop the task's generations."""
+
+    tenant: str
+    task_id: str
+    reason: str = "cancelled"

@@ -1,0 +1,123 @@
+"""Stream, consumer and KV bucket definitions (pure data; the transport
+turns them into JetStream configuration)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from proto import subjects
+
+Retention = Literal["workqueue", "limits"]
+
+DAY: Final = 86_400.0
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    retention: Retention
+    duplicate_window: float  # seconds
+    max_age: float = 0.0  # seconds, 0 = forever
+    max_msg_size: int = 1024 * 1024
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerSpec:
+    stream: str
+    durable: str
+    filter_subject: str
+    ack_wait: float  # seconds
+    max_deliver: int
+    max_ack_pending: int = 1000
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BucketSpec:
+    name: str
+    history: int = 1
+    ttl: float = 0.0
+    description: str = ""
+
+
+TASKS = StreamSpec(
+    name="BATON_TASKS",
+    subjects=(f"{subjects.TASKS}.>",),
+    retention="workqueue",
+    duplicate_window=120.0,
+    description="Submitted tasks (public). Nats-Msg-Id = task_id de-duplicates.",
+)
+JOBS = StreamSpec(
+    name="BATON_JOBS",
+    subjects=(f"{subjects.JOBS}.>",),
+    retention="workqueue",
+    duplicate_window=600.0,
+    description="Inference jobs per model pool; Nats-Msg-Id = step id.",
+)
+RESULTS = StreamSpec(
+    name="BATON_RESULTS",
+    subjects=(f"{subjects.RESULTS}.>",),
+    retention="workqueue",
+    duplicate_window=600.0,
+    description="Finished inference jobs, consumed by orchestrators.",
+)
+EVENTS = StreamSpec(
+    name="BATON_EVENTS",
+    subjects=(f"{subjects.EVENTS}.>",),
+    retention="limits",
+    duplicate_window=120.0,
+    max_age=7 * DAY,
+    description="Task events (public, replayable).",
+)
+CONTEXT = StreamSpec(
+    name="BATON_CONTEXT",
+    subjects=(f"{subjects.CONTEXT_LOG}.>",),
+    retention="limits",
+    duplicate_window=600.0,
+    max_msg_size=512 * 1024,
+    description="Every session's messages, one subject per session.",
+)
+DEAD_LETTERS = StreamSpec(
+    name="BATON_DLQ",
+    subjects=(f"{subjects.DEAD_LETTERS}.>",),
+    retention="limits",
+    duplicate_window=120.0,
+    max_age=14 * DAY,
+    description="Messages terminated after their last delivery, kept for inspection.",
+)
+
+ALL_STREAMS: Final = (TASKS, JOBS, RESULTS, EVENTS, CONTEXT, DEAD_LETTERS)
+
+ORCHESTRATOR_TASKS = ConsumerSpec(
+    stream=TASKS.name,
+    durable="orchestrator-tasks",
+    filter_subject=f"{subjects.TASKS}.>",
+    ack_wait=30.0,
+    max_deliver=5,
+    description="Shared by every orchestrator replica.",
+)
+ORCHESTRATOR_RESULTS = ConsumerSpec(
+    stream=RESULTS.name,
+    durable="orchestrator-results",
+    filter_subject=f"{subjects.RESULTS}.>",
+    ack_wait=30.0,
+    max_deliver=5,
+)
+
+
+def worker_consumer(pool: str) -> ConsumerSpec:
+    """The pull consumer every worker of ``pool`` shares."""
+    return ConsumerSpec(
+        stream=JOBS.name,
+        durable=f"worker-{pool}",
+        filter_subject=subjects.job(pool),
+        ack_wait=60.0,  # long generations extend it with in_progress
+        max_deliver=5,
+        max_ack_pending=4096,
+    )
+
+
+RUNS = BucketSpec(name="baton-runs", history=1, description="Durable run state per task.")

@@ -1,0 +1,68 @@
+"""Subject builders. Every subject Baton uses is built here."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from proto.ids import require_id
+
+TASKS: Final = "baton.tasks"
+EVENTS: Final = "baton.events"
+JOBS: Final = "baton.jobs"
+RESULTS: Final = "baton.results"
+CONTEXT_API: Final = "baton.ctx"
+CONTEXT_LOG: Final = "baton.ctxlog"
+HEARTBEATS: Final = "baton.workers.heartbeat"
+CANCEL: Final = "baton.cancel"
+DEAD_LETTERS: Final = "baton.dlq"
+
+CONTEXT_OPS: Final = ("append", "window")
+
+
+def task(workflow: str) -> str:
+    """``baton.tasks.<workflow>`` — public: submit a task."""
+    return f"{TASKS}.{require_id(workflow, 'workflow')}"
+
+
+def event(tenant: str, task_id: str) -> str:
+    """``baton.events.<tenant>.<task_id>`` — public: a task's events."""
+    return f"{EVENTS}.{require_id(tenant, 'tenant')}.{require_id(task_id, 'task_id')}"
+
+
+def job(pool: str) -> str:
+    """``baton.jobs.<pool>`` — inference jobs for a model pool."""
+    return f"{JOBS}.{require_id(pool, 'pool')}"
+
+
+def result(tenant: str, task_id: str) -> str:
+    """``baton.results.<tenant>.<task_id>`` — a finished inference job."""
+    return f"{RESULTS}.{require_id(tenant, 'tenant')}.{require_id(task_id, 'task_id')}"
+
+
+def context_api(op: str, tenant: str) -> str:
+    """``baton.ctx.<op>.<tenant>`` — request-reply to the context store."""
+    if op not in CONTEXT_OPS:
+        raise ValueError(f"unknown context op {op!r}")
+    return f"{CONTEXT_API}.{op}.{require_id(tenant, 'tenant')}"
+
+
+def context_log(tenant: str, session: str) -> str:
+    """``baton.ctxlog.<tenant>.<session>`` — where a session's messages are stored."""
+    return f"{CONTEXT_LOG}.{require_id(tenant, 'tenant')}.{require_id(session, 'session')}"
+
+
+def heartbeat(pool: str, worker: str) -> str:
+    return f"{HEARTBEATS}.{require_id(pool, 'pool')}.{require_id(worker, 'worker')}"
+
+
+def cancel(tenant: str, task_id: str) -> str:
+    return f"{CANCEL}.{require_id(tenant, 'tenant')}.{require_id(task_id, 'task_id')}"
+
+
+def dead_letter(consumer: str) -> str:
+    return f"{DEAD_LETTERS}.{require_id(consumer, 'consumer')}"
+
+
+def workflow_of(subject: str) -> str:
+    """The ``<workflow>`` token of a task subject (may be invalid; caller checks)."""
+    return subject[len(TASKS) + 1 :]

