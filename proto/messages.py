@@ -184,7 +184,7 @@ class InferenceResult(msgspec.Struct, omit_defaults=True, kw_only=True):
     worker: str
     ref: ContextRef | None = None
     output: str = ""
-    usage: Usage = Usage()
+    usage: Usage = msgspec.field(default_factory=Usage)
     cached_tokens: int = 0
     queue_seconds: float = 0.0
     error: ErrorInfo | None = None
