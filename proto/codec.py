@@ -31,7 +31,8 @@ def _decoder(type_: Any) -> msgspec.msgpack.Decoder[Any]:
 def decode(data: bytes, type_: type[T]) -> T:
     """Decode and validate ``data`` as ``type_``. Raises ``DecodeError``
     (``ValidationError`` is a subclass) on bad input."""
-    return _decoder(type_).decode(data)  # type: ignore[no-any-return]
+    decoder: msgspec.msgpack.Decoder[T] = _decoder(type_)  # type: ignore[arg-type]
+    return decoder.decode(data)
 
 
 def decode_any(data: bytes) -> Any:

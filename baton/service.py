@@ -1,0 +1,132 @@
+"""Process scaffolding shared by the three services: logging, the NATS
+connection, the HTTP server (health, readiness, metrics, API) and a clean
+shutdown on SIGTERM / SIGINT.
+
+A service supplies a ``ServiceApp``: its FastAPI app and a coroutine that runs
+its NATS side until the bus stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import uvicorn
+from fastapi import FastAPI, Response
+
+from baton import logs
+from baton.metrics import mount_metrics
+from baton.settings import CommonSettings
+from baton.transport import Bus, connect
+
+log = structlog.get_logger("baton.service")
+
+
+@dataclass
+class Health:
+    """Liveness and readiness, as the HTTP probes see them."""
+
+    ready: bool = False
+    reason: str = "starting"
+    checks: dict[str, bool] = field(default_factory=dict)
+
+
+def health_app(title: str, health: Health) -> FastAPI:
+    """A FastAPI app with ``/healthz``, ``/readyz`` and ``/metrics``."""
+    app = FastAPI(title=title)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz(response: Response) -> dict[str, object]:
+        if not health.ready:
+            response.status_code = 503
+        return {"ready": health.ready, "reason": health.reason, **health.checks}
+
+    mount_metrics(app)
+    return app
+
+
+Runner = Callable[[Bus], Awaitable[None]]
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the service owns SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(
+    name: str,
+    settings: CommonSettings,
+    app: FastAPI,
+    run: Runner,
+    *,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Connect to NATS, run ``run(bus)`` and the HTTP server until a signal.
+
+    On SIGTERM/SIGINT: the bus stops pulling, ``run`` returns once in-flight
+    work is settled (the service decides how long that may take), then the
+    HTTP server and the connection close.
+    """
+    bus = await connect(
+        settings.nats_url,
+        name=name,
+        replicas=settings.stream_replicas,
+        timeout=settings.connect_timeout,
+    )
+    server = _QuietServer(
+        uvicorn.Config(
+            app,
+            host=settings.http_host,
+            port=settings.http_port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+    )
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        log.info("stopping")
+        bus.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    http = asyncio.create_task(server.serve())
+    log.info("started", nats=settings.nats_url, http=f"{settings.http_host}:{settings.http_port}")
+    try:
+        await run(bus)
+    finally:
+        if on_stop is not None:
+            await on_stop()
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await http
+        await bus.close()
+        log.info("stopped")
+
+
+def main_entry(
+    name: str, settings: CommonSettings, coro: Callable[[], Coroutine[Any, Any, None]]
+) -> None:
+    """Configure logging and run ``coro`` with uvloop when available."""
+    logs.configure(
+        name, level=settings.log_level, json=settings.log_json, log_prompts=settings.log_prompts
+    )
+    try:
+        import uvloop
+
+        uvloop.run(coro())
+    except ImportError:
+        asyncio.run(coro())

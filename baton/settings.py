@@ -1,0 +1,33 @@
+"""Settings shared by every service; each service subclasses ``CommonSettings``
+with its own fields, so each process has exactly one settings object.
+
+Every field reads from an environment variable ``BATON_<FIELD>``; the NATS
+URL also honours plain ``NATS_URL``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BATON_", extra="ignore")
+
+    nats_url: str = Field(
+        default=DEFAULT_NATS_URL,
+        validation_alias=AliasChoices("BATON_NATS_URL", "NATS_URL"),
+    )
+    log_level: str = "INFO"
+    log_json: bool = True
+    # Prompts and completions are customer data: logged only when asked for.
+    log_prompts: bool = False
+    http_host: str = "127.0.0.1"
+    http_port: int = 0
+    stream_replicas: int = 1
+    data_dir: Path = Path(".data")
+    connect_timeout: float = 5.0

@@ -1,0 +1,39 @@
+"""W3C ``traceparent`` propagation across every hop.
+
+The current traceparent lives in a contextvar: the transport sets it from an
+incoming message's header (as a child span) and stamps it on every outgoing
+message.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import secrets
+
+_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("traceparent", default=None)
+
+
+def new_traceparent() -> str:
+    """Start a new trace (sampled)."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+def child_of(parent: str | None) -> str:
+    """A new span in ``parent``'s trace, or a new trace when ``parent`` is unusable."""
+    parts = (parent or "").split("-")
+    if len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16:
+        return f"00-{parts[1]}-{secrets.token_hex(8)}-{parts[3]}"
+    return new_traceparent()
+
+
+def trace_id(traceparent: str | None) -> str | None:
+    parts = (traceparent or "").split("-")
+    return parts[1] if len(parts) == 4 else None
+
+
+def current() -> str | None:
+    return _current.get()
+
+
+def set_current(traceparent: str | None) -> contextvars.Token[str | None]:
+    return _current.set(traceparent)

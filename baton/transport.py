@@ -1,0 +1,517 @@
+"""The one NATS transport every Baton service uses.
+
+* ``connect`` — connect with reconnect, or raise ``BusUnavailable`` clearly.
+* ``Bus.provision`` — create/update streams, consumers and KV buckets
+  idempotently (retrying JetStream's transient "error creating store").
+* ``Bus.publish`` — JetStream publish with ``Nats-Msg-Id``, ``Baton-Task-Id``
+  and a W3C ``traceparent`` header.
+* ``Bus.consume`` — a pull loop that fetches in batches with a short timeout,
+  runs handlers concurrently, keeps long handlers alive with ``in_progress``,
+  and turns each handler's outcome into ack / nak-with-delay / term.
+
+Handler outcomes are explicit::
+
+    return normally   -> ack
+    raise Nak(delay)  -> nak, redelivered after ``delay`` seconds
+    raise Term(why)   -> term (poison: never redelivered), dead-lettered
+    any other error   -> nak with back-off; on the last delivery, term + dead letter
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
+
+from baton import tracing
+from baton.metrics import DEAD_LETTERS, MESSAGES_HANDLED
+from proto import codec, subjects
+from proto.streams import BucketSpec, ConsumerSpec, StreamSpec
+
+log = structlog.get_logger("baton.transport")
+
+HDR_MSG_ID = "Nats-Msg-Id"
+HDR_TASK_ID = "Baton-Task-Id"
+HDR_TRACEPARENT = "traceparent"
+HDR_DLQ_REASON = "Baton-Dead-Letter-Reason"
+HDR_DLQ_SUBJECT = "Baton-Original-Subject"
+
+_STORE_RACE_ERR = 10049  # "error creating store for stream": transient, retry
+
+
+class TransportError(Exception):
+    """Base class of transport failures."""
+
+
+class BusUnavailable(TransportError):
+    """NATS could not be reached."""
+
+    def __init__(self, url: str, cause: BaseException | None = None) -> None:
+        super().__init__(f"cannot reach NATS at {url}: {cause or 'no server answered'}")
+        self.url = url
+
+
+class Nak(Exception):
+    """Handler outcome: redeliver after ``delay`` seconds."""
+
+    def __init__(self, delay: float = 1.0, reason: str = "") -> None:
+        super().__init__(reason or f"nak({delay})")
+        self.delay = delay
+        self.reason = reason
+
+
+class Term(Exception):
+    """Handler outcome: never redeliver this message. ``dead_letter`` keeps a
+    copy on ``baton.dlq.<consumer>`` (poison); rejected client input that was
+    already answered with a ``failed`` event sets it False."""
+
+    def __init__(self, reason: str, *, dead_letter: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.dead_letter = dead_letter
+
+
+def _headers(
+    msg_id: str | None, task_id: str | None, extra: dict[str, str] | None
+) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    if msg_id:
+        headers[HDR_MSG_ID] = msg_id
+    if task_id:
+        headers[HDR_TASK_ID] = task_id
+    headers[HDR_TRACEPARENT] = tracing.child_of(tracing.current())
+    if extra:
+        headers.update(extra)
+    return headers
+
+
+class Delivery:
+    """One JetStream message handed to a handler."""
+
+    __slots__ = ("_settled", "msg")
+
+    def __init__(self, msg: Msg) -> None:
+        self.msg = msg
+        self._settled = False
+
+    @property
+    def subject(self) -> str:
+        return self.msg.subject
+
+    @property
+    def data(self) -> bytes:
+        return self.msg.data
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.msg.headers or {}
+
+    @property
+    def msg_id(self) -> str | None:
+        return self.headers.get(HDR_MSG_ID)
+
+    @property
+    def task_id(self) -> str | None:
+        return self.headers.get(HDR_TASK_ID)
+
+    @property
+    def num_delivered(self) -> int:
+        return self.msg.metadata.num_delivered or 1
+
+    @property
+    def stream_seq(self) -> int:
+        return self.msg.metadata.sequence.stream
+
+    @property
+    def published_at(self) -> float:
+        """When the message entered the stream (epoch seconds)."""
+        ts = self.msg.metadata.timestamp
+        return ts.timestamp() if ts is not None else time.time()
+
+    def decode(self, type_: type[Any]) -> Any:
+        return codec.decode(self.data, type_)
+
+    async def ack(self) -> None:
+        if not self._settled:
+            self._settled = True
+            await self.msg.ack()
+
+    async def nak(self, delay: float | None = None) -> None:
+        if not self._settled:
+            self._settled = True
+            await self.msg.nak(delay=delay)
+
+    async def term(self) -> None:
+        if not self._settled:
+            self._settled = True
+            await self.msg.term()
+
+    async def in_progress(self) -> None:
+        if not self._settled:
+            await self.msg.in_progress()
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+@dataclass
+class Puller:
+    """A bound pull subscription: ``fetch`` up to ``n`` messages."""
+
+    spec: ConsumerSpec
+    sub: JetStreamContext.PullSubscription
+
+    async def fetch(self, n: int, timeout: float) -> list[Delivery]:
+        try:
+            msgs = await self.sub.fetch(batch=max(1, n), timeout=timeout)
+        except nats.errors.TimeoutError:
+            return []
+        return [Delivery(m) for m in msgs]
+
+
+def _stream_config(spec: StreamSpec, replicas: int) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=spec.name,
+        subjects=list(spec.subjects),
+        retention=api.RetentionPolicy.WORK_QUEUE
+        if spec.retention == "workqueue"
+        else api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        duplicate_window=spec.duplicate_window,
+        max_age=spec.max_age or None,
+        max_msg_size=spec.max_msg_size,
+        num_replicas=replicas,
+        allow_direct=True,
+        description=spec.description or None,
+    )
+
+
+def _consumer_config(spec: ConsumerSpec) -> api.ConsumerConfig:
+    return api.ConsumerConfig(
+        durable_name=spec.durable,
+        filter_subject=spec.filter_subject,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_wait=spec.ack_wait,
+        max_deliver=spec.max_deliver,
+        max_ack_pending=spec.max_ack_pending,
+        description=spec.description or None,
+    )
+
+
+async def _retry_store_race(op: Callable[[], Awaitable[Any]], attempts: int = 8) -> Any:
+    for attempt in range(attempts):
+        try:
+            return await op()
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != _STORE_RACE_ERR or attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
+class Bus:
+    """A connected NATS client plus JetStream, shared by one service process."""
+
+    def __init__(self, nc: NATS, *, replicas: int = 1) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.replicas = replicas
+        self._stopping = asyncio.Event()
+
+    # -- provisioning ------------------------------------------------------
+
+    async def ensure_stream(self, spec: StreamSpec) -> None:
+        config = _stream_config(spec, self.replicas)
+        try:
+            await _retry_store_race(lambda: self.js.add_stream(config))
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != 10058:  # stream name in use with a different config
+                raise
+            await self.js.update_stream(config)
+
+    async def ensure_consumer(self, spec: ConsumerSpec) -> None:
+        config = _consumer_config(spec)
+        try:
+            await self.js.add_consumer(spec.stream, config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code not in (10148, 10013):  # consumer exists with another config
+                raise
+            await self.js.delete_consumer(spec.stream, spec.durable)
+            await self.js.add_consumer(spec.stream, config)
+
+    async def ensure_bucket(self, spec: BucketSpec) -> KeyValue:
+        kv: KeyValue = await _retry_store_race(
+            lambda: self.js.create_key_value(
+                bucket=spec.name,
+                history=spec.history,
+                ttl=spec.ttl or None,
+                replicas=self.replicas,
+                direct=True,
+                description=spec.description or None,
+            )
+        )
+        return kv
+
+    async def provision(
+        self,
+        streams: Sequence[StreamSpec] = (),
+        consumers: Sequence[ConsumerSpec] = (),
+    ) -> None:
+        """Create or update streams and consumers; safe to call from every replica."""
+        for s in streams:
+            await self.ensure_stream(s)
+        for c in consumers:
+            await self.ensure_consumer(c)
+
+    # -- publishing --------------------------------------------------------
+
+    async def publish(
+        self,
+        subject: str,
+        body: Any,
+        *,
+        msg_id: str | None = None,
+        task_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> api.PubAck:
+        """JetStream publish of a Struct (or bytes); returns the PubAck
+        (``duplicate`` is true when ``msg_id`` was already stored)."""
+        payload = body if isinstance(body, bytes) else codec.encode(body)
+        return await self.js.publish(subject, payload, headers=_headers(msg_id, task_id, headers))
+
+    async def notify(self, subject: str, body: Any, *, task_id: str | None = None) -> None:
+        """Core NATS publish (heartbeats, cancellations): fire and forget."""
+        payload = body if isinstance(body, bytes) else codec.encode(body)
+        await self.nc.publish(subject, payload, headers=_headers(None, task_id, None))
+
+    async def request(
+        self,
+        subject: str,
+        body: Any,
+        reply_type: type[Any],
+        *,
+        timeout: float = 5.0,
+        task_id: str | None = None,
+    ) -> Any:
+        """Core request-reply with typed decoding of the reply."""
+        msg = await self.nc.request(
+            subject, codec.encode(body), timeout=timeout, headers=_headers(None, task_id, None)
+        )
+        return codec.decode(msg.data, reply_type)
+
+    # -- consuming ---------------------------------------------------------
+
+    async def puller(self, spec: ConsumerSpec) -> Puller:
+        sub = await self.js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+        return Puller(spec=spec, sub=sub)
+
+    async def settle(self, spec: ConsumerSpec, delivery: Delivery, handler: Handler) -> None:
+        """Run ``handler`` on one delivery and settle it by outcome."""
+        parent = delivery.headers.get(HDR_TRACEPARENT)
+        token = tracing.set_current(tracing.child_of(parent))
+        bound = {"consumer": spec.durable, "trace_id": tracing.trace_id(tracing.current())}
+        if delivery.task_id:
+            bound["task_id"] = delivery.task_id
+        try:
+            with structlog.contextvars.bound_contextvars(**bound):
+                await self._settle(spec, delivery, handler)
+        finally:
+            tracing._current.reset(token)
+
+    async def _settle(self, spec: ConsumerSpec, delivery: Delivery, handler: Handler) -> None:
+        keepalive = asyncio.create_task(self._keepalive(delivery, spec.ack_wait / 3))
+        outcome = "ack"
+        try:
+            await handler(delivery)
+            await delivery.ack()
+        except Nak as nak:
+            if delivery.num_delivered >= spec.max_deliver:
+                outcome = "term"
+                await self.dead_letter(spec, delivery, f"nak on last delivery: {nak.reason}")
+            else:
+                outcome = "nak"
+                await delivery.nak(nak.delay)
+        except Term as term:
+            outcome = "term"
+            if term.dead_letter:
+                await self.dead_letter(spec, delivery, term.reason)
+            else:
+                await delivery.term()
+        except asyncio.CancelledError:
+            outcome = "nak"
+            with contextlib.suppress(Exception):
+                await asyncio.shield(delivery.nak(0.5))
+            raise
+        except Exception as exc:
+            if delivery.num_delivered >= spec.max_deliver:
+                outcome = "term"
+                log.error("handler_failed_last_delivery", error=repr(exc))
+                await self.dead_letter(spec, delivery, f"{type(exc).__name__}: {exc}")
+            else:
+                outcome = "nak"
+                delay = min(30.0, 0.5 * 2 ** (delivery.num_delivered - 1))
+                log.warning("handler_failed", error=repr(exc), retry_in=delay)
+                await delivery.nak(delay)
+        finally:
+            keepalive.cancel()
+            MESSAGES_HANDLED.labels(spec.durable, outcome).inc()
+
+    async def dead_letter(self, spec: ConsumerSpec, delivery: Delivery, reason: str) -> None:
+        """Terminate ``delivery`` and keep a copy on ``baton.dlq.<consumer>``."""
+        DEAD_LETTERS.labels(spec.durable).inc()
+        log.warning("dead_lettered", reason=reason, subject=delivery.subject)
+        await delivery.term()
+        try:
+            await self.publish(
+                subjects.dead_letter(spec.durable),
+                delivery.data,
+                msg_id=f"{spec.durable}:{delivery.stream_seq}",
+                task_id=delivery.task_id,
+                headers={HDR_DLQ_REASON: reason[:200], HDR_DLQ_SUBJECT: delivery.subject},
+            )
+        except Exception as exc:  # the DLQ copy is best effort; the term stands
+            log.warning("dead_letter_copy_failed", error=repr(exc))
+
+    @staticmethod
+    async def _keepalive(delivery: Delivery, every: float) -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                await asyncio.sleep(every)
+                await delivery.in_progress()
+
+    async def consume(
+        self,
+        spec: ConsumerSpec,
+        handler: Handler,
+        *,
+        concurrency: int = 64,
+        fetch_timeout: float = 0.05,
+        idle_timeout: float = 1.0,
+    ) -> None:
+        """Pull and handle messages until ``stop()``; at most ``concurrency``
+        handlers run at once. In-flight handlers finish before it returns."""
+        puller = await self.puller(spec)
+        running: set[asyncio.Task[None]] = set()
+        while not self._stopping.is_set():
+            free = concurrency - len(running)
+            if free <= 0:
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                # Short waits while busy so finished slots refill quickly; an
+                # idle consumer waits longer per fetch to spare the server.
+                batch = await puller.fetch(free, fetch_timeout if running else idle_timeout)
+            except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
+                break
+            except Exception as exc:
+                log.warning("fetch_failed", consumer=spec.durable, error=repr(exc))
+                await asyncio.sleep(0.5)
+                continue
+            for d in batch:
+                task = asyncio.create_task(self.settle(spec, d, handler))
+                running.add(task)
+                task.add_done_callback(running.discard)
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+
+    def stop(self) -> None:
+        """Ask every ``consume`` loop to stop pulling."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def wait_stopped(self) -> None:
+        """Return once ``stop()`` was called."""
+        await self._stopping.wait()
+
+    async def pending(self, spec: ConsumerSpec) -> int:
+        """Messages waiting for, or held by, the consumer (the scaling signal)."""
+        info = await self.js.consumer_info(spec.stream, spec.durable)
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+    async def close(self) -> None:
+        """Flush what was published and close. (Not ``drain``: nats-py waits
+        out its whole drain timeout on a bound pull subscription.)"""
+        self.stop()
+        with contextlib.suppress(Exception):
+            await self.nc.flush(timeout=2)
+        with contextlib.suppress(Exception):
+            await self.nc.close()
+
+
+async def connect(
+    url: str,
+    *,
+    name: str,
+    replicas: int = 1,
+    timeout: float = 5.0,
+) -> Bus:
+    """Connect to NATS (reconnecting forever once connected).
+
+    Raises:
+        BusUnavailable: no server answered within ``timeout`` seconds.
+    """
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats_error", error=repr(exc))
+
+    async def on_disconnect() -> None:
+        log.warning("nats_disconnected", url=url)
+
+    async def on_reconnect() -> None:
+        log.info("nats_reconnected", url=url)
+
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            nc = await nats.connect(
+                servers=[url],
+                name=name,
+                connect_timeout=max(1, int(min(2.0, timeout))),
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+            )
+            return Bus(nc, replicas=replicas)
+        except (OSError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
+            last = exc
+            await asyncio.sleep(0.25)
+    raise BusUnavailable(url, last)
+
+
+def is_duplicate_error(exc: BaseException) -> bool:
+    """True for a KV ``create`` on an existing key."""
+    return isinstance(exc, nats.js.errors.KeyWrongLastSequenceError)
+
+
+__all__ = [
+    "Bus",
+    "BusUnavailable",
+    "Delivery",
+    "Handler",
+    "Nak",
+    "Puller",
+    "Term",
+    "TransportError",
+    "connect",
+    "is_duplicate_error",
+]

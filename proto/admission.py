@@ -1,0 +1,140 @@
+"""Admission of a submitted task: decode, validate, or explain the rejection.
+
+Pure: takes the raw body and the subject's workflow token, returns a
+``TaskSubmit`` or raises ``TaskRejected`` carrying what could still be read
+(tenant, task_id) so a ``failed`` event can be addressed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+
+from proto.codec import decode, decode_any
+from proto.errors import ErrorCode
+from proto.ids import is_valid_id
+from proto.limits import MAX_INPUT_BYTES, MAX_METADATA_KEYS, MAX_TASK_BYTES
+from proto.messages import TaskSubmit
+
+_MISSING = re.compile(r"missing required field `(\w+)`")
+
+
+class TaskRejected(Exception):
+    """A task that cannot be accepted. ``tenant``/``task_id`` are set when they
+    could be read from the body (or the message id) and are valid ids."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        tenant: str | None = None,
+        task_id: str | None = None,
+        session: str | None = None,
+    ) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.tenant = tenant
+        self.task_id = task_id
+        self.session = session
+
+    @property
+    def addressable(self) -> bool:
+        """True when a ``failed`` event can be published for it."""
+        return self.tenant is not None and self.task_id is not None
+
+
+def _readable_ids(raw: Any, msg_id: str | None) -> dict[str, str | None]:
+    """Best-effort tenant/task_id/session from an invalid body."""
+    body = raw if isinstance(raw, dict) else {}
+    tenant = body.get("tenant")
+    task_id = body.get("task_id", msg_id)
+    session = body.get("session")
+    return {
+        "tenant": tenant if is_valid_id(tenant) else None,
+        "task_id": task_id if is_valid_id(task_id) else None,
+        "session": session if is_valid_id(session) else None,
+    }
+
+
+def parse_task(
+    body: bytes,
+    *,
+    workflow: str,
+    known_workflows: frozenset[str] | set[str],
+    msg_id: str | None = None,
+    fallback_task_id: str | None = None,
+) -> TaskSubmit:
+    """Validate a task body published on ``baton.tasks.<workflow>``.
+
+    Args:
+        body: the raw MessagePack body.
+        workflow: the subject's workflow token.
+        known_workflows: workflows this orchestrator runs.
+        msg_id: the ``Nats-Msg-Id`` header, used as task id when the body has none.
+        fallback_task_id: a deterministic id (e.g. from the stream sequence)
+            when neither the body nor the header names one.
+
+    Returns:
+        The task, with ``task_id`` and ``session`` always set.
+
+    Raises:
+        TaskRejected: with a specific ``ErrorCode``.
+    """
+    ids: dict[str, str | None] = {"tenant": None, "task_id": None, "session": None}
+    try:
+        raw = decode_any(body)
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise TaskRejected(ErrorCode.BAD_ENCODING, f"body is not MessagePack: {exc}") from exc
+    ids = _readable_ids(raw, msg_id if is_valid_id(msg_id) else None)
+    if ids["task_id"] is None and isinstance(raw, dict) and "task_id" not in raw:
+        ids["task_id"] = fallback_task_id
+    if not isinstance(raw, dict):
+        raise TaskRejected(
+            ErrorCode.BAD_ENCODING, f"body must be a map, got {type(raw).__name__}", **ids
+        )
+    if len(body) > MAX_TASK_BYTES:
+        raise TaskRejected(
+            ErrorCode.INPUT_TOO_LARGE,
+            f"task is {len(body)} bytes, the limit is {MAX_TASK_BYTES}",
+            **ids,
+        )
+    try:
+        task = decode(body, TaskSubmit)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        missing = _MISSING.search(text)
+        code = ErrorCode.MISSING_FIELD if missing else ErrorCode.INVALID_FIELD
+        raise TaskRejected(code, text, **ids) from exc
+    if workflow not in known_workflows:
+        raise TaskRejected(
+            ErrorCode.UNKNOWN_WORKFLOW,
+            f"unknown workflow {workflow!r}; known: {', '.join(sorted(known_workflows))}",
+            **ids,
+        )
+    size = len(task.input.encode())
+    if size > MAX_INPUT_BYTES:
+        raise TaskRejected(
+            ErrorCode.INPUT_TOO_LARGE,
+            f"input is {size} bytes, the limit is {MAX_INPUT_BYTES}",
+            **ids,
+        )
+    if len(task.metadata) > MAX_METADATA_KEYS:
+        raise TaskRejected(
+            ErrorCode.INVALID_FIELD, f"metadata has more than {MAX_METADATA_KEYS} keys", **ids
+        )
+    budget = task.budget
+    if budget is not None and (
+        (budget.max_tokens is not None and budget.max_tokens <= 0)
+        or (budget.max_usd is not None and budget.max_usd <= 0)
+    ):
+        raise TaskRejected(ErrorCode.INVALID_FIELD, "budget limits must be positive", **ids)
+    task_id = task.task_id or ids["task_id"]
+    if task_id is None:
+        raise TaskRejected(ErrorCode.MISSING_FIELD, "no task_id in body, header or fallback")
+    task.task_id = task_id
+    task.session = task.session or task_id
+    return task
