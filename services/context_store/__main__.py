@@ -1,0 +1,28 @@
+"""``baton-context-store``: run the context store service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from baton.service import Health, main_entry, serve
+
+from .service import http_app, run
+from .settings import ContextStoreSettings
+
+NAME = "context-store"
+
+
+def main() -> None:
+    settings = ContextStoreSettings()
+    health = Health()
+    holder: list[Any] = []
+    app = http_app(health, lambda: holder[0] if holder else None)
+    main_entry(
+        NAME,
+        settings,
+        lambda: serve(NAME, settings, app, lambda bus: run(bus, settings, health, holder)),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Context store settings (env ``BATON_*``)."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from baton.settings import CommonSettings
+
+
+class ContextStoreSettings(CommonSettings):
+    http_port: int = 8081
+    # HMAC key for context refs. Only context stores hold it. When unset, a
+    # random key is generated once and kept in ``<data_dir>/context.key``.
+    context_key: SecretStr | None = None
+    default_budget_tokens: int = 2048
+    cached_sessions: int = 2048
+    request_concurrency: int = 256
+
+    def signing_key(self) -> bytes:
+        if self.context_key is not None:
+            return self.context_key.get_secret_value().encode()
+        path = Path(self.data_dir) / "context.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_hex(32))
+            path.chmod(0o600)
+        return path.read_text().strip().encode()
