@@ -1,0 +1,57 @@
+"""Engine selection by configuration (``BATON_ENGINE=vllm|openai|sim``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .base import Engine
+
+if TYPE_CHECKING:
+    from ..settings import WorkerSettings
+
+
+def tiny_model_dir(settings: WorkerSettings) -> Path:
+    """Where the no-download tiny model lives for this data directory."""
+    return Path(settings.data_dir) / "models" / "tiny"
+
+
+def build_engine(settings: WorkerSettings) -> Engine:
+    """The engine named by ``settings.engine`` (heavy imports stay lazy)."""
+    if settings.engine == "sim":
+        from .sim import SimEngine
+
+        return SimEngine(
+            kv_tokens=settings.sim_kv_tokens,
+            max_num_seqs=settings.max_num_seqs,
+            max_model_len=settings.max_model_len,
+            prefill_tps=settings.sim_prefill_tps,
+            decode_tps=settings.sim_decode_tps,
+        )
+    if settings.engine == "openai":
+        from .openai import OpenAIEngine
+
+        key = settings.openai_api_key
+        return OpenAIEngine(
+            base_url=settings.openai_base_url,
+            model=settings.openai_model,
+            api_key=key.get_secret_value() if key else None,
+            max_model_len=settings.max_model_len,
+            max_num_seqs=settings.max_num_seqs,
+        )
+    from .vllm import VLLMEngine
+
+    model = settings.model
+    if model is None:
+        from baton.tinymodel import build_tiny_model
+
+        model = str(build_tiny_model(tiny_model_dir(settings)))
+    return VLLMEngine(
+        model=model,
+        served_name=settings.served_model_name,
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        kv_cache_memory_bytes=settings.kv_cache_bytes,
+        block_size=settings.block_size,
+        enforce_eager=settings.enforce_eager,
+    )

@@ -1,0 +1,36 @@
+"""``baton-inference-worker``: run one inference worker."""
+
+from __future__ import annotations
+
+from fastapi import HTTPException
+
+from baton.service import Health, health_app, main_entry, serve
+
+from .engines import build_engine
+from .settings import WorkerSettings
+from .worker import Worker
+
+NAME = "inference-worker"
+
+
+def main() -> None:
+    settings = WorkerSettings()
+    health = Health()
+    engine = build_engine(settings)
+    worker = Worker(settings, engine, health)
+    app = health_app("Baton inference worker", health)
+
+    @app.post("/debug/inject-oom", include_in_schema=False)
+    def inject_oom(count: int = 1) -> dict[str, int]:
+        """Fault injection, simulator only: the next generations raise an OOM."""
+        inject = getattr(engine, "inject_oom", None)
+        if inject is None:
+            raise HTTPException(404, "fault injection needs the simulator engine")
+        inject(count)
+        return {"injected": count}
+
+    main_entry(NAME, settings, lambda: serve(NAME, settings, app, worker.run))
+
+
+if __name__ == "__main__":
+    main()

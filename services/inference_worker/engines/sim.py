@@ -1,0 +1,172 @@
+"""The simulator engine: named as one, for laptops and fast tests.
+
+It models what admission control cares about — prefill and decode time, a
+KV-token budget it refuses to exceed (raising ``EngineOOM`` as a GPU would),
+continuous batching (concurrent requests do not slow each other) — and emits
+deterministic text. Fault injection: ``inject_oom(n)`` makes the next ``n``
+generations fail with an OOM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+from proto.messages import ChatMessage
+
+from .base import (
+    EngineCapacity,
+    EngineDead,
+    EngineOOM,
+    EngineStats,
+    GenerationChunk,
+    GenerationRequest,
+    PromptTooLong,
+)
+
+_WORDS = [
+    "baton",
+    "signal",
+    "relay",
+    "context",
+    "pointer",
+    "stream",
+    "batch",
+    "token",
+    "cache",
+    "prefix",
+    "worker",
+    "agent",
+    "plan",
+    "check",
+    "route",
+    "merge",
+    "answer",
+    "draft",
+    "verify",
+    "fetch",
+    "store",
+    "window",
+]
+
+
+def render(messages: list[ChatMessage]) -> str:
+    """The simulator's chat template (byte-stable)."""
+    return "".join(f"<|{m.role}|>{m.content}\n" for m in messages) + "<|assistant|>"
+
+
+class SimEngine:
+    name = "sim"
+
+    def __init__(
+        self,
+        *,
+        kv_tokens: int = 65_536,
+        max_num_seqs: int = 64,
+        max_model_len: int = 2048,
+        prefill_tps: float = 20_000.0,
+        decode_tps: float = 400.0,
+    ) -> None:
+        self._capacity = EngineCapacity(kv_tokens, max_num_seqs, max_model_len)
+        self.prefill_tps = prefill_tps
+        self.decode_tps = decode_tps
+        self._kv_used = 0
+        self._running: dict[str, asyncio.Event] = {}
+        self._oom_pending = 0
+        self._alive = False
+        self._stats = EngineStats()
+        self._prefixes: set[bytes] = set()
+
+    async def start(self) -> None:
+        self._alive = True
+
+    async def stop(self) -> None:
+        self._alive = False
+        for ev in self._running.values():
+            ev.set()
+
+    def capacity(self) -> EngineCapacity:
+        return self._capacity
+
+    def count_prompt_tokens(self, messages: list[ChatMessage]) -> int:
+        return len(render(messages).encode()) // 4 + 1
+
+    def inject_oom(self, n: int = 1) -> None:
+        self._oom_pending += n
+
+    def _cached_prefix(self, messages: list[ChatMessage]) -> int:
+        """Tokens of the longest message-aligned prefix seen before."""
+        hit = 0
+        for i in range(len(messages), 0, -1):
+            key = hashlib.sha256(render(messages[:i]).encode()).digest()
+            if key in self._prefixes:
+                hit = self.count_prompt_tokens(messages[:i]) - 1
+                break
+        for i in range(1, len(messages) + 1):
+            self._prefixes.add(hashlib.sha256(render(messages[:i]).encode()).digest())
+        return hit
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        if not self._alive:
+            raise EngineDead("simulator is stopped")
+        prompt = self.count_prompt_tokens(request.messages)
+        need = prompt + request.max_tokens
+        if need > self._capacity.max_model_len:
+            raise PromptTooLong(prompt, self._capacity.max_model_len)
+        if self._oom_pending > 0:
+            self._oom_pending -= 1
+            raise EngineOOM("simulated out-of-memory (injected)")
+        if self._kv_used + need > self._capacity.kv_tokens:
+            raise EngineOOM(
+                f"KV pool exhausted: {self._kv_used}+{need} > {self._capacity.kv_tokens}"
+            )
+        if len(self._running) >= self._capacity.max_num_seqs:
+            raise EngineOOM("no free sequence slot")
+        cached = self._cached_prefix(request.messages)
+        self._stats.prefix_cache_queries += prompt
+        self._stats.prefix_cache_hits += cached
+        aborted = asyncio.Event()
+        self._running[request.request_id] = aborted
+        self._kv_used += need
+        seed = hashlib.sha256(render(request.messages).encode()).digest()
+        produced = 0
+        try:
+            await asyncio.sleep((prompt - cached) / self.prefill_tps)
+            for i in range(request.max_tokens):
+                if aborted.is_set():
+                    break
+                if not self._alive:
+                    raise EngineDead("simulator stopped mid-generation")
+                if self.decode_tps > 0:
+                    await asyncio.sleep(1.0 / self.decode_tps)
+                word = _WORDS[seed[i % len(seed)] % len(_WORDS)]
+                if i == 0:  # says what it saw, so tests and demos can check the context
+                    word = f"[sim: {len(request.messages)} messages, {prompt} tokens] {word}"
+                produced += 1
+                yield GenerationChunk(text=word if i == 0 else f" {word}")
+            reason = "abort" if aborted.is_set() else "length"
+            yield GenerationChunk(
+                text="",
+                finished=True,
+                finish_reason=reason,
+                prompt_tokens=prompt,
+                completion_tokens=produced,
+                cached_tokens=cached,
+            )
+        finally:
+            self._kv_used -= need
+            self._running.pop(request.request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        ev = self._running.get(request_id)
+        if ev is not None:
+            ev.set()
+
+    async def healthy(self) -> bool:
+        return self._alive
+
+    def stats(self) -> EngineStats:
+        self._stats.kv_usage = self._kv_used / self._capacity.kv_tokens
+        self._stats.running = len(self._running)
+        return self._stats

@@ -1,0 +1,49 @@
+"""The inference worker's Prometheus metrics (names in deploy/metrics.txt)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+JOBS = Counter("baton_worker_jobs", "Inference jobs by outcome.", ["pool", "outcome"])
+QUEUE_WAIT = Histogram(
+    "baton_worker_queue_wait_seconds",
+    "From the job's publish to the start of its generation.",
+    ["pool"],
+    buckets=_LATENCY,
+)
+TTFT = Histogram("baton_worker_ttft_seconds", "Time to first token.", ["pool"], buckets=_LATENCY)
+JOB_LATENCY = Histogram(
+    "baton_worker_job_latency_seconds",
+    "From the job's publish to its result.",
+    ["pool"],
+    buckets=_LATENCY,
+)
+PROMPT_TOKENS = Counter("baton_worker_prompt_tokens", "Prompt tokens processed.", ["pool"])
+COMPLETION_TOKENS = Counter(
+    "baton_worker_completion_tokens", "Completion tokens generated.", ["pool"]
+)
+KV_USAGE = Gauge("baton_worker_kv_usage_ratio", "Engine KV-cache usage (0..1).", ["pool", "worker"])
+PREFIX_QUERIES = Counter(
+    "baton_worker_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", ["pool"]
+)
+PREFIX_HITS = Counter(
+    "baton_worker_prefix_cache_hits", "Prompt tokens served from the prefix cache.", ["pool"]
+)
+PREEMPTIONS = Counter("baton_worker_preemptions", "Engine preemptions.", ["pool"])
+INFLIGHT = Gauge("baton_worker_inflight_jobs", "Jobs held by the worker.", ["pool", "worker"])
+ADMITTED_TOKENS = Gauge(
+    "baton_worker_admitted_tokens",
+    "KV tokens promised to admitted jobs (prompt + max_tokens).",
+    ["pool", "worker"],
+)
+KV_CAPACITY = Gauge(
+    "baton_worker_kv_capacity_tokens", "The engine's KV capacity in tokens.", ["pool", "worker"]
+)
+OOM = Counter("baton_worker_oom", "Out-of-memory faults of the engine.", ["pool"])
+ENGINE_RESTARTS = Counter("baton_worker_engine_restarts", "Engine restarts.", ["pool"])
+READY = Gauge("baton_worker_ready", "1 when the engine is loaded and serving.", ["pool", "worker"])
+GPU_MEMORY_USED = Gauge(
+    "baton_worker_gpu_memory_used_bytes", "GPU memory in use (pynvml).", ["pool", "worker", "gpu"]
+)
