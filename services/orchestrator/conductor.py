@@ -1,0 +1,426 @@
+"""The conductor: turns tasks and inference results into steps and events.
+
+Event-driven and durable: a task message starts a run; each result message
+advances it. Run state lives in KV (``runs.py``); every side effect has a
+deterministic id (events ``<tenant>.<task_id>.<key>``, jobs
+``<tenant>.<task_id>.<step>``) so a redelivered message replays its effects
+as no-ops. A redelivery (``num_delivered > 1``) re-emits everything the state
+implies, which is how a run resumes after a replica dies mid-handler.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+
+from baton.transport import Bus, Delivery, Nak, Term
+from proto import codec, subjects
+from proto.admission import TaskRejected, parse_task
+from proto.errors import LAYER_OF, ErrorCode
+from proto.ids import is_valid_id
+from proto.messages import (
+    Accepted,
+    ChatMessage,
+    Completed,
+    ContextAppend,
+    ContextAppendReply,
+    ContextRef,
+    ErrorInfo,
+    Failed,
+    InferenceJob,
+    InferenceResult,
+    Step,
+)
+
+from . import metrics as m
+from .runs import RunState, RunStore, StepState
+from .settings import OrchestratorSettings
+from .workflows import Done, StepPlan, Workflow
+
+log = structlog.get_logger("orchestrator")
+
+
+def _error(code: ErrorCode, message: str) -> ErrorInfo:
+    return ErrorInfo(code=code, message=message, layer=LAYER_OF[code])
+
+
+class Conductor:
+    def __init__(
+        self,
+        bus: Bus,
+        runs: RunStore,
+        workflows: dict[str, Workflow],
+        settings: OrchestratorSettings,
+    ) -> None:
+        self.bus = bus
+        self.runs = runs
+        self.workflows = workflows
+        self.s = settings
+        self._known = frozenset(workflows)
+
+    # -- events ------------------------------------------------------------
+
+    async def _event(
+        self,
+        run: RunState,
+        kind: type[Accepted | Step | Completed | Failed],
+        key: str,
+        **fields: Any,
+    ) -> None:
+        event = kind(
+            task_id=run.task_id, tenant=run.tenant, session=run.session, ts=time.time(), **fields
+        )
+        await self.bus.publish(
+            subjects.event(run.tenant, run.task_id),
+            event,
+            msg_id=f"{run.tenant}.{run.task_id}.{key}",
+            task_id=run.task_id,
+        )
+
+    async def _terminal_event(self, run: RunState) -> None:
+        if run.status == "completed":
+            await self._event(
+                run,
+                Completed,
+                "completed",
+                output=run.output,
+                usage=run.usage,
+                cost_usd=run.cost_usd,
+            )
+        elif run.error is not None:
+            partial = run.output or None
+            await self._event(run, Failed, "failed", error=run.error, partial_output=partial)
+
+    async def _replay(self, run: RunState) -> None:
+        """Re-emit every event and job the state implies (all de-duplicated)."""
+        await self._event(run, Accepted, "accepted", workflow=run.workflow)
+        for step_id, st in run.steps.items():
+            await self._event(
+                run, Step, f"step.{step_id}.started", step=step_id, agent=st.agent, status="started"
+            )
+            if st.status == "done":
+                await self._event(
+                    run,
+                    Step,
+                    f"step.{step_id}.done",
+                    step=step_id,
+                    agent=st.agent,
+                    status="done",
+                    usage=st.usage,
+                )
+            elif st.status == "dispatched" and not run.terminal:
+                await self._publish_job(run, step_id, st)
+        if run.terminal:
+            await self._terminal_event(run)
+
+    # -- tasks -------------------------------------------------------------
+
+    async def on_task(self, d: Delivery) -> None:
+        workflow = subjects.workflow_of(d.subject)
+        try:
+            task = parse_task(
+                d.data,
+                workflow=workflow,
+                known_workflows=self._known,
+                msg_id=d.msg_id,
+                fallback_task_id=f"seq{d.stream_seq}",
+            )
+        except TaskRejected as r:
+            await self._reject(r, workflow)
+            raise Term(f"rejected: {r.code}", dead_letter=False) from r
+        assert task.task_id is not None and task.session is not None
+        structlog.contextvars.bind_contextvars(task_id=task.task_id, tenant=task.tenant)
+        run, created = await self.runs.create(
+            RunState(
+                tenant=task.tenant,
+                task_id=task.task_id,
+                session=task.session,
+                workflow=workflow,
+                task_seq=d.stream_seq,
+                budget=task.budget,
+                metadata=dict(task.metadata),
+            )
+        )
+        if not created and run.task_seq != d.stream_seq:
+            log.info("duplicate_task_ignored", first_seq=run.task_seq, seq=d.stream_seq)
+            return
+        if not created:
+            m.RESUMED.inc()
+        if run.terminal:
+            await self._replay(run)
+            return
+        if created:
+            await self._event(run, Accepted, "accepted", workflow=workflow)
+        wf = self.workflows[workflow]
+        plans = wf.start(run)
+        first_agent = wf.agents[plans[0].agent]
+        ref = await self._append(
+            run,
+            run.session,
+            f"{run.task_id}:input",
+            [ChatMessage(role="user", content=task.input)],
+            system=first_agent.system_prompt,
+        )
+        if ref is None:
+            return
+        run = await self._dispatch(run, wf, plans, {p.step_id: ref for p in plans})
+        if not created:
+            await self._replay(run)
+
+    async def _reject(self, r: TaskRejected, workflow: str) -> None:
+        m.REJECTED.labels(str(r.code)).inc()
+        if not r.addressable:
+            log.warning("task_rejected_unaddressable", code=str(r.code), reason=r.message)
+            return
+        assert r.tenant is not None and r.task_id is not None
+        m.TASKS.labels(workflow if workflow in self._known else "unknown", "rejected").inc()
+        log.info("task_rejected", code=str(r.code), reason=r.message, task_id=r.task_id)
+        event = Failed(
+            task_id=r.task_id,
+            tenant=r.tenant,
+            session=r.session or "",
+            ts=time.time(),
+            error=_error(r.code, r.message),
+        )
+        await self.bus.publish(
+            subjects.event(r.tenant, r.task_id),
+            event,
+            msg_id=f"{r.tenant}.{r.task_id}.failed",
+            task_id=r.task_id,
+        )
+
+    # -- context -----------------------------------------------------------
+
+    async def _append(
+        self,
+        run: RunState,
+        session: str,
+        msg_id: str,
+        messages: list[ChatMessage],
+        system: str | None = None,
+    ) -> ContextRef | None:
+        """Append to the context store; a refusal fails the run (None)."""
+        try:
+            reply: ContextAppendReply = await self.bus.request(
+                subjects.context_api("append", run.tenant),
+                ContextAppend(
+                    tenant=run.tenant,
+                    session=session,
+                    msg_id=msg_id,
+                    messages=messages,
+                    system=system,
+                ),
+                ContextAppendReply,
+                task_id=run.task_id,
+            )
+        except TimeoutError as exc:
+            raise Nak(2.0, "context store did not answer") from exc
+        if reply.error is not None or reply.ref is None:
+            err = reply.error or _error(ErrorCode.CONTEXT_UNAVAILABLE, "no ref returned")
+            await self._finish(run, error=err)
+            return None
+        return reply.ref
+
+    # -- steps -------------------------------------------------------------
+
+    def _remaining_tokens(self, run: RunState) -> int | None:
+        if run.budget is None or run.budget.max_tokens is None:
+            return None
+        return run.budget.max_tokens - run.usage.total_tokens
+
+    def _over_usd(self, run: RunState) -> bool:
+        return (
+            run.budget is not None
+            and run.budget.max_usd is not None
+            and run.cost_usd >= run.budget.max_usd
+        )
+
+    async def _dispatch(
+        self, run: RunState, wf: Workflow, plans: list[StepPlan], refs: dict[str, ContextRef]
+    ) -> RunState:
+        """Record the steps (CAS), then publish their jobs and events."""
+        new: list[str] = []
+        budget_stop: list[str] = []
+
+        def change(r: RunState) -> bool:
+            new.clear()
+            budget_stop.clear()
+            if r.terminal:
+                return False
+            remaining = self._remaining_tokens(r)
+            for p in plans:
+                if p.step_id in r.steps:
+                    continue
+                agent = wf.agents[p.agent]
+                if (remaining is not None and remaining <= 0) or self._over_usd(r):
+                    budget_stop.append(p.step_id)
+                    r.status = "failed"
+                    r.error = _error(
+                        ErrorCode.BUDGET_EXCEEDED,
+                        f"budget exhausted before step {p.step_id}: used "
+                        f"{r.usage.total_tokens} tokens, ${r.cost_usd:.6f}",
+                    )
+                    return True
+                max_tokens = (
+                    agent.max_tokens if remaining is None else min(agent.max_tokens, remaining)
+                )
+                r.steps[p.step_id] = StepState(
+                    agent=p.agent,
+                    pool=agent.pool,
+                    session=p.session,
+                    max_tokens=max_tokens,
+                    dispatched_at=time.time(),
+                    ref=refs[p.step_id],
+                )
+                new.append(p.step_id)
+            return bool(new)
+
+        updated = await self.runs.update(run.tenant, run.task_id, change)
+        assert updated is not None
+        if budget_stop:
+            m.BUDGET_STOPS.labels(run.workflow).inc()
+            await self._finished_metrics(updated)
+            await self._terminal_event(updated)
+            return updated
+        for step_id in new:
+            st = updated.steps[step_id]
+            await self._event(
+                updated,
+                Step,
+                f"step.{step_id}.started",
+                step=step_id,
+                agent=st.agent,
+                status="started",
+            )
+            await self._publish_job(updated, step_id, st)
+            m.STEPS_IN_FLIGHT.inc()
+        return updated
+
+    async def _publish_job(self, run: RunState, step_id: str, st: StepState) -> None:
+        assert st.ref is not None
+        agent = self.workflows[run.workflow].agents[st.agent]
+        job = InferenceJob(
+            job_id=f"{run.tenant}.{run.task_id}.{step_id}",
+            task_id=run.task_id,
+            tenant=run.tenant,
+            session=st.session,
+            workflow=run.workflow,
+            step=step_id,
+            agent=st.agent,
+            ref=st.ref,
+            max_tokens=st.max_tokens,
+            temperature=agent.temperature,
+            published_at=time.time(),
+        )
+        m.ROUTING.labels("pool").inc()
+        await self.bus.publish(subjects.job(st.pool), job, msg_id=job.job_id, task_id=run.task_id)
+
+    # -- results -----------------------------------------------------------
+
+    async def on_result(self, d: Delivery) -> None:
+        try:
+            res = d.decode(InferenceResult)
+        except codec.DecodeError as exc:
+            raise Term(f"undecodable result: {exc}") from exc
+        structlog.contextvars.bind_contextvars(task_id=res.task_id, tenant=res.tenant)
+        if not (is_valid_id(res.tenant) and is_valid_id(res.task_id)):
+            raise Term("result with invalid ids")
+        run = await self.runs.get(res.tenant, res.task_id)
+        if run is None:
+            raise Term(f"result for unknown run {res.tenant}.{res.task_id}")
+        if d.num_delivered > 1:
+            await self._replay(run)
+        if run.terminal:
+            return
+        st = run.steps.get(res.step)
+        if st is None:
+            raise Nak(0.5, f"step {res.step} not recorded yet")
+        if st.status != "dispatched":
+            return  # a duplicate result
+        wf = self.workflows[run.workflow]
+        if res.error is not None:
+            m.STEPS_IN_FLIGHT.dec()
+            await self._finish(run, error=res.error, step=res.step)
+            return
+        cost = res.usage.gpu_seconds / 3600.0 * self.s.price(st.pool)
+
+        def record(r: RunState) -> bool:
+            s = r.steps.get(res.step)
+            if r.terminal or s is None or s.status != "dispatched":
+                return False
+            s.status, s.finished_at, s.output = "done", time.time(), res.output
+            s.usage, s.cost_usd, s.worker = res.usage, cost, res.worker
+            s.cached_tokens, s.ref = res.cached_tokens, res.ref or s.ref
+            r.usage = r.usage + res.usage
+            r.cost_usd += cost
+            return True
+
+        updated = await self.runs.update(run.tenant, run.task_id, record)
+        assert updated is not None
+        done = updated.steps[res.step]
+        if done.status != "done" or done.worker != res.worker or done.output != res.output:
+            return  # another replica recorded this result first
+        m.STEPS_IN_FLIGHT.dec()
+        labels = (run.workflow, st.agent)
+        m.STEP_LATENCY.labels(*labels).observe(done.finished_at - st.dispatched_at)
+        m.TOKENS.labels(*labels, "prompt").inc(res.usage.prompt_tokens)
+        m.TOKENS.labels(*labels, "completion").inc(res.usage.completion_tokens)
+        m.GPU_SECONDS.labels(*labels).inc(res.usage.gpu_seconds)
+        m.COST.labels(*labels).inc(cost)
+        await self._event(
+            updated,
+            Step,
+            f"step.{res.step}.done",
+            step=res.step,
+            agent=st.agent,
+            status="done",
+            usage=res.usage,
+        )
+        nxt = wf.advance(updated, res.step)
+        if isinstance(nxt, Done):
+            await self._finish(updated, output=nxt.output)
+        elif nxt:
+            assert res.ref is not None
+            await self._dispatch(updated, wf, nxt, {p.step_id: res.ref for p in nxt})
+
+    # -- the end -----------------------------------------------------------
+
+    async def _finish(
+        self,
+        run: RunState,
+        *,
+        output: str | None = None,
+        error: ErrorInfo | None = None,
+        step: str | None = None,
+    ) -> None:
+        def close(r: RunState) -> bool:
+            if r.terminal:
+                return False
+            if error is not None:
+                r.status, r.error = "failed", error
+                if step is not None and step in r.steps:
+                    r.steps[step].status = "failed"
+            else:
+                r.status, r.output = "completed", output or ""
+            return True
+
+        updated = await self.runs.update(run.tenant, run.task_id, close)
+        if updated is None:
+            return
+        await self._finished_metrics(updated)
+        await self._terminal_event(updated)
+
+    async def _finished_metrics(self, run: RunState) -> None:
+        outcome = run.status
+        if run.error is not None and run.error.code == ErrorCode.BUDGET_EXCEEDED:
+            outcome = "budget_exceeded"
+        m.TASKS.labels(run.workflow, outcome).inc()
+        m.TASK_LATENCY.labels(run.workflow).observe(time.time() - run.created_at)
+        log.info(
+            "task_finished",
+            outcome=outcome,
+            tokens=run.usage.total_tokens,
+            cost_usd=round(run.cost_usd, 8),
+        )

@@ -1,0 +1,43 @@
+"""The orchestrator's Prometheus metrics (names in deploy/metrics.txt)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+TASKS = Counter("baton_tasks", "Tasks by workflow and outcome.", ["workflow", "outcome"])
+TASK_LATENCY = Histogram(
+    "baton_task_latency_seconds",
+    "From acceptance to the terminal event.",
+    ["workflow"],
+    buckets=_LATENCY,
+)
+STEP_LATENCY = Histogram(
+    "baton_step_latency_seconds",
+    "From dispatch to result, per step.",
+    ["workflow", "agent"],
+    buckets=_LATENCY,
+)
+STEPS_IN_FLIGHT = Gauge("baton_steps_in_flight", "Steps dispatched and not yet finished.")
+BUDGET_STOPS = Counter("baton_budget_stops", "Tasks stopped by their budget.", ["workflow"])
+TOKENS = Counter(
+    "baton_tokens", "Tokens by workflow, agent and kind.", ["workflow", "agent", "kind"]
+)
+COST = Counter("baton_cost_usd", "Cost in USD by workflow and agent.", ["workflow", "agent"])
+GPU_SECONDS = Counter(
+    "baton_gpu_seconds", "GPU-seconds by workflow and agent.", ["workflow", "agent"]
+)
+ROUTING = Counter("baton_routing_decisions", "Where steps were sent.", ["decision"])
+RESUMED = Counter("baton_runs_resumed", "Runs picked up again after a crash or redelivery.")
+REJECTED = Counter("baton_rejected_tasks", "Tasks refused at admission, by error code.", ["code"])
+PENDING = Gauge(
+    "baton_consumer_pending_messages",
+    "Messages waiting for or held by a consumer (the scaling signal).",
+    ["stream", "consumer"],
+)
+HEARTBEAT_AGE = Gauge(
+    "baton_worker_heartbeat_age_seconds",
+    "Seconds since each worker's last heartbeat.",
+    ["pool", "worker"],
+)

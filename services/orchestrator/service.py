@@ -1,0 +1,90 @@
+"""Wiring of the orchestrator: streams, consumers, the conductor's two
+consume loops, the backlog gauge and worker-heartbeat tracking."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import structlog
+from nats.aio.msg import Msg
+
+from baton.service import Health
+from baton.transport import Bus
+from proto import codec, streams, subjects
+from proto.messages import Heartbeat
+
+from . import metrics as m
+from .api import Services
+from .conductor import Conductor
+from .runs import RunStore
+from .settings import OrchestratorSettings
+from .workflows import builtin_workflows
+
+log = structlog.get_logger("orchestrator")
+
+
+class HeartbeatTracker:
+    def __init__(self) -> None:
+        self.last: dict[tuple[str, str], Heartbeat] = {}
+
+    async def on_msg(self, msg: Msg) -> None:
+        with contextlib.suppress(codec.DecodeError):
+            hb = codec.decode(msg.data, Heartbeat)
+            self.last[(hb.pool, hb.worker)] = hb
+
+    def export(self) -> None:
+        now = time.time()
+        for (pool, worker), hb in list(self.last.items()):
+            age = now - hb.ts
+            if age > 3600:  # forget workers gone for an hour
+                del self.last[(pool, worker)]
+                m.HEARTBEAT_AGE.remove(pool, worker)
+            else:
+                m.HEARTBEAT_AGE.labels(pool, worker).set(age)
+
+
+async def _watch_backlog(bus: Bus, settings: OrchestratorSettings, hb: HeartbeatTracker) -> None:
+    while True:
+        pools = {"default", settings.default_pool} | {p for p, _ in hb.last}
+        specs = [streams.ORCHESTRATOR_TASKS, streams.ORCHESTRATOR_RESULTS]
+        specs += [streams.worker_consumer(p) for p in sorted(pools)]
+        for spec in specs:
+            with contextlib.suppress(Exception):
+                m.PENDING.labels(spec.stream, spec.durable).set(await bus.pending(spec))
+        hb.export()
+        await asyncio.sleep(settings.pending_poll_interval)
+
+
+async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Services) -> None:
+    workflows = builtin_workflows()
+    await bus.provision(
+        streams=streams.ALL_STREAMS,
+        consumers=[
+            streams.ORCHESTRATOR_TASKS,
+            streams.ORCHESTRATOR_RESULTS,
+            streams.worker_consumer(settings.default_pool),
+        ],
+    )
+    runs = RunStore(await bus.ensure_bucket(streams.RUNS))
+    conductor = Conductor(bus, runs, workflows, settings)
+    hb = HeartbeatTracker()
+    await bus.nc.subscribe(f"{subjects.HEARTBEATS}.*.*", cb=hb.on_msg)
+    svc.bus, svc.runs, svc.workflows = bus, runs, frozenset(workflows)
+    watcher = asyncio.create_task(_watch_backlog(bus, settings, hb))
+    health.ready, health.reason = True, "serving"
+    try:
+        await asyncio.gather(
+            bus.consume(
+                streams.ORCHESTRATOR_TASKS, conductor.on_task, concurrency=settings.task_concurrency
+            ),
+            bus.consume(
+                streams.ORCHESTRATOR_RESULTS,
+                conductor.on_result,
+                concurrency=settings.result_concurrency,
+            ),
+        )
+    finally:
+        health.ready, health.reason = False, "stopping"
+        watcher.cancel()

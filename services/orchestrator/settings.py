@@ -1,0 +1,23 @@
+"""Orchestrator settings (env ``BATON_*``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from baton.settings import CommonSettings
+
+
+class OrchestratorSettings(CommonSettings):
+    http_port: int = 8080
+    default_pool: str = "default"
+    # Price of one GPU-hour per model pool, for cost accounting (USD).
+    gpu_hour_usd: dict[str, float] = Field(default_factory=lambda: {"default": 2.0})
+    # API keys -> tenant (JSON in BATON_API_KEYS). Empty = development mode:
+    # the tenant is taken from the request.
+    api_keys: dict[str, str] = Field(default_factory=dict)
+    task_concurrency: int = 256
+    result_concurrency: int = 256
+    pending_poll_interval: float = 5.0
+
+    def price(self, pool: str) -> float:
+        return self.gpu_hour_usd.get(pool, self.gpu_hour_usd.get("default", 0.0))
