@@ -31,3 +31,6 @@ class CommonSettings(BaseSettings):
     stream_replicas: int = 1
     data_dir: Path = Path(".data")
     connect_timeout: float = 5.0
+    # How long a job held by a dead worker waits before redelivery. Every
+    # service that provisions the worker consumer must agree on it.
+    job_ack_wait: float = 60.0

@@ -2,7 +2,8 @@
 
 Each service is its own process (as in production), started with the same
 environment plus ``BATON_NATS_URL``. Ctrl-C (or SIGTERM) stops the services
-first (they drain), then NATS; nothing is left behind.
+first (they drain), then NATS; nothing is left behind. The test suite drives
+the same ``ServiceProcess`` class.
 """
 
 from __future__ import annotations
@@ -16,15 +17,75 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from baton.natsd import NatsServer
+from baton.natsd import NatsServer, free_port
+
+MODULES = {
+    "context-store": "services.context_store",
+    "orchestrator": "services.orchestrator",
+    "inference-worker": "services.inference_worker",
+}
 
 
 @dataclass
-class Child:
+class ServiceProcess:
+    """One Baton service in its own process group."""
+
     name: str
-    module: str
-    port: int
+    env: dict[str, str]
+    port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def start(self) -> ServiceProcess:
+        if self.port == 0:
+            self.port = free_port()
+        env = {**os.environ, **self.env, "BATON_HTTP_PORT": str(self.port)}
+        out = self.log_path.open("ab") if self.log_path else None
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", MODULES[self.name]],
+            env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+        )  # fmt: skip
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, timeout: float = 60.0) -> ServiceProcess:
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive():
+                code = self.proc.returncode if self.proc else None
+                raise RuntimeError(f"{self.name} exited with {code}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1):
+                    return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} not ready in {timeout}s") from None
+                time.sleep(0.2)
+
+    def terminate(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, wait, then SIGKILL the whole group. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM killer would."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
 
 @dataclass
@@ -34,20 +95,9 @@ class Stack:
     nats_url: str | None = None
     nats_port: int = 4222
     http_port: int = 8080
-    ready_timeout: float = 600.0
-    children: list[Child] = field(default_factory=list)
+    ready_timeout: float = 900.0
+    services: list[ServiceProcess] = field(default_factory=list)
     nats: NatsServer | None = None
-
-    def _env(self, url: str, port: int) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            BATON_NATS_URL=url,
-            BATON_HTTP_PORT=str(port),
-            BATON_ENGINE=self.engine,
-            BATON_DATA_DIR=str(self.data_dir),
-            BATON_LOG_JSON=env.get("BATON_LOG_JSON", "true"),
-        )
-        return env
 
     def start(self) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -57,47 +107,29 @@ class Stack:
                 self.data_dir / "nats", port=self.nats_port, monitor_port=8222
             ).start()
             url = self.nats.url
-        self.children = [
-            Child("context-store", "services.context_store", self.http_port + 1),
-            Child("orchestrator", "services.orchestrator", self.http_port),
-            Child("inference-worker", "services.inference_worker", self.http_port + 2),
+        env = {
+            "BATON_NATS_URL": url,
+            "BATON_ENGINE": self.engine,
+            "BATON_DATA_DIR": str(self.data_dir.resolve()),
+        }
+        self.services = [
+            ServiceProcess("context-store", env, self.http_port + 1).start(),
+            ServiceProcess("orchestrator", env, self.http_port).start(),
+            ServiceProcess("inference-worker", env, self.http_port + 2).start(),
         ]
-        for c in self.children:
-            c.proc = subprocess.Popen(
-                [sys.executable, "-m", c.module],
-                env=self._env(url, c.port),
-                start_new_session=True,
-            )
         return url
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout
-        for c in self.children:
-            while True:
-                assert c.proc is not None
-                if c.proc.poll() is not None:
-                    raise RuntimeError(f"{c.name} exited with {c.proc.returncode}")
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{c.port}/readyz", timeout=1):
-                        break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"{c.name} not ready in {self.ready_timeout}s") from None
-                    time.sleep(0.3)
+        for svc in self.services:
+            svc.wait_ready(self.ready_timeout)
 
-    def stop(self, grace: float = 30.0) -> None:
-        for c in self.children:
-            if c.proc is not None and c.proc.poll() is None:
-                c.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for c in self.children:
-            if c.proc is None:
-                continue
-            try:
-                c.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(c.proc.pid, signal.SIGKILL)
-                c.proc.wait()
+    def stop(self) -> None:
+        for svc in self.services:
+            if svc.alive():
+                assert svc.proc is not None
+                svc.proc.send_signal(signal.SIGTERM)
+        for svc in self.services:
+            svc.terminate(timeout=30.0)
         if self.nats is not None:
             self.nats.stop()
 
@@ -112,38 +144,27 @@ class Stack:
         signal.signal(signal.SIGINT, on_signal)
         try:
             url = self.start()
+            monitor = " (monitoring http://127.0.0.1:8222)" if self.nats else ""
+            print(f"baton: NATS {url}{monitor}", flush=True)
             print(
-                f"baton: NATS {url} (monitoring http://127.0.0.1:8222)"
-                if self.nats
-                else f"baton: NATS {url}",
-                flush=True,
-            )
-            print(
-                f"baton: starting services (engine={self.engine}); the first vLLM start "
-                "builds the tiny model and takes ~30 s",
+                f"baton: starting services with engine={self.engine} "
+                "(the first vLLM start builds the tiny model: allow a minute)",
                 flush=True,
             )
             self.wait_ready()
-            for c in self.children:
-                print(
-                    f"baton: {c.name:<16} http://127.0.0.1:{c.port}  (/healthz /readyz /metrics)",
-                    flush=True,
-                )
+            for svc in self.services:
+                print(f"baton: {svc.name:<16} {svc.url}  (/healthz /readyz /metrics)", flush=True)
             print(
-                f"baton: API http://127.0.0.1:{self.http_port}/docs — try: "
+                f"baton: API docs http://127.0.0.1:{self.http_port}/docs — try: "
                 "baton submit chat 'hello' --tenant acme   (Ctrl-C stops everything)",
                 flush=True,
             )
             while not stop:
-                for c in self.children:
-                    assert c.proc is not None
-                    if c.proc.poll() is not None:
-                        print(
-                            f"baton: {c.name} exited with {c.proc.returncode}; stopping",
-                            file=sys.stderr,
-                        )
+                for svc in self.services:
+                    if not svc.alive():
+                        print(f"baton: {svc.name} exited; stopping", file=sys.stderr)
                         return 1
-                time.sleep(0.5)
+                time.sleep(0.3)
             return 0
         except RuntimeError as exc:
             print(f"baton: {exc}", file=sys.stderr)

@@ -243,14 +243,9 @@ class Bus:
             await self.js.update_stream(config)
 
     async def ensure_consumer(self, spec: ConsumerSpec) -> None:
-        config = _consumer_config(spec)
-        try:
-            await self.js.add_consumer(spec.stream, config)
-        except nats.js.errors.BadRequestError as exc:
-            if exc.err_code not in (10148, 10013):  # consumer exists with another config
-                raise
-            await self.js.delete_consumer(spec.stream, spec.durable)
-            await self.js.add_consumer(spec.stream, config)
+        """Create the durable consumer, or update its mutable fields in place
+        (the server keeps its position and pending messages)."""
+        await self.js.add_consumer(spec.stream, _consumer_config(spec))
 
     async def ensure_bucket(self, spec: BucketSpec) -> KeyValue:
         kv: KeyValue = await _retry_store_race(
@@ -476,26 +471,35 @@ async def connect(
     async def on_reconnect() -> None:
         log.info("nats_reconnected", url=url)
 
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            nc = await nats.connect(
+    errors: list[Exception] = []
+
+    async def on_first_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    # nats-py retries an unreachable server forever when reconnects are on, so
+    # the first connection is bounded here and the callbacks swapped after it.
+    nc = NATS()
+    try:
+        await asyncio.wait_for(
+            nc.connect(
                 servers=[url],
                 name=name,
                 connect_timeout=max(1, int(min(2.0, timeout))),
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                error_cb=on_error,
+                reconnect_time_wait=1,
+                error_cb=on_first_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
-            )
-            return Bus(nc, replicas=replicas)
-        except (OSError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
-            last = exc
-            await asyncio.sleep(0.25)
-    raise BusUnavailable(url, last)
+            ),
+            timeout,
+        )
+    except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
+        with contextlib.suppress(Exception):
+            await nc.close()
+        raise BusUnavailable(url, errors[-1] if errors else exc) from exc
+    nc._error_cb = on_error
+    return Bus(nc, replicas=replicas)
 
 
 def is_duplicate_error(exc: BaseException) -> bool:

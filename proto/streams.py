@@ -108,13 +108,15 @@ ORCHESTRATOR_RESULTS = ConsumerSpec(
 )
 
 
-def worker_consumer(pool: str) -> ConsumerSpec:
-    """The pull consumer every worker of ``pool`` shares."""
+def worker_consumer(pool: str, ack_wait: float = 60.0) -> ConsumerSpec:
+    """The pull consumer every worker of ``pool`` shares. A worker that dies
+    mid-job gets its job redelivered after ``ack_wait``; live workers extend
+    it with ``in_progress`` every ``ack_wait / 3``."""
     return ConsumerSpec(
         stream=JOBS.name,
         durable=f"worker-{pool}",
         filter_subject=subjects.job(pool),
-        ack_wait=60.0,  # long generations extend it with in_progress
+        ack_wait=ack_wait,
         max_deliver=5,
         max_ack_pending=4096,
     )

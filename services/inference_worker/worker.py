@@ -79,7 +79,7 @@ class Worker:
         self.engine = engine
         self.health = health
         self.pool = settings.pool
-        self.consumer = worker_consumer(settings.pool)
+        self.consumer = worker_consumer(settings.pool, settings.job_ack_wait)
         self.admission = Admission(1, 1)
         self.clock = GpuClock()
         self.gpu: GpuMonitor | None = None

@@ -1,0 +1,130 @@
+"""The AsyncAPI 3.0 document of every Baton subject, built from the types.
+
+``proto/asyncapi.yaml`` is this document rendered; a test fails when they
+differ (regenerate with ``baton asyncapi``). Pure: no file is written here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+import yaml
+
+from proto import messages as msg
+from proto import streams, subjects
+from proto.ids import ID_PATTERN
+
+DOCUMENT_PATH: Final = Path(__file__).with_name("asyncapi.yaml")
+
+_ID = {"type": "string", "pattern": ID_PATTERN}
+
+# channel name -> (address, parameters, message types, description, public?)
+_CHANNELS: Final[dict[str, tuple[str, tuple[str, ...], tuple[Any, ...], str, bool]]] = {
+    "tasks": (
+        f"{subjects.TASKS}.{{workflow}}", ("workflow",), (msg.TaskSubmit,),
+        f"Submit a task (JetStream stream {streams.TASKS.name}). Header Nats-Msg-Id: "
+        "<task_id> de-duplicates within the stream's window.", True,
+    ),
+    "events": (
+        f"{subjects.EVENTS}.{{tenant}}.{{task_id}}", ("tenant", "task_id"),
+        (msg.Accepted, msg.Step, msg.Completed, msg.Failed),
+        f"A task's events, replayable from stream {streams.EVENTS.name}.", True,
+    ),
+    "jobs": (
+        f"{subjects.JOBS}.{{pool}}", ("pool",), (msg.InferenceJob,),
+        f"Inference jobs for a model pool (stream {streams.JOBS.name}, work queue).", False,
+    ),
+    "results": (
+        f"{subjects.RESULTS}.{{tenant}}.{{task_id}}", ("tenant", "task_id"),
+        (msg.InferenceResult,),
+        f"Finished inference jobs (stream {streams.RESULTS.name}, work queue).", False,
+    ),
+    "contextAppend": (
+        f"{subjects.CONTEXT_API}.append.{{tenant}}", ("tenant",),
+        (msg.ContextAppend, msg.ContextAppendReply),
+        "Request-reply: append to a session; the reply carries a signed ref.", False,
+    ),
+    "contextWindow": (
+        f"{subjects.CONTEXT_API}.window.{{tenant}}", ("tenant",),
+        (msg.WindowRequest, msg.WindowReply),
+        "Request-reply: resolve a signed ref into a token-budgeted window.", False,
+    ),
+    "contextLog": (
+        f"{subjects.CONTEXT_LOG}.{{tenant}}.{{session}}", ("tenant", "session"),
+        (msg.StoredAppend,),
+        f"Where histories are stored (stream {streams.CONTEXT.name}).", False,
+    ),
+    "heartbeats": (
+        f"{subjects.HEARTBEATS}.{{pool}}.{{worker}}", ("pool", "worker"), (msg.Heartbeat,),
+        "Core NATS: worker load and warm sessions, every few seconds.", False,
+    ),
+    "cancel": (
+        f"{subjects.CANCEL}.{{tenant}}.{{task_id}}", ("tenant", "task_id"), (msg.Cancel,),
+        "Core NATS: abort a task's in-flight generations.", False,
+    ),
+    "deadLetters": (
+        f"{subjects.DEAD_LETTERS}.{{consumer}}", ("consumer",), (),
+        f"Copies of terminated messages (stream {streams.DEAD_LETTERS.name}); the body is "
+        "the original message, headers name the reason and the original subject.", False,
+    ),
+}  # fmt: skip
+
+
+def _all_types() -> list[Any]:
+    seen: list[Any] = []
+    for _, _, types, _, _ in _CHANNELS.values():
+        seen.extend(t for t in types if t not in seen)
+    return seen
+
+
+def build() -> dict[str, Any]:
+    """The AsyncAPI document as plain data."""
+    _, schemas = msgspec.json.schema_components(
+        _all_types(), ref_template="#/components/schemas/{name}"
+    )
+    channels: dict[str, Any] = {}
+    operations: dict[str, Any] = {}
+    component_messages: dict[str, Any] = {}
+    for name, (address, params, types, description, public) in _CHANNELS.items():
+        refs = {}
+        for t in types:
+            component_messages[t.__name__] = {
+                "name": t.__name__,
+                "contentType": "application/msgpack",
+                "payload": {"$ref": f"#/components/schemas/{t.__name__}"},
+            }
+            refs[t.__name__] = {"$ref": f"#/components/messages/{t.__name__}"}
+        channels[name] = {
+            "address": address,
+            "description": description + ("" if public else " Internal: may change."),
+            "parameters": {p: {"description": f"[A-Za-z0-9_-]{{1,64}} {p}"} for p in params},
+            "messages": refs,
+        }
+        operations[f"on_{name}"] = {
+            "action": "send" if name == "tasks" else "receive",
+            "channel": {"$ref": f"#/channels/{name}"},
+            "messages": [{"$ref": f"#/channels/{name}/messages/{m}"} for m in refs],
+        }
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "Baton",
+            "version": "1.0.0",
+            "description": "Message-driven runtime for multi-agent LLM systems. Every body "
+            "is a MessagePack map with string keys (ContextRef is a 4-item array). Ids "
+            f"that become subject tokens match {ID_PATTERN}.",
+        },
+        "defaultContentType": "application/msgpack",
+        "channels": channels,
+        "operations": operations,
+        "components": {
+            "messages": component_messages,
+            "schemas": {"Id": _ID, **schemas},
+        },
+    }
+
+
+def render() -> str:
+    return yaml.safe_dump(build(), sort_keys=False, width=100, allow_unicode=True)

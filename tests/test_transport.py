@@ -1,0 +1,168 @@
+"""The transport against a real nats-server: provisioning, dedupe, handler
+outcomes (ack / nak / term / dead letter), header propagation, connect errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import pytest
+import structlog
+
+from baton import tracing
+from baton.natsd import free_port
+from baton.transport import (
+    HDR_DLQ_REASON,
+    HDR_TASK_ID,
+    HDR_TRACEPARENT,
+    Bus,
+    BusUnavailable,
+    Delivery,
+    Nak,
+    Term,
+    connect,
+)
+from proto.streams import DEAD_LETTERS, ConsumerSpec, StreamSpec
+from tests.harness import uid
+
+
+@pytest.fixture
+async def bus(nats_url: str) -> AsyncIterator[Bus]:
+    b = await connect(nats_url, name="test")
+    await b.provision(streams=[DEAD_LETTERS])
+    yield b
+    await b.close()
+
+
+async def _work_stream(bus: Bus, max_deliver: int = 3) -> tuple[str, ConsumerSpec]:
+    name = uid("S")
+    stream = StreamSpec(name=name, subjects=(f"{name}.>",), retention="workqueue",
+                        duplicate_window=60)  # fmt: skip
+    consumer = ConsumerSpec(stream=name, durable=uid("c"), filter_subject=f"{name}.>",
+                            ack_wait=2.0, max_deliver=max_deliver)  # fmt: skip
+    await bus.provision(streams=[stream], consumers=[consumer])
+    return name, consumer
+
+
+async def _run_until(bus: Bus, consumer: ConsumerSpec, handler, done: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
+    task = asyncio.create_task(bus.consume(consumer, handler))
+    try:
+        await asyncio.wait_for(done.wait(), 20)
+    finally:
+        bus.stop()
+        await asyncio.wait_for(task, 10)
+        bus._stopping.clear()
+
+
+async def test_provisioning_twice_is_idempotent(bus: Bus) -> None:
+    name, consumer = await _work_stream(bus)
+    await _work_stream(bus)  # another one beside it
+    stream = StreamSpec(name=name, subjects=(f"{name}.>",), retention="workqueue",
+                        duplicate_window=60)  # fmt: skip
+    await bus.provision(streams=[stream], consumers=[consumer])
+    info = await bus.js.stream_info(name)
+    assert info.config.name == name
+
+
+async def test_publish_with_the_same_msg_id_is_stored_once(bus: Bus) -> None:
+    name, _ = await _work_stream(bus)
+    first = await bus.publish(f"{name}.x", b"a", msg_id="same")
+    second = await bus.publish(f"{name}.x", b"a", msg_id="same")
+    assert not first.duplicate and second.duplicate
+    assert (await bus.js.stream_info(name)).state.messages == 1
+
+
+async def test_handler_outcomes_map_to_ack_nak_and_term(bus: Bus) -> None:
+    name, consumer = await _work_stream(bus)
+    seen: Counter[str] = Counter()
+    done = asyncio.Event()
+
+    async def handler(d: Delivery) -> None:
+        kind = d.data.decode()
+        seen[kind] += 1
+        if kind == "nak-once" and d.num_delivered == 1:
+            raise Nak(0.1)
+        if kind == "poison":
+            raise Term("poison")
+        if seen["ok"] >= 1 and seen["nak-once"] >= 2 and seen["poison"] >= 1:
+            done.set()
+
+    for kind in ("poison", "nak-once", "ok"):
+        await bus.publish(f"{name}.{kind}", kind.encode())
+    await _run_until(bus, consumer, handler, done)
+    await asyncio.sleep(2.5)  # past ack_wait: nothing may come back
+    assert seen == {"ok": 1, "nak-once": 2, "poison": 1}
+    assert (await bus.js.stream_info(name)).state.messages == 0
+
+
+async def test_a_handler_that_always_fails_is_dead_lettered_after_max_deliver(bus: Bus) -> None:
+    name, consumer = await _work_stream(bus, max_deliver=3)
+    attempts = 0
+    done = asyncio.Event()
+
+    async def handler(d: Delivery) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts >= 3:
+            asyncio.get_running_loop().call_later(0.3, done.set)
+        raise RuntimeError("boom")
+
+    await bus.publish(f"{name}.job", b"payload", task_id="t-dlq")
+    dlq = await bus.js.pull_subscribe(f"baton.dlq.{consumer.durable}", durable=None,
+                                      stream=DEAD_LETTERS.name)  # fmt: skip
+    await _run_until(bus, consumer, handler, done)
+    assert attempts == 3
+    [copy] = await dlq.fetch(1, timeout=5)
+    assert copy.data == b"payload"
+    assert "boom" in copy.headers[HDR_DLQ_REASON]
+    assert copy.headers[HDR_TASK_ID] == "t-dlq"
+
+
+async def test_task_id_and_traceparent_travel_with_every_hop(bus: Bus) -> None:
+    name, consumer = await _work_stream(bus)
+    root = tracing.new_traceparent()
+    token = tracing.set_current(root)
+    try:
+        await bus.publish(f"{name}.a", b"1", task_id="t42")
+    finally:
+        tracing._current.reset(token)
+    got: list[tuple[str | None, str, dict[str, object]]] = []
+    done = asyncio.Event()
+
+    async def handler(d: Delivery) -> None:
+        got.append((d.task_id, d.headers[HDR_TRACEPARENT],
+                    structlog.contextvars.get_contextvars()))  # fmt: skip
+        done.set()
+
+    await _run_until(bus, consumer, handler, done)
+    task_id, traceparent, ctx = got[0]
+    assert task_id == "t42"
+    assert tracing.trace_id(traceparent) == tracing.trace_id(root)
+    assert traceparent != root  # a new span of the same trace
+    assert ctx["task_id"] == "t42" and ctx["trace_id"] == tracing.trace_id(root)
+
+
+async def test_long_handlers_are_kept_alive_past_ack_wait(bus: Bus) -> None:
+    name, consumer = await _work_stream(bus)  # ack_wait 2 s
+    calls = 0
+    done = asyncio.Event()
+
+    async def handler(d: Delivery) -> None:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(5)  # 2.5x ack_wait: in_progress must extend it
+        done.set()
+
+    await bus.publish(f"{name}.slow", b"x")
+    await _run_until(bus, consumer, handler, done)
+    assert calls == 1
+
+
+async def test_connecting_to_a_dead_port_fails_fast_with_a_clear_error() -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(BusUnavailable, match="cannot reach NATS"):
+        await connect(url, name="t", timeout=1.5)
+    assert time.monotonic() - t0 < 5
