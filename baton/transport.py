@@ -174,9 +174,18 @@ class Puller:
     sub: JetStreamContext.PullSubscription
 
     async def fetch(self, n: int, timeout: float) -> list[Delivery]:
+        """Up to ``n`` messages, waiting at most ``timeout`` for the first.
+        A transient failure (NATS restarting) is logged and yields nothing;
+        a closed connection raises ``ConnectionClosedError``."""
         try:
             msgs = await self.sub.fetch(batch=max(1, n), timeout=timeout)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats-py raises both its own and asyncio's
+            return []
+        except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
+            raise
+        except Exception as exc:
+            log.warning("fetch_failed", consumer=self.spec.durable, error=repr(exc))
+            await asyncio.sleep(0.5)
             return []
         return [Delivery(m) for m in msgs]
 
@@ -409,12 +418,8 @@ class Bus:
                 # Short waits while busy so finished slots refill quickly; an
                 # idle consumer waits longer per fetch to spare the server.
                 batch = await puller.fetch(free, fetch_timeout if running else idle_timeout)
-            except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
+            except nats.errors.ConnectionClosedError:
                 break
-            except Exception as exc:
-                log.warning("fetch_failed", consumer=spec.durable, error=repr(exc))
-                await asyncio.sleep(0.5)
-                continue
             for d in batch:
                 task = asyncio.create_task(self.settle(spec, d, handler))
                 running.add(task)
