@@ -1,0 +1,126 @@
+"""Compose files validate against the Compose Specification's JSON schema
+(vendored in the check-jsonschema wheel, so no network) and say what we mean:
+loopback-only ports, a GPU for the worker, the tiny model on CPU."""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib import resources
+
+import pytest
+import yaml
+from conftest import DEPLOY
+
+COMPOSE = DEPLOY / "compose"
+FILES = ["compose.yaml", "compose.cpu.yaml"]
+
+
+class Reset:
+    """Compose's `!reset` tag: drop whatever the base file set."""
+
+
+class ComposeLoader(yaml.SafeLoader):
+    pass
+
+
+ComposeLoader.add_constructor("!reset", lambda loader, node: Reset())
+
+
+def load(name: str) -> dict:
+    return yaml.load((COMPOSE / name).read_text(), Loader=ComposeLoader)
+
+
+def plain(value):
+    """The document as the schema sees it (`!reset x` validates as an empty x)."""
+    if isinstance(value, Reset):
+        return {}
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+@pytest.fixture(scope="module")
+def validator():
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("check_jsonschema", reason="check-jsonschema ships the compose schema")
+    text = (
+        resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    ).read_text()
+    schema = json.loads(text)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_validates_against_compose_spec(validator, name):
+    errors = [e.message for e in validator.iter_errors(plain(load(name)))]
+    assert errors == []
+
+
+def test_schema_rejects_a_broken_file(validator):
+    broken = plain(load("compose.yaml"))
+    broken["services"]["nats"]["stop_grace_periodd"] = "10s"  # a typo
+    broken["services"]["grafana"]["depends_on"] = "prometheus"  # must be a list or map
+    messages = " ".join(e.message for e in validator.iter_errors(broken))
+    assert "stop_grace_periodd" in messages and "'prometheus' is not valid" in messages
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_published_ports_bind_loopback_only(name):
+    for svc in load(name)["services"].values():
+        for port in svc.get("ports", []):
+            assert isinstance(port, str) and port.startswith("127.0.0.1:"), port
+
+
+def test_base_stack_has_every_part():
+    services = load("compose.yaml")["services"]
+    assert {
+        "nats",
+        "context-store",
+        "orchestrator",
+        "inference-worker",
+        "prometheus",
+        "grafana",
+    } <= (set(services))
+    nats = services["nats"]
+    assert "-js" in nats["command"] and "-m" in nats["command"]
+    assert any(v.endswith(":/data") for v in nats["volumes"])
+    (gpu,) = services["inference-worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert "gpu" in gpu["capabilities"]
+    assert services["inference-worker"]["stop_grace_period"] == "120s"
+    assert "BATON_CONTEXT_KEY" in services["context-store"]["environment"]
+
+
+def test_mounted_config_files_exist():
+    for svc in load("compose.yaml")["services"].values():
+        for volume in svc.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (COMPOSE / source).exists(), volume
+
+
+def test_cpu_override_runs_the_tiny_model_without_a_gpu():
+    services = load("compose.cpu.yaml")["services"]
+    worker = services["inference-worker"]
+    assert isinstance(worker["deploy"], Reset)
+    assert worker["environment"]["BATON_MODEL"] == "/models/tiny"
+    assert worker["build"]["target"] == "worker-cpu"
+    assert services["model-tiny"]["command"] == ["baton", "model", "tiny", "/models/tiny"]
+    dep = worker["depends_on"]["model-tiny"]["condition"]
+    assert dep == "service_completed_successfully"
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "endpoint"),
+    [("Dockerfile.cpu", "/healthz"), ("Dockerfile.gpu", "/readyz")],
+)
+def test_dockerfiles_run_non_root_with_a_healthcheck(dockerfile, endpoint):
+    text = (DEPLOY / "docker" / dockerfile).read_text()
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and all(not u.startswith(("root", "0")) for u in users)
+    assert re.search(rf"^HEALTHCHECK .*\n?.*{endpoint}", text, re.M)
+    assert "pip install" in text
