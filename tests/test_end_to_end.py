@@ -19,7 +19,9 @@ async def test_a_task_from_a_plain_client_completes_with_usage_and_cost(
     stack: LocalStack, client: Client
 ) -> None:
     tenant, task_id = uid("acme"), uid()
-    events = await _submit_and_collect(client, {"tenant": tenant, "input": "hello", "task_id": task_id})
+    events = await _submit_and_collect(
+        client, {"tenant": tenant, "input": "hello", "task_id": task_id}
+    )
     types = [e["type"] for e in events]
     assert types == ["accepted", "step", "step", "completed"]
     done = events[-1]
@@ -45,11 +47,15 @@ async def test_a_second_turn_through_session_sees_both_turns(
 async def test_sessions_are_per_tenant(stack: LocalStack, client: Client) -> None:
     a, b, session = uid("a"), uid("b"), uid("s")
     await client.run("chat", {"tenant": a, "input": "secret", "task_id": uid(), "session": session})
-    other = await client.run("chat", {"tenant": b, "input": "hi", "task_id": uid(), "session": session})
+    other = await client.run(
+        "chat", {"tenant": b, "input": "hi", "task_id": uid(), "session": session}
+    )
     assert other["output"].startswith("[sim: 2 messages")  # nothing of tenant a's turn
 
 
-async def test_the_same_task_id_published_twice_runs_once(stack: LocalStack, client: Client) -> None:
+async def test_the_same_task_id_published_twice_runs_once(
+    stack: LocalStack, client: Client
+) -> None:
     tenant, task_id = uid("acme"), uid()
     body = {"tenant": tenant, "input": "once", "task_id": task_id}
     await client.publish("chat", body, msg_id=task_id)
