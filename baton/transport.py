@@ -319,6 +319,10 @@ class Bus:
     # -- consuming ---------------------------------------------------------
 
     async def puller(self, spec: ConsumerSpec) -> Puller:
+        # Series exist from the start, so the first dead letter is an increase.
+        DEAD_LETTERS.labels(spec.durable)
+        for outcome in ("ack", "nak", "term"):
+            MESSAGES_HANDLED.labels(spec.durable, outcome)
         sub = await self.js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
         return Puller(spec=spec, sub=sub)
 

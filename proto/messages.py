@@ -218,6 +218,7 @@ class Heartbeat(msgspec.Struct, omit_defaults=True, kw_only=True):
     admitted_tokens: int = 0
     kv_capacity_tokens: int = 0
     warm_sessions: list[str] = []
+    leaving: bool = False  # the last heartbeat of a worker that shuts down cleanly
     ts: float = 0.0
 
 

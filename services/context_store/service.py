@@ -194,6 +194,9 @@ async def run(bus: Bus, settings: ContextStoreSettings, health: Health, holder: 
         settings.default_budget_tokens,
     )
     holder.append(store)
+    for op in _REQUEST_TYPES:
+        CONTEXT_REQUESTS.labels(op, "ok")
+        CONTEXT_REQUEST_SECONDS.labels(op)
     endpoints = ContextEndpoints(store, settings.request_concurrency)
     await endpoints.start(bus)
     health.ready, health.reason = True, "serving"

@@ -20,8 +20,12 @@ class ContextStoreSettings(CommonSettings):
     request_concurrency: int = 256
 
     def signing_key(self) -> bytes:
+        """The HMAC key. Raises ValueError for a placeholder or a short key."""
         if self.context_key is not None:
-            return self.context_key.get_secret_value().encode()
+            key = self.context_key.get_secret_value()
+            if key.upper().startswith("REPLACE-ME") or len(key) < 16:
+                raise ValueError("BATON_CONTEXT_KEY is a placeholder or shorter than 16 chars")
+            return key.encode()
         path = Path(self.data_dir) / "context.key"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)

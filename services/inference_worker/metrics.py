@@ -44,6 +44,20 @@ KV_CAPACITY = Gauge(
 OOM = Counter("baton_worker_oom", "Out-of-memory faults of the engine.", ["pool"])
 ENGINE_RESTARTS = Counter("baton_worker_engine_restarts", "Engine restarts.", ["pool"])
 READY = Gauge("baton_worker_ready", "1 when the engine is loaded and serving.", ["pool", "worker"])
+JOB_OUTCOMES = ("completed", "nak", "oom", "engine_dead", "cancelled", "prompt_too_long",
+                "forwarded")  # fmt: skip
+
+
+def init_series(pool: str) -> None:
+    """Create every per-pool series at zero: an alert on increase() must see
+    the first OOM, and a scrape must show every catalogued name."""
+    for outcome in JOB_OUTCOMES:
+        JOBS.labels(pool, outcome)
+    for metric in (QUEUE_WAIT, TTFT, JOB_LATENCY, PROMPT_TOKENS, COMPLETION_TOKENS,
+                   PREFIX_QUERIES, PREFIX_HITS, PREEMPTIONS, OOM, ENGINE_RESTARTS):  # fmt: skip
+        metric.labels(pool)
+
+
 GPU_MEMORY_USED = Gauge(
     "baton_worker_gpu_memory_used_bytes", "GPU memory in use (pynvml).", ["pool", "worker", "gpu"]
 )

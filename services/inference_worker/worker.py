@@ -116,6 +116,7 @@ class Worker:
     async def run(self, bus: Bus) -> None:
         self.bus = bus
         self.gpu = GpuMonitor()
+        m.init_series(self.pool)
         await bus.provision(streams=[JOBS, RESULTS], consumers=[self.consumer])
         await bus.nc.subscribe(f"{subjects.CANCEL}.*.*", cb=self._on_cancel)
         m.READY.labels(*self._labels).set(0)
@@ -130,6 +131,9 @@ class Worker:
         finally:
             for t in background:
                 t.cancel()
+            with contextlib.suppress(Exception):
+                await bus.notify(subjects.heartbeat(self.pool, self.s.worker_id),
+                                 self._heartbeat(leaving=True))  # fmt: skip
             self.health.ready, self.health.reason = False, "stopped"
             m.READY.labels(*self._labels).set(0)
             await self.engine.stop()
@@ -408,22 +412,25 @@ class Worker:
         while len(self.warm) > self.s.warm_sessions:
             self.warm.popitem(last=False)
 
+    def _heartbeat(self, leaving: bool = False) -> Heartbeat:
+        return Heartbeat(
+            worker=self.s.worker_id,
+            pool=self.pool,
+            ready=self.health.ready and not leaving,
+            engine=self.engine.name,
+            inflight=len(self.flights),
+            admitted_tokens=self.admission.tokens,
+            kv_capacity_tokens=self.admission.kv_limit,
+            warm_sessions=list(self.warm)[-64:],
+            leaving=leaving,
+            ts=time.time(),
+        )
+
     async def _heartbeats(self, bus: Bus) -> None:
         subject = subjects.heartbeat(self.pool, self.s.worker_id)
         while True:
-            hb = Heartbeat(
-                worker=self.s.worker_id,
-                pool=self.pool,
-                ready=self.health.ready,
-                engine=self.engine.name,
-                inflight=len(self.flights),
-                admitted_tokens=self.admission.tokens,
-                kv_capacity_tokens=self.admission.kv_limit,
-                warm_sessions=list(self.warm)[-64:],
-                ts=time.time(),
-            )
             with contextlib.suppress(Exception):
-                await bus.notify(subject, hb)
+                await bus.notify(subject, self._heartbeat())
             await asyncio.sleep(self.s.heartbeat_interval)
 
     async def _sample_metrics(self) -> None:

@@ -31,6 +31,26 @@ GPU_SECONDS = Counter(
 ROUTING = Counter("baton_routing_decisions", "Where steps were sent.", ["decision"])
 RESUMED = Counter("baton_runs_resumed", "Runs picked up again after a crash or redelivery.")
 REJECTED = Counter("baton_rejected_tasks", "Tasks refused at admission, by error code.", ["code"])
+TASK_OUTCOMES = ("completed", "failed", "rejected", "budget_exceeded", "cancelled")
+
+
+def init_series(workflows: dict[str, list[str]]) -> None:
+    """Create per-workflow and per-agent series at zero ({workflow: [agents]})."""
+    for wf, agents in workflows.items():
+        for outcome in TASK_OUTCOMES:
+            TASKS.labels(wf, outcome)
+        TASK_LATENCY.labels(wf)
+        BUDGET_STOPS.labels(wf)
+        for agent in agents:
+            STEP_LATENCY.labels(wf, agent)
+            COST.labels(wf, agent)
+            GPU_SECONDS.labels(wf, agent)
+            for kind in ("prompt", "completion"):
+                TOKENS.labels(wf, agent, kind)
+    for decision in ("warm", "pool"):
+        ROUTING.labels(decision)
+
+
 PENDING = Gauge(
     "baton_consumer_pending_messages",
     "Messages waiting for or held by a consumer (the scaling signal).",

@@ -32,7 +32,13 @@ class HeartbeatTracker:
     async def on_msg(self, msg: Msg) -> None:
         with contextlib.suppress(codec.DecodeError):
             hb = codec.decode(msg.data, Heartbeat)
-            self.last[(hb.pool, hb.worker)] = hb
+            key = (hb.pool, hb.worker)
+            if hb.leaving:  # scaled in on purpose: not a worker that went silent
+                if self.last.pop(key, None) is not None:
+                    with contextlib.suppress(KeyError):
+                        m.HEARTBEAT_AGE.remove(*key)
+                return
+            self.last[key] = hb
 
     def export(self) -> None:
         now = time.time()
@@ -69,6 +75,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     )
     runs = RunStore(await bus.ensure_bucket(streams.RUNS))
     conductor = Conductor(bus, runs, workflows, settings)
+    m.init_series({name: list(wf.agents) for name, wf in workflows.items()})
     hb = HeartbeatTracker()
     await bus.nc.subscribe(f"{subjects.HEARTBEATS}.*.*", cb=hb.on_msg)
     svc.bus, svc.runs, svc.workflows = bus, runs, frozenset(workflows)

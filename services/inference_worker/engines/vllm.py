@@ -1,0 +1,372 @@
+"""The production engine: vLLM's ``AsyncLLM`` in this process.
+
+The engine core runs in a child process that vLLM spawns; that process
+re-imports the main module, so a script creating this engine needs an
+``if __name__ == "__main__":`` guard (pytest and the worker entry point are fine).
+
+Prompts are rendered here with the model's own chat template (``tokenize=False,
+add_generation_prompt=True``) and tokenized here, then handed to vLLM as token
+ids. Rendering is a pure function of the messages, so the same conversation
+prefix always yields the same token prefix and vLLM's prefix cache can hit;
+``count_prompt_tokens`` counts exactly the tokens ``generate`` submits.
+
+Counters come in-process from a stat logger registered with ``AsyncLLM``: it
+sees every ``SchedulerStats`` / ``IterationStats`` the engine core reports.
+vLLM also registers its own ``vllm:*`` Prometheus collectors in the default
+registry, so they appear on the worker's ``/metrics`` beside Baton's.
+
+``vllm`` is imported lazily (in ``start``), so this module imports without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from proto.messages import ChatMessage
+from services.inference_worker.engines.base import (
+    EngineCapacity,
+    EngineDead,
+    EngineError,
+    EngineOOM,
+    EngineStats,
+    GenerationChunk,
+    GenerationRequest,
+    PromptTooLong,
+)
+
+DType = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
+
+_RUN_DIR_VARS = ("VLLM_RPC_BASE_PATH", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR")
+
+
+def _ensure_run_dirs() -> None:
+    """Point vLLM's IPC, cache and inductor directories at a per-process temp
+    dir unless the caller set them. Process-wide (these are env vars that vLLM
+    and its child processes read); removed at interpreter exit."""
+    missing = [var for var in _RUN_DIR_VARS if not os.environ.get(var)]
+    if not missing:
+        return
+    root = tempfile.mkdtemp(prefix="baton-vllm-")
+    atexit.register(shutil.rmtree, root, True)
+    for var in missing:
+        path = os.path.join(root, var.lower())
+        os.makedirs(path, exist_ok=True)
+        os.environ[var] = path
+
+
+def _is_oom(exc: BaseException | None) -> bool:
+    """True if ``exc`` or anything in its cause chain is a memory fault."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError
+            return True
+        if isinstance(exc, MemoryError):
+            return True
+        if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@dataclass(slots=True)
+class _Counters:
+    """What the stat logger accumulates. Written only from the engine's output
+    handler task, read by ``stats``; both run on the same event loop."""
+
+    kv_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    preemptions: int = 0
+    running: int = 0
+    waiting: int = 0
+    prompt_tokens_computed: int = 0
+    generation_tokens: int = 0
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
+        if scheduler_stats is not None:
+            self.kv_usage = float(scheduler_stats.kv_cache_usage)
+            self.running = int(scheduler_stats.num_running_reqs)
+            self.waiting = int(
+                scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
+            )
+            # Per-report deltas (the scheduler resets them on every report).
+            self.prefix_cache_queries += int(scheduler_stats.prefix_cache_stats.queries)
+            self.prefix_cache_hits += int(scheduler_stats.prefix_cache_stats.hits)
+        if iteration_stats is not None:
+            self.preemptions += int(iteration_stats.num_preempted_reqs)
+            self.prompt_tokens_computed += int(iteration_stats.prompt_token_stats.computed)
+            self.generation_tokens += int(iteration_stats.num_generation_tokens)
+
+
+def _capacity_of(config: Any) -> EngineCapacity:
+    """From the engine's ``VllmConfig`` after start: the engine core reports
+    the KV blocks it allocated during the handshake."""
+    blocks = int(config.cache_config.num_gpu_blocks or 0)
+    return EngineCapacity(
+        kv_tokens=blocks * int(config.cache_config.block_size),
+        max_num_seqs=int(config.scheduler_config.max_num_seqs),
+        max_model_len=int(config.model_config.max_model_len),
+    )
+
+
+def _stat_logger_factory(counters: _Counters) -> Any:
+    """A per-engine ``StatLoggerFactory`` (``(vllm_config, engine_index) ->
+    StatLoggerBase``) feeding ``counters``."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _BatonStatLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            self.engine_index = engine_index
+
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
+            counters.record(scheduler_stats, iteration_stats)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return _BatonStatLogger
+
+
+class VLLMEngine:
+    """In-process vLLM (``AsyncLLM``) behind the ``Engine`` protocol.
+
+    ``model`` is a local model directory (no download happens here; set
+    ``HF_HUB_OFFLINE=1`` to make sure). ``kv_cache_memory_bytes`` sizes the KV
+    cache exactly (on CPU, ``VLLM_CPU_KVCACHE_SPACE`` only takes whole GiB);
+    ``block_size`` must be a multiple of 32 on CPU and only full blocks are
+    prefix-cached.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        served_name: str | None = None,
+        max_model_len: int = 2048,
+        max_num_seqs: int = 64,
+        kv_cache_memory_bytes: int = 128 * 2**20,
+        block_size: int = 128,
+        enforce_eager: bool = True,
+        dtype: DType = "bfloat16",
+        seed: int = 0,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        self.model = model
+        self.served_name = served_name or os.path.basename(os.path.normpath(model))
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.kv_cache_memory_bytes = kv_cache_memory_bytes
+        self.block_size = block_size
+        self.enforce_eager = enforce_eager
+        self.dtype = dtype
+        self.seed = seed
+        self.enable_prefix_caching = enable_prefix_caching
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._capacity: EngineCapacity | None = None
+        # Cumulative over the life of this object, across engine restarts.
+        self._counters = _Counters()
+        self._inflight: set[str] = set()
+
+    # ------------------------------------------------------------------ life
+
+    async def start(self) -> None:
+        """Spawn the engine core and load the model (12-30 s on CPU, eager).
+
+        Blocks the event loop while the engine core boots, as vLLM's own
+        server does. Idempotent while running."""
+        if self._engine is not None:
+            return
+        _ensure_run_dirs()
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model)
+        args = AsyncEngineArgs(
+            model=self.model,
+            served_model_name=self.served_name,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+            block_size=self.block_size,
+            enforce_eager=self.enforce_eager,
+            dtype=self.dtype,
+            seed=self.seed,
+            enable_prefix_caching=self.enable_prefix_caching,
+        )
+        # No local variable holds the engine: a reference to this frame outlives
+        # it (captured during vLLM's lazy imports), so a local would keep the
+        # engine alive until interpreter exit, where its __del__ then fails.
+        self._engine = AsyncLLM.from_engine_args(
+            args, stat_loggers=[_stat_logger_factory(self._counters)]
+        )
+        self._capacity = _capacity_of(self._engine.vllm_config)
+
+    async def stop(self) -> None:
+        """Shut the engine core down (idempotent). The blocking part (a few
+        seconds of joining processes) runs in a thread, off the event loop."""
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        # End in-flight generations with finish_reason "abort" rather than
+        # leaving their consumers waiting on a stream nobody feeds any more.
+        if self._inflight:
+            with contextlib.suppress(Exception):  # a dead engine cannot abort
+                await engine.abort(list(self._inflight))
+        # Stop consuming engine-core output first: otherwise the output handler
+        # sees the closing socket and logs a spurious EngineDeadError.
+        handler = getattr(engine, "output_handler", None)
+        if handler is not None:
+            handler.cancel()
+        await asyncio.to_thread(engine.shutdown)
+
+    # ------------------------------------------------------------ interface
+
+    def capacity(self) -> EngineCapacity:
+        """KV tokens (allocated blocks x block size), sequence slots and
+        context length, as the engine actually configured them."""
+        if self._capacity is None:
+            raise EngineError("engine not started")
+        return self._capacity
+
+    def _prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
+        if self._tokenizer is None:
+            raise EngineError("engine not started")
+        conversation = [
+            {"role": m.role, "content": m.content} | ({"name": m.name} if m.name else {})
+            for m in messages
+        ]
+        text = self._tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True
+        )
+        # The template carries any special tokens itself.
+        ids = self._tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        return [int(i) for i in ids]
+
+    def count_prompt_tokens(self, messages: list[ChatMessage]) -> int:
+        """Exactly the number of tokens ``generate`` submits for ``messages``."""
+        return len(self._prompt_ids(messages))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream text deltas; the final chunk carries finish reason and counts.
+
+        ``finish_reason`` is vLLM's: ``"stop"`` (end-of-sequence), ``"length"``
+        (``max_tokens``) or ``"abort"`` (``abort`` was called). Raises
+        ``PromptTooLong`` before submitting if prompt + ``max_tokens`` exceeds
+        the context, ``EngineDead`` if the engine core died, ``EngineOOM`` on a
+        memory fault seen in this process and ``EngineError`` for anything else
+        vLLM rejects. (A memory fault inside the engine core process kills it,
+        which surfaces as ``EngineDead``: vLLM does not forward the cause.)"""
+        engine = self._engine
+        if engine is None:
+            raise EngineDead("engine not started")
+        from vllm.exceptions import VLLMValidationError
+        from vllm.inputs import tokens_input
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        prompt_ids = self._prompt_ids(request.messages)
+        prompt_tokens = len(prompt_ids)
+        max_len = self.capacity().max_model_len
+        if prompt_tokens + request.max_tokens > max_len:
+            raise PromptTooLong(prompt_tokens, max_len)
+        params = SamplingParams(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            seed=request.seed,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        completion_tokens = 0
+        self._inflight.add(request.request_id)
+        try:
+            stream = engine.generate(tokens_input(prompt_ids), params, request.request_id)
+            async with aclosing(stream):
+                async for out in stream:
+                    piece = out.outputs[0] if out.outputs else None
+                    text = piece.text if piece is not None else ""
+                    if piece is not None:
+                        completion_tokens += len(piece.token_ids)
+                    if out.finished:
+                        yield GenerationChunk(
+                            text=text,
+                            finished=True,
+                            finish_reason=piece.finish_reason if piece is not None else "abort",
+                            prompt_tokens=prompt_tokens,
+                            completion_tokens=completion_tokens,
+                            cached_tokens=int(out.num_cached_tokens or 0),
+                        )
+                        return
+                    if text:
+                        yield GenerationChunk(text=text)
+        except EngineDeadError as exc:
+            raise EngineDead(str(exc)) from exc
+        except VLLMValidationError as exc:
+            if "maximum model length" in str(exc):
+                raise PromptTooLong(prompt_tokens, max_len) from exc
+            raise EngineError(str(exc)) from exc
+        except Exception as exc:
+            if _is_oom(exc):
+                raise EngineOOM(str(exc)) from exc
+            if isinstance(exc, EngineError):
+                raise
+            raise EngineError(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self._inflight.discard(request.request_id)
+        # The stream ended without a finished output (vLLM closed it).
+        raise EngineDead(f"generation {request.request_id} ended without a final output")
+
+    async def abort(self, request_id: str) -> None:
+        """Abort ``request_id``; its ``generate`` ends with ``finish_reason
+        "abort"``. No error if it already finished or is unknown."""
+        if self._engine is not None:
+            await self._engine.abort(request_id)
+
+    async def healthy(self) -> bool:
+        """False before ``start``, after ``stop`` and once the engine core died."""
+        if self._engine is None:
+            return False
+        try:
+            await self._engine.check_health()
+        except Exception:
+            return False
+        return True
+
+    def stats(self) -> EngineStats:
+        """Counters as of the engine core's latest report: prefix-cache queries
+        and hits are cumulative token counts, ``kv_usage`` (0..1), ``running``
+        and ``waiting`` are gauges from the latest scheduler step. The engine
+        core sends no report once idle, so with no unfinished request the
+        gauges read 0 (all KV blocks are free then; cached ones count as free)."""
+        c = self._counters
+        idle = self._engine is None or self._engine.get_num_unfinished_requests() == 0
+        return EngineStats(
+            kv_usage=0.0 if idle else c.kv_usage,
+            prefix_cache_queries=c.prefix_cache_queries,
+            prefix_cache_hits=c.prefix_cache_hits,
+            preemptions=c.preemptions,
+            running=0 if idle else c.running,
+            waiting=0 if idle else c.waiting,
+            extra={
+                "prompt_tokens_computed": float(c.prompt_tokens_computed),
+                "generation_tokens": float(c.generation_tokens),
+            },
+        )
