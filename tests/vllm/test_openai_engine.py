@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -99,12 +100,13 @@ async def test_abort_cancels_stream(openai_engine: OpenAIEngine) -> None:
         _rid(), [ChatMessage(role="user", content=f"long {uuid.uuid4().hex}")], 1800
     )
     chunks: list[GenerationChunk] = []
+    t0 = time.perf_counter()
     async for chunk in openai_engine.generate(req):
         chunks.append(chunk)
         if len(chunks) == 5:
             await openai_engine.abort(req.request_id)
     final = chunks[-1]
-    print(f"\nHTTP abort: {final}")
+    print(f"\nHTTP abort: {final} after {time.perf_counter() - t0:.3f}s")
     assert final.finished
     assert final.finish_reason == "abort"
     assert final.completion_tokens < 1800
@@ -116,6 +118,7 @@ async def test_abort_cancels_stream(openai_engine: OpenAIEngine) -> None:
             break
         await asyncio.sleep(0.1)
     assert openai_engine.stats().running == 0
+    print(f"server idle {time.perf_counter() - t0:.3f}s after the start")
 
 
 async def test_prompt_too_long(openai_engine: OpenAIEngine) -> None:
