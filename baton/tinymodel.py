@@ -132,6 +132,8 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0) -> Path:
     model is built in a sibling temporary directory and moved into place with
     the marker last, so a crash never leaves a directory that looks complete.
     Files already in ``out_dir`` that are not part of the model are left alone.
+    Safe to call from several processes at once. A complete model is returned
+    as it is, whatever ``seed`` built it (the marker records it).
     """
     out_dir = Path(out_dir)
     if (out_dir / MARKER).is_file():
@@ -144,13 +146,15 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0) -> Path:
         vocab = json.loads((work / "tokenizer.json").read_text())["model"]["vocab"]
         ids = {tok: int(vocab[tok]) for tok in SPECIAL_TOKENS}
         _build_model(work, seed, VOCAB_SIZE, ids)
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        if not out_dir.exists():
+        if (out_dir / MARKER).is_file():
+            return out_dir  # a concurrent builder finished first
+        try:
+            # Atomic when out_dir is absent or an empty directory.
             work.rename(out_dir)
-        else:
-            # An existing directory (e.g. an interrupted earlier build): move the
-            # files in one by one, replacing same-named ones.
+        except OSError:
+            # A non-empty directory (an interrupted earlier build, or a
+            # concurrent builder): move the files in one by one. Each replace is
+            # atomic and the content is the same for the same seed.
             for item in sorted(work.iterdir()):
                 target = out_dir / item.name
                 if target.is_dir():

@@ -22,7 +22,6 @@ has it) for the exact figure and falls back to the estimate.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import time
@@ -179,9 +178,8 @@ class OpenAIEngine:
         self._stats_task = None
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        if tasks:
+            await asyncio.wait(tasks)
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
@@ -297,8 +295,7 @@ class OpenAIEngine:
             self._tasks.pop(request.request_id, None)
             if not task.done():
                 task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+                await asyncio.wait([task])
 
         prompt_tokens = completion_tokens = cached_tokens = 0
         if usage is not None:
