@@ -74,9 +74,19 @@ class _Outcome:
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings, engine: Engine, health: Health) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        engine: Engine,
+        health: Health,
+        *,
+        manage_engine: bool = True,
+    ) -> None:
+        """``manage_engine=False``: the engine is already started and outlives
+        the worker (tests share one vLLM engine this way); faults still restart it."""
         self.s = settings
         self.engine = engine
+        self.manage_engine = manage_engine
         self.health = health
         self.pool = settings.pool
         self.consumer = worker_consumer(settings.pool, settings.job_ack_wait)
@@ -96,9 +106,10 @@ class Worker:
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def start_engine(self) -> None:
+    async def start_engine(self, *, load: bool = True) -> None:
         t0 = time.monotonic()
-        await self.engine.start()
+        if load:
+            await self.engine.start()
         cap = self.engine.capacity()
         self.admission.resize(cap.kv_tokens, cap.max_num_seqs, self.s.kv_headroom)
         m.KV_CAPACITY.labels(*self._labels).set(cap.kv_tokens)
@@ -120,7 +131,7 @@ class Worker:
         await bus.provision(streams=[JOBS, RESULTS], consumers=[self.consumer])
         await bus.nc.subscribe(f"{subjects.CANCEL}.*.*", cb=self._on_cancel)
         m.READY.labels(*self._labels).set(0)
-        await self.start_engine()
+        await self.start_engine(load=self.manage_engine)
         background = [
             asyncio.create_task(self._heartbeats(bus)),
             asyncio.create_task(self._sample_metrics()),
@@ -136,7 +147,8 @@ class Worker:
                                  self._heartbeat(leaving=True))  # fmt: skip
             self.health.ready, self.health.reason = False, "stopped"
             m.READY.labels(*self._labels).set(0)
-            await self.engine.stop()
+            if self.manage_engine:
+                await self.engine.stop()
 
     async def _pull_loop(self, bus: Bus) -> None:
         puller = await bus.puller(self.consumer)
