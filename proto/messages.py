@@ -185,6 +185,8 @@ class InferenceJob(msgspec.Struct, omit_defaults=True, kw_only=True):
     max_tokens: int
     temperature: float = 0.0
     seed: int | None = None
+    system: str | None = None  # the agent's system prompt (replaces the session's)
+    response_schema: str | None = None  # JSON schema the answer must follow, if any
     context_budget: int = 0  # tokens for the window; 0 = worker decides
     published_at: float = 0.0
 

@@ -73,6 +73,14 @@ class _Outcome:
     started: float = 0.0
 
 
+def _with_system(messages: list[ChatMessage], system: str | None) -> list[ChatMessage]:
+    """The agent's own system prompt in place of the session's first one."""
+    if system is None:
+        return messages
+    rest = messages[1:] if messages and messages[0].role == "system" else messages
+    return [ChatMessage(role="system", content=system), *rest]
+
+
 class Worker:
     def __init__(
         self,
@@ -231,8 +239,9 @@ class Worker:
                 self._result(job, ref=window.existing_ref, output=window.existing.content),
             )
             return
+        messages = _with_system(window.messages, job.system)
         cap = self.engine.capacity()
-        prompt_tokens = self.engine.count_prompt_tokens(window.messages)
+        prompt_tokens = self.engine.count_prompt_tokens(messages)
         need = prompt_tokens + job.max_tokens
         if need > cap.max_model_len:
             await self._too_long(job, prompt_tokens, cap.max_model_len)
@@ -242,7 +251,7 @@ class Worker:
         admitted[0] = True
         self.waiting -= 1
         try:
-            outcome = await self._generate(d, job, window.messages)
+            outcome = await self._generate(d, job, messages)
         finally:
             await self.admission.release(need)
         if outcome is None:  # cancelled, or refused by the engine: result already sent
@@ -297,6 +306,7 @@ class Worker:
                 max_tokens=job.max_tokens,
                 temperature=job.temperature,
                 seed=job.seed,
+                json_schema=job.response_schema,
             )
             async for chunk in self.engine.generate(request):
                 if not parts and chunk.text:

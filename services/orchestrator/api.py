@@ -7,12 +7,15 @@ decides the tenant and a tenant only sees its own tasks. Without keys
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 from fastapi import Depends, FastAPI, Header, HTTPException, Query
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import BaseModel, Field
 
 from baton.service import Health, health_app
@@ -21,9 +24,12 @@ from proto import codec, subjects
 from proto.admission import TaskRejected, parse_task
 from proto.errors import LAYER_OF, ErrorCode
 from proto.ids import is_valid_id
+from proto.messages import TaskEvent
 
+from .conductor import Conductor
 from .runs import RunStore
 from .settings import OrchestratorSettings
+from .workflows import WorkflowSpec
 
 _STATUS_OF = {
     ErrorCode.UNKNOWN_WORKFLOW: 404,
@@ -49,15 +55,41 @@ class TaskIn(BaseModel):
 class Services:
     """What the API needs once the NATS side is up."""
 
-    bus: Bus | None = None
-    runs: RunStore | None = None
-    workflows: frozenset[str] = frozenset()
+    def __init__(self) -> None:
+        self.bus: Bus | None = None
+        self.runs: RunStore | None = None
+        self.conductor: Conductor | None = None
+        self.workflows: dict[str, WorkflowSpec] = {}
 
 
 def _error(status: int, code: ErrorCode, message: str) -> HTTPException:
     return HTTPException(
         status, {"code": str(code), "message": message, "layer": str(LAYER_OF[code])}
     )
+
+
+async def replay_events(
+    bus: Bus, tenant: str, task_id: str, *, follow: bool = False, timeout: float = 300.0
+) -> AsyncIterator[dict[str, Any]]:
+    """A task's events from the start (JetStream replay); with ``follow``,
+    keep going until the terminal event."""
+    sub = await bus.js.subscribe(
+        subjects.event(tenant, task_id),
+        ordered_consumer=True,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+    )
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=timeout if follow else 0.25)
+            except TimeoutError:
+                return
+            event: dict[str, Any] = msgspec.to_builtins(codec.decode(msg.data, TaskEvent))  # type: ignore[arg-type]
+            yield event
+            if event["type"] in ("completed", "failed"):
+                return
+    finally:
+        await sub.unsubscribe()
 
 
 def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> FastAPI:
@@ -79,6 +111,13 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
             raise HTTPException(503, "orchestrator is starting")
         return svc.bus, svc.runs
 
+    def owned(task_id: str, tenant: str | None) -> str:
+        if tenant is None:
+            raise HTTPException(400, "tenant is required (query parameter or API key)")
+        if not (is_valid_id(tenant) and is_valid_id(task_id)):
+            raise HTTPException(400, "ids must match [A-Za-z0-9_-]{1,64}")
+        return tenant
+
     @app.post("/v1/tasks", status_code=202)
     async def submit(body: TaskIn, tenant: str | None = Depends(tenant_of)) -> dict[str, Any]:
         """Submit a task; follow it on ``baton.events.<tenant>.<task_id>``."""
@@ -89,7 +128,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         raw.setdefault("task_id", uuid.uuid4().hex)
         data = codec.encode(raw)
         try:
-            task = parse_task(data, workflow=body.workflow, known_workflows=svc.workflows)
+            task = parse_task(data, workflow=body.workflow, known_workflows=set(svc.workflows))
         except TaskRejected as r:
             raise _error(_STATUS_OF.get(r.code, 400), r.code, r.message) from r
         assert task.task_id is not None
@@ -107,23 +146,60 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
 
     @app.get("/v1/tasks/{task_id}")
     async def status(task_id: str, tenant: str | None = Depends(tenant_of)) -> JSONResponse:
-        """A task's status, output, usage and cost."""
-        _, runs = ready()
-        if tenant is None:
-            raise HTTPException(400, "tenant is required (query parameter or API key)")
-
-        if not (is_valid_id(tenant) and is_valid_id(task_id)):
-            raise HTTPException(400, "ids must match [A-Za-z0-9_-]{1,64}")
+        """A task's status, events, output, usage and cost (its tenant only)."""
+        bus, runs = ready()
+        tenant = owned(task_id, tenant)
         run = await runs.get(tenant, task_id)
         if run is None:
             raise HTTPException(404, f"no task {task_id!r} for this tenant")
         doc = msgspec.to_builtins(run)
         for st in doc.get("steps", {}).values():
             st.pop("ref", None)
+        doc["events"] = [e async for e in replay_events(bus, tenant, task_id)]
         return JSONResponse(doc)
 
+    @app.get("/v1/tasks/{task_id}/events")
+    async def events(task_id: str, tenant: str | None = Depends(tenant_of)) -> StreamingResponse:
+        """Server-sent events: every event so far, then live ones until the end."""
+        bus, runs = ready()
+        tenant = owned(task_id, tenant)
+        if await runs.get(tenant, task_id) is None:
+            raise HTTPException(404, f"no task {task_id!r} for this tenant")
+
+        async def stream() -> AsyncIterator[str]:
+            async for e in replay_events(bus, tenant, task_id, follow=True):
+                yield f"event: {e['type']}\ndata: {json.dumps(e)}\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.post("/v1/tasks/{task_id}/cancel")
+    async def cancel(task_id: str, tenant: str | None = Depends(tenant_of)) -> dict[str, Any]:
+        """Cancel a task: in-flight generations are aborted."""
+        ready()
+        tenant = owned(task_id, tenant)
+        assert svc.conductor is not None
+        run = await svc.conductor.cancel(tenant, task_id)
+        if run is None:
+            raise HTTPException(404, f"no task {task_id!r} for this tenant")
+        return {"task_id": task_id, "status": run.status}
+
     @app.get("/v1/workflows")
-    def workflows() -> dict[str, list[str]]:
-        return {"workflows": sorted(svc.workflows)}
+    def workflows() -> dict[str, Any]:
+        """The workflows this orchestrator runs, with their agents and steps."""
+        return {
+            "workflows": [
+                {
+                    "name": s.name,
+                    "description": s.description,
+                    "rounds": s.rounds,
+                    "agents": {
+                        n: {"role": a.role, "pool": a.pool, "max_tokens": a.max_tokens}
+                        for n, a in s.agents.items()
+                    },
+                    "steps": [msgspec.to_builtins(st) for st in s.steps],
+                }
+                for s in sorted(svc.workflows.values(), key=lambda s: s.name)
+            ]
+        }
 
     return app

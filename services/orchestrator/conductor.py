@@ -22,6 +22,7 @@ from proto.errors import LAYER_OF, ErrorCode
 from proto.ids import is_valid_id
 from proto.messages import (
     Accepted,
+    Cancel,
     ChatMessage,
     Completed,
     ContextAppend,
@@ -37,9 +38,34 @@ from proto.messages import (
 from . import metrics as m
 from .runs import RunState, RunStore, StepState
 from .settings import OrchestratorSettings
-from .workflows import Done, StepPlan, Workflow
+from .workflows import Done, GraphWorkflow, StepPlan
 
 log = structlog.get_logger("orchestrator")
+
+
+MIN_STEP_TOKENS = 32  # below this share of the budget, a step is not worth dispatching
+
+
+def _stop_for_budget(r: RunState, where: str) -> None:
+    r.status = "failed"
+    r.error = _error(
+        ErrorCode.BUDGET_EXCEEDED,
+        f"budget exhausted {where}: used {r.usage.total_tokens} tokens, ${r.cost_usd:.6f}",
+    )
+    r.output = _latest_output(r)
+
+
+def _latest_output(r: RunState) -> str:
+    """The partial output: the answer of the step that finished last."""
+    done = [s for s in r.steps.values() if s.status == "done"]
+    return max(done, key=lambda s: s.finished_at).output if done else ""
+
+
+def _newest_ref(run: RunState) -> ContextRef:
+    """The ref covering the most of the run's session: after a fan-in, the
+    answer appended last covers every branch's answer."""
+    refs = [s.ref for s in run.steps.values() if s.ref is not None and s.session == run.session]
+    return max(refs, key=lambda r: r.version)
 
 
 def _error(code: ErrorCode, message: str) -> ErrorInfo:
@@ -51,7 +77,7 @@ class Conductor:
         self,
         bus: Bus,
         runs: RunStore,
-        workflows: dict[str, Workflow],
+        workflows: dict[str, GraphWorkflow],
         settings: OrchestratorSettings,
     ) -> None:
         self.bus = bus
@@ -161,7 +187,7 @@ class Conductor:
             run.session,
             f"{run.task_id}:input",
             [ChatMessage(role="user", content=task.input)],
-            system=first_agent.system_prompt,
+            system=first_agent.system,
         )
         if ref is None:
             return
@@ -238,7 +264,7 @@ class Conductor:
         )
 
     async def _dispatch(
-        self, run: RunState, wf: Workflow, plans: list[StepPlan], refs: dict[str, ContextRef]
+        self, run: RunState, wf: GraphWorkflow, plans: list[StepPlan], refs: dict[str, ContextRef]
     ) -> RunState:
         """Record the steps (CAS), then publish their jobs and events."""
         new: list[str] = []
@@ -250,27 +276,26 @@ class Conductor:
             if r.terminal:
                 return False
             remaining = self._remaining_tokens(r)
-            for p in plans:
-                if p.step_id in r.steps:
-                    continue
+            todo = [p for p in plans if p.step_id not in r.steps]
+            # Parallel branches share what remains; each step's prompt window and
+            # answer together stay within its share, so a run never overshoots.
+            share = None if remaining is None or not todo else remaining // len(todo)
+            for p in todo:
                 agent = wf.agents[p.agent]
-                if (remaining is not None and remaining <= 0) or self._over_usd(r):
+                if (share is not None and share < MIN_STEP_TOKENS) or self._over_usd(r):
                     budget_stop.append(p.step_id)
-                    r.status = "failed"
-                    r.error = _error(
-                        ErrorCode.BUDGET_EXCEEDED,
-                        f"budget exhausted before step {p.step_id}: used "
-                        f"{r.usage.total_tokens} tokens, ${r.cost_usd:.6f}",
-                    )
+                    _stop_for_budget(r, f"before step {p.step_id}")
                     return True
-                max_tokens = (
-                    agent.max_tokens if remaining is None else min(agent.max_tokens, remaining)
-                )
+                max_tokens, window = agent.max_tokens, 0
+                if share is not None:
+                    max_tokens = min(agent.max_tokens, share // 2)
+                    window = share - max_tokens
                 r.steps[p.step_id] = StepState(
                     agent=p.agent,
                     pool=agent.pool,
                     session=p.session,
                     max_tokens=max_tokens,
+                    context_budget=window,
                     dispatched_at=time.time(),
                     ref=refs[p.step_id],
                 )
@@ -311,7 +336,10 @@ class Conductor:
             agent=st.agent,
             ref=st.ref,
             max_tokens=st.max_tokens,
+            context_budget=st.context_budget,
             temperature=agent.temperature,
+            system=agent.system,
+            response_schema=self.workflows[run.workflow].route_schema(step_id),
             published_at=time.time(),
         )
         m.ROUTING.labels("pool").inc()
@@ -342,6 +370,11 @@ class Conductor:
         wf = self.workflows[run.workflow]
         if res.error is not None:
             m.STEPS_IN_FLIGHT.dec()
+            if res.error.code == ErrorCode.BUDGET_TOO_SMALL and st.context_budget:
+                # The window was cut to fit the task's budget: the budget ran out.
+                m.BUDGET_STOPS.labels(run.workflow).inc()
+                await self._finish(run, budget_stop=f"at step {res.step}", step=res.step)
+                return
             await self._finish(run, error=res.error, step=res.step)
             return
         cost = res.usage.gpu_seconds / 3600.0 * self.s.price(st.pool)
@@ -382,8 +415,33 @@ class Conductor:
         if isinstance(nxt, Done):
             await self._finish(updated, output=nxt.output)
         elif nxt:
-            assert res.ref is not None
-            await self._dispatch(updated, wf, nxt, {p.step_id: res.ref for p in nxt})
+            ref = _newest_ref(updated)
+            await self._dispatch(updated, wf, nxt, {p.step_id: ref for p in nxt})
+
+    # -- cancellation ------------------------------------------------------
+
+    async def cancel(self, tenant: str, task_id: str) -> RunState | None:
+        """Stop a run: mark it cancelled, tell workers to abort its
+        generations, publish ``failed`` with code ``cancelled``. Idempotent;
+        None when there is no such run."""
+
+        def close(r: RunState) -> bool:
+            if r.terminal:
+                return False
+            r.status = "cancelled"
+            r.error = _error(ErrorCode.CANCELLED, "cancelled by request")
+            r.output = _latest_output(r)
+            return True
+
+        run = await self.runs.update(tenant, task_id, close)
+        if run is None:
+            return None
+        await self.bus.notify(subjects.cancel(tenant, task_id),
+                              Cancel(tenant=tenant, task_id=task_id), task_id=task_id)  # fmt: skip
+        if run.status == "cancelled":
+            await self._finished_metrics(run)
+            await self._terminal_event(run)
+        return run
 
     # -- the end -----------------------------------------------------------
 
@@ -394,12 +452,18 @@ class Conductor:
         output: str | None = None,
         error: ErrorInfo | None = None,
         step: str | None = None,
+        budget_stop: str | None = None,
     ) -> None:
         def close(r: RunState) -> bool:
             if r.terminal:
                 return False
-            if error is not None:
+            if budget_stop is not None:
+                _stop_for_budget(r, budget_stop)
+                if step is not None and step in r.steps:
+                    r.steps[step].status = "failed"
+            elif error is not None:
                 r.status, r.error = "failed", error
+                r.output = _latest_output(r)
                 if step is not None and step in r.steps:
                     r.steps[step].status = "failed"
             else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from pathlib import Path
 
 import structlog
 from nats.aio.msg import Msg
@@ -20,9 +21,11 @@ from .api import Services
 from .conductor import Conductor
 from .runs import RunStore
 from .settings import OrchestratorSettings
-from .workflows import builtin_workflows
+from .workflows import GraphWorkflow, load_dir
 
 log = structlog.get_logger("orchestrator")
+
+BUILTIN_WORKFLOWS = Path(__file__).with_name("workflows")
 
 
 class HeartbeatTracker:
@@ -64,7 +67,8 @@ async def _watch_backlog(bus: Bus, settings: OrchestratorSettings, hb: Heartbeat
 
 
 async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Services) -> None:
-    workflows = builtin_workflows()
+    specs = load_dir(BUILTIN_WORKFLOWS, settings.workflows_dir)
+    workflows = {name: GraphWorkflow(spec) for name, spec in specs.items()}
     await bus.provision(
         streams=streams.ALL_STREAMS,
         consumers=[
@@ -78,7 +82,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     m.init_series({name: list(wf.agents) for name, wf in workflows.items()})
     hb = HeartbeatTracker()
     await bus.nc.subscribe(f"{subjects.HEARTBEATS}.*.*", cb=hb.on_msg)
-    svc.bus, svc.runs, svc.workflows = bus, runs, frozenset(workflows)
+    svc.bus, svc.runs, svc.conductor, svc.workflows = bus, runs, conductor, specs
     watcher = asyncio.create_task(_watch_backlog(bus, settings, hb))
     health.ready, health.reason = True, "serving"
     try:

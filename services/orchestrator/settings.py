@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from baton.settings import CommonSettings
@@ -15,6 +17,8 @@ class OrchestratorSettings(CommonSettings):
     # API keys -> tenant (JSON in BATON_API_KEYS). Empty = development mode:
     # the tenant is taken from the request.
     api_keys: dict[str, str] = Field(default_factory=dict)
+    # Extra workflow files (*.yaml); a name here overrides a built-in one.
+    workflows_dir: Path | None = None
     task_concurrency: int = 256
     result_concurrency: int = 256
     pending_poll_interval: float = 5.0

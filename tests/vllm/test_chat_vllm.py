@@ -59,7 +59,7 @@ async def test_a_second_turn_hits_the_prefix_cache(chat_stack: LocalStack, vclie
                                      "session": first}, timeout=120)  # fmt: skip
     assert two["type"] == "completed"
     assert two["usage"]["prompt_tokens"] > one["usage"]["prompt_tokens"]
-    cached = _run_state(chat_stack, tenant, second)["steps"]["s1"]["cached_tokens"]
+    cached = _run_state(chat_stack, tenant, second)["steps"]["r1.answer"]["cached_tokens"]
     # The whole first turn's prompt is a prefix of the second's: at least its full blocks hit.
     assert cached >= 128 * (one["usage"]["prompt_tokens"] // 128) > 0
 

@@ -58,6 +58,7 @@ class GenerationRequest:
     max_tokens: int
     temperature: float = 0.0
     seed: int | None = None
+    json_schema: str | None = None  # constrain the answer (guided decoding) when supported
 
 
 @dataclass(slots=True)

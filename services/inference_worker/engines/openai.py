@@ -262,6 +262,11 @@ class OpenAIEngine:
         }
         if request.seed is not None:
             body["seed"] = request.seed
+        if request.json_schema is not None:  # the OpenAI way to ask for guided JSON
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": json.loads(request.json_schema)},
+            }
         if request.request_id in self._tasks:
             raise EngineError(f"request id {request.request_id} already in flight")
         queue: asyncio.Queue[Any] = asyncio.Queue()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import AsyncIterator
 
 from proto.messages import ChatMessage
@@ -130,6 +131,10 @@ class SimEngine:
         self._running[request.request_id] = aborted
         self._kv_used += need
         seed = hashlib.sha256(render(request.messages).encode()).digest()
+        if request.json_schema is not None:
+            async for chunk in self._json_answer(request, prompt, cached, seed, need):
+                yield chunk
+            return
         produced = 0
         try:
             await asyncio.sleep((prompt - cached) / self.prefill_tps)
@@ -154,6 +159,28 @@ class SimEngine:
                 completion_tokens=produced,
                 cached_tokens=cached,
             )
+        finally:
+            self._kv_used -= need
+            self._running.pop(request.request_id, None)
+
+    async def _json_answer(
+        self, request: GenerationRequest, prompt: int, cached: int, seed: bytes, need: int
+    ) -> AsyncIterator[GenerationChunk]:
+        """Guided decoding, simulated: an object choosing one value (by the
+        prompt's hash) of each enum property in the schema."""
+        try:
+            schema = json.loads(request.json_schema or "{}")
+            answer = {
+                name: prop["enum"][seed[i] % len(prop["enum"])]
+                for i, (name, prop) in enumerate(schema.get("properties", {}).items())
+                if prop.get("enum")
+            }
+            text = json.dumps(answer)
+            await asyncio.sleep((prompt - cached) / self.prefill_tps)
+            yield GenerationChunk(text=text)
+            yield GenerationChunk(text="", finished=True, finish_reason="stop",
+                                  prompt_tokens=prompt, completion_tokens=len(text) // 4 + 1,
+                                  cached_tokens=cached)  # fmt: skip
         finally:
             self._kv_used -= need
             self._running.pop(request.request_id, None)

@@ -295,6 +295,10 @@ class VLLMEngine:
             seed=request.seed,
             output_kind=RequestOutputKind.DELTA,
         )
+        if request.json_schema is not None:  # guided decoding (xgrammar)
+            from vllm.sampling_params import StructuredOutputsParams
+
+            params.structured_outputs = StructuredOutputsParams(json=request.json_schema)
         completion_tokens = 0
         self._inflight.add(request.request_id)
         try:

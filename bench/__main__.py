@@ -1,0 +1,58 @@
+"""``make bench``: run every benchmark, write JSON and docs/benchmarks.md.
+
+``python -m bench [name ...]`` runs a subset; the document is rebuilt from
+every JSON present under bench/results/.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+ORDER = ["worker", "context", "orchestrator"]
+
+HEADER = """# Benchmarks
+
+Produced by `make bench` (`python -m bench [name ...]`) on this project's
+machines (2 shared cores, no GPU); raw figures in `bench/results/*.json`.
+Absolute numbers move up to 2x between runs on shared cores, so every claim
+is a ratio measured within one run.
+"""
+
+
+def main(argv: list[str]) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    names = argv or [n for n in ORDER if (ROOT / "bench" / f"{n}.py").exists()]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        mod = importlib.import_module(f"bench.{name}")
+        t0 = time.time()
+        with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as work:
+            result = mod.run(Path(work))
+        result["bench_seconds"] = round(time.time() - t0, 1)
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"bench {name}: {json.dumps(result)}", flush=True)
+    sections = [HEADER]
+    for name in ORDER:
+        path = RESULTS / f"{name}.json"
+        if path.exists() and (ROOT / "bench" / f"{name}.py").exists():
+            mod = importlib.import_module(f"bench.{name}")
+            sections.append(mod.markdown(json.loads(path.read_text())))
+    if (RESULTS / "scaling.json").exists():
+        sections.append("## Scaling\n\nSee `bench/results/scaling.json` and docs/deploy.md.")
+    DOC.write_text("\n\n".join(sections) + "\n")
+    print(f"wrote {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

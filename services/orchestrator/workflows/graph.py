@@ -1,0 +1,114 @@
+"""Runs a ``WorkflowSpec``: which steps start a run, what follows a step.
+
+Pure: everything is derived from the run's recorded steps. A step instance id
+is ``r<round>.<step>`` (or ``r<round>.<step>.<agent>`` inside a parallel
+step), so the position in the graph needs no state of its own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from ..runs import RunState
+from .spec import DONE, AgentSpec, StepSpec, WorkflowSpec
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """A step to dispatch: its id is unique within the run and deterministic."""
+
+    step_id: str
+    agent: str
+    session: str
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    output: str
+    reason: str = "completed"  # or "round_limit"
+
+
+Next = list[StepPlan] | Done
+
+
+def parse_step_id(step_id: str) -> tuple[int, str, str | None]:
+    """``r2.gather.coding`` -> (2, "gather", "coding")."""
+    parts = step_id.split(".")
+    return int(parts[0][1:]), parts[1], parts[2] if len(parts) > 2 else None
+
+
+def route_choice(output: str, step: StepSpec) -> str:
+    """The choice an answer names, or the route's default when it does not
+    parse (deterministic fallback)."""
+    assert step.route is not None
+    text = output.strip()
+    start, end = text.find("{"), text.rfind("}")
+    try:
+        value = json.loads(text[start : end + 1]).get(step.route.field) if start >= 0 else None
+    except (ValueError, AttributeError):
+        value = None
+    return value if isinstance(value, str) and value in step.route.choices else step.route.default
+
+
+class GraphWorkflow:
+    def __init__(self, spec: WorkflowSpec) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.agents: dict[str, AgentSpec] = spec.agents
+        self._steps = {s.id: s for s in spec.steps}
+        self._order = [s.id for s in spec.steps]
+
+    def route_schema(self, step_id: str) -> str | None:
+        """JSON schema (text) constraining a routing step's answer, if any."""
+        _, sid, _ = parse_step_id(step_id)
+        route = self._steps[sid].route
+        if route is None:
+            return None
+        return json.dumps({
+            "type": "object",
+            "properties": {route.field: {"type": "string", "enum": sorted(route.choices)}},
+            "required": [route.field],
+        })  # fmt: skip
+
+    def _plans(self, round_: int, step: StepSpec, session: str) -> list[StepPlan]:
+        if step.agent is not None:
+            return [StepPlan(f"r{round_}.{step.id}", step.agent, session)]
+        return [StepPlan(f"r{round_}.{step.id}.{a}", a, session) for a in step.parallel]
+
+    def start(self, run: RunState) -> list[StepPlan]:
+        return self._plans(1, self.spec.steps[0], run.session)
+
+    def _output(self, run: RunState, fallback: str) -> str:
+        if self.spec.output is None:
+            return fallback
+        done = [(k, s) for k, s in run.steps.items()
+                if s.status == "done" and parse_step_id(k)[1] == self.spec.output]  # fmt: skip
+        return max(done, key=lambda kv: parse_step_id(kv[0])[0])[1].output if done else fallback
+
+    def advance(self, run: RunState, finished: str) -> Next:
+        """What follows ``finished`` (which is recorded as done in ``run``).
+        An empty list: wait (other branches of a parallel step still run)."""
+        round_, sid, _ = parse_step_id(finished)
+        step = self._steps[sid]
+        if step.parallel:
+            ids = [f"r{round_}.{sid}.{a}" for a in step.parallel]
+            if any(run.steps.get(i) is None or run.steps[i].status != "done" for i in ids):
+                return []
+            # The fan-in continues from the answer recorded last (its ref covers all).
+            last = max(ids, key=lambda i: run.steps[i].finished_at)
+            output = run.steps[last].output
+        else:
+            output = run.steps[finished].output
+        if step.route is not None:
+            target = step.route.choices[route_choice(output, step)]
+        else:
+            index = self._order.index(sid) + 1
+            target = self._order[index] if index < len(self._order) else DONE
+        if target == DONE:
+            return Done(self._output(run, output))
+        if self._order.index(target) <= self._order.index(sid):
+            round_ += 1
+            if round_ > self.spec.rounds:
+                return Done(self._output(run, output), reason="round_limit")
+        return self._plans(round_, self._steps[target], run.session)

@@ -1,0 +1,178 @@
+"""Workflow files: the schema, and errors that name the line at fault.
+
+A workflow names its agents and a list of steps run in order. A step runs one
+agent, or several ``parallel`` agents (fan-out; the step ends when all have
+answered: fan-in). A step with ``route`` reads its agent's answer as JSON
+and jumps to the step its ``choices`` name (or ``done``); an answer that does
+not parse takes ``default``. Jumping back starts a new round; ``rounds``
+bounds them. See docs/workflows.md.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from proto.ids import ID_PATTERN, is_valid_id
+from proto.limits import MAX_OUTPUT_TOKENS
+
+DONE = "done"
+
+
+class AgentSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    role: str
+    system: str
+    pool: str = "default"
+    max_tokens: int = 128
+    temperature: float = 0.0
+
+
+class RouteSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    choices: dict[str, str]  # answer value -> step id or "done"
+    default: str  # a key of choices, taken when the answer does not parse
+    field: str = "next"
+
+
+class StepSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    id: str
+    agent: str | None = None
+    parallel: list[str] = []
+    route: RouteSpec | None = None
+
+
+class WorkflowSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    agents: dict[str, AgentSpec]
+    steps: list[StepSpec]
+    description: str = ""
+    rounds: int = 1
+    output: str | None = None  # the step whose answer is the task's output
+
+
+class WorkflowError(ValueError):
+    """A workflow file is invalid; ``line`` is 1-based (0 when unknown)."""
+
+    def __init__(self, source: str, line: int, message: str) -> None:
+        super().__init__(f"{source}:{line}: {message}" if line else f"{source}: {message}")
+        self.source = source
+        self.line = line
+        self.message = message
+
+
+def _line_of(node: yaml.Node | None, path: list[str | int]) -> int:
+    """The line of the YAML node at ``path`` (or of its nearest parent)."""
+    line = node.start_mark.line + 1 if node is not None else 0
+    for key in path:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == key]
+            if not match:
+                break
+            k, node = match[0]
+            line = k.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _path(text: str) -> list[str | int]:
+    """``$.steps[1].agent`` -> ['steps', 1, 'agent']."""
+    m = re.search(r"at `\$(.*)`", text)
+    if not m:
+        return []
+    parts: list[str | int] = []
+    for name, index in re.findall(r"\.(\w+)|\[(\d+)\]", m.group(1)):
+        parts.append(int(index) if index else name)
+    return parts
+
+
+def _check(spec: WorkflowSpec, fail: Any) -> None:
+    if not is_valid_id(spec.name):
+        fail(["name"], f"name must match {ID_PATTERN}")
+    if not spec.steps:
+        fail(["steps"], "a workflow needs at least one step")
+    if spec.rounds < 1 or spec.rounds > 50:
+        fail(["rounds"], "rounds must be between 1 and 50")
+    for name, agent in spec.agents.items():
+        if not is_valid_id(name) or not is_valid_id(agent.pool):
+            fail(["agents", name], f"agent and pool names must match {ID_PATTERN}")
+        if not 1 <= agent.max_tokens <= MAX_OUTPUT_TOKENS:
+            fail(["agents", name, "max_tokens"], f"max_tokens must be 1..{MAX_OUTPUT_TOKENS}")
+    ids = [s.id for s in spec.steps]
+    for i, step in enumerate(spec.steps):
+        at: list[str | int] = ["steps", i]
+        if not is_valid_id(step.id) or "." in step.id or step.id == DONE:
+            fail([*at, "id"], f"step id {step.id!r} must match {ID_PATTERN} and not be 'done'")
+        if step.id in ids[:i]:
+            fail([*at, "id"], f"duplicate step id {step.id!r}")
+        if (step.agent is None) == (not step.parallel):
+            fail(at, "a step names exactly one of `agent` or `parallel`")
+        for a in [step.agent] if step.agent else step.parallel:
+            if a not in spec.agents:
+                fail([*at, "agent" if step.agent else "parallel"], f"unknown agent {a!r}")
+        if step.route is not None:
+            if step.parallel:
+                fail([*at, "route"], "a routing step runs one agent")
+            for target in step.route.choices.values():
+                if target != DONE and target not in ids:
+                    fail([*at, "route", "choices"], f"route to unknown step {target!r}")
+            if step.route.default not in step.route.choices:
+                fail([*at, "route", "default"], "default must be one of the choices")
+    if spec.output is not None and spec.output not in ids:
+        fail(["output"], f"output names unknown step {spec.output!r}")
+
+
+def parse(text: str, source: str = "<workflow>") -> WorkflowSpec:
+    """Parse and validate a workflow file.
+
+    Raises:
+        WorkflowError: with the line at fault.
+    """
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise WorkflowError(source, mark.line + 1 if mark else 0, str(exc)) from exc
+
+    def fail(path: list[str | int], message: str) -> None:
+        raise WorkflowError(source, _line_of(root, path), message)
+
+    if not isinstance(data, dict):
+        fail([], "a workflow file is a mapping")
+    agents = data.get("agents")
+    if isinstance(agents, dict):  # one by one: msgspec's path hides mapping keys
+        for name, agent in agents.items():
+            try:
+                msgspec.convert(agent, AgentSpec)
+            except msgspec.ValidationError as exc:
+                where: list[str | int] = ["agents", str(name), *_path(str(exc))]
+                raise WorkflowError(source, _line_of(root, where), f"agent {name}: {exc}") from exc
+    try:
+        spec = msgspec.convert(data, WorkflowSpec)
+    except msgspec.ValidationError as exc:
+        raise WorkflowError(source, _line_of(root, _path(str(exc))), str(exc)) from exc
+    _check(spec, fail)
+    return spec
+
+
+def load_file(path: Path) -> WorkflowSpec:
+    return parse(path.read_text(), str(path))
+
+
+def load_dir(*dirs: Path | None) -> dict[str, WorkflowSpec]:
+    """Every ``*.yaml`` in ``dirs`` (later ones override earlier by name)."""
+    found: dict[str, WorkflowSpec] = {}
+    for d in dirs:
+        if d is None:
+            continue
+        for path in sorted(Path(d).glob("*.yaml")):
+            spec = load_file(path)
+            found[spec.name] = spec
+    return found

@@ -1,0 +1,158 @@
+"""The orchestrator as a user sees it: the research workflow, budgets, cost,
+cancellation, tenant-scoped API keys and live events (simulator engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from baton.natsd import NatsServer
+from tests.harness import Client, LocalStack, metric, uid
+
+
+async def test_research_fans_out_fans_in_and_reports_usage_and_cost(
+    stack: LocalStack, client: Client
+) -> None:
+    tenant, task_id = uid("r"), uid()
+    events = await client.events(tenant, task_id, timeout=0.1, until_terminal=False)
+    assert events == []
+    await client.publish("research", {"tenant": tenant, "input": "compare two sort algorithms",
+                                      "task_id": task_id})  # fmt: skip
+    events = await client.events(tenant, task_id, timeout=30)
+    done = events[-1]
+    assert done["type"] == "completed", done
+    started = [e["step"] for e in events if e["type"] == "step" and e["status"] == "started"]
+    assert started[:4] == [
+        "r1.plan",
+        "r1.gather.retrieval",
+        "r1.gather.coding",
+        "r1.validate",
+    ] or started[:4] == ["r1.plan", "r1.gather.coding", "r1.gather.retrieval", "r1.validate"]
+    assert started[-1].endswith(".summarize")
+    state = _get_json(f"{stack.orchestrator.url}/v1/tasks/{task_id}?tenant={tenant}")
+    steps = state["steps"]
+    assert (
+        sum(s["usage"]["completion_tokens"] for s in steps.values())
+        == done["usage"]["completion_tokens"]
+    )
+    assert abs(sum(s["cost_usd"] for s in steps.values()) - done["cost_usd"]) < 1e-9
+    assert done["cost_usd"] > 0
+    # The validator saw both workers' answers by pointer: its prompt holds them.
+    gather = [s for k, s in steps.items() if ".gather." in k]
+    assert steps["r1.validate"]["usage"]["prompt_tokens"] > max(
+        s["usage"]["prompt_tokens"] for s in gather
+    )
+    assert [e["type"] for e in state["events"]][-1] == "completed"
+    metrics = _get(f"{stack.orchestrator.url}/metrics")
+    assert 'baton_tasks_total{outcome="completed",workflow="research"}' in metrics
+    assert 'baton_cost_usd_total{agent="coding",workflow="research"}' in metrics
+
+
+async def test_a_budget_stops_the_run_at_the_step_that_would_overshoot(
+    stack: LocalStack, client: Client
+) -> None:
+    tenant = uid("b")
+    free = await client.run(
+        "research", {"tenant": tenant, "input": "plan a trip", "task_id": uid()}
+    )
+    assert free["type"] == "completed"
+    budget = 160
+    stopped = await client.run("research", {"tenant": tenant, "input": "plan a trip",
+                                            "task_id": (tid := uid()), "budget": {"max_tokens": budget}})  # fmt: skip
+    assert stopped["type"] == "failed"
+    assert stopped["error"]["code"] == "budget_exceeded"
+    assert stopped["error"]["layer"] == "orchestration"
+    assert stopped["partial_output"]  # the plan's answer
+    state = _get_json(f"{stack.orchestrator.url}/v1/tasks/{tid}?tenant={tenant}")
+    assert state["usage"]["prompt_tokens"] + state["usage"]["completion_tokens"] <= budget
+    assert "r1.plan" in state["steps"] and state["steps"]["r1.plan"]["status"] == "done"
+
+
+async def test_cancel_stops_a_running_task_and_its_generation(
+    own_nats: NatsServer, tmp_path: Path
+) -> None:
+    stack = LocalStack(own_nats.url, tmp_path / "s")
+    stack.workdir.mkdir(parents=True)
+    for name in ("context-store", "orchestrator"):
+        stack.service(name).wait_ready()
+    worker = stack.worker(BATON_SIM_DECODE_TPS="20").wait_ready()  # 128 tokens ~ 6 s
+    client = await Client.connect(own_nats.url)
+    try:
+        tenant, task_id = uid("c"), uid()
+        await client.publish("chat", {"tenant": tenant, "input": "long story", "task_id": task_id})
+        for _ in range(100):
+            if metric(worker.url, "baton_worker_inflight_jobs") >= 1:
+                break
+            await asyncio.sleep(0.05)
+        resp = _post(f"{stack.orchestrator.url}/v1/tasks/{task_id}/cancel?tenant={tenant}", {}, 200)
+        assert resp["status"] == "cancelled"
+        events = await client.events(tenant, task_id, timeout=10)
+        assert events[-1]["type"] == "failed" and events[-1]["error"]["code"] == "cancelled"
+        for _ in range(60):  # the worker aborted the generation, long before its 6 s
+            if metric(worker.url, "baton_worker_inflight_jobs") == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert metric(worker.url, "baton_worker_inflight_jobs") == 0
+        assert metric(worker.url, "baton_worker_jobs_total", outcome="cancelled") == 1
+    finally:
+        await client.close()
+        stack.stop()
+
+
+async def test_api_keys_scope_every_task_to_its_tenant(stack: LocalStack, client: Client) -> None:
+    keys = {"key-acme": uid("acme"), "key-globex": uid("globex")}
+    orch = stack.service("orchestrator", BATON_API_KEYS=json.dumps(keys)).wait_ready()
+    try:
+        acme = {"Authorization": "Bearer key-acme"}
+        resp = _post(f"{orch.url}/v1/tasks", {"input": "mine", "tenant": "ignored"}, 202, acme)
+        assert resp["tenant"] == keys["key-acme"]
+        await client.events(resp["tenant"], resp["task_id"])
+        url = f"{orch.url}/v1/tasks/{resp['task_id']}"
+        assert _get_json(url, acme)["status"] == "completed"
+        for headers, code in (({"Authorization": "Bearer key-globex"}, 404), ({}, 401),
+                              ({"Authorization": "Bearer wrong"}, 401)):  # fmt: skip
+            try:
+                _get(url, headers)
+                raise AssertionError(f"read with {headers}")
+            except urllib.error.HTTPError as exc:
+                assert exc.code == code
+    finally:
+        orch.terminate()
+        stack.procs.remove(orch)
+
+
+async def test_server_sent_events_replay_then_follow_to_the_end(
+    stack: LocalStack, client: Client
+) -> None:
+    tenant = uid("e")
+    resp = _post(f"{stack.orchestrator.url}/v1/tasks", {"tenant": tenant, "input": "hi"}, 202)
+    url = f"{stack.orchestrator.url}/v1/tasks/{resp['task_id']}/events?tenant={tenant}"
+    body = await asyncio.to_thread(_get, url)
+    kinds = [line.split(": ", 1)[1] for line in body.splitlines() if line.startswith("event: ")]
+    assert kinds[0] == "accepted" and kinds[-1] == "completed"
+    wfs = _get_json(f"{stack.orchestrator.url}/v1/workflows")["workflows"]
+    assert {w["name"] for w in wfs} >= {"chat", "research"}
+
+
+def _get(url: str, headers: dict[str, str] | None = None) -> str:
+    req = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return r.read().decode()
+
+
+def _get_json(url: str, headers: dict[str, str] | None = None) -> Any:
+    return json.loads(_get(url, headers))
+
+
+def _post(
+    url: str, body: dict[str, Any], expect: int, headers: dict[str, str] | None = None
+) -> Any:
+    req = urllib.request.Request(url, json.dumps(body).encode(),
+                                 {"Content-Type": "application/json", **(headers or {})})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == expect
+        return json.loads(r.read())
