@@ -51,6 +51,44 @@ _CHANNELS: Final[dict[str, tuple[str, tuple[str, ...], tuple[Any, ...], str, boo
         (msg.WindowRequest, msg.WindowReply),
         "Request-reply: resolve a signed ref into a token-budgeted window.", False,
     ),
+    "contextGet": (
+        f"{subjects.CONTEXT_API}.get.{{tenant}}", ("tenant",), (msg.ContextGet, msg.GetReply),
+        "Request-reply: read a session a page at a time, or one attachment.", False,
+    ),
+    "contextFork": (
+        f"{subjects.CONTEXT_API}.fork.{{tenant}}", ("tenant",), (msg.ContextFork, msg.ForkReply),
+        "Request-reply: a child session sharing a ref's prefix without copying it.", False,
+    ),
+    "contextSummarize": (
+        f"{subjects.CONTEXT_API}.summarize.{{tenant}}", ("tenant",),
+        (msg.ContextSummarize, msg.ContextAppendReply),
+        "Request-reply: store a summary of a session's older turns.", False,
+    ),
+    "contextAttach": (
+        f"{subjects.CONTEXT_API}.attach.{{tenant}}", ("tenant",),
+        (msg.ContextAttach, msg.AttachReply),
+        f"Request-reply: store an attachment (stream {streams.CONTEXT_ATTACHMENTS.name}).",
+        False,
+    ),
+    "contextDelete": (
+        f"{subjects.CONTEXT_API}.delete.{{tenant}}", ("tenant",),
+        (msg.ContextDelete, msg.DeleteReply),
+        "Request-reply: erase a session (with its forks and attachments) or a tenant.", False,
+    ),
+    "contextStats": (
+        f"{subjects.CONTEXT_API}.stats.{{tenant}}", ("tenant",), (msg.ContextStats, msg.StatsReply),
+        "Request-reply: counts for a session or a tenant.", False,
+    ),
+    "contextInvalidate": (
+        f"{subjects.CONTEXT_INVALIDATE}.{{tenant}}", ("tenant",), (msg.ContextInvalidate,),
+        "Core NATS broadcast: every context store replica drops cached sessions.", False,
+    ),
+    "contextAttachments": (
+        f"{subjects.CONTEXT_ATTACHMENTS}.{{tenant}}.{{session}}.{{name}}",
+        ("tenant", "session", "name"), (),
+        f"Where attachments are stored (stream {streams.CONTEXT_ATTACHMENTS.name}); the body "
+        "is the raw bytes, header Content-Type the media type.", False,
+    ),
     "contextLog": (
         f"{subjects.CONTEXT_LOG}.{{tenant}}.{{session}}", ("tenant", "session"),
         (msg.StoredAppend,),

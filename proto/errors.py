@@ -38,6 +38,9 @@ class ErrorCode(enum.StrEnum):
     BUDGET_TOO_SMALL = "budget_too_small"
     BAD_REQUEST = "bad_request"
     CONTEXT_UNAVAILABLE = "context_unavailable"
+    ATTACHMENT_TOO_LARGE = "attachment_too_large"
+    UNKNOWN_ATTACHMENT = "unknown_attachment"
+    CONFLICT = "conflict"  # e.g. a fork onto a session that already exists
 
 
 LAYER_OF: dict[ErrorCode, Layer] = {
@@ -68,6 +71,9 @@ LAYER_OF: dict[ErrorCode, Layer] = {
             ErrorCode.BUDGET_TOO_SMALL,
             ErrorCode.BAD_REQUEST,
             ErrorCode.CONTEXT_UNAVAILABLE,
+            ErrorCode.ATTACHMENT_TOO_LARGE,
+            ErrorCode.UNKNOWN_ATTACHMENT,
+            ErrorCode.CONFLICT,
         )
     },
 }

@@ -13,6 +13,18 @@ MAX_TASK_BYTES: Final = 96 * 1024
 MAX_CONTEXT_MESSAGE_BYTES: Final = 256 * 1024
 """Largest single message appended to a session's history."""
 
+MAX_CONTEXT_RECORD_BYTES: Final = 480 * 1024
+"""Largest single append (all its messages), under the context stream's 512 KiB."""
+
+MAX_ATTACHMENT_BYTES: Final = 512 * 1024
+"""Largest attachment; it travels in one request under NATS's 1 MiB payload."""
+
+MAX_GET_PAGE: Final = 1024
+"""Most messages one ``get`` returns; page with ``start``."""
+
+MAX_FORK_DEPTH: Final = 8
+"""Forks of forks resolve at most this deep."""
+
 MAX_METADATA_KEYS: Final = 32
 
 MAX_OUTPUT_TOKENS: Final = 8192

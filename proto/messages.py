@@ -118,12 +118,35 @@ class ContextRef(msgspec.Struct, array_like=True, frozen=True):
     sig: bytes
 
 
+class ForkOrigin(msgspec.Struct, array_like=True, frozen=True):
+    """Where a forked session starts: the first ``version`` messages of
+    ``session`` (same tenant). The child stores only its own messages."""
+
+    session: str
+    version: int
+
+
+class Summary(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A stored summary standing in for messages ``[start, covers)``."""
+
+    covers: int
+    content: str
+
+
 class StoredAppend(msgspec.Struct, omit_defaults=True, kw_only=True):
-    """One record on ``baton.ctxlog.<tenant>.<session>``: an atomic append."""
+    """One record on ``baton.ctxlog.<tenant>.<session>``: an atomic append.
+
+    The log is the session's only state, so metadata are records too: the
+    first record of a fork carries ``fork``; a parent notes each ``child`` it
+    was forked into (so deleting it deletes them); ``summary`` stores a
+    summary of older turns. Such records carry no ``messages``."""
 
     msg_id: str
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = []
     ts: float = 0.0
+    fork: ForkOrigin | None = None
+    child: str | None = None
+    summary: Summary | None = None
 
 
 class ContextAppend(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -155,15 +178,121 @@ class WindowRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
     ref: ContextRef
     budget_tokens: int
     done_msg_id: str | None = None
+    strategy: str = "newest"  # "newest" | "summary_tail"
 
 
 class WindowReply(msgspec.Struct, omit_defaults=True, kw_only=True):
     messages: list[ChatMessage] = []
     tokens: int = 0
     dropped: int = 0
+    summarized: int = 0  # older messages a stored summary stands in for
     existing: ChatMessage | None = None
     existing_ref: ContextRef | None = None
     error: ErrorInfo | None = None
+
+
+class ContextSummarize(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Store ``content`` as the summary of the first ``covers`` messages of
+    ``session``; ``summary_tail`` windows show it instead of them."""
+
+    tenant: Id
+    session: Id
+    msg_id: str
+    covers: int
+    content: str
+
+
+class ContextFork(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Create ``child`` sharing the prefix ``ref`` covers, without copying it.
+    Idempotent: forking the same ref into the same child again is a no-op."""
+
+    tenant: Id
+    ref: ContextRef
+    child: Id
+
+
+class ForkReply(msgspec.Struct, omit_defaults=True, kw_only=True):
+    ref: ContextRef | None = None
+    duplicate: bool = False
+    error: ErrorInfo | None = None
+
+
+class ContextGet(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Read a session (parent prefix included), a page at a time, or one
+    attachment when ``attachment`` names it."""
+
+    tenant: Id
+    session: Id
+    start: int = 0
+    limit: int = 256
+    attachment: Id | None = None
+
+
+class GetReply(msgspec.Struct, omit_defaults=True, kw_only=True):
+    messages: list[ChatMessage] = []
+    length: int = 0
+    ref: ContextRef | None = None
+    fork: ForkOrigin | None = None
+    summary: Summary | None = None
+    attachments: list[str] = []
+    data: bytes | None = None
+    error: ErrorInfo | None = None
+
+
+class ContextAttach(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Store an attachment of a session. Attachments are immutable: a second
+    one under the same name is refused with ``conflict``."""
+
+    tenant: Id
+    session: Id
+    name: Id
+    data: bytes
+    media_type: str = "application/octet-stream"
+
+
+class AttachReply(msgspec.Struct, omit_defaults=True, kw_only=True):
+    size: int = 0
+    error: ErrorInfo | None = None
+
+
+class ContextDelete(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Erase a session with its forks and attachments, or (``session`` unset)
+    every session of the tenant."""
+
+    tenant: Id
+    session: Id | None = None
+
+
+class DeleteReply(msgspec.Struct, omit_defaults=True, kw_only=True):
+    sessions: int = 0
+    records: int = 0
+    attachments: int = 0
+    error: ErrorInfo | None = None
+
+
+class ContextStats(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Counts for one session, or for the whole tenant when ``session`` is unset."""
+
+    tenant: Id
+    session: Id | None = None
+
+
+class StatsReply(msgspec.Struct, omit_defaults=True, kw_only=True):
+    sessions: int = 0
+    records: int = 0
+    messages: int = 0
+    tokens: int = 0
+    attachments: int = 0
+    last_activity: float = 0.0
+    error: ErrorInfo | None = None
+
+
+class ContextInvalidate(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Core NATS ``baton.ctxinval.<tenant>``: every store replica drops its
+    cache of the session (or of the whole tenant when ``session`` is unset)."""
+
+    tenant: str
+    session: str | None = None
 
 
 # --------------------------------------------------------------------------

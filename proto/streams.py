@@ -80,6 +80,14 @@ CONTEXT = StreamSpec(
     max_msg_size=512 * 1024,
     description="Every session's messages, one subject per session.",
 )
+CONTEXT_ATTACHMENTS = StreamSpec(
+    name="BATON_CONTEXT_ATTACHMENTS",
+    subjects=(f"{subjects.CONTEXT_ATTACHMENTS}.>",),
+    retention="limits",
+    duplicate_window=60.0,
+    max_msg_size=1024 * 1024,
+    description="Session attachments, one subject (one immutable message) each.",
+)
 DEAD_LETTERS = StreamSpec(
     name="BATON_DLQ",
     subjects=(f"{subjects.DEAD_LETTERS}.>",),
@@ -89,7 +97,7 @@ DEAD_LETTERS = StreamSpec(
     description="Messages terminated after their last delivery, kept for inspection.",
 )
 
-ALL_STREAMS: Final = (TASKS, JOBS, RESULTS, EVENTS, CONTEXT, DEAD_LETTERS)
+ALL_STREAMS: Final = (TASKS, JOBS, RESULTS, EVENTS, CONTEXT, CONTEXT_ATTACHMENTS, DEAD_LETTERS)
 
 ORCHESTRATOR_TASKS = ConsumerSpec(
     stream=TASKS.name,

@@ -12,11 +12,15 @@ JOBS: Final = "baton.jobs"
 RESULTS: Final = "baton.results"
 CONTEXT_API: Final = "baton.ctx"
 CONTEXT_LOG: Final = "baton.ctxlog"
+CONTEXT_ATTACHMENTS: Final = "baton.ctxatt"
+CONTEXT_INVALIDATE: Final = "baton.ctxinval"
 HEARTBEATS: Final = "baton.workers.heartbeat"
 CANCEL: Final = "baton.cancel"
 DEAD_LETTERS: Final = "baton.dlq"
 
-CONTEXT_OPS: Final = ("append", "window")
+CONTEXT_OPS: Final = (
+    "append", "window", "get", "fork", "delete", "stats", "summarize", "attach",
+)  # fmt: skip
 
 
 def task(workflow: str) -> str:
@@ -49,6 +53,19 @@ def context_api(op: str, tenant: str) -> str:
 def context_log(tenant: str, session: str) -> str:
     """``baton.ctxlog.<tenant>.<session>`` — where a session's messages are stored."""
     return f"{CONTEXT_LOG}.{require_id(tenant, 'tenant')}.{require_id(session, 'session')}"
+
+
+def context_attachment(tenant: str, session: str, name: str) -> str:
+    """``baton.ctxatt.<tenant>.<session>.<name>`` — one attachment of a session."""
+    return (
+        f"{CONTEXT_ATTACHMENTS}.{require_id(tenant, 'tenant')}."
+        f"{require_id(session, 'session')}.{require_id(name, 'attachment')}"
+    )
+
+
+def context_invalidate(tenant: str) -> str:
+    """``baton.ctxinval.<tenant>`` — core NATS broadcast to every store replica."""
+    return f"{CONTEXT_INVALIDATE}.{require_id(tenant, 'tenant')}"
 
 
 def heartbeat(pool: str, worker: str) -> str:

@@ -6,7 +6,8 @@ from typing import Any
 
 from baton.service import Health, main_entry, serve
 
-from .service import http_app, run
+from .http import http_app
+from .service import run
 from .settings import ContextStoreSettings
 
 NAME = "context-store"

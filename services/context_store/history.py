@@ -1,10 +1,18 @@
-"""Session histories on JetStream, with an in-process cache.
+"""Session logs on JetStream, with an in-process cache.
 
-Each append is one record on ``baton.ctxlog.<tenant>.<session>`` (stream
-``BATON_CONTEXT``), written with ``Nats-Expected-Last-Subject-Sequence`` so
-several store replicas append in one order: a replica whose cache is behind
-gets a sequence mismatch, reads the tail it missed, and retries. The cache is
-only an accelerator; the stream is the truth.
+Each write is one ``StoredAppend`` record on ``baton.ctxlog.<tenant>.<session>``
+(stream ``BATON_CONTEXT``), published with ``Nats-Expected-Last-Subject-Sequence``
+so several store replicas write in one order: a replica whose cache is behind
+gets a sequence mismatch, reads the tail it missed, and retries. That same
+check makes writes idempotent by ``msg_id``: a retried write finds its record
+in the tail and reports a duplicate. (No ``Nats-Msg-Id``: the server would
+remember erased ids for its duplicate window and refuse to store a session
+written again after deletion.)
+
+The cache is only an accelerator; the stream is the truth. A replica drops
+a session on a ``baton.ctxinval.<tenant>`` broadcast after a deletion, and a
+cached session whose subject was purged underneath it is detected (the tail
+read finds nothing new) and read again from scratch.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import nats.js.errors
@@ -19,79 +28,118 @@ from nats.js import api
 
 from baton.transport import Bus
 from proto import codec, subjects
-from proto.messages import ChatMessage, StoredAppend
+from proto.messages import ChatMessage, ForkOrigin, StoredAppend, Summary
 from proto.streams import CONTEXT
 
+from .tokens import estimate_tokens
+
 _WRONG_LAST_SEQ = 10071
-
-
-def estimate_tokens(message: ChatMessage) -> int:
-    """Cheap token estimate (~4 bytes a token + per-message overhead)."""
-    return len(message.content.encode()) // 4 + 4
+Key = tuple[str, str]
 
 
 @dataclass
 class Session:
+    """One session's own records, folded. Versions are absolute: a fork's
+    own messages start at ``base`` (the length of the prefix it shares)."""
+
     messages: list[ChatMessage] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
-    # group msg_id -> history length right after that append
-    versions: dict[str, int] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)  # msg_id -> length after it
+    fork: ForkOrigin | None = None
+    children: list[str] = field(default_factory=list)
+    summary: Summary | None = None
     last_seq: int = 0  # last stream sequence applied (0 = none)
+    last_ts: float = 0.0
 
-    def apply(self, record: StoredAppend, seq: int) -> None:
+    @property
+    def base(self) -> int:
+        return self.fork.version if self.fork else 0
+
+    @property
+    def length(self) -> int:
+        return self.base + len(self.messages)
+
+    @property
+    def exists(self) -> bool:
+        return self.last_seq > 0
+
+    def apply(self, record: StoredAppend, seq: int, count: Callable[[ChatMessage], int]) -> None:
         if record.msg_id not in self.versions:
+            if record.fork is not None and not self.exists:
+                self.fork = record.fork
+            if record.child is not None and record.child not in self.children:
+                self.children.append(record.child)
+            if record.summary is not None:
+                self.summary = record.summary
             self.messages.extend(record.messages)
-            self.tokens.extend(estimate_tokens(m) for m in record.messages)
-            self.versions[record.msg_id] = len(self.messages)
-        self.last_seq = seq
+            self.tokens.extend(count(m) for m in record.messages)
+            self.versions[record.msg_id] = self.length
+        self.last_seq, self.last_ts = seq, max(self.last_ts, record.ts)
+
+
+Build = Callable[[Session], StoredAppend]
 
 
 class HistoryStore:
-    """Append and read session histories."""
+    """Read and write session logs."""
 
-    def __init__(self, bus: Bus, *, cached_sessions: int = 2048) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        cached_sessions: int = 2048,
+        count: Callable[[ChatMessage], int] = estimate_tokens,
+    ) -> None:
         self.bus = bus
-        self._cache: OrderedDict[tuple[str, str], Session] = OrderedDict()
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.count = count
+        self._cache: OrderedDict[Key, Session] = OrderedDict()
+        self._locks: dict[Key, asyncio.Lock] = {}
         self._cached = cached_sessions
 
-    def _lock(self, key: tuple[str, str]) -> asyncio.Lock:
+    def _lock(self, key: Key) -> asyncio.Lock:
         lock = self._locks.get(key)
         if lock is None:
             lock = self._locks[key] = asyncio.Lock()
         return lock
 
-    def _remember(self, key: tuple[str, str], session: Session) -> None:
+    def _remember(self, key: Key, session: Session) -> None:
         self._cache[key] = session
         self._cache.move_to_end(key)
         while len(self._cache) > self._cached:
             old, _ = self._cache.popitem(last=False)
             self._locks.pop(old, None)
 
-    async def _read_tail(self, tenant: str, session_id: str, session: Session) -> None:
-        """Apply every record of the session after ``session.last_seq``."""
+    def forget(self, tenant: str, session_id: str | None = None) -> None:
+        """Drop cached sessions: one, or every session of ``tenant``."""
+        for key in [k for k in self._cache if k[0] == tenant]:
+            if session_id is None or key[1] == session_id:
+                del self._cache[key]
+
+    async def _read_tail(self, tenant: str, session_id: str, session: Session) -> int:
+        """Apply every record after ``session.last_seq``; returns how many."""
         subject = subjects.context_log(tenant, session_id)
+        start = session.last_seq + 1 if session.last_seq else None
         config = api.ConsumerConfig(
             ack_policy=api.AckPolicy.NONE,
             inactive_threshold=10.0,
             mem_storage=True,
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE
-            if session.last_seq
-            else api.DeliverPolicy.ALL,
-            opt_start_seq=session.last_seq + 1 if session.last_seq else None,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE if start else api.DeliverPolicy.ALL,
+            opt_start_seq=start,
         )
         sub = await self.bus.js.pull_subscribe(subject, stream=CONTEXT.name, config=config)
+        applied = 0
         try:
             pending = (await sub.consumer_info()).num_pending or 0
             while pending > 0:
                 batch = await sub.fetch(batch=min(pending, 256), timeout=2.0)
                 for msg in batch:
-                    session.apply(
-                        codec.decode(msg.data, StoredAppend), msg.metadata.sequence.stream
-                    )
+                    record = codec.decode(msg.data, StoredAppend)
+                    session.apply(record, msg.metadata.sequence.stream, self.count)
+                applied += len(batch)
                 pending = batch[-1].metadata.num_pending if batch else 0
         finally:
             await sub.unsubscribe()
+        return applied
 
     async def load(self, tenant: str, session_id: str, *, at_least: int = 0) -> Session:
         """The session, read from the stream where the cache is missing or behind."""
@@ -101,20 +149,20 @@ class HistoryStore:
             if session is None:
                 session = Session()
                 await self._read_tail(tenant, session_id, session)
-            elif len(session.messages) < at_least:
+            elif session.length < at_least:
                 await self._read_tail(tenant, session_id, session)
             self._remember(key, session)
             return session
 
-    async def append(
-        self,
-        tenant: str,
-        session_id: str,
-        msg_id: str,
-        messages: list[ChatMessage],
-        system: str | None = None,
+    async def write(
+        self, tenant: str, session_id: str, msg_id: str, build: Build
     ) -> tuple[Session, int, bool]:
-        """Append atomically; returns (session, version after it, duplicate)."""
+        """Write the record ``build(session)`` makes, unless ``msg_id`` is
+        already in the log. ``build`` may raise to refuse the write.
+
+        Returns:
+            (session, its length right after that record, duplicate)
+        """
         key = (tenant, session_id)
         subject = subjects.context_log(tenant, session_id)
         session = await self.load(tenant, session_id)
@@ -122,27 +170,24 @@ class HistoryStore:
             for _ in range(20):
                 if msg_id in session.versions:
                     return session, session.versions[msg_id], True
-                batch = list(messages)
-                if not session.messages and system:
-                    batch.insert(0, ChatMessage(role="system", content=system))
-                record = StoredAppend(msg_id=msg_id, messages=batch, ts=time.time())
+                record = build(session)
+                record.ts = time.time()
                 try:
                     ack = await self.bus.js.publish(
                         subject,
                         codec.encode(record),
-                        headers={
-                            "Nats-Msg-Id": f"{tenant}.{session_id}.{msg_id}",
-                            "Nats-Expected-Last-Subject-Sequence": str(session.last_seq),
-                        },
+                        headers={"Nats-Expected-Last-Subject-Sequence": str(session.last_seq)},
                     )
                 except nats.js.errors.APIError as exc:
                     if exc.err_code != _WRONG_LAST_SEQ:
                         raise
-                    await self._read_tail(tenant, session_id, session)
+                    if await self._read_tail(tenant, session_id, session) == 0:
+                        # Nothing newer, yet the sequence moved: purged underneath us.
+                        session = Session()
+                        await self._read_tail(tenant, session_id, session)
+                        self._remember(key, session)
                     continue
-                if ack.duplicate:  # stored earlier under this id: read it back
-                    await self._read_tail(tenant, session_id, session)
-                    continue
-                session.apply(record, ack.seq)
-                return session, len(session.messages), False
-        raise RuntimeError(f"append to {tenant}/{session_id} kept racing other writers")
+                session.apply(record, ack.seq, self.count)
+                self._remember(key, session)
+                return session, session.length, False
+        raise RuntimeError(f"write to {tenant}/{session_id} kept racing other writers")

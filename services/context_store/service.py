@@ -1,122 +1,111 @@
-"""The context store's NATS endpoints (request-reply, queue group
-``context-store``) and its operator HTTP API.
+"""The context store's NATS side: request-reply endpoints on
+``baton.ctx.<op>.<tenant>`` (queue group ``context-store``), the cache
+invalidation broadcast every replica hears, and the retention sweeper.
 
 Every request names a tenant twice, in the subject and in the body, and a
 ref names it a third time: all must agree or the request is refused.
+Errors are structured replies (``error = {code, message, layer}``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 import structlog
-from fastapi import FastAPI, HTTPException
 from nats.aio.msg import Msg
 
 from baton import tracing
 from baton.metrics import CONTEXT_REQUEST_SECONDS, CONTEXT_REQUESTS
-from baton.service import Health, health_app
+from baton.service import Health
 from baton.transport import HDR_TASK_ID, HDR_TRACEPARENT, Bus
 from proto import codec, subjects
-from proto.errors import LAYER_OF, ErrorCode
+from proto.errors import ErrorCode
 from proto.ids import is_valid_id
-from proto.limits import MAX_CONTEXT_MESSAGE_BYTES
 from proto.messages import (
+    AttachReply,
     ContextAppend,
     ContextAppendReply,
-    ErrorInfo,
+    ContextAttach,
+    ContextDelete,
+    ContextFork,
+    ContextGet,
+    ContextInvalidate,
+    ContextStats,
+    ContextSummarize,
+    DeleteReply,
+    ForkReply,
+    GetReply,
+    StatsReply,
     WindowReply,
     WindowRequest,
 )
-from proto.streams import CONTEXT
+from proto.streams import CONTEXT, CONTEXT_ATTACHMENTS
 
+from .admin import Admin
+from .errors import ContextError
 from .history import HistoryStore
 from .refs import RefSigner
+from .retention import Retention, run_sweeper
 from .settings import ContextStoreSettings
-from .window import BudgetTooSmall, build_window
+from .store import ContextStore
+from .tokens import TokenCounter
 
 log = structlog.get_logger("context_store")
 
 QUEUE = "context-store"
 
-
-class ContextError(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def info(self) -> ErrorInfo:
-        return ErrorInfo(code=self.code, message=self.message, layer=LAYER_OF[self.code])
-
-
-class ContextStore:
-    """Append and window operations, independent of how requests arrive."""
-
-    def __init__(self, history: HistoryStore, signer: RefSigner, default_budget: int) -> None:
-        self.history = history
-        self.signer = signer
-        self.default_budget = default_budget
-
-    async def append(self, req: ContextAppend) -> ContextAppendReply:
-        for m in req.messages:
-            if len(m.content.encode()) > MAX_CONTEXT_MESSAGE_BYTES:
-                raise ContextError(
-                    ErrorCode.MESSAGE_TOO_LARGE,
-                    f"a message is over {MAX_CONTEXT_MESSAGE_BYTES} bytes",
-                )
-        if not req.messages:
-            raise ContextError(ErrorCode.BAD_REQUEST, "append needs at least one message")
-        session, version, dup = await self.history.append(
-            req.tenant, req.session, req.msg_id, req.messages, req.system
-        )
-        ref = self.signer.sign(req.tenant, req.session, version)
-        return ContextAppendReply(ref=ref, length=len(session.messages), duplicate=dup)
-
-    async def window(self, req: WindowRequest) -> WindowReply:
-        ref = req.ref
-        if not self.signer.verify(ref):
-            raise ContextError(ErrorCode.BAD_REF, "the context ref's signature does not verify")
-        if ref.tenant != req.tenant:
-            raise ContextError(ErrorCode.FORBIDDEN, "the ref belongs to another tenant")
-        session = await self.history.load(ref.tenant, ref.session, at_least=ref.version)
-        if len(session.messages) < ref.version or ref.version <= 0:
-            raise ContextError(ErrorCode.UNKNOWN_SESSION, "no such session or version")
-        reply = WindowReply()
-        if req.done_msg_id is not None and req.done_msg_id in session.versions:
-            done = session.versions[req.done_msg_id]
-            reply.existing = session.messages[done - 1]
-            reply.existing_ref = self.signer.sign(ref.tenant, ref.session, done)
-            return reply
-        budget = req.budget_tokens or self.default_budget
-        try:
-            w = build_window(session.messages[: ref.version], session.tokens[: ref.version], budget)
-        except BudgetTooSmall as exc:
-            raise ContextError(ErrorCode.BUDGET_TOO_SMALL, str(exc)) from exc
-        reply.messages, reply.tokens, reply.dropped = w.messages, w.tokens, w.dropped
-        return reply
-
-
-_REQUEST_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
+# op -> (request type, reply type)
+REQUEST_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
     "append": (ContextAppend, ContextAppendReply),
     "window": (WindowRequest, WindowReply),
+    "get": (ContextGet, GetReply),
+    "fork": (ContextFork, ForkReply),
+    "delete": (ContextDelete, DeleteReply),
+    "stats": (ContextStats, StatsReply),
+    "summarize": (ContextSummarize, ContextAppendReply),
+    "attach": (ContextAttach, AttachReply),
 }
+assert set(REQUEST_TYPES) == set(subjects.CONTEXT_OPS)
+
+
+def handlers(store: ContextStore, admin: Admin) -> dict[str, Callable[[Any], Awaitable[Any]]]:
+    return {
+        "append": store.append,
+        "window": store.window,
+        "fork": store.fork,
+        "summarize": store.summarize,
+        "get": admin.get,
+        "delete": admin.delete,
+        "stats": admin.stats,
+        "attach": admin.attach,
+    }
 
 
 class ContextEndpoints:
     """Serves ``baton.ctx.<op>.<tenant>`` over NATS."""
 
-    def __init__(self, store: ContextStore, concurrency: int) -> None:
+    def __init__(self, store: ContextStore, admin: Admin, concurrency: int) -> None:
         self.store = store
+        self.admin = admin
+        self._handlers = handlers(store, admin)
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, bus: Bus) -> None:
-        for op in _REQUEST_TYPES:
+        for op in REQUEST_TYPES:
             await bus.nc.subscribe(f"{subjects.CONTEXT_API}.{op}.*", queue=QUEUE, cb=self._on_msg)
+        # No queue group: every replica must hear an invalidation.
+        await bus.nc.subscribe(f"{subjects.CONTEXT_INVALIDATE}.*", cb=self._on_invalidate)
+
+    async def _on_invalidate(self, msg: Msg) -> None:
+        with contextlib.suppress(msgspec.DecodeError):
+            inv = codec.decode(msg.data, ContextInvalidate)
+            self.store.history.forget(inv.tenant, inv.session)
 
     async def _on_msg(self, msg: Msg) -> None:
         await self._slots.acquire()
@@ -127,7 +116,6 @@ class ContextEndpoints:
     async def _handle(self, msg: Msg) -> None:
         started = time.perf_counter()
         _, _, op, tenant = msg.subject.split(".", 3)
-        req_type, reply_type = _REQUEST_TYPES[op]
         headers = msg.headers or {}
         token = tracing.set_current(tracing.child_of(headers.get(HDR_TRACEPARENT)))
         outcome = "ok"
@@ -135,23 +123,9 @@ class ContextEndpoints:
             with structlog.contextvars.bound_contextvars(
                 op=op, tenant=tenant, task_id=headers.get(HDR_TASK_ID)
             ):
-                try:
-                    req = codec.decode(msg.data, req_type)
-                    if not is_valid_id(tenant) or req.tenant != tenant:
-                        raise ContextError(ErrorCode.FORBIDDEN, "tenant mismatch")
-                    reply = await getattr(self.store, op)(req)
-                except ContextError as exc:
-                    outcome = exc.code
-                    reply = reply_type(error=exc.info())
-                except msgspec.DecodeError as exc:
-                    outcome = ErrorCode.BAD_REQUEST
-                    reply = reply_type(error=ContextError(ErrorCode.BAD_REQUEST, str(exc)).info())
-                except Exception as exc:
-                    log.exception("context_request_failed")
-                    outcome = ErrorCode.CONTEXT_UNAVAILABLE
-                    reply = reply_type(
-                        error=ContextError(ErrorCode.CONTEXT_UNAVAILABLE, repr(exc)).info()
-                    )
+                reply = await self.dispatch(op, tenant, msg.data)
+                if reply.error is not None:
+                    outcome = reply.error.code
                 if msg.reply:
                     await msg.respond(codec.encode(reply))
         finally:
@@ -160,45 +134,48 @@ class ContextEndpoints:
             CONTEXT_REQUESTS.labels(op, outcome).inc()
             CONTEXT_REQUEST_SECONDS.labels(op).observe(time.perf_counter() - started)
 
+    async def dispatch(self, op: str, tenant: str, data: bytes) -> Any:
+        """Decode, check the tenant, run the op; every failure becomes a reply."""
+        req_type, reply_type = REQUEST_TYPES[op]
+        try:
+            req = codec.decode(data, req_type)
+            if not is_valid_id(tenant) or req.tenant != tenant:
+                raise ContextError(ErrorCode.FORBIDDEN, "the body's tenant is not the subject's")
+            return await self._handlers[op](req)
+        except ContextError as exc:
+            return reply_type(error=exc.info())
+        except msgspec.DecodeError as exc:
+            return reply_type(error=ContextError(ErrorCode.BAD_REQUEST, str(exc)).info())
+        except Exception as exc:
+            log.exception("context_request_failed")
+            err = ContextError(ErrorCode.CONTEXT_UNAVAILABLE, type(exc).__name__)
+            return reply_type(error=err.info())
 
-def http_app(health: Health, get_store: Any) -> FastAPI:
-    """Operator API: read a session (tenant-scoped)."""
-    app = health_app("Baton context store", health)
 
-    @app.get("/v1/sessions/{tenant}/{session}")
-    async def read_session(tenant: str, session: str) -> dict[str, Any]:
-        if not (is_valid_id(tenant) and is_valid_id(session)):
-            raise HTTPException(400, "tenant and session must match [A-Za-z0-9_-]{1,64}")
-        store: ContextStore | None = get_store()
-        if store is None:
-            raise HTTPException(503, "not ready")
-        s = await store.history.load(tenant, session)
-        if not s.messages:
-            raise HTTPException(404, f"no session {session!r} for tenant {tenant!r}")
-        return {
-            "tenant": tenant,
-            "session": session,
-            "length": len(s.messages),
-            "tokens_estimate": sum(s.tokens),
-            "messages": [msgspec.to_builtins(m) for m in s.messages],
-        }
-
-    return app
+def build_store(bus: Bus, settings: ContextStoreSettings) -> tuple[ContextStore, Admin]:
+    counter = TokenCounter(settings.tokenizer)
+    history = HistoryStore(bus, cached_sessions=settings.cached_sessions, count=counter.count)
+    store = ContextStore(
+        bus, history, RefSigner(settings.signing_key()), counter, settings.default_budget_tokens
+    )
+    return store, Admin(store)
 
 
 async def run(bus: Bus, settings: ContextStoreSettings, health: Health, holder: list[Any]) -> None:
-    await bus.provision(streams=[CONTEXT])
-    store = ContextStore(
-        HistoryStore(bus, cached_sessions=settings.cached_sessions),
-        RefSigner(settings.signing_key()),
-        settings.default_budget_tokens,
-    )
-    holder.append(store)
-    for op in _REQUEST_TYPES:
+    await bus.provision(streams=[CONTEXT, CONTEXT_ATTACHMENTS])
+    store, admin = build_store(bus, settings)
+    holder.append(admin)
+    for op in REQUEST_TYPES:
         CONTEXT_REQUESTS.labels(op, "ok")
         CONTEXT_REQUEST_SECONDS.labels(op)
-    endpoints = ContextEndpoints(store, settings.request_concurrency)
+    endpoints = ContextEndpoints(store, admin, settings.request_concurrency)
     await endpoints.start(bus)
+    retention = Retention(settings.retention_seconds, settings.retention_per_tenant)
+    sweeper = asyncio.create_task(run_sweeper(admin, retention, settings.retention_sweep_interval))
     health.ready, health.reason = True, "serving"
+    log.info("context_store_ready", tokens=store.counter.name, retention=retention.enabled)
     await bus.wait_stopped()
     health.ready, health.reason = False, "stopping"
+    sweeper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sweeper

@@ -18,6 +18,14 @@ class ContextStoreSettings(CommonSettings):
     default_budget_tokens: int = 2048
     cached_sessions: int = 2048
     request_concurrency: int = 256
+    # Max age of an idle session in seconds (0 = keep forever), and overrides
+    # per tenant as JSON: BATON_RETENTION_PER_TENANT='{"acme": 2592000}'.
+    retention_seconds: float = 0.0
+    retention_per_tenant: dict[str, float] = {}
+    retention_sweep_interval: float = 60.0
+    # A Hugging Face tokenizer directory (or tokenizer.json) for exact token
+    # counts in windows; unset = a byte estimate.
+    tokenizer: str | None = None
 
     def signing_key(self) -> bytes:
         """The HMAC key. Raises ValueError for a placeholder or a short key."""

@@ -1,0 +1,142 @@
+"""Reading, attaching, erasing and counting: the context store's data
+management operations (``get``, ``attach``, ``delete``, ``stats``).
+
+Deletion semantics: deleting a session erases its log, its attachments and,
+recursively, every fork made from it (a fork's shared prefix *is* the
+parent's data, and its own turns continue that conversation). Deleting a
+tenant erases every session and attachment of the tenant. Every store
+replica is told to drop its cache (``baton.ctxinval.<tenant>``). Refs issued
+for an erased session are refused from then on (``unknown_session``).
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from proto import subjects
+from proto.errors import ErrorCode
+from proto.limits import MAX_ATTACHMENT_BYTES, MAX_FORK_DEPTH, MAX_GET_PAGE
+from proto.messages import (
+    AttachReply,
+    ContextAttach,
+    ContextDelete,
+    ContextGet,
+    ContextInvalidate,
+    ContextStats,
+    DeleteReply,
+    GetReply,
+    StatsReply,
+)
+from proto.streams import CONTEXT
+
+from . import attachments
+from .erase import erase_matching, erase_subject, list_subjects
+from .errors import ContextError
+from .store import ContextStore
+
+log = structlog.get_logger("context_store")
+
+
+class Admin:
+    def __init__(self, store: ContextStore) -> None:
+        self.store = store
+        self.bus = store.bus
+
+    async def _existing(self, tenant: str, session: str) -> int:
+        v = await self.store.view(tenant, session)
+        if not v.session.exists:
+            raise ContextError(ErrorCode.UNKNOWN_SESSION, f"no session {session!r}")
+        return len(v.messages)
+
+    async def get(self, req: ContextGet) -> GetReply:
+        if req.attachment is not None:
+            data = await attachments.get(self.bus, req.tenant, req.session, req.attachment)
+            if data is None:
+                raise ContextError(
+                    ErrorCode.UNKNOWN_ATTACHMENT, f"no attachment {req.attachment!r}"
+                )
+            return GetReply(data=data)
+        if req.start < 0 or not 1 <= req.limit <= MAX_GET_PAGE:
+            raise ContextError(ErrorCode.BAD_REQUEST, f"start >= 0 and limit in 1..{MAX_GET_PAGE}")
+        v = await self.store.view(req.tenant, req.session)
+        if not v.session.exists:
+            raise ContextError(ErrorCode.UNKNOWN_SESSION, f"no session {req.session!r}")
+        return GetReply(
+            messages=v.messages[req.start : req.start + req.limit],
+            length=len(v.messages),
+            ref=self.store.signer.sign(req.tenant, req.session, len(v.messages))
+            if v.messages
+            else None,
+            fork=v.session.fork,
+            summary=v.summary,
+            attachments=await attachments.names(self.bus, req.tenant, req.session),
+        )
+
+    async def attach(self, req: ContextAttach) -> AttachReply:
+        if len(req.data) > MAX_ATTACHMENT_BYTES:
+            raise ContextError(
+                ErrorCode.ATTACHMENT_TOO_LARGE,
+                f"an attachment is over {MAX_ATTACHMENT_BYTES} bytes",
+            )
+        await self._existing(req.tenant, req.session)
+        try:
+            await attachments.put(
+                self.bus, req.tenant, req.session, req.name, req.data, req.media_type
+            )
+        except attachments.AttachmentExists as exc:
+            raise ContextError(ErrorCode.CONFLICT, f"attachment {req.name!r} exists") from exc
+        return AttachReply(size=len(req.data))
+
+    async def delete(self, req: ContextDelete) -> DeleteReply:
+        reply = DeleteReply()
+        if req.session is None:
+            pattern = f"{subjects.CONTEXT_LOG}.{req.tenant}.*"
+            reply.sessions, reply.records = await erase_matching(self.bus, CONTEXT.name, pattern)
+            reply.attachments = await attachments.erase(self.bus, req.tenant)
+        else:
+            await self._delete_session(req.tenant, req.session, reply, depth=0)
+        await self.invalidate(req.tenant, req.session)
+        log.info("context_deleted", sessions=reply.sessions, records=reply.records)
+        return reply
+
+    async def _delete_session(
+        self, tenant: str, session: str, reply: DeleteReply, depth: int
+    ) -> None:
+        s = await self.store.history.load(tenant, session)
+        if depth < MAX_FORK_DEPTH:
+            for child in s.children:
+                await self._delete_session(tenant, child, reply, depth + 1)
+        reply.attachments += await attachments.erase(self.bus, tenant, session)
+        erased = await erase_subject(self.bus, CONTEXT.name, subjects.context_log(tenant, session))
+        reply.records += erased
+        reply.sessions += 1 if erased else 0
+        self.store.history.forget(tenant, session)
+
+    async def invalidate(self, tenant: str, session: str | None) -> None:
+        """Drop the cache here and tell every other replica to drop theirs."""
+        self.store.history.forget(tenant, session)
+        await self.bus.notify(
+            subjects.context_invalidate(tenant), ContextInvalidate(tenant=tenant, session=session)
+        )
+
+    async def stats(self, req: ContextStats) -> StatsReply:
+        if req.session is None:
+            logs = await list_subjects(
+                self.bus, CONTEXT.name, f"{subjects.CONTEXT_LOG}.{req.tenant}.*"
+            )
+            return StatsReply(
+                sessions=len(logs),
+                records=sum(logs.values()),
+                attachments=await attachments.count(self.bus, req.tenant),
+            )
+        v = await self.store.view(req.tenant, req.session)
+        if not v.session.exists:
+            raise ContextError(ErrorCode.UNKNOWN_SESSION, f"no session {req.session!r}")
+        return StatsReply(
+            sessions=1,
+            records=len(v.session.versions),
+            messages=len(v.messages),
+            tokens=sum(v.tokens),
+            attachments=await attachments.count(self.bus, req.tenant, req.session),
+            last_activity=v.session.last_ts,
+        )

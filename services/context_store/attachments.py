@@ -1,0 +1,68 @@
+"""Session attachments: one immutable message per attachment on
+``baton.ctxatt.<tenant>.<session>.<name>`` (stream ``BATON_CONTEXT_ATTACHMENTS``).
+
+A stream rather than an Object Store bucket: a session's or a tenant's
+attachments are found and erased with the same subject wildcards as its log,
+with no tombstone left behind, and an attachment arrives in one request
+(under NATS's 1 MiB payload), so chunking would buy nothing yet.
+"""
+
+from __future__ import annotations
+
+import nats.js.errors
+
+from baton.transport import Bus
+from proto import subjects
+from proto.streams import CONTEXT_ATTACHMENTS
+
+from .erase import erase_matching, list_subjects
+
+_WRONG_LAST_SEQ = 10071
+STREAM = CONTEXT_ATTACHMENTS.name
+
+
+class AttachmentExists(Exception):
+    pass
+
+
+def _pattern(tenant: str, session: str | None) -> str:
+    return f"{subjects.CONTEXT_ATTACHMENTS}.{tenant}.{session or '*'}.*"
+
+
+async def put(bus: Bus, tenant: str, session: str, name: str, data: bytes, media_type: str) -> None:
+    """Store an attachment once. Raises ``AttachmentExists`` for a taken name."""
+    try:
+        await bus.js.publish(
+            subjects.context_attachment(tenant, session, name),
+            data,
+            headers={"Nats-Expected-Last-Subject-Sequence": "0", "Content-Type": media_type},
+        )
+    except nats.js.errors.APIError as exc:
+        if exc.err_code == _WRONG_LAST_SEQ:
+            raise AttachmentExists(name) from exc
+        raise
+
+
+async def get(bus: Bus, tenant: str, session: str, name: str) -> bytes | None:
+    """The attachment's bytes, or None when there is none."""
+    subject = subjects.context_attachment(tenant, session, name)
+    try:
+        msg = await bus.js.get_last_msg(STREAM, subject, direct=True)
+    except nats.js.errors.NotFoundError:
+        return None
+    return msg.data or b""
+
+
+async def names(bus: Bus, tenant: str, session: str) -> list[str]:
+    found = await list_subjects(bus, STREAM, _pattern(tenant, session))
+    return sorted(s.rsplit(".", 1)[1] for s in found)
+
+
+async def count(bus: Bus, tenant: str, session: str | None = None) -> int:
+    return len(await list_subjects(bus, STREAM, _pattern(tenant, session)))
+
+
+async def erase(bus: Bus, tenant: str, session: str | None = None) -> int:
+    """Erase a session's attachments (every session's when ``session`` is None)."""
+    erased, _ = await erase_matching(bus, STREAM, _pattern(tenant, session))
+    return erased

@@ -1,0 +1,64 @@
+"""Erasure from the raw JetStream store.
+
+A stream purge only marks messages removed; their bytes can linger in the
+file store's blocks until compaction. So each message of a subject is first
+deleted through ``STREAM.MSG.DELETE`` without ``no_erase`` — the server then
+overwrites the stored bytes — and the subject is purged afterwards to catch
+anything written meanwhile.
+"""
+
+from __future__ import annotations
+
+from nats.js import api
+
+from baton.transport import Bus
+
+
+async def list_subjects(bus: Bus, stream: str, pattern: str) -> dict[str, int]:
+    """Subjects of ``stream`` matching ``pattern``, with their message counts.
+
+    (The server pages past 100,000 subjects; one tenant's sessions stay well
+    under that, and the retention sweep runs again on its next tick.)"""
+    info = await bus.js.stream_info(stream, subjects_filter=pattern)
+    return dict(info.state.subjects or {})
+
+
+async def sequences(bus: Bus, stream: str, subject: str) -> list[int]:
+    """Stream sequences of every message on ``subject`` (headers only, no bodies)."""
+    config = api.ConsumerConfig(
+        ack_policy=api.AckPolicy.NONE,
+        deliver_policy=api.DeliverPolicy.ALL,
+        headers_only=True,
+        inactive_threshold=10.0,
+        mem_storage=True,
+    )
+    sub = await bus.js.pull_subscribe(subject, stream=stream, config=config)
+    seqs: list[int] = []
+    try:
+        pending = (await sub.consumer_info()).num_pending or 0
+        while pending > 0:
+            batch = await sub.fetch(batch=min(pending, 512), timeout=2.0)
+            seqs.extend(m.metadata.sequence.stream for m in batch)
+            pending = batch[-1].metadata.num_pending if batch else 0
+    finally:
+        await sub.unsubscribe()
+    return seqs
+
+
+async def erase_subject(bus: Bus, stream: str, subject: str) -> int:
+    """Overwrite and remove every message on ``subject``; returns how many."""
+    seqs = await sequences(bus, stream, subject)
+    for seq in seqs:
+        await bus.js.delete_msg(stream, seq)
+    await bus.js.purge_stream(stream, subject=subject)
+    return len(seqs)
+
+
+async def erase_matching(bus: Bus, stream: str, pattern: str) -> tuple[int, int]:
+    """Erase every subject matching ``pattern``; returns (subjects, messages)."""
+    found = await list_subjects(bus, stream, pattern)
+    erased = 0
+    for subject in sorted(found):
+        erased += await erase_subject(bus, stream, subject)
+    await bus.js.purge_stream(stream, subject=pattern)
+    return len(found), erased

@@ -1,0 +1,90 @@
+"""The context store's operator HTTP API (a mirror of the NATS ops).
+
+``GET /v1/sessions/{tenant}/{session}``, ``DELETE`` of the same, ``DELETE
+/v1/tenants/{tenant}``, ``GET /v1/tenants/{tenant}/stats``, plus ``/healthz``,
+``/readyz`` and ``/metrics``. A caller scoped to one tenant (header
+``X-Baton-Tenant``, set by the auth proxy in front) is refused (403) any
+other tenant's data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from fastapi import FastAPI, Header, HTTPException
+
+from baton.service import Health, health_app
+from proto.errors import ErrorCode
+from proto.ids import is_valid_id
+from proto.messages import ContextDelete, ContextGet, ContextStats
+
+from .admin import Admin
+from .errors import ContextError
+
+_STATUS = {
+    ErrorCode.UNKNOWN_SESSION: 404,
+    ErrorCode.UNKNOWN_ATTACHMENT: 404,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.BAD_REQUEST: 400,
+}
+
+
+def _scope(tenant: str, session: str | None, caller: str | None) -> None:
+    if not is_valid_id(tenant) or (session is not None and not is_valid_id(session)):
+        raise HTTPException(400, "tenant and session must match [A-Za-z0-9_-]{1,64}")
+    if caller is not None and caller != tenant:
+        raise HTTPException(403, "this caller may not read another tenant's data")
+
+
+def http_app(health: Health, get_admin: Callable[[], Admin | None]) -> FastAPI:
+    app = health_app("Baton context store", health)
+
+    def admin() -> Admin:
+        a = get_admin()
+        if a is None:
+            raise HTTPException(503, "not ready")
+        return a
+
+    async def call(op: Any, req: Any) -> dict[str, Any]:
+        try:
+            out: dict[str, Any] = msgspec.to_builtins(await op(req))
+        except ContextError as exc:
+            raise HTTPException(_STATUS.get(exc.code, 500), exc.message) from exc
+        return out
+
+    @app.get("/v1/sessions/{tenant}/{session}")
+    async def read_session(
+        tenant: str, session: str, start: int = 0, limit: int = 1024,
+        x_baton_tenant: str | None = Header(default=None),
+    ) -> dict[str, Any]:  # fmt: skip
+        _scope(tenant, session, x_baton_tenant)
+        got = await call(admin().get, ContextGet(tenant=tenant, session=session, start=start,
+                                                 limit=limit))  # fmt: skip
+        got.pop("ref", None)  # refs are for services, not operators
+        stats = await call(admin().stats, ContextStats(tenant=tenant, session=session))
+        return {"tenant": tenant, "session": session, "tokens_estimate": stats["tokens"], **got}
+
+    @app.delete("/v1/sessions/{tenant}/{session}")
+    async def delete_session(
+        tenant: str, session: str, x_baton_tenant: str | None = Header(default=None)
+    ) -> dict[str, Any]:
+        _scope(tenant, session, x_baton_tenant)
+        return await call(admin().delete, ContextDelete(tenant=tenant, session=session))
+
+    @app.delete("/v1/tenants/{tenant}")
+    async def delete_tenant(
+        tenant: str, x_baton_tenant: str | None = Header(default=None)
+    ) -> dict[str, Any]:
+        _scope(tenant, None, x_baton_tenant)
+        return await call(admin().delete, ContextDelete(tenant=tenant))
+
+    @app.get("/v1/tenants/{tenant}/stats")
+    async def tenant_stats(
+        tenant: str, x_baton_tenant: str | None = Header(default=None)
+    ) -> dict[str, Any]:
+        _scope(tenant, None, x_baton_tenant)
+        return await call(admin().stats, ContextStats(tenant=tenant))
+
+    return app
