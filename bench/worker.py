@@ -20,6 +20,7 @@ from typing import Any
 from baton.natsd import NatsServer
 from bench.stats import median, pct
 from proto.messages import ChatMessage
+from proto.streams import ORCHESTRATOR_RESULTS, RESULTS
 from services.inference_worker.engines.vllm import VLLMEngine
 from tests.harness import Client, LocalStack, uid
 from tests.vllm_jobs import collect_results, inprocess_worker, submit_job
@@ -70,6 +71,9 @@ async def _burst(url: str, engine: VLLMEngine) -> dict[str, Any]:
     from baton.transport import connect
 
     bus = await connect(url, name="bench")
+    # The orchestrator is gone; so must its result consumer be (one consumer
+    # per filter on a work queue), or the benchmark could not read results.
+    await bus.js.delete_consumer(RESULTS.name, ORCHESTRATOR_RESULTS.durable)
     prompt = "def handler(event):\n    return event\n" * 60
     max_tokens = 400
     msgs = [ChatMessage(role="system", content="You are terse."),

@@ -3,6 +3,7 @@ turns them into JetStream configuration)."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -128,6 +129,33 @@ def worker_consumer(pool: str, ack_wait: float = 60.0) -> ConsumerSpec:
         max_deliver=5,
         max_ack_pending=4096,
     )
+
+
+DIRECT_PREFIX: Final = "direct:"
+
+
+def direct_consumer(pool: str, worker: str, ack_wait: float = 60.0) -> ConsumerSpec:
+    """A worker's own consumer of ``baton.jobs.<pool>.<worker>``. Durable, so
+    jobs routed to a worker that dies wait for a peer to rescue them; the
+    description (``direct:<pool>:<worker>``) names the owner."""
+    digest = hashlib.sha1(f"{pool}/{worker}".encode()).hexdigest()[:20]
+    return ConsumerSpec(
+        stream=JOBS.name,
+        durable=f"direct-{digest}",
+        filter_subject=subjects.worker_job(pool, worker),
+        ack_wait=ack_wait,
+        max_deliver=5,
+        max_ack_pending=4096,
+        description=f"{DIRECT_PREFIX}{pool}:{worker}",
+    )
+
+
+def direct_owner(description: str | None) -> tuple[str, str] | None:
+    """(pool, worker) of a direct consumer's description, else None."""
+    if not description or not description.startswith(DIRECT_PREFIX):
+        return None
+    pool, _, worker = description[len(DIRECT_PREFIX) :].partition(":")
+    return (pool, worker) if pool and worker else None
 
 
 RUNS = BucketSpec(name="baton-runs", history=1, description="Durable run state per task.")

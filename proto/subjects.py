@@ -38,6 +38,12 @@ def job(pool: str) -> str:
     return f"{JOBS}.{require_id(pool, 'pool')}"
 
 
+def worker_job(pool: str, worker: str) -> str:
+    """``baton.jobs.<pool>.<worker>`` — a job routed to the worker whose
+    prefix cache holds its session (cache-aware routing)."""
+    return f"{job(pool)}.{require_id(worker, 'worker')}"
+
+
 def result(tenant: str, task_id: str) -> str:
     """``baton.results.<tenant>.<task_id>`` — a finished inference job."""
     return f"{RESULTS}.{require_id(tenant, 'tenant')}.{require_id(task_id, 'task_id')}"

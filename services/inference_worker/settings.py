@@ -48,6 +48,8 @@ class WorkerSettings(CommonSettings):
     openai_api_key: SecretStr | None = None
 
     heartbeat_interval: float = 2.0
+    # A peer silent this long is dead: its own consumer's jobs are rescued.
+    peer_stale_after: float = 10.0
     drain_grace: float = 60.0
     engine_restart_delay: float = 1.0
     oom_retry_delay: float = 2.0

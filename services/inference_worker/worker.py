@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,13 +43,14 @@ from proto.messages import (
     WindowReply,
     WindowRequest,
 )
-from proto.streams import JOBS, RESULTS, worker_consumer
+from proto.streams import JOBS, RESULTS, ConsumerSpec, direct_consumer, worker_consumer
 
 from . import metrics as m
 from .admission import Admission
 from .engines.base import Engine, EngineDead, EngineOOM, GenerationRequest, PromptTooLong
 from .gpu import GpuMonitor
 from .gpuclock import GpuClock
+from .rescue import Peers, Rescuer, never
 from .settings import WorkerSettings
 
 log = structlog.get_logger("inference_worker")
@@ -98,6 +100,9 @@ class Worker:
         self.health = health
         self.pool = settings.pool
         self.consumer = worker_consumer(settings.pool, settings.job_ack_wait)
+        self.direct = direct_consumer(settings.pool, settings.worker_id, settings.job_ack_wait)
+        self.peers = Peers(settings.worker_id, stale_after=settings.peer_stale_after)
+        self.rescue = Rescuer(self)
         self.admission = Admission(1, 1)
         self.clock = GpuClock()
         self.gpu: GpuMonitor | None = None
@@ -136,8 +141,9 @@ class Worker:
         self.bus = bus
         self.gpu = GpuMonitor()
         m.init_series(self.pool)
-        await bus.provision(streams=[JOBS, RESULTS], consumers=[self.consumer])
+        await bus.provision(streams=[JOBS, RESULTS], consumers=[self.consumer, self.direct])
         await bus.nc.subscribe(f"{subjects.CANCEL}.*.*", cb=self._on_cancel)
+        await bus.nc.subscribe(f"{subjects.HEARTBEATS}.{self.pool}.*", cb=self.peers.on_msg)
         m.READY.labels(*self._labels).set(0)
         await self.start_engine(load=self.manage_engine)
         background = [
@@ -153,24 +159,40 @@ class Worker:
             with contextlib.suppress(Exception):
                 await bus.notify(subjects.heartbeat(self.pool, self.s.worker_id),
                                  self._heartbeat(leaving=True))  # fmt: skip
+            with contextlib.suppress(Exception):
+                await self.rescue.delete_if_empty(self.direct)
             self.health.ready, self.health.reason = False, "stopped"
             m.READY.labels(*self._labels).set(0)
             if self.manage_engine:
                 await self.engine.stop()
 
     async def _pull_loop(self, bus: Bus) -> None:
-        puller = await bus.puller(self.consumer)
+        """Pull from the pool's consumer and from this worker's own (jobs
+        routed here for its warm prefix cache), and rescue the own consumers
+        of dead peers; all share one admission budget."""
         self._tasks: set[asyncio.Task[None]] = set()
+        await asyncio.gather(
+            self.pull(bus, self.consumer),
+            self.pull(bus, self.direct),
+            self.rescue.run(),
+        )
+
+    async def pull(self, bus: Bus, spec: ConsumerSpec, until: Callable[[], bool] = never) -> None:
+        """Fetch from ``spec`` while there is headroom, until the bus stops
+        (or ``until()`` says so, checked when a fetch comes back empty)."""
+        puller = await bus.puller(spec)
         while not bus.stopping:
             n = min(self.s.max_fetch, self.admission.room_for(self.waiting))
             if n <= 0 or not self._engine_ok.is_set():
                 await self.admission.wait_change(0.25)
                 continue
             batch = await puller.fetch(n, 0.05 if self.held else 1.0)
+            if not batch and until():
+                return
             for d in batch:
                 self.held += 1
                 self.waiting += 1
-                task = asyncio.create_task(bus.settle(self.consumer, d, self._handle))
+                task = asyncio.create_task(bus.settle(spec, d, self._handle))
                 self._tasks.add(task)
                 task.add_done_callback(self._settled)
 
@@ -269,7 +291,7 @@ class Worker:
         )
         if reply.error is not None:
             raise Nak(1.0, f"context append failed: {reply.error.code}")
-        self._touch_warm(job.session)
+        self._touch_warm(f"{job.tenant}.{job.session}")
         await self._publish(
             job,
             self._result(

@@ -36,6 +36,7 @@ from proto.messages import (
 )
 
 from . import metrics as m
+from .routing import HeartbeatTracker, Router
 from .runs import RunState, RunStore, StepState
 from .settings import OrchestratorSettings
 from .workflows import Done, GraphWorkflow, StepPlan
@@ -79,7 +80,9 @@ class Conductor:
         runs: RunStore,
         workflows: dict[str, GraphWorkflow],
         settings: OrchestratorSettings,
+        router: Router | None = None,
     ) -> None:
+        self.router = router or Router(HeartbeatTracker(), enabled=False)
         self.bus = bus
         self.runs = runs
         self.workflows = workflows
@@ -342,8 +345,10 @@ class Conductor:
             response_schema=self.workflows[run.workflow].route_schema(step_id),
             published_at=time.time(),
         )
-        m.ROUTING.labels("pool").inc()
-        await self.bus.publish(subjects.job(st.pool), job, msg_id=job.job_id, task_id=run.task_id)
+        warm = self.router.choose(run.tenant, st.session, st.pool)
+        m.ROUTING.labels("warm" if warm else "pool").inc()
+        subject = subjects.worker_job(st.pool, warm) if warm else subjects.job(st.pool)
+        await self.bus.publish(subject, job, msg_id=job.job_id, task_id=run.task_id)
 
     # -- results -----------------------------------------------------------
 
@@ -396,6 +401,7 @@ class Conductor:
         if done.status != "done" or done.worker != res.worker or done.output != res.output:
             return  # another replica recorded this result first
         m.STEPS_IN_FLIGHT.dec()
+        self.router.served(run.tenant, st.session, st.pool, res.worker)
         labels = (run.workflow, st.agent)
         m.STEP_LATENCY.labels(*labels).observe(done.finished_at - st.dispatched_at)
         m.TOKENS.labels(*labels, "prompt").inc(res.usage.prompt_tokens)

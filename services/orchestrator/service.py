@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from pathlib import Path
 
 import structlog
-from nats.aio.msg import Msg
 
 from baton.service import Health
 from baton.transport import Bus
-from proto import codec, streams, subjects
-from proto.messages import Heartbeat
+from proto import streams, subjects
 
 from . import metrics as m
 from .api import Services
 from .conductor import Conductor
+from .routing import HeartbeatTracker, Router
 from .runs import RunStore
 from .settings import OrchestratorSettings
 from .workflows import GraphWorkflow, load_dir
@@ -26,32 +24,6 @@ from .workflows import GraphWorkflow, load_dir
 log = structlog.get_logger("orchestrator")
 
 BUILTIN_WORKFLOWS = Path(__file__).with_name("workflows")
-
-
-class HeartbeatTracker:
-    def __init__(self) -> None:
-        self.last: dict[tuple[str, str], Heartbeat] = {}
-
-    async def on_msg(self, msg: Msg) -> None:
-        with contextlib.suppress(codec.DecodeError):
-            hb = codec.decode(msg.data, Heartbeat)
-            key = (hb.pool, hb.worker)
-            if hb.leaving:  # scaled in on purpose: not a worker that went silent
-                if self.last.pop(key, None) is not None:
-                    with contextlib.suppress(KeyError):
-                        m.HEARTBEAT_AGE.remove(*key)
-                return
-            self.last[key] = hb
-
-    def export(self) -> None:
-        now = time.time()
-        for (pool, worker), hb in list(self.last.items()):
-            age = now - hb.ts
-            if age > 3600:  # forget workers gone for an hour
-                del self.last[(pool, worker)]
-                m.HEARTBEAT_AGE.remove(pool, worker)
-            else:
-                m.HEARTBEAT_AGE.labels(pool, worker).set(age)
 
 
 async def _watch_backlog(bus: Bus, settings: OrchestratorSettings, hb: HeartbeatTracker) -> None:
@@ -78,9 +50,11 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
         ],
     )
     runs = RunStore(await bus.ensure_bucket(streams.RUNS))
-    conductor = Conductor(bus, runs, workflows, settings)
-    m.init_series({name: list(wf.agents) for name, wf in workflows.items()})
     hb = HeartbeatTracker()
+    router = Router(hb, enabled=settings.cache_routing, stale_after=settings.route_stale_after,
+                    max_load=settings.route_max_load)  # fmt: skip
+    conductor = Conductor(bus, runs, workflows, settings, router)
+    m.init_series({name: list(wf.agents) for name, wf in workflows.items()})
     await bus.nc.subscribe(f"{subjects.HEARTBEATS}.*.*", cb=hb.on_msg)
     svc.bus, svc.runs, svc.conductor, svc.workflows = bus, runs, conductor, specs
     watcher = asyncio.create_task(_watch_backlog(bus, settings, hb))

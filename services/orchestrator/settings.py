@@ -19,6 +19,11 @@ class OrchestratorSettings(CommonSettings):
     api_keys: dict[str, str] = Field(default_factory=dict)
     # Extra workflow files (*.yaml); a name here overrides a built-in one.
     workflows_dir: Path | None = None
+    # Cache-aware routing: a session's step goes to the worker that served it
+    # last while its heartbeat is fresh and its admitted KV is below max_load.
+    cache_routing: bool = True
+    route_stale_after: float = 6.0
+    route_max_load: float = 0.8
     task_concurrency: int = 256
     result_concurrency: int = 256
     pending_poll_interval: float = 5.0

@@ -1,0 +1,121 @@
+"""Jobs routed to a worker that died are not lost: its peers rescue them.
+
+Cache-aware routing sends a session's step to the worker whose prefix cache
+holds it, on that worker's own subject ``baton.jobs.<pool>.<worker>`` and
+durable consumer. If that worker dies (no heartbeat for ``stale_after``, or a
+``leaving`` heartbeat), any peer of the pool pulls the dead consumer dry —
+jobs it held come back after their ack wait — and then deletes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+import structlog
+from nats.aio.msg import Msg
+
+from proto import codec
+from proto.messages import Heartbeat
+from proto.streams import JOBS, ConsumerSpec, direct_owner
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = structlog.get_logger("inference_worker.rescue")
+
+
+def never() -> bool:
+    return False
+
+
+class Peers:
+    """The last heartbeat of every other worker of the pool."""
+
+    def __init__(self, me: str, *, stale_after: float) -> None:
+        self.me = me
+        self.stale_after = stale_after
+        self.seen: dict[str, float] = {}
+        self.left: set[str] = set()
+        self.started = time.time()
+
+    async def on_msg(self, msg: Msg) -> None:
+        with contextlib.suppress(codec.DecodeError):
+            hb = codec.decode(msg.data, Heartbeat)
+            if hb.worker == self.me:
+                return
+            self.seen[hb.worker] = time.time()
+            if hb.leaving:
+                self.left.add(hb.worker)
+            else:
+                self.left.discard(hb.worker)
+
+    def dead(self, worker: str) -> bool:
+        if worker == self.me:
+            return False
+        if worker in self.left:
+            return True
+        last = self.seen.get(worker, self.started)  # unknown: give it time to speak
+        return time.time() - last > self.stale_after
+
+
+class Rescuer:
+    def __init__(self, worker: Worker, every: float = 2.0) -> None:
+        self.worker = worker
+        self.every = every
+        self.active: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        bus = self.worker.bus
+        assert bus is not None
+        while not bus.stopping:
+            with contextlib.suppress(Exception):
+                await self._scan()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(bus.wait_stopped(), self.every)
+
+    async def _scan(self) -> None:
+        bus = self.worker.bus
+        assert bus is not None
+        for info in await bus.js.consumers_info(JOBS.name):
+            owner = direct_owner(info.config.description)
+            if owner is None or owner[0] != self.worker.pool or info.name in self.active:
+                continue
+            if not self.worker.peers.dead(owner[1]):
+                continue
+            spec = ConsumerSpec(
+                stream=JOBS.name,
+                durable=info.name,
+                filter_subject=info.config.filter_subject or "",
+                ack_wait=info.config.ack_wait or 60.0,
+                max_deliver=info.config.max_deliver or 5,
+            )
+            self.active.add(info.name)
+            task = asyncio.create_task(self._drain(spec, owner[1]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self, spec: ConsumerSpec, owner: str) -> None:
+        bus = self.worker.bus
+        assert bus is not None
+        log.info("rescuing_jobs", owner=owner, consumer=spec.durable)
+        try:
+            await self.worker.pull(bus, spec, until=lambda: True)
+            await self.delete_if_empty(spec)
+        except Exception as exc:  # another peer deleted it first, most likely
+            log.info("rescue_ended", owner=owner, reason=repr(exc))
+        finally:
+            self.active.discard(spec.durable)
+
+    async def delete_if_empty(self, spec: ConsumerSpec) -> bool:
+        """Delete a direct consumer with nothing pending or held."""
+        bus = self.worker.bus
+        assert bus is not None
+        info = await bus.js.consumer_info(spec.stream, spec.durable)
+        if (info.num_pending or 0) + (info.num_ack_pending or 0) > 0:
+            return False
+        await bus.js.delete_consumer(spec.stream, spec.durable)
+        return True

@@ -1,0 +1,100 @@
+"""Cache-aware routing: send a session's step to the worker that served it
+last (its prefix cache holds the session) while that worker is alive, ready
+and below a load threshold; otherwise to the pool's shared subject.
+
+Liveness and load come from worker heartbeats; "served it last" from the
+results this replica has seen, and from the warm sessions each heartbeat
+lists (so another replica's routing is not lost). No warm worker, or a dead
+one, never blocks a step: it goes to the pool, and a job routed to a worker
+that dies afterwards is rescued by its peers (inference_worker/rescue.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import OrderedDict
+
+from nats.aio.msg import Msg
+
+from proto import codec
+from proto.messages import Heartbeat
+
+from . import metrics as m
+
+
+class HeartbeatTracker:
+    def __init__(self) -> None:
+        self.last: dict[tuple[str, str], Heartbeat] = {}
+
+    async def on_msg(self, msg: Msg) -> None:
+        with contextlib.suppress(codec.DecodeError):
+            hb = codec.decode(msg.data, Heartbeat)
+            key = (hb.pool, hb.worker)
+            if hb.leaving:  # scaled in on purpose: not a worker that went silent
+                if self.last.pop(key, None) is not None:
+                    with contextlib.suppress(KeyError):
+                        m.HEARTBEAT_AGE.remove(*key)
+                return
+            self.last[key] = hb
+
+    def export(self) -> None:
+        now = time.time()
+        for (pool, worker), hb in list(self.last.items()):
+            age = now - hb.ts
+            if age > 3600:  # forget workers gone for an hour
+                del self.last[(pool, worker)]
+                m.HEARTBEAT_AGE.remove(pool, worker)
+            else:
+                m.HEARTBEAT_AGE.labels(pool, worker).set(age)
+
+
+class Router:
+    def __init__(
+        self,
+        heartbeats: HeartbeatTracker,
+        *,
+        enabled: bool = True,
+        stale_after: float = 6.0,
+        max_load: float = 0.8,
+        remember: int = 100_000,
+    ) -> None:
+        self.heartbeats = heartbeats
+        self.enabled = enabled
+        self.stale_after = stale_after
+        self.max_load = max_load
+        self._cap = remember
+        self._served: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+
+    def served(self, tenant: str, session: str, pool: str, worker: str) -> None:
+        key = (tenant, session, pool)
+        self._served[key] = worker
+        self._served.move_to_end(key)
+        while len(self._served) > self._cap:
+            self._served.popitem(last=False)
+
+    def _usable(self, pool: str, worker: str) -> bool:
+        hb = self.heartbeats.last.get((pool, worker))
+        if hb is None or not hb.ready or hb.leaving:
+            return False
+        if time.time() - hb.ts > self.stale_after:
+            return False
+        return hb.admitted_tokens < self.max_load * max(1, hb.kv_capacity_tokens)
+
+    def choose(self, tenant: str, session: str, pool: str) -> str | None:
+        """The warm worker for this session, or None for the shared pool."""
+        if not self.enabled:
+            return None
+        last = self._served.get((tenant, session, pool))
+        if last is not None and self._usable(pool, last):
+            return last
+        warm = f"{tenant}.{session}"
+        for (p, worker), hb in self.heartbeats.last.items():
+            if (
+                p == pool
+                and worker != last
+                and warm in hb.warm_sessions
+                and self._usable(p, worker)
+            ):
+                return worker
+        return None
