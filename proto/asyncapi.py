@@ -36,6 +36,11 @@ _CHANNELS: Final[dict[str, tuple[str, tuple[str, ...], tuple[Any, ...], str, boo
         f"{subjects.JOBS}.{{pool}}", ("pool",), (msg.InferenceJob,),
         f"Inference jobs for a model pool (stream {streams.JOBS.name}, work queue).", False,
     ),
+    "workerJobs": (
+        f"{subjects.JOBS}.{{pool}}.{{worker}}", ("pool", "worker"), (msg.InferenceJob,),
+        "A job routed to the worker whose prefix cache holds its session; rescued by the "
+        "worker's peers if it dies.", False,
+    ),
     "results": (
         f"{subjects.RESULTS}.{{tenant}}.{{task_id}}", ("tenant", "task_id"),
         (msg.InferenceResult,),

@@ -241,29 +241,34 @@ class Worker:
             await self._publish_error(job, ErrorCode.CANCELLED, "task was cancelled")
             return
         out_id = f"{job.job_id}:out"
-        window: WindowReply = await bus.request(
-            subjects.context_api("window", job.tenant),
-            WindowRequest(
-                tenant=job.tenant,
-                ref=job.ref,
-                budget_tokens=max(1, self._budget(job)),
-                done_msg_id=out_id,
-            ),
-            WindowReply,
-            task_id=job.task_id,
-        )
-        if window.error is not None:
-            await self._publish(job, self._result(job, error=window.error))
-            return
-        if window.existing is not None:  # answered before a crash: republish it
-            await self._publish(
-                job,
-                self._result(job, ref=window.existing_ref, output=window.existing.content),
-            )
-            return
-        messages = _with_system(window.messages, job.system)
         cap = self.engine.capacity()
-        prompt_tokens = self.engine.count_prompt_tokens(messages)
+        budget = max(1, self._budget(job))
+        for _ in range(4):
+            window: WindowReply = await bus.request(
+                subjects.context_api("window", job.tenant),
+                WindowRequest(
+                    tenant=job.tenant, ref=job.ref, budget_tokens=budget, done_msg_id=out_id
+                ),
+                WindowReply,
+                task_id=job.task_id,
+            )
+            if window.error is not None:
+                await self._publish(job, self._result(job, error=window.error))
+                return
+            if window.existing is not None:  # answered before a crash: republish it
+                await self._publish(
+                    job,
+                    self._result(job, ref=window.existing_ref, output=window.existing.content),
+                )
+                return
+            messages = _with_system(window.messages, job.system)
+            prompt_tokens = self.engine.count_prompt_tokens(messages)
+            room = cap.max_model_len - job.max_tokens
+            if prompt_tokens <= room or window.tokens <= 0:
+                break
+            # The store's token estimate ran short of this model's tokenizer:
+            # ask again for a window scaled to the real count.
+            budget = max(1, int(window.tokens * room / prompt_tokens * 0.95))
         need = prompt_tokens + job.max_tokens
         if need > cap.max_model_len:
             await self._too_long(job, prompt_tokens, cap.max_model_len)

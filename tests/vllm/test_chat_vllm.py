@@ -76,3 +76,29 @@ async def test_greedy_output_is_deterministic(chat_stack: LocalStack, vclient: C
     ]
     assert outs[0] and outs[0] == outs[1]
     assert not outs[0].startswith("[sim")  # the real engine answered
+
+
+async def test_research_runs_end_to_end_from_the_cli_on_real_vllm(
+    chat_stack: LocalStack, vclient: Client
+) -> None:
+    import asyncio
+    import sys
+
+    tenant, task_id = uid("res"), uid()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "baton.cli", "submit", "research", "compare merge sort and quicksort",
+        "--tenant", tenant, "--task-id", task_id, "--nats-url", chat_stack.nats_url,
+        "--timeout", "240", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 300)
+    text = out.decode()
+    assert proc.returncode == 0, text + err.decode()
+    lines = text.splitlines()
+    assert lines[0].startswith("accepted") and any(ln.startswith("completed") for ln in lines)
+    assert "r1.gather.retrieval" in text and "r1.gather.coding" in text and "validate" in text
+    state = _run_state(chat_stack, tenant, task_id)
+    assert state["status"] == "completed"
+    assert state["cost_usd"] > 0 and state["usage"]["gpu_seconds"] > 0
+    # The validator's answer was guided by the route's JSON schema on vLLM.
+    validate = [s for k, s in state["steps"].items() if ".validate" in k]
+    assert validate and all(s["output"].lstrip().startswith("{") for s in validate), validate
