@@ -145,11 +145,11 @@ class Worker:
         await bus.nc.subscribe(f"{subjects.CANCEL}.*.*", cb=self._on_cancel)
         await bus.nc.subscribe(f"{subjects.HEARTBEATS}.{self.pool}.*", cb=self.peers.on_msg)
         m.READY.labels(*self._labels).set(0)
+        # Heartbeats start before the engine loads (ready=False until then):
+        # peers must not take a worker that is still loading for a dead one.
+        background = [asyncio.create_task(self._heartbeats(bus))]
         await self.start_engine(load=self.manage_engine)
-        background = [
-            asyncio.create_task(self._heartbeats(bus)),
-            asyncio.create_task(self._sample_metrics()),
-        ]
+        background.append(asyncio.create_task(self._sample_metrics()))
         try:
             await self._pull_loop(bus)
             await self._drain()
@@ -477,9 +477,14 @@ class Worker:
 
     async def _heartbeats(self, bus: Bus) -> None:
         subject = subjects.heartbeat(self.pool, self.s.worker_id)
+        beats = 0
         while True:
             with contextlib.suppress(Exception):
                 await bus.notify(subject, self._heartbeat())
+            beats += 1
+            if beats % 10 == 0:  # a peer that wrongly took us for dead deleted it
+                with contextlib.suppress(Exception):
+                    await bus.ensure_consumer(self.direct)
             await asyncio.sleep(self.s.heartbeat_interval)
 
     async def _sample_metrics(self) -> None:
