@@ -176,7 +176,12 @@ class Puller:
     async def fetch(self, n: int, timeout: float) -> list[Delivery]:
         """Up to ``n`` messages, waiting at most ``timeout`` for the first.
         A transient failure (NATS restarting) is logged and yields nothing;
-        a closed connection raises ``ConnectionClosedError``."""
+        a closed connection raises ``ConnectionClosedError``.
+
+        Long waits should ask for one message: a batch fetch that meets the
+        late 408 of an expired earlier pull request re-issues its request, and
+        a message delivered to that request then sits until the whole batch
+        timeout ends (measured: p99 step latency 770 ms instead of ms)."""
         try:
             msgs = await self.sub.fetch(batch=max(1, n), timeout=timeout)
         except TimeoutError:  # nats-py raises both its own and asyncio's
@@ -419,9 +424,12 @@ class Bus:
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                # Short waits while busy so finished slots refill quickly; an
-                # idle consumer waits longer per fetch to spare the server.
-                batch = await puller.fetch(free, fetch_timeout if running else idle_timeout)
+                # Busy: batches with short waits, so finished slots refill
+                # quickly. Idle: one message with a long wait (see Puller.fetch).
+                if running:
+                    batch = await puller.fetch(free, fetch_timeout)
+                else:
+                    batch = await puller.fetch(1, idle_timeout)
             except nats.errors.ConnectionClosedError:
                 break
             for d in batch:

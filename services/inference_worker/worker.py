@@ -186,7 +186,8 @@ class Worker:
             if n <= 0 or not self._engine_ok.is_set():
                 await self.admission.wait_change(0.25)
                 continue
-            batch = await puller.fetch(n, 0.05 if self.held else 1.0)
+            # Idle: one message with a long wait (see Puller.fetch); busy: batches.
+            batch = await puller.fetch(n, 0.05) if self.held else await puller.fetch(1, 1.0)
             if not batch and until():
                 return
             for d in batch:
