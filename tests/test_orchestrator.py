@@ -41,8 +41,16 @@ async def test_research_fans_out_fans_in_and_reports_usage_and_cost(
     )
     assert abs(sum(s["cost_usd"] for s in steps.values()) - done["cost_usd"]) < 1e-9
     assert done["cost_usd"] > 0
-    # The validator saw both workers' answers by pointer: its prompt holds them.
+    # The workers answered on forks of the supervisor's session...
     gather = [s for k, s in steps.items() if ".gather." in k]
+    store = next(p for p in stack.procs if p.name == "context-store")
+    for branch in gather:
+        assert branch["session"] != task_id
+        fork = _get_json(f"{store.url}/v1/sessions/{tenant}/{branch['session']}")
+        roles = [m["role"] for m in fork["messages"]]
+        assert roles[:3] == ["system", "user", "assistant"]  # the parent's prefix, shared
+        assert fork["messages"][-1]["content"] == branch["output"]  # the branch's own answer
+    # ...and the validator read both answers by pointer: its prompt holds them.
     assert steps["r1.validate"]["usage"]["prompt_tokens"] > max(
         s["usage"]["prompt_tokens"] for s in gather
     )

@@ -27,9 +27,11 @@ from proto.messages import (
     Completed,
     ContextAppend,
     ContextAppendReply,
+    ContextFork,
     ContextRef,
     ErrorInfo,
     Failed,
+    ForkReply,
     InferenceJob,
     InferenceResult,
     Step,
@@ -60,13 +62,6 @@ def _latest_output(r: RunState) -> str:
     """The partial output: the answer of the step that finished last."""
     done = [s for s in r.steps.values() if s.status == "done"]
     return max(done, key=lambda s: s.finished_at).output if done else ""
-
-
-def _newest_ref(run: RunState) -> ContextRef:
-    """The ref covering the most of the run's session: after a fan-in, the
-    answer appended last covers every branch's answer."""
-    refs = [s.ref for s in run.steps.values() if s.ref is not None and s.session == run.session]
-    return max(refs, key=lambda r: r.version)
 
 
 def _error(code: ErrorCode, message: str) -> ErrorInfo:
@@ -252,6 +247,23 @@ class Conductor:
             return None
         return reply.ref
 
+    async def _fork(self, run: RunState, ref: ContextRef, child: str) -> ContextRef | None:
+        """A child session sharing ``ref``'s prefix (idempotent); None fails the run."""
+        try:
+            reply: ForkReply = await self.bus.request(
+                subjects.context_api("fork", run.tenant),
+                ContextFork(tenant=run.tenant, ref=ref, child=child),
+                ForkReply,
+                task_id=run.task_id,
+            )
+        except TimeoutError as exc:
+            raise Nak(2.0, "context store did not answer") from exc
+        if reply.error is not None or reply.ref is None:
+            err = reply.error or _error(ErrorCode.CONTEXT_UNAVAILABLE, "no ref returned")
+            await self._finish(run, error=err)
+            return None
+        return reply.ref
+
     # -- steps -------------------------------------------------------------
 
     def _remaining_tokens(self, run: RunState) -> int | None:
@@ -269,7 +281,15 @@ class Conductor:
     async def _dispatch(
         self, run: RunState, wf: GraphWorkflow, plans: list[StepPlan], refs: dict[str, ContextRef]
     ) -> RunState:
-        """Record the steps (CAS), then publish their jobs and events."""
+        """Fork the sessions of parallel branches, record the steps (CAS), then
+        publish their jobs and events."""
+        refs = dict(refs)
+        for p in plans:
+            if p.session != run.session and p.step_id not in run.steps:
+                forked = await self._fork(run, refs[p.step_id], p.session)
+                if forked is None:
+                    return run
+                refs[p.step_id] = forked
         new: list[str] = []
         budget_stop: list[str] = []
 
@@ -421,7 +441,14 @@ class Conductor:
         if isinstance(nxt, Done):
             await self._finish(updated, output=nxt.output)
         elif nxt:
-            ref = _newest_ref(updated)
+            ref = res.ref
+            if done.session != run.session:  # fan-in: bring the branches' answers home
+                answers = [ChatMessage(role="user", name=agent, content=f"[{agent}] {text}")
+                           for agent, text in wf.fan_in(updated, res.step)]  # fmt: skip
+                ref = await self._append(updated, run.session, f"{res.step}:fanin", answers)
+                if ref is None:
+                    return
+            assert ref is not None
             await self._dispatch(updated, wf, nxt, {p.step_id: ref for p in nxt})
 
     # -- cancellation ------------------------------------------------------

@@ -7,6 +7,7 @@ step), so the position in the graph needs no state of its own.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -30,6 +31,11 @@ class Done:
 
 
 Next = list[StepPlan] | Done
+
+
+def fork_session(tenant: str, task_id: str, step_id: str) -> str:
+    """The deterministic id of a parallel branch's fork (a valid subject token)."""
+    return "fk" + hashlib.sha1(f"{tenant}.{task_id}.{step_id}".encode()).hexdigest()[:30]
 
 
 def parse_step_id(step_id: str) -> tuple[int, str, str | None]:
@@ -71,13 +77,25 @@ class GraphWorkflow:
             "required": [route.field],
         })  # fmt: skip
 
-    def _plans(self, round_: int, step: StepSpec, session: str) -> list[StepPlan]:
+    def _plans(self, round_: int, step: StepSpec, run: RunState) -> list[StepPlan]:
         if step.agent is not None:
-            return [StepPlan(f"r{round_}.{step.id}", step.agent, session)]
-        return [StepPlan(f"r{round_}.{step.id}.{a}", a, session) for a in step.parallel]
+            return [StepPlan(f"r{round_}.{step.id}", step.agent, run.session)]
+        # Parallel workers each work on a fork of the run's session.
+        plans = []
+        for a in step.parallel:
+            step_id = f"r{round_}.{step.id}.{a}"
+            plans.append(StepPlan(step_id, a, fork_session(run.tenant, run.task_id, step_id)))
+        return plans
+
+    def fan_in(self, run: RunState, finished: str) -> list[tuple[str, str]]:
+        """After a parallel step: (agent, answer) of every branch, in the
+        step's declared order (so the merged history renders the same way)."""
+        round_, sid, _ = parse_step_id(finished)
+        step = self._steps[sid]
+        return [(a, run.steps[f"r{round_}.{sid}.{a}"].output) for a in step.parallel]
 
     def start(self, run: RunState) -> list[StepPlan]:
-        return self._plans(1, self.spec.steps[0], run.session)
+        return self._plans(1, self.spec.steps[0], run)
 
     def _output(self, run: RunState, fallback: str) -> str:
         if self.spec.output is None:
@@ -111,4 +129,4 @@ class GraphWorkflow:
             round_ += 1
             if round_ > self.spec.rounds:
                 return Done(self._output(run, output), reason="round_limit")
-        return self._plans(round_, self._steps[target], run.session)
+        return self._plans(round_, self._steps[target], run)
