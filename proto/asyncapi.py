@@ -107,6 +107,10 @@ _CHANNELS: Final[dict[str, tuple[str, tuple[str, ...], tuple[Any, ...], str, boo
         f"{subjects.CANCEL}.{{tenant}}.{{task_id}}", ("tenant", "task_id"), (msg.Cancel,),
         "Core NATS: abort a task's in-flight generations.", False,
     ),
+    "timers": (
+        f"{subjects.TIMERS}.{{tenant}}.{{task_id}}", ("tenant", "task_id"), (msg.StepTimer,),
+        f"Durable step timeouts (stream {streams.TIMERS.name}), naked until due.", False,
+    ),
     "deadLetters": (
         f"{subjects.DEAD_LETTERS}.{{consumer}}", ("consumer",), (),
         f"Copies of terminated messages (stream {streams.DEAD_LETTERS.name}); the body is "

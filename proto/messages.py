@@ -353,6 +353,16 @@ class Heartbeat(msgspec.Struct, omit_defaults=True, kw_only=True):
     ts: float = 0.0
 
 
+class StepTimer(msgspec.Struct, kw_only=True):
+    """Body of ``baton.timers.<tenant>.<task_id>``: check step ``step`` at ``due``."""
+
+    tenant: str
+    task_id: str
+    step: str
+    attempt: int
+    due: float
+
+
 class Cancel(msgspec.Struct, kw_only=True):
     """Core NATS ``baton.cancel.<tenant>.<task_id>``: stop the task's generations."""
 

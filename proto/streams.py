@@ -98,7 +98,17 @@ DEAD_LETTERS = StreamSpec(
     description="Messages terminated after their last delivery, kept for inspection.",
 )
 
-ALL_STREAMS: Final = (TASKS, JOBS, RESULTS, EVENTS, CONTEXT, CONTEXT_ATTACHMENTS, DEAD_LETTERS)
+TIMERS = StreamSpec(
+    name="BATON_TIMERS",
+    subjects=(f"{subjects.TIMERS}.>",),
+    retention="workqueue",
+    duplicate_window=600.0,
+    description="Durable step timers: naked with a delay until due.",
+)
+
+ALL_STREAMS: Final = (
+    TASKS, JOBS, RESULTS, EVENTS, CONTEXT, CONTEXT_ATTACHMENTS, DEAD_LETTERS, TIMERS,
+)  # fmt: skip
 
 ORCHESTRATOR_TASKS = ConsumerSpec(
     stream=TASKS.name,
@@ -107,6 +117,14 @@ ORCHESTRATOR_TASKS = ConsumerSpec(
     ack_wait=30.0,
     max_deliver=5,
     description="Shared by every orchestrator replica.",
+)
+ORCHESTRATOR_TIMERS = ConsumerSpec(
+    stream=TIMERS.name,
+    durable="orchestrator-timers",
+    filter_subject=f"{subjects.TIMERS}.>",
+    ack_wait=30.0,
+    max_deliver=-1,  # a timer is naked until it is due: never dead-letter it
+    max_ack_pending=100_000,
 )
 ORCHESTRATOR_RESULTS = ConsumerSpec(
     stream=RESULTS.name,

@@ -17,6 +17,7 @@ CONTEXT_INVALIDATE: Final = "baton.ctxinval"
 HEARTBEATS: Final = "baton.workers.heartbeat"
 CANCEL: Final = "baton.cancel"
 DEAD_LETTERS: Final = "baton.dlq"
+TIMERS: Final = "baton.timers"
 
 CONTEXT_OPS: Final = (
     "append", "window", "get", "fork", "delete", "stats", "summarize", "attach",
@@ -80,6 +81,11 @@ def heartbeat(pool: str, worker: str) -> str:
 
 def cancel(tenant: str, task_id: str) -> str:
     return f"{CANCEL}.{require_id(tenant, 'tenant')}.{require_id(task_id, 'task_id')}"
+
+
+def timer(tenant: str, task_id: str) -> str:
+    """``baton.timers.<tenant>.<task_id>`` — a step's timeout, due later."""
+    return f"{TIMERS}.{require_id(tenant, 'tenant')}.{require_id(task_id, 'task_id')}"
 
 
 def dead_letter(consumer: str) -> str:

@@ -35,6 +35,7 @@ from proto.messages import (
     InferenceJob,
     InferenceResult,
     Step,
+    StepTimer,
 )
 
 from . import metrics as m
@@ -136,6 +137,7 @@ class Conductor:
                 )
             elif st.status == "dispatched" and not run.terminal:
                 await self._publish_job(run, step_id, st)
+                await self._arm_timer(run, step_id, st)
         if run.terminal:
             await self._terminal_event(run)
 
@@ -343,6 +345,7 @@ class Conductor:
                 status="started",
             )
             await self._publish_job(updated, step_id, st)
+            await self._arm_timer(updated, step_id, st)
             m.STEPS_IN_FLIGHT.inc()
         return updated
 
@@ -368,7 +371,63 @@ class Conductor:
         warm = self.router.choose(run.tenant, st.session, st.pool)
         m.ROUTING.labels("warm" if warm else "pool").inc()
         subject = subjects.worker_job(st.pool, warm) if warm else subjects.job(st.pool)
-        await self.bus.publish(subject, job, msg_id=job.job_id, task_id=run.task_id)
+        # A retry after a timeout is a new message; the job id (and so the
+        # worker's idempotent append and result) stays the same.
+        msg_id = job.job_id if st.attempt == 1 else f"{job.job_id}#{st.attempt}"
+        await self.bus.publish(subject, job, msg_id=msg_id, task_id=run.task_id)
+
+    # -- timeouts ----------------------------------------------------------
+
+    def _timeout(self, run: RunState, st: StepState) -> float:
+        agent = self.workflows[run.workflow].agents[st.agent]
+        return agent.timeout or self.s.step_timeout
+
+    async def _arm_timer(self, run: RunState, step_id: str, st: StepState) -> None:
+        timer = StepTimer(tenant=run.tenant, task_id=run.task_id, step=step_id,
+                          attempt=st.attempt, due=time.time() + self._timeout(run, st))  # fmt: skip
+        await self.bus.publish(
+            subjects.timer(run.tenant, run.task_id), timer,
+            msg_id=f"{run.tenant}.{run.task_id}.{step_id}.t{st.attempt}", task_id=run.task_id,
+        )  # fmt: skip
+
+    async def on_timer(self, d: Delivery) -> None:
+        """A step's timer: not due yet -> back to sleep (nak with the delay);
+        due and still unanswered -> dispatch again, or fail the run."""
+        try:
+            t = d.decode(StepTimer)
+        except codec.DecodeError as exc:
+            raise Term(f"undecodable timer: {exc}") from exc
+        left = t.due - time.time()
+        if left > 0:
+            raise Nak(min(left, 300.0), "not due")
+        structlog.contextvars.bind_contextvars(task_id=t.task_id, tenant=t.tenant)
+        run = await self.runs.get(t.tenant, t.task_id)
+        st = run.steps.get(t.step) if run is not None else None
+        if run is None or run.terminal or st is None:
+            return
+        if st.status != "dispatched" or st.attempt != t.attempt:
+            return  # answered, or already retried
+        if st.attempt > self.s.step_retries:
+            m.STEPS_IN_FLIGHT.dec()
+            message = (f"step {t.step} got no answer within {self._timeout(run, st):.0f}s, "
+                       f"{st.attempt} attempt(s)")  # fmt: skip
+            await self._finish(run, error=_error(ErrorCode.STEP_TIMEOUT, message), step=t.step)
+            return
+
+        def retry(r: RunState) -> bool:
+            s = r.steps.get(t.step)
+            if r.terminal or s is None or s.status != "dispatched" or s.attempt != t.attempt:
+                return False
+            s.attempt += 1
+            return True
+
+        updated = await self.runs.update(t.tenant, t.task_id, retry)
+        if updated is None or updated.steps[t.step].attempt != t.attempt + 1:
+            return
+        log.warning("step_timeout_retry", step=t.step, attempt=t.attempt + 1)
+        st = updated.steps[t.step]
+        await self._publish_job(updated, t.step, st)
+        await self._arm_timer(updated, t.step, st)
 
     # -- results -----------------------------------------------------------
 

@@ -25,6 +25,7 @@ class StepState(msgspec.Struct, omit_defaults=True, kw_only=True):
     status: str = "dispatched"  # dispatched | done | failed
     max_tokens: int = 0
     context_budget: int = 0  # window tokens, set when the task has a token budget
+    attempt: int = 1  # dispatches so far (a timeout dispatches again)
     dispatched_at: float = 0.0
     finished_at: float = 0.0
     usage: Usage = msgspec.field(default_factory=Usage)

@@ -46,6 +46,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
         consumers=[
             streams.ORCHESTRATOR_TASKS,
             streams.ORCHESTRATOR_RESULTS,
+            streams.ORCHESTRATOR_TIMERS,
             streams.worker_consumer(settings.default_pool, settings.job_ack_wait),
         ],
     )
@@ -64,6 +65,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
             bus.consume(
                 streams.ORCHESTRATOR_TASKS, conductor.on_task, concurrency=settings.task_concurrency
             ),
+            bus.consume(streams.ORCHESTRATOR_TIMERS, conductor.on_timer, concurrency=64),
             bus.consume(
                 streams.ORCHESTRATOR_RESULTS,
                 conductor.on_result,

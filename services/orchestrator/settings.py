@@ -24,6 +24,11 @@ class OrchestratorSettings(CommonSettings):
     cache_routing: bool = True
     route_stale_after: float = 6.0
     route_max_load: float = 0.8
+    # A step with no answer after step_timeout is dispatched again, up to
+    # step_retries times, then the run fails with step_timeout. Generous by
+    # default: a GPU pool scaled to zero needs minutes to wake.
+    step_timeout: float = 600.0
+    step_retries: int = 1
     task_concurrency: int = 256
     result_concurrency: int = 256
     pending_poll_interval: float = 5.0

@@ -29,6 +29,7 @@ class AgentSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pool: str = "default"
     max_tokens: int = 128
     temperature: float = 0.0
+    timeout: float = 0.0  # seconds a step may wait for its answer; 0 = the default
 
 
 class RouteSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
