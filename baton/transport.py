@@ -351,7 +351,7 @@ class Bus:
             await handler(delivery)
             await delivery.ack()
         except Nak as nak:
-            if delivery.num_delivered >= spec.max_deliver:
+            if 0 < spec.max_deliver <= delivery.num_delivered:
                 outcome = "term"
                 await self.dead_letter(spec, delivery, f"nak on last delivery: {nak.reason}")
             else:
@@ -369,7 +369,7 @@ class Bus:
                 await asyncio.shield(delivery.nak(0.5))
             raise
         except Exception as exc:
-            if delivery.num_delivered >= spec.max_deliver:
+            if 0 < spec.max_deliver <= delivery.num_delivered:
                 outcome = "term"
                 log.error("handler_failed_last_delivery", error=repr(exc))
                 await self.dead_letter(spec, delivery, f"{type(exc).__name__}: {exc}")
