@@ -228,43 +228,31 @@ class Conductor:
         system: str | None = None,
     ) -> ContextRef | None:
         """Append to the context store; a refusal fails the run (None)."""
-        try:
-            reply: ContextAppendReply = await self.bus.request(
-                subjects.context_api("append", run.tenant),
-                ContextAppend(
-                    tenant=run.tenant,
-                    session=session,
-                    msg_id=msg_id,
-                    messages=messages,
-                    system=system,
-                ),
-                ContextAppendReply,
-                task_id=run.task_id,
-            )
-        except TimeoutError as exc:
-            raise Nak(2.0, "context store did not answer") from exc
-        if reply.error is not None or reply.ref is None:
-            err = reply.error or _error(ErrorCode.CONTEXT_UNAVAILABLE, "no ref returned")
-            await self._finish(run, error=err)
-            return None
-        return reply.ref
+        request = ContextAppend(tenant=run.tenant, session=session, msg_id=msg_id,
+                                messages=messages, system=system)  # fmt: skip
+        return await self._context(run, "append", request, ContextAppendReply)
 
     async def _fork(self, run: RunState, ref: ContextRef, child: str) -> ContextRef | None:
         """A child session sharing ``ref``'s prefix (idempotent); None fails the run."""
+        request = ContextFork(tenant=run.tenant, ref=ref, child=child)
+        return await self._context(run, "fork", request, ForkReply)
+
+    async def _context(
+        self, run: RunState, op: str, request: Any, reply_type: type[Any]
+    ) -> ContextRef | None:
+        """One context-store call that returns a ref. No answer: nak (retried
+        later); a refusal: the run fails at the context layer (None)."""
         try:
-            reply: ForkReply = await self.bus.request(
-                subjects.context_api("fork", run.tenant),
-                ContextFork(tenant=run.tenant, ref=ref, child=child),
-                ForkReply,
-                task_id=run.task_id,
-            )
+            reply = await self.bus.request(subjects.context_api(op, run.tenant), request,
+                                           reply_type, task_id=run.task_id)  # fmt: skip
         except TimeoutError as exc:
             raise Nak(2.0, "context store did not answer") from exc
         if reply.error is not None or reply.ref is None:
             err = reply.error or _error(ErrorCode.CONTEXT_UNAVAILABLE, "no ref returned")
             await self._finish(run, error=err)
             return None
-        return reply.ref
+        ref: ContextRef = reply.ref
+        return ref
 
     # -- steps -------------------------------------------------------------
 
