@@ -102,3 +102,19 @@ async def test_research_runs_end_to_end_from_the_cli_on_real_vllm(
     # The validator's answer was guided by the route's JSON schema on vLLM.
     validate = [s for k, s in state["steps"].items() if ".validate" in k]
     assert validate and all(s["output"].lstrip().startswith("{") for s in validate), validate
+
+
+async def test_research_from_a_plain_nats_client_on_real_vllm(
+    chat_stack: LocalStack, vclient: Client
+) -> None:
+    tenant, task_id = uid("resp"), uid()
+    await vclient.publish("research", {"tenant": tenant, "input": "design a cache",
+                                       "task_id": task_id})  # fmt: skip
+    events = await vclient.events(tenant, task_id, timeout=240)
+    done = events[-1]
+    assert done["type"] == "completed", done
+    assert done["usage"]["completion_tokens"] > 0 and done["cost_usd"] > 0
+    steps = [e["step"] for e in events if e["type"] == "step" and e["status"] == "done"]
+    assert any(".gather.retrieval" in s for s in steps) and any(
+        ".gather.coding" in s for s in steps
+    )
