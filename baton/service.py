@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 import uvicorn
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Header, HTTPException, Response
 
 from baton import logs
 from baton.metrics import mount_metrics
@@ -52,6 +52,29 @@ def health_app(title: str, health: Health) -> FastAPI:
 
     mount_metrics(app)
     return app
+
+
+OPERATOR = "*"
+
+
+def caller_scope(api_keys: dict[str, str]) -> Callable[..., str | None]:
+    """A FastAPI dependency: the tenant the caller's bearer key belongs to.
+
+    None means unrestricted: no keys are configured (development, bound to
+    127.0.0.1) or the key maps to ``"*"`` (an operator). An unknown or
+    missing key is refused with 401.
+    """
+
+    def scope(authorization: str | None = Header(default=None)) -> str | None:
+        if not api_keys:
+            return None
+        key = (authorization or "").removeprefix("Bearer ").strip()
+        tenant = api_keys.get(key)
+        if tenant is None:
+            raise HTTPException(401, "a valid API key is required (Authorization: Bearer ...)")
+        return None if tenant == OPERATOR else tenant
+
+    return scope
 
 
 Runner = Callable[[Bus], Awaitable[None]]

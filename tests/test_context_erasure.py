@@ -142,10 +142,10 @@ async def test_retention_expires_idle_sessions_of_a_short_lived_tenant(
         stack.stop()
 
 
-def _http(method: str, url: str, tenant: str | None = None) -> tuple[int, dict[str, object]]:
+def _http(method: str, url: str, key: str | None = None) -> tuple[int, dict[str, object]]:
     req = urllib.request.Request(url, method=method)
-    if tenant:
-        req.add_header("X-Baton-Tenant", tenant)
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
             return r.status, json.loads(r.read())
@@ -158,17 +158,25 @@ async def test_the_operator_api_reads_and_deletes_a_session_and_refuses_other_te
 ) -> None:
     tenant, session = uid("acme"), uid("s")
     await append(bus, tenant, session, "m1", "hello", system="sys")
-    base = next(p for p in stack.procs if p.name == "context-store").url
-    url = f"{base}/v1/sessions/{tenant}/{session}"
-    status, body = _http("GET", url, tenant)
-    assert status == 200 and body["length"] == 2 and body["tokens_estimate"] > 0
-    assert _http("GET", url, uid("evil"))[0] == 403
-    assert _http("DELETE", url, uid("evil"))[0] == 403
-    assert _http("GET", f"{base}/v1/sessions/{tenant}/{uid('none')}")[0] == 404
-    assert _http("GET", f"{base}/v1/tenants/{tenant}/stats")[1]["sessions"] == 1
-    status, body = _http("DELETE", url, tenant)
-    assert status == 200 and body["sessions"] == 1
-    assert _http("GET", url, tenant)[0] == 404
+    keys = {"k-acme": tenant, "k-evil": uid("evil"), "k-op": "*"}
+    store = stack.service("context-store", BATON_API_KEYS=json.dumps(keys)).wait_ready()
+    try:
+        base = store.url
+        url = f"{base}/v1/sessions/{tenant}/{session}"
+        status, body = _http("GET", url, "k-acme")
+        assert status == 200 and body["length"] == 2 and body["tokens_estimate"] > 0
+        assert _http("GET", url, "k-evil")[0] == 403
+        assert _http("DELETE", url, "k-evil")[0] == 403
+        assert _http("GET", url)[0] == 401
+        assert _http("GET", url, "k-wrong")[0] == 401
+        assert _http("GET", f"{base}/v1/sessions/{tenant}/{uid('none')}", "k-op")[0] == 404
+        assert _http("GET", f"{base}/v1/tenants/{tenant}/stats", "k-op")[1]["sessions"] == 1
+        status, body = _http("DELETE", url, "k-acme")
+        assert status == 200 and body["sessions"] == 1
+        assert _http("GET", url, "k-acme")[0] == 404
+    finally:
+        store.terminate()
+        stack.procs.remove(store)
 
 
 async def test_jobs_and_results_between_services_never_carry_the_history(

@@ -17,7 +17,7 @@ def main() -> None:
     settings = ContextStoreSettings()
     health = Health()
     holder: list[Any] = []
-    app = http_app(health, lambda: holder[0] if holder else None)
+    app = http_app(health, lambda: holder[0] if holder else None, settings.api_keys)
     main_entry(
         NAME,
         settings,

@@ -2,9 +2,9 @@
 
 ``GET /v1/sessions/{tenant}/{session}``, ``DELETE`` of the same, ``DELETE
 /v1/tenants/{tenant}``, ``GET /v1/tenants/{tenant}/stats``, plus ``/healthz``,
-``/readyz`` and ``/metrics``. A caller scoped to one tenant (header
-``X-Baton-Tenant``, set by the auth proxy in front) is refused (403) any
-other tenant's data.
+``/readyz`` and ``/metrics``. With API keys configured (``BATON_API_KEYS``),
+a caller whose key belongs to one tenant is refused (403) any other tenant's
+data; an operator key (``"*"``) sees every tenant.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from fastapi import FastAPI, Header, HTTPException
+from fastapi import Depends, FastAPI, HTTPException
 
-from baton.service import Health, health_app
+from baton.service import Health, caller_scope, health_app
 from proto.errors import ErrorCode
 from proto.ids import is_valid_id
 from proto.messages import ContextDelete, ContextGet, ContextStats
@@ -38,8 +38,11 @@ def _scope(tenant: str, session: str | None, caller: str | None) -> None:
         raise HTTPException(403, "this caller may not read another tenant's data")
 
 
-def http_app(health: Health, get_admin: Callable[[], Admin | None]) -> FastAPI:
+def http_app(
+    health: Health, get_admin: Callable[[], Admin | None], api_keys: dict[str, str]
+) -> FastAPI:
     app = health_app("Baton context store", health)
+    scope = caller_scope(api_keys)
 
     def admin() -> Admin:
         a = get_admin()
@@ -57,9 +60,9 @@ def http_app(health: Health, get_admin: Callable[[], Admin | None]) -> FastAPI:
     @app.get("/v1/sessions/{tenant}/{session}")
     async def read_session(
         tenant: str, session: str, start: int = 0, limit: int = 1024,
-        x_baton_tenant: str | None = Header(default=None),
+        caller: str | None = Depends(scope),
     ) -> dict[str, Any]:  # fmt: skip
-        _scope(tenant, session, x_baton_tenant)
+        _scope(tenant, session, caller)
         got = await call(admin().get, ContextGet(tenant=tenant, session=session, start=start,
                                                  limit=limit))  # fmt: skip
         got.pop("ref", None)  # refs are for services, not operators
@@ -68,23 +71,19 @@ def http_app(health: Health, get_admin: Callable[[], Admin | None]) -> FastAPI:
 
     @app.delete("/v1/sessions/{tenant}/{session}")
     async def delete_session(
-        tenant: str, session: str, x_baton_tenant: str | None = Header(default=None)
+        tenant: str, session: str, caller: str | None = Depends(scope)
     ) -> dict[str, Any]:
-        _scope(tenant, session, x_baton_tenant)
+        _scope(tenant, session, caller)
         return await call(admin().delete, ContextDelete(tenant=tenant, session=session))
 
     @app.delete("/v1/tenants/{tenant}")
-    async def delete_tenant(
-        tenant: str, x_baton_tenant: str | None = Header(default=None)
-    ) -> dict[str, Any]:
-        _scope(tenant, None, x_baton_tenant)
+    async def delete_tenant(tenant: str, caller: str | None = Depends(scope)) -> dict[str, Any]:
+        _scope(tenant, None, caller)
         return await call(admin().delete, ContextDelete(tenant=tenant))
 
     @app.get("/v1/tenants/{tenant}/stats")
-    async def tenant_stats(
-        tenant: str, x_baton_tenant: str | None = Header(default=None)
-    ) -> dict[str, Any]:
-        _scope(tenant, None, x_baton_tenant)
+    async def tenant_stats(tenant: str, caller: str | None = Depends(scope)) -> dict[str, Any]:
+        _scope(tenant, None, caller)
         return await call(admin().stats, ContextStats(tenant=tenant))
 
     return app

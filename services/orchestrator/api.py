@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-from fastapi import Depends, FastAPI, Header, HTTPException, Query
+from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import BaseModel, Field
 
-from baton.service import Health, health_app
+from baton.service import Health, caller_scope, health_app
 from baton.transport import Bus
 from proto import codec, subjects
 from proto.admission import TaskRejected, parse_task
@@ -96,15 +96,11 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
     app = health_app("Baton orchestrator", health)
 
     def tenant_of(
-        authorization: str | None = Header(default=None),
+        scope: str | None = Depends(caller_scope(settings.api_keys)),
         tenant: str | None = Query(default=None),
     ) -> str | None:
-        if not settings.api_keys:
-            return tenant
-        key = (authorization or "").removeprefix("Bearer ").strip()
-        if key not in settings.api_keys:
-            raise HTTPException(401, "a valid API key is required (Authorization: Bearer ...)")
-        return settings.api_keys[key]
+        """A scoped key decides the tenant; unrestricted callers name it."""
+        return scope if scope is not None else tenant
 
     def ready() -> tuple[Bus, RunStore]:
         if svc.bus is None or svc.runs is None:
@@ -123,7 +119,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         """Submit a task; follow it on ``baton.events.<tenant>.<task_id>``."""
         bus, _ = ready()
         raw = body.model_dump(exclude_none=True, exclude={"workflow"})
-        if settings.api_keys or tenant is not None:
+        if tenant is not None:
             raw["tenant"] = tenant
         raw.setdefault("task_id", uuid.uuid4().hex)
         data = codec.encode(raw)

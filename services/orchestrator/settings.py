@@ -14,9 +14,6 @@ class OrchestratorSettings(CommonSettings):
     default_pool: str = "default"
     # Price of one GPU-hour per model pool, for cost accounting (USD).
     gpu_hour_usd: dict[str, float] = Field(default_factory=lambda: {"default": 2.0})
-    # API keys -> tenant (JSON in BATON_API_KEYS). Empty = development mode:
-    # the tenant is taken from the request.
-    api_keys: dict[str, str] = Field(default_factory=dict)
     # Extra workflow files (*.yaml); a name here overrides a built-in one.
     workflows_dir: Path | None = None
     # Cache-aware routing: a session's step goes to the worker that served it
