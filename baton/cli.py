@@ -44,6 +44,7 @@ def _up(args: argparse.Namespace) -> int:
         engine=args.engine,
         nats_url=args.nats_url_given,
         nats_port=args.nats_port,
+        monitor_port=args.monitor_port,
         http_port=args.http_port,
     ).run_forever()
 
@@ -101,6 +102,7 @@ def parser() -> argparse.ArgumentParser:
         choices=["vllm", "openai", "sim"],
     )
     up.add_argument("--nats-port", type=int, default=4222)
+    up.add_argument("--monitor-port", type=int, default=8222)
     up.add_argument("--http-port", type=int, default=8080)
     up.set_defaults(fn=_up, nats_url_given=env_url)
 

@@ -94,6 +94,7 @@ class Stack:
     engine: str = "vllm"
     nats_url: str | None = None
     nats_port: int = 4222
+    monitor_port: int = 8222
     http_port: int = 8080
     ready_timeout: float = 900.0
     services: list[ServiceProcess] = field(default_factory=list)
@@ -104,7 +105,7 @@ class Stack:
         url = self.nats_url
         if url is None:
             self.nats = NatsServer(
-                self.data_dir / "nats", port=self.nats_port, monitor_port=8222
+                self.data_dir / "nats", port=self.nats_port, monitor_port=self.monitor_port
             ).start()
             url = self.nats.url
         env = {
@@ -144,7 +145,7 @@ class Stack:
         signal.signal(signal.SIGINT, on_signal)
         try:
             url = self.start()
-            monitor = " (monitoring http://127.0.0.1:8222)" if self.nats else ""
+            monitor = f" (monitoring http://127.0.0.1:{self.monitor_port})" if self.nats else ""
             print(f"baton: NATS {url}{monitor}", flush=True)
             print(
                 f"baton: starting services with engine={self.engine} "
