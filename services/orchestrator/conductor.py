@@ -104,6 +104,12 @@ class Conductor:
             task_id=run.task_id,
         )
 
+    async def _step_event(self, run: RunState, step_id: str, st: StepState, *, done: bool) -> None:
+        """A ``step`` event: started (dispatched), or done with its usage."""
+        status = "done" if done else "started"
+        await self._event(run, Step, f"step.{step_id}.{status}", step=step_id, agent=st.agent,
+                          status=status, usage=st.usage if done else None)  # fmt: skip
+
     async def _terminal_event(self, run: RunState) -> None:
         if run.status == "completed":
             await self._event(
@@ -122,19 +128,9 @@ class Conductor:
         """Re-emit every event and job the state implies (all de-duplicated)."""
         await self._event(run, Accepted, "accepted", workflow=run.workflow)
         for step_id, st in run.steps.items():
-            await self._event(
-                run, Step, f"step.{step_id}.started", step=step_id, agent=st.agent, status="started"
-            )
+            await self._step_event(run, step_id, st, done=False)
             if st.status == "done":
-                await self._event(
-                    run,
-                    Step,
-                    f"step.{step_id}.done",
-                    step=step_id,
-                    agent=st.agent,
-                    status="done",
-                    usage=st.usage,
-                )
+                await self._step_event(run, step_id, st, done=True)
             elif st.status == "dispatched" and not run.terminal:
                 await self._publish_job(run, step_id, st)
                 await self._arm_timer(run, step_id, st)
@@ -324,14 +320,7 @@ class Conductor:
             return updated
         for step_id in new:
             st = updated.steps[step_id]
-            await self._event(
-                updated,
-                Step,
-                f"step.{step_id}.started",
-                step=step_id,
-                agent=st.agent,
-                status="started",
-            )
+            await self._step_event(updated, step_id, st, done=False)
             await self._publish_job(updated, step_id, st)
             await self._arm_timer(updated, step_id, st)
             m.STEPS_IN_FLIGHT.inc()
@@ -427,20 +416,40 @@ class Conductor:
         structlog.contextvars.bind_contextvars(task_id=res.task_id, tenant=res.tenant)
         if not (is_valid_id(res.tenant) and is_valid_id(res.task_id)):
             raise Term("result with invalid ids")
-        run = await self.runs.get(res.tenant, res.task_id)
+        if d.num_delivered > 1:  # resuming: re-emit what the state implies
+            known = await self.runs.get(res.tenant, res.task_id)
+            if known is None:
+                raise Term(f"result for unknown run {res.tenant}.{res.task_id}")
+            await self._replay(known)
+        recorded = missing = False
+
+        def record(r: RunState) -> bool:
+            nonlocal recorded, missing
+            s = r.steps.get(res.step)
+            recorded, missing = False, s is None and not r.terminal
+            if r.terminal or s is None or s.status != "dispatched" or res.error is not None:
+                return False
+            s.status, s.finished_at, s.output = "done", time.time(), res.output
+            s.usage, s.worker = res.usage, res.worker
+            s.cost_usd = res.usage.gpu_seconds / 3600.0 * self.s.price(s.pool)
+            s.cached_tokens, s.ref = res.cached_tokens, res.ref or s.ref
+            r.usage = r.usage + res.usage
+            r.cost_usd += s.cost_usd
+            recorded = True
+            return True
+
+        # One read-modify-write: the run as it is now, updated only if this
+        # result is the first answer to a dispatched step.
+        run = await self.runs.update(res.tenant, res.task_id, record)
         if run is None:
             raise Term(f"result for unknown run {res.tenant}.{res.task_id}")
-        if d.num_delivered > 1:
-            await self._replay(run)
-        if run.terminal:
-            return
-        st = run.steps.get(res.step)
-        if st is None:
+        if missing:
             raise Nak(0.5, f"step {res.step} not recorded yet")
-        if st.status != "dispatched":
-            return  # a duplicate result
+        st = run.steps.get(res.step)
         wf = self.workflows[run.workflow]
         if res.error is not None:
+            if run.terminal or st is None or st.status != "dispatched":
+                return  # a late or duplicate error
             m.STEPS_IN_FLIGHT.dec()
             if res.error.code == ErrorCode.BUDGET_TOO_SMALL and st.context_budget:
                 # The window was cut to fit the task's budget: the budget ran out.
@@ -449,54 +458,31 @@ class Conductor:
                 return
             await self._finish(run, error=res.error, step=res.step)
             return
-        cost = res.usage.gpu_seconds / 3600.0 * self.s.price(st.pool)
-
-        def record(r: RunState) -> bool:
-            s = r.steps.get(res.step)
-            if r.terminal or s is None or s.status != "dispatched":
-                return False
-            s.status, s.finished_at, s.output = "done", time.time(), res.output
-            s.usage, s.cost_usd, s.worker = res.usage, cost, res.worker
-            s.cached_tokens, s.ref = res.cached_tokens, res.ref or s.ref
-            r.usage = r.usage + res.usage
-            r.cost_usd += cost
-            return True
-
-        updated = await self.runs.update(run.tenant, run.task_id, record)
-        assert updated is not None
-        done = updated.steps[res.step]
-        if done.status != "done" or done.worker != res.worker or done.output != res.output:
-            return  # another replica recorded this result first
+        if not recorded:
+            return  # the run ended, or another delivery recorded this answer first
+        assert st is not None
         m.STEPS_IN_FLIGHT.dec()
         self.router.served(run.tenant, st.session, st.pool, res.worker)
         labels = (run.workflow, st.agent)
-        m.STEP_LATENCY.labels(*labels).observe(done.finished_at - st.dispatched_at)
+        m.STEP_LATENCY.labels(*labels).observe(st.finished_at - st.dispatched_at)
         m.TOKENS.labels(*labels, "prompt").inc(res.usage.prompt_tokens)
         m.TOKENS.labels(*labels, "completion").inc(res.usage.completion_tokens)
         m.GPU_SECONDS.labels(*labels).inc(res.usage.gpu_seconds)
-        m.COST.labels(*labels).inc(cost)
-        await self._event(
-            updated,
-            Step,
-            f"step.{res.step}.done",
-            step=res.step,
-            agent=st.agent,
-            status="done",
-            usage=res.usage,
-        )
-        nxt = wf.advance(updated, res.step)
+        m.COST.labels(*labels).inc(st.cost_usd)
+        await self._step_event(run, res.step, st, done=True)
+        nxt = wf.advance(run, res.step)
         if isinstance(nxt, Done):
-            await self._finish(updated, output=nxt.output)
+            await self._finish(run, output=nxt.output)
         elif nxt:
             ref = res.ref
-            if done.session != run.session:  # fan-in: bring the branches' answers home
+            if st.session != run.session:  # fan-in: bring the branches' answers home
                 answers = [ChatMessage(role="user", name=agent, content=f"[{agent}] {text}")
-                           for agent, text in wf.fan_in(updated, res.step)]  # fmt: skip
-                ref = await self._append(updated, run.session, f"{res.step}:fanin", answers)
+                           for agent, text in wf.fan_in(run, res.step)]  # fmt: skip
+                ref = await self._append(run, run.session, f"{res.step}:fanin", answers)
                 if ref is None:
                     return
             assert ref is not None
-            await self._dispatch(updated, wf, nxt, {p.step_id: ref for p in nxt})
+            await self._dispatch(run, wf, nxt, {p.step_id: ref for p in nxt})
 
     # -- cancellation ------------------------------------------------------
 
