@@ -109,7 +109,7 @@ class Worker:
         self.flights: dict[str, _Flight] = {}
         self.cancelled: OrderedDict[tuple[str, str], None] = OrderedDict()
         self.warm: OrderedDict[str, None] = OrderedDict()
-        self.held = 0  # deliveries fetched and not yet settled
+        self._tasks: set[asyncio.Task[None]] = set()  # one per delivery not yet settled
         self.waiting = 0  # of those, not yet admitted
         self.epoch = 0
         self._engine_ok = asyncio.Event()
@@ -170,7 +170,6 @@ class Worker:
         """Pull from the pool's consumer and from this worker's own (jobs
         routed here for its warm prefix cache), and rescue the own consumers
         of dead peers; all share one admission budget."""
-        self._tasks: set[asyncio.Task[None]] = set()
         await asyncio.gather(
             self.pull(bus, self.consumer),
             self.pull(bus, self.direct),
@@ -187,19 +186,14 @@ class Worker:
                 await self.admission.wait_change(0.25)
                 continue
             # Idle: one message with a long wait (see Puller.fetch); busy: batches.
-            batch = await puller.fetch(n, 0.05) if self.held else await puller.fetch(1, 1.0)
+            batch = await puller.fetch(n, 0.05) if self._tasks else await puller.fetch(1, 1.0)
             if not batch and until():
                 return
             for d in batch:
-                self.held += 1
                 self.waiting += 1
                 task = asyncio.create_task(bus.settle(spec, d, self._handle))
                 self._tasks.add(task)
-                task.add_done_callback(self._settled)
-
-    def _settled(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self.held -= 1
+                task.add_done_callback(self._tasks.discard)
 
     async def _drain(self) -> None:
         """After SIGTERM: let in-flight jobs finish within the grace period,
