@@ -36,6 +36,14 @@ async def client(nats_url: str) -> AsyncIterator[Client]:
 
 
 @pytest.fixture
+async def own_client(own_nats: NatsServer) -> AsyncIterator[Client]:
+    """A plain nats-py + msgpack client of ``own_nats``."""
+    c = await Client.connect(own_nats.url)
+    yield c
+    await c.close()
+
+
+@pytest.fixture
 def own_nats(tmp_path: Path) -> Iterator[NatsServer]:
     """A private nats-server for tests that restart or break things."""
     server = NatsServer(tmp_path / "nats").start()

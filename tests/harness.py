@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import re
 import shutil
 import subprocess
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -163,13 +167,34 @@ class Client:
         await self.nc.close()
 
 
+def http_get(url: str, headers: dict[str, str] | None = None) -> str:
+    req = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return str(r.read().decode())
+
+
+def http_json(url: str, headers: dict[str, str] | None = None) -> Any:
+    return json.loads(http_get(url, headers))
+
+
+def http_post(
+    url: str, body: dict[str, Any], expect: int, headers: dict[str, str] | None = None
+) -> Any:
+    """POST JSON; assert the status (errors included) and return the JSON reply."""
+    req = urllib.request.Request(url, json.dumps(body).encode(),
+                                 {"Content-Type": "application/json", **(headers or {})})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == expect
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        assert exc.code == expect, exc.read()
+        return json.loads(exc.read())
+
+
 def metric(url: str, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` on ``url``/metrics whose labels include ``labels``."""
-    import re
-    import urllib.request
-
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
-        text = r.read().decode()
+    text = http_get(f"{url}/metrics")
     total = 0.0
     for line in text.splitlines():
         m = re.match(r"^([a-zA-Z_:][\w:]*)(\{(.*)\})? (\S+)$", line)

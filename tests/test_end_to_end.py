@@ -12,7 +12,7 @@ from typing import Any
 import msgpack
 
 from proto.limits import MAX_INPUT_BYTES
-from tests.harness import Client, LocalStack, uid
+from tests.harness import Client, LocalStack, http_get, http_post, uid
 
 
 async def test_a_task_from_a_plain_client_completes_with_usage_and_cost(
@@ -95,27 +95,29 @@ async def test_bad_input_fails_with_a_specific_code_and_the_next_task_still_runs
     await asyncio.sleep(0.5)
     info = await client.js.consumer_info("BATON_TASKS", "orchestrator-tasks")
     assert info.num_pending == 0 and info.num_ack_pending == 0
-    metrics = _get(f"{stack.orchestrator.url}/metrics")
+    metrics = http_get(f"{stack.orchestrator.url}/metrics")
     assert 'baton_rejected_tasks_total{code="bad_encoding"}' in metrics
     assert 'baton_rejected_tasks_total{code="missing_field"}' in metrics
 
 
 async def test_http_api_submits_and_reports_a_task(stack: LocalStack, client: Client) -> None:
     tenant = uid("acme")
-    resp = _post(f"{stack.orchestrator.url}/v1/tasks", {"tenant": tenant, "input": "via http"})
+    resp = http_post(
+        f"{stack.orchestrator.url}/v1/tasks", {"tenant": tenant, "input": "via http"}, 202
+    )
     task_id = resp["task_id"]
     assert resp["events_subject"] == f"baton.events.{tenant}.{task_id}"
     await client.events(tenant, task_id)
-    status = json.loads(_get(f"{stack.orchestrator.url}/v1/tasks/{task_id}?tenant={tenant}"))
+    status = json.loads(http_get(f"{stack.orchestrator.url}/v1/tasks/{task_id}?tenant={tenant}"))
     assert status["status"] == "completed" and status["usage"]["completion_tokens"] > 0
-    err = _post(f"{stack.orchestrator.url}/v1/tasks",
+    err = http_post(f"{stack.orchestrator.url}/v1/tasks",
                 {"tenant": tenant, "input": "x", "workflow": "nope"}, expect=404)  # fmt: skip
     assert err["detail"]["code"] == "unknown_workflow"
-    err = _post(f"{stack.orchestrator.url}/v1/tasks", {"tenant": "bad.tenant", "input": "x"},
+    err = http_post(f"{stack.orchestrator.url}/v1/tasks", {"tenant": "bad.tenant", "input": "x"},
                 expect=400)  # fmt: skip
     assert err["detail"]["code"] == "invalid_field"
     try:
-        _get(f"{stack.orchestrator.url}/v1/tasks/{task_id}?tenant={uid('other')}")
+        http_get(f"{stack.orchestrator.url}/v1/tasks/{task_id}?tenant={uid('other')}")
         raise AssertionError("another tenant read the task")
     except urllib.error.HTTPError as exc:
         assert exc.code == 404
@@ -150,20 +152,3 @@ async def test_no_message_between_services_carries_the_history(
 async def _submit_and_collect(client: Client, body: dict[str, Any]) -> list[dict[str, Any]]:
     await client.publish("chat", body, msg_id=body["task_id"])
     return await client.events(body["tenant"], body["task_id"])
-
-
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return r.read().decode()
-
-
-def _post(url: str, body: dict[str, Any], expect: int = 202) -> Any:
-    req = urllib.request.Request(url, json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})  # fmt: skip
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            assert r.status == expect
-            return json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        assert exc.code == expect, exc.read()
-        return json.loads(exc.read())

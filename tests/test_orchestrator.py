@@ -8,10 +8,9 @@ import json
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 from baton.natsd import NatsServer
-from tests.harness import Client, LocalStack, metric, uid
+from tests.harness import Client, LocalStack, http_get, http_json, http_post, metric, uid
 
 
 async def test_research_fans_out_fans_in_and_reports_usage_and_cost(
@@ -33,7 +32,7 @@ async def test_research_fans_out_fans_in_and_reports_usage_and_cost(
         "r1.validate",
     ] or started[:4] == ["r1.plan", "r1.gather.coding", "r1.gather.retrieval", "r1.validate"]
     assert started[-1].endswith(".summarize")
-    state = _get_json(f"{stack.orchestrator.url}/v1/tasks/{task_id}?tenant={tenant}")
+    state = http_json(f"{stack.orchestrator.url}/v1/tasks/{task_id}?tenant={tenant}")
     steps = state["steps"]
     assert (
         sum(s["usage"]["completion_tokens"] for s in steps.values())
@@ -46,7 +45,7 @@ async def test_research_fans_out_fans_in_and_reports_usage_and_cost(
     store = next(p for p in stack.procs if p.name == "context-store")
     for branch in gather:
         assert branch["session"] != task_id
-        fork = _get_json(f"{store.url}/v1/sessions/{tenant}/{branch['session']}")
+        fork = http_json(f"{store.url}/v1/sessions/{tenant}/{branch['session']}")
         roles = [m["role"] for m in fork["messages"]]
         assert roles[:3] == ["system", "user", "assistant"]  # the parent's prefix, shared
         assert fork["messages"][-1]["content"] == branch["output"]  # the branch's own answer
@@ -55,7 +54,7 @@ async def test_research_fans_out_fans_in_and_reports_usage_and_cost(
         s["usage"]["prompt_tokens"] for s in gather
     )
     assert [e["type"] for e in state["events"]][-1] == "completed"
-    metrics = _get(f"{stack.orchestrator.url}/metrics")
+    metrics = http_get(f"{stack.orchestrator.url}/metrics")
     assert 'baton_tasks_total{outcome="completed",workflow="research"}' in metrics
     assert 'baton_cost_usd_total{agent="coding",workflow="research"}' in metrics
 
@@ -75,7 +74,7 @@ async def test_a_budget_stops_the_run_at_the_step_that_would_overshoot(
     assert stopped["error"]["code"] == "budget_exceeded"
     assert stopped["error"]["layer"] == "orchestration"
     assert stopped["partial_output"]  # the plan's answer
-    state = _get_json(f"{stack.orchestrator.url}/v1/tasks/{tid}?tenant={tenant}")
+    state = http_json(f"{stack.orchestrator.url}/v1/tasks/{tid}?tenant={tenant}")
     assert state["usage"]["prompt_tokens"] + state["usage"]["completion_tokens"] <= budget
     assert "r1.plan" in state["steps"] and state["steps"]["r1.plan"]["status"] == "done"
 
@@ -96,7 +95,9 @@ async def test_cancel_stops_a_running_task_and_its_generation(
             if metric(worker.url, "baton_worker_inflight_jobs") >= 1:
                 break
             await asyncio.sleep(0.05)
-        resp = _post(f"{stack.orchestrator.url}/v1/tasks/{task_id}/cancel?tenant={tenant}", {}, 200)
+        resp = http_post(
+            f"{stack.orchestrator.url}/v1/tasks/{task_id}/cancel?tenant={tenant}", {}, 200
+        )
         assert resp["status"] == "cancelled"
         events = await client.events(tenant, task_id, timeout=10)
         assert events[-1]["type"] == "failed" and events[-1]["error"]["code"] == "cancelled"
@@ -116,15 +117,15 @@ async def test_api_keys_scope_every_task_to_its_tenant(stack: LocalStack, client
     orch = stack.service("orchestrator", BATON_API_KEYS=json.dumps(keys)).wait_ready()
     try:
         acme = {"Authorization": "Bearer key-acme"}
-        resp = _post(f"{orch.url}/v1/tasks", {"input": "mine", "tenant": "ignored"}, 202, acme)
+        resp = http_post(f"{orch.url}/v1/tasks", {"input": "mine", "tenant": "ignored"}, 202, acme)
         assert resp["tenant"] == keys["key-acme"]
         await client.events(resp["tenant"], resp["task_id"])
         url = f"{orch.url}/v1/tasks/{resp['task_id']}"
-        assert _get_json(url, acme)["status"] == "completed"
+        assert http_json(url, acme)["status"] == "completed"
         for headers, code in (({"Authorization": "Bearer key-globex"}, 404), ({}, 401),
                               ({"Authorization": "Bearer wrong"}, 401)):  # fmt: skip
             try:
-                _get(url, headers)
+                http_get(url, headers)
                 raise AssertionError(f"read with {headers}")
             except urllib.error.HTTPError as exc:
                 assert exc.code == code
@@ -137,33 +138,13 @@ async def test_server_sent_events_replay_then_follow_to_the_end(
     stack: LocalStack, client: Client
 ) -> None:
     tenant = uid("e")
-    resp = _post(f"{stack.orchestrator.url}/v1/tasks", {"tenant": tenant, "input": "hi"}, 202)
+    resp = http_post(f"{stack.orchestrator.url}/v1/tasks", {"tenant": tenant, "input": "hi"}, 202)
     url = f"{stack.orchestrator.url}/v1/tasks/{resp['task_id']}/events?tenant={tenant}"
-    body = await asyncio.to_thread(_get, url)
+    body = await asyncio.to_thread(http_get, url)
     kinds = [line.split(": ", 1)[1] for line in body.splitlines() if line.startswith("event: ")]
     assert kinds[0] == "accepted" and kinds[-1] == "completed"
-    wfs = _get_json(f"{stack.orchestrator.url}/v1/workflows")["workflows"]
+    wfs = http_json(f"{stack.orchestrator.url}/v1/workflows")["workflows"]
     assert {w["name"] for w in wfs} >= {"chat", "research"}
-
-
-def _get(url: str, headers: dict[str, str] | None = None) -> str:
-    req = urllib.request.Request(url, headers=headers or {})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return r.read().decode()
-
-
-def _get_json(url: str, headers: dict[str, str] | None = None) -> Any:
-    return json.loads(_get(url, headers))
-
-
-def _post(
-    url: str, body: dict[str, Any], expect: int, headers: dict[str, str] | None = None
-) -> Any:
-    req = urllib.request.Request(url, json.dumps(body).encode(),
-                                 {"Content-Type": "application/json", **(headers or {})})  # fmt: skip
-    with urllib.request.urlopen(req, timeout=10) as r:
-        assert r.status == expect
-        return json.loads(r.read())
 
 
 async def test_a_step_nobody_answers_is_retried_then_fails_with_step_timeout(
@@ -190,7 +171,7 @@ async def test_a_step_nobody_answers_is_retried_then_fails_with_step_timeout(
         assert failed["type"] == "failed" and failed["error"]["code"] == "step_timeout"
         assert "2 attempt(s)" in failed["error"]["message"]
         url = f"{stack.orchestrator.url}/v1/tasks/{task_id}?tenant={tenant}"
-        step = _get_json(url)["steps"]["r1.wait"]
+        step = http_json(url)["steps"]["r1.wait"]
         assert step["attempt"] == 2 and step["status"] == "failed"
     finally:
         await client.close()

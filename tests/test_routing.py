@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,13 +29,6 @@ def two_workers(own_nats: NatsServer, tmp_path: Path) -> Iterator[LocalStack]:
     s.stop()
 
 
-@pytest.fixture
-async def rclient(own_nats: NatsServer) -> AsyncIterator[Client]:
-    c = await Client.connect(own_nats.url)
-    yield c
-    await c.close()
-
-
 def _worker_of(stack: LocalStack, tenant: str, task_id: str) -> str:
     url = f"{stack.orchestrator.url}/v1/tasks/{task_id}?tenant={tenant}"
     with urllib.request.urlopen(url, timeout=5) as r:
@@ -44,13 +37,13 @@ def _worker_of(stack: LocalStack, tenant: str, task_id: str) -> str:
 
 
 async def test_a_sessions_turns_stay_on_its_warm_worker_and_survive_its_death(
-    two_workers: LocalStack, rclient: Client
+    two_workers: LocalStack, own_client: Client
 ) -> None:
     stack, tenant, session = two_workers, uid("r"), uid("s")
     served = []
     for turn in range(4):
         task_id = uid()
-        done = await rclient.run("chat", {"tenant": tenant, "input": f"turn {turn}",
+        done = await own_client.run("chat", {"tenant": tenant, "input": f"turn {turn}",
                                           "task_id": task_id, "session": session})  # fmt: skip
         assert done["type"] == "completed"
         served.append(_worker_of(stack, tenant, task_id))
@@ -60,7 +53,7 @@ async def test_a_sessions_turns_stay_on_its_warm_worker_and_survive_its_death(
     warm = next(p for p in stack.procs if p.env.get("BATON_WORKER_ID") == served[0])
     warm.kill()  # the orchestrator still believes it alive for a moment
     task_id = uid()
-    done = await rclient.run("chat", {"tenant": tenant, "input": "after the crash",
+    done = await own_client.run("chat", {"tenant": tenant, "input": "after the crash",
                                       "task_id": task_id, "session": session}, timeout=40)  # fmt: skip
     assert done["type"] == "completed"
     assert _worker_of(stack, tenant, task_id) != served[0]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,10 +23,7 @@ from proto.streams import RESULTS
 from services.inference_worker.engines.base import Engine
 from services.inference_worker.settings import WorkerSettings
 from services.inference_worker.worker import Worker
-
-
-def uid(prefix: str = "t") -> str:
-    return f"{prefix}{uuid.uuid4().hex[:12]}"
+from tests.harness import uid
 
 
 @contextlib.asynccontextmanager

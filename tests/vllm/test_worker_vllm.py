@@ -22,6 +22,7 @@ from baton.transport import Bus, connect
 from proto import subjects
 from proto.messages import Cancel, ChatMessage
 from services.inference_worker.engines.vllm import VLLMEngine
+from tests.harness import metric
 from tests.vllm_jobs import collect_results, inprocess_worker, submit_job, uid
 
 pytestmark = pytest.mark.vllm
@@ -158,7 +159,7 @@ async def test_a_worker_killed_mid_generation_is_replaced_and_answers_once(
     tenant = uid("x")
     job = await submit_job(bus, tenant, "a long answer please", max_tokens=1800, pool="p2")
     for _ in range(300):
-        if _metric(doomed.url, "baton_worker_inflight_jobs") >= 1:
+        if metric(doomed.url, "baton_worker_inflight_jobs") >= 1:
             break
         await asyncio.sleep(0.02)
     await asyncio.sleep(0.3)  # tokens are flowing
@@ -179,17 +180,6 @@ async def _maybe_more(bus: Bus, tenant: str) -> list:  # type: ignore[type-arg]
         return await collect_results(bus, tenant, 1, 1.0)
     except AssertionError:
         return []
-
-
-def _metric(url: str, name: str) -> float:
-    try:
-        with urllib.request.urlopen(f"{url}/metrics", timeout=2) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith(name):
-                    return float(line.rsplit(" ", 1)[1])
-    except OSError:
-        pass
-    return 0.0
 
 
 _ = os  # keep the import: tests may set env for the child
