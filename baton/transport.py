@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -450,6 +450,39 @@ class Bus:
     async def wait_stopped(self) -> None:
         """Return once ``stop()`` was called."""
         await self._stopping.wait()
+
+    async def read_subject(
+        self, stream: str, subject: str, *, start_seq: int = 0, headers_only: bool = False
+    ) -> AsyncIterator[Msg]:
+        """Every message stored on ``subject`` (from ``start_seq``), in order,
+        through an ephemeral consumer that is deleted afterwards: left to its
+        inactivity threshold, a burst of reads piles consumers up to the
+        server's limit."""
+        config = api.ConsumerConfig(
+            ack_policy=api.AckPolicy.NONE,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE
+            if start_seq
+            else api.DeliverPolicy.ALL,
+            opt_start_seq=start_seq or None,
+            headers_only=headers_only or None,
+            inactive_threshold=10.0,
+            mem_storage=True,
+        )
+        sub = await self.js.pull_subscribe(subject, stream=stream, config=config)
+        name = None
+        try:
+            info = await sub.consumer_info()
+            name, pending = info.name, info.num_pending or 0
+            while pending > 0:
+                batch = await sub.fetch(batch=min(pending, 256), timeout=2.0)
+                for msg in batch:
+                    yield msg
+                pending = batch[-1].metadata.num_pending if batch else 0
+        finally:
+            await sub.unsubscribe()
+            if name is not None:
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await self.js.delete_consumer(stream, name)
 
     async def pending(self, spec: ConsumerSpec) -> int:
         """Messages waiting for, or held by, the consumer (the scaling signal)."""

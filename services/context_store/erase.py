@@ -9,8 +9,6 @@ anything written meanwhile.
 
 from __future__ import annotations
 
-from nats.js import api
-
 from baton.transport import Bus
 
 
@@ -25,23 +23,8 @@ async def list_subjects(bus: Bus, stream: str, pattern: str) -> dict[str, int]:
 
 async def sequences(bus: Bus, stream: str, subject: str) -> list[int]:
     """Stream sequences of every message on ``subject`` (headers only, no bodies)."""
-    config = api.ConsumerConfig(
-        ack_policy=api.AckPolicy.NONE,
-        deliver_policy=api.DeliverPolicy.ALL,
-        headers_only=True,
-        inactive_threshold=10.0,
-        mem_storage=True,
-    )
-    sub = await bus.js.pull_subscribe(subject, stream=stream, config=config)
-    seqs: list[int] = []
-    try:
-        pending = (await sub.consumer_info()).num_pending or 0
-        while pending > 0:
-            batch = await sub.fetch(batch=min(pending, 512), timeout=2.0)
-            seqs.extend(m.metadata.sequence.stream for m in batch)
-            pending = batch[-1].metadata.num_pending if batch else 0
-    finally:
-        await sub.unsubscribe()
+    seqs = [m.metadata.sequence.stream
+            async for m in bus.read_subject(stream, subject, headers_only=True)]  # fmt: skip
     return seqs
 
 

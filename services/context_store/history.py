@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import nats.js.errors
-from nats.js import api
 
 from baton.transport import Bus
 from proto import codec, subjects
@@ -118,27 +117,12 @@ class HistoryStore:
     async def _read_tail(self, tenant: str, session_id: str, session: Session) -> int:
         """Apply every record after ``session.last_seq``; returns how many."""
         subject = subjects.context_log(tenant, session_id)
-        start = session.last_seq + 1 if session.last_seq else None
-        config = api.ConsumerConfig(
-            ack_policy=api.AckPolicy.NONE,
-            inactive_threshold=10.0,
-            mem_storage=True,
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE if start else api.DeliverPolicy.ALL,
-            opt_start_seq=start,
-        )
-        sub = await self.bus.js.pull_subscribe(subject, stream=CONTEXT.name, config=config)
+        start = session.last_seq + 1 if session.last_seq else 0
         applied = 0
-        try:
-            pending = (await sub.consumer_info()).num_pending or 0
-            while pending > 0:
-                batch = await sub.fetch(batch=min(pending, 256), timeout=2.0)
-                for msg in batch:
-                    record = codec.decode(msg.data, StoredAppend)
-                    session.apply(record, msg.metadata.sequence.stream, self.count)
-                applied += len(batch)
-                pending = batch[-1].metadata.num_pending if batch else 0
-        finally:
-            await sub.unsubscribe()
+        async for msg in self.bus.read_subject(CONTEXT.name, subject, start_seq=start):
+            record = codec.decode(msg.data, StoredAppend)
+            session.apply(record, msg.metadata.sequence.stream, self.count)
+            applied += 1
         return applied
 
     async def load(self, tenant: str, session_id: str, *, at_least: int = 0) -> Session:
