@@ -7,6 +7,7 @@ Pure: takes the raw body and the subject's workflow token, returns a
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -16,7 +17,7 @@ from proto.codec import decode, decode_any
 from proto.errors import ErrorCode
 from proto.ids import is_valid_id
 from proto.limits import MAX_INPUT_BYTES, MAX_METADATA_KEYS, MAX_TASK_BYTES
-from proto.messages import TaskSubmit
+from proto.messages import Budget, TaskSubmit
 
 _MISSING = re.compile(r"missing required field `(\w+)`")
 
@@ -58,6 +59,19 @@ def _readable_ids(raw: Any, msg_id: str | None) -> dict[str, str | None]:
         "task_id": task_id if is_valid_id(task_id) else None,
         "session": session if is_valid_id(session) else None,
     }
+
+
+def budget_problem(budget: Budget) -> str | None:
+    """Why ``budget`` cannot be enforced, or None. A limit must be a finite,
+    positive number: ``NaN`` compares false with everything, so a run under
+    ``max_usd: NaN`` would never stop; ``inf`` is "unlimited" spelled so that
+    arithmetic on it goes wrong (leave the limit unset instead)."""
+    if budget.max_tokens is not None and budget.max_tokens <= 0:
+        return f"budget.max_tokens must be positive, got {budget.max_tokens}"
+    usd = budget.max_usd
+    if usd is not None and not (math.isfinite(usd) and usd > 0):
+        return f"budget.max_usd must be a finite positive number, got {usd!r}"
+    return None
 
 
 def parse_task(
@@ -126,12 +140,8 @@ def parse_task(
         raise TaskRejected(
             ErrorCode.INVALID_FIELD, f"metadata has more than {MAX_METADATA_KEYS} keys", **ids
         )
-    budget = task.budget
-    if budget is not None and (
-        (budget.max_tokens is not None and budget.max_tokens <= 0)
-        or (budget.max_usd is not None and budget.max_usd <= 0)
-    ):
-        raise TaskRejected(ErrorCode.INVALID_FIELD, "budget limits must be positive", **ids)
+    if task.budget is not None and (why := budget_problem(task.budget)) is not None:
+        raise TaskRejected(ErrorCode.INVALID_FIELD, why, **ids)
     task_id = task.task_id or ids["task_id"]
     if task_id is None:
         raise TaskRejected(ErrorCode.MISSING_FIELD, "no task_id in body, header or fallback")

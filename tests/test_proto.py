@@ -86,6 +86,25 @@ def test_bad_tasks_are_rejected_with_a_specific_code(
     assert LAYER_OF[code] == "orchestration"
 
 
+@pytest.mark.parametrize(
+    "budget",
+    [{"max_usd": float("nan")}, {"max_usd": float("inf")}, {"max_usd": float("-inf")},
+     {"max_usd": -0.5}, {"max_usd": 0.0}, {"max_tokens": 0}, {"max_tokens": 10, "max_usd": -1e-9}],
+)  # fmt: skip
+def test_budgets_that_cannot_be_enforced_are_invalid_fields(budget: dict[str, float]) -> None:
+    with pytest.raises(TaskRejected) as info:
+        parse({"tenant": "acme", "task_id": "t1", "input": "x", "budget": budget})
+    assert info.value.code == ErrorCode.INVALID_FIELD and info.value.addressable
+    assert "budget." in info.value.message
+
+
+def test_finite_positive_budgets_are_accepted() -> None:
+    body = {"tenant": "acme", "task_id": "t1", "input": "x",
+            "budget": {"max_usd": 1e-6, "max_tokens": 1}}  # fmt: skip
+    task = parse(body)
+    assert task.budget is not None and task.budget.max_usd == 1e-6
+
+
 def test_every_error_code_has_a_layer() -> None:
     assert set(LAYER_OF) == set(ErrorCode)
 
