@@ -110,20 +110,26 @@ class ChatMessage(msgspec.Struct, omit_defaults=True, kw_only=True):
 
 
 class ContextRef(msgspec.Struct, array_like=True, frozen=True):
-    """A signed pointer to the first ``version`` messages of a session."""
+    """A signed pointer to the first ``version`` messages of one incarnation
+    of a session. ``incarnation`` is the nonce of the session's first record:
+    a session erased and written again under the same id is a new
+    incarnation, so refs to the old one stay dead."""
 
     tenant: str
     session: str
     version: int
     sig: bytes
+    incarnation: bytes = b""
 
 
 class ForkOrigin(msgspec.Struct, array_like=True, frozen=True):
     """Where a forked session starts: the first ``version`` messages of
-    ``session`` (same tenant). The child stores only its own messages."""
+    ``session`` (same tenant, incarnation ``incarnation``). The child stores
+    only its own messages."""
 
     session: str
     version: int
+    incarnation: bytes = b""
 
 
 class Summary(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -139,11 +145,13 @@ class StoredAppend(msgspec.Struct, omit_defaults=True, kw_only=True):
     The log is the session's only state, so metadata are records too: the
     first record of a fork carries ``fork``; a parent notes each ``child`` it
     was forked into (so deleting it deletes them); ``summary`` stores a
-    summary of older turns. Such records carry no ``messages``."""
+    summary of older turns. Such records carry no ``messages``. The first
+    record of a session carries its ``incarnation`` nonce."""
 
     msg_id: str
     messages: list[ChatMessage] = []
     ts: float = 0.0
+    incarnation: bytes | None = None
     fork: ForkOrigin | None = None
     child: str | None = None
     summary: Summary | None = None

@@ -64,7 +64,9 @@ class Admin:
         return GetReply(
             messages=v.messages[req.start : req.start + req.limit],
             length=len(v.messages),
-            ref=self.store.signer.sign(req.tenant, req.session, len(v.messages))
+            ref=self.store.signer.sign(
+                req.tenant, req.session, len(v.messages), v.session.incarnation
+            )
             if v.messages
             else None,
             fork=v.session.fork,

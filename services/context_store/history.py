@@ -9,6 +9,9 @@ in the tail and reports a duplicate. (No ``Nats-Msg-Id``: the server would
 remember erased ids for its duplicate window and refuse to store a session
 written again after deletion.)
 
+A session's first record carries a random ``incarnation`` nonce, which refs
+sign: erased and written again, the same session id is a new incarnation.
+
 The cache is only an accelerator; the stream is the truth. A replica drops
 a session on a ``baton.ctxinval.<tenant>`` broadcast after a deletion, and a
 cached session whose subject was purged underneath it is detected (the tail
@@ -18,6 +21,7 @@ read finds nothing new) and read again from scratch.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,6 +37,7 @@ from proto.streams import CONTEXT
 from .tokens import estimate_tokens
 
 _WRONG_LAST_SEQ = 10071
+INCARNATION_BYTES = 8
 Key = tuple[str, str]
 
 
@@ -49,6 +54,7 @@ class Session:
     summary: Summary | None = None
     last_seq: int = 0  # last stream sequence applied (0 = none)
     last_ts: float = 0.0
+    incarnation: bytes = b""  # nonce of the first record (b"" for sessions older than nonces)
 
     @property
     def base(self) -> int:
@@ -63,6 +69,8 @@ class Session:
         return self.last_seq > 0
 
     def apply(self, record: StoredAppend, seq: int, count: Callable[[ChatMessage], int]) -> None:
+        if not self.exists and record.incarnation:
+            self.incarnation = record.incarnation
         if record.msg_id not in self.versions:
             if record.fork is not None and not self.exists:
                 self.fork = record.fork
@@ -156,6 +164,8 @@ class HistoryStore:
                     return session, session.versions[msg_id], True
                 record = build(session)
                 record.ts = time.time()
+                if not session.exists:  # a new incarnation: old refs must not revive
+                    record.incarnation = secrets.token_bytes(INCARNATION_BYTES)
                 try:
                     ack = await self.bus.js.publish(
                         subject,

@@ -86,7 +86,7 @@ class ContextStore:
         if depth >= MAX_FORK_DEPTH:
             raise ContextError(ErrorCode.BAD_REQUEST, f"forks nest deeper than {MAX_FORK_DEPTH}")
         parent = await self.view(tenant, s.fork.session, at_least=s.base, depth=depth + 1)
-        if len(parent.messages) < s.base:
+        if len(parent.messages) < s.base or parent.session.incarnation != s.fork.incarnation:
             raise ContextError(ErrorCode.UNKNOWN_SESSION, "the session's fork parent is gone")
         summary = s.summary
         if summary is None and parent.summary is not None and parent.summary.covers <= s.base:
@@ -103,13 +103,16 @@ class ContextStore:
 
         Raises:
             ContextError: ``bad_ref`` (forged, altered), ``forbidden`` (another
-                tenant's), ``unknown_session`` (no such session or version).
+                tenant's), ``unknown_session`` (no such session or version, or
+                the session was erased since: the ref names an earlier incarnation).
         """
         if not self.signer.verify(ref):
             raise ContextError(ErrorCode.BAD_REF, "the context ref's signature does not verify")
         if ref.tenant != tenant:
             raise ContextError(ErrorCode.FORBIDDEN, "the ref belongs to another tenant")
         v = await self.view(ref.tenant, ref.session, at_least=ref.version)
+        if v.session.incarnation != ref.incarnation:
+            raise ContextError(ErrorCode.UNKNOWN_SESSION, "the ref's session was erased")
         if ref.version <= 0 or len(v.messages) < ref.version:
             raise ContextError(ErrorCode.UNKNOWN_SESSION, "no such session or version")
         return v
@@ -125,7 +128,7 @@ class ContextStore:
         if req.done_msg_id is not None and req.done_msg_id in v.session.versions:
             done = v.session.versions[req.done_msg_id]
             reply.existing = v.messages[done - 1]
-            reply.existing_ref = self.signer.sign(ref.tenant, ref.session, done)
+            reply.existing_ref = self.signer.sign(ref.tenant, ref.session, done, ref.incarnation)
             return reply
         summary = v.summary if req.strategy == "summary_tail" else None
         if summary is not None and summary.covers > ref.version:
@@ -159,7 +162,7 @@ class ContextStore:
             return StoredAppend(msg_id=req.msg_id, messages=batch)
 
         s, version, dup = await self.history.write(req.tenant, req.session, req.msg_id, build)
-        ref = self.signer.sign(req.tenant, req.session, version)
+        ref = self.signer.sign(req.tenant, req.session, version, s.incarnation)
         return ContextAppendReply(ref=ref, length=s.length, duplicate=dup)
 
     async def summarize(self, req: ContextSummarize) -> ContextAppendReply:
@@ -174,7 +177,7 @@ class ContextStore:
             req.msg_id,
             lambda _: StoredAppend(msg_id=req.msg_id, summary=summary),
         )
-        ref = self.signer.sign(req.tenant, req.session, s.length)
+        ref = self.signer.sign(req.tenant, req.session, s.length, s.incarnation)
         return ContextAppendReply(ref=ref, length=s.length, duplicate=dup)
 
     async def fork(self, req: ContextFork) -> ForkReply:
@@ -182,11 +185,12 @@ class ContextStore:
         await self.resolve(req.tenant, ref)
         if req.child == ref.session:
             raise ContextError(ErrorCode.BAD_REQUEST, "a session cannot be forked onto itself")
-        origin = ForkOrigin(ref.session, ref.version)
+        origin = ForkOrigin(ref.session, ref.version, ref.incarnation)
         child = await self.history.load(req.tenant, req.child)
         if child.fork == origin:
             return ForkReply(
-                ref=self.signer.sign(req.tenant, req.child, ref.version), duplicate=True
+                ref=self.signer.sign(req.tenant, req.child, ref.version, child.incarnation),
+                duplicate=True,
             )
         if child.exists:
             raise ContextError(ErrorCode.CONFLICT, f"session {req.child!r} already exists")
@@ -204,4 +208,4 @@ class ContextStore:
         s, _, _ = await self.history.write(req.tenant, req.child, "fork", build)
         if s.fork != origin:
             raise ContextError(ErrorCode.CONFLICT, f"session {req.child!r} already exists")
-        return ForkReply(ref=self.signer.sign(req.tenant, req.child, ref.version))
+        return ForkReply(ref=self.signer.sign(req.tenant, req.child, ref.version, s.incarnation))

@@ -1,0 +1,56 @@
+"""Refs name the session's incarnation: a session erased and written again
+under the same id does not revive the refs issued before the erasure."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from baton.transport import Bus, connect
+from proto.messages import ContextDelete, ContextFork, ContextRef
+from services.context_store.refs import RefSigner
+from tests.ctx import append, ask, window
+from tests.harness import LocalStack, uid
+
+
+def test_the_incarnation_is_signed() -> None:
+    signer = RefSigner(b"k" * 32)
+    ref = signer.sign("acme", "s1", 3, b"\x01" * 8)
+    assert signer.verify(ref)
+    moved = ContextRef(ref.tenant, ref.session, ref.version, ref.sig, b"\x02" * 8)
+    assert not signer.verify(moved)  # the signature does not carry over to another incarnation
+    assert signer.sign("acme", "s1", 3, b"\x02" * 8).sig != ref.sig
+
+
+@pytest.fixture
+async def bus(stack: LocalStack) -> AsyncIterator[Bus]:
+    b = await connect(stack.nats_url, name="test-incarnation")
+    yield b
+    await b.close()
+
+
+async def test_an_erased_and_recreated_session_does_not_revive_old_refs(bus: Bus) -> None:
+    tenant, session, kid = uid("acme"), uid("s"), uid("k")
+    old = (await append(bus, tenant, session, "m1", "before erasure", system="sys")).ref
+    assert old is not None and old.version == 2 and len(old.incarnation) == 8
+    forked = (await ask(bus, "fork", ContextFork(tenant=tenant, ref=old, child=kid))).ref
+    assert forked is not None
+    assert (await window(bus, tenant, old, 4096)).error is None  # the ref works before
+    assert (await ask(bus, "delete", ContextDelete(tenant=tenant, session=session))).error is None
+
+    # The same id, written again past the old ref's version: a new incarnation.
+    new = (await append(bus, tenant, session, "m1", "after erasure", system="sys")).ref
+    assert new is not None and new.version >= old.version and new.incarnation != old.incarnation
+    for stale in (old, forked):
+        reply = await window(bus, tenant, stale, 4096)
+        assert reply.error is not None and reply.error.code == "unknown_session", stale
+        assert reply.messages == []
+    # An old ref cannot fork the new incarnation either; the new ref reads the new text.
+    fork = await ask(bus, "fork", ContextFork(tenant=tenant, ref=old, child=uid("k")))
+    assert fork.error is not None and fork.error.code == "unknown_session"
+    fresh = await window(bus, tenant, new, 4096)
+    assert fresh.error is None and [m.content for m in fresh.messages] == ["sys", "after erasure"]
+    # The incarnation is fixed by the first record: later appends keep it.
+    later = (await append(bus, tenant, session, "m2", "more")).ref
+    assert later is not None and later.incarnation == new.incarnation
