@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +77,28 @@ def caller_scope(api_keys: dict[str, str]) -> Callable[..., str | None]:
         return None if tenant == OPERATOR else tenant
 
     return scope
+
+
+def bind_refusal(host: str, api_keys: dict[str, str]) -> str | None:
+    """Why a service must not serve HTTP on ``host`` with these keys, or None.
+
+    Without API keys every HTTP caller is an operator (``caller_scope``), so
+    only a loopback address (127.0.0.0/8, ::1, ``localhost``) may be bound.
+    Anything else (``0.0.0.0``, ``::``, a pod IP, a host name) needs keys.
+    """
+    if host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass  # a host name other than localhost: it may resolve anywhere
+    if not api_keys:
+        return (
+            f"refusing to serve HTTP on {host} without API keys: "
+            "set BATON_API_KEYS (JSON, key -> tenant or '*') or bind BATON_HTTP_HOST=127.0.0.1"
+        )
+    return None
 
 
 Runner = Callable[[Bus], Awaitable[None]]
@@ -143,7 +167,15 @@ async def serve(
 def main_entry(
     name: str, settings: CommonSettings, coro: Callable[[], Coroutine[Any, Any, None]]
 ) -> None:
-    """Configure logging and run ``coro`` with uvloop when available."""
+    """Configure logging and run ``coro`` with uvloop when available.
+
+    Exits with status 2 and one line on stderr, before anything starts, when
+    the HTTP host needs API keys that are not configured (``bind_refusal``).
+    """
+    refusal = bind_refusal(settings.http_host, settings.api_keys)
+    if refusal is not None:
+        print(f"baton-{name}: {refusal}", file=sys.stderr)
+        raise SystemExit(2)
     logs.configure(
         name, level=settings.log_level, json=settings.log_json, log_prompts=settings.log_prompts
     )

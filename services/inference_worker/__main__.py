@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import HTTPException
+from fastapi import Depends, HTTPException
 
-from baton.service import Health, health_app, main_entry, serve
+from baton.service import Health, caller_scope, health_app, main_entry, serve
 
 from .engines import build_engine
 from .settings import WorkerSettings
@@ -20,9 +20,14 @@ def main() -> None:
     worker = Worker(settings, engine, health)
     app = health_app("Baton inference worker", health)
 
+    scope = caller_scope(settings.api_keys)
+
     @app.post("/debug/inject-oom", include_in_schema=False)
-    def inject_oom(count: int = 1) -> dict[str, int]:
-        """Fault injection, simulator only: the next generations raise an OOM."""
+    def inject_oom(count: int = 1, caller: str | None = Depends(scope)) -> dict[str, int]:
+        """Fault injection, simulator only: the next generations raise an OOM.
+        With API keys configured, only an operator key may call it."""
+        if caller is not None:
+            raise HTTPException(403, "fault injection needs an operator key")
         inject = getattr(engine, "inject_oom", None)
         if inject is None:
             raise HTTPException(404, "fault injection needs the simulator engine")
