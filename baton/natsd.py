@@ -7,6 +7,7 @@ and no Docker daemon are available. JetStream keeps its file store under
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 _READY = "Server is ready"
@@ -42,8 +44,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """The server side of TLS: its certificate and key (PEM files), and a CA
+    bundle when clients must present certificates signed by it (mutual TLS)."""
+
+    cert: Path
+    key: Path
+    verify_clients_with: Path | None = None
+
+    def config(self) -> str:
+        """The nats-server ``tls {}`` block for these files."""
+        files = {"cert_file": self.cert, "key_file": self.key}
+        if self.verify_clients_with is not None:
+            files["ca_file"] = self.verify_clients_with
+        lines = [f"  {k}: {json.dumps(str(v))}" for k, v in files.items()]
+        if self.verify_clients_with is not None:
+            lines.append("  verify: true")
+        return "tls {\n" + "\n".join(lines) + "\n}\n"
+
+
 class NatsServer:
-    """One ``nats-server -js`` process bound to 127.0.0.1.
+    """One ``nats-server -js`` process bound to 127.0.0.1, requiring TLS on
+    client connections when ``tls`` is given.
 
     ``port=0`` picks a free port at the first start; ``restart`` keeps the
     same port and store, so clients reconnect and streams survive.
@@ -56,11 +79,13 @@ class NatsServer:
         port: int = 0,
         monitor_port: int | None = None,
         server_name: str = "baton",
+        tls: ServerTls | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.port = port
         self.monitor_port = monitor_port
         self.server_name = server_name
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -92,6 +117,10 @@ class NatsServer:
         ]
         if self.monitor_port is not None:
             args += ["-m", str(self.monitor_port)]
+        if self.tls is not None:
+            conf = self.store_dir / "tls.conf"
+            conf.write_text(self.tls.config())
+            args += ["-c", str(conf)]
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout

@@ -24,7 +24,7 @@ from fastapi import FastAPI, Header, HTTPException, Response
 from baton import logs
 from baton.metrics import mount_metrics
 from baton.settings import CommonSettings
-from baton.transport import Bus, connect
+from baton.transport import Bus, connect, tls_context
 
 log = structlog.get_logger("baton.service")
 
@@ -131,6 +131,7 @@ async def serve(
         name=name,
         replicas=settings.stream_replicas,
         timeout=settings.connect_timeout,
+        tls=tls_context(settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key),
     )
     server = _QuietServer(
         uvicorn.Config(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -37,3 +37,15 @@ class CommonSettings(BaseSettings):
     # HTTP API keys -> tenant (JSON in BATON_API_KEYS; "*" = operator, every
     # tenant). Empty = development: no key needed, bound to 127.0.0.1.
     api_keys: dict[str, str] = Field(default_factory=dict)
+    # TLS to NATS: a CA bundle that verifies the server (the connection then
+    # requires TLS), plus a client certificate and key for a server that
+    # verifies clients (mutual TLS). Paths to PEM files.
+    nats_tls_ca: Path | None = None
+    nats_tls_cert: Path | None = None
+    nats_tls_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _client_cert_needs_its_key(self) -> CommonSettings:
+        if (self.nats_tls_cert is None) != (self.nats_tls_key is None):
+            raise ValueError("BATON_NATS_TLS_CERT and BATON_NATS_TLS_KEY go together: set both")
+        return self

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -499,14 +501,32 @@ class Bus:
             await self.nc.close()
 
 
+def tls_context(
+    ca: Path | None, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext | None:
+    """The client side of TLS to NATS, or None for a plain connection.
+
+    ``ca`` verifies the server (without it: the system's CAs); ``cert`` and
+    ``key`` are this client's certificate for a server that verifies clients.
+    """
+    if ca is None and cert is None:
+        return None
+    ctx = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+    if cert is not None:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
 async def connect(
     url: str,
     *,
     name: str,
     replicas: int = 1,
     timeout: float = 5.0,
+    tls: ssl.SSLContext | None = None,
 ) -> Bus:
-    """Connect to NATS (reconnecting forever once connected).
+    """Connect to NATS (reconnecting forever once connected), over TLS when
+    ``tls`` is given (see ``tls_context``).
 
     Raises:
         BusUnavailable: no server answered within ``timeout`` seconds.
@@ -541,6 +561,7 @@ async def connect(
                 error_cb=on_first_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
+                tls=tls,
             ),
             timeout,
         )
@@ -548,6 +569,12 @@ async def connect(
         with contextlib.suppress(Exception):
             await nc.close()
         raise BusUnavailable(url, errors[-1] if errors else exc) from exc
+    # nats-py upgrades to TLS only when the server's INFO asks for it: a
+    # client configured for TLS refuses a server that does not.
+    if tls is not None and not nc._server_info.get("tls_required"):
+        await nc.close()
+        refused = ConnectionError("TLS is configured but the server does not offer it")
+        raise BusUnavailable(url, refused)
     nc._error_cb = on_error
     return Bus(nc, replicas=replicas)
 
@@ -568,4 +595,5 @@ __all__ = [
     "TransportError",
     "connect",
     "is_duplicate_error",
+    "tls_context",
 ]
