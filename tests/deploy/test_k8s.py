@@ -3,6 +3,7 @@ Kubernetes schemas (offline), and the KEDA/probe/drain settings are right."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from functools import cache
 
@@ -173,3 +174,221 @@ def test_monitoring_objects_present(overlay):
     assert pm["podMetricsEndpoints"][0]["path"] == "/metrics"
     names = set(pm["selector"]["matchExpressions"][0]["values"])
     assert names == set(objects(overlay, "Deployment"))
+
+
+# -- fences: NetworkPolicies, TLS, encryption at rest, API keys --------------
+
+BATON_PODS = {"nats", "orchestrator", "context-store", "inference-worker"}
+ANYONE = "anyone"
+
+
+def _pods(overlay: str) -> dict[str, dict]:
+    """Pod templates by app name, with their labels and container ports."""
+    pods = {}
+    for kind in ("Deployment", "StatefulSet"):
+        for d in objects(overlay, kind).values():
+            tpl = d["spec"]["template"]
+            pods[tpl["metadata"]["labels"]["app.kubernetes.io/name"]] = tpl
+    return pods
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        assert e["operator"] == "In", e  # the only operator these policies use
+        if labels.get(e["key"]) not in e["values"]:
+            return False
+    return True
+
+
+def _peer(peer: dict, pods: dict[str, dict]) -> set[str]:
+    """Who a `from` entry admits: pods of this namespace by name, or
+    `ns/<namespace>` for a peer in another namespace."""
+    if "namespaceSelector" in peer:
+        ns = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        return {f"ns/{ns}"}
+    return {
+        n for n, tpl in pods.items() if _selects(peer["podSelector"], tpl["metadata"]["labels"])
+    }
+
+
+def reachers(overlay: str, pod: str, port: int, policies: list[dict] | None = None) -> set[str]:
+    """Who may open `port` on `pod`, as the overlay's NetworkPolicies (or
+    `policies`, their specs) say. A pod no policy selects is open to anyone
+    (Kubernetes' default)."""
+    pods = _pods(overlay)
+    labels = pods[pod]["metadata"]["labels"]
+    if policies is None:
+        policies = [p["spec"] for p in objects(overlay, "NetworkPolicy").values()]
+    mine = [p for p in policies if _selects(p["podSelector"], labels)]
+    if not any("Ingress" in p["policyTypes"] for p in mine):
+        return {ANYONE}
+    who: set[str] = set()
+    for p in mine:
+        for rule in p.get("ingress", []):
+            ports = {pp["port"] for pp in rule.get("ports", [])}
+            if ports and port not in ports:
+                continue
+            if "from" not in rule:
+                return {ANYONE}
+            for peer in rule["from"]:
+                who |= _peer(peer, pods)
+    return who
+
+
+def _port(overlay: str, pod: str, name: str) -> int:
+    (c,) = _pods(overlay)[pod]["spec"]["containers"]
+    return next(p["containerPort"] for p in c["ports"] if p["name"] == name)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_fence_nats_and_the_admin_http(overlay):
+    nats = lambda name: reachers(overlay, "nats", _port(overlay, "nats", name))  # noqa: E731
+    assert nats("cluster") == {"nats"}
+    assert nats("monitor") == BATON_PODS | {"ns/keda"}  # KEDA's scaler reads /jsz
+    assert nats("client") == {ANYONE}  # authenticated, TLS
+    for admin in ("context-store", "inference-worker"):
+        assert reachers(overlay, admin, _port(overlay, admin, "http")) == BATON_PODS | {
+            "ns/monitoring"  # Prometheus scrapes /metrics
+        }
+    # The tenants' HTTP API (API keys required) stays reachable.
+    assert reachers(overlay, "orchestrator", _port(overlay, "orchestrator", "http")) == {ANYONE}
+
+
+def test_reachers_sees_an_open_port():
+    """The model above is not vacuous: with no policy, or with a rule that
+    names no peer, the cluster port is open to anyone."""
+    policies = objects("single", "NetworkPolicy")
+    assert reachers("single", "nats", 6222) == {"nats"}
+    assert reachers("single", "nats", 6222, []) == {ANYONE}
+    loose = {**policies["nats"]["spec"], "ingress": [{"ports": [{"port": 6222}]}]}
+    assert reachers("single", "nats", 6222, [loose]) == {ANYONE}
+
+
+def _env(c: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in c.get("env", [])}
+
+
+def _mount_of(pod: dict, path: str) -> tuple[dict, dict]:
+    """The (volume, volumeMount) that holds file `path` in `pod`."""
+    (c,) = pod["spec"]["containers"]
+    mount = max(
+        (m for m in c["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")),
+        key=lambda m: len(m["mountPath"]),
+    )
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    return volume, mount
+
+
+def _tls_files(conf: str) -> dict[str, str]:
+    return dict(re.findall(r'(cert_file|key_file|ca_file):\s*"([^"]+)"', conf))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_nats_client_tls_from_a_cert_manager_certificate(overlay):
+    sts, conf = _nats(overlay)
+    (cm,) = [d for n, d in objects(overlay, "ConfigMap").items() if n.startswith("nats-config")]
+    assert "include ./tls.conf" in conf
+    tls = cm["data"]["tls.conf"]
+    assert re.search(r"^tls \{", tls, re.M)
+    certs = objects(overlay, "Certificate")
+    issuers = objects(overlay, "Issuer")
+    server = certs["nats-server"]["spec"]
+    assert server["issuerRef"]["name"] in issuers
+    assert issuers[server["issuerRef"]["name"]]["spec"]["ca"]["secretName"] in {
+        c["spec"]["secretName"] for c in certs.values() if c["spec"].get("isCA")
+    }
+    # The certificate names the host the services dial and the advertised pod names.
+    host = _baton_config(overlay)["BATON_NATS_URL"].split("//")[1].split(":")[0]
+    assert host in server["dnsNames"]
+    assert f"*.nats-headless.{NAMESPACE}.svc.cluster.local" in server["dnsNames"]
+    # nats-server reads the files from the Secret the Certificate fills.
+    pod = sts["spec"]["template"]
+    files = _tls_files(tls)
+    assert set(files) == {"cert_file", "key_file"}
+    for key, path in files.items():
+        volume, _ = _mount_of(pod, path)
+        assert volume["secret"]["secretName"] == server["secretName"]
+        assert path.endswith({"cert_file": "/tls.crt", "key_file": "/tls.key"}[key])
+    # Every service verifies the server with the CA alone (not the server's key).
+    for name, d in objects(overlay, "Deployment").items():
+        c = container(d)
+        ca = _env(c)["BATON_NATS_TLS_CA"]["value"]
+        volume, _ = _mount_of(d["spec"]["template"], ca)
+        assert volume["secret"]["secretName"] == server["secretName"], name
+        assert volume["secret"]["items"] == [{"key": "ca.crt", "path": ca.rsplit("/", 1)[1]}]
+
+
+def test_cluster_routes_use_mutual_tls():
+    sts, conf = _nats("cluster")
+    cluster = conf[conf.index("cluster {") :]
+    assert re.search(r"tls \{[^}]*verify: true", cluster), cluster
+    routes = objects("cluster", "Certificate")["nats-routes"]["spec"]
+    assert {"server auth", "client auth"} <= set(routes["usages"])
+    assert f"*.nats-headless.{NAMESPACE}.svc.cluster.local" in routes["dnsNames"]
+    for path in _tls_files(cluster).values():
+        volume, _ = _mount_of(sts["spec"]["template"], path)
+        assert volume["secret"]["secretName"] == routes["secretName"]
+
+
+def _secret_ref(env: dict) -> tuple[str, str]:
+    ref = env["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_jetstream_is_encrypted_at_rest_with_a_key_from_a_secret(overlay):
+    sts, conf = _nats(overlay)
+    js = conf[conf.index("jetstream {") :]
+    js = js[: js.index("}")]
+    assert re.search(r"^\s*cipher:\s*chachapoly$", js, re.M)
+    (var,) = re.findall(r"^\s*key:\s*\$(\w+)$", js, re.M)
+    name, _ = _secret_ref(_env(sts["spec"]["template"]["spec"]["containers"][0])[var])
+    assert name not in objects(overlay, "Secret"), "the key must not be rendered from git"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_bound_beyond_loopback_take_api_keys_from_a_secret(overlay):
+    from baton.service import bind_refusal
+
+    host = _baton_config(overlay)["BATON_HTTP_HOST"]
+    assert bind_refusal(host, {}) is not None  # so keys are required here
+    for name, d in objects(overlay, "Deployment").items():
+        secret, key = _secret_ref(_env(container(d))["BATON_API_KEYS"])
+        assert key == "BATON_API_KEYS", name
+        assert secret not in objects(overlay, "Secret"), "API keys must not be rendered from git"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_nats_server_accepts_the_rendered_config(overlay, tmp_path):
+    """The real nats-server parses the overlay's config (with certificates
+    made here standing in for cert-manager's) and insists on the key."""
+    trustme = pytest.importorskip("trustme")
+    from baton.natsd import find_binary
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert(f"*.nats-headless.{NAMESPACE}.svc.cluster.local", "nats")
+    for secret in ("server", "routes"):
+        d = tmp_path / "nats-tls" / secret
+        d.mkdir(parents=True)
+        leaf.cert_chain_pems[0].write_to_path(str(d / "tls.crt"))
+        leaf.private_key_pem.write_to_path(str(d / "tls.key"))
+        ca.cert_pem.write_to_path(str(d / "ca.crt"))
+    (cm,) = [d for n, d in objects(overlay, "ConfigMap").items() if n.startswith("nats-config")]
+    etc = tmp_path / "etc-nats"
+    etc.mkdir()
+    for fname, text in cm["data"].items():
+        (etc / fname).write_text(text.replace("/etc/nats-tls/", f"{tmp_path}/nats-tls/"))
+    env = {"PATH": "/usr/bin:/bin", "POD_NAME": "nats-0", "CLIENT_ADVERTISE": "nats-0:4222"}
+    cmd = [find_binary(), "-t", "-c", str(etc / "nats.conf")]
+    ok = run_env(cmd, {**env, "JETSTREAM_KEY": "k" * 32})
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    no_key = run_env(cmd, env)
+    assert no_key.returncode != 0 and "JETSTREAM_KEY" in no_key.stdout + no_key.stderr
+
+
+def run_env(cmd: list[str], env: dict[str, str]):
+    import subprocess
+
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=env)
