@@ -108,8 +108,8 @@ _CHANNELS: Final[dict[str, tuple[str, tuple[str, ...], tuple[Any, ...], str, boo
         "Core NATS: abort a task's in-flight generations.", False,
     ),
     "timers": (
-        f"{subjects.TIMERS}.{{tenant}}.{{task_id}}", ("tenant", "task_id"), (msg.StepTimer,),
-        f"Durable step timeouts (stream {streams.TIMERS.name}), naked until due.", False,
+        f"{subjects.TIMERS}.{{tenant}}.{{task_id}}", ("tenant", "task_id"), (msg.RunTimer,),
+        f"Durable run watchdogs (stream {streams.TIMERS.name}), naked until due.", False,
     ),
     "deadLetters": (
         f"{subjects.DEAD_LETTERS}.{{consumer}}", ("consumer",), (),

@@ -361,13 +361,14 @@ class Heartbeat(msgspec.Struct, omit_defaults=True, kw_only=True):
     ts: float = 0.0
 
 
-class StepTimer(msgspec.Struct, kw_only=True):
-    """Body of ``baton.timers.<tenant>.<task_id>``: check step ``step`` at ``due``."""
+class RunTimer(msgspec.Struct, kw_only=True):
+    """Body of ``baton.timers.<tenant>.<task_id>``: a run's durable watchdog,
+    one per run (not per step). Naked until ``due``; when it fires, the
+    orchestrator looks at the run's step deadlines (kept in the run state),
+    retries or fails the overdue ones, and naks it again until the next one."""
 
     tenant: str
     task_id: str
-    step: str
-    attempt: int
     due: float
 
 

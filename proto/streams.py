@@ -130,7 +130,9 @@ ORCHESTRATOR_RESULTS = ConsumerSpec(
     stream=RESULTS.name,
     durable="orchestrator-results",
     filter_subject=f"{subjects.RESULTS}.>",
-    ack_wait=30.0,
+    # Short: a result held by a replica that died is taken over this soon
+    # (live handlers extend it with in_progress every ack_wait / 3).
+    ack_wait=10.0,
     max_deliver=5,
 )
 

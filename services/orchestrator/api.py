@@ -7,6 +7,7 @@ decides the tenant and a tenant only sees its own tasks. Without keys
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -159,7 +160,13 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         """Server-sent events: every event so far, then live ones until the end."""
         bus, runs = ready()
         tenant = owned(task_id, tenant)
-        if await runs.get(tenant, task_id) is None:
+        # A task just submitted becomes a run once an orchestrator has taken
+        # it (its first steps dispatched): give that a moment before a 404.
+        for _ in range(40):
+            if await runs.get(tenant, task_id) is not None:
+                break
+            await asyncio.sleep(0.05)
+        else:
             raise HTTPException(404, f"no task {task_id!r} for this tenant")
 
         async def stream() -> AsyncIterator[str]:

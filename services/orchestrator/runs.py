@@ -5,8 +5,8 @@ orchestrator replicas can advance the same run safely.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from collections import OrderedDict
+from typing import Literal
 
 import msgspec
 import nats.js.errors
@@ -15,18 +15,21 @@ from nats.js.kv import KeyValue
 from proto import codec
 from proto.messages import Budget, ContextRef, ErrorInfo, Usage
 
-TERMINAL = frozenset({"completed", "failed", "cancelled"})
+StepStatus = Literal["dispatched", "done", "failed"]
+RunStatus = Literal["running", "completed", "failed", "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
 
 class StepState(msgspec.Struct, omit_defaults=True, kw_only=True):
     agent: str
     pool: str
     session: str
-    status: str = "dispatched"  # dispatched | done | failed
+    status: StepStatus = "dispatched"
     max_tokens: int = 0
     context_budget: int = 0  # window tokens, set when the task has a token budget
     attempt: int = 1  # dispatches so far (a timeout dispatches again)
     dispatched_at: float = 0.0
+    deadline: float = 0.0  # when the current attempt times out
     finished_at: float = 0.0
     usage: Usage = msgspec.field(default_factory=Usage)
     cost_usd: float = 0.0
@@ -42,7 +45,7 @@ class RunState(msgspec.Struct, omit_defaults=True, kw_only=True):
     session: str
     workflow: str
     task_seq: int  # stream sequence of the task message that created the run
-    status: str = "running"
+    status: RunStatus = "running"
     budget: Budget | None = None
     metadata: dict[str, object] = {}
     steps: dict[str, StepState] = {}
@@ -70,51 +73,74 @@ class RunConflict(Exception):
     """The run changed under us too many times."""
 
 
-class RunStore:
-    def __init__(self, kv: KeyValue) -> None:
-        self.kv = kv
+class Snapshot(msgspec.Struct, frozen=True):
+    """A run as stored: its encoded state and the KV revision it has."""
 
-    async def create(self, run: RunState) -> tuple[RunState, bool]:
-        """Store a new run; if one exists, return it and False."""
-        run.created_at = run.updated_at = time.time()
+    data: bytes
+    revision: int
+
+    def run(self) -> RunState:
+        """A fresh, mutable copy of the state."""
+        return codec.decode(self.data, RunState)
+
+
+class RunStore:
+    """Reads and compare-and-set writes of runs, with a bounded cache of the
+    last snapshot each run was read or written at. The cache only saves
+    reads: a write against a stale revision fails and the caller re-reads."""
+
+    def __init__(self, kv: KeyValue, *, cached: int = 4096) -> None:
+        self.kv = kv
+        self._cache: OrderedDict[str, Snapshot] = OrderedDict()
+        self._cached = cached
+
+    def _remember(self, key: str, snap: Snapshot | None) -> Snapshot | None:
+        if snap is None:
+            self._cache.pop(key, None)
+            return None
+        self._cache[key] = snap
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._cached:
+            self._cache.popitem(last=False)
+        return snap
+
+    def cached(self, tenant: str, task_id: str) -> Snapshot | None:
+        return self._cache.get(run_key(tenant, task_id))
+
+    def forget(self, tenant: str, task_id: str) -> None:
+        self._cache.pop(run_key(tenant, task_id), None)
+
+    async def read(self, tenant: str, task_id: str) -> Snapshot | None:
+        """The run as stored now (None: no such run)."""
+        key = run_key(tenant, task_id)
         try:
-            await self.kv.create(run.key, codec.encode(run))
-            return run, True
-        except nats.js.errors.KeyWrongLastSequenceError:
-            existing = await self.get(run.tenant, run.task_id)
-            if existing is None:  # deleted in between: try once more
-                await self.kv.create(run.key, codec.encode(run))
-                return run, True
-            return existing, False
+            entry = await self.kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return self._remember(key, None)
+        if entry.value is None or entry.revision is None:
+            return self._remember(key, None)
+        return self._remember(key, Snapshot(entry.value, entry.revision))
 
     async def get(self, tenant: str, task_id: str) -> RunState | None:
-        try:
-            entry = await self.kv.get(run_key(tenant, task_id))
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        if entry.value is None:
-            return None
-        return codec.decode(entry.value, RunState)
+        snap = await self.read(tenant, task_id)
+        return snap.run() if snap is not None else None
 
-    async def update(
-        self, tenant: str, task_id: str, change: Callable[[RunState], bool]
-    ) -> RunState | None:
-        """Apply ``change`` (which returns False to leave the run untouched)
-        with compare-and-set, retrying on conflicts. None if no such run."""
-        key = run_key(tenant, task_id)
-        for _ in range(50):
-            try:
-                entry = await self.kv.get(key)
-            except nats.js.errors.KeyNotFoundError:
-                return None
-            assert entry.value is not None
-            run = codec.decode(entry.value, RunState)
-            if not change(run):
-                return run
-            run.updated_at = time.time()
-            try:
-                await self.kv.update(key, codec.encode(run), last=entry.revision)
-                return run
-            except nats.js.errors.KeyWrongLastSequenceError:
-                continue
-        raise RunConflict(key)
+    async def write(self, run: RunState, revision: int | None) -> Snapshot:
+        """Store ``run`` if the stored revision is still ``revision`` (None:
+        only if there is no such run yet).
+
+        Raises:
+            RunConflict: someone else wrote first (read again and retry).
+        """
+        data = codec.encode(run)
+        try:
+            if revision is None:
+                new = await self.kv.create(run.key, data)
+            else:
+                new = await self.kv.update(run.key, data, last=revision)
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            self._cache.pop(run.key, None)
+            raise RunConflict(run.key) from exc
+        snap = self._remember(run.key, Snapshot(data, new))
+        assert snap is not None
+        return snap

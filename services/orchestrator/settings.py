@@ -29,6 +29,10 @@ class OrchestratorSettings(CommonSettings):
     task_concurrency: int = 256
     result_concurrency: int = 256
     pending_poll_interval: float = 5.0
+    # Test hook, never set in production: the process exits right after
+    # storing this step as done, before dispatching what follows it
+    # (BATON_TEST_CRASH_AFTER_COMMIT=r1.plan; see tests/test_faults.py).
+    test_crash_after_commit: str = ""
 
     def price(self, pool: str) -> float:
         return self.gpu_hour_usd.get(pool, self.gpu_hour_usd.get("default", 0.0))

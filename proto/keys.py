@@ -1,0 +1,80 @@
+"""Idempotency keys: the one place each deterministic id is spelled.
+
+Every side effect Baton may perform twice (after a crash, a redelivery, a
+retry) carries one of these ids, so the second time is a no-op: JetStream
+de-duplicates a publish by ``Nats-Msg-Id``, the context store an append by
+its ``msg_id``. Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+
+def event(tenant: str, task_id: str, key: str) -> str:
+    """``Nats-Msg-Id`` of a task event; ``key`` is one of the ``*_event`` keys."""
+    return f"{tenant}.{task_id}.{key}"
+
+
+ACCEPTED = "accepted"
+COMPLETED = "completed"
+FAILED = "failed"
+
+
+def step_event(step: str, status: str) -> str:
+    """Event key of a step's ``started`` / ``done`` event."""
+    return f"step.{step}.{status}"
+
+
+def job(tenant: str, task_id: str, step: str) -> str:
+    """The id of a step's inference job (stable across retries)."""
+    return f"{tenant}.{task_id}.{step}"
+
+
+def job_message(job_id: str, attempt: int) -> str:
+    """``Nats-Msg-Id`` of a job's dispatch: a retry after a timeout is a new
+    message, the job id (so the answer's and result's ids) stays the same."""
+    return job_id if attempt == 1 else f"{job_id}#{attempt}"
+
+
+def job_forward(job_id: str, pool: str) -> str:
+    """``Nats-Msg-Id`` of a job forwarded to a pool with a longer context."""
+    return f"{job_id}@{pool}"
+
+
+def generation(job_id: str, delivery: int) -> str:
+    """The engine request id of one delivery of a job."""
+    return f"{job_id}#{delivery}"
+
+
+def answer(job_id: str) -> str:
+    """Context-store ``msg_id`` of a job's answer (appended once)."""
+    return f"{job_id}:out"
+
+
+def result(job_id: str) -> str:
+    """``Nats-Msg-Id`` of a job's result."""
+    return f"{job_id}:result"
+
+
+def task_input(task_id: str) -> str:
+    """Context-store ``msg_id`` of a task's input."""
+    return f"{task_id}:input"
+
+
+def fan_in(step: str) -> str:
+    """Context-store ``msg_id`` of the branches' answers brought home after ``step``."""
+    return f"{step}:fanin"
+
+
+def run_timer(tenant: str, task_id: str) -> str:
+    """``Nats-Msg-Id`` of a run's durable watchdog timer."""
+    return f"{tenant}.{task_id}.timer"
+
+
+def dead_letter(consumer: str, stream_seq: int) -> str:
+    """``Nats-Msg-Id`` of the dead-letter copy of a stream message."""
+    return f"{consumer}:{stream_seq}"
+
+
+def task_fallback(stream_seq: int) -> str:
+    """The task id of a task submitted without one: its stream sequence."""
+    return f"seq{stream_seq}"

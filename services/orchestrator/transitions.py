@@ -1,0 +1,498 @@
+"""The orchestrator's decisions as pure functions: ``(run, message) -> (run', effects)``.
+
+No I/O and no clock: ``now`` is passed in. The conductor (the shell) loads
+the run, calls one of the functions below, stores ``run'`` with one
+compare-and-set, then performs the effects. Every effect has a deterministic
+id (``proto.keys``), so performing it twice is a no-op — which is what makes
+recovery simple: a message redelivered after a crash, finding its change
+already stored, gets back the effects the stored state implies (``replay``)
+and the run carries on from there.
+
+Context-store calls are the one kind of I/O a decision may need *before* it
+can be made (the ref of a task's input, of a fan-in, of a branch's fork).
+Such a decision returns ``Need(ops)``; the shell performs the ops (each
+idempotent by its id), puts their answers in ``ctx`` under ``op.key`` and
+calls the same function again with the same run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from proto import codec, keys
+from proto.errors import LAYER_OF, ErrorCode
+from proto.messages import (
+    Accepted,
+    Budget,
+    ChatMessage,
+    Completed,
+    ContextRef,
+    ErrorInfo,
+    Failed,
+    InferenceJob,
+    InferenceResult,
+    Step,
+    TaskEvent,
+)
+
+from .runs import RunState, StepState
+from .workflows import Done, GraphWorkflow, StepPlan
+
+MIN_STEP_TOKENS = 32  # below this share of the budget, a step is not worth dispatching
+MAX_TIMER_SLEEP = 300.0  # a watchdog sleeps at most this long between looks
+
+
+# -- what a decision may ask for before it is made ---------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AppendOp:
+    """Append to a session (idempotent by ``msg_id``)."""
+
+    session: str
+    msg_id: str
+    messages: tuple[ChatMessage, ...]
+    system: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"append:{self.session}:{self.msg_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class ForkOp:
+    """Fork ``ref``'s prefix into session ``child`` (idempotent)."""
+
+    ref: ContextRef
+    child: str
+
+    @property
+    def key(self) -> str:
+        return f"fork:{self.child}"
+
+
+ContextOp = AppendOp | ForkOp
+Ctx = Mapping[str, ContextRef | ErrorInfo]
+
+
+# -- effects ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """Publish a task event under ``keys.event(tenant, task_id, key)``."""
+
+    key: str
+    event: TaskEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Publish a step's job (the shell picks the subject: pool or warm worker)."""
+
+    job: InferenceJob
+    pool: str
+    msg_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """Arm the run's durable watchdog: look at the run at ``due``."""
+
+    due: float
+
+
+@dataclass(frozen=True, slots=True)
+class AbortGenerations:
+    """Tell workers to stop the run's generations."""
+
+
+Effect = Emit | Dispatch | Watch | AbortGenerations
+
+
+# -- outcomes ---------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Transition:
+    """The run to store (when ``changed``) and the effects to perform after."""
+
+    run: RunState
+    changed: bool
+    effects: list[Effect] = field(default_factory=list)
+    wake_at: float | None = None  # timers: when to look again (None: never)
+    note: str = ""  # why nothing changed, for the log
+
+
+@dataclass(frozen=True, slots=True)
+class Need:
+    """Perform these context ops, then decide again with their answers."""
+
+    ops: tuple[ContextOp, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Defer:
+    """Not decidable yet: redeliver the message after ``delay`` seconds."""
+
+    delay: float
+    reason: str
+
+
+Outcome = Transition | Need | Defer
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """What the decisions depend on besides the run and the message."""
+
+    workflows: Mapping[str, GraphWorkflow]
+    step_timeout: float = 600.0
+    step_retries: int = 1
+    price: Callable[[str], float] = lambda pool: 0.0  # USD per GPU-hour of a pool
+
+    def timeout(self, run: RunState, agent: str) -> float:
+        return self.workflows[run.workflow].agents[agent].timeout or self.step_timeout
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """An admitted task, as the run-creating message."""
+
+    tenant: str
+    task_id: str
+    session: str
+    workflow: str
+    seq: int
+    input: str
+    budget: Budget | None = None
+    metadata: Mapping[str, object] = field(default_factory=dict)
+
+
+# -- helpers ----------------------------------------------------------------
+
+
+def _copy(run: RunState) -> RunState:
+    """Decisions never change the run they are given."""
+    return codec.decode(codec.encode(run), RunState)
+
+
+def error(code: ErrorCode, message: str) -> ErrorInfo:
+    return ErrorInfo(code=code, message=message, layer=LAYER_OF[code])
+
+
+def latest_output(r: RunState) -> str:
+    """The partial output: the answer of the step that finished last."""
+    done = [s for s in r.steps.values() if s.status == "done"]
+    return max(done, key=lambda s: s.finished_at).output if done else ""
+
+
+def in_flight(r: RunState | None) -> int:
+    """Steps dispatched and unanswered (none once the run has ended)."""
+    if r is None or r.terminal:
+        return 0
+    return sum(1 for s in r.steps.values() if s.status == "dispatched")
+
+
+def _event(run: RunState, now: float, key: str, event: TaskEvent) -> Emit:
+    event.task_id, event.tenant, event.session, event.ts = run.task_id, run.tenant, run.session, now
+    return Emit(key, event)
+
+
+def _started(run: RunState, now: float, step: str, st: StepState) -> Emit:
+    ev = Step(task_id=run.task_id, step=step, agent=st.agent, status="started")
+    return _event(run, now, keys.step_event(step, "started"), ev)
+
+
+def _done(run: RunState, now: float, step: str, st: StepState) -> Emit:
+    ev = Step(task_id=run.task_id, step=step, agent=st.agent, status="done", usage=st.usage)
+    return _event(run, now, keys.step_event(step, "done"), ev)
+
+
+def _terminal(run: RunState, now: float) -> list[Effect]:
+    if run.status == "completed":
+        ev: TaskEvent = Completed(
+            task_id=run.task_id, output=run.output, usage=run.usage, cost_usd=run.cost_usd
+        )
+        return [_event(run, now, keys.COMPLETED, ev)]
+    if run.error is not None:
+        ev = Failed(task_id=run.task_id, error=run.error, partial_output=run.output or None)
+        return [_event(run, now, keys.FAILED, ev)]
+    return []
+
+
+def _job(run: RunState, rules: Rules, now: float, step: str, st: StepState) -> Dispatch:
+    assert st.ref is not None
+    wf = rules.workflows[run.workflow]
+    agent = wf.agents[st.agent]
+    job = InferenceJob(
+        job_id=keys.job(run.tenant, run.task_id, step),
+        task_id=run.task_id,
+        tenant=run.tenant,
+        session=st.session,
+        workflow=run.workflow,
+        step=step,
+        agent=st.agent,
+        ref=st.ref,
+        max_tokens=st.max_tokens,
+        context_budget=st.context_budget,
+        temperature=agent.temperature,
+        system=agent.system,
+        response_schema=wf.route_schema(step),
+        published_at=now,
+    )
+    return Dispatch(job, st.pool, keys.job_message(job.job_id, st.attempt))
+
+
+def _next_look(run: RunState, rules: Rules, now: float) -> float | None:
+    """When the watchdog should look next: the earliest step deadline."""
+    if run.terminal:
+        return None
+    deadlines = [s.deadline for s in run.steps.values() if s.status == "dispatched"]
+    return min(deadlines) if deadlines else now + rules.step_timeout
+
+
+def _fail(run: RunState, err: ErrorInfo, step: str | None = None) -> None:
+    run.status, run.error, run.output = "failed", err, latest_output(run)
+    if step is not None and step in run.steps:
+        run.steps[step].status = "failed"
+
+
+def _stop_for_budget(run: RunState, where: str, step: str | None = None) -> None:
+    message = f"budget exhausted {where}: used {run.usage.total_tokens} tokens, ${run.cost_usd:.6f}"
+    _fail(run, error(ErrorCode.BUDGET_EXCEEDED, message), step)
+
+
+def _remaining_tokens(run: RunState) -> int | None:
+    if run.budget is None or run.budget.max_tokens is None:
+        return None
+    return run.budget.max_tokens - run.usage.total_tokens
+
+
+def _over_usd(run: RunState) -> bool:
+    b = run.budget
+    return b is not None and b.max_usd is not None and run.cost_usd >= b.max_usd
+
+
+def _context(ctx: Ctx, op: ContextOp) -> ContextRef | ErrorInfo | None:
+    return ctx.get(op.key)
+
+
+# -- the decisions ----------------------------------------------------------
+
+
+def replay(run: RunState, rules: Rules, now: float) -> list[Effect]:
+    """Every effect the stored state implies (all de-duplicated downstream)."""
+    effects: list[Effect] = [
+        _event(run, now, keys.ACCEPTED, Accepted(task_id=run.task_id, workflow=run.workflow))
+    ]
+    for step, st in run.steps.items():
+        effects.append(_started(run, now, step, st))
+        if st.status == "done":
+            effects.append(_done(run, now, step, st))
+        elif st.status == "dispatched" and not run.terminal:
+            effects.append(_job(run, rules, now, step, st))
+    if run.terminal:
+        effects += _terminal(run, now)
+    else:
+        effects.append(Watch(_next_look(run, rules, now) or now))
+    return effects
+
+
+def _dispatch(
+    run: RunState,
+    rules: Rules,
+    now: float,
+    ctx: Ctx,
+    plans: list[StepPlan],
+    ref: ContextRef,
+) -> Need | list[Effect]:
+    """Record ``plans`` as dispatched (forking parallel branches first) and
+    return their effects; or stop the run when the budget cannot pay for them."""
+    wf = rules.workflows[run.workflow]
+    todo = [p for p in plans if p.step_id not in run.steps]
+    if not todo:
+        return []
+    remaining = _remaining_tokens(run)
+    # Parallel branches share what remains; each step's prompt window and
+    # answer together stay within its share, so a run never overshoots.
+    share = None if remaining is None else remaining // len(todo)
+    if (share is not None and share < MIN_STEP_TOKENS) or _over_usd(run):
+        _stop_for_budget(run, f"before step {todo[0].step_id}")
+        return _terminal(run, now)
+    refs: dict[str, ContextRef] = {}
+    missing: list[ContextOp] = []
+    for p in todo:
+        if p.session == run.session:
+            refs[p.step_id] = ref
+            continue
+        op = ForkOp(ref, p.session)
+        got = _context(ctx, op)
+        if got is None:
+            missing.append(op)
+        elif isinstance(got, ErrorInfo):
+            _fail(run, got)
+            return _terminal(run, now)
+        else:
+            refs[p.step_id] = got
+    if missing:
+        return Need(tuple(missing))
+    effects: list[Effect] = []
+    for p in todo:
+        agent = wf.agents[p.agent]
+        max_tokens, window = agent.max_tokens, 0
+        if share is not None:
+            max_tokens = min(agent.max_tokens, share // 2)
+            window = share - max_tokens
+        st = StepState(
+            agent=p.agent,
+            pool=agent.pool,
+            session=p.session,
+            max_tokens=max_tokens,
+            context_budget=window,
+            dispatched_at=now,
+            deadline=now + rules.timeout(run, p.agent),
+            ref=refs[p.step_id],
+        )
+        run.steps[p.step_id] = st
+        effects += [_started(run, now, p.step_id, st), _job(run, rules, now, p.step_id, st)]
+    return effects
+
+
+def start(run: RunState | None, task: NewTask, rules: Rules, now: float, ctx: Ctx) -> Outcome:
+    """A task message: create the run with its first steps dispatched.
+    An existing run: the same message again replays it; another message
+    with the same task id is a duplicate and changes nothing."""
+    if run is not None:
+        if run.task_seq != task.seq:
+            return Transition(run, False, note="duplicate_task")
+        return Transition(run, False, replay(run, rules, now), note="resumed")
+    wf = rules.workflows[task.workflow]
+    run = RunState(
+        tenant=task.tenant,
+        task_id=task.task_id,
+        session=task.session,
+        workflow=task.workflow,
+        task_seq=task.seq,
+        budget=task.budget,
+        metadata=dict(task.metadata),
+        created_at=now,
+        updated_at=now,
+    )
+    effects: list[Effect] = [
+        _event(run, now, keys.ACCEPTED, Accepted(task_id=run.task_id, workflow=run.workflow))
+    ]
+    plans = wf.start(run)
+    op = AppendOp(
+        run.session,
+        keys.task_input(run.task_id),
+        (ChatMessage(role="user", content=task.input),),
+        system=wf.agents[plans[0].agent].system,
+    )
+    got = _context(ctx, op)
+    if got is None:
+        return Need((op,))
+    if isinstance(got, ErrorInfo):
+        _fail(run, got)
+        return Transition(run, True, effects + _terminal(run, now))
+    more = _dispatch(run, rules, now, ctx, plans, got)
+    if isinstance(more, Need):
+        return more
+    effects += more
+    look = _next_look(run, rules, now)
+    if look is not None:
+        effects.append(Watch(look))
+    return Transition(run, True, effects)
+
+
+def result(run: RunState, res: InferenceResult, rules: Rules, now: float, ctx: Ctx) -> Outcome:
+    """A step's answer (or error): record it and advance — dispatch what
+    follows, or finish — all in the one state change. A result for a step
+    already answered (a redelivery, a retried job answering twice) changes
+    nothing and replays the state, so a crash between storing a change and
+    performing its effects never strands the run."""
+    run = _copy(run)
+    st = run.steps.get(res.step)
+    if st is None and not run.terminal:
+        return Defer(0.5, f"step {res.step} not recorded yet")
+    if run.terminal or st is None or st.status != "dispatched":
+        return Transition(run, False, replay(run, rules, now), note="already_recorded")
+    if res.error is not None:
+        if res.error.code == ErrorCode.BUDGET_TOO_SMALL and st.context_budget:
+            # The window was cut to fit the task's budget: the budget ran out.
+            _stop_for_budget(run, f"at step {res.step}", res.step)
+        else:
+            _fail(run, res.error, res.step)
+        return Transition(run, True, _terminal(run, now))
+    st.status, st.finished_at, st.output = "done", now, res.output
+    st.usage, st.worker = res.usage, res.worker
+    st.cost_usd = res.usage.gpu_seconds / 3600.0 * rules.price(st.pool)
+    st.cached_tokens, st.ref = res.cached_tokens, res.ref or st.ref
+    run.usage = run.usage + res.usage
+    run.cost_usd += st.cost_usd
+    effects: list[Effect] = [_done(run, now, res.step, st)]
+    wf = rules.workflows[run.workflow]
+    nxt = wf.advance(run, res.step)
+    if isinstance(nxt, Done):
+        run.status, run.output = "completed", nxt.output
+        return Transition(run, True, effects + _terminal(run, now))
+    if not nxt:  # other branches of a parallel step still run
+        return Transition(run, True, effects)
+    ref = st.ref
+    if st.session != run.session:  # fan-in: bring the branches' answers home
+        answers = tuple(
+            ChatMessage(role="user", name=agent, content=f"[{agent}] {text}")
+            for agent, text in wf.fan_in(run, res.step)
+        )
+        op = AppendOp(run.session, keys.fan_in(res.step), answers)
+        got = _context(ctx, op)
+        if got is None:
+            return Need((op,))
+        if isinstance(got, ErrorInfo):
+            _fail(run, got)
+            return Transition(run, True, effects + _terminal(run, now))
+        ref = got
+    assert ref is not None
+    more = _dispatch(run, rules, now, ctx, nxt, ref)
+    if isinstance(more, Need):
+        return more
+    return Transition(run, True, effects + more)
+
+
+def timer(run: RunState, rules: Rules, now: float) -> Transition:
+    """The watchdog looks at the run: a step past its deadline is dispatched
+    again (up to ``step_retries`` times), then the run fails with
+    ``step_timeout``. ``wake_at``: when to look again."""
+    if run.terminal:
+        return Transition(run, False)
+    run = _copy(run)
+    effects: list[Effect] = []
+    changed = False
+    for step, st in run.steps.items():
+        if st.status != "dispatched" or st.deadline > now:
+            continue
+        changed = True
+        timeout = rules.timeout(run, st.agent)
+        if st.attempt > rules.step_retries:
+            message = f"step {step} got no answer within {timeout:.0f}s, {st.attempt} attempt(s)"
+            _fail(run, error(ErrorCode.STEP_TIMEOUT, message), step)
+            return Transition(run, True, _terminal(run, now))
+        st.attempt += 1
+        st.dispatched_at, st.deadline = now, now + timeout
+        effects.append(_job(run, rules, now, step, st))
+    return Transition(run, changed, effects, wake_at=_next_look(run, rules, now))
+
+
+def cancel(run: RunState, now: float) -> Transition:
+    """Stop the run (idempotent): it ends ``cancelled``, its generations are aborted."""
+    if run.terminal:
+        effects: list[Effect] = [AbortGenerations()]
+        if run.status == "cancelled":
+            effects += _terminal(run, now)
+        return Transition(run, False, effects)
+    run = _copy(run)
+    run.status = "cancelled"
+    run.error = error(ErrorCode.CANCELLED, "cancelled by request")
+    run.output = latest_output(run)
+    return Transition(run, True, [AbortGenerations(), *_terminal(run, now)])

@@ -1,0 +1,314 @@
+"""The orchestrator's pure transitions, without a broker.
+
+A small model of the world drives them: a KV that keeps the last stored
+state, workers that answer dispatched jobs (sometimes twice, sometimes with
+an error), a watchdog that fires late, and crashes that store a change but
+lose its effects (the message is then redelivered). Hypothesis picks the
+interleaving; whatever it picks, the run ends in exactly one terminal state
+and every step is recorded done at most once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proto import codec, keys
+from proto.errors import ErrorCode
+from proto.messages import (
+    Budget,
+    ContextRef,
+    ErrorInfo,
+    InferenceJob,
+    InferenceResult,
+    Usage,
+)
+from services.orchestrator import transitions as T
+from services.orchestrator.runs import RunState
+from services.orchestrator.service import BUILTIN_WORKFLOWS
+from services.orchestrator.workflows import GraphWorkflow, load_dir
+
+WORKFLOWS = {n: GraphWorkflow(s) for n, s in load_dir(BUILTIN_WORKFLOWS).items()}
+RULES = T.Rules(WORKFLOWS, step_timeout=10.0, step_retries=1, price=lambda pool: 2.0)
+
+
+def answer(op: T.ContextOp, tenant: str = "acme") -> ContextRef:
+    if isinstance(op, T.AppendOp):
+        return ContextRef(tenant, op.session, 2, b"sig")
+    return ContextRef(tenant, op.child, op.ref.version, b"sig")
+
+
+def decide(fn: Any, run: RunState | None, *args: Any, now: float) -> T.Outcome:
+    """Run a decision to the end, answering its context ops."""
+    ctx: dict[str, Any] = {}
+    while True:
+        out = fn(run, *args, now, ctx)
+        if not isinstance(out, T.Need):
+            return out
+        for op in out.ops:
+            ctx[op.key] = answer(op)
+        run = codec.decode(codec.encode(run), RunState) if run is not None else None
+
+
+def new_task(workflow: str = "research", budget: Budget | None = None) -> T.NewTask:
+    return T.NewTask(tenant="acme", task_id="t1", session="t1", workflow=workflow, seq=7,
+                     input="compare two sorts", budget=budget)  # fmt: skip
+
+
+def reply(job: InferenceJob, output: str = "fine", **kw: Any) -> InferenceResult:
+    return InferenceResult(job_id=job.job_id, task_id=job.task_id, tenant=job.tenant,
+                           session=job.session, step=job.step, worker="w1", output=output,
+                           ref=ContextRef(job.tenant, job.session, 3, b"sig"),
+                           usage=Usage(prompt_tokens=10, completion_tokens=5, gpu_seconds=0.01),
+                           **kw)  # fmt: skip
+
+
+def jobs(effects: list[T.Effect]) -> list[InferenceJob]:
+    return [e.job for e in effects if isinstance(e, T.Dispatch)]
+
+
+def events(effects: list[T.Effect]) -> list[str]:
+    return [e.key for e in effects if isinstance(e, T.Emit)]
+
+
+# -- examples -------------------------------------------------------------
+
+
+def test_a_task_starts_with_its_input_appended_and_its_first_step_dispatched() -> None:
+    out = T.start(None, new_task(), RULES, 100.0, {})
+    assert isinstance(out, T.Need)
+    [op] = out.ops
+    assert isinstance(op, T.AppendOp) and op.msg_id == keys.task_input("t1")
+    out = decide(T.start, None, new_task(), RULES, now=100.0)
+    assert isinstance(out, T.Transition) and out.changed
+    assert events(out.effects) == ["accepted", "step.r1.plan.started"]
+    [job] = jobs(out.effects)
+    assert job.job_id == "acme.t1.r1.plan" and job.published_at == 100.0
+    assert [e.due for e in out.effects if isinstance(e, T.Watch)] == [110.0]
+    assert out.run.steps["r1.plan"].deadline == 110.0
+
+
+def test_a_result_is_recorded_and_the_fan_out_dispatched_in_one_change() -> None:
+    run = decide(T.start, None, new_task(), RULES, now=1.0).run  # type: ignore[union-attr]
+    plan = jobs(T.replay(run, RULES, 1.0))[0]
+    out = T.result(run, reply(plan), RULES, 2.0, {})
+    assert isinstance(out, T.Need)  # the two branches are forks of the session
+    assert {type(op) for op in out.ops} == {T.ForkOp}
+    out = decide(T.result, run, reply(plan), RULES, now=2.0)
+    assert isinstance(out, T.Transition) and out.changed
+    assert out.run.steps["r1.plan"].status == "done"
+    assert sorted(j.step for j in jobs(out.effects)) == ["r1.gather.coding", "r1.gather.retrieval"]
+    assert all(j.session != "t1" for j in jobs(out.effects))
+    assert T.in_flight(out.run) == 2
+
+
+def test_a_redelivered_result_on_an_advanced_run_redispatches_the_next_steps() -> None:
+    """The stranded run: the change was stored, the dispatch was lost."""
+    run = decide(T.start, None, new_task(), RULES, now=1.0).run  # type: ignore[union-attr]
+    plan = jobs(T.replay(run, RULES, 1.0))[0]
+    advanced = decide(T.result, run, reply(plan), RULES, now=2.0)
+    assert isinstance(advanced, T.Transition)
+    stored = advanced.run  # ...and then the process died: no effect performed
+    again = decide(T.result, stored, reply(plan), RULES, now=3.0)
+    assert isinstance(again, T.Transition) and not again.changed
+    assert sorted(j.step for j in jobs(again.effects)) == [
+        "r1.gather.coding",
+        "r1.gather.retrieval",
+    ]
+    assert sorted(e.msg_id for e in again.effects if isinstance(e, T.Dispatch)) == sorted(
+        e.msg_id for e in advanced.effects if isinstance(e, T.Dispatch)
+    )  # the same ids: de-duplicated if the first dispatch did get out
+
+
+def test_an_unanswered_step_is_retried_once_then_fails_with_step_timeout() -> None:
+    run = decide(T.start, None, new_task("chat"), RULES, now=0.0).run  # type: ignore[union-attr]
+    early = T.timer(run, RULES, 5.0)
+    assert not early.changed and early.wake_at == 10.0
+    retry = T.timer(run, RULES, 10.5)
+    assert retry.changed and retry.run.steps["r1.answer"].attempt == 2
+    [d] = [e for e in retry.effects if isinstance(e, T.Dispatch)]
+    assert d.msg_id == keys.job_message(d.job.job_id, 2) and retry.wake_at == 20.5
+    dead = T.timer(retry.run, RULES, 21.0)
+    assert dead.run.status == "failed" and dead.run.error is not None
+    assert dead.run.error.code == ErrorCode.STEP_TIMEOUT and dead.wake_at is None
+    assert "2 attempt(s)" in dead.run.error.message and events(dead.effects) == ["failed"]
+
+
+def test_a_budget_too_small_for_the_next_steps_stops_the_run_with_partial_output() -> None:
+    task = new_task(budget=Budget(max_tokens=70))
+    run = decide(T.start, None, task, RULES, now=1.0).run  # type: ignore[union-attr]
+    plan = jobs(T.replay(run, RULES, 1.0))[0]
+    assert plan.max_tokens + plan.context_budget <= 70
+    out = decide(T.result, run, reply(plan, output="the plan"), RULES, now=2.0)
+    assert isinstance(out, T.Transition)
+    assert out.run.status == "failed" and out.run.error is not None
+    assert out.run.error.code == ErrorCode.BUDGET_EXCEEDED and out.run.output == "the plan"
+    assert jobs(out.effects) == [] and events(out.effects)[-1] == "failed"
+
+
+def test_cancel_ends_the_run_once_and_aborts_its_generations() -> None:
+    run = decide(T.start, None, new_task(), RULES, now=1.0).run  # type: ignore[union-attr]
+    first = T.cancel(run, 2.0)
+    assert first.changed and first.run.status == "cancelled" and T.in_flight(first.run) == 0
+    assert any(isinstance(e, T.AbortGenerations) for e in first.effects)
+    second = T.cancel(first.run, 3.0)
+    assert not second.changed and events(second.effects) == ["failed"]
+
+
+def test_the_same_task_again_replays_and_another_message_with_its_id_is_ignored() -> None:
+    run = decide(T.start, None, new_task(), RULES, now=1.0).run  # type: ignore[union-attr]
+    same = decide(T.start, run, new_task(), RULES, now=2.0)
+    assert isinstance(same, T.Transition) and not same.changed and same.note == "resumed"
+    assert [j.step for j in jobs(same.effects)] == ["r1.plan"]
+    other = dataclasses.replace(new_task(), seq=8)
+    dup = decide(T.start, run, other, RULES, now=2.0)
+    assert isinstance(dup, T.Transition) and dup.effects == [] and dup.note == "duplicate_task"
+
+
+def test_a_refused_context_append_fails_the_run_at_the_context_layer() -> None:
+    refused = ErrorInfo(code="message_too_large", message="too big", layer="context")
+    out = T.start(None, new_task(), RULES, 1.0, {f"append:t1:{keys.task_input('t1')}": refused})
+    assert isinstance(out, T.Transition) and out.run.status == "failed"
+    assert out.run.error == refused and events(out.effects) == ["accepted", "failed"]
+
+
+# -- any interleaving -----------------------------------------------------
+
+
+@dataclass
+class World:
+    """The KV, the streams and the clock, as the transitions see them."""
+
+    run: RunState | None = None
+    now: float = 0.0
+    results: list[InferenceResult] = field(default_factory=list)  # waiting for the conductor
+    delivered: list[InferenceResult] = field(default_factory=list)  # may be redelivered
+    published_jobs: dict[str, InferenceJob] = field(default_factory=dict)  # by msg id
+    answered: set[str] = field(default_factory=set)
+    events: set[str] = field(default_factory=set)  # event keys (de-duplicated)
+    done_records: dict[str, int] = field(default_factory=dict)
+    terminal_changes: int = 0
+    watchdog_due: float | None = None
+
+    def commit(self, out: T.Outcome, *, crash: bool) -> bool:
+        """Store a transition; perform its effects unless the process 'crashed'.
+        Returns False when the message must be redelivered."""
+        if isinstance(out, T.Defer):
+            return False
+        assert isinstance(out, T.Transition)
+        if out.changed:
+            before = self.run
+            for sid, s in out.run.steps.items():
+                was = before.steps.get(sid) if before is not None else None
+                if s.status == "done" and (was is None or was.status != "done"):
+                    self.done_records[sid] = self.done_records.get(sid, 0) + 1
+            if out.run.terminal and (before is None or not before.terminal):
+                self.terminal_changes += 1
+            self.run = codec.decode(codec.encode(out.run), RunState)
+        if crash:
+            return False
+        for e in out.effects:
+            if isinstance(e, T.Emit):
+                self.events.add(e.key)
+            elif isinstance(e, T.Dispatch):
+                self.published_jobs.setdefault(e.msg_id, e.job)
+            elif isinstance(e, T.Watch) and self.watchdog_due is None:
+                self.watchdog_due = e.due
+        if out.wake_at is not None:
+            self.watchdog_due = out.wake_at
+        return True
+
+    def copy(self) -> RunState:
+        assert self.run is not None
+        return codec.decode(codec.encode(self.run), RunState)
+
+
+Action = tuple[str, int]
+actions = st.lists(
+    st.tuples(
+        st.sampled_from(["work", "deliver", "redeliver", "tick", "crash", "error", "cancel"]),
+        st.integers(0, 50),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    workflow=st.sampled_from(["research", "chat"]),
+    budget=st.sampled_from([None, 150, 400, 100_000]),
+    script=actions,
+    verdicts=st.lists(st.sampled_from(['{"next": "revise"}', '{"next": "accept"}', "?"])),
+)
+def test_any_interleaving_ends_in_one_terminal_state_with_each_step_done_once(
+    workflow: str, budget: int | None, script: list[Action], verdicts: list[str]
+) -> None:
+    w = World()
+    task = new_task(workflow, Budget(max_tokens=budget) if budget else None)
+    while not w.commit(decide(T.start, None, task, RULES, now=w.now), crash=False):
+        pass
+
+    def work(i: int, *, fail: bool = False) -> None:
+        todo = [(mid, j) for mid, j in w.published_jobs.items() if mid not in w.answered]
+        if not todo:
+            return
+        mid, job = todo[i % len(todo)]
+        w.answered.add(mid)
+        if fail:
+            err = ErrorInfo(code="engine_failure", message="boom", layer="inference")
+            w.results.append(reply(job, error=err))
+        else:
+            text = verdicts.pop() if verdicts and job.agent == "validation" else "ok"
+            w.results.append(reply(job, output=text))
+
+    def deliver(res: InferenceResult, *, crash: bool = False) -> None:
+        assert w.run is not None
+        if w.commit(decide(T.result, w.copy(), res, RULES, now=w.now), crash=crash):
+            w.delivered.append(res)
+        else:
+            w.results.append(res)  # not acked: redelivered
+
+    def tick(dt: float) -> None:
+        w.now += dt
+        if w.watchdog_due is not None and w.now >= w.watchdog_due and w.run is not None:
+            out = T.timer(w.copy(), RULES, w.now)
+            w.watchdog_due = None
+            w.commit(out, crash=False)
+
+    for kind, n in script:
+        w.now += 0.01
+        if kind == "work":
+            work(n)
+        elif kind == "error" and n % 5 == 0:
+            work(n, fail=True)
+        elif kind in ("deliver", "crash") and w.results:
+            deliver(w.results.pop(n % len(w.results)), crash=kind == "crash")
+        elif kind == "redeliver" and w.delivered:
+            deliver(w.delivered[n % len(w.delivered)])
+        elif kind == "tick":
+            tick(n / 2.0)
+        elif kind == "cancel" and n == 0:
+            w.commit(T.cancel(w.copy(), w.now), crash=False)
+    # Then let the world run quietly until the run ends.
+    for _ in range(400):
+        assert w.run is not None
+        if w.run.terminal and not w.results:
+            break
+        if w.results:
+            deliver(w.results.pop(0))
+        elif any(m not in w.answered for m in w.published_jobs):
+            work(0)
+        else:
+            tick(RULES.step_timeout)
+    run = w.run
+    assert run is not None and run.terminal, run
+    assert w.terminal_changes == 1
+    assert len(w.events & {"completed", "failed"}) == 1
+    assert all(n == 1 for n in w.done_records.values()), w.done_records
+    assert {s for s, st_ in run.steps.items() if st_.status == "done"} == set(w.done_records)
+    if run.status == "completed":
+        assert all(f"step.{s}.done" in w.events for s in w.done_records)
