@@ -11,8 +11,8 @@ from pathlib import Path
 from tests.harness import Client, LocalStack, uid
 
 CATALOGUE = Path(__file__).parents[1] / "deploy" / "metrics.txt"
-# Only exported where pynvml finds a GPU.
-GPU_ONLY = {"baton_worker_gpu_memory_used_bytes"}
+# Only exported where pynvml finds a GPU (tests/test_gpu_metrics.py, fake NVML).
+GPU_ONLY = {"baton_worker_gpu_memory_used_bytes", "baton_worker_gpu_memory_free_bytes"}
 
 
 def _exported(url: str) -> set[str]:

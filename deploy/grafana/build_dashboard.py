@@ -158,6 +158,10 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         "bytes",
         [
             ("{{worker}} gpu{{gpu}}", "max by (worker, gpu) (baton_worker_gpu_memory_used_bytes)"),
+            (
+                "{{worker}} gpu{{gpu}} free",
+                "min by (worker, gpu) (baton_worker_gpu_memory_free_bytes)",
+            ),
         ],
     ),
 ]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 from fastapi import Depends, HTTPException
 
 from baton.service import Health, caller_scope, health_app, main_entry, serve
 
 from .engines import build_engine
+from .engines.vllm_args import EngineArgsError
 from .settings import WorkerSettings
 from .worker import Worker
 
@@ -34,7 +37,10 @@ def main() -> None:
         inject(count)
         return {"injected": count}
 
-    main_entry(NAME, settings, lambda: serve(NAME, settings, app, worker.run))
+    try:
+        main_entry(NAME, settings, lambda: serve(NAME, settings, app, worker.run))
+    except EngineArgsError as exc:  # a configuration mistake: restarting will not help
+        sys.exit(f"baton-inference-worker: invalid engine arguments: {exc}")
 
 
 if __name__ == "__main__":

@@ -61,3 +61,6 @@ def init_series(pool: str) -> None:
 GPU_MEMORY_USED = Gauge(
     "baton_worker_gpu_memory_used_bytes", "GPU memory in use (pynvml).", ["pool", "worker", "gpu"]
 )
+GPU_MEMORY_FREE = Gauge(
+    "baton_worker_gpu_memory_free_bytes", "GPU memory free (pynvml).", ["pool", "worker", "gpu"]
+)

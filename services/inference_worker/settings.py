@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 
 from baton.settings import CommonSettings
 
@@ -22,14 +22,31 @@ class WorkerSettings(CommonSettings):
     worker_id: str = _default_worker_id()
     engine: Literal["vllm", "openai", "sim"] = "sim"
 
-    # Model and engine shape (vllm / sim; the openai engine declares them).
-    model: str | None = None  # a model directory; unset = the tiny model
+    # The model: a local directory (nothing is downloaded); unset = the tiny model.
+    model: str | None = None
     served_model_name: str = "tiny"
-    max_model_len: int = 2048
-    max_num_seqs: int = 64
-    kv_cache_bytes: int = 128 * 2**20
-    block_size: int = 128
-    enforce_eager: bool = True
+
+    # Engine shape. For vllm each is the AsyncEngineArgs field of the same
+    # name; unset (None) = vLLM's own default, or the CPU profile's value when
+    # vLLM runs on CPU (engines/vllm_args.py). The sim and openai engines
+    # declare max_model_len and max_num_seqs (2048 and 64 when unset).
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    tensor_parallel_size: int | None = None
+    pipeline_parallel_size: int | None = None
+    gpu_memory_utilization: float | None = None
+    max_num_batched_tokens: int | None = None
+    quantization: str | None = None
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] | None = None
+    block_size: int | None = None
+    enable_prefix_caching: bool | None = None
+    enforce_eager: bool | None = None  # True = no CUDA graphs
+    kv_cache_memory_bytes: int | None = None
+    # Any other AsyncEngineArgs field, as JSON: '{"swap_space": 8}'. A key
+    # vLLM does not know, or one also set by a named setting, stops the worker.
+    vllm_args: dict[str, Any] = Field(default_factory=dict)
+    # "auto": the CPU profile when vLLM runs on CPU; "none": never.
+    vllm_profile: Literal["auto", "none"] = "auto"
 
     # Admission: fraction of the engine's KV tokens the worker may promise.
     kv_headroom: float = 0.9
@@ -54,3 +71,13 @@ class WorkerSettings(CommonSettings):
     engine_restart_delay: float = 1.0
     oom_retry_delay: float = 2.0
     warm_sessions: int = 256
+
+    def declared_shape(self) -> tuple[int, int]:
+        """(max_model_len, max_num_seqs) for engines that declare them (sim, openai)."""
+        return self.max_model_len or 2048, self.max_num_seqs or 64
+
+    def vllm_named_args(self) -> dict[str, Any]:
+        """The named engine settings, by AsyncEngineArgs field name (None = unset)."""
+        from .engines.vllm_args import NAMED
+
+        return {name: getattr(self, name) for name in NAMED}

@@ -495,6 +495,7 @@ class Worker:
             if st.preemptions >= last_p:
                 m.PREEMPTIONS.labels(self.pool).inc(st.preemptions - last_p)
             last_q, last_h, last_p = st.prefix_cache_queries, st.prefix_cache_hits, st.preemptions
-            for gpu, used in (self.gpu.memory_used() if self.gpu else {}).items():
-                m.GPU_MEMORY_USED.labels(*self._labels, gpu).set(used)
+            for gpu, mem in (self.gpu.memory() if self.gpu else {}).items():
+                m.GPU_MEMORY_USED.labels(*self._labels, gpu).set(mem.used)
+                m.GPU_MEMORY_FREE.labels(*self._labels, gpu).set(mem.free)
             await asyncio.sleep(1.0)

@@ -21,10 +21,11 @@ def build_engine(settings: WorkerSettings) -> Engine:
     if settings.engine == "sim":
         from .sim import SimEngine
 
+        max_model_len, max_num_seqs = settings.declared_shape()
         return SimEngine(
             kv_tokens=settings.sim_kv_tokens,
-            max_num_seqs=settings.max_num_seqs,
-            max_model_len=settings.max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
             prefill_tps=settings.sim_prefill_tps,
             decode_tps=settings.sim_decode_tps,
         )
@@ -32,12 +33,13 @@ def build_engine(settings: WorkerSettings) -> Engine:
         from .openai import OpenAIEngine
 
         key = settings.openai_api_key
+        max_model_len, max_num_seqs = settings.declared_shape()
         return OpenAIEngine(
             base_url=settings.openai_base_url,
             model=settings.openai_model,
             api_key=key.get_secret_value() if key else None,
-            max_model_len=settings.max_model_len,
-            max_num_seqs=settings.max_num_seqs,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
         )
     from .vllm import VLLMEngine
 
@@ -49,9 +51,7 @@ def build_engine(settings: WorkerSettings) -> Engine:
     return VLLMEngine(
         model=model,
         served_name=settings.served_model_name,
-        max_model_len=settings.max_model_len,
-        max_num_seqs=settings.max_num_seqs,
-        kv_cache_memory_bytes=settings.kv_cache_bytes,
-        block_size=settings.block_size,
-        enforce_eager=settings.enforce_eager,
+        named_args=settings.vllm_named_args(),
+        extra_args=settings.vllm_args,
+        profile=settings.vllm_profile,
     )

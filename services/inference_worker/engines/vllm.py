@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -42,8 +43,7 @@ from services.inference_worker.engines.base import (
     GenerationRequest,
     PromptTooLong,
 )
-
-DType = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
+from services.inference_worker.engines.vllm_args import EngineArgsError, resolve
 
 _RUN_DIR_VARS = ("VLLM_RPC_BASE_PATH", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR")
 
@@ -147,10 +147,11 @@ class VLLMEngine:
     """In-process vLLM (``AsyncLLM``) behind the ``Engine`` protocol.
 
     ``model`` is a local model directory (no download happens here; set
-    ``HF_HUB_OFFLINE=1`` to make sure). ``kv_cache_memory_bytes`` sizes the KV
-    cache exactly (on CPU, ``VLLM_CPU_KVCACHE_SPACE`` only takes whole GiB);
-    ``block_size`` must be a multiple of 32 on CPU and only full blocks are
-    prefix-cached.
+    ``HF_HUB_OFFLINE=1`` to make sure). ``named_args`` and ``extra_args`` are
+    ``AsyncEngineArgs`` fields (see ``vllm_args.resolve``: on vLLM's CPU
+    platform the CPU profile fills what they leave unset, unless ``profile``
+    is ``"none"``). They are checked against ``AsyncEngineArgs`` in ``start``,
+    before anything loads: ``EngineArgsError`` names a wrong one.
     """
 
     name = "vllm"
@@ -160,25 +161,17 @@ class VLLMEngine:
         model: str,
         *,
         served_name: str | None = None,
-        max_model_len: int = 2048,
-        max_num_seqs: int = 64,
-        kv_cache_memory_bytes: int = 128 * 2**20,
-        block_size: int = 128,
-        enforce_eager: bool = True,
-        dtype: DType = "bfloat16",
-        seed: int = 0,
-        enable_prefix_caching: bool = True,
+        named_args: Mapping[str, Any] | None = None,
+        extra_args: Mapping[str, Any] | None = None,
+        profile: Literal["auto", "none"] = "auto",
     ) -> None:
         self.model = model
         self.served_name = served_name or os.path.basename(os.path.normpath(model))
-        self.max_model_len = max_model_len
-        self.max_num_seqs = max_num_seqs
-        self.kv_cache_memory_bytes = kv_cache_memory_bytes
-        self.block_size = block_size
-        self.enforce_eager = enforce_eager
-        self.dtype = dtype
-        self.seed = seed
-        self.enable_prefix_caching = enable_prefix_caching
+        self.named_args = dict(named_args or {})
+        self.extra_args = dict(extra_args or {})
+        self.profile = profile
+        # What the engine was built with (set by ``start``).
+        self.engine_args: dict[str, Any] = {}
         self._engine: Any = None
         self._tokenizer: Any = None
         self._capacity: EngineCapacity | None = None
@@ -200,19 +193,14 @@ class VLLMEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        self.engine_args = self.resolve_args()
+        try:
+            args = AsyncEngineArgs(
+                model=self.model, served_model_name=self.served_name, **self.engine_args
+            )
+        except (TypeError, ValueError) as exc:
+            raise EngineArgsError(f"vLLM rejected the engine arguments: {exc}") from exc
         self._tokenizer = AutoTokenizer.from_pretrained(self.model)
-        args = AsyncEngineArgs(
-            model=self.model,
-            served_model_name=self.served_name,
-            max_model_len=self.max_model_len,
-            max_num_seqs=self.max_num_seqs,
-            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
-            block_size=self.block_size,
-            enforce_eager=self.enforce_eager,
-            dtype=self.dtype,
-            seed=self.seed,
-            enable_prefix_caching=self.enable_prefix_caching,
-        )
         # No local variable holds the engine: a reference to this frame outlives
         # it (captured during vLLM's lazy imports), so a local would keep the
         # engine alive until interpreter exit, where its __del__ then fails.
@@ -220,6 +208,19 @@ class VLLMEngine:
             args, stat_loggers=[_stat_logger_factory(self._counters)]
         )
         self._capacity = _capacity_of(self._engine.vllm_config)
+
+    def resolve_args(self) -> dict[str, Any]:
+        """The ``AsyncEngineArgs`` keywords (besides the model) for this
+        platform; ``EngineArgsError`` for an unknown or doubly set one."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+
+        return resolve(
+            self.named_args,
+            self.extra_args,
+            {f.name for f in dataclasses.fields(AsyncEngineArgs)},
+            cpu=self.profile == "auto" and current_platform.is_cpu(),
+        )
 
     async def stop(self) -> None:
         """Shut the engine core down (idempotent). The blocking part (a few
