@@ -13,11 +13,12 @@ from typing import Any
 
 import msgspec
 
-from proto.codec import decode, decode_any
+from proto.codec import TooDeep, decode, decode_any
 from proto.errors import ErrorCode
 from proto.ids import is_valid_id
 from proto.limits import MAX_INPUT_BYTES, MAX_METADATA_KEYS, MAX_TASK_BYTES
 from proto.messages import Budget, TaskSubmit
+from proto.nesting import NestingError, scan
 
 _MISSING = re.compile(r"missing required field `(\w+)`")
 
@@ -52,7 +53,9 @@ def _readable_ids(raw: Any, msg_id: str | None) -> dict[str, str | None]:
     """Best-effort tenant/task_id/session from an invalid body."""
     body = raw if isinstance(raw, dict) else {}
     tenant = body.get("tenant")
-    task_id = body.get("task_id", msg_id)
+    task_id = body.get("task_id")
+    if task_id is None:  # absent or null: the header's, then the fallback
+        task_id = msg_id
     session = body.get("session")
     return {
         "tenant": tenant if is_valid_id(tenant) else None,
@@ -101,10 +104,24 @@ def parse_task(
     ids: dict[str, str | None] = {"tenant": None, "task_id": None, "session": None}
     try:
         raw = decode_any(body)
+    except TooDeep as exc:
+        ids = _readable_ids(exc.top, msg_id if is_valid_id(msg_id) else None)
+        if ids["task_id"] is None and exc.top.get("task_id") is None:
+            ids["task_id"] = fallback_task_id
+        raise TaskRejected(ErrorCode.TOO_DEEP, str(exc), **ids) from exc
     except (msgspec.DecodeError, ValueError) as exc:
-        raise TaskRejected(ErrorCode.BAD_ENCODING, f"body is not MessagePack: {exc}") from exc
+        # Still answerable when the ids themselves are readable (e.g. only
+        # another field holds invalid UTF-8): the scan reads them raw.
+        try:
+            top: dict[str, str] = scan(body).top
+        except NestingError:
+            top = {}
+        ids = _readable_ids(top, msg_id if is_valid_id(msg_id) else None)
+        raise TaskRejected(
+            ErrorCode.BAD_ENCODING, f"body is not MessagePack: {exc}", **ids
+        ) from exc
     ids = _readable_ids(raw, msg_id if is_valid_id(msg_id) else None)
-    if ids["task_id"] is None and isinstance(raw, dict) and "task_id" not in raw:
+    if ids["task_id"] is None and isinstance(raw, dict) and raw.get("task_id") is None:
         ids["task_id"] = fallback_task_id
     if not isinstance(raw, dict):
         raise TaskRejected(

@@ -1,6 +1,9 @@
 """The one codec: MessagePack through msgspec typed structs.
 
 One encoder per process and one decoder per type, reused (decoders are cached).
+Every decode first bounds the nesting depth (``proto.nesting``) without
+recursing, so hostile input is a ``DecodeError`` like any other bad body,
+never a ``RecursionError``.
 """
 
 from __future__ import annotations
@@ -10,12 +13,32 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from proto import nesting
+
 T = TypeVar("T")
 
 _encoder = msgspec.msgpack.Encoder()
 
 DecodeError = msgspec.DecodeError
 ValidationError = msgspec.ValidationError
+
+
+class TooDeep(msgspec.DecodeError):
+    """Nested deeper than ``nesting.MAX_DEPTH``. ``top`` holds the top-level
+    map's short string values (tenant, task_id, session) read on the way."""
+
+    def __init__(self, exc: nesting.TooDeep) -> None:
+        super().__init__(str(exc))
+        self.top = exc.top
+
+
+def _bounded(data: bytes) -> None:
+    try:
+        nesting.check(data)
+    except nesting.TooDeep as exc:
+        raise TooDeep(exc) from None
+    except nesting.Malformed as exc:
+        raise msgspec.DecodeError(str(exc)) from None
 
 
 def encode(obj: Any) -> bytes:
@@ -30,11 +53,20 @@ def _decoder(type_: Any) -> msgspec.msgpack.Decoder[Any]:
 
 def decode(data: bytes, type_: type[T]) -> T:
     """Decode and validate ``data`` as ``type_``. Raises ``DecodeError``
-    (``ValidationError`` is a subclass) on bad input."""
+    (``ValidationError`` and ``TooDeep`` are subclasses) on any bad input,
+    invalid UTF-8 included."""
+    _bounded(data)
     decoder: msgspec.msgpack.Decoder[T] = _decoder(type_)  # type: ignore[arg-type]
-    return decoder.decode(data)
+    try:
+        return decoder.decode(data)
+    except UnicodeDecodeError as exc:  # msgspec lets invalid UTF-8 escape as this
+        raise msgspec.DecodeError(f"invalid UTF-8 in a string: {exc.reason}") from None
 
 
 def decode_any(data: bytes) -> Any:
     """Decode untyped MessagePack (for diagnostics of rejected input)."""
-    return msgspec.msgpack.decode(data)
+    _bounded(data)
+    try:
+        return msgspec.msgpack.decode(data)
+    except UnicodeDecodeError as exc:
+        raise msgspec.DecodeError(f"invalid UTF-8 in a string: {exc.reason}") from None

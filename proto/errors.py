@@ -18,6 +18,7 @@ class Layer(enum.StrEnum):
 class ErrorCode(enum.StrEnum):
     # Task admission (orchestration layer).
     BAD_ENCODING = "bad_encoding"  # body is not MessagePack / not a map
+    TOO_DEEP = "too_deep"  # arrays/maps nested deeper than proto.nesting.MAX_DEPTH
     MISSING_FIELD = "missing_field"
     INVALID_FIELD = "invalid_field"  # wrong type or a bad id
     UNKNOWN_WORKFLOW = "unknown_workflow"
@@ -48,6 +49,7 @@ LAYER_OF: dict[ErrorCode, Layer] = {
         c: Layer.ORCHESTRATION
         for c in (
             ErrorCode.BAD_ENCODING,
+            ErrorCode.TOO_DEEP,
             ErrorCode.MISSING_FIELD,
             ErrorCode.INVALID_FIELD,
             ErrorCode.UNKNOWN_WORKFLOW,
