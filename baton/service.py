@@ -53,7 +53,48 @@ def health_app(title: str, health: Health) -> FastAPI:
         return {"ready": health.ready, "reason": health.reason, **health.checks}
 
     mount_metrics(app)
+    document_errors(app)
     return app
+
+
+ERROR_STATUSES = {
+    "400": "Bad request (e.g. an id that is not a subject token, a refused task)",
+    "401": "A valid API key is required",
+    "403": "The caller's key may not act on another tenant",
+    "404": "No such task, session or workflow",
+    "413": "Input too large",
+    "503": "The service is not ready",
+}
+
+
+def document_errors(app: FastAPI) -> None:
+    """Declare the error answers every ``/v1`` operation may give, in the one
+    error shape (``{"detail": ...}``), so the OpenAPI document is the truth
+    a client (and schemathesis) can check the API against."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = build()
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        schemas["Error"] = {
+            "type": "object",
+            "required": ["detail"],
+            "properties": {"detail": {"description": "a message, or {code, message, layer}"}},
+        }
+        ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        for path, ops in doc.get("paths", {}).items():
+            if not path.startswith("/v1/"):
+                continue
+            for op in ops.values():
+                responses = op.setdefault("responses", {})
+                for status, text in ERROR_STATUSES.items():
+                    responses.setdefault(status, {"description": text, **ref})
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 OPERATOR = "*"

@@ -61,6 +61,12 @@ class Usage(msgspec.Struct, kw_only=True):
         return self.prompt_tokens + self.completion_tokens
 
 
+def finite_usage(u: Usage) -> bool:
+    """msgspec accepts NaN and inf floats: a result's usage must be finite and
+    non-negative before it is added to a run (NaN cost is never over budget)."""
+    return u.prompt_tokens >= 0 and u.completion_tokens >= 0 and 0.0 <= u.gpu_seconds < float("inf")
+
+
 class ErrorInfo(msgspec.Struct, kw_only=True):
     code: str
     message: str

@@ -27,7 +27,7 @@ from proto.messages import (
     Heartbeat,
     InferenceJob,
     InferenceResult,
-    StepTimer,
+    RunTimer,
     TaskSubmit,
     WindowRequest,
 )
@@ -193,11 +193,13 @@ weird = st.one_of(
 
 
 @st.composite
-def task_bodies(draw: st.DrawFn) -> tuple[bytes, str]:
-    """A task body, and the mutation applied to a valid one."""
+def task_bodies(draw: st.DrawFn, tenant: str | None = None) -> tuple[bytes, str]:
+    """A task body, and the mutation applied to a valid one. With ``tenant``,
+    every body names it and a fresh task id (for tests that read events back)."""
+    task_id = draw(st.uuids().map(lambda u: f"f{u.hex[:20]}") if tenant else ids)
     body: dict[str, Any] = {
-        "tenant": draw(ids),
-        "task_id": draw(ids),
+        "tenant": tenant or draw(ids),
+        "task_id": task_id,
         "input": draw(st.text(max_size=32)),
     }
     kind = draw(st.sampled_from(["valid", "drop", "wrong_type", "bad_id", "non_finite", "huge_map",
@@ -271,7 +273,7 @@ def test_every_task_body_is_accepted_or_refused_with_its_code(
 
 # -- the internal messages every service decodes --------------------------------
 
-INTERNAL = [InferenceJob, InferenceResult, Heartbeat, StepTimer, ContextAppend, WindowRequest]
+INTERNAL = [InferenceJob, InferenceResult, Heartbeat, RunTimer, ContextAppend, WindowRequest]
 
 
 @FUZZ

@@ -123,7 +123,10 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         if tenant is not None:
             raw["tenant"] = tenant
         raw.setdefault("task_id", uuid.uuid4().hex)
-        data = codec.encode(raw)
+        try:
+            data = codec.encode(raw)
+        except (OverflowError, TypeError, ValueError) as exc:  # e.g. an int over 64 bits
+            raise _error(400, ErrorCode.INVALID_FIELD, f"not encodable: {exc}") from exc
         try:
             task = parse_task(data, workflow=body.workflow, known_workflows=set(svc.workflows))
         except TaskRejected as r:

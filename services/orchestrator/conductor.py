@@ -34,6 +34,7 @@ from proto.messages import (
     ForkReply,
     InferenceResult,
     RunTimer,
+    finite_usage,
 )
 
 from . import metrics as m
@@ -46,6 +47,7 @@ from .workflows import GraphWorkflow
 log = structlog.get_logger("orchestrator")
 
 MAX_CONFLICTS = 50  # compare-and-set attempts per transition
+NOT_A_RUN = "not_a_workflow_run"  # a rejected task's claim on its id: nothing to advance
 
 Decide = Callable[[RunState | None, float, T.Ctx], T.Outcome]
 
@@ -228,7 +230,7 @@ class Conductor:
                 fallback_task_id=keys.task_fallback(d.stream_seq),
             )
         except TaskRejected as r:
-            await self._reject(r, workflow)
+            await self._reject(r, workflow, d.stream_seq)
             raise Term(f"rejected: {r.code}", dead_letter=False) from r
         assert task.task_id is not None and task.session is not None
         return T.NewTask(
@@ -242,12 +244,25 @@ class Conductor:
             metadata=dict(task.metadata),
         )
 
-    async def _reject(self, r: TaskRejected, workflow: str) -> None:
+    async def _reject(self, r: TaskRejected, workflow: str, seq: int) -> None:
         m.REJECTED.labels(str(r.code)).inc()
         if not r.addressable:
             log.warning("task_rejected_unaddressable", code=str(r.code), reason=r.message)
             return
         assert r.tenant is not None and r.task_id is not None
+        error = T.error(r.code, r.message)
+        # The rejection claims the task id as a failed run: a task id has one
+        # terminal event, whichever of a bad and a good copy comes first.
+        claim = RunState(tenant=r.tenant, task_id=r.task_id, session=r.session or "",
+                         workflow="", task_seq=seq, status="failed", error=error,
+                         created_at=time.time(), updated_at=time.time())  # fmt: skip
+        try:
+            await self.runs.write(claim, None)
+        except RunConflict:
+            known = await self.runs.get(r.tenant, r.task_id)
+            if known is not None and known.task_seq != seq:
+                log.info("rejected_copy_of_known_task", code=str(r.code), task_id=r.task_id)
+                return
         m.TASKS.labels(workflow if workflow in self._known else "unknown", "rejected").inc()
         log.info("task_rejected", code=str(r.code), reason=r.message, task_id=r.task_id)
         event = Failed(
@@ -255,7 +270,7 @@ class Conductor:
             tenant=r.tenant,
             session=r.session or "",
             ts=time.time(),
-            error=T.error(r.code, r.message),
+            error=error,
         )
         await self.bus.publish(
             subjects.event(r.tenant, r.task_id),
@@ -289,12 +304,17 @@ class Conductor:
         structlog.contextvars.bind_contextvars(task_id=res.task_id, tenant=res.tenant)
         if not (is_valid_id(res.tenant) and is_valid_id(res.task_id)):
             raise Term("result with invalid ids")
-        out = await self._apply(
-            res.tenant,
-            res.task_id,
-            lambda run, now, ctx: _on(run, T.result, res, self.rules, now, ctx),
-        )
-        if out is None:
+        if not finite_usage(res.usage):
+            raise Term("result with negative or non-finite usage")
+
+        def decide(run: RunState | None, now: float, ctx: T.Ctx) -> T.Outcome:
+            r = _must(run)
+            if r.workflow not in self.workflows:  # the claim of a rejected task
+                return T.Transition(r, False, note=NOT_A_RUN)
+            return T.result(r, res, self.rules, now, ctx)
+
+        out = await self._apply(res.tenant, res.task_id, decide)
+        if out is None or out.note == NOT_A_RUN:
             raise Term(f"result for unknown run {res.tenant}.{res.task_id}")
         if out.note and d.num_delivered > 1:
             m.RESUMED.inc()

@@ -12,25 +12,50 @@ that dies afterwards is rescued by its peers (inference_worker/rescue.py).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import OrderedDict
 
 from nats.aio.msg import Msg
 
 from proto import codec
+from proto.ids import is_valid_id
 from proto.messages import Heartbeat
 
 from . import metrics as m
 
+MAX_TRACKED_WORKERS = 4096
+"""Heartbeats of more distinct workers are dropped: a flood of made-up
+worker names must not grow this map (or the age gauge's label set) forever."""
+
+
+def usable_heartbeat(subject: str, hb: Heartbeat) -> bool:
+    """A heartbeat to act on: ids valid and equal to its subject's tokens,
+    a finite timestamp (NaN or inf would never go stale) and counts >= 0."""
+    return (
+        is_valid_id(hb.pool)
+        and is_valid_id(hb.worker)
+        and subject.endswith(f".{hb.pool}.{hb.worker}")
+        and math.isfinite(hb.ts)
+        and min(hb.inflight, hb.admitted_tokens, hb.kv_capacity_tokens) >= 0
+    )
+
 
 class HeartbeatTracker:
-    def __init__(self) -> None:
+    def __init__(self, max_workers: int = MAX_TRACKED_WORKERS) -> None:
         self.last: dict[tuple[str, str], Heartbeat] = {}
+        self.max_workers = max_workers
+        self.dropped = 0
 
     async def on_msg(self, msg: Msg) -> None:
         with contextlib.suppress(codec.DecodeError):
             hb = codec.decode(msg.data, Heartbeat)
             key = (hb.pool, hb.worker)
+            if not usable_heartbeat(msg.subject, hb) or (
+                key not in self.last and len(self.last) >= self.max_workers
+            ):
+                self.dropped += 1
+                return
             if hb.leaving:  # scaled in on purpose: not a worker that went silent
                 if self.last.pop(key, None) is not None:
                     with contextlib.suppress(KeyError):
