@@ -19,7 +19,8 @@ from typing import Any
 
 import structlog
 import uvicorn
-from fastapi import FastAPI, Header, HTTPException, Response
+from fastapi import Depends, FastAPI, HTTPException, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from baton import logs
 from baton.metrics import mount_metrics
@@ -105,16 +106,25 @@ def caller_scope(api_keys: dict[str, str]) -> Callable[..., str | None]:
 
     None means unrestricted: no keys are configured (development, bound to
     127.0.0.1) or the key maps to ``"*"`` (an operator). An unknown or
-    missing key is refused with 401.
+    missing key is refused with 401. Declared in OpenAPI as a bearer scheme,
+    so ``/docs`` has an Authorize button.
     """
+    bearer = HTTPBearer(auto_error=False, scheme_name="apiKey",
+                        description="A Baton API key: `Authorization: Bearer <key>`.")  # fmt: skip
 
-    def scope(authorization: str | None = Header(default=None)) -> str | None:
+    def scope(
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
+    ) -> str | None:
         if not api_keys:
             return None
-        key = (authorization or "").removeprefix("Bearer ").strip()
+        key = credentials.credentials.strip() if credentials else ""
         tenant = api_keys.get(key)
         if tenant is None:
-            raise HTTPException(401, "a valid API key is required (Authorization: Bearer ...)")
+            raise HTTPException(
+                401,
+                "a valid API key is required (Authorization: Bearer ...)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         return None if tenant == OPERATOR else tenant
 
     return scope

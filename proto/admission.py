@@ -16,7 +16,7 @@ import msgspec
 from proto.codec import TooDeep, decode, decode_any
 from proto.errors import ErrorCode
 from proto.ids import is_valid_id
-from proto.limits import MAX_INPUT_BYTES, MAX_METADATA_KEYS, MAX_TASK_BYTES
+from proto.limits import MAX_INPUT_BYTES, MAX_METADATA_KEYS, MAX_OUTPUT_TOKENS, MAX_TASK_BYTES
 from proto.messages import Budget, TaskSubmit
 from proto.nesting import NestingError, scan
 
@@ -159,6 +159,12 @@ def parse_task(
         )
     if task.budget is not None and (why := budget_problem(task.budget)) is not None:
         raise TaskRejected(ErrorCode.INVALID_FIELD, why, **ids)
+    if task.max_tokens is not None and not 1 <= task.max_tokens <= MAX_OUTPUT_TOKENS:
+        raise TaskRejected(
+            ErrorCode.INVALID_FIELD, f"max_tokens must be 1..{MAX_OUTPUT_TOKENS}", **ids
+        )
+    if task.temperature is not None and not 0.0 <= task.temperature <= 2.0:
+        raise TaskRejected(ErrorCode.INVALID_FIELD, "temperature must be 0..2", **ids)
     task_id = task.task_id or ids["task_id"]
     if task_id is None:
         raise TaskRejected(ErrorCode.MISSING_FIELD, "no task_id in body, header or fallback")

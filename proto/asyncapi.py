@@ -32,6 +32,13 @@ _CHANNELS: Final[dict[str, tuple[str, tuple[str, ...], tuple[Any, ...], str, boo
         (msg.Accepted, msg.Step, msg.Completed, msg.Failed),
         f"A task's events, replayable from stream {streams.EVENTS.name}.", True,
     ),
+    "tokens": (
+        f"{subjects.TOKENS}.{{tenant}}.{{task_id}}", ("tenant", "task_id"), (msg.TokenDelta,),
+        f"A task's token deltas while its steps generate (batched every few tens of ms), "
+        f"replayable from stream {streams.TOKENS.name}: resume after the stream sequence of "
+        "the last delta received. Deltas of a step's last attempt concatenate to its answer.",
+        True,
+    ),
     "jobs": (
         f"{subjects.JOBS}.{{pool}}", ("pool",), (msg.InferenceJob,),
         f"Inference jobs for a model pool (stream {streams.JOBS.name}, work queue).", False,

@@ -28,6 +28,10 @@ class ErrorCode(enum.StrEnum):
     CANCELLED = "cancelled"
     STEP_TIMEOUT = "step_timeout"
     INTERNAL = "internal"
+    # HTTP front doors (orchestration layer): the same error body as the bus.
+    UNAUTHORIZED = "unauthorized"  # no or an unknown API key
+    UNKNOWN_TASK = "unknown_task"  # no such task for this tenant
+    UNAVAILABLE = "unavailable"  # the service is starting or stopping
     # Inference layer.
     PROMPT_TOO_LONG = "prompt_too_long"
     ENGINE_FAILURE = "engine_failure"
@@ -59,6 +63,9 @@ LAYER_OF: dict[ErrorCode, Layer] = {
             ErrorCode.CANCELLED,
             ErrorCode.STEP_TIMEOUT,
             ErrorCode.INTERNAL,
+            ErrorCode.UNAUTHORIZED,
+            ErrorCode.UNKNOWN_TASK,
+            ErrorCode.UNAVAILABLE,
         )
     },
     ErrorCode.PROMPT_TOO_LONG: Layer.INFERENCE,

@@ -37,6 +37,11 @@ class TaskSubmit(msgspec.Struct, omit_defaults=True, kw_only=True):
     session: Id | None = None
     budget: Budget | None = None
     metadata: dict[str, Any] = {}
+    # Generation options for every step of the task (the OpenAI API maps
+    # ``max_tokens`` and ``temperature`` here): a cap on each step's answer,
+    # never above the agent's own ``max_tokens``, and the sampling temperature.
+    max_tokens: int | None = None
+    temperature: float | None = None
 
 
 # --------------------------------------------------------------------------
@@ -103,6 +108,38 @@ class Failed(_Event, tag="failed"):
 
 
 TaskEvent = Accepted | Step | Completed | Failed
+
+
+# --------------------------------------------------------------------------
+# Public: token deltas on ``baton.tokens.<tenant>.<task_id>``
+# --------------------------------------------------------------------------
+
+
+class TokenDelta(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Text a step generated since the previous delta (batched by time).
+
+    Durable in stream ``BATON_TOKENS``: the stream sequence of a delta is its
+    per-task resume cursor (``baton.tokens.<tenant>.<task_id>`` holds one
+    task's deltas in order, so "from sequence N" misses and repeats nothing).
+    ``attempt`` names one generation of the step (opaque); within it ``index``
+    counts the deltas from 0 and ``offset`` is the length (in characters) of
+    the text before this delta, so a gap is visible. The deltas of an attempt
+    concatenated are exactly the answer stored in the context store; its last
+    delta has ``final`` set. A step generated again (its worker died, or its
+    timeout re-dispatched it) starts over under a new ``attempt``: drop what
+    the earlier one sent."""
+
+    task_id: str
+    tenant: str
+    step: str
+    agent: str
+    attempt: str = ""
+    index: int = 0
+    offset: int = 0
+    text: str = ""
+    final: bool = False
+    ts: float = 0.0
+
 
 # --------------------------------------------------------------------------
 # Internal: context

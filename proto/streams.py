@@ -73,6 +73,16 @@ EVENTS = StreamSpec(
     max_age=7 * DAY,
     description="Task events (public, replayable).",
 )
+TOKENS = StreamSpec(
+    name="BATON_TOKENS",
+    subjects=(f"{subjects.TOKENS}.>",),
+    retention="limits",
+    duplicate_window=120.0,
+    # Deltas serve live and reconnecting readers; the answer itself is kept
+    # by the context store, so a day of replay is plenty.
+    max_age=1 * DAY,
+    description="Token deltas per task (public, replayable from a sequence).",
+)
 CONTEXT = StreamSpec(
     name="BATON_CONTEXT",
     subjects=(f"{subjects.CONTEXT_LOG}.>",),
@@ -107,7 +117,7 @@ TIMERS = StreamSpec(
 )
 
 ALL_STREAMS: Final = (
-    TASKS, JOBS, RESULTS, EVENTS, CONTEXT, CONTEXT_ATTACHMENTS, DEAD_LETTERS, TIMERS,
+    TASKS, JOBS, RESULTS, EVENTS, TOKENS, CONTEXT, CONTEXT_ATTACHMENTS, DEAD_LETTERS, TIMERS,
 )  # fmt: skip
 
 ORCHESTRATOR_TASKS = ConsumerSpec(

@@ -8,6 +8,7 @@ from proto.ids import require_id
 
 TASKS: Final = "baton.tasks"
 EVENTS: Final = "baton.events"
+TOKENS: Final = "baton.tokens"
 JOBS: Final = "baton.jobs"
 RESULTS: Final = "baton.results"
 CONTEXT_API: Final = "baton.ctx"
@@ -32,6 +33,11 @@ def task(workflow: str) -> str:
 def event(tenant: str, task_id: str) -> str:
     """``baton.events.<tenant>.<task_id>`` — public: a task's events."""
     return f"{EVENTS}.{require_id(tenant, 'tenant')}.{require_id(task_id, 'task_id')}"
+
+
+def tokens(tenant: str, task_id: str) -> str:
+    """``baton.tokens.<tenant>.<task_id>`` — public: a task's token deltas."""
+    return f"{TOKENS}.{require_id(tenant, 'tenant')}.{require_id(task_id, 'task_id')}"
 
 
 def job(pool: str) -> str:

@@ -118,10 +118,10 @@ async def test_http_api_submits_and_reports_a_task(stack: LocalStack, client: Cl
     assert status["status"] == "completed" and status["usage"]["completion_tokens"] > 0
     err = http_post(f"{stack.orchestrator.url}/v1/tasks",
                 {"tenant": tenant, "input": "x", "workflow": "nope"}, expect=404)  # fmt: skip
-    assert err["detail"]["code"] == "unknown_workflow"
+    assert err["error"]["code"] == "unknown_workflow"
     err = http_post(f"{stack.orchestrator.url}/v1/tasks", {"tenant": "bad.tenant", "input": "x"},
                 expect=400)  # fmt: skip
-    assert err["detail"]["code"] == "invalid_field"
+    assert err["error"]["code"] == "invalid_field"
     try:
         http_get(f"{stack.orchestrator.url}/v1/tasks/{task_id}?tenant={uid('other')}")
         raise AssertionError("another tenant read the task")

@@ -43,7 +43,7 @@ from proto.messages import (
     WindowReply,
     WindowRequest,
 )
-from proto.streams import JOBS, RESULTS, ConsumerSpec, direct_consumer, worker_consumer
+from proto.streams import JOBS, RESULTS, TOKENS, ConsumerSpec, direct_consumer, worker_consumer
 
 from . import metrics as m
 from .admission import Admission
@@ -52,6 +52,7 @@ from .gpu import GpuMonitor
 from .gpuclock import GpuClock
 from .rescue import Peers, Rescuer, never
 from .settings import WorkerSettings
+from .tokens import TokenPublisher
 
 log = structlog.get_logger("inference_worker")
 
@@ -116,6 +117,7 @@ class Worker:
         self._restart_lock = asyncio.Lock()
         self._labels = (self.pool, settings.worker_id)
         self.bus: Bus | None = None
+        self.tokens = TokenPublisher(settings.token_interval)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -138,10 +140,10 @@ class Worker:
         )
 
     async def run(self, bus: Bus) -> None:
-        self.bus = bus
+        self.bus = self.tokens.bus = bus
         self.gpu = GpuMonitor()
         m.init_series(self.pool)
-        await bus.provision(streams=[JOBS, RESULTS], consumers=[self.consumer, self.direct])
+        await bus.provision(streams=[JOBS, RESULTS, TOKENS], consumers=[self.consumer, self.direct])
         await bus.nc.subscribe(f"{subjects.CANCEL}.*.*", cb=self._on_cancel)
         await bus.nc.subscribe(f"{subjects.HEARTBEATS}.{self.pool}.*", cb=self.peers.on_msg)
         m.READY.labels(*self._labels).set(0)
@@ -321,6 +323,7 @@ class Worker:
         self.clock.start(request_id)
         parts: list[str] = []
         final = None
+        tokens = self.tokens.open(job, attempt=f"{d.stream_seq}.{d.num_delivered}")
         try:
             request = GenerationRequest(
                 request_id=request_id,
@@ -334,6 +337,7 @@ class Worker:
                 if not parts and chunk.text:
                     m.TTFT.labels(self.pool).observe(time.time() - started)
                 parts.append(chunk.text)
+                tokens.add(chunk.text)
                 if chunk.finished:
                     final = chunk
         except (EngineOOM, EngineDead) as exc:
@@ -343,6 +347,10 @@ class Worker:
             await self._too_long(job, exc.prompt_tokens, exc.max_model_len)
             return None
         finally:
+            # The last delta goes out before the answer is stored, only for a
+            # generation whose answer will be.
+            complete = final is not None and not flight.cancelled and flight.epoch == self.epoch
+            await tokens.close(final=complete)
             gpu_seconds = self.clock.stop(request_id)
             self.flights.pop(request_id, None)
             m.INFLIGHT.labels(*self._labels).set(len(self.flights))

@@ -1,56 +1,57 @@
-"""The orchestrator's HTTP API (FastAPI).
+"""The orchestrator's HTTP API (FastAPI): Baton's own ``/v1/tasks`` and
+``/v1/workflows``, plus the OpenAI-compatible routes (``openai_api.py``).
 
 Tenancy: when API keys are configured (``BATON_API_KEYS``), the bearer key
 decides the tenant and a tenant only sees its own tasks. Without keys
-(development), the tenant comes from the request.
+(development), the tenant comes from the request. Every error has one body
+(``http_errors.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
 import msgspec
-from fastapi import Depends, FastAPI, HTTPException, Query
-from fastapi.responses import JSONResponse, StreamingResponse
-from nats.js.api import ConsumerConfig, DeliverPolicy
-from pydantic import BaseModel, Field
+from fastapi import Depends, FastAPI, Header, Query
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from baton.service import Health, caller_scope, health_app
 from baton.transport import Bus
 from proto import codec, subjects
 from proto.admission import TaskRejected, parse_task
-from proto.errors import LAYER_OF, ErrorCode
-from proto.ids import is_valid_id
-from proto.messages import TaskEvent
+from proto.errors import ErrorCode
+from proto.messages import TaskSubmit
 
+from . import http_errors
+from .api_models import (
+    Cancelled,
+    TaskAccepted,
+    TaskIn,
+    TaskPage,
+    TaskStatus,
+    TaskSummary,
+    WorkflowList,
+    WorkflowOut,
+    run_doc,
+)
 from .conductor import Conductor
+from .follow import as_dict, follow_task, replay_events
+from .http_errors import ERROR_RESPONSES, ApiError, require_ids
+from .listing import BadCursor, page_runs
 from .runs import RunStore
 from .settings import OrchestratorSettings
 from .workflows import WorkflowSpec
 
-_STATUS_OF = {
-    ErrorCode.UNKNOWN_WORKFLOW: 404,
-    ErrorCode.INPUT_TOO_LARGE: 413,
+_NO_TENANT = "tenant is required (query parameter or API key)"
+_SSE_DOC: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "An event stream"}
 }
-
-
-class BudgetIn(BaseModel):
-    max_tokens: int | None = None
-    max_usd: float | None = None
-
-
-class TaskIn(BaseModel):
-    workflow: str = "chat"
-    input: str
-    tenant: str | None = None
-    task_id: str | None = None
-    session: str | None = None
-    budget: BudgetIn | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
 
 
 class Services:
@@ -62,150 +63,192 @@ class Services:
         self.conductor: Conductor | None = None
         self.workflows: dict[str, WorkflowSpec] = {}
 
+    def ready(self) -> tuple[Bus, RunStore]:
+        if self.bus is None or self.runs is None:
+            raise ApiError(ErrorCode.UNAVAILABLE, "orchestrator is starting")
+        return self.bus, self.runs
 
-def _error(status: int, code: ErrorCode, message: str) -> HTTPException:
-    return HTTPException(
-        status, {"code": str(code), "message": message, "layer": str(LAYER_OF[code])}
-    )
-
-
-async def replay_events(
-    bus: Bus, tenant: str, task_id: str, *, follow: bool = False, timeout: float = 300.0
-) -> AsyncIterator[dict[str, Any]]:
-    """A task's events from the start (JetStream replay); with ``follow``,
-    keep going until the terminal event."""
-    sub = await bus.js.subscribe(
-        subjects.event(tenant, task_id),
-        ordered_consumer=True,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-    )
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=timeout if follow else 0.25)
-            except TimeoutError:
-                return
-            event: dict[str, Any] = msgspec.to_builtins(codec.decode(msg.data, TaskEvent))  # type: ignore[arg-type]
-            yield event
-            if event["type"] in ("completed", "failed"):
-                return
-    finally:
-        await sub.unsubscribe()
-
-
-def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> FastAPI:
-    app = health_app("Baton orchestrator", health)
-
-    def tenant_of(
-        scope: str | None = Depends(caller_scope(settings.api_keys)),
-        tenant: str | None = Query(default=None),
-    ) -> str | None:
-        """A scoped key decides the tenant; unrestricted callers name it."""
-        return scope if scope is not None else tenant
-
-    def ready() -> tuple[Bus, RunStore]:
-        if svc.bus is None or svc.runs is None:
-            raise HTTPException(503, "orchestrator is starting")
-        return svc.bus, svc.runs
-
-    def owned(task_id: str, tenant: str | None) -> str:
-        if tenant is None:
-            raise HTTPException(400, "tenant is required (query parameter or API key)")
-        if not (is_valid_id(tenant) and is_valid_id(task_id)):
-            raise HTTPException(400, "ids must match [A-Za-z0-9_-]{1,64}")
-        return tenant
-
-    @app.post("/v1/tasks", status_code=202)
-    async def submit(body: TaskIn, tenant: str | None = Depends(tenant_of)) -> dict[str, Any]:
-        """Submit a task; follow it on ``baton.events.<tenant>.<task_id>``."""
-        bus, _ = ready()
-        raw = body.model_dump(exclude_none=True, exclude={"workflow"})
-        if tenant is not None:
-            raw["tenant"] = tenant
+    async def submit(self, raw: dict[str, Any], workflow: str) -> tuple[TaskSubmit, bool]:
+        """Validate and publish a task body; returns it and ``duplicate``."""
+        bus, _ = self.ready()
         raw.setdefault("task_id", uuid.uuid4().hex)
         try:
             data = codec.encode(raw)
         except (OverflowError, TypeError, ValueError) as exc:  # e.g. an int over 64 bits
-            raise _error(400, ErrorCode.INVALID_FIELD, f"not encodable: {exc}") from exc
+            raise ApiError(ErrorCode.INVALID_FIELD, f"not encodable: {exc}") from exc
         try:
-            task = parse_task(data, workflow=body.workflow, known_workflows=set(svc.workflows))
+            task = parse_task(data, workflow=workflow, known_workflows=set(self.workflows))
         except TaskRejected as r:
-            raise _error(_STATUS_OF.get(r.code, 400), r.code, r.message) from r
+            raise ApiError(r.code, r.message) from r
         assert task.task_id is not None
-        ack = await bus.publish(
-            subjects.task(body.workflow), data, msg_id=task.task_id, task_id=task.task_id
-        )
-        return {
-            "task_id": task.task_id,
-            "tenant": task.tenant,
-            "session": task.session,
-            "workflow": body.workflow,
-            "duplicate": ack.duplicate,
-            "events_subject": subjects.event(task.tenant, task.task_id),
-        }
+        ack = await bus.publish(subjects.task(workflow), data, msg_id=task.task_id,
+                                task_id=task.task_id)  # fmt: skip
+        return task, bool(ack.duplicate)
 
-    @app.get("/v1/tasks/{task_id}")
-    async def status(task_id: str, tenant: str | None = Depends(tenant_of)) -> JSONResponse:
-        """A task's status, events, output, usage and cost (its tenant only)."""
-        bus, runs = ready()
-        tenant = owned(task_id, tenant)
-        run = await runs.get(tenant, task_id)
-        if run is None:
-            raise HTTPException(404, f"no task {task_id!r} for this tenant")
-        doc = msgspec.to_builtins(run)
-        for st in doc.get("steps", {}).values():
-            st.pop("ref", None)
-        doc["events"] = [e async for e in replay_events(bus, tenant, task_id)]
-        return JSONResponse(doc)
 
-    @app.get("/v1/tasks/{task_id}/events")
-    async def events(task_id: str, tenant: str | None = Depends(tenant_of)) -> StreamingResponse:
-        """Server-sent events: every event so far, then live ones until the end."""
-        bus, runs = ready()
-        tenant = owned(task_id, tenant)
-        # A task just submitted becomes a run once an orchestrator has taken
-        # it (its first steps dispatched): give that a moment before a 404.
-        for _ in range(40):
-            if await runs.get(tenant, task_id) is not None:
-                break
+def last_event_seq(header: str | None) -> int:
+    """The stream sequence after a ``Last-Event-ID`` (0 when absent)."""
+    if header is None or header.strip() == "":
+        return 0
+    try:
+        seq = int(header)
+    except ValueError:
+        raise ApiError(ErrorCode.INVALID_FIELD, "Last-Event-ID must be a sequence number",
+                       param="Last-Event-ID") from None  # fmt: skip
+    return max(0, seq) + 1
+
+
+def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> FastAPI:
+    app = health_app("Baton orchestrator", health)
+    http_errors.install(app)
+
+    def tenant_of(
+        scope: str | None = Depends(caller_scope(settings.api_keys)),
+        tenant: str | None = Query(default=None, description="Without API keys: the tenant."),
+    ) -> str | None:
+        """A scoped key decides the tenant; unrestricted callers name it."""
+        return scope if scope is not None else tenant
+
+    def owned(task_id: str, tenant: str | None) -> str:
+        if tenant is None:
+            raise ApiError(ErrorCode.MISSING_FIELD, _NO_TENANT, param="tenant")
+        require_ids(tenant=tenant, task_id=task_id)
+        return tenant
+
+    async def known(task_id: str, tenant: str, *, grace: float = 0.0) -> Any:
+        """The run, or 404. ``grace``: a task just submitted becomes a run
+        once an orchestrator has taken it, so streams wait that long."""
+        _, runs = svc.ready()
+        deadline = time.monotonic() + grace
+        while (run := await runs.get(tenant, task_id)) is None:
+            if time.monotonic() >= deadline:
+                raise ApiError(ErrorCode.UNKNOWN_TASK, f"no task {task_id!r} for this tenant")
             await asyncio.sleep(0.05)
-        else:
-            raise HTTPException(404, f"no task {task_id!r} for this tenant")
+        return run
 
-        async def stream() -> AsyncIterator[str]:
-            async for e in replay_events(bus, tenant, task_id, follow=True):
-                yield f"event: {e['type']}\ndata: {json.dumps(e)}\n\n"
+    @app.post("/v1/tasks", status_code=202, response_model=TaskAccepted, responses=ERROR_RESPONSES)
+    async def submit(body: TaskIn, tenant: str | None = Depends(tenant_of)) -> TaskAccepted:
+        """Submit a task; follow it on ``/v1/tasks/{id}/events`` (or the bus)."""
+        raw = body.model_dump(exclude_none=True, exclude={"workflow"})
+        if tenant is not None:
+            raw["tenant"] = tenant
+        task, duplicate = await svc.submit(raw, body.workflow)
+        assert task.task_id is not None and task.session is not None
+        return TaskAccepted(
+            task_id=task.task_id, tenant=task.tenant, session=task.session,
+            workflow=body.workflow, duplicate=duplicate,
+            events_subject=subjects.event(task.tenant, task.task_id),
+            tokens_subject=subjects.tokens(task.tenant, task.task_id),
+        )  # fmt: skip
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+    @app.get("/v1/tasks", response_model=TaskPage, responses=ERROR_RESPONSES)
+    async def list_tasks(
+        tenant: str | None = Depends(tenant_of),
+        status: Literal["running", "completed", "failed", "cancelled"] | None = None,
+        workflow: str | None = None,
+        since: Annotated[datetime | None, Query(description="ISO 8601 or epoch seconds")] = None,
+        limit: int = Query(default=50, ge=1, le=200),
+        cursor: str | None = None,
+    ) -> TaskPage:
+        """A tenant's tasks, newest first, a page at a time."""
+        _, runs = svc.ready()
+        if tenant is None:
+            raise ApiError(ErrorCode.MISSING_FIELD, _NO_TENANT, param="tenant")
+        require_ids(tenant=tenant, workflow=workflow)
+        try:
+            page = page_runs(await runs.list(tenant), status=status, workflow=workflow,
+                             since=since.timestamp() if since else None, limit=limit,
+                             cursor=cursor)  # fmt: skip
+        except BadCursor as exc:
+            raise ApiError(ErrorCode.INVALID_FIELD, str(exc), param="cursor") from exc
+        return TaskPage(tasks=[TaskSummary.model_validate(run_doc(r)) for r in page.runs],
+                        next_cursor=page.next_cursor)  # fmt: skip
 
-    @app.post("/v1/tasks/{task_id}/cancel")
-    async def cancel(task_id: str, tenant: str | None = Depends(tenant_of)) -> dict[str, Any]:
+    @app.get("/v1/tasks/{task_id}", response_model=TaskStatus, responses=ERROR_RESPONSES)
+    async def status(task_id: str, tenant: str | None = Depends(tenant_of)) -> TaskStatus:
+        """A task's status, steps, events, output, usage and cost (its tenant only)."""
+        bus, _ = svc.ready()
+        tenant = owned(task_id, tenant)
+        doc = run_doc(await known(task_id, tenant))
+        doc["events"] = [as_dict(i) async for i in replay_events(bus, tenant, task_id)]
+        return TaskStatus.model_validate(doc)
+
+    def sse(items: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
+        return EventSourceResponse(items, ping=settings.sse_ping)
+
+    @app.get("/v1/tasks/{task_id}/events", responses={**_SSE_DOC, **ERROR_RESPONSES})
+    async def events(
+        task_id: str,
+        tenant: str | None = Depends(tenant_of),
+        last_event_id: str | None = Header(default=None, alias="Last-Event-ID"),
+    ) -> EventSourceResponse:
+        """Server-sent events: every event (``id`` = its stream sequence) so
+        far, then live ones until the terminal one. ``Last-Event-ID`` resumes
+        after that event; a comment line keeps the stream open while idle."""
+        bus, _ = svc.ready()
+        tenant = owned(task_id, tenant)
+        start = last_event_seq(last_event_id)
+        await known(task_id, tenant, grace=2.0)
+
+        async def stream() -> AsyncIterator[ServerSentEvent]:
+            async for item in replay_events(bus, tenant, task_id, follow=True, start_seq=start,
+                                            timeout=settings.follow_timeout):  # fmt: skip
+                doc = as_dict(item)
+                yield ServerSentEvent(data=json.dumps(doc), event=doc["type"], id=str(item.seq))
+
+        return sse(stream())
+
+    @app.get("/v1/tasks/{task_id}/tokens", responses={**_SSE_DOC, **ERROR_RESPONSES})
+    async def tokens(
+        task_id: str,
+        tenant: str | None = Depends(tenant_of),
+        last_event_id: str | None = Header(default=None, alias="Last-Event-ID"),
+    ) -> EventSourceResponse:
+        """Server-sent token deltas (``event: token``, ``id`` = the delta's
+        sequence in ``BATON_TOKENS``) as the steps generate, then ``event: end``
+        with the terminal event. ``Last-Event-ID`` resumes after that delta."""
+        bus, _ = svc.ready()
+        tenant = owned(task_id, tenant)
+        start = last_event_seq(last_event_id)
+        await known(task_id, tenant, grace=2.0)
+
+        async def stream() -> AsyncIterator[ServerSentEvent]:
+            async for item in follow_task(bus, tenant, task_id, tokens_from=start,
+                                          with_events=False,
+                                          timeout=settings.follow_timeout):  # fmt: skip
+                doc = json.dumps(as_dict(item))
+                if item.kind == "token":
+                    yield ServerSentEvent(data=doc, event="token", id=str(item.seq))
+                else:
+                    yield ServerSentEvent(data=doc, event="end")
+
+        return sse(stream())
+
+    @app.post("/v1/tasks/{task_id}/cancel", response_model=Cancelled, responses=ERROR_RESPONSES)
+    async def cancel(task_id: str, tenant: str | None = Depends(tenant_of)) -> Cancelled:
         """Cancel a task: in-flight generations are aborted."""
-        ready()
+        svc.ready()
         tenant = owned(task_id, tenant)
         assert svc.conductor is not None
         run = await svc.conductor.cancel(tenant, task_id)
         if run is None:
-            raise HTTPException(404, f"no task {task_id!r} for this tenant")
-        return {"task_id": task_id, "status": run.status}
+            raise ApiError(ErrorCode.UNKNOWN_TASK, f"no task {task_id!r} for this tenant")
+        return Cancelled(task_id=task_id, status=run.status)
 
-    @app.get("/v1/workflows")
-    def workflows() -> dict[str, Any]:
+    @app.get("/v1/workflows", response_model=WorkflowList, responses=ERROR_RESPONSES)
+    def workflows() -> WorkflowList:
         """The workflows this orchestrator runs, with their agents and steps."""
-        return {
-            "workflows": [
-                {
-                    "name": s.name,
-                    "description": s.description,
-                    "rounds": s.rounds,
-                    "agents": {
-                        n: {"role": a.role, "pool": a.pool, "max_tokens": a.max_tokens}
-                        for n, a in s.agents.items()
-                    },
-                    "steps": [msgspec.to_builtins(st) for st in s.steps],
-                }
-                for s in sorted(svc.workflows.values(), key=lambda s: s.name)
-            ]
-        }
+        return WorkflowList(workflows=[
+            WorkflowOut(
+                name=s.name, description=s.description, rounds=s.rounds, output=s.output,
+                agents={n: {"role": a.role, "pool": a.pool, "max_tokens": a.max_tokens}  # type: ignore[misc]
+                        for n, a in s.agents.items()},
+                steps=[msgspec.to_builtins(st) for st in s.steps],
+            )
+            for s in sorted(svc.workflows.values(), key=lambda s: s.name)
+        ])  # fmt: skip
 
+    from .openai_api import add_routes
+
+    add_routes(app, settings, svc, tenant_of)
     return app

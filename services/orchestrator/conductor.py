@@ -242,6 +242,8 @@ class Conductor:
             input=task.input,
             budget=task.budget,
             metadata=dict(task.metadata),
+            max_tokens=task.max_tokens,
+            temperature=task.temperature,
         )
 
     async def _reject(self, r: TaskRejected, workflow: str, seq: int) -> None:

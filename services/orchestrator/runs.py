@@ -47,6 +47,8 @@ class RunState(msgspec.Struct, omit_defaults=True, kw_only=True):
     task_seq: int  # stream sequence of the task message that created the run
     status: RunStatus = "running"
     budget: Budget | None = None
+    max_tokens: int | None = None  # the task's cap on each step's answer
+    temperature: float | None = None  # the task's temperature, over the agents'
     metadata: dict[str, object] = {}
     steps: dict[str, StepState] = {}
     usage: Usage = msgspec.field(default_factory=Usage)
@@ -144,3 +146,20 @@ class RunStore:
         snap = self._remember(run.key, Snapshot(data, new))
         assert snap is not None
         return snap
+
+    async def list(self, tenant: str, *, limit: int = 10_000) -> list[RunState]:
+        """The latest state of every run of ``tenant`` (at most ``limit``),
+        read in one pass of a watcher over ``<tenant>.*``."""
+        watcher = await self.kv.watch(f"{tenant}.*", ignore_deletes=True)
+        out: list[RunState] = []
+        try:
+            async for entry in watcher:
+                if entry is None:  # the initial values are all delivered
+                    break
+                if entry.value:
+                    out.append(codec.decode(entry.value, RunState))
+                if len(out) >= limit:
+                    break
+        finally:
+            await watcher.stop()
+        return out

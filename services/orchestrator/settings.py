@@ -29,6 +29,12 @@ class OrchestratorSettings(CommonSettings):
     task_concurrency: int = 256
     result_concurrency: int = 256
     pending_poll_interval: float = 5.0
+    # HTTP: a comment line on every open event stream this often, so proxies
+    # keep a stream open while a step waits minutes; how long a request may
+    # follow a task; the tenant of OpenAI-API calls when no API keys are set.
+    sse_ping: float = 15.0
+    follow_timeout: float = 600.0
+    default_tenant: str = "default"
     # Test hook, never set in production: the process exits right after
     # storing this step as done, before dispatching what follows it
     # (BATON_TEST_CRASH_AFTER_COMMIT=r1.plan; see tests/test_faults.py).

@@ -168,6 +168,8 @@ class NewTask:
     input: str
     budget: Budget | None = None
     metadata: Mapping[str, object] = field(default_factory=dict)
+    max_tokens: int | None = None  # the task's cap on each step's answer
+    temperature: float | None = None  # the task's, in place of the agents'
 
 
 # -- helpers ----------------------------------------------------------------
@@ -237,7 +239,7 @@ def _job(run: RunState, rules: Rules, now: float, step: str, st: StepState) -> D
         ref=st.ref,
         max_tokens=st.max_tokens,
         context_budget=st.context_budget,
-        temperature=agent.temperature,
+        temperature=agent.temperature if run.temperature is None else run.temperature,
         system=agent.system,
         response_schema=wf.route_schema(step),
         published_at=now,
@@ -341,9 +343,10 @@ def _dispatch(
     effects: list[Effect] = []
     for p in todo:
         agent = wf.agents[p.agent]
-        max_tokens, window = agent.max_tokens, 0
+        cap = min(agent.max_tokens, run.max_tokens or agent.max_tokens)
+        max_tokens, window = cap, 0
         if share is not None:
-            max_tokens = min(agent.max_tokens, share // 2)
+            max_tokens = min(cap, share // 2)
             window = share - max_tokens
         st = StepState(
             agent=p.agent,
@@ -376,6 +379,8 @@ def start(run: RunState | None, task: NewTask, rules: Rules, now: float, ctx: Ct
         workflow=task.workflow,
         task_seq=task.seq,
         budget=task.budget,
+        max_tokens=task.max_tokens,
+        temperature=task.temperature,
         metadata=dict(task.metadata),
         created_at=now,
         updated_at=now,

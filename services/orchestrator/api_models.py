@@ -1,0 +1,128 @@
+"""Request and response bodies of Baton's own HTTP API (``/v1/tasks``,
+``/v1/workflows``), so the OpenAPI document describes every 2xx body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from pydantic import BaseModel, Field
+
+from .runs import RunState
+
+
+class BudgetIn(BaseModel):
+    max_tokens: int | None = None
+    max_usd: float | None = None
+
+
+class TaskIn(BaseModel):
+    workflow: str = "chat"
+    input: str
+    tenant: str | None = None
+    task_id: str | None = None
+    session: str | None = None
+    budget: BudgetIn | None = None
+    max_tokens: int | None = Field(default=None, description="Cap on each step's answer.")
+    temperature: float | None = Field(default=None, description="Overrides the agents'.")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    gpu_seconds: float = 0.0
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+    layer: str
+
+
+class TaskAccepted(BaseModel):
+    task_id: str
+    tenant: str
+    session: str
+    workflow: str
+    duplicate: bool = Field(description="True when this task id was already submitted.")
+    events_subject: str
+    tokens_subject: str
+
+
+class StepOut(BaseModel):
+    agent: str
+    pool: str
+    session: str
+    status: str = Field(default="dispatched", description="dispatched | done | failed")
+    max_tokens: int = 0
+    context_budget: int = 0
+    attempt: int = 1
+    dispatched_at: float = 0.0
+    finished_at: float = 0.0
+    usage: Usage = Field(default_factory=Usage)
+    cost_usd: float = 0.0
+    output: str = ""
+    worker: str = ""
+    cached_tokens: int = 0
+
+
+class TaskSummary(BaseModel):
+    task_id: str
+    tenant: str
+    session: str
+    workflow: str
+    status: str = Field(default="running", description="running | completed | failed | cancelled")
+    usage: Usage = Field(default_factory=Usage)
+    cost_usd: float = 0.0
+    error: ErrorInfo | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+class TaskStatus(TaskSummary):
+    output: str = ""
+    budget: BudgetIn | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    steps: dict[str, StepOut] = Field(default_factory=dict)
+    events: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class TaskPage(BaseModel):
+    tasks: list[TaskSummary]
+    next_cursor: str | None = Field(description="`cursor` of the next page; null at the end.")
+
+
+class Cancelled(BaseModel):
+    task_id: str
+    status: str
+
+
+class AgentOut(BaseModel):
+    role: str
+    pool: str
+    max_tokens: int
+
+
+class WorkflowOut(BaseModel):
+    name: str
+    description: str
+    rounds: int
+    output: str | None = None
+    agents: dict[str, AgentOut]
+    steps: list[dict[str, Any]]
+
+
+class WorkflowList(BaseModel):
+    workflows: list[WorkflowOut]
+
+
+def run_doc(run: RunState) -> dict[str, Any]:
+    """A run as plain data, without the signed refs (they are for services)."""
+    doc: dict[str, Any] = msgspec.to_builtins(run)
+    for st in doc.get("steps", {}).values():
+        st.pop("ref", None)
+    doc.pop("task_seq", None)
+    return doc
