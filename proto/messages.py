@@ -115,7 +115,7 @@ TaskEvent = Accepted | Step | Completed | Failed
 # --------------------------------------------------------------------------
 
 
-class TokenDelta(msgspec.Struct, omit_defaults=True, kw_only=True):
+class TokenDelta(msgspec.Struct, kw_only=True):
     """Text a step generated since the previous delta (batched by time).
 
     Durable in stream ``BATON_TOKENS``: the stream sequence of a delta is its

@@ -176,7 +176,8 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
     def sse(items: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
         return EventSourceResponse(items, ping=settings.sse_ping)
 
-    @app.get("/v1/tasks/{task_id}/events", responses={**_SSE_DOC, **ERROR_RESPONSES})
+    @app.get("/v1/tasks/{task_id}/events", response_class=EventSourceResponse,
+             responses={**_SSE_DOC, **ERROR_RESPONSES})  # fmt: skip
     async def events(
         task_id: str,
         tenant: str | None = Depends(tenant_of),
@@ -198,7 +199,8 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
 
         return sse(stream())
 
-    @app.get("/v1/tasks/{task_id}/tokens", responses={**_SSE_DOC, **ERROR_RESPONSES})
+    @app.get("/v1/tasks/{task_id}/tokens", response_class=EventSourceResponse,
+             responses={**_SSE_DOC, **ERROR_RESPONSES})  # fmt: skip
     async def tokens(
         task_id: str,
         tenant: str | None = Depends(tenant_of),
