@@ -1,142 +1,356 @@
-"""The ``baton`` command.
+"""The ``baton`` command (typer + rich).
 
-baton up                         start embedded NATS and the three services
-baton submit WORKFLOW INPUT ...  publish a task, print its events until it ends
-baton nats                       run only the embedded nats-server
-baton model tiny DIR             build the no-download tiny model
-baton asyncapi [--check]         write (or check) proto/asyncapi.yaml
+baton up                          embedded NATS and the three services
+baton submit WORKFLOW INPUT ...   publish a task over NATS, stream its tokens and steps
+baton status ID / cancel ID       one task, through the orchestrator's HTTP API
+baton tasks                       a tenant's tasks, newest first
+baton workflows [check FILE]      the workflows served, or validate a workflow file
+baton nats / model tiny DIR / asyncapi [--check]
+
+Exit codes: 0 done (task completed), 1 the task or request failed, 2 bad
+usage (e.g. an invalid name), 3 NATS or the API unreachable, 4 timed out.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import json
+import os
 import sys
 import uuid
 from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
 
 from baton.settings import DEFAULT_NATS_URL
+from baton.urls import redact
+
+DEFAULT_API_URL = "http://127.0.0.1:8080"
+EXIT_USAGE, EXIT_UNREACHABLE = 2, 3
+
+_HELP = "\b\n" + __doc__.split("\n\n", 1)[1]  # \b: click keeps the lines as written
+app = typer.Typer(help=_HELP, no_args_is_help=True, add_completion=False,
+                  rich_markup_mode=None, pretty_exceptions_enable=False)  # fmt: skip
+model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
+workflows_app = typer.Typer(help="The workflows served, or `check FILE`.",
+                            invoke_without_command=True)  # fmt: skip
+app.add_typer(model_app, name="model")
+app.add_typer(workflows_app, name="workflows")
 
 
-def _submit(args: argparse.Namespace) -> int:
-    from baton.submit import submit
-
-    task_id = args.task_id or uuid.uuid4().hex
-    return asyncio.run(
-        submit(
-            args.nats_url,
-            args.workflow,
-            args.input,
-            tenant=args.tenant,
-            session=args.session,
-            task_id=task_id,
-            max_tokens=args.max_tokens,
-            timeout=args.timeout,
-        )
-    )
+def fail(message: str, code: int = 1) -> NoReturn:
+    """One line on stderr, then exit."""
+    print(f"baton: {message}", file=sys.stderr)
+    raise typer.Exit(code)
 
 
-def _up(args: argparse.Namespace) -> int:
+def _id(value: str | None, what: str) -> str | None:
+    from proto.ids import ID_PATTERN, is_valid_id
+
+    if value is not None and not is_valid_id(value):
+        fail(f"{what} {value!r} is not valid: it must match {ID_PATTERN} "
+             "(letters, digits, _ and -, 1 to 64)", EXIT_USAGE)  # fmt: skip
+    return value
+
+
+NatsUrl = Annotated[str, typer.Option("--nats-url", envvar=["BATON_NATS_URL", "NATS_URL"],
+                                      help="NATS URL (a tenant's own URL works)")]  # fmt: skip
+ApiUrl = Annotated[str, typer.Option("--api-url", envvar="BATON_API_URL",
+                                     help="The orchestrator's HTTP API")]  # fmt: skip
+ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="BATON_API_KEY",
+                                            help="Bearer API key", show_default=False)]  # fmt: skip
+Tenant = Annotated[str | None, typer.Option("--tenant", help="Tenant (or from the API key)")]
+Json = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+
+
+# -- NATS ------------------------------------------------------------------
+
+
+async def _connect(url: str) -> Any:
+    from baton.transport import BusUnavailable, connect
+
+    try:
+        return await connect(url, name="baton-cli", timeout=4.0)
+    except BusUnavailable as exc:
+        cause = exc.__cause__ or exc
+        why = str(cause).strip() or type(cause).__name__
+        fail(f"cannot reach NATS at {redact(url)}: {why[:120]}", EXIT_UNREACHABLE)
+
+
+@app.command()
+def submit(
+    workflow: str,
+    input: str,
+    tenant: Annotated[str, typer.Option("--tenant", help="Tenant the task belongs to")],
+    session: Annotated[str | None, typer.Option(help="Continue this session")] = None,
+    task_id: Annotated[str | None, typer.Option("--task-id")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Token budget of the task")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the end")] = 300.0,
+    nats_url: NatsUrl = DEFAULT_NATS_URL,
+    json_out: Json = False,
+    plain: Annotated[bool, typer.Option("--plain", help="No live display")] = False,
+) -> None:
+    """Publish a task and stream its tokens and steps until it ends."""
+    from baton.submit import submit as run_submit
+
+    _id(workflow, "workflow")
+    _id(tenant, "tenant")
+    _id(session, "session")
+    task_id = _id(task_id, "task id") or uuid.uuid4().hex
+    body: dict[str, Any] = {"tenant": tenant, "input": input, "task_id": task_id}
+    if session:
+        body["session"] = session
+    if max_tokens:
+        body["budget"] = {"max_tokens": max_tokens}
+    mode = "json" if json_out else "plain" if plain else "auto"
+
+    async def go() -> int:
+        bus = await _connect(nats_url)
+        try:
+            return await run_submit(bus, workflow, body, mode=mode, timeout=timeout)
+        finally:
+            await bus.close()
+
+    raise typer.Exit(asyncio.run(go()))
+
+
+# -- HTTP API --------------------------------------------------------------
+
+
+def _api(method: str, api_url: str, path: str, api_key: str | None,
+         params: dict[str, Any] | None = None) -> Any:  # fmt: skip
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    query = {k: v for k, v in (params or {}).items() if v is not None}
+    try:
+        r = httpx.request(method, f"{api_url.rstrip('/')}{path}", params=query, headers=headers,
+                          timeout=10.0)  # fmt: skip
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach the orchestrator at {api_url}: {type(exc).__name__}", EXIT_UNREACHABLE)
+    try:
+        doc = r.json()
+    except ValueError:
+        fail(f"{api_url} answered {r.status_code} without JSON: is it Baton's orchestrator?")
+    if r.status_code >= 400:
+        err = doc.get("error", {}) if isinstance(doc, dict) else {}
+        fail(f"{err.get('code', r.status_code)}: {err.get('message', r.text[:200])}")
+    return doc
+
+
+def _print_json(doc: Any) -> None:
+    print(json.dumps(doc, indent=2))
+
+
+@app.command()
+def status(
+    task_id: str, tenant: Tenant = None, api_url: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None, json_out: Json = False,
+) -> None:  # fmt: skip
+    """A task's status, steps, usage and output."""
+    from rich.console import Console
+    from rich.table import Table
+
+    _id(task_id, "task id")
+    _id(tenant, "tenant")
+    doc = _api("GET", api_url, f"/v1/tasks/{task_id}", api_key, {"tenant": tenant})
+    if json_out:
+        return _print_json(doc)
+    console = Console()
+    u = doc["usage"]
+    tokens = f"{u['prompt_tokens']}+{u['completion_tokens']} tokens"
+    console.print(f"[bold]{doc['task_id']}[/] {doc['workflow']} [bold]{doc['status']}[/]  "
+                  f"{tokens}, ${doc['cost_usd']:.6f}")  # fmt: skip
+    table = Table("step", "agent", "status", "tokens", "worker")
+    for step_id, st in doc["steps"].items():
+        su = st.get("usage", {})
+        tokens = f"{su.get('prompt_tokens', 0)}+{su.get('completion_tokens', 0)}"
+        table.add_row(step_id, st["agent"], st["status"], tokens, st.get("worker", ""))
+    console.print(table)
+    if doc.get("error"):
+        console.print(f"[red]{doc['error']['code']}[/]: {doc['error']['message']}")
+    if doc.get("output"):
+        console.print(doc["output"])
+
+
+@app.command()
+def cancel(
+    task_id: str, tenant: Tenant = None, api_url: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None, json_out: Json = False,
+) -> None:  # fmt: skip
+    """Cancel a task; its in-flight generations are aborted."""
+    _id(task_id, "task id")
+    _id(tenant, "tenant")
+    doc = _api("POST", api_url, f"/v1/tasks/{task_id}/cancel", api_key, {"tenant": tenant})
+    if json_out:
+        return _print_json(doc)
+    print(f"{doc['task_id']}: {doc['status']}")
+
+
+@app.command()
+def tasks(
+    tenant: Tenant = None, status: Annotated[str | None, typer.Option()] = None,
+    workflow: Annotated[str | None, typer.Option()] = None,
+    since: Annotated[str | None, typer.Option(help="ISO 8601 or epoch seconds")] = None,
+    limit: Annotated[int, typer.Option()] = 20,
+    cursor: Annotated[str | None, typer.Option()] = None,
+    api_url: ApiUrl = DEFAULT_API_URL, api_key: ApiKey = None, json_out: Json = False,
+) -> None:  # fmt: skip
+    """A tenant's tasks, newest first."""
+    import datetime as dt
+
+    from rich.console import Console
+    from rich.table import Table
+
+    _id(tenant, "tenant")
+    _id(workflow, "workflow")
+    params = {"tenant": tenant, "status": status, "workflow": workflow, "since": since,
+              "limit": limit, "cursor": cursor}  # fmt: skip
+    doc = _api("GET", api_url, "/v1/tasks", api_key, params)
+    if json_out:
+        return _print_json(doc)
+    table = Table("task", "workflow", "status", "tokens", "cost", "created")
+    for t in doc["tasks"]:
+        u = t["usage"]
+        created = dt.datetime.fromtimestamp(t["created_at"]).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(t["task_id"], t["workflow"], t["status"],
+                      str(u["prompt_tokens"] + u["completion_tokens"]),
+                      f"${t['cost_usd']:.6f}", created)  # fmt: skip
+    console = Console()
+    console.print(table)
+    if doc.get("next_cursor"):
+        console.print(f"more: --cursor {doc['next_cursor']}")
+
+
+@workflows_app.callback()
+def workflows(
+    ctx: typer.Context, api_url: ApiUrl = DEFAULT_API_URL, api_key: ApiKey = None,
+    json_out: Json = False,
+) -> None:  # fmt: skip
+    """The workflows the orchestrator runs."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    doc = _api("GET", api_url, "/v1/workflows", api_key)
+    if json_out:
+        return _print_json(doc)
+    table = Table("workflow", "agents", "steps", "description")
+    for w in doc["workflows"]:
+        table.add_row(w["name"], ", ".join(w["agents"]), str(len(w["steps"])), w["description"])
+    Console().print(table)
+
+
+@workflows_app.command("check")
+def workflows_check(file: Path) -> None:
+    """Validate a workflow file; on error, the line at fault."""
+    from services.orchestrator.workflows import WorkflowError, load_file
+
+    if not file.is_file():
+        fail(f"no such file: {file}", EXIT_USAGE)
+    try:
+        spec = load_file(file)
+    except WorkflowError as exc:
+        fail(str(exc))
+    print(f"{file}: ok — workflow {spec.name!r}, {len(spec.agents)} agent(s), "
+          f"{len(spec.steps)} step(s)")  # fmt: skip
+
+
+# -- local -----------------------------------------------------------------
+
+
+@app.command()
+def up(
+    data_dir: Annotated[Path, typer.Option(envvar="BATON_DATA_DIR")] = Path(".data"),
+    engine: Annotated[str, typer.Option(envvar="BATON_ENGINE", help="vllm|openai|sim")] = "vllm",
+    nats_port: int = 4222, monitor_port: int = 8222, http_port: int = 8080,
+) -> None:  # fmt: skip
+    """Start embedded NATS and the three services (Ctrl-C stops everything)."""
     from baton.stack import Stack
 
-    return Stack(
-        data_dir=Path(args.data_dir),
-        engine=args.engine,
-        nats_url=args.nats_url_given,
-        nats_port=args.nats_port,
-        monitor_port=args.monitor_port,
-        http_port=args.http_port,
-    ).run_forever()
+    engine = os.environ.get("ENGINE") or engine
+    if engine not in ("vllm", "openai", "sim"):
+        fail(f"engine {engine!r} is not one of vllm, openai, sim", EXIT_USAGE)
+    nats_url = os.environ.get("BATON_NATS_URL") or os.environ.get("NATS_URL")
+    stack = Stack(data_dir=data_dir, engine=engine, nats_url=nats_url, nats_port=nats_port,
+                  monitor_port=monitor_port, http_port=http_port)  # fmt: skip
+    taken = stack.busy_ports()
+    if taken:
+        port, what = taken[0]
+        fail(f"port {port} ({what}) is already in use: stop what holds it or pick another "
+             "with --nats-port / --monitor-port / --http-port")  # fmt: skip
+    raise typer.Exit(stack.run_forever())
 
 
-def _nats(args: argparse.Namespace) -> int:
+@app.command()
+def nats(
+    data_dir: Annotated[Path, typer.Option()] = Path(".data"), port: int = 4222,
+) -> None:  # fmt: skip
+    """Run only the embedded nats-server."""
     from baton.natsd import NatsServer
 
-    server = NatsServer(Path(args.data_dir) / "nats", port=args.port, monitor_port=8222).start()
+    server = NatsServer(data_dir / "nats", port=port, monitor_port=8222).start()
     print(f"nats-server at {server.url} (store {server.store_dir}); Ctrl-C to stop", flush=True)
     try:
         assert server.proc is not None
         server.proc.wait()
     except KeyboardInterrupt:
         server.stop()
-    return 0
 
 
-def _model(args: argparse.Namespace) -> int:
+@model_app.command("tiny")
+def model_tiny(dir: Path) -> None:
+    """Build the tiny random-weight model into DIR (no download)."""
     from baton.tinymodel import build_tiny_model
 
-    path = build_tiny_model(Path(args.dir))
-    print(f"tiny model ready in {path}")
-    return 0
+    print(f"tiny model ready in {build_tiny_model(dir)}")
 
 
-def _asyncapi(args: argparse.Namespace) -> int:
+@app.command()
+def asyncapi(check: Annotated[bool, typer.Option("--check")] = False) -> None:
+    """Write (or check) proto/asyncapi.yaml from the types."""
     from proto.asyncapi import DOCUMENT_PATH, render
 
     text = render()
-    if args.check:
+    if check:
         if DOCUMENT_PATH.read_text() != text:
-            print(f"{DOCUMENT_PATH} is out of date: run `baton asyncapi`", file=sys.stderr)
-            return 1
+            fail(f"{DOCUMENT_PATH} is out of date: run `baton asyncapi`")
         print(f"{DOCUMENT_PATH} matches the types")
-        return 0
+        return
     DOCUMENT_PATH.write_text(text)
     print(f"wrote {DOCUMENT_PATH}")
-    return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    import os
+def _quiet_logs() -> None:
+    """The CLI speaks in its own lines: library logs only when they are errors, on stderr."""
+    import logging
 
-    env_url = os.environ.get("BATON_NATS_URL") or os.environ.get("NATS_URL")
-    p = argparse.ArgumentParser(
-        prog="baton", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = p.add_subparsers(dest="cmd", required=True)
+    import structlog
 
-    up = sub.add_parser("up", help="start embedded NATS and all services")
-    up.add_argument("--data-dir", default=os.environ.get("BATON_DATA_DIR", ".data"))
-    up.add_argument(
-        "--engine",
-        default=os.environ.get("ENGINE") or os.environ.get("BATON_ENGINE", "vllm"),
-        choices=["vllm", "openai", "sim"],
-    )
-    up.add_argument("--nats-port", type=int, default=4222)
-    up.add_argument("--monitor-port", type=int, default=8222)
-    up.add_argument("--http-port", type=int, default=8080)
-    up.set_defaults(fn=_up, nats_url_given=env_url)
-
-    s = sub.add_parser("submit", help="publish a task and follow its events")
-    s.add_argument("workflow")
-    s.add_argument("input")
-    s.add_argument("--tenant", required=True)
-    s.add_argument("--session")
-    s.add_argument("--task-id")
-    s.add_argument("--max-tokens", type=int)
-    s.add_argument("--timeout", type=float, default=300.0)
-    s.add_argument("--nats-url", default=env_url or DEFAULT_NATS_URL)
-    s.set_defaults(fn=_submit)
-
-    n = sub.add_parser("nats", help="run only the embedded nats-server")
-    n.add_argument("--data-dir", default=".data")
-    n.add_argument("--port", type=int, default=4222)
-    n.set_defaults(fn=_nats)
-
-    mdl = sub.add_parser("model", help="model utilities")
-    msub = mdl.add_subparsers(dest="model_cmd", required=True)
-    tiny = msub.add_parser("tiny", help="build the tiny random-weight model into DIR")
-    tiny.add_argument("dir")
-    tiny.set_defaults(fn=_model)
-
-    a = sub.add_parser("asyncapi", help="write or check proto/asyncapi.yaml")
-    a.add_argument("--check", action="store_true")
-    a.set_defaults(fn=_asyncapi)
-    return p
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
+                        logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    return int(args.fn(args))
+    _quiet_logs()
+    try:
+        rc = app(args=argv, prog_name="baton", standalone_mode=False)
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.Abort):
+            return 130
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from baton.natsd import NatsServer, free_port
+from baton.settings import DEFAULT_NATS_URL
+from baton.urls import redact
 
 MODULES = {
     "context-store": "services.context_store",
@@ -100,6 +103,25 @@ class Stack:
     services: list[ServiceProcess] = field(default_factory=list)
     nats: NatsServer | None = None
 
+    def ports(self) -> list[tuple[int, str]]:
+        """Every port this stack binds, with what binds it."""
+        ours = [(self.http_port, "orchestrator HTTP"), (self.http_port + 1, "context-store HTTP"),
+                (self.http_port + 2, "inference-worker HTTP")]  # fmt: skip
+        if self.nats_url is None:
+            ours = [(self.nats_port, "NATS"), (self.monitor_port, "NATS monitoring"), *ours]
+        return ours
+
+    def busy_ports(self) -> list[tuple[int, str]]:
+        """The ports of ``ports()`` something else already holds on 127.0.0.1."""
+        busy = []
+        for port, what in self.ports():
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    busy.append((port, what))
+        return busy
+
     def start(self) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         url = self.nats_url
@@ -155,11 +177,13 @@ class Stack:
             self.wait_ready()
             for svc in self.services:
                 print(f"baton: {svc.name:<16} {svc.url}  (/healthz /readyz /metrics)", flush=True)
-            print(
-                f"baton: API docs http://127.0.0.1:{self.http_port}/docs — try: "
-                "baton submit chat 'hello' --tenant acme   (Ctrl-C stops everything)",
-                flush=True,
-            )
+            api = f"http://127.0.0.1:{self.http_port}"
+            nats_flag = "" if url == DEFAULT_NATS_URL else f" --nats-url {redact(url)}"
+            api_flag = "" if api == "http://127.0.0.1:8080" else f" --api-url {api}"
+            print(f"baton: API docs {api}/docs (OpenAI-compatible base URL {api}/v1)", flush=True)
+            print(f"baton: try: baton submit chat 'hello' --tenant acme{nats_flag}", flush=True)
+            print(f"baton:      baton tasks --tenant acme{api_flag}   (Ctrl-C stops everything)",
+                  flush=True)  # fmt: skip
             while not stop:
                 for svc in self.services:
                     if not svc.alive():

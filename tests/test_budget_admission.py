@@ -39,4 +39,4 @@ async def test_a_non_finite_or_negative_max_usd_over_http_is_a_400_invalid_field
     # the API) accepts: the check must be Baton's, not the JSON parser's.
     body = {"tenant": uid("b"), "input": "x", "budget": {"max_usd": usd}}
     err = http_post(f"{stack.orchestrator.url}/v1/tasks", body, expect=400)
-    assert err["detail"]["code"] == "invalid_field" and "max_usd" in err["detail"]["message"]
+    assert err["error"]["code"] == "invalid_field" and "max_usd" in err["error"]["message"]

@@ -1,0 +1,113 @@
+"""The ``baton`` command through ``subprocess``, as a user runs it: exit
+codes, one-line errors, streamed answers, ``--json``, and the commands that
+talk to the HTTP API."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from baton.natsd import free_port
+from tests.harness import Client, LocalStack, uid
+
+
+def baton(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    import os
+
+    return subprocess.run([sys.executable, "-m", "baton.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})  # fmt: skip
+
+
+async def test_submit_streams_the_answer_and_exits_0(stack: LocalStack, client: Client) -> None:
+    tenant = uid("cli")
+    r = baton("submit", "chat", "hello cli", "--tenant", tenant, "--nats-url", stack.nats_url)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().startswith("[r1.answer assistant] [sim: 2 messages")
+    assert "completed:" in r.stderr and "tokens" in r.stderr
+    j = baton("submit", "chat", "hello json", "--tenant", tenant, "--nats-url", stack.nats_url,
+              "--json", "--task-id", (task_id := uid()))  # fmt: skip
+    assert j.returncode == 0, j.stderr
+    lines = [json.loads(line) for line in j.stdout.splitlines()]
+    assert lines[-1]["type"] == "completed" and lines[-1]["task_id"] == task_id
+    streamed = "".join(x["text"] for x in lines if "text" in x and "offset" in x)
+    assert streamed == lines[-1]["output"]
+
+
+async def test_a_failed_task_exits_1(stack: LocalStack) -> None:
+    r = baton("submit", "nope", "x", "--tenant", uid("cli"), "--nats-url", stack.nats_url)
+    assert r.returncode == 1
+    assert "unknown_workflow" in r.stderr
+
+
+async def test_an_unreachable_nats_url_fails_fast_with_one_line_naming_it() -> None:
+    port = free_port()
+    url = f"nats://someone:s3cret@127.0.0.1:{port}"
+    t0 = time.monotonic()
+    r = baton("submit", "chat", "x", "--tenant", "acme", "--nats-url", url, timeout=30)
+    took = time.monotonic() - t0
+    assert r.returncode == 3
+    assert took <= 5.0 + 1.5, took  # +1.5 s for the interpreter start on a busy box
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert f"nats://someone:***@127.0.0.1:{port}" in lines[0] and "s3cret" not in r.stderr
+
+
+async def test_invalid_names_get_one_line_with_the_rule() -> None:
+    for args in (["submit", "chat", "x", "--tenant", "ac.me"], ["submit", "bad wf", "x", "--tenant", "acme"],
+                 ["status", "a/b", "--tenant", "acme"]):  # fmt: skip
+        r = baton(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "[A-Za-z0-9_-]{1,64}" in lines[0], r.stderr
+
+
+async def test_status_tasks_cancel_and_workflows_use_the_http_api(
+    stack: LocalStack, client: Client
+) -> None:
+    tenant, task_id = uid("cli"), uid()
+    await client.run("chat", {"tenant": tenant, "input": "for status", "task_id": task_id})
+    api = ["--api-url", stack.orchestrator.url]
+    s = baton("status", task_id, "--tenant", tenant, *api, "--json")
+    assert s.returncode == 0 and json.loads(s.stdout)["status"] == "completed"
+    pretty = baton("status", task_id, "--tenant", tenant, *api)
+    assert pretty.returncode == 0 and "r1.answer" in pretty.stdout and "completed" in pretty.stdout
+    t = baton("tasks", "--tenant", tenant, *api, "--json")
+    assert [x["task_id"] for x in json.loads(t.stdout)["tasks"]] == [task_id]
+    assert task_id in baton("tasks", "--tenant", tenant, *api).stdout
+    missing = baton("status", uid(), "--tenant", tenant, *api)
+    assert missing.returncode == 1 and missing.stderr.startswith("baton: unknown_task:")
+    c = baton("cancel", task_id, "--tenant", tenant, *api)  # already over: stays completed
+    assert c.returncode == 0 and c.stdout.strip() == f"{task_id}: completed"
+    w = baton("workflows", *api)
+    assert w.returncode == 0 and "research" in w.stdout
+    down = baton("tasks", "--tenant", tenant, "--api-url", f"http://127.0.0.1:{free_port()}")
+    assert down.returncode == 3 and "cannot reach the orchestrator" in down.stderr
+
+
+def test_workflows_check_validates_a_file(tmp_path: Path) -> None:
+    good = Path("services/orchestrator/workflows/research.yaml")
+    r = baton("workflows", "check", str(good))
+    assert r.returncode == 0 and "ok" in r.stdout and "'research'" in r.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: bad\nagents:\n  a: {role: a, system: s}\nsteps:\n  - id: one\n    agent: nobody\n"
+    )
+    r = baton("workflows", "check", str(bad))
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"baton: {bad}:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_up_names_a_port_that_is_taken_before_starting_anything(tmp_path: Path) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = baton("up", "--engine", "sim", "--data-dir", str(tmp_path), "--nats-port", str(free_port()),
+                  "--monitor-port", str(free_port()), "--http-port", str(port), timeout=30)  # fmt: skip
+    assert r.returncode == 1
+    assert f"port {port} (orchestrator HTTP) is already in use" in r.stderr
+    assert not (tmp_path / "nats").exists()  # nothing was started
