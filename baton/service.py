@@ -22,7 +22,8 @@ import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from baton import logs
+from baton import http_errors, logs
+from baton.http_errors import ErrorBody, ErrorDetail
 from baton.metrics import mount_metrics
 from baton.settings import CommonSettings
 from baton.transport import Bus, connect, tls_context
@@ -54,6 +55,7 @@ def health_app(title: str, health: Health) -> FastAPI:
         return {"ready": health.ready, "reason": health.reason, **health.checks}
 
     mount_metrics(app)
+    http_errors.install(app)
     document_errors(app)
     return app
 
@@ -64,14 +66,15 @@ ERROR_STATUSES = {
     "403": "The caller's key may not act on another tenant",
     "404": "No such task, session or workflow",
     "413": "Input too large",
+    "422": "The body or a parameter fails validation",
     "503": "The service is not ready",
 }
 
 
 def document_errors(app: FastAPI) -> None:
     """Declare the error answers every ``/v1`` operation may give, in the one
-    error shape (``{"detail": ...}``), so the OpenAPI document is the truth
-    a client (and schemathesis) can check the API against."""
+    error body (``baton.http_errors.ErrorBody``), so the OpenAPI document is
+    the truth a client (and schemathesis) can check the API against."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -79,19 +82,18 @@ def document_errors(app: FastAPI) -> None:
             return app.openapi_schema
         doc = build()
         schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-        schemas["Error"] = {
-            "type": "object",
-            "required": ["detail"],
-            "properties": {"detail": {"description": "a message, or {code, message, layer}"}},
-        }
-        ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        for model in (ErrorDetail, ErrorBody):
+            schemas.setdefault(model.__name__, model.model_json_schema(
+                ref_template="#/components/schemas/{model}"))  # fmt: skip
+        body = {"$ref": "#/components/schemas/ErrorBody"}
         for path, ops in doc.get("paths", {}).items():
             if not path.startswith("/v1/"):
                 continue
             for op in ops.values():
                 responses = op.setdefault("responses", {})
                 for status, text in ERROR_STATUSES.items():
-                    responses.setdefault(status, {"description": text, **ref})
+                    answer = responses.setdefault(status, {"description": text})
+                    answer["content"] = {"application/json": {"schema": body}}
         app.openapi_schema = doc
         return doc
 
@@ -106,17 +108,22 @@ def caller_scope(api_keys: dict[str, str]) -> Callable[..., str | None]:
 
     None means unrestricted: no keys are configured (development, bound to
     127.0.0.1) or the key maps to ``"*"`` (an operator). An unknown or
-    missing key is refused with 401. Declared in OpenAPI as a bearer scheme,
-    so ``/docs`` has an Authorize button.
+    missing key is refused with 401. With keys, declared in OpenAPI as a
+    bearer scheme, so ``/docs`` has an Authorize button; without, the API
+    declares none (it asks for none).
     """
+    if not api_keys:
+
+        def open_scope() -> str | None:
+            return None
+
+        return open_scope
     bearer = HTTPBearer(auto_error=False, scheme_name="apiKey",
                         description="A Baton API key: `Authorization: Bearer <key>`.")  # fmt: skip
 
     def scope(
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
     ) -> str | None:
-        if not api_keys:
-            return None
         key = credentials.credentials.strip() if credentials else ""
         tenant = api_keys.get(key)
         if tenant is None:

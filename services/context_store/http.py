@@ -13,8 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI
 
+from baton.http_errors import ApiError
 from baton.service import Health, caller_scope, health_app
 from proto.errors import ErrorCode
 from proto.ids import is_valid_id
@@ -33,9 +34,9 @@ _STATUS = {
 
 def _scope(tenant: str, session: str | None, caller: str | None) -> None:
     if not is_valid_id(tenant) or (session is not None and not is_valid_id(session)):
-        raise HTTPException(400, "tenant and session must match [A-Za-z0-9_-]{1,64}")
+        raise ApiError(ErrorCode.INVALID_FIELD, "tenant and session must match [A-Za-z0-9_-]{1,64}")
     if caller is not None and caller != tenant:
-        raise HTTPException(403, "this caller may not read another tenant's data")
+        raise ApiError(ErrorCode.FORBIDDEN, "this caller may not read another tenant's data")
 
 
 def http_app(
@@ -47,14 +48,14 @@ def http_app(
     def admin() -> Admin:
         a = get_admin()
         if a is None:
-            raise HTTPException(503, "not ready")
+            raise ApiError(ErrorCode.UNAVAILABLE, "not ready")
         return a
 
     async def call(op: Any, req: Any) -> dict[str, Any]:
         try:
             out: dict[str, Any] = msgspec.to_builtins(await op(req))
         except ContextError as exc:
-            raise HTTPException(_STATUS.get(exc.code, 500), exc.message) from exc
+            raise ApiError(exc.code, exc.message, status=_STATUS.get(exc.code, 500)) from exc
         return out
 
     @app.get("/v1/sessions/{tenant}/{session}")

@@ -4,7 +4,7 @@
 Tenancy: when API keys are configured (``BATON_API_KEYS``), the bearer key
 decides the tenant and a tenant only sees its own tasks. Without keys
 (development), the tenant comes from the request. Every error has one body
-(``http_errors.py``).
+(``baton/http_errors.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import msgspec
 from fastapi import Depends, FastAPI, Header, Query
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from baton.http_errors import ERROR_RESPONSES, ApiError, require_ids
 from baton.service import Health, caller_scope, health_app
 from baton.transport import Bus
 from proto import codec, subjects
@@ -28,7 +29,6 @@ from proto.admission import TaskRejected, parse_task
 from proto.errors import ErrorCode
 from proto.messages import TaskSubmit
 
-from . import http_errors
 from .api_models import (
     Cancelled,
     TaskAccepted,
@@ -42,7 +42,6 @@ from .api_models import (
 )
 from .conductor import Conductor
 from .follow import as_dict, follow_task, replay_events
-from .http_errors import ERROR_RESPONSES, ApiError, require_ids
 from .listing import BadCursor, page_runs
 from .runs import RunStore
 from .settings import OrchestratorSettings
@@ -100,7 +99,6 @@ def last_event_seq(header: str | None) -> int:
 
 def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> FastAPI:
     app = health_app("Baton orchestrator", health)
-    http_errors.install(app)
 
     def tenant_of(
         scope: str | None = Depends(caller_scope(settings.api_keys)),

@@ -33,12 +33,12 @@ from fastapi import Depends, FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from baton.http_errors import ERROR_RESPONSES, STATUS_OF, ApiError, error_body, require_ids
 from proto import subjects
 from proto.errors import ErrorCode
 from proto.messages import ChatMessage, Completed, ContextAppend, ContextAppendReply, Failed, Step
 
 from .follow import follow_task
-from .http_errors import ERROR_RESPONSES, STATUS_OF, ApiError, error_body, require_ids
 from .settings import OrchestratorSettings
 from .workflows import WorkflowSpec
 from .workflows.graph import parse_step_id

@@ -1,5 +1,5 @@
-"""One error body for every HTTP route of the orchestrator, Baton's own API
-and the OpenAI-compatible one alike::
+"""One error body for every HTTP route of both services (the orchestrator's
+own API, its OpenAI-compatible one, the context store's) alike::
 
     {"error": {"code": "unknown_task", "message": "...", "layer": "orchestration",
                "type": "not_found_error", "param": null}}
@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from proto.errors import LAYER_OF, ErrorCode
 from proto.ids import ID_PATTERN, is_valid_id
 
-log = structlog.get_logger("orchestrator.http")
+log = structlog.get_logger("baton.http")
 
 # HTTP status of an error code; anything else is 400 (the caller's fault)
 # unless the code is internal.
