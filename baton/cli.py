@@ -71,7 +71,7 @@ async def _connect(url: str) -> Any:
     from baton.transport import BusUnavailable, connect
 
     try:
-        return await connect(url, name="baton-cli", timeout=4.0)
+        return await connect(url, name="baton-cli", timeout=3.0)
     except BusUnavailable as exc:
         cause = exc.__cause__ or exc
         why = str(cause).strip() or type(cause).__name__

@@ -50,7 +50,7 @@ async def test_an_unreachable_nats_url_fails_fast_with_one_line_naming_it() -> N
     r = baton("submit", "chat", "x", "--tenant", "acme", "--nats-url", url, timeout=30)
     took = time.monotonic() - t0
     assert r.returncode == 3
-    assert took <= 5.0 + 1.5, took  # +1.5 s for the interpreter start on a busy box
+    assert took <= 5.0, took  # the whole command, interpreter start included
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert f"nats://someone:***@127.0.0.1:{port}" in lines[0] and "s3cret" not in r.stderr
