@@ -136,7 +136,7 @@ def markdown(r: dict[str, Any]) -> str:
         "| streamed tasks whose deltas do not concatenate to the stored output | "
         f"{r['concatenation_mismatches']} | 0 |",
         "",
-        f"Pair ratios span {min(r['round_ratios']):.2f}–{max(r['round_ratios']):.2f} on the "
+        f"Pair ratios span {min(r['round_ratios']):.2f} to {max(r['round_ratios']):.2f} on the "
         "shared cores: the cost of streaming is below what this box resolves, so the "
         "result reads as no measurable cost, not as a gain.",
     ])  # fmt: skip
