@@ -5,6 +5,7 @@ baton submit WORKFLOW INPUT ...   publish a task over NATS, stream its tokens an
 baton status ID / cancel ID       one task, through the orchestrator's HTTP API
 baton tasks                       a tenant's tasks, newest first
 baton workflows [check FILE]      the workflows served, or validate a workflow file
+baton tenant url TENANT           the tenant's NATS client URL (written by `baton up`)
 baton nats / model tiny DIR / asyncapi [--check]
 
 Exit codes: 0 done (task completed), 1 the task or request failed, 2 bad
@@ -23,7 +24,6 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from baton.settings import DEFAULT_NATS_URL
 from baton.urls import redact
 
 DEFAULT_API_URL = "http://127.0.0.1:8080"
@@ -35,7 +35,9 @@ app = typer.Typer(help=_HELP, no_args_is_help=True, add_completion=False,
 model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
 workflows_app = typer.Typer(help="The workflows served, or `check FILE`.",
                             invoke_without_command=True)  # fmt: skip
+tenant_app = typer.Typer(help="Tenant credentials.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+app.add_typer(tenant_app, name="tenant")
 app.add_typer(workflows_app, name="workflows")
 
 
@@ -54,6 +56,8 @@ def _id(value: str | None, what: str) -> str | None:
     return value
 
 
+DataDir = Annotated[Path, typer.Option("--data-dir", envvar="BATON_DATA_DIR",
+                                       help="Where `baton up` keeps its data")]  # fmt: skip
 NatsUrl = Annotated[str, typer.Option("--nats-url", envvar=["BATON_NATS_URL", "NATS_URL"],
                                       help="NATS URL (a tenant's own URL works)")]  # fmt: skip
 ApiUrl = Annotated[str, typer.Option("--api-url", envvar="BATON_API_URL",
@@ -87,15 +91,21 @@ def submit(
     task_id: Annotated[str | None, typer.Option("--task-id")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Token budget of the task")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the end")] = 300.0,
-    nats_url: NatsUrl = DEFAULT_NATS_URL,
+    nats_url: Annotated[
+        str | None,
+        typer.Option("--nats-url", envvar=["BATON_NATS_URL", "NATS_URL"], show_default=False,
+                     help="NATS URL; default: the tenant's URL `baton up` wrote under --data-dir"),
+    ] = None,
+    data_dir: DataDir = Path(".data"),
     json_out: Json = False,
     plain: Annotated[bool, typer.Option("--plain", help="No live display")] = False,
-) -> None:
+) -> None:  # fmt: skip
     """Publish a task and stream its tokens and steps until it ends."""
     from baton.submit import submit as run_submit
 
     _id(workflow, "workflow")
     _id(tenant, "tenant")
+    url = nats_url or _tenant_url(data_dir, tenant)
     _id(session, "session")
     task_id = _id(task_id, "task id") or uuid.uuid4().hex
     body: dict[str, Any] = {"tenant": tenant, "input": input, "task_id": task_id}
@@ -106,7 +116,7 @@ def submit(
     mode = "json" if json_out else "plain" if plain else "auto"
 
     async def go() -> int:
-        bus = await _connect(nats_url)
+        bus = await _connect(url)
         try:
             return await run_submit(bus, workflow, body, mode=mode, timeout=timeout)
         finally:
@@ -284,15 +294,38 @@ def up(
     raise typer.Exit(stack.run_forever())
 
 
-@app.command()
-def nats(
-    data_dir: Annotated[Path, typer.Option()] = Path(".data"), port: int = 4222,
-) -> None:  # fmt: skip
-    """Run only the embedded nats-server."""
-    from baton.natsd import NatsServer
+def _tenant_url(data_dir: Path, tenant: str) -> str:
+    from baton.credentials import read_url
 
-    server = NatsServer(data_dir / "nats", port=port, monitor_port=8222).start()
-    print(f"nats-server at {server.url} (store {server.store_dir}); Ctrl-C to stop", flush=True)
+    try:
+        return read_url(data_dir, tenant)
+    except FileNotFoundError:
+        fail(f"no credentials for tenant {tenant!r} in {data_dir}/tenants/: start the stack "
+             "with BATON_TENANTS including it (`make up`), or pass --nats-url", EXIT_USAGE)  # fmt: skip
+
+
+@tenant_app.command("url")
+def tenant_url(tenant: str, data_dir: DataDir = Path(".data")) -> None:
+    """Print the tenant's NATS client URL (any NATS client can connect() with it)."""
+    _id(tenant, "tenant")
+    print(_tenant_url(data_dir, tenant))
+
+
+@app.command()
+def nats(data_dir: DataDir = Path(".data"), port: int = 4222) -> None:
+    """Run only the embedded nats-server (authentication on, tenants of BATON_TENANTS)."""
+    from baton.credentials import Credentials
+    from baton.natsd import NatsServer, ServerAuth
+    from baton.settings import parse_tenants
+
+    tenants = parse_tenants(os.environ.get("BATON_TENANTS", "acme"))
+    creds = Credentials.load_or_create(data_dir, tenants)
+    server = NatsServer(data_dir / "nats", port=port, monitor_port=8222,
+                        auth=ServerAuth(tenants, creds)).start()  # fmt: skip
+    creds.write_urls(data_dir, tenants, "127.0.0.1", server.port)
+    print(f"nats-server at {server.address} (store {server.store_dir}, authentication on); "
+          f"client URLs in {data_dir}/tenants/ and {data_dir}/operator.url; Ctrl-C to stop",
+          flush=True)  # fmt: skip
     try:
         assert server.proc is not None
         server.proc.wait()

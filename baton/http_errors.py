@@ -33,6 +33,7 @@ STATUS_OF: dict[ErrorCode, int] = {
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.UNKNOWN_TASK: 404,
     ErrorCode.UNKNOWN_WORKFLOW: 404,
+    ErrorCode.UNKNOWN_TENANT: 404,
     ErrorCode.UNKNOWN_SESSION: 404,
     ErrorCode.CONFLICT: 409,
     ErrorCode.CANCELLED: 409,

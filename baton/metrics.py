@@ -19,6 +19,11 @@ DEAD_LETTERS = Counter(
     "Messages terminated as poison or after their last delivery.",
     ["consumer"],
 )
+PERMISSION_VIOLATIONS = Counter(
+    "baton_nats_permission_violations",
+    "Publishes or subscriptions the NATS server refused this service (its permissions).",
+    ["service"],
+)
 CONTEXT_REQUESTS = Counter(
     "baton_context_requests",
     "Context store requests, by operation and outcome (ok or an error code).",

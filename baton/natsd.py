@@ -3,6 +3,11 @@
 Used by ``baton up`` on a laptop and by the test suite when no ``NATS_URL``
 and no Docker daemon are available. JetStream keeps its file store under
 ``store_dir`` so a restart keeps every stream.
+
+With ``auth`` (the default of ``baton up`` and the tests) the server runs the
+accounts and permissions ``baton.accounts`` renders, and encrypts JetStream's
+store at rest; the key reaches the server through its environment, never the
+configuration file.
 """
 
 from __future__ import annotations
@@ -16,8 +21,12 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from baton import accounts
+from baton.credentials import Credentials
 
 _READY = "Server is ready"
 _LISTEN = re.compile(r"Listening for client connections on [\d.]+:(\d+)")
@@ -53,6 +62,14 @@ class ServerTls:
     key: Path
     verify_clients_with: Path | None = None
 
+    def settings(self) -> dict[str, str | bool]:
+        """The ``tls`` block as data, for a rendered configuration."""
+        out: dict[str, str | bool] = {"cert_file": str(self.cert), "key_file": str(self.key)}
+        if self.verify_clients_with is not None:
+            out["ca_file"] = str(self.verify_clients_with)
+            out["verify"] = True
+        return out
+
     def config(self) -> str:
         """The nats-server ``tls {}`` block for these files."""
         files = {"cert_file": self.cert, "key_file": self.key}
@@ -64,12 +81,27 @@ class ServerTls:
         return "tls {\n" + "\n".join(lines) + "\n}\n"
 
 
+CIPHER_ENV = "BATON_NATS_JS_KEY"
+
+
+@dataclass
+class ServerAuth:
+    """Accounts for ``tenants`` with ``credentials``; ``encrypt`` turns on
+    JetStream encryption at rest."""
+
+    tenants: list[str]
+    credentials: Credentials
+    encrypt: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 class NatsServer:
     """One ``nats-server -js`` process bound to 127.0.0.1, requiring TLS on
     client connections when ``tls`` is given.
 
     ``port=0`` picks a free port at the first start; ``restart`` keeps the
-    same port and store, so clients reconnect and streams survive.
+    same port and store, so clients reconnect and streams survive. Without
+    ``auth`` it runs open (no accounts): only for comparisons and tools.
     """
 
     def __init__(
@@ -80,17 +112,53 @@ class NatsServer:
         monitor_port: int | None = None,
         server_name: str = "baton",
         tls: ServerTls | None = None,
+        auth: ServerAuth | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.port = port
         self.monitor_port = monitor_port
         self.server_name = server_name
         self.tls = tls
+        self.auth = auth
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
-    def url(self) -> str:
+    def address(self) -> str:
+        """The address, without credentials."""
         return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """A URL with every right: the operator's (the address when open)."""
+        return self.url_for(accounts.OPERATOR)
+
+    def url_for(self, identity: str) -> str:
+        """A URL that connects as ``identity`` (the address when open)."""
+        if self.auth is None:
+            return self.address
+        return self.auth.credentials.url(identity, "127.0.0.1", self.port)
+
+    @property
+    def config_path(self) -> Path:
+        return self.store_dir / "nats-server.conf"
+
+    def _write_config(self) -> None:
+        assert self.auth is not None
+        creds = self.auth.credentials
+        config = accounts.render(
+            self.auth.tenants,
+            creds.passwords,
+            port=self.port,
+            store_dir=str(self.store_dir / "jetstream"),
+            monitor_port=self.monitor_port,
+            server_name=self.server_name,
+            cipher_key=accounts.Var(CIPHER_ENV) if self.auth.encrypt else None,
+            tls=self.tls.settings() if self.tls is not None else None,
+        )
+        config.update(self.auth.extra)
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(accounts.to_conf(config) + "\n")
 
     @property
     def log_path(self) -> Path:
@@ -101,28 +169,27 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         if self.port == 0:
             self.port = free_port()
-        args = [
-            find_binary(),
-            "-a",
-            "127.0.0.1",
-            "-p",
-            str(self.port),
-            "-js",
-            "-sd",
-            str(self.store_dir / "jetstream"),
-            "--server_name",
-            self.server_name,
-            "-l",
-            str(self.log_path),
-        ]
-        if self.monitor_port is not None:
-            args += ["-m", str(self.monitor_port)]
-        if self.tls is not None:
-            conf = self.store_dir / "tls.conf"
-            conf.write_text(self.tls.config())
-            args += ["-c", str(conf)]
+        env = dict(os.environ)
+        if self.auth is not None:
+            self._write_config()
+            args = [find_binary(), "-c", str(self.config_path), "-l", str(self.log_path)]
+            env[CIPHER_ENV] = self.auth.credentials.cipher_key
+        else:
+            args = [
+                find_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
+                "-sd", str(self.store_dir / "jetstream"), "--server_name", self.server_name,
+                "-l", str(self.log_path),
+            ]  # fmt: skip
+            if self.monitor_port is not None:
+                args += ["-m", str(self.monitor_port)]
+            if self.tls is not None:
+                conf = self.store_dir / "tls.conf"
+                conf.write_text(self.tls.config())
+                args += ["-c", str(conf)]
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, start_new_session=True, env=env
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

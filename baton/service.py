@@ -27,6 +27,7 @@ from baton.http_errors import ErrorBody, ErrorDetail
 from baton.metrics import mount_metrics
 from baton.settings import CommonSettings
 from baton.transport import Bus, connect, tls_context
+from baton.urls import redact
 
 log = structlog.get_logger("baton.service")
 
@@ -210,7 +211,11 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
     http = asyncio.create_task(server.serve())
-    log.info("started", nats=settings.nats_url, http=f"{settings.http_host}:{settings.http_port}")
+    log.info(
+        "started",
+        nats=redact(settings.nats_url),
+        http=f"{settings.http_host}:{settings.http_port}",
+    )
     try:
         await run(bus)
     finally:

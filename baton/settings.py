@@ -49,3 +49,15 @@ class CommonSettings(BaseSettings):
         if (self.nats_tls_cert is None) != (self.nats_tls_key is None):
             raise ValueError("BATON_NATS_TLS_CERT and BATON_NATS_TLS_KEY go together: set both")
         return self
+
+
+def parse_tenants(value: str) -> list[str]:
+    """``"acme, globex"`` -> ``["acme", "globex"]`` (each a valid id, no repeats).
+
+    Raises:
+        ValueError: an id outside ``[A-Za-z0-9_-]{1,64}`` or a reserved name.
+    """
+    from baton.accounts import check_tenant
+
+    out = [check_tenant(t.strip()) for t in value.split(",") if t.strip()]
+    return list(dict.fromkeys(out))

@@ -1,9 +1,12 @@
 """``baton up``: embedded NATS plus the three services as child processes.
 
 Each service is its own process (as in production), started with the same
-environment plus ``BATON_NATS_URL``. Ctrl-C (or SIGTERM) stops the services
-first (they drain), then NATS; nothing is left behind. The test suite drives
-the same ``ServiceProcess`` class.
+environment plus ``BATON_NATS_URL`` carrying that service's own identity.
+NATS runs with authentication on: the tenants of ``BATON_TENANTS`` (default
+``acme``) each get an account, and their client URLs are written to
+``<data-dir>/tenants/<tenant>.url`` (the operator's to ``operator.url``).
+Ctrl-C (or SIGTERM) stops the services first (they drain), then NATS; nothing
+is left behind. The test suite drives the same ``ServiceProcess`` class.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from baton.natsd import NatsServer, free_port
-from baton.settings import DEFAULT_NATS_URL
+from baton import accounts
+from baton.credentials import Credentials
+from baton.natsd import NatsServer, ServerAuth, free_port
+from baton.settings import parse_tenants
 from baton.urls import redact
 
 MODULES = {
-    "context-store": "services.context_store",
-    "orchestrator": "services.orchestrator",
-    "inference-worker": "services.inference_worker",
+    accounts.CONTEXT_STORE: "services.context_store",
+    accounts.ORCHESTRATOR: "services.orchestrator",
+    accounts.INFERENCE_WORKER: "services.inference_worker",
 }
 
 
@@ -100,6 +105,9 @@ class Stack:
     monitor_port: int = 8222
     http_port: int = 8080
     ready_timeout: float = 900.0
+    tenants: list[str] = field(
+        default_factory=lambda: parse_tenants(os.environ.get("BATON_TENANTS", "acme"))
+    )
     services: list[ServiceProcess] = field(default_factory=list)
     nats: NatsServer | None = None
 
@@ -123,22 +131,32 @@ class Stack:
         return busy
 
     def start(self) -> str:
+        """Start NATS (unless ``nats_url``) and the services; returns the
+        address of NATS (without credentials)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        url = self.nats_url
-        if url is None:
-            self.nats = NatsServer(
-                self.data_dir / "nats", port=self.nats_port, monitor_port=self.monitor_port
-            ).start()
-            url = self.nats.url
-        env = {
-            "BATON_NATS_URL": url,
+        base = {
             "BATON_ENGINE": self.engine,
             "BATON_DATA_DIR": str(self.data_dir.resolve()),
+            "BATON_TENANTS": ",".join(self.tenants),
         }
+        urls: dict[str, str]
+        if self.nats_url is None:
+            creds = Credentials.load_or_create(self.data_dir, self.tenants)
+            self.nats = NatsServer(
+                self.data_dir / "nats", port=self.nats_port, monitor_port=self.monitor_port,
+                auth=ServerAuth(self.tenants, creds),
+            ).start()  # fmt: skip
+            creds.write_urls(self.data_dir, self.tenants, "127.0.0.1", self.nats.port)
+            url = self.nats.address
+            urls = {name: self.nats.url_for(name) for name in MODULES}
+        else:  # the caller's NATS, one identity for every service
+            url = self.nats_url
+            urls = dict.fromkeys(MODULES, url)
+        ports = {accounts.ORCHESTRATOR: self.http_port, accounts.CONTEXT_STORE: self.http_port + 1,
+                 accounts.INFERENCE_WORKER: self.http_port + 2}  # fmt: skip
         self.services = [
-            ServiceProcess("context-store", env, self.http_port + 1).start(),
-            ServiceProcess("orchestrator", env, self.http_port).start(),
-            ServiceProcess("inference-worker", env, self.http_port + 2).start(),
+            ServiceProcess(name, {**base, "BATON_NATS_URL": urls[name]}, ports[name]).start()
+            for name in (accounts.CONTEXT_STORE, accounts.ORCHESTRATOR, accounts.INFERENCE_WORKER)
         ]
         return url
 
@@ -168,7 +186,11 @@ class Stack:
         try:
             url = self.start()
             monitor = f" (monitoring http://127.0.0.1:{self.monitor_port})" if self.nats else ""
-            print(f"baton: NATS {url}{monitor}", flush=True)
+            print(f"baton: NATS {url}{monitor}, authentication on", flush=True)
+            if self.nats is not None:
+                where = self.data_dir / "tenants"
+                print(f"baton: tenants {', '.join(self.tenants)}: client URLs in {where}/ "
+                      f"(print one: baton tenant url {self.tenants[0]})", flush=True)  # fmt: skip
             print(
                 f"baton: starting services with engine={self.engine} "
                 "(the first vLLM start builds the tiny model: allow a minute)",
@@ -178,11 +200,13 @@ class Stack:
             for svc in self.services:
                 print(f"baton: {svc.name:<16} {svc.url}  (/healthz /readyz /metrics)", flush=True)
             api = f"http://127.0.0.1:{self.http_port}"
-            nats_flag = "" if url == DEFAULT_NATS_URL else f" --nats-url {redact(url)}"
+            tenant = self.tenants[0]
+            data_flag = "" if self.data_dir == Path(".data") else f" --data-dir {self.data_dir}"
+            nats_flag = data_flag if self.nats is not None else f" --nats-url {redact(url)}"
             api_flag = "" if api == "http://127.0.0.1:8080" else f" --api-url {api}"
             print(f"baton: API docs {api}/docs (OpenAI-compatible base URL {api}/v1)", flush=True)
-            print(f"baton: try: baton submit chat 'hello' --tenant acme{nats_flag}", flush=True)
-            print(f"baton:      baton tasks --tenant acme{api_flag}   (Ctrl-C stops everything)",
+            print(f"baton: try: baton submit chat 'hello' --tenant {tenant}{nats_flag}", flush=True)
+            print(f"baton:      baton tasks --tenant {tenant}{api_flag}   (Ctrl-C stops everything)",
                   flush=True)  # fmt: skip
             while not stop:
                 for svc in self.services:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import ssl
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,9 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
 from baton import tracing
-from baton.metrics import DEAD_LETTERS, MESSAGES_HANDLED
+from baton.accounts import SERVICES, inbox_prefix
+from baton.urls import redact
+from baton.metrics import DEAD_LETTERS, MESSAGES_HANDLED, PERMISSION_VIOLATIONS
 from proto import codec, subjects
 from proto.streams import BucketSpec, ConsumerSpec, StreamSpec
 
@@ -249,14 +252,21 @@ class Bus:
 
     # -- provisioning ------------------------------------------------------
 
-    async def ensure_stream(self, spec: StreamSpec) -> None:
+    def account_js(self, api_prefix: str) -> JetStreamContext:
+        """JetStream of another account whose API this account imports under
+        ``api_prefix`` (a tenant's, as ``$JS.<tenant>.API``)."""
+        return self.nc.jetstream(prefix=api_prefix)
+
+    async def ensure_stream(self, spec: StreamSpec, *, api_prefix: str | None = None) -> None:
+        """Create or update the stream (in another account with ``api_prefix``)."""
+        js = self.js if api_prefix is None else self.account_js(api_prefix)
         config = _stream_config(spec, self.replicas)
         try:
-            await _retry_store_race(lambda: self.js.add_stream(config))
+            await _retry_store_race(lambda: js.add_stream(config))
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != 10058:  # stream name in use with a different config
                 raise
-            await self.js.update_stream(config)
+            await js.update_stream(config)
 
     async def ensure_consumer(self, spec: ConsumerSpec) -> None:
         """Create the durable consumer, or update its mutable fields in place
@@ -532,14 +542,22 @@ async def connect(
         BusUnavailable: no server answered within ``timeout`` seconds.
     """
 
+    user = urllib.parse.urlsplit(url).username
+    safe_url = redact(url)
+    PERMISSION_VIOLATIONS.labels(name)  # the series exists from the start
+
     async def on_error(exc: Exception) -> None:
+        if "permissions violation" in str(exc).lower():
+            PERMISSION_VIOLATIONS.labels(name).inc()
+            log.error("nats_permission_violation", error=str(exc))
+            return
         log.warning("nats_error", error=repr(exc))
 
     async def on_disconnect() -> None:
-        log.warning("nats_disconnected", url=url)
+        log.warning("nats_disconnected", url=safe_url)
 
     async def on_reconnect() -> None:
-        log.info("nats_reconnected", url=url)
+        log.info("nats_reconnected", url=safe_url)
 
     errors: list[Exception] = []
 
@@ -554,6 +572,9 @@ async def connect(
             nc.connect(
                 servers=[url],
                 name=name,
+                # Replies to this service land under its own prefix, which
+                # its permissions allow and no other identity's do.
+                inbox_prefix=inbox_prefix(user) if user in SERVICES else "_INBOX",
                 connect_timeout=max(1, int(min(2.0, timeout))),
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
@@ -568,13 +589,13 @@ async def connect(
     except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
         with contextlib.suppress(Exception):
             await nc.close()
-        raise BusUnavailable(url, errors[-1] if errors else exc) from exc
+        raise BusUnavailable(safe_url, errors[-1] if errors else exc) from exc
     # nats-py upgrades to TLS only when the server's INFO asks for it: a
     # client configured for TLS refuses a server that does not.
     if tls is not None and not nc._server_info.get("tls_required"):
         await nc.close()
         refused = ConnectionError("TLS is configured but the server does not offer it")
-        raise BusUnavailable(url, refused)
+        raise BusUnavailable(safe_url, refused)
     nc._error_cb = on_error
     return Bus(nc, replicas=replicas)
 

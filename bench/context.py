@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from baton.natsd import NatsServer
 from baton.stack import ServiceProcess
 from baton.transport import Bus, connect
 from proto import codec, subjects
@@ -36,6 +35,7 @@ from proto.messages import (
     WindowRequest,
 )
 from proto.streams import BucketSpec
+from tests.harness import secure_nats
 
 TURNS = (10, 100, 1000)
 TURN_CHARS = 300  # each user and assistant message
@@ -243,11 +243,11 @@ async def window_latency(bus: Bus) -> dict[str, Any]:
 
 
 async def _main(workdir: Path) -> dict[str, Any]:
-    server = NatsServer(workdir / "nats").start()
+    server = secure_nats(workdir / "nats").start()
     store = ServiceProcess(
         "context-store",
         {
-            "BATON_NATS_URL": server.url,
+            "BATON_NATS_URL": server.url_for("context-store"),
             "BATON_DATA_DIR": str(workdir),
             "BATON_CONTEXT_KEY": "bench-only-key-0123456789abcdef",
             "BATON_LOG_LEVEL": "WARNING",

@@ -41,11 +41,10 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
-from baton.natsd import NatsServer
 from bench.stats import pct
 from proto import codec
 from proto.messages import ContextAppend, InferenceJob, InferenceResult, WindowRequest
-from tests.harness import LocalStack, uid
+from tests.harness import LocalStack, secure_nats, uid
 
 WORKFLOW = "research"
 WARMUP_RUNS = 3
@@ -122,7 +121,7 @@ class Runner:
         task_id = uid("r")
         self.ends[task_id] = asyncio.get_running_loop().create_future()
         body = {"tenant": self.tenant, "input": text, "task_id": task_id}
-        await self.js.publish(f"baton.tasks.{WORKFLOW}", msgpack.packb(body),
+        await self.js.publish(f"baton.tasks.{self.tenant}.{WORKFLOW}", msgpack.packb(body),
                               headers={"Nats-Msg-Id": task_id})  # fmt: skip
         return task_id
 
@@ -338,8 +337,8 @@ def _between_steps(runs: list[tuple[str, dict[str, Any], float]]) -> list[float]
 
 
 async def _main(work: Path) -> dict[str, Any]:
-    server = NatsServer(work / "nats").start()
-    stack = LocalStack(server.url, work / "stack", env=ENV)
+    server = secure_nats(work / "nats").start()
+    stack = LocalStack(server, work / "stack", env=ENV)
     nc: NATS | None = None
     responder: NATS | None = None
     try:
@@ -359,7 +358,7 @@ async def _main(work: Path) -> dict[str, Any]:
         await prim.setup()
 
         # Warm-up: connections, consumers, the worker's direct consumer routing.
-        tenant = uid("orch")
+        tenant = "acme"
         runner = Runner(nc, stack.orchestrator.url, tenant)
         await runner.start()
         await _sequential(runner, WARMUP_RUNS, None, 10_000)
@@ -380,7 +379,7 @@ async def _main(work: Path) -> dict[str, Any]:
 
         # 2. Where the time goes: more sequential runs with the bus tapped.
         taps = Taps()
-        tap_tenant = uid("tap")
+        tap_tenant = "globex"
         tap_subs = await taps.start(nc, tap_tenant)
         tap_runner = Runner(nc, stack.orchestrator.url, tap_tenant)
         await tap_runner.start()

@@ -15,8 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from baton.natsd import NatsServer
-from tests.harness import Client, LocalStack, metric, uid
+from tests.harness import Client, LocalStack, metric, secure_nats, uid
 
 SESSIONS = 20
 TURNS = 4
@@ -35,7 +34,7 @@ async def _mode(stack: LocalStack, client: Client, routing: bool) -> dict[str, A
     orch = stack.service("orchestrator", BATON_CACHE_ROUTING=str(routing).lower())
     await asyncio.to_thread(orch.wait_ready, 60)
     await asyncio.sleep(2.5)  # heartbeats in, so routing knows the workers
-    tenant = uid("route" if routing else "pool")
+    tenant = "acme" if routing else "globex"
     h0, q0 = _counters(stack)
 
     async def session(i: int) -> None:
@@ -66,8 +65,8 @@ async def _main(work: Path) -> dict[str, Any]:
     from baton.tinymodel import build_tiny_model
 
     model = build_tiny_model(work / "tiny")
-    server = NatsServer(work / "nats").start()
-    stack = LocalStack(server.url, work / "stack", env={
+    server = secure_nats(work / "nats").start()
+    stack = LocalStack(server, work / "stack", env={
         "BATON_ENGINE": "vllm", "BATON_MODEL": str(model), "HF_HUB_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1", "BATON_HEARTBEAT_INTERVAL": "0.5",
     })  # fmt: skip

@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from baton.natsd import NatsServer
 from bench.stats import median, pct
 from proto.messages import ChatMessage
 from proto.streams import ORCHESTRATOR_RESULTS, RESULTS
 from services.inference_worker.engines.vllm import VLLMEngine
-from tests.harness import Client, LocalStack, uid
+from tests.harness import Client, LocalStack, secure_nats, uid
 from tests.vllm_jobs import collect_results, inprocess_worker, submit_job
 
 SYSTEM = "You are a helpful assistant."  # the chat workflow's agent
@@ -56,7 +55,7 @@ async def _direct(engine: VLLMEngine, prompts: list[str]) -> tuple[float, int]:
 
 async def _baton(client: Client, prompts: list[str]) -> tuple[float, int]:
     """The same prompts as chat tasks through NATS; (seconds, tokens)."""
-    tenant = uid("bench")
+    tenant = "acme"
     t0 = time.perf_counter()
     done = await asyncio.gather(*(
         client.run("chat", {"tenant": tenant, "input": p, "task_id": uid()}, timeout=300)
@@ -108,8 +107,8 @@ async def _main(work: Path) -> dict[str, Any]:
     from baton.tinymodel import build_tiny_model
 
     model = build_tiny_model(work / "tiny")
-    server = NatsServer(work / "nats").start()
-    stack = LocalStack(server.url, work / "stack")
+    server = secure_nats(work / "nats").start()
+    stack = LocalStack(server, work / "stack")
     stack.workdir.mkdir(parents=True, exist_ok=True)
     engine = VLLMEngine(str(model), served_name="tiny")
     await engine.start()

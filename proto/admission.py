@@ -1,8 +1,10 @@
 """Admission of a submitted task: decode, validate, or explain the rejection.
 
-Pure: takes the raw body and the subject's workflow token, returns a
-``TaskSubmit`` or raises ``TaskRejected`` carrying what could still be read
-(tenant, task_id) so a ``failed`` event can be addressed.
+Pure: takes the raw body and the subject's tenant and workflow tokens, returns
+a ``TaskSubmit`` or raises ``TaskRejected`` carrying what could still be read
+(task_id, session) so a ``failed`` event can be addressed. The tenant is the
+subject's — set by the server from the publisher's credentials — never the
+body's: a body naming another tenant is ``forbidden``.
 """
 
 from __future__ import annotations
@@ -49,10 +51,9 @@ class TaskRejected(Exception):
         return self.tenant is not None and self.task_id is not None
 
 
-def _readable_ids(raw: Any, msg_id: str | None) -> dict[str, str | None]:
-    """Best-effort tenant/task_id/session from an invalid body."""
+def _readable_ids(raw: Any, msg_id: str | None, tenant: str | None) -> dict[str, str | None]:
+    """Best-effort task_id/session from an invalid body; the tenant is given."""
     body = raw if isinstance(raw, dict) else {}
-    tenant = body.get("tenant")
     task_id = body.get("task_id")
     if task_id is None:  # absent or null: the header's, then the fallback
         task_id = msg_id
@@ -80,6 +81,7 @@ def budget_problem(budget: Budget) -> str | None:
 def parse_task(
     body: bytes,
     *,
+    tenant: str | None,
     workflow: str,
     known_workflows: frozenset[str] | set[str],
     msg_id: str | None = None,
@@ -89,6 +91,9 @@ def parse_task(
 
     Args:
         body: the raw MessagePack body.
+        tenant: the authenticated tenant (the subject's tenant token), or None
+            for a caller that checks the body's tenant itself (the HTTP API,
+            whose key decides it).
         workflow: the subject's workflow token.
         known_workflows: workflows this orchestrator runs.
         msg_id: the ``Nats-Msg-Id`` header, used as task id when the body has none.
@@ -101,11 +106,13 @@ def parse_task(
     Raises:
         TaskRejected: with a specific ``ErrorCode``.
     """
-    ids: dict[str, str | None] = {"tenant": None, "task_id": None, "session": None}
+    if tenant is not None and not is_valid_id(tenant):
+        raise TaskRejected(ErrorCode.INVALID_FIELD, f"invalid tenant token {tenant!r}")
+    ids: dict[str, str | None] = {"tenant": tenant, "task_id": None, "session": None}
     try:
         raw = decode_any(body)
     except TooDeep as exc:
-        ids = _readable_ids(exc.top, msg_id if is_valid_id(msg_id) else None)
+        ids = _readable_ids(exc.top, msg_id if is_valid_id(msg_id) else None, tenant)
         if ids["task_id"] is None and exc.top.get("task_id") is None:
             ids["task_id"] = fallback_task_id
         raise TaskRejected(ErrorCode.TOO_DEEP, str(exc), **ids) from exc
@@ -116,11 +123,11 @@ def parse_task(
             top: dict[str, str] = scan(body).top
         except NestingError:
             top = {}
-        ids = _readable_ids(top, msg_id if is_valid_id(msg_id) else None)
+        ids = _readable_ids(top, msg_id if is_valid_id(msg_id) else None, tenant)
         raise TaskRejected(
             ErrorCode.BAD_ENCODING, f"body is not MessagePack: {exc}", **ids
         ) from exc
-    ids = _readable_ids(raw, msg_id if is_valid_id(msg_id) else None)
+    ids = _readable_ids(raw, msg_id if is_valid_id(msg_id) else None, tenant)
     if ids["task_id"] is None and isinstance(raw, dict) and raw.get("task_id") is None:
         ids["task_id"] = fallback_task_id
     if not isinstance(raw, dict):
@@ -140,6 +147,12 @@ def parse_task(
         missing = _MISSING.search(text)
         code = ErrorCode.MISSING_FIELD if missing else ErrorCode.INVALID_FIELD
         raise TaskRejected(code, text, **ids) from exc
+    if tenant is not None and task.tenant != tenant:
+        raise TaskRejected(
+            ErrorCode.FORBIDDEN,
+            f"the body names tenant {task.tenant!r} but the credentials are tenant {tenant!r}",
+            **ids,
+        )
     if workflow not in known_workflows:
         raise TaskRejected(
             ErrorCode.UNKNOWN_WORKFLOW,

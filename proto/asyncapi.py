@@ -24,8 +24,10 @@ _ID = {"type": "string", "pattern": ID_PATTERN}
 _CHANNELS: Final[dict[str, tuple[str, tuple[str, ...], tuple[Any, ...], str, bool]]] = {
     "tasks": (
         f"{subjects.TASKS}.{{workflow}}", ("workflow",), (msg.TaskSubmit,),
-        f"Submit a task (JetStream stream {streams.TASKS.name}). Header Nats-Msg-Id: "
-        "<task_id> de-duplicates within the stream's window.", True,
+        "Submit a task, from the tenant's own account (its credentials decide the tenant). "
+        f"It arrives in Baton's account as baton.tasks.<tenant>.<workflow>, on stream "
+        f"{streams.TASKS_PREFIX}<tenant>. Header Nats-Msg-Id: <task_id> de-duplicates within "
+        "the stream's window, per tenant.", True,
     ),
     "events": (
         f"{subjects.EVENTS}.{{tenant}}.{{task_id}}", ("tenant", "task_id"),

@@ -23,6 +23,7 @@ class ErrorCode(enum.StrEnum):
     INVALID_FIELD = "invalid_field"  # wrong type or a bad id
     UNKNOWN_WORKFLOW = "unknown_workflow"
     INPUT_TOO_LARGE = "input_too_large"
+    UNKNOWN_TENANT = "unknown_tenant"  # no such tenant on this bus (HTTP API)
     DUPLICATE_TASK = "duplicate_task"
     BUDGET_EXCEEDED = "budget_exceeded"
     CANCELLED = "cancelled"
@@ -58,6 +59,7 @@ LAYER_OF: dict[ErrorCode, Layer] = {
             ErrorCode.INVALID_FIELD,
             ErrorCode.UNKNOWN_WORKFLOW,
             ErrorCode.INPUT_TOO_LARGE,
+            ErrorCode.UNKNOWN_TENANT,
             ErrorCode.DUPLICATE_TASK,
             ErrorCode.BUDGET_EXCEEDED,
             ErrorCode.CANCELLED,

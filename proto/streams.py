@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from proto import subjects
+from proto.ids import require_id
 
 Retention = Literal["workqueue", "limits"]
 
@@ -44,13 +45,35 @@ class BucketSpec:
     description: str = ""
 
 
-TASKS = StreamSpec(
-    name="BATON_TASKS",
-    subjects=(f"{subjects.TASKS}.>",),
-    retention="workqueue",
-    duplicate_window=120.0,
-    description="Submitted tasks (public). Nats-Msg-Id = task_id de-duplicates.",
-)
+TASKS_PREFIX: Final = "BATON_TASKS_"
+
+
+def tenant_tasks(tenant: str) -> StreamSpec:
+    """One task stream per tenant, so ``Nats-Msg-Id`` de-duplicates within a
+    tenant only: a tenant reusing another's task id neither drops that task
+    nor learns that the id exists (JetStream de-duplicates stream-wide)."""
+    return StreamSpec(
+        name=f"{TASKS_PREFIX}{require_id(tenant, 'tenant')}",
+        subjects=(f"{subjects.TASKS}.{tenant}.*",),
+        retention="workqueue",
+        duplicate_window=120.0,
+        description=f"Tasks submitted by tenant {tenant}. Nats-Msg-Id = task_id de-duplicates.",
+    )
+
+
+def task_consumer(tenant: str) -> ConsumerSpec:
+    """The consumer every orchestrator replica shares on a tenant's tasks."""
+    stream = tenant_tasks(tenant)
+    return ConsumerSpec(
+        stream=stream.name,
+        durable="orchestrator-tasks",
+        filter_subject=stream.subjects[0],
+        ack_wait=30.0,
+        max_deliver=5,
+        description="Shared by every orchestrator replica.",
+    )
+
+
 JOBS = StreamSpec(
     name="BATON_JOBS",
     subjects=(f"{subjects.JOBS}.>",),
@@ -117,17 +140,32 @@ TIMERS = StreamSpec(
 )
 
 ALL_STREAMS: Final = (
-    TASKS, JOBS, RESULTS, EVENTS, TOKENS, CONTEXT, CONTEXT_ATTACHMENTS, DEAD_LETTERS, TIMERS,
+    JOBS, RESULTS, EVENTS, TOKENS, CONTEXT, CONTEXT_ATTACHMENTS, DEAD_LETTERS, TIMERS,
 )  # fmt: skip
+"""Baton's shared streams (the per-tenant task streams come from ``tenant_tasks``)."""
 
-ORCHESTRATOR_TASKS = ConsumerSpec(
-    stream=TASKS.name,
-    durable="orchestrator-tasks",
-    filter_subject=f"{subjects.TASKS}.>",
-    ack_wait=30.0,
-    max_deliver=5,
-    description="Shared by every orchestrator replica.",
+ORCHESTRATOR_STREAMS: Final = (JOBS, RESULTS, EVENTS, TOKENS, DEAD_LETTERS, TIMERS)
+"""What the orchestrator provisions (the context store provisions its own two)."""
+
+TENANT_EVENTS = StreamSpec(
+    name=EVENTS.name,
+    subjects=(f"{subjects.EVENTS}.*.>",),
+    retention="limits",
+    duplicate_window=120.0,
+    max_age=7 * DAY,
+    description="This tenant's task events, imported from Baton (replayable).",
 )
+TENANT_TOKENS = StreamSpec(
+    name=TOKENS.name,
+    subjects=(f"{subjects.TOKENS}.*.>",),
+    retention="limits",
+    duplicate_window=120.0,
+    max_age=1 * DAY,
+    description="This tenant's token deltas, imported from Baton (resumable by sequence).",
+)
+
+"""The copy of its own events each tenant account keeps (its only subjects
+there are its own, so the wildcard captures exactly them)."""
 ORCHESTRATOR_TIMERS = ConsumerSpec(
     stream=TIMERS.name,
     durable="orchestrator-timers",

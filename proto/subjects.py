@@ -26,8 +26,16 @@ CONTEXT_OPS: Final = (
 
 
 def task(workflow: str) -> str:
-    """``baton.tasks.<workflow>`` — public: submit a task."""
+    """``baton.tasks.<workflow>`` — public: submit a task (in the tenant's
+    own account; the server maps it to ``tenant_task``)."""
     return f"{TASKS}.{require_id(workflow, 'workflow')}"
+
+
+def tenant_task(tenant: str, workflow: str) -> str:
+    """``baton.tasks.<tenant>.<workflow>`` — a task as it arrives in Baton's
+    account: the tenant token is set by the server from the publisher's
+    credentials, never by the body."""
+    return f"{TASKS}.{require_id(tenant, 'tenant')}.{require_id(workflow, 'workflow')}"
 
 
 def event(tenant: str, task_id: str) -> str:
@@ -98,6 +106,9 @@ def dead_letter(consumer: str) -> str:
     return f"{DEAD_LETTERS}.{require_id(consumer, 'consumer')}"
 
 
-def workflow_of(subject: str) -> str:
-    """The ``<workflow>`` token of a task subject (may be invalid; caller checks)."""
-    return subject[len(TASKS) + 1 :]
+def task_origin(subject: str) -> tuple[str, str]:
+    """``(tenant, workflow)`` of ``baton.tasks.<tenant>.<workflow>``. The
+    workflow token may be invalid (the caller checks); the tenant is the
+    authenticated one (the stream only holds subjects the server mapped)."""
+    tenant, _, workflow = subject[len(TASKS) + 1 :].partition(".")
+    return tenant, workflow

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from baton.natsd import NatsServer
-from tests.harness import Client, LocalStack, nats_source
+from tests.harness import Client, LocalStack, nats_source, secure_nats
 
 
 @pytest.fixture(scope="session")
@@ -21,9 +21,11 @@ def nats_url(nats_env: tuple[str, NatsServer | None]) -> str:
 
 
 @pytest.fixture(scope="session")
-def stack(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+def stack(
+    nats_env: tuple[str, NatsServer | None], nats_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalStack]:
     """One context store, orchestrator and sim worker for the whole session."""
-    s = LocalStack(nats_url, tmp_path_factory.mktemp("stack")).start()
+    s = LocalStack(nats_env[1] or nats_url, tmp_path_factory.mktemp("stack")).start()
     yield s
     s.stop()
 
@@ -46,6 +48,6 @@ async def own_client(own_nats: NatsServer) -> AsyncIterator[Client]:
 @pytest.fixture
 def own_nats(tmp_path: Path) -> Iterator[NatsServer]:
     """A private nats-server for tests that restart or break things."""
-    server = NatsServer(tmp_path / "nats").start()
+    server = secure_nats(tmp_path / "nats", encrypt=False).start()
     yield server
     server.stop()

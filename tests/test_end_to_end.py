@@ -18,7 +18,7 @@ from tests.harness import Client, LocalStack, http_get, http_post, metric, uid
 async def test_a_task_from_a_plain_client_completes_with_usage_and_cost(
     stack: LocalStack, client: Client
 ) -> None:
-    tenant, task_id = uid("acme"), uid()
+    tenant, task_id = "acme", uid()
     events = await _submit_and_collect(
         client, {"tenant": tenant, "input": "hello", "task_id": task_id}
     )
@@ -34,7 +34,7 @@ async def test_a_task_from_a_plain_client_completes_with_usage_and_cost(
 async def test_a_second_turn_through_session_sees_both_turns(
     stack: LocalStack, client: Client
 ) -> None:
-    tenant, first = uid("acme"), uid()
+    tenant, first = "acme", uid()
     one = await client.run("chat", {"tenant": tenant, "input": "my name is Ada", "task_id": first})
     two = await client.run("chat", {"tenant": tenant, "input": "what is my name?",
                                     "task_id": uid(), "session": one["session"]})  # fmt: skip
@@ -45,7 +45,7 @@ async def test_a_second_turn_through_session_sees_both_turns(
 
 
 async def test_sessions_are_per_tenant(stack: LocalStack, client: Client) -> None:
-    a, b, session = uid("a"), uid("b"), uid("s")
+    a, b, session = "acme", "globex", uid("s")
     await client.run("chat", {"tenant": a, "input": "secret", "task_id": uid(), "session": session})
     other = await client.run(
         "chat", {"tenant": b, "input": "hi", "task_id": uid(), "session": session}
@@ -56,7 +56,7 @@ async def test_sessions_are_per_tenant(stack: LocalStack, client: Client) -> Non
 async def test_the_same_task_id_published_twice_runs_once(
     stack: LocalStack, client: Client
 ) -> None:
-    tenant, task_id = uid("acme"), uid()
+    tenant, task_id = "acme", uid()
     body = {"tenant": tenant, "input": "once", "task_id": task_id}
     worker = next(p for p in stack.procs if p.name == "inference-worker")
     # Events are de-duplicated by Msg-Id whatever happens, so count what
@@ -77,7 +77,7 @@ async def test_the_same_task_id_published_twice_runs_once(
 async def test_bad_input_fails_with_a_specific_code_and_the_next_task_still_runs(
     stack: LocalStack, client: Client
 ) -> None:
-    tenant = uid("acme")
+    tenant = "acme"
     cases: list[tuple[str, Any, str]] = [
         ("chat", {"tenant": tenant, "task_id": uid()}, "missing_field"),
         ("chat", {"tenant": tenant, "task_id": uid(), "input": 7}, "invalid_field"),
@@ -99,7 +99,7 @@ async def test_bad_input_fails_with_a_specific_code_and_the_next_task_still_runs
     assert ok["type"] == "completed"
     # Rejected tasks are terminated, not redelivered: the task consumer is empty.
     await asyncio.sleep(0.5)
-    info = await client.js.consumer_info("BATON_TASKS", "orchestrator-tasks")
+    info = await client.js.consumer_info(f"BATON_TASKS_{tenant}", "orchestrator-tasks")
     assert info.num_pending == 0 and info.num_ack_pending == 0
     metrics = http_get(f"{stack.orchestrator.url}/metrics")
     assert 'baton_rejected_tasks_total{code="bad_encoding"}' in metrics
@@ -107,7 +107,7 @@ async def test_bad_input_fails_with_a_specific_code_and_the_next_task_still_runs
 
 
 async def test_http_api_submits_and_reports_a_task(stack: LocalStack, client: Client) -> None:
-    tenant = uid("acme")
+    tenant = "acme"
     resp = http_post(
         f"{stack.orchestrator.url}/v1/tasks", {"tenant": tenant, "input": "via http"}, 202
     )
@@ -133,7 +133,7 @@ async def test_no_message_between_services_carries_the_history(
     stack: LocalStack, client: Client
 ) -> None:
     """Jobs and results stay small and constant-size while the history grows."""
-    tenant, session = uid("acme"), uid("s")
+    tenant, session = "acme", uid("s")
     sizes: dict[str, list[int]] = {"jobs": [], "results": []}
 
     async def watch(kind: str) -> None:

@@ -20,7 +20,7 @@ SLOW = {"BATON_SIM_DECODE_TPS": "25"}  # 128 tokens ~ 5 s: time to strike mid-ge
 
 @pytest.fixture
 def private(own_nats: NatsServer, tmp_path: Path) -> Iterator[LocalStack]:
-    s = LocalStack(own_nats.url, tmp_path / "stack")
+    s = LocalStack(own_nats, tmp_path / "stack")
     s.workdir.mkdir(parents=True)
     yield s
     s.stop()
@@ -52,7 +52,7 @@ async def test_a_worker_killed_mid_generation_loses_and_duplicates_nothing(
 ) -> None:
     _start(private, ["context-store", "orchestrator"])
     doomed = private.worker(**SLOW).wait_ready()
-    tenant, task_id = uid("acme"), uid()
+    tenant, task_id = "acme", uid()
     await own_client.publish("chat", {"tenant": tenant, "input": "hi", "task_id": task_id})
     await _wait_step_started(own_client, tenant, task_id)
     await asyncio.sleep(1.0)  # mid-generation
@@ -71,7 +71,7 @@ async def test_an_engine_oom_is_survived_and_the_job_completes_once(
     _start(private, ["context-store", "orchestrator"])
     worker = private.worker().wait_ready()
     http_post(f"{worker.url}/debug/inject-oom?count=1", {}, 200)
-    tenant, task_id = uid("acme"), uid()
+    tenant, task_id = "acme", uid()
     done = await own_client.run("chat", {"tenant": tenant, "input": "hi", "task_id": task_id},
                              timeout=30)  # fmt: skip
     assert done["type"] == "completed"
@@ -87,7 +87,7 @@ async def test_sigterm_drains_in_flight_jobs_and_exits_zero(
 ) -> None:
     _start(private, ["context-store", "orchestrator"])
     worker = private.worker(**SLOW).wait_ready()
-    tenant, task_id = uid("acme"), uid()
+    tenant, task_id = "acme", uid()
     await own_client.publish("chat", {"tenant": tenant, "input": "hi", "task_id": task_id})
     await _wait_step_started(own_client, tenant, task_id)
     code = await asyncio.to_thread(worker.terminate, 30)
@@ -102,7 +102,7 @@ async def test_a_killed_orchestrator_run_is_finished_by_another_replica(
     _start(private, ["context-store"])
     first = private.service("orchestrator").wait_ready()
     worker = private.worker(**SLOW).wait_ready()
-    tenant, task_id = uid("acme"), uid()
+    tenant, task_id = "acme", uid()
     await own_client.publish("chat", {"tenant": tenant, "input": "hi", "task_id": task_id})
     await _wait_step_started(own_client, tenant, task_id)
     first.kill()
@@ -125,7 +125,7 @@ async def test_a_crash_between_storing_a_step_done_and_dispatching_the_next_stra
     stored and performs what it implies: the run completes, each step once."""
     _start(private, ["context-store", "inference-worker"])
     doomed = private.service("orchestrator", BATON_TEST_CRASH_AFTER_COMMIT="r1.plan").wait_ready()
-    tenant, task_id = uid("acme"), uid()
+    tenant, task_id = "acme", uid()
     await own_client.publish("research", {"tenant": tenant, "input": "hi", "task_id": task_id})
     for _ in range(200):
         if not doomed.alive():

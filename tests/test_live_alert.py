@@ -33,7 +33,7 @@ def _alerts(port: int) -> list[dict[str, object]]:
 async def test_an_injected_oom_fires_the_oom_alert_in_prometheus(
     own_nats: NatsServer, tmp_path: Path
 ) -> None:
-    stack = LocalStack(own_nats.url, tmp_path / "stack").start()
+    stack = LocalStack(own_nats, tmp_path / "stack").start()
     port = free_port()
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -66,7 +66,7 @@ async def test_an_injected_oom_fires_the_oom_alert_in_prometheus(
         worker = next(p for p in stack.procs if p.name == "inference-worker")
         req = urllib.request.Request(f"{worker.url}/debug/inject-oom?count=1", b"", method="POST")
         urllib.request.urlopen(req, timeout=5).close()
-        done = await client.run("chat", {"tenant": uid("a"), "input": "hi", "task_id": uid()})
+        done = await client.run("chat", {"tenant": "acme", "input": "hi", "task_id": uid()})
         assert done["type"] == "completed"  # survived the OOM
         for _ in range(60):
             firing = [a for a in _alerts(port)

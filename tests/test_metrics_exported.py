@@ -26,7 +26,7 @@ def _exported(url: str) -> set[str]:
 async def test_running_services_export_every_catalogued_metric(
     stack: LocalStack, client: Client
 ) -> None:
-    done = await client.run("chat", {"tenant": uid("m"), "input": "hi", "task_id": uid()})
+    done = await client.run("chat", {"tenant": "hooli", "input": "hi", "task_id": uid()})
     assert done["type"] == "completed"
     wanted = {ln.strip() for ln in CATALOGUE.read_text().splitlines() if ln.strip()}
     for _ in range(40):  # gauges fed by periodic loops (heartbeats, backlog) need a beat

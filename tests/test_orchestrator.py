@@ -16,7 +16,7 @@ from tests.harness import Client, LocalStack, http_get, http_json, http_post, me
 async def test_research_fans_out_fans_in_and_reports_usage_and_cost(
     stack: LocalStack, client: Client
 ) -> None:
-    tenant, task_id = uid("r"), uid()
+    tenant, task_id = "initech", uid()
     events = await client.events(tenant, task_id, timeout=0.1, until_terminal=False)
     assert events == []
     await client.publish("research", {"tenant": tenant, "input": "compare two sort algorithms",
@@ -62,7 +62,7 @@ async def test_research_fans_out_fans_in_and_reports_usage_and_cost(
 async def test_a_budget_stops_the_run_at_the_step_that_would_overshoot(
     stack: LocalStack, client: Client
 ) -> None:
-    tenant = uid("b")
+    tenant = "umbrella"
     free = await client.run(
         "research", {"tenant": tenant, "input": "plan a trip", "task_id": uid()}
     )
@@ -82,14 +82,14 @@ async def test_a_budget_stops_the_run_at_the_step_that_would_overshoot(
 async def test_cancel_stops_a_running_task_and_its_generation(
     own_nats: NatsServer, tmp_path: Path
 ) -> None:
-    stack = LocalStack(own_nats.url, tmp_path / "s")
+    stack = LocalStack(own_nats, tmp_path / "s")
     stack.workdir.mkdir(parents=True)
     for name in ("context-store", "orchestrator"):
         stack.service(name).wait_ready()
     worker = stack.worker(BATON_SIM_DECODE_TPS="20").wait_ready()  # 128 tokens ~ 6 s
     client = await Client.connect(own_nats.url)
     try:
-        tenant, task_id = uid("c"), uid()
+        tenant, task_id = "hooli", uid()
         await client.publish("chat", {"tenant": tenant, "input": "long story", "task_id": task_id})
         for _ in range(100):
             if metric(worker.url, "baton_worker_inflight_jobs") >= 1:
@@ -113,7 +113,7 @@ async def test_cancel_stops_a_running_task_and_its_generation(
 
 
 async def test_api_keys_scope_every_task_to_its_tenant(stack: LocalStack, client: Client) -> None:
-    keys = {"key-acme": uid("acme"), "key-globex": uid("globex")}
+    keys = {"key-acme": "acme", "key-globex": "globex"}
     orch = stack.service("orchestrator", BATON_API_KEYS=json.dumps(keys)).wait_ready()
     try:
         acme = {"Authorization": "Bearer key-acme"}
@@ -137,7 +137,7 @@ async def test_api_keys_scope_every_task_to_its_tenant(stack: LocalStack, client
 async def test_server_sent_events_replay_then_follow_to_the_end(
     stack: LocalStack, client: Client
 ) -> None:
-    tenant = uid("e")
+    tenant = "wonka"
     resp = http_post(f"{stack.orchestrator.url}/v1/tasks", {"tenant": tenant, "input": "hi"}, 202)
     url = f"{stack.orchestrator.url}/v1/tasks/{resp['task_id']}/events?tenant={tenant}"
     body = await asyncio.to_thread(http_get, url)
@@ -158,13 +158,13 @@ async def test_a_step_nobody_answers_is_retried_then_fails_with_step_timeout(
         "  - id: wait\n"
         "    agent: ghost\n"
     )
-    stack = LocalStack(own_nats.url, tmp_path / "s", env={"BATON_WORKFLOWS_DIR": str(tmp_path)})
+    stack = LocalStack(own_nats, tmp_path / "s", env={"BATON_WORKFLOWS_DIR": str(tmp_path)})
     stack.workdir.mkdir(parents=True)
     for name in ("context-store", "orchestrator"):
         stack.service(name).wait_ready()
     client = await Client.connect(own_nats.url)
     try:
-        tenant, task_id = uid("to"), uid()
+        tenant, task_id = "globex", uid()
         await client.publish("lonely", {"tenant": tenant, "input": "anyone?", "task_id": task_id})
         events = await client.events(tenant, task_id, timeout=20)
         failed = events[-1]

@@ -44,9 +44,9 @@ def test_subject_builders_refuse_tokens_that_would_break_routing() -> None:
         subjects.task("chat.>")
 
 
-def parse(body: object, workflow: str = "chat", **kw: object) -> TaskSubmit:
+def parse(body: object, workflow: str = "chat", tenant: str = "acme", **kw: object) -> TaskSubmit:
     data = body if isinstance(body, bytes) else msgpack.packb(body)
-    return parse_task(data, workflow=workflow, known_workflows=KNOWN, **kw)  # type: ignore[arg-type]
+    return parse_task(data, tenant=tenant, workflow=workflow, known_workflows=KNOWN, **kw)  # type: ignore[arg-type]
 
 
 def test_parse_task_fills_task_id_from_header_and_session_from_task_id() -> None:
@@ -61,10 +61,12 @@ def test_parse_task_fills_task_id_from_header_and_session_from_task_id() -> None
     [
         (b"\xc1\xff not msgpack", "chat", ErrorCode.BAD_ENCODING, False),
         ([1, 2, 3], "chat", ErrorCode.BAD_ENCODING, False),
-        ({"input": "hi", "task_id": "t1"}, "chat", ErrorCode.MISSING_FIELD, False),
+        # The tenant comes from the subject, so even a body without one is answered.
+        ({"input": "hi", "task_id": "t1"}, "chat", ErrorCode.MISSING_FIELD, True),
         ({"tenant": "acme", "task_id": "t1"}, "chat", ErrorCode.MISSING_FIELD, True),
         ({"tenant": "acme", "task_id": "t1", "input": 42}, "chat", ErrorCode.INVALID_FIELD, True),
-        ({"tenant": "ac.me", "task_id": "t1", "input": "x"}, "chat", ErrorCode.INVALID_FIELD, False),
+        ({"tenant": "ac.me", "task_id": "t1", "input": "x"}, "chat", ErrorCode.INVALID_FIELD, True),
+        ({"tenant": "globex", "task_id": "t1", "input": "x"}, "chat", ErrorCode.FORBIDDEN, True),
         ({"tenant": "acme", "task_id": "t1", "input": "x"}, "nope", ErrorCode.UNKNOWN_WORKFLOW, True),
         (
             {"tenant": "acme", "task_id": "t1", "input": "x" * (MAX_INPUT_BYTES + 1)},
@@ -83,7 +85,9 @@ def test_bad_tasks_are_rejected_with_a_specific_code(
         parse(body, workflow)
     assert info.value.code == code
     assert info.value.addressable is addressable
-    assert LAYER_OF[code] == "orchestration"
+    assert info.value.tenant in (None, "acme")  # never the body's tenant
+    if code != ErrorCode.FORBIDDEN:  # forbidden is shared with the context layer
+        assert LAYER_OF[code] == "orchestration"
 
 
 @pytest.mark.parametrize(

@@ -20,14 +20,19 @@ def test_the_first_two_commands_are_make_up_and_make_test() -> None:
     assert [c for c in commands if c][:2] == ["make up", "make test"]
 
 
-def test_the_readme_example_runs_unchanged_against_a_stack(stack: LocalStack) -> None:
+def test_the_readme_example_runs_unchanged_against_a_stack(
+    stack: LocalStack, tmp_path: Path
+) -> None:
     code = re.search(r"```python\n(.*?)```", README.read_text(), re.S)
     assert code is not None
     source = code.group(1)
     assert "baton" not in source.split("asyncio.run")[0].split("import")[1].split("\n")[0]
     assert len([ln for ln in source.splitlines() if ln.strip()]) <= 16
-    source = source.replace("nats://127.0.0.1:4222", stack.nats_url)
+    # As `make up` leaves it: the tenant's URL under the data dir, read from the cwd.
+    url_file = tmp_path / ".data" / "tenants" / "acme.url"
+    url_file.parent.mkdir(parents=True)
+    url_file.write_text(stack.url_for("acme") + "\n")
     out = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True,
-                         timeout=60)  # fmt: skip
+                         timeout=60, cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "'type': 'completed'" in out.stdout and "'cost_usd'" in out.stdout

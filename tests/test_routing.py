@@ -19,7 +19,7 @@ FAST_FAILOVER = {"BATON_PEER_STALE_AFTER": "2", "BATON_ROUTE_STALE_AFTER": "1.5"
 
 @pytest.fixture
 def two_workers(own_nats: NatsServer, tmp_path: Path) -> Iterator[LocalStack]:
-    s = LocalStack(own_nats.url, tmp_path / "s", env=FAST_FAILOVER)
+    s = LocalStack(own_nats, tmp_path / "s", env=FAST_FAILOVER)
     s.workdir.mkdir(parents=True)
     for name in ("context-store", "orchestrator"):
         s.service(name).wait_ready()
@@ -39,7 +39,7 @@ def _worker_of(stack: LocalStack, tenant: str, task_id: str) -> str:
 async def test_a_sessions_turns_stay_on_its_warm_worker_and_survive_its_death(
     two_workers: LocalStack, own_client: Client
 ) -> None:
-    stack, tenant, session = two_workers, uid("r"), uid("s")
+    stack, tenant, session = two_workers, "initech", uid("s")
     served = []
     for turn in range(4):
         task_id = uid()

@@ -11,7 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import nats
+import nats.errors
 import psutil
+import pytest
 
 from baton.natsd import free_port
 from tests.harness import Client, uid
@@ -47,7 +50,20 @@ async def test_baton_up_serves_a_task_and_ctrl_c_leaves_no_process(tmp_path: Pat
             lines.append(up.stdout.readline())
         children = psutil.Process(up.pid).children(recursive=True)
         assert len(children) >= 4  # nats-server and three services
-        client = await Client.connect(f"nats://127.0.0.1:{nats_port}")
+        # Authentication is on: the tenant connects with the URL `baton up` wrote.
+        url_file = tmp_path / "tenants" / "acme.url"
+        assert url_file.stat().st_mode & 0o777 == 0o600
+        assert (tmp_path / "operator.url").stat().st_mode & 0o777 == 0o600
+        url = url_file.read_text().strip()
+        assert url.startswith("nats://acme:") and url.endswith(f"@127.0.0.1:{nats_port}")
+        printed = subprocess.run(
+            [sys.executable, "-m", "baton.cli", "tenant", "url", "acme", "--data-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert printed.stdout.strip() == url
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await nats.connect(f"nats://127.0.0.1:{nats_port}", allow_reconnect=False)
+        client = await Client.connect(url, tenant="acme")
         try:
             done = await client.run("chat", {"tenant": "acme", "input": "hi", "task_id": uid()})
             assert done["type"] == "completed"

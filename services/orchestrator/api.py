@@ -61,6 +61,7 @@ class Services:
         self.runs: RunStore | None = None
         self.conductor: Conductor | None = None
         self.workflows: dict[str, WorkflowSpec] = {}
+        self.tenants: frozenset[str] = frozenset()
 
     def ready(self) -> tuple[Bus, RunStore]:
         if self.bus is None or self.runs is None:
@@ -76,12 +77,15 @@ class Services:
         except (OverflowError, TypeError, ValueError) as exc:  # e.g. an int over 64 bits
             raise ApiError(ErrorCode.INVALID_FIELD, f"not encodable: {exc}") from exc
         try:
-            task = parse_task(data, workflow=workflow, known_workflows=set(self.workflows))
+            task = parse_task(data, tenant=raw.get("tenant"), workflow=workflow,
+                              known_workflows=set(self.workflows))  # fmt: skip
         except TaskRejected as r:
             raise ApiError(r.code, r.message) from r
         assert task.task_id is not None
-        ack = await bus.publish(subjects.task(workflow), data, msg_id=task.task_id,
-                                task_id=task.task_id)  # fmt: skip
+        if task.tenant not in self.tenants:
+            raise ApiError(ErrorCode.UNKNOWN_TENANT, f"no tenant {task.tenant!r} on this bus")
+        ack = await bus.publish(subjects.tenant_task(task.tenant, workflow), data,
+                                msg_id=task.task_id, task_id=task.task_id)  # fmt: skip
         return task, bool(ack.duplicate)
 
 

@@ -220,10 +220,11 @@ class Conductor:
     async def admit(self, d: Delivery) -> T.NewTask:
         """Intake: the task message as an admitted task, or a rejection
         answered with a ``failed`` event (then terminated, not redelivered)."""
-        workflow = subjects.workflow_of(d.subject)
+        tenant, workflow = subjects.task_origin(d.subject)
         try:
             task = parse_task(
                 d.data,
+                tenant=tenant,
                 workflow=workflow,
                 known_workflows=self._known,
                 msg_id=d.msg_id,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import structlog
 
+from baton.accounts import tenant_api_prefix
 from baton.service import Health
 from baton.transport import Bus
 from proto import streams, subjects
@@ -29,7 +30,8 @@ BUILTIN_WORKFLOWS = Path(__file__).with_name("workflows")
 async def _watch_backlog(bus: Bus, settings: OrchestratorSettings, hb: HeartbeatTracker) -> None:
     while True:
         pools = {"default", settings.default_pool} | {p for p, _ in hb.last}
-        specs = [streams.ORCHESTRATOR_TASKS, streams.ORCHESTRATOR_RESULTS]
+        specs = [streams.task_consumer(t) for t in settings.tenant_ids]
+        specs.append(streams.ORCHESTRATOR_RESULTS)
         specs += [streams.worker_consumer(p, settings.job_ack_wait) for p in sorted(pools)]
         for spec in specs:
             with contextlib.suppress(Exception):
@@ -41,15 +43,18 @@ async def _watch_backlog(bus: Bus, settings: OrchestratorSettings, hb: Heartbeat
 async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Services) -> None:
     specs = load_dir(BUILTIN_WORKFLOWS, settings.workflows_dir)
     workflows = {name: GraphWorkflow(spec) for name, spec in specs.items()}
+    tenants = settings.tenant_ids
     await bus.provision(
-        streams=streams.ALL_STREAMS,
+        streams=[*streams.ORCHESTRATOR_STREAMS, *(streams.tenant_tasks(t) for t in tenants)],
         consumers=[
-            streams.ORCHESTRATOR_TASKS,
+            *(streams.task_consumer(t) for t in tenants),
             streams.ORCHESTRATOR_RESULTS,
             streams.ORCHESTRATOR_TIMERS,
             streams.worker_consumer(settings.default_pool, settings.job_ack_wait),
         ],
     )
+    for t in tenants:  # each tenant's own copy of its events, for replay
+        await bus.ensure_stream(streams.TENANT_EVENTS, api_prefix=tenant_api_prefix(t))
     runs = RunStore(await bus.ensure_bucket(streams.RUNS))
     hb = HeartbeatTracker()
     router = Router(hb, enabled=settings.cache_routing, stale_after=settings.route_stale_after,
@@ -58,12 +63,18 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     m.init_series({name: list(wf.agents) for name, wf in workflows.items()})
     await bus.nc.subscribe(f"{subjects.HEARTBEATS}.*.*", cb=hb.on_msg)
     svc.bus, svc.runs, svc.conductor, svc.workflows = bus, runs, conductor, specs
+    svc.tenants = frozenset(tenants)
     watcher = asyncio.create_task(_watch_backlog(bus, settings, hb))
     health.ready, health.reason = True, "serving"
     try:
         await asyncio.gather(
-            bus.consume(
-                streams.ORCHESTRATOR_TASKS, conductor.on_task, concurrency=settings.task_concurrency
+            *(
+                bus.consume(
+                    streams.task_consumer(t),
+                    conductor.on_task,
+                    concurrency=settings.task_concurrency,
+                )
+                for t in tenants
             ),
             bus.consume(streams.ORCHESTRATOR_TIMERS, conductor.on_timer, concurrency=64),
             bus.consume(

@@ -6,11 +6,15 @@ from pathlib import Path
 
 from pydantic import Field
 
-from baton.settings import CommonSettings
+from baton.settings import CommonSettings, parse_tenants
 
 
 class OrchestratorSettings(CommonSettings):
     http_port: int = 8080
+    # The tenants on this bus (comma-separated; each is a NATS account). The
+    # orchestrator keeps one task stream per tenant and the tenant's own copy
+    # of its events; `baton up` renders the same list into nats-server.
+    tenants: str = "acme"
     default_pool: str = "default"
     # Price of one GPU-hour per model pool, for cost accounting (USD).
     gpu_hour_usd: dict[str, float] = Field(default_factory=lambda: {"default": 2.0})
@@ -39,6 +43,10 @@ class OrchestratorSettings(CommonSettings):
     # storing this step as done, before dispatching what follows it
     # (BATON_TEST_CRASH_AFTER_COMMIT=r1.plan; see tests/test_faults.py).
     test_crash_after_commit: str = ""
+
+    @property
+    def tenant_ids(self) -> list[str]:
+        return parse_tenants(self.tenants)
 
     def price(self, pool: str) -> float:
         return self.gpu_hour_usd.get(pool, self.gpu_hour_usd.get("default", 0.0))

@@ -113,7 +113,7 @@ def test_keda_scaled_objects_match_streams_and_scaler_needs(overlay):
     services = objects(overlay, "Service")
     expected = {
         "inference-worker": streams.worker_consumer("default"),
-        "orchestrator": streams.ORCHESTRATOR_TASKS,
+        "orchestrator": streams.task_consumer("acme"),
     }
     assert set(scaled) == set(expected)
     for name, so in scaled.items():
@@ -125,7 +125,7 @@ def test_keda_scaled_objects_match_streams_and_scaler_needs(overlay):
         assert meta.keys() >= SCALER_FIELDS
         assert all(isinstance(v, str) for v in meta.values()), "KEDA metadata must be strings"
         assert (meta["stream"], meta["consumer"]) == (expected[name].stream, expected[name].durable)
-        assert meta["account"] == "$G"
+        assert meta["account"] == "BATON"
         assert int(meta["lagThreshold"]) > 0
         host, _, port = meta["natsServerMonitoringEndpoint"].partition(":")
         svc, ns = host.split(".")[:2]

@@ -11,9 +11,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import pytest_asyncio
 
-from baton.natsd import NatsServer
 from services.inference_worker.engines.vllm import VLLMEngine
-from tests.harness import Client, LocalStack, uid
+from tests.harness import Client, LocalStack, secure_nats, uid
 from tests.vllm_jobs import inprocess_worker
 
 pytestmark = pytest.mark.vllm
@@ -24,8 +23,8 @@ LONG = "Explain the following code carefully.\n" + "for item in items:\n    tota
 @pytest.fixture(scope="module")
 def chat_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     tmp = tmp_path_factory.mktemp("chat-vllm")
-    server = NatsServer(tmp / "nats").start()
-    stack = LocalStack(server.url, tmp / "stack")
+    server = secure_nats(tmp / "nats").start()
+    stack = LocalStack(server, tmp / "stack")
     stack.workdir.mkdir(parents=True)
     for name in ("context-store", "orchestrator"):
         stack.service(name).wait_ready()
@@ -49,7 +48,7 @@ def _run_state(stack: LocalStack, tenant: str, task_id: str) -> dict:  # type: i
 
 
 async def test_a_second_turn_hits_the_prefix_cache(chat_stack: LocalStack, vclient: Client) -> None:
-    tenant, first = uid("p"), uid()
+    tenant, first = "acme", uid()
     one = await vclient.run(
         "chat", {"tenant": tenant, "input": LONG, "task_id": first}, timeout=120
     )
@@ -65,7 +64,7 @@ async def test_a_second_turn_hits_the_prefix_cache(chat_stack: LocalStack, vclie
 
 
 async def test_greedy_output_is_deterministic(chat_stack: LocalStack, vclient: Client) -> None:
-    tenant = uid("d")
+    tenant = "globex"
     outs = [
         (
             await vclient.run(
@@ -84,7 +83,7 @@ async def test_research_runs_end_to_end_from_the_cli_on_real_vllm(
     import asyncio
     import sys
 
-    tenant, task_id = uid("res"), uid()
+    tenant, task_id = "initech", uid()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "baton.cli", "submit", "research", "compare merge sort and quicksort",
         "--tenant", tenant, "--task-id", task_id, "--nats-url", chat_stack.nats_url,
@@ -108,7 +107,7 @@ async def test_research_runs_end_to_end_from_the_cli_on_real_vllm(
 async def test_research_from_a_plain_nats_client_on_real_vllm(
     chat_stack: LocalStack, vclient: Client
 ) -> None:
-    tenant, task_id = uid("resp"), uid()
+    tenant, task_id = "umbrella", uid()
     await vclient.publish("research", {"tenant": tenant, "input": "design a cache",
                                        "task_id": task_id})  # fmt: skip
     events = await vclient.events(tenant, task_id, timeout=240)

@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from baton.natsd import NatsServer
 from baton.stack import ServiceProcess
 from baton.transport import Bus, connect
 from proto import subjects
 from proto.messages import Cancel, ChatMessage
 from services.inference_worker.engines.vllm import VLLMEngine
-from tests.harness import metric
+from tests.harness import metric, secure_nats
 from tests.vllm_jobs import collect_results, inprocess_worker, submit_job, uid
 
 pytestmark = pytest.mark.vllm
@@ -35,7 +34,7 @@ def nats_and_store(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[str, ServiceProcess]]:
     tmp = tmp_path_factory.mktemp("worker-vllm")
-    server = NatsServer(tmp / "nats").start()
+    server = secure_nats(tmp / "nats").start()
     store = ServiceProcess(
         "context-store", {**BASE_ENV, "BATON_NATS_URL": server.url, "BATON_DATA_DIR": str(tmp)},
         log_path=tmp / "context-store.log",

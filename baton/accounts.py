@@ -1,0 +1,402 @@
+"""Who may do what on the bus: NATS accounts, identities and permissions.
+
+Pure: this module renders a nats-server configuration (a JSON document, which
+nats-server reads as its own format) from a list of tenants and a password per
+identity. No I/O; ``baton.credentials`` keeps the secrets and ``baton.natsd``
+runs the server. One source for every deployment: ``baton up``, the tests,
+compose and Kubernetes all render their NATS configuration here.
+
+The shape (measured in ``shared/notes/nats-tenancy.md``, explained in
+``docs/security.md``)::
+
+    account BATON          Baton's services, one user each, least privilege;
+                           the operator (every subject, for audits and tooling)
+    account <tenant>       one per tenant (account name == tenant id); one user
+    account SYS            the server's system account
+
+* A tenant publishes ``baton.tasks.<workflow>`` in its own account; a service
+  import maps it into BATON as ``baton.tasks.<tenant>.<workflow>``. BATON's
+  export pins the tenant token to the importing account's name
+  (``account_token_position``), so no tenant can publish as another.
+* BATON publishes ``baton.events.<tenant>.<task_id>`` and the token deltas
+  ``baton.tokens.<tenant>.<task_id>``; each tenant imports only its own (again
+  pinned), and keeps its own ``BATON_EVENTS`` and ``BATON_TOKENS`` streams of
+  them for replay, so a tenant's JetStream calls stay the ones it knows.
+* Each tenant account exports its JetStream API to BATON only, which BATON
+  reaches as ``$JS.<tenant>.API`` to provision and erase that copy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from proto import streams, subjects
+from proto.ids import require_id
+
+BATON_ACCOUNT: Final = "BATON"
+SYSTEM_ACCOUNT: Final = "SYS"
+OPERATOR: Final = "operator"
+SYSTEM_USER: Final = "system"
+
+ORCHESTRATOR: Final = "orchestrator"
+CONTEXT_STORE: Final = "context-store"
+INFERENCE_WORKER: Final = "inference-worker"
+SERVICES: Final = (ORCHESTRATOR, CONTEXT_STORE, INFERENCE_WORKER)
+
+RESERVED: Final = frozenset({BATON_ACCOUNT, SYSTEM_ACCOUNT, "$G", "$SYS"})
+
+# A tenant's own JetStream holds its copy of its events and token deltas;
+# Baton creates them.
+TENANT_STREAMS: Final = (streams.EVENTS.name, streams.TOKENS.name)
+TENANT_JS_LIMITS: Final = {
+    "max_file": 1 << 30,
+    "max_mem": 0,
+    "max_streams": 4,
+    "max_consumers": 1000,
+}
+
+_JS_READ_VERBS = ("STREAM.INFO", "STREAM.MSG.GET", "DIRECT.GET", "CONSUMER.INFO")
+_JS_DEFINE_VERBS = ("CONSUMER.CREATE", "CONSUMER.DURABLE.CREATE", "CONSUMER.DELETE")
+_JS_CONSUME_VERBS = ("CONSUMER.MSG.NEXT",)
+_JS_OWN_VERBS = ("STREAM.CREATE", "STREAM.UPDATE")
+_JS_ERASE_VERBS = ("STREAM.PURGE", "STREAM.MSG.DELETE")
+
+
+def inbox_prefix(user: str) -> str:
+    """The inbox prefix a Baton service connects with: replies to one service
+    are invisible to the others (tenants keep the default ``_INBOX``)."""
+    return f"_INBOX_{user}"
+
+
+def tenant_api_prefix(tenant: str) -> str:
+    """How BATON addresses a tenant account's JetStream API."""
+    return f"$JS.{require_id(tenant, 'tenant')}.API"
+
+
+def check_tenant(tenant: str) -> str:
+    """A tenant id that can also be an account name."""
+    require_id(tenant, "tenant")
+    if tenant in RESERVED or tenant.upper() in RESERVED:
+        raise ValueError(f"tenant {tenant!r} is a reserved account name")
+    return tenant
+
+
+@dataclass(frozen=True)
+class StreamAccess:
+    """What an identity may do with one stream's JetStream API."""
+
+    stream: str
+    own: bool = False  # create / update it
+    define: bool = False  # create / delete consumers
+    consume: bool = False  # consumers, fetches and acks
+    erase: bool = False  # purge and (secure) delete messages
+
+    def subjects(self, api: str = "$JS.API") -> list[str]:
+        verbs = list(_JS_READ_VERBS)
+        if self.own:
+            verbs += _JS_OWN_VERBS
+        if self.define or self.consume:
+            verbs += _JS_DEFINE_VERBS
+        if self.consume:
+            verbs += _JS_CONSUME_VERBS
+        if self.erase:
+            verbs += _JS_ERASE_VERBS
+        out = []
+        for verb in verbs:
+            out += [f"{api}.{verb}.{self.stream}", f"{api}.{verb}.{self.stream}.>"]
+        if self.define or self.consume:
+            out += [f"{api}.CONSUMER.NAMES.{self.stream}", f"{api}.CONSUMER.LIST.{self.stream}"]
+        if self.consume:
+            out += [f"$JS.ACK.{self.stream}.>", f"$JS.FC.{self.stream}.>"]
+        return out
+
+
+@dataclass(frozen=True)
+class Role:
+    """A service identity's permissions inside the BATON account."""
+
+    user: str
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    streams: tuple[StreamAccess, ...] = ()
+    tenant_streams: tuple[StreamAccess, ...] = ()  # in every tenant account
+    kv_buckets: tuple[str, ...] = ()
+    responds: bool = False  # answers requests (core request-reply)
+    extra: tuple[str, ...] = field(default=())
+
+    def permissions(self, tenants: Sequence[str]) -> dict[str, Any]:
+        pub = ["$JS.API.INFO", "$JS.API.STREAM.NAMES", *self.publish]
+        for access in self.streams:
+            pub += access.subjects()
+        for bucket in self.kv_buckets:
+            pub += StreamAccess(f"KV_{bucket}", own=True, consume=True, erase=True).subjects()
+            pub.append(f"$KV.{bucket}.>")
+        for tenant in tenants:
+            api = tenant_api_prefix(tenant)
+            pub.append(f"{api}.INFO")
+            for access in self.tenant_streams:
+                pub += access.subjects(api)
+        sub = [f"{inbox_prefix(self.user)}.>", *self.subscribe]
+        perms: dict[str, Any] = {"publish": {"allow": _unique(pub)}, "subscribe": {"allow": sub}}
+        if self.responds:
+            perms["allow_responses"] = True
+        return perms
+
+
+def _ctx(*ops: str) -> tuple[str, ...]:
+    return tuple(f"{subjects.CONTEXT_API}.{op}.*" for op in ops)
+
+
+def service_roles(tenants: Sequence[str]) -> dict[str, Role]:
+    """Least privilege per service (the table in ``docs/security.md``)."""
+    task_streams = tuple(StreamAccess(streams.tenant_tasks(t).name, own=True, consume=True)
+                         for t in tenants)  # fmt: skip
+    dlq = StreamAccess(streams.DEAD_LETTERS.name, own=True)
+    return {
+        ORCHESTRATOR: Role(
+            ORCHESTRATOR,
+            publish=(
+                f"{subjects.TASKS}.*.*",  # the HTTP API submits for its key's tenant
+                f"{subjects.EVENTS}.>",
+                f"{subjects.TOKENS}.>",
+                f"{subjects.JOBS}.>",
+                f"{subjects.TIMERS}.>",
+                f"{subjects.CANCEL}.>",
+                f"{subjects.DEAD_LETTERS}.>",
+                *_ctx("append", "fork", "window", "get"),
+            ),
+            subscribe=(f"{subjects.HEARTBEATS}.>",),
+            streams=(
+                *task_streams,
+                StreamAccess(streams.RESULTS.name, own=True, consume=True),
+                StreamAccess(streams.EVENTS.name, own=True, consume=True, erase=True),
+                StreamAccess(streams.TOKENS.name, own=True, consume=True, erase=True),
+                StreamAccess(streams.TIMERS.name, own=True, consume=True),
+                # it defines the pool's consumer, so jobs wait for a worker
+                StreamAccess(streams.JOBS.name, own=True, define=True),
+                dlq,
+            ),
+            tenant_streams=tuple(StreamAccess(s, own=True, erase=True) for s in TENANT_STREAMS),
+            kv_buckets=(streams.RUNS.name,),
+        ),
+        CONTEXT_STORE: Role(
+            CONTEXT_STORE,
+            publish=(
+                f"{subjects.CONTEXT_LOG}.>",
+                f"{subjects.CONTEXT_ATTACHMENTS}.>",
+                f"{subjects.CONTEXT_INVALIDATE}.>",
+                f"{subjects.DEAD_LETTERS}.>",
+            ),
+            subscribe=(f"{subjects.CONTEXT_API}.*.*", f"{subjects.CONTEXT_INVALIDATE}.*"),
+            streams=(
+                StreamAccess(streams.CONTEXT.name, own=True, consume=True, erase=True),
+                StreamAccess(streams.CONTEXT_ATTACHMENTS.name, own=True, consume=True, erase=True),
+                dlq,
+            ),
+            responds=True,
+        ),
+        INFERENCE_WORKER: Role(
+            INFERENCE_WORKER,
+            publish=(
+                f"{subjects.RESULTS}.>",
+                f"{subjects.TOKENS}.>",
+                f"{subjects.JOBS}.>",  # forwards prompts too long for its pool
+                f"{subjects.HEARTBEATS}.>",
+                f"{subjects.DEAD_LETTERS}.>",
+                *_ctx("window", "append"),
+            ),
+            subscribe=(f"{subjects.CANCEL}.>", f"{subjects.HEARTBEATS}.>"),
+            streams=(
+                StreamAccess(streams.JOBS.name, own=True, consume=True),
+                StreamAccess(streams.RESULTS.name, own=True),
+                StreamAccess(streams.TOKENS.name, own=True),
+                dlq,
+            ),
+        ),
+    }
+
+
+def tenant_permissions(tenant: str) -> dict[str, Any]:
+    """A tenant's client: submit tasks, read (live and replay) its own events
+    and token deltas. Its JetStream API reaches only its own account."""
+    api = "$JS.API"
+    pub = [f"{subjects.TASKS}.*", f"{api}.INFO", f"{api}.STREAM.NAMES"]
+    for stream in TENANT_STREAMS:
+        pub += [
+            f"{api}.STREAM.INFO.{stream}",
+            f"{api}.CONSUMER.CREATE.{stream}",
+            f"{api}.CONSUMER.CREATE.{stream}.>",
+            f"{api}.CONSUMER.INFO.{stream}.>",
+            f"{api}.CONSUMER.DELETE.{stream}.>",
+            f"{api}.CONSUMER.MSG.NEXT.{stream}.>",
+            f"{api}.DIRECT.GET.{stream}",
+            f"{api}.DIRECT.GET.{stream}.>",
+            f"{api}.STREAM.MSG.GET.{stream}",
+            f"$JS.ACK.{stream}.>",
+            f"$JS.FC.{stream}.>",
+        ]
+    sub = [f"{subjects.EVENTS}.{tenant}.>", f"{subjects.TOKENS}.{tenant}.>", "_INBOX.>"]
+    return {"publish": {"allow": pub}, "subscribe": {"allow": sub}}
+
+
+@dataclass(frozen=True)
+class Var:
+    """A ``$NAME`` reference nats-server resolves from its environment at
+    start, so a secret never sits in the configuration file."""
+
+    name: str
+
+
+def to_conf(value: Any, indent: int = 0) -> str:
+    """Serialise a configuration (dicts, lists, str, int, bool, ``Var``) in
+    nats-server's own format."""
+    pad = "  " * (indent + 1)
+    if isinstance(value, Var):
+        return f"${value.name}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, Mapping):
+        body = "".join(f"{pad}{json.dumps(str(k))}: {to_conf(v, indent + 1)}\n"
+                       for k, v in value.items())  # fmt: skip
+        return "{\n" + body + "  " * indent + "}"
+    if isinstance(value, list | tuple):
+        body = "".join(f"{pad}{to_conf(v, indent + 1)}\n" for v in value)
+        return "[\n" + body + "  " * indent + "]"
+    raise TypeError(f"cannot render {type(value).__name__} in a nats-server config")
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _user(
+    name: str, password: str | Var, permissions: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    user: dict[str, Any] = {"user": name, "password": password}
+    if permissions is not None:
+        user["permissions"] = permissions
+    return user
+
+
+def identities(tenants: Sequence[str]) -> list[str]:
+    """Every identity that needs a password: services, operator, system, tenants."""
+    return [*SERVICES, OPERATOR, SYSTEM_USER, *tenants]
+
+
+def render(
+    tenants: Sequence[str],
+    passwords: Mapping[str, str | Var],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 4222,
+    store_dir: str | None = None,
+    monitor_port: int | None = None,
+    server_name: str = "baton",
+    cipher_key: str | Var | None = None,
+    tls: Mapping[str, str | bool] | None = None,
+    cluster: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The nats-server configuration for ``tenants``.
+
+    Args:
+        tenants: tenant ids, each becoming an account of that name.
+        passwords: identity -> password (or bcrypt hash, or ``$VAR`` reference)
+            for every name in ``identities(tenants)``.
+        cipher_key: when given, JetStream encrypts its store at rest
+            (ChaCha20-Poly1305) with this key (or ``$VAR`` reference).
+        tls: nats-server's ``tls`` block (``cert_file``, ``key_file``, and
+            ``ca_file`` + ``verify`` for mutual TLS).
+        cluster: a nats-server ``cluster`` block (name, listen, routes).
+
+    Raises:
+        ValueError: a tenant id that cannot be an account, or a missing password.
+    """
+    tenants = [check_tenant(t) for t in tenants]
+    if len(set(tenants)) != len(tenants):
+        raise ValueError("tenant ids must be unique")
+    missing = [i for i in identities(tenants) if not passwords.get(i)]
+    if missing:
+        raise ValueError(f"no password for {', '.join(missing)}")
+    roles = service_roles(tenants)
+    baton_users = [_user(u, passwords[u], r.permissions(tenants)) for u, r in roles.items()]
+    baton_users.append(_user(OPERATOR, passwords[OPERATOR]))
+    accounts: dict[str, Any] = {
+        BATON_ACCOUNT: {
+            "jetstream": "enabled",
+            "users": baton_users,
+            "exports": [
+                {"service": f"{subjects.TASKS}.*.*", "account_token_position": 3},
+                {"stream": f"{subjects.EVENTS}.*.>", "account_token_position": 3},
+                {"stream": f"{subjects.TOKENS}.*.>", "account_token_position": 3},
+            ],
+            "imports": [
+                {
+                    "service": {"account": t, "subject": "$JS.API.>"},
+                    "to": f"{tenant_api_prefix(t)}.>",
+                }
+                for t in tenants
+            ],
+        },
+        SYSTEM_ACCOUNT: {"users": [_user(SYSTEM_USER, passwords[SYSTEM_USER])]},
+    }
+    for t in tenants:
+        accounts[t] = {
+            "jetstream": dict(TENANT_JS_LIMITS),
+            "users": [_user(t, passwords[t], tenant_permissions(t))],
+            "imports": [
+                {"service": {"account": BATON_ACCOUNT, "subject": f"{subjects.TASKS}.{t}.*"},
+                 "to": f"{subjects.TASKS}.*"},
+                {"stream": {"account": BATON_ACCOUNT, "subject": f"{subjects.EVENTS}.{t}.>"}},
+                {"stream": {"account": BATON_ACCOUNT, "subject": f"{subjects.TOKENS}.{t}.>"}},
+            ],
+            "exports": [{"service": "$JS.API.>", "accounts": [BATON_ACCOUNT]}],
+        }  # fmt: skip
+    jetstream: dict[str, Any] = {}
+    if store_dir is not None:
+        jetstream["store_dir"] = store_dir
+    if cipher_key is not None:
+        jetstream["cipher"] = "chachapoly"
+        jetstream["key"] = cipher_key
+    config: dict[str, Any] = {
+        "server_name": server_name,
+        "host": host,
+        "port": port,
+        "jetstream": jetstream,
+        "accounts": accounts,
+        "system_account": SYSTEM_ACCOUNT,
+    }
+    if monitor_port is not None:
+        config["http_port"] = monitor_port
+    if tls is not None:
+        config["tls"] = dict(tls)
+    if cluster is not None:
+        config["cluster"] = dict(cluster)
+    return config
+
+
+__all__ = [
+    "BATON_ACCOUNT",
+    "CONTEXT_STORE",
+    "INFERENCE_WORKER",
+    "OPERATOR",
+    "ORCHESTRATOR",
+    "SERVICES",
+    "Role",
+    "StreamAccess",
+    "Var",
+    "check_tenant",
+    "identities",
+    "inbox_prefix",
+    "render",
+    "service_roles",
+    "tenant_api_prefix",
+    "tenant_permissions",
+    "to_conf",
+]

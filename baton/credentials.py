@@ -1,0 +1,94 @@
+"""The bus's secrets on a laptop: one password per identity and the key that
+encrypts JetStream at rest, kept in ``<data-dir>/secrets/nats.json`` (0600).
+
+Production deployments do not use this file: their passwords (or nkeys/JWT
+creds) come from secrets (``docs/security.md``). ``baton up`` writes one
+client URL per tenant to ``<data-dir>/tenants/<tenant>.url`` and the
+operator's to ``<data-dir>/operator.url``, each mode 0600 — a string any NATS
+client can pass to ``connect()`` as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from baton import accounts
+
+SECRETS_FILE = Path("secrets") / "nats.json"
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)  # an existing file keeps its old mode otherwise
+
+
+def client_url(user: str, password: str, host: str, port: int, scheme: str = "nats") -> str:
+    return f"{scheme}://{user}:{password}@{host}:{port}"
+
+
+@dataclass
+class Credentials:
+    """Passwords per identity plus the JetStream encryption key."""
+
+    passwords: dict[str, str] = field(default_factory=dict)
+    cipher_key: str = ""
+
+    @classmethod
+    def load_or_create(cls, data_dir: Path, tenants: Sequence[str]) -> Credentials:
+        """Read the secrets file, adding a random password for every identity
+        it lacks (existing ones are kept, so clients' URLs stay valid)."""
+        path = Path(data_dir) / SECRETS_FILE
+        creds = cls()
+        if path.exists():
+            doc = json.loads(path.read_text())
+            creds = cls(
+                passwords=dict(doc.get("passwords", {})), cipher_key=doc.get("cipher_key", "")
+            )
+        changed = False
+        for identity in accounts.identities(tenants):
+            if identity not in creds.passwords:
+                creds.passwords[identity] = secrets.token_urlsafe(24)
+                changed = True
+        if not creds.cipher_key:
+            creds.cipher_key = secrets.token_urlsafe(32)
+            changed = True
+        if changed or not path.exists():
+            body = {"passwords": creds.passwords, "cipher_key": creds.cipher_key}
+            _write_private(path, json.dumps(body, indent=2))
+        return creds
+
+    def url(self, identity: str, host: str, port: int, scheme: str = "nats") -> str:
+        return client_url(identity, self.passwords[identity], host, port, scheme)
+
+    def write_urls(
+        self, data_dir: Path, tenants: Sequence[str], host: str, port: int, scheme: str = "nats"
+    ) -> dict[str, Path]:
+        """Write each tenant's URL and the operator's; returns identity -> file."""
+        out: dict[str, Path] = {}
+        for tenant in tenants:
+            path = Path(data_dir) / "tenants" / f"{tenant}.url"
+            _write_private(path, self.url(tenant, host, port, scheme) + "\n")
+            out[tenant] = path
+        path = Path(data_dir) / "operator.url"
+        _write_private(path, self.url(accounts.OPERATOR, host, port, scheme) + "\n")
+        out[accounts.OPERATOR] = path
+        return out
+
+
+def read_url(data_dir: Path, tenant: str | None = None) -> str:
+    """A URL ``baton up`` wrote: the tenant's, or the operator's for None.
+
+    Raises:
+        FileNotFoundError: no such file (the stack was not started with that tenant).
+    """
+    base = Path(data_dir)
+    path = base / "operator.url" if tenant is None else base / "tenants" / f"{tenant}.url"
+    return path.read_text().strip()
