@@ -16,7 +16,7 @@ import pytest
 
 from baton.natsd import NatsServer, ServerTls, free_port
 from baton.transport import BusUnavailable, connect, tls_context
-from tests.harness import Client, LocalStack, http_json, uid
+from tests.harness import Client, LocalStack, http_json, secure_nats, uid
 
 trustme = pytest.importorskip("trustme")
 
@@ -48,7 +48,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 def mtls_nats(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     """A server that requires TLS and a client certificate signed by the CA."""
     tls = ServerTls(pki.server_cert, pki.server_key, verify_clients_with=pki.ca)
-    server = NatsServer(
+    server = secure_nats(
         tmp_path_factory.mktemp("mtls") / "nats", monitor_port=free_port(), tls=tls
     ).start()
     yield server
@@ -83,7 +83,7 @@ async def tls_stack(
         "BATON_NATS_TLS_CERT": str(pki.client_cert),
         "BATON_NATS_TLS_KEY": str(pki.client_key),
     }
-    stack = LocalStack(mtls_nats.url, tmp_path_factory.mktemp("tls-stack"), env=env).start()
+    stack = LocalStack(mtls_nats, tmp_path_factory.mktemp("tls-stack"), env=env).start()
     yield stack
     stack.stop()
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from pathlib import Path
 
+import nats.errors
 import structlog
 
 from baton.accounts import tenant_api_prefix
@@ -54,7 +55,12 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
         ],
     )
     for t in tenants:  # each tenant's own copy of its events, for replay
-        await bus.ensure_stream(streams.TENANT_EVENTS, api_prefix=tenant_api_prefix(t))
+        try:
+            await bus.ensure_stream(streams.TENANT_EVENTS, api_prefix=tenant_api_prefix(t))
+        except nats.errors.NoRespondersError:
+            # A NATS without Baton's accounts (a caller's --nats-url): clients
+            # there live in Baton's account and replay BATON_EVENTS itself.
+            log.warning("tenant_account_unreachable", tenant=t)
     runs = RunStore(await bus.ensure_bucket(streams.RUNS))
     hb = HeartbeatTracker()
     router = Router(hb, enabled=settings.cache_routing, stale_after=settings.route_stale_after,
