@@ -86,7 +86,7 @@ async def test_research_runs_end_to_end_from_the_cli_on_real_vllm(
     tenant, task_id = "initech", uid()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "baton.cli", "submit", "research", "compare merge sort and quicksort",
-        "--tenant", tenant, "--task-id", task_id, "--nats-url", chat_stack.nats_url,
+        "--tenant", tenant, "--task-id", task_id, "--nats-url", chat_stack.url_for(tenant),
         "--timeout", "240", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 300)
