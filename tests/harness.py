@@ -36,7 +36,7 @@ from baton.stack import MODULES, ServiceProcess
 
 # Tenants the test server has accounts for. A task can only run as one of
 # them; context-store tests may use any tenant id (they act as a service).
-TEST_TENANTS = ("acme", "globex", "initech", "umbrella", "hooli", "wonka")
+TEST_TENANTS = ("acme", "globex", "initech", "umbrella", "hooli", "wonka", "fuzz")
 
 # Fast simulator and quick redelivery, so fault tests take seconds.
 TEST_ENV = {

@@ -75,7 +75,7 @@ async def consumer_redelivered(client: Client, stream: str, durable: str) -> int
 async def test_the_task_subject_answers_every_readable_body_once_and_never_redelivers(
     stack: LocalStack, client: Client
 ) -> None:
-    tenant = uid("fz")
+    tenant = "fuzz"  # a tenant of its own: every event it has is this test's
     cases = draw_all(task_bodies(tenant=tenant), 240)
     orch = stack.orchestrator.url
     rejected0 = metric(orch, "baton_rejected_tasks_total")
@@ -91,7 +91,8 @@ async def test_the_task_subject_answers_every_readable_body_once_and_never_redel
         kinds[kind] += 1
         wf = "chat"
         try:
-            task = parse_task(data, workflow=wf, known_workflows=WORKFLOWS, fallback_task_id="?")
+            task = parse_task(data, tenant=tenant, workflow=wf, known_workflows=WORKFLOWS,
+                              fallback_task_id="?")  # fmt: skip
             assert task.task_id is not None
             if task.task_id != "?":  # else named by its stream sequence: not predictable here
                 expect.setdefault(task.task_id, set()).add("completed")
@@ -102,7 +103,7 @@ async def test_the_task_subject_answers_every_readable_body_once_and_never_redel
                 expect.setdefault(r.task_id, set()).add(str(r.code))
             elif not r.addressable:
                 unaddressable += 1
-        await client.publish(wf, data, raw=True)
+        await client.publish(wf, data, raw=True, as_tenant=tenant)
     # An unknown workflow: readable, answered with its code.
     wrong = uid()
     await client.publish("nosuch", {"tenant": tenant, "input": "x", "task_id": wrong})
@@ -183,7 +184,7 @@ async def test_every_context_op_replies_to_hostile_requests_with_a_code(
     for op, counts in tally.items():
         print(f"\nfuzz baton.ctx.{op}: {sum(counts.values())} requests {dict(counts)}")
     # Still serving.
-    done = await client.run("chat", {"tenant": tenant, "input": "hi", "task_id": uid()})
+    done = await client.run("chat", {"tenant": "hooli", "input": "hi", "task_id": uid()})
     assert done["type"] == "completed"
 
 
@@ -226,7 +227,7 @@ async def test_hostile_results_are_terminated_on_first_delivery(
 async def test_hostile_heartbeats_neither_break_nor_misroute_anything(
     stack: LocalStack, client: Client
 ) -> None:
-    tenant, session = uid("fzh"), uid("s")
+    tenant, session = "wonka", uid("s")
     bodies = draw_all(st.one_of(json_like.map(msgspec.msgpack.encode), st.binary(max_size=64),
                                 st.integers(33, 50_000).map(nested)), 80)  # fmt: skip
     for data in bodies:

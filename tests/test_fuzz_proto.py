@@ -251,13 +251,14 @@ EXPECTED: dict[str, set[ErrorCode]] = {
 
 
 @FUZZ
-@given(task_bodies(), st.sampled_from(sorted(WORKFLOWS)))
+@given(task_bodies(tenant="acme"), st.sampled_from(sorted(WORKFLOWS)))
 def test_every_task_body_is_accepted_or_refused_with_its_code(
     case: tuple[bytes, str], wf: str
 ) -> None:
     data, kind = case
     try:
-        task = parse_task(data, workflow=wf, known_workflows=WORKFLOWS, fallback_task_id="seq1")
+        task = parse_task(data, tenant="acme", workflow=wf, known_workflows=WORKFLOWS,
+                          fallback_task_id="seq1")  # fmt: skip
     except TaskRejected as r:
         assert kind != "valid", r
         if kind in EXPECTED:
