@@ -301,7 +301,8 @@ def _tenant_url(data_dir: Path, tenant: str) -> str:
         return read_url(data_dir, tenant)
     except FileNotFoundError:
         fail(f"no credentials for tenant {tenant!r} in {data_dir}/tenants/: start the stack "
-             "with BATON_TENANTS including it (`make up`), or pass --nats-url", EXIT_USAGE)  # fmt: skip
+             "with BATON_TENANTS including it (`make up`), or pass --nats-url",
+             EXIT_USAGE)  # fmt: skip
 
 
 @tenant_app.command("url")

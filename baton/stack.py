@@ -206,8 +206,8 @@ class Stack:
             api_flag = "" if api == "http://127.0.0.1:8080" else f" --api-url {api}"
             print(f"baton: API docs {api}/docs (OpenAI-compatible base URL {api}/v1)", flush=True)
             print(f"baton: try: baton submit chat 'hello' --tenant {tenant}{nats_flag}", flush=True)
-            print(f"baton:      baton tasks --tenant {tenant}{api_flag}   (Ctrl-C stops everything)",
-                  flush=True)  # fmt: skip
+            print(f"baton:      baton tasks --tenant {tenant}{api_flag}"
+                  "   (Ctrl-C stops everything)", flush=True)  # fmt: skip
             while not stop:
                 for svc in self.services:
                     if not svc.alive():

@@ -40,8 +40,8 @@ from nats.js.kv import KeyValue
 
 from baton import tracing
 from baton.accounts import SERVICES, inbox_prefix
-from baton.urls import redact
 from baton.metrics import DEAD_LETTERS, MESSAGES_HANDLED, PERMISSION_VIOLATIONS
+from baton.urls import redact
 from proto import codec, subjects
 from proto.streams import BucketSpec, ConsumerSpec, StreamSpec
 

@@ -17,10 +17,9 @@ from typing import Any
 
 import msgpack
 
-from baton.natsd import NatsServer
 from bench.stats import median
 from services.inference_worker.engines.vllm import VLLMEngine
-from tests.harness import Client, LocalStack, uid
+from tests.harness import Client, LocalStack, secure_nats, uid
 from tests.vllm_jobs import inprocess_worker
 
 CONCURRENCY = 32
@@ -32,7 +31,7 @@ INTERVAL = 0.03
 async def _round(client: Client, url: str, engine: VLLMEngine, prompts: list[str],
                  streaming: bool, batches: int = BATCHES) -> dict[str, Any]:  # fmt: skip
     """One round of ``prompts`` as chat tasks through a fresh worker."""
-    tenant = uid("tok")
+    tenant = "acme"
     deltas: dict[str, list[dict[str, Any]]] = defaultdict(list)
 
     async def on_delta(msg: Any) -> None:
@@ -68,8 +67,8 @@ async def _main(work: Path) -> dict[str, Any]:
     from baton.tinymodel import build_tiny_model
 
     model = build_tiny_model(work / "tiny")
-    server = NatsServer(work / "nats").start()
-    stack = LocalStack(server.url, work / "stack")
+    server = secure_nats(work / "nats").start()
+    stack = LocalStack(server, work / "stack")
     stack.workdir.mkdir(parents=True, exist_ok=True)
     engine = VLLMEngine(str(model), served_name="tiny")
     await engine.start()

@@ -36,7 +36,10 @@ from baton.stack import MODULES, ServiceProcess
 
 # Tenants the test server has accounts for. A task can only run as one of
 # them; context-store tests may use any tenant id (they act as a service).
-TEST_TENANTS = ("acme", "globex", "initech", "umbrella", "hooli", "wonka", "fuzz")
+# Tests that list "every task of a tenant" have a tenant of their own.
+TEST_TENANTS = (
+    "acme", "globex", "initech", "umbrella", "hooli", "wonka", "fuzz", "cli", "cli-list", "lister",
+)  # fmt: skip
 
 # Fast simulator and quick redelivery, so fault tests take seconds.
 TEST_ENV = {

@@ -23,12 +23,14 @@ def baton(*args: str, timeout: float = 60, env: dict[str, str] | None = None) ->
 
 
 async def test_submit_streams_the_answer_and_exits_0(stack: LocalStack, client: Client) -> None:
-    tenant = uid("cli")
-    r = baton("submit", "chat", "hello cli", "--tenant", tenant, "--nats-url", stack.nats_url)
+    tenant = "cli"
+    r = baton(
+        "submit", "chat", "hello cli", "--tenant", tenant, "--nats-url", stack.url_for(tenant)
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().startswith("[r1.answer assistant] [sim: 2 messages")
     assert "completed:" in r.stderr and "tokens" in r.stderr
-    j = baton("submit", "chat", "hello json", "--tenant", tenant, "--nats-url", stack.nats_url,
+    j = baton("submit", "chat", "hello json", "--tenant", tenant, "--nats-url", stack.url_for(tenant),
               "--json", "--task-id", (task_id := uid()))  # fmt: skip
     assert j.returncode == 0, j.stderr
     lines = [json.loads(line) for line in j.stdout.splitlines()]
@@ -38,7 +40,7 @@ async def test_submit_streams_the_answer_and_exits_0(stack: LocalStack, client: 
 
 
 async def test_a_failed_task_exits_1(stack: LocalStack) -> None:
-    r = baton("submit", "nope", "x", "--tenant", uid("cli"), "--nats-url", stack.nats_url)
+    r = baton("submit", "nope", "x", "--tenant", "cli", "--nats-url", stack.url_for("cli"))
     assert r.returncode == 1
     assert "unknown_workflow" in r.stderr
 
@@ -68,7 +70,7 @@ async def test_invalid_names_get_one_line_with_the_rule() -> None:
 async def test_status_tasks_cancel_and_workflows_use_the_http_api(
     stack: LocalStack, client: Client
 ) -> None:
-    tenant, task_id = uid("cli"), uid()
+    tenant, task_id = "cli-list", uid()
     await client.run("chat", {"tenant": tenant, "input": "for status", "task_id": task_id})
     api = ["--api-url", stack.orchestrator.url]
     s = baton("status", task_id, "--tenant", tenant, *api, "--json")

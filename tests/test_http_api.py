@@ -59,7 +59,7 @@ def sse_get(url: str, headers: dict[str, str] | None = None) -> str:
 
 async def test_every_error_path_returns_the_one_error_body(stack: LocalStack) -> None:
     base = stack.orchestrator.url
-    tenant = uid("err")
+    tenant = "acme"
     cases = [
         (dict(url=f"{base}/v1/tasks", method="POST", body={"tenant": tenant}), 422, "missing_field"),
         (dict(url=f"{base}/v1/tasks", method="POST", body={"tenant": tenant, "input": 3}), 422, "invalid_field"),
@@ -87,7 +87,7 @@ async def test_every_error_path_returns_the_one_error_body(stack: LocalStack) ->
 async def test_api_key_errors_use_the_one_body_and_openapi_declares_the_scheme(
     stack: LocalStack,
 ) -> None:
-    orch = stack.service("orchestrator", BATON_API_KEYS=json.dumps({"k1": uid("t")})).wait_ready()
+    orch = stack.service("orchestrator", BATON_API_KEYS=json.dumps({"k1": "acme"})).wait_ready()
     try:
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             status, doc = _error_of(f"{orch.url}/v1/tasks", headers=headers)
@@ -119,7 +119,7 @@ async def test_api_key_errors_use_the_one_body_and_openapi_declares_the_scheme(
 async def test_submit_reports_duplicate_false_first_then_true(
     stack: LocalStack, client: Client
 ) -> None:
-    tenant, task_id = uid("dup"), uid()
+    tenant, task_id = "globex", uid()
     body = {"tenant": tenant, "input": "once", "task_id": task_id}
     first = http_post(f"{stack.orchestrator.url}/v1/tasks", body, 202)
     assert first["duplicate"] is False
@@ -133,7 +133,7 @@ async def test_tasks_are_listed_newest_first_with_filters_and_stable_pages(
     stack: LocalStack, client: Client
 ) -> None:
     base = stack.orchestrator.url
-    tenant = uid("ls")
+    tenant = "lister"
     ids = []
     for i in range(5):
         task_id = uid()
@@ -143,7 +143,7 @@ async def test_tasks_are_listed_newest_first_with_filters_and_stable_pages(
             mid = time.time()
     research = uid()
     await client.run("research", {"tenant": tenant, "input": "plan", "task_id": research})
-    other = uid("ls")
+    other = "acme"
     await client.run("chat", {"tenant": other, "input": "not yours", "task_id": uid()})
 
     everything = http_json(f"{base}/v1/tasks?tenant={tenant}")
@@ -174,7 +174,7 @@ async def test_tasks_are_listed_newest_first_with_filters_and_stable_pages(
 async def test_sse_event_ids_are_sequences_and_last_event_id_resumes_after_one(
     stack: LocalStack, client: Client
 ) -> None:
-    tenant, task_id = uid("sse"), uid()
+    tenant, task_id = "initech", uid()
     await client.run("chat", {"tenant": tenant, "input": "hello", "task_id": task_id})
     url = f"{stack.orchestrator.url}/v1/tasks/{task_id}/events?tenant={tenant}"
     full = sse_events(await asyncio.to_thread(sse_get, url))

@@ -12,7 +12,7 @@ import openai
 import pytest
 from langchain_openai import ChatOpenAI
 
-from tests.harness import LocalStack, http_json, uid
+from tests.harness import LocalStack, http_json
 
 
 def _sdk(stack: LocalStack) -> openai.OpenAI:
@@ -35,7 +35,7 @@ async def test_models_are_the_workflows(stack: LocalStack) -> None:
 async def test_a_chat_completion_seeds_a_session_and_the_next_one_continues_it(
     stack: LocalStack,
 ) -> None:
-    tenant = uid("oa")
+    tenant = "umbrella"
     client = _sdk(stack)
     history = [
         {"role": "system", "content": "be brief"},
@@ -77,7 +77,7 @@ async def test_an_unknown_model_is_a_404_listing_the_models(stack: LocalStack) -
 async def test_async_streaming_gives_the_output_agents_tokens_and_the_others_progress(
     stack: LocalStack,
 ) -> None:
-    tenant = uid("oas")
+    tenant = "hooli"
     client = openai.AsyncOpenAI(base_url=f"{stack.orchestrator.url}/v1", api_key="dev",
                                 max_retries=0)  # fmt: skip
     stream = await client.chat.completions.create(
@@ -120,7 +120,7 @@ async def test_an_oversized_input_is_refused_before_streaming_starts(stack: Loca
 
 
 async def test_langchain_chat_openai_invokes_and_streams(stack: LocalStack) -> None:
-    tenant = uid("lc")
+    tenant = "wonka"
     llm = ChatOpenAI(model="chat", base_url=f"{stack.orchestrator.url}/v1", api_key="dev",  # type: ignore[arg-type]
                      max_retries=0, extra_body={"tenant": tenant}, max_tokens=9)  # fmt: skip
     answer = await llm.ainvoke("hello from langchain")

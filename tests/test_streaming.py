@@ -16,8 +16,7 @@ import httpx
 import openai
 import pytest
 
-from baton.natsd import NatsServer
-from tests.harness import Client, LocalStack, http_json, http_post, uid
+from tests.harness import Client, LocalStack, http_json, http_post, secure_nats, uid
 from tests.test_http_api import sse_events
 
 LONELY = """name: lonely
@@ -35,8 +34,8 @@ def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     tmp = tmp_path_factory.mktemp("slow")
     (tmp / "wf").mkdir()
     (tmp / "wf" / "lonely.yaml").write_text(LONELY)
-    server = NatsServer(tmp / "nats").start()
-    stack = LocalStack(server.url, tmp / "s", env={
+    server = secure_nats(tmp / "nats").start()
+    stack = LocalStack(server, tmp / "s", env={
         "BATON_SIM_DECODE_TPS": "40", "BATON_SSE_PING": "0.2",
         "BATON_WORKFLOWS_DIR": str(tmp / "wf"),
     })  # fmt: skip
@@ -56,7 +55,7 @@ async def slow_client(slow: LocalStack) -> AsyncIterator[Client]:
 
 
 async def test_openai_stream_chunks_arrive_while_the_answer_is_generated(slow: LocalStack) -> None:
-    tenant = uid("ts")
+    tenant = "acme"
     client = openai.AsyncOpenAI(base_url=f"{slow.orchestrator.url}/v1", api_key="dev", max_retries=0)  # fmt: skip
     t0 = time.monotonic()
     stream = await client.chat.completions.create(
@@ -83,7 +82,7 @@ async def test_openai_stream_chunks_arrive_while_the_answer_is_generated(slow: L
 async def test_a_token_reader_that_drops_mid_answer_resumes_without_gap_or_repeat(
     slow: LocalStack, slow_client: Client
 ) -> None:
-    tenant, task_id = uid("tr"), uid()
+    tenant, task_id = "globex", uid()
     await slow_client.publish(
         "chat", {"tenant": tenant, "input": "long answer", "task_id": task_id}
     )
@@ -138,7 +137,7 @@ async def test_a_token_reader_that_drops_mid_answer_resumes_without_gap_or_repea
 
 
 async def test_an_idle_event_stream_gets_keep_alive_comments(slow: LocalStack) -> None:
-    tenant = uid("ka")
+    tenant = "initech"
     resp = http_post(f"{slow.orchestrator.url}/v1/tasks",
                      {"tenant": tenant, "input": "anyone?", "workflow": "lonely"}, 202)  # fmt: skip
     url = f"{slow.orchestrator.url}/v1/tasks/{resp['task_id']}/events?tenant={tenant}"
@@ -152,7 +151,7 @@ async def test_an_idle_event_stream_gets_keep_alive_comments(slow: LocalStack) -
 
 
 async def test_cancelling_mid_stream_ends_the_openai_stream_with_an_error(slow: LocalStack) -> None:
-    tenant = uid("tc")
+    tenant = "umbrella"
     client = openai.AsyncOpenAI(base_url=f"{slow.orchestrator.url}/v1", api_key="dev", max_retries=0)  # fmt: skip
     stream = await client.chat.completions.create(
         model="chat", messages=[{"role": "user", "content": "a long one"}], stream=True,
