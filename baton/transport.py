@@ -50,6 +50,7 @@ HDR_TRACEPARENT = "traceparent"
 HDR_DLQ_REASON = "Baton-Dead-Letter-Reason"
 HDR_DLQ_SUBJECT = "Baton-Original-Subject"
 
+PING_INTERVAL = 5  # seconds; see connect()
 _STORE_RACE_ERR = 10049  # "error creating store for stream": transient, retry
 
 
@@ -552,8 +553,14 @@ async def connect(
     try:
         await asyncio.wait_for(
             nc.connect(
-                servers=[url],
+                # A cluster is a comma-separated list; nats-py also learns the
+                # other nodes from the server and fails over among them.
+                servers=[u.strip() for u in url.split(",") if u.strip()],
                 name=name,
+                # A paused or partitioned server is noticed after ~3 missed
+                # pings (default: 2 x 120 s, during which nothing moves).
+                ping_interval=PING_INTERVAL,
+                max_outstanding_pings=3,
                 connect_timeout=max(1, int(min(2.0, timeout))),
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
