@@ -107,7 +107,11 @@ class Admin:
         s = await self.store.history.load(tenant, session)
         if depth < MAX_FORK_DEPTH:
             for child in s.children:
-                await self._delete_session(tenant, child, reply, depth + 1)
+                # Only a child forked from this session (a fork attempt onto
+                # an existing session leaves a note but no fork).
+                c = await self.store.history.load(tenant, child)
+                if c.fork is not None and c.fork.session == session:
+                    await self._delete_session(tenant, child, reply, depth + 1)
         reply.attachments += await attachments.erase(self.bus, tenant, session)
         erased = await erase_subject(self.bus, CONTEXT.name, subjects.context_log(tenant, session))
         reply.records += erased
