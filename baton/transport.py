@@ -487,6 +487,14 @@ class Bus:
                 with contextlib.suppress(nats.js.errors.NotFoundError):
                     await self.js.delete_consumer(stream, name)
 
+    async def consumers(self, stream: str) -> list[api.ConsumerInfo]:
+        """Every consumer of ``stream``, with its configuration."""
+        infos: list[api.ConsumerInfo] = await self.js.consumers_info(stream)
+        return infos
+
+    async def delete_consumer(self, spec: ConsumerSpec) -> None:
+        await self.js.delete_consumer(spec.stream, spec.durable)
+
     async def pending(self, spec: ConsumerSpec) -> int:
         """Messages waiting for, or held by, the consumer (the scaling signal)."""
         info = await self.js.consumer_info(spec.stream, spec.durable)
