@@ -67,11 +67,29 @@ Json = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 # -- NATS ------------------------------------------------------------------
 
 
+def _probe(url: str, timeout: float) -> None:
+    """Fail at once when nothing listens at the URL's address (a refused
+    connection would otherwise be retried until the timeout)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 4222
+    except ValueError:
+        fail(f"{redact(url)} is not a NATS URL (nats://[user:password@]host:port)", EXIT_USAGE)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        why = exc.strerror or ("no answer in 3 s" if isinstance(exc, TimeoutError) else repr(exc))
+        fail(f"cannot reach NATS at {redact(url)}: {why}", EXIT_UNREACHABLE)
+
+
 async def _connect(url: str) -> Any:
     from baton.transport import BusUnavailable, connect
 
     try:
-        return await connect(url, name="baton-cli", timeout=3.0)
+        return await connect(url, name="baton-cli", timeout=2.0)  # it listens: NATS answers at once
     except BusUnavailable as exc:
         cause = exc.__cause__ or exc
         why = str(cause).strip() or type(cause).__name__
@@ -92,8 +110,6 @@ def submit(
     plain: Annotated[bool, typer.Option("--plain", help="No live display")] = False,
 ) -> None:
     """Publish a task and stream its tokens and steps until it ends."""
-    from baton.submit import submit as run_submit
-
     _id(workflow, "workflow")
     _id(tenant, "tenant")
     _id(session, "session")
@@ -104,6 +120,8 @@ def submit(
     if max_tokens:
         body["budget"] = {"max_tokens": max_tokens}
     mode = "json" if json_out else "plain" if plain else "auto"
+    _probe(nats_url, 3.0)  # before the heavy imports: a dead URL fails in seconds
+    from baton.submit import submit as run_submit
 
     async def go() -> int:
         bus = await _connect(nats_url)
