@@ -5,6 +5,7 @@ baton submit WORKFLOW INPUT ...   publish a task over NATS, stream its tokens an
 baton status ID / cancel ID       one task, through the orchestrator's HTTP API
 baton tasks                       a tenant's tasks, newest first
 baton workflows [check FILE]      the workflows served, or validate a workflow file
+baton audit [--tenant T]          the audit trail (erasures, tenant deletions, ...)
 baton nats / model tiny DIR / asyncapi [--check]
 
 Exit codes: 0 done (task completed), 1 the task or request failed, 2 bad
@@ -131,6 +132,29 @@ def submit(
             await bus.close()
 
     raise typer.Exit(asyncio.run(go()))
+
+
+@app.command()
+def audit(
+    tenant: Tenant = None,
+    action: Annotated[str | None, typer.Option(help="e.g. erase_session")] = None,
+    last: Annotated[int, typer.Option(help="The newest N records")] = 100,
+    nats_url: NatsUrl = DEFAULT_NATS_URL,
+) -> None:
+    """Print the audit trail as JSON lines, oldest first (an operator's NATS URL)."""
+    from baton.audit import print_trail
+
+    _id(tenant, "tenant")
+    _id(action, "action")
+
+    async def go() -> None:
+        bus = await _connect(nats_url)
+        try:
+            await print_trail(bus, tenant=tenant, action=action, last=last)
+        finally:
+            await bus.close()
+
+    asyncio.run(go())
 
 
 # -- HTTP API --------------------------------------------------------------

@@ -212,6 +212,28 @@ def _stream_config(spec: StreamSpec, replicas: int) -> api.StreamConfig:
         num_replicas=replicas,
         allow_direct=True,
         description=spec.description or None,
+        deny_delete=spec.deny_delete,
+        deny_purge=spec.deny_delete,
+    )
+
+
+def _bucket_config(spec: BucketSpec, replicas: int) -> api.StreamConfig:
+    """The stream of an erasable KV bucket: nats-py's own KV settings except
+    that messages may be deleted (which ``create_key_value`` forbids, and a
+    stream can never be changed to allow later)."""
+    return api.StreamConfig(
+        name=spec.stream,
+        description=spec.description or None,
+        subjects=[f"$KV.{spec.name}.>"],
+        allow_direct=True,
+        allow_rollup_hdrs=True,
+        deny_delete=False,
+        discard=api.DiscardPolicy.NEW,
+        duplicate_window=min(120.0, spec.ttl) if spec.ttl else 120.0,
+        max_age=spec.ttl or None,
+        max_msgs_per_subject=spec.history,
+        num_replicas=replicas,
+        storage=api.StorageType.FILE,
     )
 
 
@@ -265,6 +287,8 @@ class Bus:
         await self.js.add_consumer(spec.stream, _consumer_config(spec))
 
     async def ensure_bucket(self, spec: BucketSpec) -> KeyValue:
+        if spec.erasable:
+            return await self._ensure_erasable_bucket(spec)
         kv: KeyValue = await _retry_store_race(
             lambda: self.js.create_key_value(
                 bucket=spec.name,
@@ -275,6 +299,23 @@ class Bus:
                 description=spec.description or None,
             )
         )
+        return kv
+
+    async def _ensure_erasable_bucket(self, spec: BucketSpec) -> KeyValue:
+        config = _bucket_config(spec, self.replicas)
+        try:
+            await _retry_store_race(lambda: self.js.add_stream(config))
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != 10058:  # exists with another config
+                raise
+            info = await self.js.stream_info(spec.stream)
+            if info.config.deny_delete:
+                # Created before erasure support: deletes can never be allowed on
+                # it. It keeps working; erasure falls back to KV purges.
+                log.warning("bucket_not_erasable", bucket=spec.name)
+            else:
+                await self.js.update_stream(config)
+        kv: KeyValue = await self.js.key_value(spec.name)
         return kv
 
     async def provision(
@@ -347,11 +388,24 @@ class Bus:
         finally:
             tracing._current.reset(token)
 
+    async def erase(self, delivery: Delivery) -> None:
+        """Overwrite ``delivery``'s message in the store (``STREAM.MSG.DELETE``
+        with erase) before it is acked: a work queue's ack only unlinks it.
+        Best effort: a failure is logged and the message is settled anyway."""
+        try:
+            await self.js.delete_msg(delivery.msg.metadata.stream, delivery.stream_seq)
+        except nats.js.errors.NotFoundError:
+            pass
+        except Exception as exc:
+            log.warning("erase_handled_failed", error=repr(exc))
+
     async def _settle(self, spec: ConsumerSpec, delivery: Delivery, handler: Handler) -> None:
         keepalive = asyncio.create_task(self._keepalive(delivery, spec.ack_wait / 3))
         outcome = "ack"
         try:
             await handler(delivery)
+            if spec.erase_handled:
+                await self.erase(delivery)
             await delivery.ack()
         except Nak as nak:
             if 0 < spec.max_deliver <= delivery.num_delivered:
@@ -365,6 +419,8 @@ class Bus:
             if term.dead_letter:
                 await self.dead_letter(spec, delivery, term.reason)
             else:
+                if spec.erase_handled:
+                    await self.erase(delivery)
                 await delivery.term()
         except asyncio.CancelledError:
             outcome = "nak"
@@ -389,6 +445,8 @@ class Bus:
         """Terminate ``delivery`` and keep a copy on ``baton.dlq.<consumer>``."""
         DEAD_LETTERS.labels(spec.durable).inc()
         log.warning("dead_lettered", reason=reason, subject=delivery.subject)
+        if spec.erase_handled:
+            await self.erase(delivery)
         await delivery.term()
         try:
             await self.publish(

@@ -1,5 +1,5 @@
-"""Wiring of the orchestrator: streams, consumers, the conductor's two
-consume loops, the backlog gauge and worker-heartbeat tracking."""
+"""Wiring of the orchestrator: streams, consumers, the conductor's consume
+loops, the task eraser's, the backlog gauge and worker-heartbeat tracking."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from proto import streams, subjects
 from . import metrics as m
 from .api import Services
 from .conductor import Conductor
+from .erasure import TaskEraser
 from .routing import HeartbeatTracker, Router
 from .runs import RunStore
 from .settings import OrchestratorSettings
@@ -47,10 +48,14 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
             streams.ORCHESTRATOR_TASKS,
             streams.ORCHESTRATOR_RESULTS,
             streams.ORCHESTRATOR_TIMERS,
+            streams.ORCHESTRATOR_ERASURES,
             streams.worker_consumer(settings.default_pool, settings.job_ack_wait),
         ],
     )
-    runs = RunStore(await bus.ensure_bucket(streams.RUNS))
+    kv = await bus.ensure_bucket(streams.RUNS)
+    erasable = not (await bus.js.stream_info(streams.RUNS.stream)).config.deny_delete
+    runs = RunStore(kv, js=bus.js if erasable else None, stream=streams.RUNS.stream)
+    eraser = TaskEraser(bus, runs)
     hb = HeartbeatTracker()
     router = Router(hb, enabled=settings.cache_routing, stale_after=settings.route_stale_after,
                     max_load=settings.route_max_load)  # fmt: skip
@@ -66,6 +71,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
                 streams.ORCHESTRATOR_TASKS, conductor.on_task, concurrency=settings.task_concurrency
             ),
             bus.consume(streams.ORCHESTRATOR_TIMERS, conductor.on_timer, concurrency=64),
+            bus.consume(streams.ORCHESTRATOR_ERASURES, eraser.on_erasure, concurrency=4),
             bus.consume(
                 streams.ORCHESTRATOR_RESULTS,
                 conductor.on_result,
