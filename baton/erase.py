@@ -44,9 +44,19 @@ async def erase_messages(js: JetStreamContext, stream: str, seqs: Iterable[int])
         try:
             await js.delete_msg(stream, seq)
             erased += 1
-        except nats.js.errors.NotFoundError:
-            pass  # gone already (erased by another replica, or acked)
+        except nats.js.errors.APIError as exc:
+            if not _gone(exc):
+                raise
     return erased
+
+
+def _gone(exc: nats.js.errors.APIError) -> bool:
+    """The message is not there (erased meanwhile by another replica, or
+    acked): the server says so with a 404 or, for a delete, a 500 with
+    err_code 10057 and 'no message found' (10057 also means 'not permitted')."""
+    if isinstance(exc, nats.js.errors.NotFoundError):
+        return True
+    return exc.err_code == 10057 and "no message found" in (exc.description or "")
 
 
 async def erase_subject(

@@ -38,6 +38,7 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
 from baton import tracing
+from baton.erase import erase_messages
 from baton.metrics import DEAD_LETTERS, MESSAGES_HANDLED
 from proto import codec, subjects
 from proto.streams import BucketSpec, ConsumerSpec, StreamSpec
@@ -393,9 +394,7 @@ class Bus:
         with erase) before it is acked: a work queue's ack only unlinks it.
         Best effort: a failure is logged and the message is settled anyway."""
         try:
-            await self.js.delete_msg(delivery.msg.metadata.stream, delivery.stream_seq)
-        except nats.js.errors.NotFoundError:
-            pass
+            await erase_messages(self.js, delivery.msg.metadata.stream, [delivery.stream_seq])
         except Exception as exc:
             log.warning("erase_handled_failed", error=repr(exc))
 

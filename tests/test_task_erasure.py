@@ -94,8 +94,13 @@ def _delete(url: str) -> Any:
         return json.loads(r.read())
 
 
-async def _until_erased(stack: LocalStack, tenant: str, task_ids: list[str]) -> None:
+async def _until_erased(stack: LocalStack, bus: Bus, tenant: str, task_ids: list[str]) -> None:
+    """Until the orchestrator's ``erase_tasks`` record (written once it is
+    done), then check each task answers 404 ``erased``."""
     deadline = asyncio.get_running_loop().time() + 20
+    while not await audit.read(bus, tenant=tenant, action=audit.ERASE_TASKS):
+        assert asyncio.get_running_loop().time() < deadline, "the tasks were never erased"
+        await asyncio.sleep(0.2)
     for task_id in task_ids:
         url = f"{stack.orchestrator.url}/v1/tasks/{task_id}?tenant={tenant}"
         while (got := await asyncio.to_thread(_get, url))[0] != 404:
@@ -147,7 +152,7 @@ async def test_deleting_a_session_erases_its_tasks_events_runs_and_dead_letters(
     ctx = next(p for p in stack.procs if p.name == "context-store")
     reply = await asyncio.to_thread(_delete, f"{ctx.url}/v1/sessions/{tenant}/{session}")
     assert reply["sessions"] == 1
-    await _until_erased(stack, tenant, [t for t, _ in erased])
+    await _until_erased(stack, bus, tenant, [t for t, _ in erased])
 
     for task_id, _ in erased:
         events = f"{stack.orchestrator.url}/v1/tasks/{task_id}/events?tenant={tenant}"
@@ -179,7 +184,7 @@ async def test_deleting_a_session_erases_its_tasks_events_runs_and_dead_letters(
     assert by_action["erase_session"].service == "context-store"
     tasks = by_action["erase_tasks"]
     assert tasks.service == "orchestrator" and tasks.detail["tasks"] == 2
-    assert tasks.detail["dead_letters"] == 1 and tasks.detail[EVENTS.name] == 8
+    assert tasks.detail["dead_letters"] == 1 and tasks.detail[EVENTS.name] == 8, tasks.detail
     assert secret not in json.dumps([codec.decode(codec.encode(r), dict) for r in trail])
 
 
@@ -192,7 +197,7 @@ async def test_deleting_a_tenant_erases_every_task_of_the_tenant_only(
     kept = await _run_task(client, other, uid("s"), uid("OTHER"))
     reply = await ask(bus, "delete", ContextDelete(tenant=tenant))
     assert reply.error is None and reply.sessions == 3
-    await _until_erased(stack, tenant, [t for t, _ in erased])
+    await _until_erased(stack, bus, tenant, [t for t, _ in erased])
     left = await bus.js.stream_info(EVENTS.name, subjects_filter=f"{subjects.EVENTS}.{tenant}.>")
     assert not left.state.subjects
     status, body = await asyncio.to_thread(
