@@ -50,13 +50,18 @@ async def erase_messages(js: JetStreamContext, stream: str, seqs: Iterable[int])
     return erased
 
 
+_SEQUENCE_NOT_FOUND = 10043
+_DELETE_FAILED = 10057
+
+
 def _gone(exc: nats.js.errors.APIError) -> bool:
     """The message is not there (erased meanwhile by another replica, or
-    acked): the server says so with a 404 or, for a delete, a 500 with
-    err_code 10057 and 'no message found' (10057 also means 'not permitted')."""
-    if isinstance(exc, nats.js.errors.NotFoundError):
+    acked). A delete says so three ways: a 404, a 400 'sequence N not found'
+    (10043), or a 500 'no message found' (10057, which also means 'not
+    permitted': that one still raises)."""
+    if isinstance(exc, nats.js.errors.NotFoundError) or exc.err_code == _SEQUENCE_NOT_FOUND:
         return True
-    return exc.err_code == 10057 and "no message found" in (exc.description or "")
+    return exc.err_code == _DELETE_FAILED and "no message found" in (exc.description or "")
 
 
 async def erase_subject(

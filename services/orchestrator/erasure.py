@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
+import nats.js.errors
 import structlog
 from nats.js import JetStreamContext
 
@@ -142,7 +143,11 @@ class TaskEraser:
         if not is_valid_id(req.tenant):
             raise Term("erasure with an invalid tenant")
         structlog.contextvars.bind_contextvars(tenant=req.tenant)
-        counts = await self.erase(req)
+        try:
+            counts = await self.erase(req)
+        except nats.js.errors.APIError as exc:  # the transport retries; say what the server said
+            log.warning("erasure_failed", code=exc.err_code, description=exc.description)
+            raise
         target = req.tenant if req.whole_tenant else f"{req.tenant}/{','.join(req.sessions)}"
         await audit.record(self.bus, audit.entry(
             req.actor or "unknown", audit.ERASE_TASKS, target, tenant=req.tenant,
