@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from baton.natsd import NatsServer
 from baton.transport import HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus, connect
 from proto import codec, subjects
 from proto.messages import ContextDelete, SessionsErased
-from proto.streams import DEAD_LETTERS, EVENTS, RUNS
+from proto.streams import DEAD_LETTERS, EVENTS, RUNS, TOKENS
 from services.orchestrator.erasure import dead_letter_matches, tasks_to_erase, tombstone
 from services.orchestrator.runs import RunState, StepState
 from tests.ctx import ask, raw_store_contains
@@ -106,7 +107,7 @@ async def _until_erased(stack: LocalStack, bus: Bus, tenant: str, task_ids: list
         while (got := await asyncio.to_thread(_get, url))[0] != 404:
             assert asyncio.get_running_loop().time() < deadline, f"{task_id} never erased: {got}"
             await asyncio.sleep(0.2)
-        assert got[1]["detail"]["code"] == "erased", got
+        assert got[1]["error"]["code"] == "erased", got
 
 
 async def _run_task(client: Client, tenant: str, session: str, secret: str) -> tuple[str, str]:
@@ -157,11 +158,13 @@ async def test_deleting_a_session_erases_its_tasks_events_runs_and_dead_letters(
     for task_id, _ in erased:
         events = f"{stack.orchestrator.url}/v1/tasks/{task_id}/events?tenant={tenant}"
         status, body = await asyncio.to_thread(_get, events)
-        assert status == 404 and body["detail"]["code"] == "erased"
+        assert status == 404 and body["error"]["code"] == "erased"
         [entry] = await _kv_entries(bus, tenant, task_id)  # one revision left: the tombstone
         assert (entry.status, entry.metadata, entry.steps, entry.output) == ("erased", {}, {}, "")
     left = await bus.js.stream_info(EVENTS.name, subjects_filter=f"{subjects.EVENTS}.{tenant}.>")
     assert left.state.subjects == {subjects.event(tenant, kept[0]): 4}  # accepted, 2 steps, done
+    deltas = await bus.js.stream_info(TOKENS.name, subjects_filter=f"{subjects.TOKENS}.{tenant}.>")
+    assert set(deltas.state.subjects or {}) == {subjects.tokens(tenant, kept[0])}
     dlq = [m async for m in bus.read_subject(DEAD_LETTERS.name, f"{subjects.DEAD_LETTERS}.>")]
     assert b"not theirs to erase" in [m.data for m in dlq]
     assert secret.encode() not in [m.data for m in dlq]
@@ -185,6 +188,7 @@ async def test_deleting_a_session_erases_its_tasks_events_runs_and_dead_letters(
     tasks = by_action["erase_tasks"]
     assert tasks.service == "orchestrator" and tasks.detail["tasks"] == 2
     assert tasks.detail["dead_letters"] == 1 and tasks.detail[EVENTS.name] == 8, tasks.detail
+    assert tasks.detail[TOKENS.name] > 0, tasks.detail
     assert secret not in json.dumps([codec.decode(codec.encode(r), dict) for r in trail])
 
 
@@ -213,3 +217,40 @@ async def test_deleting_a_tenant_erases_every_task_of_the_tenant_only(
     assert (rec.actor, rec.target, rec.detail["sessions"]) == ("bus", tenant, 3)
     [done] = await audit.read(bus, tenant=tenant, action=audit.ERASE_TASKS)
     assert done.detail["tasks"] == 3
+
+
+async def test_operators_read_the_trail_over_http_and_the_cli_and_tenants_cannot(
+    stack: LocalStack, bus: Bus
+) -> None:
+    tenant = uid("aud")
+    assert (await ask(bus, "delete", ContextDelete(tenant=tenant, session="s1"))).error is None
+    keys = {"k-op": "*", "k-acme": tenant}
+    store = stack.service("context-store", BATON_API_KEYS=json.dumps(keys)).wait_ready()
+    try:
+        url = f"{store.url}/v1/audit?tenant={tenant}&action=erase_session"
+
+        def get(key: str) -> tuple[int, Any]:
+            req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as exc:
+                return exc.code, json.loads(exc.read())
+
+        status, body = await asyncio.to_thread(get, "k-op")
+        assert status == 200
+        [rec] = body["records"]
+        assert (rec["actor"], rec["target"], rec["outcome"]) == ("bus", f"{tenant}/s1", "ok")
+        status, body = await asyncio.to_thread(get, "k-acme")  # a tenant's own key: refused
+        assert status == 403 and body["error"]["code"] == "forbidden"
+    finally:
+        store.terminate()
+        stack.procs.remove(store)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "baton.cli", "audit", "--tenant", tenant, "--nats-url",
+        stack.nats_url, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
+    actions = [json.loads(line)["action"] for line in out.decode().splitlines()]
+    assert "erase_session" in actions

@@ -106,7 +106,9 @@ def http_app(
             raise ApiError(ErrorCode.FORBIDDEN, "the audit trail is for operators")
         for value in (tenant, action):
             if value is not None and not is_valid_id(value):
-                raise ApiError(ErrorCode.INVALID_FIELD, "tenant and action must match [A-Za-z0-9_-]{1,64}")
+                raise ApiError(
+                    ErrorCode.INVALID_FIELD, "tenant and action must match [A-Za-z0-9_-]{1,64}"
+                )
         if not 1 <= last <= 10_000:
             raise ApiError(ErrorCode.INVALID_FIELD, "last must be within 1..10000")
         records = await audit.read(admin().bus, tenant=tenant, action=action, last=last)

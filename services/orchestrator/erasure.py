@@ -12,8 +12,8 @@ session, e.g. a fork) the orchestrator:
    revision of the entry in the raw store;
 2. overwrites and removes its events (``BATON_EVENTS``, and a tenant
    account's copy of that stream when one is configured), its token deltas
-   (``BATON_TOKENS``) and any result not yet consumed (``BATON_RESULTS``), purges its timers, and erases the dead
-   letters that carried it;
+   (``BATON_TOKENS``) and any result not yet consumed (``BATON_RESULTS``),
+   purges its timers, and erases the dead letters that carried it;
 3. tells workers to abort its generations (``baton.cancel``) if it was still
    running, and erases its events once more after a grace period (an event
    published by a handler that read the run just before the tombstone);
