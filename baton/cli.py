@@ -36,8 +36,11 @@ app = typer.Typer(help=_HELP, no_args_is_help=True, add_completion=False,
 model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
 workflows_app = typer.Typer(help="The workflows served, or `check FILE`.",
                             invoke_without_command=True)  # fmt: skip
+dlq_app = typer.Typer(help="Dead letters in BATON_DLQ: list, replay, purge.",
+                      no_args_is_help=True)  # fmt: skip
 app.add_typer(model_app, name="model")
 app.add_typer(workflows_app, name="workflows")
+app.add_typer(dlq_app, name="dlq")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -340,6 +343,79 @@ def nats(
         server.proc.wait()
     except KeyboardInterrupt:
         server.stop()
+
+
+# -- dead letters (the logic is baton/dlq.py) ---------------------------------
+
+Consumer = Annotated[str | None, typer.Option("--consumer", help="Only this consumer's")]
+
+
+def _dlq(nats_url: str, work: Any) -> Any:
+    async def go() -> Any:
+        bus = await _connect(nats_url)
+        try:
+            return await work(bus)
+        finally:
+            await bus.close()
+
+    return asyncio.run(go())
+
+
+@dlq_app.command("list")
+def dlq_list(
+    consumer: Consumer = None, limit: Annotated[int, typer.Option()] = 100,
+    nats_url: NatsUrl = DEFAULT_NATS_URL, json_out: Json = False,
+) -> None:  # fmt: skip
+    """Dead letters, oldest first: sequence, consumer, original subject, reason."""
+    from baton import dlq
+
+    _id(consumer, "consumer")
+    letters = _dlq(nats_url, lambda bus: dlq.list_letters(bus, consumer=consumer, limit=limit))
+    if json_out:
+        return _print_json([x.as_dict() for x in letters])
+    if not letters:
+        print("no dead letters")
+    for x in letters:
+        print(f"{x.seq:>8}  {x.consumer:<24} {x.subject:<40} {x.task_id or '-':<24} {x.reason}")
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    seqs: Annotated[list[int] | None, typer.Argument(help="DLQ sequences (see list)")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every letter (of --consumer)")] = False,
+    consumer: Consumer = None, nats_url: NatsUrl = DEFAULT_NATS_URL,
+) -> None:  # fmt: skip
+    """Publish letters back where they were consumed from, then drop them."""
+    from baton import dlq
+
+    _id(consumer, "consumer")
+    if not seqs and not all_:
+        fail("name the sequences to replay, or --all", EXIT_USAGE)
+
+    async def work(bus: Any) -> Any:
+        todo = list(seqs or [])
+        if all_:
+            todo = [x.seq for x in await dlq.list_letters(bus, consumer=consumer, limit=100_000)]
+        return await dlq.replay(bus, todo)
+
+    for seq, outcome in _dlq(nats_url, work):
+        print(f"{seq:>8}  {outcome}")
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    consumer: Consumer = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Really delete")] = False,
+    nats_url: NatsUrl = DEFAULT_NATS_URL,
+) -> None:  # fmt: skip
+    """Delete every dead letter (of --consumer)."""
+    from baton import dlq
+
+    _id(consumer, "consumer")
+    if not yes:
+        fail("purge deletes dead letters for good: add --yes", EXIT_USAGE)
+    n = _dlq(nats_url, lambda bus: dlq.purge(bus, consumer=consumer))
+    print(f"purged {n} dead letter(s)")
 
 
 @model_app.command("tiny")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import structlog
 
+from baton.dlq import MaxDeliveryWatch
 from baton.service import Health
 from baton.transport import Bus
 from proto import streams, subjects
@@ -62,6 +63,13 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     conductor = Conductor(bus, runs, workflows, settings, router)
     m.init_series({name: list(wf.agents) for name, wf in workflows.items()})
     await bus.nc.subscribe(f"{subjects.HEARTBEATS}.*.*", cb=hb.on_msg)
+    watched = [
+        streams.ORCHESTRATOR_TASKS,
+        streams.ORCHESTRATOR_RESULTS,
+        streams.ORCHESTRATOR_TIMERS,
+        streams.worker_consumer(settings.default_pool, settings.job_ack_wait),
+    ]
+    await MaxDeliveryWatch(bus, [(c.stream, c.durable) for c in watched]).start()
     svc.bus, svc.runs, svc.conductor, svc.workflows = bus, runs, conductor, specs
     watcher = asyncio.create_task(_watch_backlog(bus, settings, hb))
     health.ready, health.reason = True, "serving"
