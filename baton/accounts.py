@@ -46,6 +46,8 @@ CONTEXT_STORE: Final = "context-store"
 INFERENCE_WORKER: Final = "inference-worker"
 SERVICES: Final = (ORCHESTRATOR, CONTEXT_STORE, INFERENCE_WORKER)
 
+MAX_DELIVERIES: Final = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+
 RESERVED: Final = frozenset({BATON_ACCOUNT, SYSTEM_ACCOUNT, "$G", "$SYS"})
 
 # A tenant's own JetStream holds its copy of its events and token deltas;
@@ -152,8 +154,10 @@ def _ctx(*ops: str) -> tuple[str, ...]:
 
 def service_roles(tenants: Sequence[str]) -> dict[str, Role]:
     """Least privilege per service (the table in ``docs/security.md``)."""
-    task_streams = tuple(StreamAccess(streams.tenant_tasks(t).name, own=True, consume=True)
-                         for t in tenants)  # fmt: skip
+    task_streams = tuple(
+        StreamAccess(streams.tenant_tasks(t).name, own=True, consume=True, erase=True)
+        for t in tenants
+    )
     dlq = StreamAccess(streams.DEAD_LETTERS.name, own=True)
     return {
         ORCHESTRATOR: Role(
@@ -166,18 +170,21 @@ def service_roles(tenants: Sequence[str]) -> dict[str, Role]:
                 f"{subjects.TIMERS}.>",
                 f"{subjects.CANCEL}.>",
                 f"{subjects.DEAD_LETTERS}.>",
+                f"{subjects.AUDIT}.>",
                 *_ctx("append", "fork", "window", "get"),
             ),
-            subscribe=(f"{subjects.HEARTBEATS}.>",),
+            subscribe=(f"{subjects.HEARTBEATS}.>", f"{MAX_DELIVERIES}.>"),
             streams=(
                 *task_streams,
-                StreamAccess(streams.RESULTS.name, own=True, consume=True),
+                StreamAccess(streams.RESULTS.name, own=True, consume=True, erase=True),
                 StreamAccess(streams.EVENTS.name, own=True, consume=True, erase=True),
                 StreamAccess(streams.TOKENS.name, own=True, consume=True, erase=True),
-                StreamAccess(streams.TIMERS.name, own=True, consume=True),
+                StreamAccess(streams.TIMERS.name, own=True, consume=True, erase=True),
+                StreamAccess(streams.ERASURES.name, consume=True),
+                StreamAccess(streams.AUDIT.name),
                 # it defines the pool's consumer, so jobs wait for a worker
                 StreamAccess(streams.JOBS.name, own=True, define=True),
-                dlq,
+                StreamAccess(streams.DEAD_LETTERS.name, own=True, consume=True, erase=True),
             ),
             tenant_streams=tuple(StreamAccess(s, own=True, erase=True) for s in TENANT_STREAMS),
             kv_buckets=(streams.RUNS.name,),
@@ -189,11 +196,15 @@ def service_roles(tenants: Sequence[str]) -> dict[str, Role]:
                 f"{subjects.CONTEXT_ATTACHMENTS}.>",
                 f"{subjects.CONTEXT_INVALIDATE}.>",
                 f"{subjects.DEAD_LETTERS}.>",
+                f"{subjects.ERASED}.>",
+                f"{subjects.AUDIT}.>",
             ),
             subscribe=(f"{subjects.CONTEXT_API}.*.*", f"{subjects.CONTEXT_INVALIDATE}.*"),
             streams=(
                 StreamAccess(streams.CONTEXT.name, own=True, consume=True, erase=True),
                 StreamAccess(streams.CONTEXT_ATTACHMENTS.name, own=True, consume=True, erase=True),
+                StreamAccess(streams.ERASURES.name, own=True),
+                StreamAccess(streams.AUDIT.name, own=True, consume=True),  # the operator's trail
                 dlq,
             ),
             responds=True,

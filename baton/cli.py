@@ -6,6 +6,7 @@ baton status ID / cancel ID       one task, through the orchestrator's HTTP API
 baton tasks                       a tenant's tasks, newest first
 baton workflows [check FILE]      the workflows served, or validate a workflow file
 baton tenant url TENANT           the tenant's NATS client URL (written by `baton up`)
+baton audit [--tenant T]          the audit trail (erasures, tenant deletions, ...)
 baton nats / model tiny DIR / asyncapi [--check]
 
 Exit codes: 0 done (task completed), 1 the task or request failed, 2 bad
@@ -36,9 +37,12 @@ model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
 workflows_app = typer.Typer(help="The workflows served, or `check FILE`.",
                             invoke_without_command=True)  # fmt: skip
 tenant_app = typer.Typer(help="Tenant credentials.", no_args_is_help=True)
+dlq_app = typer.Typer(help="Dead letters in BATON_DLQ: list, replay, purge.",
+                      no_args_is_help=True)  # fmt: skip
 app.add_typer(model_app, name="model")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(workflows_app, name="workflows")
+app.add_typer(dlq_app, name="dlq")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -58,8 +62,10 @@ def _id(value: str | None, what: str) -> str | None:
 
 DataDir = Annotated[Path, typer.Option("--data-dir", envvar="BATON_DATA_DIR",
                                        help="Where `baton up` keeps its data")]  # fmt: skip
-NatsUrl = Annotated[str, typer.Option("--nats-url", envvar=["BATON_NATS_URL", "NATS_URL"],
-                                      help="NATS URL (a tenant's own URL works)")]  # fmt: skip
+# Operator commands (audit, dlq): default the operator's URL `baton up` wrote.
+NatsUrl = Annotated[str | None, typer.Option(
+    "--nats-url", envvar=["BATON_NATS_URL", "NATS_URL"], show_default=False,
+    help="NATS URL; default: <data-dir>/operator.url written by `baton up`")]  # fmt: skip
 ApiUrl = Annotated[str, typer.Option("--api-url", envvar="BATON_API_URL",
                                      help="The orchestrator's HTTP API")]  # fmt: skip
 ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="BATON_API_KEY",
@@ -71,11 +77,41 @@ Json = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 # -- NATS ------------------------------------------------------------------
 
 
-async def _connect(url: str) -> Any:
-    from baton.transport import BusUnavailable, connect
+def _probe(url: str, timeout: float) -> None:
+    """Fail at once when nothing listens at the URL's address (a refused
+    connection would otherwise be retried until the timeout)."""
+    import socket
+    from urllib.parse import urlsplit
 
     try:
-        return await connect(url, name="baton-cli", timeout=3.0)
+        parts = urlsplit(url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 4222
+    except ValueError:
+        fail(f"{redact(url)} is not a NATS URL (nats://[user:password@]host:port)", EXIT_USAGE)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        why = exc.strerror or ("no answer in 3 s" if isinstance(exc, TimeoutError) else repr(exc))
+        fail(f"cannot reach NATS at {redact(url)}: {why}", EXIT_UNREACHABLE)
+
+
+def _operator_url() -> str:
+    from baton.credentials import read_url
+
+    data_dir = Path(os.environ.get("BATON_DATA_DIR", ".data"))
+    try:
+        return read_url(data_dir)
+    except FileNotFoundError:
+        fail(f"no {data_dir}/operator.url: start the stack (`make up`) or pass --nats-url",
+             EXIT_USAGE)  # fmt: skip
+
+
+async def _connect(url: str | None) -> Any:
+    from baton.transport import BusUnavailable, connect
+
+    url = url or _operator_url()
+    try:
+        return await connect(url, name="baton-cli", timeout=2.0)  # it listens: NATS answers at once
     except BusUnavailable as exc:
         cause = exc.__cause__ or exc
         why = str(cause).strip() or type(cause).__name__
@@ -101,8 +137,6 @@ def submit(
     plain: Annotated[bool, typer.Option("--plain", help="No live display")] = False,
 ) -> None:  # fmt: skip
     """Publish a task and stream its tokens and steps until it ends."""
-    from baton.submit import submit as run_submit
-
     _id(workflow, "workflow")
     _id(tenant, "tenant")
     url = nats_url or _tenant_url(data_dir, tenant)
@@ -114,6 +148,8 @@ def submit(
     if max_tokens:
         body["budget"] = {"max_tokens": max_tokens}
     mode = "json" if json_out else "plain" if plain else "auto"
+    _probe(url, 3.0)  # before the heavy imports: a dead URL fails in seconds
+    from baton.submit import submit as run_submit
 
     async def go() -> int:
         bus = await _connect(url)
@@ -123,6 +159,29 @@ def submit(
             await bus.close()
 
     raise typer.Exit(asyncio.run(go()))
+
+
+@app.command()
+def audit(
+    tenant: Tenant = None,
+    action: Annotated[str | None, typer.Option(help="e.g. erase_session")] = None,
+    last: Annotated[int, typer.Option(help="The newest N records")] = 100,
+    nats_url: NatsUrl = None,
+) -> None:
+    """Print the audit trail as JSON lines, oldest first (an operator's NATS URL)."""
+    from baton.audit import print_trail
+
+    _id(tenant, "tenant")
+    _id(action, "action")
+
+    async def go() -> None:
+        bus = await _connect(nats_url)
+        try:
+            await print_trail(bus, tenant=tenant, action=action, last=last)
+        finally:
+            await bus.close()
+
+    asyncio.run(go())
 
 
 # -- HTTP API --------------------------------------------------------------
@@ -332,6 +391,79 @@ def nats(data_dir: DataDir = Path(".data"), port: int = 4222) -> None:
         server.proc.wait()
     except KeyboardInterrupt:
         server.stop()
+
+
+# -- dead letters (the logic is baton/dlq.py) ---------------------------------
+
+Consumer = Annotated[str | None, typer.Option("--consumer", help="Only this consumer's")]
+
+
+def _dlq(nats_url: str | None, work: Any) -> Any:
+    async def go() -> Any:
+        bus = await _connect(nats_url)
+        try:
+            return await work(bus)
+        finally:
+            await bus.close()
+
+    return asyncio.run(go())
+
+
+@dlq_app.command("list")
+def dlq_list(
+    consumer: Consumer = None, limit: Annotated[int, typer.Option()] = 100,
+    nats_url: NatsUrl = None, json_out: Json = False,
+) -> None:  # fmt: skip
+    """Dead letters, oldest first: sequence, consumer, original subject, reason."""
+    from baton import dlq
+
+    _id(consumer, "consumer")
+    letters = _dlq(nats_url, lambda bus: dlq.list_letters(bus, consumer=consumer, limit=limit))
+    if json_out:
+        return _print_json([x.as_dict() for x in letters])
+    if not letters:
+        print("no dead letters")
+    for x in letters:
+        print(f"{x.seq:>8}  {x.consumer:<24} {x.subject:<40} {x.task_id or '-':<24} {x.reason}")
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    seqs: Annotated[list[int] | None, typer.Argument(help="DLQ sequences (see list)")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every letter (of --consumer)")] = False,
+    consumer: Consumer = None, nats_url: NatsUrl = None,
+) -> None:  # fmt: skip
+    """Publish letters back where they were consumed from, then drop them."""
+    from baton import dlq
+
+    _id(consumer, "consumer")
+    if not seqs and not all_:
+        fail("name the sequences to replay, or --all", EXIT_USAGE)
+
+    async def work(bus: Any) -> Any:
+        todo = list(seqs or [])
+        if all_:
+            todo = [x.seq for x in await dlq.list_letters(bus, consumer=consumer, limit=100_000)]
+        return await dlq.replay(bus, todo)
+
+    for seq, outcome in _dlq(nats_url, work):
+        print(f"{seq:>8}  {outcome}")
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    consumer: Consumer = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Really delete")] = False,
+    nats_url: NatsUrl = None,
+) -> None:  # fmt: skip
+    """Delete every dead letter (of --consumer)."""
+    from baton import dlq
+
+    _id(consumer, "consumer")
+    if not yes:
+        fail("purge deletes dead letters for good: add --yes", EXIT_USAGE)
+    n = _dlq(nats_url, lambda bus: dlq.purge(bus, consumer=consumer))
+    print(f"purged {n} dead letter(s)")
 
 
 @model_app.command("tiny")

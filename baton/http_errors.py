@@ -32,6 +32,7 @@ STATUS_OF: dict[ErrorCode, int] = {
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.UNKNOWN_TASK: 404,
+    ErrorCode.ERASED: 404,  # erased with its session or tenant
     ErrorCode.UNKNOWN_WORKFLOW: 404,
     ErrorCode.UNKNOWN_TENANT: 404,
     ErrorCode.UNKNOWN_SESSION: 404,

@@ -40,6 +40,7 @@ from nats.js.kv import KeyValue
 
 from baton import tracing
 from baton.accounts import SERVICES, inbox_prefix
+from baton.erase import erase_messages
 from baton.metrics import DEAD_LETTERS, MESSAGES_HANDLED, PERMISSION_VIOLATIONS
 from baton.urls import redact
 from proto import codec, subjects
@@ -53,6 +54,7 @@ HDR_TRACEPARENT = "traceparent"
 HDR_DLQ_REASON = "Baton-Dead-Letter-Reason"
 HDR_DLQ_SUBJECT = "Baton-Original-Subject"
 
+PING_INTERVAL = 5  # seconds; see connect()
 _STORE_RACE_ERR = 10049  # "error creating store for stream": transient, retry
 
 
@@ -214,6 +216,28 @@ def _stream_config(spec: StreamSpec, replicas: int) -> api.StreamConfig:
         num_replicas=replicas,
         allow_direct=True,
         description=spec.description or None,
+        deny_delete=spec.deny_delete,
+        deny_purge=spec.deny_delete,
+    )
+
+
+def _bucket_config(spec: BucketSpec, replicas: int) -> api.StreamConfig:
+    """The stream of an erasable KV bucket: nats-py's own KV settings except
+    that messages may be deleted (which ``create_key_value`` forbids, and a
+    stream can never be changed to allow later)."""
+    return api.StreamConfig(
+        name=spec.stream,
+        description=spec.description or None,
+        subjects=[f"$KV.{spec.name}.>"],
+        allow_direct=True,
+        allow_rollup_hdrs=True,
+        deny_delete=False,
+        discard=api.DiscardPolicy.NEW,
+        duplicate_window=min(120.0, spec.ttl) if spec.ttl else 120.0,
+        max_age=spec.ttl or None,
+        max_msgs_per_subject=spec.history,
+        num_replicas=replicas,
+        storage=api.StorageType.FILE,
     )
 
 
@@ -274,6 +298,8 @@ class Bus:
         await self.js.add_consumer(spec.stream, _consumer_config(spec))
 
     async def ensure_bucket(self, spec: BucketSpec) -> KeyValue:
+        if spec.erasable:
+            return await self._ensure_erasable_bucket(spec)
         kv: KeyValue = await _retry_store_race(
             lambda: self.js.create_key_value(
                 bucket=spec.name,
@@ -284,6 +310,23 @@ class Bus:
                 description=spec.description or None,
             )
         )
+        return kv
+
+    async def _ensure_erasable_bucket(self, spec: BucketSpec) -> KeyValue:
+        config = _bucket_config(spec, self.replicas)
+        try:
+            await _retry_store_race(lambda: self.js.add_stream(config))
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != 10058:  # exists with another config
+                raise
+            info = await self.js.stream_info(spec.stream)
+            if info.config.deny_delete:
+                # Created before erasure support: deletes can never be allowed on
+                # it. It keeps working; erasure falls back to KV purges.
+                log.warning("bucket_not_erasable", bucket=spec.name)
+            else:
+                await self.js.update_stream(config)
+        kv: KeyValue = await self.js.key_value(spec.name)
         return kv
 
     async def provision(
@@ -356,11 +399,22 @@ class Bus:
         finally:
             tracing._current.reset(token)
 
+    async def erase(self, delivery: Delivery) -> None:
+        """Overwrite ``delivery``'s message in the store (``STREAM.MSG.DELETE``
+        with erase) before it is acked: a work queue's ack only unlinks it.
+        Best effort: a failure is logged and the message is settled anyway."""
+        try:
+            await erase_messages(self.js, delivery.msg.metadata.stream, [delivery.stream_seq])
+        except Exception as exc:
+            log.warning("erase_handled_failed", error=repr(exc))
+
     async def _settle(self, spec: ConsumerSpec, delivery: Delivery, handler: Handler) -> None:
         keepalive = asyncio.create_task(self._keepalive(delivery, spec.ack_wait / 3))
         outcome = "ack"
         try:
             await handler(delivery)
+            if spec.erase_handled:
+                await self.erase(delivery)
             await delivery.ack()
         except Nak as nak:
             if 0 < spec.max_deliver <= delivery.num_delivered:
@@ -374,6 +428,8 @@ class Bus:
             if term.dead_letter:
                 await self.dead_letter(spec, delivery, term.reason)
             else:
+                if spec.erase_handled:
+                    await self.erase(delivery)
                 await delivery.term()
         except asyncio.CancelledError:
             outcome = "nak"
@@ -398,6 +454,8 @@ class Bus:
         """Terminate ``delivery`` and keep a copy on ``baton.dlq.<consumer>``."""
         DEAD_LETTERS.labels(spec.durable).inc()
         log.warning("dead_lettered", reason=reason, subject=delivery.subject)
+        if spec.erase_handled:
+            await self.erase(delivery)
         await delivery.term()
         try:
             await self.publish(
@@ -496,6 +554,14 @@ class Bus:
                 with contextlib.suppress(nats.js.errors.NotFoundError):
                     await self.js.delete_consumer(stream, name)
 
+    async def consumers(self, stream: str) -> list[api.ConsumerInfo]:
+        """Every consumer of ``stream``, with its configuration."""
+        infos: list[api.ConsumerInfo] = await self.js.consumers_info(stream)
+        return infos
+
+    async def delete_consumer(self, spec: ConsumerSpec) -> None:
+        await self.js.delete_consumer(spec.stream, spec.durable)
+
     async def pending(self, spec: ConsumerSpec) -> int:
         """Messages waiting for, or held by, the consumer (the scaling signal)."""
         info = await self.js.consumer_info(spec.stream, spec.durable)
@@ -570,11 +636,17 @@ async def connect(
     try:
         await asyncio.wait_for(
             nc.connect(
-                servers=[url],
+                # A cluster is a comma-separated list; nats-py also learns the
+                # other nodes from the server and fails over among them.
+                servers=[u.strip() for u in url.split(",") if u.strip()],
                 name=name,
                 # Replies to this service land under its own prefix, which
                 # its permissions allow and no other identity's do.
                 inbox_prefix=inbox_prefix(user) if user in SERVICES else "_INBOX",
+                # A paused or partitioned server is noticed after ~3 missed
+                # pings (default: 2 x 120 s, during which nothing moves).
+                ping_interval=PING_INTERVAL,
+                max_outstanding_pings=3,
                 connect_timeout=max(1, int(min(2.0, timeout))),
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,

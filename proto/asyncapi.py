@@ -125,6 +125,16 @@ _CHANNELS: Final[dict[str, tuple[str, tuple[str, ...], tuple[Any, ...], str, boo
         f"Copies of terminated messages (stream {streams.DEAD_LETTERS.name}); the body is "
         "the original message, headers name the reason and the original subject.", False,
     ),
+    "erased": (
+        f"{subjects.ERASED}.{{tenant}}", ("tenant",), (msg.SessionsErased,),
+        f"Sessions the context store erased (stream {streams.ERASURES.name}); the "
+        "orchestrator erases the tasks that ran on them.", False,
+    ),
+    "audit": (
+        f"{subjects.AUDIT}.{{action}}.{{tenant}}", ("action", "tenant"), (msg.AuditRecord,),
+        f"The audit trail (stream {streams.AUDIT.name}, 400 days, no deletes): who did "
+        "what to which target, when, and the outcome.", False,
+    ),
 }  # fmt: skip
 
 

@@ -28,6 +28,7 @@ class ErrorCode(enum.StrEnum):
     BUDGET_EXCEEDED = "budget_exceeded"
     CANCELLED = "cancelled"
     STEP_TIMEOUT = "step_timeout"
+    ERASED = "erased"  # the task's data was erased with its session or tenant
     INTERNAL = "internal"
     # HTTP front doors (orchestration layer): the same error body as the bus.
     UNAUTHORIZED = "unauthorized"  # no or an unknown API key
@@ -64,6 +65,7 @@ LAYER_OF: dict[ErrorCode, Layer] = {
             ErrorCode.BUDGET_EXCEEDED,
             ErrorCode.CANCELLED,
             ErrorCode.STEP_TIMEOUT,
+            ErrorCode.ERASED,
             ErrorCode.INTERNAL,
             ErrorCode.UNAUTHORIZED,
             ErrorCode.UNKNOWN_TASK,

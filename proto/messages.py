@@ -421,3 +421,42 @@ class Cancel(msgspec.Struct, kw_only=True):
     tenant: str
     task_id: str
     reason: str = "cancelled"
+
+
+# --------------------------------------------------------------------------
+# Internal: erasure and the audit trail
+# --------------------------------------------------------------------------
+
+
+class SessionsErased(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """JetStream ``baton.erased.<tenant>``: the context store erased these
+    sessions (forks included), or every session of the tenant when
+    ``whole_tenant``; the orchestrator then erases the tasks that ran on them
+    (their events, run entries, pending results, dead letters)."""
+
+    tenant: Id
+    sessions: list[str] = []
+    whole_tenant: bool = False
+    actor: str = ""
+    at: float = 0.0
+
+
+class AuditRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Body of ``baton.audit.<action>.<tenant>`` (stream ``BATON_AUDIT``): who
+    did what to which target, when, and how it ended. Never carries user text.
+
+    ``actor``: ``operator``, ``tenant:<id>``, ``anonymous`` (an open dev API),
+    ``bus`` (a NATS request), ``retention``, or a service (``service:<name>``).
+    ``action``: e.g. ``erase_session``, ``erase_tenant``, ``erase_tasks``,
+    ``permission_violation``. ``target``: ``<tenant>/<session>``, ``<tenant>``,
+    a subject... ``outcome``: ``ok``, ``refused``, ``failed``. ``detail``:
+    counts and ids, never content."""
+
+    actor: str
+    action: str
+    target: str
+    outcome: str
+    at: float
+    tenant: str = ""
+    service: str = ""
+    detail: dict[str, Any] = {}

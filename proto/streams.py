@@ -24,6 +24,7 @@ class StreamSpec:
     max_age: float = 0.0  # seconds, 0 = forever
     max_msg_size: int = 1024 * 1024
     description: str = ""
+    deny_delete: bool = False  # an append-only record (the audit trail)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,9 @@ class ConsumerSpec:
     max_deliver: int
     max_ack_pending: int = 1000
     description: str = ""
+    # Overwrite each message in the store once handled (acked or terminated):
+    # a work queue's ack only unlinks it, and its bytes stay in the block file.
+    erase_handled: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,14 @@ class BucketSpec:
     history: int = 1
     ttl: float = 0.0
     description: str = ""
+    # Entries can be erased from the raw store: deletes allowed on the KV's
+    # stream, and the history kept long enough that no revision is ever
+    # dropped by the history limit (which unlinks without overwriting).
+    erasable: bool = False
+
+    @property
+    def stream(self) -> str:
+        return f"KV_{self.name}"
 
 
 TASKS_PREFIX: Final = "BATON_TASKS_"
@@ -71,6 +83,7 @@ def task_consumer(tenant: str) -> ConsumerSpec:
         ack_wait=30.0,
         max_deliver=5,
         description="Shared by every orchestrator replica.",
+        erase_handled=True,  # a task's input and metadata
     )
 
 
@@ -139,8 +152,26 @@ TIMERS = StreamSpec(
     description="Durable step timers: naked with a delay until due.",
 )
 
+ERASURES = StreamSpec(
+    name="BATON_ERASURES",
+    subjects=(f"{subjects.ERASED}.>",),
+    retention="workqueue",
+    duplicate_window=60.0,
+    description="Sessions the context store erased, for the orchestrator to erase their tasks.",
+)
+AUDIT = StreamSpec(
+    name="BATON_AUDIT",
+    subjects=(f"{subjects.AUDIT}.>",),
+    retention="limits",
+    duplicate_window=60.0,
+    max_age=400 * DAY,
+    description="The audit trail: erasures, tenant deletions, permission violations.",
+    deny_delete=True,
+)
+
 ALL_STREAMS: Final = (
     JOBS, RESULTS, EVENTS, TOKENS, CONTEXT, CONTEXT_ATTACHMENTS, DEAD_LETTERS, TIMERS,
+    ERASURES, AUDIT,
 )  # fmt: skip
 """Baton's shared streams (the per-tenant task streams come from ``tenant_tasks``)."""
 
@@ -182,6 +213,14 @@ ORCHESTRATOR_RESULTS = ConsumerSpec(
     # (live handlers extend it with in_progress every ack_wait / 3).
     ack_wait=10.0,
     max_deliver=5,
+    erase_handled=True,  # a step's output
+)
+ORCHESTRATOR_ERASURES = ConsumerSpec(
+    stream=ERASURES.name,
+    durable="orchestrator-erasures",
+    filter_subject=f"{subjects.ERASED}.>",
+    ack_wait=60.0,
+    max_deliver=-1,  # an erasure is retried (with back-off) until it is done
 )
 
 
@@ -226,4 +265,6 @@ def direct_owner(description: str | None) -> tuple[str, str] | None:
     return (pool, worker) if pool and worker else None
 
 
-RUNS = BucketSpec(name="baton-runs", history=1, description="Durable run state per task.")
+# Each update erases the revision it replaces (runs.py), so 64 is headroom, not history.
+RUNS = BucketSpec(name="baton-runs", history=64, erasable=True,
+                  description="Durable run state per task.")  # fmt: skip

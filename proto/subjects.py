@@ -19,6 +19,8 @@ HEARTBEATS: Final = "baton.workers.heartbeat"
 CANCEL: Final = "baton.cancel"
 DEAD_LETTERS: Final = "baton.dlq"
 TIMERS: Final = "baton.timers"
+ERASED: Final = "baton.erased"
+AUDIT: Final = "baton.audit"
 
 CONTEXT_OPS: Final = (
     "append", "window", "get", "fork", "delete", "stats", "summarize", "attach",
@@ -100,6 +102,21 @@ def cancel(tenant: str, task_id: str) -> str:
 def timer(tenant: str, task_id: str) -> str:
     """``baton.timers.<tenant>.<task_id>`` — a step's timeout, due later."""
     return f"{TIMERS}.{require_id(tenant, 'tenant')}.{require_id(task_id, 'task_id')}"
+
+
+def erased(tenant: str) -> str:
+    """``baton.erased.<tenant>`` — the context store erased sessions; the
+    orchestrator erases their tasks (durable, stream ``BATON_ERASURES``)."""
+    return f"{ERASED}.{require_id(tenant, 'tenant')}"
+
+
+NO_TENANT: Final = "_"
+
+
+def audit(action: str, tenant: str | None = None) -> str:
+    """``baton.audit.<action>.<tenant>`` (``_`` when no tenant is involved) —
+    one audit record (stream ``BATON_AUDIT``)."""
+    return f"{AUDIT}.{require_id(action, 'action')}.{require_id(tenant or NO_TENANT, 'tenant')}"
 
 
 def dead_letter(consumer: str) -> str:

@@ -56,6 +56,16 @@ async def test_an_unreachable_nats_url_fails_fast_with_one_line_naming_it() -> N
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert f"nats://someone:***@127.0.0.1:{port}" in lines[0] and "s3cret" not in r.stderr
+    # Something listens there but never speaks NATS: still one line, in time.
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        url = f"nats://127.0.0.1:{mute.getsockname()[1]}"
+        t0 = time.monotonic()
+        r = baton("submit", "chat", "x", "--tenant", "acme", "--nats-url", url, timeout=30)
+        took = time.monotonic() - t0
+    assert r.returncode == 3 and took <= 5.0, (r.stderr, took)
+    assert len(r.stderr.strip().splitlines()) == 1 and url in r.stderr
 
 
 async def test_invalid_names_get_one_line_with_the_rule() -> None:

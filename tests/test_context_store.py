@@ -5,6 +5,7 @@ byte-identical windows, summaries, forks, and the error codes of bad input."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,7 @@ from proto.messages import (
     ChatMessage,
     ContextAppend,
     ContextAttach,
+    ContextDelete,
     ContextFork,
     ContextGet,
     ContextInvalidate,
@@ -159,6 +161,37 @@ async def test_a_fork_shares_its_parents_prefix_without_copying_it(bus: Bus) -> 
     assert clash.error is None  # a fresh name is fine
     dup = await ask(bus, "fork", ContextFork(tenant=tenant, ref=refs[0], child=kids[1]))
     assert dup.error.code == "conflict"  # kids[1] exists with another origin
+
+
+async def test_a_new_session_and_a_new_fork_are_written_without_reading_them_first(
+    bus: Bus,
+) -> None:
+    """The fast path: the store reads a session it has never seen only when
+    its conditional write says the session exists. Reads go through an
+    ephemeral consumer, so count the consumers created on BATON_CONTEXT."""
+    created: list[str] = []
+
+    async def tap(msg: Any) -> None:
+        if "BATON_CONTEXT" in msg.subject and b"BATON_CONTEXT_ATT" not in msg.subject.encode():
+            created.append(msg.subject)
+
+    sub = await bus.nc.subscribe("$JS.API.CONSUMER.CREATE.>", cb=tap)
+    await bus.nc.flush()
+    tenant, parent, other = uid("acme"), uid("sup"), uid("s")
+    ref = (await append(bus, tenant, parent, "in", "the task", system="sys")).ref
+    f = await ask(bus, "fork", ContextFork(tenant=tenant, ref=ref, child=uid("w")))
+    assert f.error is None and f.ref.version == 2
+    await bus.nc.flush()
+    assert created == []
+    # A fork onto a session that exists (written by another replica, say) is
+    # still refused, and deleting the parent leaves that session alone.
+    await append(bus, tenant, other, "mine", "not a fork")
+    clash = await ask(bus, "fork", ContextFork(tenant=tenant, ref=ref, child=other))
+    assert clash.error.code == "conflict"
+    await ask(bus, "delete", ContextDelete(tenant=tenant, session=parent))
+    kept = await ask(bus, "get", ContextGet(tenant=tenant, session=other))
+    assert [m.content for m in kept.messages] == ["not a fork"]
+    await sub.unsubscribe()
 
 
 async def test_bad_input_gets_specific_error_codes(bus: Bus) -> None:

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgpack
 import openai
 import pytest
 
+from baton.natsd import NatsServer
 from tests.harness import Client, LocalStack, http_json, http_post, secure_nats, uid
 from tests.test_http_api import sse_events
 
@@ -131,8 +133,6 @@ async def test_a_token_reader_that_drops_mid_answer_resumes_without_gap_or_repea
             replay.append(await sub.next_msg(timeout=5))
     finally:
         await sub.unsubscribe()
-    import msgpack
-
     assert "".join(msgpack.unpackb(m.data)["text"] for m in replay) == text
 
 
@@ -180,3 +180,42 @@ def test_asyncapi_documents_the_token_channel() -> None:
     assert channel["address"] == "baton.tokens.{tenant}.{task_id}"
     props = doc["components"]["schemas"]["TokenDelta"]["properties"]
     assert {"step", "attempt", "index", "offset", "text", "final"} <= set(props)
+
+
+async def test_a_step_regenerated_after_its_worker_died_streams_a_new_attempt(
+    own_nats: NatsServer, tmp_path: Path
+) -> None:
+    stack = LocalStack(own_nats, tmp_path / "s")
+    stack.workdir.mkdir(parents=True)
+    client = await Client.connect(own_nats.url)
+    try:
+        for name in ("context-store", "orchestrator"):
+            stack.service(name).wait_ready()
+        doomed = stack.worker(BATON_SIM_DECODE_TPS="25").wait_ready()  # 128 tokens ~ 5 s
+        tenant, task_id = uid("ka"), uid()
+        seen: list[dict[str, Any]] = []
+
+        async def on_delta(msg: Any) -> None:
+            seen.append(msgpack.unpackb(msg.data))
+
+        await client.nc.subscribe(f"baton.tokens.{tenant}.{task_id}", cb=on_delta)
+        await client.publish("chat", {"tenant": tenant, "input": "hi", "task_id": task_id})
+        for _ in range(200):
+            if len(seen) >= 3:
+                break
+            await asyncio.sleep(0.05)
+        doomed.kill()  # mid-generation: its attempt never sends a final delta
+        stack.worker().wait_ready()
+        events = await client.events(tenant, task_id, timeout=40)
+        assert events[-1]["type"] == "completed"
+        await asyncio.sleep(0.3)
+        attempts = list(dict.fromkeys(d["attempt"] for d in seen))
+        assert len(attempts) == 2, attempts
+        first = [d for d in seen if d["attempt"] == attempts[0]]
+        last = [d for d in seen if d["attempt"] == attempts[1]]
+        assert not any(d["final"] for d in first)
+        assert [d["index"] for d in last] == list(range(len(last))) and last[-1]["final"]
+        assert "".join(d["text"] for d in last) == events[-1]["output"]
+    finally:
+        await client.close()
+        stack.stop()

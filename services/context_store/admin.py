@@ -7,12 +7,20 @@ parent's data, and its own turns continue that conversation). Deleting a
 tenant erases every session and attachment of the tenant. Every store
 replica is told to drop its cache (``baton.ctxinval.<tenant>``). Refs issued
 for an erased session are refused from then on (``unknown_session``).
+
+Then the erasure is announced durably on ``baton.erased.<tenant>`` (the
+orchestrator erases the tasks that ran on those sessions) and recorded in
+the audit trail. A delete is idempotent, so a failed announcement is
+retried by repeating the delete.
 """
 
 from __future__ import annotations
 
+import time
+
 import structlog
 
+from baton import audit
 from proto import subjects
 from proto.errors import ErrorCode
 from proto.limits import MAX_ATTACHMENT_BYTES, MAX_FORK_DEPTH, MAX_GET_PAGE
@@ -25,6 +33,7 @@ from proto.messages import (
     ContextStats,
     DeleteReply,
     GetReply,
+    SessionsErased,
     StatsReply,
 )
 from proto.streams import CONTEXT
@@ -89,25 +98,47 @@ class Admin:
             raise ContextError(ErrorCode.CONFLICT, f"attachment {req.name!r} exists") from exc
         return AttachReply(size=len(req.data))
 
-    async def delete(self, req: ContextDelete) -> DeleteReply:
+    async def delete(self, req: ContextDelete, actor: str = "bus") -> DeleteReply:
+        """Erase; ``actor`` (who asked) goes to the audit trail."""
         reply = DeleteReply()
+        erased: list[str] = []
         if req.session is None:
             pattern = f"{subjects.CONTEXT_LOG}.{req.tenant}.*"
             reply.sessions, reply.records = await erase_matching(self.bus, CONTEXT.name, pattern)
             reply.attachments = await attachments.erase(self.bus, req.tenant)
         else:
-            await self._delete_session(req.tenant, req.session, reply, depth=0)
+            await self._delete_session(req.tenant, req.session, reply, erased, depth=0)
         await self.invalidate(req.tenant, req.session)
         log.info("context_deleted", sessions=reply.sessions, records=reply.records)
+        await self.bus.publish(
+            subjects.erased(req.tenant),
+            SessionsErased(tenant=req.tenant, sessions=erased, whole_tenant=req.session is None,
+                           actor=actor, at=time.time()),
+        )  # fmt: skip
+        action, target = (
+            (audit.ERASE_TENANT, req.tenant)
+            if req.session is None
+            else (audit.ERASE_SESSION, f"{req.tenant}/{req.session}")
+        )
+        await audit.record(self.bus, audit.entry(
+            actor, action, target, tenant=req.tenant, service="context-store",
+            detail={"sessions": reply.sessions, "records": reply.records,
+                    "attachments": reply.attachments, "forks": erased[1:]},
+        ))  # fmt: skip
         return reply
 
     async def _delete_session(
-        self, tenant: str, session: str, reply: DeleteReply, depth: int
+        self, tenant: str, session: str, reply: DeleteReply, gone: list[str], depth: int
     ) -> None:
+        gone.append(session)
         s = await self.store.history.load(tenant, session)
         if depth < MAX_FORK_DEPTH:
             for child in s.children:
-                await self._delete_session(tenant, child, reply, depth + 1)
+                # Only a child forked from this session (a fork attempt onto
+                # an existing session leaves a note but no fork).
+                c = await self.store.history.load(tenant, child)
+                if c.fork is not None and c.fork.session == session:
+                    await self._delete_session(tenant, child, reply, gone, depth + 1)
         reply.attachments += await attachments.erase(self.bus, tenant, session)
         erased = await erase_subject(self.bus, CONTEXT.name, subjects.context_log(tenant, session))
         reply.records += erased

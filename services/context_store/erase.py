@@ -9,6 +9,7 @@ anything written meanwhile.
 
 from __future__ import annotations
 
+from baton.erase import erase_messages
 from baton.transport import Bus
 
 
@@ -30,11 +31,9 @@ async def sequences(bus: Bus, stream: str, subject: str) -> list[int]:
 
 async def erase_subject(bus: Bus, stream: str, subject: str) -> int:
     """Overwrite and remove every message on ``subject``; returns how many."""
-    seqs = await sequences(bus, stream, subject)
-    for seq in seqs:
-        await bus.js.delete_msg(stream, seq)
+    erased = await erase_messages(bus.js, stream, await sequences(bus, stream, subject))
     await bus.js.purge_stream(stream, subject=subject)
-    return len(seqs)
+    return erased
 
 
 async def erase_matching(bus: Bus, stream: str, pattern: str) -> tuple[int, int]:

@@ -157,8 +157,11 @@ class HistoryStore:
         """
         key = (tenant, session_id)
         subject = subjects.context_log(tenant, session_id)
-        session = await self.load(tenant, session_id)
         async with self._lock(key):
+            # A session never seen here is written as if new, without reading
+            # it first: the conditional write (expected last sequence 0) fails
+            # if it has records, and then the tail is read below.
+            session = self._cache.get(key) or Session()
             for _ in range(20):
                 if msg_id in session.versions:
                     return session, session.versions[msg_id], True

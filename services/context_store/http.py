@@ -2,9 +2,11 @@
 
 ``GET /v1/sessions/{tenant}/{session}``, ``DELETE`` of the same, ``DELETE
 /v1/tenants/{tenant}``, ``GET /v1/tenants/{tenant}/stats``, plus ``/healthz``,
-``/readyz`` and ``/metrics``. With API keys configured (``BATON_API_KEYS``),
-a caller whose key belongs to one tenant is refused (403) any other tenant's
-data; an operator key (``"*"``) sees every tenant.
+``/readyz`` and ``/metrics``, and ``GET /v1/audit`` (the audit trail). With
+API keys configured (``BATON_API_KEYS``), a caller whose key belongs to one
+tenant is refused (403) any other tenant's data and the audit trail; an
+operator key (``"*"``) sees every tenant. Deletions are audited with who
+asked: ``operator``, ``tenant:<id>``, or ``anonymous`` (no keys configured).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import msgspec
 from fastapi import Depends, FastAPI
 
+from baton import audit
 from baton.http_errors import ApiError
 from baton.service import Health, caller_scope, health_app
 from proto.errors import ErrorCode
@@ -44,6 +47,11 @@ def http_app(
 ) -> FastAPI:
     app = health_app("Baton context store", health)
     scope = caller_scope(api_keys)
+
+    def actor(caller: str | None) -> str:
+        if caller is not None:
+            return f"tenant:{caller}"
+        return "operator" if api_keys else "anonymous"
 
     def admin() -> Admin:
         a = get_admin()
@@ -75,16 +83,35 @@ def http_app(
         tenant: str, session: str, caller: str | None = Depends(scope)
     ) -> dict[str, Any]:
         _scope(tenant, session, caller)
-        return await call(admin().delete, ContextDelete(tenant=tenant, session=session))
+        req = ContextDelete(tenant=tenant, session=session)
+        return await call(lambda r: admin().delete(r, actor(caller)), req)
 
     @app.delete("/v1/tenants/{tenant}")
     async def delete_tenant(tenant: str, caller: str | None = Depends(scope)) -> dict[str, Any]:
         _scope(tenant, None, caller)
-        return await call(admin().delete, ContextDelete(tenant=tenant))
+        return await call(lambda r: admin().delete(r, actor(caller)), ContextDelete(tenant=tenant))
 
     @app.get("/v1/tenants/{tenant}/stats")
     async def tenant_stats(tenant: str, caller: str | None = Depends(scope)) -> dict[str, Any]:
         _scope(tenant, None, caller)
         return await call(admin().stats, ContextStats(tenant=tenant))
+
+    @app.get("/v1/audit")
+    async def audit_trail(
+        tenant: str | None = None, action: str | None = None, last: int = 100,
+        caller: str | None = Depends(scope),
+    ) -> dict[str, Any]:  # fmt: skip
+        """The newest ``last`` audit records, oldest first (operators only)."""
+        if caller is not None:
+            raise ApiError(ErrorCode.FORBIDDEN, "the audit trail is for operators")
+        for value in (tenant, action):
+            if value is not None and not is_valid_id(value):
+                raise ApiError(
+                    ErrorCode.INVALID_FIELD, "tenant and action must match [A-Za-z0-9_-]{1,64}"
+                )
+        if not 1 <= last <= 10_000:
+            raise ApiError(ErrorCode.INVALID_FIELD, "last must be within 1..10000")
+        records = await audit.read(admin().bus, tenant=tenant, action=action, last=last)
+        return {"records": [msgspec.to_builtins(r) for r in records]}
 
     return app

@@ -57,7 +57,7 @@ async def sweep_once(admin: Admin, retention: Retention, now: float | None = Non
         except nats.js.errors.NotFoundError:
             continue  # erased meanwhile
         if last.time is not None and now - last.time.timestamp() > max_age:
-            await admin.delete(ContextDelete(tenant=tenant, session=session))
+            await admin.delete(ContextDelete(tenant=tenant, session=session), actor="retention")
             expired += 1
     if expired:
         log.info("retention_swept", expired=expired)

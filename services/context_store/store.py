@@ -186,15 +186,11 @@ class ContextStore:
         if req.child == ref.session:
             raise ContextError(ErrorCode.BAD_REQUEST, "a session cannot be forked onto itself")
         origin = ForkOrigin(ref.session, ref.version, ref.incarnation)
-        child = await self.history.load(req.tenant, req.child)
-        if child.fork == origin:
-            return ForkReply(
-                ref=self.signer.sign(req.tenant, req.child, ref.version, child.incarnation),
-                duplicate=True,
-            )
-        if child.exists:
-            raise ContextError(ErrorCode.CONFLICT, f"session {req.child!r} already exists")
-        # The parent notes the child first, so deleting the parent always finds it.
+        # The parent notes the child first, so deleting the parent always
+        # finds it. The child is not read first: a fork is nearly always onto
+        # a session never written, and the child's own write is conditional.
+        # (A note naming a session that turns out not to be this fork is
+        # skipped by deletion, which only follows children forked from it.)
         note = f"fork:{req.child}"
         await self.history.write(
             req.tenant, ref.session, note, lambda _: StoredAppend(msg_id=note, child=req.child)
@@ -205,7 +201,8 @@ class ContextStore:
                 raise ContextError(ErrorCode.CONFLICT, f"session {req.child!r} already exists")
             return StoredAppend(msg_id="fork", fork=origin)
 
-        s, _, _ = await self.history.write(req.tenant, req.child, "fork", build)
+        s, _, dup = await self.history.write(req.tenant, req.child, "fork", build)
         if s.fork != origin:
             raise ContextError(ErrorCode.CONFLICT, f"session {req.child!r} already exists")
-        return ForkReply(ref=self.signer.sign(req.tenant, req.child, ref.version, s.incarnation))
+        ref = self.signer.sign(req.tenant, req.child, ref.version, s.incarnation)
+        return ForkReply(ref=ref, duplicate=dup)

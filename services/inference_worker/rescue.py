@@ -12,17 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
 import structlog
 from nats.aio.msg import Msg
 
+from baton.transport import Bus
 from proto import codec
 from proto.messages import Heartbeat
 from proto.streams import JOBS, ConsumerSpec, direct_owner
 
-if TYPE_CHECKING:
-    from .worker import Worker
+# Pull ``spec`` until the callable says stop (checked when a fetch is empty).
+Pull = Callable[[ConsumerSpec, Callable[[], bool]], Awaitable[None]]
 
 log = structlog.get_logger("inference_worker.rescue")
 
@@ -62,29 +63,32 @@ class Peers:
 
 
 class Rescuer:
-    def __init__(self, worker: Worker, every: float = 2.0) -> None:
-        self.worker = worker
+    """Finds the own consumers of dead peers of ``pool`` and pulls them dry
+    with ``pull`` (the worker's own pull loop, so rescued jobs share its
+    admission budget), then deletes them."""
+
+    def __init__(self, bus: Bus, pool: str, peers: Peers, pull: Pull, every: float = 2.0) -> None:
+        self.bus = bus
+        self.pool = pool
+        self.peers = peers
+        self.pull = pull
         self.every = every
         self.active: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
-        bus = self.worker.bus
-        assert bus is not None
-        while not bus.stopping:
+        while not self.bus.stopping:
             with contextlib.suppress(Exception):
                 await self._scan()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(bus.wait_stopped(), self.every)
+                await asyncio.wait_for(self.bus.wait_stopped(), self.every)
 
     async def _scan(self) -> None:
-        bus = self.worker.bus
-        assert bus is not None
-        for info in await bus.js.consumers_info(JOBS.name):
+        for info in await self.bus.consumers(JOBS.name):
             owner = direct_owner(info.config.description)
-            if owner is None or owner[0] != self.worker.pool or info.name in self.active:
+            if owner is None or owner[0] != self.pool or info.name in self.active:
                 continue
-            if not self.worker.peers.dead(owner[1]):
+            if not self.peers.dead(owner[1]):
                 continue
             spec = ConsumerSpec(
                 stream=JOBS.name,
@@ -99,11 +103,9 @@ class Rescuer:
             task.add_done_callback(self._tasks.discard)
 
     async def _drain(self, spec: ConsumerSpec, owner: str) -> None:
-        bus = self.worker.bus
-        assert bus is not None
         log.info("rescuing_jobs", owner=owner, consumer=spec.durable)
         try:
-            await self.worker.pull(bus, spec, until=lambda: True)
+            await self.pull(spec, lambda: True)
             await self.delete_if_empty(spec)
         except Exception as exc:  # another peer deleted it first, most likely
             log.info("rescue_ended", owner=owner, reason=repr(exc))
@@ -112,10 +114,7 @@ class Rescuer:
 
     async def delete_if_empty(self, spec: ConsumerSpec) -> bool:
         """Delete a direct consumer with nothing pending or held."""
-        bus = self.worker.bus
-        assert bus is not None
-        info = await bus.js.consumer_info(spec.stream, spec.durable)
-        if (info.num_pending or 0) + (info.num_ack_pending or 0) > 0:
+        if await self.bus.pending(spec) > 0:
             return False
-        await bus.js.delete_consumer(spec.stream, spec.durable)
+        await self.bus.delete_consumer(spec)
         return True

@@ -43,7 +43,7 @@ from .api_models import (
 from .conductor import Conductor
 from .follow import as_dict, follow_task, replay_events
 from .listing import BadCursor, page_runs
-from .runs import RunStore
+from .runs import ERASED, RunState, RunStore
 from .settings import OrchestratorSettings
 from .workflows import WorkflowSpec
 
@@ -101,6 +101,13 @@ def last_event_seq(header: str | None) -> int:
     return max(0, seq) + 1
 
 
+def _not_erased(task_id: str, run: RunState) -> RunState:
+    """A tombstone is a 404 with code ``erased``: the task was erased with its session."""
+    if run.status == ERASED:
+        raise ApiError(ErrorCode.ERASED, f"task {task_id!r} was erased")
+    return run
+
+
 def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> FastAPI:
     app = health_app("Baton orchestrator", health)
 
@@ -126,7 +133,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
             if time.monotonic() >= deadline:
                 raise ApiError(ErrorCode.UNKNOWN_TASK, f"no task {task_id!r} for this tenant")
             await asyncio.sleep(0.05)
-        return run
+        return _not_erased(task_id, run)
 
     @app.post("/v1/tasks", status_code=202, response_model=TaskAccepted, responses=ERROR_RESPONSES)
     async def submit(body: TaskIn, tenant: str | None = Depends(tenant_of)) -> TaskAccepted:
@@ -157,8 +164,9 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         if tenant is None:
             raise ApiError(ErrorCode.MISSING_FIELD, _NO_TENANT, param="tenant")
         require_ids(tenant=tenant, workflow=workflow)
+        live = [r for r in await runs.list(tenant) if r.status != ERASED]  # not tombstones
         try:
-            page = page_runs(await runs.list(tenant), status=status, workflow=workflow,
+            page = page_runs(live, status=status, workflow=workflow,
                              since=since.timestamp() if since else None, limit=limit,
                              cursor=cursor)  # fmt: skip
         except BadCursor as exc:
@@ -237,6 +245,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         run = await svc.conductor.cancel(tenant, task_id)
         if run is None:
             raise ApiError(ErrorCode.UNKNOWN_TASK, f"no task {task_id!r} for this tenant")
+        _not_erased(task_id, run)
         return Cancelled(task_id=task_id, status=run.status)
 
     @app.get("/v1/workflows", response_model=WorkflowList, responses=ERROR_RESPONSES)

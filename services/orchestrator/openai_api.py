@@ -78,6 +78,37 @@ class ChatRequest(BaseModel):
     tenant: str | None = None
 
 
+class AssistantMessage(BaseModel):
+    role: str = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str = "stop"
+    logprobs: None = None
+
+
+class UsageOut(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    """The non-streaming answer; with ``stream: true`` the body is instead an
+    event stream of ``chat.completion.chunk`` objects ending ``[DONE]``."""
+
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: UsageOut
+    baton: dict[str, Any] = Field(description="Extension: task_id, session, tenant, cost_usd")
+
+
 class ModelOut(BaseModel):
     id: str
     object: str = "model"
@@ -140,7 +171,14 @@ def add_routes(
         if reply.error is not None:
             raise ApiError(ErrorCode(reply.error.code), reply.error.message)
 
-    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES, tags=["openai"])
+    answers: dict[int | str, dict[str, Any]] = {
+        200: {"model": ChatCompletion, "description": "A chat completion, or (stream: true) "
+              "server-sent chat.completion.chunk objects",
+              "content": {"text/event-stream": {}}},
+        **ERROR_RESPONSES,
+    }  # fmt: skip
+
+    @app.post("/v1/chat/completions", responses=answers, tags=["openai"])
     async def chat_completions(
         body: ChatRequest,
         scope: str | None = Depends(tenant_of),

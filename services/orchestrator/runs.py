@@ -1,23 +1,32 @@
 """Durable run state: one KV entry per task in bucket ``baton-runs``, key
 ``<tenant>.<task_id>``, updated step by step with compare-and-set so several
 orchestrator replicas can advance the same run safely.
+
+Each update erases the revision it replaced from the raw store (a revision
+dropped by the bucket's history limit would only be unlinked, its bytes left
+in the block file), so erasing a task later leaves no old revision behind.
+An erased task's entry is a tombstone (status ``erased``, no content).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import OrderedDict
 from typing import Literal
 
 import msgspec
 import nats.js.errors
+from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from proto import codec
 from proto.messages import Budget, ContextRef, ErrorInfo, Usage
 
 StepStatus = Literal["dispatched", "done", "failed"]
-RunStatus = Literal["running", "completed", "failed", "cancelled"]
-TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+RunStatus = Literal["running", "completed", "failed", "cancelled", "erased"]
+ERASED: RunStatus = "erased"  # a tombstone: the task was erased with its session
+TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled", ERASED})
 
 
 class StepState(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -91,10 +100,36 @@ class RunStore:
     last snapshot each run was read or written at. The cache only saves
     reads: a write against a stale revision fails and the caller re-reads."""
 
-    def __init__(self, kv: KeyValue, *, cached: int = 4096) -> None:
+    def __init__(
+        self,
+        kv: KeyValue,
+        *,
+        cached: int = 4096,
+        js: JetStreamContext | None = None,
+        stream: str = "",
+    ) -> None:
+        """``js`` and ``stream`` (the bucket's stream): erase each revision a
+        write replaces; without them (a bucket that forbids deletes) they stay."""
         self.kv = kv
         self._cache: OrderedDict[str, Snapshot] = OrderedDict()
         self._cached = cached
+        self.js = js
+        self.stream = stream
+        self._erasing: set[asyncio.Task[None]] = set()
+
+    def _superseded(self, revision: int) -> None:
+        """Erase a replaced revision, off the caller's path (the run already
+        moved on; if this process dies first, a task erasure finds it)."""
+        if self.js is None:
+            return
+        task = asyncio.create_task(self._erase(revision))
+        self._erasing.add(task)
+        task.add_done_callback(self._erasing.discard)
+
+    async def _erase(self, revision: int) -> None:
+        assert self.js is not None
+        with contextlib.suppress(Exception):
+            await self.js.delete_msg(self.stream, revision)
 
     def _remember(self, key: str, snap: Snapshot | None) -> Snapshot | None:
         if snap is None:
@@ -143,6 +178,8 @@ class RunStore:
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             self._cache.pop(run.key, None)
             raise RunConflict(run.key) from exc
+        if revision is not None:
+            self._superseded(revision)
         snap = self._remember(run.key, Snapshot(data, new))
         assert snap is not None
         return snap

@@ -1,5 +1,5 @@
-"""Wiring of the orchestrator: streams, consumers, the conductor's two
-consume loops, the backlog gauge and worker-heartbeat tracking."""
+"""Wiring of the orchestrator: streams, consumers, the conductor's consume
+loops, the task eraser's, the backlog gauge and worker-heartbeat tracking."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 
 import nats.errors
 import structlog
+from nats.js import JetStreamContext
 
-from baton.accounts import tenant_api_prefix
+from baton.accounts import TENANT_STREAMS, tenant_api_prefix
+from baton.dlq import MaxDeliveryWatch
 from baton.service import Health
 from baton.transport import Bus
 from proto import streams, subjects
@@ -18,6 +20,7 @@ from proto import streams, subjects
 from . import metrics as m
 from .api import Services
 from .conductor import Conductor
+from .erasure import TaskEraser
 from .routing import HeartbeatTracker, Router
 from .runs import RunStore
 from .settings import OrchestratorSettings
@@ -51,23 +54,44 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
             *(streams.task_consumer(t) for t in tenants),
             streams.ORCHESTRATOR_RESULTS,
             streams.ORCHESTRATOR_TIMERS,
+            streams.ORCHESTRATOR_ERASURES,
             streams.worker_consumer(settings.default_pool, settings.job_ack_wait),
         ],
     )
-    for t in tenants:  # each tenant's own copy of its events, for replay
+    for t in tenants:  # each tenant's own copy of its events and tokens, for replay
         try:
-            await bus.ensure_stream(streams.TENANT_EVENTS, api_prefix=tenant_api_prefix(t))
+            for spec in (streams.TENANT_EVENTS, streams.TENANT_TOKENS):
+                await bus.ensure_stream(spec, api_prefix=tenant_api_prefix(t))
         except nats.errors.NoRespondersError:
             # A NATS without Baton's accounts (a caller's --nats-url): clients
             # there live in Baton's account and replay BATON_EVENTS itself.
             log.warning("tenant_account_unreachable", tenant=t)
-    runs = RunStore(await bus.ensure_bucket(streams.RUNS))
+    kv = await bus.ensure_bucket(streams.RUNS)
+    erasable = not (await bus.js.stream_info(streams.RUNS.stream)).config.deny_delete
+    runs = RunStore(kv, js=bus.js if erasable else None, stream=streams.RUNS.stream)
+    known = frozenset(tenants)
+
+    def copies(tenant: str) -> list[tuple[JetStreamContext, str]]:
+        """The tenant account's own copies of its events and tokens."""
+        if tenant not in known:
+            return []
+        js = bus.account_js(tenant_api_prefix(tenant))
+        return [(js, name) for name in TENANT_STREAMS]
+
+    eraser = TaskEraser(bus, runs, event_copies=copies)
     hb = HeartbeatTracker()
     router = Router(hb, enabled=settings.cache_routing, stale_after=settings.route_stale_after,
                     max_load=settings.route_max_load)  # fmt: skip
     conductor = Conductor(bus, runs, workflows, settings, router)
     m.init_series({name: list(wf.agents) for name, wf in workflows.items()})
     await bus.nc.subscribe(f"{subjects.HEARTBEATS}.*.*", cb=hb.on_msg)
+    watched = [
+        *(streams.task_consumer(t) for t in tenants),
+        streams.ORCHESTRATOR_RESULTS,
+        streams.ORCHESTRATOR_TIMERS,
+        streams.worker_consumer(settings.default_pool, settings.job_ack_wait),
+    ]
+    await MaxDeliveryWatch(bus, [(c.stream, c.durable) for c in watched]).start()
     svc.bus, svc.runs, svc.conductor, svc.workflows = bus, runs, conductor, specs
     svc.tenants = frozenset(tenants)
     watcher = asyncio.create_task(_watch_backlog(bus, settings, hb))
@@ -83,6 +107,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
                 for t in tenants
             ),
             bus.consume(streams.ORCHESTRATOR_TIMERS, conductor.on_timer, concurrency=64),
+            bus.consume(streams.ORCHESTRATOR_ERASURES, eraser.on_erasure, concurrency=4),
             bus.consume(
                 streams.ORCHESTRATOR_RESULTS,
                 conductor.on_result,

@@ -36,7 +36,7 @@ from proto.messages import (
     TaskEvent,
 )
 
-from .runs import RunState, StepState
+from .runs import ERASED, RunState, StepState
 from .workflows import Done, GraphWorkflow, StepPlan
 
 MIN_STEP_TOKENS = 32  # below this share of the budget, a step is not worth dispatching
@@ -286,6 +286,8 @@ def _context(ctx: Ctx, op: ContextOp) -> ContextRef | ErrorInfo | None:
 
 def replay(run: RunState, rules: Rules, now: float) -> list[Effect]:
     """Every effect the stored state implies (all de-duplicated downstream)."""
+    if run.status == ERASED:
+        return []  # nothing may be published again for an erased task
     effects: list[Effect] = [
         _event(run, now, keys.ACCEPTED, Accepted(task_id=run.task_id, workflow=run.workflow))
     ]

@@ -1,0 +1,202 @@
+"""Dead letters: a watch on JetStream's max-delivery advisories, and the
+operator's ``list`` / ``replay`` / ``purge`` of ``BATON_DLQ``.
+
+Baton's own consumers terminate a message on its last delivery and keep a
+copy on ``baton.dlq.<consumer>`` (``Bus.dead_letter``). A message can still
+run out of deliveries without that: when every delivery kills the process
+handling it (a job that crashes the engine, an OOM kill), or a handler stalls
+past its ack wait. JetStream then stops delivering it and announces it on
+``$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<consumer>``. The
+watch counts those (``baton_max_deliveries_total``, alert
+``BatonMaxDeliveries``) and copies the message into the DLQ under the same
+id scheme as ``Bus.dead_letter``, so it is listed and replayed like any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nats.js.errors
+import structlog
+from nats.aio.msg import Msg
+from prometheus_client import Counter
+
+from baton.transport import HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus
+from proto import subjects
+from proto.ids import is_valid_id
+from proto.streams import DEAD_LETTERS
+
+log = structlog.get_logger("baton.dlq")
+
+ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+QUEUE = "baton-dlq-watch"  # one replica handles each advisory
+
+MAX_DELIVERIES = Counter(
+    "baton_max_deliveries",
+    "Messages JetStream stopped delivering after max_deliver attempts, by stream and consumer.",
+    ["stream", "consumer"],
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Advisory:
+    stream: str
+    consumer: str
+    stream_seq: int
+    deliveries: int
+
+
+def parse_advisory(data: bytes) -> Advisory | None:
+    """The max-delivery advisory's fields, or None when it is not one (pure)."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    stream, consumer, seq = doc.get("stream"), doc.get("consumer"), doc.get("stream_seq")
+    deliveries = doc.get("deliveries", 0)
+    if not (isinstance(stream, str) and isinstance(consumer, str) and isinstance(seq, int)):
+        return None
+    if not isinstance(deliveries, int) or seq <= 0:
+        return None
+    return Advisory(stream, consumer, seq, deliveries)
+
+
+class MaxDeliveryWatch:
+    """Subscribe once per process; every replica may run one (queue group)."""
+
+    def __init__(self, bus: Bus, known: Sequence[tuple[str, str]] = ()) -> None:
+        self.bus = bus
+        for stream, consumer in known:  # series exist from the start
+            MAX_DELIVERIES.labels(stream, consumer)
+
+    async def start(self) -> None:
+        await self.bus.nc.subscribe(f"{ADVISORY}.>", queue=QUEUE, cb=self.on_advisory)
+
+    async def on_advisory(self, msg: Msg) -> None:
+        adv = parse_advisory(msg.data)
+        if adv is None:
+            return
+        MAX_DELIVERIES.labels(adv.stream, adv.consumer).inc()
+        log.warning("max_deliveries", stream=adv.stream, consumer=adv.consumer,
+                    seq=adv.stream_seq, deliveries=adv.deliveries)  # fmt: skip
+        if adv.stream == DEAD_LETTERS.name or not is_valid_id(adv.consumer):
+            return
+        try:
+            raw = await self.bus.js.get_msg(adv.stream, adv.stream_seq)
+        except Exception as exc:  # gone already (acked late, purged): counted only
+            log.info("max_deliveries_message_gone", error=repr(exc))
+            return
+        headers = dict(raw.headers or {})
+        reason = f"max deliveries ({adv.deliveries}) reached on {adv.stream}/{adv.consumer}"
+        await self.bus.publish(
+            subjects.dead_letter(adv.consumer),
+            raw.data or b"",
+            msg_id=f"{adv.consumer}:{adv.stream_seq}",
+            task_id=headers.get(HDR_TASK_ID),
+            headers={HDR_DLQ_REASON: reason, HDR_DLQ_SUBJECT: raw.subject or ""},
+        )
+
+
+# -- operators -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    seq: int
+    consumer: str
+    subject: str  # where it was consumed from
+    reason: str
+    task_id: str | None
+    size: int
+    at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "consumer": self.consumer, "subject": self.subject,
+                "reason": self.reason, "task_id": self.task_id, "size": self.size,
+                "at": self.at}  # fmt: skip
+
+
+def _filter(consumer: str | None) -> str:
+    return subjects.dead_letter(consumer) if consumer else f"{subjects.DEAD_LETTERS}.>"
+
+
+def _entry(msg: Msg) -> DeadLetter:
+    h = msg.headers or {}
+    ts = msg.metadata.timestamp
+    return DeadLetter(
+        seq=msg.metadata.sequence.stream,
+        consumer=msg.subject.removeprefix(f"{subjects.DEAD_LETTERS}."),
+        subject=h.get(HDR_DLQ_SUBJECT, ""),
+        reason=h.get(HDR_DLQ_REASON, ""),
+        task_id=h.get(HDR_TASK_ID),
+        size=len(msg.data or b""),
+        at=ts.timestamp() if ts is not None else 0.0,
+    )
+
+
+async def list_letters(
+    bus: Bus, *, consumer: str | None = None, limit: int = 1000
+) -> list[DeadLetter]:
+    """Up to ``limit`` dead letters, oldest first."""
+    out: list[DeadLetter] = []
+    async for msg in bus.read_subject(DEAD_LETTERS.name, _filter(consumer)):
+        out.append(_entry(msg))
+        if len(out) >= limit:
+            break
+    return out
+
+
+async def replay(bus: Bus, seqs: Sequence[int]) -> list[tuple[int, str]]:
+    """Publish each dead letter back on the subject it was consumed from, then
+    delete it from the DLQ. A new message id (``dlq-replay:<seq>``): the
+    original id may still be in the stream's duplicate window. Returns
+    (seq, outcome) per letter; a letter without an original subject stays."""
+    done: list[tuple[int, str]] = []
+    for seq in seqs:
+        try:
+            raw = await bus.js.get_msg(DEAD_LETTERS.name, seq)
+        except nats.js.errors.NotFoundError:
+            done.append((seq, "not found"))
+            continue
+        headers = dict(raw.headers or {})
+        target = headers.get(HDR_DLQ_SUBJECT)
+        if not target:
+            done.append((seq, "no original subject: kept"))
+            continue
+        await bus.publish(target, raw.data or b"", msg_id=f"dlq-replay:{seq}",
+                          task_id=headers.get(HDR_TASK_ID))  # fmt: skip
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await bus.js.delete_msg(DEAD_LETTERS.name, seq)
+        done.append((seq, f"replayed to {target}"))
+    return done
+
+
+async def purge(bus: Bus, *, consumer: str | None = None) -> int:
+    """Delete every dead letter (of ``consumer``); returns how many."""
+    before = (await bus.js.stream_info(DEAD_LETTERS.name)).state.messages
+    await bus.js.purge_stream(DEAD_LETTERS.name, subject=_filter(consumer))
+    after = (await bus.js.stream_info(DEAD_LETTERS.name)).state.messages
+    return int(before - after)
+
+
+def age(letter: DeadLetter, now: float | None = None) -> float:
+    return max(0.0, (now or time.time()) - letter.at)
+
+
+__all__ = [
+    "MAX_DELIVERIES",
+    "Advisory",
+    "DeadLetter",
+    "MaxDeliveryWatch",
+    "list_letters",
+    "parse_advisory",
+    "purge",
+    "replay",
+]

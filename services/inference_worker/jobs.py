@@ -1,0 +1,290 @@
+"""One job, from delivery to result.
+
+1. resolve the job's signed ref into a token-budgeted window (context store);
+   if the answer is already stored (a redelivery), republish it instead;
+2. wait for admission (KV tokens + sequence slot), then stream the generation;
+3. append the answer under ``keys.answer(job_id)`` (idempotent) and publish
+   the result under ``keys.result(job_id)`` (de-duplicated by JetStream).
+
+An engine fault naks the job (the supervisor restarts the engine); a
+cancelled task's generation is aborted and answered with ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from baton.transport import Bus, Delivery, Nak, Term
+from proto import codec, keys, subjects
+from proto.errors import LAYER_OF, ErrorCode
+from proto.messages import (
+    Cancel,
+    ChatMessage,
+    ContextAppend,
+    ContextAppendReply,
+    ErrorInfo,
+    InferenceJob,
+    InferenceResult,
+    Usage,
+    WindowReply,
+    WindowRequest,
+)
+
+from . import metrics as m
+from .engines.base import EngineDead, EngineOOM, GenerationRequest, PromptTooLong
+from .gpuclock import GpuClock
+from .heartbeat import WarmSessions
+from .supervisor import EngineSupervisor, Flight
+from .tokens import TokenPublisher
+
+log = structlog.get_logger("inference_worker")
+
+WINDOW_ATTEMPTS = 4
+REMEMBER_CANCELLED = 4096
+
+
+@dataclass
+class _Outcome:
+    output: str = ""
+    usage: Usage = field(default_factory=Usage)
+    cached_tokens: int = 0
+    started: float = 0.0
+
+
+def with_system(messages: list[ChatMessage], system: str | None) -> list[ChatMessage]:
+    """The agent's own system prompt in place of the session's first one."""
+    if system is None:
+        return messages
+    rest = messages[1:] if messages and messages[0].role == "system" else messages
+    return [ChatMessage(role="system", content=system), *rest]
+
+
+class JobHandler:
+    """Handles deliveries of ``InferenceJob``; ``on_admitted`` is called once
+    a job holds its admission (or will never need it)."""
+
+    def __init__(
+        self,
+        sup: EngineSupervisor,
+        bus: Bus,
+        warm: WarmSessions,
+        clock: GpuClock,
+        tokens: TokenPublisher,
+    ) -> None:
+        self.sup = sup
+        self.s = sup.s
+        self.engine = sup.engine
+        self.admission = sup.admission
+        self.bus = bus
+        self.warm = warm
+        self.clock = clock
+        self.tokens = tokens
+        self.pool = sup.s.pool
+        self.cancelled: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    async def handle(self, d: Delivery, on_admitted: Callable[[], None]) -> None:
+        try:
+            job = d.decode(InferenceJob)
+        except codec.DecodeError as exc:
+            on_admitted()
+            raise Term(f"undecodable job: {exc}") from exc
+        admitted = [False]
+
+        def admit() -> None:
+            if not admitted[0]:
+                admitted[0] = True
+                on_admitted()
+
+        try:
+            with structlog.contextvars.bound_contextvars(task_id=job.task_id, job_id=job.job_id):
+                await self._run(d, job, admit)
+        finally:
+            admit()
+
+    def _budget(self, job: InferenceJob) -> int:
+        cap = self.engine.capacity()
+        room = cap.max_model_len - job.max_tokens
+        return min(job.context_budget or self.s.context_budget or room, room)
+
+    async def _run(self, d: Delivery, job: InferenceJob, admit: Callable[[], None]) -> None:
+        bus = self.bus
+        if (job.tenant, job.task_id) in self.cancelled:
+            await self._publish_error(job, ErrorCode.CANCELLED, "task was cancelled")
+            return
+        out_id = keys.answer(job.job_id)
+        cap = self.engine.capacity()
+        budget = max(1, self._budget(job))
+        for _ in range(WINDOW_ATTEMPTS):
+            request = WindowRequest(tenant=job.tenant, ref=job.ref, budget_tokens=budget,
+                                    done_msg_id=out_id)  # fmt: skip
+            window: WindowReply = await bus.request(
+                subjects.context_api("window", job.tenant), request, WindowReply,
+                task_id=job.task_id,
+            )  # fmt: skip
+            if window.error is not None:
+                await self._publish(job, self._result(job, error=window.error))
+                return
+            if window.existing is not None:  # answered before a crash: republish it
+                existing = window.existing.content
+                await self._publish(job, self._result(job, ref=window.existing_ref,
+                                                      output=existing))  # fmt: skip
+                return
+            messages = with_system(window.messages, job.system)
+            prompt_tokens = self.engine.count_prompt_tokens(messages)
+            room = cap.max_model_len - job.max_tokens
+            if prompt_tokens <= room or window.tokens <= 0:
+                break
+            # The store's token estimate ran short of this model's tokenizer:
+            # ask again for a window scaled to the real count.
+            budget = max(1, int(window.tokens * room / prompt_tokens * 0.95))
+        need = prompt_tokens + job.max_tokens
+        if need > cap.max_model_len:
+            await self._too_long(job, prompt_tokens, cap.max_model_len)
+            return
+        await self.sup.ok.wait()
+        await self.admission.acquire(need)
+        admit()
+        try:
+            outcome = await self._generate(d, job, messages)
+        finally:
+            await self.admission.release(need)
+        if outcome is None:  # cancelled, or refused by the engine: result already sent
+            return
+        answer = [ChatMessage(role="assistant", content=outcome.output, name=job.agent)]
+        reply: ContextAppendReply = await bus.request(
+            subjects.context_api("append", job.tenant),
+            ContextAppend(tenant=job.tenant, session=job.session, msg_id=out_id, messages=answer),
+            ContextAppendReply,
+            task_id=job.task_id,
+        )
+        if reply.error is not None:
+            raise Nak(1.0, f"context append failed: {reply.error.code}")
+        self.warm.touch(f"{job.tenant}.{job.session}")
+        published = job.published_at or d.published_at
+        await self._publish(
+            job,
+            self._result(
+                job,
+                ref=reply.ref,
+                output=outcome.output,
+                usage=outcome.usage,
+                cached_tokens=outcome.cached_tokens,
+                queue_seconds=max(0.0, outcome.started - published),
+            ),
+        )
+        m.JOBS.labels(self.pool, "completed").inc()
+        m.JOB_LATENCY.labels(self.pool).observe(time.time() - published)
+
+    async def _generate(
+        self, d: Delivery, job: InferenceJob, messages: list[ChatMessage]
+    ) -> _Outcome | None:
+        """Stream one generation. None when it ended with an error result
+        already published (cancelled, too long); raises Nak on an engine fault."""
+        sup, labels = self.sup, self.sup.labels
+        request_id = keys.generation(job.job_id, d.num_delivered)
+        flight = Flight(request_id, job.tenant, job.task_id, sup.epoch)
+        sup.flights[request_id] = flight
+        started = time.time()
+        m.QUEUE_WAIT.labels(self.pool).observe(max(0.0, started - (job.published_at or started)))
+        m.INFLIGHT.labels(*labels).set(len(sup.flights))
+        m.ADMITTED_TOKENS.labels(*labels).set(self.admission.tokens)
+        self.clock.start(request_id)
+        parts: list[str] = []
+        final = None
+        tokens = self.tokens.open(job, attempt=f"{d.stream_seq}.{d.num_delivered}")
+        try:
+            request = GenerationRequest(
+                request_id=request_id,
+                messages=messages,
+                max_tokens=job.max_tokens,
+                temperature=job.temperature,
+                seed=job.seed,
+                json_schema=job.response_schema,
+            )
+            async for chunk in self.engine.generate(request):
+                if not parts and chunk.text:
+                    m.TTFT.labels(self.pool).observe(time.time() - started)
+                parts.append(chunk.text)
+                tokens.add(chunk.text)
+                if chunk.finished:
+                    final = chunk
+        except (EngineOOM, EngineDead) as exc:
+            await sup.fault(exc, flight.epoch)
+            raise Nak(self.s.oom_retry_delay, f"engine fault: {type(exc).__name__}") from exc
+        except PromptTooLong as exc:
+            await self._too_long(job, exc.prompt_tokens, exc.max_model_len)
+            return None
+        finally:
+            # The last delta goes out before the answer is stored, only for a
+            # generation whose answer will be.
+            complete = final is not None and not flight.cancelled and flight.epoch == sup.epoch
+            await tokens.close(final=complete)
+            gpu_seconds = self.clock.stop(request_id)
+            sup.flights.pop(request_id, None)
+            m.INFLIGHT.labels(*labels).set(len(sup.flights))
+        if flight.cancelled:
+            await self._publish_error(job, ErrorCode.CANCELLED, "task was cancelled")
+            return None
+        if flight.epoch != sup.epoch or final is None:
+            m.JOBS.labels(self.pool, "nak").inc()
+            raise Nak(self.s.oom_retry_delay, "generation interrupted by an engine restart")
+        m.PROMPT_TOKENS.labels(self.pool).inc(final.prompt_tokens)
+        m.COMPLETION_TOKENS.labels(self.pool).inc(final.completion_tokens)
+        usage = Usage(
+            prompt_tokens=final.prompt_tokens,
+            completion_tokens=final.completion_tokens,
+            gpu_seconds=round(gpu_seconds, 6),
+        )
+        return _Outcome("".join(parts), usage, final.cached_tokens, started)
+
+    async def _too_long(self, job: InferenceJob, prompt_tokens: int, limit: int) -> None:
+        if self.s.larger_pool:
+            await self.bus.publish(
+                subjects.job(self.s.larger_pool),
+                job,
+                msg_id=keys.job_forward(job.job_id, self.s.larger_pool),
+                task_id=job.task_id,
+            )
+            m.JOBS.labels(self.pool, "forwarded").inc()
+            return
+        await self._publish_error(
+            job,
+            ErrorCode.PROMPT_TOO_LONG,
+            f"prompt of {prompt_tokens} tokens + max_tokens {job.max_tokens} "
+            f"exceeds this worker's context length {limit}",
+        )
+
+    # -- cancellation ------------------------------------------------------
+
+    async def on_cancel(self, cancel: Cancel) -> None:
+        key = (cancel.tenant, cancel.task_id)
+        self.cancelled[key] = None
+        while len(self.cancelled) > REMEMBER_CANCELLED:
+            self.cancelled.popitem(last=False)
+        for f in list(self.sup.flights.values()):
+            if (f.tenant, f.task_id) == key:
+                f.cancelled = True
+                await self.engine.abort(f.request_id)
+                log.info("generation_aborted", task_id=f.task_id, request_id=f.request_id)
+
+    # -- results -----------------------------------------------------------
+
+    def _result(self, job: InferenceJob, **fields: Any) -> InferenceResult:
+        return InferenceResult(job_id=job.job_id, task_id=job.task_id, tenant=job.tenant,
+                               session=job.session, step=job.step, worker=self.s.worker_id,
+                               **fields)  # fmt: skip
+
+    async def _publish(self, job: InferenceJob, result: InferenceResult) -> None:
+        await self.bus.publish(subjects.result(job.tenant, job.task_id), result,
+                               msg_id=keys.result(job.job_id), task_id=job.task_id)  # fmt: skip
+
+    async def _publish_error(self, job: InferenceJob, code: ErrorCode, message: str) -> None:
+        m.JOBS.labels(self.pool, str(code)).inc()
+        info = ErrorInfo(code=code, message=message, layer=LAYER_OF[code])
+        await self._publish(job, self._result(job, error=info))

@@ -1,0 +1,370 @@
+"""The chaos tier: Baton on a 3-node JetStream cluster (R3 streams and KV)
+under a schedule of faults, judged from outside.
+
+Load: research tasks at a steady rate and multi-turn chat sessions (each turn
+waits for the previous one), plus one probe chat task per fault. Faults, at
+random points (seeded; the seed is printed): SIGKILL of each service kind
+twice (restarted as an orchestrator would), SIGKILL of the JetStream meta
+leader and of the stream leaders of BATON_TASKS, BATON_JOBS and the
+``baton-runs`` KV, a whole-cluster restart, and SIGSTOP/SIGCONT of one node.
+
+Oracle, from outside the services: every event read back from BATON_EVENTS;
+every chat history read back from the context store; every job and result
+read back from mirrors of BATON_JOBS and BATON_RESULTS that the test creates.
+It fails on any lost task, any task with more than one terminal event or a
+``failed`` one, any history that does not hold each turn exactly once, any
+usage that is not the sum of its steps, any step with two recorded results.
+A table (fault x tasks x lost x duplicated x recovery) is printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import statistics
+import time
+import urllib.request
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import nats
+import pytest
+from nats.js import api
+
+from tests.chaos.cluster import Cluster
+from tests.harness import LocalStack, uid
+
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
+
+SEED = int(os.environ.get("BATON_CHAOS_SEED", "0")) or random.randrange(1, 10**6)
+RESEARCH_EVERY = 1.5  # seconds between research tasks
+CHAT_SESSIONS, CHAT_TURNS = 10, 4
+GAP = (3.0, 6.0)  # seconds between faults
+SETTLE = 120.0  # after the last fault, every task must end within this
+CHAOS_ENV = {
+    "BATON_STREAM_REPLICAS": "3",
+    "BATON_STEP_TIMEOUT": "30",  # a job lost with a node is dispatched again
+    "BATON_SIM_DECODE_TPS": "400",
+}
+SERVICES = ("orchestrator", "inference-worker", "context-store")
+
+
+@dataclass
+class Task:
+    task_id: str
+    workflow: str
+    submitted: float = 0.0
+    ended: float | None = None
+    session: str | None = None
+    fault: int = -1  # index of the fault window it was submitted in
+
+
+@dataclass
+class Fault:
+    kind: str
+    target: str = ""
+    at: float = 0.0
+    recovered: float | None = None  # when its probe task ended
+    probe: str = ""
+
+
+@dataclass
+class Run:
+    tenant: str
+    tasks: dict[str, Task] = field(default_factory=dict)
+    inputs: dict[str, list[str]] = field(default_factory=dict)  # session -> user turns
+    faults: list[Fault] = field(default_factory=list)
+    stop: bool = False
+
+    @property
+    def window(self) -> int:
+        return len(self.faults) - 1
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path / "cluster").start()
+    yield c
+    for n in c.nodes:
+        if n.running:
+            n.resume()
+    c.stop()
+
+
+async def _retry(what: str, op: Any, *, timeout: float = 90.0) -> Any:
+    """``op()`` until it succeeds (NATS may be failing over), bounded in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await op()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: still failing after {timeout}s") from None
+            await asyncio.sleep(0.3)
+
+
+class Driver:
+    """The load: submissions and waits, through a plain nats-py client."""
+
+    def __init__(self, js: Any, run: Run) -> None:
+        self.js = js
+        self.run = run
+
+    async def submit(self, workflow: str, text: str, *, session: str | None = None) -> Task:
+        t = Task(uid(), workflow, time.time(), session=session, fault=self.run.window)
+        self.run.tasks[t.task_id] = t
+        body = {"tenant": self.run.tenant, "task_id": t.task_id, "input": text}
+        if session:
+            body["session"] = session
+        data = msgpack.packb(body)
+        await _retry(
+            f"submit {t.task_id}",
+            lambda: self.js.publish(f"baton.tasks.{workflow}", data,
+                                    headers={"Nats-Msg-Id": t.task_id}, timeout=2),
+        )  # fmt: skip
+        return t
+
+    async def ended(self, t: Task, *, timeout: float = 240.0) -> None:
+        """Poll the task's last event (direct get) until it is terminal."""
+        subject = f"baton.events.{self.run.tenant}.{t.task_id}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                msg = await self.js.get_last_msg("BATON_EVENTS", subject)
+                if msgpack.unpackb(msg.data)["type"] in ("completed", "failed"):
+                    t.ended = time.time()
+                    return
+            except Exception:
+                pass
+            await asyncio.sleep(0.25)
+
+    async def research(self) -> None:
+        waits = []
+        while not self.run.stop:
+            t = await self.submit("research", f"research question {len(self.run.tasks)}")
+            waits.append(asyncio.create_task(self.ended(t)))
+            await asyncio.sleep(RESEARCH_EVERY)
+        await asyncio.gather(*waits)
+
+    async def chat(self, n: int) -> None:
+        session = uid("s")
+        self.run.inputs[session] = []
+        await asyncio.sleep(n * 0.7)
+        for turn in range(CHAT_TURNS):
+            if self.run.stop and turn:
+                break
+            text = f"session {n} turn {turn}: tell me more"
+            self.run.inputs[session].append(text)
+            t = await self.submit("chat", text, session=session)
+            await self.ended(t)
+            await asyncio.sleep(random.uniform(0.5, 3.0))
+
+    async def probe(self, fault: Fault) -> None:
+        t = await self.submit("chat", f"probe after {fault.kind}")
+        fault.probe = t.task_id
+        await self.ended(t)
+        fault.recovered = t.ended
+
+
+async def inject(cluster: Cluster, stack: LocalStack, fault: Fault) -> None:
+    """Strike, then bring back what was struck (as a supervisor would)."""
+    kind = fault.kind
+    if kind.startswith("kill:"):
+        name = kind[5:]
+        victim = next(p for p in reversed(stack.procs) if p.name == name and p.alive())
+        fault.target = f"pid {victim.proc.pid if victim.proc else '?'}"
+        victim.kill()
+        fresh = stack.worker() if name == "inference-worker" else stack.service(name)
+        await asyncio.to_thread(fresh.wait_ready, 90)
+    elif kind.startswith("leader:"):
+        stream = kind[7:]
+        leader = cluster.meta_leader() if stream == "meta" else cluster.stream_leader(stream)
+        assert leader, f"no leader for {stream}"
+        node = cluster.node(leader)
+        fault.target = leader
+        node.kill()
+        await asyncio.sleep(1.5)
+        node.spawn()
+        await asyncio.to_thread(node.wait_ready)
+    elif kind == "restart:cluster":
+        fault.target = "n1,n2,n3"
+        for n in cluster.nodes:
+            n.stop()
+        for n in cluster.nodes:
+            n.spawn()
+        for n in cluster.nodes:
+            await asyncio.to_thread(n.wait_ready)
+    elif kind == "pause:node":
+        node = random.choice(cluster.nodes)
+        fault.target = node.name
+        node.pause()
+        await asyncio.sleep(4.0)
+        node.resume()
+    else:
+        raise AssertionError(kind)
+
+
+async def read_all(js: Any, stream: str, subject: str) -> list[Any]:
+    """Every message of ``stream`` on ``subject`` (ordered consumer, bounded)."""
+    info = await js.stream_info(stream)
+    last = info.state.last_seq
+    out: list[Any] = []
+    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True,
+                             config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                msg = await sub.next_msg(timeout=2.0)
+            except TimeoutError:
+                break
+            out.append(msg)
+            if msg.metadata.sequence.stream >= last:
+                break
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+def _history(stack: LocalStack, tenant: str, session: str) -> list[dict[str, Any]]:
+    import json
+
+    cs = next(p for p in reversed(stack.procs) if p.name == "context-store" and p.alive())
+    with urllib.request.urlopen(f"{cs.url}/v1/sessions/{tenant}/{session}", timeout=10) as r:
+        return list(json.loads(r.read())["messages"])
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+async def test_baton_on_a_3_node_cluster_loses_and_duplicates_nothing_under_faults(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    rng = random.Random(SEED)
+    random.seed(SEED)
+    print(f"\nchaos seed {SEED} (BATON_CHAOS_SEED={SEED} replays the schedule)")
+    stack = LocalStack(cluster.url, tmp_path / "stack", env=dict(CHAOS_ENV))
+    stack.start()
+    nc = await nats.connect(servers=cluster.urls, ping_interval=5, max_outstanding_pings=3,
+                            reconnect_time_wait=0.5, max_reconnect_attempts=-1)  # fmt: skip
+    js = nc.jetstream(timeout=5)
+    try:
+        for name, origin in (("CHAOS_JOBS", "BATON_JOBS"), ("CHAOS_RESULTS", "BATON_RESULTS")):
+            await js.add_stream(api.StreamConfig(name=name, num_replicas=3,
+                                                 mirror=api.StreamSource(name=origin)))  # fmt: skip
+        run = Run(tenant=uid("chaos"))
+        run.faults.append(Fault("none (warm-up)", at=time.time()))
+        driver = Driver(js, run)
+        load = [asyncio.create_task(driver.research())]
+        load += [asyncio.create_task(driver.chat(i)) for i in range(CHAT_SESSIONS)]
+        schedule = [f"kill:{s}" for s in SERVICES for _ in range(2)]
+        schedule += ["leader:meta", "leader:BATON_TASKS", "leader:BATON_JOBS",
+                     "leader:KV_baton-runs", "restart:cluster", "pause:node"]  # fmt: skip
+        rng.shuffle(schedule)
+        probes = []
+        t0 = time.monotonic()
+        await asyncio.sleep(rng.uniform(*GAP))
+        for kind in schedule:
+            fault = Fault(kind, at=time.time())
+            run.faults.append(fault)
+            probes.append(asyncio.create_task(driver.probe(fault)))
+            await inject(cluster, stack, fault)
+            await asyncio.sleep(rng.uniform(*GAP))
+        faults_took = time.monotonic() - t0
+        run.stop = True
+        async with asyncio.timeout(SETTLE + 60):
+            await asyncio.gather(*load, *probes)
+
+        # -- the oracle ------------------------------------------------------
+        events: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for msg in await _retry("read events", lambda: read_all(
+                js, "BATON_EVENTS", f"baton.events.{run.tenant}.>")):  # fmt: skip
+            ev = msgpack.unpackb(msg.data)
+            events[ev["task_id"]].append(ev)
+        jobs: Counter[str] = Counter()
+        for msg in await read_all(js, "CHAOS_JOBS", "baton.jobs.>"):
+            job = msgpack.unpackb(msg.data)
+            if job.get("tenant") == run.tenant:
+                jobs[job["job_id"]] += 1
+        results: Counter[str] = Counter()
+        for msg in await read_all(js, "CHAOS_RESULTS", f"baton.results.{run.tenant}.>"):
+            results[msgpack.unpackb(msg.data)["job_id"]] += 1
+
+        problems: list[str] = []
+        lost: dict[int, int] = Counter()
+        dup: dict[int, int] = Counter()
+        latencies: dict[int, list[float]] = defaultdict(list)
+        for t in run.tasks.values():
+            evs = events.get(t.task_id, [])
+            terminal = [e for e in evs if e["type"] in ("completed", "failed")]
+            if not terminal:
+                lost[t.fault] += 1
+                problems.append(f"lost {t.workflow} {t.task_id} (fault window {t.fault}): "
+                                f"{[(e['type'], e.get('step'), e.get('status')) for e in evs]}")  # fmt: skip
+                continue
+            if len(terminal) > 1:
+                dup[t.fault] += 1
+                problems.append(f"{len(terminal)} terminal events for {t.task_id}")
+            done = terminal[0]
+            if done["type"] != "completed":
+                problems.append(f"{t.task_id} failed: {done['error']}")
+                continue
+            latencies[t.fault].append((t.ended or time.time()) - t.submitted)
+            steps = {
+                e["step"]: e["usage"] for e in evs if e["type"] == "step" and e["status"] == "done"
+            }
+            spent = sum(u["completion_tokens"] for u in steps.values())
+            if spent != done["usage"]["completion_tokens"]:
+                dup[t.fault] += 1
+                problems.append(
+                    f"{t.task_id}: usage {done['usage']} is not its steps' sum ({spent})"
+                )
+        for job_id, n in results.items():
+            if n > 1:
+                problems.append(f"job {job_id}: {n} results stored")
+        turns_ok = 0
+        for session, inputs in run.inputs.items():
+            if not inputs:
+                continue
+            msgs = await asyncio.to_thread(_history, stack, run.tenant, session)
+            roles = [m["role"] for m in msgs]
+            users = [m["content"] for m in msgs if m["role"] == "user"]
+            want = ["system"] + ["user", "assistant"] * len(inputs)
+            if roles != want or users != inputs:
+                dup[-1] += 1
+                problems.append(f"history of {session}: roles {roles}, users {users} != {inputs}")
+            else:
+                turns_ok += len(inputs)
+
+        # -- the table -------------------------------------------------------
+        redispatched = sum(1 for n in jobs.values() if n > 1)
+        print(f"\n{len(run.tasks)} tasks ({sum(len(v) for v in run.inputs.values())} chat turns in "
+              f"{len(run.inputs)} sessions), {len(schedule)} faults in {faults_took:.0f}s; "
+              f"{len(jobs)} jobs mirrored, {redispatched} dispatched again, "
+              f"max results per job {max(results.values(), default=0)}; "
+              f"{turns_ok} chat turns in history exactly once")  # fmt: skip
+        print(f"{'fault':<26}{'target':<12}{'tasks':>6}{'lost':>6}{'dup':>5}"
+              f"{'recovery s':>12}{'p50 s':>8}{'p99 s':>8}")  # fmt: skip
+        for i, f in enumerate(run.faults):
+            n = sum(1 for t in run.tasks.values() if t.fault == i)
+            rec = f"{f.recovered - f.at:.1f}" if f.recovered and f.probe else "-"
+            lat = latencies.get(i, [])
+            print(f"{f.kind:<26}{f.target[:11]:<12}{n:>6}{lost[i]:>6}{dup[i]:>5}{rec:>12}"
+                  f"{_pct(lat, 0.5):>8.2f}{_pct(lat, 0.99):>8.2f}")  # fmt: skip
+        recoveries = [f.recovered - f.at for f in run.faults if f.recovered and f.probe]
+        if recoveries:
+            print(f"recovery over all faults: p50 {statistics.median(recoveries):.1f}s, "
+                  f"p99 {_pct(recoveries, 0.99):.1f}s, max {max(recoveries):.1f}s")  # fmt: skip
+        assert not problems, "\n".join(problems[:20])
+    finally:
+        await nc.close()
+        stack.stop()

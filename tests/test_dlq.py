@@ -1,0 +1,94 @@
+"""Dead letters watched: a message that runs out of deliveries without Baton
+terminating it (every delivery stalled) is announced by JetStream, counted by
+the orchestrator (``baton_max_deliveries_total``), copied to BATON_DLQ, and an
+operator lists, replays and purges it with ``baton dlq``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+
+from nats.js import api
+
+from baton import cli
+from baton.dlq import parse_advisory
+from tests.harness import Client, LocalStack, metric, uid
+
+
+def test_advisories_are_parsed_or_refused() -> None:
+    good = json.dumps({"type": "io.nats.jetstream.advisory.v1.max_deliver", "stream": "S",
+                       "consumer": "c", "stream_seq": 7, "deliveries": 5}).encode()  # fmt: skip
+    adv = parse_advisory(good)
+    assert adv is not None and (adv.stream, adv.consumer, adv.stream_seq, adv.deliveries) == (
+        "S",
+        "c",
+        7,
+        5,
+    )
+    for bad in (b"", b"\xff", b"[]", b'{"stream": "S"}', b'{"stream":"S","consumer":"c","stream_seq":0}',
+                b'{"stream":"S","consumer":"c","stream_seq":"7"}'):  # fmt: skip
+        assert parse_advisory(bad) is None
+
+
+def baton(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli.main(list(argv))
+    return rc, out.getvalue()
+
+
+async def test_a_message_out_of_deliveries_is_counted_copied_and_replayable(
+    stack: LocalStack, client: Client, nats_url: str
+) -> None:
+    name, consumer = f"DLQT{uid('')}", uid("dlqc")
+    subject = f"dlqtest.{name}.job"
+    js = client.js
+    await js.add_stream(api.StreamConfig(name=name, subjects=[f"dlqtest.{name}.>"]))
+    await js.add_consumer(name, api.ConsumerConfig(durable_name=consumer, ack_policy=api.AckPolicy.EXPLICIT,
+                                                   ack_wait=0.5, max_deliver=2))  # fmt: skip
+    await js.publish(subject, b"poison", headers={"Baton-Task-Id": "t-dlq"})
+    sub = await js.pull_subscribe_bind(durable=consumer, stream=name)
+    delivered = 0
+    orch = stack.orchestrator.url
+    labels = {"stream": name, "consumer": consumer}
+    async with asyncio.timeout(30):  # every delivery "stalls": never acked
+        while metric(orch, "baton_max_deliveries_total", **labels) < 1:
+            with contextlib.suppress(TimeoutError):
+                delivered += len(await sub.fetch(1, timeout=0.6))
+    assert delivered == 2
+    assert metric(orch, "baton_max_deliveries_total", **labels) == 1
+
+    rc, out = await asyncio.to_thread(baton, "dlq", "list", "--consumer", consumer, "--json",
+                                      "--nats-url", nats_url)  # fmt: skip
+    assert rc == 0, out
+    letters = json.loads(out)
+    assert len(letters) == 1
+    letter = letters[0]
+    assert letter["subject"] == subject and letter["task_id"] == "t-dlq"
+    assert "max deliveries (2)" in letter["reason"]
+
+    before = (await js.stream_info(name)).state.messages
+    rc, out = await asyncio.to_thread(
+        baton, "dlq", "replay", str(letter["seq"]), "--nats-url", nats_url
+    )
+    assert rc == 0 and f"replayed to {subject}" in out, out
+    assert (await js.stream_info(name)).state.messages == before + 1
+    last = await js.get_last_msg(name, subject)
+    assert last.data == b"poison"
+    rc, out = await asyncio.to_thread(baton, "dlq", "list", "--consumer", consumer, "--json",
+                                      "--nats-url", nats_url)  # fmt: skip
+    assert json.loads(out) == []  # replayed letters leave the DLQ
+
+    # purge: refused without --yes, then deletes only this consumer's letters
+    await js.publish(f"baton.dlq.{consumer}", b"x", headers={"Baton-Original-Subject": subject})
+    rc, _ = await asyncio.to_thread(
+        baton, "dlq", "purge", "--consumer", consumer, "--nats-url", nats_url
+    )
+    assert rc != 0
+    rc, out = await asyncio.to_thread(baton, "dlq", "purge", "--consumer", consumer, "--yes",
+                                      "--nats-url", nats_url)  # fmt: skip
+    assert rc == 0 and "purged 1" in out, out
+    await sub.unsubscribe()
+    await js.delete_stream(name)

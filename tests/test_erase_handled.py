@@ -1,0 +1,56 @@
+"""A work queue's ack only unlinks a message: its bytes stay in the block
+file while the block holds live messages. A consumer with ``erase_handled``
+overwrites each message it handled (acked or terminated) first."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from baton.natsd import NatsServer
+from baton.transport import Delivery, Nak, Term, connect
+from proto.streams import ConsumerSpec, StreamSpec
+from tests.ctx import raw_store_contains
+from tests.harness import uid
+
+
+async def test_handled_messages_are_overwritten_only_with_erase_handled(
+    own_nats: NatsServer,
+) -> None:
+    secrets: dict[bool, list[bytes]] = {}
+    for erase in (True, False):
+        bus = await connect(own_nats.url, name="test-erase-handled")
+        try:
+            name = f"WQ_{'ERASE' if erase else 'PLAIN'}"
+            stream = StreamSpec(name=name, subjects=(f"{name.lower()}.>",), retention="workqueue",
+                                duplicate_window=1.0)  # fmt: skip
+            spec = ConsumerSpec(stream=name, durable="c", filter_subject=f"{name.lower()}.>",
+                                ack_wait=30.0, max_deliver=5, erase_handled=erase)  # fmt: skip
+            await bus.provision(streams=[stream], consumers=[spec])
+            secrets[erase] = [uid("ACKED").encode(), uid("TERMED").encode()]
+            for body in (*secrets[erase], b"hold"):  # "hold" keeps the block alive
+                await bus.publish(f"{name.lower()}.x", body)
+
+            async def handle(d: Delivery) -> None:
+                if d.data == b"hold":
+                    raise Nak(30.0)
+                if b"TERMED" in d.data:
+                    raise Term("poison", dead_letter=False)
+
+            loop = asyncio.create_task(bus.consume(spec, handle, idle_timeout=0.2))
+            for _ in range(50):
+                info = await bus.js.stream_info(name)
+                if info.state.messages == 1:
+                    break
+                await asyncio.sleep(0.1)
+            assert info.state.messages == 1  # both handled, "hold" still there
+            bus.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(loop, 5)
+        finally:
+            await bus.close()
+    await asyncio.sleep(0.2)
+    for needle in secrets[True]:
+        assert raw_store_contains(own_nats.store_dir, needle) == [], needle
+    for needle in secrets[False]:  # the control: an ack alone leaves the bytes
+        assert raw_store_contains(own_nats.store_dir, needle), needle
