@@ -180,8 +180,8 @@ def service_roles(tenants: Sequence[str]) -> dict[str, Role]:
                 StreamAccess(streams.EVENTS.name, own=True, consume=True, erase=True),
                 StreamAccess(streams.TOKENS.name, own=True, consume=True, erase=True),
                 StreamAccess(streams.TIMERS.name, own=True, consume=True, erase=True),
-                StreamAccess(streams.ERASURES.name, consume=True),
-                StreamAccess(streams.AUDIT.name),
+                StreamAccess(streams.ERASURES.name, own=True, consume=True),
+                StreamAccess(streams.AUDIT.name, own=True),
                 # it defines the pool's consumer, so jobs wait for a worker
                 StreamAccess(streams.JOBS.name, own=True, define=True),
                 StreamAccess(streams.DEAD_LETTERS.name, own=True, consume=True, erase=True),

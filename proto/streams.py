@@ -175,8 +175,11 @@ ALL_STREAMS: Final = (
 )  # fmt: skip
 """Baton's shared streams (the per-tenant task streams come from ``tenant_tasks``)."""
 
-ORCHESTRATOR_STREAMS: Final = (JOBS, RESULTS, EVENTS, TOKENS, DEAD_LETTERS, TIMERS)
-"""What the orchestrator provisions (the context store provisions its own two)."""
+ORCHESTRATOR_STREAMS: Final = (
+    JOBS, RESULTS, EVENTS, TOKENS, DEAD_LETTERS, TIMERS, ERASURES, AUDIT,
+)  # fmt: skip
+"""What the orchestrator provisions (the context store its own: history,
+attachments, and the two it shares with the orchestrator)."""
 
 TENANT_EVENTS = StreamSpec(
     name=EVENTS.name,

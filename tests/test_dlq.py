@@ -42,12 +42,13 @@ def baton(*argv: str) -> tuple[int, str]:
 async def test_a_message_out_of_deliveries_is_counted_copied_and_replayable(
     stack: LocalStack, client: Client, nats_url: str
 ) -> None:
-    name, consumer = f"DLQT{uid('')}", uid("dlqc")
-    subject = f"dlqtest.{name}.job"
+    # A pool of its own on BATON_JOBS: the orchestrator may read Baton's streams
+    # (to copy a dead letter), not any stream of the account.
+    name, consumer = "BATON_JOBS", uid("dlqc")
+    subject = f"baton.jobs.{uid('dlqpool')}"
     js = client.js
-    await js.add_stream(api.StreamConfig(name=name, subjects=[f"dlqtest.{name}.>"]))
     await js.add_consumer(name, api.ConsumerConfig(durable_name=consumer, ack_policy=api.AckPolicy.EXPLICIT,
-                                                   ack_wait=0.5, max_deliver=2))  # fmt: skip
+                                                   ack_wait=0.5, max_deliver=2, filter_subject=subject))  # fmt: skip
     await js.publish(subject, b"poison", headers={"Baton-Task-Id": "t-dlq"})
     sub = await js.pull_subscribe_bind(durable=consumer, stream=name)
     delivered = 0
@@ -91,4 +92,5 @@ async def test_a_message_out_of_deliveries_is_counted_copied_and_replayable(
                                       "--nats-url", nats_url)  # fmt: skip
     assert rc == 0 and "purged 1" in out, out
     await sub.unsubscribe()
-    await js.delete_stream(name)
+    await js.delete_consumer(name, consumer)
+    await js.purge_stream(name, subject=subject)

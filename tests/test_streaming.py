@@ -192,7 +192,7 @@ async def test_a_step_regenerated_after_its_worker_died_streams_a_new_attempt(
         for name in ("context-store", "orchestrator"):
             stack.service(name).wait_ready()
         doomed = stack.worker(BATON_SIM_DECODE_TPS="25").wait_ready()  # 128 tokens ~ 5 s
-        tenant, task_id = uid("ka"), uid()
+        tenant, task_id = "initech", uid()
         seen: list[dict[str, Any]] = []
 
         async def on_delta(msg: Any) -> None:

@@ -132,7 +132,7 @@ def _store(nats_env: tuple[str, NatsServer | None]) -> Path | None:
 async def test_deleting_a_session_erases_its_tasks_events_runs_and_dead_letters(
     stack: LocalStack, client: Client, bus: Bus, nats_env: tuple[str, NatsServer | None]
 ) -> None:
-    tenant, other, session, kept_session = uid("acme"), uid("other"), uid("s"), uid("keep")
+    tenant, other, session, kept_session = "acme", "globex", uid("s"), uid("keep")
     secret = uid("TASKSECRET")
     erased = [await _run_task(client, tenant, session, secret) for _ in range(2)]
     kept = await _run_task(client, tenant, kept_session, uid("KEPT"))
@@ -195,7 +195,7 @@ async def test_deleting_a_session_erases_its_tasks_events_runs_and_dead_letters(
 async def test_deleting_a_tenant_erases_every_task_of_the_tenant_only(
     stack: LocalStack, client: Client, bus: Bus, nats_env: tuple[str, NatsServer | None]
 ) -> None:
-    tenant, other = uid("gone"), uid("stays")
+    tenant, other = "gone", "stays"  # tenants of their own: the first is erased whole
     secret = uid("TENANTTASK")
     erased = [await _run_task(client, tenant, uid("s"), secret) for _ in range(3)]
     kept = await _run_task(client, other, uid("s"), uid("OTHER"))
