@@ -38,10 +38,11 @@ class OrchestratorSettings(CommonSettings):
     # Seconds between reads of the consumers' backlog (the pending-messages gauge).
     pending_poll_interval: float = 5.0
     # HTTP: a comment line on every open event stream this often, so proxies
-    # keep a stream open while a step waits minutes; how long a request may
-    # follow a task; the tenant of OpenAI-API calls when no API keys are set.
+    # keep a stream open while a step waits minutes.
     sse_ping: float = 15.0
+    # HTTP: how long (seconds) a request may follow a task.
     follow_timeout: float = 600.0
+    # HTTP: the tenant of OpenAI-API calls when no API keys are set.
     default_tenant: str = "default"
     # Test hook, never set in production: the process exits right after
     # storing this step as done, before dispatching what follows it
