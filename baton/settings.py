@@ -40,9 +40,6 @@ class CommonSettings(BaseSettings):
     data_dir: Path = Path(".data")
     # Seconds to wait for the first NATS connection.
     connect_timeout: float = 5.0
-    # How long a job held by a dead worker waits before redelivery. Every
-    # service that provisions the worker consumer must agree on it.
-    job_ack_wait: float = 60.0
     # HTTP API keys -> tenant (JSON in BATON_API_KEYS; "*" = operator, every
     # tenant). Empty = development: no key needed, bound to 127.0.0.1.
     api_keys: dict[str, str] = Field(default_factory=dict)

@@ -33,7 +33,6 @@ from baton.stack import ServiceProcess
 TEST_ENV = {
     "BATON_ENGINE": "sim",
     "BATON_SIM_DECODE_TPS": "2000",
-    "BATON_JOB_ACK_WAIT": "4",
     "BATON_ENGINE_RESTART_DELAY": "0.2",
     "BATON_OOM_RETRY_DELAY": "0.5",
     "BATON_HEARTBEAT_INTERVAL": "0.5",

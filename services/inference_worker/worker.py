@@ -58,8 +58,8 @@ class Worker:
         self.manage_engine = manage_engine
         self.health = health
         self.pool = settings.pool
-        self.consumer = worker_consumer(settings.pool, settings.job_ack_wait)
-        self.direct = direct_consumer(settings.pool, settings.worker_id, settings.job_ack_wait)
+        self.consumer = worker_consumer(settings.pool)
+        self.direct = direct_consumer(settings.pool, settings.worker_id)
         self.peers = Peers(settings.worker_id, stale_after=settings.peer_stale_after)
         self.admission = Admission(1, 1)
         self.sup = EngineSupervisor(settings, engine, health, self.admission)

@@ -32,7 +32,7 @@ async def _watch_backlog(bus: Bus, settings: OrchestratorSettings, hb: Heartbeat
     while True:
         pools = {"default", settings.default_pool} | {p for p, _ in hb.last}
         specs = [streams.ORCHESTRATOR_TASKS, streams.ORCHESTRATOR_RESULTS]
-        specs += [streams.worker_consumer(p, settings.job_ack_wait) for p in sorted(pools)]
+        specs += [streams.worker_consumer(p) for p in sorted(pools)]
         for spec in specs:
             with contextlib.suppress(Exception):
                 m.PENDING.labels(spec.stream, spec.durable).set(await bus.pending(spec))
@@ -50,7 +50,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
             streams.ORCHESTRATOR_RESULTS,
             streams.ORCHESTRATOR_TIMERS,
             streams.ORCHESTRATOR_ERASURES,
-            streams.worker_consumer(settings.default_pool, settings.job_ack_wait),
+            streams.worker_consumer(settings.default_pool),
         ],
     )
     kv = await bus.ensure_bucket(streams.RUNS)
