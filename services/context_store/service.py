@@ -116,9 +116,9 @@ class ContextEndpoints:
 
     async def start(self, bus: Bus) -> None:
         for op in REQUEST_TYPES:
-            await bus.nc.subscribe(f"{subjects.CONTEXT_API}.{op}.*", queue=QUEUE, cb=self._on_msg)
+            await bus.subscribe(f"{subjects.CONTEXT_API}.{op}.*", self._on_msg, queue=QUEUE)
         # No queue group: every replica must hear an invalidation.
-        await bus.nc.subscribe(f"{subjects.CONTEXT_INVALIDATE}.*", cb=self._on_invalidate)
+        await bus.subscribe(f"{subjects.CONTEXT_INVALIDATE}.*", self._on_invalidate)
 
     async def _on_invalidate(self, msg: Msg) -> None:
         with contextlib.suppress(msgspec.DecodeError):

@@ -91,8 +91,8 @@ class Worker:
         labels = self.sup.labels
         m.init_series(self.pool)
         await bus.provision(streams=[JOBS, RESULTS, TOKENS], consumers=[self.consumer, self.direct])
-        await bus.nc.subscribe(f"{subjects.CANCEL}.*.*", cb=self._on_cancel)
-        await bus.nc.subscribe(f"{subjects.HEARTBEATS}.{self.pool}.*", cb=self.peers.on_msg)
+        await bus.subscribe(f"{subjects.CANCEL}.*.*", self._on_cancel)
+        await bus.subscribe(f"{subjects.HEARTBEATS}.{self.pool}.*", self.peers.on_msg)
         m.READY.labels(*labels).set(0)
 
         async def reprovision() -> None:  # a peer that wrongly took us for dead deleted it

@@ -62,12 +62,12 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
                     max_load=settings.route_max_load)  # fmt: skip
     conductor = Conductor(bus, runs, workflows, settings, router)
     m.init_series({name: list(wf.agents) for name, wf in workflows.items()})
-    await bus.nc.subscribe(f"{subjects.HEARTBEATS}.*.*", cb=hb.on_msg)
+    await bus.subscribe(f"{subjects.HEARTBEATS}.*.*", hb.on_msg)
     watched = [
         streams.ORCHESTRATOR_TASKS,
         streams.ORCHESTRATOR_RESULTS,
         streams.ORCHESTRATOR_TIMERS,
-        streams.worker_consumer(settings.default_pool, settings.job_ack_wait),
+        streams.worker_consumer(settings.default_pool),
     ]
     await MaxDeliveryWatch(bus, [(c.stream, c.durable) for c in watched]).start()
     svc.bus, svc.runs, svc.conductor, svc.workflows = bus, runs, conductor, specs
