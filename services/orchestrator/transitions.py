@@ -177,7 +177,7 @@ class NewTask:
 
 def _copy(run: RunState) -> RunState:
     """Decisions never change the run they are given."""
-    return codec.decode(codec.encode(run), RunState)
+    return codec.decode_own(codec.encode(run), RunState)
 
 
 def error(code: ErrorCode, message: str) -> ErrorInfo:
