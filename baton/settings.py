@@ -18,22 +18,28 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BATON_", extra="ignore")
 
+    # The NATS server, with this service's credentials when the server has
+    # accounts: nats://user:password@host:port.
     nats_url: str = Field(
         default=DEFAULT_NATS_URL,
         validation_alias=AliasChoices("BATON_NATS_URL", "NATS_URL"),
     )
+    # DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
+    # One JSON object per log line (false: human-readable lines).
     log_json: bool = True
     # Prompts and completions are customer data: logged only when asked for.
     log_prompts: bool = False
+    # Address of the HTTP server (health, metrics, APIs).
     http_host: str = "127.0.0.1"
+    # Its port; 0 = any free port (each service sets its own default).
     http_port: int = 0
+    # Replicas of every JetStream stream Baton creates (3 on a NATS cluster).
     stream_replicas: int = 1
+    # Local state: the generated context key, the tiny model, logs of `baton up`.
     data_dir: Path = Path(".data")
+    # Seconds to wait for the first NATS connection.
     connect_timeout: float = 5.0
-    # How long a job held by a dead worker waits before redelivery. Every
-    # service that provisions the worker consumer must agree on it.
-    job_ack_wait: float = 60.0
     # HTTP API keys -> tenant (JSON in BATON_API_KEYS; "*" = operator, every
     # tenant). Empty = development: no key needed, bound to 127.0.0.1.
     api_keys: dict[str, str] = Field(default_factory=dict)
@@ -41,7 +47,9 @@ class CommonSettings(BaseSettings):
     # requires TLS), plus a client certificate and key for a server that
     # verifies clients (mutual TLS). Paths to PEM files.
     nats_tls_ca: Path | None = None
+    # The client certificate for mutual TLS (PEM); needs BATON_NATS_TLS_KEY.
     nats_tls_cert: Path | None = None
+    # The client certificate's private key (PEM); needs BATON_NATS_TLS_CERT.
     nats_tls_key: Path | None = None
 
     @model_validator(mode="after")

@@ -138,11 +138,14 @@ async def submit(
             if mode == "json":
                 print(json.dumps(msgspec.to_builtins(item)), flush=True)
             if isinstance(item, TokenDelta):
+                known = view.steps.get(item.step)
+                again = known is not None and known.attempt not in ("", item.attempt)
                 text = view.on_delta(item)
                 if mode == "plain" and text:
-                    if item.step != current:
+                    if item.step != current or again:  # a regenerated step starts over
                         current = item.step
-                        sys.stdout.write(f"\n[{item.step} {item.agent}] ")
+                        retry = " (generated again)" if again else ""
+                        sys.stdout.write(f"\n[{item.step} {item.agent}]{retry} ")
                     sys.stdout.write(text)
                     sys.stdout.flush()
             else:

@@ -27,7 +27,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import nats
 import nats.errors
@@ -70,7 +70,11 @@ class BusUnavailable(TransportError):
         self.url = url
 
 
-class Nak(Exception):
+class Outcome(Exception):
+    """Base of the outcomes a handler raises to settle its delivery."""
+
+
+class Nak(Outcome):
     """Handler outcome: redeliver after ``delay`` seconds."""
 
     def __init__(self, delay: float = 1.0, reason: str = "") -> None:
@@ -79,7 +83,7 @@ class Nak(Exception):
         self.reason = reason
 
 
-class Term(Exception):
+class Term(Outcome):
     """Handler outcome: never redeliver this message. ``dead_letter`` keeps a
     copy on ``baton.dlq.<consumer>`` (poison); rejected client input that was
     already answered with a ``failed`` event sets it False."""
@@ -88,6 +92,37 @@ class Term(Exception):
         super().__init__(reason)
         self.reason = reason
         self.dead_letter = dead_letter
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What to do with a delivery once its handler is done."""
+
+    action: Literal["ack", "nak", "term", "dead_letter"]
+    delay: float = 0.0  # nak: redeliver after this many seconds
+    reason: str = ""  # dead_letter: why
+
+
+def settlement(error: BaseException | None, num_delivered: int, max_deliver: int) -> Settlement:
+    """The one rule that turns a handler's outcome into ack / nak / term.
+
+    Returned normally -> ack; ``Nak(delay)`` -> nak, but dead-lettered on the
+    last delivery; ``Term`` -> term (dead-lettered unless it says not to); any
+    other error -> nak with exponential back-off (0.5 s doubling, at most
+    30 s), dead-lettered on the last delivery. ``max_deliver <= 0``: no last
+    delivery."""
+    last = 0 < max_deliver <= num_delivered
+    if error is None:
+        return Settlement("ack")
+    if isinstance(error, Nak):
+        if last:
+            return Settlement("dead_letter", reason=f"nak on last delivery: {error.reason}")
+        return Settlement("nak", delay=error.delay)
+    if isinstance(error, Term):
+        return Settlement("dead_letter" if error.dead_letter else "term", reason=error.reason)
+    if last:
+        return Settlement("dead_letter", reason=f"{type(error).__name__}: {error}")
+    return Settlement("nak", delay=min(30.0, 0.5 * 2 ** (num_delivered - 1)))
 
 
 def _headers(
@@ -356,6 +391,12 @@ class Bus:
         payload = body if isinstance(body, bytes) else codec.encode(body)
         return await self.js.publish(subject, payload, headers=_headers(msg_id, task_id, headers))
 
+    async def subscribe(
+        self, subject: str, cb: Callable[[Msg], Awaitable[None]], *, queue: str = ""
+    ) -> Any:
+        """A core NATS subscription (heartbeats, cancels, request endpoints)."""
+        return await self.nc.subscribe(subject, queue=queue, cb=cb)
+
     async def notify(self, subject: str, body: Any, *, task_id: str | None = None) -> None:
         """Core NATS publish (heartbeats, cancellations): fire and forget."""
         payload = body if isinstance(body, bytes) else codec.encode(body)
@@ -410,45 +451,38 @@ class Bus:
 
     async def _settle(self, spec: ConsumerSpec, delivery: Delivery, handler: Handler) -> None:
         keepalive = asyncio.create_task(self._keepalive(delivery, spec.ack_wait / 3))
-        outcome = "ack"
+        error: BaseException | None = None
         try:
             await handler(delivery)
-            if spec.erase_handled:
-                await self.erase(delivery)
-            await delivery.ack()
-        except Nak as nak:
-            if 0 < spec.max_deliver <= delivery.num_delivered:
-                outcome = "term"
-                await self.dead_letter(spec, delivery, f"nak on last delivery: {nak.reason}")
-            else:
-                outcome = "nak"
-                await delivery.nak(nak.delay)
-        except Term as term:
-            outcome = "term"
-            if term.dead_letter:
-                await self.dead_letter(spec, delivery, term.reason)
-            else:
-                if spec.erase_handled:
-                    await self.erase(delivery)
-                await delivery.term()
         except asyncio.CancelledError:
-            outcome = "nak"
+            keepalive.cancel()
+            MESSAGES_HANDLED.labels(spec.durable, "nak").inc()
             with contextlib.suppress(Exception):
                 await asyncio.shield(delivery.nak(0.5))
             raise
         except Exception as exc:
-            if 0 < spec.max_deliver <= delivery.num_delivered:
-                outcome = "term"
-                log.error("handler_failed_last_delivery", error=repr(exc))
-                await self.dead_letter(spec, delivery, f"{type(exc).__name__}: {exc}")
+            error = exc
+        keepalive.cancel()
+        s = settlement(error, delivery.num_delivered, spec.max_deliver)
+        if error is not None and not isinstance(error, Outcome):
+            if s.action == "dead_letter":
+                log.error("handler_failed_last_delivery", error=repr(error))
             else:
-                outcome = "nak"
-                delay = min(30.0, 0.5 * 2 ** (delivery.num_delivered - 1))
-                log.warning("handler_failed", error=repr(exc), retry_in=delay)
-                await delivery.nak(delay)
+                log.warning("handler_failed", error=repr(error), retry_in=s.delay)
+        try:
+            if s.action in ("ack", "term") and spec.erase_handled:
+                await self.erase(delivery)  # dead letters erase their own
+            if s.action == "ack":
+                await delivery.ack()
+            elif s.action == "nak":
+                await delivery.nak(s.delay)
+            elif s.action == "term":
+                await delivery.term()
+            else:
+                await self.dead_letter(spec, delivery, s.reason)
         finally:
-            keepalive.cancel()
-            MESSAGES_HANDLED.labels(spec.durable, outcome).inc()
+            MESSAGES_HANDLED.labels(spec.durable, "nak" if s.action == "nak" else
+                                    "ack" if s.action == "ack" else "term").inc()  # fmt: skip
 
     async def dead_letter(self, spec: ConsumerSpec, delivery: Delivery, reason: str) -> None:
         """Terminate ``delivery`` and keep a copy on ``baton.dlq.<consumer>``."""
@@ -683,10 +717,13 @@ __all__ = [
     "Delivery",
     "Handler",
     "Nak",
+    "Outcome",
     "Puller",
+    "Settlement",
     "Term",
     "TransportError",
     "connect",
     "is_duplicate_error",
+    "settlement",
     "tls_context",
 ]

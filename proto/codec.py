@@ -63,6 +63,14 @@ def decode(data: bytes, type_: type[T]) -> T:
         raise msgspec.DecodeError(f"invalid UTF-8 in a string: {exc.reason}") from None
 
 
+def decode_own(data: bytes, type_: type[T]) -> T:
+    """Decode bytes Baton itself encoded and stored (a run's state in KV),
+    never input from outside: the nesting scan, a pure-Python pass over every
+    item, is skipped (it was most of the cost of reading a run)."""
+    decoder: msgspec.msgpack.Decoder[T] = _decoder(type_)  # type: ignore[arg-type]
+    return decoder.decode(data)
+
+
 def decode_any(data: bytes) -> Any:
     """Decode untyped MessagePack (for diagnostics of rejected input)."""
     _bounded(data)

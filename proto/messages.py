@@ -202,13 +202,17 @@ class StoredAppend(msgspec.Struct, omit_defaults=True, kw_only=True):
 
 class ContextAppend(msgspec.Struct, omit_defaults=True, kw_only=True):
     """Append ``messages`` to a session. ``msg_id`` makes the append idempotent.
-    ``system`` seeds a new (empty) session with a system prompt."""
+    ``system`` seeds a new (empty) session with a system prompt. ``base``: the
+    ref the messages answer; the append is refused (``unknown_session``)
+    unless the session is still that ref's incarnation, so an answer generated
+    while its session was erased does not write the session again."""
 
     tenant: Id
     session: Id
     msg_id: str
     messages: list[ChatMessage]
     system: str | None = None
+    base: ContextRef | None = None
 
 
 class ContextAppendReply(msgspec.Struct, omit_defaults=True, kw_only=True):

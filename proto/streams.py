@@ -227,7 +227,15 @@ ORCHESTRATOR_ERASURES = ConsumerSpec(
 )
 
 
-def worker_consumer(pool: str, ack_wait: float = 60.0) -> ConsumerSpec:
+# How long a job may be held without a sign of life before it is redelivered.
+# A consumer property, so every service that provisions the consumer must
+# agree: a constant of the protocol, not a setting. Live workers extend it
+# with ``in_progress`` every third of it, so it bounds only how long a dead
+# worker's job waits.
+JOB_ACK_WAIT: Final = 10.0
+
+
+def worker_consumer(pool: str, ack_wait: float = JOB_ACK_WAIT) -> ConsumerSpec:
     """The pull consumer every worker of ``pool`` shares. A worker that dies
     mid-job gets its job redelivered after ``ack_wait``; live workers extend
     it with ``in_progress`` every ``ack_wait / 3``."""
@@ -244,7 +252,7 @@ def worker_consumer(pool: str, ack_wait: float = 60.0) -> ConsumerSpec:
 DIRECT_PREFIX: Final = "direct:"
 
 
-def direct_consumer(pool: str, worker: str, ack_wait: float = 60.0) -> ConsumerSpec:
+def direct_consumer(pool: str, worker: str, ack_wait: float = JOB_ACK_WAIT) -> ConsumerSpec:
     """A worker's own consumer of ``baton.jobs.<pool>.<worker>``. Durable, so
     jobs routed to a worker that dies wait for a peer to rescue them; the
     description (``direct:<pool>:<worker>``) names the owner."""

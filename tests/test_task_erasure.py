@@ -254,3 +254,44 @@ async def test_operators_read_the_trail_over_http_and_the_cli_and_tenants_cannot
     assert proc.returncode == 0
     actions = [json.loads(line)["action"] for line in out.decode().splitlines()]
     assert "erase_session" in actions
+
+
+async def test_a_running_task_erased_mid_flight_publishes_nothing_more(
+    own_nats: NatsServer, tmp_path: Path
+) -> None:
+    # Nobody serves the pool: the task stays running until its step times out
+    # (2 attempts of 3 s); erased before that, it must never fail or complete.
+    (tmp_path / "lonely.yaml").write_text(
+        "name: lonely\nagents:\n"
+        "  ghost: {role: ghost, system: nobody serves this pool, pool: nowhere, timeout: 3}\n"
+        "steps:\n  - id: wait\n    agent: ghost\n"
+    )
+    stack = LocalStack(own_nats.url, tmp_path / "s", env={"BATON_WORKFLOWS_DIR": str(tmp_path)})
+    stack.workdir.mkdir(parents=True)
+    for name in ("context-store", "orchestrator"):
+        stack.service(name).wait_ready()
+    client = await Client.connect(own_nats.url)
+    bus = await connect(own_nats.url, name="test-erase-running")
+    try:
+        tenant, task_id, session = uid("run"), uid(), uid("s")
+        secret = uid("INFLIGHT")
+        await client.publish("lonely", {"tenant": tenant, "input": secret, "task_id": task_id,
+                                        "session": session, "metadata": {"m": secret}})  # fmt: skip
+        started = await client.events(tenant, task_id, timeout=2, until_terminal=False)
+        assert [e["type"] for e in started] == ["accepted", "step"]
+        assert (
+            await ask(bus, "delete", ContextDelete(tenant=tenant, session=session))
+        ).error is None
+        await _until_erased(stack, bus, tenant, [task_id])
+        [rec] = await audit.read(bus, tenant=tenant, action=audit.ERASE_TASKS)
+        assert rec.detail["running"] == 1 and rec.detail["tasks"] == 1
+        await asyncio.sleep(7)  # past both step timeouts: the watchdog finds a tombstone
+        assert await client.events(tenant, task_id, timeout=1, until_terminal=False) == []
+        [entry] = await _kv_entries(bus, tenant, task_id)
+        assert entry.status == "erased" and entry.metadata == {}
+        await asyncio.sleep(0.2)
+        assert raw_store_contains(own_nats.store_dir, secret.encode()) == []
+    finally:
+        await bus.close()
+        await client.close()
+        stack.stop()

@@ -166,3 +166,19 @@ async def test_connecting_to_a_dead_port_fails_fast_with_a_clear_error() -> None
     with pytest.raises(BusUnavailable, match="cannot reach NATS"):
         await connect(url, name="t", timeout=1.5)
     assert time.monotonic() - t0 < 5
+
+
+def test_one_pure_rule_settles_every_outcome() -> None:
+    from baton.transport import Nak, Term, settlement
+
+    assert settlement(None, 1, 5).action == "ack"
+    assert settlement(Nak(2.0), 1, 5) == settlement(Nak(2.0), 4, 5)
+    assert (settlement(Nak(2.0), 1, 5).action, settlement(Nak(2.0), 1, 5).delay) == ("nak", 2.0)
+    assert settlement(Nak(2.0), 5, 5).action == "dead_letter"  # the last delivery
+    assert settlement(Nak(2.0), 500, -1).action == "nak"  # unlimited: never dead-letters
+    assert settlement(Term("poison"), 1, 5).action == "dead_letter"
+    assert settlement(Term("answered", dead_letter=False), 1, 5).action == "term"
+    backoff = [settlement(ValueError("x"), n, 10).delay for n in (1, 2, 3, 9)]
+    assert backoff == [0.5, 1.0, 2.0, 30.0]
+    last = settlement(ValueError("boom"), 10, 10)
+    assert last.action == "dead_letter" and last.reason == "ValueError: boom"

@@ -32,7 +32,7 @@ async def inprocess_worker(
 ) -> AsyncIterator[Worker]:
     """Baton's worker on an already started engine it does not own."""
     bus = await connect(nats_url, name=f"worker-{pool}")
-    s = WorkerSettings(pool=pool, worker_id=uid("w"), job_ack_wait=4.0, **settings)
+    s = WorkerSettings(pool=pool, worker_id=uid("w"), **settings)
     worker = Worker(s, engine, Health(), manage_engine=False)
     task = asyncio.create_task(worker.run(bus))
     while not worker.health.ready:

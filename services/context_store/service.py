@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+import nats.errors
+import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 
@@ -59,6 +61,22 @@ log = structlog.get_logger("context_store")
 
 QUEUE = "context-store"
 
+# Below the callers' 5 s request timeout, so an op that recovers in time answers.
+RETRY_WINDOW = 3.0
+TRANSIENT: tuple[type[BaseException], ...] = (
+    nats.js.errors.NoStreamResponseError,  # no JetStream responder: leader election
+    nats.js.errors.ServiceUnavailableError,  # JetStream temporarily unavailable
+    nats.errors.NoRespondersError,
+    nats.errors.TimeoutError,
+    nats.errors.ConnectionReconnectingError,
+)
+
+
+class Unavailable(Exception):
+    """JetStream stayed unavailable for the whole retry window: leave the
+    request unanswered so the caller retries it later."""
+
+
 # op -> (request type, reply type)
 REQUEST_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
     "append": (ContextAppend, ContextAppendReply),
@@ -98,9 +116,9 @@ class ContextEndpoints:
 
     async def start(self, bus: Bus) -> None:
         for op in REQUEST_TYPES:
-            await bus.nc.subscribe(f"{subjects.CONTEXT_API}.{op}.*", queue=QUEUE, cb=self._on_msg)
+            await bus.subscribe(f"{subjects.CONTEXT_API}.{op}.*", self._on_msg, queue=QUEUE)
         # No queue group: every replica must hear an invalidation.
-        await bus.nc.subscribe(f"{subjects.CONTEXT_INVALIDATE}.*", cb=self._on_invalidate)
+        await bus.subscribe(f"{subjects.CONTEXT_INVALIDATE}.*", self._on_invalidate)
 
     async def _on_invalidate(self, msg: Msg) -> None:
         with contextlib.suppress(msgspec.DecodeError):
@@ -123,7 +141,13 @@ class ContextEndpoints:
             with structlog.contextvars.bound_contextvars(
                 op=op, tenant=tenant, task_id=headers.get(HDR_TASK_ID)
             ):
-                reply = await self.dispatch(op, tenant, msg.data)
+                try:
+                    reply = await self.dispatch(op, tenant, msg.data)
+                except Unavailable:
+                    # No answer: the caller's timeout retries it (a nak), where
+                    # "context_unavailable" would fail its task for good.
+                    outcome = "unanswered"
+                    return
                 if reply.error is not None:
                     outcome = reply.error.code
                 if msg.reply:
@@ -141,15 +165,33 @@ class ContextEndpoints:
             req = codec.decode(data, req_type)
             if not is_valid_id(tenant) or req.tenant != tenant:
                 raise ContextError(ErrorCode.FORBIDDEN, "the body's tenant is not the subject's")
-            return await self._handlers[op](req)
+            return await self._retrying(op, req)
         except ContextError as exc:
             return reply_type(error=exc.info())
         except msgspec.DecodeError as exc:
             return reply_type(error=ContextError(ErrorCode.BAD_REQUEST, str(exc)).info())
+        except Unavailable:
+            raise
         except Exception as exc:
             log.exception("context_request_failed")
             err = ContextError(ErrorCode.CONTEXT_UNAVAILABLE, type(exc).__name__)
             return reply_type(error=err.info())
+
+    async def _retrying(self, op: str, req: Any) -> Any:
+        """Run the op; a transient JetStream failure (a stream leader being
+        elected, a node restarting) is retried for up to ``RETRY_WINDOW``
+        seconds (every op is idempotent), then raises ``Unavailable``."""
+        deadline = time.monotonic() + RETRY_WINDOW
+        delay = 0.1
+        while True:
+            try:
+                return await self._handlers[op](req)
+            except TRANSIENT as exc:
+                if time.monotonic() + delay > deadline:
+                    log.warning("context_request_unavailable", error=type(exc).__name__)
+                    raise Unavailable(type(exc).__name__) from exc
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
 
 
 def build_store(bus: Bus, settings: ContextStoreSettings) -> tuple[ContextStore, Admin]:

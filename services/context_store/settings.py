@@ -11,17 +11,23 @@ from baton.settings import CommonSettings
 
 
 class ContextStoreSettings(CommonSettings):
+    # Port of the context store's HTTP API.
     http_port: int = 8081
     # HMAC key for context refs. Only context stores hold it. When unset, a
     # random key is generated once and kept in ``<data_dir>/context.key``.
     context_key: SecretStr | None = None
+    # Token budget of a context window when the request names none.
     default_budget_tokens: int = 2048
+    # Sessions kept in memory (least recently used are evicted; NATS keeps all).
     cached_sessions: int = 2048
+    # Context requests served at once; more wait.
     request_concurrency: int = 256
     # Max age of an idle session in seconds (0 = keep forever), and overrides
     # per tenant as JSON: BATON_RETENTION_PER_TENANT='{"acme": 2592000}'.
     retention_seconds: float = 0.0
+    # Per-tenant overrides of BATON_RETENTION_SECONDS (JSON, see above).
     retention_per_tenant: dict[str, float] = {}
+    # Seconds between retention sweeps.
     retention_sweep_interval: float = 60.0
     # A Hugging Face tokenizer directory (or tokenizer.json) for exact token
     # counts in windows; unset = a byte estimate.

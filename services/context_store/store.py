@@ -154,8 +154,15 @@ class ContextStore:
         if not req.messages:
             raise ContextError(ErrorCode.BAD_REQUEST, "append needs at least one message")
         _check_sizes(req.messages)
+        base = req.base
+        if base is not None:
+            if base.session != req.session:
+                raise ContextError(ErrorCode.BAD_REQUEST, "base must be a ref to this session")
+            await self.resolve(req.tenant, base)  # verified, and still that incarnation
 
         def build(s: Session) -> StoredAppend:
+            if base is not None and s.incarnation != base.incarnation:
+                raise ContextError(ErrorCode.UNKNOWN_SESSION, "the ref's session was erased")
             batch = list(req.messages)
             if s.length == 0 and req.system:
                 batch.insert(0, ChatMessage(role="system", content=req.system))

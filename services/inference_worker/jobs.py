@@ -159,10 +159,18 @@ class JobHandler:
         answer = [ChatMessage(role="assistant", content=outcome.output, name=job.agent)]
         reply: ContextAppendReply = await bus.request(
             subjects.context_api("append", job.tenant),
-            ContextAppend(tenant=job.tenant, session=job.session, msg_id=out_id, messages=answer),
+            ContextAppend(
+                tenant=job.tenant,
+                session=job.session,
+                msg_id=out_id,
+                messages=answer,
+                base=job.ref if job.ref.session == job.session else None,
+            ),
             ContextAppendReply,
             task_id=job.task_id,
         )
+        if reply.error is not None and reply.error.code == ErrorCode.UNKNOWN_SESSION:
+            raise Term("the session was erased while the answer was generated", dead_letter=False)
         if reply.error is not None:
             raise Nak(1.0, f"context append failed: {reply.error.code}")
         self.warm.touch(f"{job.tenant}.{job.session}")

@@ -17,30 +17,46 @@ def _default_worker_id() -> str:
 
 
 class WorkerSettings(CommonSettings):
+    # Port of the worker's HTTP server (health, readiness, metrics).
     http_port: int = 8082
+    # The model pool this worker serves (it pulls the jobs of worker-<pool>).
     pool: str = "default"
+    # This worker's name in heartbeats, routing and metrics; unique per process.
     worker_id: str = _default_worker_id()
+    # vllm: vLLM in this process; openai: an OpenAI-compatible server; sim: the simulator.
     engine: Literal["vllm", "openai", "sim"] = "sim"
 
     # The model: a local directory (nothing is downloaded); unset = the tiny model.
     model: str | None = None
+    # The model's name in results and metrics.
     served_model_name: str = "tiny"
 
-    # Engine shape. For vllm each is the AsyncEngineArgs field of the same
-    # name; unset (None) = vLLM's own default, or the CPU profile's value when
-    # vLLM runs on CPU (engines/vllm_args.py). The sim and openai engines
-    # declare max_model_len and max_num_seqs (2048 and 64 when unset).
+    # Engine shape (vllm): each is the AsyncEngineArgs field of the same name.
+    # Unset = vLLM's own default, or the CPU profile's value when vLLM runs on
+    # CPU (engines/vllm_args.py). The sim and openai engines declare
+    # max_model_len and max_num_seqs (2048 and 64 when unset).
     max_model_len: int | None = None
+    # Sequences the engine runs at once (see BATON_MAX_MODEL_LEN for unset).
     max_num_seqs: int | None = None
+    # GPUs one engine spans by tensor parallelism (needs shared memory: /dev/shm).
     tensor_parallel_size: int | None = None
+    # Pipeline stages one engine spans.
     pipeline_parallel_size: int | None = None
+    # Fraction of each GPU's memory vLLM may use (weights, activations, KV cache).
     gpu_memory_utilization: float | None = None
+    # Tokens the scheduler batches per step (chunked prefill).
     max_num_batched_tokens: int | None = None
+    # Weight quantization method (awq, gptq, fp8, ...); unset = from the model.
     quantization: str | None = None
+    # Weight and activation dtype; unset = auto on GPU, bfloat16 on CPU.
     dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] | None = None
+    # Tokens per KV block (a multiple of 32 on CPU; only full blocks are prefix-cached).
     block_size: int | None = None
+    # Reuse the KV blocks of a prompt prefix already computed.
     enable_prefix_caching: bool | None = None
-    enforce_eager: bool | None = None  # True = no CUDA graphs
+    # True = no CUDA graphs (eager mode): faster start, slower decode.
+    enforce_eager: bool | None = None
+    # KV cache size in bytes, overriding gpu_memory_utilization's share.
     kv_cache_memory_bytes: int | None = None
     # Any other AsyncEngineArgs field, as JSON: '{"swap_space": 8}'. A key
     # vLLM does not know, or one also set by a named setting, stops the worker.
@@ -50,6 +66,7 @@ class WorkerSettings(CommonSettings):
 
     # Admission: fraction of the engine's KV tokens the worker may promise.
     kv_headroom: float = 0.9
+    # Jobs fetched from NATS in one pull, at most.
     max_fetch: int = 32
     context_budget: int = 0  # window tokens; 0 = max_model_len - max_tokens
     larger_pool: str | None = None  # jobs too long for this worker go there
@@ -57,22 +74,31 @@ class WorkerSettings(CommonSettings):
     # seconds apart (20-50 ms keeps messages few and the stream live); 0 = off.
     token_interval: float = 0.03
 
-    # Simulator shape.
+    # Simulator: prompt tokens processed per second.
     sim_prefill_tps: float = 20_000.0
-    sim_decode_tps: float = 400.0  # per sequence
+    # Simulator: tokens generated per second, per sequence.
+    sim_decode_tps: float = 400.0
+    # Simulator: KV capacity in tokens.
     sim_kv_tokens: int = 65_536
 
-    # OpenAI-compatible server.
+    # OpenAI-compatible server: its base URL.
     openai_base_url: str = "http://127.0.0.1:8000"
+    # OpenAI-compatible server: the model name to request.
     openai_model: str = "tiny"
+    # OpenAI-compatible server: the API key, if it wants one.
     openai_api_key: SecretStr | None = None
 
+    # Seconds between heartbeats.
     heartbeat_interval: float = 2.0
     # A peer silent this long is dead: its own consumer's jobs are rescued.
     peer_stale_after: float = 10.0
+    # Seconds in-flight jobs may take to finish after SIGTERM.
     drain_grace: float = 60.0
+    # Seconds between an engine fault and the engine's restart.
     engine_restart_delay: float = 1.0
+    # Seconds before a job that hit an out-of-memory error is tried again.
     oom_retry_delay: float = 2.0
+    # Sessions remembered as warm in this worker's prefix cache (for routing).
     warm_sessions: int = 256
 
     def declared_shape(self) -> tuple[int, int]:

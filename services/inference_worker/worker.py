@@ -58,8 +58,8 @@ class Worker:
         self.manage_engine = manage_engine
         self.health = health
         self.pool = settings.pool
-        self.consumer = worker_consumer(settings.pool, settings.job_ack_wait)
-        self.direct = direct_consumer(settings.pool, settings.worker_id, settings.job_ack_wait)
+        self.consumer = worker_consumer(settings.pool)
+        self.direct = direct_consumer(settings.pool, settings.worker_id)
         self.peers = Peers(settings.worker_id, stale_after=settings.peer_stale_after)
         self.admission = Admission(1, 1)
         self.sup = EngineSupervisor(settings, engine, health, self.admission)
@@ -91,8 +91,8 @@ class Worker:
         labels = self.sup.labels
         m.init_series(self.pool)
         await bus.provision(streams=[JOBS, RESULTS, TOKENS], consumers=[self.consumer, self.direct])
-        await bus.nc.subscribe(f"{subjects.CANCEL}.*.*", cb=self._on_cancel)
-        await bus.nc.subscribe(f"{subjects.HEARTBEATS}.{self.pool}.*", cb=self.peers.on_msg)
+        await bus.subscribe(f"{subjects.CANCEL}.*.*", self._on_cancel)
+        await bus.subscribe(f"{subjects.HEARTBEATS}.{self.pool}.*", self.peers.on_msg)
         m.READY.labels(*labels).set(0)
 
         async def reprovision() -> None:  # a peer that wrongly took us for dead deleted it

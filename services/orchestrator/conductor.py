@@ -300,6 +300,7 @@ class Conductor:
     # -- results -----------------------------------------------------------
 
     async def on_result(self, d: Delivery) -> None:
+        received = time.time()
         try:
             res = d.decode(InferenceResult)
         except codec.DecodeError as exc:
@@ -314,7 +315,7 @@ class Conductor:
             r = _must(run)
             if r.workflow not in self.workflows:  # the claim of a rejected task
                 return T.Transition(r, False, note=NOT_A_RUN)
-            return T.result(r, res, self.rules, now, ctx)
+            return T.result(r, res, self.rules, now, ctx, received)
 
         out = await self._apply(res.tenant, res.task_id, decide)
         if out is None or out.note == NOT_A_RUN:

@@ -92,7 +92,7 @@ class Snapshot(msgspec.Struct, frozen=True):
 
     def run(self) -> RunState:
         """A fresh, mutable copy of the state."""
-        return codec.decode(self.data, RunState)
+        return codec.decode_own(self.data, RunState)
 
 
 class RunStore:

@@ -36,7 +36,7 @@ async def _watch_backlog(bus: Bus, settings: OrchestratorSettings, hb: Heartbeat
         pools = {"default", settings.default_pool} | {p for p, _ in hb.last}
         specs = [streams.task_consumer(t) for t in settings.tenant_ids]
         specs.append(streams.ORCHESTRATOR_RESULTS)
-        specs += [streams.worker_consumer(p, settings.job_ack_wait) for p in sorted(pools)]
+        specs += [streams.worker_consumer(p) for p in sorted(pools)]
         for spec in specs:
             with contextlib.suppress(Exception):
                 m.PENDING.labels(spec.stream, spec.durable).set(await bus.pending(spec))
@@ -55,7 +55,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
             streams.ORCHESTRATOR_RESULTS,
             streams.ORCHESTRATOR_TIMERS,
             streams.ORCHESTRATOR_ERASURES,
-            streams.worker_consumer(settings.default_pool, settings.job_ack_wait),
+            streams.worker_consumer(settings.default_pool),
         ],
     )
     for t in tenants:  # each tenant's own copy of its events and tokens, for replay
@@ -84,12 +84,12 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
                     max_load=settings.route_max_load)  # fmt: skip
     conductor = Conductor(bus, runs, workflows, settings, router)
     m.init_series({name: list(wf.agents) for name, wf in workflows.items()})
-    await bus.nc.subscribe(f"{subjects.HEARTBEATS}.*.*", cb=hb.on_msg)
+    await bus.subscribe(f"{subjects.HEARTBEATS}.*.*", hb.on_msg)
     watched = [
         *(streams.task_consumer(t) for t in tenants),
         streams.ORCHESTRATOR_RESULTS,
         streams.ORCHESTRATOR_TIMERS,
-        streams.worker_consumer(settings.default_pool, settings.job_ack_wait),
+        streams.worker_consumer(settings.default_pool),
     ]
     await MaxDeliveryWatch(bus, [(c.stream, c.durable) for c in watched]).start()
     svc.bus, svc.runs, svc.conductor, svc.workflows = bus, runs, conductor, specs

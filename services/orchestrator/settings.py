@@ -10,11 +10,13 @@ from baton.settings import CommonSettings, parse_tenants
 
 
 class OrchestratorSettings(CommonSettings):
+    # Port of the orchestrator's HTTP API.
     http_port: int = 8080
     # The tenants on this bus (comma-separated; each is a NATS account). The
     # orchestrator keeps one task stream per tenant and the tenant's own copy
     # of its events; `baton up` renders the same list into nats-server.
     tenants: str = "acme"
+    # Model pool of a step whose agent names none.
     default_pool: str = "default"
     # Price of one GPU-hour per model pool, for cost accounting (USD).
     gpu_hour_usd: dict[str, float] = Field(default_factory=lambda: {"default": 2.0})
@@ -23,21 +25,28 @@ class OrchestratorSettings(CommonSettings):
     # Cache-aware routing: a session's step goes to the worker that served it
     # last while its heartbeat is fresh and its admitted KV is below max_load.
     cache_routing: bool = True
+    # Seconds after its last heartbeat a worker stops being a routing target.
     route_stale_after: float = 6.0
+    # Admitted-KV fraction above which a session's step goes to any worker.
     route_max_load: float = 0.8
     # A step with no answer after step_timeout is dispatched again, up to
     # step_retries times, then the run fails with step_timeout. Generous by
     # default: a GPU pool scaled to zero needs minutes to wake.
     step_timeout: float = 600.0
+    # Dispatches of a timed-out step after the first (see BATON_STEP_TIMEOUT).
     step_retries: int = 1
+    # Task messages handled at once.
     task_concurrency: int = 256
+    # Step results handled at once.
     result_concurrency: int = 256
+    # Seconds between reads of the consumers' backlog (the pending-messages gauge).
     pending_poll_interval: float = 5.0
     # HTTP: a comment line on every open event stream this often, so proxies
-    # keep a stream open while a step waits minutes; how long a request may
-    # follow a task; the tenant of OpenAI-API calls when no API keys are set.
+    # keep a stream open while a step waits minutes.
     sse_ping: float = 15.0
+    # HTTP: how long (seconds) a request may follow a task.
     follow_timeout: float = 600.0
+    # HTTP: the tenant of OpenAI-API calls when no API keys are set.
     default_tenant: str = "default"
     # Test hook, never set in production: the process exits right after
     # storing this step as done, before dispatching what follows it

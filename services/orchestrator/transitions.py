@@ -177,7 +177,7 @@ class NewTask:
 
 def _copy(run: RunState) -> RunState:
     """Decisions never change the run they are given."""
-    return codec.decode(codec.encode(run), RunState)
+    return codec.decode_own(codec.encode(run), RunState)
 
 
 def error(code: ErrorCode, message: str) -> ErrorInfo:
@@ -413,12 +413,21 @@ def start(run: RunState | None, task: NewTask, rules: Rules, now: float, ctx: Ct
     return Transition(run, True, effects)
 
 
-def result(run: RunState, res: InferenceResult, rules: Rules, now: float, ctx: Ctx) -> Outcome:
+def result(
+    run: RunState,
+    res: InferenceResult,
+    rules: Rules,
+    now: float,
+    ctx: Ctx,
+    received: float | None = None,
+) -> Outcome:
     """A step's answer (or error): record it and advance — dispatch what
     follows, or finish — all in the one state change. A result for a step
     already answered (a redelivery, a retried job answering twice) changes
     nothing and replays the state, so a crash between storing a change and
-    performing its effects never strands the run."""
+    performing its effects never strands the run. ``received``: when the
+    answer arrived (the step's end), before any context op the decision
+    needed; default ``now``."""
     run = _copy(run)
     st = run.steps.get(res.step)
     if st is None and not run.terminal:
@@ -432,7 +441,7 @@ def result(run: RunState, res: InferenceResult, rules: Rules, now: float, ctx: C
         else:
             _fail(run, res.error, res.step)
         return Transition(run, True, _terminal(run, now))
-    st.status, st.finished_at, st.output = "done", now, res.output
+    st.status, st.finished_at, st.output = "done", received or now, res.output
     st.usage, st.worker = res.usage, res.worker
     st.cost_usd = res.usage.gpu_seconds / 3600.0 * rules.price(st.pool)
     st.cached_tokens, st.ref = res.cached_tokens, res.ref or st.ref

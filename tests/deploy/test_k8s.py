@@ -96,6 +96,15 @@ def test_worker_has_a_gpu_and_time_to_drain(overlay):
     assert res["limits"]["nvidia.com/gpu"] == 1 == res["requests"]["nvidia.com/gpu"]
     assert pod["terminationGracePeriodSeconds"] >= 120
     assert container(worker)["startupProbe"]["failureThreshold"] * 10 >= 300
+    # GPU engine values: tensor parallelism over exactly the GPUs requested,
+    # shared memory for it, and none of the CPU profile's demo values.
+    env = {e["name"]: e.get("value") for e in container(worker)["env"]}
+    assert int(env["BATON_TENSOR_PARALLEL_SIZE"]) == res["limits"]["nvidia.com/gpu"]
+    assert 0 < float(env["BATON_GPU_MEMORY_UTILIZATION"]) < 1
+    assert not {"BATON_KV_CACHE_MEMORY_BYTES", "BATON_ENFORCE_EAGER"} & set(env)
+    mounts = {m["mountPath"]: m["name"] for m in container(worker)["volumeMounts"]}
+    (shm,) = [v for v in pod["volumes"] if v["name"] == mounts["/dev/shm"]]
+    assert shm["emptyDir"]["medium"] == "Memory"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

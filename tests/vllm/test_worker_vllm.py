@@ -26,7 +26,7 @@ from tests.vllm_jobs import collect_results, inprocess_worker, submit_job, uid
 
 pytestmark = pytest.mark.vllm
 
-BASE_ENV = {"BATON_LOG_JSON": "true", "BATON_JOB_ACK_WAIT": "4"}
+BASE_ENV = {"BATON_LOG_JSON": "true"}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# `make compose-up` / `make compose-down`: the compose stack from the images
+# `make images` builds (no registry), the CPU worker override (or
+# BATON_COMPOSE_WORKER=gpu), keys generated once into $DATA/secrets.env (0600),
+# and the dev tenants' client URLs in $DATA/tenants/<tenant>.url as `make up`
+# writes them. `up` returns once every service is healthy and prints how long
+# that took. `down` removes the containers, the network and the volumes.
+#   DATA (BATON_COMPOSE_DATA, default .data/compose), project BATON_COMPOSE_PROJECT
+#   (default baton), published ports BATON_COMPOSE_{NATS,NATS_MONITOR,CONTEXT,
+#   ORCHESTRATOR,PROMETHEUS}_PORT (defaults 4222 8222 8081 8080 9090),
+#   BATON_COMPOSE_TENANTS (default "demo acme"), BATON_COMPOSE_BUILD=0 skips `make images`.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DATA=${BATON_COMPOSE_DATA:-.data/compose}
+export COMPOSE_PROJECT_NAME=${BATON_COMPOSE_PROJECT:-baton}
+WORKER=${BATON_COMPOSE_WORKER:-cpu}
+FILES=(-f deploy/compose/compose.yaml -f "deploy/compose/compose.$WORKER.yaml")
+say() { printf 'compose: %s\n' "$*" >&2; }
+
+compose() {
+  if docker compose version >/dev/null 2>&1; then docker compose "${FILES[@]}" "$@"
+  else docker-compose "${FILES[@]}" "$@"; fi
+}
+
+secrets() {
+  mkdir -p "$DATA" && chmod 700 "$DATA"
+  if [[ ! -s $DATA/secrets.env ]]; then
+    local key op
+    key=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
+    op=$(python3 -c 'import secrets; print(secrets.token_hex(24))')
+    umask 077
+    printf 'BATON_CONTEXT_KEY=%s\nBATON_API_KEYS='\''{"%s": "*"}'\''\n' "$key" "$op" >"$DATA/secrets.env"
+  fi
+  set -a
+  # shellcheck disable=SC1090,SC1091
+  source "$DATA/secrets.env"
+  set +a
+}
+
+healthy() {  # every container of the project healthy (or exited 0 when one-shot)
+  local ids id state
+  ids=$(compose ps -q)
+  [[ -n $ids ]] || return 1
+  for id in $ids; do
+    state=$(docker inspect -f '{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}} {{.State.ExitCode}}' "$id")
+    case $state in
+      "running healthy "*|"exited  0") ;;
+      "exited "*) say "container $(docker inspect -f '{{.Name}}' "$id") exited: $state"; return 2 ;;
+      *) return 1 ;;
+    esac
+  done
+}
+
+up() {
+  secrets
+  if [[ ${BATON_COMPOSE_BUILD:-1} != 0 ]]; then
+    ONLY="services nats prometheus worker-$WORKER" deploy/docker/images.sh
+  fi
+  local t0=$SECONDS rc
+  compose up -d --no-build
+  while true; do
+    rc=0; healthy || rc=$?
+    [[ $rc == 0 ]] && break
+    if [[ $rc == 2 || $((SECONDS - t0)) -gt ${BATON_COMPOSE_TIMEOUT:-600} ]]; then
+      compose ps >&2; compose logs --tail 30 >&2; exit 1
+    fi
+    sleep 1
+  done
+  mkdir -p "$DATA/tenants"
+  local url="nats://127.0.0.1:${BATON_COMPOSE_NATS_PORT:-4222}"
+  for tenant in ${BATON_COMPOSE_TENANTS:-demo acme}; do
+    printf '%s\n' "$url" >"$DATA/tenants/$tenant.url"
+  done
+  say "healthy after $((SECONDS - t0))s; tenant URLs in $DATA/tenants/"
+  say "orchestrator http://127.0.0.1:${BATON_COMPOSE_ORCHESTRATOR_PORT:-8080}  prometheus http://127.0.0.1:${BATON_COMPOSE_PROMETHEUS_PORT:-9090}"
+}
+
+down() {
+  secrets
+  compose down --volumes --remove-orphans --timeout 30
+  rm -rf "$DATA/tenants"
+}
+
+case ${1:-} in
+  up) up ;;
+  down) down ;;
+  ps|logs|config) cmd=$1; shift; secrets; compose "$cmd" "$@" ;;
+  *) echo "usage: $0 up|down|ps|logs|config" >&2; exit 2 ;;
+esac

