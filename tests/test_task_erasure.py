@@ -266,14 +266,14 @@ async def test_a_running_task_erased_mid_flight_publishes_nothing_more(
         "  ghost: {role: ghost, system: nobody serves this pool, pool: nowhere, timeout: 3}\n"
         "steps:\n  - id: wait\n    agent: ghost\n"
     )
-    stack = LocalStack(own_nats.url, tmp_path / "s", env={"BATON_WORKFLOWS_DIR": str(tmp_path)})
+    stack = LocalStack(own_nats, tmp_path / "s", env={"BATON_WORKFLOWS_DIR": str(tmp_path)})
     stack.workdir.mkdir(parents=True)
     for name in ("context-store", "orchestrator"):
         stack.service(name).wait_ready()
     client = await Client.connect(own_nats.url)
     bus = await connect(own_nats.url, name="test-erase-running")
     try:
-        tenant, task_id, session = uid("run"), uid(), uid("s")
+        tenant, task_id, session = "umbrella", uid(), uid("s")
         secret = uid("INFLIGHT")
         await client.publish("lonely", {"tenant": tenant, "input": secret, "task_id": task_id,
                                         "session": session, "metadata": {"m": secret}})  # fmt: skip
