@@ -79,5 +79,9 @@ compose-up: venv
 compose-down:
 	deploy/compose/stack.sh down
 
+## test-docker: images, the compose stack and testcontainers in a real Docker engine (.ci/docker-tier)
+test-docker: venv
+	PY=$(PY) .ci/docker-tier
+
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache
