@@ -44,6 +44,11 @@ test-fast: venv
 test-chaos: venv
 	$(PY) -m pytest -q -s -m chaos -p no:randomly tests/chaos
 
+## soak: 30 min at a steady rate with a fault every 3 min; plot in docs/soak.png (not in CI; CI runs 2 min)
+soak: venv
+	BATON_SOAK_MINUTES=$${MINUTES:-30} BATON_SOAK_FAULT_EVERY=180 BATON_SOAK_PLOT=docs/soak.png \
+	  $(PY) -m pytest -q -s -m chaos -p no:randomly tests/chaos/test_soak.py
+
 test-vllm: venv
 	$(PY) -m pytest -q -m vllm -p no:randomly tests/vllm
 
@@ -73,6 +78,10 @@ compose-up: venv
 
 compose-down:
 	deploy/compose/stack.sh down
+
+## test-docker: images, the compose stack and testcontainers in a real Docker engine (.ci/docker-tier)
+test-docker: venv
+	PY=$(PY) .ci/docker-tier
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache

@@ -38,16 +38,18 @@ secrets() {
 }
 
 healthy() {  # every container of the project healthy (or exited 0 when one-shot)
-  local ids id state
+  local ids id status health code
   ids=$(compose ps -q)
   [[ -n $ids ]] || return 1
   for id in $ids; do
-    state=$(docker inspect -f '{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}} {{.State.ExitCode}}' "$id")
-    case $state in
-      "running healthy "*|"exited  0") ;;
-      "exited "*) say "container $(docker inspect -f '{{.Name}}' "$id") exited: $state"; return 2 ;;
-      *) return 1 ;;
-    esac
+    read -r status code health < <(docker inspect \
+      -f '{{.State.Status}} {{.State.ExitCode}} {{if .State.Health}}{{.State.Health.Status}}{{end}}' "$id")
+    if [[ $status == exited ]]; then
+      [[ $code == 0 ]] && continue
+      say "container $(docker inspect -f '{{.Name}}' "$id") exited with $code"
+      return 2
+    fi
+    [[ $status == running && $health == healthy ]] || return 1
   done
 }
 

