@@ -40,7 +40,7 @@ from baton.stack import MODULES, ServiceProcess
 # Tests that list "every task of a tenant" have a tenant of their own.
 TEST_TENANTS = (
     "acme", "globex", "initech", "umbrella", "hooli", "wonka", "fuzz", "cli", "cli-list", "lister",
-    "gone", "stays",
+    "gone", "stays", "erase-a", "erase-b",
 )  # fmt: skip
 
 # Fast simulator and quick redelivery, so fault tests take seconds.

@@ -132,7 +132,7 @@ def _store(nats_env: tuple[str, NatsServer | None]) -> Path | None:
 async def test_deleting_a_session_erases_its_tasks_events_runs_and_dead_letters(
     stack: LocalStack, client: Client, bus: Bus, nats_env: tuple[str, NatsServer | None]
 ) -> None:
-    tenant, other, session, kept_session = "acme", "globex", uid("s"), uid("keep")
+    tenant, other, session, kept_session = "erase-a", "erase-b", uid("s"), uid("keep")
     secret = uid("TASKSECRET")
     erased = [await _run_task(client, tenant, session, secret) for _ in range(2)]
     kept = await _run_task(client, tenant, kept_session, uid("KEPT"))
