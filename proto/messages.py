@@ -146,10 +146,21 @@ class TokenDelta(msgspec.Struct, kw_only=True):
 # --------------------------------------------------------------------------
 
 
+class ToolCall(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """One call a model asked for: ``arguments`` is JSON text (as in the
+    OpenAI format), checked against the tool's schema before it runs."""
+
+    id: str
+    name: str
+    arguments: str = "{}"
+
+
 class ChatMessage(msgspec.Struct, omit_defaults=True, kw_only=True):
-    role: str  # "system" | "user" | "assistant"
+    role: str  # "system" | "user" | "assistant" | "tool"
     content: str
     name: str | None = None
+    tool_calls: list[ToolCall] = []  # an assistant turn that calls tools
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class ContextRef(msgspec.Struct, array_like=True, frozen=True):
@@ -322,6 +333,7 @@ class DeleteReply(msgspec.Struct, omit_defaults=True, kw_only=True):
     sessions: int = 0
     records: int = 0
     attachments: int = 0
+    documents: int = 0  # search documents (tenant erasure only)
     error: ErrorInfo | None = None
 
 
@@ -464,3 +476,90 @@ class AuditRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
     tenant: str = ""
     service: str = ""
     detail: dict[str, Any] = {}
+
+
+# --------------------------------------------------------------------------
+# Internal: tools
+# --------------------------------------------------------------------------
+
+
+class ToolSpec(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A tool as offered to a model (the OpenAI ``function`` shape):
+    ``parameters`` is a JSON schema, as JSON text."""
+
+    name: str
+    description: str = ""
+    parameters: str = '{"type": "object", "properties": {}}'
+
+
+class ToolCatalog(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """KV ``baton-tools`` entry ``<pool>``: the tools a tool pool serves, as
+    its workers last wrote them (the orchestrator offers these to models)."""
+
+    pool: str
+    tools: list[ToolSpec] = []
+    worker: str = ""
+    ts: float = 0.0
+
+
+class ToolJob(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Body of ``baton.tools.<pool>``: run one call and append its result to
+    ``session`` as a ``tool`` message. ``call_id`` (``<tenant>.<task_id>.
+    <step>.<call>``) is the Nats-Msg-Id and the idempotency key of the
+    append, so a redelivered call whose result is stored is not run again.
+    ``ref`` covers the session up to the assistant turn that made the call."""
+
+    call_id: str
+    task_id: Id
+    tenant: Id
+    session: Id
+    step: str
+    tool: str
+    arguments: str = "{}"
+    tool_call_id: str = ""  # the model's id of the call, echoed in the tool message
+    ref: ContextRef | None = None
+    timeout: float = 0.0  # seconds; 0 = the worker's default
+    published_at: float = 0.0
+
+
+class ToolResult(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Body of ``baton.toolresults.<tenant>.<task_id>``: a finished call.
+    ``preview`` is the start of the stored tool message, never all of it; a
+    result over the inline limit is an attachment of the session named
+    ``attachment``. ``outcome`` is ``ok`` or the error code (also in ``error``)."""
+
+    call_id: str
+    task_id: str
+    tenant: str
+    session: str
+    step: str
+    tool: str
+    worker: str
+    outcome: str = "ok"
+    ref: ContextRef | None = None  # the session up to (and with) the tool message
+    preview: str = ""
+    attachment: str | None = None
+    size: int = 0  # bytes of the full result
+    cpu_seconds: float = 0.0
+    seconds: float = 0.0
+    reused: bool = False  # the result was stored before (a redelivery): not run again
+    error: ErrorInfo | None = None
+
+
+class DocumentPut(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Body of ``baton.docs.<tenant>.<doc_id>`` (stream ``BATON_DOCUMENTS``):
+    a document the ``search`` tool indexes for its tenant. A second put under
+    the same id replaces it."""
+
+    tenant: Id
+    doc_id: Id
+    text: str
+    title: str = ""
+    metadata: dict[str, str] = {}
+
+
+class DocumentsErased(msgspec.Struct, kw_only=True):
+    """Core NATS ``baton.docserased.<tenant>``: every tool worker drops the
+    tenant's documents from its search index (the stream copy is purged)."""
+
+    tenant: str

@@ -144,10 +144,33 @@ AUDIT = StreamSpec(
     description="The audit trail: erasures, tenant deletions, permission violations.",
     deny_delete=True,
 )
+TOOLS = StreamSpec(
+    name="BATON_TOOLS",
+    subjects=(f"{subjects.TOOLS}.>",),
+    retention="workqueue",
+    duplicate_window=600.0,
+    description="Tool calls per tool pool; Nats-Msg-Id = <tenant>.<task_id>.<step>.<call>.",
+)
+TOOL_RESULTS = StreamSpec(
+    name="BATON_TOOL_RESULTS",
+    subjects=(f"{subjects.TOOL_RESULTS}.>",),
+    retention="workqueue",
+    duplicate_window=600.0,
+    description="Finished tool calls, consumed by orchestrators.",
+)
+DOCUMENTS = StreamSpec(
+    name="BATON_DOCUMENTS",
+    subjects=(f"{subjects.DOCUMENTS}.>",),
+    retention="limits",
+    duplicate_window=120.0,
+    max_msg_size=512 * 1024,
+    description="Documents per tenant for the search tool (a later put of an id replaces it).",
+)
 
 ALL_STREAMS: Final = (
     TASKS, JOBS, RESULTS, EVENTS, TOKENS, CONTEXT, CONTEXT_ATTACHMENTS, DEAD_LETTERS, TIMERS,
     ERASURES, AUDIT,
+    TOOLS, TOOL_RESULTS, DOCUMENTS,
 )  # fmt: skip
 
 ORCHESTRATOR_TASKS = ConsumerSpec(
@@ -194,6 +217,20 @@ ORCHESTRATOR_ERASURES = ConsumerSpec(
 JOB_ACK_WAIT: Final = 10.0
 
 
+def tool_consumer(pool: str, ack_wait: float = 30.0) -> ConsumerSpec:
+    """The pull consumer every tool worker of ``pool`` shares. A worker that
+    dies mid-call gets the call redelivered after ``ack_wait``; live workers
+    extend it with ``in_progress`` while a tool runs."""
+    return ConsumerSpec(
+        stream=TOOLS.name,
+        durable=f"tools-{pool}",
+        filter_subject=subjects.tool_job(pool),
+        ack_wait=ack_wait,
+        max_deliver=5,
+        max_ack_pending=4096,
+    )
+
+
 def worker_consumer(pool: str, ack_wait: float = JOB_ACK_WAIT) -> ConsumerSpec:
     """The pull consumer every worker of ``pool`` shares. A worker that dies
     mid-job gets its job redelivered after ``ack_wait``; live workers extend
@@ -238,3 +275,7 @@ def direct_owner(description: str | None) -> tuple[str, str] | None:
 # Each update erases the revision it replaces (runs.py), so 64 is headroom, not history.
 RUNS = BucketSpec(name="baton-runs", history=64, erasable=True,
                   description="Durable run state per task.")  # fmt: skip
+RUNS = BucketSpec(name="baton-runs", history=1, description="Durable run state per task.")
+TOOL_CATALOG = BucketSpec(
+    name="baton-tools", history=1, description="The tools each tool pool serves, by pool."
+)
