@@ -1,4 +1,4 @@
-"""``baton up``: embedded NATS plus the three services as child processes.
+"""``baton up``: embedded NATS plus the services as child processes.
 
 Each service is its own process (as in production), started with the same
 environment plus ``BATON_NATS_URL``. Ctrl-C (or SIGTERM) stops the services
@@ -26,6 +26,7 @@ MODULES = {
     "context-store": "services.context_store",
     "orchestrator": "services.orchestrator",
     "inference-worker": "services.inference_worker",
+    "tool-worker": "services.tool_worker",
 }
 
 
@@ -139,6 +140,7 @@ class Stack:
             ServiceProcess("context-store", env, self.http_port + 1).start(),
             ServiceProcess("orchestrator", env, self.http_port).start(),
             ServiceProcess("inference-worker", env, self.http_port + 2).start(),
+            ServiceProcess("tool-worker", env, self.http_port + 3).start(),
         ]
         return url
 
