@@ -52,7 +52,7 @@ async def test_a_document_uploaded_through_the_api_is_searchable_at_once(
     assert (up["tenant"], up["doc_id"]) == (tenant, "kb1") and up["seq"] > 0
     assert await search(bus, tenant, "how many days for a refund?") == ["kb1"]
     bad = http_post(url, {"tenant": tenant, "doc_id": "no spaces", "text": "x"}, 400)
-    assert bad["detail"]["code"] == "invalid_field"
+    assert bad["error"]["code"] == "invalid_field" and bad["error"]["param"] == "doc_id"
 
 
 async def test_a_later_upload_replaces_the_document(stack: LocalStack, bus: Bus) -> None:

@@ -126,3 +126,17 @@ def run_doc(run: RunState) -> dict[str, Any]:
         st.pop("ref", None)
     doc.pop("task_seq", None)
     return doc
+
+
+class DocumentIn(BaseModel):
+    text: str
+    title: str = ""
+    doc_id: str | None = Field(default=None, description="Default: a new id.")
+    tenant: str | None = Field(default=None, description="Without API keys: the tenant.")
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class DocumentStored(BaseModel):
+    doc_id: str
+    tenant: str
+    seq: int = Field(description="The document's sequence in stream BATON_DOCUMENTS.")
