@@ -188,7 +188,7 @@ def test_monitoring_objects_present(overlay):
 
 # -- fences: NetworkPolicies, TLS, encryption at rest, API keys --------------
 
-BATON_PODS = {"nats", "orchestrator", "context-store", "inference-worker"}
+BATON_PODS = {"nats", "orchestrator", "context-store", "inference-worker", "tool-worker"}
 ANYONE = "anyone"
 
 
@@ -258,7 +258,7 @@ def test_network_policies_fence_nats_and_the_admin_http(overlay):
     assert nats("cluster") == {"nats"}
     assert nats("monitor") == BATON_PODS | {"ns/keda"}  # KEDA's scaler reads /jsz
     assert nats("client") == {ANYONE}  # authenticated, TLS
-    for admin in ("context-store", "inference-worker"):
+    for admin in ("context-store", "inference-worker", "tool-worker"):
         assert reachers(overlay, admin, _port(overlay, admin, "http")) == BATON_PODS | {
             "ns/monitoring"  # Prometheus scrapes /metrics
         }
