@@ -78,3 +78,19 @@ def dead_letter(consumer: str, stream_seq: int) -> str:
 def task_fallback(stream_seq: int) -> str:
     """The task id of a task submitted without one: its stream sequence."""
     return f"seq{stream_seq}"
+
+
+def tool_call(tenant: str, task_id: str, step: str, call: str) -> str:
+    """The id of one tool call (its ``Nats-Msg-Id``): ``call`` is its index
+    within the step's tool calls (``t<turn>c<i>``), stable across redeliveries."""
+    return f"{tenant}.{task_id}.{step}.{call}"
+
+
+def tool_output(call_id: str) -> str:
+    """Context-store ``msg_id`` of a tool call's result (appended once)."""
+    return f"{call_id}:out"
+
+
+def tool_result(call_id: str) -> str:
+    """``Nats-Msg-Id`` of a tool call's ``ToolResult``."""
+    return f"{call_id}:result"

@@ -28,7 +28,7 @@ import structlog
 
 from baton.service import Health
 from baton.transport import Bus, Delivery, Nak, Term
-from proto import codec, subjects
+from proto import codec, keys, subjects
 from proto.errors import LAYER_OF, ErrorCode
 from proto.limits import INLINE_TOOL_RESULT_BYTES, MAX_TOOL_OUTPUT_BYTES
 from proto.messages import (
@@ -168,7 +168,7 @@ class ToolWorker:
             await self._handle(job)
 
     async def _handle(self, job: ToolJob) -> None:
-        out_id = f"{job.call_id}:out"
+        out_id = keys.tool_output(job.call_id)
         stored = await self._stored(job, out_id)
         if stored is not None:
             ref, message = stored
@@ -306,8 +306,9 @@ class ToolWorker:
             cpu_seconds=round(outcome.cpu_seconds, 6), seconds=round(outcome.seconds, 6),
             reused=reused, error=error,
         )  # fmt: skip
-        await self.bus.publish(subjects.tool_result(job.tenant, job.task_id), result,
-                               msg_id=f"{job.call_id}:result", task_id=job.task_id)  # fmt: skip
+        subject = subjects.tool_result(job.tenant, job.task_id)
+        msg_id = keys.tool_result(job.call_id)
+        await self.bus.publish(subject, result, msg_id=msg_id, task_id=job.task_id)
 
 
 def _stored_error(content: str) -> ErrorInfo | None:
