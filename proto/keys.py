@@ -94,3 +94,14 @@ def tool_output(call_id: str) -> str:
 def tool_result(call_id: str) -> str:
     """``Nats-Msg-Id`` of a tool call's ``ToolResult``."""
     return f"{call_id}:result"
+
+
+def job_turn(job_id: str, turn: int) -> str:
+    """The id of a step's job after ``turn`` rounds of tool calls: each model
+    turn is a job of its own (its answer and result get their own ids)."""
+    return job_id if turn == 0 else f"{job_id}~{turn}"
+
+
+def call_key(turn: int, index: int) -> str:
+    """A tool call's key within its step."""
+    return f"t{turn}c{index}"

@@ -53,12 +53,14 @@ class Usage(msgspec.Struct, kw_only=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     gpu_seconds: float = 0.0
+    tool_cpu_seconds: float = 0.0  # CPU time of the task's sandboxed tool calls
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
             gpu_seconds=self.gpu_seconds + other.gpu_seconds,
+            tool_cpu_seconds=self.tool_cpu_seconds + other.tool_cpu_seconds,
         )
 
     @property
@@ -69,7 +71,13 @@ class Usage(msgspec.Struct, kw_only=True):
 def finite_usage(u: Usage) -> bool:
     """msgspec accepts NaN and inf floats: a result's usage must be finite and
     non-negative before it is added to a run (NaN cost is never over budget)."""
-    return u.prompt_tokens >= 0 and u.completion_tokens >= 0 and 0.0 <= u.gpu_seconds < float("inf")
+    inf = float("inf")
+    return (
+        u.prompt_tokens >= 0
+        and u.completion_tokens >= 0
+        and 0.0 <= u.gpu_seconds < inf
+        and 0.0 <= u.tool_cpu_seconds < inf
+    )
 
 
 class ErrorInfo(msgspec.Struct, kw_only=True):
@@ -92,8 +100,12 @@ class Accepted(_Event, tag="accepted"):
 class Step(_Event, tag="step"):
     step: str
     agent: str
-    status: str  # "started" | "done"
+    status: str  # "started" | "done" | "failed" (a tool call's error)
     usage: Usage | None = None
+    tool: str | None = None  # a tool call of the step: the tool's name
+    call: str | None = None  # which call of the step (``t<turn>c<i>``)
+    outcome: str | None = None  # a finished tool call: "ok" or its error code
+    seconds: float | None = None  # a finished tool call: how long it ran
 
 
 class Completed(_Event, tag="completed"):
@@ -153,6 +165,15 @@ class ToolCall(msgspec.Struct, omit_defaults=True, kw_only=True):
     id: str
     name: str
     arguments: str = "{}"
+
+
+class ToolSpec(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A tool as offered to a model (the OpenAI ``function`` shape):
+    ``parameters`` is a JSON schema, as JSON text."""
+
+    name: str
+    description: str = ""
+    parameters: str = '{"type": "object", "properties": {}}'
 
 
 class ChatMessage(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -384,6 +405,8 @@ class InferenceJob(msgspec.Struct, omit_defaults=True, kw_only=True):
     system: str | None = None  # the agent's system prompt (replaces the session's)
     response_schema: str | None = None  # JSON schema the answer must follow, if any
     context_budget: int = 0  # tokens for the window; 0 = worker decides
+    tools: list[ToolSpec] = []  # offered to the model (OpenAI tools format on the wire)
+    tool_choice: str = "auto"  # "auto" | "required" | "none"
     published_at: float = 0.0
 
 
@@ -399,6 +422,7 @@ class InferenceResult(msgspec.Struct, omit_defaults=True, kw_only=True):
     worker: str
     ref: ContextRef | None = None
     output: str = ""
+    tool_calls: list[ToolCall] = []  # the model asked for these (its answer is not final)
     usage: Usage = msgspec.field(default_factory=Usage)
     cached_tokens: int = 0
     queue_seconds: float = 0.0
@@ -481,15 +505,6 @@ class AuditRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
 # --------------------------------------------------------------------------
 # Internal: tools
 # --------------------------------------------------------------------------
-
-
-class ToolSpec(msgspec.Struct, omit_defaults=True, kw_only=True):
-    """A tool as offered to a model (the OpenAI ``function`` shape):
-    ``parameters`` is a JSON schema, as JSON text."""
-
-    name: str
-    description: str = ""
-    parameters: str = '{"type": "object", "properties": {}}'
 
 
 class ToolCatalog(msgspec.Struct, omit_defaults=True, kw_only=True):

@@ -209,6 +209,15 @@ ORCHESTRATOR_ERASURES = ConsumerSpec(
 )
 
 
+ORCHESTRATOR_TOOL_RESULTS = ConsumerSpec(
+    stream=TOOL_RESULTS.name,
+    durable="orchestrator-tool-results",
+    filter_subject=f"{subjects.TOOL_RESULTS}.>",
+    ack_wait=30.0,
+    max_deliver=5,
+)
+
+
 # How long a job may be held without a sign of life before it is redelivered.
 # A consumer property, so every service that provisions the consumer must
 # agree: a constant of the protocol, not a setting. Live workers extend it

@@ -46,6 +46,7 @@ from proto.messages import (
     WindowRequest,
 )
 from proto.streams import DOCUMENTS, TOOL_CATALOG, TOOL_RESULTS, TOOLS, tool_consumer
+from proto.tools import INVALID_CALL
 
 from . import metrics as m
 from .documents import DocumentIndexer
@@ -198,6 +199,9 @@ class ToolWorker:
         tool = self.tools.get(job.tool)
         timeout = min(job.timeout or self.s.tool_timeout, self.s.max_tool_timeout)
         try:
+            if job.tool == INVALID_CALL:
+                why = f"the model's tool call could not be read: {job.arguments[:300]}"
+                raise ToolError(ErrorCode.BAD_TOOL_ARGUMENTS, why)
             if tool is None:
                 raise ToolError(ErrorCode.UNKNOWN_TOOL, f"no tool {job.tool!r} in this pool")
             args = parse_arguments(tool, job.arguments)

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from proto.errors import ErrorCode
+from proto.tools import BUILTIN_SPECS, PYTHON_PARAMETERS
 
 from . import CallContext, ToolError, ToolOutput
 from .cgroups import SlotCgroup
@@ -210,17 +211,8 @@ def _tail(data: bytes, n: int = 2000) -> str:
 
 class PythonTool:
     name = "python"
-    description = (
-        "Run a Python 3 program in a sandbox (no network, no files outside its own "
-        "directory, limited CPU time, memory and processes). Returns its exit code, "
-        "stdout and stderr; print what you want to see."
-    )
-    parameters: dict[str, Any] = {
-        "type": "object",
-        "properties": {"code": {"type": "string", "minLength": 1, "maxLength": 65536}},
-        "required": ["code"],
-        "additionalProperties": False,
-    }
+    description = BUILTIN_SPECS["python"].description
+    parameters: dict[str, Any] = PYTHON_PARAMETERS
 
     def __init__(self, limits: SandboxLimits | None = None) -> None:
         self.limits = limits or SandboxLimits()

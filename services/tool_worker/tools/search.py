@@ -17,6 +17,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from proto.tools import BUILTIN_SPECS, SEARCH_PARAMETERS
+
 from . import CallContext, ToolOutput
 
 _SCHEMA = """
@@ -26,7 +28,7 @@ CREATE VIRTUAL TABLE IF NOT EXISTS docs USING fts5(
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _WORD = re.compile(r"\w+", re.UNICODE)
-MAX_HITS = 20
+MAX_HITS = SEARCH_PARAMETERS["properties"]["limit"]["maximum"]
 
 
 def match_expression(query: str) -> str | None:
@@ -123,19 +125,8 @@ class SearchIndex:
 
 class SearchTool:
     name = "search"
-    description = (
-        "Full-text search (BM25) over the documents uploaded for this tenant. "
-        "Returns the best matches with a snippet each."
-    )
-    parameters: dict[str, Any] = {
-        "type": "object",
-        "properties": {
-            "query": {"type": "string", "minLength": 1, "maxLength": 512},
-            "limit": {"type": "integer", "minimum": 1, "maximum": MAX_HITS},
-        },
-        "required": ["query"],
-        "additionalProperties": False,
-    }
+    description = BUILTIN_SPECS["search"].description
+    parameters: dict[str, Any] = SEARCH_PARAMETERS
 
     def __init__(self, index: SearchIndex, catch_up: Any = None) -> None:
         self.index = index
