@@ -1,5 +1,5 @@
-"""The tools the orchestrator can offer models: the built-ins' specs (known
-here), and MCP tools as the tool pools publish them in KV ``baton-tools``
+"""The tools the orchestrator can offer models, as the tool pools publish
+them in KV ``baton-tools``
 (``ToolCatalog`` per pool), followed with a KV watch so a pool that starts
 is offered at once."""
 
@@ -13,7 +13,6 @@ from nats.js.kv import KeyValue
 
 from proto import codec
 from proto.messages import ToolCatalog, ToolSpec
-from proto.tools import BUILTIN_SPECS
 
 log = structlog.get_logger("orchestrator")
 
@@ -24,8 +23,10 @@ class ToolCatalogs:
         self._pools: dict[str, dict[str, ToolSpec]] = {}
 
     def spec(self, name: str) -> ToolSpec | None:
-        """The spec to offer for ``name``: a pool's (it describes what runs), else a built-in's."""
-        return self._specs.get(name) or BUILTIN_SPECS.get(name)
+        """The spec to offer for ``name``, as a tool pool serving it published
+        it. None when no pool serves it: the agent is then offered no such tool
+        and answers without it, rather than waiting on calls nobody runs."""
+        return self._specs.get(name)
 
     def apply(self, pool: str, catalog: ToolCatalog | None) -> None:
         self._pools[pool] = {t.name: t for t in catalog.tools} if catalog else {}
