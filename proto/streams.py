@@ -284,7 +284,6 @@ def direct_owner(description: str | None) -> tuple[str, str] | None:
 # Each update erases the revision it replaces (runs.py), so 64 is headroom, not history.
 RUNS = BucketSpec(name="baton-runs", history=64, erasable=True,
                   description="Durable run state per task.")  # fmt: skip
-RUNS = BucketSpec(name="baton-runs", history=1, description="Durable run state per task.")
 TOOL_CATALOG = BucketSpec(
     name="baton-tools", history=1, description="The tools each tool pool serves, by pool."
 )
