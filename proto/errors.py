@@ -13,6 +13,7 @@ class Layer(enum.StrEnum):
     ORCHESTRATION = "orchestration"
     INFERENCE = "inference"
     CONTEXT = "context"
+    TOOL = "tool"
 
 
 class ErrorCode(enum.StrEnum):
@@ -48,6 +49,12 @@ class ErrorCode(enum.StrEnum):
     ATTACHMENT_TOO_LARGE = "attachment_too_large"
     UNKNOWN_ATTACHMENT = "unknown_attachment"
     CONFLICT = "conflict"  # e.g. a fork onto a session that already exists
+    # Tool layer: a tool call's error is shown to the agent; the run goes on.
+    UNKNOWN_TOOL = "unknown_tool"
+    BAD_TOOL_ARGUMENTS = "bad_tool_arguments"  # not JSON, or not the tool's schema
+    TOOL_FAILED = "tool_failed"  # the tool ran and reported an error
+    TOOL_TIMEOUT = "tool_timeout"
+    TOOL_OUTPUT_TOO_LARGE = "tool_output_too_large"
 
 
 LAYER_OF: dict[ErrorCode, Layer] = {
@@ -87,6 +94,16 @@ LAYER_OF: dict[ErrorCode, Layer] = {
             ErrorCode.ATTACHMENT_TOO_LARGE,
             ErrorCode.UNKNOWN_ATTACHMENT,
             ErrorCode.CONFLICT,
+        )
+    },
+    **{
+        c: Layer.TOOL
+        for c in (
+            ErrorCode.UNKNOWN_TOOL,
+            ErrorCode.BAD_TOOL_ARGUMENTS,
+            ErrorCode.TOOL_FAILED,
+            ErrorCode.TOOL_TIMEOUT,
+            ErrorCode.TOOL_OUTPUT_TOO_LARGE,
         )
     },
 }

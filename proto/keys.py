@@ -78,3 +78,30 @@ def dead_letter(consumer: str, stream_seq: int) -> str:
 def task_fallback(stream_seq: int) -> str:
     """The task id of a task submitted without one: its stream sequence."""
     return f"seq{stream_seq}"
+
+
+def tool_call(tenant: str, task_id: str, step: str, call: str) -> str:
+    """The id of one tool call (its ``Nats-Msg-Id``): ``call`` is its index
+    within the step's tool calls (``t<turn>c<i>``), stable across redeliveries."""
+    return f"{tenant}.{task_id}.{step}.{call}"
+
+
+def tool_output(call_id: str) -> str:
+    """Context-store ``msg_id`` of a tool call's result (appended once)."""
+    return f"{call_id}:out"
+
+
+def tool_result(call_id: str) -> str:
+    """``Nats-Msg-Id`` of a tool call's ``ToolResult``."""
+    return f"{call_id}:result"
+
+
+def job_turn(job_id: str, turn: int) -> str:
+    """The id of a step's job after ``turn`` rounds of tool calls: each model
+    turn is a job of its own (its answer and result get their own ids)."""
+    return job_id if turn == 0 else f"{job_id}~{turn}"
+
+
+def call_key(turn: int, index: int) -> str:
+    """A tool call's key within its step."""
+    return f"t{turn}c{index}"

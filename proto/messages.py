@@ -53,12 +53,14 @@ class Usage(msgspec.Struct, kw_only=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     gpu_seconds: float = 0.0
+    tool_cpu_seconds: float = 0.0  # CPU time of the task's sandboxed tool calls
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
             gpu_seconds=self.gpu_seconds + other.gpu_seconds,
+            tool_cpu_seconds=self.tool_cpu_seconds + other.tool_cpu_seconds,
         )
 
     @property
@@ -69,7 +71,13 @@ class Usage(msgspec.Struct, kw_only=True):
 def finite_usage(u: Usage) -> bool:
     """msgspec accepts NaN and inf floats: a result's usage must be finite and
     non-negative before it is added to a run (NaN cost is never over budget)."""
-    return u.prompt_tokens >= 0 and u.completion_tokens >= 0 and 0.0 <= u.gpu_seconds < float("inf")
+    inf = float("inf")
+    return (
+        u.prompt_tokens >= 0
+        and u.completion_tokens >= 0
+        and 0.0 <= u.gpu_seconds < inf
+        and 0.0 <= u.tool_cpu_seconds < inf
+    )
 
 
 class ErrorInfo(msgspec.Struct, kw_only=True):
@@ -92,8 +100,12 @@ class Accepted(_Event, tag="accepted"):
 class Step(_Event, tag="step"):
     step: str
     agent: str
-    status: str  # "started" | "done"
+    status: str  # "started" | "done" | "failed" (a tool call's error)
     usage: Usage | None = None
+    tool: str | None = None  # a tool call of the step: the tool's name
+    call: str | None = None  # which call of the step (``t<turn>c<i>``)
+    outcome: str | None = None  # a finished tool call: "ok" or its error code
+    seconds: float | None = None  # a finished tool call: how long it ran
 
 
 class Completed(_Event, tag="completed"):
@@ -146,10 +158,30 @@ class TokenDelta(msgspec.Struct, kw_only=True):
 # --------------------------------------------------------------------------
 
 
+class ToolCall(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """One call a model asked for: ``arguments`` is JSON text (as in the
+    OpenAI format), checked against the tool's schema before it runs."""
+
+    id: str
+    name: str
+    arguments: str = "{}"
+
+
+class ToolSpec(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A tool as offered to a model (the OpenAI ``function`` shape):
+    ``parameters`` is a JSON schema, as JSON text."""
+
+    name: str
+    description: str = ""
+    parameters: str = '{"type": "object", "properties": {}}'
+
+
 class ChatMessage(msgspec.Struct, omit_defaults=True, kw_only=True):
-    role: str  # "system" | "user" | "assistant"
+    role: str  # "system" | "user" | "assistant" | "tool"
     content: str
     name: str | None = None
+    tool_calls: list[ToolCall] = []  # an assistant turn that calls tools
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class ContextRef(msgspec.Struct, array_like=True, frozen=True):
@@ -322,6 +354,7 @@ class DeleteReply(msgspec.Struct, omit_defaults=True, kw_only=True):
     sessions: int = 0
     records: int = 0
     attachments: int = 0
+    documents: int = 0  # search documents (tenant erasure only)
     error: ErrorInfo | None = None
 
 
@@ -372,6 +405,8 @@ class InferenceJob(msgspec.Struct, omit_defaults=True, kw_only=True):
     system: str | None = None  # the agent's system prompt (replaces the session's)
     response_schema: str | None = None  # JSON schema the answer must follow, if any
     context_budget: int = 0  # tokens for the window; 0 = worker decides
+    tools: list[ToolSpec] = []  # offered to the model (OpenAI tools format on the wire)
+    tool_choice: str = "auto"  # "auto" | "required" | "none"
     published_at: float = 0.0
 
 
@@ -387,6 +422,7 @@ class InferenceResult(msgspec.Struct, omit_defaults=True, kw_only=True):
     worker: str
     ref: ContextRef | None = None
     output: str = ""
+    tool_calls: list[ToolCall] = []  # the model asked for these (its answer is not final)
     usage: Usage = msgspec.field(default_factory=Usage)
     cached_tokens: int = 0
     queue_seconds: float = 0.0
@@ -464,3 +500,81 @@ class AuditRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
     tenant: str = ""
     service: str = ""
     detail: dict[str, Any] = {}
+
+
+# --------------------------------------------------------------------------
+# Internal: tools
+# --------------------------------------------------------------------------
+
+
+class ToolCatalog(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """KV ``baton-tools`` entry ``<pool>``: the tools a tool pool serves, as
+    its workers last wrote them (the orchestrator offers these to models)."""
+
+    pool: str
+    tools: list[ToolSpec] = []
+    worker: str = ""
+    ts: float = 0.0
+
+
+class ToolJob(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Body of ``baton.tools.<pool>``: run one call and append its result to
+    ``session`` as a ``tool`` message. ``call_id`` (``<tenant>.<task_id>.
+    <step>.<call>``) is the Nats-Msg-Id and the idempotency key of the
+    append, so a redelivered call whose result is stored is not run again.
+    ``ref`` covers the session up to the assistant turn that made the call."""
+
+    call_id: str
+    task_id: Id
+    tenant: Id
+    session: Id
+    step: str
+    tool: str
+    arguments: str = "{}"
+    tool_call_id: str = ""  # the model's id of the call, echoed in the tool message
+    ref: ContextRef | None = None
+    timeout: float = 0.0  # seconds; 0 = the worker's default
+    published_at: float = 0.0
+
+
+class ToolResult(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Body of ``baton.toolresults.<tenant>.<task_id>``: a finished call.
+    ``preview`` is the start of the stored tool message, never all of it; a
+    result over the inline limit is an attachment of the session named
+    ``attachment``. ``outcome`` is ``ok`` or the error code (also in ``error``)."""
+
+    call_id: str
+    task_id: str
+    tenant: str
+    session: str
+    step: str
+    tool: str
+    worker: str
+    outcome: str = "ok"
+    ref: ContextRef | None = None  # the session up to (and with) the tool message
+    preview: str = ""
+    attachment: str | None = None
+    size: int = 0  # bytes of the full result
+    cpu_seconds: float = 0.0
+    seconds: float = 0.0
+    reused: bool = False  # the result was stored before (a redelivery): not run again
+    error: ErrorInfo | None = None
+
+
+class DocumentPut(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Body of ``baton.docs.<tenant>.<doc_id>`` (stream ``BATON_DOCUMENTS``):
+    a document the ``search`` tool indexes for its tenant. A second put under
+    the same id replaces it."""
+
+    tenant: Id
+    doc_id: Id
+    text: str
+    title: str = ""
+    metadata: dict[str, str] = {}
+
+
+class DocumentsErased(msgspec.Struct, kw_only=True):
+    """Core NATS ``baton.docserased.<tenant>``: every tool worker drops the
+    tenant's documents from its search index (the stream copy is purged)."""
+
+    tenant: str

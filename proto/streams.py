@@ -168,10 +168,33 @@ AUDIT = StreamSpec(
     description="The audit trail: erasures, tenant deletions, permission violations.",
     deny_delete=True,
 )
+TOOLS = StreamSpec(
+    name="BATON_TOOLS",
+    subjects=(f"{subjects.TOOLS}.>",),
+    retention="workqueue",
+    duplicate_window=600.0,
+    description="Tool calls per tool pool; Nats-Msg-Id = <tenant>.<task_id>.<step>.<call>.",
+)
+TOOL_RESULTS = StreamSpec(
+    name="BATON_TOOL_RESULTS",
+    subjects=(f"{subjects.TOOL_RESULTS}.>",),
+    retention="workqueue",
+    duplicate_window=600.0,
+    description="Finished tool calls, consumed by orchestrators.",
+)
+DOCUMENTS = StreamSpec(
+    name="BATON_DOCUMENTS",
+    subjects=(f"{subjects.DOCUMENTS}.>",),
+    retention="limits",
+    duplicate_window=120.0,
+    max_msg_size=512 * 1024,
+    description="Documents per tenant for the search tool (a later put of an id replaces it).",
+)
 
 ALL_STREAMS: Final = (
     JOBS, RESULTS, EVENTS, TOKENS, CONTEXT, CONTEXT_ATTACHMENTS, DEAD_LETTERS, TIMERS,
     ERASURES, AUDIT,
+    TOOLS, TOOL_RESULTS, DOCUMENTS,
 )  # fmt: skip
 """Baton's shared streams (the per-tenant task streams come from ``tenant_tasks``)."""
 
@@ -227,12 +250,35 @@ ORCHESTRATOR_ERASURES = ConsumerSpec(
 )
 
 
+ORCHESTRATOR_TOOL_RESULTS = ConsumerSpec(
+    stream=TOOL_RESULTS.name,
+    durable="orchestrator-tool-results",
+    filter_subject=f"{subjects.TOOL_RESULTS}.>",
+    ack_wait=30.0,
+    max_deliver=5,
+)
+
+
 # How long a job may be held without a sign of life before it is redelivered.
 # A consumer property, so every service that provisions the consumer must
 # agree: a constant of the protocol, not a setting. Live workers extend it
 # with ``in_progress`` every third of it, so it bounds only how long a dead
 # worker's job waits.
 JOB_ACK_WAIT: Final = 10.0
+
+
+def tool_consumer(pool: str, ack_wait: float = 30.0) -> ConsumerSpec:
+    """The pull consumer every tool worker of ``pool`` shares. A worker that
+    dies mid-call gets the call redelivered after ``ack_wait``; live workers
+    extend it with ``in_progress`` while a tool runs."""
+    return ConsumerSpec(
+        stream=TOOLS.name,
+        durable=f"tools-{pool}",
+        filter_subject=subjects.tool_job(pool),
+        ack_wait=ack_wait,
+        max_deliver=5,
+        max_ack_pending=4096,
+    )
 
 
 def worker_consumer(pool: str, ack_wait: float = JOB_ACK_WAIT) -> ConsumerSpec:
@@ -279,3 +325,6 @@ def direct_owner(description: str | None) -> tuple[str, str] | None:
 # Each update erases the revision it replaces (runs.py), so 64 is headroom, not history.
 RUNS = BucketSpec(name="baton-runs", history=64, erasable=True,
                   description="Durable run state per task.")  # fmt: skip
+TOOL_CATALOG = BucketSpec(
+    name="baton-tools", history=1, description="The tools each tool pool serves, by pool."
+)

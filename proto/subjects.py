@@ -21,6 +21,10 @@ DEAD_LETTERS: Final = "baton.dlq"
 TIMERS: Final = "baton.timers"
 ERASED: Final = "baton.erased"
 AUDIT: Final = "baton.audit"
+TOOLS: Final = "baton.tools"
+TOOL_RESULTS: Final = "baton.toolresults"
+DOCUMENTS: Final = "baton.docs"
+DOCUMENTS_ERASED: Final = "baton.docserased"
 
 CONTEXT_OPS: Final = (
     "append", "window", "get", "fork", "delete", "stats", "summarize", "attach",
@@ -117,6 +121,26 @@ def audit(action: str, tenant: str | None = None) -> str:
     """``baton.audit.<action>.<tenant>`` (``_`` when no tenant is involved) —
     one audit record (stream ``BATON_AUDIT``)."""
     return f"{AUDIT}.{require_id(action, 'action')}.{require_id(tenant or NO_TENANT, 'tenant')}"
+
+
+def tool_job(pool: str) -> str:
+    """``baton.tools.<pool>`` — tool calls for a tool worker pool."""
+    return f"{TOOLS}.{require_id(pool, 'pool')}"
+
+
+def tool_result(tenant: str, task_id: str) -> str:
+    """``baton.toolresults.<tenant>.<task_id>`` — a finished tool call."""
+    return f"{TOOL_RESULTS}.{require_id(tenant, 'tenant')}.{require_id(task_id, 'task_id')}"
+
+
+def document(tenant: str, doc_id: str) -> str:
+    """``baton.docs.<tenant>.<doc_id>`` — a document the search tool indexes."""
+    return f"{DOCUMENTS}.{require_id(tenant, 'tenant')}.{require_id(doc_id, 'doc_id')}"
+
+
+def documents_erased(tenant: str) -> str:
+    """``baton.docserased.<tenant>`` — core broadcast: drop the tenant's index."""
+    return f"{DOCUMENTS_ERASED}.{require_id(tenant, 'tenant')}"
 
 
 def dead_letter(consumer: str) -> str:

@@ -24,8 +24,8 @@ def nats_url(nats_env: tuple[str, NatsServer | None]) -> str:
 def stack(
     nats_env: tuple[str, NatsServer | None], nats_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalStack]:
-    """One context store, orchestrator and sim worker for the whole session."""
-    s = LocalStack(nats_env[1] or nats_url, tmp_path_factory.mktemp("stack")).start()
+    """One context store, orchestrator, sim worker and tool worker for the whole session."""
+    s = LocalStack(nats_env[1] or nats_url, tmp_path_factory.mktemp("stack")).start(tool_workers=1)
     yield s
     s.stop()
 

@@ -131,8 +131,8 @@ def uid(prefix: str = "t") -> str:
 
 @dataclass
 class LocalStack:
-    """The three services as processes against one NATS: a ``NatsServer``
-    (each service with its own identity) or a URL every service shares."""
+    """The services as processes against one NATS: a ``NatsServer`` (each
+    service with its own identity) or a URL every service shares."""
 
     nats: NatsServer | str
     workdir: Path
@@ -156,16 +156,27 @@ class LocalStack:
         self.procs.append(proc)
         return proc
 
-    def start(self, workers: int = 1) -> LocalStack:
+    def start(self, workers: int = 1, tool_workers: int = 0) -> LocalStack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         started = [self.service("context-store"), self.service("orchestrator")]
         started += [self.worker() for _ in range(workers)]
+        started += [self.tool_worker() for _ in range(tool_workers)]
         for p in started:
             p.wait_ready()
         return self
 
     def worker(self, **env: str) -> ServiceProcess:
         return self.service("inference-worker", BATON_WORKER_ID=uid("w"), **env)
+
+    def retire(self, proc: ServiceProcess) -> None:
+        """Stop a process started for one test and forget it (so the stack's
+        other users do not look for it)."""
+        proc.terminate(timeout=20)
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def tool_worker(self, **env: str) -> ServiceProcess:
+        return self.service("tool-worker", BATON_WORKER_ID=uid("tw"), **env)
 
     @property
     def orchestrator(self) -> ServiceProcess:

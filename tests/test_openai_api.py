@@ -102,7 +102,8 @@ async def test_async_streaming_gives_the_output_agents_tokens_and_the_others_pro
     token_agents = {p["agent"] for p in progress if p["type"] == "token"}
     assert {"retrieval", "coding", "validation"} <= token_agents
     steps = {(p["step"], p["status"]) for p in progress if p["type"] == "step"}
-    assert ("r1.plan", "done") in steps and ("r1.summarize", "started") in steps
+    assert ("r1.plan", "done") in steps  # the summary's round depends on the validator's answer
+    assert any(step.endswith(".summarize") and status == "started" for step, status in steps)
     plan_text = "".join(
         p["text"] for p in progress if p["type"] == "token" and p["step"] == "r1.plan"
     )

@@ -128,7 +128,8 @@ def test_baton_encodes_what_msgpack_package_decodes_byte_for_byte() -> None:
     data = codec.encode(ev)
     plain = msgpack.unpackb(data)
     assert plain["type"] == "completed"
-    assert plain["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "gpu_seconds": 0.1}
+    assert plain["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "gpu_seconds": 0.1,
+                              "tool_cpu_seconds": 0.0}  # fmt: skip
     assert msgpack.packb(plain) == data  # same bytes from both codecs
     assert codec.decode(msgpack.packb(plain), TaskEvent) == ev
 

@@ -312,3 +312,105 @@ def test_any_interleaving_ends_in_one_terminal_state_with_each_step_done_once(
     assert {s for s, st_ in run.steps.items() if st_.status == "done"} == set(w.done_records)
     if run.status == "completed":
         assert all(f"step.{s}.done" in w.events for s in w.done_records)
+
+
+# -- the tool loop ----------------------------------------------------------
+
+
+def _tool_result(job: Any, outcome: str = "ok", version: int = 5, cpu: float = 0.25) -> Any:
+    from proto.messages import ToolResult
+
+    return ToolResult(call_id=job.call_id, task_id=job.task_id, tenant=job.tenant,
+                      session=job.session, step=job.step, tool=job.tool, worker="tw",
+                      outcome=outcome, preview=f"{job.tool} said hi", cpu_seconds=cpu,
+                      seconds=0.5, ref=ContextRef(job.tenant, job.session, version, b"sig"))  # fmt: skip
+
+
+def _at_coding() -> tuple[RunState, InferenceJob]:
+    run = decide(T.start, None, new_task(), RULES, now=1.0).run  # type: ignore[union-attr]
+    plan = jobs(T.replay(run, RULES, 1.0))[0]
+    out = decide(T.result, run, reply(plan), RULES, now=2.0)
+    assert isinstance(out, T.Transition)
+    (coding,) = [j for j in jobs(out.effects) if j.agent == "coding"]
+    return out.run, coding
+
+
+def test_an_agent_with_tools_is_offered_them_and_its_calls_become_recorded_sub_steps() -> None:
+    from proto.messages import ToolCall
+
+    run, coding = _at_coding()
+    assert [t.name for t in coding.tools] == ["python"] and coding.tool_choice == "auto"
+    calls = [ToolCall(id="call_0", name="python", arguments='{"code": "print(1)"}'),
+             ToolCall(id="call_1", name="python", arguments='{"code": "print(2)"}')]  # fmt: skip
+    out = T.result(run, reply(coding, output="", tool_calls=calls), RULES, 3.0, {})
+    assert isinstance(out, T.Transition) and out.changed
+    st = out.run.steps["r1.gather.coding"]
+    assert st.status == "tools" and list(st.calls) == ["t0c0", "t0c1"]
+    tool_jobs = [e.job for e in out.effects if isinstance(e, T.DispatchTool)]
+    assert [j.call_id for j in tool_jobs] == ["acme.t1.r1.gather.coding.t0c0",
+                                              "acme.t1.r1.gather.coding.t0c1"]  # fmt: skip
+    assert events(out.effects) == ["step.r1.gather.coding.t0c0.started",
+                                   "step.r1.gather.coding.t0c1.started"]  # fmt: skip
+    # The first result: recorded, the step still waits for the second.
+    one = T.tool_result(out.run, _tool_result(tool_jobs[0], version=5), RULES, 4.0)
+    assert isinstance(one, T.Transition) and one.changed and not jobs(one.effects)
+    # The same result again changes nothing.
+    again = T.tool_result(one.run, _tool_result(tool_jobs[0]), RULES, 4.5)
+    assert isinstance(again, T.Transition) and not again.changed
+    # The second: the model goes again, as a new job, on the newest ref.
+    two = T.tool_result(one.run, _tool_result(tool_jobs[1], "tool_failed", version=6), RULES, 5.0)
+    assert isinstance(two, T.Transition)
+    (next_job,) = jobs(two.effects)
+    assert next_job.job_id == "acme.t1.r1.gather.coding~1" and next_job.ref.version == 6
+    st = two.run.steps["r1.gather.coding"]
+    assert st.status == "dispatched" and st.turn == 1
+    assert two.run.usage.tool_cpu_seconds == 0.5  # both calls' CPU time counted
+    # A late answer of the first turn is not taken for the second's.
+    late = T.result(two.run, reply(coding, output="stale"), RULES, 6.0, {})
+    assert isinstance(late, T.Transition) and not late.changed
+    final = decide(T.result, two.run, reply(next_job, output="ran it"), RULES, now=7.0)
+    assert isinstance(final, T.Transition)
+    assert final.run.steps["r1.gather.coding"].status == "done"
+    assert final.run.steps["r1.gather.coding"].output == "ran it"
+
+
+def test_past_max_tool_calls_the_model_is_offered_no_tools() -> None:
+    from proto.messages import ToolCall
+
+    run, coding = _at_coding()  # coding: max_tool_calls 2 in research.yaml
+    calls = [ToolCall(id=f"c{i}", name="python", arguments="{}") for i in range(3)]
+    out = T.result(run, reply(coding, output="", tool_calls=calls), RULES, 3.0, {})
+    assert isinstance(out, T.Transition)
+    tool_jobs = [e.job for e in out.effects if isinstance(e, T.DispatchTool)]
+    assert len(tool_jobs) == 2  # the third call is beyond the limit
+    r = out.run
+    for j in tool_jobs:
+        o = T.tool_result(r, _tool_result(j), RULES, 4.0)
+        assert isinstance(o, T.Transition)
+        r = o.run
+    (next_job,) = jobs(o.effects)
+    assert next_job.tools == [] and next_job.tool_choice == "none"
+
+
+def test_a_replay_while_waiting_for_tools_republishes_the_unanswered_calls() -> None:
+    from proto.messages import ToolCall
+
+    run, coding = _at_coding()
+    calls = [
+        ToolCall(id="a", name="python", arguments="{}"),
+        ToolCall(id="b", name="python", arguments="{}"),
+    ]
+    out = T.result(run, reply(coding, output="", tool_calls=calls), RULES, 3.0, {})
+    assert isinstance(out, T.Transition)
+    first = next(e.job for e in out.effects if isinstance(e, T.DispatchTool))
+    one = T.tool_result(out.run, _tool_result(first), RULES, 4.0)
+    assert isinstance(one, T.Transition)
+    replayed = [
+        e.job.call_id for e in T.replay(one.run, RULES, 5.0) if isinstance(e, T.DispatchTool)
+    ]
+    assert replayed == ["acme.t1.r1.gather.coding.t0c1"]
+    # The watchdog past the deadline sends the unanswered call again, as a new message.
+    late = T.timer(one.run, RULES, 100.0)
+    resent = [e for e in late.effects if isinstance(e, T.DispatchTool)]
+    assert [e.job.call_id for e in resent] == ["acme.t1.r1.gather.coding.t0c1"]
+    assert resent[0].msg_id.endswith("#2")

@@ -105,3 +105,53 @@ def test_a_route_falls_back_to_its_default_when_the_answer_does_not_parse(
 ) -> None:
     step = load_dir(BUILTIN)["research"].steps[2]
     assert route_choice(answer, step) == choice
+
+
+TOOLED = """\
+name: tooled
+agents:
+  helper:
+    role: helper
+    system: help
+    model: big
+    tools: [search, python, mcp.calc.add]
+    max_tool_calls: 4
+    tool_choice: required
+steps:
+  - id: go
+    agent: helper
+"""
+
+
+def test_agents_declare_tools_a_choice_a_limit_and_a_model_pool() -> None:
+    spec = parse(TOOLED, "tooled.yaml", frozenset({"calc"}))
+    a = spec.agents["helper"]
+    assert (a.tools, a.max_tool_calls, a.tool_choice, a.pool) == (
+        ["search", "python", "mcp.calc.add"],
+        4,
+        "required",
+        "big",
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "line", "message"),
+    [
+        ("tools: [search, python, mcp.calc.add]", 7, "names MCP server 'calc'"),
+        ("tools: [search, shell]", 7, "unknown tool 'shell'"),
+        ("tool_choice: required", 9, "tool_choice must be one of"),
+    ],
+)
+def test_a_bad_tool_declaration_is_rejected_at_load_with_its_line(
+    change: str, line: int, message: str
+) -> None:
+    text = TOOLED
+    if "shell" in change:
+        text = text.replace("tools: [search, python, mcp.calc.add]", change)
+    if change.startswith("tool_choice"):
+        text = text.replace(change, "tool_choice: sometimes")
+    with pytest.raises(WorkflowError) as err:
+        servers = frozenset({"calc"}) if change.startswith("tool_choice") else frozenset()
+        parse(text, "tooled.yaml", servers)
+    assert err.value.line == line and message in err.value.message
+    assert str(err.value).startswith(f"tooled.yaml:{line}:")

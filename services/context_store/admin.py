@@ -1,5 +1,6 @@
 """Reading, attaching, erasing and counting: the context store's data
 management operations (``get``, ``attach``, ``delete``, ``stats``).
+Erasing a tenant also erases the documents its ``search`` tool indexes.
 
 Deletion semantics: deleting a session erases its log, its attachments and,
 recursively, every fork made from it (a fork's shared prefix *is* the
@@ -32,11 +33,12 @@ from proto.messages import (
     ContextInvalidate,
     ContextStats,
     DeleteReply,
+    DocumentsErased,
     GetReply,
     SessionsErased,
     StatsReply,
 )
-from proto.streams import CONTEXT
+from proto.streams import CONTEXT, DOCUMENTS
 
 from . import attachments
 from .erase import erase_matching, erase_subject, list_subjects
@@ -106,6 +108,7 @@ class Admin:
             pattern = f"{subjects.CONTEXT_LOG}.{req.tenant}.*"
             reply.sessions, reply.records = await erase_matching(self.bus, CONTEXT.name, pattern)
             reply.attachments = await attachments.erase(self.bus, req.tenant)
+            reply.documents = await self._erase_documents(req.tenant)
         else:
             await self._delete_session(req.tenant, req.session, reply, erased, depth=0)
         await self.invalidate(req.tenant, req.session)
@@ -144,6 +147,14 @@ class Admin:
         reply.records += erased
         reply.sessions += 1 if erased else 0
         self.store.history.forget(tenant, session)
+
+    async def _erase_documents(self, tenant: str) -> int:
+        """The tenant's search documents: erased from the stream, then every
+        tool worker is told to drop them from its index."""
+        pattern = f"{subjects.DOCUMENTS}.{tenant}.*"
+        _, erased = await erase_matching(self.bus, DOCUMENTS.name, pattern)
+        await self.bus.notify(subjects.documents_erased(tenant), DocumentsErased(tenant=tenant))
+        return erased
 
     async def invalidate(self, tenant: str, session: str | None) -> None:
         """Drop the cache here and tell every other replica to drop theirs."""

@@ -46,7 +46,7 @@ from proto.messages import (
     WindowReply,
     WindowRequest,
 )
-from proto.streams import AUDIT, CONTEXT, CONTEXT_ATTACHMENTS, ERASURES
+from proto.streams import AUDIT, CONTEXT, CONTEXT_ATTACHMENTS, DOCUMENTS, ERASURES
 
 from .admin import Admin
 from .errors import ContextError
@@ -204,7 +204,7 @@ def build_store(bus: Bus, settings: ContextStoreSettings) -> tuple[ContextStore,
 
 
 async def run(bus: Bus, settings: ContextStoreSettings, health: Health, holder: list[Any]) -> None:
-    await bus.provision(streams=[CONTEXT, CONTEXT_ATTACHMENTS, ERASURES, AUDIT])
+    await bus.provision(streams=[CONTEXT, CONTEXT_ATTACHMENTS, ERASURES, AUDIT, DOCUMENTS])
     store, admin = build_store(bus, settings)
     holder.append(admin)
     for op in REQUEST_TYPES:

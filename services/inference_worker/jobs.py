@@ -31,6 +31,7 @@ from proto.messages import (
     ErrorInfo,
     InferenceJob,
     InferenceResult,
+    ToolCall,
     Usage,
     WindowReply,
     WindowRequest,
@@ -55,6 +56,7 @@ class _Outcome:
     usage: Usage = field(default_factory=Usage)
     cached_tokens: int = 0
     started: float = 0.0
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 def with_system(messages: list[ChatMessage], system: str | None) -> list[ChatMessage]:
@@ -156,7 +158,8 @@ class JobHandler:
             await self.admission.release(need)
         if outcome is None:  # cancelled, or refused by the engine: result already sent
             return
-        answer = [ChatMessage(role="assistant", content=outcome.output, name=job.agent)]
+        answer = [ChatMessage(role="assistant", content=outcome.output, name=job.agent,
+                              tool_calls=outcome.tool_calls)]  # fmt: skip
         reply: ContextAppendReply = await bus.request(
             subjects.context_api("append", job.tenant),
             ContextAppend(
@@ -181,6 +184,7 @@ class JobHandler:
                 job,
                 ref=reply.ref,
                 output=outcome.output,
+                tool_calls=outcome.tool_calls,
                 usage=outcome.usage,
                 cached_tokens=outcome.cached_tokens,
                 queue_seconds=max(0.0, outcome.started - published),
@@ -214,6 +218,8 @@ class JobHandler:
                 temperature=job.temperature,
                 seed=job.seed,
                 json_schema=job.response_schema,
+                tools=tuple(job.tools),
+                tool_choice=job.tool_choice,
             )
             async for chunk in self.engine.generate(request):
                 if not parts and chunk.text:
@@ -249,7 +255,8 @@ class JobHandler:
             completion_tokens=final.completion_tokens,
             gpu_seconds=round(gpu_seconds, 6),
         )
-        return _Outcome("".join(parts), usage, final.cached_tokens, started)
+        return _Outcome("".join(parts), usage, final.cached_tokens, started,
+                        list(final.tool_calls or []))  # fmt: skip
 
     async def _too_long(self, job: InferenceJob, prompt_tokens: int, limit: int) -> None:
         if self.s.larger_pool:

@@ -21,16 +21,19 @@ import msgspec
 from fastapi import Depends, FastAPI, Header, Query
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from baton.documents import DocumentTooLarge, put_document
 from baton.http_errors import ERROR_RESPONSES, ApiError, require_ids
 from baton.service import Health, caller_scope, health_app
 from baton.transport import Bus
 from proto import codec, subjects
 from proto.admission import TaskRejected, parse_task
 from proto.errors import ErrorCode
-from proto.messages import TaskSubmit
+from proto.messages import DocumentPut, TaskSubmit
 
 from .api_models import (
     Cancelled,
+    DocumentIn,
+    DocumentStored,
     TaskAccepted,
     TaskIn,
     TaskPage,
@@ -247,6 +250,27 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
             raise ApiError(ErrorCode.UNKNOWN_TASK, f"no task {task_id!r} for this tenant")
         _not_erased(task_id, run)
         return Cancelled(task_id=task_id, status=run.status)
+
+    @app.post("/v1/documents", status_code=201, response_model=DocumentStored,
+              responses=ERROR_RESPONSES)  # fmt: skip
+    async def documents(
+        body: DocumentIn, tenant: str | None = Depends(tenant_of)
+    ) -> DocumentStored:
+        """Upload a document for the tenant's ``search`` tool (tenant from the
+        API key). A second upload under the same ``doc_id`` replaces it."""
+        bus, _ = svc.ready()
+        tenant = tenant if tenant is not None else body.tenant
+        if tenant is None:
+            raise ApiError(ErrorCode.MISSING_FIELD, _NO_TENANT, param="tenant")
+        doc_id = body.doc_id or uuid.uuid4().hex
+        require_ids(tenant=tenant, doc_id=doc_id)
+        doc = DocumentPut(tenant=tenant, doc_id=doc_id, text=body.text, title=body.title,
+                          metadata=body.metadata)  # fmt: skip
+        try:
+            seq = await put_document(bus, doc)
+        except DocumentTooLarge as exc:
+            raise ApiError(ErrorCode.INPUT_TOO_LARGE, str(exc), param="text") from exc
+        return DocumentStored(doc_id=doc_id, tenant=tenant, seq=seq)
 
     @app.get("/v1/workflows", response_model=WorkflowList, responses=ERROR_RESPONSES)
     def workflows() -> WorkflowList:

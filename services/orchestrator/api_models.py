@@ -32,6 +32,7 @@ class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     gpu_seconds: float = 0.0
+    tool_cpu_seconds: float = 0.0
 
 
 class ErrorInfo(BaseModel):
@@ -50,11 +51,23 @@ class TaskAccepted(BaseModel):
     tokens_subject: str
 
 
+class CallOut(BaseModel):
+    tool: str
+    arguments: str
+    call_id: str
+    status: str = Field(default="dispatched", description="dispatched | done")
+    dispatched_at: float = 0.0
+    outcome: str = Field(default="", description="ok, or the tool error's code")
+    preview: str = ""
+    cpu_seconds: float = 0.0
+    seconds: float = 0.0
+
+
 class StepOut(BaseModel):
     agent: str
     pool: str
     session: str
-    status: str = Field(default="dispatched", description="dispatched | done | failed")
+    status: str = Field(default="dispatched", description="dispatched | tools | done | failed")
     max_tokens: int = 0
     context_budget: int = 0
     attempt: int = 1
@@ -65,6 +78,8 @@ class StepOut(BaseModel):
     output: str = ""
     worker: str = ""
     cached_tokens: int = 0
+    turn: int = Field(default=0, description="Model turns that called tools so far.")
+    calls: dict[str, CallOut] = Field(default_factory=dict, description="Tool calls: t<turn>c<i>.")
 
 
 class TaskSummary(BaseModel):
@@ -124,5 +139,21 @@ def run_doc(run: RunState) -> dict[str, Any]:
     doc: dict[str, Any] = msgspec.to_builtins(run)
     for st in doc.get("steps", {}).values():
         st.pop("ref", None)
+        for call in st.get("calls", {}).values():
+            call.pop("ref", None)
     doc.pop("task_seq", None)
     return doc
+
+
+class DocumentIn(BaseModel):
+    text: str
+    title: str = ""
+    doc_id: str | None = Field(default=None, description="Default: a new id.")
+    tenant: str | None = Field(default=None, description="Without API keys: the tenant.")
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class DocumentStored(BaseModel):
+    doc_id: str
+    tenant: str
+    seq: int = Field(description="The document's sequence in stream BATON_DOCUMENTS.")

@@ -34,6 +34,8 @@ from proto.messages import (
     ForkReply,
     InferenceResult,
     RunTimer,
+    ToolResult,
+    Usage,
     finite_usage,
 )
 
@@ -42,6 +44,7 @@ from . import transitions as T
 from .routing import HeartbeatTracker, Router
 from .runs import RunConflict, RunState, RunStore
 from .settings import OrchestratorSettings
+from .toolcatalog import ToolCatalogs
 from .workflows import GraphWorkflow
 
 log = structlog.get_logger("orchestrator")
@@ -66,8 +69,14 @@ class Conductor:
         self.runs = runs
         self.workflows = workflows
         self.s = settings
+        self.tools = ToolCatalogs()
         self.rules = T.Rules(
-            workflows, settings.step_timeout, settings.step_retries, settings.price
+            workflows,
+            settings.step_timeout,
+            settings.step_retries,
+            settings.price,
+            tool_spec=self.tools.spec,
+            tool_cpu_price=settings.tool_cpu_hour_usd,
         )
         self._known = frozenset(workflows)
 
@@ -130,6 +139,8 @@ class Conductor:
             m.ROUTING.labels("warm" if warm else "pool").inc()
             subject = subjects.worker_job(e.pool, warm) if warm else subjects.job(e.pool)
             await self.bus.publish(subject, e.job, msg_id=e.msg_id, task_id=tid)
+        elif isinstance(e, T.DispatchTool):
+            await self.bus.publish(subjects.tool_job(e.pool), e.job, msg_id=e.msg_id, task_id=tid)
         elif isinstance(e, T.Watch):
             timer = RunTimer(tenant=run.tenant, task_id=tid, due=e.due)
             await self.bus.publish(
@@ -322,6 +333,24 @@ class Conductor:
             raise Term(f"result for unknown run {res.tenant}.{res.task_id}")
         if out.note and d.num_delivered > 1:
             m.RESUMED.inc()
+
+    async def on_tool_result(self, d: Delivery) -> None:
+        try:
+            res = d.decode(ToolResult)
+        except codec.DecodeError as exc:
+            raise Term(f"undecodable tool result: {exc}") from exc
+        structlog.contextvars.bind_contextvars(task_id=res.task_id, tenant=res.tenant)
+        if not (is_valid_id(res.tenant) and is_valid_id(res.task_id)):
+            raise Term("tool result with invalid ids")
+        if not finite_usage(Usage(tool_cpu_seconds=res.cpu_seconds)) or not 0 <= res.seconds < 1e9:
+            raise Term("tool result with a non-finite or negative time")
+        out = await self._apply(
+            res.tenant,
+            res.task_id,
+            lambda run, now, ctx: T.tool_result(_must(run), res, self.rules, now),
+        )
+        if out is None:
+            raise Term(f"tool result for unknown run {res.tenant}.{res.task_id}")
 
     # -- timers ------------------------------------------------------------
 

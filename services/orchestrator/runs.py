@@ -23,10 +23,26 @@ from nats.js.kv import KeyValue
 from proto import codec
 from proto.messages import Budget, ContextRef, ErrorInfo, Usage
 
-StepStatus = Literal["dispatched", "done", "failed"]
+StepStatus = Literal["dispatched", "tools", "done", "failed"]  # tools: waiting for its calls
+CallStatus = Literal["dispatched", "done"]
 RunStatus = Literal["running", "completed", "failed", "cancelled", "erased"]
 ERASED: RunStatus = "erased"  # a tombstone: the task was erased with its session
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled", ERASED})
+
+
+class CallState(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """One tool call of a step: a recorded sub-step (``t<turn>c<i>``)."""
+
+    tool: str
+    arguments: str
+    call_id: str  # the model's id of the call
+    status: CallStatus = "dispatched"
+    dispatched_at: float = 0.0
+    outcome: str = ""
+    preview: str = ""  # the start of its result, as the agent reads it
+    cpu_seconds: float = 0.0
+    seconds: float = 0.0
+    ref: ContextRef | None = None  # the session with its result
 
 
 class StepState(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -46,6 +62,8 @@ class StepState(msgspec.Struct, omit_defaults=True, kw_only=True):
     worker: str = ""
     cached_tokens: int = 0
     ref: ContextRef | None = None  # the context the step reads; after it, its answer
+    turn: int = 0  # model turns that called tools so far (each a job of its own)
+    calls: dict[str, CallState] = {}  # its tool calls by ``t<turn>c<i>``
 
 
 class RunState(msgspec.Struct, omit_defaults=True, kw_only=True):

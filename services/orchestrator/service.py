@@ -45,7 +45,9 @@ async def _watch_backlog(bus: Bus, settings: OrchestratorSettings, hb: Heartbeat
 
 
 async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Services) -> None:
-    specs = load_dir(BUILTIN_WORKFLOWS, settings.workflows_dir)
+    specs = load_dir(
+        BUILTIN_WORKFLOWS, settings.workflows_dir, mcp_servers=frozenset(settings.mcp_servers)
+    )
     workflows = {name: GraphWorkflow(spec) for name, spec in specs.items()}
     tenants = settings.tenant_ids
     await bus.provision(
@@ -55,6 +57,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
             streams.ORCHESTRATOR_RESULTS,
             streams.ORCHESTRATOR_TIMERS,
             streams.ORCHESTRATOR_ERASURES,
+            streams.ORCHESTRATOR_TOOL_RESULTS,
             streams.worker_consumer(settings.default_pool),
         ],
     )
@@ -94,7 +97,9 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     await MaxDeliveryWatch(bus, [(c.stream, c.durable) for c in watched]).start()
     svc.bus, svc.runs, svc.conductor, svc.workflows = bus, runs, conductor, specs
     svc.tenants = frozenset(tenants)
+    catalog = await bus.ensure_bucket(streams.TOOL_CATALOG)
     watcher = asyncio.create_task(_watch_backlog(bus, settings, hb))
+    tool_watch = asyncio.create_task(conductor.tools.watch(catalog))
     health.ready, health.reason = True, "serving"
     try:
         await asyncio.gather(
@@ -113,7 +118,13 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
                 conductor.on_result,
                 concurrency=settings.result_concurrency,
             ),
+            bus.consume(
+                streams.ORCHESTRATOR_TOOL_RESULTS,
+                conductor.on_tool_result,
+                concurrency=settings.result_concurrency,
+            ),
         )
     finally:
         health.ready, health.reason = False, "stopping"
         watcher.cancel()
+        tool_watch.cancel()

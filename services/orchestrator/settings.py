@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
@@ -52,6 +53,11 @@ class OrchestratorSettings(CommonSettings):
     # storing this step as done, before dispatching what follows it
     # (BATON_TEST_CRASH_AFTER_COMMIT=r1.plan; see tests/test_faults.py).
     test_crash_after_commit: str = ""
+    # The MCP servers tool workers connect to (BATON_MCP_SERVERS, the same
+    # JSON): workflows may name their tools as mcp.<server>.<tool>.
+    mcp_servers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Price of one CPU-hour of sandboxed tool time (USD), for cost accounting.
+    tool_cpu_hour_usd: float = 0.05
 
     @property
     def tenant_ids(self) -> list[str]:

@@ -34,10 +34,16 @@ from proto.messages import (
     InferenceResult,
     Step,
     TaskEvent,
+    ToolJob,
+    ToolResult,
+    ToolSpec,
+    Usage,
 )
+from proto.tools import BUILTIN_SPECS
 
-from .runs import ERASED, RunState, StepState
+from .runs import ERASED, CallState, RunState, StepState
 from .workflows import Done, GraphWorkflow, StepPlan
+from .workflows.graph import parse_step_id
 
 MIN_STEP_TOKENS = 32  # below this share of the budget, a step is not worth dispatching
 MAX_TIMER_SLEEP = 300.0  # a watchdog sleeps at most this long between looks
@@ -97,6 +103,15 @@ class Dispatch:
 
 
 @dataclass(frozen=True, slots=True)
+class DispatchTool:
+    """Publish a tool call on ``baton.tools.<pool>``."""
+
+    job: ToolJob
+    pool: str
+    msg_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Watch:
     """Arm the run's durable watchdog: look at the run at ``due``."""
 
@@ -108,7 +123,7 @@ class AbortGenerations:
     """Tell workers to stop the run's generations."""
 
 
-Effect = Emit | Dispatch | Watch | AbortGenerations
+Effect = Emit | Dispatch | DispatchTool | Watch | AbortGenerations
 
 
 # -- outcomes ---------------------------------------------------------------
@@ -151,9 +166,22 @@ class Rules:
     step_timeout: float = 600.0
     step_retries: int = 1
     price: Callable[[str], float] = lambda pool: 0.0  # USD per GPU-hour of a pool
+    # The spec (schema) of a tool an agent names: built-ins are known, MCP
+    # tools come from the tool pools' catalogs. None: not offered (yet).
+    tool_spec: Callable[[str], ToolSpec | None] = BUILTIN_SPECS.get
+    tool_cpu_price: float = 0.0  # USD per CPU-hour of sandboxed tool time
 
     def timeout(self, run: RunState, agent: str) -> float:
         return self.workflows[run.workflow].agents[agent].timeout or self.step_timeout
+
+    def offered(self, run: RunState, agent: str, st: StepState) -> tuple[list[ToolSpec], str]:
+        """The tools a step's next model turn is offered, and the choice; none
+        once the step made ``max_tool_calls`` calls (the model must answer)."""
+        spec = self.workflows[run.workflow].agents[agent]
+        if not spec.tools or spec.tool_choice == "none" or len(st.calls) >= spec.max_tool_calls:
+            return [], "none"
+        tools = [t for t in (self.tool_spec(n) for n in spec.tools) if t is not None]
+        return tools, spec.tool_choice if tools else "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +222,7 @@ def in_flight(r: RunState | None) -> int:
     """Steps dispatched and unanswered (none once the run has ended)."""
     if r is None or r.terminal:
         return 0
-    return sum(1 for s in r.steps.values() if s.status == "dispatched")
+    return sum(1 for s in r.steps.values() if s.status in ("dispatched", "tools"))
 
 
 def _event(run: RunState, now: float, key: str, event: TaskEvent) -> Emit:
@@ -228,8 +256,9 @@ def _job(run: RunState, rules: Rules, now: float, step: str, st: StepState) -> D
     assert st.ref is not None
     wf = rules.workflows[run.workflow]
     agent = wf.agents[st.agent]
+    tools, choice = rules.offered(run, st.agent, st)
     job = InferenceJob(
-        job_id=keys.job(run.tenant, run.task_id, step),
+        job_id=keys.job_turn(keys.job(run.tenant, run.task_id, step), st.turn),
         task_id=run.task_id,
         tenant=run.tenant,
         session=st.session,
@@ -242,16 +271,45 @@ def _job(run: RunState, rules: Rules, now: float, step: str, st: StepState) -> D
         temperature=agent.temperature if run.temperature is None else run.temperature,
         system=agent.system,
         response_schema=wf.route_schema(step),
+        tools=tools,
+        tool_choice=choice,
         published_at=now,
     )
     return Dispatch(job, st.pool, keys.job_message(job.job_id, st.attempt))
+
+
+def _tool_job(run: RunState, rules: Rules, step: str, st: StepState, key: str) -> DispatchTool:
+    call = st.calls[key]
+    agent = rules.workflows[run.workflow].agents[st.agent]
+    call_id = keys.tool_call(run.tenant, run.task_id, step, key)
+    job = ToolJob(
+        call_id=call_id, task_id=run.task_id, tenant=run.tenant, session=st.session,
+        step=step, tool=call.tool, arguments=call.arguments, tool_call_id=call.call_id,
+        ref=st.ref, published_at=call.dispatched_at,
+    )  # fmt: skip
+    return DispatchTool(job, agent.tool_pool, keys.job_message(call_id, st.attempt))
+
+
+def _tool_started(run: RunState, now: float, step: str, st: StepState, key: str) -> Emit:
+    call = st.calls[key]
+    ev = Step(task_id=run.task_id, step=step, agent=st.agent, status="started",
+              tool=call.tool, call=key)  # fmt: skip
+    return _event(run, now, keys.step_event(f"{step}.{key}", "started"), ev)
+
+
+def _tool_done(run: RunState, now: float, step: str, st: StepState, key: str) -> Emit:
+    call = st.calls[key]
+    status = "done" if call.outcome == "ok" else "failed"
+    ev = Step(task_id=run.task_id, step=step, agent=st.agent, status=status, tool=call.tool,
+              call=key, outcome=call.outcome, seconds=round(call.seconds, 6))  # fmt: skip
+    return _event(run, now, keys.step_event(f"{step}.{key}", "done"), ev)
 
 
 def _next_look(run: RunState, rules: Rules, now: float) -> float | None:
     """When the watchdog should look next: the earliest step deadline."""
     if run.terminal:
         return None
-    deadlines = [s.deadline for s in run.steps.values() if s.status == "dispatched"]
+    deadlines = [s.deadline for s in run.steps.values() if s.status in ("dispatched", "tools")]
     return min(deadlines) if deadlines else now + rules.step_timeout
 
 
@@ -293,6 +351,12 @@ def replay(run: RunState, rules: Rules, now: float) -> list[Effect]:
     ]
     for step, st in run.steps.items():
         effects.append(_started(run, now, step, st))
+        for key, call in st.calls.items():
+            effects.append(_tool_started(run, now, step, st, key))
+            if call.status == "done":
+                effects.append(_tool_done(run, now, step, st, key))
+            elif st.status == "tools" and not run.terminal:
+                effects.append(_tool_job(run, rules, step, st, key))
         if st.status == "done":
             effects.append(_done(run, now, step, st))
         elif st.status == "dispatched" and not run.terminal:
@@ -434,6 +498,9 @@ def result(
         return Defer(0.5, f"step {res.step} not recorded yet")
     if run.terminal or st is None or st.status != "dispatched":
         return Transition(run, False, replay(run, rules, now), note="already_recorded")
+    if res.job_id != keys.job_turn(keys.job(run.tenant, run.task_id, res.step), st.turn):
+        # An earlier turn's answer delivered again: that turn is recorded.
+        return Transition(run, False, replay(run, rules, now), note="already_recorded")
     if res.error is not None:
         if res.error.code == ErrorCode.BUDGET_TOO_SMALL and st.context_budget:
             # The window was cut to fit the task's budget: the budget ran out.
@@ -441,12 +508,18 @@ def result(
         else:
             _fail(run, res.error, res.step)
         return Transition(run, True, _terminal(run, now))
-    st.status, st.finished_at, st.output = "done", received or now, res.output
-    st.usage, st.worker = res.usage, res.worker
-    st.cost_usd = res.usage.gpu_seconds / 3600.0 * rules.price(st.pool)
+    # Every model turn of the step adds up (a step that called tools had several).
+    cost = res.usage.gpu_seconds / 3600.0 * rules.price(st.pool)
+    st.usage, st.worker, st.cost_usd = st.usage + res.usage, res.worker, st.cost_usd + cost
     st.cached_tokens, st.ref = res.cached_tokens, res.ref or st.ref
     run.usage = run.usage + res.usage
-    run.cost_usd += st.cost_usd
+    run.cost_usd += cost
+    if (
+        res.tool_calls
+        and len(st.calls) < rules.workflows[run.workflow].agents[st.agent].max_tool_calls
+    ):
+        return _call_tools(run, rules, now, res)
+    st.status, st.finished_at, st.output = "done", received or now, res.output
     effects: list[Effect] = [_done(run, now, res.step, st)]
     wf = rules.workflows[run.workflow]
     nxt = wf.advance(run, res.step)
@@ -457,10 +530,12 @@ def result(
         return Transition(run, True, effects)
     ref = st.ref
     if st.session != run.session:  # fan-in: bring the branches' answers home
+        round_, sid, _ = parse_step_id(res.step)
         answers = tuple(
-            ChatMessage(role="user", name=agent, content=f"[{agent}] {text}")
+            ChatMessage(role="user", name=agent, content=f"[{agent}] {text}"
+                        + _tool_notes(agent, run.steps[f"r{round_}.{sid}.{agent}"]))
             for agent, text in wf.fan_in(run, res.step)
-        )
+        )  # fmt: skip
         op = AppendOp(run.session, keys.fan_in(res.step), answers)
         got = _context(ctx, op)
         if got is None:
@@ -476,6 +551,74 @@ def result(
     return Transition(run, True, effects + more)
 
 
+def _tool_notes(agent: str, st: StepState) -> str:
+    """What a branch's tool calls returned, for the agents after the fan-in."""
+    return "".join(f"\n[{agent} called {c.tool}: {c.outcome}] {c.preview}"
+                   for c in st.calls.values() if c.status == "done")  # fmt: skip
+
+
+def _call_tools(run: RunState, rules: Rules, now: float, res: InferenceResult) -> Transition:
+    """The model's turn called tools: record each call as a sub-step of the
+    step and dispatch them all at once (they run in parallel); the step waits."""
+    st = run.steps[res.step]
+    if _over_usd(run):
+        _stop_for_budget(run, f"at step {res.step}", res.step)
+        return Transition(run, True, _terminal(run, now))
+    room = rules.workflows[run.workflow].agents[st.agent].max_tool_calls - len(st.calls)
+    effects: list[Effect] = []
+    for i, c in enumerate(res.tool_calls[:room]):
+        key = keys.call_key(st.turn, i)
+        st.calls[key] = CallState(tool=c.name, arguments=c.arguments, call_id=c.id,
+                                  dispatched_at=now)  # fmt: skip
+    st.status, st.attempt = "tools", 1
+    st.dispatched_at, st.deadline = now, now + rules.timeout(run, st.agent)
+    for key in st.calls:
+        if key.startswith(f"t{st.turn}c"):
+            effects += [_tool_started(run, now, res.step, st, key),
+                        _tool_job(run, rules, res.step, st, key)]  # fmt: skip
+    return Transition(run, True, effects)
+
+
+def tool_result(run: RunState, res: ToolResult, rules: Rules, now: float) -> Outcome:
+    """A tool call's result: record it (its CPU time into usage and cost);
+    once every call of the turn is answered, the model goes again on the
+    session that now holds their results — or, past ``max_tool_calls``,
+    without tools, so it answers."""
+    run = _copy(run)
+    st = run.steps.get(res.step)
+    prefix = keys.tool_call(run.tenant, run.task_id, res.step, "")
+    key = res.call_id[len(prefix) :] if res.call_id.startswith(prefix) else ""
+    call = st.calls.get(key) if st is not None else None
+    if call is None and not run.terminal:
+        return Defer(0.5, f"tool call {res.call_id} not recorded yet")
+    if run.terminal or st is None or call is None or call.status != "dispatched":
+        return Transition(run, False, replay(run, rules, now), note="already_recorded")
+    call.status, call.outcome, call.preview = "done", res.outcome, res.preview[:512]
+    call.cpu_seconds, call.seconds, call.ref = res.cpu_seconds, res.seconds, res.ref
+    used = Usage(tool_cpu_seconds=res.cpu_seconds)
+    cost = res.cpu_seconds / 3600.0 * rules.tool_cpu_price
+    st.usage, st.cost_usd = st.usage + used, st.cost_usd + cost
+    run.usage, run.cost_usd = run.usage + used, run.cost_usd + cost
+    effects: list[Effect] = [_tool_done(run, now, res.step, st, key)]
+    turn = [c for k, c in st.calls.items() if k.startswith(f"t{st.turn}c")]
+    if st.status != "tools" or any(c.status != "done" for c in turn):
+        return Transition(run, True, effects)
+    refs = [c.ref for c in turn if c.ref is not None]
+    if refs:  # the newest append covers every result of the turn
+        st.ref = max(refs, key=lambda r: r.version)
+    remaining = _remaining_tokens(run)
+    if (remaining is not None and remaining < MIN_STEP_TOKENS) or _over_usd(run):
+        _stop_for_budget(run, f"at step {res.step}", res.step)
+        return Transition(run, True, effects + _terminal(run, now))
+    if remaining is not None:
+        st.max_tokens = min(st.max_tokens, remaining // 2)
+        st.context_budget = remaining - st.max_tokens
+    st.turn, st.status, st.attempt = st.turn + 1, "dispatched", 1
+    st.dispatched_at, st.deadline = now, now + rules.timeout(run, st.agent)
+    effects.append(_job(run, rules, now, res.step, st))
+    return Transition(run, True, effects)
+
+
 def timer(run: RunState, rules: Rules, now: float) -> Transition:
     """The watchdog looks at the run: a step past its deadline is dispatched
     again (up to ``step_retries`` times), then the run fails with
@@ -486,17 +629,22 @@ def timer(run: RunState, rules: Rules, now: float) -> Transition:
     effects: list[Effect] = []
     changed = False
     for step, st in run.steps.items():
-        if st.status != "dispatched" or st.deadline > now:
+        if st.status not in ("dispatched", "tools") or st.deadline > now:
             continue
         changed = True
         timeout = rules.timeout(run, st.agent)
         if st.attempt > rules.step_retries:
-            message = f"step {step} got no answer within {timeout:.0f}s, {st.attempt} attempt(s)"
+            waited = "no answer" if st.status == "dispatched" else "no tool results"
+            message = f"step {step} got {waited} within {timeout:.0f}s, {st.attempt} attempt(s)"
             _fail(run, error(ErrorCode.STEP_TIMEOUT, message), step)
             return Transition(run, True, _terminal(run, now))
         st.attempt += 1
         st.dispatched_at, st.deadline = now, now + timeout
-        effects.append(_job(run, rules, now, step, st))
+        if st.status == "tools":  # the calls not answered yet go out again
+            effects += [_tool_job(run, rules, step, st, k)
+                        for k, c in st.calls.items() if c.status == "dispatched"]  # fmt: skip
+        else:
+            effects.append(_job(run, rules, now, step, st))
     return Transition(run, changed, effects, wake_at=_next_look(run, rules, now))
 
 

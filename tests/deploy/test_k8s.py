@@ -69,7 +69,7 @@ def test_builtin_objects_validate_against_kubernetes_schemas(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_services_have_probes_resources_pdbs_and_services(overlay):
     deployments = objects(overlay, "Deployment")
-    assert set(deployments) == {"orchestrator", "context-store", "inference-worker"}
+    assert set(deployments) == {"orchestrator", "context-store", "inference-worker", "tool-worker"}
     pdbs = objects(overlay, "PodDisruptionBudget")
     services = objects(overlay, "Service")
     for name, d in deployments.items():
@@ -83,7 +83,7 @@ def test_services_have_probes_resources_pdbs_and_services(overlay):
         assert services[name]["spec"]["ports"][0]["port"] == port
         env = {e["name"]: e.get("value") for e in c.get("env", [])}
         assert env["BATON_HTTP_PORT"] == str(port)
-    assert {8080, 8081, 8082} == {
+    assert {8080, 8081, 8082, 8083} == {
         container(d)["ports"][0]["containerPort"] for d in deployments.values()
     }
 
@@ -123,6 +123,7 @@ def test_keda_scaled_objects_match_streams_and_scaler_needs(overlay):
     expected = {
         "inference-worker": streams.worker_consumer("default"),
         "orchestrator": streams.task_consumer("acme"),
+        "tool-worker": streams.tool_consumer("default"),
     }
     assert set(scaled) == set(expected)
     for name, so in scaled.items():
@@ -187,7 +188,7 @@ def test_monitoring_objects_present(overlay):
 
 # -- fences: NetworkPolicies, TLS, encryption at rest, API keys --------------
 
-BATON_PODS = {"nats", "orchestrator", "context-store", "inference-worker"}
+BATON_PODS = {"nats", "orchestrator", "context-store", "inference-worker", "tool-worker"}
 ANYONE = "anyone"
 
 
@@ -257,7 +258,7 @@ def test_network_policies_fence_nats_and_the_admin_http(overlay):
     assert nats("cluster") == {"nats"}
     assert nats("monitor") == BATON_PODS | {"ns/keda"}  # KEDA's scaler reads /jsz
     assert nats("client") == {ANYONE}  # authenticated, TLS
-    for admin in ("context-store", "inference-worker"):
+    for admin in ("context-store", "inference-worker", "tool-worker"):
         assert reachers(overlay, admin, _port(overlay, admin, "http")) == BATON_PODS | {
             "ns/monitoring"  # Prometheus scrapes /metrics
         }

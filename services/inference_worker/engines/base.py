@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from proto.messages import ChatMessage
+from proto.messages import ChatMessage, ToolCall, ToolSpec
 
 
 class EngineError(Exception):
@@ -59,6 +59,8 @@ class GenerationRequest:
     temperature: float = 0.0
     seed: int | None = None
     json_schema: str | None = None  # constrain the answer (guided decoding) when supported
+    tools: tuple[ToolSpec, ...] = ()  # offered to the model; its answer may call them
+    tool_choice: str = "auto"  # "auto" | "required" | "none"
 
 
 @dataclass(slots=True)
@@ -72,6 +74,7 @@ class GenerationChunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    tool_calls: list[ToolCall] | None = None  # on the last chunk: the calls the model made
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from proto.messages import ChatMessage
+from proto.messages import ChatMessage, ToolCall
+from proto.tools import INVALID_CALL, openai_tools
 from services.inference_worker.engines.base import (
     EngineCapacity,
     EngineDead,
@@ -64,14 +65,33 @@ _METRIC_SAMPLES = {
 _END = object()
 
 
-def _wire_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+def _wire_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     out = []
     for m in messages:
-        item = {"role": m.role, "content": m.content}
-        if m.name:
+        item: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.name and m.role != "tool":
             item["name"] = m.name
+        if m.tool_calls:
+            item["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.name, "arguments": c.arguments}}
+                for c in m.tool_calls
+            ]  # fmt: skip
+        if m.tool_call_id:
+            item["tool_call_id"] = m.tool_call_id
         out.append(item)
     return out
+
+
+def _merge_tool_deltas(acc: dict[int, dict[str, str]], deltas: list[dict[str, Any]]) -> None:
+    """Streamed ``delta.tool_calls`` arrive in pieces (id and name first, then
+    the arguments a fragment at a time), keyed by ``index``."""
+    for d in deltas:
+        slot = acc.setdefault(int(d.get("index", 0)), {"id": "", "name": "", "arguments": ""})
+        slot["id"] = d.get("id") or slot["id"]
+        fn = d.get("function") or {}
+        slot["name"] = fn.get("name") or slot["name"]
+        slot["arguments"] += fn.get("arguments") or ""
 
 
 def _chars(messages: list[ChatMessage]) -> int:
@@ -262,7 +282,10 @@ class OpenAIEngine:
         }
         if request.seed is not None:
             body["seed"] = request.seed
-        if request.json_schema is not None:  # the OpenAI way to ask for guided JSON
+        if request.tools and request.tool_choice != "none":  # passed through as they are
+            body["tools"] = openai_tools(list(request.tools))
+            body["tool_choice"] = request.tool_choice
+        elif request.json_schema is not None:  # the OpenAI way to ask for guided JSON
             body["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {"name": "answer", "schema": json.loads(request.json_schema)},
@@ -276,6 +299,7 @@ class OpenAIEngine:
         self._tasks[request.request_id] = task
 
         text_events = 0
+        calls: dict[int, dict[str, str]] = {}
         finish_reason: str | None = None
         usage: dict[str, Any] | None = None
         try:
@@ -288,6 +312,7 @@ class OpenAIEngine:
                 if item.get("usage"):
                     usage = item["usage"]
                 for choice in item.get("choices") or []:
+                    _merge_tool_deltas(calls, (choice.get("delta") or {}).get("tool_calls") or [])
                     delta = (choice.get("delta") or {}).get("content") or ""
                     if choice.get("finish_reason"):
                         finish_reason = choice["finish_reason"]
@@ -319,7 +344,12 @@ class OpenAIEngine:
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             cached_tokens=cached_tokens,
-        )
+            tool_calls=[
+                ToolCall(id=c["id"] or f"call_{i}", name=c["name"] or INVALID_CALL,
+                         arguments=c["arguments"] or "{}")
+                for i, c in sorted(calls.items())
+            ] or None,
+        )  # fmt: skip
 
     async def _stream(
         self,

@@ -5,6 +5,12 @@ KV-token budget it refuses to exceed (raising ``EngineOOM`` as a GPU would),
 continuous batching (concurrent requests do not slow each other) — and emits
 deterministic text. Fault injection: ``inject_oom(n)`` makes the next ``n``
 generations fail with an OOM.
+
+Tools: offered tools (``tool_choice`` not ``none``) that have no result in
+the window yet (no ``tool`` message of that name) are each called once, in
+the order offered, with arguments built from their schemas by
+``proto.tools.example_arguments`` seeded with the newest user message; once
+every offered tool has a result, the simulator answers in text.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import hashlib
 import json
 from collections.abc import AsyncIterator
 
-from proto.messages import ChatMessage
+from proto.messages import ChatMessage, ToolCall
+from proto.tools import example_arguments
 
 from .base import (
     EngineCapacity,
@@ -131,6 +138,17 @@ class SimEngine:
         self._running[request.request_id] = aborted
         self._kv_used += need
         seed = hashlib.sha256(render(request.messages).encode()).digest()
+        calls = self._tool_calls(request)
+        if calls:
+            try:
+                await asyncio.sleep((prompt - cached) / self.prefill_tps)
+                yield GenerationChunk(text="", finished=True, finish_reason="tool_calls",
+                                      prompt_tokens=prompt, completion_tokens=8 * len(calls),
+                                      cached_tokens=cached, tool_calls=calls)  # fmt: skip
+            finally:
+                self._kv_used -= need
+                self._running.pop(request.request_id, None)
+            return
         if request.json_schema is not None:
             async for chunk in self._json_answer(request, prompt, cached, seed, need):
                 yield chunk
@@ -162,6 +180,19 @@ class SimEngine:
         finally:
             self._kv_used -= need
             self._running.pop(request.request_id, None)
+
+    @staticmethod
+    def _tool_calls(request: GenerationRequest) -> list[ToolCall]:
+        if not request.tools or request.tool_choice == "none":
+            return []
+        answered = {m.name for m in request.messages if m.role == "tool"}
+        users = [m.content for m in request.messages if m.role == "user"]
+        seed = users[-1][:200] if users else ""
+        return [
+            ToolCall(id=f"call_{i}", name=t.name,
+                     arguments=json.dumps(example_arguments(json.loads(t.parameters), seed)))
+            for i, t in enumerate(request.tools) if t.name not in answered
+        ]  # fmt: skip
 
     async def _json_answer(
         self, request: GenerationRequest, prompt: int, cached: int, seed: bytes, need: int

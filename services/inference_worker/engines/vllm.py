@@ -24,6 +24,7 @@ import asyncio
 import atexit
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from proto.messages import ChatMessage
+from proto.tools import calls_schema, openai_tools
 from services.inference_worker.engines.base import (
     EngineCapacity,
     EngineDead,
@@ -43,6 +45,7 @@ from services.inference_worker.engines.base import (
     GenerationRequest,
     PromptTooLong,
 )
+from services.inference_worker.engines.toolcalls import parse_guided
 from services.inference_worker.engines.vllm_args import EngineArgsError, resolve
 
 _RUN_DIR_VARS = ("VLLM_RPC_BASE_PATH", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR")
@@ -141,6 +144,26 @@ def _stat_logger_factory(counters: _Counters) -> Any:
             pass
 
     return _BatonStatLogger
+
+
+def _wire_message(m: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates take it (the OpenAI shape)."""
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.name:
+        out["name"] = m.name
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]  # fmt: skip
+        if not m.content:
+            out["content"] = json.dumps(
+                {"tool_calls": [{"name": c.name, "arguments": c.arguments} for c in m.tool_calls]}
+            )
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    return out
 
 
 class VLLMEngine:
@@ -249,22 +272,26 @@ class VLLMEngine:
             raise EngineError("engine not started")
         return self._capacity
 
-    def _prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
+    def _prompt_ids(self, messages: list[ChatMessage], tools: tuple[Any, ...] = ()) -> list[int]:
+        """The rendered prompt's token ids. Offered tools go to the chat
+        template (``tools=``, the OpenAI format; templates with tool support
+        render them); a turn that called tools carries ``tool_calls``, and as
+        its content their JSON, so templates without tool support still show
+        what was called."""
         if self._tokenizer is None:
             raise EngineError("engine not started")
-        conversation = [
-            {"role": m.role, "content": m.content} | ({"name": m.name} if m.name else {})
-            for m in messages
-        ]
+        conversation = [_wire_message(m) for m in messages]
+        extra = {"tools": openai_tools(list(tools))} if tools else {}
         text = self._tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=True
+            conversation, tokenize=False, add_generation_prompt=True, **extra
         )
         # The template carries any special tokens itself.
         ids = self._tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         return [int(i) for i in ids]
 
     def count_prompt_tokens(self, messages: list[ChatMessage]) -> int:
-        """Exactly the number of tokens ``generate`` submits for ``messages``."""
+        """Exactly the number of tokens ``generate`` submits for ``messages``
+        (offered tools, rendered by the template, come on top)."""
         return len(self._prompt_ids(messages))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
@@ -285,7 +312,8 @@ class VLLMEngine:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        prompt_ids = self._prompt_ids(request.messages)
+        use_tools = bool(request.tools) and request.tool_choice != "none"
+        prompt_ids = self._prompt_ids(request.messages, request.tools if use_tools else ())
         prompt_tokens = len(prompt_ids)
         max_len = self.capacity().max_model_len
         if prompt_tokens + request.max_tokens > max_len:
@@ -296,10 +324,14 @@ class VLLMEngine:
             seed=request.seed,
             output_kind=RequestOutputKind.DELTA,
         )
-        if request.json_schema is not None:  # guided decoding (xgrammar)
+        schema = request.json_schema
+        if use_tools:  # the answer is calls fitting the tools' schemas (or, with auto, text)
+            schema = calls_schema(list(request.tools), request.tool_choice)
+        if schema is not None:  # guided decoding (xgrammar)
             from vllm.sampling_params import StructuredOutputsParams
 
-            params.structured_outputs = StructuredOutputsParams(json=request.json_schema)
+            params.structured_outputs = StructuredOutputsParams(json=schema)
+        held: list[str] = []  # tool mode: the answer is read whole, not streamed
         completion_tokens = 0
         self._inflight.add(request.request_id)
         try:
@@ -311,6 +343,10 @@ class VLLMEngine:
                     if piece is not None:
                         completion_tokens += len(piece.token_ids)
                     if out.finished:
+                        calls = None
+                        if use_tools:
+                            parsed = parse_guided("".join(held) + text, request.tool_choice)
+                            text, calls = parsed.content, parsed.calls or None
                         yield GenerationChunk(
                             text=text,
                             finished=True,
@@ -318,9 +354,12 @@ class VLLMEngine:
                             prompt_tokens=prompt_tokens,
                             completion_tokens=completion_tokens,
                             cached_tokens=int(out.num_cached_tokens or 0),
+                            tool_calls=calls,
                         )
                         return
-                    if text:
+                    if text and use_tools:
+                        held.append(text)
+                    elif text:
                         yield GenerationChunk(text=text)
         except EngineDeadError as exc:
             raise EngineDead(str(exc)) from exc

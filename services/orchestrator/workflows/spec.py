@@ -19,6 +19,7 @@ import yaml
 
 from proto.ids import ID_PATTERN, is_valid_id
 from proto.limits import MAX_OUTPUT_TOKENS
+from proto.tools import TOOL_CHOICES, check_tool_name
 
 DONE = "done"
 
@@ -27,9 +28,18 @@ class AgentSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     role: str
     system: str
     pool: str = "default"
+    model: str | None = None  # the model pool its steps run on (another name for `pool`)
     max_tokens: int = 128
     temperature: float = 0.0
     timeout: float = 0.0  # seconds a step may wait for its answer; 0 = the default
+    tools: list[str] = []  # search, python, mcp.<server>.<tool>
+    max_tool_calls: int = 8  # per step; past it the model must answer in text
+    tool_choice: str = "auto"  # auto | required | none
+    tool_pool: str = "default"  # the tool worker pool its calls go to
+
+    def __post_init__(self) -> None:
+        if self.model is not None:
+            self.pool = self.model
 
 
 class RouteSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -93,7 +103,10 @@ def _path(text: str) -> list[str | int]:
     return parts
 
 
-def _check(spec: WorkflowSpec, fail: Any) -> None:
+MAX_TOOL_CALLS = 64
+
+
+def _check(spec: WorkflowSpec, fail: Any, mcp_servers: frozenset[str]) -> None:
     if not is_valid_id(spec.name):
         fail(["name"], f"name must match {ID_PATTERN}")
     if not spec.steps:
@@ -105,6 +118,18 @@ def _check(spec: WorkflowSpec, fail: Any) -> None:
             fail(["agents", name], f"agent and pool names must match {ID_PATTERN}")
         if not 1 <= agent.max_tokens <= MAX_OUTPUT_TOKENS:
             fail(["agents", name, "max_tokens"], f"max_tokens must be 1..{MAX_OUTPUT_TOKENS}")
+        if not is_valid_id(agent.tool_pool):
+            fail(["agents", name, "tool_pool"], f"tool_pool must match {ID_PATTERN}")
+        for i, tool in enumerate(agent.tools):
+            why = check_tool_name(tool, mcp_servers)
+            if why is not None:
+                fail(["agents", name, "tools", i], why)
+        if len(set(agent.tools)) != len(agent.tools):
+            fail(["agents", name, "tools"], "a tool is listed twice")
+        if agent.tool_choice not in TOOL_CHOICES:
+            fail(["agents", name, "tool_choice"], f"tool_choice must be one of {TOOL_CHOICES}")
+        if not 0 <= agent.max_tool_calls <= MAX_TOOL_CALLS:
+            fail(["agents", name, "max_tool_calls"], f"max_tool_calls must be 0..{MAX_TOOL_CALLS}")
     ids = [s.id for s in spec.steps]
     for i, step in enumerate(spec.steps):
         at: list[str | int] = ["steps", i]
@@ -129,8 +154,11 @@ def _check(spec: WorkflowSpec, fail: Any) -> None:
         fail(["output"], f"output names unknown step {spec.output!r}")
 
 
-def parse(text: str, source: str = "<workflow>") -> WorkflowSpec:
-    """Parse and validate a workflow file.
+def parse(
+    text: str, source: str = "<workflow>", mcp_servers: frozenset[str] = frozenset()
+) -> WorkflowSpec:
+    """Parse and validate a workflow file. ``mcp_servers``: the MCP servers
+    configured (``BATON_MCP_SERVERS``), whose tools agents may name.
 
     Raises:
         WorkflowError: with the line at fault.
@@ -159,21 +187,23 @@ def parse(text: str, source: str = "<workflow>") -> WorkflowSpec:
         spec = msgspec.convert(data, WorkflowSpec)
     except msgspec.ValidationError as exc:
         raise WorkflowError(source, _line_of(root, _path(str(exc))), str(exc)) from exc
-    _check(spec, fail)
+    _check(spec, fail, mcp_servers)
     return spec
 
 
-def load_file(path: Path) -> WorkflowSpec:
-    return parse(path.read_text(), str(path))
+def load_file(path: Path, mcp_servers: frozenset[str] = frozenset()) -> WorkflowSpec:
+    return parse(path.read_text(), str(path), mcp_servers)
 
 
-def load_dir(*dirs: Path | None) -> dict[str, WorkflowSpec]:
+def load_dir(
+    *dirs: Path | None, mcp_servers: frozenset[str] = frozenset()
+) -> dict[str, WorkflowSpec]:
     """Every ``*.yaml`` in ``dirs`` (later ones override earlier by name)."""
     found: dict[str, WorkflowSpec] = {}
     for d in dirs:
         if d is None:
             continue
         for path in sorted(Path(d).glob("*.yaml")):
-            spec = load_file(path)
+            spec = load_file(path, mcp_servers)
             found[spec.name] = spec
     return found

@@ -1,0 +1,1 @@
+"""The tool worker: runs agents' tool calls pulled from ``baton.tools.<pool>``."""

@@ -1,0 +1,104 @@
+"""Feeds the search index from the ``BATON_DOCUMENTS`` stream.
+
+Every tool worker reads the whole stream (an ordered consumer starting after
+the last sequence its index applied), so each replica's index holds every
+tenant's documents. Erasure: the context store erases a tenant's documents
+from the stream and broadcasts ``baton.docserased.<tenant>``; a worker that
+was down then finds, at start, documents in its index that the stream no
+longer holds and drops them (``reconcile``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import structlog
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from baton.transport import Bus
+from proto import codec, subjects
+from proto.messages import DocumentPut, DocumentsErased
+from proto.streams import DOCUMENTS
+
+from .tools.search import SearchIndex
+
+log = structlog.get_logger("tool_worker")
+
+
+class DocumentIndexer:
+    def __init__(self, bus: Bus, index: SearchIndex) -> None:
+        self.bus = bus
+        self.index = index
+        self._sub: object | None = None
+        self._applied = asyncio.Condition()
+
+    async def start(self) -> None:
+        await self.reconcile()
+        start = self.index.last_seq
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start else DeliverPolicy.ALL,
+            opt_start_seq=start + 1 if start else None,
+        )
+        self._sub = await self.bus.js.subscribe(
+            f"{subjects.DOCUMENTS}.>", stream=DOCUMENTS.name, ordered_consumer=True,
+            config=config, cb=self._on_doc,
+        )  # fmt: skip
+        await self.bus.nc.subscribe(f"{subjects.DOCUMENTS_ERASED}.*", cb=self._on_erased)
+        log.info("search_index_opened", documents=self.index.count(), resumed_after=start)
+        await self.caught_up(timeout=30.0)
+
+    async def reconcile(self) -> int:
+        """Drop indexed documents the stream no longer holds (erased while down)."""
+        info = await self.bus.js.stream_info(
+            DOCUMENTS.name, subjects_filter=f"{subjects.DOCUMENTS}.>"
+        )
+        live = {tuple(s.split(".")[2:4]) for s in (info.state.subjects or {})}
+        gone: dict[str, set[str]] = {}
+        for tenant, doc_id in self.index.documents() - live:
+            gone.setdefault(tenant, set()).add(doc_id)
+        dropped = sum(self.index.erase(t, ids) for t, ids in gone.items())
+        if dropped:
+            log.info("search_index_reconciled", dropped=dropped)
+        return dropped
+
+    async def _on_doc(self, msg: Msg) -> None:
+        seq = msg.metadata.sequence.stream
+        try:
+            doc = codec.decode(msg.data, DocumentPut)
+            _, _, tenant, doc_id = msg.subject.split(".", 3)
+            if doc.tenant != tenant or doc.doc_id != doc_id:
+                raise ValueError("the body's tenant or id is not the subject's")
+        except (codec.DecodeError, ValueError) as exc:
+            log.warning("document_skipped", seq=seq, error=str(exc))
+            self.index.skip(seq)
+        else:
+            self.index.put(tenant, doc_id, doc.title, doc.text, seq)
+        async with self._applied:
+            self._applied.notify_all()
+
+    async def _on_erased(self, msg: Msg) -> None:
+        with contextlib.suppress(codec.DecodeError):
+            erased = codec.decode(msg.data, DocumentsErased)
+            n = self.index.erase(erased.tenant)
+            log.info("search_documents_erased", tenant=erased.tenant, documents=n)
+
+    async def caught_up(self, timeout: float = 2.0) -> bool:
+        """Wait until every document published so far is indexed, so a search
+        right after an upload sees it. False if that took over ``timeout``."""
+        if self._sub is None:
+            return False
+        deadline = time.monotonic() + timeout
+        while True:
+            info = await self._sub.consumer_info()  # type: ignore[attr-defined]
+            delivered = info.delivered.stream_seq or 0
+            if not info.num_pending and self.index.last_seq >= delivered:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            async with self._applied:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._applied.wait(), min(left, 0.05))

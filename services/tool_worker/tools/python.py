@@ -1,0 +1,268 @@
+"""``python``: run a model's code in a sandbox.
+
+Layers, and what each one stops:
+
+* **bubblewrap** (``bwrap``, Debian's package): new user, PID, network, IPC,
+  UTS and cgroup namespaces. *No network*: the sandbox has only its own
+  loopback, so it reaches nothing outside. *Nothing outside its directory*:
+  the root is an empty read-only tmpfs with ``/usr`` bound read-only (the
+  interpreter and stdlib) and a fresh host directory bound read-write at
+  ``/sandbox``; no ``/etc``, ``/home``, ``/work``, no host ``/tmp``. The PID
+  namespace means the whole process tree dies with the sandbox's first
+  process, so nothing outlives the call. ``--disable-userns`` stops it
+  nesting namespaces to regain privileges; the environment is cleared.
+* **an unprivileged uid per slot** (the worker is root in its container;
+  the sandbox is not): file permissions apply, and ``RLIMIT_NPROC`` — which
+  the kernel does not enforce for root — is counted for that uid alone.
+* **a cgroup per slot** (where the worker may create one, ``cgroups.py``):
+  ``pids.max`` caps the process count whatever the uid, and CPU time is read
+  from it (``wait4`` cannot see through the PID namespace).
+* **rlimits** set before exec: ``RLIMIT_CPU`` (CPU seconds: an infinite loop
+  is killed by SIGXCPU/SIGKILL), ``RLIMIT_AS`` (address space: a 2 GB
+  allocation raises ``MemoryError``), ``RLIMIT_NPROC`` (a fork bomb gets
+  ``EAGAIN``), ``RLIMIT_FSIZE`` (largest file it may write), ``RLIMIT_NOFILE``.
+* **the worker**: a wall-clock timeout kills the process group (a sleeping
+  process uses no CPU), and stdout/stderr are read up to the output limit —
+  past it the sandbox is killed and the call is ``tool_output_too_large``.
+
+Every failure is a ``ToolError`` the agent sees; the worker only runs
+``bwrap`` and waits for it, so nothing the code does can take it down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import selectors
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from proto.errors import ErrorCode
+from proto.tools import BUILTIN_SPECS, PYTHON_PARAMETERS
+
+from . import CallContext, ToolError, ToolOutput
+from .cgroups import SlotCgroup
+
+BWRAP = "bwrap"
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxLimits:
+    cpu_seconds: int = 5
+    memory_bytes: int = 512 * 2**20
+    processes: int = 32
+    file_bytes: int = 16 * 2**20
+    open_files: int = 64
+    output_bytes: int = 64 * 1024
+    uid_base: int = 61000  # slot i runs as uid/gid uid_base + i
+    slots: int = 4
+    interpreter: str = "/usr/bin/python3"
+
+
+@dataclass(slots=True)
+class RunResult:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    cpu_seconds: float
+    wall_seconds: float
+    timed_out: bool = False
+    too_much_output: bool = False
+
+
+def bwrap_command(workdir: str, interpreter: str) -> list[str]:
+    """The bubblewrap command line that runs ``/sandbox/main.py``."""
+    return [
+        BWRAP,
+        "--unshare-all", "--unshare-user", "--disable-userns",
+        "--die-with-parent", "--new-session",
+        "--ro-bind", "/usr", "/usr",
+        "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+        "--symlink", "usr/bin", "/bin",
+        "--proc", "/proc", "--dev", "/dev",
+        "--bind", workdir, "/sandbox", "--chdir", "/sandbox",
+        "--remount-ro", "/",
+        "--clearenv",
+        "--setenv", "PATH", "/usr/bin", "--setenv", "HOME", "/sandbox",
+        "--setenv", "TMPDIR", "/sandbox", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
+        interpreter, "-I", "-u", "main.py",
+    ]  # fmt: skip
+
+
+def available() -> bool:
+    return shutil.which(BWRAP) is not None
+
+
+def _limiter(limits: SandboxLimits, uid: int, cgroup: SlotCgroup | None) -> Any:
+    def apply() -> None:  # runs in the child between fork and exec
+        os.setsid()
+        if cgroup is not None:
+            cgroup.join()
+        # CPU: SIGXCPU at the soft limit (the process dies of it), SIGKILL a
+        # second later should it catch that signal.
+        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
+        for which, value in (
+            (resource.RLIMIT_AS, limits.memory_bytes),
+            (resource.RLIMIT_NPROC, limits.processes),
+            (resource.RLIMIT_FSIZE, limits.file_bytes),
+            (resource.RLIMIT_NOFILE, limits.open_files),
+            (resource.RLIMIT_CORE, 0),
+        ):
+            resource.setrlimit(which, (value, value))
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+
+    return apply
+
+
+def run_sandboxed(
+    code: str, limits: SandboxLimits, slot: int, timeout: float, cgroup: SlotCgroup | None = None
+) -> RunResult:
+    """Blocking: run ``code`` in a fresh directory under the sandbox (call it
+    in a thread). The directory is removed afterwards. ``cgroup`` (the slot's)
+    counts CPU time and caps processes; without it CPU time is what
+    ``wait4`` sees."""
+    uid = limits.uid_base + slot
+    cpu_before = cgroup.cpu_seconds() if cgroup is not None else 0.0
+    workdir = tempfile.mkdtemp(prefix="baton-sandbox-")
+    try:
+        os.chmod(workdir, 0o700)
+        Path(workdir, "main.py").write_text(code)
+        if os.geteuid() == 0:
+            os.chown(workdir, uid, uid)
+            os.chown(Path(workdir, "main.py"), uid, uid)
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            bwrap_command(workdir, limits.interpreter),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=_limiter(limits, uid, cgroup) if os.geteuid() == 0 else os.setsid,
+        )  # fmt: skip
+        out, err, timed_out, too_much = _collect(proc, limits.output_bytes, started + timeout)
+        if timed_out or too_much:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        cpu = usage.ru_utime + usage.ru_stime
+        if cgroup is not None:
+            cgroup.settle()
+            cpu = max(cpu, cgroup.cpu_seconds() - cpu_before)
+        return RunResult(
+            returncode=proc.returncode,
+            stdout=out,
+            stderr=err,
+            cpu_seconds=cpu,
+            wall_seconds=time.monotonic() - started,
+            timed_out=timed_out,
+            too_much_output=too_much,
+        )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _collect(
+    proc: subprocess.Popen[bytes], limit: int, deadline: float
+) -> tuple[bytes, bytes, bool, bool]:
+    """Read stdout and stderr until both close, the deadline passes or
+    together they exceed ``limit`` bytes."""
+    assert proc.stdout is not None and proc.stderr is not None
+    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    sel = selectors.DefaultSelector()
+    for f in (proc.stdout, proc.stderr):
+        sel.register(f, selectors.EVENT_READ)
+    timed_out = too_much = False
+    try:
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            for key, _ in sel.select(timeout=min(left, 0.5)):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    continue
+                bufs[key.fd] += chunk
+            if sum(len(b) for b in bufs.values()) > limit:
+                too_much = True
+                break
+    finally:
+        sel.close()
+        proc.stdout.close()
+        proc.stderr.close()
+    out, err = bufs.values()
+    return bytes(out[:limit]), bytes(err[:limit]), timed_out, too_much
+
+
+def _tail(data: bytes, n: int = 2000) -> str:
+    text = data.decode("utf-8", "replace")
+    return text if len(text) <= n else "…" + text[-n:]
+
+
+class PythonTool:
+    name = "python"
+    description = BUILTIN_SPECS["python"].description
+    parameters: dict[str, Any] = PYTHON_PARAMETERS
+
+    def __init__(self, limits: SandboxLimits | None = None) -> None:
+        self.limits = limits or SandboxLimits()
+        self._free = list(range(self.limits.slots))
+        self._slot_ready = asyncio.Semaphore(self.limits.slots)
+        self.cgroups = {
+            i: SlotCgroup.create(self.limits.uid_base + i, self.limits.processes)
+            for i in self._free
+        } if os.geteuid() == 0 else {}  # fmt: skip
+
+    async def run(self, args: dict[str, Any], ctx: CallContext) -> ToolOutput:
+        if not available():
+            raise ToolError(ErrorCode.TOOL_FAILED, "the sandbox (bubblewrap) is not installed")
+        async with self._slot_ready:
+            slot = self._free.pop()
+            try:
+                r = await asyncio.to_thread(run_sandboxed, args["code"], self.limits, slot,
+                                            ctx.timeout, self.cgroups.get(slot))  # fmt: skip
+            finally:
+                self._free.append(slot)
+        return self.judge(r)
+
+    def judge(self, r: RunResult) -> ToolOutput:
+        """A finished run as the agent sees it: output, or an error naming the limit hit."""
+        cpu = round(r.cpu_seconds, 4)
+        if r.timed_out:
+            raise ToolError(ErrorCode.TOOL_TIMEOUT, f"killed after {r.wall_seconds:.1f}s wall time",
+                            cpu_seconds=cpu)  # fmt: skip
+        if r.too_much_output:
+            raise ToolError(
+                ErrorCode.TOOL_OUTPUT_TOO_LARGE,
+                f"output exceeded {self.limits.output_bytes} bytes; the program was killed",
+                cpu_seconds=cpu,
+            )
+        signum = -r.returncode if r.returncode < 0 else r.returncode - 128
+        if r.returncode < 0 or 128 < r.returncode < 160:  # bwrap reports 128 + signal
+            sig = signal.Signals(signum).name if signum in signal.valid_signals() else str(signum)
+            why = {
+                "SIGXCPU": f"CPU time limit ({self.limits.cpu_seconds}s) exceeded",
+                "SIGKILL": "killed (CPU time limit or out of memory)",
+                "SIGXFSZ": f"file size limit ({self.limits.file_bytes} bytes) exceeded",
+            }.get(sig, f"killed by {sig}")
+            raise ToolError(ErrorCode.TOOL_FAILED, f"{why}; stderr: {_tail(r.stderr, 500)}",
+                            cpu_seconds=cpu)  # fmt: skip
+        if r.returncode != 0:
+            raise ToolError(
+                ErrorCode.TOOL_FAILED,
+                f"exit code {r.returncode}; stderr: {_tail(r.stderr)}",
+                cpu_seconds=cpu,
+            )
+        n = self.limits.output_bytes
+        body = {"exit_code": 0, "stdout": _tail(r.stdout, n), "stderr": _tail(r.stderr, n)}
+        return ToolOutput(json.dumps(body, ensure_ascii=False), cpu_seconds=cpu)

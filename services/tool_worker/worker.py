@@ -1,0 +1,323 @@
+"""The tool worker: pull tool calls, run them, store their results.
+
+Per call (``baton.tools.<pool>``, body ``ToolJob``):
+1. if the session already holds the call's result (``<call_id>:out``: a
+   redelivery after the worker that ran it died before acking), publish it
+   again without running the tool;
+2. check the arguments against the tool's schema, run the tool with a
+   timeout, and refuse results over the output limit;
+3. append the result to the session as a ``tool`` message under
+   ``<call_id>:out`` (idempotent); a result over the inline limit is stored
+   as an attachment and the message holds its start and the attachment name;
+4. publish a small ``ToolResult`` under ``<call_id>:result`` (de-duplicated).
+
+A tool that fails, times out or says too much is not a worker failure: its
+error is the tool message the agent reads, and the call is acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from baton.service import Health
+from baton.transport import Bus, Delivery, Nak, Term
+from proto import codec, keys, subjects
+from proto.errors import LAYER_OF, ErrorCode
+from proto.limits import INLINE_TOOL_RESULT_BYTES, MAX_TOOL_OUTPUT_BYTES
+from proto.messages import (
+    AttachReply,
+    ChatMessage,
+    ContextAppend,
+    ContextAppendReply,
+    ContextAttach,
+    ContextRef,
+    ErrorInfo,
+    ToolCatalog,
+    ToolJob,
+    ToolResult,
+    WindowReply,
+    WindowRequest,
+)
+from proto.streams import DOCUMENTS, TOOL_CATALOG, TOOL_RESULTS, TOOLS, tool_consumer
+from proto.tools import INVALID_CALL
+
+from . import metrics as m
+from .documents import DocumentIndexer
+from .settings import ToolWorkerSettings
+from .tools import CallContext, Tool, ToolError, ToolOutput, parse_arguments, spec_of
+from .tools.mcp import McpServer, connect_all
+from .tools.python import PythonTool, SandboxLimits
+from .tools.search import SearchIndex, SearchTool
+
+log = structlog.get_logger("tool_worker")
+
+PREVIEW_CHARS = 512
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one call produced: the tool message's content, or an error."""
+
+    content: str
+    error: ErrorInfo | None = None
+    cpu_seconds: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return "ok" if self.error is None else self.error.code
+
+
+def error_info(code: ErrorCode, message: str) -> ErrorInfo:
+    return ErrorInfo(code=code, message=message, layer=LAYER_OF[code])
+
+
+def error_content(err: ErrorInfo) -> str:
+    """The tool message an agent reads when its call failed."""
+    return json.dumps({"error": {"code": err.code, "message": err.message}}, ensure_ascii=False)
+
+
+def attachment_name(call_id: str) -> str:
+    return "tool-" + hashlib.sha1(call_id.encode()).hexdigest()[:32]
+
+
+class ToolWorker:
+    def __init__(self, settings: ToolWorkerSettings, health: Health) -> None:
+        self.s = settings
+        self.health = health
+        self.consumer = tool_consumer(settings.pool, settings.tool_ack_wait)
+        self.tools: dict[str, Tool] = {}
+        self.index: SearchIndex | None = None
+        self.indexer: DocumentIndexer | None = None
+        self.mcp: list[McpServer] = []
+        self.bus: Bus | None = None
+        self._labels = (settings.pool, settings.worker_id)
+        self._inflight = 0
+
+    # -- tools -------------------------------------------------------------
+
+    def limits(self) -> SandboxLimits:
+        s = self.s
+        return SandboxLimits(
+            cpu_seconds=s.sandbox_cpu_seconds, memory_bytes=s.sandbox_memory_bytes,
+            processes=s.sandbox_processes, output_bytes=s.sandbox_output_bytes,
+            slots=s.sandbox_slots, uid_base=s.sandbox_uid_base,
+        )  # fmt: skip
+
+    async def load_tools(self, bus: Bus) -> None:
+        unknown = set(self.s.builtin_tools) - {"search", "python"}
+        if unknown:
+            raise ValueError(f"unknown built-in tools {sorted(unknown)}")
+        if "search" in self.s.builtin_tools:
+            self.index = SearchIndex(self.s.index_path())
+            self.indexer = DocumentIndexer(bus, self.index)
+            await self.indexer.start()
+            self.tools["search"] = SearchTool(self.index, self.indexer.caught_up)
+        if "python" in self.s.builtin_tools:
+            self.tools["python"] = PythonTool(self.limits())
+        self.mcp = await connect_all(self.s.mcp_servers)
+        for server in self.mcp:
+            self.tools.update(server.tools)
+
+    async def publish_catalog(self, bus: Bus) -> None:
+        kv = await bus.ensure_bucket(TOOL_CATALOG)
+        specs = [spec_of(t) for _, t in sorted(self.tools.items())]
+        catalog = ToolCatalog(
+            pool=self.s.pool, worker=self.s.worker_id, ts=time.time(), tools=specs
+        )
+        await kv.put(self.s.pool, codec.encode(catalog))
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def run(self, bus: Bus) -> None:
+        self.bus = bus
+        await bus.provision(streams=[TOOLS, TOOL_RESULTS, DOCUMENTS], consumers=[self.consumer])
+        try:
+            await self.load_tools(bus)
+            m.init_series(sorted(self.tools), *self._labels)
+            await self.publish_catalog(bus)
+            self.health.ready, self.health.reason = True, "serving"
+            self.health.checks = {"tools": True}
+            m.READY.labels(*self._labels).set(1)
+            log.info("tool_worker_ready", tools=sorted(self.tools), pool=self.s.pool)
+            await bus.consume(self.consumer, self.handle, concurrency=self.s.concurrency)
+        finally:
+            self.health.ready, self.health.reason = False, "stopped"
+            m.READY.labels(*self._labels).set(0)
+            for server in self.mcp:
+                await server.stop()
+            if self.index is not None:
+                self.index.close()
+
+    # -- one call ----------------------------------------------------------
+
+    async def handle(self, d: Delivery) -> None:
+        try:
+            job = d.decode(ToolJob)
+        except codec.DecodeError as exc:
+            raise Term(f"undecodable tool job: {exc}") from exc
+        with structlog.contextvars.bound_contextvars(
+            task_id=job.task_id, call_id=job.call_id, tool=job.tool
+        ):
+            await self._handle(job)
+
+    async def _handle(self, job: ToolJob) -> None:
+        out_id = keys.tool_output(job.call_id)
+        stored = await self._stored(job, out_id)
+        if stored is not None:
+            ref, message = stored
+            m.CALLS.labels(job.tool, "reused").inc()
+            log.info("tool_result_reused")
+            await self._publish(job, ref, message, Outcome(message.content), reused=True)
+            return
+        self._inflight += 1
+        m.INFLIGHT.labels(*self._labels).set(self._inflight)
+        try:
+            outcome = await self.execute(job)
+        finally:
+            self._inflight -= 1
+            m.INFLIGHT.labels(*self._labels).set(self._inflight)
+        m.CALLS.labels(job.tool, outcome.label).inc()
+        m.SECONDS.labels(job.tool).observe(outcome.seconds)
+        m.CPU_SECONDS.labels(job.tool).inc(outcome.cpu_seconds)
+        content, attachment = await self._fit(job, outcome)
+        message = ChatMessage(role="tool", content=content, name=job.tool,
+                              tool_call_id=job.tool_call_id or job.call_id)  # fmt: skip
+        ref = await self._append(job, out_id, message)
+        await self._publish(job, ref, message, outcome, attachment=attachment)
+
+    async def execute(self, job: ToolJob) -> Outcome:
+        """Run the call; every way it can go wrong becomes an error outcome."""
+        started = time.perf_counter()
+        tool = self.tools.get(job.tool)
+        timeout = min(job.timeout or self.s.tool_timeout, self.s.max_tool_timeout)
+        try:
+            if job.tool == INVALID_CALL:
+                why = f"the model's tool call could not be read: {job.arguments[:300]}"
+                raise ToolError(ErrorCode.BAD_TOOL_ARGUMENTS, why)
+            if tool is None:
+                raise ToolError(ErrorCode.UNKNOWN_TOOL, f"no tool {job.tool!r} in this pool")
+            args = parse_arguments(tool, job.arguments)
+            ctx = CallContext(job.tenant, job.task_id, job.call_id, timeout)
+            # The tool's own limit comes first (the sandbox kills on wall time);
+            # this one catches a tool that ignores it.
+            result: ToolOutput = await asyncio.wait_for(tool.run(args, ctx), timeout + 5.0)
+        except ToolError as exc:
+            return Outcome("", error_info(exc.code, exc.message), exc.cpu_seconds,
+                           time.perf_counter() - started)  # fmt: skip
+        except TimeoutError:
+            err = error_info(ErrorCode.TOOL_TIMEOUT, f"no result within {timeout:.0f}s")
+            return Outcome("", err, seconds=time.perf_counter() - started)
+        except Exception as exc:  # a tool's bug is the agent's error, not the worker's
+            log.exception("tool_crashed")
+            err = error_info(ErrorCode.TOOL_FAILED, f"{type(exc).__name__}: {exc}")
+            return Outcome("", err, seconds=time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        size = len(result.text.encode())
+        if size > MAX_TOOL_OUTPUT_BYTES:
+            err = error_info(
+                ErrorCode.TOOL_OUTPUT_TOO_LARGE,
+                f"the result is {size} bytes; the limit is {MAX_TOOL_OUTPUT_BYTES}",
+            )
+            return Outcome("", err, result.cpu_seconds, seconds)
+        return Outcome(result.text, None, result.cpu_seconds, seconds)
+
+    async def _fit(self, job: ToolJob, outcome: Outcome) -> tuple[str, str | None]:
+        """The tool message's content; a large result goes to an attachment."""
+        if outcome.error is not None:
+            return error_content(outcome.error), None
+        data = outcome.content.encode()
+        if len(data) <= INLINE_TOOL_RESULT_BYTES:
+            return outcome.content, None
+        name = attachment_name(job.call_id)
+        reply: AttachReply = await self._context(
+            "attach",
+            ContextAttach(tenant=job.tenant, session=job.session, name=name, data=data,
+                          media_type="text/plain; charset=utf-8"),
+            AttachReply, job,
+        )  # fmt: skip
+        if reply.error is not None and reply.error.code != ErrorCode.CONFLICT:
+            raise Nak(1.0, f"attachment refused: {reply.error.code}")
+        head = data[: INLINE_TOOL_RESULT_BYTES // 2].decode("utf-8", "ignore")
+        note = f"\n[… {len(data)} bytes in all; the full result is attachment {name}]"
+        return head + note, name
+
+    # -- context -----------------------------------------------------------
+
+    async def _context(self, op: str, body: Any, reply_type: type[Any], job: ToolJob) -> Any:
+        assert self.bus is not None
+        try:
+            return await self.bus.request(subjects.context_api(op, job.tenant), body,
+                                          reply_type, task_id=job.task_id)  # fmt: skip
+        except TimeoutError as exc:
+            raise Nak(1.0, f"context store did not answer {op}") from exc
+
+    async def _stored(
+        self, job: ToolJob, out_id: str
+    ) -> tuple[ContextRef | None, ChatMessage] | None:
+        """The call's result if the session holds it already (needs the job's ref)."""
+        if job.ref is None:
+            return None
+        reply: WindowReply = await self._context(
+            "window",
+            WindowRequest(tenant=job.tenant, ref=job.ref, budget_tokens=0, done_msg_id=out_id),
+            WindowReply, job,
+        )  # fmt: skip
+        if reply.existing is None:
+            return None
+        return reply.existing_ref, reply.existing
+
+    async def _append(self, job: ToolJob, out_id: str, message: ChatMessage) -> ContextRef | None:
+        reply: ContextAppendReply = await self._context(
+            "append",
+            ContextAppend(tenant=job.tenant, session=job.session, msg_id=out_id,
+                          messages=[message]),
+            ContextAppendReply, job,
+        )  # fmt: skip
+        if reply.error is not None:
+            if reply.error.code in (ErrorCode.CONTEXT_UNAVAILABLE,):
+                raise Nak(1.0, f"context append failed: {reply.error.code}")
+            raise Term(f"context append refused: {reply.error.code}: {reply.error.message}")
+        return reply.ref
+
+    async def _publish(
+        self,
+        job: ToolJob,
+        ref: ContextRef | None,
+        message: ChatMessage,
+        outcome: Outcome,
+        *,
+        reused: bool = False,
+        attachment: str | None = None,
+    ) -> None:
+        assert self.bus is not None
+        error = outcome.error
+        if reused and message.content.startswith('{"error"'):
+            error = _stored_error(message.content)
+        result = ToolResult(
+            call_id=job.call_id, task_id=job.task_id, tenant=job.tenant, session=job.session,
+            step=job.step, tool=job.tool, worker=self.s.worker_id,
+            outcome="ok" if error is None else error.code, ref=ref,
+            preview=message.content[:PREVIEW_CHARS], attachment=attachment,
+            size=len(outcome.content.encode()) if error is None else 0,
+            cpu_seconds=round(outcome.cpu_seconds, 6), seconds=round(outcome.seconds, 6),
+            reused=reused, error=error,
+        )  # fmt: skip
+        subject = subjects.tool_result(job.tenant, job.task_id)
+        msg_id = keys.tool_result(job.call_id)
+        await self.bus.publish(subject, result, msg_id=msg_id, task_id=job.task_id)
+
+
+def _stored_error(content: str) -> ErrorInfo | None:
+    try:
+        err = json.loads(content)["error"]
+        return error_info(ErrorCode(err["code"]), str(err["message"]))
+    except (ValueError, KeyError, TypeError):
+        return None

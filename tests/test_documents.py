@@ -1,0 +1,101 @@
+"""Documents for the ``search`` tool: uploaded through the API and over NATS,
+indexed by every tool worker, kept across restarts, erased with the tenant."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from baton.documents import put_document
+from baton.transport import Bus, connect
+from proto import subjects
+from proto.messages import ContextDelete, DocumentPut
+from proto.streams import DOCUMENTS
+from tests.ctx import ask
+from tests.harness import LocalStack, http_post, uid
+from tests.tools import call_tool, session_with_call
+
+
+@pytest.fixture
+async def bus(stack: LocalStack) -> AsyncIterator[Bus]:
+    b = await connect(stack.nats_url, name="test-docs")
+    yield b
+    await b.close()
+
+
+async def search(bus: Bus, tenant: str, query: str, pool: str = "default") -> list[str]:
+    session = uid("s")
+    ref = await session_with_call(bus, tenant, session)
+    res = await call_tool(
+        bus, tenant, session, ref, "search", {"query": query}, pool=pool, call=uid("c")
+    )
+    assert res.outcome == "ok", res.error
+    return [h["doc_id"] for h in json.loads(res.preview)["hits"]]
+
+
+async def stored(bus: Bus, tenant: str) -> int:
+    info = await bus.js.stream_info(
+        DOCUMENTS.name, subjects_filter=f"{subjects.DOCUMENTS}.{tenant}.>"
+    )
+    return sum((info.state.subjects or {}).values())
+
+
+async def test_a_document_uploaded_through_the_api_is_searchable_at_once(
+    stack: LocalStack, bus: Bus
+) -> None:
+    tenant = uid("acme")
+    url = f"{stack.orchestrator.url}/v1/documents"
+    up = http_post(url, {"tenant": tenant, "doc_id": "kb1", "title": "Refunds",
+                         "text": "Refunds are issued within fourteen days of purchase."}, 201)  # fmt: skip
+    assert (up["tenant"], up["doc_id"]) == (tenant, "kb1") and up["seq"] > 0
+    assert await search(bus, tenant, "how many days for a refund?") == ["kb1"]
+    bad = http_post(url, {"tenant": tenant, "doc_id": "no spaces", "text": "x"}, 400)
+    assert bad["error"]["code"] == "invalid_field" and bad["error"]["param"] == "doc_id"
+
+
+async def test_a_later_upload_replaces_the_document(stack: LocalStack, bus: Bus) -> None:
+    tenant = uid("acme")
+    await put_document(bus, DocumentPut(tenant=tenant, doc_id="d", text="the colour is red"))
+    await put_document(bus, DocumentPut(tenant=tenant, doc_id="d", text="the colour is blue"))
+    assert await search(bus, tenant, "blue") == ["d"]
+    assert await search(bus, tenant, "red") == []
+
+
+async def test_erasing_a_tenant_erases_its_documents_from_the_stream_and_the_index(
+    stack: LocalStack, bus: Bus
+) -> None:
+    tenant, keep = uid("gone"), uid("kept")
+    for t in (tenant, keep):
+        await put_document(bus, DocumentPut(tenant=t, doc_id="d1", text="quarterly revenue report"))
+    assert await search(bus, tenant, "revenue") == ["d1"]
+    reply = await ask(bus, "delete", ContextDelete(tenant=tenant))
+    assert reply.error is None and reply.documents == 1
+    assert await stored(bus, tenant) == 0
+    assert await search(bus, tenant, "revenue") == []
+    assert await search(bus, keep, "revenue") == ["d1"]  # only that tenant
+
+
+async def test_the_index_survives_a_restart_and_drops_what_was_erased_meanwhile(
+    stack: LocalStack, bus: Bus
+) -> None:
+    pool, worker = uid("idx"), uid("tw")
+    env = {"BATON_POOL": pool, "BATON_WORKER_ID": worker, "BATON_BUILTIN_TOOLS": '["search"]'}
+    a, b = uid("a"), uid("b")
+    proc = stack.service("tool-worker", **env).wait_ready()
+    await put_document(bus, DocumentPut(tenant=a, doc_id="x", text="kafka partitions and offsets"))
+    await put_document(bus, DocumentPut(tenant=b, doc_id="y", text="kafka consumer groups"))
+    assert await search(bus, a, "kafka", pool) == ["x"]
+    stack.retire(proc)
+    assert (await ask(bus, "delete", ContextDelete(tenant=b))).documents == 1  # while it is down
+    again = stack.service("tool-worker", **env).wait_ready()
+    try:
+        assert await search(bus, a, "kafka", pool) == ["x"]
+        assert await search(bus, b, "kafka", pool) == []
+        assert again.log_path is not None
+        opened = [json.loads(line) for line in again.log_path.read_text().splitlines()
+                  if "search_index_opened" in line]  # fmt: skip
+        assert opened and opened[-1]["resumed_after"] > 0  # read from its file, not rebuilt
+    finally:
+        stack.retire(again)

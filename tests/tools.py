@@ -1,0 +1,49 @@
+"""Helpers for tool worker tests: publish a ``ToolJob``, wait for its ``ToolResult``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from baton.transport import Bus
+from proto import codec, subjects
+from proto.messages import ContextRef, ToolJob, ToolResult
+from tests.ctx import append
+
+
+async def session_with_call(
+    bus: Bus, tenant: str, session: str, text: str = "use a tool"
+) -> ContextRef:
+    """A session whose last message asks for a tool: the ref a tool job carries."""
+    reply = await append(bus, tenant, session, "input", text, system="you call tools")
+    assert reply.ref is not None
+    return reply.ref
+
+
+async def call_tool(
+    bus: Bus, tenant: str, session: str, ref: ContextRef | None, tool: str,
+    args: dict[str, Any] | str, *, call: str = "c0", task_id: str = "task", pool: str = "default",
+    timeout: float = 30.0, job_timeout: float = 0.0, step: str = "r1.s", msg_id: str | None = None,
+) -> ToolResult:  # fmt: skip
+    """Publish one tool job and return its result (a core subscription sees
+    the result as it is stored)."""
+    got: asyncio.Future[ToolResult] = asyncio.get_running_loop().create_future()
+    call_id = f"{tenant}.{task_id}.{step}.{call}"
+
+    async def on_msg(msg: Any) -> None:
+        res = codec.decode(msg.data, ToolResult)
+        if res.call_id == call_id and not got.done():
+            got.set_result(res)
+
+    sub = await bus.nc.subscribe(subjects.tool_result(tenant, task_id), cb=on_msg)
+    try:
+        job = ToolJob(
+            call_id=call_id, task_id=task_id, tenant=tenant, session=session, step=step,
+            tool=tool, arguments=args if isinstance(args, str) else json.dumps(args),
+            tool_call_id=f"call_{call}", ref=ref, timeout=job_timeout,
+        )  # fmt: skip
+        await bus.publish(subjects.tool_job(pool), job, msg_id=msg_id or call_id, task_id=task_id)
+        return await asyncio.wait_for(got, timeout)
+    finally:
+        await sub.unsubscribe()
