@@ -198,11 +198,11 @@ ALL_STREAMS: Final = (
 )  # fmt: skip
 """Baton's shared streams (the per-tenant task streams come from ``tenant_tasks``)."""
 
-ORCHESTRATOR_STREAMS: Final = (
-    JOBS, RESULTS, EVENTS, TOKENS, DEAD_LETTERS, TIMERS, ERASURES, AUDIT,
-)  # fmt: skip
-"""What the orchestrator provisions (the context store its own: history,
-attachments, and the two it shares with the orchestrator)."""
+ORCHESTRATOR_STREAMS: Final = tuple(
+    s for s in ALL_STREAMS if s not in (CONTEXT, CONTEXT_ATTACHMENTS)
+)
+"""What the orchestrator provisions: all but the history and attachments,
+which only the context store may touch."""
 
 TENANT_EVENTS = StreamSpec(
     name=EVENTS.name,

@@ -38,7 +38,7 @@ def tool_events(events: list[dict], tool: str | None = None) -> list[dict]:
 async def test_research_searches_the_documents_and_runs_its_code(
     stack: LocalStack, client: Client
 ) -> None:
-    tenant, task_id = uid("acme"), uid()
+    tenant, task_id = "acme", uid()
     bus = await connect(stack.nats_url, name="test-loop")
     try:
         await put_document(bus, DocumentPut(tenant=tenant, doc_id="raft", title="Raft",
@@ -119,7 +119,7 @@ async def test_one_turn_calls_its_tools_in_parallel(own_nats: NatsServer, tmp_pa
     client = await Client.connect(own_nats.url)
     bus = await connect(own_nats.url, name="test-par")
     try:
-        tenant, task_id = uid("acme"), uid()
+        tenant, task_id = "acme", uid()
         done = await client.run(
             "both", {"tenant": tenant, "input": "print me", "task_id": task_id}, timeout=60
         )
