@@ -63,6 +63,11 @@ fi
 
 # Every wheel the images install, fetched by the host's pip (its indexes,
 # find-links and caches); pip skips the ones already here.
+# Wheels are kept in $CACHE/wheelhouse between runs (a fresh clone on the
+# same machine downloads nothing again).
+if [[ -d $CACHE/wheelhouse ]]; then
+  cp -n "$CACHE"/wheelhouse/*.whl "$CACHE"/wheelhouse/.complete-* "$WHEELS"/ 2>/dev/null || true
+fi
 # A stamp per (pyproject, lock, versions) skips pip's index round trips
 # (minutes) when nothing they name has changed.
 pipq() { $PY -m pip "$@" 2>&1 | { grep -v -e "is ignored: it is neither" -e "already downloaded" -e "^Saved" || true; }; }
@@ -76,6 +81,9 @@ if [[ ! -e $stamp ]]; then
   fi
   rm -f "$WHEELS"/baton-*.whl "$WHEELS"/.complete-*
   touch "$stamp"
+  mkdir -p "$CACHE/wheelhouse"
+  rm -f "$CACHE"/wheelhouse/.complete-*
+  cp -n "$WHEELS"/*.whl "$CACHE/wheelhouse/" && cp "$stamp" "$CACHE/wheelhouse/"
 fi
 
 build() {  # tag, dockerfile, [build args...]
