@@ -289,15 +289,33 @@ def _consumer_config(spec: ConsumerSpec) -> api.ConsumerConfig:
     )
 
 
+# JetStream briefly without a meta leader (a node restarting, an election):
+# provisioning waits for it instead of failing the service's start.
+_TRANSIENT_JS = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
+PROVISION_PATIENCE = 60.0  # seconds
+
+
 async def _retry_store_race(op: Callable[[], Awaitable[Any]], attempts: int = 8) -> Any:
-    for attempt in range(attempts):
+    deadline = time.monotonic() + PROVISION_PATIENCE
+    attempt = 0
+    while True:
         try:
             return await op()
+        except _TRANSIENT_JS as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("jetstream_unavailable_retrying", error=type(exc).__name__)
+            await asyncio.sleep(0.5)
         except nats.js.errors.APIError as exc:
-            if exc.err_code != _STORE_RACE_ERR or attempt == attempts - 1:
+            attempt += 1
+            if exc.err_code != _STORE_RACE_ERR or attempt >= attempts:
                 raise
             await asyncio.sleep(0.5)
-    raise AssertionError("unreachable")
 
 
 class Bus:
@@ -330,7 +348,8 @@ class Bus:
     async def ensure_consumer(self, spec: ConsumerSpec) -> None:
         """Create the durable consumer, or update its mutable fields in place
         (the server keeps its position and pending messages)."""
-        await self.js.add_consumer(spec.stream, _consumer_config(spec))
+        config = _consumer_config(spec)
+        await _retry_store_race(lambda: self.js.add_consumer(spec.stream, config))
 
     async def ensure_bucket(self, spec: BucketSpec) -> KeyValue:
         if spec.erasable:

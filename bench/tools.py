@@ -9,7 +9,9 @@ context store and tool worker processes.
 2. 64 parallel ``python`` calls (each sleeps 200 ms in the sandbox: a call
    that waits, as most tool calls do) on a pool of 1 tool worker against a
    pool of 2, each worker with 4 sandbox slots; rounds alternate pools.
-3. With vLLM importable (run under ``flock /tmp/baton-vllm.lock``): one
+3. With vLLM importable (run under ``flock /tmp/baton-vllm.lock``;
+   ``BATON_BENCH_VLLM=0`` skips it, ``=only`` runs it alone and keeps the
+   figures above from bench/results/tools.json): one
    vLLM-CPU step of the tiny random model with tools offered (guided
    decoding to the tools' schemas, ``tool_choice: required``) against the
    same step without, interleaved; and how many of the calls fit the schema.
@@ -185,6 +187,8 @@ def _tool_worker(name: str, url: str, work: Path, pool: str, **env: str) -> Serv
 
 
 async def guided(work: Path) -> dict[str, Any] | None:
+    if os.environ.get("BATON_BENCH_VLLM") == "0":
+        return None
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -242,6 +246,11 @@ async def guided(work: Path) -> dict[str, Any] | None:
 
 
 async def _main(work: Path) -> dict[str, Any]:
+    if os.environ.get("BATON_BENCH_VLLM") == "only":  # the vLLM part alone, under its lock
+        previous = Path(__file__).with_name("results") / "tools.json"
+        result = json.loads(previous.read_text()) if previous.exists() else {}
+        result["vllm_guided"] = await guided(work)
+        return result
     server = NatsServer(work / "nats").start()
     env = {
         "BATON_NATS_URL": server.url,

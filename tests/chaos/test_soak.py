@@ -135,7 +135,12 @@ async def test_a_soak_keeps_memory_consumers_and_latency_flat(tmp_path: Path) ->
     if plot:
         _plot(samples, Path(plot))
     assert not set(submitted) - set(ended), "tasks without a terminal event"
-    assert last["consumers"] <= first["consumers"], "JetStream consumers piled up"
+    # A restarted worker's own consumer exists before its dead predecessor's
+    # is rescued and deleted: judge the fewest over the last 30 s.
+    settled = min(s["consumers"] for s in warm[-6:])
+    assert settled <= first["consumers"], (
+        f"JetStream consumers piled up: {first['consumers']} -> {settled}"
+    )
     assert last["subscriptions"] <= first["subscriptions"] + 10, "subscriptions piled up"
     assert cs1 <= cs0 * (1 + RSS_TOLERANCE), f"context-store RSS grew {cs0:.0f} -> {cs1:.0f} MiB"
     assert _pct(p99s[half:], 0.5) <= 2 * max(_pct(p99s[:half], 0.5), 0.5), "p99 drifted"

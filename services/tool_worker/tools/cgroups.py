@@ -57,16 +57,28 @@ class SlotCgroup:
 
     def settle(self, timeout: float = 2.0) -> int:
         """Wait for the slot's processes to be gone (a killed PID namespace is
-        torn down asynchronously); returns how many are left."""
+        torn down asynchronously); returns how many are left. Members are read
+        from the member list: the kernel uncharges ``pids.current`` only when
+        an exited task is freed, over a second later here, so that count is
+        only waited on while it would leave a new run less than half its
+        process budget (after a fork bomb)."""
         deadline = time.monotonic() + timeout
+        budget = self._pids_max()
         while True:
             try:
-                left = int(self.pids_file.read_text().strip())
+                left = len(self.procs[-1].read_text().split())
+                charged = int(self.pids_file.read_text().strip())
             except (OSError, ValueError):
                 return 0
-            if left == 0 or time.monotonic() > deadline:
+            if (left == 0 and charged <= budget // 2) or time.monotonic() > deadline:
                 return left
             time.sleep(0.02)
+
+    def _pids_max(self) -> int:
+        try:
+            return int((self.pids_file.parent / "pids.max").read_text().strip())
+        except (OSError, ValueError):
+            return 1 << 30
 
     def cpu_seconds(self) -> float:
         """Cumulative CPU time of everything that ran in the slot."""

@@ -32,6 +32,7 @@ Every failure is a ``ToolError`` the agent sees; the worker only runs
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -133,6 +134,11 @@ def run_sandboxed(
     counts CPU time and caps processes; without it CPU time is what
     ``wait4`` sees."""
     uid = limits.uid_base + slot
+    if cgroup is not None:
+        # The previous run's PID namespace is torn down asynchronously (over a
+        # second on these machines): wait here, not after each run, so the
+        # wait overlaps the other slots' work (slots are reused oldest first).
+        cgroup.settle()
     cpu_before = cgroup.cpu_seconds() if cgroup is not None else 0.0
     workdir = tempfile.mkdtemp(prefix="baton-sandbox-")
     try:
@@ -155,7 +161,6 @@ def run_sandboxed(
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
         cpu = usage.ru_utime + usage.ru_stime
         if cgroup is not None:
-            cgroup.settle()
             cpu = max(cpu, cgroup.cpu_seconds() - cpu_before)
         return RunResult(
             returncode=proc.returncode,
@@ -216,7 +221,7 @@ class PythonTool:
 
     def __init__(self, limits: SandboxLimits | None = None) -> None:
         self.limits = limits or SandboxLimits()
-        self._free = list(range(self.limits.slots))
+        self._free = collections.deque(range(self.limits.slots))
         self._slot_ready = asyncio.Semaphore(self.limits.slots)
         self.cgroups = {
             i: SlotCgroup.create(self.limits.uid_base + i, self.limits.processes)
@@ -227,7 +232,7 @@ class PythonTool:
         if not available():
             raise ToolError(ErrorCode.TOOL_FAILED, "the sandbox (bubblewrap) is not installed")
         async with self._slot_ready:
-            slot = self._free.pop()
+            slot = self._free.popleft()
             try:
                 r = await asyncio.to_thread(run_sandboxed, args["code"], self.limits, slot,
                                             ctx.timeout, self.cgroups.get(slot))  # fmt: skip
