@@ -31,6 +31,7 @@ import msgpack
 import nats
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from baton import accounts
 from baton.credentials import Credentials
 from baton.natsd import NatsServer, ServerAuth
 from baton.stack import MODULES, ServiceProcess
@@ -92,7 +93,7 @@ def _docker_image_present(image: str) -> bool:
 
 
 @contextlib.contextmanager
-def nats_source(tmp: Path) -> Iterator[tuple[str, NatsServer | None]]:
+def nats_source(tmp: Path) -> Iterator[tuple[str, NatsServer | RemoteNats | None]]:
     """Yield (url, embedded server or None). ``BATON_TEST_NATS=embedded`` skips
     Docker; ``=docker`` requires it (and the image of ``make images``)."""
     url = os.environ.get("NATS_URL")
@@ -111,10 +112,25 @@ def nats_source(tmp: Path) -> Iterator[tuple[str, NatsServer | None]]:
         from testcontainers.core.container import DockerContainer
         from testcontainers.core.waiting_utils import wait_for_logs
 
-        container = DockerContainer(image).with_command("-js -sd /data").with_exposed_ports(4222)
+        # The same accounts as the embedded server, rendered by baton.accounts;
+        # the config names its secrets as variables the container gets.
+        from baton.deploy_config import password_var
+
+        creds = Credentials.load_or_create(tmp, list(TEST_TENANTS))
+        names = {i: accounts.Var(password_var(i)) for i in accounts.identities(TEST_TENANTS)}
+        conf = tmp / "nats.conf"
+        conf.write_text(accounts.to_conf(accounts.render(
+            TEST_TENANTS, names, host="0.0.0.0", port=4222, store_dir="/data")))  # fmt: skip
+        conf.chmod(0o644)
+        container = (DockerContainer(image).with_command("--config /etc/nats/nats.conf")
+                     .with_volume_mapping(str(conf), "/etc/nats/nats.conf", "ro")
+                     .with_exposed_ports(4222))  # fmt: skip
+        for identity, var in names.items():
+            container = container.with_env(var.name, creds.passwords[identity])
         with container as c:
             wait_for_logs(c, "Server is ready", timeout=30)
-            yield f"nats://{c.get_container_host_ip()}:{c.get_exposed_port(4222)}", None
+            remote = RemoteNats(creds, c.get_container_host_ip(), int(c.get_exposed_port(4222)))
+            yield remote.url, remote
         return
     # Unencrypted: the erasure tests grep this store's raw files (encryption
     # at rest has its own test, on a server of its own).
@@ -123,6 +139,24 @@ def nats_source(tmp: Path) -> Iterator[tuple[str, NatsServer | None]]:
         yield server.url, server
     finally:
         server.stop()
+
+
+@dataclass
+class RemoteNats:
+    """A NATS with Baton's accounts that the tests did not start (a container):
+    URLs per identity, no store to read."""
+
+    creds: Credentials
+    host: str
+    port: int
+    store_dir: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return self.url_for(accounts.OPERATOR)
+
+    def url_for(self, identity: str) -> str:
+        return self.creds.url(identity, self.host, self.port)
 
 
 def uid(prefix: str = "t") -> str:
@@ -134,7 +168,7 @@ class LocalStack:
     """The services as processes against one NATS: a ``NatsServer`` (each
     service with its own identity) or a URL every service shares."""
 
-    nats: NatsServer | str
+    nats: NatsServer | RemoteNats | str
     workdir: Path
     env: dict[str, str] = field(default_factory=dict)
     procs: list[ServiceProcess] = field(default_factory=list)

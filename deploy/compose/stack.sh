@@ -31,9 +31,18 @@ secrets() {
     umask 077
     printf 'BATON_CONTEXT_KEY=%s\nBATON_API_KEYS='\''{"%s": "*"}'\''\n' "$key" "$op" >"$DATA/secrets.env"
   fi
+  # NATS accounts and identities from baton/accounts.py (as `make up`): nats.conf
+  # (no secrets), nats.env (0600) and the tenants' and operator's URLs.
+  # shellcheck disable=SC2086
+  ${PY:-.venv/bin/python} -m baton.deploy_config compose "$DATA" \
+    "${BATON_COMPOSE_NATS_PORT:-4222}" ${BATON_COMPOSE_TENANTS:-demo acme}
+  local abs; abs=$(cd "$DATA" && pwd)
+  export BATON_NATS_CONF=$abs/nats.conf BATON_NATS_ENV_FILE=$abs/nats.env
   set -a
   # shellcheck disable=SC1090,SC1091
   source "$DATA/secrets.env"
+  # shellcheck disable=SC1090,SC1091
+  source "$DATA/nats.env"
   set +a
 }
 
@@ -67,11 +76,6 @@ up() {
       compose ps >&2; compose logs --tail 30 >&2; exit 1
     fi
     sleep 1
-  done
-  mkdir -p "$DATA/tenants"
-  local url="nats://127.0.0.1:${BATON_COMPOSE_NATS_PORT:-4222}"
-  for tenant in ${BATON_COMPOSE_TENANTS:-demo acme}; do
-    printf '%s\n' "$url" >"$DATA/tenants/$tenant.url"
   done
   say "healthy after $((SECONDS - t0))s; tenant URLs in $DATA/tenants/"
   say "orchestrator http://127.0.0.1:${BATON_COMPOSE_ORCHESTRATOR_PORT:-8080}  prometheus http://127.0.0.1:${BATON_COMPOSE_PROMETHEUS_PORT:-9090}"

@@ -65,10 +65,11 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
         try:
             for spec in (streams.TENANT_EVENTS, streams.TENANT_TOKENS):
                 await bus.ensure_stream(spec, api_prefix=tenant_api_prefix(t))
-        except nats.errors.NoRespondersError:
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError):
             # A NATS without Baton's accounts (a caller's --nats-url): clients
             # there live in Baton's account and replay BATON_EVENTS itself.
-            log.warning("tenant_account_unreachable", tenant=t)
+            log.warning("tenant_accounts_unreachable", tenant=t)
+            break
     kv = await bus.ensure_bucket(streams.RUNS)
     erasable = not (await bus.js.stream_info(streams.RUNS.stream)).config.deny_delete
     runs = RunStore(kv, js=bus.js if erasable else None, stream=streams.RUNS.stream)

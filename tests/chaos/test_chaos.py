@@ -124,7 +124,7 @@ class Driver:
         data = msgpack.packb(body)
         await _retry(
             f"submit {t.task_id}",
-            lambda: self.js.publish(f"baton.tasks.{workflow}", data,
+            lambda: self.js.publish(f"baton.tasks.{self.run.tenant}.{workflow}", data,
                                     headers={"Nats-Msg-Id": t.task_id}, timeout=2),
         )  # fmt: skip
         return t
@@ -261,7 +261,7 @@ async def test_baton_on_a_3_node_cluster_loses_and_duplicates_nothing_under_faul
         for name, origin in (("CHAOS_JOBS", "BATON_JOBS"), ("CHAOS_RESULTS", "BATON_RESULTS")):
             await js.add_stream(api.StreamConfig(name=name, num_replicas=3,
                                                  mirror=api.StreamSource(name=origin)))  # fmt: skip
-        run = Run(tenant=uid("chaos"))
+        run = Run(tenant="acme")  # a tenant of the stack (BATON_TENANTS); the cluster is its own
         run.faults.append(Fault("none (warm-up)", at=time.time()))
         driver = Driver(js, run)
         load = [asyncio.create_task(driver.research())]

@@ -24,8 +24,8 @@ import nats
 import psutil
 import pytest
 
-from baton.natsd import NatsServer, free_port
-from tests.harness import LocalStack, uid
+from baton.natsd import free_port
+from tests.harness import LocalStack, secure_nats, uid
 
 MINUTES = float(os.environ.get("BATON_SOAK_MINUTES", "2"))
 FAULT_EVERY = float(os.environ.get("BATON_SOAK_FAULT_EVERY", "40"))
@@ -48,11 +48,11 @@ def _varz(port: int) -> dict[str, Any]:
 
 async def test_a_soak_keeps_memory_consumers_and_latency_flat(tmp_path: Path) -> None:
     monitor = free_port()
-    server = NatsServer(tmp_path / "nats", monitor_port=monitor).start()
-    stack = LocalStack(server.url, tmp_path / "stack").start()
+    server = secure_nats(tmp_path / "nats", monitor_port=monitor).start()
+    stack = LocalStack(server, tmp_path / "stack").start()
     nc = await nats.connect(server.url)
     js = nc.jetstream()
-    tenant = uid("soak")
+    tenant = "acme"
     submitted: dict[str, float] = {}
     ended: dict[str, float] = {}
     samples: list[dict[str, Any]] = []
@@ -65,7 +65,7 @@ async def test_a_soak_keeps_memory_consumers_and_latency_flat(tmp_path: Path) ->
             submitted[task_id] = time.time()
             body = {"tenant": tenant, "task_id": task_id, "input": f"soak {i}"}
             await js.publish(
-                "baton.tasks.chat", msgpack.packb(body), headers={"Nats-Msg-Id": task_id}
+                f"baton.tasks.{tenant}.chat", msgpack.packb(body), headers={"Nats-Msg-Id": task_id}
             )
             i += 1
             await asyncio.sleep(1 / RATE)

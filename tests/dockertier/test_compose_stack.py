@@ -90,7 +90,10 @@ def compose(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Compose]:
 def test_the_readme_client_runs_against_the_stack(compose: Compose) -> None:
     code = re.search(r"```python\n(.*?)```", README.read_text(), re.S)
     assert code is not None
-    source = code.group(1).replace("nats://127.0.0.1:4222", compose.tenant_url("acme"))
+    # The client reads acme's URL from the file `make up` writes; compose writes its own.
+    url_file = compose.data / "tenants" / "acme.url"
+    assert url_file.read_text().startswith("nats://acme:")  # credentials, not an open bus
+    source = code.group(1).replace(".data/tenants/acme.url", str(url_file))
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True,
                          timeout=300)  # fmt: skip
@@ -103,7 +106,7 @@ def test_the_readme_client_runs_against_the_stack(compose: Compose) -> None:
 
 
 async def test_a_research_task_completes_on_the_stack(compose: Compose) -> None:
-    client = await Client.connect(compose.tenant_url("demo"))
+    client = await Client.connect(compose.tenant_url("demo"), tenant="demo")
     try:
         task = {"tenant": "demo", "task_id": uuid.uuid4().hex, "input": "design a cache"}
         done = await client.run("research", task, timeout=600)
