@@ -29,6 +29,7 @@ The shape (measured in ``shared/notes/nats-tenancy.md``, explained in
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -72,6 +73,12 @@ def inbox_prefix(user: str) -> str:
     """The inbox prefix a Baton service connects with: replies to one service
     are invisible to the others (tenants keep the default ``_INBOX``)."""
     return f"_INBOX_{user}"
+
+
+def password_var(identity: str) -> str:
+    """The variable that carries ``identity``'s password into nats-server, for
+    configurations that hold no secret (compose, Kubernetes, containers)."""
+    return "NATS_PASSWORD_" + re.sub(r"[^A-Z0-9]", "_", identity.upper())
 
 
 def tenant_api_prefix(tenant: str) -> str:
@@ -429,6 +436,7 @@ __all__ = [
     "check_tenant",
     "identities",
     "inbox_prefix",
+    "password_var",
     "render",
     "service_roles",
     "tenant_api_prefix",

@@ -114,10 +114,10 @@ def nats_source(tmp: Path) -> Iterator[tuple[str, NatsServer | RemoteNats | None
 
         # The same accounts as the embedded server, rendered by baton.accounts;
         # the config names its secrets as variables the container gets.
-        from baton.deploy_config import password_var
-
         creds = Credentials.load_or_create(tmp, list(TEST_TENANTS))
-        names = {i: accounts.Var(password_var(i)) for i in accounts.identities(TEST_TENANTS)}
+        names = {
+            i: accounts.Var(accounts.password_var(i)) for i in accounts.identities(TEST_TENANTS)
+        }
         conf = tmp / "nats.conf"
         conf.write_text(accounts.to_conf(accounts.render(
             TEST_TENANTS, names, host="0.0.0.0", port=4222, store_dir="/data")))  # fmt: skip

@@ -8,7 +8,8 @@
 #   DATA (BATON_COMPOSE_DATA, default .data/compose), project BATON_COMPOSE_PROJECT
 #   (default baton), published ports BATON_COMPOSE_{NATS,NATS_MONITOR,CONTEXT,
 #   ORCHESTRATOR,PROMETHEUS}_PORT (defaults 4222 8222 8081 8080 9090),
-#   BATON_COMPOSE_TENANTS (default "demo acme"), BATON_COMPOSE_BUILD=0 skips `make images`.
+#   BATON_COMPOSE_BUILD=0 skips `make images`. Tenants: deploy/nats/tenants; each
+#   NATS identity's password is generated into secrets.env too.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${BATON_COMPOSE_DATA:-.data/compose}
@@ -31,19 +32,21 @@ secrets() {
     umask 077
     printf 'BATON_CONTEXT_KEY=%s\nBATON_API_KEYS='\''{"%s": "*"}'\''\n' "$key" "$op" >"$DATA/secrets.env"
   fi
-  # NATS accounts and identities from baton/accounts.py (as `make up`): nats.conf
-  # (no secrets), nats.env (0600) and the tenants' and operator's URLs.
-  # shellcheck disable=SC2086
-  ${PY:-.venv/bin/python} -m baton.deploy_config compose "$DATA" \
-    "${BATON_COMPOSE_NATS_PORT:-4222}" ${BATON_COMPOSE_TENANTS:-demo acme}
-  local abs; abs=$(cd "$DATA" && pwd)
-  export BATON_NATS_CONF=$abs/nats.conf BATON_NATS_ENV_FILE=$abs/nats.env
+  # One NATS password per identity the generated accounts.conf references (hex: URL-safe).
+  local var
+  for var in $(grep -o '\$NATS_PASSWORD_[A-Z0-9][A-Z0-9_]*' deploy/compose/nats/accounts.conf | tr -d '$' | sort -u); do
+    if ! grep -q "^$var=" "$DATA/secrets.env"; then
+      (umask 077; printf '%s=%s\n' "$var" "$(python3 -c 'import secrets; print(secrets.token_hex(24))')" >>"$DATA/secrets.env")
+    fi
+  done
   set -a
   # shellcheck disable=SC1090,SC1091
   source "$DATA/secrets.env"
-  # shellcheck disable=SC1090,SC1091
-  source "$DATA/nats.env"
   set +a
+}
+
+tenants() {  # the tenants NATS provisions: deploy/nats/tenants
+  sed -e 's/#.*//' -e '/^[[:space:]]*$/d' deploy/nats/tenants
 }
 
 healthy() {  # every container of the project healthy (or exited 0 when one-shot)
@@ -76,6 +79,13 @@ up() {
       compose ps >&2; compose logs --tail 30 >&2; exit 1
     fi
     sleep 1
+  done
+  mkdir -p "$DATA/tenants"
+  local var
+  for tenant in $(tenants); do
+    var=NATS_PASSWORD_$(tr 'a-z-' 'A-Z_' <<<"$tenant")
+    (umask 077; printf 'nats://%s:%s@127.0.0.1:%s\n' "$tenant" "${!var}" \
+      "${BATON_COMPOSE_NATS_PORT:-4222}" >"$DATA/tenants/$tenant.url")
   done
   say "healthy after $((SECONDS - t0))s; tenant URLs in $DATA/tenants/"
   say "orchestrator http://127.0.0.1:${BATON_COMPOSE_ORCHESTRATOR_PORT:-8080}  prometheus http://127.0.0.1:${BATON_COMPOSE_PROMETHEUS_PORT:-9090}"
