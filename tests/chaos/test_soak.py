@@ -49,7 +49,7 @@ def _varz(port: int) -> dict[str, Any]:
 async def test_a_soak_keeps_memory_consumers_and_latency_flat(tmp_path: Path) -> None:
     monitor = free_port()
     server = secure_nats(tmp_path / "nats", monitor_port=monitor).start()
-    stack = LocalStack(server, tmp_path / "stack").start()
+    stack = LocalStack(server, tmp_path / "stack", env={"BATON_TENANTS": "acme"}).start()
     nc = await nats.connect(server.url)
     js = nc.jetstream()
     tenant = "acme"
