@@ -334,6 +334,15 @@ class Bus:
         ``api_prefix`` (a tenant's, as ``$JS.<tenant>.API``)."""
         return self.nc.jetstream(prefix=api_prefix)
 
+    async def reaches_account(self, api_prefix: str, timeout: float = 2.0) -> bool:
+        """True when another account's JetStream answers under ``api_prefix``
+        (one try: a NATS without that import has nothing to wait for)."""
+        try:
+            await self.nc.jetstream(prefix=api_prefix, timeout=timeout).account_info()
+        except _TRANSIENT_JS:
+            return False
+        return True
+
     async def ensure_stream(self, spec: StreamSpec, *, api_prefix: str | None = None) -> None:
         """Create or update the stream (in another account with ``api_prefix``)."""
         js = self.js if api_prefix is None else self.account_js(api_prefix)

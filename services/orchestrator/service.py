@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-import nats.errors
 import structlog
 from nats.js import JetStreamContext
 
@@ -61,15 +60,15 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
             streams.worker_consumer(settings.default_pool),
         ],
     )
-    for t in tenants:  # each tenant's own copy of its events and tokens, for replay
-        try:
+    # Each tenant's own copy of its events and tokens, for replay. A NATS
+    # without Baton's accounts (a caller's --nats-url) has no tenant account:
+    # its clients live in Baton's account and replay BATON_EVENTS itself.
+    if tenants and await bus.reaches_account(tenant_api_prefix(tenants[0])):
+        for t in tenants:
             for spec in (streams.TENANT_EVENTS, streams.TENANT_TOKENS):
                 await bus.ensure_stream(spec, api_prefix=tenant_api_prefix(t))
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError):
-            # A NATS without Baton's accounts (a caller's --nats-url): clients
-            # there live in Baton's account and replay BATON_EVENTS itself.
-            log.warning("tenant_accounts_unreachable", tenant=t)
-            break
+    elif tenants:
+        log.warning("tenant_accounts_unreachable", tenant=tenants[0])
     kv = await bus.ensure_bucket(streams.RUNS)
     erasable = not (await bus.js.stream_info(streams.RUNS.stream)).config.deny_delete
     runs = RunStore(kv, js=bus.js if erasable else None, stream=streams.RUNS.stream)
