@@ -5,7 +5,7 @@ Load: research tasks at a steady rate and multi-turn chat sessions (each turn
 waits for the previous one), plus one probe chat task per fault. Faults, at
 random points (seeded; the seed is printed): SIGKILL of each service kind
 twice (restarted as an orchestrator would), SIGKILL of the JetStream meta
-leader and of the stream leaders of BATON_TASKS, BATON_JOBS and the
+leader and of the stream leaders of BATON_TASKS_acme (the tenant's task stream), BATON_JOBS and the
 ``baton-runs`` KV, a whole-cluster restart, and SIGSTOP/SIGCONT of one node.
 
 Oracle, from outside the services: every event read back from BATON_EVENTS;
@@ -270,7 +270,7 @@ async def test_baton_on_a_3_node_cluster_loses_and_duplicates_nothing_under_faul
         load = [asyncio.create_task(driver.research())]
         load += [asyncio.create_task(driver.chat(i)) for i in range(CHAT_SESSIONS)]
         schedule = [f"kill:{s}" for s in SERVICES for _ in range(2)]
-        schedule += ["leader:meta", "leader:BATON_TASKS", "leader:BATON_JOBS",
+        schedule += ["leader:meta", "leader:BATON_TASKS_acme", "leader:BATON_JOBS",
                      "leader:KV_baton-runs", "restart:cluster", "pause:node"]  # fmt: skip
         rng.shuffle(schedule)
         probes = []
