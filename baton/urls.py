@@ -5,7 +5,10 @@ from __future__ import annotations
 
 
 def redact(url: str) -> str:
-    """``url`` with its password (if any) masked."""
+    """``url`` with its password (if any) masked; a comma-separated server
+    list has each of its URLs masked."""
+    if "," in url:
+        return ",".join(redact(u) for u in url.split(","))
     scheme, sep, rest = url.partition("://")
     creds, at, host = rest.rpartition("@")
     if not at or ":" not in creds:

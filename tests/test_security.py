@@ -203,3 +203,14 @@ async def test_the_server_logs_each_violation(stack: LocalStack, attacker: Hosti
     assert f'"{ATTACKER}/user:{ATTACKER}" - Subscription Violation - Subject "baton.jobs.>"' in (
         log.read_text()
     )
+
+
+def test_urls_in_logs_and_errors_never_show_a_password() -> None:
+    from baton.urls import redact
+
+    for url, shown in (
+        ("nats://acme:s3cret@127.0.0.1:4222", "nats://acme:***@127.0.0.1:4222"),
+        ("nats://a:s1@h:1,nats://b:s2@h:2", "nats://a:***@h:1,nats://b:***@h:2"),
+        ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+    ):
+        assert redact(url) == shown
