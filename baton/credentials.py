@@ -30,6 +30,13 @@ def _write_private(path: Path, text: str) -> None:
     os.chmod(path, 0o600)  # an existing file keeps its old mode otherwise
 
 
+def new_secret(nbytes: int = 24) -> str:
+    """A random secret that is safe in a URL and as a ``$VARIABLE`` value:
+    nats-server parses a variable's value as a config token, so one that
+    starts with a digit (``1e5...``) is read as a number and refused."""
+    return "s" + secrets.token_hex(nbytes)
+
+
 def client_url(user: str, password: str, host: str, port: int, scheme: str = "nats") -> str:
     return f"{scheme}://{user}:{password}@{host}:{port}"
 
@@ -55,10 +62,10 @@ class Credentials:
         changed = False
         for identity in accounts.identities(tenants):
             if identity not in creds.passwords:
-                creds.passwords[identity] = secrets.token_urlsafe(24)
+                creds.passwords[identity] = new_secret()
                 changed = True
         if not creds.cipher_key:
-            creds.cipher_key = secrets.token_urlsafe(32)
+            creds.cipher_key = new_secret(32)
             changed = True
         if changed or not path.exists():
             body = {"passwords": creds.passwords, "cipher_key": creds.cipher_key}

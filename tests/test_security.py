@@ -214,3 +214,10 @@ def test_urls_in_logs_and_errors_never_show_a_password() -> None:
         ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
     ):
         assert redact(url) == shown
+
+
+def test_generated_secrets_never_start_with_a_digit() -> None:
+    # nats-server reads a $VARIABLE's value as a config token: "1e5..." is a number, refused.
+    from baton.credentials import new_secret
+
+    assert all(new_secret()[0].isalpha() for _ in range(200))

@@ -36,7 +36,7 @@ secrets() {
   local var
   for var in $(grep -o '\$NATS_PASSWORD_[A-Z0-9][A-Z0-9_]*' deploy/compose/nats/accounts.conf | tr -d '$' | sort -u); do
     if ! grep -q "^$var=" "$DATA/secrets.env"; then
-      (umask 077; printf '%s=%s\n' "$var" "$(python3 -c 'import secrets; print(secrets.token_hex(24))')" >>"$DATA/secrets.env")
+      (umask 077; printf '%s=%s\n' "$var" "$(python3 -c 'import secrets; print("s" + secrets.token_hex(24))')" >>"$DATA/secrets.env")
     fi
   done
   set -a
