@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from proto import streams, subjects
@@ -135,7 +135,6 @@ class Role:
     tenant_streams: tuple[StreamAccess, ...] = ()  # in every tenant account
     kv_buckets: tuple[str, ...] = ()
     responds: bool = False  # answers requests (core request-reply)
-    extra: tuple[str, ...] = field(default=())
 
     def permissions(self, tenants: Sequence[str]) -> dict[str, Any]:
         pub = ["$JS.API.INFO", "$JS.API.STREAM.NAMES", *self.publish]
@@ -343,7 +342,6 @@ def render(
     server_name: str = "baton",
     cipher_key: str | Var | None = None,
     tls: Mapping[str, str | bool] | None = None,
-    cluster: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The nats-server configuration for ``tenants``.
 
@@ -355,7 +353,6 @@ def render(
             (ChaCha20-Poly1305) with this key (or ``$VAR`` reference).
         tls: nats-server's ``tls`` block (``cert_file``, ``key_file``, and
             ``ca_file`` + ``verify`` for mutual TLS).
-        cluster: a nats-server ``cluster`` block (name, listen, routes).
 
     Raises:
         ValueError: a tenant id that cannot be an account, or a missing password.
@@ -418,8 +415,6 @@ def render(
         config["http_port"] = monitor_port
     if tls is not None:
         config["tls"] = dict(tls)
-    if cluster is not None:
-        config["cluster"] = dict(cluster)
     return config
 
 

@@ -21,9 +21,8 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from baton import accounts
 from baton.credentials import Credentials
@@ -92,7 +91,6 @@ class ServerAuth:
     tenants: list[str]
     credentials: Credentials
     encrypt: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class NatsServer:
@@ -155,7 +153,6 @@ class NatsServer:
             cipher_key=accounts.Var(CIPHER_ENV) if self.auth.encrypt else None,
             tls=self.tls.settings() if self.tls is not None else None,
         )
-        config.update(self.auth.extra)
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(accounts.to_conf(config) + "\n")
