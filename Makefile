@@ -66,6 +66,8 @@ lint: venv
 	$(PY) -m baton.cli asyncapi --check
 
 bench: venv
+	@# The orchestrator benchmark's LangGraph peer: an optional extra, not part of `make venv`.
+	$(PY) -m pip install -q -e '.[bench]' 2>&1 | $(QUIET)
 	$(PY) -m bench
 
 asyncapi: venv

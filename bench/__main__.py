@@ -1,7 +1,8 @@
 """``make bench``: run every benchmark, write JSON and docs/benchmarks.md.
 
-``python -m bench [name ...]`` runs a subset; the document is rebuilt from
-every JSON present under bench/results/.
+``python -m bench [name ...] [--long]`` runs a subset; the document is
+rebuilt from every JSON present under bench/results/. ``--long`` runs the
+slow parts too (the orchestrator's RSS to 50,000 steps).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ is a ratio measured within one run.
 def main(argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    if "--long" in argv:
+        os.environ["BATON_BENCH_LONG"] = "1"
+    argv = [a for a in argv if a != "--long"]
     names = argv or [n for n in ORDER if (ROOT / "bench" / f"{n}.py").exists()]
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name in names:

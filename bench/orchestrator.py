@@ -13,9 +13,17 @@ latency (no prefill or decode sleeps).
 2. Where a step's time goes: more sequential runs with core-NATS taps on the
    jobs, results and context requests, cut into segments by timestamps taken
    on one machine's clock.
-3. Steps per second: research runs kept 40 in flight at once (a new one
-   submitted as soon as one ends), steps counted from their run states,
-   divided by the wall time from the first submit to the last terminal event.
+3. Steps per second at 32 runs in flight (a new one submitted as soon as
+   one ends), steps counted from their run states, divided by the wall time
+   from the first submit to the last terminal event. Interleaved, round by
+   round, with the LangGraph peer (``bench/peer_langgraph.py``, its own
+   process): the same graph with ``AsyncSqliteSaver`` (durable, in-process)
+   and without a checkpointer (in memory), 32 ``ainvoke`` in flight. CPU per
+   step: utime + stime from ``/proc/<pid>/stat`` over the measured window,
+   summed over Baton's three service processes (and nats-server, reported
+   apart), against the peer process's own.
+4. The orchestrator's RSS (``VmRSS``) as steps accumulate, 32 runs in flight:
+   sampled every 2,500 steps up to 10,000, or 50,000 with ``--long``.
 
 Every loop is bounded in count and time; everything listens on 127.0.0.1.
 """
@@ -24,9 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import statistics
+import sys
 import time
 import urllib.request
 from collections import Counter
@@ -46,6 +56,7 @@ from proto import codec
 from proto.messages import ContextAppend, InferenceJob, InferenceResult, WindowRequest
 from tests.harness import LocalStack, secure_nats, uid
 
+ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = "research"
 WARMUP_RUNS = 3
 SEQUENTIAL_RUNS = 60
@@ -53,9 +64,19 @@ TAP_RUNS = 20
 RTT_SAMPLES = 2000
 PRIMITIVE_SAMPLES = 600  # each of: JetStream publish, KV get, KV update
 RTT_PAYLOAD = b"x" * 256  # about an inference job's size
-CONCURRENT = 40  # research runs in flight at once
+CONCURRENT = 32  # research runs in flight at once
 BURST_RUNS = 160  # per round; a new run starts as soon as one ends
-BURST_ROUNDS = 2
+BURST_ROUNDS = 3  # each: Baton, LangGraph + SQLite, LangGraph in memory
+PEER_RUNS = {"sqlite": 320, "memory": 640}  # per round (they are faster)
+PEER_TIMEOUT = 120.0
+RSS_EVERY = 2_500  # steps between RSS samples
+RSS_STEPS = 10_000  # with --long (BATON_BENCH_LONG=1): 50,000
+RSS_STEPS_LONG = 50_000
+RSS_TIMEOUT = 600.0
+GOAL_VS_SQLITE = 2.0
+GOAL_VS_MEMORY = 1.0
+GOAL_CPU_MS = 1.5
+GOAL_RSS_MIB = 2.0
 GOAL_RATIO_P50 = 4.0
 RUN_TIMEOUT = 30.0  # one research run, sequential
 BURST_TIMEOUT = 60.0  # one round of concurrent runs
@@ -106,12 +127,15 @@ class Runner:
         self.url = orchestrator_url
         self.tenant = tenant
         self.ends: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.steps_done = 0  # `step done` events seen (every run of the tenant)
 
     async def start(self) -> None:
         await self.nc.subscribe(f"baton.events.{self.tenant}.*", cb=self._on_event)
 
     async def _on_event(self, msg: Msg) -> None:
         ev = msgpack.unpackb(msg.data)
+        if ev.get("type") == "step" and ev.get("status") == "done" and not ev.get("call"):
+            self.steps_done += 1
         fut = self.ends.get(ev.get("task_id", ""))
         if ev.get("type") in ("completed", "failed") and fut is not None and not fut.done():
             fut.set_result(ev)
@@ -284,8 +308,23 @@ async def _sequential(
     return done
 
 
-async def _burst(runner: Runner, total: int, offset: int) -> dict[str, Any]:
-    """``total`` runs, ``CONCURRENT`` in flight at once."""
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/<pid>/stat (seconds)."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+async def _burst(runner: Runner, total: int, offset: int, pids: dict[str, int]) -> dict[str, Any]:
+    """``total`` runs, ``CONCURRENT`` in flight at once; CPU seconds of each
+    process in ``pids`` over the same window."""
     slots = asyncio.Semaphore(CONCURRENT)
     deadline = time.monotonic() + BURST_TIMEOUT
 
@@ -295,11 +334,14 @@ async def _burst(runner: Runner, total: int, offset: int) -> dict[str, Any]:
             end = await runner.wait(task_id, max(1.0, deadline - time.monotonic()))
             return task_id, end["type"]
 
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
     t0 = time.perf_counter()
     ends = await asyncio.gather(*(one(i) for i in range(total)))
     wall = time.perf_counter() - t0
+    cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
     states = [await runner.state(t) for t, _ in ends]
     steps = sum(len(s.get("steps", {})) for s in states)
+    baton = sum(v for k, v in cpu.items() if k != "nats-server")
     return {
         "runs": total,
         "in_flight": CONCURRENT,
@@ -308,7 +350,73 @@ async def _burst(runner: Runner, total: int, offset: int) -> dict[str, Any]:
         "wall_s": round(wall, 3),
         "steps_per_s": round(steps / wall, 1),
         "runs_per_s": round(total / wall, 2),
+        "cpu_ms_per_step": {k: round(v / steps * 1e3, 3) for k, v in cpu.items()},
+        "cpu_ms_per_step_services": round(baton / steps * 1e3, 3),
+        "cpu_ms_per_step_with_nats": round(sum(cpu.values()) / steps * 1e3, 3),
     }
+
+
+def _peer_available() -> str | None:
+    """None when the LangGraph peer can run, else why not."""
+    for name in ("langgraph", "langgraph.checkpoint.sqlite"):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            return f"not installed ({name}): pip install -e '.[bench]'"
+    return None
+
+
+async def _peer(mode: str, work: Path) -> dict[str, Any]:
+    """One round of the LangGraph peer, in its own process."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.peer_langgraph", mode, str(PEER_RUNS[mode]),
+        str(CONCURRENT), str(work),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), PEER_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"langgraph peer ({mode}) failed: {err.decode()[-2000:]}")
+    doc: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return doc
+
+
+async def _rss_curve(runner: Runner, pid: int, total: int) -> list[dict[str, float]]:
+    """Runs kept ``CONCURRENT`` in flight until ``total`` more steps are
+    done; the orchestrator's RSS every ``RSS_EVERY`` steps."""
+    base = runner.steps_done
+    samples: list[dict[str, float]] = []
+    deadline = time.monotonic() + RSS_TIMEOUT
+    stop = asyncio.Event()
+    counter = iter(range(10**9))
+
+    async def loop() -> None:
+        while not stop.is_set() and time.monotonic() < deadline:
+            task_id = await runner.submit(_text(100_000 + next(counter)))
+            end = await runner.wait(task_id, BURST_TIMEOUT)
+            runner.ends.pop(task_id, None)
+            if end["type"] != "completed":
+                raise RuntimeError(f"research run {task_id} failed: {end}")
+
+    async def sample() -> None:
+        nxt = RSS_EVERY
+        while nxt <= total and time.monotonic() < deadline:
+            if runner.steps_done - base >= nxt:
+                samples.append({"steps": nxt, "rss_mib": round(rss_mib(pid), 2)})
+                nxt += RSS_EVERY
+            await asyncio.sleep(0.05)
+        stop.set()
+
+    sampler = asyncio.create_task(sample())
+    await asyncio.gather(*(loop() for _ in range(CONCURRENT)))
+    await sampler
+    return samples
 
 
 def _step_latencies(runs: list[tuple[str, dict[str, Any], float]]) -> list[float]:
@@ -392,10 +500,21 @@ async def _main(work: Path) -> dict[str, Any]:
                     by_segment[k].append(v)
         breakdown = {k: _q(v, 1e3, 2) for k, v in by_segment.items()}
 
-        # 3. Throughput: CONCURRENT runs in flight, a few rounds.
-        bursts = []
+        # 3. Throughput and CPU per step: CONCURRENT runs in flight, rounds
+        # interleaved with the LangGraph peer.
+        pids = {p.name: p.proc.pid for p in stack.procs if p.proc is not None}
+        assert server.proc is not None
+        pids["nats-server"] = server.proc.pid
+        peer_missing = _peer_available()
+        bursts, peers = [], []
         for r in range(BURST_ROUNDS):
-            bursts.append(await _burst(runner, BURST_RUNS, 30_000 + 1000 * r))
+            bursts.append(await _burst(runner, BURST_RUNS, 30_000 + 1000 * r, pids))
+            if peer_missing is None:
+                peers.append({mode: await _peer(mode, work) for mode in PEER_RUNS})
+
+        # 4. The orchestrator's memory as steps accumulate.
+        rss_steps = RSS_STEPS_LONG if os.environ.get("BATON_BENCH_LONG") == "1" else RSS_STEPS
+        rss = await _rss_curve(runner, stack.orchestrator.proc.pid, rss_steps)  # type: ignore[union-attr]
     finally:
         for conn in (nc, responder):
             if conn is not None:
@@ -434,6 +553,47 @@ async def _main(work: Path) -> dict[str, Any]:
         "concurrent": CONCURRENT,
         "bursts": bursts,
         "steps_per_s": round(statistics.median(b["steps_per_s"] for b in bursts), 1),
+        "cpu_ms_per_step": round(
+            statistics.median(b["cpu_ms_per_step_services"] for b in bursts), 3
+        ),
+        "cpu_ms_per_step_with_nats": round(
+            statistics.median(b["cpu_ms_per_step_with_nats"] for b in bursts), 3
+        ),
+        **_versus(bursts, peers, peer_missing),
+        "rss": rss,
+        **_rss_summary(rss),
+    }
+
+
+def _versus(
+    bursts: list[dict[str, Any]], peers: list[dict[str, Any]], missing: str | None
+) -> dict[str, Any]:
+    """Baton against the peer, round by round (median of the rounds' ratios)."""
+    if missing is not None:
+        return {"peer": None, "peer_missing": missing}
+    out: dict[str, Any] = {"peer": "langgraph", "peer_rounds": peers}
+    for mode in PEER_RUNS:
+        pairs = zip(bursts, peers, strict=True)
+        ratios = [b["steps_per_s"] / p[mode]["steps_per_s"] for b, p in pairs]
+        out[f"vs_{mode}"] = round(statistics.median(ratios), 3)
+        out[f"vs_{mode}_rounds"] = [round(x, 3) for x in ratios]
+        out[f"peer_{mode}_steps_per_s"] = round(
+            statistics.median(p[mode]["steps_per_s"] for p in peers), 1
+        )
+        out[f"peer_{mode}_cpu_ms_per_step"] = round(
+            statistics.median(p[mode]["cpu_ms_per_step"] for p in peers), 3
+        )
+    return out
+
+
+def _rss_summary(rss: list[dict[str, float]]) -> dict[str, Any]:
+    by = {int(x["steps"]): x["rss_mib"] for x in rss}
+    lo = by.get(10_000)
+    hi = by.get(RSS_STEPS_LONG)
+    return {
+        "rss_mib_at_10k": lo,
+        "rss_mib_at_50k": hi,
+        "rss_growth_10k_50k_mib": round(hi - lo, 2) if lo is not None and hi is not None else None,
     }
 
 
@@ -502,6 +662,7 @@ def markdown(r: dict[str, Any]) -> str:
         f" ({r['ratio_step_to_rtt_p99']}x) | ≤ {r['goal_ratio_p50']:.0f}x at p50: {met} |",
         f"| steps per second, {burst['in_flight']} runs in flight | {r['steps_per_s']:.0f}"
         f" (rounds of {burst['runs']} runs: {rounds}) | reported |",
+        *_peer_rows(r),
         f"| whole `{r['workflow']}` run, sequential, p50 / p99 | {r['run_ms']['p50']:.0f} ms /"
         f" {r['run_ms']['p99']:.0f} ms | reported |",
         f"| runs measured | {r['sequential_runs']} sequential ({r['steps_measured']} steps;"
@@ -526,4 +687,74 @@ def markdown(r: dict[str, Any]) -> str:
         *seg_rows,
         "",
         tail,
+        *_peer_notes(r),
     ])  # fmt: skip
+
+
+def _met(ok: bool, shown: str) -> str:
+    return "met" if ok else f"**missed** ({shown})"
+
+
+def _peer_rows(r: dict[str, Any]) -> list[str]:
+    cpu, cpu_n = r["cpu_ms_per_step"], r["cpu_ms_per_step_with_nats"]
+    rows = []
+    if r.get("peer"):
+        vs_s, vs_m = r["vs_sqlite"], r["vs_memory"]
+        rows += [
+            f"| LangGraph + AsyncSqliteSaver (durable), steps per second | "
+            f"{r['peer_sqlite_steps_per_s']:.0f} | |",
+            f"| LangGraph in memory, 32 concurrent `ainvoke`, steps per second | "
+            f"{r['peer_memory_steps_per_s']:.0f} | |",
+            f"| Baton / LangGraph + SQLite, steps per second (rounds) | {vs_s:.2f}x"
+            f" ({', '.join(f'{x:.2f}' for x in r['vs_sqlite_rounds'])}) |"
+            f" ≥ {GOAL_VS_SQLITE:.0f}x: {_met(vs_s >= GOAL_VS_SQLITE, f'{vs_s:.2f}x')} |",
+            f"| Baton / LangGraph in memory, steps per second (rounds) | {vs_m:.2f}x"
+            f" ({', '.join(f'{x:.2f}' for x in r['vs_memory_rounds'])}) |"
+            f" ≥ {GOAL_VS_MEMORY:.0f}x: {_met(vs_m >= GOAL_VS_MEMORY, f'{vs_m:.2f}x')} |",
+        ]
+    else:
+        rows.append(f"| LangGraph peer | {r['peer_missing']} | |")
+    lg = r.get("peer_sqlite_cpu_ms_per_step")
+    cpu_ok = cpu <= GOAL_CPU_MS and (lg is None or cpu <= lg)
+    per = r["bursts"][0]["cpu_ms_per_step"]
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in per.items())
+    rows += [
+        f"| CPU per step, Baton's 3 service processes (with nats-server) | {cpu:.2f} ms"
+        f" ({cpu_n:.2f} ms; round 1: {parts}) | ≤ {GOAL_CPU_MS} ms and ≤ LangGraph + SQLite's:"
+        f" {_met(cpu_ok, f'{cpu:.2f} ms')} |",
+    ]
+    if lg is not None:
+        rows.append(
+            f"| CPU per step, LangGraph + SQLite (LangGraph in memory) | {lg:.2f} ms"
+            f" ({r['peer_memory_cpu_ms_per_step']:.2f} ms) | |"
+        )
+    curve = " → ".join(f"{x['rss_mib']:.1f}" for x in r["rss"])
+    growth = r["rss_growth_10k_50k_mib"]
+    if growth is None:
+        rows.append(f"| orchestrator RSS every {RSS_EVERY:,} steps, MiB | {curve} | 10k → 50k"
+                    " flat ± 2 MiB: not measured (`python -m bench orchestrator --long`)"
+                    " |")  # fmt: skip
+    else:
+        ok = abs(growth) <= GOAL_RSS_MIB
+        rows.append(f"| orchestrator RSS every {RSS_EVERY:,} steps, MiB | {curve} | 10k → 50k"
+                    f" flat ± {GOAL_RSS_MIB:.0f} MiB: {_met(ok, f'{growth:+.1f} MiB')}"
+                    " |")  # fmt: skip
+    return rows
+
+
+def _peer_notes(r: dict[str, Any]) -> list[str]:
+    if not r.get("peer"):
+        return []
+    return [
+        "",
+        "The peer (`bench/peer_langgraph.py`, `pip install -e '.[bench]'`) is the `research`"
+        " graph as a LangGraph `StateGraph` — plan → retrieval ‖ coding → validate → plan or"
+        " summarize, at most 3 rounds, the validator's verdict a hash of run and round (half"
+        " revise) — with a zero-latency fake LLM answering as many words as the simulator."
+        f" It runs in its own process, {CONCURRENT} `ainvoke` in flight, rounds interleaved with"
+        f" Baton's ({PEER_RUNS['sqlite']} runs with `AsyncSqliteSaver` on local disk, LangGraph's"
+        f" default durability `async`; {PEER_RUNS['memory']} without a checkpointer). CPU per"
+        " step is utime + stime from `/proc/<pid>/stat` over the measured window: the peer"
+        " process's, Baton's summed over orchestrator, context store and worker (nats-server"
+        " in brackets); the benchmark's own client is in neither.",
+    ]
