@@ -18,7 +18,7 @@ import msgpack
 import nats
 
 from baton.natsd import NatsServer
-from tests.harness import LocalStack, secure_nats
+from baton.testing import LocalStack, secure_nats
 
 ROUNDS = 6
 TASKS_PER_ROUND = 40

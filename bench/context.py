@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from baton.stack import ServiceProcess
+from baton.testing import secure_nats
 from baton.transport import Bus, connect
 from proto import codec, subjects
 from proto.messages import (
@@ -35,7 +36,6 @@ from proto.messages import (
     WindowRequest,
 )
 from proto.streams import BucketSpec
-from tests.harness import secure_nats
 
 TURNS = (10, 100, 1000)
 TURN_CHARS = 300  # each user and assistant message

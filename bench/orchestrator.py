@@ -51,10 +51,10 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
+from baton.testing import LocalStack, secure_nats, uid
 from bench.stats import pct
 from proto import codec
 from proto.messages import ContextAppend, InferenceJob, InferenceResult, WindowRequest
-from tests.harness import LocalStack, secure_nats, uid
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = "research"

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tests.harness import Client, LocalStack, metric, secure_nats, uid
+from baton.testing import Client, LocalStack, metric, secure_nats, uid
 
 SESSIONS = 20
 TURNS = 4

@@ -17,10 +17,10 @@ from typing import Any
 
 import msgpack
 
+from baton.testing import Client, LocalStack, secure_nats, uid
 from bench.stats import median
 from services.inference_worker.engines.vllm import VLLMEngine
-from tests.harness import Client, LocalStack, secure_nats, uid
-from tests.vllm_jobs import inprocess_worker
+from services.inference_worker.inprocess import inprocess_worker
 
 CONCURRENCY = 32
 ROUNDS = 6

@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from baton.testing import Client, LocalStack, collect_results, secure_nats, submit_job, uid
 from bench.stats import median, pct
 from proto.messages import ChatMessage
 from proto.streams import ORCHESTRATOR_RESULTS, RESULTS
 from services.inference_worker.engines.vllm import VLLMEngine
-from tests.harness import Client, LocalStack, secure_nats, uid
-from tests.vllm_jobs import collect_results, inprocess_worker, submit_job
+from services.inference_worker.inprocess import inprocess_worker
 
 SYSTEM = "You are a helpful assistant."  # the chat workflow's agent
 CONCURRENCY = 32

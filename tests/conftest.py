@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from baton.natsd import NatsServer
-from tests.harness import Client, LocalStack, nats_source, secure_nats
+from baton.testing import Client, LocalStack, secure_nats
+from tests.harness import nats_source
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from tests.harness import Client, LocalStack, http_post, uid
+from baton.testing import Client, LocalStack, uid
+from tests.harness import http_post
 
 UNENFORCEABLE = [math.nan, math.inf, -math.inf, -1.0]
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from baton.natsd import free_port
-from tests.harness import Client, LocalStack, uid
+from baton.testing import Client, LocalStack, uid
 
 
 def baton(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip

@@ -14,6 +14,7 @@ import nats.js.errors
 import pytest
 
 from baton.natsd import NatsServer
+from baton.testing import Client, LocalStack, uid
 from baton.transport import Bus, connect
 from proto import codec, subjects
 from proto.limits import MAX_SERVICE_MESSAGE_BYTES
@@ -26,7 +27,6 @@ from proto.messages import (
     InferenceJob,
 )
 from tests.ctx import append, ask, raw_store_contains, window
-from tests.harness import Client, LocalStack, uid
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from baton.testing import LocalStack, uid
 from baton.transport import Bus, connect
 from proto import codec, subjects
 from proto.limits import MAX_ATTACHMENT_BYTES, MAX_CONTEXT_MESSAGE_BYTES
@@ -28,7 +29,6 @@ from proto.messages import (
 from services.context_store.erase import sequences
 from services.context_store.tokens import estimate_tokens
 from tests.ctx import append, ask, conversation, window
-from tests.harness import LocalStack, uid
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from nats.js import api
 
 from baton import cli
 from baton.dlq import parse_advisory
-from tests.harness import Client, LocalStack, metric, uid
+from baton.testing import Client, LocalStack, metric, uid
 
 
 def test_advisories_are_parsed_or_refused() -> None:

@@ -9,12 +9,13 @@ from collections.abc import AsyncIterator
 import pytest
 
 from baton.documents import put_document
+from baton.testing import LocalStack, uid
 from baton.transport import Bus, connect
 from proto import subjects
 from proto.messages import ContextDelete, DocumentPut
 from proto.streams import DOCUMENTS
 from tests.ctx import ask
-from tests.harness import LocalStack, http_post, uid
+from tests.harness import http_post
 from tests.tools import call_tool, session_with_call
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from baton.testing import Client, LocalStack, http_json, secure_nats, uid
 from tests.ctx import raw_store_contains
-from tests.harness import Client, LocalStack, http_json, secure_nats, uid
 
 
 @pytest.mark.parametrize("encrypt", [True, False])

@@ -11,8 +11,9 @@ from typing import Any
 
 import msgpack
 
+from baton.testing import Client, LocalStack, http_get, metric, uid
 from proto.limits import MAX_INPUT_BYTES
-from tests.harness import Client, LocalStack, http_get, http_post, metric, uid
+from tests.harness import http_post
 
 
 async def test_a_task_from_a_plain_client_completes_with_usage_and_cost(

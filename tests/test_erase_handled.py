@@ -8,10 +8,10 @@ import asyncio
 import contextlib
 
 from baton.natsd import NatsServer
+from baton.testing import uid
 from baton.transport import Delivery, Nak, Term, connect
 from proto.streams import ConsumerSpec, StreamSpec
 from tests.ctx import raw_store_contains
-from tests.harness import uid
 
 
 async def test_handled_messages_are_overwritten_only_with_erase_handled(

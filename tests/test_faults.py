@@ -13,7 +13,8 @@ import msgpack
 import pytest
 
 from baton.natsd import NatsServer
-from tests.harness import Client, LocalStack, http_post, metric, uid
+from baton.testing import Client, LocalStack, metric, uid
+from tests.harness import http_post
 
 SLOW = {"BATON_SIM_DECODE_TPS": "25"}  # 128 tokens ~ 5 s: time to strike mid-generation
 

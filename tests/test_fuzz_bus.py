@@ -24,10 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from baton.testing import Client, LocalStack, http_get, metric, uid
 from proto.admission import TaskRejected, parse_task
 from proto.subjects import CONTEXT_OPS
 from services.context_store.service import REQUEST_TYPES
-from tests.harness import Client, LocalStack, http_get, metric, uid
 from tests.test_fuzz_proto import json_like, nested, raw_map, raw_str, task_bodies
 
 WORKFLOWS = frozenset({"chat", "research"})

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Client, LocalStack, http_get, http_json, http_post, uid
+from baton.testing import Client, LocalStack, http_get, http_json, uid
+from tests.harness import http_post
 
 
 def _error_of(url: str, *, method: str = "GET", body: Any = None,

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from baton.natsd import NatsServer, free_port
-from tests.harness import Client, LocalStack, uid
+from baton.testing import Client, LocalStack, uid
 
 RULES = Path(__file__).parents[1] / "deploy" / "prometheus" / "rules" / "baton.rules.yml"
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from baton.natsd import free_port
+from baton.testing import LocalStack, uid
 from baton.transport import Bus, connect
 from proto import codec
 from proto.messages import ContextGet, ToolCatalog
 from proto.streams import TOOL_CATALOG
 from tests.ctx import ask
-from tests.harness import LocalStack, uid
 from tests.tools import call_tool, session_with_call
 
 SERVER = Path(__file__).parent / "fixtures" / "mcp_server.py"

@@ -8,7 +8,7 @@ import re
 import urllib.request
 from pathlib import Path
 
-from tests.harness import Client, LocalStack, uid
+from baton.testing import Client, LocalStack, uid
 
 CATALOGUE = Path(__file__).parents[1] / "deploy" / "metrics.txt"
 # Only exported where pynvml finds a GPU (tests/test_gpu_metrics.py, fake NVML).

@@ -10,7 +10,8 @@ import urllib.request
 from pathlib import Path
 
 from baton.natsd import NatsServer
-from tests.harness import Client, LocalStack, http_get, http_json, http_post, metric, uid
+from baton.testing import Client, LocalStack, http_get, http_json, metric, uid
+from tests.harness import http_post
 
 
 async def test_research_fans_out_fans_in_and_reports_usage_and_cost(

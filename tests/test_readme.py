@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.harness import LocalStack
+from baton.testing import LocalStack
 
 README = Path(__file__).parents[1] / "README.md"
 

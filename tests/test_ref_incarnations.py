@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from baton.testing import LocalStack, uid
 from baton.transport import Bus, connect
 from proto.messages import (
     ChatMessage,
@@ -18,7 +19,6 @@ from proto.messages import (
 )
 from services.context_store.refs import RefSigner
 from tests.ctx import append, ask, window
-from tests.harness import LocalStack, uid
 
 
 def test_the_incarnation_is_signed() -> None:

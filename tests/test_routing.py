@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from baton.natsd import NatsServer
-from tests.harness import Client, LocalStack, metric, uid
+from baton.testing import Client, LocalStack, metric, uid
 
 FAST_FAILOVER = {"BATON_PEER_STALE_AFTER": "2", "BATON_ROUTE_STALE_AFTER": "1.5"}
 

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 import psutil
 import pytest
 
+from baton.testing import LocalStack, http_get, uid
 from baton.transport import Bus, connect
 from services.tool_worker.tools.python import PythonTool, RunResult, bwrap_command
-from tests.harness import LocalStack, http_get, uid
 from tests.tools import call_tool, session_with_call
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap")

@@ -16,7 +16,7 @@ import nats.js.errors
 import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from tests.harness import Client, LocalStack, uid
+from baton.testing import Client, LocalStack, uid
 
 ATTACKER, VICTIM = "globex", "acme"
 

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from baton.natsd import free_port
-from tests.harness import Client, uid
+from baton.testing import Client, uid
 
 
 def _three_free_ports() -> int:

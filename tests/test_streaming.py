@@ -18,7 +18,8 @@ import openai
 import pytest
 
 from baton.natsd import NatsServer
-from tests.harness import Client, LocalStack, http_json, http_post, secure_nats, uid
+from baton.testing import Client, LocalStack, http_json, secure_nats, uid
+from tests.harness import http_post
 from tests.test_http_api import sse_events
 
 LONELY = """name: lonely

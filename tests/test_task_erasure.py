@@ -19,6 +19,7 @@ import pytest
 
 from baton import audit
 from baton.natsd import NatsServer
+from baton.testing import Client, LocalStack, uid
 from baton.transport import HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus, connect
 from proto import codec, subjects
 from proto.messages import ContextDelete, SessionsErased
@@ -26,7 +27,6 @@ from proto.streams import DEAD_LETTERS, EVENTS, RUNS, TOKENS
 from services.orchestrator.erasure import dead_letter_matches, tasks_to_erase, tombstone
 from services.orchestrator.runs import RunState, StepState
 from tests.ctx import ask, raw_store_contains
-from tests.harness import Client, LocalStack, uid
 
 # -- the decisions, without a broker -----------------------------------------
 

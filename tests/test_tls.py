@@ -15,8 +15,8 @@ import nats
 import pytest
 
 from baton.natsd import NatsServer, ServerTls, free_port
+from baton.testing import Client, LocalStack, http_json, secure_nats, uid
 from baton.transport import BusUnavailable, connect, tls_context
-from tests.harness import Client, LocalStack, http_json, secure_nats, uid
 
 trustme = pytest.importorskip("trustme")
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from baton.natsd import NatsServer
+from baton.testing import LocalStack, metric, uid
 from baton.transport import connect
 from proto.messages import ContextGet
 from tests.ctx import ask
-from tests.harness import LocalStack, metric, uid
 from tests.tools import call_tool, session_with_call
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap")

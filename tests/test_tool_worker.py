@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator
 import pytest
 
 from baton.documents import put_document
+from baton.testing import LocalStack, metric, uid
 from baton.transport import Bus, connect
 from proto.limits import INLINE_TOOL_RESULT_BYTES
 from proto.messages import ContextGet, DocumentPut, GetReply
 from tests.ctx import ask
-from tests.harness import LocalStack, metric, uid
 from tests.tools import call_tool, session_with_call
 
 

@@ -13,6 +13,7 @@ import structlog
 
 from baton import tracing
 from baton.natsd import free_port
+from baton.testing import uid
 from baton.transport import (
     HDR_DLQ_REASON,
     HDR_TASK_ID,
@@ -25,7 +26,6 @@ from baton.transport import (
     connect,
 )
 from proto.streams import DEAD_LETTERS, ConsumerSpec, StreamSpec
-from tests.harness import uid
 
 
 @pytest.fixture

@@ -36,8 +36,8 @@ import nats
 import pytest
 from nats.js import api
 
+from baton.testing import LocalStack, uid
 from tests.chaos.cluster import Cluster
-from tests.harness import LocalStack, uid
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
 

@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from baton.natsd import free_port
-from tests.harness import LocalStack, secure_nats, uid
+from baton.testing import LocalStack, secure_nats, uid
 
 MINUTES = float(os.environ.get("BATON_SOAK_MINUTES", "2"))
 FAULT_EVERY = float(os.environ.get("BATON_SOAK_FAULT_EVERY", "40"))

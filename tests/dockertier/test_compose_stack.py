@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from baton.natsd import free_port
-from tests.harness import Client, docker_available
+from baton.testing import Client
+from tests.harness import docker_available
 
 ROOT = Path(__file__).parents[2]
 STACK = ROOT / "deploy" / "compose" / "stack.sh"

@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import pytest_asyncio
 
+from baton.testing import Client, LocalStack, secure_nats, uid
 from services.inference_worker.engines.vllm import VLLMEngine
-from tests.harness import Client, LocalStack, secure_nats, uid
-from tests.vllm_jobs import inprocess_worker
+from services.inference_worker.inprocess import inprocess_worker
 
 pytestmark = pytest.mark.vllm
 

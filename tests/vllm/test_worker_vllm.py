@@ -17,12 +17,12 @@ import pytest
 import pytest_asyncio
 
 from baton.stack import ServiceProcess
+from baton.testing import collect_results, metric, secure_nats, submit_job, uid
 from baton.transport import Bus, connect
 from proto import subjects
 from proto.messages import Cancel, ChatMessage
 from services.inference_worker.engines.vllm import VLLMEngine
-from tests.harness import metric, secure_nats
-from tests.vllm_jobs import collect_results, inprocess_worker, submit_job, uid
+from services.inference_worker.inprocess import inprocess_worker
 
 pytestmark = pytest.mark.vllm
 

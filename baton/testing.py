@@ -1,0 +1,299 @@
+"""A local Baton for benchmarks and tests: a real nats-server with Baton's
+accounts, the services as processes, and a client with no Baton code.
+
+``secure_nats`` builds the embedded server as in production (accounts for
+``TEST_TENANTS``, one identity per service, JetStream encrypted at rest);
+``LocalStack`` starts each service with its own identity; ``Client`` speaks
+the public contract with nats-py and msgpack only; ``submit_job`` and
+``collect_results`` play the orchestrator's part on the bus for a worker under
+test. Importable from production code (``bench/`` uses it); nothing here
+belongs to pytest — the test-only pieces (Docker-backed NATS, asserting HTTP
+helpers) live in ``tests/harness.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import nats
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from baton import accounts
+from baton.credentials import Credentials
+from baton.natsd import NatsServer, ServerAuth
+from baton.stack import MODULES, ServiceProcess
+from baton.transport import Bus
+from proto import codec, subjects
+from proto.messages import (
+    ChatMessage,
+    ContextAppend,
+    ContextAppendReply,
+    InferenceJob,
+    InferenceResult,
+)
+from proto.streams import RESULTS
+
+# Tenants the test server has accounts for. A task can only run as one of
+# them; context-store tests may use any tenant id (they act as a service).
+# Tests that list "every task of a tenant" have a tenant of their own.
+TEST_TENANTS = (
+    "acme", "globex", "initech", "umbrella", "hooli", "wonka", "fuzz", "cli", "cli-list", "lister",
+    "gone", "stays", "erase-a", "erase-b",
+)  # fmt: skip
+
+# Fast simulator and quick redelivery, so fault tests take seconds.
+TEST_ENV = {
+    "BATON_ENGINE": "sim",
+    "BATON_SIM_DECODE_TPS": "2000",
+    "BATON_ENGINE_RESTART_DELAY": "0.2",
+    "BATON_OOM_RETRY_DELAY": "0.5",
+    "BATON_HEARTBEAT_INTERVAL": "0.5",
+    "BATON_PENDING_POLL_INTERVAL": "0.5",
+    "BATON_LOG_JSON": "true",
+    "BATON_TENANTS": ",".join(TEST_TENANTS),
+}
+
+
+def secure_nats(
+    store_dir: Path, tenants: tuple[str, ...] = TEST_TENANTS, *, encrypt: bool = True, **kw: Any
+) -> NatsServer:
+    """A nats-server with Baton's accounts (not started); ``encrypt=False``
+    leaves the store readable, for tests that prove erasure from raw files."""
+    creds = Credentials.load_or_create(store_dir, list(tenants))
+    return NatsServer(store_dir, auth=ServerAuth(list(tenants), creds, encrypt=encrypt), **kw)
+
+
+@dataclass
+class RemoteNats:
+    """A NATS with Baton's accounts that the tests did not start (a container):
+    URLs per identity, no store to read."""
+
+    creds: Credentials
+    host: str
+    port: int
+    store_dir: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return self.url_for(accounts.OPERATOR)
+
+    def url_for(self, identity: str) -> str:
+        return self.creds.url(identity, self.host, self.port)
+
+
+def uid(prefix: str = "t") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+@dataclass
+class LocalStack:
+    """The services as processes against one NATS: a ``NatsServer`` (each
+    service with its own identity) or a URL every service shares."""
+
+    nats: NatsServer | RemoteNats | str
+    workdir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    procs: list[ServiceProcess] = field(default_factory=list)
+
+    @property
+    def nats_url(self) -> str:
+        """A URL with every right inside Baton's account (the operator's)."""
+        return self.nats if isinstance(self.nats, str) else self.nats.url
+
+    def url_for(self, identity: str) -> str:
+        return self.nats if isinstance(self.nats, str) else self.nats.url_for(identity)
+
+    def service(self, name: str, **env: str) -> ServiceProcess:
+        assert name in MODULES, name
+        full = {**TEST_ENV, "BATON_NATS_URL": self.url_for(name),
+                "BATON_DATA_DIR": str(self.workdir), **self.env, **env}  # fmt: skip
+        log = self.workdir / f"{name}-{len(self.procs)}.log"
+        proc = ServiceProcess(name, full, log_path=log).start()
+        self.procs.append(proc)
+        return proc
+
+    def start(self, workers: int = 1, tool_workers: int = 0) -> LocalStack:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        started = [self.service("context-store"), self.service("orchestrator")]
+        started += [self.worker() for _ in range(workers)]
+        started += [self.tool_worker() for _ in range(tool_workers)]
+        for p in started:
+            p.wait_ready()
+        return self
+
+    def worker(self, **env: str) -> ServiceProcess:
+        return self.service("inference-worker", BATON_WORKER_ID=uid("w"), **env)
+
+    def retire(self, proc: ServiceProcess) -> None:
+        """Stop a process started for one test and forget it (so the stack's
+        other users do not look for it)."""
+        proc.terminate(timeout=20)
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def tool_worker(self, **env: str) -> ServiceProcess:
+        return self.service("tool-worker", BATON_WORKER_ID=uid("tw"), **env)
+
+    @property
+    def orchestrator(self) -> ServiceProcess:
+        return next(p for p in self.procs if p.name == "orchestrator")
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate(timeout=20)
+
+    def logs(self) -> str:
+        return "\n".join(p.log_path.read_text() for p in self.procs if p.log_path)
+
+
+class Client:
+    """A client with no Baton code: nats-py and msgpack only.
+
+    ``tenant`` set: a tenant's client in its own account, publishing on the
+    public ``baton.tasks.<workflow>``. Unset: an operator inside Baton's
+    account, publishing as the server would map it,
+    ``baton.tasks.<tenant>.<workflow>`` (the tenant from ``as_tenant`` or the
+    body)."""
+
+    def __init__(self, nc: nats.NATS, tenant: str | None = None) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.tenant = tenant
+
+    @classmethod
+    async def connect(cls, url: str, tenant: str | None = None, **kw: Any) -> Client:
+        return cls(await nats.connect(url, **kw), tenant)
+
+    async def publish(
+        self, workflow: str, body: Any, *, msg_id: str | None = None, raw: bool = False,
+        as_tenant: str | None = None,
+    ) -> Any:  # fmt: skip
+        data = body if raw else msgpack.packb(body)
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        if self.tenant is not None:
+            subject = f"baton.tasks.{workflow}"
+        else:
+            tenant = as_tenant or (body.get("tenant") if isinstance(body, dict) else None)
+            subject = f"baton.tasks.{tenant or TEST_TENANTS[0]}.{workflow}"
+        return await self.js.publish(subject, data, headers=headers)
+
+    async def events(
+        self, tenant: str, task_id: str, *, timeout: float = 30.0, until_terminal: bool = True
+    ) -> list[dict[str, Any]]:
+        """Replay a task's events from the start until a terminal one."""
+        got: list[dict[str, Any]] = []
+        sub = await self.js.subscribe(
+            f"baton.events.{tenant}.{task_id}", ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+        )  # fmt: skip
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    msg = await sub.next_msg(timeout=timeout)
+                    ev = msgpack.unpackb(msg.data)
+                    got.append(ev)
+                    if until_terminal and ev["type"] in ("completed", "failed"):
+                        return got
+        except TimeoutError:
+            if until_terminal:
+                raise AssertionError(f"no terminal event for {task_id}; got {got}") from None
+            return got
+        finally:
+            await sub.unsubscribe()
+
+    async def run(self, workflow: str, body: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        """Submit and return the terminal event."""
+        await self.publish(workflow, body, msg_id=body.get("task_id"))
+        events = await self.events(body["tenant"], body["task_id"], **kw)
+        return events[-1]
+
+    async def close(self) -> None:
+        await self.nc.close()
+
+
+def http_get(url: str, headers: dict[str, str] | None = None) -> str:
+    req = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return str(r.read().decode())
+
+
+def http_json(url: str, headers: dict[str, str] | None = None) -> Any:
+    return json.loads(http_get(url, headers))
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` on ``url``/metrics whose labels include ``labels``."""
+    text = http_get(f"{url}/metrics")
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{(.*)\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(3) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(4))
+    return total
+
+
+async def submit_job(
+    bus: Bus,
+    tenant: str,
+    text: str,
+    *,
+    max_tokens: int,
+    pool: str = "default",
+    session: str | None = None,
+    system: str | None = "You are terse.",
+) -> InferenceJob:
+    """Append ``text`` to a session and publish a job pointing at it (the
+    orchestrator's part, for a worker under test)."""
+    session = session or uid("s")
+    reply = await bus.request(
+        subjects.context_api("append", tenant),
+        ContextAppend(tenant=tenant, session=session, msg_id=uid("m"),
+                      messages=[ChatMessage(role="user", content=text)], system=system),
+        ContextAppendReply,
+    )  # fmt: skip
+    if reply.ref is None:
+        raise RuntimeError(f"context append refused: {reply.error}")
+    job = InferenceJob(
+        job_id=uid("j"), task_id=uid(), tenant=tenant, session=session, workflow="test",
+        step="s1", agent="a", ref=reply.ref, max_tokens=max_tokens, published_at=time.time(),
+    )  # fmt: skip
+    await bus.publish(subjects.job(pool), job, msg_id=job.job_id, task_id=job.task_id)
+    return job
+
+
+async def collect_results(bus: Bus, tenant: str, n: int, timeout: float) -> list[InferenceResult]:
+    """Take ``n`` results for ``tenant`` off the results work queue."""
+    sub = await bus.js.pull_subscribe(f"{subjects.RESULTS}.{tenant}.>", durable=None,
+                                      stream=RESULTS.name)  # fmt: skip
+    got: list[InferenceResult] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(got) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{len(got)} of {n} results within {timeout}s")
+            try:
+                msgs = await sub.fetch(n - len(got), timeout=min(1.0, left))
+            except TimeoutError:
+                continue
+            for msg in msgs:
+                got.append(codec.decode(msg.data, InferenceResult))
+                await msg.ack()
+    finally:
+        # Work-queue streams allow one consumer per filter: delete it now.
+        name = (await sub.consumer_info()).name
+        await sub.unsubscribe()
+        await bus.js.delete_consumer(RESULTS.name, name)
+    return got
