@@ -41,6 +41,7 @@ STATUS_OF: dict[ErrorCode, int] = {
     ErrorCode.INPUT_TOO_LARGE: 413,
     ErrorCode.MESSAGE_TOO_LARGE: 413,
     ErrorCode.BUDGET_EXCEEDED: 402,
+    ErrorCode.RATE_LIMITED: 429,  # with Retry-After
     ErrorCode.INTERNAL: 500,
     ErrorCode.ENGINE_FAILURE: 502,
     ErrorCode.CONTEXT_UNAVAILABLE: 503,
@@ -88,6 +89,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (401, "Missing or unknown API key"),
         (404, "No such task or workflow"),
         (422, "Body or parameters fail validation"),
+        (429, "Over a tenant limit; retry after Retry-After seconds"),
         (503, "Starting or stopping"),
     )
 }
@@ -96,9 +98,16 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 class ApiError(HTTPException):
     """An HTTP error with a bus error code."""
 
-    def __init__(self, code: ErrorCode, message: str, *, param: str | None = None,
-                 status: int | None = None) -> None:  # fmt: skip
-        super().__init__(status or STATUS_OF.get(code, 400), message)
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        param: str | None = None,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(status or STATUS_OF.get(code, 400), message, headers=headers)
         self.code = code
         self.message = message
         self.param = param

@@ -23,7 +23,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, SecretStr
+from pydantic import AliasChoices, BaseModel, SecretStr
 from pydantic_settings import BaseSettings
 
 from baton.settings import CommonSettings
@@ -75,6 +75,8 @@ def _render_default(value: Any) -> str:
         value = value.value
     if isinstance(value, Path):
         value = str(value)
+    if isinstance(value, BaseModel):  # a JSON setting with a schema (e.g. TenantLimits)
+        value = value.model_dump(mode="json")
     return f"`{json.dumps(value)}`"
 
 

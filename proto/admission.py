@@ -45,10 +45,25 @@ class TaskRejected(Exception):
         self.task_id = task_id
         self.session = session
 
+    retry_after: float | None = None  # RateLimited: seconds until a retry may pass
+
     @property
     def addressable(self) -> bool:
         """True when a ``failed`` event can be published for it."""
         return self.tenant is not None and self.task_id is not None
+
+
+class RateLimited(TaskRejected):
+    """A valid task over its tenant's limits (``rate_limited``): the same
+    request may pass after ``retry_after`` seconds (with a new task id on the
+    bus, whose de-duplication would drop the same id)."""
+
+    def __init__(
+        self, message: str, *, retry_after: float, tenant: str, task_id: str, session: str
+    ) -> None:
+        super().__init__(ErrorCode.RATE_LIMITED, message, tenant=tenant, task_id=task_id,
+                         session=session)  # fmt: skip
+        self.retry_after = retry_after
 
 
 def _readable_ids(raw: Any, msg_id: str | None, tenant: str | None) -> dict[str, str | None]:

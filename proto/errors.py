@@ -26,6 +26,7 @@ class ErrorCode(enum.StrEnum):
     INPUT_TOO_LARGE = "input_too_large"
     UNKNOWN_TENANT = "unknown_tenant"  # no such tenant on this bus (HTTP API)
     DUPLICATE_TASK = "duplicate_task"
+    RATE_LIMITED = "rate_limited"  # over a tenant limit; error.retry_after says when to retry
     BUDGET_EXCEEDED = "budget_exceeded"
     CANCELLED = "cancelled"
     STEP_TIMEOUT = "step_timeout"
@@ -69,6 +70,7 @@ LAYER_OF: dict[ErrorCode, Layer] = {
             ErrorCode.INPUT_TOO_LARGE,
             ErrorCode.UNKNOWN_TENANT,
             ErrorCode.DUPLICATE_TASK,
+            ErrorCode.RATE_LIMITED,
             ErrorCode.BUDGET_EXCEEDED,
             ErrorCode.CANCELLED,
             ErrorCode.STEP_TIMEOUT,

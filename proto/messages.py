@@ -80,10 +80,12 @@ def finite_usage(u: Usage) -> bool:
     )
 
 
-class ErrorInfo(msgspec.Struct, kw_only=True):
+class ErrorInfo(msgspec.Struct, omit_defaults=True, kw_only=True):
     code: str
     message: str
     layer: str
+    # rate_limited: seconds after which the same request may be admitted.
+    retry_after: float | None = None
 
 
 class _Event(msgspec.Struct, tag_field="type", omit_defaults=True, kw_only=True):

@@ -10,7 +10,9 @@ decides the tenant and a tenant only sees its own tasks. Without keys
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,7 +27,7 @@ from baton.documents import DocumentTooLarge, put_document
 from baton.http_errors import ERROR_RESPONSES, ApiError, require_ids
 from baton.service import Health, caller_scope, health_app
 from baton.transport import Bus
-from proto import codec, subjects
+from proto import codec, streams, subjects
 from proto.admission import TaskRejected, parse_task
 from proto.errors import ErrorCode
 from proto.messages import DocumentPut, TaskSubmit
@@ -45,6 +47,7 @@ from .api_models import (
 )
 from .conductor import Conductor
 from .follow import as_dict, follow_task, replay_events
+from .intake import Intake
 from .listing import BadCursor, page_runs
 from .runs import ERASED, RunState, RunStore
 from .settings import OrchestratorSettings
@@ -65,6 +68,23 @@ class Services:
         self.conductor: Conductor | None = None
         self.workflows: dict[str, WorkflowSpec] = {}
         self.tenants: frozenset[str] = frozenset()
+        self.intake: Intake | None = None
+
+    async def _within_limits(self, bus: Bus, tenant: str) -> None:
+        """429 (with ``Retry-After``) for a task its tenant's limits would
+        refuse now, instead of publishing it to fail at intake."""
+        if self.intake is None:
+            return
+        limiter, in_flight = self.intake.limiter, 0
+        if limiter.of(tenant).max_in_flight:  # running here + waiting in its stream
+            in_flight = self.intake.gate.active(tenant)
+            with contextlib.suppress(Exception):
+                in_flight += int((await bus.js.consumer_info(
+                    *_consumer_of(tenant))).num_pending or 0)  # fmt: skip
+        refusal = limiter.peek(tenant, in_flight=in_flight, now=time.time())
+        if refusal is not None:
+            retry = str(math.ceil(refusal.retry_after))
+            raise ApiError(ErrorCode.RATE_LIMITED, refusal.message, headers={"Retry-After": retry})
 
     def ready(self) -> tuple[Bus, RunStore]:
         if self.bus is None or self.runs is None:
@@ -87,9 +107,15 @@ class Services:
         assert task.task_id is not None
         if task.tenant not in self.tenants:
             raise ApiError(ErrorCode.UNKNOWN_TENANT, f"no tenant {task.tenant!r} on this bus")
+        await self._within_limits(bus, task.tenant)
         ack = await bus.publish(subjects.tenant_task(task.tenant, workflow), data,
                                 msg_id=task.task_id, task_id=task.task_id)  # fmt: skip
         return task, bool(ack.duplicate)
+
+
+def _consumer_of(tenant: str) -> tuple[str, str]:
+    spec = streams.task_consumer(tenant)
+    return spec.stream, spec.durable
 
 
 def last_event_seq(header: str | None) -> int:

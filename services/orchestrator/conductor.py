@@ -34,6 +34,7 @@ from proto.messages import (
     ForkReply,
     InferenceResult,
     RunTimer,
+    TaskSubmit,
     ToolResult,
     Usage,
     finite_usage,
@@ -79,6 +80,10 @@ class Conductor:
             tool_cpu_price=settings.tool_cpu_hour_usd,
         )
         self._known = frozenset(workflows)
+        # Intake's hooks (intake.py): a task's admission limits, checked after
+        # it parsed (raises TaskRejected), and every run's end on this replica.
+        self.admission: Callable[[Delivery, TaskSubmit], None] | None = None
+        self.on_finished: Callable[[RunState], None] | None = None
 
     # -- the shell ---------------------------------------------------------
 
@@ -213,6 +218,8 @@ class Conductor:
                 log.warning("test_crash_after_commit", step=step_id)
                 os._exit(70)
         if new.terminal and (old is None or not old.terminal):
+            if self.on_finished is not None:
+                self.on_finished(new)
             outcome: str = new.status
             if new.error is not None and new.error.code == ErrorCode.BUDGET_EXCEEDED:
                 outcome = "budget_exceeded"
@@ -241,6 +248,8 @@ class Conductor:
                 msg_id=d.msg_id,
                 fallback_task_id=keys.task_fallback(d.stream_seq),
             )
+            if self.admission is not None:
+                self.admission(d, task)
         except TaskRejected as r:
             await self._reject(r, workflow, d.stream_seq)
             raise Term(f"rejected: {r.code}", dead_letter=False) from r
@@ -265,6 +274,7 @@ class Conductor:
             return
         assert r.tenant is not None and r.task_id is not None
         error = T.error(r.code, r.message)
+        error.retry_after = r.retry_after
         # The rejection claims the task id as a failed run: a task id has one
         # terminal event, whichever of a bad and a good copy comes first.
         claim = RunState(tenant=r.tenant, task_id=r.task_id, session=r.session or "",
@@ -293,7 +303,8 @@ class Conductor:
             task_id=r.task_id,
         )
 
-    async def on_task(self, d: Delivery) -> None:
+    async def on_task(self, d: Delivery) -> RunState:
+        """Start (or resume) the task's run; returns the run as stored."""
         task = await self.admit(d)
         structlog.contextvars.bind_contextvars(task_id=task.task_id, tenant=task.tenant)
         out = await self._apply(
@@ -307,6 +318,7 @@ class Conductor:
             log.info("duplicate_task_ignored", first_seq=out.run.task_seq, seq=task.seq)
         elif out.note == "resumed":
             m.RESUMED.inc()
+        return out.run
 
     # -- results -----------------------------------------------------------
 

@@ -1,5 +1,6 @@
-"""Wiring of the orchestrator: streams, consumers, the conductor's consume
-loops, the task eraser's, the backlog gauge and worker-heartbeat tracking."""
+"""Wiring of the orchestrator: streams, consumers, the task intake (one fair,
+rate-limited pull loop per tenant), the conductor's other consume loops, the
+task eraser's, the backlog gauge and worker-heartbeat tracking."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from . import metrics as m
 from .api import Services
 from .conductor import Conductor
 from .erasure import TaskEraser
+from .intake import Intake
+from .limits import Limiter
 from .routing import HeartbeatTracker, Router
 from .runs import RunStore
 from .settings import OrchestratorSettings
@@ -86,6 +89,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     router = Router(hb, enabled=settings.cache_routing, stale_after=settings.route_stale_after,
                     max_load=settings.route_max_load)  # fmt: skip
     conductor = Conductor(bus, runs, workflows, settings, router)
+    intake = Intake(bus, conductor, runs, Limiter(settings.default_limits, settings.tenant_limits))
     m.init_series({name: list(wf.agents) for name, wf in workflows.items()})
     await bus.subscribe(f"{subjects.HEARTBEATS}.*.*", hb.on_msg)
     watched = [
@@ -97,17 +101,17 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     await MaxDeliveryWatch(bus, [(c.stream, c.durable) for c in watched]).start()
     svc.bus, svc.runs, svc.conductor, svc.workflows = bus, runs, conductor, specs
     svc.tenants = frozenset(tenants)
+    svc.intake = intake
     catalog = await bus.ensure_bucket(streams.TOOL_CATALOG)
     watcher = asyncio.create_task(_watch_backlog(bus, settings, hb))
     tool_watch = asyncio.create_task(conductor.tools.watch(catalog))
+    reconciler = asyncio.create_task(intake.reconcile())
     health.ready, health.reason = True, "serving"
     try:
         await asyncio.gather(
             *(
-                bus.consume(
-                    streams.task_consumer(t),
-                    conductor.on_task,
-                    concurrency=settings.task_concurrency,
+                intake.run_tenant(
+                    streams.task_consumer(t), t, concurrency=settings.task_concurrency
                 )
                 for t in tenants
             ),
@@ -128,3 +132,4 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
         health.ready, health.reason = False, "stopping"
         watcher.cancel()
         tool_watch.cancel()
+        reconciler.cancel()

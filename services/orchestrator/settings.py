@@ -9,6 +9,8 @@ from pydantic import Field
 
 from baton.settings import CommonSettings, parse_tenants
 
+from .limits import TenantLimits
+
 
 class OrchestratorSettings(CommonSettings):
     # Port of the orchestrator's HTTP API.
@@ -36,8 +38,19 @@ class OrchestratorSettings(CommonSettings):
     step_timeout: float = 600.0
     # Dispatches of a timed-out step after the first (see BATON_STEP_TIMEOUT).
     step_retries: int = 1
-    # Task messages handled at once.
+    # Task messages handled at once (per tenant).
     task_concurrency: int = 256
+    # Every tenant's limits unless BATON_TENANT_LIMITS names it (JSON):
+    # share = its tasks running at once (fair dispatch: the rest wait in its
+    # stream); max_in_flight = tasks accepted and unfinished, running or
+    # waiting; tasks_per_second (+ burst) = a token bucket over submission
+    # times; tokens_per_minute = tokens its tasks used in the last 60 s. A
+    # task over a limit fails with code rate_limited and error.retry_after.
+    # 0 = unlimited. Counted per orchestrator replica.
+    default_limits: TenantLimits = Field(default_factory=TenantLimits)
+    # Per-tenant overrides of BATON_DEFAULT_LIMITS (JSON: tenant -> limits),
+    # e.g. {"acme": {"share": 64, "tasks_per_second": 20}}.
+    tenant_limits: dict[str, TenantLimits] = Field(default_factory=dict)
     # Step results handled at once.
     result_concurrency: int = 256
     # Seconds between reads of the consumers' backlog (the pending-messages gauge).

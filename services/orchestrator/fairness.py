@@ -1,0 +1,102 @@
+"""Fair dispatch between tenants: at most ``share`` of a tenant's tasks run at
+once; the rest wait in the tenant's own task stream.
+
+Every tenant has its own stream and intake loop (``intake.py``), and the
+shared job queue (``BATON_JOBS``) is FIFO. Without a cap, a tenant that
+submits 2,000 tasks has 2,000 jobs queued ahead of another tenant's one; with
+it, that job waits behind at most the busy tenants' shares. Intake pulls a
+tenant's stream only while the tenant has room, so the pulls interleave
+across tenants in proportion to their shares (a weighted round-robin driven
+by completions), and nothing is refused or lost: a waiting task is simply
+not fetched yet.
+
+The gate is bookkeeping only (no I/O, no clock): a slot is *reserved* for a
+delivery before it is fetched, becomes an *active* run once the task
+started, and is freed when the run ends — told by the conductor on this
+replica, or found by the intake's periodic look at runs another replica
+finished (``stale``). ``asyncio.Event``s wake a tenant's intake when its room
+grows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+EARLY_KEEP = 4096  # runs that ended before their intake adopted them
+
+
+class FairGate:
+    def __init__(self, share_of: Callable[[str], int]) -> None:
+        self.share_of = share_of
+        self._active: dict[str, dict[str, float]] = {}  # tenant -> task_id -> since
+        self._reserved: dict[str, set[int]] = {}  # tenant -> stream seqs being handled
+        self._early: dict[tuple[str, str], None] = {}  # ended before adopted
+        self._changed: dict[str, asyncio.Event] = {}
+
+    # -- reading ---------------------------------------------------------
+
+    def room(self, tenant: str) -> int:
+        """Deliveries the tenant's intake may fetch now."""
+        return (
+            self.share_of(tenant)
+            - len(self._active.get(tenant, ()))
+            - len(self._reserved.get(tenant, ()))
+        )
+
+    def active(self, tenant: str) -> int:
+        return len(self._active.get(tenant, ()))
+
+    def older(self, tenant: str, seq: int) -> int:
+        """The tenant's unfinished tasks older than stream sequence ``seq``
+        that this replica holds: active runs and deliveries ahead of it."""
+        return self.active(tenant) + sum(1 for s in self._reserved.get(tenant, ()) if s < seq)
+
+    def stale(self, now: float, older_than: float) -> list[tuple[str, str]]:
+        """Active runs adopted more than ``older_than`` seconds ago (to look
+        up: another replica may have finished them); each is then timed
+        from ``now`` again."""
+        out = []
+        for tenant, runs in self._active.items():
+            for task_id, since in runs.items():
+                if now - since > older_than:
+                    out.append((tenant, task_id))
+                    runs[task_id] = now
+        return out
+
+    def changed(self, tenant: str) -> asyncio.Event:
+        return self._changed.setdefault(tenant, asyncio.Event())
+
+    # -- the slot's life ---------------------------------------------------
+
+    def reserve(self, tenant: str, seq: int) -> None:
+        self._reserved.setdefault(tenant, set()).add(seq)
+
+    def adopt(self, tenant: str, seq: int, task_id: str, now: float) -> None:
+        """The delivery at ``seq`` started (or resumed) run ``task_id``."""
+        self._reserved.get(tenant, set()).discard(seq)
+        if self._early.pop((tenant, task_id), 0) is None:  # it already ended
+            self._wake(tenant)
+            return
+        self._active.setdefault(tenant, {}).setdefault(task_id, now)
+
+    def release(self, tenant: str, seq: int) -> None:
+        """The delivery at ``seq`` started no run (refused, a duplicate of a
+        finished one, or to be redelivered)."""
+        self._reserved.get(tenant, set()).discard(seq)
+        self._wake(tenant)
+
+    def finish(self, tenant: str, task_id: str) -> None:
+        """Run ``task_id`` ended (here or on another replica)."""
+        runs = self._active.get(tenant)
+        if runs is not None and runs.pop(task_id, None) is not None:
+            self._wake(tenant)
+        elif self._reserved.get(tenant):  # its intake may not have adopted it yet
+            self._early[(tenant, task_id)] = None
+            while len(self._early) > EARLY_KEEP:
+                del self._early[next(iter(self._early))]
+
+    def _wake(self, tenant: str) -> None:
+        ev = self._changed.get(tenant)
+        if ev is not None:
+            ev.set()

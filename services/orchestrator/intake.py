@@ -1,0 +1,143 @@
+"""Task intake: one pull loop per tenant's task stream, each fetching only
+while its tenant has room under the fair-dispatch share (``fairness.py``),
+and the admission limits (``limits.py``) applied to each task before it
+starts.
+
+A loop with no room fetches nothing and waits for one of the tenant's runs
+to end; the tasks stay in the tenant's stream (durable, in order), so a
+flood is drained at the pace its share allows while every other tenant's
+intake keeps pulling. Handlers run through ``Bus.settle`` as in
+``Bus.consume``: ack / nak / term by outcome, kept alive while they run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import nats.errors
+import structlog
+
+from baton.transport import Bus, Delivery
+from proto.admission import RateLimited
+from proto.messages import TaskSubmit
+from proto.streams import ConsumerSpec
+
+from .conductor import Conductor
+from .fairness import FairGate
+from .limits import Limiter
+from .runs import RunState, RunStore
+
+log = structlog.get_logger("orchestrator")
+
+FETCH_BUSY = 0.05  # seconds: a batch's wait while handlers run
+FETCH_IDLE = 1.0  # seconds: one message's wait when nothing runs
+RECONCILE_EVERY = 2.0  # seconds between looks at runs held for long
+RECONCILE_AFTER = 5.0  # seconds a run is held before it is looked up
+
+
+class Intake:
+    """The fair gate, the limiter and the conductor's task handler, wired."""
+
+    def __init__(self, bus: Bus, conductor: Conductor, runs: RunStore, limiter: Limiter) -> None:
+        self.bus = bus
+        self.conductor = conductor
+        self.runs = runs
+        self.limiter = limiter
+        self.gate = FairGate(lambda t: limiter.of(t).share)
+        conductor.admission = self.admit
+        conductor.on_finished = self.finished
+
+    # -- hooks the conductor calls ------------------------------------------
+
+    def admit(self, d: Delivery, task: TaskSubmit) -> None:
+        """Refuse a task over its tenant's limits (``TaskRejected`` with code
+        ``rate_limited``); a redelivery was judged on its first delivery."""
+        if d.num_delivered > 1:
+            return
+        refusal = self.limiter.check(
+            task.tenant,
+            seq=d.stream_seq,
+            pending=int(d.msg.metadata.num_pending or 0),
+            active=self.gate.older(task.tenant, d.stream_seq),
+            submitted_at=d.published_at,
+            now=time.time(),
+        )
+        if refusal is not None:
+            assert task.task_id is not None and task.session is not None
+            raise RateLimited(
+                f"{refusal.message}; retry in {refusal.retry_after:g} s with a new task_id",
+                tenant=task.tenant,
+                task_id=task.task_id,
+                session=task.session,
+                retry_after=refusal.retry_after,
+            )
+
+    def finished(self, run: RunState) -> None:
+        now = time.time()
+        self.gate.finish(run.tenant, run.task_id)
+        self.limiter.finished(run.tenant, tokens=run.usage.total_tokens,
+                              seconds=max(0.0, now - run.created_at), now=now)  # fmt: skip
+
+    # -- the loops -----------------------------------------------------------
+
+    async def _handle(self, tenant: str, d: Delivery) -> None:
+        seq, started = d.stream_seq, None
+        try:
+            run = await self.conductor.on_task(d)
+            if run is not None and not run.terminal:
+                started = run.task_id
+        finally:
+            if started is None:
+                self.gate.release(tenant, seq)
+            else:
+                self.gate.adopt(tenant, seq, started, time.time())
+
+    async def run_tenant(self, spec: ConsumerSpec, tenant: str, *, concurrency: int) -> None:
+        """Pull ``tenant``'s tasks until the bus stops; in-flight handlers
+        finish before it returns."""
+        puller = await self.bus.puller(spec)
+        running: set[asyncio.Task[None]] = set()
+        changed = self.gate.changed(tenant)
+        while not self.bus.stopping:
+            free = min(concurrency - len(running), self.gate.room(tenant))
+            if free <= 0:
+                changed.clear()  # then look again: a run may have ended meanwhile
+                if self.gate.room(tenant) <= 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), FETCH_IDLE)
+                elif len(running) >= concurrency:
+                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                if running:
+                    batch = await puller.fetch(free, FETCH_BUSY)
+                else:
+                    batch = await puller.fetch(1, FETCH_IDLE)
+            except nats.errors.ConnectionClosedError:
+                break
+            for d in batch:
+                self.gate.reserve(tenant, d.stream_seq)
+                task = asyncio.create_task(
+                    self.bus.settle(spec, d, lambda d: self._handle(tenant, d))
+                )
+                running.add(task)
+                task.add_done_callback(running.discard)
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def reconcile(self) -> None:
+        """Free the slots of runs another replica finished (or an erasure
+        tombstoned): each run held longer than ``RECONCILE_AFTER`` is looked
+        up every so often."""
+        while not self.bus.stopping:
+            await asyncio.sleep(RECONCILE_EVERY)
+            for tenant, task_id in self.gate.stale(time.time(), RECONCILE_AFTER):
+                try:
+                    run = await self.runs.get(tenant, task_id)
+                except Exception as exc:  # NATS restarting: look again later
+                    log.warning("intake_reconcile_failed", error=repr(exc))
+                    break
+                if run is None or run.terminal:
+                    self.gate.finish(tenant, task_id)
