@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
-ORDER = ["worker", "context", "orchestrator", "routing", "tokens", "tools", "auth"]
+ORDER = ["worker", "context", "orchestrator", "routing", "tokens", "tools", "auth", "fairness"]
 
 HEADER = """# Benchmarks
 
