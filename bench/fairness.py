@@ -39,8 +39,8 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from baton.testing import LocalStack, secure_nats, uid
 from bench.stats import median, pct
-from tests.harness import LocalStack, secure_nats, uid
 
 FLOOD = 2000
 FLOODER, PROBER = "acme", "globex"

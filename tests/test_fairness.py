@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 
 from baton.natsd import NatsServer
-from tests.harness import Client, LocalStack, uid
+from baton.testing import Client, LocalStack, uid
 
 FLOOD = 40
 FLOODER, PROBER = "wonka", "initech"
