@@ -18,6 +18,9 @@ The shape (measured in ``shared/notes/nats-tenancy.md``, explained in
   import maps it into BATON as ``baton.tasks.<tenant>.<workflow>``. BATON's
   export pins the tenant token to the importing account's name
   (``account_token_position``), so no tenant can publish as another.
+* Answers to input steps work the same way: the tenant publishes
+  ``baton.input.<task_id>``, which arrives as ``baton.input.<tenant>.<task_id>``
+  (pinned), so a tenant can only ever answer its own tasks.
 * BATON publishes ``baton.events.<tenant>.<task_id>`` and the token deltas
   ``baton.tokens.<tenant>.<task_id>``; each tenant imports only its own (again
   pinned), and keeps its own ``BATON_EVENTS`` and ``BATON_TOKENS`` streams of
@@ -171,6 +174,7 @@ def service_roles(tenants: Sequence[str]) -> dict[str, Role]:
             ORCHESTRATOR,
             publish=(
                 f"{subjects.TASKS}.*.*",  # the HTTP API submits for its key's tenant
+                f"{subjects.INPUT}.*.*",  # ... and answers input steps
                 f"{subjects.EVENTS}.>",
                 f"{subjects.TOKENS}.>",
                 f"{subjects.JOBS}.>",
@@ -264,7 +268,7 @@ def tenant_permissions(tenant: str) -> dict[str, Any]:
     """A tenant's client: submit tasks, read (live and replay) its own events
     and token deltas. Its JetStream API reaches only its own account."""
     api = "$JS.API"
-    pub = [f"{subjects.TASKS}.*", f"{api}.INFO", f"{api}.STREAM.NAMES"]
+    pub = [f"{subjects.TASKS}.*", f"{subjects.INPUT}.*", f"{api}.INFO", f"{api}.STREAM.NAMES"]
     for stream in TENANT_STREAMS:
         pub += [
             f"{api}.STREAM.INFO.{stream}",
@@ -372,6 +376,7 @@ def render(
             "users": baton_users,
             "exports": [
                 {"service": f"{subjects.TASKS}.*.*", "account_token_position": 3},
+                {"service": f"{subjects.INPUT}.*.*", "account_token_position": 3},
                 {"stream": f"{subjects.EVENTS}.*.>", "account_token_position": 3},
                 {"stream": f"{subjects.TOKENS}.*.>", "account_token_position": 3},
             ],
@@ -392,6 +397,8 @@ def render(
             "imports": [
                 {"service": {"account": BATON_ACCOUNT, "subject": f"{subjects.TASKS}.{t}.*"},
                  "to": f"{subjects.TASKS}.*"},
+                {"service": {"account": BATON_ACCOUNT, "subject": f"{subjects.INPUT}.{t}.*"},
+                 "to": f"{subjects.INPUT}.*"},
                 {"stream": {"account": BATON_ACCOUNT, "subject": f"{subjects.EVENTS}.{t}.>"}},
                 {"stream": {"account": BATON_ACCOUNT, "subject": f"{subjects.TOKENS}.{t}.>"}},
             ],

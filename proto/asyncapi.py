@@ -29,6 +29,17 @@ _CHANNELS: Final[dict[str, tuple[str, tuple[str, ...], tuple[Any, ...], str, boo
         f"{streams.TASKS_PREFIX}<tenant>. Header Nats-Msg-Id: <task_id> de-duplicates within "
         "the stream's window, per tenant.", True,
     ),
+    "input": (
+        f"{subjects.INPUT}.{{task_id}}", ("task_id",), (msg.InputAnswer,),
+        "Answer a task's waiting input step (its step event has status waiting_input and a "
+        "prompt), from the tenant's own account (its credentials decide the tenant, so only "
+        "its own tasks can be answered). It arrives in Baton's account as "
+        f"baton.input.<tenant>.<task_id>, on stream {streams.TASKS_PREFIX}<tenant>. The first "
+        "answer to a step wins; later ones, answers to a finished task and answers when no "
+        "input waits are ignored. Header Nats-Msg-Id, if set, must not be the task id "
+        "(use <task_id>.<step>.input). POST /v1/tasks/{task_id}/input publishes here too.",
+        True,
+    ),
     "events": (
         f"{subjects.EVENTS}.{{tenant}}.{{task_id}}", ("tenant", "task_id"),
         (msg.Accepted, msg.Step, msg.Completed, msg.Failed),
@@ -196,7 +207,7 @@ def build() -> dict[str, Any]:
             "messages": refs,
         }
         operations[f"on_{name}"] = {
-            "action": "send" if name == "tasks" else "receive",
+            "action": "send" if name in ("tasks", "input") else "receive",
             "channel": {"$ref": f"#/channels/{name}"},
             "messages": [{"$ref": f"#/channels/{name}/messages/{m}"} for m in refs],
         }

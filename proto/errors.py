@@ -36,6 +36,7 @@ class ErrorCode(enum.StrEnum):
     UNAUTHORIZED = "unauthorized"  # no or an unknown API key
     UNKNOWN_TASK = "unknown_task"  # no such task for this tenant
     UNAVAILABLE = "unavailable"  # the service is starting or stopping
+    NOT_WAITING = "not_waiting"  # an answer for a task that waits for no (such) input
     # Inference layer.
     PROMPT_TOO_LONG = "prompt_too_long"
     ENGINE_FAILURE = "engine_failure"
@@ -79,6 +80,7 @@ LAYER_OF: dict[ErrorCode, Layer] = {
             ErrorCode.UNAUTHORIZED,
             ErrorCode.UNKNOWN_TASK,
             ErrorCode.UNAVAILABLE,
+            ErrorCode.NOT_WAITING,
         )
     },
     ErrorCode.PROMPT_TOO_LONG: Layer.INFERENCE,

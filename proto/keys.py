@@ -65,6 +65,18 @@ def fan_in(step: str) -> str:
     return f"{step}:fanin"
 
 
+def input_answer(task_id: str, step: str) -> str:
+    """Context-store ``msg_id`` of the answer to an ``input`` step (the human's
+    or, past its timeout, the declared default: whichever is stored first)."""
+    return f"{task_id}.{step}:input"
+
+
+def input_message(task_id: str, step: str) -> str:
+    """``Nats-Msg-Id`` of an answer the HTTP API publishes for a step (a
+    tenant's own NATS client may use it too): one answer per step and task."""
+    return f"{task_id}.{step}.input"
+
+
 def run_timer(tenant: str, task_id: str) -> str:
     """``Nats-Msg-Id`` of a run's durable watchdog timer."""
     return f"{tenant}.{task_id}.timer"

@@ -102,12 +102,15 @@ class Accepted(_Event, tag="accepted"):
 class Step(_Event, tag="step"):
     step: str
     agent: str
-    status: str  # "started" | "done" | "failed" (a tool call's error)
+    status: str  # "started" | "done" | "failed" (a tool call's error) | "waiting_input"
     usage: Usage | None = None
     tool: str | None = None  # a tool call of the step: the tool's name
     call: str | None = None  # which call of the step (``t<turn>c<i>``)
     outcome: str | None = None  # a finished tool call: "ok" or its error code
     seconds: float | None = None  # a finished tool call: how long it ran
+    prompt: str | None = None  # waiting_input: what the human is asked
+    deadline: float | None = None  # waiting_input: when the default answer is taken
+    answered_by: str | None = None  # an input step's done: "human" or "default"
 
 
 class Completed(_Event, tag="completed"):
@@ -122,6 +125,23 @@ class Failed(_Event, tag="failed"):
 
 
 TaskEvent = Accepted | Step | Completed | Failed
+
+
+# --------------------------------------------------------------------------
+# Public: a human's answer on ``baton.input.<task_id>``
+# --------------------------------------------------------------------------
+
+
+class InputAnswer(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Body of ``baton.input.<task_id>``: the answer to the task's ``input``
+    step that waits (its ``step`` event has status ``waiting_input``). Name
+    the ``step`` (from that event) so that a repeated answer can never answer
+    a later input step; the first answer to a step wins, later ones are
+    ignored. ``tenant``, when given, must be the publisher's own."""
+
+    answer: str
+    step: str | None = None
+    tenant: Id | None = None
 
 
 # --------------------------------------------------------------------------

@@ -66,10 +66,13 @@ def tenant_tasks(tenant: str) -> StreamSpec:
     nor learns that the id exists (JetStream de-duplicates stream-wide)."""
     return StreamSpec(
         name=f"{TASKS_PREFIX}{require_id(tenant, 'tenant')}",
-        subjects=(f"{subjects.TASKS}.{tenant}.*",),
+        # The tenant's answers to its tasks' input steps live here too: what a
+        # tenant publishes is de-duplicated among its own messages only.
+        subjects=(f"{subjects.TASKS}.{tenant}.*", f"{subjects.INPUT}.{tenant}.*"),
         retention="workqueue",
         duplicate_window=120.0,
-        description=f"Tasks submitted by tenant {tenant}. Nats-Msg-Id = task_id de-duplicates.",
+        description=f"Tasks and input answers submitted by tenant {tenant}. "
+        "Nats-Msg-Id = task_id de-duplicates.",
     )
 
 
@@ -84,6 +87,21 @@ def task_consumer(tenant: str) -> ConsumerSpec:
         max_deliver=5,
         description="Shared by every orchestrator replica.",
         erase_handled=True,  # a task's input and metadata
+    )
+
+
+def input_consumer(tenant: str) -> ConsumerSpec:
+    """The consumer every orchestrator replica shares on a tenant's answers
+    to its tasks' ``input`` steps (on the tenant's task stream)."""
+    stream = tenant_tasks(tenant)
+    return ConsumerSpec(
+        stream=stream.name,
+        durable="orchestrator-inputs",
+        filter_subject=stream.subjects[1],
+        ack_wait=30.0,
+        max_deliver=5,
+        description="Shared by every orchestrator replica.",
+        erase_handled=True,  # a human's answer is the tenant's content
     )
 
 

@@ -25,6 +25,7 @@ TOOLS: Final = "baton.tools"
 TOOL_RESULTS: Final = "baton.toolresults"
 DOCUMENTS: Final = "baton.docs"
 DOCUMENTS_ERASED: Final = "baton.docserased"
+INPUT: Final = "baton.input"
 
 CONTEXT_OPS: Final = (
     "append", "window", "get", "fork", "delete", "stats", "summarize", "attach",
@@ -42,6 +43,26 @@ def tenant_task(tenant: str, workflow: str) -> str:
     account: the tenant token is set by the server from the publisher's
     credentials, never by the body."""
     return f"{TASKS}.{require_id(tenant, 'tenant')}.{require_id(workflow, 'workflow')}"
+
+
+def input_answer(task_id: str) -> str:
+    """``baton.input.<task_id>`` — public: a human's answer to a task's
+    ``input`` step (in the tenant's own account; the server maps it to
+    ``tenant_input``)."""
+    return f"{INPUT}.{require_id(task_id, 'task_id')}"
+
+
+def tenant_input(tenant: str, task_id: str) -> str:
+    """``baton.input.<tenant>.<task_id>`` — an answer as it arrives in Baton's
+    account: the tenant token is set by the server from the publisher's
+    credentials, so a tenant can only answer its own tasks."""
+    return f"{INPUT}.{require_id(tenant, 'tenant')}.{require_id(task_id, 'task_id')}"
+
+
+def input_origin(subject: str) -> tuple[str, str]:
+    """``(tenant, task_id)`` of ``baton.input.<tenant>.<task_id>`` (unchecked)."""
+    tenant, _, task_id = subject[len(INPUT) + 1 :].partition(".")
+    return tenant, task_id
 
 
 def event(tenant: str, task_id: str) -> str:

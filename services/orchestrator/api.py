@@ -27,15 +27,17 @@ from baton.documents import DocumentTooLarge, put_document
 from baton.http_errors import ERROR_RESPONSES, ApiError, require_ids
 from baton.service import Health, caller_scope, health_app
 from baton.transport import Bus
-from proto import codec, streams, subjects
+from proto import codec, keys, streams, subjects
 from proto.admission import TaskRejected, parse_task
 from proto.errors import ErrorCode
-from proto.messages import DocumentPut, TaskSubmit
+from proto.messages import DocumentPut, InputAnswer, TaskSubmit
 
 from .api_models import (
     Cancelled,
     DocumentIn,
     DocumentStored,
+    InputAccepted,
+    InputIn,
     TaskAccepted,
     TaskIn,
     TaskPage,
@@ -45,7 +47,7 @@ from .api_models import (
     WorkflowOut,
     run_doc,
 )
-from .conductor import Conductor
+from .conductor import Conductor, answer_refusal
 from .follow import as_dict, follow_task, replay_events
 from .intake import Intake
 from .listing import BadCursor, page_runs
@@ -276,6 +278,35 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
             raise ApiError(ErrorCode.UNKNOWN_TASK, f"no task {task_id!r} for this tenant")
         _not_erased(task_id, run)
         return Cancelled(task_id=task_id, status=run.status)
+
+    @app.post("/v1/tasks/{task_id}/input", status_code=202, response_model=InputAccepted,
+              responses=ERROR_RESPONSES)  # fmt: skip
+    async def give_input(
+        task_id: str, body: InputIn, tenant: str | None = Depends(tenant_of)
+    ) -> InputAccepted:
+        """Answer a task's waiting ``input`` step (tenant from the API key).
+        The answer is published on ``baton.input.<tenant>.<task_id>``, the
+        same way a tenant's NATS client answers, and taken from there; 409
+        ``not_waiting`` when the task waits for no (such) input."""
+        bus, _ = svc.ready()
+        tenant = owned(task_id, tenant)
+        run = await known(task_id, tenant)
+        answer = InputAnswer(answer=body.answer, step=body.step)
+        why = answer_refusal(answer, tenant)
+        if why is not None:
+            raise ApiError(why[0], why[1], param="step" if why[0] == ErrorCode.INVALID_FIELD
+                           else "answer")  # fmt: skip
+        waiting = [k for k, st in run.steps.items() if st.status == "waiting_input"]
+        step = body.step if body.step is not None else (waiting[0] if waiting else None)
+        if run.terminal or step is None or step not in waiting:
+            at = f" at {step}" if step else ""
+            raise ApiError(ErrorCode.NOT_WAITING, f"task {task_id!r} waits for no input{at}")
+        answer.step = step
+        subject = subjects.tenant_input(tenant, task_id)
+        # The step names the answer: a retried POST is de-duplicated by the stream.
+        await bus.publish(subject, answer, msg_id=keys.input_message(task_id, step),
+                          task_id=task_id)  # fmt: skip
+        return InputAccepted(task_id=task_id, step=step, subject=subject)
 
     @app.post("/v1/documents", status_code=201, response_model=DocumentStored,
               responses=ERROR_RESPONSES)  # fmt: skip

@@ -67,7 +67,9 @@ class StepOut(BaseModel):
     agent: str
     pool: str
     session: str
-    status: str = Field(default="dispatched", description="dispatched | tools | done | failed")
+    status: str = Field(
+        default="dispatched", description="dispatched | tools | waiting_input | done | failed"
+    )
     max_tokens: int = 0
     context_budget: int = 0
     attempt: int = 1
@@ -80,6 +82,9 @@ class StepOut(BaseModel):
     cached_tokens: int = 0
     turn: int = Field(default=0, description="Model turns that called tools so far.")
     calls: dict[str, CallOut] = Field(default_factory=dict, description="Tool calls: t<turn>c<i>.")
+    deadline: float = Field(default=0.0, description="When the current wait times out.")
+    input: bool = Field(default=False, description="An input step (waits for a human).")
+    answered_by: str = Field(default="", description="An input step's answer: human | default.")
 
 
 class TaskSummary(BaseModel):
@@ -113,6 +118,18 @@ class TaskPage(BaseModel):
 class Cancelled(BaseModel):
     task_id: str
     status: str
+
+
+class InputIn(BaseModel):
+    answer: str
+    step: str | None = Field(default=None, description="The waiting step (default: the one "
+                             "waiting); naming it makes a repeated answer harmless.")  # fmt: skip
+
+
+class InputAccepted(BaseModel):
+    task_id: str
+    step: str = Field(description="The input step the answer is for.")
+    subject: str = Field(description="Where it was published (the run takes it from there).")
 
 
 class AgentOut(BaseModel):

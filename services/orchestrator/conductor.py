@@ -25,6 +25,7 @@ from proto import codec, keys, subjects
 from proto.admission import TaskRejected, parse_task
 from proto.errors import ErrorCode
 from proto.ids import is_valid_id
+from proto.limits import MAX_INPUT_BYTES
 from proto.messages import (
     Cancel,
     ContextAppend,
@@ -33,6 +34,7 @@ from proto.messages import (
     Failed,
     ForkReply,
     InferenceResult,
+    InputAnswer,
     RunTimer,
     TaskSubmit,
     ToolResult,
@@ -204,6 +206,8 @@ class Conductor:
         before = old.steps if old is not None else {}
         for step_id, st in new.steps.items():
             if st.status != "done" or (step_id in before and before[step_id].status == "done"):
+                continue
+            if st.input:  # a human's answer: no agent, no worker, no tokens
                 continue
             self.router.served(new.tenant, st.session, st.pool, st.worker)
             labels = (new.workflow, st.agent)
@@ -378,13 +382,54 @@ class Conductor:
             raise Nak(min(left, T.MAX_TIMER_SLEEP), "not due")
         structlog.contextvars.bind_contextvars(task_id=t.task_id, tenant=t.tenant)
         out = await self._apply(
-            t.tenant, t.task_id, lambda run, now, ctx: T.timer(_must(run), self.rules, now)
+            t.tenant, t.task_id, lambda run, now, ctx: T.timer(_must(run), self.rules, now, ctx)
         )
         if out is None or out.wake_at is None:
             return
         if out.changed:
             log.warning("step_timeout", status=out.run.status)
         raise Nak(min(max(0.05, out.wake_at - time.time()), T.MAX_TIMER_SLEEP), "watching")
+
+    # -- human input -------------------------------------------------------
+
+    async def on_input(self, d: Delivery) -> None:
+        """An answer on ``baton.input.<tenant>.<task_id>`` (the tenant token
+        set by the server from the publisher's credentials). One that cannot
+        be taken is acked, logged and counted: never redelivered."""
+        tenant, task_id = subjects.input_origin(d.subject)
+        structlog.contextvars.bind_contextvars(task_id=task_id, tenant=tenant)
+        if not (is_valid_id(tenant) and is_valid_id(task_id)):
+            m.INPUT_ANSWERS.labels("invalid_field").inc()
+            raise Term("answer with invalid ids", dead_letter=False)
+        try:
+            body = d.decode(InputAnswer)
+        except codec.DecodeError as exc:
+            m.INPUT_ANSWERS.labels("bad_encoding").inc()
+            log.warning("input_answer_rejected", code="bad_encoding", reason=str(exc))
+            raise Term("undecodable answer", dead_letter=False) from exc
+        why = answer_refusal(body, tenant)
+        if why is not None:
+            m.INPUT_ANSWERS.labels(str(why[0])).inc()
+            log.warning("input_answer_rejected", code=str(why[0]), reason=why[1])
+            return
+        msg = T.NewAnswer(body.answer, body.step, redelivered=d.num_delivered > 1)
+        await self.answer(tenant, task_id, msg)
+
+    async def answer(self, tenant: str, task_id: str, msg: T.NewAnswer) -> T.Transition | None:
+        """Give a waiting input step its answer; None when there is no such run.
+        ``note`` of the outcome: empty when taken, else why it was ignored."""
+
+        def decide(run: RunState | None, now: float, ctx: T.Ctx) -> T.Outcome:
+            r = _must(run)
+            if r.workflow not in self.workflows:  # the claim of a rejected task
+                return T.Transition(r, False, note="finished")
+            return T.answer(r, msg, self.rules, now, ctx)
+
+        out = await self._apply(tenant, task_id, decide)
+        outcome = "unknown_task" if out is None else (out.note or "taken")
+        m.INPUT_ANSWERS.labels(outcome).inc()
+        log.info("input_answer", outcome=outcome, step=msg.step)
+        return out
 
     # -- cancellation ------------------------------------------------------
 
@@ -394,6 +439,28 @@ class Conductor:
         None when there is no such run."""
         out = await self._apply(tenant, task_id, lambda run, now, ctx: T.cancel(_must(run), now))
         return out.run if out is not None else None
+
+
+def answer_refusal(body: InputAnswer, tenant: str) -> tuple[ErrorCode, str] | None:
+    """Why an answer cannot be taken whatever the run's state (None: it can)."""
+    if body.tenant is not None and body.tenant != tenant:
+        return ErrorCode.FORBIDDEN, "the answer names another tenant than its publisher"
+    if len(body.answer.encode()) > MAX_INPUT_BYTES:
+        return ErrorCode.INPUT_TOO_LARGE, f"an answer is at most {MAX_INPUT_BYTES} bytes"
+    if body.step is not None and not _is_step_id(body.step):
+        return ErrorCode.INVALID_FIELD, "step is not a step id (r<round>.<step>)"
+    return None
+
+
+def _is_step_id(step: str) -> bool:
+    parts = step.split(".")
+    return (
+        len(parts) == 2
+        and len(parts[0]) > 1
+        and parts[0][0] == "r"
+        and parts[0][1:].isdigit()
+        and is_valid_id(parts[1])
+    )
 
 
 def _must(run: RunState | None) -> RunState:

@@ -31,6 +31,15 @@ GPU_SECONDS = Counter(
 ROUTING = Counter("baton_routing_decisions", "Where steps were sent.", ["decision"])
 RESUMED = Counter("baton_runs_resumed", "Runs picked up again after a crash or redelivery.")
 REJECTED = Counter("baton_rejected_tasks", "Tasks refused at admission, by error code.", ["code"])
+INPUT_ANSWERS = Counter(
+    "baton_input_answers",
+    "Answers to input steps by outcome (taken, already_answered, not_waiting, finished, ...).",
+    ["outcome"],
+)
+INPUT_OUTCOMES = (
+    "taken", "already_answered", "not_waiting", "finished", "unknown_task",
+    "forbidden", "input_too_large", "invalid_field", "bad_encoding",
+)  # fmt: skip
 TASK_OUTCOMES = ("completed", "failed", "rejected", "budget_exceeded", "cancelled")
 
 
@@ -49,6 +58,8 @@ def init_series(workflows: dict[str, list[str]]) -> None:
                 TOKENS.labels(wf, agent, kind)
     for decision in ("warm", "pool"):
         ROUTING.labels(decision)
+    for outcome in INPUT_OUTCOMES:
+        INPUT_ANSWERS.labels(outcome)
 
 
 PENDING = Gauge(

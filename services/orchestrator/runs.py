@@ -23,7 +23,8 @@ from nats.js.kv import KeyValue
 from proto import codec
 from proto.messages import Budget, ContextRef, ErrorInfo, Usage
 
-StepStatus = Literal["dispatched", "tools", "done", "failed"]  # tools: waiting for its calls
+# tools: waiting for its calls; waiting_input: an input step waiting for a human
+StepStatus = Literal["dispatched", "tools", "waiting_input", "done", "failed"]
 CallStatus = Literal["dispatched", "done"]
 RunStatus = Literal["running", "completed", "failed", "cancelled", "erased"]
 ERASED: RunStatus = "erased"  # a tombstone: the task was erased with its session
@@ -64,6 +65,8 @@ class StepState(msgspec.Struct, omit_defaults=True, kw_only=True):
     ref: ContextRef | None = None  # the context the step reads; after it, its answer
     turn: int = 0  # model turns that called tools so far (each a job of its own)
     calls: dict[str, CallState] = {}  # its tool calls by ``t<turn>c<i>``
+    input: bool = False  # an input step: it waits for a human (no agent, no job)
+    answered_by: str = ""  # an input step's answer: "human" or "default" (its timeout)
 
 
 class RunState(msgspec.Struct, omit_defaults=True, kw_only=True):

@@ -56,6 +56,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
         streams=[*streams.ORCHESTRATOR_STREAMS, *(streams.tenant_tasks(t) for t in tenants)],
         consumers=[
             *(streams.task_consumer(t) for t in tenants),
+            *(streams.input_consumer(t) for t in tenants),
             streams.ORCHESTRATOR_RESULTS,
             streams.ORCHESTRATOR_TIMERS,
             streams.ORCHESTRATOR_ERASURES,
@@ -113,6 +114,10 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
                 intake.run_tenant(
                     streams.task_consumer(t), t, concurrency=settings.task_concurrency
                 )
+                for t in tenants
+            ),
+            *(
+                bus.consume(streams.input_consumer(t), conductor.on_input, concurrency=4)
                 for t in tenants
             ),
             bus.consume(streams.ORCHESTRATOR_TIMERS, conductor.on_timer, concurrency=64),

@@ -13,6 +13,12 @@ can be made (the ref of a task's input, of a fan-in, of a branch's fork).
 Such a decision returns ``Need(ops)``; the shell performs the ops (each
 idempotent by its id), puts their answers in ``ctx`` under ``op.key`` and
 calls the same function again with the same run.
+
+An ``input`` step records no job: it waits (``waiting_input``) until
+``answer`` brings a human's reply, or the watchdog (``timer``) finds its
+deadline passed and takes the step's declared default. Either way the
+answer is appended to the run's session as a user message (one ``msg_id``
+per step, so the first answer stored is the only one), and the run goes on.
 """
 
 from __future__ import annotations
@@ -200,6 +206,15 @@ class NewTask:
     temperature: float | None = None  # the task's, in place of the agents'
 
 
+@dataclass(frozen=True, slots=True)
+class NewAnswer:
+    """A human's answer to a task's input step (``step`` None: whichever waits)."""
+
+    answer: str
+    step: str | None = None
+    redelivered: bool = False  # the same message again: replay what the state implies
+
+
 # -- helpers ----------------------------------------------------------------
 
 
@@ -309,7 +324,8 @@ def _next_look(run: RunState, rules: Rules, now: float) -> float | None:
     """When the watchdog should look next: the earliest step deadline."""
     if run.terminal:
         return None
-    deadlines = [s.deadline for s in run.steps.values() if s.status in ("dispatched", "tools")]
+    deadlines = [s.deadline for s in run.steps.values()
+                 if s.status in ("dispatched", "tools", "waiting_input")]  # fmt: skip
     return min(deadlines) if deadlines else now + rules.step_timeout
 
 
@@ -350,6 +366,9 @@ def replay(run: RunState, rules: Rules, now: float) -> list[Effect]:
         _event(run, now, keys.ACCEPTED, Accepted(task_id=run.task_id, workflow=run.workflow))
     ]
     for step, st in run.steps.items():
+        if st.input:
+            effects += _input_events(run, rules, now, step, st)
+            continue
         effects.append(_started(run, now, step, st))
         for key, call in st.calls.items():
             effects.append(_tool_started(run, now, step, st, key))
@@ -382,6 +401,8 @@ def _dispatch(
     todo = [p for p in plans if p.step_id not in run.steps]
     if not todo:
         return []
+    if todo[0].input is not None:  # an input step runs alone and costs no tokens
+        return _wait_for_input(run, rules, now, todo[0], ref)
     remaining = _remaining_tokens(run)
     # Parallel branches share what remains; each step's prompt window and
     # answer together stay within its share, so a run never overshoots.
@@ -459,7 +480,7 @@ def start(run: RunState | None, task: NewTask, rules: Rules, now: float, ctx: Ct
         run.session,
         keys.task_input(run.task_id),
         (ChatMessage(role="user", content=task.input),),
-        system=wf.agents[plans[0].agent].system,
+        system=wf.agents[plans[0].agent].system if plans[0].input is None else None,
     )
     got = _context(ctx, op)
     if got is None:
@@ -619,13 +640,22 @@ def tool_result(run: RunState, res: ToolResult, rules: Rules, now: float) -> Out
     return Transition(run, True, effects)
 
 
-def timer(run: RunState, rules: Rules, now: float) -> Transition:
+def timer(run: RunState, rules: Rules, now: float, ctx: Ctx | None = None) -> Outcome:
     """The watchdog looks at the run: a step past its deadline is dispatched
     again (up to ``step_retries`` times), then the run fails with
-    ``step_timeout``. ``wake_at``: when to look again."""
+    ``step_timeout``; an input step past its deadline takes its default
+    answer. ``wake_at``: when to look again."""
     if run.terminal:
         return Transition(run, False)
     run = _copy(run)
+    for step, st in run.steps.items():
+        if st.status == "waiting_input" and st.deadline <= now:
+            spec = rules.workflows[run.workflow].input_spec(step)
+            assert spec is not None
+            out = _take_answer(run, rules, now, ctx or {}, step, spec.default, "default")
+            if isinstance(out, Transition):
+                out.wake_at = _next_look(out.run, rules, now)
+            return out
     effects: list[Effect] = []
     changed = False
     for step, st in run.steps.items():
@@ -660,3 +690,80 @@ def cancel(run: RunState, now: float) -> Transition:
     run.error = error(ErrorCode.CANCELLED, "cancelled by request")
     run.output = latest_output(run)
     return Transition(run, True, [AbortGenerations(), *_terminal(run, now)])
+
+
+# -- input steps -------------------------------------------------------------
+
+
+def _input_events(
+    run: RunState, rules: Rules, now: float, step: str, st: StepState
+) -> list[Effect]:
+    """An input step's events: ``waiting_input`` (with the prompt), and once
+    answered ``done`` (with who answered)."""
+    spec = rules.workflows[run.workflow].input_spec(step)
+    prompt = spec.prompt if spec is not None else ""
+    ev = Step(task_id=run.task_id, step=step, agent="", status="waiting_input", prompt=prompt,
+              deadline=st.deadline)  # fmt: skip
+    out: list[Effect] = [_event(run, now, keys.step_event(step, "waiting_input"), ev)]
+    if st.status == "done":
+        done = Step(task_id=run.task_id, step=step, agent="", status="done",
+                    answered_by=st.answered_by)  # fmt: skip
+        out.append(_event(run, now, keys.step_event(step, "done"), done))
+    return out
+
+
+def _wait_for_input(
+    run: RunState, rules: Rules, now: float, plan: StepPlan, ref: ContextRef
+) -> list[Effect]:
+    """Record an input step as waiting and say so (``waiting_input``); the
+    watchdog looks again at its deadline."""
+    assert plan.input is not None
+    st = StepState(agent="", pool="", session=plan.session, status="waiting_input", input=True,
+                   dispatched_at=now, deadline=now + plan.input.timeout, ref=ref)  # fmt: skip
+    run.steps[plan.step_id] = st
+    return _input_events(run, rules, now, plan.step_id, st)
+
+
+def _take_answer(
+    run: RunState, rules: Rules, now: float, ctx: Ctx, step: str, text: str, by: str
+) -> Outcome:
+    """Append ``text`` as the user's message to the run's session, record the
+    input step done and go on with what follows it (``run`` is a copy)."""
+    st = run.steps[step]
+    op = AppendOp(run.session, keys.input_answer(run.task_id, step),
+                  (ChatMessage(role="user", content=text),))  # fmt: skip
+    got = _context(ctx, op)
+    if got is None:
+        return Need((op,))
+    if isinstance(got, ErrorInfo):
+        _fail(run, got, step)
+        return Transition(run, True, _terminal(run, now))
+    st.status, st.finished_at, st.output, st.answered_by, st.ref = "done", now, text, by, got
+    effects = _input_events(run, rules, now, step, st)[1:]
+    nxt = rules.workflows[run.workflow].advance(run, step)
+    if isinstance(nxt, Done):
+        run.status, run.output = "completed", nxt.output
+        return Transition(run, True, effects + _terminal(run, now))
+    more = _dispatch(run, rules, now, ctx, nxt, got)
+    if isinstance(more, Need):
+        return more
+    return Transition(run, True, effects + more)
+
+
+def answer(run: RunState, msg: NewAnswer, rules: Rules, now: float, ctx: Ctx) -> Outcome:
+    """A human's answer: taken by the input step that waits (the one named,
+    when ``msg.step`` is given), appended to the session, and the run goes
+    on. Anything else changes nothing (``note`` says why): a run that waits
+    for no input, an answer to another step or to one already answered (the
+    first answer wins), a finished run. Only a redelivered answer replays the
+    stored state (a crash after storing it); a late duplicate does not, so it
+    cannot republish a run's events after their de-duplication window."""
+    waiting = [k for k, s in run.steps.items() if s.status == "waiting_input"]
+    target = msg.step if msg.step is not None else (waiting[0] if waiting else None)
+    if run.terminal or target is None or target not in waiting:
+        note = "finished" if run.terminal else "not_waiting"
+        if target is not None and target in run.steps and run.steps[target].input:
+            note = "finished" if run.terminal else "already_answered"
+        effects = replay(run, rules, now) if msg.redelivered else []
+        return Transition(run, False, effects, note=note)
+    return _take_answer(_copy(run), rules, now, ctx, target, msg.answer, "human")

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 
 from ..runs import RunState
-from .spec import DONE, AgentSpec, StepSpec, WorkflowSpec
+from .spec import DONE, AgentSpec, InputSpec, StepSpec, WorkflowSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,8 +20,9 @@ class StepPlan:
     """A step to dispatch: its id is unique within the run and deterministic."""
 
     step_id: str
-    agent: str
+    agent: str  # "" for an input step
     session: str
+    input: InputSpec | None = None  # an input step: wait for a human's answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +78,13 @@ class GraphWorkflow:
             "required": [route.field],
         })  # fmt: skip
 
+    def input_spec(self, step_id: str) -> InputSpec | None:
+        """The ``input`` of an input step (None for an agent's step)."""
+        return self._steps[parse_step_id(step_id)[1]].input
+
     def _plans(self, round_: int, step: StepSpec, run: RunState) -> list[StepPlan]:
+        if step.input is not None:
+            return [StepPlan(f"r{round_}.{step.id}", "", run.session, step.input)]
         if step.agent is not None:
             return [StepPlan(f"r{round_}.{step.id}", step.agent, run.session)]
         # Parallel workers each work on a fork of the run's session.

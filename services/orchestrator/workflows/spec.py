@@ -5,7 +5,8 @@ agent, or several ``parallel`` agents (fan-out; the step ends when all have
 answered: fan-in). A step with ``route`` reads its agent's answer as JSON
 and jumps to the step its ``choices`` name (or ``done``); an answer that does
 not parse takes ``default``. Jumping back starts a new round; ``rounds``
-bounds them. See docs/workflows.md.
+bounds them. An ``input`` step pauses the run for a human's answer (or
+its ``default`` after ``timeout``). See docs/workflows.md.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import msgspec
 import yaml
 
 from proto.ids import ID_PATTERN, is_valid_id
-from proto.limits import MAX_OUTPUT_TOKENS
+from proto.limits import MAX_INPUT_BYTES, MAX_OUTPUT_TOKENS
 from proto.tools import TOOL_CHOICES, check_tool_name
 
 DONE = "done"
@@ -48,11 +49,22 @@ class RouteSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     field: str = "next"
 
 
+class InputSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A pause for a human: ``prompt`` is shown in the ``waiting_input``
+    event; the answer (or ``default`` once ``timeout`` seconds pass) is
+    appended to the session as a user message."""
+
+    prompt: str
+    default: str
+    timeout: float = 3600.0
+
+
 class StepSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     id: str
     agent: str | None = None
     parallel: list[str] = []
     route: RouteSpec | None = None
+    input: InputSpec | None = None
 
 
 class WorkflowSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -104,6 +116,7 @@ def _path(text: str) -> list[str | int]:
 
 
 MAX_TOOL_CALLS = 64
+MAX_INPUT_TIMEOUT = 30 * 86_400.0  # a month: longer waits are a mistake, not a workflow
 
 
 def _check(spec: WorkflowSpec, fail: Any, mcp_servers: frozenset[str]) -> None:
@@ -137,8 +150,18 @@ def _check(spec: WorkflowSpec, fail: Any, mcp_servers: frozenset[str]) -> None:
             fail([*at, "id"], f"step id {step.id!r} must match {ID_PATTERN} and not be 'done'")
         if step.id in ids[:i]:
             fail([*at, "id"], f"duplicate step id {step.id!r}")
-        if (step.agent is None) == (not step.parallel):
-            fail(at, "a step names exactly one of `agent` or `parallel`")
+        if sum((step.agent is not None, bool(step.parallel), step.input is not None)) != 1:
+            fail(at, "a step names exactly one of `agent`, `parallel` or `input`")
+        if step.input is not None:
+            if step.route is not None:
+                fail([*at, "route"], "an input step cannot route")
+            if not step.input.prompt.strip():
+                fail([*at, "input", "prompt"], "an input step needs a prompt")
+            if not 0 < step.input.timeout <= MAX_INPUT_TIMEOUT:
+                limit = f"{MAX_INPUT_TIMEOUT:.0f}"
+                fail([*at, "input", "timeout"], f"input timeout must be > 0 and at most {limit} s")
+            if len(step.input.default.encode()) > MAX_INPUT_BYTES:
+                fail([*at, "input", "default"], f"default is over {MAX_INPUT_BYTES} bytes")
         for a in [step.agent] if step.agent else step.parallel:
             if a not in spec.agents:
                 fail([*at, "agent" if step.agent else "parallel"], f"unknown agent {a!r}")

@@ -1,0 +1,269 @@
+"""The ``input`` step's pure transitions, without a broker: a run waits for
+a human, takes the first answer to each step (or the declared default at the
+deadline), appends it to the session and goes on; nothing else moves it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proto import codec, keys
+from proto.messages import ContextRef, InferenceJob, InferenceResult, Step, Usage
+from services.orchestrator import transitions as T
+from services.orchestrator.runs import RunState
+from services.orchestrator.workflows import GraphWorkflow, parse
+
+ASK = """
+name: ask
+agents:
+  writer: {role: writer, system: You write.}
+steps:
+  - id: draft
+    agent: writer
+  - id: confirm
+    input: {prompt: "Ship this draft?", default: "yes", timeout: 30}
+  - id: detail
+    input: {prompt: "Anything to add?", default: nothing, timeout: 60}
+  - id: final
+    agent: writer
+"""
+FIRST = """
+name: first
+agents:
+  writer: {role: writer, system: You write.}
+steps:
+  - id: brief
+    input: {prompt: "What is it for?", default: general, timeout: 10}
+  - id: final
+    agent: writer
+"""
+WORKFLOWS = {s.name: GraphWorkflow(s) for s in (parse(ASK, "ask.yaml"), parse(FIRST, "f.yaml"))}
+RULES = T.Rules(WORKFLOWS, step_timeout=100.0)
+
+
+def answer_op(op: T.ContextOp, version: int) -> ContextRef:
+    assert isinstance(op, T.AppendOp)
+    return ContextRef("acme", op.session, version, b"sig")
+
+
+def decide(fn: Any, run: RunState | None, *args: Any, now: float) -> tuple[T.Outcome, list[Any]]:
+    """Run a decision to the end, answering its context ops; also the ops."""
+    ctx: dict[str, Any] = {}
+    ops: list[Any] = []
+    while True:
+        out = fn(run, *args, now, ctx) if fn is not T.answer else fn(run, *args, RULES, now, ctx)
+        if not isinstance(out, T.Need):
+            return out, ops
+        for op in out.ops:
+            ops.append(op)
+            ctx[op.key] = answer_op(op, 10 + len(ops))
+
+
+def task(workflow: str = "ask") -> T.NewTask:
+    return T.NewTask(tenant="acme", task_id="t1", session="s1", workflow=workflow, seq=1,
+                     input="write a haiku")  # fmt: skip
+
+
+def reply(job: InferenceJob) -> InferenceResult:
+    return InferenceResult(job_id=job.job_id, task_id="t1", tenant="acme", session=job.session,
+                           step=job.step, worker="w1", output="a draft",
+                           ref=ContextRef("acme", job.session, 3, b"sig"),
+                           usage=Usage(prompt_tokens=10, completion_tokens=5))  # fmt: skip
+
+
+def waiting_run() -> RunState:
+    """The ``ask`` run after its first step answered: waiting at r1.confirm."""
+    out, _ = decide(lambda r, n, c: T.start(r, task(), RULES, n, c), None, now=1.0)
+    assert isinstance(out, T.Transition)
+    job = next(e.job for e in out.effects if isinstance(e, T.Dispatch))
+    out, _ = decide(lambda r, n, c: T.result(r, reply(job), RULES, n, c), out.run, now=2.0)
+    assert isinstance(out, T.Transition)
+    return out.run
+
+
+def step_events(effects: list[T.Effect]) -> list[Step]:
+    return [e.event for e in effects if isinstance(e, T.Emit) and isinstance(e.event, Step)]
+
+
+def test_an_input_step_waits_with_its_prompt_and_dispatches_no_job() -> None:
+    run = waiting_run()
+    st_ = run.steps["r1.confirm"]
+    assert st_.status == "waiting_input" and st_.input and st_.deadline == 32.0
+    replayed = T.replay(run, RULES, 3.0)
+    [waiting] = [e for e in step_events(replayed) if e.status == "waiting_input"]
+    assert waiting.prompt == "Ship this draft?" and waiting.deadline == 32.0
+    assert not [e for e in replayed if isinstance(e, T.Dispatch)]
+    assert T.in_flight(run) == 0
+    assert [e.due for e in replayed if isinstance(e, T.Watch)] == [32.0]  # the watchdog
+
+
+def test_an_answer_is_appended_as_a_user_message_and_the_run_goes_on() -> None:
+    run = waiting_run()
+    out, ops = decide(T.answer, run, T.NewAnswer("ship it", "r1.confirm"), now=5.0)
+    assert isinstance(out, T.Transition) and out.changed and out.note == ""
+    [op] = ops
+    assert op.msg_id == keys.input_answer("t1", "r1.confirm") and op.session == "s1"
+    assert [(m.role, m.content) for m in op.messages] == [("user", "ship it")]
+    done = out.run.steps["r1.confirm"]
+    assert (done.status, done.output, done.answered_by) == ("done", "ship it", "human")
+    assert done.ref == answer_op(op, 11)
+    # The next step is an input step too: it waits, with the answer's ref.
+    nxt = out.run.steps["r1.detail"]
+    assert nxt.status == "waiting_input" and nxt.ref == done.ref and nxt.deadline == 65.0
+    assert [(e.step, e.status, e.answered_by) for e in step_events(out.effects)] == [
+        ("r1.confirm", "done", "human"),
+        ("r1.detail", "waiting_input", None),
+    ]
+
+
+def test_the_agent_after_an_input_step_reads_the_session_that_holds_the_answer() -> None:
+    run = waiting_run()
+    out, _ = decide(T.answer, run, T.NewAnswer("ship it"), now=5.0)
+    assert isinstance(out, T.Transition)
+    out, ops = decide(T.answer, out.run, T.NewAnswer("add a title", "r1.detail"), now=6.0)
+    assert isinstance(out, T.Transition)
+    [job] = [e.job for e in out.effects if isinstance(e, T.Dispatch)]
+    assert job.step == "r1.final" and job.ref == answer_op(ops[0], 11)
+
+
+def test_a_repeated_answer_never_answers_the_next_input_step() -> None:
+    run = waiting_run()
+    out, _ = decide(T.answer, run, T.NewAnswer("ship it", "r1.confirm"), now=5.0)
+    assert isinstance(out, T.Transition)
+    again, ops = decide(T.answer, out.run, T.NewAnswer("ship it", "r1.confirm"), now=6.0)
+    assert isinstance(again, T.Transition)
+    assert (again.changed, again.note, again.effects, ops) == (False, "already_answered", [], [])
+    assert again.run.steps["r1.detail"].status == "waiting_input"
+
+
+def test_a_redelivered_answer_replays_what_the_stored_state_implies() -> None:
+    """The crash between storing an answer and publishing what follows."""
+    run = waiting_run()
+    out, _ = decide(T.answer, run, T.NewAnswer("ship it", "r1.confirm"), now=5.0)
+    assert isinstance(out, T.Transition)
+    again, _ = decide(T.answer, out.run, T.NewAnswer("ship it", "r1.confirm", True), now=6.0)
+    assert isinstance(again, T.Transition) and not again.changed
+    keys_ = {e.key for e in again.effects if isinstance(e, T.Emit)}
+    assert {"step.r1.confirm.done", "step.r1.detail.waiting_input"} <= keys_
+
+
+def test_answers_to_no_waiting_step_or_a_finished_run_change_nothing() -> None:
+    run = waiting_run()
+    for msg, note in [
+        (T.NewAnswer("x", "r1.detail"), "not_waiting"),  # not reached yet
+        (T.NewAnswer("x", "r1.draft"), "not_waiting"),  # an agent's step
+        (T.NewAnswer("x", "r9.nope"), "not_waiting"),
+    ]:
+        out, ops = decide(T.answer, run, msg, now=5.0)
+        assert isinstance(out, T.Transition)
+        assert (out.changed, out.note, out.effects, ops) == (False, note, [], [])
+    cancelled = T.cancel(run, 6.0).run
+    out, ops = decide(T.answer, cancelled, T.NewAnswer("x"), now=7.0)
+    assert isinstance(out, T.Transition)
+    assert (out.changed, out.note, out.effects, ops) == (False, "finished", [], [])
+
+
+def test_past_its_deadline_the_watchdog_takes_the_default_and_keeps_watching() -> None:
+    run = waiting_run()
+    early, _ = decide(lambda r, n, c: T.timer(r, RULES, n, c), run, now=31.0)
+    assert isinstance(early, T.Transition) and not early.changed and early.wake_at == 32.0
+    out, ops = decide(lambda r, n, c: T.timer(r, RULES, n, c), run, now=32.5)
+    assert isinstance(out, T.Transition) and out.changed
+    assert [m.content for m in ops[0].messages] == ["yes"]
+    done = out.run.steps["r1.confirm"]
+    assert (done.output, done.answered_by) == ("yes", "default")
+    assert out.wake_at == 92.5  # the next input step's deadline
+    late, _ = decide(T.answer, out.run, T.NewAnswer("no!", "r1.confirm"), now=33.0)
+    assert isinstance(late, T.Transition) and late.note == "already_answered"
+
+
+def test_a_workflow_may_start_by_asking() -> None:
+    out, ops = decide(lambda r, n, c: T.start(r, task("first"), RULES, n, c), None, now=1.0)
+    assert isinstance(out, T.Transition) and out.changed
+    assert ops[0].system is None  # no agent's system prompt for the session yet
+    assert out.run.steps["r1.brief"].status == "waiting_input"
+    assert [e.key for e in out.effects if isinstance(e, T.Emit)] == [
+        "accepted", "step.r1.brief.waiting_input",
+    ]  # fmt: skip
+    assert [e.due for e in out.effects if isinstance(e, T.Watch)] == [11.0]
+
+
+# -- any interleaving -------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    script=st.lists(
+        st.tuples(
+            st.sampled_from(["answer", "again", "redeliver", "tick", "crash", "work"]),
+            st.integers(0, 40),
+        ),
+        max_size=40,
+    )
+)
+def test_each_input_step_is_answered_once_whatever_the_interleaving(
+    script: list[tuple[str, int]],
+) -> None:
+    """Humans answer (once, twice, redelivered), the watchdog fires, the
+    process crashes after storing: every input step is answered exactly once,
+    by whoever came first, and the run ends once."""
+    run: RunState = waiting_run()
+    now, due = 2.0, 32.0
+    stored_answers: dict[str, str] = {}  # msg_id -> text: the session's first append wins
+    jobs: list[InferenceJob] = []
+    terminal = 0
+
+    def commit(out: T.Outcome, ops: list[Any], crash: bool) -> None:
+        nonlocal run, due, terminal
+        for op in ops:
+            stored_answers.setdefault(op.msg_id, op.messages[0].content)
+        assert isinstance(out, T.Transition)
+        if out.changed:
+            for sid, s in out.run.steps.items():
+                if s.input and s.status == "done":
+                    assert s.output == stored_answers[keys.input_answer("t1", sid)]
+            terminal += out.run.terminal and not run.terminal
+            run = codec.decode(codec.encode(out.run), RunState)
+        if not crash:
+            jobs.extend(e.job for e in out.effects if isinstance(e, T.Dispatch))
+            if out.wake_at is not None:
+                due = out.wake_at
+
+    for kind, n in script:
+        now += n / 4
+        waiting = [k for k, s in run.steps.items() if s.status == "waiting_input"]
+        if kind in ("answer", "crash") and waiting:
+            out, ops = decide(T.answer, run, T.NewAnswer(f"h{n}", waiting[0]), now=now)
+            commit(out, ops, crash=kind == "crash")
+        elif kind in ("again", "redeliver") and run.steps:
+            step = sorted(run.steps)[n % len(run.steps)]
+            msg = T.NewAnswer(f"late{n}", step, redelivered=kind == "redeliver")
+            out, ops = decide(T.answer, run, msg, now=now)
+            commit(out, ops, crash=False)
+        elif kind == "tick" and now >= due and not run.terminal:
+            out, ops = decide(lambda r, t, c: T.timer(r, RULES, t, c), run, now=now)
+            commit(out, ops, crash=False)
+        elif kind == "work" and jobs:
+            job = jobs.pop(0)
+            out, ops = decide(
+                lambda r, t, c, j=job: T.result(r, reply(j), RULES, t, c), run, now=now
+            )
+            commit(out, ops, crash=False)
+    for _ in range(20):  # let it finish: the watchdog answers, workers answer
+        if run.terminal:
+            break
+        now = max(now, due) + 1
+        if jobs:
+            job = jobs.pop(0)
+            out, ops = decide(
+                lambda r, t, c, j=job: T.result(r, reply(j), RULES, t, c), run, now=now
+            )
+        else:
+            out, ops = decide(lambda r, t, c: T.timer(r, RULES, t, c), run, now=now)
+        commit(out, ops, crash=False)
+    assert run.terminal and terminal == 1, run
+    for sid in ("r1.confirm", "r1.detail"):
+        s = run.steps[sid]
+        assert s.status == "done" and s.output == stored_answers[keys.input_answer("t1", sid)]
