@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 OUTCOMES = ("ok", "reused", "unknown_tool", "bad_tool_arguments", "tool_failed",
-            "tool_timeout", "tool_output_too_large")  # fmt: skip
+            "tool_timeout", "tool_output_too_large", "cancelled")  # fmt: skip
 
 CALLS = Counter("baton_tool_calls", "Tool calls by tool and outcome.", ["tool", "outcome"])
 SECONDS = Histogram(

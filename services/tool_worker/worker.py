@@ -13,6 +13,11 @@ Per call (``baton.tools.<pool>``, body ``ToolJob``):
 
 A tool that fails, times out or says too much is not a worker failure: its
 error is the tool message the agent reads, and the call is acked.
+
+A cancelled task (core ``baton.cancel.<tenant>.<task_id>``, as the inference
+workers hear it) stops its calls: a running one is cancelled (the sandbox
+kills its process tree), queued ones are skipped, each acked with nothing
+stored or published — the run is over.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ import asyncio
 import hashlib
 import json
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from nats.aio.msg import Msg
 
 from baton.service import Health
 from baton.transport import Bus, Delivery, Nak, Term
@@ -33,6 +40,7 @@ from proto.errors import LAYER_OF, ErrorCode
 from proto.limits import INLINE_TOOL_RESULT_BYTES, MAX_TOOL_OUTPUT_BYTES
 from proto.messages import (
     AttachReply,
+    Cancel,
     ChatMessage,
     ContextAppend,
     ContextAppendReply,
@@ -59,6 +67,7 @@ from .tools.search import SearchIndex, SearchTool
 log = structlog.get_logger("tool_worker")
 
 PREVIEW_CHARS = 512
+REMEMBER_CANCELLED = 4096  # cancelled tasks remembered, so their queued calls are skipped
 
 
 @dataclass(slots=True)
@@ -100,6 +109,8 @@ class ToolWorker:
         self.bus: Bus | None = None
         self._labels = (settings.pool, settings.worker_id)
         self._inflight = 0
+        self.cancelled: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._calls: dict[tuple[str, str], set[asyncio.Task[Outcome]]] = {}
 
     # -- tools -------------------------------------------------------------
 
@@ -146,6 +157,7 @@ class ToolWorker:
             self.health.ready, self.health.reason = True, "serving"
             self.health.checks = {"tools": True}
             m.READY.labels(*self._labels).set(1)
+            await bus.subscribe(f"{subjects.CANCEL}.*.*", self._on_cancel)
             log.info("tool_worker_ready", tools=sorted(self.tools), pool=self.s.pool)
             await bus.consume(self.consumer, self.handle, concurrency=self.s.concurrency)
         finally:
@@ -168,7 +180,44 @@ class ToolWorker:
         ):
             await self._handle(job)
 
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            cancel = codec.decode(msg.data, Cancel)
+        except codec.DecodeError:
+            return
+        key = (cancel.tenant, cancel.task_id)
+        self.cancelled[key] = None
+        while len(self.cancelled) > REMEMBER_CANCELLED:
+            self.cancelled.popitem(last=False)
+        for call in self._calls.get(key, ()):
+            call.cancel()
+
+    async def _run(self, job: ToolJob) -> Outcome | None:
+        """Execute the call as a task of its own, which a cancel of its task
+        cancels; None when it was (or its task was before it started)."""
+        key = (job.tenant, job.task_id)
+        if key in self.cancelled:
+            return None
+        call = asyncio.create_task(self.execute(job))
+        self._calls.setdefault(key, set()).add(call)
+        try:
+            return await call
+        except asyncio.CancelledError:
+            if key not in self.cancelled or not call.cancelled():
+                raise  # the worker itself is stopping
+            return None
+        finally:
+            calls = self._calls.get(key)
+            if calls is not None:
+                calls.discard(call)
+                if not calls:
+                    del self._calls[key]
+
     async def _handle(self, job: ToolJob) -> None:
+        if (job.tenant, job.task_id) in self.cancelled:
+            m.CALLS.labels(job.tool, "cancelled").inc()
+            log.info("tool_call_cancelled", queued=True)
+            return
         out_id = keys.tool_output(job.call_id)
         stored = await self._stored(job, out_id)
         if stored is not None:
@@ -180,10 +229,14 @@ class ToolWorker:
         self._inflight += 1
         m.INFLIGHT.labels(*self._labels).set(self._inflight)
         try:
-            outcome = await self.execute(job)
+            outcome = await self._run(job)
         finally:
             self._inflight -= 1
             m.INFLIGHT.labels(*self._labels).set(self._inflight)
+        if outcome is None:
+            m.CALLS.labels(job.tool, "cancelled").inc()
+            log.info("tool_call_cancelled")
+            return
         m.CALLS.labels(job.tool, outcome.label).inc()
         m.SECONDS.labels(job.tool).observe(outcome.seconds)
         m.CPU_SECONDS.labels(job.tool).inc(outcome.cpu_seconds)

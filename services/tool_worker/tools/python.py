@@ -78,6 +78,28 @@ class RunResult:
     wall_seconds: float
     timed_out: bool = False
     too_much_output: bool = False
+    stopped: bool = False  # killed on request (the task was cancelled)
+
+
+class Stop:
+    """A kill switch for one sandboxed run, safe to pull from the event loop
+    while the run blocks in its thread: a pipe the run's read loop selects
+    on, so the process tree is killed at once, not at the next poll."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+
+    def fileno(self) -> int:
+        return self._r
+
+    def set(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._w, b"x")
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def bwrap_command(workdir: str, interpreter: str) -> list[str]:
@@ -127,12 +149,17 @@ def _limiter(limits: SandboxLimits, uid: int, cgroup: SlotCgroup | None) -> Any:
 
 
 def run_sandboxed(
-    code: str, limits: SandboxLimits, slot: int, timeout: float, cgroup: SlotCgroup | None = None
+    code: str,
+    limits: SandboxLimits,
+    slot: int,
+    timeout: float,
+    cgroup: SlotCgroup | None = None,
+    stop: Stop | None = None,
 ) -> RunResult:
     """Blocking: run ``code`` in a fresh directory under the sandbox (call it
     in a thread). The directory is removed afterwards. ``cgroup`` (the slot's)
     counts CPU time and caps processes; without it CPU time is what
-    ``wait4`` sees."""
+    ``wait4`` sees. ``stop`` set: the process tree is killed now."""
     uid = limits.uid_base + slot
     if cgroup is not None:
         # The previous run's PID namespace is torn down asynchronously (over a
@@ -153,8 +180,10 @@ def run_sandboxed(
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             preexec_fn=_limiter(limits, uid, cgroup) if os.geteuid() == 0 else os.setsid,
         )  # fmt: skip
-        out, err, timed_out, too_much = _collect(proc, limits.output_bytes, started + timeout)
-        if timed_out or too_much:
+        out, err, timed_out, too_much, stopped = _collect(
+            proc, limits.output_bytes, started + timeout, stop
+        )
+        if timed_out or too_much or stopped:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -170,29 +199,35 @@ def run_sandboxed(
             wall_seconds=time.monotonic() - started,
             timed_out=timed_out,
             too_much_output=too_much,
+            stopped=stopped,
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _collect(
-    proc: subprocess.Popen[bytes], limit: int, deadline: float
-) -> tuple[bytes, bytes, bool, bool]:
-    """Read stdout and stderr until both close, the deadline passes or
-    together they exceed ``limit`` bytes."""
+    proc: subprocess.Popen[bytes], limit: int, deadline: float, stop: Stop | None = None
+) -> tuple[bytes, bytes, bool, bool, bool]:
+    """Read stdout and stderr until both close, the deadline passes,
+    together they exceed ``limit`` bytes or ``stop`` is set."""
     assert proc.stdout is not None and proc.stderr is not None
     bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
     sel = selectors.DefaultSelector()
     for f in (proc.stdout, proc.stderr):
         sel.register(f, selectors.EVENT_READ)
-    timed_out = too_much = False
+    if stop is not None:
+        sel.register(stop.fileno(), selectors.EVENT_READ)
+    timed_out = too_much = stopped = False
     try:
-        while sel.get_map():
+        while any(fd in sel.get_map() for fd in bufs) and not stopped:
             left = deadline - time.monotonic()
             if left <= 0:
                 timed_out = True
                 break
             for key, _ in sel.select(timeout=min(left, 0.5)):
+                if stop is not None and key.fd == stop.fileno():
+                    stopped = True
+                    break
                 chunk = os.read(key.fd, 65536)
                 if not chunk:
                     sel.unregister(key.fileobj)
@@ -206,7 +241,7 @@ def _collect(
         proc.stdout.close()
         proc.stderr.close()
     out, err = bufs.values()
-    return bytes(out[:limit]), bytes(err[:limit]), timed_out, too_much
+    return bytes(out[:limit]), bytes(err[:limit]), timed_out, too_much, stopped
 
 
 def _tail(data: bytes, n: int = 2000) -> str:
@@ -233,11 +268,25 @@ class PythonTool:
             raise ToolError(ErrorCode.TOOL_FAILED, "the sandbox (bubblewrap) is not installed")
         async with self._slot_ready:
             slot = self._free.popleft()
-            try:
-                r = await asyncio.to_thread(run_sandboxed, args["code"], self.limits, slot,
-                                            ctx.timeout, self.cgroups.get(slot))  # fmt: skip
-            finally:
+            stop = Stop()
+            run = asyncio.ensure_future(asyncio.to_thread(
+                run_sandboxed, args["code"], self.limits, slot, ctx.timeout,
+                self.cgroups.get(slot), stop))  # fmt: skip
+
+            def release(_: object) -> None:  # once the run is over, whatever happened
+                stop.close()
                 self._free.append(slot)
+
+            run.add_done_callback(release)
+            try:
+                r = await asyncio.shield(run)
+            except asyncio.CancelledError:
+                # The call was cancelled (its task was, or the worker stops):
+                # kill the process tree now, and return once it is gone.
+                stop.set()
+                with contextlib.suppress(Exception):
+                    await run
+                raise
         return self.judge(r)
 
     def judge(self, r: RunResult) -> ToolOutput:

@@ -1,0 +1,112 @@
+"""Cancelling a task reaches its tool calls: a running sandbox is killed
+with its whole process tree at once (not at its timeout), a queued call of
+the task is skipped, nothing is stored or published for either, and the
+worker serves the next call."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import psutil
+import pytest
+
+from baton.transport import Bus, connect
+from proto import codec, subjects
+from proto.messages import Cancel, ToolJob, ToolResult
+from tests.harness import LocalStack, metric, uid
+from tests.tools import call_tool, session_with_call
+
+pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap")
+
+UID_BASE = 63000  # this test's sandbox users, told apart from other tests'
+# A program that outlives its own process group: its child leaves the session.
+SLEEPER = "import os, time\nif os.fork() == 0:\n    os.setsid()\ntime.sleep(120)"
+
+
+@pytest.fixture(scope="module")
+def pool(stack: LocalStack) -> Iterator[tuple[str, str]]:
+    name = uid("cnl")
+    proc = stack.tool_worker(BATON_POOL=name, BATON_SANDBOX_UID_BASE=str(UID_BASE),
+                             BATON_BUILTIN_TOOLS='["python"]').wait_ready()  # fmt: skip
+    yield name, proc.url
+    stack.retire(proc)
+
+
+@pytest.fixture
+async def bus(stack: LocalStack) -> AsyncIterator[Bus]:
+    b = await connect(stack.nats_url, name="test-tool-cancel")
+    yield b
+    await b.close()
+
+
+def sandboxed() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["uids"])
+            if UID_BASE <= p.info["uids"].real < UID_BASE + 64]  # fmt: skip
+
+
+def programs() -> int:
+    """The sandboxed program's processes (parent and forked child)."""
+    n = 0
+    for p in sandboxed():
+        with contextlib.suppress(psutil.Error):
+            n += "main.py" in p.cmdline() and "bwrap" not in p.cmdline()[0]
+    return n
+
+
+async def publish_call(bus: Bus, pool: str, tenant: str, task_id: str, call: str) -> str:
+    session = uid("s")
+    ref = await session_with_call(bus, tenant, session)
+    call_id = f"{tenant}.{task_id}.r1.s.{call}"
+    job = ToolJob(call_id=call_id, task_id=task_id, tenant=tenant, session=session, step="r1.s",
+                  tool="python", arguments=json.dumps({"code": SLEEPER}), ref=ref, timeout=100)  # fmt: skip
+    await bus.publish(subjects.tool_job(pool), job, msg_id=call_id, task_id=task_id)
+    return call_id
+
+
+async def test_cancelling_a_task_kills_its_running_sandbox_and_skips_its_queued_calls(
+    bus: Bus, pool: tuple[str, str]
+) -> None:
+    name, url = pool
+    tenant, task_id = "acme", uid("task")
+    results: list[ToolResult] = []
+
+    async def on_result(msg: Any) -> None:
+        results.append(codec.decode(msg.data, ToolResult))
+
+    sub = await bus.nc.subscribe(subjects.tool_result(tenant, task_id), cb=on_result)
+    try:
+        await publish_call(bus, name, tenant, task_id, "c0")
+        async with asyncio.timeout(20):
+            while programs() < 2:  # the program and its forked child run
+                await asyncio.sleep(0.05)
+        before = metric(url, "baton_tool_calls_total", tool="python", outcome="cancelled")
+        started = time.monotonic()
+        await bus.notify(subjects.cancel(tenant, task_id), Cancel(tenant=tenant, task_id=task_id))
+        async with asyncio.timeout(5):  # at once, not after the program's 120 s
+            while sandboxed():
+                await asyncio.sleep(0.05)
+        killed_after = time.monotonic() - started
+        # A call of the cancelled task published afterwards is skipped.
+        await publish_call(bus, name, tenant, task_id, "c1")
+        async with asyncio.timeout(10):
+            while metric(url, "baton_tool_calls_total", tool="python",
+                         outcome="cancelled") < before + 2:  # fmt: skip
+                await asyncio.sleep(0.1)
+        assert sandboxed() == []  # c1 never ran
+        await asyncio.sleep(0.5)
+        assert results == []  # nothing published for a cancelled call
+    finally:
+        await sub.unsubscribe()
+    assert killed_after < 5
+    # The worker lives on: another task's call runs.
+    other = uid("s")
+    ref = await session_with_call(bus, tenant, other)
+    res = await call_tool(bus, tenant, other, ref, "python", {"code": "print(6 * 7)"}, pool=name,
+                          task_id=uid("task"))  # fmt: skip
+    assert res.outcome == "ok" and json.loads(res.preview)["stdout"] == "42\n"
