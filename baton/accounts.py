@@ -21,6 +21,8 @@ The shape (measured in ``shared/notes/nats-tenancy.md``, explained in
 * Answers to input steps work the same way: the tenant publishes
   ``baton.input.<task_id>``, which arrives as ``baton.input.<tenant>.<task_id>``
   (pinned), so a tenant can only ever answer its own tasks.
+* Documents for the ``search`` tool too: ``baton.docs.<doc_id>`` arrives as
+  ``baton.docs.<tenant>.<doc_id>``, indexed for that tenant only.
 * BATON publishes ``baton.events.<tenant>.<task_id>`` and the token deltas
   ``baton.tokens.<tenant>.<task_id>``; each tenant imports only its own (again
   pinned), and keeps its own ``BATON_EVENTS`` and ``BATON_TOKENS`` streams of
@@ -268,7 +270,8 @@ def tenant_permissions(tenant: str) -> dict[str, Any]:
     """A tenant's client: submit tasks, read (live and replay) its own events
     and token deltas. Its JetStream API reaches only its own account."""
     api = "$JS.API"
-    pub = [f"{subjects.TASKS}.*", f"{subjects.INPUT}.*", f"{api}.INFO", f"{api}.STREAM.NAMES"]
+    pub = [f"{subjects.TASKS}.*", f"{subjects.INPUT}.*", f"{subjects.DOCUMENTS}.*",
+           f"{api}.INFO", f"{api}.STREAM.NAMES"]  # fmt: skip
     for stream in TENANT_STREAMS:
         pub += [
             f"{api}.STREAM.INFO.{stream}",
@@ -377,6 +380,7 @@ def render(
             "exports": [
                 {"service": f"{subjects.TASKS}.*.*", "account_token_position": 3},
                 {"service": f"{subjects.INPUT}.*.*", "account_token_position": 3},
+                {"service": f"{subjects.DOCUMENTS}.*.*", "account_token_position": 3},
                 {"stream": f"{subjects.EVENTS}.*.>", "account_token_position": 3},
                 {"stream": f"{subjects.TOKENS}.*.>", "account_token_position": 3},
             ],
@@ -399,6 +403,8 @@ def render(
                  "to": f"{subjects.TASKS}.*"},
                 {"service": {"account": BATON_ACCOUNT, "subject": f"{subjects.INPUT}.{t}.*"},
                  "to": f"{subjects.INPUT}.*"},
+                {"service": {"account": BATON_ACCOUNT, "subject": f"{subjects.DOCUMENTS}.{t}.*"},
+                 "to": f"{subjects.DOCUMENTS}.*"},
                 {"stream": {"account": BATON_ACCOUNT, "subject": f"{subjects.EVENTS}.{t}.>"}},
                 {"stream": {"account": BATON_ACCOUNT, "subject": f"{subjects.TOKENS}.{t}.>"}},
             ],

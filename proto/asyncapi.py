@@ -146,6 +146,8 @@ _CHANNELS: Final[dict[str, tuple[str, tuple[str, ...], tuple[Any, ...], str, boo
     "documents": (
         f"{subjects.DOCUMENTS}.{{tenant}}.{{doc_id}}", ("tenant", "doc_id"), (msg.DocumentPut,),
         f"Documents the `search` tool indexes for a tenant (stream {streams.DOCUMENTS.name}); "
+        "a tenant publishes baton.docs.<doc_id> in its own account (the server maps it here "
+        "with the publisher's tenant; a body naming another tenant is not indexed); "
         "POST /v1/documents publishes here.", False,
     ),
     "documentsErased": (

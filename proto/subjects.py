@@ -155,7 +155,9 @@ def tool_result(tenant: str, task_id: str) -> str:
 
 
 def document(tenant: str, doc_id: str) -> str:
-    """``baton.docs.<tenant>.<doc_id>`` — a document the search tool indexes."""
+    """``baton.docs.<tenant>.<doc_id>`` — a document the search tool indexes
+    (a tenant publishes ``baton.docs.<doc_id>`` in its own account; the server
+    maps it here with the publisher's tenant)."""
     return f"{DOCUMENTS}.{require_id(tenant, 'tenant')}.{require_id(doc_id, 'doc_id')}"
 
 

@@ -3,9 +3,12 @@ indexed by every tool worker, kept across restarts, erased with the tenant."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
+import msgpack
+import nats
 import pytest
 
 from baton.documents import put_document
@@ -100,3 +103,40 @@ async def test_the_index_survives_a_restart_and_drops_what_was_erased_meanwhile(
         assert opened and opened[-1]["resumed_after"] > 0  # read from its file, not rebuilt
     finally:
         stack.retire(again)
+
+
+async def test_a_tenant_uploads_over_nats_with_its_own_credentials_pinned_to_itself(
+    stack: LocalStack, bus: Bus
+) -> None:
+    """Tenant wonka publishes ``baton.docs.<doc_id>`` in its own account: the
+    server files it under wonka, searchable by wonka only. A body naming
+    another tenant is not indexed for anyone, and another tenant's subject
+    is refused by the server."""
+    tenant, word, other = "wonka", uid("zq"), uid("zq")
+    refused: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        refused.append(str(exc).lower())
+
+    nc = await nats.connect(stack.url_for(tenant), error_cb=on_error, allow_reconnect=False)
+    try:
+        js = nc.jetstream()
+        doc = {"tenant": tenant, "doc_id": f"{word}a", "text": f"the {word} recipe uses cocoa"}
+        ack = await js.publish(f"baton.docs.{word}a", msgpack.packb(doc))
+        assert ack.stream == DOCUMENTS.name
+        # A body claiming another tenant, on wonka's own subject: filed under wonka, skipped.
+        forged = {"tenant": "acme", "doc_id": f"{word}b", "text": f"{other} forged into acme"}
+        await js.publish(f"baton.docs.{word}b", msgpack.packb(forged))
+        await nc.publish(f"baton.docs.acme.{word}c", msgpack.packb(forged | {"doc_id": f"{word}c"}))
+        await nc.flush()
+        async with asyncio.timeout(5):
+            while not any(f'publish to "baton.docs.acme.{word}c"' in r for r in refused):
+                await asyncio.sleep(0.05)
+    finally:
+        await nc.close()
+    assert await search(bus, tenant, f"{word} recipe") == [f"{word}a"]
+    assert await search(bus, tenant, other) == []
+    assert await search(bus, "acme", other) == []
+    info = await bus.js.stream_info(DOCUMENTS.name, subjects_filter=f"{subjects.DOCUMENTS}.>")
+    mine = {s for s in info.state.subjects or {} if word in s}
+    assert mine == {f"baton.docs.wonka.{word}a", f"baton.docs.wonka.{word}b"}

@@ -20,6 +20,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from baton.transport import Bus
 from proto import codec, subjects
+from proto.limits import MAX_DOCUMENT_BYTES
 from proto.messages import DocumentPut, DocumentsErased
 from proto.streams import DOCUMENTS
 
@@ -70,7 +71,11 @@ class DocumentIndexer:
             doc = codec.decode(msg.data, DocumentPut)
             _, _, tenant, doc_id = msg.subject.split(".", 3)
             if doc.tenant != tenant or doc.doc_id != doc_id:
+                # The subject's tenant is the publisher's (a tenant's own
+                # account maps baton.docs.<doc_id> to it): the body may not differ.
                 raise ValueError("the body's tenant or id is not the subject's")
+            if len(doc.text.encode()) + len(doc.title.encode()) > MAX_DOCUMENT_BYTES:
+                raise ValueError(f"a document is at most {MAX_DOCUMENT_BYTES} bytes")
         except (codec.DecodeError, ValueError) as exc:
             log.warning("document_skipped", seq=seq, error=str(exc))
             self.index.skip(seq)
