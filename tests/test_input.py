@@ -18,10 +18,11 @@ import msgpack
 import nats
 import pytest
 
+from baton.testing import Client, LocalStack, metric, secure_nats, uid
 from baton.transport import Bus, connect
 from proto.messages import ContextGet
 from tests.ctx import ask
-from tests.harness import Client, LocalStack, http_post, metric, secure_nats, uid
+from tests.harness import http_post
 
 WORKFLOWS = {
     "ask.yaml": """

@@ -16,10 +16,10 @@ from typing import Any
 import psutil
 import pytest
 
+from baton.testing import LocalStack, metric, uid
 from baton.transport import Bus, connect
 from proto import codec, subjects
 from proto.messages import Cancel, ToolJob, ToolResult
-from tests.harness import LocalStack, metric, uid
 from tests.tools import call_tool, session_with_call
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap")
@@ -79,7 +79,7 @@ async def test_cancelling_a_task_kills_its_running_sandbox_and_skips_its_queued_
     async def on_result(msg: Any) -> None:
         results.append(codec.decode(msg.data, ToolResult))
 
-    sub = await bus.nc.subscribe(subjects.tool_result(tenant, task_id), cb=on_result)
+    sub = await bus.subscribe(subjects.tool_result(tenant, task_id), on_result)
     try:
         await publish_call(bus, name, tenant, task_id, "c0")
         async with asyncio.timeout(20):
