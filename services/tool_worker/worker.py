@@ -1,9 +1,11 @@
 """The tool worker: pull tool calls, run them, store their results.
 
 Per call (``baton.tools.<pool>``, body ``ToolJob``):
-1. if the session already holds the call's result (``<call_id>:out``: a
-   redelivery after the worker that ran it died before acking), publish it
-   again without running the tool;
+1. if the session may already hold the call's result (``<call_id>:out``: a
+   redelivery after the worker that ran it died before acking, or a
+   dispatch again after a timeout) and does, publish it again without
+   running the tool; the first delivery of a call's first dispatch skips
+   that look-up (nobody can have run it), saving a round trip per call;
 2. check the arguments against the tool's schema, run the tool with a
    timeout, and refuse results over the output limit;
 3. append the result to the session as a ``tool`` message under
@@ -175,10 +177,13 @@ class ToolWorker:
             job = d.decode(ToolJob)
         except codec.DecodeError as exc:
             raise Term(f"undecodable tool job: {exc}") from exc
+        # Only a redelivery or a later dispatch (``<call_id>#<attempt>``) may
+        # find the result stored already.
+        fresh = d.num_delivered == 1 and d.msg_id == job.call_id
         with structlog.contextvars.bound_contextvars(
             task_id=job.task_id, call_id=job.call_id, tool=job.tool
         ):
-            await self._handle(job)
+            await self._handle(job, fresh=fresh)
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:
@@ -213,18 +218,13 @@ class ToolWorker:
                 if not calls:
                     del self._calls[key]
 
-    async def _handle(self, job: ToolJob) -> None:
+    async def _handle(self, job: ToolJob, *, fresh: bool = False) -> None:
         if (job.tenant, job.task_id) in self.cancelled:
             m.CALLS.labels(job.tool, "cancelled").inc()
             log.info("tool_call_cancelled", queued=True)
             return
         out_id = keys.tool_output(job.call_id)
-        stored = await self._stored(job, out_id)
-        if stored is not None:
-            ref, message = stored
-            m.CALLS.labels(job.tool, "reused").inc()
-            log.info("tool_result_reused")
-            await self._publish(job, ref, message, Outcome(message.content), reused=True)
+        if not fresh and await self._republish_stored(job, out_id):
             return
         self._inflight += 1
         m.INFLIGHT.labels(*self._labels).set(self._inflight)
@@ -243,8 +243,24 @@ class ToolWorker:
         content, attachment = await self._fit(job, outcome)
         message = ChatMessage(role="tool", content=content, name=job.tool,
                               tool_call_id=job.tool_call_id or job.call_id)  # fmt: skip
-        ref = await self._append(job, out_id, message)
+        ref, duplicate = await self._append(job, out_id, message)
+        # A result stored before after all (a dispatch republished past the
+        # stream's de-duplication window): the history holds that one, so
+        # that one is published.
+        if duplicate and await self._republish_stored(job, out_id):
+            return
         await self._publish(job, ref, message, outcome, attachment=attachment)
+
+    async def _republish_stored(self, job: ToolJob, out_id: str) -> bool:
+        """Publish the call's stored result again, if the session holds one."""
+        stored = await self._stored(job, out_id)
+        if stored is None:
+            return False
+        ref, message = stored
+        m.CALLS.labels(job.tool, "reused").inc()
+        log.info("tool_result_reused")
+        await self._publish(job, ref, message, Outcome(message.content), reused=True)
+        return True
 
     async def execute(self, job: ToolJob) -> Outcome:
         """Run the call; every way it can go wrong becomes an error outcome."""
@@ -327,7 +343,10 @@ class ToolWorker:
             return None
         return reply.existing_ref, reply.existing
 
-    async def _append(self, job: ToolJob, out_id: str, message: ChatMessage) -> ContextRef | None:
+    async def _append(
+        self, job: ToolJob, out_id: str, message: ChatMessage
+    ) -> tuple[ContextRef | None, bool]:
+        """Append the tool message; returns its ref and whether it was there already."""
         reply: ContextAppendReply = await self._context(
             "append",
             ContextAppend(tenant=job.tenant, session=job.session, msg_id=out_id,
@@ -338,7 +357,7 @@ class ToolWorker:
             if reply.error.code in (ErrorCode.CONTEXT_UNAVAILABLE,):
                 raise Nak(1.0, f"context append failed: {reply.error.code}")
             raise Term(f"context append refused: {reply.error.code}: {reply.error.message}")
-        return reply.ref
+        return reply.ref, reply.duplicate
 
     async def _publish(
         self,
