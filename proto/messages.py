@@ -10,10 +10,11 @@ is a compact array so a pointer stays tens of bytes.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
+from proto.errors import LAYER_OF, ErrorCode, Layer
 from proto.ids import Id
 
 # --------------------------------------------------------------------------
@@ -81,11 +82,25 @@ def finite_usage(u: Usage) -> bool:
 
 
 class ErrorInfo(msgspec.Struct, omit_defaults=True, kw_only=True):
-    code: str
+    """``{code, message, layer}``: the code is stable API (an unknown one is a
+    decode error), the layer follows from it, the message is for humans."""
+
+    code: ErrorCode
     message: str
-    layer: str
+    layer: Layer
     # rate_limited: seconds after which the same request may be admitted.
     retry_after: float | None = None
+
+    @classmethod
+    def of(cls, code: ErrorCode, message: str) -> ErrorInfo:
+        """The error ``code`` with its layer (the one way to build one)."""
+        return cls(code=code, message=message, layer=LAYER_OF[code])
+
+
+# A step event: the step (or one of its tool calls) started, finished, a
+# tool call failed (its error code in ``outcome``; the run goes on), or an
+# input step waits for the tenant's answer.
+StepEventStatus = Literal["started", "done", "failed", "waiting_input"]
 
 
 class _Event(msgspec.Struct, tag_field="type", omit_defaults=True, kw_only=True):
@@ -102,7 +117,7 @@ class Accepted(_Event, tag="accepted"):
 class Step(_Event, tag="step"):
     step: str
     agent: str
-    status: str  # "started" | "done" | "failed" (a tool call's error) | "waiting_input"
+    status: StepEventStatus
     usage: Usage | None = None
     tool: str | None = None  # a tool call of the step: the tool's name
     call: str | None = None  # which call of the step (``t<turn>c<i>``)

@@ -16,6 +16,7 @@ from proto.limits import MAX_INPUT_BYTES
 from proto.messages import (
     Completed,
     ContextRef,
+    ErrorInfo,
     Failed,
     InferenceJob,
     TaskEvent,
@@ -111,6 +112,23 @@ def test_finite_positive_budgets_are_accepted() -> None:
 
 def test_every_error_code_has_a_layer() -> None:
     assert set(LAYER_OF) == set(ErrorCode)
+
+
+def test_an_unknown_code_layer_or_step_status_does_not_decode() -> None:
+    good = {"type": "failed", "task_id": "t1",
+            "error": {"code": "bad_ref", "message": "m", "layer": "context"}}  # fmt: skip
+    event = codec.decode(msgpack.packb(good), TaskEvent)
+    assert isinstance(event, Failed) and event.error.code is ErrorCode.BAD_REF
+    for bad in ({**good["error"], "code": "bad_reff"}, {**good["error"], "layer": "gpu"}):
+        with pytest.raises(msgspec.ValidationError):
+            codec.decode(msgpack.packb({**good, "error": bad}), TaskEvent)
+    step = {"type": "step", "task_id": "t1", "step": "r1.a", "agent": "a", "status": "begun"}
+    with pytest.raises(msgspec.ValidationError):
+        codec.decode(msgpack.packb(step), TaskEvent)
+
+
+def test_an_error_info_takes_its_layer_from_its_code() -> None:
+    assert ErrorInfo.of(ErrorCode.TOOL_TIMEOUT, "slow").layer == "tool"
 
 
 def test_msgpack_package_encodes_what_baton_decodes() -> None:

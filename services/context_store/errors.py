@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proto.errors import LAYER_OF, ErrorCode
+from proto.errors import ErrorCode
 from proto.messages import ErrorInfo
 
 
@@ -15,4 +15,4 @@ class ContextError(Exception):
         self.message = message
 
     def info(self) -> ErrorInfo:
-        return ErrorInfo(code=self.code, message=self.message, layer=LAYER_OF[self.code])
+        return ErrorInfo.of(self.code, self.message)

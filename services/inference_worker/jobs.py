@@ -22,7 +22,7 @@ import structlog
 
 from baton.transport import Bus, Delivery, Nak, Term
 from proto import codec, keys, subjects
-from proto.errors import LAYER_OF, ErrorCode
+from proto.errors import ErrorCode
 from proto.messages import (
     Cancel,
     ChatMessage,
@@ -301,5 +301,5 @@ class JobHandler:
 
     async def _publish_error(self, job: InferenceJob, code: ErrorCode, message: str) -> None:
         m.JOBS.labels(self.pool, str(code)).inc()
-        info = ErrorInfo(code=code, message=message, layer=LAYER_OF[code])
+        info = ErrorInfo.of(code, message)
         await self._publish(job, self._result(job, error=info))

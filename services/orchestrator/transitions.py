@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from proto import codec, keys
-from proto.errors import LAYER_OF, ErrorCode
+from proto.errors import ErrorCode
 from proto.messages import (
     Accepted,
     Budget,
@@ -39,6 +39,7 @@ from proto.messages import (
     InferenceJob,
     InferenceResult,
     Step,
+    StepEventStatus,
     TaskEvent,
     ToolJob,
     ToolResult,
@@ -224,7 +225,7 @@ def _copy(run: RunState) -> RunState:
 
 
 def error(code: ErrorCode, message: str) -> ErrorInfo:
-    return ErrorInfo(code=code, message=message, layer=LAYER_OF[code])
+    return ErrorInfo.of(code, message)
 
 
 def latest_output(r: RunState) -> str:
@@ -314,7 +315,7 @@ def _tool_started(run: RunState, now: float, step: str, st: StepState, key: str)
 
 def _tool_done(run: RunState, now: float, step: str, st: StepState, key: str) -> Emit:
     call = st.calls[key]
-    status = "done" if call.outcome == "ok" else "failed"
+    status: StepEventStatus = "done" if call.outcome == "ok" else "failed"
     ev = Step(task_id=run.task_id, step=step, agent=st.agent, status=status, tool=call.tool,
               call=key, outcome=call.outcome, seconds=round(call.seconds, 6))  # fmt: skip
     return _event(run, now, keys.step_event(f"{step}.{key}", "done"), ev)

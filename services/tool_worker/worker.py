@@ -38,7 +38,7 @@ from nats.aio.msg import Msg
 from baton.service import Health
 from baton.transport import Bus, Delivery, Nak, Term
 from proto import codec, keys, subjects
-from proto.errors import LAYER_OF, ErrorCode
+from proto.errors import ErrorCode
 from proto.limits import INLINE_TOOL_RESULT_BYTES, MAX_TOOL_OUTPUT_BYTES
 from proto.messages import (
     AttachReply,
@@ -87,7 +87,7 @@ class Outcome:
 
 
 def error_info(code: ErrorCode, message: str) -> ErrorInfo:
-    return ErrorInfo(code=code, message=message, layer=LAYER_OF[code])
+    return ErrorInfo.of(code, message)
 
 
 def error_content(err: ErrorInfo) -> str:
