@@ -27,7 +27,7 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter
 
 from baton.transport import HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus
-from proto import subjects
+from proto import keys, subjects
 from proto.ids import is_valid_id
 from proto.streams import DEAD_LETTERS
 
@@ -98,7 +98,7 @@ class MaxDeliveryWatch:
         await self.bus.publish(
             subjects.dead_letter(adv.consumer),
             raw.data or b"",
-            msg_id=f"{adv.consumer}:{adv.stream_seq}",
+            msg_id=keys.dead_letter(adv.consumer, adv.stream_seq),
             task_id=headers.get(HDR_TASK_ID),
             headers={HDR_DLQ_REASON: reason, HDR_DLQ_SUBJECT: raw.subject or ""},
         )
@@ -170,7 +170,7 @@ async def replay(bus: Bus, seqs: Sequence[int]) -> list[tuple[int, str]]:
         if not target:
             done.append((seq, "no original subject: kept"))
             continue
-        await bus.publish(target, raw.data or b"", msg_id=f"dlq-replay:{seq}",
+        await bus.publish(target, raw.data or b"", msg_id=keys.dead_letter_replay(seq),
                           task_id=headers.get(HDR_TASK_ID))  # fmt: skip
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await bus.js.delete_msg(DEAD_LETTERS.name, seq)

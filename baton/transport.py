@@ -43,7 +43,7 @@ from baton.accounts import SERVICES, inbox_prefix
 from baton.erase import erase_messages
 from baton.metrics import DEAD_LETTERS, MESSAGES_HANDLED, PERMISSION_VIOLATIONS
 from baton.urls import redact
-from proto import codec, subjects
+from proto import codec, keys, subjects
 from proto.streams import BucketSpec, ConsumerSpec, StreamSpec
 
 log = structlog.get_logger("baton.transport")
@@ -523,7 +523,7 @@ class Bus:
             await self.publish(
                 subjects.dead_letter(spec.durable),
                 delivery.data,
-                msg_id=f"{spec.durable}:{delivery.stream_seq}",
+                msg_id=keys.dead_letter(spec.durable, delivery.stream_seq),
                 task_id=delivery.task_id,
                 headers={HDR_DLQ_REASON: reason[:200], HDR_DLQ_SUBJECT: delivery.subject},
             )

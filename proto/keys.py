@@ -8,6 +8,8 @@ its ``msg_id``. Pure functions, no I/O.
 
 from __future__ import annotations
 
+import hashlib
+
 
 def event(tenant: str, task_id: str, key: str) -> str:
     """``Nats-Msg-Id`` of a task event; ``key`` is one of the ``*_event`` keys."""
@@ -117,3 +119,25 @@ def job_turn(job_id: str, turn: int) -> str:
 def call_key(turn: int, index: int) -> str:
     """A tool call's key within its step."""
     return f"t{turn}c{index}"
+
+
+def fork_session(tenant: str, task_id: str, step: str) -> str:
+    """The session a parallel branch forks into (a valid subject token, the
+    same on every replica and every redelivery)."""
+    return "fk" + hashlib.sha1(f"{tenant}.{task_id}.{step}".encode()).hexdigest()[:30]
+
+
+def seed(task_id: str) -> str:
+    """Context-store ``msg_id`` of the history an OpenAI-style request brings
+    (the messages before its last one)."""
+    return f"{task_id}:seed"
+
+
+def token_delta(job_id: str, attempt: str, index: int) -> str:
+    """``Nats-Msg-Id`` of one batch of streamed tokens of a job's attempt."""
+    return f"{job_id}#{attempt}.{index}"
+
+
+def dead_letter_replay(stream_seq: int) -> str:
+    """``Nats-Msg-Id`` of a dead letter replayed onto its original subject."""
+    return f"dlq-replay:{stream_seq}"

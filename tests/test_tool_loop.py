@@ -21,8 +21,8 @@ from baton.documents import put_document
 from baton.natsd import NatsServer, free_port
 from baton.testing import Client, LocalStack, http_json, uid
 from baton.transport import connect
+from proto.keys import fork_session
 from proto.messages import ContextGet, DocumentPut
-from services.orchestrator.workflows.graph import fork_session
 from tests.ctx import ask
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap")

@@ -24,7 +24,7 @@ from typing import Protocol
 import structlog
 
 from baton.transport import Bus
-from proto import subjects
+from proto import keys, subjects
 from proto.messages import InferenceJob, TokenDelta
 
 log = structlog.get_logger("inference_worker.tokens")
@@ -92,7 +92,7 @@ class _Stream:
                 agent=self.job.agent, attempt=self.attempt, index=self.index,
                 offset=self.offset, text=text, final=final, ts=time.time(),
             )  # fmt: skip
-            msg_id = f"{self.job.job_id}#{self.attempt}.{self.index}"
+            msg_id = keys.token_delta(self.job.job_id, self.attempt, self.index)
             for attempt in range(_PUBLISH_ATTEMPTS):
                 try:
                     await self.bus.publish(self.subject, delta, msg_id=msg_id,

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from baton.http_errors import ERROR_RESPONSES, STATUS_OF, ApiError, error_body, require_ids
-from proto import subjects
+from proto import keys, subjects
 from proto.errors import ErrorCode
 from proto.messages import ChatMessage, Completed, ContextAppend, ContextAppendReply, Failed, Step
 
@@ -164,7 +164,7 @@ def add_routes(
                                 content=m.text(), name=m.name) for m in history]  # fmt: skip
         reply = await bus.request(
             subjects.context_api("append", tenant),
-            ContextAppend(tenant=tenant, session=session, msg_id=f"{task_id}:seed",
+            ContextAppend(tenant=tenant, session=session, msg_id=keys.seed(task_id),
                           messages=messages),
             ContextAppendReply, task_id=task_id,
         )  # fmt: skip

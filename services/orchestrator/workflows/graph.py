@@ -7,9 +7,10 @@ step), so the position in the graph needs no state of its own.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
+
+from proto import keys
 
 from ..runs import RunState
 from .spec import DONE, AgentSpec, InputSpec, StepSpec, WorkflowSpec
@@ -32,11 +33,6 @@ class Done:
 
 
 Next = list[StepPlan] | Done
-
-
-def fork_session(tenant: str, task_id: str, step_id: str) -> str:
-    """The deterministic id of a parallel branch's fork (a valid subject token)."""
-    return "fk" + hashlib.sha1(f"{tenant}.{task_id}.{step_id}".encode()).hexdigest()[:30]
 
 
 def parse_step_id(step_id: str) -> tuple[int, str, str | None]:
@@ -91,7 +87,7 @@ class GraphWorkflow:
         plans = []
         for a in step.parallel:
             step_id = f"r{round_}.{step.id}.{a}"
-            plans.append(StepPlan(step_id, a, fork_session(run.tenant, run.task_id, step_id)))
+            plans.append(StepPlan(step_id, a, keys.fork_session(run.tenant, run.task_id, step_id)))
         return plans
 
     def fan_in(self, run: RunState, finished: str) -> list[tuple[str, str]]:
