@@ -44,6 +44,7 @@ from proto.messages import (
 
 from . import metrics as m
 from . import transitions as T
+from .inflight import InFlight
 from .routing import HeartbeatTracker, Router
 from .runs import RunConflict, RunState, RunStore
 from .settings import OrchestratorSettings
@@ -86,6 +87,8 @@ class Conductor:
         # it parsed (raises TaskRejected), and every run's end on this replica.
         self.admission: Callable[[Delivery, TaskSubmit], None] | None = None
         self.on_finished: Callable[[RunState], None] | None = None
+        self.in_flight = InFlight()
+        m.STEPS_IN_FLIGHT.set_function(self.in_flight.total)
 
     # -- the shell ---------------------------------------------------------
 
@@ -121,6 +124,7 @@ class Conductor:
                 except RunConflict:
                     snap, fresh = await self.runs.read(tenant, task_id), True
                     continue
+                self.in_flight.wrote(out.run.key, snap.revision, T.in_flight(out.run))
                 self._observe(old, out.run)
             await self._perform(out.run, out.effects)
             return out
@@ -200,9 +204,7 @@ class Conductor:
 
     def _observe(self, old: RunState | None, new: RunState) -> None:
         """Metrics of a stored change, derived from the states before and after
-        (so a replay counts nothing twice, and a run that ends takes its
-        unanswered steps out of flight)."""
-        m.STEPS_IN_FLIGHT.inc(T.in_flight(new) - T.in_flight(old))
+        (so a replay counts nothing twice)."""
         before = old.steps if old is not None else {}
         for step_id, st in new.steps.items():
             if st.status != "done" or (step_id in before and before[step_id].status == "done"):
@@ -235,6 +237,22 @@ class Conductor:
                 outcome=outcome,
                 tokens=new.usage.total_tokens,
                 cost_usd=round(new.cost_usd, 8),
+            )
+
+    async def check_in_flight(self, interval: float, chunk: int = 64) -> None:
+        """Every ``interval`` seconds, stop counting the runs another replica
+        wrote since (it counts them now) or that were erased."""
+        while True:
+            await asyncio.sleep(interval)
+            await self.recheck_in_flight(chunk)
+
+    async def recheck_in_flight(self, chunk: int = 64) -> None:
+        keys = self.in_flight.keys()
+        for i in range(0, len(keys), chunk):
+            part = keys[i : i + chunk]
+            got = await asyncio.gather(*map(self.runs.revision, part), return_exceptions=True)
+            self.in_flight.check(
+                {k: r for k, r in zip(part, got, strict=True) if not isinstance(r, BaseException)}
             )
 
     # -- tasks -------------------------------------------------------------

@@ -19,7 +19,11 @@ STEP_LATENCY = Histogram(
     ["workflow", "agent"],
     buckets=_LATENCY,
 )
-STEPS_IN_FLIGHT = Gauge("baton_steps_in_flight", "Steps dispatched and not yet finished.")
+# Each replica counts the runs it wrote last (inflight.py): sum over replicas.
+STEPS_IN_FLIGHT = Gauge(
+    "baton_steps_in_flight",
+    "Steps dispatched and not yet finished, in the runs this replica stored last.",
+)
 BUDGET_STOPS = Counter("baton_budget_stops", "Tasks stopped by their budget.", ["workflow"])
 TOKENS = Counter(
     "baton_tokens", "Tokens by workflow, agent and kind.", ["workflow", "agent", "kind"]

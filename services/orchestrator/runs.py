@@ -179,6 +179,14 @@ class RunStore:
             return self._remember(key, None)
         return self._remember(key, Snapshot(entry.value, entry.revision))
 
+    async def revision(self, key: str) -> int | None:
+        """The stored revision of run ``key`` (None: no such run); no decode."""
+        try:
+            entry = await self.kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return entry.revision if entry.value else None
+
     async def get(self, tenant: str, task_id: str) -> RunState | None:
         snap = await self.read(tenant, task_id)
         return snap.run() if snap is not None else None

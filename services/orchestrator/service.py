@@ -107,6 +107,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     watcher = asyncio.create_task(_watch_backlog(bus, settings, hb))
     tool_watch = asyncio.create_task(conductor.tools.watch(catalog))
     reconciler = asyncio.create_task(intake.reconcile())
+    in_flight = asyncio.create_task(conductor.check_in_flight(settings.in_flight_check_interval))
     health.ready, health.reason = True, "serving"
     try:
         await asyncio.gather(
@@ -138,3 +139,4 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
         watcher.cancel()
         tool_watch.cancel()
         reconciler.cancel()
+        in_flight.cancel()

@@ -55,6 +55,9 @@ class OrchestratorSettings(CommonSettings):
     result_concurrency: int = 256
     # Seconds between reads of the consumers' backlog (the pending-messages gauge).
     pending_poll_interval: float = 5.0
+    # Seconds between checks that the runs this replica counts as in flight
+    # were not written by another replica since (baton_steps_in_flight).
+    in_flight_check_interval: float = 10.0
     # HTTP: a comment line on every open event stream this often, so proxies
     # keep a stream open while a step waits minutes.
     sse_ping: float = 15.0
