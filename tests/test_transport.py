@@ -182,3 +182,44 @@ def test_one_pure_rule_settles_every_outcome() -> None:
     assert backoff == [0.5, 1.0, 2.0, 30.0]
     last = settlement(ValueError("boom"), 10, 10)
     assert last.action == "dead_letter" and last.reason == "ValueError: boom"
+
+
+async def test_publishes_from_consecutive_loop_passes_share_one_socket_write(bus: Bus) -> None:
+    """The coalescing flusher: a publish made one loop pass after another
+    joins its write (nats-py's own flusher writes them one syscall each),
+    and every message still arrives, in order."""
+    subject = uid("coalesce")
+    got: list[bytes] = []
+    arrived = asyncio.Event()
+
+    async def on_msg(msg) -> None:  # type: ignore[no-untyped-def]
+        got.append(msg.data)
+        if len(got) == 3:
+            arrived.set()
+
+    await bus.subscribe(subject, on_msg)
+    await bus.nc.flush()
+    transport = bus.nc._transport
+    assert transport is not None
+    writes = 0
+    real = transport.writelines
+
+    def counting(lines):  # type: ignore[no-untyped-def]
+        nonlocal writes
+        writes += 1
+        real(lines)
+
+    transport.writelines = counting  # type: ignore[method-assign]
+    try:
+
+        async def later(passes: int, body: bytes) -> None:
+            for _ in range(passes):
+                await asyncio.sleep(0)
+            await bus.nc.publish(subject, body)
+
+        await asyncio.gather(later(0, b"a"), later(1, b"b"), later(2, b"c"))
+        await asyncio.wait_for(arrived.wait(), 5)
+    finally:
+        transport.writelines = real  # type: ignore[method-assign]
+    assert got == [b"a", b"b", b"c"]
+    assert writes <= 2  # the stock flusher: 3
