@@ -136,6 +136,31 @@ def test_scan_never_crashes_on_random_bytes_and_agrees_with_msgspec(data: bytes)
     tally("nesting.scan", "random_ok" if scanned else "random_malformed")
 
 
+@FUZZ
+@given(json_like)
+def test_a_body_called_shallow_is_never_deeper_than_the_limit(value: Any) -> None:
+    """The fast path skips the scan only where the depth cannot exceed it."""
+    data = msgspec.msgpack.encode(value)
+    if nesting.shallow(data):
+        assert depth_of(value) <= nesting.MAX_DEPTH
+        tally("nesting.shallow", "skipped_scan")
+    else:
+        tally("nesting.shallow", "scanned")
+
+
+def test_the_fast_path_leaves_deep_and_container_heavy_bodies_to_the_scan() -> None:
+    assert not nesting.shallow(nested(nesting.MAX_DEPTH + 1))
+    assert nesting.shallow(nested(nesting.MAX_DEPTH))
+    # 40 one-item arrays side by side: shallow in fact, but 40 container bytes
+    flat = msgspec.msgpack.encode([[1]] * 40)
+    assert not nesting.shallow(flat)
+    assert nesting.scan(flat).depth == 2
+    # Non-ASCII text is full of bytes that could open a container: scanned, and fine.
+    text = msgspec.msgpack.encode({"input": "ā" * 100})
+    assert not nesting.shallow(text)
+    assert codec.decode_any(text) == {"input": "ā" * 100}
+
+
 @pytest.mark.parametrize("depth", [33, 1_000, 10_000, 200_000])
 @pytest.mark.parametrize("maps", [False, True])
 def test_deep_bodies_are_refused_without_recursion(depth: int, maps: bool) -> None:
