@@ -8,21 +8,26 @@ message.
 from __future__ import annotations
 
 import contextvars
-import secrets
+import random
 
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("traceparent", default=None)
 
 
+# Trace and span ids need to be unique, not secret: a PRNG draw instead of
+# os.urandom, which was a syscall on every message every service sends.
+_bits = random.Random().getrandbits
+
+
 def new_traceparent() -> str:
     """Start a new trace (sampled)."""
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+    return f"00-{_bits(128) or 1:032x}-{_bits(64) or 1:016x}-01"
 
 
 def child_of(parent: str | None) -> str:
     """A new span in ``parent``'s trace, or a new trace when ``parent`` is unusable."""
     parts = (parent or "").split("-")
     if len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16:
-        return f"00-{parts[1]}-{secrets.token_hex(8)}-{parts[3]}"
+        return f"00-{parts[1]}-{_bits(64) or 1:016x}-{parts[3]}"
     return new_traceparent()
 
 
