@@ -127,6 +127,8 @@ class Conductor:
                 self.in_flight.wrote(out.run.key, snap.revision, T.in_flight(out.run))
                 self._observe(old, out.run)
             await self._perform(out.run, out.effects)
+            if out.run.terminal:
+                self.runs.forget(tenant, task_id)  # read afresh if ever needed again
             return out
         raise RunConflict(f"{tenant}.{task_id}")
 
@@ -211,7 +213,10 @@ class Conductor:
                 continue
             if st.input:  # a human's answer: no agent, no worker, no tokens
                 continue
-            self.router.served(new.tenant, st.session, st.pool, st.worker)
+            if st.session == new.session:
+                # Only the run's own session is read again (a fork is one
+                # step's): remembering forks would grow without use.
+                self.router.served(new.tenant, st.session, st.pool, st.worker)
             labels = (new.workflow, st.agent)
             m.STEP_LATENCY.labels(*labels).observe(max(0.0, st.finished_at - st.dispatched_at))
             m.TOKENS.labels(*labels, "prompt").inc(st.usage.prompt_tokens)

@@ -118,8 +118,8 @@ class Snapshot(msgspec.Struct, frozen=True):
 
 class RunStore:
     """Reads and compare-and-set writes of runs, with a bounded cache of the
-    last snapshot each run was read or written at. The cache only saves
-    reads: a write against a stale revision fails and the caller re-reads."""
+    last snapshot each unfinished run was read or written at. The cache only
+    saves reads: a write against a stale revision fails and the caller re-reads."""
 
     def __init__(
         self,
@@ -168,8 +168,9 @@ class RunStore:
     def forget(self, tenant: str, task_id: str) -> None:
         self._cache.pop(run_key(tenant, task_id), None)
 
-    async def read(self, tenant: str, task_id: str) -> Snapshot | None:
-        """The run as stored now (None: no such run)."""
+    async def read(self, tenant: str, task_id: str, *, remember: bool = True) -> Snapshot | None:
+        """The run as stored now (None: no such run). ``remember``: cache it
+        (the conductor's reads, about to write; not the API's)."""
         key = run_key(tenant, task_id)
         try:
             entry = await self.kv.get(key)
@@ -177,7 +178,8 @@ class RunStore:
             return self._remember(key, None)
         if entry.value is None or entry.revision is None:
             return self._remember(key, None)
-        return self._remember(key, Snapshot(entry.value, entry.revision))
+        snap = Snapshot(entry.value, entry.revision)
+        return self._remember(key, snap) if remember else snap
 
     async def revision(self, key: str) -> int | None:
         """The stored revision of run ``key`` (None: no such run); no decode."""
@@ -188,7 +190,8 @@ class RunStore:
         return entry.revision if entry.value else None
 
     async def get(self, tenant: str, task_id: str) -> RunState | None:
-        snap = await self.read(tenant, task_id)
+        """The run as stored now, for reading (not cached)."""
+        snap = await self.read(tenant, task_id, remember=False)
         return snap.run() if snap is not None else None
 
     async def write(self, run: RunState, revision: int | None) -> Snapshot:
@@ -209,8 +212,13 @@ class RunStore:
             raise RunConflict(run.key) from exc
         if revision is not None:
             self._superseded(revision)
-        snap = self._remember(run.key, Snapshot(data, new))
-        assert snap is not None
+        snap = Snapshot(data, new)
+        if run.terminal:
+            # Nothing advances a finished run (a redelivery reads it afresh):
+            # the cache holds the runs in flight, so memory stays flat.
+            self._cache.pop(run.key, None)
+        else:
+            self._remember(run.key, snap)
         return snap
 
     async def list(self, tenant: str, *, limit: int = 10_000) -> list[RunState]:

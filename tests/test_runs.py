@@ -1,0 +1,52 @@
+"""The run store against a real nats-server: its cache holds unfinished runs
+only (so the orchestrator's memory does not grow with the runs it finished),
+and a stale cached revision still fails the write."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from baton.transport import Bus, connect
+from proto.streams import BucketSpec
+from services.orchestrator.runs import RunConflict, RunState, RunStore
+from tests.harness import uid
+
+
+@pytest.fixture
+async def store(nats_url: str) -> AsyncIterator[RunStore]:
+    bus: Bus = await connect(nats_url, name="test-runs")
+    spec = BucketSpec(name=uid("runs"), history=8, erasable=True)
+    kv = await bus.ensure_bucket(spec)
+    yield RunStore(kv, js=bus.js, stream=spec.stream)
+    await bus.close()
+
+
+def _run(task_id: str) -> RunState:
+    return RunState(tenant="acme", task_id=task_id, session="s1", workflow="chat", task_seq=1)
+
+
+async def test_finished_runs_leave_the_cache_and_running_ones_stay(store: RunStore) -> None:
+    run = _run(uid("t"))
+    snap = await store.write(run, None)
+    assert store.cached("acme", run.task_id) == snap
+    run.status = "completed"
+    done = await store.write(run, snap.revision)
+    assert store.cached("acme", run.task_id) is None
+    # A reader (the API) sees the stored state without filling the cache.
+    got = await store.get("acme", run.task_id)
+    assert got is not None and got.status == "completed"
+    assert store.cached("acme", run.task_id) is None
+    # The conductor's read, about to decide, is remembered.
+    assert await store.read("acme", run.task_id) == done
+    assert store.cached("acme", run.task_id) == done
+
+
+async def test_a_write_against_a_stale_revision_conflicts(store: RunStore) -> None:
+    run = _run(uid("t"))
+    snap = await store.write(run, None)
+    await store.write(run, snap.revision)
+    with pytest.raises(RunConflict):
+        await store.write(run, snap.revision)
+    assert store.cached("acme", run.task_id) is None
