@@ -124,6 +124,24 @@ def test_a_redelivered_result_on_an_advanced_run_redispatches_the_next_steps() -
     )  # the same ids: de-duplicated if the first dispatch did get out
 
 
+def test_decisions_never_change_the_run_they_are_given() -> None:
+    """The conductor hands every decision the state it cached (shared, not
+    copied): a decision that changed it would corrupt the next one."""
+    run = decide(T.start, None, new_task(), RULES, now=1.0).run  # type: ignore[union-attr]
+    plan = jobs(T.replay(run, RULES, 1.0))[0]
+    for step in range(6):
+        before = codec.encode(run)
+        T.timer(run, RULES, 50.0)  # overdue: a retry dispatched
+        T.cancel(run, 50.0)
+        T.replay(run, RULES, 50.0)
+        out = decide(T.result, run, reply(plan), RULES, now=2.0 + step)
+        assert codec.encode(run) == before
+        assert isinstance(out, T.Transition) and out.changed and out.run is not run
+        if not jobs(out.effects):
+            break
+        run, plan = out.run, jobs(out.effects)[0]
+
+
 def test_an_unanswered_step_is_retried_once_then_fails_with_step_timeout() -> None:
     run = decide(T.start, None, new_task("chat"), RULES, now=0.0).run  # type: ignore[union-attr]
     early = T.timer(run, RULES, 5.0)

@@ -104,7 +104,7 @@ class Conductor:
         if snap is None and not new:
             snap, fresh = await self.runs.read(tenant, task_id), True
         for _ in range(MAX_CONFLICTS):
-            old = snap.run() if snap is not None else None
+            old = snap.shared() if snap is not None else None  # decisions copy it
             if old is None and not new:
                 return None
             now = time.time()

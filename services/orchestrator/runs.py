@@ -105,15 +105,35 @@ class RunConflict(Exception):
     """The run changed under us too many times."""
 
 
-class Snapshot(msgspec.Struct, frozen=True):
+class Snapshot:
     """A run as stored: its encoded state and the KV revision it has."""
 
-    data: bytes
-    revision: int
+    __slots__ = ("_state", "data", "revision")
+
+    def __init__(self, data: bytes, revision: int, state: RunState | None = None) -> None:
+        self.data = data
+        self.revision = revision
+        self._state = state
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Snapshot):
+            return NotImplemented
+        return (self.data, self.revision) == (other.data, other.revision)
+
+    __hash__ = None  # type: ignore[assignment]
 
     def run(self) -> RunState:
         """A fresh, mutable copy of the state."""
         return codec.decode_own(self.data, RunState)
+
+    def shared(self) -> RunState:
+        """The state, decoded once and shared: never change it (the
+        decisions in ``transitions`` copy a run before they change it). A
+        snapshot this replica wrote holds the state it wrote, so the next
+        transition of the run decodes nothing."""
+        if self._state is None:
+            self._state = self.run()
+        return self._state
 
 
 class RunStore:
@@ -196,7 +216,8 @@ class RunStore:
 
     async def write(self, run: RunState, revision: int | None) -> Snapshot:
         """Store ``run`` if the stored revision is still ``revision`` (None:
-        only if there is no such run yet).
+        only if there is no such run yet). The snapshot returned (and cached)
+        shares ``run``: the caller does not change it afterwards.
 
         Raises:
             RunConflict: someone else wrote first (read again and retry).
@@ -212,7 +233,7 @@ class RunStore:
             raise RunConflict(run.key) from exc
         if revision is not None:
             self._superseded(revision)
-        snap = Snapshot(data, new)
+        snap = Snapshot(data, new, run)
         if run.terminal:
             # Nothing advances a finished run (a redelivery reads it afresh):
             # the cache holds the runs in flight, so memory stays flat.
