@@ -81,6 +81,15 @@ def test_calls_are_read_from_a_guided_answer() -> None:
     assert parse_guided('{"content": "done"}', "auto").content == "done"
 
 
+def test_raw_control_characters_from_the_grammar_are_read() -> None:
+    # xgrammar lets a model put a raw \x0f inside a JSON string; strict JSON refuses it.
+    assert parse_guided('{"content": "a\x0fb"}', "auto").content == "a\x0fb"
+    (call,) = parse_guided(
+        '{"tool_calls": [{"name": "s", "arguments": {"q": "\x0f"}}]}', "auto"
+    ).calls
+    assert json.loads(call.arguments) == {"q": "\x0f"}
+
+
 def test_a_malformed_answer_is_never_an_exception() -> None:
     cut = '{"tool_calls": [{"name": "search", "argum'  # max_tokens ran out
     required = parse_guided(cut, "required")

@@ -7,6 +7,7 @@ import pytest
 
 from services.inference_worker.engines.vllm_args import (
     CPU_PROFILE,
+    GUIDED,
     NAMED,
     EngineArgsError,
     resolve,
@@ -20,7 +21,7 @@ UNSET = dict.fromkeys(NAMED)
 
 def test_gpu_gets_only_what_was_set() -> None:
     named = UNSET | {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.85}
-    assert resolve(named, {"swap_space": 8}, KNOWN, cpu=False) == {
+    assert resolve(named, {"swap_space": 8}, KNOWN, cpu=False) == GUIDED | {
         "tensor_parallel_size": 2,
         "gpu_memory_utilization": 0.85,
         "swap_space": 8,
@@ -30,7 +31,11 @@ def test_gpu_gets_only_what_was_set() -> None:
 def test_cpu_profile_fills_what_is_unset_and_yields_to_settings() -> None:
     named = UNSET | {"max_model_len": 4096, "enforce_eager": False}
     args = resolve(named, {"block_size": 64}, KNOWN, cpu=True)
-    assert args == CPU_PROFILE | {"max_model_len": 4096, "enforce_eager": False, "block_size": 64}
+    assert args == GUIDED | CPU_PROFILE | {
+        "max_model_len": 4096,
+        "enforce_eager": False,
+        "block_size": 64,
+    }
 
 
 def test_unknown_argument_is_named_with_the_closest_real_one() -> None:
@@ -66,10 +71,21 @@ def test_settings_read_named_and_json_args(monkeypatch: pytest.MonkeyPatch) -> N
     assert named["enforce_eager"] is False and named["max_model_len"] is None
     assert s.vllm_args == {"swap_space": 8, "compilation_config": {"level": 3}}
     args = resolve(named, s.vllm_args, KNOWN | {"compilation_config"}, cpu=False)
-    assert args == {"tensor_parallel_size": 4, "dtype": "auto", "enforce_eager": False,
+    assert args == GUIDED | {"tensor_parallel_size": 4, "dtype": "auto", "enforce_eager": False,
                     "swap_space": 8, "compilation_config": {"level": 3}}  # fmt: skip
 
 
 def test_declared_shape_defaults_for_engines_without_vllm() -> None:
     assert WorkerSettings().declared_shape() == (2048, 64)
     assert WorkerSettings(max_model_len=512, max_num_seqs=4).declared_shape() == (512, 4)
+
+
+def test_guided_json_is_compact_on_every_platform_unless_overridden() -> None:
+    # Free whitespace lets a weak model pad a guided answer until max_tokens cuts it.
+    for cpu in (False, True):
+        guided = resolve(UNSET, {}, KNOWN, cpu=cpu)["structured_outputs_config"]
+        assert guided == {"backend": "xgrammar", "disable_any_whitespace": True}
+    mine = {"structured_outputs_config": {"backend": "guidance"}}
+    assert resolve(UNSET, mine, KNOWN | set(mine), cpu=True)["structured_outputs_config"] == {
+        "backend": "guidance"
+    }

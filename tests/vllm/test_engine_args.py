@@ -10,7 +10,13 @@ import sys
 import pytest
 
 from services.inference_worker.engines.vllm import VLLMEngine
-from services.inference_worker.engines.vllm_args import CPU_PROFILE, NAMED, OWNED, EngineArgsError
+from services.inference_worker.engines.vllm_args import (
+    CPU_PROFILE,
+    GUIDED,
+    NAMED,
+    OWNED,
+    EngineArgsError,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -19,13 +25,15 @@ def test_every_named_setting_is_an_engine_argument() -> None:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-    assert set(NAMED) | set(CPU_PROFILE) | set(OWNED) <= fields
+    assert set(NAMED) | set(CPU_PROFILE) | set(GUIDED) | set(OWNED) <= fields
 
 
 def test_cpu_platform_gets_the_cpu_profile_and_none_gets_vllm_defaults() -> None:
     named = dict.fromkeys(NAMED) | {"max_num_seqs": 8}
-    assert VLLMEngine("/m", named_args=named).resolve_args() == CPU_PROFILE | {"max_num_seqs": 8}
-    assert VLLMEngine("/m", named_args=named, profile="none").resolve_args() == {"max_num_seqs": 8}
+    cpu = VLLMEngine("/m", named_args=named).resolve_args()
+    assert cpu == GUIDED | CPU_PROFILE | {"max_num_seqs": 8}
+    none = VLLMEngine("/m", named_args=named, profile="none").resolve_args()
+    assert none == GUIDED | {"max_num_seqs": 8}
 
 
 def test_unknown_argument_fails_before_anything_loads() -> None:
@@ -36,7 +44,9 @@ def test_unknown_argument_fails_before_anything_loads() -> None:
 
 def test_the_engine_reports_what_it_was_built_with(vllm_engine: VLLMEngine) -> None:
     # The session engine: the CPU profile, and capacity read back from vLLM.
-    assert vllm_engine.engine_args == CPU_PROFILE
+    assert vllm_engine.engine_args == GUIDED | CPU_PROFILE
+    guided = vllm_engine._engine.vllm_config.structured_outputs_config
+    assert (guided.backend, guided.disable_any_whitespace) == ("xgrammar", True)
     cap = vllm_engine.capacity()
     assert cap.kv_tokens % CPU_PROFILE["block_size"] == 0 and cap.kv_tokens > 0
     assert (cap.max_num_seqs, cap.max_model_len) == (64, 2048)

@@ -45,7 +45,7 @@ from services.inference_worker.engines.base import (
     GenerationRequest,
     PromptTooLong,
 )
-from services.inference_worker.engines.toolcalls import parse_guided
+from services.inference_worker.engines.toolcalls import fit_to_budget, parse_guided
 from services.inference_worker.engines.vllm_args import EngineArgsError, resolve
 
 _RUN_DIR_VARS = ("VLLM_RPC_BASE_PATH", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR")
@@ -213,14 +213,17 @@ class VLLMEngine:
             return
         _ensure_run_dirs()
         from transformers import AutoTokenizer
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.engine_args = self.resolve_args()
+        kwargs = dict(self.engine_args)
+        guided = kwargs.get("structured_outputs_config")
         try:
-            args = AsyncEngineArgs(
-                model=self.model, served_model_name=self.served_name, **self.engine_args
-            )
+            if isinstance(guided, Mapping):  # AsyncEngineArgs takes only the config object
+                kwargs["structured_outputs_config"] = StructuredOutputsConfig(**guided)
+            args = AsyncEngineArgs(model=self.model, served_model_name=self.served_name, **kwargs)
         except (TypeError, ValueError) as exc:
             raise EngineArgsError(f"vLLM rejected the engine arguments: {exc}") from exc
         self._tokenizer = AutoTokenizer.from_pretrained(self.model)
@@ -326,7 +329,9 @@ class VLLMEngine:
         )
         schema = request.json_schema
         if use_tools:  # the answer is calls fitting the tools' schemas (or, with auto, text)
-            schema = calls_schema(list(request.tools), request.tool_choice)
+            schema = fit_to_budget(
+                calls_schema(list(request.tools), request.tool_choice), request.max_tokens
+            )
         if schema is not None:  # guided decoding (xgrammar)
             from vllm.sampling_params import StructuredOutputsParams
 

@@ -1,8 +1,13 @@
 """The arguments Baton hands to vLLM's ``AsyncEngineArgs``: a pure function
 of the worker's settings, unit-tested without vLLM.
 
-Three layers, later ones winning:
+Four layers, later ones winning:
 
+0. ``GUIDED``, always: guided decoding (JSON schemas: tool calls, routing)
+   by xgrammar with compact JSON. vLLM's default lets the grammar accept any
+   whitespace between JSON tokens, and a weak model (the tiny random one, or
+   a small real one) then fills ``max_tokens`` with blanks before the first
+   key: no call ever closes. Compact output also costs fewer tokens;
 1. the CPU profile (``CPU_PROFILE``), applied only when vLLM runs on its CPU
    platform: demo values for a laptop or CI box (a 128 MiB KV cache, eager
    mode, 128-token blocks). On a GPU nothing is assumed: vLLM's own defaults
@@ -40,6 +45,12 @@ NAMED = (
 
 # Set by Baton from its own settings; never through BATON_VLLM_ARGS.
 OWNED = {"model": "BATON_MODEL", "served_model_name": "BATON_SERVED_MODEL_NAME"}
+
+# Every platform: guided JSON without free whitespace (see the module doc).
+# A dict here; ``VLLMEngine.start`` builds vLLM's StructuredOutputsConfig.
+GUIDED: dict[str, Any] = {
+    "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+}
 
 # vLLM on CPU: sizes that fit a 2-core box next to everything else. The KV
 # cache is sized exactly (VLLM_CPU_KVCACHE_SPACE takes only whole GiB), blocks
@@ -85,7 +96,9 @@ def resolve(
         problems.append(f"{key!r} is set twice: by BATON_{key.upper()} and in BATON_VLLM_ARGS")
     if problems:
         raise EngineArgsError("; ".join(problems))
-    args = dict(CPU_PROFILE) if cpu else {}
+    args = dict(GUIDED)
+    if cpu:
+        args.update(CPU_PROFILE)
     args.update({k: v for k, v in named.items() if v is not None})
     args.update(extra)
     return args
