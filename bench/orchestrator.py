@@ -368,6 +368,7 @@ async def _burst(
         "steps_per_s": round(steps / wall, 1),
         "runs_per_s": round(total / wall, 2),
         "cpu_ms_per_step": {k: round(v / steps * 1e3, 3) for k, v in cpu.items()},
+        "loadavg_1m": round(os.getloadavg()[0], 2),  # the box is shared: context for the CPU
         "cpu_ms_per_step_services": round(baton / steps * 1e3, 3),
         "cpu_ms_per_step_with_nats": round(sum(cpu.values()) / steps * 1e3, 3),
         # per service connection: messages it sent, messages it was sent, per step
@@ -715,6 +716,10 @@ def markdown(r: dict[str, Any]) -> str:
     ])  # fmt: skip
 
 
+def _loads(r: dict[str, Any]) -> str:
+    return " / ".join(f"{b.get('loadavg_1m', 0):.1f}" for b in r["bursts"])
+
+
 def _met(ok: bool, shown: str) -> str:
     return "met" if ok else f"**missed** ({shown})"
 
@@ -789,8 +794,9 @@ def _peer_notes(r: dict[str, Any]) -> list[str]:
         " in brackets); the benchmark's own client is in neither.",
         "",
         f"At {CONCURRENT} in flight Baton is CPU-bound: {r['cpu_ms_per_step_with_nats']:.2f} ms of"
-        f" CPU per step with nats-server caps two cores at about"
-        f" {2000 / r['cpu_ms_per_step_with_nats']:.0f} steps/s, and that CPU is spent per"
+        f" CPU per step with nats-server would cap two otherwise idle cores at about"
+        f" {2000 / r['cpu_ms_per_step_with_nats']:.0f} steps/s (the box is shared: the 1-minute"
+        f" load average during the rounds was {_loads(r)}), and that CPU is spent per"
         " message (each one a parse, a dispatch and a syscall share in a Python client and in"
         " nats-server), where LangGraph's step is a function call and, with the saver, a"
         " SQLite row. Steps per second follow CPU per step; both move only with fewer"
