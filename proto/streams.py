@@ -83,7 +83,10 @@ def task_consumer(tenant: str) -> ConsumerSpec:
         stream=stream.name,
         durable="orchestrator-tasks",
         filter_subject=stream.subjects[0],
-        ack_wait=30.0,
+        # Short, like the results': a task held by a replica that died, or
+        # whose ack was lost in a NATS restart, comes back this soon (a live
+        # handler extends it with in_progress every ack_wait / 3).
+        ack_wait=10.0,
         max_deliver=5,
         description="Shared by every orchestrator replica.",
         erase_handled=True,  # a task's input and metadata
