@@ -16,6 +16,8 @@ from proto.messages import ToolCatalog, ToolSpec
 
 log = structlog.get_logger("orchestrator")
 
+WATCH_INACTIVE = 30.0  # seconds the server keeps the watch's consumer without its client
+
 
 class ToolCatalogs:
     def __init__(self) -> None:
@@ -40,7 +42,10 @@ class ToolCatalogs:
         """Follow every pool's entry (the current ones first, then changes)."""
         while True:
             try:
-                watcher = await kv.watchall()
+                # nats-py keeps a watch's consumer 5 min after its client is
+                # gone (a killed replica's piled up in the soak); an ordered
+                # consumer the server dropped is recreated on missed heartbeats.
+                watcher = await kv.watchall(inactive_threshold=WATCH_INACTIVE)
                 async for entry in watcher:
                     if entry is None:  # the initial values are all delivered
                         continue

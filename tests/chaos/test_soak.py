@@ -31,6 +31,7 @@ MINUTES = float(os.environ.get("BATON_SOAK_MINUTES", "2"))
 FAULT_EVERY = float(os.environ.get("BATON_SOAK_FAULT_EVERY", "40"))
 RATE = 4.0  # tasks per second
 SAMPLE = 5.0  # seconds
+SOAK_CACHED_SESSIONS = 64  # < the tasks of the first 20 s
 RSS_TOLERANCE = float(os.environ.get("BATON_SOAK_RSS_TOLERANCE", "0.10"))
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(int(MINUTES * 60 + 300))]
@@ -49,7 +50,12 @@ def _varz(port: int) -> dict[str, Any]:
 async def test_a_soak_keeps_memory_consumers_and_latency_flat(tmp_path: Path) -> None:
     monitor = free_port()
     server = secure_nats(tmp_path / "nats", monitor_port=monitor).start()
-    stack = LocalStack(server, tmp_path / "stack", env={"BATON_TENANTS": "acme"}).start()
+    # Every task is a new session: the context store's session cache (2,048 by
+    # default) would take 8.5 min at 4/s to fill, and a filling cache is not
+    # a leak (it was the +9% of the first 10-minute soak). Small here, so it is
+    # full before the first sample and RSS growth means memory not bounded.
+    env = {"BATON_TENANTS": "acme", "BATON_CACHED_SESSIONS": str(SOAK_CACHED_SESSIONS)}
+    stack = LocalStack(server, tmp_path / "stack", env=env).start()
     nc = await nats.connect(server.url)
     js = nc.jetstream()
     tenant = "acme"
@@ -94,11 +100,17 @@ async def test_a_soak_keeps_memory_consumers_and_latency_flat(tmp_path: Path) ->
             rss = {p.name: psutil.Process(p.proc.pid).memory_info().rss / 2**20
                    for p in stack.procs if p.alive() and p.proc}  # fmt: skip
             streams = await js.streams_info()
+            names = set()
+            for s in streams:
+                if s.state.consumer_count:
+                    names |= {f"{s.config.name}/{c.name}"
+                              for c in await js.consumers_info(s.config.name)}  # fmt: skip
             window = [ended[t] - s for t, s in submitted.items()
                       if t in ended and now - SAMPLE <= ended[t] < now]  # fmt: skip
             samples.append({
                 "t": now - t0, "rss_mb": rss,
                 "consumers": sum(s.state.consumer_count for s in streams),
+                "consumer_names": names,
                 "subscriptions": _varz(monitor)["subscriptions"],
                 "p99": _pct(window, 0.99), "done": len(window),
             })  # fmt: skip
@@ -141,11 +153,12 @@ async def test_a_soak_keeps_memory_consumers_and_latency_flat(tmp_path: Path) ->
     assert last["subscriptions"] <= first["subscriptions"] + 10, "subscriptions piled up"
     assert cs1 <= cs0 * (1 + RSS_TOLERANCE), f"context-store RSS grew {cs0:.0f} -> {cs1:.0f} MiB"
     assert _pct(p99s[half:], 0.5) <= 2 * max(_pct(p99s[:half], 0.5), 0.5), "p99 drifted"
-    if settled > first["consumers"]:
-        # Seen on main at 12:00 UTC (8 -> 9 in 2 min; 6 -> 6 before): not yet
-        # explained (a killed worker's own consumer left behind?). Temporary and
-        # non-strict: reported, not hidden.
-        pytest.xfail(f"known: JetStream consumers {first['consumers']} -> {settled}")
+    # (8 -> 9 was a SIGKILLed orchestrator's tool-catalog KV watch, which
+    # nats-py asks the server to keep for 5 min; now 30 s.)
+    lasting = set.intersection(*(s["consumer_names"] for s in warm[-6:]))
+    assert settled <= first["consumers"], (
+        f"JetStream consumers {first['consumers']} -> {settled}: new {sorted(lasting - first['consumer_names'])}"
+    )
 
 
 def _plot(samples: list[dict[str, Any]], path: Path) -> None:
