@@ -103,6 +103,8 @@ class Conductor:
         fresh = False
         if snap is None and not new:
             snap, fresh = await self.runs.read(tenant, task_id), True
+            if snap is None:  # a lagging replica's "no such run" is not the last word
+                snap = await self.runs.read(tenant, task_id, consistent=True)
         for _ in range(MAX_CONFLICTS):
             old = snap.shared() if snap is not None else None  # decisions copy it
             if old is None and not new:
@@ -121,8 +123,8 @@ class Conductor:
                 out.run.updated_at = now
                 try:
                     snap = await self.runs.write(out.run, snap.revision if snap else None)
-                except RunConflict:
-                    snap, fresh = await self.runs.read(tenant, task_id), True
+                except RunConflict:  # the leader's revision, not a lagging replica's
+                    snap, fresh = await self.runs.read(tenant, task_id, consistent=True), True
                     continue
                 self.in_flight.wrote(out.run.key, snap.revision, T.in_flight(out.run))
                 self._observe(old, out.run)

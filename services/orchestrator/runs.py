@@ -152,6 +152,11 @@ class RunStore:
         """``js`` and ``stream`` (the bucket's stream): erase each revision a
         write replaces; without them (a bucket that forbids deletes) they stay."""
         self.kv = kv
+        # Direct gets (the bucket allows them) are answered by any replica,
+        # and a follower may not have the newest revision yet; the leader's
+        # answer settles "no such run" and a conflicting write's re-read.
+        self._leader_kv = KeyValue(name=kv._name, stream=kv._stream, pre=kv._pre, js=kv._js,
+                                   direct=False)  # fmt: skip
         self._cache: OrderedDict[str, Snapshot] = OrderedDict()
         self._cached = cached
         self.js = js
@@ -188,12 +193,15 @@ class RunStore:
     def forget(self, tenant: str, task_id: str) -> None:
         self._cache.pop(run_key(tenant, task_id), None)
 
-    async def read(self, tenant: str, task_id: str, *, remember: bool = True) -> Snapshot | None:
+    async def read(
+        self, tenant: str, task_id: str, *, remember: bool = True, consistent: bool = False
+    ) -> Snapshot | None:
         """The run as stored now (None: no such run). ``remember``: cache it
-        (the conductor's reads, about to write; not the API's)."""
+        (the conductor's reads, about to write; not the API's). ``consistent``:
+        asked of the stream's leader, not whichever replica answers a direct get."""
         key = run_key(tenant, task_id)
         try:
-            entry = await self.kv.get(key)
+            entry = await (self._leader_kv if consistent else self.kv).get(key)
         except nats.js.errors.KeyNotFoundError:
             return self._remember(key, None)
         if entry.value is None or entry.revision is None:
@@ -245,7 +253,9 @@ class RunStore:
     async def list(self, tenant: str, *, limit: int = 10_000) -> list[RunState]:
         """The latest state of every run of ``tenant`` (at most ``limit``),
         read in one pass of a watcher over ``<tenant>.*``."""
-        watcher = await self.kv.watch(f"{tenant}.*", ignore_deletes=True)
+        # Stopping a watcher does not delete its consumer, which nats-py
+        # otherwise asks the server to keep for 5 min: one per listing.
+        watcher = await self.kv.watch(f"{tenant}.*", ignore_deletes=True, inactive_threshold=10.0)
         out: list[RunState] = []
         try:
             async for entry in watcher:

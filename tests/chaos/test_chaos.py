@@ -369,12 +369,24 @@ async def test_baton_on_a_3_node_cluster_loses_and_duplicates_nothing_under_faul
         if recoveries:
             print(f"recovery over all faults: p50 {statistics.median(recoveries):.1f}s, "
                   f"p99 {_pct(recoveries, 0.99):.1f}s, max {max(recoveries):.1f}s")  # fmt: skip
-        # Known, not yet fixed (issue 13 report): a step whose job is lost twice
-        # around a worker kill or a leader election ends as step_timeout. Only
-        # that signature is tolerated, and only as a non-strict xfail.
-        known = [p for p in problems if "'code': 'step_timeout'" in p]
-        if problems and len(known) == len(problems):
-            pytest.xfail(f"known: {len(known)} task(s) ended step_timeout: {known[0]}")
+        windows = [x for i, xs in latencies.items() if i >= 0 for x in xs]
+        if windows:
+            print(f"every task submitted in a fault window: p50 {_pct(windows, 0.5):.2f}s, "
+                  f"p99 {_pct(windows, 0.99):.2f}s, max {max(windows):.2f}s")  # fmt: skip
+        # Why a step was dispatched again: was its first answer stored (then
+        # lost on the orchestrator's side) or never produced?
+        again = [j for j, n in jobs.items() if n > 1]
+        if again:
+            print(f"dispatched again: {[(j.split('.', 1)[1], results[j]) for j in again]} "
+                  "(job, results stored)")  # fmt: skip
+        dead = Counter(m.subject for m in await read_all(js, "BATON_DLQ", "baton.dlq.>"))
+        if dead:
+            print(f"dead letters: {dict(dead)}")
+        # No tolerance left. The step_timeout once tolerated here fits one path:
+        # a result whose run a lagging replica's direct get did not have was
+        # terminated as "unknown run", and the retried step's result, under the
+        # same Nats-Msg-Id, was de-duplicated away. "No such run" is now the KV
+        # leader's answer; dead letters and re-dispatches are printed above.
         assert not problems, "\n".join(problems[:20])
     finally:
         await nc.close()
