@@ -137,3 +137,21 @@ def test_gate_stale_lists_runs_held_long_once_per_period() -> None:
     assert gate.stale(3.0, older_than=5.0) == []
     assert gate.stale(6.0, older_than=5.0) == [("a", "t1")]
     assert gate.stale(7.0, older_than=5.0) == []  # timed from 6.0 again
+
+
+def test_gate_lends_out_the_slot_of_a_run_waiting_for_input() -> None:
+    gate = FairGate(lambda t: 1)
+    gate.reserve("a", 1)
+    gate.adopt("a", 1, "t1", now=0.0)
+    assert gate.room("a") == 0
+    gate.park("a", "t1")  # an input step waits for a human
+    assert gate.room("a") == 1
+    gate.reserve("a", 2)
+    gate.adopt("a", 2, "t2", now=1.0)
+    gate.unpark("a", "t1", now=2.0)  # the answer came: both work, one over the share
+    assert gate.room("a") == -1 and gate.active("a") == 2
+    gate.finish("a", "t1")
+    gate.finish("a", "t2")
+    assert gate.room("a") == 1
+    gate.unpark("a", "t1", now=3.0)  # a finished run is not revived
+    assert gate.room("a") == 1

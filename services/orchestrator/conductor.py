@@ -84,9 +84,10 @@ class Conductor:
         )
         self._known = frozenset(workflows)
         # Intake's hooks (intake.py): a task's admission limits, checked after
-        # it parsed (raises TaskRejected), and every run's end on this replica.
+        # it parsed (raises TaskRejected), and every run change this replica
+        # stores (the fair share follows runs ending or waiting for input).
         self.admission: Callable[[Delivery, TaskSubmit], None] | None = None
-        self.on_finished: Callable[[RunState], None] | None = None
+        self.on_changed: Callable[[RunState], None] | None = None
         self.in_flight = InFlight()
         m.STEPS_IN_FLIGHT.set_function(self.in_flight.total)
 
@@ -230,9 +231,9 @@ class Conductor:
                 # step as done and performing what follows it.
                 log.warning("test_crash_after_commit", step=step_id)
                 os._exit(70)
+        if self.on_changed is not None:
+            self.on_changed(new)
         if new.terminal and (old is None or not old.terminal):
-            if self.on_finished is not None:
-                self.on_finished(new)
             outcome: str = new.status
             if new.error is not None and new.error.code == ErrorCode.BUDGET_EXCEEDED:
                 outcome = "budget_exceeded"

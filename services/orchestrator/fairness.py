@@ -14,7 +14,8 @@ The gate is bookkeeping only (no I/O, no clock): a slot is *reserved* for a
 delivery before it is fetched, becomes an *active* run once the task
 started, and is freed when the run ends — told by the conductor on this
 replica, or found by the intake's periodic look at runs another replica
-finished (``stale``). ``asyncio.Event``s wake a tenant's intake when its room
+finished (``stale``). A run waiting for a human's answer (an ``input`` step,
+nothing in flight) is *parked*: it holds no slot until it works again. ``asyncio.Event``s wake a tenant's intake when its room
 grows.
 """
 
@@ -32,6 +33,7 @@ class FairGate:
         self._active: dict[str, dict[str, float]] = {}  # tenant -> task_id -> since
         self._reserved: dict[str, set[int]] = {}  # tenant -> stream seqs being handled
         self._early: dict[tuple[str, str], None] = {}  # ended before adopted
+        self._parked: dict[str, set[str]] = {}  # tenant -> runs waiting for input
         self._changed: dict[str, asyncio.Event] = {}
 
     # -- reading ---------------------------------------------------------
@@ -91,10 +93,32 @@ class FairGate:
         runs = self._active.get(tenant)
         if runs is not None and runs.pop(task_id, None) is not None:
             self._wake(tenant)
-        elif self._reserved.get(tenant):  # its intake may not have adopted it yet
+            return
+        parked = self._parked.get(tenant)
+        if parked is not None and task_id in parked:
+            parked.discard(task_id)
+            return
+        if self._reserved.get(tenant):  # its intake may not have adopted it yet
             self._early[(tenant, task_id)] = None
             while len(self._early) > EARLY_KEEP:
                 del self._early[next(iter(self._early))]
+
+    def park(self, tenant: str, task_id: str) -> None:
+        """Run ``task_id`` waits for a human (an ``input`` step): its slot is
+        free until it works again; a tenant's waiting runs do not stop its
+        intake."""
+        runs = self._active.get(tenant)
+        if runs is not None and runs.pop(task_id, None) is not None:
+            self._parked.setdefault(tenant, set()).add(task_id)
+            self._wake(tenant)
+
+    def unpark(self, tenant: str, task_id: str, now: float) -> None:
+        """A parked run works again: it holds a slot (the tenant may be over
+        its share for a while; intake then waits)."""
+        parked = self._parked.get(tenant)
+        if parked is not None and task_id in parked:
+            parked.discard(task_id)
+            self._active.setdefault(tenant, {})[task_id] = now
 
     def _wake(self, tenant: str) -> None:
         ev = self._changed.get(tenant)

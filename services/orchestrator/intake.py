@@ -28,6 +28,7 @@ from .conductor import Conductor
 from .fairness import FairGate
 from .limits import Limiter
 from .runs import RunState, RunStore
+from .transitions import in_flight
 
 log = structlog.get_logger("orchestrator")
 
@@ -47,7 +48,7 @@ class Intake:
         self.limiter = limiter
         self.gate = FairGate(lambda t: limiter.of(t).share)
         conductor.admission = self.admit
-        conductor.on_finished = self.finished
+        conductor.on_changed = self.changed
 
     # -- hooks the conductor calls ------------------------------------------
 
@@ -74,11 +75,19 @@ class Intake:
                 retry_after=refusal.retry_after,
             )
 
-    def finished(self, run: RunState) -> None:
-        now = time.time()
-        self.gate.finish(run.tenant, run.task_id)
-        self.limiter.finished(run.tenant, tokens=run.usage.total_tokens,
-                              seconds=max(0.0, now - run.created_at), now=now)  # fmt: skip
+    def changed(self, run: RunState) -> None:
+        """A stored change of a run: one that ended frees its slot (and
+        counts its tokens); one only waiting for a human's input lends its
+        slot out until it works again."""
+        if run.terminal:  # stored once: nothing changes a finished run again
+            now = time.time()
+            self.gate.finish(run.tenant, run.task_id)
+            self.limiter.finished(run.tenant, tokens=run.usage.total_tokens,
+                                  seconds=max(0.0, now - run.created_at), now=now)  # fmt: skip
+        elif any(s.status == "waiting_input" for s in run.steps.values()) and not in_flight(run):
+            self.gate.park(run.tenant, run.task_id)
+        else:
+            self.gate.unpark(run.tenant, run.task_id, time.time())
 
     # -- the loops -----------------------------------------------------------
 
