@@ -15,8 +15,8 @@ delivery before it is fetched, becomes an *active* run once the task
 started, and is freed when the run ends — told by the conductor on this
 replica, or found by the intake's periodic look at runs another replica
 finished (``stale``). A run waiting for a human's answer (an ``input`` step,
-nothing in flight) is *parked*: it holds no slot until it works again. ``asyncio.Event``s wake a tenant's intake when its room
-grows.
+nothing in flight) is *parked*: it holds no slot until it works again.
+``asyncio.Event``s wake a tenant's intake when its room grows.
 """
 
 from __future__ import annotations
