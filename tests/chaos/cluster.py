@@ -153,13 +153,18 @@ class Cluster:
         return None
 
     def wait_meta_leader(self, timeout: float = 30.0) -> str:
+        return self.wait_leader("meta", timeout)
+
+    def wait_leader(self, group: str, timeout: float = 30.0) -> str:
+        """The leader of ``group`` ("meta" or a stream name), waiting out an
+        election: right after a fault the group may have none for a moment."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            leader = self.meta_leader()
+            leader = self.meta_leader() if group == "meta" else self.stream_leader(group)
             if leader:
                 return leader
             time.sleep(0.2)
-        raise NatsServerError(f"no JetStream meta leader in {timeout}s")
+        raise NatsServerError(f"no leader for {group} in {timeout}s")
 
     def stream_leader(self, stream: str) -> str | None:
         """The node leading ``stream``'s raft group, from any node's /jsz."""

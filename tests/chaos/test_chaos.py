@@ -186,8 +186,7 @@ async def inject(cluster: Cluster, stack: LocalStack, fault: Fault) -> None:
         await asyncio.to_thread(fresh.wait_ready, 90)
     elif kind.startswith("leader:"):
         stream = kind[7:]
-        leader = cluster.meta_leader() if stream == "meta" else cluster.stream_leader(stream)
-        assert leader, f"no leader for {stream}"
+        leader = await asyncio.to_thread(cluster.wait_leader, stream)
         node = cluster.node(leader)
         fault.target = leader
         node.kill()
