@@ -165,6 +165,7 @@ async def test_an_unanswered_input_step_takes_its_default_at_the_timeout(
     assert events[-1]["type"] == "completed", events[-1]
     [done] = [e for e in events if e.get("step") == "r1.confirm" and e["status"] == "done"]
     assert done["answered_by"] == "default"
+    assert metric(env.orchestrator.url, "baton_input_answers_total", outcome="default") >= 1
     assert await user_messages(bus, events[-1]["session"]) == ["hi", "go ahead by default"]
 
 

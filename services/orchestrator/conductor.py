@@ -410,9 +410,12 @@ class Conductor:
         out = await self._apply(
             t.tenant, t.task_id, lambda run, now, ctx: T.timer(_must(run), self.rules, now, ctx)
         )
+        if out is not None and out.note == T.INPUT_DEFAULT:
+            m.INPUT_ANSWERS.labels("default").inc()
+            log.info("input_default_taken")
         if out is None or out.wake_at is None:
             return
-        if out.changed:
+        if out.changed and out.note != T.INPUT_DEFAULT:
             log.warning("step_timeout", status=out.run.status)
         raise Nak(min(max(0.05, out.wake_at - time.time()), T.MAX_TIMER_SLEEP), "watching")
 

@@ -41,7 +41,7 @@ INPUT_ANSWERS = Counter(
     ["outcome"],
 )
 INPUT_OUTCOMES = (
-    "taken", "already_answered", "not_waiting", "finished", "unknown_task",
+    "taken", "default", "already_answered", "not_waiting", "finished", "unknown_task",
     "forbidden", "input_too_large", "invalid_field", "bad_encoding",
 )  # fmt: skip
 TASK_OUTCOMES = ("completed", "failed", "rejected", "budget_exceeded", "cancelled")

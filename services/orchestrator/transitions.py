@@ -54,6 +54,7 @@ from .workflows.graph import parse_step_id
 
 MIN_STEP_TOKENS = 32  # below this share of the budget, a step is not worth dispatching
 MAX_TIMER_SLEEP = 300.0  # a watchdog sleeps at most this long between looks
+INPUT_DEFAULT = "input_default"  # a timer's note: an input step took its default answer
 
 
 # -- what a decision may ask for before it is made ---------------------------
@@ -655,7 +656,7 @@ def timer(run: RunState, rules: Rules, now: float, ctx: Ctx | None = None) -> Ou
             assert spec is not None
             out = _take_answer(run, rules, now, ctx or {}, step, spec.default, "default")
             if isinstance(out, Transition):
-                out.wake_at = _next_look(out.run, rules, now)
+                out.wake_at, out.note = _next_look(out.run, rules, now), INPUT_DEFAULT
             return out
     effects: list[Effect] = []
     changed = False
