@@ -275,3 +275,25 @@ def test_an_input_step_is_validated_with_its_line(tmp_path: Path) -> None:
     )
     with pytest.raises(WorkflowError, match=r"q.yaml:6: a step names exactly one of"):
         parse(both, "q.yaml")
+
+
+async def test_with_api_keys_the_key_decides_whose_task_may_be_answered(
+    env: LocalStack, acme: Client, bus: Bus
+) -> None:
+    keyed = env.service("orchestrator", BATON_API_KEYS=json.dumps({"ka": "acme", "kg": "globex"}))
+    await asyncio.to_thread(keyed.wait_ready)
+    try:
+        task_id = await submit(acme, "ask", "hi")
+        await wait_for(acme, task_id, "waiting_input", "r1.confirm")
+        url = f"{keyed.url}/v1/tasks/{task_id}/input"
+        nokey = http_post(url, {"answer": "x"}, 401)
+        assert nokey["error"]["code"] == "unauthorized"
+        other = http_post(url, {"answer": "hijacked"}, 404, {"Authorization": "Bearer kg"})
+        assert other["error"]["code"] == "unknown_task"
+        assert run_state(env, task_id)["steps"]["r1.confirm"]["status"] == "waiting_input"
+        http_post(url, {"answer": "mine"}, 202, {"Authorization": "Bearer ka"})
+        await wait_for(acme, task_id, "waiting_input", "r1.detail")
+        assert await user_messages(bus, task_id) == ["hi", "mine"]
+    finally:
+        keyed.terminate()
+        env.procs.remove(keyed)
