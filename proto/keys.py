@@ -62,9 +62,11 @@ def task_input(task_id: str) -> str:
     return f"{task_id}:input"
 
 
-def fan_in(step: str) -> str:
-    """Context-store ``msg_id`` of the branches' answers brought home after ``step``."""
-    return f"{step}:fanin"
+def fan_in(task_id: str, step: str) -> str:
+    """Context-store ``msg_id`` of the branches' answers brought home after
+    ``step``. Task-scoped: a session continued by another task runs the same
+    step ids, and a msg_id is unique in the whole session."""
+    return f"{task_id}.{step}:fanin"
 
 
 def input_answer(task_id: str, step: str) -> str:

@@ -45,6 +45,38 @@ async def test_a_second_turn_through_session_sees_both_turns(
     assert two["usage"]["prompt_tokens"] > one["usage"]["prompt_tokens"]
 
 
+async def test_a_second_research_task_in_a_session_brings_its_own_branches_home(
+    stack: LocalStack, client: Client
+) -> None:
+    """Fan-ins are appended under an id of their task: the second task's
+    r1.gather fan-in is not taken for the first's (and dropped as a duplicate,
+    leaving the validator a window that ends at the first task's)."""
+    tenant, first = "acme", uid()
+    one = await client.run("research", {"tenant": tenant, "input": "sort a list", "task_id": first},
+                           timeout=120)  # fmt: skip
+    second = uid()
+    two = await client.run("research", {"tenant": tenant, "input": "and reverse it",
+                                        "task_id": second, "session": first}, timeout=120)  # fmt: skip
+    assert one["type"] == two["type"] == "completed", (one, two)
+    base = stack.orchestrator.url
+    gathered = sum(
+        1
+        for tid in (first, second)
+        for step, st in json.loads(http_get(f"{base}/v1/tasks/{tid}?tenant={tenant}"))[
+            "steps"
+        ].items()
+        if step.endswith(".gather.retrieval") and st["status"] == "done"
+    )
+    session = json.loads(http_get(f"{_context_store(stack)}/v1/sessions/{tenant}/{first}"))
+    brought_home = [m for m in session["messages"]
+                    if m["role"] == "user" and m.get("name") == "retrieval"]  # fmt: skip
+    assert len(brought_home) == gathered >= 2
+
+
+def _context_store(stack: LocalStack) -> str:
+    return next(p for p in stack.procs if p.name == "context-store").url
+
+
 async def test_sessions_are_per_tenant(stack: LocalStack, client: Client) -> None:
     a, b, session = "acme", "globex", uid("s")
     await client.run("chat", {"tenant": a, "input": "secret", "task_id": uid(), "session": session})

@@ -559,7 +559,7 @@ def result(
                         + _tool_notes(agent, run.steps[f"r{round_}.{sid}.{agent}"]))
             for agent, text in wf.fan_in(run, res.step)
         )  # fmt: skip
-        op = AppendOp(run.session, keys.fan_in(res.step), answers)
+        op = AppendOp(run.session, keys.fan_in(run.task_id, res.step), answers)
         got = _context(ctx, op)
         if got is None:
             return Need((op,))
