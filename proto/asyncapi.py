@@ -40,6 +40,13 @@ _CHANNELS: Final[dict[str, tuple[str, tuple[str, ...], tuple[Any, ...], str, boo
         "(use <task_id>.<step>.input). POST /v1/tasks/{task_id}/input publishes here too.",
         True,
     ),
+    "tenantDocuments": (
+        f"{subjects.DOCUMENTS}.{{doc_id}}", ("doc_id",), (msg.DocumentPut,),
+        "Upload a document for the tenant's `search` tool, from the tenant's own account: it "
+        f"arrives as baton.docs.<tenant>.<doc_id> on stream {streams.DOCUMENTS.name} (the "
+        "tenant token set by the server); the body's tenant must be the publisher's. A later "
+        "upload of an id replaces it. The stream is shared: publish without Nats-Msg-Id.", True,
+    ),
     "events": (
         f"{subjects.EVENTS}.{{tenant}}.{{task_id}}", ("tenant", "task_id"),
         (msg.Accepted, msg.Step, msg.Completed, msg.Failed),
@@ -209,7 +216,7 @@ def build() -> dict[str, Any]:
             "messages": refs,
         }
         operations[f"on_{name}"] = {
-            "action": "send" if name in ("tasks", "input") else "receive",
+            "action": "send" if name in ("tasks", "input", "tenantDocuments") else "receive",
             "channel": {"$ref": f"#/channels/{name}"},
             "messages": [{"$ref": f"#/channels/{name}/messages/{m}"} for m in refs],
         }
