@@ -11,6 +11,7 @@ JSON object per event or delta (NDJSON), the terminal event last.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -86,6 +87,24 @@ class TaskView:
         return Group(*parts)
 
 
+async def _behind(
+    bus: Bus, subs: list[Any], queue: asyncio.Queue[TaskEvent | TokenDelta]
+) -> list[TaskEvent | TokenDelta]:
+    """What was received before now but not yet handed over: a flush (a
+    round trip) means every earlier message is parsed into its subscription's
+    queue; then let the subscriptions' tasks pass them on (bounded)."""
+    with contextlib.suppress(Exception):
+        await bus.nc.flush(timeout=2)
+    for _ in range(1000):
+        if not any(sub.pending_msgs for sub in subs):
+            break
+        await asyncio.sleep(0)
+    late = []
+    while not queue.empty():
+        late.append(queue.get_nowait())
+    return late
+
+
 def _summary(end: Completed | Failed) -> str:
     if isinstance(end, Completed):
         u = end.usage
@@ -127,6 +146,29 @@ async def submit(
         live = Live(view.render(), refresh_per_second=12, transient=False)
         live.start()
     current: str | None = None  # the step plain mode is printing
+
+    def show(item: TaskEvent | TokenDelta) -> None:
+        nonlocal current
+        if mode == "json":
+            print(json.dumps(msgspec.to_builtins(item)), flush=True)
+        if isinstance(item, TokenDelta):
+            known = view.steps.get(item.step)
+            again = known is not None and known.attempt not in ("", item.attempt)
+            text = view.on_delta(item)
+            if mode == "plain" and text:
+                if item.step != current or again:  # a regenerated step starts over
+                    current = item.step
+                    retry = " (generated again)" if again else ""
+                    sys.stdout.write(f"\n[{item.step} {item.agent}]{retry} ")
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        else:
+            view.on_event(item)
+            if mode == "plain" and isinstance(item, Accepted):
+                print(f"accepted: task {task_id}, session {item.session}", file=sys.stderr)
+        if live is not None:
+            live.update(view.render())
+
     try:
         while True:
             try:
@@ -135,25 +177,14 @@ async def submit(
                 print(f"baton: no terminal event within {timeout:.0f}s (task {task_id})",
                       file=sys.stderr)  # fmt: skip
                 return EXIT_TIMEOUT
-            if mode == "json":
-                print(json.dumps(msgspec.to_builtins(item)), flush=True)
-            if isinstance(item, TokenDelta):
-                known = view.steps.get(item.step)
-                again = known is not None and known.attempt not in ("", item.attempt)
-                text = view.on_delta(item)
-                if mode == "plain" and text:
-                    if item.step != current or again:  # a regenerated step starts over
-                        current = item.step
-                        retry = " (generated again)" if again else ""
-                        sys.stdout.write(f"\n[{item.step} {item.agent}]{retry} ")
-                    sys.stdout.write(text)
-                    sys.stdout.flush()
-            else:
-                view.on_event(item)
-                if mode == "plain" and isinstance(item, Accepted):
-                    print(f"accepted: task {task_id}, session {item.session}", file=sys.stderr)
-            if live is not None:
-                live.update(view.render())
+            if isinstance(item, Completed | Failed):
+                # A step's deltas reach the server before its events, but nats-py
+                # runs each subscription's callbacks in a task of its own: the
+                # terminal event can be handed over before deltas that were ahead
+                # of it on the wire. Show those first.
+                for late in await _behind(bus, subs, queue):
+                    show(late)
+            show(item)
             if view.end is not None:
                 if mode == "plain":
                     if current is not None:

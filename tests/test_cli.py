@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from baton.natsd import free_port
 from baton.testing import Client, LocalStack, uid
@@ -123,3 +124,48 @@ def test_up_names_a_port_that_is_taken_before_starting_anything(tmp_path: Path) 
     assert r.returncode == 1
     assert f"port {port} (orchestrator HTTP) is already in use" in r.stderr
     assert not (tmp_path / "nats").exists()  # nothing was started
+
+
+async def test_deltas_behind_the_terminal_event_are_shown_before_it(
+    own_nats: Any, capsys: Any
+) -> None:
+    """nats-py hands each subscription's messages over in a task of its own: a
+    ``completed`` that arrived right behind a step's deltas could be handed over
+    first and the answer went unprinted (seen about 1 run in 6). Here Baton's
+    side is played by hand with the wire order it has — ``accepted``, the
+    deltas, ``completed`` in one write — on a real nats-server with accounts."""
+    from baton.submit import submit
+    from baton.transport import connect
+    from proto import codec, streams, subjects
+    from proto.messages import Accepted, Completed, TokenDelta, Usage
+
+    baton_side = await connect(own_nats.url, name="plays-baton")
+    await baton_side.provision(streams=[streams.tenant_tasks("cli")])
+    text = "the answer, in two deltas"
+
+    async def on_task(msg: Any) -> None:
+        task_id = codec.decode(msg.data, dict)["task_id"]
+        ev, tok = subjects.event("cli", task_id), subjects.tokens("cli", task_id)
+        base = {"task_id": task_id, "tenant": "cli"}
+        await baton_side.notify(ev, Accepted(**base, workflow="chat"))
+        for i, part in enumerate((text[:10], text[10:])):
+            await baton_side.notify(tok, TokenDelta(**base, step="r1.answer", agent="assistant",
+                                    attempt="a", index=i, offset=10 * i, text=part, final=i == 1))  # fmt: skip
+        await baton_side.notify(ev, Completed(**base, output=text, usage=Usage(), cost_usd=0.0))
+
+    await baton_side.subscribe(subjects.tenant_task("cli", "chat"), on_task)
+    tenant = await connect(own_nats.url_for("cli"), name="cli-test")
+    try:
+        for mode in ("json", "plain", "json", "plain"):
+            body = {"task_id": uid(), "tenant": "cli", "input": "x"}
+            assert await submit(tenant, "chat", body, mode=mode, timeout=20) == 0
+            out = capsys.readouterr().out
+            if mode == "plain":
+                assert out.strip() == f"[r1.answer assistant] {text}"
+            else:
+                lines = [json.loads(line) for line in out.splitlines()]
+                assert lines[-1]["type"] == "completed"
+                assert "".join(x["text"] for x in lines if "offset" in x) == text
+    finally:
+        await tenant.close()
+        await baton_side.close()
