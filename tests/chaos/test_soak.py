@@ -32,7 +32,7 @@ FAULT_EVERY = float(os.environ.get("BATON_SOAK_FAULT_EVERY", "40"))
 RATE = 4.0  # tasks per second
 SAMPLE = 5.0  # seconds
 SOAK_CACHED_SESSIONS = 64  # < the tasks of the first 20 s
-RSS_TOLERANCE = float(os.environ.get("BATON_SOAK_RSS_TOLERANCE", "0.10"))
+RSS_TOLERANCE = float(os.environ.get("BATON_SOAK_RSS_TOLERANCE", "0.05"))  # the goal
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(int(MINUTES * 60 + 300))]
 
