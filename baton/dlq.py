@@ -14,19 +14,16 @@ id scheme as ``Bus.dead_letter``, so it is listed and replayed like any other.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import nats.js.errors
 import structlog
-from nats.aio.msg import Msg
 from prometheus_client import Counter
 
-from baton.transport import HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus
+from baton.transport import HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus, Msg
 from proto import keys, subjects
 from proto.ids import is_valid_id
 from proto.streams import DEAD_LETTERS
@@ -77,7 +74,7 @@ class MaxDeliveryWatch:
             MAX_DELIVERIES.labels(stream, consumer)
 
     async def start(self) -> None:
-        await self.bus.nc.subscribe(f"{ADVISORY}.>", queue=QUEUE, cb=self.on_advisory)
+        await self.bus.subscribe(f"{ADVISORY}.>", self.on_advisory, queue=QUEUE)
 
     async def on_advisory(self, msg: Msg) -> None:
         adv = parse_advisory(msg.data)
@@ -89,9 +86,12 @@ class MaxDeliveryWatch:
         if adv.stream == DEAD_LETTERS.name or not is_valid_id(adv.consumer):
             return
         try:
-            raw = await self.bus.js.get_msg(adv.stream, adv.stream_seq)
-        except Exception as exc:  # gone already (acked late, purged): counted only
+            raw = await self.bus.get_msg(adv.stream, adv.stream_seq)
+        except Exception as exc:  # unreadable: counted only
             log.info("max_deliveries_message_gone", error=repr(exc))
+            return
+        if raw is None:  # gone already (acked late, purged): counted only
+            log.info("max_deliveries_message_gone", error="not found")
             return
         headers = dict(raw.headers or {})
         reason = f"max deliveries ({adv.deliveries}) reached on {adv.stream}/{adv.consumer}"
@@ -160,9 +160,8 @@ async def replay(bus: Bus, seqs: Sequence[int]) -> list[tuple[int, str]]:
     (seq, outcome) per letter; a letter without an original subject stays."""
     done: list[tuple[int, str]] = []
     for seq in seqs:
-        try:
-            raw = await bus.js.get_msg(DEAD_LETTERS.name, seq)
-        except nats.js.errors.NotFoundError:
+        raw = await bus.get_msg(DEAD_LETTERS.name, seq)
+        if raw is None:
             done.append((seq, "not found"))
             continue
         headers = dict(raw.headers or {})
@@ -172,17 +171,16 @@ async def replay(bus: Bus, seqs: Sequence[int]) -> list[tuple[int, str]]:
             continue
         await bus.publish(target, raw.data or b"", msg_id=keys.dead_letter_replay(seq),
                           task_id=headers.get(HDR_TASK_ID))  # fmt: skip
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await bus.js.delete_msg(DEAD_LETTERS.name, seq)
+        await bus.erase_messages(DEAD_LETTERS.name, [seq])
         done.append((seq, f"replayed to {target}"))
     return done
 
 
 async def purge(bus: Bus, *, consumer: str | None = None) -> int:
     """Delete every dead letter (of ``consumer``); returns how many."""
-    before = (await bus.js.stream_info(DEAD_LETTERS.name)).state.messages
-    await bus.js.purge_stream(DEAD_LETTERS.name, subject=_filter(consumer))
-    after = (await bus.js.stream_info(DEAD_LETTERS.name)).state.messages
+    before = (await bus.stream_info(DEAD_LETTERS.name)).state.messages
+    await bus.purge(DEAD_LETTERS.name, subject=_filter(consumer))
+    after = (await bus.stream_info(DEAD_LETTERS.name)).state.messages
     return int(before - after)
 
 

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from nats.aio.msg import Msg
 
-from baton.transport import Bus
+from baton.transport import Bus, Msg
 from proto import codec, subjects
 from proto.messages import Accepted, Completed, Failed, Step, TaskEvent, TokenDelta
 
@@ -132,9 +131,9 @@ async def submit(
     async def on_token(msg: Msg) -> None:
         await queue.put(codec.decode(msg.data, TokenDelta))
 
-    subs = [await bus.nc.subscribe(subjects.event(tenant, task_id), cb=on_event),
-            await bus.nc.subscribe(subjects.tokens(tenant, task_id), cb=on_token)]  # fmt: skip
-    await bus.nc.flush()
+    subs = [await bus.subscribe(subjects.event(tenant, task_id), on_event),
+            await bus.subscribe(subjects.tokens(tenant, task_id), on_token)]  # fmt: skip
+    await bus.flush()
     await bus.publish(subjects.task(workflow), codec.encode(body), msg_id=task_id)
     if mode == "auto":
         mode = "live" if sys.stdout.isatty() else "plain"

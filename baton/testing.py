@@ -32,7 +32,7 @@ from baton.credentials import Credentials
 from baton.natsd import NatsServer, ServerAuth
 from baton.stack import MODULES, ServiceProcess
 from baton.transport import Bus
-from proto import codec, subjects
+from proto import subjects
 from proto.messages import (
     ChatMessage,
     ContextAppend,
@@ -40,7 +40,7 @@ from proto.messages import (
     InferenceJob,
     InferenceResult,
 )
-from proto.streams import RESULTS
+from proto.streams import RESULTS, ConsumerSpec
 
 # Tenants the test server has accounts for. A task can only run as one of
 # them; context-store tests may use any tenant id (they act as a service).
@@ -275,8 +275,11 @@ async def submit_job(
 
 async def collect_results(bus: Bus, tenant: str, n: int, timeout: float) -> list[InferenceResult]:
     """Take ``n`` results for ``tenant`` off the results work queue."""
-    sub = await bus.js.pull_subscribe(f"{subjects.RESULTS}.{tenant}.>", durable=None,
-                                      stream=RESULTS.name)  # fmt: skip
+    spec = ConsumerSpec(stream=RESULTS.name, durable=f"collect-{tenant}",
+                        filter_subject=f"{subjects.RESULTS}.{tenant}.>", ack_wait=30.0,
+                        max_deliver=5)  # fmt: skip
+    await bus.ensure_consumer(spec)
+    puller = await bus.puller(spec)
     got: list[InferenceResult] = []
     deadline = time.monotonic() + timeout
     try:
@@ -284,16 +287,11 @@ async def collect_results(bus: Bus, tenant: str, n: int, timeout: float) -> list
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"{len(got)} of {n} results within {timeout}s")
-            try:
-                msgs = await sub.fetch(n - len(got), timeout=min(1.0, left))
-            except TimeoutError:
-                continue
-            for msg in msgs:
-                got.append(codec.decode(msg.data, InferenceResult))
-                await msg.ack()
+            for d in await puller.fetch(n - len(got), min(1.0, left)):
+                got.append(d.decode(InferenceResult))
+                await d.ack()
     finally:
         # Work-queue streams allow one consumer per filter: delete it now.
-        name = (await sub.consumer_info()).name
-        await sub.unsubscribe()
-        await bus.js.delete_consumer(RESULTS.name, name)
+        await puller.close()
+        await bus.delete_consumer(spec)
     return got

@@ -8,6 +8,17 @@
 * ``Bus.consume`` — a pull loop that fetches in batches with a short timeout,
   runs handlers concurrently, keeps long handlers alive with ``in_progress``,
   and turns each handler's outcome into ack / nak-with-delay / term.
+* ``Bus.request`` / ``subscribe`` / ``notify`` — core NATS, typed replies.
+* ``Bus.ordered`` / ``read_subject`` — replay a stream (and follow it live);
+  ``stream_info``, ``subjects``, ``get_msg``, ``last_msg``, ``publish_if_last``,
+  ``purge``; ``erase_messages`` / ``erase_subject`` overwrite the raw store.
+* ``Bucket`` (from ``Bus.ensure_bucket``) — KV reads, compare-and-set writes,
+  watches, erasure of replaced revisions.
+* ``Bus.account(prefix)`` — the same helpers on another account's JetStream.
+
+Nothing outside this module talks to nats-py: its errors that callers act on
+arrive as ``NotFound``, ``WrongLastSequence``, ``BusClosed`` (or the
+``TRANSIENT`` tuple, for retrying an idempotent operation), messages as ``Msg``.
 
 Handler outcomes are explicit::
 
@@ -24,7 +35,7 @@ import contextlib
 import ssl
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +51,6 @@ from nats.js.kv import KeyValue
 
 from baton import tracing
 from baton.accounts import SERVICES, inbox_prefix
-from baton.erase import erase_messages
 from baton.metrics import DEAD_LETTERS, MESSAGES_HANDLED, PERMISSION_VIOLATIONS
 from baton.urls import redact
 from proto import codec, keys, subjects
@@ -53,6 +63,7 @@ HDR_TASK_ID = "Baton-Task-Id"
 HDR_TRACEPARENT = "traceparent"
 HDR_DLQ_REASON = "Baton-Dead-Letter-Reason"
 HDR_DLQ_SUBJECT = "Baton-Original-Subject"
+HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 
 PING_INTERVAL = 5  # seconds; see connect()
 _STORE_RACE_ERR = 10049  # "error creating store for stream": transient, retry
@@ -68,6 +79,59 @@ class BusUnavailable(TransportError):
     def __init__(self, url: str, cause: BaseException | None = None) -> None:
         super().__init__(f"cannot reach NATS at {url}: {cause or 'no server answered'}")
         self.url = url
+
+
+class BusClosed(TransportError):
+    """The connection was closed (the service is stopping)."""
+
+
+class NotFound(TransportError):
+    """No such message, key, stream or consumer."""
+
+
+class WrongLastSequence(TransportError):
+    """A conditional write lost: the subject or key moved on since the
+    sequence or revision it named (read again and retry)."""
+
+
+# JetStream briefly without a leader, or NATS reconnecting: an idempotent
+# operation may be tried again. nats-py's own classes, named once here.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
+
+_WRONG_LAST_SEQ = 10071  # JetStream: "wrong last sequence"
+_SEQUENCE_NOT_FOUND = 10043
+_DELETE_FAILED = 10057
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """nats-py's not-found and lost-conditional-write errors as Baton's."""
+    try:
+        yield
+    except (nats.js.errors.NotFoundError, nats.js.errors.KeyNotFoundError) as exc:
+        raise NotFound(str(exc)) from exc
+    except nats.js.errors.KeyWrongLastSequenceError as exc:
+        raise WrongLastSequence(str(exc)) from exc
+    except nats.js.errors.APIError as exc:
+        if exc.err_code == _WRONG_LAST_SEQ:
+            raise WrongLastSequence(str(exc)) from exc
+        raise
+
+
+def _gone(exc: nats.js.errors.APIError) -> bool:
+    """The message is not there (erased meanwhile by another replica, or
+    acked). A delete says so three ways: a 404, a 400 'sequence N not found'
+    (10043), or a 500 'no message found' (10057, which also means 'not
+    permitted': that one still raises)."""
+    if isinstance(exc, nats.js.errors.NotFoundError) or exc.err_code == _SEQUENCE_NOT_FOUND:
+        return True
+    return exc.err_code == _DELETE_FAILED and "no message found" in (exc.description or "")
 
 
 class Outcome(Exception):
@@ -247,7 +311,7 @@ class Puller:
     async def fetch(self, n: int, timeout: float) -> list[Delivery]:
         """Up to ``n`` messages, waiting at most ``timeout`` for the first.
         A transient failure (NATS restarting) is logged and yields nothing;
-        a closed connection raises ``ConnectionClosedError``.
+        a closed connection raises ``BusClosed``.
 
         Long waits should ask for one message: a batch fetch that meets the
         late 408 of an expired earlier pull request re-issues its request, and
@@ -257,13 +321,18 @@ class Puller:
             msgs = await self.sub.fetch(batch=max(1, n), timeout=timeout)
         except TimeoutError:  # nats-py raises both its own and asyncio's
             return []
-        except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
-            raise
+        except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError) as exc:
+            raise BusClosed(str(exc)) from exc
         except Exception as exc:
             log.warning("fetch_failed", consumer=self.spec.durable, error=repr(exc))
             await asyncio.sleep(0.5)
             return []
         return [Delivery(m) for m in msgs]
+
+    async def close(self) -> None:
+        """Stop listening (the consumer itself stays)."""
+        with contextlib.suppress(Exception):
+            await self.sub.unsubscribe()
 
 
 def _stream_config(spec: StreamSpec, replicas: int) -> api.StreamConfig:
@@ -319,13 +388,7 @@ def _consumer_config(spec: ConsumerSpec) -> api.ConsumerConfig:
 
 
 # JetStream briefly without a meta leader (a node restarting, an election):
-# provisioning waits for it instead of failing the service's start.
-_TRANSIENT_JS = (
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.js.errors.NoStreamResponseError,
-    nats.js.errors.ServiceUnavailableError,
-)
+# provisioning waits for it (TRANSIENT) instead of failing the service's start.
 PROVISION_PATIENCE = 60.0  # seconds
 
 
@@ -335,7 +398,7 @@ async def _retry_store_race(op: Callable[[], Awaitable[Any]], attempts: int = 8)
     while True:
         try:
             return await op()
-        except _TRANSIENT_JS as exc:
+        except TRANSIENT as exc:
             if time.monotonic() > deadline:
                 raise
             log.warning("jetstream_unavailable_retrying", error=type(exc).__name__)
@@ -350,31 +413,26 @@ async def _retry_store_race(op: Callable[[], Awaitable[Any]], attempts: int = 8)
 class Bus:
     """A connected NATS client plus JetStream, shared by one service process."""
 
-    def __init__(self, nc: NATS, *, replicas: int = 1) -> None:
+    def __init__(self, nc: NATS, *, replicas: int = 1, js: JetStreamContext | None = None) -> None:
         self.nc = nc
-        self.js = nc.jetstream()
+        self.js = js or nc.jetstream()
         self.replicas = replicas
         self._stopping = asyncio.Event()
 
     # -- provisioning ------------------------------------------------------
-
-    def account_js(self, api_prefix: str) -> JetStreamContext:
-        """JetStream of another account whose API this account imports under
-        ``api_prefix`` (a tenant's, as ``$JS.<tenant>.API``)."""
-        return self.nc.jetstream(prefix=api_prefix)
 
     async def reaches_account(self, api_prefix: str, timeout: float = 2.0) -> bool:
         """True when another account's JetStream answers under ``api_prefix``
         (one try: a NATS without that import has nothing to wait for)."""
         try:
             await self.nc.jetstream(prefix=api_prefix, timeout=timeout).account_info()
-        except _TRANSIENT_JS:
+        except TRANSIENT:
             return False
         return True
 
     async def ensure_stream(self, spec: StreamSpec, *, api_prefix: str | None = None) -> None:
         """Create or update the stream (in another account with ``api_prefix``)."""
-        js = self.js if api_prefix is None else self.account_js(api_prefix)
+        js = self.js if api_prefix is None else self.account(api_prefix).js
         config = _stream_config(spec, self.replicas)
         try:
             await _retry_store_race(lambda: js.add_stream(config))
@@ -389,10 +447,13 @@ class Bus:
         config = _consumer_config(spec)
         await _retry_store_race(lambda: self.js.add_consumer(spec.stream, config))
 
-    async def ensure_bucket(self, spec: BucketSpec) -> KeyValue:
+    async def ensure_bucket(self, spec: BucketSpec) -> Bucket:
+        """Create the KV bucket if missing; ``spec.erasable``: with deletes
+        allowed on its stream, so replaced revisions can be erased."""
         if spec.erasable:
-            return await self._ensure_erasable_bucket(spec)
-        kv: KeyValue = await _retry_store_race(
+            kv, erasable = await self._ensure_erasable_bucket(spec)
+            return Bucket(self, kv, spec, erasable=erasable)
+        plain: KeyValue = await _retry_store_race(
             lambda: self.js.create_key_value(
                 bucket=spec.name,
                 history=spec.history,
@@ -402,10 +463,12 @@ class Bus:
                 description=spec.description or None,
             )
         )
-        return kv
+        return Bucket(self, plain, spec, erasable=False)
 
-    async def _ensure_erasable_bucket(self, spec: BucketSpec) -> KeyValue:
+    async def _ensure_erasable_bucket(self, spec: BucketSpec) -> tuple[KeyValue, bool]:
+        """The bucket's KV, and whether its stream allows deletes."""
         config = _bucket_config(spec, self.replicas)
+        erasable = True
         try:
             await _retry_store_race(lambda: self.js.add_stream(config))
         except nats.js.errors.BadRequestError as exc:
@@ -416,10 +479,11 @@ class Bus:
                 # Created before erasure support: deletes can never be allowed on
                 # it. It keeps working; erasure falls back to KV purges.
                 log.warning("bucket_not_erasable", bucket=spec.name)
+                erasable = False
             else:
                 await self.js.update_stream(config)
         kv: KeyValue = await self.js.key_value(spec.name)
-        return kv
+        return kv, erasable
 
     async def provision(
         self,
@@ -502,7 +566,7 @@ class Bus:
         with erase) before it is acked: a work queue's ack only unlinks it.
         Best effort: a failure is logged and the message is settled anyway."""
         try:
-            await erase_messages(self.js, delivery.msg.metadata.stream, [delivery.stream_seq])
+            await self.erase_messages(delivery.msg.metadata.stream, [delivery.stream_seq])
         except Exception as exc:
             log.warning("erase_handled_failed", error=repr(exc))
 
@@ -584,7 +648,7 @@ class Bus:
                     batch = await puller.fetch(free, fetch_timeout)
                 else:
                     batch = await puller.fetch(1, idle_timeout)
-            except nats.errors.ConnectionClosedError:
+            except BusClosed:
                 break
             for d in batch:
                 task = asyncio.create_task(self.settle(spec, d, handler))
@@ -638,6 +702,138 @@ class Bus:
                 with contextlib.suppress(nats.js.errors.NotFoundError):
                     await self.js.delete_consumer(stream, name)
 
+    # -- streams and their messages -----------------------------------------
+
+    def account(self, api_prefix: str) -> Bus:
+        """This connection speaking to another account's JetStream, whose API
+        this account imports under ``api_prefix`` (a tenant's copy of its
+        events): the stream and erase helpers below work there too."""
+        return Bus(self.nc, replicas=self.replicas, js=self.nc.jetstream(prefix=api_prefix))
+
+    async def stream_info(
+        self, stream: str, *, subjects_filter: str | None = None
+    ) -> api.StreamInfo:
+        """The stream's configuration and state (with ``subjects_filter``: the
+        matching subjects and their message counts in ``state.subjects``)."""
+        with _translated():
+            info: api.StreamInfo = await self.js.stream_info(
+                stream, subjects_filter=subjects_filter
+            )
+        return info
+
+    async def subjects(self, stream: str, pattern: str) -> dict[str, int]:
+        """Subjects of ``stream`` matching ``pattern``, with their message counts.
+        (The server pages past 100,000 subjects.)"""
+        info = await self.stream_info(stream, subjects_filter=pattern)
+        return dict(info.state.subjects or {})
+
+    async def purge(self, stream: str, *, subject: str | None = None) -> None:
+        """Remove every message (on ``subject``); a stream that is gone has none."""
+        with contextlib.suppress(NotFound), _translated():
+            await self.js.purge_stream(stream, subject=subject)
+
+    async def get_msg(self, stream: str, seq: int) -> api.RawStreamMsg | None:
+        """The stored message ``seq`` (None: not there)."""
+        with contextlib.suppress(NotFound), _translated():
+            msg: api.RawStreamMsg = await self.js.get_msg(stream, seq)
+            return msg
+        return None
+
+    async def last_msg(self, stream: str, subject: str) -> api.RawStreamMsg | None:
+        """The newest message on ``subject`` (a direct get; None: none)."""
+        with contextlib.suppress(NotFound), _translated():
+            msg: api.RawStreamMsg = await self.js.get_last_msg(stream, subject, direct=True)
+            return msg
+        return None
+
+    async def publish_if_last(
+        self, subject: str, payload: bytes, last_seq: int, *, headers: dict[str, str] | None = None
+    ) -> int:
+        """Store ``payload`` only if ``subject``'s newest message is still
+        ``last_seq`` (0: the subject is empty); returns its stream sequence.
+
+        Raises:
+            WrongLastSequence: the subject moved on (read it again).
+        """
+        hdrs = {HDR_EXPECTED_LAST_SUBJECT_SEQ: str(last_seq), **(headers or {})}
+        with _translated():
+            ack = await self.js.publish(subject, payload, headers=hdrs)
+        return int(ack.seq)
+
+    async def ordered(
+        self,
+        subject: str,
+        *,
+        stream: str | None = None,
+        start_seq: int = 0,
+        cb: Callable[[Msg], Awaitable[None]] | None = None,
+    ) -> JetStreamContext.PushSubscription:
+        """An ordered consumer of ``subject`` from ``start_seq`` (0: the first
+        message), to replay a stream and follow it live: with ``cb`` each
+        message is handed to it, else read them with ``next_msg``."""
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE
+            if start_seq
+            else api.DeliverPolicy.ALL,
+            opt_start_seq=start_seq or None,
+        )
+        sub: JetStreamContext.PushSubscription = await self.js.subscribe(
+            subject, stream=stream, ordered_consumer=True, config=config, cb=cb
+        )
+        return sub
+
+    async def flush(self, timeout: int = 2) -> None:
+        """Wait until the server has seen everything sent so far (subscriptions
+        included)."""
+        await self.nc.flush(timeout=timeout)
+
+    # -- erasure from the raw store ------------------------------------------
+    # A purge, a work queue's ack, or a KV revision replaced under its history
+    # limit only unlink a message: its bytes stay in the block file until the
+    # server compacts the block (never, for the last one). STREAM.MSG.DELETE
+    # without no_erase overwrites them. So erasure deletes message by message
+    # and purges the subject afterwards, to catch anything written meanwhile.
+
+    async def sequences(self, stream: str, subject: str) -> list[int]:
+        """Stream sequences of every message on ``subject`` (one direct lookup
+        each: for the few messages a task or a key holds; bulk reads go through
+        an ephemeral consumer, ``read_subject(headers_only=True)``)."""
+        found: list[int] = []
+        seq = 1
+        while True:
+            try:
+                msg = await self.js.get_msg(stream, seq=seq, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                return found
+            assert msg.seq is not None
+            found.append(msg.seq)
+            seq = msg.seq + 1
+
+    async def erase_messages(self, stream: str, seqs: Iterable[int]) -> int:
+        """Overwrite and remove the messages ``seqs``; returns how many were there."""
+        erased = 0
+        for seq in seqs:
+            try:
+                await self.js.delete_msg(stream, seq)
+                erased += 1
+            except nats.js.errors.APIError as exc:
+                if not _gone(exc):
+                    raise
+        return erased
+
+    async def erase_subject(
+        self, stream: str, subject: str, *, keep_after: int | None = None
+    ) -> int:
+        """Overwrite and remove every message on ``subject``, or with
+        ``keep_after`` only those before that sequence (and no purge); returns
+        how many were erased."""
+        seqs = await self.sequences(stream, subject)
+        if keep_after is not None:
+            return await self.erase_messages(stream, [s for s in seqs if s < keep_after])
+        erased = await self.erase_messages(stream, seqs)
+        await self.purge(stream, subject=subject)
+        return erased
+
     async def consumers(self, stream: str) -> list[api.ConsumerInfo]:
         """Every consumer of ``stream``, with its configuration."""
         infos: list[api.ConsumerInfo] = await self.js.consumers_info(stream)
@@ -651,6 +847,11 @@ class Bus:
         info = await self.js.consumer_info(spec.stream, spec.durable)
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
+    async def waiting(self, spec: ConsumerSpec) -> int:
+        """Messages not yet delivered to the consumer."""
+        info = await self.js.consumer_info(spec.stream, spec.durable)
+        return int(info.num_pending or 0)
+
     async def close(self) -> None:
         """Flush what was published and close. (Not ``drain``: nats-py waits
         out its whole drain timeout on a bound pull subscription.)"""
@@ -659,6 +860,113 @@ class Bus:
             await self.nc.flush(timeout=2)
         with contextlib.suppress(Exception):
             await self.nc.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One KV entry as stored: ``deleted`` for a delete or purge marker."""
+
+    key: str
+    value: bytes
+    revision: int
+    deleted: bool = False
+
+
+class Bucket:
+    """A KV bucket through the transport: reads, compare-and-set writes,
+    watches, and (``erasable``) erasure of replaced revisions from the raw store."""
+
+    def __init__(self, bus: Bus, kv: KeyValue, spec: BucketSpec, *, erasable: bool) -> None:
+        self._bus = bus
+        self._kv = kv
+        # Direct gets (the bucket allows them) are answered by any replica,
+        # and a follower may not have the newest revision yet; ``consistent``
+        # reads ask the stream's leader.
+        self._leader = KeyValue(name=kv._name, stream=kv._stream, pre=kv._pre, js=kv._js,
+                                direct=False)  # fmt: skip
+        self.spec = spec
+        self.erasable = erasable
+
+    def _subject(self, key: str) -> str:
+        return f"$KV.{self.spec.name}.{key}"
+
+    async def get(self, key: str, *, consistent: bool = False) -> Entry | None:
+        """The newest entry of ``key`` (None: no such key, or deleted);
+        ``consistent``: the leader's answer, not a possibly lagging follower's."""
+        try:
+            e = await (self._leader if consistent else self._kv).get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if e.value is None or e.revision is None:
+            return None
+        return Entry(key, e.value, e.revision)
+
+    async def create(self, key: str, value: bytes) -> int:
+        """Store ``key`` if it does not exist; its revision.
+
+        Raises:
+            WrongLastSequence: the key exists.
+        """
+        with _translated():
+            return int(await self._kv.create(key, value))
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        """Store ``key`` if its newest revision is still ``last``; the new revision.
+
+        Raises:
+            WrongLastSequence: someone wrote first (read again and retry).
+        """
+        with _translated():
+            return int(await self._kv.update(key, value, last=last))
+
+    async def put(self, key: str, value: bytes) -> int:
+        return int(await self._kv.put(key, value))
+
+    async def entries(self, pattern: str = ">", *, limit: int = 10_000) -> list[Entry]:
+        """The newest entry of every key matching ``pattern`` (at most
+        ``limit``; no deleted ones), in one pass of a watcher."""
+        # Stopping a watcher does not delete its consumer, which nats-py
+        # otherwise asks the server to keep for 5 min: one per listing.
+        watcher = await self._kv.watch(pattern, ignore_deletes=True, inactive_threshold=10.0)
+        out: list[Entry] = []
+        try:
+            async for e in watcher:
+                if e is None:  # the initial values are all delivered
+                    break
+                if e.value and e.revision is not None:
+                    out.append(Entry(e.key, e.value, e.revision))
+                if len(out) >= limit:
+                    break
+        finally:
+            await watcher.stop()
+        return out
+
+    async def follow(self, *, inactive_threshold: float = 30.0) -> AsyncIterator[Entry]:
+        """Every key's newest entry, then each change as it is stored.
+        ``inactive_threshold``: how long the server keeps the watch's consumer
+        once its client is gone (nats-py's default is 5 min: a killed
+        replica's would pile up); one the server dropped is recreated on
+        missed heartbeats."""
+        watcher = await self._kv.watchall(inactive_threshold=inactive_threshold)
+        try:
+            async for e in watcher:
+                if e is None:  # the initial values are all delivered
+                    continue
+                yield Entry(e.key, e.value or b"", e.revision or 0, e.operation is not None)
+        finally:
+            await watcher.stop()
+
+    async def erase_revision(self, revision: int) -> None:
+        """Overwrite a replaced revision in the raw store (no-op if not erasable)."""
+        if self.erasable:
+            await self._bus.erase_messages(self.spec.stream, [revision])
+
+    async def erase_history(self, key: str, *, keep_after: int) -> int:
+        """Overwrite every revision of ``key`` before ``keep_after``; how many."""
+        if not self.erasable:
+            return 0
+        return await self._bus.erase_subject(self.spec.stream, self._subject(key),
+                                              keep_after=keep_after)  # fmt: skip
 
 
 def tls_context(
@@ -801,24 +1109,25 @@ def coalesce_writes(nc: NATS) -> None:
     nc._flusher = lambda: _coalescing_flusher(nc)  # type: ignore[method-assign]
 
 
-def is_duplicate_error(exc: BaseException) -> bool:
-    """True for a KV ``create`` on an existing key."""
-    return isinstance(exc, nats.js.errors.KeyWrongLastSequenceError)
-
-
 __all__ = [
+    "TRANSIENT",
+    "Bucket",
     "Bus",
+    "BusClosed",
     "BusUnavailable",
     "Delivery",
+    "Entry",
     "Handler",
+    "Msg",
     "Nak",
+    "NotFound",
     "Outcome",
     "Puller",
     "Settlement",
     "Term",
     "TransportError",
+    "WrongLastSequence",
     "connect",
-    "is_duplicate_error",
     "settlement",
     "tls_context",
 ]

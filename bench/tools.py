@@ -83,7 +83,7 @@ class Caller:
             if fut is not None and not fut.done():
                 fut.set_result(res)
 
-        await self.bus.nc.subscribe(subjects.tool_result(TENANT, self.task_id), cb=on_msg)
+        await self.bus.subscribe(subjects.tool_result(TENANT, self.task_id), on_msg)
 
     async def call(self, pool: str, session: str, ref: Any, tool: str, args: dict[str, Any],
                    call: str) -> ToolResult:  # fmt: skip

@@ -20,7 +20,7 @@ from typing import Any
 from baton.testing import Client, LocalStack, collect_results, secure_nats, submit_job, uid
 from bench.stats import median, pct
 from proto.messages import ChatMessage
-from proto.streams import ORCHESTRATOR_RESULTS, RESULTS
+from proto.streams import ORCHESTRATOR_RESULTS
 from services.inference_worker.engines.vllm import VLLMEngine
 from services.inference_worker.inprocess import inprocess_worker
 
@@ -72,7 +72,7 @@ async def _burst(url: str, engine: VLLMEngine) -> dict[str, Any]:
     bus = await connect(url, name="bench")
     # The orchestrator is gone; so must its result consumer be (one consumer
     # per filter on a work queue), or the benchmark could not read results.
-    await bus.js.delete_consumer(RESULTS.name, ORCHESTRATOR_RESULTS.durable)
+    await bus.delete_consumer(ORCHESTRATOR_RESULTS)
     prompt = "def handler(event):\n    return event\n" * 60
     max_tokens = 400
     msgs = [ChatMessage(role="system", content="You are terse."),

@@ -23,9 +23,10 @@ from baton.transport import (
     Delivery,
     Nak,
     Term,
+    WrongLastSequence,
     connect,
 )
-from proto.streams import DEAD_LETTERS, ConsumerSpec, StreamSpec
+from proto.streams import DEAD_LETTERS, BucketSpec, ConsumerSpec, StreamSpec
 
 
 @pytest.fixture
@@ -223,3 +224,37 @@ async def test_publishes_from_consecutive_loop_passes_share_one_socket_write(bus
         transport.writelines = real  # type: ignore[method-assign]
     assert got == [b"a", b"b", b"c"]
     assert writes <= 2  # the stock flusher: 3
+
+
+async def test_conditional_writes_and_lookups_speak_baton_errors(bus: Bus) -> None:
+    """What callers act on arrives as the transport's own errors or None,
+    never as nats-py's (the services import nothing from it)."""
+    name = uid("L")
+    await bus.ensure_stream(StreamSpec(name=name, subjects=(f"{name}.>",), retention="limits",
+                                       duplicate_window=60))  # fmt: skip
+    subject = f"{name}.a"
+    first = await bus.publish_if_last(subject, b"one", 0)
+    with pytest.raises(WrongLastSequence):
+        await bus.publish_if_last(subject, b"again", 0)  # the subject is not empty any more
+    second = await bus.publish_if_last(subject, b"two", first)
+    assert (await bus.last_msg(name, subject)).data == b"two"  # type: ignore[union-attr]
+    assert await bus.last_msg(name, f"{name}.none") is None
+    assert await bus.get_msg(name, second + 100) is None
+    assert await bus.subjects(name, f"{name}.>") == {subject: 2}
+    assert await bus.erase_subject(name, subject) == 2
+    assert await bus.get_msg(name, first) is None and await bus.get_msg(name, second) is None
+
+
+async def test_a_bucket_compare_and_set_loses_with_wrong_last_sequence(bus: Bus) -> None:
+    kv = await bus.ensure_bucket(BucketSpec(name=uid("b"), history=4, erasable=True))
+    assert kv.erasable and await kv.get("k") is None
+    rev = await kv.create("k", b"1")
+    with pytest.raises(WrongLastSequence):
+        await kv.create("k", b"again")
+    newer = await kv.update("k", b"2", last=rev)
+    with pytest.raises(WrongLastSequence):
+        await kv.update("k", b"3", last=rev)  # stale
+    entry = await kv.get("k")
+    assert entry is not None and (entry.value, entry.revision) == (b"2", newer)
+    assert await kv.erase_history("k", keep_after=newer) == 1  # the first revision
+    assert [e.value for e in await kv.entries()] == [b"2"]

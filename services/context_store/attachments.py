@@ -9,15 +9,12 @@ with no tombstone left behind, and an attachment arrives in one request
 
 from __future__ import annotations
 
-import nats.js.errors
-
-from baton.transport import Bus
+from baton.transport import Bus, WrongLastSequence
 from proto import subjects
 from proto.streams import CONTEXT_ATTACHMENTS
 
 from .erase import erase_matching, list_subjects
 
-_WRONG_LAST_SEQ = 10071
 STREAM = CONTEXT_ATTACHMENTS.name
 
 
@@ -32,25 +29,17 @@ def _pattern(tenant: str, session: str | None) -> str:
 async def put(bus: Bus, tenant: str, session: str, name: str, data: bytes, media_type: str) -> None:
     """Store an attachment once. Raises ``AttachmentExists`` for a taken name."""
     try:
-        await bus.js.publish(
-            subjects.context_attachment(tenant, session, name),
-            data,
-            headers={"Nats-Expected-Last-Subject-Sequence": "0", "Content-Type": media_type},
-        )
-    except nats.js.errors.APIError as exc:
-        if exc.err_code == _WRONG_LAST_SEQ:
-            raise AttachmentExists(name) from exc
-        raise
+        await bus.publish_if_last(subjects.context_attachment(tenant, session, name), data, 0,
+                                  headers={"Content-Type": media_type})  # fmt: skip
+    except WrongLastSequence as exc:
+        raise AttachmentExists(name) from exc
 
 
 async def get(bus: Bus, tenant: str, session: str, name: str) -> bytes | None:
     """The attachment's bytes, or None when there is none."""
     subject = subjects.context_attachment(tenant, session, name)
-    try:
-        msg = await bus.js.get_last_msg(STREAM, subject, direct=True)
-    except nats.js.errors.NotFoundError:
-        return None
-    return msg.data or b""
+    msg = await bus.last_msg(STREAM, subject)
+    return None if msg is None else msg.data or b""
 
 
 async def names(bus: Bus, tenant: str, session: str) -> list[str]:

@@ -9,7 +9,6 @@ anything written meanwhile.
 
 from __future__ import annotations
 
-from baton.erase import erase_messages
 from baton.transport import Bus
 
 
@@ -18,8 +17,7 @@ async def list_subjects(bus: Bus, stream: str, pattern: str) -> dict[str, int]:
 
     (The server pages past 100,000 subjects; one tenant's sessions stay well
     under that, and the retention sweep runs again on its next tick.)"""
-    info = await bus.js.stream_info(stream, subjects_filter=pattern)
-    return dict(info.state.subjects or {})
+    return await bus.subjects(stream, pattern)
 
 
 async def sequences(bus: Bus, stream: str, subject: str) -> list[int]:
@@ -31,8 +29,8 @@ async def sequences(bus: Bus, stream: str, subject: str) -> list[int]:
 
 async def erase_subject(bus: Bus, stream: str, subject: str) -> int:
     """Overwrite and remove every message on ``subject``; returns how many."""
-    erased = await erase_messages(bus.js, stream, await sequences(bus, stream, subject))
-    await bus.js.purge_stream(stream, subject=subject)
+    erased = await bus.erase_messages(stream, await sequences(bus, stream, subject))
+    await bus.purge(stream, subject=subject)
     return erased
 
 
@@ -42,5 +40,5 @@ async def erase_matching(bus: Bus, stream: str, pattern: str) -> tuple[int, int]
     erased = 0
     for subject in sorted(found):
         erased += await erase_subject(bus, stream, subject)
-    await bus.js.purge_stream(stream, subject=pattern)
+    await bus.purge(stream, subject=pattern)
     return len(found), erased

@@ -27,16 +27,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import nats.js.errors
-
-from baton.transport import Bus
+from baton.transport import Bus, WrongLastSequence
 from proto import codec, subjects
 from proto.messages import ChatMessage, ForkOrigin, StoredAppend, Summary
 from proto.streams import CONTEXT
 
 from .tokens import estimate_tokens
 
-_WRONG_LAST_SEQ = 10071
 INCARNATION_BYTES = 8
 Key = tuple[str, str]
 
@@ -170,21 +167,17 @@ class HistoryStore:
                 if not session.exists:  # a new incarnation: old refs must not revive
                     record.incarnation = secrets.token_bytes(INCARNATION_BYTES)
                 try:
-                    ack = await self.bus.js.publish(
-                        subject,
-                        codec.encode(record),
-                        headers={"Nats-Expected-Last-Subject-Sequence": str(session.last_seq)},
+                    seq = await self.bus.publish_if_last(
+                        subject, codec.encode(record), session.last_seq
                     )
-                except nats.js.errors.APIError as exc:
-                    if exc.err_code != _WRONG_LAST_SEQ:
-                        raise
+                except WrongLastSequence:
                     if await self._read_tail(tenant, session_id, session) == 0:
                         # Nothing newer, yet the sequence moved: purged underneath us.
                         session = Session()
                         await self._read_tail(tenant, session_id, session)
                         self._remember(key, session)
                     continue
-                session.apply(record, ack.seq, self.count)
+                session.apply(record, seq, self.count)
                 self._remember(key, session)
                 return session, session.length, False
         raise RuntimeError(f"write to {tenant}/{session_id} kept racing other writers")

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import time
 
-import nats.js.errors
 import structlog
 
 from proto import subjects
@@ -52,9 +51,8 @@ async def sweep_once(admin: Admin, retention: Retention, now: float | None = Non
         max_age = retention.max_age(tenant)
         if max_age <= 0:
             continue
-        try:
-            last = await admin.bus.js.get_last_msg(CONTEXT.name, subject, direct=True)
-        except nats.js.errors.NotFoundError:
+        last = await admin.bus.last_msg(CONTEXT.name, subject)
+        if last is None:
             continue  # erased meanwhile
         if last.time is not None and now - last.time.timestamp() > max_age:
             await admin.delete(ContextDelete(tenant=tenant, session=session), actor="retention")

@@ -16,15 +16,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-import nats.errors
-import nats.js.errors
 import structlog
-from nats.aio.msg import Msg
 
 from baton import tracing
 from baton.metrics import CONTEXT_REQUEST_SECONDS, CONTEXT_REQUESTS
 from baton.service import Health
-from baton.transport import HDR_TASK_ID, HDR_TRACEPARENT, Bus
+from baton.transport import HDR_TASK_ID, HDR_TRACEPARENT, TRANSIENT, Bus, Msg
 from proto import codec, subjects
 from proto.errors import ErrorCode
 from proto.ids import is_valid_id
@@ -63,13 +60,6 @@ QUEUE = "context-store"
 
 # Below the callers' 5 s request timeout, so an op that recovers in time answers.
 RETRY_WINDOW = 3.0
-TRANSIENT: tuple[type[BaseException], ...] = (
-    nats.js.errors.NoStreamResponseError,  # no JetStream responder: leader election
-    nats.js.errors.ServiceUnavailableError,  # JetStream temporarily unavailable
-    nats.errors.NoRespondersError,
-    nats.errors.TimeoutError,
-    nats.errors.ConnectionReconnectingError,
-)
 
 
 class Unavailable(Exception):

@@ -15,9 +15,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 import structlog
-from nats.aio.msg import Msg
 
-from baton.transport import Bus
+from baton.transport import Bus, Msg
 from proto import codec
 from proto.messages import Heartbeat
 from proto.streams import JOBS, ConsumerSpec, direct_owner

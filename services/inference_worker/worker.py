@@ -19,10 +19,9 @@ import contextlib
 from collections.abc import Callable
 
 import structlog
-from nats.aio.msg import Msg
 
 from baton.service import Health
-from baton.transport import Bus, Delivery
+from baton.transport import Bus, Delivery, Msg
 from proto import codec, subjects
 from proto.messages import Cancel
 from proto.streams import JOBS, RESULTS, TOKENS, ConsumerSpec, direct_consumer, worker_consumer

@@ -81,8 +81,7 @@ class Services:
         if limiter.of(tenant).max_in_flight:  # running here + waiting in its stream
             in_flight = self.intake.gate.active(tenant)
             with contextlib.suppress(Exception):
-                in_flight += int((await bus.js.consumer_info(
-                    *_consumer_of(tenant))).num_pending or 0)  # fmt: skip
+                in_flight += await bus.waiting(streams.task_consumer(tenant))
         refusal = limiter.peek(tenant, in_flight=in_flight, now=time.time())
         if refusal is not None:
             retry = str(math.ceil(refusal.retry_after))
@@ -113,11 +112,6 @@ class Services:
         ack = await bus.publish(subjects.tenant_task(task.tenant, workflow), data,
                                 msg_id=task.task_id, task_id=task.task_id)  # fmt: skip
         return task, bool(ack.duplicate)
-
-
-def _consumer_of(tenant: str) -> tuple[str, str]:
-    spec = streams.task_consumer(tenant)
-    return spec.stream, spec.durable
 
 
 def last_event_seq(header: str | None) -> int:

@@ -34,12 +34,9 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
-import nats.js.errors
 import structlog
-from nats.js import JetStreamContext
 
 from baton import audit
-from baton.erase import erase_messages, erase_subject
 from baton.transport import HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus, Delivery, Term
 from proto import codec, subjects
 from proto.ids import is_valid_id
@@ -59,8 +56,8 @@ PER_TASK_STREAMS: tuple[tuple[str, Callable[[str, str], str]], ...] = (
 
 MAX_CONFLICTS = 50
 
-# A JetStream context and a stream name: where a copy of the events lives.
-EventStore = tuple[JetStreamContext, str]
+# The bus of an account and a stream name: where a copy of the events lives.
+EventStore = tuple[Bus, str]
 
 
 # -- decisions (pure) --------------------------------------------------------
@@ -129,7 +126,7 @@ class TaskEraser:
         event_copies: Callable[[str], Sequence[EventStore]] | None = None,
     ) -> None:
         """``event_copies(tenant)``: other stores of the tenant's events, e.g.
-        ``[(nc.jetstream(prefix=f"$JS.{tenant}.API"), "BATON_EVENTS")]``."""
+        ``[(bus.account(f"$JS.{tenant}.API"), "BATON_EVENTS")]``."""
         self.bus = bus
         self.runs = runs
         self.grace = grace
@@ -145,8 +142,8 @@ class TaskEraser:
         structlog.contextvars.bind_contextvars(tenant=req.tenant)
         try:
             counts = await self.erase(req)
-        except nats.js.errors.APIError as exc:  # the transport retries; say what the server said
-            log.warning("erasure_failed", code=exc.err_code, description=exc.description)
+        except Exception as exc:  # the transport retries; say what the server said
+            log.warning("erasure_failed", error=repr(exc))
             raise
         target = req.tenant if req.whole_tenant else f"{req.tenant}/{','.join(req.sessions)}"
         await audit.record(self.bus, audit.entry(
@@ -206,26 +203,23 @@ class TaskEraser:
                     snap = await self.runs.write(run, snap.revision)
                 except RunConflict:
                     continue  # advanced meanwhile: strip the newer state
-            if self.runs.js is not None:
-                subject = f"$KV.{RUNS.name}.{run_key(tenant, task_id)}"
-                counts["run_revisions"] += await erase_subject(
-                    self.runs.js, RUNS.stream, subject, keep_after=snap.revision
-                )
+            counts["run_revisions"] += await self.runs.kv.erase_history(
+                run_key(tenant, task_id), keep_after=snap.revision
+            )
             return was_running
         raise RunConflict(run_key(tenant, task_id))
 
     async def _erase_data(
         self, tenant: str, task_id: str, counts: collections.Counter[str]
     ) -> None:
-        js = self.bus.js
         for stream, subject in PER_TASK_STREAMS:
-            counts[stream] += await erase_subject(js, stream, subject(tenant, task_id))
+            counts[stream] += await self.bus.erase_subject(stream, subject(tenant, task_id))
         per_task = dict(PER_TASK_STREAMS)
-        for copy_js, stream in self.event_copies(tenant):  # the copy keeps the subjects
-            counts[f"{stream}@{tenant}"] += await erase_subject(
-                copy_js, stream, per_task.get(stream, subjects.event)(tenant, task_id)
+        for account, stream in self.event_copies(tenant):  # the copy keeps the subjects
+            counts[f"{stream}@{tenant}"] += await account.erase_subject(
+                stream, per_task.get(stream, subjects.event)(tenant, task_id)
             )
-        await js.purge_stream(TIMERS.name, subject=subjects.timer(tenant, task_id))
+        await self.bus.purge(TIMERS.name, subject=subjects.timer(tenant, task_id))
 
     async def _erase_dead_letters(self, tenant: str, task_ids: set[str]) -> int:
         if not task_ids:
@@ -235,4 +229,4 @@ class TaskEraser:
             headers: dict[str, Any] = msg.headers or {}
             if dead_letter_matches(headers, msg.data, tenant, task_ids):
                 seqs.append(msg.metadata.sequence.stream)
-        return await erase_messages(self.bus.js, DEAD_LETTERS.name, seqs)
+        return await self.bus.erase_messages(DEAD_LETTERS.name, seqs)

@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from baton.transport import Bus
+from baton.transport import Bus, Msg
 from proto import codec, streams, subjects
 from proto.messages import Completed, Failed, TaskEvent, TokenDelta
 
@@ -35,13 +33,6 @@ class Item:
         return isinstance(self.event, Completed | Failed)
 
 
-def _config(start_seq: int) -> ConsumerConfig:
-    if start_seq > 0:
-        return ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                              opt_start_seq=start_seq)  # fmt: skip
-    return ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-
-
 def _event(msg: Msg) -> Item:
     ev: TaskEvent = codec.decode(msg.data, TaskEvent)  # type: ignore[arg-type]
     return Item("event", msg.metadata.sequence.stream, event=ev)
@@ -57,8 +48,7 @@ async def replay_events(
 ) -> AsyncIterator[Item]:  # fmt: skip
     """A task's events from ``start_seq`` (0 = the first); with ``follow``,
     keep going until the terminal event (or ``timeout`` of silence)."""
-    sub = await bus.js.subscribe(subjects.event(tenant, task_id), ordered_consumer=True,
-                                 config=_config(start_seq))  # fmt: skip
+    sub = await bus.ordered(subjects.event(tenant, task_id), start_seq=start_seq)
     try:
         while True:
             try:
@@ -93,10 +83,9 @@ async def follow_task(
     async def on_token(msg: Msg) -> None:
         await queue.put(_token(msg))
 
-    ev_sub = await bus.js.subscribe(subjects.event(tenant, task_id), ordered_consumer=True,
-                                    config=_config(events_from), cb=on_event)  # fmt: skip
-    tok_sub = await bus.js.subscribe(subjects.tokens(tenant, task_id), ordered_consumer=True,
-                                     config=_config(tokens_from), cb=on_token)  # fmt: skip
+    ev_sub = await bus.ordered(subjects.event(tenant, task_id), start_seq=events_from, cb=on_event)
+    tok_sub = await bus.ordered(subjects.tokens(tenant, task_id), start_seq=tokens_from,
+                                cb=on_token)  # fmt: skip
     last_token = tokens_from - 1
     try:
         while True:

@@ -16,10 +16,9 @@ import asyncio
 import contextlib
 import time
 
-import nats.errors
 import structlog
 
-from baton.transport import Bus, Delivery
+from baton.transport import Bus, BusClosed, Delivery
 from proto.admission import RateLimited
 from proto.messages import TaskSubmit
 from proto.streams import ConsumerSpec
@@ -124,7 +123,7 @@ class Intake:
                     batch = await puller.fetch(free, FETCH_BUSY)
                 else:
                     batch = await puller.fetch(1, FETCH_IDLE)
-            except nats.errors.ConnectionClosedError:
+            except BusClosed:
                 break
             for d in batch:
                 self.gate.reserve(tenant, d.stream_seq)

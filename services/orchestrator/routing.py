@@ -17,8 +17,7 @@ import sys
 import time
 from collections import OrderedDict
 
-from nats.aio.msg import Msg
-
+from baton.transport import Msg
 from proto import codec
 from proto.ids import is_valid_id
 from proto.messages import Heartbeat

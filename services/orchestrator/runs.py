@@ -16,10 +16,8 @@ from collections import OrderedDict
 from typing import Literal
 
 import msgspec
-import nats.js.errors
-from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 
+from baton.transport import Bucket, WrongLastSequence
 from proto import codec
 from proto.messages import Budget, ContextRef, ErrorInfo, Usage
 
@@ -141,41 +139,26 @@ class RunStore:
     last snapshot each unfinished run was read or written at. The cache only
     saves reads: a write against a stale revision fails and the caller re-reads."""
 
-    def __init__(
-        self,
-        kv: KeyValue,
-        *,
-        cached: int = 4096,
-        js: JetStreamContext | None = None,
-        stream: str = "",
-    ) -> None:
-        """``js`` and ``stream`` (the bucket's stream): erase each revision a
-        write replaces; without them (a bucket that forbids deletes) they stay."""
+    def __init__(self, kv: Bucket, *, cached: int = 4096) -> None:
+        """An erasable ``kv`` has each revision a write replaces erased; in a
+        bucket that forbids deletes they stay."""
         self.kv = kv
-        # Direct gets (the bucket allows them) are answered by any replica,
-        # and a follower may not have the newest revision yet; the leader's
-        # answer settles "no such run" and a conflicting write's re-read.
-        self._leader_kv = KeyValue(name=kv._name, stream=kv._stream, pre=kv._pre, js=kv._js,
-                                   direct=False)  # fmt: skip
         self._cache: OrderedDict[str, Snapshot] = OrderedDict()
         self._cached = cached
-        self.js = js
-        self.stream = stream
         self._erasing: set[asyncio.Task[None]] = set()
 
     def _superseded(self, revision: int) -> None:
         """Erase a replaced revision, off the caller's path (the run already
         moved on; if this process dies first, a task erasure finds it)."""
-        if self.js is None:
+        if not self.kv.erasable:
             return
         task = asyncio.create_task(self._erase(revision))
         self._erasing.add(task)
         task.add_done_callback(self._erasing.discard)
 
     async def _erase(self, revision: int) -> None:
-        assert self.js is not None
         with contextlib.suppress(Exception):
-            await self.js.delete_msg(self.stream, revision)
+            await self.kv.erase_revision(revision)
 
     def _remember(self, key: str, snap: Snapshot | None) -> Snapshot | None:
         if snap is None:
@@ -200,22 +183,16 @@ class RunStore:
         (the conductor's reads, about to write; not the API's). ``consistent``:
         asked of the stream's leader, not whichever replica answers a direct get."""
         key = run_key(tenant, task_id)
-        try:
-            entry = await (self._leader_kv if consistent else self.kv).get(key)
-        except nats.js.errors.KeyNotFoundError:
-            return self._remember(key, None)
-        if entry.value is None or entry.revision is None:
+        entry = await self.kv.get(key, consistent=consistent)
+        if entry is None:
             return self._remember(key, None)
         snap = Snapshot(entry.value, entry.revision)
         return self._remember(key, snap) if remember else snap
 
     async def revision(self, key: str) -> int | None:
         """The stored revision of run ``key`` (None: no such run); no decode."""
-        try:
-            entry = await self.kv.get(key)
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        return entry.revision if entry.value else None
+        entry = await self.kv.get(key)
+        return entry.revision if entry is not None else None
 
     async def get(self, tenant: str, task_id: str) -> RunState | None:
         """The run as stored now, for reading (not cached)."""
@@ -236,7 +213,7 @@ class RunStore:
                 new = await self.kv.create(run.key, data)
             else:
                 new = await self.kv.update(run.key, data, last=revision)
-        except nats.js.errors.KeyWrongLastSequenceError as exc:
+        except WrongLastSequence as exc:
             self._cache.pop(run.key, None)
             raise RunConflict(run.key) from exc
         if revision is not None:
@@ -253,18 +230,5 @@ class RunStore:
     async def list(self, tenant: str, *, limit: int = 10_000) -> list[RunState]:
         """The latest state of every run of ``tenant`` (at most ``limit``),
         read in one pass of a watcher over ``<tenant>.*``."""
-        # Stopping a watcher does not delete its consumer, which nats-py
-        # otherwise asks the server to keep for 5 min: one per listing.
-        watcher = await self.kv.watch(f"{tenant}.*", ignore_deletes=True, inactive_threshold=10.0)
-        out: list[RunState] = []
-        try:
-            async for entry in watcher:
-                if entry is None:  # the initial values are all delivered
-                    break
-                if entry.value:
-                    out.append(codec.decode(entry.value, RunState))
-                if len(out) >= limit:
-                    break
-        finally:
-            await watcher.stop()
-        return out
+        entries = await self.kv.entries(f"{tenant}.*", limit=limit)
+        return [codec.decode(e.value, RunState) for e in entries]

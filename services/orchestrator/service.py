@@ -9,7 +9,6 @@ import contextlib
 from pathlib import Path
 
 import structlog
-from nats.js import JetStreamContext
 
 from baton.accounts import TENANT_STREAMS, tenant_api_prefix
 from baton.dlq import MaxDeliveryWatch
@@ -73,17 +72,15 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
                 await bus.ensure_stream(spec, api_prefix=tenant_api_prefix(t))
     elif tenants:
         log.warning("tenant_accounts_unreachable", tenant=tenants[0])
-    kv = await bus.ensure_bucket(streams.RUNS)
-    erasable = not (await bus.js.stream_info(streams.RUNS.stream)).config.deny_delete
-    runs = RunStore(kv, js=bus.js if erasable else None, stream=streams.RUNS.stream)
+    runs = RunStore(await bus.ensure_bucket(streams.RUNS))
     known = frozenset(tenants)
 
-    def copies(tenant: str) -> list[tuple[JetStreamContext, str]]:
+    def copies(tenant: str) -> list[tuple[Bus, str]]:
         """The tenant account's own copies of its events and tokens."""
         if tenant not in known:
             return []
-        js = bus.account_js(tenant_api_prefix(tenant))
-        return [(js, name) for name in TENANT_STREAMS]
+        account = bus.account(tenant_api_prefix(tenant))
+        return [(account, name) for name in TENANT_STREAMS]
 
     eraser = TaskEraser(bus, runs, event_copies=copies)
     hb = HeartbeatTracker()

@@ -9,8 +9,8 @@ import asyncio
 import contextlib
 
 import structlog
-from nats.js.kv import KeyValue
 
+from baton.transport import Bucket
 from proto import codec
 from proto.messages import ToolCatalog, ToolSpec
 
@@ -38,19 +38,13 @@ class ToolCatalogs:
                 specs.setdefault(name, t)
         self._specs = specs
 
-    async def watch(self, kv: KeyValue) -> None:
+    async def watch(self, kv: Bucket) -> None:
         """Follow every pool's entry (the current ones first, then changes)."""
         while True:
             try:
-                # nats-py keeps a watch's consumer 5 min after its client is
-                # gone (a killed replica's piled up in the soak); an ordered
-                # consumer the server dropped is recreated on missed heartbeats.
-                watcher = await kv.watchall(inactive_threshold=WATCH_INACTIVE)
-                async for entry in watcher:
-                    if entry is None:  # the initial values are all delivered
-                        continue
+                async for entry in kv.follow(inactive_threshold=WATCH_INACTIVE):
                     catalog = None
-                    if entry.value and entry.operation is None:
+                    if entry.value and not entry.deleted:
                         with contextlib.suppress(codec.DecodeError):
                             catalog = codec.decode(entry.value, ToolCatalog)
                     self.apply(entry.key, catalog)

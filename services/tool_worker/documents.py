@@ -15,10 +15,8 @@ import contextlib
 import time
 
 import structlog
-from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from baton.transport import Bus
+from baton.transport import Bus, Msg
 from proto import codec, subjects
 from proto.limits import MAX_DOCUMENT_BYTES
 from proto.messages import DocumentPut, DocumentsErased
@@ -39,24 +37,20 @@ class DocumentIndexer:
     async def start(self) -> None:
         await self.reconcile()
         start = self.index.last_seq
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start else DeliverPolicy.ALL,
-            opt_start_seq=start + 1 if start else None,
+        self._sub = await self.bus.ordered(
+            f"{subjects.DOCUMENTS}.>",
+            stream=DOCUMENTS.name,
+            start_seq=start + 1 if start else 0,
+            cb=self._on_doc,
         )
-        self._sub = await self.bus.js.subscribe(
-            f"{subjects.DOCUMENTS}.>", stream=DOCUMENTS.name, ordered_consumer=True,
-            config=config, cb=self._on_doc,
-        )  # fmt: skip
-        await self.bus.nc.subscribe(f"{subjects.DOCUMENTS_ERASED}.*", cb=self._on_erased)
+        await self.bus.subscribe(f"{subjects.DOCUMENTS_ERASED}.*", self._on_erased)
         log.info("search_index_opened", documents=self.index.count(), resumed_after=start)
         await self.caught_up(timeout=30.0)
 
     async def reconcile(self) -> int:
         """Drop indexed documents the stream no longer holds (erased while down)."""
-        info = await self.bus.js.stream_info(
-            DOCUMENTS.name, subjects_filter=f"{subjects.DOCUMENTS}.>"
-        )
-        live = {tuple(s.split(".")[2:4]) for s in (info.state.subjects or {})}
+        found = await self.bus.subjects(DOCUMENTS.name, f"{subjects.DOCUMENTS}.>")
+        live = {tuple(s.split(".")[2:4]) for s in found}
         gone: dict[str, set[str]] = {}
         for tenant, doc_id in self.index.documents() - live:
             gone.setdefault(tenant, set()).add(doc_id)

@@ -33,10 +33,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from nats.aio.msg import Msg
 
 from baton.service import Health
-from baton.transport import Bus, Delivery, Nak, Term
+from baton.transport import Bus, Delivery, Msg, Nak, Term
 from proto import codec, keys, subjects
 from proto.errors import ErrorCode
 from proto.limits import INLINE_TOOL_RESULT_BYTES, MAX_TOOL_OUTPUT_BYTES
