@@ -38,7 +38,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import nats
 import nats.errors
@@ -301,6 +301,37 @@ class _KeepAlive:
         self._handle.cancel()
 
 
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One core NATS request handed to a ``serve`` handler."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+
+    @property
+    def task_id(self) -> str | None:
+        return self.headers.get(HDR_TASK_ID)
+
+
+class Gate(Protocol):
+    """Admission in front of a pull loop (``Bus.consume``): how many more
+    deliveries it may take now, and a wait for that to change."""
+
+    def room(self) -> int: ...
+
+    async def wait(self) -> None:
+        """Return when the room may have grown (or after a short while)."""
+
+    def took(self, delivery: Delivery) -> None:
+        """``delivery`` was taken, before its handler runs."""
+
+
+# A request endpoint: the reply (a Struct, or bytes), or None to leave the
+# request unanswered (the caller's timeout then retries it).
+Responder = Callable[[Request], Awaitable[Any]]
+
+
 @dataclass
 class Puller:
     """A bound pull subscription: ``fetch`` up to ``n`` messages."""
@@ -518,6 +549,45 @@ class Bus:
         """A core NATS subscription (heartbeats, cancels, request endpoints)."""
         return await self.nc.subscribe(subject, queue=queue, cb=cb)
 
+    async def serve(
+        self,
+        subjects_: Sequence[str],
+        responder: Responder,
+        *,
+        queue: str = "",
+        concurrency: int = 64,
+    ) -> None:
+        """Answer requests on ``subjects_`` (in queue group ``queue``), at most
+        ``concurrency`` at once across them all: a full house leaves further
+        requests in the client's buffer. Each runs in its caller's trace, with
+        its task id bound in the log context; the reply is sent if the request
+        asked for one."""
+        slots = asyncio.Semaphore(concurrency)
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(msg: Msg) -> None:
+            headers = msg.headers or {}
+            token = tracing.set_current(tracing.child_of(headers.get(HDR_TRACEPARENT)))
+            try:
+                with structlog.contextvars.bound_contextvars(task_id=headers.get(HDR_TASK_ID)):
+                    reply = await responder(Request(msg.subject, msg.data, headers))
+                    if reply is not None and msg.reply:
+                        await msg.respond(
+                            reply if isinstance(reply, bytes) else codec.encode(reply)
+                        )
+            finally:
+                tracing._current.reset(token)
+                slots.release()
+
+        async def on_msg(msg: Msg) -> None:
+            await slots.acquire()
+            task = asyncio.create_task(answer(msg))
+            running.add(task)
+            task.add_done_callback(running.discard)
+
+        for subject in subjects_:
+            await self.nc.subscribe(subject, queue=queue, cb=on_msg)
+
     async def notify(self, subject: str, body: Any, *, task_id: str | None = None) -> None:
         """Core NATS publish (heartbeats, cancellations): fire and forget."""
         payload = body if isinstance(body, bytes) else codec.encode(body)
@@ -629,32 +699,48 @@ class Bus:
         handler: Handler,
         *,
         concurrency: int = 64,
+        gate: Gate | None = None,
+        running: set[asyncio.Task[None]] | None = None,
+        until: Callable[[], bool] | None = None,
+        finish: bool = True,
         fetch_timeout: float = 0.05,
         idle_timeout: float = 1.0,
     ) -> None:
-        """Pull and handle messages until ``stop()``; at most ``concurrency``
-        handlers run at once. In-flight handlers finish before it returns."""
+        """Pull and handle messages until ``stop()`` (or ``until()``, asked
+        when a fetch comes back empty); at most ``concurrency`` handlers run at
+        once, and no more are taken than ``gate.room()`` allows (a shut gate is
+        waited on). ``running``: the handler tasks, in a set the caller may
+        share between loops. ``finish``: in-flight handlers finish before it
+        returns (False: the caller drains them)."""
         puller = await self.puller(spec)
-        running: set[asyncio.Task[None]] = set()
+        running = set() if running is None else running
         while not self._stopping.is_set():
             free = concurrency - len(running)
-            if free <= 0:
-                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            room = free if gate is None else min(free, gate.room())
+            if room <= 0:
+                if free <= 0 or gate is None:
+                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                else:
+                    await gate.wait()
                 continue
             try:
                 # Busy: batches with short waits, so finished slots refill
                 # quickly. Idle: one message with a long wait (see Puller.fetch).
                 if running:
-                    batch = await puller.fetch(free, fetch_timeout)
+                    batch = await puller.fetch(room, fetch_timeout)
                 else:
                     batch = await puller.fetch(1, idle_timeout)
             except BusClosed:
                 break
+            if not batch and until is not None and until():
+                break
             for d in batch:
+                if gate is not None:
+                    gate.took(d)
                 task = asyncio.create_task(self.settle(spec, d, handler))
                 running.add(task)
                 task.add_done_callback(running.discard)
-        if running:
+        if finish and running:
             await asyncio.gather(*running, return_exceptions=True)
 
     def stop(self) -> None:
@@ -1117,12 +1203,15 @@ __all__ = [
     "BusUnavailable",
     "Delivery",
     "Entry",
+    "Gate",
     "Handler",
     "Msg",
     "Nak",
     "NotFound",
     "Outcome",
     "Puller",
+    "Request",
+    "Responder",
     "Settlement",
     "Term",
     "TransportError",

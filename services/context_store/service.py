@@ -18,10 +18,9 @@ from typing import Any
 import msgspec
 import structlog
 
-from baton import tracing
 from baton.metrics import CONTEXT_REQUEST_SECONDS, CONTEXT_REQUESTS
 from baton.service import Health
-from baton.transport import HDR_TASK_ID, HDR_TRACEPARENT, TRANSIENT, Bus, Msg
+from baton.transport import TRANSIENT, Bus, Msg, Request
 from proto import codec, subjects
 from proto.errors import ErrorCode
 from proto.ids import is_valid_id
@@ -101,12 +100,11 @@ class ContextEndpoints:
         self.store = store
         self.admin = admin
         self._handlers = handlers(store, admin)
-        self._slots = asyncio.Semaphore(concurrency)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.concurrency = concurrency
 
     async def start(self, bus: Bus) -> None:
-        for op in REQUEST_TYPES:
-            await bus.subscribe(f"{subjects.CONTEXT_API}.{op}.*", self._on_msg, queue=QUEUE)
+        ops = [f"{subjects.CONTEXT_API}.{op}.*" for op in REQUEST_TYPES]
+        await bus.serve(ops, self.answer, queue=QUEUE, concurrency=self.concurrency)
         # No queue group: every replica must hear an invalidation.
         await bus.subscribe(f"{subjects.CONTEXT_INVALIDATE}.*", self._on_invalidate)
 
@@ -115,36 +113,23 @@ class ContextEndpoints:
             inv = codec.decode(msg.data, ContextInvalidate)
             self.store.history.forget(inv.tenant, inv.session)
 
-    async def _on_msg(self, msg: Msg) -> None:
-        await self._slots.acquire()
-        task = asyncio.create_task(self._handle(msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _handle(self, msg: Msg) -> None:
+    async def answer(self, req: Request) -> Any:
         started = time.perf_counter()
-        _, _, op, tenant = msg.subject.split(".", 3)
-        headers = msg.headers or {}
-        token = tracing.set_current(tracing.child_of(headers.get(HDR_TRACEPARENT)))
+        _, _, op, tenant = req.subject.split(".", 3)
         outcome = "ok"
         try:
-            with structlog.contextvars.bound_contextvars(
-                op=op, tenant=tenant, task_id=headers.get(HDR_TASK_ID)
-            ):
+            with structlog.contextvars.bound_contextvars(op=op, tenant=tenant):
                 try:
-                    reply = await self.dispatch(op, tenant, msg.data)
+                    reply = await self.dispatch(op, tenant, req.data)
                 except Unavailable:
                     # No answer: the caller's timeout retries it (a nak), where
                     # "context_unavailable" would fail its task for good.
                     outcome = "unanswered"
-                    return
+                    return None
                 if reply.error is not None:
                     outcome = reply.error.code
-                if msg.reply:
-                    await msg.respond(codec.encode(reply))
+                return reply
         finally:
-            tracing._current.reset(token)
-            self._slots.release()
             CONTEXT_REQUESTS.labels(op, outcome).inc()
             CONTEXT_REQUEST_SECONDS.labels(op).observe(time.perf_counter() - started)
 

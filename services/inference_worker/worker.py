@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Callable
 
 import structlog
@@ -129,28 +130,16 @@ class Worker:
     async def pull(self, spec: ConsumerSpec, until: Callable[[], bool] = never) -> None:
         """Fetch from ``spec`` while there is headroom, until the bus stops
         (or ``until()`` says so, checked when a fetch comes back empty). Every
-        pull loop of the worker shares one admission budget."""
+        pull loop of the worker shares one admission budget and one set of
+        handler tasks (drained by ``_drain``)."""
         bus, jobs = self.bus, self.jobs
         assert bus is not None and jobs is not None
-        puller = await bus.puller(spec)
 
         async def handle(d: Delivery) -> None:
             await jobs.handle(d, self._admitted)
 
-        while not bus.stopping:
-            n = min(self.s.max_fetch, self.admission.room_for(self.waiting))
-            if n <= 0 or not self.sup.ok.is_set():
-                await self.admission.wait_change(0.25)
-                continue
-            # Idle: one message with a long wait (see Puller.fetch); busy: batches.
-            batch = await puller.fetch(n, 0.05) if self._tasks else await puller.fetch(1, 1.0)
-            if not batch and until():
-                return
-            for d in batch:
-                self.waiting += 1
-                task = asyncio.create_task(bus.settle(spec, d, handle))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+        await bus.consume(spec, handle, concurrency=sys.maxsize, gate=_Headroom(self),
+                          running=self._tasks, until=until, finish=False)  # fmt: skip
 
     async def _drain(self) -> None:
         """After SIGTERM: let in-flight jobs finish within the grace period,
@@ -171,3 +160,22 @@ class Worker:
             return
         if self.jobs is not None:
             await self.jobs.on_cancel(cancel)
+
+
+class _Headroom:
+    """The worker's admission budget as ``Bus.consume``'s gate: nothing is
+    fetched while the engine is down, and no more than fits the KV cache."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+
+    def room(self) -> int:
+        if not self.w.sup.ok.is_set():
+            return 0
+        return min(self.w.s.max_fetch, self.w.admission.room_for(self.w.waiting))
+
+    async def wait(self) -> None:
+        await self.w.admission.wait_change(0.25)
+
+    def took(self, delivery: Delivery) -> None:
+        self.w.waiting += 1

@@ -6,8 +6,8 @@ starts.
 A loop with no room fetches nothing and waits for one of the tenant's runs
 to end; the tasks stay in the tenant's stream (durable, in order), so a
 flood is drained at the pace its share allows while every other tenant's
-intake keeps pulling. Handlers run through ``Bus.settle`` as in
-``Bus.consume``: ack / nak / term by outcome, kept alive while they run.
+intake keeps pulling. The loop is ``Bus.consume`` with the tenant's room as
+its gate: ack / nak / term by outcome, kept alive while they run.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 
 import structlog
 
-from baton.transport import Bus, BusClosed, Delivery
+from baton.transport import Bus, Delivery
 from proto.admission import RateLimited
 from proto.messages import TaskSubmit
 from proto.streams import ConsumerSpec
@@ -105,35 +105,10 @@ class Intake:
     async def run_tenant(self, spec: ConsumerSpec, tenant: str, *, concurrency: int) -> None:
         """Pull ``tenant``'s tasks until the bus stops; in-flight handlers
         finish before it returns."""
-        puller = await self.bus.puller(spec)
-        running: set[asyncio.Task[None]] = set()
-        changed = self.gate.changed(tenant)
-        while not self.bus.stopping:
-            free = min(concurrency - len(running), self.gate.room(tenant))
-            if free <= 0:
-                changed.clear()  # then look again: a run may have ended meanwhile
-                if self.gate.room(tenant) <= 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(changed.wait(), FETCH_IDLE)
-                elif len(running) >= concurrency:
-                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                continue
-            try:
-                if running:
-                    batch = await puller.fetch(free, FETCH_BUSY)
-                else:
-                    batch = await puller.fetch(1, FETCH_IDLE)
-            except BusClosed:
-                break
-            for d in batch:
-                self.gate.reserve(tenant, d.stream_seq)
-                task = asyncio.create_task(
-                    self.bus.settle(spec, d, lambda d: self._handle(tenant, d))
-                )
-                running.add(task)
-                task.add_done_callback(running.discard)
-        if running:
-            await asyncio.gather(*running, return_exceptions=True)
+        await self.bus.consume(
+            spec, lambda d: self._handle(tenant, d), concurrency=concurrency,
+            gate=_TenantGate(self.gate, tenant), fetch_timeout=FETCH_BUSY, idle_timeout=FETCH_IDLE,
+        )  # fmt: skip
 
     async def reconcile(self) -> None:
         """Free the slots of runs another replica finished (or an erasure
@@ -149,3 +124,23 @@ class Intake:
                     break
                 if run is None or run.terminal:
                     self.gate.finish(tenant, task_id)
+
+
+class _TenantGate:
+    """One tenant's room under the fair gate, as ``Bus.consume`` asks for it."""
+
+    def __init__(self, gate: FairGate, tenant: str) -> None:
+        self.gate, self.tenant = gate, tenant
+        self.changed = gate.changed(tenant)
+
+    def room(self) -> int:
+        return self.gate.room(self.tenant)
+
+    async def wait(self) -> None:
+        self.changed.clear()  # then look again: a run may have ended meanwhile
+        if self.room() <= 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), FETCH_IDLE)
+
+    def took(self, delivery: Delivery) -> None:
+        self.gate.reserve(self.tenant, delivery.stream_seq)
