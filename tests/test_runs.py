@@ -19,7 +19,7 @@ async def store(nats_url: str) -> AsyncIterator[RunStore]:
     bus: Bus = await connect(nats_url, name="test-runs")
     spec = BucketSpec(name=uid("runs"), history=8, erasable=True)
     kv = await bus.ensure_bucket(spec)
-    yield RunStore(kv, js=bus.js, stream=spec.stream)
+    yield RunStore(kv)
     await bus.close()
 
 
