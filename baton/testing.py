@@ -289,7 +289,7 @@ async def collect_results(bus: Bus, tenant: str, n: int, timeout: float) -> list
                 raise TimeoutError(f"{len(got)} of {n} results within {timeout}s")
             for d in await puller.fetch(n - len(got), min(1.0, left)):
                 got.append(d.decode(InferenceResult))
-                await d.ack()
+                await d.ack_sync()  # the consumer is deleted next: no ack may be in flight
     finally:
         # Work-queue streams allow one consumer per filter: delete it now.
         await puller.close()

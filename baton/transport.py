@@ -254,6 +254,13 @@ class Delivery:
             self._settled = True
             await self.msg.ack()
 
+    async def ack_sync(self) -> None:
+        """Ack and wait for the server to confirm it (before, say, deleting
+        the consumer, which would drop an ack still in flight)."""
+        if not self._settled:
+            self._settled = True
+            await self.msg.ack_sync()
+
     async def nak(self, delay: float | None = None) -> None:
         if not self._settled:
             self._settled = True
