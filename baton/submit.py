@@ -93,7 +93,7 @@ async def _behind(
     round trip) means every earlier message is parsed into its subscription's
     queue; then let the subscriptions' tasks pass them on (bounded)."""
     with contextlib.suppress(Exception):
-        await bus.nc.flush(timeout=2)
+        await bus.flush(timeout=2)
     for _ in range(1000):
         if not any(sub.pending_msgs for sub in subs):
             break
