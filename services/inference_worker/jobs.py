@@ -12,6 +12,7 @@ cancelled task's generation is aborted and answered with ``cancelled``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -42,7 +43,7 @@ from .engines.base import EngineDead, EngineOOM, GenerationRequest, PromptTooLon
 from .gpuclock import GpuClock
 from .heartbeat import WarmSessions
 from .supervisor import EngineSupervisor, Flight
-from .tokens import TokenPublisher
+from .tokens import TokenPublisher, TokenSink
 
 log = structlog.get_logger("inference_worker")
 
@@ -57,6 +58,7 @@ class _Outcome:
     cached_tokens: int = 0
     started: float = 0.0
     tool_calls: list[ToolCall] = field(default_factory=list)
+    tokens: TokenSink | None = None  # still open: its final delta goes out with the append
 
 
 def with_system(messages: list[ChatMessage], system: str | None) -> list[ChatMessage]:
@@ -160,7 +162,7 @@ class JobHandler:
             return
         answer = [ChatMessage(role="assistant", content=outcome.output, name=job.agent,
                               tool_calls=outcome.tool_calls)]  # fmt: skip
-        reply: ContextAppendReply = await bus.request(
+        append = bus.request(
             subjects.context_api("append", job.tenant),
             ContextAppend(
                 tenant=job.tenant,
@@ -172,6 +174,11 @@ class JobHandler:
             ContextAppendReply,
             task_id=job.task_id,
         )
+        # The last token delta and the answer go out together: both only have
+        # to precede the result (the orchestrator's `step done` follows it).
+        flush = outcome.tokens.close(final=True) if outcome.tokens else asyncio.sleep(0)
+        reply: ContextAppendReply
+        reply, _ = await asyncio.gather(append, flush)
         if reply.error is not None and reply.error.code == ErrorCode.UNKNOWN_SESSION:
             raise Term("the session was erased while the answer was generated", dead_letter=False)
         if reply.error is not None:
@@ -209,6 +216,7 @@ class JobHandler:
         self.clock.start(request_id)
         parts: list[str] = []
         final = None
+        ended = False
         tokens = self.tokens.open(job, attempt=f"{d.stream_seq}.{d.num_delivered}")
         try:
             request = GenerationRequest(
@@ -228,6 +236,7 @@ class JobHandler:
                 tokens.add(chunk.text)
                 if chunk.finished:
                     final = chunk
+            ended = True  # the stream ran out without an error
         except (EngineOOM, EngineDead) as exc:
             await sup.fault(exc, flight.epoch)
             raise Nak(self.s.oom_retry_delay, f"engine fault: {type(exc).__name__}") from exc
@@ -235,10 +244,12 @@ class JobHandler:
             await self._too_long(job, exc.prompt_tokens, exc.max_model_len)
             return None
         finally:
-            # The last delta goes out before the answer is stored, only for a
-            # generation whose answer will be.
+            # A generation whose answer will be stored keeps its sink open: the
+            # last delta goes out beside the answer's append (``_run``). Any
+            # other ends its deltas here, without a final one.
             complete = final is not None and not flight.cancelled and flight.epoch == sup.epoch
-            await tokens.close(final=complete)
+            if not (complete and ended):
+                await tokens.close(final=False)
             gpu_seconds = self.clock.stop(request_id)
             sup.flights.pop(request_id, None)
             m.INFLIGHT.labels(*labels).set(len(sup.flights))
@@ -256,7 +267,7 @@ class JobHandler:
             gpu_seconds=round(gpu_seconds, 6),
         )
         return _Outcome("".join(parts), usage, final.cached_tokens, started,
-                        list(final.tool_calls or []))  # fmt: skip
+                        list(final.tool_calls or []), tokens)  # fmt: skip
 
     async def _too_long(self, job: InferenceJob, prompt_tokens: int, limit: int) -> None:
         if self.s.larger_pool:

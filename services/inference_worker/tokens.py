@@ -9,9 +9,10 @@ comes. Publishing never blocks the generation. Each delta's ``Nats-Msg-Id``
 is ``<job_id>#<attempt>.<index>``: a publish retried after a lost ack is
 stored once.
 
-``close(final=True)`` flushes the rest with ``final`` set; the worker calls
-it before it stores the answer, so the deltas of a step's attempt are in the
-stream before its ``step done`` event and concatenate to the stored text.
+``close(final=True)`` flushes the rest with ``final`` set; the worker awaits
+it together with the answer's append and before it publishes the result, so
+the deltas of a step's attempt are in the stream before its ``step done``
+event (which follows the result) and concatenate to the stored text.
 """
 
 from __future__ import annotations
