@@ -67,6 +67,9 @@ HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 
 PING_INTERVAL = 5  # seconds; see connect()
 _STORE_RACE_ERR = 10049  # "error creating store for stream": transient, retry
+# "no suitable peers for placement": a cluster peer is still starting (or
+# restarting); it comes back, so provisioning waits for it like an election.
+_NO_PEERS_ERR = 10005
 
 
 class TransportError(Exception):
@@ -442,6 +445,10 @@ async def _retry_store_race(op: Callable[[], Awaitable[Any]], attempts: int = 8)
             log.warning("jetstream_unavailable_retrying", error=type(exc).__name__)
             await asyncio.sleep(0.5)
         except nats.js.errors.APIError as exc:
+            if exc.err_code == _NO_PEERS_ERR and time.monotonic() <= deadline:
+                log.warning("jetstream_peers_offline_retrying", error=exc.description)
+                await asyncio.sleep(0.5)
+                continue
             attempt += 1
             if exc.err_code != _STORE_RACE_ERR or attempt >= attempts:
                 raise

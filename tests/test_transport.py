@@ -258,3 +258,29 @@ async def test_a_bucket_compare_and_set_loses_with_wrong_last_sequence(bus: Bus)
     assert entry is not None and (entry.value, entry.revision) == (b"2", newer)
     assert await kv.erase_history("k", keep_after=newer) == 1  # the first revision
     assert [e.value for e in await kv.entries()] == [b"2"]
+
+
+async def test_provisioning_waits_for_a_cluster_peer_still_starting() -> None:
+    """JetStream answers 10005 "no suitable peers for placement" while a peer
+    of an R3 stream is not up yet (seen: a service exiting at the chaos
+    cluster's start); provisioning waits like it waits out an election, and
+    any other refusal still fails at once."""
+    import nats.js.errors
+
+    from baton import transport
+
+    calls = 0
+
+    async def placement(fail_times: int, code: int) -> str:
+        nonlocal calls
+        calls += 1
+        if calls <= fail_times:
+            raise nats.js.errors.APIError(code=400, err_code=code, description="refused")
+        return "created"
+
+    assert await transport._retry_store_race(lambda: placement(3, 10005)) == "created"
+    assert calls == 4
+    calls = 0
+    with pytest.raises(nats.js.errors.APIError):
+        await transport._retry_store_race(lambda: placement(1, 10052))
+    assert calls == 1
