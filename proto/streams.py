@@ -76,6 +76,9 @@ def tenant_tasks(tenant: str) -> StreamSpec:
     )
 
 
+TASK_MAX_DELIVER: Final = 10
+
+
 def task_consumer(tenant: str) -> ConsumerSpec:
     """The consumer every orchestrator replica shares on a tenant's tasks."""
     stream = tenant_tasks(tenant)
@@ -87,7 +90,11 @@ def task_consumer(tenant: str) -> ConsumerSpec:
         # whose ack was lost in a NATS restart, comes back this soon (a live
         # handler extends it with in_progress every ack_wait / 3).
         ack_wait=10.0,
-        max_deliver=5,
+        # Intake needs the run store: a KV leader election (15-20 s seen in the
+        # chaos tier) must not use up the deliveries. The back-off (0.5 s
+        # doubling, at most 30 s) over 10 deliveries waits ~2 min; a poison
+        # task is terminated on its first delivery whatever this says.
+        max_deliver=TASK_MAX_DELIVER,
         description="Shared by every orchestrator replica.",
         erase_handled=True,  # a task's input and metadata
     )
@@ -102,7 +109,7 @@ def input_consumer(tenant: str) -> ConsumerSpec:
         durable="orchestrator-inputs",
         filter_subject=stream.subjects[1],
         ack_wait=30.0,
-        max_deliver=5,
+        max_deliver=TASK_MAX_DELIVER,  # resuming needs the run store, as intake does
         description="Shared by every orchestrator replica.",
         erase_handled=True,  # a human's answer is the tenant's content
     )
