@@ -266,7 +266,7 @@ ORCHESTRATOR_RESULTS = ConsumerSpec(
     # Short: a result held by a replica that died is taken over this soon
     # (live handlers extend it with in_progress every ack_wait / 3).
     ack_wait=10.0,
-    max_deliver=5,
+    max_deliver=TASK_MAX_DELIVER,  # recording needs the run store, as intake does
     erase_handled=True,  # a step's output
 )
 ORCHESTRATOR_ERASURES = ConsumerSpec(
