@@ -261,8 +261,10 @@ async def test_baton_on_a_3_node_cluster_loses_and_duplicates_nothing_under_faul
     js = nc.jetstream(timeout=5)
     try:
         for name, origin in (("CHAOS_JOBS", "BATON_JOBS"), ("CHAOS_RESULTS", "BATON_RESULTS")):
-            await js.add_stream(api.StreamConfig(name=name, num_replicas=3,
-                                                 mirror=api.StreamSource(name=origin)))  # fmt: skip
+            config = api.StreamConfig(name=name, num_replicas=3,
+                                      mirror=api.StreamSource(name=origin))  # fmt: skip
+            # A fresh cluster may still be placing its first streams.
+            await _retry(f"mirror {origin}", lambda c=config: js.add_stream(c), timeout=60)
         run = Run(tenant="acme")  # a tenant of the stack (BATON_TENANTS); the cluster is its own
         run.faults.append(Fault("none (warm-up)", at=time.time()))
         driver = Driver(js, run)
