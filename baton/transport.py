@@ -174,13 +174,16 @@ def settlement(error: BaseException | None, num_delivered: int, max_deliver: int
     """The one rule that turns a handler's outcome into ack / nak / term.
 
     Returned normally -> ack; ``Nak(delay)`` -> nak, but dead-lettered on the
-    last delivery; ``Term`` -> term (dead-lettered unless it says not to); any
+    last delivery; ``Term`` -> term (dead-lettered unless it says not to); a
+    ``codec.DecodeError`` (a body no delivery can read) -> dead-lettered at once; any
     other error -> nak with exponential back-off (0.5 s doubling, at most
     30 s), dead-lettered on the last delivery. ``max_deliver <= 0``: no last
     delivery."""
     last = 0 < max_deliver <= num_delivered
     if error is None:
         return Settlement("ack")
+    if isinstance(error, codec.DecodeError):  # poison: no delivery will read it
+        return Settlement("dead_letter", reason=f"undecodable: {error}")
     if isinstance(error, Nak):
         if last:
             return Settlement("dead_letter", reason=f"nak on last delivery: {error.reason}")

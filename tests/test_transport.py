@@ -179,6 +179,9 @@ def test_one_pure_rule_settles_every_outcome() -> None:
     assert settlement(Nak(2.0), 500, -1).action == "nak"  # unlimited: never dead-letters
     assert settlement(Term("poison"), 1, 5).action == "dead_letter"
     assert settlement(Term("answered", dead_letter=False), 1, 5).action == "term"
+    from proto import codec  # a body no delivery can read: dead-lettered on the first
+
+    assert settlement(codec.DecodeError("bad"), 1, 5).action == "dead_letter"
     backoff = [settlement(ValueError("x"), n, 10).delay for n in (1, 2, 3, 9)]
     assert backoff == [0.5, 1.0, 2.0, 30.0]
     last = settlement(ValueError("boom"), 10, 10)

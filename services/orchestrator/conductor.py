@@ -354,10 +354,7 @@ class Conductor:
 
     async def on_result(self, d: Delivery) -> None:
         received = time.time()
-        try:
-            res = d.decode(InferenceResult)
-        except codec.DecodeError as exc:
-            raise Term(f"undecodable result: {exc}") from exc
+        res = d.decode(InferenceResult)  # undecodable: dead-lettered by the transport
         structlog.contextvars.bind_contextvars(task_id=res.task_id, tenant=res.tenant)
         if not (is_valid_id(res.tenant) and is_valid_id(res.task_id)):
             raise Term("result with invalid ids")
@@ -377,10 +374,7 @@ class Conductor:
             m.RESUMED.inc()
 
     async def on_tool_result(self, d: Delivery) -> None:
-        try:
-            res = d.decode(ToolResult)
-        except codec.DecodeError as exc:
-            raise Term(f"undecodable tool result: {exc}") from exc
+        res = d.decode(ToolResult)
         structlog.contextvars.bind_contextvars(task_id=res.task_id, tenant=res.tenant)
         if not (is_valid_id(res.tenant) and is_valid_id(res.task_id)):
             raise Term("tool result with invalid ids")
@@ -399,10 +393,7 @@ class Conductor:
     async def on_timer(self, d: Delivery) -> None:
         """A run's watchdog: asleep until due (nak with the delay); then retry
         or fail the overdue steps, and sleep until the next deadline."""
-        try:
-            t = d.decode(RunTimer)
-        except codec.DecodeError as exc:
-            raise Term(f"undecodable timer: {exc}") from exc
+        t = d.decode(RunTimer)
         left = t.due - time.time()
         if left > 0:
             raise Nak(min(left, T.MAX_TIMER_SLEEP), "not due")

@@ -133,10 +133,7 @@ class TaskEraser:
         self.event_copies = event_copies or (lambda _tenant: ())
 
     async def on_erasure(self, d: Delivery) -> None:
-        try:
-            req: SessionsErased = d.decode(SessionsErased)
-        except codec.DecodeError as exc:
-            raise Term(f"undecodable erasure: {exc}") from exc
+        req: SessionsErased = d.decode(SessionsErased)  # undecodable: dead-lettered
         if not is_valid_id(req.tenant):
             raise Term("erasure with an invalid tenant")
         structlog.contextvars.bind_contextvars(tenant=req.tenant)

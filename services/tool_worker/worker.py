@@ -172,10 +172,7 @@ class ToolWorker:
     # -- one call ----------------------------------------------------------
 
     async def handle(self, d: Delivery) -> None:
-        try:
-            job = d.decode(ToolJob)
-        except codec.DecodeError as exc:
-            raise Term(f"undecodable tool job: {exc}") from exc
+        job = d.decode(ToolJob)  # undecodable: dead-lettered by the transport
         # Only a redelivery or a later dispatch (``<call_id>#<attempt>``) may
         # find the result stored already.
         fresh = d.num_delivered == 1 and d.msg_id == job.call_id
