@@ -22,9 +22,26 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from proto.messages import ChatMessage, ToolCall, ToolSpec
+
+
+def openai_message(m: ChatMessage) -> dict[str, Any]:
+    """A message in the OpenAI chat shape (what OpenAI-compatible servers and
+    chat templates take); no ``name`` on a tool message, which the API refuses."""
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.name and m.role != "tool":
+        out["name"] = m.name
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]  # fmt: skip
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    return out
 
 
 class EngineError(Exception):

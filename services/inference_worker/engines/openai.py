@@ -41,6 +41,7 @@ from services.inference_worker.engines.base import (
     GenerationChunk,
     GenerationRequest,
     PromptTooLong,
+    openai_message,
 )
 
 # Per-message overhead of a chat template (role markers, separators), in tokens.
@@ -63,24 +64,6 @@ _METRIC_SAMPLES = {
 
 # Sentinel that ends the producer -> consumer queue of one generation.
 _END = object()
-
-
-def _wire_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    out = []
-    for m in messages:
-        item: dict[str, Any] = {"role": m.role, "content": m.content}
-        if m.name and m.role != "tool":
-            item["name"] = m.name
-        if m.tool_calls:
-            item["tool_calls"] = [
-                {"id": c.id, "type": "function",
-                 "function": {"name": c.name, "arguments": c.arguments}}
-                for c in m.tool_calls
-            ]  # fmt: skip
-        if m.tool_call_id:
-            item["tool_call_id"] = m.tool_call_id
-        out.append(item)
-    return out
 
 
 def _merge_tool_deltas(acc: dict[int, dict[str, str]], deltas: list[dict[str, Any]]) -> None:
@@ -228,7 +211,7 @@ class OpenAIEngine:
         if self._tokenize_ok:
             body = {
                 "model": self.model,
-                "messages": _wire_messages(messages),
+                "messages": [openai_message(m) for m in messages],
                 "add_generation_prompt": True,
             }
             try:
@@ -274,7 +257,7 @@ class OpenAIEngine:
         client = self._http()
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": _wire_messages(request.messages),
+            "messages": [openai_message(m) for m in request.messages],
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "stream": True,

@@ -44,6 +44,7 @@ from services.inference_worker.engines.base import (
     GenerationChunk,
     GenerationRequest,
     PromptTooLong,
+    openai_message,
 )
 from services.inference_worker.engines.toolcalls import fit_to_budget, parse_guided
 from services.inference_worker.engines.vllm_args import EngineArgsError, resolve
@@ -147,22 +148,16 @@ def _stat_logger_factory(counters: _Counters) -> Any:
 
 
 def _wire_message(m: ChatMessage) -> dict[str, Any]:
-    """A message as chat templates take it (the OpenAI shape)."""
-    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    """A message as chat templates take it: the OpenAI shape, the name kept on
+    tool messages too, and calls with no text spelt as their JSON (what the
+    model was guided to write)."""
+    out = openai_message(m)
     if m.name:
         out["name"] = m.name
-    if m.tool_calls:
-        out["tool_calls"] = [
-            {"id": c.id, "type": "function",
-             "function": {"name": c.name, "arguments": c.arguments}}
-            for c in m.tool_calls
-        ]  # fmt: skip
-        if not m.content:
-            out["content"] = json.dumps(
-                {"tool_calls": [{"name": c.name, "arguments": c.arguments} for c in m.tool_calls]}
-            )
-    if m.tool_call_id:
-        out["tool_call_id"] = m.tool_call_id
+    if m.tool_calls and not m.content:
+        out["content"] = json.dumps(
+            {"tool_calls": [{"name": c.name, "arguments": c.arguments} for c in m.tool_calls]}
+        )
     return out
 
 
