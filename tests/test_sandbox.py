@@ -16,6 +16,7 @@ import pytest
 from baton.testing import LocalStack, http_get, uid
 from baton.transport import Bus, connect
 from services.tool_worker.tools.python import PythonTool, RunResult, bwrap_command
+from tests import tools
 from tests.tools import call_tool, session_with_call
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap")
@@ -56,8 +57,7 @@ async def alive(bus: Bus, pool: str, url: str) -> None:
 
 
 def sandbox_processes() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["uids"])
-            if UID_BASE <= p.info["uids"].real < UID_BASE + 16]  # fmt: skip
+    return tools.sandbox_processes(UID_BASE, 16)
 
 
 async def test_an_infinite_loop_is_stopped_by_the_cpu_limit(

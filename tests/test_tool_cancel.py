@@ -19,8 +19,8 @@ import pytest
 from baton.testing import LocalStack, metric, uid
 from baton.transport import Bus, connect
 from proto import codec, subjects
-from proto.messages import Cancel, ToolJob, ToolResult
-from tests.tools import call_tool, session_with_call
+from proto.messages import Cancel, ToolResult
+from tests.tools import call_tool, publish_tool_job, sandbox_processes, session_with_call
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap")
 
@@ -46,8 +46,7 @@ async def bus(stack: LocalStack) -> AsyncIterator[Bus]:
 
 
 def sandboxed() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["uids"])
-            if UID_BASE <= p.info["uids"].real < UID_BASE + 64]  # fmt: skip
+    return sandbox_processes(UID_BASE, 64)
 
 
 def programs() -> int:
@@ -62,11 +61,8 @@ def programs() -> int:
 async def publish_call(bus: Bus, pool: str, tenant: str, task_id: str, call: str) -> str:
     session = uid("s")
     ref = await session_with_call(bus, tenant, session)
-    call_id = f"{tenant}.{task_id}.r1.s.{call}"
-    job = ToolJob(call_id=call_id, task_id=task_id, tenant=tenant, session=session, step="r1.s",
-                  tool="python", arguments=json.dumps({"code": SLEEPER}), ref=ref, timeout=100)  # fmt: skip
-    await bus.publish(subjects.tool_job(pool), job, msg_id=call_id, task_id=task_id)
-    return call_id
+    return await publish_tool_job(bus, tenant, session, ref, "python", {"code": SLEEPER},
+                                  call=call, task_id=task_id, pool=pool, job_timeout=100)  # fmt: skip
 
 
 async def test_cancelling_a_task_kills_its_running_sandbox_and_skips_its_queued_calls(

@@ -6,8 +6,10 @@ import asyncio
 import json
 from typing import Any
 
+import psutil
+
 from baton.transport import Bus
-from proto import codec, subjects
+from proto import codec, keys, subjects
 from proto.messages import ContextRef, ToolJob, ToolResult
 from tests.ctx import append
 
@@ -21,6 +23,22 @@ async def session_with_call(
     return reply.ref
 
 
+async def publish_tool_job(
+    bus: Bus, tenant: str, session: str, ref: ContextRef | None, tool: str,
+    args: dict[str, Any] | str, *, call: str = "c0", task_id: str = "task", pool: str = "default",
+    job_timeout: float = 0.0, step: str = "r1.s", msg_id: str | None = None,
+) -> str:  # fmt: skip
+    """Publish one tool job; returns its call id."""
+    call_id = keys.tool_call(tenant, task_id, step, call)
+    job = ToolJob(
+        call_id=call_id, task_id=task_id, tenant=tenant, session=session, step=step,
+        tool=tool, arguments=args if isinstance(args, str) else json.dumps(args),
+        tool_call_id=f"call_{call}", ref=ref, timeout=job_timeout,
+    )  # fmt: skip
+    await bus.publish(subjects.tool_job(pool), job, msg_id=msg_id or call_id, task_id=task_id)
+    return call_id
+
+
 async def call_tool(
     bus: Bus, tenant: str, session: str, ref: ContextRef | None, tool: str,
     args: dict[str, Any] | str, *, call: str = "c0", task_id: str = "task", pool: str = "default",
@@ -29,21 +47,24 @@ async def call_tool(
     """Publish one tool job and return its result (a core subscription sees
     the result as it is stored)."""
     got: asyncio.Future[ToolResult] = asyncio.get_running_loop().create_future()
-    call_id = f"{tenant}.{task_id}.{step}.{call}"
+    call_id = keys.tool_call(tenant, task_id, step, call)
 
     async def on_msg(msg: Any) -> None:
         res = codec.decode(msg.data, ToolResult)
         if res.call_id == call_id and not got.done():
             got.set_result(res)
 
-    sub = await bus.nc.subscribe(subjects.tool_result(tenant, task_id), cb=on_msg)
+    sub = await bus.subscribe(subjects.tool_result(tenant, task_id), on_msg)
     try:
-        job = ToolJob(
-            call_id=call_id, task_id=task_id, tenant=tenant, session=session, step=step,
-            tool=tool, arguments=args if isinstance(args, str) else json.dumps(args),
-            tool_call_id=f"call_{call}", ref=ref, timeout=job_timeout,
-        )  # fmt: skip
-        await bus.publish(subjects.tool_job(pool), job, msg_id=msg_id or call_id, task_id=task_id)
+        await publish_tool_job(bus, tenant, session, ref, tool, args, call=call, task_id=task_id,
+                               pool=pool, job_timeout=job_timeout, step=step, msg_id=msg_id)  # fmt: skip
         return await asyncio.wait_for(got, timeout)
     finally:
         await sub.unsubscribe()
+
+
+def sandbox_processes(uid_base: int, users: int) -> list[psutil.Process]:
+    """Processes running as one of a test's sandbox users (``uid_base`` and
+    the ``users`` after it): what a sandboxed call left running."""
+    return [p for p in psutil.process_iter(["uids"])
+            if uid_base <= p.info["uids"].real < uid_base + users]  # fmt: skip
