@@ -43,6 +43,7 @@ def main(argv: list[str]) -> int:
         with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as work:
             result = mod.run(Path(work))
         result["bench_seconds"] = round(time.time() - t0, 1)
+        result.setdefault("measured_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"bench {name}: {json.dumps(result)}", flush=True)
     sections = [HEADER]

@@ -624,9 +624,7 @@ def _rss_summary(rss: list[dict[str, float]]) -> dict[str, Any]:
 
 def run(work: Path) -> dict[str, Any]:
     """Run the benchmark in ``work`` (a scratch directory)."""
-    result = asyncio.run(_main(work))
-    result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return result
+    return asyncio.run(_main(work))
 
 
 HOPS = (

@@ -302,9 +302,7 @@ async def _main(work: Path) -> dict[str, Any]:
 
 
 def run(work: Path) -> dict[str, Any]:
-    result = asyncio.run(_main(work))
-    result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return result
+    return asyncio.run(_main(work))
 
 
 def markdown(r: dict[str, Any]) -> str:
