@@ -142,8 +142,10 @@ async def test_tasks_over_a_limit_fail_rate_limited_with_a_retry_hint(
         # The HTTP API answers 429 with the one error shape and Retry-After,
         # and publishes nothing.
         url = f"{stack.orchestrator.url}/v1/tasks"
+        stored = (await client.js.stream_info("BATON_TASKS_umbrella")).state.last_seq
         status, headers, body = _post(url, {"tenant": "umbrella", "input": "x"})
         assert status == 429, body
+        assert (await client.js.stream_info("BATON_TASKS_umbrella")).state.last_seq == stored
         assert body["error"]["code"] == "rate_limited"
         assert body["error"]["type"] == "rate_limit_error"
         assert int(headers["Retry-After"]) >= 1

@@ -160,12 +160,14 @@ async def test_an_http_answer_resumes_the_run_and_a_second_one_is_refused(
 async def test_an_unanswered_input_step_takes_its_default_at_the_timeout(
     env: LocalStack, acme: Client, bus: Bus
 ) -> None:
+    before = metric(env.orchestrator.url, "baton_input_answers_total", outcome="default")
     task_id = await submit(acme, "quick", "hi")
     events = await acme.events("acme", task_id, timeout=30)
     assert events[-1]["type"] == "completed", events[-1]
     [done] = [e for e in events if e.get("step") == "r1.confirm" and e["status"] == "done"]
     assert done["answered_by"] == "default"
-    assert metric(env.orchestrator.url, "baton_input_answers_total", outcome="default") >= 1
+    taken = metric(env.orchestrator.url, "baton_input_answers_total", outcome="default")
+    assert taken >= before + 1
     assert await user_messages(bus, events[-1]["session"]) == ["hi", "go ahead by default"]
 
 
@@ -251,14 +253,26 @@ async def test_an_answer_to_a_finished_task_is_ignored(
     events = await acme.events("acme", task_id, timeout=30)
     assert events[-1]["type"] == "completed"
     before = metric(env.orchestrator.url, "baton_input_answers_total", outcome="finished")
+    # A core subscription sees every publish, even one the events stream would
+    # drop as a duplicate by its Msg-Id (a replay of the stream would not).
+    again: list[bytes] = []
+
+    async def on_event(msg: Any) -> None:
+        again.append(msg.data)
+
+    sub = await acme.nc.subscribe(f"baton.events.acme.{task_id}", cb=on_event)
+    await acme.nc.flush()
     await answer(acme, task_id, "too late", "r1.confirm")
     async with asyncio.timeout(10):
         while metric(env.orchestrator.url, "baton_input_answers_total",
                      outcome="finished") < before + 1:  # fmt: skip
             await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+    await sub.unsubscribe()
+    assert again == []  # nothing published again
     assert await user_messages(bus, task_id) == ["hi", "go ahead by default"]
     after = await acme.events("acme", task_id, timeout=0.5, until_terminal=False)
-    assert len(after) == len(events)  # nothing published again
+    assert len(after) == len(events)
 
 
 def test_an_input_step_is_validated_with_its_line(tmp_path: Path) -> None:
