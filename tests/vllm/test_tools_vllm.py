@@ -86,3 +86,6 @@ async def test_auto_answers_text_or_valid_calls(vllm_engine: VLLMEngine) -> None
                 _assert_valid(call)
         else:  # text: the guided {"content": ...} unwrapped, never the raw JSON
             assert not f.text.startswith('{"'), f.text
+    # Both branches taken (seeded samples), so neither path can break unseen.
+    kinds = {bool(f.tool_calls) for f in finals}
+    assert kinds == {True, False}, kinds
