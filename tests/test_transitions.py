@@ -194,6 +194,30 @@ def test_a_refused_context_append_fails_the_run_at_the_context_layer() -> None:
     assert out.run.error == refused and events(out.effects) == ["accepted", "failed"]
 
 
+def test_a_rejected_tasks_claim_replays_nothing_whatever_message_finds_it() -> None:
+    """A rejection claims its task id as a failed run of no workflow, with its
+    one event (``failed``) already published: a redelivered task, a tool
+    result or an answer finding the claim publishes nothing (no ``accepted``
+    after ``failed``), and the task is not counted as resumed."""
+    from proto.messages import ToolResult
+
+    error = ErrorInfo.of(ErrorCode.RATE_LIMITED, "over the limit")
+    claim = RunState(tenant="acme", task_id="t1", session="t1", workflow="", task_seq=7,
+                     status="failed", error=error)  # fmt: skip
+    assert T.replay(claim, RULES, 1.0) == []
+    again = decide(T.start, claim, new_task(), RULES, now=2.0)
+    assert isinstance(again, T.Transition) and not again.changed and again.effects == []
+    assert again.note == "rejected"
+    res = ToolResult(call_id="acme.t1.r1.gather.coding.t0c0", task_id="t1", tenant="acme",
+                     session="t1", step="r1.gather.coding", tool="python", worker="tw",
+                     outcome="ok")  # fmt: skip
+    tool = T.tool_result(claim, res, RULES, 2.0)
+    assert isinstance(tool, T.Transition) and not tool.changed and tool.effects == []
+    answered = T.answer(claim, T.NewAnswer("yes", redelivered=True), RULES, 2.0, {})
+    assert isinstance(answered, T.Transition) and answered.effects == []
+    assert answered.note == "finished"
+
+
 # -- any interleaving -----------------------------------------------------
 
 

@@ -439,13 +439,9 @@ class Conductor:
         """Give a waiting input step its answer; None when there is no such run.
         ``note`` of the outcome: empty when taken, else why it was ignored."""
 
-        def decide(run: RunState | None, now: float, ctx: T.Ctx) -> T.Outcome:
-            r = _must(run)
-            if r.workflow not in self.workflows:  # the claim of a rejected task
-                return T.Transition(r, False, note="finished")
-            return T.answer(r, msg, self.rules, now, ctx)
-
-        out = await self._apply(tenant, task_id, decide)
+        out = await self._apply(
+            tenant, task_id, lambda run, now, ctx: T.answer(_must(run), msg, self.rules, now, ctx)
+        )
         outcome = "unknown_task" if out is None else (out.note or "taken")
         m.INPUT_ANSWERS.labels(outcome).inc()
         log.info("input_answer", outcome=outcome, step=msg.step)

@@ -364,6 +364,8 @@ def replay(run: RunState, rules: Rules, now: float) -> list[Effect]:
     """Every effect the stored state implies (all de-duplicated downstream)."""
     if run.status == ERASED:
         return []  # nothing may be published again for an erased task
+    if run.workflow not in rules.workflows:
+        return []  # a rejected task's claim on its id: its one event was its ``failed``
     effects: list[Effect] = [
         _event(run, now, keys.ACCEPTED, Accepted(task_id=run.task_id, workflow=run.workflow))
     ]
@@ -459,6 +461,8 @@ def start(run: RunState | None, task: NewTask, rules: Rules, now: float, ctx: Ct
     if run is not None:
         if run.task_seq != task.seq:
             return Transition(run, False, note="duplicate_task")
+        if run.workflow not in rules.workflows:  # the task was rejected: nothing resumes
+            return Transition(run, False, note="rejected")
         return Transition(run, False, replay(run, rules, now), note="resumed")
     wf = rules.workflows[task.workflow]
     run = RunState(
