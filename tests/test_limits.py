@@ -121,6 +121,19 @@ def test_gate_run_ending_before_its_adoption_frees_the_slot() -> None:
     assert gate.active("a") == 0 and gate.room("a") == 4
 
 
+def test_gate_run_ending_within_its_own_delivery_leaves_no_note_behind() -> None:
+    gate = FairGate(lambda t: 4)
+    gate.reserve("a", 7)
+    gate.finish("a", "t7")  # stored terminal during its on_task (a budget stop)
+    gate.forget("a", "t7")  # so intake releases the delivery, not adopts it
+    gate.release("a", 7)
+    assert gate.room("a") == 4
+    # A later run of that id (say, resubmitted after an erasure) holds its slot.
+    gate.reserve("a", 9)
+    gate.adopt("a", 9, "t7", now=1.0)
+    assert gate.active("a") == 1 and gate.room("a") == 3
+
+
 def test_gate_older_counts_active_and_reserved_ahead() -> None:
     gate = FairGate(lambda t: 10)
     gate.reserve("a", 1)

@@ -88,6 +88,12 @@ class FairGate:
         self._reserved.get(tenant, set()).discard(seq)
         self._wake(tenant)
 
+    def forget(self, tenant: str, task_id: str) -> None:
+        """Run ``task_id`` ended while its own delivery was handled (``finish``
+        found it not adopted yet): the delivery is released, not adopted, so
+        nothing else would take the note ``finish`` left."""
+        self._early.pop((tenant, task_id), None)
+
     def finish(self, tenant: str, task_id: str) -> None:
         """Run ``task_id`` ended (here or on another replica)."""
         runs = self._active.get(tenant)

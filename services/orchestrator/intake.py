@@ -94,7 +94,9 @@ class Intake:
         seq, started = d.stream_seq, None
         try:
             run = await self.conductor.on_task(d)
-            if run is not None and not run.terminal:
+            if run.terminal:  # e.g. stopped for its budget before a step ran
+                self.gate.forget(tenant, run.task_id)
+            else:
                 started = run.task_id
         finally:
             if started is None:
