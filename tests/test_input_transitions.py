@@ -159,7 +159,11 @@ def test_answers_to_no_waiting_step_or_a_finished_run_change_nothing() -> None:
         out, ops = decide(T.answer, run, msg, now=5.0)
         assert isinstance(out, T.Transition)
         assert (out.changed, out.note, out.effects, ops) == (False, note, [], [])
+    assert T.waiting_step(run) == T.waiting_step(run, "r1.confirm") == "r1.confirm"
+    assert T.waiting_step(run, "r1.detail") is None
     cancelled = T.cancel(run, 6.0).run
+    assert cancelled.steps["r1.confirm"].status == "waiting_input"
+    assert T.waiting_step(cancelled) is None  # the run has ended
     out, ops = decide(T.answer, cancelled, T.NewAnswer("x"), now=7.0)
     assert isinstance(out, T.Transition)
     assert (out.changed, out.note, out.effects, ops) == (False, "finished", [], [])

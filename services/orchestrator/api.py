@@ -53,6 +53,7 @@ from .intake import Intake
 from .listing import BadCursor, page_runs
 from .runs import ERASED, RunState, RunStore
 from .settings import OrchestratorSettings
+from .transitions import waiting_step
 from .workflows import WorkflowSpec
 
 _NO_TENANT = "tenant is required (query parameter or API key)"
@@ -290,10 +291,9 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         if why is not None:
             raise ApiError(why[0], why[1], param="step" if why[0] == ErrorCode.INVALID_FIELD
                            else "answer")  # fmt: skip
-        waiting = [k for k, st in run.steps.items() if st.status == "waiting_input"]
-        step = body.step if body.step is not None else (waiting[0] if waiting else None)
-        if run.terminal or step is None or step not in waiting:
-            at = f" at {step}" if step else ""
+        step = waiting_step(run, body.step)
+        if step is None:
+            at = f" at {body.step}" if body.step else ""
             raise ApiError(ErrorCode.NOT_WAITING, f"task {task_id!r} waits for no input{at}")
         answer.step = step
         subject = subjects.tenant_input(tenant, task_id)

@@ -27,7 +27,7 @@ from .conductor import Conductor
 from .fairness import FairGate
 from .limits import Limiter
 from .runs import RunState, RunStore
-from .transitions import in_flight
+from .transitions import in_flight, waiting_step
 
 log = structlog.get_logger("orchestrator")
 
@@ -83,7 +83,7 @@ class Intake:
             self.gate.finish(run.tenant, run.task_id)
             self.limiter.finished(run.tenant, tokens=run.usage.total_tokens,
                                   seconds=max(0.0, now - run.created_at), now=now)  # fmt: skip
-        elif any(s.status == "waiting_input" for s in run.steps.values()) and not in_flight(run):
+        elif waiting_step(run) is not None and not in_flight(run):
             self.gate.park(run.tenant, run.task_id)
         else:
             self.gate.unpark(run.tenant, run.task_id, time.time())

@@ -764,12 +764,23 @@ def answer(run: RunState, msg: NewAnswer, rules: Rules, now: float, ctx: Ctx) ->
     first answer wins), a finished run. Only a redelivered answer replays the
     stored state (a crash after storing it); a late duplicate does not, so it
     cannot republish a run's events after their de-duplication window."""
-    waiting = [k for k, s in run.steps.items() if s.status == "waiting_input"]
-    target = msg.step if msg.step is not None else (waiting[0] if waiting else None)
-    if run.terminal or target is None or target not in waiting:
+    target = waiting_step(run, msg.step)
+    if target is None:
         note = "finished" if run.terminal else "not_waiting"
-        if target is not None and target in run.steps and run.steps[target].input:
+        if msg.step is not None and msg.step in run.steps and run.steps[msg.step].input:
             note = "finished" if run.terminal else "already_answered"
         effects = replay(run, rules, now) if msg.redelivered else []
         return Transition(run, False, effects, note=note)
     return _take_answer(_copy(run), rules, now, ctx, target, msg.answer, "human")
+
+
+def waiting_step(run: RunState, step: str | None = None) -> str | None:
+    """The input step an answer goes to: ``step`` when it waits (None: the
+    first that waits); None when the run has ended or waits for no (such)
+    input."""
+    if run.terminal:
+        return None
+    waiting = [k for k, s in run.steps.items() if s.status == "waiting_input"]
+    if step is None:
+        return waiting[0] if waiting else None
+    return step if step in waiting else None
