@@ -120,7 +120,12 @@ def job_turn(job_id: str, turn: int) -> str:
 
 def call_key(turn: int, index: int) -> str:
     """A tool call's key within its step."""
-    return f"t{turn}c{index}"
+    return f"{call_prefix(turn)}{index}"
+
+
+def call_prefix(turn: int) -> str:
+    """What the keys of a step's tool calls in model turn ``turn`` start with."""
+    return f"t{turn}c"
 
 
 def fork_session(tenant: str, task_id: str, step: str) -> str:

@@ -182,11 +182,15 @@ class Rules:
     def timeout(self, run: RunState, agent: str) -> float:
         return self.workflows[run.workflow].agents[agent].timeout or self.step_timeout
 
+    def tool_room(self, run: RunState, st: StepState) -> int:
+        """How many more tool calls the step may make (its agent's ``max_tool_calls``)."""
+        return self.workflows[run.workflow].agents[st.agent].max_tool_calls - len(st.calls)
+
     def offered(self, run: RunState, agent: str, st: StepState) -> tuple[list[ToolSpec], str]:
         """The tools a step's next model turn is offered, and the choice; none
         once the step made ``max_tool_calls`` calls (the model must answer)."""
         spec = self.workflows[run.workflow].agents[agent]
-        if not spec.tools or spec.tool_choice == "none" or len(st.calls) >= spec.max_tool_calls:
+        if not spec.tools or spec.tool_choice == "none" or self.tool_room(run, st) <= 0:
             return [], "none"
         tools = [t for t in (self.tool_spec(n) for n in spec.tools) if t is not None]
         return tools, spec.tool_choice if tools else "none"
@@ -541,10 +545,7 @@ def result(
     st.cached_tokens, st.ref = res.cached_tokens, res.ref or st.ref
     run.usage = run.usage + res.usage
     run.cost_usd += cost
-    if (
-        res.tool_calls
-        and len(st.calls) < rules.workflows[run.workflow].agents[st.agent].max_tool_calls
-    ):
+    if res.tool_calls and rules.tool_room(run, st) > 0:
         return _call_tools(run, rules, now, res)
     st.status, st.finished_at, st.output = "done", received or now, res.output
     effects: list[Effect] = [_done(run, now, res.step, st)]
@@ -591,18 +592,16 @@ def _call_tools(run: RunState, rules: Rules, now: float, res: InferenceResult) -
     if _over_usd(run):
         _stop_for_budget(run, f"at step {res.step}", res.step)
         return Transition(run, True, _terminal(run, now))
-    room = rules.workflows[run.workflow].agents[st.agent].max_tool_calls - len(st.calls)
+    room = rules.tool_room(run, st)
+    st.status, st.attempt = "tools", 1
+    st.dispatched_at, st.deadline = now, now + rules.timeout(run, st.agent)
     effects: list[Effect] = []
     for i, c in enumerate(res.tool_calls[:room]):
         key = keys.call_key(st.turn, i)
         st.calls[key] = CallState(tool=c.name, arguments=c.arguments, call_id=c.id,
                                   dispatched_at=now)  # fmt: skip
-    st.status, st.attempt = "tools", 1
-    st.dispatched_at, st.deadline = now, now + rules.timeout(run, st.agent)
-    for key in st.calls:
-        if key.startswith(f"t{st.turn}c"):
-            effects += [_tool_started(run, now, res.step, st, key),
-                        _tool_job(run, rules, res.step, st, key)]  # fmt: skip
+        effects += [_tool_started(run, now, res.step, st, key),
+                    _tool_job(run, rules, res.step, st, key)]  # fmt: skip
     return Transition(run, True, effects)
 
 
@@ -627,7 +626,7 @@ def tool_result(run: RunState, res: ToolResult, rules: Rules, now: float) -> Out
     st.usage, st.cost_usd = st.usage + used, st.cost_usd + cost
     run.usage, run.cost_usd = run.usage + used, run.cost_usd + cost
     effects: list[Effect] = [_tool_done(run, now, res.step, st, key)]
-    turn = [c for k, c in st.calls.items() if k.startswith(f"t{st.turn}c")]
+    turn = [c for k, c in st.calls.items() if k.startswith(keys.call_prefix(st.turn))]
     if st.status != "tools" or any(c.status != "done" for c in turn):
         return Transition(run, True, effects)
     refs = [c.ref for c in turn if c.ref is not None]
