@@ -357,6 +357,20 @@ def _over_usd(run: RunState) -> bool:
     return b is not None and b.max_usd is not None and run.cost_usd >= b.max_usd
 
 
+def _not_affordable(run: RunState, tokens: int | None) -> bool:
+    """Whether the budget stops the run before a model turn that may use
+    ``tokens`` (None: no token limit): too few to be worth it, or the USD spent."""
+    return (tokens is not None and tokens < MIN_STEP_TOKENS) or _over_usd(run)
+
+
+def _split(cap: int, tokens: int) -> tuple[int, int]:
+    """A model turn's ``(max_tokens, context_budget)`` within ``tokens``: at
+    most half (and ``cap``) for the answer, the rest for the prompt, so the
+    turn never overshoots the budget."""
+    max_tokens = min(cap, tokens // 2)
+    return max_tokens, tokens - max_tokens
+
+
 def _context(ctx: Ctx, op: ContextOp) -> ContextRef | ErrorInfo | None:
     return ctx.get(op.key)
 
@@ -415,7 +429,7 @@ def _dispatch(
     # Parallel branches share what remains; each step's prompt window and
     # answer together stay within its share, so a run never overshoots.
     share = None if remaining is None else remaining // len(todo)
-    if (share is not None and share < MIN_STEP_TOKENS) or _over_usd(run):
+    if _not_affordable(run, share):
         _stop_for_budget(run, f"before step {todo[0].step_id}")
         return _terminal(run, now)
     refs: dict[str, ContextRef] = {}
@@ -439,10 +453,7 @@ def _dispatch(
     for p in todo:
         agent = wf.agents[p.agent]
         cap = min(agent.max_tokens, run.max_tokens or agent.max_tokens)
-        max_tokens, window = cap, 0
-        if share is not None:
-            max_tokens = min(cap, share // 2)
-            window = share - max_tokens
+        max_tokens, window = (cap, 0) if share is None else _split(cap, share)
         st = StepState(
             agent=p.agent,
             pool=agent.pool,
@@ -633,12 +644,11 @@ def tool_result(run: RunState, res: ToolResult, rules: Rules, now: float) -> Out
     if refs:  # the newest append covers every result of the turn
         st.ref = max(refs, key=lambda r: r.version)
     remaining = _remaining_tokens(run)
-    if (remaining is not None and remaining < MIN_STEP_TOKENS) or _over_usd(run):
+    if _not_affordable(run, remaining):
         _stop_for_budget(run, f"at step {res.step}", res.step)
         return Transition(run, True, effects + _terminal(run, now))
     if remaining is not None:
-        st.max_tokens = min(st.max_tokens, remaining // 2)
-        st.context_budget = remaining - st.max_tokens
+        st.max_tokens, st.context_budget = _split(st.max_tokens, remaining)
     st.turn, st.status, st.attempt = st.turn + 1, "dispatched", 1
     st.dispatched_at, st.deadline = now, now + rules.timeout(run, st.agent)
     effects.append(_job(run, rules, now, res.step, st))
