@@ -9,7 +9,7 @@ import pytest
 
 from services.orchestrator.runs import RunState, StepState
 from services.orchestrator.workflows import Done, GraphWorkflow, WorkflowError, load_dir, parse
-from services.orchestrator.workflows.graph import route_choice
+from services.orchestrator.workflows.graph import is_step_id, route_choice
 
 BUILTIN = Path(__file__).parents[1] / "services" / "orchestrator" / "workflows"
 
@@ -155,3 +155,10 @@ def test_a_bad_tool_declaration_is_rejected_at_load_with_its_line(
         parse(text, "tooled.yaml", servers)
     assert err.value.line == line and message in err.value.message
     assert str(err.value).startswith(f"tooled.yaml:{line}:")
+
+
+def test_a_caller_names_a_step_by_its_round_and_id() -> None:
+    assert is_step_id("r1.confirm") and is_step_id("r12.detail")
+    for bad in ("confirm", "r.confirm", "x1.confirm", "r1x.confirm", "r1.", "r1.a b",
+                "r1.gather.coding"):  # fmt: skip
+        assert not is_step_id(bad), bad

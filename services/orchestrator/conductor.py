@@ -50,6 +50,7 @@ from .runs import RunConflict, RunState, RunStore
 from .settings import OrchestratorSettings
 from .toolcatalog import ToolCatalogs
 from .workflows import GraphWorkflow
+from .workflows.graph import is_step_id
 
 log = structlog.get_logger("orchestrator")
 
@@ -463,20 +464,9 @@ def answer_refusal(body: InputAnswer, tenant: str) -> tuple[ErrorCode, str] | No
         return ErrorCode.FORBIDDEN, "the answer names another tenant than its publisher"
     if len(body.answer.encode()) > MAX_INPUT_BYTES:
         return ErrorCode.INPUT_TOO_LARGE, f"an answer is at most {MAX_INPUT_BYTES} bytes"
-    if body.step is not None and not _is_step_id(body.step):
+    if body.step is not None and not is_step_id(body.step):
         return ErrorCode.INVALID_FIELD, "step is not a step id (r<round>.<step>)"
     return None
-
-
-def _is_step_id(step: str) -> bool:
-    parts = step.split(".")
-    return (
-        len(parts) == 2
-        and len(parts[0]) > 1
-        and parts[0][0] == "r"
-        and parts[0][1:].isdigit()
-        and is_valid_id(parts[1])
-    )
 
 
 def _must(run: RunState | None) -> RunState:

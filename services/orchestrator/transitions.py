@@ -50,7 +50,6 @@ from proto.tools import BUILTIN_SPECS
 
 from .runs import ERASED, CallState, RunState, StepState
 from .workflows import Done, GraphWorkflow, StepPlan
-from .workflows.graph import parse_step_id
 
 MIN_STEP_TOKENS = 32  # below this share of the budget, a step is not worth dispatching
 MAX_TIMER_SLEEP = 300.0  # a watchdog sleeps at most this long between looks
@@ -569,11 +568,10 @@ def result(
         return Transition(run, True, effects)
     ref = st.ref
     if st.session != run.session:  # fan-in: bring the branches' answers home
-        round_, sid, _ = parse_step_id(res.step)
         answers = tuple(
-            ChatMessage(role="user", name=agent, content=f"[{agent}] {text}"
-                        + _tool_notes(agent, run.steps[f"r{round_}.{sid}.{agent}"]))
-            for agent, text in wf.fan_in(run, res.step)
+            ChatMessage(role="user", name=agent,
+                        content=f"[{agent}] {branch.output}" + _tool_notes(agent, branch))
+            for agent, branch in wf.fan_in(run, res.step)
         )  # fmt: skip
         op = AppendOp(run.session, keys.fan_in(run.task_id, res.step), answers)
         got = _context(ctx, op)

@@ -11,8 +11,9 @@ import json
 from dataclasses import dataclass
 
 from proto import keys
+from proto.ids import is_valid_id
 
-from ..runs import RunState
+from ..runs import RunState, StepState
 from .spec import DONE, AgentSpec, InputSpec, StepSpec, WorkflowSpec
 
 
@@ -39,6 +40,19 @@ def parse_step_id(step_id: str) -> tuple[int, str, str | None]:
     """``r2.gather.coding`` -> (2, "gather", "coding")."""
     parts = step_id.split(".")
     return int(parts[0][1:]), parts[1], parts[2] if len(parts) > 2 else None
+
+
+def is_step_id(text: str) -> bool:
+    """Whether ``text`` is ``r<round>.<step>``: the id of a step outside a
+    parallel one (as every input step is), e.g. named by a caller."""
+    parts = text.split(".")
+    return (
+        len(parts) == 2
+        and len(parts[0]) > 1
+        and parts[0][0] == "r"
+        and parts[0][1:].isdigit()
+        and is_valid_id(parts[1])
+    )
 
 
 def route_choice(output: str, step: StepSpec) -> str:
@@ -90,12 +104,13 @@ class GraphWorkflow:
             plans.append(StepPlan(step_id, a, keys.fork_session(run.tenant, run.task_id, step_id)))
         return plans
 
-    def fan_in(self, run: RunState, finished: str) -> list[tuple[str, str]]:
-        """After a parallel step: (agent, answer) of every branch, in the
-        step's declared order (so the merged history renders the same way)."""
+    def fan_in(self, run: RunState, finished: str) -> list[tuple[str, StepState]]:
+        """After a parallel step: (agent, its recorded step) of every branch,
+        in the step's declared order (so the merged history renders the same
+        way)."""
         round_, sid, _ = parse_step_id(finished)
         step = self._steps[sid]
-        return [(a, run.steps[f"r{round_}.{sid}.{a}"].output) for a in step.parallel]
+        return [(a, run.steps[f"r{round_}.{sid}.{a}"]) for a in step.parallel]
 
     def start(self, run: RunState) -> list[StepPlan]:
         return self._plans(1, self.spec.steps[0], run)
