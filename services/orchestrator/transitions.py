@@ -387,8 +387,10 @@ def replay(run: RunState, rules: Rules, now: float) -> list[Effect]:
         _event(run, now, keys.ACCEPTED, Accepted(task_id=run.task_id, workflow=run.workflow))
     ]
     for step, st in run.steps.items():
-        if st.input:
-            effects += _input_events(run, rules, now, step, st)
+        if st.input:  # waiting_input, and once answered done
+            effects.append(_waiting_event(run, rules, now, step, st))
+            if st.status == "done":
+                effects.append(_answered_event(run, now, step, st))
             continue
         effects.append(_started(run, now, step, st))
         for key, call in st.calls.items():
@@ -708,21 +710,19 @@ def cancel(run: RunState, now: float) -> Transition:
 # -- input steps -------------------------------------------------------------
 
 
-def _input_events(
-    run: RunState, rules: Rules, now: float, step: str, st: StepState
-) -> list[Effect]:
-    """An input step's events: ``waiting_input`` (with the prompt), and once
-    answered ``done`` (with who answered)."""
+def _waiting_event(run: RunState, rules: Rules, now: float, step: str, st: StepState) -> Emit:
+    """``waiting_input``, with the step's prompt and deadline."""
     spec = rules.workflows[run.workflow].input_spec(step)
     prompt = spec.prompt if spec is not None else ""
     ev = Step(task_id=run.task_id, step=step, agent="", status="waiting_input", prompt=prompt,
               deadline=st.deadline)  # fmt: skip
-    out: list[Effect] = [_event(run, now, keys.step_event(step, "waiting_input"), ev)]
-    if st.status == "done":
-        done = Step(task_id=run.task_id, step=step, agent="", status="done",
-                    answered_by=st.answered_by)  # fmt: skip
-        out.append(_event(run, now, keys.step_event(step, "done"), done))
-    return out
+    return _event(run, now, keys.step_event(step, "waiting_input"), ev)
+
+
+def _answered_event(run: RunState, now: float, step: str, st: StepState) -> Emit:
+    """The input step's ``done``, with who answered."""
+    ev = Step(task_id=run.task_id, step=step, agent="", status="done", answered_by=st.answered_by)
+    return _event(run, now, keys.step_event(step, "done"), ev)
 
 
 def _wait_for_input(
@@ -734,7 +734,7 @@ def _wait_for_input(
     st = StepState(agent="", pool="", session=plan.session, status="waiting_input", input=True,
                    dispatched_at=now, deadline=now + plan.input.timeout, ref=ref)  # fmt: skip
     run.steps[plan.step_id] = st
-    return _input_events(run, rules, now, plan.step_id, st)
+    return [_waiting_event(run, rules, now, plan.step_id, st)]
 
 
 def _take_answer(
@@ -752,7 +752,7 @@ def _take_answer(
         _fail(run, got, step)
         return Transition(run, True, _terminal(run, now))
     st.status, st.finished_at, st.output, st.answered_by, st.ref = "done", now, text, by, got
-    effects = _input_events(run, rules, now, step, st)[1:]
+    effects: list[Effect] = [_answered_event(run, now, step, st)]
     nxt = rules.workflows[run.workflow].advance(run, step)
     if isinstance(nxt, Done):
         run.status, run.output = "completed", nxt.output
