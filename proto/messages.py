@@ -92,9 +92,9 @@ class ErrorInfo(msgspec.Struct, omit_defaults=True, kw_only=True):
     retry_after: float | None = None
 
     @classmethod
-    def of(cls, code: ErrorCode, message: str) -> ErrorInfo:
+    def of(cls, code: ErrorCode, message: str, retry_after: float | None = None) -> ErrorInfo:
         """The error ``code`` with its layer (the one way to build one)."""
-        return cls(code=code, message=message, layer=LAYER_OF[code])
+        return cls(code=code, message=message, layer=LAYER_OF[code], retry_after=retry_after)
 
 
 # A step event: the step (or one of its tool calls) started, finished, a

@@ -31,6 +31,7 @@ from proto.messages import (
     ContextAppend,
     ContextAppendReply,
     ContextFork,
+    ErrorInfo,
     Failed,
     ForkReply,
     InferenceResult,
@@ -200,7 +201,7 @@ class Conductor:
             except TimeoutError as exc:
                 raise Nak(2.0, "context store did not answer") from exc
             if reply.error is not None or reply.ref is None:
-                ctx[op.key] = reply.error or T.error(
+                ctx[op.key] = reply.error or ErrorInfo.of(
                     ErrorCode.CONTEXT_UNAVAILABLE, "no ref returned"
                 )
             else:
@@ -304,8 +305,7 @@ class Conductor:
             log.warning("task_rejected_unaddressable", code=str(r.code), reason=r.message)
             return
         assert r.tenant is not None and r.task_id is not None
-        error = T.error(r.code, r.message)
-        error.retry_after = r.retry_after
+        error = ErrorInfo.of(r.code, r.message, r.retry_after)
         # The rejection claims the task id as a failed run: a task id has one
         # terminal event, whichever of a bad and a good copy comes first.
         claim = RunState(tenant=r.tenant, task_id=r.task_id, session=r.session or "",

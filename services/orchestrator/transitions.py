@@ -228,10 +228,6 @@ def _copy(run: RunState) -> RunState:
     return codec.decode_own(codec.encode(run), RunState)
 
 
-def error(code: ErrorCode, message: str) -> ErrorInfo:
-    return ErrorInfo.of(code, message)
-
-
 def latest_output(r: RunState) -> str:
     """The partial output: the answer of the step that finished last."""
     done = [s for s in r.steps.values() if s.status == "done"]
@@ -342,7 +338,7 @@ def _fail(run: RunState, err: ErrorInfo, step: str | None = None) -> None:
 
 def _stop_for_budget(run: RunState, where: str, step: str | None = None) -> None:
     message = f"budget exhausted {where}: used {run.usage.total_tokens} tokens, ${run.cost_usd:.6f}"
-    _fail(run, error(ErrorCode.BUDGET_EXCEEDED, message), step)
+    _fail(run, ErrorInfo.of(ErrorCode.BUDGET_EXCEEDED, message), step)
 
 
 def _remaining_tokens(run: RunState) -> int | None:
@@ -681,7 +677,7 @@ def timer(run: RunState, rules: Rules, now: float, ctx: Ctx | None = None) -> Ou
         if st.attempt > rules.step_retries:
             waited = "no answer" if st.status == "dispatched" else "no tool results"
             message = f"step {step} got {waited} within {timeout:.0f}s, {st.attempt} attempt(s)"
-            _fail(run, error(ErrorCode.STEP_TIMEOUT, message), step)
+            _fail(run, ErrorInfo.of(ErrorCode.STEP_TIMEOUT, message), step)
             return Transition(run, True, _terminal(run, now))
         st.attempt += 1
         st.dispatched_at, st.deadline = now, now + timeout
@@ -702,7 +698,7 @@ def cancel(run: RunState, now: float) -> Transition:
         return Transition(run, False, effects)
     run = _copy(run)
     run.status = "cancelled"
-    run.error = error(ErrorCode.CANCELLED, "cancelled by request")
+    run.error = ErrorInfo.of(ErrorCode.CANCELLED, "cancelled by request")
     run.output = latest_output(run)
     return Transition(run, True, [AbortGenerations(), *_terminal(run, now)])
 
