@@ -66,15 +66,15 @@ class RateLimited(TaskRejected):
         self.retry_after = retry_after
 
 
-def _readable_ids(raw: Any, msg_id: str | None, tenant: str | None) -> dict[str, str | None]:
-    """Best-effort task_id/session from an invalid body; the tenant is given."""
+def _readable_ids(raw: Any, msg_id: str | None) -> dict[str, str | None]:
+    """Best-effort task_id/session from a body that may be invalid (the
+    tenant is not read from it: the caller's, checked already, answers)."""
     body = raw if isinstance(raw, dict) else {}
     task_id = body.get("task_id")
     if task_id is None:  # absent or null: the header's, then the fallback
         task_id = msg_id
     session = body.get("session")
     return {
-        "tenant": tenant if is_valid_id(tenant) else None,
         "task_id": task_id if is_valid_id(task_id) else None,
         "session": session if is_valid_id(session) else None,
     }
@@ -106,9 +106,10 @@ def parse_task(
 
     Args:
         body: the raw MessagePack body.
-        tenant: the authenticated tenant (the subject's tenant token), or None
-            for a caller that checks the body's tenant itself (the HTTP API,
-            whose key decides it).
+        tenant: the tenant the body must name: the subject's tenant token
+            (the authenticated one) on the bus; the HTTP API passes the
+            body's own ``tenant``, which it set from the API key when keys
+            are in use. Checked as an id first; None: the body's is taken.
         workflow: the subject's workflow token.
         known_workflows: workflows this orchestrator runs.
         msg_id: the ``Nats-Msg-Id`` header, used as task id when the body has none.
@@ -127,7 +128,7 @@ def parse_task(
     try:
         raw = decode_any(body)
     except TooDeep as exc:
-        ids = _readable_ids(exc.top, msg_id if is_valid_id(msg_id) else None, tenant)
+        ids.update(_readable_ids(exc.top, msg_id if is_valid_id(msg_id) else None))
         if ids["task_id"] is None and exc.top.get("task_id") is None:
             ids["task_id"] = fallback_task_id
         raise TaskRejected(ErrorCode.TOO_DEEP, str(exc), **ids) from exc
@@ -138,11 +139,11 @@ def parse_task(
             top: dict[str, str] = scan(body).top
         except NestingError:
             top = {}
-        ids = _readable_ids(top, msg_id if is_valid_id(msg_id) else None, tenant)
+        ids.update(_readable_ids(top, msg_id if is_valid_id(msg_id) else None))
         raise TaskRejected(
             ErrorCode.BAD_ENCODING, f"body is not MessagePack: {exc}", **ids
         ) from exc
-    ids = _readable_ids(raw, msg_id if is_valid_id(msg_id) else None, tenant)
+    ids.update(_readable_ids(raw, msg_id if is_valid_id(msg_id) else None))
     if ids["task_id"] is None and isinstance(raw, dict) and raw.get("task_id") is None:
         ids["task_id"] = fallback_task_id
     if not isinstance(raw, dict):
