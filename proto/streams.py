@@ -240,6 +240,9 @@ TENANT_EVENTS = StreamSpec(
     max_age=7 * DAY,
     description="This tenant's task events, imported from Baton (replayable).",
 )
+"""The copy of its own events each tenant account keeps (its only subjects
+there are its own, so the wildcard captures exactly them)."""
+
 TENANT_TOKENS = StreamSpec(
     name=TOKENS.name,
     subjects=(f"{subjects.TOKENS}.*.>",),
@@ -249,8 +252,6 @@ TENANT_TOKENS = StreamSpec(
     description="This tenant's token deltas, imported from Baton (resumable by sequence).",
 )
 
-"""The copy of its own events each tenant account keeps (its only subjects
-there are its own, so the wildcard captures exactly them)."""
 ORCHESTRATOR_TIMERS = ConsumerSpec(
     stream=TIMERS.name,
     durable="orchestrator-timers",
@@ -283,7 +284,7 @@ ORCHESTRATOR_TOOL_RESULTS = ConsumerSpec(
     durable="orchestrator-tool-results",
     filter_subject=f"{subjects.TOOL_RESULTS}.>",
     ack_wait=30.0,
-    max_deliver=5,
+    max_deliver=TASK_MAX_DELIVER,  # recording needs the run store, as intake does
 )
 
 
