@@ -135,9 +135,10 @@ class JobHandler:
                 await self._publish(job, self._result(job, error=window.error))
                 return
             if window.existing is not None:  # answered before a crash: republish it
-                existing = window.existing.content
+                existing = window.existing
                 await self._publish(job, self._result(job, ref=window.existing_ref,
-                                                      output=existing))  # fmt: skip
+                                                      output=existing.content,
+                                                      tool_calls=existing.tool_calls))  # fmt: skip
                 return
             messages = with_system(window.messages, job.system)
             prompt_tokens = self.engine.count_prompt_tokens(messages)

@@ -1,0 +1,50 @@
+"""A redelivered inference job whose answer is already stored (the worker
+died between the append and the result) is answered from the store, on the
+shared stack (simulator worker, real context store and nats-server)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from baton.testing import LocalStack, uid
+from baton.transport import Bus, connect
+from proto import codec, keys, subjects
+from proto.messages import ChatMessage, ContextAppend, InferenceJob, InferenceResult, ToolCall
+from tests.ctx import append, ask
+
+
+@pytest.fixture
+async def bus(stack: LocalStack) -> AsyncIterator[Bus]:
+    b = await connect(stack.nats_url, name="test-republish")
+    yield b
+    await b.close()
+
+
+async def test_a_stored_tool_calling_answer_is_republished_with_its_calls(bus: Bus) -> None:
+    """The orchestrator reads a turn's calls from the result: one republished
+    without them would count a tool-calling step as done."""
+    tenant, session, job_id, task_id = "acme", uid("s"), uid("j"), uid()
+    asked = await append(bus, tenant, session, uid("m"), "look it up", system="sys")
+    calls = [ToolCall(id="call_0", name="search", arguments='{"query": "raft"}'),
+             ToolCall(id="call_1", name="python", arguments='{"code": "print(1)"}')]  # fmt: skip
+    stored = await ask(bus, "append", ContextAppend(
+        tenant=tenant, session=session, msg_id=keys.answer(job_id), base=asked.ref,
+        messages=[ChatMessage(role="assistant", content="", name="a", tool_calls=calls)],
+    ))  # fmt: skip
+    assert stored.error is None, stored.error
+    # A core subscription: the orchestrator takes the result off the stream.
+    sub = await bus.nc.subscribe(subjects.result(tenant, task_id))
+    job = InferenceJob(
+        job_id=job_id, task_id=task_id, tenant=tenant, session=session, workflow="test",
+        step="s1", agent="a", ref=asked.ref, max_tokens=32,
+    )  # fmt: skip
+    await bus.publish(subjects.job("default"), job, msg_id=job_id, task_id=task_id)
+    msg = await asyncio.wait_for(sub.next_msg(timeout=30), 31)
+    await sub.unsubscribe()
+    result = codec.decode(msg.data, InferenceResult)
+    assert result.error is None, result.error
+    assert result.ref == stored.ref  # answered from the store, not generated again
+    assert result.tool_calls == calls
