@@ -16,7 +16,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -53,12 +53,12 @@ REMEMBER_CANCELLED = 4096
 
 @dataclass
 class _Outcome:
-    output: str = ""
-    usage: Usage = field(default_factory=Usage)
-    cached_tokens: int = 0
-    started: float = 0.0
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    tokens: TokenSink | None = None  # still open: its final delta goes out with the append
+    output: str
+    usage: Usage
+    cached_tokens: int
+    started: float
+    tool_calls: list[ToolCall]
+    tokens: TokenSink  # still open: its final delta goes out with the append
 
 
 def with_system(messages: list[ChatMessage], system: str | None) -> list[ChatMessage]:
@@ -177,7 +177,7 @@ class JobHandler:
         )
         # The last token delta and the answer go out together: both only have
         # to precede the result (the orchestrator's `step done` follows it).
-        flush = outcome.tokens.close(final=True) if outcome.tokens else asyncio.sleep(0)
+        flush = outcome.tokens.close(final=True)
         reply: ContextAppendReply
         reply, _ = await asyncio.gather(append, flush)
         if reply.error is not None and reply.error.code == ErrorCode.UNKNOWN_SESSION:
