@@ -43,6 +43,7 @@ from services.inference_worker.engines.base import (
     PromptTooLong,
     openai_message,
 )
+from services.inference_worker.engines.toolcalls import call_id
 
 # Per-message overhead of a chat template (role markers, separators), in tokens.
 _MESSAGE_OVERHEAD_TOKENS = 4
@@ -328,7 +329,7 @@ class OpenAIEngine:
             completion_tokens=completion_tokens,
             cached_tokens=cached_tokens,
             tool_calls=[
-                ToolCall(id=c["id"] or f"call_{i}", name=c["name"] or INVALID_CALL,
+                ToolCall(id=c["id"] or call_id(i), name=c["name"] or INVALID_CALL,
                          arguments=c["arguments"] or "{}")
                 for i, c in sorted(calls.items())
             ] or None,

@@ -32,6 +32,7 @@ from .base import (
     GenerationRequest,
     PromptTooLong,
 )
+from .toolcalls import call_id
 
 _WORDS = [
     "baton",
@@ -189,7 +190,7 @@ class SimEngine:
         users = [m.content for m in request.messages if m.role == "user"]
         seed = users[-1][:200] if users else ""
         return [
-            ToolCall(id=f"call_{i}", name=t.name,
+            ToolCall(id=call_id(i), name=t.name,
                      arguments=json.dumps(example_arguments(json.loads(t.parameters), seed)))
             for i, t in enumerate(request.tools) if t.name not in answered
         ]  # fmt: skip

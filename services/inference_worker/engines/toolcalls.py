@@ -38,12 +38,13 @@ class Parsed:
     calls: list[ToolCall] = field(default_factory=list)
 
 
-def call_id(job_id: str, i: int) -> str:
-    """A model call's id: unique per job, deterministic (a redelivered job makes the same ids)."""
+def call_id(i: int) -> str:
+    """The id of a turn's ``i``-th call: deterministic, so a redelivered job
+    makes the same ids (the orchestrator keys a call by task, step and turn)."""
     return f"call_{i}"
 
 
-def parse_guided(text: str, choice: str, job_id: str = "") -> Parsed:
+def parse_guided(text: str, choice: str) -> Parsed:
     try:
         # strict=False: the grammar lets raw control characters into strings
         # (seen: xgrammar emitted \x0f); arguments are re-encoded below.
@@ -56,21 +57,19 @@ def parse_guided(text: str, choice: str, job_id: str = "") -> Parsed:
             if isinstance(item, dict) and isinstance(item.get("name"), str):
                 args = item.get("arguments", {})
                 arguments = args if isinstance(args, str) else json.dumps(args)
-                calls.append(
-                    ToolCall(id=call_id(job_id, i), name=item["name"], arguments=arguments)
-                )
+                calls.append(ToolCall(id=call_id(i), name=item["name"], arguments=arguments))
             else:
-                calls.append(invalid(job_id, i, json.dumps(item)[:500]))
+                calls.append(invalid(i, json.dumps(item)[:500]))
         return Parsed("", calls)
     if isinstance(doc, dict) and isinstance(doc.get("content"), str) and choice != "required":
         return Parsed(doc["content"])
     if choice == "required":
-        return Parsed("", [invalid(job_id, 0, text[:500])])
+        return Parsed("", [invalid(0, text[:500])])
     return Parsed(text)
 
 
-def invalid(job_id: str, i: int, raw: str) -> ToolCall:
-    return ToolCall(id=call_id(job_id, i), name=INVALID_CALL, arguments=json.dumps({"raw": raw}))
+def invalid(i: int, raw: str) -> ToolCall:
+    return ToolCall(id=call_id(i), name=INVALID_CALL, arguments=json.dumps({"raw": raw}))
 
 
 MIN_STRING = 32
