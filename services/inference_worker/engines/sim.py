@@ -140,23 +140,18 @@ class SimEngine:
         self._kv_used += need
         seed = hashlib.sha256(render(request.messages).encode()).digest()
         calls = self._tool_calls(request)
-        if calls:
-            try:
-                await asyncio.sleep((prompt - cached) / self.prefill_tps)
+        try:  # the reservation is released once, whichever answer is made
+            await asyncio.sleep((prompt - cached) / self.prefill_tps)
+            if calls:
                 yield GenerationChunk(text="", finished=True, finish_reason="tool_calls",
                                       prompt_tokens=prompt, completion_tokens=8 * len(calls),
                                       cached_tokens=cached, tool_calls=calls)  # fmt: skip
-            finally:
-                self._kv_used -= need
-                self._running.pop(request.request_id, None)
-            return
-        if request.json_schema is not None:
-            async for chunk in self._json_answer(request, prompt, cached, seed, need):
-                yield chunk
-            return
-        produced = 0
-        try:
-            await asyncio.sleep((prompt - cached) / self.prefill_tps)
+                return
+            if request.json_schema is not None:
+                for chunk in self._json_answer(request, prompt, cached, seed):
+                    yield chunk
+                return
+            produced = 0
             for i in range(request.max_tokens):
                 if aborted.is_set():
                     break
@@ -195,27 +190,25 @@ class SimEngine:
             for i, t in enumerate(request.tools) if t.name not in answered
         ]  # fmt: skip
 
-    async def _json_answer(
-        self, request: GenerationRequest, prompt: int, cached: int, seed: bytes, need: int
-    ) -> AsyncIterator[GenerationChunk]:
+    @staticmethod
+    def _json_answer(
+        request: GenerationRequest, prompt: int, cached: int, seed: bytes
+    ) -> list[GenerationChunk]:
         """Guided decoding, simulated: an object choosing one value (by the
         prompt's hash) of each enum property in the schema."""
-        try:
-            schema = json.loads(request.json_schema or "{}")
-            answer = {
-                name: prop["enum"][seed[i] % len(prop["enum"])]
-                for i, (name, prop) in enumerate(schema.get("properties", {}).items())
-                if prop.get("enum")
-            }
-            text = json.dumps(answer)
-            await asyncio.sleep((prompt - cached) / self.prefill_tps)
-            yield GenerationChunk(text=text)
-            yield GenerationChunk(text="", finished=True, finish_reason="stop",
-                                  prompt_tokens=prompt, completion_tokens=len(text) // 4 + 1,
-                                  cached_tokens=cached)  # fmt: skip
-        finally:
-            self._kv_used -= need
-            self._running.pop(request.request_id, None)
+        schema = json.loads(request.json_schema or "{}")
+        answer = {
+            name: prop["enum"][seed[i] % len(prop["enum"])]
+            for i, (name, prop) in enumerate(schema.get("properties", {}).items())
+            if prop.get("enum")
+        }
+        text = json.dumps(answer)
+        return [
+            GenerationChunk(text=text),
+            GenerationChunk(text="", finished=True, finish_reason="stop",
+                            prompt_tokens=prompt, completion_tokens=len(text) // 4 + 1,
+                            cached_tokens=cached),
+        ]  # fmt: skip
 
     async def abort(self, request_id: str) -> None:
         ev = self._running.get(request_id)
