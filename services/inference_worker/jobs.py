@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
+from baton.cancelled import CancelledTasks
 from baton.transport import Bus, Delivery, Nak, Term
 from proto import codec, keys, subjects
 from proto.errors import ErrorCode
@@ -48,7 +48,6 @@ from .tokens import TokenPublisher, TokenSink
 log = structlog.get_logger("inference_worker")
 
 WINDOW_ATTEMPTS = 4
-REMEMBER_CANCELLED = 4096
 
 
 @dataclass
@@ -90,7 +89,7 @@ class JobHandler:
         self.clock = clock
         self.tokens = tokens
         self.pool = sup.s.pool
-        self.cancelled: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.cancelled = CancelledTasks()
 
     async def handle(self, d: Delivery, on_admitted: Callable[[], None]) -> None:
         try:
@@ -291,9 +290,7 @@ class JobHandler:
 
     async def on_cancel(self, cancel: Cancel) -> None:
         key = (cancel.tenant, cancel.task_id)
-        self.cancelled[key] = None
-        while len(self.cancelled) > REMEMBER_CANCELLED:
-            self.cancelled.popitem(last=False)
+        self.cancelled.add(*key)
         for f in list(self.sup.flights.values()):
             if (f.tenant, f.task_id) == key:
                 f.cancelled = True

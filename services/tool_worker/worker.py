@@ -28,12 +28,12 @@ import asyncio
 import hashlib
 import json
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
+from baton.cancelled import CancelledTasks
 from baton.service import Health
 from baton.transport import Bus, Delivery, Msg, Nak, Term
 from proto import codec, keys, subjects
@@ -68,7 +68,6 @@ from .tools.search import SearchIndex, SearchTool
 log = structlog.get_logger("tool_worker")
 
 PREVIEW_CHARS = 512
-REMEMBER_CANCELLED = 4096  # cancelled tasks remembered, so their queued calls are skipped
 
 
 @dataclass(slots=True)
@@ -110,7 +109,7 @@ class ToolWorker:
         self.bus: Bus | None = None
         self._labels = (settings.pool, settings.worker_id)
         self._inflight = 0
-        self.cancelled: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.cancelled = CancelledTasks()
         self._calls: dict[tuple[str, str], set[asyncio.Task[Outcome]]] = {}
 
     # -- tools -------------------------------------------------------------
@@ -187,9 +186,7 @@ class ToolWorker:
         except codec.DecodeError:
             return
         key = (cancel.tenant, cancel.task_id)
-        self.cancelled[key] = None
-        while len(self.cancelled) > REMEMBER_CANCELLED:
-            self.cancelled.popitem(last=False)
+        self.cancelled.add(*key)
         for call in self._calls.get(key, ()):
             call.cancel()
 
