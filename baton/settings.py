@@ -7,6 +7,8 @@ URL also honours plain ``NATS_URL``.
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, model_validator
@@ -69,3 +71,9 @@ def parse_tenants(value: str) -> list[str]:
 
     out = [check_tenant(t.strip()) for t in value.split(",") if t.strip()]
     return list(dict.fromkeys(out))
+
+
+def default_worker_id() -> str:
+    """A worker's name when none is set: the host's name (made id-safe) and the pid."""
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
+    return f"{host[:40]}-{os.getpid()}"

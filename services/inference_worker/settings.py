@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr
 
-from baton.settings import CommonSettings
-
-
-def _default_worker_id() -> str:
-    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
-    return f"{host[:40]}-{os.getpid()}"
+from baton.settings import CommonSettings, default_worker_id
 
 
 class WorkerSettings(CommonSettings):
@@ -22,7 +15,7 @@ class WorkerSettings(CommonSettings):
     # The model pool this worker serves (it pulls the jobs of worker-<pool>).
     pool: str = "default"
     # This worker's name in heartbeats, routing and metrics; unique per process.
-    worker_id: str = _default_worker_id()
+    worker_id: str = default_worker_id()
     # vllm: vLLM in this process; openai: an OpenAI-compatible server; sim: the simulator.
     engine: Literal["vllm", "openai", "sim"] = "sim"
 

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
-from baton.settings import CommonSettings
-
-
-def _default_worker_id() -> str:
-    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
-    return f"{host[:40]}-{os.getpid()}"
+from baton.settings import CommonSettings, default_worker_id
 
 
 class ToolWorkerSettings(CommonSettings):
@@ -23,7 +16,7 @@ class ToolWorkerSettings(CommonSettings):
     # The tool pool this worker serves (it pulls baton.tools.<pool>).
     pool: str = "default"
     # This worker's name; a stable one keeps its search index file across restarts.
-    worker_id: str = _default_worker_id()
+    worker_id: str = default_worker_id()
     # Calls run at once by this worker (each python call also takes a sandbox slot).
     concurrency: int = 32
     # A call not acked in this long is redelivered (to a peer if this worker
