@@ -84,10 +84,6 @@ class Outcome:
         return "ok" if self.error is None else self.error.code
 
 
-def error_info(code: ErrorCode, message: str) -> ErrorInfo:
-    return ErrorInfo.of(code, message)
-
-
 def error_content(err: ErrorInfo) -> str:
     """The tool message an agent reads when its call failed."""
     return json.dumps({"error": {"code": err.code, "message": err.message}}, ensure_ascii=False)
@@ -272,19 +268,19 @@ class ToolWorker:
             # this one catches a tool that ignores it.
             result: ToolOutput = await asyncio.wait_for(tool.run(args, ctx), timeout + 5.0)
         except ToolError as exc:
-            return Outcome("", error_info(exc.code, exc.message), exc.cpu_seconds,
+            return Outcome("", ErrorInfo.of(exc.code, exc.message), exc.cpu_seconds,
                            time.perf_counter() - started)  # fmt: skip
         except TimeoutError:
-            err = error_info(ErrorCode.TOOL_TIMEOUT, f"no result within {timeout:.0f}s")
+            err = ErrorInfo.of(ErrorCode.TOOL_TIMEOUT, f"no result within {timeout:.0f}s")
             return Outcome("", err, seconds=time.perf_counter() - started)
         except Exception as exc:  # a tool's bug is the agent's error, not the worker's
             log.exception("tool_crashed")
-            err = error_info(ErrorCode.TOOL_FAILED, f"{type(exc).__name__}: {exc}")
+            err = ErrorInfo.of(ErrorCode.TOOL_FAILED, f"{type(exc).__name__}: {exc}")
             return Outcome("", err, seconds=time.perf_counter() - started)
         seconds = time.perf_counter() - started
         size = len(result.text.encode())
         if size > MAX_TOOL_OUTPUT_BYTES:
-            err = error_info(
+            err = ErrorInfo.of(
                 ErrorCode.TOOL_OUTPUT_TOO_LARGE,
                 f"the result is {size} bytes; the limit is {MAX_TOOL_OUTPUT_BYTES}",
             )
@@ -347,7 +343,7 @@ class ToolWorker:
             ContextAppendReply, job,
         )  # fmt: skip
         if reply.error is not None:
-            if reply.error.code in (ErrorCode.CONTEXT_UNAVAILABLE,):
+            if reply.error.code == ErrorCode.CONTEXT_UNAVAILABLE:
                 raise Nak(1.0, f"context append failed: {reply.error.code}")
             raise Term(f"context append refused: {reply.error.code}: {reply.error.message}")
         return reply.ref, reply.duplicate
@@ -383,6 +379,6 @@ class ToolWorker:
 def _stored_error(content: str) -> ErrorInfo | None:
     try:
         err = json.loads(content)["error"]
-        return error_info(ErrorCode(err["code"]), str(err["message"]))
+        return ErrorInfo.of(ErrorCode(err["code"]), str(err["message"]))
     except (ValueError, KeyError, TypeError):
         return None

@@ -122,9 +122,7 @@ class McpTool:
     async def run(self, args: dict[str, Any], ctx: CallContext) -> ToolOutput:
         try:
             result = await self.server.call(self.remote, args, ctx.timeout)
-        except ToolError:
-            raise
-        except TimeoutError:
+        except (ToolError, TimeoutError):
             raise
         except Exception as exc:
             raise ToolError(ErrorCode.TOOL_FAILED, f"MCP call failed: {exc}") from exc
