@@ -53,7 +53,7 @@ from nats.js.kv import KeyValue
 
 from baton.natsd import free_port
 from baton.testing import LocalStack, secure_nats, uid
-from bench.stats import pct
+from bench.stats import cpu_seconds, pct
 from proto import codec
 from proto.messages import ContextAppend, InferenceJob, InferenceResult, WindowRequest
 
@@ -308,13 +308,6 @@ async def _sequential(
         if between is not None:
             await between()
     return done
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc/<pid>/stat (seconds)."""
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:

@@ -26,17 +26,12 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
+from bench.stats import cpu_seconds
+
 ROUNDS = 3  # research.yaml
 # The simulator's answer is max_tokens words; the same sizes here.
 MAX_TOKENS = {"supervisor": 96, "retrieval": 96, "coding": 128, "validation": 0}
 _WORDS = ("cache", "queue", "design", "share", "work", "token", "batch", "route")
-
-
-def cpu_seconds(pid: int | str = "self") -> float:
-    """utime + stime of a process, from /proc/<pid>/stat (seconds)."""
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def revise(thread: str, round_: int) -> bool:

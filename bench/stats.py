@@ -1,8 +1,11 @@
-"""Small statistics helpers shared by the benchmarks."""
+"""Small statistics helpers shared by the benchmarks (standard library
+only: the LangGraph peer process imports them too)."""
 
 from __future__ import annotations
 
+import os
 import statistics
+from pathlib import Path
 
 
 def pct(values: list[float], q: float) -> float:
@@ -13,3 +16,10 @@ def pct(values: list[float], q: float) -> float:
 
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
+
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    """utime + stime of a process, from /proc/<pid>/stat (seconds)."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from baton.testing import Client, LocalStack, collect_results, secure_nats, submit_job, uid
-from bench.stats import median, pct
+from bench.stats import cpu_seconds, median, pct
 from proto.messages import ChatMessage
 from proto.streams import ORCHESTRATOR_RESULTS
 from services.inference_worker.engines.vllm import VLLMEngine
@@ -47,8 +47,8 @@ def _cpu() -> dict[str, float]:
     for proc in [me, *me.children(recursive=True)]:
         try:
             cmd = " ".join(proc.cmdline())
-            t = proc.cpu_times()
-        except psutil.Error:
+            spent = cpu_seconds(proc.pid)
+        except (psutil.Error, OSError):  # gone since it was listed
             continue
         if proc.pid == me.pid:
             role = "bench (vLLM front end, worker, client)"
@@ -60,7 +60,7 @@ def _cpu() -> dict[str, float]:
             role = "context store"
         else:
             role = "vLLM engine core"
-        out[role] = out.get(role, 0.0) + t.user + t.system
+        out[role] = out.get(role, 0.0) + spent
     return out
 
 
