@@ -19,6 +19,7 @@ import nats
 
 from baton.natsd import NatsServer
 from baton.testing import LocalStack, secure_nats
+from bench.stats import pct
 
 ROUNDS = 6
 TASKS_PER_ROUND = 40
@@ -50,10 +51,6 @@ async def _round_trips(url: str, subject: str, n: int) -> list[float]:
     return out
 
 
-def _p(xs: list[float], q: float) -> float:
-    return sorted(xs)[min(len(xs) - 1, int(q * len(xs)))]
-
-
 async def _main(work: Path) -> dict[str, Any]:
     fenced_nats = secure_nats(work / "fenced-nats").start()
     open_nats = NatsServer(work / "open-nats").start()
@@ -79,8 +76,8 @@ async def _main(work: Path) -> dict[str, Any]:
             p50_on, p50_off = statistics.median(got["on"]), statistics.median(got["off"])
             rounds.append({"p50_on_ms": round(p50_on * 1e3, 2),
                            "p50_off_ms": round(p50_off * 1e3, 2),
-                           "p99_on_ms": round(_p(got["on"], 0.99) * 1e3, 2),
-                           "p99_off_ms": round(_p(got["off"], 0.99) * 1e3, 2),
+                           "p99_on_ms": round(pct(got["on"], 0.99) * 1e3, 2),
+                           "p99_off_ms": round(pct(got["off"], 0.99) * 1e3, 2),
                            "ratio_p50": round(p50_on / p50_off, 3)})  # fmt: skip
     finally:
         fenced.stop()
