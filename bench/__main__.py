@@ -15,8 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import RESULTS
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
 ORDER = ["worker", "context", "orchestrator", "routing", "tokens", "tools", "auth", "fairness"]
 

@@ -36,6 +36,7 @@ from baton.documents import put_document
 from baton.natsd import NatsServer
 from baton.stack import ServiceProcess
 from baton.transport import Bus, connect
+from bench import RESULTS
 from bench.stats import median, pct
 from proto import codec, subjects
 from proto.messages import (
@@ -57,6 +58,7 @@ PARALLEL_CALLS, PARALLEL_ROUNDS = 64, 3
 SLEEP_CODE = "import time\ntime.sleep(0.2)\nprint('done')"
 VLLM_ROUNDS = 6
 VLLM_MAX_TOKENS = 96  # the research workflow's retrieval agent
+PREVIOUS = RESULTS / "tools.json"  # the last run: its vLLM part is kept when this run skips it
 
 _WORDS = [
     "raft", "leader", "election", "log", "replication", "snapshot", "quorum", "term", "vote",
@@ -259,8 +261,7 @@ async def guided(work: Path) -> dict[str, Any] | None:
 
 async def _main(work: Path) -> dict[str, Any]:
     if os.environ.get("BATON_BENCH_VLLM") == "only":  # the vLLM part alone, under its lock
-        previous = Path(__file__).with_name("results") / "tools.json"
-        result = json.loads(previous.read_text()) if previous.exists() else {}
+        result = json.loads(PREVIOUS.read_text()) if PREVIOUS.exists() else {}
         result["vllm_guided"] = await guided(work)
         return result
     server = NatsServer(work / "nats").start()
@@ -291,10 +292,8 @@ async def _main(work: Path) -> dict[str, Any]:
             p.terminate(10)
         server.stop()
     vllm_part = await guided(work)
-    if vllm_part is None:  # skipped (BATON_BENCH_VLLM=0): keep the last figure of it
-        previous = Path(__file__).with_name("results") / "tools.json"
-        if previous.exists():
-            vllm_part = json.loads(previous.read_text()).get("vllm_guided")
+    if vllm_part is None and PREVIOUS.exists():  # skipped (BATON_BENCH_VLLM=0): the last one
+        vllm_part = json.loads(PREVIOUS.read_text()).get("vllm_guided")
     if vllm_part is not None:
         result["vllm_guided"] = vllm_part
     result["machine"] = f"{os.cpu_count()} shared cores, no GPU"
