@@ -9,7 +9,7 @@ model is offered), and an async ``run`` that returns text or raises
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import jsonschema
@@ -42,7 +42,6 @@ class CallContext:
 class ToolOutput:
     text: str
     cpu_seconds: float = 0.0  # CPU time the tool spent in child processes, if it knows
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Tool(Protocol):
