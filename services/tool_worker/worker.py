@@ -31,7 +31,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import jsonschema
 import structlog
+from jsonschema.protocols import Validator
 
 from baton.cancelled import CancelledTasks
 from baton.service import Health
@@ -60,7 +62,15 @@ from proto.tools import INVALID_CALL
 from . import metrics as m
 from .documents import DocumentIndexer
 from .settings import ToolWorkerSettings
-from .tools import CallContext, Tool, ToolError, ToolOutput, parse_arguments, spec_of
+from .tools import (
+    CallContext,
+    Tool,
+    ToolError,
+    ToolOutput,
+    arguments_validator,
+    parse_arguments,
+    spec_of,
+)
 from .tools.mcp import McpServer, connect_all
 from .tools.python import PythonTool, SandboxLimits
 from .tools.search import SearchIndex, SearchTool
@@ -99,6 +109,7 @@ class ToolWorker:
         self.health = health
         self.consumer = tool_consumer(settings.pool, settings.tool_ack_wait)
         self.tools: dict[str, Tool] = {}
+        self.validators: dict[str, Validator] = {}  # by tool; none for an invalid schema
         self.index: SearchIndex | None = None
         self.indexer: DocumentIndexer | None = None
         self.mcp: list[McpServer] = []
@@ -132,6 +143,11 @@ class ToolWorker:
         self.mcp = await connect_all(self.s.mcp_servers)
         for server in self.mcp:
             self.tools.update(server.tools)
+        for name, tool in self.tools.items():
+            try:
+                self.validators[name] = arguments_validator(tool)
+            except jsonschema.SchemaError as exc:  # its calls fail; the others' run
+                log.warning("tool_schema_invalid", tool=name, error=exc.message)
 
     async def publish_catalog(self, bus: Bus) -> None:
         kv = await bus.ensure_bucket(TOOL_CATALOG)
@@ -262,7 +278,10 @@ class ToolWorker:
                 raise ToolError(ErrorCode.BAD_TOOL_ARGUMENTS, why)
             if tool is None:
                 raise ToolError(ErrorCode.UNKNOWN_TOOL, f"no tool {job.tool!r} in this pool")
-            args = parse_arguments(tool, job.arguments)
+            validator = self.validators.get(job.tool)
+            if validator is None:
+                raise ToolError(ErrorCode.TOOL_FAILED, "the tool's arguments schema is invalid")
+            args = parse_arguments(validator, job.arguments)
             ctx = CallContext(job.tenant, job.task_id, job.call_id, timeout)
             # The tool's own limit comes first (the sandbox kills on wall time);
             # this one catches a tool that ignores it.

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import jsonschema
+from jsonschema.protocols import Validator
 
 from proto.errors import ErrorCode
 from proto.messages import ToolSpec
@@ -60,7 +61,22 @@ def spec_of(tool: Tool) -> ToolSpec:
     )
 
 
-def parse_arguments(tool: Tool, arguments: str) -> dict[str, Any]:
+def arguments_validator(tool: Tool) -> Validator:
+    """The tool's arguments schema compiled, once per tool (when the worker
+    loads it): ``jsonschema.validate`` checks the schema and builds a
+    validator on every call (0.66 ms measured here, more than a search
+    takes), the compiled one validates in ~8 µs.
+
+    Raises:
+        jsonschema.SchemaError: the tool's schema is not a valid JSON schema.
+    """
+    cls = jsonschema.validators.validator_for(tool.parameters)
+    cls.check_schema(tool.parameters)
+    validator: Validator = cls(tool.parameters)
+    return validator
+
+
+def parse_arguments(validator: Validator, arguments: str) -> dict[str, Any]:
     """The call's arguments as a dict valid against the tool's schema.
 
     Raises:
@@ -72,24 +88,8 @@ def parse_arguments(tool: Tool, arguments: str) -> dict[str, Any]:
         raise ToolError(ErrorCode.BAD_TOOL_ARGUMENTS, f"arguments are not JSON: {exc}") from exc
     if not isinstance(args, dict):
         raise ToolError(ErrorCode.BAD_TOOL_ARGUMENTS, "arguments must be a JSON object")
-    err = jsonschema.exceptions.best_match(_validator(tool.parameters).iter_errors(args))
+    err = jsonschema.exceptions.best_match(validator.iter_errors(args))
     if err is not None:
         where = "/".join(str(p) for p in err.absolute_path) or "arguments"
         raise ToolError(ErrorCode.BAD_TOOL_ARGUMENTS, f"{where}: {err.message}")
     return args
-
-
-_VALIDATORS: dict[str, Any] = {}
-
-
-def _validator(schema: dict[str, Any]) -> Any:
-    """A compiled validator per schema: ``jsonschema.validate`` checks the
-    schema and builds a validator on every call (0.66 ms measured here, more
-    than a search takes), the compiled one validates in ~8 µs."""
-    key = json.dumps(schema, sort_keys=True)
-    found = _VALIDATORS.get(key)
-    if found is None:
-        cls = jsonschema.validators.validator_for(schema)
-        cls.check_schema(schema)
-        found = _VALIDATORS[key] = cls(schema)
-    return found
