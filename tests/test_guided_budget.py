@@ -15,7 +15,7 @@ import pytest
 
 from proto.messages import ToolSpec
 from proto.tools import PYTHON_PARAMETERS, SEARCH_PARAMETERS, calls_schema
-from services.inference_worker.engines.toolcalls import MIN_STRING, fit_to_budget
+from services.inference_worker.engines.toolcalls import MIN_STRING, fit_to_budget, guided_schema
 
 LOOKUP = {
     "type": "object", "required": ["id"], "additionalProperties": False,
@@ -100,3 +100,15 @@ def test_a_tight_budget_drops_optional_arguments_first() -> None:
     roomy = _array(1024)["items"]["anyOf"][2]["properties"]["arguments"]["properties"]
     tight = _array(64)["items"]["anyOf"][2]["properties"]["arguments"]["properties"]
     assert set(roomy) == {"id", "mode", "strict"} and set(tight) == {"id"}
+
+
+def test_the_guided_schema_is_built_once_per_tools_choice_and_budget() -> None:
+    first = guided_schema(TOOLS, "auto", 96)
+    assert first == fit_to_budget(calls_schema(TOOLS, "auto"), 96)
+    again = [ToolSpec(name=t.name, parameters=t.parameters) for t in TOOLS]  # equal, not the same
+    assert guided_schema(again, "auto", 96) is first
+    assert guided_schema(TOOLS, "required", 96) == fit_to_budget(
+        calls_schema(TOOLS, "required"), 96
+    )
+    assert guided_schema(TOOLS, "auto", 64) != first
+    assert guided_schema(TOOLS[:1], "auto", 96) != first

@@ -23,13 +23,15 @@ a tenth in reserve for them.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from proto.messages import ToolCall
-from proto.tools import INVALID_CALL
+from proto.messages import ToolCall, ToolSpec
+from proto.tools import INVALID_CALL, calls_schema
 
 
 @dataclass(slots=True)
@@ -176,3 +178,17 @@ def fit_to_budget(schema_json: str, max_tokens: int) -> str:
             props = other["properties"]
             props["content"] = _cap_strings(props["content"], text_room)
     return json.dumps(schema, sort_keys=True)
+
+
+def guided_schema(tools: Sequence[ToolSpec], choice: str, max_tokens: int) -> str:
+    """``calls_schema`` of ``tools`` fitted to ``max_tokens``: what a tool-calling
+    generation is guided to. Cached (~50 µs to build, and an agent offers the
+    same tools at the same ``max_tokens`` every turn)."""
+    key = tuple((t.name, t.description, t.parameters) for t in tools)
+    return _guided_schema(key, choice, max_tokens)
+
+
+@functools.lru_cache(maxsize=256)
+def _guided_schema(tools: tuple[tuple[str, str, str], ...], choice: str, max_tokens: int) -> str:
+    specs = [ToolSpec(name=n, description=d, parameters=p) for n, d, p in tools]
+    return fit_to_budget(calls_schema(specs, choice), max_tokens)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from proto.messages import ChatMessage
-from proto.tools import calls_schema, openai_tools
+from proto.tools import openai_tools
 from services.inference_worker.engines.base import (
     EngineCapacity,
     EngineDead,
@@ -46,7 +46,7 @@ from services.inference_worker.engines.base import (
     PromptTooLong,
     openai_message,
 )
-from services.inference_worker.engines.toolcalls import fit_to_budget, parse_guided
+from services.inference_worker.engines.toolcalls import guided_schema, parse_guided
 from services.inference_worker.engines.vllm_args import EngineArgsError, resolve
 
 _RUN_DIR_VARS = ("VLLM_RPC_BASE_PATH", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR")
@@ -324,9 +324,7 @@ class VLLMEngine:
         )
         schema = request.json_schema
         if use_tools:  # the answer is calls fitting the tools' schemas (or, with auto, text)
-            schema = fit_to_budget(
-                calls_schema(list(request.tools), request.tool_choice), request.max_tokens
-            )
+            schema = guided_schema(request.tools, request.tool_choice, request.max_tokens)
         if schema is not None:  # guided decoding (xgrammar)
             from vllm.sampling_params import StructuredOutputsParams
 
