@@ -70,6 +70,9 @@ _STORE_RACE_ERR = 10049  # "error creating store for stream": transient, retry
 # "no suitable peers for placement": a cluster peer is still starting (or
 # restarting); it comes back, so provisioning waits for it like an election.
 _NO_PEERS_ERR = 10005
+# Up to this many messages on a subject are found one direct lookup each
+# (a round trip apiece); more through an ephemeral consumer (see sequences()).
+DIRECT_LOOKUPS = 16
 
 
 class TransportError(Exception):
@@ -897,10 +900,16 @@ class Bus:
     # without no_erase overwrites them. So erasure deletes message by message
     # and purges the subject afterwards, to catch anything written meanwhile.
 
-    async def sequences(self, stream: str, subject: str) -> list[int]:
-        """Stream sequences of every message on ``subject`` (one direct lookup
-        each: for the few messages a task or a key holds; bulk reads go through
-        an ephemeral consumer, ``read_subject(headers_only=True)``)."""
+    async def sequences(self, stream: str, subject: str, *, count: int | None = None) -> list[int]:
+        """Stream sequences of every message on ``subject``. ``count``: how
+        many it holds, when the caller knows (from ``subjects``): more than
+        ``DIRECT_LOOKUPS`` are read through an ephemeral consumer (headers
+        only, ``read_subject``); fewer, or an unknown count (the few messages
+        a task or a key holds), one lookup each, which spares the consumer's
+        create, info and delete round trips."""
+        if count is not None and count > DIRECT_LOOKUPS:
+            msgs = self.read_subject(stream, subject, headers_only=True)
+            return [m.metadata.sequence.stream async for m in msgs]
         found: list[int] = []
         seq = 1
         while True:
@@ -925,12 +934,12 @@ class Bus:
         return erased
 
     async def erase_subject(
-        self, stream: str, subject: str, *, keep_after: int | None = None
+        self, stream: str, subject: str, *, keep_after: int | None = None, count: int | None = None
     ) -> int:
         """Overwrite and remove every message on ``subject``, or with
         ``keep_after`` only those before that sequence (and no purge); returns
-        how many were erased."""
-        seqs = await self.sequences(stream, subject)
+        how many were erased. ``count``: as for ``sequences``."""
+        seqs = await self.sequences(stream, subject, count=count)
         if keep_after is not None:
             return await self.erase_messages(stream, [s for s in seqs if s < keep_after])
         erased = await self.erase_messages(stream, seqs)

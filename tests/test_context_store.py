@@ -26,7 +26,6 @@ from proto.messages import (
     ContextSummarize,
     WindowReply,
 )
-from services.context_store.erase import sequences
 from services.context_store.tokens import estimate_tokens
 from tests.ctx import append, ask, conversation, window
 
@@ -153,7 +152,7 @@ async def test_a_fork_shares_its_parents_prefix_without_copying_it(bus: Bus) -> 
         )
         assert raw.state.subjects == {subjects.context_log(tenant, kid): 2}  # fork record + own
         stored = [await bus.js.get_msg("BATON_CONTEXT", seq) for seq in
-                  await sequences(bus, "BATON_CONTEXT", subjects.context_log(tenant, kid))]  # fmt: skip
+                  await bus.sequences("BATON_CONTEXT", subjects.context_log(tenant, kid))]  # fmt: skip
         assert sum(len(m.data or b"") for m in stored) < 200  # the shared ~1.5 KB is not copied
     taken = await ask(bus, "fork", ContextFork(tenant=tenant, ref=ref, child=parent))
     assert taken.error.code == "bad_request"

@@ -15,6 +15,7 @@ from baton import tracing
 from baton.natsd import free_port
 from baton.testing import uid
 from baton.transport import (
+    DIRECT_LOOKUPS,
     HDR_DLQ_REASON,
     HDR_TASK_ID,
     HDR_TRACEPARENT,
@@ -246,6 +247,27 @@ async def test_conditional_writes_and_lookups_speak_baton_errors(bus: Bus) -> No
     assert await bus.subjects(name, f"{name}.>") == {subject: 2}
     assert await bus.erase_subject(name, subject) == 2
     assert await bus.get_msg(name, first) is None and await bus.get_msg(name, second) is None
+
+
+async def test_a_subjects_sequences_are_the_same_found_either_way(bus: Bus) -> None:
+    """Erasure finds a subject's messages by direct lookups or, for a known
+    count over ``DIRECT_LOOKUPS``, an ephemeral consumer: the same sequences,
+    and the consumer is gone afterwards."""
+    name = uid("S")
+    await bus.ensure_stream(StreamSpec(name=name, subjects=(f"{name}.>",), retention="limits",
+                                       duplicate_window=60))  # fmt: skip
+    many = DIRECT_LOOKUPS + 4
+    for i in range(many):
+        await bus.publish(f"{name}.{'a' if i % 2 else 'b'}", b"x")
+    counts = await bus.subjects(name, f"{name}.>")
+    for subject, count in counts.items():
+        direct = await bus.sequences(name, subject)
+        assert len(direct) == count and direct == sorted(direct)
+        assert await bus.sequences(name, subject, count=count) == direct
+        assert await bus.sequences(name, subject, count=many) == direct  # through a consumer
+    assert await bus.consumers(name) == []
+    assert await bus.erase_subject(name, f"{name}.a", count=many) == counts[f"{name}.a"]
+    assert await bus.subjects(name, f"{name}.>") == {f"{name}.b": counts[f"{name}.b"]}
 
 
 async def test_a_bucket_compare_and_set_loses_with_wrong_last_sequence(bus: Bus) -> None:

@@ -13,7 +13,7 @@ from baton.transport import Bus, WrongLastSequence
 from proto import subjects
 from proto.streams import CONTEXT_ATTACHMENTS
 
-from .erase import erase_matching, list_subjects
+from .erase import erase_matching
 
 STREAM = CONTEXT_ATTACHMENTS.name
 
@@ -43,12 +43,12 @@ async def get(bus: Bus, tenant: str, session: str, name: str) -> bytes | None:
 
 
 async def names(bus: Bus, tenant: str, session: str) -> list[str]:
-    found = await list_subjects(bus, STREAM, _pattern(tenant, session))
+    found = await bus.subjects(STREAM, _pattern(tenant, session))
     return sorted(s.rsplit(".", 1)[1] for s in found)
 
 
 async def count(bus: Bus, tenant: str, session: str | None = None) -> int:
-    return len(await list_subjects(bus, STREAM, _pattern(tenant, session)))
+    return len(await bus.subjects(STREAM, _pattern(tenant, session)))
 
 
 async def erase(bus: Bus, tenant: str, session: str | None = None) -> int:

@@ -21,7 +21,6 @@ from proto.messages import ContextDelete
 from proto.streams import CONTEXT
 
 from .admin import Admin
-from .erase import list_subjects
 
 log = structlog.get_logger("context_store.retention")
 
@@ -44,7 +43,7 @@ class Retention:
 async def sweep_once(admin: Admin, retention: Retention, now: float | None = None) -> int:
     """Erase every session past its tenant's max age; returns how many."""
     now = time.time() if now is None else now
-    found = await list_subjects(admin.bus, CONTEXT.name, f"{subjects.CONTEXT_LOG}.*.*")
+    found = await admin.bus.subjects(CONTEXT.name, f"{subjects.CONTEXT_LOG}.*.*")
     expired = 0
     for subject in sorted(found):
         tenant, session = subject.split(".")[2:4]
