@@ -57,6 +57,11 @@ MAX_DELIVERIES: Final = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 
 RESERVED: Final = frozenset({BATON_ACCOUNT, SYSTEM_ACCOUNT, "$G", "$SYS"})
 
+# What a tenant publishes into BATON (``<root>.<token>`` in its account,
+# ``<root>.<tenant>.<token>`` in BATON's), and the feeds BATON publishes per
+# tenant (``<root>.<tenant>.>``) that the tenant imports and subscribes to.
+TENANT_SUBMITS: Final = (subjects.TASKS, subjects.INPUT, subjects.DOCUMENTS)
+TENANT_FEEDS: Final = (subjects.EVENTS, subjects.TOKENS)
 # A tenant's own JetStream holds its copy of its events and token deltas;
 # Baton creates them.
 TENANT_STREAMS: Final = (streams.EVENTS.name, streams.TOKENS.name)
@@ -270,8 +275,7 @@ def tenant_permissions(tenant: str) -> dict[str, Any]:
     """A tenant's client: submit tasks, read (live and replay) its own events
     and token deltas. Its JetStream API reaches only its own account."""
     api = "$JS.API"
-    pub = [f"{subjects.TASKS}.*", f"{subjects.INPUT}.*", f"{subjects.DOCUMENTS}.*",
-           f"{api}.INFO", f"{api}.STREAM.NAMES"]  # fmt: skip
+    pub = [*(f"{root}.*" for root in TENANT_SUBMITS), f"{api}.INFO", f"{api}.STREAM.NAMES"]
     for stream in TENANT_STREAMS:
         pub += [
             f"{api}.STREAM.INFO.{stream}",
@@ -286,7 +290,7 @@ def tenant_permissions(tenant: str) -> dict[str, Any]:
             f"$JS.ACK.{stream}.>",
             f"$JS.FC.{stream}.>",
         ]
-    sub = [f"{subjects.EVENTS}.{tenant}.>", f"{subjects.TOKENS}.{tenant}.>", "_INBOX.>"]
+    sub = [*(f"{root}.{tenant}.>" for root in TENANT_FEEDS), "_INBOX.>"]
     return {"publish": {"allow": pub}, "subscribe": {"allow": sub}}
 
 
@@ -377,12 +381,13 @@ def render(
         BATON_ACCOUNT: {
             "jetstream": "enabled",
             "users": baton_users,
+            # The tenant token (position 3) is pinned to the importing account.
             "exports": [
-                {"service": f"{subjects.TASKS}.*.*", "account_token_position": 3},
-                {"service": f"{subjects.INPUT}.*.*", "account_token_position": 3},
-                {"service": f"{subjects.DOCUMENTS}.*.*", "account_token_position": 3},
-                {"stream": f"{subjects.EVENTS}.*.>", "account_token_position": 3},
-                {"stream": f"{subjects.TOKENS}.*.>", "account_token_position": 3},
+                *(
+                    {"service": f"{root}.*.*", "account_token_position": 3}
+                    for root in TENANT_SUBMITS
+                ),
+                *({"stream": f"{root}.*.>", "account_token_position": 3} for root in TENANT_FEEDS),
             ],
             "imports": [
                 {
@@ -399,14 +404,10 @@ def render(
             "jetstream": dict(TENANT_JS_LIMITS),
             "users": [_user(t, passwords[t], tenant_permissions(t))],
             "imports": [
-                {"service": {"account": BATON_ACCOUNT, "subject": f"{subjects.TASKS}.{t}.*"},
-                 "to": f"{subjects.TASKS}.*"},
-                {"service": {"account": BATON_ACCOUNT, "subject": f"{subjects.INPUT}.{t}.*"},
-                 "to": f"{subjects.INPUT}.*"},
-                {"service": {"account": BATON_ACCOUNT, "subject": f"{subjects.DOCUMENTS}.{t}.*"},
-                 "to": f"{subjects.DOCUMENTS}.*"},
-                {"stream": {"account": BATON_ACCOUNT, "subject": f"{subjects.EVENTS}.{t}.>"}},
-                {"stream": {"account": BATON_ACCOUNT, "subject": f"{subjects.TOKENS}.{t}.>"}},
+                *({"service": {"account": BATON_ACCOUNT, "subject": f"{root}.{t}.*"},
+                   "to": f"{root}.*"} for root in TENANT_SUBMITS),
+                *({"stream": {"account": BATON_ACCOUNT, "subject": f"{root}.{t}.>"}}
+                  for root in TENANT_FEEDS),
             ],
             "exports": [{"service": "$JS.API.>", "accounts": [BATON_ACCOUNT]}],
         }  # fmt: skip
@@ -438,6 +439,9 @@ __all__ = [
     "OPERATOR",
     "ORCHESTRATOR",
     "SERVICES",
+    "TENANT_FEEDS",
+    "TENANT_STREAMS",
+    "TENANT_SUBMITS",
     "Role",
     "StreamAccess",
     "Var",
