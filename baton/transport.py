@@ -476,21 +476,20 @@ class Bus:
         """True when another account's JetStream answers under ``api_prefix``
         (one try: a NATS without that import has nothing to wait for)."""
         try:
-            await self.nc.jetstream(prefix=api_prefix, timeout=timeout).account_info()
+            await self.account(api_prefix, timeout=timeout).js.account_info()
         except TRANSIENT:
             return False
         return True
 
-    async def ensure_stream(self, spec: StreamSpec, *, api_prefix: str | None = None) -> None:
-        """Create or update the stream (in another account with ``api_prefix``)."""
-        js = self.js if api_prefix is None else self.account(api_prefix).js
+    async def ensure_stream(self, spec: StreamSpec) -> None:
+        """Create or update the stream (in another account: ``account(prefix).ensure_stream``)."""
         config = _stream_config(spec, self.replicas)
         try:
-            await _retry_store_race(lambda: js.add_stream(config))
+            await _retry_store_race(lambda: self.js.add_stream(config))
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != 10058:  # stream name in use with a different config
                 raise
-            await js.update_stream(config)
+            await self.js.update_stream(config)
 
     async def ensure_consumer(self, spec: ConsumerSpec) -> None:
         """Create the durable consumer, or update its mutable fields in place
@@ -810,11 +809,12 @@ class Bus:
 
     # -- streams and their messages -----------------------------------------
 
-    def account(self, api_prefix: str) -> Bus:
+    def account(self, api_prefix: str, *, timeout: float = 5.0) -> Bus:
         """This connection speaking to another account's JetStream, whose API
         this account imports under ``api_prefix`` (a tenant's copy of its
-        events): the stream and erase helpers below work there too."""
-        return Bus(self.nc, replicas=self.replicas, js=self.nc.jetstream(prefix=api_prefix))
+        events): provisioning and the stream and erase helpers work there too."""
+        js = self.nc.jetstream(prefix=api_prefix, timeout=timeout)
+        return Bus(self.nc, replicas=self.replicas, js=js)
 
     async def stream_info(
         self, stream: str, *, subjects_filter: str | None = None

@@ -69,7 +69,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     if tenants and await bus.reaches_account(tenant_api_prefix(tenants[0])):
         for t in tenants:
             for spec in (streams.TENANT_EVENTS, streams.TENANT_TOKENS):
-                await bus.ensure_stream(spec, api_prefix=tenant_api_prefix(t))
+                await bus.account(tenant_api_prefix(t)).ensure_stream(spec)
     elif tenants:
         log.warning("tenant_accounts_unreachable", tenant=tenants[0])
     runs = RunStore(await bus.ensure_bucket(streams.RUNS))
