@@ -1,14 +1,16 @@
 """W3C ``traceparent`` propagation across every hop.
 
 The current traceparent lives in a contextvar: the transport sets it from an
-incoming message's header (as a child span) and stamps it on every outgoing
+incoming message's header (``child_span``) and stamps it on every outgoing
 message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import random
+from collections.abc import Iterator
 
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("traceparent", default=None)
 
@@ -40,5 +42,13 @@ def current() -> str | None:
     return _current.get()
 
 
-def set_current(traceparent: str | None) -> contextvars.Token[str | None]:
-    return _current.set(traceparent)
+@contextlib.contextmanager
+def child_span(parent: str | None) -> Iterator[str]:
+    """Run the block in a new span of ``parent``'s trace (a new trace when
+    ``parent`` is unusable); yields that span's traceparent."""
+    span = child_of(parent)
+    token = _current.set(span)
+    try:
+        yield span
+    finally:
+        _current.reset(token)

@@ -585,17 +585,18 @@ class Bus:
         running: set[asyncio.Task[None]] = set()
 
         async def answer(msg: Msg) -> None:
-            headers = msg.headers or {}
-            token = tracing.set_current(tracing.child_of(headers.get(HDR_TRACEPARENT)))
+            request = Request(msg.subject, msg.data, msg.headers or {})
             try:
-                with structlog.contextvars.bound_contextvars(task_id=headers.get(HDR_TASK_ID)):
-                    reply = await responder(Request(msg.subject, msg.data, headers))
+                with (
+                    tracing.child_span(request.headers.get(HDR_TRACEPARENT)),
+                    structlog.contextvars.bound_contextvars(task_id=request.task_id),
+                ):
+                    reply = await responder(request)
                     if reply is not None and msg.reply:
                         await msg.respond(
                             reply if isinstance(reply, bytes) else codec.encode(reply)
                         )
             finally:
-                tracing._current.reset(token)
                 slots.release()
 
         async def on_msg(msg: Msg) -> None:
@@ -639,16 +640,12 @@ class Bus:
 
     async def settle(self, spec: ConsumerSpec, delivery: Delivery, handler: Handler) -> None:
         """Run ``handler`` on one delivery and settle it by outcome."""
-        parent = delivery.headers.get(HDR_TRACEPARENT)
-        token = tracing.set_current(tracing.child_of(parent))
-        bound = {"consumer": spec.durable, "trace_id": tracing.trace_id(tracing.current())}
-        if delivery.task_id:
-            bound["task_id"] = delivery.task_id
-        try:
+        with tracing.child_span(delivery.headers.get(HDR_TRACEPARENT)) as span:
+            bound = {"consumer": spec.durable, "trace_id": tracing.trace_id(span)}
+            if delivery.task_id:
+                bound["task_id"] = delivery.task_id
             with structlog.contextvars.bound_contextvars(**bound):
                 await self._settle(spec, delivery, handler)
-        finally:
-            tracing._current.reset(token)
 
     async def erase(self, delivery: Delivery) -> None:
         """Overwrite ``delivery``'s message in the store (``STREAM.MSG.DELETE``

@@ -23,10 +23,12 @@ from baton.transport import (
     BusUnavailable,
     Delivery,
     Nak,
+    Request,
     Term,
     WrongLastSequence,
     connect,
 )
+from proto.messages import DocumentsErased
 from proto.streams import DEAD_LETTERS, BucketSpec, ConsumerSpec, StreamSpec
 
 
@@ -124,12 +126,10 @@ async def test_a_handler_that_always_fails_is_dead_lettered_after_max_deliver(bu
 
 async def test_task_id_and_traceparent_travel_with_every_hop(bus: Bus) -> None:
     name, consumer = await _work_stream(bus)
-    root = tracing.new_traceparent()
-    token = tracing.set_current(root)
-    try:
+    root, outside = tracing.new_traceparent(), tracing.current()
+    with tracing.child_span(root):
         await bus.publish(f"{name}.a", b"1", task_id="t42")
-    finally:
-        tracing._current.reset(token)
+    assert tracing.current() == outside  # the span ended with the block
     got: list[tuple[str | None, str, dict[str, object]]] = []
     done = asyncio.Event()
 
@@ -144,6 +144,26 @@ async def test_task_id_and_traceparent_travel_with_every_hop(bus: Bus) -> None:
     assert tracing.trace_id(traceparent) == tracing.trace_id(root)
     assert traceparent != root  # a new span of the same trace
     assert ctx["task_id"] == "t42" and ctx["trace_id"] == tracing.trace_id(root)
+
+
+async def test_a_served_request_runs_in_its_callers_trace_with_its_task_id(bus: Bus) -> None:
+    subject = uid("serve.")
+    seen: list[tuple[str | None, str | None, dict[str, object]]] = []
+
+    async def responder(request: Request) -> DocumentsErased:
+        seen.append((request.task_id, tracing.current(), structlog.contextvars.get_contextvars()))
+        return DocumentsErased(tenant="acme")
+
+    await bus.serve([subject], responder)
+    root = tracing.new_traceparent()
+    with tracing.child_span(root) as span:
+        await bus.nc.flush()
+        reply = await bus.request(subject, b"", DocumentsErased, task_id="t7")
+        assert reply == DocumentsErased(tenant="acme")
+    [(task_id, traceparent, ctx)] = seen
+    assert task_id == "t7" and ctx["task_id"] == "t7"
+    assert tracing.trace_id(traceparent) == tracing.trace_id(root)
+    assert traceparent not in (root, span)  # the responder's own span
 
 
 async def test_long_handlers_are_kept_alive_past_ack_wait(bus: Bus) -> None:
