@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from baton.transport import Bus
 from proto import subjects
-from proto.limits import MAX_DOCUMENT_BYTES
+from proto.limits import document_too_large
 from proto.messages import DocumentPut
 
 
@@ -22,7 +22,8 @@ async def put_document(bus: Bus, doc: DocumentPut) -> int:
         DocumentTooLarge: over ``MAX_DOCUMENT_BYTES``.
         ValueError: an id that cannot be a subject token.
     """
-    if len(doc.text.encode()) + len(doc.title.encode()) > MAX_DOCUMENT_BYTES:
-        raise DocumentTooLarge(f"a document is at most {MAX_DOCUMENT_BYTES} bytes")
+    too_large = document_too_large(doc.title, doc.text)
+    if too_large is not None:
+        raise DocumentTooLarge(too_large)
     ack = await bus.publish(subjects.document(doc.tenant, doc.doc_id), doc)
     return int(ack.seq)

@@ -36,9 +36,17 @@ MAX_SERVICE_MESSAGE_BYTES: Final = 4 * 1024
 MAX_DOCUMENT_BYTES: Final = 384 * 1024
 """Largest document (title + text) the search tool indexes."""
 
+
 MAX_TOOL_OUTPUT_BYTES: Final = 256 * 1024
 """Largest result a tool may return; more is a ``tool_output_too_large`` error."""
 
 INLINE_TOOL_RESULT_BYTES: Final = 8 * 1024
 """A tool result up to this size is the tool message itself; a larger one is
 stored as an attachment of the session and the message holds its start."""
+
+
+def document_too_large(title: str, text: str) -> str | None:
+    """Why a document is over ``MAX_DOCUMENT_BYTES`` (UTF-8), or None when it fits."""
+    if len(text.encode()) + len(title.encode()) > MAX_DOCUMENT_BYTES:
+        return f"a document is at most {MAX_DOCUMENT_BYTES} bytes"
+    return None

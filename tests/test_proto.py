@@ -12,7 +12,7 @@ from proto.admission import TaskRejected, parse_task
 from proto.asyncapi import DOCUMENT_PATH, build
 from proto.errors import LAYER_OF, ErrorCode
 from proto.ids import is_valid_id
-from proto.limits import MAX_INPUT_BYTES
+from proto.limits import MAX_DOCUMENT_BYTES, MAX_INPUT_BYTES, document_too_large
 from proto.messages import (
     Completed,
     ContextRef,
@@ -181,3 +181,11 @@ def test_asyncapi_documents_every_message_struct() -> None:
     documented = set(build()["components"]["schemas"])
     assert structs - {"Budget", "Usage", "ErrorInfo", "ChatMessage"} <= documented
     assert {"Budget", "Usage", "ErrorInfo", "ChatMessage"} <= documented
+
+
+def test_a_document_is_measured_in_utf8_bytes_of_title_and_text() -> None:
+    assert document_too_large("t", "x" * (MAX_DOCUMENT_BYTES - 1)) is None
+    assert document_too_large("", "x" * MAX_DOCUMENT_BYTES) is None
+    assert document_too_large("é", "x" * (MAX_DOCUMENT_BYTES - 1)) == (
+        f"a document is at most {MAX_DOCUMENT_BYTES} bytes"  # "é" is two bytes
+    )

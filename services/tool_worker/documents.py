@@ -18,7 +18,7 @@ import structlog
 
 from baton.transport import Bus, Msg
 from proto import codec, subjects
-from proto.limits import MAX_DOCUMENT_BYTES
+from proto.limits import document_too_large
 from proto.messages import DocumentPut, DocumentsErased
 from proto.streams import DOCUMENTS
 
@@ -68,8 +68,9 @@ class DocumentIndexer:
                 # The subject's tenant is the publisher's (a tenant's own
                 # account maps baton.docs.<doc_id> to it): the body may not differ.
                 raise ValueError("the body's tenant or id is not the subject's")
-            if len(doc.text.encode()) + len(doc.title.encode()) > MAX_DOCUMENT_BYTES:
-                raise ValueError(f"a document is at most {MAX_DOCUMENT_BYTES} bytes")
+            too_large = document_too_large(doc.title, doc.text)
+            if too_large is not None:
+                raise ValueError(too_large)
         except (codec.DecodeError, ValueError) as exc:
             log.warning("document_skipped", seq=seq, error=str(exc))
             self.index.skip(seq)
