@@ -95,15 +95,21 @@ def _probe(url: str, timeout: float) -> None:
         fail(f"cannot reach NATS at {redact(url)}: {why}", EXIT_UNREACHABLE)
 
 
-def _operator_url() -> str:
+def _stored_url(data_dir: Path, tenant: str | None, missing: str) -> str:
+    """A client URL ``baton up`` wrote (the tenant's, or the operator's for
+    None); fails with ``missing`` when there is none."""
     from baton.credentials import read_url
 
-    data_dir = Path(os.environ.get("BATON_DATA_DIR", ".data"))
     try:
-        return read_url(data_dir)
+        return read_url(data_dir, tenant)
     except FileNotFoundError:
-        fail(f"no {data_dir}/operator.url: start the stack (`make up`) or pass --nats-url",
-             EXIT_USAGE)  # fmt: skip
+        fail(missing, EXIT_USAGE)
+
+
+def _operator_url() -> str:
+    data_dir = Path(os.environ.get("BATON_DATA_DIR", ".data"))
+    return _stored_url(data_dir, None, f"no {data_dir}/operator.url: start the stack "
+                       "(`make up`) or pass --nats-url")  # fmt: skip
 
 
 async def _connect(url: str | None) -> Any:
@@ -354,14 +360,9 @@ def up(
 
 
 def _tenant_url(data_dir: Path, tenant: str) -> str:
-    from baton.credentials import read_url
-
-    try:
-        return read_url(data_dir, tenant)
-    except FileNotFoundError:
-        fail(f"no credentials for tenant {tenant!r} in {data_dir}/tenants/: start the stack "
-             "with BATON_TENANTS including it (`make up`), or pass --nats-url",
-             EXIT_USAGE)  # fmt: skip
+    return _stored_url(data_dir, tenant, f"no credentials for tenant {tenant!r} in "
+                       f"{data_dir}/tenants/: start the stack with BATON_TENANTS including "
+                       "it (`make up`), or pass --nats-url")  # fmt: skip
 
 
 @tenant_app.command("url")
@@ -374,15 +375,9 @@ def tenant_url(tenant: str, data_dir: DataDir = Path(".data")) -> None:
 @app.command()
 def nats(data_dir: DataDir = Path(".data"), port: int = 4222) -> None:
     """Run only the embedded nats-server (authentication on, tenants of BATON_TENANTS)."""
-    from baton.credentials import Credentials
-    from baton.natsd import NatsServer, ServerAuth
-    from baton.settings import parse_tenants
+    from baton.stack import env_tenants, start_secure_nats
 
-    tenants = parse_tenants(os.environ.get("BATON_TENANTS", "acme"))
-    creds = Credentials.load_or_create(data_dir, tenants)
-    server = NatsServer(data_dir / "nats", port=port, monitor_port=8222,
-                        auth=ServerAuth(tenants, creds)).start()  # fmt: skip
-    creds.write_urls(data_dir, tenants, "127.0.0.1", server.port)
+    server = start_secure_nats(data_dir, env_tenants(), port=port, monitor_port=8222)
     print(f"nats-server at {server.address} (store {server.store_dir}, authentication on); "
           f"client URLs in {data_dir}/tenants/ and {data_dir}/operator.url; Ctrl-C to stop",
           flush=True)  # fmt: skip

@@ -97,6 +97,24 @@ class ServiceProcess:
             self.proc.wait()
 
 
+def env_tenants() -> list[str]:
+    """The tenants of ``BATON_TENANTS`` (default ``acme``)."""
+    return parse_tenants(os.environ.get("BATON_TENANTS", "acme"))
+
+
+def start_secure_nats(
+    data_dir: Path, tenants: list[str], *, port: int, monitor_port: int | None
+) -> NatsServer:
+    """Start the embedded NATS with an account per tenant, its passwords
+    those of ``data_dir``'s secrets (missing ones added), and write the
+    tenants' and the operator's client URLs there."""
+    creds = Credentials.load_or_create(data_dir, tenants)
+    server = NatsServer(data_dir / "nats", port=port, monitor_port=monitor_port,
+                        auth=ServerAuth(tenants, creds)).start()  # fmt: skip
+    creds.write_urls(data_dir, tenants, "127.0.0.1", server.port)
+    return server
+
+
 @dataclass
 class Stack:
     data_dir: Path
@@ -106,9 +124,7 @@ class Stack:
     monitor_port: int = 8222
     http_port: int = 8080
     ready_timeout: float = 900.0
-    tenants: list[str] = field(
-        default_factory=lambda: parse_tenants(os.environ.get("BATON_TENANTS", "acme"))
-    )
+    tenants: list[str] = field(default_factory=env_tenants)
     services: list[ServiceProcess] = field(default_factory=list)
     nats: NatsServer | None = None
 
@@ -142,12 +158,8 @@ class Stack:
         }
         urls: dict[str, str]
         if self.nats_url is None:
-            creds = Credentials.load_or_create(self.data_dir, self.tenants)
-            self.nats = NatsServer(
-                self.data_dir / "nats", port=self.nats_port, monitor_port=self.monitor_port,
-                auth=ServerAuth(self.tenants, creds),
-            ).start()  # fmt: skip
-            creds.write_urls(self.data_dir, self.tenants, "127.0.0.1", self.nats.port)
+            self.nats = start_secure_nats(self.data_dir, self.tenants, port=self.nats_port,
+                                          monitor_port=self.monitor_port)  # fmt: skip
             url = self.nats.address
             urls = {name: self.nats.url_for(name) for name in MODULES}
         else:  # the caller's NATS, one identity for every service
