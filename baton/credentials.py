@@ -22,7 +22,9 @@ from baton import accounts
 SECRETS_FILE = Path("secrets") / "nats.json"
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, readable by its owner only (0600, in a 0700
+    directory when it creates one): for files that hold secrets."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -69,7 +71,7 @@ class Credentials:
             changed = True
         if changed or not path.exists():
             body = {"passwords": creds.passwords, "cipher_key": creds.cipher_key}
-            _write_private(path, json.dumps(body, indent=2))
+            write_private(path, json.dumps(body, indent=2))
         return creds
 
     def url(self, identity: str, host: str, port: int, scheme: str = "nats") -> str:
@@ -82,10 +84,10 @@ class Credentials:
         out: dict[str, Path] = {}
         for tenant in tenants:
             path = Path(data_dir) / "tenants" / f"{tenant}.url"
-            _write_private(path, self.url(tenant, host, port, scheme) + "\n")
+            write_private(path, self.url(tenant, host, port, scheme) + "\n")
             out[tenant] = path
         path = Path(data_dir) / "operator.url"
-        _write_private(path, self.url(accounts.OPERATOR, host, port, scheme) + "\n")
+        write_private(path, self.url(accounts.OPERATOR, host, port, scheme) + "\n")
         out[accounts.OPERATOR] = path
         return out
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from baton import accounts
-from baton.credentials import Credentials
+from baton.credentials import Credentials, write_private
 
 _READY = "Server is ready"
 _LISTEN = re.compile(r"Listening for client connections on [\d.]+:(\d+)")
@@ -153,9 +153,7 @@ class NatsServer:
             cipher_key=accounts.Var(CIPHER_ENV) if self.auth.encrypt else None,
             tls=self.tls.settings() if self.tls is not None else None,
         )
-        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(accounts.to_conf(config) + "\n")
+        write_private(self.config_path, accounts.to_conf(config) + "\n")
 
     @property
     def log_path(self) -> Path:
