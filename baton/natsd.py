@@ -12,7 +12,6 @@ configuration file.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -71,13 +70,7 @@ class ServerTls:
 
     def config(self) -> str:
         """The nats-server ``tls {}`` block for these files."""
-        files = {"cert_file": self.cert, "key_file": self.key}
-        if self.verify_clients_with is not None:
-            files["ca_file"] = self.verify_clients_with
-        lines = [f"  {k}: {json.dumps(str(v))}" for k, v in files.items()]
-        if self.verify_clients_with is not None:
-            lines.append("  verify: true")
-        return "tls {\n" + "\n".join(lines) + "\n}\n"
+        return "tls " + accounts.to_conf(self.settings()) + "\n"
 
 
 CIPHER_ENV = "BATON_NATS_JS_KEY"

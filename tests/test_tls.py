@@ -156,6 +156,19 @@ async def test_server_only_tls_accepts_a_client_that_trusts_the_ca(pki: Pki, tmp
         server.stop()
 
 
+async def test_an_open_server_with_mutual_tls_wants_a_client_certificate(pki: Pki, tmp_path: Path):
+    """Without accounts the ``tls {}`` block is ServerTls.config(): verify included."""
+    tls = ServerTls(pki.server_cert, pki.server_key, verify_clients_with=pki.ca)
+    server = NatsServer(tmp_path / "nats", tls=tls).start()
+    try:
+        ctx = tls_context(pki.ca, pki.client_cert, pki.client_key)
+        bus = await connect(server.url, name="t", timeout=5, tls=ctx)
+        await bus.close()
+        assert await _refusal(server.url, tls_context(pki.ca)), "accepted without a certificate"
+    finally:
+        server.stop()
+
+
 def test_a_client_certificate_without_its_key_is_a_settings_error(pki: Pki):
     from pydantic import ValidationError
 
