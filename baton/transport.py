@@ -67,6 +67,8 @@ HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 
 PING_INTERVAL = 5  # seconds; see connect()
 _STORE_RACE_ERR = 10049  # "error creating store for stream": transient, retry
+_STORE_RACE_ATTEMPTS = 8
+_STREAM_EXISTS_ERR = 10058  # "stream name already in use with a different configuration"
 # "no suitable peers for placement": a cluster peer is still starting (or
 # restarting); it comes back, so provisioning waits for it like an election.
 _NO_PEERS_ERR = 10005
@@ -439,7 +441,10 @@ def _consumer_config(spec: ConsumerSpec) -> api.ConsumerConfig:
 PROVISION_PATIENCE = 60.0  # seconds
 
 
-async def _retry_store_race(op: Callable[[], Awaitable[Any]], attempts: int = 8) -> Any:
+async def _retry_store_race(op: Callable[[], Awaitable[Any]]) -> Any:
+    """Run the provisioning step ``op`` (the whole step: a create and the
+    update or lookup that follows it), again while JetStream is briefly
+    unavailable or its store races."""
     deadline = time.monotonic() + PROVISION_PATIENCE
     attempt = 0
     while True:
@@ -456,7 +461,7 @@ async def _retry_store_race(op: Callable[[], Awaitable[Any]], attempts: int = 8)
                 await asyncio.sleep(0.5)
                 continue
             attempt += 1
-            if exc.err_code != _STORE_RACE_ERR or attempt >= attempts:
+            if exc.err_code != _STORE_RACE_ERR or attempt >= _STORE_RACE_ATTEMPTS:
                 raise
             await asyncio.sleep(0.5)
 
@@ -484,12 +489,16 @@ class Bus:
     async def ensure_stream(self, spec: StreamSpec) -> None:
         """Create or update the stream (in another account: ``account(prefix).ensure_stream``)."""
         config = _stream_config(spec, self.replicas)
-        try:
-            await _retry_store_race(lambda: self.js.add_stream(config))
-        except nats.js.errors.BadRequestError as exc:
-            if exc.err_code != 10058:  # stream name in use with a different config
-                raise
-            await self.js.update_stream(config)
+
+        async def add_or_update() -> None:
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != _STREAM_EXISTS_ERR:
+                    raise
+                await self.js.update_stream(config)
+
+        await _retry_store_race(add_or_update)
 
     async def ensure_consumer(self, spec: ConsumerSpec) -> None:
         """Create the durable consumer, or update its mutable fields in place
@@ -518,22 +527,27 @@ class Bus:
     async def _ensure_erasable_bucket(self, spec: BucketSpec) -> tuple[KeyValue, bool]:
         """The bucket's KV, and whether its stream allows deletes."""
         config = _bucket_config(spec, self.replicas)
-        erasable = True
-        try:
-            await _retry_store_race(lambda: self.js.add_stream(config))
-        except nats.js.errors.BadRequestError as exc:
-            if exc.err_code != 10058:  # exists with another config
-                raise
-            info = await self.js.stream_info(spec.stream)
-            if info.config.deny_delete:
-                # Created before erasure support: deletes can never be allowed on
-                # it. It keeps working; erasure falls back to KV purges.
-                log.warning("bucket_not_erasable", bucket=spec.name)
-                erasable = False
-            else:
-                await self.js.update_stream(config)
-        kv: KeyValue = await self.js.key_value(spec.name)
-        return kv, erasable
+
+        async def ensure() -> tuple[KeyValue, bool]:
+            erasable = True
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != _STREAM_EXISTS_ERR:
+                    raise
+                info = await self.js.stream_info(spec.stream)
+                if info.config.deny_delete:
+                    # Created before erasure support: deletes can never be allowed
+                    # on it. It keeps working; erasure falls back to KV purges.
+                    log.warning("bucket_not_erasable", bucket=spec.name)
+                    erasable = False
+                else:
+                    await self.js.update_stream(config)
+            kv: KeyValue = await self.js.key_value(spec.name)
+            return kv, erasable
+
+        result: tuple[KeyValue, bool] = await _retry_store_race(ensure)
+        return result
 
     async def provision(
         self,

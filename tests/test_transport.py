@@ -329,3 +329,27 @@ async def test_provisioning_waits_for_a_cluster_peer_still_starting() -> None:
     with pytest.raises(nats.js.errors.APIError):
         await transport._retry_store_race(lambda: placement(1, 10052))
     assert calls == 1
+
+
+async def test_provisioning_retries_the_update_after_a_create_that_found_the_stream() -> None:
+    """The whole add-or-update step is retried: an update that meets JetStream
+    without a leader waits like the create does (a scripted JetStream: the
+    timing of an election cannot be provoked on a real one)."""
+    import nats.errors
+    import nats.js.errors
+
+    calls: list[str] = []
+
+    class Js:
+        async def add_stream(self, config: object) -> None:
+            calls.append("add")
+            raise nats.js.errors.BadRequestError(code=400, err_code=10058, description="in use")
+
+        async def update_stream(self, config: object) -> None:
+            calls.append("update")
+            if calls.count("update") == 1:
+                raise nats.errors.TimeoutError
+
+    bus = Bus(None, js=Js())  # type: ignore[arg-type]
+    await bus.ensure_stream(StreamSpec("S", ("s.>",), retention="limits", duplicate_window=60))
+    assert calls == ["add", "update", "add", "update"]
