@@ -745,14 +745,15 @@ class Bus:
         puller = await self.puller(spec)
         running = set() if running is None else running
         while not self._stopping.is_set():
-            free = concurrency - len(running)
-            room = free if gate is None else min(free, gate.room())
-            if room <= 0:
-                if free <= 0 or gate is None:
-                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                else:
-                    await gate.wait()
+            room = concurrency - len(running)
+            if room <= 0:  # every slot taken: wait for a handler to end
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 continue
+            if gate is not None:
+                room = min(room, gate.room())
+                if room <= 0:  # slots free, the gate shut
+                    await gate.wait()
+                    continue
             try:
                 # Busy: batches with short waits, so finished slots refill
                 # quickly. Idle: one message with a long wait (see Puller.fetch).
