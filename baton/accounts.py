@@ -41,6 +41,7 @@ from typing import Any, Final
 
 from proto import streams, subjects
 from proto.ids import require_id
+from proto.streams import BucketSpec
 
 BATON_ACCOUNT: Final = "BATON"
 SYSTEM_ACCOUNT: Final = "SYS"
@@ -143,7 +144,7 @@ class Role:
     subscribe: tuple[str, ...]
     streams: tuple[StreamAccess, ...] = ()
     tenant_streams: tuple[StreamAccess, ...] = ()  # in every tenant account
-    kv_buckets: tuple[str, ...] = ()
+    kv_buckets: tuple[BucketSpec, ...] = ()
     responds: bool = False  # answers requests (core request-reply)
 
     def permissions(self, tenants: Sequence[str]) -> dict[str, Any]:
@@ -151,8 +152,8 @@ class Role:
         for access in self.streams:
             pub += access.subjects()
         for bucket in self.kv_buckets:
-            pub += StreamAccess(f"KV_{bucket}", own=True, consume=True, erase=True).subjects()
-            pub.append(f"$KV.{bucket}.>")
+            pub += StreamAccess(bucket.stream, own=True, consume=True, erase=True).subjects()
+            pub.append(bucket.subject())
         for tenant in tenants:
             api = tenant_api_prefix(tenant)
             pub.append(f"{api}.INFO")
@@ -210,7 +211,7 @@ def service_roles(tenants: Sequence[str]) -> dict[str, Role]:
                 StreamAccess(streams.DEAD_LETTERS.name, own=True, consume=True, erase=True),
             ),
             tenant_streams=tuple(StreamAccess(s, own=True, erase=True) for s in TENANT_STREAMS),
-            kv_buckets=(streams.RUNS.name, streams.TOOL_CATALOG.name),
+            kv_buckets=(streams.RUNS, streams.TOOL_CATALOG),
         ),
         CONTEXT_STORE: Role(
             CONTEXT_STORE,
@@ -266,7 +267,7 @@ def service_roles(tenants: Sequence[str]) -> dict[str, Role]:
                 StreamAccess(streams.DOCUMENTS.name, own=True, consume=True),  # the search index
                 dlq,
             ),
-            kv_buckets=(streams.TOOL_CATALOG.name,),
+            kv_buckets=(streams.TOOL_CATALOG,),
         ),
     }
 

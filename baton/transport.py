@@ -410,7 +410,7 @@ def _bucket_config(spec: BucketSpec, replicas: int) -> api.StreamConfig:
     return api.StreamConfig(
         name=spec.stream,
         description=spec.description or None,
-        subjects=[f"$KV.{spec.name}.>"],
+        subjects=[spec.subject()],
         allow_direct=True,
         allow_rollup_hdrs=True,
         deny_delete=False,
@@ -1011,9 +1011,6 @@ class Bucket:
         self.spec = spec
         self.erasable = erasable
 
-    def _subject(self, key: str) -> str:
-        return f"$KV.{self.spec.name}.{key}"
-
     async def get(self, key: str, *, consistent: bool = False) -> Entry | None:
         """The newest entry of ``key`` (None: no such key, or deleted);
         ``consistent``: the leader's answer, not a possibly lagging follower's."""
@@ -1089,7 +1086,7 @@ class Bucket:
         """Overwrite every revision of ``key`` before ``keep_after``; how many."""
         if not self.erasable:
             return 0
-        return await self._bus.erase_subject(self.spec.stream, self._subject(key),
+        return await self._bus.erase_subject(self.spec.stream, self.spec.subject(key),
                                               keep_after=keep_after)  # fmt: skip
 
 

@@ -56,6 +56,11 @@ class BucketSpec:
     def stream(self) -> str:
         return f"KV_{self.name}"
 
+    def subject(self, key: str = ">") -> str:
+        """The subject ``key`` is stored on (a pattern of keys, or by default
+        every key)."""
+        return f"$KV.{self.name}.{key}"
+
 
 TASKS_PREFIX: Final = "BATON_TASKS_"
 

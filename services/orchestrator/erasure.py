@@ -175,7 +175,7 @@ class TaskEraser:
     async def runs_of(self, tenant: str) -> list[RunState]:
         """Every run entry of ``tenant`` (the newest revision of each key)."""
         latest: dict[str, RunState] = {}
-        pattern = f"$KV.{RUNS.name}.{tenant}.*"
+        pattern = RUNS.subject(f"{tenant}.*")
         async for msg in self.bus.read_subject(RUNS.stream, pattern):
             if not msg.data:  # a KV delete or purge marker
                 continue
