@@ -150,8 +150,6 @@ class RunStore:
     def _superseded(self, revision: int) -> None:
         """Erase a replaced revision, off the caller's path (the run already
         moved on; if this process dies first, a task erasure finds it)."""
-        if not self.kv.erasable:
-            return
         task = asyncio.create_task(self._erase(revision))
         self._erasing.add(task)
         task.add_done_callback(self._erasing.discard)
