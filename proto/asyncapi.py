@@ -163,7 +163,7 @@ _CHANNELS: Final[dict[str, tuple[str, tuple[str, ...], tuple[Any, ...], str, boo
         "documents from its search index.", False,
     ),
     "toolCatalog": (
-        f"$KV.{streams.TOOL_CATALOG.name}.{{pool}}", ("pool",), (msg.ToolCatalog,),
+        streams.TOOL_CATALOG.subject("{pool}"), ("pool",), (msg.ToolCatalog,),
         f"KV bucket {streams.TOOL_CATALOG.name}: the tools (with their JSON schemas) each "
         "tool pool serves, written by its workers at start.", False,
     ),
