@@ -10,9 +10,11 @@ client can pass to ``connect()`` as it is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,21 @@ def write_private(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.chmod(path, 0o600)  # an existing file keeps its old mode otherwise
+
+
+def create_private(path: Path, text: str) -> None:
+    """Create ``path`` holding ``text`` (0600 from its first byte) unless it
+    exists already: whole, never half-written, and processes that start
+    together agree on the one that was created first."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        with contextlib.suppress(FileExistsError):  # another process was first
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
 
 
 def new_secret(nbytes: int = 24) -> str:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import secrets
-from pathlib import Path
 
 from pydantic import SecretStr
 
+from baton import credentials
 from baton.settings import CommonSettings
 
 
@@ -40,9 +40,7 @@ class ContextStoreSettings(CommonSettings):
             if key.upper().startswith("REPLACE-ME") or len(key) < 16:
                 raise ValueError("BATON_CONTEXT_KEY is a placeholder or shorter than 16 chars")
             return key.encode()
-        path = Path(self.data_dir) / "context.key"
+        path = self.data_dir / "context.key"
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_hex(32))
-            path.chmod(0o600)
+            credentials.create_private(path, secrets.token_hex(32))
         return path.read_text().strip().encode()
