@@ -31,10 +31,14 @@ def job(tenant: str, task_id: str, step: str) -> str:
     return f"{tenant}.{task_id}.{step}"
 
 
+def _nth(key: str, attempt: int) -> str:
+    return key if attempt == 1 else f"{key}#{attempt}"
+
+
 def job_message(job_id: str, attempt: int) -> str:
     """``Nats-Msg-Id`` of a job's dispatch: a retry after a timeout is a new
-    message, the job id (so the answer's and result's ids) stays the same."""
-    return job_id if attempt == 1 else f"{job_id}#{attempt}"
+    message, the job id (so the answer's id) stays the same."""
+    return _nth(job_id, attempt)
 
 
 def job_forward(job_id: str, pool: str) -> str:
@@ -52,9 +56,11 @@ def answer(job_id: str) -> str:
     return f"{job_id}:out"
 
 
-def result(job_id: str) -> str:
-    """``Nats-Msg-Id`` of a job's result."""
-    return f"{job_id}:result"
+def result(job_id: str, attempt: int = 1) -> str:
+    """``Nats-Msg-Id`` of a job's result, per dispatch: a redelivered job's
+    result is de-duplicated, a retry's (the answer stored already, the first
+    result lost or dead-lettered) is a new message the orchestrator sees."""
+    return _nth(f"{job_id}:result", attempt)
 
 
 def task_input(task_id: str) -> str:
@@ -107,9 +113,10 @@ def tool_output(call_id: str) -> str:
     return f"{call_id}:out"
 
 
-def tool_result(call_id: str) -> str:
-    """``Nats-Msg-Id`` of a tool call's ``ToolResult``."""
-    return f"{call_id}:result"
+def tool_result(call_id: str, attempt: int = 1) -> str:
+    """``Nats-Msg-Id`` of a tool call's ``ToolResult``, per dispatch (as
+    ``result``)."""
+    return _nth(f"{call_id}:result", attempt)
 
 
 def job_turn(job_id: str, turn: int) -> str:

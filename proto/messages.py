@@ -444,6 +444,7 @@ class InferenceJob(msgspec.Struct, omit_defaults=True, kw_only=True):
     context_budget: int = 0  # tokens for the window; 0 = worker decides
     tools: list[ToolSpec] = []  # offered to the model (OpenAI tools format on the wire)
     tool_choice: str = "auto"  # "auto" | "required" | "none"
+    attempt: int = 1  # dispatch of this job (a step timeout dispatches again); names the result
     published_at: float = 0.0
 
 
@@ -571,6 +572,7 @@ class ToolJob(msgspec.Struct, omit_defaults=True, kw_only=True):
     tool_call_id: str = ""  # the model's id of the call, echoed in the tool message
     ref: ContextRef | None = None
     timeout: float = 0.0  # seconds; 0 = the worker's default
+    attempt: int = 1  # dispatch of this call (a step timeout dispatches again); names the result
     published_at: float = 0.0
 
 

@@ -4,18 +4,21 @@ results become attachments, a redelivered call is not run again."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from baton.documents import put_document
 from baton.testing import LocalStack, metric, uid
 from baton.transport import Bus, connect
+from proto import keys, subjects
 from proto.limits import INLINE_TOOL_RESULT_BYTES
 from proto.messages import ContextGet, DocumentPut, GetReply
 from tests.ctx import ask
-from tests.tools import call_tool, session_with_call
+from tests.tools import call_tool, publish_tool_job, session_with_call
 
 
 @pytest.fixture
@@ -108,3 +111,29 @@ async def test_a_redelivered_call_reuses_the_stored_result_without_running_again
     assert again.reused and again.preview == first.preview  # not run again: same random number
     h = await history(bus, tenant, session)
     assert sum(m.role == "tool" for m in h.messages) == 1
+
+
+async def test_a_retried_calls_republished_result_is_a_new_message(
+    stack: LocalStack, bus: Bus
+) -> None:
+    """A step timeout dispatches a call again (attempt 2) when its first
+    result was lost; the stored result is republished, under a Msg-Id of its
+    own, or JetStream would drop it as a duplicate for 10 minutes."""
+    tenant, session, task_id = uid("acme"), uid("s"), uid()
+    ref = await session_with_call(bus, tenant, session)
+    got: asyncio.Queue[str | None] = asyncio.Queue()
+
+    async def on_msg(msg: Any) -> None:
+        await got.put((msg.headers or {}).get("Nats-Msg-Id"))
+
+    sub = await bus.subscribe(subjects.tool_result(tenant, task_id), on_msg)
+    try:
+        ids = []
+        for attempt in (1, 2):
+            call_id = await publish_tool_job(bus, tenant, session, ref, "python",
+                                             {"code": "print(1)"}, call="k", task_id=task_id,
+                                             attempt=attempt)  # fmt: skip
+            ids.append(await asyncio.wait_for(got.get(), 30))
+    finally:
+        await sub.unsubscribe()
+    assert ids == [keys.tool_result(call_id, 1), keys.tool_result(call_id, 2)]

@@ -150,6 +150,8 @@ def test_an_unanswered_step_is_retried_once_then_fails_with_step_timeout() -> No
     assert retry.changed and retry.run.steps["r1.answer"].attempt == 2
     [d] = [e for e in retry.effects if isinstance(e, T.Dispatch)]
     assert d.msg_id == keys.job_message(d.job.job_id, 2) and retry.wake_at == 20.5
+    # The retry's result is a new message: the first one may have been lost.
+    assert d.job.attempt == 2 and keys.result(d.job.job_id, 2) != keys.result(d.job.job_id, 1)
     dead = T.timer(retry.run, RULES, 21.0)
     assert dead.run.status == "failed" and dead.run.error is not None
     assert dead.run.error.code == ErrorCode.STEP_TIMEOUT and dead.wake_at is None
@@ -456,3 +458,4 @@ def test_a_replay_while_waiting_for_tools_republishes_the_unanswered_calls() -> 
     resent = [e for e in late.effects if isinstance(e, T.DispatchTool)]
     assert [e.job.call_id for e in resent] == ["acme.t1.r1.gather.coding.t0c1"]
     assert resent[0].msg_id.endswith("#2")
+    assert resent[0].job.attempt == 2  # its result is a new message too (keys.tool_result)

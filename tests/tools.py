@@ -26,16 +26,17 @@ async def session_with_call(
 async def publish_tool_job(
     bus: Bus, tenant: str, session: str, ref: ContextRef | None, tool: str,
     args: dict[str, Any] | str, *, call: str = "c0", task_id: str = "task", pool: str = "default",
-    job_timeout: float = 0.0, step: str = "r1.s", msg_id: str | None = None,
+    job_timeout: float = 0.0, step: str = "r1.s", msg_id: str | None = None, attempt: int = 1,
 ) -> str:  # fmt: skip
     """Publish one tool job; returns its call id."""
     call_id = keys.tool_call(tenant, task_id, step, call)
     job = ToolJob(
         call_id=call_id, task_id=task_id, tenant=tenant, session=session, step=step,
         tool=tool, arguments=args if isinstance(args, str) else json.dumps(args),
-        tool_call_id=f"call_{call}", ref=ref, timeout=job_timeout,
+        tool_call_id=f"call_{call}", ref=ref, timeout=job_timeout, attempt=attempt,
     )  # fmt: skip
-    await bus.publish(subjects.tool_job(pool), job, msg_id=msg_id or call_id, task_id=task_id)
+    await bus.publish(subjects.tool_job(pool), job, task_id=task_id,
+                      msg_id=msg_id or keys.job_message(call_id, attempt))  # fmt: skip
     return call_id
 
 

@@ -4,7 +4,7 @@
    if the answer is already stored (a redelivery), republish it instead;
 2. wait for admission (KV tokens + sequence slot), then stream the generation;
 3. append the answer under ``keys.answer(job_id)`` (idempotent) and publish
-   the result under ``keys.result(job_id)`` (de-duplicated by JetStream).
+   the result under ``keys.result(job_id, attempt)`` (de-duplicated by JetStream).
 
 An engine fault naks the job (the supervisor restarts the engine); a
 cancelled task's generation is aborted and answered with ``cancelled``.
@@ -306,7 +306,8 @@ class JobHandler:
 
     async def _publish(self, job: InferenceJob, result: InferenceResult) -> None:
         await self.bus.publish(subjects.result(job.tenant, job.task_id), result,
-                               msg_id=keys.result(job.job_id), task_id=job.task_id)  # fmt: skip
+                               msg_id=keys.result(job.job_id, job.attempt),
+                               task_id=job.task_id)  # fmt: skip
 
     async def _publish_error(self, job: InferenceJob, code: ErrorCode, message: str) -> None:
         m.JOBS.labels(self.pool, str(code)).inc()

@@ -289,6 +289,7 @@ def _job(run: RunState, rules: Rules, now: float, step: str, st: StepState) -> D
         response_schema=wf.route_schema(step),
         tools=tools,
         tool_choice=choice,
+        attempt=st.attempt,
         published_at=now,
     )
     return Dispatch(job, st.pool, keys.job_message(job.job_id, st.attempt))
@@ -301,7 +302,7 @@ def _tool_job(run: RunState, rules: Rules, step: str, st: StepState, key: str) -
     job = ToolJob(
         call_id=call_id, task_id=run.task_id, tenant=run.tenant, session=st.session,
         step=step, tool=call.tool, arguments=call.arguments, tool_call_id=call.call_id,
-        ref=st.ref, published_at=call.dispatched_at,
+        ref=st.ref, attempt=st.attempt, published_at=call.dispatched_at,
     )  # fmt: skip
     return DispatchTool(job, agent.tool_pool, keys.job_message(call_id, st.attempt))
 

@@ -11,7 +11,7 @@ Per call (``baton.tools.<pool>``, body ``ToolJob``):
 3. append the result to the session as a ``tool`` message under
    ``<call_id>:out`` (idempotent); a result over the inline limit is stored
    as an attachment and the message holds its start and the attachment name;
-4. publish a small ``ToolResult`` under ``<call_id>:result`` (de-duplicated).
+4. publish a small ``ToolResult`` under ``keys.tool_result(call_id, attempt)`` (de-duplicated).
 
 A tool that fails, times out or says too much is not a worker failure: its
 error is the tool message the agent reads, and the call is acked.
@@ -391,7 +391,7 @@ class ToolWorker:
             reused=reused, error=error,
         )  # fmt: skip
         subject = subjects.tool_result(job.tenant, job.task_id)
-        msg_id = keys.tool_result(job.call_id)
+        msg_id = keys.tool_result(job.call_id, job.attempt)
         await self.bus.publish(subject, result, msg_id=msg_id, task_id=job.task_id)
 
 
