@@ -35,7 +35,10 @@ SPECIAL_TOKENS = [BOS, PAD, END, *ROLE_TOKENS]
 
 # Each turn is ``<|role|>\n content <|end|>\n``. ``<|end|>`` ends a turn and is
 # the model's end-of-sequence token, so a reply stops where a turn would.
+# Offered tools come first, as a system turn of their JSON, the way templates
+# with tool support put them in the prompt (so they cost prompt tokens here too).
 CHAT_TEMPLATE = (
+    "{% if tools %}{{ '<|system|>\\n' + (tools | tojson) + '<|end|>\\n' }}{% endif %}"
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
     "{% endfor %}"

@@ -1,6 +1,7 @@
 """Tool calling in the engines, without a broker: the OpenAI tools format,
 the guided-decoding schema, reading calls out of an answer (malformed ones
-included), schema-built arguments, and the simulator's call-then-answer rule."""
+included), schema-built arguments, the simulator's call-then-answer rule, and
+offered tools counted in the prompt."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from proto.tools import (
     openai_tools,
 )
 from services.inference_worker.engines.base import GenerationRequest
+from services.inference_worker.engines.openai import OpenAIEngine
 from services.inference_worker.engines.sim import SimEngine
 from services.inference_worker.engines.toolcalls import parse_guided
 from services.tool_worker.tools.python import PythonTool
@@ -133,3 +135,31 @@ async def test_the_simulator_calls_each_offered_tool_once_then_answers() -> None
     assert third.tool_calls is None and third.completion_tokens > 0
     none = await _generate(engine, history[:2], ())
     assert none.tool_calls is None
+
+
+async def test_the_simulator_counts_the_offered_tools_as_its_prompt_does() -> None:
+    """``generate`` renders the offered tools into the prompt, so the count the
+    worker trims and admits by must include them (``none`` offers none)."""
+    engine = SimEngine(decode_tps=0)
+    await engine.start()
+    history = [ChatMessage(role="system", content="s"), ChatMessage(role="user", content="raft?")]
+    tools = (SEARCH, PYTHON, ADD)
+    bare = engine.count_prompt_tokens(history)
+    counted = engine.count_prompt_tokens(history, tools)
+    # The tools' JSON at the simulator's 4 bytes a token, and a short header.
+    assert counted - bare == pytest.approx(len(json.dumps(openai_tools(list(tools)))) / 4, abs=4)
+    for choice, expected in (("auto", counted), ("required", counted), ("none", bare)):
+        req = GenerationRequest(request_id=f"r-{choice}", messages=history, max_tokens=8,
+                                tools=tools, tool_choice=choice)  # fmt: skip
+        final = [c async for c in engine.generate(req)][-1]
+        assert final.prompt_tokens == expected, choice
+
+
+def test_the_http_engines_estimate_counts_the_offered_tools() -> None:
+    """The synchronous estimate (no server needed) adds the tools' JSON at the
+    calibrated tokens-per-character."""
+    engine = OpenAIEngine("http://127.0.0.1:9", "m")
+    history = [ChatMessage(role="user", content="raft? " * 40)]
+    tools = [SEARCH, PYTHON, ADD]
+    extra = engine.count_prompt_tokens(history, tools) - engine.count_prompt_tokens(history)
+    assert extra == pytest.approx(len(json.dumps(openai_tools(tools))) * 0.25, abs=1)

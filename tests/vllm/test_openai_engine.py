@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -10,7 +11,8 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from proto.messages import ChatMessage
+from proto.messages import ChatMessage, ToolSpec
+from proto.tools import PYTHON_PARAMETERS, SEARCH_PARAMETERS
 from services.inference_worker.engines.base import (
     Engine,
     EngineDead,
@@ -69,6 +71,19 @@ async def test_streams_tokens_and_usage(openai_engine: OpenAIEngine) -> None:
     assert final.prompt_tokens == exact
     # The synchronous estimate is in the right range once calibrated.
     estimate = openai_engine.count_prompt_tokens(messages)
+    assert 0.3 * exact <= estimate <= 3 * exact
+
+
+async def test_the_exact_count_includes_the_offered_tools(openai_engine: OpenAIEngine) -> None:
+    """``/tokenize`` takes the tools (vLLM's chat tokenize request has a
+    ``tools`` field) and the template renders them; the estimate adds them too."""
+    messages = [ChatMessage(role="user", content=f"tools {uuid.uuid4().hex}")]
+    tools = [ToolSpec(name="search", parameters=json.dumps(SEARCH_PARAMETERS)),
+             ToolSpec(name="python", parameters=json.dumps(PYTHON_PARAMETERS))]  # fmt: skip
+    bare = await openai_engine.count_prompt_tokens_async(messages)
+    exact = await openai_engine.count_prompt_tokens_async(messages, tools)
+    assert exact > bare + 50, (exact, bare)  # two schemas' JSON: well over 50 tokens
+    estimate = openai_engine.count_prompt_tokens(messages, tools)
     assert 0.3 * exact <= estimate <= 3 * exact
 
 

@@ -21,6 +21,7 @@ import pytest
 from proto.messages import ChatMessage, ToolCall, ToolSpec
 from proto.tools import INVALID_CALL, PYTHON_PARAMETERS, SEARCH_PARAMETERS
 from services.inference_worker.engines.base import GenerationChunk, GenerationRequest
+from services.inference_worker.engines.toolcalls import tools_in_use
 from services.inference_worker.engines.vllm import VLLMEngine
 
 pytestmark = pytest.mark.vllm
@@ -89,3 +90,20 @@ async def test_auto_answers_text_or_valid_calls(vllm_engine: VLLMEngine) -> None
     # Both branches taken (seeded samples), so neither path can break unseen.
     kinds = {bool(f.tool_calls) for f in finals}
     assert kinds == {True, False}, kinds
+
+
+@pytest.mark.parametrize("choice", ["required", "none"])
+async def test_the_prompt_count_includes_the_offered_tools(
+    vllm_engine: VLLMEngine, choice: str
+) -> None:
+    """What the worker trims and admits by is what the engine submits: the
+    template renders the offered tools (none with ``none``) into the prompt."""
+    messages = [ChatMessage(role="system", content="You can call tools."),
+                ChatMessage(role="user", content=f"Look up paper {choice}.")]  # fmt: skip
+    request = GenerationRequest(request_id=f"count-{choice}", messages=messages, max_tokens=32,
+                                tools=TOOLS, tool_choice=choice)  # fmt: skip
+    final = [c async for c in vllm_engine.generate(request)][-1]
+    offered = tools_in_use(TOOLS, choice)
+    assert final.prompt_tokens == vllm_engine.count_prompt_tokens(messages, offered)
+    bare = vllm_engine.count_prompt_tokens(messages)
+    assert (final.prompt_tokens > bare) == (choice != "none"), (final.prompt_tokens, bare)

@@ -20,7 +20,7 @@ Errors form a small tree::
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -131,8 +131,12 @@ class Engine(Protocol):
     def capacity(self) -> EngineCapacity:
         """KV tokens, sequence slots and context length. Valid after ``start``."""
 
-    def count_prompt_tokens(self, messages: list[ChatMessage]) -> int:
-        """Tokens the rendered prompt of ``messages`` takes in this engine."""
+    def count_prompt_tokens(
+        self, messages: list[ChatMessage], tools: Sequence[ToolSpec] = ()
+    ) -> int:
+        """Tokens the rendered prompt of ``messages`` takes in this engine,
+        ``tools`` offered (``toolcalls.tools_in_use``: ``generate`` renders
+        them into the prompt, so a count without them falls short)."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream the completion of ``request``. Raises an ``EngineError``."""

@@ -13,7 +13,8 @@ servers without it the counters stay at zero and ``extra["metrics_ok"]`` is 0.
 
 Token counting: the interface's ``count_prompt_tokens`` is synchronous, and a
 blocking HTTP call on the event loop is not acceptable, so it *estimates* from
-the characters of the messages, with a tokens-per-character ratio calibrated by
+the characters of the messages and of the offered tools' JSON (the server's
+template renders them into the prompt), with a tokens-per-character ratio calibrated by
 the ``usage.prompt_tokens`` of every finished request (and by every exact
 count). ``count_prompt_tokens_async`` asks the server's ``/tokenize`` (vLLM
 has it) for the exact figure and falls back to the estimate.
@@ -25,13 +26,13 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from proto.messages import ChatMessage, ToolCall
+from proto.messages import ChatMessage, ToolCall, ToolSpec
 from proto.tools import INVALID_CALL, openai_tools
 from services.inference_worker.engines.base import (
     EngineCapacity,
@@ -43,7 +44,7 @@ from services.inference_worker.engines.base import (
     PromptTooLong,
     openai_message,
 )
-from services.inference_worker.engines.toolcalls import call_id
+from services.inference_worker.engines.toolcalls import call_id, tools_in_use, tools_json
 
 # Per-message overhead of a chat template (role markers, separators), in tokens.
 _MESSAGE_OVERHEAD_TOKENS = 4
@@ -78,8 +79,8 @@ def _merge_tool_deltas(acc: dict[int, dict[str, str]], deltas: list[dict[str, An
         slot["arguments"] += fn.get("arguments") or ""
 
 
-def _chars(messages: list[ChatMessage]) -> int:
-    return sum(len(m.content) for m in messages)
+def _chars(messages: list[ChatMessage], tools: Sequence[ToolSpec]) -> int:
+    return sum(len(m.content) for m in messages) + len(tools_json(tools))
 
 
 def parse_vllm_metrics(text: str) -> EngineStats:
@@ -199,44 +200,56 @@ class OpenAIEngine:
         """As configured in the constructor (HTTP servers don't expose it)."""
         return self._capacity
 
-    def count_prompt_tokens(self, messages: list[ChatMessage]) -> int:
-        """An estimate: characters x calibrated tokens-per-character, plus a
-        few tokens of template per message. See ``count_prompt_tokens_async``
-        for the exact count."""
-        chars = _chars(messages)
+    def count_prompt_tokens(
+        self, messages: list[ChatMessage], tools: Sequence[ToolSpec] = ()
+    ) -> int:
+        """An estimate: characters (of the messages and of the tools' JSON)
+        x calibrated tokens-per-character, plus a few tokens of template per
+        message. See ``count_prompt_tokens_async`` for the exact count."""
+        chars = _chars(messages, tools)
         return int(chars * self._tokens_per_char) + _MESSAGE_OVERHEAD_TOKENS * len(messages)
 
-    async def count_prompt_tokens_async(self, messages: list[ChatMessage]) -> int:
+    async def count_prompt_tokens_async(
+        self, messages: list[ChatMessage], tools: Sequence[ToolSpec] = ()
+    ) -> int:
         """The server's exact count via ``/tokenize`` (chat form, with the
-        generation prompt), or the estimate if the server has no such endpoint."""
+        generation prompt and the tools: vLLM's chat tokenize request takes
+        ``tools`` and renders them), or the estimate if the server has no
+        such endpoint."""
         if self._tokenize_ok:
-            body = {
+            body: dict[str, Any] = {
                 "model": self.model,
                 "messages": [openai_message(m) for m in messages],
                 "add_generation_prompt": True,
             }
+            if tools:
+                body["tools"] = openai_tools(list(tools))
             try:
                 resp = await self._http().post("/tokenize", json=body)
             except httpx.HTTPError as exc:
                 raise EngineDead(f"tokenize failed: {exc!r}") from exc
             if resp.status_code == 200:
                 count = int(resp.json()["count"])
-                self._calibrate(messages, count)
+                self._calibrate(messages, tools, count)
                 return count
             if resp.status_code in (404, 405):
                 self._tokenize_ok = False
             else:
-                self._raise_for(resp.status_code, resp.text, messages)
-        return self.count_prompt_tokens(messages)
+                self._raise_for(resp.status_code, resp.text, messages, tools)
+        return self.count_prompt_tokens(messages, tools)
 
-    def _calibrate(self, messages: list[ChatMessage], prompt_tokens: int) -> None:
-        chars = _chars(messages)
+    def _calibrate(
+        self, messages: list[ChatMessage], tools: Sequence[ToolSpec], prompt_tokens: int
+    ) -> None:
+        chars = _chars(messages, tools)
         if chars < 64:
             return
         ratio = max(prompt_tokens - _MESSAGE_OVERHEAD_TOKENS * len(messages), 0) / chars
         self._tokens_per_char = 0.8 * self._tokens_per_char + 0.2 * ratio
 
-    def _raise_for(self, status: int, text: str, messages: list[ChatMessage]) -> None:
+    def _raise_for(
+        self, status: int, text: str, messages: list[ChatMessage], tools: Sequence[ToolSpec]
+    ) -> None:
         """Map an HTTP error status to the engine error tree."""
         if status >= 500:
             raise EngineDead(f"server error {status}: {text[:300]}")
@@ -245,7 +258,7 @@ class OpenAIEngine:
             if match:
                 prompt_tokens = int(next(g for g in match.groups() if g))
             else:
-                prompt_tokens = self.count_prompt_tokens(messages)
+                prompt_tokens = self.count_prompt_tokens(messages, tools)
             raise PromptTooLong(prompt_tokens, self._capacity.max_model_len)
         raise EngineError(f"request rejected ({status}): {text[:300]}")
 
@@ -266,8 +279,9 @@ class OpenAIEngine:
         }
         if request.seed is not None:
             body["seed"] = request.seed
-        if request.tools and request.tool_choice != "none":  # passed through as they are
-            body["tools"] = openai_tools(list(request.tools))
+        tools = tools_in_use(request.tools, request.tool_choice)
+        if tools:  # passed through as they are
+            body["tools"] = openai_tools(list(tools))
             body["tool_choice"] = request.tool_choice
         elif request.json_schema is not None:  # the OpenAI way to ask for guided JSON
             body["response_format"] = {
@@ -317,9 +331,9 @@ class OpenAIEngine:
             completion_tokens = int(usage.get("completion_tokens") or 0)
             details = usage.get("prompt_tokens_details") or {}
             cached_tokens = int(details.get("cached_tokens") or 0)
-            self._calibrate(request.messages, prompt_tokens)
+            self._calibrate(request.messages, tools, prompt_tokens)
         else:
-            prompt_tokens = self.count_prompt_tokens(request.messages)
+            prompt_tokens = self.count_prompt_tokens(request.messages, tools)
             completion_tokens = text_events
         yield GenerationChunk(
             text="",
@@ -345,11 +359,12 @@ class OpenAIEngine:
         """Producer: put each decoded SSE event on ``queue``; errors go on it as
         ``EngineError``s. Cancellation (abort) closes the HTTP stream. The
         task's done callback ends the queue."""
+        tools = tools_in_use(request.tools, request.tool_choice)
         try:
             async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
                 if resp.status_code != 200:
                     text = (await resp.aread()).decode("utf-8", "replace")
-                    self._raise_for(resp.status_code, text, request.messages)
+                    self._raise_for(resp.status_code, text, request.messages, tools)
                 async for line in resp.aiter_lines():
                     if not line.startswith("data:"):
                         continue
@@ -361,7 +376,9 @@ class OpenAIEngine:
                         err = event["error"] or {}
                         code = err.get("code")
                         status = code if isinstance(code, int) else 500
-                        self._raise_for(status, str(err.get("message", err)), request.messages)
+                        self._raise_for(
+                            status, str(err.get("message", err)), request.messages, tools
+                        )
                     queue.put_nowait(event)
         except EngineError as exc:
             queue.put_nowait(exc)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
-from proto.messages import ChatMessage, ToolCall
+from proto.messages import ChatMessage, ToolCall, ToolSpec
 from proto.tools import example_arguments
 
 from .base import (
@@ -32,7 +32,7 @@ from .base import (
     GenerationRequest,
     PromptTooLong,
 )
-from .toolcalls import call_id
+from .toolcalls import call_id, tools_in_use, tools_json
 
 _WORDS = [
     "baton",
@@ -60,9 +60,11 @@ _WORDS = [
 ]
 
 
-def render(messages: list[ChatMessage]) -> str:
-    """The simulator's chat template (byte-stable)."""
-    return "".join(f"<|{m.role}|>{m.content}\n" for m in messages) + "<|assistant|>"
+def render(messages: list[ChatMessage], tools: Sequence[ToolSpec] = ()) -> str:
+    """The simulator's chat template (byte-stable). Offered tools come first,
+    as their JSON, the way templates with tool support put them in the prompt."""
+    head = f"<|tools|>{tools_json(tools)}\n" if tools else ""
+    return head + "".join(f"<|{m.role}|>{m.content}\n" for m in messages) + "<|assistant|>"
 
 
 class SimEngine:
@@ -98,28 +100,31 @@ class SimEngine:
     def capacity(self) -> EngineCapacity:
         return self._capacity
 
-    def count_prompt_tokens(self, messages: list[ChatMessage]) -> int:
-        return len(render(messages).encode()) // 4 + 1
+    def count_prompt_tokens(
+        self, messages: list[ChatMessage], tools: Sequence[ToolSpec] = ()
+    ) -> int:
+        return len(render(messages, tools).encode()) // 4 + 1
 
     def inject_oom(self, n: int = 1) -> None:
         self._oom_pending += n
 
-    def _cached_prefix(self, messages: list[ChatMessage]) -> int:
+    def _cached_prefix(self, messages: list[ChatMessage], tools: Sequence[ToolSpec]) -> int:
         """Tokens of the longest message-aligned prefix seen before."""
         hit = 0
         for i in range(len(messages), 0, -1):
-            key = hashlib.sha256(render(messages[:i]).encode()).digest()
+            key = hashlib.sha256(render(messages[:i], tools).encode()).digest()
             if key in self._prefixes:
-                hit = self.count_prompt_tokens(messages[:i]) - 1
+                hit = self.count_prompt_tokens(messages[:i], tools) - 1
                 break
         for i in range(1, len(messages) + 1):
-            self._prefixes.add(hashlib.sha256(render(messages[:i]).encode()).digest())
+            self._prefixes.add(hashlib.sha256(render(messages[:i], tools).encode()).digest())
         return hit
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         if not self._alive:
             raise EngineDead("simulator is stopped")
-        prompt = self.count_prompt_tokens(request.messages)
+        tools = tools_in_use(request.tools, request.tool_choice)
+        prompt = self.count_prompt_tokens(request.messages, tools)
         need = prompt + request.max_tokens
         if need > self._capacity.max_model_len:
             raise PromptTooLong(prompt, self._capacity.max_model_len)
@@ -132,14 +137,14 @@ class SimEngine:
             )
         if len(self._running) >= self._capacity.max_num_seqs:
             raise EngineOOM("no free sequence slot")
-        cached = self._cached_prefix(request.messages)
+        cached = self._cached_prefix(request.messages, tools)
         self._stats.prefix_cache_queries += prompt
         self._stats.prefix_cache_hits += cached
         aborted = asyncio.Event()
         self._running[request.request_id] = aborted
         self._kv_used += need
         seed = hashlib.sha256(render(request.messages).encode()).digest()
-        calls = self._tool_calls(request)
+        calls = self._tool_calls(request.messages, tools)
         try:  # the reservation is released once, whichever answer is made
             await asyncio.sleep((prompt - cached) / self.prefill_tps)
             if calls:
@@ -178,16 +183,14 @@ class SimEngine:
             self._running.pop(request.request_id, None)
 
     @staticmethod
-    def _tool_calls(request: GenerationRequest) -> list[ToolCall]:
-        if not request.tools or request.tool_choice == "none":
-            return []
-        answered = {m.name for m in request.messages if m.role == "tool"}
-        users = [m.content for m in request.messages if m.role == "user"]
+    def _tool_calls(messages: list[ChatMessage], tools: Sequence[ToolSpec]) -> list[ToolCall]:
+        answered = {m.name for m in messages if m.role == "tool"}
+        users = [m.content for m in messages if m.role == "user"]
         seed = users[-1][:200] if users else ""
         return [
             ToolCall(id=call_id(i), name=t.name,
                      arguments=json.dumps(example_arguments(json.loads(t.parameters), seed)))
-            for i, t in enumerate(request.tools) if t.name not in answered
+            for i, t in enumerate(tools) if t.name not in answered
         ]  # fmt: skip
 
     @staticmethod

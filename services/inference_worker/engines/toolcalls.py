@@ -31,13 +31,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proto.messages import ToolCall, ToolSpec
-from proto.tools import INVALID_CALL, calls_schema
+from proto.tools import INVALID_CALL, calls_schema, openai_tools
 
 
 @dataclass(slots=True)
 class Parsed:
     content: str
     calls: list[ToolCall] = field(default_factory=list)
+
+
+def tools_in_use(tools: Sequence[ToolSpec], choice: str) -> tuple[ToolSpec, ...]:
+    """The tools a generation really offers the model (rendered into its
+    prompt, guiding its answer): none with ``tool_choice`` ``none``. Both the
+    engines' ``generate`` and the worker's token count go by this."""
+    return tuple(tools) if choice != "none" else ()
+
+
+def tools_json(tools: Sequence[ToolSpec]) -> str:
+    """Offered tools as a chat template shows them (the OpenAI format, as
+    JSON): what the simulator renders and the HTTP engine's estimate counts."""
+    return json.dumps(openai_tools(list(tools))) if tools else ""
 
 
 def call_id(i: int) -> str:

@@ -28,12 +28,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from proto.messages import ChatMessage
+from proto.messages import ChatMessage, ToolSpec
 from proto.tools import openai_tools
 from services.inference_worker.engines.base import (
     EngineCapacity,
@@ -46,7 +46,7 @@ from services.inference_worker.engines.base import (
     PromptTooLong,
     openai_message,
 )
-from services.inference_worker.engines.toolcalls import guided_schema, parse_guided
+from services.inference_worker.engines.toolcalls import guided_schema, parse_guided, tools_in_use
 from services.inference_worker.engines.vllm_args import EngineArgsError, resolve
 
 _RUN_DIR_VARS = ("VLLM_RPC_BASE_PATH", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR")
@@ -270,7 +270,7 @@ class VLLMEngine:
             raise EngineError("engine not started")
         return self._capacity
 
-    def _prompt_ids(self, messages: list[ChatMessage], tools: tuple[Any, ...] = ()) -> list[int]:
+    def _prompt_ids(self, messages: list[ChatMessage], tools: Sequence[ToolSpec] = ()) -> list[int]:
         """The rendered prompt's token ids. Offered tools go to the chat
         template (``tools=``, the OpenAI format; templates with tool support
         render them); a turn that called tools carries ``tool_calls``, and as
@@ -287,10 +287,12 @@ class VLLMEngine:
         ids = self._tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         return [int(i) for i in ids]
 
-    def count_prompt_tokens(self, messages: list[ChatMessage]) -> int:
+    def count_prompt_tokens(
+        self, messages: list[ChatMessage], tools: Sequence[ToolSpec] = ()
+    ) -> int:
         """Exactly the number of tokens ``generate`` submits for ``messages``
-        (offered tools, rendered by the template, come on top)."""
-        return len(self._prompt_ids(messages))
+        with ``tools`` offered."""
+        return len(self._prompt_ids(messages, tools))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream text deltas; the final chunk carries finish reason and counts.
@@ -310,8 +312,9 @@ class VLLMEngine:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        use_tools = bool(request.tools) and request.tool_choice != "none"
-        prompt_ids = self._prompt_ids(request.messages, request.tools if use_tools else ())
+        tools = tools_in_use(request.tools, request.tool_choice)
+        use_tools = bool(tools)
+        prompt_ids = self._prompt_ids(request.messages, tools)
         prompt_tokens = len(prompt_ids)
         max_len = self.capacity().max_model_len
         if prompt_tokens + request.max_tokens > max_len:
@@ -324,7 +327,7 @@ class VLLMEngine:
         )
         schema = request.json_schema
         if use_tools:  # the answer is calls fitting the tools' schemas (or, with auto, text)
-            schema = guided_schema(request.tools, request.tool_choice, request.max_tokens)
+            schema = guided_schema(tools, request.tool_choice, request.max_tokens)
         if schema is not None:  # guided decoding (xgrammar)
             from vllm.sampling_params import StructuredOutputsParams
 
