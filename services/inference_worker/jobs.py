@@ -40,6 +40,7 @@ from proto.messages import (
 
 from . import metrics as m
 from .engines.base import EngineDead, EngineOOM, GenerationRequest, PromptTooLong
+from .engines.toolcalls import tools_in_use
 from .gpuclock import GpuClock
 from .heartbeat import WarmSessions
 from .supervisor import EngineSupervisor, Flight
@@ -123,6 +124,7 @@ class JobHandler:
         out_id = keys.answer(job.job_id)
         cap = self.engine.capacity()
         budget = max(1, self._budget(job))
+        tools = tools_in_use(job.tools, job.tool_choice)  # rendered into the prompt too
         for _ in range(WINDOW_ATTEMPTS):
             request = WindowRequest(tenant=job.tenant, ref=job.ref, budget_tokens=budget,
                                     done_msg_id=out_id)  # fmt: skip
@@ -140,13 +142,17 @@ class JobHandler:
                                                       tool_calls=existing.tool_calls))  # fmt: skip
                 return
             messages = with_system(window.messages, job.system)
-            prompt_tokens = self.engine.count_prompt_tokens(messages)
+            prompt_tokens = self.engine.count_prompt_tokens(messages, tools)
             room = cap.max_model_len - job.max_tokens
             if prompt_tokens <= room or window.tokens <= 0:
                 break
-            # The store's token estimate ran short of this model's tokenizer:
-            # ask again for a window scaled to the real count.
-            budget = max(1, int(window.tokens * room / prompt_tokens * 0.95))
+            # The store's token estimate ran short of this model's tokenizer,
+            # or the offered tools took room: ask again for a window scaled to
+            # the real count of its messages and to the room the tools leave
+            # (they are a fixed cost: scaling the whole prompt would not do).
+            bare = self.engine.count_prompt_tokens(messages) if tools else prompt_tokens
+            left = room - (prompt_tokens - bare)
+            budget = max(1, int(window.tokens * left / max(1, bare) * 0.95))
         need = prompt_tokens + job.max_tokens
         if need > cap.max_model_len:
             await self._too_long(job, prompt_tokens, cap.max_model_len)
