@@ -81,7 +81,7 @@ async def test_async_streaming_gives_the_output_agents_tokens_and_the_others_pro
     client = openai.AsyncOpenAI(base_url=f"{stack.orchestrator.url}/v1", api_key="dev",
                                 max_retries=0)  # fmt: skip
     stream = await client.chat.completions.create(
-        model="research", messages=[{"role": "user", "content": "compare two sorts"}],
+        model="research", messages=[{"role": "user", "content": "compare quicksort and mergesort"}],
         stream=True, stream_options={"include_usage": True}, extra_body={"tenant": tenant},
     )  # fmt: skip
     content, progress, usage, baton = [], [], None, {}
