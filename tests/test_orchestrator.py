@@ -20,7 +20,7 @@ async def test_research_fans_out_fans_in_and_reports_usage_and_cost(
     tenant, task_id = "initech", uid()
     events = await client.events(tenant, task_id, timeout=0.1, until_terminal=False)
     assert events == []
-    await client.publish("research", {"tenant": tenant, "input": "compare two sort algorithms",
+    await client.publish("research", {"tenant": tenant, "input": "compare quicksort and mergesort",
                                       "task_id": task_id})  # fmt: skip
     events = await client.events(tenant, task_id, timeout=30)
     done = events[-1]
