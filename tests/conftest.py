@@ -7,6 +7,7 @@ import pytest
 
 from baton.natsd import NatsServer
 from baton.testing import Client, LocalStack, secure_nats
+from baton.transport import Bus, connect
 from tests.harness import nats_source
 
 
@@ -29,6 +30,14 @@ def stack(
     s = LocalStack(nats_env[1] or nats_url, tmp_path_factory.mktemp("stack")).start(tool_workers=1)
     yield s
     s.stop()
+
+
+@pytest.fixture
+async def bus(stack: LocalStack, request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
+    """A Baton bus on the shared stack's NATS, named for the test module."""
+    b = await connect(stack.nats_url, name=request.module.__name__.rpartition(".")[2])
+    yield b
+    await b.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats.js.errors
@@ -27,13 +26,6 @@ from proto.messages import (
     InferenceJob,
 )
 from tests.ctx import append, ask, raw_store_contains, window
-
-
-@pytest.fixture
-async def bus(stack: LocalStack) -> AsyncIterator[Bus]:
-    b = await connect(stack.nats_url, name="test-erase")
-    yield b
-    await b.close()
 
 
 async def _raw_subjects(bus: Bus, pattern: str) -> dict[str, int]:

@@ -4,13 +4,10 @@ byte-identical windows, summaries, forks, and the error codes of bad input."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
-
-from baton.testing import LocalStack, uid
-from baton.transport import Bus, connect
+from baton.testing import uid
+from baton.transport import Bus
 from proto import codec, subjects
 from proto.limits import MAX_ATTACHMENT_BYTES, MAX_CONTEXT_MESSAGE_BYTES
 from proto.messages import (
@@ -28,13 +25,6 @@ from proto.messages import (
 )
 from services.context_store.tokens import estimate_tokens
 from tests.ctx import append, ask, conversation, window
-
-
-@pytest.fixture
-async def bus(stack: LocalStack) -> AsyncIterator[Bus]:
-    b = await connect(stack.nats_url, name="test-ctx")
-    yield b
-    await b.close()
 
 
 async def test_an_append_repeated_with_the_same_msg_id_is_stored_once(bus: Bus) -> None:

@@ -5,28 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
 import msgpack
 import nats
-import pytest
 
 from baton.documents import put_document
 from baton.testing import LocalStack, uid
-from baton.transport import Bus, connect
+from baton.transport import Bus
 from proto import subjects
 from proto.messages import ContextDelete, DocumentPut
 from proto.streams import DOCUMENTS
 from tests.ctx import ask
 from tests.harness import http_post
 from tests.tools import call_tool, session_with_call
-
-
-@pytest.fixture
-async def bus(stack: LocalStack) -> AsyncIterator[Bus]:
-    b = await connect(stack.nats_url, name="test-docs")
-    yield b
-    await b.close()
 
 
 async def search(bus: Bus, tenant: str, query: str, pool: str = "default") -> list[str]:

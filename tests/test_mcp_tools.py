@@ -8,14 +8,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from baton.natsd import free_port
 from baton.testing import LocalStack, uid
-from baton.transport import Bus, connect
+from baton.transport import Bus
 from proto import codec
 from proto.messages import ContextGet, ToolCatalog
 from proto.streams import TOOL_CATALOG
@@ -64,13 +64,6 @@ def mcp_pool(
                              BATON_BUILTIN_TOOLS="[]").wait_ready()  # fmt: skip
     yield pool, http_log, stdio_log
     stack.retire(proc)
-
-
-@pytest.fixture
-async def bus(stack: LocalStack) -> AsyncIterator[Bus]:
-    b = await connect(stack.nats_url, name="test-mcp")
-    yield b
-    await b.close()
 
 
 async def test_every_mcp_tool_is_offered_with_its_input_schema(

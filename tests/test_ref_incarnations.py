@@ -3,12 +3,8 @@ under the same id does not revive the refs issued before the erasure."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
-
-from baton.testing import LocalStack, uid
-from baton.transport import Bus, connect
+from baton.testing import uid
+from baton.transport import Bus
 from proto.messages import (
     ChatMessage,
     ContextAppend,
@@ -28,13 +24,6 @@ def test_the_incarnation_is_signed() -> None:
     moved = ContextRef(ref.tenant, ref.session, ref.version, ref.sig, b"\x02" * 8)
     assert not signer.verify(moved)  # the signature does not carry over to another incarnation
     assert signer.sign("acme", "s1", 3, b"\x02" * 8).sig != ref.sig
-
-
-@pytest.fixture
-async def bus(stack: LocalStack) -> AsyncIterator[Bus]:
-    b = await connect(stack.nats_url, name="test-incarnation")
-    yield b
-    await b.close()
 
 
 async def test_an_erased_and_recreated_session_does_not_revive_old_refs(bus: Bus) -> None:

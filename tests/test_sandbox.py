@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from baton.testing import LocalStack, http_get, uid
-from baton.transport import Bus, connect
+from baton.transport import Bus
 from services.tool_worker.tools.python import PythonTool, RunResult, bwrap_command
 from tests import tools
 from tests.tools import call_tool, session_with_call
@@ -33,13 +33,6 @@ def sandbox_pool(stack: LocalStack) -> AsyncIterator[tuple[str, str]]:
                              BATON_BUILTIN_TOOLS='["python"]').wait_ready()  # fmt: skip
     yield pool, proc.url
     stack.retire(proc)
-
-
-@pytest.fixture
-async def bus(stack: LocalStack) -> AsyncIterator[Bus]:
-    b = await connect(stack.nats_url, name="test-sandbox")
-    yield b
-    await b.close()
 
 
 async def run(bus: Bus, pool: str, code: str, timeout: float = 0.0) -> tuple[str, str]:

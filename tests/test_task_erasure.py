@@ -10,12 +10,10 @@ import json
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
-import pytest
 
 from baton import audit
 from baton.natsd import NatsServer
@@ -73,13 +71,6 @@ def test_a_dead_letter_matches_by_task_id_and_tenant() -> None:
 
 
 # -- end to end ----------------------------------------------------------------
-
-
-@pytest.fixture
-async def bus(stack: LocalStack) -> AsyncIterator[Bus]:
-    b = await connect(stack.nats_url, name="test-task-erasure")
-    yield b
-    await b.close()
 
 
 def _get(url: str) -> tuple[int, Any]:

@@ -9,14 +9,14 @@ import asyncio
 import contextlib
 import json
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
 import pytest
 
 from baton.testing import LocalStack, metric, uid
-from baton.transport import Bus, connect
+from baton.transport import Bus
 from proto import codec, subjects
 from proto.messages import Cancel, ContextGet, ToolResult
 from tests.ctx import ask
@@ -36,13 +36,6 @@ def pool(stack: LocalStack) -> Iterator[tuple[str, str]]:
                              BATON_BUILTIN_TOOLS='["python"]').wait_ready()  # fmt: skip
     yield name, proc.url
     stack.retire(proc)
-
-
-@pytest.fixture
-async def bus(stack: LocalStack) -> AsyncIterator[Bus]:
-    b = await connect(stack.nats_url, name="test-tool-cancel")
-    yield b
-    await b.close()
 
 
 def sandboxed() -> list[psutil.Process]:

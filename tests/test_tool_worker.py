@@ -6,26 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
-
-import pytest
 
 from baton.documents import put_document
 from baton.testing import LocalStack, metric, uid
-from baton.transport import Bus, connect
+from baton.transport import Bus
 from proto import keys, subjects
 from proto.limits import INLINE_TOOL_RESULT_BYTES
 from proto.messages import ContextGet, DocumentPut, GetReply
 from tests.ctx import ask
 from tests.tools import call_tool, publish_tool_job, session_with_call
-
-
-@pytest.fixture
-async def bus(stack: LocalStack) -> AsyncIterator[Bus]:
-    b = await connect(stack.nats_url, name="test-tools")
-    yield b
-    await b.close()
 
 
 def tool_worker(stack: LocalStack) -> str:

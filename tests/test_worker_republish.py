@@ -5,22 +5,12 @@ shared stack (simulator worker, real context store and nats-server)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
-import pytest
-
-from baton.testing import LocalStack, uid
-from baton.transport import Bus, connect
+from baton.testing import uid
+from baton.transport import Bus
 from proto import codec, keys, subjects
 from proto.messages import ChatMessage, ContextAppend, InferenceJob, InferenceResult, ToolCall
 from tests.ctx import append, ask
-
-
-@pytest.fixture
-async def bus(stack: LocalStack) -> AsyncIterator[Bus]:
-    b = await connect(stack.nats_url, name="test-republish")
-    yield b
-    await b.close()
 
 
 async def test_a_stored_tool_calling_answer_is_republished_with_its_calls(bus: Bus) -> None:
