@@ -49,8 +49,24 @@ def tools_in_use(tools: Sequence[ToolSpec], choice: str) -> tuple[ToolSpec, ...]
 
 def tools_json(tools: Sequence[ToolSpec]) -> str:
     """Offered tools as a chat template shows them (the OpenAI format, as
-    JSON): what the simulator renders and the HTTP engine's estimate counts."""
-    return json.dumps(openai_tools(list(tools))) if tools else ""
+    JSON): what the simulator renders and the HTTP engine's estimate counts.
+    Cached like ``guided_schema``: every count and calibration asks again for
+    the same catalog."""
+    return _tools_json(_key(tools)) if tools else ""
+
+
+def _key(tools: Sequence[ToolSpec]) -> tuple[tuple[str, str, str], ...]:
+    """A hashable key of ``tools`` for the caches below (ToolSpec is not)."""
+    return tuple((t.name, t.description, t.parameters) for t in tools)
+
+
+def _specs(key: tuple[tuple[str, str, str], ...]) -> list[ToolSpec]:
+    return [ToolSpec(name=n, description=d, parameters=p) for n, d, p in key]
+
+
+@functools.lru_cache(maxsize=256)
+def _tools_json(key: tuple[tuple[str, str, str], ...]) -> str:
+    return json.dumps(openai_tools(_specs(key)))
 
 
 def call_id(i: int) -> str:
@@ -197,11 +213,9 @@ def guided_schema(tools: Sequence[ToolSpec], choice: str, max_tokens: int) -> st
     """``calls_schema`` of ``tools`` fitted to ``max_tokens``: what a tool-calling
     generation is guided to. Cached (~50 µs to build, and an agent offers the
     same tools at the same ``max_tokens`` every turn)."""
-    key = tuple((t.name, t.description, t.parameters) for t in tools)
-    return _guided_schema(key, choice, max_tokens)
+    return _guided_schema(_key(tools), choice, max_tokens)
 
 
 @functools.lru_cache(maxsize=256)
 def _guided_schema(tools: tuple[tuple[str, str, str], ...], choice: str, max_tokens: int) -> str:
-    specs = [ToolSpec(name=n, description=d, parameters=p) for n, d, p in tools]
-    return fit_to_budget(calls_schema(specs, choice), max_tokens)
+    return fit_to_budget(calls_schema(_specs(tools), choice), max_tokens)
