@@ -13,7 +13,7 @@ import json
 import pytest
 
 from baton.testing import LocalStack, uid
-from baton.transport import connect
+from baton.transport import Bus
 from proto import codec, subjects
 from proto.messages import ChatMessage, InferenceJob, InferenceResult, ToolSpec
 from services.inference_worker.engines.sim import SimEngine
@@ -39,14 +39,13 @@ CATALOG = tuple(
 # scaled by the whole prompt's overshoot converges too slowly for the second.
 @pytest.mark.parametrize("n_tools", [6, 9])
 async def test_a_window_that_fits_only_without_the_tools_is_trimmed_and_admitted_with_them(
-    stack: LocalStack, n_tools: int
+    stack: LocalStack, bus: Bus, n_tools: int
 ) -> None:
     catalog = CATALOG[:n_tools]
     engine = SimEngine(max_model_len=MAX_MODEL_LEN, decode_tps=0)
     await engine.start()
     tenant, session, task_id = "acme", uid("s"), uid()
     users = [f"note {i}: " + "the raft log is replicated to a quorum. " * 7 for i in range(8)]
-    bus = await connect(stack.nats_url, name="test-tool-window")
     try:
         ref = None
         for i, text in enumerate(users):
@@ -79,7 +78,6 @@ async def test_a_window_that_fits_only_without_the_tools_is_trimmed_and_admitted
             msg = await asyncio.wait_for(sub.next_msg(timeout=30), 31)
             await sub.unsubscribe()
     finally:
-        await bus.close()
         await engine.stop()
     result = codec.decode(msg.data, InferenceResult)
     assert result.error is None, result.error  # not prompt_too_long
