@@ -18,6 +18,7 @@ import msgspec
 from proto.codec import TooDeep, decode, decode_any
 from proto.errors import ErrorCode
 from proto.ids import is_valid_id
+from proto.jsonvalue import json_problem
 from proto.limits import MAX_INPUT_BYTES, MAX_METADATA_KEYS, MAX_OUTPUT_TOKENS, MAX_TASK_BYTES
 from proto.messages import Budget, TaskSubmit
 from proto.nesting import NestingError, scan
@@ -186,6 +187,8 @@ def parse_task(
         raise TaskRejected(
             ErrorCode.INVALID_FIELD, f"metadata has more than {MAX_METADATA_KEYS} keys", **ids
         )
+    if (why := json_problem(task.metadata)) is not None:
+        raise TaskRejected(ErrorCode.INVALID_FIELD, why, **ids)
     if task.budget is not None and (why := budget_problem(task.budget)) is not None:
         raise TaskRejected(ErrorCode.INVALID_FIELD, why, **ids)
     if task.max_tokens is not None and not 1 <= task.max_tokens <= MAX_OUTPUT_TOKENS:

@@ -8,6 +8,8 @@ from typing import Any
 import msgspec
 from pydantic import BaseModel, Field
 
+from proto.jsonvalue import json_safe
+
 from .runs import RunState
 
 
@@ -152,8 +154,11 @@ class WorkflowList(BaseModel):
 
 
 def run_doc(run: RunState) -> dict[str, Any]:
-    """A run as plain data, without the signed refs (they are for services)."""
-    doc: dict[str, Any] = msgspec.to_builtins(run)
+    """A run as plain data, without the signed refs (they are for services).
+    Metadata that JSON cannot hold (stored before admission refused it) is
+    shown as a placeholder: one such task never fails a listing."""
+    doc: dict[str, Any] = msgspec.to_builtins(msgspec.structs.replace(run, metadata={}))
+    doc["metadata"] = json_safe(run.metadata)
     for st in doc.get("steps", {}).values():
         st.pop("ref", None)
         for call in st.get("calls", {}).values():
