@@ -1,11 +1,15 @@
-"""The bus's secrets on a laptop: one password per identity and the key that
-encrypts JetStream at rest, kept in ``<data-dir>/secrets/nats.json`` (0600).
+"""A laptop's secrets: one NATS password per identity, the key that encrypts
+JetStream at rest and one HTTP API key per tenant and for the operator, kept
+in ``<data-dir>/secrets/nats.json`` (0600).
 
 Production deployments do not use this file: their passwords (or nkeys/JWT
-creds) come from secrets (``docs/security.md``). ``baton up`` writes one
-client URL per tenant to ``<data-dir>/tenants/<tenant>.url`` and the
-operator's to ``<data-dir>/operator.url``, each mode 0600 — a string any NATS
-client can pass to ``connect()`` as it is.
+creds) and API keys come from secrets (``docs/security.md``). ``baton up``
+writes, each mode 0600: one client URL per tenant to
+``<data-dir>/tenants/<tenant>.url`` and the operator's to
+``<data-dir>/operator.url`` — a string any NATS client can pass to
+``connect()`` as it is —, and the HTTP API keys beside them
+(``<tenant>.key``, ``operator.key``), which the services get as
+``BATON_API_KEYS``.
 """
 
 from __future__ import annotations
@@ -62,10 +66,12 @@ def client_url(user: str, password: str, host: str, port: int, scheme: str = "na
 
 @dataclass
 class Credentials:
-    """Passwords per identity plus the JetStream encryption key."""
+    """Passwords per identity, the JetStream encryption key and HTTP API
+    keys per tenant and for the operator."""
 
     passwords: dict[str, str] = field(default_factory=dict)
     cipher_key: str = ""
+    api_keys: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load_or_create(cls, data_dir: Path, tenants: Sequence[str]) -> Credentials:
@@ -75,21 +81,39 @@ class Credentials:
         creds = cls()
         if path.exists():
             doc = json.loads(path.read_text())
-            creds = cls(
-                passwords=dict(doc.get("passwords", {})), cipher_key=doc.get("cipher_key", "")
-            )
+            creds = cls(passwords=dict(doc.get("passwords", {})),
+                        cipher_key=doc.get("cipher_key", ""),
+                        api_keys=dict(doc.get("api_keys", {})))  # fmt: skip
         changed = False
         for identity in accounts.identities(tenants):
             if identity not in creds.passwords:
                 creds.passwords[identity] = new_secret()
                 changed = True
+        for holder in [*tenants, accounts.OPERATOR]:
+            if holder not in creds.api_keys:
+                creds.api_keys[holder] = f"bk-{new_secret()}"
+                changed = True
         if not creds.cipher_key:
             creds.cipher_key = new_secret(32)
             changed = True
         if changed or not path.exists():
-            body = {"passwords": creds.passwords, "cipher_key": creds.cipher_key}
+            body = {"passwords": creds.passwords, "cipher_key": creds.cipher_key,
+                    "api_keys": creds.api_keys}  # fmt: skip
             write_private(path, json.dumps(body, indent=2))
         return creds
+
+    def api_key_scopes(self, tenants: Sequence[str]) -> dict[str, str]:
+        """``BATON_API_KEYS`` for these tenants: key -> tenant, the operator's -> ``*``."""
+        scopes = {self.api_keys[t]: t for t in tenants}
+        scopes[self.api_keys[accounts.OPERATOR]] = OPERATOR_SCOPE
+        return scopes
+
+    def write_api_keys(self, data_dir: Path, tenants: Sequence[str]) -> None:
+        """Write each tenant's API key to ``tenants/<tenant>.key`` and the
+        operator's to ``operator.key`` (0600)."""
+        for tenant in tenants:
+            write_private(key_path(data_dir, tenant), self.api_keys[tenant] + "\n")
+        write_private(key_path(data_dir, None), self.api_keys[accounts.OPERATOR] + "\n")
 
     def url(self, identity: str, host: str, port: int, scheme: str = "nats") -> str:
         return client_url(identity, self.passwords[identity], host, port, scheme)
@@ -107,6 +131,25 @@ class Credentials:
         write_private(path, self.url(accounts.OPERATOR, host, port, scheme) + "\n")
         out[accounts.OPERATOR] = path
         return out
+
+
+OPERATOR_SCOPE = "*"
+"""The scope of an operator's API key: every tenant."""
+
+
+def key_path(data_dir: Path, tenant: str | None) -> Path:
+    """Where ``baton up`` writes the tenant's API key (the operator's for None)."""
+    base = Path(data_dir)
+    return base / "operator.key" if tenant is None else base / "tenants" / f"{tenant}.key"
+
+
+def read_api_key(data_dir: Path, tenant: str | None = None) -> str:
+    """An API key ``baton up`` wrote: the tenant's, or the operator's for None.
+
+    Raises:
+        FileNotFoundError: no such file (the stack was not started with that tenant).
+    """
+    return key_path(data_dir, tenant).read_text().strip()
 
 
 def read_url(data_dir: Path, tenant: str | None = None) -> str:

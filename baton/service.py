@@ -23,6 +23,7 @@ from fastapi import Depends, FastAPI, HTTPException, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from baton import http_errors, logs
+from baton.credentials import OPERATOR_SCOPE
 from baton.http_errors import ErrorBody, ErrorDetail
 from baton.metrics import mount_metrics
 from baton.settings import CommonSettings
@@ -101,17 +102,14 @@ def document_errors(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-OPERATOR = "*"
-
-
 def caller_scope(api_keys: dict[str, str]) -> Callable[..., str | None]:
     """A FastAPI dependency: the tenant the caller's bearer key belongs to.
 
-    None means unrestricted: no keys are configured (development, bound to
-    127.0.0.1) or the key maps to ``"*"`` (an operator). An unknown or
-    missing key is refused with 401. With keys, declared in OpenAPI as a
-    bearer scheme, so ``/docs`` has an Authorize button; without, the API
-    declares none (it asks for none).
+    None means unrestricted: no keys are configured (an explicit opt-in,
+    ``BATON_ALLOW_NO_API_KEYS``, bound to 127.0.0.1) or the key maps to
+    ``"*"`` (an operator). An unknown or missing key is refused with 401.
+    With keys, declared in OpenAPI as a bearer scheme, so ``/docs`` has an
+    Authorize button; without, the API declares none (it asks for none).
     """
     if not api_keys:
 
@@ -133,29 +131,44 @@ def caller_scope(api_keys: dict[str, str]) -> Callable[..., str | None]:
                 "a valid API key is required (Authorization: Bearer ...)",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        return None if tenant == OPERATOR else tenant
+        return None if tenant == OPERATOR_SCOPE else tenant
 
     return scope
 
 
-def bind_refusal(host: str, api_keys: dict[str, str]) -> str | None:
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: it may resolve anywhere
+
+
+def bind_refusal(
+    host: str, api_keys: dict[str, str], *, tenant_data: bool = False, allow_no_keys: bool = False
+) -> str | None:
     """Why a service must not serve HTTP on ``host`` with these keys, or None.
 
     Without API keys every HTTP caller is an operator (``caller_scope``), so
     only a loopback address (127.0.0.0/8, ::1, ``localhost``) may be bound.
     Anything else (``0.0.0.0``, ``::``, a pod IP, a host name) needs keys.
+    A service whose HTTP API serves tenants' data (``tenant_data``) needs
+    keys on loopback too — any local process could read every tenant —
+    unless ``allow_no_keys`` (``BATON_ALLOW_NO_API_KEYS``) opts out.
     """
-    if host == "localhost":
+    if api_keys:
         return None
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return None
-    except ValueError:
-        pass  # a host name other than localhost: it may resolve anywhere
-    if not api_keys:
+    if not _loopback(host):
         return (
             f"refusing to serve HTTP on {host} without API keys: "
             "set BATON_API_KEYS (JSON, key -> tenant or '*') or bind BATON_HTTP_HOST=127.0.0.1"
+        )
+    if tenant_data and not allow_no_keys:
+        return (
+            "refusing to serve tenants' data over HTTP without API keys: set BATON_API_KEYS "
+            "(JSON, key -> tenant or '*'; `baton up` writes them) or opt out with "
+            "BATON_ALLOW_NO_API_KEYS=true (every local process may then read every tenant)"
         )
     return None
 
@@ -229,20 +242,31 @@ async def serve(
 
 
 def main_entry(
-    name: str, settings: CommonSettings, coro: Callable[[], Coroutine[Any, Any, None]]
+    name: str,
+    settings: CommonSettings,
+    coro: Callable[[], Coroutine[Any, Any, None]],
+    *,
+    tenant_data: bool = False,
 ) -> None:
     """Configure logging and run ``coro`` with uvloop when available.
 
     Exits with status 2 and one line on stderr, before anything starts, when
-    the HTTP host needs API keys that are not configured (``bind_refusal``).
+    the HTTP API needs API keys that are not configured (``bind_refusal``;
+    ``tenant_data``: the service's HTTP API serves tenants' data).
     """
-    refusal = bind_refusal(settings.http_host, settings.api_keys)
+    refusal = bind_refusal(settings.http_host, settings.api_keys, tenant_data=tenant_data,
+                           allow_no_keys=settings.allow_no_api_keys)  # fmt: skip
     if refusal is not None:
         print(f"baton-{name}: {refusal}", file=sys.stderr)
         raise SystemExit(2)
     logs.configure(
         name, level=settings.log_level, json=settings.log_json, log_prompts=settings.log_prompts
     )
+    if tenant_data and not settings.api_keys:
+        warning = ("HTTP API WITHOUT AUTHENTICATION (BATON_ALLOW_NO_API_KEYS): every local "
+                   f"process can read and act on every tenant at {settings.http_host}")  # fmt: skip
+        print(f"baton-{name}: WARNING: {warning}", file=sys.stderr, flush=True)
+        log.warning("http_without_api_keys", detail=warning)
     try:
         import uvloop
 

@@ -43,8 +43,13 @@ class CommonSettings(BaseSettings):
     # Seconds to wait for the first NATS connection.
     connect_timeout: float = 5.0
     # HTTP API keys -> tenant (JSON in BATON_API_KEYS; "*" = operator, every
-    # tenant). Empty = development: no key needed, bound to 127.0.0.1.
+    # tenant). `baton up` writes them under the data dir. Empty: the
+    # orchestrator and the context store refuse to start unless
+    # BATON_ALLOW_NO_API_KEYS is set (and then serve loopback only).
     api_keys: dict[str, str] = Field(default_factory=dict)
+    # Opt out of HTTP authentication (no BATON_API_KEYS): every local process
+    # may then read and act on every tenant. Logged loudly at start.
+    allow_no_api_keys: bool = False
     # TLS to NATS: a CA bundle that verifies the server (the connection then
     # requires TLS), plus a client certificate and key for a server that
     # verifies clients (mutual TLS). Paths to PEM files.

@@ -251,6 +251,7 @@ async def _main(workdir: Path) -> dict[str, Any]:
             "BATON_DATA_DIR": str(workdir),
             "BATON_CONTEXT_KEY": "bench-only-key-0123456789abcdef",
             "BATON_LOG_LEVEL": "WARNING",
+            "BATON_ALLOW_NO_API_KEYS": "true",
         },
         log_path=workdir / "context-store.log",
     ).start()

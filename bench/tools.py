@@ -270,6 +270,7 @@ async def _main(work: Path) -> dict[str, Any]:
         "BATON_DATA_DIR": str(work),
         "BATON_CONTEXT_KEY": "bench-only-key-0123456789abcdef",
         "BATON_LOG_LEVEL": "WARNING",
+        "BATON_ALLOW_NO_API_KEYS": "true",
     }
     procs = [ServiceProcess("context-store", env, log_path=work / "context-store.log").start()]
     procs += [

@@ -22,6 +22,7 @@ def main() -> None:
         NAME,
         settings,
         lambda: serve(NAME, settings, app, lambda bus: run(bus, settings, health, holder)),
+        tenant_data=True,
     )
 
 

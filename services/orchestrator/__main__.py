@@ -20,6 +20,7 @@ def main() -> None:
         NAME,
         settings,
         lambda: serve(NAME, settings, app, lambda bus: run(bus, settings, health, svc)),
+        tenant_data=True,
     )
 
 

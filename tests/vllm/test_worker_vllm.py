@@ -28,7 +28,7 @@ from services.inference_worker.inprocess import inprocess_worker
 
 pytestmark = pytest.mark.vllm
 
-BASE_ENV = {"BATON_LOG_JSON": "true"}
+BASE_ENV = {"BATON_LOG_JSON": "true", "BATON_ALLOW_NO_API_KEYS": "true"}
 
 
 @pytest.fixture(scope="module")
