@@ -1,11 +1,11 @@
 """The ``baton`` command (typer + rich).
 
-baton up                          embedded NATS and the three services
+baton up                          embedded NATS and the services
 baton submit WORKFLOW INPUT ...   publish a task over NATS, stream its tokens and steps
 baton status ID / cancel ID       one task, through the orchestrator's HTTP API
 baton tasks                       a tenant's tasks, newest first
 baton workflows [check FILE]      the workflows served, or validate a workflow file
-baton tenant url TENANT           the tenant's NATS client URL (written by `baton up`)
+baton tenant url|key TENANT       the tenant's NATS URL / HTTP API key (written by `baton up`)
 baton audit [--tenant T]          the audit trail (erasures, tenant deletions, ...)
 baton nats / model tiny DIR / asyncapi [--check]
 
@@ -193,10 +193,27 @@ def audit(
 # -- HTTP API --------------------------------------------------------------
 
 
+def _stored_key(data_dir: Path, tenant: str | None) -> str | None:
+    """The API key ``baton up`` wrote for the tenant (the operator's for None)."""
+    from baton.credentials import read_api_key
+
+    try:
+        return read_api_key(data_dir, tenant)
+    except FileNotFoundError:
+        return None
+
+
 def _api(method: str, api_url: str, path: str, api_key: str | None,
          params: dict[str, Any] | None = None) -> Any:  # fmt: skip
+    """Call the HTTP API. Without ``--api-key``, the key ``baton up`` wrote
+    under ``BATON_DATA_DIR``: the tenant's when the call names one, else the
+    operator's."""
     import httpx
 
+    if api_key is None:
+        data_dir = Path(os.environ.get("BATON_DATA_DIR", ".data"))
+        tenant = (params or {}).get("tenant")
+        api_key = _stored_key(data_dir, tenant) or _stored_key(data_dir, None)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     query = {k: v for k, v in (params or {}).items() if v is not None}
     try:
@@ -341,8 +358,11 @@ def up(
     data_dir: Annotated[Path, typer.Option(envvar="BATON_DATA_DIR")] = Path(".data"),
     engine: Annotated[str, typer.Option(envvar="BATON_ENGINE", help="vllm|openai|sim")] = "vllm",
     nats_port: int = 4222, monitor_port: int = 8222, http_port: int = 8080,
+    no_api_keys: Annotated[bool, typer.Option(
+        "--no-api-keys", help="Serve HTTP without API keys: every local process may read "
+        "every tenant")] = False,
 ) -> None:  # fmt: skip
-    """Start embedded NATS and the three services (Ctrl-C stops everything)."""
+    """Start embedded NATS and the services (Ctrl-C stops everything)."""
     from baton.stack import Stack
 
     engine = os.environ.get("ENGINE") or engine
@@ -350,11 +370,13 @@ def up(
         fail(f"engine {engine!r} is not one of vllm, openai, sim", EXIT_USAGE)
     nats_url = os.environ.get("BATON_NATS_URL") or os.environ.get("NATS_URL")
     stack = Stack(data_dir=data_dir, engine=engine, nats_url=nats_url, nats_port=nats_port,
-                  monitor_port=monitor_port, http_port=http_port)  # fmt: skip
+                  monitor_port=monitor_port, http_port=http_port,
+                  api_keys=not no_api_keys)  # fmt: skip
     taken = stack.busy_ports()
     if taken:
-        port, what = taken[0]
-        fail(f"port {port} ({what}) is already in use: stop what holds it or pick another "
+        port, what, holder = taken[0]
+        by = f" by {holder}" if holder else ""
+        fail(f"port {port} ({what}) is already in use{by}: stop what holds it or pick another "
              "with --nats-port / --monitor-port / --http-port")  # fmt: skip
     raise typer.Exit(stack.run_forever())
 
@@ -370,6 +392,19 @@ def tenant_url(tenant: str, data_dir: DataDir = Path(".data")) -> None:
     """Print the tenant's NATS client URL (any NATS client can connect() with it)."""
     _id(tenant, "tenant")
     print(_tenant_url(data_dir, tenant))
+
+
+@tenant_app.command("key")
+def tenant_key(tenant: str, data_dir: DataDir = Path(".data")) -> None:
+    """Print the tenant's HTTP API key (a bearer key, written by `baton up`)."""
+    from baton.credentials import key_path
+
+    _id(tenant, "tenant")
+    key = _stored_key(data_dir, tenant)
+    if key is None:
+        fail(f"no API key for tenant {tenant!r} at {key_path(data_dir, tenant)}: start the "
+             "stack with BATON_TENANTS including it (`make up`)", EXIT_USAGE)  # fmt: skip
+    print(key)
 
 
 @app.command()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from baton import accounts
 from baton.credentials import Credentials, write_private
+from baton.procs import die_with_parent
 
 _READY = "Server is ready"
 _LISTEN = re.compile(r"Listening for client connections on [\d.]+:(\d+)")
@@ -93,6 +94,8 @@ class NatsServer:
     ``port=0`` picks a free port at the first start; ``restart`` keeps the
     same port and store, so clients reconnect and streams survive. Without
     ``auth`` it runs open (no accounts): only for comparisons and tools.
+    ``die_with_parent``: the kernel stops it when its starter dies
+    (``baton.procs.die_with_parent``; start it from a main thread).
     """
 
     def __init__(
@@ -104,8 +107,10 @@ class NatsServer:
         server_name: str = "baton",
         tls: ServerTls | None = None,
         auth: ServerAuth | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.store_dir = Path(store_dir)
+        self.die_with_parent = die_with_parent
         self.port = port
         self.monitor_port = monitor_port
         self.server_name = server_name
@@ -176,8 +181,9 @@ class NatsServer:
                 args += ["-c", str(conf)]
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, start_new_session=True, env=env
-        )
+            args, stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+            preexec_fn=die_with_parent if self.die_with_parent else None,
+        )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

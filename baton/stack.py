@@ -5,25 +5,35 @@ environment plus ``BATON_NATS_URL`` carrying that service's own identity.
 NATS runs with authentication on: the tenants of ``BATON_TENANTS`` (default
 ``acme``) each get an account, and their client URLs are written to
 ``<data-dir>/tenants/<tenant>.url`` (the operator's to ``operator.url``).
-Ctrl-C (or SIGTERM) stops the services first (they drain), then NATS; nothing
-is left behind. The test suite drives the same ``ServiceProcess`` class.
+HTTP API keys (one per tenant, one for the operator) are written beside them
+(``<tenant>.key``, ``operator.key``) and given to the services as
+``BATON_API_KEYS``; ``api_keys=False`` (``baton up --no-api-keys``) opts out.
+Ctrl-C (or SIGTERM), at any moment, start-up included, stops the services
+first (ready ones drain; a service still starting is killed after a few
+seconds), then NATS; nothing is left behind, and children started by a
+``baton up`` that is itself killed get SIGTERM from the kernel
+(``baton.procs.die_with_parent``). The test suite drives the same
+``ServiceProcess`` class.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from baton import accounts
 from baton.credentials import Credentials
 from baton.natsd import NatsServer, ServerAuth, free_port
+from baton.procs import die_with_parent, port_free, port_holder
 from baton.settings import parse_tenants
 from baton.urls import redact
 
@@ -35,15 +45,23 @@ MODULES = {
 }
 
 
+class Interrupted(Exception):
+    """Start-up was stopped (Ctrl-C) before every service was ready."""
+
+
 @dataclass
 class ServiceProcess:
-    """One Baton service in its own process group."""
+    """One Baton service in its own process group. ``die_with_parent``: the
+    kernel sends it SIGTERM when the process that started it dies (set it
+    only when starting from a main thread, as ``baton up`` does)."""
 
     name: str
     env: dict[str, str]
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    die_with_parent: bool = False
+    ready: bool = False
 
     def start(self) -> ServiceProcess:
         if self.port == 0:
@@ -53,7 +71,7 @@ class ServiceProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", MODULES[self.name]],
             env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=die_with_parent if self.die_with_parent else None,
         )  # fmt: skip
         return self
 
@@ -64,37 +82,51 @@ class ServiceProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def wait_ready(self, timeout: float = 60.0) -> ServiceProcess:
+    def wait_ready(
+        self, timeout: float = 60.0, stopping: Callable[[], bool] = lambda: False
+    ) -> ServiceProcess:
+        """Poll ``/readyz`` until ready; ``Interrupted`` as soon as ``stopping()``."""
         deadline = time.monotonic() + timeout
         while True:
+            if stopping():
+                raise Interrupted(f"stopped while {self.name} was starting")
             if not self.alive():
                 code = self.proc.returncode if self.proc else None
                 raise RuntimeError(f"{self.name} exited with {code}")
             try:
                 with urllib.request.urlopen(f"{self.url}/readyz", timeout=1):
+                    self.ready = True
                     return self
             except OSError:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{self.name} not ready in {timeout}s") from None
                 time.sleep(0.2)
 
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        """Send ``signum`` to the service (not its children: it stops them itself)."""
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signum)
+
     def terminate(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM, wait, then SIGKILL the whole group. Returns the exit code."""
+        """SIGTERM, wait up to ``timeout``, then SIGKILL the whole group; any
+        child left in the group after the service exits is killed too.
+        Returns the exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self.signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout)
+        self.kill()
         return self.proc.returncode
 
     def kill(self) -> None:
-        """SIGKILL, as a crash or an OOM killer would."""
-        if self.proc is not None and self.proc.poll() is None:
+        """SIGKILL the whole process group, as a crash or an OOM killer would."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        self.proc.wait()
 
 
 def env_tenants() -> list[str]:
@@ -103,14 +135,20 @@ def env_tenants() -> list[str]:
 
 
 def start_secure_nats(
-    data_dir: Path, tenants: list[str], *, port: int, monitor_port: int | None
+    data_dir: Path,
+    tenants: list[str],
+    *,
+    port: int,
+    monitor_port: int | None,
+    die_with_parent: bool = False,
 ) -> NatsServer:
     """Start the embedded NATS with an account per tenant, its passwords
     those of ``data_dir``'s secrets (missing ones added), and write the
     tenants' and the operator's client URLs there."""
     creds = Credentials.load_or_create(data_dir, tenants)
     server = NatsServer(data_dir / "nats", port=port, monitor_port=monitor_port,
-                        auth=ServerAuth(tenants, creds)).start()  # fmt: skip
+                        auth=ServerAuth(tenants, creds),
+                        die_with_parent=die_with_parent).start()  # fmt: skip
     creds.write_urls(data_dir, tenants, "127.0.0.1", server.port)
     return server
 
@@ -125,6 +163,11 @@ class Stack:
     http_port: int = 8080
     ready_timeout: float = 900.0
     tenants: list[str] = field(default_factory=env_tenants)
+    api_keys: bool = True
+    # Seconds a service still starting gets to exit on Ctrl-C before it is
+    # killed (a ready one drains for up to drain_timeout).
+    start_grace: float = 3.0
+    drain_timeout: float = 30.0
     services: list[ServiceProcess] = field(default_factory=list)
     nats: NatsServer | None = None
 
@@ -136,16 +179,11 @@ class Stack:
             ours = [(self.nats_port, "NATS"), (self.monitor_port, "NATS monitoring"), *ours]
         return ours
 
-    def busy_ports(self) -> list[tuple[int, str]]:
-        """The ports of ``ports()`` something else already holds on 127.0.0.1."""
-        busy = []
-        for port, what in self.ports():
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    busy.append((port, what))
-        return busy
+    def busy_ports(self) -> list[tuple[int, str, str | None]]:
+        """The ports of ``ports()`` a server could not bind on 127.0.0.1 now,
+        with what binds it here and who holds it (when it can be told)."""
+        return [(port, what, port_holder(port)) for port, what in self.ports()
+                if not port_free(port)]  # fmt: skip
 
     def start(self) -> str:
         """Start NATS (unless ``nats_url``) and the services; returns the
@@ -156,10 +194,17 @@ class Stack:
             "BATON_DATA_DIR": str(self.data_dir.resolve()),
             "BATON_TENANTS": ",".join(self.tenants),
         }
+        if self.api_keys:
+            creds = Credentials.load_or_create(self.data_dir, self.tenants)
+            creds.write_api_keys(self.data_dir, self.tenants)
+            base["BATON_API_KEYS"] = json.dumps(creds.api_key_scopes(self.tenants))
+        else:
+            base["BATON_ALLOW_NO_API_KEYS"] = "true"
         urls: dict[str, str]
         if self.nats_url is None:
             self.nats = start_secure_nats(self.data_dir, self.tenants, port=self.nats_port,
-                                          monitor_port=self.monitor_port)  # fmt: skip
+                                          monitor_port=self.monitor_port,
+                                          die_with_parent=True)  # fmt: skip
             url = self.nats.address
             urls = {name: self.nats.url_for(name) for name in MODULES}
         else:  # the caller's NATS, one identity for every service
@@ -169,22 +214,24 @@ class Stack:
                  accounts.INFERENCE_WORKER: self.http_port + 2,
                  accounts.TOOL_WORKER: self.http_port + 3}  # fmt: skip
         self.services = [
-            ServiceProcess(name, {**base, "BATON_NATS_URL": urls[name]}, ports[name]).start()
+            ServiceProcess(name, {**base, "BATON_NATS_URL": urls[name]}, ports[name],
+                           die_with_parent=True).start()
             for name in MODULES
-        ]
+        ]  # fmt: skip
         return url
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, stopping: Callable[[], bool] = lambda: False) -> None:
         for svc in self.services:
-            svc.wait_ready(self.ready_timeout)
+            svc.wait_ready(self.ready_timeout, stopping)
 
     def stop(self) -> None:
+        """SIGTERM every service at once; a ready one may drain for
+        ``drain_timeout``, one still starting has ``start_grace``; then
+        their groups are killed and NATS stops."""
         for svc in self.services:
-            if svc.alive():
-                assert svc.proc is not None
-                svc.proc.send_signal(signal.SIGTERM)
+            svc.signal(signal.SIGTERM)
         for svc in self.services:
-            svc.terminate(timeout=30.0)
+            svc.terminate(timeout=self.drain_timeout if svc.ready else self.start_grace)
         if self.nats is not None:
             self.nats.stop()
 
@@ -205,12 +252,15 @@ class Stack:
                 where = self.data_dir / "tenants"
                 print(f"baton: tenants {', '.join(self.tenants)}: client URLs in {where}/ "
                       f"(print one: baton tenant url {self.tenants[0]})", flush=True)  # fmt: skip
-            print(
-                f"baton: starting services with engine={self.engine} "
-                "(the first vLLM start builds the tiny model: allow a minute)",
-                flush=True,
-            )
-            self.wait_ready()
+            if self.api_keys:
+                keys = f"{self.data_dir}/tenants/<tenant>.key and {self.data_dir}/operator.key"
+                print(f"baton: HTTP API keys in {keys} "
+                      f"(print one: baton tenant key {self.tenants[0]})", flush=True)  # fmt: skip
+            else:
+                print("baton: WARNING: the HTTP API runs WITHOUT API keys (--no-api-keys): every "
+                      "local process can read and act on every tenant", flush=True)  # fmt: skip
+            print(f"baton: starting services with engine={self.engine} (Ctrl-C stops)", flush=True)
+            self.wait_ready(lambda: stop)
             for svc in self.services:
                 print(f"baton: {svc.name:<16} {svc.url}  (/healthz /readyz /metrics)", flush=True)
             api = f"http://127.0.0.1:{self.http_port}"
@@ -228,6 +278,8 @@ class Stack:
                         print(f"baton: {svc.name} exited; stopping", file=sys.stderr)
                         return 1
                 time.sleep(0.3)
+            return 0
+        except Interrupted:
             return 0
         except RuntimeError as exc:
             print(f"baton: {exc}", file=sys.stderr)
