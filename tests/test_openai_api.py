@@ -130,3 +130,14 @@ async def test_langchain_chat_openai_invokes_and_streams(stack: LocalStack) -> N
     pieces = [str(c.content) async for c in llm.astream("stream please")]
     assert len([p for p in pieces if p]) >= 2
     assert "".join(pieces).startswith("[sim: 2 messages")
+
+
+async def test_a_call_naming_no_tenant_runs_as_the_first_tenant_of_the_bus(
+    stack: LocalStack,
+) -> None:
+    """Without a tenant key (an operator's, or a stack run without keys) and no
+    ``tenant`` field: the first of BATON_TENANTS, a tenant this bus has."""
+    resp = _sdk(stack).chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+    )
+    assert resp.model_extra["baton"]["tenant"] == "acme"  # type: ignore[index]

@@ -3,12 +3,13 @@ which must run as printed (nats-py + msgpack only) against a live stack."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-from baton.testing import LocalStack
+from baton.testing import LocalStack, uid
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -36,3 +37,43 @@ def test_the_readme_example_runs_unchanged_against_a_stack(
                          timeout=60, cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "'type': 'completed'" in out.stdout and "'cost_usd'" in out.stdout
+
+
+def _block(lang: str, containing: str) -> str:
+    blocks = re.findall(rf"```{lang}\n(.*?)```", README.read_text(), re.S)
+    found = [b for b in blocks if containing in b]
+    assert len(found) == 1, f"one ```{lang} block with {containing!r}"
+    return found[0]
+
+
+def test_the_readme_http_and_openai_examples_run_unchanged_with_keys(
+    stack: LocalStack, tmp_path: Path
+) -> None:
+    """As `make up` leaves it: API keys on, the tenant's key under the data
+    dir. Only the port differs (a test never takes 8080)."""
+    key = f"bk-{uid()}"
+    orch = stack.service("orchestrator", BATON_API_KEYS=json.dumps({key: "acme"})).wait_ready()
+    try:
+        key_file = tmp_path / ".data" / "tenants" / "acme.key"
+        key_file.parent.mkdir(parents=True)
+        key_file.write_text(key + "\n")
+
+        def here(source: str) -> str:
+            assert "http://127.0.0.1:8080" in source
+            return source.replace("http://127.0.0.1:8080", orch.url)
+
+        curl = subprocess.run(["bash", "-c", here(_block("sh", "curl"))], capture_output=True,
+                              text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+        assert curl.returncode == 0, curl.stderr
+        assert "tasks" in json.loads(curl.stdout)
+        openai = subprocess.run([sys.executable, "-c", here(_block("python", "from openai"))],
+                                capture_output=True, text=True, timeout=90, cwd=tmp_path)  # fmt: skip
+        assert openai.returncode == 0, openai.stderr
+        answer, streamed = openai.stdout.split("\n", 1)
+        assert answer.strip() and streamed.strip(), openai.stdout
+        # Both answers were tasks of the key's tenant.
+        listed = json.loads(subprocess.run(["bash", "-c", here(_block("sh", "curl"))],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path).stdout)  # fmt: skip
+        assert len(listed["tasks"]) >= 2 and {t["tenant"] for t in listed["tasks"]} == {"acme"}
+    finally:
+        stack.retire(orch)

@@ -185,7 +185,7 @@ def add_routes(
     ) -> Any:
         """Run the workflow ``model`` on the conversation; OpenAI's format."""
         svc.ready()
-        tenant = scope or body.tenant or settings.default_tenant
+        tenant = scope or body.tenant or settings.openai_tenant
         spec = svc.workflows.get(body.model)
         if spec is None:
             names = ", ".join(m.id for m in models_list())

@@ -63,8 +63,10 @@ class OrchestratorSettings(CommonSettings):
     sse_ping: float = 15.0
     # HTTP: how long (seconds) a request may follow a task.
     follow_timeout: float = 600.0
-    # HTTP: the tenant of OpenAI-API calls when no API keys are set.
-    default_tenant: str = "default"
+    # HTTP: the tenant of an OpenAI-API call by an operator key (or with no
+    # API keys) that names none (its `tenant` field); unset = the first of
+    # BATON_TENANTS.
+    default_tenant: str | None = None
     # Test hook, never set in production: the process exits right after
     # storing this step as done, before dispatching what follows it
     # (BATON_TEST_CRASH_AFTER_COMMIT=r1.plan; see tests/test_faults.py).
@@ -78,6 +80,11 @@ class OrchestratorSettings(CommonSettings):
     @property
     def tenant_ids(self) -> list[str]:
         return parse_tenants(self.tenants)
+
+    @property
+    def openai_tenant(self) -> str:
+        """The tenant of an OpenAI-API call that names none."""
+        return self.default_tenant or (self.tenant_ids or ["default"])[0]
 
     def price(self, pool: str) -> float:
         return self.gpu_hour_usd.get(pool, self.gpu_hour_usd.get("default", 0.0))
