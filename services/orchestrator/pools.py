@@ -1,0 +1,127 @@
+"""The pool catalogue: what each model pool is, costs and can hold.
+
+One entry per pool (``BATON_POOLS_FILE``, a YAML or JSON file, or
+``BATON_POOLS``, the same as JSON)::
+
+    pools:
+      small:
+        model: smollm2          # pools serving one family may stand in for each other
+        max_model_len: 2048     # the longest prompt + answer one step may have
+        kv_tokens: 65536        # KV cache tokens of one worker
+        max_seqs: 64            # sequences one worker runs at once
+        prefill_tps: 4000       # prompt tokens/s of one sequence
+        decode_tps: 40          # generated tokens/s of one sequence
+        usd_per_gpu_hour: 0.8
+        cold_start_s: 90        # a new worker's start to ready
+        min_replicas: 0
+        max_replicas: 4
+
+Workers report their measured capacity and speeds in heartbeats; the
+catalogue's figures are the prior the scheduler uses until they do, and a
+figure that drifts from the measured one is logged and counted. Pure: parsing
+and defaults, no I/O (the settings read the file).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from proto.ids import is_valid_id
+
+
+class CatalogueError(ValueError):
+    """A pool entry that cannot be used, with where it is."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSpec:
+    name: str
+    model: str = ""
+    max_model_len: int = 2048
+    kv_tokens: int = 65_536
+    max_seqs: int = 64
+    prefill_tps: float = 2_000.0
+    decode_tps: float = 30.0
+    usd_per_gpu_hour: float = 2.0
+    cold_start_s: float = 90.0
+    min_replicas: int = 0
+    max_replicas: int = 4
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+_NUMBERS = {f.name for f in fields(PoolSpec)} - {"name", "model", "extra"}
+_POSITIVE = {"max_model_len", "kv_tokens", "max_seqs", "prefill_tps", "decode_tps"}
+
+
+def parse_catalogue(doc: Any) -> dict[str, PoolSpec]:
+    """``{"pools": {name: {...}}}`` (or the inner map) as specs.
+
+    Raises:
+        CatalogueError: an unknown key, a bad name or a figure out of range.
+    """
+    pools = doc.get("pools", doc) if isinstance(doc, dict) else None
+    if not isinstance(pools, dict):
+        raise CatalogueError("the pool catalogue must be a map of pools (under `pools:`)")
+    out = {}
+    for name, entry in pools.items():
+        if not isinstance(name, str) or not is_valid_id(name):
+            raise CatalogueError(f"pools.{name}: a pool name must match [A-Za-z0-9_-]{{1,64}}")
+        if not isinstance(entry, dict):
+            raise CatalogueError(f"pools.{name}: must be a map")
+        unknown = set(entry) - _NUMBERS - {"model"}
+        if unknown:
+            raise CatalogueError(f"pools.{name}: unknown keys {sorted(unknown)}")
+        for key in _NUMBERS & set(entry):
+            value = entry[key]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise CatalogueError(f"pools.{name}.{key}: must be a number")
+            low_ok = value > 0 if key in _POSITIVE else value >= 0
+            if not (math.isfinite(value) and low_ok):
+                raise CatalogueError(f"pools.{name}.{key}: out of range ({value!r})")
+        spec = PoolSpec(name=name, **entry)
+        if spec.min_replicas > spec.max_replicas:
+            raise CatalogueError(f"pools.{name}: min_replicas above max_replicas")
+        out[name] = spec
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Catalogue:
+    """The pools by name; a pool it does not list gets defaults (priced by
+    ``BATON_GPU_HOUR_USD``) so an unlisted pool still schedules."""
+
+    pools: dict[str, PoolSpec]
+    default_price: dict[str, float] = field(default_factory=dict)
+
+    def spec(self, name: str) -> PoolSpec:
+        found = self.pools.get(name)
+        if found is not None:
+            return found
+        price = self.default_price.get(name, self.default_price.get("default", 2.0))
+        return PoolSpec(name=name, usd_per_gpu_hour=price)
+
+    def price(self, name: str) -> float:
+        return self.spec(name).usd_per_gpu_hour
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    pool: str
+    figure: str
+    catalogue: float
+    measured: float
+
+
+def drifts(spec: PoolSpec, measured: dict[str, float], tolerance: float = 0.5) -> list[Drift]:
+    """The catalogue figures of ``spec`` more than ``tolerance`` (a fraction)
+    away from what a worker measured (keys as ``PoolSpec``'s fields)."""
+    out = []
+    for figure, value in sorted(measured.items()):
+        stated = getattr(spec, figure, None)
+        if not isinstance(stated, int | float) or value <= 0 or stated <= 0:
+            continue
+        if abs(value - stated) / stated > tolerance:
+            out.append(Drift(spec.name, figure, float(stated), float(value)))
+    return out

@@ -1,0 +1,144 @@
+"""Where a model step runs: predict its KV need, wait, run time and cost on
+each pool that may serve it, and pick the cheapest that meets its target.
+
+Pure (no clock, no I/O): the conductor gives it the step's need, the pool
+catalogue (``pools.py``) and what the pools' heartbeats and backlog say now
+(``PoolNow``); it answers a ``Decision`` with every ``Prediction`` it weighed,
+so the choice can be published on the step's events and checked later
+against what happened.
+
+The model of a pool, per step:
+
+* **fits**: the step's KV tokens (prompt + ``max_tokens``) within the pool's
+  context limit (``max_model_len``) — a step that fits no pool fails at once;
+* **wait**: a pool at zero waits its cold start; a ready pool waits for a
+  free sequence slot when its backlog exceeds its free slots (the backlog
+  ahead of the step drains at the pool's batch throughput);
+* **run**: prefill (prompt / prefill speed) + decode (expected output /
+  per-sequence decode speed);
+* **GPU-seconds**: the step's share of the engine while it runs — run time
+  divided by the sequences the pool runs at once on average (the worker's
+  ``GpuClock`` charges the same share);
+* **cost**: GPU-seconds x the pool's price per GPU-hour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .pools import PoolSpec
+
+Reason = Literal[
+    "only",  # one pool named: nothing to weigh
+    "cheapest",  # the cheapest pool meeting the target (or no target)
+    "spill_saturated",  # the cheaper pools would miss the target behind their backlog
+    "spill_cold",  # the cheaper pools are at zero: their cold start misses the target
+    "fastest",  # no pool meets the target: the one that finishes first
+    "too_long",  # no pool holds the step's KV
+]
+
+
+@dataclass(frozen=True, slots=True)
+class StepNeed:
+    """What a step asks of an engine."""
+
+    prompt_tokens: int  # the window plus the offered tools, as the engine counts them
+    max_tokens: int
+    expected_output: int  # tokens it will likely generate (<= max_tokens)
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.prompt_tokens + self.max_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class PoolNow:
+    """A pool as its heartbeats and backlog show it now."""
+
+    ready: int = 0  # workers ready to take jobs
+    starting: int = 0  # workers up but still loading their engine
+    running: int = 0  # sequences running on its ready workers
+    backlog: int = 0  # jobs waiting in the pool's queue
+    # Measured by its workers (None: the catalogue's figure stands).
+    prefill_tps: float | None = None
+    decode_tps: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    pool: str
+    kv_tokens: int
+    fits: bool
+    cold: bool  # no ready worker: the step waits for one to start
+    wait_s: float
+    run_s: float
+    gpu_seconds: float
+    cost_usd: float
+
+    @property
+    def done_s(self) -> float:
+        return self.wait_s + self.run_s
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    pool: str | None  # None: no pool holds the step (``too_long``)
+    reason: Reason
+    predictions: tuple[Prediction, ...]
+
+    @property
+    def chosen(self) -> Prediction | None:
+        return next((p for p in self.predictions if p.pool == self.pool), None)
+
+
+def predict(need: StepNeed, spec: PoolSpec, now: PoolNow) -> Prediction:
+    """The step on ``spec`` as it is ``now``."""
+    prefill = now.prefill_tps or spec.prefill_tps
+    decode = now.decode_tps or spec.decode_tps
+    run_s = need.prompt_tokens / prefill + need.expected_output / decode
+    slots = spec.max_seqs * now.ready
+    cold = now.ready == 0
+    if cold:
+        # Started already, or to be woken by the backlog: either way one cold start.
+        wait_s = spec.cold_start_s
+    else:
+        ahead = max(0, now.running + now.backlog - slots + 1)
+        # The queue ahead drains at the pool's batch rate: `slots` steps per run time.
+        wait_s = ahead * run_s / slots
+    concurrency = max(1.0, min(float(spec.max_seqs), (now.running + 1) / max(1, now.ready)))
+    gpu_seconds = run_s / concurrency
+    return Prediction(
+        pool=spec.name,
+        kv_tokens=need.kv_tokens,
+        fits=need.kv_tokens <= spec.max_model_len,
+        cold=cold,
+        wait_s=wait_s,
+        run_s=run_s,
+        gpu_seconds=gpu_seconds,
+        cost_usd=gpu_seconds / 3600.0 * spec.usd_per_gpu_hour,
+    )
+
+
+def choose(predictions: list[Prediction], target_s: float | None) -> Decision:
+    """The cheapest fitting pool whose predicted completion meets
+    ``target_s`` (any, without a target); when none meets it, the one that
+    finishes first. ``predictions`` in the agent's order of preference,
+    which breaks ties in cost."""
+    preds = tuple(predictions)
+    fitting = [p for p in preds if p.fits]
+    if not fitting:
+        return Decision(None, "too_long", preds)
+    if len(preds) == 1:
+        return Decision(fitting[0].pool, "only", preds)
+    by_cost = sorted(fitting, key=lambda p: p.cost_usd)  # stable: the agent's order breaks ties
+    meets = [p for p in by_cost if target_s is None or p.done_s <= target_s]
+    if not meets:
+        fastest = min(fitting, key=lambda p: p.done_s)
+        return Decision(fastest.pool, "fastest", preds)
+    best = meets[0]
+    skipped = by_cost[: by_cost.index(best)]
+    if not skipped:
+        return Decision(best.pool, "cheapest", preds)
+    reason: Reason = "spill_cold" if all(p.cold for p in skipped) else "spill_saturated"
+    return Decision(best.pool, reason, preds)
