@@ -27,12 +27,11 @@ endif
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-## system-deps: Debian packages outside the venv — bubblewrap sandboxes the python tool
-#   (as root it installs it; otherwise it says so and the python tool reports itself unavailable)
+## system-deps: Debian packages outside the venv — bubblewrap (the python tool's sandbox) and
+#   promtool (the alert-rule checks), without starting a prometheus daemon (.ci/system-deps);
+#   as root it installs them, otherwise it names what is missing
 system-deps:
-	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap; } || \
-	  echo "make: bubblewrap is missing (apt-get install bubblewrap): the python tool will refuse to run"
+	@.ci/system-deps
 
 ## up: start embedded NATS and the services (ENGINE=sim for the light mode)
 up: venv system-deps
@@ -44,8 +43,9 @@ up-sim: venv system-deps
 ## test: every tier — fast, chaos (3-node cluster under faults), then real vLLM-CPU
 test: test-fast test-chaos test-vllm
 
+# BATON_REQUIRE_TOOLS: a check whose tool (promtool) is missing fails instead of skipping.
 test-fast: venv system-deps
-	$(PY) -m pytest -q
+	BATON_REQUIRE_TOOLS=1 $(PY) -m pytest -q
 
 ## test-chaos: Baton on a 3-node JetStream cluster under faults (a few minutes; BATON_CHAOS_SEED replays)
 test-chaos: venv
