@@ -2,7 +2,8 @@
 # Build every image that can be built on this machine: `make images`.
 #
 #   baton-services:<version>      orchestrator, context store, CLI (no torch/vLLM)
-#   baton-worker-cpu:<version>    inference worker on vLLM-CPU
+#   baton-model:<version>         the default model directory (default_model below)
+#   baton-worker-cpu:<version>    inference worker on vLLM-CPU, serving that model
 #   baton-nats:<NATS_VERSION>     nats-server from the pinned wheel
 #   baton-prometheus:<PROMETHEUS_VERSION>
 #   baton-worker-gpu:<version>    only when its base (vllm/vllm-openai) is local or pullable
@@ -16,10 +17,11 @@
 # (baton-base:bookworm). ONLY="services nats" builds a subset.
 #
 # Caches: the wheelhouse and apt's archives (/var/cache/apt/archives) are
-# download caches, always reused. What is built here — the base, the
-# images — is reused by a developer's next run (the base only while its
-# recipe is unchanged: a hash of it is in its label). BATON_IMAGES_FRESH=1
-# (the Docker tier, CI) first removes every Baton image and the base, and builds with
+# download caches, always reused. What is built here — the base, the model
+# directory, the images — is reused by a developer's next run (the base and
+# the model only while their recipe is unchanged: a hash of it is in their
+# label and path). BATON_IMAGES_FRESH=1 (the Docker tier, CI) first removes
+# every Baton image, the base and the model directory, and builds with
 # --no-cache: nothing built on an earlier run can hide a broken step.
 # Superseded Baton images (dangling, labelled dev.baton.image) are removed
 # before and after building, so rebuilds do not pile up on disk.
@@ -103,7 +105,7 @@ local_base() {
   say "base $LOCAL_BASE built in $((SECONDS - t0))s ($(( $(docker image inspect -f '{{.Size}}' "$LOCAL_BASE") / 1000000 )) MB)"
 }
 
-# Fresh (BATON_IMAGES_FRESH=1): no image, base or build cache of an
+# Fresh (BATON_IMAGES_FRESH=1): no image, base, model or build cache of an
 # earlier run survives. An image a container still uses cannot be removed:
 # that is an error here, not a silent reuse.
 forget_builds() {
@@ -119,7 +121,8 @@ forget_builds() {
     exit 1
   fi
   docker builder prune -af >/dev/null 2>&1 || true
-  say "fresh: no Baton image or base left from an earlier run"
+  rm -rf "$CACHE/models"
+  say "fresh: no Baton image, base or model left from an earlier run"
 }
 
 if [[ $FRESH == 1 ]]; then forget_builds; fi
@@ -185,14 +188,14 @@ for _ in $(seq 50); do
 done
 prune
 
-build() {  # tag, dockerfile, [build args...]
+build() {  # tag, dockerfile, [build args...]; the context is the checkout, or $CONTEXT
   local tag=$1 file=$2 t0=$SECONDS
   shift 2
   local log
   log=$(mktemp)
   if ! docker build -f "deploy/docker/$file" --network host --build-arg BASE="$BASE" \
       --build-arg PIP_OFFLINE=1 --build-arg WHEELS="http://127.0.0.1:$port/" "${nocache[@]}" \
-      -t "$tag" "$@" . >"$log" 2>&1; then
+      -t "$tag" "$@" "${CONTEXT:-.}" >"$log" 2>&1; then
     tail -30 "$log" >&2
     rm -f "$log"
     say "FAILED to build $tag"
@@ -204,6 +207,40 @@ build() {  # tag, dockerfile, [build args...]
 
 nocache=()
 if [[ $FRESH == 1 ]]; then nocache=(--no-cache); fi
+
+# ---------------------------------------------------------------------------
+# THE default model, the one place it is named: default_model writes into the
+# empty directory $1 the model directory that `make up` serves by default,
+# MODEL_NAME is the name it is served under. The worker-cpu image carries it
+# (baton-model, below) and serves it (BATON_MODEL=/models/default), and
+# compose runs that image: change the model here and nothing else changes.
+# It runs on the host with $PY (the project's venv); its output is cached per
+# text of these two lines (a developer's rebuilds reuse it; fresh builds not).
+# Today: the tiny random-weight model, `make up`'s default until the real
+# model lands; then its converter's command goes here (it may fetch its wheel
+# with pip: a download, like the wheelhouse's).
+MODEL_NAME=tiny
+default_model() { $PY -m baton.cli model tiny "$1"; }
+
+# The model directory, on the host, as an image of its own (FROM scratch):
+# its context is that directory alone, so the other builds never send it, and
+# Dockerfile.worker-cpu copies it in before Baton's source: a source edit
+# does not rebuild the model layer.
+model_image() {
+  local key dir t0=$SECONDS
+  key=$( (declare -f default_model; echo "$MODEL_NAME") | sha1sum | cut -c1-12)
+  dir=$CACHE/models/$key
+  find "$CACHE/models" -mindepth 1 -maxdepth 1 ! -name "$key" ! -name "$key.*" -exec rm -rf {} + 2>/dev/null || true
+  if [[ ! -e $dir.done ]]; then
+    rm -rf "$dir" && mkdir -p "$dir"
+    logged "$dir.log" "the model '$MODEL_NAME'" default_model "$dir"
+    # The worker runs as uid 10001: every file readable (a converter may write 0600).
+    chmod -R a+rX "$dir"
+    rm "$dir.log" && touch "$dir.done"
+    say "model '$MODEL_NAME' built in $((SECONDS - t0))s ($(du -sm "$dir" | cut -f1) MB)"
+  fi
+  CONTEXT=$dir build "baton-model:$VERSION" Dockerfile.model --label "dev.baton.model=$MODEL_NAME"
+}
 
 built=()
 if wanted services; then
@@ -218,7 +255,10 @@ if wanted prometheus; then
     --build-arg PROMETHEUS_VERSION="$PROMETHEUS_VERSION" && built+=("baton-prometheus:$PROMETHEUS_VERSION")
 fi
 if wanted worker-cpu; then
-  build "baton-worker-cpu:$VERSION" Dockerfile.worker-cpu && built+=("baton-worker-cpu:$VERSION")
+  model_image
+  built+=("baton-model:$VERSION")
+  build "baton-worker-cpu:$VERSION" Dockerfile.worker-cpu --build-arg MODEL="baton-model:$VERSION" \
+    --build-arg MODEL_NAME="$MODEL_NAME" && built+=("baton-worker-cpu:$VERSION")
 fi
 if wanted gpu; then
   if obtain "$GPU_BASE"; then

@@ -1,6 +1,6 @@
 """Compose files validate against the Compose Specification's JSON schema
 (vendored in the check-jsonschema wheel, so no network) and say what we mean:
-loopback-only ports, a GPU for the GPU worker, the tiny model on CPU. The
+loopback-only ports, a GPU for the GPU worker, on CPU the model its image carries. The
 stack itself runs in tests/docker (the Docker tier)."""
 
 from __future__ import annotations
@@ -110,16 +110,19 @@ def test_mounted_config_files_exist():
                 assert (COMPOSE / source).exists(), volume
 
 
-def test_cpu_override_runs_the_tiny_model_without_a_gpu():
+def test_cpu_override_serves_the_model_its_image_carries_without_a_gpu():
     services = load("compose.cpu.yaml")["services"]
     worker = services["inference-worker"]
     assert "deploy" not in worker
-    assert worker["environment"]["BATON_MODEL"] == "/models/tiny"
     assert worker["build"]["dockerfile"] == "deploy/docker/Dockerfile.worker-cpu"
     assert worker["shm_size"]  # vLLM's engine core needs more than Docker's 64 MiB
-    assert services["model-tiny"]["command"] == ["baton", "model", "tiny", "/models/tiny"]
-    dep = worker["depends_on"]["model-tiny"]["condition"]
-    assert dep == "service_completed_successfully"
+    # The image names its model (make images: images.sh's default_model); compose
+    # neither overrides it nor builds another one at start.
+    assert "BATON_MODEL" not in worker["environment"] and "volumes" not in worker
+    assert list(services) == ["inference-worker"]
+    dockerfile = (DEPLOY / "docker" / "Dockerfile.worker-cpu").read_text()
+    assert re.search(r"^    BATON_MODEL=/models/default \\$", dockerfile, re.M)
+    assert re.search(r"^COPY --from=model /model /models/default$", dockerfile, re.M)
 
 
 @pytest.mark.parametrize(
