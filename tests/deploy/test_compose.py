@@ -121,8 +121,26 @@ def test_cpu_override_serves_the_model_its_image_carries_without_a_gpu():
     assert "BATON_MODEL" not in worker["environment"] and "volumes" not in worker
     assert list(services) == ["inference-worker"]
     dockerfile = (DEPLOY / "docker" / "Dockerfile.worker-cpu").read_text()
-    assert re.search(r"^    BATON_MODEL=/models/default \\$", dockerfile, re.M)
-    assert re.search(r"^COPY --from=model /model /models/default$", dockerfile, re.M)
+    assert re.search(r"^ENV BATON_MODEL=/models/\$\{MODEL_NAME\} \\$", dockerfile, re.M)
+    assert re.search(r"^COPY --from=model /model /models/\$\{MODEL_NAME\}$", dockerfile, re.M)
+
+
+def make_up_default_model() -> str:
+    """The name of the model `make up` serves when BATON_MODEL is unset."""
+    try:  # the real default model, once baton/models.py names it
+        from baton.models import DEFAULT_MODEL
+    except ImportError:
+        from services.inference_worker.settings import WorkerSettings
+
+        return WorkerSettings(_env_file=None).served_model_name
+    return str(DEFAULT_MODEL)
+
+
+def test_the_worker_image_serves_the_model_make_up_serves():
+    # images.sh names the image's model in one place (default_model, MODEL_NAME).
+    images = (DEPLOY / "docker" / "images.sh").read_text()
+    (name,) = re.findall(r"^MODEL_NAME=(\S+)$", images, re.M)
+    assert name == make_up_default_model()
 
 
 @pytest.mark.parametrize(
