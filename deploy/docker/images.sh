@@ -108,16 +108,19 @@ local_base() {
 # Fresh (BATON_IMAGES_FRESH=1): no image, base, model or build cache of an
 # earlier run survives. An image a container still uses cannot be removed:
 # that is an error here, not a silent reuse.
+baton_images() { { docker images -aq --filter reference='baton-*'; docker images -aq --filter label=dev.baton.image; } | sort -u; }
 forget_builds() {
   local ids
-  ids=$( { docker images -aq --filter reference='baton-*'; docker images -aq --filter label=dev.baton.image; } | sort -u)
-  if [[ -n $ids ]]; then
+  # A parent (the base) goes only once its children are gone: a few passes.
+  for _ in 1 2 3; do
+    ids=$(baton_images)
+    [[ -n $ids ]] || break
     # shellcheck disable=SC2086
     docker rmi -f $ids >/dev/null 2>&1 || true
-  fi
-  ids=$( { docker images -aq --filter reference='baton-*'; docker images -aq --filter label=dev.baton.image; } | sort -u)
+  done
+  ids=$(baton_images)
   if [[ -n $ids ]]; then
-    say "BATON_IMAGES_FRESH=1: cannot remove $(wc -w <<<"$ids") Baton image(s) still in use (make compose-down?)"
+    say "BATON_IMAGES_FRESH=1: $(wc -w <<<"$ids") Baton image(s) cannot be removed: a container uses them (make compose-down?) or an image outside Baton's was built on them (docker ps -a, docker images -a)"
     exit 1
   fi
   docker builder prune -af >/dev/null 2>&1 || true
