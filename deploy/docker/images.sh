@@ -43,7 +43,7 @@ say() { printf 'images: %s\n' "$*" >&2; }
 wanted() { [[ " $ONLY " == *" $1 "* ]]; }
 # `logged LOG WHAT cmd...`: runs cmd with its output in LOG and errexit in
 # force; on failure prints LOG's tail and stops this script. Call it as a
-# plain command: bash drops errexit in all a condition (if, ||) runs.
+# plain command: bash ignores errexit in everything a condition (if, ||) runs.
 logged() {
   local log=$1 what=$2 rc
   shift 2
@@ -129,6 +129,7 @@ forget_builds() {
 }
 
 if [[ $FRESH == 1 ]]; then forget_builds; fi
+rm -f "$CACHE"/bookworm-python*.tar  # the base's tarball of earlier versions: the image is the cache now
 if obtain "$BASE"; then
   say "base $BASE"
 else
