@@ -93,3 +93,23 @@ def test_when_no_pool_meets_the_target_the_fastest_is_chosen() -> None:
 def test_catalogue_figures_far_from_the_measured_ones_are_drifts() -> None:
     found = drifts(SMALL, {"decode_tps": 21.0, "prefill_tps": 300.0, "kv_tokens": 65_536})
     assert [(d.figure, d.catalogue, d.measured) for d in found] == [("prefill_tps", 1000, 300)]
+
+
+def test_a_prefilled_prefix_is_not_prefilled_again() -> None:
+    need = StepNeed(prompt_tokens=1000, max_tokens=100, expected_output=100, cached_tokens=600)
+    assert predict(need, SMALL, WARM).run_s == pytest.approx(400 / 1000 + 100 / 20)
+
+
+def test_a_pool_already_waking_waits_only_the_rest_of_its_cold_start() -> None:
+    need = StepNeed(prompt_tokens=100, max_tokens=50, expected_output=50)
+    assert predict(need, SMALL, PoolNow(starting=1, ready_in_s=15.0)).wait_s == 15
+    assert predict(need, SMALL, PoolNow(starting=1)).wait_s == 60  # how far: unknown
+    # ...and then the backlog ahead of it, drained by the workers starting.
+    queued = predict(need, SMALL, PoolNow(starting=1, ready_in_s=15.0, backlog=16))
+    assert queued.wait_s == pytest.approx(15 + 9 * queued.run_s / 8)
+
+
+def test_kv_bounds_the_sequences_a_worker_runs_at_once() -> None:
+    need = StepNeed(prompt_tokens=16_000, max_tokens=384, expected_output=100)
+    full = predict(need, SMALL, PoolNow(ready=1, running=4))  # 65,536 KV tokens: four of these
+    assert full.wait_s == pytest.approx(full.run_s / 4)

@@ -11,11 +11,13 @@ The model of a pool, per step:
 
 * **fits**: the step's KV tokens (prompt + ``max_tokens``) within the pool's
   context limit (``max_model_len``) — a step that fits no pool fails at once;
-* **wait**: a pool at zero waits its cold start; a ready pool waits for a
-  free sequence slot when its backlog exceeds its free slots (the backlog
-  ahead of the step drains at the pool's batch throughput);
-* **run**: prefill (prompt / prefill speed) + decode (expected output /
-  per-sequence decode speed);
+* **wait**: a pool at zero waits its cold start (what is left of it when a
+  worker is already starting); then, as a ready pool, for a free slot when
+  its backlog exceeds its slots (per worker, its sequences or as many steps
+  like this one as its KV holds, whichever is fewer; the backlog ahead of
+  the step drains at the pool's batch throughput);
+* **run**: prefill (the prompt not already in the pool's prefix cache /
+  prefill speed) + decode (expected output / per-sequence decode speed);
 * **GPU-seconds**: the step's share of the engine while it runs — run time
   divided by the sequences the pool runs at once on average (the worker's
   ``GpuClock`` charges the same share);
@@ -46,6 +48,9 @@ class StepNeed:
     prompt_tokens: int  # the window plus the offered tools, as the engine counts them
     max_tokens: int
     expected_output: int  # tokens it will likely generate (<= max_tokens)
+    # Prompt tokens already prefilled on the pool (a pre-warmed prefix): set
+    # per pool by the caller; they take KV but no prefill time.
+    cached_tokens: int = 0
 
     @property
     def kv_tokens(self) -> int:
@@ -60,6 +65,8 @@ class PoolNow:
     starting: int = 0  # workers up but still loading their engine
     running: int = 0  # sequences running on its ready workers
     backlog: int = 0  # jobs waiting in the pool's queue
+    # Seconds until the first starting worker is ready (None: a whole cold start).
+    ready_in_s: float | None = None
     # Measured by its workers (None: the catalogue's figure stands).
     prefill_tps: float | None = None
     decode_tps: float | None = None
@@ -96,16 +103,22 @@ def predict(need: StepNeed, spec: PoolSpec, now: PoolNow) -> Prediction:
     """The step on ``spec`` as it is ``now``."""
     prefill = now.prefill_tps or spec.prefill_tps
     decode = now.decode_tps or spec.decode_tps
-    run_s = need.prompt_tokens / prefill + need.expected_output / decode
-    slots = spec.max_seqs * now.ready
+    uncached = max(0, need.prompt_tokens - need.cached_tokens)
+    run_s = uncached / prefill + need.expected_output / decode
+    # A worker runs as many sequences as it has slots and KV for.
+    per_worker = max(1, min(spec.max_seqs, spec.kv_tokens // max(1, need.kv_tokens)))
     cold = now.ready == 0
+    wait_s = 0.0
     if cold:
-        # Started already, or to be woken by the backlog: either way one cold start.
+        # To be woken by the backlog: one cold start; already starting: the rest of one.
         wait_s = spec.cold_start_s
-    else:
-        ahead = max(0, now.running + now.backlog - slots + 1)
-        # The queue ahead drains at the pool's batch rate: `slots` steps per run time.
-        wait_s = ahead * run_s / slots
+        if now.starting > 0 and now.ready_in_s is not None:
+            wait_s = min(wait_s, max(0.0, now.ready_in_s))
+    # The queue ahead drains at the batch rate of the workers that will serve
+    # it (the starting ones when none is ready): `slots` steps per run time.
+    slots = per_worker * (now.ready or max(1, now.starting))
+    ahead = max(0, now.running + now.backlog - slots + 1)
+    wait_s += ahead * run_s / slots
     concurrency = max(1.0, min(float(spec.max_seqs), (now.running + 1) / max(1, now.ready)))
     gpu_seconds = run_s / concurrency
     return Prediction(
