@@ -1,21 +1,30 @@
-"""Replay a job trace against the worker ScaledObject's backlog policy.
+"""Which scaling policy for a bursty day of multi-agent tasks: a simulator.
 
-The model, one-second steps:
-* Jobs queue FIFO in the stream. A ready worker runs up to ``slots`` jobs at
-  once (continuous batching), each for ``job_seconds``; its throughput is
-  ``slots / job_seconds`` jobs/s.
-* KEDA's nats-jetstream scaler reads lag = waiting + in-flight jobs every
-  ``pollingInterval``. From zero it activates one worker when lag >
-  ``activationLagThreshold``; above zero the HPA wants ceil(lag /
-  ``lagThreshold``) replicas (10% tolerance, stabilisation windows and the
-  first Pods policy of each direction, as configured in the YAML); with no
-  activity for ``cooldownPeriod`` it scales to ``minReplicaCount``.
-* A new worker holds its GPU from creation and takes jobs after
-  ``cold_start`` seconds. A removed worker stops pulling, finishes its
-  in-flight jobs (the SIGTERM drain), then frees the GPU.
-Simplification: the HPA is evaluated on KEDA's polling tick (not its own 15 s).
+Replays the seeded day in ``trace.json`` (``bursty_trace.py``), closed-loop
+per task (``replay.py``), against five policies:
 
-    python deploy/scaling/sim.py [--cold-start 90] [--throughput 3.2]
+1. ``always_on``: one pool of the large GPU, always on, sized to the peak
+   (the ScaledObject's ``maxReplicaCount``);
+2. ``scale_to_zero``: the same pool under today's ScaledObject
+   (deploy/k8s/components/autoscaling/scaledobjects.yaml);
+3. ``two_pools``: a small cheap pool and the large dear one
+   (``pools.yaml``), each step placed by the orchestrator's scheduler
+   (``predict``/``choose`` of services/orchestrator/scheduling.py) on the
+   cheapest pool whose predicted completion meets its latency target,
+   spilling over when that pool is saturated or cold;
+4. ``two_pools_no_spill``: the same, always the cheapest pool that fits;
+5. ``two_pools_prewarm``: 3 plus pre-warming from the workflow graph;
+
+and one alternative, to see what a warm floor buys:
+``two_pools_prewarm_floor``, 5 with one worker of each pool always up
+(``minReplicaCount: 1``).
+
+For each: GPU-seconds, cost, task latency, job queue wait, time to first
+token, steps that missed their target, failed and unserved steps; and the
+issue's two goals, met or missed. Writes ``bench/results/scaling.json`` and
+``docs/scaling-policies.png``; ``make bench`` runs it too.
+
+    python deploy/scaling/sim.py [--always-on N] [--out FILE] [--plot FILE]
 """
 
 from __future__ import annotations
@@ -23,265 +32,361 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections import deque
-from dataclasses import dataclass, field, replace
+import re
+import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-SCALED_OBJECTS = ROOT / "deploy" / "k8s" / "components" / "autoscaling" / "scaledobjects.yaml"
-TRACE = Path(__file__).with_name("trace.json")  # written by bursty_trace.py
-DRAIN_LIMIT = 7200  # seconds past the horizon before leftover jobs count as unserved
+if sys.path[0] != str(ROOT):  # this checkout's services/, also when run as a script
+    sys.path.insert(0, str(ROOT))
+
+from deploy.scaling.keda import Policy, load_policy  # noqa: E402
+from deploy.scaling.replay import (  # noqa: E402
+    Job,
+    Outcome,
+    Pool,
+    Scenario,
+    load_trace,
+    percentile,
+    replay,
+)
+from services.orchestrator.pools import PoolSpec, parse_catalogue  # noqa: E402
+
+POOLS = Path(__file__).with_name("pools.yaml")
+RULES = ROOT / "deploy" / "prometheus" / "rules" / "baton.rules.yml"
+OUT = ROOT / "bench" / "results" / "scaling.json"
+PLOT = ROOT / "docs" / "scaling-policies.png"
+GOAL_COST_FRACTION = 0.6
+GOAL_WAIT_OVER_COLD_S = 10.0
 
 
-def load_trace(path: Path = TRACE) -> tuple[list[float], int]:
-    doc = json.loads(path.read_text())
-    return doc["jobs"], doc["horizon_s"]
+def load_pools(path: Path = POOLS) -> dict[str, Any]:
+    """The catalogue, each pool's KEDA policy, the targets, preference and single pool."""
+    doc = yaml.safe_load(path.read_text())
+    specs = parse_catalogue(doc)
+    base = load_policy()
+    policies = {
+        name: replace(
+            base,
+            min_replicas=spec.min_replicas,
+            max_replicas=spec.max_replicas,
+            lag_threshold=int(doc["keda"][name]["lagThreshold"]),
+        )
+        for name, spec in specs.items()
+    }
+    ordered = [specs[n] for n in doc["preference"]]
+    return {"specs": ordered, "policies": policies, "targets_s": doc["targets_s"],
+            "single": specs[doc["single"]]}  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Policy:
-    min_replicas: int
-    max_replicas: int
-    lag_threshold: int
-    activation_lag_threshold: int
-    polling_interval: int
-    cooldown_period: int
-    up_window: int = 0
-    down_window: int = 300
-    up_policy: tuple[int, int] | None = None  # (pods, period seconds)
-    down_policy: tuple[int, int] | None = None
+def task_slo_s(path: Path = RULES) -> float:
+    """The task-latency SLO the alerts use (``baton:slo_task_latency_p95_seconds``)."""
+    for group in yaml.safe_load(path.read_text())["groups"]:
+        for rule in group["rules"]:
+            if rule.get("record") == "baton:slo_task_latency_p95_seconds":
+                found = re.fullmatch(r"vector\((\d+(?:\.\d+)?)\)", rule["expr"].strip())
+                if found:
+                    return float(found.group(1))
+    raise LookupError(f"no task-latency SLO in {path}")
 
 
-def load_policy(path: Path = SCALED_OBJECTS, name: str = "inference-worker") -> Policy:
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
-    (spec,) = [d["spec"] for d in docs if d["metadata"]["name"] == name]
-    meta = spec["triggers"][0]["metadata"]
-    behavior = spec.get("advanced", {}).get("horizontalPodAutoscalerConfig", {})
-    behavior = behavior.get("behavior", {})
+def scenarios(pools: dict[str, Any], today: Policy, always_on: int) -> list[Scenario]:
+    single: PoolSpec = pools["single"]
+    targets = pools["targets_s"]
+    two = tuple(Pool(s, pools["policies"][s.name]) for s in pools["specs"])
+    floor = tuple(replace(p, policy=replace(p.policy, min_replicas=1)) for p in two)
+    return [
+        Scenario("always_on", (Pool(single, always_on=always_on),), targets),
+        Scenario("scale_to_zero", (Pool(single, today),), targets),
+        Scenario("two_pools", two, targets),
+        Scenario("two_pools_no_spill", two, targets, spill=False),
+        Scenario("two_pools_prewarm", two, targets, prewarm=True),
+        Scenario("two_pools_prewarm_floor", floor, targets, prewarm=True),
+    ]
 
-    def rules(direction: str, default_window: int) -> tuple[int, tuple[int, int] | None]:
-        b = behavior.get(direction, {})
-        pods = [p for p in b.get("policies", []) if p["type"] == "Pods"]
-        first = (pods[0]["value"], pods[0]["periodSeconds"]) if pods else None
-        return b.get("stabilizationWindowSeconds", default_window), first
 
-    up_window, up_policy = rules("scaleUp", 0)
-    down_window, down_policy = rules("scaleDown", 300)
-    return Policy(
-        min_replicas=spec.get("minReplicaCount", 0),
-        max_replicas=spec.get("maxReplicaCount", 100),
-        lag_threshold=int(meta["lagThreshold"]),
-        activation_lag_threshold=int(meta.get("activationLagThreshold", 0)),
-        polling_interval=spec.get("pollingInterval", 30),
-        cooldown_period=spec.get("cooldownPeriod", 300),
-        up_window=up_window,
-        down_window=down_window,
-        up_policy=up_policy,
-        down_policy=down_policy,
+def _pct(values: list[float], q: float) -> float:
+    return round(percentile(values, q), 1)
+
+
+def summary(o: Outcome, slo_s: float) -> dict[str, Any]:
+    """Per-policy figures (times in seconds, money in USD)."""
+    done = [s for s in o.steps if not math.isnan(s.finished)]
+    started = [s for s in o.steps if not math.isnan(s.started)]
+    waits = [s.started - s.released for s in started]
+    follow = [s.ttft for j, s in zip(o.jobs, o.steps, strict=True)
+              if j.phase > 0 and not math.isnan(s.started)]  # fmt: skip
+    targets = o.scenario.targets_s
+    missed = sum(
+        1
+        for j, s in zip(o.jobs, o.steps, strict=True)
+        if not math.isnan(s.finished) and s.finished - s.released > targets[j.kind]
     )
-
-
-@dataclass
-class Worker:
-    started: int
-    ready_at: int
-    busy: list[int] = field(default_factory=list)  # finish times
-    leaving: bool = False
-
-
-@dataclass
-class Result:
-    gpu_seconds: float
-    waits: list[float]
-    peak_workers: int
-    timeline: list[int]  # GPU-holding workers, sampled each minute
-    unserved: int = 0
-
-    def p95_wait(self) -> float:
-        return percentile(self.waits, 0.95)
-
-    def summary(self) -> dict:
-        w = self.waits
-        return {
-            "gpu_seconds": round(self.gpu_seconds, 1),
-            "jobs": len(w),
-            "p95_queue_wait_s": round(self.p95_wait(), 2),
-            "p50_queue_wait_s": round(percentile(w, 0.5), 2),
-            "max_queue_wait_s": round(max(w, default=0.0), 2),
-            "peak_workers": self.peak_workers,
-            "unserved_jobs": self.unserved,
+    failed = sum(1 for s in o.steps if s.reason == "too_long")
+    errors = [abs((s.finished - s.released) - s.predicted_s) / max(1.0, s.finished - s.released)
+              for s in done]  # fmt: skip
+    latency = list(o.task_latency.values())
+    pools: dict[str, dict[str, Any]] = {}
+    for name, run in o.pools.items():
+        placed = [s for s in o.steps if s.pool == name]
+        reasons: dict[str, int] = {}
+        for s in placed:
+            reasons[s.reason] = reasons.get(s.reason, 0) + 1
+        pools[name] = {
+            "gpu_seconds": round(run.gpu_seconds),
+            "cost_usd": round(run.gpu_seconds / 3600 * run.spec.usd_per_gpu_hour, 2),
+            "peak_workers": run.peak,
+            "steps": len(placed),
+            "reasons": dict(sorted(reasons.items())),
+            "woken_by_announced_steps": run.woken_by_demand,
         }
+    warmed = [s.prefill_saved_s for s in o.steps if s.prewarmed]
+    return {
+        "gpu_seconds": sum(p["gpu_seconds"] for p in pools.values()),
+        "cost_usd": round(sum(p["cost_usd"] for p in pools.values()), 2),
+        "tasks": len(o.task_latency) + len(o.failed_tasks),
+        "tasks_completed": len(o.task_latency),
+        "p50_task_latency_s": _pct(latency, 0.5),
+        "p95_task_latency_s": _pct(latency, 0.95),
+        "max_task_latency_s": _pct(latency, 1.0),
+        "tasks_over_slo": sum(1 for x in latency if x > slo_s),
+        "steps": len(o.steps),
+        "p50_queue_wait_s": _pct(waits, 0.5),
+        "p95_queue_wait_s": _pct(waits, 0.95),
+        "max_queue_wait_s": _pct(waits, 1.0),
+        "p50_next_step_ttft_s": _pct(follow, 0.5),
+        "p95_next_step_ttft_s": _pct(follow, 0.95),
+        "cold_waits": sum(1 for s in o.steps if s.cold),
+        "missed_target_steps": missed,
+        "failed_steps": failed,
+        "unserved_steps": len(o.steps) - len(done) - failed,
+        "prediction_error_p50": round(percentile(errors, 0.5), 3),
+        "prediction_error_p90": round(percentile(errors, 0.9), 3),
+        "prewarmed_steps": len(warmed),
+        "prewarm_prefill_saved_s_p50": round(percentile(warmed, 0.5), 2),
+        "pools": pools,
+    }
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+def goals(results: dict[str, dict], cold_start_s: float) -> dict[str, Any]:
+    warm, two, zero = results["always_on"], results["two_pools"], results["scale_to_zero"]
+    fraction = round(two["cost_usd"] / warm["cost_usd"], 4)
+    wait_limit = cold_start_s + GOAL_WAIT_OVER_COLD_S
+    return {
+        "two_pools_cost": {
+            "goal": f"two pools at <= {GOAL_COST_FRACTION:.0%} of always-on's cost "
+            "at equal or better p95 task latency",
+            "cost_fraction_of_always_on": fraction,
+            "p95_task_latency_s": {
+                "two_pools": two["p95_task_latency_s"],
+                "always_on": warm["p95_task_latency_s"],
+            },
+            "met": fraction <= GOAL_COST_FRACTION
+            and two["p95_task_latency_s"] <= warm["p95_task_latency_s"],
+        },
+        "scale_to_zero_wait": {
+            "goal": f"scale to zero at a p95 queue wait <= cold start + "
+            f"{GOAL_WAIT_OVER_COLD_S:.0f} s, zero failed steps",
+            "p95_queue_wait_s": zero["p95_queue_wait_s"],
+            "limit_s": wait_limit,
+            "failed_steps": zero["failed_steps"] + zero["unserved_steps"],
+            "met": zero["p95_queue_wait_s"] <= wait_limit
+            and zero["failed_steps"] + zero["unserved_steps"] == 0,
+        },
+    }
 
 
-class Autoscaler:
-    """KEDA activation plus the HPA's replica arithmetic."""
-
-    def __init__(self, policy: Policy) -> None:
-        self.p = policy
-        self.last_active = -(10**9)
-        self.recommendations: deque[tuple[int, int]] = deque()
-        self.changes: list[tuple[int, int]] = []  # (time, +/- pods)
-
-    def desired(self, now: int, lag: int, current: int) -> int:
-        p = self.p
-        if lag > p.activation_lag_threshold:
-            self.last_active = now
-        if current == 0:
-            return max(p.min_replicas, 1) if now == self.last_active else p.min_replicas
-        if p.min_replicas == 0 and now - self.last_active >= p.cooldown_period:
-            return 0
-        ratio = lag / (current * p.lag_threshold)
-        raw = current if abs(ratio - 1) <= 0.1 else math.ceil(lag / p.lag_threshold)
-        raw = min(max(raw, max(p.min_replicas, 1)), p.max_replicas)
-        self.recommendations.append((now, raw))
-        horizon = max(p.up_window, p.down_window)
-        while self.recommendations[0][0] < now - horizon:
-            self.recommendations.popleft()
-        up = min(r for t, r in self.recommendations if t >= now - p.up_window)
-        down = max(r for t, r in self.recommendations if t >= now - p.down_window)
-        target = up if up > current else min(down, current)
-        return current + self._limit(now, target - current)
-
-    def _limit(self, now: int, delta: int) -> int:
-        rule = self.p.up_policy if delta > 0 else self.p.down_policy
-        if rule and delta:
-            pods, period = rule
-            used = sum(
-                abs(d) for t, d in self.changes if t > now - period and (d > 0) == (delta > 0)
-            )
-            delta = max(0, min(abs(delta), pods - used)) * (1 if delta > 0 else -1)
-        if delta:
-            self.changes.append((now, delta))
-        return delta
+def replay_all(always_on: int | None = None) -> dict[str, Outcome]:
+    """Every policy over the shipped trace."""
+    jobs, horizon = load_trace()
+    today = load_policy()
+    n = always_on or today.max_replicas
+    return {sc.name: replay(jobs, horizon, sc) for sc in scenarios(load_pools(), today, n)}
 
 
-def simulate(
-    arrivals: list[float],
+def run_all(always_on: int | None = None, plot_to: Path | None = PLOT) -> dict[str, Any]:
+    outcomes = replay_all(always_on)
+    some = next(iter(outcomes.values()))
+    jobs, horizon = some.jobs, some.horizon
+    pools = load_pools()
+    today = load_policy()
+    n = outcomes["always_on"].scenario.pools[0].always_on
+    slo = task_slo_s()
+    results = {name: summary(o, slo) for name, o in outcomes.items()}
+    single: PoolSpec = pools["single"]
+    for r in results.values():
+        r["cost_fraction_of_always_on"] = round(r["cost_usd"] / results["always_on"]["cost_usd"], 4)
+    report = {
+        "simulator": "deploy/scaling/sim.py (a model, not a measurement)",
+        "trace": _trace_facts(jobs, horizon, min(s.max_model_len for s in pools["specs"])),
+        "pools": {s.name: _spec(s) for s in pools["specs"]},
+        "single_pool": single.name,
+        "always_on_workers": n,
+        "keda": {name: vars(p) for name, p in pools["policies"].items()},
+        "keda_today": vars(today),
+        "targets_s": pools["targets_s"],
+        "task_slo_s": slo,
+        "policies": results,
+        "goals": goals(results, single.cold_start_s),
+    }
+    if plot_to is not None:
+        try:
+            plot(jobs, horizon, outcomes, results, plot_to)
+        except ImportError:
+            print("matplotlib not installed: no plot")
+    return report
+
+
+def _trace_facts(jobs: list[Job], horizon: int, smallest_context: int) -> dict[str, Any]:
+    kinds: dict[str, int] = {}
+    for j in jobs:
+        kinds[j.kind] = kinds.get(j.kind, 0) + 1
+    long = [j for j in jobs if j.kv > smallest_context]
+    return {"file": "deploy/scaling/trace.json", "horizon_s": horizon, "jobs": len(jobs),
+            "tasks": len({j.task for j in jobs}), "kinds": kinds,
+            "steps_only_the_large_pool_holds": len(long),
+            "tasks_with_such_a_step": len({j.task for j in long})}  # fmt: skip
+
+
+def _spec(s: PoolSpec) -> dict[str, Any]:
+    return {k: getattr(s, k) for k in ("model", "max_model_len", "kv_tokens", "max_seqs",
+            "prefill_tps", "decode_tps", "usd_per_gpu_hour", "cold_start_s")}  # fmt: skip
+
+
+LABELS = {
+    "always_on": "1. one pool, always on",
+    "scale_to_zero": "2. one pool, scale to zero (KEDA today)",
+    "two_pools": "3. two pools, choose + spill-over",
+    "two_pools_no_spill": "4. two pools, cheapest that fits",
+    "two_pools_prewarm": "5. two pools, spill-over + pre-warm",
+    "two_pools_prewarm_floor": "alternative: 5 + one warm worker per pool",
+}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The policy table for docs/benchmarks.md."""
+    pools, trace = report["pools"], report["trace"]
+    lines = [
+        "## Scaling policies (simulated)",
+        "",
+        "`python deploy/scaling/sim.py` (also run by `make bench`): one seeded day of "
+        f"{trace['tasks']} supervisor tasks ({trace['jobs']} steps; "
+        f"{trace['steps_only_the_large_pool_holds']} of them, in {trace['tasks_with_such_a_step']} "
+        "tasks, too long for the small pool) replayed against each policy; a model with "
+        "estimated GPU figures, not a measurement. Pools: "
+        + "; ".join(_pool_line(n, p) for n, p in pools.items())
+        + f". Always on: {report['always_on_workers']} x `{report['single_pool']}`. "
+        "Targets: " + ", ".join(f"{k} {v} s" for k, v in report["targets_s"].items()) + ".",
+        "",
+        "| policy | GPU-s | cost | vs always-on | task p50 / p95 | queue wait p50 / p95 | "
+        f"next-step TTFT p50 / p95 | tasks over {report['task_slo_s']:g} s | missed target | "
+        "failed / unserved |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in report["policies"].items():
+        lines.append(
+            f"| {LABELS.get(name, name)} | {r['gpu_seconds']:,} | ${r['cost_usd']:,.2f} | "
+            f"{r['cost_fraction_of_always_on']:.1%} | {r['p50_task_latency_s']:g} / "
+            f"{r['p95_task_latency_s']:g} s | {r['p50_queue_wait_s']:g} / "
+            f"{r['p95_queue_wait_s']:g} s | "
+            f"{r['p50_next_step_ttft_s']:g} / {r['p95_next_step_ttft_s']:g} s | "
+            f"{r['tasks_over_slo']} | "
+            f"{r['missed_target_steps']} | {r['failed_steps']} / {r['unserved_steps']} |"
+        )
+    lines.append("")
+    for g in report["goals"].values():
+        lines.append(f"* Goal {g['goal']}: **{'met' if g['met'] else 'missed'}** "
+                     f"({_goal_figures(g)}).")  # fmt: skip
+    why = "[deploy.md](deploy.md#scaling-policies-simulated)"
+    lines += ["", f"What is modelled, why the figures come out so and the KEDA settings: {why}."]
+    return "\n".join(lines)
+
+
+def _pool_line(name: str, p: dict[str, Any]) -> str:
+    return (f"`{name}` {p['max_model_len'] // 1024}k context, {p['prefill_tps']:g}/"
+            f"{p['decode_tps']:g} tok/s prefill/decode per sequence, "
+            f"${p['usd_per_gpu_hour']:g}/GPU-h, {p['cold_start_s']:g} s cold start")  # fmt: skip
+
+
+def _goal_figures(g: dict[str, Any]) -> str:
+    if "cost_fraction_of_always_on" in g:
+        p95 = g["p95_task_latency_s"]
+        return (f"{g['cost_fraction_of_always_on']:.1%} of the cost, p95 task latency "
+                f"{p95['two_pools']:g} s vs {p95['always_on']:g} s")  # fmt: skip
+    return (f"p95 wait {g['p95_queue_wait_s']:g} s vs a limit of {g['limit_s']:g} s, "
+            f"{g['failed_steps']} failed or unserved")  # fmt: skip
+
+
+def plot(
+    jobs: list[Job],
     horizon: int,
-    policy: Policy,
-    *,
-    cold_start: int = 90,
-    throughput: float = 3.2,
-    job_seconds: int = 10,
-    always_on: int | None = None,
-) -> Result:
-    """Run the trace; ``always_on=N`` keeps N warm workers and never scales."""
-    slots = max(1, round(throughput * job_seconds))
-    workers = [Worker(started=0, ready_at=0) for _ in range(always_on or 0)]
-    scaler = Autoscaler(policy)
-    queue: deque[float] = deque()
-    waits: list[float] = []
-    gpu_seconds, peak, timeline, i, t = 0.0, len(workers), [], 0, 0
-    while t < horizon or (t < horizon + DRAIN_LIMIT and (queue or any(w.busy for w in workers))):
-        while i < len(arrivals) and arrivals[i] <= t:
-            queue.append(arrivals[i])
-            i += 1
-        for w in workers:
-            w.busy = [f for f in w.busy if f > t]
-        for w in [w for w in workers if w.leaving and not w.busy]:
-            gpu_seconds += t - w.started
-            workers.remove(w)
-        for w in workers:
-            if w.leaving or t < w.ready_at:
-                continue
-            while queue and len(w.busy) < slots:
-                waits.append(t - queue.popleft())
-                w.busy.append(t + job_seconds)
-        if always_on is None and t % policy.polling_interval == 0:
-            lag = len(queue) + sum(len(w.busy) for w in workers)
-            staying = [w for w in workers if not w.leaving]
-            change = scaler.desired(t, lag, len(staying)) - len(staying)
-            workers += [Worker(started=t, ready_at=t + cold_start) for _ in range(change)]
-            # Kubernetes removes not-ready pods first, then the least busy.
-            by_cost = sorted(staying, key=lambda w: (w.ready_at <= t, len(w.busy)))
-            for w in by_cost[: max(0, -change)]:
-                w.leaving = True
-        peak = max(peak, len(workers))
-        if t % 60 == 0:
-            timeline.append(len(workers))
-        t += 1
-    gpu_seconds += sum(t - w.started for w in workers)
-    unserved = len(queue) + len(arrivals) - i
-    return Result(gpu_seconds, waits, peak, timeline, unserved)
-
-
-def plot(arrivals: list[float], horizon: int, scaled: Result, always_on: int, out: Path) -> None:
+    outcomes: dict[str, Outcome],
+    results: dict[str, dict],
+    out: Path,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = plt.figure(figsize=(13, 7.5))
+    grid = fig.add_gridspec(3, 2, width_ratios=[2.2, 1], hspace=0.12, wspace=0.25)
+    arrivals = fig.add_subplot(grid[0, 0])
+    one = fig.add_subplot(grid[1, 0], sharex=arrivals)
+    two = fig.add_subplot(grid[2, 0], sharex=arrivals)
+    cost = fig.add_subplot(grid[:, 1])
     minutes = horizon // 60
     per_minute = [0] * minutes
-    for a in arrivals:
-        per_minute[min(minutes - 1, int(a // 60))] += 1
+    for j in jobs:
+        per_minute[min(minutes - 1, int(j.at // 60))] += 1
     hours = [m / 60 for m in range(minutes)]
-    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(10, 5.5))
-    top.bar(hours, per_minute, width=1 / 60, color="tab:gray")
-    top.set_ylabel("jobs / minute")
-    top.set_title("Bursty multi-agent trace vs KEDA backlog scaling (deploy/scaling/sim.py)")
-    line = scaled.timeline[:minutes]
-    bottom.step(hours[: len(line)], line, where="post", label="scale to zero (KEDA)")
-    bottom.axhline(always_on, color="tab:red", linestyle="--", label=f"always on ({always_on})")
-    bottom.set_ylabel("GPU workers")
-    bottom.set_xlabel("hour of day")
-    bottom.legend(loc="upper left")
-    fig.tight_layout()
+    arrivals.bar(hours, per_minute, width=1 / 60, color="tab:gray")
+    arrivals.set_ylabel("steps / minute\n(open loop)")
+    arrivals.set_title("One bursty day replayed against each policy (deploy/scaling/sim.py)")
+    shown = [
+        (one, "always_on", "large", "tab:red", "--"),
+        (one, "scale_to_zero", "large", "tab:blue", "-"),
+        (two, "two_pools", "small", "tab:green", "-"),
+        (two, "two_pools", "large", "tab:orange", "-"),
+    ]
+    for ax, name, pool, color, style in shown:
+        line = outcomes[name].pools[pool].timeline[:minutes]
+        ax.step(hours[: len(line)], line, where="post", color=color, linestyle=style,
+                label=f"{LABELS[name]}: {pool}", linewidth=1)  # fmt: skip
+    for ax in (one, two):
+        ax.set_ylabel("GPU workers")
+        ax.legend(loc="upper left", fontsize=8)
+    for ax in (arrivals, one):
+        ax.tick_params(labelbottom=False)
+    two.set_xlabel("hour of day")
+    two.set_xlim(0, 24)
+    for name, r in results.items():
+        cost.scatter(r["p95_task_latency_s"], r["cost_usd"], s=50, label=LABELS.get(name, name))
+    cost.set_yscale("log")
+    cost.set_xlabel("p95 task latency (s)")
+    cost.set_ylabel("cost of the day (USD, log scale)")
+    cost.set_title("cost vs p95 task latency")
+    cost.grid(True, which="both", alpha=0.3)
+    cost.legend(loc="center right", fontsize=8)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument(
-        "--cold-start", type=int, default=90, help="seconds until a new worker is ready"
-    )
-    ap.add_argument("--throughput", type=float, default=3.2, help="jobs/s one worker sustains")
-    ap.add_argument("--job-seconds", type=int, default=10, help="service time of one job")
-    ap.add_argument("--always-on", type=int, help="warm workers to compare (default: max replicas)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scaling.json")
-    ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "scaling.png")
+    ap.add_argument("--always-on", type=int, help="large workers always on (default: max replicas)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--plot", type=Path, default=PLOT)
     args = ap.parse_args(argv)
-
-    arrivals, horizon = load_trace()
-    policy = load_policy()
-    always_on = args.always_on or policy.max_replicas
-    knobs = {"cold_start": args.cold_start, "throughput": args.throughput}
-    knobs["job_seconds"] = args.job_seconds
-    scaled = simulate(arrivals, horizon, policy, **knobs)
-    warm = simulate(arrivals, horizon, policy, always_on=always_on, **knobs)
-    # Alternatives worth knowing: one warm worker plus scaling, one worker only.
-    floor = simulate(arrivals, horizon, replace(policy, min_replicas=1), **knobs)
-    single = simulate(arrivals, horizon, policy, always_on=1, **knobs)
-    report = {
-        "trace": {"file": "deploy/scaling/trace.json", "jobs": len(arrivals), "horizon_s": horizon},
-        "policy": vars(policy),
-        "model": knobs,
-        "scale_to_zero": scaled.summary(),
-        "always_on": {"workers": always_on, **warm.summary()},
-        "gpu_seconds_fraction_of_always_on": round(scaled.gpu_seconds / warm.gpu_seconds, 4),
-        "alternatives": {
-            "min_replicas_1": floor.summary(),
-            "always_on_1": single.summary(),
-        },
-    }
+    report = run_all(args.always_on, args.plot)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    if args.plot:
-        try:
-            plot(arrivals, horizon, scaled, always_on, args.plot)
-        except ImportError:
-            print("matplotlib not installed: no plot")
-    print(json.dumps(report, indent=2))
+    print(markdown(report))
     return report
 
 

@@ -1,0 +1,108 @@
+"""KEDA's scaling of one pool: the ScaledObject's numbers and the replica
+arithmetic of KEDA plus the HPA it drives (used by ``replay.py``).
+
+* KEDA's nats-jetstream scaler reads lag = waiting + in-flight jobs every
+  ``pollingInterval``. From zero it activates one worker when lag >
+  ``activationLagThreshold``; above zero the HPA wants ceil(lag /
+  ``lagThreshold``) replicas (10% tolerance, stabilisation windows and the
+  first Pods policy of each direction, as configured in the YAML); with no
+  activity for ``cooldownPeriod`` it scales to ``minReplicaCount``.
+* Simplification: the HPA is evaluated on KEDA's polling tick (not its own 15 s).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SCALED_OBJECTS = ROOT / "deploy" / "k8s" / "components" / "autoscaling" / "scaledobjects.yaml"
+
+
+@dataclass(frozen=True)
+class Policy:
+    min_replicas: int
+    max_replicas: int
+    lag_threshold: int
+    activation_lag_threshold: int
+    polling_interval: int
+    cooldown_period: int
+    up_window: int = 0
+    down_window: int = 300
+    up_policy: tuple[int, int] | None = None  # (pods, period seconds)
+    down_policy: tuple[int, int] | None = None
+
+
+def load_policy(path: Path = SCALED_OBJECTS, name: str = "inference-worker") -> Policy:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    (spec,) = [d["spec"] for d in docs if d["metadata"]["name"] == name]
+    meta = spec["triggers"][0]["metadata"]
+    behavior = spec.get("advanced", {}).get("horizontalPodAutoscalerConfig", {})
+    behavior = behavior.get("behavior", {})
+
+    def rules(direction: str, default_window: int) -> tuple[int, tuple[int, int] | None]:
+        b = behavior.get(direction, {})
+        pods = [p for p in b.get("policies", []) if p["type"] == "Pods"]
+        first = (pods[0]["value"], pods[0]["periodSeconds"]) if pods else None
+        return b.get("stabilizationWindowSeconds", default_window), first
+
+    up_window, up_policy = rules("scaleUp", 0)
+    down_window, down_policy = rules("scaleDown", 300)
+    return Policy(
+        min_replicas=spec.get("minReplicaCount", 0),
+        max_replicas=spec.get("maxReplicaCount", 100),
+        lag_threshold=int(meta["lagThreshold"]),
+        activation_lag_threshold=int(meta.get("activationLagThreshold", 0)),
+        polling_interval=spec.get("pollingInterval", 30),
+        cooldown_period=spec.get("cooldownPeriod", 300),
+        up_window=up_window,
+        down_window=down_window,
+        up_policy=up_policy,
+        down_policy=down_policy,
+    )
+
+
+class Autoscaler:
+    """KEDA activation plus the HPA's replica arithmetic."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.p = policy
+        self.last_active = -(10**9)
+        self.recommendations: deque[tuple[int, int]] = deque()
+        self.changes: list[tuple[int, int]] = []  # (time, +/- pods)
+
+    def desired(self, now: int, lag: int, current: int) -> int:
+        p = self.p
+        if lag > p.activation_lag_threshold:
+            self.last_active = now
+        if current == 0:
+            return max(p.min_replicas, 1) if now == self.last_active else p.min_replicas
+        if p.min_replicas == 0 and now - self.last_active >= p.cooldown_period:
+            return 0
+        ratio = lag / (current * p.lag_threshold)
+        raw = current if abs(ratio - 1) <= 0.1 else math.ceil(lag / p.lag_threshold)
+        raw = min(max(raw, max(p.min_replicas, 1)), p.max_replicas)
+        self.recommendations.append((now, raw))
+        horizon = max(p.up_window, p.down_window)
+        while self.recommendations[0][0] < now - horizon:
+            self.recommendations.popleft()
+        up = min(r for t, r in self.recommendations if t >= now - p.up_window)
+        down = max(r for t, r in self.recommendations if t >= now - p.down_window)
+        target = up if up > current else min(down, current)
+        return current + self._limit(now, target - current)
+
+    def _limit(self, now: int, delta: int) -> int:
+        rule = self.p.up_policy if delta > 0 else self.p.down_policy
+        if rule and delta:
+            pods, period = rule
+            used = sum(
+                abs(d) for t, d in self.changes if t > now - period and (d > 0) == (delta > 0)
+            )
+            delta = max(0, min(abs(delta), pods - used)) * (1 if delta > 0 else -1)
+        if delta:
+            self.changes.append((now, delta))
+        return delta
