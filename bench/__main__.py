@@ -19,7 +19,8 @@ from bench import RESULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
-ORDER = ["worker", "context", "orchestrator", "routing", "tokens", "tools", "auth", "fairness"]
+ORDER = ["worker", "context", "orchestrator", "routing", "tokens", "tools", "auth", "fairness",
+         "scaling"]  # fmt: skip
 
 HEADER = """# Benchmarks
 
@@ -53,8 +54,6 @@ def main(argv: list[str]) -> int:
         if path.exists() and (ROOT / "bench" / f"{name}.py").exists():
             mod = importlib.import_module(f"bench.{name}")
             sections.append(mod.markdown(json.loads(path.read_text())))
-    if (RESULTS / "scaling.json").exists():
-        sections.append("## Scaling\n\nSee `bench/results/scaling.json` and docs/deploy.md.")
     DOC.write_text("\n\n".join(sections) + "\n")
     print(f"wrote {DOC}")
     return 0
