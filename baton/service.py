@@ -1,6 +1,7 @@
-"""Process scaffolding shared by the three services: logging, the NATS
-connection, the HTTP server (health, readiness, metrics, API) and a clean
-shutdown on SIGTERM / SIGINT.
+"""Process scaffolding shared by the services: logging, tracing (when the
+``OTEL_*`` variables configure an exporter), the NATS connection, the HTTP
+server (health, readiness, metrics, API) and a clean shutdown on SIGTERM /
+SIGINT.
 
 A service supplies a ``ServiceApp``: its FastAPI app and a coroutine that runs
 its NATS side until the bus stops.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
@@ -22,7 +24,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from baton import http_errors, logs
+from baton import http_errors, logs, tracing
 from baton.credentials import OPERATOR_SCOPE
 from baton.http_errors import ErrorBody, ErrorDetail
 from baton.metrics import mount_metrics
@@ -238,6 +240,7 @@ async def serve(
         with contextlib.suppress(Exception):
             await http
         await bus.close()
+        tracing.shutdown()  # the spans still buffered are exported
         log.info("stopped")
 
 
@@ -252,7 +255,8 @@ def main_entry(
 
     Exits with status 2 and one line on stderr, before anything starts, when
     the HTTP API needs API keys that are not configured (``bind_refusal``;
-    ``tenant_data``: the service's HTTP API serves tenants' data).
+    ``tenant_data``: the service's HTTP API serves tenants' data) or the
+    ``OTEL_*`` variables ask for an exporter Baton does not have.
     """
     refusal = bind_refusal(settings.http_host, settings.api_keys, tenant_data=tenant_data,
                            allow_no_keys=settings.allow_no_api_keys)  # fmt: skip
@@ -267,6 +271,12 @@ def main_entry(
                    f"process can read and act on every tenant at {settings.http_host}")  # fmt: skip
         print(f"baton-{name}: WARNING: {warning}", file=sys.stderr, flush=True)
         log.warning("http_without_api_keys", detail=warning)
+    try:
+        if tracing.setup(name):
+            log.info("tracing_on", exporters=tracing.exporter_names(os.environ))
+    except tracing.TracingConfigError as exc:
+        print(f"baton-{name}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         import uvloop
 

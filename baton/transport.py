@@ -4,7 +4,9 @@
 * ``Bus.provision`` — create/update streams, consumers and KV buckets
   idempotently (retrying JetStream's transient "error creating store").
 * ``Bus.publish`` — JetStream publish with ``Nats-Msg-Id``, ``Baton-Task-Id``
-  and a W3C ``traceparent`` header.
+  and the current trace context (W3C ``traceparent``/``tracestate``, through
+  OpenTelemetry's propagator: ``baton.tracing``); every handler (``consume``,
+  ``serve``) runs in the trace context of the message it handles.
 * ``Bus.consume`` — a pull loop that fetches in batches with a short timeout,
   runs handlers concurrently, keeps long handlers alive with ``in_progress``,
   and turns each handler's outcome into ack / nak-with-delay / term.
@@ -60,7 +62,7 @@ log = structlog.get_logger("baton.transport")
 
 HDR_MSG_ID = "Nats-Msg-Id"
 HDR_TASK_ID = "Baton-Task-Id"
-HDR_TRACEPARENT = "traceparent"
+HDR_TRACEPARENT = tracing.HDR_TRACEPARENT
 HDR_DLQ_REASON = "Baton-Dead-Letter-Reason"
 HDR_DLQ_SUBJECT = "Baton-Original-Subject"
 HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
@@ -208,7 +210,7 @@ def _headers(
         headers[HDR_MSG_ID] = msg_id
     if task_id:
         headers[HDR_TASK_ID] = task_id
-    headers[HDR_TRACEPARENT] = tracing.child_of(tracing.current())
+    tracing.inject(headers)
     if extra:
         headers.update(extra)
     return headers
@@ -592,9 +594,9 @@ class Bus:
     ) -> None:
         """Answer requests on ``subjects_`` (in queue group ``queue``), at most
         ``concurrency`` at once across them all: a full house leaves further
-        requests in the client's buffer. Each runs in its caller's trace, with
-        its task id bound in the log context; the reply is sent if the request
-        asked for one."""
+        requests in the client's buffer. Each runs in its caller's trace
+        context, with its task id and trace id bound in the log context; the
+        reply is sent if the request asked for one."""
         slots = asyncio.Semaphore(concurrency)
         running: set[asyncio.Task[None]] = set()
 
@@ -602,7 +604,7 @@ class Bus:
             request = Request(msg.subject, msg.data, msg.headers or {})
             try:
                 with (
-                    tracing.child_span(request.headers.get(HDR_TRACEPARENT)),
+                    tracing.continued(request.headers),
                     structlog.contextvars.bound_contextvars(task_id=request.task_id),
                 ):
                     reply = await responder(request)
@@ -654,8 +656,8 @@ class Bus:
 
     async def settle(self, spec: ConsumerSpec, delivery: Delivery, handler: Handler) -> None:
         """Run ``handler`` on one delivery and settle it by outcome."""
-        with tracing.child_span(delivery.headers.get(HDR_TRACEPARENT)) as span:
-            bound = {"consumer": spec.durable, "trace_id": tracing.trace_id(span)}
+        with tracing.continued(delivery.headers):
+            bound = {"consumer": spec.durable}
             if delivery.task_id:
                 bound["task_id"] = delivery.task_id
             with structlog.contextvars.bound_contextvars(**bound):

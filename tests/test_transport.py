@@ -4,6 +4,7 @@ outcomes (ack / nak / term / dead letter), header propagation, connect errors.""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -124,46 +125,54 @@ async def test_a_handler_that_always_fails_is_dead_lettered_after_max_deliver(bu
     assert copy.headers[HDR_TASK_ID] == "t-dlq"
 
 
-async def test_task_id_and_traceparent_travel_with_every_hop(bus: Bus) -> None:
+def _context() -> tracing.SpanContext:
+    return tracing.span_context(random.getrandbits(128) or 1, random.getrandbits(64) or 1,
+                                sampled=True)  # fmt: skip
+
+
+async def test_task_id_and_trace_context_travel_with_every_hop(bus: Bus) -> None:
     name, consumer = await _work_stream(bus)
-    root, outside = tracing.new_traceparent(), tracing.current()
-    with tracing.child_span(root):
+    sc = _context()
+    with tracing.within(sc):
         await bus.publish(f"{name}.a", b"1", task_id="t42")
-    assert tracing.current() == outside  # the span ended with the block
-    got: list[tuple[str | None, str, dict[str, object]]] = []
+    assert tracing.current() is None  # the context ended with the block
+    await bus.publish(f"{name}.b", b"2", task_id="t43")  # sent in no trace
+    got: list[tuple[str | None, dict[str, str], object, dict[str, object]]] = []
     done = asyncio.Event()
 
     async def handler(d: Delivery) -> None:
-        got.append((d.task_id, d.headers[HDR_TRACEPARENT],
+        got.append((d.task_id, d.headers, tracing.current(),
                     structlog.contextvars.get_contextvars()))  # fmt: skip
-        done.set()
+        if len(got) == 2:
+            done.set()
 
     await _run_until(bus, consumer, handler, done)
-    task_id, traceparent, ctx = got[0]
-    assert task_id == "t42"
-    assert tracing.trace_id(traceparent) == tracing.trace_id(root)
-    assert traceparent != root  # a new span of the same trace
-    assert ctx["task_id"] == "t42" and ctx["trace_id"] == tracing.trace_id(root)
+    (_, headers, current, ctx), (_, bare, none, bare_ctx) = sorted(got, key=lambda g: g[0] or "")
+    # W3C trace context, written and read by OpenTelemetry's propagator
+    assert headers[HDR_TRACEPARENT] == tracing.traceparent(sc)
+    assert current is not None and (current.trace_id, current.span_id) == (sc.trace_id, sc.span_id)
+    assert ctx["task_id"] == "t42" and ctx["trace_id"] == f"{sc.trace_id:032x}"
+    assert HDR_TRACEPARENT not in bare and none is None and "trace_id" not in bare_ctx
 
 
 async def test_a_served_request_runs_in_its_callers_trace_with_its_task_id(bus: Bus) -> None:
     subject = uid("serve.")
-    seen: list[tuple[str | None, str | None, dict[str, object]]] = []
+    seen: list[tuple[str | None, object, dict[str, object]]] = []
 
     async def responder(request: Request) -> DocumentsErased:
         seen.append((request.task_id, tracing.current(), structlog.contextvars.get_contextvars()))
         return DocumentsErased(tenant="acme")
 
     await bus.serve([subject], responder)
-    root = tracing.new_traceparent()
-    with tracing.child_span(root) as span:
+    sc = _context()
+    with tracing.within(sc):
         await bus.nc.flush()
         reply = await bus.request(subject, b"", DocumentsErased, task_id="t7")
         assert reply == DocumentsErased(tenant="acme")
-    [(task_id, traceparent, ctx)] = seen
+    [(task_id, current, ctx)] = seen
     assert task_id == "t7" and ctx["task_id"] == "t7"
-    assert tracing.trace_id(traceparent) == tracing.trace_id(root)
-    assert traceparent not in (root, span)  # the responder's own span
+    assert current is not None and (current.trace_id, current.span_id) == (sc.trace_id, sc.span_id)
+    assert ctx["trace_id"] == f"{sc.trace_id:032x}"  # request handlers bind it too
 
 
 async def test_long_handlers_are_kept_alive_past_ack_wait(bus: Bus) -> None:
