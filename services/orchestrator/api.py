@@ -20,9 +20,10 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
-from fastapi import Depends, FastAPI, Header, Query
+from fastapi import Depends, FastAPI, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from baton import tracing
 from baton.documents import DocumentTooLarge, put_document
 from baton.http_errors import ERROR_RESPONSES, ApiError, require_ids
 from baton.service import Health, caller_scope, health_app
@@ -162,12 +163,16 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         return _not_erased(task_id, run)
 
     @app.post("/v1/tasks", status_code=202, response_model=TaskAccepted, responses=ERROR_RESPONSES)
-    async def submit(body: TaskIn, tenant: str | None = Depends(tenant_of)) -> TaskAccepted:
-        """Submit a task; follow it on ``/v1/tasks/{id}/events`` (or the bus)."""
+    async def submit(
+        body: TaskIn, request: Request, tenant: str | None = Depends(tenant_of)
+    ) -> TaskAccepted:
+        """Submit a task; follow it on ``/v1/tasks/{id}/events`` (or the bus).
+        A W3C ``traceparent`` header: the task continues that trace."""
         raw = body.model_dump(exclude_none=True, exclude={"workflow"})
         if tenant is not None:
             raw["tenant"] = tenant
-        task, duplicate = await svc.submit(raw, body.workflow)
+        with tracing.server_span("POST", "/v1/tasks", request.headers):
+            task, duplicate = await svc.submit(raw, body.workflow)
         assert task.task_id is not None and task.session is not None
         return TaskAccepted(
             task_id=task.task_id, tenant=task.tenant, session=task.session,

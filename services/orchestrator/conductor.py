@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from baton import tracing
 from baton.transport import Bus, Delivery, Nak, Term
 from proto import codec, keys, subjects
 from proto.admission import TaskRejected, parse_task
@@ -44,6 +45,7 @@ from proto.messages import (
 )
 
 from . import metrics as m
+from . import spans
 from . import transitions as T
 from .inflight import InFlight
 from .routing import HeartbeatTracker, Router
@@ -131,6 +133,8 @@ class Conductor:
                     continue
                 self.in_flight.wrote(out.run.key, snap.revision, T.in_flight(out.run))
                 self._observe(old, out.run)
+                if tracing.enabled():
+                    tracing.record(spans.closed(old, out.run, now))
             await self._perform(out.run, out.effects)
             if out.run.terminal:
                 self.runs.forget(tenant, task_id)  # read afresh if ever needed again
@@ -156,9 +160,12 @@ class Conductor:
             warm = self.router.choose(run.tenant, e.job.session, e.pool)
             m.ROUTING.labels("warm" if warm else "pool").inc()
             subject = subjects.worker_job(e.pool, warm) if warm else subjects.job(e.pool)
-            await self.bus.publish(subject, e.job, msg_id=e.msg_id, task_id=tid)
+            with spans.within_step(run, e.job.step):
+                await self.bus.publish(subject, e.job, msg_id=e.msg_id, task_id=tid)
         elif isinstance(e, T.DispatchTool):
-            await self.bus.publish(subjects.tool_job(e.pool), e.job, msg_id=e.msg_id, task_id=tid)
+            with spans.within_step(run, e.job.step):
+                await self.bus.publish(subjects.tool_job(e.pool), e.job, msg_id=e.msg_id,
+                                       task_id=tid)  # fmt: skip
         elif isinstance(e, T.Watch):
             timer = RunTimer(tenant=run.tenant, task_id=tid, due=e.due)
             await self.bus.publish(
@@ -297,6 +304,7 @@ class Conductor:
             metadata=dict(task.metadata),
             max_tokens=task.max_tokens,
             temperature=task.temperature,
+            trace=tracing.traceparent(tracing.current()),  # the context the task came in
         )
 
     async def _reject(self, r: TaskRejected, workflow: str, seq: int) -> None:
@@ -338,12 +346,13 @@ class Conductor:
         """Start (or resume) the task's run; returns the run as stored."""
         task = await self.admit(d)
         structlog.contextvars.bind_contextvars(task_id=task.task_id, tenant=task.tenant)
-        out = await self._apply(
-            task.tenant,
-            task.task_id,
-            lambda run, now, ctx: T.start(run, task, self.rules, now, ctx),
-            new=True,
-        )
+        with spans.hop("baton.tasks", task.tenant, task.task_id):
+            out = await self._apply(
+                task.tenant,
+                task.task_id,
+                lambda run, now, ctx: T.start(run, task, self.rules, now, ctx),
+                new=True,
+            )
         assert out is not None
         if out.note == "duplicate_task":
             log.info("duplicate_task_ignored", first_seq=out.run.task_seq, seq=task.seq)
@@ -368,7 +377,8 @@ class Conductor:
                 return T.Transition(r, False, note=NOT_A_RUN)
             return T.result(r, res, self.rules, now, ctx, received)
 
-        out = await self._apply(res.tenant, res.task_id, decide)
+        with spans.hop("baton.results", res.tenant, res.task_id):
+            out = await self._apply(res.tenant, res.task_id, decide)
         if out is None or out.note == NOT_A_RUN:
             raise Term(f"result for unknown run {res.tenant}.{res.task_id}")
         if out.note and d.num_delivered > 1:
@@ -381,11 +391,12 @@ class Conductor:
             raise Term("tool result with invalid ids")
         if not finite_usage(Usage(tool_cpu_seconds=res.cpu_seconds)) or not 0 <= res.seconds < 1e9:
             raise Term("tool result with a non-finite or negative time")
-        out = await self._apply(
-            res.tenant,
-            res.task_id,
-            lambda run, now, ctx: T.tool_result(_must(run), res, self.rules, now),
-        )
+        with spans.hop("baton.toolresults", res.tenant, res.task_id):
+            out = await self._apply(
+                res.tenant,
+                res.task_id,
+                lambda run, now, ctx: T.tool_result(_must(run), res, self.rules, now),
+            )
         if out is None:
             raise Term(f"tool result for unknown run {res.tenant}.{res.task_id}")
 
@@ -399,9 +410,10 @@ class Conductor:
         if left > 0:
             raise Nak(min(left, T.MAX_TIMER_SLEEP), "not due")
         structlog.contextvars.bind_contextvars(task_id=t.task_id, tenant=t.tenant)
-        out = await self._apply(
-            t.tenant, t.task_id, lambda run, now, ctx: T.timer(_must(run), self.rules, now, ctx)
-        )
+        with spans.hop("baton.timers", t.tenant, t.task_id):
+            out = await self._apply(
+                t.tenant, t.task_id, lambda run, now, ctx: T.timer(_must(run), self.rules, now, ctx)
+            )
         if out is not None and out.note == T.INPUT_DEFAULT:
             m.INPUT_ANSWERS.labels("default").inc()
             log.info("input_default_taken")
@@ -434,7 +446,8 @@ class Conductor:
             log.warning("input_answer_rejected", code=str(why[0]), reason=why[1])
             return
         msg = T.NewAnswer(body.answer, body.step, redelivered=d.num_delivered > 1)
-        await self.answer(tenant, task_id, msg)
+        with spans.hop("baton.input", tenant, task_id):
+            await self.answer(tenant, task_id, msg)
 
     async def answer(self, tenant: str, task_id: str, msg: T.NewAnswer) -> T.Transition | None:
         """Give a waiting input step its answer; None when there is no such run.

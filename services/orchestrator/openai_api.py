@@ -29,10 +29,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from baton import tracing
 from baton.http_errors import ERROR_RESPONSES, STATUS_OF, ApiError, error_body, require_ids
 from proto import keys, subjects
 from proto.errors import ErrorCode
@@ -181,6 +182,7 @@ def add_routes(
     @app.post("/v1/chat/completions", responses=answers, tags=["openai"])
     async def chat_completions(
         body: ChatRequest,
+        request: Request,
         scope: str | None = Depends(tenant_of),
     ) -> Any:
         """Run the workflow ``model`` on the conversation; OpenAI's format."""
@@ -213,9 +215,10 @@ def add_routes(
         if body.temperature is not None:
             raw["temperature"] = body.temperature
         require_ids(tenant=tenant, session=session)
-        if session is None and len(body.messages) > 1:
-            await seed(tenant, task_id, task_id, body.messages[:-1])
-        task, _ = await svc.submit(raw, body.model)
+        with tracing.server_span("POST", "/v1/chat/completions", request.headers):
+            if session is None and len(body.messages) > 1:
+                await seed(tenant, task_id, task_id, body.messages[:-1])
+            task, _ = await svc.submit(raw, body.model)
         assert task.session is not None
         ext = {"task_id": task_id, "session": task.session, "tenant": tenant}
         created = int(time.time())

@@ -52,7 +52,8 @@ class StepState(msgspec.Struct, omit_defaults=True, kw_only=True):
     max_tokens: int = 0
     context_budget: int = 0  # window tokens, set when the task has a token budget
     attempt: int = 1  # dispatches so far (a timeout dispatches again)
-    dispatched_at: float = 0.0
+    dispatched_at: float = 0.0  # of the current turn or attempt
+    opened_at: float = 0.0  # the step's first dispatch (its span's start)
     deadline: float = 0.0  # when the current attempt times out
     finished_at: float = 0.0
     usage: Usage = msgspec.field(default_factory=Usage)
@@ -85,6 +86,9 @@ class RunState(msgspec.Struct, omit_defaults=True, kw_only=True):
     error: ErrorInfo | None = None
     created_at: float = 0.0
     updated_at: float = 0.0
+    # The W3C traceparent of the caller's span the task arrived in ("" when
+    # none): every replica derives the task's spans from it (spans.py).
+    trace: str = ""
 
     @property
     def key(self) -> str:

@@ -209,6 +209,7 @@ class NewTask:
     metadata: Mapping[str, object] = field(default_factory=dict)
     max_tokens: int | None = None  # the task's cap on each step's answer
     temperature: float | None = None  # the task's, in place of the agents'
+    trace: str = ""  # the caller's traceparent, kept in the run (spans.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,6 +460,7 @@ def _dispatch(
             max_tokens=max_tokens,
             context_budget=window,
             dispatched_at=now,
+            opened_at=now,
             deadline=now + rules.timeout(run, p.agent),
             ref=refs[p.step_id],
         )
@@ -490,6 +492,7 @@ def start(run: RunState | None, task: NewTask, rules: Rules, now: float, ctx: Ct
         metadata=dict(task.metadata),
         created_at=now,
         updated_at=now,
+        trace=task.trace,
     )
     effects: list[Effect] = [
         _event(run, now, keys.ACCEPTED, Accepted(task_id=run.task_id, workflow=run.workflow))

@@ -1,0 +1,174 @@
+"""A task's trace, as the orchestrator sees it (docs/tracing.md).
+
+A task is durable and distributed: it starts at intake in one replica and
+may end in another, after restarts. Its spans are therefore emitted once
+they are over, by whichever replica stores the change that ends them, with
+the times the run state recorded and ids derived from the task, so every
+process can name a parent that is emitted later:
+
+* ``invoke_workflow <workflow>`` (the task: intake to its terminal state) —
+  span id ``derived_id(tenant, task_id)``; its parent is the caller's span
+  the task arrived with (kept in the run state as ``trace``), its trace id
+  that caller's or one derived from the task;
+* ``invoke_agent <agent>`` per step (dispatch to answer), a child of the
+  task — span id ``derived_id(tenant, task_id, step)``; each job and tool
+  call of the step is published in its context, so the worker's ``chat``
+  span and the tool worker's ``execute_tool`` span are its children;
+* ``process baton.<stream>`` per message the orchestrator handles (a live
+  span, a child of the task, linked to the span that sent the message).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from baton import tracing
+from baton.tracing import Recorded, SpanContext, SpanKind
+
+from .runs import RunState, StepState
+
+CLOSED = frozenset({"done", "failed"})
+
+
+def task_root(tenant: str, task_id: str, caller: SpanContext | None) -> SpanContext | None:
+    """The task's ``invoke_workflow`` span context. ``caller``: the context
+    the task arrived in, or any later message of the task carries (it holds
+    the task's trace id and sampling decision). None when tracing is off
+    and no caller sent a context: then nothing is propagated at all."""
+    if caller is None and not tracing.enabled():
+        return None
+    trace_id = caller.trace_id if caller is not None else tracing.derived_id(tenant, task_id,
+                                                                            bits=128)  # fmt: skip
+    sampled = tracing.root_sampled(trace_id, caller, "invoke_workflow")
+    return tracing.span_context(trace_id, tracing.derived_id(tenant, task_id), sampled=sampled)
+
+
+def run_root(run: RunState) -> SpanContext | None:
+    """``task_root`` of a stored run."""
+    return task_root(run.tenant, run.task_id, tracing.remote(run.trace))
+
+
+def step_context(root: SpanContext, tenant: str, task_id: str, step: str) -> SpanContext:
+    """The ``invoke_agent`` span context of one step of the task."""
+    span_id = tracing.derived_id(tenant, task_id, step)
+    return tracing.span_context(root.trace_id, span_id, sampled=root.trace_flags.sampled)
+
+
+@contextlib.contextmanager
+def within_step(run: RunState, step: str) -> Iterator[None]:
+    """Publish a step's job or tool call in the step's span context."""
+    root = run_root(run)
+    sc = step_context(root, run.tenant, run.task_id, step) if root is not None else None
+    with tracing.within(sc):
+        yield
+
+
+@contextlib.contextmanager
+def hop(stream: str, tenant: str, task_id: str) -> Iterator[None]:
+    """A ``process <stream>`` span around the orchestrator's handling of one
+    message of a task: a child of the task, linked to the message's sender."""
+    if not tracing.enabled():
+        yield
+        return
+    caller = tracing.current()
+    root = task_root(tenant, task_id, caller)
+    attrs = {"messaging.system": "nats", "messaging.operation.name": "process",
+             "messaging.destination.name": stream, "baton.task_id": task_id,
+             "baton.tenant": tenant}  # fmt: skip
+    links = [caller] if caller is not None and caller != root else []
+    with tracing.span(f"process {stream}", kind=SpanKind.CONSUMER, parent=root, links=links,
+                      attributes=attrs, layer="orchestration"):  # fmt: skip
+        yield
+
+
+def closed(old: RunState | None, new: RunState, now: float) -> list[Recorded]:
+    """The spans a stored change ends: each step it finished (or stopped,
+    when the run ended), and the task itself when it reached a terminal state.
+    (Tracing off, it is not asked: see the conductor.)"""
+    root = run_root(new)
+    if root is None:
+        return []
+    before = old.steps if old is not None else {}
+    was_over = old is not None and old.terminal
+    out: list[Recorded] = []
+    for step_id, st in new.steps.items():
+        prev = before.get(step_id)
+        if (st.status in CLOSED or new.terminal) and not (
+            prev is not None and (prev.status in CLOSED or was_over)
+        ):
+            out.append(_step(new, step_id, st, root, now))
+    if new.terminal and not was_over:
+        out.append(_workflow(new, root, now))
+    return out
+
+
+def _ids(run: RunState) -> dict[str, Any]:
+    return {"baton.task_id": run.task_id, "baton.tenant": run.tenant,
+            "baton.workflow": run.workflow}  # fmt: skip
+
+
+def _error(run: RunState) -> tuple[str, str, str] | None:
+    if run.error is None:
+        return None
+    return str(run.error.code), run.error.message, str(run.error.layer)
+
+
+def _step(run: RunState, step_id: str, st: StepState, root: SpanContext, now: float) -> Recorded:
+    end = st.finished_at if st.status == "done" and st.finished_at else now
+    attrs: dict[str, Any] = {**_ids(run), "baton.step": step_id, "baton.attempt": st.attempt,
+                             "gen_ai.conversation.id": st.session}  # fmt: skip
+    if st.input:
+        name = f"input {step_id}"
+        attrs["baton.answered_by"] = st.answered_by
+    else:
+        name = f"invoke_agent {st.agent}"
+        attrs.update({
+            "gen_ai.operation.name": "invoke_agent",
+            "gen_ai.agent.name": st.agent,
+            "gen_ai.usage.input_tokens": st.usage.prompt_tokens,
+            "gen_ai.usage.output_tokens": st.usage.completion_tokens,
+            "baton.pool": st.pool,
+            "baton.gpu_seconds": st.usage.gpu_seconds,
+            "baton.cost_usd": st.cost_usd,
+        })  # fmt: skip
+        if st.max_tokens:
+            attrs["gen_ai.request.max_tokens"] = st.max_tokens
+        if st.worker:
+            attrs["baton.worker"] = st.worker
+        if st.calls:
+            attrs["baton.tool_calls"] = len(st.calls)
+    return Recorded(
+        name=name,
+        context=step_context(root, run.tenant, run.task_id, step_id),
+        parent=root,
+        start=st.opened_at or st.dispatched_at or run.created_at,
+        end=end,
+        attributes=attrs,
+        error=None if st.status == "done" else _error(run),
+    )
+
+
+def _workflow(run: RunState, root: SpanContext, now: float) -> Recorded:
+    attrs: dict[str, Any] = {
+        **_ids(run),
+        "gen_ai.operation.name": "invoke_workflow",
+        "gen_ai.workflow.name": run.workflow,
+        "gen_ai.conversation.id": run.session,
+        "gen_ai.usage.input_tokens": run.usage.prompt_tokens,
+        "gen_ai.usage.output_tokens": run.usage.completion_tokens,
+        "baton.status": run.status,
+        "baton.steps": len(run.steps),
+        "baton.gpu_seconds": run.usage.gpu_seconds,
+        "baton.cost_usd": run.cost_usd,
+    }
+    return Recorded(
+        name=f"invoke_workflow {run.workflow}",
+        context=root,
+        parent=tracing.remote(run.trace),
+        start=run.created_at,
+        end=run.updated_at or now,
+        attributes=attrs,
+        error=_error(run),
+    )
