@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from baton import tracing
 from baton.metrics import CONTEXT_REQUEST_SECONDS, CONTEXT_REQUESTS
 from baton.service import Health
 from baton.transport import TRANSIENT, Bus, Msg, Request
@@ -117,17 +118,29 @@ class ContextEndpoints:
         started = time.perf_counter()
         _, _, op, tenant = req.subject.split(".", 3)
         outcome = "ok"
+        attrs = {"baton.tenant": tenant, "messaging.system": "nats",
+                 "messaging.destination.name": f"{subjects.CONTEXT_API}.{op}"}  # fmt: skip
+        if req.task_id:
+            attrs["baton.task_id"] = req.task_id
         try:
-            with structlog.contextvars.bound_contextvars(op=op, tenant=tenant):
+            with (
+                structlog.contextvars.bound_contextvars(op=op, tenant=tenant),
+                tracing.span(
+                    f"context {op}", kind=tracing.SpanKind.SERVER, attributes=attrs, layer="context"
+                ),  # fmt: skip
+            ):
                 try:
                     reply = await self.dispatch(op, tenant, req.data)
                 except Unavailable:
                     # No answer: the caller's timeout retries it (a nak), where
                     # "context_unavailable" would fail its task for good.
                     outcome = "unanswered"
+                    tracing.set_attributes({}, ("unanswered", "JetStream unavailable", "context"))
                     return None
                 if reply.error is not None:
                     outcome = reply.error.code
+                    err = reply.error
+                    tracing.set_attributes({}, (str(err.code), err.message, str(err.layer)))
                 return reply
         finally:
             CONTEXT_REQUESTS.labels(op, outcome).inc()

@@ -39,6 +39,7 @@ from proto.messages import (
 )
 
 from . import metrics as m
+from . import spans
 from .engines.base import EngineDead, EngineOOM, GenerationRequest, PromptTooLong
 from .engines.toolcalls import tools_in_use
 from .gpuclock import GpuClock
@@ -106,7 +107,10 @@ class JobHandler:
                 on_admitted()
 
         try:
-            with structlog.contextvars.bound_contextvars(task_id=job.task_id, job_id=job.job_id):
+            with (
+                structlog.contextvars.bound_contextvars(task_id=job.task_id, job_id=job.job_id),
+                spans.chat(job, self.s, d.num_delivered),
+            ):
                 await self._run(d, job, admit)
         finally:
             admit()
@@ -311,6 +315,7 @@ class JobHandler:
                                **fields)  # fmt: skip
 
     async def _publish(self, job: InferenceJob, result: InferenceResult) -> None:
+        spans.answered(result)
         await self.bus.publish(subjects.result(job.tenant, job.task_id), result,
                                msg_id=keys.result(job.job_id, job.attempt),
                                task_id=job.task_id)  # fmt: skip

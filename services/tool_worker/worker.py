@@ -60,6 +60,7 @@ from proto.streams import DOCUMENTS, TOOL_CATALOG, TOOL_RESULTS, TOOLS, tool_con
 from proto.tools import INVALID_CALL
 
 from . import metrics as m
+from . import spans
 from .documents import DocumentIndexer
 from .settings import ToolWorkerSettings
 from .tools import (
@@ -187,8 +188,11 @@ class ToolWorker:
         # Only a redelivery or a later dispatch (``<call_id>#<attempt>``) may
         # find the result stored already.
         fresh = d.num_delivered == 1 and d.msg_id == job.call_id
-        with structlog.contextvars.bound_contextvars(
-            task_id=job.task_id, call_id=job.call_id, tool=job.tool
+        with (
+            structlog.contextvars.bound_contextvars(
+                task_id=job.task_id, call_id=job.call_id, tool=job.tool
+            ),
+            spans.execute_tool(job, self.s.worker_id),
         ):
             await self._handle(job, fresh=fresh)
 
@@ -390,6 +394,7 @@ class ToolWorker:
             cpu_seconds=round(outcome.cpu_seconds, 6), seconds=round(outcome.seconds, 6),
             reused=reused, error=error,
         )  # fmt: skip
+        spans.finished(result)
         subject = subjects.tool_result(job.tenant, job.task_id)
         msg_id = keys.tool_result(job.call_id, job.attempt)
         await self.bus.publish(subject, result, msg_id=msg_id, task_id=job.task_id)

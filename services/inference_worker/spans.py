@@ -1,0 +1,61 @@
+"""The worker's ``chat <model>`` span (OpenTelemetry GenAI conventions): one
+per delivery of a job, from its window request to its result, in the
+context of the step's ``invoke_agent`` span the job was published in."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any
+
+from baton import tracing
+from baton.tracing import SpanKind
+from proto.messages import InferenceJob, InferenceResult
+
+from .settings import WorkerSettings
+
+# gen_ai.provider.name by engine: an OpenAI-compatible server is spoken to
+# as OpenAI; in-process engines name themselves.
+PROVIDERS = {"vllm": "vllm", "openai": "openai", "sim": "baton.sim"}
+
+
+def chat(job: InferenceJob, s: WorkerSettings, attempt: int) -> AbstractContextManager[Any]:
+    model = s.openai_model if s.engine == "openai" else s.served_model_name
+    attrs: dict[str, Any] = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": PROVIDERS.get(s.engine, s.engine),
+        "gen_ai.request.model": model,
+        "gen_ai.response.model": model,
+        "gen_ai.request.max_tokens": job.max_tokens,
+        "gen_ai.request.temperature": job.temperature,
+        "gen_ai.agent.name": job.agent,
+        "gen_ai.conversation.id": job.session,
+        "baton.task_id": job.task_id,
+        "baton.tenant": job.tenant,
+        "baton.workflow": job.workflow,
+        "baton.step": job.step,
+        "baton.attempt": job.attempt,
+        "baton.delivery": attempt,
+        "baton.pool": s.pool,
+        "baton.worker": s.worker_id,
+    }
+    if job.seed is not None:
+        attrs["gen_ai.request.seed"] = job.seed
+    # In-process engines run the model here; the openai engine calls a server.
+    kind = SpanKind.CLIENT if s.engine == "openai" else SpanKind.INTERNAL
+    return tracing.span(f"chat {model}", kind=kind, attributes=attrs, layer="inference")
+
+
+def answered(result: InferenceResult) -> None:
+    """What the job produced, on its ``chat`` span."""
+    attrs = {
+        "gen_ai.usage.input_tokens": result.usage.prompt_tokens,
+        "gen_ai.usage.output_tokens": result.usage.completion_tokens,
+        "gen_ai.usage.cache_read.input_tokens": result.cached_tokens,
+        "baton.gpu_seconds": result.usage.gpu_seconds,
+        "baton.queue_seconds": result.queue_seconds,
+        "baton.tool_calls": len(result.tool_calls),
+    }
+    err = result.error
+    tracing.set_attributes(
+        attrs, (str(err.code), err.message, str(err.layer)) if err is not None else None
+    )
