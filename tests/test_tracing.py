@@ -5,6 +5,7 @@ opentelemetry-proto), and the configuration rules of ``baton.tracing``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections.abc import Iterator
@@ -266,3 +267,43 @@ async def test_tracing_off_makes_up_no_trace_for_a_task_that_came_without_one(
         await sub.unsubscribe()  # type: ignore[attr-defined]
     assert {subject.split(".")[1] for subject, _ in seen} == {"jobs", "results", "events"}
     assert [h for _, h in seen if "traceparent" in h] == []
+
+
+async def test_steps_dispatched_by_another_replica_after_a_crash_stay_in_the_tasks_trace(
+    traced_stack: tuple[LocalStack, NatsServer], receiver: TraceReceiver
+) -> None:
+    """The orchestrator stores r1.plan as done and dies before dispatching
+    the fan-out (test hook); another replica, started afterwards, takes the
+    redelivered result and dispatches the gather steps from the stored run:
+    their spans and the workers' are in the trace the caller started."""
+    stack, server = traced_stack
+    stack.retire(stack.orchestrator)
+    doomed = stack.service("orchestrator", BATON_TEST_CRASH_AFTER_COMMIT="r1.plan").wait_ready()
+    trace_id, caller = f"{random.getrandbits(128):032x}", f"{random.getrandbits(64):016x}"
+    task_id = uid()
+    http_post(f"{doomed.url}/v1/tasks", {"tenant": "acme", "workflow": "research",
+                                         "task_id": task_id, "input": "hi"}, 202,
+              headers={"traceparent": f"00-{trace_id}-{caller}-01"})  # fmt: skip
+    for _ in range(400):
+        if not doomed.alive():
+            break
+        await asyncio.sleep(0.05)
+    assert not doomed.alive(), "the test hook never fired"
+    stack.procs.remove(doomed)
+    stack.service("orchestrator").wait_ready()
+    client = await Client.connect(server.url)
+    try:
+        end = (await client.events("acme", task_id, timeout=60))[-1]
+    finally:
+        await client.close()
+    assert end["type"] == "completed", end
+
+    got = receiver.wait_for(trace_id, "invoke_workflow research")
+    print("\n" + tree(got))
+    [root] = [s for s in got if s.name == "invoke_workflow research"]
+    gather = {s.attributes["baton.step"]: s for s in got if s.name.startswith("invoke_agent ")
+              and ".gather." in s.attributes["baton.step"]}  # fmt: skip
+    assert {"r1.gather.retrieval", "r1.gather.coding"} <= set(gather)
+    assert all(g.parent_span_id == root.span_id for g in gather.values())
+    chats = [s for s in got if s.name == "chat tiny" and s.attributes["baton.step"] in gather]
+    assert chats and {c.parent_span_id for c in chats} <= {g.span_id for g in gather.values()}
