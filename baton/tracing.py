@@ -159,16 +159,16 @@ def _id_generator() -> Any:
     return Ids()  # is_trace_id_random: a forced id is a hash of unique ids, as uniform
 
 
-def setup(service: str, env: Mapping[str, str] | None = None) -> bool:
-    """Install the SDK's tracer provider for ``service`` when an exporter is
-    configured; True when it did. ``OTEL_SERVICE_NAME`` overrides
-    ``baton-<service>``.
+def setup(service: str) -> bool:
+    """Install the SDK's tracer provider for ``service`` when the process's
+    ``OTEL_*`` variables configure an exporter; True when it did.
+    ``OTEL_SERVICE_NAME`` overrides ``baton-<service>``.
 
     Raises:
         TracingConfigError: an exporter or protocol Baton does not have.
     """
     global _provider, _tracer
-    env = os.environ if env is None else env
+    env = os.environ  # the SDK reads the rest (endpoint, headers...) from there too
     names = exporter_names(env)
     if not names:
         return False

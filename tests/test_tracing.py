@@ -56,9 +56,13 @@ def test_tracing_is_on_only_when_an_exporter_is_configured(
         },
     ],
 )
-def test_an_exporter_baton_does_not_have_is_a_clear_error(env: dict[str, str]) -> None:
+def test_an_exporter_baton_does_not_have_is_a_clear_error(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
     with pytest.raises(tracing.TracingConfigError, match="not supported"):
-        tracing.setup("test", env)
+        tracing.setup("test")
     assert not tracing.enabled()
 
 

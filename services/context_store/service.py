@@ -118,10 +118,7 @@ class ContextEndpoints:
         started = time.perf_counter()
         _, _, op, tenant = req.subject.split(".", 3)
         outcome = "ok"
-        attrs = {"baton.tenant": tenant, "messaging.system": "nats",
-                 "messaging.destination.name": f"{subjects.CONTEXT_API}.{op}"}  # fmt: skip
-        if req.task_id:
-            attrs["baton.task_id"] = req.task_id
+        attrs = {"baton.tenant": tenant}
         try:
             with (
                 structlog.contextvars.bound_contextvars(op=op, tenant=tenant),

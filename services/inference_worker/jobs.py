@@ -109,7 +109,7 @@ class JobHandler:
         try:
             with (
                 structlog.contextvars.bound_contextvars(task_id=job.task_id, job_id=job.job_id),
-                spans.chat(job, self.s, d.num_delivered),
+                spans.chat(job, self.s),
             ):
                 await self._run(d, job, admit)
         finally:

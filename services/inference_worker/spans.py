@@ -4,6 +4,7 @@ context of the step's ``invoke_agent`` span the job was published in."""
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -18,7 +19,13 @@ from .settings import WorkerSettings
 PROVIDERS = {"vllm": "vllm", "openai": "openai", "sim": "baton.sim"}
 
 
-def chat(job: InferenceJob, s: WorkerSettings, attempt: int) -> AbstractContextManager[Any]:
+def chat(job: InferenceJob, s: WorkerSettings) -> AbstractContextManager[Any]:
+    """The span of one delivery of ``job``. Its attributes are the GenAI
+    conventions' and the step's; the task's (tenant, workflow) and the step's
+    worker are on the task's and the step's spans (each attribute costs CPU
+    on every span)."""
+    if not tracing.enabled():  # off: not even the attributes are put together
+        return contextlib.nullcontext()
     model = s.openai_model if s.engine == "openai" else s.served_model_name
     attrs: dict[str, Any] = {
         "gen_ai.operation.name": "chat",
@@ -30,13 +37,8 @@ def chat(job: InferenceJob, s: WorkerSettings, attempt: int) -> AbstractContextM
         "gen_ai.agent.name": job.agent,
         "gen_ai.conversation.id": job.session,
         "baton.task_id": job.task_id,
-        "baton.tenant": job.tenant,
-        "baton.workflow": job.workflow,
         "baton.step": job.step,
         "baton.attempt": job.attempt,
-        "baton.delivery": attempt,
-        "baton.pool": s.pool,
-        "baton.worker": s.worker_id,
     }
     if job.seed is not None:
         attrs["gen_ai.request.seed"] = job.seed
@@ -47,14 +49,17 @@ def chat(job: InferenceJob, s: WorkerSettings, attempt: int) -> AbstractContextM
 
 def answered(result: InferenceResult) -> None:
     """What the job produced, on its ``chat`` span."""
-    attrs = {
+    if not tracing.enabled():
+        return
+    attrs: dict[str, Any] = {
         "gen_ai.usage.input_tokens": result.usage.prompt_tokens,
         "gen_ai.usage.output_tokens": result.usage.completion_tokens,
         "gen_ai.usage.cache_read.input_tokens": result.cached_tokens,
         "baton.gpu_seconds": result.usage.gpu_seconds,
         "baton.queue_seconds": result.queue_seconds,
-        "baton.tool_calls": len(result.tool_calls),
     }
+    if result.tool_calls:
+        attrs["baton.tool_calls"] = len(result.tool_calls)
     err = result.error
     tracing.set_attributes(
         attrs, (str(err.code), err.message, str(err.layer)) if err is not None else None

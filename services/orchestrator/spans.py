@@ -74,9 +74,8 @@ def hop(stream: str, tenant: str, task_id: str) -> Iterator[None]:
         return
     caller = tracing.current()
     root = task_root(tenant, task_id, caller)
-    attrs = {"messaging.system": "nats", "messaging.operation.name": "process",
-             "messaging.destination.name": stream, "baton.task_id": task_id,
-             "baton.tenant": tenant}  # fmt: skip
+    # Few attributes: the trace and its root say which task this is.
+    attrs = {"messaging.system": "nats", "messaging.operation.name": "process"}
     links = [caller] if caller is not None and caller != root else []
     with tracing.span(f"process {stream}", kind=SpanKind.CONSUMER, parent=root, links=links,
                       attributes=attrs, layer="orchestration"):  # fmt: skip

@@ -4,6 +4,7 @@ conventions): one per delivery of a call, in the context of the step's
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -11,7 +12,9 @@ from baton import tracing
 from proto.messages import ToolJob, ToolResult
 
 
-def execute_tool(job: ToolJob, worker: str) -> AbstractContextManager[Any]:
+def execute_tool(job: ToolJob) -> AbstractContextManager[Any]:
+    if not tracing.enabled():  # off: not even the attributes are put together
+        return contextlib.nullcontext()
     attrs = {
         "gen_ai.operation.name": "execute_tool",
         "gen_ai.tool.name": job.tool,
@@ -19,10 +22,8 @@ def execute_tool(job: ToolJob, worker: str) -> AbstractContextManager[Any]:
         "gen_ai.tool.type": "function",
         "gen_ai.conversation.id": job.session,
         "baton.task_id": job.task_id,
-        "baton.tenant": job.tenant,
         "baton.step": job.step,
         "baton.attempt": job.attempt,
-        "baton.worker": worker,
     }
     return tracing.span(f"execute_tool {job.tool}", attributes=attrs, layer="tool")
 
@@ -30,8 +31,12 @@ def execute_tool(job: ToolJob, worker: str) -> AbstractContextManager[Any]:
 def finished(result: ToolResult) -> None:
     """The call's outcome on its span: a tool's error is the agent's to read,
     and the span's error (layer ``tool``)."""
-    attrs = {"baton.outcome": result.outcome, "baton.cpu_seconds": result.cpu_seconds,
-             "baton.reused": result.reused, "baton.size_bytes": result.size}  # fmt: skip
+    if not tracing.enabled():
+        return
+    attrs: dict[str, Any] = {"baton.outcome": result.outcome,
+                             "baton.cpu_seconds": result.cpu_seconds}  # fmt: skip
+    if result.reused:
+        attrs["baton.reused"] = True
     err = result.error
     tracing.set_attributes(
         attrs, (str(err.code), err.message, str(err.layer)) if err is not None else None

@@ -192,7 +192,7 @@ class ToolWorker:
             structlog.contextvars.bound_contextvars(
                 task_id=job.task_id, call_id=job.call_id, tool=job.tool
             ),
-            spans.execute_tool(job, self.s.worker_id),
+            spans.execute_tool(job),
         ):
             await self._handle(job, fresh=fresh)
 
