@@ -78,6 +78,48 @@ def test_a_service_refuses_to_start_with_an_unknown_exporter(tmp_path: Path) -> 
     assert "OTEL_TRACES_EXPORTER='zipkin' is not supported" in out.stderr
 
 
+PROBE = """
+from baton import tracing
+assert tracing.setup("probe")
+with tracing.span("probe", attributes={"baton.task_id": "t1"}):
+    pass
+tracing.shutdown()
+"""
+
+
+def test_spans_go_out_over_grpc_when_the_protocol_says_so() -> None:
+    """OTLP over gRPC, from another process, to a real gRPC TraceService."""
+    import subprocess
+    import sys
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    got: list[str] = []
+
+    class Service(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):  # type: ignore[no-untyped-def]
+            got.extend(s.name for rs in request.resource_spans for ss in rs.scope_spans
+                       for s in ss.spans)  # fmt: skip
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+               "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+               "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_INSECURE": "true"}  # fmt: skip
+        out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+    finally:
+        server.stop(None)
+    assert got == ["probe"]
+
+
 # -- the spans of a durable task (pure: no SDK needed) --------------------------
 
 
