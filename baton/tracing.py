@@ -74,6 +74,7 @@ __all__ = [
     "shutdown",
     "span",
     "span_context",
+    "trace_id_of",
     "traceparent",
     "within",
 ]
@@ -224,7 +225,7 @@ def continued(headers: Mapping[str, str] | None) -> Iterator[SpanContext | None]
     token = otel_context.attach(ctx)
     try:
         if parent.is_valid:
-            with structlog.contextvars.bound_contextvars(trace_id=f"{parent.trace_id:032x}"):
+            with structlog.contextvars.bound_contextvars(trace_id=trace_id_of(parent)):
                 yield parent
         else:
             yield None
@@ -250,6 +251,11 @@ def current() -> SpanContext | None:
     """The current span's context (None when there is no valid one)."""
     sc = trace.get_current_span().get_span_context()
     return sc if sc.is_valid else None
+
+
+def trace_id_of(sc: SpanContext | None) -> str | None:
+    """The trace id as logs carry it (32 hex digits)."""
+    return f"{sc.trace_id:032x}" if sc is not None else None
 
 
 def traceparent(sc: SpanContext | None) -> str:

@@ -24,6 +24,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import structlog
+
 from baton import tracing
 from baton.tracing import Recorded, SpanContext, SpanKind
 
@@ -77,8 +79,12 @@ def hop(stream: str, tenant: str, task_id: str) -> Iterator[None]:
     # Few attributes: the trace and its root say which task this is.
     attrs = {"messaging.system": "nats", "messaging.operation.name": "process"}
     links = [caller] if caller is not None and caller != root else []
-    with tracing.span(f"process {stream}", kind=SpanKind.CONSUMER, parent=root, links=links,
-                      attributes=attrs, layer="orchestration"):  # fmt: skip
+    with (
+        tracing.span(f"process {stream}", kind=SpanKind.CONSUMER, parent=root, links=links,
+                     attributes=attrs, layer="orchestration"),
+        # A task that came in no trace has one now: its log lines say which.
+        structlog.contextvars.bound_contextvars(trace_id=tracing.trace_id_of(root)),
+    ):  # fmt: skip
         yield
 
 
