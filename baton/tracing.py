@@ -312,11 +312,14 @@ def span(
     parent: SpanContext | None = None,
     links: Sequence[SpanContext] = (),
     layer: str | None = None,
+    benign: tuple[type[BaseException], ...] = (),
 ) -> Iterator[trace.Span]:
     """A span around the block, as a child of ``parent`` (default: the
     current context), current inside it. An exception escaping the block
-    marks it ERROR with ``error.type`` (and ``baton.layer``: ``layer``).
-    Off: the block runs as is (the yielded span records nothing)."""
+    marks it ERROR with ``error.type`` (and ``baton.layer``: ``layer``),
+    unless it is ``benign`` (flow control, e.g. a nak to retry later: noted
+    as ``baton.outcome``). Off: the block runs as is (the yielded span
+    records nothing)."""
     if _provider is None:
         yield INVALID_SPAN
         return
@@ -328,6 +331,9 @@ def span(
         with trace.use_span(s, end_on_exit=False, record_exception=False,
                             set_status_on_exception=False):  # fmt: skip
             yield s
+    except benign as exc:
+        s.set_attribute("baton.outcome", type(exc).__name__.lower())
+        raise
     except BaseException as exc:
         fail(s, type(exc).__name__, str(exc), layer)
         raise

@@ -28,6 +28,7 @@ import structlog
 
 from baton import tracing
 from baton.tracing import Recorded, SpanContext, SpanKind
+from baton.transport import Nak
 
 from .runs import RunState, StepState
 
@@ -81,7 +82,7 @@ def hop(stream: str, tenant: str, task_id: str) -> Iterator[None]:
     links = [caller] if caller is not None and caller != root else []
     with (
         tracing.span(f"process {stream}", kind=SpanKind.CONSUMER, parent=root, links=links,
-                     attributes=attrs, layer="orchestration"),
+                     attributes=attrs, layer="orchestration", benign=(Nak,)),
         # A task that came in no trace has one now: its log lines say which.
         structlog.contextvars.bound_contextvars(trace_id=tracing.trace_id_of(root)),
     ):  # fmt: skip
