@@ -173,13 +173,15 @@ def setup(service: str) -> bool:
     names = exporter_names(env)
     if not names:
         return False
-    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.resources import OTELResourceDetector, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     exporters = [_exporter(n, env) for n in names]
-    # Resource.create lets OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win.
-    resource = Resource.create({"service.name": f"baton-{service}", "service.namespace": "baton"})
+    # Baton's names, then whatever OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME
+    # say over them (Resource.create alone would let its argument win).
+    defaults = {"service.name": f"baton-{service}", "service.namespace": "baton"}
+    resource = Resource.create(defaults).merge(OTELResourceDetector().detect())
     provider = TracerProvider(
         resource=resource, id_generator=_id_generator()
     )  # sampler: OTEL_TRACES_SAMPLER

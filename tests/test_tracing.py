@@ -353,3 +353,36 @@ async def test_steps_dispatched_by_another_replica_after_a_crash_stay_in_the_tas
     assert all(g.parent_span_id == root.span_id for g in gather.values())
     chats = [s for s in got if s.name == "chat tiny" and s.attributes["baton.step"] in gather]
     assert chats and {c.parent_span_id for c in chats} <= {g.span_id for g in gather.values()}
+
+
+RESOURCE_PROBE = """
+from baton import tracing
+from opentelemetry import trace
+assert tracing.setup("context-store")
+print(dict(trace.get_tracer_provider().resource.attributes))
+tracing.shutdown(0.1)
+"""
+
+
+@pytest.mark.parametrize(
+    ("env", "name", "namespace"),
+    [
+        ({}, "baton-context-store", "baton"),
+        ({"OTEL_SERVICE_NAME": "ctx"}, "ctx", "baton"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "service.namespace=prod,service.name=x"}, "x", "prod"),
+    ],
+)
+def test_the_standard_variables_name_the_service(
+    env: dict[str, str], name: str, namespace: str
+) -> None:
+    import ast
+    import subprocess
+    import sys
+
+    full = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+            "OTEL_TRACES_EXPORTER": "console", **env}  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", RESOURCE_PROBE], env=full, capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    attrs = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert (attrs["service.name"], attrs["service.namespace"]) == (name, namespace)
