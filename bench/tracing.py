@@ -202,9 +202,9 @@ def markdown(r: dict[str, Any]) -> str:
     if r.get("before"):
         before = (
             f"\n\nOff against the code before OpenTelemetry (`{r['before']}`, its hand-built"
-            f" `traceparent` on every message), throughput ratio: **{e['off_vs_before']}**"
-            f" (engine), **{b['off_vs_before']}** (zero latency); CPU per task ratio"
-            f" {e['cpu_off_vs_before']} / {b['cpu_off_vs_before']}."
+            f" `traceparent` on every message), throughput ratio: **{e['off_vs_before']:.3f}**"
+            f" (engine), **{b['off_vs_before']:.3f}** (zero latency); CPU per task ratio"
+            f" {e['cpu_off_vs_before']:.2f} / {b['cpu_off_vs_before']:.2f}."
         )
     return f"""## Tracing on and off (`python -m bench tracing`)
 
@@ -214,12 +214,12 @@ Rounds rotate the order of the sides.
 
 - **Engine workload** (simulator at its default pace, 400 tokens/s per
   sequence; {e["tasks_per_burst"]} tasks per burst, {e["in_flight"]} in flight):
-  throughput on / off, median of rounds **{e["on_vs_off"]}** (goal ≥ {GOAL}:
-  {met}); CPU per task on / off {e["cpu_on_vs_off"]}.
+  throughput on / off, median of rounds **{e["on_vs_off"]:.3f}** (goal ≥ {GOAL}:
+  {met}); CPU per task on / off {e["cpu_on_vs_off"]:.2f}.
 - **Zero-latency simulator** (Baton's own message handling is all the work:
   the worst case; {b["tasks_per_burst"]} tasks per burst, {b["in_flight"]} in
-  flight): throughput on / off **{b["on_vs_off"]}**; CPU per task on / off
-  {b["cpu_on_vs_off"]}: the SDK spends {b["cpu_ms_per_span"]} ms of the services'
+  flight): throughput on / off **{b["on_vs_off"]:.3f}**; CPU per task on / off
+  {b["cpu_on_vs_off"]:.2f}: the SDK spends {b["cpu_ms_per_span"]} ms of the services'
   CPU per span exported (creation, attributes, OTLP encoding in the
   exporter's thread). Where CPU is the bottleneck, sample
   (`OTEL_TRACES_SAMPLER=parentbased_traceidratio`, docs/tracing.md).{before}
