@@ -182,9 +182,8 @@ def setup(service: str) -> bool:
     # say over them (Resource.create alone would let its argument win).
     defaults = {"service.name": f"baton-{service}", "service.namespace": "baton"}
     resource = Resource.create(defaults).merge(OTELResourceDetector().detect())
-    provider = TracerProvider(
-        resource=resource, id_generator=_id_generator()
-    )  # sampler: OTEL_TRACES_SAMPLER
+    # No sampler given: the SDK reads OTEL_TRACES_SAMPLER and its argument.
+    provider = TracerProvider(resource=resource, id_generator=_id_generator())
     for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
