@@ -27,7 +27,8 @@ _CHANNELS: Final[dict[str, tuple[str, tuple[str, ...], tuple[Any, ...], str, boo
         "Submit a task, from the tenant's own account (its credentials decide the tenant). "
         f"It arrives in Baton's account as baton.tasks.<tenant>.<workflow>, on stream "
         f"{streams.TASKS_PREFIX}<tenant>. Header Nats-Msg-Id: <task_id> de-duplicates within "
-        "the stream's window, per tenant.", True,
+        "the stream's window, per tenant. An optional W3C traceparent (and tracestate) header "
+        "makes the task part of that trace (OpenTelemetry, docs/tracing.md).", True,
     ),
     "input": (
         f"{subjects.INPUT}.{{task_id}}", ("task_id",), (msg.InputAnswer,),
