@@ -10,6 +10,7 @@ import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -198,6 +199,22 @@ def traced_stack(
         server.stop()
 
 
+async def _finished(
+    server: NatsServer, receiver: TraceReceiver, task_id: str, trace_id: str
+) -> tuple[dict[str, Any], list[ReceivedSpan]]:
+    """The task's terminal event (it must have completed) and its trace,
+    once the task's root span arrived; the trace is printed as a tree."""
+    client = await Client.connect(server.url)
+    try:
+        end = (await client.events("acme", task_id, timeout=60))[-1]
+    finally:
+        await client.close()
+    assert end["type"] == "completed", end
+    got = receiver.wait_for(trace_id, "invoke_workflow research")
+    print("\n" + tree(got))
+    return end, got
+
+
 def _parents_resolve(trace: list[ReceivedSpan], outside: str) -> list[str]:
     """Spans whose parent is neither in the trace nor ``outside`` (the caller's)."""
     ids = {s.span_id for s in trace} | {outside}
@@ -215,15 +232,7 @@ async def test_a_research_task_over_http_is_one_trace_across_the_fleet(
                           "input": "compare quicksort and mergesort"}, 202,
                          headers={"traceparent": f"00-{trace_id}-{caller}-01"})  # fmt: skip
     assert accepted["task_id"] == task_id
-    client = await Client.connect(server.url)
-    try:
-        end = (await client.events("acme", task_id, timeout=60))[-1]
-    finally:
-        await client.close()
-    assert end["type"] == "completed", end
-
-    got = receiver.wait_for(trace_id, "invoke_workflow research")
-    print("\n" + tree(got))
+    end, got = await _finished(server, receiver, task_id, trace_id)
     assert {s.service for s in got} == SERVICES  # every service took part in the one trace
     assert _parents_resolve(got, caller) == []  # one tree, hung under the caller's span
     by_name: dict[str, list[ReceivedSpan]] = {}
@@ -338,15 +347,7 @@ async def test_steps_dispatched_by_another_replica_after_a_crash_stay_in_the_tas
     assert not doomed.alive(), "the test hook never fired"
     stack.procs.remove(doomed)
     stack.service("orchestrator").wait_ready()
-    client = await Client.connect(server.url)
-    try:
-        end = (await client.events("acme", task_id, timeout=60))[-1]
-    finally:
-        await client.close()
-    assert end["type"] == "completed", end
-
-    got = receiver.wait_for(trace_id, "invoke_workflow research")
-    print("\n" + tree(got))
+    _, got = await _finished(server, receiver, task_id, trace_id)
     [root] = [s for s in got if s.name == "invoke_workflow research"]
     gather = {s.attributes["baton.step"]: s for s in got if s.name.startswith("invoke_agent ")
               and ".gather." in s.attributes["baton.step"]}  # fmt: skip
