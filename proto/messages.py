@@ -98,9 +98,72 @@ class ErrorInfo(msgspec.Struct, omit_defaults=True, kw_only=True):
 
 
 # A step event: the step (or one of its tool calls) started, finished, a
-# tool call failed (its error code in ``outcome``; the run goes on), or an
-# input step waits for the tenant's answer.
+# tool call failed (its error code in ``outcome``; the run goes on), a step
+# failed (its error code in ``outcome``; the task's ``failed`` event follows),
+# or an input step waits for the tenant's answer.
 StepEventStatus = Literal["started", "done", "failed", "waiting_input"]
+
+
+class Phases(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Seconds a step or a tool call spent in each phase: the bars of a run's
+    waterfall. A phase it did not go through is absent (0). A step that called
+    tools adds up every model turn's phases, and ``tool`` is the time it
+    waited for its calls (they run in parallel).
+
+    ``queue``: published until a worker took it. ``context``: fetching the
+    context window (a tool call: looking up a result stored before).
+    ``admission``: waiting for room in the KV cache. ``prefill``: generation
+    start until the first token. ``decode``: first token until the last.
+    ``tool``: a tool call's run; a step's wait for its calls. ``record``:
+    storing the answer and delivering the result to the orchestrator."""
+
+    queue: float = 0.0
+    context: float = 0.0
+    admission: float = 0.0
+    prefill: float = 0.0
+    decode: float = 0.0
+    tool: float = 0.0
+    record: float = 0.0
+
+    def __add__(self, other: Phases) -> Phases:
+        return Phases(**{f: getattr(self, f) + getattr(other, f) for f in PHASES})
+
+    def total(self) -> float:
+        return sum(getattr(self, f) for f in PHASES)
+
+    def rounded(self) -> Phases:
+        """To the microsecond, never negative (clocks of two machines differ);
+        a zero phase is left at its default, so that it is not encoded
+        (msgspec omits a default by identity, not by value, for floats)."""
+        values = {f: round(getattr(self, f), 6) for f in PHASES}
+        return Phases(**{f: v for f, v in values.items() if v > 0.0})
+
+
+PHASES: tuple[str, ...] = Phases.__struct_fields__
+
+
+class Timing(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """When a job (one model turn of a step) or a tool call was queued,
+    started, made its first token and finished, in epoch seconds (0: not
+    reached), with the phases between. Measured where each happens: the
+    orchestrator stamps ``queued_at`` at dispatch (the job's
+    ``published_at``); the worker the rest, by its clock, ``finished_at``
+    just before it publishes the result. Internal (results, run state); the
+    ``step`` events carry the same fields flat."""
+
+    queued_at: float = 0.0
+    started_at: float = 0.0
+    first_token_at: float = 0.0
+    finished_at: float = 0.0
+    phases: Phases = msgspec.field(default_factory=Phases)
+
+
+def finite_timing(t: Timing) -> bool:
+    """A result's timing must be finite and non-negative to be kept (msgspec
+    accepts NaN and inf): a bad clock loses the timing, never the result."""
+    values = (t.queued_at, t.started_at, t.first_token_at, t.finished_at,
+              *(getattr(t.phases, f) for f in PHASES))  # fmt: skip
+    return all(0.0 <= v < float("inf") for v in values)
 
 
 class _Event(msgspec.Struct, tag_field="type", omit_defaults=True, kw_only=True):
@@ -115,6 +178,19 @@ class Accepted(_Event, tag="accepted"):
 
 
 class Step(_Event, tag="step"):
+    """A step of the run (``step``, by ``agent``) or one of its tool calls
+    (``tool``, ``call``) ``started``, ended (``done``, or ``failed`` with the
+    error code in ``outcome``), or an input step is ``waiting_input``.
+
+    A step's or tool call's ``done`` / ``failed`` carries its waterfall:
+    ``queued_at`` (first dispatched), ``started_at`` (a worker took it),
+    ``first_token_at`` (its first generated token; not on tool calls),
+    ``finished_at`` (its answer reached the orchestrator), epoch seconds,
+    ordered queued <= started <= first_token <= finished; and ``phases``
+    (seconds per phase: queue, context, admission, prefill, decode, tool,
+    record; see ``Phases``), which add up to about finished - queued. A time
+    not reached or not measured is absent."""
+
     step: str
     agent: str
     status: StepEventStatus
@@ -126,6 +202,13 @@ class Step(_Event, tag="step"):
     prompt: str | None = None  # waiting_input: what the human is asked
     deadline: float | None = None  # waiting_input: when the default answer is taken
     answered_by: str | None = None  # an input step's done: "human" or "default"
+    # A finished step or tool call: its waterfall (the docstring). A step
+    # dispatched again after a timeout also spent the lost attempt, in no phase.
+    queued_at: float | None = None
+    started_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    phases: Phases | None = None
 
 
 class Completed(_Event, tag="completed"):
@@ -464,6 +547,7 @@ class InferenceResult(msgspec.Struct, omit_defaults=True, kw_only=True):
     usage: Usage = msgspec.field(default_factory=Usage)
     cached_tokens: int = 0
     queue_seconds: float = 0.0
+    timing: Timing | None = None  # the job's waterfall (no ``record`` transit yet)
     error: ErrorInfo | None = None
 
 
@@ -597,6 +681,7 @@ class ToolResult(msgspec.Struct, omit_defaults=True, kw_only=True):
     cpu_seconds: float = 0.0
     seconds: float = 0.0
     reused: bool = False  # the result was stored before (a redelivery): not run again
+    timing: Timing | None = None  # the call's waterfall (no ``record`` transit yet)
     error: ErrorInfo | None = None
 
 

@@ -25,6 +25,7 @@ from proto.messages import (
     ErrorInfo,
     InferenceJob,
     InferenceResult,
+    Step,
     Usage,
 )
 from services.orchestrator import transitions as T
@@ -155,7 +156,12 @@ def test_an_unanswered_step_is_retried_once_then_fails_with_step_timeout() -> No
     dead = T.timer(retry.run, RULES, 21.0)
     assert dead.run.status == "failed" and dead.run.error is not None
     assert dead.run.error.code == ErrorCode.STEP_TIMEOUT and dead.wake_at is None
-    assert "2 attempt(s)" in dead.run.error.message and events(dead.effects) == ["failed"]
+    assert "2 attempt(s)" in dead.run.error.message
+    # The step that failed the run ends with its own event, before the task's.
+    assert events(dead.effects) == ["step.r1.answer.done", "failed"]
+    (ended,) = [e.event for e in dead.effects if isinstance(e, T.Emit) and e.key != "failed"]
+    assert isinstance(ended, Step) and ended.status == "failed"
+    assert ended.outcome == ErrorCode.STEP_TIMEOUT
 
 
 def test_a_budget_too_small_for_the_next_steps_stops_the_run_with_partial_output() -> None:
@@ -356,6 +362,9 @@ def test_any_interleaving_ends_in_one_terminal_state_with_each_step_done_once(
     assert {s for s, st_ in run.steps.items() if st_.status == "done"} == set(w.done_records)
     if run.status == "completed":
         assert all(f"step.{s}.done" in w.events for s in w.done_records)
+    # Every step that ended (done, or failed the run) said so.
+    ended = {s for s, st_ in run.steps.items() if st_.status in ("done", "failed")}
+    assert all(f"step.{s}.done" in w.events for s in ended)
 
 
 # -- the tool loop ----------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from baton.cancelled import CancelledTasks
+from baton.stopwatch import Stopwatch
 from baton.transport import Bus, Delivery, Nak, Term
 from proto import codec, keys, subjects
 from proto.errors import ErrorCode
@@ -92,6 +93,8 @@ class JobHandler:
         self.tokens = tokens
         self.pool = sup.s.pool
         self.cancelled = CancelledTasks()
+        model = sup.s.served_model_name
+        self._latency = (m.TTFT.labels(self.pool, model), m.ITL.labels(self.pool, model))
 
     async def handle(self, d: Delivery, on_admitted: Callable[[], None]) -> None:
         try:
@@ -122,8 +125,9 @@ class JobHandler:
 
     async def _run(self, d: Delivery, job: InferenceJob, admit: Callable[[], None]) -> None:
         bus = self.bus
+        watch = Stopwatch(job.published_at or d.published_at)
         if (job.tenant, job.task_id) in self.cancelled:
-            await self._publish_error(job, ErrorCode.CANCELLED, "task was cancelled")
+            await self._publish_error(job, ErrorCode.CANCELLED, "task was cancelled", watch)
             return
         out_id = keys.answer(job.job_id)
         cap = self.engine.capacity()
@@ -137,11 +141,13 @@ class JobHandler:
                 task_id=job.task_id,
             )  # fmt: skip
             if window.error is not None:
-                await self._publish(job, self._result(job, error=window.error))
+                watch.lap("context")
+                await self._publish(job, self._result(job, watch, error=window.error))
                 return
             if window.existing is not None:  # answered before a crash: republish it
                 existing = window.existing
-                await self._publish(job, self._result(job, ref=window.existing_ref,
+                watch.lap("context")
+                await self._publish(job, self._result(job, watch, ref=window.existing_ref,
                                                       output=existing.content,
                                                       tool_calls=existing.tool_calls))  # fmt: skip
                 return
@@ -158,14 +164,16 @@ class JobHandler:
             left = room - (prompt_tokens - bare)
             budget = max(1, int(window.tokens * left / max(1, bare) * 0.95))
         need = prompt_tokens + job.max_tokens
+        watch.lap("context")
         if need > cap.max_model_len:
-            await self._too_long(job, prompt_tokens, cap.max_model_len)
+            await self._too_long(job, prompt_tokens, cap.max_model_len, watch)
             return
         await self.sup.ok.wait()
         await self.admission.acquire(need)
         admit()
+        watch.lap("admission")
         try:
-            outcome = await self._generate(d, job, messages)
+            outcome = await self._generate(d, job, messages, watch)
         finally:
             await self.admission.release(need)
         if outcome is None:  # cancelled, or refused by the engine: result already sent
@@ -199,6 +207,7 @@ class JobHandler:
             job,
             self._result(
                 job,
+                watch,
                 ref=reply.ref,
                 output=outcome.output,
                 tool_calls=outcome.tool_calls,
@@ -211,10 +220,11 @@ class JobHandler:
         m.JOB_LATENCY.labels(self.pool).observe(time.time() - published)
 
     async def _generate(
-        self, d: Delivery, job: InferenceJob, messages: list[ChatMessage]
+        self, d: Delivery, job: InferenceJob, messages: list[ChatMessage], watch: Stopwatch
     ) -> _Outcome | None:
         """Stream one generation. None when it ended with an error result
-        already published (cancelled, too long); raises Nak on an engine fault."""
+        already published (cancelled, too long); raises Nak on an engine fault.
+        ``watch`` times prefill (to the first token) and decode."""
         sup, labels = self.sup, self.sup.labels
         request_id = keys.generation(job.job_id, d.num_delivered)
         flight = Flight(request_id, job.tenant, job.task_id, sup.epoch)
@@ -228,6 +238,8 @@ class JobHandler:
         final = None
         ended = False
         tokens = self.tokens.open(job, attempt=f"{d.stream_seq}.{d.num_delivered}")
+        ttft, itl = self._latency
+        last = 0.0
         try:
             request = GenerationRequest(
                 request_id=request_id,
@@ -240,8 +252,14 @@ class JobHandler:
                 tool_choice=job.tool_choice,
             )
             async for chunk in self.engine.generate(request):
-                if not parts and chunk.text:
-                    m.TTFT.labels(self.pool).observe(time.time() - started)
+                if chunk.text:
+                    if last:
+                        now = time.time()
+                        itl.observe(now - last)
+                    else:
+                        now = watch.first_token()
+                        ttft.observe(now - started)
+                    last = now
                 parts.append(chunk.text)
                 tokens.add(chunk.text)
                 if chunk.finished:
@@ -251,9 +269,10 @@ class JobHandler:
             await sup.fault(exc, flight.epoch)
             raise Nak(self.s.oom_retry_delay, f"engine fault: {type(exc).__name__}") from exc
         except PromptTooLong as exc:
-            await self._too_long(job, exc.prompt_tokens, exc.max_model_len)
+            await self._too_long(job, exc.prompt_tokens, exc.max_model_len, watch)
             return None
         finally:
+            watch.lap("decode" if last else "prefill")
             # A generation whose answer will be stored keeps its sink open: the
             # last delta goes out beside the answer's append (``_run``). Any
             # other ends its deltas here, without a final one.
@@ -264,7 +283,7 @@ class JobHandler:
             sup.flights.pop(request_id, None)
             m.INFLIGHT.labels(*labels).set(len(sup.flights))
         if flight.cancelled:
-            await self._publish_error(job, ErrorCode.CANCELLED, "task was cancelled")
+            await self._publish_error(job, ErrorCode.CANCELLED, "task was cancelled", watch)
             return None
         if flight.epoch != sup.epoch or final is None:
             m.JOBS.labels(self.pool, "nak").inc()
@@ -279,7 +298,9 @@ class JobHandler:
         return _Outcome("".join(parts), usage, final.cached_tokens, started,
                         list(final.tool_calls or []), tokens)  # fmt: skip
 
-    async def _too_long(self, job: InferenceJob, prompt_tokens: int, limit: int) -> None:
+    async def _too_long(
+        self, job: InferenceJob, prompt_tokens: int, limit: int, watch: Stopwatch
+    ) -> None:
         if self.s.larger_pool:
             await self.bus.publish(
                 subjects.job(self.s.larger_pool),
@@ -294,6 +315,7 @@ class JobHandler:
             ErrorCode.PROMPT_TOO_LONG,
             f"prompt of {prompt_tokens} tokens + max_tokens {job.max_tokens} "
             f"exceeds this worker's context length {limit}",
+            watch,
         )
 
     # -- cancellation ------------------------------------------------------
@@ -309,10 +331,12 @@ class JobHandler:
 
     # -- results -----------------------------------------------------------
 
-    def _result(self, job: InferenceJob, **fields: Any) -> InferenceResult:
+    def _result(self, job: InferenceJob, watch: Stopwatch, **fields: Any) -> InferenceResult:
+        """The job's result; the time since ``watch``'s last lap is ``record``."""
+        watch.lap("record")
         return InferenceResult(job_id=job.job_id, task_id=job.task_id, tenant=job.tenant,
                                session=job.session, step=job.step, worker=self.s.worker_id,
-                               **fields)  # fmt: skip
+                               timing=watch.timing(), **fields)  # fmt: skip
 
     async def _publish(self, job: InferenceJob, result: InferenceResult) -> None:
         spans.answered(result)
@@ -320,7 +344,9 @@ class JobHandler:
                                msg_id=keys.result(job.job_id, job.attempt),
                                task_id=job.task_id)  # fmt: skip
 
-    async def _publish_error(self, job: InferenceJob, code: ErrorCode, message: str) -> None:
+    async def _publish_error(
+        self, job: InferenceJob, code: ErrorCode, message: str, watch: Stopwatch
+    ) -> None:
         m.JOBS.labels(self.pool, str(code)).inc()
         info = ErrorInfo.of(code, message)
-        await self._publish(job, self._result(job, error=info))
+        await self._publish(job, self._result(job, watch, error=info))

@@ -13,7 +13,24 @@ QUEUE_WAIT = Histogram(
     ["pool"],
     buckets=_LATENCY,
 )
-TTFT = Histogram("baton_worker_ttft_seconds", "Time to first token.", ["pool"], buckets=_LATENCY)
+TTFT = Histogram(
+    "baton_worker_ttft_seconds",
+    "Time to first token: from the start of the generation (admitted) to its first token.",
+    ["pool", "model"],
+    buckets=_LATENCY,
+)
+ITL = Histogram(
+    "baton_worker_inter_token_latency_seconds",
+    "Between consecutive streamed tokens of a generation (one chunk each for vllm and sim).",
+    ["pool", "model"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2.5),
+)
+TOKEN_LAG = Histogram(
+    "baton_worker_token_stream_lag_seconds",
+    "From a token's generation to the publish of the delta that carries it (acked).",
+    ["pool"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
 JOB_LATENCY = Histogram(
     "baton_worker_job_latency_seconds",
     "From the job's publish to its result.",
@@ -48,14 +65,16 @@ JOB_OUTCOMES = ("completed", "nak", "oom", "engine_dead", "cancelled", "prompt_t
                 "forwarded")  # fmt: skip
 
 
-def init_series(pool: str) -> None:
+def init_series(pool: str, model: str) -> None:
     """Create every per-pool series at zero: an alert on increase() must see
     the first OOM, and a scrape must show every catalogued name."""
     for outcome in JOB_OUTCOMES:
         JOBS.labels(pool, outcome)
-    for metric in (QUEUE_WAIT, TTFT, JOB_LATENCY, PROMPT_TOKENS, COMPLETION_TOKENS,
-                   PREFIX_QUERIES, PREFIX_HITS, PREEMPTIONS, OOM, ENGINE_RESTARTS):  # fmt: skip
+    for metric in (QUEUE_WAIT, JOB_LATENCY, PROMPT_TOKENS, COMPLETION_TOKENS, PREFIX_QUERIES,
+                   PREFIX_HITS, PREEMPTIONS, OOM, ENGINE_RESTARTS, TOKEN_LAG):  # fmt: skip
         metric.labels(pool)
+    TTFT.labels(pool, model)
+    ITL.labels(pool, model)
 
 
 GPU_MEMORY_USED = Gauge(

@@ -23,6 +23,7 @@ import time
 from typing import Protocol
 
 import structlog
+from prometheus_client import Histogram
 
 from baton.transport import Bus
 from proto import keys, subjects
@@ -52,8 +53,12 @@ class _Off:
 class _Stream:
     """One generation's deltas."""
 
-    def __init__(self, bus: Bus, job: InferenceJob, attempt: str, interval: float) -> None:
+    def __init__(
+        self, bus: Bus, job: InferenceJob, attempt: str, interval: float, lag: Histogram | None
+    ) -> None:
         self.bus = bus
+        self.lag = lag
+        self.since = 0.0  # when the oldest pending text was generated
         self.job = job
         self.attempt = attempt
         self.interval = interval
@@ -69,6 +74,8 @@ class _Stream:
 
     def add(self, text: str) -> None:
         if text:
+            if not self.pending:
+                self.since = time.time()
             self.pending.append(text)
             self._wake.set()
 
@@ -88,6 +95,7 @@ class _Stream:
                 return
             text = "".join(self.pending)
             self.pending.clear()
+            since = self.since
             delta = TokenDelta(
                 task_id=self.job.task_id, tenant=self.job.tenant, step=self.job.step,
                 agent=self.job.agent, attempt=self.attempt, index=self.index,
@@ -109,6 +117,8 @@ class _Stream:
                     await asyncio.sleep(0.1 * (attempt + 1))
             self.index += 1
             self.offset += len(text)
+            if text and self.lag is not None:
+                self.lag.observe(time.time() - since)
 
     async def close(self, *, final: bool) -> None:
         """Stop; with ``final``, publish what is left as the last delta."""
@@ -122,12 +132,14 @@ class _Stream:
 class TokenPublisher:
     """Opens a sink per generation; ``interval <= 0`` turns streaming off."""
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, lag: Histogram | None = None) -> None:
+        """``lag``: observes each delta's lag (its oldest text's age when published)."""
         self.interval = interval
+        self.lag = lag
         self.bus: Bus | None = None
 
     def open(self, job: InferenceJob, attempt: str) -> TokenSink:
         """``attempt``: unique per generation of a step (job message and delivery)."""
         if self.interval <= 0 or self.bus is None:
             return _Off()
-        return _Stream(self.bus, job, attempt, self.interval)
+        return _Stream(self.bus, job, attempt, self.interval, self.lag)

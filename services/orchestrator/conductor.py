@@ -41,6 +41,7 @@ from proto.messages import (
     TaskSubmit,
     ToolResult,
     Usage,
+    finite_timing,
     finite_usage,
 )
 
@@ -370,6 +371,8 @@ class Conductor:
             raise Term("result with invalid ids")
         if not finite_usage(res.usage):
             raise Term("result with negative or non-finite usage")
+        if res.timing is not None and not finite_timing(res.timing):
+            res.timing = None  # a bad clock loses the waterfall, not the answer
 
         def decide(run: RunState | None, now: float, ctx: T.Ctx) -> T.Outcome:
             r = _must(run)
@@ -385,17 +388,20 @@ class Conductor:
             m.RESUMED.inc()
 
     async def on_tool_result(self, d: Delivery) -> None:
+        received = time.time()
         res = d.decode(ToolResult)
         structlog.contextvars.bind_contextvars(task_id=res.task_id, tenant=res.tenant)
         if not (is_valid_id(res.tenant) and is_valid_id(res.task_id)):
             raise Term("tool result with invalid ids")
         if not finite_usage(Usage(tool_cpu_seconds=res.cpu_seconds)) or not 0 <= res.seconds < 1e9:
             raise Term("tool result with a non-finite or negative time")
+        if res.timing is not None and not finite_timing(res.timing):
+            res.timing = None
         with spans.hop("baton.toolresults", res.tenant, res.task_id):
             out = await self._apply(
                 res.tenant,
                 res.task_id,
-                lambda run, now, ctx: T.tool_result(_must(run), res, self.rules, now),
+                lambda run, now, ctx: T.tool_result(_must(run), res, self.rules, now, received),
             )
         if out is None:
             raise Term(f"tool result for unknown run {res.tenant}.{res.task_id}")

@@ -19,7 +19,7 @@ import msgspec
 
 from baton.transport import Bucket, WrongLastSequence
 from proto import codec
-from proto.messages import Budget, ContextRef, ErrorInfo, Usage
+from proto.messages import Budget, ContextRef, ErrorInfo, Timing, Usage
 
 # tools: waiting for its calls; waiting_input: an input step waiting for a human
 StepStatus = Literal["dispatched", "tools", "waiting_input", "done", "failed"]
@@ -42,6 +42,7 @@ class CallState(msgspec.Struct, omit_defaults=True, kw_only=True):
     cpu_seconds: float = 0.0
     seconds: float = 0.0
     ref: ContextRef | None = None  # the session with its result
+    timing: Timing | None = None  # its waterfall, once answered
 
 
 class StepState(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -66,6 +67,7 @@ class StepState(msgspec.Struct, omit_defaults=True, kw_only=True):
     calls: dict[str, CallState] = {}  # its tool calls by ``t<turn>c<i>``
     input: bool = False  # an input step: it waits for a human (no agent, no job)
     answered_by: str = ""  # an input step's answer: "human" or "default" (its timeout)
+    timing: Timing | None = None  # its waterfall so far (waterfall.py)
 
 
 class RunState(msgspec.Struct, omit_defaults=True, kw_only=True):

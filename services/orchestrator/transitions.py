@@ -48,6 +48,7 @@ from proto.messages import (
 )
 from proto.tools import BUILTIN_SPECS
 
+from . import waterfall
 from .runs import ERASED, CallState, RunState, StepState
 from .workflows import Done, GraphWorkflow, StepPlan
 
@@ -253,7 +254,17 @@ def _started(run: RunState, now: float, step: str, st: StepState) -> Emit:
 
 
 def _done(run: RunState, now: float, step: str, st: StepState) -> Emit:
-    ev = Step(task_id=run.task_id, step=step, agent=st.agent, status="done", usage=st.usage)
+    ev = Step(task_id=run.task_id, step=step, agent=st.agent, status="done", usage=st.usage,
+              **waterfall.event_fields(st.timing))  # fmt: skip
+    return _event(run, now, keys.step_event(step, "done"), ev)
+
+
+def _step_failed(run: RunState, now: float, step: str, st: StepState) -> Emit:
+    """A step that failed the run: its error code, usage and waterfall so far
+    (the same key as ``done``: a step ends once)."""
+    code = run.error.code if run.error is not None else None
+    ev = Step(task_id=run.task_id, step=step, agent=st.agent, status="failed", usage=st.usage,
+              outcome=code, **waterfall.event_fields(st.timing))  # fmt: skip
     return _event(run, now, keys.step_event(step, "done"), ev)
 
 
@@ -264,8 +275,10 @@ def _terminal(run: RunState, now: float) -> list[Effect]:
         )
         return [_event(run, now, keys.COMPLETED, ev)]
     if run.error is not None:
+        failed = [_step_failed(run, now, k, st) for k, st in run.steps.items()
+                  if st.status == "failed" and not st.input]  # fmt: skip
         ev = Failed(task_id=run.task_id, error=run.error, partial_output=run.output or None)
-        return [_event(run, now, keys.FAILED, ev)]
+        return [*failed, _event(run, now, keys.FAILED, ev)]
     return []
 
 
@@ -319,7 +332,8 @@ def _tool_done(run: RunState, now: float, step: str, st: StepState, key: str) ->
     call = st.calls[key]
     status: StepEventStatus = "done" if call.outcome == "ok" else "failed"
     ev = Step(task_id=run.task_id, step=step, agent=st.agent, status=status, tool=call.tool,
-              call=key, outcome=call.outcome, seconds=round(call.seconds, 6))  # fmt: skip
+              call=key, outcome=call.outcome, seconds=round(call.seconds, 6),
+              **waterfall.event_fields(call.timing))  # fmt: skip
     return _event(run, now, keys.step_event(f"{step}.{key}", "done"), ev)
 
 
@@ -463,6 +477,7 @@ def _dispatch(
             opened_at=now,
             deadline=now + rules.timeout(run, p.agent),
             ref=refs[p.step_id],
+            timing=waterfall.begun(now),
         )
         run.steps[p.step_id] = st
         effects += [_started(run, now, p.step_id, st), _job(run, rules, now, p.step_id, st)]
@@ -544,7 +559,10 @@ def result(
     if res.job_id != keys.job_turn(keys.job(run.tenant, run.task_id, res.step), st.turn):
         # An earlier turn's answer delivered again: that turn is recorded.
         return Transition(run, False, replay(run, rules, now), note="already_recorded")
+    end = now if received is None else received
+    st.timing = waterfall.add_turn(st.timing, waterfall.arrived(res.timing, end), end)
     if res.error is not None:
+        st.finished_at = end
         if res.error.code == ErrorCode.BUDGET_TOO_SMALL and st.context_budget:
             # The window was cut to fit the task's budget: the budget ran out.
             _stop_for_budget(run, f"at step {res.step}", res.step)
@@ -559,7 +577,7 @@ def result(
     run.cost_usd += cost
     if res.tool_calls and rules.tool_room(run, st) > 0:
         return _call_tools(run, rules, now, res)
-    st.status, st.finished_at, st.output = "done", received or now, res.output
+    st.status, st.finished_at, st.output = "done", end, res.output
     effects: list[Effect] = [_done(run, now, res.step, st)]
     wf = rules.workflows[run.workflow]
     nxt = wf.advance(run, res.step)
@@ -616,11 +634,14 @@ def _call_tools(run: RunState, rules: Rules, now: float, res: InferenceResult) -
     return Transition(run, True, effects)
 
 
-def tool_result(run: RunState, res: ToolResult, rules: Rules, now: float) -> Outcome:
+def tool_result(
+    run: RunState, res: ToolResult, rules: Rules, now: float, received: float | None = None
+) -> Outcome:
     """A tool call's result: record it (its CPU time into usage and cost);
     once every call of the turn is answered, the model goes again on the
     session that now holds their results — or, past ``max_tool_calls``,
-    without tools, so it answers."""
+    without tools, so it answers. ``received``: when the result arrived
+    (default ``now``)."""
     run = _copy(run)
     st = run.steps.get(res.step)
     prefix = keys.tool_call(run.tenant, run.task_id, res.step, "")
@@ -632,6 +653,10 @@ def tool_result(run: RunState, res: ToolResult, rules: Rules, now: float) -> Out
         return Transition(run, False, replay(run, rules, now), note="already_recorded")
     call.status, call.outcome, call.preview = "done", res.outcome, res.preview[:512]
     call.cpu_seconds, call.seconds, call.ref = res.cpu_seconds, res.seconds, res.ref
+    end = now if received is None else received
+    call.timing = waterfall.arrived(res.timing, end) or waterfall.add_turn(
+        waterfall.begun(call.dispatched_at), None, end
+    )
     used = Usage(tool_cpu_seconds=res.cpu_seconds)
     cost = res.cpu_seconds / 3600.0 * rules.tool_cpu_price
     st.usage, st.cost_usd = st.usage + used, st.cost_usd + cost
@@ -640,6 +665,7 @@ def tool_result(run: RunState, res: ToolResult, rules: Rules, now: float) -> Out
     turn = [c for k, c in st.calls.items() if k.startswith(keys.call_prefix(st.turn))]
     if st.status != "tools" or any(c.status != "done" for c in turn):
         return Transition(run, True, effects)
+    st.timing = waterfall.add_tool_wait(st.timing, end - st.dispatched_at)
     refs = [c.ref for c in turn if c.ref is not None]
     if refs:  # the newest append covers every result of the turn
         st.ref = max(refs, key=lambda r: r.version)

@@ -14,6 +14,12 @@ SECONDS = Histogram(
     ["tool"],
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
 )
+QUEUE_WAIT = Histogram(
+    "baton_tool_queue_wait_seconds",
+    "From a tool call's dispatch to a worker taking it.",
+    ["pool"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
+)
 CPU_SECONDS = Counter("baton_tool_cpu_seconds", "CPU seconds spent by sandboxed tools.", ["tool"])
 INFLIGHT = Gauge("baton_tool_inflight_calls", "Tool calls running now.", ["pool", "worker"])
 READY = Gauge("baton_tool_worker_ready", "1 when the tool worker serves calls.", ["pool", "worker"])
@@ -26,5 +32,6 @@ def init_series(tools: list[str], pool: str, worker: str) -> None:
         CPU_SECONDS.labels(tool)
         for outcome in OUTCOMES:
             CALLS.labels(tool, outcome)
+    QUEUE_WAIT.labels(pool)
     INFLIGHT.labels(pool, worker).set(0)
     READY.labels(pool, worker).set(0)

@@ -37,6 +37,7 @@ from jsonschema.protocols import Validator
 
 from baton.cancelled import CancelledTasks
 from baton.service import Health
+from baton.stopwatch import Stopwatch
 from baton.transport import Bus, Delivery, Msg, Nak, Term
 from proto import codec, keys, subjects
 from proto.errors import ErrorCode
@@ -194,7 +195,7 @@ class ToolWorker:
             ),
             spans.execute_tool(job),
         ):
-            await self._handle(job, fresh=fresh)
+            await self._handle(job, Stopwatch(job.published_at or d.published_at), fresh=fresh)
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:
@@ -227,13 +228,16 @@ class ToolWorker:
                 if not calls:
                     del self._calls[key]
 
-    async def _handle(self, job: ToolJob, *, fresh: bool = False) -> None:
+    async def _handle(self, job: ToolJob, watch: Stopwatch, *, fresh: bool = False) -> None:
+        """``watch`` times the call's phases: queue, context (a look-up of a
+        result stored before), tool (its run) and record (storing the result)."""
         if (job.tenant, job.task_id) in self.cancelled:
             m.CALLS.labels(job.tool, "cancelled").inc()
             log.info("tool_call_cancelled", queued=True)
             return
+        m.QUEUE_WAIT.labels(self.s.pool).observe(max(0.0, watch.started_at - watch.queued_at))
         out_id = keys.tool_output(job.call_id)
-        if not fresh and await self._republish_stored(job, out_id):
+        if not fresh and await self._republish_stored(job, out_id, watch):
             return
         self._inflight += 1
         m.INFLIGHT.labels(*self._labels).set(self._inflight)
@@ -242,6 +246,7 @@ class ToolWorker:
         finally:
             self._inflight -= 1
             m.INFLIGHT.labels(*self._labels).set(self._inflight)
+            watch.lap("tool")
         if outcome is None:
             m.CALLS.labels(job.tool, "cancelled").inc()
             log.info("tool_call_cancelled")
@@ -256,19 +261,21 @@ class ToolWorker:
         # A result stored before after all (a dispatch republished past the
         # stream's de-duplication window): the history holds that one, so
         # that one is published.
-        if duplicate and await self._republish_stored(job, out_id):
+        if duplicate and await self._republish_stored(job, out_id, watch):
             return
-        await self._publish(job, ref, message, outcome, attachment=attachment)
+        await self._publish(job, ref, message, outcome, watch, attachment=attachment)
 
-    async def _republish_stored(self, job: ToolJob, out_id: str) -> bool:
+    async def _republish_stored(self, job: ToolJob, out_id: str, watch: Stopwatch) -> bool:
         """Publish the call's stored result again, if the session holds one."""
+        watch.lap("record")  # a look-up after the append is part of storing it
         stored = await self._stored(job, out_id)
+        watch.lap("context")
         if stored is None:
             return False
         ref, message = stored
         m.CALLS.labels(job.tool, "reused").inc()
         log.info("tool_result_reused")
-        await self._publish(job, ref, message, Outcome(message.content), reused=True)
+        await self._publish(job, ref, message, Outcome(message.content), watch, reused=True)
         return True
 
     async def execute(self, job: ToolJob) -> Outcome:
@@ -377,11 +384,13 @@ class ToolWorker:
         ref: ContextRef | None,
         message: ChatMessage,
         outcome: Outcome,
+        watch: Stopwatch,
         *,
         reused: bool = False,
         attachment: str | None = None,
     ) -> None:
         assert self.bus is not None
+        watch.lap("record")
         error = outcome.error
         if reused and message.content.startswith('{"error"'):
             error = _stored_error(message.content)
@@ -392,7 +401,7 @@ class ToolWorker:
             preview=message.content[:PREVIEW_CHARS], attachment=attachment,
             size=len(outcome.content.encode()) if error is None else 0,
             cpu_seconds=round(outcome.cpu_seconds, 6), seconds=round(outcome.seconds, 6),
-            reused=reused, error=error,
+            reused=reused, timing=watch.timing(), error=error,
         )  # fmt: skip
         spans.finished(result)
         subject = subjects.tool_result(job.tenant, job.task_id)
