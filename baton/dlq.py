@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 from prometheus_client import Counter
 
+from baton.metrics import register
 from baton.transport import HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus, Msg
 from proto import keys, subjects
 from proto.ids import is_valid_id
@@ -37,6 +38,7 @@ MAX_DELIVERIES = Counter(
     "baton_max_deliveries",
     "Messages JetStream stopped delivering after max_deliver attempts, by stream and consumer.",
     ["stream", "consumer"],
+    registry=None,  # exported by the process that watches (register)
 )
 
 
@@ -70,6 +72,7 @@ class MaxDeliveryWatch:
 
     def __init__(self, bus: Bus, known: Sequence[tuple[str, str]] = ()) -> None:
         self.bus = bus
+        register(MAX_DELIVERIES)
         for stream, consumer in known:  # series exist from the start
             MAX_DELIVERIES.labels(stream, consumer)
 

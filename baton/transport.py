@@ -53,7 +53,7 @@ from nats.js.kv import KeyValue
 
 from baton import tracing
 from baton.accounts import SERVICES, inbox_prefix
-from baton.metrics import DEAD_LETTERS, MESSAGES_HANDLED, PERMISSION_VIOLATIONS
+from baton.metrics import DEAD_LETTERS, MESSAGES_HANDLED, PERMISSION_VIOLATIONS, register
 from baton.urls import redact
 from proto import codec, keys, subjects
 from proto.streams import BucketSpec, ConsumerSpec, StreamSpec
@@ -648,6 +648,7 @@ class Bus:
 
     async def puller(self, spec: ConsumerSpec) -> Puller:
         # Series exist from the start, so the first dead letter is an increase.
+        register(DEAD_LETTERS, MESSAGES_HANDLED)
         DEAD_LETTERS.labels(spec.durable)
         for outcome in ("ack", "nak", "term"):
             MESSAGES_HANDLED.labels(spec.durable, outcome)
@@ -1125,6 +1126,7 @@ async def connect(
 
     user = urllib.parse.urlsplit(url).username
     safe_url = redact(url)
+    register(PERMISSION_VIOLATIONS)
     PERMISSION_VIOLATIONS.labels(name)  # the series exists from the start
 
     async def on_error(exc: Exception) -> None:

@@ -1,39 +1,67 @@
-"""Every metric the alert rules and the dashboard rely on (deploy/metrics.txt)
-is exported by a running Baton service."""
+"""Each running Baton service exports exactly its own metric families, as
+deploy/metrics.txt lists them (the names alert rules and the dashboard may
+use), each with series; no ``_created`` series; HTTP metrics by route."""
 
 from __future__ import annotations
 
 import asyncio
 import re
 import urllib.request
+from collections import defaultdict
 from pathlib import Path
 
-from baton.testing import Client, LocalStack, uid
+from baton.testing import Client, LocalStack, metric, uid
 
 CATALOGUE = Path(__file__).parents[1] / "deploy" / "metrics.txt"
-# Only exported where pynvml finds a GPU (tests/test_gpu_metrics.py, fake NVML).
+# Only exported with series where pynvml finds a GPU (tests/test_gpu_metrics.py, fake NVML).
 GPU_ONLY = {"baton_worker_gpu_memory_used_bytes", "baton_worker_gpu_memory_free_bytes"}
 
 
-def _exported(url: str) -> set[str]:
+def catalogue() -> dict[str, set[str]]:
+    """{service: its metric names} from ``<service> <name>`` lines."""
+    by_service: dict[str, set[str]] = defaultdict(set)
+    for line in CATALOGUE.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            service, name = line.split()
+            by_service[service].add(name)
+    return dict(by_service)
+
+
+def _scrape(url: str) -> tuple[set[str], set[str], str]:
+    """The baton_* families a /metrics declares, the names that have series, the text."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
         text = r.read().decode()
-    names = {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines()
-             if line and not line.startswith("#")}  # fmt: skip
-    return names | {re.sub(r"_(bucket|sum|count)$", "", n) for n in names}
+    families = {ln.split()[2] for ln in text.splitlines() if ln.startswith("# TYPE baton_")}
+    names = {re.split(r"[{ ]", ln, maxsplit=1)[0] for ln in text.splitlines()
+             if ln and not ln.startswith("#")}  # fmt: skip
+    sampled = names | {re.sub(r"_(bucket|sum|count)$", "", n) for n in names}
+    return families, sampled, text
 
 
-async def test_running_services_export_every_catalogued_metric(
+async def test_each_running_service_exports_exactly_its_catalogued_metrics(
     stack: LocalStack, client: Client
 ) -> None:
     done = await client.run("chat", {"tenant": "hooli", "input": "hi", "task_id": uid()})
     assert done["type"] == "completed"
-    wanted = {ln.strip() for ln in CATALOGUE.read_text().splitlines() if ln.strip()}
-    for _ in range(40):  # gauges fed by periodic loops (heartbeats, backlog) need a beat
-        exported: set[str] = set()
-        for proc in stack.procs:
-            exported |= _exported(proc.url)
-        if not wanted - GPU_ONLY - exported:
-            break
-        await asyncio.sleep(0.25)
-    assert wanted - GPU_ONLY - exported == set()
+    wanted = catalogue()
+    assert {p.name for p in stack.procs} <= set(wanted)
+    for proc in stack.procs:
+        own = wanted[proc.name]
+        for _ in range(40):  # gauges fed by periodic loops (heartbeats, backlog) need a beat
+            families, sampled, text = _scrape(proc.url)
+            if not own - GPU_ONLY - sampled:
+                break
+            await asyncio.sleep(0.25)
+        assert families == own, (proc.name, families ^ own)  # nobody else's families
+        assert own - GPU_ONLY - sampled == set(), proc.name  # every own one with series
+        assert "_created" not in text, proc.name
+
+
+def test_http_metrics_are_by_route_and_status_class(stack: LocalStack) -> None:
+    url = stack.orchestrator.url
+    with urllib.request.urlopen(f"{url}/healthz", timeout=5):
+        pass
+    labels = {"handler": "/healthz", "method": "GET", "status": "2xx"}
+    assert metric(url, "baton_http_requests_total", **labels) >= 1
+    assert metric(url, "baton_http_request_duration_seconds_count", handler="/healthz") >= 1
+    assert metric(url, "baton_http_requests_total", handler="/metrics") == 0  # not counted

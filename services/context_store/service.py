@@ -19,7 +19,6 @@ import msgspec
 import structlog
 
 from baton import tracing
-from baton.metrics import CONTEXT_REQUEST_SECONDS, CONTEXT_REQUESTS
 from baton.service import Health
 from baton.transport import TRANSIENT, Bus, Msg, Request
 from proto import codec, subjects
@@ -48,6 +47,7 @@ from proto.streams import AUDIT, CONTEXT, CONTEXT_ATTACHMENTS, DOCUMENTS, ERASUR
 from .admin import Admin
 from .errors import ContextError
 from .history import HistoryStore
+from .metrics import CONTEXT_REQUEST_SECONDS, CONTEXT_REQUESTS
 from .refs import RefSigner
 from .retention import Retention, run_sweeper
 from .settings import ContextStoreSettings

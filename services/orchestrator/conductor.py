@@ -28,6 +28,7 @@ from proto.errors import ErrorCode
 from proto.ids import is_valid_id
 from proto.limits import MAX_INPUT_BYTES
 from proto.messages import (
+    PHASES,
     Cancel,
     ContextAppend,
     ContextAppendReply,
@@ -236,6 +237,12 @@ class Conductor:
             m.TOKENS.labels(*labels, "completion").inc(st.usage.completion_tokens)
             m.GPU_SECONDS.labels(*labels).inc(st.usage.gpu_seconds)
             m.COST.labels(*labels).inc(st.cost_usd)
+            m.TENANT_COST.labels(new.tenant).inc(st.cost_usd)
+            if st.timing is not None:
+                for phase in PHASES:
+                    seconds = getattr(st.timing.phases, phase)
+                    if seconds > 0:
+                        m.STEP_PHASE.labels(phase, new.workflow, st.pool).observe(seconds)
             if step_id == self.s.test_crash_after_commit:
                 # Test hook (tests/test_faults.py): die between storing the
                 # step as done and performing what follows it.

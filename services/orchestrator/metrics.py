@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from proto.messages import PHASES
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -19,6 +23,13 @@ STEP_LATENCY = Histogram(
     ["workflow", "agent"],
     buckets=_LATENCY,
 )
+STEP_PHASE = Histogram(
+    "baton_step_phase_seconds",
+    "Seconds a finished step spent in each phase of its waterfall (queue, context, admission, "
+    "prefill, decode, tool, record; a phase it did not go through is not observed).",
+    ["phase", "workflow", "pool"],
+    buckets=_LATENCY,
+)
 # Each replica counts the runs it wrote last (inflight.py): sum over replicas.
 STEPS_IN_FLIGHT = Gauge(
     "baton_steps_in_flight",
@@ -29,6 +40,9 @@ TOKENS = Counter(
     "baton_tokens", "Tokens by workflow, agent and kind.", ["workflow", "agent", "kind"]
 )
 COST = Counter("baton_cost_usd", "Cost in USD by workflow and agent.", ["workflow", "agent"])
+TENANT_COST = Counter(
+    "baton_tenant_cost_usd", "Cost in USD by tenant (the same steps as baton_cost_usd).", ["tenant"]
+)
 GPU_SECONDS = Counter(
     "baton_gpu_seconds", "GPU-seconds by workflow and agent.", ["workflow", "agent"]
 )
@@ -45,15 +59,23 @@ INPUT_OUTCOMES = (
     "forbidden", "input_too_large", "invalid_field", "bad_encoding",
 )  # fmt: skip
 TASK_OUTCOMES = ("completed", "failed", "rejected", "budget_exceeded", "cancelled")
+REJECTIONS = ("bad_encoding", "too_deep", "missing_field", "invalid_field", "input_too_large",
+              "forbidden", "unknown_workflow", "rate_limited")  # proto/admission.py  # fmt: skip
 
 
-def init_series(workflows: dict[str, list[str]]) -> None:
-    """Create per-workflow and per-agent series at zero ({workflow: [agents]})."""
+def init_series(workflows: dict[str, dict[str, str]], tenants: Iterable[str]) -> None:
+    """Create per-workflow, per-agent and per-tenant series at zero
+    (``workflows``: {workflow: {agent: pool}})."""
+    for tenant in tenants:
+        TENANT_COST.labels(tenant)
     for wf, agents in workflows.items():
         for outcome in TASK_OUTCOMES:
             TASKS.labels(wf, outcome)
         TASK_LATENCY.labels(wf)
         BUDGET_STOPS.labels(wf)
+        for phase in PHASES:
+            for pool in sorted(set(agents.values())):
+                STEP_PHASE.labels(phase, wf, pool)
         for agent in agents:
             STEP_LATENCY.labels(wf, agent)
             COST.labels(wf, agent)
@@ -64,6 +86,8 @@ def init_series(workflows: dict[str, list[str]]) -> None:
         ROUTING.labels(decision)
     for outcome in INPUT_OUTCOMES:
         INPUT_ANSWERS.labels(outcome)
+    for code in REJECTIONS:
+        REJECTED.labels(code)
 
 
 PENDING = Gauge(

@@ -88,7 +88,10 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
                     max_load=settings.route_max_load)  # fmt: skip
     conductor = Conductor(bus, runs, workflows, settings, router)
     intake = Intake(bus, conductor, runs, Limiter(settings.default_limits, settings.tenant_limits))
-    m.init_series({name: list(wf.agents) for name, wf in workflows.items()})
+    m.init_series(
+        {name: {a: spec.pool for a, spec in wf.agents.items()} for name, wf in workflows.items()},
+        tenants,
+    )
     await bus.subscribe(f"{subjects.HEARTBEATS}.*.*", hb.on_msg)
     watched = [
         *(streams.task_consumer(t) for t in tenants),

@@ -14,8 +14,18 @@ METRIC = re.compile(r"\bbaton_[a-z0-9_]*[a-z0-9]")
 HISTOGRAM_SERIES = re.compile(r"_(bucket|sum|count)$")
 
 
+SERVICES = {"orchestrator", "context-store", "inference-worker", "tool-worker"}
+
+
+def entries() -> list[tuple[str, str]]:
+    """``(service, name)`` of every ``<service> <name>`` line."""
+    lines = CATALOGUE_FILE.read_text().splitlines()
+    return [tuple(ln.split()) for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
 def catalogue() -> list[str]:
-    return [line.strip() for line in CATALOGUE_FILE.read_text().splitlines() if line.strip()]
+    """Every catalogued name once (a family of shared code is under each service)."""
+    return sorted({name for _, name in entries()})
 
 
 def used_names() -> set[str]:
@@ -28,8 +38,11 @@ def used_names() -> set[str]:
 
 
 def test_catalogue_is_well_formed():
+    pairs = entries()
+    assert all(len(p) == 2 for p in pairs), "lines are <service> <name>"
+    assert len(pairs) == len(set(pairs)), "duplicate entries"
+    assert {service for service, _ in pairs} == SERVICES
     names = catalogue()
-    assert len(names) == len(set(names)), "duplicate names"
     assert all(re.fullmatch(r"baton_[a-z0-9_]+", n) for n in names)
     assert not [n for n in names if HISTOGRAM_SERIES.search(n)], "list histogram base names"
 
