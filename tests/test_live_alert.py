@@ -18,6 +18,7 @@ from baton.natsd import NatsServer, free_port
 from baton.testing import Client, LocalStack, uid
 
 RULES = Path(__file__).parents[1] / "deploy" / "prometheus" / "rules" / "baton.rules.yml"
+DOCS = "https://git.example/baton/blob/v1/"  # the external label runbook links start with
 
 pytestmark = pytest.mark.skipif(
     shutil.which("prometheus") is None,
@@ -36,7 +37,8 @@ async def test_an_injected_oom_fires_the_oom_alert_in_prometheus(
     stack = LocalStack(own_nats, tmp_path / "stack").start()
     port = free_port()
     config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s",
+                   "external_labels": {"baton_docs_url": DOCS}},
         "rule_files": [str(RULES)],
         "scrape_configs": [{
             "job_name": "baton",
@@ -77,6 +79,9 @@ async def test_an_injected_oom_fires_the_oom_alert_in_prometheus(
             await asyncio.sleep(0.5)
         assert firing, _alerts(port)
         assert firing[0]["labels"]["pool"] == "default"  # type: ignore[index]
+        # The runbook link is absolute under the external label.
+        url = firing[0]["annotations"]["runbook_url"]  # type: ignore[index]
+        assert url == f"{DOCS}docs/deploy.md#batongpuoutofmemory-critical"
     finally:
         await client.close()
         prom.terminate()

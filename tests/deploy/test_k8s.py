@@ -3,6 +3,7 @@ Kubernetes schemas (offline), and the KEDA/probe/drain settings are right."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import urllib.parse
@@ -185,6 +186,17 @@ def test_monitoring_objects_present(overlay):
     assert pm["podMetricsEndpoints"][0]["path"] == "/metrics"
     names = set(pm["selector"]["matchExpressions"][0]["values"])
     assert names == set(objects(overlay, "Deployment"))
+    relabel = pm["podMetricsEndpoints"][0]["relabelings"][0]
+    assert relabel["targetLabel"] == "service"  # as in compose: the dashboard groups by it
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_dashboard_ships_as_a_configmap_for_the_grafana_sidecar(overlay):
+    cm = objects(overlay, "ConfigMap")["baton-dashboard"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"].get("namespace", NAMESPACE) == NAMESPACE
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "baton.json").read_text())
+    assert json.loads(cm["data"]["baton.json"]) == dashboard
 
 
 # -- fences: NetworkPolicies, TLS, encryption at rest, API keys --------------
