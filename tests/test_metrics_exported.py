@@ -65,3 +65,31 @@ def test_http_metrics_are_by_route_and_status_class(stack: LocalStack) -> None:
     assert metric(url, "baton_http_requests_total", **labels) >= 1
     assert metric(url, "baton_http_request_duration_seconds_count", handler="/healthz") >= 1
     assert metric(url, "baton_http_requests_total", handler="/metrics") == 0  # not counted
+
+
+async def test_a_research_task_feeds_the_waterfall_latency_lag_and_cost_metrics(
+    stack: LocalStack, client: Client
+) -> None:
+    by_name = {p.name: p.url for p in stack.procs}
+    orch, worker, tools = (by_name[n] for n in ("orchestrator", "inference-worker", "tool-worker"))
+
+    def counts() -> dict[str, float]:
+        return {
+            "queue": metric(orch, "baton_step_phase_seconds_count", phase="queue", workflow="research"),
+            "decode": metric(orch, "baton_step_phase_seconds_count", phase="decode", workflow="research"),
+            "tool": metric(orch, "baton_step_phase_seconds_count", phase="tool", workflow="research"),
+            "cost": metric(orch, "baton_tenant_cost_usd_total", tenant="wonka"),
+            "ttft": metric(worker, "baton_worker_ttft_seconds_count", model="tiny"),
+            "itl": metric(worker, "baton_worker_inter_token_latency_seconds_count", model="tiny"),
+            "lag": metric(worker, "baton_worker_token_stream_lag_seconds_count"),
+            "tool_queue": metric(tools, "baton_tool_queue_wait_seconds_count"),
+        }  # fmt: skip
+
+    before = counts()
+    done = await client.run("research", {"tenant": "wonka", "input": "sort numbers",
+                                         "task_id": uid()}, timeout=90)  # fmt: skip
+    assert done["type"] == "completed", done
+    grew = {k: v - before[k] for k, v in counts().items()}
+    assert all(v > 0 for v in grew.values()), grew
+    # Each finished step observed its queue once: plan, two workers, validate, summary.
+    assert grew["queue"] >= 5, grew
