@@ -239,7 +239,8 @@ class JobHandler:
         ended = False
         tokens = self.tokens.open(job, attempt=f"{d.stream_seq}.{d.num_delivered}")
         ttft, itl = self._latency
-        last = 0.0
+        texts = 0  # chunks with text: tokens, for vllm and sim
+        stream_end = 0.0
         try:
             request = GenerationRequest(
                 request_id=request_id,
@@ -253,13 +254,9 @@ class JobHandler:
             )
             async for chunk in self.engine.generate(request):
                 if chunk.text:
-                    if last:
-                        now = time.time()
-                        itl.observe(now - last)
-                    else:
-                        now = watch.first_token()
-                        ttft.observe(now - started)
-                    last = now
+                    if not texts:
+                        ttft.observe(watch.first_token() - started)
+                    texts += 1
                 parts.append(chunk.text)
                 tokens.add(chunk.text)
                 if chunk.finished:
@@ -272,7 +269,7 @@ class JobHandler:
             await self._too_long(job, exc.prompt_tokens, exc.max_model_len, watch)
             return None
         finally:
-            watch.lap("decode" if last else "prefill")
+            stream_end = watch.lap("decode" if texts else "prefill")
             # A generation whose answer will be stored keeps its sink open: the
             # last delta goes out beside the answer's append (``_run``). Any
             # other ends its deltas here, without a final one.
@@ -288,6 +285,8 @@ class JobHandler:
         if flight.epoch != sup.epoch or final is None:
             m.JOBS.labels(self.pool, "nak").inc()
             raise Nak(self.s.oom_retry_delay, "generation interrupted by an engine restart")
+        if texts > 1:  # one observation per generation keeps the token loop cheap
+            itl.observe((stream_end - watch.first_token_at) / (texts - 1))
         m.PROMPT_TOKENS.labels(self.pool).inc(final.prompt_tokens)
         m.COMPLETION_TOKENS.labels(self.pool).inc(final.completion_tokens)
         usage = Usage(

@@ -21,7 +21,9 @@ TTFT = Histogram(
 )
 ITL = Histogram(
     "baton_worker_inter_token_latency_seconds",
-    "Between consecutive streamed tokens of a generation (one chunk each for vllm and sim).",
+    "Mean time between streamed tokens, one observation per generation (a token is a "
+    "streamed chunk: one each for vllm and sim; vLLM's own per-token histogram is "
+    "vllm:inter_token_latency_seconds).",
     ["pool", "model"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2.5),
 )
