@@ -152,6 +152,13 @@ async def test_a_burst_three_times_over_kv_capacity_completes_without_loss(
     assert {r.job_id for r in results} == {j.job_id for j in jobs}  # none lost, none twice
     assert all(r.error is None for r in results), [r.error for r in results if r.error]
     assert peak_admitted <= worker.admission.kv_limit
+    # Each result's waterfall, measured by the worker on real vLLM: every
+    # phase of its part present, the times ordered, the phases its span.
+    for r in results:
+        t = r.timing
+        assert t is not None and t.phases.prefill > 0 and t.phases.decode > 0, t
+        assert t.queued_at <= t.started_at <= t.first_token_at <= t.finished_at, t
+        assert abs(t.phases.total() - (t.finished_at - t.queued_at)) < 1e-3, t
     waits = sorted(r.queue_seconds for r in results)
     p99 = waits[min(len(waits) - 1, int(0.99 * len(waits)))]
     print(f"burst: {n} jobs x {need} tokens = {n * need / vllm_engine.capacity().kv_tokens:.1f}x "
