@@ -54,7 +54,6 @@ class StepState(msgspec.Struct, omit_defaults=True, kw_only=True):
     context_budget: int = 0  # window tokens, set when the task has a token budget
     attempt: int = 1  # dispatches so far (a timeout dispatches again)
     dispatched_at: float = 0.0  # of the current turn or attempt
-    opened_at: float = 0.0  # the step's first dispatch (its span's start)
     deadline: float = 0.0  # when the current attempt times out
     finished_at: float = 0.0
     usage: Usage = msgspec.field(default_factory=Usage)

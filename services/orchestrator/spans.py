@@ -149,7 +149,7 @@ def _step(run: RunState, step_id: str, st: StepState, root: SpanContext, now: fl
         name=name,
         context=step_context(root, run.tenant, run.task_id, step_id),
         parent=root,
-        start=st.opened_at or st.dispatched_at or run.created_at,
+        start=(st.timing.queued_at if st.timing else 0.0) or st.dispatched_at or run.created_at,
         end=end,
         attributes=attrs,
         error=None if st.status == "done" else _error(run),

@@ -474,7 +474,6 @@ def _dispatch(
             max_tokens=max_tokens,
             context_budget=window,
             dispatched_at=now,
-            opened_at=now,
             deadline=now + rules.timeout(run, p.agent),
             ref=refs[p.step_id],
             timing=waterfall.begun(now),
