@@ -3,6 +3,7 @@
 baton up                          embedded NATS and the services
 baton submit WORKFLOW INPUT ...   publish a task over NATS, stream its tokens and steps
 baton status ID / cancel ID       one task, through the orchestrator's HTTP API
+baton fork ID STEP [--input T]    run a task again from a finished step, as a new task
 baton tasks                       a tenant's tasks, newest first
 baton workflows [check FILE]      the workflows served, or validate a workflow file
 baton tenant url|key TENANT       the tenant's NATS URL / HTTP API key (written by `baton up`)
@@ -204,7 +205,8 @@ def _stored_key(data_dir: Path, tenant: str | None) -> str | None:
 
 
 def _api(method: str, api_url: str, path: str, api_key: str | None,
-         params: dict[str, Any] | None = None) -> Any:  # fmt: skip
+         params: dict[str, Any] | None = None,
+         body: dict[str, Any] | None = None) -> Any:  # fmt: skip
     """Call the HTTP API. Without ``--api-key``, the key ``baton up`` wrote
     under ``BATON_DATA_DIR``: the tenant's when the call names one, else the
     operator's."""
@@ -218,7 +220,7 @@ def _api(method: str, api_url: str, path: str, api_key: str | None,
     query = {k: v for k, v in (params or {}).items() if v is not None}
     try:
         r = httpx.request(method, f"{api_url.rstrip('/')}{path}", params=query, headers=headers,
-                          timeout=10.0)  # fmt: skip
+                          json=body, timeout=10.0)  # fmt: skip
     except httpx.HTTPError as exc:
         fail(f"cannot reach the orchestrator at {api_url}: {type(exc).__name__}", EXIT_UNREACHABLE)
     try:
@@ -278,6 +280,30 @@ def cancel(
     if json_out:
         return _print_json(doc)
     print(f"{doc['task_id']}: {doc['status']}")
+
+
+@app.command()
+def fork(
+    task_id: str,
+    step: Annotated[str, typer.Argument(help="A finished step of the task, e.g. r1.validate")],
+    input: Annotated[str | None, typer.Option("--input", help="The step's edited input: from "
+                     "the first step it replaces the task's; else the step reads it last")] = None,
+    new_task_id: Annotated[str | None, typer.Option("--task-id", help="The new task's id")] = None,
+    tenant: Tenant = None, api_url: ApiUrl = DEFAULT_API_URL, api_key: ApiKey = None,
+    json_out: Json = False,
+) -> None:  # fmt: skip
+    """Run a task again from one of its finished steps, as a new task (the
+    steps before it are carried over, not run again; the task is untouched)."""
+    _id(task_id, "task id")
+    _id(tenant, "tenant")
+    _id(new_task_id, "task id")
+    body: dict[str, Any] = {"step": step, "input": input, "task_id": new_task_id}
+    doc = _api("POST", api_url, f"/v1/tasks/{task_id}/fork", api_key, {"tenant": tenant},
+               {k: v for k, v in body.items() if v is not None})  # fmt: skip
+    if json_out:
+        return _print_json(doc)
+    carried = ", ".join(doc["carried"]) or "none"
+    print(f"{doc['task_id']}: forked from {task_id} at {step} (carried: {carried})")
 
 
 @app.command()

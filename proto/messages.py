@@ -411,11 +411,14 @@ class ContextSummarize(msgspec.Struct, omit_defaults=True, kw_only=True):
 
 class ContextFork(msgspec.Struct, omit_defaults=True, kw_only=True):
     """Create ``child`` sharing the prefix ``ref`` covers, without copying it.
-    Idempotent: forking the same ref into the same child again is a no-op."""
+    Idempotent: forking the same ref into the same child again is a no-op.
+    ``upto``: share only the first ``upto`` messages of that prefix (a run
+    forked from its first step leaves the task's input out, to replace it)."""
 
     tenant: Id
     ref: ContextRef
     child: Id
+    upto: int | None = None
 
 
 class ForkReply(msgspec.Struct, omit_defaults=True, kw_only=True):

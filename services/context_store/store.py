@@ -192,7 +192,10 @@ class ContextStore:
         await self.resolve(req.tenant, ref)
         if req.child == ref.session:
             raise ContextError(ErrorCode.BAD_REQUEST, "a session cannot be forked onto itself")
-        origin = ForkOrigin(ref.session, ref.version, ref.incarnation)
+        if req.upto is not None and not 0 <= req.upto <= ref.version:
+            raise ContextError(ErrorCode.BAD_REQUEST, f"upto must be 0..{ref.version}")
+        version = ref.version if req.upto is None else req.upto
+        origin = ForkOrigin(ref.session, version, ref.incarnation)
         # The parent notes the child first, so deleting the parent always
         # finds it. The child is not read first: a fork is nearly always onto
         # a session never written, and the child's own write is conditional.
@@ -211,5 +214,5 @@ class ContextStore:
         s, _, dup = await self.history.write(req.tenant, req.child, "fork", build)
         if s.fork != origin:
             raise ContextError(ErrorCode.CONFLICT, f"session {req.child!r} already exists")
-        ref = self.signer.sign(req.tenant, req.child, ref.version, s.incarnation)
+        ref = self.signer.sign(req.tenant, req.child, version, s.incarnation)
         return ForkReply(ref=ref, duplicate=dup)

@@ -31,12 +31,15 @@ from baton.transport import Bus
 from proto import codec, keys, streams, subjects
 from proto.admission import TaskRejected, parse_task
 from proto.errors import ErrorCode
+from proto.limits import MAX_INPUT_BYTES
 from proto.messages import DocumentPut, InputAnswer, TaskSubmit
 
 from .api_models import (
     Cancelled,
     DocumentIn,
     DocumentStored,
+    ForkAccepted,
+    ForkIn,
     InputAccepted,
     InputIn,
     TaskAccepted,
@@ -54,7 +57,7 @@ from .intake import Intake
 from .listing import BadCursor, page_runs
 from .runs import ERASED, RunState, RunStore
 from .settings import OrchestratorSettings
-from .transitions import waiting_step
+from .transitions import NewFork, fork_refusal, waiting_step
 from .workflows import WorkflowSpec
 
 _NO_TENANT = "tenant is required (query parameter or API key)"
@@ -306,6 +309,42 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         await bus.publish(subject, answer, msg_id=keys.input_message(task_id, step),
                           task_id=task_id)  # fmt: skip
         return InputAccepted(task_id=task_id, step=step, subject=subject)
+
+    @app.post("/v1/tasks/{task_id}/fork", status_code=202, response_model=ForkAccepted,
+              responses=ERROR_RESPONSES)  # fmt: skip
+    async def fork(
+        task_id: str, body: ForkIn, tenant: str | None = Depends(tenant_of)
+    ) -> ForkAccepted:
+        """Run the task's workflow again from one of its finished steps, as a
+        new task: on a fork of its session at the context that step started
+        from, with the steps before it carried over (not run again) and the
+        step reading ``input`` (see docs/workflows.md, "Fork from a step").
+        The task itself is not changed. Follow the new task like any other."""
+        bus, _ = svc.ready()
+        tenant = owned(task_id, tenant)
+        source = await known(task_id, tenant)
+        new_id = body.task_id or uuid.uuid4().hex
+        require_ids(task_id=new_id)
+        if body.input is not None and len(body.input.encode()) > MAX_INPUT_BYTES:
+            raise ApiError(ErrorCode.INPUT_TOO_LARGE, f"input is at most {MAX_INPUT_BYTES} bytes",
+                           param="input")  # fmt: skip
+        assert svc.conductor is not None
+        why = fork_refusal(source, body.step, svc.conductor.rules)
+        if why is not None:
+            raise ApiError(ErrorCode.INVALID_FIELD, why, param="step")
+        await svc._within_limits(bus, tenant)
+        out = await svc.conductor.fork(source, NewFork(new_id, new_id, body.step, body.input))
+        if out.note == "duplicate_task":
+            raise ApiError(ErrorCode.CONFLICT, f"task {new_id!r} exists and is not this fork",
+                           param="task_id")  # fmt: skip
+        run = out.run
+        return ForkAccepted(
+            task_id=run.task_id, tenant=tenant, session=run.session, workflow=run.workflow,
+            duplicate=out.note == "resumed", forked_from=task_id, step=body.step,
+            carried=[k for k, st in run.steps.items() if st.carried],
+            events_subject=subjects.event(tenant, run.task_id),
+            tokens_subject=subjects.tokens(tenant, run.task_id),
+        )  # fmt: skip
 
     @app.post("/v1/documents", status_code=201, response_model=DocumentStored,
               responses=ERROR_RESPONSES)  # fmt: skip

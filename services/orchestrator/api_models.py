@@ -65,6 +65,11 @@ class CallOut(BaseModel):
     seconds: float = 0.0
 
 
+class ContextAt(BaseModel):
+    session: str
+    version: int = Field(description="Messages of the session the step started from.")
+
+
 class StepOut(BaseModel):
     agent: str
     pool: str
@@ -87,6 +92,10 @@ class StepOut(BaseModel):
     deadline: float = Field(default=0.0, description="When the current wait times out.")
     input: bool = Field(default=False, description="An input step (waits for a human).")
     answered_by: str = Field(default="", description="An input step's answer: human | default.")
+    context: ContextAt | None = Field(default=None, description="The context the step started "
+                                      "from (where a fork from it starts).")  # fmt: skip
+    carried: bool = Field(default=False, description="A forked run's step carried over from the "
+                          "run it was forked from (not run again).")  # fmt: skip
 
 
 class TaskSummary(BaseModel):
@@ -100,6 +109,8 @@ class TaskSummary(BaseModel):
     error: ErrorInfo | None = None
     created_at: float = 0.0
     updated_at: float = 0.0
+    forked_from: str = Field(default="", description="A fork: the task it was forked from.")
+    forked_at: str = Field(default="", description="A fork: the step it ran again.")
 
 
 class TaskStatus(TaskSummary):
@@ -115,6 +126,21 @@ class TaskStatus(TaskSummary):
 class TaskPage(BaseModel):
     tasks: list[TaskSummary]
     next_cursor: str | None = Field(description="`cursor` of the next page; null at the end.")
+
+
+class ForkIn(BaseModel):
+    step: str = Field(description="A finished step of the task (e.g. `r1.validate`).")
+    input: str | None = Field(default=None, description="The edit: from the first step it "
+                              "replaces the task's input, from a later one the step reads it "
+                              "last. Omitted: the step runs again on what it read.")  # fmt: skip
+    task_id: str | None = Field(default=None, description="The new task's id (default: a new "
+                                "one); the same id again is the same fork.")  # fmt: skip
+
+
+class ForkAccepted(TaskAccepted):
+    forked_from: str
+    step: str
+    carried: list[str] = Field(description="The steps carried over, not run again.")
 
 
 class Cancelled(BaseModel):
@@ -161,6 +187,9 @@ def run_doc(run: RunState) -> dict[str, Any]:
     doc["metadata"] = json_safe(run.metadata)
     for st in doc.get("steps", {}).values():
         st.pop("ref", None)
+        origin = st.pop("origin", None)  # a signed ref: only where it points is shown
+        if origin is not None:
+            st["context"] = {"session": origin[1], "version": origin[2]}
         for call in st.get("calls", {}).values():
             call.pop("ref", None)
     doc.pop("task_seq", None)

@@ -201,7 +201,7 @@ class Conductor:
                 )
                 name, reply_type = "append", ContextAppendReply
             else:
-                request = ContextFork(tenant=tenant, ref=op.ref, child=op.child)
+                request = ContextFork(tenant=tenant, ref=op.ref, child=op.child, upto=op.upto)
                 name, reply_type = "fork", ForkReply
             try:
                 reply = await self.bus.request(
@@ -225,7 +225,7 @@ class Conductor:
         for step_id, st in new.steps.items():
             if st.status != "done" or (step_id in before and before[step_id].status == "done"):
                 continue
-            if st.input:  # a human's answer: no agent, no worker, no tokens
+            if st.input or st.carried:  # a human's answer; a step a forked run did not run
                 continue
             if st.session == new.session:
                 # Only the run's own session is read again (a fork is one
@@ -472,6 +472,23 @@ class Conductor:
         outcome = "unknown_task" if out is None else (out.note or "taken")
         m.INPUT_ANSWERS.labels(outcome).inc()
         log.info("input_answer", outcome=outcome, step=msg.step)
+        return out
+
+    # -- forks -------------------------------------------------------------
+
+    async def fork(self, source: RunState, req: T.NewFork) -> T.Transition:
+        """Start run ``req.task_id`` from a finished step of ``source`` (checked
+        with ``transitions.fork_refusal`` first). ``note`` of the outcome:
+        ``duplicate_task`` when that task id is another run already."""
+        structlog.contextvars.bind_contextvars(task_id=req.task_id, tenant=source.tenant)
+        out = await self._apply(
+            source.tenant,
+            req.task_id,
+            lambda run, now, ctx: T.fork(run, source, req, self.rules, now, ctx),
+            new=True,
+        )
+        assert out is not None
+        log.info("task_forked", source=source.task_id, step=req.step, note=out.note)
         return out
 
     # -- cancellation ------------------------------------------------------

@@ -67,6 +67,10 @@ class StepState(msgspec.Struct, omit_defaults=True, kw_only=True):
     input: bool = False  # an input step: it waits for a human (no agent, no job)
     answered_by: str = ""  # an input step's answer: "human" or "default" (its timeout)
     timing: Timing | None = None  # its waterfall so far (waterfall.py)
+    # The run session's context the step was dispatched from (a parallel
+    # branch: what its fork was made of): where a fork from this step starts.
+    origin: ContextRef | None = None
+    carried: bool = False  # done in the run this one was forked from, not run again
 
 
 class RunState(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -90,6 +94,8 @@ class RunState(msgspec.Struct, omit_defaults=True, kw_only=True):
     # The W3C traceparent of the caller's span the task arrived in ("" when
     # none): every replica derives the task's spans from it (spans.py).
     trace: str = ""
+    forked_from: str = ""  # a fork: the task it was forked from...
+    forked_at: str = ""  # ...and the step it runs again
 
     @property
     def key(self) -> str:

@@ -76,10 +76,12 @@ class AppendOp:
 
 @dataclass(frozen=True, slots=True)
 class ForkOp:
-    """Fork ``ref``'s prefix into session ``child`` (idempotent)."""
+    """Fork ``ref``'s prefix into session ``child`` (idempotent); ``upto``:
+    only its first ``upto`` messages."""
 
     ref: ContextRef
     child: str
+    upto: int | None = None
 
     @property
     def key(self) -> str:
@@ -477,6 +479,7 @@ def _dispatch(
             deadline=now + rules.timeout(run, p.agent),
             ref=refs[p.step_id],
             timing=waterfall.begun(now),
+            origin=ref,
         )
         run.steps[p.step_id] = st
         effects += [_started(run, now, p.step_id, st), _job(run, rules, now, p.step_id, st)]
@@ -532,6 +535,86 @@ def start(run: RunState | None, task: NewTask, rules: Rules, now: float, ctx: Ct
     if look is not None:
         effects.append(Watch(look))
     return Transition(run, True, effects)
+
+
+@dataclass(frozen=True, slots=True)
+class NewFork:
+    """Run a task's workflow again from one of its finished steps, as task
+    ``task_id`` on session ``session`` (a fork of the old run's)."""
+
+    task_id: str
+    session: str
+    step: str
+    input: str | None = None  # the edit (``fork``'s docstring); None: the step as it was
+
+
+def fork_refusal(source: RunState, step: str, rules: Rules) -> str | None:
+    """Why ``source`` cannot be forked from ``step`` (None: it can)."""
+    if source.workflow not in rules.workflows:
+        return f"task {source.task_id!r} ran no workflow (it was rejected)"
+    st = source.steps.get(step)
+    if st is None:
+        return f"task {source.task_id!r} has no step {step!r}"
+    if st.input:
+        return f"{step} is an input step: fork from the step after it with the answer as input"
+    if st.status not in ("done", "failed"):
+        return f"step {step} has not finished ({st.status})"
+    if st.origin is None:
+        return f"step {step} was recorded before runs could be forked"
+    return None
+
+
+def fork(
+    run: RunState | None, source: RunState, req: NewFork, rules: Rules, now: float, ctx: Ctx
+) -> Outcome:
+    """A new run of ``source``'s workflow from its finished step ``req.step``
+    (``fork_refusal`` said it may): its session is a fork of ``source``'s at
+    the context the step started from; the steps that finished before it are
+    carried over as they were (not run again, their usage not counted again);
+    the step runs again — a parallel step with all its branches — reading the
+    edit. From the run's first step the edit replaces the task's input;
+    from a later one it is added as the newest user message. ``source`` is
+    not changed. The same request again (the new run exists) replays it;
+    another request for that task id changes nothing."""
+    if run is not None:
+        if (run.forked_from, run.forked_at) != (source.task_id, req.step):
+            return Transition(run, False, note="duplicate_task")
+        return Transition(run, False, replay(run, rules, now), note="resumed")
+    wf = rules.workflows[source.workflow]
+    st = source.steps[req.step]
+    assert st.origin is not None
+    at = wf.position(req.step)
+    replace = req.input is not None and at == (1, 0)
+    run = RunState(
+        tenant=source.tenant, task_id=req.task_id, session=req.session,
+        workflow=source.workflow, task_seq=0, budget=source.budget,
+        max_tokens=source.max_tokens, temperature=source.temperature,
+        metadata=dict(source.metadata), created_at=now, updated_at=now,
+        forked_from=source.task_id, forked_at=req.step,
+    )  # fmt: skip
+    ops: list[ContextOp] = [ForkOp(st.origin, req.session, st.origin.version - 1 if replace
+                                   else None)]  # fmt: skip
+    if req.input is not None:
+        edit = (ChatMessage(role="user", content=req.input),)
+        ops.append(AppendOp(req.session, keys.task_input(req.task_id), edit))
+    ref: ContextRef | None = None
+    for op in ops:  # in order: the fork must exist before the edit is appended to it
+        got = _context(ctx, op)
+        if got is None:
+            return Need((op,))
+        if isinstance(got, ErrorInfo):
+            _fail(run, got)
+            return Transition(run, True, replay(run, rules, now))
+        ref = got
+    assert ref is not None
+    for step, done in source.steps.items():
+        if done.status == "done" and wf.position(step) < at:
+            run.steps[step] = codec.decode_own(codec.encode(done), StepState)
+            run.steps[step].carried = True
+    more = _dispatch(run, rules, now, ctx, wf.again(run, req.step), ref)
+    if isinstance(more, Need):
+        return more
+    return Transition(run, True, replay(run, rules, now))
 
 
 def result(
@@ -757,7 +840,8 @@ def _wait_for_input(
     watchdog looks again at its deadline."""
     assert plan.input is not None
     st = StepState(agent="", pool="", session=plan.session, status="waiting_input", input=True,
-                   dispatched_at=now, deadline=now + plan.input.timeout, ref=ref)  # fmt: skip
+                   dispatched_at=now, deadline=now + plan.input.timeout, ref=ref,
+                   origin=ref)  # fmt: skip
     run.steps[plan.step_id] = st
     return [_waiting_event(run, rules, now, plan.step_id, st)]
 

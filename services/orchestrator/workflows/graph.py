@@ -115,6 +115,32 @@ class GraphWorkflow:
     def start(self, run: RunState) -> list[StepPlan]:
         return self._plans(1, self.spec.steps[0], run)
 
+    def position(self, step_id: str) -> tuple[int, int]:
+        """Where a step instance stands in the run: (round, index of its step
+        in the workflow). A run only ever moves forward in this order (a route
+        back to an earlier step starts the next round), so the steps before a
+        step are exactly those with a smaller position; the branches of a
+        parallel step share one."""
+        round_, sid, _ = parse_step_id(step_id)
+        return round_, self._order.index(sid)
+
+    def knows(self, step_id: str) -> bool:
+        """Whether ``step_id`` names a step instance of this workflow."""
+        try:
+            round_, sid, agent = parse_step_id(step_id)
+        except (ValueError, IndexError):
+            return False
+        step = self._steps.get(sid)
+        if step is None or not 1 <= round_ <= self.spec.rounds:
+            return False
+        return agent in step.parallel if step.parallel else agent is None
+
+    def again(self, run: RunState, step_id: str) -> list[StepPlan]:
+        """The plans that run ``step_id``'s step once more in ``run`` (a fork
+        from it): the step, or every branch of its parallel step."""
+        round_, sid, _ = parse_step_id(step_id)
+        return self._plans(round_, self._steps[sid], run)
+
     def _output(self, run: RunState, fallback: str) -> str:
         if self.spec.output is None:
             return fallback
