@@ -26,6 +26,7 @@ ERASE_SESSION = "erase_session"
 ERASE_TENANT = "erase_tenant"
 ERASE_TASKS = "erase_tasks"
 PERMISSION_VIOLATION = "permission_violation"
+CONSOLE_LOGIN = "console_login"
 
 
 def entry(
@@ -44,9 +45,12 @@ def entry(
                        detail=detail or {})  # fmt: skip
 
 
-async def record(bus: Bus, rec: AuditRecord) -> None:
-    """Store ``rec`` durably (a JetStream publish: raises if it was not stored)."""
-    await bus.publish(subjects.audit(rec.action, rec.tenant or None), rec)
+async def record(bus: Bus, rec: AuditRecord, *, msg_id: str | None = None) -> bool:
+    """Store ``rec`` durably (a JetStream publish: raises if it was not
+    stored). ``msg_id``: False when a record with that id was stored within
+    the stream's de-duplication window (60 s) — a once-only action's proof."""
+    ack = await bus.publish(subjects.audit(rec.action, rec.tenant or None), rec, msg_id=msg_id)
+    return not ack.duplicate
 
 
 def subject_filter(tenant: str | None = None, action: str | None = None) -> str:

@@ -15,16 +15,18 @@ import ipaddress
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from baton import http_errors, logs, tracing
+from baton import sessions as S
 from baton.credentials import OPERATOR_SCOPE
 from baton.http_errors import ErrorBody, ErrorDetail
 from baton.metrics import mount_metrics
@@ -104,7 +106,19 @@ def document_errors(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def caller_scope(api_keys: dict[str, str]) -> Callable[..., str | None]:
+def refuse_cross_site(request: Request) -> None:
+    """403 for a state-changing request a browser sent from another site
+    (its ``Origin`` names another host): with or without keys, a page on
+    another origin must not make a local API cancel or submit anything."""
+    if request.method in S.SAFE_METHODS:
+        return
+    if not S.same_origin(request.headers.get("origin"), request.headers.get("host")):
+        raise HTTPException(403, "cross-site request refused (Origin is not this host)")
+
+
+def caller_scope(
+    api_keys: dict[str, str], sessions: S.SessionKeys | None = None
+) -> Callable[..., str | None]:
     """A FastAPI dependency: the tenant the caller's bearer key belongs to.
 
     None means unrestricted: no keys are configured (an explicit opt-in,
@@ -112,10 +126,15 @@ def caller_scope(api_keys: dict[str, str]) -> Callable[..., str | None]:
     ``"*"`` (an operator). An unknown or missing key is refused with 401.
     With keys, declared in OpenAPI as a bearer scheme, so ``/docs`` has an
     Authorize button; without, the API declares none (it asks for none).
+    ``sessions``: a browser's console session cookie (``baton.sessions``)
+    stands for the key that opened it; a state-changing call with it needs
+    the session's CSRF token in ``X-Baton-CSRF``. Every state-changing call
+    a browser sends from another origin is refused (``refuse_cross_site``).
     """
     if not api_keys:
 
-        def open_scope() -> str | None:
+        def open_scope(request: Request) -> str | None:
+            refuse_cross_site(request)
             return None
 
         return open_scope
@@ -123,10 +142,21 @@ def caller_scope(api_keys: dict[str, str]) -> Callable[..., str | None]:
                         description="A Baton API key: `Authorization: Bearer <key>`.")  # fmt: skip
 
     def scope(
+        request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
     ) -> str | None:
+        refuse_cross_site(request)
         key = credentials.credentials.strip() if credentials else ""
-        tenant = api_keys.get(key)
+        tenant = api_keys.get(key) if key else None
+        cookie = request.cookies.get(S.COOKIE)
+        if tenant is None and not key and sessions is not None and cookie:
+            grant = sessions.verify(cookie, "session", time.time())
+            if grant is not None:
+                if request.method not in S.SAFE_METHODS and not sessions.csrf_ok(
+                    grant, request.headers.get(S.CSRF_HEADER)
+                ):
+                    raise HTTPException(403, f"the console's {S.CSRF_HEADER} token is missing")
+                tenant = grant.scope
         if tenant is None:
             raise HTTPException(
                 401,

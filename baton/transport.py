@@ -888,14 +888,15 @@ class Bus:
         stream: str | None = None,
         start_seq: int = 0,
         cb: Callable[[Msg], Awaitable[None]] | None = None,
+        new: bool = False,
     ) -> JetStreamContext.PushSubscription:
         """An ordered consumer of ``subject`` from ``start_seq`` (0: the first
-        message), to replay a stream and follow it live: with ``cb`` each
-        message is handed to it, else read them with ``next_msg``."""
+        message; ``new``: only messages stored from now on), to replay a stream
+        and follow it live: with ``cb`` each message is handed to it, else
+        read them with ``next_msg``."""
+        policy = api.DeliverPolicy.BY_START_SEQUENCE if start_seq else api.DeliverPolicy.ALL
         config = api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE
-            if start_seq
-            else api.DeliverPolicy.ALL,
+            deliver_policy=api.DeliverPolicy.NEW if new else policy,
             opt_start_seq=start_seq or None,
         )
         sub: JetStreamContext.PushSubscription = await self.js.subscribe(

@@ -155,3 +155,9 @@ def token_delta(job_id: str, attempt: str, index: int) -> str:
 def dead_letter_replay(stream_seq: int) -> str:
     """``Nats-Msg-Id`` of a dead letter replayed onto its original subject."""
     return f"dlq-replay:{stream_seq}"
+
+
+def console_login(nonce: str) -> str:
+    """``Nats-Msg-Id`` of the audit record of a console login by link: the
+    stream's de-duplication makes each link's token work once."""
+    return f"console-login:{nonce}"

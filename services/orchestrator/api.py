@@ -27,6 +27,7 @@ from baton import tracing
 from baton.documents import DocumentTooLarge, put_document
 from baton.http_errors import ERROR_RESPONSES, ApiError, require_ids
 from baton.service import Health, caller_scope, health_app
+from baton.sessions import SessionKeys
 from baton.transport import Bus
 from proto import codec, keys, streams, subjects
 from proto.admission import TaskRejected, parse_task
@@ -140,9 +141,11 @@ def _not_erased(task_id: str, run: RunState) -> RunState:
 
 def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> FastAPI:
     app = health_app("Baton orchestrator", health)
+    # The run console's browser sessions stand for the API keys that opened them.
+    sessions = SessionKeys(settings.api_keys) if settings.api_keys else None
 
     def tenant_of(
-        scope: str | None = Depends(caller_scope(settings.api_keys)),
+        scope: str | None = Depends(caller_scope(settings.api_keys, sessions)),
         tenant: str | None = Query(default=None, description="Without API keys: the tenant."),
     ) -> str | None:
         """A scoped key decides the tenant; unrestricted callers name it."""
@@ -193,12 +196,13 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         limit: int = Query(default=50, ge=1, le=200),
         cursor: str | None = None,
     ) -> TaskPage:
-        """A tenant's tasks, newest first, a page at a time."""
+        """A tenant's tasks, newest first, a page at a time; an operator's key
+        (or no keys) naming no ``tenant``: every tenant's."""
         _, runs = svc.ready()
-        if tenant is None:
-            raise ApiError(ErrorCode.MISSING_FIELD, _NO_TENANT, param="tenant")
         require_ids(tenant=tenant, workflow=workflow)
-        live = [r for r in await runs.list(tenant) if r.status != ERASED]  # not tombstones
+        tenants = [tenant] if tenant is not None else sorted(svc.tenants)
+        listed = await asyncio.gather(*(runs.list(t) for t in tenants))
+        live = [r for rs in listed for r in rs if r.status != ERASED]  # not tombstones
         try:
             page = page_runs(live, status=status, workflow=workflow,
                              since=since.timestamp() if since else None, limit=limit,
@@ -380,7 +384,9 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
             for s in sorted(svc.workflows.values(), key=lambda s: s.name)
         ])  # fmt: skip
 
+    from .console.routes import add_routes as add_console
     from .openai_api import add_routes
 
     add_routes(app, settings, svc, tenant_of)
+    add_console(app, settings, svc, tenant_of, known, sessions)
     return app

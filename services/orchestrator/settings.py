@@ -76,6 +76,14 @@ class OrchestratorSettings(CommonSettings):
     mcp_servers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Price of one CPU-hour of sandboxed tool time (USD), for cost accounting.
     tool_cpu_hour_usd: float = 0.05
+    # The run console (/ui/): how long a browser session lasts (seconds) and
+    # a login link (`baton console`) stays valid: at most 55 s, inside the
+    # audit stream's de-duplication window that makes a link work once.
+    console_session_ttl: float = 8 * 3600.0
+    console_login_ttl: float = Field(default=45.0, gt=0, le=55)
+    # Mark the console's cookie Secure even on plain HTTP (behind a proxy that
+    # terminates TLS); over HTTPS it is Secure anyway.
+    console_secure_cookie: bool = False
 
     @property
     def tenant_ids(self) -> list[str]:

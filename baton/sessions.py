@@ -1,0 +1,132 @@
+"""Browser sessions on top of the HTTP API keys: the run console's login.
+
+A browser cannot send ``Authorization: Bearer`` on a link or an
+``EventSource``, so a person (or a headless browser) trades an API key for a
+session cookie: by pasting the key into the console's login form, or by
+opening a one-time login link (``baton console``) whose token a key-holder
+asked for (``POST /ui/login-link``). Pure: no clock (``now`` is passed), no
+I/O; the one-time use of a login token is enforced by the caller.
+
+Tokens are stateless and signed, so any replica with the same
+``BATON_API_KEYS`` accepts a session another replica opened, and no session
+outlives its key::
+
+    <kind>.<key id>.<scope>.<nonce>.<expires>.<signature>
+
+``kind`` is ``login`` (a link's token, short-lived) or ``session`` (the
+cookie); ``key id`` is a SHA-256 prefix of the API key that opened it (not the
+key); ``scope`` is that key's tenant or ``*``; the signature is HMAC-SHA256
+under a secret derived from the key itself. A token verifies only while a
+configured key has that id and that scope: removing a key, or mapping it to
+another tenant, ends its sessions on every replica that has the new keys.
+There is no other server-side secret to distribute or rotate.
+
+The CSRF token of a session is derived from it (HMAC of its nonce): the page
+reads it from ``GET /ui/session`` (same origin only) and sends it in
+``X-Baton-CSRF`` with every state-changing call; the cookie is
+``SameSite=Strict`` and ``HttpOnly`` besides.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, Literal
+
+COOKIE: Final = "baton_session"
+CSRF_HEADER: Final = "X-Baton-CSRF"
+SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+
+Kind = Literal["login", "session"]
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A verified token: whose key opened it, for which scope, until when."""
+
+    kind: Kind
+    key_id: str
+    scope: str  # a tenant, or "*" (an operator)
+    nonce: str
+    expires: float
+
+
+def key_id(key: str) -> str:
+    """The public id of an API key (a hash prefix: it does not reveal the key)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+class SessionKeys:
+    """Issues and verifies login and session tokens for a set of API keys
+    (key -> tenant or ``*``)."""
+
+    def __init__(self, api_keys: Mapping[str, str]) -> None:
+        self._by_id = {key_id(k): (k, scope) for k, scope in api_keys.items()}
+
+    def scope_of(self, key: str) -> str | None:
+        """The scope of an API key (None: not a configured key)."""
+        found = self._by_id.get(key_id(key))
+        return found[1] if found is not None and hmac.compare_digest(found[0], key) else None
+
+    @staticmethod
+    def _secret(key: str) -> bytes:
+        return hmac.new(key.encode(), b"baton-console-session", hashlib.sha256).digest()
+
+    def issue(self, key: str, kind: Kind, *, nonce: str, expires: float) -> str:
+        """A token of ``kind`` for a configured ``key``.
+
+        Raises:
+            KeyError: ``key`` is not a configured API key.
+        """
+        scope = self.scope_of(key)
+        if scope is None:
+            raise KeyError("not a configured API key")
+        body = f"{kind}.{key_id(key)}.{scope}.{nonce}.{int(expires)}"
+        sig = hmac.new(self._secret(key), body.encode(), hashlib.sha256).digest()
+        return f"{body}.{_b64(sig)}"
+
+    def verify(self, token: str, kind: Kind, now: float) -> Grant | None:
+        """The token's grant, or None: malformed, another kind, expired,
+        forged, or its key removed or mapped to another scope since."""
+        parts = token.split(".")
+        if len(parts) != 6 or parts[0] != kind:
+            return None
+        _, kid, scope, nonce, expires, sig = parts
+        found = self._by_id.get(kid)
+        if found is None or found[1] != scope or not expires.isdigit():
+            return None
+        body = ".".join(parts[:5]).encode()
+        want = _b64(hmac.new(self._secret(found[0]), body, hashlib.sha256).digest())
+        if not hmac.compare_digest(want, sig) or int(expires) <= now:
+            return None
+        return Grant(kind, kid, scope, nonce, float(expires))
+
+    def key_of(self, grant: Grant) -> str:
+        """The API key a verified grant stands for."""
+        return self._by_id[grant.key_id][0]
+
+    def csrf(self, grant: Grant) -> str:
+        """The CSRF token of a session."""
+        key = self._by_id[grant.key_id][0]
+        return _b64(hmac.new(self._secret(key), f"csrf.{grant.nonce}".encode(),
+                             hashlib.sha256).digest())  # fmt: skip
+
+    def csrf_ok(self, grant: Grant, value: str | None) -> bool:
+        return value is not None and hmac.compare_digest(self.csrf(grant), value)
+
+
+def same_origin(origin: str | None, host: str | None) -> bool:
+    """Whether a request's ``Origin`` header (absent: not a cross-site browser
+    request) names the host it was sent to."""
+    if origin is None:
+        return True
+    if host is None:
+        return False
+    return origin.split("://", 1)[-1].rstrip("/") == host

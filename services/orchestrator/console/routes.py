@@ -1,0 +1,236 @@
+"""The run console's routes, under ``/ui/`` on the orchestrator's HTTP app:
+the page and its static files (served from the package, nothing from a CDN),
+the login (a one-time link's token, or a pasted key, traded for a session
+cookie: ``baton.sessions``), the live list feed and the task view.
+
+The page reads everything else through Baton's own API (``/v1/tasks``, its
+SSE streams, cancel, input, fork), authenticated by the session cookie
+(``baton.service.caller_scope``). None of these routes is in the OpenAPI
+document: they are the console's, not a client contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from baton import audit
+from baton import sessions as S
+from baton.credentials import OPERATOR_SCOPE
+from baton.http_errors import ApiError, require_ids
+from baton.service import refuse_cross_site
+from baton.transport import Msg
+from proto import keys, subjects
+from proto.errors import ErrorCode
+from proto.messages import WindowReply, WindowRequest
+
+from ..api_models import TaskSummary, run_doc
+from ..follow import as_dict, replay_events
+from ..runs import ERASED
+from ..settings import OrchestratorSettings
+from .views import task_view
+
+STATIC = Path(__file__).with_name("static")
+# The page runs only its own script and style: no inline code, no other origin.
+_PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
+    "base-uri 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+FEED_COALESCE = 0.25  # seconds: a burst of one task's events is one update of its row
+
+TenantOf = Callable[..., str | None]
+Known = Callable[..., Awaitable[Any]]
+
+
+def add_routes(
+    app: FastAPI,
+    settings: OrchestratorSettings,
+    svc: Any,
+    tenant_of: TenantOf,
+    known: Known,
+    sessions: S.SessionKeys | None,
+) -> None:
+    app.mount("/ui/static", StaticFiles(directory=STATIC), name="console-static")
+    bearer = HTTPBearer(auto_error=False)
+
+    def cookie_for(request: Request, response: Response, key: str, now: float) -> None:
+        assert sessions is not None
+        expires = now + settings.console_session_ttl
+        token = sessions.issue(key, "session", nonce=secrets.token_urlsafe(12), expires=expires)
+        secure = settings.console_secure_cookie or request.url.scheme == "https"
+        response.set_cookie(S.COOKIE, token, max_age=int(settings.console_session_ttl),
+                            path="/", httponly=True, samesite="strict", secure=secure)  # fmt: skip
+
+    @app.get("/ui", include_in_schema=False)
+    def ui_root() -> RedirectResponse:
+        return RedirectResponse("/ui/", status_code=308)
+
+    @app.get("/ui/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers=_PAGE_HEADERS)
+
+    @app.post("/ui/login-link", include_in_schema=False)
+    async def login_link(
+        creds: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
+    ) -> dict[str, Any]:
+        """A one-time login link for the bearer key's holder (``baton console``)."""
+        if sessions is None:  # no keys: the console is open, like the API
+            return {"path": "/ui/", "expires_at": None}
+        key = creds.credentials.strip() if creds else ""
+        if sessions.scope_of(key) is None:
+            raise HTTPException(401, "a valid API key is required (Authorization: Bearer ...)")
+        expires = time.time() + settings.console_login_ttl
+        token = sessions.issue(key, "login", nonce=secrets.token_urlsafe(16), expires=expires)
+        return {"path": f"/ui/login?token={token}", "expires_at": expires}
+
+    @app.get("/ui/login", include_in_schema=False)
+    async def login_by_link(request: Request, token: str = "") -> Response:
+        """Trade a link's token for a session cookie, once, then show the list
+        (the token leaves the address bar and the history with the redirect)."""
+        if sessions is None:
+            return RedirectResponse("/ui/", status_code=303)
+        now = time.time()
+        grant = sessions.verify(token, "login", now)
+        if grant is None:
+            return RedirectResponse("/ui/?login=expired", status_code=303)
+        bus, _ = svc.ready()
+        tenant = None if grant.scope == OPERATOR_SCOPE else grant.scope
+        actor = "operator" if tenant is None else f"tenant:{tenant}"
+        rec = audit.entry(actor, audit.CONSOLE_LOGIN, "console", tenant=tenant or "",
+                          service="orchestrator", detail={"key_id": grant.key_id})  # fmt: skip
+        if not await audit.record(bus, rec, msg_id=keys.console_login(grant.nonce)):
+            return RedirectResponse("/ui/?login=used", status_code=303)
+        response = RedirectResponse("/ui/", status_code=303)
+        key = sessions.key_of(grant)
+        cookie_for(request, response, key, now)
+        return response
+
+    @app.post("/ui/login", include_in_schema=False)
+    async def login_by_key(request: Request) -> Response:
+        """The login form: a pasted API key (form field ``key``)."""
+        refuse_cross_site(request)
+        if sessions is None:
+            return RedirectResponse("/ui/", status_code=303)
+        form = urllib.parse.parse_qs((await request.body()).decode(errors="replace"))
+        key = (form.get("key") or [""])[0].strip()
+        if sessions.scope_of(key) is None:
+            return RedirectResponse("/ui/?login=refused", status_code=303)
+        response = RedirectResponse("/ui/", status_code=303)
+        cookie_for(request, response, key, time.time())
+        return response
+
+    @app.post("/ui/logout", include_in_schema=False)
+    def logout(request: Request) -> Response:
+        refuse_cross_site(request)
+        response = Response(status_code=204)
+        response.delete_cookie(S.COOKIE, path="/", httponly=True, samesite="strict")
+        return response
+
+    @app.get("/ui/session", include_in_schema=False)
+    def session(request: Request) -> JSONResponse:
+        """Who the page is: the scope, the tenants it may filter by, the CSRF
+        token for its state-changing calls. 401: show the login form."""
+        tenants = sorted(svc.tenants)
+        if sessions is None:
+            doc: dict[str, Any] = {"auth": "open", "scope": "*", "tenants": tenants, "csrf": "",
+                                   "expires_at": None}  # fmt: skip
+            return JSONResponse(doc, headers={"Cache-Control": "no-store"})
+        grant = sessions.verify(request.cookies.get(S.COOKIE, ""), "session", time.time())
+        if grant is None:
+            raise ApiError(ErrorCode.UNAUTHORIZED, "not logged in to the console")
+        doc = {"auth": "session", "scope": grant.scope, "csrf": sessions.csrf(grant),
+               "tenants": tenants if grant.scope == OPERATOR_SCOPE else [grant.scope],
+               "expires_at": grant.expires}  # fmt: skip
+        return JSONResponse(doc, headers={"Cache-Control": "no-store"})
+
+    @app.get("/ui/api/feed", include_in_schema=False)
+    async def feed(tenant: str | None = Depends(tenant_of)) -> EventSourceResponse:
+        """Server-sent ``task`` events: a task's summary (as in ``GET
+        /v1/tasks``) each time it changes — new tasks included — for the
+        caller's tenant, or an operator's every tenant (or the one named).
+        Follows the tasks' events (stream BATON_EVENTS, new ones only)."""
+        bus, runs = svc.ready()
+        require_ids(tenant=tenant)
+        subject = f"{subjects.EVENTS}.{tenant or '*'}.*"
+
+        async def stream() -> AsyncIterator[ServerSentEvent]:
+            changed: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+
+            async def on_event(msg: Msg) -> None:
+                _, _, owner, task_id = msg.subject.split(".", 3)
+                await changed.put((owner, task_id))
+
+            sub = await bus.ordered(subject, new=True, cb=on_event)
+            try:
+                while True:
+                    due = {await changed.get()}
+                    await asyncio.sleep(FEED_COALESCE)
+                    while not changed.empty():
+                        due.add(changed.get_nowait())
+                    for owner, task_id in sorted(due):
+                        run = await runs.get(owner, task_id)
+                        if run is None or run.status == ERASED:
+                            continue
+                        doc = TaskSummary.model_validate(run_doc(run)).model_dump()
+                        yield ServerSentEvent(data=json.dumps(doc), event="task")
+            finally:
+                await sub.unsubscribe()
+
+        return EventSourceResponse(stream(), ping=settings.sse_ping)
+
+    @app.get("/ui/api/tasks/{task_id}", include_in_schema=False)
+    async def view(task_id: str, tenant: str | None = Depends(tenant_of)) -> JSONResponse:
+        """The task page's data: waterfall, graph, failure layer (``views``)."""
+        bus, _ = svc.ready()
+        if tenant is None:
+            raise ApiError(ErrorCode.MISSING_FIELD, "tenant is required", param="tenant")
+        require_ids(tenant=tenant, task_id=task_id)
+        run = await known(task_id, tenant, grace=2.0)
+        events = [as_dict(i) async for i in replay_events(bus, tenant, task_id)]
+        doc = task_view(run, svc.workflows.get(run.workflow), events, time.time())
+        return JSONResponse(doc, headers={"Cache-Control": "no-store"})
+
+    @app.get("/ui/api/tasks/{task_id}/steps/{step}/context", include_in_schema=False)
+    async def context(
+        task_id: str, step: str, tenant: str | None = Depends(tenant_of)
+    ) -> JSONResponse:
+        """The context window a step started from, read from the context store
+        by the step's ref (its budget, when the task had one)."""
+        bus, _ = svc.ready()
+        if tenant is None:
+            raise ApiError(ErrorCode.MISSING_FIELD, "tenant is required", param="tenant")
+        require_ids(tenant=tenant, task_id=task_id)
+        run = await known(task_id, tenant)
+        st = run.steps.get(step)
+        if st is None or st.origin is None:
+            raise ApiError(ErrorCode.INVALID_FIELD, f"no context recorded for step {step!r}",
+                           param="step")  # fmt: skip
+        req = WindowRequest(tenant=tenant, ref=st.origin, budget_tokens=st.context_budget)
+        try:
+            reply = await bus.request(subjects.context_api("window", tenant), req, WindowReply,
+                                      task_id=task_id)  # fmt: skip
+        except TimeoutError as exc:
+            why = "the context store did not answer"
+            raise ApiError(ErrorCode.CONTEXT_UNAVAILABLE, why) from exc
+        if reply.error is not None:
+            raise ApiError(reply.error.code, reply.error.message)
+        doc = {"session": st.origin.session, "version": st.origin.version,
+               "tokens": reply.tokens, "dropped": reply.dropped,
+               "messages": [{"role": m.role, "name": m.name, "content": m.content[:4000]}
+                            for m in reply.messages]}  # fmt: skip
+        return JSONResponse(doc, headers={"Cache-Control": "no-store"})

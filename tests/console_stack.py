@@ -1,0 +1,175 @@
+"""A stack for the run console's tests: API keys on (two tenants and an
+operator), a slow worker pool for runs that last long enough to watch and
+cancel, and workflows that wait for a human or break in a chosen layer."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from baton.natsd import NatsServer
+from baton.testing import LocalStack, secure_nats, uid
+
+# The sim writes 40 tokens/s on the slow pool: a 600-token answer takes 15 s.
+WORKFLOWS = {
+    "ask.yaml": """
+name: ask
+description: A writer drafts, a human confirms, the writer finishes.
+agents:
+  writer: {role: writer, system: You write., max_tokens: 16}
+steps:
+  - id: draft
+    agent: writer
+  - id: confirm
+    input: {prompt: "Ship this draft?", default: "yes", timeout: 300}
+  - id: final
+    agent: writer
+""",
+    "duo.yaml": """
+name: duo
+description: Two slow agents side by side.
+agents:
+  alpha: {role: alpha, system: You are alpha., max_tokens: 600, pool: slow}
+  beta: {role: beta, system: You are beta., max_tokens: 600, pool: slow}
+steps:
+  - id: fan
+    parallel: [alpha, beta]
+""",
+    # The second step runs on pool "edge", whose worker's model server refuses
+    # every prompt as too long (``RefusingModelServer``): inference layer.
+    "broken.yaml": """
+name: broken
+description: The second step's model server refuses its prompt.
+agents:
+  first: {role: first, system: You answer., max_tokens: 16}
+  second: {role: second, system: You answer again., max_tokens: 16, pool: edge}
+steps:
+  - id: first
+    agent: first
+  - id: second
+    agent: second
+""",
+}
+
+
+class _Refusing(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # /health, /metrics: up and idle
+        self._answer(200 if self.path in ("/health", "/metrics") else 404, b"")
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path != "/v1/chat/completions":
+            return self._answer(404, b"{}")  # no /tokenize: the engine estimates
+        body = {"error": {"message": "This model's maximum context length is 2048 tokens. "
+                          "However, your prompt contains at least 2049 input tokens.",
+                          "type": "BadRequestError", "code": 400}}  # fmt: skip
+        self._answer(400, json.dumps(body).encode())
+
+    def _answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class RefusingModelServer:
+    """A stand-in for an OpenAI-compatible model server (a simulator, named
+    as one) that refuses every prompt the way vLLM does when it exceeds the
+    model's context: HTTP 400 "maximum context length". A worker with the
+    real ``openai`` engine in front of it fails its steps in the inference
+    layer (``prompt_too_long``)."""
+
+    def __init__(self) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
+class ConsoleEnv:
+    stack: LocalStack
+    server: NatsServer
+    keys: dict[str, str]  # tenant (or "*") -> key
+
+    @property
+    def url(self) -> str:
+        return self.stack.orchestrator.url
+
+    def call(self, method: str, path: str, *, key: str | None = None, body: Any = None,
+             headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:  # fmt: skip
+        """An HTTP call with a bearer ``key``: (status, JSON body, headers)."""
+        data = json.dumps(body).encode() if body is not None else None
+        hdrs = {"Content-Type": "application/json", **(headers or {})}
+        if key is not None:
+            hdrs["Authorization"] = f"Bearer {key}"
+        req = urllib.request.Request(f"{self.url}{path}", data, hdrs, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, _json(r.read()), r.headers
+        except urllib.error.HTTPError as exc:
+            return exc.code, _json(exc.read()), exc.headers
+
+    def submit(self, tenant: str, workflow: str, text: str, **kw: Any) -> str:
+        task_id = uid("c")
+        status, doc, _ = self.call("POST", "/v1/tasks", key=self.keys[tenant],
+                                   body={"workflow": workflow, "input": text, "task_id": task_id,
+                                         **kw})  # fmt: skip
+        assert status == 202, doc
+        return task_id
+
+    def wait(self, tenant: str, task_id: str, until: Any, timeout: float = 60.0) -> dict[str, Any]:
+        """Poll the task until ``until(doc)``; returns the doc."""
+        deadline = time.monotonic() + timeout
+        doc: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            status, doc, _ = self.call("GET", f"/v1/tasks/{task_id}", key=self.keys[tenant])
+            if status == 200 and until(doc):
+                return doc
+            time.sleep(0.2)
+        raise AssertionError(f"{task_id}: condition not met in {timeout}s; last {doc}")
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return raw.decode(errors="replace")
+
+
+def start_console_env(tmp: Path) -> Iterator[ConsoleEnv]:
+    flows = tmp / "workflows"
+    flows.mkdir()
+    for name, text in WORKFLOWS.items():
+        (flows / name).write_text(text)
+    keys = {"acme": f"bk-{uid()}", "globex": f"bk-{uid()}", "*": f"bk-{uid()}"}
+    api_keys = json.dumps({key: tenant for tenant, key in keys.items()})
+    server = secure_nats(tmp / "nats", encrypt=False).start()
+    stack = LocalStack(server, tmp / "stack",
+                       env={"BATON_WORKFLOWS_DIR": str(flows), "BATON_API_KEYS": api_keys})  # fmt: skip
+    stack.start(tool_workers=1)
+    refusing = RefusingModelServer()
+    stack.worker(BATON_POOL="slow", BATON_SIM_DECODE_TPS="40").wait_ready()
+    stack.worker(BATON_POOL="edge", BATON_ENGINE="openai", BATON_OPENAI_BASE_URL=refusing.url,
+                 BATON_MAX_MODEL_LEN="2048").wait_ready()  # fmt: skip
+    try:
+        yield ConsoleEnv(stack, server, keys)
+    finally:
+        stack.stop()
+        server.stop()
+        refusing.stop()
