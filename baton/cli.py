@@ -4,6 +4,7 @@ baton up                          embedded NATS and the services
 baton submit WORKFLOW INPUT ...   publish a task over NATS, stream its tokens and steps
 baton status ID / cancel ID       one task, through the orchestrator's HTTP API
 baton fork ID STEP [--input T]    run a task again from a finished step, as a new task
+baton console [--tenant T]        a one-time login link to the run console (/ui/)
 baton tasks                       a tenant's tasks, newest first
 baton workflows [check FILE]      the workflows served, or validate a workflow file
 baton tenant url|key TENANT       the tenant's NATS URL / HTTP API key (written by `baton up`)
@@ -304,6 +305,18 @@ def fork(
         return _print_json(doc)
     carried = ", ".join(doc["carried"]) or "none"
     print(f"{doc['task_id']}: forked from {task_id} at {step} (carried: {carried})")
+
+
+@app.command()
+def console(
+    tenant: Tenant = None, api_url: ApiUrl = DEFAULT_API_URL, api_key: ApiKey = None,
+) -> None:  # fmt: skip
+    """Print a one-time login link to the run console (/ui/), valid for
+    about 45 s: the tenant's (its key `baton up` wrote), or without --tenant
+    the operator's, who sees every tenant."""
+    _id(tenant, "tenant")
+    doc = _api("POST", api_url, "/ui/login-link", api_key, {"tenant": tenant})
+    print(f"{api_url.rstrip('/')}{doc['path']}")
 
 
 @app.command()

@@ -140,10 +140,9 @@ async function renderList(params) {
     listen(`/ui/api/feed${qs({ tenant: f.tenant })}`, {
       task: (t) => {
         if ((f.status && t.status !== f.status) || (f.workflow && t.workflow !== f.workflow)) return;
-        const row = taskRow(t);
         const old = list.rows.get(`${t.tenant}/${t.task_id}`);
-        if (old) old.replaceWith(row); else body.prepend(row);
-        list.rows.set(`${t.tenant}/${t.task_id}`, row);
+        const row = taskRow(t);
+        if (old && old.isConnected) old.replaceWith(row); else body.prepend(row);
         const empty = document.getElementById("empty");
         if (empty) empty.remove();
       },
@@ -340,7 +339,7 @@ function openStep(stepId) {
         try {
           const c = await api(`/ui/api/tasks/${encodeURIComponent(v.task_id)}/steps/${encodeURIComponent(s.id)}/context${qs({ tenant: v.tenant })}`);
           ctxBox.replaceChildren(h("p", { class: "muted" }, `${c.messages.length} messages, ${c.tokens} tokens (window), ${c.dropped} older dropped`),
-            c.messages.map((m) => h("div", { class: "msg" }, h("div", { class: "role" }, m.name ? `${m.role} (${m.name})` : m.role), m.content)));
+            ...c.messages.map((m) => h("div", { class: "msg" }, h("div", { class: "role" }, m.name ? `${m.role} (${m.name})` : m.role), m.content)));
         } catch (e) { ctxBox.replaceChildren(h("p", { class: "notice bad" }, e.message)); }
       } }, "Show context window") : null),
     ctxBox,

@@ -1,0 +1,110 @@
+"""The console's pure parts: session tokens (baton/sessions.py) and what the
+task page draws (services/orchestrator/console/views.py), without a browser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from baton.sessions import SessionKeys, same_origin
+from proto.errors import ErrorCode
+from proto.messages import ErrorInfo, InferenceJob
+from services.orchestrator import transitions as T
+from services.orchestrator.console.views import task_view
+from services.orchestrator.runs import RunState
+from tests.test_transitions import RULES, WORKFLOWS, decide, jobs, new_task, reply
+
+KEYS = {"bk-acme": "acme", "bk-op": "*"}
+
+
+def test_a_session_token_verifies_until_it_expires_and_only_as_its_kind() -> None:
+    keys = SessionKeys(KEYS)
+    token = keys.issue("bk-acme", "session", nonce="n1", expires=1000.0)
+    grant = keys.verify(token, "session", now=999.0)
+    assert grant is not None and (grant.scope, grant.nonce) == ("acme", "n1")
+    assert keys.verify(token, "session", now=1000.0) is None  # expired
+    assert keys.verify(token, "login", now=10.0) is None  # not a login token
+    assert "bk-acme" not in token  # the key itself never travels
+
+
+def test_a_forged_or_altered_token_or_one_whose_key_went_is_refused() -> None:
+    keys = SessionKeys(KEYS)
+    token = keys.issue("bk-acme", "session", nonce="n1", expires=1000.0)
+    kind, kid, scope, nonce, expires, sig = token.split(".")
+    for bad in (f"{kind}.{kid}.*.{nonce}.{expires}.{sig}",  # an operator's scope claimed
+                f"{kind}.{kid}.{scope}.{nonce}.9999999.{sig}",  # a longer life claimed
+                f"{kind}.{kid}.{scope}.{nonce}.{expires}.{sig[:-2]}AA"):  # fmt: skip
+        assert keys.verify(bad, "session", now=10.0) is None, bad
+    assert SessionKeys({"bk-op": "*"}).verify(token, "session", 10.0) is None  # key removed
+    assert SessionKeys({"bk-acme": "globex"}).verify(token, "session", 10.0) is None  # moved
+    assert SessionKeys(dict(KEYS)).verify(token, "session", 10.0) is not None  # a replica
+
+
+def test_the_csrf_token_belongs_to_one_session() -> None:
+    keys = SessionKeys(KEYS)
+    a = keys.verify(keys.issue("bk-acme", "session", nonce="a", expires=99), "session", 1)
+    b = keys.verify(keys.issue("bk-acme", "session", nonce="b", expires=99), "session", 1)
+    assert a is not None and b is not None
+    assert keys.csrf_ok(a, keys.csrf(a)) and not keys.csrf_ok(a, keys.csrf(b))
+    assert not keys.csrf_ok(a, None)
+
+
+def test_same_origin_compares_the_origin_with_the_host() -> None:
+    assert same_origin(None, "127.0.0.1:8080")  # not a browser's cross-site request
+    assert same_origin("http://127.0.0.1:8080", "127.0.0.1:8080")
+    assert not same_origin("https://evil.example", "127.0.0.1:8080")
+
+
+def _run_to(step: str, *, fail: ErrorInfo | None = None) -> RunState:
+    """A research run advanced until ``step`` is dispatched (then failed with ``fail``)."""
+    out = decide(T.start, None, new_task(), RULES, now=100.0)
+    assert isinstance(out, T.Transition)
+    run, now = out.run, 100.0
+    while True:
+        now += 1.0
+        job: InferenceJob = next(j for j in jobs(T.replay(run, RULES, now)))
+        if job.step == step:
+            if fail is None:
+                return run
+            res = reply(job, error=fail)
+        else:
+            text = '{"next": "accept"}' if "validate" in job.step else "fine"
+            res = reply(job, text)
+        nxt = decide(T.result, run, res, RULES, now=now)
+        assert isinstance(nxt, T.Transition)
+        run = nxt.run
+        if fail is not None and job.step == step:
+            return run
+
+
+def _events(run: RunState) -> list[dict[str, Any]]:
+    return [{"type": "step", "step": k, "status": "started", "ts": s.dispatched_at}
+            for k, s in run.steps.items()]  # fmt: skip
+
+
+def test_the_waterfall_has_every_step_by_agent_and_marks_the_failed_layer() -> None:
+    err = ErrorInfo.of(ErrorCode.PROMPT_TOO_LONG, "prompt of 2049 tokens exceeds 2048")
+    run = _run_to("r1.validate", fail=err)
+    spec = WORKFLOWS["research"].spec
+    view = task_view(run, spec, _events(run), now=200.0)
+    assert view["status"] == "failed" and view["failed_layer"] == "inference"
+    assert [s["id"] for s in view["steps"]][:1] == ["r1.plan"]
+    assert {s["id"]: s["agent"] for s in view["steps"]}["r1.gather.coding"] == "coding"
+    assert view["agents"][0] == "supervisor" and "validation" in view["agents"]
+    failed = [s for s in view["steps"] if s["failed"]]
+    assert [(s["id"], s["layer"], s["code"]) for s in failed] == [
+        ("r1.validate", "inference", "prompt_too_long")]  # fmt: skip
+    assert all(s["phases"] and s["end"] >= s["start"] for s in view["steps"])
+    nodes = {n["id"]: n for n in view["graph"]["nodes"]}
+    assert nodes["summarize"]["runs"] == [] and nodes["validate"]["runs"][0]["status"] == "failed"
+    assert any(e["back"] and e["to"] == "plan" for e in view["graph"]["edges"])
+
+
+def test_a_running_step_ends_now_and_a_finished_one_at_its_end() -> None:
+    run = _run_to("r1.validate")
+    view = task_view(run, WORKFLOWS["research"].spec, _events(run), now=500.0)
+    steps = {s["id"]: s for s in view["steps"]}
+    assert steps["r1.validate"]["running"] and steps["r1.validate"]["end"] == 500.0 - run.created_at
+    assert not steps["r1.plan"]["running"]
+    assert steps["r1.plan"]["end"] == run.steps["r1.plan"].finished_at - run.created_at
+    assert view["failed_layer"] is None and view["error"] is None
+    assert steps["r1.plan"]["context"]["session"] == run.session
