@@ -27,7 +27,7 @@ endif
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-## system-deps: Debian packages outside the venv — bubblewrap (the python tool's sandbox) and
+## system-deps: Debian packages outside the venv — bubblewrap (the python tool's sandbox), chromium (the console's tests) and
 #   promtool (the alert-rule checks), without starting a prometheus daemon (.ci/system-deps);
 #   as root it installs them, otherwise it names what is missing
 system-deps:
