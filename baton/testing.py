@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,30 @@ TEST_ENV = {
     # their own orchestrator with BATON_API_KEYS.
     "BATON_ALLOW_NO_API_KEYS": "true",
 }
+
+
+# A workflow whose second step fails in the inference layer: it runs on pool
+# "edge", served by ``refusing_worker`` (the ``openai`` engine in front of a
+# ``RefusingModelServer``). For the run console's tests and benchmark.
+INFERENCE_FAILURE_WORKFLOW = """
+name: broken
+description: The second step's model server refuses its prompt.
+agents:
+  first: {role: first, system: You answer., max_tokens: 16}
+  second: {role: second, system: You answer again., max_tokens: 16, pool: edge}
+steps:
+  - id: first
+    agent: first
+  - id: second
+    agent: second
+"""
+
+# Debian's chromium as the console's tests and benchmark launch it (headless,
+# no network of its own); Playwright drives it, never `playwright install`.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync")  # fmt: skip
 
 
 def secure_nats(
@@ -156,6 +182,54 @@ class LocalStack:
 
     def logs(self) -> str:
         return "\n".join(p.log_path.read_text() for p in self.procs if p.log_path)
+
+
+class _Refusing(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # /health, /metrics: up and idle
+        self._answer(200 if self.path in ("/health", "/metrics") else 404, b"")
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path != "/v1/chat/completions":
+            return self._answer(404, b"{}")  # no /tokenize: the engine estimates
+        body = {"error": {"message": "This model's maximum context length is 2048 tokens. "
+                          "However, your prompt contains at least 2049 input tokens.",
+                          "type": "BadRequestError", "code": 400}}  # fmt: skip
+        self._answer(400, json.dumps(body).encode())
+
+    def _answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class RefusingModelServer:
+    """A stand-in for an OpenAI-compatible model server (a simulator, named
+    as one) that refuses every prompt the way vLLM does when it exceeds the
+    model's context: HTTP 400 "maximum context length". A worker with the
+    real ``openai`` engine in front of it fails its steps in the inference
+    layer (``prompt_too_long``)."""
+
+    def __init__(self) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def refusing_worker(stack: LocalStack, server: RefusingModelServer) -> ServiceProcess:
+    """A worker on pool "edge" whose engine is ``server`` (started, not
+    waited for)."""
+    return stack.worker(BATON_POOL="edge", BATON_ENGINE="openai",
+                        BATON_OPENAI_BASE_URL=server.url, BATON_MAX_MODEL_LEN="2048")  # fmt: skip
 
 
 class Client:

@@ -5,18 +5,23 @@ cancel, and workflows that wait for a human or break in a chosen layer."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from baton.natsd import NatsServer
-from baton.testing import LocalStack, secure_nats, uid
+from baton.testing import (
+    INFERENCE_FAILURE_WORKFLOW,
+    LocalStack,
+    RefusingModelServer,
+    refusing_worker,
+    secure_nats,
+    uid,
+)
 
 # The sim writes 40 tokens/s on the slow pool: a 600-token answer takes 15 s.
 WORKFLOWS = {
@@ -43,62 +48,8 @@ steps:
   - id: fan
     parallel: [alpha, beta]
 """,
-    # The second step runs on pool "edge", whose worker's model server refuses
-    # every prompt as too long (``RefusingModelServer``): inference layer.
-    "broken.yaml": """
-name: broken
-description: The second step's model server refuses its prompt.
-agents:
-  first: {role: first, system: You answer., max_tokens: 16}
-  second: {role: second, system: You answer again., max_tokens: 16, pool: edge}
-steps:
-  - id: first
-    agent: first
-  - id: second
-    agent: second
-""",
+    "broken.yaml": INFERENCE_FAILURE_WORKFLOW,
 }
-
-
-class _Refusing(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # /health, /metrics: up and idle
-        self._answer(200 if self.path in ("/health", "/metrics") else 404, b"")
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.path != "/v1/chat/completions":
-            return self._answer(404, b"{}")  # no /tokenize: the engine estimates
-        body = {"error": {"message": "This model's maximum context length is 2048 tokens. "
-                          "However, your prompt contains at least 2049 input tokens.",
-                          "type": "BadRequestError", "code": 400}}  # fmt: skip
-        self._answer(400, json.dumps(body).encode())
-
-    def _answer(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-class RefusingModelServer:
-    """A stand-in for an OpenAI-compatible model server (a simulator, named
-    as one) that refuses every prompt the way vLLM does when it exceeds the
-    model's context: HTTP 400 "maximum context length". A worker with the
-    real ``openai`` engine in front of it fails its steps in the inference
-    layer (``prompt_too_long``)."""
-
-    def __init__(self) -> None:
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @dataclass
@@ -165,8 +116,7 @@ def start_console_env(tmp: Path) -> Iterator[ConsoleEnv]:
     stack.start(tool_workers=1)
     refusing = RefusingModelServer()
     stack.worker(BATON_POOL="slow", BATON_SIM_DECODE_TPS="40").wait_ready()
-    stack.worker(BATON_POOL="edge", BATON_ENGINE="openai", BATON_OPENAI_BASE_URL=refusing.url,
-                 BATON_MAX_MODEL_LEN="2048").wait_ready()  # fmt: skip
+    refusing_worker(stack, refusing).wait_ready()
     try:
         yield ConsoleEnv(stack, server, keys)
     finally:

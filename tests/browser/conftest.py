@@ -15,11 +15,10 @@ from typing import Any
 
 import pytest
 
+from baton import testing
 from tests.console_stack import ConsoleEnv, start_console_env
 
-CHROMIUM = os.environ.get("BATON_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+CHROMIUM = os.environ.get("BATON_CHROMIUM", testing.CHROMIUM)
 SHOTS = Path(os.environ.get("BATON_SCREENSHOTS", Path(__file__).parents[2] / ".artifacts/console"))
 
 
@@ -56,7 +55,7 @@ def browser_for(playwright: Any, env: ConsoleEnv, tmp_path: Path) -> Iterator[Ca
     def open_page(tenant: str | None = None, *, login: bool = True) -> Any:
         profile = tmp_path / f"profile-{len(contexts)}"
         context = playwright.chromium.launch_persistent_context(
-            str(profile), executable_path=CHROMIUM, headless=True, args=ARGS,
+            str(profile), executable_path=CHROMIUM, headless=True, args=list(testing.CHROMIUM_ARGS),
             viewport={"width": 1400, "height": 900},
         )  # fmt: skip
         context.set_default_timeout(30_000)
