@@ -76,10 +76,11 @@ class OrchestratorSettings(CommonSettings):
     mcp_servers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Price of one CPU-hour of sandboxed tool time (USD), for cost accounting.
     tool_cpu_hour_usd: float = 0.05
-    # The run console (/ui/): how long a browser session lasts (seconds) and
-    # a login link (`baton console`) stays valid: at most 55 s, inside the
-    # audit stream's de-duplication window that makes a link work once.
+    # The run console (/ui/): how long a browser session lasts (seconds).
     console_session_ttl: float = 8 * 3600.0
+    # How long a console login link (`baton console`) stays valid: at most
+    # 55 s, inside the audit stream's de-duplication window that makes a link
+    # work once.
     console_login_ttl: float = Field(default=45.0, gt=0, le=55)
     # Mark the console's cookie Secure even on plain HTTP (behind a proxy that
     # terminates TLS); over HTTPS it is Secure anyway.
