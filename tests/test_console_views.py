@@ -108,3 +108,16 @@ def test_a_running_step_ends_now_and_a_finished_one_at_its_end() -> None:
     assert steps["r1.plan"]["end"] == run.steps["r1.plan"].finished_at - run.created_at
     assert view["failed_layer"] is None and view["error"] is None
     assert steps["r1.plan"]["context"]["session"] == run.session
+
+
+def test_a_forked_runs_carried_steps_are_not_drawn_on_its_clock() -> None:
+    from tests.test_fork_transitions import _finished_research, _fork
+
+    out = _fork(_finished_research(), "r1.validate", None, now=500.0)
+    assert isinstance(out, T.Transition)
+    view = task_view(out.run, WORKFLOWS["research"].spec, [], now=501.0)
+    steps = {s["id"]: s for s in view["steps"]}
+    assert steps["r1.plan"]["carried"] and steps["r1.plan"]["phases"] == []
+    assert steps["r1.plan"]["start"] == 0 and steps["r1.gather.coding"]["calls"] == []
+    assert steps["r1.validate"]["running"] and steps["r1.validate"]["start"] >= 0
+    assert view["forked_from"] == "t1" and view["forked_at"] == "r1.validate"

@@ -53,6 +53,9 @@ def _step(run: RunState, step_id: str, st: StepState, started: float, now: float
     running = st.status in ("dispatched", "tools", "waiting_input") and not run.terminal
     end = st.finished_at or (now if running else run.updated_at)
     bars, measured = _phases(st, start, max(start, end))
+    if st.carried:  # it ran in the task this one was forked from: not on this run's clock
+        start = end = t0
+        bars, measured = [], False
     failed = st.status == "failed"
     calls = [
         {"key": key, "tool": c.tool, "start": round(c.dispatched_at - t0, 6),
@@ -60,6 +63,7 @@ def _step(run: RunState, step_id: str, st: StepState, started: float, now: float
          "status": c.status, "outcome": c.outcome,
          "layer": TOOL_LAYER if c.status == "done" and c.outcome != "ok" else None}
         for key, c in st.calls.items()
+        if not st.carried
     ]  # fmt: skip
     return {
         "id": step_id,

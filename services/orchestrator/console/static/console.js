@@ -287,6 +287,7 @@ function drawWaterfall(v) {
         track.append(h("div", { class: `bar ${s.failed && p.name === "run" ? "failedbar" : p.name}`, title: `${PHASE_NAMES[p.name]}: ${fmt.secs(p.seconds)}`,
           style: { left: pct(s.start + p.start), width: pct(p.seconds) } }));
       }
+      if (s.carried) track.append(h("span", { class: "muted carried-note" }, `ran in ${v.forked_from}: not run again`));
       const label = h("div", { class: "label" }, h("span", { class: "mono" }, s.id),
         s.running ? h("span", { class: "badge live" }, "running") : null,
         s.carried ? h("span", { class: "badge", title: "carried over from the task it was forked from" }, "carried") : null,
