@@ -14,6 +14,7 @@ import os
 import statistics
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from http.cookies import SimpleCookie
 from pathlib import Path
@@ -65,8 +66,9 @@ class _Keep(urllib.request.HTTPRedirectHandler):
 def _session(base: str, key: str) -> str:
     """A console session cookie, by the login link (as `baton console`)."""
     link = _post(f"{base}/ui/login-link", key)["path"]
+    form = urllib.parse.urlencode({"token": link.split("token=", 1)[1]}).encode()
     try:
-        urllib.request.build_opener(_Keep).open(f"{base}{link}", timeout=30)
+        urllib.request.build_opener(_Keep).open(f"{base}/ui/login", form, timeout=30)
     except urllib.error.HTTPError as exc:  # the 303 with Set-Cookie
         cookie = SimpleCookie(exc.headers["Set-Cookie"])
         return cookie[COOKIE].value

@@ -1,5 +1,6 @@
 """The run console's doors, over HTTP (the page itself is driven by a real
-browser in tests/browser): a login link works once and gives an HttpOnly,
+browser in tests/browser): a login link works once (a GET only shows its
+page: a link scanner does not use it up) and gives an HttpOnly,
 SameSite=Strict session; the session reaches only its key's tenant, needs
 its CSRF token to change anything and cannot be used cross-site; it holds
 on another replica with the same keys and ends when its key is removed; the
@@ -14,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,12 +49,17 @@ def _raw(url: str, *, method: str = "GET", data: bytes | None = None,
         return exc.code, exc.headers, exc.read()
 
 
+def _token(path: str) -> bytes:
+    """The form body that uses a login link (its page posts the token)."""
+    return urllib.parse.urlencode({"token": path.split("token=", 1)[1]}).encode()
+
+
 def _login(env: ConsoleEnv, tenant: str, url: str | None = None) -> tuple[str, str]:
     """Log in by link; returns (the cookie header value, the CSRF token)."""
     base = url or env.url
     status, doc, _ = env.call("POST", "/ui/login-link", key=env.keys[tenant])
     assert status == 200, doc
-    status, headers, _ = _raw(f"{base}{doc['path']}")
+    status, headers, _ = _raw(f"{base}/ui/login", method="POST", data=_token(doc["path"]))
     assert status == 303 and headers["Location"] == "/ui/"
     cookie = http.cookies.SimpleCookie(headers["Set-Cookie"])[S.COOKIE]
     jar = f"{S.COOKIE}={cookie.value}"
@@ -64,15 +71,21 @@ def _login(env: ConsoleEnv, tenant: str, url: str | None = None) -> tuple[str, s
 def test_a_login_link_works_once_and_gives_an_httponly_strict_session(env: ConsoleEnv) -> None:
     status, doc, _ = env.call("POST", "/ui/login-link", key=env.keys["acme"])
     assert status == 200 and doc["path"].startswith("/ui/login?token=")
-    status, headers, _ = _raw(f"{env.url}{doc['path']}")
+    for _ in range(2):  # a GET (a link scanner, a prefetch) shows the page, uses nothing
+        status, headers, page = _raw(f"{env.url}{doc['path']}")
+        assert status == 200 and b"tenant acme" in page and "Set-Cookie" not in headers
+        assert b'<form method="post" action="/ui/login">' in page
+    status, headers, _ = _raw(f"{env.url}/ui/login", method="POST", data=_token(doc["path"]))
     assert status == 303 and headers["Location"] == "/ui/"
     set_cookie = headers["Set-Cookie"]
     assert "HttpOnly" in set_cookie and "SameSite=strict" in set_cookie and "Path=/" in set_cookie
-    again = _raw(f"{env.url}{doc['path']}")
+    again = _raw(f"{env.url}/ui/login", method="POST", data=_token(doc["path"]))
     assert again[0] == 303 and again[1]["Location"] == "/ui/?login=used"  # once only
     assert "Set-Cookie" not in again[1]
     forged = doc["path"][:-3] + ("AAA" if not doc["path"].endswith("AAA") else "BBB")
     assert _raw(f"{env.url}{forged}")[1]["Location"] == "/ui/?login=expired"
+    forged_post = _raw(f"{env.url}/ui/login", method="POST", data=_token(forged))
+    assert forged_post[1]["Location"] == "/ui/?login=expired"
     # Without a valid key there is no link.
     assert env.call("POST", "/ui/login-link", key="bk-wrong")[0] == 401
     assert env.call("POST", "/ui/login-link")[0] == 401
@@ -129,8 +142,10 @@ def test_a_session_holds_on_another_replica_and_ends_when_its_key_is_removed(
         assert _raw(f"{removed.url}/v1/tasks", headers={"Cookie": jar})[0] == 401
         # A link asked of one replica is taken by another, and only once in all.
         _, doc, _ = env.call("POST", "/ui/login-link", key=env.keys["acme"])
-        assert _raw(f"{replica.url}{doc['path']}")[1]["Location"] == "/ui/"
-        assert _raw(f"{env.url}{doc['path']}")[1]["Location"] == "/ui/?login=used"
+        use = _token(doc["path"])
+        assert _raw(f"{replica.url}/ui/login", method="POST", data=use)[1]["Location"] == "/ui/"
+        assert _raw(f"{env.url}/ui/login", method="POST", data=use)[1]["Location"] == (
+            "/ui/?login=used")  # fmt: skip
     finally:
         env.stack.retire(replica)
         env.stack.retire(removed)
@@ -186,5 +201,6 @@ def test_baton_console_prints_a_link_that_logs_in(env: ConsoleEnv, tmp_path: Pat
     assert out.returncode == 0, out.stderr
     link = out.stdout.strip()
     assert link.startswith(f"{env.url}/ui/login?token=login.")
-    status, headers, _ = _raw(link)
+    assert _raw(link)[0] == 200  # its page; one click uses it
+    status, headers, _ = _raw(f"{env.url}/ui/login", method="POST", data=_token(link))
     assert status == 303 and headers["Location"] == "/ui/" and S.COOKIE in headers["Set-Cookie"]

@@ -65,6 +65,7 @@ def browser_for(playwright: Any, env: ConsoleEnv, tmp_path: Path) -> Iterator[Ca
             status, doc, _ = env.call("POST", "/ui/login-link", key=env.keys[tenant])
             assert status == 200, doc
             page.goto(f"{env.url}{doc['path']}")
+            page.click("#continue")  # the link's page: one click uses it
         else:
             page.goto(f"{env.url}/ui/")
         page.wait_for_selector("body[data-ready]")

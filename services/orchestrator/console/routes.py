@@ -12,6 +12,7 @@ document: they are the console's, not a client contract.
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import secrets
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -51,6 +52,16 @@ _PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",  # no-referrer would make a form's Origin "null"
 }
+# A login link's page (no script: one button that posts the token).
+_LOGIN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Baton run console: log in</title>
+<link rel="stylesheet" href="/ui/static/console.css"></head>
+<body><main><section class="login"><h1>Log in to the run console</h1>
+<p>This link logs you in as <b>{who}</b>. It works once.</p>
+<form method="post" action="/ui/login"><input type="hidden" name="token" value="{token}">
+<button class="primary" id="continue" type="submit">Continue</button></form>
+</section></main></body></html>
+"""
 FEED_COALESCE = 0.25  # seconds: a burst of one task's events is one update of its row
 
 TenantOf = Callable[..., str | None]
@@ -99,11 +110,23 @@ def add_routes(
         return {"path": f"/ui/login?token={token}", "expires_at": expires}
 
     @app.get("/ui/login", include_in_schema=False)
-    async def login_by_link(request: Request, token: str = "") -> Response:
-        """Trade a link's token for a session cookie, once, then show the list
-        (the token leaves the address bar and the history with the redirect)."""
+    async def login_page(token: str = "") -> Response:
+        """A login link's page: it says who the link logs in as and asks for
+        one click (a POST), so a link scanner or a prefetch that only GETs it
+        does not use it up."""
         if sessions is None:
             return RedirectResponse("/ui/", status_code=303)
+        grant = sessions.verify(token, "login", time.time())
+        if grant is None:
+            return RedirectResponse("/ui/?login=expired", status_code=303)
+        who = "the operator (every tenant)" if grant.scope == OPERATOR_SCOPE else (
+            f"tenant {grant.scope}")  # fmt: skip
+        page = _LOGIN_PAGE.format(who=html.escape(who), token=html.escape(token, quote=True))
+        return HTMLResponse(page, headers=_PAGE_HEADERS)
+
+    async def by_link(request: Request, token: str) -> Response:
+        """Trade a link's token for a session cookie, once in all replicas."""
+        assert sessions is not None
         now = time.time()
         grant = sessions.verify(token, "login", now)
         if grant is None:
@@ -116,17 +139,20 @@ def add_routes(
         if not await audit.record(bus, rec, msg_id=keys.console_login(grant.nonce)):
             return RedirectResponse("/ui/?login=used", status_code=303)
         response = RedirectResponse("/ui/", status_code=303)
-        key = sessions.key_of(grant)
-        cookie_for(request, response, key, now)
+        cookie_for(request, response, sessions.key_of(grant), now)
         return response
 
     @app.post("/ui/login", include_in_schema=False)
-    async def login_by_key(request: Request) -> Response:
-        """The login form: a pasted API key (form field ``key``)."""
+    async def login(request: Request) -> Response:
+        """The login form: a pasted API key (field ``key``), or a login
+        link's token (field ``token``, from its page)."""
         refuse_cross_site(request)
         if sessions is None:
             return RedirectResponse("/ui/", status_code=303)
         form = urllib.parse.parse_qs((await request.body()).decode(errors="replace"))
+        token = (form.get("token") or [""])[0].strip()
+        if token:
+            return await by_link(request, token)
         key = (form.get("key") or [""])[0].strip()
         if sessions.scope_of(key) is None:
             return RedirectResponse("/ui/?login=refused", status_code=303)
