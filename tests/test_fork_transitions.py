@@ -148,3 +148,22 @@ def test_a_refused_fork_of_the_session_fails_the_new_run_at_the_context_layer() 
     assert isinstance(out, T.Transition) and out.run.status == "failed"
     assert out.run.error is not None and out.run.error.layer == "context"
     assert [e.key for e in out.effects if isinstance(e, T.Emit)] == ["accepted", "failed"]
+
+
+def test_a_forks_carried_steps_get_no_spans_of_their_own() -> None:
+    """They were traced in the task they ran in; the fork traces what it runs."""
+    from services.orchestrator import spans
+
+    old = _finished_research()
+    req = T.NewFork("t2", "t2", "r1.validate", None,
+                    trace="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")  # fmt: skip
+    ctx: dict[str, Any] = {}
+    while isinstance(out := T.fork(None, old, req, RULES, 50.0, ctx), T.Need):
+        for op in out.ops:
+            ctx[op.key] = ContextRef("acme", "t2", 4, b"sig")
+    assert isinstance(out, T.Transition) and out.run.trace == req.trace
+    done = out.run
+    done.status = "completed"
+    names = [r.name for r in spans.closed(None, done, 60.0)]
+    assert not any("supervisor" in n or "retrieval" in n or "coding" in n for n in names), names
+    assert any(n.startswith("invoke_agent validation") for n in names), names

@@ -337,7 +337,9 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         if why is not None:
             raise ApiError(ErrorCode.INVALID_FIELD, why, param="step")
         await svc._within_limits(bus, tenant)
-        out = await svc.conductor.fork(source, NewFork(new_id, new_id, body.step, body.input))
+        req = NewFork(new_id, new_id, body.step, body.input,
+                      trace=tracing.traceparent(tracing.current()))  # fmt: skip
+        out = await svc.conductor.fork(source, req)
         if out.note == "duplicate_task":
             raise ApiError(ErrorCode.CONFLICT, f"task {new_id!r} exists and is not this fork",
                            param="task_id")  # fmt: skip

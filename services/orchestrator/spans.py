@@ -100,6 +100,8 @@ def closed(old: RunState | None, new: RunState, now: float) -> list[Recorded]:
     was_over = old is not None and old.terminal
     out: list[Recorded] = []
     for step_id, st in new.steps.items():
+        if st.carried:  # a fork's step that ran (and was traced) in the task it came from
+            continue
         prev = before.get(step_id)
         if (st.status in CLOSED or new.terminal) and not (
             prev is not None and (prev.status in CLOSED or was_over)

@@ -546,6 +546,7 @@ class NewFork:
     session: str
     step: str
     input: str | None = None  # the edit (``fork``'s docstring); None: the step as it was
+    trace: str = ""  # the caller's traceparent, kept in the run (spans.py)
 
 
 def fork_refusal(source: RunState, step: str, rules: Rules) -> str | None:
@@ -590,7 +591,7 @@ def fork(
         workflow=source.workflow, task_seq=0, budget=source.budget,
         max_tokens=source.max_tokens, temperature=source.temperature,
         metadata=dict(source.metadata), created_at=now, updated_at=now,
-        forked_from=source.task_id, forked_at=req.step,
+        forked_from=source.task_id, forked_at=req.step, trace=req.trace,
     )  # fmt: skip
     ops: list[ContextOp] = [ForkOp(st.origin, req.session, st.origin.version - 1 if replace
                                    else None)]  # fmt: skip
