@@ -204,3 +204,15 @@ def test_baton_console_prints_a_link_that_logs_in(env: ConsoleEnv, tmp_path: Pat
     assert _raw(link)[0] == 200  # its page; one click uses it
     status, headers, _ = _raw(f"{env.url}/ui/login", method="POST", data=_token(link))
     assert status == 303 and headers["Location"] == "/ui/" and S.COOKIE in headers["Set-Cookie"]
+
+
+def test_without_keys_the_console_is_open_and_still_refuses_other_sites(stack: Any) -> None:
+    """The shared stack runs without API keys (BATON_ALLOW_NO_API_KEYS)."""
+    base = stack.orchestrator.url
+    status, _, body = _raw(f"{base}/ui/session")
+    assert status == 200 and json.loads(body)["auth"] == "open"
+    status, _, body = _raw(f"{base}/ui/login-link", method="POST", data=b"")
+    assert status == 200 and json.loads(body)["path"] == "/ui/"
+    cancel = f"{base}/v1/tasks/nope/cancel?tenant=acme"
+    assert _raw(cancel, method="POST", headers={"Origin": "https://evil.example"})[0] == 403
+    assert _raw(cancel, method="POST", headers={"Origin": base})[0] == 404  # same site: on
