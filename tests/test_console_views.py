@@ -121,3 +121,30 @@ def test_a_forked_runs_carried_steps_are_not_drawn_on_its_clock() -> None:
     assert steps["r1.plan"]["start"] == 0 and steps["r1.gather.coding"]["calls"] == []
     assert steps["r1.validate"]["running"] and steps["r1.validate"]["start"] >= 0
     assert view["forked_from"] == "t1" and view["forked_at"] == "r1.validate"
+
+
+def test_a_step_with_timing_fields_is_drawn_phase_by_phase() -> None:
+    """With the step timing fields (results carry a ``Timing``), each step's
+    row is its phases end to end from when it was queued."""
+    import proto.messages as pm
+
+    if not hasattr(pm, "Timing"):  # the step timing fields (issue #19) not merged yet
+        import pytest
+
+        pytest.skip("proto.messages.Timing is not there yet")
+    phases = pm.Phases(queue=0.25, context=0.02, admission=0.01, prefill=0.05, decode=0.4)
+    out = decide(T.start, None, new_task(), RULES, now=100.0)
+    assert isinstance(out, T.Transition)
+    run = out.run
+    job = jobs(T.replay(run, RULES, 100.0))[0]
+    timing = pm.Timing(queued_at=100.0, started_at=100.25, first_token_at=100.33,
+                       finished_at=100.73, phases=phases)  # fmt: skip
+    done = decide(T.result, run, reply(job, "plan", timing=timing), RULES, now=101.0)
+    assert isinstance(done, T.Transition)
+    view = task_view(done.run, WORKFLOWS["research"].spec, [], now=101.0)
+    plan = next(s for s in view["steps"] if s["id"] == "r1.plan")
+    assert plan["measured"]
+    names = [p["name"] for p in plan["phases"]]
+    assert names[:5] == ["queue", "context", "admission", "prefill", "decode"]
+    assert plan["phases"][1]["start"] == 0.25  # laid end to end from the queueing
+    assert plan["start"] == 0.0  # queued at the run's creation

@@ -9,7 +9,7 @@ recording — and its tool calls as rows of their own at their real times. A
 step whose timing was measured (``timing`` in the run state: queued/started/
 first-token/finished times and per-phase seconds) shows its phases; one
 recorded without (a run older than the timing fields, a step still running)
-shows one bar from its ``started`` event to its end (``phase: "run"``).
+shows one bar from its first dispatch to its end (``phase: "run"``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _step(run: RunState, step_id: str, st: StepState, started: float, now: float
           t0: float) -> dict[str, Any]:  # fmt: skip
     timing = getattr(st, "timing", None)
     queued = float(getattr(timing, "queued_at", 0.0) or 0.0)
-    start = queued or started or st.dispatched_at
+    start = queued or st.opened_at or started or st.dispatched_at
     running = st.status in ("dispatched", "tools", "waiting_input") and not run.terminal
     end = st.finished_at or (now if running else run.updated_at)
     bars, measured = _phases(st, start, max(start, end))
