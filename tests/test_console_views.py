@@ -128,10 +128,6 @@ def test_a_step_with_timing_fields_is_drawn_phase_by_phase() -> None:
     row is its phases end to end from when it was queued."""
     import proto.messages as pm
 
-    if not hasattr(pm, "Timing"):  # the step timing fields (issue #19) not merged yet
-        import pytest
-
-        pytest.skip("proto.messages.Timing is not there yet")
     phases = pm.Phases(queue=0.25, context=0.02, admission=0.01, prefill=0.05, decode=0.4)
     out = decide(T.start, None, new_task(), RULES, now=100.0)
     assert isinstance(out, T.Transition)

@@ -28,8 +28,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.browser)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def playwright() -> Iterator[Any]:
+    """Playwright's sync API runs an event loop of its own while it is open:
+    only for this module, never beside the other tests' asyncio loop."""
     if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
         if os.environ.get("CI"):
             pytest.fail(f"no Chromium at {CHROMIUM}: `make system-deps` installs Debian's")

@@ -9,17 +9,18 @@ recording — and its tool calls as rows of their own at their real times. A
 step whose timing was measured (``timing`` in the run state: queued/started/
 first-token/finished times and per-phase seconds) shows its phases; one
 recorded without (a run older than the timing fields, a step still running)
-shows one bar from its first dispatch to its end (``phase: "run"``).
+shows one bar from its ``started`` event to its end (``phase: "run"``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from proto.messages import PHASES
+
 from ..runs import RunState, StepState
 from ..workflows import GraphWorkflow, WorkflowSpec
 
-PHASES: tuple[str, ...] = ("queue", "context", "admission", "prefill", "decode", "tool", "record")
 TOOL_LAYER = "tool"
 
 
@@ -32,13 +33,12 @@ def _order(wf: GraphWorkflow, step_id: str) -> tuple[int, int, str]:
 
 def _phases(st: StepState, start: float, end: float) -> tuple[list[dict[str, Any]], bool]:
     """The step's bars (relative to ``start``) and whether they were measured."""
-    timing = getattr(st, "timing", None)  # the step timing fields, where recorded
-    measured = getattr(timing, "phases", None)
-    if measured is None or not any(getattr(measured, p, 0.0) for p in PHASES):
+    measured = st.timing.phases if st.timing is not None else None
+    if measured is None or measured.total() <= 0.0:
         return [{"name": "run", "start": 0.0, "seconds": round(max(0.0, end - start), 6)}], False
     at, bars = 0.0, []
     for name in PHASES:
-        seconds = float(getattr(measured, name, 0.0) or 0.0)
+        seconds = float(getattr(measured, name))
         if seconds > 0:
             bars.append({"name": name, "start": round(at, 6), "seconds": round(seconds, 6)})
             at += seconds
@@ -47,9 +47,8 @@ def _phases(st: StepState, start: float, end: float) -> tuple[list[dict[str, Any
 
 def _step(run: RunState, step_id: str, st: StepState, started: float, now: float,
           t0: float) -> dict[str, Any]:  # fmt: skip
-    timing = getattr(st, "timing", None)
-    queued = float(getattr(timing, "queued_at", 0.0) or 0.0)
-    start = queued or st.opened_at or started or st.dispatched_at
+    queued = st.timing.queued_at if st.timing is not None else 0.0
+    start = queued or started or st.dispatched_at
     running = st.status in ("dispatched", "tools", "waiting_input") and not run.terminal
     end = st.finished_at or (now if running else run.updated_at)
     bars, measured = _phases(st, start, max(start, end))
