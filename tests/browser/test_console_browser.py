@@ -43,6 +43,7 @@ def test_the_live_list_shows_a_research_task_and_the_waterfall_every_step_by_age
         arg=task_id,
     )  # fmt: skip
     assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
+    shot(page, "task-list")
     _open_task(page, task_id)
     _status(page, "completed")
     doc = env.wait("acme", task_id, lambda d: d["status"] == "completed")

@@ -19,7 +19,7 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
@@ -42,6 +42,9 @@ from ..follow import as_dict, replay_events
 from ..runs import ERASED
 from ..settings import OrchestratorSettings
 from .views import task_view
+
+if TYPE_CHECKING:
+    from ..api import Services
 
 STATIC = Path(__file__).with_name("static")
 # The page runs only its own script and style: no inline code, no other origin.
@@ -71,7 +74,7 @@ Known = Callable[..., Awaitable[Any]]
 def add_routes(
     app: FastAPI,
     settings: OrchestratorSettings,
-    svc: Any,
+    svc: Services,
     tenant_of: TenantOf,
     known: Known,
     sessions: S.SessionKeys | None,

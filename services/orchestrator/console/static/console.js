@@ -133,7 +133,7 @@ async function renderList(params) {
   const pager = h("div", { class: "pager" },
     cursor ? h("a", { href: "#/" }, "← newest") : h("span", { class: "muted", id: "live" }, "live"),
     page.next_cursor ? h("a", { href: `#/?cursor=${encodeURIComponent(page.next_cursor)}`, id: "older" }, "older →") : null,
-    h("span", { class: "muted" }, `${page.tasks.length} shown`));
+    h("span", { class: "muted", id: "count" }, `${page.tasks.length} shown`));
   app.replaceChildren(h("h2", {}, "Tasks"), filters, table,
     page.tasks.length ? null : h("p", { class: "muted", id: "empty" }, "No tasks yet."), pager);
   if (!cursor) {  // the first page follows changes live
@@ -145,6 +145,7 @@ async function renderList(params) {
         if (old && old.isConnected) old.replaceWith(row); else body.prepend(row);
         const empty = document.getElementById("empty");
         if (empty) empty.remove();
+        document.getElementById("count").textContent = `${body.children.length} shown`;
       },
     });
   }
