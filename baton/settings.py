@@ -38,7 +38,7 @@ class CommonSettings(BaseSettings):
     http_port: int = 0
     # Replicas of every JetStream stream Baton creates (3 on a NATS cluster).
     stream_replicas: int = 1
-    # Local state: the generated context key, the tiny model, logs of `baton up`.
+    # Local state: the generated context key, the models (models/), logs of `baton up`.
     data_dir: Path = Path(".data")
     # Seconds to wait for the first NATS connection.
     connect_timeout: float = 5.0

@@ -16,11 +16,12 @@ Requires ``torch``, ``transformers`` and ``tokenizers`` (the vLLM extra).
 from __future__ import annotations
 
 import json
-import shutil
 import sysconfig
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from baton.models import place
 
 MARKER = ".baton-tiny-model"
 """Written last; its presence means the directory is complete."""
@@ -151,17 +152,6 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0) -> Path:
         _build_model(work, seed, VOCAB_SIZE, ids)
         if (out_dir / MARKER).is_file():
             return out_dir  # a concurrent builder finished first
-        try:
-            # Atomic when out_dir is absent or an empty directory.
-            work.rename(out_dir)
-        except OSError:
-            # A non-empty directory (an interrupted earlier build, or a
-            # concurrent builder): move the files in one by one. Each replace is
-            # atomic and the content is the same for the same seed.
-            for item in sorted(work.iterdir()):
-                target = out_dir / item.name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                item.replace(target)
+        place(work, out_dir)  # the content is the same for the same seed
     (out_dir / MARKER).write_text(json.dumps({"seed": seed, "vocab_size": VOCAB_SIZE}) + "\n")
     return out_dir

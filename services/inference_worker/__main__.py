@@ -6,6 +6,7 @@ import sys
 
 from fastapi import Depends, HTTPException
 
+from baton.models import ModelMissing
 from baton.service import Health, caller_scope, health_app, main_entry, serve
 
 from .engines import build_engine
@@ -19,7 +20,10 @@ NAME = "inference-worker"
 def main() -> None:
     settings = WorkerSettings()
     health = Health()
-    engine = build_engine(settings)
+    try:
+        engine = build_engine(settings)
+    except ModelMissing as exc:  # a setup step not done: restarting will not help
+        sys.exit(f"baton-inference-worker: {exc}")
     worker = Worker(settings, engine, health)
     app = health_app("Baton inference worker", health)
 

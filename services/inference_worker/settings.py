@@ -19,10 +19,14 @@ class WorkerSettings(CommonSettings):
     # vllm: vLLM in this process; openai: an OpenAI-compatible server; sim: the simulator.
     engine: Literal["vllm", "openai", "sim"] = "sim"
 
-    # The model: a local directory (nothing is downloaded); unset = the tiny model.
+    # vllm: the model. Unset = the default real model (SmolLM2-135M-Instruct in
+    # <data-dir>/models, built once by `baton model fetch` / `make model`);
+    # "tiny" = a random-weight test model (built on start, no download); else
+    # a local model directory. Nothing is downloaded at run time.
     model: str | None = None
-    # The model's name in results and metrics.
-    served_model_name: str = "tiny"
+    # The model's name in results and metrics; unset = after the model
+    # (smollm2-135m-instruct, tiny, or the directory's name).
+    served_model_name: str | None = None
 
     # Engine shape (vllm): each is the AsyncEngineArgs field of the same name.
     # Unset = vLLM's own default, or the CPU profile's value when vLLM runs on

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .base import Engine
 
 if TYPE_CHECKING:
     from ..settings import WorkerSettings
-
-
-def tiny_model_dir(settings: WorkerSettings) -> Path:
-    """Where the no-download tiny model lives for this data directory."""
-    return Path(settings.data_dir) / "models" / "tiny"
 
 
 def build_engine(settings: WorkerSettings) -> Engine:
@@ -43,15 +37,26 @@ def build_engine(settings: WorkerSettings) -> Engine:
         )
     from .vllm import VLLMEngine
 
-    model = settings.model
-    if model is None:
-        from baton.tinymodel import build_tiny_model
-
-        model = str(build_tiny_model(tiny_model_dir(settings)))
+    model, served = vllm_model(settings)
     return VLLMEngine(
         model=model,
-        served_name=settings.served_model_name,
+        served_name=settings.served_model_name or served,
         named_args=settings.vllm_named_args(),
         extra_args=settings.vllm_args,
         profile=settings.vllm_profile,
     )
+
+
+def vllm_model(settings: WorkerSettings) -> tuple[str, str]:
+    """(model directory, served name) of ``BATON_MODEL`` (``baton.models``):
+    the default real model, which must be built (``ModelMissing`` says how),
+    ``tiny``, built here on first use (no download, a few seconds), or a
+    directory."""
+    from baton.models import model_choice, tiny_model_dir
+
+    path, served = model_choice(settings.model, settings.data_dir)
+    if path is None:
+        from baton.tinymodel import build_tiny_model
+
+        path = build_tiny_model(tiny_model_dir(settings.data_dir))
+    return str(path), served
