@@ -112,3 +112,24 @@ def test_the_guided_schema_is_built_once_per_tools_choice_and_budget() -> None:
     )
     assert guided_schema(TOOLS, "auto", 64) != first
     assert guided_schema(TOOLS[:1], "auto", 96) != first
+
+
+def test_the_research_agents_can_write_a_real_query_and_program() -> None:
+    """At the research workflow's budgets a real model gets room for a search
+    query or a short program (SmolLM2 wrote 12-character queries when the
+    bound preferred more calls to longer strings)."""
+    from pathlib import Path
+
+    import yaml
+
+    from proto.tools import BUILTIN_SPECS
+
+    path = Path(__file__).parents[1] / "services/orchestrator/workflows/research.yaml"
+    agents = yaml.safe_load(path.read_text())["agents"]
+    for agent in agents.values():
+        for tool in agent.get("tools", []):
+            fitted = json.loads(guided_schema((BUILTIN_SPECS[tool],), "auto", agent["max_tokens"]))
+            array = fitted["anyOf"][0]["properties"]["tool_calls"]
+            args = array["items"]["anyOf"][0]["properties"]["arguments"]["properties"]
+            longest = max(p.get("maxLength", 0) for p in args.values())
+            assert (array["maxItems"], longest >= 96) == (1, True), (tool, array["maxItems"], longest)

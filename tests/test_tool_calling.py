@@ -163,3 +163,19 @@ def test_the_http_engines_estimate_counts_the_offered_tools() -> None:
     tools = [SEARCH, PYTHON, ADD]
     extra = engine.count_prompt_tokens(history, tools) - engine.count_prompt_tokens(history)
     assert extra == pytest.approx(len(json.dumps(openai_tools(tools))) * 0.25, abs=1)
+
+
+def test_a_turn_that_called_tools_reads_back_as_the_json_the_model_wrote() -> None:
+    """The vLLM engine shows the model its earlier calls exactly as guided
+    decoding made it write them (compact, arguments an object), not with the
+    arguments as a string holding JSON."""
+    from proto.messages import ToolCall
+    from services.inference_worker.engines.vllm import _wire_message
+
+    written = '{"tool_calls":[{"name":"search","arguments":{"query":"raft"}}]}'
+    calls = parse_guided(written, "auto").calls
+    turn = ChatMessage(role="assistant", content="", tool_calls=calls)
+    assert _wire_message(turn)["content"] == written
+    odd = ChatMessage(role="assistant", content="",
+                      tool_calls=[ToolCall(id="call_0", name="x", arguments="not json")])  # fmt: skip
+    assert json.loads(_wire_message(odd)["content"])["tool_calls"][0]["arguments"] == "not json"

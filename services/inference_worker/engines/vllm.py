@@ -149,16 +149,24 @@ def _stat_logger_factory(counters: _Counters) -> Any:
 
 def _wire_message(m: ChatMessage) -> dict[str, Any]:
     """A message as chat templates take it: the OpenAI shape, the name kept on
-    tool messages too, and calls with no text spelt as their JSON (what the
-    model was guided to write)."""
+    tool messages too, and calls with no text spelt as their JSON, exactly
+    what the model was guided to write (so it reads its own calls back)."""
     out = openai_message(m)
     if m.name:
         out["name"] = m.name
     if m.tool_calls and not m.content:
-        out["content"] = json.dumps(
-            {"tool_calls": [{"name": c.name, "arguments": c.arguments} for c in m.tool_calls]}
-        )
+        calls = [{"name": c.name, "arguments": _json_or_text(c.arguments)} for c in m.tool_calls]
+        out["content"] = json.dumps({"tool_calls": calls}, separators=(",", ":"))
     return out
+
+
+def _json_or_text(arguments: str) -> Any:
+    """A call's arguments as the model wrote them: the JSON object (guided
+    decoding writes one, compact), not a string holding it."""
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 class VLLMEngine:
