@@ -19,8 +19,8 @@ from bench import RESULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
-ORDER = ["worker", "context", "orchestrator", "routing", "tokens", "tools", "auth", "fairness",
-         "scaling", "tracing", "console"]  # fmt: skip
+ORDER = ["worker", "model", "context", "orchestrator", "routing", "tokens", "tools", "auth",
+         "fairness", "scaling", "tracing", "console"]  # fmt: skip
 
 HEADER = """# Benchmarks
 
