@@ -132,4 +132,4 @@ def test_the_research_agents_can_write_a_real_query_and_program() -> None:
             array = fitted["anyOf"][0]["properties"]["tool_calls"]
             args = array["items"]["anyOf"][0]["properties"]["arguments"]["properties"]
             longest = max(p.get("maxLength", 0) for p in args.values())
-            assert (array["maxItems"], longest >= 96) == (1, True), (tool, array["maxItems"], longest)
+            assert array["maxItems"] == 1 and longest >= 96, (tool, array["maxItems"], longest)
