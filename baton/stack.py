@@ -259,8 +259,8 @@ class Stack:
             else:
                 print("baton: WARNING: the HTTP API runs WITHOUT API keys (--no-api-keys): every "
                       "local process can read and act on every tenant", flush=True)  # fmt: skip
-            print(f"baton: starting services with engine={self.engine} (vLLM loads the model: allow a minute; Ctrl-C stops)",
-                  flush=True)  # fmt: skip
+            print(f"baton: starting services with engine={self.engine} "
+                  "(vLLM loads the model: allow a minute; Ctrl-C stops)", flush=True)  # fmt: skip
             self.wait_ready(lambda: stop)
             for svc in self.services:
                 print(f"baton: {svc.name:<16} {svc.url}  (/healthz /readyz /metrics)", flush=True)
