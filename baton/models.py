@@ -101,6 +101,16 @@ def is_built(model_dir: Path) -> bool:
     return (model_dir / MARKER).is_file()
 
 
+def served_name(model: str | None) -> str:
+    """The name ``BATON_MODEL`` is served under: ``tiny``, a directory's last
+    path component, or the default model's name (no file is read)."""
+    if model == TINY:
+        return TINY
+    if model:
+        return Path(model).resolve().name or "model"
+    return DEFAULT_MODEL
+
+
 def model_choice(model: str | None, data_dir: Path | str) -> tuple[Path | None, str]:
     """(directory, served name) for ``BATON_MODEL``. The directory is None
     for ``tiny`` (the caller builds it: ``tiny_model_dir``); a directory of
@@ -109,8 +119,7 @@ def model_choice(model: str | None, data_dir: Path | str) -> tuple[Path | None, 
     if model == TINY:
         return None, TINY
     if model:
-        path = Path(model)
-        return path, path.resolve().name or "model"
+        return Path(model), served_name(model)
     path = default_model_dir(data_dir)
     if not is_built(path):
         raise ModelMissing(

@@ -79,8 +79,8 @@ async def test_a_research_task_feeds_the_waterfall_latency_lag_and_cost_metrics(
             "decode": metric(orch, "baton_step_phase_seconds_count", phase="decode", workflow="research"),
             "tool": metric(orch, "baton_step_phase_seconds_count", phase="tool", workflow="research"),
             "cost": metric(orch, "baton_tenant_cost_usd_total", tenant="wonka"),
-            "ttft": metric(worker, "baton_worker_ttft_seconds_count", model="tiny"),
-            "itl": metric(worker, "baton_worker_inter_token_latency_seconds_count", model="tiny"),
+            "ttft": metric(worker, "baton_worker_ttft_seconds_count", model="sim"),
+            "itl": metric(worker, "baton_worker_inter_token_latency_seconds_count", model="sim"),
             "lag": metric(worker, "baton_worker_token_stream_lag_seconds_count"),
             "tool_queue": metric(tools, "baton_tool_queue_wait_seconds_count"),
         }  # fmt: skip

@@ -253,12 +253,12 @@ async def test_a_research_task_over_http_is_one_trace_across_the_fleet(
               if s.attributes.get("gen_ai.operation.name") == "invoke_agent"}  # fmt: skip
     assert set(agents) == {"supervisor", "retrieval", "coding", "validation"}
     assert all(a.parent_span_id == root.span_id for a in agents.values())
-    chats = [s for s in got if s.name == "chat tiny"]
+    chats = [s for s in got if s.name == "chat sim"]
     assert chats and all(c.service == "baton-inference-worker" for c in chats)
     agent_ids = {a.span_id for a in got if a.name.startswith("invoke_agent ")}
     for c in chats:
         assert c.parent_span_id in agent_ids  # the job was published in its step's span
-        assert c.attributes["gen_ai.request.model"] == "tiny"
+        assert c.attributes["gen_ai.request.model"] == "sim"
         assert c.attributes["gen_ai.usage.input_tokens"] > 0
         assert c.attributes["gen_ai.usage.output_tokens"] > 0
     starts = {s.span_id: s.start_ns for s in got}
@@ -353,7 +353,7 @@ async def test_steps_dispatched_by_another_replica_after_a_crash_stay_in_the_tas
               and ".gather." in s.attributes["baton.step"]}  # fmt: skip
     assert {"r1.gather.retrieval", "r1.gather.coding"} <= set(gather)
     assert all(g.parent_span_id == root.span_id for g in gather.values())
-    chats = [s for s in got if s.name == "chat tiny" and s.attributes["baton.step"] in gather]
+    chats = [s for s in got if s.name == "chat sim" and s.attributes["baton.step"] in gather]
     assert chats and {c.parent_span_id for c in chats} <= {g.span_id for g in gather.values()}
 
 

@@ -93,7 +93,7 @@ class JobHandler:
         self.tokens = tokens
         self.pool = sup.s.pool
         self.cancelled = CancelledTasks()
-        model = sup.s.served_model_name
+        model = sup.s.model_name
         self._latency = (m.TTFT.labels(self.pool, model), m.ITL.labels(self.pool, model))
 
     async def handle(self, d: Delivery, on_admitted: Callable[[], None]) -> None:

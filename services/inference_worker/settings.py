@@ -25,7 +25,8 @@ class WorkerSettings(CommonSettings):
     # a local model directory. Nothing is downloaded at run time.
     model: str | None = None
     # The model's name in results and metrics; unset = after the model
-    # (smollm2-135m-instruct, tiny, or the directory's name).
+    # (smollm2-135m-instruct, tiny, or the directory's name; the simulator's
+    # is sim, the openai engine's BATON_OPENAI_MODEL).
     served_model_name: str | None = None
 
     # Engine shape (vllm): each is the AsyncEngineArgs field of the same name.
@@ -97,6 +98,19 @@ class WorkerSettings(CommonSettings):
     oom_retry_delay: float = 2.0
     # Sessions remembered as warm in this worker's prefix cache (for routing).
     warm_sessions: int = 256
+
+    @property
+    def model_name(self) -> str:
+        """The model's name in results, metrics and spans."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.engine == "openai":
+            return self.openai_model
+        if self.engine == "sim" and not self.model:
+            return "sim"
+        from baton.models import served_name
+
+        return served_name(self.model)
 
     def declared_shape(self) -> tuple[int, int]:
         """(max_model_len, max_num_seqs) for engines that declare them (sim, openai)."""

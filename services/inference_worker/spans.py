@@ -26,7 +26,7 @@ def chat(job: InferenceJob, s: WorkerSettings) -> AbstractContextManager[Any]:
     on every span)."""
     if not tracing.enabled():  # off: not even the attributes are put together
         return contextlib.nullcontext()
-    model = s.openai_model if s.engine == "openai" else s.served_model_name
+    model = s.model_name
     attrs: dict[str, Any] = {
         "gen_ai.operation.name": "chat",
         "gen_ai.provider.name": PROVIDERS.get(s.engine, s.engine),

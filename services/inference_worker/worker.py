@@ -89,7 +89,7 @@ class Worker:
         self.rescue = Rescuer(bus, self.pool, self.peers, self.pull)
         beacon = Beacon(self.sup, self.warm, GpuMonitor())
         labels = self.sup.labels
-        m.init_series(self.pool, self.s.served_model_name)
+        m.init_series(self.pool, self.s.model_name)
         await bus.provision(streams=[JOBS, RESULTS, TOKENS], consumers=[self.consumer, self.direct])
         await bus.subscribe(f"{subjects.CANCEL}.*.*", self._on_cancel)
         await bus.subscribe(f"{subjects.HEARTBEATS}.{self.pool}.*", self.peers.on_msg)

@@ -37,10 +37,10 @@ def build_engine(settings: WorkerSettings) -> Engine:
         )
     from .vllm import VLLMEngine
 
-    model, served = vllm_model(settings)
+    model, _ = vllm_model(settings)
     return VLLMEngine(
         model=model,
-        served_name=settings.served_model_name or served,
+        served_name=settings.model_name,
         named_args=settings.vllm_named_args(),
         extra_args=settings.vllm_args,
         profile=settings.vllm_profile,
