@@ -69,7 +69,8 @@ async def test_a_fork_from_validate_runs_only_validate_and_after_on_a_forked_ses
     assert old["steps"]["r1.validate"]["context"]["session"] == task_id
     # The worker did the new steps' jobs, none of the carried steps'.
     jobs_after = metric(stack.procs[2].url, "baton_worker_jobs_total", outcome="completed")
-    assert jobs_after - jobs_before == _model_turns(new, carried=False) == 2
+    # (validate and the summary, or more rounds when the simulated validator revises)
+    assert jobs_after - jobs_before == _model_turns(new, carried=False) >= 2
     assert _model_turns(new, carried=True) >= 3
     # The old run is untouched, and the new one's usage is only what it spent.
     assert _status(stack, tenant, task_id)["updated_at"] == old["updated_at"]
