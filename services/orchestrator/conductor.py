@@ -60,7 +60,6 @@ from .workflows.graph import is_step_id
 log = structlog.get_logger("orchestrator")
 
 MAX_CONFLICTS = 50  # compare-and-set attempts per transition
-NOT_A_RUN = "not_a_workflow_run"  # a rejected task's claim on its id: nothing to advance
 
 Decide = Callable[[RunState | None, float, T.Ctx], T.Outcome]
 
@@ -384,12 +383,12 @@ class Conductor:
         def decide(run: RunState | None, now: float, ctx: T.Ctx) -> T.Outcome:
             r = _must(run)
             if r.workflow not in self.workflows:  # the claim of a rejected task
-                return T.Transition(r, False, note=NOT_A_RUN)
+                return T.Transition(r, False, note=T.NOT_A_RUN)
             return T.result(r, res, self.rules, now, ctx, received)
 
         with spans.hop("baton.results", res.tenant, res.task_id):
             out = await self._apply(res.tenant, res.task_id, decide)
-        if out is None or out.note == NOT_A_RUN:
+        if out is None or out.note == T.NOT_A_RUN:
             raise Term(f"result for unknown run {res.tenant}.{res.task_id}")
         if out.note and d.num_delivered > 1:
             m.RESUMED.inc()

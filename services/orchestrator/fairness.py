@@ -16,12 +16,12 @@ started, and is freed when the run ends — told by the conductor on this
 replica, or found by the intake's periodic look at runs another replica
 finished (``stale``). A run waiting for a human's answer (an ``input`` step,
 nothing in flight) is *parked*: it holds no slot until it works again.
-``asyncio.Event``s wake a tenant's intake when its room grows.
+A tenant's intake registers a waker (``on_room``), called when its room
+grows; the gate itself knows no event loop (a decision module: no asyncio).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 EARLY_KEEP = 4096  # runs that ended before their intake adopted them
@@ -34,7 +34,7 @@ class FairGate:
         self._reserved: dict[str, set[int]] = {}  # tenant -> stream seqs being handled
         self._early: dict[tuple[str, str], None] = {}  # ended before adopted
         self._parked: dict[str, set[str]] = {}  # tenant -> runs waiting for input
-        self._changed: dict[str, asyncio.Event] = {}
+        self._wakers: dict[str, Callable[[], None]] = {}
 
     # -- reading ---------------------------------------------------------
 
@@ -66,8 +66,9 @@ class FairGate:
                     runs[task_id] = now
         return out
 
-    def changed(self, tenant: str) -> asyncio.Event:
-        return self._changed.setdefault(tenant, asyncio.Event())
+    def on_room(self, tenant: str, wake: Callable[[], None]) -> None:
+        """Call ``wake`` whenever the tenant's room grows (its intake's event)."""
+        self._wakers[tenant] = wake
 
     # -- the slot's life ---------------------------------------------------
 
@@ -127,6 +128,6 @@ class FairGate:
             self._active.setdefault(tenant, {})[task_id] = now
 
     def _wake(self, tenant: str) -> None:
-        ev = self._changed.get(tenant)
-        if ev is not None:
-            ev.set()
+        wake = self._wakers.get(tenant)
+        if wake is not None:
+            wake()

@@ -133,7 +133,8 @@ class _TenantGate:
 
     def __init__(self, gate: FairGate, tenant: str) -> None:
         self.gate, self.tenant = gate, tenant
-        self.changed = gate.changed(tenant)
+        self.changed = asyncio.Event()
+        gate.on_room(tenant, self.changed.set)
 
     def room(self) -> int:
         return self.gate.room(self.tenant)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Final, Literal
 
 from proto import codec, keys
 from proto.errors import ErrorCode
@@ -49,12 +50,27 @@ from proto.messages import (
 from proto.tools import BUILTIN_SPECS
 
 from . import waterfall
-from .runs import ERASED, CallState, RunState, StepState
+from .state import ERASED, CallState, RunState, StepState
 from .workflows import Done, GraphWorkflow, StepPlan
 
 MIN_STEP_TOKENS = 32  # below this share of the budget, a step is not worth dispatching
 MAX_TIMER_SLEEP = 300.0  # a watchdog sleeps at most this long between looks
-INPUT_DEFAULT = "input_default"  # a timer's note: an input step took its default answer
+INPUT_DEFAULT: Final = "input_default"  # a timer's note: an input step took its default answer
+NOT_A_RUN: Final = "not_a_workflow_run"  # a rejected task's claim on its id: nothing to advance
+# Why a transition changed nothing (or, for INPUT_DEFAULT, how it did): the
+# shell branches on it, so it is a closed set.
+Note = Literal[
+    "",
+    "duplicate_task",
+    "rejected",
+    "resumed",
+    "already_recorded",
+    "input_default",
+    "not_a_workflow_run",
+    "finished",
+    "not_waiting",
+    "already_answered",
+]
 
 
 # -- what a decision may ask for before it is made ---------------------------
@@ -147,7 +163,7 @@ class Transition:
     changed: bool
     effects: list[Effect] = field(default_factory=list)
     wake_at: float | None = None  # timers: when to look again (None: never)
-    note: str = ""  # why nothing changed, for the log
+    note: Note = ""  # why nothing changed, for the log and the shell
 
 
 @dataclass(frozen=True, slots=True)
@@ -883,7 +899,7 @@ def answer(run: RunState, msg: NewAnswer, rules: Rules, now: float, ctx: Ctx) ->
     cannot republish a run's events after their de-duplication window."""
     target = waiting_step(run, msg.step)
     if target is None:
-        note = "finished" if run.terminal else "not_waiting"
+        note: Note = "finished" if run.terminal else "not_waiting"
         if msg.step is not None and msg.step in run.steps and run.steps[msg.step].input:
             note = "finished" if run.terminal else "already_answered"
         effects = replay(run, rules, now) if msg.redelivered else []

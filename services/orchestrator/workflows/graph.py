@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from proto import keys
 from proto.ids import is_valid_id
 
-from ..runs import RunState, StepState
+from ..state import RunState, StepState
 from .spec import DONE, AgentSpec, InputSpec, StepSpec, WorkflowSpec
 
 
