@@ -82,7 +82,7 @@ asyncapi: venv
 
 ## settings-doc: regenerate docs/settings.md from the settings classes
 settings-doc: venv
-	$(PY) -m baton.settings_doc
+	$(PY) -m baton.dev.settings_doc
 
 ## images: build every image buildable here, no registry needed (deploy/docker/images.sh)
 images: venv

@@ -539,7 +539,7 @@ def dlq_purge(
 @model_app.command("tiny")
 def model_tiny(dir: Path) -> None:
     """Build the tiny random-weight model into DIR (no download)."""
-    from baton.tinymodel import build_tiny_model
+    from baton.dev.tinymodel import build_tiny_model
 
     print(f"tiny model ready in {build_tiny_model(dir)}")
 

@@ -2,7 +2,7 @@
 
 ``BATON_MODEL`` picks the model (see ``model_choice``): unset, the default real
 model, SmolLM2-135M-Instruct, at ``<data-dir>/models/smollm2-135m-instruct``;
-``tiny``, the random-weight test model (``baton.tinymodel``, built on demand:
+``tiny``, the random-weight test model (``baton.dev.tinymodel``, built on demand:
 nothing to download); anything else, a model directory.
 
 The default model is a setup step, never done by a running service:

@@ -17,8 +17,8 @@ from typing import Any
 import msgpack
 import nats
 
+from baton.dev.testing import LocalStack, secure_nats
 from baton.natsd import NatsServer
-from baton.testing import LocalStack, secure_nats
 from bench.stats import pct
 
 ROUNDS = 6

@@ -20,8 +20,7 @@ from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 
-from baton.sessions import COOKIE
-from baton.testing import (
+from baton.dev.testing import (
     CHROMIUM,
     CHROMIUM_ARGS,
     INFERENCE_FAILURE_WORKFLOW,
@@ -31,6 +30,7 @@ from baton.testing import (
     secure_nats,
     uid,
 )
+from baton.sessions import COOKIE
 from bench.stats import pct
 
 ROUNDS = 7

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from baton.dev.testing import secure_nats
 from baton.stack import ServiceProcess
-from baton.testing import secure_nats
 from baton.transport import Bus, connect
 from proto import codec, subjects
 from proto.messages import (

@@ -39,7 +39,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from baton.testing import LocalStack, secure_nats, uid
+from baton.dev.testing import LocalStack, secure_nats, uid
 from bench.stats import median, pct
 
 FLOOD = 2000

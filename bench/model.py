@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from baton.testing import Client, LocalStack, secure_nats, uid
+from baton.dev.testing import Client, LocalStack, secure_nats, uid
 from bench.stats import median
 from bench.worker import _baton, _direct
 from services.inference_worker.engines import build_engine

@@ -51,8 +51,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
+from baton.dev.testing import LocalStack, secure_nats, uid
 from baton.natsd import free_port
-from baton.testing import LocalStack, secure_nats, uid
 from bench.stats import cpu_seconds, pct
 from proto import codec
 from proto.messages import ContextAppend, InferenceJob, InferenceResult, WindowRequest

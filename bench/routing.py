@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from baton.testing import Client, LocalStack, metric, secure_nats, uid
+from baton.dev.testing import Client, LocalStack, metric, secure_nats, uid
 
 SESSIONS = 20
 TURNS = 4
@@ -62,7 +62,7 @@ async def _mode(stack: LocalStack, client: Client, routing: bool) -> dict[str, A
 
 
 async def _main(work: Path) -> dict[str, Any]:
-    from baton.tinymodel import build_tiny_model
+    from baton.dev.tinymodel import build_tiny_model
 
     model = build_tiny_model(work / "tiny")
     server = secure_nats(work / "nats").start()

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgpack
 
-from baton.testing import Client, LocalStack, secure_nats, uid
+from baton.dev.testing import Client, LocalStack, secure_nats, uid
 from bench.stats import median
 from services.inference_worker.engines.vllm import VLLMEngine
 from services.inference_worker.inprocess import inprocess_worker
@@ -64,7 +64,7 @@ async def _round(client: Client, url: str, engine: VLLMEngine, prompts: list[str
 
 
 async def _main(work: Path) -> dict[str, Any]:
-    from baton.tinymodel import build_tiny_model
+    from baton.dev.tinymodel import build_tiny_model
 
     model = build_tiny_model(work / "tiny")
     server = secure_nats(work / "nats").start()

@@ -198,7 +198,7 @@ async def guided(work: Path) -> dict[str, Any] | None:
         import vllm  # noqa: F401
     except ImportError:
         return None
-    from baton.tinymodel import build_tiny_model
+    from baton.dev.tinymodel import build_tiny_model
     from services.inference_worker.engines.base import GenerationRequest
     from services.inference_worker.engines.vllm import VLLMEngine
 

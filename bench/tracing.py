@@ -35,8 +35,8 @@ from typing import Any
 
 import nats
 
-from baton.testing import LocalStack, secure_nats
-from baton.trace_receiver import TraceReceiver
+from baton.dev.testing import LocalStack, secure_nats
+from baton.dev.trace_receiver import TraceReceiver
 from bench.orchestrator import ENV, Runner, _text
 from bench.stats import cpu_seconds
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from baton.testing import Client, LocalStack, collect_results, secure_nats, submit_job, uid
+from baton.dev.testing import Client, LocalStack, collect_results, secure_nats, submit_job, uid
 from bench.stats import cpu_seconds, median, pct
 from proto.messages import ChatMessage
 from proto.streams import ORCHESTRATOR_RESULTS
@@ -151,7 +151,7 @@ async def _burst(url: str, engine: VLLMEngine) -> dict[str, Any]:
 
 
 async def _main(work: Path) -> dict[str, Any]:
-    from baton.tinymodel import build_tiny_model
+    from baton.dev.tinymodel import build_tiny_model
 
     model = build_tiny_model(work / "tiny")
     server = secure_nats(work / "nats").start()

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from baton.dev.testing import Client, LocalStack, secure_nats
 from baton.natsd import NatsServer
-from baton.testing import Client, LocalStack, secure_nats
 from baton.transport import Bus, connect
 from tests.harness import nats_source
 

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from baton.natsd import NatsServer
-from baton.testing import (
+from baton.dev.testing import (
     INFERENCE_FAILURE_WORKFLOW,
     LocalStack,
     RefusingModelServer,
@@ -22,6 +21,7 @@ from baton.testing import (
     secure_nats,
     uid,
 )
+from baton.natsd import NatsServer
 
 # The sim writes 40 tokens/s on the slow pool: a 600-token answer takes 15 s.
 WORKFLOWS = {

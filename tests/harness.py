@@ -1,5 +1,5 @@
 """The test-only parts of the harness (the local stack, secure NATS and the
-contract client are in ``baton.testing``, shared with ``bench/``).
+contract client are in ``baton.dev.testing``, shared with ``bench/``).
 
 NATS is resolved in this order: ``NATS_URL`` → testcontainers (only when a
 Docker daemon answers and has the pinned ``baton-nats`` image of ``make
@@ -24,8 +24,8 @@ from typing import Any
 
 from baton import accounts
 from baton.credentials import Credentials
+from baton.dev.testing import TEST_TENANTS, RemoteNats, secure_nats
 from baton.natsd import NatsServer
-from baton.testing import TEST_TENANTS, RemoteNats, secure_nats
 
 
 def docker_available() -> bool:

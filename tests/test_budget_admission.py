@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from baton.testing import Client, LocalStack, uid
+from baton.dev.testing import Client, LocalStack, uid
 from tests.harness import http_post
 
 UNENFORCEABLE = [math.nan, math.inf, -math.inf, -1.0]

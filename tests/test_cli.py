@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from baton.dev.testing import Client, LocalStack, uid
 from baton.natsd import free_port
-from baton.testing import Client, LocalStack, uid
 
 
 def baton(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip

@@ -19,8 +19,8 @@ from typing import Any
 
 from rich.console import Console
 
+from baton.dev.testing import LocalStack, http_json, uid
 from baton.submit import PlainStreams, TaskView
-from baton.testing import LocalStack, http_json, uid
 from proto.messages import Step, TokenDelta
 
 RESEARCH = "compare two sorting algorithms"

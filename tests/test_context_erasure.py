@@ -12,8 +12,8 @@ from pathlib import Path
 import nats.js.errors
 import pytest
 
+from baton.dev.testing import Client, LocalStack, uid
 from baton.natsd import NatsServer
-from baton.testing import Client, LocalStack, uid
 from baton.transport import Bus, connect
 from proto import codec, subjects
 from proto.limits import MAX_SERVICE_MESSAGE_BYTES

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from baton.testing import uid
+from baton.dev.testing import uid
 from baton.transport import Bus
 from proto import codec, subjects
 from proto.limits import MAX_ATTACHMENT_BYTES, MAX_CONTEXT_MESSAGE_BYTES

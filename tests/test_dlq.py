@@ -13,8 +13,8 @@ import json
 from nats.js import api
 
 from baton import cli
+from baton.dev.testing import Client, LocalStack, metric, uid
 from baton.dlq import parse_advisory
-from baton.testing import Client, LocalStack, metric, uid
 
 
 def test_advisories_are_parsed_or_refused() -> None:

@@ -9,8 +9,8 @@ import json
 import msgpack
 import nats
 
+from baton.dev.testing import LocalStack, uid
 from baton.documents import put_document
-from baton.testing import LocalStack, uid
 from baton.transport import Bus
 from proto import subjects
 from proto.messages import ContextDelete, DocumentPut

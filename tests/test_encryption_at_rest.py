@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from baton.testing import Client, LocalStack, http_json, secure_nats, uid
+from baton.dev.testing import Client, LocalStack, http_json, secure_nats, uid
 from tests.ctx import raw_store_contains
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgpack
 
-from baton.testing import Client, LocalStack, http_get, metric, uid
+from baton.dev.testing import Client, LocalStack, http_get, metric, uid
 from proto.limits import MAX_INPUT_BYTES
 from tests.harness import http_post
 

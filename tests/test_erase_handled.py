@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from baton.dev.testing import uid
 from baton.natsd import NatsServer
-from baton.testing import uid
 from baton.transport import Delivery, Nak, Term, connect
 from proto.streams import ConsumerSpec, StreamSpec
 from tests.ctx import raw_store_contains

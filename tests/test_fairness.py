@@ -19,8 +19,8 @@ from typing import Any
 
 import msgpack
 
+from baton.dev.testing import Client, LocalStack, uid
 from baton.natsd import NatsServer
-from baton.testing import Client, LocalStack, uid
 
 FLOOD = 40
 FLOODER, PROBER = "wonka", "initech"

@@ -12,8 +12,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from baton.dev.testing import Client, LocalStack, metric, uid
 from baton.natsd import NatsServer
-from baton.testing import Client, LocalStack, metric, uid
 from tests.harness import http_post
 
 SLOW = {"BATON_SIM_DECODE_TPS": "25"}  # 128 tokens ~ 5 s: time to strike mid-generation

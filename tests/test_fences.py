@@ -8,6 +8,9 @@ import time).
   fairness, in-flight) import nothing from the bus, ``asyncio``, ``time`` or
   ``random`` — transitively, through every module of this repository they
   import — so a decision is a function of its arguments and replays the same.
+- The runtime (``services/``, ``proto/``, ``baton/`` but ``baton/dev/``) never
+  imports the dev tooling in ``baton/dev/`` when a module loads; only a
+  function on a dev path may (building the tiny model).
 """
 
 from __future__ import annotations
@@ -147,6 +150,33 @@ def test_services_and_proto_never_import_nats() -> None:
         for name in imports_of(module):
             if name == "nats" or name.startswith("nats."):
                 offenders.append(f"{path.relative_to(ROOT)}: {name}")
+    assert offenders == []
+
+
+def _loaded_with_module(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
+    """The imports that run when the module loads (not those in a function)."""
+    stack: list[ast.AST] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            yield node
+        elif not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            stack.extend(ast.iter_child_nodes(node))
+
+
+def test_the_runtime_loads_no_dev_tooling() -> None:
+    offenders = []
+    for path in _sources("services", "proto", "baton"):
+        if (ROOT / "baton" / "dev") in path.parents:
+            continue
+        for node in _loaded_with_module(ast.parse(path.read_text(), str(path))):
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            )
+            if any(n == "baton.dev" or n.startswith("baton.dev.") for n in names):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert offenders == []
 
 

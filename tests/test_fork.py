@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from baton.testing import Client, LocalStack, http_json, metric, uid
+from baton.dev.testing import Client, LocalStack, http_json, metric, uid
 from tests.harness import http_post
 
 RESEARCH_INPUT = "compare two sorting algorithms"  # the simulated validator accepts it

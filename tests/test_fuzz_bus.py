@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from baton.testing import Client, LocalStack, http_get, metric, uid
+from baton.dev.testing import Client, LocalStack, http_get, metric, uid
 from proto.admission import TaskRejected, parse_task
 from proto.subjects import CONTEXT_OPS
 from services.context_store.service import REQUEST_TYPES

@@ -12,7 +12,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import checks
 
-from baton.testing import LocalStack
+from baton.dev.testing import LocalStack
 
 EXAMPLES = 40  # per operation; derandomized, so CI runs the same cases
 

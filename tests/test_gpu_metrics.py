@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from baton.testing import LocalStack, http_get, metric
+from baton.dev.testing import LocalStack, http_get, metric
 
 SOURCE = Path(__file__).parent / "fake_nvml" / "fake_nvml.c"
 GIB = 2**30

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from baton.testing import Client, LocalStack, http_get, http_json, uid
+from baton.dev.testing import Client, LocalStack, http_get, http_json, uid
 from tests.harness import http_post
 
 

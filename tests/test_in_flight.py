@@ -5,8 +5,8 @@ was dispatched and lowered wherever the run moved on: replica A +2, replica B
 
 from __future__ import annotations
 
+from baton.dev.testing import uid
 from baton.natsd import NatsServer
-from baton.testing import uid
 from baton.transport import connect
 from proto import streams
 from services.orchestrator import transitions as T

@@ -18,7 +18,7 @@ import msgpack
 import nats
 import pytest
 
-from baton.testing import Client, LocalStack, metric, secure_nats, uid
+from baton.dev.testing import Client, LocalStack, metric, secure_nats, uid
 from baton.transport import Bus, connect
 from proto.messages import ContextGet
 from tests.ctx import ask

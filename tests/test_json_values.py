@@ -16,7 +16,7 @@ import msgpack
 import msgspec
 import pytest
 
-from baton.testing import Client, LocalStack, http_json, uid
+from baton.dev.testing import Client, LocalStack, http_json, uid
 from baton.transport import Bus
 from proto.admission import TaskRejected, parse_task
 from proto.errors import ErrorCode

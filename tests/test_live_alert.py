@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from baton.dev.testing import Client, LocalStack, uid
 from baton.natsd import NatsServer, free_port
-from baton.testing import Client, LocalStack, uid
 
 RULES = Path(__file__).parents[1] / "deploy" / "prometheus" / "rules" / "baton.rules.yml"
 DOCS = "https://git.example/baton/blob/v1/"  # the external label runbook links start with

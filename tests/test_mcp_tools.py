@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from baton.dev.testing import LocalStack, uid
 from baton.natsd import free_port
-from baton.testing import LocalStack, uid
 from baton.transport import Bus
 from proto import codec
 from proto.messages import ContextGet, ToolCatalog

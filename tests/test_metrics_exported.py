@@ -10,7 +10,7 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-from baton.testing import Client, LocalStack, metric, uid
+from baton.dev.testing import Client, LocalStack, metric, uid
 
 CATALOGUE = Path(__file__).parents[1] / "deploy" / "metrics.txt"
 # Only exported with series where pynvml finds a GPU (tests/test_gpu_metrics.py, fake NVML).

@@ -12,7 +12,7 @@ import openai
 import pytest
 from langchain_openai import ChatOpenAI
 
-from baton.testing import LocalStack, http_json
+from baton.dev.testing import LocalStack, http_json
 
 
 def _sdk(stack: LocalStack) -> openai.OpenAI:

@@ -9,8 +9,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from baton.dev.testing import Client, LocalStack, http_get, http_json, metric, uid
 from baton.natsd import NatsServer
-from baton.testing import Client, LocalStack, http_get, http_json, metric, uid
 from tests.harness import http_post
 
 

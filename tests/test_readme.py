@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from baton.testing import LocalStack, uid
+from baton.dev.testing import LocalStack, uid
 
 README = Path(__file__).parents[1] / "README.md"
 

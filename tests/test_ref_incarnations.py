@@ -3,7 +3,7 @@ under the same id does not revive the refs issued before the erasure."""
 
 from __future__ import annotations
 
-from baton.testing import uid
+from baton.dev.testing import uid
 from baton.transport import Bus
 from proto.messages import (
     ChatMessage,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from baton.dev.testing import Client, LocalStack, metric, uid
 from baton.natsd import NatsServer
-from baton.testing import Client, LocalStack, metric, uid
 
 FAST_FAILOVER = {"BATON_PEER_STALE_AFTER": "2", "BATON_ROUTE_STALE_AFTER": "1.5"}
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from baton.testing import uid
+from baton.dev.testing import uid
 from baton.transport import Bus, connect
 from proto.streams import BucketSpec
 from services.orchestrator.runs import RunConflict, RunState, RunStore

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import psutil
 import pytest
 
-from baton.testing import LocalStack, http_get, uid
+from baton.dev.testing import LocalStack, http_get, uid
 from baton.transport import Bus
 from services.tool_worker.tools.python import PythonTool, RunResult, bwrap_command
 from tests import tools

@@ -16,7 +16,7 @@ import nats.js.errors
 import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from baton.testing import Client, LocalStack, uid
+from baton.dev.testing import Client, LocalStack, uid
 
 ATTACKER, VICTIM = "globex", "acme"
 

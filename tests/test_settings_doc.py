@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 
+from baton.dev.settings_doc import DOC, REGENERATE, render, service_settings, undocumented
 from baton.settings import CommonSettings
-from baton.settings_doc import DOC, REGENERATE, render, service_settings, undocumented
 
 
 def test_the_reference_is_in_step_with_the_settings_classes() -> None:

@@ -25,9 +25,9 @@ import nats.errors
 import psutil
 import pytest
 
+from baton.dev.testing import Client, uid
 from baton.natsd import free_port
 from baton.procs import port_free
-from baton.testing import Client, uid
 
 
 def _four_free_ports() -> int:

@@ -17,8 +17,8 @@ import msgpack
 import openai
 import pytest
 
+from baton.dev.testing import Client, LocalStack, http_json, secure_nats, uid
 from baton.natsd import NatsServer
-from baton.testing import Client, LocalStack, http_json, secure_nats, uid
 from tests.harness import http_post
 from tests.test_http_api import sse_events
 

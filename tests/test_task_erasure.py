@@ -16,8 +16,8 @@ from typing import Any
 import msgpack
 
 from baton import audit
+from baton.dev.testing import Client, LocalStack, uid
 from baton.natsd import NatsServer
-from baton.testing import Client, LocalStack, uid
 from baton.transport import HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus, connect
 from proto import codec, subjects
 from proto.messages import ContextDelete, SessionsErased

@@ -15,8 +15,8 @@ from pathlib import Path
 import nats
 import pytest
 
+from baton.dev.testing import Client, LocalStack, http_json, secure_nats, uid
 from baton.natsd import NatsServer, ServerTls, free_port
-from baton.testing import Client, LocalStack, http_json, secure_nats, uid
 from baton.transport import BusUnavailable, connect, tls_context
 
 trustme = pytest.importorskip("trustme")

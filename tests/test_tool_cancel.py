@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 import pytest
 
-from baton.testing import LocalStack, metric, uid
+from baton.dev.testing import LocalStack, metric, uid
 from baton.transport import Bus
 from proto import codec, subjects
 from proto.messages import Cancel, ContextGet, ToolResult

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from baton.dev.testing import LocalStack, metric, uid
 from baton.natsd import NatsServer
-from baton.testing import LocalStack, metric, uid
 from baton.transport import connect
 from proto.messages import ContextGet
 from tests.ctx import ask

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from baton.testing import LocalStack, uid
+from baton.dev.testing import LocalStack, uid
 from baton.transport import Bus
 from proto import codec, subjects
 from proto.messages import ChatMessage, InferenceJob, InferenceResult, ToolSpec

@@ -8,8 +8,8 @@ import asyncio
 import json
 from typing import Any
 
+from baton.dev.testing import LocalStack, metric, uid
 from baton.documents import put_document
-from baton.testing import LocalStack, metric, uid
 from baton.transport import Bus
 from proto import keys, subjects
 from proto.limits import INLINE_TOOL_RESULT_BYTES

@@ -1,5 +1,5 @@
 """OpenTelemetry across the fleet: one trace per task, exported over OTLP by
-every service process to a real OTLP/HTTP receiver (``baton.trace_receiver``:
+every service process to a real OTLP/HTTP receiver (``baton.dev.trace_receiver``:
 an HTTP server decoding ``ExportTraceServiceRequest`` with
 opentelemetry-proto), and the configuration rules of ``baton.tracing``."""
 
@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from baton import tracing
+from baton.dev.testing import Client, LocalStack, secure_nats, uid
+from baton.dev.trace_receiver import ReceivedSpan, TraceReceiver, tree
 from baton.natsd import NatsServer
-from baton.testing import Client, LocalStack, secure_nats, uid
-from baton.trace_receiver import ReceivedSpan, TraceReceiver, tree
 from services.orchestrator import spans
 from services.orchestrator.runs import RunState, StepState
 from tests.harness import http_post

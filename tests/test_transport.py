@@ -13,8 +13,8 @@ import pytest
 import structlog
 
 from baton import tracing
+from baton.dev.testing import uid
 from baton.natsd import free_port
-from baton.testing import uid
 from baton.transport import (
     DIRECT_LOOKUPS,
     HDR_DLQ_REASON,

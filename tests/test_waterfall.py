@@ -11,8 +11,8 @@ from typing import Any
 import msgpack
 import pytest
 
+from baton.dev.testing import Client, LocalStack, uid
 from baton.stopwatch import Stopwatch
-from baton.testing import Client, LocalStack, uid
 from proto import codec
 from proto.errors import ErrorCode
 from proto.messages import (

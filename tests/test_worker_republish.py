@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from baton.testing import uid
+from baton.dev.testing import uid
 from baton.transport import Bus
 from proto import codec, keys, subjects
 from proto.messages import ChatMessage, ContextAppend, InferenceJob, InferenceResult, ToolCall

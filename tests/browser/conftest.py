@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from baton import testing
+from baton.dev import testing
 from tests.console_stack import ConsoleEnv, start_console_env
 
 CHROMIUM = os.environ.get("BATON_CHROMIUM", testing.CHROMIUM)

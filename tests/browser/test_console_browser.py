@@ -11,7 +11,7 @@ import time
 import urllib.request
 from typing import Any
 
-from baton.testing import metric
+from baton.dev.testing import metric
 from tests.browser.conftest import shot
 from tests.console_stack import ConsoleEnv
 

@@ -36,7 +36,7 @@ import nats
 import pytest
 from nats.js import api
 
-from baton.testing import LocalStack, uid
+from baton.dev.testing import LocalStack, uid
 from tests.chaos.cluster import Cluster
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]

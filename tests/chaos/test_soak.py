@@ -24,8 +24,8 @@ import nats
 import psutil
 import pytest
 
+from baton.dev.testing import LocalStack, secure_nats, uid
 from baton.natsd import free_port
-from baton.testing import LocalStack, secure_nats, uid
 
 MINUTES = float(os.environ.get("BATON_SOAK_MINUTES", "2"))
 FAULT_EVERY = float(os.environ.get("BATON_SOAK_FAULT_EVERY", "40"))

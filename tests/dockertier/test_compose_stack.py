@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from baton.dev.testing import Client
 from baton.natsd import free_port
-from baton.testing import Client
 from tests.harness import docker_available
 
 ROOT = Path(__file__).parents[2]

@@ -40,8 +40,8 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from baton.dev.tinymodel import build_tiny_model
 from baton.models import build_default_model, default_model_dir
-from baton.tinymodel import build_tiny_model
 from services.inference_worker.engines import build_engine
 from services.inference_worker.engines.vllm import VLLMEngine
 from services.inference_worker.settings import WorkerSettings

@@ -19,8 +19,8 @@ import jsonschema
 import pytest
 import pytest_asyncio
 
+from baton.dev.testing import Client, LocalStack, secure_nats, uid
 from baton.documents import put_document
-from baton.testing import Client, LocalStack, secure_nats, uid
 from baton.transport import connect
 from proto.messages import DocumentPut
 from proto.tools import BUILTIN_SPECS

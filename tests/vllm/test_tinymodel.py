@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from baton.tinymodel import MARKER, build_tiny_model
+from baton.dev.tinymodel import MARKER, build_tiny_model
 
 pytestmark = pytest.mark.vllm
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from baton.dev.testing import collect_results, metric, secure_nats, submit_job, uid
 from baton.stack import ServiceProcess
-from baton.testing import collect_results, metric, secure_nats, submit_job, uid
 from baton.transport import Bus, connect
 from proto import subjects
 from proto.messages import Cancel, ChatMessage

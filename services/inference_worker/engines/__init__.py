@@ -56,7 +56,7 @@ def vllm_model(settings: WorkerSettings) -> tuple[str, str]:
 
     path, served = model_choice(settings.model, settings.data_dir)
     if path is None:
-        from baton.tinymodel import build_tiny_model
+        from baton.dev.tinymodel import build_tiny_model
 
         path = build_tiny_model(tiny_model_dir(settings.data_dir))
     return str(path), served

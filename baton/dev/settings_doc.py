@@ -3,8 +3,8 @@ classes themselves: every ``BATON_*`` variable with its type, default and
 meaning. The meaning is the field's ``Field(description=...)`` or the comment
 lines right above it (or at the end of its line) in the class's source.
 
-    python -m baton.settings_doc           # rewrite docs/settings.md
-    python -m baton.settings_doc --check   # exit 1 if it is out of date
+    python -m baton.dev.settings_doc           # rewrite docs/settings.md
+    python -m baton.dev.settings_doc --check   # exit 1 if it is out of date
 
 (``make settings-doc`` runs the first.) ``CommonSettings`` is one section;
 each service's section lists the fields it adds or whose default it changes.
@@ -28,10 +28,10 @@ from pydantic_settings import BaseSettings
 
 from baton.settings import CommonSettings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "settings.md"
 SERVICES = ROOT / "services"
-REGENERATE = "python -m baton.settings_doc  (or: make settings-doc)"
+REGENERATE = "python -m baton.dev.settings_doc  (or: make settings-doc)"
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def render() -> str:
     out = [
         "# Settings reference",
         "",
-        "Generated from the settings classes by `python -m baton.settings_doc`",
+        "Generated from the settings classes by `python -m baton.dev.settings_doc`",
         "(`make settings-doc`); `tests/test_settings_doc.py` fails when it is out of",
         "date. Every setting is an environment variable. Values of type `dict` or",
         "`list` are JSON. Unset = the setting's absence has its own meaning, given",
