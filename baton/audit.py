@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from baton.transport import Bus
+from baton.bus import Bus
 from proto import codec, subjects
 from proto.messages import AuditRecord
 from proto.streams import AUDIT

@@ -116,7 +116,7 @@ def _operator_url() -> str:
 
 
 async def _connect(url: str | None) -> Any:
-    from baton.transport import BusUnavailable, connect
+    from baton.bus import BusUnavailable, connect
 
     url = url or _operator_url()
     try:

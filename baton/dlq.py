@@ -23,8 +23,8 @@ from typing import Any
 import structlog
 from prometheus_client import Counter
 
+from baton.bus import HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus, Msg
 from baton.metrics import register
-from baton.transport import HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus, Msg
 from proto import keys, subjects
 from proto.ids import is_valid_id
 from proto.streams import DEAD_LETTERS
@@ -77,7 +77,7 @@ class MaxDeliveryWatch:
             MAX_DELIVERIES.labels(stream, consumer)
 
     async def start(self) -> None:
-        await self.bus.subscribe(f"{ADVISORY}.>", self.on_advisory, queue=QUEUE)
+        await self.bus.subscribe_raw(f"{ADVISORY}.>", self.on_advisory, queue=QUEUE)
 
     async def on_advisory(self, msg: Msg) -> None:
         adv = parse_advisory(msg.data)

@@ -5,7 +5,7 @@ publish on ``baton.docs.<tenant>.<doc_id>`` (used by the orchestrator's
 
 from __future__ import annotations
 
-from baton.transport import Bus
+from baton.bus import Bus
 from proto import subjects
 from proto.limits import document_too_large
 from proto.messages import DocumentPut

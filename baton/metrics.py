@@ -42,6 +42,12 @@ DEAD_LETTERS = Counter(
     ["consumer"],
     registry=None,
 )
+UNDECODABLE = Counter(
+    "baton_undecodable_messages",
+    "Core NATS messages a typed subscription could not decode (dropped), by subscription.",
+    ["subscription"],
+    registry=None,
+)
 PERMISSION_VIOLATIONS = Counter(
     "baton_nats_permission_violations",
     "Publishes or subscriptions the NATS server refused this service (its permissions).",

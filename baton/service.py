@@ -27,11 +27,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from baton import http_errors, logs, tracing
 from baton import sessions as S
+from baton.bus import Bus, connect, tls_context
 from baton.credentials import OPERATOR_SCOPE
 from baton.http_errors import ErrorBody, ErrorDetail
 from baton.metrics import mount_metrics
 from baton.settings import CommonSettings
-from baton.transport import Bus, connect, tls_context
 from baton.urls import redact
 
 log = structlog.get_logger("baton.service")

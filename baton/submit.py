@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from baton.transport import Bus, Msg
+from baton.bus import Bus, Msg
 from proto import codec, subjects
 from proto.messages import Accepted, Completed, Failed, Step, TaskEvent, TokenDelta
 
@@ -222,8 +222,8 @@ async def submit(
     async def on_token(msg: Msg) -> None:
         await queue.put(codec.decode(msg.data, TokenDelta))
 
-    subs = [await bus.subscribe(subjects.event(tenant, task_id), on_event),
-            await bus.subscribe(subjects.tokens(tenant, task_id), on_token)]  # fmt: skip
+    subs = [await bus.subscribe_raw(subjects.event(tenant, task_id), on_event),
+            await bus.subscribe_raw(subjects.tokens(tenant, task_id), on_token)]  # fmt: skip
     await bus.flush()
     await bus.publish(subjects.task(workflow), codec.encode(body), msg_id=task_id)
     if mode == "auto":

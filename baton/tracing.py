@@ -1,6 +1,6 @@
 """OpenTelemetry tracing: W3C trace context in NATS headers, spans over OTLP.
 
-Every NATS call goes through ``baton.transport``, which stamps the current
+Every NATS call goes through ``baton.bus``, which stamps the current
 trace context on each outgoing message (``inject``) and runs each handler in
 the context of the message it handles (``continued``, which also binds
 ``trace_id`` in the log context). Services open spans with ``span`` and the

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from baton.bus import Bus, connect
 from baton.dev.testing import secure_nats
 from baton.stack import ServiceProcess
-from baton.transport import Bus, connect
 from proto import codec, subjects
 from proto.messages import (
     ChatMessage,
@@ -64,12 +64,12 @@ class Meter:
 
     async def publish(self, category: str, subject: str, body: Any) -> None:
         data = codec.encode(body)
-        await self.bus.nc.publish(subject, data)
+        await self.bus._nc.publish(subject, data)
         self._add(category, len(data))
 
     async def request(self, category: str, subject: str, body: Any, reply_type: type[Any]) -> Any:
         data = codec.encode(body)
-        msg = await self.bus.nc.request(subject, data, timeout=10)
+        msg = await self.bus._nc.request(subject, data, timeout=10)
         self._add(category, len(data) + len(msg.data))
         return codec.decode(msg.data, reply_type)
 

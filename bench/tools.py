@@ -32,10 +32,10 @@ from typing import Any
 
 import jsonschema
 
+from baton.bus import Bus, connect
 from baton.documents import put_document
 from baton.natsd import NatsServer
 from baton.stack import ServiceProcess
-from baton.transport import Bus, connect
 from bench import RESULTS
 from bench.stats import median, pct
 from proto import codec, subjects
@@ -85,7 +85,7 @@ class Caller:
             if fut is not None and not fut.done():
                 fut.set_result(res)
 
-        await self.bus.subscribe(subjects.tool_result(TENANT, self.task_id), on_msg)
+        await self.bus.subscribe_raw(subjects.tool_result(TENANT, self.task_id), on_msg)
 
     async def call(self, pool: str, session: str, ref: Any, tool: str, args: dict[str, Any],
                    call: str) -> ToolResult:  # fmt: skip

@@ -114,7 +114,7 @@ async def _baton(client: Client, prompts: list[str], waves: int = 1) -> tuple[fl
 
 
 async def _burst(url: str, engine: VLLMEngine) -> dict[str, Any]:
-    from baton.transport import connect
+    from baton.bus import connect
 
     bus = await connect(url, name="bench")
     # The orchestrator is gone; so must its result consumer be (one consumer

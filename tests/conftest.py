@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from baton.bus import Bus, connect
 from baton.dev.testing import Client, LocalStack, secure_nats
 from baton.natsd import NatsServer
-from baton.transport import Bus, connect
 from tests.harness import nats_source
 
 

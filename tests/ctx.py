@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from baton.transport import Bus
+from baton.bus import Bus
 from proto import subjects
 from proto.messages import (
     ChatMessage,

@@ -147,8 +147,8 @@ async def test_deltas_behind_the_terminal_event_are_shown_before_it(
     first and the answer went unprinted (seen about 1 run in 6). Here Baton's
     side is played by hand with the wire order it has — ``accepted``, the
     deltas, ``completed`` in one write — on a real nats-server with accounts."""
+    from baton.bus import connect
     from baton.submit import submit
-    from baton.transport import connect
     from proto import codec, streams, subjects
     from proto.messages import Accepted, Completed, TokenDelta, Usage
 
@@ -166,7 +166,7 @@ async def test_deltas_behind_the_terminal_event_are_shown_before_it(
                                     attempt="a", index=i, offset=10 * i, text=part, final=i == 1))  # fmt: skip
         await baton_side.notify(ev, Completed(**base, output=text, usage=Usage(), cost_usd=0.0))
 
-    await baton_side.subscribe(subjects.tenant_task("cli", "chat"), on_task)
+    await baton_side.subscribe_raw(subjects.tenant_task("cli", "chat"), on_task)
     tenant = await connect(own_nats.url_for("cli"), name="cli-test")
     try:
         for mode in ("json", "plain", "json", "plain"):

@@ -12,9 +12,9 @@ from pathlib import Path
 import nats.js.errors
 import pytest
 
+from baton.bus import Bus, connect
 from baton.dev.testing import Client, LocalStack, uid
 from baton.natsd import NatsServer
-from baton.transport import Bus, connect
 from proto import codec, subjects
 from proto.limits import MAX_SERVICE_MESSAGE_BYTES
 from proto.messages import (
@@ -31,14 +31,14 @@ from tests.ctx import append, ask, raw_store_contains, window
 async def _raw_subjects(bus: Bus, pattern: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for stream in ("BATON_CONTEXT", "BATON_CONTEXT_ATTACHMENTS"):
-        out |= (await bus.js.stream_info(stream, subjects_filter=pattern)).state.subjects or {}
+        out |= (await bus._js.stream_info(stream, subjects_filter=pattern)).state.subjects or {}
     return out
 
 
 async def _assert_gone(bus: Bus, store_dir: Path | None, tenant: str, secret: bytes) -> None:
     assert await _raw_subjects(bus, f"baton.*.{tenant}.>") == {}
     with pytest.raises(nats.js.errors.NotFoundError):
-        await bus.js.get_last_msg("BATON_CONTEXT", f"baton.ctxlog.{tenant}.>", direct=True)
+        await bus._js.get_last_msg("BATON_CONTEXT", f"baton.ctxlog.{tenant}.>", direct=True)
     if store_dir is not None:  # the file store's own bytes, overwritten not just unlinked
         await asyncio.sleep(0.2)
         assert raw_store_contains(store_dir, secret) == []

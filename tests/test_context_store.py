@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from baton.bus import Bus
 from baton.dev.testing import uid
-from baton.transport import Bus
 from proto import codec, subjects
 from proto.limits import MAX_ATTACHMENT_BYTES, MAX_CONTEXT_MESSAGE_BYTES
 from proto.messages import (
@@ -35,7 +35,7 @@ async def test_an_append_repeated_with_the_same_msg_id_is_stored_once(bus: Bus) 
     assert (two.length, two.duplicate) == (2, True) and two.ref == one.ref
     stats = await ask(bus, "stats", ContextStats(tenant=tenant, session=session))
     assert (stats.records, stats.messages) == (1, 2)
-    raw = await bus.js.stream_info(
+    raw = await bus._js.stream_info(
         "BATON_CONTEXT", subjects_filter=subjects.context_log(tenant, session)
     )
     assert raw.state.subjects == {subjects.context_log(tenant, session): 1}
@@ -61,7 +61,7 @@ async def test_forged_altered_and_other_tenant_refs_are_refused(bus: Bus) -> Non
     stolen = await window(bus, other, ref, 4096)
     assert stolen.error is not None and stolen.error.code == "forbidden" and not stolen.messages
     # The body says A but the subject says B.
-    raw = await bus.nc.request(
+    raw = await bus._nc.request(
         subjects.context_api("window", other),
         codec.encode({"tenant": tenant, "ref": ref, "budget_tokens": 4096}),
     )
@@ -94,7 +94,7 @@ async def test_the_same_history_renders_byte_identically_even_from_a_cold_cache(
     first = codec.encode((await window(bus, tenant, ref, 2048)).messages)
     again = codec.encode((await window(bus, tenant, ref, 2048)).messages)
     await bus.notify(subjects.context_invalidate(tenant), ContextInvalidate(tenant=tenant))
-    await bus.nc.flush()
+    await bus._nc.flush()
     cold = codec.encode((await window(bus, tenant, ref, 2048)).messages)
     assert first == again == cold
 
@@ -137,11 +137,11 @@ async def test_a_fork_shares_its_parents_prefix_without_copying_it(bus: Bus) -> 
         )
         assert [m.content for m in w.messages][-2:] == ["a2 " + "y" * 200, f"only in {kid}"]
         assert len(w.messages) == 8 and "parent moves on" not in str(w.messages)
-        raw = await bus.js.stream_info(
+        raw = await bus._js.stream_info(
             "BATON_CONTEXT", subjects_filter=subjects.context_log(tenant, kid)
         )
         assert raw.state.subjects == {subjects.context_log(tenant, kid): 2}  # fork record + own
-        stored = [await bus.js.get_msg("BATON_CONTEXT", seq) for seq in
+        stored = [await bus._js.get_msg("BATON_CONTEXT", seq) for seq in
                   await bus.sequences("BATON_CONTEXT", subjects.context_log(tenant, kid))]  # fmt: skip
         assert sum(len(m.data or b"") for m in stored) < 200  # the shared ~1.5 KB is not copied
     taken = await ask(bus, "fork", ContextFork(tenant=tenant, ref=ref, child=parent))
@@ -164,13 +164,13 @@ async def test_a_new_session_and_a_new_fork_are_written_without_reading_them_fir
         if "BATON_CONTEXT" in msg.subject and b"BATON_CONTEXT_ATT" not in msg.subject.encode():
             created.append(msg.subject)
 
-    sub = await bus.nc.subscribe("$JS.API.CONSUMER.CREATE.>", cb=tap)
-    await bus.nc.flush()
+    sub = await bus._nc.subscribe("$JS.API.CONSUMER.CREATE.>", cb=tap)
+    await bus._nc.flush()
     tenant, parent, other = uid("acme"), uid("sup"), uid("s")
     ref = (await append(bus, tenant, parent, "in", "the task", system="sys")).ref
     f = await ask(bus, "fork", ContextFork(tenant=tenant, ref=ref, child=uid("w")))
     assert f.error is None and f.ref.version == 2
-    await bus.nc.flush()
+    await bus._nc.flush()
     assert created == []
     # A fork onto a session that exists (written by another replica, say) is
     # still refused, and deleting the parent leaves that session alone.
@@ -206,9 +206,9 @@ async def test_bad_input_gets_specific_error_codes(bus: Bus) -> None:
     for op, reply, code in cases:
         assert reply.error is not None and reply.error.code == code, (op, code, reply.error)
         assert reply.error.layer == "context"
-    garbage = await bus.nc.request(subjects.context_api("window", tenant), b"\xc1 not msgpack")
+    garbage = await bus._nc.request(subjects.context_api("window", tenant), b"\xc1 not msgpack")
     assert codec.decode(garbage.data, WindowReply).error.code == "bad_request"  # type: ignore[union-attr]
-    missing = await bus.nc.request(
+    missing = await bus._nc.request(
         subjects.context_api("append", tenant), codec.encode({"tenant": tenant})
     )
     assert codec.decode(missing.data, WindowReply).error.code == "bad_request"  # type: ignore[union-attr]

@@ -9,9 +9,9 @@ import json
 import msgpack
 import nats
 
+from baton.bus import Bus
 from baton.dev.testing import LocalStack, uid
 from baton.documents import put_document
-from baton.transport import Bus
 from proto import subjects
 from proto.messages import ContextDelete, DocumentPut
 from proto.streams import DOCUMENTS
@@ -31,7 +31,7 @@ async def search(bus: Bus, tenant: str, query: str, pool: str = "default") -> li
 
 
 async def stored(bus: Bus, tenant: str) -> int:
-    info = await bus.js.stream_info(
+    info = await bus._js.stream_info(
         DOCUMENTS.name, subjects_filter=f"{subjects.DOCUMENTS}.{tenant}.>"
     )
     return sum((info.state.subjects or {}).values())
@@ -128,6 +128,6 @@ async def test_a_tenant_uploads_over_nats_with_its_own_credentials_pinned_to_its
     assert await search(bus, tenant, f"{word} recipe") == [f"{word}a"]
     assert await search(bus, tenant, other) == []
     assert await search(bus, "acme", other) == []
-    info = await bus.js.stream_info(DOCUMENTS.name, subjects_filter=f"{subjects.DOCUMENTS}.>")
+    info = await bus._js.stream_info(DOCUMENTS.name, subjects_filter=f"{subjects.DOCUMENTS}.>")
     mine = {s for s in info.state.subjects or {} if word in s}
     assert mine == {f"baton.docs.wonka.{word}a", f"baton.docs.wonka.{word}b"}

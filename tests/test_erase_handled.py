@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from baton.bus import Delivery, Nak, Term, connect
 from baton.dev.testing import uid
 from baton.natsd import NatsServer
-from baton.transport import Delivery, Nak, Term, connect
 from proto.streams import ConsumerSpec, StreamSpec
 from tests.ctx import raw_store_contains
 
@@ -39,7 +39,7 @@ async def test_handled_messages_are_overwritten_only_with_erase_handled(
 
             loop = asyncio.create_task(bus.consume(spec, handle, idle_timeout=0.2))
             for _ in range(50):
-                info = await bus.js.stream_info(name)
+                info = await bus._js.stream_info(name)
                 if info.state.messages == 1:
                     break
                 await asyncio.sleep(0.1)

@@ -34,7 +34,7 @@ DECISIONS = (
 )
 # Not imported by a decision, however indirectly: the door to NATS, the
 # event loop, the clock, chance.
-FORBIDDEN = ("nats", "baton.transport", "baton.bus", "asyncio", "time", "random")
+FORBIDDEN = ("nats", "baton.bus", "asyncio", "time", "random")
 
 
 def _path(module: str) -> Path | None:

@@ -5,9 +5,9 @@ was dispatched and lowered wherever the run moved on: replica A +2, replica B
 
 from __future__ import annotations
 
+from baton.bus import connect
 from baton.dev.testing import uid
 from baton.natsd import NatsServer
-from baton.transport import connect
 from proto import streams
 from services.orchestrator import transitions as T
 from services.orchestrator.conductor import Conductor

@@ -18,8 +18,8 @@ import msgpack
 import nats
 import pytest
 
+from baton.bus import Bus, connect
 from baton.dev.testing import Client, LocalStack, metric, secure_nats, uid
-from baton.transport import Bus, connect
 from proto.messages import ContextGet
 from tests.ctx import ask
 from tests.harness import http_post

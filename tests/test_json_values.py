@@ -16,8 +16,8 @@ import msgpack
 import msgspec
 import pytest
 
+from baton.bus import Bus
 from baton.dev.testing import Client, LocalStack, http_json, uid
-from baton.transport import Bus
 from proto.admission import TaskRejected, parse_task
 from proto.errors import ErrorCode
 from proto.jsonvalue import json_problem, json_safe

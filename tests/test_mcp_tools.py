@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from baton.bus import Bus
 from baton.dev.testing import LocalStack, uid
 from baton.natsd import free_port
-from baton.transport import Bus
 from proto import codec
 from proto.messages import ContextGet, ToolCatalog
 from proto.streams import TOOL_CATALOG

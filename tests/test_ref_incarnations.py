@@ -3,8 +3,8 @@ under the same id does not revive the refs issued before the erasure."""
 
 from __future__ import annotations
 
+from baton.bus import Bus
 from baton.dev.testing import uid
-from baton.transport import Bus
 from proto.messages import (
     ChatMessage,
     ContextAppend,

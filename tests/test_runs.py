@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from baton.bus import Bus, connect
 from baton.dev.testing import uid
-from baton.transport import Bus, connect
 from proto.streams import BucketSpec
 from services.orchestrator.runs import RunConflict, RunState, RunStore
 

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 import psutil
 import pytest
 
+from baton.bus import Bus
 from baton.dev.testing import LocalStack, http_get, uid
-from baton.transport import Bus
 from services.tool_worker.tools.python import PythonTool, RunResult, bwrap_command
 from tests import tools
 from tests.tools import call_tool, session_with_call

@@ -16,9 +16,9 @@ from typing import Any
 import msgpack
 
 from baton import audit
+from baton.bus import HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus, connect
 from baton.dev.testing import Client, LocalStack, uid
 from baton.natsd import NatsServer
-from baton.transport import HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus, connect
 from proto import codec, subjects
 from proto.messages import ContextDelete, SessionsErased
 from proto.streams import DEAD_LETTERS, EVENTS, RUNS, TOKENS
@@ -152,9 +152,9 @@ async def test_deleting_a_session_erases_its_tasks_events_runs_and_dead_letters(
         assert status == 404 and body["error"]["code"] == "erased"
         [entry] = await _kv_entries(bus, tenant, task_id)  # one revision left: the tombstone
         assert (entry.status, entry.metadata, entry.steps, entry.output) == ("erased", {}, {}, "")
-    left = await bus.js.stream_info(EVENTS.name, subjects_filter=f"{subjects.EVENTS}.{tenant}.>")
+    left = await bus._js.stream_info(EVENTS.name, subjects_filter=f"{subjects.EVENTS}.{tenant}.>")
     assert left.state.subjects == {subjects.event(tenant, kept[0]): 4}  # accepted, 2 steps, done
-    deltas = await bus.js.stream_info(TOKENS.name, subjects_filter=f"{subjects.TOKENS}.{tenant}.>")
+    deltas = await bus._js.stream_info(TOKENS.name, subjects_filter=f"{subjects.TOKENS}.{tenant}.>")
     assert set(deltas.state.subjects or {}) == {subjects.tokens(tenant, kept[0])}
     dlq = [m async for m in bus.read_subject(DEAD_LETTERS.name, f"{subjects.DEAD_LETTERS}.>")]
     assert b"not theirs to erase" in [m.data for m in dlq]
@@ -193,7 +193,7 @@ async def test_deleting_a_tenant_erases_every_task_of_the_tenant_only(
     reply = await ask(bus, "delete", ContextDelete(tenant=tenant))
     assert reply.error is None and reply.sessions == 3
     await _until_erased(stack, bus, tenant, [t for t, _ in erased])
-    left = await bus.js.stream_info(EVENTS.name, subjects_filter=f"{subjects.EVENTS}.{tenant}.>")
+    left = await bus._js.stream_info(EVENTS.name, subjects_filter=f"{subjects.EVENTS}.{tenant}.>")
     assert not left.state.subjects
     status, body = await asyncio.to_thread(
         _get, f"{stack.orchestrator.url}/v1/tasks/{kept[0]}?tenant={other}"

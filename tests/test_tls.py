@@ -15,9 +15,9 @@ from pathlib import Path
 import nats
 import pytest
 
+from baton.bus import BusUnavailable, connect, tls_context
 from baton.dev.testing import Client, LocalStack, http_json, secure_nats, uid
 from baton.natsd import NatsServer, ServerTls, free_port
-from baton.transport import BusUnavailable, connect, tls_context
 
 trustme = pytest.importorskip("trustme")
 

@@ -15,8 +15,8 @@ from typing import Any
 import psutil
 import pytest
 
+from baton.bus import Bus
 from baton.dev.testing import LocalStack, metric, uid
-from baton.transport import Bus
 from proto import codec, subjects
 from proto.messages import Cancel, ContextGet, ToolResult
 from tests.ctx import ask
@@ -75,7 +75,7 @@ async def test_cancelling_a_task_kills_its_running_sandbox_and_skips_its_queued_
     async def on_result(msg: Any) -> None:
         results.append(codec.decode(msg.data, ToolResult))
 
-    sub = await bus.subscribe(subjects.tool_result(tenant, task_id), on_result)
+    sub = await bus.subscribe_raw(subjects.tool_result(tenant, task_id), on_result)
     try:
         running = await publish_call(bus, name, tenant, task_id, "c0")
         async with asyncio.timeout(20):

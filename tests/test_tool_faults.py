@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from baton.bus import connect
 from baton.dev.testing import LocalStack, metric, uid
 from baton.natsd import NatsServer
-from baton.transport import connect
 from proto.messages import ContextGet
 from tests.ctx import ask
 from tests.tools import call_tool, session_with_call

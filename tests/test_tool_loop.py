@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from baton.bus import connect
 from baton.dev.testing import Client, LocalStack, http_json, uid
 from baton.documents import put_document
 from baton.natsd import NatsServer, free_port
-from baton.transport import connect
 from proto.keys import fork_session
 from proto.messages import ContextGet, DocumentPut
 from tests.ctx import ask

@@ -12,8 +12,8 @@ import json
 
 import pytest
 
+from baton.bus import Bus
 from baton.dev.testing import LocalStack, uid
-from baton.transport import Bus
 from proto import codec, subjects
 from proto.messages import ChatMessage, InferenceJob, InferenceResult, ToolSpec
 from services.inference_worker.engines.sim import SimEngine
@@ -68,7 +68,7 @@ async def test_a_window_that_fits_only_without_the_tools_is_trimmed_and_admitted
                 await acquire(need)
 
             worker.admission.acquire = spy  # type: ignore[method-assign]
-            sub = await bus.nc.subscribe(subjects.result(tenant, task_id))
+            sub = await bus._nc.subscribe(subjects.result(tenant, task_id))
             job = InferenceJob(
                 job_id=uid("j"), task_id=task_id, tenant=tenant, session=session,
                 workflow="test", step="s1", agent="a", ref=ref, max_tokens=MAX_TOKENS,

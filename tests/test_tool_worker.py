@@ -8,9 +8,9 @@ import asyncio
 import json
 from typing import Any
 
+from baton.bus import Bus
 from baton.dev.testing import LocalStack, metric, uid
 from baton.documents import put_document
-from baton.transport import Bus
 from proto import keys, subjects
 from proto.limits import INLINE_TOOL_RESULT_BYTES
 from proto.messages import ContextGet, DocumentPut, GetReply
@@ -116,7 +116,7 @@ async def test_a_retried_calls_republished_result_is_a_new_message(
     async def on_msg(msg: Any) -> None:
         await got.put((msg.headers or {}).get("Nats-Msg-Id"))
 
-    sub = await bus.subscribe(subjects.tool_result(tenant, task_id), on_msg)
+    sub = await bus.subscribe_raw(subjects.tool_result(tenant, task_id), on_msg)
     try:
         ids = []
         for attempt in (1, 2):

@@ -13,9 +13,7 @@ import pytest
 import structlog
 
 from baton import tracing
-from baton.dev.testing import uid
-from baton.natsd import free_port
-from baton.transport import (
+from baton.bus import (
     DIRECT_LOOKUPS,
     HDR_DLQ_REASON,
     HDR_TASK_ID,
@@ -29,6 +27,8 @@ from baton.transport import (
     WrongLastSequence,
     connect,
 )
+from baton.dev.testing import uid
+from baton.natsd import free_port
 from proto.messages import DocumentsErased
 from proto.streams import DEAD_LETTERS, BucketSpec, ConsumerSpec, StreamSpec
 
@@ -67,7 +67,7 @@ async def test_provisioning_twice_is_idempotent(bus: Bus) -> None:
     stream = StreamSpec(name=name, subjects=(f"{name}.>",), retention="workqueue",
                         duplicate_window=60)  # fmt: skip
     await bus.provision(streams=[stream], consumers=[consumer])
-    info = await bus.js.stream_info(name)
+    info = await bus._js.stream_info(name)
     assert info.config.name == name
 
 
@@ -76,7 +76,7 @@ async def test_publish_with_the_same_msg_id_is_stored_once(bus: Bus) -> None:
     first = await bus.publish(f"{name}.x", b"a", msg_id="same")
     second = await bus.publish(f"{name}.x", b"a", msg_id="same")
     assert not first.duplicate and second.duplicate
-    assert (await bus.js.stream_info(name)).state.messages == 1
+    assert (await bus._js.stream_info(name)).state.messages == 1
 
 
 async def test_handler_outcomes_map_to_ack_nak_and_term(bus: Bus) -> None:
@@ -99,7 +99,7 @@ async def test_handler_outcomes_map_to_ack_nak_and_term(bus: Bus) -> None:
     await _run_until(bus, consumer, handler, done)
     await asyncio.sleep(2.5)  # past ack_wait: nothing may come back
     assert seen == {"ok": 1, "nak-once": 2, "poison": 1}
-    assert (await bus.js.stream_info(name)).state.messages == 0
+    assert (await bus._js.stream_info(name)).state.messages == 0
 
 
 async def test_a_handler_that_always_fails_is_dead_lettered_after_max_deliver(bus: Bus) -> None:
@@ -115,7 +115,7 @@ async def test_a_handler_that_always_fails_is_dead_lettered_after_max_deliver(bu
         raise RuntimeError("boom")
 
     await bus.publish(f"{name}.job", b"payload", task_id="t-dlq")
-    dlq = await bus.js.pull_subscribe(f"baton.dlq.{consumer.durable}", durable=None,
+    dlq = await bus._js.pull_subscribe(f"baton.dlq.{consumer.durable}", durable=None,
                                       stream=DEAD_LETTERS.name)  # fmt: skip
     await _run_until(bus, consumer, handler, done)
     assert attempts == 3
@@ -166,7 +166,7 @@ async def test_a_served_request_runs_in_its_callers_trace_with_its_task_id(bus: 
     await bus.serve([subject], responder)
     sc = _context()
     with tracing.within(sc):
-        await bus.nc.flush()
+        await bus._nc.flush()
         reply = await bus.request(subject, b"", DocumentsErased, task_id="t7")
         assert reply == DocumentsErased(tenant="acme")
     [(task_id, current, ctx)] = seen
@@ -200,7 +200,7 @@ async def test_connecting_to_a_dead_port_fails_fast_with_a_clear_error() -> None
 
 
 def test_one_pure_rule_settles_every_outcome() -> None:
-    from baton.transport import Nak, Term, settlement
+    from baton.bus import Nak, Term, settlement
 
     assert settlement(None, 1, 5).action == "ack"
     assert settlement(Nak(2.0), 1, 5) == settlement(Nak(2.0), 4, 5)
@@ -231,9 +231,9 @@ async def test_publishes_from_consecutive_loop_passes_share_one_socket_write(bus
         if len(got) == 3:
             arrived.set()
 
-    await bus.subscribe(subject, on_msg)
-    await bus.nc.flush()
-    transport = bus.nc._transport
+    await bus.subscribe_raw(subject, on_msg)
+    await bus._nc.flush()
+    transport = bus._nc._transport
     assert transport is not None
     writes = 0
     real = transport.writelines
@@ -249,7 +249,7 @@ async def test_publishes_from_consecutive_loop_passes_share_one_socket_write(bus
         async def later(passes: int, body: bytes) -> None:
             for _ in range(passes):
                 await asyncio.sleep(0)
-            await bus.nc.publish(subject, body)
+            await bus._nc.publish(subject, body)
 
         await asyncio.gather(later(0, b"a"), later(1, b"b"), later(2, b"c"))
         await asyncio.wait_for(arrived.wait(), 5)
@@ -321,7 +321,7 @@ async def test_provisioning_waits_for_a_cluster_peer_still_starting() -> None:
     any other refusal still fails at once."""
     import nats.js.errors
 
-    from baton import transport
+    from baton.bus.config import _retry_store_race
 
     calls = 0
 
@@ -332,11 +332,11 @@ async def test_provisioning_waits_for_a_cluster_peer_still_starting() -> None:
             raise nats.js.errors.APIError(code=400, err_code=code, description="refused")
         return "created"
 
-    assert await transport._retry_store_race(lambda: placement(3, 10005)) == "created"
+    assert await _retry_store_race(lambda: placement(3, 10005)) == "created"
     assert calls == 4
     calls = 0
     with pytest.raises(nats.js.errors.APIError):
-        await transport._retry_store_race(lambda: placement(1, 10052))
+        await _retry_store_race(lambda: placement(1, 10052))
     assert calls == 1
 
 

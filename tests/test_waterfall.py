@@ -224,7 +224,7 @@ def test_a_step_that_called_tools_adds_its_turns_and_its_wait_for_the_calls() ->
 
 # -- the decisions stay pure ----------------------------------------------------
 
-IMPURE = {"time", "asyncio", "random", "socket", "nats", "baton.transport", "baton.stopwatch"}
+IMPURE = {"time", "asyncio", "random", "socket", "nats", "baton.bus", "baton.stopwatch"}
 
 
 @pytest.mark.parametrize("module", [T, waterfall])

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+from baton.bus import Bus
 from baton.dev.testing import uid
-from baton.transport import Bus
 from proto import codec, keys, subjects
 from proto.messages import ChatMessage, ContextAppend, InferenceJob, InferenceResult, ToolCall
 from tests.ctx import append, ask
@@ -26,7 +26,7 @@ async def test_a_stored_tool_calling_answer_is_republished_with_its_calls(bus: B
     ))  # fmt: skip
     assert stored.error is None, stored.error
     # A core subscription: the orchestrator takes the result off the stream.
-    sub = await bus.nc.subscribe(subjects.result(tenant, task_id))
+    sub = await bus._nc.subscribe(subjects.result(tenant, task_id))
     job = InferenceJob(
         job_id=job_id, task_id=task_id, tenant=tenant, session=session, workflow="test",
         step="s1", agent="a", ref=asked.ref, max_tokens=32,
@@ -48,7 +48,7 @@ async def test_a_retried_jobs_republished_result_is_a_new_message(bus: Bus) -> N
     would time out again, answer and all."""
     tenant, session, job_id, task_id = "acme", uid("s"), uid("j"), uid()
     asked = await append(bus, tenant, session, uid("m"), "hello", system="sys")
-    sub = await bus.nc.subscribe(subjects.result(tenant, task_id))
+    sub = await bus._nc.subscribe(subjects.result(tenant, task_id))
     ids = []
     for attempt in (1, 2):
         job = InferenceJob(

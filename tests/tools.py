@@ -8,7 +8,7 @@ from typing import Any
 
 import psutil
 
-from baton.transport import Bus
+from baton.bus import Bus
 from proto import codec, keys, subjects
 from proto.messages import ContextRef, ToolJob, ToolResult
 from tests.ctx import append
@@ -55,7 +55,7 @@ async def call_tool(
         if res.call_id == call_id and not got.done():
             got.set_result(res)
 
-    sub = await bus.subscribe(subjects.tool_result(tenant, task_id), on_msg)
+    sub = await bus.subscribe_raw(subjects.tool_result(tenant, task_id), on_msg)
     try:
         await publish_tool_job(bus, tenant, session, ref, tool, args, call=call, task_id=task_id,
                                pool=pool, job_timeout=job_timeout, step=step, msg_id=msg_id)  # fmt: skip

@@ -30,10 +30,10 @@ import nats
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from baton import accounts
+from baton.bus import Bus
 from baton.credentials import Credentials
 from baton.natsd import NatsServer, ServerAuth
 from baton.stack import MODULES, ServiceProcess
-from baton.transport import Bus
 from proto import subjects
 from proto.messages import (
     ChatMessage,

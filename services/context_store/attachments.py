@@ -9,7 +9,7 @@ with no tombstone left behind, and an attachment arrives in one request
 
 from __future__ import annotations
 
-from baton.transport import Bus, WrongLastSequence
+from baton.bus import Bus, WrongLastSequence
 from proto import subjects
 from proto.streams import CONTEXT_ATTACHMENTS
 

@@ -10,7 +10,7 @@ under that, and the retention sweep runs again on its next tick.)
 
 from __future__ import annotations
 
-from baton.transport import Bus
+from baton.bus import Bus
 
 
 async def erase_matching(bus: Bus, stream: str, pattern: str) -> tuple[int, int]:

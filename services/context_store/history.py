@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from baton.transport import Bus, WrongLastSequence
+from baton.bus import Bus, WrongLastSequence
 from proto import codec, subjects
 from proto.messages import ChatMessage, ForkOrigin, StoredAppend, Summary
 from proto.streams import CONTEXT

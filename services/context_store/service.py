@@ -19,8 +19,8 @@ import msgspec
 import structlog
 
 from baton import tracing
+from baton.bus import TRANSIENT, Bus, Request
 from baton.service import Health
-from baton.transport import TRANSIENT, Bus, Msg, Request
 from proto import codec, subjects
 from proto.errors import ErrorCode
 from proto.ids import is_valid_id
@@ -107,12 +107,12 @@ class ContextEndpoints:
         ops = [f"{subjects.CONTEXT_API}.{op}.*" for op in REQUEST_TYPES]
         await bus.serve(ops, self.answer, queue=QUEUE, concurrency=self.concurrency)
         # No queue group: every replica must hear an invalidation.
-        await bus.subscribe(f"{subjects.CONTEXT_INVALIDATE}.*", self._on_invalidate)
+        await bus.subscribe(
+            f"{subjects.CONTEXT_INVALIDATE}.*", ContextInvalidate, self._on_invalidate
+        )
 
-    async def _on_invalidate(self, msg: Msg) -> None:
-        with contextlib.suppress(msgspec.DecodeError):
-            inv = codec.decode(msg.data, ContextInvalidate)
-            self.store.history.forget(inv.tenant, inv.session)
+    async def _on_invalidate(self, inv: ContextInvalidate, _subject: str) -> None:
+        self.store.history.forget(inv.tenant, inv.session)
 
     async def answer(self, req: Request) -> Any:
         started = time.perf_counter()

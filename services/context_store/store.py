@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from baton.transport import Bus
+from baton.bus import Bus
 from proto.errors import ErrorCode
 from proto.limits import MAX_CONTEXT_MESSAGE_BYTES, MAX_CONTEXT_RECORD_BYTES, MAX_FORK_DEPTH
 from proto.messages import (

@@ -9,7 +9,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
-from baton.transport import Bus
+from baton.bus import Bus
 from proto import subjects
 from proto.messages import Heartbeat
 

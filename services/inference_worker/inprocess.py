@@ -9,8 +9,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from baton.bus import connect
 from baton.service import Health
-from baton.transport import connect
 from services.inference_worker.engines.base import Engine
 from services.inference_worker.settings import WorkerSettings
 from services.inference_worker.worker import Worker

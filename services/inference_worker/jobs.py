@@ -20,9 +20,9 @@ from typing import Any
 
 import structlog
 
+from baton.bus import Bus, Delivery, Nak, Term
 from baton.cancelled import CancelledTasks
 from baton.stopwatch import Stopwatch
-from baton.transport import Bus, Delivery, Nak, Term
 from proto import codec, keys, subjects
 from proto.errors import ErrorCode
 from proto.messages import (

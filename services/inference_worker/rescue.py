@@ -16,8 +16,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from baton.transport import Bus, Msg
-from proto import codec
+from baton.bus import Bus
 from proto.messages import Heartbeat
 from proto.streams import JOBS, ConsumerSpec, direct_owner
 
@@ -41,16 +40,14 @@ class Peers:
         self.left: set[str] = set()
         self.started = time.time()
 
-    async def on_msg(self, msg: Msg) -> None:
-        with contextlib.suppress(codec.DecodeError):
-            hb = codec.decode(msg.data, Heartbeat)
-            if hb.worker == self.me:
-                return
-            self.seen[hb.worker] = time.time()
-            if hb.leaving:
-                self.left.add(hb.worker)
-            else:
-                self.left.discard(hb.worker)
+    async def on_heartbeat(self, hb: Heartbeat, _subject: str) -> None:
+        if hb.worker == self.me:
+            return
+        self.seen[hb.worker] = time.time()
+        if hb.leaving:
+            self.left.add(hb.worker)
+        else:
+            self.left.discard(hb.worker)
 
     def dead(self, worker: str) -> bool:
         if worker == self.me:

@@ -25,7 +25,7 @@ from typing import Protocol
 import structlog
 from prometheus_client import Histogram
 
-from baton.transport import Bus
+from baton.bus import Bus
 from proto import keys, subjects
 from proto.messages import InferenceJob, TokenDelta
 

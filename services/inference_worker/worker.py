@@ -21,10 +21,10 @@ from collections.abc import Callable
 
 import structlog
 
+from baton.bus import Bus, Delivery
 from baton.service import Health
-from baton.transport import Bus, Delivery, Msg
-from proto import codec, subjects
-from proto.messages import Cancel
+from proto import subjects
+from proto.messages import Cancel, Heartbeat
 from proto.streams import JOBS, RESULTS, TOKENS, ConsumerSpec, direct_consumer, worker_consumer
 
 from . import metrics as m
@@ -91,8 +91,10 @@ class Worker:
         labels = self.sup.labels
         m.init_series(self.pool, self.s.model_name)
         await bus.provision(streams=[JOBS, RESULTS, TOKENS], consumers=[self.consumer, self.direct])
-        await bus.subscribe(f"{subjects.CANCEL}.*.*", self._on_cancel)
-        await bus.subscribe(f"{subjects.HEARTBEATS}.{self.pool}.*", self.peers.on_msg)
+        await bus.subscribe(f"{subjects.CANCEL}.*.*", Cancel, self._on_cancel)
+        await bus.subscribe(
+            f"{subjects.HEARTBEATS}.{self.pool}.*", Heartbeat, self.peers.on_heartbeat
+        )
         m.READY.labels(*labels).set(0)
 
         async def reprovision() -> None:  # a peer that wrongly took us for dead deleted it
@@ -153,11 +155,7 @@ class Worker:
             await self.sup.abort_all()
             await asyncio.wait(late, timeout=10)
 
-    async def _on_cancel(self, msg: Msg) -> None:
-        try:
-            cancel = codec.decode(msg.data, Cancel)
-        except codec.DecodeError:
-            return
+    async def _on_cancel(self, cancel: Cancel, _subject: str) -> None:
         if self.jobs is not None:
             await self.jobs.on_cancel(cancel)
 

@@ -24,11 +24,11 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from baton import tracing
+from baton.bus import Bus
 from baton.documents import DocumentTooLarge, put_document
 from baton.http_errors import ERROR_RESPONSES, ApiError, require_ids
 from baton.service import Health, caller_scope, health_app
 from baton.sessions import SessionKeys
-from baton.transport import Bus
 from proto import codec, keys, streams, subjects
 from proto.admission import TaskRejected, parse_task
 from proto.errors import ErrorCode

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from baton import tracing
-from baton.transport import Bus, Delivery, Nak, Term
+from baton.bus import Bus, Delivery, Nak, Term
 from proto import codec, keys, subjects
 from proto.admission import TaskRejected, parse_task
 from proto.errors import ErrorCode

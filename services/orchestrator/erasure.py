@@ -37,7 +37,7 @@ import msgspec
 import structlog
 
 from baton import audit
-from baton.transport import HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus, Delivery, Term
+from baton.bus import HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus, Delivery, Term
 from proto import codec, subjects
 from proto.ids import is_valid_id
 from proto.messages import Cancel, SessionsErased, Usage

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from baton.transport import Bus, Msg
+from baton.bus import Bus, Msg
 from proto import codec, streams, subjects
 from proto.messages import Completed, Failed, TaskEvent, TokenDelta
 

@@ -18,7 +18,7 @@ import time
 
 import structlog
 
-from baton.transport import Bus, Delivery
+from baton.bus import Bus, Delivery
 from proto.admission import RateLimited
 from proto.messages import TaskSubmit
 from proto.streams import ConsumerSpec

@@ -17,8 +17,6 @@ import sys
 import time
 from collections import OrderedDict
 
-from baton.transport import Msg
-from proto import codec
 from proto.ids import is_valid_id
 from proto.messages import Heartbeat
 
@@ -47,21 +45,19 @@ class HeartbeatTracker:
         self.max_workers = max_workers
         self.dropped = 0
 
-    async def on_msg(self, msg: Msg) -> None:
-        with contextlib.suppress(codec.DecodeError):
-            hb = codec.decode(msg.data, Heartbeat)
-            key = (hb.pool, hb.worker)
-            if not usable_heartbeat(msg.subject, hb) or (
-                key not in self.last and len(self.last) >= self.max_workers
-            ):
-                self.dropped += 1
-                return
-            if hb.leaving:  # scaled in on purpose: not a worker that went silent
-                if self.last.pop(key, None) is not None:
-                    with contextlib.suppress(KeyError):
-                        m.HEARTBEAT_AGE.remove(*key)
-                return
-            self.last[key] = hb
+    async def on_heartbeat(self, hb: Heartbeat, subject: str) -> None:
+        key = (hb.pool, hb.worker)
+        if not usable_heartbeat(subject, hb) or (
+            key not in self.last and len(self.last) >= self.max_workers
+        ):
+            self.dropped += 1
+            return
+        if hb.leaving:  # scaled in on purpose: not a worker that went silent
+            if self.last.pop(key, None) is not None:
+                with contextlib.suppress(KeyError):
+                    m.HEARTBEAT_AGE.remove(*key)
+            return
+        self.last[key] = hb
 
     def export(self) -> None:
         now = time.time()

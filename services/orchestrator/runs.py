@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 from collections import OrderedDict
 
-from baton.transport import Bucket, WrongLastSequence
+from baton.bus import Bucket, WrongLastSequence
 from proto import codec
 
 from .state import (

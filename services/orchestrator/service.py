@@ -11,10 +11,11 @@ from pathlib import Path
 import structlog
 
 from baton.accounts import TENANT_STREAMS, tenant_api_prefix
+from baton.bus import Bus
 from baton.dlq import MaxDeliveryWatch
 from baton.service import Health
-from baton.transport import Bus
 from proto import streams, subjects
+from proto.messages import Heartbeat
 
 from . import metrics as m
 from .api import Services
@@ -92,7 +93,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
         {name: {a: spec.pool for a, spec in wf.agents.items()} for name, wf in workflows.items()},
         tenants,
     )
-    await bus.subscribe(f"{subjects.HEARTBEATS}.*.*", hb.on_msg)
+    await bus.subscribe(f"{subjects.HEARTBEATS}.*.*", Heartbeat, hb.on_heartbeat)
     watched = [
         *(streams.task_consumer(t) for t in tenants),
         streams.ORCHESTRATOR_RESULTS,

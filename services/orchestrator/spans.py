@@ -27,8 +27,8 @@ from typing import Any
 import structlog
 
 from baton import tracing
+from baton.bus import Nak
 from baton.tracing import Recorded, SpanContext, SpanKind
-from baton.transport import Nak
 
 from .runs import RunState, StepState
 

@@ -10,7 +10,7 @@ import contextlib
 
 import structlog
 
-from baton.transport import Bucket
+from baton.bus import Bucket
 from proto import codec
 from proto.messages import ToolCatalog, ToolSpec
 

@@ -16,7 +16,7 @@ import time
 
 import structlog
 
-from baton.transport import Bus, Msg
+from baton.bus import Bus, Msg
 from proto import codec, subjects
 from proto.limits import document_too_large
 from proto.messages import DocumentPut, DocumentsErased
@@ -43,7 +43,7 @@ class DocumentIndexer:
             start_seq=start + 1 if start else 0,
             cb=self._on_doc,
         )
-        await self.bus.subscribe(f"{subjects.DOCUMENTS_ERASED}.*", self._on_erased)
+        await self.bus.subscribe(f"{subjects.DOCUMENTS_ERASED}.*", DocumentsErased, self._on_erased)
         log.info("search_index_opened", documents=self.index.count(), resumed_after=start)
         await self.caught_up(timeout=30.0)
 
@@ -79,11 +79,9 @@ class DocumentIndexer:
         async with self._applied:
             self._applied.notify_all()
 
-    async def _on_erased(self, msg: Msg) -> None:
-        with contextlib.suppress(codec.DecodeError):
-            erased = codec.decode(msg.data, DocumentsErased)
-            n = self.index.erase(erased.tenant)
-            log.info("search_documents_erased", tenant=erased.tenant, documents=n)
+    async def _on_erased(self, erased: DocumentsErased, _subject: str) -> None:
+        n = self.index.erase(erased.tenant)
+        log.info("search_documents_erased", tenant=erased.tenant, documents=n)
 
     async def caught_up(self, timeout: float = 2.0) -> bool:
         """Wait until every document published so far is indexed, so a search

@@ -35,10 +35,10 @@ import jsonschema
 import structlog
 from jsonschema.protocols import Validator
 
+from baton.bus import Bus, Delivery, Nak, Term
 from baton.cancelled import CancelledTasks
 from baton.service import Health
 from baton.stopwatch import Stopwatch
-from baton.transport import Bus, Delivery, Msg, Nak, Term
 from proto import codec, keys, subjects
 from proto.errors import ErrorCode
 from proto.limits import INLINE_TOOL_RESULT_BYTES, MAX_TOOL_OUTPUT_BYTES
@@ -171,7 +171,7 @@ class ToolWorker:
             self.health.ready, self.health.reason = True, "serving"
             self.health.checks = {"tools": True}
             m.READY.labels(*self._labels).set(1)
-            await bus.subscribe(f"{subjects.CANCEL}.*.*", self._on_cancel)
+            await bus.subscribe(f"{subjects.CANCEL}.*.*", Cancel, self._on_cancel)
             log.info("tool_worker_ready", tools=sorted(self.tools), pool=self.s.pool)
             await bus.consume(self.consumer, self.handle, concurrency=self.s.concurrency)
         finally:
@@ -197,11 +197,7 @@ class ToolWorker:
         ):
             await self._handle(job, Stopwatch(job.published_at or d.published_at), fresh=fresh)
 
-    async def _on_cancel(self, msg: Msg) -> None:
-        try:
-            cancel = codec.decode(msg.data, Cancel)
-        except codec.DecodeError:
-            return
+    async def _on_cancel(self, cancel: Cancel, _subject: str) -> None:
         key = (cancel.tenant, cancel.task_id)
         self.cancelled.add(*key)
         for call in self._calls.get(key, ()):

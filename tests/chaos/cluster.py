@@ -113,7 +113,7 @@ class Cluster:
 
     @property
     def url(self) -> str:
-        """Every node, comma-separated (``baton.transport.connect`` splits it)."""
+        """Every node, comma-separated (``baton.bus.connect`` splits it)."""
         return ",".join(n.url for n in self.nodes)
 
     @property

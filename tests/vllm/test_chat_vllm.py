@@ -19,9 +19,9 @@ import jsonschema
 import pytest
 import pytest_asyncio
 
+from baton.bus import connect
 from baton.dev.testing import Client, LocalStack, secure_nats, uid
 from baton.documents import put_document
-from baton.transport import connect
 from proto.messages import DocumentPut
 from proto.tools import BUILTIN_SPECS
 from services.inference_worker.engines.vllm import VLLMEngine

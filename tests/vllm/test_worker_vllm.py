@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from baton.bus import Bus, connect
 from baton.dev.testing import collect_results, metric, secure_nats, submit_job, uid
 from baton.stack import ServiceProcess
-from baton.transport import Bus, connect
 from proto import subjects
 from proto.messages import Cancel, ChatMessage
 from proto.streams import JOBS, RESULTS

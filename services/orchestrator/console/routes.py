@@ -29,10 +29,10 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from baton import audit
 from baton import sessions as S
+from baton.bus import Msg
 from baton.credentials import OPERATOR_SCOPE
 from baton.http_errors import ApiError, require_ids
 from baton.service import refuse_cross_site
-from baton.transport import Msg
 from proto import keys, subjects
 from proto.errors import ErrorCode
 from proto.messages import WindowReply, WindowRequest

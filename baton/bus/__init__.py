@@ -1,0 +1,102 @@
+"""The one door to NATS every Baton service uses. Nothing outside this
+package talks to nats-py (``tests/test_fences.py``); its public surface is
+this module's ``__all__``, pinned by ``tests/test_bus_surface.py``.
+
+* ``connect`` — connect with reconnect, or raise ``BusUnavailable`` clearly
+  (``connection.py``; the coalescing socket writer: ``flusher.py``).
+* ``Bus.provision`` — create/update streams, consumers and KV buckets
+  idempotently, retrying JetStream's transient "error creating store"
+  (``provision.py``, configurations in ``config.py``).
+* ``Bus.publish`` — JetStream publish with ``Nats-Msg-Id``, ``Baton-Task-Id``
+  and the current trace context (W3C ``traceparent``/``tracestate``, through
+  OpenTelemetry's propagator: ``baton.tracing``); every handler (``consume``,
+  ``serve``) runs in the trace context of the message it handles
+  (``messaging.py``).
+* ``Bus.consume`` — a pull loop that fetches in batches with a short timeout,
+  runs handlers concurrently, keeps long handlers alive with ``in_progress``,
+  and turns each handler's outcome into ack / nak-with-delay / term
+  (``consume.py``; the rule: ``outcomes.settlement``).
+* ``Bus.request`` / ``subscribe`` / ``notify`` / ``serve`` — core NATS, typed
+  replies (``messaging.py``).
+* ``Bus.ordered`` / ``read_subject`` — replay a stream (and follow it live);
+  ``stream_info``, ``subjects``, ``get_msg``, ``last_msg``, ``publish_if_last``,
+  ``purge``; ``erase_messages`` / ``erase_subject`` overwrite the raw store
+  (``streams.py``).
+* ``Bucket`` (from ``Bus.ensure_bucket``) — KV reads, compare-and-set writes,
+  watches, erasure of replaced revisions (``kv.py``).
+* ``Bus.account(prefix)`` — the same helpers on another account's JetStream.
+
+Errors callers act on arrive as ``NotFound``, ``WrongLastSequence``,
+``BusClosed`` (or the ``TRANSIENT`` tuple, for retrying an idempotent
+operation): ``errors.py`` draws their tree.
+
+Handler outcomes are explicit::
+
+    return normally   -> ack
+    raise Nak(delay)  -> nak, redelivered after ``delay`` seconds
+    raise Term(why)   -> term (poison: never redelivered), dead-lettered
+    any other error   -> nak with back-off; on the last delivery, term + dead letter
+"""
+
+from nats.aio.msg import Msg
+
+from .client import Bus
+from .connection import connect, tls_context
+from .delivery import (
+    HDR_DLQ_REASON,
+    HDR_DLQ_SUBJECT,
+    HDR_EXPECTED_LAST_SUBJECT_SEQ,
+    HDR_MSG_ID,
+    HDR_TASK_ID,
+    HDR_TRACEPARENT,
+    Delivery,
+    Gate,
+    Handler,
+    Puller,
+    Request,
+    Responder,
+)
+from .errors import (
+    TRANSIENT,
+    BusClosed,
+    BusUnavailable,
+    NotFound,
+    TransportError,
+    WrongLastSequence,
+)
+from .kv import Bucket, Entry
+from .outcomes import Nak, Outcome, Settlement, Term, settlement
+from .streams import DIRECT_LOOKUPS
+
+__all__ = [
+    "DIRECT_LOOKUPS",
+    "HDR_DLQ_REASON",
+    "HDR_DLQ_SUBJECT",
+    "HDR_EXPECTED_LAST_SUBJECT_SEQ",
+    "HDR_MSG_ID",
+    "HDR_TASK_ID",
+    "HDR_TRACEPARENT",
+    "TRANSIENT",
+    "Bucket",
+    "Bus",
+    "BusClosed",
+    "BusUnavailable",
+    "Delivery",
+    "Entry",
+    "Gate",
+    "Handler",
+    "Msg",
+    "Nak",
+    "NotFound",
+    "Outcome",
+    "Puller",
+    "Request",
+    "Responder",
+    "Settlement",
+    "Term",
+    "TransportError",
+    "WrongLastSequence",
+    "connect",
+    "settlement",
+    "tls_context",
+]

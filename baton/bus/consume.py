@@ -1,0 +1,157 @@
+"""Consuming: the pull loop, handler settlement by outcome (ack / nak /
+term / dead letter), keep-alive and erasure of handled messages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import structlog
+
+from baton import tracing
+from baton.metrics import DEAD_LETTERS, MESSAGES_HANDLED, register
+from proto import keys, subjects
+from proto.streams import ConsumerSpec
+
+from .delivery import HDR_DLQ_REASON, HDR_DLQ_SUBJECT, Delivery, Gate, Handler, Puller, _KeepAlive
+from .errors import BusClosed
+from .messaging import Messaging
+from .outcomes import Outcome, settlement
+
+log = structlog.get_logger("baton.bus")
+
+
+class Consuming(Messaging):
+    """Pull loops and settlement (part of ``Bus``)."""
+
+    async def puller(self, spec: ConsumerSpec) -> Puller:
+        # Series exist from the start, so the first dead letter is an increase.
+        register(DEAD_LETTERS, MESSAGES_HANDLED)
+        DEAD_LETTERS.labels(spec.durable)
+        for outcome in ("ack", "nak", "term"):
+            MESSAGES_HANDLED.labels(spec.durable, outcome)
+        sub = await self._js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+        return Puller(spec=spec, sub=sub)
+
+    async def settle(self, spec: ConsumerSpec, delivery: Delivery, handler: Handler) -> None:
+        """Run ``handler`` on one delivery and settle it by outcome."""
+        with tracing.continued(delivery.headers):
+            bound = {"consumer": spec.durable}
+            if delivery.task_id:
+                bound["task_id"] = delivery.task_id
+            with structlog.contextvars.bound_contextvars(**bound):
+                await self._settle(spec, delivery, handler)
+
+    async def erase(self, delivery: Delivery) -> None:
+        """Overwrite ``delivery``'s message in the store (``STREAM.MSG.DELETE``
+        with erase) before it is acked: a work queue's ack only unlinks it.
+        Best effort: a failure is logged and the message is settled anyway."""
+        try:
+            await self.erase_messages(delivery.msg.metadata.stream, [delivery.stream_seq])
+        except Exception as exc:
+            log.warning("erase_handled_failed", error=repr(exc))
+
+    async def _settle(self, spec: ConsumerSpec, delivery: Delivery, handler: Handler) -> None:
+        keepalive = _KeepAlive(delivery, spec.ack_wait / 3)
+        error: BaseException | None = None
+        try:
+            await handler(delivery)
+        except asyncio.CancelledError:
+            keepalive.cancel()
+            MESSAGES_HANDLED.labels(spec.durable, "nak").inc()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(delivery.nak(0.5))
+            raise
+        except Exception as exc:
+            error = exc
+        keepalive.cancel()
+        s = settlement(error, delivery.num_delivered, spec.max_deliver)
+        if error is not None and not isinstance(error, Outcome):
+            if s.action == "dead_letter":
+                log.error("handler_failed_last_delivery", error=repr(error))
+            else:
+                log.warning("handler_failed", error=repr(error), retry_in=s.delay)
+        try:
+            if s.action in ("ack", "term") and spec.erase_handled:
+                await self.erase(delivery)  # dead letters erase their own
+            if s.action == "ack":
+                await delivery.ack()
+            elif s.action == "nak":
+                await delivery.nak(s.delay)
+            elif s.action == "term":
+                await delivery.term()
+            else:
+                await self.dead_letter(spec, delivery, s.reason)
+        finally:
+            MESSAGES_HANDLED.labels(spec.durable, "nak" if s.action == "nak" else
+                                    "ack" if s.action == "ack" else "term").inc()  # fmt: skip
+
+    async def dead_letter(self, spec: ConsumerSpec, delivery: Delivery, reason: str) -> None:
+        """Terminate ``delivery`` and keep a copy on ``baton.dlq.<consumer>``."""
+        DEAD_LETTERS.labels(spec.durable).inc()
+        log.warning("dead_lettered", reason=reason, subject=delivery.subject)
+        if spec.erase_handled:
+            await self.erase(delivery)
+        await delivery.term()
+        try:
+            await self.publish(
+                subjects.dead_letter(spec.durable),
+                delivery.data,
+                msg_id=keys.dead_letter(spec.durable, delivery.stream_seq),
+                task_id=delivery.task_id,
+                headers={HDR_DLQ_REASON: reason[:200], HDR_DLQ_SUBJECT: delivery.subject},
+            )
+        except Exception as exc:  # the DLQ copy is best effort; the term stands
+            log.warning("dead_letter_copy_failed", error=repr(exc))
+
+    async def consume(
+        self,
+        spec: ConsumerSpec,
+        handler: Handler,
+        *,
+        concurrency: int = 64,
+        gate: Gate | None = None,
+        running: set[asyncio.Task[None]] | None = None,
+        until: Callable[[], bool] | None = None,
+        finish: bool = True,
+        fetch_timeout: float = 0.05,
+        idle_timeout: float = 1.0,
+    ) -> None:
+        """Pull and handle messages until ``stop()`` (or ``until()``, asked
+        when a fetch comes back empty); at most ``concurrency`` handlers run at
+        once, and no more are taken than ``gate.room()`` allows (a shut gate is
+        waited on). ``running``: the handler tasks, in a set the caller may
+        share between loops. ``finish``: in-flight handlers finish before it
+        returns (False: the caller drains them)."""
+        puller = await self.puller(spec)
+        running = set() if running is None else running
+        while not self._stopping.is_set():
+            room = concurrency - len(running)
+            if room <= 0:  # every slot taken: wait for a handler to end
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            if gate is not None:
+                room = min(room, gate.room())
+                if room <= 0:  # slots free, the gate shut
+                    await gate.wait()
+                    continue
+            try:
+                # Busy: batches with short waits, so finished slots refill
+                # quickly. Idle: one message with a long wait (see Puller.fetch).
+                if running:
+                    batch = await puller.fetch(room, fetch_timeout)
+                else:
+                    batch = await puller.fetch(1, idle_timeout)
+            except BusClosed:
+                break
+            if not batch and until is not None and until():
+                break
+            for d in batch:
+                if gate is not None:
+                    gate.took(d)
+                task = asyncio.create_task(self.settle(spec, d, handler))
+                running.add(task)
+                task.add_done_callback(running.discard)
+        if finish and running:
+            await asyncio.gather(*running, return_exceptions=True)

@@ -1,0 +1,46 @@
+"""The connection a ``Bus`` holds: nats-py's client and JetStream context
+(private: nothing outside ``baton.bus`` reaches them), stopping and closing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+
+class BusCore:
+    """The connection and the stop signal every part of the bus shares."""
+
+    def __init__(self, nc: NATS, *, replicas: int = 1, js: JetStreamContext | None = None) -> None:
+        self._nc = nc
+        self._js = js or nc.jetstream()
+        self.replicas = replicas
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask every ``consume`` loop to stop pulling."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def wait_stopped(self) -> None:
+        """Return once ``stop()`` was called."""
+        await self._stopping.wait()
+
+    async def flush(self, timeout: int = 2) -> None:
+        """Wait until the server has seen everything sent so far (subscriptions
+        included)."""
+        await self._nc.flush(timeout=timeout)
+
+    async def close(self) -> None:
+        """Flush what was published and close. (Not ``drain``: nats-py waits
+        out its whole drain timeout on a bound pull subscription.)"""
+        self.stop()
+        with contextlib.suppress(Exception):
+            await self._nc.flush(timeout=2)
+        with contextlib.suppress(Exception):
+            await self._nc.close()

@@ -1,0 +1,122 @@
+"""A KV bucket through the bus: reads, compare-and-set writes, watches,
+and erasure of replaced revisions from the raw store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import nats.js.errors
+from nats.js.kv import KeyValue
+
+from proto.streams import BucketSpec
+
+from .errors import _translated
+
+if TYPE_CHECKING:
+    from .streams import StreamReads
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One KV entry as stored: ``deleted`` for a delete or purge marker."""
+
+    key: str
+    value: bytes
+    revision: int
+    deleted: bool = False
+
+
+class Bucket:
+    """A KV bucket through the transport: reads, compare-and-set writes,
+    watches, and (``erasable``) erasure of replaced revisions from the raw store."""
+
+    def __init__(self, bus: StreamReads, kv: KeyValue, spec: BucketSpec, *, erasable: bool) -> None:
+        self._bus = bus
+        self._kv = kv
+        # Direct gets (the bucket allows them) are answered by any replica,
+        # and a follower may not have the newest revision yet; ``consistent``
+        # reads ask the stream's leader.
+        self._leader = KeyValue(name=kv._name, stream=kv._stream, pre=kv._pre, js=kv._js,
+                                direct=False)  # fmt: skip
+        self.spec = spec
+        self.erasable = erasable
+
+    async def get(self, key: str, *, consistent: bool = False) -> Entry | None:
+        """The newest entry of ``key`` (None: no such key, or deleted);
+        ``consistent``: the leader's answer, not a possibly lagging follower's."""
+        try:
+            e = await (self._leader if consistent else self._kv).get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if e.value is None or e.revision is None:
+            return None
+        return Entry(key, e.value, e.revision)
+
+    async def create(self, key: str, value: bytes) -> int:
+        """Store ``key`` if it does not exist; its revision.
+
+        Raises:
+            WrongLastSequence: the key exists.
+        """
+        with _translated():
+            return int(await self._kv.create(key, value))
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        """Store ``key`` if its newest revision is still ``last``; the new revision.
+
+        Raises:
+            WrongLastSequence: someone wrote first (read again and retry).
+        """
+        with _translated():
+            return int(await self._kv.update(key, value, last=last))
+
+    async def put(self, key: str, value: bytes) -> int:
+        return int(await self._kv.put(key, value))
+
+    async def entries(self, pattern: str = ">", *, limit: int = 10_000) -> list[Entry]:
+        """The newest entry of every key matching ``pattern`` (at most
+        ``limit``; no deleted ones), in one pass of a watcher."""
+        # Stopping a watcher does not delete its consumer, which nats-py
+        # otherwise asks the server to keep for 5 min: one per listing.
+        watcher = await self._kv.watch(pattern, ignore_deletes=True, inactive_threshold=10.0)
+        out: list[Entry] = []
+        try:
+            async for e in watcher:
+                if e is None:  # the initial values are all delivered
+                    break
+                if e.value and e.revision is not None:
+                    out.append(Entry(e.key, e.value, e.revision))
+                if len(out) >= limit:
+                    break
+        finally:
+            await watcher.stop()
+        return out
+
+    async def follow(self, *, inactive_threshold: float = 30.0) -> AsyncIterator[Entry]:
+        """Every key's newest entry, then each change as it is stored.
+        ``inactive_threshold``: how long the server keeps the watch's consumer
+        once its client is gone (nats-py's default is 5 min: a killed
+        replica's would pile up); one the server dropped is recreated on
+        missed heartbeats."""
+        watcher = await self._kv.watchall(inactive_threshold=inactive_threshold)
+        try:
+            async for e in watcher:
+                if e is None:  # the initial values are all delivered
+                    continue
+                yield Entry(e.key, e.value or b"", e.revision or 0, e.operation is not None)
+        finally:
+            await watcher.stop()
+
+    async def erase_revision(self, revision: int) -> None:
+        """Overwrite a replaced revision in the raw store (no-op if not erasable)."""
+        if self.erasable:
+            await self._bus.erase_messages(self.spec.stream, [revision])
+
+    async def erase_history(self, key: str, *, keep_after: int) -> int:
+        """Overwrite every revision of ``key`` before ``keep_after``; how many."""
+        if not self.erasable:
+            return 0
+        return await self._bus.erase_subject(self.spec.stream, self.spec.subject(key),
+                                              keep_after=keep_after)  # fmt: skip

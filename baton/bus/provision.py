@@ -1,0 +1,102 @@
+"""Provisioning: create or update streams, consumers and KV buckets,
+idempotently, from every replica."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import nats.js.errors
+import structlog
+from nats.js.kv import KeyValue
+
+from proto.streams import BucketSpec, ConsumerSpec, StreamSpec
+
+from .config import (
+    _STREAM_EXISTS_ERR,
+    _bucket_config,
+    _consumer_config,
+    _retry_store_race,
+    _stream_config,
+)
+from .consume import Consuming
+from .kv import Bucket
+
+log = structlog.get_logger("baton.bus")
+
+
+class Provisioning(Consuming):
+    """Streams, consumers, buckets (part of ``Bus``)."""
+
+    async def ensure_stream(self, spec: StreamSpec) -> None:
+        """Create or update the stream (in another account: ``account(prefix).ensure_stream``)."""
+        config = _stream_config(spec, self.replicas)
+
+        async def add_or_update() -> None:
+            try:
+                await self._js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != _STREAM_EXISTS_ERR:
+                    raise
+                await self._js.update_stream(config)
+
+        await _retry_store_race(add_or_update)
+
+    async def ensure_consumer(self, spec: ConsumerSpec) -> None:
+        """Create the durable consumer, or update its mutable fields in place
+        (the server keeps its position and pending messages)."""
+        config = _consumer_config(spec)
+        await _retry_store_race(lambda: self._js.add_consumer(spec.stream, config))
+
+    async def ensure_bucket(self, spec: BucketSpec) -> Bucket:
+        """Create the KV bucket if missing; ``spec.erasable``: with deletes
+        allowed on its stream, so replaced revisions can be erased."""
+        if spec.erasable:
+            kv, erasable = await self._ensure_erasable_bucket(spec)
+            return Bucket(self, kv, spec, erasable=erasable)
+        plain: KeyValue = await _retry_store_race(
+            lambda: self._js.create_key_value(
+                bucket=spec.name,
+                history=spec.history,
+                ttl=spec.ttl or None,
+                replicas=self.replicas,
+                direct=True,
+                description=spec.description or None,
+            )
+        )
+        return Bucket(self, plain, spec, erasable=False)
+
+    async def _ensure_erasable_bucket(self, spec: BucketSpec) -> tuple[KeyValue, bool]:
+        """The bucket's KV, and whether its stream allows deletes."""
+        config = _bucket_config(spec, self.replicas)
+
+        async def ensure() -> tuple[KeyValue, bool]:
+            erasable = True
+            try:
+                await self._js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != _STREAM_EXISTS_ERR:
+                    raise
+                info = await self._js.stream_info(spec.stream)
+                if info.config.deny_delete:
+                    # Created before erasure support: deletes can never be allowed
+                    # on it. It keeps working; erasure falls back to KV purges.
+                    log.warning("bucket_not_erasable", bucket=spec.name)
+                    erasable = False
+                else:
+                    await self._js.update_stream(config)
+            kv: KeyValue = await self._js.key_value(spec.name)
+            return kv, erasable
+
+        result: tuple[KeyValue, bool] = await _retry_store_race(ensure)
+        return result
+
+    async def provision(
+        self,
+        streams: Sequence[StreamSpec] = (),
+        consumers: Sequence[ConsumerSpec] = (),
+    ) -> None:
+        """Create or update streams and consumers; safe to call from every replica."""
+        for s in streams:
+            await self.ensure_stream(s)
+        for c in consumers:
+            await self.ensure_consumer(c)
