@@ -10,7 +10,7 @@ from proto.errors import ErrorCode
 from proto.messages import ErrorInfo, InferenceJob
 from services.orchestrator import transitions as T
 from services.orchestrator.console.views import task_view
-from services.orchestrator.runs import RunState
+from services.orchestrator.state import RunState
 from tests.test_transitions import RULES, WORKFLOWS, decide, jobs, new_task, reply
 
 KEYS = {"bk-acme": "acme", "bk-op": "*"}

@@ -31,6 +31,10 @@ DECISIONS = (
     "services.orchestrator.limits",
     "services.orchestrator.fairness",
     "services.orchestrator.inflight",
+    # pure by their own docstrings, and kept so
+    "services.orchestrator.waterfall",
+    "services.orchestrator.listing",
+    "services.orchestrator.console.views",
 )
 # Not imported by a decision, however indirectly: the door to NATS, the
 # event loop, the clock, chance.

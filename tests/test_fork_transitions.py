@@ -9,7 +9,7 @@ from typing import Any
 from proto import codec, keys
 from proto.messages import ContextRef, InferenceJob
 from services.orchestrator import transitions as T
-from services.orchestrator.runs import RunState
+from services.orchestrator.state import RunState
 from tests.test_transitions import RULES, decide, jobs, new_task, reply
 
 

@@ -13,8 +13,9 @@ from services.orchestrator import transitions as T
 from services.orchestrator.conductor import Conductor
 from services.orchestrator.erasure import tombstone
 from services.orchestrator.inflight import InFlight
-from services.orchestrator.runs import RunState, RunStore, StepState
+from services.orchestrator.runs import RunStore
 from services.orchestrator.settings import OrchestratorSettings
+from services.orchestrator.state import RunState, StepState
 
 
 def test_a_run_written_since_by_another_replica_leaves_the_count() -> None:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from proto import codec, keys
 from proto.messages import ContextRef, InferenceJob, InferenceResult, Step, Usage
 from services.orchestrator import transitions as T
-from services.orchestrator.runs import RunState
+from services.orchestrator.state import RunState
 from services.orchestrator.workflows import GraphWorkflow, parse
 
 ASK = """

@@ -22,7 +22,8 @@ from proto.admission import TaskRejected, parse_task
 from proto.errors import ErrorCode
 from proto.jsonvalue import json_problem, json_safe
 from proto.streams import RUNS
-from services.orchestrator.runs import RunState, RunStore
+from services.orchestrator.runs import RunStore
+from services.orchestrator.state import RunState
 
 NOT_JSON: list[tuple[Any, str]] = [
     ({"x": msgspec.msgpack.Ext(5, b"abc")}, "Ext"),

@@ -11,7 +11,8 @@ import pytest
 from baton.bus import Bus, connect
 from baton.dev.testing import uid
 from proto.streams import BucketSpec
-from services.orchestrator.runs import RunConflict, RunState, RunStore
+from services.orchestrator.runs import RunConflict, RunStore
+from services.orchestrator.state import RunState
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from proto import codec, subjects
 from proto.messages import ContextDelete, SessionsErased
 from proto.streams import DEAD_LETTERS, EVENTS, RUNS, TOKENS
 from services.orchestrator.erasure import dead_letter_matches, tasks_to_erase, tombstone
-from services.orchestrator.runs import RunState, StepState
+from services.orchestrator.state import RunState, StepState
 from tests.ctx import ask, raw_store_contains
 
 # -- the decisions, without a broker -----------------------------------------

@@ -19,7 +19,7 @@ from baton.dev.testing import Client, LocalStack, secure_nats, uid
 from baton.dev.trace_receiver import ReceivedSpan, TraceReceiver, tree
 from baton.natsd import NatsServer
 from services.orchestrator import spans
-from services.orchestrator.runs import RunState, StepState
+from services.orchestrator.state import RunState, StepState
 from tests.harness import http_post
 
 SERVICES = {"baton-orchestrator", "baton-context-store", "baton-inference-worker",

@@ -29,8 +29,8 @@ from proto.messages import (
     Usage,
 )
 from services.orchestrator import transitions as T
-from services.orchestrator.runs import RunState
 from services.orchestrator.service import BUILTIN_WORKFLOWS
+from services.orchestrator.state import RunState
 from services.orchestrator.workflows import GraphWorkflow, load_dir
 
 WORKFLOWS = {n: GraphWorkflow(s) for n, s in load_dir(BUILTIN_WORKFLOWS).items()}

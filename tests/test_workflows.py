@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.orchestrator.runs import RunState, StepState
+from services.orchestrator.state import RunState, StepState
 from services.orchestrator.workflows import Done, GraphWorkflow, WorkflowError, load_dir, parse
 from services.orchestrator.workflows.graph import is_step_id, route_choice
 

@@ -56,8 +56,9 @@ from .conductor import Conductor, answer_refusal
 from .follow import as_dict, follow_task, replay_events
 from .intake import Intake
 from .listing import BadCursor, page_runs
-from .runs import ERASED, RunState, RunStore
+from .runs import RunStore
 from .settings import OrchestratorSettings
+from .state import ERASED, RunState
 from .transitions import NewFork, fork_refusal, waiting_step
 from .workflows import WorkflowSpec
 

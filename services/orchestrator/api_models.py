@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from proto.jsonvalue import json_safe
 
-from .runs import RunState
+from .state import RunState
 
 
 class BudgetIn(BaseModel):

@@ -51,8 +51,9 @@ from . import spans
 from . import transitions as T
 from .inflight import InFlight
 from .routing import HeartbeatTracker, Router
-from .runs import RunConflict, RunState, RunStore
+from .runs import RunConflict, RunStore
 from .settings import OrchestratorSettings
+from .state import RunState
 from .toolcatalog import ToolCatalogs
 from .workflows import GraphWorkflow
 from .workflows.graph import is_step_id

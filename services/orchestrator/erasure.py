@@ -43,7 +43,8 @@ from proto.ids import is_valid_id
 from proto.messages import Cancel, SessionsErased, Usage
 from proto.streams import DEAD_LETTERS, EVENTS, RESULTS, RUNS, TIMERS, TOKENS
 
-from .runs import ERASED, RunConflict, RunState, RunStore, run_key
+from .runs import RunConflict, RunStore
+from .state import ERASED, RunState, run_key
 
 log = structlog.get_logger("orchestrator.erasure")
 

@@ -26,7 +26,8 @@ from proto.streams import ConsumerSpec
 from .conductor import Conductor
 from .fairness import FairGate
 from .limits import Limiter
-from .runs import RunState, RunStore
+from .runs import RunStore
+from .state import RunState
 from .transitions import in_flight, waiting_step
 
 log = structlog.get_logger("orchestrator")

@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .runs import RunState
+from .state import RunState
 
 MAX_PAGE = 200
 

@@ -17,32 +17,7 @@ from collections import OrderedDict
 from baton.bus import Bucket, WrongLastSequence
 from proto import codec
 
-from .state import (
-    ERASED,
-    TERMINAL,
-    CallState,
-    CallStatus,
-    RunState,
-    RunStatus,
-    StepState,
-    StepStatus,
-    run_key,
-)
-
-__all__ = [  # the state types, re-exported for the shell's modules
-    "ERASED",
-    "TERMINAL",
-    "CallState",
-    "CallStatus",
-    "RunConflict",
-    "RunState",
-    "RunStatus",
-    "RunStore",
-    "Snapshot",
-    "StepState",
-    "StepStatus",
-    "run_key",
-]
+from .state import RunState, run_key
 
 
 class RunConflict(Exception):

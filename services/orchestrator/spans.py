@@ -30,7 +30,7 @@ from baton import tracing
 from baton.bus import Nak
 from baton.tracing import Recorded, SpanContext, SpanKind
 
-from .runs import RunState, StepState
+from .state import RunState, StepState
 
 CLOSED = frozenset({"done", "failed"})
 

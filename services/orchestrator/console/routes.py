@@ -39,8 +39,8 @@ from proto.messages import WindowReply, WindowRequest
 
 from ..api_models import TaskSummary, run_doc
 from ..follow import as_dict, replay_events
-from ..runs import ERASED
 from ..settings import OrchestratorSettings
+from ..state import ERASED
 from .views import task_view
 
 if TYPE_CHECKING:

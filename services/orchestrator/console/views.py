@@ -18,7 +18,7 @@ from typing import Any
 
 from proto.messages import PHASES
 
-from ..runs import RunState, StepState
+from ..state import RunState, StepState
 from ..workflows import GraphWorkflow, WorkflowSpec
 
 TOOL_LAYER = "tool"
