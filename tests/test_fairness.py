@@ -194,10 +194,12 @@ async def test_a_flood_does_not_starve_another_tenant(own_nats: NatsServer, tmp_
     ends = Ends()
     await client.nc.subscribe("baton.events.*.*", cb=ends.on_msg)
     try:
-        fifo = stack.service("orchestrator", BATON_DEFAULT_LIMITS='{"share": 1000}').wait_ready()
+        # Shares in tokens (the default policy): a chat here holds ~133.
+        fifo = stack.service("orchestrator",
+                             BATON_DEFAULT_LIMITS='{"token_share": 1000000}').wait_ready()  # fmt: skip
         before_fifo, flood = await _flood_then_probe(client, ends, taken=FLOOD)
         stack.retire(fifo)
-        stack.service("orchestrator", BATON_DEFAULT_LIMITS='{"share": 3}').wait_ready()
+        stack.service("orchestrator", BATON_DEFAULT_LIMITS='{"token_share": 450}').wait_ready()
         before_fair, flood2 = await _flood_then_probe(client, ends, taken=3)
         outcomes = {ends.events[t]["type"] for t in flood + flood2}
     finally:
@@ -206,7 +208,7 @@ async def test_a_flood_does_not_starve_another_tenant(own_nats: NatsServer, tmp_
     assert outcomes == {"completed"}  # the floods completed, nothing lost or refused
     # FIFO: the probe's job queued behind the whole flood's.
     assert before_fifo >= FLOOD * 3 // 4, before_fifo
-    # Fair: behind at most the flooder's share (3) and what the worker held.
+    # Fair: behind at most the flooder's share (~3 chats) and what the worker held.
     assert before_fair <= FLOOD // 4, (before_fair, before_fifo)
 
 
