@@ -85,7 +85,7 @@ def test_a_finished_or_lighter_run_gives_its_tokens_back() -> None:
     assert gate.room("a") == 0 and len(runs) == 4
     gate.finish("a", runs[0])
     assert gate.room("a") == 1
-    gate.load("a", runs[1], 0)  # waiting on a tool: holds nothing on the workers
+    gate.load("a", runs[1], 0)  # between steps: nothing in flight, nothing held
     assert gate.held("a") == 5000 and gate.room("a") >= 2
     gate.park("a", runs[2])  # waiting for a human: holds no share at all
     assert gate.held("a") == 2500
