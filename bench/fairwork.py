@@ -22,7 +22,8 @@ all submitted together. Two policies alternate round by round on one stack
 * ``count`` — the rule before: 32 tasks in flight per tenant, jobs admitted
   as they arrived, nothing fetched beyond what fits;
 * ``count+queue`` — count shares at intake with the worker's fair queue, to
-  tell which layer does the work.
+  tell which layer does the work; ``count64+queue`` the same with a count
+  share of 64 (the pool's sequences; or two orchestrator replicas at 32).
 
 Each round: ``PROBES_SOLO`` short chats one after another with nothing else
 running (solo), then the flood, while ``globex`` keeps submitting one chat
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,11 @@ POLICIES: dict[str, dict[str, dict[str, str]]] = {
     # Which layer does it: count shares at intake, the fair worker queue.
     "count+queue": {"orchestrator": {"BATON_FAIR_POLICY": "count"},
                     "worker": {"BATON_ADMISSION_ORDER": "tokens"}},
+    # The same with a count share of 64 (the pool's sequences, the setting
+    # the count rule's docs advised; or two orchestrator replicas at 32).
+    "count64+queue": {"orchestrator": {"BATON_FAIR_POLICY": "count",
+                                       "BATON_DEFAULT_LIMITS": json.dumps({"share": 64})},
+                      "worker": {"BATON_ADMISSION_ORDER": "tokens"}},
 }  # fmt: skip
 
 
@@ -276,7 +283,9 @@ def markdown(r: dict[str, Any]) -> str:
             " counted in tokens against its `token_share` of 16,384; the worker admits the"
             " tenant holding the fewest tokens first from a queue of 4), `count` the rule"
             " before (32 tasks per tenant, FIFO admission, no queue), `count+queue` count"
-            f" shares with the fair worker queue; {r['rounds']} rounds each, interleaved on"
+            " shares with the fair worker queue, `count64+queue` the same with a count share"
+            " of 64 (the pool's sequences, as the count rule's docs advised, or two"
+            f" orchestrator replicas at 32); {r['rounds']} rounds each, interleaved on"
             " one stack (the orchestrator and the worker restarted between policies)."
             " Seconds, submit to terminal event.",
             "",
@@ -292,5 +301,16 @@ def markdown(r: dict[str, Any]) -> str:
             " flood (alone on the pool but for the chats) takes"
             f" {r['flood_time_tokens_over_count']:.1f}x as long as under `count`: it runs at"
             " its share's pace (16,384 of the worker's 58,982 KV tokens), not the pool's.",
+            "",
+            "Which layer: "
+            + "; ".join(
+                f"`{name}` {c['ratio_p95']:.2f}x (flood {median(c['flood_s']):.1f} s)"
+                for name, c in r["policies"].items()
+                if name != "tokens"
+            )
+            + ". The worker's fair queue alone helps only while a tenant's count share"
+            " exceeds what the worker runs at once by less than the queue (4 jobs); the"
+            " token share bounds a tenant's queued work whatever its tasks' length (per"
+            " orchestrator replica, as the count was).",
         ]
     )
