@@ -8,8 +8,9 @@ tokens takes ~0.3 s and the job queue matters. Rounds interleave two
 orchestrator configurations on the same stack (the orchestrator restarted
 between them):
 
-* ``fair`` — the default fair-dispatch share (``BATON_DEFAULT_LIMITS``);
-* ``share-64`` — a share equal to the worker's 64 sequences;
+* ``fair`` — the default fair dispatch (token shares since issue #21;
+  measured by work in ``fairwork.py``);
+* ``share-64`` — a count share equal to the worker's 64 sequences;
 * ``fifo`` — a share larger than the flood: every task is taken at once and
   its job queued in the shared FIFO, as before fair dispatch.
 
@@ -59,9 +60,10 @@ ENV = {
     "BATON_LOG_LEVEL": "WARNING",
 }
 CONFIGS: dict[str, dict[str, str]] = {
-    "fair": {},  # the shipped default share
-    "share-64": {"BATON_DEFAULT_LIMITS": json.dumps({"share": 64})},  # = the worker's sequences
-    "fifo": {"BATON_DEFAULT_LIMITS": json.dumps({"share": 100_000})},
+    "fair": {},  # the shipped default: token shares (bench/fairwork.py measures them by work)
+    # Count shares (the rule before token shares): 64 = the worker's sequences.
+    "share-64": {"BATON_FAIR_POLICY": "count", "BATON_DEFAULT_LIMITS": json.dumps({"share": 64})},
+    "fifo": {"BATON_FAIR_POLICY": "count", "BATON_DEFAULT_LIMITS": json.dumps({"share": 100_000})},
 }
 
 

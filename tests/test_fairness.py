@@ -1,6 +1,8 @@
-"""Fair dispatch and admission limits on real processes: a real nats-server,
-the orchestrator, the context store and a simulator worker with room for 3
-sequences at once, so the job queue matters.
+"""Fair dispatch: first the decisions as pure functions (no broker) — a
+tenant's room under a token share, a run's load, the worker's fair order —
+then on real processes: a real nats-server, the orchestrator, the context
+store and a simulator worker with room for 3 sequences at once, so the job
+queue matters.
 
 Orders, not times: a probe task of one tenant submitted right behind another
 tenant's flood ends before most of the flood does under fair dispatch, and
@@ -21,10 +23,127 @@ import msgpack
 
 from baton.dev.testing import Client, LocalStack, uid
 from baton.natsd import NatsServer
+from services.inference_worker.admission import Admission, Waiter, next_waiter
+from services.orchestrator.fairness import FairGate, run_load, token_room
+from services.orchestrator.limits import Limiter, TenantLimits
 
 FLOOD = 40
 FLOODER, PROBER = "wonka", "initech"
 WORKER = {"BATON_MAX_NUM_SEQS": "3", "BATON_SIM_DECODE_TPS": "1000"}  # ~0.13 s an answer
+
+
+# -- the decisions, without a broker ---------------------------------------
+
+
+def test_a_run_holds_its_steps_prompts_and_answers_in_flight() -> None:
+    assert run_load([], history=5000) == 0  # nothing in flight holds nothing
+    assert run_load([(0, 128)], history=40) == 168  # a chat: its input + its answer
+    # Two parallel branches; one with a token budget for its window.
+    assert run_load([(0, 192), (300, 256)], history=1000) == 1000 + 192 + 300 + 256
+
+
+def test_token_room_counts_runs_of_the_typical_size() -> None:
+    assert token_room(16384, held=0, typical=230, idle=True) == 71
+    assert token_room(16384, held=16000, typical=230, idle=False) == 1
+    assert token_room(16384, held=16384, typical=230, idle=False) == 0
+    # A run larger than the whole share still runs, alone.
+    assert token_room(1000, held=0, typical=5000, idle=True) == 1
+    assert token_room(1000, held=0, typical=5000, idle=False) == 0
+
+
+def _fill(gate: FairGate, tenant: str, load: int, n: int = 1000) -> list[str]:
+    """Take ``tenant``'s deliveries while the gate has room, each a run that
+    holds ``load`` tokens; the ids of the runs started."""
+    started: list[str] = []
+    for seq in range(1, n + 1):
+        if gate.room(tenant) <= 0:
+            break
+        task = f"{tenant}{seq}"
+        gate.reserve(tenant, seq)
+        gate.load(tenant, task, load)  # its first step is stored before adoption
+        gate.adopt(tenant, seq, task, now=0.0)
+        started.append(task)
+    return started
+
+
+def test_token_shares_give_long_runs_fewer_slots_than_short_ones() -> None:
+    gate = FairGate(lambda t: 16384, policy="tokens")
+    long_runs = _fill(gate, "research", load=2000)
+    chats = _fill(gate, "chat", load=200)
+    # Each tenant holds about its share in tokens, not the same number of runs.
+    assert 16384 - 2000 < 2000 * len(long_runs) <= 16384 + 2000, len(long_runs)
+    assert 16384 - 2000 < 200 * len(chats) <= 16384 + 2000, len(chats)
+    assert len(chats) > 8 * len(long_runs)
+    # Under count shares both got the same slots, the long runs 10x the tokens.
+    count = FairGate(lambda t: 32, policy="count")
+    assert len(_fill(count, "research", 2000)) == len(_fill(count, "chat", 200)) == 32
+
+
+def test_a_finished_or_lighter_run_gives_its_tokens_back() -> None:
+    gate = FairGate(lambda t: 10000, policy="tokens")
+    runs = _fill(gate, "a", load=2500)
+    assert gate.room("a") == 0 and len(runs) == 4
+    gate.finish("a", runs[0])
+    assert gate.room("a") == 1
+    gate.load("a", runs[1], 0)  # between steps: nothing in flight, nothing held
+    assert gate.held("a") == 5000 and gate.room("a") >= 2
+    gate.park("a", runs[2])  # waiting for a human: holds no share at all
+    assert gate.held("a") == 2500
+
+
+def test_deliveries_not_started_count_as_typical_runs() -> None:
+    gate = FairGate(lambda t: 8192, policy="tokens")
+    _fill(gate, "a", load=1000, n=2)
+    assert gate.typical("a") == 1000
+    gate.reserve("a", 10)
+    gate.reserve("a", 11)
+    assert gate.held("a") == 4000  # two runs + two deliveries being handled
+    assert gate.room("a") == 4
+
+
+def test_shares_come_from_the_tenant_limits_in_either_unit() -> None:
+    lim = Limiter(TenantLimits(), {"big": TenantLimits(token_share=65536, share=64)})
+    assert lim.share("big", "tokens") == 65536 and lim.share("big", "count") == 64
+    assert lim.share("other", "tokens") == 16384 and lim.share("other", "count") == 32
+
+
+def _waiter(tenant: str, need: int, arrival: int) -> Waiter:
+    return Waiter(tenant, need, arrival, granted=None)  # type: ignore[arg-type]
+
+
+def test_the_worker_admits_the_tenant_holding_fewest_tokens_first() -> None:
+    waiting = [_waiter("flood", 2000, 0), _waiter("flood", 2000, 1), _waiter("chat", 160, 2)]
+    assert next_waiter(waiting, {"flood": 40000}, "tokens") == 2
+    assert next_waiter(waiting, {"flood": 40000}, "fifo") == 0
+    # Within a tenant, and between tenants holding the same, arrival order.
+    assert next_waiter(waiting[:2], {}, "tokens") == 0
+    assert next_waiter([_waiter("b", 1, 0), _waiter("a", 1, 1)], {}, "tokens") == 0
+
+
+async def test_admission_lets_a_short_job_pass_a_busy_tenants_queue() -> None:
+    adm = Admission(10000, 64, headroom=1.0, queue=4)
+    for _ in range(4):
+        await adm.acquire(2000, "flood")
+    order: list[str] = []
+
+    async def job(tenant: str, need: int) -> None:
+        await adm.acquire(need, tenant)
+        order.append(tenant)
+
+    waiting = [asyncio.create_task(job("flood", 2000)) for _ in range(3)]
+    await asyncio.sleep(0)
+    chat = asyncio.create_task(job("chat", 160))
+    await asyncio.sleep(0)
+    assert order == ["flood"]  # 8,000 + 2,000 fit; the next 2,000 do not
+    await adm.release(2000, "flood")
+    await asyncio.sleep(0)
+    assert order == ["flood", "chat"]  # before the flood's two queued ahead of it
+    assert adm.held == {"flood": 8000, "chat": 160}
+    for t in waiting:
+        t.cancel()
+    await asyncio.gather(*waiting, chat, return_exceptions=True)
+    assert adm.tokens == 8160 and adm.seqs == 5  # cancelled waits took nothing
+    assert adm.room_for(held_waiting=0) >= 4  # the queue is fetched beyond what fits
 
 
 class Ends:
@@ -75,10 +194,12 @@ async def test_a_flood_does_not_starve_another_tenant(own_nats: NatsServer, tmp_
     ends = Ends()
     await client.nc.subscribe("baton.events.*.*", cb=ends.on_msg)
     try:
-        fifo = stack.service("orchestrator", BATON_DEFAULT_LIMITS='{"share": 1000}').wait_ready()
+        # Shares in tokens (the default policy): a chat here holds ~133.
+        fifo = stack.service("orchestrator",
+                             BATON_DEFAULT_LIMITS='{"token_share": 1000000}').wait_ready()  # fmt: skip
         before_fifo, flood = await _flood_then_probe(client, ends, taken=FLOOD)
         stack.retire(fifo)
-        stack.service("orchestrator", BATON_DEFAULT_LIMITS='{"share": 3}').wait_ready()
+        stack.service("orchestrator", BATON_DEFAULT_LIMITS='{"token_share": 450}').wait_ready()
         before_fair, flood2 = await _flood_then_probe(client, ends, taken=3)
         outcomes = {ends.events[t]["type"] for t in flood + flood2}
     finally:
@@ -87,7 +208,7 @@ async def test_a_flood_does_not_starve_another_tenant(own_nats: NatsServer, tmp_
     assert outcomes == {"completed"}  # the floods completed, nothing lost or refused
     # FIFO: the probe's job queued behind the whole flood's.
     assert before_fifo >= FLOOD * 3 // 4, before_fifo
-    # Fair: behind at most the flooder's share (3) and what the worker held.
+    # Fair: behind at most the flooder's share (~3 chats) and what the worker held.
     assert before_fair <= FLOOD // 4, (before_fair, before_fifo)
 
 
@@ -154,3 +275,80 @@ async def test_tasks_over_a_limit_fail_rate_limited_with_a_retry_hint(
     finally:
         await client.close()
         stack.stop()
+
+
+LONG_WORKFLOW = """\
+name: long
+description: One long answer to a long input.
+agents:
+  writer:
+    role: assistant
+    system: You write at length.
+    max_tokens: 64
+steps:
+  - id: answer
+    agent: writer
+"""
+LONG_INPUT = "lorem ipsum " * 340  # ~1,000 tokens: a long task's KV is its prompt's
+# Room for ~5 long jobs at once (6,000 KV tokens x 0.9 / ~1,090), 250 tokens/s.
+SMALL_WORKER = {"BATON_SIM_KV_TOKENS": "6000", "BATON_MAX_NUM_SEQS": "16",
+                "BATON_SIM_DECODE_TPS": "250"}  # fmt: skip
+LONG_FLOOD = 40
+
+
+async def _ended_during_probe(client: Client, ends: Ends) -> tuple[int, list[str]]:
+    """``wonka`` floods long tasks; once its intake took what its share
+    allows, ``initech`` submits one short chat. How many flood tasks ended
+    while that chat was waiting: the work queued ahead of it."""
+    flood = [uid("lf") for _ in range(LONG_FLOOD)]
+    await asyncio.gather(*(client.publish("long", {"tenant": FLOODER, "input": LONG_INPUT,
+                                                   "task_id": t}, msg_id=t) for t in flood))  # fmt: skip
+    async with asyncio.timeout(30):
+        while len(ends.accepted & set(flood)) < 2:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(1.0)  # intake fills the flooder's share (32 under count)
+    probe = uid("pr")
+    before = len(ends.order)
+    await client.publish("chat", {"tenant": PROBER, "input": "probe", "task_id": probe,
+                                  "max_tokens": 8}, msg_id=probe)  # fmt: skip
+    await ends.wait([*flood, probe], timeout=90)
+    during = ends.order[before : ends.order.index(probe)]
+    return sum(1 for t in during if t in set(flood)), flood
+
+
+async def test_long_tasks_hold_their_token_share_not_a_pool_of_slots(
+    own_nats: NatsServer, tmp_path: Path
+) -> None:
+    """Tenant ``wonka``'s long tasks (~1,090 tokens each) against ``initech``'s
+    short chat, on a worker with room for ~5 long jobs. Under count shares
+    (32 tasks) the flooder's jobs fill the worker and queue ahead of the
+    chat's; under a token share of 2,500 it holds ~2 long jobs, so the chat
+    waits behind at most those and the worker's own few."""
+    workflows = tmp_path / "wf"
+    workflows.mkdir()
+    (workflows / "long.yaml").write_text(LONG_WORKFLOW)
+    stack = LocalStack(own_nats, tmp_path / "s", env={"BATON_WORKFLOWS_DIR": str(workflows)})
+    stack.workdir.mkdir(parents=True)
+    stack.service("context-store").wait_ready()
+    stack.worker(**SMALL_WORKER).wait_ready()
+    client = await Client.connect(own_nats.url)
+    ends = Ends()
+    await client.nc.subscribe("baton.events.*.*", cb=ends.on_msg)
+    limits = json.dumps({"token_share": 2500, "share": 32})
+    try:
+        count = stack.service("orchestrator", BATON_FAIR_POLICY="count",
+                              BATON_DEFAULT_LIMITS=limits).wait_ready()  # fmt: skip
+        behind_count, flood = await _ended_during_probe(client, ends)
+        stack.retire(count)
+        stack.service("orchestrator", BATON_FAIR_POLICY="tokens",
+                      BATON_DEFAULT_LIMITS=limits).wait_ready()  # fmt: skip
+        behind_tokens, flood2 = await _ended_during_probe(client, ends)
+        outcomes = {ends.events[t]["type"] for t in flood + flood2}
+    finally:
+        await client.close()
+        stack.stop()
+    assert outcomes == {"completed"}  # both floods completed, nothing refused
+    # Count: the chat's job queued behind ~the flooder's 32 minus what ran.
+    assert behind_count >= 15, (behind_count, behind_tokens)
+    # Tokens: behind the ~2 long jobs of the share, and the worker's queue.
+    assert behind_tokens <= 6, (behind_tokens, behind_count)

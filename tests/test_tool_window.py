@@ -63,9 +63,9 @@ async def test_a_window_that_fits_only_without_the_tools_is_trimmed_and_admitted
             reserved: list[int] = []
             acquire = worker.admission.acquire
 
-            async def spy(need: int) -> None:
+            async def spy(need: int, tenant: str = "") -> None:
                 reserved.append(need)
-                await acquire(need)
+                await acquire(need, tenant)
 
             worker.admission.acquire = spy  # type: ignore[method-assign]
             sub = await bus._nc.subscribe(subjects.result(tenant, task_id))

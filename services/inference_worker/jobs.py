@@ -169,13 +169,13 @@ class JobHandler:
             await self._too_long(job, prompt_tokens, cap.max_model_len, watch)
             return
         await self.sup.ok.wait()
-        await self.admission.acquire(need)
+        await self.admission.acquire(need, job.tenant)
         admit()
         watch.lap("admission")
         try:
             outcome = await self._generate(d, job, messages, watch)
         finally:
-            await self.admission.release(need)
+            await self.admission.release(need, job.tenant)
         if outcome is None:  # cancelled, or refused by the engine: result already sent
             return
         answer = [ChatMessage(role="assistant", content=outcome.output, name=job.agent,

@@ -66,6 +66,12 @@ class WorkerSettings(CommonSettings):
     kv_headroom: float = 0.9
     # Jobs fetched from NATS in one pull, at most.
     max_fetch: int = 32
+    # Jobs fetched beyond what fits, waiting for room on this worker: the
+    # admission picks among them fairly by work (the tenant holding the fewest
+    # admitted tokens first). 0: fetch only what fits.
+    admission_queue: int = 4
+    # "tokens": that fair order; "fifo": jobs are admitted as they arrived.
+    admission_order: Literal["tokens", "fifo"] = "tokens"
     context_budget: int = 0  # window tokens; 0 = max_model_len - max_tokens
     larger_pool: str | None = None  # jobs too long for this worker go there
     # Token deltas on baton.tokens.<tenant>.<task_id>, batched this many

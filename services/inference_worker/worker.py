@@ -61,7 +61,8 @@ class Worker:
         self.consumer = worker_consumer(settings.pool)
         self.direct = direct_consumer(settings.pool, settings.worker_id)
         self.peers = Peers(settings.worker_id, stale_after=settings.peer_stale_after)
-        self.admission = Admission(1, 1)
+        self.admission = Admission(1, 1, order=settings.admission_order,
+                                   queue=settings.admission_queue)  # fmt: skip
         self.sup = EngineSupervisor(settings, engine, health, self.admission)
         self.warm = WarmSessions(settings.warm_sessions)
         self.clock = GpuClock()

@@ -1,5 +1,15 @@
-"""Fair dispatch between tenants: at most ``share`` of a tenant's tasks run at
-once; the rest wait in the tenant's own task stream.
+"""Fair dispatch between tenants: a tenant's runs hold at most its ``share``
+of work at once — counted in tokens (``policy="tokens"``, the default) or in
+tasks (``"count"``, the older rule); the rest wait in the tenant's own task
+stream.
+
+Why tokens: a count lets a tenant of long research runs hold as many slots
+as one of short chats, each slot many times the KV cache and the engine's
+time; the pool fills with the long runs and everyone else's jobs queue
+behind them. A run's work is what its steps in flight hold on a worker —
+their prompt plus the tokens they may generate (``run_load``) — so a tenant
+with a share of 16,384 tokens runs ~70 chats of 230 tokens at once, or 8
+long tasks of 2,000, never a pool's worth of the latter.
 
 Every tenant has its own stream and intake loop (``intake.py``), and the
 shared job queue (``BATON_JOBS``) is FIFO. Without a cap, a tenant that
@@ -22,14 +32,50 @@ grows; the gate itself knows no event loop (a decision module: no asyncio).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+Policy = Literal["tokens", "count"]
 
 EARLY_KEEP = 4096  # runs that ended before their intake adopted them
+FIRST_RUN_TOKENS = 2048  # a tenant's typical run before any was seen (a common max_model_len)
+TYPICAL_WEIGHT = 0.2  # moving mean of a tenant's run loads: the newest one's weight
+
+
+def estimate_tokens(text: str) -> int:
+    """Tokens of ``text`` as the context store counts without a tokenizer:
+    ~4 bytes a token, plus 4 for the message."""
+    return len(text.encode()) // 4 + 4
+
+
+def run_load(steps: Iterable[tuple[int, int]], history: int) -> int:
+    """Tokens a run holds on the pool now: for each step in flight,
+    ``(context_budget, max_tokens)``, its prompt — its context budget when the
+    task set one, else the run's ``history`` so far (input and answers) — plus
+    what it may generate. A run with nothing in flight holds nothing."""
+    return sum((budget or history) + max_tokens for budget, max_tokens in steps)
+
+
+def token_room(share: int, held: float, typical: float, *, idle: bool) -> int:
+    """Deliveries a tenant's intake may fetch under a token share: what is
+    left of ``share`` once ``held`` is counted, in runs of ``typical`` tokens.
+    A tenant with nothing running may always start one run, however large (it
+    runs alone rather than never)."""
+    free = share - held
+    n = 0 if free <= 0 else math.floor(free / max(1.0, typical))
+    return max(n, 1) if idle else n
 
 
 class FairGate:
-    def __init__(self, share_of: Callable[[str], int]) -> None:
+    """``share_of(tenant)``: the tenant's share in the policy's unit (tokens
+    or tasks)."""
+
+    def __init__(self, share_of: Callable[[str], int], policy: Policy = "count") -> None:
         self.share_of = share_of
+        self.policy = policy
+        self._load: dict[str, dict[str, int]] = {}  # tenant -> task_id -> tokens held (run_load)
+        self._typical: dict[str, float] = {}  # tenant -> moving mean of its runs' loads
         self._active: dict[str, dict[str, float]] = {}  # tenant -> task_id -> since
         self._reserved: dict[str, set[int]] = {}  # tenant -> stream seqs being handled
         self._early: dict[tuple[str, str], None] = {}  # ended before adopted
@@ -40,11 +86,40 @@ class FairGate:
 
     def room(self, tenant: str) -> int:
         """Deliveries the tenant's intake may fetch now."""
-        return (
-            self.share_of(tenant)
-            - len(self._active.get(tenant, ()))
-            - len(self._reserved.get(tenant, ()))
+        active = self._active.get(tenant, {})
+        reserved = self._reserved.get(tenant, ())
+        if self.policy == "count":
+            return self.share_of(tenant) - len(active) - len(reserved)
+        typical = self.typical(tenant)
+        return token_room(self.share_of(tenant), self.held(tenant), typical,
+                          idle=not active and not reserved)  # fmt: skip
+
+    def held(self, tenant: str) -> float:
+        """Tokens the tenant's runs hold (policy ``tokens``): each active run's
+        load, and a typical run's for each delivery being handled and each
+        run whose load is not known yet (resumed from another replica)."""
+        loads, typical = self._load.get(tenant, {}), self.typical(tenant)
+        active = self._active.get(tenant, {})
+        return sum(loads.get(t, typical) for t in active) + typical * len(
+            self._reserved.get(tenant, ())
         )
+
+    def typical(self, tenant: str) -> float:
+        return self._typical.get(tenant, FIRST_RUN_TOKENS)
+
+    def load(self, tenant: str, task_id: str, tokens: int) -> None:
+        """Run ``task_id`` holds ``tokens`` now (``run_load`` of its stored
+        state); a run that holds less than before wakes its tenant's intake."""
+        loads = self._load.setdefault(tenant, {})
+        before = loads.get(task_id)
+        loads[task_id] = tokens
+        if tokens > 0:
+            prev = self._typical.get(tenant)
+            self._typical[tenant] = (
+                tokens if prev is None else (1 - TYPICAL_WEIGHT) * prev + TYPICAL_WEIGHT * tokens
+            )
+        if before is not None and tokens < before:
+            self._wake(tenant)
 
     def active(self, tenant: str) -> int:
         return len(self._active.get(tenant, ()))
@@ -94,9 +169,11 @@ class FairGate:
         found it not adopted yet): the delivery is released, not adopted, so
         nothing else would take the note ``finish`` left."""
         self._early.pop((tenant, task_id), None)
+        self._drop_load(tenant, task_id)
 
     def finish(self, tenant: str, task_id: str) -> None:
         """Run ``task_id`` ended (here or on another replica)."""
+        self._drop_load(tenant, task_id)
         runs = self._active.get(tenant)
         if runs is not None and runs.pop(task_id, None) is not None:
             self._wake(tenant)
@@ -126,6 +203,11 @@ class FairGate:
         if parked is not None and task_id in parked:
             parked.discard(task_id)
             self._active.setdefault(tenant, {})[task_id] = now
+
+    def _drop_load(self, tenant: str, task_id: str) -> None:
+        loads = self._load.get(tenant)
+        if loads is not None:
+            loads.pop(task_id, None)
 
     def _wake(self, tenant: str) -> None:
         wake = self._wakers.get(tenant)

@@ -1,5 +1,6 @@
 """Task intake: one pull loop per tenant's task stream, each fetching only
-while its tenant has room under the fair-dispatch share (``fairness.py``),
+while its tenant has room under the fair-dispatch share (``fairness.py``:
+tokens its runs hold, or tasks),
 and the admission limits (``limits.py``) applied to each task before it
 starts.
 
@@ -24,11 +25,13 @@ from proto.messages import TaskSubmit
 from proto.streams import ConsumerSpec
 
 from .conductor import Conductor
-from .fairness import FairGate
+from .fairness import FairGate, Policy, estimate_tokens, run_load
 from .limits import Limiter
 from .runs import RunStore
 from .state import RunState
 from .transitions import in_flight, waiting_step
+
+INPUTS_KEEP = 65_536  # input sizes noted for runs not started yet (bounded)
 
 log = structlog.get_logger("orchestrator")
 
@@ -41,12 +44,22 @@ RECONCILE_AFTER = 5.0  # seconds a run is held before it is looked up
 class Intake:
     """The fair gate, the limiter and the conductor's task handler, wired."""
 
-    def __init__(self, bus: Bus, conductor: Conductor, runs: RunStore, limiter: Limiter) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        conductor: Conductor,
+        runs: RunStore,
+        limiter: Limiter,
+        policy: Policy = "tokens",
+    ) -> None:
         self.bus = bus
         self.conductor = conductor
         self.runs = runs
         self.limiter = limiter
-        self.gate = FairGate(lambda t: limiter.of(t).share)
+        self.gate = FairGate(lambda t: limiter.share(t, policy), policy)
+        # A run's input, in tokens, from its task message: the prompt of its
+        # first step (the run state keeps no input).
+        self._inputs: dict[tuple[str, str], int] = {}
         conductor.admission = self.admit
         conductor.on_changed = self.changed
 
@@ -55,6 +68,10 @@ class Intake:
     def admit(self, d: Delivery, task: TaskSubmit) -> None:
         """Refuse a task over its tenant's limits (``TaskRejected`` with code
         ``rate_limited``); a redelivery was judged on its first delivery."""
+        if task.task_id is not None:
+            self._inputs[(task.tenant, task.task_id)] = estimate_tokens(task.input)
+            while len(self._inputs) > INPUTS_KEEP:
+                del self._inputs[next(iter(self._inputs))]
         if d.num_delivered > 1:
             return
         refusal = self.limiter.check(
@@ -81,6 +98,7 @@ class Intake:
         slot out until it works again."""
         if run.terminal:  # stored once: nothing changes a finished run again
             now = time.time()
+            self._inputs.pop((run.tenant, run.task_id), None)
             self.gate.finish(run.tenant, run.task_id)
             self.limiter.finished(run.tenant, tokens=run.usage.total_tokens,
                                   seconds=max(0.0, now - run.created_at), now=now)  # fmt: skip
@@ -88,6 +106,17 @@ class Intake:
             self.gate.park(run.tenant, run.task_id)
         else:
             self.gate.unpark(run.tenant, run.task_id, time.time())
+        if not run.terminal:
+            self.gate.load(run.tenant, run.task_id, self._load(run))
+
+    def _load(self, run: RunState) -> int:
+        """``run_load`` of a stored run: its history is at least its input
+        and the longest step so far (that step's prompt and answer)."""
+        history = max((s.usage.total_tokens for s in run.steps.values()), default=0)
+        history = max(history, self._inputs.get((run.tenant, run.task_id), 0))
+        steps = [(s.context_budget, s.max_tokens) for s in run.steps.values()
+                 if s.status in ("dispatched", "tools")]  # fmt: skip
+        return run_load(steps, history)
 
     # -- the loops -----------------------------------------------------------
 

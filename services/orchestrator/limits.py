@@ -22,9 +22,11 @@ Three limits, each off at 0, set per tenant with a default
 A refusal carries ``retry_after`` seconds: a ``failed`` event with code
 ``rate_limited`` on the bus, 429 with ``Retry-After`` over HTTP.
 
-``share`` is not an admission limit but the fair-dispatch one
-(``fairness.py``): how many of the tenant's tasks run at once; the rest wait
-in the tenant's stream, nothing is refused for it.
+``token_share`` and ``share`` are not admission limits but the fair-dispatch
+ones (``fairness.py``): how many tokens (or, with ``BATON_FAIR_POLICY=count``,
+tasks) of the tenant's work run at once; the rest wait in the tenant's
+stream, nothing is refused for them. Tenants' shares are read here and only
+here (``Limiter.share``).
 
 Each orchestrator replica keeps its own counters: with R replicas sharing a
 tenant's stream, a rate limit admits up to R times its value.
@@ -47,9 +49,12 @@ class TenantLimits(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # Fair dispatch: tasks of the tenant running at once (the rest wait in
-    # its stream). A weight: a tenant with twice the share gets twice the
-    # slots when every tenant is busy.
+    # Fair dispatch (fairness.py), in the unit BATON_FAIR_POLICY picks. A
+    # weight: a tenant with twice the share gets twice the room when every
+    # tenant is busy. token_share: tokens its running steps hold on the
+    # workers (prompt + max_tokens of each step in flight); share: its tasks
+    # running at once (policy "count").
+    token_share: int = Field(default=16_384, ge=1)
     share: int = Field(default=32, ge=1)
     max_in_flight: int = Field(default=0, ge=0)
     tasks_per_second: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
@@ -170,6 +175,11 @@ class Limiter:
 
     def of(self, tenant: str) -> TenantLimits:
         return self.per_tenant.get(tenant, self.default)
+
+    def share(self, tenant: str, policy: str) -> int:
+        """The tenant's fair-dispatch share in ``policy``'s unit."""
+        lim = self.of(tenant)
+        return lim.token_share if policy == "tokens" else lim.share
 
     def _bucket(self, tenant: str, lim: TenantLimits) -> TokenBucket:
         b = self._buckets.get(tenant)

@@ -88,7 +88,8 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     router = Router(hb, enabled=settings.cache_routing, stale_after=settings.route_stale_after,
                     max_load=settings.route_max_load)  # fmt: skip
     conductor = Conductor(bus, runs, workflows, settings, router)
-    intake = Intake(bus, conductor, runs, Limiter(settings.default_limits, settings.tenant_limits))
+    limiter = Limiter(settings.default_limits, settings.tenant_limits)
+    intake = Intake(bus, conductor, runs, limiter, settings.fair_policy)
     m.init_series(
         {name: {a: spec.pool for a, spec in wf.agents.items()} for name, wf in workflows.items()},
         tenants,

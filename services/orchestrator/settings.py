@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -40,16 +40,21 @@ class OrchestratorSettings(CommonSettings):
     step_retries: int = 1
     # Task messages handled at once (per tenant).
     task_concurrency: int = 256
+    # Fair dispatch between tenants counts each tenant's work in flight in
+    # "tokens" (prompt + max_tokens of its steps in flight, against its
+    # token_share) or, as before, in tasks ("count", against its share).
+    fair_policy: Literal["tokens", "count"] = "tokens"
     # Every tenant's limits unless BATON_TENANT_LIMITS names it (JSON):
-    # share = its tasks running at once (fair dispatch: the rest wait in its
-    # stream); max_in_flight = tasks accepted and unfinished, running or
+    # token_share = tokens its steps in flight hold (fair dispatch: the rest
+    # wait in its stream; share = its tasks running at once under
+    # BATON_FAIR_POLICY=count); max_in_flight = tasks accepted and unfinished, running or
     # waiting; tasks_per_second (+ burst) = a token bucket over submission
     # times; tokens_per_minute = tokens its tasks used in the last 60 s. A
     # task over a limit fails with code rate_limited and error.retry_after.
     # 0 = unlimited. Counted per orchestrator replica.
     default_limits: TenantLimits = Field(default_factory=TenantLimits)
     # Per-tenant overrides of BATON_DEFAULT_LIMITS (JSON: tenant -> limits),
-    # e.g. {"acme": {"share": 64, "tasks_per_second": 20}}.
+    # e.g. {"acme": {"token_share": 32768, "tasks_per_second": 20}}.
     tenant_limits: dict[str, TenantLimits] = Field(default_factory=dict)
     # Step results handled at once.
     result_concurrency: int = 256
