@@ -3,6 +3,8 @@ prediction of a step on a pool, and the choice among pools."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from services.orchestrator.pools import Catalogue, CatalogueError, PoolSpec, drifts, parse_catalogue
@@ -113,3 +115,24 @@ def test_kv_bounds_the_sequences_a_worker_runs_at_once() -> None:
     need = StepNeed(prompt_tokens=16_000, max_tokens=384, expected_output=100)
     full = predict(need, SMALL, PoolNow(ready=1, running=4))  # 65,536 KV tokens: four of these
     assert full.wait_s == pytest.approx(full.run_s / 4)
+
+
+def test_the_orchestrator_reads_its_catalogue_from_a_file_and_the_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.orchestrator.settings import OrchestratorSettings
+
+    f = tmp_path / "pools.yaml"
+    f.write_text("pools:\n  small: {max_model_len: 1024, usd_per_gpu_hour: 0.5}\n"
+                 "  large: {max_model_len: 8192, usd_per_gpu_hour: 2.0}\n")  # fmt: skip
+    monkeypatch.setenv("BATON_POOLS_FILE", str(f))
+    monkeypatch.setenv("BATON_POOLS", '{"large": {"max_model_len": 4096, "usd_per_gpu_hour": 3}}')
+    s = OrchestratorSettings()
+    assert s.catalogue.spec("small").max_model_len == 1024 and s.price("small") == 0.5
+    assert s.catalogue.spec("large").max_model_len == 4096 and s.price("large") == 3
+    # An unlisted pool behaves as before the catalogue: priced by the old
+    # setting, no context limit of the orchestrator's own.
+    assert s.price("default") == 2.0 and not s.catalogue.listed("default")
+    monkeypatch.setenv("BATON_POOLS", '{"large": {"kv_tokens": -1}}')
+    with pytest.raises(ValueError, match="kv_tokens"):
+        OrchestratorSettings()
