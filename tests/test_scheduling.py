@@ -3,6 +3,7 @@ prediction of a step on a pool, and the choice among pools."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,16 @@ def test_a_step_too_long_for_every_pool_fits_none() -> None:
     assert decision.pool is None and decision.reason == "too_long"
 
 
+def test_a_window_no_pool_holds_whole_goes_where_the_most_of_it_fits() -> None:
+    # A worker cuts older turns to fit: the step runs if its shortest window fits.
+    need = StepNeed(prompt_tokens=20_000, max_tokens=100, expected_output=10, floor_tokens=900)
+    d = choose([predict(need, SMALL, WARM), predict(need, LARGE, WARM)], None)
+    assert (d.pool, d.reason) == ("large", "largest")
+    assert d.chosen is not None and d.chosen.run_s == pytest.approx((16384 - 100) / 4000 + 10 / 40)
+    tight = StepNeed(prompt_tokens=20_000, max_tokens=100, expected_output=10, floor_tokens=17_000)
+    assert choose([predict(tight, SMALL, WARM), predict(tight, LARGE, WARM)], None).pool is None
+
+
 def test_a_long_step_goes_to_the_large_pool_a_short_one_to_the_cheap_one() -> None:
     short = StepNeed(prompt_tokens=500, max_tokens=64, expected_output=64)
     long = StepNeed(prompt_tokens=6000, max_tokens=64, expected_output=64)
@@ -113,7 +124,8 @@ def test_a_pool_already_waking_waits_only_the_rest_of_its_cold_start() -> None:
 
 def test_kv_bounds_the_sequences_a_worker_runs_at_once() -> None:
     need = StepNeed(prompt_tokens=16_000, max_tokens=384, expected_output=100)
-    full = predict(need, SMALL, PoolNow(ready=1, running=4))  # 65,536 KV tokens: four of these
+    roomy = replace(SMALL, max_model_len=32_768)
+    full = predict(need, roomy, PoolNow(ready=1, running=4))  # 65,536 KV tokens: four of these
     assert full.wait_s == pytest.approx(full.run_s / 4)
 
 

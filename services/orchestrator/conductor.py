@@ -50,8 +50,9 @@ from . import metrics as m
 from . import spans
 from . import transitions as T
 from .inflight import InFlight
+from .poolview import PoolView
 from .routing import HeartbeatTracker, Router
-from .runs import RunConflict, RunState, RunStore
+from .runs import RunConflict, RunState, RunStore, StepState
 from .settings import OrchestratorSettings
 from .toolcatalog import ToolCatalogs
 from .workflows import GraphWorkflow
@@ -63,6 +64,19 @@ MAX_CONFLICTS = 50  # compare-and-set attempts per transition
 NOT_A_RUN = "not_a_workflow_run"  # a rejected task's claim on its id: nothing to advance
 
 Decide = Callable[[RunState | None, float, T.Ctx], T.Outcome]
+
+
+def _prediction_error(st: StepState) -> None:
+    """A finished step against what was predicted where it ran."""
+    p = st.prediction
+    if p is None:
+        return
+    if p.gpu_seconds > 0 and st.usage.gpu_seconds > 0:
+        error = st.usage.gpu_seconds / p.gpu_seconds - 1.0
+        m.PREDICTION_ERROR.labels("gpu_seconds", st.pool).observe(error)
+    if st.timing is not None:
+        waited = st.timing.phases.queue + st.timing.phases.admission
+        m.PREDICTION_ERROR.labels("queue_wait_s", st.pool).observe(waited - p.wait_s)
 
 
 class Conductor:
@@ -80,6 +94,8 @@ class Conductor:
         self.workflows = workflows
         self.s = settings
         self.tools = ToolCatalogs()
+        self.pools = PoolView(settings.catalogue, self.router.heartbeats,
+                              stale_after=settings.route_stale_after)  # fmt: skip
         self.rules = T.Rules(
             workflows,
             settings.step_timeout,
@@ -87,6 +103,7 @@ class Conductor:
             settings.price,
             tool_spec=self.tools.spec,
             tool_cpu_price=settings.tool_cpu_hour_usd,
+            pools=self.pools.look,
         )
         self._known = frozenset(workflows)
         # Intake's hooks (intake.py): a task's admission limits, checked after
@@ -223,6 +240,10 @@ class Conductor:
         (so a replay counts nothing twice)."""
         before = old.steps if old is not None else {}
         for step_id, st in new.steps.items():
+            was = before.get(step_id)
+            if st.pool_reason and (was is None or was.moves != st.moves):
+                chosen = "none" if st.pool_reason == "too_long" else st.pool
+                m.POOL_DECISIONS.labels(chosen, st.pool_reason).inc()
             if st.status != "done" or (step_id in before and before[step_id].status == "done"):
                 continue
             if st.input or st.carried:  # a human's answer; a step a forked run did not run
@@ -238,6 +259,7 @@ class Conductor:
             m.GPU_SECONDS.labels(*labels).inc(st.usage.gpu_seconds)
             m.COST.labels(*labels).inc(st.cost_usd)
             m.TENANT_COST.labels(new.tenant).inc(st.cost_usd)
+            _prediction_error(st)
             if st.timing is not None:
                 for phase in PHASES:
                     seconds = getattr(st.timing.phases, phase)

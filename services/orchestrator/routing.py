@@ -16,6 +16,7 @@ import math
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from baton.transport import Msg
 from proto import codec
@@ -46,6 +47,8 @@ class HeartbeatTracker:
         self.last: dict[tuple[str, str], Heartbeat] = {}
         self.max_workers = max_workers
         self.dropped = 0
+        # Called with each heartbeat kept (the pool view's drift check).
+        self.listeners: list[Callable[[Heartbeat], None]] = []
 
     async def on_msg(self, msg: Msg) -> None:
         with contextlib.suppress(codec.DecodeError):
@@ -62,6 +65,8 @@ class HeartbeatTracker:
                         m.HEARTBEAT_AGE.remove(*key)
                 return
             self.last[key] = hb
+            for listener in self.listeners:
+                listener(hb)
 
     def export(self) -> None:
         now = time.time()
