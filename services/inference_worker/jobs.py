@@ -309,15 +309,8 @@ class JobHandler:
     async def _too_long(
         self, job: InferenceJob, prompt_tokens: int, limit: int, watch: Stopwatch
     ) -> None:
-        if self.s.larger_pool:
-            await self.bus.publish(
-                subjects.job(self.s.larger_pool),
-                job,
-                msg_id=keys.job_forward(job.job_id, self.s.larger_pool),
-                task_id=job.task_id,
-            )
-            m.JOBS.labels(self.pool, "forwarded").inc()
-            return
+        # The orchestrator moves the step to a pool of its agent's with a
+        # longer context, if it has one (transitions._move).
         await self._publish_error(
             job,
             ErrorCode.PROMPT_TOO_LONG,

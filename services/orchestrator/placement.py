@@ -25,8 +25,9 @@ from .workflows.spec import AgentSpec
 Look = Callable[[str], tuple[PoolSpec, PoolNow]]
 
 NEWEST_FLOOR = 64
-"""Tokens of the newest message a worker keeps however short its window:
-with the system prompt and the tools, the least a step can run with."""
+"""Tokens a worker's window keeps at the least besides the system prompt
+and tools: the newest message whole (``RunState.newest_tokens``), and never
+fewer than these (the window's marker of omitted turns and framing)."""
 
 
 def estimate_tokens(text: str) -> int:
@@ -59,7 +60,7 @@ def step_need(
         prompt_tokens=fixed + history,
         max_tokens=st.max_tokens,
         expected_output=st.max_tokens,
-        floor_tokens=fixed + min(history, NEWEST_FLOOR),
+        floor_tokens=fixed + min(history, max(run.newest_tokens, NEWEST_FLOOR)),
     )
 
 

@@ -106,6 +106,8 @@ class RunState(msgspec.Struct, omit_defaults=True, kw_only=True):
     # estimate, then each finished step's prompt + answer as the worker
     # counted them): what the next step's window is predicted from.
     context_tokens: int = 0
+    # ...and of its newest message, which a worker's window keeps whole.
+    newest_tokens: int = 0
 
     @property
     def key(self) -> str:

@@ -526,6 +526,7 @@ def start(run: RunState | None, task: NewTask, rules: Rules, now: float, ctx: Ct
         workflow=task.workflow,
         task_seq=task.seq,
         context_tokens=placement.estimate_tokens(task.input),
+        newest_tokens=placement.estimate_tokens(task.input),
         budget=task.budget,
         max_tokens=task.max_tokens,
         temperature=task.temperature,
@@ -687,6 +688,7 @@ def result(
         seen = res.usage.prompt_tokens + res.usage.completion_tokens
         fixed = placement.fixed_tokens(rules.workflows[run.workflow].agents[st.agent], tools)
         run.context_tokens = max(run.context_tokens, seen - fixed)
+        run.newest_tokens = res.usage.completion_tokens
     run.usage = run.usage + res.usage
     run.cost_usd += cost
     if res.tool_calls and rules.tool_room(run, st) > 0:
@@ -712,6 +714,7 @@ def result(
         if got is None:
             return Need((op,))
         run.context_tokens += sum(placement.estimate_tokens(a.content) for a in answers)
+        run.newest_tokens = placement.estimate_tokens(answers[-1].content) if answers else 0
         if isinstance(got, ErrorInfo):
             _fail(run, got)
             return Transition(run, True, effects + _terminal(run, now))
@@ -726,17 +729,21 @@ def result(
 def _move(
     run: RunState, rules: Rules, now: float, res: InferenceResult, st: StepState
 ) -> Transition | None:
-    """A worker found the step's prompt too long for its pool: dispatch the
+    """A worker found the step's prompt too long for its pool (its engine's
+    ``prompt_too_long``, or ``budget_too_small`` for a window cut to the
+    worker's own context): dispatch the
     step again to a pool of its agent's with a longer context, if there is
     one (a move, not a retry: ``moves`` keeps it out of ``step_retries``).
     None: nowhere to move it; the error stands."""
     agent = rules.workflows[run.workflow].agents[st.agent]
-    if (
-        res.error is None
-        or res.error.code != ErrorCode.PROMPT_TOO_LONG
-        or rules.pools is None
-        or len(agent.eligible) < 2
-    ):
+    err = res.error
+    # The engine refused the prompt, or the worker could not cut a window to
+    # fit its own context (no budget of the task's own: the worker's limit).
+    too_long = err is not None and (
+        err.code == ErrorCode.PROMPT_TOO_LONG
+        or (err.code == ErrorCode.BUDGET_TOO_SMALL and not st.context_budget)
+    )
+    if not too_long or rules.pools is None or len(agent.eligible) < 2:
         return None
     tools, _ = rules.offered(run, st.agent, st)
     need = placement.step_need(run, agent, st, tools)
@@ -924,6 +931,7 @@ def _take_answer(
         return Transition(run, True, _terminal(run, now))
     st.status, st.finished_at, st.output, st.answered_by, st.ref = "done", now, text, by, got
     run.context_tokens += placement.estimate_tokens(text)
+    run.newest_tokens = placement.estimate_tokens(text)
     effects: list[Effect] = [_answered_event(run, now, step, st)]
     nxt = rules.workflows[run.workflow].advance(run, step)
     if isinstance(nxt, Done):
