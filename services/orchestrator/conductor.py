@@ -145,11 +145,18 @@ class Conductor:
                 raise Nak(out.delay, out.reason)
             if out.changed:
                 out.run.updated_at = now
+                # Counted before the write's await: decisions made while it is
+                # out see this one's placements (a burst is not placed blind).
+                self.pools.changed(old, out.run)
                 try:
                     snap = await self.runs.write(out.run, snap.revision if snap else None)
                 except RunConflict:  # the leader's revision, not a lagging replica's
+                    self.pools.changed(out.run, old)
                     snap, fresh = await self.runs.read(tenant, task_id, consistent=True), True
                     continue
+                except BaseException:
+                    self.pools.changed(out.run, old)
+                    raise
                 self.in_flight.wrote(out.run.key, snap.revision, T.in_flight(out.run))
                 self._observe(old, out.run)
                 if tracing.enabled():

@@ -24,6 +24,7 @@ from proto.messages import Heartbeat
 from . import metrics as m
 from .pools import Catalogue, PoolSpec, drifts
 from .routing import HeartbeatTracker
+from .runs import RunState
 from .scheduling import PoolNow
 
 log = structlog.get_logger("orchestrator.pools")
@@ -57,6 +58,9 @@ class PoolView:
         self.heartbeats = heartbeats
         self.stale_after = stale_after
         self.backlog: dict[str, int] = {}  # jobs waiting on each pool's consumer
+        # Steps this replica placed on each pool and has no answer for yet: a
+        # burst dispatched between two heartbeats is seen at once.
+        self.placed: dict[str, int] = {}
         self._drifting: set[tuple[str, str, str]] = set()  # (pool, worker, figure)
         heartbeats.listeners.append(self.check_drift)
 
@@ -77,6 +81,14 @@ class PoolView:
                             figure=figure, catalogue=d.catalogue, measured=d.measured,
                             engine=hb.engine)  # fmt: skip
 
+    def changed(self, old: RunState | None, new: RunState | None) -> None:
+        """A change of a run about to be stored (or, arguments swapped, one
+        that was not): its steps placed and answered since."""
+        for pool, n in (_active(new) if new is not None else {}).items():
+            self.placed[pool] = self.placed.get(pool, 0) + n
+        for pool, n in (_active(old) if old is not None else {}).items():
+            self.placed[pool] = max(0, self.placed.get(pool, 0) - n)
+
     def look(self, pool: str) -> tuple[PoolSpec, PoolNow]:
         """The pool's catalogue entry and its state now."""
         now = time.time()
@@ -95,12 +107,28 @@ class PoolView:
                 prefill.append(hb.prefill_tps)
             if hb.decode_tps > 0:
                 decode.append(hb.decode_tps)
+        spec = self.catalogue.spec(pool)
+        # What the heartbeats and the queue say, or what this replica placed
+        # since, whichever is more (slots filled first, the rest queued).
+        mine = self.placed.get(pool, 0)
+        slots = max(1, ready) * spec.max_seqs
         state = PoolNow(
             ready=ready,
             starting=starting,
-            running=running,
-            backlog=self.backlog.get(pool, 0),
+            running=max(running, min(mine, slots)),
+            backlog=max(self.backlog.get(pool, 0), mine - slots),
             prefill_tps=statistics.median(prefill) if prefill else None,
             decode_tps=statistics.median(decode) if decode else None,
         )
-        return self.catalogue.spec(pool), state
+        return spec, state
+
+
+def _active(run: RunState) -> dict[str, int]:
+    """A run's model steps waiting for an answer, by pool."""
+    out: dict[str, int] = {}
+    if run.terminal:
+        return out
+    for st in run.steps.values():
+        if st.status == "dispatched" and not st.input:
+            out[st.pool] = out.get(st.pool, 0) + 1
+    return out
