@@ -41,11 +41,6 @@ def job_message(job_id: str, attempt: int) -> str:
     return _nth(job_id, attempt)
 
 
-def job_forward(job_id: str, pool: str) -> str:
-    """``Nats-Msg-Id`` of a job forwarded to a pool with a longer context."""
-    return f"{job_id}@{pool}"
-
-
 def generation(job_id: str, delivery: int) -> str:
     """The engine request id of one delivery of a job."""
     return f"{job_id}#{delivery}"

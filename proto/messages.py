@@ -177,6 +177,21 @@ class Accepted(_Event, tag="accepted"):
     workflow: str = ""
 
 
+class PoolPrediction(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """What the orchestrator predicted of a model step on the pool it chose,
+    before dispatch (services/orchestrator/scheduling.py): the KV tokens it
+    needs (window + ``max_tokens``), the seconds it waits for a slot (a cold
+    start included when the pool is at zero), runs, the GPU-seconds it is
+    charged and their cost."""
+
+    kv_tokens: int
+    wait_s: float
+    run_s: float
+    gpu_seconds: float
+    cost_usd: float
+    cold: bool = False
+
+
 class Step(_Event, tag="step"):
     """A step of the run (``step``, by ``agent``) or one of its tool calls
     (``tool``, ``call``) ``started``, ended (``done``, or ``failed`` with the
@@ -209,6 +224,12 @@ class Step(_Event, tag="step"):
     first_token_at: float | None = None
     finished_at: float | None = None
     phases: Phases | None = None
+    # A model step's placement (``started``, and again on ``done`` / ``failed``):
+    # the pool, why it was chosen (cheapest, spill_saturated, spill_cold,
+    # fastest, largest, moved, only), and the prediction it was chosen by.
+    pool: str | None = None
+    pool_reason: str | None = None
+    prediction: PoolPrediction | None = None
 
 
 class Completed(_Event, tag="completed"):
@@ -567,6 +588,15 @@ class Heartbeat(msgspec.Struct, omit_defaults=True, kw_only=True):
     warm_sessions: list[str] = []
     leaving: bool = False  # the last heartbeat of a worker that shuts down cleanly
     ts: float = 0.0
+    # Measured by the worker, not configured (0: not known yet): the engine's
+    # KV cache in tokens, sequence slots and context length (from its cache
+    # config), and per-sequence prefill and decode speeds (tokens/s) over its
+    # recent generations. ``engine`` "sim" says they are a simulator's.
+    kv_tokens: int = 0
+    max_seqs: int = 0
+    max_model_len: int = 0
+    prefill_tps: float = 0.0
+    decode_tps: float = 0.0
 
 
 class RunTimer(msgspec.Struct, kw_only=True):

@@ -3,6 +3,9 @@ prediction of a step on a pool, and the choice among pools."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
 from services.orchestrator.pools import Catalogue, CatalogueError, PoolSpec, drifts, parse_catalogue
@@ -58,6 +61,16 @@ def test_a_step_too_long_for_every_pool_fits_none() -> None:
     assert decision.pool is None and decision.reason == "too_long"
 
 
+def test_a_window_no_pool_holds_whole_goes_where_the_most_of_it_fits() -> None:
+    # A worker cuts older turns to fit: the step runs if its shortest window fits.
+    need = StepNeed(prompt_tokens=20_000, max_tokens=100, expected_output=10, floor_tokens=900)
+    d = choose([predict(need, SMALL, WARM), predict(need, LARGE, WARM)], None)
+    assert (d.pool, d.reason) == ("large", "largest")
+    assert d.chosen is not None and d.chosen.run_s == pytest.approx((16384 - 100) / 4000 + 10 / 40)
+    tight = StepNeed(prompt_tokens=20_000, max_tokens=100, expected_output=10, floor_tokens=17_000)
+    assert choose([predict(tight, SMALL, WARM), predict(tight, LARGE, WARM)], None).pool is None
+
+
 def test_a_long_step_goes_to_the_large_pool_a_short_one_to_the_cheap_one() -> None:
     short = StepNeed(prompt_tokens=500, max_tokens=64, expected_output=64)
     long = StepNeed(prompt_tokens=6000, max_tokens=64, expected_output=64)
@@ -111,5 +124,27 @@ def test_a_pool_already_waking_waits_only_the_rest_of_its_cold_start() -> None:
 
 def test_kv_bounds_the_sequences_a_worker_runs_at_once() -> None:
     need = StepNeed(prompt_tokens=16_000, max_tokens=384, expected_output=100)
-    full = predict(need, SMALL, PoolNow(ready=1, running=4))  # 65,536 KV tokens: four of these
+    roomy = replace(SMALL, max_model_len=32_768)
+    full = predict(need, roomy, PoolNow(ready=1, running=4))  # 65,536 KV tokens: four of these
     assert full.wait_s == pytest.approx(full.run_s / 4)
+
+
+def test_the_orchestrator_reads_its_catalogue_from_a_file_and_the_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.orchestrator.settings import OrchestratorSettings
+
+    f = tmp_path / "pools.yaml"
+    f.write_text("pools:\n  small: {max_model_len: 1024, usd_per_gpu_hour: 0.5}\n"
+                 "  large: {max_model_len: 8192, usd_per_gpu_hour: 2.0}\n")  # fmt: skip
+    monkeypatch.setenv("BATON_POOLS_FILE", str(f))
+    monkeypatch.setenv("BATON_POOLS", '{"large": {"max_model_len": 4096, "usd_per_gpu_hour": 3}}')
+    s = OrchestratorSettings()
+    assert s.catalogue.spec("small").max_model_len == 1024 and s.price("small") == 0.5
+    assert s.catalogue.spec("large").max_model_len == 4096 and s.price("large") == 3
+    # An unlisted pool behaves as before the catalogue: priced by the old
+    # setting, no context limit of the orchestrator's own.
+    assert s.price("default") == 2.0 and not s.catalogue.listed("default")
+    monkeypatch.setenv("BATON_POOLS", '{"large": {"kv_tokens": -1}}')
+    with pytest.raises(ValueError, match="kv_tokens"):
+        OrchestratorSettings()

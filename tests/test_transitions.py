@@ -29,12 +29,16 @@ from proto.messages import (
     Usage,
 )
 from services.orchestrator import transitions as T
+from services.orchestrator.pools import Catalogue
+from services.orchestrator.scheduling import PoolNow
 from services.orchestrator.service import BUILTIN_WORKFLOWS
 from services.orchestrator.state import RunState
 from services.orchestrator.workflows import GraphWorkflow, load_dir
 
 WORKFLOWS = {n: GraphWorkflow(s) for n, s in load_dir(BUILTIN_WORKFLOWS).items()}
 RULES = T.Rules(WORKFLOWS, step_timeout=10.0, step_retries=1, price=lambda pool: 2.0)
+# The same with every step placed by the scheduler (the pools unlisted, warm).
+PLACED = dataclasses.replace(RULES, pools=lambda pool: (Catalogue({}).spec(pool), PoolNow(ready=1)))
 
 
 def answer(op: T.ContextOp, tenant: str = "acme") -> ContextRef:
@@ -293,13 +297,15 @@ actions = st.lists(
     budget=st.sampled_from([None, 150, 400, 100_000]),
     script=actions,
     verdicts=st.lists(st.sampled_from(['{"next": "revise"}', '{"next": "accept"}', "?"])),
+    placed=st.booleans(),
 )
 def test_any_interleaving_ends_in_one_terminal_state_with_each_step_done_once(
-    workflow: str, budget: int | None, script: list[Action], verdicts: list[str]
+    workflow: str, budget: int | None, script: list[Action], verdicts: list[str], placed: bool
 ) -> None:
+    rules = PLACED if placed else RULES
     w = World()
     task = new_task(workflow, Budget(max_tokens=budget) if budget else None)
-    while not w.commit(decide(T.start, None, task, RULES, now=w.now), crash=False):
+    while not w.commit(decide(T.start, None, task, rules, now=w.now), crash=False):
         pass
 
     def work(i: int, *, fail: bool = False) -> None:
@@ -317,7 +323,7 @@ def test_any_interleaving_ends_in_one_terminal_state_with_each_step_done_once(
 
     def deliver(res: InferenceResult, *, crash: bool = False) -> None:
         assert w.run is not None
-        if w.commit(decide(T.result, w.copy(), res, RULES, now=w.now), crash=crash):
+        if w.commit(decide(T.result, w.copy(), res, rules, now=w.now), crash=crash):
             w.delivered.append(res)
         else:
             w.results.append(res)  # not acked: redelivered
@@ -325,7 +331,7 @@ def test_any_interleaving_ends_in_one_terminal_state_with_each_step_done_once(
     def tick(dt: float) -> None:
         w.now += dt
         if w.watchdog_due is not None and w.now >= w.watchdog_due and w.run is not None:
-            out = T.timer(w.copy(), RULES, w.now)
+            out = T.timer(w.copy(), rules, w.now)
             w.watchdog_due = None
             w.commit(out, crash=False)
 
@@ -353,7 +359,7 @@ def test_any_interleaving_ends_in_one_terminal_state_with_each_step_done_once(
         elif any(m not in w.answered for m in w.published_jobs):
             work(0)
         else:
-            tick(RULES.step_timeout)
+            tick(rules.step_timeout)
     run = w.run
     assert run is not None and run.terminal, run
     assert w.terminal_changes == 1
@@ -365,6 +371,9 @@ def test_any_interleaving_ends_in_one_terminal_state_with_each_step_done_once(
     # Every step that ended (done, or failed the run) said so.
     ended = {s for s, st_ in run.steps.items() if st_.status in ("done", "failed")}
     assert all(f"step.{s}.done" in w.events for s in ended)
+    if placed:  # every model step was placed once, and kept its placement
+        assert all(st_.pool_reason == "only" and st_.prediction is not None
+                   for st_ in run.steps.values() if not st_.input)  # fmt: skip
 
 
 # -- the tool loop ----------------------------------------------------------

@@ -35,18 +35,50 @@ class WarmSessions:
         return list(self._lru)[-n:]
 
 
+class Speeds:
+    """Per-sequence prefill and decode speeds (tokens/s) of the recent
+    generations: an exponential average, so a heartbeat reports what the
+    engine does now (batching slows each sequence), not what it once did."""
+
+    def __init__(self, weight: float = 0.2) -> None:
+        self.weight = weight
+        self.prefill_tps = 0.0
+        self.decode_tps = 0.0
+
+    def _mix(self, old: float, new: float) -> float:
+        return new if old <= 0 else old + self.weight * (new - old)
+
+    def observe(self, prefilled: int, prefill_s: float, decoded: int, decode_s: float) -> None:
+        """One generation: ``prefilled`` prompt tokens (the cached ones not
+        counted) in ``prefill_s``, then ``decoded`` more tokens in ``decode_s``.
+        Too short to time (a few milliseconds, a handful of tokens) is skipped."""
+        if prefilled >= 16 and prefill_s > 0.002:
+            self.prefill_tps = self._mix(self.prefill_tps, prefilled / prefill_s)
+        if decoded >= 4 and decode_s > 0.002:
+            self.decode_tps = self._mix(self.decode_tps, decoded / decode_s)
+
+
 class Beacon:
-    def __init__(self, sup: EngineSupervisor, warm: WarmSessions, gpu: GpuMonitor | None) -> None:
+    def __init__(
+        self,
+        sup: EngineSupervisor,
+        warm: WarmSessions,
+        gpu: GpuMonitor | None,
+        speeds: Speeds | None = None,
+    ) -> None:
         self.sup = sup
         self.warm = warm
         self.gpu = gpu
+        self.speeds = speeds or Speeds()
 
     def heartbeat(self, leaving: bool = False) -> Heartbeat:
         s, adm = self.sup.s, self.sup.admission
+        ready = self.sup.health.ready
+        cap = self.sup.engine.capacity() if ready else None
         return Heartbeat(
             worker=s.worker_id,
             pool=s.pool,
-            ready=self.sup.health.ready and not leaving,
+            ready=ready and not leaving,
             engine=self.sup.engine.name,
             inflight=len(self.sup.flights),
             admitted_tokens=adm.tokens,
@@ -54,6 +86,11 @@ class Beacon:
             warm_sessions=self.warm.newest(64),
             leaving=leaving,
             ts=time.time(),
+            kv_tokens=cap.kv_tokens if cap else 0,
+            max_seqs=cap.max_num_seqs if cap else 0,
+            max_model_len=cap.max_model_len if cap else 0,
+            prefill_tps=round(self.speeds.prefill_tps, 1),
+            decode_tps=round(self.speeds.decode_tps, 2),
         )
 
     async def beat(self, bus: Bus, every_tenth: Callable[[], Awaitable[None]]) -> None:

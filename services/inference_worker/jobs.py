@@ -44,7 +44,7 @@ from . import spans
 from .engines.base import EngineDead, EngineOOM, GenerationRequest, PromptTooLong
 from .engines.toolcalls import tools_in_use
 from .gpuclock import GpuClock
-from .heartbeat import WarmSessions
+from .heartbeat import Speeds, WarmSessions
 from .supervisor import EngineSupervisor, Flight
 from .tokens import TokenPublisher, TokenSink
 
@@ -82,7 +82,9 @@ class JobHandler:
         warm: WarmSessions,
         clock: GpuClock,
         tokens: TokenPublisher,
+        speeds: Speeds | None = None,
     ) -> None:
+        self.speeds = speeds or Speeds()
         self.sup = sup
         self.s = sup.s
         self.engine = sup.engine
@@ -287,6 +289,13 @@ class JobHandler:
             raise Nak(self.s.oom_retry_delay, "generation interrupted by an engine restart")
         if texts > 1:  # one observation per generation keeps the token loop cheap
             itl.observe((stream_end - watch.first_token_at) / (texts - 1))
+        if texts:
+            self.speeds.observe(
+                final.prompt_tokens - final.cached_tokens,
+                watch.first_token_at - started,
+                final.completion_tokens - 1,
+                stream_end - watch.first_token_at,
+            )
         m.PROMPT_TOKENS.labels(self.pool).inc(final.prompt_tokens)
         m.COMPLETION_TOKENS.labels(self.pool).inc(final.completion_tokens)
         usage = Usage(
@@ -300,15 +309,8 @@ class JobHandler:
     async def _too_long(
         self, job: InferenceJob, prompt_tokens: int, limit: int, watch: Stopwatch
     ) -> None:
-        if self.s.larger_pool:
-            await self.bus.publish(
-                subjects.job(self.s.larger_pool),
-                job,
-                msg_id=keys.job_forward(job.job_id, self.s.larger_pool),
-                task_id=job.task_id,
-            )
-            m.JOBS.labels(self.pool, "forwarded").inc()
-            return
+        # The orchestrator moves the step to a pool of its agent's with a
+        # longer context, if it has one (transitions._move).
         await self._publish_error(
             job,
             ErrorCode.PROMPT_TOO_LONG,

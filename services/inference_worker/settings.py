@@ -73,7 +73,6 @@ class WorkerSettings(CommonSettings):
     # "tokens": that fair order; "fifo": jobs are admitted as they arrived.
     admission_order: Literal["tokens", "fifo"] = "tokens"
     context_budget: int = 0  # window tokens; 0 = max_model_len - max_tokens
-    larger_pool: str | None = None  # jobs too long for this worker go there
     # Token deltas on baton.tokens.<tenant>.<task_id>, batched this many
     # seconds apart (20-50 ms keeps messages few and the stream live); 0 = off.
     token_interval: float = 0.03

@@ -32,7 +32,7 @@ from .admission import Admission
 from .engines.base import Engine
 from .gpu import GpuMonitor
 from .gpuclock import GpuClock
-from .heartbeat import Beacon, WarmSessions
+from .heartbeat import Beacon, Speeds, WarmSessions
 from .jobs import JobHandler
 from .rescue import Peers, Rescuer, never
 from .settings import WorkerSettings
@@ -65,6 +65,7 @@ class Worker:
                                    queue=settings.admission_queue)  # fmt: skip
         self.sup = EngineSupervisor(settings, engine, health, self.admission)
         self.warm = WarmSessions(settings.warm_sessions)
+        self.speeds = Speeds()
         self.clock = GpuClock()
         self._tasks: set[asyncio.Task[None]] = set()  # one per delivery not yet settled
         self.waiting = 0  # of those, not yet admitted
@@ -86,9 +87,9 @@ class Worker:
 
     async def run(self, bus: Bus) -> None:
         self.bus = self.tokens.bus = bus
-        self.jobs = JobHandler(self.sup, bus, self.warm, self.clock, self.tokens)
+        self.jobs = JobHandler(self.sup, bus, self.warm, self.clock, self.tokens, self.speeds)
         self.rescue = Rescuer(bus, self.pool, self.peers, self.pull)
-        beacon = Beacon(self.sup, self.warm, GpuMonitor())
+        beacon = Beacon(self.sup, self.warm, GpuMonitor(), self.speeds)
         labels = self.sup.labels
         m.init_series(self.pool, self.s.model_name)
         await bus.provision(streams=[JOBS, RESULTS, TOKENS], consumers=[self.consumer, self.direct])

@@ -50,10 +50,11 @@ from . import metrics as m
 from . import spans
 from . import transitions as T
 from .inflight import InFlight
+from .poolview import PoolView
 from .routing import HeartbeatTracker, Router
 from .runs import RunConflict, RunStore
 from .settings import OrchestratorSettings
-from .state import RunState
+from .state import RunState, StepState
 from .toolcatalog import ToolCatalogs
 from .workflows import GraphWorkflow
 from .workflows.graph import is_step_id
@@ -63,6 +64,19 @@ log = structlog.get_logger("orchestrator")
 MAX_CONFLICTS = 50  # compare-and-set attempts per transition
 
 Decide = Callable[[RunState | None, float, T.Ctx], T.Outcome]
+
+
+def _prediction_error(st: StepState) -> None:
+    """A finished step against what was predicted where it ran."""
+    p = st.prediction
+    if p is None:
+        return
+    if p.gpu_seconds > 0 and st.usage.gpu_seconds > 0:
+        error = st.usage.gpu_seconds / p.gpu_seconds - 1.0
+        m.PREDICTION_ERROR.labels("gpu_seconds", st.pool).observe(error)
+    if st.timing is not None:
+        waited = st.timing.phases.queue + st.timing.phases.admission
+        m.PREDICTION_ERROR.labels("queue_wait_s", st.pool).observe(waited - p.wait_s)
 
 
 class Conductor:
@@ -80,6 +94,8 @@ class Conductor:
         self.workflows = workflows
         self.s = settings
         self.tools = ToolCatalogs()
+        self.pools = PoolView(settings.catalogue, self.router.heartbeats,
+                              stale_after=settings.route_stale_after)  # fmt: skip
         self.rules = T.Rules(
             workflows,
             settings.step_timeout,
@@ -87,6 +103,7 @@ class Conductor:
             settings.price,
             tool_spec=self.tools.spec,
             tool_cpu_price=settings.tool_cpu_hour_usd,
+            pools=self.pools.look,
         )
         self._known = frozenset(workflows)
         # Intake's hooks (intake.py): a task's admission limits, checked after
@@ -128,11 +145,18 @@ class Conductor:
                 raise Nak(out.delay, out.reason)
             if out.changed:
                 out.run.updated_at = now
+                # Counted before the write's await: decisions made while it is
+                # out see this one's placements (a burst is not placed blind).
+                self.pools.changed(old, out.run)
                 try:
                     snap = await self.runs.write(out.run, snap.revision if snap else None)
                 except RunConflict:  # the leader's revision, not a lagging replica's
+                    self.pools.changed(out.run, old)
                     snap, fresh = await self.runs.read(tenant, task_id, consistent=True), True
                     continue
+                except BaseException:
+                    self.pools.changed(out.run, old)
+                    raise
                 self.in_flight.wrote(out.run.key, snap.revision, T.in_flight(out.run))
                 self._observe(old, out.run)
                 if tracing.enabled():
@@ -223,6 +247,10 @@ class Conductor:
         (so a replay counts nothing twice)."""
         before = old.steps if old is not None else {}
         for step_id, st in new.steps.items():
+            was = before.get(step_id)
+            if st.pool_reason and (was is None or was.moves != st.moves):
+                chosen = "none" if st.pool_reason == "too_long" else st.pool
+                m.POOL_DECISIONS.labels(chosen, st.pool_reason).inc()
             if st.status != "done" or (step_id in before and before[step_id].status == "done"):
                 continue
             if st.input or st.carried:  # a human's answer; a step a forked run did not run
@@ -238,6 +266,7 @@ class Conductor:
             m.GPU_SECONDS.labels(*labels).inc(st.usage.gpu_seconds)
             m.COST.labels(*labels).inc(st.cost_usd)
             m.TENANT_COST.labels(new.tenant).inc(st.cost_usd)
+            _prediction_error(st)
             if st.timing is not None:
                 for phase in PHASES:
                     seconds = getattr(st.timing.phases, phase)

@@ -58,6 +58,7 @@ INPUT_OUTCOMES = (
     "taken", "default", "already_answered", "not_waiting", "finished", "unknown_task",
     "forbidden", "input_too_large", "invalid_field", "bad_encoding",
 )  # fmt: skip
+DRIFT_FIGURES = ("kv_tokens", "max_seqs", "max_model_len", "prefill_tps", "decode_tps")
 TASK_OUTCOMES = ("completed", "failed", "rejected", "budget_exceeded", "cancelled")
 REJECTIONS = ("bad_encoding", "too_deep", "missing_field", "invalid_field", "input_too_large",
               "forbidden", "unknown_workflow", "rate_limited")  # proto/admission.py  # fmt: skip
@@ -76,6 +77,11 @@ def init_series(workflows: dict[str, dict[str, str]], tenants: Iterable[str]) ->
         for phase in PHASES:
             for pool in sorted(set(agents.values())):
                 STEP_PHASE.labels(phase, wf, pool)
+        for pool in sorted(set(agents.values())):
+            for figure in DRIFT_FIGURES:
+                CATALOGUE_DRIFT.labels(pool, figure)
+            for measure in ("gpu_seconds", "queue_wait_s"):
+                PREDICTION_ERROR.labels(measure, pool)
         for agent in agents:
             STEP_LATENCY.labels(wf, agent)
             COST.labels(wf, agent)
@@ -99,4 +105,21 @@ HEARTBEAT_AGE = Gauge(
     "baton_worker_heartbeat_age_seconds",
     "Seconds since each worker's last heartbeat.",
     ["pool", "worker"],
+)
+CATALOGUE_DRIFT = Counter(
+    "baton_pool_catalogue_drift",
+    "Catalogue figures a worker measured more than 50% away (once per worker and figure).",
+    ["pool", "figure"],
+)
+POOL_DECISIONS = Counter(
+    "baton_pool_decisions",
+    "Model steps placed on a pool, by pool chosen and why (scheduling.Reason).",
+    ["chosen", "reason"],
+)
+PREDICTION_ERROR = Histogram(
+    "baton_step_prediction_error",
+    "A finished step against its prediction: measure=gpu_seconds is the relative "
+    "error (actual / predicted - 1), measure=queue_wait_s the seconds waited minus predicted.",
+    ["measure", "pool"],
+    buckets=(-10, -3, -1, -0.5, -0.2, -0.1, 0, 0.1, 0.2, 0.5, 1, 3, 10, 30, 100),
 )

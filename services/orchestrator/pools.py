@@ -87,10 +87,16 @@ def parse_catalogue(doc: Any) -> dict[str, PoolSpec]:
     return out
 
 
+UNLISTED_MODEL_LEN = 1 << 30
+"""The context limit assumed of a pool the catalogue does not list: none."""
+
+
 @dataclass(frozen=True, slots=True)
 class Catalogue:
     """The pools by name; a pool it does not list gets defaults (priced by
-    ``BATON_GPU_HOUR_USD``) so an unlisted pool still schedules."""
+    ``BATON_GPU_HOUR_USD``) so an unlisted pool still schedules, and no
+    context limit (``UNLISTED_MODEL_LEN``): its workers decide what fits, as
+    before the catalogue existed."""
 
     pools: dict[str, PoolSpec]
     default_price: dict[str, float] = field(default_factory=dict)
@@ -99,8 +105,11 @@ class Catalogue:
         found = self.pools.get(name)
         if found is not None:
             return found
-        price = self.default_price.get(name, self.default_price.get("default", 2.0))
-        return PoolSpec(name=name, usd_per_gpu_hour=price)
+        price = self.default_price.get(name, self.default_price.get("default", 0.0))
+        return PoolSpec(name=name, usd_per_gpu_hour=price, max_model_len=UNLISTED_MODEL_LEN)
+
+    def listed(self, name: str) -> bool:
+        return name in self.pools
 
     def price(self, name: str) -> float:
         return self.spec(name).usd_per_gpu_hour

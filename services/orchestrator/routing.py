@@ -16,6 +16,7 @@ import math
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from proto.ids import is_valid_id
 from proto.messages import Heartbeat
@@ -44,6 +45,8 @@ class HeartbeatTracker:
         self.last: dict[tuple[str, str], Heartbeat] = {}
         self.max_workers = max_workers
         self.dropped = 0
+        # Called with each heartbeat kept (the pool view's drift check).
+        self.listeners: list[Callable[[Heartbeat], None]] = []
 
     async def on_heartbeat(self, hb: Heartbeat, subject: str) -> None:
         key = (hb.pool, hb.worker)
@@ -58,6 +61,8 @@ class HeartbeatTracker:
                     m.HEARTBEAT_AGE.remove(*key)
             return
         self.last[key] = hb
+        for listener in self.listeners:
+            listener(hb)
 
     def export(self) -> None:
         now = time.time()

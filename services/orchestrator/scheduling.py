@@ -37,7 +37,9 @@ Reason = Literal[
     "spill_saturated",  # the cheaper pools would miss the target behind their backlog
     "spill_cold",  # the cheaper pools are at zero: their cold start misses the target
     "fastest",  # no pool meets the target: the one that finishes first
-    "too_long",  # no pool holds the step's KV
+    "largest",  # no pool holds the whole window: the largest, whose worker cuts it
+    "moved",  # a worker found the prompt too long: the step moved to a larger pool
+    "too_long",  # no pool holds even the step's shortest window
 ]
 
 
@@ -51,6 +53,10 @@ class StepNeed:
     # Prompt tokens already prefilled on the pool (a pre-warmed prefix): set
     # per pool by the caller; they take KV but no prefill time.
     cached_tokens: int = 0
+    # The shortest prompt the step can run with (its system prompt, offered
+    # tools and newest message: a worker cuts older turns to fit); 0 = the
+    # whole prompt.
+    floor_tokens: int = 0
 
     @property
     def kv_tokens(self) -> int:
@@ -76,12 +82,15 @@ class PoolNow:
 class Prediction:
     pool: str
     kv_tokens: int
-    fits: bool
+    fits: bool  # the whole window and max_tokens within the pool's context
     cold: bool  # no ready worker: the step waits for one to start
     wait_s: float
     run_s: float
     gpu_seconds: float
     cost_usd: float
+    # The step's shortest window fits (the worker would cut older turns).
+    fits_floor: bool = True
+    max_model_len: int = 0
 
     @property
     def done_s(self) -> float:
@@ -103,10 +112,12 @@ def predict(need: StepNeed, spec: PoolSpec, now: PoolNow) -> Prediction:
     """The step on ``spec`` as it is ``now``."""
     prefill = now.prefill_tps or spec.prefill_tps
     decode = now.decode_tps or spec.decode_tps
-    uncached = max(0, need.prompt_tokens - need.cached_tokens)
+    # A window longer than the pool holds is cut by its worker to fit.
+    prompt = min(need.prompt_tokens, max(need.floor_tokens, spec.max_model_len - need.max_tokens))
+    uncached = max(0, prompt - need.cached_tokens)
     run_s = uncached / prefill + need.expected_output / decode
     # A worker runs as many sequences as it has slots and KV for.
-    per_worker = max(1, min(spec.max_seqs, spec.kv_tokens // max(1, need.kv_tokens)))
+    per_worker = max(1, min(spec.max_seqs, spec.kv_tokens // max(1, prompt + need.max_tokens)))
     cold = now.ready == 0
     wait_s = 0.0
     if cold:
@@ -130,6 +141,9 @@ def predict(need: StepNeed, spec: PoolSpec, now: PoolNow) -> Prediction:
         run_s=run_s,
         gpu_seconds=gpu_seconds,
         cost_usd=gpu_seconds / 3600.0 * spec.usd_per_gpu_hour,
+        fits_floor=(need.floor_tokens or need.prompt_tokens) + need.max_tokens
+        <= spec.max_model_len,
+        max_model_len=spec.max_model_len,
     )
 
 
@@ -141,7 +155,12 @@ def choose(predictions: list[Prediction], target_s: float | None) -> Decision:
     preds = tuple(predictions)
     fitting = [p for p in preds if p.fits]
     if not fitting:
-        return Decision(None, "too_long", preds)
+        cut = [p for p in preds if p.fits_floor]
+        if not cut:
+            return Decision(None, "too_long", preds)
+        # Nothing holds the whole window: the pool that keeps the most of it.
+        largest = max(cut, key=lambda p: (p.max_model_len, -p.cost_usd))
+        return Decision(largest.pool, "only" if len(preds) == 1 else "largest", preds)
     if len(preds) == 1:
         return Decision(fitting[0].pool, "only", preds)
     by_cost = sorted(fitting, key=lambda p: p.cost_usd)  # stable: the agent's order breaks ties

@@ -23,6 +23,7 @@ from .conductor import Conductor
 from .erasure import TaskEraser
 from .intake import Intake
 from .limits import Limiter
+from .poolview import PoolView
 from .routing import HeartbeatTracker, Router
 from .runs import RunStore
 from .settings import OrchestratorSettings
@@ -33,15 +34,22 @@ log = structlog.get_logger("orchestrator")
 BUILTIN_WORKFLOWS = Path(__file__).with_name("workflows")
 
 
-async def _watch_backlog(bus: Bus, settings: OrchestratorSettings, hb: HeartbeatTracker) -> None:
+async def _watch_backlog(
+    bus: Bus, settings: OrchestratorSettings, hb: HeartbeatTracker, view: PoolView
+) -> None:
     while True:
         pools = {"default", settings.default_pool} | {p for p, _ in hb.last}
+        pools |= set(settings.catalogue.pools)
         specs = [streams.task_consumer(t) for t in settings.tenant_ids]
         specs.append(streams.ORCHESTRATOR_RESULTS)
+        workers = {streams.worker_consumer(p).durable: p for p in pools}
         specs += [streams.worker_consumer(p) for p in sorted(pools)]
         for spec in specs:
             with contextlib.suppress(Exception):
-                m.PENDING.labels(spec.stream, spec.durable).set(await bus.pending(spec))
+                pending = await bus.pending(spec)
+                m.PENDING.labels(spec.stream, spec.durable).set(pending)
+                if spec.durable in workers:  # the scheduler's view of the pool's queue
+                    view.backlog[workers[spec.durable]] = pending
         hb.export()
         await asyncio.sleep(settings.pending_poll_interval)
 
@@ -106,7 +114,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     svc.tenants = frozenset(tenants)
     svc.intake = intake
     catalog = await bus.ensure_bucket(streams.TOOL_CATALOG)
-    watcher = asyncio.create_task(_watch_backlog(bus, settings, hb))
+    watcher = asyncio.create_task(_watch_backlog(bus, settings, hb, conductor.pools))
     tool_watch = asyncio.create_task(conductor.tools.watch(catalog))
     reconciler = asyncio.create_task(intake.reconcile())
     in_flight = asyncio.create_task(conductor.check_in_flight(settings.in_flight_check_interval))

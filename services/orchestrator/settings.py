@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+import yaml
+from pydantic import Field, model_validator
 
 from baton.settings import CommonSettings, parse_tenants
 
 from .limits import TenantLimits
+from .pools import Catalogue, CatalogueError, parse_catalogue
 
 
 class OrchestratorSettings(CommonSettings):
@@ -21,8 +24,18 @@ class OrchestratorSettings(CommonSettings):
     tenants: str = "acme"
     # Model pool of a step whose agent names none.
     default_pool: str = "default"
-    # Price of one GPU-hour per model pool, for cost accounting (USD).
+    # Price of one GPU-hour per model pool, for cost accounting (USD); a pool
+    # the catalogue (BATON_POOLS) lists is priced by its usd_per_gpu_hour.
     gpu_hour_usd: dict[str, float] = Field(default_factory=lambda: {"default": 2.0})
+    # The pool catalogue as JSON: {"<pool>": {"model", "max_model_len",
+    # "kv_tokens", "max_seqs", "prefill_tps", "decode_tps",
+    # "usd_per_gpu_hour", "cold_start_s", "min_replicas", "max_replicas"}}
+    # (see docs/scheduling.md). A pool it does not list keeps today's
+    # behaviour: its workers decide what fits, priced by BATON_GPU_HOUR_USD.
+    pools: dict[str, Any] = Field(default_factory=dict)
+    # The same catalogue as a YAML (or JSON) file, under `pools:`; its pools
+    # are read first, BATON_POOLS's entries replace them.
+    pools_file: Path | None = None
     # Extra workflow files (*.yaml); a name here overrides a built-in one.
     workflows_dir: Path | None = None
     # Cache-aware routing: a session's step goes to the worker that served it
@@ -91,6 +104,30 @@ class OrchestratorSettings(CommonSettings):
     # terminates TLS); over HTTPS it is Secure anyway.
     console_secure_cookie: bool = False
 
+    @model_validator(mode="after")
+    def _catalogue_parses(self) -> OrchestratorSettings:
+        self.catalogue  # noqa: B018 - a bad catalogue stops the service at start
+        return self
+
+    @cached_property
+    def catalogue(self) -> Catalogue:
+        """The pools: BATON_POOLS_FILE's, then BATON_POOLS's over them.
+
+        Raises:
+            CatalogueError: an unreadable file or an entry that cannot be used.
+        """
+        doc: dict[str, Any] = {}
+        if self.pools_file is not None:
+            try:
+                loaded = yaml.safe_load(self.pools_file.read_text()) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                raise CatalogueError(f"BATON_POOLS_FILE {self.pools_file}: {exc}") from exc
+            if not isinstance(loaded, dict):
+                raise CatalogueError(f"BATON_POOLS_FILE {self.pools_file}: not a map")
+            doc.update(loaded.get("pools", loaded))
+        doc.update(self.pools.get("pools", self.pools))
+        return Catalogue(parse_catalogue({"pools": doc}), default_price=dict(self.gpu_hour_usd))
+
     @property
     def tenant_ids(self) -> list[str]:
         return parse_tenants(self.tenants)
@@ -101,4 +138,4 @@ class OrchestratorSettings(CommonSettings):
         return self.default_tenant or (self.tenant_ids or ["default"])[0]
 
     def price(self, pool: str) -> float:
-        return self.gpu_hour_usd.get(pool, self.gpu_hour_usd.get("default", 0.0))
+        return self.catalogue.price(pool)

@@ -10,7 +10,7 @@ from typing import Literal
 
 import msgspec
 
-from proto.messages import Budget, ContextRef, ErrorInfo, Timing, Usage
+from proto.messages import Budget, ContextRef, ErrorInfo, PoolPrediction, Timing, Usage
 
 # tools: waiting for its calls; waiting_input: an input step waiting for a human
 StepStatus = Literal["dispatched", "tools", "waiting_input", "done", "failed"]
@@ -62,6 +62,12 @@ class StepState(msgspec.Struct, omit_defaults=True, kw_only=True):
     # branch: what its fork was made of): where a fork from this step starts.
     origin: ContextRef | None = None
     carried: bool = False  # done in the run this one was forked from, not run again
+    # Its placement, decided once at dispatch and kept by retries and tool
+    # turns: why ``pool`` (scheduling.Reason; "" = the agent's one pool, no
+    # catalogue consulted) and what was predicted there.
+    pool_reason: str = ""
+    prediction: PoolPrediction | None = None
+    moves: int = 0  # dispatches to a larger pool after prompt_too_long (not retries)
 
 
 class RunState(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -87,6 +93,12 @@ class RunState(msgspec.Struct, omit_defaults=True, kw_only=True):
     trace: str = ""
     forked_from: str = ""  # a fork: the task it was forked from...
     forked_at: str = ""  # ...and the step it runs again
+    # Tokens of the run's session as far as the run knows (the input's
+    # estimate, then each finished step's prompt + answer as the worker
+    # counted them): what the next step's window is predicted from.
+    context_tokens: int = 0
+    # ...and of its newest message, which a worker's window keeps whole.
+    newest_tokens: int = 0
 
     @property
     def key(self) -> str:

@@ -49,7 +49,7 @@ from proto.messages import (
 )
 from proto.tools import BUILTIN_SPECS
 
-from . import waterfall
+from . import placement, waterfall
 from .state import ERASED, CallState, RunState, StepState
 from .workflows import Done, GraphWorkflow, StepPlan
 
@@ -70,6 +70,7 @@ Note = Literal[
     "finished",
     "not_waiting",
     "already_answered",
+    "moved",  # a step moved to a larger pool after prompt_too_long
 ]
 
 
@@ -196,6 +197,9 @@ class Rules:
     # tools come from the tool pools' catalogs. None: not offered (yet).
     tool_spec: Callable[[str], ToolSpec | None] = BUILTIN_SPECS.get
     tool_cpu_price: float = 0.0  # USD per CPU-hour of sandboxed tool time
+    # The pools as they are now (PoolView.look: catalogue entry and state, a
+    # read of memory). None: a step runs on its agent's first pool, unweighed.
+    pools: placement.Look | None = None
 
     def timeout(self, run: RunState, agent: str) -> float:
         return self.workflows[run.workflow].agents[agent].timeout or self.step_timeout
@@ -266,15 +270,22 @@ def _event(run: RunState, now: float, key: str, event: TaskEvent) -> Emit:
     return Emit(key, event)
 
 
+def _placed(ev: Step, st: StepState) -> Step:
+    """A model step's event with its placement (none before there was a choice)."""
+    if st.pool_reason:
+        ev.pool, ev.pool_reason, ev.prediction = st.pool, st.pool_reason, st.prediction
+    return ev
+
+
 def _started(run: RunState, now: float, step: str, st: StepState) -> Emit:
     ev = Step(task_id=run.task_id, step=step, agent=st.agent, status="started")
-    return _event(run, now, keys.step_event(step, "started"), ev)
+    return _event(run, now, keys.step_event(step, "started"), _placed(ev, st))
 
 
 def _done(run: RunState, now: float, step: str, st: StepState) -> Emit:
     ev = Step(task_id=run.task_id, step=step, agent=st.agent, status="done", usage=st.usage,
               **waterfall.event_fields(st.timing))  # fmt: skip
-    return _event(run, now, keys.step_event(step, "done"), ev)
+    return _event(run, now, keys.step_event(step, "done"), _placed(ev, st))
 
 
 def _step_failed(run: RunState, now: float, step: str, st: StepState) -> Emit:
@@ -283,7 +294,7 @@ def _step_failed(run: RunState, now: float, step: str, st: StepState) -> Emit:
     code = run.error.code if run.error is not None else None
     ev = Step(task_id=run.task_id, step=step, agent=st.agent, status="failed", usage=st.usage,
               outcome=code, **waterfall.event_fields(st.timing))  # fmt: skip
-    return _event(run, now, keys.step_event(step, "done"), ev)
+    return _event(run, now, keys.step_event(step, "done"), _placed(ev, st))
 
 
 def _terminal(run: RunState, now: float) -> list[Effect]:
@@ -498,6 +509,18 @@ def _dispatch(
             origin=ref,
         )
         run.steps[p.step_id] = st
+        if rules.pools is not None:
+            tools, _ = rules.offered(run, p.agent, st)
+            need = placement.step_need(run, agent, st, tools)
+            decision = placement.place(need, agent.eligible, agent.latency_target, rules.pools)
+            chosen = decision.chosen
+            if decision.pool is None or chosen is None:  # it fits no pool: fail now, not later
+                st.finished_at, st.pool_reason = now, decision.reason
+                why = placement.refusal(decision, need)
+                _fail(run, ErrorInfo.of(ErrorCode.PROMPT_TOO_LONG, why), p.step_id)
+                return _terminal(run, now)
+            st.pool, st.pool_reason = decision.pool, decision.reason
+            st.prediction = placement.frozen(chosen)
         effects += [_started(run, now, p.step_id, st), _job(run, rules, now, p.step_id, st)]
     return effects
 
@@ -519,6 +542,8 @@ def start(run: RunState | None, task: NewTask, rules: Rules, now: float, ctx: Ct
         session=task.session,
         workflow=task.workflow,
         task_seq=task.seq,
+        context_tokens=placement.estimate_tokens(task.input),
+        newest_tokens=placement.estimate_tokens(task.input),
         budget=task.budget,
         max_tokens=task.max_tokens,
         temperature=task.temperature,
@@ -661,6 +686,9 @@ def result(
     end = now if received is None else received
     st.timing = waterfall.add_turn(st.timing, waterfall.arrived(res.timing, end), end)
     if res.error is not None:
+        moved = _move(run, rules, now, res, st)
+        if moved is not None:
+            return moved
         st.finished_at = end
         if res.error.code == ErrorCode.BUDGET_TOO_SMALL and st.context_budget:
             # The window was cut to fit the task's budget: the budget ran out.
@@ -672,6 +700,12 @@ def result(
     cost = res.usage.gpu_seconds / 3600.0 * rules.price(st.pool)
     st.usage, st.worker, st.cost_usd = st.usage + res.usage, res.worker, st.cost_usd + cost
     st.cached_tokens, st.ref = res.cached_tokens, res.ref or st.ref
+    if st.session == run.session:  # the session grew by this turn, as the engine counted it
+        tools, _ = rules.offered(run, st.agent, st)
+        seen = res.usage.prompt_tokens + res.usage.completion_tokens
+        fixed = placement.fixed_tokens(rules.workflows[run.workflow].agents[st.agent], tools)
+        run.context_tokens = max(run.context_tokens, seen - fixed)
+        run.newest_tokens = res.usage.completion_tokens
     run.usage = run.usage + res.usage
     run.cost_usd += cost
     if res.tool_calls and rules.tool_room(run, st) > 0:
@@ -696,6 +730,8 @@ def result(
         got = _context(ctx, op)
         if got is None:
             return Need((op,))
+        run.context_tokens += sum(placement.estimate_tokens(a.content) for a in answers)
+        run.newest_tokens = placement.estimate_tokens(answers[-1].content) if answers else 0
         if isinstance(got, ErrorInfo):
             _fail(run, got)
             return Transition(run, True, effects + _terminal(run, now))
@@ -705,6 +741,39 @@ def result(
     if isinstance(more, Need):
         return more
     return Transition(run, True, effects + more)
+
+
+def _move(
+    run: RunState, rules: Rules, now: float, res: InferenceResult, st: StepState
+) -> Transition | None:
+    """A worker found the step's prompt too long for its pool (its engine's
+    ``prompt_too_long``, or ``budget_too_small`` for a window cut to the
+    worker's own context): dispatch the
+    step again to a pool of its agent's with a longer context, if there is
+    one (a move, not a retry: ``moves`` keeps it out of ``step_retries``).
+    None: nowhere to move it; the error stands."""
+    agent = rules.workflows[run.workflow].agents[st.agent]
+    err = res.error
+    # The engine refused the prompt, or the worker could not cut a window to
+    # fit its own context (no budget of the task's own: the worker's limit).
+    too_long = err is not None and (
+        err.code == ErrorCode.PROMPT_TOO_LONG
+        or (err.code == ErrorCode.BUDGET_TOO_SMALL and not st.context_budget)
+    )
+    if not too_long or rules.pools is None or len(agent.eligible) < 2:
+        return None
+    tools, _ = rules.offered(run, st.agent, st)
+    need = placement.step_need(run, agent, st, tools)
+    decision = placement.move(need, agent.eligible, st.pool, rules.pools)
+    chosen = decision.chosen
+    if decision.pool is None or chosen is None:
+        return None
+    st.pool, st.pool_reason = decision.pool, decision.reason
+    st.prediction = placement.frozen(chosen)
+    st.moves += 1
+    st.attempt += 1
+    st.dispatched_at, st.deadline = now, now + rules.timeout(run, st.agent)
+    return Transition(run, True, [_job(run, rules, now, res.step, st)], note="moved")
 
 
 def _tool_notes(agent: str, st: StepState) -> str:
@@ -803,7 +872,7 @@ def timer(run: RunState, rules: Rules, now: float, ctx: Ctx | None = None) -> Ou
             continue
         changed = True
         timeout = rules.timeout(run, st.agent)
-        if st.attempt > rules.step_retries:
+        if st.attempt - st.moves > rules.step_retries:
             waited = "no answer" if st.status == "dispatched" else "no tool results"
             message = f"step {step} got {waited} within {timeout:.0f}s, {st.attempt} attempt(s)"
             _fail(run, ErrorInfo.of(ErrorCode.STEP_TIMEOUT, message), step)
@@ -878,6 +947,8 @@ def _take_answer(
         _fail(run, got, step)
         return Transition(run, True, _terminal(run, now))
     st.status, st.finished_at, st.output, st.answered_by, st.ref = "done", now, text, by, got
+    run.context_tokens += placement.estimate_tokens(text)
+    run.newest_tokens = placement.estimate_tokens(text)
     effects: list[Effect] = [_answered_event(run, now, step, st)]
     nxt = rules.workflows[run.workflow].advance(run, step)
     if isinstance(nxt, Done):

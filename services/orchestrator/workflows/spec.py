@@ -37,10 +37,22 @@ class AgentSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_tool_calls: int = 8  # per step; past it the model must answer in text
     tool_choice: str = "auto"  # auto | required | none
     tool_pool: str = "default"  # the tool worker pool its calls go to
+    # Pools its steps may run on, in order of preference (pools serving one
+    # model family): each step goes to the cheapest that holds its KV and
+    # meets latency_target (docs/scheduling.md). Empty: `pool` alone.
+    pools: list[str] = []
+    latency_target: float | None = None  # seconds from dispatch to answer, if any
 
     def __post_init__(self) -> None:
         if self.model is not None:
             self.pool = self.model
+        if self.pools:
+            self.pool = self.pools[0]
+
+    @property
+    def eligible(self) -> tuple[str, ...]:
+        """The pools a step of this agent may run on."""
+        return tuple(self.pools) or (self.pool,)
 
 
 class RouteSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -129,6 +141,13 @@ def _check(spec: WorkflowSpec, fail: Any, mcp_servers: frozenset[str]) -> None:
     for name, agent in spec.agents.items():
         if not is_valid_id(name) or not is_valid_id(agent.pool):
             fail(["agents", name], f"agent and pool names must match {ID_PATTERN}")
+        for i, pool in enumerate(agent.pools):
+            if not is_valid_id(pool):
+                fail(["agents", name, "pools", i], f"pool names must match {ID_PATTERN}")
+        if len(set(agent.pools)) != len(agent.pools):
+            fail(["agents", name, "pools"], "a pool is named twice")
+        if agent.latency_target is not None and not agent.latency_target > 0:
+            fail(["agents", name, "latency_target"], "latency_target must be > 0 seconds")
         if not 1 <= agent.max_tokens <= MAX_OUTPUT_TOKENS:
             fail(["agents", name, "max_tokens"], f"max_tokens must be 1..{MAX_OUTPUT_TOKENS}")
         if not is_valid_id(agent.tool_pool):

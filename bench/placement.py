@@ -1,0 +1,176 @@
+"""How well the orchestrator predicts a step before dispatching it: the
+GPU-seconds and queue wait on the ``step started`` event's ``prediction``
+against what the step's ``done`` event says it used, on real processes.
+
+Two pools of simulator workers (``BATON_ENGINE=sim``: the engine sleeps its
+configured prefill and decode speeds; the catalogue states rougher figures,
+so the speeds the workers measure and report in heartbeats are what the
+prediction uses). One agent may run on either pool; tasks of mixed prompt
+lengths (~100 to ~1,800 tokens) arrive in waves of 1, 4 and 12 at once, so
+the engines are shared and the queues fill.
+
+    python -m bench placement          # writes bench/results/placement.json
+
+Error of one step: GPU-seconds actual / predicted - 1; queue wait: seconds
+waited (queue + admission phases) minus the predicted wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from baton.dev.testing import Client, LocalStack, secure_nats, uid
+from bench.stats import pct
+
+WAVES = (1, 1, 1, 4, 4, 12, 12)
+LENGTHS = (20, 150, 450)  # words of the input: ~30, ~200, ~600 tokens by the 4-bytes estimate
+WORKFLOW = textwrap.dedent("""\
+    name: ask
+    agents:
+      assistant:
+        role: assistant
+        system: You answer briefly.
+        max_tokens: 96
+        pools: [small, large]
+    steps:
+      - {id: answer, agent: assistant}
+    """)
+# Rough figures, as an operator would first write them; the workers measure.
+POOLS = {
+    "small": {"max_model_len": 2048, "usd_per_gpu_hour": 1.0, "prefill_tps": 4000,
+              "decode_tps": 50, "max_seqs": 8, "cold_start_s": 60},
+    "large": {"max_model_len": 8192, "usd_per_gpu_hour": 4.0, "prefill_tps": 8000,
+              "decode_tps": 80, "max_seqs": 8, "cold_start_s": 90},
+}  # fmt: skip
+WORKER = {"small": {"BATON_MAX_MODEL_LEN": "2048", "BATON_SIM_PREFILL_TPS": "6000",
+                    "BATON_SIM_DECODE_TPS": "80", "BATON_MAX_NUM_SEQS": "8"},
+          "large": {"BATON_MAX_MODEL_LEN": "8192", "BATON_SIM_PREFILL_TPS": "12000",
+                    "BATON_SIM_DECODE_TPS": "120", "BATON_MAX_NUM_SEQS": "8"}}  # fmt: skip
+
+
+async def _task(client: Client, text: str, wave: int) -> dict[str, Any]:
+    body = {"tenant": "acme", "task_id": uid(), "input": text}
+    await client.publish("ask", body, msg_id=body["task_id"])
+    events = await client.events("acme", body["task_id"], timeout=300)
+    steps = [e for e in events if e["type"] == "step" and e.get("step") == "r1.answer"]
+    started = next(e for e in steps if e["status"] == "started")
+    done = next(e for e in steps if e["status"] in ("done", "failed"))
+    phases = done.get("phases") or {}
+    return {
+        "ok": events[-1]["type"] == "completed",
+        "wave": wave,
+        "pool": done.get("pool"),
+        "reason": done.get("pool_reason"),
+        "predicted": started["prediction"],
+        "gpu_seconds": (done.get("usage") or {}).get("gpu_seconds", 0.0),
+        "waited_s": phases.get("queue", 0.0) + phases.get("admission", 0.0),
+    }
+
+
+async def _main(work: Path) -> dict[str, Any]:
+    flows = work / "workflows"
+    flows.mkdir(parents=True)
+    (flows / "ask.yaml").write_text(WORKFLOW)
+    server = secure_nats(work / "nats").start()
+    stack = LocalStack(server, work / "stack", env={"BATON_HEARTBEAT_INTERVAL": "0.5"})
+    stack.workdir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    try:
+        stack.service("context-store").wait_ready()
+        stack.service("orchestrator", BATON_WORKFLOWS_DIR=str(flows),
+                      BATON_POOLS=json.dumps(POOLS), BATON_PENDING_POLL_INTERVAL="0.5",
+                      BATON_ROUTE_STALE_AFTER="3").wait_ready()  # fmt: skip
+        for pool, env in WORKER.items():
+            stack.worker(BATON_POOL=pool, BATON_ENGINE="sim", **env).wait_ready()
+        client = await Client.connect(server.url)
+        await asyncio.sleep(1.5)  # heartbeats in
+        # Warm-up: the workers measure their speeds on a few generations.
+        for n in LENGTHS:
+            await _task(client, "warm up " + "word " * n, 1)
+        await asyncio.sleep(1.0)
+        i = 0
+        for wave in WAVES:
+            texts = []
+            for _ in range(wave):
+                texts.append(f"[{i}] " + "word " * LENGTHS[i % len(LENGTHS)])
+                i += 1
+            rows += await asyncio.gather(*(_task(client, t, wave) for t in texts))
+            await asyncio.sleep(0.6)  # the next wave sees the pools settle
+        await client.close()
+    finally:
+        stack.stop()
+        server.stop()
+    return _summary(rows)
+
+
+def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in rows if r["ok"] and r["predicted"]["gpu_seconds"] > 0]
+    gpu = [r["gpu_seconds"] / r["predicted"]["gpu_seconds"] - 1.0 for r in ok]
+    wait = [r["waited_s"] - r["predicted"]["wait_s"] for r in ok]
+    absg = [abs(e) for e in gpu]
+    absw = [abs(e) for e in wait]
+    alone = [abs(e) for e, r in zip(gpu, ok, strict=True) if r["wave"] == 1]
+    burst = [abs(e) for e, r in zip(gpu, ok, strict=True) if r["wave"] > 1]
+    by_pool: dict[str, int] = {}
+    for r in ok:
+        by_pool[f"{r['pool']}/{r['reason']}"] = by_pool.get(f"{r['pool']}/{r['reason']}", 0) + 1
+    return {
+        "machine": f"{os.cpu_count()} cores, simulator engines, 2 pools x 1 worker",
+        "steps": len(rows),
+        "completed": len(ok),
+        "waves": list(WAVES),
+        "placements": by_pool,
+        "gpu_seconds_abs_error_p50": round(pct(absg, 0.5), 3),
+        "gpu_seconds_abs_error_p90": round(pct(absg, 0.9), 3),
+        "gpu_seconds_error_p50": round(pct(gpu, 0.5), 3),
+        "alone_abs_error_p90": round(pct(alone, 0.9), 3) if alone else None,
+        "burst_abs_error_p90": round(pct(burst, 0.9), 3) if burst else None,
+        "within_20pct": round(sum(e <= 0.2 for e in absg) / max(1, len(absg)), 3),
+        "queue_wait_abs_error_p50_s": round(pct(absw, 0.5), 3),
+        "queue_wait_abs_error_p90_s": round(pct(absw, 0.9), 3),
+        "mean_gpu_seconds": round(sum(r["gpu_seconds"] for r in ok) / max(1, len(ok)), 3),
+        # Each step: pool, wave, predicted and actual GPU-seconds, predicted and actual wait.
+        "rows": [
+            [
+                r["pool"],
+                r["wave"],
+                r["predicted"]["gpu_seconds"],
+                round(r["gpu_seconds"], 4),
+                r["predicted"]["wait_s"],
+                round(r["waited_s"], 3),
+            ]
+            for r in rows
+        ],
+    }
+
+
+def run(work: Path) -> dict[str, Any]:
+    return asyncio.run(_main(work))
+
+
+def markdown(r: dict[str, Any]) -> str:
+    return "\n".join([
+        "## Step prediction error (`python -m bench placement`)",
+        "",
+        f"{r['machine']}; {r['completed']} of {r['steps']} steps completed, in waves of "
+        f"{', '.join(map(str, r['waves']))} tasks at once; placements {r['placements']}. "
+        "Error = actual / predicted GPU-seconds - 1 (the step's `done` usage against the "
+        "`prediction` on its `started` event); queue wait in seconds.",
+        "",
+        "| measure | p50 abs error | p90 abs error | goal |",
+        "| --- | --- | --- | --- |",
+        f"| GPU-seconds | {r['gpu_seconds_abs_error_p50']:.1%} | "
+        f"{r['gpu_seconds_abs_error_p90']:.1%} | within ±20% at p90 |",
+        f"| queue wait | {r['queue_wait_abs_error_p50_s']:.2f} s | "
+        f"{r['queue_wait_abs_error_p90_s']:.2f} s | — |",
+        "",
+        f"Steps within ±20% GPU-seconds: {r['within_20pct']:.0%} "
+        f"(median signed error {r['gpu_seconds_error_p50']:+.1%}, mean "
+        f"{r['mean_gpu_seconds']} GPU-s per step). p90 abs error of steps sent alone: "
+        f"{r.get('alone_abs_error_p90')}; in waves of 4 and 12: {r.get('burst_abs_error_p90')}.",
+    ])  # fmt: skip

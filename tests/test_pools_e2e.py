@@ -1,0 +1,102 @@
+"""Pool placement on real processes (real nats-server, simulator engines):
+two pools with different context lengths, an agent that may use either.
+A short step goes to the cheap small pool; a step too long for the small
+pool's workers (whose catalogue entry overstates them: the drift is counted)
+is moved to the large pool by the worker's ``prompt_too_long`` and
+completes; a step that fits no pool fails at once."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from baton.dev.testing import Client, LocalStack, metric, uid
+from baton.natsd import NatsServer
+
+WORKFLOW = textwrap.dedent("""\
+    name: ask
+    agents:
+      assistant:
+        role: assistant
+        system: You answer briefly.
+        max_tokens: 32
+        pools: [small, large]
+    steps:
+      - {id: answer, agent: assistant}
+    """)
+# The small pool's entry says 4096; its worker serves 1024 (drift, and a
+# step placed there that its worker cannot hold).
+POOLS = {
+    "small": {"max_model_len": 4096, "usd_per_gpu_hour": 1.0, "prefill_tps": 20000,
+              "decode_tps": 400, "cold_start_s": 30},
+    "large": {"max_model_len": 8192, "usd_per_gpu_hour": 4.0, "prefill_tps": 20000,
+              "decode_tps": 400, "cold_start_s": 30},
+}  # fmt: skip
+
+
+@pytest.fixture
+def two_pools(own_nats: NatsServer, tmp_path: Path) -> Iterator[LocalStack]:
+    flows = tmp_path / "workflows"
+    flows.mkdir()
+    (flows / "ask.yaml").write_text(WORKFLOW)
+    s = LocalStack(own_nats, tmp_path / "s")
+    s.workdir.mkdir(parents=True)
+    s.service("context-store").wait_ready()
+    s.service("orchestrator", BATON_WORKFLOWS_DIR=str(flows), BATON_POOLS=json.dumps(POOLS),
+              BATON_PENDING_POLL_INTERVAL="0.5").wait_ready()  # fmt: skip
+    s.worker(BATON_POOL="small", BATON_MAX_MODEL_LEN="1024").wait_ready()
+    s.worker(BATON_POOL="large", BATON_MAX_MODEL_LEN="8192").wait_ready()
+    yield s
+    s.stop()
+
+
+def _steps(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e["type"] == "step" and e.get("step") == "r1.answer"]
+
+
+async def _run(client: Client, text: str) -> list[dict[str, Any]]:
+    body = {"tenant": "initech", "input": text, "task_id": uid()}
+    await client.publish("ask", body, msg_id=body["task_id"])
+    return await client.events("initech", body["task_id"], timeout=40)
+
+
+async def test_steps_go_to_the_pool_that_holds_them_cheapest_first(
+    two_pools: LocalStack, own_client: Client
+) -> None:
+    url = two_pools.orchestrator.url
+    # Both pools' workers must be seen before placement weighs them.
+    for _ in range(40):
+        if metric(url, "baton_pool_catalogue_drift_total", pool="small",
+                  figure="max_model_len") >= 1:  # fmt: skip
+            break
+        await __import__("asyncio").sleep(0.25)
+    assert metric(url, "baton_pool_catalogue_drift_total", pool="small",
+                  figure="max_model_len") == 1  # fmt: skip
+
+    short = await _run(own_client, "hello")
+    assert short[-1]["type"] == "completed", short[-1]
+    started, done = _steps(short)
+    assert (started["pool"], started["pool_reason"]) == ("small", "cheapest")
+    assert started["prediction"]["kv_tokens"] > 32 and started["prediction"]["gpu_seconds"] > 0
+    assert done["status"] == "done" and done["pool"] == "small"
+
+    # ~1,700 tokens: the catalogue says the small pool holds it, its worker
+    # says prompt_too_long, and the step moves to the large pool.
+    long = await _run(own_client, "lorem ipsum " * 600)
+    assert long[-1]["type"] == "completed", long[-1]
+    started, done = _steps(long)
+    assert started["pool"] == "small"
+    assert (done["pool"], done["pool_reason"]) == ("large", "moved")
+    assert metric(url, "baton_pool_decisions_total", chosen="large", reason="moved") == 1
+
+    # ~16,000 tokens: no pool holds it; it fails at dispatch, no job sent.
+    huge = await _run(own_client, "lorem ipsum " * 5400)
+    assert huge[-1]["type"] == "failed", huge[-1]
+    assert huge[-1]["error"]["code"] == "prompt_too_long"
+    assert "holds 8192" in huge[-1]["error"]["message"]
+    assert metric(url, "baton_pool_decisions_total", chosen="none", reason="too_long") == 1
