@@ -7,7 +7,7 @@ baton fork ID STEP [--input T]    run a task again from a finished step, as a ne
 baton console [--tenant T]        a one-time login link to the run console (/ui/)
 baton tasks                       a tenant's tasks, newest first
 baton workflows [check FILE]      the workflows served, or validate a workflow file
-baton tenant url|key TENANT       the tenant's NATS URL / HTTP API key (written by `baton up`)
+baton tenant url|creds|key TENANT the tenant's NATS address / .creds file / HTTP API key
 baton audit [--tenant T]          the audit trail (erasures, tenant deletions, ...)
 baton model fetch                 the default model, once (also: model smollm2 DIR, model tiny DIR)
 baton nats / asyncapi [--check]
@@ -429,9 +429,24 @@ def _tenant_url(data_dir: Path, tenant: str) -> str:
 
 @tenant_app.command("url")
 def tenant_url(tenant: str, data_dir: DataDir = Path(".data")) -> None:
-    """Print the tenant's NATS client URL (any NATS client can connect() with it)."""
+    """Print the tenant's NATS address (connect with it and `baton tenant creds`)."""
+    from baton.urls import split_creds
+
     _id(tenant, "tenant")
-    print(_tenant_url(data_dir, tenant))
+    print(split_creds(_tenant_url(data_dir, tenant))[0])
+
+
+@tenant_app.command("creds")
+def tenant_creds(tenant: str, data_dir: DataDir = Path(".data")) -> None:
+    """Print the path of the tenant's standard NATS .creds file (user JWT + nkey seed)."""
+    from baton.credentials import creds_path
+
+    _id(tenant, "tenant")
+    path = creds_path(data_dir, tenant)
+    if not path.exists():
+        fail(f"no .creds for tenant {tenant!r} at {path}: start the stack with BATON_TENANTS "
+             "including it (`make up`)", EXIT_USAGE)  # fmt: skip
+    print(path)
 
 
 @tenant_app.command("key")
@@ -454,7 +469,7 @@ def nats(data_dir: DataDir = Path(".data"), port: int = 4222) -> None:
 
     server = start_secure_nats(data_dir, env_tenants(), port=port, monitor_port=8222)
     print(f"nats-server at {server.address} (store {server.store_dir}, authentication on); "
-          f"client URLs in {data_dir}/tenants/ and {data_dir}/operator.url; Ctrl-C to stop",
+          f"client .creds in {data_dir}/tenants/ and {data_dir}/operator.creds; Ctrl-C to stop",
           flush=True)  # fmt: skip
     try:
         assert server.proc is not None

@@ -236,6 +236,7 @@ async def serve(
         replicas=settings.stream_replicas,
         timeout=settings.connect_timeout,
         tls=tls_context(settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key),
+        creds=settings.nats_creds,
     )
     server = _QuietServer(
         uvicorn.Config(

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import nats
 
 from baton.natsd import NatsServer
-from baton.testing import LocalStack, secure_nats
+from baton.testing import LocalStack, connect_nats, secure_nats
 from bench.stats import pct
 
 ROUNDS = 6
@@ -27,7 +26,7 @@ ENV = {"BATON_TENANTS": "acme", "BATON_LOG_LEVEL": "WARNING", "BATON_SIM_DECODE_
 
 
 async def _round_trips(url: str, subject: str, n: int) -> list[float]:
-    nc = await nats.connect(url)
+    nc = await connect_nats(url)
     js = nc.jetstream()
     out: list[float] = []
     try:

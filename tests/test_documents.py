@@ -12,6 +12,7 @@ import nats
 from baton.documents import put_document
 from baton.testing import LocalStack, uid
 from baton.transport import Bus
+from baton.urls import split_creds
 from proto import subjects
 from proto.messages import ContextDelete, DocumentPut
 from proto.streams import DOCUMENTS
@@ -109,7 +110,9 @@ async def test_a_tenant_uploads_over_nats_with_its_own_credentials_pinned_to_its
     async def on_error(exc: Exception) -> None:
         refused.append(str(exc).lower())
 
-    nc = await nats.connect(stack.url_for(tenant), error_cb=on_error, allow_reconnect=False)
+    servers, creds = split_creds(stack.url_for(tenant))
+    nc = await nats.connect(servers, error_cb=on_error, allow_reconnect=False,
+                               user_credentials=creds)  # fmt: skip
     try:
         js = nc.jetstream()
         doc = {"tenant": tenant, "doc_id": f"{word}a", "text": f"the {word} recipe uses cocoa"}

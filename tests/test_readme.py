@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from baton.testing import LocalStack, uid
+from baton.urls import split_creds
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -29,10 +31,14 @@ def test_the_readme_example_runs_unchanged_against_a_stack(
     source = code.group(1)
     assert "baton" not in source.split("asyncio.run")[0].split("import")[1].split("\n")[0]
     assert len([ln for ln in source.splitlines() if ln.strip()]) <= 16
-    # As `make up` leaves it: the tenant's URL under the data dir, read from the cwd.
+    # As `make up` leaves it: the tenant's address and .creds under the data
+    # dir, read from the cwd.
+    address, creds = split_creds(stack.url_for("acme"))
+    assert creds is not None, "the stack's NATS runs in operator mode"
     url_file = tmp_path / ".data" / "tenants" / "acme.url"
     url_file.parent.mkdir(parents=True)
-    url_file.write_text(stack.url_for("acme") + "\n")
+    url_file.write_text(address + "\n")
+    shutil.copy(creds, url_file.with_suffix(".creds"))
     out = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True,
                          timeout=60, cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr
