@@ -214,7 +214,7 @@ def service_roles(tenants: Sequence[str]) -> dict[str, Role]:
                 StreamAccess(streams.DEAD_LETTERS.name, own=True, consume=True, erase=True),
             ),
             tenant_streams=tuple(StreamAccess(s, own=True, erase=True) for s in TENANT_STREAMS),
-            kv_buckets=(streams.RUNS, streams.TOOL_CATALOG),
+            kv_buckets=(streams.RUNS, streams.TOOL_CATALOG, streams.TENANTS),
         ),
         CONTEXT_STORE: Role(
             CONTEXT_STORE,
@@ -465,7 +465,9 @@ def tenant_limits() -> dict[str, int]:
             "streams": lim["max_streams"], "consumer": lim["max_consumers"]}  # fmt: skip
 
 
-def baton_account_jwt(keys: Keys, tenants: Sequence[str]) -> str:
+def baton_account_jwt(
+    keys: Keys, tenants: Sequence[str], revocations: Mapping[str, int] | None = None
+) -> str:
     """BATON's account JWT. Its exports are not pinned (in operator mode a
     pinned token is the importer's public key, not its name): the tenant
     token comes from each tenant's import, which only the operator signs."""
@@ -478,7 +480,7 @@ def baton_account_jwt(keys: Keys, tenants: Sequence[str]) -> str:
                for t in tenants]  # fmt: skip
     return jwt.account_jwt(keys.operator, keys.accounts[BATON_ACCOUNT], BATON_ACCOUNT,
                            jetstream=dict(BATON_JS_LIMITS), exports=exports,
-                           imports=imports)  # fmt: skip
+                           imports=imports, revocations=dict(revocations or {}))  # fmt: skip
 
 
 def tenant_account_jwt(
@@ -542,6 +544,7 @@ def render_operator(
     server_name: str = "baton",
     cipher_key: str | Var | None = None,
     tls: Mapping[str, str | bool] | None = None,
+    revocations: Mapping[str, Mapping[str, int]] | None = None,
 ) -> dict[str, Any]:
     """The nats-server configuration in operator mode (decentralized
     authentication): the operator JWT, the ``full`` resolver (accounts
@@ -553,7 +556,9 @@ def render_operator(
     preload = {keys.account(SYSTEM_ACCOUNT): system_account_jwt(keys),
                keys.account(BATON_ACCOUNT): baton_account_jwt(keys, tenants)}  # fmt: skip
     for t in tenants:
-        preload[keys.account(t)] = tenant_account_jwt(keys, t)
+        preload[keys.account(t)] = tenant_account_jwt(
+            keys, t, revocations=(revocations or {}).get(t)
+        )
     jetstream: dict[str, Any] = {}
     if store_dir is not None:
         jetstream["store_dir"] = store_dir

@@ -8,6 +8,7 @@ baton console [--tenant T]        a one-time login link to the run console (/ui/
 baton tasks                       a tenant's tasks, newest first
 baton workflows [check FILE]      the workflows served, or validate a workflow file
 baton tenant url|creds|key TENANT the tenant's NATS address / .creds file / HTTP API key
+baton tenant create|suspend|resume|rotate|delete|list   tenants at run time (no restart)
 baton audit [--tenant T]          the audit trail (erasures, tenant deletions, ...)
 baton model fetch                 the default model, once (also: model smollm2 DIR, model tiny DIR)
 baton nats / asyncapi [--check]
@@ -39,7 +40,8 @@ app = typer.Typer(help=_HELP, no_args_is_help=True, add_completion=False,
 model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
 workflows_app = typer.Typer(help="The workflows served, or `check FILE`.",
                             invoke_without_command=True)  # fmt: skip
-tenant_app = typer.Typer(help="Tenant credentials.", no_args_is_help=True)
+tenant_app = typer.Typer(help="Tenants: create, suspend, resume, rotate, delete, list; "
+                         "their credentials.", no_args_is_help=True)  # fmt: skip
 dlq_app = typer.Typer(help="Dead letters in BATON_DLQ: list, replay, purge.",
                       no_args_is_help=True)  # fmt: skip
 app.add_typer(model_app, name="model")
@@ -447,6 +449,104 @@ def tenant_creds(tenant: str, data_dir: DataDir = Path(".data")) -> None:
         fail(f"no .creds for tenant {tenant!r} at {path}: start the stack with BATON_TENANTS "
              "including it (`make up`)", EXIT_USAGE)  # fmt: skip
     print(path)
+
+
+def _tenant_op(data_dir: Path, nats_url: str | None, work: Any) -> Any:
+    """Run ``work(admin)`` with a ``TenantAdmin`` on the running server."""
+    from baton.tenants import TenantAdmin, TenantError
+    from baton.transport import BusUnavailable
+    from baton.urls import split_creds
+
+    address = split_creds(nats_url or _stored_url(data_dir, None, f"no {data_dir}/operator.url: "
+                          "start the stack (`make up`) or pass --nats-url"))[0]  # fmt: skip
+
+    async def go() -> Any:
+        async with TenantAdmin(data_dir, address) as admin:
+            return await work(admin)
+
+    try:
+        return asyncio.run(go())
+    except TenantError as exc:
+        fail(str(exc), EXIT_USAGE)
+    except (BusUnavailable, FileNotFoundError) as exc:
+        fail(f"cannot administer tenants at {address}: {exc}", EXIT_UNREACHABLE)
+
+
+TenantNats = Annotated[str | None, typer.Option(
+    "--nats-url", help="NATS address; default: <data-dir>/operator.url")]  # fmt: skip
+
+
+@tenant_app.command("create")
+def tenant_create(tenant: str, data_dir: DataDir = Path(".data"),
+                  nats_url: TenantNats = None) -> None:  # fmt: skip
+    """Create a tenant on the running stack; prints its .creds file once it can submit."""
+    _id(tenant, "tenant")
+    print(_tenant_op(data_dir, nats_url, lambda admin: admin.create(tenant)))
+
+
+@tenant_app.command("suspend")
+def tenant_suspend(tenant: str, data_dir: DataDir = Path(".data"),
+                   nats_url: TenantNats = None) -> None:  # fmt: skip
+    """Refuse the tenant's new tasks (failed: tenant_suspended); its data and running tasks stay."""
+    _id(tenant, "tenant")
+    _tenant_op(data_dir, nats_url, lambda admin: admin.suspend(tenant))
+    print(f"{tenant}: suspended")
+
+
+@tenant_app.command("resume")
+def tenant_resume(tenant: str, data_dir: DataDir = Path(".data"),
+                  nats_url: TenantNats = None) -> None:  # fmt: skip
+    """Accept the suspended tenant's tasks again."""
+    _id(tenant, "tenant")
+    _tenant_op(data_dir, nats_url, lambda admin: admin.resume(tenant))
+    print(f"{tenant}: active")
+
+
+@tenant_app.command("rotate")
+def tenant_rotate(tenant: str, data_dir: DataDir = Path(".data"),
+                  nats_url: TenantNats = None) -> None:  # fmt: skip
+    """New .creds for the tenant; the server refuses the old one from now on."""
+    _id(tenant, "tenant")
+    print(_tenant_op(data_dir, nats_url, lambda admin: admin.rotate(tenant)))
+
+
+@tenant_app.command("delete")
+def tenant_delete(
+    tenant: str,
+    data_dir: DataDir = Path(".data"),
+    nats_url: TenantNats = None,
+    context_url: Annotated[str, typer.Option(
+        help="The context store's HTTP API, which erases the tenant's data")] = (
+        "http://127.0.0.1:8081"),
+) -> None:  # fmt: skip
+    """Erase the tenant's data everywhere (audited), then revoke its credentials."""
+    import httpx
+
+    _id(tenant, "tenant")
+    key = _stored_key(data_dir, None)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        r = httpx.delete(f"{context_url.rstrip('/')}/v1/tenants/{tenant}", headers=headers,
+                         timeout=60.0)  # fmt: skip
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach the context store at {context_url}: {type(exc).__name__}",
+             EXIT_UNREACHABLE)  # fmt: skip
+    if r.status_code >= 400:
+        fail(f"the context store did not erase {tenant!r}: {r.status_code} {r.text[:200]}")
+    _tenant_op(data_dir, nats_url, lambda admin: admin.delete(tenant))
+    print(f"{tenant}: erased and deleted ({r.text[:200]})")
+
+
+@tenant_app.command("list")
+def tenant_list(data_dir: DataDir = Path(".data"), nats_url: TenantNats = None,
+                json_out: Json = False) -> None:  # fmt: skip
+    """Every tenant and its state (active, suspended)."""
+    states = _tenant_op(data_dir, nats_url, lambda admin: admin.list())
+    if json_out:
+        _print_json(states)
+        return
+    for tenant, state in states.items():
+        print(f"{tenant}\t{state}")
 
 
 @tenant_app.command("key")

@@ -126,6 +126,17 @@ class Credentials:
             self.nkeys[k] = jwt.new_seed(kind)
         return bool(missing)
 
+    def tenants(self) -> list[str]:
+        """Every tenant with an account key (created at start or at run time)."""
+        skip = {f"account:{accounts.BATON_ACCOUNT}", f"account:{accounts.SYSTEM_ACCOUNT}"}
+        return sorted(k.split(":", 1)[1] for k in self.nkeys
+                      if k.startswith("account:") and k not in skip)  # fmt: skip
+
+    def revocations(self, account: str) -> dict[str, int]:
+        """User public key -> revoked-at (unix s) of ``account``'s JWT."""
+        out: dict[str, int] = json.loads(self.nkeys.get(f"revocations:{account}", "{}"))
+        return out
+
     def keys(self) -> accounts.Keys:
         """The deployment's nkeys (operator, accounts, users)."""
 

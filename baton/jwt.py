@@ -138,7 +138,14 @@ def account_jwt(
     return encode(operator, account.public, name, nats)
 
 
-def user_jwt(account: Key, user: Key, name: str, permissions: dict[str, Any] | None = None) -> str:
+def user_jwt(
+    account: Key,
+    user: Key,
+    name: str,
+    permissions: dict[str, Any] | None = None,
+    *,
+    iat: int | None = None,
+) -> str:
     """A user JWT signed by its account. ``permissions`` in nats-server's
     configuration shape (``publish``/``subscribe`` ``allow`` lists,
     ``allow_responses``); None: every subject of its account."""
@@ -148,7 +155,7 @@ def user_jwt(account: Key, user: Key, name: str, permissions: dict[str, Any] | N
         nats["sub"] = {"allow": list(permissions.get("subscribe", {}).get("allow", []))}
         if permissions.get("allow_responses"):
             nats["resp"] = {"max": 1, "ttl": 0}
-    return encode(account, user.public, name, nats)
+    return encode(account, user.public, name, nats, iat=iat)
 
 
 def delete_request(operator: Key, accounts: list[str]) -> str:

@@ -154,12 +154,16 @@ class NatsServer:
     def _write_config(self) -> None:
         assert self.auth is not None
         creds = self.auth.credentials
-        if creds.add_nkeys(self.auth.tenants):
-            creds.save()
-        creds.write_creds(self.auth.tenants)
+        # The tenants of the start and those created at run time since.
+        tenants = list(dict.fromkeys([*self.auth.tenants, *creds.tenants()]))
+        creds.add_nkeys(tenants)
+        creds.nkeys.pop(f"revocations:{accounts.BATON_ACCOUNT}", None)  # all re-issued now
+        creds.save()
+        creds.write_creds(tenants)
         config = accounts.render_operator(
-            self.auth.tenants,
+            tenants,
             creds.keys(),
+            revocations={t: creds.revocations(t) for t in tenants},
             resolver_dir=str(self.resolver_dir),
             port=self.port,
             store_dir=str(self.store_dir / "jetstream"),

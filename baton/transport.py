@@ -644,6 +644,27 @@ class Bus:
         )
         return codec.decode(msg.data, reply_type)
 
+    async def refresh_credentials(self, timeout: float = 10.0) -> None:
+        """Reconnect now, presenting the ``.creds`` file as it is now (a
+        re-issued user JWT with other permissions); back when connected.
+
+        Raises:
+            BusUnavailable: not connected again within ``timeout`` seconds.
+        """
+        await self.nc.force_reconnect()
+        deadline = time.monotonic() + timeout
+        await asyncio.sleep(0.01)
+        while not self.nc.is_connected:
+            if time.monotonic() > deadline:
+                raise BusUnavailable("the server", TimeoutError("no reconnect"))
+            await asyncio.sleep(0.05)
+
+    async def request_raw(self, subject: str, payload: bytes, *, timeout: float = 5.0) -> bytes:
+        """Core request-reply with bytes both ways (NATS's own JSON APIs,
+        e.g. ``$SYS.REQ.CLAIMS.UPDATE``)."""
+        msg = await self.nc.request(subject, payload, timeout=timeout)
+        return bytes(msg.data)
+
     # -- consuming ---------------------------------------------------------
 
     async def puller(self, spec: ConsumerSpec) -> Puller:

@@ -359,6 +359,10 @@ def direct_owner(description: str | None) -> tuple[str, str] | None:
 # Each update erases the revision it replaces (runs.py), so 64 is headroom, not history.
 RUNS = BucketSpec(name="baton-runs", history=64, erasable=True,
                   description="Durable run state per task.")  # fmt: skip
+TENANTS = BucketSpec(
+    name="baton-tenants", history=1,
+    description="The tenant registry: each tenant's state (active, suspended, deleted).",
+)  # fmt: skip
 TOOL_CATALOG = BucketSpec(
     name="baton-tools", history=1, description="The tools each tool pool serves, by pool."
 )

@@ -114,6 +114,8 @@ class Services:
         assert task.task_id is not None
         if task.tenant not in self.tenants:
             raise ApiError(ErrorCode.UNKNOWN_TENANT, f"no tenant {task.tenant!r} on this bus")
+        if self.intake is not None and task.tenant in self.intake.suspended:
+            raise ApiError(ErrorCode.TENANT_SUSPENDED, f"tenant {task.tenant!r} is suspended")
         await self._within_limits(bus, task.tenant)
         ack = await bus.publish(subjects.tenant_task(task.tenant, workflow), data,
                                 msg_id=task.task_id, task_id=task.task_id)  # fmt: skip

@@ -19,7 +19,8 @@ import time
 import structlog
 
 from baton.transport import Bus, Delivery
-from proto.admission import RateLimited
+from proto.admission import RateLimited, TaskRejected
+from proto.errors import ErrorCode
 from proto.messages import TaskSubmit
 from proto.streams import ConsumerSpec
 
@@ -46,6 +47,7 @@ class Intake:
         self.runs = runs
         self.limiter = limiter
         self.gate = FairGate(lambda t: limiter.of(t).share)
+        self.suspended: set[str] = set()  # tenants the operator suspended (the registry)
         conductor.admission = self.admit
         conductor.on_changed = self.changed
 
@@ -56,6 +58,10 @@ class Intake:
         ``rate_limited``); a redelivery was judged on its first delivery."""
         if d.num_delivered > 1:
             return
+        if task.tenant in self.suspended:
+            raise TaskRejected(ErrorCode.TENANT_SUSPENDED, f"tenant {task.tenant!r} is suspended",
+                               tenant=task.tenant, task_id=task.task_id,
+                               session=task.session)  # fmt: skip
         refusal = self.limiter.check(
             task.tenant,
             seq=d.stream_seq,

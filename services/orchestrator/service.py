@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import structlog
@@ -13,6 +14,7 @@ import structlog
 from baton.accounts import TENANT_STREAMS, tenant_api_prefix
 from baton.dlq import MaxDeliveryWatch
 from baton.service import Health
+from baton.tenants import DELETED, SUSPENDED, TenantState
 from baton.transport import Bus
 from proto import streams, subjects
 
@@ -45,6 +47,52 @@ async def _watch_backlog(bus: Bus, settings: OrchestratorSettings, hb: Heartbeat
         await asyncio.sleep(settings.pending_poll_interval)
 
 
+async def follow_tenants(
+    bus: Bus,
+    intake: Intake,
+    known: set[str],
+    add: Callable[[str], Awaitable[None]],
+    changed: Callable[[], None],
+) -> None:
+    """Follow the tenant registry (``baton tenant ...``): a new active tenant
+    is provisioned and served, a suspended one refused new tasks
+    (``tenant_suspended``), a deleted one forgotten."""
+    kv = await bus.ensure_bucket(streams.TENANTS)
+    while True:
+        try:
+            async for entry in kv.follow(inactive_threshold=30.0):
+                if entry.deleted or not entry.value:
+                    continue
+                t, state = entry.key, TenantState.decode(entry.key, entry.value).state
+                if state == DELETED:
+                    known.discard(t)
+                    intake.suspended.discard(t)
+                    changed()
+                    continue
+                if state == SUSPENDED:
+                    intake.suspended.add(t)
+                else:
+                    intake.suspended.discard(t)
+                if t not in known:
+                    # Its permissions come with the orchestrator's re-issued
+                    # .creds, read at a reconnect; try again for a while.
+                    await bus.refresh_credentials()
+                    for attempt in range(60):
+                        try:
+                            await add(t)
+                            break
+                        except Exception as exc:
+                            if attempt == 59:
+                                log.error("tenant_add_failed", tenant=t, error=repr(exc))
+                            await asyncio.sleep(0.5)
+                log.info("tenant_state", tenant=t, state=state)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("tenant_registry_watch_failed", error=repr(exc))
+            await asyncio.sleep(2.0)
+
+
 async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Services) -> None:
     specs = load_dir(
         BUILTIN_WORKFLOWS, settings.workflows_dir, mcp_servers=frozenset(settings.mcp_servers)
@@ -73,7 +121,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     elif tenants:
         log.warning("tenant_accounts_unreachable", tenant=tenants[0])
     runs = RunStore(await bus.ensure_bucket(streams.RUNS))
-    known = frozenset(tenants)
+    known = set(tenants)
 
     def copies(tenant: str) -> list[tuple[Bus, str]]:
         """The tenant account's own copies of its events and tokens."""
@@ -107,6 +155,28 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     watcher = asyncio.create_task(_watch_backlog(bus, settings, hb))
     tool_watch = asyncio.create_task(conductor.tools.watch(catalog))
     reconciler = asyncio.create_task(intake.reconcile())
+    loops: list[asyncio.Task[None]] = []
+
+    async def add_tenant(t: str) -> None:
+        """A tenant created at run time: its streams and consumers, then its loops."""
+        consumers = [streams.task_consumer(t), streams.input_consumer(t)]
+        await bus.provision(streams=[streams.tenant_tasks(t)], consumers=consumers)
+        if not await bus.reaches_account(tenant_api_prefix(t)):
+            raise RuntimeError(f"tenant {t}'s account is not reachable yet")
+        for spec in (streams.TENANT_EVENTS, streams.TENANT_TOKENS):
+            await bus.account(tenant_api_prefix(t)).ensure_stream(spec)
+        known.add(t)
+        svc.tenants = frozenset(known)
+        loops.append(asyncio.create_task(intake.run_tenant(
+            streams.task_consumer(t), t, concurrency=settings.task_concurrency)))  # fmt: skip
+        loops.append(asyncio.create_task(
+            bus.consume(streams.input_consumer(t), conductor.on_input, concurrency=4)))  # fmt: skip
+        log.info("tenant_added", tenant=t)
+
+    registry = asyncio.create_task(
+        follow_tenants(bus, intake, known, add_tenant, lambda: setattr(svc, "tenants",
+                                                                       frozenset(known)))
+    )  # fmt: skip
     in_flight = asyncio.create_task(conductor.check_in_flight(settings.in_flight_check_interval))
     health.ready, health.reason = True, "serving"
     try:
@@ -140,3 +210,6 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
         tool_watch.cancel()
         reconciler.cancel()
         in_flight.cancel()
+        registry.cancel()
+        for loop in loops:
+            loop.cancel()
