@@ -511,30 +511,12 @@ def tenant_rotate(tenant: str, data_dir: DataDir = Path(".data"),
 
 
 @tenant_app.command("delete")
-def tenant_delete(
-    tenant: str,
-    data_dir: DataDir = Path(".data"),
-    nats_url: TenantNats = None,
-    context_url: Annotated[str, typer.Option(
-        help="The context store's HTTP API, which erases the tenant's data")] = (
-        "http://127.0.0.1:8081"),
-) -> None:  # fmt: skip
+def tenant_delete(tenant: str, data_dir: DataDir = Path(".data"),
+                  nats_url: TenantNats = None) -> None:  # fmt: skip
     """Erase the tenant's data everywhere (audited), then revoke its credentials."""
-    import httpx
-
     _id(tenant, "tenant")
-    key = _stored_key(data_dir, None)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    try:
-        r = httpx.delete(f"{context_url.rstrip('/')}/v1/tenants/{tenant}", headers=headers,
-                         timeout=60.0)  # fmt: skip
-    except httpx.HTTPError as exc:
-        fail(f"cannot reach the context store at {context_url}: {type(exc).__name__}",
-             EXIT_UNREACHABLE)  # fmt: skip
-    if r.status_code >= 400:
-        fail(f"the context store did not erase {tenant!r}: {r.status_code} {r.text[:200]}")
-    _tenant_op(data_dir, nats_url, lambda admin: admin.delete(tenant))
-    print(f"{tenant}: erased and deleted ({r.text[:200]})")
+    sessions = _tenant_op(data_dir, nats_url, lambda admin: admin.delete(tenant))
+    print(f"{tenant}: {sessions} sessions erased, credentials revoked, tenant deleted")
 
 
 @tenant_app.command("list")

@@ -37,7 +37,8 @@ from typing import Any, Final
 from baton import accounts, jwt
 from baton.credentials import Credentials, creds_path, key_path, new_secret, write_private
 from baton.transport import Bus, connect
-from proto import streams
+from proto import streams, subjects
+from proto.messages import ContextDelete, DeleteReply
 
 ACTIVE: Final = "active"
 SUSPENDED: Final = "suspended"
@@ -219,12 +220,21 @@ class TenantAdmin:
         self._write_files(tenant)
         return creds_path(self.data_dir, tenant)
 
-    async def delete(self, tenant: str) -> None:
-        """Refuse the tenant's credentials and forget its keys: the account
-        deleted from the resolver, BATON's import of it dropped, its files
-        removed, the registry entry ``deleted``. Erasing its data is the
-        context store's ``DELETE /v1/tenants/<t>`` (the CLI calls it)."""
+    async def delete(self, tenant: str) -> int:
+        """Erase the tenant's data, then refuse its credentials and forget
+        its keys. The erasure is the context store's (as ``DELETE
+        /v1/tenants/<t>``: its histories, attachments and documents, then the
+        orchestrator erases its tasks; one ``erase_tenant`` audit record);
+        then the account is deleted from the resolver, BATON's import of it
+        dropped, its files removed and the registry entry ``deleted``.
+        Returns the number of sessions erased."""
         await self._known(tenant)
+        assert self.op is not None
+        reply = await self.op.request(subjects.context_api("delete", tenant),
+                                      ContextDelete(tenant=tenant), DeleteReply,
+                                      timeout=60.0)  # fmt: skip
+        if reply.error is not None:
+            raise TenantError(f"the context store did not erase {tenant!r}: {reply.error}")
         await self._set(tenant, DELETED)
         keys = self.creds.keys()
         account = keys.account(tenant)
@@ -241,6 +251,7 @@ class TenantAdmin:
         for path in (creds_path(self.data_dir, tenant), key_path(self.data_dir, tenant),
                      self.data_dir / "tenants" / f"{tenant}.url"):  # fmt: skip
             path.unlink(missing_ok=True)
+        return int(reply.sessions or 0)
 
 
 __all__ = [

@@ -43,8 +43,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
 
 @pytest.fixture(scope="module")
 def stack(server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    st = LocalStack(server, tmp_path_factory.mktemp("tenancy-work"),
-                    env={"BATON_TENANTS": "acme"}).start()  # fmt: skip
+    env = {"BATON_TENANTS": "acme", "BATON_TENANT_ADMIN_DIR": str(server.store_dir)}
+    st = LocalStack(server, tmp_path_factory.mktemp("tenancy-work"), env=env).start()
     yield st
     st.stop()
 
@@ -187,8 +187,7 @@ async def test_delete_revokes_the_creds_erases_the_data_and_is_audited(
     assert raw_store_contains(store, secret.encode())  # the check below can fail
     creds = server.creds_for("doomed")
     kept = creds.read_bytes()
-    ctx = next(p for p in stack.procs if p.name == "context-store")
-    out = _cli(server, "delete", "doomed", "--context-url", ctx.url)
+    out = _cli(server, "delete", "doomed")
     assert out.returncode == 0, out.stderr
     assert not creds.exists()
     creds.write_bytes(kept)
@@ -209,6 +208,29 @@ async def test_delete_revokes_the_creds_erases_the_data_and_is_audited(
     finally:
         await bus.nc.close()
     assert "doomed" not in await admin.list()
+
+
+async def test_the_operator_http_api_creates_a_tenant_that_runs_a_task(
+    server: NatsServer, stack: LocalStack, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    status, body = _post(f"{stack.orchestrator.url}/v1/tenants", {"tenant": "httpco"})
+    assert status == 201, body
+    creds = tmp_path / "httpco.creds"
+    creds.write_text(body["creds"])
+    client = await Client.connect(f"{server.address}?creds={creds}", tenant="httpco")
+    try:
+        done = await client.run("chat", {"tenant": "httpco", "input": "hi", "task_id": uid()})
+    finally:
+        await client.close()
+    assert done["type"] == "completed", done
+    print(f"\nhttp: POST /v1/tenants -> first completed task {time.monotonic() - started:.2f} s")
+    status, body = _post(f"{stack.orchestrator.url}/v1/tenants", {"tenant": "httpco"})
+    assert status == 409 and body["error"]["code"] == "conflict", body
+    status, body = _post(f"{stack.orchestrator.url}/v1/tenants/httpco/suspend", {})
+    assert status == 200 and body["state"] == "suspended", body
+    with urllib.request.urlopen(f"{stack.orchestrator.url}/v1/tenants", timeout=10) as r:
+        assert json.loads(r.read())["tenants"]["httpco"] == "suspended"
 
 
 async def test_the_services_were_never_restarted(server: NatsServer, stack: LocalStack) -> None:

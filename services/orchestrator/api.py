@@ -390,7 +390,9 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
 
     from .console.routes import add_routes as add_console
     from .openai_api import add_routes
+    from .tenants_api import add_tenant_routes
 
     add_routes(app, settings, svc, tenant_of)
+    add_tenant_routes(app, settings, caller_scope(settings.api_keys, sessions))
     add_console(app, settings, svc, tenant_of, known, sessions)
     return app
