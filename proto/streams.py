@@ -257,6 +257,16 @@ TENANT_TOKENS = StreamSpec(
     description="This tenant's token deltas, imported from Baton (resumable by sequence).",
 )
 
+ORCHESTRATOR_DEAD_TASKS = ConsumerSpec(
+    stream=DEAD_LETTERS.name,
+    durable="orchestrator-dead-tasks",
+    # The dead letters of the tenants' task consumer (durable orchestrator-tasks).
+    filter_subject=f"{subjects.DEAD_LETTERS}.orchestrator-tasks",
+    ack_wait=30.0,
+    max_deliver=5,
+    description="Ends each dead-lettered task with a failed event (unavailable); "
+    "the copy stays in BATON_DLQ for `baton dlq replay`.",
+)
 ORCHESTRATOR_TIMERS = ConsumerSpec(
     stream=TIMERS.name,
     durable="orchestrator-timers",

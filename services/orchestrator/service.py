@@ -107,6 +107,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
             streams.ORCHESTRATOR_RESULTS,
             streams.ORCHESTRATOR_TIMERS,
             streams.ORCHESTRATOR_ERASURES,
+            streams.ORCHESTRATOR_DEAD_TASKS,
             streams.ORCHESTRATOR_TOOL_RESULTS,
             streams.worker_consumer(settings.default_pool),
         ],
@@ -193,6 +194,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
             ),
             bus.consume(streams.ORCHESTRATOR_TIMERS, conductor.on_timer, concurrency=64),
             bus.consume(streams.ORCHESTRATOR_ERASURES, eraser.on_erasure, concurrency=4),
+            bus.consume(streams.ORCHESTRATOR_DEAD_TASKS, conductor.on_dead_task, concurrency=4),
             bus.consume(
                 streams.ORCHESTRATOR_RESULTS,
                 conductor.on_result,
