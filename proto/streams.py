@@ -219,7 +219,11 @@ DOCUMENTS = StreamSpec(
     name="BATON_DOCUMENTS",
     subjects=(f"{subjects.DOCUMENTS}.>",),
     retention="limits",
-    duplicate_window=120.0,
+    # JetStream de-duplicates Nats-Msg-Id stream-wide, and a tenant's own
+    # header reaches this shared stream unchanged: one tenant's id could drop
+    # another's document. A put is idempotent per (tenant, doc_id) anyway (it
+    # replaces), so the window is the server's minimum (100 ms).
+    duplicate_window=0.1,
     max_msg_size=512 * 1024,
     description="Documents per tenant for the search tool (a later put of an id replaces it).",
 )

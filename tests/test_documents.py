@@ -134,3 +134,26 @@ async def test_a_tenant_uploads_over_nats_with_its_own_credentials_pinned_to_its
     info = await bus.js.stream_info(DOCUMENTS.name, subjects_filter=f"{subjects.DOCUMENTS}.>")
     mine = {s for s in info.state.subjects or {} if word in s}
     assert mine == {f"baton.docs.wonka.{word}a", f"baton.docs.wonka.{word}b"}
+
+
+async def test_one_tenants_message_id_never_drops_another_tenants_document(
+    stack: LocalStack, bus: Bus
+) -> None:
+    """Two tenants put the same doc id with the same Nats-Msg-Id: both are
+    stored and indexed, each for its own tenant."""
+    word = uid("dd")
+    for tenant in ("wonka", "hooli"):
+        servers, creds = split_creds(stack.url_for(tenant))
+        nc = await nats.connect(servers, allow_reconnect=False, user_credentials=creds)
+        try:
+            doc = {"tenant": tenant, "doc_id": word, "text": f"{word} belongs to {tenant}"}
+            ack = await nc.jetstream().publish(f"baton.docs.{word}", msgpack.packb(doc),
+                                               headers={"Nats-Msg-Id": f"doc-{word}"})  # fmt: skip
+            assert not ack.duplicate, tenant
+        finally:
+            await nc.close()
+        await asyncio.sleep(0.3)  # past the stream's 100 ms de-duplication window
+    for tenant in ("wonka", "hooli"):
+        async with asyncio.timeout(10):
+            while await search(bus, tenant, f"{word} belongs to {tenant}") != [word]:
+                await asyncio.sleep(0.1)
