@@ -25,7 +25,7 @@ import pytest
 from baton import audit
 from baton.natsd import NatsServer
 from baton.tenants import TenantAdmin
-from baton.testing import Client, LocalStack, connect_nats, secure_nats, uid
+from baton.testing import Client, LocalStack, connect_nats, http_get, secure_nats, uid
 from baton.transport import Bus, connect
 from tests.ctx import raw_store_contains
 
@@ -86,6 +86,14 @@ async def test_a_tenant_created_with_the_cli_runs_a_task_within_seconds(
     print(f"\ncli: tenant create -> first completed task {took:.2f} s")
     listed = _cli(server, "list", "--json")
     assert json.loads(listed.stdout) == {"acme": "active", "clico": "active"}
+    # The scaling signal (KEDA's Prometheus trigger) covers the new tenant.
+    series = (
+        'baton_consumer_pending_messages{consumer="orchestrator-tasks",stream="BATON_TASKS_clico"}'
+    )
+    deadline = time.monotonic() + 10
+    while series not in http_get(f"{stack.orchestrator.url}/metrics"):
+        assert time.monotonic() < deadline, "no backlog series for the new tenant"
+        await asyncio.sleep(0.2)
 
 
 async def test_a_created_tenant_is_fenced_like_the_others(

@@ -34,10 +34,12 @@ log = structlog.get_logger("orchestrator")
 BUILTIN_WORKFLOWS = Path(__file__).with_name("workflows")
 
 
-async def _watch_backlog(bus: Bus, settings: OrchestratorSettings, hb: HeartbeatTracker) -> None:
+async def _watch_backlog(
+    bus: Bus, settings: OrchestratorSettings, hb: HeartbeatTracker, tenants: set[str]
+) -> None:
     while True:
         pools = {"default", settings.default_pool} | {p for p, _ in hb.last}
-        specs = [streams.task_consumer(t) for t in settings.tenant_ids]
+        specs = [streams.task_consumer(t) for t in sorted(tenants)]  # run-time tenants too
         specs.append(streams.ORCHESTRATOR_RESULTS)
         specs += [streams.worker_consumer(p) for p in sorted(pools)]
         for spec in specs:
@@ -153,7 +155,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     svc.tenants = frozenset(tenants)
     svc.intake = intake
     catalog = await bus.ensure_bucket(streams.TOOL_CATALOG)
-    watcher = asyncio.create_task(_watch_backlog(bus, settings, hb))
+    watcher = asyncio.create_task(_watch_backlog(bus, settings, hb, known))
     tool_watch = asyncio.create_task(conductor.tools.watch(catalog))
     reconciler = asyncio.create_task(intake.reconcile())
     loops: list[asyncio.Task[None]] = []
