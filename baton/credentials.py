@@ -31,12 +31,20 @@ SECRETS_FILE = Path("secrets") / "nats.json"
 
 def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path``, readable by its owner only (0600, in a 0700
-    directory when it creates one): for files that hold secrets."""
+    directory when it creates one), replacing it in one step: for files that
+    hold secrets."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(path, 0o600)  # an existing file keeps its old mode otherwise
+    # Whole or not at all: a client re-reading its .creds while it is
+    # rewritten (a service reconnecting) must never see half a file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def create_private(path: Path, text: str) -> None:

@@ -28,6 +28,7 @@ server, live connections included.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -50,20 +51,28 @@ class TenantError(RuntimeError):
     """A lifecycle step that cannot be done (unknown tenant, exists, refused push)."""
 
 
+def key_digest(api_key: str) -> str:
+    """How the registry names a tenant's HTTP API key (never the key itself)."""
+    return "sha256:" + hashlib.sha256(api_key.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class TenantState:
     tenant: str
     state: str
     changed_at: float
+    api_key: str = ""  # key_digest of its HTTP API key: the services accept it
 
     def encode(self) -> bytes:
-        return json.dumps({"state": self.state, "changed_at": self.changed_at}).encode()
+        doc = {"state": self.state, "changed_at": self.changed_at, "api_key": self.api_key}
+        return json.dumps(doc).encode()
 
     @classmethod
     def decode(cls, tenant: str, value: bytes) -> TenantState:
         doc = json.loads(value)
         state = doc.get("state")
-        return cls(tenant, state if state in STATES else ACTIVE, float(doc.get("changed_at", 0)))
+        return cls(tenant, state if state in STATES else ACTIVE, float(doc.get("changed_at", 0)),
+                   str(doc.get("api_key", "")))  # fmt: skip
 
 
 def account_tenants(creds: Credentials) -> list[str]:
@@ -114,7 +123,9 @@ class TenantAdmin:
 
     async def _set(self, tenant: str, state: str) -> None:
         kv = await self._registry()
-        await kv.put(tenant, TenantState(tenant, state, time.time()).encode())
+        key = self.creds.api_keys.get(tenant)
+        digest = key_digest(key) if key and state != DELETED else ""
+        await kv.put(tenant, TenantState(tenant, state, time.time(), digest).encode())
 
     async def state(self, tenant: str) -> str | None:
         return (await self.list()).get(tenant)
@@ -262,4 +273,5 @@ __all__ = [
     "TenantError",
     "TenantState",
     "account_tenants",
+    "key_digest",
 ]

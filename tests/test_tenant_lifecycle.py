@@ -241,6 +241,46 @@ async def test_the_operator_http_api_creates_a_tenant_that_runs_a_task(
         assert json.loads(r.read())["tenants"]["httpco"] == "suspended"
 
 
+async def test_a_created_tenants_http_key_works_at_once_on_a_running_orchestrator(
+    server: NatsServer, stack: LocalStack, admin: TenantAdmin
+) -> None:
+    """With API keys on, the key `create` writes (tenants/<t>.key) is accepted
+    by the running orchestrator (the registry carries its digest), for its
+    own tenant only; deletion withdraws it."""
+    operator = uid("bk-op")
+    orch = stack.service("orchestrator", BATON_API_KEYS=json.dumps({operator: "*"}),
+                         BATON_ALLOW_NO_API_KEYS="false").wait_ready()  # fmt: skip
+    try:
+        await admin.create("keyco")
+        key = (server.store_dir / "tenants" / "keyco.key").read_text().strip()
+
+        def get(path: str, k: str) -> int:
+            req = urllib.request.Request(
+                f"{orch.url}{path}", headers={"Authorization": f"Bearer {k}"}
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    return int(r.status)
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        deadline = time.monotonic() + 10
+        while get("/v1/tasks", key) != 200:
+            assert time.monotonic() < deadline, "the new tenant's key was never accepted"
+            await asyncio.sleep(0.2)
+        assert get("/v1/tenants", key) == 403  # the operator's API only
+        assert get("/v1/tenants", operator) == 200
+        await admin.delete("keyco")
+        deadline = time.monotonic() + 10
+        while get("/v1/tasks", key) != 401:
+            assert time.monotonic() < deadline, (
+                f"a deleted tenant key still works: {get('/v1/tasks', key)}"
+            )
+            await asyncio.sleep(0.2)
+    finally:
+        stack.retire(orch)
+
+
 async def test_the_services_were_never_restarted(server: NatsServer, stack: LocalStack) -> None:
     assert server.running
     assert all(p.proc is not None and p.proc.poll() is None for p in stack.procs)

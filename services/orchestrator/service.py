@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -55,18 +56,26 @@ async def follow_tenants(
     known: set[str],
     add: Callable[[str], Awaitable[None]],
     changed: Callable[[], None],
+    api_keys: dict[str, str] | None = None,
+    drop: Callable[[str], None] = lambda t: None,
 ) -> None:
     """Follow the tenant registry (``baton tenant ...``): a new active tenant
     is provisioned and served, a suspended one refused new tasks
     (``tenant_suspended``), a deleted one forgotten."""
     kv = await bus.ensure_bucket(streams.TENANTS)
+    started = time.time()
     while True:
         try:
             async for entry in kv.follow(inactive_threshold=30.0):
                 if entry.deleted or not entry.value:
                     continue
-                t, state = entry.key, TenantState.decode(entry.key, entry.value).state
+                entry_state = TenantState.decode(entry.key, entry.value)
+                t, state = entry.key, entry_state.state
+                if api_keys:  # keys on: withdraw the tenant's key (added back below)
+                    for k in [k for k, v in api_keys.items() if v == t and k.startswith("sha256:")]:
+                        del api_keys[k]
                 if state == DELETED:
+                    drop(t)
                     known.discard(t)
                     intake.suspended.discard(t)
                     changed()
@@ -78,15 +87,22 @@ async def follow_tenants(
                 if t not in known:
                     # Its permissions come with the orchestrator's re-issued
                     # .creds, read at a reconnect; try again for a while.
-                    await bus.refresh_credentials()
+                    # (A tenant recorded before this process connected is in
+                    # the file it connected with.)
+                    if entry_state.changed_at >= started:
+                        await bus.refresh_credentials()
                     for attempt in range(60):
                         try:
                             await add(t)
                             break
                         except Exception as exc:
+                            if attempt == 0:
+                                await bus.refresh_credentials()
                             if attempt == 59:
                                 log.error("tenant_add_failed", tenant=t, error=repr(exc))
                             await asyncio.sleep(0.5)
+                if api_keys and entry_state.api_key and t in known:
+                    api_keys[entry_state.api_key] = t  # accepted once the tenant is served
                 log.info("tenant_state", tenant=t, state=state)
         except asyncio.CancelledError:
             raise
@@ -158,7 +174,12 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     watcher = asyncio.create_task(_watch_backlog(bus, settings, hb, known))
     tool_watch = asyncio.create_task(conductor.tools.watch(catalog))
     reconciler = asyncio.create_task(intake.reconcile())
-    loops: list[asyncio.Task[None]] = []
+    loops: dict[str, list[asyncio.Task[None]]] = {}  # per tenant added at run time
+
+    def drop_tenant(t: str) -> None:
+        """A deleted tenant: stop pulling its (erased) task stream."""
+        for loop in loops.pop(t, []):
+            loop.cancel()
 
     async def add_tenant(t: str) -> None:
         """A tenant created at run time: its streams and consumers, then its loops."""
@@ -170,15 +191,18 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
             await bus.account(tenant_api_prefix(t)).ensure_stream(spec)
         known.add(t)
         svc.tenants = frozenset(known)
-        loops.append(asyncio.create_task(intake.run_tenant(
-            streams.task_consumer(t), t, concurrency=settings.task_concurrency)))  # fmt: skip
-        loops.append(asyncio.create_task(
-            bus.consume(streams.input_consumer(t), conductor.on_input, concurrency=4)))  # fmt: skip
+        loops[t] = [
+            asyncio.create_task(intake.run_tenant(
+                streams.task_consumer(t), t, concurrency=settings.task_concurrency)),
+            asyncio.create_task(
+                bus.consume(streams.input_consumer(t), conductor.on_input, concurrency=4)),
+        ]  # fmt: skip
         log.info("tenant_added", tenant=t)
 
     registry = asyncio.create_task(
-        follow_tenants(bus, intake, known, add_tenant, lambda: setattr(svc, "tenants",
-                                                                       frozenset(known)))
+        follow_tenants(bus, intake, known, add_tenant,
+                       lambda: setattr(svc, "tenants", frozenset(known)), settings.api_keys,
+                       drop_tenant)
     )  # fmt: skip
     in_flight = asyncio.create_task(conductor.check_in_flight(settings.in_flight_check_interval))
     health.ready, health.reason = True, "serving"
@@ -215,5 +239,5 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
         reconciler.cancel()
         in_flight.cancel()
         registry.cancel()
-        for loop in loops:
-            loop.cancel()
+        for tenant in list(loops):
+            drop_tenant(tenant)
