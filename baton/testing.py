@@ -117,7 +117,9 @@ class RemoteNats:
         return self.url_for(accounts.OPERATOR)
 
     def url_for(self, identity: str) -> str:
-        return self.creds.url(identity, self.host, self.port)
+        """The address with ``identity``'s ``.creds`` (operator mode, as the
+        embedded server)."""
+        return self.creds.creds_url(identity, self.host, self.port)
 
 
 async def connect_nats(url: str, **kw: Any) -> nats.NATS:
