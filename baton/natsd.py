@@ -4,9 +4,11 @@ Used by ``baton up`` on a laptop and by the test suite when no ``NATS_URL``
 and no Docker daemon are available. JetStream keeps its file store under
 ``store_dir`` so a restart keeps every stream.
 
-With ``auth`` (the default of ``baton up`` and the tests) the server runs the
-accounts and permissions ``baton.accounts`` renders, and encrypts JetStream's
-store at rest; the key reaches the server through its environment, never the
+With ``auth`` (the default of ``baton up`` and the tests) the server runs in
+operator mode (decentralized authentication: JWTs, a ``full`` resolver that
+takes accounts at run time) with the accounts and permissions
+``baton.accounts`` renders, writes every identity's ``.creds`` file, and
+encrypts JetStream's store at rest; the key reaches the server through its environment, never the
 configuration file.
 """
 
@@ -129,10 +131,21 @@ class NatsServer:
         return self.url_for(accounts.OPERATOR)
 
     def url_for(self, identity: str) -> str:
-        """A URL that connects as ``identity`` (the address when open)."""
+        """A URL that connects as ``identity``: the address with its
+        ``.creds`` file (``baton.urls.split_creds``); the address when open."""
         if self.auth is None:
             return self.address
-        return self.auth.credentials.url(identity, "127.0.0.1", self.port)
+        return self.auth.credentials.creds_url(identity, "127.0.0.1", self.port)
+
+    def creds_for(self, identity: str) -> Path:
+        """``identity``'s ``.creds`` file (a server with ``auth`` only)."""
+        assert self.auth is not None
+        return self.auth.credentials.creds_path(identity)
+
+    @property
+    def resolver_dir(self) -> Path:
+        """Where the ``full`` resolver keeps the account JWTs it was sent."""
+        return self.store_dir / "jwt"
 
     @property
     def config_path(self) -> Path:
@@ -141,9 +154,17 @@ class NatsServer:
     def _write_config(self) -> None:
         assert self.auth is not None
         creds = self.auth.credentials
-        config = accounts.render(
-            self.auth.tenants,
-            creds.passwords,
+        # The tenants of the start and those created at run time since.
+        tenants = list(dict.fromkeys([*self.auth.tenants, *creds.tenants()]))
+        creds.add_nkeys(tenants)
+        creds.nkeys.pop(f"revocations:{accounts.BATON_ACCOUNT}", None)  # all re-issued now
+        creds.save()
+        creds.write_creds(tenants)
+        config = accounts.render_operator(
+            tenants,
+            creds.keys(),
+            revocations={t: creds.revocations(t) for t in tenants},
+            resolver_dir=str(self.resolver_dir),
             port=self.port,
             store_dir=str(self.store_dir / "jetstream"),
             monitor_port=self.monitor_port,

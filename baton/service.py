@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import os
 import signal
@@ -148,6 +149,8 @@ def caller_scope(
         refuse_cross_site(request)
         key = credentials.credentials.strip() if credentials else ""
         tenant = api_keys.get(key) if key else None
+        if tenant is None and key:  # a tenant created at run time (baton.tenants)
+            tenant = api_keys.get("sha256:" + hashlib.sha256(key.encode()).hexdigest())
         cookie = request.cookies.get(S.COOKIE)
         if tenant is None and not key and sessions is not None and cookie:
             grant = sessions.verify(cookie, "session", time.time())
@@ -236,6 +239,7 @@ async def serve(
         replicas=settings.stream_replicas,
         timeout=settings.connect_timeout,
         tls=tls_context(settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key),
+        creds=settings.nats_creds,
     )
     server = _QuietServer(
         uvicorn.Config(

@@ -26,6 +26,10 @@ class CommonSettings(BaseSettings):
         default=DEFAULT_NATS_URL,
         validation_alias=AliasChoices("BATON_NATS_URL", "NATS_URL"),
     )
+    # This service's NATS .creds file (a user JWT and its nkey seed), for a
+    # server in operator mode; `baton up` writes one per identity. The URL may
+    # carry it instead as nats://host:port?creds=/path.
+    nats_creds: Path | None = None
     # DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
     # One JSON object per log line (false: human-readable lines).

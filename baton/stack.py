@@ -207,6 +207,8 @@ class Stack:
                                           die_with_parent=True)  # fmt: skip
             url = self.nats.address
             urls = {name: self.nats.url_for(name) for name in MODULES}
+            # The operator's /v1/tenants API uses the keys `baton up` keeps here.
+            base["BATON_TENANT_ADMIN_DIR"] = str(self.data_dir.resolve())
         else:  # the caller's NATS, one identity for every service
             url = self.nats_url
             urls = dict.fromkeys(MODULES, url)

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import nats
 
-from baton.dev.testing import LocalStack, secure_nats
+from baton.dev.testing import LocalStack, connect_nats, secure_nats
 from baton.natsd import NatsServer
 from bench.stats import pct
 
@@ -27,7 +26,7 @@ ENV = {"BATON_TENANTS": "acme", "BATON_LOG_LEVEL": "WARNING", "BATON_SIM_DECODE_
 
 
 async def _round_trips(url: str, subject: str, n: int) -> list[float]:
-    nc = await nats.connect(url)
+    nc = await connect_nats(url)
     js = nc.jetstream()
     out: list[float] = []
     try:

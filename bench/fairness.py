@@ -36,11 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from baton.dev.testing import LocalStack, secure_nats, uid
+from baton.dev.testing import LocalStack, connect_nats, secure_nats, uid
 from bench.stats import median, pct
 
 FLOOD = 2000
@@ -165,7 +164,7 @@ async def _main(work: Path) -> dict[str, Any]:
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
     try:
         await asyncio.to_thread(stack.start, 1)
-        nc = await nats.connect(server.url, name="bench-fairness")
+        nc = await connect_nats(server.url, name="bench-fairness")
         ends = Ends(nc)
         await ends.start()
         for _ in range(2):  # warm-up: connections, consumers

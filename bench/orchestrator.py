@@ -45,13 +45,12 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
-from baton.dev.testing import LocalStack, secure_nats, uid
+from baton.dev.testing import LocalStack, connect_nats, secure_nats, uid
 from baton.natsd import free_port
 from bench.stats import cpu_seconds, pct
 from proto import codec
@@ -468,8 +467,8 @@ async def _main(work: Path) -> dict[str, Any]:
     responder: NATS | None = None
     try:
         await asyncio.to_thread(stack.start, 1)
-        nc = await nats.connect(server.url, name="bench-orchestrator")
-        responder = await nats.connect(server.url, name="bench-echo")
+        nc = await connect_nats(server.url, name="bench-orchestrator")
+        responder = await connect_nats(server.url, name="bench-echo")
 
         async def echo(msg: Msg) -> None:
             await msg.respond(msg.data)

@@ -33,9 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import nats
-
-from baton.dev.testing import LocalStack, secure_nats
+from baton.dev.testing import LocalStack, connect_nats, secure_nats
 from baton.dev.trace_receiver import TraceReceiver
 from bench.orchestrator import ENV, Runner, _text
 from bench.stats import cpu_seconds
@@ -66,7 +64,7 @@ class Side:
 
     async def start(self) -> None:
         await asyncio.to_thread(self.stack.start, 1)
-        nc = await nats.connect(self.server.url, name=f"bench-tracing-{self.name}")
+        nc = await connect_nats(self.server.url, name=f"bench-tracing-{self.name}")
         self.runner = Runner(nc, self.stack.orchestrator.url, "acme")
         await self.runner.start()
 

@@ -25,6 +25,7 @@ class ErrorCode(enum.StrEnum):
     UNKNOWN_WORKFLOW = "unknown_workflow"
     INPUT_TOO_LARGE = "input_too_large"
     UNKNOWN_TENANT = "unknown_tenant"  # no such tenant on this bus (HTTP API)
+    TENANT_SUSPENDED = "tenant_suspended"  # the operator suspended the tenant: no new tasks
     DUPLICATE_TASK = "duplicate_task"
     RATE_LIMITED = "rate_limited"  # over a tenant limit; error.retry_after says when to retry
     BUDGET_EXCEEDED = "budget_exceeded"
@@ -70,6 +71,7 @@ LAYER_OF: dict[ErrorCode, Layer] = {
             ErrorCode.UNKNOWN_WORKFLOW,
             ErrorCode.INPUT_TOO_LARGE,
             ErrorCode.UNKNOWN_TENANT,
+            ErrorCode.TENANT_SUSPENDED,
             ErrorCode.DUPLICATE_TASK,
             ErrorCode.RATE_LIMITED,
             ErrorCode.BUDGET_EXCEEDED,

@@ -219,7 +219,11 @@ DOCUMENTS = StreamSpec(
     name="BATON_DOCUMENTS",
     subjects=(f"{subjects.DOCUMENTS}.>",),
     retention="limits",
-    duplicate_window=120.0,
+    # JetStream de-duplicates Nats-Msg-Id stream-wide, and a tenant's own
+    # header reaches this shared stream unchanged: one tenant's id could drop
+    # another's document. A put is idempotent per (tenant, doc_id) anyway (it
+    # replaces), so the window is the server's minimum (100 ms).
+    duplicate_window=0.1,
     max_msg_size=512 * 1024,
     description="Documents per tenant for the search tool (a later put of an id replaces it).",
 )
@@ -257,6 +261,16 @@ TENANT_TOKENS = StreamSpec(
     description="This tenant's token deltas, imported from Baton (resumable by sequence).",
 )
 
+ORCHESTRATOR_DEAD_TASKS = ConsumerSpec(
+    stream=DEAD_LETTERS.name,
+    durable="orchestrator-dead-tasks",
+    # The dead letters of the tenants' task consumer (durable orchestrator-tasks).
+    filter_subject=f"{subjects.DEAD_LETTERS}.orchestrator-tasks",
+    ack_wait=30.0,
+    max_deliver=5,
+    description="Ends each dead-lettered task with a failed event (unavailable); "
+    "the copy stays in BATON_DLQ for `baton dlq replay`.",
+)
 ORCHESTRATOR_TIMERS = ConsumerSpec(
     stream=TIMERS.name,
     durable="orchestrator-timers",
@@ -359,6 +373,10 @@ def direct_owner(description: str | None) -> tuple[str, str] | None:
 # Each update erases the revision it replaces (runs.py), so 64 is headroom, not history.
 RUNS = BucketSpec(name="baton-runs", history=64, erasable=True,
                   description="Durable run state per task.")  # fmt: skip
+TENANTS = BucketSpec(
+    name="baton-tenants", history=1,
+    description="The tenant registry: each tenant's state (active, suspended, deleted).",
+)  # fmt: skip
 TOOL_CATALOG = BucketSpec(
     name="baton-tools", history=1, description="The tools each tool pool serves, by pool."
 )

@@ -74,21 +74,19 @@ def nats_source(tmp: Path) -> Iterator[tuple[str, NatsServer | RemoteNats | None
         from testcontainers.core.container import DockerContainer
         from testcontainers.core.waiting_utils import wait_for_logs
 
-        # The same accounts as the embedded server, rendered by baton.accounts;
-        # the config names its secrets as variables the container gets.
+        # The same operator mode and accounts as the embedded server, rendered
+        # by baton.accounts; the config holds public JWTs only, the clients'
+        # .creds stay on this side.
         creds = Credentials.load_or_create(tmp, list(TEST_TENANTS))
-        names = {
-            i: accounts.Var(accounts.password_var(i)) for i in accounts.identities(TEST_TENANTS)
-        }
+        creds.write_creds(list(TEST_TENANTS))
         conf = tmp / "nats.conf"
-        conf.write_text(accounts.to_conf(accounts.render(
-            TEST_TENANTS, names, host="0.0.0.0", port=4222, store_dir="/data")))  # fmt: skip
+        conf.write_text(accounts.to_conf(accounts.render_operator(
+            TEST_TENANTS, creds.keys(), resolver_dir="/data/jwt", host="0.0.0.0", port=4222,
+            store_dir="/data")))  # fmt: skip
         conf.chmod(0o644)
         container = (DockerContainer(image).with_command("--config /etc/nats/nats.conf")
                      .with_volume_mapping(str(conf), "/etc/nats/nats.conf", "ro")
                      .with_exposed_ports(4222))  # fmt: skip
-        for identity, var in names.items():
-            container = container.with_env(var.name, creds.passwords[identity])
         with container as c:
             wait_for_logs(c, "Server is ready", timeout=30)
             remote = RemoteNats(creds, c.get_container_host_ip(), int(c.get_exposed_port(4222)))

@@ -10,9 +10,12 @@ import contextlib
 import io
 import json
 
+import msgpack
+import nats.errors
 from nats.js import api
 
 from baton import cli
+from baton.bus import HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_TASK_ID
 from baton.dev.testing import Client, LocalStack, metric, uid
 from baton.dlq import parse_advisory
 
@@ -94,3 +97,39 @@ async def test_a_message_out_of_deliveries_is_counted_copied_and_replayable(
     await sub.unsubscribe()
     await js.delete_consumer(name, consumer)
     await js.purge_stream(name, subject=subject)
+
+
+async def test_a_dead_lettered_task_ends_failed_for_its_tenant_and_stays_replayable(
+    stack: LocalStack, client: Client, nats_url: str
+) -> None:
+    """Whatever dead-lettered a tenant's task (a handler failing on its last
+    delivery, or JetStream's max deliveries), the tenant sees ``failed`` with
+    ``unavailable`` and the copy stays in BATON_DLQ; a finished task is left
+    as it is."""
+    tenant = "acme"
+    task_id = uid("dead")
+    watcher = await Client.connect(stack.url_for(tenant), tenant=tenant)
+    try:
+        sub = await watcher.nc.subscribe(f"baton.events.{tenant}.{task_id}")
+        await watcher.nc.flush()
+        headers = {HDR_TASK_ID: task_id, HDR_DLQ_SUBJECT: f"baton.tasks.{tenant}.chat",
+                   HDR_DLQ_REASON: "handler failed on its last delivery"}  # fmt: skip
+        body = msgpack.packb({"tenant": tenant, "input": "x", "task_id": task_id})
+        ack = await client.js.publish("baton.dlq.orchestrator-tasks", body, headers=headers)
+        event = msgpack.unpackb((await sub.next_msg(timeout=15)).data)
+        assert event["type"] == "failed" and event["error"]["code"] == "unavailable", event
+        assert "dlq replay" in event["error"]["message"]
+        kept = await client.js.get_msg("BATON_DLQ", ack.seq)
+        assert kept.data == body  # the copy stays for `baton dlq replay`
+        # A task that already finished keeps its one terminal event.
+        done = await watcher.run("chat", {"tenant": tenant, "input": "hi", "task_id": uid()})
+        assert done["type"] == "completed"
+        after = await watcher.nc.subscribe(f"baton.events.{tenant}.{done['task_id']}")
+        await watcher.nc.flush()
+        headers[HDR_TASK_ID] = done["task_id"]
+        await client.js.publish("baton.dlq.orchestrator-tasks", body, headers=headers)
+        with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
+            extra = await after.next_msg(timeout=2)
+            raise AssertionError(f"a finished task got another event: {extra.data!r}")
+    finally:
+        await watcher.close()

@@ -12,6 +12,7 @@ import nats
 from baton.bus import Bus
 from baton.dev.testing import LocalStack, uid
 from baton.documents import put_document
+from baton.urls import split_creds
 from proto import subjects
 from proto.messages import ContextDelete, DocumentPut
 from proto.streams import DOCUMENTS
@@ -109,7 +110,9 @@ async def test_a_tenant_uploads_over_nats_with_its_own_credentials_pinned_to_its
     async def on_error(exc: Exception) -> None:
         refused.append(str(exc).lower())
 
-    nc = await nats.connect(stack.url_for(tenant), error_cb=on_error, allow_reconnect=False)
+    servers, creds = split_creds(stack.url_for(tenant))
+    nc = await nats.connect(servers, error_cb=on_error, allow_reconnect=False,
+                               user_credentials=creds)  # fmt: skip
     try:
         js = nc.jetstream()
         doc = {"tenant": tenant, "doc_id": f"{word}a", "text": f"the {word} recipe uses cocoa"}
@@ -131,3 +134,26 @@ async def test_a_tenant_uploads_over_nats_with_its_own_credentials_pinned_to_its
     info = await bus._js.stream_info(DOCUMENTS.name, subjects_filter=f"{subjects.DOCUMENTS}.>")
     mine = {s for s in info.state.subjects or {} if word in s}
     assert mine == {f"baton.docs.wonka.{word}a", f"baton.docs.wonka.{word}b"}
+
+
+async def test_one_tenants_message_id_never_drops_another_tenants_document(
+    stack: LocalStack, bus: Bus
+) -> None:
+    """Two tenants put the same doc id with the same Nats-Msg-Id: both are
+    stored and indexed, each for its own tenant."""
+    word = uid("dd")
+    for tenant in ("wonka", "hooli"):
+        servers, creds = split_creds(stack.url_for(tenant))
+        nc = await nats.connect(servers, allow_reconnect=False, user_credentials=creds)
+        try:
+            doc = {"tenant": tenant, "doc_id": word, "text": f"{word} belongs to {tenant}"}
+            ack = await nc.jetstream().publish(f"baton.docs.{word}", msgpack.packb(doc),
+                                               headers={"Nats-Msg-Id": f"doc-{word}"})  # fmt: skip
+            assert not ack.duplicate, tenant
+        finally:
+            await nc.close()
+        await asyncio.sleep(0.3)  # past the stream's 100 ms de-duplication window
+    for tenant in ("wonka", "hooli"):
+        async with asyncio.timeout(10):
+            while await search(bus, tenant, f"{word} belongs to {tenant}") != [word]:
+                await asyncio.sleep(0.1)

@@ -20,6 +20,7 @@ import pytest
 
 from baton.bus import Bus, connect
 from baton.dev.testing import Client, LocalStack, metric, secure_nats, uid
+from baton.urls import split_creds
 from proto.messages import ContextGet
 from tests.ctx import ask
 from tests.harness import http_post
@@ -200,7 +201,9 @@ async def test_another_tenant_cannot_answer_and_the_run_still_waits(
     async def on_error(exc: Exception) -> None:
         refused.append(str(exc).lower())
 
-    globex = await nats.connect(env.url_for("globex"), error_cb=on_error, allow_reconnect=False)
+    servers, creds = split_creds(env.url_for("globex"))
+    globex = await nats.connect(servers, error_cb=on_error, allow_reconnect=False,
+                               user_credentials=creds)  # fmt: skip
     try:
         body = msgpack.packb({"answer": "hijacked", "step": "r1.confirm", "tenant": "acme"})
         # Addressing acme's subject: the server refuses the publish.

@@ -4,12 +4,17 @@ which must run as printed (nats-py + msgpack only) against a live stack."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from baton.dev.testing import LocalStack, uid
+from baton.urls import split_creds
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -29,10 +34,14 @@ def test_the_readme_example_runs_unchanged_against_a_stack(
     source = code.group(1)
     assert "baton" not in source.split("asyncio.run")[0].split("import")[1].split("\n")[0]
     assert len([ln for ln in source.splitlines() if ln.strip()]) <= 16
-    # As `make up` leaves it: the tenant's URL under the data dir, read from the cwd.
+    # As `make up` leaves it: the tenant's address and .creds under the data
+    # dir, read from the cwd.
+    address, creds = split_creds(stack.url_for("acme"))
+    assert creds is not None, "the stack's NATS runs in operator mode"
     url_file = tmp_path / ".data" / "tenants" / "acme.url"
     url_file.parent.mkdir(parents=True)
-    url_file.write_text(stack.url_for("acme") + "\n")
+    url_file.write_text(address + "\n")
+    shutil.copy(creds, url_file.with_suffix(".creds"))
     out = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True,
                          timeout=60, cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -77,3 +86,33 @@ def test_the_readme_http_and_openai_examples_run_unchanged_with_keys(
         assert len(listed["tasks"]) >= 2 and {t["tenant"] for t in listed["tasks"]} == {"acme"}
     finally:
         stack.retire(orch)
+
+
+NODE_DIR = Path(__file__).parent / "node"  # package.json + lock: `make node-deps` (npm ci)
+
+
+def test_the_readme_node_client_completes_a_chat_and_its_second_turn(
+    stack: LocalStack, tmp_path: Path
+) -> None:
+    """The official Node.js client (nats@2) with the tenant's .creds file and
+    nothing of Baton's."""
+    node = shutil.which("node")
+    if node is None or not (NODE_DIR / "node_modules" / "nats").exists():
+        missing = "node" if node is None else f"{NODE_DIR}/node_modules (make node-deps)"
+        if os.environ.get("BATON_REQUIRE_TOOLS"):
+            pytest.fail(f"BATON_REQUIRE_TOOLS: {missing} is missing")
+        pytest.skip(f"{missing} is missing")
+    source = _block("js", "credsAuthenticator")
+    address, creds = split_creds(stack.url_for("acme"))
+    assert creds is not None
+    data = tmp_path / ".data" / "tenants"
+    data.mkdir(parents=True)
+    (data / "acme.url").write_text(address + "\n")
+    shutil.copy(creds, data / "acme.creds")
+    out = subprocess.run([node, "-e", source], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path, env={**os.environ,
+                                            "NODE_PATH": str(NODE_DIR / "node_modules")})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(ln.startswith("completed ") for ln in lines), out.stdout
+    assert lines[0].split()[1] == lines[1].split()[1]  # the second turn, same session

@@ -107,17 +107,23 @@ async def test_baton_up_serves_a_task_with_keys_on_and_ctrl_c_leaves_no_process(
         up.wait_for("API docs")
         children = up.children()
         assert len(children) >= 5  # nats-server and four services
-        # Authentication is on: the tenant connects with the URL `baton up` wrote.
-        for path in (tmp_path / "tenants" / "acme.url", tmp_path / "operator.url",
+        # Authentication is on: the tenant connects with the address and the
+        # standard .creds file `baton up` wrote.
+        creds = tmp_path / "tenants" / "acme.creds"
+        for path in (tmp_path / "tenants" / "acme.url", tmp_path / "operator.url", creds,
+                     tmp_path / "operator.creds", tmp_path / "secrets" / "creds" / "orchestrator.creds",
                      tmp_path / "tenants" / "acme.key", tmp_path / "operator.key"):  # fmt: skip
             assert path.stat().st_mode & 0o777 == 0o600, path
         url = (tmp_path / "tenants" / "acme.url").read_text().strip()
-        assert url.startswith("nats://acme:") and url.endswith(f"@127.0.0.1:{up.nats_port}")
+        assert url == f"nats://127.0.0.1:{up.nats_port}"
         assert _cli("tenant", "url", "acme", "--data-dir", str(tmp_path)) == url
+        assert _cli("tenant", "creds", "acme", "--data-dir", str(tmp_path)) == str(creds.resolve())
+        assert "-----BEGIN NATS USER JWT-----" in creds.read_text()
         key = _cli("tenant", "key", "acme", "--data-dir", str(tmp_path))
         assert key == (tmp_path / "tenants" / "acme.key").read_text().strip()
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):
             await nats.connect(f"nats://127.0.0.1:{up.nats_port}", allow_reconnect=False)
+        url = f"{url}?creds={creds}"
         client = await Client.connect(url, tenant="acme")
         task_id = uid()
         try:

@@ -11,6 +11,7 @@ import ssl
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -18,6 +19,7 @@ import pytest
 from baton.bus import BusUnavailable, connect, tls_context
 from baton.dev.testing import Client, LocalStack, http_json, secure_nats, uid
 from baton.natsd import NatsServer, ServerTls, free_port
+from baton.urls import split_creds
 
 trustme = pytest.importorskip("trustme")
 
@@ -63,7 +65,8 @@ async def _refusal(url: str, ctx: ssl.SSLContext | None) -> list[BaseException]:
     async def on_error(exc: Exception) -> None:
         errors.append(exc)
 
-    kwargs = {} if ctx is None else {"tls": ctx}
+    kwargs: dict[str, Any] = {} if ctx is None else {"tls": ctx}
+    url, kwargs["user_credentials"] = split_creds(url)
     try:
         nc = await nats.connect(url, allow_reconnect=False, connect_timeout=2, error_cb=on_error,
                                 max_reconnect_attempts=0, **kwargs)  # fmt: skip
@@ -93,7 +96,7 @@ async def test_services_and_a_plain_client_complete_a_task_over_mutual_tls(
     tls_stack: LocalStack, mtls_nats: NatsServer, pki: Pki
 ) -> None:
     ctx = tls_context(pki.ca, pki.client_cert, pki.client_key)
-    client = Client(await nats.connect(mtls_nats.url, tls=ctx))
+    client = await Client.connect(mtls_nats.url, tls=ctx)
     try:
         done = await client.run("chat", {"tenant": "acme", "input": "hi", "task_id": uid()})
         assert done["type"] == "completed", done

@@ -13,9 +13,10 @@ import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 
+from baton import jwt
 from baton.accounts import SERVICES, inbox_prefix
 from baton.metrics import PERMISSION_VIOLATIONS, register
-from baton.urls import redact
+from baton.urls import redact, split_creds
 
 from .client import Bus
 from .errors import BusUnavailable
@@ -49,15 +50,21 @@ async def connect(
     replicas: int = 1,
     timeout: float = 5.0,
     tls: ssl.SSLContext | None = None,
+    creds: str | Path | None = None,
 ) -> Bus:
     """Connect to NATS (reconnecting forever once connected), over TLS when
-    ``tls`` is given (see ``tls_context``).
+    ``tls`` is given (see ``tls_context``), as the user of the ``.creds`` file
+    ``creds`` (or of the URL's ``?creds=``, ``baton.urls.split_creds``).
 
     Raises:
         BusUnavailable: no server answered within ``timeout`` seconds.
     """
 
+    url, in_url = split_creds(url)
+    creds = creds or in_url
     user = urllib.parse.urlsplit(url).username
+    if creds is not None:
+        user = jwt.creds_name(creds)
     safe_url = redact(url)
     register(PERMISSION_VIOLATIONS)
     PERMISSION_VIOLATIONS.labels(name)  # the series exists from the start
@@ -106,6 +113,7 @@ async def connect(
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
                 tls=tls,
+                user_credentials=str(creds) if creds is not None else None,
             ),
             timeout,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -44,3 +45,20 @@ class BusCore:
             await self._nc.flush(timeout=2)
         with contextlib.suppress(Exception):
             await self._nc.close()
+
+    async def refresh_credentials(self, timeout: float = 10.0) -> None:
+        """Reconnect now, presenting the ``.creds`` file as it is now (a
+        re-issued user JWT with other permissions); back when connected.
+
+        Raises:
+            BusUnavailable: not connected again within ``timeout`` seconds.
+        """
+        from .errors import BusUnavailable
+
+        await self._nc.force_reconnect()
+        deadline = time.monotonic() + timeout
+        await asyncio.sleep(0.01)
+        while not self._nc.is_connected:
+            if time.monotonic() > deadline:
+                raise BusUnavailable("the server", TimeoutError("no reconnect"))
+            await asyncio.sleep(0.05)

@@ -137,3 +137,9 @@ class Messaging(StreamReads):
             subject, codec.encode(body), timeout=timeout, headers=_headers(None, task_id, None)
         )
         return codec.decode(msg.data, reply_type)
+
+    async def request_raw(self, subject: str, payload: bytes, *, timeout: float = 5.0) -> bytes:
+        """Core request-reply with bytes both ways (NATS's own JSON APIs,
+        e.g. ``$SYS.REQ.CLAIMS.UPDATE``)."""
+        msg = await self._nc.request(subject, payload, timeout=timeout)
+        return bytes(msg.data)

@@ -34,6 +34,7 @@ from baton.bus import Bus
 from baton.credentials import Credentials
 from baton.natsd import NatsServer, ServerAuth
 from baton.stack import MODULES, ServiceProcess
+from baton.urls import split_creds
 from proto import subjects
 from proto.messages import (
     ChatMessage,
@@ -116,7 +117,18 @@ class RemoteNats:
         return self.url_for(accounts.OPERATOR)
 
     def url_for(self, identity: str) -> str:
-        return self.creds.url(identity, self.host, self.port)
+        """The address with ``identity``'s ``.creds`` (operator mode, as the
+        embedded server)."""
+        return self.creds.creds_url(identity, self.host, self.port)
+
+
+async def connect_nats(url: str, **kw: Any) -> nats.NATS:
+    """nats-py's ``connect`` for a URL that may carry ``?creds=`` (Baton's
+    form, ``baton.urls.split_creds``): plain nats-py with ``user_credentials``."""
+    servers, creds = split_creds(url)
+    if creds is not None:
+        kw.setdefault("user_credentials", creds)
+    return await nats.connect(servers, **kw)
 
 
 def uid(prefix: str = "t") -> str:
@@ -248,7 +260,7 @@ class Client:
 
     @classmethod
     async def connect(cls, url: str, tenant: str | None = None, **kw: Any) -> Client:
-        return cls(await nats.connect(url, **kw), tenant)
+        return cls(await connect_nats(url, **kw), tenant)
 
     async def publish(
         self, workflow: str, body: Any, *, msg_id: str | None = None, raw: bool = False,

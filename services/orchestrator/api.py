@@ -115,6 +115,8 @@ class Services:
         assert task.task_id is not None
         if task.tenant not in self.tenants:
             raise ApiError(ErrorCode.UNKNOWN_TENANT, f"no tenant {task.tenant!r} on this bus")
+        if self.intake is not None and task.tenant in self.intake.suspended:
+            raise ApiError(ErrorCode.TENANT_SUSPENDED, f"tenant {task.tenant!r} is suspended")
         await self._within_limits(bus, task.tenant)
         ack = await bus.publish(subjects.tenant_task(task.tenant, workflow), data,
                                 msg_id=task.task_id, task_id=task.task_id)  # fmt: skip
@@ -389,7 +391,9 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
 
     from .console.routes import add_routes as add_console
     from .openai_api import add_routes
+    from .tenants_api import add_tenant_routes
 
     add_routes(app, settings, svc, tenant_of)
+    add_tenant_routes(app, settings, caller_scope(settings.api_keys, sessions))
     add_console(app, settings, svc, tenant_of, known, sessions)
     return app

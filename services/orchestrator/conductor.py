@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from baton import tracing
-from baton.bus import Bus, Delivery, Nak, Term
+from baton.bus import HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus, Delivery, Nak, Term
 from proto import codec, keys, subjects
 from proto.admission import TaskRejected, parse_task
 from proto.errors import ErrorCode
@@ -519,6 +519,35 @@ class Conductor:
         assert out is not None
         log.info("task_forked", source=source.task_id, step=req.step, note=out.note)
         return out
+
+    # -- dead letters --------------------------------------------------------
+
+    async def on_dead_task(self, d: Delivery) -> None:
+        """A tenant's task message was dead-lettered (its handler kept
+        failing, or it crashed every process that took it): the task ends
+        with a ``failed`` event (``unavailable``) its tenant sees; the copy
+        stays in BATON_DLQ for ``baton dlq replay``. Never raises: a dead
+        letter of this consumer would be one more dead task."""
+        try:
+            headers = d.headers
+            original = headers.get(HDR_DLQ_SUBJECT, "").split(".")
+            tenant = original[2] if len(original) >= 4 and original[1] == "tasks" else None
+            task_id = headers.get(HDR_TASK_ID) or d.task_id
+            if tenant is None or task_id is None or not is_valid_id(tenant):
+                log.info("dead_task_unaddressable", subject=headers.get(HDR_DLQ_SUBJECT))
+                return
+            reason = ("the task could not be handled and was dead-lettered ("
+                      f"{headers.get(HDR_DLQ_REASON, 'no reason')[:120]}); an operator "
+                      "may replay it (baton dlq replay)")  # fmt: skip
+            out = await self._apply(
+                tenant, task_id, lambda run, now, ctx: T.dead_lettered(_must(run), now, reason)
+            )
+            if out is None:  # it never became a run: claim the id as failed
+                await self._reject(TaskRejected(ErrorCode.UNAVAILABLE, reason, tenant=tenant,
+                                                task_id=task_id), "", d.stream_seq)  # fmt: skip
+            log.warning("task_dead_lettered", tenant=tenant, task_id=task_id)
+        except Exception as exc:
+            log.error("dead_task_not_failed", error=repr(exc))
 
     # -- cancellation ------------------------------------------------------
 

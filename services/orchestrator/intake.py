@@ -20,7 +20,8 @@ import time
 import structlog
 
 from baton.bus import Bus, Delivery
-from proto.admission import RateLimited
+from proto.admission import RateLimited, TaskRejected
+from proto.errors import ErrorCode
 from proto.messages import TaskSubmit
 from proto.streams import ConsumerSpec
 
@@ -60,6 +61,7 @@ class Intake:
         # A run's input, in tokens, from its task message: the prompt of its
         # first step (the run state keeps no input).
         self._inputs: dict[tuple[str, str], int] = {}
+        self.suspended: set[str] = set()  # tenants the operator suspended (the registry)
         conductor.admission = self.admit
         conductor.on_changed = self.changed
 
@@ -74,6 +76,10 @@ class Intake:
                 del self._inputs[next(iter(self._inputs))]
         if d.num_delivered > 1:
             return
+        if task.tenant in self.suspended:
+            raise TaskRejected(ErrorCode.TENANT_SUSPENDED, f"tenant {task.tenant!r} is suspended",
+                               tenant=task.tenant, task_id=task.task_id,
+                               session=task.session)  # fmt: skip
         refusal = self.limiter.check(
             task.tenant,
             seq=d.stream_seq,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import structlog
@@ -14,6 +16,7 @@ from baton.accounts import TENANT_STREAMS, tenant_api_prefix
 from baton.bus import Bus
 from baton.dlq import MaxDeliveryWatch
 from baton.service import Health
+from baton.tenants import DELETED, SUSPENDED, TenantState
 from proto import streams, subjects
 from proto.messages import Heartbeat
 
@@ -35,12 +38,16 @@ BUILTIN_WORKFLOWS = Path(__file__).with_name("workflows")
 
 
 async def _watch_backlog(
-    bus: Bus, settings: OrchestratorSettings, hb: HeartbeatTracker, view: PoolView
+    bus: Bus,
+    settings: OrchestratorSettings,
+    hb: HeartbeatTracker,
+    view: PoolView,
+    tenants: set[str],
 ) -> None:
     while True:
         pools = {"default", settings.default_pool} | {p for p, _ in hb.last}
         pools |= set(settings.catalogue.pools)
-        specs = [streams.task_consumer(t) for t in settings.tenant_ids]
+        specs = [streams.task_consumer(t) for t in sorted(tenants)]  # run-time tenants too
         specs.append(streams.ORCHESTRATOR_RESULTS)
         workers = {streams.worker_consumer(p).durable: p for p in pools}
         specs += [streams.worker_consumer(p) for p in sorted(pools)]
@@ -52,6 +59,67 @@ async def _watch_backlog(
                     view.backlog[workers[spec.durable]] = pending
         hb.export()
         await asyncio.sleep(settings.pending_poll_interval)
+
+
+async def follow_tenants(
+    bus: Bus,
+    intake: Intake,
+    known: set[str],
+    add: Callable[[str], Awaitable[None]],
+    changed: Callable[[], None],
+    api_keys: dict[str, str] | None = None,
+    drop: Callable[[str], None] = lambda t: None,
+) -> None:
+    """Follow the tenant registry (``baton tenant ...``): a new active tenant
+    is provisioned and served, a suspended one refused new tasks
+    (``tenant_suspended``), a deleted one forgotten."""
+    kv = await bus.ensure_bucket(streams.TENANTS)
+    started = time.time()
+    while True:
+        try:
+            async for entry in kv.follow(inactive_threshold=30.0):
+                if entry.deleted or not entry.value:
+                    continue
+                entry_state = TenantState.decode(entry.key, entry.value)
+                t, state = entry.key, entry_state.state
+                if api_keys:  # keys on: withdraw the tenant's key (added back below)
+                    for k in [k for k, v in api_keys.items() if v == t and k.startswith("sha256:")]:
+                        del api_keys[k]
+                if state == DELETED:
+                    drop(t)
+                    known.discard(t)
+                    intake.suspended.discard(t)
+                    changed()
+                    continue
+                if state == SUSPENDED:
+                    intake.suspended.add(t)
+                else:
+                    intake.suspended.discard(t)
+                if t not in known:
+                    # Its permissions come with the orchestrator's re-issued
+                    # .creds, read at a reconnect; try again for a while.
+                    # (A tenant recorded before this process connected is in
+                    # the file it connected with.)
+                    if entry_state.changed_at >= started:
+                        await bus.refresh_credentials()
+                    for attempt in range(60):
+                        try:
+                            await add(t)
+                            break
+                        except Exception as exc:
+                            if attempt == 0:
+                                await bus.refresh_credentials()
+                            if attempt == 59:
+                                log.error("tenant_add_failed", tenant=t, error=repr(exc))
+                            await asyncio.sleep(0.5)
+                if api_keys and entry_state.api_key and t in known:
+                    api_keys[entry_state.api_key] = t  # accepted once the tenant is served
+                log.info("tenant_state", tenant=t, state=state)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("tenant_registry_watch_failed", error=repr(exc))
+            await asyncio.sleep(2.0)
 
 
 async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Services) -> None:
@@ -68,6 +136,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
             streams.ORCHESTRATOR_RESULTS,
             streams.ORCHESTRATOR_TIMERS,
             streams.ORCHESTRATOR_ERASURES,
+            streams.ORCHESTRATOR_DEAD_TASKS,
             streams.ORCHESTRATOR_TOOL_RESULTS,
             streams.worker_consumer(settings.default_pool),
         ],
@@ -82,7 +151,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     elif tenants:
         log.warning("tenant_accounts_unreachable", tenant=tenants[0])
     runs = RunStore(await bus.ensure_bucket(streams.RUNS))
-    known = frozenset(tenants)
+    known = set(tenants)
 
     def copies(tenant: str) -> list[tuple[Bus, str]]:
         """The tenant account's own copies of its events and tokens."""
@@ -114,9 +183,39 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     svc.tenants = frozenset(tenants)
     svc.intake = intake
     catalog = await bus.ensure_bucket(streams.TOOL_CATALOG)
-    watcher = asyncio.create_task(_watch_backlog(bus, settings, hb, conductor.pools))
+    watcher = asyncio.create_task(_watch_backlog(bus, settings, hb, conductor.pools, known))
     tool_watch = asyncio.create_task(conductor.tools.watch(catalog))
     reconciler = asyncio.create_task(intake.reconcile())
+    loops: dict[str, list[asyncio.Task[None]]] = {}  # per tenant added at run time
+
+    def drop_tenant(t: str) -> None:
+        """A deleted tenant: stop pulling its (erased) task stream."""
+        for loop in loops.pop(t, []):
+            loop.cancel()
+
+    async def add_tenant(t: str) -> None:
+        """A tenant created at run time: its streams and consumers, then its loops."""
+        consumers = [streams.task_consumer(t), streams.input_consumer(t)]
+        await bus.provision(streams=[streams.tenant_tasks(t)], consumers=consumers)
+        if not await bus.reaches_account(tenant_api_prefix(t)):
+            raise RuntimeError(f"tenant {t}'s account is not reachable yet")
+        for spec in (streams.TENANT_EVENTS, streams.TENANT_TOKENS):
+            await bus.account(tenant_api_prefix(t)).ensure_stream(spec)
+        known.add(t)
+        svc.tenants = frozenset(known)
+        loops[t] = [
+            asyncio.create_task(intake.run_tenant(
+                streams.task_consumer(t), t, concurrency=settings.task_concurrency)),
+            asyncio.create_task(
+                bus.consume(streams.input_consumer(t), conductor.on_input, concurrency=4)),
+        ]  # fmt: skip
+        log.info("tenant_added", tenant=t)
+
+    registry = asyncio.create_task(
+        follow_tenants(bus, intake, known, add_tenant,
+                       lambda: setattr(svc, "tenants", frozenset(known)), settings.api_keys,
+                       drop_tenant)
+    )  # fmt: skip
     in_flight = asyncio.create_task(conductor.check_in_flight(settings.in_flight_check_interval))
     health.ready, health.reason = True, "serving"
     try:
@@ -133,6 +232,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
             ),
             bus.consume(streams.ORCHESTRATOR_TIMERS, conductor.on_timer, concurrency=64),
             bus.consume(streams.ORCHESTRATOR_ERASURES, eraser.on_erasure, concurrency=4),
+            bus.consume(streams.ORCHESTRATOR_DEAD_TASKS, conductor.on_dead_task, concurrency=4),
             bus.consume(
                 streams.ORCHESTRATOR_RESULTS,
                 conductor.on_result,
@@ -150,3 +250,6 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
         tool_watch.cancel()
         reconciler.cancel()
         in_flight.cancel()
+        registry.cancel()
+        for tenant in list(loops):
+            drop_tenant(tenant)

@@ -104,6 +104,10 @@ class OrchestratorSettings(CommonSettings):
     # terminates TLS); over HTTPS it is Secure anyway.
     console_secure_cookie: bool = False
 
+    # The data dir whose secrets/nats.json holds the operator's keys, for the
+    # operator's /v1/tenants API (`baton up` sets it); unset: that API is off.
+    tenant_admin_dir: Path | None = None
+
     @model_validator(mode="after")
     def _catalogue_parses(self) -> OrchestratorSettings:
         self.catalogue  # noqa: B018 - a bad catalogue stops the service at start

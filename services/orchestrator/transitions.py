@@ -901,6 +901,16 @@ def cancel(run: RunState, now: float) -> Transition:
     return Transition(run, True, [AbortGenerations(), *_terminal(run, now)])
 
 
+def dead_lettered(run: RunState, now: float, reason: str) -> Transition:
+    """The task's message was dead-lettered (idempotent): the run ends
+    ``failed`` with ``unavailable``; a finished run stays as it is."""
+    if run.terminal:
+        return Transition(run, False, [])
+    run = _copy(run)
+    _fail(run, ErrorInfo.of(ErrorCode.UNAVAILABLE, reason))
+    return Transition(run, True, [AbortGenerations(), *_terminal(run, now)])
+
+
 # -- input steps -------------------------------------------------------------
 
 

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import nats
 import psutil
 import pytest
 
-from baton.dev.testing import LocalStack, secure_nats, uid
+from baton.dev.testing import LocalStack, connect_nats, secure_nats, uid
 from baton.natsd import free_port
 
 MINUTES = float(os.environ.get("BATON_SOAK_MINUTES", "2"))
@@ -56,7 +55,7 @@ async def test_a_soak_keeps_memory_consumers_and_latency_flat(tmp_path: Path) ->
     # full before the first sample and RSS growth means memory not bounded.
     env = {"BATON_TENANTS": "acme", "BATON_CACHED_SESSIONS": str(SOAK_CACHED_SESSIONS)}
     stack = LocalStack(server, tmp_path / "stack", env=env).start()
-    nc = await nats.connect(server.url)
+    nc = await connect_nats(server.url)
     js = nc.jetstream()
     tenant = "acme"
     submitted: dict[str, float] = {}

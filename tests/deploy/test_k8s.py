@@ -124,12 +124,20 @@ def test_keda_scaled_objects_match_streams_and_scaler_needs(overlay):
     services = objects(overlay, "Service")
     expected = {
         "inference-worker": streams.worker_consumer("default"),
-        "orchestrator": streams.task_consumer("acme"),
         "tool-worker": streams.tool_consumer("default"),
     }
-    assert set(scaled) == set(expected)
+    assert set(scaled) == {*expected, "orchestrator"}
+    # The orchestrators: one Prometheus trigger over every tenant's task stream.
+    (tasks,) = scaled["orchestrator"]["spec"]["triggers"]
+    assert tasks["type"] == "prometheus" and int(tasks["metadata"]["threshold"]) > 0
+    durable = streams.task_consumer("any").durable
+    assert f'consumer="{durable}"' in tasks["metadata"]["query"]
+    assert "max by (stream)" in tasks["metadata"]["query"]
+    assert "baton_consumer_pending_messages" in tasks["metadata"]["query"]
     for name, so in scaled.items():
         spec = so["spec"]
+        if name == "orchestrator":
+            continue
         assert spec["scaleTargetRef"]["name"] in deployments
         (trigger,) = spec["triggers"]
         meta = trigger["metadata"]

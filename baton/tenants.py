@@ -1,0 +1,277 @@
+"""Tenants at run time: create, suspend, resume, rotate, delete — no restart
+of NATS or of any service.
+
+The operator's tool (``baton tenant ...``) holds the operator and account
+keys (``<data-dir>/secrets/nats.json``) and talks to a running server in
+operator mode:
+
+* account JWTs go to the ``full`` resolver as ``$SYS.REQ.CLAIMS.UPDATE``
+  requests (as the system user); a deleted account goes with a
+  ``$SYS.REQ.CLAIMS.DELETE`` signed by the operator;
+* the tenant registry, KV bucket ``baton-tenants`` (tenant -> state), tells
+  the orchestrator which tenants exist and which are suspended; it provisions
+  a new tenant's streams and consumers and starts pulling its tasks;
+* the orchestrator's user JWT lists each tenant's task stream, so a new
+  tenant re-issues it: its ``.creds`` file is rewritten, and the orchestrator
+  reconnects when the registry announces the tenant (nats-py re-reads the
+  file at each connect; about a second, at-least-once delivery covers the
+  gap). Revoking its old JWT instead would not do: nats-py closes a
+  connection for good on the server's "revoked" error.
+
+Suspension is the registry's (the account stays: the tenant still reads its
+events and gets a ``failed`` event with ``tenant_suspended`` for every new
+task; its running tasks finish). Rotation issues a new user nkey and revokes
+the old one in the tenant's account JWT: the old ``.creds`` is refused by the
+server, live connections included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from baton import accounts, jwt
+from baton.bus import Bus, connect
+from baton.credentials import Credentials, creds_path, key_path, new_secret, write_private
+from proto import streams, subjects
+from proto.messages import ContextDelete, DeleteReply
+
+ACTIVE: Final = "active"
+SUSPENDED: Final = "suspended"
+DELETED: Final = "deleted"
+STATES: Final = (ACTIVE, SUSPENDED, DELETED)
+
+
+class TenantError(RuntimeError):
+    """A lifecycle step that cannot be done (unknown tenant, exists, refused push)."""
+
+
+def key_digest(api_key: str) -> str:
+    """How the registry names a tenant's HTTP API key (never the key itself)."""
+    return "sha256:" + hashlib.sha256(api_key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TenantState:
+    tenant: str
+    state: str
+    changed_at: float
+    api_key: str = ""  # key_digest of its HTTP API key: the services accept it
+
+    def encode(self) -> bytes:
+        doc = {"state": self.state, "changed_at": self.changed_at, "api_key": self.api_key}
+        return json.dumps(doc).encode()
+
+    @classmethod
+    def decode(cls, tenant: str, value: bytes) -> TenantState:
+        doc = json.loads(value)
+        state = doc.get("state")
+        return cls(tenant, state if state in STATES else ACTIVE, float(doc.get("changed_at", 0)),
+                   str(doc.get("api_key", "")))  # fmt: skip
+
+
+def account_tenants(creds: Credentials) -> list[str]:
+    """The tenants that have an account key (every tenant the server knows)."""
+    return creds.tenants()
+
+
+def _revocations(creds: Credentials, account: str) -> dict[str, int]:
+    return creds.revocations(account)
+
+
+class TenantAdmin:
+    """Lifecycle steps against the server at ``address`` (``nats://host:port``)."""
+
+    def __init__(self, data_dir: Path, address: str) -> None:
+        self.data_dir = Path(data_dir)
+        self.address = address
+        self.creds = Credentials.load_or_create(self.data_dir, [])
+        self.sys: Bus | None = None
+        self.op: Bus | None = None
+
+    async def __aenter__(self) -> TenantAdmin:
+        self.sys = await connect(self.address, name="baton-tenant-admin-sys",
+                                 creds=self.creds.creds_path(accounts.SYSTEM_USER))  # fmt: skip
+        self.op = await connect(self.address, name="baton-tenant-admin",
+                                creds=self.creds.creds_path(accounts.OPERATOR))  # fmt: skip
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for bus in (self.sys, self.op):
+            if bus is not None:
+                await bus.close()
+
+    # -- the registry ----------------------------------------------------------
+
+    async def _registry(self) -> Any:
+        assert self.op is not None
+        return await self.op.ensure_bucket(streams.TENANTS)
+
+    async def list(self) -> dict[str, str]:
+        """tenant -> state, for every tenant the registry or the keys know."""
+        kv = await self._registry()
+        out = dict.fromkeys(account_tenants(self.creds), ACTIVE)
+        for entry in await kv.entries():
+            if entry.value and not entry.deleted:
+                out[entry.key] = TenantState.decode(entry.key, entry.value).state
+        return {t: s for t, s in sorted(out.items()) if s != DELETED}
+
+    async def _set(self, tenant: str, state: str) -> None:
+        kv = await self._registry()
+        key = self.creds.api_keys.get(tenant)
+        digest = key_digest(key) if key and state != DELETED else ""
+        await kv.put(tenant, TenantState(tenant, state, time.time(), digest).encode())
+
+    async def state(self, tenant: str) -> str | None:
+        return (await self.list()).get(tenant)
+
+    # -- pushes ------------------------------------------------------------------
+
+    async def _push(self, token: str) -> None:
+        assert self.sys is not None
+        answer = json.loads(await self.sys.request_raw("$SYS.REQ.CLAIMS.UPDATE", token.encode()))
+        data = answer.get("data") or {}
+        if data.get("code") != 200:
+            raise TenantError(f"the server refused the account JWT: {answer}")
+
+    async def _push_tenant(self, tenant: str) -> None:
+        keys = self.creds.keys()
+        token = accounts.tenant_account_jwt(
+            keys, tenant, revocations=_revocations(self.creds, tenant)
+        )
+        await self._push(token)
+
+    async def _push_baton(self) -> None:
+        """BATON's account JWT for the current tenants (its imports of their
+        JetStream APIs), after rewriting the orchestrator's ``.creds`` with
+        permissions for them: the orchestrator reconnects with it when the
+        registry tells it of the change (nats-py re-reads the file)."""
+        tenants = account_tenants(self.creds)
+        keys = self.creds.keys()
+        write_private(self.creds.creds_path(accounts.ORCHESTRATOR),
+                      accounts.user_creds(keys, accounts.ORCHESTRATOR, tenants))  # fmt: skip
+        await self._push(accounts.baton_account_jwt(keys, tenants))
+
+    # -- steps -------------------------------------------------------------------
+
+    async def create(self, tenant: str) -> Path:
+        """A new tenant: its account, its ``.creds``, URL and API key files,
+        BATON's import of its JetStream API, then the registry entry."""
+        accounts.check_tenant(tenant)
+        if await self.state(tenant) is not None:
+            raise TenantError(f"tenant {tenant!r} exists")
+        for stale in (f"account:{tenant}", f"user:{tenant}", f"revocations:{tenant}"):
+            self.creds.nkeys.pop(stale, None)
+        self.creds.add_nkeys([*account_tenants(self.creds), tenant])
+        self.creds.api_keys.setdefault(tenant, f"bk-{new_secret()}")
+        self.creds.save()
+        await self._push_tenant(tenant)
+        await self._push_baton()
+        self._write_files(tenant)
+        await self._set(tenant, ACTIVE)
+        await self.wait_served(tenant)
+        return creds_path(self.data_dir, tenant)
+
+    async def wait_served(self, tenant: str, timeout: float = 30.0) -> None:
+        """Until the orchestrator serves ``tenant``: its task stream and
+        consumer exist, and its own events stream for replay.
+
+        Raises:
+            TenantError: not within ``timeout`` seconds (is an orchestrator running?).
+        """
+        assert self.op is not None
+        spec = streams.task_consumer(tenant)
+        tenant_js = self.op.account(accounts.tenant_api_prefix(tenant))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                await self.op.pending(spec)
+                await tenant_js.stream_info(streams.TENANT_EVENTS.name)
+                return
+            except Exception:
+                await asyncio.sleep(0.1)
+        raise TenantError(f"no orchestrator served tenant {tenant!r} within {timeout:g} s")
+
+    def _write_files(self, tenant: str) -> None:
+        keys = self.creds.keys()
+        write_private(creds_path(self.data_dir, tenant),
+                      accounts.user_creds(keys, tenant, account_tenants(self.creds)))  # fmt: skip
+        write_private(self.data_dir / "tenants" / f"{tenant}.url", self.address + "\n")
+        write_private(key_path(self.data_dir, tenant), self.creds.api_keys[tenant] + "\n")
+
+    async def _known(self, tenant: str) -> str:
+        state = await self.state(tenant)
+        if state is None or f"account:{tenant}" not in self.creds.nkeys:
+            raise TenantError(f"no tenant {tenant!r}")
+        return state
+
+    async def suspend(self, tenant: str) -> None:
+        await self._known(tenant)
+        await self._set(tenant, SUSPENDED)
+
+    async def resume(self, tenant: str) -> None:
+        await self._known(tenant)
+        await self._set(tenant, ACTIVE)
+
+    async def rotate(self, tenant: str) -> Path:
+        """A new user nkey and ``.creds``; the old user revoked (refused by the server)."""
+        await self._known(tenant)
+        old = self.creds.keys().users[tenant].public
+        revoked = _revocations(self.creds, tenant)
+        revoked[old] = int(time.time()) + 1  # every JWT of that key, issued up to now
+        self.creds.nkeys[f"revocations:{tenant}"] = json.dumps(revoked)
+        self.creds.nkeys[f"user:{tenant}"] = jwt.new_seed(jwt.USER)
+        self.creds.save()
+        await self._push_tenant(tenant)
+        self._write_files(tenant)
+        return creds_path(self.data_dir, tenant)
+
+    async def delete(self, tenant: str) -> int:
+        """Erase the tenant's data, then refuse its credentials and forget
+        its keys. The erasure is the context store's (as ``DELETE
+        /v1/tenants/<t>``: its histories, attachments and documents, then the
+        orchestrator erases its tasks; one ``erase_tenant`` audit record);
+        then the account is deleted from the resolver, BATON's import of it
+        dropped, its files removed and the registry entry ``deleted``.
+        Returns the number of sessions erased."""
+        await self._known(tenant)
+        assert self.op is not None
+        reply = await self.op.request(subjects.context_api("delete", tenant),
+                                      ContextDelete(tenant=tenant), DeleteReply,
+                                      timeout=60.0)  # fmt: skip
+        if reply.error is not None:
+            raise TenantError(f"the context store did not erase {tenant!r}: {reply.error}")
+        await self._set(tenant, DELETED)
+        keys = self.creds.keys()
+        account = keys.account(tenant)
+        assert self.sys is not None
+        body = jwt.delete_request(keys.operator, [account]).encode()
+        answer = json.loads(await self.sys.request_raw("$SYS.REQ.CLAIMS.DELETE", body))
+        if (answer.get("data") or {}).get("code") != 200:
+            raise TenantError(f"the server did not delete the account: {answer}")
+        for k in (f"account:{tenant}", f"user:{tenant}", f"revocations:{tenant}"):
+            self.creds.nkeys.pop(k, None)
+        self.creds.api_keys.pop(tenant, None)
+        self.creds.save()
+        await self._push_baton()
+        for path in (creds_path(self.data_dir, tenant), key_path(self.data_dir, tenant),
+                     self.data_dir / "tenants" / f"{tenant}.url"):  # fmt: skip
+            path.unlink(missing_ok=True)
+        return int(reply.sessions or 0)
+
+
+__all__ = [
+    "ACTIVE",
+    "DELETED",
+    "SUSPENDED",
+    "TenantAdmin",
+    "TenantError",
+    "TenantState",
+    "account_tenants",
+    "key_digest",
+]

@@ -1,0 +1,97 @@
+"""The operator's tenant API: ``/v1/tenants`` — the lifecycle of
+``baton tenant ...`` (``baton/tenants.py``) over HTTP, operator key only.
+
+Needs the operator's keys (``BATON_TENANT_ADMIN_DIR``: the data dir whose
+``secrets/nats.json`` holds them, as ``baton up`` leaves it); without it the
+routes answer 404 ``unavailable``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import Depends, FastAPI
+from pydantic import BaseModel
+
+from baton.http_errors import ERROR_RESPONSES, ApiError, ErrorBody
+from baton.tenants import TenantAdmin, TenantError
+from baton.urls import split_creds
+from proto.errors import ErrorCode
+from proto.ids import require_id
+
+from .settings import OrchestratorSettings
+
+
+class TenantIn(BaseModel):
+    tenant: str
+
+
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    403: {"model": ErrorBody, "description": "Not the operator's key"},
+    404: {"model": ErrorBody, "description": "No such tenant, or the tenant API is off"},
+}
+
+
+def add_tenant_routes(
+    app: FastAPI, settings: OrchestratorSettings, scope: Callable[..., str | None]
+) -> None:
+    def operator(caller: str | None = Depends(scope)) -> None:
+        if caller is not None:  # a tenant's key
+            raise ApiError(ErrorCode.FORBIDDEN, "the tenant API wants the operator's key")
+
+    async def run(work: Callable[[TenantAdmin], Awaitable[Any]]) -> Any:
+        if settings.tenant_admin_dir is None:
+            raise ApiError(ErrorCode.UNAVAILABLE, "no BATON_TENANT_ADMIN_DIR: the tenant API "
+                           "is off (use `baton tenant`)", status=404)  # fmt: skip
+        address = split_creds(settings.nats_url)[0]
+        try:
+            async with TenantAdmin(settings.tenant_admin_dir, address) as admin:
+                return await work(admin)
+        except TenantError as exc:
+            code = ErrorCode.CONFLICT if "exists" in str(exc) else ErrorCode.UNKNOWN_TENANT
+            raise ApiError(code, str(exc)) from exc
+
+    def checked(tenant: str) -> str:
+        try:
+            return require_id(tenant, "tenant")
+        except ValueError as exc:
+            raise ApiError(ErrorCode.INVALID_FIELD, str(exc), param="tenant") from exc
+
+    @app.get("/v1/tenants", dependencies=[Depends(operator)], responses=RESPONSES)
+    async def list_tenants() -> dict[str, Any]:
+        """Every tenant and its state (active, suspended)."""
+        return {"tenants": await run(lambda a: a.list())}
+
+    @app.post("/v1/tenants", status_code=201, dependencies=[Depends(operator)],
+              responses=RESPONSES)  # fmt: skip
+    async def create_tenant(body: TenantIn) -> dict[str, Any]:
+        """Create a tenant; answers once it can submit, with its .creds text."""
+        t = checked(body.tenant)
+        path = await run(lambda a: a.create(t))
+        return {"tenant": t, "state": "active", "creds": path.read_text()}
+
+    @app.post("/v1/tenants/{tenant}/{action}", dependencies=[Depends(operator)],
+              responses=RESPONSES)  # fmt: skip
+    async def change_tenant(tenant: str, action: str) -> dict[str, Any]:
+        """``suspend``, ``resume`` or ``rotate`` (answers the new .creds text)."""
+        t = checked(tenant)
+        if action == "suspend":
+            await run(lambda a: a.suspend(t))
+            return {"tenant": t, "state": "suspended"}
+        if action == "resume":
+            await run(lambda a: a.resume(t))
+            return {"tenant": t, "state": "active"}
+        if action == "rotate":
+            path = await run(lambda a: a.rotate(t))
+            return {"tenant": t, "state": "active", "creds": path.read_text()}
+        raise ApiError(ErrorCode.INVALID_FIELD, f"no action {action!r}", param="action")
+
+    @app.delete("/v1/tenants/{tenant}", dependencies=[Depends(operator)],
+                responses=RESPONSES)  # fmt: skip
+    async def delete_tenant(tenant: str) -> dict[str, Any]:
+        """Erase the tenant's data (audited) and revoke its credentials."""
+        t = checked(tenant)
+        sessions = await run(lambda a: a.delete(t))
+        return {"tenant": t, "state": "deleted", "sessions_erased": sessions}

@@ -1,0 +1,288 @@
+"""Tenants at run time on a real nats-server in operator mode and real
+service processes, none restarted: create (a task completes seconds later),
+suspend (new tasks fail ``tenant_suspended``, data kept), rotate (the old
+.creds refused by the server), delete (credentials refused, data erased from
+the raw store, one audit record)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import pytest
+
+from baton import audit
+from baton.bus import Bus, connect
+from baton.dev.testing import Client, LocalStack, connect_nats, http_get, secure_nats, uid
+from baton.natsd import NatsServer
+from baton.tenants import TenantAdmin
+from tests.ctx import raw_store_contains
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    # Unencrypted: deletion is checked against the raw files.
+    s = secure_nats(tmp_path_factory.mktemp("tenancy") / "nats", ("acme",), encrypt=False)
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    env = {"BATON_TENANTS": "acme", "BATON_TENANT_ADMIN_DIR": str(server.store_dir)}
+    st = LocalStack(server, tmp_path_factory.mktemp("tenancy-work"), env=env).start()
+    yield st
+    st.stop()
+
+
+@pytest.fixture
+async def admin(server: NatsServer, stack: LocalStack) -> AsyncIterator[TenantAdmin]:
+    async with TenantAdmin(server.store_dir, server.address) as a:
+        yield a
+
+
+def _cli(server: NatsServer, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "baton.cli", "tenant", *args, "--data-dir", str(server.store_dir),
+         "--nats-url", server.address],
+        capture_output=True, text=True, timeout=90, env={**os.environ},
+    )  # fmt: skip
+
+
+async def _chat(server: NatsServer, tenant: str, **kw: Any) -> dict[str, Any]:
+    client = await Client.connect(server.url_for(tenant), tenant=tenant, **kw)
+    try:
+        return await client.run("chat", {"tenant": tenant, "input": "hi", "task_id": uid()})
+    finally:
+        await client.close()
+
+
+async def test_a_tenant_created_with_the_cli_runs_a_task_within_seconds(
+    server: NatsServer, stack: LocalStack
+) -> None:
+    started = time.monotonic()
+    out = _cli(server, "create", "clico")
+    assert out.returncode == 0, out.stderr
+    creds = Path(out.stdout.strip())
+    assert creds == server.creds_for("clico") and creds.stat().st_mode & 0o777 == 0o600
+    done = await _chat(server, "clico")
+    took = time.monotonic() - started
+    assert done["type"] == "completed", done
+    assert took < 20, took
+    print(f"\ncli: tenant create -> first completed task {took:.2f} s")
+    listed = _cli(server, "list", "--json")
+    states = json.loads(listed.stdout)
+    assert states["acme"] == "active" and states["clico"] == "active", states
+    # The scaling signal (KEDA's Prometheus trigger) covers the new tenant.
+    series = (
+        'baton_consumer_pending_messages{consumer="orchestrator-tasks",stream="BATON_TASKS_clico"}'
+    )
+    deadline = time.monotonic() + 10
+    while series not in http_get(f"{stack.orchestrator.url}/metrics"):
+        assert time.monotonic() < deadline, "no backlog series for the new tenant"
+        await asyncio.sleep(0.2)
+
+
+async def test_a_created_tenant_is_fenced_like_the_others(
+    server: NatsServer, admin: TenantAdmin
+) -> None:
+    started = time.monotonic()
+    await admin.create("apico")
+    done = await _chat(server, "apico")
+    assert done["type"] == "completed", done
+    print(f"\napi: tenant create -> first completed task {time.monotonic() - started:.2f} s")
+    refused: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        refused.append(str(exc).lower())
+
+    nc = await connect_nats(server.url_for("apico"), error_cb=on_error, allow_reconnect=False)
+    try:
+        await nc.subscribe("baton.events.acme.>")
+        await nc.publish("baton.tasks.acme.chat", b"x")
+        await nc.flush()
+        for _ in range(100):
+            if len(refused) >= 2:
+                break
+            await asyncio.sleep(0.03)
+        assert any("subscription" in r and "baton.events.acme" in r for r in refused), refused
+        assert any("publish" in r and "baton.tasks.acme.chat" in r for r in refused), refused
+    finally:
+        await nc.close()
+
+
+def _post(url: str, body: dict[str, Any]) -> tuple[int, Any]:
+    req = urllib.request.Request(url, json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+async def test_a_suspended_tenant_is_refused_new_tasks_and_keeps_its_data(
+    server: NatsServer, stack: LocalStack, admin: TenantAdmin
+) -> None:
+    await admin.create("pauseco")
+    before = await _chat(server, "pauseco")
+    assert before["type"] == "completed"
+    await admin.suspend("pauseco")
+    assert (await admin.list())["pauseco"] == "suspended"
+    await asyncio.sleep(0.5)  # the orchestrator follows the registry
+    refused = await _chat(server, "pauseco")
+    assert refused["type"] == "failed" and refused["error"]["code"] == "tenant_suspended", refused
+    status, body = _post(f"{stack.orchestrator.url}/v1/tasks",
+                         {"workflow": "chat", "tenant": "pauseco", "input": "hi"})  # fmt: skip
+    assert status == 403 and body["error"]["code"] == "tenant_suspended", body
+    # Its data stays: the earlier task still answers.
+    with urllib.request.urlopen(
+        f"{stack.orchestrator.url}/v1/tasks/{before['task_id']}?tenant=pauseco", timeout=10
+    ) as r:
+        assert json.loads(r.read())["status"] == "completed"
+    await admin.resume("pauseco")
+    await asyncio.sleep(0.5)
+    assert (await _chat(server, "pauseco"))["type"] == "completed"
+
+
+async def test_rotation_makes_the_server_refuse_the_old_creds(
+    server: NatsServer, admin: TenantAdmin, tmp_path: Path
+) -> None:
+    await admin.create("rotco")
+    old = tmp_path / "old.creds"
+    old.write_bytes(server.creds_for("rotco").read_bytes())
+    closed = asyncio.Event()
+
+    async def on_closed() -> None:
+        closed.set()
+
+    live = await nats.connect(server.address, user_credentials=str(old), allow_reconnect=False,
+                              closed_cb=on_closed)  # fmt: skip
+    out = _cli(server, "rotate", "rotco")
+    assert out.returncode == 0, out.stderr
+    await asyncio.wait_for(closed.wait(), 5)  # the live connection of the old user
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(server.address, user_credentials=str(old), allow_reconnect=False,
+                           connect_timeout=2)  # fmt: skip
+    assert old.read_bytes() != server.creds_for("rotco").read_bytes()
+    assert (await _chat(server, "rotco"))["type"] == "completed"
+    await live.close()
+
+
+async def test_delete_revokes_the_creds_erases_the_data_and_is_audited(
+    server: NatsServer, stack: LocalStack, admin: TenantAdmin
+) -> None:
+    await admin.create("doomed")
+    secret = uid("DOOMEDSECRET")
+    client = await Client.connect(server.url_for("doomed"), tenant="doomed")
+    task = {"tenant": "doomed", "input": f"remember {secret}", "task_id": uid()}
+    assert (await client.run("chat", task))["type"] == "completed"
+    await client.close()
+    store = server.store_dir / "jetstream"
+    assert raw_store_contains(store, secret.encode())  # the check below can fail
+    creds = server.creds_for("doomed")
+    kept = creds.read_bytes()
+    out = _cli(server, "delete", "doomed")
+    assert out.returncode == 0, out.stderr
+    assert not creds.exists()
+    creds.write_bytes(kept)
+    try:
+        with pytest.raises((nats.errors.Error, asyncio.TimeoutError)):
+            await nats.connect(server.address, user_credentials=str(creds),
+                               allow_reconnect=False, connect_timeout=2)  # fmt: skip
+    finally:
+        creds.unlink()
+    deadline = time.monotonic() + 30
+    while raw_store_contains(store, secret.encode()):
+        assert time.monotonic() < deadline, raw_store_contains(store, secret.encode())
+        await asyncio.sleep(0.5)
+    bus = await connect(server.url, name="test-tenancy")
+    try:
+        records = await audit.read(bus, tenant="doomed", action=audit.ERASE_TENANT)
+        assert len(records) == 1, records
+    finally:
+        await bus.nc.close()
+    assert "doomed" not in await admin.list()
+
+
+async def test_the_operator_http_api_creates_a_tenant_that_runs_a_task(
+    server: NatsServer, stack: LocalStack, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    status, body = _post(f"{stack.orchestrator.url}/v1/tenants", {"tenant": "httpco"})
+    assert status == 201, body
+    creds = tmp_path / "httpco.creds"
+    creds.write_text(body["creds"])
+    client = await Client.connect(f"{server.address}?creds={creds}", tenant="httpco")
+    try:
+        done = await client.run("chat", {"tenant": "httpco", "input": "hi", "task_id": uid()})
+    finally:
+        await client.close()
+    assert done["type"] == "completed", done
+    print(f"\nhttp: POST /v1/tenants -> first completed task {time.monotonic() - started:.2f} s")
+    status, body = _post(f"{stack.orchestrator.url}/v1/tenants", {"tenant": "httpco"})
+    assert status == 409 and body["error"]["code"] == "conflict", body
+    status, body = _post(f"{stack.orchestrator.url}/v1/tenants/httpco/suspend", {})
+    assert status == 200 and body["state"] == "suspended", body
+    with urllib.request.urlopen(f"{stack.orchestrator.url}/v1/tenants", timeout=10) as r:
+        assert json.loads(r.read())["tenants"]["httpco"] == "suspended"
+
+
+async def test_a_created_tenants_http_key_works_at_once_on_a_running_orchestrator(
+    server: NatsServer, stack: LocalStack, admin: TenantAdmin
+) -> None:
+    """With API keys on, the key `create` writes (tenants/<t>.key) is accepted
+    by the running orchestrator (the registry carries its digest), for its
+    own tenant only; deletion withdraws it."""
+    operator = uid("bk-op")
+    orch = stack.service("orchestrator", BATON_API_KEYS=json.dumps({operator: "*"}),
+                         BATON_ALLOW_NO_API_KEYS="false").wait_ready()  # fmt: skip
+    try:
+        await admin.create("keyco")
+        key = (server.store_dir / "tenants" / "keyco.key").read_text().strip()
+
+        def get(path: str, k: str) -> int:
+            req = urllib.request.Request(
+                f"{orch.url}{path}", headers={"Authorization": f"Bearer {k}"}
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    return int(r.status)
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        deadline = time.monotonic() + 10
+        while get("/v1/tasks", key) != 200:
+            assert time.monotonic() < deadline, "the new tenant's key was never accepted"
+            await asyncio.sleep(0.2)
+        assert get("/v1/tenants", key) == 403  # the operator's API only
+        assert get("/v1/tenants", operator) == 200
+        await admin.delete("keyco")
+        deadline = time.monotonic() + 10
+        while get("/v1/tasks", key) != 401:
+            assert time.monotonic() < deadline, (
+                f"a deleted tenant key still works: {get('/v1/tasks', key)}"
+            )
+            await asyncio.sleep(0.2)
+    finally:
+        stack.retire(orch)
+
+
+async def test_the_services_were_never_restarted(server: NatsServer, stack: LocalStack) -> None:
+    assert server.running
+    assert all(p.proc is not None and p.proc.poll() is None for p in stack.procs)
+    assert isinstance(await connect(server.url_for("acme"), name="acme-still"), Bus)
