@@ -27,37 +27,25 @@ class Endpoint(Generic[Q, P]):
     summary: str
 
 
-APPEND: Final = Endpoint(
-    "append", msg.ContextAppend, msg.ContextAppendReply,
-    "Request-reply: append to a session; the reply carries a signed ref.",
-)  # fmt: skip
-WINDOW: Final = Endpoint(
-    "window", msg.WindowRequest, msg.WindowReply,
-    "Request-reply: resolve a signed ref into a token-budgeted window.",
-)  # fmt: skip
-GET: Final = Endpoint(
-    "get", msg.ContextGet, msg.GetReply,
-    "Request-reply: read a session a page at a time, or one attachment.",
-)  # fmt: skip
-FORK: Final = Endpoint(
-    "fork", msg.ContextFork, msg.ForkReply,
-    "Request-reply: a child session sharing a ref's prefix without copying it.",
-)  # fmt: skip
-SUMMARIZE: Final = Endpoint(
-    "summarize", msg.ContextSummarize, msg.ContextAppendReply,
-    "Request-reply: store a summary of a session's older turns.",
-)  # fmt: skip
-ATTACH: Final = Endpoint(
-    "attach", msg.ContextAttach, msg.AttachReply,
-    f"Request-reply: store an attachment (stream {streams.CONTEXT_ATTACHMENTS.name}).",
-)  # fmt: skip
-DELETE: Final = Endpoint(
-    "delete", msg.ContextDelete, msg.DeleteReply,
-    "Request-reply: erase a session (with its forks and attachments) or a tenant.",
-)  # fmt: skip
-STATS: Final = Endpoint(
-    "stats", msg.ContextStats, msg.StatsReply, "Request-reply: counts for a session or a tenant."
-)
+# One row an op: its name (the subject's token), request, reply, summary.
+# fmt: off
+APPEND: Final = Endpoint("append", msg.ContextAppend, msg.ContextAppendReply,
+                         "Request-reply: append to a session; the reply carries a signed ref.")
+WINDOW: Final = Endpoint("window", msg.WindowRequest, msg.WindowReply,
+                         "Request-reply: resolve a signed ref into a token-budgeted window.")
+GET: Final = Endpoint("get", msg.ContextGet, msg.GetReply,
+                      "Request-reply: read a session a page at a time, or one attachment.")
+FORK: Final = Endpoint("fork", msg.ContextFork, msg.ForkReply,
+                       "Request-reply: a child session sharing a ref's prefix without copying it.")
+SUMMARIZE: Final = Endpoint("summarize", msg.ContextSummarize, msg.ContextAppendReply,
+                            "Request-reply: store a summary of a session's older turns.")
+ATTACH: Final = Endpoint("attach", msg.ContextAttach, msg.AttachReply, "Request-reply: store an "
+                         f"attachment (stream {streams.CONTEXT_ATTACHMENTS.name}).")
+DELETE: Final = Endpoint("delete", msg.ContextDelete, msg.DeleteReply, "Request-reply: erase a "
+                         "session (with its forks and attachments) or a tenant.")
+STATS: Final = Endpoint("stats", msg.ContextStats, msg.StatsReply,
+                        "Request-reply: counts for a session or a tenant.")
+# fmt: on
 
 # Every op, in the order the AsyncAPI document lists them.
 ENDPOINTS: Final[dict[str, Endpoint[Any, Any]]] = {
