@@ -11,6 +11,7 @@ import pytest
 from baton import context_client
 from baton.bus import Bus, Nak, Request, connect
 from baton.dev.testing import uid
+from baton.natsd import NatsServer
 from proto import asyncapi, subjects
 from proto.context_api import ENDPOINTS, WINDOW
 from proto.messages import ContextRef, WindowReply, WindowRequest
@@ -31,8 +32,9 @@ def test_the_asyncapi_document_lists_every_op_of_the_table() -> None:
 
 
 @pytest.fixture
-async def bus(nats_url: str) -> AsyncIterator[Bus]:
-    b = await connect(nats_url, name="test")
+async def bus(own_nats: NatsServer) -> AsyncIterator[Bus]:
+    # A private server: on the shared one a real context store answers every op.
+    b = await connect(own_nats.url, name="test")
     yield b
     await b.close()
 
