@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 from prometheus_client import Counter
 
-from baton.bus import HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus, Msg
+from baton.bus import HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus, Message
 from baton.metrics import register
 from proto import keys, subjects
 from proto.ids import is_valid_id
@@ -79,7 +79,7 @@ class MaxDeliveryWatch:
     async def start(self) -> None:
         await self.bus.subscribe_raw(f"{ADVISORY}.>", self.on_advisory, queue=QUEUE)
 
-    async def on_advisory(self, msg: Msg) -> None:
+    async def on_advisory(self, msg: Message) -> None:
         adv = parse_advisory(msg.data)
         if adv is None:
             return
@@ -130,17 +130,16 @@ def _filter(consumer: str | None) -> str:
     return subjects.dead_letter(consumer) if consumer else f"{subjects.DEAD_LETTERS}.>"
 
 
-def _entry(msg: Msg) -> DeadLetter:
+def _entry(msg: Message) -> DeadLetter:
     h = msg.headers or {}
-    ts = msg.metadata.timestamp
     return DeadLetter(
-        seq=msg.metadata.sequence.stream,
+        seq=msg.seq,
         consumer=msg.subject.removeprefix(f"{subjects.DEAD_LETTERS}."),
         subject=h.get(HDR_DLQ_SUBJECT, ""),
         reason=h.get(HDR_DLQ_REASON, ""),
         task_id=h.get(HDR_TASK_ID),
         size=len(msg.data or b""),
-        at=ts.timestamp() if ts is not None else 0.0,
+        at=msg.time or 0.0,
     )
 
 
@@ -181,9 +180,9 @@ async def replay(bus: Bus, seqs: Sequence[int]) -> list[tuple[int, str]]:
 
 async def purge(bus: Bus, *, consumer: str | None = None) -> int:
     """Delete every dead letter (of ``consumer``); returns how many."""
-    before = (await bus.stream_info(DEAD_LETTERS.name)).state.messages
+    before = (await bus.stream_info(DEAD_LETTERS.name)).messages
     await bus.purge(DEAD_LETTERS.name, subject=_filter(consumer))
-    after = (await bus.stream_info(DEAD_LETTERS.name)).state.messages
+    after = (await bus.stream_info(DEAD_LETTERS.name)).messages
     return int(before - after)
 
 

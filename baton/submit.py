@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from baton.bus import Bus, Msg
+from baton.bus import Bus, Message, Subscription
 from proto import codec, subjects
 from proto.messages import Accepted, Completed, Failed, Step, TaskEvent, TokenDelta
 
@@ -178,7 +178,7 @@ class PlainStreams:
 
 
 async def _behind(
-    bus: Bus, subs: list[Any], queue: asyncio.Queue[TaskEvent | TokenDelta]
+    bus: Bus, subs: list[Subscription], queue: asyncio.Queue[TaskEvent | TokenDelta]
 ) -> list[TaskEvent | TokenDelta]:
     """What was received before now but not yet handed over: a flush (a
     round trip) means every earlier message is parsed into its subscription's
@@ -186,7 +186,7 @@ async def _behind(
     with contextlib.suppress(Exception):
         await bus.flush(timeout=2)
     for _ in range(1000):
-        if not any(sub.pending_msgs for sub in subs):
+        if not any(sub.queued for sub in subs):
             break
         await asyncio.sleep(0)
     late = []
@@ -216,10 +216,10 @@ async def submit(
     tenant, task_id = body["tenant"], body["task_id"]
     queue: asyncio.Queue[TaskEvent | TokenDelta] = asyncio.Queue()
 
-    async def on_event(msg: Msg) -> None:
+    async def on_event(msg: Message) -> None:
         await queue.put(codec.decode(msg.data, TaskEvent))  # type: ignore[arg-type]
 
-    async def on_token(msg: Msg) -> None:
+    async def on_token(msg: Message) -> None:
         await queue.put(codec.decode(msg.data, TokenDelta))
 
     subs = [await bus.subscribe_raw(subjects.event(tenant, task_id), on_event),

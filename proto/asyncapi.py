@@ -12,8 +12,8 @@ from typing import Any, Final
 import msgspec
 import yaml
 
+from proto import context_api, streams, subjects
 from proto import messages as msg
-from proto import streams, subjects
 from proto.ids import ID_PATTERN
 
 DOCUMENT_PATH: Final = Path(__file__).with_name("asyncapi.yaml")
@@ -74,44 +74,13 @@ _CHANNELS: Final[dict[str, tuple[str, tuple[str, ...], tuple[Any, ...], str, boo
         (msg.InferenceResult,),
         f"Finished inference jobs (stream {streams.RESULTS.name}, work queue).", False,
     ),
-    "contextAppend": (
-        f"{subjects.CONTEXT_API}.append.{{tenant}}", ("tenant",),
-        (msg.ContextAppend, msg.ContextAppendReply),
-        "Request-reply: append to a session; the reply carries a signed ref.", False,
-    ),
-    "contextWindow": (
-        f"{subjects.CONTEXT_API}.window.{{tenant}}", ("tenant",),
-        (msg.WindowRequest, msg.WindowReply),
-        "Request-reply: resolve a signed ref into a token-budgeted window.", False,
-    ),
-    "contextGet": (
-        f"{subjects.CONTEXT_API}.get.{{tenant}}", ("tenant",), (msg.ContextGet, msg.GetReply),
-        "Request-reply: read a session a page at a time, or one attachment.", False,
-    ),
-    "contextFork": (
-        f"{subjects.CONTEXT_API}.fork.{{tenant}}", ("tenant",), (msg.ContextFork, msg.ForkReply),
-        "Request-reply: a child session sharing a ref's prefix without copying it.", False,
-    ),
-    "contextSummarize": (
-        f"{subjects.CONTEXT_API}.summarize.{{tenant}}", ("tenant",),
-        (msg.ContextSummarize, msg.ContextAppendReply),
-        "Request-reply: store a summary of a session's older turns.", False,
-    ),
-    "contextAttach": (
-        f"{subjects.CONTEXT_API}.attach.{{tenant}}", ("tenant",),
-        (msg.ContextAttach, msg.AttachReply),
-        f"Request-reply: store an attachment (stream {streams.CONTEXT_ATTACHMENTS.name}).",
-        False,
-    ),
-    "contextDelete": (
-        f"{subjects.CONTEXT_API}.delete.{{tenant}}", ("tenant",),
-        (msg.ContextDelete, msg.DeleteReply),
-        "Request-reply: erase a session (with its forks and attachments) or a tenant.", False,
-    ),
-    "contextStats": (
-        f"{subjects.CONTEXT_API}.stats.{{tenant}}", ("tenant",), (msg.ContextStats, msg.StatsReply),
-        "Request-reply: counts for a session or a tenant.", False,
-    ),
+    **{
+        f"context{e.op.capitalize()}": (
+            f"{subjects.CONTEXT_API}.{e.op}.{{tenant}}", ("tenant",), (e.request, e.reply),
+            e.summary, False,
+        )
+        for e in context_api.ENDPOINTS.values()
+    },
     "contextInvalidate": (
         f"{subjects.CONTEXT_INVALIDATE}.{{tenant}}", ("tenant",), (msg.ContextInvalidate,),
         "Core NATS broadcast: every context store replica drops cached sessions.", False,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from proto import subjects
 from proto.ids import require_id
@@ -60,6 +60,13 @@ class BucketSpec:
         """The subject ``key`` is stored on (a pattern of keys, or by default
         every key)."""
         return f"$KV.{self.name}.{key}"
+
+
+def _stream(
+    name: str, prefix: str, retention: Retention, window: float, description: str, **more: Any
+) -> StreamSpec:
+    """A stream of every subject under ``prefix`` (``window``: its dedupe window)."""
+    return StreamSpec(name, (f"{prefix}.>",), retention, window, description=description, **more)
 
 
 TASKS_PREFIX: Final = "BATON_TASKS_"
@@ -120,113 +127,45 @@ def input_consumer(tenant: str) -> ConsumerSpec:
     )
 
 
-JOBS = StreamSpec(
-    name="BATON_JOBS",
-    subjects=(f"{subjects.JOBS}.>",),
-    retention="workqueue",
-    duplicate_window=600.0,
-    description="Inference jobs per model pool; Nats-Msg-Id = step id.",
-)
-RESULTS = StreamSpec(
-    name="BATON_RESULTS",
-    subjects=(f"{subjects.RESULTS}.>",),
-    retention="workqueue",
-    duplicate_window=600.0,
-    description="Finished inference jobs, consumed by orchestrators.",
-)
-EVENTS = StreamSpec(
-    name="BATON_EVENTS",
-    subjects=(f"{subjects.EVENTS}.>",),
-    retention="limits",
-    duplicate_window=120.0,
-    max_age=7 * DAY,
-    description="Task events (public, replayable).",
-)
-TOKENS = StreamSpec(
-    name="BATON_TOKENS",
-    subjects=(f"{subjects.TOKENS}.>",),
-    retention="limits",
-    duplicate_window=120.0,
-    # Deltas serve live and reconnecting readers; the answer itself is kept
-    # by the context store, so a day of replay is plenty.
-    max_age=1 * DAY,
-    description="Token deltas per task (public, replayable from a sequence).",
-)
-CONTEXT = StreamSpec(
-    name="BATON_CONTEXT",
-    subjects=(f"{subjects.CONTEXT_LOG}.>",),
-    retention="limits",
-    duplicate_window=600.0,
-    max_msg_size=512 * 1024,
-    description="Every session's messages, one subject per session.",
-)
-CONTEXT_ATTACHMENTS = StreamSpec(
-    name="BATON_CONTEXT_ATTACHMENTS",
-    subjects=(f"{subjects.CONTEXT_ATTACHMENTS}.>",),
-    retention="limits",
-    duplicate_window=60.0,
-    max_msg_size=1024 * 1024,
-    description="Session attachments, one subject (one immutable message) each.",
-)
-DEAD_LETTERS = StreamSpec(
-    name="BATON_DLQ",
-    subjects=(f"{subjects.DEAD_LETTERS}.>",),
-    retention="limits",
-    duplicate_window=120.0,
-    max_age=14 * DAY,
-    description="Messages terminated after their last delivery, kept for inspection.",
-)
-
-TIMERS = StreamSpec(
-    name="BATON_TIMERS",
-    subjects=(f"{subjects.TIMERS}.>",),
-    retention="workqueue",
-    duplicate_window=600.0,
-    description="Durable step timers: naked with a delay until due.",
-)
-
-ERASURES = StreamSpec(
-    name="BATON_ERASURES",
-    subjects=(f"{subjects.ERASED}.>",),
-    retention="workqueue",
-    duplicate_window=60.0,
-    description="Sessions the context store erased, for the orchestrator to erase their tasks.",
-)
-AUDIT = StreamSpec(
-    name="BATON_AUDIT",
-    subjects=(f"{subjects.AUDIT}.>",),
-    retention="limits",
-    duplicate_window=60.0,
-    max_age=400 * DAY,
-    description="The audit trail: erasures, tenant deletions, permission violations.",
-    deny_delete=True,
-)
-TOOLS = StreamSpec(
-    name="BATON_TOOLS",
-    subjects=(f"{subjects.TOOLS}.>",),
-    retention="workqueue",
-    duplicate_window=600.0,
-    description="Tool calls per tool pool; Nats-Msg-Id = <tenant>.<task_id>.<step>.<call>.",
-)
-TOOL_RESULTS = StreamSpec(
-    name="BATON_TOOL_RESULTS",
-    subjects=(f"{subjects.TOOL_RESULTS}.>",),
-    retention="workqueue",
-    duplicate_window=600.0,
-    description="Finished tool calls, consumed by orchestrators.",
-)
-DOCUMENTS = StreamSpec(
-    name="BATON_DOCUMENTS",
-    subjects=(f"{subjects.DOCUMENTS}.>",),
-    retention="limits",
-    # JetStream de-duplicates Nats-Msg-Id stream-wide, and a tenant's own
-    # header reaches this shared stream unchanged: one tenant's id could drop
-    # another's document. A put is idempotent per (tenant, doc_id) anyway (it
-    # replaces), so the window is the server's minimum (100 ms).
-    duplicate_window=0.1,
-    max_msg_size=512 * 1024,
-    description="Documents per tenant for the search tool (a later put of an id replaces it).",
-)
+# The shared streams, one a row: name, subjects under, retention, dedupe window (s).
+# fmt: off
+JOBS = _stream("BATON_JOBS", subjects.JOBS, "workqueue", 600.0,
+               "Inference jobs per model pool; Nats-Msg-Id = step id.")
+RESULTS = _stream("BATON_RESULTS", subjects.RESULTS, "workqueue", 600.0,
+                  "Finished inference jobs, consumed by orchestrators.")
+EVENTS = _stream("BATON_EVENTS", subjects.EVENTS, "limits", 120.0,
+                 "Task events (public, replayable).", max_age=7 * DAY)
+# Deltas serve live and reconnecting readers; the answer itself is kept
+# by the context store, so a day of replay is plenty.
+TOKENS = _stream("BATON_TOKENS", subjects.TOKENS, "limits", 120.0,
+                 "Token deltas per task (public, replayable from a sequence).", max_age=1 * DAY)
+CONTEXT = _stream("BATON_CONTEXT", subjects.CONTEXT_LOG, "limits", 600.0,
+                  "Every session's messages, one subject per session.", max_msg_size=512 * 1024)
+CONTEXT_ATTACHMENTS = _stream(
+    "BATON_CONTEXT_ATTACHMENTS", subjects.CONTEXT_ATTACHMENTS, "limits", 60.0,
+    "Session attachments, one subject (one immutable message) each.", max_msg_size=1024 * 1024)
+DEAD_LETTERS = _stream("BATON_DLQ", subjects.DEAD_LETTERS, "limits", 120.0,
+                       "Messages terminated after their last delivery, kept for inspection.",
+                       max_age=14 * DAY)
+TIMERS = _stream("BATON_TIMERS", subjects.TIMERS, "workqueue", 600.0,
+                 "Durable step timers: naked with a delay until due.")
+ERASURES = _stream("BATON_ERASURES", subjects.ERASED, "workqueue", 60.0,
+                   "Sessions the context store erased, for the orchestrator to erase their tasks.")
+AUDIT = _stream("BATON_AUDIT", subjects.AUDIT, "limits", 60.0,
+                "The audit trail: erasures, tenant deletions, permission violations.",
+                max_age=400 * DAY, deny_delete=True)
+TOOLS = _stream("BATON_TOOLS", subjects.TOOLS, "workqueue", 600.0,
+                "Tool calls per tool pool; Nats-Msg-Id = <tenant>.<task_id>.<step>.<call>.")
+TOOL_RESULTS = _stream("BATON_TOOL_RESULTS", subjects.TOOL_RESULTS, "workqueue", 600.0,
+                       "Finished tool calls, consumed by orchestrators.")
+# JetStream de-duplicates Nats-Msg-Id stream-wide, and a tenant's own header
+# reaches this shared stream unchanged: one tenant's id could drop another's
+# document. A put is idempotent per (tenant, doc_id) anyway (it replaces), so
+# the window is the server's minimum (100 ms).
+DOCUMENTS = _stream("BATON_DOCUMENTS", subjects.DOCUMENTS, "limits", 0.1,
+                    "Documents per tenant for the search tool (a later put of an id replaces it).",
+                    max_msg_size=512 * 1024)
+# fmt: on
 
 ALL_STREAMS: Final = (
     JOBS, RESULTS, EVENTS, TOKENS, CONTEXT, CONTEXT_ATTACHMENTS, DEAD_LETTERS, TIMERS,

@@ -6,7 +6,9 @@ decodes once, counts what it cannot decode and binds the task's ids."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import inspect
+import typing
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,19 +27,20 @@ MAX_MODULE_LINES = 450
 PUBLIC = {
     "DIRECT_LOOKUPS", "HDR_DLQ_REASON", "HDR_DLQ_SUBJECT", "HDR_EXPECTED_LAST_SUBJECT_SEQ",
     "HDR_MSG_ID", "HDR_TASK_ID", "HDR_TRACEPARENT", "TRANSIENT",
-    "Bucket", "Bus", "BusClosed", "BusUnavailable", "Delivery", "Entry", "Gate", "Handler",
-    "Msg", "Nak", "NotFound", "Outcome", "Puller", "Request", "Responder", "Settlement", "Term",
-    "TransportError", "WrongLastSequence", "connect", "settlement", "tls_context",
+    "Bucket", "Bus", "BusClosed", "BusUnavailable", "Consumer", "Delivery", "Entry", "Gate",
+    "Handler", "Message", "Nak", "NotFound", "Outcome", "Published", "Puller", "Request",
+    "Responder", "Settlement", "StreamState", "Subscription", "Term", "TransportError",
+    "WrongLastSequence", "connect", "settlement", "tls_context",
 }  # fmt: skip
 
 BUS_METHODS = {
     # provisioning
     "provision", "ensure_stream", "ensure_consumer", "ensure_bucket", "reaches_account",
     # sending
-    "publish", "notify", "request", "serve", "subscribe", "subscribe_raw",
+    "publish", "notify", "request", "request_raw", "serve", "subscribe", "subscribe_raw",
     # consuming
     "consume", "puller", "settle", "erase", "dead_letter",
-    "stop", "stopping", "wait_stopped", "flush", "close",
+    "stop", "stopping", "wait_stopped", "flush", "close", "refresh_credentials",
     # streams and their messages
     "account", "read_subject", "ordered", "stream_info", "subjects", "purge", "get_msg",
     "last_msg", "publish_if_last", "sequences", "erase_messages", "erase_subject",
@@ -55,6 +58,58 @@ def test_the_bus_methods_are_pinned_and_nats_py_stays_private() -> None:
     assert public == BUS_METHODS
     bus = Bus(None, js=object())  # type: ignore[arg-type]
     assert not hasattr(bus, "nc") and not hasattr(bus, "js")
+
+
+def _types_in(hint: object) -> Iterator[object]:
+    yield hint
+    for arg in typing.get_args(hint):
+        yield from _types_in(arg)
+
+
+def _nats_types_in_signatures(owner: object) -> dict[str, list[str]]:
+    """Every nats-py type named by a public signature of ``owner`` (a class:
+    its public methods and properties; a function: itself)."""
+    members = (
+        [(n, m) for n, m in inspect.getmembers(owner) if not n.startswith("_")]
+        if inspect.isclass(owner)
+        else [(getattr(owner, "__name__", "?"), owner)]
+    )
+    found: dict[str, list[str]] = {}
+    for name, member in members:
+        target = member.fget if isinstance(member, property) else member
+        if not callable(target) or inspect.isclass(target):
+            continue
+        hints = typing.get_type_hints(target)
+        bad = [
+            repr(t)
+            for hint in hints.values()
+            for t in _types_in(hint)
+            if (getattr(t, "__module__", "") or "").split(".")[0] == "nats"
+        ]
+        if bad:
+            found[name] = bad
+    return found
+
+
+def test_no_nats_py_type_crosses_the_door() -> None:
+    """Every public signature of the door names Baton's own types only: a
+    caller never holds a nats-py ``Msg``, ``PubAck``, ``StreamInfo`` etc."""
+    crossing = {
+        f"{name}.{member}": bad
+        for name in sorted(PUBLIC)
+        for member, bad in _nats_types_in_signatures(getattr(baton.bus, name)).items()
+        if callable(getattr(baton.bus, name))
+    }
+    assert crossing == {}
+
+
+def test_the_nats_type_check_can_fail() -> None:
+    from nats.aio.msg import Msg
+
+    def leaky(msg: Msg) -> None: ...
+
+    leaky.__annotations__ = {"msg": Msg, "return": None}  # resolved, as a module's would be
+    assert _nats_types_in_signatures(leaky) == {"leaky": ["<class 'nats.aio.msg.Msg'>"]}
 
 
 def test_every_module_of_the_door_is_small() -> None:

@@ -19,6 +19,8 @@ this module's ``__all__``, pinned by ``tests/test_bus_surface.py``.
 * ``Bus.request`` / ``subscribe`` / ``notify`` / ``serve`` — core NATS, typed
   replies (``messaging.py``).
 * ``Bus.ordered`` / ``read_subject`` — replay a stream (and follow it live);
+  what they hand back are Baton's own types (``types.py``: ``Message``,
+  ``Subscription``, ``Published``, ``StreamState``, ``Consumer``);
   ``stream_info``, ``subjects``, ``get_msg``, ``last_msg``, ``publish_if_last``,
   ``purge``; ``erase_messages`` / ``erase_subject`` overwrite the raw store
   (``streams.py``).
@@ -37,8 +39,6 @@ Handler outcomes are explicit::
     raise Term(why)   -> term (poison: never redelivered), dead-lettered
     any other error   -> nak with back-off; on the last delivery, term + dead letter
 """
-
-from nats.aio.msg import Msg
 
 from .client import Bus
 from .connection import connect, tls_context
@@ -67,6 +67,7 @@ from .errors import (
 from .kv import Bucket, Entry
 from .outcomes import Nak, Outcome, Settlement, Term, settlement
 from .streams import DIRECT_LOOKUPS
+from .types import Consumer, Message, Published, StreamState, Subscription
 
 __all__ = [
     "DIRECT_LOOKUPS",
@@ -81,18 +82,22 @@ __all__ = [
     "Bus",
     "BusClosed",
     "BusUnavailable",
+    "Consumer",
     "Delivery",
     "Entry",
     "Gate",
     "Handler",
-    "Msg",
+    "Message",
     "Nak",
     "NotFound",
     "Outcome",
+    "Published",
     "Puller",
     "Request",
     "Responder",
     "Settlement",
+    "StreamState",
+    "Subscription",
     "Term",
     "TransportError",
     "WrongLastSequence",

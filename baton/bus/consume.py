@@ -48,7 +48,7 @@ class Consuming(Messaging):
         with erase) before it is acked: a work queue's ack only unlinks it.
         Best effort: a failure is logged and the message is settled anyway."""
         try:
-            await self.erase_messages(delivery.msg.metadata.stream, [delivery.stream_seq])
+            await self.erase_messages(delivery.stream, [delivery.stream_seq])
         except Exception as exc:
             log.warning("erase_handled_failed", error=repr(exc))
 

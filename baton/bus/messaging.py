@@ -10,7 +10,6 @@ from typing import Any, TypeVar
 
 import structlog
 from nats.aio.msg import Msg
-from nats.js import api
 
 from baton import tracing
 from baton.metrics import UNDECODABLE, register
@@ -18,8 +17,10 @@ from proto import codec
 
 from .delivery import HDR_TASK_ID, Request, Responder, _headers
 from .streams import StreamReads
+from .types import Callback, Published, Subscription, callback
 
 T = TypeVar("T")
+R = TypeVar("R")
 # A typed subscription's handler: the decoded body and the subject it came on.
 Listener = Callable[[T, str], Awaitable[None]]
 
@@ -35,15 +36,16 @@ class Messaging(StreamReads):
         msg_id: str | None = None,
         task_id: str | None = None,
         headers: dict[str, str] | None = None,
-    ) -> api.PubAck:
-        """JetStream publish of a Struct (or bytes); returns the PubAck
-        (``duplicate`` is true when ``msg_id`` was already stored)."""
+    ) -> Published:
+        """JetStream publish of a Struct (or bytes); ``duplicate`` is true
+        when ``msg_id`` was already stored."""
         payload = body if isinstance(body, bytes) else codec.encode(body)
-        return await self._js.publish(subject, payload, headers=_headers(msg_id, task_id, headers))
+        ack = await self._js.publish(subject, payload, headers=_headers(msg_id, task_id, headers))
+        return Published(ack.stream, ack.seq, bool(ack.duplicate))
 
     async def subscribe(
         self, subject: str, type_: type[T], handler: Listener[T], *, queue: str = ""
-    ) -> Any:
+    ) -> Subscription:
         """A core NATS subscription of ``type_`` messages (heartbeats, cancels,
         invalidations). Each is decoded once, here; one that is not a
         ``type_`` is counted (``baton_undecodable_messages_total``, by
@@ -69,14 +71,12 @@ class Messaging(StreamReads):
             ):
                 await handler(body, msg.subject)
 
-        return await self._nc.subscribe(subject, queue=queue, cb=on_msg)
+        return Subscription(await self._nc.subscribe(subject, queue=queue, cb=on_msg))
 
-    async def subscribe_raw(
-        self, subject: str, cb: Callable[[Msg], Awaitable[None]], *, queue: str = ""
-    ) -> Any:
-        """A core NATS subscription handed nats-py's raw messages (bodies that
-        are not Baton's types, such as JetStream's JSON advisories)."""
-        return await self._nc.subscribe(subject, queue=queue, cb=cb)
+    async def subscribe_raw(self, subject: str, cb: Callback, *, queue: str = "") -> Subscription:
+        """A core NATS subscription handed each ``Message`` undecoded (bodies
+        that are not Baton's types, such as JetStream's JSON advisories)."""
+        return Subscription(await self._nc.subscribe(subject, queue=queue, cb=callback(cb)))
 
     async def serve(
         self,
@@ -127,11 +127,11 @@ class Messaging(StreamReads):
         self,
         subject: str,
         body: Any,
-        reply_type: type[Any],
+        reply_type: type[R],
         *,
         timeout: float = 5.0,
         task_id: str | None = None,
-    ) -> Any:
+    ) -> R:
         """Core request-reply with typed decoding of the reply."""
         msg = await self._nc.request(
             subject, codec.encode(body), timeout=timeout, headers=_headers(None, task_id, None)

@@ -4,17 +4,17 @@ writes, consumer look-ups, and erasure from the raw store."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import nats.js.errors
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext, api
+from nats.js import api
 
 from proto.streams import ConsumerSpec
 
 from .core import BusCore
 from .delivery import HDR_EXPECTED_LAST_SUBJECT_SEQ
 from .errors import NotFound, _gone, _translated
+from .types import Callback, Consumer, Message, StreamState, Subscription, callback
 
 # Up to this many messages on a subject are found one direct lookup each
 # (a round trip apiece); more through an ephemeral consumer (see sequences()).
@@ -26,7 +26,7 @@ class StreamReads(BusCore):
 
     async def read_subject(
         self, stream: str, subject: str, *, start_seq: int = 0, headers_only: bool = False
-    ) -> AsyncIterator[Msg]:
+    ) -> AsyncIterator[Message]:
         """Every message stored on ``subject`` (from ``start_seq``), in order,
         through an ephemeral consumer that is deleted afterwards: left to its
         inactivity threshold, a burst of reads piles consumers up to the
@@ -49,7 +49,7 @@ class StreamReads(BusCore):
             while pending > 0:
                 batch = await sub.fetch(batch=min(pending, 256), timeout=2.0)
                 for msg in batch:
-                    yield msg
+                    yield Message._of(msg)
                 pending = batch[-1].metadata.num_pending if batch else 0
         finally:
             await sub.unsubscribe()
@@ -57,40 +57,35 @@ class StreamReads(BusCore):
                 with contextlib.suppress(nats.js.errors.NotFoundError):
                     await self._js.delete_consumer(stream, name)
 
-    async def stream_info(
-        self, stream: str, *, subjects_filter: str | None = None
-    ) -> api.StreamInfo:
-        """The stream's configuration and state (with ``subjects_filter``: the
-        matching subjects and their message counts in ``state.subjects``)."""
+    async def stream_info(self, stream: str, *, subjects_filter: str | None = None) -> StreamState:
+        """The stream's state (with ``subjects_filter``: the matching subjects
+        and their message counts in ``subjects``)."""
         with _translated():
-            info: api.StreamInfo = await self._js.stream_info(
-                stream, subjects_filter=subjects_filter
-            )
-        return info
+            info = await self._js.stream_info(stream, subjects_filter=subjects_filter)
+        st = info.state
+        return StreamState(st.messages, st.bytes, st.first_seq, st.last_seq,
+                           st.consumer_count, dict(st.subjects or {}))  # fmt: skip
 
     async def subjects(self, stream: str, pattern: str) -> dict[str, int]:
         """Subjects of ``stream`` matching ``pattern``, with their message counts.
         (The server pages past 100,000 subjects.)"""
-        info = await self.stream_info(stream, subjects_filter=pattern)
-        return dict(info.state.subjects or {})
+        return (await self.stream_info(stream, subjects_filter=pattern)).subjects
 
     async def purge(self, stream: str, *, subject: str | None = None) -> None:
         """Remove every message (on ``subject``); a stream that is gone has none."""
         with contextlib.suppress(NotFound), _translated():
             await self._js.purge_stream(stream, subject=subject)
 
-    async def get_msg(self, stream: str, seq: int) -> api.RawStreamMsg | None:
+    async def get_msg(self, stream: str, seq: int) -> Message | None:
         """The stored message ``seq`` (None: not there)."""
         with contextlib.suppress(NotFound), _translated():
-            msg: api.RawStreamMsg = await self._js.get_msg(stream, seq)
-            return msg
+            return Message._stored(await self._js.get_msg(stream, seq))
         return None
 
-    async def last_msg(self, stream: str, subject: str) -> api.RawStreamMsg | None:
+    async def last_msg(self, stream: str, subject: str) -> Message | None:
         """The newest message on ``subject`` (a direct get; None: none)."""
         with contextlib.suppress(NotFound), _translated():
-            msg: api.RawStreamMsg = await self._js.get_last_msg(stream, subject, direct=True)
-            return msg
+            return Message._stored(await self._js.get_last_msg(stream, subject, direct=True))
         return None
 
     async def publish_if_last(
@@ -113,9 +108,9 @@ class StreamReads(BusCore):
         *,
         stream: str | None = None,
         start_seq: int = 0,
-        cb: Callable[[Msg], Awaitable[None]] | None = None,
+        cb: Callback | None = None,
         new: bool = False,
-    ) -> JetStreamContext.PushSubscription:
+    ) -> Subscription:
         """An ordered consumer of ``subject`` from ``start_seq`` (0: the first
         message; ``new``: only messages stored from now on), to replay a stream
         and follow it live: with ``cb`` each message is handed to it, else
@@ -125,10 +120,9 @@ class StreamReads(BusCore):
             deliver_policy=api.DeliverPolicy.NEW if new else policy,
             opt_start_seq=start_seq or None,
         )
-        sub: JetStreamContext.PushSubscription = await self._js.subscribe(
-            subject, stream=stream, ordered_consumer=True, config=config, cb=cb
-        )
-        return sub
+        return Subscription(await self._js.subscribe(
+            subject, stream=stream, ordered_consumer=True, config=config, cb=callback(cb)
+        ))  # fmt: skip
 
     # -- erasure from the raw store ------------------------------------------
     # A purge, a work queue's ack, or a KV revision replaced under its history
@@ -146,7 +140,7 @@ class StreamReads(BusCore):
         create, info and delete round trips."""
         if count is not None and count > DIRECT_LOOKUPS:
             msgs = self.read_subject(stream, subject, headers_only=True)
-            return [m.metadata.sequence.stream async for m in msgs]
+            return [m.seq async for m in msgs]
         found: list[int] = []
         seq = 1
         while True:
@@ -183,10 +177,14 @@ class StreamReads(BusCore):
         await self.purge(stream, subject=subject)
         return erased
 
-    async def consumers(self, stream: str) -> list[api.ConsumerInfo]:
+    async def consumers(self, stream: str) -> list[Consumer]:
         """Every consumer of ``stream``, with its configuration."""
-        infos: list[api.ConsumerInfo] = await self._js.consumers_info(stream)
-        return infos
+        infos = await self._js.consumers_info(stream)
+        return [
+            Consumer(i.name, i.config.description or "", i.config.filter_subject or "",
+                     i.config.ack_wait or 0.0, i.config.max_deliver or 0)
+            for i in infos
+        ]  # fmt: skip
 
     async def delete_consumer(self, spec: ConsumerSpec) -> None:
         await self._js.delete_consumer(spec.stream, spec.durable)

@@ -381,6 +381,6 @@ async def collect_results(bus: Bus, tenant: str, n: int, timeout: float) -> list
                 await d.ack_sync()  # the consumer is deleted next: no ack may be in flight
     finally:
         # Work-queue streams allow one consumer per filter: delete it now.
-        await puller.close()
+        await puller.stop()
         await bus.delete_consumer(spec)
     return got

@@ -126,7 +126,7 @@ class HistoryStore:
         applied = 0
         async for msg in self.bus.read_subject(CONTEXT.name, subject, start_seq=start):
             record = codec.decode(msg.data, StoredAppend)
-            session.apply(record, msg.metadata.sequence.stream, self.count)
+            session.apply(record, msg.seq, self.count)
             applied += 1
         return applied
 

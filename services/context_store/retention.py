@@ -53,7 +53,7 @@ async def sweep_once(admin: Admin, retention: Retention, now: float | None = Non
         last = await admin.bus.last_msg(CONTEXT.name, subject)
         if last is None:
             continue  # erased meanwhile
-        if last.time is not None and now - last.time.timestamp() > max_age:
+        if last.time is not None and now - last.time > max_age:
             await admin.delete(ContextDelete(tenant=tenant, session=session), actor="retention")
             expired += 1
     if expired:

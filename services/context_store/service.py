@@ -22,26 +22,10 @@ from baton import tracing
 from baton.bus import TRANSIENT, Bus, Request
 from baton.service import Health
 from proto import codec, subjects
+from proto.context_api import ENDPOINTS
 from proto.errors import ErrorCode
 from proto.ids import is_valid_id
-from proto.messages import (
-    AttachReply,
-    ContextAppend,
-    ContextAppendReply,
-    ContextAttach,
-    ContextDelete,
-    ContextFork,
-    ContextGet,
-    ContextInvalidate,
-    ContextStats,
-    ContextSummarize,
-    DeleteReply,
-    ForkReply,
-    GetReply,
-    StatsReply,
-    WindowReply,
-    WindowRequest,
-)
+from proto.messages import ContextInvalidate
 from proto.streams import AUDIT, CONTEXT, CONTEXT_ATTACHMENTS, DOCUMENTS, ERASURES
 
 from .admin import Admin
@@ -67,18 +51,10 @@ class Unavailable(Exception):
     request unanswered so the caller retries it later."""
 
 
-# op -> (request type, reply type)
+# op -> (request type, reply type): the contract's table (proto/context_api.py).
 REQUEST_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
-    "append": (ContextAppend, ContextAppendReply),
-    "window": (WindowRequest, WindowReply),
-    "get": (ContextGet, GetReply),
-    "fork": (ContextFork, ForkReply),
-    "delete": (ContextDelete, DeleteReply),
-    "stats": (ContextStats, StatsReply),
-    "summarize": (ContextSummarize, ContextAppendReply),
-    "attach": (ContextAttach, AttachReply),
+    op: (e.request, e.reply) for op, e in ENDPOINTS.items()
 }
-assert set(REQUEST_TYPES) == set(subjects.CONTEXT_OPS)
 
 
 def handlers(store: ContextStore, admin: Admin) -> dict[str, Callable[[Any], Awaitable[Any]]]:

@@ -20,10 +20,12 @@ from typing import Any
 
 import structlog
 
+from baton import context_client as context
 from baton.bus import Bus, Delivery, Nak, Term
 from baton.cancelled import CancelledTasks
 from baton.stopwatch import Stopwatch
 from proto import codec, keys, subjects
+from proto import context_api as ctxapi
 from proto.errors import ErrorCode
 from proto.messages import (
     Cancel,
@@ -35,7 +37,6 @@ from proto.messages import (
     InferenceResult,
     ToolCall,
     Usage,
-    WindowReply,
     WindowRequest,
 )
 
@@ -138,10 +139,7 @@ class JobHandler:
         for _ in range(WINDOW_ATTEMPTS):
             request = WindowRequest(tenant=job.tenant, ref=job.ref, budget_tokens=budget,
                                     done_msg_id=out_id)  # fmt: skip
-            window: WindowReply = await bus.request(
-                subjects.context_api("window", job.tenant), request, WindowReply,
-                task_id=job.task_id,
-            )  # fmt: skip
+            window = await context.call(bus, ctxapi.WINDOW, request, task_id=job.task_id)
             if window.error is not None:
                 watch.lap("context")
                 await self._publish(job, self._result(job, watch, error=window.error))
@@ -182,8 +180,9 @@ class JobHandler:
             return
         answer = [ChatMessage(role="assistant", content=outcome.output, name=job.agent,
                               tool_calls=outcome.tool_calls)]  # fmt: skip
-        append = bus.request(
-            subjects.context_api("append", job.tenant),
+        append = context.call(
+            bus,
+            ctxapi.APPEND,
             ContextAppend(
                 tenant=job.tenant,
                 session=job.session,
@@ -191,7 +190,6 @@ class JobHandler:
                 messages=answer,
                 base=job.ref if job.ref.session == job.session else None,
             ),
-            ContextAppendReply,
             task_id=job.task_id,
         )
         # The last token delta and the answer go out together: both only have

@@ -81,7 +81,7 @@ class Rescuer:
 
     async def _scan(self) -> None:
         for info in await self.bus.consumers(JOBS.name):
-            owner = direct_owner(info.config.description)
+            owner = direct_owner(info.description)
             if owner is None or owner[0] != self.pool or info.name in self.active:
                 continue
             if not self.peers.dead(owner[1]):
@@ -89,9 +89,9 @@ class Rescuer:
             spec = ConsumerSpec(
                 stream=JOBS.name,
                 durable=info.name,
-                filter_subject=info.config.filter_subject or "",
-                ack_wait=info.config.ack_wait or 60.0,
-                max_deliver=info.config.max_deliver or 5,
+                filter_subject=info.filter_subject,
+                ack_wait=info.ack_wait or 60.0,
+                max_deliver=info.max_deliver or 5,
             )
             self.active.add(info.name)
             task = asyncio.create_task(self._drain(spec, owner[1]))

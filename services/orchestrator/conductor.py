@@ -20,9 +20,11 @@ from typing import Any
 
 import structlog
 
+from baton import context_client as context
 from baton import tracing
 from baton.bus import HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus, Delivery, Nak, Term
 from proto import codec, keys, subjects
+from proto import context_api as ctxapi
 from proto.admission import TaskRejected, parse_task
 from proto.errors import ErrorCode
 from proto.ids import is_valid_id
@@ -214,25 +216,19 @@ class Conductor:
         ``ctx``. No answer: nak (retried later); a refusal is an answer."""
 
         async def one(op: T.ContextOp) -> None:
-            reply_type: type[Any]
+            reply: ContextAppendReply | ForkReply
             if isinstance(op, T.AppendOp):
-                request: Any = ContextAppend(
+                request = ContextAppend(
                     tenant=tenant,
                     session=op.session,
                     msg_id=op.msg_id,
                     messages=list(op.messages),
                     system=op.system,
                 )
-                name, reply_type = "append", ContextAppendReply
+                reply = await context.call(self.bus, ctxapi.APPEND, request, task_id=task_id)
             else:
-                request = ContextFork(tenant=tenant, ref=op.ref, child=op.child, upto=op.upto)
-                name, reply_type = "fork", ForkReply
-            try:
-                reply = await self.bus.request(
-                    subjects.context_api(name, tenant), request, reply_type, task_id=task_id
-                )
-            except TimeoutError as exc:
-                raise Nak(2.0, "context store did not answer") from exc
+                fork = ContextFork(tenant=tenant, ref=op.ref, child=op.child, upto=op.upto)
+                reply = await context.call(self.bus, ctxapi.FORK, fork, task_id=task_id)
             if reply.error is not None or reply.ref is None:
                 ctx[op.key] = reply.error or ErrorInfo.of(
                     ErrorCode.CONTEXT_UNAVAILABLE, "no ref returned"

@@ -226,5 +226,5 @@ class TaskEraser:
         async for msg in self.bus.read_subject(DEAD_LETTERS.name, f"{subjects.DEAD_LETTERS}.>"):
             headers: dict[str, Any] = msg.headers or {}
             if dead_letter_matches(headers, msg.data, tenant, task_ids):
-                seqs.append(msg.metadata.sequence.stream)
+                seqs.append(msg.seq)
         return await self.bus.erase_messages(DEAD_LETTERS.name, seqs)

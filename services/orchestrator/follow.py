@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from baton.bus import Bus, Msg
+from baton.bus import Bus, Message
 from proto import codec, streams, subjects
 from proto.messages import Completed, Failed, TaskEvent, TokenDelta
 
@@ -33,13 +33,13 @@ class Item:
         return isinstance(self.event, Completed | Failed)
 
 
-def _event(msg: Msg) -> Item:
+def _event(msg: Message) -> Item:
     ev: TaskEvent = codec.decode(msg.data, TaskEvent)  # type: ignore[arg-type]
-    return Item("event", msg.metadata.sequence.stream, event=ev)
+    return Item("event", msg.seq, event=ev)
 
 
-def _token(msg: Msg) -> Item:
-    return Item("token", msg.metadata.sequence.stream, delta=codec.decode(msg.data, TokenDelta))
+def _token(msg: Message) -> Item:
+    return Item("token", msg.seq, delta=codec.decode(msg.data, TokenDelta))
 
 
 async def replay_events(
@@ -77,10 +77,10 @@ async def follow_task(
     """
     queue: asyncio.Queue[Item] = asyncio.Queue()
 
-    async def on_event(msg: Msg) -> None:
+    async def on_event(msg: Message) -> None:
         await queue.put(_event(msg))
 
-    async def on_token(msg: Msg) -> None:
+    async def on_token(msg: Message) -> None:
         await queue.put(_token(msg))
 
     ev_sub = await bus.ordered(subjects.event(tenant, task_id), start_seq=events_from, cb=on_event)

@@ -83,7 +83,7 @@ class Intake:
         refusal = self.limiter.check(
             task.tenant,
             seq=d.stream_seq,
-            pending=int(d.msg.metadata.num_pending or 0),
+            pending=d.pending,
             active=self.gate.older(task.tenant, d.stream_seq),
             submitted_at=d.published_at,
             now=time.time(),

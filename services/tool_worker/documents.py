@@ -16,7 +16,7 @@ import time
 
 import structlog
 
-from baton.bus import Bus, Msg
+from baton.bus import Bus, Message, Subscription
 from proto import codec, subjects
 from proto.limits import document_too_large
 from proto.messages import DocumentPut, DocumentsErased
@@ -31,7 +31,7 @@ class DocumentIndexer:
     def __init__(self, bus: Bus, index: SearchIndex) -> None:
         self.bus = bus
         self.index = index
-        self._sub: object | None = None
+        self._sub: Subscription | None = None
         self._applied = asyncio.Condition()
 
     async def start(self) -> None:
@@ -59,8 +59,8 @@ class DocumentIndexer:
             log.info("search_index_reconciled", dropped=dropped)
         return dropped
 
-    async def _on_doc(self, msg: Msg) -> None:
-        seq = msg.metadata.sequence.stream
+    async def _on_doc(self, msg: Message) -> None:
+        seq = msg.seq
         try:
             doc = codec.decode(msg.data, DocumentPut)
             _, _, tenant, doc_id = msg.subject.split(".", 3)
@@ -90,9 +90,8 @@ class DocumentIndexer:
             return False
         deadline = time.monotonic() + timeout
         while True:
-            info = await self._sub.consumer_info()  # type: ignore[attr-defined]
-            delivered = info.delivered.stream_seq or 0
-            if not info.num_pending and self.index.last_seq >= delivered:
+            delivered, pending = await self._sub.position()
+            if not pending and self.index.last_seq >= delivered:
                 return True
             left = deadline - time.monotonic()
             if left <= 0:

@@ -29,32 +29,32 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import jsonschema
 import structlog
 from jsonschema.protocols import Validator
 
+from baton import context_client as context
 from baton.bus import Bus, Delivery, Nak, Term
 from baton.cancelled import CancelledTasks
+from baton.context_client import P, Q
 from baton.service import Health
 from baton.stopwatch import Stopwatch
 from proto import codec, keys, subjects
+from proto import context_api as ctxapi
+from proto.context_api import Endpoint
 from proto.errors import ErrorCode
 from proto.limits import INLINE_TOOL_RESULT_BYTES, MAX_TOOL_OUTPUT_BYTES
 from proto.messages import (
-    AttachReply,
     Cancel,
     ChatMessage,
     ContextAppend,
-    ContextAppendReply,
     ContextAttach,
     ContextRef,
     ErrorInfo,
     ToolCatalog,
     ToolJob,
     ToolResult,
-    WindowReply,
     WindowRequest,
 )
 from proto.streams import DOCUMENTS, TOOL_CATALOG, TOOL_RESULTS, TOOLS, tool_consumer
@@ -321,11 +321,10 @@ class ToolWorker:
         if len(data) <= INLINE_TOOL_RESULT_BYTES:
             return outcome.content, None
         name = attachment_name(job.call_id)
-        reply: AttachReply = await self._context(
-            "attach",
+        reply = await self._context(
+            ctxapi.ATTACH,
             ContextAttach(tenant=job.tenant, session=job.session, name=name, data=data,
-                          media_type="text/plain; charset=utf-8"),
-            AttachReply, job,
+                          media_type="text/plain; charset=utf-8"), job,
         )  # fmt: skip
         if reply.error is not None and reply.error.code != ErrorCode.CONFLICT:
             raise Nak(1.0, f"attachment refused: {reply.error.code}")
@@ -335,13 +334,9 @@ class ToolWorker:
 
     # -- context -----------------------------------------------------------
 
-    async def _context(self, op: str, body: Any, reply_type: type[Any], job: ToolJob) -> Any:
+    async def _context(self, endpoint: Endpoint[Q, P], body: Q, job: ToolJob) -> P:
         assert self.bus is not None
-        try:
-            return await self.bus.request(subjects.context_api(op, job.tenant), body,
-                                          reply_type, task_id=job.task_id)  # fmt: skip
-        except TimeoutError as exc:
-            raise Nak(1.0, f"context store did not answer {op}") from exc
+        return await context.call(self.bus, endpoint, body, task_id=job.task_id)
 
     async def _stored(
         self, job: ToolJob, out_id: str
@@ -349,11 +344,11 @@ class ToolWorker:
         """The call's result if the session holds it already (needs the job's ref)."""
         if job.ref is None:
             return None
-        reply: WindowReply = await self._context(
-            "window",
+        reply = await self._context(
+            ctxapi.WINDOW,
             WindowRequest(tenant=job.tenant, ref=job.ref, budget_tokens=0, done_msg_id=out_id),
-            WindowReply, job,
-        )  # fmt: skip
+            job,
+        )
         if reply.existing is None:
             return None
         return reply.existing_ref, reply.existing
@@ -362,11 +357,10 @@ class ToolWorker:
         self, job: ToolJob, out_id: str, message: ChatMessage
     ) -> tuple[ContextRef | None, bool]:
         """Append the tool message; returns its ref and whether it was there already."""
-        reply: ContextAppendReply = await self._context(
-            "append",
+        reply = await self._context(
+            ctxapi.APPEND,
             ContextAppend(tenant=job.tenant, session=job.session, msg_id=out_id,
-                          messages=[message]),
-            ContextAppendReply, job,
+                          messages=[message]), job,
         )  # fmt: skip
         if reply.error is not None:
             if reply.error.code == ErrorCode.CONTEXT_UNAVAILABLE:

@@ -29,7 +29,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from baton import audit
 from baton import sessions as S
-from baton.bus import Msg
+from baton.bus import Message
 from baton.credentials import OPERATOR_SCOPE
 from baton.http_errors import ApiError, require_ids
 from baton.service import refuse_cross_site
@@ -200,7 +200,7 @@ def add_routes(
         async def stream() -> AsyncIterator[ServerSentEvent]:
             changed: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
 
-            async def on_event(msg: Msg) -> None:
+            async def on_event(msg: Message) -> None:
                 _, _, owner, task_id = msg.subject.split(".", 3)
                 await changed.put((owner, task_id))
 

@@ -1,0 +1,50 @@
+"""The one client of the context store's request-reply API, for every
+service that handles a JetStream message (the conductor, the inference
+worker, the tool worker): the op's subject, its typed reply (from the
+contract table, ``proto/context_api.py``) and one policy for a store that
+does not answer in time.
+
+A timeout (or no store subscribed at all: one restarting) becomes
+``Nak(NAK_DELAY)``: the message being handled is redelivered a moment
+later, when a store replica may be back (every op is idempotent, so asking
+again is safe). Before, the conductor naked after
+2 s, the tool worker after 1 s and the inference worker left the timeout to
+the consume loop's back-off; one value now, short because the request has
+already waited its ``TIMEOUT``.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Protocol, TypeVar
+
+from baton.bus import TRANSIENT, Bus, Nak
+from proto import subjects
+from proto.context_api import Endpoint
+
+
+class _Request(Protocol):
+    @property
+    def tenant(self) -> str: ...
+
+
+Q = TypeVar("Q", bound=_Request)
+P = TypeVar("P")
+
+TIMEOUT: Final = 5.0  # seconds a request waits for its reply (the store retries for 3)
+NAK_DELAY: Final = 1.0  # seconds before a message whose request timed out comes back
+UNANSWERED: Final[tuple[type[BaseException], ...]] = (TimeoutError, *TRANSIENT)
+
+
+async def call(bus: Bus, endpoint: Endpoint[Q, P], request: Q, *, task_id: str | None = None) -> P:
+    """Ask the context store ``endpoint.op`` for the request's tenant; its typed reply
+    (a refusal is a reply: its ``error`` is set).
+
+    Raises:
+        Nak: no store answered within ``TIMEOUT`` (or none is subscribed, or
+            NATS is reconnecting).
+    """
+    try:
+        return await bus.request(subjects.context_api(endpoint.op, request.tenant), request,
+                                 endpoint.reply, timeout=TIMEOUT, task_id=task_id)  # fmt: skip
+    except UNANSWERED as exc:
+        raise Nak(NAK_DELAY, f"context store did not answer {endpoint.op}") from exc
