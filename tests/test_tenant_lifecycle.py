@@ -215,7 +215,7 @@ async def test_delete_revokes_the_creds_erases_the_data_and_is_audited(
         records = await audit.read(bus, tenant="doomed", action=audit.ERASE_TENANT)
         assert len(records) == 1, records
     finally:
-        await bus.nc.close()
+        await bus.close()
     assert "doomed" not in await admin.list()
 
 
