@@ -6,8 +6,9 @@ The cluster is fenced as production is: operator mode, the accounts,
 each service with its own identity, each tenant submitting through its own
 account. Tenants change at run time while faults strike: ``newco`` is created
 (``TenantAdmin``) during one fault and runs tasks, ``doomed`` (created before
-the faults) is deleted during another; afterwards every node admits newco's
-``.creds`` and refuses doomed's.
+the faults) is deleted while one node is down (a fault of its own,
+``delete:tenant``); afterwards every node admits newco's ``.creds`` and
+refuses doomed's.
 
 Load: research tasks at a steady rate and multi-turn chat sessions (each turn
 waits for the previous one), plus one probe chat task per fault. Faults, at
@@ -264,7 +265,7 @@ async def delete_tenant(admin: TenantAdmin, run: Run, during: Fault) -> None:
             await asyncio.sleep(2)
     else:
         raise AssertionError(f"tenant delete {DELETED}: {err!r}")
-    run.lifecycle.append(f"delete {DELETED} during {during.kind}: "
+    run.lifecycle.append(f"delete {DELETED} with {during.target} down: "
                          f"{time.monotonic() - t0:.1f}s")  # fmt: skip
 
 
@@ -279,10 +280,21 @@ async def _admitted(url: str, creds: Path) -> bool:
     return True
 
 
-async def inject(cluster: Cluster, stack: LocalStack, fault: Fault) -> None:
+async def inject(cluster: Cluster, stack: LocalStack, fault: Fault, admin: TenantAdmin,
+                 run: Run) -> None:  # fmt: skip
     """Strike, then bring back what was struck (as a supervisor would)."""
     kind = fault.kind
-    if kind.startswith("kill:"):
+    if kind == "delete:tenant":
+        # While one node is down: back, it must not revive the tenant (it
+        # did, with a resolver delete; see TenantAdmin.delete).
+        node = random.choice(cluster.nodes)
+        fault.target = node.name
+        node.kill()
+        await delete_tenant(admin, run, fault)
+        await asyncio.sleep(1.0)
+        node.spawn()
+        await asyncio.to_thread(node.wait_ready)
+    elif kind.startswith("kill:"):
         name = kind[5:]
         victim = next(p for p in reversed(stack.procs) if p.name == name and p.alive())
         fault.target = f"pid {victim.proc.pid if victim.proc else '?'}"
@@ -399,7 +411,8 @@ async def test_baton_on_a_3_node_cluster_loses_and_duplicates_nothing_under_faul
         schedule += ["leader:meta", "leader:BATON_TASKS_acme", "leader:BATON_JOBS",
                      "leader:KV_baton-runs", "restart:cluster", "pause:node"]  # fmt: skip
         rng.shuffle(schedule)
-        create_at, delete_at = rng.sample(range(len(schedule)), 2)
+        schedule.insert(rng.randrange(len(schedule) + 1), "delete:tenant")
+        create_at = rng.randrange(len(schedule))
         steps: list[asyncio.Task[Any]] = []
         probes = []
         t0 = time.monotonic()
@@ -410,9 +423,7 @@ async def test_baton_on_a_3_node_cluster_loses_and_duplicates_nothing_under_faul
             probes.append(asyncio.create_task(driver.probe(fault)))
             if i == create_at:
                 steps.append(asyncio.create_task(create_tenant(admin, cluster, driver, fault)))
-            if i == delete_at:
-                steps.append(asyncio.create_task(delete_tenant(admin, run, fault)))
-            await inject(cluster, stack, fault)
+            await inject(cluster, stack, fault, admin, run)
             await asyncio.sleep(rng.uniform(*GAP))
         faults_took = time.monotonic() - t0
         run.stop = True
