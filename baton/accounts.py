@@ -545,6 +545,7 @@ def render_operator(
     cipher_key: str | Var | None = None,
     tls: Mapping[str, str | bool] | None = None,
     revocations: Mapping[str, Mapping[str, int]] | None = None,
+    cluster: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The nats-server configuration in operator mode (decentralized
     authentication): the operator JWT, the ``full`` resolver (accounts
@@ -586,6 +587,8 @@ def render_operator(
         config["http_port"] = monitor_port
     if tls is not None:
         config["tls"] = dict(tls)
+    if cluster is not None:  # every node shares the operator, its accounts and resolver
+        config["cluster"] = dict(cluster)
     return config
 
 

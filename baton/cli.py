@@ -461,7 +461,8 @@ def _tenant_op(data_dir: Path, nats_url: str | None, work: Any) -> Any:
                           "start the stack (`make up`) or pass --nats-url"))[0]  # fmt: skip
 
     async def go() -> Any:
-        async with TenantAdmin(data_dir, address) as admin:
+        replicas = int(os.environ.get("BATON_STREAM_REPLICAS", "1"))  # as the services'
+        async with TenantAdmin(data_dir, address, replicas=replicas) as admin:
             return await work(admin)
 
     try:

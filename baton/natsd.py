@@ -79,6 +79,20 @@ class ServerTls:
 CIPHER_ENV = "BATON_NATS_JS_KEY"
 
 
+@dataclass(frozen=True)
+class ServerCluster:
+    """This server's place in a JetStream cluster: the cluster's name, the
+    port its routes listen on and every node's route URL (its own included)."""
+
+    name: str
+    port: int
+    routes: tuple[str, ...]
+
+    def settings(self) -> dict[str, object]:
+        return {"name": self.name, "host": "127.0.0.1", "port": self.port,
+                "routes": list(self.routes)}  # fmt: skip
+
+
 @dataclass
 class ServerAuth:
     """Accounts for ``tenants`` with ``credentials``; ``encrypt`` turns on
@@ -109,6 +123,7 @@ class NatsServer:
         server_name: str = "baton",
         tls: ServerTls | None = None,
         auth: ServerAuth | None = None,
+        cluster: ServerCluster | None = None,
         die_with_parent: bool = False,
     ) -> None:
         self.store_dir = Path(store_dir)
@@ -118,7 +133,9 @@ class NatsServer:
         self.server_name = server_name
         self.tls = tls
         self.auth = auth
+        self.cluster = cluster
         self.proc: subprocess.Popen[bytes] | None = None
+        self._offset = 0
 
     @property
     def address(self) -> str:
@@ -153,13 +170,19 @@ class NatsServer:
 
     def _write_config(self) -> None:
         assert self.auth is not None
-        creds = self.auth.credentials
+        # From the file, not memory: `baton tenant` (another process, or
+        # another server of a cluster) may have created or deleted tenants
+        # since, and a restart must neither revive nor forget one.
+        assert self.auth.credentials.data_dir is not None
+        creds = Credentials.load_or_create(self.auth.credentials.data_dir, [])
+        self.auth.credentials = creds
         # The tenants of the start and those created at run time since.
         tenants = list(dict.fromkeys([*self.auth.tenants, *creds.tenants()]))
         creds.add_nkeys(tenants)
         creds.nkeys.pop(f"revocations:{accounts.BATON_ACCOUNT}", None)  # all re-issued now
         creds.save()
         creds.write_creds(tenants)
+        self._forget_deleted_accounts(creds)
         config = accounts.render_operator(
             tenants,
             creds.keys(),
@@ -171,8 +194,21 @@ class NatsServer:
             server_name=self.server_name,
             cipher_key=accounts.Var(CIPHER_ENV) if self.auth.encrypt else None,
             tls=self.tls.settings() if self.tls is not None else None,
+            cluster=self.cluster.settings() if self.cluster is not None else None,
         )
         write_private(self.config_path, accounts.to_conf(config) + "\n")
+
+    def _forget_deleted_accounts(self, creds: Credentials) -> None:
+        """Drop from the resolver's directory every account JWT that is no
+        longer one of ours (a tenant deleted while this server was down):
+        the `full` resolver would serve it again, and its sync would spread
+        it back to the servers that had deleted it (measured on a 3-node
+        cluster, ``docs/security.md``)."""
+        known = {key.public for key in creds.keys().accounts.values()}
+        if self.resolver_dir.is_dir():
+            for path in self.resolver_dir.glob("A*.jwt"):
+                if path.name.removesuffix(".jwt") not in known:
+                    path.unlink(missing_ok=True)
 
     @property
     def log_path(self) -> Path:
@@ -180,6 +216,12 @@ class NatsServer:
 
     def start(self, timeout: float = 15.0) -> NatsServer:
         """Start and wait for "Server is ready"."""
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting (the nodes of a cluster start
+        together, then ``wait_ready``)."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         if self.port == 0:
             self.port = free_port()
@@ -200,11 +242,20 @@ class NatsServer:
                 conf = self.store_dir / "tls.conf"
                 conf.write_text(self.tls.config())
                 args += ["-c", str(conf)]
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, start_new_session=True, env=env,
             preexec_fn=die_with_parent if self.die_with_parent else None,
         )  # fmt: skip
+
+    def wait_ready(self, timeout: float = 15.0) -> NatsServer:
+        """Until the log of this start says "Server is ready".
+
+        Raises:
+            NatsServerError: the process exited or was not ready in time (it is stopped).
+        """
+        assert self.proc is not None
+        offset = self._offset
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -6,8 +6,9 @@ keys (``<data-dir>/secrets/nats.json``) and talks to a running server in
 operator mode:
 
 * account JWTs go to the ``full`` resolver as ``$SYS.REQ.CLAIMS.UPDATE``
-  requests (as the system user); a deleted account goes with a
-  ``$SYS.REQ.CLAIMS.DELETE`` signed by the operator;
+  requests (as the system user); a deleted account is replaced by a
+  tombstone JWT (every user revoked, no connection admitted), which a
+  cluster's resolver sync cannot undo, unlike ``$SYS.REQ.CLAIMS.DELETE``;
 * the tenant registry, KV bucket ``baton-tenants`` (tenant -> state), tells
   the orchestrator which tenants exist and which are suspended; it provisions
   a new tenant's streams and consumers and starts pulling its tasks;
@@ -87,9 +88,12 @@ def _revocations(creds: Credentials, account: str) -> dict[str, int]:
 class TenantAdmin:
     """Lifecycle steps against the server at ``address`` (``nats://host:port``)."""
 
-    def __init__(self, data_dir: Path, address: str) -> None:
+    def __init__(self, data_dir: Path, address: str, *, replicas: int = 1) -> None:
         self.data_dir = Path(data_dir)
         self.address = address
+        # The services' BATON_STREAM_REPLICAS: the registry bucket it may
+        # create must match theirs (a cluster's R3 bucket refuses an R1 create).
+        self.replicas = replicas
         self.creds = Credentials.load_or_create(self.data_dir, [])
         self.sys: Bus | None = None
         self.op: Bus | None = None
@@ -97,7 +101,7 @@ class TenantAdmin:
     async def __aenter__(self) -> TenantAdmin:
         self.sys = await connect(self.address, name="baton-tenant-admin-sys",
                                  creds=self.creds.creds_path(accounts.SYSTEM_USER))  # fmt: skip
-        self.op = await connect(self.address, name="baton-tenant-admin",
+        self.op = await connect(self.address, name="baton-tenant-admin", replicas=self.replicas,
                                 creds=self.creds.creds_path(accounts.OPERATOR))  # fmt: skip
         return self
 
@@ -132,9 +136,19 @@ class TenantAdmin:
 
     # -- pushes ------------------------------------------------------------------
 
-    async def _push(self, token: str) -> None:
+    async def _push(self, token: str, *, attempts: int = 3) -> None:
+        """Send an account JWT to the resolver, again after a request that
+        timed out (a cluster electing, a server restarting): idempotent."""
         assert self.sys is not None
-        answer = json.loads(await self.sys.request_raw("$SYS.REQ.CLAIMS.UPDATE", token.encode()))
+        for attempt in range(attempts):
+            try:
+                raw = await self.sys.request_raw("$SYS.REQ.CLAIMS.UPDATE", token.encode())
+                break
+            except Exception:
+                if attempt + 1 >= attempts:
+                    raise
+                await asyncio.sleep(1.0)
+        answer = json.loads(raw)
         data = answer.get("data") or {}
         if data.get("code") != 200:
             raise TenantError(f"the server refused the account JWT: {answer}")
@@ -236,7 +250,7 @@ class TenantAdmin:
         its keys. The erasure is the context store's (as ``DELETE
         /v1/tenants/<t>``: its histories, attachments and documents, then the
         orchestrator erases its tasks; one ``erase_tenant`` audit record);
-        then the account is deleted from the resolver, BATON's import of it
+        then the account is replaced by a tombstone in the resolver, BATON's import of it
         dropped, its files removed and the registry entry ``deleted``.
         Returns the number of sessions erased."""
         await self._known(tenant)
@@ -248,16 +262,20 @@ class TenantAdmin:
             raise TenantError(f"the context store did not erase {tenant!r}: {reply.error}")
         await self._set(tenant, DELETED)
         keys = self.creds.keys()
-        account = keys.account(tenant)
-        assert self.sys is not None
-        body = jwt.delete_request(keys.operator, [account]).encode()
-        answer = json.loads(await self.sys.request_raw("$SYS.REQ.CLAIMS.DELETE", body))
-        if (answer.get("data") or {}).get("code") != 200:
-            raise TenantError(f"the server did not delete the account: {answer}")
+        # Forgotten first: a server (re)started from now on leaves the
+        # account out of its configuration (``NatsServer._write_config``).
         for k in (f"account:{tenant}", f"user:{tenant}", f"revocations:{tenant}"):
             self.creds.nkeys.pop(k, None)
         self.creds.api_keys.pop(tenant, None)
         self.creds.save()
+        # A tombstone, not $SYS.REQ.CLAIMS.DELETE: in a cluster a server that
+        # was down during a delete still holds the account's JWT and, back,
+        # its resolver sync spreads it again to the others (the deleted
+        # account connects again; measured). A newer JWT admitting nobody
+        # (every user revoked, no connection) wins that sync instead.
+        tombstone = jwt.account_jwt(keys.operator, keys.accounts[tenant], tenant, suspended=True,
+                                    revocations={"*": int(time.time()) + 1})  # fmt: skip
+        await self._push(tombstone, attempts=5)
         await self._push_baton()
         for path in (creds_path(self.data_dir, tenant), key_path(self.data_dir, tenant),
                      self.data_dir / "tenants" / f"{tenant}.url"):  # fmt: skip

@@ -1,9 +1,12 @@
 """The cost of the tenant fence on the hot path: one chat task's round trip
-(publish → ``completed``, simulator engine) with NATS accounts and per-service
-identities on, against the same stack on an open nats-server, interleaved
-round by round in one run. The fenced client is a tenant in its own account
-(its task crosses the service import, its events the stream import); the open
-one publishes straight into Baton's subjects, as every client did before."""
+(publish → ``completed``, simulator engine) on the bus as ``baton up`` runs it
+— NATS operator mode: every identity a user JWT in a ``.creds`` file, accounts
+from the ``full`` resolver, per-service identities, JetStream encrypted at
+rest — against the same stack on an open nats-server, interleaved round by
+round in one run. The fenced client is a tenant in its own account,
+connected with its ``.creds`` (its task crosses the service import, its
+events the stream import); the open one publishes straight into Baton's
+subjects, as every client did before."""
 
 from __future__ import annotations
 
@@ -51,7 +54,8 @@ async def _round_trips(url: str, subject: str, n: int) -> list[float]:
 
 
 async def _main(work: Path) -> dict[str, Any]:
-    fenced_nats = secure_nats(work / "fenced-nats").start()
+    fenced_nats = secure_nats(work / "fenced-nats", ("acme",)).start()  # operator mode
+    assert "?creds=" in fenced_nats.url_for("acme"), "the fenced side must present a .creds"
     open_nats = NatsServer(work / "open-nats").start()
     fenced = LocalStack(fenced_nats, work / "fenced", env=dict(ENV)).start()
     opened = LocalStack(open_nats.url, work / "open", env=dict(ENV)).start()
@@ -89,6 +93,7 @@ async def _main(work: Path) -> dict[str, Any]:
         "tasks_per_round": TASKS_PER_ROUND,
         "median_ratio_p50": round(statistics.median(ratios), 3),
         "goal": "fenced / open task round trip p50 <= 1.05",
+        "fenced": "operator mode: .creds (user JWT + nkey), full resolver, encrypted store",
     }
 
 
@@ -105,8 +110,10 @@ def markdown(r: dict[str, Any]) -> str:
     return f"""## Authentication on the hot path (`python -m bench auth`)
 
 One chat task's round trip (publish → `completed`, simulator) through a
-tenant's own account on the fenced bus (accounts, service imports,
-per-service identities) against the same stack on an open nats-server,
+tenant's own account on the fenced bus as `baton up` runs it (NATS operator
+mode: each identity a `.creds` user JWT, accounts from the `full` resolver,
+service imports, per-service identities, encrypted store) against the same
+stack on an open nats-server,
 {r["tasks_per_round"]} sequential tasks per side per round, sides alternating
 first. Median ratio of p50s: **{r["median_ratio_p50"]}** ({r["goal"]}).
 

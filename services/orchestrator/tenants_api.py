@@ -47,7 +47,8 @@ def add_tenant_routes(
                            "is off (use `baton tenant`)", status=404)  # fmt: skip
         address = split_creds(settings.nats_url)[0]
         try:
-            async with TenantAdmin(settings.tenant_admin_dir, address) as admin:
+            async with TenantAdmin(settings.tenant_admin_dir, address,
+                                   replicas=settings.stream_replicas) as admin:  # fmt: skip
                 return await work(admin)
         except TenantError as exc:
             code = ErrorCode.CONFLICT if "exists" in str(exc) else ErrorCode.UNKNOWN_TENANT

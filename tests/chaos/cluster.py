@@ -1,9 +1,15 @@
-"""A 3-node nats-server cluster on loopback (JetStream, R3), for the chaos tier.
+"""A 3-node nats-server cluster on loopback (JetStream, R3), for the chaos tier,
+fenced as production is.
 
-Each node is a real ``nats-server`` with its own client, cluster and
-monitoring port and its own file store; every node lists all three routes.
-Nodes can be SIGKILLed, restarted on the same ports and store, paused
-(SIGSTOP) and resumed; leaders are found through the monitoring endpoint.
+Each node is a ``baton.natsd.NatsServer`` in operator mode, its configuration
+written by the same code as ``baton up``'s (``accounts.render_operator``:
+the operator JWT, the ``full`` resolver, the accounts of ``tenants``) plus a
+``cluster`` block: the nodes share one operator, one set of accounts and one
+data directory of credentials (``secrets/nats.json`` and every identity's
+``.creds``), and each keeps its own file store and resolver directory (account
+pushes reach the others through the cluster). Nodes can be SIGKILLed,
+restarted on the same ports and store, paused (SIGSTOP) and resumed; leaders
+are found through the monitoring endpoint.
 """
 
 from __future__ import annotations
@@ -11,114 +17,108 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from baton.natsd import NatsServerError, find_binary, free_port
+from baton import accounts
+from baton.credentials import Credentials
+from baton.natsd import NatsServer, NatsServerError, ServerAuth, ServerCluster, free_port
+from baton.urls import with_creds
 
-_READY = "Server is ready"
 
-
-@dataclass
 class Node:
-    name: str
-    store: Path
-    port: int
-    cluster_port: int
-    monitor_port: int
-    routes: list[str] = field(default_factory=list)
-    proc: subprocess.Popen[bytes] | None = None
-    _offset: int = 0
+    """One node: a ``NatsServer`` with a name and the chaos tier's verbs."""
+
+    def __init__(self, name: str, server: NatsServer) -> None:
+        self.name = name
+        self.server = server
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        """Its address (no credentials)."""
+        return self.server.address
+
+    @property
+    def store(self) -> Path:
+        return self.server.store_dir
+
+    @property
+    def resolver_dir(self) -> Path:
+        return self.server.resolver_dir
 
     @property
     def log_path(self) -> Path:
-        return self.store / "nats-server.log"
+        return self.server.log_path
 
     def spawn(self) -> None:
-        self.store.mkdir(parents=True, exist_ok=True)
-        args = [
-            find_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port),
-            "-js", "-sd", str(self.store / "jetstream"), "--server_name", self.name,
-            "--cluster_name", "baton-chaos", "--cluster", f"nats://127.0.0.1:{self.cluster_port}",
-            "--routes", ",".join(self.routes), "-l", str(self.log_path),
-        ]  # fmt: skip
-        self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        self.server.launch()
 
     def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise NatsServerError(f"{self.name} exited with {self.proc.returncode}")
-            if self.log_path.exists():
-                with self.log_path.open("rb") as f:
-                    f.seek(self._offset)
-                    if _READY in f.read().decode(errors="replace"):
-                        return
-            time.sleep(0.05)
-        raise NatsServerError(f"{self.name} not ready in {timeout}s")
+        self.server.wait_ready(timeout)
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.server.running
 
     def kill(self) -> None:
-        if self.running:
-            assert self.proc is not None
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
+        self.server.kill()
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.running:
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.proc = None
+        self.server.stop(timeout)
 
     def pause(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGSTOP)
+        assert self.server.proc is not None
+        os.killpg(self.server.proc.pid, signal.SIGSTOP)
 
     def resume(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGCONT)
+        assert self.server.proc is not None
+        os.killpg(self.server.proc.pid, signal.SIGCONT)
 
     def jsz(self) -> dict[str, object]:
-        url = f"http://127.0.0.1:{self.monitor_port}/jsz?streams=true"
+        url = f"http://127.0.0.1:{self.server.monitor_port}/jsz?accounts=true&streams=true"
         with urllib.request.urlopen(url, timeout=2) as r:
             return json.loads(r.read())  # type: ignore[no-any-return]
 
 
 class Cluster:
-    def __init__(self, root: Path, size: int = 3) -> None:
+    """``size`` nodes with Baton's accounts for ``tenants``; the secrets and
+    ``.creds`` files live in ``data_dir`` (what ``baton tenant`` reads)."""
+
+    def __init__(self, root: Path, tenants: list[str], size: int = 3,
+                 *, encrypt: bool = True) -> None:  # fmt: skip
+        self.data_dir = root / "data"
+        self.creds = Credentials.load_or_create(self.data_dir, tenants)
         ports = [(free_port(), free_port(), free_port()) for _ in range(size)]
-        routes = [f"nats://127.0.0.1:{c}" for _, c, _ in ports]
+        routes = tuple(f"nats://127.0.0.1:{c}" for _, c, _ in ports)
         self.nodes = [
-            Node(f"n{i + 1}", root / f"n{i + 1}", p, c, m, routes)
+            Node(f"n{i + 1}", NatsServer(
+                root / f"n{i + 1}", port=p, monitor_port=m, server_name=f"n{i + 1}",
+                auth=ServerAuth(list(tenants), self.creds, encrypt=encrypt),
+                cluster=ServerCluster("baton-chaos", c, routes)))
             for i, (p, c, m) in enumerate(ports)
-        ]
+        ]  # fmt: skip
 
     @property
-    def url(self) -> str:
+    def address(self) -> str:
         """Every node, comma-separated (``baton.bus.connect`` splits it)."""
         return ",".join(n.url for n in self.nodes)
 
     @property
     def urls(self) -> list[str]:
         return [n.url for n in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """Every node with the operator's ``.creds`` (every right in BATON)."""
+        return self.url_for(accounts.OPERATOR)
+
+    def url_for(self, identity: str) -> str:
+        """Every node with ``identity``'s ``.creds`` (what a service is given)."""
+        return with_creds(self.address, self.creds_for(identity))
+
+    def creds_for(self, identity: str) -> Path:
+        return self.creds.creds_path(identity)
 
     def start(self) -> Cluster:
         try:
@@ -167,7 +167,9 @@ class Cluster:
         raise NatsServerError(f"no leader for {group} in {timeout}s")
 
     def stream_leader(self, stream: str) -> str | None:
-        """The node leading ``stream``'s raft group, from any node's /jsz."""
+        """The node leading ``stream``'s raft group (in BATON's account: its
+        name on the server is its public key), from any node's /jsz."""
+        baton = self.creds.keys().account(accounts.BATON_ACCOUNT)
         for n in self.nodes:
             if not n.running:
                 continue
@@ -176,6 +178,8 @@ class Cluster:
             except OSError:
                 continue
             for acc in info.get("account_details") or []:  # type: ignore[union-attr]
+                if acc.get("name") != baton and acc.get("id") != baton:
+                    continue
                 for s in acc.get("stream_detail") or []:
                     if s.get("name") == stream and (s.get("cluster") or {}).get("leader"):
                         return str(s["cluster"]["leader"])

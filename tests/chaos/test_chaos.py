@@ -1,6 +1,15 @@
 """The chaos tier: Baton on a 3-node JetStream cluster (R3 streams and KV)
 under a schedule of faults, judged from outside.
 
+The cluster is fenced as production is: operator mode, the accounts,
+``.creds`` and server configuration ``baton up`` generates (``cluster.py``),
+each service with its own identity, each tenant submitting through its own
+account. Tenants change at run time while faults strike: ``newco`` is created
+(``TenantAdmin``) during one fault and runs tasks, ``doomed`` (created before
+the faults) is deleted while one node is down (a fault of its own,
+``delete:tenant``); afterwards every node admits newco's ``.creds`` and
+refuses doomed's.
+
 Load: research tasks at a steady rate and multi-turn chat sessions (each turn
 waits for the previous one), plus one probe chat task per fault. Faults, at
 random points (seeded; the seed is printed): SIGKILL of each service kind
@@ -13,7 +22,8 @@ every chat history read back from the context store; every job and result
 read back from mirrors of BATON_JOBS and BATON_RESULTS that the test creates.
 It fails on any lost task, any task with more than one terminal event or a
 ``failed`` one, any history that does not hold each turn exactly once, any
-usage that is not the sum of its steps, any step with two recorded results.
+usage that is not the sum of its steps, any step with two recorded results,
+any event a tenant's connection received that is not its own task's.
 A table (fault x tasks x lost x duplicated x recovery) is printed.
 """
 
@@ -36,7 +46,10 @@ import nats
 import pytest
 from nats.js import api
 
+from baton import accounts, jwt
+from baton.credentials import Credentials
 from baton.dev.testing import LocalStack, uid
+from baton.tenants import TenantAdmin, TenantError
 from tests.chaos.cluster import Cluster
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
@@ -55,12 +68,15 @@ CHAOS_ENV = {
     "BATON_TENANTS": "acme",
 }
 SERVICES = ("orchestrator", "inference-worker", "context-store")
+CREATED, DELETED = "newco", "doomed"  # tenants created / deleted while faults strike
+CREATED_TASKS, DELETED_TASKS = 6, 3
 
 
 @dataclass
 class Task:
     task_id: str
     workflow: str
+    tenant: str
     submitted: float = 0.0
     ended: float | None = None
     session: str | None = None
@@ -80,6 +96,10 @@ class Fault:
 class Run:
     tenant: str
     tasks: dict[str, Task] = field(default_factory=dict)
+    erased: set[str] = field(default_factory=set)  # tasks of the deleted tenant
+    # tenant -> (event tenant, task id) of every event its own connection received
+    received: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: defaultdict(list))
+    lifecycle: list[str] = field(default_factory=list)  # what the tenant steps did, for the table
     inputs: dict[str, list[str]] = field(default_factory=dict)  # session -> user turns
     faults: list[Fault] = field(default_factory=list)
     stop: bool = False
@@ -91,7 +111,7 @@ class Run:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path / "cluster").start()
+    c = Cluster(tmp_path / "cluster", tenants=CHAOS_ENV["BATON_TENANTS"].split(",")).start()
     yield c
     for n in c.nodes:
         if n.running:
@@ -111,30 +131,50 @@ async def _retry(what: str, op: Any, *, timeout: float = 90.0) -> Any:
             await asyncio.sleep(0.3)
 
 
+async def _tenant_nats(cluster: Cluster, tenant: str, run: Run, creds: Path | None = None) -> Any:
+    """A tenant's own client (plain nats-py, its ``.creds``), recording every
+    event its connection receives (its feed import: its own tenant's only)."""
+    nc = await nats.connect(servers=cluster.urls, ping_interval=5, max_outstanding_pings=3,
+                            reconnect_time_wait=0.5, max_reconnect_attempts=-1,
+                            user_credentials=str(creds or cluster.creds_for(tenant)))  # fmt: skip
+
+    async def on_event(msg: Any) -> None:
+        ev = msgpack.unpackb(msg.data)
+        run.received[tenant].append((ev.get("tenant", ""), ev.get("task_id", "")))
+
+    await nc.subscribe(f"baton.events.{tenant}.>", cb=on_event)
+    return nc
+
+
 class Driver:
-    """The load: submissions and waits, through a plain nats-py client."""
+    """The load: each tenant submits through its own account (``baton.tasks.<workflow>``,
+    mapped into BATON by its import); waits read BATON's events as the operator."""
 
     def __init__(self, js: Any, run: Run) -> None:
-        self.js = js
+        self.js = js  # the operator's, in BATON's account
+        self.tenant_js: dict[str, Any] = {}
         self.run = run
 
-    async def submit(self, workflow: str, text: str, *, session: str | None = None) -> Task:
-        t = Task(uid(), workflow, time.time(), session=session, fault=self.run.window)
+    async def submit(self, workflow: str, text: str, *, session: str | None = None,
+                     tenant: str | None = None) -> Task:  # fmt: skip
+        tenant = tenant or self.run.tenant
+        t = Task(uid(), workflow, tenant, time.time(), session=session, fault=self.run.window)
         self.run.tasks[t.task_id] = t
-        body = {"tenant": self.run.tenant, "task_id": t.task_id, "input": text}
+        body = {"tenant": tenant, "task_id": t.task_id, "input": text}
         if session:
             body["session"] = session
         data = msgpack.packb(body)
+        js = self.tenant_js[tenant]
         await _retry(
             f"submit {t.task_id}",
-            lambda: self.js.publish(f"baton.tasks.{self.run.tenant}.{workflow}", data,
-                                    headers={"Nats-Msg-Id": t.task_id}, timeout=2),
+            lambda: js.publish(f"baton.tasks.{workflow}", data,
+                               headers={"Nats-Msg-Id": t.task_id}, timeout=2),
         )  # fmt: skip
         return t
 
     async def ended(self, t: Task, *, timeout: float = 240.0) -> None:
         """Poll the task's last event (direct get) until it is terminal."""
-        subject = f"baton.events.{self.run.tenant}.{t.task_id}"
+        subject = f"baton.events.{t.tenant}.{t.task_id}"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -174,10 +214,87 @@ class Driver:
         fault.recovered = t.ended
 
 
-async def inject(cluster: Cluster, stack: LocalStack, fault: Fault) -> None:
+async def create_tenant(admin: TenantAdmin, cluster: Cluster, driver: Driver, during: Fault) -> Any:
+    """``TenantAdmin.create`` while ``during`` strikes (retried: a push or the
+    registry may time out mid-election), then tasks through its new account."""
+    run, t0, err = driver.run, time.monotonic(), None
+    for _ in range(6):
+        try:
+            await admin.create(CREATED)
+            break
+        except TenantError as e:  # exists (an attempt got that far) / not served yet
+            if "exists" not in str(e) and "no orchestrator served" not in str(e):
+                err = e
+                await asyncio.sleep(2)
+                continue
+            await admin.wait_served(CREATED, timeout=120)
+            break
+        except Exception as e:  # a request that timed out in a fault
+            err = e
+            await asyncio.sleep(2)
+    else:
+        raise AssertionError(f"tenant create {CREATED}: {err!r}")
+    served = time.monotonic() - t0
+    nc = await _tenant_nats(cluster, CREATED, run)
+    driver.tenant_js[CREATED] = nc.jetstream(timeout=5)
+    tasks = []
+    for i in range(CREATED_TASKS):
+        tasks.append(await driver.submit("chat", f"{CREATED} asks {i}", tenant=CREATED))
+        await asyncio.sleep(1.0)
+    await asyncio.gather(*(driver.ended(t) for t in tasks))
+    first = min((t.ended for t in tasks if t.ended), default=None)
+    run.lifecycle.append(
+        f"create {CREATED} during {during.kind}: served {served:.1f}s after the call, "
+        f"first task completed {first - (during.at + served) if first else float('nan'):.1f}s later"
+    )  # fmt: skip
+    return nc
+
+
+async def delete_tenant(admin: TenantAdmin, run: Run, during: Fault) -> None:
+    """``TenantAdmin.delete`` while ``during`` strikes, retried until the
+    registry says deleted (a request may time out mid-fault)."""
+    t0, err = time.monotonic(), None
+    for _ in range(8):
+        if await _retry("tenant state", lambda: admin.state(DELETED)) is None:
+            break
+        try:
+            await admin.delete(DELETED)
+            break
+        except Exception as e:  # the erasure request timed out in a fault
+            err = e
+            await asyncio.sleep(2)
+    else:
+        raise AssertionError(f"tenant delete {DELETED}: {err!r}")
+    run.lifecycle.append(f"delete {DELETED} with {during.target} down: "
+                         f"{time.monotonic() - t0:.1f}s")  # fmt: skip
+
+
+async def _admitted(url: str, creds: Path) -> bool:
+    """Whether one node admits a client with ``creds``."""
+    try:
+        nc = await nats.connect(url, user_credentials=str(creds), allow_reconnect=False,
+                                connect_timeout=3, max_reconnect_attempts=0)  # fmt: skip
+    except Exception:
+        return False
+    await nc.close()
+    return True
+
+
+async def inject(cluster: Cluster, stack: LocalStack, fault: Fault, admin: TenantAdmin,
+                 run: Run) -> None:  # fmt: skip
     """Strike, then bring back what was struck (as a supervisor would)."""
     kind = fault.kind
-    if kind.startswith("kill:"):
+    if kind == "delete:tenant":
+        # While one node is down: back, it must not revive the tenant (it
+        # did, with a resolver delete; see TenantAdmin.delete).
+        node = random.choice(cluster.nodes)
+        fault.target = node.name
+        node.kill()
+        await delete_tenant(admin, run, fault)
+        await asyncio.sleep(1.0)
+        node.spawn()
+        await asyncio.to_thread(node.wait_ready)
+    elif kind.startswith("kill:"):
         name = kind[5:]
         victim = next(p for p in reversed(stack.procs) if p.name == name and p.alive())
         fault.target = f"pid {victim.proc.pid if victim.proc else '?'}"
@@ -254,11 +371,17 @@ async def test_baton_on_a_3_node_cluster_loses_and_duplicates_nothing_under_faul
     rng = random.Random(SEED)
     random.seed(SEED)
     print(f"\nchaos seed {SEED} (BATON_CHAOS_SEED={SEED} replays the schedule)")
-    stack = LocalStack(cluster.url, tmp_path / "stack", env=dict(CHAOS_ENV))
+    # Every service with its own identity (cluster.url_for), as `baton up`.
+    stack = LocalStack(cluster, tmp_path / "stack", env=dict(CHAOS_ENV))
     stack.start()
     nc = await nats.connect(servers=cluster.urls, ping_interval=5, max_outstanding_pings=3,
-                            reconnect_time_wait=0.5, max_reconnect_attempts=-1)  # fmt: skip
+                            reconnect_time_wait=0.5, max_reconnect_attempts=-1,
+                            user_credentials=str(cluster.creds_for(accounts.OPERATOR)))  # fmt: skip
     js = nc.jetstream(timeout=5)
+    admin = TenantAdmin(cluster.data_dir, cluster.address,
+                        replicas=int(CHAOS_ENV["BATON_STREAM_REPLICAS"]))  # fmt: skip
+    await admin.__aenter__()
+    tenant_ncs: list[Any] = []
     try:
         for name, origin in (("CHAOS_JOBS", "BATON_JOBS"), ("CHAOS_RESULTS", "BATON_RESULTS")):
             config = api.StreamConfig(name=name, num_replicas=3,
@@ -268,52 +391,106 @@ async def test_baton_on_a_3_node_cluster_loses_and_duplicates_nothing_under_faul
         run = Run(tenant="acme")  # a tenant of the stack (BATON_TENANTS); the cluster is its own
         run.faults.append(Fault("none (warm-up)", at=time.time()))
         driver = Driver(js, run)
+        tenant_ncs.append(await _tenant_nats(cluster, run.tenant, run))
+        driver.tenant_js[run.tenant] = tenant_ncs[-1].jetstream(timeout=5)
+        # The tenant deleted later: created at run time, its tasks done, its .creds kept.
+        await admin.create(DELETED)
+        doomed_account = Credentials.load_or_create(cluster.data_dir, []).keys().account(DELETED)
+        doomed_creds = tmp_path / f"{DELETED}.creds"
+        doomed_creds.write_bytes(cluster.creds_for(DELETED).read_bytes())
+        doomed_nc = await _tenant_nats(cluster, DELETED, run)
+        driver.tenant_js[DELETED] = doomed_nc.jetstream(timeout=5)
+        doomed = [await driver.submit("chat", f"{DELETED} {i}", tenant=DELETED)
+                  for i in range(DELETED_TASKS)]  # fmt: skip
+        await asyncio.gather(*(driver.ended(t) for t in doomed))
+        run.erased |= {t.task_id for t in doomed}
+        await doomed_nc.close()
         load = [asyncio.create_task(driver.research())]
         load += [asyncio.create_task(driver.chat(i)) for i in range(CHAT_SESSIONS)]
         schedule = [f"kill:{s}" for s in SERVICES for _ in range(2)]
         schedule += ["leader:meta", "leader:BATON_TASKS_acme", "leader:BATON_JOBS",
                      "leader:KV_baton-runs", "restart:cluster", "pause:node"]  # fmt: skip
         rng.shuffle(schedule)
+        schedule.insert(rng.randrange(len(schedule) + 1), "delete:tenant")
+        create_at = rng.randrange(len(schedule))
+        steps: list[asyncio.Task[Any]] = []
         probes = []
         t0 = time.monotonic()
         await asyncio.sleep(rng.uniform(*GAP))
-        for kind in schedule:
+        for i, kind in enumerate(schedule):
             fault = Fault(kind, at=time.time())
             run.faults.append(fault)
             probes.append(asyncio.create_task(driver.probe(fault)))
-            await inject(cluster, stack, fault)
+            if i == create_at:
+                steps.append(asyncio.create_task(create_tenant(admin, cluster, driver, fault)))
+            await inject(cluster, stack, fault, admin, run)
             await asyncio.sleep(rng.uniform(*GAP))
         faults_took = time.monotonic() - t0
         run.stop = True
         # Bounded: what has not ended by then is judged lost by the oracle.
-        ended, late = await asyncio.wait([*load, *probes], timeout=SETTLE + 60)
+        ended, late = await asyncio.wait([*load, *probes, *steps], timeout=SETTLE + 60)
         for t in late:
             t.cancel()
         # A driver that gave up (a submit still refused after its retries)
         # submitted less than it should: the oracle alone would not see that.
         gave_up = [repr(t.exception()) for t in ended if not t.cancelled() and t.exception()]
+        gave_up += [f"{t.get_coro().__name__} did not end" for t in late if t in steps]
+        for t in steps:
+            if t in ended and not t.cancelled() and not t.exception() and t.result() is not None:
+                tenant_ncs.append(t.result())
 
         # -- the oracle ------------------------------------------------------
         events: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for msg in await _retry("read events", lambda: read_all(
-                js, "BATON_EVENTS", f"baton.events.{run.tenant}.>")):  # fmt: skip
-            ev = msgpack.unpackb(msg.data)
-            events[ev["task_id"]].append(ev)
+        for tenant in (run.tenant, CREATED):
+            for msg in await _retry("read events", lambda t=tenant: read_all(
+                    js, "BATON_EVENTS", f"baton.events.{t}.>")):  # fmt: skip
+                ev = msgpack.unpackb(msg.data)
+                events[ev["task_id"]].append(ev)
+        left = await _retry("read erased events", lambda: read_all(
+            js, "BATON_EVENTS", f"baton.events.{DELETED}.>"))  # fmt: skip
         jobs: Counter[str] = Counter()
         for msg in await read_all(js, "CHAOS_JOBS", "baton.jobs.>"):
             job = msgpack.unpackb(msg.data)
-            if job.get("tenant") == run.tenant:
+            if job.get("tenant") in (run.tenant, CREATED):
                 jobs[job["job_id"]] += 1
         results: Counter[str] = Counter()
-        for msg in await read_all(js, "CHAOS_RESULTS", f"baton.results.{run.tenant}.>"):
-            results[msgpack.unpackb(msg.data)["job_id"]] += 1
+        for tenant in (run.tenant, CREATED):
+            for msg in await read_all(js, "CHAOS_RESULTS", f"baton.results.{tenant}.>"):
+                results[msgpack.unpackb(msg.data)["job_id"]] += 1
 
-        problems: list[str] = [f"a driver gave up: {e}" for e in gave_up]
+        problems: list[str] = [f"a driver or tenant step gave up: {e}" for e in gave_up]
+        # -- the fence: tenants' own connections, and every node's resolver --
+        own = {t.task_id: t.tenant for t in run.tasks.values()}
+        for tenant, got in run.received.items():
+            foreign = [(et, tid) for et, tid in got if et != tenant or own.get(tid) != tenant]
+            if foreign:
+                problems.append(f"{tenant}'s connection received others' events: {foreign[:5]}")
+        if not any(t.tenant == CREATED for t in run.tasks.values()):
+            problems.append(f"no task of the created tenant {CREATED} was submitted")
+        created_account = Credentials.load_or_create(cluster.data_dir, []).keys().account(CREATED)
+        for n in cluster.nodes:
+            if not (n.resolver_dir / f"{created_account}.jwt").exists():
+                problems.append(f"{n.name}'s resolver lacks {CREATED}'s account JWT")
+            if not await _admitted(n.url, cluster.creds_for(CREATED)):
+                problems.append(f"{n.name} refuses the created tenant {CREATED}")
+            if await _admitted(n.url, doomed_creds):
+                problems.append(f"{n.name} admits the deleted tenant {DELETED}'s .creds")
+            stale = n.resolver_dir / f"{doomed_account}.jwt"
+            if stale.exists():
+                limits = jwt.decode(stale.read_text().strip())["nats"]["limits"]
+                if limits.get("conn") != 0:
+                    problems.append(f"{n.name}'s resolver holds {DELETED}'s live account JWT")
+        if DELETED in await admin.list():
+            problems.append(f"the registry still lists {DELETED}")
         lost: dict[int, int] = Counter()
         dup: dict[int, int] = Counter()
         latencies: dict[int, list[float]] = defaultdict(list)
         unseen: list[str] = []
         for t in run.tasks.values():
+            if t.task_id in run.erased:  # completed before the deletion, erased with it
+                if t.ended is None:
+                    problems.append(f"{DELETED}'s task {t.task_id} never ended")
+                continue
             evs = events.get(t.task_id, [])
             terminal = [e for e in evs if e["type"] in ("completed", "failed")]
             if not terminal:
@@ -367,6 +544,10 @@ async def test_baton_on_a_3_node_cluster_loses_and_duplicates_nothing_under_faul
             if f.probe and f.recovered is None and f.probe in run.tasks:
                 f.recovered = run.tasks[f.probe].ended
         redispatched = sum(1 for n in jobs.values() if n > 1)
+        for line in run.lifecycle:
+            print(f"tenant {line}")
+        print(f"after the faults: every node admits {CREATED}'s .creds and refuses {DELETED}'s "
+              f"(checked per node); {len(left)} of {DELETED}'s events left in BATON_EVENTS")  # fmt: skip
         print(f"\n{len(run.tasks)} tasks ({sum(len(v) for v in run.inputs.values())} chat turns in "
               f"{len(run.inputs)} sessions), {len(schedule)} faults in {faults_took:.0f}s; "
               f"{len(jobs)} jobs mirrored, {redispatched} dispatched again, "
@@ -404,5 +585,8 @@ async def test_baton_on_a_3_node_cluster_loses_and_duplicates_nothing_under_faul
         # leader's answer; dead letters and re-dispatches are printed above.
         assert not problems, "\n".join(problems[:20])
     finally:
+        for tnc in tenant_ncs:
+            await tnc.close()
+        await admin.__aexit__(None, None, None)
         await nc.close()
         stack.stop()
