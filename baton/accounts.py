@@ -415,12 +415,7 @@ def render(
             ],
             "exports": [{"service": "$JS.API.>", "accounts": [BATON_ACCOUNT]}],
         }  # fmt: skip
-    jetstream: dict[str, Any] = {}
-    if store_dir is not None:
-        jetstream["store_dir"] = store_dir
-    if cipher_key is not None:
-        jetstream["cipher"] = "chachapoly"
-        jetstream["key"] = cipher_key
+    jetstream = _jetstream(store_dir, cipher_key)
     config: dict[str, Any] = {
         "server_name": server_name,
         "host": host,
@@ -560,12 +555,7 @@ def render_operator(
         preload[keys.account(t)] = tenant_account_jwt(
             keys, t, revocations=(revocations or {}).get(t)
         )
-    jetstream: dict[str, Any] = {}
-    if store_dir is not None:
-        jetstream["store_dir"] = store_dir
-    if cipher_key is not None:
-        jetstream["cipher"] = "chachapoly"
-        jetstream["key"] = cipher_key
+    jetstream = _jetstream(store_dir, cipher_key)
     config: dict[str, Any] = {
         "server_name": server_name,
         "host": host,
@@ -622,3 +612,14 @@ __all__ = [
     "to_conf",
     "user_creds",
 ]
+
+
+def _jetstream(store_dir: str | None, cipher_key: str | Var | None) -> dict[str, Any]:
+    """The server's JetStream block: its store, encrypted at rest when a key is given."""
+    jetstream: dict[str, Any] = {}
+    if store_dir is not None:
+        jetstream["store_dir"] = store_dir
+    if cipher_key is not None:
+        jetstream["cipher"] = "chachapoly"
+        jetstream["key"] = cipher_key
+    return jetstream
