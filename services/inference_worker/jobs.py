@@ -271,7 +271,9 @@ class JobHandler:
             ended = True  # the stream ran out without an error
         except (EngineOOM, EngineDead) as exc:
             await sup.fault(exc, flight.epoch)
-            raise Nak(self.s.oom_retry_delay, f"engine fault: {type(exc).__name__}") from exc
+            raise Nak(
+                self.s.oom_retry_delay, f"engine fault: {type(exc).__name__}", backoff=True
+            ) from exc
         except PromptTooLong as exc:
             await self._too_long(job, exc.prompt_tokens, exc.max_model_len, watch)
             return None
@@ -291,7 +293,9 @@ class JobHandler:
             return None
         if flight.epoch != sup.epoch or final is None:
             m.JOBS.labels(self.pool, "nak").inc()
-            raise Nak(self.s.oom_retry_delay, "generation interrupted by an engine restart")
+            raise Nak(
+                self.s.oom_retry_delay, "generation interrupted by an engine restart", backoff=True
+            )
         if texts > 1:  # one observation per generation keeps the token loop cheap
             itl.observe((stream_end - watch.first_token_at) / (texts - 1))
         if texts:
