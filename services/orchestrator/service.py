@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -35,6 +36,8 @@ from .workflows import GraphWorkflow, load_dir
 log = structlog.get_logger("orchestrator")
 
 BUILTIN_WORKFLOWS = Path(__file__).with_name("workflows")
+ADD_RETRY = (0.5, 5.0)  # seconds between tries to serve a new tenant: first, at most
+REFRESH_EVERY = 30.0  # seconds: while they fail, re-read the .creds at most this often
 
 
 async def _watch_backlog(
@@ -84,10 +87,11 @@ async def follow_tenants(
         fault (an election, a cluster restart) may hold NATS longer than any
         fixed number of tries. (A tenant recorded before this process
         connected is in the file it connected with.)"""
-        delay, attempt = 0.5, 0
+        delay, attempt, refreshed = ADD_RETRY[0], 0, -math.inf
         while True:
             try:
-                if fresh or attempt % 10 == 1:
+                if fresh or (attempt and time.monotonic() - refreshed > REFRESH_EVERY):
+                    refreshed = time.monotonic()
                     await bus.refresh_credentials()
                 await add(t)
                 break
@@ -97,7 +101,7 @@ async def follow_tenants(
                     log.warning("tenant_add_retrying", tenant=t, attempts=attempt, error=repr(exc))
                 fresh = False
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, ADD_RETRY[1])
         key = latest_key.get(t)
         if api_keys and key:
             api_keys[key] = t  # accepted once the tenant is served
