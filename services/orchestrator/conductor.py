@@ -247,6 +247,10 @@ class Conductor:
             if st.pool_reason and (was is None or was.moves != st.moves):
                 chosen = "none" if st.pool_reason == "too_long" else st.pool
                 m.POOL_DECISIONS.labels(chosen, st.pool_reason).inc()
+                if st.capacity_wait > 0:
+                    m.WAITING_CAPACITY.labels(st.pool).inc()
+                    log.info("step_waiting_capacity", step=step_id, pool=st.pool,
+                             estimate_s=round(st.capacity_wait, 1))  # fmt: skip
             if st.status != "done" or (step_id in before and before[step_id].status == "done"):
                 continue
             if st.input or st.carried:  # a human's answer; a step a forked run did not run

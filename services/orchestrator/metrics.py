@@ -83,6 +83,7 @@ def init_series(workflows: dict[str, dict[str, str]], tenants: Iterable[str]) ->
                 CATALOGUE_DRIFT.labels(pool, figure)
             for measure in ("gpu_seconds", "queue_wait_s"):
                 PREDICTION_ERROR.labels(measure, pool)
+            WAITING_CAPACITY.labels(pool)
         for agent in agents:
             STEP_LATENCY.labels(wf, agent)
             COST.labels(wf, agent)
@@ -116,6 +117,11 @@ POOL_DECISIONS = Counter(
     "baton_pool_decisions",
     "Model steps placed on a pool, by pool chosen and why (scheduling.Reason).",
     ["chosen", "reason"],
+)
+WAITING_CAPACITY = Counter(
+    "baton_steps_waiting_capacity",
+    "Model steps placed on a pool with no ready worker (scaled to zero or loading).",
+    ["pool"],
 )
 PREDICTION_ERROR = Histogram(
     "baton_step_prediction_error",
