@@ -560,6 +560,11 @@ class InferenceJob(msgspec.Struct, omit_defaults=True, kw_only=True):
     tool_choice: str = "auto"  # "auto" | "required" | "none"
     attempt: int = 1  # dispatch of this job (a step timeout dispatches again); names the result
     published_at: float = 0.0
+    # A pre-warm (services/orchestrator/prewarm.py): prefill ``system`` + the
+    # window of ``ref`` for ``step``, which has not started yet, so that its
+    # prefix is in this worker's cache when it does. One token is generated
+    # and thrown away: no answer is appended, no result published.
+    warm: bool = False
 
 
 class InferenceResult(msgspec.Struct, omit_defaults=True, kw_only=True):

@@ -92,6 +92,8 @@ def init_series(workflows: dict[str, dict[str, str]], tenants: Iterable[str]) ->
                 TOKENS.labels(wf, agent, kind)
     for decision in ("warm", "pool"):
         ROUTING.labels(decision)
+    for outcome in ("sent", "in_flight", "no_worker", "pressure"):
+        PREWARMS.labels(outcome)
     for outcome in INPUT_OUTCOMES:
         INPUT_ANSWERS.labels(outcome)
     for code in REJECTIONS:
@@ -122,6 +124,12 @@ WAITING_CAPACITY = Counter(
     "baton_steps_waiting_capacity",
     "Model steps placed on a pool with no ready worker (scaled to zero or loading).",
     ["pool"],
+)
+PREWARMS = Counter(
+    "baton_prewarms",
+    "Pre-warms of the step that follows a running one: sent, or why not "
+    "(in_flight, no_worker, pressure).",
+    ["outcome"],
 )
 PREDICTION_ERROR = Histogram(
     "baton_step_prediction_error",
