@@ -123,7 +123,8 @@ class JobHandler:
         bus = self.bus
         if job.warm:  # prefill a step to come: nothing answered (warm.py)
             admit()
-            await prewarm(self.sup, bus, self.warm, job)
+            if (job.tenant, job.task_id) not in self.cancelled:
+                await prewarm(self.sup, bus, self.warm, job)
             return
         watch = Stopwatch(job.published_at or d.published_at)
         if (job.tenant, job.task_id) in self.cancelled:
