@@ -161,3 +161,14 @@ def test_a_step_for_a_pool_at_zero_waits_for_capacity_not_for_a_timeout(tmp_path
     statuses = [e.event.status for e in warm.effects
                 if isinstance(e, T.Emit) and isinstance(e.event, Step)]  # fmt: skip
     assert statuses == ["started"]
+
+
+def test_a_pool_the_catalogue_does_not_list_is_not_held_for(tmp_path: Path) -> None:
+    """No declared cold start: its steps time out as before the catalogue."""
+    wfs = workflows(tmp_path, "pool: nowhere\n")
+    r = T.Rules(wfs, step_timeout=10.0, pools=lambda p: (Catalogue({}).spec(p), PoolNow(ready=0)))
+    out = decide(T.start, None, task("hello"), r, now=100.0)
+    assert isinstance(out, T.Transition)
+    st = out.run.steps["r1.answer"]
+    assert st.capacity_wait == 0 and st.deadline == 110.0
+    assert "step.r1.answer.waiting_capacity" not in [e.key for e in out.effects if isinstance(e, T.Emit)]

@@ -293,13 +293,16 @@ def _waiting_capacity(run: RunState, now: float, step: str, st: StepState) -> Em
 def _placed_on(
     run: RunState, rules: Rules, now: float, st: StepState, d: placement.Decision
 ) -> None:
-    """Freeze decision ``d`` into the step; a pool with no ready worker adds
-    its expected wait to the step's deadline (a cold start is not a timeout)."""
+    """Freeze decision ``d`` into the step; a catalogued pool with no ready
+    worker adds its expected wait to the step's deadline (a cold start is
+    not a timeout). A pool the catalogue does not list declared no cold
+    start: its steps time out as before."""
     chosen = d.chosen
-    assert d.pool is not None and chosen is not None
+    assert d.pool is not None and chosen is not None and rules.pools is not None
     st.pool, st.pool_reason = d.pool, d.reason
     st.prediction = placement.frozen(chosen)
-    st.capacity_wait = chosen.wait_s if chosen.cold else 0.0
+    held = chosen.cold and rules.pools(d.pool)[0].listed
+    st.capacity_wait = chosen.wait_s if held else 0.0
     st.dispatched_at, st.deadline = now, now + st.capacity_wait + rules.timeout(run, st.agent)
 
 
