@@ -171,4 +171,6 @@ def test_a_pool_the_catalogue_does_not_list_is_not_held_for(tmp_path: Path) -> N
     assert isinstance(out, T.Transition)
     st = out.run.steps["r1.answer"]
     assert st.capacity_wait == 0 and st.deadline == 110.0
-    assert "step.r1.answer.waiting_capacity" not in [e.key for e in out.effects if isinstance(e, T.Emit)]
+    assert "step.r1.answer.waiting_capacity" not in [
+        e.key for e in out.effects if isinstance(e, T.Emit)
+    ]
