@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import textwrap
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -160,3 +161,27 @@ async def test_a_pool_at_zero_holds_the_step_until_a_worker_starts(
     assert [e["status"] for e in steps] == ["started", "waiting_capacity", "done"]
     assert steps[-1]["pool"] == "cold" and steps[-1]["phases"]["queue"] > 4
     assert metric(url, "baton_tasks_total", workflow="wake", outcome="completed") == 1
+
+
+async def test_a_starting_worker_has_its_consumers_before_its_engine_loads(
+    pool_at_zero: LocalStack, own_client: Client
+) -> None:
+    """No delivery is wasted on a worker that is still loading: its pool's
+    and its own consumers exist (and the pool's backlog keeps counting)
+    while its engine loads; it takes jobs once it is ready."""
+    wid = uid("w")
+    worker = pool_at_zero.service("inference-worker", BATON_WORKER_ID=wid, BATON_POOL="slow",
+                                  BATON_SIM_LOAD_SECONDS="6")  # fmt: skip
+    info = None
+    for _ in range(40):
+        try:
+            info = await own_client.js.consumer_info("BATON_JOBS", "worker-slow")
+            break
+        except Exception:
+            await asyncio.sleep(0.1)
+    assert info is not None and info.config.filter_subject == "baton.jobs.slow"
+    direct = [c.config.description for c in await own_client.js.consumers_info("BATON_JOBS")]
+    assert f"direct:slow:{wid}" in direct
+    with pytest.raises(OSError):  # still loading: not ready
+        urllib.request.urlopen(f"{worker.url}/readyz", timeout=1)
+    worker.wait_ready(20)
