@@ -26,6 +26,11 @@ def step_event(step: str, status: str) -> str:
     return f"step.{step}.{status}"
 
 
+def warm(tenant: str, task_id: str, step: str) -> str:
+    """The id of the pre-warm of a step that has not started: one per step."""
+    return f"{tenant}.{task_id}.{step}.warm"
+
+
 def job(tenant: str, task_id: str, step: str) -> str:
     """The id of a step's inference job (stable across retries)."""
     return f"{tenant}.{task_id}.{step}"

@@ -101,7 +101,7 @@ class ErrorInfo(msgspec.Struct, omit_defaults=True, kw_only=True):
 # tool call failed (its error code in ``outcome``; the run goes on), a step
 # failed (its error code in ``outcome``; the task's ``failed`` event follows),
 # or an input step waits for the tenant's answer.
-StepEventStatus = Literal["started", "done", "failed", "waiting_input"]
+StepEventStatus = Literal["started", "done", "failed", "waiting_input", "waiting_capacity"]
 
 
 class Phases(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -197,6 +197,12 @@ class Step(_Event, tag="step"):
     (``tool``, ``call``) ``started``, ended (``done``, or ``failed`` with the
     error code in ``outcome``), or an input step is ``waiting_input``.
 
+    ``waiting_capacity`` (after ``started``): the step's pool has no ready
+    worker (scaled to zero, or still loading); its job waits in the pool's
+    queue, whose backlog wakes the pool, and runs when a worker is up.
+    ``estimate_s``: the seconds it is expected to wait (the pool's cold
+    start, or what is left of one).
+
     A step's or tool call's ``done`` / ``failed`` carries its waterfall:
     ``queued_at`` (first dispatched), ``started_at`` (a worker took it),
     ``first_token_at`` (its first generated token; not on tool calls),
@@ -230,6 +236,7 @@ class Step(_Event, tag="step"):
     pool: str | None = None
     pool_reason: str | None = None
     prediction: PoolPrediction | None = None
+    estimate_s: float | None = None  # waiting_capacity: seconds until a worker is expected
 
 
 class Completed(_Event, tag="completed"):
@@ -553,6 +560,11 @@ class InferenceJob(msgspec.Struct, omit_defaults=True, kw_only=True):
     tool_choice: str = "auto"  # "auto" | "required" | "none"
     attempt: int = 1  # dispatch of this job (a step timeout dispatches again); names the result
     published_at: float = 0.0
+    # A pre-warm (services/orchestrator/prewarm.py): prefill ``system`` + the
+    # window of ``ref`` for ``step``, which has not started yet, so that its
+    # prefix is in this worker's cache when it does. One token is generated
+    # and thrown away: no answer is appended, no result published.
+    warm: bool = False
 
 
 class InferenceResult(msgspec.Struct, omit_defaults=True, kw_only=True):

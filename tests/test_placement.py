@@ -131,3 +131,46 @@ def test_the_run_learns_its_sessions_length_from_the_engine(tmp_path: Path) -> N
 def test_pool_lists_and_targets_are_checked_at_load(tmp_path: Path, agent: str) -> None:
     with pytest.raises(Exception, match=r"pool|latency_target"):
         workflows(tmp_path, agent)
+
+
+def test_a_step_for_a_pool_at_zero_waits_for_capacity_not_for_a_timeout(tmp_path: Path) -> None:
+    """A pool with no ready worker: the step is dispatched to it all the same
+    (the job waits in its queue and wakes it), says ``waiting_capacity`` with
+    the cold start as its estimate, and its deadline runs from then."""
+    r = rules(workflows(tmp_path, "pools: [small]\n"), {"small": PoolNow(ready=0)})
+    out = decide(T.start, None, task("hello"), r, now=100.0)
+    assert isinstance(out, T.Transition)
+    evs = [e.event for e in out.effects if isinstance(e, T.Emit) and isinstance(e.event, Step)]
+    assert [e.status for e in evs] == ["started", "waiting_capacity"]
+    assert evs[1].estimate_s == 60.0 and evs[1].pool == "small"
+    assert [e.pool for e in out.effects if isinstance(e, T.Dispatch)] == ["small"]
+    st = out.run.steps["r1.answer"]
+    assert st.capacity_wait == 60.0 and st.deadline == 100.0 + 60.0 + 10.0
+    # Past the step timeout but within the cold start: nothing is retried.
+    assert T.timer(out.run, r, 100.0 + 11.0).effects == []
+    # A replay says it again (the same event id: de-duplicated downstream).
+    again = [e for e in T.replay(out.run, r, 120.0) if isinstance(e, T.Emit)]
+    assert "step.r1.answer.waiting_capacity" in [e.key for e in again]
+    # A worker of the pool that is starting: what is left of its start.
+    starting = rules(r.workflows, {"small": PoolNow(ready=0, starting=1, ready_in_s=5.0)})
+    st = decide(T.start, None, task("hello"), starting, now=100.0).run.steps["r1.answer"]  # type: ignore[union-attr]
+    assert st.capacity_wait == 5.0
+    # A ready worker: no wait, no event.
+    warm = decide(T.start, None, task("hello"), rules(r.workflows), now=100.0)
+    assert isinstance(warm, T.Transition) and warm.run.steps["r1.answer"].capacity_wait == 0
+    statuses = [e.event.status for e in warm.effects
+                if isinstance(e, T.Emit) and isinstance(e.event, Step)]  # fmt: skip
+    assert statuses == ["started"]
+
+
+def test_a_pool_the_catalogue_does_not_list_is_not_held_for(tmp_path: Path) -> None:
+    """No declared cold start: its steps time out as before the catalogue."""
+    wfs = workflows(tmp_path, "pool: nowhere\n")
+    r = T.Rules(wfs, step_timeout=10.0, pools=lambda p: (Catalogue({}).spec(p), PoolNow(ready=0)))
+    out = decide(T.start, None, task("hello"), r, now=100.0)
+    assert isinstance(out, T.Transition)
+    st = out.run.steps["r1.answer"]
+    assert st.capacity_wait == 0 and st.deadline == 110.0
+    assert "step.r1.answer.waiting_capacity" not in [
+        e.key for e in out.effects if isinstance(e, T.Emit)
+    ]

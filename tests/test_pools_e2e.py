@@ -7,8 +7,10 @@ completes; a step that fits no pool fails at once."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import textwrap
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,3 +102,86 @@ async def test_steps_go_to_the_pool_that_holds_them_cheapest_first(
     assert huge[-1]["error"]["code"] == "prompt_too_long"
     assert "holds 8192" in huge[-1]["error"]["message"]
     assert metric(url, "baton_pool_decisions_total", chosen="none", reason="too_long") == 1
+
+
+COLD_WORKFLOW = textwrap.dedent("""\
+    name: wake
+    agents:
+      assistant: {role: assistant, system: You answer briefly., max_tokens: 16, pool: cold}
+    steps:
+      - {id: answer, agent: assistant}
+    """)
+COLD = {"cold": {"cold_start_s": 20, "prefill_tps": 20000, "decode_tps": 400}}
+
+
+@pytest.fixture
+def pool_at_zero(own_nats: NatsServer, tmp_path: Path) -> Iterator[LocalStack]:
+    """An orchestrator whose pool ``cold`` has no worker (scaled to zero)."""
+    flows = tmp_path / "workflows"
+    flows.mkdir()
+    (flows / "wake.yaml").write_text(COLD_WORKFLOW)
+    s = LocalStack(own_nats, tmp_path / "s")
+    s.workdir.mkdir(parents=True)
+    s.service("context-store").wait_ready()
+    s.service("orchestrator", BATON_WORKFLOWS_DIR=str(flows), BATON_POOLS=json.dumps(COLD),
+              BATON_STEP_TIMEOUT="5").wait_ready()  # fmt: skip
+    yield s
+    s.stop()
+
+
+async def test_a_pool_at_zero_holds_the_step_until_a_worker_starts(
+    pool_at_zero: LocalStack, own_client: Client
+) -> None:
+    url = pool_at_zero.orchestrator.url
+    body = {"tenant": "initech", "input": "hello", "task_id": uid()}
+    await own_client.publish("wake", body, msg_id=body["task_id"])
+    events = await own_client.events("initech", body["task_id"], timeout=3, until_terminal=False)
+    steps = [e for e in events if e["type"] == "step"]
+    assert [e["status"] for e in steps] == ["started", "waiting_capacity"], events
+    assert steps[1]["estimate_s"] == 20 and steps[1]["pool"] == "cold"
+    assert steps[1]["prediction"]["cold"] is True
+    # The job is the pool's backlog (KEDA's lag on worker-cold wakes it),
+    # provisioned by the orchestrator before any worker of the pool ran.
+    pending = 0.0
+    for _ in range(20):
+        pending = metric(url, "baton_consumer_pending_messages", stream="BATON_JOBS",
+                         consumer="worker-cold")  # fmt: skip
+        if pending:
+            break
+        await asyncio.sleep(0.25)
+    assert pending == 1
+    assert metric(url, "baton_steps_waiting_capacity_total", pool="cold") == 1
+    # Longer than the step timeout (5 s) before the worker is up: the
+    # deadline ran from the cold start's estimate, nothing failed or retried.
+    await asyncio.sleep(3)
+    pool_at_zero.worker(BATON_POOL="cold", BATON_SIM_LOAD_SECONDS="1.5")
+    events = await own_client.events("initech", body["task_id"], timeout=30)
+    assert events[-1]["type"] == "completed", events[-1]
+    steps = [e for e in events if e["type"] == "step"]
+    assert [e["status"] for e in steps] == ["started", "waiting_capacity", "done"]
+    assert steps[-1]["pool"] == "cold" and steps[-1]["phases"]["queue"] > 4
+    assert metric(url, "baton_tasks_total", workflow="wake", outcome="completed") == 1
+
+
+async def test_a_starting_worker_has_its_consumers_before_its_engine_loads(
+    pool_at_zero: LocalStack, own_client: Client
+) -> None:
+    """No delivery is wasted on a worker that is still loading: its pool's
+    and its own consumers exist (and the pool's backlog keeps counting)
+    while its engine loads; it takes jobs once it is ready."""
+    wid = uid("w")
+    worker = pool_at_zero.service("inference-worker", BATON_WORKER_ID=wid, BATON_POOL="slow",
+                                  BATON_SIM_LOAD_SECONDS="6")  # fmt: skip
+    info = None
+    for _ in range(40):
+        try:
+            info = await own_client.js.consumer_info("BATON_JOBS", "worker-slow")
+            break
+        except Exception:
+            await asyncio.sleep(0.1)
+    assert info is not None and info.config.filter_subject == "baton.jobs.slow"
+    direct = [c.config.description for c in await own_client.js.consumers_info("BATON_JOBS")]
+    assert f"direct:slow:{wid}" in direct
+    with pytest.raises(OSError):  # still loading: not ready
+        urllib.request.urlopen(f"{worker.url}/readyz", timeout=1)
+    worker.wait_ready(20)

@@ -105,7 +105,16 @@ class Beacon:
             if beats % 10 == 0:
                 with contextlib.suppress(Exception):
                     await every_tenth()
-            await asyncio.sleep(s.heartbeat_interval)
+            await self._pause(s.heartbeat_interval)
+
+    async def _pause(self, interval: float) -> None:
+        """Until the next beat; a worker still loading beats again as soon
+        as its engine is up, so the scheduler sees a woken pool at once."""
+        if self.sup.ok.is_set():
+            await asyncio.sleep(interval)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.sup.ok.wait(), interval)
 
     async def leave(self, bus: Bus) -> None:
         s = self.sup.s

@@ -43,12 +43,13 @@ from proto.messages import (
 from . import metrics as m
 from . import spans
 from .attempts import Attempts
-from .engines.base import EngineDead, EngineOOM, GenerationRequest, PromptTooLong
+from .engines.base import EngineDead, EngineOOM, GenerationRequest, PromptTooLong, with_system
 from .engines.toolcalls import tools_in_use
 from .gpuclock import GpuClock
 from .heartbeat import Speeds, WarmSessions
 from .supervisor import EngineSupervisor, Flight
 from .tokens import TokenPublisher, TokenSink
+from .warm import prewarm
 
 log = structlog.get_logger("inference_worker")
 
@@ -63,14 +64,6 @@ class _Outcome:
     started: float
     tool_calls: list[ToolCall]
     tokens: TokenSink  # still open: its final delta goes out with the append
-
-
-def with_system(messages: list[ChatMessage], system: str | None) -> list[ChatMessage]:
-    """The agent's own system prompt in place of the session's first one."""
-    if system is None:
-        return messages
-    rest = messages[1:] if messages and messages[0].role == "system" else messages
-    return [ChatMessage(role="system", content=system), *rest]
 
 
 class JobHandler:
@@ -107,7 +100,7 @@ class JobHandler:
         except codec.DecodeError as exc:
             on_admitted()
             raise Term(f"undecodable job: {exc}") from exc
-        if not self.attempts.take(job.job_id, job.attempt):
+        if not job.warm and not self.attempts.take(job.job_id, job.attempt):
             on_admitted()
             m.JOBS.labels(self.pool, "superseded").inc()
             log.info("job_superseded", task_id=job.task_id, job_id=job.job_id, attempt=job.attempt)
@@ -135,6 +128,11 @@ class JobHandler:
 
     async def _run(self, d: Delivery, job: InferenceJob, admit: Callable[[], None]) -> None:
         bus = self.bus
+        if job.warm:  # prefill a step to come: nothing answered (warm.py)
+            admit()
+            if (job.tenant, job.task_id) not in self.cancelled:
+                await prewarm(self.sup, bus, self.warm, job)
+            return
         watch = Stopwatch(job.published_at or d.published_at)
         if (job.tenant, job.task_id) in self.cancelled:
             await self._publish_error(job, ErrorCode.CANCELLED, "task was cancelled", watch)

@@ -39,6 +39,13 @@ JOB_LATENCY = Histogram(
     ["pool"],
     buckets=_LATENCY,
 )
+WARMS = Counter(
+    "baton_worker_warms",
+    "Pre-warm jobs (prefill of a step to come, nothing answered), by outcome: "
+    "warmed, busy (no room at once: skipped), failed.",
+    ["pool", "outcome"],
+)
+WARM_OUTCOMES = ("warmed", "busy", "failed")
 PROMPT_TOKENS = Counter("baton_worker_prompt_tokens", "Prompt tokens processed.", ["pool"])
 COMPLETION_TOKENS = Counter(
     "baton_worker_completion_tokens", "Completion tokens generated.", ["pool"]
@@ -84,6 +91,8 @@ def init_series(pool: str, model: str) -> None:
         metric.labels(pool)
     TTFT.labels(pool, model)
     ITL.labels(pool, model)
+    for outcome in WARM_OUTCOMES:
+        WARMS.labels(pool, outcome)
 
 
 GPU_MEMORY_USED = Gauge(

@@ -83,6 +83,8 @@ class WorkerSettings(CommonSettings):
     sim_decode_tps: float = 400.0
     # Simulator: KV capacity in tokens.
     sim_kv_tokens: int = 65_536
+    # Simulator: seconds its engine takes to load (a model's weights would).
+    sim_load_seconds: float = 0.0
 
     # OpenAI-compatible server: its base URL.
     openai_base_url: str = "http://127.0.0.1:8000"

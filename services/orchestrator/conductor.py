@@ -58,6 +58,7 @@ from .runs import RunConflict, RunStore
 from .settings import OrchestratorSettings
 from .state import RunState, StepState
 from .toolcatalog import ToolCatalogs
+from .warming import Warming
 from .workflows import GraphWorkflow
 from .workflows.graph import is_step_id
 
@@ -107,6 +108,9 @@ class Conductor:
             tool_cpu_price=settings.tool_cpu_hour_usd,
             pools=self.pools.look,
         )
+        self.warming = Warming(bus, self.router, self.rules, enabled=settings.prewarm,
+                               max_load=settings.prewarm_max_load,
+                               stale_after=settings.route_stale_after)  # fmt: skip
         self._known = frozenset(workflows)
         # Intake's hooks (intake.py): a task's admission limits, checked after
         # it parsed (raises TaskRejected), and every run change this replica
@@ -164,6 +168,10 @@ class Conductor:
                 if tracing.enabled():
                     tracing.record(spans.closed(old, out.run, now))
             await self._perform(out.run, out.effects)
+            try:
+                await self.warming.after(out.run, out.effects)
+            except Exception as exc:  # best effort: never in the run's way
+                log.warning("prewarm_failed", error=repr(exc))
             if out.run.terminal:
                 self.runs.forget(tenant, task_id)  # read afresh if ever needed again
             return out
@@ -185,7 +193,8 @@ class Conductor:
                 task_id=tid,
             )
         elif isinstance(e, T.Dispatch):
-            warm = self.router.choose(run.tenant, e.job.session, e.pool)
+            warm_id = keys.warm(run.tenant, tid, e.job.step)
+            warm = self.router.choose(run.tenant, e.job.session, e.pool, warm_id)
             m.ROUTING.labels("warm" if warm else "pool").inc()
             subject = subjects.worker_job(e.pool, warm) if warm else subjects.job(e.pool)
             with spans.within_step(run, e.job.step):
@@ -247,6 +256,10 @@ class Conductor:
             if st.pool_reason and (was is None or was.moves != st.moves):
                 chosen = "none" if st.pool_reason == "too_long" else st.pool
                 m.POOL_DECISIONS.labels(chosen, st.pool_reason).inc()
+                if st.capacity_wait > 0:
+                    m.WAITING_CAPACITY.labels(st.pool).inc()
+                    log.info("step_waiting_capacity", step=step_id, pool=st.pool,
+                             estimate_s=round(st.capacity_wait, 1))  # fmt: skip
             if st.status != "done" or (step_id in before and before[step_id].status == "done"):
                 continue
             if st.input or st.carried:  # a human's answer; a step a forked run did not run

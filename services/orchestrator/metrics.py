@@ -83,6 +83,7 @@ def init_series(workflows: dict[str, dict[str, str]], tenants: Iterable[str]) ->
                 CATALOGUE_DRIFT.labels(pool, figure)
             for measure in ("gpu_seconds", "queue_wait_s"):
                 PREDICTION_ERROR.labels(measure, pool)
+            WAITING_CAPACITY.labels(pool)
         for agent in agents:
             STEP_LATENCY.labels(wf, agent)
             COST.labels(wf, agent)
@@ -91,6 +92,8 @@ def init_series(workflows: dict[str, dict[str, str]], tenants: Iterable[str]) ->
                 TOKENS.labels(wf, agent, kind)
     for decision in ("warm", "pool"):
         ROUTING.labels(decision)
+    for outcome in ("sent", "in_flight", "no_worker", "pressure"):
+        PREWARMS.labels(outcome)
     for outcome in INPUT_OUTCOMES:
         INPUT_ANSWERS.labels(outcome)
     for code in REJECTIONS:
@@ -116,6 +119,17 @@ POOL_DECISIONS = Counter(
     "baton_pool_decisions",
     "Model steps placed on a pool, by pool chosen and why (scheduling.Reason).",
     ["chosen", "reason"],
+)
+WAITING_CAPACITY = Counter(
+    "baton_steps_waiting_capacity",
+    "Model steps placed on a pool with no ready worker (scaled to zero or loading).",
+    ["pool"],
+)
+PREWARMS = Counter(
+    "baton_prewarms",
+    "Pre-warms of the step that follows a running one: sent, or why not "
+    "(in_flight, no_worker, pressure).",
+    ["outcome"],
 )
 PREDICTION_ERROR = Histogram(
     "baton_step_prediction_error",

@@ -49,9 +49,12 @@ class PoolSpec:
     min_replicas: int = 0
     max_replicas: int = 4
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    # In the catalogue (False: defaults for a pool it does not list, whose
+    # cold start nobody declared: a step there is not held for capacity).
+    listed: bool = True
 
 
-_NUMBERS = {f.name for f in fields(PoolSpec)} - {"name", "model", "extra"}
+_NUMBERS = {f.name for f in fields(PoolSpec)} - {"name", "model", "extra", "listed"}
 _POSITIVE = {"max_model_len", "kv_tokens", "max_seqs", "prefill_tps", "decode_tps"}
 
 
@@ -106,7 +109,8 @@ class Catalogue:
         if found is not None:
             return found
         price = self.default_price.get(name, self.default_price.get("default", 0.0))
-        return PoolSpec(name=name, usd_per_gpu_hour=price, max_model_len=UNLISTED_MODEL_LEN)
+        return PoolSpec(name=name, usd_per_gpu_hour=price, max_model_len=UNLISTED_MODEL_LEN,
+                        listed=False)  # fmt: skip
 
     def listed(self, name: str) -> bool:
         return name in self.pools

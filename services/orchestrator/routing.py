@@ -95,6 +95,7 @@ class Router:
         # One string key instead of a tuple of three: 45% of the bytes, and
         # this map is what the orchestrator's memory grows with until the cap.
         self._served: OrderedDict[str, str] = OrderedDict()
+        self._warmed: OrderedDict[str, tuple[str, str]] = OrderedDict()  # warm id -> (pool, worker)
 
     def served(self, tenant: str, session: str, pool: str, worker: str) -> None:
         key = f"{tenant}.{session}.{pool}"
@@ -102,6 +103,14 @@ class Router:
         self._served.move_to_end(key)
         while len(self._served) > self._cap:
             self._served.popitem(last=False)
+
+    def warmed(self, warm_id: str, pool: str, worker: str) -> None:
+        """``worker`` of ``pool`` was sent the pre-warm ``warm_id``
+        (``keys.warm``) of a step to come: that step goes there, before the
+        worker that served its session last."""
+        self._warmed[warm_id] = (pool, sys.intern(worker))
+        while len(self._warmed) > self._cap:
+            self._warmed.popitem(last=False)
 
     def _usable(self, pool: str, worker: str) -> bool:
         hb = self.heartbeats.last.get((pool, worker))
@@ -111,10 +120,14 @@ class Router:
             return False
         return hb.admitted_tokens < self.max_load * max(1, hb.kv_capacity_tokens)
 
-    def choose(self, tenant: str, session: str, pool: str) -> str | None:
-        """The warm worker for this session, or None for the shared pool."""
+    def choose(self, tenant: str, session: str, pool: str, warm_id: str = "") -> str | None:
+        """The warm worker for this session, or None for the shared pool.
+        ``warm_id``: the step's pre-warm id; the worker it was sent to, if any."""
         if not self.enabled:
             return None
+        warmed = self._warmed.pop(warm_id, None)
+        if warmed is not None and warmed[0] == pool and self._usable(pool, warmed[1]):
+            return warmed[1]
         last = self._served.get(f"{tenant}.{session}.{pool}")
         if last is not None and self._usable(pool, last):
             return last

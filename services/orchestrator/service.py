@@ -150,6 +150,11 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     )
     workflows = {name: GraphWorkflow(spec) for name, spec in specs.items()}
     tenants = settings.tenant_ids
+    # Every pool a step may be placed on has its consumer before any worker
+    # of it ever ran: a job sent to a pool at zero is its backlog, which is
+    # what wakes the pool (KEDA's lag), and the scheduler's view of it.
+    pools = {settings.default_pool, *settings.catalogue.pools}
+    pools |= {p for spec in specs.values() for a in spec.agents.values() for p in a.eligible}
     await bus.provision(
         streams=[*streams.ORCHESTRATOR_STREAMS, *(streams.tenant_tasks(t) for t in tenants)],
         consumers=[
@@ -160,7 +165,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
             streams.ORCHESTRATOR_ERASURES,
             streams.ORCHESTRATOR_DEAD_TASKS,
             streams.ORCHESTRATOR_TOOL_RESULTS,
-            streams.worker_consumer(settings.default_pool),
+            *(streams.worker_consumer(p) for p in sorted(pools)),
         ],
     )
     # Each tenant's own copy of its events and tokens, for replay. A NATS

@@ -45,6 +45,11 @@ class OrchestratorSettings(CommonSettings):
     route_stale_after: float = 6.0
     # Admitted-KV fraction above which a session's step goes to any worker.
     route_max_load: float = 0.8
+    # Pre-warm from the workflow graph: while a step runs, prefill the step
+    # that follows it on the worker that will serve it (needs cache_routing).
+    prewarm: bool = True
+    # Admitted-KV fraction above which a worker is not pre-warmed.
+    prewarm_max_load: float = 0.5
     # A step with no answer after step_timeout is dispatched again, up to
     # step_retries times, then the run fails with step_timeout. Generous by
     # default: a GPU pool scaled to zero needs minutes to wake.

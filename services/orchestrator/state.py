@@ -68,6 +68,10 @@ class StepState(msgspec.Struct, omit_defaults=True, kw_only=True):
     pool_reason: str = ""
     prediction: PoolPrediction | None = None
     moves: int = 0  # dispatches to a larger pool after prompt_too_long (not retries)
+    # Placed on a pool with no ready worker (scaled to zero, or loading): the
+    # seconds it was expected to wait for one (its ``waiting_capacity``
+    # event); its deadline runs from then. 0: a worker was ready.
+    capacity_wait: float = 0.0
 
 
 class RunState(msgspec.Struct, omit_defaults=True, kw_only=True):

@@ -282,6 +282,39 @@ def _started(run: RunState, now: float, step: str, st: StepState) -> Emit:
     return _event(run, now, keys.step_event(step, "started"), _placed(ev, st))
 
 
+def _waiting_capacity(run: RunState, now: float, step: str, st: StepState) -> Emit:
+    """The step's pool has no ready worker: its job waits in the pool's
+    queue (whose backlog wakes the pool) for about ``capacity_wait`` s."""
+    ev = Step(task_id=run.task_id, step=step, agent=st.agent, status="waiting_capacity",
+              estimate_s=round(st.capacity_wait, 3))  # fmt: skip
+    return _event(run, now, keys.step_event(step, "waiting_capacity"), _placed(ev, st))
+
+
+def _placed_on(
+    run: RunState, rules: Rules, now: float, st: StepState, d: placement.Decision
+) -> None:
+    """Freeze decision ``d`` into the step; a catalogued pool with no ready
+    worker adds its expected wait to the step's deadline (a cold start is
+    not a timeout). A pool the catalogue does not list declared no cold
+    start: its steps time out as before."""
+    chosen = d.chosen
+    assert d.pool is not None and chosen is not None and rules.pools is not None
+    st.pool, st.pool_reason = d.pool, d.reason
+    st.prediction = placement.frozen(chosen)
+    held = chosen.cold and rules.pools(d.pool)[0].listed
+    st.capacity_wait = chosen.wait_s if held else 0.0
+    st.dispatched_at, st.deadline = now, now + st.capacity_wait + rules.timeout(run, st.agent)
+
+
+def _dispatched(run: RunState, rules: Rules, now: float, step: str, st: StepState) -> list[Effect]:
+    """A model step placed: ``started`` (``waiting_capacity`` after it when
+    its pool has no ready worker) and its job."""
+    effects: list[Effect] = [_started(run, now, step, st)]
+    if st.capacity_wait > 0:
+        effects.append(_waiting_capacity(run, now, step, st))
+    return [*effects, _job(run, rules, now, step, st)]
+
+
 def _done(run: RunState, now: float, step: str, st: StepState) -> Emit:
     ev = Step(task_id=run.task_id, step=step, agent=st.agent, status="done", usage=st.usage,
               **waterfall.event_fields(st.timing))  # fmt: skip
@@ -434,6 +467,8 @@ def replay(run: RunState, rules: Rules, now: float) -> list[Effect]:
                 effects.append(_answered_event(run, now, step, st))
             continue
         effects.append(_started(run, now, step, st))
+        if st.capacity_wait > 0:
+            effects.append(_waiting_capacity(run, now, step, st))
         for key, call in st.calls.items():
             effects.append(_tool_started(run, now, step, st, key))
             if call.status == "done":
@@ -519,9 +554,8 @@ def _dispatch(
                 why = placement.refusal(decision, need)
                 _fail(run, ErrorInfo.of(ErrorCode.PROMPT_TOO_LONG, why), p.step_id)
                 return _terminal(run, now)
-            st.pool, st.pool_reason = decision.pool, decision.reason
-            st.prediction = placement.frozen(chosen)
-        effects += [_started(run, now, p.step_id, st), _job(run, rules, now, p.step_id, st)]
+            _placed_on(run, rules, now, st, decision)
+        effects += _dispatched(run, rules, now, p.step_id, st)
     return effects
 
 
@@ -768,12 +802,13 @@ def _move(
     chosen = decision.chosen
     if decision.pool is None or chosen is None:
         return None
-    st.pool, st.pool_reason = decision.pool, decision.reason
-    st.prediction = placement.frozen(chosen)
+    _placed_on(run, rules, now, st, decision)
     st.moves += 1
     st.attempt += 1
-    st.dispatched_at, st.deadline = now, now + rules.timeout(run, st.agent)
-    return Transition(run, True, [_job(run, rules, now, res.step, st)], note="moved")
+    effects: list[Effect] = [_job(run, rules, now, res.step, st)]
+    if st.capacity_wait > 0:
+        effects.insert(0, _waiting_capacity(run, now, res.step, st))
+    return Transition(run, True, effects, note="moved")
 
 
 def _tool_notes(agent: str, st: StepState) -> str:

@@ -22,6 +22,7 @@ def build_engine(settings: WorkerSettings) -> Engine:
             max_model_len=max_model_len,
             prefill_tps=settings.sim_prefill_tps,
             decode_tps=settings.sim_decode_tps,
+            load_s=settings.sim_load_seconds,
         )
     if settings.engine == "openai":
         from .openai import OpenAIEngine

@@ -80,6 +80,15 @@ class GenerationRequest:
     tool_choice: str = "auto"  # "auto" | "required" | "none"
 
 
+def with_system(messages: list[ChatMessage], system: str | None) -> list[ChatMessage]:
+    """A generation's messages: the agent's own system prompt in place of
+    the session's first one."""
+    if system is None:
+        return messages
+    rest = messages[1:] if messages and messages[0].role == "system" else messages
+    return [ChatMessage(role="system", content=system), *rest]
+
+
 @dataclass(slots=True)
 class GenerationChunk:
     """A streamed piece of output. The last chunk has ``finished=True`` and

@@ -78,10 +78,12 @@ class SimEngine:
         max_model_len: int = 2048,
         prefill_tps: float = 20_000.0,
         decode_tps: float = 400.0,
+        load_s: float = 0.0,
     ) -> None:
         self._capacity = EngineCapacity(kv_tokens, max_num_seqs, max_model_len)
         self.prefill_tps = prefill_tps
         self.decode_tps = decode_tps
+        self.load_s = load_s  # what start() takes, as a model's load would
         self._kv_used = 0
         self._running: dict[str, asyncio.Event] = {}
         self._oom_pending = 0
@@ -90,6 +92,8 @@ class SimEngine:
         self._prefixes: set[bytes] = set()
 
     async def start(self) -> None:
+        if self.load_s > 0:
+            await asyncio.sleep(self.load_s)
         self._alive = True
 
     async def stop(self) -> None:

@@ -148,6 +148,24 @@ class GraphWorkflow:
                 if s.status == "done" and parse_step_id(k)[1] == self.spec.output]  # fmt: skip
         return max(done, key=lambda kv: parse_step_id(kv[0])[0])[1].output if done else fallback
 
+    def foreseen(self, run: RunState, step_id: str) -> StepPlan | None:
+        """The one model step that will follow ``step_id`` whatever it
+        answers, before it answers: its step runs one agent without a
+        route, and the next step in order runs one agent. None when what
+        follows depends on the answer, fans out, asks a human, ends the run
+        or waits for other branches (``step_id`` is a parallel branch)."""
+        round_, sid, branch = parse_step_id(step_id)
+        step = self._steps.get(sid)
+        if branch is not None or step is None or step.agent is None or step.route is not None:
+            return None
+        index = self._order.index(sid) + 1
+        if index >= len(self._order):
+            return None
+        nxt = self._steps[self._order[index]]
+        if nxt.agent is None:  # parallel or input
+            return None
+        return StepPlan(f"r{round_}.{nxt.id}", nxt.agent, run.session)
+
     def advance(self, run: RunState, finished: str) -> Next:
         """What follows ``finished`` (which is recorded as done in ``run``).
         An empty list: wait (other branches of a parallel step still run)."""

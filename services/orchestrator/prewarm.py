@@ -1,0 +1,153 @@
+"""Pre-warm from the workflow graph: while a step runs (or its tool calls
+are out), prefill the step that will follow it — its agent's system prompt
+and the session's window — on the worker that will serve it, and route that
+step there. Only the orchestrator knows what comes next.
+
+Pure: ``decide`` takes the run, the step that was just dispatched, the
+pools' heartbeats and the run's last warm, and answers a ``Warm`` (the job,
+its pool and worker) or why not (``Skip``). The shell (``warming.py``)
+publishes the job and tells the router.
+
+Bounded: a step is warmed once (``keys.warm`` names its job), a run has at
+most one warm in flight (a warm's step not dispatched yet, sent less than
+``IN_FLIGHT_S`` ago), and a worker whose admitted KV is above ``max_load`` of
+its capacity is not warmed (KV pressure: real work first; the worker also
+skips a warm it has no room for at once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from proto import keys
+from proto.messages import Heartbeat, InferenceJob
+
+from . import placement
+from .scheduling import StepNeed
+from .state import RunState, StepState
+from .transitions import Rules
+
+IN_FLIGHT_S = 30.0
+"""A warm gets no answer: it counts as in flight this long after it was
+sent, or until the step it warmed is dispatched."""
+
+Skip = Literal[
+    "no_next",  # nothing known follows (the answer decides, fan-out, input, end)
+    "already",  # the step that follows was warmed before
+    "in_flight",  # the run's last warm is still in flight
+    "no_worker",  # no ready worker on the pool the next step goes to
+    "pressure",  # the worker's KV is too full to hold a prefix for later
+]
+COUNTED: tuple[str, ...] = ("sent", "in_flight", "no_worker", "pressure")
+"""The outcomes ``baton_prewarms_total`` counts (the others are no decision)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Warm:
+    job: InferenceJob
+    pool: str
+    worker: str
+
+
+@dataclass(frozen=True, slots=True)
+class LastWarm:
+    """The run's last warm: the step it was for, and when it was sent."""
+
+    step: str
+    at: float
+
+
+def worker_for(
+    heartbeats: Mapping[tuple[str, str], Heartbeat],
+    pool: str,
+    now: float,
+    *,
+    preferred: str | None = None,
+    stale_after: float = 6.0,
+    max_load: float = 0.5,
+) -> tuple[str | None, Skip | None]:
+    """The worker of ``pool`` to warm: ``preferred`` (the router's choice:
+    the one holding the session) when it is ready, else the ready worker
+    with the least admitted KV; ``pressure`` when that one is above
+    ``max_load``."""
+    ready = {
+        w: hb
+        for (p, w), hb in heartbeats.items()
+        if p == pool and hb.ready and not hb.leaving and now - hb.ts <= stale_after
+    }
+    if not ready:
+        return None, "no_worker"
+
+    def load(hb: Heartbeat) -> float:
+        return hb.admitted_tokens / max(1, hb.kv_capacity_tokens)
+
+    worker = preferred if preferred in ready else min(ready, key=lambda w: (load(ready[w]), w))
+    assert worker is not None
+    if load(ready[worker]) > max_load:
+        return None, "pressure"
+    return worker, None
+
+
+def decide(
+    run: RunState,
+    rules: Rules,
+    step: str,
+    heartbeats: Mapping[tuple[str, str], Heartbeat],
+    now: float,
+    *,
+    last: LastWarm | None = None,
+    prefer: Callable[[str], str | None] = lambda pool: None,
+    stale_after: float = 6.0,
+    max_load: float = 0.5,
+) -> Warm | Skip:
+    """Whether to warm what follows ``step`` (just dispatched, or its tool
+    calls), and where. ``prefer(pool)``: the worker of ``pool`` holding the
+    session, if any (the router's choice; a read of memory)."""
+    if run.terminal:
+        return "no_next"
+    st = run.steps.get(step)
+    wf = rules.workflows.get(run.workflow)
+    if st is None or wf is None or st.ref is None or st.session != run.session:
+        return "no_next"
+    plan = wf.foreseen(run, step)
+    if plan is None:
+        return "no_next"
+    if plan.step_id in run.steps or (last is not None and last.step == plan.step_id):
+        return "already"
+    if last is not None and last.step not in run.steps and now - last.at < IN_FLIGHT_S:
+        return "in_flight"
+    agent = wf.agents[plan.agent]
+    cap = min(agent.max_tokens, run.max_tokens or agent.max_tokens)
+    nxt = StepState(agent=plan.agent, pool=agent.pool, session=plan.session, max_tokens=cap)
+    tools, choice = rules.offered(run, plan.agent, nxt)
+    pool = agent.pool
+    if rules.pools is not None:
+        need = placement.step_need(run, agent, nxt, tools)
+        # The session grows by this step's answer first.
+        need = StepNeed(need.prompt_tokens + st.max_tokens, need.max_tokens,
+                                  need.expected_output, floor_tokens=need.floor_tokens)  # fmt: skip
+        pool = placement.place(need, agent.eligible, agent.latency_target, rules.pools).pool or pool
+    worker, skip = worker_for(heartbeats, pool, now, preferred=prefer(pool),
+                              stale_after=stale_after, max_load=max_load)  # fmt: skip
+    if worker is None:
+        assert skip is not None
+        return skip
+    job = InferenceJob(
+        job_id=keys.warm(run.tenant, run.task_id, plan.step_id),
+        task_id=run.task_id,
+        tenant=run.tenant,
+        session=run.session,
+        workflow=run.workflow,
+        step=plan.step_id,
+        agent=plan.agent,
+        ref=st.ref,
+        max_tokens=1,
+        system=agent.system,
+        tools=tools,
+        tool_choice=choice,
+        published_at=now,
+        warm=True,
+    )
+    return Warm(job, pool, worker)

@@ -1,0 +1,137 @@
+"""Pre-warming's pure decisions (services/orchestrator/prewarm.py), no
+broker: which step follows a running one, whether to warm it, on which
+worker; and the router sending the warmed step there."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from proto.messages import Heartbeat
+from services.orchestrator import prewarm
+from services.orchestrator import transitions as T
+from services.orchestrator.routing import HeartbeatTracker, Router
+from services.orchestrator.state import RunState
+from services.orchestrator.workflows import GraphWorkflow, load_dir
+
+from .test_transitions import WORKFLOWS, decide, jobs, reply
+
+NOW = 1000.0
+FLOW = textwrap.dedent("""\
+    name: relay
+    agents:
+      drafter: {role: drafter, system: You draft., max_tokens: 64, tools: [search]}
+      editor: {role: editor, system: You edit the draft., max_tokens: 32, pool: edit}
+      judge: {role: judge, system: You judge., max_tokens: 8}
+    steps:
+      - {id: draft, agent: drafter}
+      - {id: edit, agent: editor}
+      - id: judge
+        agent: judge
+        route: {choices: {ok: done, again: draft}, default: ok}
+    rounds: 2
+    """)
+
+
+@pytest.fixture
+def rules(tmp_path: Path) -> T.Rules:
+    (tmp_path / "relay.yaml").write_text(FLOW)
+    wfs = {n: GraphWorkflow(s) for n, s in load_dir(tmp_path).items()}
+    return T.Rules({**WORKFLOWS, **wfs}, step_timeout=10.0)
+
+
+def started(rules: T.Rules, workflow: str = "relay") -> RunState:
+    task = T.NewTask(tenant="acme", task_id="t1", session="t1", workflow=workflow, seq=1,
+                     input="hello")  # fmt: skip
+    out = decide(T.start, None, task, rules, now=NOW)
+    assert isinstance(out, T.Transition)
+    return out.run
+
+
+def hb(worker: str, pool: str = "edit", admitted: int = 0, ts: float = NOW) -> Heartbeat:
+    return Heartbeat(worker=worker, pool=pool, ready=True, engine="sim", ts=ts,
+                     admitted_tokens=admitted, kv_capacity_tokens=1000)  # fmt: skip
+
+
+def beats(*hbs: Heartbeat) -> dict[tuple[str, str], Heartbeat]:
+    return {(h.pool, h.worker): h for h in hbs}
+
+
+def test_the_step_that_follows_is_known_only_when_the_answer_cannot_change_it(
+    rules: T.Rules,
+) -> None:
+    run = started(rules)
+    wf = rules.workflows["relay"]
+    nxt = wf.foreseen(run, "r1.draft")
+    assert nxt is not None and (nxt.step_id, nxt.agent, nxt.session) == ("r1.edit", "editor", "t1")
+    assert wf.foreseen(run, "r1.judge") is None  # routed: its answer decides
+    res = rules.workflows["research"]
+    # A parallel step next, a parallel branch, a route: nothing foreseen.
+    assert res.foreseen(run, "r1.plan") is None
+    assert res.foreseen(run, "r1.gather.coding") is None
+    assert res.foreseen(run, "r1.validate") is None
+
+
+def test_the_next_agents_prefix_is_warmed_on_the_least_loaded_worker(rules: T.Rules) -> None:
+    run = started(rules)
+    out = prewarm.decide(run, rules, "r1.draft", beats(hb("w1", admitted=300), hb("w2")), NOW)
+    assert isinstance(out, prewarm.Warm)
+    assert (out.pool, out.worker) == ("edit", "w2")
+    job = out.job
+    assert job.warm and job.max_tokens == 1 and job.step == "r1.edit" and job.agent == "editor"
+    assert job.system == "You edit the draft." and job.session == "t1"
+    assert job.ref == run.steps["r1.draft"].ref  # the session's window as it is now
+    assert job.job_id == "acme.t1.r1.edit.warm"
+    # The worker that holds the session is preferred while it has room.
+    held = prewarm.decide(run, rules, "r1.draft", beats(hb("w1", admitted=300), hb("w2")),
+                          NOW, prefer=lambda pool: "w1")  # fmt: skip
+    assert isinstance(held, prewarm.Warm) and held.worker == "w1"
+
+
+def test_no_warm_under_kv_pressure_without_a_worker_or_with_one_in_flight(
+    rules: T.Rules,
+) -> None:
+    run = started(rules)
+    full = beats(hb("w1", admitted=600))
+    assert prewarm.decide(run, rules, "r1.draft", full, NOW) == "pressure"
+    assert prewarm.decide(run, rules, "r1.draft", full, NOW, max_load=0.7) != "pressure"
+    other_pool = beats(hb("w1", pool="default"))
+    assert prewarm.decide(run, rules, "r1.draft", other_pool, NOW) == "no_worker"
+    stale = beats(hb("w1", ts=NOW - 30))
+    assert prewarm.decide(run, rules, "r1.draft", stale, NOW) == "no_worker"
+    ok = beats(hb("w1"))
+    # The step that follows was warmed already: once per step.
+    again = prewarm.LastWarm("r1.edit", NOW - 1)
+    assert prewarm.decide(run, rules, "r1.draft", ok, NOW, last=again) == "already"
+    # Another step's warm still in flight (its step not dispatched, sent < 30 s ago).
+    other = prewarm.LastWarm("r1.other", NOW - 5)
+    assert prewarm.decide(run, rules, "r1.draft", ok, NOW, last=other) == "in_flight"
+    late = prewarm.LastWarm("r1.other", NOW - prewarm.IN_FLIGHT_S - 1)
+    assert isinstance(prewarm.decide(run, rules, "r1.draft", ok, NOW, last=late), prewarm.Warm)
+    # The last step of the linear part: its follower is routed, nothing to warm.
+    assert prewarm.decide(run, rules, "r1.edit", ok, NOW) == "no_next"
+
+
+def test_a_step_already_dispatched_is_not_warmed(rules: T.Rules) -> None:
+    run = started(rules)
+    [job] = jobs(T.replay(run, rules, NOW))
+    out = T.result(run, reply(job), rules, NOW + 1, {})
+    assert isinstance(out, T.Transition) and "r1.edit" in out.run.steps
+    assert prewarm.decide(out.run, rules, "r1.draft", beats(hb("w1")), NOW + 1) == "already"
+
+
+def test_the_warmed_step_is_routed_to_the_warmed_worker_once() -> None:
+    hbt = HeartbeatTracker()
+    hbt.last = beats(hb("w1", ts=10**10), hb("w2", ts=10**10))
+    router = Router(hbt)
+    router.served("acme", "t1", "edit", "w1")
+    router.warmed("acme.t1.r1.edit.warm", "edit", "w2")
+    # Another step of the session (a tool turn) keeps going where it went.
+    assert router.choose("acme", "t1", "edit") == "w1"
+    assert router.choose("acme", "t1", "edit", "acme.t1.r1.edit.warm") == "w2"
+    assert router.choose("acme", "t1", "edit", "acme.t1.r1.edit.warm") == "w1"  # used up
+    # A warm on another pool than the step went to is not followed.
+    router.warmed("acme.t1.r1.x.warm", "default", "w2")
+    assert router.choose("acme", "t1", "edit", "acme.t1.r1.x.warm") == "w1"

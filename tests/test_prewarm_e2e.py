@@ -1,0 +1,73 @@
+"""Pre-warm from the graph on real processes (real nats-server, simulator
+engines, two workers): while the first step runs, the orchestrator warms
+the second step's prefix (its agent's system prompt + the session) on one
+worker; the second step is routed there and finds its prefix cached. The
+warm answers nothing: no result, nothing appended to the session."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from baton.dev.testing import Client, LocalStack, http_get, http_json, metric, uid
+from baton.natsd import NatsServer
+
+FLOW = textwrap.dedent("""\
+    name: relay
+    agents:
+      drafter: {role: drafter, system: You draft an answer., max_tokens: 48}
+      editor: {role: editor, system: You edit the draft into a short answer., max_tokens: 8}
+    steps:
+      - {id: draft, agent: drafter}
+      - {id: edit, agent: editor}
+    """)
+
+
+@pytest.fixture
+def relay(own_nats: NatsServer, tmp_path: Path) -> Iterator[LocalStack]:
+    flows = tmp_path / "workflows"
+    flows.mkdir()
+    (flows / "relay.yaml").write_text(FLOW)
+    # Slow decoding: the first step runs long enough for its follower's warm.
+    s = LocalStack(own_nats, tmp_path / "s", env={"BATON_SIM_DECODE_TPS": "80"})
+    s.workdir.mkdir(parents=True)
+    s.service("context-store").wait_ready()
+    s.service("orchestrator", BATON_WORKFLOWS_DIR=str(flows)).wait_ready()
+    s.worker().wait_ready()
+    s.worker().wait_ready()
+    yield s
+    s.stop()
+
+
+async def test_the_next_step_is_warmed_where_it_then_runs(
+    relay: LocalStack, own_client: Client
+) -> None:
+    url = relay.orchestrator.url
+    workers = [p for p in relay.procs if p.name == "inference-worker"]
+    for _ in range(40):  # both workers' heartbeats seen
+        if all(f'worker="{w.env["BATON_WORKER_ID"]}"' in http_get(f"{url}/metrics")
+               for w in workers):  # fmt: skip
+            break
+        await asyncio.sleep(0.25)
+    task_id = uid()
+    done = await own_client.run("relay", {"tenant": "initech", "input": "hello",
+                                          "task_id": task_id}, timeout=40)  # fmt: skip
+    assert done["type"] == "completed", done
+    # The editor saw system, input and the draft: no warm answer in the session.
+    assert done["output"].startswith("[sim: 3 messages"), done["output"]
+    assert metric(url, "baton_prewarms_total", outcome="sent") == 1
+    warmed = {w.env["BATON_WORKER_ID"]: metric(w.url, "baton_worker_warms_total",
+                                                 outcome="warmed") for w in workers}  # fmt: skip
+    assert sorted(warmed.values()) == [0, 1], warmed
+    target = next(w for w, n in warmed.items() if n == 1)
+    steps = http_json(f"{url}/v1/tasks/{task_id}?tenant=initech")["steps"]
+    assert steps["r1.edit"]["worker"] == target
+    # Its system prompt and the input were prefilled by the warm: cached.
+    assert steps["r1.edit"]["cached_tokens"] > 10, steps["r1.edit"]
+    # No result for the warm: the worker's job counters saw two real jobs.
+    jobs = sum(metric(w.url, "baton_worker_jobs_total", outcome="completed") for w in workers)
+    assert jobs == 2
