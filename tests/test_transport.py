@@ -318,6 +318,24 @@ async def test_a_bucket_compare_and_set_loses_with_wrong_last_sequence(bus: Bus)
     assert [e.value for e in await kv.entries()] == [b"2"]
 
 
+async def test_a_bucket_lists_the_newest_live_entry_of_each_matching_key(bus: Bus) -> None:
+    """Listing reads every matching key's newest revision, none deleted, all
+    of them however many (a watch-based listing returned none under load)."""
+    kv = await bus.ensure_bucket(BucketSpec(name=uid("b"), history=4))
+    assert await kv.entries() == []  # empty: answered at once
+    for i in range(300):  # more than one fetch of the reader
+        await kv.put(f"acme.k{i}", b"old")
+        await kv.put(f"acme.k{i}", str(i).encode())
+    await kv.put("globex.k0", b"theirs")
+    await kv._kv.delete("acme.k7")
+    await kv._kv.purge("acme.k8")
+    listed = {e.key: e.value for e in await kv.entries("acme.*")}
+    assert len(listed) == 298 and "acme.k7" not in listed and "acme.k8" not in listed
+    assert listed["acme.k299"] == b"299" and "globex.k0" not in listed
+    assert len(await kv.entries("acme.*", limit=10)) == 10
+    assert await bus.consumers(kv.spec.stream) == []  # the readers' consumers are gone
+
+
 async def test_provisioning_waits_for_a_cluster_peer_still_starting() -> None:
     """JetStream answers 10005 "no suitable peers for placement" while a peer
     of an R3 stream is not up yet (seen: a service exiting at the chaos

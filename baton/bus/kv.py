@@ -3,7 +3,8 @@ and erasure of replaced revisions from the raw store."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,12 @@ from .errors import _translated
 
 if TYPE_CHECKING:
     from .streams import StreamReads
+
+
+def _deleted(headers: Mapping[str, str]) -> bool:
+    """A delete or purge marker (``KV-Operation``; a server-placed TTL or
+    purge marker says ``Nats-Marker-Reason``)."""
+    return bool(headers.get("KV-Operation") or headers.get("Nats-Marker-Reason"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,21 +84,20 @@ class Bucket:
 
     async def entries(self, pattern: str = ">", *, limit: int = 10_000) -> list[Entry]:
         """The newest entry of every key matching ``pattern`` (at most
-        ``limit``; no deleted ones), in one pass of a watcher."""
-        # Stopping a watcher does not delete its consumer, which nats-py
-        # otherwise asks the server to keep for 5 min: one per listing.
-        watcher = await self._kv.watch(pattern, ignore_deletes=True, inactive_threshold=10.0)
+        ``limit``; no deleted ones), read through a pull consumer. (nats-py's
+        watch says "all delivered" from a pending count taken while messages
+        may already be on their way: under load a listing came back empty.)"""
         out: list[Entry] = []
-        try:
-            async for e in watcher:
-                if e is None:  # the initial values are all delivered
-                    break
-                if e.value and e.revision is not None:
-                    out.append(Entry(e.key, e.value, e.revision))
+        prefix = len(self.spec.subject(""))
+        reads = self._bus.read_subject(self.spec.stream, self.spec.subject(pattern),
+                                       last_per_subject=True)  # fmt: skip
+        async with contextlib.aclosing(reads):
+            async for msg in reads:
+                if _deleted(msg.headers):
+                    continue
+                out.append(Entry(msg.subject[prefix:], msg.data, msg.seq))
                 if len(out) >= limit:
                     break
-        finally:
-            await watcher.stop()
         return out
 
     async def follow(self, *, inactive_threshold: float = 30.0) -> AsyncIterator[Entry]:

@@ -4,7 +4,7 @@ writes, consumer look-ups, and erasure from the raw store."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 
 import nats.js.errors
 from nats.js import api
@@ -25,17 +25,29 @@ class StreamReads(BusCore):
     """Streams and their messages (part of ``Bus``)."""
 
     async def read_subject(
-        self, stream: str, subject: str, *, start_seq: int = 0, headers_only: bool = False
-    ) -> AsyncIterator[Message]:
-        """Every message stored on ``subject`` (from ``start_seq``), in order,
-        through an ephemeral consumer that is deleted afterwards: left to its
-        inactivity threshold, a burst of reads piles consumers up to the
-        server's limit."""
+        self,
+        stream: str,
+        subject: str,
+        *,
+        start_seq: int = 0,
+        headers_only: bool = False,
+        last_per_subject: bool = False,
+    ) -> AsyncGenerator[Message, None]:
+        """Every message stored on ``subject`` (from ``start_seq``; with
+        ``last_per_subject`` the newest of each subject it matches), in order,
+        through an ephemeral pull consumer that is deleted afterwards: left to
+        its inactivity threshold, a burst of reads piles consumers up to the
+        server's limit. Its pending count at creation is exact, so an empty
+        read ends at once and a full one is never cut short."""
+        if last_per_subject:
+            policy = api.DeliverPolicy.LAST_PER_SUBJECT
+        elif start_seq:
+            policy = api.DeliverPolicy.BY_START_SEQUENCE
+        else:
+            policy = api.DeliverPolicy.ALL
         config = api.ConsumerConfig(
             ack_policy=api.AckPolicy.NONE,
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE
-            if start_seq
-            else api.DeliverPolicy.ALL,
+            deliver_policy=policy,
             opt_start_seq=start_seq or None,
             headers_only=headers_only or None,
             inactive_threshold=10.0,
