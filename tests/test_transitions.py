@@ -1,11 +1,11 @@
 """The orchestrator's pure transitions, without a broker.
 
-A small model of the world drives them: a KV that keeps the last stored
-state, workers that answer dispatched jobs (sometimes twice, sometimes with
-an error), a watchdog that fires late, and crashes that store a change but
-lose its effects (the message is then redelivered). Hypothesis picks the
-interleaving; whatever it picks, the run ends in exactly one terminal state
-and every step is recorded done at most once.
+Then the real shell around them on the bus twin: two conductor replicas over
+one KV, workers that answer dispatched jobs (sometimes twice, sometimes with
+an error), a watchdog, compare-and-set races, and crashes that store a change
+but lose its effects (the message is then redelivered). Hypothesis picks the
+interleaving; whatever it picks, the run ends in exactly one terminal state,
+every step is recorded done once and the usage is the sum of the steps'.
 """
 
 from __future__ import annotations

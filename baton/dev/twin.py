@@ -218,6 +218,8 @@ class _TwinPuller(Puller):
         while True:
             if twin.closed:
                 raise BusClosed("the bus twin is closed")
+            if twin.stopping:
+                return []
             ready = self._consumer.ready()
             if ready:
                 return [self._consumer.take(s) for s in ready[: max(1, n)]]
@@ -497,6 +499,10 @@ class TwinBus(Bus):
         return codec.decode(reply if isinstance(reply, bytes) else codec.encode(reply), reply_type)
 
     # -- lifecycle -----------------------------------------------------------------
+
+    def stop(self) -> None:
+        super().stop()
+        self._wake()  # a fetch waiting for messages looks again, and sees the stop
 
     async def flush(self, timeout: int = 2) -> None:
         pass
