@@ -344,7 +344,7 @@ async def _interleave(
                    for st_ in run.steps.values() if not st_.input)  # fmt: skip
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     workflow=st.sampled_from(["research", "chat"]),
     budget=st.sampled_from([None, 150, 400, 100_000]),
