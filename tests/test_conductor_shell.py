@@ -11,9 +11,11 @@ import msgpack
 
 from baton.dev.testing import uid
 from proto import subjects
+from proto.messages import InputAnswer
+from services.orchestrator.metrics import INPUT_ANSWERS
 from services.orchestrator.service import BUILTIN_WORKFLOWS
 from services.orchestrator.workflows import GraphWorkflow, load_dir, parse
-from tests.twin_shell import TASKS, TENANT, TIMERS, Shell
+from tests.twin_shell import INPUTS, TASKS, TENANT, TIMERS, Shell
 
 WORKFLOWS = {n: GraphWorkflow(s) for n, s in load_dir(BUILTIN_WORKFLOWS).items()}
 UNENFORCEABLE = [math.nan, math.inf, -math.inf, -1.0]
@@ -25,6 +27,17 @@ LONELY = parse(
     "  - id: wait\n"
     "    agent: ghost\n",
     "lonely.yaml",
+)
+QUICK = parse(
+    "name: quick\n"
+    "agents:\n"
+    "  writer: {role: writer, system: You write., max_tokens: 16}\n"
+    "steps:\n"
+    "  - id: confirm\n"
+    '    input: {prompt: "Go ahead?", default: "go ahead by default", timeout: 1.5}\n'
+    "  - id: final\n"
+    "    agent: writer\n",
+    "quick.yaml",
 )
 
 
@@ -91,3 +104,25 @@ async def test_a_result_lost_after_its_change_was_stored_is_redelivered_and_appl
     await shell.settle_all(replica=1)  # the other replica takes the redelivery
     assert [e["type"] for e in shell.events("t1")].count("completed") == 1
     assert len(shell.stored("t1")) == len(stored)  # nothing stored twice
+
+
+async def test_an_answer_to_a_finished_task_is_ignored() -> None:
+    """(Moved from tests/test_input.py, where it waited the default out; a
+    repeated answer ignored stays there, on real processes.)"""
+    shell = await Shell.start({"quick": GraphWorkflow(QUICK)})
+    await shell.submit("quick", "t1", "hi")
+    await shell.settle_all()  # nobody answers: the default, at the deadline
+    events = shell.events("t1")
+    assert events[-1]["type"] == "completed"
+    finished = INPUT_ANSWERS.labels("finished")
+    before = finished._value.get()
+    published: list[str] = []
+    shell.twin.before_publish = published.append  # every publish, duplicates too
+    await shell.twin.publish(f"{subjects.INPUT}.{TENANT}.t1",
+                             InputAnswer(answer="too late", step="r1.confirm"))  # fmt: skip
+    assert await shell.handle(INPUTS)
+    assert finished._value.get() == before + 1
+    assert published == [f"{subjects.INPUT}.{TENANT}.t1"]  # nothing published again
+    users = [m.content for m in shell.store.sessions["t1"] if m.role == "user"]
+    assert users == ["hi", "go ahead by default"]
+    assert shell.events("t1") == events

@@ -195,16 +195,20 @@ class Shell:
 
     async def settle_all(self, *, limit: int = 500, replica: int = 0) -> None:
         """Run the world quietly: every ready message handled, every job
-        answered, time moved on when nothing is ready (a nak's delay)."""
+        answered, the clock moved on to the next nak's delay or watchdog
+        when nothing is ready, until nothing waits."""
+        durables = (TASKS, RESULTS, INPUTS, TIMERS)
         for i in range(limit):
-            for durable in (TASKS, RESULTS, INPUTS, TIMERS):
+            for durable in durables:
                 if await self.handle(durable, replica=replica + i):
                     break
             else:
                 if await self.work() is None:
-                    if not any(self.twin.unsettled(d) for d in (TASKS, RESULTS, INPUTS)):
+                    due = [self.twin.next_due(d) for d in durables]
+                    at = min((t for t in due if t is not None), default=None)
+                    if at is None:
                         return
-                    self.twin.advance(1.0)
+                    self.twin.advance(max(0.0, at - self.twin.now()) + 0.001)
 
     async def run(self, task_id: str) -> RunState | None:
         return await self.conductors[0].runs.get(TENANT, task_id)

@@ -418,6 +418,11 @@ class TwinBus(Bus):
         c.ready()
         return len(c._new()) + len(c.out) + len(c.again)
 
+    def next_due(self, durable: str) -> float | None:
+        """When the consumer's next naked or unacked message may come again
+        (the twin's clock; None: none waits)."""
+        return self.durables[durable].next_due()
+
     async def deliver(self, durable: str, handler: Handler, seq: int | None = None) -> bool:
         """Hand one message (``seq``, or the oldest ready) to ``handler`` and
         settle it by its outcome, as ``consume`` would; False: none was ready."""
