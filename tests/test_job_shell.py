@@ -123,3 +123,13 @@ async def test_a_chat_task_runs_from_task_to_completed_through_conductor_and_job
         run is not None and run.usage.completion_tokens == events[-1]["usage"]["completion_tokens"]
     )
     assert run.usage.completion_tokens > 0
+
+
+async def test_a_dispatch_older_than_one_already_taken_is_acked_without_a_result() -> None:
+    """(On the stack too: tests/test_worker_republish.py.)"""
+    shell, jobs = await _shell()
+    await _asked(shell)
+    for attempt in (2, 1, 3):
+        await _run_job(shell, jobs, _job(shell, attempt=attempt))
+    assert [i for i, _ in _results(shell)] == [keys.result("j1", 2), keys.result("j1", 3)]
+    assert shell.twin.unsettled(POOL.durable) == 0  # attempt 1 was acked, not naked
