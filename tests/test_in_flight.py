@@ -1,13 +1,16 @@
 """baton_steps_in_flight: each run's unanswered steps are counted by the one
 replica that wrote its newest revision. (It used to be raised where a step
 was dispatched and lowered wherever the run moved on: replica A +2, replica B
--2, and after B restarts the sum says 2 steps are in flight when none are.)"""
+-2, and after B restarts the sum says 2 steps are in flight when none are.)
+Two real conductors, on the bus twin and on a real nats-server."""
 
 from __future__ import annotations
 
-from baton.bus import connect
+import pytest
+
+from baton.bus import Bus, connect
 from baton.dev.testing import uid
-from baton.natsd import NatsServer
+from baton.dev.twin import TwinBus
 from proto import streams
 from services.orchestrator import transitions as T
 from services.orchestrator.conductor import Conductor
@@ -50,10 +53,15 @@ def _run(tenant: str, task_id: str, steps: int) -> RunState:
                            for i in range(steps)})  # fmt: skip
 
 
+@pytest.mark.parametrize("door", ["twin", "nats"])
 async def test_two_replicas_count_each_run_once_through_cancel_and_erasure(
-    own_nats: NatsServer,
+    door: str, request: pytest.FixtureRequest
 ) -> None:
-    bus = await connect(own_nats.url, name="test-in-flight")
+    # The same body on the bus twin and on the session's nats-server (it had
+    # a private server of its own: nothing here restarts or breaks it).
+    bus: Bus = TwinBus()
+    if door == "nats":
+        bus = await connect(request.getfixturevalue("nats_url"), name="test-in-flight")
     try:
         await bus.provision(streams=[streams.EVENTS])
         kv = await bus.ensure_bucket(streams.RUNS)

@@ -4,16 +4,20 @@ deadline), appends it to the session and goes on; nothing else moves it."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proto import codec, keys
-from proto.messages import ContextRef, InferenceJob, InferenceResult, Step, Usage
+from baton.bus import Delivery, Nak
+from proto import keys, subjects
+from proto.messages import ContextRef, InferenceJob, InferenceResult, InputAnswer, Step, Usage
 from services.orchestrator import transitions as T
 from services.orchestrator.state import RunState
 from services.orchestrator.workflows import GraphWorkflow, parse
+from tests.twin_shell import INPUTS, RESULTS, TASKS, TENANT, TIMERS, Shell
 
 ASK = """
 name: ask
@@ -194,7 +198,66 @@ def test_a_workflow_may_start_by_asking() -> None:
     assert [e.due for e in out.effects if isinstance(e, T.Watch)] == [11.0]
 
 
-# -- any interleaving -------------------------------------------------------
+# -- any interleaving, on the real shell ---------------------------------------
+
+
+class _Crash(Exception):
+    """The process died after storing a change, before its effects went out."""
+
+
+async def _answer_interleaving(script: list[tuple[str, int]]) -> None:
+    shell = await Shell.start(WORKFLOWS, step_timeout=100.0)
+    await shell.submit("ask", "t1", "write a haiku")
+    assert await shell.handle(TASKS)
+    await shell.work(output=lambda j: "a draft")
+    assert await shell.handle(RESULTS)  # the draft is in: waiting at r1.confirm
+    subject = f"{subjects.INPUT}.{TENANT}.t1"
+
+    async def answer(text: str, step: str | None) -> None:
+        await shell.twin.publish(subject, InputAnswer(answer=text, step=step))
+
+    async def lost_ack(d: Delivery) -> None:  # handled, but the ack never arrived
+        await shell.conductors[0].on_input(d)
+        raise Nak(0.0, "ack lost")
+
+    def crash(subject: str) -> None:
+        raise _Crash(subject)
+
+    for kind, n in script:
+        shell.twin.advance(n / 4)
+        run = await shell.run("t1")
+        assert run is not None
+        waiting = [k for k, s in run.steps.items() if s.status == "waiting_input"]
+        if kind in ("answer", "crash") and waiting:
+            await answer(f"h{n}", waiting[0])
+            shell.twin.before_publish = crash if kind == "crash" else None
+            try:
+                await shell.handle(INPUTS)
+            finally:
+                shell.twin.before_publish = None
+        elif kind in ("again", "redeliver") and run.steps:
+            await answer(f"late{n}", sorted(run.steps)[n % len(run.steps)])
+            if kind == "redeliver":
+                await shell.twin.deliver(INPUTS, lost_ack)
+            await shell.handle(INPUTS)
+        elif kind == "tick":
+            await shell.handle(TIMERS, pick=n)
+        elif kind == "work" and await shell.work(output=lambda j: "a draft"):
+            await shell.handle(RESULTS)
+    for _ in range(20):  # let it finish: the watchdog answers, workers answer
+        await shell.settle_all()
+        run = await shell.run("t1")
+        assert run is not None
+        if run.terminal:
+            break
+        shell.twin.advance(30.0)
+    stored = shell.stored("t1")
+    terminal = sum(b.terminal and not a.terminal for a, b in itertools.pairwise(stored))
+    assert run.terminal and terminal == 1, run
+    for sid in ("r1.confirm", "r1.detail"):
+        s = run.steps[sid]
+        first = shell.store.appends[keys.input_answer("t1", sid)]  # the session's first append
+        assert s.status == "done" and s.output == first.messages[0].content
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -212,62 +275,6 @@ def test_each_input_step_is_answered_once_whatever_the_interleaving(
 ) -> None:
     """Humans answer (once, twice, redelivered), the watchdog fires, the
     process crashes after storing: every input step is answered exactly once,
-    by whoever came first, and the run ends once."""
-    run: RunState = waiting_run()
-    now, due = 2.0, 32.0
-    stored_answers: dict[str, str] = {}  # msg_id -> text: the session's first append wins
-    jobs: list[InferenceJob] = []
-    terminal = 0
-
-    def commit(out: T.Outcome, ops: list[Any], crash: bool) -> None:
-        nonlocal run, due, terminal
-        for op in ops:
-            stored_answers.setdefault(op.msg_id, op.messages[0].content)
-        assert isinstance(out, T.Transition)
-        if out.changed:
-            for sid, s in out.run.steps.items():
-                if s.input and s.status == "done":
-                    assert s.output == stored_answers[keys.input_answer("t1", sid)]
-            terminal += out.run.terminal and not run.terminal
-            run = codec.decode(codec.encode(out.run), RunState)
-        if not crash:
-            jobs.extend(e.job for e in out.effects if isinstance(e, T.Dispatch))
-            if out.wake_at is not None:
-                due = out.wake_at
-
-    for kind, n in script:
-        now += n / 4
-        waiting = [k for k, s in run.steps.items() if s.status == "waiting_input"]
-        if kind in ("answer", "crash") and waiting:
-            out, ops = decide(T.answer, run, T.NewAnswer(f"h{n}", waiting[0]), now=now)
-            commit(out, ops, crash=kind == "crash")
-        elif kind in ("again", "redeliver") and run.steps:
-            step = sorted(run.steps)[n % len(run.steps)]
-            msg = T.NewAnswer(f"late{n}", step, redelivered=kind == "redeliver")
-            out, ops = decide(T.answer, run, msg, now=now)
-            commit(out, ops, crash=False)
-        elif kind == "tick" and now >= due and not run.terminal:
-            out, ops = decide(lambda r, t, c: T.timer(r, RULES, t, c), run, now=now)
-            commit(out, ops, crash=False)
-        elif kind == "work" and jobs:
-            job = jobs.pop(0)
-            out, ops = decide(
-                lambda r, t, c, j=job: T.result(r, reply(j), RULES, t, c), run, now=now
-            )
-            commit(out, ops, crash=False)
-    for _ in range(20):  # let it finish: the watchdog answers, workers answer
-        if run.terminal:
-            break
-        now = max(now, due) + 1
-        if jobs:
-            job = jobs.pop(0)
-            out, ops = decide(
-                lambda r, t, c, j=job: T.result(r, reply(j), RULES, t, c), run, now=now
-            )
-        else:
-            out, ops = decide(lambda r, t, c: T.timer(r, RULES, t, c), run, now=now)
-        commit(out, ops, crash=False)
-    assert run.terminal and terminal == 1, run
-    for sid in ("r1.confirm", "r1.detail"):
-        s = run.steps[sid]
-        assert s.status == "done" and s.output == stored_answers[keys.input_answer("t1", sid)]
+    by whoever came first, and the run ends once (the real conductor on the
+    bus twin)."""
+    asyncio.run(_answer_interleaving(script))

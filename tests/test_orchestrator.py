@@ -1,5 +1,6 @@
 """The orchestrator as a user sees it: the research workflow, budgets, cost,
-cancellation, tenant-scoped API keys and live events (simulator engine)."""
+cancellation, tenant-scoped API keys and live events (simulator engine).
+A step nobody answers: the conductor on the bus twin (tests/test_conductor_shell.py)."""
 
 from __future__ import annotations
 
@@ -152,34 +153,3 @@ async def test_server_sent_events_replay_then_follow_to_the_end(
     assert kinds[0] == "accepted" and kinds[-1] == "completed"
     wfs = http_json(f"{stack.orchestrator.url}/v1/workflows")["workflows"]
     assert {w["name"] for w in wfs} >= {"chat", "research"}
-
-
-async def test_a_step_nobody_answers_is_retried_then_fails_with_step_timeout(
-    own_nats: NatsServer, tmp_path: Path
-) -> None:
-    (tmp_path / "lonely.yaml").write_text(
-        "name: lonely\n"
-        "agents:\n"
-        "  ghost: {role: ghost, system: nobody serves this pool, pool: nowhere, timeout: 1}\n"
-        "steps:\n"
-        "  - id: wait\n"
-        "    agent: ghost\n"
-    )
-    stack = LocalStack(own_nats, tmp_path / "s", env={"BATON_WORKFLOWS_DIR": str(tmp_path)})
-    stack.workdir.mkdir(parents=True)
-    for name in ("context-store", "orchestrator"):
-        stack.service(name).wait_ready()
-    client = await Client.connect(own_nats.url)
-    try:
-        tenant, task_id = "globex", uid()
-        await client.publish("lonely", {"tenant": tenant, "input": "anyone?", "task_id": task_id})
-        events = await client.events(tenant, task_id, timeout=20)
-        failed = events[-1]
-        assert failed["type"] == "failed" and failed["error"]["code"] == "step_timeout"
-        assert "2 attempt(s)" in failed["error"]["message"]
-        url = f"{stack.orchestrator.url}/v1/tasks/{task_id}?tenant={tenant}"
-        step = http_json(url)["steps"]["r1.wait"]
-        assert step["attempt"] == 2 and step["status"] == "failed"
-    finally:
-        await client.close()
-        stack.stop()

@@ -1,4 +1,4 @@
-"""The run store against a real nats-server: its cache holds unfinished runs
+"""The run store against a real nats-server and the bus twin: its cache holds unfinished runs
 only (so the orchestrator's memory does not grow with the runs it finished),
 and a stale cached revision still fails the write."""
 
@@ -10,14 +10,17 @@ import pytest
 
 from baton.bus import Bus, connect
 from baton.dev.testing import uid
+from baton.dev.twin import TwinBus
 from proto.streams import BucketSpec
 from services.orchestrator.runs import RunConflict, RunStore
 from services.orchestrator.state import RunState
 
 
-@pytest.fixture
-async def store(nats_url: str) -> AsyncIterator[RunStore]:
-    bus: Bus = await connect(nats_url, name="test-runs")
+@pytest.fixture(params=["twin", "nats"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[RunStore]:
+    bus: Bus = TwinBus()
+    if request.param == "nats":
+        bus = await connect(request.getfixturevalue("nats_url"), name="test-runs")
     spec = BucketSpec(name=uid("runs"), history=8, erasable=True)
     kv = await bus.ensure_bucket(spec)
     yield RunStore(kv)

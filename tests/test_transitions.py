@@ -1,23 +1,25 @@
 """The orchestrator's pure transitions, without a broker.
 
-A small model of the world drives them: a KV that keeps the last stored
-state, workers that answer dispatched jobs (sometimes twice, sometimes with
-an error), a watchdog that fires late, and crashes that store a change but
-lose its effects (the message is then redelivered). Hypothesis picks the
-interleaving; whatever it picks, the run ends in exactly one terminal state
-and every step is recorded done at most once.
+Then the real shell around them on the bus twin: two conductor replicas over
+one KV, workers that answer dispatched jobs (sometimes twice, sometimes with
+an error), a watchdog, compare-and-set races, and crashes that store a change
+but lose its effects (the message is then redelivered). Hypothesis picks the
+interleaving; whatever it picks, the run ends in exactly one terminal state,
+every step is recorded done once and the usage is the sum of the steps'.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from dataclasses import dataclass, field
+import itertools
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proto import codec, keys
+from baton.bus import HDR_MSG_ID
+from proto import codec, keys, subjects
 from proto.errors import ErrorCode
 from proto.messages import (
     Budget,
@@ -34,6 +36,8 @@ from services.orchestrator.scheduling import PoolNow
 from services.orchestrator.service import BUILTIN_WORKFLOWS
 from services.orchestrator.state import RunState
 from services.orchestrator.workflows import GraphWorkflow, load_dir
+from tests.twin_shell import RESULTS, TASKS, TENANT, TIMERS, Shell
+from tests.twin_shell import budget as budget_of
 
 WORKFLOWS = {n: GraphWorkflow(s) for n, s in load_dir(BUILTIN_WORKFLOWS).items()}
 RULES = T.Rules(WORKFLOWS, step_timeout=10.0, step_retries=1, price=lambda pool: 2.0)
@@ -230,65 +234,114 @@ def test_a_rejected_tasks_claim_replays_nothing_whatever_message_finds_it() -> N
     assert answered.note == "finished"
 
 
-# -- any interleaving -----------------------------------------------------
+# -- any interleaving, on the real shell ------------------------------------
 
 
-@dataclass
-class World:
-    """The KV, the streams and the clock, as the transitions see them."""
+class _Crash(Exception):
+    """The process died after storing a change, before its effects went out."""
 
-    run: RunState | None = None
-    now: float = 0.0
-    results: list[InferenceResult] = field(default_factory=list)  # waiting for the conductor
-    delivered: list[InferenceResult] = field(default_factory=list)  # may be redelivered
-    published_jobs: dict[str, InferenceJob] = field(default_factory=dict)  # by msg id
-    answered: set[str] = field(default_factory=set)
-    events: set[str] = field(default_factory=set)  # event keys (de-duplicated)
-    done_records: dict[str, int] = field(default_factory=dict)
-    terminal_changes: int = 0
-    watchdog_due: float | None = None
 
-    def commit(self, out: T.Outcome, *, crash: bool) -> bool:
-        """Store a transition; perform its effects unless the process 'crashed'.
-        Returns False when the message must be redelivered."""
-        if isinstance(out, T.Defer):
-            return False
-        assert isinstance(out, T.Transition)
-        if out.changed:
-            before = self.run
-            for sid, s in out.run.steps.items():
-                was = before.steps.get(sid) if before is not None else None
-                if s.status == "done" and (was is None or was.status != "done"):
-                    self.done_records[sid] = self.done_records.get(sid, 0) + 1
-            if out.run.terminal and (before is None or not before.terminal):
-                self.terminal_changes += 1
-            self.run = codec.decode(codec.encode(out.run), RunState)
-        if crash:
-            return False
-        for e in out.effects:
-            if isinstance(e, T.Emit):
-                self.events.add(e.key)
-            elif isinstance(e, T.Dispatch):
-                self.published_jobs.setdefault(e.msg_id, e.job)
-            elif isinstance(e, T.Watch) and self.watchdog_due is None:
-                self.watchdog_due = e.due
-        if out.wake_at is not None:
-            self.watchdog_due = out.wake_at
-        return True
-
-    def copy(self) -> RunState:
-        assert self.run is not None
-        return codec.decode(codec.encode(self.run), RunState)
+def _event_keys(shell: Shell, task_id: str) -> list[str]:
+    prefix = keys.event(TENANT, task_id, "")
+    msgs = shell.twin.messages(subjects.event(TENANT, task_id))
+    return [m.headers[HDR_MSG_ID].removeprefix(prefix) for m in msgs]
 
 
 Action = tuple[str, int]
 actions = st.lists(
     st.tuples(
-        st.sampled_from(["work", "deliver", "redeliver", "tick", "crash", "error", "cancel"]),
+        st.sampled_from(["work", "deliver", "redeliver", "tick", "crash", "error", "cancel",
+                         "race"]),
         st.integers(0, 50),
     ),
     max_size=60,
-)
+)  # fmt: skip
+
+
+async def _interleave(
+    workflow: str, budget: int | None, script: list[Action], verdicts: list[str], placed: bool
+) -> None:
+    """The real conductor (two replicas, each with its own run cache, over
+    one KV) on the bus twin: workers answer jobs in any order (sometimes
+    twice, sometimes with an error), results are handled by either replica in
+    any order, a replica crashes after storing a change (its effects lost, the
+    message redelivered), another writer races a write (a compare-and-set
+    conflict), time passes for naks and the watchdog."""
+    shell = await Shell.start(WORKFLOWS, replicas=2, step_timeout=10.0, step_retries=1)
+    for c in shell.conductors:
+        c.rules = dataclasses.replace(c.rules, price=RULES.price,
+                                      pools=PLACED.pools if placed else None)  # fmt: skip
+    await shell.submit(workflow, "t1", **budget_of(budget))
+    assert await shell.handle(TASKS)
+
+    def output(job: InferenceJob) -> str:
+        return verdicts.pop() if verdicts and job.agent == "validation" else "ok"
+
+    def crash(subject: str) -> None:
+        raise _Crash(subject)
+
+    for kind, n in script:
+        if kind == "work":
+            await shell.work(n, output=output)
+        elif kind == "error" and n % 5 == 0:
+            await shell.work(n, error=True)
+        elif kind == "redeliver":  # a result reaches the conductor twice
+            await shell.work(n, output=output, copies=2)
+        elif kind == "deliver":
+            await shell.handle(RESULTS, replica=n, pick=n)
+        elif kind == "crash":
+            shell.twin.before_publish = crash
+            try:
+                await shell.handle(RESULTS, replica=n, pick=n)
+            finally:
+                shell.twin.before_publish = None
+        elif kind == "race":  # another writer stores the run first, once
+            raced: list[str] = []
+
+            def race(key: str, raced: list[str] = raced) -> None:
+                if not raced:
+                    raced.append(key)
+                    shell.kv.race(key)
+
+            shell.kv.before_write = race
+            await shell.handle(RESULTS, replica=n, pick=n)
+            shell.kv.before_write = None
+        elif kind == "tick":
+            shell.twin.advance(n / 2.0)
+            await shell.handle(TIMERS, replica=n, pick=n)
+        elif kind == "cancel" and n == 0:
+            await shell.conductors[1].cancel(TENANT, "t1")
+    # Then let the world run quietly until the run ends.
+    await shell.settle_all()
+    run = await shell.run("t1")
+    assert run is not None and run.terminal, run
+    stored = shell.stored("t1")
+    terminal_changes = sum(b.terminal and not a.terminal for a, b in itertools.pairwise(stored))
+    assert terminal_changes + stored[0].terminal == 1
+    events = _event_keys(shell, "t1")
+    assert len(events) == len(set(events))  # each event stored once
+    assert len(set(events) & {"completed", "failed"}) == 1
+    done_records: dict[str, int] = {}
+    for before, after in itertools.pairwise(stored):
+        for sid, s in after.steps.items():
+            was = before.steps.get(sid)
+            if s.status == "done" and (was is None or was.status != "done"):
+                done_records[sid] = done_records.get(sid, 0) + 1
+    assert all(n == 1 for n in done_records.values()), done_records
+    assert {s for s, st_ in run.steps.items() if st_.status == "done"} == set(done_records)
+    # Usage is the sum of the steps' (a result applied twice would count twice).
+    for f in ("prompt_tokens", "completion_tokens"):
+        assert getattr(run.usage, f) == sum(getattr(s.usage, f) for s in run.steps.values())
+    if run.status == "completed":
+        assert all(f"step.{s}.done" in events for s in done_records)
+        (completed,) = [e for e in shell.events("t1") if e["type"] == "completed"]
+        assert completed["usage"]["completion_tokens"] == run.usage.completion_tokens
+    # Every step that ended (done, or failed the run) said so.
+    ended = {s for s, st_ in run.steps.items() if st_.status in ("done", "failed")}
+    assert all(f"step.{s}.done" in events for s in ended)
+    if placed:  # every model step was placed once, and kept its placement
+        assert all(st_.pool_reason == "only" and st_.prediction is not None
+                   for st_ in run.steps.values() if not st_.input)  # fmt: skip
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -302,78 +355,7 @@ actions = st.lists(
 def test_any_interleaving_ends_in_one_terminal_state_with_each_step_done_once(
     workflow: str, budget: int | None, script: list[Action], verdicts: list[str], placed: bool
 ) -> None:
-    rules = PLACED if placed else RULES
-    w = World()
-    task = new_task(workflow, Budget(max_tokens=budget) if budget else None)
-    while not w.commit(decide(T.start, None, task, rules, now=w.now), crash=False):
-        pass
-
-    def work(i: int, *, fail: bool = False) -> None:
-        todo = [(mid, j) for mid, j in w.published_jobs.items() if mid not in w.answered]
-        if not todo:
-            return
-        mid, job = todo[i % len(todo)]
-        w.answered.add(mid)
-        if fail:
-            err = ErrorInfo(code="engine_failure", message="boom", layer="inference")
-            w.results.append(reply(job, error=err))
-        else:
-            text = verdicts.pop() if verdicts and job.agent == "validation" else "ok"
-            w.results.append(reply(job, output=text))
-
-    def deliver(res: InferenceResult, *, crash: bool = False) -> None:
-        assert w.run is not None
-        if w.commit(decide(T.result, w.copy(), res, rules, now=w.now), crash=crash):
-            w.delivered.append(res)
-        else:
-            w.results.append(res)  # not acked: redelivered
-
-    def tick(dt: float) -> None:
-        w.now += dt
-        if w.watchdog_due is not None and w.now >= w.watchdog_due and w.run is not None:
-            out = T.timer(w.copy(), rules, w.now)
-            w.watchdog_due = None
-            w.commit(out, crash=False)
-
-    for kind, n in script:
-        w.now += 0.01
-        if kind == "work":
-            work(n)
-        elif kind == "error" and n % 5 == 0:
-            work(n, fail=True)
-        elif kind in ("deliver", "crash") and w.results:
-            deliver(w.results.pop(n % len(w.results)), crash=kind == "crash")
-        elif kind == "redeliver" and w.delivered:
-            deliver(w.delivered[n % len(w.delivered)])
-        elif kind == "tick":
-            tick(n / 2.0)
-        elif kind == "cancel" and n == 0:
-            w.commit(T.cancel(w.copy(), w.now), crash=False)
-    # Then let the world run quietly until the run ends.
-    for _ in range(400):
-        assert w.run is not None
-        if w.run.terminal and not w.results:
-            break
-        if w.results:
-            deliver(w.results.pop(0))
-        elif any(m not in w.answered for m in w.published_jobs):
-            work(0)
-        else:
-            tick(rules.step_timeout)
-    run = w.run
-    assert run is not None and run.terminal, run
-    assert w.terminal_changes == 1
-    assert len(w.events & {"completed", "failed"}) == 1
-    assert all(n == 1 for n in w.done_records.values()), w.done_records
-    assert {s for s, st_ in run.steps.items() if st_.status == "done"} == set(w.done_records)
-    if run.status == "completed":
-        assert all(f"step.{s}.done" in w.events for s in w.done_records)
-    # Every step that ended (done, or failed the run) said so.
-    ended = {s for s, st_ in run.steps.items() if st_.status in ("done", "failed")}
-    assert all(f"step.{s}.done" in w.events for s in ended)
-    if placed:  # every model step was placed once, and kept its placement
-        assert all(st_.pool_reason == "only" and st_.prediction is not None
-                   for st_ in run.steps.values() if not st_.input)  # fmt: skip
+    asyncio.run(_interleave(workflow, budget, script, verdicts, placed))
 
 
 # -- the tool loop ----------------------------------------------------------

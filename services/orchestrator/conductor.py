@@ -90,8 +90,12 @@ class Conductor:
         workflows: dict[str, GraphWorkflow],
         settings: OrchestratorSettings,
         router: Router | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock``: the time decisions are made at (epoch seconds); a test
+        on the bus twin passes the twin's, so watchdogs fire without waiting."""
         self.router = router or Router(HeartbeatTracker(), enabled=False)
+        self.clock = clock
         self.bus = bus
         self.runs = runs
         self.workflows = workflows
@@ -139,7 +143,7 @@ class Conductor:
             old = snap.shared() if snap is not None else None  # decisions copy it
             if old is None and not new:
                 return None
-            now = time.time()
+            now = self.clock()
             out = decide(old, now, ctx)
             if isinstance(out, T.Need):
                 await self._context_ops(tenant, task_id, out.ops, ctx)
@@ -294,7 +298,7 @@ class Conductor:
                 outcome = "budget_exceeded"
                 m.BUDGET_STOPS.labels(new.workflow).inc()
             m.TASKS.labels(new.workflow, outcome).inc()
-            m.TASK_LATENCY.labels(new.workflow).observe(max(0.0, time.time() - new.created_at))
+            m.TASK_LATENCY.labels(new.workflow).observe(max(0.0, self.clock() - new.created_at))
             log.info(
                 "task_finished",
                 outcome=outcome,
@@ -364,7 +368,7 @@ class Conductor:
         # terminal event, whichever of a bad and a good copy comes first.
         claim = RunState(tenant=r.tenant, task_id=r.task_id, session=r.session or "",
                          workflow="", task_seq=seq, status="failed", error=error,
-                         created_at=time.time(), updated_at=time.time())  # fmt: skip
+                         created_at=self.clock(), updated_at=self.clock())  # fmt: skip
         try:
             await self.runs.write(claim, None)
         except RunConflict:
@@ -378,7 +382,7 @@ class Conductor:
             task_id=r.task_id,
             tenant=r.tenant,
             session=r.session or "",
-            ts=time.time(),
+            ts=self.clock(),
             error=error,
         )
         await self.bus.publish(
@@ -409,7 +413,7 @@ class Conductor:
     # -- results -----------------------------------------------------------
 
     async def on_result(self, d: Delivery) -> None:
-        received = time.time()
+        received = self.clock()
         res = d.decode(InferenceResult)  # undecodable: dead-lettered by the transport
         structlog.contextvars.bind_contextvars(task_id=res.task_id, tenant=res.tenant)
         if not (is_valid_id(res.tenant) and is_valid_id(res.task_id)):
@@ -433,7 +437,7 @@ class Conductor:
             m.RESUMED.inc()
 
     async def on_tool_result(self, d: Delivery) -> None:
-        received = time.time()
+        received = self.clock()
         res = d.decode(ToolResult)
         structlog.contextvars.bind_contextvars(task_id=res.task_id, tenant=res.tenant)
         if not (is_valid_id(res.tenant) and is_valid_id(res.task_id)):
@@ -457,7 +461,7 @@ class Conductor:
         """A run's watchdog: asleep until due (nak with the delay); then retry
         or fail the overdue steps, and sleep until the next deadline."""
         t = d.decode(RunTimer)
-        left = t.due - time.time()
+        left = t.due - self.clock()
         if left > 0:
             raise Nak(min(left, T.MAX_TIMER_SLEEP), "not due")
         structlog.contextvars.bind_contextvars(task_id=t.task_id, tenant=t.tenant)
@@ -472,7 +476,7 @@ class Conductor:
             return
         if out.changed and out.note != T.INPUT_DEFAULT:
             log.warning("step_timeout", status=out.run.status)
-        raise Nak(min(max(0.05, out.wake_at - time.time()), T.MAX_TIMER_SLEEP), "watching")
+        raise Nak(min(max(0.05, out.wake_at - self.clock()), T.MAX_TIMER_SLEEP), "watching")
 
     # -- human input -------------------------------------------------------
 

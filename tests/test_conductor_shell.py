@@ -1,0 +1,128 @@
+"""The conductor's shell — handlers, ``_apply``, rejection, the watchdog —
+on the bus twin (``tests/twin_shell.py``), in milliseconds. Each behaviour
+here is also tested on real processes (named in each test), and the twin's
+bus contract against a real nats-server (``tests/test_bus_twin.py``)."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+
+from baton.dev.testing import uid
+from proto import subjects
+from proto.messages import InputAnswer
+from services.orchestrator.metrics import INPUT_ANSWERS
+from services.orchestrator.service import BUILTIN_WORKFLOWS
+from services.orchestrator.workflows import GraphWorkflow, load_dir, parse
+from tests.twin_shell import INPUTS, TASKS, TENANT, TIMERS, Shell
+
+WORKFLOWS = {n: GraphWorkflow(s) for n, s in load_dir(BUILTIN_WORKFLOWS).items()}
+UNENFORCEABLE = [math.nan, math.inf, -math.inf, -1.0]
+LONELY = parse(
+    "name: lonely\n"
+    "agents:\n"
+    "  ghost: {role: ghost, system: nobody serves this pool, pool: nowhere, timeout: 1}\n"
+    "steps:\n"
+    "  - id: wait\n"
+    "    agent: ghost\n",
+    "lonely.yaml",
+)
+QUICK = parse(
+    "name: quick\n"
+    "agents:\n"
+    "  writer: {role: writer, system: You write., max_tokens: 16}\n"
+    "steps:\n"
+    "  - id: confirm\n"
+    '    input: {prompt: "Go ahead?", default: "go ahead by default", timeout: 1.5}\n'
+    "  - id: final\n"
+    "    agent: writer\n",
+    "quick.yaml",
+)
+
+
+async def test_a_non_finite_or_negative_max_usd_on_the_bus_fails_with_invalid_field() -> None:
+    """(Moved from tests/test_budget_admission.py; over HTTP it stays on the
+    stack there, and bus rejections on real processes are in
+    tests/test_end_to_end.py.)"""
+    shell = await Shell.start(WORKFLOWS)
+    ids = [uid() for _ in UNENFORCEABLE]
+    ok = uid()
+    for task_id, usd in [*zip(ids, UNENFORCEABLE, strict=True), (ok, 5.0)]:
+        body = {"tenant": TENANT, "task_id": task_id, "input": "x", "budget": {"max_usd": usd}}
+        await shell.twin.publish(subjects.tenant_task(TENANT, "chat"), msgpack.packb(body),
+                                 msg_id=task_id)  # fmt: skip
+    await shell.settle_all()
+    for task_id in ids:
+        [failed] = shell.events(task_id)
+        assert failed["type"] == "failed", failed
+        error = failed["error"]
+        assert error["code"] == "invalid_field" and "max_usd" in error["message"]
+    # Answered with a failed event: terminated, not dead-lettered.
+    assert shell.twin.messages(subjects.dead_letter(TASKS)) == []
+    # The refusal is specific: the same task with a finite budget runs.
+    assert shell.events(ok)[-1]["type"] == "completed"
+
+
+async def test_a_step_nobody_answers_is_retried_then_fails_with_step_timeout() -> None:
+    """(Moved from tests/test_orchestrator.py, where it waited the watchdog
+    out on real processes; tests/test_streaming.py still does.)"""
+    shell = await Shell.start({"lonely": GraphWorkflow(LONELY)})
+    await shell.submit("lonely", "t1", "anyone?")
+    assert await shell.handle(TASKS)
+    for _ in range(10):  # nobody serves the pool: only the watchdog moves the run
+        shell.twin.advance(1.0)
+        await shell.handle(TIMERS)
+    failed = shell.events("t1")[-1]
+    assert failed["type"] == "failed" and failed["error"]["code"] == "step_timeout"
+    assert "2 attempt(s)" in failed["error"]["message"]
+    run = await shell.run("t1")
+    assert run is not None
+    step = run.steps["r1.wait"]
+    assert step.attempt == 2 and step.status == "failed"
+    assert len(shell.twin.messages(subjects.job("nowhere"))) == 2  # one job per attempt
+
+
+async def test_a_result_lost_after_its_change_was_stored_is_redelivered_and_applied_once() -> None:
+    """The shell's crash path: the change is stored, its effects fail, the
+    result comes back and the stored state's effects go out, each once
+    (on real processes: tests/test_faults.py kills the orchestrator there)."""
+    shell = await Shell.start(WORKFLOWS, replicas=2)
+    await shell.submit("chat", "t1", "hello")
+    assert await shell.handle(TASKS)
+    await shell.work()
+
+    def crash(subject: str) -> None:
+        raise RuntimeError(f"crash before {subject}")
+
+    shell.twin.before_publish = crash
+    assert await shell.handle("orchestrator-results")
+    shell.twin.before_publish = None
+    stored = shell.stored("t1")
+    assert stored[-1].terminal  # the change is stored...
+    assert "completed" not in [e["type"] for e in shell.events("t1")]  # ...its event is not
+    await shell.settle_all(replica=1)  # the other replica takes the redelivery
+    assert [e["type"] for e in shell.events("t1")].count("completed") == 1
+    assert len(shell.stored("t1")) == len(stored)  # nothing stored twice
+
+
+async def test_an_answer_to_a_finished_task_is_ignored() -> None:
+    """(Moved from tests/test_input.py, where it waited the default out; a
+    repeated answer ignored stays there, on real processes.)"""
+    shell = await Shell.start({"quick": GraphWorkflow(QUICK)})
+    await shell.submit("quick", "t1", "hi")
+    await shell.settle_all()  # nobody answers: the default, at the deadline
+    events = shell.events("t1")
+    assert events[-1]["type"] == "completed"
+    finished = INPUT_ANSWERS.labels("finished")
+    before = finished._value.get()
+    published: list[str] = []
+    shell.twin.before_publish = published.append  # every publish, duplicates too
+    await shell.twin.publish(f"{subjects.INPUT}.{TENANT}.t1",
+                             InputAnswer(answer="too late", step="r1.confirm"))  # fmt: skip
+    assert await shell.handle(INPUTS)
+    assert finished._value.get() == before + 1
+    assert published == [f"{subjects.INPUT}.{TENANT}.t1"]  # nothing published again
+    users = [m.content for m in shell.store.sessions["t1"] if m.role == "user"]
+    assert users == ["hi", "go ahead by default"]
+    assert shell.events("t1") == events
