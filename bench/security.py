@@ -144,7 +144,7 @@ async def _main(work: Path) -> dict[str, Any]:
                 await _measure(s, copies)
         for r in range(ROUNDS):
             order = CONFIGS[r % 4 :] + CONFIGS[: r % 4]
-            got = {}
+            got: dict[str, Any] = {}
             for name, copies in order:
                 got[f"{name}/{'copies' if copies else 'no copies'}"] = await _measure(
                     sides[name], copies
