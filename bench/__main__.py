@@ -20,7 +20,8 @@ from bench import RESULTS
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 ORDER = ["worker", "model", "context", "orchestrator", "routing", "tokens", "tools", "auth",
-         "security", "fairness", "fairwork", "scaling", "placement", "tracing", "console"]  # fmt: skip
+         "security", "fairness", "fairwork", "scaling", "placement", "tracing",
+         "console"]  # fmt: skip
 
 HEADER = """# Benchmarks
 
