@@ -20,7 +20,7 @@ from bench import RESULTS
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 ORDER = ["worker", "model", "context", "orchestrator", "routing", "tokens", "tools", "auth",
-         "fairness", "fairwork", "scaling", "placement", "prewarm", "tracing",
+         "security", "fairness", "fairwork", "scaling", "placement", "prewarm", "tracing",
          "console"]  # fmt: skip
 
 HEADER = """# Benchmarks

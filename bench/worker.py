@@ -68,16 +68,20 @@ def _spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float
     return {k: round(after[k] - before.get(k, 0.0), 3) for k in after}
 
 
-async def _direct(engine: VLLMEngine, prompts: list[str], waves: int = 1) -> tuple[float, int]:
+async def _direct(
+    engine: VLLMEngine, prompts: list[str], waves: int = 1, *, stream: bool = False
+) -> tuple[float, int]:
     """vLLM alone: one slot per prompt, ``waves`` generations back to back
-    in each, on the AsyncLLM; (seconds, tokens)."""
+    in each, on the AsyncLLM; (seconds, tokens). ``stream``: every delta
+    read as it comes (``RequestOutputKind.DELTA``, what a streaming server
+    and Baton's worker read), else the final output only."""
     from vllm.inputs import tokens_input
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
     llm = engine._engine
     assert llm is not None
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
-                            output_kind=RequestOutputKind.FINAL_ONLY)  # fmt: skip
+    kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, output_kind=kind)
 
     async def one(p: str) -> int:
         ids = engine._prompt_ids([ChatMessage(role="system", content=SYSTEM),
@@ -85,8 +89,9 @@ async def _direct(engine: VLLMEngine, prompts: list[str], waves: int = 1) -> tup
         n = 0
         for _ in range(waves):
             async for out in llm.generate(tokens_input(ids), params, uid("d")):
+                n += len(out.outputs[0].token_ids) if stream else 0
                 last = len(out.outputs[0].token_ids)
-            n += last
+            n += 0 if stream else last
         return n
 
     t0 = time.perf_counter()
@@ -168,22 +173,27 @@ async def _main(work: Path) -> dict[str, Any]:
         load: list[float] = []  # the box's 1-min load average as each round ends
         cpu_direct: list[dict[str, float]] = []
         cpu_baton: list[dict[str, float]] = []
+        cpu_streamed: list[dict[str, float]] = []  # vLLM direct, reading every delta
         async with inprocess_worker(server.url, engine):
             client = await Client.connect(server.url)
             await _baton(client, prompts)  # warm-up: both paths, full width
             await _direct(engine, prompts)
             for i in range(ROUNDS):  # interleaved so drift hits both; order alternates
-                for side in ("direct", "baton") if i % 2 == 0 else ("baton", "direct"):
+                sides = ("direct", "streamed", "baton")
+                for side in sides if i % 2 == 0 else sides[::-1]:
                     c0 = _cpu()
                     if side == "direct":
                         d_wall, d_tok = await _direct(engine, prompts, WAVES)
                         cpu_direct.append(_spent(c0, _cpu()))
+                    elif side == "streamed":
+                        _, s_tok = await _direct(engine, prompts, WAVES, stream=True)
+                        cpu_streamed.append(_spent(c0, _cpu()))
                     else:
                         b_wall, b_tok = await _baton(client, prompts, WAVES)
                         cpu_baton.append(_spent(c0, _cpu()))
                 b_one, _ = await _baton(client, prompts)
                 s_wall, _ = await _baton(client, prompts[:1])
-                assert d_tok == b_tok, (d_tok, b_tok)  # the same work on both sides
+                assert d_tok == b_tok == s_tok, (d_tok, b_tok, s_tok)  # the same work, each side
                 direct.append(d_tok / d_wall)
                 through.append(b_tok / b_wall)
                 single.append((b_one, s_wall))
@@ -227,7 +237,11 @@ async def _main(work: Path) -> dict[str, Any]:
         "ratio_min": round(min(ratios), 3),
         "ratio_last_over_first": round(ratios[-1] / ratios[0], 3),
         "wall_ratio_32_vs_1": round(ratio_32_1, 2),
-        "cpu_ms_per_1k_tokens": {"direct": per_1k(cpu_direct), "baton": per_1k(cpu_baton)},
+        "cpu_ms_per_1k_tokens": {
+            "direct": per_1k(cpu_direct),
+            "baton": per_1k(cpu_baton),
+            "direct_streamed": per_1k(cpu_streamed),
+        },
         "burst": burst,
     }
 
@@ -242,15 +256,19 @@ def markdown(r: dict[str, Any]) -> str:
     cpu_lines = []
     if cpu:
         roles = sorted(set(cpu["direct"]) | set(cpu["baton"]))
+        streamed = cpu.get("direct_streamed", {})
         cpu_lines = [
             "",
             "CPU per 1,000 generated tokens, by process (median of rounds, from /proc; "
-            "vLLM binds its engine to one core and leaves the other to everything else):",
+            "vLLM binds its engine to one core and leaves the other to everything else; "
+            "direct reads each generation's final output only, direct streamed every delta "
+            "as it comes, as Baton's worker does):",
             "",
-            "| process | direct, ms | through Baton, ms |",
-            "| --- | ---: | ---: |",
-            *(f"| {k} | {cpu['direct'].get(k, 0.0)} | {cpu['baton'].get(k, 0.0)} |" for k in roles),
-        ]
+            "| process | direct, ms | direct streamed, ms | through Baton, ms |",
+            "| --- | ---: | ---: | ---: |",
+            *(f"| {k} | {cpu['direct'].get(k, 0.0)} | {streamed.get(k, '-')} | "
+              f"{cpu['baton'].get(k, 0.0)} |" for k in roles),
+        ]  # fmt: skip
         beside = [k for k in roles if k != "vLLM engine core"]
         extra = sum(cpu["baton"].get(k, 0.0) - cpu["direct"].get(k, 0.0) for k in beside)
         cpu_lines += [
@@ -261,6 +279,13 @@ def markdown(r: dict[str, Any]) -> str:
             "vLLM leaves free with vLLM's own front end, so with the tiny model (~12k tok/s "
             "on a quiet box, 32 x 128 tokens in ~0.3 s) it bounds the ratio.",
         ]
+        if streamed:
+            more = sum(cpu["baton"].get(k, 0.0) - streamed.get(k, 0.0) for k in beside)
+            cpu_lines += [
+                "",
+                f"Against vLLM streamed (reading every delta, as a streaming server must), "
+                f"Baton spends {more:.0f} ms more per 1,000 tokens beside the engine.",
+            ]
     rounds = (
         f"{r['rounds']} rounds, each side a closed loop of {r['tasks_per_slot_per_side']} "
         "tasks per slot, order alternating"

@@ -55,7 +55,8 @@ _CHANNELS: Final[dict[str, tuple[str, tuple[str, ...], tuple[Any, ...], str, boo
     ),
     "tokens": (
         f"{subjects.TOKENS}.{{tenant}}.{{task_id}}", ("tenant", "task_id"), (msg.TokenDelta,),
-        f"A task's token deltas while its steps generate (batched every few tens of ms), "
+        "A task's token deltas while its steps generate (batched by time: every 30-250 ms, "
+        "longer while a worker streams more tasks), "
         f"replayable from stream {streams.TOKENS.name}: resume after the stream sequence of "
         "the last delta received. Deltas of a step's last attempt concatenate to its answer.",
         True,

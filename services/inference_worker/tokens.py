@@ -1,13 +1,21 @@
 """Durable token streams: a generation's text as ``TokenDelta`` batches on
 ``baton.tokens.<tenant>.<task_id>`` (stream ``BATON_TOKENS``).
 
-The worker hands every engine chunk to ``TokenSink.add`` (cheap: it only
-buffers); one background task per generation publishes what accumulated,
-then waits ``interval`` seconds, so a fast engine sends one message per
-interval instead of one per token and a slow one sends each token as it
-comes. Publishing never blocks the generation. Each delta's ``Nats-Msg-Id``
-is ``<job_id>#<attempt>.<index>``: a publish retried after a lost ack is
-stored once.
+The worker hands every engine chunk to ``TokenSink.add``, which only appends
+to the generation's buffer. One ticker per worker (not one task per
+generation) wakes every ``batch_interval`` seconds and publishes, for each
+open generation with text waiting, what accumulated as one delta; the
+publishes of a tick go out together and their acks come back together. The
+interval grows with the number of open streams (``base`` up to
+``STREAMS_PER_BASE`` streams, then in proportion, capped at ``ceiling``),
+so a worker sends at most about ``STREAMS_PER_BASE / base`` deltas a second
+(267 at 30 ms) until the cap, whatever the engine's speed: the number of
+messages follows time, never token count. A generation's first text goes out
+at once (the reader sees the answer start), every later one waits for the
+tick. Publishing never blocks the generation. Each delta's ``Nats-Msg-Id`` is
+``<job_id>#<attempt>.<index>`` (``keys.token_delta``): a publish retried
+after a lost ack is stored once; one delta per generation is in flight at a
+time, so a generation's deltas are stored in ``index`` order.
 
 ``close(final=True)`` flushes the rest with ``final`` set; the worker awaits
 it together with the answer's append and before it publishes the result, so
@@ -32,6 +40,17 @@ from proto.messages import InferenceJob, TokenDelta
 log = structlog.get_logger("inference_worker.tokens")
 
 _PUBLISH_ATTEMPTS = 3
+STREAMS_PER_BASE = 8  # open streams a tick of the base interval serves
+DEFAULT_CEILING = 0.25  # seconds: the longest a reader waits for the next delta
+
+
+def batch_interval(base: float, streams: int, ceiling: float = DEFAULT_CEILING) -> float:
+    """Seconds between ticks with ``streams`` generations open: ``base`` up
+    to ``STREAMS_PER_BASE`` of them, then growing in proportion (the worker's
+    delta rate stays at ``STREAMS_PER_BASE / base`` a second), never above
+    ``ceiling`` (nor below ``base``)."""
+    grown = base * max(1.0, streams / STREAMS_PER_BASE)
+    return max(base, min(grown, ceiling))
 
 
 class TokenSink(Protocol):
@@ -51,43 +70,34 @@ class _Off:
 
 
 class _Stream:
-    """One generation's deltas."""
+    """One generation's deltas; its publisher's ticker flushes it."""
 
-    def __init__(
-        self, bus: Bus, job: InferenceJob, attempt: str, interval: float, lag: Histogram | None
-    ) -> None:
+    def __init__(self, owner: TokenPublisher, bus: Bus, job: InferenceJob, attempt: str) -> None:
+        self.owner = owner
         self.bus = bus
-        self.lag = lag
         self.since = 0.0  # when the oldest pending text was generated
         self.job = job
         self.attempt = attempt
-        self.interval = interval
         self.subject = subjects.tokens(job.tenant, job.task_id)
         self.pending: list[str] = []
         self.index = 0
         self.offset = 0
         self.failed = False
-        self._wake = asyncio.Event()
-        self._closing = asyncio.Event()
+        self.closed = False
+        self.flushing: asyncio.Task[None] | None = None  # the delta in flight
         self._lock = asyncio.Lock()
-        self._task = asyncio.create_task(self._run())
 
     def add(self, text: str) -> None:
-        if text:
+        if text and not self.closed:
             if not self.pending:
                 self.since = time.time()
+                if self.index == 0 and self.flushing is None:  # the answer starts: now
+                    self.owner.flush_soon(self)
             self.pending.append(text)
-            self._wake.set()
 
-    async def _run(self) -> None:
-        while not self._closing.is_set():
-            await self._wake.wait()
-            self._wake.clear()
-            if self._closing.is_set():
-                return
-            await self._flush(final=False)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), self.interval)
+    def due(self) -> bool:
+        """Text waiting and no delta of this generation in flight."""
+        return bool(self.pending) and not self.failed and self.flushing is None
 
     async def _flush(self, *, final: bool) -> None:
         async with self._lock:
@@ -117,29 +127,78 @@ class _Stream:
                     await asyncio.sleep(0.1 * (attempt + 1))
             self.index += 1
             self.offset += len(text)
-            if text and self.lag is not None:
-                self.lag.observe(time.time() - since)
+            if text and self.owner.lag is not None:
+                self.owner.lag.observe(time.time() - since)
+
+    def start_flush(self) -> None:
+        task = asyncio.create_task(self._flush(final=False))
+        self.flushing = task
+        task.add_done_callback(self._flushed)
+
+    def _flushed(self, task: asyncio.Task[None]) -> None:
+        if self.flushing is task:
+            self.flushing = None
+        if not task.cancelled() and task.exception() is not None:  # _flush catches publishes
+            log.warning("token_flush_failed", error=repr(task.exception()))
 
     async def close(self, *, final: bool) -> None:
         """Stop; with ``final``, publish what is left as the last delta."""
-        self._closing.set()
-        self._wake.set()
-        await self._task
+        self.closed = True
+        self.owner.forget(self)
+        if self.flushing is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.flushing)
         if final:
             await self._flush(final=True)
 
 
 class TokenPublisher:
-    """Opens a sink per generation; ``interval <= 0`` turns streaming off."""
+    """Opens a sink per generation and flushes them all from one ticker;
+    ``interval <= 0`` turns streaming off."""
 
-    def __init__(self, interval: float, lag: Histogram | None = None) -> None:
-        """``lag``: observes each delta's lag (its oldest text's age when published)."""
+    def __init__(
+        self, interval: float, lag: Histogram | None = None, ceiling: float = DEFAULT_CEILING
+    ) -> None:
+        """``interval``: the base tick (see ``batch_interval``); ``lag``:
+        observes each delta's lag (its oldest text's age when published)."""
         self.interval = interval
+        self.ceiling = ceiling
         self.lag = lag
         self.bus: Bus | None = None
+        self.streams: dict[int, _Stream] = {}  # open generations, by id()
+        self.ticks = 0
+        self._ticker: asyncio.Task[None] | None = None
 
     def open(self, job: InferenceJob, attempt: str) -> TokenSink:
         """``attempt``: unique per generation of a step (job message and delivery)."""
         if self.interval <= 0 or self.bus is None:
             return _Off()
-        return _Stream(self.bus, job, attempt, self.interval, self.lag)
+        stream = _Stream(self, self.bus, job, attempt)
+        self.streams[id(stream)] = stream
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.create_task(self._tick())
+        return stream
+
+    def forget(self, stream: _Stream) -> None:
+        self.streams.pop(id(stream), None)
+
+    def flush_soon(self, stream: _Stream) -> None:
+        """Publish ``stream``'s pending text now rather than at the next tick."""
+        asyncio.get_running_loop().call_soon(self._start_if_due, stream)
+
+    def _start_if_due(self, stream: _Stream) -> None:
+        if not stream.closed and stream.due():
+            stream.start_flush()
+
+    def current_interval(self) -> float:
+        return batch_interval(self.interval, len(self.streams), self.ceiling)
+
+    async def _tick(self) -> None:
+        """Until no generation is open: sleep one interval, then start one
+        delta for each open generation that has text waiting."""
+        while self.streams:
+            await asyncio.sleep(self.current_interval())
+            self.ticks += 1
+            for stream in list(self.streams.values()):
+                if stream.due():
+                    stream.start_flush()

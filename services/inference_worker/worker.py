@@ -72,7 +72,8 @@ class Worker:
         self.bus: Bus | None = None
         self.jobs: JobHandler | None = None
         self.rescue: Rescuer | None = None
-        self.tokens = TokenPublisher(settings.token_interval, m.TOKEN_LAG.labels(settings.pool))
+        self.tokens = TokenPublisher(settings.token_interval, m.TOKEN_LAG.labels(settings.pool),
+                                     settings.token_interval_max)  # fmt: skip
 
     @property
     def epoch(self) -> int:
