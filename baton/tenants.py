@@ -36,11 +36,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import structlog
+
 from baton import accounts, jwt
 from baton.bus import Bus, connect
 from baton.credentials import Credentials, creds_path, key_path, new_secret, write_private
 from proto import streams, subjects
 from proto.messages import ContextDelete, DeleteReply
+
+log = structlog.get_logger("baton.tenants")
 
 ACTIVE: Final = "active"
 SUSPENDED: Final = "suspended"
@@ -63,9 +67,13 @@ class TenantState:
     state: str
     changed_at: float
     api_key: str = ""  # key_digest of its HTTP API key: the services accept it
+    # Where its data lives: its streams are placed on servers tagged
+    # ``region:<region>`` (``proto.streams.placed``); "" = anywhere.
+    region: str = ""
 
     def encode(self) -> bytes:
-        doc = {"state": self.state, "changed_at": self.changed_at, "api_key": self.api_key}
+        doc = {"state": self.state, "changed_at": self.changed_at, "api_key": self.api_key,
+               "region": self.region}  # fmt: skip
         return json.dumps(doc).encode()
 
     @classmethod
@@ -73,7 +81,24 @@ class TenantState:
         doc = json.loads(value)
         state = doc.get("state")
         return cls(tenant, state if state in STATES else ACTIVE, float(doc.get("changed_at", 0)),
-                   str(doc.get("api_key", "")))  # fmt: skip
+                   str(doc.get("api_key", "")), str(doc.get("region") or ""))  # fmt: skip
+
+
+async def read_registry(bus: Bus) -> dict[str, TenantState]:
+    """Every tenant the registry records (deleted ones included)."""
+    kv = await bus.ensure_bucket(streams.TENANTS)
+    return {e.key: TenantState.decode(e.key, e.value)
+            for e in await kv.entries() if e.value and not e.deleted}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Replica:
+    """A stream of a tenant and the servers holding its replicas."""
+
+    stream: str
+    account: str  # "baton" (its task stream) or the tenant's own account
+    placement_tags: tuple[str, ...]
+    servers: tuple[str, ...]
 
 
 def account_tenants(creds: Credentials) -> list[str]:
@@ -125,14 +150,61 @@ class TenantAdmin:
                 out[entry.key] = TenantState.decode(entry.key, entry.value).state
         return {t: s for t, s in sorted(out.items()) if s != DELETED}
 
-    async def _set(self, tenant: str, state: str) -> None:
+    async def _set(self, tenant: str, state: str, region: str | None = None) -> None:
+        """Record ``state``; the region stays what it was unless given."""
         kv = await self._registry()
         key = self.creds.api_keys.get(tenant)
         digest = key_digest(key) if key and state != DELETED else ""
-        await kv.put(tenant, TenantState(tenant, state, time.time(), digest).encode())
+        if region is None:
+            region = await self.region(tenant)
+        await kv.put(tenant, TenantState(tenant, state, time.time(), digest, region).encode())
 
     async def state(self, tenant: str) -> str | None:
         return (await self.list()).get(tenant)
+
+    async def region(self, tenant: str) -> str:
+        """The tenant's region ("" for none)."""
+        assert self.op is not None
+        entry = (await read_registry(self.op)).get(tenant)
+        return entry.region if entry is not None and entry.state != DELETED else ""
+
+    async def where(self, tenant: str) -> tuple[Replica, ...]:
+        """Where each of the tenant's streams lives: its placement tags and
+        the servers holding its replicas (the leader first), from the
+        servers' own stream info."""
+        await self._known(tenant)
+        assert self.op is not None
+        region = await self.region(tenant)
+        out = []
+        task, *copies = streams.tenant_streams(tenant, region)
+        for spec, bus, account in [
+            (task, self.op, accounts.BATON_ACCOUNT),
+            *((c, self.op.account(accounts.tenant_api_prefix(tenant)), tenant) for c in copies),
+        ]:
+            info = await bus.stream_info(spec.name)
+            out.append(Replica(spec.name, account, info.placement_tags, info.servers))
+        return tuple(out)
+
+    async def residency(self, tenant: str) -> dict[str, Any]:
+        """``where`` as a document (``baton tenant where``, ``GET
+        /v1/tenants/<t>/where``): the tenant's region, and for each stream
+        its placement and its servers with their tags."""
+        tags = await self.server_tags()
+        rows = [{"stream": r.stream, "account": r.account, "placement": list(r.placement_tags),
+                 "servers": [{"name": s, "tags": list(tags.get(s, ()))} for s in r.servers]}
+                for r in await self.where(tenant)]  # fmt: skip
+        return {"tenant": tenant, "region": (await self.region(tenant)) or None, "streams": rows}
+
+    async def server_tags(self) -> dict[str, tuple[str, ...]]:
+        """Server name -> its ``server_tags``, for every server that answers
+        the system account's ping within a second."""
+        assert self.sys is not None
+        tags: dict[str, tuple[str, ...]] = {}
+        for raw in await self.sys.gather_raw("$SYS.REQ.SERVER.PING"):
+            server = json.loads(raw).get("server") or {}
+            if server.get("name"):
+                tags[str(server["name"])] = tuple(server.get("tags") or ())
+        return tags
 
     # -- pushes ------------------------------------------------------------------
 
@@ -173,21 +245,25 @@ class TenantAdmin:
 
     # -- steps -------------------------------------------------------------------
 
-    async def create(self, tenant: str) -> Path:
+    async def create(self, tenant: str, region: str | None = None) -> Path:
         """A new tenant: its account, its ``.creds``, URL and API key files,
-        BATON's import of its JetStream API, then the registry entry."""
+        BATON's import of its JetStream API, then the registry entry (with
+        its ``region``: the orchestrator places its streams there)."""
         accounts.check_tenant(tenant)
+        streams.region_tags(region)  # a valid id, or refused before anything is done
         if await self.state(tenant) is not None:
             raise TenantError(f"tenant {tenant!r} exists")
         for stale in (f"account:{tenant}", f"user:{tenant}", f"revocations:{tenant}"):
             self.creds.nkeys.pop(stale, None)
+        if tenant in self.creds.deleted:  # made anew: a restart keeps it from now on
+            self.creds.deleted.remove(tenant)
         self.creds.add_nkeys([*account_tenants(self.creds), tenant])
         self.creds.api_keys.setdefault(tenant, f"bk-{new_secret()}")
         self.creds.save()
         await self._push_tenant(tenant)
         await self._push_baton()
         self._write_files(tenant)
-        await self._set(tenant, ACTIVE)
+        await self._set(tenant, ACTIVE, region or "")
         await self.wait_served(tenant)
         return creds_path(self.data_dir, tenant)
 
@@ -217,6 +293,23 @@ class TenantAdmin:
                       accounts.user_creds(keys, tenant, account_tenants(self.creds)))  # fmt: skip
         write_private(self.data_dir / "tenants" / f"{tenant}.url", self.address + "\n")
         write_private(key_path(self.data_dir, tenant), self.creds.api_keys[tenant] + "\n")
+
+    async def _delete_streams(self, tenant: str) -> None:
+        """Delete the streams only ``tenant``'s data lives in (its task
+        stream, its account's events and tokens): their files go with them,
+        and nothing of the tenant is left to serve or to find after a
+        restart. The orchestrator has stopped pulling (the registry said
+        ``deleted``); its erasure of the shared streams goes on."""
+        assert self.op is not None
+        task, *copies = streams.tenant_streams(tenant)
+        await self.op.delete_stream(task.name)
+        tenant_js = self.op.account(accounts.tenant_api_prefix(tenant))
+        for spec in copies:
+            try:
+                await tenant_js.delete_stream(spec.name)
+            except Exception as exc:  # its account unreachable: the revocation goes on
+                log.warning("tenant_stream_not_deleted", tenant=tenant, stream=spec.name,
+                            error=repr(exc))  # fmt: skip
 
     async def _known(self, tenant: str) -> str:
         state = await self.state(tenant)
@@ -260,13 +353,13 @@ class TenantAdmin:
                                       timeout=60.0)  # fmt: skip
         if reply.error is not None:
             raise TenantError(f"the context store did not erase {tenant!r}: {reply.error}")
-        await self._set(tenant, DELETED)
+        await self._set(tenant, DELETED, "")
+        await self._delete_streams(tenant)
         keys = self.creds.keys()
-        # Forgotten first: a server (re)started from now on leaves the
-        # account out of its configuration (``NatsServer._write_config``).
-        for k in (f"account:{tenant}", f"user:{tenant}", f"revocations:{tenant}"):
-            self.creds.nkeys.pop(k, None)
-        self.creds.api_keys.pop(tenant, None)
+        # Forgotten first, and marked deleted: a server or a stack (re)started
+        # from now on leaves the account out of its configuration even when
+        # BATON_TENANTS still lists it (``NatsServer._write_config``, ``Stack``).
+        self.creds.forget(tenant)
         self.creds.save()
         # A tombstone, not $SYS.REQ.CLAIMS.DELETE: in a cluster a server that
         # was down during a delete still holds the account's JWT and, back,
@@ -287,9 +380,11 @@ __all__ = [
     "ACTIVE",
     "DELETED",
     "SUSPENDED",
+    "Replica",
     "TenantAdmin",
     "TenantError",
     "TenantState",
     "account_tenants",
     "key_digest",
+    "read_registry",
 ]

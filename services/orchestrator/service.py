@@ -16,7 +16,7 @@ from baton.accounts import TENANT_STREAMS, tenant_api_prefix
 from baton.bus import Bus
 from baton.dlq import MaxDeliveryWatch
 from baton.service import Health
-from baton.tenants import DELETED, SUSPENDED, TenantState
+from baton.tenants import DELETED, SUSPENDED, TenantState, read_registry
 from proto import streams, subjects
 from proto.messages import Heartbeat
 
@@ -65,14 +65,14 @@ async def follow_tenants(
     bus: Bus,
     intake: Intake,
     known: set[str],
-    add: Callable[[str], Awaitable[None]],
+    add: Callable[[str, str], Awaitable[None]],
     changed: Callable[[], None],
     api_keys: dict[str, str] | None = None,
     drop: Callable[[str], None] = lambda t: None,
 ) -> None:
     """Follow the tenant registry (``baton tenant ...``): a new active tenant
-    is provisioned and served, a suspended one refused new tasks
-    (``tenant_suspended``), a deleted one forgotten."""
+    is provisioned (in its region) and served, a suspended one refused new
+    tasks (``tenant_suspended``), a deleted one forgotten."""
     kv = await bus.ensure_bucket(streams.TENANTS)
     started = time.time()
     while True:
@@ -104,7 +104,7 @@ async def follow_tenants(
                         await bus.refresh_credentials()
                     for attempt in range(60):
                         try:
-                            await add(t)
+                            await add(t, entry_state.region)
                             break
                         except Exception as exc:
                             if attempt == 0:
@@ -127,9 +127,22 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
         BUILTIN_WORKFLOWS, settings.workflows_dir, mcp_servers=frozenset(settings.mcp_servers)
     )
     workflows = {name: GraphWorkflow(spec) for name, spec in specs.items()}
-    tenants = settings.tenant_ids
+    # The registry first: a tenant of BATON_TENANTS deleted at run time stays
+    # deleted (none of its streams made again), and each tenant's streams are
+    # created in its region from the start.
+    recorded = await read_registry(bus)
+    tenants = []
+    for t in settings.tenant_ids:
+        if t in recorded and recorded[t].state == DELETED:
+            log.warning("tenant_deleted_skipped", tenant=t,
+                        reason="deleted by `baton tenant delete`; `baton tenant create` makes "
+                        "it anew")  # fmt: skip
+        else:
+            tenants.append(t)
+    regions = {t: entry.region for t, entry in recorded.items() if entry.region}
+    own = {t: streams.tenant_streams(t, regions.get(t)) for t in tenants}
     await bus.provision(
-        streams=[*streams.ORCHESTRATOR_STREAMS, *(streams.tenant_tasks(t) for t in tenants)],
+        streams=[*streams.ORCHESTRATOR_STREAMS, *(own[t][0] for t in tenants)],
         consumers=[
             *(streams.task_consumer(t) for t in tenants),
             *(streams.input_consumer(t) for t in tenants),
@@ -146,7 +159,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     # its clients live in Baton's account and replay BATON_EVENTS itself.
     if tenants and await bus.reaches_account(tenant_api_prefix(tenants[0])):
         for t in tenants:
-            for spec in (streams.TENANT_EVENTS, streams.TENANT_TOKENS):
+            for spec in own[t][1:]:  # its events and tokens
                 await bus.account(tenant_api_prefix(t)).ensure_stream(spec)
     elif tenants:
         log.warning("tenant_accounts_unreachable", tenant=tenants[0])
@@ -193,13 +206,15 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
         for loop in loops.pop(t, []):
             loop.cancel()
 
-    async def add_tenant(t: str) -> None:
-        """A tenant created at run time: its streams and consumers, then its loops."""
+    async def add_tenant(t: str, region: str) -> None:
+        """A tenant created at run time: its streams (in its region) and
+        consumers, then its loops."""
+        task_stream, *copies = streams.tenant_streams(t, region)
         consumers = [streams.task_consumer(t), streams.input_consumer(t)]
-        await bus.provision(streams=[streams.tenant_tasks(t)], consumers=consumers)
+        await bus.provision(streams=[task_stream], consumers=consumers)
         if not await bus.reaches_account(tenant_api_prefix(t)):
             raise RuntimeError(f"tenant {t}'s account is not reachable yet")
-        for spec in (streams.TENANT_EVENTS, streams.TENANT_TOKENS):
+        for spec in copies:
             await bus.account(tenant_api_prefix(t)).ensure_stream(spec)
         known.add(t)
         svc.tenants = frozenset(known)
@@ -209,7 +224,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
             asyncio.create_task(
                 bus.consume(streams.input_consumer(t), conductor.on_input, concurrency=4)),
         ]  # fmt: skip
-        log.info("tenant_added", tenant=t)
+        log.info("tenant_added", tenant=t, region=region or None)
 
     registry = asyncio.create_task(
         follow_tenants(bus, intake, known, add_tenant,

@@ -25,6 +25,8 @@ from .settings import OrchestratorSettings
 
 class TenantIn(BaseModel):
     tenant: str
+    # Its data stays on servers tagged region:<region> (docs/security.md).
+    region: str | None = None
 
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -70,8 +72,23 @@ def add_tenant_routes(
     async def create_tenant(body: TenantIn) -> dict[str, Any]:
         """Create a tenant; answers once it can submit, with its .creds text."""
         t = checked(body.tenant)
-        path = await run(lambda a: a.create(t))
-        return {"tenant": t, "state": "active", "creds": path.read_text()}
+        region = body.region
+        if region is not None:
+            try:
+                require_id(region, "region")
+            except ValueError as exc:
+                raise ApiError(ErrorCode.INVALID_FIELD, str(exc), param="region") from exc
+        path = await run(lambda a: a.create(t, region))
+        return {"tenant": t, "state": "active", "region": region, "creds": path.read_text()}
+
+    @app.get("/v1/tenants/{tenant}/where", dependencies=[Depends(operator)],
+             responses=RESPONSES)  # fmt: skip
+    async def tenant_where(tenant: str) -> dict[str, Any]:
+        """Where the tenant's data lives: each of its streams, its placement
+        tags and the servers (with their tags) holding its replicas."""
+        t = checked(tenant)
+        result: dict[str, Any] = await run(lambda a: a.residency(t))
+        return result
 
     @app.post("/v1/tenants/{tenant}/{action}", dependencies=[Depends(operator)],
               responses=RESPONSES)  # fmt: skip
