@@ -56,6 +56,10 @@ class TenantError(RuntimeError):
     """A lifecycle step that cannot be done (unknown tenant, exists, refused push)."""
 
 
+class RegionError(TenantError):
+    """A region too few servers carry (``server_tags``) to hold the tenant's streams."""
+
+
 def key_digest(api_key: str) -> str:
     """How the registry names a tenant's HTTP API key (never the key itself)."""
     return "sha256:" + hashlib.sha256(api_key.encode()).hexdigest()
@@ -250,9 +254,10 @@ class TenantAdmin:
         BATON's import of its JetStream API, then the registry entry (with
         its ``region``: the orchestrator places its streams there)."""
         accounts.check_tenant(tenant)
-        streams.region_tags(region)  # a valid id, or refused before anything is done
         if await self.state(tenant) is not None:
             raise TenantError(f"tenant {tenant!r} exists")
+        if region:
+            await self._check_region(region)
         for stale in (f"account:{tenant}", f"user:{tenant}", f"revocations:{tenant}"):
             self.creds.nkeys.pop(stale, None)
         if tenant in self.creds.deleted:  # made anew: a restart keeps it from now on
@@ -266,6 +271,20 @@ class TenantAdmin:
         await self._set(tenant, ACTIVE, region or "")
         await self.wait_served(tenant)
         return creds_path(self.data_dir, tenant)
+
+    async def _check_region(self, region: str) -> None:
+        """Refuse, before anything is made, a region fewer servers carry
+        than each stream has replicas: its streams could never be placed."""
+        (tag,) = streams.region_tags(region)
+        servers = await self.server_tags()
+        holders = sorted(name for name, tags in servers.items() if tag in tags)
+        if len(holders) < self.replicas:
+            raise RegionError(
+                f"region {region!r}: {len(holders)} server(s) carry the tag {tag} "
+                f"({', '.join(holders) or 'none'}; servers seen: {', '.join(sorted(servers))}), "
+                f"and each stream has {self.replicas} replica(s): set server_tags on the "
+                "region's servers (docs/security.md, Residency)"
+            )
 
     async def wait_served(self, tenant: str, timeout: float = 30.0) -> None:
         """Until the orchestrator serves ``tenant``: its task stream and
@@ -380,6 +399,7 @@ __all__ = [
     "ACTIVE",
     "DELETED",
     "SUSPENDED",
+    "RegionError",
     "Replica",
     "TenantAdmin",
     "TenantError",

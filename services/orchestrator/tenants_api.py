@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI
 from pydantic import BaseModel
 
 from baton.http_errors import ERROR_RESPONSES, ApiError, ErrorBody
-from baton.tenants import TenantAdmin, TenantError
+from baton.tenants import RegionError, TenantAdmin, TenantError
 from baton.urls import split_creds
 from proto.errors import ErrorCode
 from proto.ids import require_id
@@ -52,6 +52,8 @@ def add_tenant_routes(
             async with TenantAdmin(settings.tenant_admin_dir, address,
                                    replicas=settings.stream_replicas) as admin:  # fmt: skip
                 return await work(admin)
+        except RegionError as exc:
+            raise ApiError(ErrorCode.INVALID_FIELD, str(exc), param="region") from exc
         except TenantError as exc:
             code = ErrorCode.CONFLICT if "exists" in str(exc) else ErrorCode.UNKNOWN_TENANT
             raise ApiError(code, str(exc)) from exc
