@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -63,21 +64,22 @@ def _held(cluster: Cluster, account: str, stream: str) -> set[str]:
     return out
 
 
-def _where(cluster: Cluster, tenant: str) -> dict[str, Any]:
+def _where(cluster: Cluster, tenant: str, *, text: bool = False) -> Any:
     out = subprocess.run(
-        [sys.executable, "-m", "baton.cli", "tenant", "where", tenant, "--json",
+        [sys.executable, "-m", "baton.cli", "tenant", "where", tenant,
+         *(() if text else ("--json",)),
          "--data-dir", str(cluster.data_dir), "--nats-url", cluster.address],
         capture_output=True, text=True, timeout=60,
         env={**os.environ, "BATON_STREAM_REPLICAS": str(REPLICAS)},  # as the services'
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    doc: dict[str, Any] = json.loads(out.stdout)
-    return doc
+    return out.stdout if text else json.loads(out.stdout)
 
 
 async def test_a_tenant_of_region_eu_keeps_every_stream_on_eu_servers(
     cluster: Cluster, stack: LocalStack
 ) -> None:
+    started = time.monotonic()
     async with TenantAdmin(cluster.data_dir, cluster.address, replicas=REPLICAS) as admin:
         await admin.create("euco", region="eu")
         assert await admin.region("euco") == "eu"
@@ -88,6 +90,7 @@ async def test_a_tenant_of_region_eu_keeps_every_stream_on_eu_servers(
     finally:
         await client.close()
     assert done["type"] == "completed", done
+    print(f"\ncreate --region eu -> first completed task {time.monotonic() - started:.2f} s")
     keys = Credentials.load_or_create(cluster.data_dir, []).keys()  # euco's too
     baton, euco = keys.account("BATON"), keys.account("euco")
     owned = [(baton, streams.tenant_tasks("euco").name), (euco, streams.TENANT_EVENTS.name),
@@ -102,6 +105,9 @@ async def test_a_tenant_of_region_eu_keeps_every_stream_on_eu_servers(
         assert len(row["servers"]) == REPLICAS, row
         for server in row["servers"]:
             assert server["tags"] == ["region:eu"], row
+    text = _where(cluster, "euco", text=True)
+    print(text)
+    assert text.startswith("euco: region eu\n") and text.count("placement region:eu") == 3
     # The check above can fail: the shared streams are placed anywhere,
     # the us server among them.
     everywhere = set().union(*(_held(cluster, baton, s.name) for s in streams.ORCHESTRATOR_STREAMS))
