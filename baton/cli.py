@@ -10,6 +10,7 @@ baton workflows [check FILE]      the workflows served, or validate a workflow f
 baton tenant url|creds|key TENANT the tenant's NATS address / .creds file / HTTP API key
 baton tenant create|suspend|resume|rotate|delete|list   tenants at run time (no restart)
 baton tenant where TENANT         the servers holding each of its streams' replicas
+baton tenant region TENANT REGION keep an existing tenant's data in REGION (its streams move)
 baton audit [--tenant T]          the audit trail (erasures, tenant deletions, ...)
 baton model fetch                 the default model, once (also: model smollm2 DIR, model tiny DIR)
 baton nats / asyncapi [--check]
@@ -489,6 +490,16 @@ def tenant_create(tenant: str, data_dir: DataDir = Path(".data"),
     if region is not None:
         _id(region, "region")
     print(_tenant_op(data_dir, nats_url, lambda admin: admin.create(tenant, region)))
+
+
+@tenant_app.command("region")
+def tenant_region(tenant: str, region: str, data_dir: DataDir = Path(".data"),
+                  nats_url: TenantNats = None) -> None:  # fmt: skip
+    """Keep an existing tenant's data on servers tagged region:<REGION> (its streams move)."""
+    _id(tenant, "tenant")
+    _id(region, "region")
+    _tenant_op(data_dir, nats_url, lambda admin: admin.set_region(tenant, region))
+    print(f"{tenant}: region {region} (its streams move there; see `baton tenant where {tenant}`)")
 
 
 @tenant_app.command("where")

@@ -336,6 +336,14 @@ class TenantAdmin:
             raise TenantError(f"no tenant {tenant!r}")
         return state
 
+    async def set_region(self, tenant: str, region: str) -> None:
+        """Give a tenant (one of BATON_TENANTS, or one created without) a
+        region: the orchestrator updates its streams' placement and
+        JetStream moves their replicas there (``where`` shows when)."""
+        state = await self._known(tenant)
+        await self._check_region(region)
+        await self._set(tenant, state, region)
+
     async def suspend(self, tenant: str) -> None:
         await self._known(tenant)
         await self._set(tenant, SUSPENDED)

@@ -8,6 +8,7 @@ tenant without a region keeps today's placement (no tags)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -123,6 +124,37 @@ async def test_a_tenant_without_a_region_is_placed_as_before(
     for row in doc["streams"]:
         assert row["placement"] == [], row
         assert len(row["servers"]) == REPLICAS, row
+
+
+async def test_an_existing_tenant_given_a_region_has_its_streams_moved_there(
+    cluster: Cluster, stack: LocalStack
+) -> None:
+    """acme (BATON_TENANTS, placed anywhere) given region eu: JetStream moves
+    its streams' replicas to the eu servers, and it still runs tasks."""
+    out = subprocess.run(
+        [sys.executable, "-m", "baton.cli", "tenant", "region", "acme", "eu",
+         "--data-dir", str(cluster.data_dir), "--nats-url", cluster.address],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "BATON_STREAM_REPLICAS": str(REPLICAS)},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    started = time.monotonic()
+    while True:
+        doc = _where(cluster, "acme")
+        rows = doc["streams"]
+        if all(r["placement"] == ["region:eu"] and {s["name"] for s in r["servers"]} <= {"n1", "n2"}
+               and len(r["servers"]) == REPLICAS for r in rows):  # fmt: skip
+            break
+        assert time.monotonic() - started < 60, doc
+        await asyncio.sleep(0.5)
+    print(f"\nacme moved to eu in {time.monotonic() - started:.1f} s")
+    client = await Client.connect(with_creds(cluster.urls[0], cluster.creds_for("acme")),
+                                  tenant="acme")  # fmt: skip
+    try:
+        done = await client.run("chat", {"tenant": "acme", "input": "hi", "task_id": uid()})
+    finally:
+        await client.close()
+    assert done["type"] == "completed", done
 
 
 def _post(url: str, body: dict[str, Any]) -> tuple[int, Any]:

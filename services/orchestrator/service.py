@@ -69,10 +69,12 @@ async def follow_tenants(
     changed: Callable[[], None],
     api_keys: dict[str, str] | None = None,
     drop: Callable[[str], None] = lambda t: None,
+    place: Callable[[str, str], Awaitable[None]] | None = None,
 ) -> None:
     """Follow the tenant registry (``baton tenant ...``): a new active tenant
     is provisioned (in its region) and served, a suspended one refused new
-    tasks (``tenant_suspended``), a deleted one forgotten."""
+    tasks (``tenant_suspended``), a deleted one forgotten; a served tenant's
+    region is handed to ``place`` (its streams moved when it changed)."""
     kv = await bus.ensure_bucket(streams.TENANTS)
     started = time.time()
     while True:
@@ -112,6 +114,12 @@ async def follow_tenants(
                             if attempt == 59:
                                 log.error("tenant_add_failed", tenant=t, error=repr(exc))
                             await asyncio.sleep(0.5)
+                elif place is not None and entry_state.region:
+                    try:
+                        await place(t, entry_state.region)
+                    except Exception as exc:  # the registry keeps the region: a restart retries
+                        log.error("tenant_place_failed", tenant=t, region=entry_state.region,
+                                  error=repr(exc))  # fmt: skip
                 if api_keys and entry_state.api_key and t in known:
                     api_keys[entry_state.api_key] = t  # accepted once the tenant is served
                 log.info("tenant_state", tenant=t, state=state)
@@ -165,6 +173,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
         log.warning("tenant_accounts_unreachable", tenant=tenants[0])
     runs = RunStore(await bus.ensure_bucket(streams.RUNS))
     known = set(tenants)
+    placed = {t: regions.get(t, "") for t in tenants}  # the region its streams are placed in
 
     def copies(tenant: str) -> list[tuple[Bus, str]]:
         """The tenant account's own copies of its events and tokens."""
@@ -217,6 +226,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
         for spec in copies:
             await bus.account(tenant_api_prefix(t)).ensure_stream(spec)
         known.add(t)
+        placed[t] = region
         svc.tenants = frozenset(known)
         loops[t] = [
             asyncio.create_task(intake.run_tenant(
@@ -226,10 +236,23 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
         ]  # fmt: skip
         log.info("tenant_added", tenant=t, region=region or None)
 
+    async def place_tenant(t: str, region: str) -> None:
+        """A served tenant given a region (``baton tenant region``): its
+        streams' placement updated, which has JetStream move their replicas
+        to the region's servers (data and consumers with them)."""
+        if placed.get(t, "") == region:
+            return
+        task_stream, *copies = streams.tenant_streams(t, region)
+        await bus.ensure_stream(task_stream)
+        for spec in copies:
+            await bus.account(tenant_api_prefix(t)).ensure_stream(spec)
+        placed[t] = region
+        log.info("tenant_placed", tenant=t, region=region)
+
     registry = asyncio.create_task(
         follow_tenants(bus, intake, known, add_tenant,
                        lambda: setattr(svc, "tenants", frozenset(known)), settings.api_keys,
-                       drop_tenant)
+                       drop_tenant, place_tenant)
     )  # fmt: skip
     in_flight = asyncio.create_task(conductor.check_in_flight(settings.in_flight_check_interval))
     health.ready, health.reason = True, "serving"

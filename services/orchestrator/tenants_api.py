@@ -23,6 +23,10 @@ from proto.ids import require_id
 from .settings import OrchestratorSettings
 
 
+class RegionIn(BaseModel):
+    region: str
+
+
 class TenantIn(BaseModel):
     tenant: str
     # Its data stays on servers tagged region:<region> (docs/security.md).
@@ -82,6 +86,19 @@ def add_tenant_routes(
                 raise ApiError(ErrorCode.INVALID_FIELD, str(exc), param="region") from exc
         path = await run(lambda a: a.create(t, region))
         return {"tenant": t, "state": "active", "region": region, "creds": path.read_text()}
+
+    @app.put("/v1/tenants/{tenant}/region", dependencies=[Depends(operator)],
+             responses=RESPONSES)  # fmt: skip
+    async def set_region(tenant: str, body: RegionIn) -> dict[str, Any]:
+        """Keep an existing tenant's data on servers tagged region:<region>:
+        its streams move there (``GET .../where`` shows when)."""
+        t = checked(tenant)
+        try:
+            region = require_id(body.region, "region")
+        except ValueError as exc:
+            raise ApiError(ErrorCode.INVALID_FIELD, str(exc), param="region") from exc
+        await run(lambda a: a.set_region(t, region))
+        return {"tenant": t, "region": region}
 
     @app.get("/v1/tenants/{tenant}/where", dependencies=[Depends(operator)],
              responses=RESPONSES)  # fmt: skip
