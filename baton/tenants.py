@@ -321,12 +321,11 @@ class TenantAdmin:
         ``deleted``); its erasure of the shared streams goes on."""
         assert self.op is not None
         task, *copies = streams.tenant_streams(tenant)
-        await self.op.delete_stream(task.name)
         tenant_js = self.op.account(accounts.tenant_api_prefix(tenant))
-        for spec in copies:
+        for bus, spec in [(self.op, task), *((tenant_js, c) for c in copies)]:
             try:
-                await tenant_js.delete_stream(spec.name)
-            except Exception as exc:  # its account unreachable: the revocation goes on
+                await bus.delete_stream(spec.name)
+            except Exception as exc:  # a fault, its account unreachable: the revocation goes on
                 log.warning("tenant_stream_not_deleted", tenant=tenant, stream=spec.name,
                             error=repr(exc))  # fmt: skip
 
