@@ -456,6 +456,7 @@ def tenant_creds(tenant: str, data_dir: DataDir = Path(".data")) -> None:
 def _tenant_op(data_dir: Path, nats_url: str | None, work: Any) -> Any:
     """Run ``work(admin)`` with a ``TenantAdmin`` on the running server."""
     from baton.bus import BusUnavailable
+    from baton.residency import RegionError
     from baton.tenants import TenantAdmin, TenantError
     from baton.urls import split_creds
 
@@ -469,7 +470,7 @@ def _tenant_op(data_dir: Path, nats_url: str | None, work: Any) -> Any:
 
     try:
         return asyncio.run(go())
-    except TenantError as exc:
+    except (TenantError, RegionError) as exc:
         fail(str(exc), EXIT_USAGE)
     except (BusUnavailable, FileNotFoundError) as exc:
         fail(f"cannot administer tenants at {address}: {exc}", EXIT_UNREACHABLE)

@@ -19,6 +19,11 @@ operator mode:
   gap). Revoking its old JWT instead would not do: nats-py closes a
   connection for good on the server's "revoked" error.
 
+A tenant may carry a region (``create(region=)``, ``set_region``): the
+registry entry holds it, the orchestrator places the tenant's own streams on
+the servers tagged ``region:<region>`` (``proto.streams.tenant_streams``),
+and ``where`` reads back which servers hold each replica.
+
 Suspension is the registry's (the account stays: the tenant still reads its
 events and gets a ``failed`` event with ``tenant_suspended`` for every new
 task; its running tasks finish). Rotation issues a new user nkey and revokes
@@ -38,7 +43,7 @@ from typing import Any, Final
 
 import structlog
 
-from baton import accounts, jwt
+from baton import accounts, jwt, residency
 from baton.bus import Bus, connect
 from baton.credentials import Credentials, creds_path, key_path, new_secret, write_private
 from proto import streams, subjects
@@ -54,10 +59,6 @@ STATES: Final = (ACTIVE, SUSPENDED, DELETED)
 
 class TenantError(RuntimeError):
     """A lifecycle step that cannot be done (unknown tenant, exists, refused push)."""
-
-
-class RegionError(TenantError):
-    """A region too few servers carry (``server_tags``) to hold the tenant's streams."""
 
 
 def key_digest(api_key: str) -> str:
@@ -93,16 +94,6 @@ async def read_registry(bus: Bus) -> dict[str, TenantState]:
     kv = await bus.ensure_bucket(streams.TENANTS)
     return {e.key: TenantState.decode(e.key, e.value)
             for e in await kv.entries() if e.value and not e.deleted}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Replica:
-    """A stream of a tenant and the servers holding its replicas."""
-
-    stream: str
-    account: str  # "baton" (its task stream) or the tenant's own account
-    placement_tags: tuple[str, ...]
-    servers: tuple[str, ...]
 
 
 def account_tenants(creds: Credentials) -> list[str]:
@@ -172,43 +163,15 @@ class TenantAdmin:
         entry = (await read_registry(self.op)).get(tenant)
         return entry.region if entry is not None and entry.state != DELETED else ""
 
-    async def where(self, tenant: str) -> tuple[Replica, ...]:
-        """Where each of the tenant's streams lives: its placement tags and
-        the servers holding its replicas (the leader first), from the
-        servers' own stream info."""
-        await self._known(tenant)
-        assert self.op is not None
-        region = await self.region(tenant)
-        out = []
-        task, *copies = streams.tenant_streams(tenant, region)
-        for spec, bus, account in [
-            (task, self.op, accounts.BATON_ACCOUNT),
-            *((c, self.op.account(accounts.tenant_api_prefix(tenant)), tenant) for c in copies),
-        ]:
-            info = await bus.stream_info(spec.name)
-            out.append(Replica(spec.name, account, info.placement_tags, info.servers))
-        return tuple(out)
-
     async def residency(self, tenant: str) -> dict[str, Any]:
-        """``where`` as a document (``baton tenant where``, ``GET
-        /v1/tenants/<t>/where``): the tenant's region, and for each stream
-        its placement and its servers with their tags."""
-        tags = await self.server_tags()
-        rows = [{"stream": r.stream, "account": r.account, "placement": list(r.placement_tags),
-                 "servers": [{"name": s, "tags": list(tags.get(s, ()))} for s in r.servers]}
-                for r in await self.where(tenant)]  # fmt: skip
-        return {"tenant": tenant, "region": (await self.region(tenant)) or None, "streams": rows}
-
-    async def server_tags(self) -> dict[str, tuple[str, ...]]:
-        """Server name -> its ``server_tags``, for every server that answers
-        the system account's ping within a second."""
-        assert self.sys is not None
-        tags: dict[str, tuple[str, ...]] = {}
-        for raw in await self.sys.gather_raw("$SYS.REQ.SERVER.PING"):
-            server = json.loads(raw).get("server") or {}
-            if server.get("name"):
-                tags[str(server["name"])] = tuple(server.get("tags") or ())
-        return tags
+        """Where the tenant's data lives (``baton tenant where``, ``GET
+        /v1/tenants/<t>/where``): its region, and for each of its streams
+        the placement and the servers, with their tags, holding a replica."""
+        await self._known(tenant)
+        assert self.op is not None and self.sys is not None
+        replicas = await residency.where(self.op, tenant)
+        tags = await residency.server_tags(self.sys)
+        return residency.report(tenant, await self.region(tenant), replicas, tags)
 
     # -- pushes ------------------------------------------------------------------
 
@@ -257,7 +220,8 @@ class TenantAdmin:
         if await self.state(tenant) is not None:
             raise TenantError(f"tenant {tenant!r} exists")
         if region:
-            await self._check_region(region)
+            assert self.sys is not None
+            await residency.check_region(self.sys, region, self.replicas)
         for stale in (f"account:{tenant}", f"user:{tenant}", f"revocations:{tenant}"):
             self.creds.nkeys.pop(stale, None)
         if tenant in self.creds.deleted:  # made anew: a restart keeps it from now on
@@ -272,23 +236,9 @@ class TenantAdmin:
         await self.wait_served(tenant)
         return creds_path(self.data_dir, tenant)
 
-    async def _check_region(self, region: str) -> None:
-        """Refuse, before anything is made, a region fewer servers carry
-        than each stream has replicas: its streams could never be placed."""
-        (tag,) = streams.region_tags(region)
-        servers = await self.server_tags()
-        holders = sorted(name for name, tags in servers.items() if tag in tags)
-        if len(holders) < self.replicas:
-            raise RegionError(
-                f"region {region!r}: {len(holders)} server(s) carry the tag {tag} "
-                f"({', '.join(holders) or 'none'}; servers seen: {', '.join(sorted(servers))}), "
-                f"and each stream has {self.replicas} replica(s): set server_tags on the "
-                "region's servers (docs/security.md, Residency)"
-            )
-
     async def wait_served(self, tenant: str, timeout: float = 30.0) -> None:
         """Until the orchestrator serves ``tenant``: its task stream and
-        consumer exist, and its own events stream for replay.
+        consumer exist, and its own events and tokens streams for replay.
 
         Raises:
             TenantError: not within ``timeout`` seconds (is an orchestrator running?).
@@ -300,7 +250,8 @@ class TenantAdmin:
         while time.monotonic() < deadline:
             try:
                 await self.op.pending(spec)
-                await tenant_js.stream_info(streams.TENANT_EVENTS.name)
+                for copy in (streams.TENANT_EVENTS, streams.TENANT_TOKENS):
+                    await tenant_js.stream_info(copy.name)
                 return
             except Exception:
                 await asyncio.sleep(0.1)
@@ -340,7 +291,8 @@ class TenantAdmin:
         region: the orchestrator updates its streams' placement and
         JetStream moves their replicas there (``where`` shows when)."""
         state = await self._known(tenant)
-        await self._check_region(region)
+        assert self.sys is not None
+        await residency.check_region(self.sys, region, self.replicas)
         await self._set(tenant, state, region)
 
     async def suspend(self, tenant: str) -> None:
@@ -369,8 +321,10 @@ class TenantAdmin:
         its keys. The erasure is the context store's (as ``DELETE
         /v1/tenants/<t>``: its histories, attachments and documents, then the
         orchestrator erases its tasks; one ``erase_tenant`` audit record);
-        then the account is replaced by a tombstone in the resolver, BATON's import of it
-        dropped, its files removed and the registry entry ``deleted``.
+        then the registry entry says ``deleted``, the tenant's own streams
+        are deleted, its keys forgotten and it is marked deleted (a restart
+        listing it skips it), the account is replaced by a tombstone in the
+        resolver, BATON's import of it dropped and its files removed.
         Returns the number of sessions erased."""
         await self._known(tenant)
         assert self.op is not None
@@ -406,8 +360,6 @@ __all__ = [
     "ACTIVE",
     "DELETED",
     "SUSPENDED",
-    "RegionError",
-    "Replica",
     "TenantAdmin",
     "TenantError",
     "TenantState",

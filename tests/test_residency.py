@@ -173,7 +173,10 @@ async def test_the_http_api_places_a_tenant_and_refuses_a_region_too_small(
     api = stack.orchestrator.url
     status, body = _post(f"{api}/v1/tenants", {"tenant": "euhttp", "region": "eu"})
     assert status == 201 and body["region"] == "eu", body
-    doc = http_json(f"{api}/v1/tenants/euhttp/where")
+    try:
+        doc = http_json(f"{api}/v1/tenants/euhttp/where")
+    except urllib.error.HTTPError as e:
+        raise AssertionError(f"where: {e.code} {e.read()!r}") from e
     assert doc["region"] == "eu" and len(doc["streams"]) == 3, doc
     for row in doc["streams"]:
         assert {s["name"] for s in row["servers"]} <= {"n1", "n2"}, row
@@ -183,6 +186,13 @@ async def test_the_http_api_places_a_tenant_and_refuses_a_region_too_small(
     assert status == 400 and body["error"]["param"] == "region", body
     assert "n3" in body["error"]["message"], body
     assert "usco" not in http_json(f"{api}/v1/tenants")["tenants"]
+    out = subprocess.run(
+        [sys.executable, "-m", "baton.cli", "tenant", "create", "usco", "--region", "us",
+         "--data-dir", str(cluster.data_dir), "--nats-url", cluster.address],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "BATON_STREAM_REPLICAS": str(REPLICAS)},
+    )  # fmt: skip
+    assert out.returncode == 2 and "region 'us': 1 server(s)" in out.stderr, out.stderr
 
 
 def test_placement_is_a_pure_function_of_the_region() -> None:

@@ -15,7 +15,8 @@ from fastapi import Depends, FastAPI
 from pydantic import BaseModel
 
 from baton.http_errors import ERROR_RESPONSES, ApiError, ErrorBody
-from baton.tenants import RegionError, TenantAdmin, TenantError
+from baton.residency import RegionError
+from baton.tenants import TenantAdmin, TenantError
 from baton.urls import split_creds
 from proto.errors import ErrorCode
 from proto.ids import require_id
