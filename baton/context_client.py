@@ -5,9 +5,11 @@ contract table, ``proto/context_api.py``) and one policy for a store that
 does not answer in time.
 
 A timeout (or no store subscribed at all: one restarting) becomes
-``Nak(NAK_DELAY)``: the message being handled is redelivered a moment
-later, when a store replica may be back (every op is idempotent, so asking
-again is safe). Before, the conductor naked after
+``Nak(NAK_DELAY, backoff=True)``: the message being handled is redelivered
+a moment later, when a store replica may be back (every op is idempotent, so
+asking again is safe), and later at each further delivery (1, 2, 4, 8 s...):
+a flat second used up an inference job's five deliveries while a store
+restarted, and the job was dead-lettered (seen in the chaos tier). Before, the conductor naked after
 2 s, the tool worker after 1 s and the inference worker left the timeout to
 the consume loop's back-off; one value now, short because the request has
 already waited its ``TIMEOUT``.
@@ -47,4 +49,4 @@ async def call(bus: Bus, endpoint: Endpoint[Q, P], request: Q, *, task_id: str |
         return await bus.request(subjects.context_api(endpoint.op, request.tenant), request,
                                  endpoint.reply, timeout=TIMEOUT, task_id=task_id)  # fmt: skip
     except UNANSWERED as exc:
-        raise Nak(NAK_DELAY, f"context store did not answer {endpoint.op}") from exc
+        raise Nak(NAK_DELAY, f"context store did not answer {endpoint.op}", backoff=True) from exc

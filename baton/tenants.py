@@ -101,6 +101,12 @@ def account_tenants(creds: Credentials) -> list[str]:
     return creds.tenants()
 
 
+def _creating(tenant: str) -> str:
+    """The secrets file's marker of a create not finished yet (resumed by
+    the next ``create``; not listed meanwhile)."""
+    return f"creating:{tenant}"
+
+
 def _revocations(creds: Credentials, account: str) -> dict[str, int]:
     return creds.revocations(account)
 
@@ -139,7 +145,8 @@ class TenantAdmin:
     async def list(self) -> dict[str, str]:
         """tenant -> state, for every tenant the registry or the keys know."""
         kv = await self._registry()
-        out = dict.fromkeys(account_tenants(self.creds), ACTIVE)
+        made = [t for t in account_tenants(self.creds) if _creating(t) not in self.creds.nkeys]
+        out = dict.fromkeys(made, ACTIVE)
         for entry in await kv.entries():
             if entry.value and not entry.deleted:
                 out[entry.key] = TenantState.decode(entry.key, entry.value).state
@@ -217,22 +224,29 @@ class TenantAdmin:
         BATON's import of its JetStream API, then the registry entry (with
         its ``region``: the orchestrator places its streams there)."""
         accounts.check_tenant(tenant)
-        if await self.state(tenant) is not None:
-            raise TenantError(f"tenant {tenant!r} exists")
-        if region:
-            assert self.sys is not None
-            await residency.check_region(self.sys, region, self.replicas)
-        for stale in (f"account:{tenant}", f"user:{tenant}", f"revocations:{tenant}"):
-            self.creds.nkeys.pop(stale, None)
-        if tenant in self.creds.deleted:  # made anew: a restart keeps it from now on
-            self.creds.deleted.remove(tenant)
-        self.creds.add_nkeys([*account_tenants(self.creds), tenant])
-        self.creds.api_keys.setdefault(tenant, f"bk-{new_secret()}")
-        self.creds.save()
+        marker = _creating(tenant)
+        if marker not in self.creds.nkeys:  # else: an earlier call failed half-way
+            if await self.state(tenant) is not None:
+                raise TenantError(f"tenant {tenant!r} exists")
+            if region:
+                assert self.sys is not None
+                await residency.check_region(self.sys, region, self.replicas)
+            for stale in (f"account:{tenant}", f"user:{tenant}", f"revocations:{tenant}"):
+                self.creds.nkeys.pop(stale, None)
+            if tenant in self.creds.deleted:  # made anew: a restart keeps it from now on
+                self.creds.deleted.remove(tenant)
+            self.creds.add_nkeys([*account_tenants(self.creds), tenant])
+            self.creds.api_keys.setdefault(tenant, f"bk-{new_secret()}")
+            self.creds.nkeys[marker] = str(int(time.time()))
+            self.creds.save()
+        # Each step is idempotent: a call that failed (a push timed out in an
+        # election) is resumed by calling create again, with the same keys.
         await self._push_tenant(tenant)
         await self._push_baton()
         self._write_files(tenant)
         await self._set(tenant, ACTIVE, region or "")
+        del self.creds.nkeys[marker]
+        self.creds.save()
         await self.wait_served(tenant)
         return creds_path(self.data_dir, tenant)
 

@@ -63,4 +63,4 @@ async def test_a_store_that_does_not_answer_is_a_nak(
     monkeypatch.setattr(context_client, "TIMEOUT", 0.2)
     with pytest.raises(Nak) as nak:
         await context_client.call(bus, WINDOW, _window(uid("t")))
-    assert nak.value.delay == context_client.NAK_DELAY
+    assert nak.value.delay == context_client.NAK_DELAY and nak.value.backoff

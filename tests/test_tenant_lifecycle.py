@@ -282,6 +282,29 @@ async def test_a_created_tenants_http_key_works_at_once_on_a_running_orchestrato
         stack.retire(orch)
 
 
+async def test_a_create_that_failed_half_way_is_finished_by_the_next_call(
+    server: NatsServer, stack: LocalStack, admin: TenantAdmin
+) -> None:
+    """A push that times out (an election, a restart) leaves the tenant half
+    made: not listed, and the next ``create`` finishes it with the same keys
+    instead of answering "exists" with nothing registered (seen in the chaos
+    tier: the orchestrator never heard of the tenant)."""
+    served = admin._push_baton
+
+    async def times_out() -> None:
+        raise TimeoutError("the resolver did not answer")
+
+    admin._push_baton = times_out  # type: ignore[method-assign]
+    with pytest.raises(TimeoutError):
+        await admin.create("halfco")
+    assert "halfco" not in await admin.list()
+    admin._push_baton = served  # type: ignore[method-assign]
+    await admin.create("halfco")
+    assert (await admin.list())["halfco"] == "active"
+    done = await _chat(server, "halfco")
+    assert done["type"] == "completed", done
+
+
 async def test_the_services_were_never_restarted(server: NatsServer, stack: LocalStack) -> None:
     assert server.running
     assert all(p.proc is not None and p.proc.poll() is None for p in stack.procs)

@@ -212,6 +212,10 @@ def test_one_pure_rule_settles_every_outcome() -> None:
     from proto import codec  # a body no delivery can read: dead-lettered on the first
 
     assert settlement(codec.DecodeError("bad"), 1, 5).action == "dead_letter"
+    # A peer down (backoff): the nak's delay doubles per delivery, at most 30 s.
+    waits = [settlement(Nak(1.0, backoff=True), n, 10).delay for n in (1, 2, 3, 4, 9)]
+    assert waits == [1.0, 2.0, 4.0, 8.0, 30.0]
+    assert settlement(Nak(1.0, backoff=True), 10, 10).action == "dead_letter"
     backoff = [settlement(ValueError("x"), n, 10).delay for n in (1, 2, 3, 9)]
     assert backoff == [0.5, 1.0, 2.0, 30.0]
     last = settlement(ValueError("boom"), 10, 10)

@@ -63,3 +63,30 @@ async def test_a_retried_jobs_republished_result_is_a_new_message(bus: Bus) -> N
     await sub.unsubscribe()
     assert ids == [keys.result(job_id, 1), keys.result(job_id, 2)]
     assert ids[0] != ids[1]
+
+
+async def test_a_dispatch_older_than_one_already_taken_is_dropped(bus: Bus) -> None:
+    """The first dispatch of a step, rescued from a dead worker's queue after
+    the step was dispatched again, is acked without a result: its answer would
+    be a second one for a step already answered (the chaos tier saw both
+    stored). The shared stack has one inference worker."""
+    tenant, session, job_id, task_id = "acme", uid("s"), uid("j"), uid()
+    asked = await append(bus, tenant, session, uid("m"), "hello", system="sys")
+    sub = await bus._nc.subscribe(subjects.result(tenant, task_id))
+    ids = []
+    for attempt in (2, 1, 3):
+        job = InferenceJob(
+            job_id=job_id, task_id=task_id, tenant=tenant, session=session, workflow="test",
+            step="s1", agent="a", ref=asked.ref, max_tokens=8, attempt=attempt,
+        )  # fmt: skip
+        await bus.publish(subjects.job("default"), job,
+                          msg_id=keys.job_message(job_id, attempt), task_id=task_id)  # fmt: skip
+        if attempt == 1:
+            continue  # attempt 3 follows at once: a result of 1 would come before it
+        msg = await asyncio.wait_for(sub.next_msg(timeout=30), 31)
+        ids.append((msg.headers or {}).get("Nats-Msg-Id"))
+    await asyncio.sleep(1.0)
+    late = sub.pending_msgs
+    await sub.unsubscribe()
+    assert ids == [keys.result(job_id, 2), keys.result(job_id, 3)]
+    assert late == 0

@@ -35,7 +35,8 @@ operation): ``errors.py`` draws their tree.
 Handler outcomes are explicit::
 
     return normally   -> ack
-    raise Nak(delay)  -> nak, redelivered after ``delay`` seconds
+    raise Nak(delay)  -> nak, redelivered after ``delay`` seconds (doubling per
+                         delivery with ``backoff=True``: a peer or engine down)
     raise Term(why)   -> term (poison: never redelivered), dead-lettered
     any other error   -> nak with back-off; on the last delivery, term + dead letter
 """

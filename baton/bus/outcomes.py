@@ -1,7 +1,8 @@
 """Handler outcomes and the one rule that settles a delivery by them::
 
     return normally   -> ack
-    raise Nak(delay)  -> nak, redelivered after ``delay`` seconds
+    raise Nak(delay)  -> nak, redelivered after ``delay`` seconds (doubling per
+                         delivery with ``backoff``)
     raise Term(why)   -> term (poison: never redelivered), dead-lettered
     any other error   -> nak with back-off; on the last delivery, term + dead letter
 
@@ -21,12 +22,15 @@ class Outcome(Exception):
 
 
 class Nak(Outcome):
-    """Handler outcome: redeliver after ``delay`` seconds."""
+    """Handler outcome: redeliver after ``delay`` seconds. ``backoff``: the
+    delay doubles with each delivery (a peer that is down: a fixed delay
+    would use up the deliveries in seconds and dead-letter the message)."""
 
-    def __init__(self, delay: float = 1.0, reason: str = "") -> None:
+    def __init__(self, delay: float = 1.0, reason: str = "", *, backoff: bool = False) -> None:
         super().__init__(reason or f"nak({delay})")
         self.delay = delay
         self.reason = reason
+        self.backoff = backoff
 
 
 class Term(Outcome):
@@ -38,6 +42,9 @@ class Term(Outcome):
         super().__init__(reason)
         self.reason = reason
         self.dead_letter = dead_letter
+
+
+MAX_BACKOFF = 30.0  # seconds: the longest a backed-off nak waits
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +73,11 @@ def settlement(error: BaseException | None, num_delivered: int, max_deliver: int
     if isinstance(error, Nak):
         if last:
             return Settlement("dead_letter", reason=f"nak on last delivery: {error.reason}")
+        if error.backoff:
+            return Settlement("nak", delay=min(MAX_BACKOFF, error.delay * 2 ** (num_delivered - 1)))
         return Settlement("nak", delay=error.delay)
     if isinstance(error, Term):
         return Settlement("dead_letter" if error.dead_letter else "term", reason=error.reason)
     if last:
         return Settlement("dead_letter", reason=f"{type(error).__name__}: {error}")
-    return Settlement("nak", delay=min(30.0, 0.5 * 2 ** (num_delivered - 1)))
+    return Settlement("nak", delay=min(MAX_BACKOFF, 0.5 * 2 ** (num_delivered - 1)))

@@ -42,6 +42,7 @@ from proto.messages import (
 
 from . import metrics as m
 from . import spans
+from .attempts import Attempts
 from .engines.base import EngineDead, EngineOOM, GenerationRequest, PromptTooLong
 from .engines.toolcalls import tools_in_use
 from .gpuclock import GpuClock
@@ -96,6 +97,7 @@ class JobHandler:
         self.tokens = tokens
         self.pool = sup.s.pool
         self.cancelled = CancelledTasks()
+        self.attempts = Attempts()
         model = sup.s.model_name
         self._latency = (m.TTFT.labels(self.pool, model), m.ITL.labels(self.pool, model))
 
@@ -105,6 +107,11 @@ class JobHandler:
         except codec.DecodeError as exc:
             on_admitted()
             raise Term(f"undecodable job: {exc}") from exc
+        if not self.attempts.take(job.job_id, job.attempt):
+            on_admitted()
+            m.JOBS.labels(self.pool, "superseded").inc()
+            log.info("job_superseded", task_id=job.task_id, job_id=job.job_id, attempt=job.attempt)
+            return  # acked: a later dispatch of this step was taken here already
         admitted = [False]
 
         def admit() -> None:
@@ -264,7 +271,9 @@ class JobHandler:
             ended = True  # the stream ran out without an error
         except (EngineOOM, EngineDead) as exc:
             await sup.fault(exc, flight.epoch)
-            raise Nak(self.s.oom_retry_delay, f"engine fault: {type(exc).__name__}") from exc
+            raise Nak(
+                self.s.oom_retry_delay, f"engine fault: {type(exc).__name__}", backoff=True
+            ) from exc
         except PromptTooLong as exc:
             await self._too_long(job, exc.prompt_tokens, exc.max_model_len, watch)
             return None
@@ -284,7 +293,9 @@ class JobHandler:
             return None
         if flight.epoch != sup.epoch or final is None:
             m.JOBS.labels(self.pool, "nak").inc()
-            raise Nak(self.s.oom_retry_delay, "generation interrupted by an engine restart")
+            raise Nak(
+                self.s.oom_retry_delay, "generation interrupted by an engine restart", backoff=True
+            )
         if texts > 1:  # one observation per generation keeps the token loop cheap
             itl.observe((stream_end - watch.first_token_at) / (texts - 1))
         if texts:

@@ -63,7 +63,15 @@ KV_CAPACITY = Gauge(
 OOM = Counter("baton_worker_oom", "Out-of-memory faults of the engine.", ["pool"])
 ENGINE_RESTARTS = Counter("baton_worker_engine_restarts", "Engine restarts.", ["pool"])
 READY = Gauge("baton_worker_ready", "1 when the engine is loaded and serving.", ["pool", "worker"])
-JOB_OUTCOMES = ("completed", "nak", "oom", "engine_dead", "cancelled", "prompt_too_long")
+JOB_OUTCOMES = (
+    "completed",
+    "nak",
+    "oom",
+    "engine_dead",
+    "cancelled",
+    "prompt_too_long",
+    "superseded",
+)
 
 
 def init_series(pool: str, model: str) -> None:

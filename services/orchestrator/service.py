@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -35,6 +36,8 @@ from .workflows import GraphWorkflow, load_dir
 log = structlog.get_logger("orchestrator")
 
 BUILTIN_WORKFLOWS = Path(__file__).with_name("workflows")
+ADD_RETRY = (0.5, 5.0)  # seconds between tries to serve a new tenant: first, at most
+REFRESH_EVERY = 30.0  # seconds: while they fail, re-read the .creds at most this often
 
 
 async def _watch_backlog(
@@ -77,6 +80,35 @@ async def follow_tenants(
     region is handed to ``place`` (its streams moved when it changed)."""
     kv = await bus.ensure_bucket(streams.TENANTS)
     started = time.time()
+    adding: dict[str, asyncio.Task[None]] = {}
+    latest_key: dict[str, str | None] = {}  # a rotation while the tenant is being served
+
+    async def serve(t: str, fresh: bool, region: str) -> None:
+        """Provision and serve ``t`` until it is served: its permissions come
+        with the orchestrator's re-issued .creds, read at a reconnect, and a
+        fault (an election, a cluster restart) may hold NATS longer than any
+        fixed number of tries. (A tenant recorded before this process
+        connected is in the file it connected with.)"""
+        delay, attempt, refreshed = ADD_RETRY[0], 0, -math.inf
+        while True:
+            try:
+                if fresh or (attempt and time.monotonic() - refreshed > REFRESH_EVERY):
+                    refreshed = time.monotonic()
+                    await bus.refresh_credentials()
+                await add(t, region)
+                break
+            except Exception as exc:
+                attempt += 1
+                if attempt % 20 == 0:
+                    log.warning("tenant_add_retrying", tenant=t, attempts=attempt, error=repr(exc))
+                fresh = False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, ADD_RETRY[1])
+        key = latest_key.get(t)
+        if api_keys and key:
+            api_keys[key] = t  # accepted once the tenant is served
+        log.info("tenant_served", tenant=t, attempts=attempt + 1)
+
     while True:
         try:
             async for entry in kv.follow(inactive_threshold=30.0):
@@ -87,7 +119,10 @@ async def follow_tenants(
                 if api_keys:  # keys on: withdraw the tenant's key (added back below)
                     for k in [k for k, v in api_keys.items() if v == t and k.startswith("sha256:")]:
                         del api_keys[k]
+                latest_key[t] = entry_state.api_key
                 if state == DELETED:
+                    if (pending := adding.pop(t, None)) is not None:
+                        pending.cancel()
                     drop(t)
                     known.discard(t)
                     intake.suspended.discard(t)
@@ -97,33 +132,22 @@ async def follow_tenants(
                     intake.suspended.add(t)
                 else:
                     intake.suspended.discard(t)
-                if t not in known:
-                    # Its permissions come with the orchestrator's re-issued
-                    # .creds, read at a reconnect; try again for a while.
-                    # (A tenant recorded before this process connected is in
-                    # the file it connected with.)
-                    if entry_state.changed_at >= started:
-                        await bus.refresh_credentials()
-                    for attempt in range(60):
-                        try:
-                            await add(t, entry_state.region)
-                            break
-                        except Exception as exc:
-                            if attempt == 0:
-                                await bus.refresh_credentials()
-                            if attempt == 59:
-                                log.error("tenant_add_failed", tenant=t, error=repr(exc))
-                            await asyncio.sleep(0.5)
-                elif place is not None and entry_state.region:
+                if t not in known and (t not in adding or adding[t].done()):
+                    adding[t] = asyncio.create_task(
+                        serve(t, entry_state.changed_at >= started, entry_state.region)
+                    )
+                elif t in known and place is not None and entry_state.region:
                     try:
                         await place(t, entry_state.region)
                     except Exception as exc:  # the registry keeps the region: a restart retries
                         log.error("tenant_place_failed", tenant=t, region=entry_state.region,
                                   error=repr(exc))  # fmt: skip
                 if api_keys and entry_state.api_key and t in known:
-                    api_keys[entry_state.api_key] = t  # accepted once the tenant is served
+                    api_keys[entry_state.api_key] = t
                 log.info("tenant_state", tenant=t, state=state)
         except asyncio.CancelledError:
+            for task in adding.values():
+                task.cancel()
             raise
         except Exception as exc:
             log.warning("tenant_registry_watch_failed", error=repr(exc))

@@ -449,10 +449,12 @@ async def test_baton_on_a_3_node_cluster_loses_and_duplicates_nothing_under_faul
         left = await _retry("read erased events", lambda: read_all(
             js, "BATON_EVENTS", f"baton.events.{DELETED}.>"))  # fmt: skip
         jobs: Counter[str] = Counter()
+        first_dispatch: dict[str, float] = {}
         for msg in await read_all(js, "CHAOS_JOBS", "baton.jobs.>"):
             job = msgpack.unpackb(msg.data)
             if job.get("tenant") in (run.tenant, CREATED):
                 jobs[job["job_id"]] += 1
+                first_dispatch.setdefault(job["job_id"], job.get("published_at", 0.0))
         results: Counter[str] = Counter()
         for tenant in (run.tenant, CREATED):
             for msg in await read_all(js, "CHAOS_RESULTS", f"baton.results.{tenant}.>"):
@@ -573,8 +575,14 @@ async def test_baton_on_a_3_node_cluster_loses_and_duplicates_nothing_under_faul
         # lost on the orchestrator's side) or never produced?
         again = [j for j, n in jobs.items() if n > 1]
         if again:
-            print(f"dispatched again: {[(j.split('.', 1)[1], results[j]) for j in again]} "
-                  "(job, results stored)")  # fmt: skip
+
+            def window_of(job_id: str) -> str:  # the fault before its first dispatch
+                at = first_dispatch.get(job_id, 0.0)
+                struck = [f for f in run.faults if f.at <= at]
+                return f"{struck[-1].kind}+{at - struck[-1].at:.0f}s" if struck else "?"
+
+            print(f"dispatched again: {[(j.split('.', 1)[1], results[j], window_of(j)) for j in again]} "
+                  "(job, results stored, fault + seconds after it when first dispatched)")  # fmt: skip
         dead = Counter(m.subject for m in await read_all(js, "BATON_DLQ", "baton.dlq.>"))
         if dead:
             print(f"dead letters: {dict(dead)}")

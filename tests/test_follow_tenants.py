@@ -1,0 +1,66 @@
+"""The orchestrator's follow of the tenant registry on a real nats-server:
+a registered tenant is served however long its provisioning keeps failing
+(it gave up after 60 tries, 30 s, and a cluster restart could outlast
+that), and a tenant deleted meanwhile stops being tried."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from baton.bus import connect
+from baton.natsd import NatsServer
+from baton.tenants import ACTIVE, DELETED, TenantState, key_digest
+from proto import streams
+from services.orchestrator import service
+
+
+async def _until(check: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the time"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_new_tenant_is_served_after_many_failed_tries_and_a_deleted_one_is_dropped(
+    own_nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "ADD_RETRY", (0.005, 0.01))
+    bus = await connect(own_nats.url, name="follow-tenants")
+    kv = await bus.ensure_bucket(streams.TENANTS)
+    tries: Counter[str] = Counter()
+    known: set[str] = {"acme"}
+    api_keys = {"bk-operator": "*"}
+
+    async def add(t: str, region: str) -> None:
+        tries[t] += 1
+        if t == "gone" or tries[t] <= 80:  # more than the 60 tries it used to give up after
+            raise RuntimeError(f"tenant {t}'s account is not reachable yet")
+        known.add(t)
+
+    intake = SimpleNamespace(suspended=set())
+    follow = asyncio.create_task(
+        service.follow_tenants(bus, intake, known, add, lambda: None, api_keys)  # type: ignore[arg-type]
+    )
+    try:
+        now = time.time()
+        digest = key_digest("bk-late")
+        await kv.put("late", TenantState("late", ACTIVE, now, digest).encode())
+        await kv.put("gone", TenantState("gone", ACTIVE, now).encode())
+        await _until(lambda: "late" in known and api_keys.get(digest) == "late")
+        assert tries["late"] == 81
+        await kv.put("gone", TenantState("gone", DELETED, time.time()).encode())
+        await asyncio.sleep(0.3)
+        stopped = tries["gone"]
+        await asyncio.sleep(0.3)
+        assert tries["gone"] == stopped, "a deleted tenant is still being tried"
+        assert "gone" not in known
+    finally:
+        follow.cancel()
+        await asyncio.gather(follow, return_exceptions=True)
+        await bus.close()
