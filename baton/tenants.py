@@ -107,6 +107,12 @@ def _creating(tenant: str) -> str:
     return f"creating:{tenant}"
 
 
+def _revoking(tenant: str) -> str:
+    """The secrets file's copy of a deleted tenant's account key, kept until
+    its tombstone JWT is pushed (resumed by the next ``delete``)."""
+    return f"revoking:{tenant}"
+
+
 def _revocations(creds: Credentials, account: str) -> dict[str, int]:
     return creds.revocations(account)
 
@@ -224,6 +230,8 @@ class TenantAdmin:
         BATON's import of its JetStream API, then the registry entry (with
         its ``region``: the orchestrator places its streams there)."""
         accounts.check_tenant(tenant)
+        if _revoking(tenant) in self.creds.nkeys:
+            raise TenantError(f"tenant {tenant!r} is not deleted yet: run its delete again")
         marker = _creating(tenant)
         if marker not in self.creds.nkeys:  # else: an earlier call failed half-way
             if await self.state(tenant) is not None:
@@ -340,34 +348,44 @@ class TenantAdmin:
         listing it skips it), the account is replaced by a tombstone in the
         resolver, BATON's import of it dropped and its files removed.
         Returns the number of sessions erased."""
-        await self._known(tenant)
-        assert self.op is not None
-        reply = await self.op.request(subjects.context_api("delete", tenant),
-                                      ContextDelete(tenant=tenant), DeleteReply,
-                                      timeout=60.0)  # fmt: skip
-        if reply.error is not None:
-            raise TenantError(f"the context store did not erase {tenant!r}: {reply.error}")
-        await self._set(tenant, DELETED, "")
-        await self._delete_streams(tenant)
-        keys = self.creds.keys()
-        # Forgotten first, and marked deleted: a server or a stack (re)started
-        # from now on leaves the account out of its configuration even when
-        # BATON_TENANTS still lists it (``NatsServer._write_config``, ``Stack``).
-        self.creds.forget(tenant)
-        self.creds.save()
+        marker = _revoking(tenant)
+        sessions = 0
+        if marker not in self.creds.nkeys:  # else: an earlier call failed before the tombstone
+            await self._known(tenant)
+            assert self.op is not None
+            reply = await self.op.request(subjects.context_api("delete", tenant),
+                                          ContextDelete(tenant=tenant), DeleteReply,
+                                          timeout=60.0)  # fmt: skip
+            if reply.error is not None:
+                raise TenantError(f"the context store did not erase {tenant!r}: {reply.error}")
+            sessions = int(reply.sessions or 0)
+            await self._set(tenant, DELETED, "")
+            await self._delete_streams(tenant)
+            # Forgotten first, and marked deleted: a server or a stack (re)started
+            # from now on leaves the account out of its configuration even when
+            # BATON_TENANTS still lists it (``NatsServer._write_config``, ``Stack``).
+            # Its account key is kept aside until the tombstone is in: a push
+            # that fails (an election) is finished by calling delete again,
+            # else the account would stay live with nothing left to revoke it.
+            self.creds.nkeys[marker] = self.creds.nkeys[f"account:{tenant}"]
+            self.creds.forget(tenant)
+            self.creds.save()
         # A tombstone, not $SYS.REQ.CLAIMS.DELETE: in a cluster a server that
         # was down during a delete still holds the account's JWT and, back,
         # its resolver sync spreads it again to the others (the deleted
         # account connects again; measured). A newer JWT admitting nobody
         # (every user revoked, no connection) wins that sync instead.
-        tombstone = jwt.account_jwt(keys.operator, keys.accounts[tenant], tenant, suspended=True,
-                                    revocations={"*": int(time.time()) + 1})  # fmt: skip
+        operator, account = self.creds.keys().operator, jwt.Key(self.creds.nkeys[marker])
+        revoked = {"*": int(time.time()) + 1}
+        tombstone = jwt.account_jwt(operator, account, tenant, suspended=True, revocations=revoked)
         await self._push(tombstone, attempts=5)
+        del self.creds.nkeys[marker]
+        self.creds.save()
         await self._push_baton()
         for path in (creds_path(self.data_dir, tenant), key_path(self.data_dir, tenant),
                      self.data_dir / "tenants" / f"{tenant}.url"):  # fmt: skip
             path.unlink(missing_ok=True)
-        return int(reply.sessions or 0)
+        return sessions
 
 
 __all__ = [
