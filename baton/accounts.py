@@ -541,11 +541,14 @@ def render_operator(
     tls: Mapping[str, str | bool] | None = None,
     revocations: Mapping[str, Mapping[str, int]] | None = None,
     cluster: Mapping[str, Any] | None = None,
+    server_tags: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The nats-server configuration in operator mode (decentralized
     authentication): the operator JWT, the ``full`` resolver (accounts
     pushed, updated and deleted at run time) preloaded with BATON, SYS and
-    ``tenants``. No passwords: every client presents a user JWT (``.creds``)."""
+    ``tenants``. No passwords: every client presents a user JWT (``.creds``).
+    ``server_tags`` (``region:eu``): what JetStream placement matches, so a
+    tenant's streams can be kept on its region's servers."""
     tenants = [check_tenant(t) for t in tenants]
     if len(set(tenants)) != len(tenants):
         raise ValueError("tenant ids must be unique")
@@ -579,6 +582,8 @@ def render_operator(
         config["tls"] = dict(tls)
     if cluster is not None:  # every node shares the operator, its accounts and resolver
         config["cluster"] = dict(cluster)
+    if server_tags:
+        config["server_tags"] = list(server_tags)
     return config
 
 

@@ -9,6 +9,8 @@ baton tasks                       a tenant's tasks, newest first
 baton workflows [check FILE]      the workflows served, or validate a workflow file
 baton tenant url|creds|key TENANT the tenant's NATS address / .creds file / HTTP API key
 baton tenant create|suspend|resume|rotate|delete|list   tenants at run time (no restart)
+baton tenant where TENANT         the servers holding each of its streams' replicas
+baton tenant region TENANT REGION keep an existing tenant's data in REGION (its streams move)
 baton audit [--tenant T]          the audit trail (erasures, tenant deletions, ...)
 baton model fetch                 the default model, once (also: model smollm2 DIR, model tiny DIR)
 baton nats / asyncapi [--check]
@@ -454,6 +456,7 @@ def tenant_creds(tenant: str, data_dir: DataDir = Path(".data")) -> None:
 def _tenant_op(data_dir: Path, nats_url: str | None, work: Any) -> Any:
     """Run ``work(admin)`` with a ``TenantAdmin`` on the running server."""
     from baton.bus import BusUnavailable
+    from baton.residency import RegionError
     from baton.tenants import TenantAdmin, TenantError
     from baton.urls import split_creds
 
@@ -467,7 +470,7 @@ def _tenant_op(data_dir: Path, nats_url: str | None, work: Any) -> Any:
 
     try:
         return asyncio.run(go())
-    except TenantError as exc:
+    except (TenantError, RegionError) as exc:
         fail(str(exc), EXIT_USAGE)
     except (BusUnavailable, FileNotFoundError) as exc:
         fail(f"cannot administer tenants at {address}: {exc}", EXIT_UNREACHABLE)
@@ -479,10 +482,42 @@ TenantNats = Annotated[str | None, typer.Option(
 
 @tenant_app.command("create")
 def tenant_create(tenant: str, data_dir: DataDir = Path(".data"),
-                  nats_url: TenantNats = None) -> None:  # fmt: skip
+                  nats_url: TenantNats = None,
+                  region: Annotated[str | None, typer.Option(
+                      help="Keep its data on servers tagged region:<REGION>")] = None,
+                  ) -> None:  # fmt: skip
     """Create a tenant on the running stack; prints its .creds file once it can submit."""
     _id(tenant, "tenant")
-    print(_tenant_op(data_dir, nats_url, lambda admin: admin.create(tenant)))
+    if region is not None:
+        _id(region, "region")
+    print(_tenant_op(data_dir, nats_url, lambda admin: admin.create(tenant, region)))
+
+
+@tenant_app.command("region")
+def tenant_region(tenant: str, region: str, data_dir: DataDir = Path(".data"),
+                  nats_url: TenantNats = None) -> None:  # fmt: skip
+    """Keep an existing tenant's data on servers tagged region:<REGION> (its streams move)."""
+    _id(tenant, "tenant")
+    _id(region, "region")
+    _tenant_op(data_dir, nats_url, lambda admin: admin.set_region(tenant, region))
+    print(f"{tenant}: region {region} (its streams move there; see `baton tenant where {tenant}`)")
+
+
+@tenant_app.command("where")
+def tenant_where(tenant: str, data_dir: DataDir = Path(".data"), nats_url: TenantNats = None,
+                 json_out: Json = False) -> None:  # fmt: skip
+    """On which servers each of the tenant's streams keeps its replicas (leader first)."""
+    _id(tenant, "tenant")
+    doc = _tenant_op(data_dir, nats_url, lambda admin: admin.residency(tenant))
+    if json_out:
+        _print_json(doc)
+        return
+    print(f"{tenant}: region {doc['region'] or '(none: anywhere)'}")
+    for row in doc["streams"]:
+        servers = ", ".join(f"{s['name']} [{' '.join(s['tags']) or 'untagged'}]"
+                            for s in row["servers"])  # fmt: skip
+        placement = " ".join(row["placement"]) or "-"
+        print(f"{row['account']}\t{row['stream']}\tplacement {placement}\t{servers}")
 
 
 @tenant_app.command("suspend")

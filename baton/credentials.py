@@ -83,12 +83,16 @@ class Credentials:
     api_keys: dict[str, str] = field(default_factory=dict)
     # nkey seeds: "operator", "account:<name>", "user:<identity>"
     nkeys: dict[str, str] = field(default_factory=dict)
+    # Tenants `baton tenant delete` deleted: never given keys again by a
+    # (re)start that still lists them (BATON_TENANTS), only by `tenant create`.
+    deleted: list[str] = field(default_factory=list)
     data_dir: Path | None = None
 
     @classmethod
     def load_or_create(cls, data_dir: Path, tenants: Sequence[str]) -> Credentials:
         """Read the secrets file, adding a random password for every identity
-        it lacks (existing ones are kept, so clients' URLs stay valid)."""
+        it lacks (existing ones are kept, so clients' URLs stay valid). A
+        deleted tenant among ``tenants`` is left out (``live``)."""
         path = Path(data_dir) / SECRETS_FILE
         creds = cls()
         if path.exists():
@@ -96,8 +100,10 @@ class Credentials:
             creds = cls(passwords=dict(doc.get("passwords", {})),
                         cipher_key=doc.get("cipher_key", ""),
                         api_keys=dict(doc.get("api_keys", {})),
-                        nkeys=dict(doc.get("nkeys", {})))  # fmt: skip
+                        nkeys=dict(doc.get("nkeys", {})),
+                        deleted=list(doc.get("deleted", [])))  # fmt: skip
         creds.data_dir = Path(data_dir)
+        tenants = creds.live(tenants)
         changed = creds.add_nkeys(tenants)
         for identity in accounts.identities(tenants):
             if identity not in creds.passwords:
@@ -118,8 +124,21 @@ class Credentials:
         """Rewrite the secrets file (0600)."""
         assert self.data_dir is not None
         body = {"passwords": self.passwords, "cipher_key": self.cipher_key,
-                "api_keys": self.api_keys, "nkeys": self.nkeys}  # fmt: skip
+                "api_keys": self.api_keys, "nkeys": self.nkeys,
+                "deleted": sorted(set(self.deleted))}  # fmt: skip
         write_private(self.data_dir / SECRETS_FILE, json.dumps(body, indent=2))
+
+    def live(self, tenants: Sequence[str]) -> list[str]:
+        """``tenants`` without the deleted ones."""
+        return [t for t in tenants if t not in self.deleted]
+
+    def forget(self, tenant: str) -> None:
+        """Drop the tenant's keys and mark it deleted (call ``save``)."""
+        for k in (f"account:{tenant}", f"user:{tenant}", f"revocations:{tenant}"):
+            self.nkeys.pop(k, None)
+        self.api_keys.pop(tenant, None)
+        if tenant not in self.deleted:
+            self.deleted.append(tenant)
 
     def add_nkeys(self, tenants: Sequence[str]) -> bool:
         """Add an nkey for every account and user of ``tenants`` that has

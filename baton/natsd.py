@@ -125,6 +125,7 @@ class NatsServer:
         auth: ServerAuth | None = None,
         cluster: ServerCluster | None = None,
         die_with_parent: bool = False,
+        tags: tuple[str, ...] = (),
     ) -> None:
         self.store_dir = Path(store_dir)
         self.die_with_parent = die_with_parent
@@ -134,6 +135,7 @@ class NatsServer:
         self.tls = tls
         self.auth = auth
         self.cluster = cluster
+        self.tags = tags  # server_tags (``region:eu``): where placement may put streams
         self.proc: subprocess.Popen[bytes] | None = None
         self._offset = 0
 
@@ -177,7 +179,8 @@ class NatsServer:
         creds = Credentials.load_or_create(self.auth.credentials.data_dir, [])
         self.auth.credentials = creds
         # The tenants of the start and those created at run time since.
-        tenants = list(dict.fromkeys([*self.auth.tenants, *creds.tenants()]))
+        # A tenant deleted since (`baton tenant delete`) stays deleted.
+        tenants = creds.live(list(dict.fromkeys([*self.auth.tenants, *creds.tenants()])))
         creds.add_nkeys(tenants)
         creds.nkeys.pop(f"revocations:{accounts.BATON_ACCOUNT}", None)  # all re-issued now
         creds.save()
@@ -195,6 +198,7 @@ class NatsServer:
             cipher_key=accounts.Var(CIPHER_ENV) if self.auth.encrypt else None,
             tls=self.tls.settings() if self.tls is not None else None,
             cluster=self.cluster.settings() if self.cluster is not None else None,
+            server_tags=self.tags,
         )
         write_private(self.config_path, accounts.to_conf(config) + "\n")
 

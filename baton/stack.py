@@ -144,8 +144,10 @@ def start_secure_nats(
 ) -> NatsServer:
     """Start the embedded NATS with an account per tenant, its passwords
     those of ``data_dir``'s secrets (missing ones added), and write the
-    tenants' and the operator's client URLs there."""
+    tenants' and the operator's client URLs there. A tenant deleted at run
+    time (``baton tenant delete``) is left out."""
     creds = Credentials.load_or_create(data_dir, tenants)
+    tenants = creds.live(tenants)
     server = NatsServer(data_dir / "nats", port=port, monitor_port=monitor_port,
                         auth=ServerAuth(tenants, creds),
                         die_with_parent=die_with_parent).start()  # fmt: skip
@@ -170,6 +172,18 @@ class Stack:
     drain_timeout: float = 30.0
     services: list[ServiceProcess] = field(default_factory=list)
     nats: NatsServer | None = None
+    skipped: list[str] = field(default_factory=list)  # deleted tenants of BATON_TENANTS
+
+    def _drop_deleted(self) -> None:
+        """Leave out the tenants ``baton tenant delete`` deleted: a restart
+        must not make them again (keys, account, streams)."""
+        creds = Credentials.load_or_create(self.data_dir, [])
+        self.skipped = [t for t in self.tenants if t not in creds.live(self.tenants)]
+        self.tenants = creds.live(self.tenants)
+        if not self.tenants:
+            raise RuntimeError(f"every tenant of BATON_TENANTS ({', '.join(self.skipped)}) was "
+                               "deleted (`baton tenant delete`): list another, or make one "
+                               "anew with `baton tenant create`")  # fmt: skip
 
     def ports(self) -> list[tuple[int, str]]:
         """Every port this stack binds, with what binds it."""
@@ -189,6 +203,7 @@ class Stack:
         """Start NATS (unless ``nats_url``) and the services; returns the
         address of NATS (without credentials)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._drop_deleted()
         base = {
             "BATON_ENGINE": self.engine,
             "BATON_DATA_DIR": str(self.data_dir.resolve()),
@@ -248,6 +263,10 @@ class Stack:
         signal.signal(signal.SIGINT, on_signal)
         try:
             url = self.start()
+            for tenant in self.skipped:
+                print(f"baton: tenant {tenant} of BATON_TENANTS was deleted (`baton tenant "
+                      f"delete`): skipped (`baton tenant create {tenant}` makes it anew)",
+                      flush=True)  # fmt: skip
             monitor = f" (monitoring http://127.0.0.1:{self.monitor_port})" if self.nats else ""
             print(f"baton: NATS {url}{monitor}, authentication on", flush=True)
             if self.nats is not None:

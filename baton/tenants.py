@@ -19,6 +19,11 @@ operator mode:
   gap). Revoking its old JWT instead would not do: nats-py closes a
   connection for good on the server's "revoked" error.
 
+A tenant may carry a region (``create(region=)``, ``set_region``): the
+registry entry holds it, the orchestrator places the tenant's own streams on
+the servers tagged ``region:<region>`` (``proto.streams.tenant_streams``),
+and ``where`` reads back which servers hold each replica.
+
 Suspension is the registry's (the account stays: the tenant still reads its
 events and gets a ``failed`` event with ``tenant_suspended`` for every new
 task; its running tasks finish). Rotation issues a new user nkey and revokes
@@ -36,11 +41,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from baton import accounts, jwt
+import structlog
+
+from baton import accounts, jwt, residency
 from baton.bus import Bus, connect
 from baton.credentials import Credentials, creds_path, key_path, new_secret, write_private
 from proto import streams, subjects
 from proto.messages import ContextDelete, DeleteReply
+
+log = structlog.get_logger("baton.tenants")
 
 ACTIVE: Final = "active"
 SUSPENDED: Final = "suspended"
@@ -63,9 +72,13 @@ class TenantState:
     state: str
     changed_at: float
     api_key: str = ""  # key_digest of its HTTP API key: the services accept it
+    # Where its data lives: its streams are placed on servers tagged
+    # ``region:<region>`` (``proto.streams.placed``); "" = anywhere.
+    region: str = ""
 
     def encode(self) -> bytes:
-        doc = {"state": self.state, "changed_at": self.changed_at, "api_key": self.api_key}
+        doc = {"state": self.state, "changed_at": self.changed_at, "api_key": self.api_key,
+               "region": self.region}  # fmt: skip
         return json.dumps(doc).encode()
 
     @classmethod
@@ -73,7 +86,14 @@ class TenantState:
         doc = json.loads(value)
         state = doc.get("state")
         return cls(tenant, state if state in STATES else ACTIVE, float(doc.get("changed_at", 0)),
-                   str(doc.get("api_key", "")))  # fmt: skip
+                   str(doc.get("api_key", "")), str(doc.get("region") or ""))  # fmt: skip
+
+
+async def read_registry(bus: Bus) -> dict[str, TenantState]:
+    """Every tenant the registry records (deleted ones included)."""
+    kv = await bus.ensure_bucket(streams.TENANTS)
+    return {e.key: TenantState.decode(e.key, e.value)
+            for e in await kv.entries() if e.value and not e.deleted}  # fmt: skip
 
 
 def account_tenants(creds: Credentials) -> list[str]:
@@ -85,6 +105,12 @@ def _creating(tenant: str) -> str:
     """The secrets file's marker of a create not finished yet (resumed by
     the next ``create``; not listed meanwhile)."""
     return f"creating:{tenant}"
+
+
+def _revoking(tenant: str) -> str:
+    """The secrets file's copy of a deleted tenant's account key, kept until
+    its tombstone JWT is pushed (resumed by the next ``delete``)."""
+    return f"revoking:{tenant}"
 
 
 def _revocations(creds: Credentials, account: str) -> dict[str, int]:
@@ -132,14 +158,33 @@ class TenantAdmin:
                 out[entry.key] = TenantState.decode(entry.key, entry.value).state
         return {t: s for t, s in sorted(out.items()) if s != DELETED}
 
-    async def _set(self, tenant: str, state: str) -> None:
+    async def _set(self, tenant: str, state: str, region: str | None = None) -> None:
+        """Record ``state``; the region stays what it was unless given."""
         kv = await self._registry()
         key = self.creds.api_keys.get(tenant)
         digest = key_digest(key) if key and state != DELETED else ""
-        await kv.put(tenant, TenantState(tenant, state, time.time(), digest).encode())
+        if region is None:
+            region = await self.region(tenant)
+        await kv.put(tenant, TenantState(tenant, state, time.time(), digest, region).encode())
 
     async def state(self, tenant: str) -> str | None:
         return (await self.list()).get(tenant)
+
+    async def region(self, tenant: str) -> str:
+        """The tenant's region ("" for none)."""
+        assert self.op is not None
+        entry = (await read_registry(self.op)).get(tenant)
+        return entry.region if entry is not None and entry.state != DELETED else ""
+
+    async def residency(self, tenant: str) -> dict[str, Any]:
+        """Where the tenant's data lives (``baton tenant where``, ``GET
+        /v1/tenants/<t>/where``): its region, and for each of its streams
+        the placement and the servers, with their tags, holding a replica."""
+        await self._known(tenant)
+        assert self.op is not None and self.sys is not None
+        replicas = await residency.where(self.op, tenant)
+        tags = await residency.server_tags(self.sys)
+        return residency.report(tenant, await self.region(tenant), replicas, tags)
 
     # -- pushes ------------------------------------------------------------------
 
@@ -180,16 +225,24 @@ class TenantAdmin:
 
     # -- steps -------------------------------------------------------------------
 
-    async def create(self, tenant: str) -> Path:
+    async def create(self, tenant: str, region: str | None = None) -> Path:
         """A new tenant: its account, its ``.creds``, URL and API key files,
-        BATON's import of its JetStream API, then the registry entry."""
+        BATON's import of its JetStream API, then the registry entry (with
+        its ``region``: the orchestrator places its streams there)."""
         accounts.check_tenant(tenant)
+        if _revoking(tenant) in self.creds.nkeys:
+            raise TenantError(f"tenant {tenant!r} is not deleted yet: run its delete again")
         marker = _creating(tenant)
         if marker not in self.creds.nkeys:  # else: an earlier call failed half-way
             if await self.state(tenant) is not None:
                 raise TenantError(f"tenant {tenant!r} exists")
+            if region:
+                assert self.sys is not None
+                await residency.check_region(self.sys, region, self.replicas)
             for stale in (f"account:{tenant}", f"user:{tenant}", f"revocations:{tenant}"):
                 self.creds.nkeys.pop(stale, None)
+            if tenant in self.creds.deleted:  # made anew: a restart keeps it from now on
+                self.creds.deleted.remove(tenant)
             self.creds.add_nkeys([*account_tenants(self.creds), tenant])
             self.creds.api_keys.setdefault(tenant, f"bk-{new_secret()}")
             self.creds.nkeys[marker] = str(int(time.time()))
@@ -199,7 +252,7 @@ class TenantAdmin:
         await self._push_tenant(tenant)
         await self._push_baton()
         self._write_files(tenant)
-        await self._set(tenant, ACTIVE)
+        await self._set(tenant, ACTIVE, region or "")
         del self.creds.nkeys[marker]
         self.creds.save()
         await self.wait_served(tenant)
@@ -207,7 +260,7 @@ class TenantAdmin:
 
     async def wait_served(self, tenant: str, timeout: float = 30.0) -> None:
         """Until the orchestrator serves ``tenant``: its task stream and
-        consumer exist, and its own events stream for replay.
+        consumer exist, and its own events and tokens streams for replay.
 
         Raises:
             TenantError: not within ``timeout`` seconds (is an orchestrator running?).
@@ -219,7 +272,8 @@ class TenantAdmin:
         while time.monotonic() < deadline:
             try:
                 await self.op.pending(spec)
-                await tenant_js.stream_info(streams.TENANT_EVENTS.name)
+                for copy in (streams.TENANT_EVENTS, streams.TENANT_TOKENS):
+                    await tenant_js.stream_info(copy.name)
                 return
             except Exception:
                 await asyncio.sleep(0.1)
@@ -232,11 +286,36 @@ class TenantAdmin:
         write_private(self.data_dir / "tenants" / f"{tenant}.url", self.address + "\n")
         write_private(key_path(self.data_dir, tenant), self.creds.api_keys[tenant] + "\n")
 
+    async def _delete_streams(self, tenant: str) -> None:
+        """Delete the streams only ``tenant``'s data lives in (its task
+        stream, its account's events and tokens): their files go with them,
+        and nothing of the tenant is left to serve or to find after a
+        restart. The orchestrator has stopped pulling (the registry said
+        ``deleted``); its erasure of the shared streams goes on."""
+        assert self.op is not None
+        task, *copies = streams.tenant_streams(tenant)
+        tenant_js = self.op.account(accounts.tenant_api_prefix(tenant))
+        for bus, spec in [(self.op, task), *((tenant_js, c) for c in copies)]:
+            try:
+                await bus.delete_stream(spec.name)
+            except Exception as exc:  # a fault, its account unreachable: the revocation goes on
+                log.warning("tenant_stream_not_deleted", tenant=tenant, stream=spec.name,
+                            error=repr(exc))  # fmt: skip
+
     async def _known(self, tenant: str) -> str:
         state = await self.state(tenant)
         if state is None or f"account:{tenant}" not in self.creds.nkeys:
             raise TenantError(f"no tenant {tenant!r}")
         return state
+
+    async def set_region(self, tenant: str, region: str) -> None:
+        """Give a tenant (one of BATON_TENANTS, or one created without) a
+        region: the orchestrator updates its streams' placement and
+        JetStream moves their replicas there (``where`` shows when)."""
+        state = await self._known(tenant)
+        assert self.sys is not None
+        await residency.check_region(self.sys, region, self.replicas)
+        await self._set(tenant, state, region)
 
     async def suspend(self, tenant: str) -> None:
         await self._known(tenant)
@@ -264,37 +343,49 @@ class TenantAdmin:
         its keys. The erasure is the context store's (as ``DELETE
         /v1/tenants/<t>``: its histories, attachments and documents, then the
         orchestrator erases its tasks; one ``erase_tenant`` audit record);
-        then the account is replaced by a tombstone in the resolver, BATON's import of it
-        dropped, its files removed and the registry entry ``deleted``.
+        then the registry entry says ``deleted``, the tenant's own streams
+        are deleted, its keys forgotten and it is marked deleted (a restart
+        listing it skips it), the account is replaced by a tombstone in the
+        resolver, BATON's import of it dropped and its files removed.
         Returns the number of sessions erased."""
-        await self._known(tenant)
-        assert self.op is not None
-        reply = await self.op.request(subjects.context_api("delete", tenant),
-                                      ContextDelete(tenant=tenant), DeleteReply,
-                                      timeout=60.0)  # fmt: skip
-        if reply.error is not None:
-            raise TenantError(f"the context store did not erase {tenant!r}: {reply.error}")
-        await self._set(tenant, DELETED)
-        keys = self.creds.keys()
-        # Forgotten first: a server (re)started from now on leaves the
-        # account out of its configuration (``NatsServer._write_config``).
-        for k in (f"account:{tenant}", f"user:{tenant}", f"revocations:{tenant}"):
-            self.creds.nkeys.pop(k, None)
-        self.creds.api_keys.pop(tenant, None)
-        self.creds.save()
+        marker = _revoking(tenant)
+        sessions = 0
+        if marker not in self.creds.nkeys:  # else: an earlier call failed before the tombstone
+            await self._known(tenant)
+            assert self.op is not None
+            reply = await self.op.request(subjects.context_api("delete", tenant),
+                                          ContextDelete(tenant=tenant), DeleteReply,
+                                          timeout=60.0)  # fmt: skip
+            if reply.error is not None:
+                raise TenantError(f"the context store did not erase {tenant!r}: {reply.error}")
+            sessions = int(reply.sessions or 0)
+            await self._set(tenant, DELETED, "")
+            await self._delete_streams(tenant)
+            # Forgotten first, and marked deleted: a server or a stack (re)started
+            # from now on leaves the account out of its configuration even when
+            # BATON_TENANTS still lists it (``NatsServer._write_config``, ``Stack``).
+            # Its account key is kept aside until the tombstone is in: a push
+            # that fails (an election) is finished by calling delete again,
+            # else the account would stay live with nothing left to revoke it.
+            self.creds.nkeys[marker] = self.creds.nkeys[f"account:{tenant}"]
+            self.creds.forget(tenant)
+            self.creds.save()
         # A tombstone, not $SYS.REQ.CLAIMS.DELETE: in a cluster a server that
         # was down during a delete still holds the account's JWT and, back,
         # its resolver sync spreads it again to the others (the deleted
         # account connects again; measured). A newer JWT admitting nobody
         # (every user revoked, no connection) wins that sync instead.
-        tombstone = jwt.account_jwt(keys.operator, keys.accounts[tenant], tenant, suspended=True,
-                                    revocations={"*": int(time.time()) + 1})  # fmt: skip
+        operator, account = self.creds.keys().operator, jwt.Key(self.creds.nkeys[marker])
+        revoked = {"*": int(time.time()) + 1}
+        tombstone = jwt.account_jwt(operator, account, tenant, suspended=True, revocations=revoked)
         await self._push(tombstone, attempts=5)
+        del self.creds.nkeys[marker]
+        self.creds.save()
         await self._push_baton()
         for path in (creds_path(self.data_dir, tenant), key_path(self.data_dir, tenant),
                      self.data_dir / "tenants" / f"{tenant}.url"):  # fmt: skip
             path.unlink(missing_ok=True)
-        return int(reply.sessions or 0)
+        return sessions
 
 
 __all__ = [
@@ -306,4 +397,5 @@ __all__ = [
     "TenantState",
     "account_tenants",
     "key_digest",
+    "read_registry",
 ]

@@ -4,7 +4,7 @@ turns them into JetStream configuration)."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, Literal
 
 from proto import subjects
@@ -25,6 +25,9 @@ class StreamSpec:
     max_msg_size: int = 1024 * 1024
     description: str = ""
     deny_delete: bool = False  # an append-only record (the audit trail)
+    # JetStream placement: only servers carrying every one of these
+    # ``server_tags`` may hold a replica (a tenant's region, ``placed``).
+    placement_tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,20 @@ def tenant_tasks(tenant: str) -> StreamSpec:
         description=f"Tasks and input answers submitted by tenant {tenant}. "
         "Nats-Msg-Id = task_id de-duplicates.",
     )
+
+
+REGION_TAG: Final = "region:"
+
+
+def region_tags(region: str | None) -> tuple[str, ...]:
+    """The server tags a stream of ``region``'s data is placed on
+    (``region:eu``); none for a tenant without a region."""
+    return (f"{REGION_TAG}{require_id(region, 'region')}",) if region else ()
+
+
+def placed(spec: StreamSpec, region: str | None) -> StreamSpec:
+    """``spec`` pinned to ``region``'s servers (unchanged without a region)."""
+    return replace(spec, placement_tags=region_tags(region)) if region else spec
 
 
 TASK_MAX_DELIVER: Final = 10
@@ -199,6 +216,15 @@ TENANT_TOKENS = StreamSpec(
     max_age=1 * DAY,
     description="This tenant's token deltas, imported from Baton (resumable by sequence).",
 )
+
+
+def tenant_streams(tenant: str, region: str | None = None) -> tuple[StreamSpec, ...]:
+    """Every stream that holds only ``tenant``'s data, placed in its region:
+    its task stream (in BATON's account), then its account's own copies of
+    its events and tokens. (No KV bucket is per tenant: the run store, the
+    registry and the shared streams are one for all, ``docs/security.md``.)"""
+    return tuple(placed(s, region) for s in (tenant_tasks(tenant), TENANT_EVENTS, TENANT_TOKENS))
+
 
 ORCHESTRATOR_DEAD_TASKS = ConsumerSpec(
     stream=DEAD_LETTERS.name,

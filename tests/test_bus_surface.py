@@ -36,8 +36,9 @@ PUBLIC = {
 BUS_METHODS = {
     # provisioning
     "provision", "ensure_stream", "ensure_consumer", "ensure_bucket", "reaches_account",
+    "delete_stream",
     # sending
-    "publish", "notify", "request", "request_raw", "serve", "subscribe", "subscribe_raw",
+    "publish", "notify", "request", "request_raw", "gather_raw", "serve", "subscribe", "subscribe_raw",
     # consuming
     "consume", "puller", "settle", "erase", "dead_letter",
     "stop", "stopping", "wait_stopped", "flush", "close", "refresh_credentials",

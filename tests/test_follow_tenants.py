@@ -37,7 +37,7 @@ async def test_a_new_tenant_is_served_after_many_failed_tries_and_a_deleted_one_
     known: set[str] = {"acme"}
     api_keys = {"bk-operator": "*"}
 
-    async def add(t: str) -> None:
+    async def add(t: str, region: str) -> None:
         tries[t] += 1
         if t == "gone" or tries[t] <= 80:  # more than the 60 tries it used to give up after
             raise RuntimeError(f"tenant {t}'s account is not reachable yet")

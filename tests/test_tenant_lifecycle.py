@@ -26,7 +26,7 @@ from baton import audit
 from baton.bus import Bus, connect
 from baton.dev.testing import Client, LocalStack, connect_nats, http_get, secure_nats, uid
 from baton.natsd import NatsServer
-from baton.tenants import TenantAdmin
+from baton.tenants import TenantAdmin, TenantError
 from tests.ctx import raw_store_contains
 
 pytestmark = pytest.mark.timeout(240)
@@ -303,6 +303,39 @@ async def test_a_create_that_failed_half_way_is_finished_by_the_next_call(
     assert (await admin.list())["halfco"] == "active"
     done = await _chat(server, "halfco")
     assert done["type"] == "completed", done
+
+
+async def test_a_delete_whose_tombstone_push_failed_is_finished_by_the_next_call(
+    server: NatsServer, stack: LocalStack, admin: TenantAdmin
+) -> None:
+    """The keys are forgotten before the tombstone goes out: a push that
+    times out then must not leave the account live with nothing left to
+    revoke it. The next ``delete`` pushes the tombstone; the old .creds is
+    refused."""
+    await admin.create("halfgone")
+    assert (await _chat(server, "halfgone"))["type"] == "completed"
+    kept = server.creds_for("halfgone").read_bytes()
+    pushed = admin._push
+
+    async def times_out(token: str, *, attempts: int = 3) -> None:
+        raise TimeoutError("the resolver did not answer")
+
+    admin._push = times_out  # type: ignore[method-assign]
+    with pytest.raises(TimeoutError):
+        await admin.delete("halfgone")
+    admin._push = pushed  # type: ignore[method-assign]
+    assert "halfgone" not in await admin.list()
+    with pytest.raises(TenantError, match="not deleted yet"):
+        await admin.create("halfgone")  # a new account would leave the old one live
+    await admin.delete("halfgone")
+    creds = server.store_dir / "halfgone-kept.creds"
+    creds.write_bytes(kept)
+    try:
+        with pytest.raises((nats.errors.Error, asyncio.TimeoutError)):
+            await nats.connect(server.address, user_credentials=str(creds),
+                               allow_reconnect=False, connect_timeout=2)  # fmt: skip
+    finally:
+        creds.unlink()
 
 
 async def test_the_services_were_never_restarted(server: NatsServer, stack: LocalStack) -> None:

@@ -43,6 +43,7 @@ def _stream_config(spec: StreamSpec, replicas: int) -> api.StreamConfig:
         description=spec.description or None,
         deny_delete=spec.deny_delete,
         deny_purge=spec.deny_delete,
+        placement=api.Placement(tags=list(spec.placement_tags)) if spec.placement_tags else None,
     )
 
 

@@ -143,3 +143,22 @@ class Messaging(StreamReads):
         e.g. ``$SYS.REQ.CLAIMS.UPDATE``)."""
         msg = await self._nc.request(subject, payload, timeout=timeout)
         return bytes(msg.data)
+
+    async def gather_raw(
+        self, subject: str, payload: bytes = b"", *, wait: float = 1.0
+    ) -> list[bytes]:
+        """Core request answered by many (``$SYS.REQ.SERVER.PING``: every
+        server): every reply that arrives within ``wait`` seconds."""
+        replies: list[bytes] = []
+        inbox = self._nc.new_inbox()
+
+        async def on_msg(msg: Msg) -> None:
+            replies.append(bytes(msg.data))
+
+        sub = await self._nc.subscribe(inbox, cb=on_msg)
+        try:
+            await self._nc.publish(subject, payload, reply=inbox)
+            await asyncio.sleep(wait)
+        finally:
+            await sub.unsubscribe()
+        return replies

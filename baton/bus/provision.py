@@ -41,6 +41,15 @@ class Provisioning(Consuming):
 
         await _retry_store_race(add_or_update)
 
+    async def delete_stream(self, name: str) -> bool:
+        """Delete the stream, its consumers and its files (a deleted tenant's
+        own streams); False when there was none."""
+        try:
+            await _retry_store_race(lambda: self._js.delete_stream(name))
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
+
     async def ensure_consumer(self, spec: ConsumerSpec) -> None:
         """Create the durable consumer, or update its mutable fields in place
         (the server keeps its position and pending messages)."""

@@ -75,8 +75,16 @@ class StreamReads(BusCore):
         with _translated():
             info = await self._js.stream_info(stream, subjects_filter=subjects_filter)
         st = info.state
+        placement = info.config.placement
+        cluster = info.cluster
+        servers: list[str] = []
+        if cluster is not None:
+            servers = [s for s in [cluster.leader, *(p.name for p in cluster.replicas or [])]
+                       if s]  # fmt: skip
         return StreamState(st.messages, st.bytes, st.first_seq, st.last_seq,
-                           st.consumer_count, dict(st.subjects or {}))  # fmt: skip
+                           st.consumer_count, dict(st.subjects or {}),
+                           tuple(placement.tags or ()) if placement else (),
+                           tuple(dict.fromkeys(servers)))  # fmt: skip
 
     async def subjects(self, stream: str, pattern: str) -> dict[str, int]:
         """Subjects of ``stream`` matching ``pattern``, with their message counts.

@@ -106,7 +106,7 @@ class Published:
 @dataclass(frozen=True, slots=True)
 class StreamState:
     """A stream's state (``subjects``: message counts per subject, when
-    asked for with a filter)."""
+    asked for with a filter) and placement."""
 
     messages: int
     bytes: int
@@ -114,6 +114,10 @@ class StreamState:
     last_seq: int
     consumers: int
     subjects: dict[str, int] = field(default_factory=dict)
+    # Where it lives: its placement tags, and the servers holding a replica
+    # (the leader first; one server's name on a single server).
+    placement_tags: tuple[str, ...] = ()
+    servers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from baton.accounts import TENANT_STREAMS, tenant_api_prefix
 from baton.bus import Bus
 from baton.dlq import MaxDeliveryWatch
 from baton.service import Health
-from baton.tenants import DELETED, SUSPENDED, TenantState
+from baton.tenants import DELETED, SUSPENDED, TenantState, read_registry
 from proto import streams, subjects
 from proto.messages import Heartbeat
 
@@ -68,20 +68,22 @@ async def follow_tenants(
     bus: Bus,
     intake: Intake,
     known: set[str],
-    add: Callable[[str], Awaitable[None]],
+    add: Callable[[str, str], Awaitable[None]],
     changed: Callable[[], None],
     api_keys: dict[str, str] | None = None,
     drop: Callable[[str], None] = lambda t: None,
+    place: Callable[[str, str], Awaitable[None]] | None = None,
 ) -> None:
     """Follow the tenant registry (``baton tenant ...``): a new active tenant
-    is provisioned and served, a suspended one refused new tasks
-    (``tenant_suspended``), a deleted one forgotten."""
+    is provisioned (in its region) and served, a suspended one refused new
+    tasks (``tenant_suspended``), a deleted one forgotten; a served tenant's
+    region is handed to ``place`` (its streams moved when it changed)."""
     kv = await bus.ensure_bucket(streams.TENANTS)
     started = time.time()
     adding: dict[str, asyncio.Task[None]] = {}
     latest_key: dict[str, str | None] = {}  # a rotation while the tenant is being served
 
-    async def serve(t: str, fresh: bool) -> None:
+    async def serve(t: str, fresh: bool, region: str) -> None:
         """Provision and serve ``t`` until it is served: its permissions come
         with the orchestrator's re-issued .creds, read at a reconnect, and a
         fault (an election, a cluster restart) may hold NATS longer than any
@@ -93,7 +95,7 @@ async def follow_tenants(
                 if fresh or (attempt and time.monotonic() - refreshed > REFRESH_EVERY):
                     refreshed = time.monotonic()
                     await bus.refresh_credentials()
-                await add(t)
+                await add(t, region)
                 break
             except Exception as exc:
                 attempt += 1
@@ -131,8 +133,16 @@ async def follow_tenants(
                 else:
                     intake.suspended.discard(t)
                 if t not in known and (t not in adding or adding[t].done()):
-                    adding[t] = asyncio.create_task(serve(t, entry_state.changed_at >= started))
-                elif api_keys and entry_state.api_key and t in known:
+                    adding[t] = asyncio.create_task(
+                        serve(t, entry_state.changed_at >= started, entry_state.region)
+                    )
+                elif t in known and place is not None and entry_state.region:
+                    try:
+                        await place(t, entry_state.region)
+                    except Exception as exc:  # the registry keeps the region: a restart retries
+                        log.error("tenant_place_failed", tenant=t, region=entry_state.region,
+                                  error=repr(exc))  # fmt: skip
+                if api_keys and entry_state.api_key and t in known:
                     api_keys[entry_state.api_key] = t
                 log.info("tenant_state", tenant=t, state=state)
         except asyncio.CancelledError:
@@ -149,14 +159,27 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
         BUILTIN_WORKFLOWS, settings.workflows_dir, mcp_servers=frozenset(settings.mcp_servers)
     )
     workflows = {name: GraphWorkflow(spec) for name, spec in specs.items()}
-    tenants = settings.tenant_ids
+    # The registry first: a tenant of BATON_TENANTS deleted at run time stays
+    # deleted (none of its streams made again), and each tenant's streams are
+    # created in its region from the start.
+    recorded = await read_registry(bus)
+    tenants = []
+    for t in settings.tenant_ids:
+        if t in recorded and recorded[t].state == DELETED:
+            log.warning("tenant_deleted_skipped", tenant=t,
+                        reason="deleted by `baton tenant delete`; `baton tenant create` makes "
+                        "it anew")  # fmt: skip
+        else:
+            tenants.append(t)
+    regions = {t: entry.region for t, entry in recorded.items() if entry.region}
+    own = {t: streams.tenant_streams(t, regions.get(t)) for t in tenants}
     # Every pool a step may be placed on has its consumer before any worker
     # of it ever ran: a job sent to a pool at zero is its backlog, which is
     # what wakes the pool (KEDA's lag), and the scheduler's view of it.
     pools = {settings.default_pool, *settings.catalogue.pools}
     pools |= {p for spec in specs.values() for a in spec.agents.values() for p in a.eligible}
     await bus.provision(
-        streams=[*streams.ORCHESTRATOR_STREAMS, *(streams.tenant_tasks(t) for t in tenants)],
+        streams=[*streams.ORCHESTRATOR_STREAMS, *(own[t][0] for t in tenants)],
         consumers=[
             *(streams.task_consumer(t) for t in tenants),
             *(streams.input_consumer(t) for t in tenants),
@@ -173,12 +196,13 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     # its clients live in Baton's account and replay BATON_EVENTS itself.
     if tenants and await bus.reaches_account(tenant_api_prefix(tenants[0])):
         for t in tenants:
-            for spec in (streams.TENANT_EVENTS, streams.TENANT_TOKENS):
+            for spec in own[t][1:]:  # its events and tokens
                 await bus.account(tenant_api_prefix(t)).ensure_stream(spec)
     elif tenants:
         log.warning("tenant_accounts_unreachable", tenant=tenants[0])
     runs = RunStore(await bus.ensure_bucket(streams.RUNS))
     known = set(tenants)
+    placed = {t: regions.get(t, "") for t in tenants}  # the region its streams are placed in
 
     def copies(tenant: str) -> list[tuple[Bus, str]]:
         """The tenant account's own copies of its events and tokens."""
@@ -220,15 +244,18 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
         for loop in loops.pop(t, []):
             loop.cancel()
 
-    async def add_tenant(t: str) -> None:
-        """A tenant created at run time: its streams and consumers, then its loops."""
+    async def add_tenant(t: str, region: str) -> None:
+        """A tenant created at run time: its streams (in its region) and
+        consumers, then its loops."""
+        task_stream, *copies = streams.tenant_streams(t, region)
         consumers = [streams.task_consumer(t), streams.input_consumer(t)]
-        await bus.provision(streams=[streams.tenant_tasks(t)], consumers=consumers)
+        await bus.provision(streams=[task_stream], consumers=consumers)
         if not await bus.reaches_account(tenant_api_prefix(t)):
             raise RuntimeError(f"tenant {t}'s account is not reachable yet")
-        for spec in (streams.TENANT_EVENTS, streams.TENANT_TOKENS):
+        for spec in copies:
             await bus.account(tenant_api_prefix(t)).ensure_stream(spec)
         known.add(t)
+        placed[t] = region
         svc.tenants = frozenset(known)
         loops[t] = [
             asyncio.create_task(intake.run_tenant(
@@ -236,12 +263,25 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
             asyncio.create_task(
                 bus.consume(streams.input_consumer(t), conductor.on_input, concurrency=4)),
         ]  # fmt: skip
-        log.info("tenant_added", tenant=t)
+        log.info("tenant_added", tenant=t, region=region or None)
+
+    async def place_tenant(t: str, region: str) -> None:
+        """A served tenant given a region (``baton tenant region``): its
+        streams' placement updated, which has JetStream move their replicas
+        to the region's servers (data and consumers with them)."""
+        if placed.get(t, "") == region:
+            return
+        task_stream, *copies = streams.tenant_streams(t, region)
+        await bus.ensure_stream(task_stream)
+        for spec in copies:
+            await bus.account(tenant_api_prefix(t)).ensure_stream(spec)
+        placed[t] = region
+        log.info("tenant_placed", tenant=t, region=region)
 
     registry = asyncio.create_task(
         follow_tenants(bus, intake, known, add_tenant,
                        lambda: setattr(svc, "tenants", frozenset(known)), settings.api_keys,
-                       drop_tenant)
+                       drop_tenant, place_tenant)
     )  # fmt: skip
     in_flight = asyncio.create_task(conductor.check_in_flight(settings.in_flight_check_interval))
     health.ready, health.reason = True, "serving"

@@ -15,6 +15,7 @@ from fastapi import Depends, FastAPI
 from pydantic import BaseModel
 
 from baton.http_errors import ERROR_RESPONSES, ApiError, ErrorBody
+from baton.residency import RegionError
 from baton.tenants import TenantAdmin, TenantError
 from baton.urls import split_creds
 from proto.errors import ErrorCode
@@ -23,8 +24,14 @@ from proto.ids import require_id
 from .settings import OrchestratorSettings
 
 
+class RegionIn(BaseModel):
+    region: str
+
+
 class TenantIn(BaseModel):
     tenant: str
+    # Its data stays on servers tagged region:<region> (docs/security.md).
+    region: str | None = None
 
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -50,6 +57,8 @@ def add_tenant_routes(
             async with TenantAdmin(settings.tenant_admin_dir, address,
                                    replicas=settings.stream_replicas) as admin:  # fmt: skip
                 return await work(admin)
+        except RegionError as exc:
+            raise ApiError(ErrorCode.INVALID_FIELD, str(exc), param="region") from exc
         except TenantError as exc:
             code = ErrorCode.CONFLICT if "exists" in str(exc) else ErrorCode.UNKNOWN_TENANT
             raise ApiError(code, str(exc)) from exc
@@ -70,8 +79,36 @@ def add_tenant_routes(
     async def create_tenant(body: TenantIn) -> dict[str, Any]:
         """Create a tenant; answers once it can submit, with its .creds text."""
         t = checked(body.tenant)
-        path = await run(lambda a: a.create(t))
-        return {"tenant": t, "state": "active", "creds": path.read_text()}
+        region = body.region
+        if region is not None:
+            try:
+                require_id(region, "region")
+            except ValueError as exc:
+                raise ApiError(ErrorCode.INVALID_FIELD, str(exc), param="region") from exc
+        path = await run(lambda a: a.create(t, region))
+        return {"tenant": t, "state": "active", "region": region, "creds": path.read_text()}
+
+    @app.put("/v1/tenants/{tenant}/region", dependencies=[Depends(operator)],
+             responses=RESPONSES)  # fmt: skip
+    async def set_region(tenant: str, body: RegionIn) -> dict[str, Any]:
+        """Keep an existing tenant's data on servers tagged region:<region>:
+        its streams move there (``GET .../where`` shows when)."""
+        t = checked(tenant)
+        try:
+            region = require_id(body.region, "region")
+        except ValueError as exc:
+            raise ApiError(ErrorCode.INVALID_FIELD, str(exc), param="region") from exc
+        await run(lambda a: a.set_region(t, region))
+        return {"tenant": t, "region": region}
+
+    @app.get("/v1/tenants/{tenant}/where", dependencies=[Depends(operator)],
+             responses=RESPONSES)  # fmt: skip
+    async def tenant_where(tenant: str) -> dict[str, Any]:
+        """Where the tenant's data lives: each of its streams, its placement
+        tags and the servers (with their tags) holding its replicas."""
+        t = checked(tenant)
+        result: dict[str, Any] = await run(lambda a: a.residency(t))
+        return result
 
     @app.post("/v1/tenants/{tenant}/{action}", dependencies=[Depends(operator)],
               responses=RESPONSES)  # fmt: skip

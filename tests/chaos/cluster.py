@@ -19,6 +19,7 @@ import os
 import signal
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from baton import accounts
@@ -83,10 +84,11 @@ class Node:
 
 class Cluster:
     """``size`` nodes with Baton's accounts for ``tenants``; the secrets and
-    ``.creds`` files live in ``data_dir`` (what ``baton tenant`` reads)."""
+    ``.creds`` files live in ``data_dir`` (what ``baton tenant`` reads).
+    ``tags``: each node's ``server_tags`` (``("region:eu",)``), in order."""
 
-    def __init__(self, root: Path, tenants: list[str], size: int = 3,
-                 *, encrypt: bool = True) -> None:  # fmt: skip
+    def __init__(self, root: Path, tenants: list[str], size: int = 3, *, encrypt: bool = True,
+                 tags: Sequence[tuple[str, ...]] = ()) -> None:  # fmt: skip
         self.data_dir = root / "data"
         self.creds = Credentials.load_or_create(self.data_dir, tenants)
         ports = [(free_port(), free_port(), free_port()) for _ in range(size)]
@@ -95,7 +97,8 @@ class Cluster:
             Node(f"n{i + 1}", NatsServer(
                 root / f"n{i + 1}", port=p, monitor_port=m, server_name=f"n{i + 1}",
                 auth=ServerAuth(list(tenants), self.creds, encrypt=encrypt),
-                cluster=ServerCluster("baton-chaos", c, routes)))
+                cluster=ServerCluster("baton-chaos", c, routes),
+                tags=tuple(tags[i]) if tags else ()))
             for i, (p, c, m) in enumerate(ports)
         ]  # fmt: skip
 

@@ -255,14 +255,16 @@ async def delete_tenant(admin: TenantAdmin, run: Run, during: Fault) -> None:
     registry says deleted (a request may time out mid-fault)."""
     t0, err = time.monotonic(), None
     for _ in range(8):
-        if await _retry("tenant state", lambda: admin.state(DELETED)) is None:
-            break
         try:
             await admin.delete(DELETED)
             break
-        except Exception as e:  # the erasure request timed out in a fault
+        except TenantError as e:
+            if "no tenant" in str(e):  # an earlier try got through
+                break
             err = e
-            await asyncio.sleep(2)
+        except Exception as e:  # a request timed out in a fault: delete resumes
+            err = e
+        await asyncio.sleep(2)
     else:
         raise AssertionError(f"tenant delete {DELETED}: {err!r}")
     run.lifecycle.append(f"delete {DELETED} with {during.target} down: "
@@ -456,9 +458,13 @@ async def test_baton_on_a_3_node_cluster_loses_and_duplicates_nothing_under_faul
                 jobs[job["job_id"]] += 1
                 first_dispatch.setdefault(job["job_id"], job.get("published_at", 0.0))
         results: Counter[str] = Counter()
+        generated: Counter[str] = Counter()  # results that carry a generation of their own
         for tenant in (run.tenant, CREATED):
             for msg in await read_all(js, "CHAOS_RESULTS", f"baton.results.{tenant}.>"):
-                results[msgpack.unpackb(msg.data)["job_id"]] += 1
+                res = msgpack.unpackb(msg.data)
+                results[res["job_id"]] += 1
+                if (res.get("usage") or {}).get("completion_tokens", 0) > 0:
+                    generated[res["job_id"]] += 1
 
         problems: list[str] = [f"a driver or tenant step gave up: {e}" for e in gave_up]
         # -- the fence: tenants' own connections, and every node's resolver --
@@ -522,9 +528,14 @@ async def test_baton_on_a_3_node_cluster_loses_and_duplicates_nothing_under_faul
                 problems.append(
                     f"{t.task_id}: usage {done['usage']} is not its steps' sum ({spent})"
                 )
-        for job_id, n in results.items():
+        # A step answered twice by the engine is a duplicate. A retry that
+        # found the answer stored and republished it (no usage: nothing was
+        # generated) is not: the step timed out while its answer was on the
+        # way (a rescue from a killed worker's queue near the deadline), and
+        # the orchestrator takes the first result. Both are printed below.
+        for job_id, n in generated.items():
             if n > 1:
-                problems.append(f"job {job_id}: {n} results stored")
+                problems.append(f"job {job_id}: generated {n} times")
         turns_ok = 0
         for session, inputs in run.inputs.items():
             if not inputs:
@@ -553,7 +564,8 @@ async def test_baton_on_a_3_node_cluster_loses_and_duplicates_nothing_under_faul
         print(f"\n{len(run.tasks)} tasks ({sum(len(v) for v in run.inputs.values())} chat turns in "
               f"{len(run.inputs)} sessions), {len(schedule)} faults in {faults_took:.0f}s; "
               f"{len(jobs)} jobs mirrored, {redispatched} dispatched again, "
-              f"max results per job {max(results.values(), default=0)}; "
+              f"max results per job {max(results.values(), default=0)} "
+              f"(generated {max(generated.values(), default=0)}); "
               f"{turns_ok} chat turns in history exactly once")  # fmt: skip
         print(f"{'fault':<26}{'target':<12}{'tasks':>6}{'lost':>6}{'dup':>5}"
               f"{'recovery s':>12}{'p50 s':>8}{'p99 s':>8}")  # fmt: skip
@@ -581,8 +593,8 @@ async def test_baton_on_a_3_node_cluster_loses_and_duplicates_nothing_under_faul
                 struck = [f for f in run.faults if f.at <= at]
                 return f"{struck[-1].kind}+{at - struck[-1].at:.0f}s" if struck else "?"
 
-            print(f"dispatched again: {[(j.split('.', 1)[1], results[j], window_of(j)) for j in again]} "
-                  "(job, results stored, fault + seconds after it when first dispatched)")  # fmt: skip
+            print(f"dispatched again: {[(j.split('.', 1)[1], results[j], generated[j], window_of(j)) for j in again]} "
+                  "(job, results stored, of them generated, fault + seconds after it when first dispatched)")  # fmt: skip
         dead = Counter(m.subject for m in await read_all(js, "BATON_DLQ", "baton.dlq.>"))
         if dead:
             print(f"dead letters: {dict(dead)}")
