@@ -71,6 +71,18 @@ async def _chat(server: NatsServer, tenant: str, **kw: Any) -> dict[str, Any]:
         await client.close()
 
 
+async def _refused(server: NatsServer, path: Path, creds: bytes) -> None:
+    """The server refuses a client presenting ``creds`` (written to ``path``
+    for the client, removed after)."""
+    path.write_bytes(creds)
+    try:
+        with pytest.raises((nats.errors.Error, asyncio.TimeoutError)):
+            await nats.connect(server.address, user_credentials=str(path),
+                               allow_reconnect=False, connect_timeout=2)  # fmt: skip
+    finally:
+        path.unlink()
+
+
 async def test_a_tenant_created_with_the_cli_runs_a_task_within_seconds(
     server: NatsServer, stack: LocalStack
 ) -> None:
@@ -199,13 +211,7 @@ async def test_delete_revokes_the_creds_erases_the_data_and_is_audited(
     out = _cli(server, "delete", "doomed")
     assert out.returncode == 0, out.stderr
     assert not creds.exists()
-    creds.write_bytes(kept)
-    try:
-        with pytest.raises((nats.errors.Error, asyncio.TimeoutError)):
-            await nats.connect(server.address, user_credentials=str(creds),
-                               allow_reconnect=False, connect_timeout=2)  # fmt: skip
-    finally:
-        creds.unlink()
+    await _refused(server, creds, kept)
     deadline = time.monotonic() + 30
     while raw_store_contains(store, secret.encode()):
         assert time.monotonic() < deadline, raw_store_contains(store, secret.encode())
@@ -328,14 +334,7 @@ async def test_a_delete_whose_tombstone_push_failed_is_finished_by_the_next_call
     with pytest.raises(TenantError, match="not deleted yet"):
         await admin.create("halfgone")  # a new account would leave the old one live
     await admin.delete("halfgone")
-    creds = server.store_dir / "halfgone-kept.creds"
-    creds.write_bytes(kept)
-    try:
-        with pytest.raises((nats.errors.Error, asyncio.TimeoutError)):
-            await nats.connect(server.address, user_credentials=str(creds),
-                               allow_reconnect=False, connect_timeout=2)  # fmt: skip
-    finally:
-        creds.unlink()
+    await _refused(server, server.store_dir / "halfgone-kept.creds", kept)
 
 
 async def test_the_services_were_never_restarted(server: NatsServer, stack: LocalStack) -> None:
