@@ -19,8 +19,8 @@ from bench import RESULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
-ORDER = ["worker", "model", "context", "orchestrator", "routing", "tokens", "tools", "auth",
-         "security", "fairness", "fairwork", "scaling", "placement", "prewarm", "tracing",
+ORDER = ["worker", "model", "context", "orchestrator", "conflicts", "routing", "tokens", "tools",
+         "auth", "security", "fairness", "fairwork", "scaling", "placement", "prewarm", "tracing",
          "console"]  # fmt: skip
 
 HEADER = """# Benchmarks

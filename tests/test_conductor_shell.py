@@ -12,10 +12,10 @@ import msgpack
 from baton.dev.testing import uid
 from proto import subjects
 from proto.messages import InputAnswer
-from services.orchestrator.metrics import INPUT_ANSWERS
+from services.orchestrator.metrics import INPUT_ANSWERS, RUN_CONFLICTS
 from services.orchestrator.service import BUILTIN_WORKFLOWS
 from services.orchestrator.workflows import GraphWorkflow, load_dir, parse
-from tests.twin_shell import INPUTS, TASKS, TENANT, TIMERS, Shell
+from tests.twin_shell import INPUTS, RESULTS, TASKS, TENANT, TIMERS, Shell
 
 WORKFLOWS = {n: GraphWorkflow(s) for n, s in load_dir(BUILTIN_WORKFLOWS).items()}
 UNENFORCEABLE = [math.nan, math.inf, -math.inf, -1.0]
@@ -126,3 +126,29 @@ async def test_an_answer_to_a_finished_task_is_ignored() -> None:
     users = [m.content for m in shell.store.sessions["t1"] if m.role == "user"]
     assert users == ["hi", "go ahead by default"]
     assert shell.events("t1") == events
+
+
+async def test_a_write_that_loses_its_compare_and_set_is_counted_and_decided_again() -> None:
+    """``baton_run_write_conflicts_total``: the figure that says how often a
+    run's parallel branches (or replicas) contend for its key. (On real
+    processes: the chaos tier's replicas and `python -m bench orchestrator`.)"""
+    shell = await Shell.start(WORKFLOWS)
+    conflicts = RUN_CONFLICTS.labels("chat")
+    before = conflicts._value.get()
+    task_id = uid()
+    await shell.submit("chat", task_id)
+    raced: list[str] = []
+
+    def race(key: str) -> None:  # another writer stores the run first, once
+        if not raced:
+            raced.append(key)
+            shell.kv.race(key)
+
+    await shell.handle(TASKS)  # the run is created, its step dispatched
+    assert await shell.work() is not None
+    shell.kv.before_write = race
+    await shell.handle(RESULTS)  # the answer's write loses once, is decided again
+    shell.kv.before_write = None
+    assert raced and conflicts._value.get() == before + 1
+    await shell.settle_all()
+    assert [e["type"] for e in shell.events(task_id)][-1] == "completed"

@@ -161,6 +161,7 @@ class Conductor:
                 try:
                     snap = await self.runs.write(out.run, snap.revision if snap else None)
                 except RunConflict:  # the leader's revision, not a lagging replica's
+                    m.RUN_CONFLICTS.labels(out.run.workflow).inc()
                     self.pools.changed(out.run, old)
                     snap, fresh = await self.runs.read(tenant, task_id, consistent=True), True
                     continue

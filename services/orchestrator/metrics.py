@@ -36,6 +36,12 @@ STEPS_IN_FLIGHT = Gauge(
     "Steps dispatched and not yet finished, in the runs this replica stored last.",
 )
 BUDGET_STOPS = Counter("baton_budget_stops", "Tasks stopped by their budget.", ["workflow"])
+RUN_CONFLICTS = Counter(
+    "baton_run_write_conflicts",
+    "Compare-and-set writes of a run's state that lost (another replica or a parallel branch "
+    "of the same run wrote first): the run is read again and decided again.",
+    ["workflow"],
+)
 TOKENS = Counter(
     "baton_tokens", "Tokens by workflow, agent and kind.", ["workflow", "agent", "kind"]
 )
@@ -75,6 +81,7 @@ def init_series(workflows: dict[str, dict[str, str]], tenants: Iterable[str]) ->
             TASKS.labels(wf, outcome)
         TASK_LATENCY.labels(wf)
         BUDGET_STOPS.labels(wf)
+        RUN_CONFLICTS.labels(wf)
         for phase in PHASES:
             for pool in sorted(set(agents.values())):
                 STEP_PHASE.labels(phase, wf, pool)
