@@ -6,6 +6,8 @@ real processes (shared stack): ``tests/test_worker_republish.py``,
 
 from __future__ import annotations
 
+import asyncio
+
 from baton.bus import Delivery
 from proto import codec, keys, subjects
 from proto.messages import (
@@ -133,3 +135,30 @@ async def test_a_dispatch_older_than_one_already_taken_is_acked_without_a_result
         await _run_job(shell, jobs, _job(shell, attempt=attempt))
     assert [i for i, _ in _results(shell)] == [keys.result("j1", 2), keys.result("j1", 3)]
     assert shell.twin.unsettled(POOL.durable) == 0  # attempt 1 was acked, not naked
+
+
+async def test_a_retry_that_arrives_while_its_first_dispatch_runs_here_is_not_generated_again() -> (
+    None
+):
+    """The step's deadline passed while its first dispatch was generating on
+    this worker (rescued late from a dead peer's queue: the chaos tier's seed
+    707): the retry waits for it, finds the answer stored and republishes it.
+    Two results, one generation."""
+    shell, jobs = await _shell()
+    await _asked(shell)
+
+    async def handle(d: Delivery) -> None:
+        await jobs.handle(d, lambda: None)
+
+    for attempt in (1, 2):
+        job = _job(shell, attempt=attempt)
+        await shell.twin.publish(subjects.job("default"), job,
+                                 msg_id=keys.job_message(job.job_id, attempt))  # fmt: skip
+    ready = shell.twin.ready(POOL.durable)
+    assert len(ready) == 2
+    await asyncio.gather(*(shell.twin.deliver(POOL.durable, handle, seq) for seq in ready))
+    results = _results(shell)
+    assert sorted(i for i, _ in results) == [keys.result("j1", 1), keys.result("j1", 2)]
+    generated = [r for _, r in results if r.usage.completion_tokens > 0]
+    assert len(generated) == 1, [r.usage for _, r in results]
+    assert len({r.output for _, r in results}) == 1

@@ -67,3 +67,30 @@ async def test_a_dispatch_older_than_one_already_taken_is_dropped(bus: Bus) -> N
     await sub.unsubscribe()
     assert ids == [keys.result(job_id, 2), keys.result(job_id, 3)]
     assert late == 0
+
+
+async def test_a_retry_published_while_its_first_dispatch_runs_is_answered_from_the_store(
+    bus: Bus,
+) -> None:
+    """Both dispatches of a step reach the worker at once (a retry after a
+    late rescue): the second waits for the first and republishes its stored
+    answer, so the step is generated once. (On the twin too:
+    tests/test_job_shell.py.)"""
+    tenant, session, job_id, task_id = "acme", uid("s"), uid("j"), uid()
+    asked = await append(bus, tenant, session, uid("m"), "hello", system="sys")
+    sub = await bus._nc.subscribe(subjects.result(tenant, task_id))
+    for attempt in (1, 2):
+        job = InferenceJob(
+            job_id=job_id, task_id=task_id, tenant=tenant, session=session, workflow="test",
+            step="s1", agent="a", ref=asked.ref, max_tokens=64, attempt=attempt,
+        )  # fmt: skip
+        await bus.publish(subjects.job("default"), job,
+                          msg_id=keys.job_message(job_id, attempt), task_id=task_id)  # fmt: skip
+    results = []
+    for _ in range(2):
+        msg = await asyncio.wait_for(sub.next_msg(timeout=30), 31)
+        results.append(codec.decode(msg.data, InferenceResult))
+    await sub.unsubscribe()
+    assert [r.error for r in results] == [None, None]
+    assert [r.usage.completion_tokens > 0 for r in results] == [True, False]
+    assert results[0].output == results[1].output

@@ -91,6 +91,10 @@ class JobHandler:
         self.pool = sup.s.pool
         self.cancelled = CancelledTasks()
         self.attempts = Attempts()
+        # job_id -> set when the dispatch of it running here ends: a later
+        # dispatch of the same step waits, then finds the answer stored and
+        # republishes it instead of generating it a second time.
+        self._running: dict[str, asyncio.Event] = {}
         model = sup.s.model_name
         self._latency = (m.TTFT.labels(self.pool, model), m.ITL.labels(self.pool, model))
 
@@ -112,7 +116,13 @@ class JobHandler:
                 admitted[0] = True
                 on_admitted()
 
+        mine = asyncio.Event()
         try:
+            earlier = None if job.warm else self._running.get(job.job_id)
+            if not job.warm:
+                self._running[job.job_id] = mine
+            if earlier is not None:  # the step timed out while its answer was on the way
+                await earlier.wait()
             with (
                 structlog.contextvars.bound_contextvars(task_id=job.task_id, job_id=job.job_id),
                 spans.chat(job, self.s),
@@ -120,6 +130,9 @@ class JobHandler:
                 await self._run(d, job, admit)
         finally:
             admit()
+            mine.set()
+            if self._running.get(job.job_id) is mine:
+                del self._running[job.job_id]
 
     def _budget(self, job: InferenceJob) -> int:
         cap = self.engine.capacity()
