@@ -1,10 +1,12 @@
 """Who may do what on the bus: NATS accounts, identities and permissions.
 
-Pure: this module renders a nats-server configuration (a JSON document, which
-nats-server reads as its own format) from a list of tenants and a password per
-identity. No I/O; ``baton.credentials`` keeps the secrets and ``baton.natsd``
-runs the server. One source for every deployment: ``baton up``, the tests,
-compose and Kubernetes all render their NATS configuration here.
+Pure: this module renders a nats-server configuration in operator mode (the
+accounts as JWTs signed by the operator's nkey, nats-server's own format)
+and each identity's ``.creds`` from a list of tenants and the deployment's
+nkeys. No I/O; ``baton.credentials`` keeps the keys and ``baton.natsd`` runs
+the server. One source for every deployment: ``baton up``, the tests,
+compose and Kubernetes (``baton nats-auth``) all render their NATS
+authentication here.
 
 The shape (measured in ``shared/notes/nats-tenancy.md``, explained in
 ``docs/security.md``)::
@@ -16,10 +18,9 @@ The shape (measured in ``shared/notes/nats-tenancy.md``, explained in
 
 * A tenant publishes ``baton.tasks.<workflow>`` in its own account; a service
   import maps it into BATON as ``baton.tasks.<tenant>.<workflow>``. The
-  import names the tenant and only Baton signs it (operator mode; the
-  password configuration for compose/Kubernetes pins the token with
-  ``account_token_position`` instead, which in operator mode would be the
-  account's public key), so no tenant can publish as another.
+  import names the tenant and only Baton's operator signs it (a pinned
+  ``account_token_position`` would be the account's public key in operator
+  mode, not its name), so no tenant can publish as another.
 * Answers to input steps work the same way: the tenant publishes
   ``baton.input.<task_id>``, which arrives as ``baton.input.<tenant>.<task_id>``
   (pinned), so a tenant can only ever answer its own tasks.
@@ -36,7 +37,6 @@ The shape (measured in ``shared/notes/nats-tenancy.md``, explained in
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -87,12 +87,6 @@ def inbox_prefix(user: str) -> str:
     """The inbox prefix a Baton service connects with: replies to one service
     are invisible to the others (tenants keep the default ``_INBOX``)."""
     return f"_INBOX_{user}"
-
-
-def password_var(identity: str) -> str:
-    """The variable that carries ``identity``'s password into nats-server, for
-    configurations that hold no secret (compose, Kubernetes, containers)."""
-    return "NATS_PASSWORD_" + re.sub(r"[^A-Z0-9]", "_", identity.upper())
 
 
 def tenant_api_prefix(tenant: str) -> str:
@@ -328,107 +322,20 @@ def to_conf(value: Any, indent: int = 0) -> str:
     raise TypeError(f"cannot render {type(value).__name__} in a nats-server config")
 
 
+def to_conf_entries(config: Mapping[str, Any]) -> str:
+    """A configuration's top-level entries without the enclosing braces: a
+    file another configuration ``include``s."""
+    return "".join(f"{json.dumps(str(k))}: {to_conf(v)}\n" for k, v in config.items())
+
+
 def _unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def _user(
-    name: str, password: str | Var, permissions: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    user: dict[str, Any] = {"user": name, "password": password}
-    if permissions is not None:
-        user["permissions"] = permissions
-    return user
-
-
 def identities(tenants: Sequence[str]) -> list[str]:
-    """Every identity that needs a password: services, operator, system, tenants."""
+    """Every identity with a user (and a ``.creds`` file): services, operator,
+    system, tenants."""
     return [*SERVICES, OPERATOR, SYSTEM_USER, *tenants]
-
-
-def render(
-    tenants: Sequence[str],
-    passwords: Mapping[str, str | Var],
-    *,
-    host: str = "127.0.0.1",
-    port: int = 4222,
-    store_dir: str | None = None,
-    monitor_port: int | None = None,
-    server_name: str = "baton",
-    cipher_key: str | Var | None = None,
-    tls: Mapping[str, str | bool] | None = None,
-) -> dict[str, Any]:
-    """The nats-server configuration for ``tenants``.
-
-    Args:
-        tenants: tenant ids, each becoming an account of that name.
-        passwords: identity -> password (or bcrypt hash, or ``$VAR`` reference)
-            for every name in ``identities(tenants)``.
-        cipher_key: when given, JetStream encrypts its store at rest
-            (ChaCha20-Poly1305) with this key (or ``$VAR`` reference).
-        tls: nats-server's ``tls`` block (``cert_file``, ``key_file``, and
-            ``ca_file`` + ``verify`` for mutual TLS).
-
-    Raises:
-        ValueError: a tenant id that cannot be an account, or a missing password.
-    """
-    tenants = [check_tenant(t) for t in tenants]
-    if len(set(tenants)) != len(tenants):
-        raise ValueError("tenant ids must be unique")
-    missing = [i for i in identities(tenants) if not passwords.get(i)]
-    if missing:
-        raise ValueError(f"no password for {', '.join(missing)}")
-    roles = service_roles(tenants)
-    baton_users = [_user(u, passwords[u], r.permissions(tenants)) for u, r in roles.items()]
-    baton_users.append(_user(OPERATOR, passwords[OPERATOR]))
-    accounts: dict[str, Any] = {
-        BATON_ACCOUNT: {
-            "jetstream": "enabled",
-            "users": baton_users,
-            # The tenant token (position 3) is pinned to the importing account.
-            "exports": [
-                *(
-                    {"service": f"{root}.*.*", "account_token_position": 3}
-                    for root in TENANT_SUBMITS
-                ),
-                *({"stream": f"{root}.*.>", "account_token_position": 3} for root in TENANT_FEEDS),
-            ],
-            "imports": [
-                {
-                    "service": {"account": t, "subject": "$JS.API.>"},
-                    "to": f"{tenant_api_prefix(t)}.>",
-                }
-                for t in tenants
-            ],
-        },
-        SYSTEM_ACCOUNT: {"users": [_user(SYSTEM_USER, passwords[SYSTEM_USER])]},
-    }
-    for t in tenants:
-        accounts[t] = {
-            "jetstream": dict(TENANT_JS_LIMITS),
-            "users": [_user(t, passwords[t], tenant_permissions(t))],
-            "imports": [
-                *({"service": {"account": BATON_ACCOUNT, "subject": f"{root}.{t}.*"},
-                   "to": f"{root}.*"} for root in TENANT_SUBMITS),
-                *({"stream": {"account": BATON_ACCOUNT, "subject": f"{root}.{t}.>"}}
-                  for root in TENANT_FEEDS),
-            ],
-            "exports": [{"service": "$JS.API.>", "accounts": [BATON_ACCOUNT]}],
-        }  # fmt: skip
-    jetstream = _jetstream(store_dir, cipher_key)
-    config: dict[str, Any] = {
-        "server_name": server_name,
-        "host": host,
-        "port": port,
-        "jetstream": jetstream,
-        "accounts": accounts,
-        "system_account": SYSTEM_ACCOUNT,
-    }
-    if monitor_port is not None:
-        config["http_port"] = monitor_port
-    if tls is not None:
-        config["tls"] = dict(tls)
-    return config
 
 
 # -- operator mode: the same accounts as JWTs ---------------------------------
@@ -527,6 +434,48 @@ def user_creds(keys: Keys, identity: str, tenants: Sequence[str]) -> str:
     return jwt.creds(jwt.user_jwt(account, user, identity, perms), user.seed)
 
 
+def operator_auth(
+    tenants: Sequence[str],
+    keys: Keys,
+    *,
+    resolver_dir: str,
+    revocations: Mapping[str, Mapping[str, int]] | None = None,
+) -> dict[str, Any]:
+    """The authentication part of an operator-mode configuration: the
+    operator JWT, the system account and the ``full`` resolver (accounts
+    pushed, updated and deleted at run time, kept in ``resolver_dir``)
+    preloaded with BATON, SYS and ``tenants``. No passwords: every client
+    presents a user JWT (``.creds``). ``baton up`` embeds it in its server's
+    configuration; compose and Kubernetes include it as ``auth.conf``
+    (``baton nats-auth``).
+
+    Raises:
+        ValueError: a tenant id that cannot be an account, or a repeated one.
+    """
+    tenants = [check_tenant(t) for t in tenants]
+    if len(set(tenants)) != len(tenants):
+        raise ValueError("tenant ids must be unique")
+    preload = {keys.account(SYSTEM_ACCOUNT): system_account_jwt(keys),
+               keys.account(BATON_ACCOUNT): baton_account_jwt(keys, tenants)}  # fmt: skip
+    for t in tenants:
+        preload[keys.account(t)] = tenant_account_jwt(
+            keys, t, revocations=(revocations or {}).get(t)
+        )
+    return {
+        "operator": jwt.operator_jwt(keys.operator, "baton", keys.account(SYSTEM_ACCOUNT)),
+        "system_account": keys.account(SYSTEM_ACCOUNT),
+        # A service's user JWT (its permissions) rides in its CONNECT line.
+        "max_control_line": MAX_CONTROL_LINE,
+        "resolver": {
+            "type": "full",
+            "dir": resolver_dir,
+            "allow_delete": True,
+            "timeout": RESOLVER_TIMEOUT,
+        },
+        "resolver_preload": preload,
+    }
+
+
 def render_operator(
     tenants: Sequence[str],
     keys: Keys,
@@ -549,32 +498,13 @@ def render_operator(
     ``tenants``. No passwords: every client presents a user JWT (``.creds``).
     ``server_tags`` (``region:eu``): what JetStream placement matches, so a
     tenant's streams can be kept on its region's servers."""
-    tenants = [check_tenant(t) for t in tenants]
-    if len(set(tenants)) != len(tenants):
-        raise ValueError("tenant ids must be unique")
-    preload = {keys.account(SYSTEM_ACCOUNT): system_account_jwt(keys),
-               keys.account(BATON_ACCOUNT): baton_account_jwt(keys, tenants)}  # fmt: skip
-    for t in tenants:
-        preload[keys.account(t)] = tenant_account_jwt(
-            keys, t, revocations=(revocations or {}).get(t)
-        )
     jetstream = _jetstream(store_dir, cipher_key)
     config: dict[str, Any] = {
         "server_name": server_name,
         "host": host,
         "port": port,
         "jetstream": jetstream,
-        "operator": jwt.operator_jwt(keys.operator, "baton", keys.account(SYSTEM_ACCOUNT)),
-        "system_account": keys.account(SYSTEM_ACCOUNT),
-        # A service's user JWT (its permissions) rides in its CONNECT line.
-        "max_control_line": MAX_CONTROL_LINE,
-        "resolver": {
-            "type": "full",
-            "dir": resolver_dir,
-            "allow_delete": True,
-            "timeout": RESOLVER_TIMEOUT,
-        },
-        "resolver_preload": preload,
+        **operator_auth(tenants, keys, resolver_dir=resolver_dir, revocations=revocations),
     }
     if monitor_port is not None:
         config["http_port"] = monitor_port
@@ -606,8 +536,7 @@ __all__ = [
     "check_tenant",
     "identities",
     "inbox_prefix",
-    "password_var",
-    "render",
+    "operator_auth",
     "render_operator",
     "service_roles",
     "system_account_jwt",
@@ -615,6 +544,7 @@ __all__ = [
     "tenant_api_prefix",
     "tenant_permissions",
     "to_conf",
+    "to_conf_entries",
     "user_creds",
 ]
 

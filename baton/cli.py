@@ -13,6 +13,7 @@ baton tenant where TENANT         the servers holding each of its streams' repli
 baton tenant region TENANT REGION keep an existing tenant's data in REGION (its streams move)
 baton audit [--tenant T]          the audit trail (erasures, tenant deletions, ...)
 baton model fetch                 the default model, once (also: model smollm2 DIR, model tiny DIR)
+baton nats-auth DIR               compose / Kubernetes: NATS's auth.conf and every .creds
 baton nats / asyncapi [--check]
 
 Exit codes: 0 done (task completed), 1 the task or request failed, 2 bad
@@ -594,6 +595,35 @@ def nats(data_dir: DataDir = Path(".data"), port: int = 4222) -> None:
         server.proc.wait()
     except KeyboardInterrupt:
         server.stop()
+
+
+@app.command("nats-auth")
+def nats_auth(
+    out: Annotated[Path, typer.Argument(help="Where to write (keys kept there across runs)")],
+    tenants: Annotated[str, typer.Option(envvar="BATON_TENANTS", help="Tenant ids, a,b")] = "acme",
+    resolver_dir: Annotated[str, typer.Option(help="The resolver's directory, on the server")]
+    = "/data/jwt",
+    host: Annotated[str, typer.Option(help="The server's host, for the URL files")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The server's port, for the URL files")] = 4222,
+) -> None:  # fmt: skip
+    """Operator-mode NATS for compose and Kubernetes, the same as `baton up`
+    runs: OUT/nats/auth.conf for the server to include, every identity's
+    .creds (services: OUT/secrets/creds/, tenants: OUT/tenants/), all 0600."""
+    from baton.settings import parse_tenants
+
+    try:
+        ids = parse_tenants(tenants)
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
+    from baton import accounts
+    from baton.credentials import Credentials, write_deployment
+
+    written = write_deployment(out, ids, resolver_dir=resolver_dir, host=host, port=port)
+    for what, path in written.items():
+        print(f"{what}\t{path}")
+    # What the server's monitoring (/jsz, KEDA's `account`) calls the account.
+    baton = Credentials.load_or_create(out, []).keys().account(accounts.BATON_ACCOUNT)
+    print(f"{accounts.BATON_ACCOUNT} account\t{baton}")
 
 
 # -- dead letters (the logic is baton/dlq.py) ---------------------------------

@@ -1,15 +1,15 @@
-"""A laptop's secrets: one NATS password per identity, the key that encrypts
-JetStream at rest and one HTTP API key per tenant and for the operator, kept
-in ``<data-dir>/secrets/nats.json`` (0600).
+"""A deployment's secrets: the nkeys of the NATS operator, its accounts and
+users, the key that encrypts JetStream at rest and one HTTP API key per
+tenant and for the operator, kept in ``<data-dir>/secrets/nats.json`` (0600).
 
-Production deployments do not use this file: their passwords (or nkeys/JWT
-creds) and API keys come from secrets (``docs/security.md``). ``baton up``
-writes, each mode 0600: one client URL per tenant to
+``baton up`` writes, each mode 0600: every identity's standard ``.creds``
+file (``<data-dir>/tenants/<tenant>.creds``, ``operator.creds``,
+``secrets/creds/<service>.creds``), one client URL per tenant to
 ``<data-dir>/tenants/<tenant>.url`` and the operator's to
-``<data-dir>/operator.url`` — a string any NATS client can pass to
-``connect()`` as it is —, and the HTTP API keys beside them
-(``<tenant>.key``, ``operator.key``), which the services get as
-``BATON_API_KEYS``.
+``<data-dir>/operator.url`` (the server's address), and the HTTP API keys
+beside them (``<tenant>.key``, ``operator.key``), which the services get as
+``BATON_API_KEYS``. Compose and Kubernetes get the same files, plus the
+server's ``nats/auth.conf``, from ``write_deployment`` (``baton nats-auth``).
 """
 
 from __future__ import annotations
@@ -69,16 +69,11 @@ def new_secret(nbytes: int = 24) -> str:
     return "s" + secrets.token_hex(nbytes)
 
 
-def client_url(user: str, password: str, host: str, port: int, scheme: str = "nats") -> str:
-    return f"{scheme}://{user}:{password}@{host}:{port}"
-
-
 @dataclass
 class Credentials:
-    """Passwords per identity, the JetStream encryption key and HTTP API
-    keys per tenant and for the operator."""
+    """The nkeys of the operator, accounts and users, the JetStream
+    encryption key and HTTP API keys per tenant and for the operator."""
 
-    passwords: dict[str, str] = field(default_factory=dict)
     cipher_key: str = ""
     api_keys: dict[str, str] = field(default_factory=dict)
     # nkey seeds: "operator", "account:<name>", "user:<identity>"
@@ -90,25 +85,21 @@ class Credentials:
 
     @classmethod
     def load_or_create(cls, data_dir: Path, tenants: Sequence[str]) -> Credentials:
-        """Read the secrets file, adding a random password for every identity
-        it lacks (existing ones are kept, so clients' URLs stay valid). A
-        deleted tenant among ``tenants`` is left out (``live``)."""
+        """Read the secrets file, adding an nkey for every account and user
+        and an API key for every tenant it lacks (existing ones are kept, so
+        clients' ``.creds`` stay valid). A deleted tenant among ``tenants`` is
+        left out (``live``)."""
         path = Path(data_dir) / SECRETS_FILE
         creds = cls()
         if path.exists():
             doc = json.loads(path.read_text())
-            creds = cls(passwords=dict(doc.get("passwords", {})),
-                        cipher_key=doc.get("cipher_key", ""),
+            creds = cls(cipher_key=doc.get("cipher_key", ""),
                         api_keys=dict(doc.get("api_keys", {})),
                         nkeys=dict(doc.get("nkeys", {})),
                         deleted=list(doc.get("deleted", [])))  # fmt: skip
         creds.data_dir = Path(data_dir)
         tenants = creds.live(tenants)
         changed = creds.add_nkeys(tenants)
-        for identity in accounts.identities(tenants):
-            if identity not in creds.passwords:
-                creds.passwords[identity] = new_secret()
-                changed = True
         for holder in [*tenants, accounts.OPERATOR]:
             if holder not in creds.api_keys:
                 creds.api_keys[holder] = f"bk-{new_secret()}"
@@ -123,7 +114,7 @@ class Credentials:
     def save(self) -> None:
         """Rewrite the secrets file (0600)."""
         assert self.data_dir is not None
-        body = {"passwords": self.passwords, "cipher_key": self.cipher_key,
+        body = {"cipher_key": self.cipher_key,
                 "api_keys": self.api_keys, "nkeys": self.nkeys,
                 "deleted": sorted(set(self.deleted))}  # fmt: skip
         write_private(self.data_dir / SECRETS_FILE, json.dumps(body, indent=2))
@@ -201,11 +192,6 @@ class Credentials:
             write_private(key_path(data_dir, tenant), self.api_keys[tenant] + "\n")
         write_private(key_path(data_dir, None), self.api_keys[accounts.OPERATOR] + "\n")
 
-    def url(self, identity: str, host: str, port: int, scheme: str = "nats") -> str:
-        """A URL with ``identity``'s password, for a server configured with
-        passwords (``accounts.render``: compose, Kubernetes)."""
-        return client_url(identity, self.passwords[identity], host, port, scheme)
-
     def creds_url(self, identity: str, host: str, port: int, scheme: str = "nats") -> str:
         """Baton's own form for a server in operator mode: the address and
         ``identity``'s ``.creds`` file (``baton.urls.split_creds``)."""
@@ -228,6 +214,44 @@ class Credentials:
         write_private(path, address)
         out[accounts.OPERATOR] = path
         return out
+
+
+AUTH_CONF = Path("nats") / "auth.conf"
+AUTH_HEADER = """\
+# GENERATED by `baton nats-auth` (baton/accounts.py, operator_auth): the
+# operator, its accounts as JWTs and the full resolver. Signed public data,
+# no secret; every client presents its user JWT (.creds). Regenerate it
+# after a tenant is added to the deployment's list.
+"""
+
+
+def write_deployment(
+    data_dir: Path,
+    tenants: Sequence[str],
+    *,
+    resolver_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 4222,
+) -> dict[str, Path]:
+    """What compose and Kubernetes run NATS in operator mode with, written
+    under ``data_dir`` the way ``baton up`` writes its own: the keys
+    (created once, then kept), the server's ``nats/auth.conf`` (its resolver
+    keeps accounts in ``resolver_dir``, a path on the server), every
+    identity's ``.creds`` and the tenants' and operator's URLs (``host``,
+    ``port``: the server as clients outside reach it). Returns what -> file.
+    A deleted tenant (``baton tenant delete``) is left out."""
+    data_dir = Path(data_dir)
+    creds = Credentials.load_or_create(data_dir, tenants)
+    tenants = creds.live(tenants)
+    out = {f"{identity}.creds": path for identity, path in creds.write_creds(tenants).items()}
+    revocations = {t: creds.revocations(t) for t in tenants}
+    conf = accounts.operator_auth(tenants, creds.keys(), resolver_dir=resolver_dir,
+                                  revocations=revocations)  # fmt: skip
+    write_private(data_dir / AUTH_CONF, AUTH_HEADER + accounts.to_conf_entries(conf))
+    out["auth.conf"] = data_dir / AUTH_CONF
+    urls = creds.write_urls(data_dir, tenants, host, port)
+    out |= {f"{identity}.url": path for identity, path in urls.items()}
+    return out
 
 
 OPERATOR_SCOPE = "*"

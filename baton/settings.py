@@ -20,8 +20,8 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BATON_", extra="ignore")
 
-    # The NATS server, with this service's credentials when the server has
-    # accounts: nats://user:password@host:port.
+    # The NATS server (nats://host:port; a comma-separated list for a
+    # cluster). Its credentials: BATON_NATS_CREDS, or ?creds=/path in the URL.
     nats_url: str = Field(
         default=DEFAULT_NATS_URL,
         validation_alias=AliasChoices("BATON_NATS_URL", "NATS_URL"),

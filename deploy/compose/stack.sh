@@ -2,17 +2,24 @@
 # `make compose-up` / `make compose-down`: the compose stack from the images
 # `make images` builds (no registry), the CPU worker override (or
 # BATON_COMPOSE_WORKER=gpu), keys generated once into $DATA/secrets.env (0600),
-# and the dev tenants' client URLs in $DATA/tenants/<tenant>.url as `make up`
-# writes them. `up` returns once every service is healthy and prints how long
-# that took. `down` removes the containers, the network and the volumes.
+# NATS in operator mode as `make up` runs it: `baton nats-auth` writes the
+# server's auth.conf, every identity's .creds and the dev tenants' client
+# files ($DATA/tenants/<tenant>.url and .creds, 0600) as `make up` does; the
+# nkeys stay in $DATA/secrets/nats.json across runs. `up` returns once every
+# service is healthy and prints how long that took. `down` removes the
+# containers, the network, the volumes and the tenants' and operator's files.
 #   DATA (BATON_COMPOSE_DATA, default .data/compose), project BATON_COMPOSE_PROJECT
 #   (default baton), published ports BATON_COMPOSE_{NATS,NATS_MONITOR,CONTEXT,
 #   ORCHESTRATOR,PROMETHEUS}_PORT (defaults 4222 8222 8081 8080 9090),
-#   BATON_COMPOSE_BUILD=0 skips `make images`. Tenants: deploy/nats/tenants; each
-#   NATS identity's password is generated into secrets.env too.
+#   BATON_COMPOSE_BUILD=0 skips `make images`. Tenants: deploy/nats/tenants.
+#   PY: a Python with Baton (default .venv/bin/python, then python3).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${BATON_COMPOSE_DATA:-.data/compose}
+mkdir -p "$DATA" && chmod 700 "$DATA"
+DATA=$(cd "$DATA" && pwd)  # compose mounts files from it: absolute
+export BATON_COMPOSE_DATA=$DATA BATON_COMPOSE_GID=${BATON_COMPOSE_GID:-$(id -g)}
+PY=${PY:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
 export COMPOSE_PROJECT_NAME=${BATON_COMPOSE_PROJECT:-baton}
 WORKER=${BATON_COMPOSE_WORKER:-cpu}
 FILES=(-f deploy/compose/compose.yaml -f "deploy/compose/compose.$WORKER.yaml")
@@ -24,7 +31,6 @@ compose() {
 }
 
 secrets() {
-  mkdir -p "$DATA" && chmod 700 "$DATA"
   if [[ ! -s $DATA/secrets.env ]]; then
     local key op
     key=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
@@ -32,21 +38,22 @@ secrets() {
     umask 077
     printf 'BATON_CONTEXT_KEY=%s\nBATON_API_KEYS='\''{"%s": "*"}'\''\n' "$key" "$op" >"$DATA/secrets.env"
   fi
-  # One NATS password per identity the generated accounts.conf references (hex: URL-safe).
-  local var
-  for var in $(grep -o '\$NATS_PASSWORD_[A-Z0-9][A-Z0-9_]*' deploy/compose/nats/accounts.conf | tr -d '$' | sort -u); do
-    if ! grep -q "^$var=" "$DATA/secrets.env"; then
-      (umask 077; printf '%s=%s\n' "$var" "$(python3 -c 'import secrets; print("s" + secrets.token_hex(24))')" >>"$DATA/secrets.env")
-    fi
-  done
   set -a
   # shellcheck disable=SC1090,SC1091
   source "$DATA/secrets.env"
   set +a
 }
 
-tenants() {  # the tenants NATS provisions: deploy/nats/tenants
-  sed -e 's/#.*//' -e '/^[[:space:]]*$/d' deploy/nats/tenants
+tenants() {  # the tenants NATS provisions: deploy/nats/tenants, as a,b
+  sed -e 's/#.*//' -e '/^[[:space:]]*$/d' deploy/nats/tenants | paste -sd, -
+}
+
+nats_auth() {  # operator mode, as `baton up` runs it (keys kept in $DATA/secrets/nats.json)
+  "$PY" -m baton.cli nats-auth "$DATA" --tenants "$(tenants)" \
+    --port "${BATON_COMPOSE_NATS_PORT:-4222}" >/dev/null
+  # What the containers read: group-readable, the containers join the group
+  # (the tenants' and the operator's .creds stay 0600).
+  chmod 640 "$DATA/nats/auth.conf" "$DATA"/secrets/creds/*.creds
 }
 
 healthy() {  # every container of the project healthy (or exited 0 when one-shot)
@@ -70,6 +77,7 @@ up() {
   if [[ ${BATON_COMPOSE_BUILD:-1} != 0 ]]; then
     ONLY="services nats prometheus worker-$WORKER" deploy/docker/images.sh
   fi
+  nats_auth
   local t0=$SECONDS rc
   compose up -d --no-build
   while true; do
@@ -80,21 +88,14 @@ up() {
     fi
     sleep 1
   done
-  mkdir -p "$DATA/tenants"
-  local var
-  for tenant in $(tenants); do
-    var=NATS_PASSWORD_$(tr 'a-z-' 'A-Z_' <<<"$tenant")
-    (umask 077; printf 'nats://%s:%s@127.0.0.1:%s\n' "$tenant" "${!var}" \
-      "${BATON_COMPOSE_NATS_PORT:-4222}" >"$DATA/tenants/$tenant.url")
-  done
-  say "healthy after $((SECONDS - t0))s; tenant URLs in $DATA/tenants/"
+  say "healthy after $((SECONDS - t0))s; tenant URLs and .creds in $DATA/tenants/"
   say "orchestrator http://127.0.0.1:${BATON_COMPOSE_ORCHESTRATOR_PORT:-8080}  prometheus http://127.0.0.1:${BATON_COMPOSE_PROMETHEUS_PORT:-9090}"
 }
 
 down() {
   secrets
   compose down --volumes --remove-orphans --timeout 30
-  rm -rf "$DATA/tenants"
+  rm -rf "$DATA/tenants" "$DATA"/operator.*
 }
 
 case ${1:-} in

@@ -1,16 +1,19 @@
-"""The NATS accounts and permissions of compose and Kubernetes come from
-``baton.accounts`` (through deploy/nats/gen_accounts.py), hold no secret, and
-every password they reference reaches nats-server and exactly one service;
-the real nats-server runs the rendered Kubernetes config: identities over
-TLS, anonymous clients refused."""
+"""Compose and Kubernetes run NATS in operator mode the way ``baton up`` does:
+``baton nats-auth`` writes the server's ``auth.conf`` (operator, accounts as
+JWTs, the full resolver) and every identity's ``.creds`` from
+``baton.accounts``; the manifests hold no key, mount each service's own
+``.creds`` only, and no password is left anywhere. The real nats-server runs
+the rendered Kubernetes config with a generated ``auth.conf``: identities
+over TLS, passwords and anonymous clients refused."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import json
 import re
 import socket
 import ssl
+import stat
 import subprocess
 import time
 import urllib.parse
@@ -19,128 +22,121 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import DEPLOY
-from test_k8s import NAMESPACE, OVERLAYS, _env, _secret_ref, container, objects
+from test_k8s import NAMESPACE, OVERLAYS, _env, _mount_of, container, objects
 
 from baton import accounts
+from baton.cli import main as baton_cli
+from baton.credentials import SECRETS_FILE, creds_path, write_deployment
 
-SECRET = "baton-nats-passwords"
-
-
-def _generator():
-    spec = importlib.util.spec_from_file_location(
-        "gen_accounts", DEPLOY / "nats" / "gen_accounts.py"
-    )
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+CREDS_SECRET = "baton-nats-creds"
+AUTH_SECRET = "baton-nats-auth"
+COMPOSE_CREDS = "/run/secrets/nats.creds"
 
 
-gen = _generator()
+def tenants() -> list[str]:
+    """The deployments' tenants: deploy/nats/tenants."""
+    lines = (DEPLOY / "nats" / "tenants").read_text().splitlines()
+    return [t for ln in lines if (t := ln.split("#", 1)[0].strip())]
 
 
-def referenced(conf: str) -> set[str]:
-    """The $VARIABLES a nats-server config reads from its environment."""
-    code = "\n".join(ln.split("#", 1)[0] for ln in conf.splitlines())
-    return set(re.findall(r"(?<![\"\w])\$([A-Z][A-Z0-9_]*)", code))
+def _no_password(url: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    assert parts.username is None and parts.password is None, url
+    assert (parts.hostname, parts.port) == ("nats", 4222), url
 
 
-def test_committed_configs_are_the_generators_output():
-    text = gen.render(gen.tenants())
-    for path in gen.OUTPUTS:
-        assert path.read_text() == text, f"{path} is stale: run python deploy/nats/gen_accounts.py"
-    assert gen.main(["--check"]) == 0
+def test_nats_auth_writes_the_server_config_and_every_creds_file(tmp_path, capsys):
+    args = ["nats-auth", str(tmp_path), "--tenants", ",".join(tenants()),
+            "--resolver-dir", "/data/jwt", "--port", "14222"]  # fmt: skip
+    assert baton_cli(args) == 0
+    printed = capsys.readouterr().out
+    for identity in accounts.identities(tenants()):
+        path = creds_path(tmp_path, identity)
+        assert "BEGIN NATS USER JWT" in path.read_text() and str(path) in printed
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert (tmp_path / "tenants" / f"{tenants()[0]}.url").read_text() == "nats://127.0.0.1:14222\n"
+    conf = (tmp_path / "nats" / "auth.conf").read_text()
+    assert '"dir": "/data/jwt"' in conf and '"type": "full"' in conf
+    assert "password" not in conf and "SU" not in re.sub(r'"[^"]*"', "", conf)  # no seed
+    keys = json.loads((tmp_path / SECRETS_FILE).read_text())["nkeys"]
+    assert all(seed not in conf for seed in keys.values())
+    # Run again (each `make compose-up`): the keys are kept, so are the accounts.
+    assert baton_cli(args) == 0
+    assert json.loads((tmp_path / SECRETS_FILE).read_text())["nkeys"] == keys
+    publics = set(re.findall(r'"(A[A-Z2-7]{55})":', conf))
+    assert len(publics) == 2 + len(tenants())
+    assert set(re.findall(r'"(A[A-Z2-7]{55})":', (tmp_path / "nats" / "auth.conf").read_text())) \
+        == publics  # fmt: skip
+    assert baton_cli(["nats-auth", str(tmp_path), "--tenants", "SYS"]) == 2  # reserved
 
 
-def test_the_generator_sees_a_change():
-    """Not vacuous: another tenant list renders another file."""
-    tenants = gen.tenants()
-    assert gen.render([*tenants, "globex"]) != gen.render(tenants)
-    assert '"globex"' in gen.render([*tenants, "globex"])
+def _services(name: str) -> dict:
+    return yaml.safe_load((DEPLOY / "compose" / name).read_text())["services"]
 
 
-def test_no_secret_in_the_configs():
-    from baton import accounts
-
-    text = gen.OUTPUTS[0].read_text()
-    passwords = re.findall(r'"password":\s*(\S+)', text)
-    identities = accounts.identities(gen.tenants())
-    assert len(passwords) == len(identities)
-    assert all(p.startswith("$NATS_PASSWORD_") for p in passwords), passwords
-    assert referenced(text) == {accounts.password_var(i) for i in identities}
-
-
-def _service_urls(envs: dict[str, dict[str, str]]) -> None:
-    """Each service connects as its own identity with its own password."""
-    from baton import accounts
-
-    # The services these files deploy (the tool worker is not deployed by them).
-    assert {"orchestrator", "context-store", "inference-worker"} <= set(envs)
-    assert set(envs) <= set(accounts.SERVICES)
-    for name, env in envs.items():
-        url = urllib.parse.urlsplit(env["BATON_NATS_URL"])
-        assert url.username == name, url
-        assert env["password_var"] == accounts.password_var(name)
+def test_compose_runs_nats_in_operator_mode_and_each_service_reads_its_own_creds():
+    doc = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
+    base = doc["services"]
+    nats = base["nats"]
+    assert nats["command"][:2] == ["-c", "/etc/nats/auth.conf"]
+    (mount,) = [v for v in nats["volumes"] if v.endswith(":/etc/nats/auth.conf:ro")]
+    assert mount.startswith("${BATON_COMPOSE_DATA:?") and "}/nats/auth.conf:" in mount
+    assert "environment" not in nats  # no password to hand it
+    services = {"orchestrator": base["orchestrator"], "context-store": base["context-store"]}
+    for override in ("compose.cpu.yaml", "compose.gpu.yaml"):
+        services[f"inference-worker ({override})"] = _services(override)["inference-worker"]
+    for label, svc in services.items():
+        name = label.split(" ")[0]
+        env = svc["environment"]
+        _no_password(env["BATON_NATS_URL"])
+        assert env["BATON_NATS_CREDS"] == COMPOSE_CREDS, label
+        (secret,) = svc["secrets"]
+        assert secret == {"source": f"{name}-creds", "target": "nats.creds"}, label
+        source = doc["secrets"][secret["source"]]["file"]
+        # The file `baton nats-auth` writes for exactly this identity.
+        rel = creds_path(Path("/d"), name).relative_to("/d")
+        assert source.endswith(f"}}/{rel}"), (label, source)
+        assert svc["group_add"] == ["${BATON_COMPOSE_GID:?see compose.yaml}"] or \
+            svc["group_add"][0].startswith("${BATON_COMPOSE_GID:?")  # fmt: skip
+    for name in ("compose.yaml", "compose.cpu.yaml", "compose.gpu.yaml"):
+        assert "NATS_PASSWORD" not in (DEPLOY / "compose" / name).read_text(), name
+    assert base["orchestrator"]["environment"]["BATON_TENANTS"] == ",".join(tenants())
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_kubernetes_wires_each_password_to_nats_and_to_its_service_only(overlay):
-    from baton import accounts
-
+def test_kubernetes_mounts_auth_conf_in_nats_and_each_services_own_creds(overlay):
     sts = objects(overlay, "StatefulSet")["nats"]
     (cm,) = [d for n, d in objects(overlay, "ConfigMap").items() if n.startswith("nats-config")]
-    (nats,) = sts["spec"]["template"]["spec"]["containers"]
-    assert {"secretRef": {"name": SECRET}} in nats["envFrom"]
-    assert SECRET not in objects(overlay, "Secret"), "passwords must not be rendered from git"
-    needed = set().union(*(referenced(t) for t in cm["data"].values()))
-    plain = set(_env(nats))  # POD_NAME, CLIENT_ADVERTISE, JETSTREAM_KEY
-    assert {v for v in needed if v.startswith("NATS_PASSWORD_")} == {
-        accounts.password_var(i) for i in accounts.identities(gen.tenants())
-    }
-    assert needed - plain == {v for v in needed if v.startswith("NATS_PASSWORD_")}
+    assert "include ./auth.conf" in cm["data"]["nats.conf"]
+    assert "accounts.conf" not in cm["data"]
+    assert not {AUTH_SECRET, CREDS_SECRET} & set(objects(overlay, "Secret")), "keys from git"
+    pod = sts["spec"]["template"]
+    (nats,) = pod["spec"]["containers"]
+    assert "envFrom" not in nats
+    volume, _ = _mount_of(pod, "/etc/nats/auth.conf")
+    (secret,) = [s["secret"] for s in volume["projected"]["sources"] if "secret" in s]
+    assert secret == {"name": AUTH_SECRET, "items": [{"key": "auth.conf", "path": "auth.conf"}]}
     (config,) = [
         d for n, d in objects(overlay, "ConfigMap").items() if n.startswith("baton-config")
     ]
-    assert config["data"]["BATON_TENANTS"] == ",".join(gen.tenants())  # the orchestrator's
-    envs = {}
+    assert config["data"]["BATON_TENANTS"] == ",".join(tenants())  # the orchestrator's
+    seen = set()
     for name, d in objects(overlay, "Deployment").items():
-        env = _env(container(d))
-        secret, key = _secret_ref(env["NATS_PASSWORD"])
-        assert secret == SECRET
-        assert "$(NATS_PASSWORD)" in env["BATON_NATS_URL"]["value"]
-        # NATS_PASSWORD must come before the URL that expands it.
-        names = [e["name"] for e in container(d)["env"]]
-        assert names.index("NATS_PASSWORD") < names.index("BATON_NATS_URL")
-        assert not any("secretRef" in s and s["secretRef"]["name"] == SECRET
-                       for s in container(d).get("envFrom", []))  # fmt: skip
-        envs[name] = {"BATON_NATS_URL": env["BATON_NATS_URL"]["value"], "password_var": key}
-    _service_urls(envs)
-
-
-def test_compose_wires_each_password_to_nats_and_to_its_service_only():
-    def services(name: str) -> dict:
-        return yaml.safe_load((DEPLOY / "compose" / name).read_text())["services"]
-
-    base = services("compose.yaml")
-    nats = base["nats"]
-    assert "/etc/nats/nats.conf" in nats["command"]
-    conf = DEPLOY / "compose" / "nats" / "nats.conf"
-    assert "include ./accounts.conf" in conf.read_text()
-    assert referenced(gen.OUTPUTS[0].read_text()) == set(nats["environment"])
-    for var, value in nats["environment"].items():
-        assert value.startswith(f"${{{var}:?"), (var, value)  # from the environment, required
-    urls = {name: base[name]["environment"]["BATON_NATS_URL"]
-            for name in ("orchestrator", "context-store")}  # fmt: skip
-    for override in ("compose.cpu.yaml", "compose.gpu.yaml"):
-        worker = services(override)["inference-worker"]["environment"]["BATON_NATS_URL"]
-        urls.setdefault("inference-worker", worker)
-        assert worker == urls["inference-worker"], override
-    envs = {}
-    for name, url in urls.items():
-        (var,) = re.findall(r"\$\{(\w+)(?::\?[^}]*)?\}", url)
-        envs[name] = {"BATON_NATS_URL": re.sub(r"\$\{[^}]*\}", "pw", url), "password_var": var}
-    _service_urls(envs)
-    assert base["orchestrator"]["environment"]["BATON_TENANTS"] == ",".join(gen.tenants())
+        c = container(d)
+        env = _env(c)
+        assert "NATS_PASSWORD" not in env, name
+        _no_password(env["BATON_NATS_URL"]["value"])
+        path = env["BATON_NATS_CREDS"]["value"]
+        volume, mount = _mount_of(d["spec"]["template"], path)
+        assert mount.get("readOnly") is True
+        assert volume["secret"]["secretName"] == CREDS_SECRET
+        # Its own key only, readable through the pod's group.
+        assert volume["secret"]["items"] == [{"key": f"{name}.creds",
+                                              "path": path.rsplit("/", 1)[1]}]  # fmt: skip
+        assert volume["secret"]["defaultMode"] == 0o440
+        assert d["spec"]["template"]["spec"]["securityContext"]["fsGroup"]
+        seen.add(name)
+    assert seen == set(accounts.SERVICES)
 
 
 # -- the real nats-server on the rendered Kubernetes config -----------------
@@ -152,12 +148,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def materialise(overlay: str, tmp: Path) -> tuple[Path, dict[str, str], Path]:
-    """Write the overlay's nats-config files with the pod's paths moved under
-    ``tmp`` and certificates from a throwaway CA standing in for
-    cert-manager's. Returns (nats.conf, the pod's environment, CA file)."""
+def materialise(overlay: str, tmp: Path) -> tuple[Path, dict[str, str], Path, Path]:
+    """Write the overlay's nats-config files and a generated auth.conf with
+    the pod's paths moved under ``tmp`` and certificates from a throwaway CA
+    standing in for cert-manager's. Returns (nats.conf, the pod's
+    environment, CA file, the directory `baton nats-auth` wrote)."""
     trustme = pytest.importorskip("trustme")
-    from baton import accounts
 
     ca = trustme.CA()
     leaf = ca.issue_cert(f"*.nats-headless.{NAMESPACE}.svc.cluster.local", "nats", "127.0.0.1")
@@ -182,12 +178,14 @@ def materialise(overlay: str, tmp: Path) -> tuple[Path, dict[str, str], Path]:
         for old, new in moves.items():
             text = text.replace(old, new)
         (etc / fname).write_text(text)
+    # The Secret baton-nats-auth holds what `baton nats-auth` wrote.
+    out = tmp / "auth"
+    write_deployment(out, tenants(), resolver_dir=str(tmp / "data" / "jwt"))
+    (etc / "auth.conf").write_text((out / "nats" / "auth.conf").read_text())
     env = {"PATH": "/usr/bin:/bin", "POD_NAME": "nats-0", "CLIENT_ADVERTISE": "127.0.0.1:4222",
            "JETSTREAM_KEY": "k" * 32}  # fmt: skip
-    for identity in accounts.identities(gen.tenants()):
-        env[accounts.password_var(identity)] = f"pw-{identity}"
     ca_path = tmp / "nats-tls" / "server" / "ca.crt"
-    return etc / "nats.conf", env, ca_path
+    return etc / "nats.conf", env, ca_path, out
 
 
 def nats_server(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -199,20 +197,23 @@ def nats_server(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_nats_server_accepts_the_rendered_config_and_insists_on_its_secrets(overlay, tmp_path):
-    conf, env, _ = materialise(overlay, tmp_path)
+def test_nats_server_accepts_the_rendered_config_and_insists_on_its_parts(overlay, tmp_path):
+    conf, env, _, _ = materialise(overlay, tmp_path)
     ok = nats_server("-t", "-c", str(conf), env=env)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    for var in ("JETSTREAM_KEY", accounts.password_var("orchestrator")):
-        missing = nats_server("-t", "-c", str(conf), env={k: v for k, v in env.items() if k != var})
-        assert missing.returncode != 0 and var in missing.stdout + missing.stderr
+    missing = nats_server("-t", "-c", str(conf), env={k: v for k, v in env.items()
+                                                      if k != "JETSTREAM_KEY"})  # fmt: skip
+    assert missing.returncode != 0 and "JETSTREAM_KEY" in missing.stdout + missing.stderr
+    (conf.parent / "auth.conf").unlink()  # no Secret baton-nats-auth: no start
+    missing = nats_server("-t", "-c", str(conf), env=env)
+    assert missing.returncode != 0 and "auth.conf" in missing.stdout + missing.stderr
 
 
-async def test_the_rendered_single_config_serves_identities_over_tls_only(tmp_path):
+async def test_the_rendered_single_config_serves_creds_over_tls_only(tmp_path):
     import nats
     import nats.errors
 
-    conf, env, ca = materialise("single", tmp_path)
+    conf, env, ca, out = materialise("single", tmp_path)
     port = int(re.search(r"listen: 127\.0\.0\.1:(\d+)", conf.read_text()).group(1))
     from baton.natsd import find_binary
 
@@ -225,9 +226,10 @@ async def test_the_rendered_single_config_serves_identities_over_tls_only(tmp_pa
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
         tls = ssl.create_default_context(cafile=str(ca))
-        pw = env[accounts.password_var("orchestrator")]
-        nc = await nats.connect(f"nats://orchestrator:{pw}@127.0.0.1:{port}", tls=tls,
-                                inbox_prefix=b"_INBOX_orchestrator", allow_reconnect=False)  # fmt: skip
+        address = f"nats://127.0.0.1:{port}"
+        nc = await nats.connect(address, tls=tls, allow_reconnect=False,
+                                user_credentials=str(creds_path(out, "orchestrator")),
+                                inbox_prefix=b"_INBOX_orchestrator")  # fmt: skip
         assert nc.is_connected
         await nc.close()
         # A tenant's identity works, inside its permissions only.
@@ -236,21 +238,16 @@ async def test_the_rendered_single_config_serves_identities_over_tls_only(tmp_pa
         async def on_error(exc: Exception) -> None:
             violations.append(exc)
 
-        tenant = gen.tenants()[0]
-        pw = env[accounts.password_var(tenant)]
-        nc = await nats.connect(f"nats://{tenant}:{pw}@127.0.0.1:{port}", tls=tls,
-                                error_cb=on_error, allow_reconnect=False)  # fmt: skip
+        nc = await nats.connect(address, tls=tls, error_cb=on_error, allow_reconnect=False,
+                                user_credentials=str(creds_path(out, tenants()[0])))  # fmt: skip
         await nc.subscribe("baton.jobs.>")
         await nc.flush()
         await asyncio.sleep(0.2)
         await nc.close()
         assert any("permissions violation" in str(e).lower() for e in violations), violations
-        for url, ctx in [
-            (f"nats://127.0.0.1:{port}", tls),  # anonymous
-            (f"nats://orchestrator:wrong@127.0.0.1:{port}", tls),  # bad password
-        ]:
+        for url in [address, f"nats://orchestrator:password@127.0.0.1:{port}"]:
             with pytest.raises(nats.errors.Error, match=r"[Aa]uthorization"):
-                await asyncio.wait_for(nats.connect(url, tls=ctx, allow_reconnect=False), 5)
+                await asyncio.wait_for(nats.connect(url, tls=tls, allow_reconnect=False), 5)
     finally:
         proc.terminate()
         proc.wait(10)

@@ -1,6 +1,8 @@
 """The Docker tier: the compose stack from `make images`, brought up by the
 same script as `make compose-up`, used as a user would (the README's plain
-client, a research task), Prometheus evaluating the project's alert rules
+client with the tenant's standard .creds file, a research task), NATS in
+operator mode (passwords and anonymous clients refused, a tenant confined
+to its own subjects), Prometheus evaluating the project's alert rules
 against the live services, and `down` leaving nothing behind.
 
 Runs only with `-m docker` and a Docker daemon (`make test-docker` starts one).
@@ -8,9 +10,11 @@ Runs only with `-m docker` and a Docker daemon (`make test-docker` starts one).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -21,7 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from baton.dev.testing import Client
+from baton import jwt
+from baton.credentials import read_url
+from baton.dev.testing import Client, connect_nats
 from baton.natsd import free_port
 from tests.harness import docker_available
 
@@ -55,7 +61,8 @@ class Compose:
                               timeout=timeout)  # fmt: skip
 
     def tenant_url(self, tenant: str) -> str:
-        return (self.data / "tenants" / f"{tenant}.url").read_text().strip()
+        """The tenant's address with its .creds file (Baton's ``?creds=`` form)."""
+        return read_url(self.data, tenant)
 
     def prometheus(self, path: str) -> dict:
         url = f"http://127.0.0.1:{self.ports['PROMETHEUS']}{path}"
@@ -91,10 +98,15 @@ def compose(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Compose]:
 def test_the_readme_client_runs_against_the_stack(compose: Compose) -> None:
     code = re.search(r"```python\n(.*?)```", README.read_text(), re.S)
     assert code is not None
-    # The client reads acme's URL from the file `make up` writes; compose writes its own.
+    # The client reads acme's address and .creds from the files `make up`
+    # writes; compose writes the same files under its own data directory.
     url_file = compose.data / "tenants" / "acme.url"
-    assert url_file.read_text().startswith("nats://acme:")  # credentials, not an open bus
+    creds_file = compose.data / "tenants" / "acme.creds"
+    assert url_file.read_text().strip() == f"nats://127.0.0.1:{compose.ports['NATS']}"
+    assert "BEGIN NATS USER JWT" in creds_file.read_text()
+    assert stat.S_IMODE(creds_file.stat().st_mode) == 0o600
     source = code.group(1).replace(".data/tenants/acme.url", str(url_file))
+    source = source.replace(".data/tenants/acme.creds", str(creds_file))
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True,
                          timeout=300)  # fmt: skip
@@ -115,6 +127,40 @@ async def test_a_research_task_completes_on_the_stack(compose: Compose) -> None:
         await client.close()
     assert done["type"] == "completed", done
     assert done["usage"]["completion_tokens"] > 0
+
+
+async def test_nats_runs_in_operator_mode_and_refuses_passwords(compose: Compose) -> None:
+    import nats.errors
+
+    address = f"nats://127.0.0.1:{compose.ports['NATS']}"
+    monitor = f"http://127.0.0.1:{compose.ports['NATS_MONITOR']}"
+    with urllib.request.urlopen(f"{monitor}/varz", timeout=5) as r:
+        varz = json.loads(r.read())
+    assert varz["trusted_operators_claim"], "no operator: the server is not in operator mode"
+    # A user and password (the old configuration), anonymous, acme's JWT
+    # with another key's seed: refused.
+    forged = compose.data / "forged.creds"
+    text = (compose.data / "tenants" / "acme.creds").read_text()
+    (seed,) = re.findall(r"^SU[A-Z2-7]+$", text, re.M)
+    forged.write_text(text.replace(seed, jwt.new_seed(jwt.USER)))
+    for url, kw in [(f"nats://acme:password@127.0.0.1:{compose.ports['NATS']}", {}),
+                    (address, {}), (address, {"user_credentials": str(forged)})]:  # fmt: skip
+        with pytest.raises(nats.errors.Error, match=r"[Aa]uthorization"):
+            await asyncio.wait_for(connect_nats(url, allow_reconnect=False, **kw), 10)
+    # The tenant's own .creds works, inside its own subjects only.
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    nc = await connect_nats(compose.tenant_url("acme"), error_cb=on_error, allow_reconnect=False)
+    try:
+        await nc.subscribe("baton.events.demo.>")  # another tenant's events
+        await nc.flush()
+        await asyncio.sleep(0.5)
+    finally:
+        await nc.close()
+    assert any("permissions violation" in str(e).lower() for e in errors), errors
 
 
 def test_prometheus_evaluates_the_rules_against_the_live_services(compose: Compose) -> None:
