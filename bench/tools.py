@@ -10,7 +10,12 @@ context store and tool worker processes.
 2. 64 parallel ``python`` calls (each sleeps 200 ms in the sandbox: a call
    that waits, as most tool calls do) on a pool of 1 tool worker against a
    pool of 2, each worker with 4 sandbox slots; rounds alternate pools.
-3. With vLLM importable (run under ``flock /tmp/baton-vllm.lock``;
+3. One ``python`` call (``print(1)``) through the bus, sandbox start
+   included, on a tool worker with spare sandboxes (started before the
+   call) against one without (started by the call), rounds interleaved with
+   a pause between (as between a task's steps), after the same ``search``
+   call's round trip as the floor.
+4. With vLLM importable (run under ``flock /tmp/baton-vllm.lock``;
    ``BATON_BENCH_VLLM=0`` skips it, ``=only`` runs it alone and keeps the
    figures above from bench/results/tools.json): one
    vLLM-CPU step of the tiny random model with tools offered (guided
@@ -56,6 +61,7 @@ DOCS = 200
 OVERHEAD_ROUNDS, OVERHEAD_SECONDS = 300, 90.0
 PARALLEL_CALLS, PARALLEL_ROUNDS = 64, 3
 SLEEP_CODE = "import time\ntime.sleep(0.2)\nprint('done')"
+SANDBOX_ROUNDS, SANDBOX_SECONDS, SANDBOX_PAUSE = 60, 90.0, 0.1
 VLLM_ROUNDS = 6
 VLLM_MAX_TOKENS = 96  # the research workflow's retrieval agent
 PREVIOUS = RESULTS / "tools.json"  # the last run: its vLLM part is kept when this run skips it
@@ -181,6 +187,34 @@ async def parallel(bus: Bus) -> dict[str, Any]:
     }
 
 
+async def sandbox_start(bus: Bus) -> dict[str, Any]:
+    caller = Caller(bus, "sandbox")
+    await caller.start()
+    walls: dict[str, list[float]] = {"one": [], "fresh": []}
+    deadline = time.monotonic() + SANDBOX_SECONDS
+    for r in range(SANDBOX_ROUNDS):
+        if time.monotonic() > deadline:
+            break
+        for pool in ("one", "fresh") if r % 2 else ("fresh", "one"):
+            session = f"sb{pool}{r}"
+            ref = await _session(bus, session)
+            await asyncio.sleep(SANDBOX_PAUSE)
+            t0 = time.perf_counter()
+            code = {"code": "print(1)"}
+            res = await caller.call(pool, session, ref, "python", code, f"{session}c")
+            walls[pool].append(time.perf_counter() - t0)
+            assert res.outcome == "ok", res.error
+
+    def ms(xs: list[float]) -> dict[str, float]:
+        xs = xs[2:]  # the first rounds warm up
+        return {"p50": round(median(xs) * 1e3, 2), "p99": round(pct(xs, 0.99) * 1e3, 2)}
+
+    spare, fresh = ms(walls["one"]), ms(walls["fresh"])
+    ratio = round(fresh["p50"] / spare["p50"], 2)
+    return {"rounds": len(walls["one"]), "pause_s": SANDBOX_PAUSE, "spare_ms": spare,
+            "fresh_ms": fresh, "fresh_over_spare": ratio}  # fmt: skip
+
+
 def _tool_worker(name: str, url: str, work: Path, pool: str, **env: str) -> ServiceProcess:
     return ServiceProcess(
         "tool-worker",
@@ -278,6 +312,14 @@ async def _main(work: Path) -> dict[str, Any]:
         _tool_worker("tw1", server.url, work, "one", BATON_BUILTIN_TOOLS='["python"]'),
         _tool_worker("tw2", server.url, work, "two", BATON_BUILTIN_TOOLS='["python"]'),
         _tool_worker("tw3", server.url, work, "two", BATON_BUILTIN_TOOLS='["python"]'),
+        _tool_worker(
+            "tw4",
+            server.url,
+            work,
+            "fresh",
+            BATON_BUILTIN_TOOLS='["python"]',
+            BATON_SANDBOX_SPARES="false",
+        ),
     ]
     try:
         for p in procs:
@@ -286,6 +328,7 @@ async def _main(work: Path) -> dict[str, Any]:
         try:
             result: dict[str, Any] = {"overhead": await overhead(bus, work)}
             result["parallel"] = await parallel(bus)
+            result["sandbox_start"] = await sandbox_start(bus)
         finally:
             await bus.close()
     finally:
@@ -333,6 +376,18 @@ def markdown(r: dict[str, Any]) -> str:
         "calls wait rather than compute: on 2 shared cores CPU-bound calls could not scale past "
         "the cores, so this measures the pool's capacity, which is what adding a worker buys.",
     ]
+    sb = r.get("sandbox_start")
+    if sb:
+        lines += [
+            "",
+            f"One `python` call (`print(1)`) through the bus, sandbox start included, "
+            f"{sb['rounds']} interleaved rounds ({sb['pause_s']} s apart): with spare sandboxes "
+            f"(each slot's next sandbox started when its last call ends, interpreter up) "
+            f"{sb['spare_ms']['p50']} ms p50 ({sb['spare_ms']['p99']} p99), without (started by "
+            f"the call) {sb['fresh_ms']['p50']} ms ({sb['fresh_ms']['p99']}): "
+            f"**{sb['fresh_over_spare']}x**. "
+            f"The `search` call above is the floor: a tool round trip with nothing to start.",
+        ]
     g = r.get("vllm_guided")
     if g:
         s = g["step_seconds_p50"]

@@ -335,9 +335,11 @@ def direct_owner(description: str | None) -> tuple[str, str] | None:
     return (pool, worker) if pool and worker else None
 
 
-# Each update erases the revision it replaces (runs.py), so 64 is headroom, not history.
-RUNS = BucketSpec(name="baton-runs", history=64, erasable=True,
-                  description="Durable run state per task.")  # fmt: skip
+# Each run's entries are sealed with its own key (services/orchestrator/runkeys.py,
+# entry ``<tenant>.<task_id>.key``): a revision an update replaces is dropped as
+# ciphertext, and erasing the task overwrites its key (erasable for that).
+RUNS = BucketSpec(name="baton-runs", history=1, erasable=True,
+                  description="Durable run state per task, and its key.")  # fmt: skip
 TENANTS = BucketSpec(
     name="baton-tenants", history=1,
     description="The tenant registry: each tenant's state (active, suspended, deleted).",

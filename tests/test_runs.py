@@ -1,19 +1,26 @@
 """The run store against a real nats-server and the bus twin: its cache holds unfinished runs
 only (so the orchestrator's memory does not grow with the runs it finished),
-and a stale cached revision still fails the write."""
+a stale cached revision still fails the write, and entries are sealed with
+their task's key, so destroying the key erases every revision."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from nacl.exceptions import CryptoError
 
 from baton.bus import Bus, connect
 from baton.dev.testing import uid
 from baton.dev.twin import TwinBus
-from proto.streams import BucketSpec
+from baton.natsd import NatsServer
+from proto import codec
+from proto.streams import RUNS, BucketSpec
+from services.orchestrator.runkeys import is_sealed, key_entry, new_key, seal, unseal
 from services.orchestrator.runs import RunConflict, RunStore
-from services.orchestrator.state import RunState
+from services.orchestrator.state import ERASED, RunState
+from tests.ctx import raw_store_contains
 
 
 @pytest.fixture(params=["twin", "nats"])
@@ -54,3 +61,60 @@ async def test_a_write_against_a_stale_revision_conflicts(store: RunStore) -> No
     with pytest.raises(RunConflict):
         await store.write(run, snap.revision)
     assert store.cached("acme", run.task_id) is None
+
+
+def test_a_sealed_entry_opens_only_with_its_key_as_its_run() -> None:
+    key, data = new_key(), codec.encode(_run("t1"))
+    box = seal(key, "acme.t1", data)
+    assert is_sealed(box) and not is_sealed(data) and b"chat" not in box
+    assert unseal(key, "acme.t1", box) == data
+    assert seal(key, "acme.t1", data) != box  # a nonce per write
+    for k, run_key, value in ((new_key(), "acme.t1", box), (key, "acme.t2", box),
+                              (key, "acme.t1", box[:-1] + bytes([box[-1] ^ 1]))):  # fmt: skip
+        with pytest.raises(CryptoError):
+            unseal(k, run_key, value)
+
+
+async def test_entries_are_sealed_and_a_destroyed_key_leaves_no_revision_readable(
+    store: RunStore,
+) -> None:
+    run = _run(uid("t"))
+    secret = uid("OUTPUT")
+    snap = await store.write(run, None)
+    run.output = secret
+    snap = await store.write(run, snap.revision)
+    stored = await store.kv.get(run.key)
+    assert stored is not None and is_sealed(stored.value) and secret.encode() not in stored.value
+    other = RunStore(store.kv)  # another replica: reads the key from the bucket
+    got = await other.get("acme", run.task_id)
+    assert got is not None and got.output == secret
+    assert [r.output for r in await other.list("acme")].count(secret) == 1
+    # Erased: the tombstone is stored in the clear, the key destroyed.
+    run.status, run.output = ERASED, ""
+    await store.write(run, snap.revision)
+    assert await store.keys.destroy(run.key) == 1
+    assert await store.kv.get(key_entry(run.key)) is None
+    assert await RunStore(store.kv).keys.get(run.key) is None
+    with pytest.raises(CryptoError):  # the revision with the output, its key gone
+        unseal(new_key(), run.key, stored.value)
+    # A replica that reads a sealed revision (a lagging one) sees the tombstone.
+    gone = codec.decode(await RunStore(store.kv).plain(run.key, stored.value), RunState)
+    assert (gone.status, gone.output) == (ERASED, "")
+
+
+async def test_no_revision_of_a_run_is_in_the_raw_store_in_the_clear(own_nats: NatsServer) -> None:
+    bus = await connect(own_nats.url, name="test-runs-raw")
+    try:
+        store = RunStore(await bus.ensure_bucket(RUNS))
+        run = _run(uid("t"))
+        snap = await store.write(run, None)
+        secrets = [uid(f"STEP{i}") for i in range(5)]
+        for s in secrets:  # each update replaces a revision, none of them erased
+            run.output = s
+            snap = await store.write(run, snap.revision)
+        await asyncio.sleep(0.2)
+        for s in secrets:
+            assert raw_store_contains(own_nats.store_dir, s.encode()) == [], s
+        assert raw_store_contains(own_nats.store_dir, run.task_id.encode())  # the grep finds ids
+    finally:
+        await bus.close()

@@ -15,7 +15,8 @@ import pytest
 
 from baton.bus import Bus
 from baton.dev.testing import LocalStack, http_get, uid
-from services.tool_worker.tools.python import PythonTool, RunResult, bwrap_command
+from services.tool_worker.tools import CallContext
+from services.tool_worker.tools.python import PythonTool, RunResult, SandboxLimits, bwrap_command
 from tests import tools
 from tests.tools import call_tool, session_with_call
 
@@ -135,3 +136,41 @@ def test_the_sandbox_shares_no_namespace_and_binds_only_usr_read_only() -> None:
     binds = [(cmd[i], cmd[i + 1], cmd[i + 2]) for i, a in enumerate(cmd) if a.endswith("bind")]
     assert binds == [("--ro-bind", "/usr", "/usr"), ("--bind", "/tmp/x", "/sandbox")]
     assert cmd[cmd.index("--remount-ro") + 1] == "/"
+
+
+# The seconds since the sandbox's interpreter started, as the program sees it.
+AGE = """import os
+start = int(open('/proc/self/stat').read().rsplit(')', 1)[1].split()[19])
+up = float(open('/proc/uptime').read().split()[0])
+print(up - start / os.sysconf('SC_CLK_TCK'))
+"""
+
+
+async def test_a_call_finds_its_sandbox_started_and_uses_it_once() -> None:
+    ctx = CallContext(tenant="acme", task_id=uid("t"), call_id="c", timeout=10.0)
+    ages: dict[bool, float] = {}
+    for spares in (True, False):
+        tool = PythonTool(SandboxLimits(slots=1, uid_base=UID_BASE + 8, spares=spares))
+        tool.start_spares()
+        try:
+            await asyncio.sleep(1.5)
+            ages[spares] = float(json.loads((await tool.run({"code": AGE}, ctx)).text)["stdout"])
+            if spares:
+                # The next call's spare is a new sandbox: nothing of this call is in it.
+                await tool.run({"code": "open('mine.txt', 'w').write('x')"}, ctx)
+                await asyncio.sleep(0.5)
+                out = await tool.run({"code": "import os; print(os.listdir('.'))"}, ctx)
+                assert json.loads(out.text)["stdout"] == "['main.py']\n"
+                # A spare that died waiting is replaced by a fresh sandbox.
+                await asyncio.sleep(0.5)
+                spare = [p for p in psutil.process_iter(["name", "uids"])
+                         if p.info["name"] == "baton-spare" and p.info["uids"].real == UID_BASE + 8]  # fmt: skip
+                assert len(spare) == 1
+                spare[0].kill()
+                out = await tool.run({"code": "print(6 * 7)"}, ctx)
+                assert json.loads(out.text)["stdout"] == "42\n"
+        finally:
+            tool.close()
+    # Started before the call (it waited 1.5 s): the interpreter's start-up is
+    # not the call's; without spares the sandbox starts when the call comes.
+    assert ages[True] > 1.0 > ages[False], ages

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -66,6 +67,21 @@ async def call_tool(
 
 def sandbox_processes(uid_base: int, users: int) -> list[psutil.Process]:
     """Processes running as one of a test's sandbox users (``uid_base`` and
-    the ``users`` after it): what a sandboxed call left running."""
-    return [p for p in psutil.process_iter(["uids"])
-            if uid_base <= p.info["uids"].real < uid_base + users]  # fmt: skip
+    the ``users`` after it) other than idle spares: what a sandboxed call
+    left running. A spare is an interpreter named ``baton-spare`` (it has run
+    nothing yet) and the bubblewrap processes above it; a program it was
+    given, or anything that program forked, is named otherwise."""
+    procs = [p for p in psutil.process_iter(["uids", "name"])
+             if uid_base <= p.info["uids"].real < uid_base + users]  # fmt: skip
+    idle: set[int] = set()
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            below = p.children(recursive=True)
+            names = {c.name() for c in below}
+            if p.info["name"] == "baton-spare" or (
+                p.info["name"] == "bwrap"
+                and "baton-spare" in names
+                and names <= {"bwrap", "baton-spare"}
+            ):
+                idle.add(p.pid)
+    return [p for p in procs if p.pid not in idle]

@@ -51,6 +51,7 @@ from services.inference_worker.settings import WorkerSettings
 from services.inference_worker.supervisor import EngineSupervisor
 from services.inference_worker.tokens import TokenPublisher
 from services.orchestrator.conductor import Conductor
+from services.orchestrator.runkeys import is_sealed, key_entry, unseal
 from services.orchestrator.runs import RunStore
 from services.orchestrator.settings import OrchestratorSettings
 from services.orchestrator.state import RunState
@@ -221,7 +222,9 @@ class Shell:
     def stored(self, task_id: str) -> list[RunState]:
         """Every state of the run ever stored, in order."""
         key = f"{TENANT}.{task_id}"
-        return [codec.decode(e.value, RunState) for e in self.kv.log if e.key == key]
+        [k] = [e.value for e in self.kv.log if e.key == key_entry(key)]
+        return [codec.decode(unseal(k, key, e.value) if is_sealed(e.value) else e.value, RunState)
+                for e in self.kv.log if e.key == key]  # fmt: skip
 
 
 def budget(tokens: int | None) -> dict[str, Any]:

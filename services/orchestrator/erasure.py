@@ -8,8 +8,9 @@ session, e.g. a fork) the orchestrator:
 
 1. replaces its run entry by a tombstone (status ``erased``, no input,
    metadata, outputs or refs; compare-and-set, so a replica still advancing
-   the run sees a terminal run and stops), then overwrites every older
-   revision of the entry in the raw store;
+   the run sees a terminal run and stops), then overwrites the run's key
+   (``runkeys.py``: every older revision, sealed with it, is unreadable from
+   then on) and whatever revisions the bucket still holds;
 2. overwrites and removes its events (``BATON_EVENTS``, and a tenant
    account's copy of that stream when one is configured), its token deltas
    (``BATON_TOKENS``) and any result not yet consumed (``BATON_RESULTS``),
@@ -35,6 +36,7 @@ from typing import Any
 
 import msgspec
 import structlog
+from nacl.exceptions import CryptoError
 
 from baton import audit
 from baton.bus import HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus, Delivery, Term
@@ -181,18 +183,21 @@ class TaskEraser:
             if not msg.data:  # a KV delete or purge marker
                 continue
             try:
-                run = codec.decode(msg.data, RunState)
-            except msgspec.DecodeError:
+                key = msg.subject.removeprefix(RUNS.subject(""))
+                run = codec.decode(await self.runs.plain(key, msg.data), RunState)
+            except (msgspec.DecodeError, CryptoError):
                 continue
             latest[run.task_id] = run
         return list(latest.values())
 
     async def _tombstone(self, tenant: str, task_id: str, counts: collections.Counter[str]) -> bool:
-        """Tombstone the run, erase its older revisions; True if it was running."""
+        """Tombstone the run, destroy its key and erase its older revisions;
+        True if it was running."""
         was_running = False
         for _ in range(MAX_CONFLICTS):
             snap = await self.runs.read(tenant, task_id)
-            if snap is None:
+            if snap is None:  # no run (a key alone: its creation died half-way)
+                counts["run_keys"] += await self.runs.keys.destroy(run_key(tenant, task_id))
                 return False
             run = snap.run()
             was_running = not run.terminal
@@ -204,6 +209,8 @@ class TaskEraser:
             counts["run_revisions"] += await self.runs.kv.erase_history(
                 run_key(tenant, task_id), keep_after=snap.revision
             )
+            # The revisions the run's updates replaced are ciphertext under this key.
+            counts["run_keys"] += await self.runs.keys.destroy(run_key(tenant, task_id))
             return was_running
         raise RunConflict(run_key(tenant, task_id))
 

@@ -2,22 +2,21 @@
 ``<tenant>.<task_id>``, updated step by step with compare-and-set so several
 orchestrator replicas can advance the same run safely.
 
-Each update erases the revision it replaced from the raw store (a revision
-dropped by the bucket's history limit would only be unlinked, its bytes left
-in the block file), so erasing a task later leaves no old revision behind.
-An erased task's entry is a tombstone (status ``erased``, no content).
+Each entry is sealed with the task's own key (``runkeys.py``): the revisions
+an update replaces are left as they are (ciphertext), and erasing the task
+destroys its key. An erased task's entry is a tombstone (status ``erased``,
+ids only), stored in the clear.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections import OrderedDict
 
 from baton.bus import Bucket, WrongLastSequence
 from proto import codec
 
-from .state import RunState, run_key
+from .runkeys import RunKeys, is_sealed, seal, unseal
+from .state import ERASED, RunState, run_key
 
 
 class RunConflict(Exception):
@@ -61,23 +60,23 @@ class RunStore:
     saves reads: a write against a stale revision fails and the caller re-reads."""
 
     def __init__(self, kv: Bucket, *, cached: int = 4096) -> None:
-        """An erasable ``kv`` has each revision a write replaces erased; in a
-        bucket that forbids deletes they stay."""
         self.kv = kv
+        self.keys = RunKeys(kv)
         self._cache: OrderedDict[str, Snapshot] = OrderedDict()
         self._cached = cached
-        self._erasing: set[asyncio.Task[None]] = set()
 
-    def _superseded(self, revision: int) -> None:
-        """Erase a replaced revision, off the caller's path (the run already
-        moved on; if this process dies first, a task erasure finds it)."""
-        task = asyncio.create_task(self._erase(revision))
-        self._erasing.add(task)
-        task.add_done_callback(self._erasing.discard)
-
-    async def _erase(self, revision: int) -> None:
-        with contextlib.suppress(Exception):
-            await self.kv.erase_revision(revision)
+    async def plain(self, key: str, value: bytes) -> bytes:
+        """An entry's value as encoded state: unsealed with the run's key. A
+        sealed entry whose key was destroyed (an erased task read from a
+        lagging replica) reads as the task's tombstone."""
+        if not is_sealed(value):
+            return value  # a tombstone, or written before entries were sealed
+        k = await self.keys.get(key)
+        if k is None:
+            tenant, task_id = key.split(".", 1)
+            return codec.encode(RunState(tenant=tenant, task_id=task_id, session="",
+                                         workflow="", task_seq=-1, status=ERASED))  # fmt: skip
+        return unseal(k, key, value)
 
     def _remember(self, key: str, snap: Snapshot | None) -> Snapshot | None:
         if snap is None:
@@ -105,7 +104,7 @@ class RunStore:
         entry = await self.kv.get(key, consistent=consistent)
         if entry is None:
             return self._remember(key, None)
-        snap = Snapshot(entry.value, entry.revision)
+        snap = Snapshot(await self.plain(key, entry.value), entry.revision)
         return self._remember(key, snap) if remember else snap
 
     async def revision(self, key: str) -> int | None:
@@ -127,16 +126,17 @@ class RunStore:
             RunConflict: someone else wrote first (read again and retry).
         """
         data = codec.encode(run)
+        stored = data
+        if run.status != ERASED:
+            stored = seal(await self.keys.get_or_create(run.key), run.key, data)
         try:
             if revision is None:
-                new = await self.kv.create(run.key, data)
+                new = await self.kv.create(run.key, stored)
             else:
-                new = await self.kv.update(run.key, data, last=revision)
+                new = await self.kv.update(run.key, stored, last=revision)
         except WrongLastSequence as exc:
             self._cache.pop(run.key, None)
             raise RunConflict(run.key) from exc
-        if revision is not None:
-            self._superseded(revision)
         snap = Snapshot(data, new, run)
         if run.terminal:
             # Nothing advances a finished run (a redelivery reads it afresh):
@@ -150,4 +150,6 @@ class RunStore:
         """The latest state of every run of ``tenant`` (at most ``limit``),
         read in one pass of a watcher over ``<tenant>.*``."""
         entries = await self.kv.entries(f"{tenant}.*", limit=limit)
-        return [codec.decode(e.value, RunState) for e in entries]
+        if sum(map(is_sealed, (e.value for e in entries))) > 1:
+            await self.keys.load(tenant)  # one listing, not a read per run
+        return [codec.decode(await self.plain(e.key, e.value), RunState) for e in entries]

@@ -45,6 +45,9 @@ class ToolWorkerSettings(CommonSettings):
     sandbox_slots: int = 4
     # Python sandbox: slot i runs as uid and gid sandbox_uid_base + i (when the worker is root).
     sandbox_uid_base: int = 61000
+    # Python sandbox: start each slot's next sandbox as its last call ends, so a
+    # call finds the interpreter up (each sandbox still runs one call only).
+    sandbox_spares: bool = True
 
     def index_path(self) -> Path:
         if self.search_index is not None:

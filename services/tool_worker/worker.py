@@ -114,6 +114,7 @@ class ToolWorker:
         self.validators: dict[str, Validator] = {}  # by tool; none for an invalid schema
         self.index: SearchIndex | None = None
         self.indexer: DocumentIndexer | None = None
+        self.python: PythonTool | None = None
         self.mcp: list[McpServer] = []
         self.bus: Bus | None = None
         self._labels = (settings.pool, settings.worker_id)
@@ -128,7 +129,7 @@ class ToolWorker:
         return SandboxLimits(
             cpu_seconds=s.sandbox_cpu_seconds, memory_bytes=s.sandbox_memory_bytes,
             processes=s.sandbox_processes, output_bytes=s.sandbox_output_bytes,
-            slots=s.sandbox_slots, uid_base=s.sandbox_uid_base,
+            slots=s.sandbox_slots, uid_base=s.sandbox_uid_base, spares=s.sandbox_spares,
         )  # fmt: skip
 
     async def load_tools(self, bus: Bus) -> None:
@@ -141,7 +142,9 @@ class ToolWorker:
             await self.indexer.start()
             self.tools["search"] = SearchTool(self.index, self.indexer.caught_up)
         if "python" in self.s.builtin_tools:
-            self.tools["python"] = PythonTool(self.limits())
+            self.python = PythonTool(self.limits())
+            self.python.start_spares()
+            self.tools["python"] = self.python
         self.mcp = await connect_all(self.s.mcp_servers)
         for server in self.mcp:
             self.tools.update(server.tools)
@@ -181,6 +184,8 @@ class ToolWorker:
                 await server.stop()
             if self.index is not None:
                 self.index.close()
+            if self.python is not None:
+                self.python.close()
 
     # -- one call ----------------------------------------------------------
 

@@ -25,6 +25,15 @@ Layers, and what each one stops:
   process uses no CPU), and stdout/stderr are read up to the output limit —
   past it the sandbox is killed and the call is ``tool_output_too_large``.
 
+**Spares.** Starting a sandbox (bubblewrap's namespaces, then the
+interpreter) is most of a short call's time, so each slot starts its next
+sandbox as soon as its last call ends: a spare, every layer above already
+applied, its interpreter up and blocked reading its program from stdin (its
+process name ``baton-spare`` while it waits). A call hands the spare its
+code and is then exactly a fresh sandbox's run: the spare has run nothing,
+holds no file but its own fresh directory, and is used once. A spare that
+died meanwhile is replaced by a fresh start.
+
 Every failure is a ``ToolError`` the agent sees; the worker only runs
 ``bwrap`` and waits for it, so nothing the code does can take it down.
 """
@@ -44,7 +53,6 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from proto.errors import ErrorCode
@@ -67,6 +75,7 @@ class SandboxLimits:
     uid_base: int = 61000  # slot i runs as uid/gid uid_base + i
     slots: int = 4
     interpreter: str = "/usr/bin/python3"
+    spares: bool = True  # start each slot's next sandbox before its call
 
 
 @dataclass(slots=True)
@@ -102,8 +111,38 @@ class Stop:
                 os.close(fd)
 
 
+# Inside the sandbox: wait for the program on stdin (named baton-spare while
+# waiting), keep it as main.py, run it as ``python main.py`` would (its own
+# ``__main__``, tracebacks without this loader's frame, exit status 1).
+LOADER = """\
+import sys, types
+def name(n):
+    with open('/proc/self/comm', 'w') as f:
+        f.write(n)
+name('baton-spare')
+src = sys.stdin.buffer.read()
+name('python3')
+with open('main.py', 'wb') as f:
+    f.write(src)
+sys.argv[:] = ['main.py']
+main = types.ModuleType('__main__')
+main.__file__ = '/sandbox/main.py'
+sys.modules['__main__'] = main
+del name, f, types
+try:
+    exec(compile(src, 'main.py', 'exec'), main.__dict__)
+except SystemExit:
+    raise
+except BaseException as e:
+    import traceback
+    traceback.print_exception(type(e), e, e.__traceback__.tb_next)
+    sys.exit(1)
+"""
+
+
 def bwrap_command(workdir: str, interpreter: str) -> list[str]:
-    """The bubblewrap command line that runs ``/sandbox/main.py``."""
+    """The bubblewrap command line of a sandbox that reads its program from
+    stdin and runs it as ``/sandbox/main.py``."""
     return [
         BWRAP,
         "--unshare-all", "--unshare-user", "--disable-userns",
@@ -117,7 +156,7 @@ def bwrap_command(workdir: str, interpreter: str) -> list[str]:
         "--clearenv",
         "--setenv", "PATH", "/usr/bin", "--setenv", "HOME", "/sandbox",
         "--setenv", "TMPDIR", "/sandbox", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
-        interpreter, "-I", "-u", "main.py",
+        interpreter, "-I", "-u", "-c", LOADER, "main.py",
     ]  # fmt: skip
 
 
@@ -148,38 +187,70 @@ def _limiter(limits: SandboxLimits, uid: int, cgroup: SlotCgroup | None) -> Any:
     return apply
 
 
-def run_sandboxed(
-    code: str,
-    limits: SandboxLimits,
-    slot: int,
-    timeout: float,
-    cgroup: SlotCgroup | None = None,
-    stop: Stop | None = None,
-) -> RunResult:
-    """Blocking: run ``code`` in a fresh directory under the sandbox (call it
-    in a thread). The directory is removed afterwards. ``cgroup`` (the slot's)
-    counts CPU time and caps processes; without it CPU time is what
-    ``wait4`` sees. ``stop`` set: the process tree is killed now."""
+@dataclass(slots=True)
+class Sandbox:
+    """A started sandbox waiting for its program (``start``), run once (``run_in``)."""
+
+    proc: subprocess.Popen[bytes]
+    workdir: str
+    cgroup: SlotCgroup | None
+    cpu_before: float
+
+    def discard(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.proc.pid, 0)
+        self.proc.returncode = -signal.SIGKILL
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start(limits: SandboxLimits, slot: int, cgroup: SlotCgroup | None = None) -> Sandbox:
+    """Blocking: a sandbox for slot ``slot``, in a fresh directory, its
+    interpreter up and waiting for the program on stdin."""
     uid = limits.uid_base + slot
     if cgroup is not None:
         # The previous run's PID namespace is torn down asynchronously (over a
-        # second on these machines): wait here, not after each run, so the
-        # wait overlaps the other slots' work (slots are reused oldest first).
+        # second on some machines): wait here, before the next run, so the wait
+        # overlaps the other slots' work (and, with spares, no call's).
         cgroup.settle()
     cpu_before = cgroup.cpu_seconds() if cgroup is not None else 0.0
     workdir = tempfile.mkdtemp(prefix="baton-sandbox-")
     try:
         os.chmod(workdir, 0o700)
-        Path(workdir, "main.py").write_text(code)
         if os.geteuid() == 0:
             os.chown(workdir, uid, uid)
-            os.chown(Path(workdir, "main.py"), uid, uid)
-        started = time.monotonic()
         proc = subprocess.Popen(
             bwrap_command(workdir, limits.interpreter),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             preexec_fn=_limiter(limits, uid, cgroup) if os.geteuid() == 0 else os.setsid,
         )  # fmt: skip
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return Sandbox(proc, workdir, cgroup, cpu_before)
+
+
+def run_in(
+    sandbox: Sandbox, code: str, limits: SandboxLimits, timeout: float, stop: Stop | None = None
+) -> RunResult:
+    """Blocking: run ``code`` in ``sandbox`` (call it in a thread); its
+    directory is removed afterwards. ``stop`` set: the process tree is killed
+    now. Raises ``BrokenPipeError`` when the sandbox died before its program
+    reached it (nothing ran: start another)."""
+    proc, cgroup = sandbox.proc, sandbox.cgroup
+    assert proc.stdin is not None
+    try:
+        started = time.monotonic()
+        try:
+            proc.stdin.write(code.encode())
+            proc.stdin.close()
+        except BrokenPipeError:
+            sandbox.discard()
+            raise
         out, err, timed_out, too_much, stopped = _collect(
             proc, limits.output_bytes, started + timeout, stop
         )
@@ -190,7 +261,7 @@ def run_sandboxed(
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
         cpu = usage.ru_utime + usage.ru_stime
         if cgroup is not None:
-            cpu = max(cpu, cgroup.cpu_seconds() - cpu_before)
+            cpu = max(cpu, cgroup.cpu_seconds() - sandbox.cpu_before)
         return RunResult(
             returncode=proc.returncode,
             stdout=out,
@@ -202,7 +273,19 @@ def run_sandboxed(
             stopped=stopped,
         )
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(sandbox.workdir, ignore_errors=True)
+
+
+def run_sandboxed(
+    code: str,
+    limits: SandboxLimits,
+    slot: int,
+    timeout: float,
+    cgroup: SlotCgroup | None = None,
+    stop: Stop | None = None,
+) -> RunResult:
+    """Blocking: ``code`` in a sandbox started for it (no spare)."""
+    return run_in(start(limits, slot, cgroup), code, limits, timeout, stop)
 
 
 def _collect(
@@ -244,6 +327,11 @@ def _collect(
     return bytes(out[:limit]), bytes(err[:limit]), timed_out, too_much, stopped
 
 
+def _discard(spare: asyncio.Future[Sandbox]) -> None:
+    if not spare.cancelled() and spare.exception() is None:
+        spare.result().discard()
+
+
 def _tail(data: bytes, n: int = 2000) -> str:
     text = data.decode("utf-8", "replace")
     return text if len(text) <= n else "…" + text[-n:]
@@ -262,6 +350,37 @@ class PythonTool:
             i: SlotCgroup.create(self.limits.uid_base + i, self.limits.processes)
             for i in self._free
         } if os.geteuid() == 0 else {}  # fmt: skip
+        self._spares: dict[int, asyncio.Future[Sandbox]] = {}
+
+    def start_spares(self) -> None:
+        """A spare sandbox for each free slot (with ``limits.spares``)."""
+        for slot in self._free:
+            self._spare(slot)
+
+    def _spare(self, slot: int) -> None:
+        if self.limits.spares and available() and slot not in self._spares:
+            self._spares[slot] = asyncio.ensure_future(
+                asyncio.to_thread(start, self.limits, slot, self.cgroups.get(slot))
+            )
+
+    def close(self) -> None:
+        """Kill the spares (a stopping worker's; bubblewrap's
+        ``--die-with-parent`` covers a worker that dies)."""
+        for spare in self._spares.values():
+            spare.add_done_callback(_discard)
+        self._spares.clear()
+
+    async def _run(self, slot: int, code: str, timeout: float, stop: Stop) -> RunResult:
+        spare = self._spares.pop(slot, None)
+        sandbox = None
+        if spare is not None:
+            with contextlib.suppress(Exception):
+                sandbox = await spare
+        if sandbox is not None:
+            with contextlib.suppress(BrokenPipeError):  # it died waiting: start one
+                return await asyncio.to_thread(run_in, sandbox, code, self.limits, timeout, stop)
+        return await asyncio.to_thread(run_sandboxed, code, self.limits, slot, timeout,
+                                       self.cgroups.get(slot), stop)  # fmt: skip
 
     async def run(self, args: dict[str, Any], ctx: CallContext) -> ToolOutput:
         if not available():
@@ -269,12 +388,11 @@ class PythonTool:
         async with self._slot_ready:
             slot = self._free.popleft()
             stop = Stop()
-            run = asyncio.ensure_future(asyncio.to_thread(
-                run_sandboxed, args["code"], self.limits, slot, ctx.timeout,
-                self.cgroups.get(slot), stop))  # fmt: skip
+            run = asyncio.ensure_future(self._run(slot, args["code"], ctx.timeout, stop))
 
             def release(_: object) -> None:  # once the run is over, whatever happened
                 stop.close()
+                self._spare(slot)
                 self._free.append(slot)
 
             run.add_done_callback(release)

@@ -1,0 +1,112 @@
+"""Crypto-shredding of run entries: each task's entry in ``baton-runs`` is
+sealed with a key of its own, so erasing a task destroys one key instead of
+overwriting every revision its steps replaced.
+
+A run is written a few times per step; each write used to erase the revision
+it replaced (a JetStream API request each), because a revision dropped by the
+bucket's history limit is only unlinked and its bytes stay in the block file.
+Now the replaced revisions may stay there: they are ciphertext under the
+task's key, and erasing the task (``erasure.py``) overwrites that key's one
+message, after which no revision of the task can be read, wherever its bytes
+lie. The key is the entry ``<tenant>.<task_id>.key`` of the same bucket,
+written once when the run is created (listings of ``<tenant>.*`` do not see
+it). An erased task's tombstone holds ids only and is stored in the clear.
+
+Sealing is XChaCha20-Poly1305 (libsodium through PyNaCl, which nkeys brings):
+a random 24-byte nonce per write, the run's key as associated data, so a
+sealed entry cannot be passed off as another task's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+from nacl.bindings import (
+    crypto_aead_xchacha20poly1305_ietf_decrypt,
+    crypto_aead_xchacha20poly1305_ietf_encrypt,
+    crypto_aead_xchacha20poly1305_ietf_KEYBYTES,
+    crypto_aead_xchacha20poly1305_ietf_NPUBBYTES,
+)
+
+from baton.bus import Bucket, WrongLastSequence
+
+SEALED = b"\x01"  # never the first byte of a msgpack map (a plain entry)
+_NONCE = crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
+KEY_BYTES = crypto_aead_xchacha20poly1305_ietf_KEYBYTES
+
+
+def new_key() -> bytes:
+    return os.urandom(KEY_BYTES)
+
+
+def seal(key: bytes, run_key: str, data: bytes) -> bytes:
+    nonce = os.urandom(_NONCE)
+    box = crypto_aead_xchacha20poly1305_ietf_encrypt(data, run_key.encode(), nonce, key)
+    return SEALED + nonce + box
+
+
+def is_sealed(value: bytes) -> bool:
+    return value[:1] == SEALED
+
+
+def unseal(key: bytes, run_key: str, value: bytes) -> bytes:
+    """The plain entry; raises ``nacl.exceptions.CryptoError`` for a wrong
+    key, another run's entry or a changed byte."""
+    nonce, box = value[1 : 1 + _NONCE], value[1 + _NONCE :]
+    return crypto_aead_xchacha20poly1305_ietf_decrypt(box, run_key.encode(), nonce, key)
+
+
+def key_entry(run_key: str) -> str:
+    """Where a run's key is stored in the bucket."""
+    return f"{run_key}.key"
+
+
+class RunKeys:
+    """The runs' keys in the runs bucket, cached (a key never changes until
+    it is destroyed)."""
+
+    def __init__(self, kv: Bucket, *, cached: int = 16_384) -> None:
+        self.kv = kv
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cached = cached
+
+    def _remember(self, run_key: str, key: bytes) -> bytes:
+        self._cache[run_key] = key
+        self._cache.move_to_end(run_key)
+        while len(self._cache) > self._cached:
+            self._cache.popitem(last=False)
+        return key
+
+    async def get(self, run_key: str) -> bytes | None:
+        """The run's key (None: never made, or destroyed)."""
+        if (key := self._cache.get(run_key)) is not None:
+            return key
+        entry = await self.kv.get(key_entry(run_key), consistent=True)
+        return self._remember(run_key, entry.value) if entry is not None else None
+
+    def cached(self, run_key: str) -> bytes | None:
+        return self._cache.get(run_key)
+
+    async def load(self, tenant: str) -> None:
+        """Every key of ``tenant``'s runs, in one listing."""
+        for entry in await self.kv.entries(key_entry(f"{tenant}.*"), limit=1_000_000):
+            self._remember(entry.key.removesuffix(".key"), entry.value)
+
+    async def get_or_create(self, run_key: str) -> bytes:
+        if (key := await self.get(run_key)) is not None:
+            return key
+        key = new_key()
+        try:
+            await self.kv.create(key_entry(run_key), key)
+        except WrongLastSequence:  # another replica made it first
+            entry = await self.kv.get(key_entry(run_key), consistent=True)
+            assert entry is not None
+            key = entry.value
+        return self._remember(run_key, key)
+
+    async def destroy(self, run_key: str) -> int:
+        """Overwrite the run's key in the raw store: every sealed revision of
+        the run is unreadable from now on. How many key messages were erased."""
+        self._cache.pop(run_key, None)
+        return await self.kv.erase_history(key_entry(run_key), keep_after=2**63)
