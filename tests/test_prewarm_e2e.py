@@ -2,19 +2,25 @@
 engines, two workers): while the first step runs, the orchestrator warms
 the second step's prefix (its agent's system prompt + the session) on one
 worker; the second step is routed there and finds its prefix cached. The
-warm answers nothing: no result, nothing appended to the session."""
+warm answers nothing: no result, nothing appended to the session. Across an
+input wait the step after it is warmed, kept warm, and runs there."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import urllib.error
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from baton.dev.testing import Client, LocalStack, http_get, http_json, metric, uid
 from baton.natsd import NatsServer
+from baton.stack import ServiceProcess
+from tests.harness import http_post
 
 FLOW = textwrap.dedent("""\
     name: relay
@@ -25,6 +31,9 @@ FLOW = textwrap.dedent("""\
       - {id: draft, agent: drafter}
       - {id: edit, agent: editor}
     """)
+ASK = FLOW.replace("name: relay", "name: review").replace(
+    "  - {id: edit", '  - {id: ask, input: {prompt: "Change?", default: "no", timeout: 60}}\n  - {id: edit'
+)
 
 
 @pytest.fixture
@@ -32,20 +41,20 @@ def relay(own_nats: NatsServer, tmp_path: Path) -> Iterator[LocalStack]:
     flows = tmp_path / "workflows"
     flows.mkdir()
     (flows / "relay.yaml").write_text(FLOW)
+    (flows / "review.yaml").write_text(ASK)
     # Slow decoding: the first step runs long enough for its follower's warm.
     s = LocalStack(own_nats, tmp_path / "s", env={"BATON_SIM_DECODE_TPS": "80"})
     s.workdir.mkdir(parents=True)
     s.service("context-store").wait_ready()
-    s.service("orchestrator", BATON_WORKFLOWS_DIR=str(flows)).wait_ready()
+    s.service("orchestrator", BATON_WORKFLOWS_DIR=str(flows),
+              BATON_PREWARM_KEEP_EVERY="0.5").wait_ready()  # fmt: skip
     s.worker().wait_ready()
     s.worker().wait_ready()
     yield s
     s.stop()
 
 
-async def test_the_next_step_is_warmed_where_it_then_runs(
-    relay: LocalStack, own_client: Client
-) -> None:
+async def both_workers(relay: LocalStack) -> list[ServiceProcess]:
     url = relay.orchestrator.url
     workers = [p for p in relay.procs if p.name == "inference-worker"]
     for _ in range(40):  # both workers' heartbeats seen
@@ -53,6 +62,14 @@ async def test_the_next_step_is_warmed_where_it_then_runs(
                for w in workers):  # fmt: skip
             break
         await asyncio.sleep(0.25)
+    return workers
+
+
+async def test_the_next_step_is_warmed_where_it_then_runs(
+    relay: LocalStack, own_client: Client
+) -> None:
+    url = relay.orchestrator.url
+    workers = await both_workers(relay)
     task_id = uid()
     done = await own_client.run("relay", {"tenant": "initech", "input": "hello",
                                           "task_id": task_id}, timeout=40)  # fmt: skip
@@ -71,3 +88,43 @@ async def test_the_next_step_is_warmed_where_it_then_runs(
     # No result for the warm: the worker's job counters saw two real jobs.
     jobs = sum(metric(w.url, "baton_worker_jobs_total", outcome="completed") for w in workers)
     assert jobs == 2
+
+
+async def test_across_an_input_wait_the_step_after_is_kept_warm_and_runs_there(
+    relay: LocalStack, own_client: Client
+) -> None:
+    url = relay.orchestrator.url
+    workers = await both_workers(relay)
+    task_id, state = uid(), f"{url}/v1/tasks/{{}}?tenant=initech"
+    await own_client.publish("review", {"tenant": "initech", "input": "hello",
+                                        "task_id": task_id}, msg_id=task_id)  # fmt: skip
+    steps: dict[str, Any] = {}
+    for _ in range(100):
+        with contextlib.suppress(urllib.error.HTTPError):  # 404 until it is taken in
+            steps = http_json(state.format(task_id)).get("steps", {})
+        if steps.get("r1.ask", {}).get("status") == "waiting_input":
+            break
+        await asyncio.sleep(0.1)
+    assert steps["r1.ask"]["status"] == "waiting_input", steps
+    # Warmed once as the wait began, then again every 0.5 s while it lasts.
+    for _ in range(50):
+        if metric(url, "baton_prewarms_total", outcome="kept") >= 2:
+            break
+        await asyncio.sleep(0.1)
+    assert metric(url, "baton_prewarms_total", outcome="sent") == 1
+    assert metric(url, "baton_prewarms_total", outcome="kept") >= 2
+    warmed = {w.env["BATON_WORKER_ID"]: metric(w.url, "baton_worker_warms_total",
+                                                 outcome="warmed") for w in workers}  # fmt: skip
+    [target] = [w for w, n in warmed.items() if n >= 3]  # every warm on one worker
+    assert sum(warmed.values()) == warmed[target], warmed
+    http_post(f"{url}/v1/tasks/{task_id}/input?tenant=initech", {"answer": "shorter"}, 202)
+    done = (await own_client.events("initech", task_id, timeout=30))[-1]
+    assert done["type"] == "completed", done
+    steps = http_json(state.format(task_id))["steps"]
+    assert steps["r1.edit"]["worker"] == target
+    # System, input and draft were prefilled while the human was asked.
+    assert steps["r1.edit"]["cached_tokens"] > 10, steps["r1.edit"]
+    # Answered: no more refreshes.
+    kept = metric(url, "baton_prewarms_total", outcome="kept")
+    await asyncio.sleep(1.5)
+    assert metric(url, "baton_prewarms_total", outcome="kept") == kept

@@ -99,7 +99,7 @@ def init_series(workflows: dict[str, dict[str, str]], tenants: Iterable[str]) ->
                 TOKENS.labels(wf, agent, kind)
     for decision in ("warm", "pool"):
         ROUTING.labels(decision)
-    for outcome in ("sent", "in_flight", "no_worker", "pressure"):
+    for outcome in ("sent", "kept", "in_flight", "no_worker", "pressure"):  # prewarm.COUNTED
         PREWARMS.labels(outcome)
     for outcome in INPUT_OUTCOMES:
         INPUT_ANSWERS.labels(outcome)
@@ -134,8 +134,8 @@ WAITING_CAPACITY = Counter(
 )
 PREWARMS = Counter(
     "baton_prewarms",
-    "Pre-warms of the step that follows a running one: sent, or why not "
-    "(in_flight, no_worker, pressure).",
+    "Pre-warms of the step that follows a running one: sent, kept (sent again "
+    "across an input wait), or why not (in_flight, no_worker, pressure).",
     ["outcome"],
 )
 PREDICTION_ERROR = Histogram(

@@ -1,7 +1,12 @@
 """Pre-warm from the workflow graph: while a step runs (or its tool calls
-are out), prefill the step that will follow it — its agent's system prompt
-and the session's window — on the worker that will serve it, and route that
-step there. Only the orchestrator knows what comes next.
+are out, or a human is asked), prefill the step that will follow it — its
+agent's system prompt and the session's window — on the worker that will
+serve it, and route that step there. Only the orchestrator knows what comes
+next. Across an input wait the warm is sent again every so often (a
+``refresh``: vLLM's prefix cache frees the least recently used blocks first,
+so a prefix touched again stays), but only while the worker's KV pressure
+allows: under pressure the refresh is skipped and that prefix is the first
+to go.
 
 Pure: ``decide`` takes the run, the step that was just dispatched, the
 pools' heartbeats and the run's last warm, and answers a ``Warm`` (the job,
@@ -40,7 +45,7 @@ Skip = Literal[
     "no_worker",  # no ready worker on the pool the next step goes to
     "pressure",  # the worker's KV is too full to hold a prefix for later
 ]
-COUNTED: tuple[str, ...] = ("sent", "in_flight", "no_worker", "pressure")
+COUNTED: tuple[str, ...] = ("sent", "kept", "in_flight", "no_worker", "pressure")
 """The outcomes ``baton_prewarms_total`` counts (the others are no decision)."""
 
 
@@ -49,6 +54,7 @@ class Warm:
     job: InferenceJob
     pool: str
     worker: str
+    msg_id: str  # the job's id; a refresh's is its own (keys.warm)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +107,13 @@ def decide(
     prefer: Callable[[str], str | None] = lambda pool: None,
     stale_after: float = 6.0,
     max_load: float = 0.5,
+    refresh: int = 0,
 ) -> Warm | Skip:
-    """Whether to warm what follows ``step`` (just dispatched, or its tool
-    calls), and where. ``prefer(pool)``: the worker of ``pool`` holding the
-    session, if any (the router's choice; a read of memory)."""
+    """Whether to warm what follows ``step`` (just dispatched, its tool
+    calls, or an input step now waiting), and where. ``prefer(pool)``: the
+    worker of ``pool`` holding the session, if any (the router's choice; a
+    read of memory). ``refresh`` n > 0: the n-th warm again of a step that
+    has not started (``last`` is then that step's warm)."""
     if run.terminal:
         return "no_next"
     st = run.steps.get(step)
@@ -114,10 +123,13 @@ def decide(
     plan = wf.foreseen(run, step)
     if plan is None:
         return "no_next"
-    if plan.step_id in run.steps or (last is not None and last.step == plan.step_id):
+    if plan.step_id in run.steps:
         return "already"
-    if last is not None and last.step not in run.steps and now - last.at < IN_FLIGHT_S:
-        return "in_flight"
+    if not refresh:
+        if last is not None and last.step == plan.step_id:
+            return "already"
+        if last is not None and last.step not in run.steps and now - last.at < IN_FLIGHT_S:
+            return "in_flight"
     agent = wf.agents[plan.agent]
     cap = min(agent.max_tokens, run.max_tokens or agent.max_tokens)
     nxt = StepState(agent=plan.agent, pool=agent.pool, session=plan.session, max_tokens=cap)
@@ -150,4 +162,4 @@ def decide(
         published_at=now,
         warm=True,
     )
-    return Warm(job, pool, worker)
+    return Warm(job, pool, worker, keys.warm(run.tenant, run.task_id, plan.step_id, refresh))

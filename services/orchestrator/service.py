@@ -298,6 +298,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
                 for t in tenants
             ),
             bus.consume(streams.ORCHESTRATOR_TIMERS, conductor.on_timer, concurrency=64),
+            conductor.warming.keep(settings.prewarm_keep_every),
             bus.consume(streams.ORCHESTRATOR_ERASURES, eraser.on_erasure, concurrency=4),
             bus.consume(streams.ORCHESTRATOR_DEAD_TASKS, conductor.on_dead_task, concurrency=4),
             bus.consume(

@@ -50,6 +50,9 @@ class OrchestratorSettings(CommonSettings):
     prewarm: bool = True
     # Admitted-KV fraction above which a worker is not pre-warmed.
     prewarm_max_load: float = 0.5
+    # While an input step waits, warm the step after it again this often
+    # (seconds) so its prefix stays in the worker's cache; 0: warm it once.
+    prewarm_keep_every: float = 20.0
     # A step with no answer after step_timeout is dispatched again, up to
     # step_retries times, then the run fails with step_timeout. Generous by
     # default: a GPU pool scaled to zero needs minutes to wake.

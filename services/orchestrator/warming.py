@@ -1,23 +1,31 @@
 """The shell of pre-warming (``prewarm.py`` decides): after a transition
-dispatched a model step or its tool calls, publish the warm of the step
-that follows on the chosen worker's own subject, and tell the router to
-send that step there. Best effort: a warm that cannot be published is
-logged and forgotten; it never holds up the run.
+dispatched a model step or its tool calls, or set an input step waiting,
+publish the warm of the step that follows on the chosen worker's own
+subject, and tell the router to send that step there. Best effort: a warm
+that cannot be published is logged and forgotten; it never holds up the run.
 
-Counted in ``baton_prewarms_total{outcome}`` (sent, in_flight, no_worker,
-pressure). Each run's last warm is remembered (bounded; forgotten when the
-run ends) so that a run has one warm in flight at most.
+While an input step waits, ``keep`` sends its follower's warm again every
+``keep_every`` seconds to the same worker (refreshes: counted ``kept``), as
+long as the worker's KV pressure allows; it stops once the input is answered,
+its deadline has passed or the run ends.
+
+Counted in ``baton_prewarms_total{outcome}`` (sent, kept, in_flight,
+no_worker, pressure). Each run's last warm is remembered (bounded; forgotten
+when the run ends) so that a run has one warm in flight at most.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import structlog
 
 from baton.bus import Bus
 from proto import subjects
+from proto.messages import Step
 
 from . import metrics as m
 from . import prewarm
@@ -28,6 +36,18 @@ from .state import RunState
 log = structlog.get_logger("orchestrator")
 
 REMEMBER = 100_000  # runs whose last warm is kept (the oldest are forgotten first)
+
+
+@dataclass(slots=True)
+class Kept:
+    """An input wait whose follower is kept warm: the run as the wait began."""
+
+    run: RunState
+    step: str  # the input step
+    pool: str
+    worker: str
+    sent: float
+    refreshes: int = 0
 
 
 class Warming:
@@ -48,15 +68,22 @@ class Warming:
         self.max_load = max_load
         self.stale_after = stale_after
         self.last: OrderedDict[str, prewarm.LastWarm] = OrderedDict()  # run key -> its last warm
+        self.kept: OrderedDict[str, Kept] = OrderedDict()  # run key -> its input wait kept warm
 
     def _running(self, effects: list[T.Effect]) -> list[str]:
-        """The steps a transition set running: dispatched, or waiting for tools."""
+        """The steps a transition set running: dispatched, waiting for tools,
+        or (an input step) waiting for a human."""
         steps = [e.job.step for e in effects if isinstance(e, T.Dispatch | T.DispatchTool)]
+        steps += [e.event.step for e in effects if isinstance(e, T.Emit)
+                  and isinstance(e.event, Step) and e.event.status == "waiting_input"]  # fmt: skip
         return list(dict.fromkeys(steps))
 
     async def after(self, run: RunState, effects: list[T.Effect]) -> None:
         if not self.enabled:
             return
+        kept = self.kept.get(run.key)
+        if kept is not None and (run.terminal or run.steps[kept.step].status != "waiting_input"):
+            del self.kept[run.key]
         if run.terminal:
             self.last.pop(run.key, None)
             return
@@ -72,20 +99,67 @@ class Warming:
         out = prewarm.decide(run, self.rules, step, self.router.heartbeats.last, now,
                              last=self.last.get(run.key), prefer=prefer,
                              stale_after=self.stale_after, max_load=self.max_load)  # fmt: skip
+        if await self._send(run, out, now, "sent") and run.steps[step].input:
+            assert isinstance(out, prewarm.Warm)
+            self.kept[run.key] = Kept(run, step, out.pool, out.worker, now)
+            self.kept.move_to_end(run.key)
+            while len(self.kept) > REMEMBER:
+                self.kept.popitem(last=False)
+
+    async def _send(self, run: RunState, out: prewarm.Warm | prewarm.Skip, now: float,
+                    outcome: str) -> bool:  # fmt: skip
         if isinstance(out, str):
             if out in prewarm.COUNTED:
                 m.PREWARMS.labels(out).inc()
-            return
+            return False
         try:
             await self.bus.publish(subjects.worker_job(out.pool, out.worker), out.job,
-                                   msg_id=out.job.job_id, task_id=run.task_id)  # fmt: skip
+                                   msg_id=out.msg_id, task_id=run.task_id)  # fmt: skip
         except Exception as exc:
             log.warning("prewarm_not_sent", step=out.job.step, error=repr(exc))
-            return
+            return False
         self.router.warmed(out.job.job_id, out.pool, out.worker)
         self.last[run.key] = prewarm.LastWarm(out.job.step, now)
         self.last.move_to_end(run.key)
         while len(self.last) > REMEMBER:
             self.last.popitem(last=False)
-        m.PREWARMS.labels("sent").inc()
-        log.info("prewarm_sent", step=out.job.step, pool=out.pool, worker=out.worker)
+        m.PREWARMS.labels(outcome).inc()
+        log.info("prewarm_sent", step=out.job.step, pool=out.pool, worker=out.worker,
+                 outcome=outcome)  # fmt: skip
+        return True
+
+    async def refresh(self, every: float, now: float | None = None) -> int:
+        """One pass over the input waits kept warm: each whose last warm is
+        ``every`` seconds old is sent again (to the same worker, if it is
+        still ready and not under pressure). How many were sent."""
+        now = time.time() if now is None else now
+        sent = 0
+        for key, kept in list(self.kept.items()):
+            run, st = kept.run, kept.run.steps[kept.step]
+            if st.deadline <= now:  # it takes its default answer now
+                del self.kept[key]
+                continue
+            if now - kept.sent < every:
+                continue
+            same = {kept.pool: kept.worker}
+            out = prewarm.decide(run, self.rules, kept.step, self.router.heartbeats.last, now,
+                                 prefer=same.get, stale_after=self.stale_after,
+                                 max_load=self.max_load, refresh=kept.refreshes + 1)  # fmt: skip
+            kept.sent = now  # tried: the next try is a period away, sent or not
+            if isinstance(out, prewarm.Warm) and out.worker != kept.worker:
+                out = "no_worker"  # its worker is gone: the prefix went with it
+            if await self._send(run, out, now, "kept"):
+                kept.refreshes += 1
+                sent += 1
+        return sent
+
+    async def keep(self, every: float) -> None:
+        """Refresh the input waits kept warm, for as long as the orchestrator runs."""
+        if not self.enabled or every <= 0:
+            return
+        while True:
+            await asyncio.sleep(min(every, 5.0) / 2)
+            try:
+                await self.refresh(every)
+            except Exception as exc:  # best effort, as every warm
+                log.warning("prewarm_keep_failed", error=repr(exc))

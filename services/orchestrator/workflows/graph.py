@@ -150,13 +150,16 @@ class GraphWorkflow:
 
     def foreseen(self, run: RunState, step_id: str) -> StepPlan | None:
         """The one model step that will follow ``step_id`` whatever it
-        answers, before it answers: its step runs one agent without a
-        route, and the next step in order runs one agent. None when what
-        follows depends on the answer, fans out, asks a human, ends the run
-        or waits for other branches (``step_id`` is a parallel branch)."""
+        answers, before it answers: its step runs one agent (or asks a
+        human) without a route, and the next step in order runs one agent.
+        None when what follows depends on the answer, fans out, asks a
+        human, ends the run or waits for other branches (``step_id`` is a
+        parallel branch)."""
         round_, sid, branch = parse_step_id(step_id)
         step = self._steps.get(sid)
-        if branch is not None or step is None or step.agent is None or step.route is not None:
+        if branch is not None or step is None or step.route is not None:
+            return None
+        if step.agent is None and step.input is None:
             return None
         index = self._order.index(sid) + 1
         if index >= len(self._order):
