@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import urllib.error
 import textwrap
+import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,8 @@ FLOW = textwrap.dedent("""\
       - {id: edit, agent: editor}
     """)
 ASK = FLOW.replace("name: relay", "name: review").replace(
-    "  - {id: edit", '  - {id: ask, input: {prompt: "Change?", default: "no", timeout: 60}}\n  - {id: edit'
+    "  - {id: edit",
+    '  - {id: ask, input: {prompt: "Change?", default: "no", timeout: 60}}\n  - {id: edit',
 )
 
 

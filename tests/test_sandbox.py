@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from baton.bus import Bus
-from baton.dev.testing import LocalStack, http_get, uid
+from baton.dev.testing import LocalStack, http_get, metric, uid
 from services.tool_worker.tools import CallContext
 from services.tool_worker.tools.python import PythonTool, RunResult, SandboxLimits, bwrap_command
 from tests import tools
@@ -174,3 +174,23 @@ async def test_a_call_finds_its_sandbox_started_and_uses_it_once() -> None:
     # Started before the call (it waited 1.5 s): the interpreter's start-up is
     # not the call's; without spares the sandbox starts when the call comes.
     assert ages[True] > 1.0 > ages[False], ages
+
+
+async def test_a_tool_pools_backlog_is_exported_for_its_scaler(
+    bus: Bus, stack: LocalStack, sandbox_pool: tuple[str, str]
+) -> None:
+    """KEDA scales tool workers on the orchestrator's
+    baton_consumer_pending_messages{stream="BATON_TOOLS", consumer="tools-<pool>"}."""
+    pool, _ = sandbox_pool
+    call = asyncio.create_task(run(bus, pool, "import time\ntime.sleep(8)\nprint('ok')", 20))
+    try:
+        seen = 0.0
+        for _ in range(60):  # the orchestrator reads every pending_poll_interval (5 s)
+            seen = metric(stack.orchestrator.url, "baton_consumer_pending_messages",
+                          stream="BATON_TOOLS", consumer=f"tools-{pool}")  # fmt: skip
+            if seen:
+                break
+            await asyncio.sleep(0.25)
+        assert seen == 1  # the sleeping call, held by the worker
+    finally:
+        assert (await call)[0] == "ok"

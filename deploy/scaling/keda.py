@@ -1,12 +1,17 @@
 """KEDA's scaling of one pool: the ScaledObject's numbers and the replica
 arithmetic of KEDA plus the HPA it drives (used by ``replay.py``).
 
-* KEDA's nats-jetstream scaler reads lag = waiting + in-flight jobs every
+* KEDA's prometheus scaler reads lag = waiting + in-flight jobs (the
+  orchestrator's ``baton_consumer_pending_messages``) every
   ``pollingInterval``. From zero it activates one worker when lag >
-  ``activationLagThreshold``; above zero the HPA wants ceil(lag /
-  ``lagThreshold``) replicas (10% tolerance, stabilisation windows and the
-  first Pods policy of each direction, as configured in the YAML); with no
-  activity for ``cooldownPeriod`` it scales to ``minReplicaCount``.
+  ``activationThreshold``; above zero the HPA wants ceil(lag / ``threshold``)
+  replicas (10% tolerance, stabilisation windows and the first Pods policy
+  of each direction, as configured in the YAML); with no activity for
+  ``cooldownPeriod`` it scales to ``minReplicaCount``.
+* The lag KEDA reads is ``signal_age`` seconds old at worst: the
+  orchestrator reads the consumer every ``pending_poll_interval`` and
+  Prometheus scrapes it every PodMonitor ``interval`` (the replay uses the
+  worst case).
 * Simplification: the HPA is evaluated on KEDA's polling tick (not its own 15 s).
 """
 
@@ -21,6 +26,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 SCALED_OBJECTS = ROOT / "deploy" / "k8s" / "components" / "autoscaling" / "scaledobjects.yaml"
+POD_MONITOR = ROOT / "deploy" / "k8s" / "components" / "monitoring" / "podmonitor.yaml"
 
 
 @dataclass(frozen=True)
@@ -35,12 +41,25 @@ class Policy:
     down_window: int = 300
     up_policy: tuple[int, int] | None = None  # (pods, period seconds)
     down_policy: tuple[int, int] | None = None
+    signal_age: int = 0  # seconds the lag read is behind the queue, at worst
+
+
+def signal_age(pod_monitor: Path = POD_MONITOR) -> int:
+    """The orchestrator's pending poll plus Prometheus's scrape interval."""
+    from services.orchestrator.settings import OrchestratorSettings
+
+    poll = OrchestratorSettings.model_fields["pending_poll_interval"].default
+    (doc,) = [d for d in yaml.safe_load_all(pod_monitor.read_text()) if d]
+    scrape = max(int(str(e["interval"]).rstrip("s")) for e in doc["spec"]["podMetricsEndpoints"])
+    return math.ceil(poll) + scrape
 
 
 def load_policy(path: Path = SCALED_OBJECTS, name: str = "inference-worker") -> Policy:
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
     (spec,) = [d["spec"] for d in docs if d["metadata"]["name"] == name]
-    meta = spec["triggers"][0]["metadata"]
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus", trigger["type"]
+    meta = trigger["metadata"]
     behavior = spec.get("advanced", {}).get("horizontalPodAutoscalerConfig", {})
     behavior = behavior.get("behavior", {})
 
@@ -55,14 +74,15 @@ def load_policy(path: Path = SCALED_OBJECTS, name: str = "inference-worker") -> 
     return Policy(
         min_replicas=spec.get("minReplicaCount", 0),
         max_replicas=spec.get("maxReplicaCount", 100),
-        lag_threshold=int(meta["lagThreshold"]),
-        activation_lag_threshold=int(meta.get("activationLagThreshold", 0)),
+        lag_threshold=int(meta["threshold"]),
+        activation_lag_threshold=int(meta.get("activationThreshold", 0)),
         polling_interval=spec.get("pollingInterval", 30),
         cooldown_period=spec.get("cooldownPeriod", 300),
         up_window=up_window,
         down_window=down_window,
         up_policy=up_policy,
         down_policy=down_policy,
+        signal_age=signal_age(),
     )
 
 

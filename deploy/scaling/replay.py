@@ -44,7 +44,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +154,7 @@ class PoolRun:
         self.workers = [Worker(0.0, 0.0) for _ in range(pool.always_on)]
         self.queue: list[Job] = []
         self.expected: dict[int, int] = {}  # task -> steps announced (pre-warming)
+        self.lags: deque[tuple[int, int]] = deque()  # (time, lag) as KEDA polled it
         self.pending_warm: list[tuple[tuple[int, int], int]] = []
         self.gpu_seconds = 0.0
         self.timeline: list[int] = []
@@ -280,6 +281,11 @@ class Replay:
     def scale(self, pool: PoolRun, now: int) -> None:
         assert pool.scaler is not None
         lag = len(pool.queue) + sum(len(w.running) for w in pool.workers)
+        # KEDA reads the lag as Prometheus last scraped it: ``signal_age`` old.
+        pool.lags.append((now, lag))
+        while len(pool.lags) > 1 and pool.lags[1][0] <= now - pool.scaler.p.signal_age:
+            pool.lags.popleft()
+        lag = pool.lags[0][1] if pool.lags[0][0] <= now - pool.scaler.p.signal_age else 0
         demand = max(lag, sum(pool.expected.values()))  # KEDA: the larger trigger wins
         staying = [w for w in pool.workers if not w.leaving]
         change = pool.scaler.desired(now, demand, len(staying)) - len(staying)

@@ -74,7 +74,7 @@ def load_pools(path: Path = POOLS) -> dict[str, Any]:
             base,
             min_replicas=spec.min_replicas,
             max_replicas=spec.max_replicas,
-            lag_threshold=int(doc["keda"][name]["lagThreshold"]),
+            lag_threshold=int(doc["keda"][name]["threshold"]),
         )
         for name, spec in specs.items()
     }

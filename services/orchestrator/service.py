@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import structlog
@@ -46,7 +46,11 @@ async def _watch_backlog(
     hb: HeartbeatTracker,
     view: PoolView,
     tenants: set[str],
+    tool_pools: Callable[[], Iterable[str]],
 ) -> None:
+    """Export every consumer's backlog that something scales on (KEDA's
+    Prometheus triggers) or schedules by: tasks per tenant, jobs per worker
+    pool, tool calls per tool pool."""
     while True:
         pools = {"default", settings.default_pool} | {p for p, _ in hb.last}
         pools |= set(settings.catalogue.pools)
@@ -54,6 +58,7 @@ async def _watch_backlog(
         specs.append(streams.ORCHESTRATOR_RESULTS)
         workers = {streams.worker_consumer(p).durable: p for p in pools}
         specs += [streams.worker_consumer(p) for p in sorted(pools)]
+        specs += [streams.tool_consumer(p) for p in sorted({"default", *tool_pools()})]
         for spec in specs:
             with contextlib.suppress(Exception):
                 pending = await bus.pending(spec)
@@ -234,7 +239,8 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     svc.tenants = frozenset(tenants)
     svc.intake = intake
     catalog = await bus.ensure_bucket(streams.TOOL_CATALOG)
-    watcher = asyncio.create_task(_watch_backlog(bus, settings, hb, conductor.pools, known))
+    watcher = asyncio.create_task(_watch_backlog(bus, settings, hb, conductor.pools, known,
+                                                conductor.tools.pools))  # fmt: skip
     tool_watch = asyncio.create_task(conductor.tools.watch(catalog))
     reconciler = asyncio.create_task(intake.reconcile())
     loops: dict[str, list[asyncio.Task[None]]] = {}  # per tenant added at run time

@@ -30,6 +30,10 @@ class ToolCatalogs:
         and answers without it, rather than waiting on calls nobody runs."""
         return self._specs.get(name)
 
+    def pools(self) -> list[str]:
+        """The tool pools that published a catalog."""
+        return sorted(self._pools)
+
     def apply(self, pool: str, catalog: ToolCatalog | None) -> None:
         self._pools[pool] = {t.name: t for t in catalog.tools} if catalog else {}
         specs: dict[str, ToolSpec] = {}

@@ -19,13 +19,7 @@ K8S = DEPLOY / "k8s"
 OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))
 K8S_VERSION = "1.30.0"  # oldest Kubernetes we support
 NAMESPACE = "baton"
-SCALER_FIELDS = {
-    "natsServerMonitoringEndpoint",
-    "account",
-    "stream",
-    "consumer",
-    "lagThreshold",
-}
+SCALER_FIELDS = {"serverAddress", "query", "threshold", "activationThreshold"}
 
 
 @cache
@@ -121,7 +115,6 @@ def test_context_key_comes_from_a_secret(overlay):
 def test_keda_scaled_objects_match_streams_and_scaler_needs(overlay):
     scaled = objects(overlay, "ScaledObject")
     deployments = objects(overlay, "Deployment")
-    services = objects(overlay, "Service")
     expected = {
         "inference-worker": streams.worker_consumer("default"),
         "tool-worker": streams.tool_consumer("default"),
@@ -141,20 +134,21 @@ def test_keda_scaled_objects_match_streams_and_scaler_needs(overlay):
         assert spec["scaleTargetRef"]["name"] in deployments
         (trigger,) = spec["triggers"]
         meta = trigger["metadata"]
-        assert trigger["type"] == "nats-jetstream"
+        # Not nats-jetstream: KEDA matches /jsz's account *name* against the
+        # account it asked for, which operator mode wants as a public key.
+        assert trigger["type"] == "prometheus"
         assert meta.keys() >= SCALER_FIELDS
         assert all(isinstance(v, str) for v in meta.values()), "KEDA metadata must be strings"
-        assert (meta["stream"], meta["consumer"]) == (expected[name].stream, expected[name].durable)
-        assert meta["account"] == "BATON"
-        assert int(meta["lagThreshold"]) > 0
-        host, _, port = meta["natsServerMonitoringEndpoint"].partition(":")
-        svc, ns = host.split(".")[:2]
-        assert ns == NAMESPACE and svc in services and port == "8222"
+        # The backlog the orchestrators export for exactly this consumer (max over replicas).
+        series = (f'baton_consumer_pending_messages{{stream="{expected[name].stream}", '
+                  f'consumer="{expected[name].durable}"}}')  # fmt: skip
+        assert meta["query"] == f"max({series})"
+        assert int(meta["threshold"]) > 0
         assert spec["minReplicaCount"] <= spec["maxReplicaCount"]
     worker = scaled["inference-worker"]["spec"]
     assert worker["minReplicaCount"] == 0
-    # KEDA activates when lag > activationLagThreshold: one waiting job must do it.
-    assert int(worker["triggers"][0]["metadata"]["activationLagThreshold"]) == 0
+    # KEDA activates when lag > activationThreshold: one waiting job must do it.
+    assert int(worker["triggers"][0]["metadata"]["activationThreshold"]) == 0
     assert scaled["orchestrator"]["spec"]["minReplicaCount"] >= 1
 
 

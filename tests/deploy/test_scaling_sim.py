@@ -63,8 +63,10 @@ def test_policy_is_read_from_the_scaled_object():
     (spec,) = [d["spec"] for d in docs if d and d["metadata"]["name"] == "inference-worker"]
     policy = keda.load_policy()
     meta = spec["triggers"][0]["metadata"]
-    assert policy.lag_threshold == int(meta["lagThreshold"])
-    assert policy.activation_lag_threshold == int(meta["activationLagThreshold"])
+    assert policy.lag_threshold == int(meta["threshold"])
+    assert policy.activation_lag_threshold == int(meta["activationThreshold"])
+    # The lag KEDA reads through Prometheus: the orchestrator's 5 s poll, a 15 s scrape.
+    assert policy.signal_age == 20
     assert policy.min_replicas == spec["minReplicaCount"]
     assert policy.max_replicas == spec["maxReplicaCount"]
     assert policy.polling_interval == spec["pollingInterval"]
