@@ -16,6 +16,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
+from collections.abc import Set as AbstractSet
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -54,7 +55,7 @@ from .api_models import (
 )
 from .conductor import Conductor, answer_refusal
 from .follow import as_dict, follow_task, replay_events
-from .intake import Intake
+from .intake import TenantRoom
 from .listing import BadCursor, page_runs
 from .runs import RunStore
 from .settings import OrchestratorSettings
@@ -69,24 +70,31 @@ _SSE_DOC: dict[int | str, dict[str, Any]] = {
 
 
 class Services:
-    """What the API needs once the NATS side is up."""
+    """What the API uses, built once the NATS side is: ``tenants`` is the
+    live set of tenants served (it grows and shrinks with the registry)."""
 
-    def __init__(self) -> None:
-        self.bus: Bus | None = None
-        self.runs: RunStore | None = None
-        self.conductor: Conductor | None = None
-        self.workflows: dict[str, WorkflowSpec] = {}
-        self.tenants: frozenset[str] = frozenset()
-        self.intake: Intake | None = None
+    def __init__(
+        self,
+        bus: Bus,
+        runs: RunStore,
+        conductor: Conductor,
+        room: TenantRoom,
+        workflows: dict[str, WorkflowSpec],
+        tenants: AbstractSet[str],
+    ) -> None:
+        self.bus = bus
+        self.runs = runs
+        self.conductor = conductor
+        self.room = room
+        self.workflows = workflows
+        self.tenants = tenants
 
     async def _within_limits(self, bus: Bus, tenant: str) -> None:
         """429 (with ``Retry-After``) for a task its tenant's limits would
         refuse now, instead of publishing it to fail at intake."""
-        if self.intake is None:
-            return
-        limiter, in_flight = self.intake.limiter, 0
+        limiter, in_flight = self.room.limiter, 0
         if limiter.of(tenant).max_in_flight:  # running here + waiting in its stream
-            in_flight = self.intake.gate.active(tenant)
+            in_flight = self.room.gate.active(tenant)
             with contextlib.suppress(Exception):
                 in_flight += await bus.waiting(streams.task_consumer(tenant))
         refusal = limiter.peek(tenant, in_flight=in_flight, now=time.time())
@@ -94,14 +102,9 @@ class Services:
             retry = str(math.ceil(refusal.retry_after))
             raise ApiError(ErrorCode.RATE_LIMITED, refusal.message, headers={"Retry-After": retry})
 
-    def ready(self) -> tuple[Bus, RunStore]:
-        if self.bus is None or self.runs is None:
-            raise ApiError(ErrorCode.UNAVAILABLE, "orchestrator is starting")
-        return self.bus, self.runs
-
     async def submit(self, raw: dict[str, Any], workflow: str) -> tuple[TaskSubmit, bool]:
         """Validate and publish a task body; returns it and ``duplicate``."""
-        bus, _ = self.ready()
+        bus = self.bus
         raw.setdefault("task_id", uuid.uuid4().hex)
         try:
             data = codec.encode(raw)
@@ -115,7 +118,7 @@ class Services:
         assert task.task_id is not None
         if task.tenant not in self.tenants:
             raise ApiError(ErrorCode.UNKNOWN_TENANT, f"no tenant {task.tenant!r} on this bus")
-        if self.intake is not None and task.tenant in self.intake.suspended:
+        if task.tenant in self.room.suspended:
             raise ApiError(ErrorCode.TENANT_SUSPENDED, f"tenant {task.tenant!r} is suspended")
         await self._within_limits(bus, task.tenant)
         ack = await bus.publish(subjects.tenant_task(task.tenant, workflow), data,
@@ -163,7 +166,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
     async def known(task_id: str, tenant: str, *, grace: float = 0.0) -> Any:
         """The run, or 404. ``grace``: a task just submitted becomes a run
         once an orchestrator has taken it, so streams wait that long."""
-        _, runs = svc.ready()
+        runs = svc.runs
         deadline = time.monotonic() + grace
         while (run := await runs.get(tenant, task_id)) is None:
             if time.monotonic() >= deadline:
@@ -201,7 +204,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
     ) -> TaskPage:
         """A tenant's tasks, newest first, a page at a time; an operator's key
         (or no keys) naming no ``tenant``: every tenant's."""
-        _, runs = svc.ready()
+        runs = svc.runs
         require_ids(tenant=tenant, workflow=workflow)
         tenants = [tenant] if tenant is not None else sorted(svc.tenants)
         listed = await asyncio.gather(*(runs.list(t) for t in tenants))
@@ -218,7 +221,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
     @app.get("/v1/tasks/{task_id}", response_model=TaskStatus, responses=ERROR_RESPONSES)
     async def status(task_id: str, tenant: str | None = Depends(tenant_of)) -> TaskStatus:
         """A task's status, steps, events, output, usage and cost (its tenant only)."""
-        bus, _ = svc.ready()
+        bus = svc.bus
         tenant = owned(task_id, tenant)
         doc = run_doc(await known(task_id, tenant))
         doc["events"] = [as_dict(i) async for i in replay_events(bus, tenant, task_id)]
@@ -237,7 +240,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         """Server-sent events: every event (``id`` = its stream sequence) so
         far, then live ones until the terminal one. ``Last-Event-ID`` resumes
         after that event; a comment line keeps the stream open while idle."""
-        bus, _ = svc.ready()
+        bus = svc.bus
         tenant = owned(task_id, tenant)
         start = last_event_seq(last_event_id)
         await known(task_id, tenant, grace=2.0)
@@ -260,7 +263,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         """Server-sent token deltas (``event: token``, ``id`` = the delta's
         sequence in ``BATON_TOKENS``) as the steps generate, then ``event: end``
         with the terminal event. ``Last-Event-ID`` resumes after that delta."""
-        bus, _ = svc.ready()
+        bus = svc.bus
         tenant = owned(task_id, tenant)
         start = last_event_seq(last_event_id)
         await known(task_id, tenant, grace=2.0)
@@ -280,9 +283,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
     @app.post("/v1/tasks/{task_id}/cancel", response_model=Cancelled, responses=ERROR_RESPONSES)
     async def cancel(task_id: str, tenant: str | None = Depends(tenant_of)) -> Cancelled:
         """Cancel a task: in-flight generations are aborted."""
-        svc.ready()
         tenant = owned(task_id, tenant)
-        assert svc.conductor is not None
         run = await svc.conductor.cancel(tenant, task_id)
         if run is None:
             raise ApiError(ErrorCode.UNKNOWN_TASK, f"no task {task_id!r} for this tenant")
@@ -298,7 +299,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         The answer is published on ``baton.input.<tenant>.<task_id>``, the
         same way a tenant's NATS client answers, and taken from there; 409
         ``not_waiting`` when the task waits for no (such) input."""
-        bus, _ = svc.ready()
+        bus = svc.bus
         tenant = owned(task_id, tenant)
         run = await known(task_id, tenant)
         answer = InputAnswer(answer=body.answer, step=body.step)
@@ -327,7 +328,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         from, with the steps before it carried over (not run again) and the
         step reading ``input`` (see docs/workflows.md, "Fork from a step").
         The task itself is not changed. Follow the new task like any other."""
-        bus, _ = svc.ready()
+        bus = svc.bus
         tenant = owned(task_id, tenant)
         source = await known(task_id, tenant)
         new_id = body.task_id or uuid.uuid4().hex
@@ -335,7 +336,6 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         if body.input is not None and len(body.input.encode()) > MAX_INPUT_BYTES:
             raise ApiError(ErrorCode.INPUT_TOO_LARGE, f"input is at most {MAX_INPUT_BYTES} bytes",
                            param="input")  # fmt: skip
-        assert svc.conductor is not None
         why = fork_refusal(source, body.step, svc.conductor.rules)
         if why is not None:
             raise ApiError(ErrorCode.INVALID_FIELD, why, param="step")
@@ -362,7 +362,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
     ) -> DocumentStored:
         """Upload a document for the tenant's ``search`` tool (tenant from the
         API key). A second upload under the same ``doc_id`` replaces it."""
-        bus, _ = svc.ready()
+        bus = svc.bus
         tenant = tenant if tenant is not None else body.tenant
         if tenant is None:
             raise ApiError(ErrorCode.MISSING_FIELD, _NO_TENANT, param="tenant")

@@ -91,9 +91,16 @@ class Conductor:
         settings: OrchestratorSettings,
         router: Router | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        check_limits: Callable[[Delivery, TaskSubmit], None] | None = None,
+        on_changed: Callable[[RunState], None] | None = None,
     ) -> None:
         """``clock``: the time decisions are made at (epoch seconds); a test
-        on the bus twin passes the twin's, so watchdogs fire without waiting."""
+        on the bus twin passes the twin's, so watchdogs fire without waiting.
+        ``check_limits`` and ``on_changed``: the tenant's room (``intake.py``
+        ``TenantRoom``): a task's limits, checked after it parsed (raises
+        ``TaskRejected``), and every run change this replica stores (the fair
+        share follows runs ending or waiting for input)."""
         self.router = router or Router(HeartbeatTracker(), enabled=False)
         self.clock = clock
         self.bus = bus
@@ -116,11 +123,8 @@ class Conductor:
                                max_load=settings.prewarm_max_load,
                                stale_after=settings.route_stale_after)  # fmt: skip
         self._known = frozenset(workflows)
-        # Intake's hooks (intake.py): a task's admission limits, checked after
-        # it parsed (raises TaskRejected), and every run change this replica
-        # stores (the fair share follows runs ending or waiting for input).
-        self.admission: Callable[[Delivery, TaskSubmit], None] | None = None
-        self.on_changed: Callable[[RunState], None] | None = None
+        self.check_limits = check_limits
+        self.on_changed = on_changed
         self.in_flight = InFlight()
         m.STEPS_IN_FLIGHT.set_function(self.in_flight.total)
 
@@ -338,8 +342,8 @@ class Conductor:
                 msg_id=d.msg_id,
                 fallback_task_id=keys.task_fallback(d.stream_seq),
             )
-            if self.admission is not None:
-                self.admission(d, task)
+            if self.check_limits is not None:
+                self.check_limits(d, task)
         except TaskRejected as r:
             await self._reject(r, workflow, d.stream_seq)
             raise Term(f"rejected: {r.code}", dead_letter=False) from r

@@ -106,16 +106,20 @@ def attachment_name(call_id: str) -> str:
 
 
 class ToolWorker:
-    def __init__(self, settings: ToolWorkerSettings, health: Health) -> None:
+    def __init__(self, settings: ToolWorkerSettings, health: Health, bus: Bus) -> None:
+        unknown = set(settings.builtin_tools) - {"search", "python"}
+        if unknown:
+            raise ValueError(f"unknown built-in tools {sorted(unknown)}")
         self.s = settings
         self.health = health
+        self.bus = bus
         self.consumer = tool_consumer(settings.pool, settings.tool_ack_wait)
         self.tools: dict[str, Tool] = {}
         self.validators: dict[str, Validator] = {}  # by tool; none for an invalid schema
-        self.index: SearchIndex | None = None
-        self.indexer: DocumentIndexer | None = None
+        self.indexer: DocumentIndexer | None = None  # with the built-in search only
+        if "search" in settings.builtin_tools:
+            self.indexer = DocumentIndexer(bus, SearchIndex(settings.index_path()))
         self.mcp: list[McpServer] = []
-        self.bus: Bus | None = None
         self._labels = (settings.pool, settings.worker_id)
         self._inflight = 0
         self.cancelled = CancelledTasks()
@@ -131,15 +135,10 @@ class ToolWorker:
             slots=s.sandbox_slots, uid_base=s.sandbox_uid_base,
         )  # fmt: skip
 
-    async def load_tools(self, bus: Bus) -> None:
-        unknown = set(self.s.builtin_tools) - {"search", "python"}
-        if unknown:
-            raise ValueError(f"unknown built-in tools {sorted(unknown)}")
-        if "search" in self.s.builtin_tools:
-            self.index = SearchIndex(self.s.index_path())
-            self.indexer = DocumentIndexer(bus, self.index)
+    async def load_tools(self) -> None:
+        if self.indexer is not None:
             await self.indexer.start()
-            self.tools["search"] = SearchTool(self.index, self.indexer.caught_up)
+            self.tools["search"] = SearchTool(self.indexer.index, self.indexer.caught_up)
         if "python" in self.s.builtin_tools:
             self.tools["python"] = PythonTool(self.limits())
         self.mcp = await connect_all(self.s.mcp_servers)
@@ -151,8 +150,8 @@ class ToolWorker:
             except jsonschema.SchemaError as exc:  # its calls fail; the others' run
                 log.warning("tool_schema_invalid", tool=name, error=exc.message)
 
-    async def publish_catalog(self, bus: Bus) -> None:
-        kv = await bus.ensure_bucket(TOOL_CATALOG)
+    async def publish_catalog(self) -> None:
+        kv = await self.bus.ensure_bucket(TOOL_CATALOG)
         specs = [spec_of(t) for _, t in sorted(self.tools.items())]
         catalog = ToolCatalog(
             pool=self.s.pool, worker=self.s.worker_id, ts=time.time(), tools=specs
@@ -161,13 +160,13 @@ class ToolWorker:
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def run(self, bus: Bus) -> None:
-        self.bus = bus
+    async def run(self) -> None:
+        bus = self.bus
         await bus.provision(streams=[TOOLS, TOOL_RESULTS, DOCUMENTS], consumers=[self.consumer])
         try:
-            await self.load_tools(bus)
+            await self.load_tools()
             m.init_series(sorted(self.tools), *self._labels)
-            await self.publish_catalog(bus)
+            await self.publish_catalog()
             self.health.ready, self.health.reason = True, "serving"
             self.health.checks = {"tools": True}
             m.READY.labels(*self._labels).set(1)
@@ -179,8 +178,8 @@ class ToolWorker:
             m.READY.labels(*self._labels).set(0)
             for server in self.mcp:
                 await server.stop()
-            if self.index is not None:
-                self.index.close()
+            if self.indexer is not None:
+                self.indexer.index.close()
 
     # -- one call ----------------------------------------------------------
 
@@ -335,7 +334,6 @@ class ToolWorker:
     # -- context -----------------------------------------------------------
 
     async def _context(self, endpoint: Endpoint[Q, P], body: Q, job: ToolJob) -> P:
-        assert self.bus is not None
         return await context.call(self.bus, endpoint, body, task_id=job.task_id)
 
     async def _stored(
@@ -379,7 +377,6 @@ class ToolWorker:
         reused: bool = False,
         attachment: str | None = None,
     ) -> None:
-        assert self.bus is not None
         watch.lap("record")
         error = outcome.error
         if reused and message.content.startswith('{"error"'):
