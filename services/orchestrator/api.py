@@ -31,10 +31,10 @@ from baton.http_errors import ERROR_RESPONSES, ApiError, require_ids
 from baton.service import Health, caller_scope, health_app
 from baton.sessions import SessionKeys
 from proto import codec, keys, streams, subjects
-from proto.admission import TaskRejected, parse_task
 from proto.errors import ErrorCode
 from proto.limits import MAX_INPUT_BYTES
 from proto.messages import DocumentPut, InputAnswer, TaskSubmit
+from proto.submission import TaskRejected, parse_task
 
 from .api_models import (
     Cancelled,

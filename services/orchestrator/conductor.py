@@ -25,7 +25,6 @@ from baton import tracing
 from baton.bus import HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus, Delivery, Nak, Term
 from proto import codec, keys, subjects
 from proto import context_api as ctxapi
-from proto.admission import TaskRejected, parse_task
 from proto.errors import ErrorCode
 from proto.ids import is_valid_id
 from proto.limits import MAX_INPUT_BYTES
@@ -47,6 +46,7 @@ from proto.messages import (
     finite_timing,
     finite_usage,
 )
+from proto.submission import TaskRejected, parse_task
 
 from . import metrics as m
 from . import spans
@@ -66,7 +66,7 @@ log = structlog.get_logger("orchestrator")
 
 MAX_CONFLICTS = 50  # compare-and-set attempts per transition
 
-Decide = Callable[[RunState | None, float, T.Ctx], T.Outcome]
+Decide = Callable[[RunState | None, float, T.Ctx], T.Verdict]
 
 
 def _prediction_error(st: StepState) -> None:
@@ -428,7 +428,7 @@ class Conductor:
         if res.timing is not None and not finite_timing(res.timing):
             res.timing = None  # a bad clock loses the waterfall, not the answer
 
-        def decide(run: RunState | None, now: float, ctx: T.Ctx) -> T.Outcome:
+        def decide(run: RunState | None, now: float, ctx: T.Ctx) -> T.Verdict:
             r = _must(run)
             if r.workflow not in self.workflows:  # the claim of a rejected task
                 return T.Transition(r, False, note=T.NOT_A_RUN)
@@ -593,5 +593,5 @@ def _must(run: RunState | None) -> RunState:
     return run
 
 
-def _on(run: RunState | None, decide: Callable[..., T.Outcome], msg: Any, *args: Any) -> T.Outcome:
+def _on(run: RunState | None, decide: Callable[..., T.Verdict], msg: Any, *args: Any) -> T.Verdict:
     return decide(_must(run), msg, *args)

@@ -1,7 +1,7 @@
 """Task intake: one pull loop per tenant's task stream, each fetching only
 while its tenant has room under the fair-dispatch share (``fairness.py``:
 tokens its runs hold, or tasks),
-and the admission limits (``limits.py``) applied to each task before it
+and the tenant limits (``limits.py``) applied to each task before it
 starts.
 
 A loop with no room fetches nothing and waits for one of the tenant's runs
@@ -20,10 +20,10 @@ import time
 import structlog
 
 from baton.bus import Bus, Delivery
-from proto.admission import RateLimited, TaskRejected
 from proto.errors import ErrorCode
 from proto.messages import TaskSubmit
 from proto.streams import ConsumerSpec
+from proto.submission import RateLimited, TaskRejected
 
 from .conductor import Conductor
 from .fairness import FairGate, Policy, estimate_tokens, run_load

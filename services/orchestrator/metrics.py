@@ -68,7 +68,7 @@ DRIFT_FIGURES = ("kv_tokens", "max_seqs", "max_model_len", "prefill_tps", "decod
 TASK_OUTCOMES = ("completed", "failed", "rejected", "budget_exceeded", "cancelled")
 REJECTIONS = ("bad_encoding", "too_deep", "missing_field", "invalid_field", "input_too_large",
               "forbidden", "unknown_workflow", "rate_limited",
-              "tenant_suspended")  # proto/admission.py  # fmt: skip
+              "tenant_suspended")  # proto/submission.py  # fmt: skip
 
 
 def init_series(workflows: dict[str, dict[str, str]], tenants: Iterable[str]) -> None:

@@ -83,7 +83,7 @@ PREVIEW_CHARS = 512
 
 
 @dataclass(slots=True)
-class Outcome:
+class CallOutput:
     """What one call produced: the tool message's content, or an error."""
 
     content: str
@@ -123,7 +123,7 @@ class ToolWorker:
         self._labels = (settings.pool, settings.worker_id)
         self._inflight = 0
         self.cancelled = CancelledTasks()
-        self._calls: dict[tuple[str, str], set[asyncio.Task[Outcome]]] = {}
+        self._calls: dict[tuple[str, str], set[asyncio.Task[CallOutput]]] = {}
 
     # -- tools -------------------------------------------------------------
 
@@ -202,7 +202,7 @@ class ToolWorker:
         for call in self._calls.get(key, ()):
             call.cancel()
 
-    async def _run(self, job: ToolJob) -> Outcome | None:
+    async def _run(self, job: ToolJob) -> CallOutput | None:
         """Execute the call as a task of its own, which a cancel of its task
         cancels; None when it was (or its task was before it started)."""
         key = (job.tenant, job.task_id)
@@ -270,10 +270,10 @@ class ToolWorker:
         ref, message = stored
         m.CALLS.labels(job.tool, "reused").inc()
         log.info("tool_result_reused")
-        await self._publish(job, ref, message, Outcome(message.content), watch, reused=True)
+        await self._publish(job, ref, message, CallOutput(message.content), watch, reused=True)
         return True
 
-    async def execute(self, job: ToolJob) -> Outcome:
+    async def execute(self, job: ToolJob) -> CallOutput:
         """Run the call; every way it can go wrong becomes an error outcome."""
         started = time.perf_counter()
         tool = self.tools.get(job.tool)
@@ -293,15 +293,15 @@ class ToolWorker:
             # this one catches a tool that ignores it.
             result: ToolOutput = await asyncio.wait_for(tool.run(args, ctx), timeout + 5.0)
         except ToolError as exc:
-            return Outcome("", ErrorInfo.of(exc.code, exc.message), exc.cpu_seconds,
+            return CallOutput("", ErrorInfo.of(exc.code, exc.message), exc.cpu_seconds,
                            time.perf_counter() - started)  # fmt: skip
         except TimeoutError:
             err = ErrorInfo.of(ErrorCode.TOOL_TIMEOUT, f"no result within {timeout:.0f}s")
-            return Outcome("", err, seconds=time.perf_counter() - started)
+            return CallOutput("", err, seconds=time.perf_counter() - started)
         except Exception as exc:  # a tool's bug is the agent's error, not the worker's
             log.exception("tool_crashed")
             err = ErrorInfo.of(ErrorCode.TOOL_FAILED, f"{type(exc).__name__}: {exc}")
-            return Outcome("", err, seconds=time.perf_counter() - started)
+            return CallOutput("", err, seconds=time.perf_counter() - started)
         seconds = time.perf_counter() - started
         size = len(result.text.encode())
         if size > MAX_TOOL_OUTPUT_BYTES:
@@ -309,10 +309,10 @@ class ToolWorker:
                 ErrorCode.TOOL_OUTPUT_TOO_LARGE,
                 f"the result is {size} bytes; the limit is {MAX_TOOL_OUTPUT_BYTES}",
             )
-            return Outcome("", err, result.cpu_seconds, seconds)
-        return Outcome(result.text, None, result.cpu_seconds, seconds)
+            return CallOutput("", err, result.cpu_seconds, seconds)
+        return CallOutput(result.text, None, result.cpu_seconds, seconds)
 
-    async def _fit(self, job: ToolJob, outcome: Outcome) -> tuple[str, str | None]:
+    async def _fit(self, job: ToolJob, outcome: CallOutput) -> tuple[str, str | None]:
         """The tool message's content; a large result goes to an attachment."""
         if outcome.error is not None:
             return error_content(outcome.error), None
@@ -371,7 +371,7 @@ class ToolWorker:
         job: ToolJob,
         ref: ContextRef | None,
         message: ChatMessage,
-        outcome: Outcome,
+        outcome: CallOutput,
         watch: Stopwatch,
         *,
         reused: bool = False,
