@@ -372,9 +372,7 @@ def render(
     Raises:
         ValueError: a tenant id that cannot be an account, or a missing password.
     """
-    tenants = [check_tenant(t) for t in tenants]
-    if len(set(tenants)) != len(tenants):
-        raise ValueError("tenant ids must be unique")
+    tenants = _checked(tenants)
     missing = [i for i in identities(tenants) if not passwords.get(i)]
     if missing:
         raise ValueError(f"no password for {', '.join(missing)}")
@@ -415,20 +413,8 @@ def render(
             ],
             "exports": [{"service": "$JS.API.>", "accounts": [BATON_ACCOUNT]}],
         }  # fmt: skip
-    jetstream = _jetstream(store_dir, cipher_key)
-    config: dict[str, Any] = {
-        "server_name": server_name,
-        "host": host,
-        "port": port,
-        "jetstream": jetstream,
-        "accounts": accounts,
-        "system_account": SYSTEM_ACCOUNT,
-    }
-    if monitor_port is not None:
-        config["http_port"] = monitor_port
-    if tls is not None:
-        config["tls"] = dict(tls)
-    return config
+    return _server(server_name, host, port, store_dir, cipher_key, monitor_port, tls,
+                   accounts=accounts, system_account=SYSTEM_ACCOUNT)  # fmt: skip
 
 
 # -- operator mode: the same accounts as JWTs ---------------------------------
@@ -549,37 +535,23 @@ def render_operator(
     ``tenants``. No passwords: every client presents a user JWT (``.creds``).
     ``server_tags`` (``region:eu``): what JetStream placement matches, so a
     tenant's streams can be kept on its region's servers."""
-    tenants = [check_tenant(t) for t in tenants]
-    if len(set(tenants)) != len(tenants):
-        raise ValueError("tenant ids must be unique")
+    tenants = _checked(tenants)
     preload = {keys.account(SYSTEM_ACCOUNT): system_account_jwt(keys),
                keys.account(BATON_ACCOUNT): baton_account_jwt(keys, tenants)}  # fmt: skip
     for t in tenants:
         preload[keys.account(t)] = tenant_account_jwt(
             keys, t, revocations=(revocations or {}).get(t)
         )
-    jetstream = _jetstream(store_dir, cipher_key)
-    config: dict[str, Any] = {
-        "server_name": server_name,
-        "host": host,
-        "port": port,
-        "jetstream": jetstream,
-        "operator": jwt.operator_jwt(keys.operator, "baton", keys.account(SYSTEM_ACCOUNT)),
-        "system_account": keys.account(SYSTEM_ACCOUNT),
+    config = _server(
+        server_name, host, port, store_dir, cipher_key, monitor_port, tls,
+        operator=jwt.operator_jwt(keys.operator, "baton", keys.account(SYSTEM_ACCOUNT)),
+        system_account=keys.account(SYSTEM_ACCOUNT),
         # A service's user JWT (its permissions) rides in its CONNECT line.
-        "max_control_line": MAX_CONTROL_LINE,
-        "resolver": {
-            "type": "full",
-            "dir": resolver_dir,
-            "allow_delete": True,
-            "timeout": RESOLVER_TIMEOUT,
-        },
-        "resolver_preload": preload,
-    }
-    if monitor_port is not None:
-        config["http_port"] = monitor_port
-    if tls is not None:
-        config["tls"] = dict(tls)
+        max_control_line=MAX_CONTROL_LINE,
+        resolver={"type": "full", "dir": resolver_dir, "allow_delete": True,
+                  "timeout": RESOLVER_TIMEOUT},
+        resolver_preload=preload,
+    )  # fmt: skip
     if cluster is not None:  # every node shares the operator, its accounts and resolver
         config["cluster"] = dict(cluster)
     if server_tags:
@@ -619,12 +591,36 @@ __all__ = [
 ]
 
 
-def _jetstream(store_dir: str | None, cipher_key: str | Var | None) -> dict[str, Any]:
-    """The server's JetStream block: its store, encrypted at rest when a key is given."""
+def _checked(tenants: Sequence[str]) -> list[str]:
+    tenants = [check_tenant(t) for t in tenants]
+    if len(set(tenants)) != len(tenants):
+        raise ValueError("tenant ids must be unique")
+    return tenants
+
+
+def _server(
+    server_name: str,
+    host: str,
+    port: int,
+    store_dir: str | None,
+    cipher_key: str | Var | None,
+    monitor_port: int | None,
+    tls: Mapping[str, str | bool] | None,
+    **mode: Any,
+) -> dict[str, Any]:
+    """What both modes' configurations share: the listener, JetStream (its
+    store, encrypted at rest when a key is given), monitoring and TLS;
+    ``mode``: the mode's own keys (accounts, or operator and resolver)."""
     jetstream: dict[str, Any] = {}
     if store_dir is not None:
         jetstream["store_dir"] = store_dir
     if cipher_key is not None:
         jetstream["cipher"] = "chachapoly"
         jetstream["key"] = cipher_key
-    return jetstream
+    config = {"server_name": server_name, "host": host, "port": port, "jetstream": jetstream}
+    config.update(mode)
+    if monitor_port is not None:
+        config["http_port"] = monitor_port
+    if tls is not None:
+        config["tls"] = dict(tls)
+    return config

@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -297,13 +297,10 @@ async def serve(
 
 
 def main_entry(
-    name: str,
-    settings: CommonSettings,
-    coro: Callable[[], Coroutine[Any, Any, None]],
-    *,
-    tenant_data: bool = False,
+    name: str, settings: CommonSettings, start: Start, *, tenant_data: bool = False
 ) -> None:
-    """Configure logging and run ``coro`` with uvloop when available.
+    """Configure logging and ``serve`` the service ``start`` builds, with
+    uvloop when available.
 
     Exits with status 2 and one line on stderr, before anything starts, when
     the HTTP API needs API keys that are not configured (``bind_refusal``;
@@ -332,6 +329,6 @@ def main_entry(
     try:
         import uvloop
 
-        uvloop.run(coro())
+        uvloop.run(serve(name, settings, start))
     except ImportError:
-        asyncio.run(coro())
+        asyncio.run(serve(name, settings, start))

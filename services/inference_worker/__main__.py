@@ -8,7 +8,7 @@ from fastapi import Depends, HTTPException
 
 from baton.bus import Bus
 from baton.models import ModelMissing
-from baton.service import Health, ServiceApp, caller_scope, health_app, main_entry, serve
+from baton.service import Health, ServiceApp, caller_scope, health_app, main_entry
 
 from .engines import build_engine
 from .engines.vllm_args import EngineArgsError
@@ -45,7 +45,7 @@ def main() -> None:
         return ServiceApp(app, Worker(settings, engine, health, bus).run)
 
     try:
-        main_entry(NAME, settings, lambda: serve(NAME, settings, start))
+        main_entry(NAME, settings, start)
     except EngineArgsError as exc:  # a configuration mistake: restarting will not help
         sys.exit(f"baton-inference-worker: invalid engine arguments: {exc}")
 

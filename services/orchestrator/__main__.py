@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from baton.service import Health, main_entry, serve
+from baton.service import Health, main_entry
 
 from .service import start
 from .settings import OrchestratorSettings
@@ -13,12 +13,7 @@ NAME = "orchestrator"
 def main() -> None:
     settings = OrchestratorSettings()
     health = Health()
-    main_entry(
-        NAME,
-        settings,
-        lambda: serve(NAME, settings, lambda bus: start(bus, settings, health)),
-        tenant_data=True,
-    )
+    main_entry(NAME, settings, lambda bus: start(bus, settings, health), tenant_data=True)
 
 
 if __name__ == "__main__":

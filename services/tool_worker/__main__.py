@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from baton.bus import Bus
-from baton.service import Health, ServiceApp, health_app, main_entry, serve
+from baton.service import Health, ServiceApp, health_app, main_entry
 
 from .settings import ToolWorkerSettings
 from .worker import ToolWorker
@@ -19,7 +19,7 @@ def main() -> None:
     async def start(bus: Bus) -> ServiceApp:
         return ServiceApp(app, ToolWorker(settings, health, bus).run)
 
-    main_entry(NAME, settings, lambda: serve(NAME, settings, start))
+    main_entry(NAME, settings, start)
 
 
 if __name__ == "__main__":
