@@ -44,8 +44,7 @@ workflows_app = typer.Typer(help="The workflows served, or `check FILE`.",
                             invoke_without_command=True)  # fmt: skip
 tenant_app = typer.Typer(help="Tenants: create, suspend, resume, rotate, delete, list; "
                          "their credentials.", no_args_is_help=True)  # fmt: skip
-dlq_app = typer.Typer(help="Dead letters in BATON_DLQ: list, replay, purge.",
-                      no_args_is_help=True)  # fmt: skip
+dlq_app = typer.Typer(help="Dead letters in BATON_DLQ: list, replay, purge.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(workflows_app, name="workflows")
@@ -658,7 +657,7 @@ def dlq_purge(
     consumer: Consumer = None,
     yes: Annotated[bool, typer.Option("--yes", help="Really delete")] = False,
     nats_url: NatsUrl = None,
-) -> None:  # fmt: skip
+) -> None:
     """Delete every dead letter (of --consumer)."""
     from baton import dlq
 

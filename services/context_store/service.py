@@ -101,7 +101,7 @@ class ContextEndpoints:
                 structlog.contextvars.bound_contextvars(op=op, tenant=tenant),
                 tracing.span(
                     f"context {op}", kind=tracing.SpanKind.SERVER, attributes=attrs, layer="context"
-                ),  # fmt: skip
+                ),
             ):
                 try:
                     reply = await self.dispatch(op, tenant, req.data)

@@ -67,6 +67,10 @@ _NO_TENANT = "tenant is required (query parameter or API key)"
 _SSE_DOC: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "An event stream"}
 }
+# Route options shared by the routes of one kind (each also answers the one error body).
+_SSE: dict[str, Any] = {"response_class": EventSourceResponse,
+                        "responses": {**_SSE_DOC, **ERROR_RESPONSES}}  # fmt: skip
+_ACCEPTED: dict[str, Any] = {"status_code": 202, "responses": ERROR_RESPONSES}
 
 
 class Services:
@@ -174,7 +178,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
             await asyncio.sleep(0.05)
         return _not_erased(task_id, run)
 
-    @app.post("/v1/tasks", status_code=202, response_model=TaskAccepted, responses=ERROR_RESPONSES)
+    @app.post("/v1/tasks", response_model=TaskAccepted, **_ACCEPTED)
     async def submit(
         body: TaskIn, request: Request, tenant: str | None = Depends(tenant_of)
     ) -> TaskAccepted:
@@ -186,12 +190,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         with tracing.server_span("POST", "/v1/tasks", request.headers):
             task, duplicate = await svc.submit(raw, body.workflow)
         assert task.task_id is not None and task.session is not None
-        return TaskAccepted(
-            task_id=task.task_id, tenant=task.tenant, session=task.session,
-            workflow=body.workflow, duplicate=duplicate,
-            events_subject=subjects.event(task.tenant, task.task_id),
-            tokens_subject=subjects.tokens(task.tenant, task.task_id),
-        )  # fmt: skip
+        return TaskAccepted.of(task.tenant, task.task_id, task.session, body.workflow, duplicate)
 
     @app.get("/v1/tasks", response_model=TaskPage, responses=ERROR_RESPONSES)
     async def list_tasks(
@@ -230,8 +229,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
     def sse(items: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
         return EventSourceResponse(items, ping=settings.sse_ping)
 
-    @app.get("/v1/tasks/{task_id}/events", response_class=EventSourceResponse,
-             responses={**_SSE_DOC, **ERROR_RESPONSES})  # fmt: skip
+    @app.get("/v1/tasks/{task_id}/events", **_SSE)
     async def events(
         task_id: str,
         tenant: str | None = Depends(tenant_of),
@@ -253,8 +251,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
 
         return sse(stream())
 
-    @app.get("/v1/tasks/{task_id}/tokens", response_class=EventSourceResponse,
-             responses={**_SSE_DOC, **ERROR_RESPONSES})  # fmt: skip
+    @app.get("/v1/tasks/{task_id}/tokens", **_SSE)
     async def tokens(
         task_id: str,
         tenant: str | None = Depends(tenant_of),
@@ -290,8 +287,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         _not_erased(task_id, run)
         return Cancelled(task_id=task_id, status=run.status)
 
-    @app.post("/v1/tasks/{task_id}/input", status_code=202, response_model=InputAccepted,
-              responses=ERROR_RESPONSES)  # fmt: skip
+    @app.post("/v1/tasks/{task_id}/input", response_model=InputAccepted, **_ACCEPTED)
     async def give_input(
         task_id: str, body: InputIn, tenant: str | None = Depends(tenant_of)
     ) -> InputAccepted:
@@ -318,8 +314,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
                           task_id=task_id)  # fmt: skip
         return InputAccepted(task_id=task_id, step=step, subject=subject)
 
-    @app.post("/v1/tasks/{task_id}/fork", status_code=202, response_model=ForkAccepted,
-              responses=ERROR_RESPONSES)  # fmt: skip
+    @app.post("/v1/tasks/{task_id}/fork", response_model=ForkAccepted, **_ACCEPTED)
     async def fork(
         task_id: str, body: ForkIn, tenant: str | None = Depends(tenant_of)
     ) -> ForkAccepted:
@@ -347,13 +342,10 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
             raise ApiError(ErrorCode.CONFLICT, f"task {new_id!r} exists and is not this fork",
                            param="task_id")  # fmt: skip
         run = out.run
-        return ForkAccepted(
-            task_id=run.task_id, tenant=tenant, session=run.session, workflow=run.workflow,
-            duplicate=out.note == "resumed", forked_from=task_id, step=body.step,
-            carried=[k for k, st in run.steps.items() if st.carried],
-            events_subject=subjects.event(tenant, run.task_id),
-            tokens_subject=subjects.tokens(tenant, run.task_id),
-        )  # fmt: skip
+        carried = [k for k, st in run.steps.items() if st.carried]
+        resumed = out.note == "resumed"
+        return ForkAccepted.of(tenant, run.task_id, run.session, run.workflow, resumed,
+                               forked_from=task_id, step=body.step, carried=carried)  # fmt: skip
 
     @app.post("/v1/documents", status_code=201, response_model=DocumentStored,
               responses=ERROR_RESPONSES)  # fmt: skip
