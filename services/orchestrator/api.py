@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -73,25 +74,17 @@ _SSE: dict[str, Any] = {"response_class": EventSourceResponse,
 _ACCEPTED: dict[str, Any] = {"status_code": 202, "responses": ERROR_RESPONSES}
 
 
+@dataclass(frozen=True)
 class Services:
     """What the API uses, built once the NATS side is: ``tenants`` is the
     live set of tenants served (it grows and shrinks with the registry)."""
 
-    def __init__(
-        self,
-        bus: Bus,
-        runs: RunStore,
-        conductor: Conductor,
-        room: TenantRoom,
-        workflows: dict[str, WorkflowSpec],
-        tenants: AbstractSet[str],
-    ) -> None:
-        self.bus = bus
-        self.runs = runs
-        self.conductor = conductor
-        self.room = room
-        self.workflows = workflows
-        self.tenants = tenants
+    bus: Bus
+    runs: RunStore
+    conductor: Conductor
+    room: TenantRoom
+    workflows: dict[str, WorkflowSpec]
+    tenants: AbstractSet[str]
 
     async def _within_limits(self, bus: Bus, tenant: str) -> None:
         """429 (with ``Retry-After``) for a task its tenant's limits would
