@@ -45,8 +45,7 @@ workflows_app = typer.Typer(help="The workflows served, or `check FILE`.",
                             invoke_without_command=True)  # fmt: skip
 tenant_app = typer.Typer(help="Tenants: create, suspend, resume, rotate, delete, list; "
                          "their credentials.", no_args_is_help=True)  # fmt: skip
-dlq_app = typer.Typer(help="Dead letters in BATON_DLQ: list, replay, purge.",
-                      no_args_is_help=True)  # fmt: skip
+dlq_app = typer.Typer(help="Dead letters in BATON_DLQ: list, replay, purge.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(workflows_app, name="workflows")
@@ -521,39 +520,29 @@ def tenant_where(tenant: str, data_dir: DataDir = Path(".data"), nats_url: Tenan
         print(f"{row['account']}\t{row['stream']}\tplacement {placement}\t{servers}")
 
 
-@tenant_app.command("suspend")
-def tenant_suspend(tenant: str, data_dir: DataDir = Path(".data"),
-                   nats_url: TenantNats = None) -> None:  # fmt: skip
-    """Refuse the tenant's new tasks (failed: tenant_suspended); its data and running tasks stay."""
-    _id(tenant, "tenant")
-    _tenant_op(data_dir, nats_url, lambda admin: admin.suspend(tenant))
-    print(f"{tenant}: suspended")
+# ``baton tenant <op> TENANT``: ``TenantAdmin.<op>(tenant)``; help; what it prints.
+_TENANT_OPS = [
+    ("suspend", "Refuse the tenant's new tasks (failed: tenant_suspended); its data and running "
+     "tasks stay.", "{t}: suspended"),
+    ("resume", "Accept the suspended tenant's tasks again.", "{t}: active"),
+    ("rotate", "New .creds for the tenant; the server refuses the old one from now on.", "{out}"),
+    ("delete", "Erase the tenant's data everywhere (audited), then revoke its credentials.",
+     "{t}: {out} sessions erased, credentials revoked, tenant deleted"),
+]  # fmt: skip
 
 
-@tenant_app.command("resume")
-def tenant_resume(tenant: str, data_dir: DataDir = Path(".data"),
-                  nats_url: TenantNats = None) -> None:  # fmt: skip
-    """Accept the suspended tenant's tasks again."""
-    _id(tenant, "tenant")
-    _tenant_op(data_dir, nats_url, lambda admin: admin.resume(tenant))
-    print(f"{tenant}: active")
+def _tenant_command(op: str, doc: str, said: str) -> None:
+    def run(tenant: str, data_dir: DataDir = Path(".data"), nats_url: TenantNats = None) -> None:
+        _id(tenant, "tenant")
+        out = _tenant_op(data_dir, nats_url, lambda admin: getattr(admin, op)(tenant))
+        print(said.format(t=tenant, out=out))
+
+    run.__doc__ = doc
+    tenant_app.command(op)(run)
 
 
-@tenant_app.command("rotate")
-def tenant_rotate(tenant: str, data_dir: DataDir = Path(".data"),
-                  nats_url: TenantNats = None) -> None:  # fmt: skip
-    """New .creds for the tenant; the server refuses the old one from now on."""
-    _id(tenant, "tenant")
-    print(_tenant_op(data_dir, nats_url, lambda admin: admin.rotate(tenant)))
-
-
-@tenant_app.command("delete")
-def tenant_delete(tenant: str, data_dir: DataDir = Path(".data"),
-                  nats_url: TenantNats = None) -> None:  # fmt: skip
-    """Erase the tenant's data everywhere (audited), then revoke its credentials."""
-    _id(tenant, "tenant")
-    sessions = _tenant_op(data_dir, nats_url, lambda admin: admin.delete(tenant))
-    print(f"{tenant}: {sessions} sessions erased, credentials revoked, tenant deleted")
+for _op in _TENANT_OPS:
+    _tenant_command(*_op)
 
 
 @tenant_app.command("list")
@@ -688,7 +677,7 @@ def dlq_purge(
     consumer: Consumer = None,
     yes: Annotated[bool, typer.Option("--yes", help="Really delete")] = False,
     nats_url: NatsUrl = None,
-) -> None:  # fmt: skip
+) -> None:
     """Delete every dead letter (of --consumer)."""
     from baton import dlq
 

@@ -3,8 +3,11 @@
 server (health, readiness, metrics, API) and a clean shutdown on SIGTERM /
 SIGINT.
 
-A service supplies a ``ServiceApp``: its FastAPI app and a coroutine that runs
-its NATS side until the bus stops.
+A service supplies a ``Start``: given the connected bus, it builds the
+service (every collaborator passed in its constructor) and returns a
+``ServiceApp``, its FastAPI app and a coroutine that runs its NATS side until
+the bus stops. Nothing is built before the connection exists, so nothing is
+filled in later.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,7 +211,15 @@ def bind_refusal(
     return None
 
 
-Runner = Callable[[Bus], Awaitable[None]]
+@dataclass(frozen=True)
+class ServiceApp:
+    """A service built on its bus: the HTTP app to serve and its NATS side."""
+
+    app: FastAPI
+    run: Callable[[], Awaitable[None]]
+
+
+Start = Callable[[Bus], Awaitable[ServiceApp]]
 
 
 class _QuietServer(uvicorn.Server):
@@ -222,12 +233,14 @@ class _QuietServer(uvicorn.Server):
 async def serve(
     name: str,
     settings: CommonSettings,
-    app: FastAPI,
-    run: Runner,
+    start: Start,
     *,
     on_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Connect to NATS, run ``run(bus)`` and the HTTP server until a signal.
+    """Connect to NATS, build the service on the bus (``start``), then run
+    its NATS side and the HTTP server until a signal. ``/readyz`` answers
+    once the service is built (``Stack.wait_ready`` polls through a refused
+    connection until then).
 
     On SIGTERM/SIGINT: the bus stops pulling, ``run`` returns once in-flight
     work is settled (the service decides how long that may take), then the
@@ -241,16 +254,6 @@ async def serve(
         tls=tls_context(settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key),
         creds=settings.nats_creds,
     )
-    server = _QuietServer(
-        uvicorn.Config(
-            app,
-            host=settings.http_host,
-            port=settings.http_port,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-        )
-    )
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -259,6 +262,21 @@ async def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
+    try:
+        service = await start(bus)
+    except BaseException:
+        await bus.close()
+        raise
+    server = _QuietServer(
+        uvicorn.Config(
+            service.app,
+            host=settings.http_host,
+            port=settings.http_port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+    )
     http = asyncio.create_task(server.serve())
     log.info(
         "started",
@@ -266,7 +284,7 @@ async def serve(
         http=f"{settings.http_host}:{settings.http_port}",
     )
     try:
-        await run(bus)
+        await service.run()
     finally:
         if on_stop is not None:
             await on_stop()
@@ -279,13 +297,10 @@ async def serve(
 
 
 def main_entry(
-    name: str,
-    settings: CommonSettings,
-    coro: Callable[[], Coroutine[Any, Any, None]],
-    *,
-    tenant_data: bool = False,
+    name: str, settings: CommonSettings, start: Start, *, tenant_data: bool = False
 ) -> None:
-    """Configure logging and run ``coro`` with uvloop when available.
+    """Configure logging and ``serve`` the service ``start`` builds, with
+    uvloop when available.
 
     Exits with status 2 and one line on stderr, before anything starts, when
     the HTTP API needs API keys that are not configured (``bind_refusal``;
@@ -314,6 +329,6 @@ def main_entry(
     try:
         import uvloop
 
-        uvloop.run(coro())
+        uvloop.run(serve(name, settings, start))
     except ImportError:
-        asyncio.run(coro())
+        asyncio.run(serve(name, settings, start))

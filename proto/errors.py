@@ -17,7 +17,7 @@ class Layer(enum.StrEnum):
 
 
 class ErrorCode(enum.StrEnum):
-    # Task admission (orchestration layer).
+    # A submitted task refused (orchestration layer).
     BAD_ENCODING = "bad_encoding"  # body is not MessagePack / not a map
     TOO_DEEP = "too_deep"  # arrays/maps nested deeper than proto.nesting.MAX_DEPTH
     MISSING_FIELD = "missing_field"

@@ -35,7 +35,7 @@ def _reply(job: InferenceJob, text: str) -> Any:
     return res
 
 
-def _fork(source: RunState, step: str, text: str | None, now: float = 50.0) -> T.Outcome:
+def _fork(source: RunState, step: str, text: str | None, now: float = 50.0) -> T.Verdict:
     req = T.NewFork(task_id="t2", session="t2", step=step, input=text)
     ctx: dict[str, Any] = {}
     seen: list[T.ContextOp] = []

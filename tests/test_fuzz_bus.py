@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from baton.dev.testing import Client, LocalStack, http_get, metric, uid
-from proto.admission import TaskRejected, parse_task
 from proto.subjects import CONTEXT_OPS
+from proto.submission import TaskRejected, parse_task
 from services.context_store.service import REQUEST_TYPES
 from tests.test_fuzz_proto import json_like, nested, raw_map, raw_str, task_bodies
 

@@ -19,7 +19,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proto import codec, nesting
-from proto.admission import TaskRejected, parse_task
 from proto.errors import ErrorCode
 from proto.ids import is_valid_id
 from proto.messages import (
@@ -31,6 +30,7 @@ from proto.messages import (
     TaskSubmit,
     WindowRequest,
 )
+from proto.submission import TaskRejected, parse_task
 
 FUZZ = settings(
     max_examples=600,

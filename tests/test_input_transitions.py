@@ -52,7 +52,7 @@ def answer_op(op: T.ContextOp, version: int) -> ContextRef:
     return ContextRef("acme", op.session, version, b"sig")
 
 
-def decide(fn: Any, run: RunState | None, *args: Any, now: float) -> tuple[T.Outcome, list[Any]]:
+def decide(fn: Any, run: RunState | None, *args: Any, now: float) -> tuple[T.Verdict, list[Any]]:
     """Run a decision to the end, answering its context ops; also the ops."""
     ctx: dict[str, Any] = {}
     ops: list[Any] = []

@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from proto.streams import task_consumer
-from services.orchestrator.intake import Intake
+from services.orchestrator.conductor import Conductor
+from services.orchestrator.intake import Intake, TenantRoom
 from services.orchestrator.limits import Limiter, TenantLimits
 from tests.test_conductor_shell import WORKFLOWS
 from tests.twin_shell import RESULTS, TENANT, Shell
@@ -26,8 +27,12 @@ async def shell() -> AsyncIterator[Shell]:
 
 
 async def _pulling(shell: Shell, limits: TenantLimits) -> asyncio.Task[None]:
-    c = shell.conductors[0]
-    intake = Intake(shell.twin, c, c.runs, Limiter(TenantLimits(), {TENANT: limits}), "count")
+    room = TenantRoom(Limiter(TenantLimits(), {TENANT: limits}), "count")
+    old = shell.conductors[0]  # the same replica, built with the tenant's room
+    c = shell.conductors[0] = Conductor(shell.twin, old.runs, old.workflows, old.s,
+                                        clock=old.clock, check_limits=room.check,
+                                        on_changed=room.changed)  # fmt: skip
+    intake = Intake(shell.twin, c, room)
     return asyncio.create_task(intake.run_tenant(task_consumer(TENANT), TENANT, concurrency=8))
 
 

@@ -18,10 +18,10 @@ import pytest
 
 from baton.bus import Bus
 from baton.dev.testing import Client, LocalStack, http_json, uid
-from proto.admission import TaskRejected, parse_task
 from proto.errors import ErrorCode
 from proto.jsonvalue import json_problem, json_safe
 from proto.streams import RUNS
+from proto.submission import TaskRejected, parse_task
 from services.orchestrator.runs import RunStore
 from services.orchestrator.state import RunState
 

@@ -50,7 +50,7 @@ def task(text: str) -> T.NewTask:
     return T.NewTask(tenant="acme", task_id="t1", session="t1", workflow="ask", seq=1, input=text)
 
 
-def started(out: T.Outcome) -> Step:
+def started(out: T.Verdict) -> Step:
     assert isinstance(out, T.Transition)
     evs = [e.event for e in out.effects if isinstance(e, T.Emit) and isinstance(e.event, Step)]
     return evs[0]

@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 from proto import codec, subjects
-from proto.admission import TaskRejected, parse_task
 from proto.asyncapi import DOCUMENT_PATH, build
 from proto.errors import LAYER_OF, ErrorCode
 from proto.ids import is_valid_id
@@ -23,6 +22,7 @@ from proto.messages import (
     TaskSubmit,
     Usage,
 )
+from proto.submission import TaskRejected, parse_task
 
 KNOWN = frozenset({"chat", "research"})
 

@@ -51,7 +51,7 @@ def answer(op: T.ContextOp, tenant: str = "acme") -> ContextRef:
     return ContextRef(tenant, op.child, op.ref.version, b"sig")
 
 
-def decide(fn: Any, run: RunState | None, *args: Any, now: float) -> T.Outcome:
+def decide(fn: Any, run: RunState | None, *args: Any, now: float) -> T.Verdict:
     """Run a decision to the end, answering its context ops."""
     ctx: dict[str, Any] = {}
     while True:

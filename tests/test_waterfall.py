@@ -57,10 +57,10 @@ def worker_timing(queued: float, start: float, *, context: float = 0.1, admissio
     return w.timing()
 
 
-def answered(run: Any, res: Any, *, now: float, received: float) -> T.Outcome:
+def answered(run: Any, res: Any, *, now: float, received: float) -> T.Verdict:
     """``T.result`` run to the end, the result received at ``received``."""
 
-    def fn(r: Any, res: Any, rules: T.Rules, now: float, ctx: T.Ctx) -> T.Outcome:
+    def fn(r: Any, res: Any, rules: T.Rules, now: float, ctx: T.Ctx) -> T.Verdict:
         return T.result(r, res, rules, now, ctx, received)
 
     return decide(fn, run, res, RULES, now=now)

@@ -132,8 +132,7 @@ class Shell:
         engine = SimEngine(prefill_tps=1e6, decode_tps=1e5)
         sup = EngineSupervisor(s, engine, Health(), Admission(1, 1))
         await sup.start()
-        tokens = TokenPublisher(0.0)
-        tokens.bus = self.twin
+        tokens = TokenPublisher(self.twin, 0.0)
         await self.twin.provision(streams=[TOKENS], consumers=[worker_consumer(s.pool)])
         return JobHandler(sup, self.twin, WarmSessions(8), GpuClock(), tokens)
 

@@ -174,7 +174,7 @@ class Request:
 
 
 class Gate(Protocol):
-    """Admission in front of a pull loop (``Bus.consume``): how many more
+    """A gate in front of a pull loop (``Bus.consume``): how many more
     deliveries it may take now, and a wait for that to change."""
 
     def room(self) -> int: ...

@@ -79,8 +79,7 @@ class StreamReads(BusCore):
         cluster = info.cluster
         servers: list[str] = []
         if cluster is not None:
-            servers = [s for s in [cluster.leader, *(p.name for p in cluster.replicas or [])]
-                       if s]  # fmt: skip
+            servers = [s for s in [cluster.leader, *(p.name for p in cluster.replicas or [])] if s]
         return StreamState(st.messages, st.bytes, st.first_seq, st.last_seq,
                            st.consumer_count, dict(st.subjects or {}),
                            tuple(placement.tags or ()) if placement else (),

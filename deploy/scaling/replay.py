@@ -198,7 +198,7 @@ class Step:
 
 
 @dataclass
-class Outcome:
+class Replayed:
     scenario: Scenario
     jobs: list[Job]
     steps: list[Step]
@@ -239,7 +239,7 @@ class Replay:
         heapq.heappush(self.events, (t, self.seq, handler, args))
         self.seq += 1
 
-    def run(self) -> Outcome:
+    def run(self) -> Replayed:
         for phases in self.phases.values():
             (plan,) = phases[0]
             self.push(plan.at, self.on_release, plan)
@@ -252,7 +252,7 @@ class Replay:
         for pool in self.pools.values():
             for w in list(pool.workers):
                 pool.free(w, t)
-        return Outcome(
+        return Replayed(
             self.sc,
             self.jobs,
             self.steps,
@@ -477,5 +477,5 @@ class Replay:
         self.dispatch(pool, t)
 
 
-def replay(jobs: Iterable[Job], horizon: int, scenario: Scenario) -> Outcome:
+def replay(jobs: Iterable[Job], horizon: int, scenario: Scenario) -> Replayed:
     return Replay(list(jobs), horizon, scenario).run()

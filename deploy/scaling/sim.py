@@ -47,8 +47,8 @@ if sys.path[0] != str(ROOT):  # this checkout's services/, also when run as a sc
 from deploy.scaling.keda import Policy, load_policy  # noqa: E402
 from deploy.scaling.replay import (  # noqa: E402
     Job,
-    Outcome,
     Pool,
+    Replayed,
     Scenario,
     load_trace,
     percentile,
@@ -113,7 +113,7 @@ def _pct(values: list[float], q: float) -> float:
     return round(percentile(values, q), 1)
 
 
-def summary(o: Outcome, slo_s: float) -> dict[str, Any]:
+def summary(o: Replayed, slo_s: float) -> dict[str, Any]:
     """Per-policy figures (times in seconds, money in USD)."""
     done = [s for s in o.steps if not math.isnan(s.finished)]
     started = [s for s in o.steps if not math.isnan(s.started)]
@@ -200,7 +200,7 @@ def goals(results: dict[str, dict], cold_start_s: float) -> dict[str, Any]:
     }
 
 
-def replay_all(always_on: int | None = None) -> dict[str, Outcome]:
+def replay_all(always_on: int | None = None) -> dict[str, Replayed]:
     """Every policy over the shipped trace."""
     jobs, horizon = load_trace()
     today = load_policy()
@@ -324,7 +324,7 @@ def _goal_figures(g: dict[str, Any]) -> str:
 def plot(
     jobs: list[Job],
     horizon: int,
-    outcomes: dict[str, Outcome],
+    outcomes: dict[str, Replayed],
     results: dict[str, dict],
     out: Path,
 ) -> None:

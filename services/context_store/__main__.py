@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from baton.service import Health, main_entry
 
-from baton.service import Health, main_entry, serve
-
-from .http import http_app
-from .service import run
+from .service import start
 from .settings import ContextStoreSettings
 
 NAME = "context-store"
@@ -16,14 +13,7 @@ NAME = "context-store"
 def main() -> None:
     settings = ContextStoreSettings()
     health = Health()
-    holder: list[Any] = []
-    app = http_app(health, lambda: holder[0] if holder else None, settings.api_keys)
-    main_entry(
-        NAME,
-        settings,
-        lambda: serve(NAME, settings, app, lambda bus: run(bus, settings, health, holder)),
-        tenant_data=True,
-    )
+    main_entry(NAME, settings, lambda bus: start(bus, settings, health), tenant_data=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ asked: ``operator``, ``tenant:<id>``, or ``anonymous`` (no keys configured).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -42,9 +41,7 @@ def _scope(tenant: str, session: str | None, caller: str | None) -> None:
         raise ApiError(ErrorCode.FORBIDDEN, "this caller may not read another tenant's data")
 
 
-def http_app(
-    health: Health, get_admin: Callable[[], Admin | None], api_keys: dict[str, str]
-) -> FastAPI:
+def http_app(health: Health, admin: Admin, api_keys: dict[str, str]) -> FastAPI:
     app = health_app("Baton context store", health)
     scope = caller_scope(api_keys)
 
@@ -52,12 +49,6 @@ def http_app(
         if caller is not None:
             return f"tenant:{caller}"
         return "operator" if api_keys else "anonymous"
-
-    def admin() -> Admin:
-        a = get_admin()
-        if a is None:
-            raise ApiError(ErrorCode.UNAVAILABLE, "not ready")
-        return a
 
     async def call(op: Any, req: Any) -> dict[str, Any]:
         try:
@@ -72,10 +63,10 @@ def http_app(
         caller: str | None = Depends(scope),
     ) -> dict[str, Any]:  # fmt: skip
         _scope(tenant, session, caller)
-        got = await call(admin().get, ContextGet(tenant=tenant, session=session, start=start,
+        got = await call(admin.get, ContextGet(tenant=tenant, session=session, start=start,
                                                  limit=limit))  # fmt: skip
         got.pop("ref", None)  # refs are for services, not operators
-        stats = await call(admin().stats, ContextStats(tenant=tenant, session=session))
+        stats = await call(admin.stats, ContextStats(tenant=tenant, session=session))
         return {"tenant": tenant, "session": session, "tokens_estimate": stats["tokens"], **got}
 
     @app.delete("/v1/sessions/{tenant}/{session}")
@@ -84,17 +75,17 @@ def http_app(
     ) -> dict[str, Any]:
         _scope(tenant, session, caller)
         req = ContextDelete(tenant=tenant, session=session)
-        return await call(lambda r: admin().delete(r, actor(caller)), req)
+        return await call(lambda r: admin.delete(r, actor(caller)), req)
 
     @app.delete("/v1/tenants/{tenant}")
     async def delete_tenant(tenant: str, caller: str | None = Depends(scope)) -> dict[str, Any]:
         _scope(tenant, None, caller)
-        return await call(lambda r: admin().delete(r, actor(caller)), ContextDelete(tenant=tenant))
+        return await call(lambda r: admin.delete(r, actor(caller)), ContextDelete(tenant=tenant))
 
     @app.get("/v1/tenants/{tenant}/stats")
     async def tenant_stats(tenant: str, caller: str | None = Depends(scope)) -> dict[str, Any]:
         _scope(tenant, None, caller)
-        return await call(admin().stats, ContextStats(tenant=tenant))
+        return await call(admin.stats, ContextStats(tenant=tenant))
 
     @app.get("/v1/audit")
     async def audit_trail(
@@ -111,7 +102,7 @@ def http_app(
                 )
         if not 1 <= last <= 10_000:
             raise ApiError(ErrorCode.INVALID_FIELD, "last must be within 1..10000")
-        records = await audit.read(admin().bus, tenant=tenant, action=action, last=last)
+        records = await audit.read(admin.bus, tenant=tenant, action=action, last=last)
         return {"records": [msgspec.to_builtins(r) for r in records]}
 
     return app

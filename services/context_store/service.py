@@ -20,7 +20,7 @@ import structlog
 
 from baton import tracing
 from baton.bus import TRANSIENT, Bus, Request
-from baton.service import Health
+from baton.service import Health, ServiceApp
 from proto import codec, subjects
 from proto.context_api import ENDPOINTS
 from proto.errors import ErrorCode
@@ -31,6 +31,7 @@ from proto.streams import AUDIT, CONTEXT, CONTEXT_ATTACHMENTS, DOCUMENTS, ERASUR
 from .admin import Admin
 from .errors import ContextError
 from .history import HistoryStore
+from .http import http_app
 from .metrics import CONTEXT_REQUEST_SECONDS, CONTEXT_REQUESTS
 from .refs import RefSigner
 from .retention import Retention, run_sweeper
@@ -100,7 +101,7 @@ class ContextEndpoints:
                 structlog.contextvars.bound_contextvars(op=op, tenant=tenant),
                 tracing.span(
                     f"context {op}", kind=tracing.SpanKind.SERVER, attributes=attrs, layer="context"
-                ),  # fmt: skip
+                ),
             ):
                 try:
                     reply = await self.dispatch(op, tenant, req.data)
@@ -164,10 +165,17 @@ def build_store(bus: Bus, settings: ContextStoreSettings) -> tuple[ContextStore,
     return store, Admin(store)
 
 
-async def run(bus: Bus, settings: ContextStoreSettings, health: Health, holder: list[Any]) -> None:
+async def start(bus: Bus, settings: ContextStoreSettings, health: Health) -> ServiceApp:
+    """The store built on its streams: its operator HTTP API and the NATS side."""
     await bus.provision(streams=[CONTEXT, CONTEXT_ATTACHMENTS, ERASURES, AUDIT, DOCUMENTS])
     store, admin = build_store(bus, settings)
-    holder.append(admin)
+    app = http_app(health, admin, settings.api_keys)
+    return ServiceApp(app, lambda: run(bus, settings, health, store, admin))
+
+
+async def run(
+    bus: Bus, settings: ContextStoreSettings, health: Health, store: ContextStore, admin: Admin
+) -> None:
     for op in REQUEST_TYPES:
         CONTEXT_REQUESTS.labels(op, "ok")
         CONTEXT_REQUEST_SECONDS.labels(op)

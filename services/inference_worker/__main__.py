@@ -6,8 +6,9 @@ import sys
 
 from fastapi import Depends, HTTPException
 
+from baton.bus import Bus
 from baton.models import ModelMissing
-from baton.service import Health, caller_scope, health_app, main_entry, serve
+from baton.service import Health, ServiceApp, caller_scope, health_app, main_entry
 
 from .engines import build_engine
 from .engines.vllm_args import EngineArgsError
@@ -24,7 +25,6 @@ def main() -> None:
         engine = build_engine(settings)
     except ModelMissing as exc:  # a setup step not done: restarting will not help
         sys.exit(f"baton-inference-worker: {exc}")
-    worker = Worker(settings, engine, health)
     app = health_app("Baton inference worker", health)
 
     scope = caller_scope(settings.api_keys)
@@ -41,8 +41,11 @@ def main() -> None:
         inject(count)
         return {"injected": count}
 
+    async def start(bus: Bus) -> ServiceApp:
+        return ServiceApp(app, Worker(settings, engine, health, bus).run)
+
     try:
-        main_entry(NAME, settings, lambda: serve(NAME, settings, app, worker.run))
+        main_entry(NAME, settings, start)
     except EngineArgsError as exc:  # a configuration mistake: restarting will not help
         sys.exit(f"baton-inference-worker: invalid engine arguments: {exc}")
 

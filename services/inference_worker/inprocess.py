@@ -23,8 +23,8 @@ async def inprocess_worker(
     """Baton's worker on an already started engine it does not own."""
     bus = await connect(nats_url, name=f"worker-{pool}")
     s = WorkerSettings(pool=pool, worker_id=f"w{uuid.uuid4().hex[:12]}", **settings)
-    worker = Worker(s, engine, Health(), manage_engine=False)
-    task = asyncio.create_task(worker.run(bus))
+    worker = Worker(s, engine, Health(), bus, manage_engine=False)
+    task = asyncio.create_task(worker.run())
     while not worker.health.ready:
         if task.done():
             task.result()

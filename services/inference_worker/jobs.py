@@ -57,7 +57,7 @@ WINDOW_ATTEMPTS = 4
 
 
 @dataclass
-class _Outcome:
+class _Generated:
     output: str
     usage: Usage
     cached_tokens: int
@@ -239,7 +239,7 @@ class JobHandler:
 
     async def _generate(
         self, d: Delivery, job: InferenceJob, messages: list[ChatMessage], watch: Stopwatch
-    ) -> _Outcome | None:
+    ) -> _Generated | None:
         """Stream one generation. None when it ended with an error result
         already published (cancelled, too long); raises Nak on an engine fault.
         ``watch`` times prefill (to the first token) and decode."""
@@ -323,7 +323,7 @@ class JobHandler:
             completion_tokens=final.completion_tokens,
             gpu_seconds=round(gpu_seconds, 6),
         )
-        return _Outcome("".join(parts), usage, final.cached_tokens, started,
+        return _Generated("".join(parts), usage, final.cached_tokens, started,
                         list(final.tool_calls or []), tokens)  # fmt: skip
 
     async def _too_long(

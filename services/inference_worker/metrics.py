@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_timing = partial(Histogram, buckets=_LATENCY)  # a histogram of seconds
 
 JOBS = Counter("baton_worker_jobs", "Inference jobs by outcome.", ["pool", "outcome"])
-QUEUE_WAIT = Histogram(
+QUEUE_WAIT = _timing(
     "baton_worker_queue_wait_seconds",
     "From the job's publish to the start of its generation.",
     ["pool"],
-    buckets=_LATENCY,
 )
-TTFT = Histogram(
+TTFT = _timing(
     "baton_worker_ttft_seconds",
     "Time to first token: from the start of the generation (admitted) to its first token.",
     ["pool", "model"],
-    buckets=_LATENCY,
 )
 ITL = Histogram(
     "baton_worker_inter_token_latency_seconds",
@@ -33,11 +34,8 @@ TOKEN_LAG = Histogram(
     ["pool"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
-JOB_LATENCY = Histogram(
-    "baton_worker_job_latency_seconds",
-    "From the job's publish to its result.",
-    ["pool"],
-    buckets=_LATENCY,
+JOB_LATENCY = _timing(
+    "baton_worker_job_latency_seconds", "From the job's publish to its result.", ["pool"]
 )
 WARMS = Counter(
     "baton_worker_warms",

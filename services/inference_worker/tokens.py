@@ -157,21 +157,25 @@ class TokenPublisher:
     ``interval <= 0`` turns streaming off."""
 
     def __init__(
-        self, interval: float, lag: Histogram | None = None, ceiling: float = DEFAULT_CEILING
+        self,
+        bus: Bus,
+        interval: float,
+        lag: Histogram | None = None,
+        ceiling: float = DEFAULT_CEILING,
     ) -> None:
         """``interval``: the base tick (see ``batch_interval``); ``lag``:
         observes each delta's lag (its oldest text's age when published)."""
         self.interval = interval
         self.ceiling = ceiling
         self.lag = lag
-        self.bus: Bus | None = None
+        self.bus = bus
         self.streams: dict[int, _Stream] = {}  # open generations, by id()
         self.ticks = 0
         self._ticker: asyncio.Task[None] | None = None
 
     def open(self, job: InferenceJob, attempt: str) -> TokenSink:
         """``attempt``: unique per generation of a step (job message and delivery)."""
-        if self.interval <= 0 or self.bus is None:
+        if self.interval <= 0:
             return _Off()
         stream = _Stream(self, self.bus, job, attempt)
         self.streams[id(stream)] = stream

@@ -48,6 +48,7 @@ class Worker:
         settings: WorkerSettings,
         engine: Engine,
         health: Health,
+        bus: Bus,
         *,
         manage_engine: bool = True,
     ) -> None:
@@ -61,19 +62,19 @@ class Worker:
         self.consumer = worker_consumer(settings.pool)
         self.direct = direct_consumer(settings.pool, settings.worker_id)
         self.peers = Peers(settings.worker_id, stale_after=settings.peer_stale_after)
-        self.admission = Admission(1, 1, order=settings.admission_order,
-                                   queue=settings.admission_queue)  # fmt: skip
+        order, queue = settings.admission_order, settings.admission_queue
+        self.admission = Admission(1, 1, order=order, queue=queue)
         self.sup = EngineSupervisor(settings, engine, health, self.admission)
         self.warm = WarmSessions(settings.warm_sessions)
         self.speeds = Speeds()
         self.clock = GpuClock()
         self._tasks: set[asyncio.Task[None]] = set()  # one per delivery not yet settled
         self.waiting = 0  # of those, not yet admitted
-        self.bus: Bus | None = None
-        self.jobs: JobHandler | None = None
-        self.rescue: Rescuer | None = None
-        self.tokens = TokenPublisher(settings.token_interval, m.TOKEN_LAG.labels(settings.pool),
-                                     settings.token_interval_max)  # fmt: skip
+        self.bus = bus
+        lag = m.TOKEN_LAG.labels(settings.pool)
+        self.tokens = TokenPublisher(bus, settings.token_interval, lag, settings.token_interval_max)
+        self.jobs = JobHandler(self.sup, bus, self.warm, self.clock, self.tokens, self.speeds)
+        self.rescue = Rescuer(bus, self.pool, self.peers, self.pull)
 
     @property
     def epoch(self) -> int:
@@ -86,10 +87,8 @@ class Worker:
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def run(self, bus: Bus) -> None:
-        self.bus = self.tokens.bus = bus
-        self.jobs = JobHandler(self.sup, bus, self.warm, self.clock, self.tokens, self.speeds)
-        self.rescue = Rescuer(bus, self.pool, self.peers, self.pull)
+    async def run(self) -> None:
+        bus = self.bus
         beacon = Beacon(self.sup, self.warm, GpuMonitor(), self.speeds)
         labels = self.sup.labels
         m.init_series(self.pool, self.s.model_name)
@@ -137,13 +136,11 @@ class Worker:
         (or ``until()`` says so, checked when a fetch comes back empty). Every
         pull loop of the worker shares one admission budget and one set of
         handler tasks (drained by ``_drain``)."""
-        bus, jobs = self.bus, self.jobs
-        assert bus is not None and jobs is not None
 
         async def handle(d: Delivery) -> None:
-            await jobs.handle(d, self._admitted)
+            await self.jobs.handle(d, self._admitted)
 
-        await bus.consume(spec, handle, concurrency=sys.maxsize, gate=_Headroom(self),
+        await self.bus.consume(spec, handle, concurrency=sys.maxsize, gate=_Headroom(self),
                           running=self._tasks, until=until, finish=False)  # fmt: skip
 
     async def _drain(self) -> None:
@@ -159,8 +156,7 @@ class Worker:
             await asyncio.wait(late, timeout=10)
 
     async def _on_cancel(self, cancel: Cancel, _subject: str) -> None:
-        if self.jobs is not None:
-            await self.jobs.on_cancel(cancel)
+        await self.jobs.on_cancel(cancel)
 
 
 class _Headroom:

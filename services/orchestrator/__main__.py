@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from baton.service import Health, main_entry, serve
+from baton.service import Health, main_entry
 
-from .api import Services, build_app
-from .service import run
+from .service import start
 from .settings import OrchestratorSettings
 
 NAME = "orchestrator"
@@ -14,14 +13,7 @@ NAME = "orchestrator"
 def main() -> None:
     settings = OrchestratorSettings()
     health = Health()
-    svc = Services()
-    app = build_app(settings, health, svc)
-    main_entry(
-        NAME,
-        settings,
-        lambda: serve(NAME, settings, app, lambda bus: run(bus, settings, health, svc)),
-        tenant_data=True,
-    )
+    main_entry(NAME, settings, lambda bus: start(bus, settings, health), tenant_data=True)
 
 
 if __name__ == "__main__":

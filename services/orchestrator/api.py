@@ -16,6 +16,8 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -30,10 +32,10 @@ from baton.http_errors import ERROR_RESPONSES, ApiError, require_ids
 from baton.service import Health, caller_scope, health_app
 from baton.sessions import SessionKeys
 from proto import codec, keys, streams, subjects
-from proto.admission import TaskRejected, parse_task
 from proto.errors import ErrorCode
 from proto.limits import MAX_INPUT_BYTES
 from proto.messages import DocumentPut, InputAnswer, TaskSubmit
+from proto.submission import TaskRejected, parse_task
 
 from .api_models import (
     Cancelled,
@@ -54,7 +56,7 @@ from .api_models import (
 )
 from .conductor import Conductor, answer_refusal
 from .follow import as_dict, follow_task, replay_events
-from .intake import Intake
+from .intake import TenantRoom
 from .listing import BadCursor, page_runs
 from .runs import RunStore
 from .settings import OrchestratorSettings
@@ -66,27 +68,30 @@ _NO_TENANT = "tenant is required (query parameter or API key)"
 _SSE_DOC: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "An event stream"}
 }
+# Route options shared by the routes of one kind (each also answers the one error body).
+_SSE: dict[str, Any] = {"response_class": EventSourceResponse,
+                        "responses": {**_SSE_DOC, **ERROR_RESPONSES}}  # fmt: skip
+_ACCEPTED: dict[str, Any] = {"status_code": 202, "responses": ERROR_RESPONSES}
 
 
+@dataclass(frozen=True)
 class Services:
-    """What the API needs once the NATS side is up."""
+    """What the API uses, built once the NATS side is: ``tenants`` is the
+    live set of tenants served (it grows and shrinks with the registry)."""
 
-    def __init__(self) -> None:
-        self.bus: Bus | None = None
-        self.runs: RunStore | None = None
-        self.conductor: Conductor | None = None
-        self.workflows: dict[str, WorkflowSpec] = {}
-        self.tenants: frozenset[str] = frozenset()
-        self.intake: Intake | None = None
+    bus: Bus
+    runs: RunStore
+    conductor: Conductor
+    room: TenantRoom
+    workflows: dict[str, WorkflowSpec]
+    tenants: AbstractSet[str]
 
     async def _within_limits(self, bus: Bus, tenant: str) -> None:
         """429 (with ``Retry-After``) for a task its tenant's limits would
         refuse now, instead of publishing it to fail at intake."""
-        if self.intake is None:
-            return
-        limiter, in_flight = self.intake.limiter, 0
+        limiter, in_flight = self.room.limiter, 0
         if limiter.of(tenant).max_in_flight:  # running here + waiting in its stream
-            in_flight = self.intake.gate.active(tenant)
+            in_flight = self.room.gate.active(tenant)
             with contextlib.suppress(Exception):
                 in_flight += await bus.waiting(streams.task_consumer(tenant))
         refusal = limiter.peek(tenant, in_flight=in_flight, now=time.time())
@@ -94,14 +99,9 @@ class Services:
             retry = str(math.ceil(refusal.retry_after))
             raise ApiError(ErrorCode.RATE_LIMITED, refusal.message, headers={"Retry-After": retry})
 
-    def ready(self) -> tuple[Bus, RunStore]:
-        if self.bus is None or self.runs is None:
-            raise ApiError(ErrorCode.UNAVAILABLE, "orchestrator is starting")
-        return self.bus, self.runs
-
     async def submit(self, raw: dict[str, Any], workflow: str) -> tuple[TaskSubmit, bool]:
         """Validate and publish a task body; returns it and ``duplicate``."""
-        bus, _ = self.ready()
+        bus = self.bus
         raw.setdefault("task_id", uuid.uuid4().hex)
         try:
             data = codec.encode(raw)
@@ -115,7 +115,7 @@ class Services:
         assert task.task_id is not None
         if task.tenant not in self.tenants:
             raise ApiError(ErrorCode.UNKNOWN_TENANT, f"no tenant {task.tenant!r} on this bus")
-        if self.intake is not None and task.tenant in self.intake.suspended:
+        if task.tenant in self.room.suspended:
             raise ApiError(ErrorCode.TENANT_SUSPENDED, f"tenant {task.tenant!r} is suspended")
         await self._within_limits(bus, task.tenant)
         ack = await bus.publish(subjects.tenant_task(task.tenant, workflow), data,
@@ -163,7 +163,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
     async def known(task_id: str, tenant: str, *, grace: float = 0.0) -> Any:
         """The run, or 404. ``grace``: a task just submitted becomes a run
         once an orchestrator has taken it, so streams wait that long."""
-        _, runs = svc.ready()
+        runs = svc.runs
         deadline = time.monotonic() + grace
         while (run := await runs.get(tenant, task_id)) is None:
             if time.monotonic() >= deadline:
@@ -171,7 +171,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
             await asyncio.sleep(0.05)
         return _not_erased(task_id, run)
 
-    @app.post("/v1/tasks", status_code=202, response_model=TaskAccepted, responses=ERROR_RESPONSES)
+    @app.post("/v1/tasks", response_model=TaskAccepted, **_ACCEPTED)
     async def submit(
         body: TaskIn, request: Request, tenant: str | None = Depends(tenant_of)
     ) -> TaskAccepted:
@@ -183,12 +183,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         with tracing.server_span("POST", "/v1/tasks", request.headers):
             task, duplicate = await svc.submit(raw, body.workflow)
         assert task.task_id is not None and task.session is not None
-        return TaskAccepted(
-            task_id=task.task_id, tenant=task.tenant, session=task.session,
-            workflow=body.workflow, duplicate=duplicate,
-            events_subject=subjects.event(task.tenant, task.task_id),
-            tokens_subject=subjects.tokens(task.tenant, task.task_id),
-        )  # fmt: skip
+        return TaskAccepted.of(task.tenant, task.task_id, task.session, body.workflow, duplicate)
 
     @app.get("/v1/tasks", response_model=TaskPage, responses=ERROR_RESPONSES)
     async def list_tasks(
@@ -201,7 +196,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
     ) -> TaskPage:
         """A tenant's tasks, newest first, a page at a time; an operator's key
         (or no keys) naming no ``tenant``: every tenant's."""
-        _, runs = svc.ready()
+        runs = svc.runs
         require_ids(tenant=tenant, workflow=workflow)
         tenants = [tenant] if tenant is not None else sorted(svc.tenants)
         listed = await asyncio.gather(*(runs.list(t) for t in tenants))
@@ -218,7 +213,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
     @app.get("/v1/tasks/{task_id}", response_model=TaskStatus, responses=ERROR_RESPONSES)
     async def status(task_id: str, tenant: str | None = Depends(tenant_of)) -> TaskStatus:
         """A task's status, steps, events, output, usage and cost (its tenant only)."""
-        bus, _ = svc.ready()
+        bus = svc.bus
         tenant = owned(task_id, tenant)
         doc = run_doc(await known(task_id, tenant))
         doc["events"] = [as_dict(i) async for i in replay_events(bus, tenant, task_id)]
@@ -227,8 +222,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
     def sse(items: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
         return EventSourceResponse(items, ping=settings.sse_ping)
 
-    @app.get("/v1/tasks/{task_id}/events", response_class=EventSourceResponse,
-             responses={**_SSE_DOC, **ERROR_RESPONSES})  # fmt: skip
+    @app.get("/v1/tasks/{task_id}/events", **_SSE)
     async def events(
         task_id: str,
         tenant: str | None = Depends(tenant_of),
@@ -237,7 +231,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         """Server-sent events: every event (``id`` = its stream sequence) so
         far, then live ones until the terminal one. ``Last-Event-ID`` resumes
         after that event; a comment line keeps the stream open while idle."""
-        bus, _ = svc.ready()
+        bus = svc.bus
         tenant = owned(task_id, tenant)
         start = last_event_seq(last_event_id)
         await known(task_id, tenant, grace=2.0)
@@ -250,8 +244,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
 
         return sse(stream())
 
-    @app.get("/v1/tasks/{task_id}/tokens", response_class=EventSourceResponse,
-             responses={**_SSE_DOC, **ERROR_RESPONSES})  # fmt: skip
+    @app.get("/v1/tasks/{task_id}/tokens", **_SSE)
     async def tokens(
         task_id: str,
         tenant: str | None = Depends(tenant_of),
@@ -260,7 +253,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         """Server-sent token deltas (``event: token``, ``id`` = the delta's
         sequence in ``BATON_TOKENS``) as the steps generate, then ``event: end``
         with the terminal event. ``Last-Event-ID`` resumes after that delta."""
-        bus, _ = svc.ready()
+        bus = svc.bus
         tenant = owned(task_id, tenant)
         start = last_event_seq(last_event_id)
         await known(task_id, tenant, grace=2.0)
@@ -280,17 +273,14 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
     @app.post("/v1/tasks/{task_id}/cancel", response_model=Cancelled, responses=ERROR_RESPONSES)
     async def cancel(task_id: str, tenant: str | None = Depends(tenant_of)) -> Cancelled:
         """Cancel a task: in-flight generations are aborted."""
-        svc.ready()
         tenant = owned(task_id, tenant)
-        assert svc.conductor is not None
         run = await svc.conductor.cancel(tenant, task_id)
         if run is None:
             raise ApiError(ErrorCode.UNKNOWN_TASK, f"no task {task_id!r} for this tenant")
         _not_erased(task_id, run)
         return Cancelled(task_id=task_id, status=run.status)
 
-    @app.post("/v1/tasks/{task_id}/input", status_code=202, response_model=InputAccepted,
-              responses=ERROR_RESPONSES)  # fmt: skip
+    @app.post("/v1/tasks/{task_id}/input", response_model=InputAccepted, **_ACCEPTED)
     async def give_input(
         task_id: str, body: InputIn, tenant: str | None = Depends(tenant_of)
     ) -> InputAccepted:
@@ -298,7 +288,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         The answer is published on ``baton.input.<tenant>.<task_id>``, the
         same way a tenant's NATS client answers, and taken from there; 409
         ``not_waiting`` when the task waits for no (such) input."""
-        bus, _ = svc.ready()
+        bus = svc.bus
         tenant = owned(task_id, tenant)
         run = await known(task_id, tenant)
         answer = InputAnswer(answer=body.answer, step=body.step)
@@ -317,8 +307,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
                           task_id=task_id)  # fmt: skip
         return InputAccepted(task_id=task_id, step=step, subject=subject)
 
-    @app.post("/v1/tasks/{task_id}/fork", status_code=202, response_model=ForkAccepted,
-              responses=ERROR_RESPONSES)  # fmt: skip
+    @app.post("/v1/tasks/{task_id}/fork", response_model=ForkAccepted, **_ACCEPTED)
     async def fork(
         task_id: str, body: ForkIn, tenant: str | None = Depends(tenant_of)
     ) -> ForkAccepted:
@@ -327,7 +316,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         from, with the steps before it carried over (not run again) and the
         step reading ``input`` (see docs/workflows.md, "Fork from a step").
         The task itself is not changed. Follow the new task like any other."""
-        bus, _ = svc.ready()
+        bus = svc.bus
         tenant = owned(task_id, tenant)
         source = await known(task_id, tenant)
         new_id = body.task_id or uuid.uuid4().hex
@@ -335,7 +324,6 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         if body.input is not None and len(body.input.encode()) > MAX_INPUT_BYTES:
             raise ApiError(ErrorCode.INPUT_TOO_LARGE, f"input is at most {MAX_INPUT_BYTES} bytes",
                            param="input")  # fmt: skip
-        assert svc.conductor is not None
         why = fork_refusal(source, body.step, svc.conductor.rules)
         if why is not None:
             raise ApiError(ErrorCode.INVALID_FIELD, why, param="step")
@@ -347,13 +335,10 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
             raise ApiError(ErrorCode.CONFLICT, f"task {new_id!r} exists and is not this fork",
                            param="task_id")  # fmt: skip
         run = out.run
-        return ForkAccepted(
-            task_id=run.task_id, tenant=tenant, session=run.session, workflow=run.workflow,
-            duplicate=out.note == "resumed", forked_from=task_id, step=body.step,
-            carried=[k for k, st in run.steps.items() if st.carried],
-            events_subject=subjects.event(tenant, run.task_id),
-            tokens_subject=subjects.tokens(tenant, run.task_id),
-        )  # fmt: skip
+        carried = [k for k, st in run.steps.items() if st.carried]
+        resumed = out.note == "resumed"
+        return ForkAccepted.of(tenant, run.task_id, run.session, run.workflow, resumed,
+                               forked_from=task_id, step=body.step, carried=carried)  # fmt: skip
 
     @app.post("/v1/documents", status_code=201, response_model=DocumentStored,
               responses=ERROR_RESPONSES)  # fmt: skip
@@ -362,7 +347,7 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
     ) -> DocumentStored:
         """Upload a document for the tenant's ``search`` tool (tenant from the
         API key). A second upload under the same ``doc_id`` replaces it."""
-        bus, _ = svc.ready()
+        bus = svc.bus
         tenant = tenant if tenant is not None else body.tenant
         if tenant is None:
             raise ApiError(ErrorCode.MISSING_FIELD, _NO_TENANT, param="tenant")

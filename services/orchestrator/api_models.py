@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 import msgspec
 from pydantic import BaseModel, Field
 
+from proto import subjects
 from proto.jsonvalue import json_safe
 
 from .state import RunState
@@ -51,6 +52,15 @@ class TaskAccepted(BaseModel):
     duplicate: bool = Field(description="True when this task id was already submitted.")
     events_subject: str
     tokens_subject: str
+
+    @classmethod
+    def of(
+        cls, tenant: str, task_id: str, session: str, workflow: str, duplicate: bool, **more: Any
+    ) -> Self:
+        """The answer for a task, with the subjects its events and tokens go to."""
+        events, tokens = subjects.event(tenant, task_id), subjects.tokens(tenant, task_id)
+        ids = {"task_id": task_id, "tenant": tenant, "session": session, "workflow": workflow}
+        return cls(**ids, duplicate=duplicate, events_subject=events, tokens_subject=tokens, **more)
 
 
 class CallOut(BaseModel):

@@ -25,7 +25,6 @@ from baton import tracing
 from baton.bus import HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus, Delivery, Nak, Term
 from proto import codec, keys, subjects
 from proto import context_api as ctxapi
-from proto.admission import TaskRejected, parse_task
 from proto.errors import ErrorCode
 from proto.ids import is_valid_id
 from proto.limits import MAX_INPUT_BYTES
@@ -47,6 +46,7 @@ from proto.messages import (
     finite_timing,
     finite_usage,
 )
+from proto.submission import TaskRejected, parse_task
 
 from . import metrics as m
 from . import spans
@@ -66,7 +66,7 @@ log = structlog.get_logger("orchestrator")
 
 MAX_CONFLICTS = 50  # compare-and-set attempts per transition
 
-Decide = Callable[[RunState | None, float, T.Ctx], T.Outcome]
+Decide = Callable[[RunState | None, float, T.Ctx], T.Verdict]
 
 
 def _prediction_error(st: StepState) -> None:
@@ -91,9 +91,16 @@ class Conductor:
         settings: OrchestratorSettings,
         router: Router | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        check_limits: Callable[[Delivery, TaskSubmit], None] | None = None,
+        on_changed: Callable[[RunState], None] | None = None,
     ) -> None:
         """``clock``: the time decisions are made at (epoch seconds); a test
-        on the bus twin passes the twin's, so watchdogs fire without waiting."""
+        on the bus twin passes the twin's, so watchdogs fire without waiting.
+        ``check_limits`` and ``on_changed``: the tenant's room (``intake.py``
+        ``TenantRoom``): a task's limits, checked after it parsed (raises
+        ``TaskRejected``), and every run change this replica stores (the fair
+        share follows runs ending or waiting for input)."""
         self.router = router or Router(HeartbeatTracker(), enabled=False)
         self.clock = clock
         self.bus = bus
@@ -116,11 +123,8 @@ class Conductor:
                                max_load=settings.prewarm_max_load,
                                stale_after=settings.route_stale_after)  # fmt: skip
         self._known = frozenset(workflows)
-        # Intake's hooks (intake.py): a task's admission limits, checked after
-        # it parsed (raises TaskRejected), and every run change this replica
-        # stores (the fair share follows runs ending or waiting for input).
-        self.admission: Callable[[Delivery, TaskSubmit], None] | None = None
-        self.on_changed: Callable[[RunState], None] | None = None
+        self.check_limits = check_limits
+        self.on_changed = on_changed
         self.in_flight = InFlight()
         m.STEPS_IN_FLIGHT.set_function(self.in_flight.total)
 
@@ -338,8 +342,8 @@ class Conductor:
                 msg_id=d.msg_id,
                 fallback_task_id=keys.task_fallback(d.stream_seq),
             )
-            if self.admission is not None:
-                self.admission(d, task)
+            if self.check_limits is not None:
+                self.check_limits(d, task)
         except TaskRejected as r:
             await self._reject(r, workflow, d.stream_seq)
             raise Term(f"rejected: {r.code}", dead_letter=False) from r
@@ -424,7 +428,7 @@ class Conductor:
         if res.timing is not None and not finite_timing(res.timing):
             res.timing = None  # a bad clock loses the waterfall, not the answer
 
-        def decide(run: RunState | None, now: float, ctx: T.Ctx) -> T.Outcome:
+        def decide(run: RunState | None, now: float, ctx: T.Ctx) -> T.Verdict:
             r = _must(run)
             if r.workflow not in self.workflows:  # the claim of a rejected task
                 return T.Transition(r, False, note=T.NOT_A_RUN)
@@ -589,5 +593,5 @@ def _must(run: RunState | None) -> RunState:
     return run
 
 
-def _on(run: RunState | None, decide: Callable[..., T.Outcome], msg: Any, *args: Any) -> T.Outcome:
+def _on(run: RunState | None, decide: Callable[..., T.Verdict], msg: Any, *args: Any) -> T.Verdict:
     return decide(_must(run), msg, *args)

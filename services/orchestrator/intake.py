@@ -1,7 +1,7 @@
 """Task intake: one pull loop per tenant's task stream, each fetching only
 while its tenant has room under the fair-dispatch share (``fairness.py``:
 tokens its runs hold, or tasks),
-and the admission limits (``limits.py``) applied to each task before it
+and the tenant limits (``limits.py``) applied to each task before it
 starts.
 
 A loop with no room fetches nothing and waits for one of the tenant's runs
@@ -20,15 +20,14 @@ import time
 import structlog
 
 from baton.bus import Bus, Delivery
-from proto.admission import RateLimited, TaskRejected
 from proto.errors import ErrorCode
 from proto.messages import TaskSubmit
 from proto.streams import ConsumerSpec
+from proto.submission import RateLimited, TaskRejected
 
 from .conductor import Conductor
 from .fairness import FairGate, Policy, estimate_tokens, run_load
 from .limits import Limiter
-from .runs import RunStore
 from .state import RunState
 from .transitions import in_flight, waiting_step
 
@@ -42,32 +41,21 @@ RECONCILE_EVERY = 2.0  # seconds between looks at runs held for long
 RECONCILE_AFTER = 5.0  # seconds a run is held before it is looked up
 
 
-class Intake:
-    """The fair gate, the limiter and the conductor's task handler, wired."""
+class TenantRoom:
+    """What each tenant may start: the fair gate, the limiter and the
+    tenants the operator suspended, kept in step by the conductor (built
+    with it): ``check`` before a task starts, ``changed`` after every run
+    change it stores."""
 
-    def __init__(
-        self,
-        bus: Bus,
-        conductor: Conductor,
-        runs: RunStore,
-        limiter: Limiter,
-        policy: Policy = "tokens",
-    ) -> None:
-        self.bus = bus
-        self.conductor = conductor
-        self.runs = runs
+    def __init__(self, limiter: Limiter, policy: Policy = "tokens") -> None:
         self.limiter = limiter
         self.gate = FairGate(lambda t: limiter.share(t, policy), policy)
         # A run's input, in tokens, from its task message: the prompt of its
         # first step (the run state keeps no input).
         self._inputs: dict[tuple[str, str], int] = {}
         self.suspended: set[str] = set()  # tenants the operator suspended (the registry)
-        conductor.admission = self.admit
-        conductor.on_changed = self.changed
 
-    # -- hooks the conductor calls ------------------------------------------
-
-    def admit(self, d: Delivery, task: TaskSubmit) -> None:
+    def check(self, d: Delivery, task: TaskSubmit) -> None:
         """Refuse a task over its tenant's limits (``TaskRejected`` with code
         ``rate_limited``); a redelivery was judged on its first delivery."""
         if task.task_id is not None:
@@ -123,6 +111,18 @@ class Intake:
         steps = [(s.context_budget, s.max_tokens) for s in run.steps.values()
                  if s.status in ("dispatched", "tools")]  # fmt: skip
         return run_load(steps, history)
+
+
+class Intake:
+    """The tenants' pull loops: the conductor's task handler, gated by the
+    room each tenant has (the ``TenantRoom`` the conductor was built with)."""
+
+    def __init__(self, bus: Bus, conductor: Conductor, room: TenantRoom) -> None:
+        self.bus = bus
+        self.conductor = conductor
+        self.runs = conductor.runs
+        self.room = room
+        self.limiter, self.gate, self.suspended = room.limiter, room.gate, room.suspended
 
     # -- the loops -----------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Per-tenant admission limits, as pure decisions (no I/O, no clock: every
+"""Per-tenant limits on starting tasks, as pure decisions (no I/O, no clock: every
 call is given ``now``).
 
 Three limits, each off at 0, set per tenant with a default
@@ -22,7 +22,7 @@ Three limits, each off at 0, set per tenant with a default
 A refusal carries ``retry_after`` seconds: a ``failed`` event with code
 ``rate_limited`` on the bus, 429 with ``Retry-After`` over HTTP.
 
-``token_share`` and ``share`` are not admission limits but the fair-dispatch
+``token_share`` and ``share`` are not such limits but the fair-dispatch
 ones (``fairness.py``): how many tokens (or, with ``BATON_FAIR_POLICY=count``,
 tasks) of the tenant's work run at once; the rest wait in the tenant's
 stream, nothing is refused for them. Tenants' shares are read here and only

@@ -3,32 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from proto.messages import PHASES
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_timing = partial(Histogram, buckets=_LATENCY)  # a histogram of seconds
 
 TASKS = Counter("baton_tasks", "Tasks by workflow and outcome.", ["workflow", "outcome"])
-TASK_LATENCY = Histogram(
-    "baton_task_latency_seconds",
-    "From acceptance to the terminal event.",
-    ["workflow"],
-    buckets=_LATENCY,
+TASK_LATENCY = _timing(
+    "baton_task_latency_seconds", "From acceptance to the terminal event.", ["workflow"]
 )
-STEP_LATENCY = Histogram(
-    "baton_step_latency_seconds",
-    "From dispatch to result, per step.",
-    ["workflow", "agent"],
-    buckets=_LATENCY,
+STEP_LATENCY = _timing(
+    "baton_step_latency_seconds", "From dispatch to result, per step.", ["workflow", "agent"]
 )
-STEP_PHASE = Histogram(
+STEP_PHASE = _timing(
     "baton_step_phase_seconds",
     "Seconds a finished step spent in each phase of its waterfall (queue, context, admission, "
     "prefill, decode, tool, record; a phase it did not go through is not observed).",
     ["phase", "workflow", "pool"],
-    buckets=_LATENCY,
 )
 # Each replica counts the runs it wrote last (inflight.py): sum over replicas.
 STEPS_IN_FLIGHT = Gauge(
@@ -68,7 +63,7 @@ DRIFT_FIGURES = ("kv_tokens", "max_seqs", "max_model_len", "prefill_tps", "decod
 TASK_OUTCOMES = ("completed", "failed", "rejected", "budget_exceeded", "cancelled")
 REJECTIONS = ("bad_encoding", "too_deep", "missing_field", "invalid_field", "input_too_large",
               "forbidden", "unknown_workflow", "rate_limited",
-              "tenant_suspended")  # proto/admission.py  # fmt: skip
+              "tenant_suspended")  # proto/submission.py  # fmt: skip
 
 
 def init_series(workflows: dict[str, dict[str, str]], tenants: Iterable[str]) -> None:

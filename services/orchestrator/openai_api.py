@@ -160,7 +160,7 @@ def add_routes(
 
     async def seed(tenant: str, session: str, task_id: str, history: list[MessageIn]) -> None:
         """Store the messages before the last one as the new session's start."""
-        bus, _ = svc.ready()
+        bus = svc.bus
         messages = [ChatMessage(role=m.role if m.role != "developer" else "system",
                                 content=m.text(), name=m.name) for m in history]  # fmt: skip
         reply = await bus.request(
@@ -186,7 +186,6 @@ def add_routes(
         scope: str | None = Depends(tenant_of),
     ) -> Any:
         """Run the workflow ``model`` on the conversation; OpenAI's format."""
-        svc.ready()
         tenant = scope or body.tenant or settings.openai_tenant
         spec = svc.workflows.get(body.model)
         if spec is None:
@@ -223,7 +222,7 @@ def add_routes(
         ext = {"task_id": task_id, "session": task.session, "tenant": tenant}
         created = int(time.time())
         head = {"id": f"chatcmpl-{task_id}", "created": created, "model": body.model}
-        bus, _ = svc.ready()
+        bus = svc.bus
         follow = follow_task(bus, tenant, task_id, timeout=settings.follow_timeout)
         if not body.stream:
             async for item in follow:

@@ -16,16 +16,16 @@ import structlog
 from baton.accounts import TENANT_STREAMS, tenant_api_prefix
 from baton.bus import Bus
 from baton.dlq import MaxDeliveryWatch
-from baton.service import Health
+from baton.service import Health, ServiceApp
 from baton.tenants import DELETED, SUSPENDED, TenantState, read_registry
 from proto import streams, subjects
 from proto.messages import Heartbeat
 
 from . import metrics as m
-from .api import Services
+from .api import Services, build_app
 from .conductor import Conductor
 from .erasure import TaskEraser
-from .intake import Intake
+from .intake import Intake, TenantRoom
 from .limits import Limiter
 from .poolview import PoolView
 from .routing import HeartbeatTracker, Router
@@ -74,7 +74,7 @@ async def follow_tenants(
     intake: Intake,
     known: set[str],
     add: Callable[[str, str], Awaitable[None]],
-    changed: Callable[[], None],
+    changed: Callable[[], None] = lambda: None,
     api_keys: dict[str, str] | None = None,
     drop: Callable[[str], None] = lambda t: None,
     place: Callable[[str, str], Awaitable[None]] | None = None,
@@ -159,7 +159,9 @@ async def follow_tenants(
             await asyncio.sleep(2.0)
 
 
-async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Services) -> None:
+async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> ServiceApp:
+    """The orchestrator built on its bus (streams, consumers, the runs
+    bucket, every collaborator), its HTTP API and its NATS side."""
     specs = load_dir(
         BUILTIN_WORKFLOWS, settings.workflows_dir, mcp_servers=frozenset(settings.mcp_servers)
     )
@@ -220,9 +222,11 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
     hb = HeartbeatTracker()
     router = Router(hb, enabled=settings.cache_routing, stale_after=settings.route_stale_after,
                     max_load=settings.route_max_load)  # fmt: skip
-    conductor = Conductor(bus, runs, workflows, settings, router)
-    limiter = Limiter(settings.default_limits, settings.tenant_limits)
-    intake = Intake(bus, conductor, runs, limiter, settings.fair_policy)
+    room = TenantRoom(Limiter(settings.default_limits, settings.tenant_limits),
+                      settings.fair_policy)  # fmt: skip
+    conductor = Conductor(bus, runs, workflows, settings, router, check_limits=room.check,
+                          on_changed=room.changed)  # fmt: skip
+    intake = Intake(bus, conductor, room)
     m.init_series(
         {name: {a: spec.pool for a, spec in wf.agents.items()} for name, wf in workflows.items()},
         tenants,
@@ -235,14 +239,8 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
         streams.worker_consumer(settings.default_pool),
     ]
     await MaxDeliveryWatch(bus, [(c.stream, c.durable) for c in watched]).start()
-    svc.bus, svc.runs, svc.conductor, svc.workflows = bus, runs, conductor, specs
-    svc.tenants = frozenset(tenants)
-    svc.intake = intake
+    app = build_app(settings, health, Services(bus, runs, conductor, room, specs, known))
     catalog = await bus.ensure_bucket(streams.TOOL_CATALOG)
-    watcher = asyncio.create_task(_watch_backlog(bus, settings, hb, conductor.pools, known,
-                                                conductor.tools.pools))  # fmt: skip
-    tool_watch = asyncio.create_task(conductor.tools.watch(catalog))
-    reconciler = asyncio.create_task(intake.reconcile())
     loops: dict[str, list[asyncio.Task[None]]] = {}  # per tenant added at run time
 
     def drop_tenant(t: str) -> None:
@@ -262,7 +260,6 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
             await bus.account(tenant_api_prefix(t)).ensure_stream(spec)
         known.add(t)
         placed[t] = region
-        svc.tenants = frozenset(known)
         loops[t] = [
             asyncio.create_task(intake.run_tenant(
                 streams.task_consumer(t), t, concurrency=settings.task_concurrency)),
@@ -284,46 +281,54 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
         placed[t] = region
         log.info("tenant_placed", tenant=t, region=region)
 
-    registry = asyncio.create_task(
-        follow_tenants(bus, intake, known, add_tenant,
-                       lambda: setattr(svc, "tenants", frozenset(known)), settings.api_keys,
-                       drop_tenant, place_tenant)
-    )  # fmt: skip
-    in_flight = asyncio.create_task(conductor.check_in_flight(settings.in_flight_check_interval))
-    health.ready, health.reason = True, "serving"
-    try:
-        await asyncio.gather(
-            *(
-                intake.run_tenant(
-                    streams.task_consumer(t), t, concurrency=settings.task_concurrency
-                )
-                for t in tenants
-            ),
-            *(
-                bus.consume(streams.input_consumer(t), conductor.on_input, concurrency=4)
-                for t in tenants
-            ),
-            bus.consume(streams.ORCHESTRATOR_TIMERS, conductor.on_timer, concurrency=64),
-            conductor.warming.keep(settings.prewarm_keep_every),
-            bus.consume(streams.ORCHESTRATOR_ERASURES, eraser.on_erasure, concurrency=4),
-            bus.consume(streams.ORCHESTRATOR_DEAD_TASKS, conductor.on_dead_task, concurrency=4),
-            bus.consume(
-                streams.ORCHESTRATOR_RESULTS,
-                conductor.on_result,
-                concurrency=settings.result_concurrency,
-            ),
-            bus.consume(
-                streams.ORCHESTRATOR_TOOL_RESULTS,
-                conductor.on_tool_result,
-                concurrency=settings.result_concurrency,
-            ),
+    async def run() -> None:
+        watcher = asyncio.create_task(_watch_backlog(bus, settings, hb, conductor.pools, known,
+                                                    conductor.tools.pools))  # fmt: skip
+        tool_watch = asyncio.create_task(conductor.tools.watch(catalog))
+        reconciler = asyncio.create_task(intake.reconcile())
+        registry = asyncio.create_task(
+            follow_tenants(bus, intake, known, add_tenant, api_keys=settings.api_keys,
+                           drop=drop_tenant, place=place_tenant)
+        )  # fmt: skip
+        in_flight = asyncio.create_task(
+            conductor.check_in_flight(settings.in_flight_check_interval)
         )
-    finally:
-        health.ready, health.reason = False, "stopping"
-        watcher.cancel()
-        tool_watch.cancel()
-        reconciler.cancel()
-        in_flight.cancel()
-        registry.cancel()
-        for tenant in list(loops):
-            drop_tenant(tenant)
+        health.ready, health.reason = True, "serving"
+        try:
+            await asyncio.gather(
+                *(
+                    intake.run_tenant(
+                        streams.task_consumer(t), t, concurrency=settings.task_concurrency
+                    )
+                    for t in tenants
+                ),
+                *(
+                    bus.consume(streams.input_consumer(t), conductor.on_input, concurrency=4)
+                    for t in tenants
+                ),
+                bus.consume(streams.ORCHESTRATOR_TIMERS, conductor.on_timer, concurrency=64),
+                conductor.warming.keep(settings.prewarm_keep_every),
+                bus.consume(streams.ORCHESTRATOR_ERASURES, eraser.on_erasure, concurrency=4),
+                bus.consume(streams.ORCHESTRATOR_DEAD_TASKS, conductor.on_dead_task, concurrency=4),
+                bus.consume(
+                    streams.ORCHESTRATOR_RESULTS,
+                    conductor.on_result,
+                    concurrency=settings.result_concurrency,
+                ),
+                bus.consume(
+                    streams.ORCHESTRATOR_TOOL_RESULTS,
+                    conductor.on_tool_result,
+                    concurrency=settings.result_concurrency,
+                ),
+            )
+        finally:
+            health.ready, health.reason = False, "stopping"
+            watcher.cancel()
+            tool_watch.cancel()
+            reconciler.cancel()
+            in_flight.cancel()
+            registry.cancel()
+            for tenant in list(loops):
+                drop_tenant(tenant)
+
+    return ServiceApp(app, run)

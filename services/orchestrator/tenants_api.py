@@ -74,8 +74,7 @@ def add_tenant_routes(
         """Every tenant and its state (active, suspended)."""
         return {"tenants": await run(lambda a: a.list())}
 
-    @app.post("/v1/tenants", status_code=201, dependencies=[Depends(operator)],
-              responses=RESPONSES)  # fmt: skip
+    @app.post("/v1/tenants", status_code=201, dependencies=[Depends(operator)], responses=RESPONSES)
     async def create_tenant(body: TenantIn) -> dict[str, Any]:
         """Create a tenant; answers once it can submit, with its .creds text."""
         t = checked(body.tenant)
@@ -88,8 +87,7 @@ def add_tenant_routes(
         path = await run(lambda a: a.create(t, region))
         return {"tenant": t, "state": "active", "region": region, "creds": path.read_text()}
 
-    @app.put("/v1/tenants/{tenant}/region", dependencies=[Depends(operator)],
-             responses=RESPONSES)  # fmt: skip
+    @app.put("/v1/tenants/{tenant}/region", dependencies=[Depends(operator)], responses=RESPONSES)
     async def set_region(tenant: str, body: RegionIn) -> dict[str, Any]:
         """Keep an existing tenant's data on servers tagged region:<region>:
         its streams move there (``GET .../where`` shows when)."""
@@ -101,8 +99,7 @@ def add_tenant_routes(
         await run(lambda a: a.set_region(t, region))
         return {"tenant": t, "region": region}
 
-    @app.get("/v1/tenants/{tenant}/where", dependencies=[Depends(operator)],
-             responses=RESPONSES)  # fmt: skip
+    @app.get("/v1/tenants/{tenant}/where", dependencies=[Depends(operator)], responses=RESPONSES)
     async def tenant_where(tenant: str) -> dict[str, Any]:
         """Where the tenant's data lives: each of its streams, its placement
         tags and the servers (with their tags) holding its replicas."""
@@ -126,8 +123,7 @@ def add_tenant_routes(
             return {"tenant": t, "state": "active", "creds": path.read_text()}
         raise ApiError(ErrorCode.INVALID_FIELD, f"no action {action!r}", param="action")
 
-    @app.delete("/v1/tenants/{tenant}", dependencies=[Depends(operator)],
-                responses=RESPONSES)  # fmt: skip
+    @app.delete("/v1/tenants/{tenant}", dependencies=[Depends(operator)], responses=RESPONSES)
     async def delete_tenant(tenant: str) -> dict[str, Any]:
         """Erase the tenant's data (audited) and revoke its credentials."""
         t = checked(tenant)

@@ -182,7 +182,8 @@ class Defer:
     reason: str
 
 
-Outcome = Transition | Need | Defer
+# What a decision returns ("outcome" is the bus's word: how a delivery is settled).
+Verdict = Transition | Need | Defer
 
 
 @dataclass(frozen=True, slots=True)
@@ -559,7 +560,7 @@ def _dispatch(
     return effects
 
 
-def start(run: RunState | None, task: NewTask, rules: Rules, now: float, ctx: Ctx) -> Outcome:
+def start(run: RunState | None, task: NewTask, rules: Rules, now: float, ctx: Ctx) -> Verdict:
     """A task message: create the run with its first steps dispatched.
     An existing run: the same message again replays it; another message
     with the same task id is a duplicate and changes nothing."""
@@ -642,7 +643,7 @@ def fork_refusal(source: RunState, step: str, rules: Rules) -> str | None:
 
 def fork(
     run: RunState | None, source: RunState, req: NewFork, rules: Rules, now: float, ctx: Ctx
-) -> Outcome:
+) -> Verdict:
     """A new run of ``source``'s workflow from its finished step ``req.step``
     (``fork_refusal`` said it may): its session is a fork of ``source``'s at
     the context the step started from; the steps that finished before it are
@@ -700,7 +701,7 @@ def result(
     now: float,
     ctx: Ctx,
     received: float | None = None,
-) -> Outcome:
+) -> Verdict:
     """A step's answer (or error): record it and advance — dispatch what
     follows, or finish — all in the one state change. A result for a step
     already answered (a redelivery, a retried job answering twice) changes
@@ -839,7 +840,7 @@ def _call_tools(run: RunState, rules: Rules, now: float, res: InferenceResult) -
 
 def tool_result(
     run: RunState, res: ToolResult, rules: Rules, now: float, received: float | None = None
-) -> Outcome:
+) -> Verdict:
     """A tool call's result: record it (its CPU time into usage and cost);
     once every call of the turn is answered, the model goes again on the
     session that now holds their results — or, past ``max_tool_calls``,
@@ -884,7 +885,7 @@ def tool_result(
     return Transition(run, True, effects)
 
 
-def timer(run: RunState, rules: Rules, now: float, ctx: Ctx | None = None) -> Outcome:
+def timer(run: RunState, rules: Rules, now: float, ctx: Ctx | None = None) -> Verdict:
     """The watchdog looks at the run: a step past its deadline is dispatched
     again (up to ``step_retries`` times), then the run fails with
     ``step_timeout``; an input step past its deadline takes its default
@@ -979,7 +980,7 @@ def _wait_for_input(
 
 def _take_answer(
     run: RunState, rules: Rules, now: float, ctx: Ctx, step: str, text: str, by: str
-) -> Outcome:
+) -> Verdict:
     """Append ``text`` as the user's message to the run's session, record the
     input step done and go on with what follows it (``run`` is a copy)."""
     st = run.steps[step]
@@ -1005,7 +1006,7 @@ def _take_answer(
     return Transition(run, True, effects + more)
 
 
-def answer(run: RunState, msg: NewAnswer, rules: Rules, now: float, ctx: Ctx) -> Outcome:
+def answer(run: RunState, msg: NewAnswer, rules: Rules, now: float, ctx: Ctx) -> Verdict:
     """A human's answer: taken by the input step that waits (the one named,
     when ``msg.step`` is given), appended to the session, and the run goes
     on. Anything else changes nothing (``note`` says why): a run that waits

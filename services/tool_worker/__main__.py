@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from baton.service import Health, health_app, main_entry, serve
+from baton.bus import Bus
+from baton.service import Health, ServiceApp, health_app, main_entry
 
 from .settings import ToolWorkerSettings
 from .worker import ToolWorker
@@ -13,9 +14,12 @@ NAME = "tool-worker"
 def main() -> None:
     settings = ToolWorkerSettings()
     health = Health()
-    worker = ToolWorker(settings, health)
     app = health_app("Baton tool worker", health)
-    main_entry(NAME, settings, lambda: serve(NAME, settings, app, worker.run))
+
+    async def start(bus: Bus) -> ServiceApp:
+        return ServiceApp(app, ToolWorker(settings, health, bus).run)
+
+    main_entry(NAME, settings, start)
 
 
 if __name__ == "__main__":

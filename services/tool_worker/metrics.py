@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from prometheus_client import Counter, Gauge, Histogram
 
 OUTCOMES = ("ok", "reused", "unknown_tool", "bad_tool_arguments", "tool_failed",
             "tool_timeout", "tool_output_too_large", "cancelled")  # fmt: skip
 
+_SECONDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)
+_timing = partial(Histogram, buckets=_SECONDS)  # a histogram of seconds
+
 CALLS = Counter("baton_tool_calls", "Tool calls by tool and outcome.", ["tool", "outcome"])
-SECONDS = Histogram(
-    "baton_tool_seconds",
-    "Wall time of a tool call (the tool alone, not the bus).",
-    ["tool"],
-    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
+SECONDS = _timing(
+    "baton_tool_seconds", "Wall time of a tool call (the tool alone, not the bus).", ["tool"]
 )
-QUEUE_WAIT = Histogram(
-    "baton_tool_queue_wait_seconds",
-    "From a tool call's dispatch to a worker taking it.",
-    ["pool"],
-    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
+QUEUE_WAIT = _timing(
+    "baton_tool_queue_wait_seconds", "From a tool call's dispatch to a worker taking it.", ["pool"]
 )
 CPU_SECONDS = Counter("baton_tool_cpu_seconds", "CPU seconds spent by sandboxed tools.", ["tool"])
 INFLIGHT = Gauge("baton_tool_inflight_calls", "Tool calls running now.", ["pool", "worker"])

@@ -83,7 +83,7 @@ PREVIEW_CHARS = 512
 
 
 @dataclass(slots=True)
-class Outcome:
+class CallOutput:
     """What one call produced: the tool message's content, or an error."""
 
     content: str
@@ -106,21 +106,26 @@ def attachment_name(call_id: str) -> str:
 
 
 class ToolWorker:
-    def __init__(self, settings: ToolWorkerSettings, health: Health) -> None:
+    def __init__(self, settings: ToolWorkerSettings, health: Health, bus: Bus) -> None:
+        unknown = set(settings.builtin_tools) - {"search", "python"}
+        if unknown:
+            raise ValueError(f"unknown built-in tools {sorted(unknown)}")
         self.s = settings
         self.health = health
+        self.bus = bus
         self.consumer = tool_consumer(settings.pool, settings.tool_ack_wait)
         self.tools: dict[str, Tool] = {}
         self.validators: dict[str, Validator] = {}  # by tool; none for an invalid schema
-        self.index: SearchIndex | None = None
-        self.indexer: DocumentIndexer | None = None
-        self.python: PythonTool | None = None
+        self.indexer: DocumentIndexer | None = None  # with the built-in search only
+        if "search" in settings.builtin_tools:
+            self.indexer = DocumentIndexer(bus, SearchIndex(settings.index_path()))
+        # with the built-in python only; its spares start with the tools (load_tools)
+        self.python = PythonTool(self.limits()) if "python" in settings.builtin_tools else None
         self.mcp: list[McpServer] = []
-        self.bus: Bus | None = None
         self._labels = (settings.pool, settings.worker_id)
         self._inflight = 0
         self.cancelled = CancelledTasks()
-        self._calls: dict[tuple[str, str], set[asyncio.Task[Outcome]]] = {}
+        self._calls: dict[tuple[str, str], set[asyncio.Task[CallOutput]]] = {}
 
     # -- tools -------------------------------------------------------------
 
@@ -132,17 +137,11 @@ class ToolWorker:
             slots=s.sandbox_slots, uid_base=s.sandbox_uid_base, spares=s.sandbox_spares,
         )  # fmt: skip
 
-    async def load_tools(self, bus: Bus) -> None:
-        unknown = set(self.s.builtin_tools) - {"search", "python"}
-        if unknown:
-            raise ValueError(f"unknown built-in tools {sorted(unknown)}")
-        if "search" in self.s.builtin_tools:
-            self.index = SearchIndex(self.s.index_path())
-            self.indexer = DocumentIndexer(bus, self.index)
+    async def load_tools(self) -> None:
+        if self.indexer is not None:
             await self.indexer.start()
-            self.tools["search"] = SearchTool(self.index, self.indexer.caught_up)
-        if "python" in self.s.builtin_tools:
-            self.python = PythonTool(self.limits())
+            self.tools["search"] = SearchTool(self.indexer.index, self.indexer.caught_up)
+        if self.python is not None:
             self.python.start_spares()
             self.tools["python"] = self.python
         self.mcp = await connect_all(self.s.mcp_servers)
@@ -154,8 +153,8 @@ class ToolWorker:
             except jsonschema.SchemaError as exc:  # its calls fail; the others' run
                 log.warning("tool_schema_invalid", tool=name, error=exc.message)
 
-    async def publish_catalog(self, bus: Bus) -> None:
-        kv = await bus.ensure_bucket(TOOL_CATALOG)
+    async def publish_catalog(self) -> None:
+        kv = await self.bus.ensure_bucket(TOOL_CATALOG)
         specs = [spec_of(t) for _, t in sorted(self.tools.items())]
         catalog = ToolCatalog(
             pool=self.s.pool, worker=self.s.worker_id, ts=time.time(), tools=specs
@@ -164,13 +163,13 @@ class ToolWorker:
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def run(self, bus: Bus) -> None:
-        self.bus = bus
+    async def run(self) -> None:
+        bus = self.bus
         await bus.provision(streams=[TOOLS, TOOL_RESULTS, DOCUMENTS], consumers=[self.consumer])
         try:
-            await self.load_tools(bus)
+            await self.load_tools()
             m.init_series(sorted(self.tools), *self._labels)
-            await self.publish_catalog(bus)
+            await self.publish_catalog()
             self.health.ready, self.health.reason = True, "serving"
             self.health.checks = {"tools": True}
             m.READY.labels(*self._labels).set(1)
@@ -182,8 +181,8 @@ class ToolWorker:
             m.READY.labels(*self._labels).set(0)
             for server in self.mcp:
                 await server.stop()
-            if self.index is not None:
-                self.index.close()
+            if self.indexer is not None:
+                self.indexer.index.close()
             if self.python is not None:
                 self.python.close()
 
@@ -208,7 +207,7 @@ class ToolWorker:
         for call in self._calls.get(key, ()):
             call.cancel()
 
-    async def _run(self, job: ToolJob) -> Outcome | None:
+    async def _run(self, job: ToolJob) -> CallOutput | None:
         """Execute the call as a task of its own, which a cancel of its task
         cancels; None when it was (or its task was before it started)."""
         key = (job.tenant, job.task_id)
@@ -276,10 +275,10 @@ class ToolWorker:
         ref, message = stored
         m.CALLS.labels(job.tool, "reused").inc()
         log.info("tool_result_reused")
-        await self._publish(job, ref, message, Outcome(message.content), watch, reused=True)
+        await self._publish(job, ref, message, CallOutput(message.content), watch, reused=True)
         return True
 
-    async def execute(self, job: ToolJob) -> Outcome:
+    async def execute(self, job: ToolJob) -> CallOutput:
         """Run the call; every way it can go wrong becomes an error outcome."""
         started = time.perf_counter()
         tool = self.tools.get(job.tool)
@@ -299,15 +298,15 @@ class ToolWorker:
             # this one catches a tool that ignores it.
             result: ToolOutput = await asyncio.wait_for(tool.run(args, ctx), timeout + 5.0)
         except ToolError as exc:
-            return Outcome("", ErrorInfo.of(exc.code, exc.message), exc.cpu_seconds,
+            return CallOutput("", ErrorInfo.of(exc.code, exc.message), exc.cpu_seconds,
                            time.perf_counter() - started)  # fmt: skip
         except TimeoutError:
             err = ErrorInfo.of(ErrorCode.TOOL_TIMEOUT, f"no result within {timeout:.0f}s")
-            return Outcome("", err, seconds=time.perf_counter() - started)
+            return CallOutput("", err, seconds=time.perf_counter() - started)
         except Exception as exc:  # a tool's bug is the agent's error, not the worker's
             log.exception("tool_crashed")
             err = ErrorInfo.of(ErrorCode.TOOL_FAILED, f"{type(exc).__name__}: {exc}")
-            return Outcome("", err, seconds=time.perf_counter() - started)
+            return CallOutput("", err, seconds=time.perf_counter() - started)
         seconds = time.perf_counter() - started
         size = len(result.text.encode())
         if size > MAX_TOOL_OUTPUT_BYTES:
@@ -315,10 +314,10 @@ class ToolWorker:
                 ErrorCode.TOOL_OUTPUT_TOO_LARGE,
                 f"the result is {size} bytes; the limit is {MAX_TOOL_OUTPUT_BYTES}",
             )
-            return Outcome("", err, result.cpu_seconds, seconds)
-        return Outcome(result.text, None, result.cpu_seconds, seconds)
+            return CallOutput("", err, result.cpu_seconds, seconds)
+        return CallOutput(result.text, None, result.cpu_seconds, seconds)
 
-    async def _fit(self, job: ToolJob, outcome: Outcome) -> tuple[str, str | None]:
+    async def _fit(self, job: ToolJob, outcome: CallOutput) -> tuple[str, str | None]:
         """The tool message's content; a large result goes to an attachment."""
         if outcome.error is not None:
             return error_content(outcome.error), None
@@ -340,7 +339,6 @@ class ToolWorker:
     # -- context -----------------------------------------------------------
 
     async def _context(self, endpoint: Endpoint[Q, P], body: Q, job: ToolJob) -> P:
-        assert self.bus is not None
         return await context.call(self.bus, endpoint, body, task_id=job.task_id)
 
     async def _stored(
@@ -378,13 +376,12 @@ class ToolWorker:
         job: ToolJob,
         ref: ContextRef | None,
         message: ChatMessage,
-        outcome: Outcome,
+        outcome: CallOutput,
         watch: Stopwatch,
         *,
         reused: bool = False,
         attachment: str | None = None,
     ) -> None:
-        assert self.bus is not None
         watch.lap("record")
         error = outcome.error
         if reused and message.content.startswith('{"error"'):

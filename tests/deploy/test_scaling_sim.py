@@ -51,7 +51,7 @@ def two_pools(small: keda.Policy | None = POLICY, large: keda.Policy | None = PO
     return Scenario("test", pools, TARGETS, **kw)
 
 
-def waits(o: replay.Outcome) -> list[float]:
+def waits(o: replay.Replayed) -> list[float]:
     return [s.started - s.released for s in o.steps if not math.isnan(s.started)]
 
 
@@ -248,7 +248,7 @@ def test_every_task_is_a_supervisor_run_and_some_steps_need_the_large_pool():
 
 
 @pytest.fixture(scope="module")
-def day() -> dict[str, replay.Outcome]:
+def day() -> dict[str, replay.Replayed]:
     return sim.replay_all()
 
 

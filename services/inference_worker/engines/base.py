@@ -35,10 +35,9 @@ def openai_message(m: ChatMessage) -> dict[str, Any]:
         out["name"] = m.name
     if m.tool_calls:
         out["tool_calls"] = [
-            {"id": c.id, "type": "function",
-             "function": {"name": c.name, "arguments": c.arguments}}
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
             for c in m.tool_calls
-        ]  # fmt: skip
+        ]
     if m.tool_call_id:
         out["tool_call_id"] = m.tool_call_id
     return out

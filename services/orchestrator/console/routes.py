@@ -134,7 +134,7 @@ def add_routes(
         grant = sessions.verify(token, "login", now)
         if grant is None:
             return RedirectResponse("/ui/?login=expired", status_code=303)
-        bus, _ = svc.ready()
+        bus = svc.bus
         tenant = None if grant.scope == OPERATOR_SCOPE else grant.scope
         actor = "operator" if tenant is None else f"tenant:{tenant}"
         rec = audit.entry(actor, audit.CONSOLE_LOGIN, "console", tenant=tenant or "",
@@ -193,7 +193,7 @@ def add_routes(
         /v1/tasks``) each time it changes — new tasks included — for the
         caller's tenant, or an operator's every tenant (or the one named).
         Follows the tasks' events (stream BATON_EVENTS, new ones only)."""
-        bus, runs = svc.ready()
+        bus, runs = svc.bus, svc.runs
         require_ids(tenant=tenant)
         subject = f"{subjects.EVENTS}.{tenant or '*'}.*"
 
@@ -225,7 +225,7 @@ def add_routes(
     @app.get("/ui/api/tasks/{task_id}", include_in_schema=False)
     async def view(task_id: str, tenant: str | None = Depends(tenant_of)) -> JSONResponse:
         """The task page's data: waterfall, graph, failure layer (``views``)."""
-        bus, _ = svc.ready()
+        bus = svc.bus
         if tenant is None:
             raise ApiError(ErrorCode.MISSING_FIELD, "tenant is required", param="tenant")
         require_ids(tenant=tenant, task_id=task_id)
@@ -240,7 +240,7 @@ def add_routes(
     ) -> JSONResponse:
         """The context window a step started from, read from the context store
         by the step's ref (its budget, when the task had one)."""
-        bus, _ = svc.ready()
+        bus = svc.bus
         if tenant is None:
             raise ApiError(ErrorCode.MISSING_FIELD, "tenant is required", param="tenant")
         require_ids(tenant=tenant, task_id=task_id)

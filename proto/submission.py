@@ -1,4 +1,4 @@
-"""Admission of a submitted task: decode, validate, or explain the rejection.
+"""A submitted task: decode, validate, or explain the rejection.
 
 Pure: takes the raw body and the subject's tenant and workflow tokens, returns
 a ``TaskSubmit`` or raises ``TaskRejected`` carrying what could still be read
