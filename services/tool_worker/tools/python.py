@@ -46,6 +46,7 @@ import contextlib
 import json
 import os
 import resource
+import select
 import selectors
 import shutil
 import signal
@@ -112,7 +113,8 @@ class Stop:
 
 
 # Inside the sandbox: wait for the program on stdin (named baton-spare while
-# waiting), keep it as main.py, run it as ``python main.py`` would (its own
+# waiting), say it arrived (one ACK byte on stdout, which the worker takes
+# off), keep it as main.py, run it as ``python main.py`` would (its own
 # ``__main__``, tracebacks without this loader's frame, exit status 1).
 LOADER = """\
 import sys, types
@@ -121,6 +123,7 @@ def name(n):
         f.write(n)
 name('baton-spare')
 src = sys.stdin.buffer.read()
+sys.stdout.buffer.write(b'\x06')  # received: the program starts now
 name('python3')
 with open('main.py', 'wb') as f:
     f.write(src)
@@ -235,22 +238,30 @@ def start(limits: SandboxLimits, slot: int, cgroup: SlotCgroup | None = None) ->
 
 
 def run_in(
-    sandbox: Sandbox, code: str, limits: SandboxLimits, timeout: float, stop: Stop | None = None
+    sandbox: Sandbox,
+    code: str,
+    limits: SandboxLimits,
+    timeout: float,
+    stop: Stop | None = None,
+    *,
+    spare: bool = False,
 ) -> RunResult:
     """Blocking: run ``code`` in ``sandbox`` (call it in a thread); its
     directory is removed afterwards. ``stop`` set: the process tree is killed
-    now. Raises ``BrokenPipeError`` when the sandbox died before its program
-    reached it (nothing ran: start another)."""
+    now. ``spare``: raise ``BrokenPipeError`` when the sandbox died before
+    its program reached it (nothing ran: start another); else that failure
+    is the result (bubblewrap's own error, say)."""
     proc, cgroup = sandbox.proc, sandbox.cgroup
     assert proc.stdin is not None
     try:
         started = time.monotonic()
-        try:
+        with contextlib.suppress(BrokenPipeError):
             proc.stdin.write(code.encode())
+        with contextlib.suppress(BrokenPipeError):
             proc.stdin.close()
-        except BrokenPipeError:
+        if not _received(proc, started + timeout, stop) and spare:
             sandbox.discard()
-            raise
+            raise BrokenPipeError("the spare sandbox died before its program reached it")
         out, err, timed_out, too_much, stopped = _collect(
             proc, limits.output_bytes, started + timeout, stop
         )
@@ -286,6 +297,20 @@ def run_sandboxed(
 ) -> RunResult:
     """Blocking: ``code`` in a sandbox started for it (no spare)."""
     return run_in(start(limits, slot, cgroup), code, limits, timeout, stop)
+
+
+def _received(proc: subprocess.Popen[bytes], deadline: float, stop: Stop | None) -> bool:
+    """Whether the sandbox said its program arrived (the loader's ACK byte,
+    read off stdout here) before the deadline; False if it ended first."""
+    assert proc.stdout is not None
+    fds = [proc.stdout.fileno(), *([stop.fileno()] if stop is not None else [])]
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select(fds, [], [], min(left, 0.5))
+        if proc.stdout.fileno() in ready:
+            return os.read(proc.stdout.fileno(), 1) == b"\x06"
+        if ready:  # stopped
+            return False
+    return False
 
 
 def _collect(
@@ -378,7 +403,8 @@ class PythonTool:
                 sandbox = await spare
         if sandbox is not None:
             with contextlib.suppress(BrokenPipeError):  # it died waiting: start one
-                return await asyncio.to_thread(run_in, sandbox, code, self.limits, timeout, stop)
+                return await asyncio.to_thread(run_in, sandbox, code, self.limits, timeout, stop,
+                                               spare=True)  # fmt: skip
         return await asyncio.to_thread(run_sandboxed, code, self.limits, slot, timeout,
                                        self.cgroups.get(slot), stop)  # fmt: skip
 
