@@ -117,6 +117,23 @@ async def _run(client: Client, text: str, timeout: float = 60) -> tuple[str, lis
     return task_id, await client.events("initech", task_id, timeout=timeout)
 
 
+async def _first_beat(client: Client, worker: str, start: Any, timeout: float) -> dict[str, Any]:
+    """The first heartbeat of ``worker``, which ``start()`` starts."""
+    got: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+    async def on(msg: Any) -> None:
+        beat = msgpack.unpackb(msg.data)
+        if beat["worker"] == worker and not got.done():
+            got.set_result(beat)
+
+    sub = await client.nc.subscribe("baton.workers.heartbeat.*.*", cb=on)
+    try:
+        start()
+        return await asyncio.wait_for(got, timeout)
+    finally:
+        await sub.unsubscribe()
+
+
 def _step(url: str, task_id: str) -> dict[str, Any]:
     steps: dict[str, Any] = http_json(f"{url}/v1/tasks/{task_id}?tenant=initech")["steps"]
     return dict(steps["r1.answer"])
@@ -196,7 +213,14 @@ async def test_two_vllm_pools_place_by_context_and_hold_a_step_for_a_pool_at_zer
     assert metric(url, "baton_steps_waiting_capacity_total", pool="small") == 1
     # ... until a new worker of the pool starts (a whole vLLM load), and runs
     # there: no retry, no failure, the large pool untouched.
-    new_id, new = _worker(stack, "small")
+    # Its engine boots off the worker's event loop: it heartbeats while loading.
+    new_id = uid("wsmall")
+    started: list[ServiceProcess] = []
+    beat = await _first_beat(own_client, new_id, lambda: started.append(stack.service(
+        "inference-worker", BATON_POOL="small", BATON_WORKER_ID=new_id, **ENGINES["small"])),
+        timeout=60)  # fmt: skip
+    assert beat["ready"] is False, beat
+    new = started[0]
     events = await own_client.events("initech", task, timeout=START_S)
     assert events[-1]["type"] == "completed", events[-1]
     assert _statuses(events) == ["started", "waiting_capacity", "done"]
