@@ -1,6 +1,7 @@
 """Ctrl-C while `baton up` waits for vLLM to load stops everything within
-seconds, the engine's own processes included (the worker blocks its event
-loop while the engine core boots, so the stack cannot wait for it to drain)."""
+seconds, the engine's own processes included (a worker still starting is
+not waited for to drain: its engine core is booting and cannot be stopped
+mid-way)."""
 
 from __future__ import annotations
 

@@ -210,10 +210,15 @@ class VLLMEngine:
     async def start(self) -> None:
         """Spawn the engine core and load the model (12-30 s on CPU, eager).
 
-        Blocks the event loop while the engine core boots, as vLLM's own
-        server does. Idempotent while running."""
+        The boot runs in a thread, off the event loop, so the worker keeps
+        heartbeating (``ready: false``) and answering its probes while the
+        engine loads; built outside a loop, ``AsyncLLM`` starts its output
+        handler at the first request. Idempotent while running."""
         if self._engine is not None:
             return
+        await asyncio.to_thread(self._boot)
+
+    def _boot(self) -> None:
         _ensure_run_dirs()
         from transformers import AutoTokenizer
         from vllm.config import StructuredOutputsConfig
