@@ -16,6 +16,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -281,6 +282,7 @@ class Conductor:
             m.COST.labels(*labels).inc(st.cost_usd)
             m.TENANT_COST.labels(new.tenant).inc(st.cost_usd)
             _prediction_error(st)
+            self.pools.finished(st)
             if st.timing is not None:
                 for phase in PHASES:
                     seconds = getattr(st.timing.phases, phase)
@@ -395,15 +397,24 @@ class Conductor:
 
     async def on_task(self, d: Delivery) -> RunState:
         """Start (or resume) the task's run; returns the run as stored."""
-        task = await self.admit(d)
-        structlog.contextvars.bind_contextvars(task_id=task.task_id, tenant=task.tenant)
-        with spans.hop("baton.tasks", task.tenant, task.task_id):
-            out = await self._apply(
-                task.tenant,
-                task.task_id,
-                lambda run, now, ctx: T.start(run, task, self.rules, now, ctx),
-                new=True,
-            )
+        tenant = subjects.task_origin(d.subject)[0]
+        # Until its run is stored, the task is one the pools will see arrive.
+        self.pools.taken(tenant, d.stream_seq, d.pending)
+        try:
+            task = await self.admit(d)
+            structlog.contextvars.bind_contextvars(task_id=task.task_id, tenant=task.tenant)
+            rules = self.rules
+            if rules.pools is not None:  # its placement sees the tasks behind it, not itself
+                rules = replace(rules, pools=self.pools.looking_from(tenant, d.stream_seq))
+            with spans.hop("baton.tasks", task.tenant, task.task_id):
+                out = await self._apply(
+                    task.tenant,
+                    task.task_id,
+                    lambda run, now, ctx: T.start(run, task, rules, now, ctx),
+                    new=True,
+                )
+        finally:
+            self.pools.handled(tenant, d.stream_seq)
         assert out is not None
         if out.note == "duplicate_task":
             log.info("duplicate_task_ignored", first_seq=out.run.task_seq, seq=task.seq)
