@@ -257,6 +257,11 @@ class Conductor:
         """Metrics of a stored change, derived from the states before and after
         (so a replay counts nothing twice)."""
         before = old.steps if old is not None else {}
+        charged = old.warms if old is not None else {}
+        for warm_id, cost in new.warms.items():
+            if warm_id not in charged:
+                m.TENANT_COST.labels(new.tenant).inc(cost)
+                log.info("prewarm_charged", warm=warm_id, cost_usd=round(cost, 8))
         for step_id, st in new.steps.items():
             was = before.get(step_id)
             if st.pool_reason and (was is None or was.moves != st.moves):
@@ -439,6 +444,8 @@ class Conductor:
             r = _must(run)
             if r.workflow not in self.workflows:  # the claim of a rejected task
                 return T.Transition(r, False, note=T.NOT_A_RUN)
+            if res.warm:  # a pre-warm's GPU time, charged to the run
+                return T.warmed(r, res, self.rules)
             return T.result(r, res, self.rules, now, ctx, received)
 
         with spans.hop("baton.results", res.tenant, res.task_id):
