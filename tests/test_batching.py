@@ -10,6 +10,7 @@ import time
 import pytest
 
 from proto.messages import Heartbeat, Phases, PoolPrediction, Timing, Usage
+from services.orchestrator import poolview
 from services.orchestrator.batching import SlowdownFit, decode_speed, queue_wait, share
 from services.orchestrator.pools import Catalogue, PoolSpec
 from services.orchestrator.poolview import PoolView
@@ -117,6 +118,9 @@ def test_the_pool_view_sees_a_burst_arrive_and_when_its_placed_steps_end() -> No
     view.changed(_run("t1", 1, t0, 2.0), None)  # answered
     _, now = view.look("small")
     assert now.running == 0 and now.frees_in == ()
+    # A stream's count of tasks behind is believed only while it is fresh.
+    view._stream["acme"] = (3, 6, time.time() - poolview.BEHIND_FRESH_S - 1)
+    assert view.look("small")[1].arriving == 2
     assert now.decode_tps == 40.0 and now.decode_slowdown == 0.0  # the heartbeat's, until fitted
 
 

@@ -42,6 +42,11 @@ DRIFT_TOLERANCE = 0.5
 """A measured figure within ±50% of the catalogue's is no drift: speeds
 move with batch size and prompt length."""
 
+BEHIND_FRESH_S = 10.0
+"""A task stream's count of tasks behind its newest delivery is believed
+this long: tasks not fetched by then are held back (the tenant's share) or
+were taken by another replica."""
+
 
 def measured(hb: Heartbeat) -> dict[str, float]:
     """A heartbeat's measurements by catalogue figure (the ones it has)."""
@@ -74,7 +79,7 @@ class PoolView:
         # Tasks taken from their stream and not placed yet, by (tenant, stream
         # seq); and per tenant the newest task's count of tasks behind it.
         self._taken: set[tuple[str, int]] = set()
-        self._stream: dict[str, tuple[int, int]] = {}
+        self._stream: dict[str, tuple[int, int, float]] = {}  # tenant: seq, behind, when
         self._fits: dict[str, SlowdownFit] = {}
         self._drifting: set[tuple[str, str, str]] = set()  # (pool, worker, figure)
         heartbeats.listeners.append(self.check_drift)
@@ -111,8 +116,8 @@ class PoolView:
     def taken(self, tenant: str, seq: int, behind: int) -> None:
         """A task taken from its tenant's stream (``behind``: the tasks after it there)."""
         self._taken.add((tenant, seq))
-        if seq >= self._stream.get(tenant, (0, 0))[0]:
-            self._stream[tenant] = (seq, behind)
+        if seq >= self._stream.get(tenant, (0, 0, 0.0))[0]:
+            self._stream[tenant] = (seq, behind, time.time())
 
     def handled(self, tenant: str, seq: int) -> None:
         self._taken.discard((tenant, seq))
@@ -158,7 +163,8 @@ class PoolView:
         ends = sorted(self.placed.get(pool, {}).values())
         mine = len(ends)
         slots = max(1, ready) * spec.max_seqs
-        arriving = len(self._taken - {exclude}) + sum(b for _, b in self._stream.values())
+        behind = sum(b for _, b, at in self._stream.values() if now - at <= BEHIND_FRESH_S)
+        arriving = len(self._taken - {exclude}) + behind
         fit = self._fits[pool].estimate() if pool in self._fits else None
         decode_tps = statistics.median(decode) if decode else None
         state = PoolNow(
