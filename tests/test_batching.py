@@ -17,6 +17,8 @@ from services.orchestrator.poolview import PoolView
 from services.orchestrator.routing import HeartbeatTracker
 from services.orchestrator.scheduling import PoolNow, StepNeed, predict
 from services.orchestrator.state import RunState, StepState
+from services.orchestrator.workflows import GraphWorkflow, parse
+from tests.twin_shell import TASKS, Shell
 
 POOL = PoolSpec(name="small", max_model_len=2048, max_seqs=8, prefill_tps=1000, decode_tps=50)
 NEED = StepNeed(prompt_tokens=200, max_tokens=96, expected_output=96)
@@ -135,3 +137,37 @@ def test_the_pool_view_fits_the_slowdown_from_the_steps_that_finished() -> None:
     _, now = view.look("small")
     assert now.decode_tps == pytest.approx(60.0, rel=0.05)
     assert now.decode_slowdown == pytest.approx(0.25, rel=0.1)
+
+
+ASK = parse(
+    "name: ask\n"
+    "agents:\n"
+    "  assistant: {role: assistant, system: You answer., max_tokens: 32}\n"
+    "steps:\n"
+    "  - {id: answer, agent: assistant}\n",
+    "ask.yaml",
+)
+
+
+def _predicted(shell: Shell, task_id: str) -> dict[str, float]:
+    started = [e for e in shell.events(task_id) if e["type"] == "step" and e["status"] == "started"]
+    return started[0]["prediction"]
+
+
+async def test_a_conductor_places_a_bursts_first_task_seeing_the_tasks_behind_it() -> None:
+    """The wiring, on the bus twin: a task's delivery says how many wait
+    behind it in the tenant's stream, and the tasks placed before it are in
+    flight: each of a burst of three is predicted a third of the engine."""
+    shell = await Shell.start({"ask": GraphWorkflow(ASK)})
+    for task_id in ("t0", "t1", "t2"):
+        await shell.submit("ask", task_id)
+    for task_id in ("t0", "t1", "t2"):
+        assert await shell.handle(TASKS)
+        p = _predicted(shell, task_id)
+        assert p["gpu_seconds"] == pytest.approx(p["run_s"] / 3, rel=0.01), task_id
+    # Once the burst is answered, a task alone is charged the engine alone.
+    await shell.settle_all()
+    await shell.submit("ask", "t3")
+    assert await shell.handle(TASKS)
+    p = _predicted(shell, "t3")
+    assert p["gpu_seconds"] == pytest.approx(p["run_s"], rel=0.01)
