@@ -171,3 +171,15 @@ async def test_a_conductor_places_a_bursts_first_task_seeing_the_tasks_behind_it
     assert await shell.handle(TASKS)
     p = _predicted(shell, "t3")
     assert p["gpu_seconds"] == pytest.approx(p["run_s"], rel=0.01)
+
+
+def test_the_jobs_a_pools_workers_run_are_not_counted_again_as_its_queue() -> None:
+    # The pool consumer's count is pending + unacknowledged, and a worker
+    # acks a job when it ends: the four running are in it.
+    view, hb = _view()
+    hb.last[("small", "w1")].inflight = 4
+    view.backlog["small"] = 5
+    _, now = view.look("small")
+    assert (now.running, now.backlog) == (4, 1)
+    shared = predict(NEED, POOL, now)
+    assert shared.wait_s == 0 and shared.gpu_seconds == pytest.approx(shared.run_s / 6)

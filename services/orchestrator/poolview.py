@@ -163,6 +163,9 @@ class PoolView:
         ends = sorted(self.placed.get(pool, {}).values())
         mine = len(ends)
         slots = max(1, ready) * spec.max_seqs
+        # The queue's count (pending + unacknowledged) holds the jobs its
+        # workers are running (acked when they end): the rest wait.
+        queued = max(0, self.backlog.get(pool, 0) - running)
         behind = sum(b for _, b, at in self._stream.values() if now - at <= BEHIND_FRESH_S)
         arriving = len(self._taken - {exclude}) + behind
         fit = self._fits[pool].estimate() if pool in self._fits else None
@@ -171,7 +174,7 @@ class PoolView:
             ready=ready,
             starting=starting,
             running=max(running, min(mine, slots)),
-            backlog=max(self.backlog.get(pool, 0), mine - slots),
+            backlog=max(queued, mine - slots),
             prefill_tps=statistics.median(prefill) if prefill else None,
             decode_tps=fit[0] if fit is not None else decode_tps,
             decode_slowdown=fit[1] if fit is not None else 0.0,
