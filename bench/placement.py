@@ -7,7 +7,9 @@ configured prefill and decode speeds; the catalogue states rougher figures,
 so the speeds the workers measure and report in heartbeats are what the
 prediction uses). One agent may run on either pool; tasks of mixed prompt
 lengths (~100 to ~1,800 tokens) arrive in waves of 1, 4 and 12 at once, so
-the engines are shared and the queues fill.
+the engines are shared and the queues fill. Then a trickle: 12 tasks one
+every 0.3 s (a quarter of a run), so each step shares its engine with steps
+that arrive after it was placed — reported on its own, apart from the waves.
 
     python -m bench placement          # writes bench/results/placement.json
 
@@ -28,6 +30,7 @@ from baton.dev.testing import Client, LocalStack, secure_nats, uid
 from bench.stats import pct
 
 WAVES = (1, 1, 1, 4, 4, 12, 12)
+TRICKLE = (12, 0.3)  # tasks, seconds between two (their rows: wave 0)
 LENGTHS = (20, 150, 450)  # words of the input: ~30, ~200, ~600 tokens by the 4-bytes estimate
 WORKFLOW = textwrap.dedent("""\
     name: ask
@@ -101,6 +104,13 @@ async def _main(work: Path) -> dict[str, Any]:
                 i += 1
             rows += await asyncio.gather(*(_task(client, t, wave) for t in texts))
             await asyncio.sleep(0.6)  # the next wave sees the pools settle
+        trickle = []
+        for _ in range(TRICKLE[0]):
+            text = f"[{i}] " + "word " * LENGTHS[i % len(LENGTHS)]
+            trickle.append(asyncio.create_task(_task(client, text, 0)))
+            i += 1
+            await asyncio.sleep(TRICKLE[1])
+        rows += await asyncio.gather(*trickle)
         await client.close()
     finally:
         stack.stop()
@@ -108,8 +118,16 @@ async def _main(work: Path) -> dict[str, Any]:
     return _summary(rows)
 
 
+def _errors(ok: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """Absolute errors: GPU-seconds (relative) and queue wait (seconds)."""
+    gpu = [abs(r["gpu_seconds"] / r["predicted"]["gpu_seconds"] - 1.0) for r in ok]
+    return gpu, [abs(r["waited_s"] - r["predicted"]["wait_s"]) for r in ok]
+
+
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    ok = [r for r in rows if r["ok"] and r["predicted"]["gpu_seconds"] > 0]
+    done = [r for r in rows if r["ok"] and r["predicted"]["gpu_seconds"] > 0]
+    ok = [r for r in done if r["wave"] > 0]  # the waves; the trickle apart
+    tg, tw = _errors([r for r in done if r["wave"] == 0])
     gpu = [r["gpu_seconds"] / r["predicted"]["gpu_seconds"] - 1.0 for r in ok]
     wait = [r["waited_s"] - r["predicted"]["wait_s"] for r in ok]
     absg = [abs(e) for e in gpu]
@@ -121,7 +139,7 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         by_pool[f"{r['pool']}/{r['reason']}"] = by_pool.get(f"{r['pool']}/{r['reason']}", 0) + 1
     return {
         "machine": f"{os.cpu_count()} cores, simulator engines, 2 pools x 1 worker",
-        "steps": len(rows),
+        "steps": len([r for r in rows if r["wave"] > 0]),
         "completed": len(ok),
         "waves": list(WAVES),
         "placements": by_pool,
@@ -134,6 +152,11 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "queue_wait_abs_error_p50_s": round(pct(absw, 0.5), 3),
         "queue_wait_abs_error_p90_s": round(pct(absw, 0.9), 3),
         "mean_gpu_seconds": round(sum(r["gpu_seconds"] for r in ok) / max(1, len(ok)), 3),
+        "trickle": list(TRICKLE),
+        "trickle_completed": len(tg),
+        "trickle_gpu_seconds_abs_error_p50": round(pct(tg, 0.5), 3) if tg else None,
+        "trickle_gpu_seconds_abs_error_p90": round(pct(tg, 0.9), 3) if tg else None,
+        "trickle_queue_wait_abs_error_p90_s": round(pct(tw, 0.9), 3) if tw else None,
         # Each step: pool, wave, predicted and actual GPU-seconds, predicted and actual wait.
         "rows": [
             [
@@ -173,4 +196,19 @@ def markdown(r: dict[str, Any]) -> str:
         f"(median signed error {r['gpu_seconds_error_p50']:+.1%}, mean "
         f"{r['mean_gpu_seconds']} GPU-s per step). p90 abs error of steps sent alone: "
         f"{r.get('alone_abs_error_p90')}; in waves of 4 and 12: {r.get('burst_abs_error_p90')}.",
+        *_trickle(r),
     ])  # fmt: skip
+
+
+def _trickle(r: dict[str, Any]) -> list[str]:
+    if r.get("trickle_gpu_seconds_abs_error_p90") is None:
+        return []
+    n, gap = r["trickle"]
+    return [
+        "",
+        f"Trickle ({n} tasks one every {gap} s, each sharing its engine with steps placed "
+        f"after it; {r['trickle_completed']} completed): GPU-seconds abs error p50 "
+        f"{r['trickle_gpu_seconds_abs_error_p50']:.1%}, p90 "
+        f"{r['trickle_gpu_seconds_abs_error_p90']:.1%}; queue wait p90 "
+        f"{r['trickle_queue_wait_abs_error_p90_s']:.2f} s.",
+    ]

@@ -563,7 +563,8 @@ class InferenceJob(msgspec.Struct, omit_defaults=True, kw_only=True):
     # A pre-warm (services/orchestrator/prewarm.py): prefill ``system`` + the
     # window of ``ref`` for ``step``, which has not started yet, so that its
     # prefix is in this worker's cache when it does. One token is generated
-    # and thrown away: no answer is appended, no result published.
+    # and thrown away: no answer is appended; the result published says only
+    # the GPU time it took (``InferenceResult.warm``), charged to the run.
     warm: bool = False
 
 
@@ -585,6 +586,10 @@ class InferenceResult(msgspec.Struct, omit_defaults=True, kw_only=True):
     queue_seconds: float = 0.0
     timing: Timing | None = None  # the job's waterfall (no ``record`` transit yet)
     error: ErrorInfo | None = None
+    # A pre-warm's charge: no answer, only ``usage.gpu_seconds`` its prefill
+    # took on a worker of ``pool``, added to the run's usage and cost once.
+    warm: bool = False
+    pool: str = ""
 
 
 class Heartbeat(msgspec.Struct, omit_defaults=True, kw_only=True):

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from msgspec.structs import replace
 
-from proto.messages import Heartbeat
+from proto.messages import Heartbeat, InferenceResult, Usage
 from services.orchestrator import prewarm
 from services.orchestrator import transitions as T
 from services.orchestrator.routing import HeartbeatTracker, Router
@@ -184,3 +185,25 @@ def test_while_a_human_is_asked_the_step_after_is_warmed_and_kept_warm(
     full = beats(hb("w2", admitted=900, ts=later))
     assert prewarm.decide(waiting, rules, "r1.ask", full, later, last=last, refresh=1,
                           prefer={"edit": "w2"}.get) == "pressure"  # fmt: skip
+
+
+def test_a_warms_gpu_time_is_charged_to_its_run_once(tmp_path: Path) -> None:
+    (tmp_path / "relay.yaml").write_text(FLOW)
+    wfs = {n: GraphWorkflow(s) for n, s in load_dir(tmp_path).items()}
+    rules = T.Rules({**WORKFLOWS, **wfs}, price=lambda pool: 36.0 if pool == "edit" else 1.0)
+    run = started(rules)
+    before = (run.usage.gpu_seconds, run.cost_usd)
+    charge = InferenceResult(job_id="acme.t1.r1.edit.warm", task_id="t1", tenant="acme",
+                             session="t1", step="r1.edit", worker="w2", warm=True, pool="edit",
+                             usage=Usage(gpu_seconds=0.5, prompt_tokens=99))  # fmt: skip
+    out = T.warmed(run, charge, rules)
+    assert out.changed and out.effects == []
+    assert out.run.usage.gpu_seconds == pytest.approx(before[0] + 0.5)
+    assert out.run.usage.prompt_tokens == run.usage.prompt_tokens  # GPU time, not tokens
+    assert out.run.cost_usd == pytest.approx(before[1] + 0.5 / 3600 * 36.0)  # the warm's pool
+    assert out.run.steps == run.steps  # no step answered
+    again = T.warmed(out.run, charge, rules)  # the same charge delivered again
+    assert not again.changed and again.run.usage.gpu_seconds == out.run.usage.gpu_seconds
+    out.run.status = "completed"
+    ended = T.warmed(out.run, replace(charge, job_id="acme.t1.r1.judge.warm"), rules)
+    assert not ended.changed  # a finished run's totals were published: not changed again

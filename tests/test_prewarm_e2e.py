@@ -2,8 +2,9 @@
 engines, two workers): while the first step runs, the orchestrator warms
 the second step's prefix (its agent's system prompt + the session) on one
 worker; the second step is routed there and finds its prefix cached. The
-warm answers nothing: no result, nothing appended to the session. Across an
-input wait the step after it is warmed, kept warm, and runs there."""
+warm answers nothing (nothing appended to the session); the GPU time it
+took is charged to the run. Across an input wait the step after it is
+warmed, kept warm, and runs there."""
 
 from __future__ import annotations
 
@@ -86,9 +87,21 @@ async def test_the_next_step_is_warmed_where_it_then_runs(
     assert steps["r1.edit"]["worker"] == target
     # Its system prompt and the input were prefilled by the warm: cached.
     assert steps["r1.edit"]["cached_tokens"] > 10, steps["r1.edit"]
-    # No result for the warm: the worker's job counters saw two real jobs.
+    # No answer for the warm: the worker's job counters saw two real jobs.
     jobs = sum(metric(w.url, "baton_worker_jobs_total", outcome="completed") for w in workers)
     assert jobs == 2
+    # Its prefill's GPU time is the run's too (its charge may trail the answer).
+    task = http_json(f"{url}/v1/tasks/{task_id}?tenant=initech")
+    for _ in range(40):
+        if (
+            task["usage"]["gpu_seconds"]
+            > sum(s["usage"]["gpu_seconds"] for s in task["steps"].values()) + 1e-6
+        ):
+            break
+        await asyncio.sleep(0.25)
+        task = http_json(f"{url}/v1/tasks/{task_id}?tenant=initech")
+    spent = sum(s["usage"]["gpu_seconds"] for s in task["steps"].values())
+    assert task["usage"]["gpu_seconds"] > spent + 1e-6, task["usage"]
 
 
 async def test_across_an_input_wait_the_step_after_is_kept_warm_and_runs_there(

@@ -144,7 +144,7 @@ class JobHandler:
         if job.warm:  # prefill a step to come: nothing answered (warm.py)
             admit()
             if (job.tenant, job.task_id) not in self.cancelled:
-                await prewarm(self.sup, bus, self.warm, job)
+                await prewarm(self.sup, bus, self.warm, job, self.clock)
             return
         watch = Stopwatch(job.published_at or d.published_at)
         if (job.tenant, job.task_id) in self.cancelled:

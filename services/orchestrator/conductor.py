@@ -16,6 +16,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -260,6 +261,11 @@ class Conductor:
         """Metrics of a stored change, derived from the states before and after
         (so a replay counts nothing twice)."""
         before = old.steps if old is not None else {}
+        charged = old.warms if old is not None else {}
+        for warm_id, cost in new.warms.items():
+            if warm_id not in charged:
+                m.TENANT_COST.labels(new.tenant).inc(cost)
+                log.info("prewarm_charged", warm=warm_id, cost_usd=round(cost, 8))
         for step_id, st in new.steps.items():
             was = before.get(step_id)
             if st.pool_reason and (was is None or was.moves != st.moves):
@@ -285,6 +291,7 @@ class Conductor:
             m.COST.labels(*labels).inc(st.cost_usd)
             m.TENANT_COST.labels(new.tenant).inc(st.cost_usd)
             _prediction_error(st)
+            self.pools.finished(st)
             if st.timing is not None:
                 for phase in PHASES:
                     seconds = getattr(st.timing.phases, phase)
@@ -399,15 +406,24 @@ class Conductor:
 
     async def on_task(self, d: Delivery) -> RunState:
         """Start (or resume) the task's run; returns the run as stored."""
-        task = await self.admit(d)
-        structlog.contextvars.bind_contextvars(task_id=task.task_id, tenant=task.tenant)
-        with spans.hop("baton.tasks", task.tenant, task.task_id):
-            out = await self._apply(
-                task.tenant,
-                task.task_id,
-                lambda run, now, ctx: T.start(run, task, self.rules, now, ctx),
-                new=True,
-            )
+        tenant = subjects.task_origin(d.subject)[0]
+        # Until its run is stored, the task is one the pools will see arrive.
+        self.pools.taken(tenant, d.stream_seq, d.pending)
+        try:
+            task = await self.admit(d)
+            structlog.contextvars.bind_contextvars(task_id=task.task_id, tenant=task.tenant)
+            rules = self.rules
+            if rules.pools is not None:  # its placement sees the tasks behind it, not itself
+                rules = replace(rules, pools=self.pools.looking_from(tenant, d.stream_seq))
+            with spans.hop("baton.tasks", task.tenant, task.task_id):
+                out = await self._apply(
+                    task.tenant,
+                    task.task_id,
+                    lambda run, now, ctx: T.start(run, task, rules, now, ctx),
+                    new=True,
+                )
+        finally:
+            self.pools.handled(tenant, d.stream_seq)
         assert out is not None
         if out.note == "duplicate_task":
             log.info("duplicate_task_ignored", first_seq=out.run.task_seq, seq=task.seq)
@@ -432,6 +448,8 @@ class Conductor:
             r = _must(run)
             if r.workflow not in self.workflows:  # the claim of a rejected task
                 return T.Transition(r, False, note=T.NOT_A_RUN)
+            if res.warm:  # a pre-warm's GPU time, charged to the run
+                return T.warmed(r, res, self.rules)
             return T.result(r, res, self.rules, now, ctx, received)
 
         with spans.hop("baton.results", res.tenant, res.task_id):

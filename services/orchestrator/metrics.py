@@ -42,7 +42,9 @@ TOKENS = Counter(
 )
 COST = Counter("baton_cost_usd", "Cost in USD by workflow and agent.", ["workflow", "agent"])
 TENANT_COST = Counter(
-    "baton_tenant_cost_usd", "Cost in USD by tenant (the same steps as baton_cost_usd).", ["tenant"]
+    "baton_tenant_cost_usd",
+    "Cost in USD by tenant: its steps (as baton_cost_usd) and their pre-warms.",
+    ["tenant"],
 )
 GPU_SECONDS = Counter(
     "baton_gpu_seconds", "GPU-seconds by workflow and agent.", ["workflow", "agent"]

@@ -10,28 +10,42 @@ speeds (``Heartbeat``); a catalogue figure more than ``DRIFT_TOLERANCE`` away
 from a worker's measurement is logged once per worker and figure (again only
 after it came back within tolerance) and counted in
 ``baton_pool_catalogue_drift_total{pool,figure}``.
+
+Sharing (``batching.py``): besides the heartbeats, what only this replica
+knows — the steps it placed on each pool and has no answer for (with when
+each is predicted to end), the tasks it has taken or that wait in their
+tenant's task stream and are not placed yet (they will follow the step
+being placed: a burst is placed seeing all of it), and, from the steps that
+finished, how a sequence's decode speed falls as more share its engine.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import structlog
 
 from proto.messages import Heartbeat
 
 from . import metrics as m
+from .batching import SlowdownFit
 from .pools import Catalogue, PoolSpec, drifts
 from .routing import HeartbeatTracker
 from .scheduling import PoolNow
-from .state import RunState
+from .state import RunState, StepState
 
 log = structlog.get_logger("orchestrator.pools")
 
 DRIFT_TOLERANCE = 0.5
 """A measured figure within ±50% of the catalogue's is no drift: speeds
 move with batch size and prompt length."""
+
+BEHIND_FRESH_S = 10.0
+"""A task stream's count of tasks behind its newest delivery is believed
+this long: tasks not fetched by then are held back (the tenant's share) or
+were taken by another replica."""
 
 
 def measured(hb: Heartbeat) -> dict[str, float]:
@@ -58,9 +72,15 @@ class PoolView:
         self.heartbeats = heartbeats
         self.stale_after = stale_after
         self.backlog: dict[str, int] = {}  # jobs waiting on each pool's consumer
-        # Steps this replica placed on each pool and has no answer for yet: a
-        # burst dispatched between two heartbeats is seen at once.
-        self.placed: dict[str, int] = {}
+        # Steps this replica placed on each pool and has no answer for yet,
+        # with when each is predicted to end: a burst dispatched between two
+        # heartbeats is seen at once.
+        self.placed: dict[str, dict[tuple[str, str, str], float]] = {}
+        # Tasks taken from their stream and not placed yet, by (tenant, stream
+        # seq); and per tenant the newest task's count of tasks behind it.
+        self._taken: set[tuple[str, int]] = set()
+        self._stream: dict[str, tuple[int, int, float]] = {}  # tenant: seq, behind, when
+        self._fits: dict[str, SlowdownFit] = {}
         self._drifting: set[tuple[str, str, str]] = set()  # (pool, worker, figure)
         heartbeats.listeners.append(self.check_drift)
 
@@ -84,12 +104,42 @@ class PoolView:
     def changed(self, old: RunState | None, new: RunState | None) -> None:
         """A change of a run about to be stored (or, arguments swapped, one
         that was not): its steps placed and answered since."""
-        for pool, n in (_active(new) if new is not None else {}).items():
-            self.placed[pool] = self.placed.get(pool, 0) + n
-        for pool, n in (_active(old) if old is not None else {}).items():
-            self.placed[pool] = max(0, self.placed.get(pool, 0) - n)
+        for pool, keys in (_active(old) if old is not None else {}).items():
+            mine = self.placed.get(pool, {})
+            for key in keys:
+                mine.pop(key, None)
+        for pool, keys in (_active(new) if new is not None else {}).items():
+            self.placed.setdefault(pool, {}).update(keys)
+        if old is None and new is not None:  # a new run: its task is placed
+            self._taken.discard((new.tenant, new.task_seq))
 
-    def look(self, pool: str) -> tuple[PoolSpec, PoolNow]:
+    def taken(self, tenant: str, seq: int, behind: int) -> None:
+        """A task taken from its tenant's stream (``behind``: the tasks after it there)."""
+        self._taken.add((tenant, seq))
+        if seq >= self._stream.get(tenant, (0, 0, 0.0))[0]:
+            self._stream[tenant] = (seq, behind, time.time())
+
+    def handled(self, tenant: str, seq: int) -> None:
+        self._taken.discard((tenant, seq))
+
+    def finished(self, st: StepState) -> None:
+        """A step answered: how fast it decoded, and beside how many others
+        (its run time over the GPU-seconds its worker charged it)."""
+        t, u = st.timing, st.usage
+        if t is None or st.turn or u.gpu_seconds <= 0 or u.completion_tokens < 8:
+            return  # tool turns add up several generations: no one batch size
+        if t.phases.decode <= 0:
+            return
+        ran = t.phases.prefill + t.phases.decode
+        fit = self._fits.setdefault(st.pool, SlowdownFit())
+        fit.observe(ran / u.gpu_seconds, (u.completion_tokens - 1) / t.phases.decode)
+
+    def looking_from(self, tenant: str, seq: int) -> Callable[[str], tuple[PoolSpec, PoolNow]]:
+        """``look`` for placing the first steps of the task ``(tenant, seq)``:
+        the tasks arriving besides it."""
+        return lambda pool: self.look(pool, exclude=(tenant, seq))
+
+    def look(self, pool: str, exclude: tuple[str, int] | None = None) -> tuple[PoolSpec, PoolNow]:
         """The pool's catalogue entry and its state now."""
         now = time.time()
         ready = starting = running = 0
@@ -110,25 +160,39 @@ class PoolView:
         spec = self.catalogue.spec(pool)
         # What the heartbeats and the queue say, or what this replica placed
         # since, whichever is more (slots filled first, the rest queued).
-        mine = self.placed.get(pool, 0)
+        ends = sorted(self.placed.get(pool, {}).values())
+        mine = len(ends)
         slots = max(1, ready) * spec.max_seqs
+        # The queue's count (pending + unacknowledged) holds the jobs its
+        # workers are running (acked when they end): the rest wait.
+        queued = max(0, self.backlog.get(pool, 0) - running)
+        behind = sum(b for _, b, at in self._stream.values() if now - at <= BEHIND_FRESH_S)
+        arriving = len(self._taken - {exclude}) + behind
+        fit = self._fits[pool].estimate() if pool in self._fits else None
+        decode_tps = statistics.median(decode) if decode else None
         state = PoolNow(
             ready=ready,
             starting=starting,
             running=max(running, min(mine, slots)),
-            backlog=max(self.backlog.get(pool, 0), mine - slots),
+            backlog=max(queued, mine - slots),
             prefill_tps=statistics.median(prefill) if prefill else None,
-            decode_tps=statistics.median(decode) if decode else None,
+            decode_tps=fit[0] if fit is not None else decode_tps,
+            decode_slowdown=fit[1] if fit is not None else 0.0,
+            arriving=arriving,
+            frees_in=tuple(e - now for e in ends),
         )
         return spec, state
 
 
-def _active(run: RunState) -> dict[str, int]:
-    """A run's model steps waiting for an answer, by pool."""
-    out: dict[str, int] = {}
+def _active(run: RunState) -> dict[str, dict[tuple[str, str, str], float]]:
+    """A run's model steps waiting for an answer, by pool: when each is
+    predicted to end (dispatch + predicted wait and run)."""
+    out: dict[str, dict[tuple[str, str, str], float]] = {}
     if run.terminal:
         return out
-    for st in run.steps.values():
+    for step, st in run.steps.items():
         if st.status == "dispatched" and not st.input:
-            out[st.pool] = out.get(st.pool, 0) + 1
+            p = st.prediction
+            end = st.dispatched_at + (p.wait_s + p.run_s if p is not None else 0.0)
+            out.setdefault(st.pool, {})[(run.tenant, run.task_id, step)] = end
     return out

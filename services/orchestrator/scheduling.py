@@ -11,16 +11,23 @@ The model of a pool, per step:
 
 * **fits**: the step's KV tokens (prompt + ``max_tokens``) within the pool's
   context limit (``max_model_len``) — a step that fits no pool fails at once;
+* **shared**: the sequences the step will share its engine with — those
+  in flight or queued ahead of it and those known to follow it (a burst's
+  tasks still in the task stream), in batches of the engine's slots (per
+  worker, its sequences or as many steps like this one as its KV holds,
+  whichever is fewer): ``batching.share``;
 * **wait**: a pool at zero waits its cold start (what is left of it when a
   worker is already starting); then, as a ready pool, for a free slot when
-  its backlog exceeds its slots (per worker, its sequences or as many steps
-  like this one as its KV holds, whichever is fewer; the backlog ahead of
-  the step drains at the pool's batch throughput);
+  its backlog exceeds its slots: until the sequence ahead whose slot it takes
+  is predicted to end (this replica's placements), or the backlog draining
+  at the pool's batch throughput (``batching.queue_wait``);
 * **run**: prefill (the prompt not already in the pool's prefix cache /
-  prefill speed) + decode (expected output / per-sequence decode speed);
+  prefill speed) + decode (expected output / per-sequence decode speed with
+  that many sequences in the batch: the speed alone slowed by the measured
+  ``decode_slowdown`` per other sequence, ``batching.decode_speed``);
 * **GPU-seconds**: the step's share of the engine while it runs — run time
-  divided by the sequences the pool runs at once on average (the worker's
-  ``GpuClock`` charges the same share);
+  divided by the sequences sharing it (the worker's ``GpuClock`` charges the
+  same share: each engine second split among the sequences generating then);
 * **cost**: GPU-seconds x the pool's price per GPU-hour.
 """
 
@@ -29,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from .batching import decode_speed, queue_wait, share
 from .pools import PoolSpec
 
 Reason = Literal[
@@ -73,9 +81,17 @@ class PoolNow:
     backlog: int = 0  # jobs waiting in the pool's queue
     # Seconds until the first starting worker is ready (None: a whole cold start).
     ready_in_s: float | None = None
-    # Measured by its workers (None: the catalogue's figure stands).
+    # Measured by its workers (None: the catalogue's figure stands); decode
+    # is a sequence's speed alone on the engine when the slowdown is known.
     prefill_tps: float | None = None
     decode_tps: float | None = None
+    decode_slowdown: float = 0.0  # per other sequence in the batch (batching.SlowdownFit)
+    # Steps known to follow this one (tasks taken or waiting in the task
+    # stream, not placed yet): they will share the engine with it.
+    arriving: int = 0
+    # Seconds from now until each sequence this replica placed on the pool
+    # and has no answer for is predicted to end, ascending.
+    frees_in: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,23 +131,29 @@ def predict(need: StepNeed, spec: PoolSpec, now: PoolNow) -> Prediction:
     # A window longer than the pool holds is cut by its worker to fit.
     prompt = min(need.prompt_tokens, max(need.floor_tokens, spec.max_model_len - need.max_tokens))
     uncached = max(0, prompt - need.cached_tokens)
-    run_s = uncached / prefill + need.expected_output / decode
     # A worker runs as many sequences as it has slots and KV for.
     per_worker = max(1, min(spec.max_seqs, spec.kv_tokens // max(1, prompt + need.max_tokens)))
     cold = now.ready == 0
+    # The workers that will serve the queue (the starting ones when none is ready).
+    workers = now.ready or max(1, now.starting)
+    ahead = now.running + now.backlog
+    shared = share(per_worker, ahead / workers, now.arriving / workers)
+
+    def run_with(n: float) -> float:
+        return uncached / prefill + need.expected_output / decode_speed(
+            decode, now.decode_slowdown, n
+        )
+
+    run_s = run_with(shared.concurrency)
     wait_s = 0.0
     if cold:
         # To be woken by the backlog: one cold start; already starting: the rest of one.
         wait_s = spec.cold_start_s
         if now.starting > 0 and now.ready_in_s is not None:
             wait_s = min(wait_s, max(0.0, now.ready_in_s))
-    # The queue ahead drains at the batch rate of the workers that will serve
-    # it (the starting ones when none is ready): `slots` steps per run time.
-    slots = per_worker * (now.ready or max(1, now.starting))
-    ahead = max(0, now.running + now.backlog - slots + 1)
-    wait_s += ahead * run_s / slots
-    concurrency = max(1.0, min(float(spec.max_seqs), (now.running + 1) / max(1, now.ready)))
-    gpu_seconds = run_s / concurrency
+    # The sequences ahead run in full batches.
+    wait_s += queue_wait(per_worker * workers, ahead, run_with(per_worker), now.frees_in)
+    gpu_seconds = run_s / shared.concurrency
     return Prediction(
         pool=spec.name,
         kv_tokens=need.kv_tokens,

@@ -88,6 +88,9 @@ class RunState(msgspec.Struct, omit_defaults=True, kw_only=True):
     steps: dict[str, StepState] = {}
     usage: Usage = msgspec.field(default_factory=Usage)
     cost_usd: float = 0.0
+    # Pre-warms charged to the run (in ``usage`` and ``cost_usd``): their
+    # cost by warm job id, so a warm's charge delivered again adds nothing.
+    warms: dict[str, float] = {}
     output: str = ""
     error: ErrorInfo | None = None
     created_at: float = 0.0

@@ -694,6 +694,22 @@ def fork(
     return Transition(run, True, replay(run, rules, now))
 
 
+def warmed(run: RunState, res: InferenceResult, rules: Rules) -> Transition:
+    """A pre-warm's GPU time (``res.warm``): the prefill it ran is engine time
+    spent for the run, so it is added to the run's usage and cost (and so to
+    its tenant's, and against its budget) — once per warm. A run that ended
+    meanwhile is not changed again (its totals were published)."""
+    if run.terminal or res.job_id in run.warms or res.error is not None:
+        return Transition(run, False, note="already_recorded")
+    run = _copy(run)
+    gpu = Usage(gpu_seconds=res.usage.gpu_seconds)
+    cost = gpu.gpu_seconds / 3600.0 * rules.price(res.pool)
+    run.usage = run.usage + gpu
+    run.cost_usd += cost
+    run.warms[res.job_id] = cost
+    return Transition(run, True, [])
+
+
 def result(
     run: RunState,
     res: InferenceResult,

@@ -1,0 +1,112 @@
+"""How a step shares its engine under continuous batching, predicted.
+
+Pure (no clock, no I/O). An engine (one worker) runs up to ``slots``
+sequences at once. A step placed on a pool meets ``ahead`` sequences there
+(in flight or queued before it) and is followed by ``behind`` more that are
+known to be coming (tasks already in the orchestrator's task stream, not
+placed yet: a burst seen from its first task). What the step will share:
+
+* **its batch**: sequences start as slots free up; a step with ``ahead``
+  sequences before it starts in batch ``ahead // slots`` (0: at once), and
+  shares the engine with the others of that batch — those ahead of it in the
+  batch and those behind it that fit — ``min(slots, ahead + 1 + behind -
+  batch x slots)`` sequences, itself included;
+* **decode speed**: each sequence decodes slower the more share the engine:
+  ``alone / (1 + slowdown x (n - 1))`` with ``n`` sequences (``slowdown`` is
+  measured, ``SlowdownFit``; 0 on an engine whose sequences do not slow
+  each other);
+* **its GPU-seconds**: its share of the engine while it runs — its run time
+  divided by the sequences sharing it, the same share the worker's
+  ``GpuClock`` charges it (each second of engine time split equally among
+  the sequences generating then);
+* **its wait**: when this replica knows when the sequences ahead are
+  predicted to end (``frees_in``, sorted), the time the slot it needs frees
+  up: the ``(ahead - slots + 1)``-th end; otherwise the backlog drains at the
+  batch rate (``slots`` sequences per run time).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Share:
+    batch: int  # full batches that run before the step's own (0: a free slot now)
+    concurrency: float  # sequences sharing the engine while the step runs, itself included
+
+
+def share(slots: int, ahead: float, behind: float) -> Share:
+    """The step's batch and the sequences it shares the engine with (per
+    engine: ``ahead`` and ``behind`` are per worker of the pool)."""
+    slots = max(1, slots)
+    batch = int(max(0.0, ahead) // slots)
+    total = max(0.0, ahead) + 1.0 + max(0.0, behind)
+    return Share(batch, max(1.0, min(float(slots), total - batch * slots)))
+
+
+def decode_speed(alone_tps: float, slowdown: float, concurrency: float) -> float:
+    """Per-sequence decode speed with ``concurrency`` sequences in the batch."""
+    return alone_tps / (1.0 + max(0.0, slowdown) * max(0.0, concurrency - 1.0))
+
+
+def queue_wait(slots: int, ahead: int, run_s: float, frees_in: Sequence[float] = ()) -> float:
+    """Seconds until a slot is free for the step. ``slots``: of the whole
+    pool; ``frees_in``: seconds from now until each sequence ahead of the
+    step that this replica placed is predicted to end, ascending."""
+    slots = max(1, slots)
+    if ahead < slots:
+        return 0.0
+    k = ahead - slots  # the step takes the slot freed by the (k+1)-th end
+    if k < len(frees_in):
+        return max(0.0, frees_in[k])
+    # Ends not known (placed by another replica, or only in the queue's
+    # count): the rest drain at the batch rate after the known ones.
+    known = max(0.0, frees_in[-1]) if frees_in else 0.0
+    return known + (k - len(frees_in) + 1) * run_s / slots
+
+
+class SlowdownFit:
+    """Per-sequence decode speed against the sequences sharing the engine,
+    fitted from finished steps: ``1 / speed = a + b x (n - 1)``, so a
+    sequence alone decodes at ``1 / a`` tokens/s and each other sequence in
+    the batch slows it by ``b / a`` of that. Least squares over an
+    exponentially decaying window (``weight`` per new step), so the fit
+    follows the engine as it is now."""
+
+    def __init__(self, weight: float = 0.05, min_spread: float = 0.5, min_steps: int = 4) -> None:
+        self.weight = weight
+        self.min_spread = min_spread  # of n: one batch size alone says nothing of the slope
+        self.min_steps = min_steps
+        self.steps = 0
+        self._s = self._x = self._y = self._xx = self._xy = 0.0
+
+    def observe(self, concurrency: float, decode_tps: float) -> None:
+        """One finished step: its mean sequences sharing the engine while it
+        ran (run time / GPU-seconds charged) and its decode speed."""
+        if decode_tps <= 0 or not math.isfinite(decode_tps) or not concurrency >= 1.0:
+            return
+        x, y, keep = concurrency - 1.0, 1.0 / decode_tps, 1.0 - self.weight
+        self._s = keep * self._s + 1.0
+        self._x = keep * self._x + x
+        self._y = keep * self._y + y
+        self._xx = keep * self._xx + x * x
+        self._xy = keep * self._xy + x * y
+        self.steps += 1
+
+    def estimate(self) -> tuple[float, float] | None:
+        """``(alone_tps, slowdown)``, or None until the steps seen spread over
+        enough batch sizes to tell a slope."""
+        if self.steps < self.min_steps:
+            return None
+        mx, my = self._x / self._s, self._y / self._s
+        var = self._xx / self._s - mx * mx
+        if var < self.min_spread**2:
+            return None
+        b = max(0.0, (self._xy / self._s - mx * my) / var)
+        a = my - b * mx
+        if a <= 0:
+            return None
+        return 1.0 / a, b / a

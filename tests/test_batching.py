@@ -1,0 +1,185 @@
+"""The concurrency-aware prediction without a broker: a step's share of an
+engine under continuous batching (``batching.py``), what ``scheduling.predict``
+makes of it, and what the pool view feeds it (its placements with their
+predicted ends, the tasks arriving, the slowdown fitted from finished steps)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from proto.messages import Heartbeat, Phases, PoolPrediction, Timing, Usage
+from services.orchestrator import poolview
+from services.orchestrator.batching import SlowdownFit, decode_speed, queue_wait, share
+from services.orchestrator.pools import Catalogue, PoolSpec
+from services.orchestrator.poolview import PoolView
+from services.orchestrator.routing import HeartbeatTracker
+from services.orchestrator.scheduling import PoolNow, StepNeed, predict
+from services.orchestrator.state import RunState, StepState
+from services.orchestrator.workflows import GraphWorkflow, parse
+from tests.twin_shell import TASKS, Shell
+
+POOL = PoolSpec(name="small", max_model_len=2048, max_seqs=8, prefill_tps=1000, decode_tps=50)
+NEED = StepNeed(prompt_tokens=200, max_tokens=96, expected_output=96)
+RUN_ALONE = 200 / 1000 + 96 / 50
+
+
+def test_a_bursts_first_step_shares_the_engine_with_the_steps_behind_it() -> None:
+    # Twelve tasks at once on 8 slots: the first is placed before the others,
+    # which will share its batch (the old estimate charged it the engine alone).
+    first = predict(NEED, POOL, PoolNow(ready=1, arriving=11))
+    assert first.wait_s == 0
+    assert first.gpu_seconds == pytest.approx(RUN_ALONE / 8)
+    # The ninth waits for the first batch and shares the second with the three after it.
+    ends = tuple([RUN_ALONE] * 8)
+    ninth = predict(NEED, POOL, PoolNow(ready=1, running=8, arriving=3, frees_in=ends))
+    assert ninth.gpu_seconds == pytest.approx(RUN_ALONE / 4)
+    assert ninth.wait_s == pytest.approx(RUN_ALONE)  # the old drain model: RUN_ALONE / 8
+    # A step alone is charged the engine alone.
+    assert predict(NEED, POOL, PoolNow(ready=1)).gpu_seconds == pytest.approx(RUN_ALONE)
+
+
+def test_the_batch_a_step_joins_holds_what_is_ahead_and_what_follows() -> None:
+    assert share(8, 0, 0).concurrency == 1
+    assert share(8, 3, 0).concurrency == 4  # the old estimate's case: in flight + itself
+    assert share(8, 2, 20).concurrency == 8  # never more than the slots
+    s = share(8, 10, 1)
+    assert (s.batch, s.concurrency) == (1, 4)  # 12 in all: the second batch of 4
+    assert (
+        share(
+            8,
+            4,
+            2,
+        ).concurrency
+        == 7
+    )
+    assert share(4, 1.5, 0.5).concurrency == 3  # two workers' share of a pool's load
+
+
+def test_sequences_sharing_an_engine_decode_slower_by_the_measured_slowdown() -> None:
+    assert decode_speed(50, 0.0, 8) == 50  # a simulator's engine: no slowdown
+    assert decode_speed(50, 0.1, 1) == 50
+    assert decode_speed(50, 0.1, 6) == pytest.approx(50 / 1.5)
+    slowed = predict(NEED, POOL, PoolNow(ready=1, running=5, decode_tps=50, decode_slowdown=0.1))
+    assert slowed.run_s == pytest.approx(200 / 1000 + 96 / (50 / 1.5))
+    assert slowed.gpu_seconds == pytest.approx(slowed.run_s / 6)
+
+
+def test_a_queued_step_waits_until_the_slot_it_takes_frees() -> None:
+    assert queue_wait(8, 7, 2.0, ()) == 0  # a free slot
+    assert queue_wait(8, 9, 2.0, (0.5, 1.0, 1.5) + (2.0,) * 6) == 1.0  # the second end
+    # Ends not known (another replica's steps): the rest drain at the batch rate.
+    assert queue_wait(8, 8, 2.0, ()) == pytest.approx(2.0 / 8)
+    assert queue_wait(8, 10, 2.0, (1.0,)) == pytest.approx(1.0 + 2 * 2.0 / 8)
+
+
+def test_the_slowdown_is_fitted_from_steps_at_several_batch_sizes() -> None:
+    fit = SlowdownFit()
+    for _ in range(10):
+        fit.observe(1.0, 50.0)
+    assert fit.estimate() is None  # one batch size says nothing of the slope
+    for n in (1, 2, 4, 8, 3, 6):
+        fit.observe(n, decode_speed(50.0, 0.2, n))
+    got = fit.estimate()
+    assert got is not None
+    assert got[0] == pytest.approx(50.0, rel=0.05) and got[1] == pytest.approx(0.2, rel=0.1)
+    flat = SlowdownFit()
+    for n in (1, 8, 2, 8, 1, 4):
+        flat.observe(n, 80.0)
+    assert flat.estimate() == pytest.approx((80.0, 0.0))
+
+
+def _view() -> tuple[PoolView, HeartbeatTracker]:
+    hb = HeartbeatTracker()
+    hb.last[("small", "w1")] = Heartbeat(worker="w1", pool="small", ready=True, engine="sim",
+                                         ts=time.time(), decode_tps=40.0)  # fmt: skip
+    return PoolView(Catalogue({"small": POOL}), hb), hb
+
+
+def _run(task: str, seq: int, dispatched_at: float, run_s: float) -> RunState:
+    st = StepState(agent="a", pool="small", session="s", dispatched_at=dispatched_at,
+                   prediction=PoolPrediction(kv_tokens=1, wait_s=0.0, run_s=run_s,
+                                             gpu_seconds=0.1, cost_usd=0.0))  # fmt: skip
+    return RunState(tenant="acme", task_id=task, session="s", workflow="w", task_seq=seq,
+                    steps={"r1.a": st})  # fmt: skip
+
+
+def test_the_pool_view_sees_a_burst_arrive_and_when_its_placed_steps_end() -> None:
+    view, _ = _view()
+    for seq in (1, 2, 3):
+        view.taken("acme", seq, behind=9 - seq)  # a batch of 3 taken, 6 more in the stream
+    _, now = view.look("small", exclude=("acme", 1))
+    assert now.arriving == 2 + 6 and now.running == 0
+    t0 = time.time()
+    view.changed(None, _run("t1", 1, t0, 2.0))  # task 1 placed: no longer arriving
+    view.handled("acme", 1)
+    _, now = view.look("small", exclude=("acme", 2))
+    assert now.arriving == 1 + 6 and now.running == 1
+    assert now.frees_in[0] == pytest.approx(2.0, abs=0.1)
+    view.changed(_run("t1", 1, t0, 2.0), None)  # answered
+    _, now = view.look("small")
+    assert now.running == 0 and now.frees_in == ()
+    # A stream's count of tasks behind is believed only while it is fresh.
+    view._stream["acme"] = (3, 6, time.time() - poolview.BEHIND_FRESH_S - 1)
+    assert view.look("small")[1].arriving == 2
+    assert now.decode_tps == 40.0 and now.decode_slowdown == 0.0  # the heartbeat's, until fitted
+
+
+def test_the_pool_view_fits_the_slowdown_from_the_steps_that_finished() -> None:
+    view, _ = _view()
+    for n in (1, 2, 4, 8, 1, 4):
+        decode_s = 63 / decode_speed(60.0, 0.25, n)
+        st = StepState(agent="a", pool="small", session="s", status="done",
+                       usage=Usage(completion_tokens=64, gpu_seconds=(0.1 + decode_s) / n),
+                       timing=Timing(phases=Phases(prefill=0.1, decode=decode_s)))  # fmt: skip
+        view.finished(st)
+    _, now = view.look("small")
+    assert now.decode_tps == pytest.approx(60.0, rel=0.05)
+    assert now.decode_slowdown == pytest.approx(0.25, rel=0.1)
+
+
+ASK = parse(
+    "name: ask\n"
+    "agents:\n"
+    "  assistant: {role: assistant, system: You answer., max_tokens: 32}\n"
+    "steps:\n"
+    "  - {id: answer, agent: assistant}\n",
+    "ask.yaml",
+)
+
+
+def _predicted(shell: Shell, task_id: str) -> dict[str, float]:
+    started = [e for e in shell.events(task_id) if e["type"] == "step" and e["status"] == "started"]
+    return started[0]["prediction"]
+
+
+async def test_a_conductor_places_a_bursts_first_task_seeing_the_tasks_behind_it() -> None:
+    """The wiring, on the bus twin: a task's delivery says how many wait
+    behind it in the tenant's stream, and the tasks placed before it are in
+    flight: each of a burst of three is predicted a third of the engine."""
+    shell = await Shell.start({"ask": GraphWorkflow(ASK)})
+    for task_id in ("t0", "t1", "t2"):
+        await shell.submit("ask", task_id)
+    for task_id in ("t0", "t1", "t2"):
+        assert await shell.handle(TASKS)
+        p = _predicted(shell, task_id)
+        assert p["gpu_seconds"] == pytest.approx(p["run_s"] / 3, rel=0.01), task_id
+    # Once the burst is answered, a task alone is charged the engine alone.
+    await shell.settle_all()
+    await shell.submit("ask", "t3")
+    assert await shell.handle(TASKS)
+    p = _predicted(shell, "t3")
+    assert p["gpu_seconds"] == pytest.approx(p["run_s"], rel=0.01)
+
+
+def test_the_jobs_a_pools_workers_run_are_not_counted_again_as_its_queue() -> None:
+    # The pool consumer's count is pending + unacknowledged, and a worker
+    # acks a job when it ends: the four running are in it.
+    view, hb = _view()
+    hb.last[("small", "w1")].inflight = 4
+    view.backlog["small"] = 5
+    _, now = view.look("small")
+    assert (now.running, now.backlog) == (4, 1)
+    shared = predict(NEED, POOL, now)
+    assert shared.wait_s == 0 and shared.gpu_seconds == pytest.approx(shared.run_s / 6)
