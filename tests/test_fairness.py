@@ -24,7 +24,7 @@ import msgpack
 from baton.dev.testing import Client, LocalStack, uid
 from baton.natsd import NatsServer
 from services.inference_worker.admission import Admission, Waiter, next_waiter
-from services.orchestrator.fairness import FairGate, run_load, token_room
+from services.orchestrator.fairness import FairGate, PoolRoom, allowance, run_load, token_room
 from services.orchestrator.limits import Limiter, TenantLimits
 
 FLOOD = 40
@@ -99,6 +99,83 @@ def test_deliveries_not_started_count_as_typical_runs() -> None:
     gate.reserve("a", 11)
     assert gate.held("a") == 4000  # two runs + two deliveries being handled
     assert gate.room("a") == 4
+
+
+POOL = PoolRoom(kv_tokens=58_982, seqs=64)  # one simulator worker at 0.9 headroom
+
+
+def _lending(pool: PoolRoom = POOL) -> FairGate:
+    gate = FairGate(lambda t: 16384, policy="tokens", pool=lambda: pool)
+    for t in ("acme", "globex", "initech", "wonka"):  # served tenants: a waker each
+        gate.on_room(t, lambda: None)
+    return gate
+
+
+def test_a_tenant_alone_borrows_the_idle_shares_up_to_what_the_pool_holds() -> None:
+    # Two idle tenants lend 32,768; the pool holds 58,982: the share + loans.
+    assert allowance(16384, [(16384, 0), (16384, 0)], POOL, typical=2000) == 49152
+    # Five idle tenants would lend more than the pool holds: the pool bounds it.
+    assert allowance(16384, [(16384, 0)] * 5, POOL, typical=2000) == 58982
+    # A lender's work is no longer idle, nor room in the pool.
+    assert allowance(16384, [(16384, 16384)] * 5, POOL, typical=2000) == 16384
+    # Sequence slots bound it too: 64 runs of 500 tokens, not 117.
+    assert allowance(16384, [(16384, 0)] * 5, POOL, typical=500) == 64 * 500
+    # Nothing known of the pool (no heartbeat): no loan; the share stays.
+    assert allowance(16384, [(16384, 0)] * 5, PoolRoom(), typical=2000) == 16384
+
+    gate = _lending()
+    long_runs = _fill(gate, "acme", load=1970)
+    # 29 long runs fill the worker's KV, not the 8 its share allowed (the
+    # old gate, which had no lending, gave it int(16384 / 1970) + 1 at most).
+    assert len(long_runs) == 58982 // 1970, len(long_runs)
+    assert len(_fill(FairGate(lambda t: 16384, policy="tokens"), "acme", 1970)) <= 9
+
+
+def test_a_lender_that_arrives_gets_its_share_and_the_borrower_stops() -> None:
+    gate = _lending()
+    borrowed = _fill(gate, "acme", load=1970)
+    assert gate.room("acme") == 0
+    # globex arrives: its own share is all its room, whatever acme borrowed.
+    chats = _fill(gate, "globex", load=200)
+    assert 16384 - 200 < 200 * len(chats) <= 16384 + 200, len(chats)
+    # acme fetches nothing new until its runs have ended down to what is
+    # left: the pool less globex's work; its running runs are not touched.
+    assert gate.active("acme") == len(borrowed)
+    assert gate.limit("acme") == 58982 - gate.held("globex")
+    ended = 0
+    while gate.room("acme") == 0:
+        gate.finish("acme", borrowed[ended])
+        ended += 1
+    # It fetches again once what it holds and globex's share leave room in
+    # the pool for one more of its runs, and not before.
+    assert gate.held("acme") + gate.held("globex") + 1970 <= 58982
+    assert gate.held("acme") + 1970 + gate.held("globex") + 1970 > 58982
+    # Once globex is done, the loan grows back to the pool.
+    for run in chats:
+        gate.finish("globex", run)
+    assert gate.limit("acme") == 58982
+
+
+def test_a_freed_share_wakes_a_borrower_waiting_for_room() -> None:
+    gate = _lending()
+    woken: list[str] = []
+    gate.on_room("acme", lambda: woken.append("acme"))
+    _fill(gate, "acme", load=1970)
+    chats = _fill(gate, "globex", load=200)
+    woken.clear()
+    gate.finish("globex", chats[0])  # globex's run ends: acme's allowance grew
+    assert woken == ["acme"]
+    # Without lending a tenant wakes only for its own runs.
+    plain = FairGate(lambda t: 16384, policy="tokens")
+    plain.on_room("acme", lambda: woken.append("plain"))
+    _fill(plain, "globex", load=200, n=3)
+    plain.finish("globex", "globex1")
+    assert woken == ["acme"]
+
+
+def test_count_shares_lend_nothing() -> None:
+    gate = FairGate(lambda t: 32, policy="count", pool=lambda: POOL)
+    assert len(_fill(gate, "acme", load=10)) == 32
 
 
 def test_shares_come_from_the_tenant_limits_in_either_unit() -> None:

@@ -1,8 +1,8 @@
 """Task intake: one pull loop per tenant's task stream, each fetching only
 while its tenant has room under the fair-dispatch share (``fairness.py``:
-tokens its runs hold, or tasks),
-and the admission limits (``limits.py``) applied to each task before it
-starts.
+tokens its runs hold, or tasks; the share other tenants leave idle lent out
+as far as the pools hold it), and the admission limits (``limits.py``)
+applied to each task before it starts.
 
 A loop with no room fetches nothing and waits for one of the tenant's runs
 to end; the tasks stay in the tenant's stream (durable, in order), so a
@@ -52,12 +52,15 @@ class Intake:
         runs: RunStore,
         limiter: Limiter,
         policy: Policy = "tokens",
+        lend: bool = True,
     ) -> None:
         self.bus = bus
         self.conductor = conductor
         self.runs = runs
         self.limiter = limiter
-        self.gate = FairGate(lambda t: limiter.share(t, policy), policy)
+        # Lending idle shares out, bounded by what the pools hold now.
+        pool = conductor.pools.room if lend else None
+        self.gate = FairGate(lambda t: limiter.share(t, policy), policy, pool)
         # A run's input, in tokens, from its task message: the prompt of its
         # first step (the run state keeps no input).
         self._inputs: dict[tuple[str, str], int] = {}

@@ -22,6 +22,7 @@ import structlog
 from proto.messages import Heartbeat
 
 from . import metrics as m
+from .fairness import PoolRoom
 from .pools import Catalogue, PoolSpec, drifts
 from .routing import HeartbeatTracker
 from .scheduling import PoolNow
@@ -88,6 +89,20 @@ class PoolView:
             self.placed[pool] = self.placed.get(pool, 0) + n
         for pool, n in (_active(old) if old is not None else {}).items():
             self.placed[pool] = max(0, self.placed.get(pool, 0) - n)
+
+    def room(self) -> PoolRoom:
+        """What every pool's live, ready workers hold at once (the fair
+        gate's bound on lending): each one's admission KV limit and sequence
+        slots as its heartbeat states them (the catalogue's slots while it
+        has not measured them)."""
+        now = time.time()
+        kv = seqs = 0
+        for (pool, _), hb in self.heartbeats.last.items():
+            if hb.leaving or not hb.ready or now - hb.ts > self.stale_after:
+                continue
+            kv += hb.kv_capacity_tokens
+            seqs += hb.max_seqs or self.catalogue.spec(pool).max_seqs
+        return PoolRoom(kv_tokens=kv, seqs=seqs)
 
     def look(self, pool: str) -> tuple[PoolSpec, PoolNow]:
         """The pool's catalogue entry and its state now."""

@@ -217,7 +217,7 @@ async def run(bus: Bus, settings: OrchestratorSettings, health: Health, svc: Ser
                     max_load=settings.route_max_load)  # fmt: skip
     conductor = Conductor(bus, runs, workflows, settings, router)
     limiter = Limiter(settings.default_limits, settings.tenant_limits)
-    intake = Intake(bus, conductor, runs, limiter, settings.fair_policy)
+    intake = Intake(bus, conductor, runs, limiter, settings.fair_policy, settings.fair_lend)
     m.init_series(
         {name: {a: spec.pool for a, spec in wf.agents.items()} for name, wf in workflows.items()},
         tenants,
