@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,9 +24,13 @@ import msgpack
 
 from baton.dev.testing import Client, LocalStack, uid
 from baton.natsd import NatsServer
+from proto.messages import Heartbeat
 from services.inference_worker.admission import Admission, Waiter, next_waiter
 from services.orchestrator.fairness import FairGate, PoolRoom, allowance, run_load, token_room
 from services.orchestrator.limits import Limiter, TenantLimits
+from services.orchestrator.pools import Catalogue, PoolSpec
+from services.orchestrator.poolview import PoolView
+from services.orchestrator.routing import HeartbeatTracker
 
 FLOOD = 40
 FLOODER, PROBER = "wonka", "initech"
@@ -171,6 +176,25 @@ def test_a_freed_share_wakes_a_borrower_waiting_for_room() -> None:
     _fill(plain, "globex", load=200, n=3)
     plain.finish("globex", "globex1")
     assert woken == ["acme"]
+
+
+def test_the_pool_room_is_what_live_ready_workers_state() -> None:
+    hb = HeartbeatTracker()
+    view = PoolView(Catalogue({"big": PoolSpec(name="big", max_seqs=16)}), hb, stale_after=6.0)
+    assert view.room() == PoolRoom()  # nobody heard from: nothing to lend
+    now = time.time()
+
+    def beat(worker: str, pool: str = "small", **kw: Any) -> None:
+        fields: dict[str, Any] = {"ready": True, "ts": now, "kv_capacity_tokens": 58982,
+                                  "max_seqs": 64, **kw}  # fmt: skip
+        hb.last[(pool, worker)] = Heartbeat(worker=worker, pool=pool, engine="sim", **fields)
+
+    beat("w1")
+    beat("w2", pool="big", max_seqs=0)  # slots not measured yet: the catalogue's
+    beat("w3", ts=now - 60)  # silent for a minute
+    beat("w4", ready=False)  # starting
+    beat("w5", leaving=True)
+    assert view.room() == PoolRoom(kv_tokens=2 * 58982, seqs=64 + 16)
 
 
 def test_count_shares_lend_nothing() -> None:
