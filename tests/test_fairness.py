@@ -453,3 +453,63 @@ async def test_long_tasks_hold_their_token_share_not_a_pool_of_slots(
     assert behind_count >= 15, (behind_count, behind_tokens)
     # Tokens: behind the ~2 long jobs of the share, and the worker's queue.
     assert behind_tokens <= 6, (behind_tokens, behind_count)
+
+
+async def _most_at_once(client: Client, ends: Ends, n: int) -> int:
+    """``wonka`` alone submits ``n`` long tasks; the most of them running
+    at once (accepted and not ended), from the order of their events."""
+    flood = [uid("lo") for _ in range(n)]
+    running = most = 0
+    seen: set[str] = set()
+
+    async def on_msg(msg: Any) -> None:
+        nonlocal running, most
+        ev = msgpack.unpackb(msg.data)
+        if ev["task_id"] not in flood or (ev["task_id"], ev["type"]) in seen:
+            return
+        seen.add((ev["task_id"], ev["type"]))
+        running += {"accepted": 1, "completed": -1, "failed": -1}.get(ev["type"], 0)
+        most = max(most, running)
+
+    sub = await client.nc.subscribe(f"baton.events.{FLOODER}.*", cb=on_msg)
+    await asyncio.gather(*(client.publish("long", {"tenant": FLOODER, "input": LONG_INPUT,
+                                                   "task_id": t}, msg_id=t) for t in flood))  # fmt: skip
+    await ends.wait(flood, timeout=90)
+    await sub.unsubscribe()
+    assert {ends.events[t]["type"] for t in flood} == {"completed"}
+    return most
+
+
+async def test_a_tenant_alone_borrows_the_idle_shares_the_worker_holds(
+    own_nats: NatsServer, tmp_path: Path
+) -> None:
+    """Tenant ``wonka`` alone, with a token share of one long task (~1,090
+    tokens) on a worker with room for ~5: capped at its share it runs one or
+    two at once; lending the idle tenants' shares, as many as the worker's
+    KV cache holds (its heartbeats), and never more."""
+    workflows = tmp_path / "wf"
+    workflows.mkdir()
+    (workflows / "long.yaml").write_text(LONG_WORKFLOW)
+    stack = LocalStack(own_nats, tmp_path / "s", env={"BATON_WORKFLOWS_DIR": str(workflows)})
+    stack.workdir.mkdir(parents=True)
+    stack.service("context-store").wait_ready()
+    stack.worker(**SMALL_WORKER, BATON_HEARTBEAT_INTERVAL="0.5").wait_ready()
+    client = await Client.connect(own_nats.url)
+    ends = Ends()
+    await client.nc.subscribe("baton.events.*.*", cb=ends.on_msg)
+    limits = json.dumps({"token_share": 1200})
+    try:
+        capped = stack.service("orchestrator", BATON_FAIR_LEND="false",
+                               BATON_DEFAULT_LIMITS=limits).wait_ready()  # fmt: skip
+        alone_capped = await _most_at_once(client, ends, 16)
+        stack.retire(capped)
+        stack.service("orchestrator", BATON_DEFAULT_LIMITS=limits).wait_ready()
+        await asyncio.sleep(1.0)  # a heartbeat: the pool's room is known
+        alone_lending = await _most_at_once(client, ends, 16)
+    finally:
+        await client.close()
+        stack.stop()
+    assert alone_capped <= 2, alone_capped
+    # 6,000 KV x 0.9 headroom / ~1,090 a task: 4 fit (a fifth while the
+    # gate's estimate of a run is below the worker's).
+    assert 4 <= alone_lending <= 5, (alone_lending, alone_capped)
