@@ -655,7 +655,8 @@ def dlq_replay(
     all_: Annotated[bool, typer.Option("--all", help="Every letter (of --consumer)")] = False,
     consumer: Consumer = None, nats_url: NatsUrl = None,
 ) -> None:  # fmt: skip
-    """Publish letters back where they were consumed from, then drop them."""
+    """Publish letters back where they were consumed from, then drop them (a
+    tenant's task that already ended is refused and kept)."""
     from baton import dlq
 
     _id(consumer, "consumer")
@@ -668,8 +669,12 @@ def dlq_replay(
             todo = [x.seq for x in await dlq.list_letters(bus, consumer=consumer, limit=100_000)]
         return await dlq.replay(bus, todo)
 
-    for seq, outcome in _dlq(nats_url, work):
+    outcomes = _dlq(nats_url, work)
+    for seq, outcome in outcomes:
         print(f"{seq:>8}  {outcome}")
+    refused = sum(1 for _, outcome in outcomes if outcome.startswith(dlq.REFUSED))
+    if refused:
+        fail(f"{refused} letter(s) refused: their tasks already ended (see above)")
 
 
 @dlq_app.command("purge")

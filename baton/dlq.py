@@ -10,6 +10,13 @@ past its ack wait. JetStream then stops delivering it and announces it on
 watch counts those (``baton_max_deliveries_total``, alert
 ``BatonMaxDeliveries``) and copies the message into the DLQ under the same
 id scheme as ``Bus.dead_letter``, so it is listed and replayed like any other.
+
+A tenant's task that was dead-lettered has already ended for its tenant:
+the orchestrator publishes ``failed`` (``unavailable``) for it. Replaying it
+under the same task id would start nothing (the run store holds the ended
+run, so the task is a duplicate) and would drop the letter; a re-run would
+give one task two terminal events. So ``replay`` refuses such a letter, keeps
+it, and says so: the tenant submits the task again under a new task id.
 """
 
 from __future__ import annotations
@@ -25,9 +32,9 @@ from prometheus_client import Counter
 
 from baton.bus import HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_TASK_ID, Bus, Message
 from baton.metrics import register
-from proto import keys, subjects
+from proto import codec, keys, subjects
 from proto.ids import is_valid_id
-from proto.streams import DEAD_LETTERS
+from proto.streams import DEAD_LETTERS, EVENTS
 
 log = structlog.get_logger("baton.dlq")
 
@@ -155,11 +162,49 @@ async def list_letters(
     return out
 
 
+REFUSED = "refused"
+"""How ``replay``'s outcome for a letter it kept begins."""
+
+
+def task_tenant(subject: str) -> str | None:
+    """The tenant of a tenant's task message subject
+    (``baton.tasks.<tenant>.<workflow>``), or None (pure)."""
+    parts = subject.split(".")
+    if len(parts) == 4 and f"{parts[0]}.{parts[1]}" == subjects.TASKS and is_valid_id(parts[2]):
+        return parts[2]
+    return None
+
+
+def ended(event: Any) -> str | None:
+    """``"failed (code)"`` or ``"completed"`` for a decoded terminal task
+    event, else None (pure)."""
+    if not isinstance(event, dict) or event.get("type") not in ("completed", "failed"):
+        return None
+    error = event.get("error")
+    code = error.get("code") if isinstance(error, dict) else None
+    return f"failed ({code})" if event["type"] == "failed" and code else str(event["type"])
+
+
+async def _task_ended(bus: Bus, tenant: str, task_id: str) -> str | None:
+    """How the task ended, from its newest event in BATON_EVENTS (None: no
+    terminal event, or none kept)."""
+    if not is_valid_id(task_id):
+        return None
+    last = await bus.last_msg(EVENTS.name, subjects.event(tenant, task_id))
+    if last is None or not last.data:
+        return None
+    try:
+        return ended(codec.decode_any(last.data))
+    except Exception:  # not an event we can read: let the orchestrator judge it
+        return None
+
+
 async def replay(bus: Bus, seqs: Sequence[int]) -> list[tuple[int, str]]:
     """Publish each dead letter back on the subject it was consumed from, then
     delete it from the DLQ. A new message id (``dlq-replay:<seq>``): the
     original id may still be in the stream's duplicate window. Returns
-    (seq, outcome) per letter; a letter without an original subject stays."""
+    (seq, outcome) per letter; a letter without an original subject stays,
+    and so does a tenant's task that has already ended (``refused: ...``)."""
     done: list[tuple[int, str]] = []
     for seq in seqs:
         raw = await bus.get_msg(DEAD_LETTERS.name, seq)
@@ -170,6 +215,13 @@ async def replay(bus: Bus, seqs: Sequence[int]) -> list[tuple[int, str]]:
         target = headers.get(HDR_DLQ_SUBJECT)
         if not target:
             done.append((seq, "no original subject: kept"))
+            continue
+        tenant, task_id = task_tenant(target), headers.get(HDR_TASK_ID)
+        how = await _task_ended(bus, tenant, task_id) if tenant and task_id else None
+        if how is not None:
+            done.append((seq, f"{REFUSED}: task {task_id} of {tenant} already ended {how} and"
+                              " its tenant was told; kept — submit it again with a new task_id"
+                              " (or purge the letter)"))  # fmt: skip
             continue
         await bus.publish(target, raw.data or b"", msg_id=keys.dead_letter_replay(seq),
                           task_id=headers.get(HDR_TASK_ID))  # fmt: skip
@@ -192,11 +244,14 @@ def age(letter: DeadLetter, now: float | None = None) -> float:
 
 __all__ = [
     "MAX_DELIVERIES",
+    "REFUSED",
     "Advisory",
     "DeadLetter",
     "MaxDeliveryWatch",
+    "ended",
     "list_letters",
     "parse_advisory",
     "purge",
     "replay",
+    "task_tenant",
 ]

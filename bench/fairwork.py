@@ -13,12 +13,15 @@ so what a short chat waits for is queueing, not a slower engine. Tasks:
   (~0.35 s end to end alone).
 
 The flood is ``FLOOD_X`` (20) times the long tasks the worker runs at once,
-all submitted together. Two policies alternate round by round on one stack
+all submitted together. The policies alternate round by round on one stack
 (the orchestrator and the worker restarted between them):
 
 * ``tokens`` — the shipped default: intake counts each tenant's steps in
-  flight in tokens against its ``token_share`` (16,384), the worker admits
-  the tenant holding the fewest tokens first from a queue of 4;
+  flight in tokens against its ``token_share`` (16,384), lending the share
+  other tenants leave idle as far as the worker's KV cache holds it; the
+  worker admits the tenant holding the fewest tokens first from a queue of 4;
+* ``tokens-nolend`` — the same without lending (``BATON_FAIR_LEND=false``):
+  each tenant at its share, alone or not (the rule of issue #21);
 * ``count`` — the rule before: 32 tasks in flight per tenant, jobs admitted
   as they arrived, nothing fetched beyond what fits;
 * ``count+queue`` — count shares at intake with the worker's fair queue, to
@@ -26,11 +29,14 @@ all submitted together. Two policies alternate round by round on one stack
   share of 64 (the pool's sequences; or two orchestrator replicas at 32).
 
 Each round: ``PROBES_SOLO`` short chats one after another with nothing else
-running (solo), then the flood, while ``globex`` keeps submitting one chat
-after another until the flood has ended (flooded). Latency is submit to
-terminal event (a core subscription on each tenant's events). Reported per
-policy: solo and flooded p50/p95, the p95 ratio (goal <= 1.25x), the flood's
-time, and that every flood task completed.
+running (solo); then ``LONE`` long tasks of ``acme`` with nothing else
+running (its throughput alone: what lending buys); then the flood, and
+``ARRIVE_S`` later — ``acme`` has borrowed the pool by then — ``globex``
+arrives and keeps submitting one chat after another until the flood has
+ended (flooded). Latency is submit to terminal event (a core subscription on
+each tenant's events). Reported per policy: solo and flooded p50/p95, the
+p95 ratio (goal <= 1.25x), the lone tenant's tasks/s, the flood's time, and
+that every task completed.
 """
 
 from __future__ import annotations
@@ -43,11 +49,10 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from baton.dev.testing import LocalStack, ServiceProcess, secure_nats, uid
+from baton.dev.testing import LocalStack, ServiceProcess, connect_nats, secure_nats, uid
 from bench.stats import median, pct
 
 FLOODER, PROBER = "acme", "globex"
@@ -59,6 +64,8 @@ LONG_NEED = 6_804 // 4 + 30 + LONG_ANSWER  # prompt (input, system, template) + 
 FLOOD_X = 20
 FLOOD = FLOOD_X * int(KV_TOKENS * HEADROOM // LONG_NEED)
 PROBES_SOLO = 20
+LONE = FLOOD // 4  # long tasks of acme alone, for its throughput
+ARRIVE_S = 2.0  # seconds into the flood before globex's first chat
 ROUNDS = 2  # per policy, interleaved
 GOAL_RATIO = 1.25
 FLOOD_TIMEOUT = 150.0  # one flood, seconds
@@ -88,6 +95,8 @@ ENV = {
 POLICIES: dict[str, dict[str, dict[str, str]]] = {
     "tokens": {"orchestrator": {"BATON_FAIR_POLICY": "tokens"},
                "worker": {"BATON_ADMISSION_ORDER": "tokens"}},
+    "tokens-nolend": {"orchestrator": {"BATON_FAIR_POLICY": "tokens", "BATON_FAIR_LEND": "false"},
+                      "worker": {"BATON_ADMISSION_ORDER": "tokens"}},
     "count": {"orchestrator": {"BATON_FAIR_POLICY": "count"},
               "worker": {"BATON_ADMISSION_ORDER": "fifo", "BATON_ADMISSION_QUEUE": "0"}},
     # Which layer does it: count shares at intake, the fair worker queue.
@@ -141,20 +150,30 @@ class Ends:
         return await asyncio.wait_for(fut, PROBE_TIMEOUT) - t0
 
 
+async def _flood(ends: Ends, n: int) -> tuple[float, list[str], Fut]:
+    """Submit ``n`` long tasks of the flooder: when, their ids, and their
+    ends (each one's terminal event's time)."""
+    t0 = time.perf_counter()
+    futs: list[Fut] = []
+    ids: list[str] = []
+    for chunk in range(0, n, 100):
+        subs = await asyncio.gather(*(ends.submit(FLOODER, "long", LONG_INPUT)
+                                      for _ in range(chunk, min(n, chunk + 100))))  # fmt: skip
+        ids += [tid for tid, _, _ in subs]
+        futs += [fut for _, _, fut in subs]
+    return t0, ids, asyncio.gather(*futs)
+
+
 async def _round(ends: Ends) -> dict[str, Any]:
     solo = []
     for _ in range(PROBES_SOLO):
         solo.append(await ends.probe())
         await asyncio.sleep(PROBE_GAP)
-    t0 = time.perf_counter()
-    futs: list[Fut] = []
-    ids: list[str] = []
-    for chunk in range(0, FLOOD, 100):
-        subs = await asyncio.gather(*(ends.submit(FLOODER, "long", LONG_INPUT)
-                                      for _ in range(chunk, min(FLOOD, chunk + 100))))  # fmt: skip
-        ids += [tid for tid, _, _ in subs]
-        futs += [fut for _, _, fut in subs]
-    flood = asyncio.gather(*futs)
+    t0, lone_ids, lone = await _flood(ends, LONE)
+    lone_s = max(await asyncio.wait_for(lone, FLOOD_TIMEOUT)) - t0
+    lone_done = sum(1 for tid in lone_ids if ends.outcome.get(tid) == "completed")
+    t0, ids, flood = await _flood(ends, FLOOD)
+    await asyncio.sleep(ARRIVE_S)  # acme alone on the pool: it borrows what lending allows
     flooded: list[float] = []
     deadline = time.monotonic() + FLOOD_TIMEOUT
     while not flood.done() and time.monotonic() < deadline:
@@ -166,7 +185,8 @@ async def _round(ends: Ends) -> dict[str, Any]:
         done_at = float("nan")
     completed = sum(1 for tid in ids if ends.outcome.get(tid) == "completed")
     return {"solo_s": solo, "flooded_s": flooded, "flood_s": round(done_at - t0, 2),
-            "flood_completed": completed}  # fmt: skip
+            "flood_completed": completed, "lone_s": round(lone_s, 2),
+            "lone_completed": lone_done}  # fmt: skip
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -200,7 +220,7 @@ async def _main(work: Path) -> dict[str, Any]:
     procs: dict[str, ServiceProcess] = {}
     try:
         await asyncio.to_thread(stack.service("context-store").wait_ready)
-        nc = await nats.connect(server.url, name="bench-fairwork")
+        nc = await connect_nats(server.url, name="bench-fairwork")
         ends = Ends(nc)
         await ends.start()
         for i in range(ROUNDS):
@@ -212,7 +232,7 @@ async def _main(work: Path) -> dict[str, Any]:
                 r = rounds[name][-1]
                 brief = _summary(r["solo_s"]), _summary(r["flooded_s"])
                 print(f"fairwork {name} round {i}: solo {brief[0]} flooded {brief[1]}"
-                      f" flood {r['flood_s']} s", flush=True)  # fmt: skip
+                      f" lone {r['lone_s']} s flood {r['flood_s']} s", flush=True)  # fmt: skip
     finally:
         if nc is not None:
             with contextlib.suppress(Exception):
@@ -221,6 +241,7 @@ async def _main(work: Path) -> dict[str, Any]:
         server.stop()
     out: dict[str, Any] = {"flood": FLOOD, "flood_x": FLOOD_X, "long_need_tokens": LONG_NEED,
                            "kv_tokens": KV_TOKENS, "probes_solo_per_round": PROBES_SOLO,
+                           "lone": LONE, "arrive_s": ARRIVE_S,
                            "rounds": ROUNDS, "policies": {}}  # fmt: skip
     for name, rs in rounds.items():
         solo = [v for r in rs for v in r["solo_s"]]
@@ -237,14 +258,21 @@ async def _main(work: Path) -> dict[str, Any]:
             ],
             "flood_s": [r["flood_s"] for r in rs],
             "flood_completed": [r["flood_completed"] for r in rs],
+            "lone_s": [r["lone_s"] for r in rs],
+            "lone_tasks_per_s": round(LONE / median([r["lone_s"] for r in rs]), 1),
+            "lone_completed": [r["lone_completed"] for r in rs],
         }
     tok = out["policies"]["tokens"]
     count = out["policies"]["count"]
     slower = median(tok["flood_s"]) / median(count["flood_s"])
     out["flood_time_tokens_over_count"] = round(slower, 2)
+    nolend = out["policies"]["tokens-nolend"]
+    out["lone_lend_speedup"] = round(tok["lone_tasks_per_s"] / nolend["lone_tasks_per_s"], 2)
     out["goal_ratio"] = GOAL_RATIO
-    out["goal_met"] = tok["ratio_p95"] <= GOAL_RATIO and all(
-        n == FLOOD for n in tok["flood_completed"]
+    out["goal_met"] = (
+        tok["ratio_p95"] <= GOAL_RATIO
+        and all(n == FLOOD for n in tok["flood_completed"])
+        and all(n == LONE for n in tok["lone_completed"])
     )
     return out
 
@@ -262,9 +290,11 @@ def markdown(r: dict[str, Any]) -> str:
         floods = " / ".join(f"{x:.1f}" for x in c["flood_s"])
         done = " / ".join(str(n) for n in c["flood_completed"])
         by_round = " / ".join(f"{x:.2f}" for x in c["ratio_p95_by_round"])
+        lone = " / ".join(f"{x:.1f}" for x in c.get("lone_s", []))
         rows.append(
             f"| {name} | {s['p50']:.2f} / {s['p95']:.2f} | {f['p50']:.2f} / {f['p95']:.2f} |"
             f" {f['max']:.2f} | **{c['ratio_p95']:.2f}x** ({by_round}) | {c['ratio_p50']:.2f}x |"
+            f" {c.get('lone_tasks_per_s', float('nan')):.1f} ({lone}) |"
             f" {floods} | {done} of {r['flood']} |"
         )
     tok = r["policies"]["tokens"]
@@ -276,12 +306,18 @@ def markdown(r: dict[str, Any]) -> str:
             f"Tenant `acme` submits {r['flood']:,} long tasks at once ({r['flood_x']}x the"
             f" ~{r['long_need_tokens']:,}-token jobs the worker holds at once: ~1,700 prompt"
             " tokens, 256 generated); tenant `globex` submits short chats (128 tokens) one"
-            " after another, before the flood (solo) and until it has ended (flooded)."
+            " after another, before the flood (solo) and from"
+            f" {r.get('arrive_s', 0):g} s into it — `acme` alone on the pool until then —"
+            " until it has ended (flooded). Before the flood, `acme` runs"
+            f" {r.get('lone', 0)} long tasks with nothing else running (lone: its"
+            " throughput alone)."
             f" **Simulator** engine ({r['kv_tokens']:,} KV tokens, 64 sequences, 400"
             " tokens/s per sequence, no slowdown from batching: a flooded chat waits only in"
             " queues), one worker; `tokens` is the shipped policy (a tenant's steps in flight"
-            " counted in tokens against its `token_share` of 16,384; the worker admits the"
-            " tenant holding the fewest tokens first from a queue of 4), `count` the rule"
+            " counted in tokens against its `token_share` of 16,384, plus the share other"
+            " tenants leave idle, lent as far as the worker's KV cache and slots hold it; the"
+            " worker admits the tenant holding the fewest tokens first from a queue of 4),"
+            " `tokens-nolend` the same without lending (`BATON_FAIR_LEND=false`), `count` the rule"
             " before (32 tasks per tenant, FIFO admission, no queue), `count+queue` count"
             " shares with the fair worker queue, `count64+queue` the same with a count share"
             " of 64 (the pool's sequences, as the count rule's docs advised, or two"
@@ -290,23 +326,24 @@ def markdown(r: dict[str, Any]) -> str:
             " Seconds, submit to terminal event.",
             "",
             "| policy | solo p50 / p95 | flooded p50 / p95 | flooded max |"
-            " flooded/solo p95 (per round) | flooded/solo p50 | flood s (per round) |"
-            " flood completed |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            " flooded/solo p95 (per round) | flooded/solo p50 | lone tasks/s (s per round) |"
+            " flood s (per round) | flood completed |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             *rows,
             "",
             f"Goal: the short chats' flooded p95 ≤ {r['goal_ratio']:g}x their solo p95 with"
             f" the flood completing — {met} ({tok['ratio_p95']:.2f}x under `tokens`, pooled"
-            " over the rounds). The price: a token share caps a tenant alone too, so the"
-            " flood (alone on the pool but for the chats) takes"
-            f" {r['flood_time_tokens_over_count']:.1f}x as long as under `count`: it runs at"
-            " its share's pace (16,384 of the worker's 58,982 KV tokens), not the pool's.",
+            " over the rounds, `globex` arriving while `acme` holds the loan). Lending: a"
+            f" tenant alone runs {r['lone_lend_speedup']:.1f}x the tasks per second it did"
+            " capped at its share (`tokens` against `tokens-nolend`, lone column: 16,384 of"
+            " the worker's 58,982 KV tokens without the loan, the pool with it); the flood"
+            f" takes {r['flood_time_tokens_over_count']:.1f}x as long as under `count`.",
             "",
             "Which layer: "
             + "; ".join(
                 f"`{name}` {c['ratio_p95']:.2f}x (flood {median(c['flood_s']):.1f} s)"
                 for name, c in r["policies"].items()
-                if name != "tokens"
+                if not name.startswith("tokens")
             )
             + ". The worker's fair queue alone helps only while a tenant's count share"
             " exceeds what the worker runs at once by less than the queue (4 jobs); the"

@@ -17,7 +17,7 @@ from nats.js import api
 from baton import cli
 from baton.bus import HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_TASK_ID
 from baton.dev.testing import Client, LocalStack, metric, uid
-from baton.dlq import parse_advisory
+from baton.dlq import ended, parse_advisory, task_tenant
 
 
 def test_advisories_are_parsed_or_refused() -> None:
@@ -40,6 +40,16 @@ def baton(*argv: str) -> tuple[int, str]:
     with contextlib.redirect_stdout(out):
         rc = cli.main(list(argv))
     return rc, out.getvalue()
+
+
+def test_a_letter_of_an_ended_task_is_told_apart() -> None:
+    assert task_tenant("baton.tasks.acme.chat") == "acme"
+    assert task_tenant("baton.jobs.small") is None
+    assert task_tenant("baton.tasks.acme") is None
+    assert task_tenant("baton.tasks.a b.chat") is None
+    assert ended({"type": "failed", "error": {"code": "unavailable"}}) == "failed (unavailable)"
+    assert ended({"type": "completed"}) == "completed"
+    assert ended({"type": "accepted"}) is None and ended([1]) is None
 
 
 async def test_a_message_out_of_deliveries_is_counted_copied_and_replayable(
@@ -121,6 +131,19 @@ async def test_a_dead_lettered_task_ends_failed_for_its_tenant_and_stays_replaya
         assert "dlq replay" in event["error"]["message"]
         kept = await client.js.get_msg("BATON_DLQ", ack.seq)
         assert kept.data == body  # the copy stays for `baton dlq replay`
+        # Replaying it is refused, loudly, and the letter kept: its tenant was
+        # told it failed, and the same task id would start nothing (before,
+        # the replay said "replayed" and the task silently stayed failed).
+        rc, out = await asyncio.to_thread(baton, "dlq", "replay", str(ack.seq),
+                                          "--nats-url", nats_url)  # fmt: skip
+        assert rc == 1, out
+        assert f"refused: task {task_id} of {tenant} already ended failed (unavailable)" in out
+        assert "new task_id" in out
+        assert (await client.js.get_msg("BATON_DLQ", ack.seq)).data == body
+        with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
+            extra = await sub.next_msg(timeout=2)
+            raise AssertionError(f"a refused replay published an event: {extra.data!r}")
+        await client.js.delete_msg("BATON_DLQ", ack.seq)
         # A task that already finished keeps its one terminal event.
         done = await watcher.run("chat", {"tenant": tenant, "input": "hi", "task_id": uid()})
         assert done["type"] == "completed"

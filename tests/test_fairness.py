@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,9 +24,13 @@ import msgpack
 
 from baton.dev.testing import Client, LocalStack, uid
 from baton.natsd import NatsServer
+from proto.messages import Heartbeat
 from services.inference_worker.admission import Admission, Waiter, next_waiter
-from services.orchestrator.fairness import FairGate, run_load, token_room
+from services.orchestrator.fairness import FairGate, PoolRoom, allowance, run_load, token_room
 from services.orchestrator.limits import Limiter, TenantLimits
+from services.orchestrator.pools import Catalogue, PoolSpec
+from services.orchestrator.poolview import PoolView
+from services.orchestrator.routing import HeartbeatTracker
 
 FLOOD = 40
 FLOODER, PROBER = "wonka", "initech"
@@ -99,6 +104,102 @@ def test_deliveries_not_started_count_as_typical_runs() -> None:
     gate.reserve("a", 11)
     assert gate.held("a") == 4000  # two runs + two deliveries being handled
     assert gate.room("a") == 4
+
+
+POOL = PoolRoom(kv_tokens=58_982, seqs=64)  # one simulator worker at 0.9 headroom
+
+
+def _lending(pool: PoolRoom = POOL) -> FairGate:
+    gate = FairGate(lambda t: 16384, policy="tokens", pool=lambda: pool)
+    for t in ("acme", "globex", "initech", "wonka"):  # served tenants: a waker each
+        gate.on_room(t, lambda: None)
+    return gate
+
+
+def test_a_tenant_alone_borrows_the_idle_shares_up_to_what_the_pool_holds() -> None:
+    # Two idle tenants lend 32,768; the pool holds 58,982: the share + loans.
+    assert allowance(16384, [(16384, 0), (16384, 0)], POOL, typical=2000) == 49152
+    # Five idle tenants would lend more than the pool holds: the pool bounds it.
+    assert allowance(16384, [(16384, 0)] * 5, POOL, typical=2000) == 58982
+    # A lender's work is no longer idle, nor room in the pool.
+    assert allowance(16384, [(16384, 16384)] * 5, POOL, typical=2000) == 16384
+    # Sequence slots bound it too: 64 runs of 500 tokens, not 117.
+    assert allowance(16384, [(16384, 0)] * 5, POOL, typical=500) == 64 * 500
+    # Nothing known of the pool (no heartbeat): no loan; the share stays.
+    assert allowance(16384, [(16384, 0)] * 5, PoolRoom(), typical=2000) == 16384
+
+    gate = _lending()
+    long_runs = _fill(gate, "acme", load=1970)
+    # 29 long runs fill the worker's KV, not the 8 its share allowed (the
+    # old gate, which had no lending, gave it int(16384 / 1970) + 1 at most).
+    assert len(long_runs) == 58982 // 1970, len(long_runs)
+    assert len(_fill(FairGate(lambda t: 16384, policy="tokens"), "acme", 1970)) <= 9
+
+
+def test_a_lender_that_arrives_gets_its_share_and_the_borrower_stops() -> None:
+    gate = _lending()
+    borrowed = _fill(gate, "acme", load=1970)
+    assert gate.room("acme") == 0
+    # globex arrives: its own share is all its room, whatever acme borrowed.
+    chats = _fill(gate, "globex", load=200)
+    assert 16384 - 200 < 200 * len(chats) <= 16384 + 200, len(chats)
+    # acme fetches nothing new until its runs have ended down to what is
+    # left: the pool less globex's work; its running runs are not touched.
+    assert gate.active("acme") == len(borrowed)
+    assert gate.limit("acme") == 58982 - gate.held("globex")
+    ended = 0
+    while gate.room("acme") == 0:
+        gate.finish("acme", borrowed[ended])
+        ended += 1
+    # It fetches again once what it holds and globex's share leave room in
+    # the pool for one more of its runs, and not before.
+    assert gate.held("acme") + gate.held("globex") + 1970 <= 58982
+    assert gate.held("acme") + 1970 + gate.held("globex") + 1970 > 58982
+    # Once globex is done, the loan grows back to the pool.
+    for run in chats:
+        gate.finish("globex", run)
+    assert gate.limit("acme") == 58982
+
+
+def test_a_freed_share_wakes_a_borrower_waiting_for_room() -> None:
+    gate = _lending()
+    woken: list[str] = []
+    gate.on_room("acme", lambda: woken.append("acme"))
+    _fill(gate, "acme", load=1970)
+    chats = _fill(gate, "globex", load=200)
+    woken.clear()
+    gate.finish("globex", chats[0])  # globex's run ends: acme's allowance grew
+    assert woken == ["acme"]
+    # Without lending a tenant wakes only for its own runs.
+    plain = FairGate(lambda t: 16384, policy="tokens")
+    plain.on_room("acme", lambda: woken.append("plain"))
+    _fill(plain, "globex", load=200, n=3)
+    plain.finish("globex", "globex1")
+    assert woken == ["acme"]
+
+
+def test_the_pool_room_is_what_live_ready_workers_state() -> None:
+    hb = HeartbeatTracker()
+    view = PoolView(Catalogue({"big": PoolSpec(name="big", max_seqs=16)}), hb, stale_after=6.0)
+    assert view.room() == PoolRoom()  # nobody heard from: nothing to lend
+    now = time.time()
+
+    def beat(worker: str, pool: str = "small", **kw: Any) -> None:
+        fields: dict[str, Any] = {"ready": True, "ts": now, "kv_capacity_tokens": 58982,
+                                  "max_seqs": 64, **kw}  # fmt: skip
+        hb.last[(pool, worker)] = Heartbeat(worker=worker, pool=pool, engine="sim", **fields)
+
+    beat("w1")
+    beat("w2", pool="big", max_seqs=0)  # slots not measured yet: the catalogue's
+    beat("w3", ts=now - 60)  # silent for a minute
+    beat("w4", ready=False)  # starting
+    beat("w5", leaving=True)
+    assert view.room() == PoolRoom(kv_tokens=2 * 58982, seqs=64 + 16)
+
+
+def test_count_shares_lend_nothing() -> None:
+    gate = FairGate(lambda t: 32, policy="count", pool=lambda: POOL)
+    assert len(_fill(gate, "acme", load=10)) == 32
 
 
 def test_shares_come_from_the_tenant_limits_in_either_unit() -> None:
@@ -352,3 +453,63 @@ async def test_long_tasks_hold_their_token_share_not_a_pool_of_slots(
     assert behind_count >= 15, (behind_count, behind_tokens)
     # Tokens: behind the ~2 long jobs of the share, and the worker's queue.
     assert behind_tokens <= 6, (behind_tokens, behind_count)
+
+
+async def _most_at_once(client: Client, ends: Ends, n: int) -> int:
+    """``wonka`` alone submits ``n`` long tasks; the most of them running
+    at once (accepted and not ended), from the order of their events."""
+    flood = [uid("lo") for _ in range(n)]
+    running = most = 0
+    seen: set[str] = set()
+
+    async def on_msg(msg: Any) -> None:
+        nonlocal running, most
+        ev = msgpack.unpackb(msg.data)
+        if ev["task_id"] not in flood or (ev["task_id"], ev["type"]) in seen:
+            return
+        seen.add((ev["task_id"], ev["type"]))
+        running += {"accepted": 1, "completed": -1, "failed": -1}.get(ev["type"], 0)
+        most = max(most, running)
+
+    sub = await client.nc.subscribe(f"baton.events.{FLOODER}.*", cb=on_msg)
+    await asyncio.gather(*(client.publish("long", {"tenant": FLOODER, "input": LONG_INPUT,
+                                                   "task_id": t}, msg_id=t) for t in flood))  # fmt: skip
+    await ends.wait(flood, timeout=90)
+    await sub.unsubscribe()
+    assert {ends.events[t]["type"] for t in flood} == {"completed"}
+    return most
+
+
+async def test_a_tenant_alone_borrows_the_idle_shares_the_worker_holds(
+    own_nats: NatsServer, tmp_path: Path
+) -> None:
+    """Tenant ``wonka`` alone, with a token share of one long task (~1,090
+    tokens) on a worker with room for ~5: capped at its share it runs one or
+    two at once; lending the idle tenants' shares, as many as the worker's
+    KV cache holds (its heartbeats), and never more."""
+    workflows = tmp_path / "wf"
+    workflows.mkdir()
+    (workflows / "long.yaml").write_text(LONG_WORKFLOW)
+    stack = LocalStack(own_nats, tmp_path / "s", env={"BATON_WORKFLOWS_DIR": str(workflows)})
+    stack.workdir.mkdir(parents=True)
+    stack.service("context-store").wait_ready()
+    stack.worker(**SMALL_WORKER, BATON_HEARTBEAT_INTERVAL="0.5").wait_ready()
+    client = await Client.connect(own_nats.url)
+    ends = Ends()
+    await client.nc.subscribe("baton.events.*.*", cb=ends.on_msg)
+    limits = json.dumps({"token_share": 1200})
+    try:
+        capped = stack.service("orchestrator", BATON_FAIR_LEND="false",
+                               BATON_DEFAULT_LIMITS=limits).wait_ready()  # fmt: skip
+        alone_capped = await _most_at_once(client, ends, 16)
+        stack.retire(capped)
+        stack.service("orchestrator", BATON_DEFAULT_LIMITS=limits).wait_ready()
+        await asyncio.sleep(1.0)  # a heartbeat: the pool's room is known
+        alone_lending = await _most_at_once(client, ends, 16)
+    finally:
+        await client.close()
+        stack.stop()
+    assert alone_capped <= 2, alone_capped
+    # 6,000 KV x 0.9 headroom / ~1,090 a task: 4 fit (a fifth while the
+    # gate's estimate of a run is below the worker's).
+    assert 4 <= alone_lending <= 5, (alone_lending, alone_capped)

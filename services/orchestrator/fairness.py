@@ -28,12 +28,22 @@ finished (``stale``). A run waiting for a human's answer (an ``input`` step,
 nothing in flight) is *parked*: it holds no slot until it works again.
 A tenant's intake registers a waker (``on_room``), called when its room
 grows; the gate itself knows no event loop (a decision module: no asyncio).
+
+Lending (``lend``, policy ``tokens``): a share alone would cap a tenant that
+has the cluster to itself. The share the other tenants leave idle (each
+one's ``share - held``) is lent to a tenant that wants more, as far as the
+pools hold it (``allowance``: their KV cache and sequence slots, from the
+workers' heartbeats, less what the others hold). The loan ends by itself:
+when a lender takes work, its own room is its full share, and the borrower's
+allowance shrinks by what the lender holds, so the borrower fetches nothing
+new until its runs have ended down to it; nothing running is stopped.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Literal
 
 Policy = Literal["tokens", "count"]
@@ -67,13 +77,46 @@ def token_room(share: int, held: float, typical: float, *, idle: bool) -> int:
     return max(n, 1) if idle else n
 
 
+@dataclass(frozen=True, slots=True)
+class PoolRoom:
+    """What the pools hold at once, summed over their live workers: KV cache
+    tokens (after the workers' headroom) and sequence slots. Zero: not known
+    (no worker heard from), and nothing is lent."""
+
+    kv_tokens: int = 0
+    seqs: int = 0
+
+
+def allowance(share: int, others: Iterable[tuple[int, float]], pool: PoolRoom,
+              typical: float) -> float:  # fmt: skip
+    """Tokens a tenant may hold, lending included: its ``share``, plus the
+    idle part of each other tenant's — ``others`` as ``(share, held)`` —, as
+    far as the pool holds it once the others' work is counted: its KV tokens,
+    and its sequence slots filled with the tenant's ``typical`` runs (a pool
+    of 64 slots runs 64 chats however much KV is free; more would queue in
+    the shared job queue, ahead of any other tenant's job). Never less than
+    ``share``: a tenant's own share is never lent away from it."""
+    others = list(others)
+    idle = sum(max(0.0, s - h) for s, h in others)
+    held = sum(h for _, h in others)
+    room = min(pool.kv_tokens, pool.seqs * max(1.0, typical)) - held
+    return max(float(share), min(share + idle, room))
+
+
 class FairGate:
     """``share_of(tenant)``: the tenant's share in the policy's unit (tokens
-    or tasks)."""
+    or tasks); ``pool()``: what the pools hold now, when idle shares are
+    lent (``None``: no lending, each tenant capped at its share)."""
 
-    def __init__(self, share_of: Callable[[str], int], policy: Policy = "count") -> None:
+    def __init__(
+        self,
+        share_of: Callable[[str], int],
+        policy: Policy = "count",
+        pool: Callable[[], PoolRoom] | None = None,
+    ) -> None:
         self.share_of = share_of
         self.policy = policy
+        self.pool = pool if policy == "tokens" else None
         self._load: dict[str, dict[str, int]] = {}  # tenant -> task_id -> tokens held (run_load)
         self._typical: dict[str, float] = {}  # tenant -> moving mean of its runs' loads
         self._active: dict[str, dict[str, float]] = {}  # tenant -> task_id -> since
@@ -91,8 +134,21 @@ class FairGate:
         if self.policy == "count":
             return self.share_of(tenant) - len(active) - len(reserved)
         typical = self.typical(tenant)
-        return token_room(self.share_of(tenant), self.held(tenant), typical,
+        return token_room(self.limit(tenant), self.held(tenant), typical,
                           idle=not active and not reserved)  # fmt: skip
+
+    def limit(self, tenant: str) -> int:
+        """Tokens the tenant may hold now: its share, or with lending its
+        ``allowance`` against the other tenants this gate serves."""
+        share = self.share_of(tenant)
+        if self.pool is None:
+            return share
+        others = [(self.share_of(t), self.held(t)) for t in self.tenants() if t != tenant]
+        return math.floor(allowance(share, others, self.pool(), self.typical(tenant)))
+
+    def tenants(self) -> set[str]:
+        """The tenants this gate knows: served (a waker) or holding work."""
+        return set(self._wakers) | set(self._active) | {t for t, r in self._reserved.items() if r}
 
     def held(self, tenant: str) -> float:
         """Tokens the tenant's runs hold (policy ``tokens``): each active run's
@@ -210,6 +266,9 @@ class FairGate:
             loads.pop(task_id, None)
 
     def _wake(self, tenant: str) -> None:
-        wake = self._wakers.get(tenant)
-        if wake is not None:
-            wake()
+        """The tenant's room grew; with lending every other tenant's may have
+        too (what it held is idle share again)."""
+        wakers = self._wakers.values() if self.pool is not None else [self._wakers.get(tenant)]
+        for wake in list(wakers):
+            if wake is not None:
+                wake()

@@ -1,8 +1,8 @@
 """Task intake: one pull loop per tenant's task stream, each fetching only
 while its tenant has room under the fair-dispatch share (``fairness.py``:
-tokens its runs hold, or tasks),
-and the tenant limits (``limits.py``) applied to each task before it
-starts.
+tokens its runs hold, or tasks; the share other tenants leave idle lent out
+as far as the pools hold it), and the tenant limits (``limits.py``) applied
+to each task before it starts.
 
 A loop with no room fetches nothing and waits for one of the tenant's runs
 to end; the tasks stay in the tenant's stream (durable, in order), so a
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -26,7 +27,7 @@ from proto.streams import ConsumerSpec
 from proto.submission import RateLimited, TaskRejected
 
 from .conductor import Conductor
-from .fairness import FairGate, Policy, estimate_tokens, run_load
+from .fairness import FairGate, Policy, PoolRoom, estimate_tokens, run_load
 from .limits import Limiter
 from .state import RunState
 from .transitions import in_flight, waiting_step
@@ -47,9 +48,17 @@ class TenantRoom:
     with it): ``check`` before a task starts, ``changed`` after every run
     change it stores."""
 
-    def __init__(self, limiter: Limiter, policy: Policy = "tokens") -> None:
+    def __init__(
+        self,
+        limiter: Limiter,
+        policy: Policy = "tokens",
+        pool: Callable[[], PoolRoom] | None = None,
+    ) -> None:
+        """``pool``: what the pools hold now, to lend idle shares out (None:
+        no lending)."""
         self.limiter = limiter
-        self.gate = FairGate(lambda t: limiter.share(t, policy), policy)
+        # Lending idle shares out, bounded by what the pools hold now.
+        self.gate = FairGate(lambda t: limiter.share(t, policy), policy, pool)
         # A run's input, in tokens, from its task message: the prompt of its
         # first step (the run state keeps no input).
         self._inputs: dict[tuple[str, str], int] = {}

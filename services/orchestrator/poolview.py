@@ -31,6 +31,7 @@ from proto.messages import Heartbeat
 
 from . import metrics as m
 from .batching import SlowdownFit
+from .fairness import PoolRoom
 from .pools import Catalogue, PoolSpec, drifts
 from .routing import HeartbeatTracker
 from .scheduling import PoolNow
@@ -112,6 +113,20 @@ class PoolView:
             self.placed.setdefault(pool, {}).update(keys)
         if old is None and new is not None:  # a new run: its task is placed
             self._taken.discard((new.tenant, new.task_seq))
+
+    def room(self) -> PoolRoom:
+        """What every pool's live, ready workers hold at once (the fair
+        gate's bound on lending): each one's admission KV limit and sequence
+        slots as its heartbeat states them (the catalogue's slots while it
+        has not measured them)."""
+        now = time.time()
+        kv = seqs = 0
+        for (pool, _), hb in self.heartbeats.last.items():
+            if hb.leaving or not hb.ready or now - hb.ts > self.stale_after:
+                continue
+            kv += hb.kv_capacity_tokens
+            seqs += hb.max_seqs or self.catalogue.spec(pool).max_seqs
+        return PoolRoom(kv_tokens=kv, seqs=seqs)
 
     def taken(self, tenant: str, seq: int, behind: int) -> None:
         """A task taken from its tenant's stream (``behind``: the tasks after it there)."""

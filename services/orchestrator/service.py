@@ -222,8 +222,10 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
     hb = HeartbeatTracker()
     router = Router(hb, enabled=settings.cache_routing, stale_after=settings.route_stale_after,
                     max_load=settings.route_max_load)  # fmt: skip
+    # The fair gate lends idle shares out as far as the live workers hold them.
+    lend = PoolView(settings.catalogue, hb, stale_after=settings.route_stale_after).room
     room = TenantRoom(Limiter(settings.default_limits, settings.tenant_limits),
-                      settings.fair_policy)  # fmt: skip
+                      settings.fair_policy, lend if settings.fair_lend else None)  # fmt: skip
     conductor = Conductor(bus, runs, workflows, settings, router, check_limits=room.check,
                           on_changed=room.changed)  # fmt: skip
     intake = Intake(bus, conductor, room)

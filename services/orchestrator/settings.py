@@ -65,6 +65,12 @@ class OrchestratorSettings(CommonSettings):
     # "tokens" (prompt + max_tokens of its steps in flight, against its
     # token_share) or, as before, in tasks ("count", against its share).
     fair_policy: Literal["tokens", "count"] = "tokens"
+    # Under "tokens": a tenant may hold more than its token_share while other
+    # tenants leave theirs idle, as far as the workers' KV cache and sequence
+    # slots hold it (from their heartbeats); when another tenant takes work
+    # the borrower fetches nothing new until it is back within its
+    # allowance (nothing running is stopped). false: each tenant at its share.
+    fair_lend: bool = True
     # Every tenant's limits unless BATON_TENANT_LIMITS names it (JSON):
     # token_share = tokens its steps in flight hold (fair dispatch: the rest
     # wait in its stream; share = its tasks running at once under
