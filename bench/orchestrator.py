@@ -631,10 +631,10 @@ def run(work: Path) -> dict[str, Any]:
 
 
 HOPS = (
-    "run-state CAS, `step started` event publish, job publish (orchestrator); JetStream"
-    " delivery, window request, append request (itself a JetStream publish in the context"
-    " store), result publish (worker); JetStream delivery, two run-state KV reads"
-    " (orchestrator)"
+    "run-state CAS, then the `step started` event and the job publish together (orchestrator,"
+    " their acks awaited at once); JetStream delivery, window request, append request (itself"
+    " a JetStream publish in the context store), result publish (worker); JetStream delivery,"
+    " run-state CAS (orchestrator; its KV reads come from its cache when it wrote the run last)"
 )
 
 
@@ -699,12 +699,12 @@ def markdown(r: dict[str, Any]) -> str:
         f" Between the last answer recorded and the next dispatch the orchestrator spends"
         f" another {r['between_steps_ms']['p50']:.2f} ms (p50), outside the step figure.",
         "",
-        f"A step is about eleven hops in sequence, each at least one round trip: {HOPS}."
+        f"A step is about nine hops in sequence, each at least one round trip: {HOPS}."
         " Measured in the same run from the benchmark process: a JetStream publish with its"
         f" ack p50 {p['js_publish_acked']['p50']:.0f} µs, a KV get"
         f" {p['kv_get']['p50']:.0f} µs, a KV compare-and-set"
         f" {p['kv_update_cas']['p50']:.0f} µs. Even at one raw round trip per hop a step"
-        " would be about 11x; ≤ 4x needs fewer hops, not faster ones. Where a step's time"
+        " would be about 9x; ≤ 4x needs fewer hops, not faster ones. Where a step's time"
         f" goes, from core-NATS taps on {r['breakdown_runs']} more sequential runs (one"
         " clock, ms):",
         "",
