@@ -65,6 +65,12 @@ def decode(data: bytes, type_: type[T]) -> T:
         raise msgspec.DecodeError(f"invalid UTF-8 in a string: {exc.reason}") from None
 
 
+def convert(raw: Any, type_: type[T]) -> T:
+    """Validate data ``decode_any`` returned as ``type_``: the rules of
+    ``decode`` (``ValidationError``), without parsing the bytes again."""
+    return msgspec.convert(raw, type_)
+
+
 def decode_own(data: bytes, type_: type[T]) -> T:
     """Decode bytes Baton itself encoded and stored (a run's state in KV),
     never input from outside: the nesting scan, a pure-Python pass over every

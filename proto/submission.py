@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from proto.codec import TooDeep, decode, decode_any
+from proto.codec import TooDeep, convert, decode_any
 from proto.errors import ErrorCode
 from proto.ids import is_valid_id
 from proto.jsonvalue import json_problem
@@ -158,7 +158,7 @@ def parse_task(
             **ids,
         )
     try:
-        task = decode(body, TaskSubmit)
+        task = convert(raw, TaskSubmit)  # the body is parsed once, above
     except msgspec.ValidationError as exc:
         text = str(exc)
         missing = _MISSING.search(text)

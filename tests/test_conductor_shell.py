@@ -19,15 +19,15 @@ from tests.twin_shell import INPUTS, RESULTS, TASKS, TENANT, TIMERS, Shell
 
 WORKFLOWS = {n: GraphWorkflow(s) for n, s in load_dir(BUILTIN_WORKFLOWS).items()}
 UNENFORCEABLE = [math.nan, math.inf, -math.inf, -1.0]
-LONELY = parse(
+LONELY_YAML = (
     "name: lonely\n"
     "agents:\n"
     "  ghost: {role: ghost, system: nobody serves this pool, pool: nowhere, timeout: 1}\n"
     "steps:\n"
     "  - id: wait\n"
-    "    agent: ghost\n",
-    "lonely.yaml",
+    "    agent: ghost\n"
 )
+LONELY = parse(LONELY_YAML, "lonely.yaml")
 QUICK = parse(
     "name: quick\n"
     "agents:\n"
@@ -152,3 +152,20 @@ async def test_a_write_that_loses_its_compare_and_set_is_counted_and_decided_aga
     assert raced and conflicts._value.get() == before + 1
     await shell.settle_all()
     assert [e["type"] for e in shell.events(task_id)][-1] == "completed"
+
+
+async def test_a_far_watchdog_sleeps_to_its_due_time_in_one_nak() -> None:
+    """A run whose every deadline is far (timeouts of 900 s, every workflow's
+    at least that): its timer is not woken every MAX_TIMER_SLEEP (300 s),
+    only at the step's deadline (#23: no per-run timer churn)."""
+    slow = parse(LONELY_YAML.replace("timeout: 1", "timeout: 900"), "lonely.yaml")
+    shell = await Shell.start({"lonely": GraphWorkflow(slow)}, step_timeout=900.0)
+    await shell.submit("lonely", "t1", "anyone?")
+    assert await shell.handle(TASKS)
+    assert await shell.handle(TIMERS)  # first look: not due, asleep until the deadline
+    shell.twin.advance(301.0)
+    assert not await shell.handle(TIMERS)  # under the 300 s cap it woke here
+    shell.twin.advance(600.0)
+    assert await shell.handle(TIMERS)  # the deadline: the step is dispatched again
+    run = await shell.run("t1")
+    assert run is not None and run.steps["r1.wait"].attempt == 2

@@ -278,3 +278,20 @@ def test_each_input_step_is_answered_once_whatever_the_interleaving(
     by whoever came first, and the run ends once (the real conductor on the
     bus twin)."""
     asyncio.run(_answer_interleaving(script))
+
+
+def test_a_watchdog_sleeps_past_the_cap_only_when_no_new_deadline_can_come_sooner() -> None:
+    """The sleep cap is the shortest step or input timeout of any workflow
+    (no deadline set meanwhile can fall before it), never below
+    MAX_TIMER_SLEEP."""
+
+    def rules(yaml: str, step_timeout: float) -> T.Rules:
+        return T.Rules({"ask": GraphWorkflow(parse(yaml, "ask.yaml"))}, step_timeout=step_timeout)
+
+    long = ASK.replace("timeout: 30", "timeout: 2000").replace("timeout: 60", "timeout: 900")
+    assert rules(long, 1200.0).timer_sleep() == 900.0  # the input step's
+    assert rules(long, 700.0).timer_sleep() == 700.0  # the writer's (the default)
+    assert rules(long, 100.0).timer_sleep() == T.MAX_TIMER_SLEEP
+    timed = long.replace("system: You write.}", "system: You write., timeout: 400}")
+    assert rules(timed, 1200.0).timer_sleep() == 400.0  # the writer's own
+    assert RULES.timer_sleep() == T.MAX_TIMER_SLEEP  # inputs of 10 s: the cap stands

@@ -57,6 +57,17 @@ def test_parse_task_fills_task_id_from_header_and_session_from_task_id() -> None
     assert task.task_id == "seq7"
 
 
+def test_parse_task_reads_the_body_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pass over the bytes (the nesting bound runs once per parse of
+    them): the typed task is validated from the untyped decode, not decoded
+    again (#23: a task submitted over HTTP was decoded four times)."""
+    passes: list[int] = []
+    check = codec.nesting.check
+    monkeypatch.setattr(codec.nesting, "check", lambda data: passes.append(1) or check(data))
+    task = parse({"tenant": "acme", "input": "hi", "budget": {"max_tokens": 9}}, msg_id="m1")
+    assert task.budget is not None and task.budget.max_tokens == 9 and len(passes) == 1
+
+
 @pytest.mark.parametrize(
     ("body", "workflow", "code", "addressable"),
     [

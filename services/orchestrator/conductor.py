@@ -124,6 +124,7 @@ class Conductor:
                                max_load=settings.prewarm_max_load,
                                stale_after=settings.route_stale_after)  # fmt: skip
         self._known = frozenset(workflows)
+        self._timer_sleep = self.rules.timer_sleep()
         self.check_limits = check_limits
         self.on_changed = on_changed
         self.in_flight = InFlight()
@@ -486,7 +487,7 @@ class Conductor:
         t = d.decode(RunTimer)
         left = t.due - self.clock()
         if left > 0:
-            raise Nak(min(left, T.MAX_TIMER_SLEEP), "not due")
+            raise Nak(min(left, self._timer_sleep), "not due")
         structlog.contextvars.bind_contextvars(task_id=t.task_id, tenant=t.tenant)
         with spans.hop("baton.timers", t.tenant, t.task_id):
             out = await self._apply(
@@ -499,7 +500,7 @@ class Conductor:
             return
         if out.changed and out.note != T.INPUT_DEFAULT:
             log.warning("step_timeout", status=out.run.status)
-        raise Nak(min(max(0.05, out.wake_at - self.clock()), T.MAX_TIMER_SLEEP), "watching")
+        raise Nak(min(max(0.05, out.wake_at - self.clock()), self._timer_sleep), "watching")
 
     # -- human input -------------------------------------------------------
 

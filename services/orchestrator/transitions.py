@@ -54,7 +54,9 @@ from .state import ERASED, CallState, RunState, StepState
 from .workflows import Done, GraphWorkflow, StepPlan
 
 MIN_STEP_TOKENS = 32  # below this share of the budget, a step is not worth dispatching
-MAX_TIMER_SLEEP = 300.0  # a watchdog sleeps at most this long between looks
+# A watchdog sleeps at most this long between looks, unless every deadline a
+# transition can set lies further ahead (``Rules.timer_sleep``).
+MAX_TIMER_SLEEP = 300.0
 INPUT_DEFAULT: Final = "input_default"  # a timer's note: an input step took its default answer
 NOT_A_RUN: Final = "not_a_workflow_run"  # a rejected task's claim on its id: nothing to advance
 # Why a transition changed nothing (or, for INPUT_DEFAULT, how it did): the
@@ -204,6 +206,21 @@ class Rules:
 
     def timeout(self, run: RunState, agent: str) -> float:
         return self.workflows[run.workflow].agents[agent].timeout or self.step_timeout
+
+    def timer_sleep(self) -> float:
+        """The longest a run's watchdog may sleep before its due time.
+
+        A deadline set while it sleeps (a step dispatched, an input step
+        reached) is at least the shortest step or input timeout of any
+        workflow away, so a sleep that long never oversleeps one: a timer
+        costs one nak while its due time is far, not one every
+        ``MAX_TIMER_SLEEP``. Never below ``MAX_TIMER_SLEEP`` (with shorter
+        timeouts, a deadline set during the sleep is noticed within it)."""
+        times = [self.step_timeout]
+        for wf in self.workflows.values():
+            times += [a.timeout or self.step_timeout for a in wf.agents.values()]
+            times += [s.input.timeout for s in wf.spec.steps if s.input is not None]
+        return max(MAX_TIMER_SLEEP, min(times))
 
     def tool_room(self, run: RunState, st: StepState) -> int:
         """How many more tool calls the step may make (its agent's ``max_tool_calls``)."""
