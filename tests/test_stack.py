@@ -139,10 +139,13 @@ async def test_baton_up_serves_a_task_with_keys_on_and_ctrl_c_leaves_no_process(
         assert status == 200 and doc["status"] == "completed", doc
         operator = (tmp_path / "operator.key").read_text().strip()
         assert _get(f"{api}/v1/tasks/{task_id}?tenant=acme", operator)[0] == 200
+        t0 = time.monotonic()
         up.proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to `baton up`
         assert up.proc.wait(60) == 0
         _, alive = psutil.wait_procs(children, timeout=10)
         assert alive == [], [p.pid for p in alive]
+        # Every service stopped by itself: `baton up` kills one only after 30 s.
+        assert time.monotonic() - t0 < 15, up.lines[-20:]
 
 
 async def test_ctrl_c_during_start_up_stops_everything_within_seconds(tmp_path: Path) -> None:

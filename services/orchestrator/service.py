@@ -295,6 +295,7 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
         in_flight = asyncio.create_task(
             conductor.check_in_flight(settings.in_flight_check_interval)
         )
+        keep_warm = asyncio.create_task(conductor.warming.keep(settings.prewarm_keep_every))
         health.ready, health.reason = True, "serving"
         try:
             await asyncio.gather(
@@ -309,7 +310,6 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
                     for t in tenants
                 ),
                 bus.consume(streams.ORCHESTRATOR_TIMERS, conductor.on_timer, concurrency=64),
-                conductor.warming.keep(settings.prewarm_keep_every),
                 bus.consume(streams.ORCHESTRATOR_ERASURES, eraser.on_erasure, concurrency=4),
                 bus.consume(streams.ORCHESTRATOR_DEAD_TASKS, conductor.on_dead_task, concurrency=4),
                 bus.consume(
@@ -329,6 +329,7 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
             tool_watch.cancel()
             reconciler.cancel()
             in_flight.cancel()
+            keep_warm.cancel()
             registry.cancel()
             for tenant in list(loops):
                 drop_tenant(tenant)

@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -213,10 +214,30 @@ class VLLMEngine:
         The boot runs in a thread, off the event loop, so the worker keeps
         heartbeating (``ready: false``) and answering its probes while the
         engine loads; built outside a loop, ``AsyncLLM`` starts its output
-        handler at the first request. Idempotent while running."""
+        handler at the first request. The thread is a daemon, not the loop's
+        executor: a worker stopped mid-load (Ctrl-C) exits at once instead of
+        waiting for the load to end (the executor is joined at shutdown).
+        Idempotent while running."""
         if self._engine is not None:
             return
-        await asyncio.to_thread(self._boot)
+        loop = asyncio.get_running_loop()
+        booted: asyncio.Future[None] = loop.create_future()
+
+        def settle(exc: BaseException | None) -> None:
+            if not booted.done():
+                booted.set_exception(exc) if exc is not None else booted.set_result(None)
+
+        def boot() -> None:
+            exc: BaseException | None = None
+            try:
+                self._boot()
+            except BaseException as e:  # handed to the awaiting task
+                exc = e
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: stopping
+                loop.call_soon_threadsafe(settle, exc)
+
+        threading.Thread(target=boot, name="vllm-boot", daemon=True).start()
+        await booted
 
     def _boot(self) -> None:
         _ensure_run_dirs()
