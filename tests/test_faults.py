@@ -14,6 +14,7 @@ import pytest
 
 from baton.dev.testing import Client, LocalStack, metric, uid
 from baton.natsd import NatsServer
+from services.orchestrator.runkeys import key_entry, unseal
 from tests.harness import http_post
 
 SLOW = {"BATON_SIM_DECODE_TPS": "25"}  # 128 tokens ~ 5 s: time to strike mid-generation
@@ -134,7 +135,9 @@ async def test_a_crash_between_storing_a_step_done_and_dispatching_the_next_stra
         await asyncio.sleep(0.05)
     assert not doomed.alive(), "the test hook never fired"
     kv = await own_client.js.key_value("baton-runs")
-    stored = msgpack.unpackb((await kv.get(f"{tenant}.{task_id}")).value)
+    run = f"{tenant}.{task_id}"  # stored sealed with the run's own key (runkeys.py)
+    key = (await kv.get(key_entry(run))).value
+    stored = msgpack.unpackb(unseal(key, run, (await kv.get(run)).value))
     assert stored["steps"]["r1.plan"]["status"] == "done"
     gather = stored["steps"]["r1.gather.coding"]
     assert gather.get("status", "dispatched") == "dispatched"  # stored, never sent

@@ -95,13 +95,16 @@ class Conductor:
         *,
         check_limits: Callable[[Delivery, TaskSubmit], None] | None = None,
         on_changed: Callable[[RunState], None] | None = None,
+        pools: PoolView | None = None,
     ) -> None:
         """``clock``: the time decisions are made at (epoch seconds); a test
         on the bus twin passes the twin's, so watchdogs fire without waiting.
         ``check_limits`` and ``on_changed``: the tenant's room (``intake.py``
         ``TenantRoom``): a task's limits, checked after it parsed (raises
         ``TaskRejected``), and every run change this replica stores (the fair
-        share follows runs ending or waiting for input)."""
+        share follows runs ending or waiting for input). ``pools``: the
+        pools' live view, when the tenants' room reads it too (one per
+        process: each counts catalogue drift from the heartbeats)."""
         self.router = router or Router(HeartbeatTracker(), enabled=False)
         self.clock = clock
         self.bus = bus
@@ -109,8 +112,8 @@ class Conductor:
         self.workflows = workflows
         self.s = settings
         self.tools = ToolCatalogs()
-        self.pools = PoolView(settings.catalogue, self.router.heartbeats,
-                              stale_after=settings.route_stale_after)  # fmt: skip
+        self.pools = pools or PoolView(settings.catalogue, self.router.heartbeats,
+                                       stale_after=settings.route_stale_after)  # fmt: skip
         self.rules = T.Rules(
             workflows,
             settings.step_timeout,

@@ -222,12 +222,13 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
     hb = HeartbeatTracker()
     router = Router(hb, enabled=settings.cache_routing, stale_after=settings.route_stale_after,
                     max_load=settings.route_max_load)  # fmt: skip
+    pool_view = PoolView(settings.catalogue, hb, stale_after=settings.route_stale_after)
     # The fair gate lends idle shares out as far as the live workers hold them.
-    lend = PoolView(settings.catalogue, hb, stale_after=settings.route_stale_after).room
+    lend = pool_view.room if settings.fair_lend else None
     room = TenantRoom(Limiter(settings.default_limits, settings.tenant_limits),
-                      settings.fair_policy, lend if settings.fair_lend else None)  # fmt: skip
+                      settings.fair_policy, lend)  # fmt: skip
     conductor = Conductor(bus, runs, workflows, settings, router, check_limits=room.check,
-                          on_changed=room.changed)  # fmt: skip
+                          on_changed=room.changed, pools=pool_view)  # fmt: skip
     intake = Intake(bus, conductor, room)
     m.init_series(
         {name: {a: spec.pool for a, spec in wf.agents.items()} for name, wf in workflows.items()},
