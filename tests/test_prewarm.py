@@ -11,11 +11,15 @@ import msgspec
 import pytest
 from msgspec.structs import replace
 
+from baton.dev.twin import TwinBus
+from proto import streams
 from proto.messages import Heartbeat, InferenceResult, Usage
 from services.orchestrator import prewarm
 from services.orchestrator import transitions as T
 from services.orchestrator.routing import HeartbeatTracker, Router
+from services.orchestrator.runs import RunStore
 from services.orchestrator.state import RunState
+from services.orchestrator.warming import Kept, Warming
 from services.orchestrator.workflows import GraphWorkflow, load_dir
 
 from .test_transitions import WORKFLOWS, decide, jobs, reply
@@ -207,3 +211,33 @@ def test_a_warms_gpu_time_is_charged_to_its_run_once(tmp_path: Path) -> None:
     out.run.status = "completed"
     ended = T.warmed(out.run, replace(charge, job_id="acme.t1.r1.judge.warm"), rules)
     assert not ended.changed  # a finished run's totals were published: not changed again
+
+
+async def test_a_refresh_reads_the_run_afresh_and_stops_once_answered_anywhere(
+    rules: T.Rules, tmp_path: Path
+) -> None:
+    """On the bus twin: the warming shell refreshes an input wait while the
+    stored run still waits, and stops when the stored run says it was
+    answered (by another replica: this one never saw the answer)."""
+    (tmp_path / "review.yaml").write_text(ASK)
+    rules.workflows.update({n: GraphWorkflow(s) for n, s in load_dir(tmp_path).items()})
+    run = started(rules, "review")
+    [job] = jobs(T.replay(run, rules, NOW))
+    out = T.result(run, reply(job), rules, NOW + 1, {})
+    assert isinstance(out, T.Transition)
+    waiting = out.run
+    twin = TwinBus()
+    await twin.provision(streams=[streams.JOBS])
+    runs = RunStore(await twin.ensure_bucket(streams.RUNS))
+    snap = await runs.write(waiting, None)
+    hbt = HeartbeatTracker()
+    warming = Warming(twin, Router(hbt), rules, runs)
+    warming.kept[waiting.key] = Kept(waiting, "r1.ask", "edit", "w1", NOW + 1)
+    hbt.last = beats(hb("w1", ts=NOW + 30))
+    assert await warming.refresh(20.0, now=NOW + 30) == 1  # still waiting: sent again
+    answered = T._copy(waiting)
+    answered.steps["r1.ask"].status = "done"
+    await runs.write(answered, snap.revision)
+    hbt.last = beats(hb("w1", ts=NOW + 60))
+    assert await warming.refresh(20.0, now=NOW + 60) == 0
+    assert warming.kept == {}

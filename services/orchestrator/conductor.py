@@ -123,7 +123,7 @@ class Conductor:
             tool_cpu_price=settings.tool_cpu_hour_usd,
             pools=self.pools.look,
         )
-        self.warming = Warming(bus, self.router, self.rules, enabled=settings.prewarm,
+        self.warming = Warming(bus, self.router, self.rules, runs, enabled=settings.prewarm,
                                max_load=settings.prewarm_max_load,
                                stale_after=settings.route_stale_after)  # fmt: skip
         self._known = frozenset(workflows)

@@ -31,6 +31,7 @@ from . import metrics as m
 from . import prewarm
 from . import transitions as T
 from .routing import Router
+from .runs import RunStore
 from .state import RunState
 
 log = structlog.get_logger("orchestrator")
@@ -40,7 +41,8 @@ REMEMBER = 100_000  # runs whose last warm is kept (the oldest are forgotten fir
 
 @dataclass(slots=True)
 class Kept:
-    """An input wait whose follower is kept warm: the run as the wait began."""
+    """An input wait whose follower is kept warm: the run as the wait began
+    (a refresh reads it afresh)."""
 
     run: RunState
     step: str  # the input step
@@ -56,14 +58,18 @@ class Warming:
         bus: Bus,
         router: Router,
         rules: T.Rules,
+        runs: RunStore,
         *,
         enabled: bool = True,
         max_load: float = 0.5,
         stale_after: float = 6.0,
     ) -> None:
+        """``runs``: where a refresh reads the run as stored now (another
+        replica may have taken the answer)."""
         self.bus = bus
         self.router = router
         self.rules = rules
+        self.runs = runs
         self.enabled = enabled and router.enabled
         self.max_load = max_load
         self.stale_after = stale_after
@@ -135,11 +141,13 @@ class Warming:
         now = time.time() if now is None else now
         sent = 0
         for key, kept in list(self.kept.items()):
-            run, st = kept.run, kept.run.steps[kept.step]
-            if st.deadline <= now:  # it takes its default answer now
-                del self.kept[key]
-                continue
             if now - kept.sent < every:
+                continue
+            run = await self.runs.get(kept.run.tenant, kept.run.task_id)
+            st = run.steps.get(kept.step) if run is not None else None
+            # Answered (here or on another replica), timed out, or gone: stop.
+            if run is None or st is None or st.status != "waiting_input" or st.deadline <= now:
+                del self.kept[key]
                 continue
             same = {kept.pool: kept.worker}
             out = prewarm.decide(run, self.rules, kept.step, self.router.heartbeats.last, now,
