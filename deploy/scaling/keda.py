@@ -12,6 +12,13 @@ arithmetic of KEDA plus the HPA it drives (used by ``replay.py``).
   orchestrator reads the consumer every ``pending_poll_interval`` and
   Prometheus scrapes it every PodMonitor ``interval`` (the replay uses the
   worst case).
+* A ``cron`` trigger (KEDA's cron scaler) holds ``desiredReplicas`` from
+  ``start`` to ``end`` each day: a floor the HPA takes the larger of, and
+  activity that keeps the pool from scaling to zero (``Floor``; the day
+  replayed is a working day, so the day-of-week fields are not read).
+* A second ``prometheus`` trigger on ``baton_pool_foreseen_steps`` (the
+  steps the orchestrator foresees from the workflow graph) is the replay's
+  announced demand: KEDA scales on the larger trigger.
 * Simplification: the HPA is evaluated on KEDA's polling tick (not its own 15 s).
 """
 
@@ -30,6 +37,34 @@ POD_MONITOR = ROOT / "deploy" / "k8s" / "components" / "monitoring" / "podmonito
 
 
 @dataclass(frozen=True)
+class Floor:
+    """A cron trigger: ``replicas`` from ``start`` to ``end`` (seconds of the day)."""
+
+    start: int
+    end: int
+    replicas: int
+
+    def holds(self, now: int) -> bool:
+        t = now % DAY
+        if self.start <= self.end:
+            return self.start <= t < self.end
+        return not self.end <= t < self.start  # across midnight
+
+
+DAY = 86_400
+
+
+def cron_floor(meta: dict[str, str]) -> Floor:
+    """KEDA's cron trigger metadata (``start``/``end`` as "M H * * *")."""
+
+    def seconds(expr: str) -> int:
+        minute, hour, *_ = expr.split()
+        return int(hour) * 3600 + int(minute) * 60
+
+    return Floor(seconds(meta["start"]), seconds(meta["end"]), int(meta["desiredReplicas"]))
+
+
+@dataclass(frozen=True)
 class Policy:
     min_replicas: int
     max_replicas: int
@@ -42,6 +77,11 @@ class Policy:
     up_policy: tuple[int, int] | None = None  # (pods, period seconds)
     down_policy: tuple[int, int] | None = None
     signal_age: int = 0  # seconds the lag read is behind the queue, at worst
+    floors: tuple[Floor, ...] = ()  # cron triggers
+
+    def floor(self, now: int) -> int:
+        """The replicas held at ``now``: ``min_replicas`` or a cron trigger's."""
+        return max([self.min_replicas] + [f.replicas for f in self.floors if f.holds(now)])
 
 
 def signal_age(pod_monitor: Path = POD_MONITOR) -> int:
@@ -57,9 +97,12 @@ def signal_age(pod_monitor: Path = POD_MONITOR) -> int:
 def load_policy(path: Path = SCALED_OBJECTS, name: str = "inference-worker") -> Policy:
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
     (spec,) = [d["spec"] for d in docs if d["metadata"]["name"] == name]
-    (trigger,) = spec["triggers"]
-    assert trigger["type"] == "prometheus", trigger["type"]
+    # The backlog trigger; a foreseen-steps one is the replay's announced
+    # demand (``prewarm``), cron ones are floors.
+    (trigger,) = [t for t in spec["triggers"] if t["type"] == "prometheus"
+                  and "baton_consumer_pending_messages" in t["metadata"]["query"]]  # fmt: skip
     meta = trigger["metadata"]
+    floors = tuple(cron_floor(t["metadata"]) for t in spec["triggers"] if t["type"] == "cron")
     behavior = spec.get("advanced", {}).get("horizontalPodAutoscalerConfig", {})
     behavior = behavior.get("behavior", {})
 
@@ -83,6 +126,7 @@ def load_policy(path: Path = SCALED_OBJECTS, name: str = "inference-worker") -> 
         up_policy=up_policy,
         down_policy=down_policy,
         signal_age=signal_age(),
+        floors=floors,
     )
 
 
@@ -97,15 +141,16 @@ class Autoscaler:
 
     def desired(self, now: int, lag: int, current: int) -> int:
         p = self.p
-        if lag > p.activation_lag_threshold:
+        floor = p.floor(now)
+        if lag > p.activation_lag_threshold or floor > p.min_replicas:  # a cron trigger is active
             self.last_active = now
         if current == 0:
-            return max(p.min_replicas, 1) if now == self.last_active else p.min_replicas
-        if p.min_replicas == 0 and now - self.last_active >= p.cooldown_period:
+            return max(floor, 1) if now == self.last_active else floor
+        if floor == 0 and now - self.last_active >= p.cooldown_period:
             return 0
         ratio = lag / (current * p.lag_threshold)
         raw = current if abs(ratio - 1) <= 0.1 else math.ceil(lag / p.lag_threshold)
-        raw = min(max(raw, max(p.min_replicas, 1)), p.max_replicas)
+        raw = min(max(raw, floor, 1), p.max_replicas)
         self.recommendations.append((now, raw))
         horizon = max(p.up_window, p.down_window)
         while self.recommendations[0][0] < now - horizon:

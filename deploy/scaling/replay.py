@@ -116,6 +116,7 @@ class Scenario:
     targets_s: dict[str, float]  # per kind: what a step is measured against
     spill: bool = True  # choose with the target (else: the cheapest that fits)
     prewarm: bool = False
+    announce: bool = True  # with prewarm: publish the foreseen steps as demand per pool
 
 
 @dataclass
@@ -289,7 +290,9 @@ class Replay:
         demand = max(lag, sum(pool.expected.values()))  # KEDA: the larger trigger wins
         staying = [w for w in pool.workers if not w.leaving]
         change = pool.scaler.desired(now, demand, len(staying)) - len(staying)
-        if not staying and change > 0 and lag <= pool.scaler.p.activation_lag_threshold:
+        # Woken by announced steps alone: not by the backlog, nor by a cron floor.
+        announced = lag <= pool.scaler.p.activation_lag_threshold < demand
+        if not staying and change > 0 and announced:
             pool.woken_by_demand += 1
         for _ in range(change):
             w = Worker(started=now, ready_at=now + pool.spec.cold_start_s)
@@ -453,7 +456,7 @@ class Replay:
         first = self.unstarted[key] == self.left[key]
         self.unstarted[key] -= 1
         if self.sc.prewarm and first:
-            if job.phase == 0:
+            if job.phase == 0 and self.sc.announce:
                 self.announce(job, now)
             self.plan_warm(job, now)
 

@@ -81,6 +81,58 @@ def test_the_large_pool_of_the_two_pool_replay_is_todays_scaled_object():
     assert pools["single"].cold_start_s == 90  # the figure the one-pool replay always used
 
 
+def test_a_cron_trigger_is_a_daily_window_also_across_midnight():
+    day = keda.cron_floor({"start": "45 7 * * *", "end": "0 20 * * *", "desiredReplicas": "5"})
+    assert day == keda.Floor(7 * 3600 + 45 * 60, 20 * 3600, 5)
+    assert [day.holds(h * 3600) for h in (7, 8, 19, 20, 32)] == [False, True, True, False, True]
+    night = keda.Floor(22 * 3600, 6 * 3600, 2)
+    assert [night.holds(h * 3600) for h in (21, 23, 0, 5, 6)] == [False, True, True, True, False]
+    policy = replace(POLICY, min_replicas=1, floors=(day,))
+    assert [policy.floor(h * 3600) for h in (3, 9, 21)] == [1, 5, 1]
+
+
+def test_load_policy_reads_cron_floors_and_skips_the_foreseen_trigger(tmp_path):
+    so = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+          "metadata": {"name": "inference-worker"},
+          "spec": {"minReplicaCount": 1, "maxReplicaCount": 8, "triggers": [
+              {"type": "prometheus", "metadata": {"query": "sum(baton_pool_foreseen_steps)",
+                                                  "threshold": "99"}},
+              {"type": "prometheus", "metadata": {
+                  "query": 'max(baton_consumer_pending_messages{consumer="worker-default"})',
+                  "threshold": "32", "activationThreshold": "0"}},
+              {"type": "cron", "metadata": {"timezone": "Etc/UTC", "start": "0 8 * * *",
+                                            "end": "0 18 * * *", "desiredReplicas": "4"}}]}}  # fmt: skip
+    path = tmp_path / "so.yaml"
+    path.write_text(yaml.safe_dump(so))
+    policy = keda.load_policy(path)
+    assert (policy.lag_threshold, policy.min_replicas) == (32, 1)
+    assert policy.floors == (keda.Floor(8 * 3600, 18 * 3600, 4),)
+
+
+def test_the_autoscaler_holds_a_cron_floor_in_its_window_and_leaves_it_after():
+    floor = replace(POLICY, floors=(keda.Floor(1000, 2000, 3),))
+    scaler = keda.Autoscaler(floor)
+    assert scaler.desired(990, 0, 0) == 0  # before the window, idle: nothing
+    assert scaler.desired(1000, 0, 0) == 3  # the window opens with no lag
+    assert scaler.desired(1500, 0, 3) == 3  # held while idle
+    assert scaler.desired(1510, 200, 3) == 4  # the backlog still scales out (8 a worker)
+    current = 4
+    last = 1990  # the last poll in the window
+    for t in range(1520, last + POLICY.cooldown_period, POLICY.polling_interval):
+        current = scaler.desired(t, 0, current)
+        assert current >= (3 if t < 2000 else 1), t  # the floor, then idle for the cooldown
+    assert scaler.desired(last + POLICY.cooldown_period, 0, current) == 0
+
+
+def test_a_day_floor_holds_its_workers_for_its_window_only():
+    floor = replace(POLICY, min_replicas=1, floors=(keda.Floor(3600, 7200, 3),))
+    o = replay.replay([], 3 * 3600, one_pool(policy=floor))
+    timeline = o.pools["large"].timeline
+    assert timeline[30] == 1 and timeline[90] == 3 and timeline[-1] == 1
+    # 1 worker for 3 h, 2 more for the hour (plus the cooldown and scale-down tail).
+    assert 5 * 3600 <= o.pools["large"].gpu_seconds <= 5 * 3600 + 3 * 600
+
+
 def test_no_tasks_means_no_gpu_seconds_when_min_is_zero():
     o = replay.replay([], 3600, one_pool())
     assert o.pools["large"].gpu_seconds == 0 and o.pools["large"].peak == 0
@@ -307,3 +359,42 @@ def test_cli_writes_results_table_and_plot(tmp_path, monkeypatch, day):
     assert {g["met"] for g in report["goals"].values()} <= {True, False}
     table = sim.markdown(report)
     assert all(label in table for label in sim.LABELS.values())
+
+
+def test_the_day_floor_meets_the_cost_goal_at_always_ons_p95(results):
+    """The policy that meets both parts of the goal: the large pool's floor
+    follows the working day (a KEDA cron trigger); two pools without it do not."""
+    report = sim.goals(results, 90.0)
+    assert report["two_pools_day_floor_cost"]["met"] and not report["two_pools_cost"]["met"]
+    day, warm = results["two_pools_day_floor"], results["always_on"]
+    assert day["cost_usd"] <= 0.6 * warm["cost_usd"]
+    assert day["p95_task_latency_s"] <= warm["p95_task_latency_s"]
+    assert day["cold_waits"] == 0 and day["missed_target_steps"] <= warm["missed_target_steps"]
+    # The cheap pool earns nothing at equal p95: it is never woken (its decode
+    # would lengthen any step on a task's critical path).
+    assert day["pools"]["small"]["steps"] == 0
+    # One worker at night, five by day (at most what the HPA adds on top).
+    assert 5 <= day["pools"]["large"]["peak_workers"] <= 8
+
+
+def test_the_day_floor_is_a_scaled_objects_fields():
+    doc = yaml.safe_load(sim.POOLS.read_text())
+    (large,) = doc["day_floor"].values()
+    assert isinstance(large["minReplicaCount"], int)
+    for t in large["triggers"]:
+        assert t["type"] == "cron" and t["metadata"].keys() >= {"timezone", "start", "end",
+                                                                 "desiredReplicas"}  # fmt: skip
+        assert all(isinstance(v, str) for v in t["metadata"].values()), "KEDA wants strings"
+    policy = sim.load_pools()["day_floor"]["large"]
+    assert (policy.min_replicas, [f.replicas for f in policy.floors]) == (1, [5])
+
+
+@pytest.mark.timeout(120)
+def test_other_days_replays_a_seeds_day_as_the_shipped_one(results):
+    (six,) = sim.other_days([bursty_trace.SEED])
+    assert six["seed"] == 6 and six["tasks"] == results["always_on"]["tasks"]
+    assert six["p95_task_latency_s"] == {
+        "two_pools_day_floor": results["two_pools_day_floor"]["p95_task_latency_s"],
+        "always_on": results["always_on"]["p95_task_latency_s"],
+    }
+    assert six["met"]
