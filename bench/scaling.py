@@ -1,8 +1,9 @@
 """Scaling policies (issue #20), simulated: ``deploy/scaling/sim.py`` replays
 the seeded bursty day against one always-on pool, one pool scaling to zero
 and two pools placed by the scheduler (with and without spill-over, with
-pre-warming). Seconds of CPU, no services; rewrites docs/scaling-policies.png.
-A model with estimated GPU figures, not a measurement."""
+pre-warming, with a day floor on the large pool). Seconds of CPU, no
+services; rewrites docs/scaling-policies.png. A model with estimated GPU
+figures, not a measurement."""
 
 from __future__ import annotations
 
