@@ -96,7 +96,8 @@ def signal_age(pod_monitor: Path = POD_MONITOR) -> int:
 
 def load_policy(path: Path = SCALED_OBJECTS, name: str = "inference-worker") -> Policy:
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
-    (spec,) = [d["spec"] for d in docs if d["metadata"]["name"] == name]
+    (spec,) = [d["spec"] for d in docs
+               if d["kind"] == "ScaledObject" and d["metadata"]["name"] == name]  # fmt: skip
     # The backlog trigger; a foreseen-steps one is the replay's announced
     # demand (``prewarm``), cron ones are floors.
     (trigger,) = [t for t in spec["triggers"] if t["type"] == "prometheus"

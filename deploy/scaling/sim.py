@@ -1,7 +1,7 @@
 """Which scaling policy for a bursty day of multi-agent tasks: a simulator.
 
 Replays the seeded day in ``trace.json`` (``bursty_trace.py``), closed-loop
-per task (``replay.py``), against five policies:
+per task (``replay.py``), against six policies:
 
 1. ``always_on``: one pool of the large GPU, always on, sized to the peak
    (the ScaledObject's ``maxReplicaCount``);
@@ -14,12 +14,13 @@ per task (``replay.py``), against five policies:
    spilling over when that pool is saturated or cold;
 4. ``two_pools_no_spill``: the same, always the cheapest pool that fits;
 5. ``two_pools_prewarm``: 3 plus pre-warming from the workflow graph;
+6. ``two_pools_day_floor``: 3 with the large pool's ``day_floor`` (one
+   worker at night, five over the working day: a KEDA cron trigger, the
+   kustomize component deploy/k8s/components/day-floor);
 
-and alternatives, to see what a warm floor buys:
+and two alternatives, to see what a warm floor buys:
 ``two_pools_prewarm_floor``, 5 with one worker of each pool always up
-(``minReplicaCount: 1``); ``two_pools_day_floor``, 3 with the large pool's
-``day_floor`` of ``pools.yaml`` (one worker at night, five over the working
-day: a KEDA cron trigger); and ``two_pools_day_floor_prewarm``, that with
+(``minReplicaCount: 1``); ``two_pools_day_floor_prewarm``, 6 with
 pre-warming as modelled.
 
 For each: GPU-seconds, cost, task latency, job queue wait, time to first
@@ -27,7 +28,7 @@ token, steps that missed their target, failed and unserved steps; and the
 issue's two goals, met or missed. Writes ``bench/results/scaling.json`` and
 ``docs/scaling-policies.png``; ``make bench`` runs it too.
 
-    python deploy/scaling/sim.py [--always-on N] [--out FILE] [--plot FILE]
+    python deploy/scaling/sim.py [--always-on N] [--out FILE] [--plot FILE] [--other-days N]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +83,24 @@ def load_pools(path: Path = POOLS) -> dict[str, Any]:
         for name, spec in specs.items()
     }
     ordered = [specs[n] for n in doc["preference"]]
-    floors = {n: day_floor(policies[n], so) for n, so in doc["day_floor"].items()}
+    floors = {n: day_floor(policies[n], patched(path.parent / rel))
+              for n, rel in doc["day_floor"].items()}  # fmt: skip
     return {"specs": ordered, "policies": policies, "targets_s": doc["targets_s"],
             "single": specs[doc["single"]], "day_floor": floors}  # fmt: skip
+
+
+def patched(patch: Path) -> dict[str, Any]:
+    """The ScaledObject fields a kustomize JSON patch sets: ``minReplicaCount``
+    and the triggers it appends."""
+    fields: dict[str, Any] = {"triggers": []}
+    for op in yaml.safe_load(patch.read_text()):
+        if op["op"] == "replace" and op["path"] == "/spec/minReplicaCount":
+            fields["minReplicaCount"] = op["value"]
+        elif op["op"] == "add" and op["path"] == "/spec/triggers/-":
+            fields["triggers"].append(op["value"])
+        else:
+            raise ValueError(f"{patch}: the replay does not model {op['op']} {op['path']}")
+    return fields
 
 
 def day_floor(policy: Policy, scaled_object: dict[str, Any]) -> Policy:
@@ -272,6 +288,7 @@ def run_all(always_on: int | None = None, plot_to: Path | None = PLOT) -> dict[s
         "always_on_workers": n,
         "keda": {name: vars(p) for name, p in pools["policies"].items()},
         "keda_today": vars(today),
+        "day_floor": {name: asdict(p) for name, p in pools["day_floor"].items()},
         "targets_s": pools["targets_s"],
         "task_slo_s": slo,
         "policies": results,
@@ -398,6 +415,7 @@ def plot(
         (one, "scale_to_zero", "large", "tab:blue", "-"),
         (two, "two_pools", "small", "tab:green", "-"),
         (two, "two_pools", "large", "tab:orange", "-"),
+        (two, "two_pools_day_floor", "large", "tab:purple", "--"),
     ]
     for ax, name, pool, color, style in shown:
         line = outcomes[name].pools[pool].timeline[:minutes]
@@ -417,7 +435,7 @@ def plot(
     cost.set_ylabel("cost of the day (USD, log scale)")
     cost.set_title("cost vs p95 task latency")
     cost.grid(True, which="both", alpha=0.3)
-    cost.legend(loc="center right", fontsize=8)
+    cost.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), fontsize=7)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -152,6 +152,41 @@ def test_keda_scaled_objects_match_streams_and_scaler_needs(overlay):
     assert scaled["orchestrator"]["spec"]["minReplicaCount"] >= 1
 
 
+def test_the_day_floor_component_adds_a_cron_floor_to_the_worker_scaled_object(tmp_path):
+    """Opt-in (no overlay ships it): an overlay with components/day-floor
+    renders the worker's ScaledObject with its backlog trigger unchanged, one
+    worker at least and a KEDA cron trigger, as the scaling simulator replays it."""
+    from deploy.scaling import keda, sim
+
+    shutil.copytree(K8S, tmp_path / "k8s")
+    day = tmp_path / "k8s" / "overlays" / "day"
+    day.mkdir()
+    base = yaml.safe_load((K8S / "overlays" / "single" / "kustomization.yaml").read_text())
+    base["components"].append("../../components/day-floor")
+    (day / "kustomization.yaml").write_text(yaml.safe_dump(base))
+    plain = objects("single", "ScaledObject")["inference-worker"]["spec"]  # skips without tools
+    tool = shutil.which("kustomize") or shutil.which("kubectl")
+    assert tool is not None
+    out = run([tool, "build" if tool.endswith("kustomize") else "kustomize", str(day)])
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    (spec,) = [d["spec"] for d in docs
+               if d["kind"] == "ScaledObject" and d["metadata"]["name"] == "inference-worker"]  # fmt: skip
+    backlog, cron = spec["triggers"]
+    assert backlog == plain["triggers"][0] and plain["minReplicaCount"] == 0
+    assert spec["minReplicaCount"] == 1 and spec["maxReplicaCount"] == plain["maxReplicaCount"]
+    assert cron["type"] == "cron"
+    assert cron["metadata"].keys() == {"timezone", "start", "end", "desiredReplicas"}
+    assert all(isinstance(v, str) for v in cron["metadata"].values()), "KEDA wants strings"
+    assert int(cron["metadata"]["desiredReplicas"]) <= spec["maxReplicaCount"]
+    # What the simulator replays as policy 6 is what renders here.
+    path = day / "so.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    rendered = keda.load_policy(path)
+    assert rendered.floors == sim.load_pools()["day_floor"]["large"].floors
+    assert rendered.min_replicas == sim.load_pools()["day_floor"]["large"].min_replicas
+
+
 def _nats(overlay: str) -> tuple[dict, str]:
     sts = objects(overlay, "StatefulSet")["nats"]
     (cm,) = [d for n, d in objects(overlay, "ConfigMap").items() if n.startswith("nats-config")]

@@ -377,16 +377,27 @@ def test_the_day_floor_meets_the_cost_goal_at_always_ons_p95(results):
     assert 5 <= day["pools"]["large"]["peak_workers"] <= 8
 
 
-def test_the_day_floor_is_a_scaled_objects_fields():
+def test_the_day_floor_replayed_is_the_kustomize_components():
+    """pools.yaml names the component's patch; the replay reads its fields
+    (tests/deploy/test_k8s.py renders the component into a ScaledObject)."""
     doc = yaml.safe_load(sim.POOLS.read_text())
-    (large,) = doc["day_floor"].values()
-    assert isinstance(large["minReplicaCount"], int)
-    for t in large["triggers"]:
-        assert t["type"] == "cron" and t["metadata"].keys() >= {"timezone", "start", "end",
-                                                                 "desiredReplicas"}  # fmt: skip
-        assert all(isinstance(v, str) for v in t["metadata"].values()), "KEDA wants strings"
+    patch = (sim.POOLS.parent / doc["day_floor"]["large"]).resolve()
+    assert patch.parent.name == "day-floor" and patch.parent.parent.name == "components"
+    fields = sim.patched(patch)
+    (cron,) = fields["triggers"]
+    assert cron["type"] == "cron"
     policy = sim.load_pools()["day_floor"]["large"]
-    assert (policy.min_replicas, [f.replicas for f in policy.floors]) == (1, [5])
+    assert policy.min_replicas == fields["minReplicaCount"] == 1
+    assert policy.floors == (keda.cron_floor(cron["metadata"]),)
+    assert [f.replicas for f in policy.floors] == [5]
+
+
+def test_a_patch_the_replay_cannot_model_is_refused(tmp_path):
+    patch = tmp_path / "p.yaml"
+    patch.write_text(yaml.safe_dump([{"op": "replace", "path": "/spec/cooldownPeriod",
+                                      "value": 60}]))  # fmt: skip
+    with pytest.raises(ValueError, match="cooldownPeriod"):
+        sim.patched(patch)
 
 
 @pytest.mark.timeout(120)
