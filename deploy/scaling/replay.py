@@ -29,10 +29,11 @@ Discrete events in continuous time. What it models:
   pool ``choose`` picks for it now are known, so the orchestrator publishes
   them as expected demand per pool (the largest phase it will send there);
   KEDA scales on the larger of the stream's lag and that demand (a second
-  trigger), so a pool at zero wakes before the steps arrive. And when a
-  phase starts, the next phase's prefix (``prefix`` tokens: its system
-  prompt and the session so far) is prefilled on the worker with the most
-  free KV of the pool it will go to, held in KV until its steps start there
+  trigger; ``Scenario.announce`` False leaves it out), so a pool at zero
+  wakes before the steps arrive. And when a phase starts, the next phase's
+  prefix (``prefix`` tokens: its system prompt and the session so far) is
+  prefilled on the worker with the most free KV of the pool it will go to,
+  held in KV until its steps start there
   (they are routed to it) and given up first when a real step needs the
   room; the step then tells ``predict`` those tokens are cached. The trace's
   sizes of later steps are used as the orchestrator's estimate: an upper

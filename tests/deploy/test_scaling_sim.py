@@ -409,3 +409,18 @@ def test_other_days_replays_a_seeds_day_as_the_shipped_one(results):
         "always_on": results["always_on"]["p95_task_latency_s"],
     }
     assert six["met"]
+
+
+@pytest.mark.timeout(120)
+def test_announced_demand_changes_nothing_once_the_day_floor_holds(day, results):
+    """Why no foreseen-steps gauge: with the floor, waking a pool from the
+    workflow graph brings nothing (a batch's fan-out follows its plans within
+    seconds; a cold start takes 90)."""
+    jobs, horizon = replay.load_trace()
+    quiet = replace(day["two_pools_day_floor_prewarm"].scenario, announce=False)
+    assert (
+        sim.summary(replay.replay(jobs, horizon, quiet), sim.task_slo_s())
+        == (results["two_pools_day_floor_prewarm"])
+    )
+    # Without the floor the announced demand does wake pools (policy 5).
+    assert results["two_pools_prewarm"]["pools"]["large"]["woken_by_announced_steps"] > 0
