@@ -220,6 +220,9 @@ def cost_goal(results: dict[str, dict], name: str) -> dict[str, Any]:
         },
         "met": fraction <= GOAL_COST_FRACTION
         and two["p95_task_latency_s"] <= warm["p95_task_latency_s"],
+        # Where the steps ran: a "two-pool" policy whose cheap pool serves
+        # nothing saves by its schedule, not by the second pool.
+        "steps_by_pool": {p: v["steps"] for p, v in two.get("pools", {}).items()},
     }
 
 
@@ -378,8 +381,9 @@ def _pool_line(name: str, p: dict[str, Any]) -> str:
 def _goal_figures(g: dict[str, Any]) -> str:
     if "cost_fraction_of_always_on" in g:
         p95 = g["p95_task_latency_s"]
+        by_pool = ", ".join(f"{n} on {p}" for p, n in g.get("steps_by_pool", {}).items())
         return (f"{g['cost_fraction_of_always_on']:.1%} of the cost, p95 task latency "
-                f"{p95[g['policy']]:g} s vs {p95['always_on']:g} s")  # fmt: skip
+                f"{p95[g['policy']]:g} s vs {p95['always_on']:g} s; steps: {by_pool}")  # fmt: skip
     return (f"p95 wait {g['p95_queue_wait_s']:g} s vs a limit of {g['limit_s']:g} s, "
             f"{g['failed_steps']} failed or unserved")  # fmt: skip
 
