@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from baton.bus import Bus
 from baton.dev.testing import uid
+from proto import subjects
 from proto.messages import (
     ChatMessage,
     ContextAppend,
@@ -12,7 +13,10 @@ from proto.messages import (
     ContextFork,
     ContextRef,
     ContextStats,
+    StoredAppend,
 )
+from proto.streams import CONTEXT
+from services.context_store.history import Build, HistoryStore
 from services.context_store.refs import RefSigner
 from tests.ctx import append, ask, window
 
@@ -72,3 +76,51 @@ async def test_an_answer_to_an_erased_session_does_not_write_it_again(bus: Bus) 
     again = await ask(bus, "append", ContextAppend(tenant=tenant, session=session, msg_id="a2",
                                                    messages=answer, base=ok.ref))  # fmt: skip
     assert again.error is not None and again.error.code == "unknown_session"
+
+
+class _LostCheck:
+    """A bus whose stream leader has just changed and forgotten the
+    expected-last-subject-sequence check (nats-server#8469): a conditional
+    write is stored whatever the subject holds."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._bus, name)
+
+    async def publish_if_last(self, subject: str, payload: bytes, last_seq: int) -> int:
+        last = await self._bus.last_msg(CONTEXT.name, subject)
+        return await self._bus.publish_if_last(subject, payload, last.seq if last else 0)
+
+
+def _store(bus: object) -> HistoryStore:
+    return HistoryStore(bus)  # type: ignore[arg-type]  # a Bus, or _LostCheck standing in for one
+
+
+async def test_a_first_record_stored_twice_keeps_the_first_incarnation(bus: Bus) -> None:
+    tenant, session = uid("acme"), uid("s")
+    # Replica A stores the first record; its reply (and ack) is lost, so the
+    # write is retried on replica B after a leader change: stored again.
+    first, _, dup = await _store(bus).write(tenant, session, "m1", _build("m1", "hello"))
+    assert not dup and len(first.incarnation) == 8
+    again, length, dup = await _store(_LostCheck(bus)).write(
+        tenant, session, "m1", _build("m1", "hello")
+    )
+    assert dup and length == 1  # the retry is the record already there, not a second message
+    assert again.incarnation == first.incarnation  # refs B signs name what every reader folds
+    # Another writer's first record, stored behind the first one: a new message, same incarnation.
+    other, length, dup = await _store(_LostCheck(bus)).write(
+        tenant, session, "m2", _build("m2", "bye")
+    )
+    assert not dup and length == 2 and other.incarnation == first.incarnation
+    fresh = await _store(bus).load(tenant, session)
+    assert fresh.incarnation == first.incarnation
+    assert [m.content for m in fresh.messages] == ["hello", "bye"]
+    assert len(await bus.sequences(CONTEXT.name, subjects.context_log(tenant, session))) == 3
+
+
+def _build(msg_id: str, content: str) -> Build:
+    return lambda _s: StoredAppend(
+        msg_id=msg_id, messages=[ChatMessage(role="user", content=content)]
+    )

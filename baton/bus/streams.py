@@ -95,10 +95,12 @@ class StreamReads(BusCore):
         with contextlib.suppress(NotFound), _translated():
             await self._js.purge_stream(stream, subject=subject)
 
-    async def get_msg(self, stream: str, seq: int) -> Message | None:
-        """The stored message ``seq`` (None: not there)."""
+    async def get_msg(self, stream: str, seq: int, *, subject: str | None = None) -> Message | None:
+        """The stored message ``seq``, or with ``subject`` the first message
+        on it at or after ``seq`` (None: not there)."""
         with contextlib.suppress(NotFound), _translated():
-            return Message._stored(await self._js.get_msg(stream, seq))
+            raw = await self._js.get_msg(stream, seq, subject=subject, next=subject is not None)
+            return Message._stored(raw)
         return None
 
     async def last_msg(self, stream: str, subject: str) -> Message | None:
@@ -161,15 +163,9 @@ class StreamReads(BusCore):
             msgs = self.read_subject(stream, subject, headers_only=True)
             return [m.seq async for m in msgs]
         found: list[int] = []
-        seq = 1
-        while True:
-            try:
-                msg = await self._js.get_msg(stream, seq=seq, subject=subject, next=True)
-            except nats.js.errors.NotFoundError:
-                return found
-            assert msg.seq is not None
+        while msg := await self.get_msg(stream, found[-1] + 1 if found else 1, subject=subject):
             found.append(msg.seq)
-            seq = msg.seq + 1
+        return found
 
     async def erase_messages(self, stream: str, seqs: Iterable[int]) -> int:
         """Overwrite and remove the messages ``seqs``; returns how many were there."""

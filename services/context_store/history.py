@@ -11,6 +11,8 @@ written again after deletion.)
 
 A session's first record carries a random ``incarnation`` nonce, which refs
 sign: erased and written again, the same session id is a new incarnation.
+The first record is read back once stored (``_first_of``): a leader change
+can store it twice.
 
 The cache is only an accelerator; the stream is the truth. A replica drops
 a session on a ``baton.ctxinval.<tenant>`` broadcast after a deletion, and a
@@ -27,12 +29,16 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import structlog
+
 from baton.bus import Bus, WrongLastSequence
 from proto import codec, subjects
 from proto.messages import ChatMessage, ForkOrigin, StoredAppend, Summary
 from proto.streams import CONTEXT
 
 from .tokens import estimate_tokens
+
+log = structlog.get_logger("context_store.history")
 
 INCARNATION_BYTES = 8
 Key = tuple[str, str]
@@ -143,6 +149,30 @@ class HistoryStore:
             self._remember(key, session)
             return session
 
+    async def _first_of(
+        self, tenant: str, session_id: str, seq: int, msg_id: str
+    ) -> tuple[Session, int, bool] | None:
+        """After storing a session's first record at ``seq``: None if it is
+        the subject's first message, as the conditional write promised. A
+        leader change can lose that promise (the expected-last-sequence check
+        is the leader's memory, nats-server#8469): a retried first write is
+        then stored a second time, with its own incarnation nonce, and refs
+        signed with it would name an incarnation no reader folds. The session
+        as stored is then read again and returned, its first record's
+        incarnation with it; duplicate when ``msg_id`` was already stored."""
+        subject = subjects.context_log(tenant, session_id)
+        head = await self.bus.get_msg(CONTEXT.name, 1, subject=subject)
+        if head is None or head.seq == seq:
+            return None
+        session, dup = Session(), False
+        async for msg in self.bus.read_subject(CONTEXT.name, subject):
+            record = codec.decode(msg.data, StoredAppend)
+            dup = dup or (record.msg_id == msg_id and msg.seq < seq)
+            session.apply(record, msg.seq, self.count)
+        log.warning("context_first_write_raced", tenant=tenant, session=session_id,
+                    first_seq=head.seq, seq=seq, duplicate=dup)  # fmt: skip
+        return session, session.versions.get(msg_id, session.length), dup
+
     async def write(
         self, tenant: str, session_id: str, msg_id: str, build: Build
     ) -> tuple[Session, int, bool]:
@@ -177,6 +207,11 @@ class HistoryStore:
                         await self._read_tail(tenant, session_id, session)
                         self._remember(key, session)
                     continue
+                if not session.exists:
+                    first = await self._first_of(tenant, session_id, seq, msg_id)
+                    if first is not None:
+                        self._remember(key, first[0])
+                        return first
                 session.apply(record, seq, self.count)
                 self._remember(key, session)
                 return session, session.length, False
