@@ -15,6 +15,7 @@ configuration file.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -49,9 +50,31 @@ def find_binary() -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free on 127.0.0.1 now, picked below the kernel's ephemeral
+    range: a port the kernel hands out (bind to 0) can be taken as the source
+    port of any outgoing connection before the server that asked for it
+    binds it ("address already in use" on a busy box); one below the range
+    can only be taken by another explicit bind."""
+    low = _ephemeral_low()
+    for _ in range(200 if low > 4096 else 0):
+        port = random.randrange(max(1024, low - 16384), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # that whole band taken: any port the kernel has
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux: 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 @dataclass(frozen=True)

@@ -91,12 +91,18 @@ class Cluster:
                  tags: Sequence[tuple[str, ...]] = ()) -> None:  # fmt: skip
         self.data_dir = root / "data"
         self.creds = Credentials.load_or_create(self.data_dir, tenants)
+        self._made = (root, list(tenants), size, encrypt, tags)
+        self.nodes = self._nodes()
+
+    def _nodes(self) -> list[Node]:
+        """The nodes, on ports picked now."""
+        root, tenants, size, encrypt, tags = self._made
         ports = [(free_port(), free_port(), free_port()) for _ in range(size)]
         routes = tuple(f"nats://127.0.0.1:{c}" for _, c, _ in ports)
-        self.nodes = [
+        return [
             Node(f"n{i + 1}", NatsServer(
                 root / f"n{i + 1}", port=p, monitor_port=m, server_name=f"n{i + 1}",
-                auth=ServerAuth(list(tenants), self.creds, encrypt=encrypt),
+                auth=ServerAuth(tenants, self.creds, encrypt=encrypt),
                 cluster=ServerCluster("baton-chaos", c, routes),
                 tags=tuple(tags[i]) if tags else ()))
             for i, (p, c, m) in enumerate(ports)
@@ -124,16 +130,26 @@ class Cluster:
         return self.creds.creds_path(identity)
 
     def start(self) -> Cluster:
-        try:
-            for n in self.nodes:
-                n.spawn()
-            for n in self.nodes:
-                n.wait_ready()
-            self.wait_meta_leader()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        """Every node, with a meta leader. A port taken between its pick and
+        the node's bind (another process on the box) is picked again, the
+        whole cluster with it (the routes name every port), twice at most."""
+        for attempt in range(3):
+            try:
+                for n in self.nodes:
+                    n.spawn()
+                for n in self.nodes:
+                    n.wait_ready()
+                self.wait_meta_leader()
+                return self
+            except NatsServerError as exc:
+                self.stop()
+                if "address already in use" not in str(exc) or attempt == 2:
+                    raise
+                self.nodes = self._nodes()
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
 
     def stop(self) -> None:
         for n in self.nodes:
