@@ -16,6 +16,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,7 +27,9 @@ from typing import Any
 from baton import accounts
 from baton.credentials import Credentials
 from baton.dev.testing import TEST_TENANTS, RemoteNats, secure_nats
-from baton.natsd import NatsServer
+from baton.natsd import NatsServer, free_port
+
+MCP_SERVER = Path(__file__).parent / "fixtures" / "mcp_server.py"
 
 
 def docker_available() -> bool:
@@ -114,3 +118,29 @@ def http_post(
     except urllib.error.HTTPError as exc:
         assert exc.code == expect, exc.read()
         return json.loads(exc.read())
+
+
+@contextlib.contextmanager
+def mcp_http_server(log: Path | None = None) -> Iterator[str]:
+    """The fixture MCP server (a real one, the official SDK) over streamable
+    HTTP on a free port, once it answers; yields its ``/mcp`` URL. ``log``:
+    where it writes each call's arguments."""
+    port = free_port()
+    env = {"PATH": "/usr/bin:/bin", **({"MCP_CALL_LOG": str(log)} if log else {})}
+    proc = subprocess.Popen([sys.executable, str(MCP_SERVER), "http", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+            except urllib.error.HTTPError:
+                break  # answering (404 at /)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        proc.terminate()
+        proc.wait(10)

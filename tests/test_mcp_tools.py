@@ -4,10 +4,7 @@ its own process) behind a real tool worker, over streamable HTTP and stdio."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,37 +12,19 @@ import pytest
 
 from baton.bus import Bus
 from baton.dev.testing import LocalStack, uid
-from baton.natsd import free_port
 from proto import codec
 from proto.messages import ContextGet, ToolCatalog
 from proto.streams import TOOL_CATALOG
 from tests.ctx import ask
+from tests.harness import MCP_SERVER, mcp_http_server
 from tests.tools import call_tool, session_with_call
-
-SERVER = Path(__file__).parent / "fixtures" / "mcp_server.py"
 
 
 @pytest.fixture(scope="module")
 def mcp_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     log = tmp_path_factory.mktemp("mcp") / "calls.jsonl"
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(SERVER), "http", str(port)],
-                            env={"MCP_CALL_LOG": str(log), "PATH": "/usr/bin:/bin"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    url = f"http://127.0.0.1:{port}/mcp"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
-        except urllib.error.HTTPError:
-            break  # answering (404 at /)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-    yield url, log
-    proc.terminate()
-    proc.wait(10)
+    with mcp_http_server(log) as url:
+        yield url, log
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +35,7 @@ def mcp_pool(
     stdio_log = tmp_path_factory.mktemp("mcp-stdio") / "calls.jsonl"
     servers = {
         "web": {"url": url},
-        "local": {"command": [sys.executable, str(SERVER), "stdio"],
+        "local": {"command": [sys.executable, str(MCP_SERVER), "stdio"],
                   "env": {"MCP_CALL_LOG": str(stdio_log)}},
     }  # fmt: skip
     pool = uid("mcp")
@@ -73,7 +52,10 @@ async def test_every_mcp_tool_is_offered_with_its_input_schema(
     kv = await bus.ensure_bucket(TOOL_CATALOG)
     catalog = codec.decode((await kv.get(pool)).value, ToolCatalog)
     tools = {t.name: t for t in catalog.tools}
-    assert set(tools) == {"mcp.web.add", "mcp.web.define", "mcp.local.add", "mcp.local.define"}
+    names = {
+        f"mcp.{server}.{tool}" for server in ("web", "local") for tool in ("add", "define", "pause")
+    }
+    assert set(tools) == names
     schema = json.loads(tools["mcp.web.add"].parameters)
     assert schema["required"] == ["a", "b"] and schema["properties"]["a"]["type"] == "integer"
     assert tools["mcp.local.define"].description == "Look a word up in a tiny glossary."

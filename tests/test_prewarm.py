@@ -13,7 +13,7 @@ from msgspec.structs import replace
 
 from baton.dev.twin import TwinBus
 from proto import streams
-from proto.messages import Heartbeat, InferenceResult, Usage
+from proto.messages import Heartbeat, InferenceResult, ToolCall, Usage
 from services.orchestrator import prewarm
 from services.orchestrator import transitions as T
 from services.orchestrator.routing import HeartbeatTracker, Router
@@ -240,4 +240,83 @@ async def test_a_refresh_reads_the_run_afresh_and_stops_once_answered_anywhere(
     await runs.write(answered, snap.revision)
     hbt.last = beats(hb("w1", ts=NOW + 60))
     assert await warming.refresh(20.0, now=NOW + 60) == 0
+    assert warming.kept == {}
+
+
+TOOLED = textwrap.dedent("""\
+    name: tooled
+    agents:
+      coder: {role: coder, system: You code., max_tokens: 64, tools: [python]}
+      editor: {role: editor, system: You edit., max_tokens: 32}
+    steps:
+      - {id: code, agent: coder}
+      - {id: edit, agent: editor}
+    """)
+
+
+def _calling_tools(rules: T.Rules, tmp_path: Path) -> tuple[RunState, list[T.Effect]]:
+    """A ``tooled`` run whose coder turn (served by w1) called a tool."""
+    (tmp_path / "tooled.yaml").write_text(TOOLED)
+    rules.workflows.update({n: GraphWorkflow(s) for n, s in load_dir(tmp_path).items()})
+    run = started(rules, "tooled")
+    [job] = jobs(T.replay(run, rules, NOW))
+    calls = [ToolCall(id="c0", name="python", arguments='{"code": "print(1)"}')]
+    out = T.result(run, reply(job, output="", tool_calls=calls), rules, NOW + 1, {})
+    assert isinstance(out, T.Transition) and out.run.steps["r1.code"].status == "tools"
+    return out.run, out.effects
+
+
+def test_while_tools_run_the_steps_own_prefix_is_kept_warm_where_its_turn_ran(
+    rules: T.Rules, tmp_path: Path
+) -> None:
+    run, _ = _calling_tools(rules, tmp_path)
+    st = run.steps["r1.code"]
+    assert st.worker == "w1"
+    later = NOW + 30
+    ok = beats(hb("w1", st.pool, ts=later), hb("w2", st.pool, ts=later))
+    warm = prewarm.own(run, rules, "r1.code", ok, later, refresh=1)
+    assert isinstance(warm, prewarm.Warm) and warm.worker == "w1"  # not the idler w2: w1 holds it
+    job = warm.job
+    assert job.warm and job.step == "r1.code" and job.ref == st.ref and job.max_tokens == 1
+    assert job.system == "You code." and [t.name for t in job.tools] == ["python"]
+    assert warm.msg_id == job.job_id == "acme.t1.r1.code.t0.warm.1"
+    # Its worker under KV pressure: skipped, the prefix is the first to go;
+    # its worker gone: the prefix went with it.
+    full = beats(hb("w1", st.pool, admitted=900, ts=later))
+    assert prewarm.own(run, rules, "r1.code", full, later, refresh=1) == "pressure"
+    gone = beats(hb("w2", st.pool, ts=later))
+    assert prewarm.own(run, rules, "r1.code", gone, later, refresh=1) == "no_worker"
+    # The calls answered: the turn after them runs, nothing to keep.
+    answered = T._copy(run)
+    answered.steps["r1.code"].status = "dispatched"
+    assert prewarm.own(answered, rules, "r1.code", ok, later, refresh=1) == "no_next"
+
+
+async def test_the_shell_keeps_a_tool_wait_warm_until_its_calls_are_answered(
+    rules: T.Rules, tmp_path: Path
+) -> None:
+    run, effects = _calling_tools(rules, tmp_path)
+    pool = run.steps["r1.code"].pool
+    twin = TwinBus()
+    await twin.provision(streams=[streams.JOBS])
+    runs = RunStore(await twin.ensure_bucket(streams.RUNS))
+    snap = await runs.write(run, None)
+    hbt = HeartbeatTracker()
+    hbt.last = beats(hb("w1", pool, ts=NOW + 1))
+    router = Router(hbt)
+    warming = Warming(twin, router, rules, runs)
+    await warming.after(run, effects)
+    kept = warming.kept[run.key]
+    assert (kept.step, kept.status, kept.worker, kept.turn) == ("r1.code", "tools", "w1", 0)
+    last = dict(warming.last)
+    kept.sent = NOW + 1  # the shell kept it on the wall clock; the test's clock is NOW
+    hbt.last = beats(hb("w1", pool, ts=NOW + 8))  # within the turn's 10 s deadline
+    assert await warming.refresh(5.0, now=NOW + 8) == 1  # calls still out: sent again
+    assert warming.last == last  # the run's warm of a step to come is left as it was
+    assert router.choose("acme", run.session, pool, "acme.t1.r1.code.t0.warm.1") is None
+    answered = T._copy(run)
+    answered.steps["r1.code"].status, answered.steps["r1.code"].turn = "dispatched", 1
+    await runs.write(answered, snap.revision)
+    hbt.last = beats(hb("w1", pool, ts=NOW + 9))
+    assert await warming.refresh(0.5, now=NOW + 9) == 0
     assert warming.kept == {}

@@ -4,14 +4,18 @@ the second step's prefix (its agent's system prompt + the session) on one
 worker; the second step is routed there and finds its prefix cached. The
 warm answers nothing (nothing appended to the session); the GPU time it
 took is charged to the run. Across an input wait the step after it is
-warmed, kept warm, and runs there."""
+warmed, kept warm, and runs there; across a slow tool call (a real MCP
+server) the step's own prefix is kept warm where its turn ran."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import shutil
 import textwrap
 import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,7 @@ import pytest
 from baton.dev.testing import Client, LocalStack, http_get, http_json, metric, uid
 from baton.natsd import NatsServer
 from baton.stack import ServiceProcess
-from tests.harness import http_post
+from tests.harness import http_post, mcp_http_server
 
 FLOW = textwrap.dedent("""\
     name: relay
@@ -46,14 +50,20 @@ def relay(own_nats: NatsServer, tmp_path: Path) -> Iterator[LocalStack]:
     (flows / "review.yaml").write_text(ASK)
     # Slow decoding: the first step runs long enough for its follower's warm.
     s = LocalStack(own_nats, tmp_path / "s", env={"BATON_SIM_DECODE_TPS": "80"})
+    yield two_workers(s, flows)
+    s.stop()
+
+
+def two_workers(s: LocalStack, flows: Path) -> LocalStack:
+    """``s`` started: a context store, an orchestrator running ``flows``
+    that keeps waits warm every 0.5 s, and two simulator workers."""
     s.workdir.mkdir(parents=True)
     s.service("context-store").wait_ready()
     s.service("orchestrator", BATON_WORKFLOWS_DIR=str(flows),
               BATON_PREWARM_KEEP_EVERY="0.5").wait_ready()  # fmt: skip
     s.worker().wait_ready()
     s.worker().wait_ready()
-    yield s
-    s.stop()
+    return s
 
 
 async def both_workers(relay: LocalStack) -> list[ServiceProcess]:
@@ -142,3 +152,46 @@ async def test_across_an_input_wait_the_step_after_is_kept_warm_and_runs_there(
     kept = metric(url, "baton_prewarms_total", outcome="kept")
     await asyncio.sleep(1.5)
     assert metric(url, "baton_prewarms_total", outcome="kept") == kept
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap (the tool worker)")
+async def test_while_a_slow_tool_runs_the_steps_own_prefix_is_kept_warm_where_it_ran(
+    own_nats: NatsServer, tmp_path: Path, own_client: Client
+) -> None:
+    flows = tmp_path / "workflows"
+    flows.mkdir()
+    (flows / "slow.yaml").write_text(
+        "name: slow\nagents:\n  a:\n    role: a\n    system: You wait, then answer.\n"
+        "    max_tokens: 8\n    tools: [mcp.web.pause]\nsteps:\n  - id: go\n    agent: a\n"
+    )
+    mcp = contextlib.ExitStack()
+    servers = json.dumps({"web": {"url": mcp.enter_context(mcp_http_server())}})
+    s = LocalStack(own_nats, tmp_path / "s", env={"BATON_MCP_SERVERS": servers})
+    try:
+        two_workers(s, flows).tool_worker().wait_ready()
+        url = s.orchestrator.url
+        workers = await both_workers(s)
+        task_id = uid()
+        await own_client.publish("slow", {"tenant": "initech", "input": "hello",
+                                          "task_id": task_id}, msg_id=task_id)  # fmt: skip
+        # The pause tool is out for 3 s: the turn's own prefix is kept warm
+        # every 0.5 s, on the worker that ran the turn and on no other.
+        for _ in range(100):
+            if metric(url, "baton_prewarms_total", outcome="kept") >= 2:
+                break
+            await asyncio.sleep(0.1)
+        assert metric(url, "baton_prewarms_total", outcome="kept") >= 2
+        done = (await own_client.events("initech", task_id, timeout=60))[-1]
+        assert done["type"] == "completed", done
+        step = http_json(f"{url}/v1/tasks/{task_id}?tenant=initech")["steps"]["r1.go"]
+        warmed = {w.env["BATON_WORKER_ID"]: metric(w.url, "baton_worker_warms_total",
+                                                     outcome="warmed") for w in workers}  # fmt: skip
+        assert warmed[step["worker"]] >= 2 and sum(warmed.values()) == warmed[step["worker"]]
+        assert step["cached_tokens"] > 10, step  # the turn after the tool found its prefix
+        # Answered: no more refreshes.
+        kept = metric(url, "baton_prewarms_total", outcome="kept")
+        await asyncio.sleep(1.5)
+        assert metric(url, "baton_prewarms_total", outcome="kept") == kept
+    finally:
+        s.stop()
+        mcp.close()

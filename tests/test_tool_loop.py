@@ -6,13 +6,9 @@ arguments."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,14 +16,13 @@ import pytest
 from baton.bus import connect
 from baton.dev.testing import Client, LocalStack, http_json, uid
 from baton.documents import put_document
-from baton.natsd import NatsServer, free_port
+from baton.natsd import NatsServer
 from proto.keys import fork_session
 from proto.messages import ContextGet, DocumentPut
 from tests.ctx import ask
+from tests.harness import mcp_http_server
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap")
-
-SERVER = Path(__file__).parent / "fixtures" / "mcp_server.py"
 
 
 def tool_events(events: list[dict], tool: str | None = None) -> list[dict]:
@@ -95,26 +90,15 @@ async def test_one_turn_calls_its_tools_in_parallel(own_nats: NatsServer, tmp_pa
         "    tools: [search, python]\nsteps:\n  - id: go\n    agent: a\n"
     )
     log = tmp_path / "mcp.jsonl"
-    port = free_port()
-    mcp = subprocess.Popen([sys.executable, str(SERVER), "http", str(port)],
-                           env={"MCP_CALL_LOG": str(log), "PATH": "/usr/bin:/bin"},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    mcp = contextlib.ExitStack()
+    url = mcp.enter_context(mcp_http_server(log))
     (flow / "calc.yaml").write_text(
         "name: calc\nagents:\n  a:\n    role: a\n    system: add\n"
         "    tools: [mcp.web.add]\nsteps:\n  - id: go\n    agent: a\n"
     )
-    servers = json.dumps({"web": {"url": f"http://127.0.0.1:{port}/mcp"}})
+    servers = json.dumps({"web": {"url": url}})
     stack = LocalStack(own_nats.url, tmp_path / "s",
                        env={"BATON_WORKFLOWS_DIR": str(flow), "BATON_MCP_SERVERS": servers})  # fmt: skip
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
-        except urllib.error.HTTPError:
-            break
-        except OSError:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
     stack.start(tool_workers=1)
     client = await Client.connect(own_nats.url)
     bus = await connect(own_nats.url, name="test-par")
@@ -147,5 +131,4 @@ async def test_one_turn_calls_its_tools_in_parallel(own_nats: NatsServer, tmp_pa
         await bus.close()
         await client.close()
         stack.stop()
-        mcp.terminate()
-        mcp.wait(10)
+        mcp.close()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from proto import keys
-from proto.messages import Heartbeat, InferenceJob
+from proto.messages import ContextRef, Heartbeat, InferenceJob, ToolSpec
 
 from . import placement
 from .scheduling import StepNeed
@@ -146,20 +146,48 @@ def decide(
     if worker is None:
         assert skip is not None
         return skip
-    job = InferenceJob(
-        job_id=keys.warm(run.tenant, run.task_id, plan.step_id),
-        task_id=run.task_id,
-        tenant=run.tenant,
-        session=run.session,
-        workflow=run.workflow,
-        step=plan.step_id,
-        agent=plan.agent,
-        ref=st.ref,
-        max_tokens=1,
-        system=agent.system,
-        tools=tools,
-        tool_choice=choice,
-        published_at=now,
-        warm=True,
-    )
+    job = _warm_job(run, plan.step_id, plan.agent, agent.system, st.ref, tools, choice, now,
+                    keys.warm(run.tenant, run.task_id, plan.step_id))  # fmt: skip
     return Warm(job, pool, worker, keys.warm(run.tenant, run.task_id, plan.step_id, refresh))
+
+
+def own(
+    run: RunState,
+    rules: Rules,
+    step: str,
+    heartbeats: Mapping[tuple[str, str], Heartbeat],
+    now: float,
+    *,
+    refresh: int,
+    stale_after: float = 6.0,
+    max_load: float = 0.5,
+) -> Warm | Skip:
+    """The ``refresh``-th warm that keeps a step's own prefix (its agent's
+    system prompt and the session as its model turn left it) on the worker
+    that ran that turn, while the turn's tool calls are out: the turn after
+    them goes back there (session affinity) and extends the prefix. Skipped
+    under that worker's KV pressure (the prefix is then the first to go), and
+    ``no_worker`` once it is gone (the prefix went with it)."""
+    st = run.steps.get(step)
+    if run.terminal or st is None or st.status != "tools" or st.ref is None or not st.worker:
+        return "no_next"
+    worker, skip = worker_for(heartbeats, st.pool, now, preferred=st.worker,
+                              stale_after=stale_after, max_load=max_load)  # fmt: skip
+    if worker != st.worker:
+        return skip or "no_worker"
+    tools, choice = rules.offered(run, st.agent, st)
+    system = rules.workflows[run.workflow].agents[st.agent].system
+    turn = f"{step}.t{st.turn}"  # the turn the calls came from: one id per refresh of it
+    job_id = keys.warm(run.tenant, run.task_id, turn, refresh)
+    job = _warm_job(run, step, st.agent, system, st.ref, tools, choice, now, job_id)
+    return Warm(job, st.pool, worker, job_id)
+
+
+def _warm_job(
+    run: RunState, step: str, agent: str, system: str, ref: ContextRef,
+    tools: list[ToolSpec], choice: str, now: float, job_id: str,
+) -> InferenceJob:  # fmt: skip
+    return InferenceJob(job_id=job_id, task_id=run.task_id, tenant=run.tenant,
+                        session=run.session, workflow=run.workflow, step=step, agent=agent,
+                        ref=ref, max_tokens=1, system=system, tools=tools, tool_choice=choice,
+                        published_at=now, warm=True)  # fmt: skip

@@ -50,8 +50,9 @@ class OrchestratorSettings(CommonSettings):
     prewarm: bool = True
     # Admitted-KV fraction above which a worker is not pre-warmed.
     prewarm_max_load: float = 0.5
-    # While an input step waits, warm the step after it again this often
-    # (seconds) so its prefix stays in the worker's cache; 0: warm it once.
+    # While an input step waits (or a model turn's tool calls are out), warm
+    # the step after it (the step itself) again this often (seconds) so its
+    # prefix stays in the worker's cache; 0: warm it once (not at all).
     prewarm_keep_every: float = 20.0
     # A step with no answer after step_timeout is dispatched again, up to
     # step_retries times, then the run fails with step_timeout. Generous by

@@ -7,7 +7,9 @@ that cannot be published is logged and forgotten; it never holds up the run.
 While an input step waits, ``keep`` sends its follower's warm again every
 ``keep_every`` seconds to the same worker (refreshes: counted ``kept``), as
 long as the worker's KV pressure allows; it stops once the input is answered,
-its deadline has passed or the run ends.
+its deadline has passed or the run ends. While a model turn's tool calls are
+out, it keeps that step's own prefix warm the same way on the worker that ran
+the turn (``prewarm.own``), until the calls are answered.
 
 Counted in ``baton_prewarms_total{outcome}`` (sent, kept, in_flight,
 no_worker, pressure). Each run's last warm is remembered (bounded; forgotten
@@ -41,15 +43,18 @@ REMEMBER = 100_000  # runs whose last warm is kept (the oldest are forgotten fir
 
 @dataclass(slots=True)
 class Kept:
-    """An input wait whose follower is kept warm: the run as the wait began
-    (a refresh reads it afresh)."""
+    """A wait kept warm: an input step (its follower is kept warm) or a
+    model step whose tool calls are out (its own prefix is); the run as the
+    wait began (a refresh reads it afresh)."""
 
     run: RunState
-    step: str  # the input step
+    step: str  # the input step, or the model step waiting for its tools
     pool: str
     worker: str
     sent: float
     refreshes: int = 0
+    status: str = "waiting_input"  # the step's status while it waits; "tools"
+    turn: int = 0  # "tools": the turn whose calls are out
 
 
 class Warming:
@@ -88,7 +93,7 @@ class Warming:
         if not self.enabled:
             return
         kept = self.kept.get(run.key)
-        if kept is not None and (run.terminal or run.steps[kept.step].status != "waiting_input"):
+        if kept is not None and (run.terminal or not _waits(run, kept)):
             del self.kept[run.key]
         if run.terminal:
             self.last.pop(run.key, None)
@@ -105,15 +110,23 @@ class Warming:
         out = prewarm.decide(run, self.rules, step, self.router.heartbeats.last, now,
                              last=self.last.get(run.key), prefer=prefer,
                              stale_after=self.stale_after, max_load=self.max_load)  # fmt: skip
-        if await self._send(run, out, now, "sent") and run.steps[step].input:
+        st = run.steps[step]
+        if await self._send(run, out, now, "sent") and st.input:
             assert isinstance(out, prewarm.Warm)
-            self.kept[run.key] = Kept(run, step, out.pool, out.worker, now)
-            self.kept.move_to_end(run.key)
-            while len(self.kept) > REMEMBER:
-                self.kept.popitem(last=False)
+            self._keep(run, Kept(run, step, out.pool, out.worker, now))
+        elif st.status == "tools" and st.worker:  # its prefix was just computed there
+            self._keep(run, Kept(run, step, st.pool, st.worker, now, status="tools", turn=st.turn))
+
+    def _keep(self, run: RunState, kept: Kept) -> None:
+        self.kept[run.key] = kept
+        self.kept.move_to_end(run.key)
+        while len(self.kept) > REMEMBER:
+            self.kept.popitem(last=False)
 
     async def _send(self, run: RunState, out: prewarm.Warm | prewarm.Skip, now: float,
-                    outcome: str) -> bool:  # fmt: skip
+                    outcome: str, *, own: bool = False) -> bool:  # fmt: skip
+        """``own``: a step's own prefix kept warm (its route and the run's
+        last warm of a step to come are left as they are)."""
         if isinstance(out, str):
             if out in prewarm.COUNTED:
                 m.PREWARMS.labels(out).inc()
@@ -124,18 +137,20 @@ class Warming:
         except Exception as exc:
             log.warning("prewarm_not_sent", step=out.job.step, error=repr(exc))
             return False
+        m.PREWARMS.labels(outcome).inc()
+        log.info("prewarm_sent", step=out.job.step, pool=out.pool, worker=out.worker,
+                 outcome=outcome)  # fmt: skip
+        if own:
+            return True
         self.router.warmed(out.job.job_id, out.pool, out.worker)
         self.last[run.key] = prewarm.LastWarm(out.job.step, now)
         self.last.move_to_end(run.key)
         while len(self.last) > REMEMBER:
             self.last.popitem(last=False)
-        m.PREWARMS.labels(outcome).inc()
-        log.info("prewarm_sent", step=out.job.step, pool=out.pool, worker=out.worker,
-                 outcome=outcome)  # fmt: skip
         return True
 
     async def refresh(self, every: float, now: float | None = None) -> int:
-        """One pass over the input waits kept warm: each whose last warm is
+        """One pass over the waits kept warm: each whose last warm is
         ``every`` seconds old is sent again (to the same worker, if it is
         still ready and not under pressure). How many were sent."""
         now = time.time() if now is None else now
@@ -146,23 +161,28 @@ class Warming:
             run = await self.runs.get(kept.run.tenant, kept.run.task_id)
             st = run.steps.get(kept.step) if run is not None else None
             # Answered (here or on another replica), timed out, or gone: stop.
-            if run is None or st is None or st.status != "waiting_input" or st.deadline <= now:
+            if run is None or st is None or not _waits(run, kept) or st.deadline <= now:
                 del self.kept[key]
                 continue
-            same = {kept.pool: kept.worker}
-            out = prewarm.decide(run, self.rules, kept.step, self.router.heartbeats.last, now,
-                                 prefer=same.get, stale_after=self.stale_after,
-                                 max_load=self.max_load, refresh=kept.refreshes + 1)  # fmt: skip
+            hbs, n = self.router.heartbeats.last, kept.refreshes + 1
+            if kept.status == "tools":
+                out = prewarm.own(run, self.rules, kept.step, hbs, now, refresh=n,
+                                  stale_after=self.stale_after, max_load=self.max_load)  # fmt: skip
+            else:
+                same = {kept.pool: kept.worker}
+                out = prewarm.decide(run, self.rules, kept.step, hbs, now, prefer=same.get,
+                                     stale_after=self.stale_after, max_load=self.max_load,
+                                     refresh=n)  # fmt: skip
             kept.sent = now  # tried: the next try is a period away, sent or not
             if isinstance(out, prewarm.Warm) and out.worker != kept.worker:
                 out = "no_worker"  # its worker is gone: the prefix went with it
-            if await self._send(run, out, now, "kept"):
+            if await self._send(run, out, now, "kept", own=kept.status == "tools"):
                 kept.refreshes += 1
                 sent += 1
         return sent
 
     async def keep(self, every: float) -> None:
-        """Refresh the input waits kept warm, for as long as the orchestrator runs."""
+        """Refresh the waits kept warm, for as long as the orchestrator runs."""
         if not self.enabled or every <= 0:
             return
         while True:
@@ -171,3 +191,9 @@ class Warming:
                 await self.refresh(every)
             except Exception as exc:  # best effort, as every warm
                 log.warning("prewarm_keep_failed", error=repr(exc))
+
+
+def _waits(run: RunState, kept: Kept) -> bool:
+    """Whether ``kept``'s step still waits as it did when it was kept."""
+    st = run.steps.get(kept.step)
+    return st is not None and st.status == kept.status and st.turn == kept.turn
