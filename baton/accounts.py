@@ -517,38 +517,6 @@ def render_operator(
     return config
 
 
-__all__ = [
-    "BATON_ACCOUNT",
-    "CONTEXT_STORE",
-    "INFERENCE_WORKER",
-    "OPERATOR",
-    "ORCHESTRATOR",
-    "SERVICES",
-    "TENANT_FEEDS",
-    "TENANT_STREAMS",
-    "TENANT_SUBMITS",
-    "Keys",
-    "Role",
-    "StreamAccess",
-    "Var",
-    "account_of",
-    "baton_account_jwt",
-    "check_tenant",
-    "identities",
-    "inbox_prefix",
-    "operator_auth",
-    "render_operator",
-    "service_roles",
-    "system_account_jwt",
-    "tenant_account_jwt",
-    "tenant_api_prefix",
-    "tenant_permissions",
-    "to_conf",
-    "to_conf_entries",
-    "user_creds",
-]
-
-
 def _jetstream(store_dir: str | None, cipher_key: str | Var | None) -> dict[str, Any]:
     """The server's JetStream block: its store, encrypted at rest when a key is given."""
     jetstream: dict[str, Any] = {}

@@ -240,18 +240,3 @@ async def purge(bus: Bus, *, consumer: str | None = None) -> int:
 
 def age(letter: DeadLetter, now: float | None = None) -> float:
     return max(0.0, (now or time.time()) - letter.at)
-
-
-__all__ = [
-    "MAX_DELIVERIES",
-    "REFUSED",
-    "Advisory",
-    "DeadLetter",
-    "MaxDeliveryWatch",
-    "ended",
-    "list_letters",
-    "parse_advisory",
-    "purge",
-    "replay",
-    "task_tenant",
-]

@@ -192,18 +192,3 @@ def creds_name(path: str | Path) -> str | None:
     """The ``name`` of the user in the ``.creds`` file at ``path``."""
     name = decode(creds_jwt(Path(path).read_text())).get("name")
     return name if isinstance(name, str) else None
-
-
-__all__ = [
-    "Key",
-    "account_jwt",
-    "creds",
-    "creds_jwt",
-    "creds_name",
-    "decode",
-    "delete_request",
-    "encode",
-    "new_seed",
-    "operator_jwt",
-    "user_jwt",
-]

@@ -386,16 +386,3 @@ class TenantAdmin:
                      self.data_dir / "tenants" / f"{tenant}.url"):  # fmt: skip
             path.unlink(missing_ok=True)
         return sessions
-
-
-__all__ = [
-    "ACTIVE",
-    "DELETED",
-    "SUSPENDED",
-    "TenantAdmin",
-    "TenantError",
-    "TenantState",
-    "account_tenants",
-    "key_digest",
-    "read_registry",
-]

@@ -53,32 +53,6 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
 
-__all__ = [
-    "Recorded",
-    "SpanContext",
-    "SpanKind",
-    "TracingConfigError",
-    "continued",
-    "current",
-    "derived_id",
-    "enabled",
-    "exporter_names",
-    "fail",
-    "inject",
-    "record",
-    "remote",
-    "root_sampled",
-    "server_span",
-    "set_attributes",
-    "setup",
-    "shutdown",
-    "span",
-    "span_context",
-    "trace_id_of",
-    "traceparent",
-    "within",
-]
-
 HDR_TRACEPARENT = "traceparent"
 _SCOPE = "baton"
 _W3C = TraceContextTextMapPropagator()
