@@ -158,11 +158,6 @@ def user_jwt(
     return encode(account, user.public, name, nats, iat=iat)
 
 
-def delete_request(operator: Key, accounts: list[str]) -> str:
-    """A ``$SYS.REQ.CLAIMS.DELETE`` body: the operator asks to delete accounts."""
-    return encode(operator, operator.public, "delete", {"type": "generic", "accounts": accounts})
-
-
 def creds(user_jwt_text: str, seed: str) -> str:
     """The standard ``.creds`` file every NATS client reads."""
     return (
