@@ -1,38 +1,10 @@
 """Who may do what on the bus: NATS accounts, identities and permissions.
 
-Pure: this module renders a nats-server configuration in operator mode (the
-accounts as JWTs signed by the operator's nkey, nats-server's own format)
-and each identity's ``.creds`` from a list of tenants and the deployment's
-nkeys. No I/O; ``baton.credentials`` keeps the keys and ``baton.natsd`` runs
-the server. One source for every deployment: ``baton up``, the tests,
-compose and Kubernetes (``baton nats-auth``) all render their NATS
-authentication here.
-
-The shape (measured in ``shared/notes/nats-tenancy.md``, explained in
-``docs/security.md``)::
-
-    account BATON          Baton's services, one user each, least privilege;
-                           the operator (every subject, for audits and tooling)
-    account <tenant>       one per tenant (account name == tenant id); one user
-    account SYS            the server's system account
-
-* A tenant publishes ``baton.tasks.<workflow>`` in its own account; a service
-  import maps it into BATON as ``baton.tasks.<tenant>.<workflow>``. The
-  import names the tenant and only Baton's operator signs it (a pinned
-  ``account_token_position`` would be the account's public key in operator
-  mode, not its name), so no tenant can publish as another.
-* Answers to input steps work the same way: the tenant publishes
-  ``baton.input.<task_id>``, which arrives as ``baton.input.<tenant>.<task_id>``
-  (pinned), so a tenant can only ever answer its own tasks.
-* Documents for the ``search`` tool too: ``baton.docs.<doc_id>`` arrives as
-  ``baton.docs.<tenant>.<doc_id>``, indexed for that tenant only.
-* BATON publishes ``baton.events.<tenant>.<task_id>`` and the token deltas
-  ``baton.tokens.<tenant>.<task_id>``; each tenant imports only its own (again
-  pinned), and keeps its own ``BATON_EVENTS`` and ``BATON_TOKENS`` streams of
-  them for replay, so a tenant's JetStream calls stay the ones it knows.
-* Each tenant account exports its JetStream API to BATON only, which BATON
-  reaches as ``$JS.<tenant>.API`` to provision and erase that copy.
-"""
+Pure: renders the operator-mode nats-server configuration (account JWTs) and
+each identity's ``.creds`` from the tenants and the deployment's nkeys, for
+every deployment; ``baton.credentials`` keeps the keys, ``baton.natsd`` runs
+the server. The accounts, imports and exports: docs/security.md, "Tenants are
+NATS accounts"."""
 
 from __future__ import annotations
 
@@ -515,38 +487,6 @@ def render_operator(
     if server_tags:
         config["server_tags"] = list(server_tags)
     return config
-
-
-__all__ = [
-    "BATON_ACCOUNT",
-    "CONTEXT_STORE",
-    "INFERENCE_WORKER",
-    "OPERATOR",
-    "ORCHESTRATOR",
-    "SERVICES",
-    "TENANT_FEEDS",
-    "TENANT_STREAMS",
-    "TENANT_SUBMITS",
-    "Keys",
-    "Role",
-    "StreamAccess",
-    "Var",
-    "account_of",
-    "baton_account_jwt",
-    "check_tenant",
-    "identities",
-    "inbox_prefix",
-    "operator_auth",
-    "render_operator",
-    "service_roles",
-    "system_account_jwt",
-    "tenant_account_jwt",
-    "tenant_api_prefix",
-    "tenant_permissions",
-    "to_conf",
-    "to_conf_entries",
-    "user_creds",
-]
 
 
 def _jetstream(store_dir: str | None, cipher_key: str | Var | None) -> dict[str, Any]:

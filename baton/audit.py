@@ -25,7 +25,6 @@ from proto.streams import AUDIT
 ERASE_SESSION = "erase_session"
 ERASE_TENANT = "erase_tenant"
 ERASE_TASKS = "erase_tasks"
-PERMISSION_VIOLATION = "permission_violation"
 CONSOLE_LOGIN = "console_login"
 
 

@@ -2,18 +2,10 @@
 service that handles a JetStream message (the conductor, the inference
 worker, the tool worker): the op's subject, its typed reply (from the
 contract table, ``proto/context_api.py``) and one policy for a store that
-does not answer in time.
-
-A timeout (or no store subscribed at all: one restarting) becomes
-``Nak(NAK_DELAY, backoff=True)``: the message being handled is redelivered
-a moment later, when a store replica may be back (every op is idempotent, so
-asking again is safe), and later at each further delivery (1, 2, 4, 8 s...):
-a flat second used up an inference job's five deliveries while a store
-restarted, and the job was dead-lettered (seen in the chaos tier). Before, the conductor naked after
-2 s, the tool worker after 1 s and the inference worker left the timeout to
-the consume loop's back-off; one value now, short because the request has
-already waited its ``TIMEOUT``.
-"""
+does not answer in time: ``Nak(NAK_DELAY, backoff=True)``, so the message is
+redelivered when a store replica may be back (every op is idempotent) and
+later at each further delivery (1, 2, 4, 8 s...); a flat second used up an
+inference job's five deliveries while a store restarted (the chaos tier)."""
 
 from __future__ import annotations
 

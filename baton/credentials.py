@@ -1,16 +1,9 @@
 """A deployment's secrets: the nkeys of the NATS operator, its accounts and
 users, the key that encrypts JetStream at rest and one HTTP API key per
-tenant and for the operator, kept in ``<data-dir>/secrets/nats.json`` (0600).
-
-``baton up`` writes, each mode 0600: every identity's standard ``.creds``
-file (``<data-dir>/tenants/<tenant>.creds``, ``operator.creds``,
-``secrets/creds/<service>.creds``), one client URL per tenant to
-``<data-dir>/tenants/<tenant>.url`` and the operator's to
-``<data-dir>/operator.url`` (the server's address), and the HTTP API keys
-beside them (``<tenant>.key``, ``operator.key``), which the services get as
-``BATON_API_KEYS``. Compose and Kubernetes get the same files, plus the
-server's ``nats/auth.conf``, from ``write_deployment`` (``baton nats-auth``).
-"""
+tenant and for the operator, kept in ``<data-dir>/secrets/nats.json`` (0600),
+and the ``.creds``, ``.url`` and ``.key`` files written from them (the files
+and who reads them: docs/security.md, "NATS identities in compose and
+Kubernetes"; ``write_deployment`` is ``baton nats-auth``)."""
 
 from __future__ import annotations
 

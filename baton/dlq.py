@@ -1,23 +1,8 @@
-"""Dead letters: a watch on JetStream's max-delivery advisories, and the
-operator's ``list`` / ``replay`` / ``purge`` of ``BATON_DLQ``.
-
-Baton's own consumers terminate a message on its last delivery and keep a
-copy on ``baton.dlq.<consumer>`` (``Bus.dead_letter``). A message can still
-run out of deliveries without that: when every delivery kills the process
-handling it (a job that crashes the engine, an OOM kill), or a handler stalls
-past its ack wait. JetStream then stops delivering it and announces it on
-``$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<consumer>``. The
-watch counts those (``baton_max_deliveries_total``, alert
-``BatonMaxDeliveries``) and copies the message into the DLQ under the same
-id scheme as ``Bus.dead_letter``, so it is listed and replayed like any other.
-
-A tenant's task that was dead-lettered has already ended for its tenant:
-the orchestrator publishes ``failed`` (``unavailable``) for it. Replaying it
-under the same task id would start nothing (the run store holds the ended
-run, so the task is a duplicate) and would drop the letter; a re-run would
-give one task two terminal events. So ``replay`` refuses such a letter, keeps
-it, and says so: the tenant submits the task again under a new task id.
-"""
+"""Dead letters: a watch on JetStream's max-delivery advisories (a message whose
+every delivery crashed or stalled its handler is copied into ``BATON_DLQ``
+under ``Bus.dead_letter``'s id scheme), and the operator's ``list`` /
+``replay`` / ``purge``; ``replay`` refuses and keeps the letter of a task
+that already ended. Why: docs/deploy.md, "BatonDeadLetters / BatonMaxDeliveries"."""
 
 from __future__ import annotations
 
@@ -240,18 +225,3 @@ async def purge(bus: Bus, *, consumer: str | None = None) -> int:
 
 def age(letter: DeadLetter, now: float | None = None) -> float:
     return max(0.0, (now or time.time()) - letter.at)
-
-
-__all__ = [
-    "MAX_DELIVERIES",
-    "REFUSED",
-    "Advisory",
-    "DeadLetter",
-    "MaxDeliveryWatch",
-    "ended",
-    "list_letters",
-    "parse_advisory",
-    "purge",
-    "replay",
-    "task_tenant",
-]

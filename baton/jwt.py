@@ -158,11 +158,6 @@ def user_jwt(
     return encode(account, user.public, name, nats, iat=iat)
 
 
-def delete_request(operator: Key, accounts: list[str]) -> str:
-    """A ``$SYS.REQ.CLAIMS.DELETE`` body: the operator asks to delete accounts."""
-    return encode(operator, operator.public, "delete", {"type": "generic", "accounts": accounts})
-
-
 def creds(user_jwt_text: str, seed: str) -> str:
     """The standard ``.creds`` file every NATS client reads."""
     return (
@@ -192,18 +187,3 @@ def creds_name(path: str | Path) -> str | None:
     """The ``name`` of the user in the ``.creds`` file at ``path``."""
     name = decode(creds_jwt(Path(path).read_text())).get("name")
     return name if isinstance(name, str) else None
-
-
-__all__ = [
-    "Key",
-    "account_jwt",
-    "creds",
-    "creds_jwt",
-    "creds_name",
-    "decode",
-    "delete_request",
-    "encode",
-    "new_seed",
-    "operator_jwt",
-    "user_jwt",
-]

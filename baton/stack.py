@@ -1,20 +1,13 @@
 """``baton up``: embedded NATS plus the services as child processes.
 
 Each service is its own process (as in production), started with the same
-environment plus ``BATON_NATS_URL`` carrying that service's own identity.
-NATS runs with authentication on: the tenants of ``BATON_TENANTS`` (default
-``acme``) each get an account, and their client URLs are written to
-``<data-dir>/tenants/<tenant>.url`` (the operator's to ``operator.url``).
-HTTP API keys (one per tenant, one for the operator) are written beside them
-(``<tenant>.key``, ``operator.key``) and given to the services as
-``BATON_API_KEYS``; ``api_keys=False`` (``baton up --no-api-keys``) opts out.
-Ctrl-C (or SIGTERM), at any moment, start-up included, stops the services
-first (ready ones drain; a service still starting is killed after a few
-seconds), then NATS; nothing is left behind, and children started by a
-``baton up`` that is itself killed get SIGTERM from the kernel
-(``baton.procs.die_with_parent``). The test suite drives the same
-``ServiceProcess`` class.
-"""
+environment plus ``BATON_NATS_URL`` carrying that service's own identity;
+NATS runs with authentication on and the tenants' and operator's files are
+written under the data dir (``baton.credentials``). Ctrl-C (or SIGTERM), at
+any moment, start-up included, stops the services first (ready ones drain; a
+service still starting is killed after a few seconds), then NATS; children of
+a ``baton up`` that is itself killed get SIGTERM from the kernel
+(``baton.procs.die_with_parent``). The tests drive the same ``ServiceProcess``."""
 
 from __future__ import annotations
 

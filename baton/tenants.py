@@ -1,35 +1,7 @@
 """Tenants at run time: create, suspend, resume, rotate, delete — no restart
-of NATS or of any service.
-
-The operator's tool (``baton tenant ...``) holds the operator and account
-keys (``<data-dir>/secrets/nats.json``) and talks to a running server in
-operator mode:
-
-* account JWTs go to the ``full`` resolver as ``$SYS.REQ.CLAIMS.UPDATE``
-  requests (as the system user); a deleted account is replaced by a
-  tombstone JWT (every user revoked, no connection admitted), which a
-  cluster's resolver sync cannot undo, unlike ``$SYS.REQ.CLAIMS.DELETE``;
-* the tenant registry, KV bucket ``baton-tenants`` (tenant -> state), tells
-  the orchestrator which tenants exist and which are suspended; it provisions
-  a new tenant's streams and consumers and starts pulling its tasks;
-* the orchestrator's user JWT lists each tenant's task stream, so a new
-  tenant re-issues it: its ``.creds`` file is rewritten, and the orchestrator
-  reconnects when the registry announces the tenant (nats-py re-reads the
-  file at each connect; about a second, at-least-once delivery covers the
-  gap). Revoking its old JWT instead would not do: nats-py closes a
-  connection for good on the server's "revoked" error.
-
-A tenant may carry a region (``create(region=)``, ``set_region``): the
-registry entry holds it, the orchestrator places the tenant's own streams on
-the servers tagged ``region:<region>`` (``proto.streams.tenant_streams``),
-and ``where`` reads back which servers hold each replica.
-
-Suspension is the registry's (the account stays: the tenant still reads its
-events and gets a ``failed`` event with ``tenant_suspended`` for every new
-task; its running tasks finish). Rotation issues a new user nkey and revokes
-the old one in the tenant's account JWT: the old ``.creds`` is refused by the
-server, live connections included.
-"""
+of NATS or of any service. What each step pushes and writes, and why a
+deleted account gets a tombstone: docs/security.md, "Tenants at run time";
+regions: "Residency"."""
 
 from __future__ import annotations
 
@@ -386,16 +358,3 @@ class TenantAdmin:
                      self.data_dir / "tenants" / f"{tenant}.url"):  # fmt: skip
             path.unlink(missing_ok=True)
         return sessions
-
-
-__all__ = [
-    "ACTIVE",
-    "DELETED",
-    "SUSPENDED",
-    "TenantAdmin",
-    "TenantError",
-    "TenantState",
-    "account_tenants",
-    "key_digest",
-    "read_registry",
-]

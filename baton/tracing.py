@@ -1,28 +1,11 @@
 """OpenTelemetry tracing: W3C trace context in NATS headers, spans over OTLP.
 
-Every NATS call goes through ``baton.bus``, which stamps the current
-trace context on each outgoing message (``inject``) and runs each handler in
-the context of the message it handles (``continued``, which also binds
-``trace_id`` in the log context). Services open spans with ``span`` and the
-orchestrator emits the spans of a durable task afterwards with ``record``
-(docs/tracing.md explains why).
-
-Off by default. ``setup`` installs the SDK's tracer provider only when an
-exporter is configured by the standard variables: ``OTEL_TRACES_EXPORTER``
-(``otlp``, ``console``; ``none`` turns tracing off), or an OTLP endpoint
-(``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``).
-``OTEL_SDK_DISABLED=true`` wins over both. The protocol is
-``OTEL_EXPORTER_OTLP[_TRACES]_PROTOCOL`` (``http/protobuf``, the default, or
-``grpc``); endpoint, headers, timeout, compression, certificates, batching
-(``OTEL_BSP_*``), the sampler (``OTEL_TRACES_SAMPLER[_ARG]``), the resource
-(``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``) and the propagators
-(``OTEL_PROPAGATORS``) are read by the SDK itself.
-
-Off, nothing of the SDK is imported: the API's no-op tracer only passes an
-incoming context through (a client's ``traceparent`` still reaches every
-hop and every log line of its task), and a message that came without one
-leaves without one. No ids are made up.
-"""
+``baton.bus`` stamps each outgoing message (``inject``) and runs each handler
+in its message's context (``continued``, binding ``trace_id`` in the log
+context); services open spans with ``span``, the orchestrator records a
+durable task's spans afterwards (``record``). Off by default: ``setup``
+installs the SDK only when an exporter is configured, and off, nothing of the
+SDK is imported. The variables and why: docs/tracing.md."""
 
 from __future__ import annotations
 
@@ -52,32 +35,6 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
-
-__all__ = [
-    "Recorded",
-    "SpanContext",
-    "SpanKind",
-    "TracingConfigError",
-    "continued",
-    "current",
-    "derived_id",
-    "enabled",
-    "exporter_names",
-    "fail",
-    "inject",
-    "record",
-    "remote",
-    "root_sampled",
-    "server_span",
-    "set_attributes",
-    "setup",
-    "shutdown",
-    "span",
-    "span_context",
-    "trace_id_of",
-    "traceparent",
-    "within",
-]
 
 HDR_TRACEPARENT = "traceparent"
 _SCOPE = "baton"

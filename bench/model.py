@@ -22,12 +22,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from baton.dev.inprocess import inprocess_worker
 from baton.dev.testing import Client, LocalStack, secure_nats, uid
 from bench.stats import median
 from bench.worker import _baton, _direct
 from services.inference_worker.engines import build_engine
 from services.inference_worker.engines.vllm import VLLMEngine
-from services.inference_worker.inprocess import inprocess_worker
 from services.inference_worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,10 +18,10 @@ from typing import Any
 
 import msgpack
 
+from baton.dev.inprocess import inprocess_worker
 from baton.dev.testing import Client, LocalStack, secure_nats, uid
 from bench.stats import median
 from services.inference_worker.engines.vllm import VLLMEngine
-from services.inference_worker.inprocess import inprocess_worker
 
 CONCURRENCY = 32
 ROUNDS = 6

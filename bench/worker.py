@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from baton.dev.inprocess import inprocess_worker
 from baton.dev.testing import Client, LocalStack, collect_results, secure_nats, submit_job, uid
 from bench.stats import cpu_seconds, median, pct
 from proto.messages import ChatMessage
 from proto.streams import ORCHESTRATOR_RESULTS
 from services.inference_worker.engines.vllm import VLLMEngine
-from services.inference_worker.inprocess import inprocess_worker
 
 SYSTEM = "You are a helpful assistant."  # the chat workflow's agent
 CONCURRENCY = 32

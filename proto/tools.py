@@ -11,7 +11,6 @@ from typing import Any, Final
 from proto.messages import ToolSpec
 
 BUILTIN_TOOLS: Final = frozenset({"search", "python"})
-MCP_PREFIX: Final = "mcp"
 TOOL_CHOICES: Final = ("auto", "required", "none")
 INVALID_CALL: Final = "invalid_call"
 """The name a call gets when the model's output could not be read as one;

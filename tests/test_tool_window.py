@@ -13,11 +13,11 @@ import json
 import pytest
 
 from baton.bus import Bus
+from baton.dev.inprocess import inprocess_worker
 from baton.dev.testing import LocalStack, uid
 from proto import codec, subjects
 from proto.messages import ChatMessage, InferenceJob, InferenceResult, ToolSpec
 from services.inference_worker.engines.sim import SimEngine
-from services.inference_worker.inprocess import inprocess_worker
 from tests.ctx import append
 
 MAX_MODEL_LEN, MAX_TOKENS = 1024, 64

@@ -1,19 +1,9 @@
 """Reading, attaching, erasing and counting: the context store's data
-management operations (``get``, ``attach``, ``delete``, ``stats``).
-Erasing a tenant also erases the documents its ``search`` tool indexes.
-
-Deletion semantics: deleting a session erases its log, its attachments and,
-recursively, every fork made from it (a fork's shared prefix *is* the
-parent's data, and its own turns continue that conversation). Deleting a
-tenant erases every session and attachment of the tenant. Every store
-replica is told to drop its cache (``baton.ctxinval.<tenant>``). Refs issued
-for an erased session are refused from then on (``unknown_session``).
-
-Then the erasure is announced durably on ``baton.erased.<tenant>`` (the
-orchestrator erases the tasks that ran on those sessions) and recorded in
-the audit trail. A delete is idempotent, so a failed announcement is
-retried by repeating the delete.
-"""
+management operations (``get``, ``attach``, ``delete``, ``stats``). What a
+delete erases (forks, attachments, a tenant's documents), the cache drop and
+the durable announcement: docs/architecture.md, "Deletion" and "Erasure of
+tasks". A delete is idempotent, so a failed announcement is retried by
+repeating the delete."""
 
 from __future__ import annotations
 

@@ -1,29 +1,8 @@
-"""How a step shares its engine under continuous batching, predicted.
-
-Pure (no clock, no I/O). An engine (one worker) runs up to ``slots``
-sequences at once. A step placed on a pool meets ``ahead`` sequences there
-(in flight or queued before it) and is followed by ``behind`` more that are
-known to be coming (tasks already in the orchestrator's task stream, not
-placed yet: a burst seen from its first task). What the step will share:
-
-* **its batch**: sequences start as slots free up; a step with ``ahead``
-  sequences before it starts in batch ``ahead // slots`` (0: at once), and
-  shares the engine with the others of that batch — those ahead of it in the
-  batch and those behind it that fit — ``min(slots, ahead + 1 + behind -
-  batch x slots)`` sequences, itself included;
-* **decode speed**: each sequence decodes slower the more share the engine:
-  ``alone / (1 + slowdown x (n - 1))`` with ``n`` sequences (``slowdown`` is
-  measured, ``SlowdownFit``; 0 on an engine whose sequences do not slow
-  each other);
-* **its GPU-seconds**: its share of the engine while it runs — its run time
-  divided by the sequences sharing it, the same share the worker's
-  ``GpuClock`` charges it (each second of engine time split equally among
-  the sequences generating then);
-* **its wait**: when this replica knows when the sequences ahead are
-  predicted to end (``frees_in``, sorted), the time the slot it needs frees
-  up: the ``(ahead - slots + 1)``-th end; otherwise the backlog drains at the
-  batch rate (``slots`` sequences per run time).
-"""
+"""How a step shares its engine under continuous batching, predicted: its
+batch, decode speed, GPU-seconds and wait, from the ``ahead`` sequences it
+meets on a pool of ``slots`` and the ``behind`` known to follow. Pure (no
+clock, no I/O); the formulas: docs/scheduling.md, "The prediction" (sharing,
+wait, run, "What GPU-seconds means")."""
 
 from __future__ import annotations
 

@@ -1,14 +1,8 @@
-"""The conductor: the I/O shell around the pure decisions in ``transitions.py``.
-
-Each message (a task, a result, a watchdog timer, a cancel) is one
-transition: load the run (from the cache, with its KV revision, when this
-replica wrote it last), decide, store the new state with ONE compare-and-set
-(a conflict re-reads and decides again), then perform the effects — events,
-jobs, the watchdog — concurrently, awaiting their acks together. The message
-is acked only after that, so a crash anywhere in between redelivers it; the
-decision then finds its change stored and returns the effects the stored state
-implies, all de-duplicated by their ids (``proto.keys``).
-"""
+"""The conductor: the I/O shell around the pure decisions in ``transitions.py``:
+load the run, decide, store it with ONE compare-and-set (a conflict re-reads
+and decides again), perform the effects concurrently, then ack; a crash in
+between redelivers the message and the stored state's effects are replayed,
+de-duplicated by their ids (docs/architecture.md, "How a task flows")."""
 
 from __future__ import annotations
 

@@ -1,31 +1,8 @@
-"""Erasing the tasks of erased sessions: the orchestrator's half of erasure.
-
-The context store erases a session's history (forks included) or a whole
-tenant's, then announces it on ``baton.erased.<tenant>`` (stream
-``BATON_ERASURES``, consumer ``orchestrator-erasures``). For every task that
-ran on one of those sessions (its run records the session, and each step's
-session, e.g. a fork) the orchestrator:
-
-1. replaces its run entry by a tombstone (status ``erased``, no input,
-   metadata, outputs or refs; compare-and-set, so a replica still advancing
-   the run sees a terminal run and stops), then overwrites the run's key
-   (``runkeys.py``: every older revision, sealed with it, is unreadable from
-   then on) and whatever revisions the bucket still holds;
-2. overwrites and removes its events (``BATON_EVENTS``, and a tenant
-   account's copy of that stream when one is configured), its token deltas
-   (``BATON_TOKENS``) and any result not yet consumed (``BATON_RESULTS``),
-   purges its timers, and erases the dead letters that carried it;
-3. tells workers to abort its generations (``baton.cancel``) if it was still
-   running, and erases its events once more after a grace period (an event
-   published by a handler that read the run just before the tombstone);
-4. records what it did in the audit trail (``erase_tasks``).
-
-The API then answers 404 with code ``erased`` for those tasks. Redelivered,
-an erasure runs again harmlessly: every step is idempotent.
-
-Deciding which tasks and which dead letters is pure (``tasks_to_erase``,
-``dead_letter_matches``, ``tombstone``) and unit-tested.
-"""
+"""Erasing the tasks of erased sessions: the orchestrator's half of erasure
+(each step: docs/architecture.md, "Erasure of tasks"). Every step is
+idempotent, so a redelivered erasure runs again harmlessly; which tasks and
+which dead letters is decided purely (``tasks_to_erase``,
+``dead_letter_matches``, ``tombstone``) and unit-tested."""
 
 from __future__ import annotations
 

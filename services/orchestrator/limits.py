@@ -1,36 +1,15 @@
-"""Per-tenant limits on starting tasks, as pure decisions (no I/O, no clock: every
-call is given ``now``).
+"""Per-tenant admission limits as pure decisions (no I/O, no clock: every call
+is given ``now``); what they are and how a refusal looks: docs/reliability.md,
+"Fair sharing between tenants", and ``BATON_DEFAULT_LIMITS`` in docs/settings.md.
 
-Three limits, each off at 0, set per tenant with a default
-(``BATON_TENANT_LIMITS`` / ``BATON_DEFAULT_LIMITS``):
-
-* ``max_in_flight`` — tasks of the tenant accepted and not finished (running
-  or still waiting in its task stream). A tenant's stream is FIFO, so at
-  intake a delivery tells exactly how many older tasks are unfinished: the
-  runs still active plus none queued ahead of it, and how many newer ones
-  wait behind it (``num_pending``). A task is refused when, at the moment it
-  was submitted, ``max_in_flight`` older tasks were unfinished: every task
-  still unfinished now was unfinished then, so the rule never refuses a task
-  that was under the limit (``InFlightCut``).
-* ``tasks_per_second`` (with ``burst``) — a token bucket over the tasks'
-  submission times (their stream timestamps, not when intake reaches them:
-  a backlog drained at the worker's pace would never look fast).
-* ``tokens_per_minute`` — tokens the tenant's finished tasks used in the
-  last 60 s (``TokenWindow``); a task arriving while it is over waits for
-  nothing: it is refused with the time until enough of the window expires.
-
-A refusal carries ``retry_after`` seconds: a ``failed`` event with code
-``rate_limited`` on the bus, 429 with ``Retry-After`` over HTTP.
-
-``token_share`` and ``share`` are not such limits but the fair-dispatch
-ones (``fairness.py``): how many tokens (or, with ``BATON_FAIR_POLICY=count``,
-tasks) of the tenant's work run at once; the rest wait in the tenant's
-stream, nothing is refused for them. Tenants' shares are read here and only
-here (``Limiter.share``).
-
-Each orchestrator replica keeps its own counters: with R replicas sharing a
-tenant's stream, a rate limit admits up to R times its value.
-"""
+``max_in_flight`` reads the FIFO task stream: at intake a delivery tells how
+many older tasks are unfinished (the active runs, none queued ahead) and how
+many wait behind it (``num_pending``). A task is refused when ``max_in_flight``
+older tasks were unfinished when it was submitted; every task unfinished now
+was then, so no task under the limit is refused (``InFlightCut``). The rate
+bucket runs on submission times (stream timestamps), else a backlog drained
+at the worker's pace would never look fast. Tenants' fair-dispatch shares are
+read here and only here (``Limiter.share``)."""
 
 from __future__ import annotations
 

@@ -1,25 +1,6 @@
 """The OpenAI-compatible face of the orchestrator: ``GET /v1/models`` and
-``POST /v1/chat/completions`` where ``model`` names a workflow.
-
-* A request without a session seeds a new one: every message but the last is
-  appended to the context store, the last (a ``user`` message) is the task's
-  input. ``baton_session`` (or ``session``, e.g. through the SDK's
-  ``extra_body``) continues a session: only the last message is sent, the
-  rest is already in the store. The workflow's agents keep their own system
-  prompts, which take the place of a leading ``system`` message.
-* ``max_tokens`` (or ``max_completion_tokens``) caps each step's answer,
-  ``temperature`` replaces the agents'.
-* ``stream: true``: chunks in OpenAI's format; ``choices[0].delta.content``
-  carries the tokens of the workflow's output step as they are generated.
-  Everything else the workflow does arrives in the extension field
-  ``baton`` of a chunk whose delta is empty: ``{"type": "token", "step",
-  "agent", "text"}`` for other agents' tokens and ``{"type": "step",
-  "step", "agent", "status"}`` for step events. ``stream_options.
-  include_usage`` adds the usage chunk (empty ``choices``) before ``[DONE]``.
-* Usage counts every step of the workflow. Responses carry ``baton``:
-  ``{"task_id", "session", "tenant", "cost_usd"}``; a failed task is an
-  error in the one error body (``http_errors.py``), which is OpenAI's shape.
-"""
+``POST /v1/chat/completions`` where ``model`` names a workflow. Sessions,
+the parameters, streaming chunks and the ``baton`` extension: docs/openai.md."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ import msgspec
 
 from proto.messages import PoolPrediction, ToolSpec
 
+from .fairness import estimate_tokens
 from .pools import PoolSpec
 from .scheduling import Decision, PoolNow, Prediction, StepNeed, choose, predict
 from .state import RunState, StepState
@@ -28,12 +29,6 @@ NEWEST_FLOOR = 64
 """Tokens a worker's window keeps at the least besides the system prompt
 and tools: the newest message whole (``RunState.newest_tokens``), and never
 fewer than these (the window's marker of omitted turns and framing)."""
-
-
-def estimate_tokens(text: str) -> int:
-    """About a token per four bytes, plus a message's framing (the context
-    store's estimate when it has no tokenizer)."""
-    return len(text.encode()) // 4 + 4
 
 
 def fixed_tokens(agent: AgentSpec, tools: Sequence[ToolSpec]) -> int:

@@ -1,26 +1,8 @@
-"""The pool catalogue: what each model pool is, costs and can hold.
-
-One entry per pool (``BATON_POOLS_FILE``, a YAML or JSON file, or
-``BATON_POOLS``, the same as JSON)::
-
-    pools:
-      small:
-        model: smollm2          # pools serving one family may stand in for each other
-        max_model_len: 2048     # the longest prompt + answer one step may have
-        kv_tokens: 65536        # KV cache tokens of one worker
-        max_seqs: 64            # sequences one worker runs at once
-        prefill_tps: 4000       # prompt tokens/s of one sequence
-        decode_tps: 40          # generated tokens/s of one sequence
-        usd_per_gpu_hour: 0.8
-        cold_start_s: 90        # a new worker's start to ready
-        min_replicas: 0
-        max_replicas: 4
-
-Workers report their measured capacity and speeds in heartbeats; the
-catalogue's figures are the prior the scheduler uses until they do, and a
-figure that drifts from the measured one is logged and counted. Pure: parsing
-and defaults, no I/O (the settings read the file).
-"""
+"""The pool catalogue: what each model pool is, costs and can hold
+(``BATON_POOLS_FILE`` / ``BATON_POOLS``; its shape: docs/scheduling.md, "The
+pool catalogue"). Workers' heartbeats report the measured figures; the
+catalogue's are the prior until they do, and a drift is logged and counted.
+Pure: parsing and defaults, no I/O (the settings read the file)."""
 
 from __future__ import annotations
 

@@ -3,21 +3,9 @@
 (``scheduling.PoolNow``). The conductor hands ``PoolView.look`` to the pure
 decisions (``transitions.Rules.pools``): a read of memory, no I/O; the
 placement it leads to is frozen into the step, so a replay or a retry does
-not look again.
-
-Drift: a worker measures its KV cache, sequence slots, context length and
-speeds (``Heartbeat``); a catalogue figure more than ``DRIFT_TOLERANCE`` away
-from a worker's measurement is logged once per worker and figure (again only
-after it came back within tolerance) and counted in
-``baton_pool_catalogue_drift_total{pool,figure}``.
-
-Sharing (``batching.py``): besides the heartbeats, what only this replica
-knows — the steps it placed on each pool and has no answer for (with when
-each is predicted to end), the tasks it has taken or that wait in their
-tenant's task stream and are not placed yet (they will follow the step
-being placed: a burst is placed seeing all of it), and, from the steps that
-finished, how a sequence's decode speed falls as more share its engine.
-"""
+not look again. Drift and what only this replica knows (its placed steps, the
+tasks to follow, the slowdown fit): docs/scheduling.md, "What workers report"
+and "The prediction"."""
 
 from __future__ import annotations
 

@@ -1,24 +1,12 @@
-"""Pre-warm from the workflow graph: while a step runs (or its tool calls
-are out, or a human is asked), prefill the step that will follow it — its
-agent's system prompt and the session's window — on the worker that will
-serve it, and route that step there. Only the orchestrator knows what comes
-next. Across an input wait the warm is sent again every so often (a
-``refresh``: vLLM's prefix cache frees the least recently used blocks first,
-so a prefix touched again stays), but only while the worker's KV pressure
-allows: under pressure the refresh is skipped and that prefix is the first
-to go.
+"""Pre-warm from the workflow graph: prefill the step that will follow the
+running one on the worker that will serve it, and route that step there
+(what, where, its cost, its bounds and refreshes: docs/scheduling.md,
+"Pre-warm from the workflow graph").
 
-Pure: ``decide`` takes the run, the step that was just dispatched, the
-pools' heartbeats and the run's last warm, and answers a ``Warm`` (the job,
-its pool and worker) or why not (``Skip``). The shell (``warming.py``)
-publishes the job and tells the router.
-
-Bounded: a step is warmed once (``keys.warm`` names its job), a run has at
-most one warm in flight (a warm's step not dispatched yet, sent less than
-``IN_FLIGHT_S`` ago), and a worker whose admitted KV is above ``max_load`` of
-its capacity is not warmed (KV pressure: real work first; the worker also
-skips a warm it has no room for at once).
-"""
+Pure: ``decide`` takes the run, the step just dispatched, the pools'
+heartbeats and the run's last warm, and answers a ``Warm`` (the job, its pool
+and worker) or why not (``Skip``); the shell (``warming.py``) publishes the
+job and tells the router."""
 
 from __future__ import annotations
 

@@ -1,21 +1,11 @@
 """Crypto-shredding of run entries: each task's entry in ``baton-runs`` is
-sealed with a key of its own, so erasing a task destroys one key instead of
-overwriting every revision its steps replaced.
-
-A run is written a few times per step; each write used to erase the revision
-it replaced (a JetStream API request each), because a revision dropped by the
-bucket's history limit is only unlinked and its bytes stay in the block file.
-Now the replaced revisions may stay there: they are ciphertext under the
-task's key, and erasing the task (``erasure.py``) overwrites that key's one
-message, after which no revision of the task can be read, wherever its bytes
-lie. The key is the entry ``<tenant>.<task_id>.key`` of the same bucket,
-written once when the run is created (listings of ``<tenant>.*`` do not see
-it). An erased task's tombstone holds ids only and is stored in the clear.
-
-Sealing is XChaCha20-Poly1305 (libsodium through PyNaCl, which nkeys brings):
-a random 24-byte nonce per write, the run's key as associated data, so a
-sealed entry cannot be passed off as another task's.
-"""
+sealed with a key of its own (the entry ``<tenant>.<task_id>.key``, written
+once; listings of ``<tenant>.*`` do not see it), so erasing a task destroys
+one key instead of erasing every revision its steps replaced
+(docs/architecture.md, "Streams, consumers, buckets"). Sealing is
+XChaCha20-Poly1305 (PyNaCl, which nkeys brings): a random 24-byte nonce per
+write, the run's key as associated data, so a sealed entry cannot be passed
+off as another task's."""
 
 from __future__ import annotations
 

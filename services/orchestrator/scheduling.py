@@ -1,35 +1,11 @@
 """Where a model step runs: predict its KV need, wait, run time and cost on
 each pool that may serve it, and pick the cheapest that meets its target.
 
-Pure (no clock, no I/O): the conductor gives it the step's need, the pool
-catalogue (``pools.py``) and what the pools' heartbeats and backlog say now
-(``PoolNow``); it answers a ``Decision`` with every ``Prediction`` it weighed,
-so the choice can be published on the step's events and checked later
-against what happened.
-
-The model of a pool, per step:
-
-* **fits**: the step's KV tokens (prompt + ``max_tokens``) within the pool's
-  context limit (``max_model_len``) — a step that fits no pool fails at once;
-* **shared**: the sequences the step will share its engine with — those
-  in flight or queued ahead of it and those known to follow it (a burst's
-  tasks still in the task stream), in batches of the engine's slots (per
-  worker, its sequences or as many steps like this one as its KV holds,
-  whichever is fewer): ``batching.share``;
-* **wait**: a pool at zero waits its cold start (what is left of it when a
-  worker is already starting); then, as a ready pool, for a free slot when
-  its backlog exceeds its slots: until the sequence ahead whose slot it takes
-  is predicted to end (this replica's placements), or the backlog draining
-  at the pool's batch throughput (``batching.queue_wait``);
-* **run**: prefill (the prompt not already in the pool's prefix cache /
-  prefill speed) + decode (expected output / per-sequence decode speed with
-  that many sequences in the batch: the speed alone slowed by the measured
-  ``decode_slowdown`` per other sequence, ``batching.decode_speed``);
-* **GPU-seconds**: the step's share of the engine while it runs — run time
-  divided by the sequences sharing it (the worker's ``GpuClock`` charges the
-  same share: each engine second split among the sequences generating then);
-* **cost**: GPU-seconds x the pool's price per GPU-hour.
-"""
+Pure (no clock, no I/O): given the step's need, the pool catalogue
+(``pools.py``) and what the pools' heartbeats and backlog say now
+(``PoolNow``), it answers a ``Decision`` with every ``Prediction`` it weighed,
+to be published on the step's events. The model of a pool (fits, sharing,
+wait, run, GPU-seconds, cost): docs/scheduling.md, "The prediction"."""
 
 from __future__ import annotations
 

@@ -1,22 +1,7 @@
-"""A task's trace, as the orchestrator sees it (docs/tracing.md).
-
-A task is durable and distributed: it starts at intake in one replica and
-may end in another, after restarts. Its spans are therefore emitted once
-they are over, by whichever replica stores the change that ends them, with
-the times the run state recorded and ids derived from the task, so every
-process can name a parent that is emitted later:
-
-* ``invoke_workflow <workflow>`` (the task: intake to its terminal state) —
-  span id ``derived_id(tenant, task_id)``; its parent is the caller's span
-  the task arrived with (kept in the run state as ``trace``), its trace id
-  that caller's or one derived from the task;
-* ``invoke_agent <agent>`` per step (dispatch to answer), a child of the
-  task — span id ``derived_id(tenant, task_id, step)``; each job and tool
-  call of the step is published in its context, so the worker's ``chat``
-  span and the tool worker's ``execute_tool`` span are its children;
-* ``process baton.<stream>`` per message the orchestrator handles (a live
-  span, a child of the task, linked to the span that sent the message).
-"""
+"""A task's trace, as the orchestrator sees it: its spans (``invoke_workflow``,
+``invoke_agent`` per step, ``process baton.<stream>`` per message) are
+emitted once over, by whichever replica stores the change that ends them,
+with ids derived from the task (docs/tracing.md, "The shape of a task's trace")."""
 
 from __future__ import annotations
 

@@ -63,11 +63,11 @@ def add_tenant_routes(
             code = ErrorCode.CONFLICT if "exists" in str(exc) else ErrorCode.UNKNOWN_TENANT
             raise ApiError(code, str(exc)) from exc
 
-    def checked(tenant: str) -> str:
+    def checked(value: str, field: str = "tenant") -> str:
         try:
-            return require_id(tenant, "tenant")
+            return require_id(value, field)
         except ValueError as exc:
-            raise ApiError(ErrorCode.INVALID_FIELD, str(exc), param="tenant") from exc
+            raise ApiError(ErrorCode.INVALID_FIELD, str(exc), param=field) from exc
 
     @app.get("/v1/tenants", dependencies=[Depends(operator)], responses=RESPONSES)
     async def list_tenants() -> dict[str, Any]:
@@ -78,12 +78,7 @@ def add_tenant_routes(
     async def create_tenant(body: TenantIn) -> dict[str, Any]:
         """Create a tenant; answers once it can submit, with its .creds text."""
         t = checked(body.tenant)
-        region = body.region
-        if region is not None:
-            try:
-                require_id(region, "region")
-            except ValueError as exc:
-                raise ApiError(ErrorCode.INVALID_FIELD, str(exc), param="region") from exc
+        region = None if body.region is None else checked(body.region, "region")
         path = await run(lambda a: a.create(t, region))
         return {"tenant": t, "state": "active", "region": region, "creds": path.read_text()}
 
@@ -91,11 +86,7 @@ def add_tenant_routes(
     async def set_region(tenant: str, body: RegionIn) -> dict[str, Any]:
         """Keep an existing tenant's data on servers tagged region:<region>:
         its streams move there (``GET .../where`` shows when)."""
-        t = checked(tenant)
-        try:
-            region = require_id(body.region, "region")
-        except ValueError as exc:
-            raise ApiError(ErrorCode.INVALID_FIELD, str(exc), param="region") from exc
+        t, region = checked(tenant), checked(body.region, "region")
         await run(lambda a: a.set_region(t, region))
         return {"tenant": t, "region": region}
 

@@ -1,25 +1,14 @@
 """The orchestrator's decisions as pure functions: ``(run, message) -> (run', effects)``.
 
-No I/O and no clock: ``now`` is passed in. The conductor (the shell) loads
-the run, calls one of the functions below, stores ``run'`` with one
-compare-and-set, then performs the effects. Every effect has a deterministic
-id (``proto.keys``), so performing it twice is a no-op — which is what makes
-recovery simple: a message redelivered after a crash, finding its change
-already stored, gets back the effects the stored state implies (``replay``)
-and the run carries on from there.
-
-Context-store calls are the one kind of I/O a decision may need *before* it
-can be made (the ref of a task's input, of a fan-in, of a branch's fork).
-Such a decision returns ``Need(ops)``; the shell performs the ops (each
-idempotent by its id), puts their answers in ``ctx`` under ``op.key`` and
-calls the same function again with the same run.
-
-An ``input`` step records no job: it waits (``waiting_input``) until
-``answer`` brings a human's reply, or the watchdog (``timer``) finds its
-deadline passed and takes the step's declared default. Either way the
-answer is appended to the run's session as a user message (one ``msg_id``
-per step, so the first answer stored is the only one), and the run goes on.
-"""
+No I/O and no clock (``now`` is passed in); the conductor loads the run,
+decides, stores ``run'`` with one compare-and-set, then performs the effects
+(docs/architecture.md, "How a task flows"). Every effect has a deterministic
+id (``proto.keys``), so performing it twice is a no-op: a message redelivered
+after a crash, finding its change already stored, gets back the effects the
+stored state implies (``replay``). A decision that needs the context store
+first returns ``Need(ops)``; the shell performs them, puts the answers in
+``ctx`` under ``op.key`` and calls the same function again. Input steps:
+docs/workflows.md, "Human input"."""
 
 from __future__ import annotations
 

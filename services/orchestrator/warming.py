@@ -1,20 +1,10 @@
-"""The shell of pre-warming (``prewarm.py`` decides): after a transition
-dispatched a model step or its tool calls, or set an input step waiting,
-publish the warm of the step that follows on the chosen worker's own
-subject, and tell the router to send that step there. Best effort: a warm
-that cannot be published is logged and forgotten; it never holds up the run.
-
-While an input step waits, ``keep`` sends its follower's warm again every
-``keep_every`` seconds to the same worker (refreshes: counted ``kept``), as
-long as the worker's KV pressure allows; it stops once the input is answered,
-its deadline has passed or the run ends. While a model turn's tool calls are
-out, it keeps that step's own prefix warm the same way on the worker that ran
-the turn (``prewarm.own``), until the calls are answered.
-
-Counted in ``baton_prewarms_total{outcome}`` (sent, kept, in_flight,
-no_worker, pressure). Each run's last warm is remembered (bounded; forgotten
-when the run ends) so that a run has one warm in flight at most.
-"""
+"""The shell of pre-warming (``prewarm.py`` decides): publish the warm of the
+step that follows on the chosen worker's own subject, tell the router to send
+that step there, and while an input step waits or a model turn's tool calls
+are out re-send a warm (``keep``; docs/scheduling.md, "Kept warm across a
+wait"). Best effort: a warm that cannot be published is logged and forgotten.
+Each run's last warm is remembered (bounded; forgotten when the run ends): one
+warm in flight at most."""
 
 from __future__ import annotations
 

@@ -1,15 +1,7 @@
 """A step's waterfall, put together from its results' timings. Pure: no
 clock; every time comes in with a message (``proto.messages.Timing``) or is
-the ``received`` time the shell passes to a decision.
-
-A worker measures its part of a job (queue wait, context fetch, admission,
-prefill, decode, storing the answer) and stamps ``finished_at`` just before
-it publishes the result; the result's trip to the orchestrator is added to
-``record`` when it arrives. A step adds up its model turns and the time it
-waited for its tool calls, so its phases cover ``queued_at`` (its first
-dispatch) to ``finished_at`` (its last result received) but for the
-orchestrator's own moments between them.
-"""
+the ``received`` time the shell passes to a decision. Who measures what, and
+what the phases cover: docs/architecture.md, "Step timings"."""
 
 from __future__ import annotations
 

@@ -1,26 +1,6 @@
-"""The tool worker: pull tool calls, run them, store their results.
-
-Per call (``baton.tools.<pool>``, body ``ToolJob``):
-1. if the session may already hold the call's result (``<call_id>:out``: a
-   redelivery after the worker that ran it died before acking, or a
-   dispatch again after a timeout) and does, publish it again without
-   running the tool; the first delivery of a call's first dispatch skips
-   that look-up (nobody can have run it), saving a round trip per call;
-2. check the arguments against the tool's schema, run the tool with a
-   timeout, and refuse results over the output limit;
-3. append the result to the session as a ``tool`` message under
-   ``<call_id>:out`` (idempotent); a result over the inline limit is stored
-   as an attachment and the message holds its start and the attachment name;
-4. publish a small ``ToolResult`` under ``keys.tool_result(call_id, attempt)`` (de-duplicated).
-
-A tool that fails, times out or says too much is not a worker failure: its
-error is the tool message the agent reads, and the call is acked.
-
-A cancelled task (core ``baton.cancel.<tenant>.<task_id>``, as the inference
-workers hear it) stops its calls: a running one is cancelled (the sandbox
-kills its process tree), queued ones are skipped, each acked with nothing
-stored or published — the run is over.
-"""
+"""The tool worker: pull tool calls, run them, store their results. Once per
+call, errors as the agent's tool message, cancellation and large results:
+docs/tools.md, "The tool worker"."""
 
 from __future__ import annotations
 

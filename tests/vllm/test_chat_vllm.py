@@ -20,12 +20,12 @@ import pytest
 import pytest_asyncio
 
 from baton.bus import connect
+from baton.dev.inprocess import inprocess_worker
 from baton.dev.testing import Client, LocalStack, secure_nats, uid
 from baton.documents import put_document
 from proto.messages import DocumentPut
 from proto.tools import BUILTIN_SPECS
 from services.inference_worker.engines.vllm import VLLMEngine
-from services.inference_worker.inprocess import inprocess_worker
 
 pytestmark = pytest.mark.vllm
 

@@ -23,6 +23,7 @@ import pytest
 import pytest_asyncio
 
 from baton.bus import Bus, connect
+from baton.dev.inprocess import inprocess_worker
 from baton.dev.testing import collect_results, metric, secure_nats, submit_job, uid
 from baton.stack import ServiceProcess
 from proto import subjects
@@ -30,7 +31,6 @@ from proto.messages import Cancel, ChatMessage
 from proto.streams import JOBS, RESULTS
 from services.inference_worker.engines.base import GenerationChunk, GenerationRequest
 from services.inference_worker.engines.vllm import VLLMEngine
-from services.inference_worker.inprocess import inprocess_worker
 
 pytestmark = pytest.mark.vllm
 

@@ -1,16 +1,7 @@
 """What the run console draws for one task, as plain data. Pure: the run
 state, its workflow, its events and ``now`` in; JSON-ready dicts out (the
 page only lays them out), so every picture is unit-tested without a browser.
-
-The waterfall: one row per step, grouped by agent, each row the step's
-phases laid end to end from when it was queued — queue wait, context-window
-fetch, KV admission wait, prefill (to the first token), decode, tool calls,
-recording — and its tool calls as rows of their own at their real times. A
-step whose timing was measured (``timing`` in the run state: queued/started/
-first-token/finished times and per-phase seconds) shows its phases; one
-recorded without (a run older than the timing fields, a step still running)
-shows one bar from its ``started`` event to its end (``phase: "run"``).
-"""
+The waterfall's rows and phases: docs/console.md, "Pages"."""
 
 from __future__ import annotations
 

@@ -124,17 +124,6 @@ class GraphWorkflow:
         round_, sid, _ = parse_step_id(step_id)
         return round_, self._order.index(sid)
 
-    def knows(self, step_id: str) -> bool:
-        """Whether ``step_id`` names a step instance of this workflow."""
-        try:
-            round_, sid, agent = parse_step_id(step_id)
-        except (ValueError, IndexError):
-            return False
-        step = self._steps.get(sid)
-        if step is None or not 1 <= round_ <= self.spec.rounds:
-            return False
-        return agent in step.parallel if step.parallel else agent is None
-
     def again(self, run: RunState, step_id: str) -> list[StepPlan]:
         """The plans that run ``step_id``'s step once more in ``run`` (a fork
         from it): the step, or every branch of its parallel step."""

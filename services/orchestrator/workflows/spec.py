@@ -1,13 +1,5 @@
-"""Workflow files: the schema, and errors that name the line at fault.
-
-A workflow names its agents and a list of steps run in order. A step runs one
-agent, or several ``parallel`` agents (fan-out; the step ends when all have
-answered: fan-in). A step with ``route`` reads its agent's answer as JSON
-and jumps to the step its ``choices`` name (or ``done``); an answer that does
-not parse takes ``default``. Jumping back starts a new round; ``rounds``
-bounds them. An ``input`` step pauses the run for a human's answer (or
-its ``default`` after ``timeout``). See docs/workflows.md.
-"""
+"""Workflow files: the schema, and errors that name the line at fault. What a
+workflow's steps, routes, rounds and input steps mean: docs/workflows.md."""
 
 from __future__ import annotations
 

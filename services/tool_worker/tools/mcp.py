@@ -1,14 +1,7 @@
-"""MCP servers as tools, through the official ``mcp`` SDK.
-
-``BATON_MCP_SERVERS`` maps a server name to ``{"url": "http://…/mcp"}``
-(streamable HTTP) or ``{"command": ["prog", "arg", …]}`` (stdio, the worker
-starts the process). Every tool of every server becomes ``mcp.<server>.<tool>``
-with the server's input schema. One connection per server is held open by a
-task of its own (the SDK's transports are anyio contexts that must be entered
-and left by the same task); calls are handed to it and run concurrently.
-A server that cannot be reached at start is logged and offers no tools; the
-worker still serves the others.
-"""
+"""MCP servers as tools, through the official ``mcp`` SDK (docs/tools.md, "MCP
+servers as tools"). One connection per server is held open by a task of its
+own (the SDK's transports are anyio contexts that must be entered and left by
+the same task); calls are handed to it and run concurrently."""
 
 from __future__ import annotations
 

@@ -1,42 +1,5 @@
-"""``python``: run a model's code in a sandbox.
-
-Layers, and what each one stops:
-
-* **bubblewrap** (``bwrap``, Debian's package): new user, PID, network, IPC,
-  UTS and cgroup namespaces. *No network*: the sandbox has only its own
-  loopback, so it reaches nothing outside. *Nothing outside its directory*:
-  the root is an empty read-only tmpfs with ``/usr`` bound read-only (the
-  interpreter and stdlib) and a fresh host directory bound read-write at
-  ``/sandbox``; no ``/etc``, ``/home``, ``/work``, no host ``/tmp``. The PID
-  namespace means the whole process tree dies with the sandbox's first
-  process, so nothing outlives the call. ``--disable-userns`` stops it
-  nesting namespaces to regain privileges; the environment is cleared.
-* **an unprivileged uid per slot** (the worker is root in its container;
-  the sandbox is not): file permissions apply, and ``RLIMIT_NPROC`` — which
-  the kernel does not enforce for root — is counted for that uid alone.
-* **a cgroup per slot** (where the worker may create one, ``cgroups.py``):
-  ``pids.max`` caps the process count whatever the uid, and CPU time is read
-  from it (``wait4`` cannot see through the PID namespace).
-* **rlimits** set before exec: ``RLIMIT_CPU`` (CPU seconds: an infinite loop
-  is killed by SIGXCPU/SIGKILL), ``RLIMIT_AS`` (address space: a 2 GB
-  allocation raises ``MemoryError``), ``RLIMIT_NPROC`` (a fork bomb gets
-  ``EAGAIN``), ``RLIMIT_FSIZE`` (largest file it may write), ``RLIMIT_NOFILE``.
-* **the worker**: a wall-clock timeout kills the process group (a sleeping
-  process uses no CPU), and stdout/stderr are read up to the output limit —
-  past it the sandbox is killed and the call is ``tool_output_too_large``.
-
-**Spares.** Starting a sandbox (bubblewrap's namespaces, then the
-interpreter) is most of a short call's time, so each slot starts its next
-sandbox as soon as its last call ends: a spare, every layer above already
-applied, its interpreter up and blocked reading its program from stdin (its
-process name ``baton-spare`` while it waits). A call hands the spare its
-code and is then exactly a fresh sandbox's run: the spare has run nothing,
-holds no file but its own fresh directory, and is used once. A spare that
-died meanwhile is replaced by a fresh start.
-
-Every failure is a ``ToolError`` the agent sees; the worker only runs
-``bwrap`` and waits for it, so nothing the code does can take it down.
-"""
+"""``python``: run a model's code in a sandbox — its layers, what each stops,
+and the spare sandboxes: docs/tools.md, "`python` — code in a sandbox"."""
 
 from __future__ import annotations
 
