@@ -161,9 +161,14 @@ def service_roles(tenants: Sequence[str]) -> dict[str, Role]:
                 f"{subjects.AUDIT}.>",
                 f"{subjects.TOOLS}.>",
                 f"{subjects.DOCUMENTS}.>",  # the HTTP API's uploads for its key's tenant
+                f"{subjects.ORCHESTRATOR_LOAD}.*",  # its load beacon, for the others' lending
                 *_ctx("append", "fork", "window", "get"),
             ),
-            subscribe=(f"{subjects.HEARTBEATS}.>", f"{MAX_DELIVERIES}.>"),
+            subscribe=(
+                f"{subjects.HEARTBEATS}.>",
+                f"{subjects.ORCHESTRATOR_LOAD}.*",
+                f"{MAX_DELIVERIES}.>",
+            ),
             streams=(
                 *task_streams,
                 StreamAccess(streams.RESULTS.name, own=True, consume=True, erase=True),

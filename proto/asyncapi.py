@@ -101,6 +101,12 @@ _CHANNELS: Final[dict[str, tuple[str, tuple[str, ...], tuple[Any, ...], str, boo
         f"{subjects.HEARTBEATS}.{{pool}}.{{worker}}", ("pool", "worker"), (msg.Heartbeat,),
         "Core NATS: worker load and warm sessions, every few seconds.", False,
     ),
+    "orchestratorLoad": (
+        f"{subjects.ORCHESTRATOR_LOAD}.{{replica}}", ("replica",), (msg.ReplicaLoad,),
+        "Core NATS: the tokens an orchestrator replica's runs hold, every "
+        "BATON_REPLICA_LOAD_EVERY seconds; the other replicas lend idle token shares only out "
+        "of what is left of the pools.", False,
+    ),
     "cancel": (
         f"{subjects.CANCEL}.{{tenant}}.{{task_id}}", ("tenant", "task_id"), (msg.Cancel,),
         "Core NATS: abort a task's in-flight generations.", False,

@@ -616,6 +616,20 @@ class Heartbeat(msgspec.Struct, omit_defaults=True, kw_only=True):
     decode_tps: float = 0.0
 
 
+class ReplicaLoad(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Core NATS ``baton.orchestrators.load.<replica>``, every
+    ``BATON_REPLICA_LOAD_EVERY`` seconds (``every``): the tokens one
+    orchestrator replica's runs hold on the pools now (the fair gate's
+    ``held``, all tenants), so the other replicas lend idle shares only out
+    of what is left of the pools. A replica not heard from for three of its
+    intervals holds nothing."""
+
+    replica: str
+    held_tokens: int = 0
+    every: float = 1.0
+    at: float = 0.0
+
+
 class RunTimer(msgspec.Struct, kw_only=True):
     """Body of ``baton.timers.<tenant>.<task_id>``: a run's durable watchdog,
     one per run (not per step). Naked until ``due``; when it fires, the

@@ -16,6 +16,7 @@ CONTEXT_LOG: Final = "baton.ctxlog"
 CONTEXT_ATTACHMENTS: Final = "baton.ctxatt"
 CONTEXT_INVALIDATE: Final = "baton.ctxinval"
 HEARTBEATS: Final = "baton.workers.heartbeat"
+ORCHESTRATOR_LOAD: Final = "baton.orchestrators.load"
 CANCEL: Final = "baton.cancel"
 DEAD_LETTERS: Final = "baton.dlq"
 TIMERS: Final = "baton.timers"
@@ -118,6 +119,12 @@ def context_invalidate(tenant: str) -> str:
 
 def heartbeat(pool: str, worker: str) -> str:
     return f"{HEARTBEATS}.{require_id(pool, 'pool')}.{require_id(worker, 'worker')}"
+
+
+def orchestrator_load(replica: str) -> str:
+    """``baton.orchestrators.load.<replica>`` — core NATS: what one
+    orchestrator replica's runs hold, for the others' lending."""
+    return f"{ORCHESTRATOR_LOAD}.{require_id(replica, 'replica')}"
 
 
 def cancel(tenant: str, task_id: str) -> str:

@@ -17,6 +17,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,20 @@ import msgpack
 
 from baton.dev.testing import Client, LocalStack, uid
 from baton.natsd import NatsServer
-from proto.messages import Heartbeat
+from proto.messages import Heartbeat, ReplicaLoad
 from services.inference_worker.admission import Admission, Waiter, next_waiter
-from services.orchestrator.fairness import FairGate, PoolRoom, allowance, run_load, token_room
+from services.orchestrator.fairness import (
+    FairGate,
+    PoolRoom,
+    Replicas,
+    allowance,
+    run_load,
+    token_room,
+)
 from services.orchestrator.limits import Limiter, TenantLimits
 from services.orchestrator.pools import Catalogue, PoolSpec
 from services.orchestrator.poolview import PoolView
+from services.orchestrator.replicas import ReplicaLoads
 from services.orchestrator.routing import HeartbeatTracker
 
 FLOOD = 40
@@ -109,8 +118,10 @@ def test_deliveries_not_started_count_as_typical_runs() -> None:
 POOL = PoolRoom(kv_tokens=58_982, seqs=64)  # one simulator worker at 0.9 headroom
 
 
-def _lending(pool: PoolRoom = POOL) -> FairGate:
-    gate = FairGate(lambda t: 16384, policy="tokens", pool=lambda: pool)
+def _lending(
+    pool: PoolRoom = POOL, replicas: Callable[[], Replicas] = lambda: Replicas()
+) -> FairGate:
+    gate = FairGate(lambda t: 16384, policy="tokens", pool=lambda: pool, replicas=replicas)
     for t in ("acme", "globex", "initech", "wonka"):  # served tenants: a waker each
         gate.on_room(t, lambda: None)
     return gate
@@ -134,6 +145,98 @@ def test_a_tenant_alone_borrows_the_idle_shares_up_to_what_the_pool_holds() -> N
     # old gate, which had no lending, gave it int(16384 / 1970) + 1 at most).
     assert len(long_runs) == 58982 // 1970, len(long_runs)
     assert len(_fill(FairGate(lambda t: 16384, policy="tokens"), "acme", 1970)) <= 9
+
+
+def test_replicas_lend_their_part_of_what_all_of_them_leave_free() -> None:
+    idle = [(4096, 0.0)] * 20  # idle shares far beyond the pool: the pool bounds
+    # Two replicas holding nothing: half the pool each (the old rule: all of it each).
+    assert allowance(4096, idle, POOL, 2000, Replicas(count=2)) == 58982 / 2
+    # A peer holds 30,000: this replica's part is half of the 28,982 left.
+    assert allowance(4096, idle, POOL, 2000, Replicas(count=2, elsewhere=30000)) == 14491
+    # It keeps what it held and takes half of what neither holds.
+    held_here = Replicas(count=2, elsewhere=20000, here=20000)
+    assert allowance(4096, idle, POOL, 2000, held_here) == 20000 + 18982 / 2
+    # Its other tenants' work on it is counted in its part, as before.
+    assert allowance(4096, [(4096, 5000.0), *idle], POOL, 2000, held_here) == 29491 - 5000
+    # Alone, what it told the others it held changes nothing: the whole pool.
+    assert allowance(4096, idle, POOL, 2000, Replicas(count=1, here=20000)) == 58982
+    # The pool full of the peers' work: the tenant keeps its own share.
+    assert allowance(4096, idle, POOL, 2000, Replicas(count=3, elsewhere=58982)) == 4096
+
+
+def _rounds(gates: list[FairGate], beacons: list[ReplicaLoads], n: int) -> list[int]:
+    """``n`` rounds: each replica sends its beacon to the others, then all
+    fill ``acme``'s runs of 1,970 tokens (the later ones before hearing of
+    the earlier ones' runs: they start at the same moment); the tokens all
+    of them hold after each round."""
+    total = []
+    for _ in range(n):
+        for i, (gate, peers) in enumerate(zip(gates, beacons, strict=True)):
+            load = peers.beacon(gate.holding())
+            for j, other in enumerate(beacons):
+                if j != i:
+                    other.heard(load, f"baton.orchestrators.load.{peers.replica}")
+        for gate in gates:
+            _fill(gate, "acme", load=1970)
+        total.append(round(sum(g.holding() for g in gates)))
+    return total
+
+
+def _replicas(n: int) -> tuple[list[FairGate], list[ReplicaLoads]]:
+    """``n`` replicas' gates lending out of ``POOL``, with their beacons."""
+    beacons = [ReplicaLoads(f"o{i}", every=1.0, clock=lambda: 0.0) for i in range(n)]
+    gates = []
+    for b in beacons:
+        gates.append(_lending(replicas=b.view))
+    return gates, beacons
+
+
+def test_replicas_lending_at_once_fill_the_pool_between_them_not_once_each() -> None:
+    gates, beacons = _replicas(2)
+    totals = _rounds(gates, beacons, 5)
+    # Together they hold what the pool holds, within a run each, every round.
+    assert all(58982 - 2 * 1970 < t <= 58982 for t in totals), totals
+    # The old rule (each replica against the whole pool): twice the pool.
+    old = [_lending(), _lending()]
+    assert sum(len(_fill(g, "acme", load=1970)) for g in old) == 2 * (58982 // 1970)
+    # Three replicas: the same pool, not three of them.
+    assert all(t <= 58982 for t in _rounds(*_replicas(3), 5))
+
+
+def test_a_replica_whose_peer_is_idle_grows_to_the_pool_then_alone_to_all_of_it() -> None:
+    gates, beacons = _replicas(2)
+    _rounds(gates[:1], beacons[:1], 1)  # no peer heard of yet: alone, all of it
+    assert gates[0].holding() == 29 * 1970
+    gates, beacons = _replicas(2)
+    busy, peers = gates[0], beacons[0]
+    grown = []
+    for _ in range(8):  # the peer takes nothing: each beacon, half of what is free
+        peers.heard(beacons[1].beacon(0.0), "baton.orchestrators.load.o1")
+        peers.beacon(busy.holding())
+        _fill(busy, "acme", load=1970)
+        grown.append(round(busy.holding()))
+    assert grown[:4] == [14 * 1970, 21 * 1970, 25 * 1970, 27 * 1970], grown
+    assert grown[-1] > 58982 - 2 * 1970, grown  # within a run of the pool per replica
+    peers.clock = lambda: 10.0  # the peer is gone: the rest of the pool
+    _fill(busy, "acme", load=1970)
+    assert busy.holding() == 29 * 1970
+
+
+def test_replica_loads_forget_a_silent_peer_and_ignore_their_own_beacon() -> None:
+    now = [0.0]
+    loads = ReplicaLoads("o1", every=1.0, clock=lambda: now[0])
+    loads.heard(loads.beacon(5000.0), "baton.orchestrators.load.o1")  # its own
+    loads.heard(ReplicaLoad(replica="o2", held_tokens=7000), "baton.orchestrators.load.o2")
+    loads.heard(ReplicaLoad(replica="o3", held_tokens=1), "baton.orchestrators.load.o9")  # spoof
+    assert loads.view() == Replicas(count=2, elsewhere=7000, here=5000)
+    now[0] = 2.9  # within three intervals
+    assert loads.view().count == 2
+    now[0] = 3.1  # silent for three: it holds nothing
+    assert loads.view() == Replicas(count=1, elsewhere=0, here=5000)
+    # A peer that beacons every 5 s is kept for 15.
+    loads.heard(ReplicaLoad(replica="o4", held_tokens=1, every=5.0), "baton.orchestrators.load.o4")
+    now[0] = 3.1 + 14.0
+    assert loads.view().count == 2
 
 
 def test_a_lender_that_arrives_gets_its_share_and_the_borrower_stops() -> None:
@@ -480,6 +583,25 @@ async def _most_at_once(client: Client, ends: Ends, n: int) -> int:
     return most
 
 
+async def _small_worker(
+    own_nats: NatsServer, tmp_path: Path, **worker: str
+) -> tuple[LocalStack, Client, Ends]:
+    """A context store and one worker with room for ~5 long tasks (its
+    heartbeats every 0.5 s; ``worker``: more of its settings), the ``long``
+    workflow, a client following every task's events; no orchestrator yet."""
+    workflows = tmp_path / "wf"
+    workflows.mkdir()
+    (workflows / "long.yaml").write_text(LONG_WORKFLOW)
+    stack = LocalStack(own_nats, tmp_path / "s", env={"BATON_WORKFLOWS_DIR": str(workflows)})
+    stack.workdir.mkdir(parents=True)
+    stack.service("context-store").wait_ready()
+    stack.worker(**{**SMALL_WORKER, "BATON_HEARTBEAT_INTERVAL": "0.5", **worker}).wait_ready()
+    client = await Client.connect(own_nats.url)
+    ends = Ends()
+    await client.nc.subscribe("baton.events.*.*", cb=ends.on_msg)
+    return stack, client, ends
+
+
 async def test_a_tenant_alone_borrows_the_idle_shares_the_worker_holds(
     own_nats: NatsServer, tmp_path: Path
 ) -> None:
@@ -487,16 +609,7 @@ async def test_a_tenant_alone_borrows_the_idle_shares_the_worker_holds(
     tokens) on a worker with room for ~5: capped at its share it runs one or
     two at once; lending the idle tenants' shares, as many as the worker's
     KV cache holds (its heartbeats), and never more."""
-    workflows = tmp_path / "wf"
-    workflows.mkdir()
-    (workflows / "long.yaml").write_text(LONG_WORKFLOW)
-    stack = LocalStack(own_nats, tmp_path / "s", env={"BATON_WORKFLOWS_DIR": str(workflows)})
-    stack.workdir.mkdir(parents=True)
-    stack.service("context-store").wait_ready()
-    stack.worker(**SMALL_WORKER, BATON_HEARTBEAT_INTERVAL="0.5").wait_ready()
-    client = await Client.connect(own_nats.url)
-    ends = Ends()
-    await client.nc.subscribe("baton.events.*.*", cb=ends.on_msg)
+    stack, client, ends = await _small_worker(own_nats, tmp_path)
     limits = json.dumps({"token_share": 1200})
     try:
         capped = stack.service("orchestrator", BATON_FAIR_LEND="false",
@@ -513,3 +626,41 @@ async def test_a_tenant_alone_borrows_the_idle_shares_the_worker_holds(
     # 6,000 KV x 0.9 headroom / ~1,090 a task: 4 fit (a fifth while the
     # gate's estimate of a run is below the worker's).
     assert 4 <= alone_lending <= 5, (alone_lending, alone_capped)
+
+
+async def test_two_replicas_lend_one_workers_room_between_them_not_twice(
+    own_nats: NatsServer, tmp_path: Path
+) -> None:
+    """Tenant ``wonka`` alone on two orchestrator replicas pulling its one
+    task stream, over one worker with room for ~5 long tasks: each replica
+    lends out of what the worker holds less what the other's runs hold (its
+    load beacon), so together they run no more at once than the worker
+    holds. Each against the whole worker (the old rule) they ran 6-8.
+    Answers of ~1 s (60 tokens/s): runs overlap, so the gates bind, not
+    the intake's pace."""
+    stack, client, ends = await _small_worker(own_nats, tmp_path, BATON_SIM_DECODE_TPS="60")
+    env = {"BATON_DEFAULT_LIMITS": json.dumps({"token_share": 1200}),
+           "BATON_REPLICA_LOAD_EVERY": "0.5"}  # fmt: skip
+    beacons: set[str] = set()
+
+    async def on_beacon(msg: Any) -> None:
+        beacons.add(msg.subject)
+
+    await client.nc.subscribe("baton.orchestrators.load.*", cb=on_beacon)
+    try:
+        replicas = [stack.service("orchestrator", **env) for _ in range(2)]
+        for proc in replicas:
+            proc.wait_ready()
+        async with asyncio.timeout(10):  # both beacon, so each knows the other
+            while len(beacons) < 2:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # a beacon of each heard by the other, a heartbeat
+        most = await _most_at_once(client, ends, 16)
+    finally:
+        await client.close()
+        stack.stop()
+    print(f"\ntwo replicas, one worker: at most {most} long tasks at once")
+    # 6,000 KV x 0.9 / ~1,090 a task: 4 fit, a fifth while the gates'
+    # estimate of a run is below the worker's; more than the two the
+    # replicas' shares alone allow: they still lend.
+    assert 3 <= most <= 5, most

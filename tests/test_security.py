@@ -27,7 +27,7 @@ INTERNAL = [
     f"baton.events.{VICTIM}.>", "baton.events.>", "baton.jobs.>", "baton.results.>",
     "baton.ctx.>", f"baton.ctx.get.{VICTIM}", "baton.ctxlog.>", "baton.ctxinval.>",
     "baton.workers.heartbeat.>", "baton.timers.>", "baton.dlq.>", "baton.cancel.>",
-    "baton.tokens.>", "$KV.baton-runs.>", ">",
+    "baton.tokens.>", "baton.orchestrators.load.>", "$KV.baton-runs.>", ">",
 ]  # fmt: skip
 
 
@@ -88,7 +88,8 @@ async def test_a_tenant_cannot_call_the_context_store_or_publish_internal_subjec
 ) -> None:
     for subject in (f"baton.ctx.get.{VICTIM}", f"baton.ctx.append.{VICTIM}",
                     f"baton.ctx.delete.{VICTIM}", "baton.jobs.default", "baton.cancel.acme.t1",
-                    f"baton.results.{VICTIM}.t1", "baton.workers.heartbeat.default.w1"):  # fmt: skip
+                    f"baton.results.{VICTIM}.t1", "baton.workers.heartbeat.default.w1",
+                    "baton.orchestrators.load.o1"):  # fmt: skip
         await attacker.nc.publish(subject, msgpack.packb({"tenant": VICTIM}))
         assert await attacker.said(f'permissions violation for publish to "{subject}"')
 

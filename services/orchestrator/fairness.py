@@ -37,6 +37,13 @@ workers' heartbeats, less what the others hold). The loan ends by itself:
 when a lender takes work, its own room is its full share, and the borrower's
 allowance shrinks by what the lender holds, so the borrower fetches nothing
 new until its runs have ended down to it; nothing running is stopped.
+
+Several replicas (``replicas.py``): each one's gate sees only its own runs,
+so each would lend the whole pool and N replicas fill it N times over. A
+replica's part of the pool is what it held at its last load beacon plus
+``1/N`` of what every replica's runs leave free (``Replicas``): replicas
+that start lending at once fill the pool between them, not N times, and a
+replica whose peers hold nothing grows to all of it, beacon by beacon.
 """
 
 from __future__ import annotations
@@ -87,36 +94,60 @@ class PoolRoom:
     seqs: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Replicas:
+    """The orchestrator replicas lending out of the same pools: ``count``
+    live ones (this one included), the tokens the others' runs hold
+    (``elsewhere``) and this one's as it last told them (``here``: the
+    same moment's figure as theirs, so its part does not grow with each
+    run it takes before the others hear of it)."""
+
+    count: int = 1
+    elsewhere: float = 0.0
+    here: float = 0.0
+
+
+ALONE = Replicas()
+
+
 def allowance(share: int, others: Iterable[tuple[int, float]], pool: PoolRoom,
-              typical: float) -> float:  # fmt: skip
+              typical: float, replicas: Replicas = ALONE) -> float:  # fmt: skip
     """Tokens a tenant may hold, lending included: its ``share``, plus the
-    idle part of each other tenant's — ``others`` as ``(share, held)`` —, as
-    far as the pool holds it once the others' work is counted: its KV tokens,
-    and its sequence slots filled with the tenant's ``typical`` runs (a pool
-    of 64 slots runs 64 chats however much KV is free; more would queue in
-    the shared job queue, ahead of any other tenant's job). Never less than
-    ``share``: a tenant's own share is never lent away from it."""
+    idle part of each other tenant's — ``others`` as ``(share, held)`` on
+    this replica —, as far as this replica's part of the pool holds it once
+    the others' work is counted. The pool: its KV tokens, and its sequence
+    slots filled with the tenant's ``typical`` runs (a pool of 64 slots runs
+    64 chats however much KV is free; more would queue in the shared job
+    queue, ahead of any other tenant's job). This replica's part: what it
+    held plus ``1/count`` of what all the ``replicas`` leave free (alone:
+    all of it). Never less than ``share``: a tenant's own share is never
+    lent away from it."""
     others = list(others)
     idle = sum(max(0.0, s - h) for s, h in others)
     held = sum(h for _, h in others)
-    room = min(pool.kv_tokens, pool.seqs * max(1.0, typical)) - held
-    return max(float(share), min(share + idle, room))
+    pool_tokens = min(pool.kv_tokens, pool.seqs * max(1.0, typical))
+    free = pool_tokens - replicas.elsewhere - replicas.here
+    part = replicas.here + free / max(1, replicas.count)
+    return max(float(share), min(share + idle, part - held))
 
 
 class FairGate:
     """``share_of(tenant)``: the tenant's share in the policy's unit (tokens
     or tasks); ``pool()``: what the pools hold now, when idle shares are
-    lent (``None``: no lending, each tenant capped at its share)."""
+    lent (``None``: no lending, each tenant capped at its share);
+    ``replicas()``: the replicas lending out of the same pools."""
 
     def __init__(
         self,
         share_of: Callable[[str], int],
         policy: Policy = "count",
         pool: Callable[[], PoolRoom] | None = None,
+        replicas: Callable[[], Replicas] = lambda: ALONE,
     ) -> None:
         self.share_of = share_of
         self.policy = policy
         self.pool = pool if policy == "tokens" else None
+        self.replicas = replicas
         self._load: dict[str, dict[str, int]] = {}  # tenant -> task_id -> tokens held (run_load)
         self._typical: dict[str, float] = {}  # tenant -> moving mean of its runs' loads
         self._active: dict[str, dict[str, float]] = {}  # tenant -> task_id -> since
@@ -144,7 +175,9 @@ class FairGate:
         if self.pool is None:
             return share
         others = [(self.share_of(t), self.held(t)) for t in self.tenants() if t != tenant]
-        return math.floor(allowance(share, others, self.pool(), self.typical(tenant)))
+        return math.floor(
+            allowance(share, others, self.pool(), self.typical(tenant), self.replicas())
+        )
 
     def tenants(self) -> set[str]:
         """The tenants this gate knows: served (a waker) or holding work."""
@@ -159,6 +192,10 @@ class FairGate:
         return sum(loads.get(t, typical) for t in active) + typical * len(
             self._reserved.get(tenant, ())
         )
+
+    def holding(self) -> float:
+        """Tokens all the tenants' runs on this replica hold (its load beacon)."""
+        return sum(self.held(t) for t in self.tenants())
 
     def typical(self, tenant: str) -> float:
         return self._typical.get(tenant, FIRST_RUN_TOKENS)

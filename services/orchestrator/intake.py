@@ -27,7 +27,7 @@ from proto.streams import ConsumerSpec
 from proto.submission import RateLimited, TaskRejected
 
 from .conductor import Conductor
-from .fairness import FairGate, Policy, PoolRoom, estimate_tokens, run_load
+from .fairness import ALONE, FairGate, Policy, PoolRoom, Replicas, estimate_tokens, run_load
 from .limits import Limiter
 from .state import RunState
 from .transitions import in_flight, waiting_step
@@ -53,12 +53,13 @@ class TenantRoom:
         limiter: Limiter,
         policy: Policy = "tokens",
         pool: Callable[[], PoolRoom] | None = None,
+        replicas: Callable[[], Replicas] = lambda: ALONE,
     ) -> None:
         """``pool``: what the pools hold now, to lend idle shares out (None:
-        no lending)."""
+        no lending); ``replicas``: the replicas lending out of them."""
         self.limiter = limiter
         # Lending idle shares out, bounded by what the pools hold now.
-        self.gate = FairGate(lambda t: limiter.share(t, policy), policy, pool)
+        self.gate = FairGate(lambda t: limiter.share(t, policy), policy, pool, replicas)
         # A run's input, in tokens, from its task message: the prompt of its
         # first step (the run state keeps no input).
         self._inputs: dict[tuple[str, str], int] = {}

@@ -17,6 +17,7 @@ from baton.accounts import TENANT_STREAMS, tenant_api_prefix
 from baton.bus import Bus
 from baton.dlq import MaxDeliveryWatch
 from baton.service import Health, ServiceApp
+from baton.settings import default_worker_id
 from baton.tenants import DELETED, SUSPENDED, TenantState, read_registry
 from proto import streams, subjects
 from proto.messages import Heartbeat
@@ -28,6 +29,7 @@ from .erasure import TaskEraser
 from .intake import Intake, TenantRoom
 from .limits import Limiter
 from .poolview import PoolView
+from .replicas import ReplicaLoads
 from .routing import HeartbeatTracker, Router
 from .runs import RunStore
 from .settings import OrchestratorSettings
@@ -225,8 +227,10 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
     pool_view = PoolView(settings.catalogue, hb, stale_after=settings.route_stale_after)
     # The fair gate lends idle shares out as far as the live workers hold them.
     lend = pool_view.room if settings.fair_lend else None
+    # ... less what the other replicas' runs hold, split between the replicas.
+    peers = ReplicaLoads(default_worker_id(), settings.replica_load_every)
     room = TenantRoom(Limiter(settings.default_limits, settings.tenant_limits),
-                      settings.fair_policy, lend)  # fmt: skip
+                      settings.fair_policy, lend, peers.view)  # fmt: skip
     conductor = Conductor(bus, runs, workflows, settings, router, check_limits=room.check,
                           on_changed=room.changed, pools=pool_view)  # fmt: skip
     intake = Intake(bus, conductor, room)
@@ -297,6 +301,7 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
             conductor.check_in_flight(settings.in_flight_check_interval)
         )
         keep_warm = asyncio.create_task(conductor.warming.keep(settings.prewarm_keep_every))
+        beacons = asyncio.create_task(peers.run(bus, room.gate.holding))
         health.ready, health.reason = True, "serving"
         try:
             await asyncio.gather(
@@ -331,6 +336,7 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
             reconciler.cancel()
             in_flight.cancel()
             keep_warm.cancel()
+            beacons.cancel()
             registry.cancel()
             for tenant in list(loops):
                 drop_tenant(tenant)

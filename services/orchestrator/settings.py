@@ -72,6 +72,12 @@ class OrchestratorSettings(CommonSettings):
     # the borrower fetches nothing new until it is back within its
     # allowance (nothing running is stopped). false: each tenant at its share.
     fair_lend: bool = True
+    # Seconds between this replica's load beacons (core NATS
+    # baton.orchestrators.load.<replica>: the tokens its runs hold). Lending
+    # subtracts what the other replicas hold from the pools and splits what
+    # is free between the live replicas; one not heard from for three
+    # intervals holds nothing.
+    replica_load_every: float = Field(default=1.0, gt=0)
     # Every tenant's limits unless BATON_TENANT_LIMITS names it (JSON):
     # token_share = tokens its steps in flight hold (fair dispatch: the rest
     # wait in its stream; share = its tasks running at once under
