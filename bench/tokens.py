@@ -22,6 +22,7 @@ from baton.dev.inprocess import inprocess_worker
 from baton.dev.testing import Client, LocalStack, secure_nats, uid
 from bench.stats import median
 from services.inference_worker.engines.vllm import VLLMEngine
+from services.inference_worker.tokens import STREAMS_PER_BASE
 
 CONCURRENCY = 32
 ROUNDS = 6
@@ -102,6 +103,7 @@ async def _main(work: Path) -> dict[str, Any]:
         "batches_per_round": BATCHES,
         "rounds": ROUNDS,
         "token_interval_s": INTERVAL,
+        "streams_per_base": STREAMS_PER_BASE,
         "streaming_tokens_per_s": [round(r["tokens_per_s"], 1) for r in on],
         "off_tokens_per_s": [round(r["tokens_per_s"], 1) for r in off],
         "round_ratios": [round(x, 3) for x in ratios],
@@ -124,7 +126,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"{r['machine']}; {r['concurrency']} chat tasks at once, {r['batches_per_round']} "
         f"batches a measurement, median of {r['rounds']} interleaved on/off pairs (order "
         f"alternating); deltas batched by time (every {r['token_interval_s'] * 1000:.0f} ms, "
-        "longer above 8 open streams: `BATON_TOKEN_INTERVAL`) and followed by a client. "
+        f"longer above {r.get('streams_per_base', 8)} open streams: `BATON_TOKEN_INTERVAL`) "
+        "and followed by a client. "
         f"Pair ratios: {r['round_ratios']}.",
         "",
         "| measure | result | goal |",

@@ -25,10 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from baton.dev.inprocess import inprocess_worker
-from baton.dev.testing import Client, LocalStack, collect_results, secure_nats, submit_job, uid
+from baton.dev.testing import (
+    Client,
+    Follower,
+    LocalStack,
+    collect_results,
+    secure_nats,
+    submit_job,
+    uid,
+)
 from bench.stats import cpu_seconds, median, pct
 from proto.messages import ChatMessage
-from proto.streams import ORCHESTRATOR_RESULTS
+from proto.streams import ORCHESTRATOR_RESULTS, TOKENS
 from services.inference_worker.engines.vllm import VLLMEngine
 
 SYSTEM = "You are a helpful assistant."  # the chat workflow's agent
@@ -99,10 +107,11 @@ async def _direct(
     return time.perf_counter() - t0, sum(tokens)
 
 
-async def _baton(client: Client, prompts: list[str], waves: int = 1) -> tuple[float, int]:
+async def _baton(client: Follower, prompts: list[str], waves: int = 1) -> tuple[float, int]:
     """The same prompts as chat tasks through NATS, ``waves`` tasks back to
-    back per slot; (seconds, tokens)."""
-    tenant = "acme"
+    back per slot; (seconds, tokens). One consumer follows every task's
+    events (a consumer per task would charge its create and delete to Baton)."""
+    tenant = client.tenant
 
     async def slot(p: str) -> int:
         n = 0
@@ -174,8 +183,14 @@ async def _main(work: Path) -> dict[str, Any]:
         cpu_direct: list[dict[str, float]] = []
         cpu_baton: list[dict[str, float]] = []
         cpu_streamed: list[dict[str, float]] = []  # vLLM direct, reading every delta
+        deltas: list[int] = []  # token deltas stored in BATON_TOKENS per Baton side
         async with inprocess_worker(server.url, engine):
-            client = await Client.connect(server.url)
+            operator = await Client.connect(server.url)
+            client = await operator.follow("acme")
+
+            async def stored() -> int:
+                return int((await operator.js.stream_info(TOKENS.name)).state.last_seq)
+
             await _baton(client, prompts)  # warm-up: both paths, full width
             await _direct(engine, prompts)
             for i in range(ROUNDS):  # interleaved so drift hits both; order alternates
@@ -189,8 +204,10 @@ async def _main(work: Path) -> dict[str, Any]:
                         _, s_tok = await _direct(engine, prompts, WAVES, stream=True)
                         cpu_streamed.append(_spent(c0, _cpu()))
                     else:
+                        seq0 = await stored()
                         b_wall, b_tok = await _baton(client, prompts, WAVES)
                         cpu_baton.append(_spent(c0, _cpu()))
+                        deltas.append(await stored() - seq0)
                 b_one, _ = await _baton(client, prompts)
                 s_wall, _ = await _baton(client, prompts[:1])
                 assert d_tok == b_tok == s_tok, (d_tok, b_tok, s_tok)  # the same work, each side
@@ -205,6 +222,7 @@ async def _main(work: Path) -> dict[str, Any]:
                     flush=True,
                 )
             await client.close()
+            await operator.close()
         # The burst is measured at the worker: the orchestrator's result
         # consumer would take the results the benchmark reads.
         stack.orchestrator.terminate()
@@ -237,6 +255,7 @@ async def _main(work: Path) -> dict[str, Any]:
         "ratio_min": round(min(ratios), 3),
         "ratio_last_over_first": round(ratios[-1] / ratios[0], 3),
         "wall_ratio_32_vs_1": round(ratio_32_1, 2),
+        "deltas_per_1k_tokens": round(median(deltas) * 1000 / tokens, 1),
         "cpu_ms_per_1k_tokens": {
             "direct": per_1k(cpu_direct),
             "baton": per_1k(cpu_baton),
@@ -319,5 +338,11 @@ def markdown(r: dict[str, Any]) -> str:
         f"{b['completed']} / {b['lost']} / {b['engine_faults']} | all / 0 / 0 |",
         "| burst queue wait p50 / p99 | "
         f"{b['queue_wait_p50_s']} s / {b['queue_wait_p99_s']} s | reported |",
+        *(
+            [f"| token deltas stored per 1,000 tokens (median of rounds) | "
+             f"{r['deltas_per_1k_tokens']} | reported |"]
+            if "deltas_per_1k_tokens" in r
+            else []
+        ),
         *cpu_lines,
     ])  # fmt: skip

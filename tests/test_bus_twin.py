@@ -126,6 +126,56 @@ async def test_a_term_is_never_redelivered_and_dead_letters_only_if_it_says_so(d
     assert copy is not None and copy.data == b"poison"
 
 
+async def test_an_erased_delivery_is_settled_without_an_ack(
+    door: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleting a delivered message from its stream takes it off the
+    consumer's pending list as an ack does: with ``erase_handled`` a handled
+    message is erased and no ack is sent, yet it never comes again (past its
+    ack wait) while the next one still does. An erasure that fails is acked."""
+    prefix = uid("twin")
+    stream = StreamSpec(uid("TWIN"), (f"{prefix}.>",), "workqueue", duplicate_window=60.0)
+    spec = ConsumerSpec(stream.name, uid("c"), f"{prefix}.>", ack_wait=1.0, max_deliver=3,
+                        erase_handled=True)  # fmt: skip
+    await door.provision(streams=[stream], consumers=[spec])
+    acks: list[bytes] = []
+    real_ack = Delivery.ack
+
+    async def counted(d: Delivery) -> None:
+        acks.append(d.data)
+        await real_ack(d)
+
+    monkeypatch.setattr(Delivery, "ack", counted)
+    seen: list[tuple[bytes, int]] = []
+
+    async def handler(d: Delivery) -> None:
+        seen.append((d.data, d.num_delivered))
+
+    async def past_ack_wait() -> None:
+        if isinstance(door, TwinBus):
+            door.advance(1.5)
+        else:
+            await asyncio.sleep(1.5)
+
+    await door.publish(f"{prefix}.one", b"a")
+    await _handle_until(door, spec, handler, lambda: len(seen) >= 1)
+    await past_ack_wait()
+    await door.publish(f"{prefix}.one", b"b")
+    await _handle_until(door, spec, handler, lambda: len(seen) >= 2)
+    await _handle_until(door, spec, handler, lambda: True)
+    assert seen == [(b"a", 1), (b"b", 1)] and acks == []
+
+    async def broken(stream: str, seqs: object) -> int:
+        raise RuntimeError("no erasure today")
+
+    monkeypatch.setattr(door, "erase_messages", broken)
+    await door.publish(f"{prefix}.one", b"c")
+    await _handle_until(door, spec, handler, lambda: len(seen) >= 3)
+    await past_ack_wait()
+    await _handle_until(door, spec, handler, lambda: True)
+    assert seen[2:] == [(b"c", 1)] and acks == [b"c"]
+
+
 async def test_a_typed_subscription_and_a_request_reach_their_handlers(door: Bus) -> None:
     subject = uid("twin-cancel")
     got: list[Cancel] = []

@@ -39,6 +39,9 @@ Handler outcomes are explicit::
                          delivery with ``backoff=True``: a peer or engine down)
     raise Term(why)   -> term (poison: never redelivered), dead-lettered
     any other error   -> nak with back-off; on the last delivery, term + dead letter
+
+On a consumer with ``erase_handled`` the message is erased first, and an
+erasure that succeeded is the ack (JetStream settles a deleted message).
 """
 
 from .client import Bus

@@ -43,14 +43,18 @@ class Consuming(Messaging):
             with structlog.contextvars.bound_contextvars(**bound):
                 await self._settle(spec, delivery, handler)
 
-    async def erase(self, delivery: Delivery) -> None:
+    async def erase(self, delivery: Delivery) -> bool:
         """Overwrite ``delivery``'s message in the store (``STREAM.MSG.DELETE``
-        with erase) before it is acked: a work queue's ack only unlinks it.
-        Best effort: a failure is logged and the message is settled anyway."""
+        with erase): a work queue's ack only unlinks it. True: this call
+        removed it, which settles the delivery as an ack would (the server
+        drops a deleted message from every consumer's pending list, pinned by
+        tests/test_erase_handled.py). Best effort: a failure is logged and the
+        caller settles the message itself."""
         try:
-            await self.erase_messages(delivery.stream, [delivery.stream_seq])
+            return await self.erase_messages(delivery.stream, [delivery.stream_seq]) == 1
         except Exception as exc:
             log.warning("erase_handled_failed", error=repr(exc))
+            return False
 
     async def _settle(self, spec: ConsumerSpec, delivery: Delivery, handler: Handler) -> None:
         keepalive = _KeepAlive(delivery, spec.ack_wait / 3)
@@ -73,9 +77,12 @@ class Consuming(Messaging):
             else:
                 log.warning("handler_failed", error=repr(error), retry_in=s.delay)
         try:
+            erased = False
             if s.action in ("ack", "term") and spec.erase_handled:
-                await self.erase(delivery)  # dead letters erase their own
-            if s.action == "ack":
+                erased = await self.erase(delivery)  # dead letters erase their own
+            if s.action == "ack" and erased:
+                delivery.settled_by_erasure()  # the delete was the ack: none sent
+            elif s.action == "ack":
                 await delivery.ack()
             elif s.action == "nak":
                 await delivery.nak(s.delay)

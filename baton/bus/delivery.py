@@ -127,6 +127,11 @@ class Delivery:
         if not self._settled:
             await self._msg.in_progress()
 
+    def settled_by_erasure(self) -> None:
+        """Its message was deleted from the stream, which removed it from the
+        consumer's pending list as an ack would: nothing more is sent."""
+        self._settled = True
+
 
 Handler = Callable[[Delivery], Awaitable[None]]
 

@@ -43,7 +43,7 @@ from proto.messages import (
     InferenceJob,
     InferenceResult,
 )
-from proto.streams import RESULTS, ConsumerSpec
+from proto.streams import EVENTS, RESULTS, ConsumerSpec
 
 # Tenants the test server has accounts for. A task can only run as one of
 # them; context-store tests may use any tenant id (they act as a service).
@@ -305,8 +305,57 @@ class Client:
         events = await self.events(body["tenant"], body["task_id"], **kw)
         return events[-1]
 
+    async def follow(self, tenant: str) -> Follower:
+        """One consumer on ``tenant``'s events from now on, for many ``run``s
+        (``events`` opens a consumer per task: a stream lookup, a create and,
+        on the server, the consumer's advisories and its deletion each time)."""
+        follower = Follower(self, tenant)
+        follower.sub = await self.js.subscribe(
+            f"baton.events.{tenant}.>", stream=EVENTS.name, ordered_consumer=True,
+            cb=follower.on_event, config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW),
+        )  # fmt: skip
+        return follower
+
     async def close(self) -> None:
         await self.nc.close()
+
+
+class Follower:
+    """A tenant's terminal events through one consumer (``Client.follow``);
+    only tasks submitted after it started are seen."""
+
+    def __init__(self, client: Client, tenant: str) -> None:
+        self.client = client
+        self.tenant = tenant
+        self.sub: Any = None
+        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+
+    async def on_event(self, msg: Any) -> None:
+        ev = msgpack.unpackb(msg.data)
+        if ev.get("type") in ("completed", "failed"):
+            task_id = msg.subject[len(f"baton.events.{self.tenant}.") :]
+            fut = self._waiting.pop(task_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(ev)
+
+    async def run(self, workflow: str, body: dict[str, Any], *, timeout: float = 30.0
+                  ) -> dict[str, Any]:  # fmt: skip
+        """Submit (``body["tenant"]`` is the follower's) and return the terminal event."""
+        task_id = body["task_id"]
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting[task_id] = fut
+        try:
+            await self.client.publish(workflow, body, msg_id=task_id)
+            async with asyncio.timeout(timeout):
+                return await fut
+        except TimeoutError:
+            raise AssertionError(f"no terminal event for {task_id}") from None
+        finally:
+            self._waiting.pop(task_id, None)
+
+    async def close(self) -> None:
+        if self.sub is not None:
+            await self.sub.unsubscribe()
 
 
 def http_get(url: str, headers: dict[str, str] | None = None) -> str:

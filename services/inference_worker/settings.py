@@ -75,8 +75,8 @@ class WorkerSettings(CommonSettings):
     context_budget: int = 0  # window tokens; 0 = max_model_len - max_tokens
     # Token deltas on baton.tokens.<tenant>.<task_id>, batched this many
     # seconds apart (20-50 ms keeps messages few and the stream live); 0 = off.
-    # Above 8 open streams the interval grows in proportion (a worker sends
-    # at most ~8 / token_interval deltas a second), up to token_interval_max.
+    # Above 4 open streams the interval grows in proportion (a worker sends
+    # at most ~4 / token_interval deltas a second), up to token_interval_max.
     token_interval: float = 0.03
     # The longest interval between a stream's deltas however many are open.
     token_interval_max: float = 0.25

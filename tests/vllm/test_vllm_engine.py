@@ -80,6 +80,25 @@ async def test_stream_counts(vllm_engine: VLLMEngine) -> None:
     assert isinstance(text, str)
 
 
+async def test_a_counted_prompt_is_rendered_once(vllm_engine: VLLMEngine) -> None:
+    """The worker counts a job's prompt, then generates it: the generation
+    submits the ids the count rendered (chat template and tokenizer run once),
+    and the same count either way."""
+    req = _req(f"render me once {uuid.uuid4().hex}", 4)
+    before = vllm_engine.renders
+    counted = vllm_engine.count_prompt_tokens(req.messages)
+    _, final = await _run(vllm_engine, req)
+    assert vllm_engine.renders - before == 1
+    assert final.prompt_tokens == counted
+    # Not counted first (or changed since): rendered by the generation itself.
+    other = _req(f"render me too {uuid.uuid4().hex}", 4)
+    vllm_engine.count_prompt_tokens(other.messages)
+    other.messages[0].content += " and this"
+    _, final = await _run(vllm_engine, other)
+    assert vllm_engine.renders - before == 3
+    assert final.prompt_tokens == vllm_engine.count_prompt_tokens(other.messages)
+
+
 async def test_greedy_is_deterministic(vllm_engine: VLLMEngine) -> None:
     content = f"determinism {uuid.uuid4().hex}: def add(a, b): return a + b"
     a_text, a = await _run(vllm_engine, _req(content, 48))

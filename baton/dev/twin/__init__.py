@@ -18,7 +18,8 @@ Simulated (each pinned against a real nats-server by ``tests/test_bus_twin.py``)
   the stream's ``duplicate_window``; work-queue retention drops what is acked.
 * Pull consumers: ``ack``; ``nak(delay)`` redelivered after the delay;
   ``term``; an unsettled delivery redelivered after ``ack_wait`` (extended by
-  ``in_progress``); no redelivery past ``max_deliver``.
+  ``in_progress``); no redelivery past ``max_deliver``; a message deleted
+  (``erase_messages``) while out or due again is settled, as by an ack.
 * KV (``ensure_bucket``): revisions, ``create`` / ``update`` compare-and-set
   (``WrongLastSequence``), and ``before_write``, a hook to inject a race
   (another replica writing between a read and a write).

@@ -165,8 +165,16 @@ class TwinBus(Bus):
         return True
 
     async def erase_messages(self, stream: str, seqs: Iterable[int]) -> int:
-        msgs = self.streams[stream].msgs
-        return sum(msgs.pop(s, None) is not None for s in list(seqs))
+        """Remove ``seqs``; a consumer holding one settles it (JetStream drops
+        a deleted message from its consumers' pending lists, as an ack)."""
+        msgs, erased = self.streams[stream].msgs, 0
+        for seq in list(seqs):
+            if msgs.pop(seq, None) is not None:
+                erased += 1
+                for c in self.durables.values():
+                    if c.spec.stream == stream:
+                        c.erased(seq)
+        return erased
 
     async def last_msg(self, stream: str, subject: str) -> Message | None:
         found = self.messages(subject, stream=stream)

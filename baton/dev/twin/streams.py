@@ -55,7 +55,7 @@ class _Consumer:
         self.out: dict[int, float] = {}  # seq -> ack deadline
         self.again: dict[int, float] = {}  # seq -> redelivered from then
         self.count: dict[int, int] = {}  # seq -> deliveries so far
-        self.settled: dict[int, str] = {}  # seq -> ack | term | exhausted
+        self.settled: dict[int, str] = {}  # seq -> ack | term | exhausted | erased
 
     def _expire(self, now: float) -> None:
         for seq, deadline in list(self.out.items()):
@@ -114,6 +114,14 @@ class _Consumer:
             self.settled[seq] = how
             if self.stream.spec.retention == "workqueue":
                 self.stream.msgs.pop(seq, None)
+        self.twin._wake()
+
+    def erased(self, seq: int) -> None:
+        """``seq`` was deleted from the stream: as JetStream does, settle it
+        if it was out or due again (no redelivery, no longer pending)."""
+        out, again = self.out.pop(seq, None), self.again.pop(seq, None)
+        if out is not None or again is not None:
+            self.settled[seq] = "erased"
         self.twin._wake()
 
 

@@ -8,7 +8,11 @@ Prompts are rendered here with the model's own chat template (``tokenize=False,
 add_generation_prompt=True``) and tokenized here, then handed to vLLM as token
 ids. Rendering is a pure function of the messages, so the same conversation
 prefix always yields the same token prefix and vLLM's prefix cache can hit;
-``count_prompt_tokens`` counts exactly the tokens ``generate`` submits.
+``count_prompt_tokens`` counts exactly the tokens ``generate`` submits. The
+worker counts a job's prompt (to size its window and admission) just before
+it generates it, so the ids a count rendered are kept, keyed by the exact
+messages and tools (their msgpack encoding), and ``generate`` takes them
+instead of rendering the prompt a second time.
 
 Counters come in-process from a stat logger registered with ``AsyncLLM``: it
 sees every ``SchedulerStats`` / ``IterationStats`` the engine core reports.
@@ -29,10 +33,13 @@ import os
 import shutil
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import msgspec
 
 from proto.messages import ChatMessage, ToolSpec
 from proto.tools import openai_tools
@@ -51,6 +58,10 @@ from services.inference_worker.engines.toolcalls import guided_schema, parse_gui
 from services.inference_worker.engines.vllm_args import EngineArgsError, resolve
 
 _RUN_DIR_VARS = ("VLLM_RPC_BASE_PATH", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR")
+# Rendered prompts kept from a count for the generation that follows it: at
+# most this many (a count whose generation never comes, e.g. a job refused as
+# too long, ages out).
+_RENDERED_KEPT = 256
 
 
 def _ensure_run_dirs() -> None:
@@ -161,6 +172,12 @@ def _wire_message(m: ChatMessage) -> dict[str, Any]:
     return out
 
 
+def _prompt_key(messages: list[ChatMessage], tools: Sequence[ToolSpec]) -> bytes:
+    """What a prompt's rendering depends on, exactly (a few µs to encode,
+    against a chat template and a tokenizer pass to render)."""
+    return msgspec.msgpack.encode((messages, list(tools)))
+
+
 def _json_or_text(arguments: str) -> Any:
     """A call's arguments as the model wrote them: the JSON object (guided
     decoding writes one, compact), not a string holding it."""
@@ -205,6 +222,9 @@ class VLLMEngine:
         # Cumulative over the life of this object, across engine restarts.
         self._counters = _Counters()
         self._inflight: set[str] = set()
+        # Prompt ids a count rendered, by the encoded (messages, tools).
+        self._rendered: OrderedDict[bytes, list[int]] = OrderedDict()
+        self.renders = 0  # prompts rendered (chat template + tokenizer)
 
     # ------------------------------------------------------------------ life
 
@@ -312,6 +332,7 @@ class VLLMEngine:
         what was called."""
         if self._tokenizer is None:
             raise EngineError("engine not started")
+        self.renders += 1
         conversation = [_wire_message(m) for m in messages]
         extra = {"tools": openai_tools(list(tools))} if tools else {}
         text = self._tokenizer.apply_chat_template(
@@ -325,8 +346,23 @@ class VLLMEngine:
         self, messages: list[ChatMessage], tools: Sequence[ToolSpec] = ()
     ) -> int:
         """Exactly the number of tokens ``generate`` submits for ``messages``
-        with ``tools`` offered."""
-        return len(self._prompt_ids(messages, tools))
+        with ``tools`` offered. The ids are kept for that ``generate``."""
+        key = _prompt_key(messages, tools)
+        ids = self._rendered.get(key)
+        if ids is None:
+            ids = self._prompt_ids(messages, tools)
+            self._rendered[key] = ids
+            while len(self._rendered) > _RENDERED_KEPT:
+                self._rendered.popitem(last=False)
+        else:
+            self._rendered.move_to_end(key)
+        return len(ids)
+
+    def _ids_for(self, messages: list[ChatMessage], tools: Sequence[ToolSpec]) -> list[int]:
+        """The prompt's ids: those a count rendered (taken: a prompt is
+        generated once), else rendered now."""
+        ids = self._rendered.pop(_prompt_key(messages, tools), None)
+        return ids if ids is not None else self._prompt_ids(messages, tools)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream text deltas; the final chunk carries finish reason and counts.
@@ -348,7 +384,7 @@ class VLLMEngine:
 
         tools = tools_in_use(request.tools, request.tool_choice)
         use_tools = bool(tools)
-        prompt_ids = self._prompt_ids(request.messages, tools)
+        prompt_ids = self._ids_for(request.messages, tools)
         prompt_tokens = len(prompt_ids)
         max_len = self.capacity().max_model_len
         if prompt_tokens + request.max_tokens > max_len:
