@@ -44,6 +44,7 @@ class TenantRegions:
         self._bucket: Bucket | None = None
         self._lock = asyncio.Lock()
         self._refresh = False  # a new region needs the re-issued .creds (after start)
+        self._early: dict[str, asyncio.Task[None]] = {}  # provisioning as the registry names it
         self.on_moved: Callable[[str], None] = lambda tenant: None
 
     async def _registry(self) -> Bucket | None:
@@ -116,6 +117,23 @@ class TenantRegions:
             log.info("context_tenant_moved", tenant=tenant, old=old or None, region=region or None)
             self.on_moved(tenant)
 
+    def _provision_early(self, region: str) -> None:
+        """Provision a region as soon as the registry names it (before its
+        tenant's first request), beside the watch: once at a time, and a
+        failure (``.creds`` not re-issued yet) only logged — the tenant's
+        requests try again."""
+        running = self._early.get(region)
+        if running is not None and not running.done():
+            return
+
+        async def provision() -> None:
+            try:
+                await self._provision(region)
+            except Exception as exc:
+                log.error("context_region_unavailable", region=region, error=repr(exc))
+
+        self._early[region] = asyncio.create_task(provision())
+
     async def follow(self) -> None:
         """Follow the registry until cancelled: each tenant's region as it changes."""
         while True:
@@ -130,9 +148,11 @@ class TenantRegions:
                     state = TenantState.decode(e.key, e.value)
                     region = "" if state.state == DELETED else state.region
                     self._set(e.key, region)
-                    if region not in self._ready:  # before its tenant's first request
-                        await self._provision(region)
+                    if region not in self._ready:
+                        self._provision_early(region)
             except asyncio.CancelledError:
+                for task in self._early.values():
+                    task.cancel()
                 raise
             except Exception as exc:
                 log.warning("context_registry_watch_failed", error=repr(exc))
