@@ -139,11 +139,19 @@ def _ctx(*ops: str) -> tuple[str, ...]:
     return tuple(f"{subjects.CONTEXT_API}.{op}.*" for op in ops)
 
 
-def service_roles(tenants: Sequence[str]) -> dict[str, Role]:
-    """Least privilege per service (the table in ``docs/security.md``)."""
+def service_roles(tenants: Sequence[str], regions: Sequence[str] = ()) -> dict[str, Role]:
+    """Least privilege per service (the table in ``docs/security.md``).
+    ``regions``: those whose own context streams the context store keeps
+    (``proto.streams.context_home``), by name: a permission's ``*`` is a
+    whole subject token, never part of a stream's name."""
     task_streams = tuple(
         StreamAccess(streams.tenant_tasks(t).name, own=True, consume=True, erase=True)
         for t in tenants
+    )
+    regional = tuple(
+        StreamAccess(spec.name, own=True, consume=True, erase=True)
+        for r in sorted(set(regions))
+        for spec in (streams.context_home(r).log, streams.context_home(r).attachments)
     )
     dlq = StreamAccess(streams.DEAD_LETTERS.name, own=True)
     return {
@@ -192,6 +200,10 @@ def service_roles(tenants: Sequence[str]) -> dict[str, Role]:
             publish=(
                 f"{subjects.CONTEXT_LOG}.>",
                 f"{subjects.CONTEXT_ATTACHMENTS}.>",
+                # each region's own history and attachments (the streams
+                # that capture them are listed, region by region, below)
+                f"{streams.regional_root('*', subjects.CONTEXT_LOG)}.>",
+                f"{streams.regional_root('*', subjects.CONTEXT_ATTACHMENTS)}.>",
                 f"{subjects.CONTEXT_INVALIDATE}.>",
                 f"{subjects.DEAD_LETTERS}.>",
                 f"{subjects.ERASED}.>",
@@ -202,6 +214,9 @@ def service_roles(tenants: Sequence[str]) -> dict[str, Role]:
             streams=(
                 StreamAccess(streams.CONTEXT.name, own=True, consume=True, erase=True),
                 StreamAccess(streams.CONTEXT_ATTACHMENTS.name, own=True, consume=True, erase=True),
+                *regional,
+                # reads and follows the tenant registry (each tenant's region), never writes it
+                StreamAccess(streams.TENANTS.stream, consume=True),
                 StreamAccess(streams.ERASURES.name, own=True),
                 StreamAccess(streams.AUDIT.name, own=True, consume=True),  # the operator's trail
                 StreamAccess(streams.DOCUMENTS.name, own=True, consume=True, erase=True),
@@ -394,11 +409,14 @@ def account_of(identity: str) -> str:
     return SYSTEM_ACCOUNT if identity == SYSTEM_USER else identity
 
 
-def user_creds(keys: Keys, identity: str, tenants: Sequence[str]) -> str:
+def user_creds(
+    keys: Keys, identity: str, tenants: Sequence[str], regions: Sequence[str] = ()
+) -> str:
     """The ``.creds`` file of ``identity``: a user JWT with the permissions
     of its role (a service's, a tenant's; every subject of its account for
-    the operator and the system user) and its nkey seed."""
-    roles = service_roles(tenants)
+    the operator and the system user) and its nkey seed. ``regions``: the
+    tenants' regions (the context store's regional streams)."""
+    roles = service_roles(tenants, regions)
     perms: dict[str, Any] | None
     if identity in roles:
         perms = roles[identity].permissions(tenants)

@@ -496,7 +496,8 @@ def tenant_create(tenant: str, data_dir: DataDir = Path(".data"),
 @tenant_app.command("region")
 def tenant_region(tenant: str, region: str, data_dir: DataDir = Path(".data"),
                   nats_url: TenantNats = None) -> None:  # fmt: skip
-    """Keep an existing tenant's data on servers tagged region:<REGION> (its streams move)."""
+    """Keep an existing tenant's data on servers tagged region:<REGION> (its streams move);
+    refused (exit 2) for a tenant that has history or attachments: they are not migrated."""
     _id(tenant, "tenant")
     _id(region, "region")
     _tenant_op(data_dir, nats_url, lambda admin: admin.set_region(tenant, region))

@@ -74,6 +74,10 @@ class Credentials:
     # Tenants `baton tenant delete` deleted: never given keys again by a
     # (re)start that still lists them (BATON_TENANTS), only by `tenant create`.
     deleted: list[str] = field(default_factory=list)
+    # Every region a tenant was given (`baton tenant create --region`,
+    # `baton tenant region`): the context store's .creds name each one's
+    # streams. Never shrinks: a region's streams may outlive its tenants.
+    regions: list[str] = field(default_factory=list)
     data_dir: Path | None = None
 
     @classmethod
@@ -89,7 +93,8 @@ class Credentials:
             creds = cls(cipher_key=doc.get("cipher_key", ""),
                         api_keys=dict(doc.get("api_keys", {})),
                         nkeys=dict(doc.get("nkeys", {})),
-                        deleted=list(doc.get("deleted", [])))  # fmt: skip
+                        deleted=list(doc.get("deleted", [])),
+                        regions=list(doc.get("regions", [])))  # fmt: skip
         creds.data_dir = Path(data_dir)
         tenants = creds.live(tenants)
         changed = creds.add_nkeys(tenants)
@@ -109,7 +114,8 @@ class Credentials:
         assert self.data_dir is not None
         body = {"cipher_key": self.cipher_key,
                 "api_keys": self.api_keys, "nkeys": self.nkeys,
-                "deleted": sorted(set(self.deleted))}  # fmt: skip
+                "deleted": sorted(set(self.deleted)),
+                "regions": sorted(set(self.regions))}  # fmt: skip
         write_private(self.data_dir / SECRETS_FILE, json.dumps(body, indent=2))
 
     def live(self, tenants: Sequence[str]) -> list[str]:
@@ -168,7 +174,7 @@ class Credentials:
         out = {}
         for identity in accounts.identities(tenants):
             path = self.creds_path(identity)
-            write_private(path, accounts.user_creds(keys, identity, tenants))
+            write_private(path, accounts.user_creds(keys, identity, tenants, self.regions))
             out[identity] = path
         return out
 

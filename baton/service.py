@@ -253,6 +253,7 @@ async def serve(
         timeout=settings.connect_timeout,
         tls=tls_context(settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key),
         creds=settings.nats_creds,
+        home_region=settings.home_region,
     )
     loop = asyncio.get_running_loop()
 

@@ -42,6 +42,11 @@ class CommonSettings(BaseSettings):
     http_port: int = 0
     # Replicas of every JetStream stream Baton creates (3 on a NATS cluster).
     stream_replicas: int = 1
+    # The region whose servers (server_tags region:<it>) hold every shared
+    # stream and KV bucket, and each tenant without a region of its own;
+    # existing ones are moved there. Empty: placed anywhere. With it, a
+    # tenant of this region runs with every other region's servers down.
+    home_region: str = ""
     # Local state: the generated context key, the models (models/), logs of `baton up`.
     data_dir: Path = Path(".data")
     # Seconds to wait for the first NATS connection.
@@ -67,6 +72,10 @@ class CommonSettings(BaseSettings):
     def _client_cert_needs_its_key(self) -> CommonSettings:
         if (self.nats_tls_cert is None) != (self.nats_tls_key is None):
             raise ValueError("BATON_NATS_TLS_CERT and BATON_NATS_TLS_KEY go together: set both")
+        if self.home_region:
+            from proto.ids import require_id
+
+            require_id(self.home_region, "BATON_HOME_REGION")
         return self
 
 

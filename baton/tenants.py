@@ -19,7 +19,7 @@ from baton import accounts, jwt, residency
 from baton.bus import Bus, connect
 from baton.credentials import Credentials, creds_path, key_path, new_secret, write_private
 from proto import streams, subjects
-from proto.messages import ContextDelete, DeleteReply
+from proto.messages import ContextDelete, ContextStats, DeleteReply, StatsReply
 
 log = structlog.get_logger("baton.tenants")
 
@@ -31,6 +31,15 @@ STATES: Final = (ACTIVE, SUSPENDED, DELETED)
 
 class TenantError(RuntimeError):
     """A lifecycle step that cannot be done (unknown tenant, exists, refused push)."""
+
+
+class TenantConflict(TenantError):
+    """A step the tenant's state forbids: a tenant that has history or
+    attachments is not moved to another region (HTTP 409)."""
+
+
+class TenantUnavailable(TenantError):
+    """A step that needs a service that did not answer (HTTP 503)."""
 
 
 def key_digest(api_key: str) -> str:
@@ -184,6 +193,18 @@ class TenantAdmin:
         )
         await self._push(token)
 
+    def _add_region(self, region: str | None) -> None:
+        """A region new to this deployment: recorded, and the context
+        store's ``.creds`` re-issued with its streams (the store reconnects
+        with them when the registry names the region)."""
+        if not region or region in self.creds.regions:
+            return
+        self.creds.regions.append(region)
+        self.creds.save()
+        store = accounts.user_creds(self.creds.keys(), accounts.CONTEXT_STORE,
+                                    account_tenants(self.creds), self.creds.regions)  # fmt: skip
+        write_private(self.creds.creds_path(accounts.CONTEXT_STORE), store)
+
     async def _push_baton(self) -> None:
         """BATON's account JWT for the current tenants (its imports of their
         JetStream APIs), after rewriting the orchestrator's ``.creds`` with
@@ -192,7 +213,8 @@ class TenantAdmin:
         tenants = account_tenants(self.creds)
         keys = self.creds.keys()
         write_private(self.creds.creds_path(accounts.ORCHESTRATOR),
-                      accounts.user_creds(keys, accounts.ORCHESTRATOR, tenants))  # fmt: skip
+                      accounts.user_creds(keys, accounts.ORCHESTRATOR, tenants,
+                                          self.creds.regions))  # fmt: skip
         await self._push(accounts.baton_account_jwt(keys, tenants))
 
     # -- steps -------------------------------------------------------------------
@@ -224,6 +246,7 @@ class TenantAdmin:
         await self._push_tenant(tenant)
         await self._push_baton()
         self._write_files(tenant)
+        self._add_region(region)
         await self._set(tenant, ACTIVE, region or "")
         del self.creds.nkeys[marker]
         self.creds.save()
@@ -283,11 +306,47 @@ class TenantAdmin:
     async def set_region(self, tenant: str, region: str) -> None:
         """Give a tenant (one of BATON_TENANTS, or one created without) a
         region: the orchestrator updates its streams' placement and
-        JetStream moves their replicas there (``where`` shows when)."""
+        JetStream moves their replicas there (``where`` shows when), and the
+        context store writes its sessions to the region's own streams.
+
+        Raises:
+            TenantConflict: the tenant has history or attachments, which are
+                not migrated to another region's streams (erase them first).
+        """
         state = await self._known(tenant)
         assert self.sys is not None
+        old = await self.region(tenant)
+        if region == old:
+            self._add_region(region)  # (a region recorded before the store's .creds named it)
+            return
+        await self._refuse_if_history(tenant, old)
         await residency.check_region(self.sys, region, self.replicas)
+        self._add_region(region)
         await self._set(tenant, state, region)
+
+    async def _refuse_if_history(self, tenant: str, region: str) -> None:
+        """Refuse moving a tenant whose sessions or attachments the context
+        store holds: they live in its region's streams, and the store reads a
+        tenant's history from its current region only. (A turn that ends
+        between this check and the registry's change can still write to the
+        old region: suspend the tenant first to rule that out.)"""
+        assert self.op is not None
+        try:
+            reply = await self.op.request(subjects.context_api("stats", tenant),
+                                          ContextStats(tenant=tenant), StatsReply,
+                                          timeout=10.0)  # fmt: skip
+        except Exception as exc:
+            raise TenantUnavailable(f"cannot tell whether tenant {tenant!r} has history: the "
+                                    f"context store did not answer ({exc!r})") from exc  # fmt: skip
+        if reply.error is not None:
+            raise TenantUnavailable(f"the context store could not count {tenant!r}'s history: "
+                                    f"{reply.error.message}")  # fmt: skip
+        if reply.sessions or reply.attachments:
+            raise TenantConflict(
+                f"tenant {tenant!r} has {reply.sessions} session(s) and {reply.attachments} "
+                f"attachment(s) stored in region {region or '(none)'}: its data is not migrated "
+                "to another region; erase its sessions first (docs/security.md, Residency)"
+            )
 
     async def suspend(self, tenant: str) -> None:
         await self._known(tenant)

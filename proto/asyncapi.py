@@ -97,6 +97,19 @@ _CHANNELS: Final[dict[str, tuple[str, tuple[str, ...], tuple[Any, ...], str, boo
         (msg.StoredAppend,),
         f"Where histories are stored (stream {streams.CONTEXT.name}).", False,
     ),
+    "contextLogInRegion": (
+        f"{streams.regional_root('{region}', subjects.CONTEXT_LOG)}.{{tenant}}.{{session}}",
+        ("region", "tenant", "session"), (msg.StoredAppend,),
+        f"Where the histories of a region's tenants are stored (stream "
+        f"{streams.CONTEXT_IN}<region>, on the servers tagged region:<region>).", False,
+    ),
+    "contextAttachmentsInRegion": (
+        f"{streams.regional_root('{region}', subjects.CONTEXT_ATTACHMENTS)}"
+        ".{tenant}.{session}.{name}", ("region", "tenant", "session", "name"), (),
+        f"Where the attachments of a region's tenants are stored (stream "
+        f"{streams.CONTEXT_ATTACHMENTS_IN}<region>, on the servers tagged region:<region>).",
+        False,
+    ),
     "heartbeats": (
         f"{subjects.HEARTBEATS}.{{pool}}.{{worker}}", ("pool", "worker"), (msg.Heartbeat,),
         "Core NATS: worker load and warm sessions, every few seconds.", False,

@@ -184,6 +184,89 @@ DOCUMENTS = _stream("BATON_DOCUMENTS", subjects.DOCUMENTS, "limits", 0.1,
                     max_msg_size=512 * 1024)
 # fmt: on
 
+
+@dataclass(frozen=True, slots=True)
+class ContextHome:
+    """Where the context store keeps the histories and attachments of a
+    region's tenants: the shared pair (region ``""``), or the region's own
+    pair placed on its servers. ``context_home(region)`` is the one map from
+    a tenant's region to streams and subjects: every reader, writer, window,
+    fork, sweep and erasure goes through it."""
+
+    region: str
+    log: StreamSpec
+    attachments: StreamSpec
+
+    @property
+    def log_root(self) -> str:
+        """``baton.ctxlog`` or ``baton.region.<r>.ctxlog``."""
+        return self.log.subjects[0].removesuffix(".>")
+
+    @property
+    def attachment_root(self) -> str:
+        return self.attachments.subjects[0].removesuffix(".>")
+
+    def log_subject(self, tenant: str, session: str) -> str:
+        """``<log_root>.<tenant>.<session>`` — where a session's records are stored."""
+        if self.region:
+            return subjects.context_log_in(self.region, tenant, session)
+        return subjects.context_log(tenant, session)
+
+    def log_pattern(self, tenant: str = "*") -> str:
+        """Every session log of ``tenant`` (of every tenant by default)."""
+        return f"{self.log_root}.{tenant}.*"
+
+    def log_origin(self, subject: str) -> tuple[str, str]:
+        """``(tenant, session)`` of a subject ``log_pattern`` matched."""
+        tenant, _, session = subject[len(self.log_root) + 1 :].partition(".")
+        return tenant, session
+
+    def attachment_subject(self, tenant: str, session: str, name: str) -> str:
+        """``<attachment_root>.<tenant>.<session>.<name>`` — one attachment."""
+        if self.region:
+            return subjects.context_attachment_in(self.region, tenant, session, name)
+        return subjects.context_attachment(tenant, session, name)
+
+    def attachment_pattern(self, tenant: str, session: str | None = None) -> str:
+        """Every attachment of a session (of every session of ``tenant`` by default)."""
+        return f"{self.attachment_root}.{tenant}.{session or '*'}.*"
+
+
+def regional_root(region: str, root: str) -> str:
+    """``root`` (``baton.ctxlog``) as a region's own (``baton.region.<region>.ctxlog``);
+    ``region`` may be the wildcard ``*`` (a permission over every region)."""
+    return f"{subjects.REGION}.{region}.{root.removeprefix('baton.')}"
+
+
+CONTEXT_IN: Final = "BATON_CONTEXT_IN_"
+CONTEXT_ATTACHMENTS_IN: Final = "BATON_CONTEXT_ATTACHMENTS_IN_"
+SHARED_CONTEXT: Final = ContextHome("", CONTEXT, CONTEXT_ATTACHMENTS)
+
+
+def context_home(region: str | None) -> ContextHome:
+    """The context streams of a tenant of ``region``: without a region the
+    shared ``BATON_CONTEXT`` pair, else ``BATON_CONTEXT_IN_<region>`` and
+    ``BATON_CONTEXT_ATTACHMENTS_IN_<region>``, on ``baton.region.<region>.``
+    subjects and placed on the region's servers. One pair per region, not
+    per tenant: each stream is a Raft group, and there are few regions and
+    many tenants."""
+    if not region:
+        return SHARED_CONTEXT
+    r = require_id(region, "region")
+    log = replace(CONTEXT, name=f"{CONTEXT_IN}{r}", placement_tags=region_tags(r),
+                  subjects=(f"{regional_root(r, subjects.CONTEXT_LOG)}.>",),
+                  description=f"The session messages of region {r}'s tenants, one subject "
+                  "per session.")  # fmt: skip
+    attachments = replace(
+        CONTEXT_ATTACHMENTS,
+        name=f"{CONTEXT_ATTACHMENTS_IN}{r}",
+        placement_tags=region_tags(r),
+        subjects=(f"{regional_root(r, subjects.CONTEXT_ATTACHMENTS)}.>",),
+        description=f"The session attachments of region {r}'s tenants.",
+    )
+    return ContextHome(r, log, attachments)
+
+
 ALL_STREAMS: Final = (
     JOBS, RESULTS, EVENTS, TOKENS, CONTEXT, CONTEXT_ATTACHMENTS, DEAD_LETTERS, TIMERS,
     ERASURES, AUDIT,

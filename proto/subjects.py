@@ -14,6 +14,10 @@ RESULTS: Final = "baton.results"
 CONTEXT_API: Final = "baton.ctx"
 CONTEXT_LOG: Final = "baton.ctxlog"
 CONTEXT_ATTACHMENTS: Final = "baton.ctxatt"
+# A region's own context streams live under ``baton.region.<region>.``
+# (``regional``): never under the shared streams' prefixes, which JetStream
+# would refuse as overlapping subjects.
+REGION: Final = "baton.region"
 CONTEXT_INVALIDATE: Final = "baton.ctxinval"
 HEARTBEATS: Final = "baton.workers.heartbeat"
 ORCHESTRATOR_LOAD: Final = "baton.orchestrators.load"
@@ -110,6 +114,20 @@ def context_attachment(tenant: str, session: str, name: str) -> str:
         f"{CONTEXT_ATTACHMENTS}.{require_id(tenant, 'tenant')}."
         f"{require_id(session, 'session')}.{require_id(name, 'attachment')}"
     )
+
+
+def context_log_in(region: str, tenant: str, session: str) -> str:
+    """``baton.region.<region>.ctxlog.<tenant>.<session>`` — a session's
+    messages when its tenant has a region (stream ``BATON_CONTEXT_IN_<region>``)."""
+    rest = context_log(tenant, session).removeprefix("baton.")
+    return f"{REGION}.{require_id(region, 'region')}.{rest}"
+
+
+def context_attachment_in(region: str, tenant: str, session: str, name: str) -> str:
+    """``baton.region.<region>.ctxatt.<tenant>.<session>.<name>`` — an attachment
+    when its tenant has a region (stream ``BATON_CONTEXT_ATTACHMENTS_IN_<region>``)."""
+    rest = context_attachment(tenant, session, name).removeprefix("baton.")
+    return f"{REGION}.{require_id(region, 'region')}.{rest}"
 
 
 def context_invalidate(tenant: str) -> str:

@@ -88,4 +88,5 @@ def test_the_context_ops_in_the_doc_are_the_contract_ops() -> None:
 def test_the_streams_table_is_every_stream_the_code_defines() -> None:
     names = {re.findall(r"`([^`]+)`", cell)[0] for cell in first_cells(section("Streams"))}
     defined = {spec.name for spec in streams.ALL_STREAMS} | {f"{streams.TASKS_PREFIX}<tenant>"}
+    defined |= {f"{streams.CONTEXT_IN}<region>", f"{streams.CONTEXT_ATTACHMENTS_IN}<region>"}
     assert names == defined

@@ -36,7 +36,7 @@ PUBLIC = {
 BUS_METHODS = {
     # provisioning
     "provision", "ensure_stream", "ensure_consumer", "ensure_bucket", "reaches_account",
-    "delete_stream",
+    "delete_stream", "open_bucket", "stream_names",
     # sending
     "publish", "notify", "request", "request_raw", "gather_raw", "serve", "subscribe", "subscribe_raw",
     # consuming

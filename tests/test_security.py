@@ -26,6 +26,7 @@ ATTACKER, VICTIM = "globex", "acme"
 INTERNAL = [
     f"baton.events.{VICTIM}.>", "baton.events.>", "baton.jobs.>", "baton.results.>",
     "baton.ctx.>", f"baton.ctx.get.{VICTIM}", "baton.ctxlog.>", "baton.ctxinval.>",
+    "baton.region.>", f"baton.region.eu.ctxlog.{VICTIM}.>",
     "baton.workers.heartbeat.>", "baton.timers.>", "baton.dlq.>", "baton.cancel.>",
     "baton.tokens.>", "baton.orchestrators.load.>", "$KV.baton-runs.>", ">",
 ]  # fmt: skip
@@ -194,6 +195,8 @@ async def test_a_worker_identity_cannot_publish_a_task_or_read_events(stack: Loc
         assert await worker.said(f'subscription to "baton.events.{VICTIM}.>"')
         await worker.nc.publish("baton.ctxlog.acme.s1", b"x")  # only the store writes history
         assert await worker.said('publish to "baton.ctxlog.acme.s1"')
+        await worker.nc.publish("baton.region.eu.ctxlog.acme.s1", b"x")  # nor a region's
+        assert await worker.said('publish to "baton.region.eu.ctxlog.acme.s1"')
     finally:
         await worker.nc.close()
 

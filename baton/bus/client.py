@@ -16,7 +16,7 @@ class Bus(Provisioning):
         this account imports under ``api_prefix`` (a tenant's copy of its
         events): provisioning and the stream and erase helpers work there too."""
         js = self._nc.jetstream(prefix=api_prefix, timeout=timeout)
-        return Bus(self._nc, replicas=self.replicas, js=js)
+        return Bus(self._nc, replicas=self.replicas, js=js, home_region=self.home_region)
 
     async def reaches_account(self, api_prefix: str, timeout: float = 2.0) -> bool:
         """True when another account's JetStream answers under ``api_prefix``

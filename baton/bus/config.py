@@ -47,7 +47,7 @@ def _stream_config(spec: StreamSpec, replicas: int) -> api.StreamConfig:
     )
 
 
-def _bucket_config(spec: BucketSpec, replicas: int) -> api.StreamConfig:
+def _bucket_config(spec: BucketSpec, replicas: int, tags: tuple[str, ...] = ()) -> api.StreamConfig:
     """The stream of an erasable KV bucket: nats-py's own KV settings except
     that messages may be deleted (which ``create_key_value`` forbids, and a
     stream can never be changed to allow later)."""
@@ -64,6 +64,7 @@ def _bucket_config(spec: BucketSpec, replicas: int) -> api.StreamConfig:
         max_msgs_per_subject=spec.history,
         num_replicas=replicas,
         storage=api.StorageType.FILE,
+        placement=api.Placement(tags=list(tags)) if tags else None,
     )
 
 

@@ -51,10 +51,13 @@ async def connect(
     timeout: float = 5.0,
     tls: ssl.SSLContext | None = None,
     creds: str | Path | None = None,
+    home_region: str = "",
 ) -> Bus:
     """Connect to NATS (reconnecting forever once connected), over TLS when
     ``tls`` is given (see ``tls_context``), as the user of the ``.creds`` file
     ``creds`` (or of the URL's ``?creds=``, ``baton.urls.split_creds``).
+    ``home_region``: where the streams and buckets it provisions without a
+    region of their own are placed (``BATON_HOME_REGION``).
 
     Raises:
         BusUnavailable: no server answered within ``timeout`` seconds.
@@ -128,4 +131,4 @@ async def connect(
         refused = ConnectionError("TLS is configured but the server does not offer it")
         raise BusUnavailable(safe_url, refused)
     nc._error_cb = on_error
-    return Bus(nc, replicas=replicas)
+    return Bus(nc, replicas=replicas, home_region=home_region)

@@ -14,10 +14,14 @@ from nats.js import JetStreamContext
 class BusCore:
     """The connection and the stop signal every part of the bus shares."""
 
-    def __init__(self, nc: NATS, *, replicas: int = 1, js: JetStreamContext | None = None) -> None:
+    def __init__(self, nc: NATS, *, replicas: int = 1, js: JetStreamContext | None = None,
+                 home_region: str = "") -> None:  # fmt: skip
         self._nc = nc
         self._js = js or nc.jetstream()
         self.replicas = replicas
+        # BATON_HOME_REGION: every stream and bucket provisioned here without
+        # a region of its own is placed on the servers tagged region:<it>.
+        self.home_region = home_region
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:

@@ -3,13 +3,15 @@ idempotently, from every replica."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import nats.js.errors
 import structlog
+from nats.js import api
 from nats.js.kv import KeyValue
 
-from proto.streams import BucketSpec, ConsumerSpec, StreamSpec
+from proto.streams import BucketSpec, ConsumerSpec, StreamSpec, placed, region_tags
 
 from .config import (
     _STREAM_EXISTS_ERR,
@@ -27,9 +29,15 @@ log = structlog.get_logger("baton.bus")
 class Provisioning(Consuming):
     """Streams, consumers, buckets (part of ``Bus``)."""
 
+    def _homed(self, spec: StreamSpec) -> StreamSpec:
+        """``spec`` placed in the home region unless it has a region of its own."""
+        return spec if spec.placement_tags else placed(spec, self.home_region)
+
     async def ensure_stream(self, spec: StreamSpec) -> None:
-        """Create or update the stream (in another account: ``account(prefix).ensure_stream``)."""
-        config = _stream_config(spec, self.replicas)
+        """Create or update the stream (in another account: ``account(prefix).ensure_stream``).
+        An existing stream whose placement changed (its tenant's region, the
+        home region) is moved there by the update: JetStream moves its replicas."""
+        config = _stream_config(self._homed(spec), self.replicas)
 
         async def add_or_update() -> None:
             try:
@@ -62,21 +70,62 @@ class Provisioning(Consuming):
         if spec.erasable:
             kv, erasable = await self._ensure_erasable_bucket(spec)
             return Bucket(self, kv, spec, erasable=erasable)
-        plain: KeyValue = await _retry_store_race(
-            lambda: self._js.create_key_value(
-                bucket=spec.name,
-                history=spec.history,
-                ttl=spec.ttl or None,
-                replicas=self.replicas,
-                direct=True,
-                description=spec.description or None,
-            )
-        )
+
+        async def create() -> KeyValue:
+            try:
+                made: KeyValue = await self._js.create_key_value(
+                    bucket=spec.name,
+                    history=spec.history,
+                    ttl=spec.ttl or None,
+                    replicas=self.replicas,
+                    direct=True,
+                    description=spec.description or None,
+                )
+            except nats.js.errors.BadRequestError as exc:
+                # Its stream differs from what nats-py asks for (placed in the
+                # home region below, which nats-py's create leaves out).
+                if exc.err_code != _STREAM_EXISTS_ERR:
+                    raise
+                made = await self._js.key_value(spec.name)
+            await self._home_bucket(spec)
+            return made
+
+        plain: KeyValue = await _retry_store_race(create)
         return Bucket(self, plain, spec, erasable=False)
+
+    async def _home_bucket(self, spec: BucketSpec) -> None:
+        """Place the bucket's stream in the home region: nats-py's
+        ``create_key_value`` has no placement, so its stream is updated right
+        after (empty, when just made; an existing one is moved)."""
+        tags = list(region_tags(self.home_region))
+        if not tags:
+            return
+        info = await self._js.stream_info(spec.stream)
+        if info.config.placement is not None and list(info.config.placement.tags or []) == tags:
+            return
+        info.config.placement = api.Placement(tags=tags)
+        await self._js.update_stream(info.config)
+        log.info("bucket_placed", bucket=spec.name, tags=tags)
+
+    async def open_bucket(self, spec: BucketSpec) -> Bucket | None:
+        """The KV bucket if it exists (None if not), without creating it: for
+        an identity that may read a bucket but not define it."""
+        try:
+            kv: KeyValue = await self._js.key_value(spec.name)
+        except nats.js.errors.NotFoundError:
+            return None
+        return Bucket(self, kv, spec, erasable=False)
+
+    async def stream_names(self, subject: str) -> list[str]:
+        """The streams whose subjects overlap ``subject`` (a pattern)."""
+        prefix = self._js._prefix
+        body = json.dumps({"subject": subject}).encode()
+        answer = await self._js._api_request(f"{prefix}.STREAM.NAMES", body, timeout=5.0)
+        return sorted(answer.get("streams") or [])
 
     async def _ensure_erasable_bucket(self, spec: BucketSpec) -> tuple[KeyValue, bool]:
         """The bucket's KV, and whether its stream allows deletes."""
-        config = _bucket_config(spec, self.replicas)
+        config = _bucket_config(spec, self.replicas, region_tags(self.home_region))
 
         async def ensure() -> tuple[KeyValue, bool]:
             erasable = True

@@ -1,9 +1,10 @@
 """Reading, attaching, erasing and counting: the context store's data
 management operations (``get``, ``attach``, ``delete``, ``stats``). What a
-delete erases (forks, attachments, a tenant's documents), the cache drop and
-the durable announcement: docs/architecture.md, "Deletion" and "Erasure of
-tasks". A delete is idempotent, so a failed announcement is retried by
-repeating the delete."""
+delete erases (forks, attachments, a tenant's documents, in the shared
+streams and every region's: ``regions.py``), the cache drop and the durable
+announcement: docs/architecture.md, "Deletion" and "Erasure of tasks". A
+delete is idempotent, so a failed announcement is retried by repeating the
+delete."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from proto.messages import (
     SessionsErased,
     StatsReply,
 )
-from proto.streams import CONTEXT, DOCUMENTS
+from proto.streams import DOCUMENTS, ContextHome
 
 from . import attachments
 from .erase import erase_matching
@@ -42,6 +43,11 @@ class Admin:
     def __init__(self, store: ContextStore) -> None:
         self.store = store
         self.bus = store.bus
+        self.regions = store.history.regions
+
+    async def home(self, tenant: str) -> ContextHome:
+        """Where the tenant's sessions and attachments live."""
+        return await self.regions.home(tenant)
 
     async def _existing(self, tenant: str, session: str) -> int:
         v = await self.store.view(tenant, session)
@@ -51,7 +57,8 @@ class Admin:
 
     async def get(self, req: ContextGet) -> GetReply:
         if req.attachment is not None:
-            data = await attachments.get(self.bus, req.tenant, req.session, req.attachment)
+            home = await self.home(req.tenant)
+            data = await attachments.get(self.bus, home, req.tenant, req.session, req.attachment)
             if data is None:
                 raise ContextError(
                     ErrorCode.UNKNOWN_ATTACHMENT, f"no attachment {req.attachment!r}"
@@ -72,7 +79,9 @@ class Admin:
             else None,
             fork=v.session.fork,
             summary=v.summary,
-            attachments=await attachments.names(self.bus, req.tenant, req.session),
+            attachments=await attachments.names(
+                self.bus, await self.home(req.tenant), req.tenant, req.session
+            ),
         )
 
     async def attach(self, req: ContextAttach) -> AttachReply:
@@ -83,9 +92,8 @@ class Admin:
             )
         await self._existing(req.tenant, req.session)
         try:
-            await attachments.put(
-                self.bus, req.tenant, req.session, req.name, req.data, req.media_type
-            )
+            await attachments.put(self.bus, await self.home(req.tenant), req.tenant, req.session,
+                                  req.name, req.data, req.media_type)  # fmt: skip
         except attachments.AttachmentExists as exc:
             raise ContextError(ErrorCode.CONFLICT, f"attachment {req.name!r} exists") from exc
         return AttachReply(size=len(req.data))
@@ -95,9 +103,12 @@ class Admin:
         reply = DeleteReply()
         erased: list[str] = []
         if req.session is None:
-            pattern = f"{subjects.CONTEXT_LOG}.{req.tenant}.*"
-            reply.sessions, reply.records = await erase_matching(self.bus, CONTEXT.name, pattern)
-            reply.attachments = await attachments.erase(self.bus, req.tenant)
+            for home in await self.regions.homes():  # wherever it lived, before a move
+                sessions, records = await erase_matching(self.bus, home.log.name,
+                                                         home.log_pattern(req.tenant))  # fmt: skip
+                reply.sessions += sessions
+                reply.records += records
+                reply.attachments += await attachments.erase(self.bus, home, req.tenant)
             reply.documents = await self._erase_documents(req.tenant)
         else:
             await self._delete_session(req.tenant, req.session, reply, erased, depth=0)
@@ -132,11 +143,12 @@ class Admin:
                 c = await self.store.history.load(tenant, child)
                 if c.fork is not None and c.fork.session == session:
                     await self._delete_session(tenant, child, reply, gone, depth + 1)
-        reply.attachments += await attachments.erase(self.bus, tenant, session)
-        log_subject = subjects.context_log(tenant, session)
+        home = await self.home(tenant)
+        reply.attachments += await attachments.erase(self.bus, home, tenant, session)
+        log_subject = home.log_subject(tenant, session)
         # A session's log can be long: its count picks the cheaper way to find it.
-        count = (await self.bus.subjects(CONTEXT.name, log_subject)).get(log_subject, 0)
-        erased = await self.bus.erase_subject(CONTEXT.name, log_subject, count=count)
+        count = (await self.bus.subjects(home.log.name, log_subject)).get(log_subject, 0)
+        erased = await self.bus.erase_subject(home.log.name, log_subject, count=count)
         reply.records += erased
         reply.sessions += 1 if erased else 0
         self.store.history.forget(tenant, session)
@@ -157,12 +169,13 @@ class Admin:
         )
 
     async def stats(self, req: ContextStats) -> StatsReply:
+        home = await self.home(req.tenant)
         if req.session is None:
-            logs = await self.bus.subjects(CONTEXT.name, f"{subjects.CONTEXT_LOG}.{req.tenant}.*")
+            logs = await self.bus.subjects(home.log.name, home.log_pattern(req.tenant))
             return StatsReply(
                 sessions=len(logs),
                 records=sum(logs.values()),
-                attachments=await attachments.count(self.bus, req.tenant),
+                attachments=await attachments.count(self.bus, home, req.tenant),
             )
         v = await self.store.view(req.tenant, req.session)
         if not v.session.exists:
@@ -172,6 +185,6 @@ class Admin:
             records=len(v.session.versions),
             messages=len(v.messages),
             tokens=sum(v.tokens),
-            attachments=await attachments.count(self.bus, req.tenant, req.session),
+            attachments=await attachments.count(self.bus, home, req.tenant, req.session),
             last_activity=v.session.last_ts,
         )

@@ -1,13 +1,15 @@
 """Session logs on JetStream, with an in-process cache.
 
 Each write is one ``StoredAppend`` record on ``baton.ctxlog.<tenant>.<session>``
-(stream ``BATON_CONTEXT``), published with ``Nats-Expected-Last-Subject-Sequence``
-so several store replicas write in one order: a replica whose cache is behind
-gets a sequence mismatch, reads the tail it missed, and retries. That same
-check makes writes idempotent by ``msg_id``: a retried write finds its record
-in the tail and reports a duplicate. (No ``Nats-Msg-Id``: the server would
-remember erased ids for its duplicate window and refuse to store a session
-written again after deletion.)
+(stream ``BATON_CONTEXT``; a tenant of a region on
+``baton.region.<region>.ctxlog.<tenant>.<session>``, stream
+``BATON_CONTEXT_IN_<region>``: ``regions.py``), published with
+``Nats-Expected-Last-Subject-Sequence`` so several store replicas write in one
+order: a replica whose cache is behind gets a sequence mismatch, reads the
+tail it missed, and retries. That same check makes writes idempotent by
+``msg_id``: a retried write finds its record in the tail and reports a
+duplicate. (No ``Nats-Msg-Id``: the server would remember erased ids for its
+duplicate window and refuse to store a session written again after deletion.)
 
 A session's first record carries a random ``incarnation`` nonce, which refs
 sign: erased and written again, the same session id is a new incarnation.
@@ -32,10 +34,10 @@ from dataclasses import dataclass, field
 import structlog
 
 from baton.bus import Bus, WrongLastSequence
-from proto import codec, subjects
+from proto import codec
 from proto.messages import ChatMessage, ForkOrigin, StoredAppend, Summary
-from proto.streams import CONTEXT
 
+from .regions import TenantRegions
 from .tokens import estimate_tokens
 
 log = structlog.get_logger("context_store.history")
@@ -99,8 +101,11 @@ class HistoryStore:
         *,
         cached_sessions: int = 2048,
         count: Callable[[ChatMessage], int] = estimate_tokens,
+        regions: TenantRegions | None = None,
     ) -> None:
         self.bus = bus
+        # Where each tenant's sessions live (None: every tenant in the shared stream).
+        self.regions = regions or TenantRegions(None)
         self.count = count
         self._cache: OrderedDict[Key, Session] = OrderedDict()
         self._locks: dict[Key, asyncio.Lock] = {}
@@ -127,10 +132,11 @@ class HistoryStore:
 
     async def _read_tail(self, tenant: str, session_id: str, session: Session) -> int:
         """Apply every record after ``session.last_seq``; returns how many."""
-        subject = subjects.context_log(tenant, session_id)
+        home = await self.regions.home(tenant)
+        subject = home.log_subject(tenant, session_id)
         start = session.last_seq + 1 if session.last_seq else 0
         applied = 0
-        async for msg in self.bus.read_subject(CONTEXT.name, subject, start_seq=start):
+        async for msg in self.bus.read_subject(home.log.name, subject, start_seq=start):
             record = codec.decode(msg.data, StoredAppend)
             session.apply(record, msg.seq, self.count)
             applied += 1
@@ -160,12 +166,13 @@ class HistoryStore:
         signed with it would name an incarnation no reader folds. The session
         as stored is then read again and returned, its first record's
         incarnation with it; duplicate when ``msg_id`` was already stored."""
-        subject = subjects.context_log(tenant, session_id)
-        head = await self.bus.get_msg(CONTEXT.name, 1, subject=subject)
+        home = await self.regions.home(tenant)
+        subject = home.log_subject(tenant, session_id)
+        head = await self.bus.get_msg(home.log.name, 1, subject=subject)
         if head is None or head.seq == seq:
             return None
         session, dup = Session(), False
-        async for msg in self.bus.read_subject(CONTEXT.name, subject):
+        async for msg in self.bus.read_subject(home.log.name, subject):
             record = codec.decode(msg.data, StoredAppend)
             dup = dup or (record.msg_id == msg_id and msg.seq < seq)
             session.apply(record, msg.seq, self.count)
@@ -183,7 +190,7 @@ class HistoryStore:
             (session, its length right after that record, duplicate)
         """
         key = (tenant, session_id)
-        subject = subjects.context_log(tenant, session_id)
+        subject = (await self.regions.home(tenant)).log_subject(tenant, session_id)
         async with self._lock(key):
             # A session never seen here is written as if new, without reading
             # it first: the conditional write (expected last sequence 0) fails

@@ -16,9 +16,7 @@ import time
 
 import structlog
 
-from proto import subjects
 from proto.messages import ContextDelete
-from proto.streams import CONTEXT
 
 from .admin import Admin
 
@@ -43,19 +41,20 @@ class Retention:
 async def sweep_once(admin: Admin, retention: Retention, now: float | None = None) -> int:
     """Erase every session past its tenant's max age; returns how many."""
     now = time.time() if now is None else now
-    found = await admin.bus.subjects(CONTEXT.name, f"{subjects.CONTEXT_LOG}.*.*")
     expired = 0
-    for subject in sorted(found):
-        tenant, session = subject.split(".")[2:4]
-        max_age = retention.max_age(tenant)
-        if max_age <= 0:
-            continue
-        last = await admin.bus.last_msg(CONTEXT.name, subject)
-        if last is None:
-            continue  # erased meanwhile
-        if last.time is not None and now - last.time > max_age:
-            await admin.delete(ContextDelete(tenant=tenant, session=session), actor="retention")
-            expired += 1
+    for home in await admin.regions.homes():  # the shared stream and each region's
+        found = await admin.bus.subjects(home.log.name, home.log_pattern())
+        for subject in sorted(found):
+            tenant, session = home.log_origin(subject)
+            max_age = retention.max_age(tenant)
+            if max_age <= 0:
+                continue
+            last = await admin.bus.last_msg(home.log.name, subject)
+            if last is None:
+                continue  # erased meanwhile
+            if last.time is not None and now - last.time > max_age:
+                await admin.delete(ContextDelete(tenant=tenant, session=session), actor="retention")
+                expired += 1
     if expired:
         log.info("retention_swept", expired=expired)
     return expired

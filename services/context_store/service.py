@@ -34,6 +34,7 @@ from .history import HistoryStore
 from .http import http_app
 from .metrics import CONTEXT_REQUEST_SECONDS, CONTEXT_REQUESTS
 from .refs import RefSigner
+from .regions import TenantRegions
 from .retention import Retention, run_sweeper
 from .settings import ContextStoreSettings
 from .store import ContextStore
@@ -156,9 +157,13 @@ class ContextEndpoints:
                 delay = min(1.0, delay * 2)
 
 
-def build_store(bus: Bus, settings: ContextStoreSettings) -> tuple[ContextStore, Admin]:
+def build_store(
+    bus: Bus, settings: ContextStoreSettings, regions: TenantRegions | None = None
+) -> tuple[ContextStore, Admin]:
     counter = TokenCounter(settings.tokenizer)
-    history = HistoryStore(bus, cached_sessions=settings.cached_sessions, count=counter.count)
+    history = HistoryStore(bus, cached_sessions=settings.cached_sessions, count=counter.count,
+                           regions=regions)  # fmt: skip
+    history.regions.on_moved = history.forget
     store = ContextStore(
         bus, history, RefSigner(settings.signing_key()), counter, settings.default_budget_tokens
     )
@@ -168,7 +173,10 @@ def build_store(bus: Bus, settings: ContextStoreSettings) -> tuple[ContextStore,
 async def start(bus: Bus, settings: ContextStoreSettings, health: Health) -> ServiceApp:
     """The store built on its streams: its operator HTTP API and the NATS side."""
     await bus.provision(streams=[CONTEXT, CONTEXT_ATTACHMENTS, ERASURES, AUDIT, DOCUMENTS])
-    store, admin = build_store(bus, settings)
+    # Each region's own pair, for the regions the tenant registry names.
+    regions = TenantRegions(bus)
+    await regions.start()
+    store, admin = build_store(bus, settings, regions)
     app = http_app(health, admin, settings.api_keys)
     return ServiceApp(app, lambda: run(bus, settings, health, store, admin))
 
@@ -183,10 +191,12 @@ async def run(
     await endpoints.start(bus)
     retention = Retention(settings.retention_seconds, settings.retention_per_tenant)
     sweeper = asyncio.create_task(run_sweeper(admin, retention, settings.retention_sweep_interval))
+    registry = asyncio.create_task(admin.regions.follow())
     health.ready, health.reason = True, "serving"
     log.info("context_store_ready", tokens=store.counter.name, retention=retention.enabled)
     await bus.wait_stopped()
     health.ready, health.reason = False, "stopping"
-    sweeper.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await sweeper
+    for task in (sweeper, registry):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

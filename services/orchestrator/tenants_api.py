@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from baton.http_errors import ERROR_RESPONSES, ApiError, ErrorBody
 from baton.residency import RegionError
-from baton.tenants import TenantAdmin, TenantError
+from baton.tenants import TenantAdmin, TenantConflict, TenantError, TenantUnavailable
 from baton.urls import split_creds
 from proto.errors import ErrorCode
 from proto.ids import require_id
@@ -59,8 +59,11 @@ def add_tenant_routes(
                 return await work(admin)
         except RegionError as exc:
             raise ApiError(ErrorCode.INVALID_FIELD, str(exc), param="region") from exc
+        except TenantUnavailable as exc:
+            raise ApiError(ErrorCode.UNAVAILABLE, str(exc)) from exc
         except TenantError as exc:
-            code = ErrorCode.CONFLICT if "exists" in str(exc) else ErrorCode.UNKNOWN_TENANT
+            conflict = isinstance(exc, TenantConflict) or "exists" in str(exc)
+            code = ErrorCode.CONFLICT if conflict else ErrorCode.UNKNOWN_TENANT
             raise ApiError(code, str(exc)) from exc
 
     def checked(value: str, field: str = "tenant") -> str:
@@ -85,7 +88,8 @@ def add_tenant_routes(
     @app.put("/v1/tenants/{tenant}/region", dependencies=[Depends(operator)], responses=RESPONSES)
     async def set_region(tenant: str, body: RegionIn) -> dict[str, Any]:
         """Keep an existing tenant's data on servers tagged region:<region>:
-        its streams move there (``GET .../where`` shows when)."""
+        its streams move there (``GET .../where`` shows when). A tenant with
+        history or attachments is refused (409 ``conflict``): not migrated."""
         t, region = checked(tenant), checked(body.region, "region")
         await run(lambda a: a.set_region(t, region))
         return {"tenant": t, "region": region}
