@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,14 @@ import structlog
 
 from baton import accounts, jwt, residency
 from baton.bus import Bus, connect
-from baton.credentials import Credentials, creds_path, key_path, new_secret, write_private
+from baton.credentials import (
+    SECRETS_FILE,
+    Credentials,
+    creds_path,
+    key_path,
+    new_secret,
+    write_private,
+)
 from proto import streams, subjects
 from proto.messages import ContextDelete, DeleteReply
 
@@ -59,6 +67,10 @@ STATES: Final = (ACTIVE, SUSPENDED, DELETED)
 
 class TenantError(RuntimeError):
     """A lifecycle step that cannot be done (unknown tenant, exists, refused push)."""
+
+
+class AdminKeysError(TenantError):
+    """The directory given holds no keys that can run the lifecycle."""
 
 
 def key_digest(api_key: str) -> str:
@@ -113,6 +125,46 @@ def _revoking(tenant: str) -> str:
     return f"revoking:{tenant}"
 
 
+ADMIN_USER: Final = "tenant-admin"
+"""The BATON user a bundle's admin mints for itself."""
+
+
+def check_admin_dir(data_dir: Path) -> Path:
+    """``data_dir`` if it can run the tenant lifecycle: it holds the
+    operator's identity key, or it is a tenant-admin bundle with the
+    operator's and BATON's signing keys and the system user's ``.creds``.
+
+    Raises:
+        AdminKeysError: neither, saying what is missing.
+    """
+    path = Path(data_dir) / SECRETS_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AdminKeysError(
+            f"no tenant keys in {data_dir} ({path}: {exc}); pass the data dir of "
+            "`baton up` or the tenant-admin bundle `baton nats-auth` writes"
+        ) from exc
+    nkeys = doc.get("nkeys") or {}
+    if not doc.get("bundle"):
+        if "operator" not in nkeys:
+            raise AdminKeysError(f"{path} holds neither the operator's key "
+                                 "nor a tenant-admin bundle")  # fmt: skip
+        return Path(data_dir)
+    wanted = {f"signing:{accounts.OPERATOR_SIGNER}": "the operator's signing key",
+              f"signing:{accounts.BATON_ACCOUNT}": "BATON's signing key",
+              f"public:account:{accounts.BATON_ACCOUNT}": "BATON's public key",
+              f"user:{accounts.ORCHESTRATOR}": "the orchestrator's nkey"}  # fmt: skip
+    missing = [what for k, what in wanted.items() if k not in nkeys]
+    system = creds_path(Path(data_dir), accounts.SYSTEM_USER)
+    if not system.exists():
+        missing.append(f"the system user's .creds ({system})")
+    if missing:
+        raise AdminKeysError(f"the tenant-admin bundle {data_dir} lacks {', '.join(missing)}: "
+                          "write it again with `baton nats-auth`")  # fmt: skip
+    return Path(data_dir)
+
+
 def _revocations(creds: Credentials, account: str) -> dict[str, int]:
     return creds.revocations(account)
 
@@ -121,26 +173,57 @@ class TenantAdmin:
     """Lifecycle steps against the server at ``address`` (``nats://host:port``)."""
 
     def __init__(self, data_dir: Path, address: str, *, replicas: int = 1) -> None:
+        """``data_dir``: a data dir holding the operator's keys (``baton up``),
+        or a tenant-admin bundle (``baton nats-auth``'s ``tenant-admin/``).
+
+        Raises:
+            AdminKeysError: it holds neither (no keys, or a bundle without
+                its signing keys).
+        """
         self.data_dir = Path(data_dir)
         self.address = address
         # The services' BATON_STREAM_REPLICAS: the registry bucket it may
         # create must match theirs (a cluster's R3 bucket refuses an R1 create).
         self.replicas = replicas
-        self.creds = Credentials.load_or_create(self.data_dir, [])
+        self.creds = Credentials.load_or_create(check_admin_dir(self.data_dir), [])
         self.sys: Bus | None = None
         self.op: Bus | None = None
+        self._admin_creds: Path | None = None
 
     async def __aenter__(self) -> TenantAdmin:
         self.sys = await connect(self.address, name="baton-tenant-admin-sys",
                                  creds=self.creds.creds_path(accounts.SYSTEM_USER))  # fmt: skip
-        self.op = await connect(self.address, name="baton-tenant-admin", replicas=self.replicas,
-                                creds=self.creds.creds_path(accounts.OPERATOR))  # fmt: skip
+        op_creds = self.creds.creds_path(accounts.OPERATOR)
+        if self.creds.bundle:  # no operator .creds in a bundle: a user of its own
+            op_creds = self._admin_creds = self._mint_admin_user()
+        try:
+            self.op = await connect(self.address, name="baton-tenant-admin",
+                                    replicas=self.replicas, creds=op_creds)  # fmt: skip
+        except BaseException:
+            await self.__aexit__()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         for bus in (self.sys, self.op):
             if bus is not None:
                 await bus.close()
+        if self._admin_creds is not None:
+            self._admin_creds.unlink(missing_ok=True)
+
+    def _mint_admin_user(self) -> Path:
+        """A user of BATON for this admin's registry, stream and erasure
+        calls, signed by BATON's signing key: a fresh nkey per admin, its
+        ``.creds`` (0600, one file per admin: two calls never read each
+        other's half-written file) removed on exit."""
+        keys = self.creds.keys()
+        signer, issuer = keys.account_signer(accounts.BATON_ACCOUNT)
+        user = jwt.Key(jwt.new_seed(jwt.USER))
+        token = jwt.user_jwt(signer, user, ADMIN_USER, None, issuer_account=issuer)
+        name = f"{ADMIN_USER}-{os.getpid()}-{id(self):x}.creds"
+        path = self.data_dir / "secrets" / "creds" / name
+        write_private(path, jwt.creds(token, user.seed))
+        return path
 
     # -- the registry ----------------------------------------------------------
 
@@ -375,7 +458,7 @@ class TenantAdmin:
         # its resolver sync spreads it again to the others (the deleted
         # account connects again; measured). A newer JWT admitting nobody
         # (every user revoked, no connection) wins that sync instead.
-        operator, account = self.creds.keys().operator, jwt.Key(self.creds.nkeys[marker])
+        operator, account = self.creds.keys().operator_signer(), jwt.Key(self.creds.nkeys[marker])
         revoked = {"*": int(time.time()) + 1}
         tombstone = jwt.account_jwt(operator, account, tenant, suspended=True, revocations=revoked)
         await self._push(tombstone, attempts=5)
@@ -392,10 +475,12 @@ __all__ = [
     "ACTIVE",
     "DELETED",
     "SUSPENDED",
+    "AdminKeysError",
     "TenantAdmin",
     "TenantError",
     "TenantState",
     "account_tenants",
+    "check_admin_dir",
     "key_digest",
     "read_registry",
 ]
