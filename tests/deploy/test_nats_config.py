@@ -26,7 +26,7 @@ from test_k8s import NAMESPACE, OVERLAYS, _env, _mount_of, container, objects
 
 from baton import accounts
 from baton.cli import main as baton_cli
-from baton.credentials import SECRETS_FILE, creds_path, write_deployment
+from baton.credentials import ADMIN_BUNDLE, SECRETS_FILE, creds_path, write_deployment
 
 CREDS_SECRET = "baton-nats-creds"
 AUTH_SECRET = "baton-nats-auth"
@@ -82,7 +82,7 @@ def test_compose_runs_nats_in_operator_mode_and_each_service_reads_its_own_creds
     (mount,) = [v for v in nats["volumes"] if v.endswith(":/etc/nats/auth.conf:ro")]
     assert mount.startswith("${BATON_COMPOSE_DATA:?") and "}/nats/auth.conf:" in mount
     assert "environment" not in nats  # no password to hand it
-    services = {"orchestrator": base["orchestrator"], "context-store": base["context-store"]}
+    services = {"context-store": base["context-store"]}
     for override in ("compose.cpu.yaml", "compose.gpu.yaml"):
         services[f"inference-worker ({override})"] = _services(override)["inference-worker"]
     for label, svc in services.items():
@@ -98,7 +98,26 @@ def test_compose_runs_nats_in_operator_mode_and_each_service_reads_its_own_creds
         assert source.endswith(f"}}/{rel}"), (label, source)
         assert svc["group_add"] == ["${BATON_COMPOSE_GID:?see compose.yaml}"] or \
             svc["group_add"][0].startswith("${BATON_COMPOSE_GID:?")  # fmt: skip
-    for name in ("compose.yaml", "compose.cpu.yaml", "compose.gpu.yaml"):
+    # The orchestrator reads its .creds from its tenant-admin bundle, which
+    # `baton nats-auth` writes and no other service mounts.
+    orch = base["orchestrator"]
+    env = orch["environment"]
+    _no_password(env["BATON_NATS_URL"])
+    (mount,) = orch["volumes"]
+    source, target = mount.rsplit(":", 1)
+    assert source.startswith("${BATON_COMPOSE_DATA:?") and source.endswith(f"}}/{ADMIN_BUNDLE}")
+    assert env["BATON_TENANT_ADMIN_DIR"] == target
+    rel = creds_path(Path("/d"), "orchestrator").relative_to("/d")
+    assert env["BATON_NATS_CREDS"] == f"{target}/{rel}"
+    assert "secrets" not in orch
+    assert "orchestrator-creds" not in doc["secrets"]
+    compose_files = ("compose.yaml", "compose.cpu.yaml", "compose.gpu.yaml")
+    for name in compose_files:
+        others = yaml.safe_load((DEPLOY / "compose" / name).read_text())["services"]
+        for svc_name, svc in others.items():
+            if svc_name != "orchestrator":
+                assert "tenant-admin" not in json.dumps(svc), (name, svc_name)
+    for name in compose_files:
         assert "NATS_PASSWORD" not in (DEPLOY / "compose" / name).read_text(), name
     assert base["orchestrator"]["environment"]["BATON_TENANTS"] == ",".join(tenants())
 
