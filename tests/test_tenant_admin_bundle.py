@@ -184,3 +184,49 @@ async def test_a_directory_without_the_signing_keys_is_refused(
     with pytest.raises(AdminKeysError, match="no tenant keys"):
         TenantAdmin(tmp_path / "empty", server.address)
     assert not (tmp_path / "empty").exists()  # nothing created in its place
+
+
+async def test_a_replica_with_its_own_copy_of_the_bundle_follows_and_keeps_the_others(
+    server: NatsServer, stack: LocalStack, tmp_path: Path
+) -> None:
+    """Two orchestrators, each with its own copy of the bundle (Kubernetes
+    pods copy it from the Secret): a tenant created through one is served by
+    the other, which re-issues its own .creds; a tenant created through the
+    other keeps the first one in BATON's imports (its account key is in the
+    registry); the other can delete it but not rotate it (its keys are not there)."""
+    copy = tmp_path / "pod-b"
+    shutil.copytree(server.store_dir / ADMIN_BUNDLE, copy)
+    own = copy / "secrets" / "creds" / f"{accounts.ORCHESTRATOR}.creds"
+    b = stack.service("orchestrator", BATON_TENANT_ADMIN_DIR=str(copy),
+                      BATON_NATS_CREDS=str(own)).wait_ready()  # fmt: skip
+    try:
+        a_url, b_url = f"{stack.orchestrator.url}/v1/tenants", f"{b.url}/v1/tenants"
+        status, body = _call(a_url, {"tenant": "replica"})
+        assert status == 201, body
+        first = tmp_path / "replica.creds"
+        first.write_text(body["creds"])
+        deadline = asyncio.get_running_loop().time() + 15
+        while "BATON_TASKS_replica" not in json.dumps(jwt.decode(jwt.creds_jwt(own.read_text()))):
+            assert asyncio.get_running_loop().time() < deadline, "B never re-issued its .creds"
+            await asyncio.sleep(0.2)
+        status, body = _call(b_url, {"tenant": "replicb"})
+        assert status == 201, body
+        second = tmp_path / "replicb.creds"
+        second.write_text(body["creds"])
+        keys = Credentials.load_or_create(server.store_dir, []).keys()
+        baton = jwt.decode((server.resolver_dir /
+                            f"{keys.account(accounts.BATON_ACCOUNT)}.jwt").read_text())  # fmt: skip
+        imported = {i["name"] for i in baton["nats"]["imports"]}
+        assert {"js-acme", "js-replica", "js-replicb"} <= imported, imported
+        assert (await _chat(server, first, "replica"))["type"] == "completed"
+        assert (await _chat(server, second, "replicb"))["type"] == "completed"
+        status, body = _call(f"{b_url}/replica/rotate", {})
+        assert status == 409 and "keys of tenant" in body["error"]["message"], body
+        status, body = _call(f"{b_url}/replica", method="DELETE")
+        assert status == 200, body
+        with pytest.raises((nats.errors.Error, asyncio.TimeoutError)):
+            await nats.connect(server.address, user_credentials=str(first),
+                               allow_reconnect=False, connect_timeout=2)  # fmt: skip
+        assert (await _chat(server, second, "replicb"))["type"] == "completed"
+    finally:
+        stack.retire(b)

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from baton.http_errors import ERROR_RESPONSES, ApiError, ErrorBody
 from baton.residency import RegionError
-from baton.tenants import AdminKeysError, TenantAdmin, TenantError
+from baton.tenants import AdminKeysError, KeysElsewhere, TenantAdmin, TenantError
 from baton.urls import split_creds
 from proto.errors import ErrorCode
 from proto.ids import require_id
@@ -63,6 +63,8 @@ def add_tenant_routes(
             raise ApiError(ErrorCode.INVALID_FIELD, str(exc), param="region") from exc
         except AdminKeysError as exc:
             raise ApiError(ErrorCode.UNAVAILABLE, str(exc), status=503) from exc
+        except KeysElsewhere as exc:
+            raise ApiError(ErrorCode.CONFLICT, str(exc)) from exc
         except TenantError as exc:
             code = ErrorCode.CONFLICT if "exists" in str(exc) else ErrorCode.UNKNOWN_TENANT
             raise ApiError(code, str(exc)) from exc
