@@ -30,6 +30,7 @@ from baton.credentials import ADMIN_BUNDLE, SECRETS_FILE, creds_path, write_depl
 
 CREDS_SECRET = "baton-nats-creds"
 AUTH_SECRET = "baton-nats-auth"
+ADMIN_SECRET = "baton-tenant-admin"
 COMPOSE_CREDS = "/run/secrets/nats.creds"
 
 
@@ -146,6 +147,9 @@ def test_kubernetes_mounts_auth_conf_in_nats_and_each_services_own_creds(overlay
         assert "NATS_PASSWORD" not in env, name
         _no_password(env["BATON_NATS_URL"]["value"])
         path = env["BATON_NATS_CREDS"]["value"]
+        if name == accounts.ORCHESTRATOR:  # its .creds is in its tenant-admin bundle
+            seen.add(name)
+            continue
         volume, mount = _mount_of(d["spec"]["template"], path)
         assert mount.get("readOnly") is True
         assert volume["secret"]["secretName"] == CREDS_SECRET
@@ -156,6 +160,59 @@ def test_kubernetes_mounts_auth_conf_in_nats_and_each_services_own_creds(overlay
         assert d["spec"]["template"]["spec"]["securityContext"]["fsGroup"]
         seen.add(name)
     assert seen == set(accounts.SERVICES)
+
+
+def _workloads(overlay: str) -> dict[str, dict]:
+    """Every object of the overlay that runs pods, by kind/name."""
+    kinds = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
+    return {f"{kind}/{name}": d for kind in kinds for name, d in objects(overlay, kind).items()}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kubernetes_mounts_the_tenant_admin_bundle_into_the_orchestrator_only(overlay):
+    assert ADMIN_SECRET not in objects(overlay, "Secret"), "keys from git"
+    users = {n for n, d in _workloads(overlay).items() if ADMIN_SECRET in json.dumps(d)}
+    assert users == {"Deployment/orchestrator"}, users
+    pod = objects(overlay, "Deployment")[accounts.ORCHESTRATOR]["spec"]["template"]
+    (init,) = pod["spec"]["initContainers"]
+    (secret_volume,) = [v for v in pod["spec"]["volumes"] if "secret" in v
+                        and v["secret"]["secretName"] == ADMIN_SECRET]  # fmt: skip
+    secret = secret_volume["secret"]
+    # The files `baton nats-auth` writes into DIR/tenant-admin, at the same paths.
+    assert {i["path"] for i in secret["items"]} == {
+        SECRETS_FILE.as_posix(),
+        creds_path(Path("/d"), accounts.SYSTEM_USER).relative_to("/d").as_posix(),
+        creds_path(Path("/d"), accounts.ORCHESTRATOR).relative_to("/d").as_posix(),
+    }
+    assert all(i["key"] == i["path"].rsplit("/", 1)[1] for i in secret["items"])
+    assert secret["defaultMode"] == 0o440
+    init_mounts = {m["name"]: m for m in init["volumeMounts"]}
+    assert init_mounts[secret_volume["name"]].get("readOnly") is True
+    (c,) = pod["spec"]["containers"]
+    env = _env(c)
+    work = env["BATON_TENANT_ADMIN_DIR"]["value"]
+    volume, mount = _mount_of(pod, f"{work}/x")
+    assert mount["mountPath"] == work and volume == {"name": mount["name"], "emptyDir": {}}
+    assert init_mounts[mount["name"]]["mountPath"] == work  # the copy lands there
+    # The copy runs: the Secret's tree (with the kubelet's ..data links) to the volume.
+    script = init["command"][-1]
+    assert "/etc/baton-tenant-admin" in script and work in script
+    rel = creds_path(Path("/d"), accounts.ORCHESTRATOR).relative_to("/d")
+    assert env["BATON_NATS_CREDS"]["value"] == f"{work}/{rel}"
+    assert all(m["name"] != secret_volume["name"] for m in c["volumeMounts"])
+
+
+def test_the_bundle_files_are_what_the_kubernetes_secret_takes(tmp_path):
+    """`kubectl create secret generic baton-tenant-admin --from-file=...`
+    (docs/deploy.md) takes exactly the files nats-auth writes to DIR/tenant-admin."""
+    write_deployment(tmp_path, tenants(), resolver_dir="/data/jwt")
+    bundle = tmp_path / ADMIN_BUNDLE
+    written = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
+    assert written == {"secrets/nats.json", "secrets/creds/system.creds",
+                       "secrets/creds/orchestrator.creds"}  # fmt: skip
+    docs = (DEPLOY.parent / "docs" / "deploy.md").read_text()
+    for rel in written:
+        assert f"$DIR/{ADMIN_BUNDLE}/{rel}" in docs, rel
 
 
 # -- the real nats-server on the rendered Kubernetes config -----------------
