@@ -215,6 +215,34 @@ def test_the_bundle_files_are_what_the_kubernetes_secret_takes(tmp_path):
         assert f"$DIR/{ADMIN_BUNDLE}/{rel}" in docs, rel
 
 
+def test_nats_auth_takes_back_what_the_bundle_changed_at_run_time(tmp_path):
+    """A tenant created through /v1/tenants (its keys in the bundle only) and
+    one deleted through it: the next `baton nats-auth` (each `make
+    compose-up`) keeps the first in auth.conf and drops the second."""
+    from baton import jwt
+
+    ids = tenants()
+    write_deployment(tmp_path, ids, resolver_dir="/data/jwt")
+    path = tmp_path / ADMIN_BUNDLE / SECRETS_FILE
+    doc = json.loads(path.read_text())
+    assert doc["bundle"] is True and "operator" not in doc["nkeys"]
+    account = jwt.new_seed(jwt.ACCOUNT)
+    doc["nkeys"] |= {"account:runtime": account, "user:runtime": jwt.new_seed(jwt.USER)}
+    doc["api_keys"]["runtime"] = "bk-runtime"
+    doc["deleted"] = [ids[-1]]
+    path.write_text(json.dumps(doc))
+    write_deployment(tmp_path, ids, resolver_dir="/data/jwt")
+    conf = (tmp_path / "nats" / "auth.conf").read_text()
+    assert f'"{jwt.Key(account).public}":' in conf
+    assert (tmp_path / "tenants" / "runtime.creds").exists()
+    full = json.loads((tmp_path / SECRETS_FILE).read_text())
+    assert full["nkeys"]["account:runtime"] == account and ids[-1] in full["deleted"]
+    assert f"account:{ids[-1]}" not in full["nkeys"]
+    again = json.loads(path.read_text())
+    assert again["nkeys"]["account:runtime"] == account  # the bundle keeps it too
+    assert f"account:{ids[-1]}" not in again["nkeys"]
+
+
 # -- the real nats-server on the rendered Kubernetes config -----------------
 
 
