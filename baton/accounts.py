@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from baton import jwt
@@ -337,19 +337,66 @@ RESOLVER_TIMEOUT: Final = "200ms"
 MAX_CONTROL_LINE: Final = 1 << 18  # an unknown account's user is refused after this
 
 
+OPERATOR_SIGNER: Final = "operator"
+"""``Keys.signing``'s name for the operator's signing key."""
+
+
+class MissingKey(KeyError):
+    """A JWT needs a key this directory does not hold."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 @dataclass(frozen=True)
 class Keys:
     """The nkeys of a deployment: the operator's, one per account (``BATON``,
     ``SYS``, each tenant) and one per user (services, ``operator``,
-    ``system``, tenants)."""
+    ``system``, tenants); the signing keys (``signing``: the operator's,
+    ``OPERATOR_SIGNER``, and ``BATON``'s), listed in the operator's and
+    BATON's JWTs. A tenant-admin bundle holds no operator, ``BATON`` or
+    ``SYS`` identity key: ``publics`` names those holders (``operator`` and
+    account names) by public key, and their JWTs are signed with the
+    signing keys."""
 
-    operator: jwt.Key
+    operator: jwt.Key | None
     accounts: Mapping[str, jwt.Key]
     users: Mapping[str, jwt.Key]
+    signing: Mapping[str, jwt.Key] = field(default_factory=dict)
+    publics: Mapping[str, str] = field(default_factory=dict)
 
     def account(self, name: str) -> str:
         """An account's public key: its name on the server."""
-        return self.accounts[name].public
+        key = self.accounts.get(name)
+        if key is not None:
+            return key.public
+        if name in self.publics:
+            return self.publics[name]
+        raise MissingKey(f"no key of account {name!r}")
+
+    def operator_signer(self) -> jwt.Key:
+        """What signs account JWTs: the operator's identity key, else its
+        signing key (a tenant-admin bundle)."""
+        if self.operator is not None:
+            return self.operator
+        if OPERATOR_SIGNER in self.signing:
+            return self.signing[OPERATOR_SIGNER]
+        raise MissingKey("neither the operator's key nor its signing key")
+
+    def account_signer(self, name: str) -> tuple[jwt.Key, str | None]:
+        """What signs the users of account ``name``, and the ``issuer_account``
+        their JWTs then name (None: signed by the account's own key)."""
+        if name in self.accounts:
+            return self.accounts[name], None
+        if name in self.signing:
+            return self.signing[name], self.account(name)
+        raise MissingKey(f"neither the key of account {name!r} nor its signing key")
+
+    def signing_keys(self, holder: str) -> list[str]:
+        """The public signing keys ``holder``'s JWT lists (``OPERATOR_SIGNER``
+        or an account name)."""
+        key = self.signing.get(holder)
+        return [key.public] if key is not None else []
 
 
 def tenant_limits() -> dict[str, int]:
@@ -372,9 +419,10 @@ def baton_account_jwt(
     imports = [{"name": f"js-{t}", "type": "service", "account": keys.account(t),
                 "subject": "$JS.API.>", "local_subject": f"{tenant_api_prefix(t)}.>"}
                for t in tenants]  # fmt: skip
-    return jwt.account_jwt(keys.operator, keys.accounts[BATON_ACCOUNT], BATON_ACCOUNT,
+    return jwt.account_jwt(keys.operator_signer(), keys.account(BATON_ACCOUNT), BATON_ACCOUNT,
                            jetstream=dict(BATON_JS_LIMITS), exports=exports,
-                           imports=imports, revocations=dict(revocations or {}))  # fmt: skip
+                           imports=imports, revocations=dict(revocations or {}),
+                           signing_keys=keys.signing_keys(BATON_ACCOUNT))  # fmt: skip
 
 
 def tenant_account_jwt(
@@ -393,13 +441,14 @@ def tenant_account_jwt(
           for root in TENANT_FEEDS),
     ]  # fmt: skip
     exports = [{"name": "jetstream", "type": "service", "subject": "$JS.API.>"}]
-    return jwt.account_jwt(keys.operator, keys.accounts[tenant], tenant, jetstream=tenant_limits(),
+    return jwt.account_jwt(keys.operator_signer(), keys.account(tenant), tenant,
+                           jetstream=tenant_limits(),
                            exports=exports, imports=imports, suspended=suspended,
                            revocations=dict(revocations or {}))  # fmt: skip
 
 
 def system_account_jwt(keys: Keys) -> str:
-    return jwt.account_jwt(keys.operator, keys.accounts[SYSTEM_ACCOUNT], SYSTEM_ACCOUNT)
+    return jwt.account_jwt(keys.operator_signer(), keys.account(SYSTEM_ACCOUNT), SYSTEM_ACCOUNT)
 
 
 def account_of(identity: str) -> str:
@@ -424,9 +473,10 @@ def user_creds(
         perms = None
     else:
         perms = tenant_permissions(identity)
-    account = keys.accounts[account_of(identity)]
+    signer, issuer = keys.account_signer(account_of(identity))
     user = keys.users[identity]
-    return jwt.creds(jwt.user_jwt(account, user, identity, perms), user.seed)
+    token = jwt.user_jwt(signer, user, identity, perms, issuer_account=issuer)
+    return jwt.creds(token, user.seed)
 
 
 def operator_auth(
@@ -450,6 +500,8 @@ def operator_auth(
     tenants = [check_tenant(t) for t in tenants]
     if len(set(tenants)) != len(tenants):
         raise ValueError("tenant ids must be unique")
+    if keys.operator is None:
+        raise MissingKey("the server's configuration needs the operator's identity key")
     preload = {keys.account(SYSTEM_ACCOUNT): system_account_jwt(keys),
                keys.account(BATON_ACCOUNT): baton_account_jwt(keys, tenants)}  # fmt: skip
     for t in tenants:
@@ -457,7 +509,9 @@ def operator_auth(
             keys, t, revocations=(revocations or {}).get(t)
         )
     return {
-        "operator": jwt.operator_jwt(keys.operator, "baton", keys.account(SYSTEM_ACCOUNT)),
+        "operator": jwt.operator_jwt(
+            keys.operator, "baton", keys.account(SYSTEM_ACCOUNT), keys.signing_keys(OPERATOR_SIGNER)
+        ),
         "system_account": keys.account(SYSTEM_ACCOUNT),
         # A service's user JWT (its permissions) rides in its CONNECT line.
         "max_control_line": MAX_CONTROL_LINE,

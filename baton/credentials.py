@@ -25,14 +25,23 @@ SECRETS_FILE = Path("secrets") / "nats.json"
 def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path``, readable by its owner only (0600, in a 0700
     directory when it creates one), replacing it in one step: for files that
-    hold secrets."""
+    hold secrets. A file it replaces keeps its group-read bit (never more):
+    compose's containers read theirs through a group (``stack.sh``), and the
+    tenant-admin bundle the orchestrator rewrites stays readable to the
+    operator's ``baton nats-auth``."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        mode = path.stat().st_mode & 0o640 | 0o600 if path.exists() else 0o600
+    except OSError:
+        mode = 0o600
     # Whole or not at all: a client re-reading its .creds while it is
     # rewritten (a service reconnecting) must never see half a file.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        if mode != 0o600:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -79,6 +88,9 @@ class Credentials:
     # streams. Never shrinks: a region's streams may outlive its tenants.
     regions: list[str] = field(default_factory=list)
     data_dir: Path | None = None
+    # A tenant-admin bundle (``write_admin_bundle``): no identity key of the
+    # operator, BATON or SYS, only their signing keys and public keys.
+    bundle: bool = False
 
     @classmethod
     def load_or_create(cls, data_dir: Path, tenants: Sequence[str]) -> Credentials:
@@ -94,10 +106,19 @@ class Credentials:
                         api_keys=dict(doc.get("api_keys", {})),
                         nkeys=dict(doc.get("nkeys", {})),
                         deleted=list(doc.get("deleted", [])),
-                        regions=list(doc.get("regions", [])))  # fmt: skip
+                        regions=list(doc.get("regions", [])),
+                        bundle=bool(doc.get("bundle")))  # fmt: skip
         creds.data_dir = Path(data_dir)
         tenants = creds.live(tenants)
         changed = creds.add_nkeys(tenants)
+        if creds.bundle:  # the operator's HTTP key and the cipher key are not its business
+            for tenant in tenants:
+                if tenant not in creds.api_keys:
+                    creds.api_keys[tenant] = f"bk-{new_secret()}"
+                    changed = True
+            if changed:
+                creds.save()
+            return creds
         for holder in [*tenants, accounts.OPERATOR]:
             if holder not in creds.api_keys:
                 creds.api_keys[holder] = f"bk-{new_secret()}"
@@ -112,10 +133,13 @@ class Credentials:
     def save(self) -> None:
         """Rewrite the secrets file (0600)."""
         assert self.data_dir is not None
-        body = {"cipher_key": self.cipher_key,
-                "api_keys": self.api_keys, "nkeys": self.nkeys,
-                "deleted": sorted(set(self.deleted)),
-                "regions": sorted(set(self.regions))}  # fmt: skip
+        body: dict[str, object] = {"cipher_key": self.cipher_key,
+                                   "api_keys": self.api_keys, "nkeys": self.nkeys,
+                                   "deleted": sorted(set(self.deleted)),
+                                   "regions": sorted(set(self.regions))}  # fmt: skip
+        if self.bundle:
+            body = {"bundle": True, **body}
+            del body["cipher_key"]
         write_private(self.data_dir / SECRETS_FILE, json.dumps(body, indent=2))
 
     def live(self, tenants: Sequence[str]) -> list[str]:
@@ -132,12 +156,18 @@ class Credentials:
 
     def add_nkeys(self, tenants: Sequence[str]) -> bool:
         """Add an nkey for every account and user of ``tenants`` that has
-        none; True when one was added."""
-        wanted = {"operator": jwt.OPERATOR}
-        for name in (accounts.BATON_ACCOUNT, accounts.SYSTEM_ACCOUNT, *tenants):
-            wanted[f"account:{name}"] = jwt.ACCOUNT
-        for identity in accounts.identities(tenants):
-            wanted[f"user:{identity}"] = jwt.USER
+        none; True when one was added. A bundle gets only tenants' keys."""
+        wanted: dict[str, str] = {}
+        if not self.bundle:
+            wanted = {"operator": jwt.OPERATOR, f"signing:{accounts.OPERATOR_SIGNER}": jwt.OPERATOR,
+                      f"signing:{accounts.BATON_ACCOUNT}": jwt.ACCOUNT}  # fmt: skip
+            for name in (accounts.BATON_ACCOUNT, accounts.SYSTEM_ACCOUNT):
+                wanted[f"account:{name}"] = jwt.ACCOUNT
+            for identity in accounts.identities([]):
+                wanted[f"user:{identity}"] = jwt.USER
+        for tenant in tenants:
+            wanted[f"account:{tenant}"] = jwt.ACCOUNT
+            wanted[f"user:{tenant}"] = jwt.USER
         missing = {k: kind for k, kind in wanted.items() if k not in self.nkeys}
         for k, kind in missing.items():
             self.nkeys[k] = jwt.new_seed(kind)
@@ -161,7 +191,76 @@ class Credentials:
             return {k[len(prefix):]: jwt.Key(v) for k, v in self.nkeys.items()
                     if k.startswith(prefix)}  # fmt: skip
 
-        return accounts.Keys(jwt.Key(self.nkeys["operator"]), pick("account:"), pick("user:"))
+        operator = self.nkeys.get("operator")
+        publics = {k[len("public:account:"):]: v for k, v in self.nkeys.items()
+                   if k.startswith("public:account:")}  # fmt: skip
+        return accounts.Keys(jwt.Key(operator) if operator else None, pick("account:"),
+                             pick("user:"), pick("signing:"), publics)  # fmt: skip
+
+    def write_admin_bundle(self, dest: Path, tenants: Sequence[str]) -> dict[str, Path]:
+        """The tenant-admin bundle at ``dest``: what the tenant lifecycle
+        (``baton.tenants.TenantAdmin``, the orchestrator's ``/v1/tenants``)
+        needs and no more — the operator's signing key (it signs accounts),
+        BATON's signing key (it signs BATON's users, the orchestrator's
+        re-issued JWT among them), the public keys of the operator's accounts,
+        the system user's ``.creds`` (it pushes accounts to the resolver), the
+        orchestrator's ``.creds`` and the tenants' keys. Never the operator's
+        identity key, nor BATON's or SYS's. Each file 0600. Tenants the bundle
+        made at run time are adopted first (``adopt``). Returns what -> file."""
+        keys = self.keys()
+        assert keys.operator is not None, "a bundle is written from the full keys"
+        nkeys = {f"signing:{h}": self.nkeys[f"signing:{h}"]
+                 for h in (accounts.OPERATOR_SIGNER, accounts.BATON_ACCOUNT)}  # fmt: skip
+        for name in (accounts.BATON_ACCOUNT, accounts.SYSTEM_ACCOUNT):
+            nkeys[f"public:account:{name}"] = keys.account(name)
+        for user in (accounts.SYSTEM_USER, accounts.ORCHESTRATOR):
+            nkeys[f"user:{user}"] = self.nkeys[f"user:{user}"]
+        for t in tenants:
+            for k in (f"account:{t}", f"user:{t}", f"revocations:{t}"):
+                if k in self.nkeys:
+                    nkeys[k] = self.nkeys[k]
+        bundle = Credentials(api_keys={t: self.api_keys[t] for t in tenants if t in self.api_keys},
+                             nkeys=nkeys, deleted=list(self.deleted), data_dir=Path(dest),
+                             bundle=True)  # fmt: skip
+        bundle.save()
+        out = {"nats.json": Path(dest) / SECRETS_FILE}
+        for user in (accounts.SYSTEM_USER, accounts.ORCHESTRATOR):
+            path = creds_path(Path(dest), user)
+            write_private(path, accounts.user_creds(keys, user, tenants))
+            out[f"{user}.creds"] = path
+        return out
+
+    def adopt(self, bundle_dir: Path) -> bool:
+        """Take in what the tenant-admin bundle at ``bundle_dir`` changed at
+        run time (tenants created, rotated or deleted through it), so a new
+        ``auth.conf`` and bundle keep them; True when something changed."""
+        path = Path(bundle_dir) / SECRETS_FILE
+        if not path.exists():
+            return False
+        doc = json.loads(path.read_text())
+        if not doc.get("bundle"):
+            return False
+        changed = False
+        for tenant in doc.get("deleted", []):
+            if tenant not in self.deleted:
+                self.forget(tenant)
+                changed = True
+        own = {accounts.BATON_ACCOUNT, accounts.SYSTEM_ACCOUNT, accounts.SYSTEM_USER,
+               accounts.OPERATOR, *accounts.SERVICES}  # fmt: skip
+        for k, v in dict(doc.get("nkeys", {})).items():
+            kind, _, holder = k.partition(":")
+            if kind not in ("account", "user", "revocations") or holder in own:
+                continue
+            if holder not in self.deleted and self.nkeys.get(k) != v:
+                self.nkeys[k] = v
+                changed = True
+        for tenant, key in dict(doc.get("api_keys", {})).items():
+            if tenant not in self.deleted and self.api_keys.get(tenant) != key:
+                self.api_keys[tenant] = key
+                changed = True
+        if changed:
+            self.save()
+        return changed
 
     def creds_path(self, identity: str) -> Path:
         """Where ``identity``'s ``.creds`` file is written."""
@@ -216,6 +315,8 @@ class Credentials:
 
 
 AUTH_CONF = Path("nats") / "auth.conf"
+ADMIN_BUNDLE = Path("tenant-admin")
+"""Where ``baton nats-auth`` writes the tenant-admin bundle under its directory."""
 AUTH_HEADER = """\
 # GENERATED by `baton nats-auth` (baton/accounts.py, operator_auth): the
 # operator, its accounts as JWTs and the full resolver. Signed public data,
@@ -241,7 +342,9 @@ def write_deployment(
     A deleted tenant (``baton tenant delete``) is left out."""
     data_dir = Path(data_dir)
     creds = Credentials.load_or_create(data_dir, tenants)
-    tenants = creds.live(tenants)
+    creds.adopt(data_dir / ADMIN_BUNDLE)  # tenants created or deleted through /v1/tenants
+    # Every tenant with keys: one made at run time stays in BATON's imports.
+    tenants = creds.live(list(dict.fromkeys([*tenants, *creds.tenants()])))
     out = {f"{identity}.creds": path for identity, path in creds.write_creds(tenants).items()}
     revocations = {t: creds.revocations(t) for t in tenants}
     conf = accounts.operator_auth(tenants, creds.keys(), resolver_dir=resolver_dir,
@@ -250,6 +353,8 @@ def write_deployment(
     out["auth.conf"] = data_dir / AUTH_CONF
     urls = creds.write_urls(data_dir, tenants, host, port)
     out |= {f"{identity}.url": path for identity, path in urls.items()}
+    bundle = creds.write_admin_bundle(data_dir / ADMIN_BUNDLE, tenants)
+    out |= {f"{ADMIN_BUNDLE}/{what}": path for what, path in bundle.items()}
     return out
 
 

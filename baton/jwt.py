@@ -103,15 +103,21 @@ def decode(token: str) -> dict[str, Any]:
     return claims
 
 
-def operator_jwt(operator: Key, name: str, system_account: str) -> str:
-    """The operator's self-signed JWT, naming the system account."""
-    nats = {"type": "operator", "system_account": system_account}
+def operator_jwt(
+    operator: Key, name: str, system_account: str, signing_keys: Sequence[str] = ()
+) -> str:
+    """The operator's self-signed JWT, naming the system account.
+    ``signing_keys``: public operator nkeys whose account JWTs the server
+    accepts as the operator's own (the identity key can then stay offline)."""
+    nats: dict[str, Any] = {"type": "operator", "system_account": system_account}
+    if signing_keys:
+        nats["signing_keys"] = list(signing_keys)
     return encode(operator, operator.public, name, nats)
 
 
 def account_jwt(
     operator: Key,
-    account: Key,
+    account: Key | str,
     name: str,
     *,
     jetstream: dict[str, int] | None = None,
@@ -119,10 +125,14 @@ def account_jwt(
     imports: Sequence[dict[str, Any]] = (),
     revocations: dict[str, int] | None = None,
     suspended: bool = False,
+    signing_keys: Sequence[str] = (),
 ) -> str:
-    """An account JWT signed by the operator. ``jetstream``: its JetStream
-    limits (``disk_storage``, ``mem_storage``, ``streams``, ``consumer``;
-    none: no JetStream); ``suspended``: no connection admitted (``conn: 0``)."""
+    """An account JWT signed by the operator (its identity key or one of its
+    signing keys) about ``account`` (its key, or its public key alone).
+    ``jetstream``: its JetStream limits (``disk_storage``, ``mem_storage``,
+    ``streams``, ``consumer``; none: no JetStream); ``suspended``: no
+    connection admitted (``conn: 0``); ``signing_keys``: public account nkeys
+    that may sign its users besides its own."""
     limits: dict[str, Any] = dict(UNLIMITED)
     if jetstream:
         limits.update(jetstream)
@@ -135,7 +145,10 @@ def account_jwt(
         nats["imports"] = list(imports)
     if revocations:
         nats["revocations"] = dict(revocations)
-    return encode(operator, account.public, name, nats)
+    if signing_keys:
+        nats["signing_keys"] = list(signing_keys)
+    subject = account if isinstance(account, str) else account.public
+    return encode(operator, subject, name, nats)
 
 
 def user_jwt(
@@ -145,11 +158,15 @@ def user_jwt(
     permissions: dict[str, Any] | None = None,
     *,
     iat: int | None = None,
+    issuer_account: str | None = None,
 ) -> str:
-    """A user JWT signed by its account. ``permissions`` in nats-server's
-    configuration shape (``publish``/``subscribe`` ``allow`` lists,
-    ``allow_responses``); None: every subject of its account."""
+    """A user JWT signed by its account, or by one of the account's signing
+    keys: then ``issuer_account`` is the account's public key. ``permissions``
+    in nats-server's configuration shape (``publish``/``subscribe`` ``allow``
+    lists, ``allow_responses``); None: every subject of its account."""
     nats: dict[str, Any] = {"type": "user", "subs": -1, "data": -1, "payload": -1}
+    if issuer_account is not None:
+        nats["issuer_account"] = issuer_account
     if permissions is not None:
         nats["pub"] = {"allow": list(permissions.get("publish", {}).get("allow", []))}
         nats["sub"] = {"allow": list(permissions.get("subscribe", {}).get("allow", []))}

@@ -6,9 +6,12 @@ regions: "Residency"."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
+import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -17,7 +20,14 @@ import structlog
 
 from baton import accounts, jwt, residency
 from baton.bus import Bus, connect
-from baton.credentials import Credentials, creds_path, key_path, new_secret, write_private
+from baton.credentials import (
+    SECRETS_FILE,
+    Credentials,
+    creds_path,
+    key_path,
+    new_secret,
+    write_private,
+)
 from proto import streams, subjects
 from proto.messages import ContextDelete, ContextStats, DeleteReply, StatsReply
 
@@ -42,6 +52,14 @@ class TenantUnavailable(TenantError):
     """A step that needs a service that did not answer (HTTP 503)."""
 
 
+class AdminKeysError(TenantError):
+    """The directory given holds no keys that can run the lifecycle."""
+
+
+class KeysElsewhere(TenantError):
+    """The tenant's own keys are in another copy of the tenant-admin bundle."""
+
+
 def key_digest(api_key: str) -> str:
     """How the registry names a tenant's HTTP API key (never the key itself)."""
     return "sha256:" + hashlib.sha256(api_key.encode()).hexdigest()
@@ -56,10 +74,14 @@ class TenantState:
     # Where its data lives: its streams are placed on servers tagged
     # ``region:<region>`` (``proto.streams.placed``); "" = anywhere.
     region: str = ""
+    # Its account's public key (public data): BATON's account JWT imports its
+    # JetStream API by it, so an admin that lacks the tenant's keys (another
+    # orchestrator replica's bundle copy) re-issues BATON without dropping it.
+    account: str = ""
 
     def encode(self) -> bytes:
         doc = {"state": self.state, "changed_at": self.changed_at, "api_key": self.api_key,
-               "region": self.region}  # fmt: skip
+               "region": self.region, "account": self.account}  # fmt: skip
         return json.dumps(doc).encode()
 
     @classmethod
@@ -67,7 +89,8 @@ class TenantState:
         doc = json.loads(value)
         state = doc.get("state")
         return cls(tenant, state if state in STATES else ACTIVE, float(doc.get("changed_at", 0)),
-                   str(doc.get("api_key", "")), str(doc.get("region") or ""))  # fmt: skip
+                   str(doc.get("api_key", "")), str(doc.get("region") or ""),
+                   str(doc.get("account") or ""))  # fmt: skip
 
 
 async def read_registry(bus: Bus) -> dict[str, TenantState]:
@@ -94,6 +117,78 @@ def _revoking(tenant: str) -> str:
     return f"revoking:{tenant}"
 
 
+ADMIN_USER: Final = "tenant-admin"
+"""The BATON user a bundle's admin mints for itself."""
+
+
+def check_admin_dir(data_dir: Path) -> Path:
+    """``data_dir`` if it can run the tenant lifecycle: it holds the
+    operator's identity key, or it is a tenant-admin bundle with the
+    operator's and BATON's signing keys and the system user's ``.creds``.
+
+    Raises:
+        AdminKeysError: neither, saying what is missing.
+    """
+    path = Path(data_dir) / SECRETS_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AdminKeysError(
+            f"no tenant keys in {data_dir} ({path}: {exc}); pass the data dir of "
+            "`baton up` or the tenant-admin bundle `baton nats-auth` writes"
+        ) from exc
+    nkeys = doc.get("nkeys") or {}
+    if not doc.get("bundle"):
+        if "operator" not in nkeys:
+            raise AdminKeysError(f"{path} holds neither the operator's key "
+                                 "nor a tenant-admin bundle")  # fmt: skip
+        return Path(data_dir)
+    wanted = {f"signing:{accounts.OPERATOR_SIGNER}": "the operator's signing key",
+              f"signing:{accounts.BATON_ACCOUNT}": "BATON's signing key",
+              f"public:account:{accounts.BATON_ACCOUNT}": "BATON's public key",
+              f"user:{accounts.ORCHESTRATOR}": "the orchestrator's nkey"}  # fmt: skip
+    missing = [what for k, what in wanted.items() if k not in nkeys]
+    system = creds_path(Path(data_dir), accounts.SYSTEM_USER)
+    if not system.exists():
+        missing.append(f"the system user's .creds ({system})")
+    if missing:
+        raise AdminKeysError(f"the tenant-admin bundle {data_dir} lacks {', '.join(missing)}: "
+                          "write it again with `baton nats-auth`")  # fmt: skip
+    return Path(data_dir)
+
+
+def is_bundle(data_dir: Path) -> bool:
+    """Whether ``data_dir`` is a tenant-admin bundle (not a full data dir)."""
+    try:
+        return bool(json.loads((Path(data_dir) / SECRETS_FILE).read_text()).get("bundle"))
+    except (OSError, ValueError):
+        return False
+
+
+def reissue_orchestrator(admin_dir: Path, creds_file: Path, tenants: Iterable[str]) -> bool:
+    """Re-issue an orchestrator's own ``.creds`` at ``creds_file`` with the
+    permissions of ``tenants`` (their task streams, their accounts'
+    JetStream), its user JWT signed by BATON's signing key from the
+    tenant-admin bundle at ``admin_dir``: each orchestrator replica follows a
+    tenant created through another's bundle. False when the file already
+    grants all of that (nothing written)."""
+    ids = sorted(set(tenants))
+    keys = Credentials.load_or_create(admin_dir, []).keys()
+    perms = accounts.service_roles(ids)[accounts.ORCHESTRATOR].permissions(ids)
+    try:
+        now = jwt.decode(jwt.creds_jwt(Path(creds_file).read_text()))["nats"]
+        has_pub = set(now.get("pub", {}).get("allow", []))
+        has_sub = set(now.get("sub", {}).get("allow", []))
+        if has_pub >= set(perms["publish"]["allow"]) and has_sub >= set(
+            perms["subscribe"]["allow"]
+        ):
+            return False
+    except (OSError, ValueError, KeyError):
+        pass
+    write_private(Path(creds_file), accounts.user_creds(keys, accounts.ORCHESTRATOR, ids))
+    return True
+
+
 def _revocations(creds: Credentials, account: str) -> dict[str, int]:
     return creds.revocations(account)
 
@@ -102,26 +197,57 @@ class TenantAdmin:
     """Lifecycle steps against the server at ``address`` (``nats://host:port``)."""
 
     def __init__(self, data_dir: Path, address: str, *, replicas: int = 1) -> None:
+        """``data_dir``: a data dir holding the operator's keys (``baton up``),
+        or a tenant-admin bundle (``baton nats-auth``'s ``tenant-admin/``).
+
+        Raises:
+            AdminKeysError: it holds neither (no keys, or a bundle without
+                its signing keys).
+        """
         self.data_dir = Path(data_dir)
         self.address = address
         # The services' BATON_STREAM_REPLICAS: the registry bucket it may
         # create must match theirs (a cluster's R3 bucket refuses an R1 create).
         self.replicas = replicas
-        self.creds = Credentials.load_or_create(self.data_dir, [])
+        self.creds = Credentials.load_or_create(check_admin_dir(self.data_dir), [])
         self.sys: Bus | None = None
         self.op: Bus | None = None
+        self._admin_creds: Path | None = None
 
     async def __aenter__(self) -> TenantAdmin:
         self.sys = await connect(self.address, name="baton-tenant-admin-sys",
                                  creds=self.creds.creds_path(accounts.SYSTEM_USER))  # fmt: skip
-        self.op = await connect(self.address, name="baton-tenant-admin", replicas=self.replicas,
-                                creds=self.creds.creds_path(accounts.OPERATOR))  # fmt: skip
+        op_creds = self.creds.creds_path(accounts.OPERATOR)
+        if self.creds.bundle:  # no operator .creds in a bundle: a user of its own
+            op_creds = self._admin_creds = self._mint_admin_user()
+        try:
+            self.op = await connect(self.address, name="baton-tenant-admin",
+                                    replicas=self.replicas, creds=op_creds)  # fmt: skip
+        except BaseException:
+            await self.__aexit__()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         for bus in (self.sys, self.op):
             if bus is not None:
                 await bus.close()
+        if self._admin_creds is not None:
+            self._admin_creds.unlink(missing_ok=True)
+
+    def _mint_admin_user(self) -> Path:
+        """A user of BATON for this admin's registry, stream and erasure
+        calls, signed by BATON's signing key: a fresh nkey per admin, its
+        ``.creds`` (0600, one file per admin: two calls never read each
+        other's half-written file) removed on exit."""
+        keys = self.creds.keys()
+        signer, issuer = keys.account_signer(accounts.BATON_ACCOUNT)
+        user = jwt.Key(jwt.new_seed(jwt.USER))
+        token = jwt.user_jwt(signer, user, ADMIN_USER, None, issuer_account=issuer)
+        name = f"{ADMIN_USER}-{os.getpid()}-{id(self):x}.creds"
+        path = self.data_dir / "secrets" / "creds" / name
+        write_private(path, jwt.creds(token, user.seed))
+        return path
 
     # -- the registry ----------------------------------------------------------
 
@@ -140,13 +266,44 @@ class TenantAdmin:
         return {t: s for t, s in sorted(out.items()) if s != DELETED}
 
     async def _set(self, tenant: str, state: str, region: str | None = None) -> None:
-        """Record ``state``; the region stays what it was unless given."""
+        """Record ``state``; the region stays what it was unless given, so
+        do the API key's digest and the account when this admin lacks them."""
+        assert self.op is not None
         kv = await self._registry()
+        before = (await read_registry(self.op)).get(tenant)
         key = self.creds.api_keys.get(tenant)
-        digest = key_digest(key) if key and state != DELETED else ""
+        digest = key_digest(key) if key else (before.api_key if before else "")
         if region is None:
-            region = await self.region(tenant)
-        await kv.put(tenant, TenantState(tenant, state, time.time(), digest, region).encode())
+            region = before.region if before is not None and before.state != DELETED else ""
+        account = self.creds.nkeys.get(f"account:{tenant}")
+        public = jwt.Key(account).public if account else (before.account if before else "")
+        if state == DELETED:
+            digest = ""
+        entry = TenantState(tenant, state, time.time(), digest, region, public)
+        await kv.put(tenant, entry.encode())
+
+    async def _accounts(self) -> dict[str, str]:
+        """Every live tenant's account public key: from this admin's keys,
+        and from the registry for tenants whose keys it lacks (created
+        through another copy of the bundle). A tenant the registry says is
+        deleted is left out, unless this admin is creating it anew."""
+        assert self.op is not None
+        registry = await read_registry(self.op)
+        out = {t: e.account for t, e in registry.items() if e.state != DELETED and e.account}
+        keys = self.creds.keys()
+        for t in account_tenants(self.creds):
+            entry = registry.get(t)
+            if entry is None or entry.state != DELETED or _creating(t) in self.creds.nkeys:
+                out[t] = keys.account(t)
+        return dict(sorted(out.items()))
+
+    async def _keys(self) -> tuple[accounts.Keys, tuple[str, ...]]:
+        """The keys, with the public keys of tenants known from the registry
+        only, and every live tenant."""
+        known = await self._accounts()
+        keys = self.creds.keys()
+        extra = {t: pub for t, pub in known.items() if t not in keys.accounts}
+        return dataclasses.replace(keys, publics={**keys.publics, **extra}), tuple(known)
 
     async def state(self, tenant: str) -> str | None:
         return (await self.list()).get(tenant)
@@ -201,7 +358,12 @@ class TenantAdmin:
             return
         self.creds.regions.append(region)
         self.creds.save()
-        store = accounts.user_creds(self.creds.keys(), accounts.CONTEXT_STORE,
+        keys = self.creds.keys()
+        if accounts.CONTEXT_STORE not in keys.users:  # a tenant-admin bundle
+            log.warning("context_store_creds_not_reissued", region=region,
+                        detail="render the store's .creds again and restart it")  # fmt: skip
+            return
+        store = accounts.user_creds(keys, accounts.CONTEXT_STORE,
                                     account_tenants(self.creds), self.creds.regions)  # fmt: skip
         write_private(self.creds.creds_path(accounts.CONTEXT_STORE), store)
 
@@ -210,8 +372,7 @@ class TenantAdmin:
         JetStream APIs), after rewriting the orchestrator's ``.creds`` with
         permissions for them: the orchestrator reconnects with it when the
         registry tells it of the change (nats-py re-reads the file)."""
-        tenants = account_tenants(self.creds)
-        keys = self.creds.keys()
+        keys, tenants = await self._keys()
         write_private(self.creds.creds_path(accounts.ORCHESTRATOR),
                       accounts.user_creds(keys, accounts.ORCHESTRATOR, tenants,
                                           self.creds.regions))  # fmt: skip
@@ -297,10 +458,26 @@ class TenantAdmin:
                 log.warning("tenant_stream_not_deleted", tenant=tenant, stream=spec.name,
                             error=repr(exc))  # fmt: skip
 
-    async def _known(self, tenant: str) -> str:
+    async def _known(self, tenant: str, *, signs: bool = False) -> str:
+        """The tenant's state. ``signs``: the step signs for the tenant's
+        account (a rotation), so this admin must hold its key.
+
+        Raises:
+            TenantError: no such tenant.
+            KeysElsewhere: ``signs``, and its key is in another copy of the bundle.
+        """
         state = await self.state(tenant)
-        if state is None or f"account:{tenant}" not in self.creds.nkeys:
+        if state is None:
             raise TenantError(f"no tenant {tenant!r}")
+        if f"account:{tenant}" not in self.creds.nkeys:
+            if signs:
+                raise KeysElsewhere(
+                    f"the keys of tenant {tenant!r} are not in {self.data_dir}: it was created "
+                    "through another copy of the tenant-admin bundle (another orchestrator "
+                    "replica's, or before this one restarted); rotate it where they are"
+                )
+            if tenant not in await self._accounts():
+                raise TenantError(f"no tenant {tenant!r}")
         return state
 
     async def set_region(self, tenant: str, region: str) -> None:
@@ -358,7 +535,7 @@ class TenantAdmin:
 
     async def rotate(self, tenant: str) -> Path:
         """A new user nkey and ``.creds``; the old user revoked (refused by the server)."""
-        await self._known(tenant)
+        await self._known(tenant, signs=True)
         old = self.creds.keys().users[tenant].public
         revoked = _revocations(self.creds, tenant)
         revoked[old] = int(time.time()) + 1  # every JWT of that key, issued up to now
@@ -383,6 +560,7 @@ class TenantAdmin:
         sessions = 0
         if marker not in self.creds.nkeys:  # else: an earlier call failed before the tombstone
             await self._known(tenant)
+            account = (await self._accounts())[tenant]
             assert self.op is not None
             reply = await self.op.request(subjects.context_api("delete", tenant),
                                           ContextDelete(tenant=tenant), DeleteReply,
@@ -395,10 +573,11 @@ class TenantAdmin:
             # Forgotten first, and marked deleted: a server or a stack (re)started
             # from now on leaves the account out of its configuration even when
             # BATON_TENANTS still lists it (``NatsServer._write_config``, ``Stack``).
-            # Its account key is kept aside until the tombstone is in: a push
-            # that fails (an election) is finished by calling delete again,
-            # else the account would stay live with nothing left to revoke it.
-            self.creds.nkeys[marker] = self.creds.nkeys[f"account:{tenant}"]
+            # Its account's public key is kept aside until the tombstone is
+            # in: a push that fails (an election) is finished by calling
+            # delete again, else the account would stay live with nothing
+            # left to revoke it.
+            self.creds.nkeys[marker] = account
             self.creds.forget(tenant)
             self.creds.save()
         # A tombstone, not $SYS.REQ.CLAIMS.DELETE: in a cluster a server that
@@ -406,9 +585,11 @@ class TenantAdmin:
         # its resolver sync spreads it again to the others (the deleted
         # account connects again; measured). A newer JWT admitting nobody
         # (every user revoked, no connection) wins that sync instead.
-        operator, account = self.creds.keys().operator, jwt.Key(self.creds.nkeys[marker])
+        kept = self.creds.nkeys[marker]  # a public key (a seed, by an older version)
+        subject = jwt.Key(kept).public if kept.startswith("S") else kept
         revoked = {"*": int(time.time()) + 1}
-        tombstone = jwt.account_jwt(operator, account, tenant, suspended=True, revocations=revoked)
+        tombstone = jwt.account_jwt(self.creds.keys().operator_signer(), subject, tenant,
+                                    suspended=True, revocations=revoked)  # fmt: skip
         await self._push(tombstone, attempts=5)
         del self.creds.nkeys[marker]
         self.creds.save()

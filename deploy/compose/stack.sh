@@ -5,7 +5,8 @@
 # NATS in operator mode as `make up` runs it: `baton nats-auth` writes the
 # server's auth.conf, every identity's .creds and the dev tenants' client
 # files ($DATA/tenants/<tenant>.url and .creds, 0600) as `make up` does; the
-# nkeys stay in $DATA/secrets/nats.json across runs. `up` returns once every
+# nkeys stay in $DATA/secrets/nats.json across runs; the orchestrator mounts
+# the tenant-admin bundle $DATA/tenant-admin (/v1/tenants). `up` returns once every
 # service is healthy and prints how long that took. `down` removes the
 # containers, the network, the volumes and the tenants' and operator's files.
 #   DATA (BATON_COMPOSE_DATA, default .data/compose), project BATON_COMPOSE_PROJECT
@@ -54,6 +55,10 @@ nats_auth() {  # operator mode, as `baton up` runs it (keys kept in $DATA/secret
   # What the containers read: group-readable, the containers join the group
   # (the tenants' and the operator's .creds stay 0600).
   chmod 640 "$DATA/nats/auth.conf" "$DATA"/secrets/creds/*.creds
+  # The orchestrator's tenant-admin bundle: it reads it and writes the
+  # tenants it creates there (group-writable directories, setgid: what it
+  # writes stays in your group, readable by the next nats-auth).
+  find "$DATA/tenant-admin" -type d -exec chmod 2770 {} + -o -type f -exec chmod 640 {} +
 }
 
 healthy() {  # every container of the project healthy (or exited 0 when one-shot)

@@ -18,7 +18,15 @@ from baton.bus import Bus
 from baton.dlq import MaxDeliveryWatch
 from baton.service import Health, ServiceApp
 from baton.settings import default_worker_id
-from baton.tenants import DELETED, SUSPENDED, TenantState, read_registry
+from baton.tenants import (
+    DELETED,
+    SUSPENDED,
+    TenantState,
+    is_bundle,
+    read_registry,
+    reissue_orchestrator,
+)
+from baton.urls import split_creds
 from proto import streams, subjects
 from proto.messages import Heartbeat
 
@@ -80,13 +88,17 @@ async def follow_tenants(
     api_keys: dict[str, str] | None = None,
     drop: Callable[[str], None] = lambda t: None,
     place: Callable[[str, str], Awaitable[None]] | None = None,
+    reissue: Callable[[set[str]], bool] | None = None,
 ) -> None:
     """Follow the tenant registry (``baton tenant ...``): a new active tenant
     is provisioned (in its region) and served, a suspended one refused new
     tasks (``tenant_suspended``), a deleted one forgotten; a served tenant's
-    region is handed to ``place`` (its streams moved when it changed)."""
+    region is handed to ``place`` (its streams moved when it changed).
+    ``reissue``: re-issue this orchestrator's own ``.creds`` for these
+    tenants (True when it changed it), when it holds a tenant-admin bundle."""
     kv = await bus.ensure_bucket(streams.TENANTS)
     started = time.time()
+    listed: set[str] = set()  # every tenant the registry has, not deleted
     adding: dict[str, asyncio.Task[None]] = {}
     latest_key: dict[str, str | None] = {}  # a rotation while the tenant is being served
 
@@ -99,7 +111,12 @@ async def follow_tenants(
         delay, attempt, refreshed = ADD_RETRY[0], 0, -math.inf
         while True:
             try:
-                if fresh or (attempt and time.monotonic() - refreshed > REFRESH_EVERY):
+                due = attempt and time.monotonic() - refreshed > REFRESH_EVERY
+                if reissue is not None and (attempt == 0 or due):
+                    # Another replica's bundle may have created it: this
+                    # one's .creds is its own to re-issue.
+                    fresh = reissue(known | listed | {t}) or fresh
+                if fresh or due:
                     refreshed = time.monotonic()
                     await bus.refresh_credentials()
                 await add(t, region)
@@ -123,6 +140,10 @@ async def follow_tenants(
                     continue
                 entry_state = TenantState.decode(entry.key, entry.value)
                 t, state = entry.key, entry_state.state
+                if state == DELETED:
+                    listed.discard(t)
+                else:
+                    listed.add(t)
                 if api_keys:  # keys on: withdraw the tenant's key (added back below)
                     for k in [k for k, v in api_keys.items() if v == t and k.startswith("sha256:")]:
                         del api_keys[k]
@@ -275,6 +296,16 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
         ]  # fmt: skip
         log.info("tenant_added", tenant=t, region=region or None)
 
+    def own_creds() -> Callable[[set[str]], bool] | None:
+        """With a tenant-admin bundle, this replica re-issues its own .creds
+        for a tenant another replica created (its copy of the bundle is its
+        own: a Kubernetes pod's)."""
+        admin_dir = settings.tenant_admin_dir
+        creds = settings.nats_creds or split_creds(settings.nats_url)[1]
+        if admin_dir is None or creds is None or not is_bundle(admin_dir):
+            return None
+        return lambda ts: reissue_orchestrator(admin_dir, Path(creds), ts)
+
     async def place_tenant(t: str, region: str) -> None:
         """A served tenant given a region (``baton tenant region``): its
         streams' placement updated, which has JetStream move their replicas
@@ -295,7 +326,7 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
         reconciler = asyncio.create_task(intake.reconcile())
         registry = asyncio.create_task(
             follow_tenants(bus, intake, known, add_tenant, api_keys=settings.api_keys,
-                           drop=drop_tenant, place=place_tenant)
+                           drop=drop_tenant, place=place_tenant, reissue=own_creds())
         )  # fmt: skip
         in_flight = asyncio.create_task(
             conductor.check_in_flight(settings.in_flight_check_interval)

@@ -125,8 +125,11 @@ class OrchestratorSettings(CommonSettings):
     # terminates TLS); over HTTPS it is Secure anyway.
     console_secure_cookie: bool = False
 
-    # The data dir whose secrets/nats.json holds the operator's keys, for the
-    # operator's /v1/tenants API (`baton up` sets it); unset: that API is off.
+    # The keys of the operator's /v1/tenants API: the tenant-admin bundle of
+    # `baton nats-auth` (<dir>/tenant-admin: the operator's and BATON's
+    # signing keys, never the operator's own key; compose and Kubernetes
+    # mount it, writable, into the orchestrator only) or the data dir of
+    # `baton up`; unset: that API is off.
     tenant_admin_dir: Path | None = None
 
     @model_validator(mode="after")

@@ -1,9 +1,11 @@
 """The operator's tenant API: ``/v1/tenants`` — the lifecycle of
 ``baton tenant ...`` (``baton/tenants.py``) over HTTP, operator key only.
 
-Needs the operator's keys (``BATON_TENANT_ADMIN_DIR``: the data dir whose
-``secrets/nats.json`` holds them, as ``baton up`` leaves it); without it the
-routes answer 404 ``unavailable``.
+Needs keys that sign accounts and BATON's users (``BATON_TENANT_ADMIN_DIR``:
+the tenant-admin bundle ``baton nats-auth`` writes — the operator's and
+BATON's signing keys, never the operator's identity key — as compose and
+Kubernetes mount it, or the data dir of ``baton up``); without it the routes
+answer 404 ``unavailable``, with a directory holding neither 503.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ from pydantic import BaseModel
 
 from baton.http_errors import ERROR_RESPONSES, ApiError, ErrorBody
 from baton.residency import RegionError
-from baton.tenants import TenantAdmin, TenantConflict, TenantError, TenantUnavailable
+from baton.tenants import (
+    AdminKeysError,
+    KeysElsewhere,
+    TenantAdmin,
+    TenantConflict,
+    TenantError,
+    TenantUnavailable,
+)
 from baton.urls import split_creds
 from proto.errors import ErrorCode
 from proto.ids import require_id
@@ -59,6 +68,10 @@ def add_tenant_routes(
                 return await work(admin)
         except RegionError as exc:
             raise ApiError(ErrorCode.INVALID_FIELD, str(exc), param="region") from exc
+        except AdminKeysError as exc:
+            raise ApiError(ErrorCode.UNAVAILABLE, str(exc), status=503) from exc
+        except KeysElsewhere as exc:
+            raise ApiError(ErrorCode.CONFLICT, str(exc)) from exc
         except TenantUnavailable as exc:
             raise ApiError(ErrorCode.UNAVAILABLE, str(exc)) from exc
         except TenantError as exc:

@@ -26,10 +26,11 @@ from test_k8s import NAMESPACE, OVERLAYS, _env, _mount_of, container, objects
 
 from baton import accounts
 from baton.cli import main as baton_cli
-from baton.credentials import SECRETS_FILE, creds_path, write_deployment
+from baton.credentials import ADMIN_BUNDLE, SECRETS_FILE, creds_path, write_deployment
 
 CREDS_SECRET = "baton-nats-creds"
 AUTH_SECRET = "baton-nats-auth"
+ADMIN_SECRET = "baton-tenant-admin"
 COMPOSE_CREDS = "/run/secrets/nats.creds"
 
 
@@ -82,7 +83,7 @@ def test_compose_runs_nats_in_operator_mode_and_each_service_reads_its_own_creds
     (mount,) = [v for v in nats["volumes"] if v.endswith(":/etc/nats/auth.conf:ro")]
     assert mount.startswith("${BATON_COMPOSE_DATA:?") and "}/nats/auth.conf:" in mount
     assert "environment" not in nats  # no password to hand it
-    services = {"orchestrator": base["orchestrator"], "context-store": base["context-store"]}
+    services = {"context-store": base["context-store"]}
     for override in ("compose.cpu.yaml", "compose.gpu.yaml"):
         services[f"inference-worker ({override})"] = _services(override)["inference-worker"]
     for label, svc in services.items():
@@ -98,7 +99,26 @@ def test_compose_runs_nats_in_operator_mode_and_each_service_reads_its_own_creds
         assert source.endswith(f"}}/{rel}"), (label, source)
         assert svc["group_add"] == ["${BATON_COMPOSE_GID:?see compose.yaml}"] or \
             svc["group_add"][0].startswith("${BATON_COMPOSE_GID:?")  # fmt: skip
-    for name in ("compose.yaml", "compose.cpu.yaml", "compose.gpu.yaml"):
+    # The orchestrator reads its .creds from its tenant-admin bundle, which
+    # `baton nats-auth` writes and no other service mounts.
+    orch = base["orchestrator"]
+    env = orch["environment"]
+    _no_password(env["BATON_NATS_URL"])
+    (mount,) = orch["volumes"]
+    source, target = mount.rsplit(":", 1)
+    assert source.startswith("${BATON_COMPOSE_DATA:?") and source.endswith(f"}}/{ADMIN_BUNDLE}")
+    assert env["BATON_TENANT_ADMIN_DIR"] == target
+    rel = creds_path(Path("/d"), "orchestrator").relative_to("/d")
+    assert env["BATON_NATS_CREDS"] == f"{target}/{rel}"
+    assert "secrets" not in orch
+    assert "orchestrator-creds" not in doc["secrets"]
+    compose_files = ("compose.yaml", "compose.cpu.yaml", "compose.gpu.yaml")
+    for name in compose_files:
+        others = yaml.safe_load((DEPLOY / "compose" / name).read_text())["services"]
+        for svc_name, svc in others.items():
+            if svc_name != "orchestrator":
+                assert "tenant-admin" not in json.dumps(svc), (name, svc_name)
+    for name in compose_files:
         assert "NATS_PASSWORD" not in (DEPLOY / "compose" / name).read_text(), name
     assert base["orchestrator"]["environment"]["BATON_TENANTS"] == ",".join(tenants())
 
@@ -127,6 +147,9 @@ def test_kubernetes_mounts_auth_conf_in_nats_and_each_services_own_creds(overlay
         assert "NATS_PASSWORD" not in env, name
         _no_password(env["BATON_NATS_URL"]["value"])
         path = env["BATON_NATS_CREDS"]["value"]
+        if name == accounts.ORCHESTRATOR:  # its .creds is in its tenant-admin bundle
+            seen.add(name)
+            continue
         volume, mount = _mount_of(d["spec"]["template"], path)
         assert mount.get("readOnly") is True
         assert volume["secret"]["secretName"] == CREDS_SECRET
@@ -137,6 +160,87 @@ def test_kubernetes_mounts_auth_conf_in_nats_and_each_services_own_creds(overlay
         assert d["spec"]["template"]["spec"]["securityContext"]["fsGroup"]
         seen.add(name)
     assert seen == set(accounts.SERVICES)
+
+
+def _workloads(overlay: str) -> dict[str, dict]:
+    """Every object of the overlay that runs pods, by kind/name."""
+    kinds = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
+    return {f"{kind}/{name}": d for kind in kinds for name, d in objects(overlay, kind).items()}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kubernetes_mounts_the_tenant_admin_bundle_into_the_orchestrator_only(overlay):
+    assert ADMIN_SECRET not in objects(overlay, "Secret"), "keys from git"
+    users = {n for n, d in _workloads(overlay).items() if ADMIN_SECRET in json.dumps(d)}
+    assert users == {"Deployment/orchestrator"}, users
+    pod = objects(overlay, "Deployment")[accounts.ORCHESTRATOR]["spec"]["template"]
+    (init,) = pod["spec"]["initContainers"]
+    (secret_volume,) = [v for v in pod["spec"]["volumes"] if "secret" in v
+                        and v["secret"]["secretName"] == ADMIN_SECRET]  # fmt: skip
+    secret = secret_volume["secret"]
+    # The files `baton nats-auth` writes into DIR/tenant-admin, at the same paths.
+    assert {i["path"] for i in secret["items"]} == {
+        SECRETS_FILE.as_posix(),
+        creds_path(Path("/d"), accounts.SYSTEM_USER).relative_to("/d").as_posix(),
+        creds_path(Path("/d"), accounts.ORCHESTRATOR).relative_to("/d").as_posix(),
+    }
+    assert all(i["key"] == i["path"].rsplit("/", 1)[1] for i in secret["items"])
+    assert secret["defaultMode"] == 0o440
+    init_mounts = {m["name"]: m for m in init["volumeMounts"]}
+    assert init_mounts[secret_volume["name"]].get("readOnly") is True
+    (c,) = pod["spec"]["containers"]
+    env = _env(c)
+    work = env["BATON_TENANT_ADMIN_DIR"]["value"]
+    volume, mount = _mount_of(pod, f"{work}/x")
+    assert mount["mountPath"] == work and volume == {"name": mount["name"], "emptyDir": {}}
+    assert init_mounts[mount["name"]]["mountPath"] == work  # the copy lands there
+    # The copy runs: the Secret's tree (with the kubelet's ..data links) to the volume.
+    script = init["command"][-1]
+    assert "/etc/baton-tenant-admin" in script and work in script
+    rel = creds_path(Path("/d"), accounts.ORCHESTRATOR).relative_to("/d")
+    assert env["BATON_NATS_CREDS"]["value"] == f"{work}/{rel}"
+    assert all(m["name"] != secret_volume["name"] for m in c["volumeMounts"])
+
+
+def test_the_bundle_files_are_what_the_kubernetes_secret_takes(tmp_path):
+    """`kubectl create secret generic baton-tenant-admin --from-file=...`
+    (docs/deploy.md) takes exactly the files nats-auth writes to DIR/tenant-admin."""
+    write_deployment(tmp_path, tenants(), resolver_dir="/data/jwt")
+    bundle = tmp_path / ADMIN_BUNDLE
+    written = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
+    assert written == {"secrets/nats.json", "secrets/creds/system.creds",
+                       "secrets/creds/orchestrator.creds"}  # fmt: skip
+    docs = (DEPLOY.parent / "docs" / "deploy.md").read_text()
+    for rel in written:
+        assert f"$DIR/{ADMIN_BUNDLE}/{rel}" in docs, rel
+
+
+def test_nats_auth_takes_back_what_the_bundle_changed_at_run_time(tmp_path):
+    """A tenant created through /v1/tenants (its keys in the bundle only) and
+    one deleted through it: the next `baton nats-auth` (each `make
+    compose-up`) keeps the first in auth.conf and drops the second."""
+    from baton import jwt
+
+    ids = tenants()
+    write_deployment(tmp_path, ids, resolver_dir="/data/jwt")
+    path = tmp_path / ADMIN_BUNDLE / SECRETS_FILE
+    doc = json.loads(path.read_text())
+    assert doc["bundle"] is True and "operator" not in doc["nkeys"]
+    account = jwt.new_seed(jwt.ACCOUNT)
+    doc["nkeys"] |= {"account:runtime": account, "user:runtime": jwt.new_seed(jwt.USER)}
+    doc["api_keys"]["runtime"] = "bk-runtime"
+    doc["deleted"] = [ids[-1]]
+    path.write_text(json.dumps(doc))
+    write_deployment(tmp_path, ids, resolver_dir="/data/jwt")
+    conf = (tmp_path / "nats" / "auth.conf").read_text()
+    assert f'"{jwt.Key(account).public}":' in conf
+    assert (tmp_path / "tenants" / "runtime.creds").exists()
+    full = json.loads((tmp_path / SECRETS_FILE).read_text())
+    assert full["nkeys"]["account:runtime"] == account and ids[-1] in full["deleted"]
+    assert f"account:{ids[-1]}" not in full["nkeys"]
+    again = json.loads(path.read_text())
+    assert again["nkeys"]["account:runtime"] == account  # the bundle keeps it too
+    assert f"account:{ids[-1]}" not in again["nkeys"]
 
 
 # -- the real nats-server on the rendered Kubernetes config -----------------

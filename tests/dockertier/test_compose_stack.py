@@ -1,6 +1,7 @@
 """The Docker tier: the compose stack from `make images`, brought up by the
 same script as `make compose-up`, used as a user would (the README's plain
-client with the tenant's standard .creds file, a research task), NATS in
+client with the tenant's standard .creds file, a research task, a tenant
+created through the orchestrator's /v1/tenants from its tenant-admin bundle), NATS in
 operator mode (passwords and anonymous clients refused, a tenant confined
 to its own subjects), Prometheus evaluating the project's alert rules
 against the live services, and `down` leaving nothing behind.
@@ -18,6 +19,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -127,6 +129,50 @@ async def test_a_research_task_completes_on_the_stack(compose: Compose) -> None:
         await client.close()
     assert done["type"] == "completed", done
     assert done["usage"]["completion_tokens"] > 0
+
+
+def _operator_key(compose: Compose) -> str:
+    """The operator's HTTP API key, as `stack.sh` generated it (secrets.env)."""
+    env = (compose.data / "secrets.env").read_text()
+    found = re.search(r"^BATON_API_KEYS='(.*)'$", env, re.M)
+    assert found is not None, "no BATON_API_KEYS in secrets.env"
+    (key,) = [k for k, scope in json.loads(found.group(1)).items() if scope == "*"]
+    return key
+
+
+async def test_the_operator_creates_a_tenant_over_http_that_runs_a_task(
+    compose: Compose, tmp_path: Path
+) -> None:
+    """`POST /v1/tenants` on the compose orchestrator, which signs from the
+    tenant-admin bundle alone (no operator identity key in the container):
+    the new tenant's .creds submits a task that completes."""
+    bundle = json.loads((compose.data / "tenant-admin" / "secrets" / "nats.json").read_text())
+    assert bundle["bundle"] is True and "operator" not in bundle["nkeys"]
+    tenant = f"dock{uuid.uuid4().hex[:6]}"
+    url = f"http://127.0.0.1:{compose.ports['ORCHESTRATOR']}/v1/tenants"
+    req = urllib.request.Request(url, data=json.dumps({"tenant": tenant}).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {_operator_key(compose)}",
+                                          "Content-Type": "application/json"})  # fmt: skip
+    t0 = time.monotonic()
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            status, body = r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read().decode()
+    assert status == 201, (status, body)
+    creds = tmp_path / f"{tenant}.creds"
+    creds.write_text(body["creds"])
+    creds.chmod(0o600)
+    client = await Client.connect(f"nats://127.0.0.1:{compose.ports['NATS']}?creds={creds}",
+                                  tenant=tenant)  # fmt: skip
+    try:
+        task = {"tenant": tenant, "task_id": uuid.uuid4().hex, "input": "hi"}
+        done = await client.run("chat", task, timeout=600)
+    finally:
+        await client.close()
+    assert done["type"] == "completed", done
+    print(f"\ncompose: POST /v1/tenants -> first completed task {time.monotonic() - t0:.1f}s",
+          file=sys.stderr)  # fmt: skip
 
 
 async def test_nats_runs_in_operator_mode_and_refuses_passwords(compose: Compose) -> None:
