@@ -261,6 +261,13 @@ async def test_with_home_region_eu_a_tenant_of_eu_runs_with_the_us_server_stoppe
         before = (await admin.op.stream_info(eu)).messages
     assert before > 0  # euco's first task
     n3.stop()
+    # If n3 led the meta group, the eu servers elect a leader among themselves
+    # first: until then JetStream API calls answer 503 (the services retry them;
+    # this client's subscribe does not).
+    deadline = time.monotonic() + 30
+    while cluster.meta_leader() in (None, "n3"):
+        assert time.monotonic() < deadline, "no meta leader on the eu servers"
+        await asyncio.sleep(0.2)
     try:
         client = await Client.connect(with_creds(cluster.urls[0], cluster.creds_for("euco")),
                                       tenant="euco")  # fmt: skip
