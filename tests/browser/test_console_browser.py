@@ -24,8 +24,11 @@ def _open_task(page: Any, task_id: str) -> None:
 
 
 def _status(page: Any, status: str, timeout: float = 60_000) -> None:
+    """Wait until the task the address names is drawn with `status` (not the
+    one drawn before a navigation to it)."""
     page.wait_for_function(
-        "s => document.querySelector('#task-status')?.textContent === s", arg=status,
+        """s => document.querySelector('.taskhead h1')?.textContent === location.hash.split('/').pop()
+             && document.querySelector('#task-status')?.textContent === s""", arg=status,
         timeout=timeout,
     )  # fmt: skip
 

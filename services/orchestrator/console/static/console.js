@@ -56,6 +56,7 @@ function closeStreams() {
   state.streams = [];
   if (state.ticker) clearInterval(state.ticker);
   state.ticker = null;
+  clearTimeout(task.pending);
 }
 
 function listen(url, handlers) {
@@ -112,6 +113,7 @@ const list = { filters: { status: "", workflow: "", tenant: "" }, cursors: [], r
 
 async function renderList(params) {
   closeStreams();
+  task.id = null;
   const f = list.filters;
   const operator = state.session.scope === "*";
   const cursor = params.get("cursor") || "";
@@ -170,17 +172,21 @@ function taskRow(t) {
 
 // -- one task ------------------------------------------------------------------------
 
-const task = { view: null, open: null, text: new Map(), pending: null };
+const task = { id: null, view: null, open: null, text: new Map(), pending: null };
 
 async function renderTask(tenant, taskId) {
   closeStreams();
+  task.id = taskId; // a late answer about the task shown before is dropped, not drawn
   task.open = null;
   task.text = new Map();
   const base = `/v1/tasks/${encodeURIComponent(taskId)}`;
   const t = qs({ tenant });
   try {
-    task.view = await api(`/ui/api/tasks/${encodeURIComponent(taskId)}${t}`);
+    const view = await api(`/ui/api/tasks/${encodeURIComponent(taskId)}${t}`);
+    if (task.id !== taskId) return;
+    task.view = view;
   } catch (e) {
+    if (task.id !== taskId) return;
     app.replaceChildren(h("p", { class: "notice bad", id: "task-error" }, `${e.code || "error"}: ${e.message}`), h("a", { href: "#/" }, "← tasks"));
     interactive();
     return;
@@ -190,7 +196,9 @@ async function renderTask(tenant, taskId) {
   const refresh = () => {
     clearTimeout(task.pending);
     task.pending = setTimeout(async () => {
-      task.view = await api(`/ui/api/tasks/${encodeURIComponent(taskId)}${t}`).catch(() => task.view);
+      const view = await api(`/ui/api/tasks/${encodeURIComponent(taskId)}${t}`).catch(() => null);
+      if (task.id !== taskId || !view) return;
+      task.view = view;
       drawTask();
     }, 150);
   };
