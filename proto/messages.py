@@ -182,7 +182,10 @@ class PoolPrediction(msgspec.Struct, omit_defaults=True, kw_only=True):
     before dispatch (services/orchestrator/scheduling.py): the KV tokens it
     needs (window + ``max_tokens``), the seconds it waits for a slot (a cold
     start included when the pool is at zero), runs, the GPU-seconds it is
-    charged and their cost."""
+    charged and their cost. ``output_tokens``: the answer length the run
+    time was predicted with; ``learnt``: from the agent's past answers (an
+    upper quantile, at most ``max_tokens``), else ``max_tokens`` itself (the
+    KV need always counts ``max_tokens``)."""
 
     kv_tokens: int
     wait_s: float
@@ -190,6 +193,8 @@ class PoolPrediction(msgspec.Struct, omit_defaults=True, kw_only=True):
     gpu_seconds: float
     cost_usd: float
     cold: bool = False
+    output_tokens: int = 0
+    learnt: bool = False
 
 
 class Step(_Event, tag="step"):

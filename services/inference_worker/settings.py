@@ -89,6 +89,11 @@ class WorkerSettings(CommonSettings):
     sim_kv_tokens: int = 65_536
     # Simulator: seconds its engine takes to load (a model's weights would).
     sim_load_seconds: float = 0.0
+    # Simulator: answers end after about this many tokens (0: at max_tokens).
+    sim_answer_tokens: int = Field(default=0, ge=0)
+    # Simulator: answer lengths spread +- this fraction of sim_answer_tokens
+    # (drawn from the prompt, so the same prompt answers the same).
+    sim_answer_spread: float = Field(default=0.0, ge=0.0, le=1.0)
 
     # OpenAI-compatible server: its base URL.
     openai_base_url: str = "http://127.0.0.1:8000"

@@ -46,6 +46,7 @@ from proto.submission import TaskRejected, parse_task
 from . import metrics as m
 from . import spans
 from . import transitions as T
+from .answers import AnswerLengths
 from .inflight import InFlight
 from .poolview import PoolView
 from .routing import HeartbeatTracker, Router
@@ -108,6 +109,9 @@ class Conductor:
         self.tools = ToolCatalogs()
         self.pools = pools or PoolView(settings.catalogue, self.router.heartbeats,
                                        stale_after=settings.route_stale_after)  # fmt: skip
+        # The answer lengths of the agents, learnt from the steps this replica stores.
+        self.answers = AnswerLengths(quantile=settings.answer_quantile,
+                                     min_seen=settings.answer_min_seen)  # fmt: skip
         self.rules = T.Rules(
             workflows,
             settings.step_timeout,
@@ -116,6 +120,7 @@ class Conductor:
             tool_spec=self.tools.spec,
             tool_cpu_price=settings.tool_cpu_hour_usd,
             pools=self.pools.look,
+            answer=self._answer,
         )
         self.warming = Warming(bus, self.router, self.rules, runs, enabled=settings.prewarm,
                                max_load=settings.prewarm_max_load,
@@ -128,6 +133,10 @@ class Conductor:
         m.STEPS_IN_FLIGHT.set_function(self.in_flight.total)
 
     # -- the shell ---------------------------------------------------------
+
+    def _answer(self, workflow: str, agent: str) -> int | None:
+        """The answer length the agent's steps are predicted with (None: max_tokens)."""
+        return self.answers.expect((workflow, agent)) if self.s.learn_answers else None
 
     async def _apply(
         self, tenant: str, task_id: str, decide: Decide, *, new: bool = False
@@ -290,6 +299,8 @@ class Conductor:
             m.TENANT_COST.labels(new.tenant).inc(st.cost_usd)
             _prediction_error(st)
             self.pools.finished(st)
+            if st.prediction is not None and not st.turn:  # one generation, placed
+                self.answers.observe((new.workflow, st.agent), st.usage.completion_tokens)
             if st.timing is not None:
                 for phase in PHASES:
                     seconds = getattr(st.timing.phases, phase)

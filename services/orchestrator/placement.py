@@ -12,11 +12,13 @@ The answer is frozen into the step (``StepState.pool``, ``pool_reason``,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import msgspec
 
 from proto.messages import PoolPrediction, ToolSpec
 
+from .answers import expected_output
 from .fairness import estimate_tokens
 from .pools import PoolSpec
 from .scheduling import Decision, PoolNow, Prediction, StepNeed, choose, predict
@@ -41,12 +43,18 @@ def fixed_tokens(agent: AgentSpec, tools: Sequence[ToolSpec]) -> int:
 
 
 def step_need(
-    run: RunState, agent: AgentSpec, st: StepState, tools: Sequence[ToolSpec]
+    run: RunState,
+    agent: AgentSpec,
+    st: StepState,
+    tools: Sequence[ToolSpec],
+    learnt: int | None = None,
 ) -> StepNeed:
     """What the step will ask of an engine: its window (the session so far
     with the agent's system prompt, cut to the step's window budget), the
-    offered tools' schemas, ``max_tokens``; it is expected to use them all
-    (the conservative guess: the worker reserves as much KV)."""
+    offered tools' schemas, ``max_tokens`` (the KV the worker reserves).
+    It is expected to answer ``learnt`` tokens (the agent's answers so far,
+    ``answers.AnswerLengths``; capped at ``max_tokens``), else all of
+    ``max_tokens`` (the conservative guess)."""
     fixed = fixed_tokens(agent, tools)
     history = run.context_tokens
     if st.context_budget:
@@ -54,8 +62,9 @@ def step_need(
     return StepNeed(
         prompt_tokens=fixed + history,
         max_tokens=st.max_tokens,
-        expected_output=st.max_tokens,
+        expected_output=expected_output(learnt, st.max_tokens),
         floor_tokens=fixed + min(history, max(run.newest_tokens, NEWEST_FLOOR)),
+        learnt=learnt is not None,
     )
 
 
@@ -70,8 +79,7 @@ def move(need: StepNeed, pools: Sequence[str], current: str, look: Look) -> Deci
     there is none). Its window is at least what did not fit."""
     limit = look(current)[0].max_model_len
     at_least = max(need.prompt_tokens, limit - need.max_tokens + 1)
-    need = StepNeed(at_least, need.max_tokens, need.expected_output,
-                    floor_tokens=max(need.floor_tokens, at_least))  # fmt: skip
+    need = replace(need, prompt_tokens=at_least, floor_tokens=max(need.floor_tokens, at_least))
     larger = [predict(need, *look(p)) for p in pools if p != current]
     larger = [p for p in larger if p.max_model_len > limit]
     d = choose(larger, None) if larger else Decision(None, "too_long", ())
@@ -87,6 +95,8 @@ def frozen(p: Prediction) -> PoolPrediction:
         gpu_seconds=round(p.gpu_seconds, 4),
         cost_usd=round(p.cost_usd, 8),
         cold=p.cold,
+        output_tokens=p.output_tokens,
+        learnt=p.learnt,
     )
 
 

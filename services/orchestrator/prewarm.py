@@ -11,14 +11,13 @@ job and tells the router."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from proto import keys
 from proto.messages import ContextRef, Heartbeat, InferenceJob, ToolSpec
 
 from . import placement
-from .scheduling import StepNeed
 from .state import RunState, StepState
 from .transitions import Rules
 
@@ -124,10 +123,9 @@ def decide(
     tools, choice = rules.offered(run, plan.agent, nxt)
     pool = agent.pool
     if rules.pools is not None:
-        need = placement.step_need(run, agent, nxt, tools)
+        need = placement.step_need(run, agent, nxt, tools, rules.answer(run.workflow, plan.agent))
         # The session grows by this step's answer first.
-        need = StepNeed(need.prompt_tokens + st.max_tokens, need.max_tokens,
-                                  need.expected_output, floor_tokens=need.floor_tokens)  # fmt: skip
+        need = replace(need, prompt_tokens=need.prompt_tokens + st.max_tokens)
         pool = placement.place(need, agent.eligible, agent.latency_target, rules.pools).pool or pool
     worker, skip = worker_for(heartbeats, pool, now, preferred=prefer(pool),
                               stale_after=stale_after, max_load=max_load)  # fmt: skip

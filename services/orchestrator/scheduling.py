@@ -33,7 +33,9 @@ class StepNeed:
 
     prompt_tokens: int  # the window plus the offered tools, as the engine counts them
     max_tokens: int
-    expected_output: int  # tokens it will likely generate (<= max_tokens)
+    # Tokens it will likely generate (<= max_tokens): run time, GPU-seconds
+    # and cost are predicted from it; KV and fits from ``max_tokens``.
+    expected_output: int
     # Prompt tokens already prefilled on the pool (a pre-warmed prefix): set
     # per pool by the caller; they take KV but no prefill time.
     cached_tokens: int = 0
@@ -41,6 +43,7 @@ class StepNeed:
     # tools and newest message: a worker cuts older turns to fit); 0 = the
     # whole prompt.
     floor_tokens: int = 0
+    learnt: bool = False  # expected_output learnt from the agent's answers
 
     @property
     def kv_tokens(self) -> int:
@@ -83,6 +86,8 @@ class Prediction:
     # The step's shortest window fits (the worker would cut older turns).
     fits_floor: bool = True
     max_model_len: int = 0
+    output_tokens: int = 0  # the answer length run time was predicted with
+    learnt: bool = False  # ...learnt from the agent's answers (else max_tokens)
 
     @property
     def done_s(self) -> float:
@@ -142,6 +147,8 @@ def predict(need: StepNeed, spec: PoolSpec, now: PoolNow) -> Prediction:
         fits_floor=(need.floor_tokens or need.prompt_tokens) + need.max_tokens
         <= spec.max_model_len,
         max_model_len=spec.max_model_len,
+        output_tokens=need.expected_output,
+        learnt=need.learnt,
     )
 
 

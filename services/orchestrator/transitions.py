@@ -192,6 +192,9 @@ class Rules:
     # The pools as they are now (PoolView.look: catalogue entry and state, a
     # read of memory). None: a step runs on its agent's first pool, unweighed.
     pools: placement.Look | None = None
+    # The answer length an agent is expected to give (workflow, agent):
+    # learnt from its steps (answers.AnswerLengths.expect); None: max_tokens.
+    answer: Callable[[str, str], int | None] = lambda workflow, agent: None
 
     def timeout(self, run: RunState, agent: str) -> float:
         return self.workflows[run.workflow].agents[agent].timeout or self.step_timeout
@@ -553,7 +556,7 @@ def _dispatch(
         run.steps[p.step_id] = st
         if rules.pools is not None:
             tools, _ = rules.offered(run, p.agent, st)
-            need = placement.step_need(run, agent, st, tools)
+            need = placement.step_need(run, agent, st, tools, rules.answer(run.workflow, p.agent))
             decision = placement.place(need, agent.eligible, agent.latency_target, rules.pools)
             chosen = decision.chosen
             if decision.pool is None or chosen is None:  # it fits no pool: fail now, not later
@@ -820,7 +823,7 @@ def _move(
     if not too_long or rules.pools is None or len(agent.eligible) < 2:
         return None
     tools, _ = rules.offered(run, st.agent, st)
-    need = placement.step_need(run, agent, st, tools)
+    need = placement.step_need(run, agent, st, tools, rules.answer(run.workflow, st.agent))
     decision = placement.move(need, agent.eligible, st.pool, rules.pools)
     chosen = decision.chosen
     if decision.pool is None or chosen is None:

@@ -23,6 +23,8 @@ def build_engine(settings: WorkerSettings) -> Engine:
             prefill_tps=settings.sim_prefill_tps,
             decode_tps=settings.sim_decode_tps,
             load_s=settings.sim_load_seconds,
+            answer_tokens=settings.sim_answer_tokens,
+            answer_spread=settings.sim_answer_spread,
         )
     if settings.engine == "openai":
         from .openai import OpenAIEngine

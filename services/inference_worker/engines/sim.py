@@ -3,7 +3,8 @@
 It models what admission control cares about — prefill and decode time, a
 KV-token budget it refuses to exceed (raising ``EngineOOM`` as a GPU would),
 continuous batching (concurrent requests do not slow each other) — and emits
-deterministic text. Fault injection: ``inject_oom(n)`` makes the next ``n``
+deterministic text, up to ``max_tokens`` (or about ``answer_tokens``, when
+set: an agent that answers short). Fault injection: ``inject_oom(n)`` makes the next ``n``
 generations fail with an OOM.
 
 Tools: offered tools (``tool_choice`` not ``none``) that have no result in
@@ -79,11 +80,17 @@ class SimEngine:
         prefill_tps: float = 20_000.0,
         decode_tps: float = 400.0,
         load_s: float = 0.0,
+        answer_tokens: int = 0,
+        answer_spread: float = 0.0,
     ) -> None:
         self._capacity = EngineCapacity(kv_tokens, max_num_seqs, max_model_len)
         self.prefill_tps = prefill_tps
         self.decode_tps = decode_tps
         self.load_s = load_s  # what start() takes, as a model's load would
+        # Answers end after about answer_tokens (0: they run to max_tokens),
+        # within +-answer_spread of it, drawn from the prompt (deterministic).
+        self.answer_tokens = answer_tokens
+        self.answer_spread = answer_spread
         self._kv_used = 0
         self._running: dict[str, asyncio.Event] = {}
         self._oom_pending = 0
@@ -161,7 +168,8 @@ class SimEngine:
                     yield chunk
                 return
             produced = 0
-            for i in range(request.max_tokens):
+            length = self._answer_length(seed, request.max_tokens)
+            for i in range(length):
                 if aborted.is_set():
                     break
                 if not self._alive:
@@ -173,7 +181,9 @@ class SimEngine:
                     word = f"[sim: {len(request.messages)} messages, {prompt} tokens] {word}"
                 produced += 1
                 yield GenerationChunk(text=word if i == 0 else f" {word}")
-            reason = "abort" if aborted.is_set() else "length"
+            reason = "abort" if aborted.is_set() else "stop"
+            if not aborted.is_set() and length == request.max_tokens:
+                reason = "length"
             yield GenerationChunk(
                 text="",
                 finished=True,
@@ -185,6 +195,13 @@ class SimEngine:
         finally:
             self._kv_used -= need
             self._running.pop(request.request_id, None)
+
+    def _answer_length(self, seed: bytes, max_tokens: int) -> int:
+        if self.answer_tokens <= 0:
+            return max_tokens
+        u = int.from_bytes(seed[-4:], "big") / 0xFFFFFFFF  # uniform in [0, 1]
+        n = round(self.answer_tokens * (1.0 + self.answer_spread * (2.0 * u - 1.0)))
+        return max(1, min(max_tokens, n))
 
     @staticmethod
     def _tool_calls(messages: list[ChatMessage], tools: Sequence[ToolSpec]) -> list[ToolCall]:
