@@ -11,6 +11,15 @@ the engines are shared and the queues fill. Then a trickle: 12 tasks one
 every 0.3 s (a quarter of a run), so each step shares its engine with steps
 that arrive after it was placed — reported on its own, apart from the waves.
 
+The simulated agent answers short (about ``ANSWER`` tokens of its
+``max_tokens`` 96, spread +-``SPREAD``, as the sim draws it from the
+prompt), and the whole run is made in each mode, interleaved over
+``ROUNDS`` rounds, each on a fresh stack (an orchestrator starts with
+nothing learnt): ``max_tokens`` predicts every answer at its cap (the
+prediction before issue 20's learnt lengths, ``BATON_LEARN_ANSWERS=false``);
+``learnt`` at the agent's learnt length (the default: the 0.8 quantile of
+its last answers once 5 are seen); ``learnt_median`` the same at the median.
+
     python -m bench placement          # writes bench/results/placement.json
 
 Error of one step: GPU-seconds actual / predicted - 1; queue wait: seconds
@@ -31,6 +40,11 @@ from bench.stats import pct
 
 WAVES = (1, 1, 1, 4, 4, 12, 12)
 TRICKLE = (12, 0.3)  # tasks, seconds between two (their rows: wave 0)
+ANSWER, SPREAD = 32, 0.25  # the agent's answers: tokens, +- fraction
+ROUNDS = 2
+MODES = {"max_tokens": {"BATON_LEARN_ANSWERS": "false"},
+         "learnt": {},
+         "learnt_median": {"BATON_ANSWER_QUANTILE": "0.5"}}  # fmt: skip
 LENGTHS = (20, 150, 450)  # words of the input: ~30, ~200, ~600 tokens by the 4-bytes estimate
 WORKFLOW = textwrap.dedent("""\
     name: ask
@@ -70,12 +84,13 @@ async def _task(client: Client, text: str, wave: int) -> dict[str, Any]:
         "pool": done.get("pool"),
         "reason": done.get("pool_reason"),
         "predicted": started["prediction"],
+        "completion_tokens": (done.get("usage") or {}).get("completion_tokens", 0),
         "gpu_seconds": (done.get("usage") or {}).get("gpu_seconds", 0.0),
         "waited_s": phases.get("queue", 0.0) + phases.get("admission", 0.0),
     }
 
 
-async def _main(work: Path) -> dict[str, Any]:
+async def _main(work: Path, mode: dict[str, str]) -> list[dict[str, Any]]:
     flows = work / "workflows"
     flows.mkdir(parents=True)
     (flows / "ask.yaml").write_text(WORKFLOW)
@@ -87,9 +102,10 @@ async def _main(work: Path) -> dict[str, Any]:
         stack.service("context-store").wait_ready()
         stack.service("orchestrator", BATON_WORKFLOWS_DIR=str(flows),
                       BATON_POOLS=json.dumps(POOLS), BATON_PENDING_POLL_INTERVAL="0.5",
-                      BATON_ROUTE_STALE_AFTER="3").wait_ready()  # fmt: skip
+                      BATON_ROUTE_STALE_AFTER="3", **mode).wait_ready()  # fmt: skip
         for pool, env in WORKER.items():
-            stack.worker(BATON_POOL=pool, BATON_ENGINE="sim", **env).wait_ready()
+            stack.worker(BATON_POOL=pool, BATON_ENGINE="sim", BATON_SIM_ANSWER_TOKENS=str(ANSWER),
+                         BATON_SIM_ANSWER_SPREAD=str(SPREAD), **env).wait_ready()  # fmt: skip
         client = await Client.connect(server.url)
         await asyncio.sleep(1.5)  # heartbeats in
         # Warm-up: the workers measure their speeds on a few generations.
@@ -115,7 +131,7 @@ async def _main(work: Path) -> dict[str, Any]:
     finally:
         stack.stop()
         server.stop()
-    return _summary(rows)
+    return rows
 
 
 def _errors(ok: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
@@ -134,6 +150,8 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     absw = [abs(e) for e in wait]
     alone = [abs(e) for e, r in zip(gpu, ok, strict=True) if r["wave"] == 1]
     burst = [abs(e) for e, r in zip(gpu, ok, strict=True) if r["wave"] > 1]
+    said = [r["predicted"].get("output_tokens", 0) for r in ok]
+    answered = [r["completion_tokens"] for r in ok]
     by_pool: dict[str, int] = {}
     for r in ok:
         by_pool[f"{r['pool']}/{r['reason']}"] = by_pool.get(f"{r['pool']}/{r['reason']}", 0) + 1
@@ -152,6 +170,9 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "queue_wait_abs_error_p50_s": round(pct(absw, 0.5), 3),
         "queue_wait_abs_error_p90_s": round(pct(absw, 0.9), 3),
         "mean_gpu_seconds": round(sum(r["gpu_seconds"] for r in ok) / max(1, len(ok)), 3),
+        "learnt_steps": sum(bool(r["predicted"].get("learnt")) for r in ok),
+        "output_tokens_predicted_p50": pct(said, 0.5) if said else None,
+        "output_tokens_actual_p50": pct(answered, 0.5) if answered else None,
         "trickle": list(TRICKLE),
         "trickle_completed": len(tg),
         "trickle_gpu_seconds_abs_error_p50": round(pct(tg, 0.5), 3) if tg else None,
@@ -173,31 +194,58 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(work: Path) -> dict[str, Any]:
-    return asyncio.run(_main(work))
+    rows: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+    for i in range(ROUNDS):
+        for name, env in MODES.items():  # interleaved: each round runs every mode
+            rows[name] += asyncio.run(_main(work / f"{name}-{i}", env))
+    modes = {name: _summary(r) for name, r in rows.items()}
+    out = {k: v for k, v in modes["learnt"].items() if k != "rows"}
+    out |= {"answer_tokens": ANSWER, "answer_spread": SPREAD, "rounds": ROUNDS, "modes": modes}
+    return out
 
 
 def markdown(r: dict[str, Any]) -> str:
+    modes = r.get("modes") or {"learnt": r}
+    rows = [
+        f"| {name} | {m['gpu_seconds_abs_error_p50']:.1%} | {m['gpu_seconds_abs_error_p90']:.1%} "
+        f"| {m['within_20pct']:.0%} | {m['gpu_seconds_error_p50']:+.1%} "
+        f"| {m.get('output_tokens_predicted_p50')} / {m.get('output_tokens_actual_p50')} "
+        f"| {m['queue_wait_abs_error_p50_s']:.2f} / {m['queue_wait_abs_error_p90_s']:.2f} s "
+        f"| {_pct_or_dash(m.get('trickle_gpu_seconds_abs_error_p90'))} |"
+        for name, m in modes.items()
+    ]
+    goal = "met" if r["gpu_seconds_abs_error_p90"] <= 0.2 else "missed"
     return "\n".join([
         "## Step prediction error (`python -m bench placement`)",
         "",
-        f"{r['machine']}; {r['completed']} of {r['steps']} steps completed, in waves of "
-        f"{', '.join(map(str, r['waves']))} tasks at once; placements {r['placements']}. "
-        "Error = actual / predicted GPU-seconds - 1 (the step's `done` usage against the "
-        "`prediction` on its `started` event); queue wait in seconds.",
+        f"{r['machine']}; {r['completed']} of {r['steps']} steps completed per mode, in waves of "
+        f"{', '.join(map(str, r['waves']))} tasks at once over {r.get('rounds', 1)} rounds, modes "
+        f"interleaved; placements {r['placements']}. The agent's `max_tokens` is 96; the "
+        f"simulator answers about {r.get('answer_tokens')} tokens "
+        f"(±{r.get('answer_spread', 0):.0%}, drawn from the prompt). Error = actual / "
+        "predicted GPU-seconds - 1 (the step's `done` "
+        "usage against the `prediction` on its `started` event). Modes: `max_tokens` predicts "
+        "every answer at its cap (`BATON_LEARN_ANSWERS=false`, the prediction before learnt "
+        "answer lengths); `learnt` at the agent's learnt length (default: the 0.8 quantile of "
+        "its last 64 answers, once 5 are seen); `learnt_median` at their median.",
         "",
-        "| measure | p50 abs error | p90 abs error | goal |",
-        "| --- | --- | --- | --- |",
-        f"| GPU-seconds | {r['gpu_seconds_abs_error_p50']:.1%} | "
-        f"{r['gpu_seconds_abs_error_p90']:.1%} | within ±20% at p90 |",
-        f"| queue wait | {r['queue_wait_abs_error_p50_s']:.2f} s | "
-        f"{r['queue_wait_abs_error_p90_s']:.2f} s | — |",
+        "| mode | GPU-s p50 abs error | p90 abs error | within ±20% | median signed error "
+        "| answer tokens predicted / actual (p50) | queue wait abs error p50 / p90 "
+        "| trickle GPU-s p90 abs error |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *rows,
         "",
-        f"Steps within ±20% GPU-seconds: {r['within_20pct']:.0%} "
-        f"(median signed error {r['gpu_seconds_error_p50']:+.1%}, mean "
-        f"{r['mean_gpu_seconds']} GPU-s per step). p90 abs error of steps sent alone: "
-        f"{r.get('alone_abs_error_p90')}; in waves of 4 and 12: {r.get('burst_abs_error_p90')}.",
+        f"Goal (within ±20% GPU-seconds at p90), default `learnt` mode: **{goal}** "
+        f"({r['gpu_seconds_abs_error_p90']:.1%}; {r.get('learnt_steps')} of {r['completed']} "
+        f"steps predicted from a learnt length, the others before 5 answers were seen). p90 abs "
+        f"error of steps sent alone: {r.get('alone_abs_error_p90')}; in waves of 4 and 12: "
+        f"{r.get('burst_abs_error_p90')}.",
         *_trickle(r),
     ])  # fmt: skip
+
+
+def _pct_or_dash(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1%}"
 
 
 def _trickle(r: dict[str, Any]) -> list[str]:
@@ -207,8 +255,8 @@ def _trickle(r: dict[str, Any]) -> list[str]:
     return [
         "",
         f"Trickle ({n} tasks one every {gap} s, each sharing its engine with steps placed "
-        f"after it; {r['trickle_completed']} completed): GPU-seconds abs error p50 "
-        f"{r['trickle_gpu_seconds_abs_error_p50']:.1%}, p90 "
+        f"after it; {r['trickle_completed']} completed, `learnt` mode): GPU-seconds abs error "
+        f"p50 {r['trickle_gpu_seconds_abs_error_p50']:.1%}, p90 "
         f"{r['trickle_gpu_seconds_abs_error_p90']:.1%}; queue wait p90 "
         f"{r['trickle_queue_wait_abs_error_p90_s']:.2f} s.",
     ]
