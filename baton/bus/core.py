@@ -8,16 +8,27 @@ import contextlib
 import time
 
 from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
+from nats.js import JetStreamContext, api
 
 
 class BusCore:
     """The connection and the stop signal every part of the bus shares."""
 
-    def __init__(self, nc: NATS, *, replicas: int = 1, js: JetStreamContext | None = None,
-                 home_region: str = "") -> None:  # fmt: skip
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        replicas: int = 1,
+        api_prefix: str = api.DEFAULT_PREFIX,
+        api_timeout: float = 5.0,
+        js: JetStreamContext | None = None,
+        home_region: str = "",
+    ) -> None:
         self._nc = nc
-        self._js = js or nc.jetstream()
+        # The JetStream API's subject prefix: this account's own ($JS.API), or
+        # another's imported under a prefix of its own (``Bus.account``).
+        self._api_prefix = api_prefix
+        self._js = js or nc.jetstream(prefix=api_prefix, timeout=api_timeout)
         self.replicas = replicas
         # BATON_HOME_REGION: every stream and bucket provisioned here without
         # a region of its own is placed on the servers tagged region:<it>.
