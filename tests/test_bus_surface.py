@@ -42,7 +42,7 @@ BUS_METHODS = {
     "publish", "notify", "request", "request_raw", "gather_raw", "serve", "subscribe", "subscribe_raw",
     # consuming
     "consume", "puller", "settle", "erase", "dead_letter",
-    "stop", "stopping", "wait_stopped", "flush", "close", "refresh_credentials",
+    "stop", "stopping", "connected", "wait_stopped", "flush", "close", "refresh_credentials",
     # streams and their messages
     "account", "read_subject", "ordered", "stream_info", "subjects", "purge", "get_msg",
     "last_msg", "publish_if_last", "sequences", "erase_messages", "erase_subject",

@@ -43,6 +43,11 @@ class BusCore:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    @property
+    def connected(self) -> bool:
+        """Connected to a NATS server now (False while reconnecting)."""
+        return bool(self._nc.is_connected)
+
     async def wait_stopped(self) -> None:
         """Return once ``stop()`` was called."""
         await self._stopping.wait()
@@ -52,12 +57,14 @@ class BusCore:
         included)."""
         await self._nc.flush(timeout=timeout)
 
-    async def close(self) -> None:
-        """Flush what was published and close. (Not ``drain``: nats-py waits
-        out its whole drain timeout on a bound pull subscription.)"""
+    async def close(self, *, flush: bool = True) -> None:
+        """Flush what was published (``flush``; pointless with NATS
+        unreachable) and close. (Not ``drain``: nats-py waits out its whole
+        drain timeout on a bound pull subscription.)"""
         self.stop()
-        with contextlib.suppress(Exception):
-            await self._nc.flush(timeout=2)
+        if flush:
+            with contextlib.suppress(Exception):
+                await self._nc.flush(timeout=2)
         with contextlib.suppress(Exception):
             await self._nc.close()
 
