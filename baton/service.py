@@ -303,6 +303,8 @@ async def serve(
             run.result()  # the NATS side's own failure, if any
     finally:
         cut.cancel()
+        if abandoned:  # what the NATS side still awaits of NATS fails at once
+            await bus.close(flush=False)
         if not run.done():  # abandoned, or serve itself cancelled
             run.cancel()
             await asyncio.wait({run}, timeout=2.0)
@@ -310,7 +312,7 @@ async def serve(
         server.force_exit = abandoned  # no wait for open HTTP connections
         with contextlib.suppress(Exception):
             await http
-        await bus.close(flush=not abandoned)
+        await bus.close()  # (closed already when abandoned: nothing to do)
         tracing.shutdown()  # the spans still buffered are exported
         log.info("stopped")
     return 1 if abandoned else 0
