@@ -93,8 +93,9 @@ def document_errors(app: FastAPI) -> None:
         doc = build()
         schemas = doc.setdefault("components", {}).setdefault("schemas", {})
         for model in (ErrorDetail, ErrorBody):
-            schemas.setdefault(model.__name__, model.model_json_schema(
-                ref_template="#/components/schemas/{model}"))  # fmt: skip
+            schemas.setdefault(
+                model.__name__, model.model_json_schema(ref_template="#/components/schemas/{model}")
+            )
         body = {"$ref": "#/components/schemas/ErrorBody"}
         for path, ops in doc.get("paths", {}).items():
             if not path.startswith("/v1/"):
@@ -142,8 +143,11 @@ def caller_scope(
             return None
 
         return open_scope
-    bearer = HTTPBearer(auto_error=False, scheme_name="apiKey",
-                        description="A Baton API key: `Authorization: Bearer <key>`.")  # fmt: skip
+    bearer = HTTPBearer(
+        auto_error=False,
+        scheme_name="apiKey",
+        description="A Baton API key: `Authorization: Bearer <key>`.",
+    )
 
     def scope(
         request: Request,
@@ -234,9 +238,7 @@ async def serve(
     name: str,
     settings: CommonSettings,
     start: Start,
-    *,
-    on_stop: Callable[[], Awaitable[None]] | None = None,
-) -> None:
+) -> int:
     """Connect to NATS, build the service on the bus (``start``), then run
     its NATS side and the HTTP server until a signal. ``/readyz`` answers
     once the service is built (``Stack.wait_ready`` polls through a refused
@@ -244,7 +246,12 @@ async def serve(
 
     On SIGTERM/SIGINT: the bus stops pulling, ``run`` returns once in-flight
     work is settled (the service decides how long that may take), then the
-    HTTP server and the connection close.
+    HTTP server and the connection close. Work cannot be settled without
+    NATS: unreachable for ``settings.shutdown_grace`` seconds in a row while
+    stopping, ``run`` is cancelled, the connection closed without a flush,
+    and the exit status is 1 (not 0: what it held was not settled here but is
+    redelivered after its ack wait; 0 stays the sign of a clean drain).
+    Returns the exit status.
     """
     bus = await connect(
         settings.nats_url,
@@ -284,17 +291,44 @@ async def serve(
         nats=redact(settings.nats_url),
         http=f"{settings.http_host}:{settings.http_port}",
     )
+    run = asyncio.ensure_future(service.run())
+    cut = asyncio.create_task(_unreachable_while_stopping(bus, settings.shutdown_grace))
+    abandoned = False
     try:
-        await service.run()
+        await asyncio.wait({run, cut}, return_when=asyncio.FIRST_COMPLETED)
+        abandoned = not run.done()
+        if abandoned:
+            log.error("stop_abandoned", reason="NATS unreachable", grace=settings.shutdown_grace)
+        else:
+            run.result()  # the NATS side's own failure, if any
     finally:
-        if on_stop is not None:
-            await on_stop()
+        cut.cancel()
+        if abandoned:  # what the NATS side still awaits of NATS fails at once
+            await bus.close(flush=False)
+        if not run.done():  # abandoned, or serve itself cancelled
+            run.cancel()
+            await asyncio.wait({run}, timeout=2.0)
         server.should_exit = True
+        server.force_exit = abandoned  # no wait for open HTTP connections
         with contextlib.suppress(Exception):
             await http
-        await bus.close()
+        await bus.close()  # (closed already when abandoned: nothing to do)
         tracing.shutdown()  # the spans still buffered are exported
         log.info("stopped")
+    return 1 if abandoned else 0
+
+
+async def _unreachable_while_stopping(bus: Bus, grace: float) -> None:
+    """Return once the bus, stopping, has had no NATS for ``grace`` seconds
+    in a row (counted from the stop at the earliest)."""
+    await bus.wait_stopped()
+    since = time.monotonic()
+    while True:
+        if bus.connected:
+            since = time.monotonic()
+        elif time.monotonic() - since >= grace:
+            return
+        await asyncio.sleep(min(0.2, grace))
 
 
 def main_entry(
@@ -303,13 +337,18 @@ def main_entry(
     """Configure logging and ``serve`` the service ``start`` builds, with
     uvloop when available.
 
-    Exits with status 2 and one line on stderr, before anything starts, when
+    Exits with ``serve``'s status (1: a stop abandoned without NATS), or
+    with status 2 and one line on stderr, before anything starts, when
     the HTTP API needs API keys that are not configured (``bind_refusal``;
     ``tenant_data``: the service's HTTP API serves tenants' data) or the
     ``OTEL_*`` variables ask for an exporter Baton does not have.
     """
-    refusal = bind_refusal(settings.http_host, settings.api_keys, tenant_data=tenant_data,
-                           allow_no_keys=settings.allow_no_api_keys)  # fmt: skip
+    refusal = bind_refusal(
+        settings.http_host,
+        settings.api_keys,
+        tenant_data=tenant_data,
+        allow_no_keys=settings.allow_no_api_keys,
+    )
     if refusal is not None:
         print(f"baton-{name}: {refusal}", file=sys.stderr)
         raise SystemExit(2)
@@ -317,8 +356,10 @@ def main_entry(
         name, level=settings.log_level, json=settings.log_json, log_prompts=settings.log_prompts
     )
     if tenant_data and not settings.api_keys:
-        warning = ("HTTP API WITHOUT AUTHENTICATION (BATON_ALLOW_NO_API_KEYS): every local "
-                   f"process can read and act on every tenant at {settings.http_host}")  # fmt: skip
+        warning = (
+            "HTTP API WITHOUT AUTHENTICATION (BATON_ALLOW_NO_API_KEYS): every local "
+            f"process can read and act on every tenant at {settings.http_host}"
+        )
         print(f"baton-{name}: WARNING: {warning}", file=sys.stderr, flush=True)
         log.warning("http_without_api_keys", detail=warning)
     try:
@@ -329,7 +370,8 @@ def main_entry(
         raise SystemExit(2) from None
     try:
         import uvloop
-
-        uvloop.run(serve(name, settings, start))
     except ImportError:
-        asyncio.run(serve(name, settings, start))
+        status = asyncio.run(serve(name, settings, start))
+    else:
+        status = uvloop.run(serve(name, settings, start))
+    raise SystemExit(status)

@@ -51,6 +51,10 @@ class CommonSettings(BaseSettings):
     data_dir: Path = Path(".data")
     # Seconds to wait for the first NATS connection.
     connect_timeout: float = 5.0
+    # Seconds a stopping service (SIGTERM) waits for an unreachable NATS to
+    # come back: unreachable this long in a row, it stops without settling
+    # its in-flight work (JetStream redelivers it elsewhere) and exits 1.
+    shutdown_grace: float = 10.0
     # HTTP API keys -> tenant (JSON in BATON_API_KEYS; "*" = operator, every
     # tenant). `baton up` writes them under the data dir. Empty: the
     # orchestrator and the context store refuse to start unless

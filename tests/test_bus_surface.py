@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 import typing
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -41,7 +42,7 @@ BUS_METHODS = {
     "publish", "notify", "request", "request_raw", "gather_raw", "serve", "subscribe", "subscribe_raw",
     # consuming
     "consume", "puller", "settle", "erase", "dead_letter",
-    "stop", "stopping", "wait_stopped", "flush", "close", "refresh_credentials",
+    "stop", "stopping", "connected", "wait_stopped", "flush", "close", "refresh_credentials",
     # streams and their messages
     "account", "read_subject", "ordered", "stream_info", "subjects", "purge", "get_msg",
     "last_msg", "publish_if_last", "sequences", "erase_messages", "erase_subject",
@@ -123,6 +124,17 @@ def test_the_flusher_patch_applies_only_to_the_nats_py_it_was_written_for() -> N
     low, high = PATCHED
     assert low < high
     assert patchable()  # the pinned nats-py (pyproject: >=2.16,<3) is one
+
+
+def test_nats_py_privates_are_reached_only_by_the_flusher_patch_and_the_tls_check() -> None:
+    """nats-py's private attributes change without notice: only the flusher
+    patch (applied to the nats-py versions it was written for) and the check
+    that the server offered TLS (nats-py has no public word for it) reach them."""
+    privates = re.compile(r"\b(?:nc|js|kv|msg|sub|_nc|_js|_kv|_msg|_sub)\._[a-z]\w*")
+    touched = {p.name: sorted(set(privates.findall(p.read_text()))) for p in BUS.glob("*.py")}
+    touched = {name: found for name, found in touched.items() if found}
+    assert touched.pop("connection.py") == ["nc._server_info"]
+    assert list(touched) == ["flusher.py"]
 
 
 @pytest.fixture

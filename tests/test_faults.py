@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,6 +97,33 @@ async def test_sigterm_drains_in_flight_jobs_and_exits_zero(
     assert code == 0
     events = await own_client.events(tenant, task_id, timeout=5)
     assert events[-1]["type"] == "completed"  # finished by the draining worker
+
+
+async def test_sigterm_without_nats_stops_within_the_shutdown_grace(
+    private: LocalStack, own_nats: NatsServer, own_client: Client
+) -> None:
+    """With NATS gone nothing in flight can be settled: SIGTERM is obeyed
+    within BATON_SHUTDOWN_GRACE instead of waiting out the worker's drain
+    (60 s) on a job whose result cannot be stored. Exit 1: nothing was
+    drained (the job is redelivered after its ack wait)."""
+    grace = 2.0
+    env = {"BATON_SHUTDOWN_GRACE": str(grace)}
+    _start(private, ["context-store", "orchestrator"], **env)
+    worker = private.worker(**SLOW, **env).wait_ready()
+    tenant, task_id = "acme", uid()
+    await own_client.publish("chat", {"tenant": tenant, "input": "hi", "task_id": task_id})
+    await _wait_step_started(own_client, tenant, task_id)
+    await own_client.close()
+    own_nats.kill()
+    started = time.monotonic()
+    others = [p for p in private.procs if p is not worker]
+    for p in others:
+        p.signal()
+    assert await asyncio.to_thread(worker.terminate, 30) == 1
+    assert time.monotonic() - started < grace + 5  # not the 60 s drain
+    for p in others:  # nothing of theirs in flight: within the grace, or at once
+        assert await asyncio.to_thread(p.terminate, 30) in (0, 1)
+        assert time.monotonic() - started < grace + 5
 
 
 async def test_a_killed_orchestrator_run_is_finished_by_another_replica(

@@ -314,6 +314,7 @@ async def test_a_bucket_compare_and_set_loses_with_wrong_last_sequence(bus: Bus)
         await kv.update("k", b"3", last=rev)  # stale
     entry = await kv.get("k")
     assert entry is not None and (entry.value, entry.revision) == (b"2", newer)
+    assert await kv.get("k", consistent=True) == entry  # the stream leader's answer
     assert await kv.erase_history("k", keep_after=newer) == 1  # the first revision
     assert [e.value for e in await kv.entries()] == [b"2"]
 
@@ -384,3 +385,42 @@ async def test_provisioning_retries_the_update_after_a_create_that_found_the_str
     bus = Bus(None, js=Js())  # type: ignore[arg-type]
     await bus.ensure_stream(StreamSpec("S", ("s.>",), retention="limits", duplicate_window=60))
     assert calls == ["add", "update", "add", "update"]
+
+
+async def test_stream_names_finds_the_overlapping_streams(bus: Bus) -> None:
+    region = uid("R")
+    names = sorted(uid("S") for _ in range(3))
+    for n in names:
+        await bus.ensure_stream(StreamSpec(name=n, subjects=(f"{region}.{n}.>",),
+                                           retention="limits", duplicate_window=60))  # fmt: skip
+    await bus.ensure_stream(StreamSpec(name=uid("S"), subjects=(f"{uid('other')}.>",),
+                                       retention="limits", duplicate_window=60))  # fmt: skip
+    assert await bus.stream_names(f"{region}.*.>") == names
+    assert await bus.stream_names(f"{uid('none')}.>") == []
+
+
+async def test_stream_names_pages_under_the_accounts_own_api_prefix() -> None:
+    """JetStream names at most 1,024 streams an answer: the rest are asked
+    for by offset, on the API subject of the account the bus speaks to (a
+    scripted server: 1,025 real streams would make a slow test)."""
+    import json
+    from types import SimpleNamespace
+
+    every = [f"S{i:04}" for i in range(2100)]
+    asked: list[tuple[str, str, int]] = []
+
+    class Nc:
+        def jetstream(self, **_: object) -> object:
+            return object()
+
+        async def request(self, subject: str, body: bytes, timeout: float) -> SimpleNamespace:
+            q = json.loads(body)
+            asked.append((subject, q["subject"], q["offset"]))
+            page = every[q["offset"] : q["offset"] + 1024]
+            answer = {"total": len(every), "offset": q["offset"], "limit": 1024, "streams": page}
+            return SimpleNamespace(data=json.dumps(answer).encode())
+
+    tenant = Bus(Nc()).account("$JS.acme.API")  # type: ignore[arg-type]
+    assert await tenant.stream_names("x.>") == every
+    api = "$JS.acme.API.STREAM.NAMES"
+    assert asked == [(api, "x.>", 0), (api, "x.>", 1024), (api, "x.>", 2048)]

@@ -15,8 +15,13 @@ class Bus(Provisioning):
         """This connection speaking to another account's JetStream, whose API
         this account imports under ``api_prefix`` (a tenant's copy of its
         events): provisioning and the stream and erase helpers work there too."""
-        js = self._nc.jetstream(prefix=api_prefix, timeout=timeout)
-        return Bus(self._nc, replicas=self.replicas, js=js, home_region=self.home_region)
+        return Bus(
+            self._nc,
+            replicas=self.replicas,
+            api_prefix=api_prefix,
+            api_timeout=timeout,
+            home_region=self.home_region,
+        )
 
     async def reaches_account(self, api_prefix: str, timeout: float = 2.0) -> bool:
         """True when another account's JetStream answers under ``api_prefix``

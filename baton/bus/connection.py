@@ -72,7 +72,13 @@ async def connect(
     register(PERMISSION_VIOLATIONS)
     PERMISSION_VIOLATIONS.labels(name)  # the series exists from the start
 
+    errors: list[Exception] = []
+    connected = False
+
     async def on_error(exc: Exception) -> None:
+        if not connected:  # the first connection's: told by BusUnavailable
+            errors.append(exc)
+            return
         if "permissions violation" in str(exc).lower():
             PERMISSION_VIOLATIONS.labels(name).inc()
             log.error("nats_permission_violation", error=str(exc))
@@ -85,13 +91,8 @@ async def connect(
     async def on_reconnect() -> None:
         log.info("nats_reconnected", url=safe_url)
 
-    errors: list[Exception] = []
-
-    async def on_first_error(exc: Exception) -> None:
-        errors.append(exc)
-
     # nats-py retries an unreachable server forever when reconnects are on, so
-    # the first connection is bounded here and the callbacks swapped after it.
+    # the first connection is bounded here (its errors kept for the message).
     nc = NATS()
     coalesce_writes(nc)
     try:
@@ -112,7 +113,7 @@ async def connect(
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=1,
-                error_cb=on_first_error,
+                error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
                 tls=tls,
@@ -130,5 +131,5 @@ async def connect(
         await nc.close()
         refused = ConnectionError("TLS is configured but the server does not offer it")
         raise BusUnavailable(safe_url, refused)
-    nc._error_cb = on_error
+    connected = True
     return Bus(nc, replicas=replicas, home_region=home_region)

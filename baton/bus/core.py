@@ -8,16 +8,27 @@ import contextlib
 import time
 
 from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
+from nats.js import JetStreamContext, api
 
 
 class BusCore:
     """The connection and the stop signal every part of the bus shares."""
 
-    def __init__(self, nc: NATS, *, replicas: int = 1, js: JetStreamContext | None = None,
-                 home_region: str = "") -> None:  # fmt: skip
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        replicas: int = 1,
+        api_prefix: str = api.DEFAULT_PREFIX,
+        api_timeout: float = 5.0,
+        js: JetStreamContext | None = None,
+        home_region: str = "",
+    ) -> None:
         self._nc = nc
-        self._js = js or nc.jetstream()
+        # The JetStream API's subject prefix: this account's own ($JS.API), or
+        # another's imported under a prefix of its own (``Bus.account``).
+        self._api_prefix = api_prefix
+        self._js = js or nc.jetstream(prefix=api_prefix, timeout=api_timeout)
         self.replicas = replicas
         # BATON_HOME_REGION: every stream and bucket provisioned here without
         # a region of its own is placed on the servers tagged region:<it>.
@@ -32,6 +43,11 @@ class BusCore:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    @property
+    def connected(self) -> bool:
+        """Connected to a NATS server now (False while reconnecting)."""
+        return bool(self._nc.is_connected)
+
     async def wait_stopped(self) -> None:
         """Return once ``stop()`` was called."""
         await self._stopping.wait()
@@ -41,12 +57,14 @@ class BusCore:
         included)."""
         await self._nc.flush(timeout=timeout)
 
-    async def close(self) -> None:
-        """Flush what was published and close. (Not ``drain``: nats-py waits
-        out its whole drain timeout on a bound pull subscription.)"""
+    async def close(self, *, flush: bool = True) -> None:
+        """Flush what was published (``flush``; pointless with NATS
+        unreachable) and close. (Not ``drain``: nats-py waits out its whole
+        drain timeout on a bound pull subscription.)"""
         self.stop()
-        with contextlib.suppress(Exception):
-            await self._nc.flush(timeout=2)
+        if flush:
+            with contextlib.suppress(Exception):
+                await self._nc.flush(timeout=2)
         with contextlib.suppress(Exception):
             await self._nc.close()
 

@@ -45,8 +45,9 @@ class Bucket:
         # Direct gets (the bucket allows them) are answered by any replica,
         # and a follower may not have the newest revision yet; ``consistent``
         # reads ask the stream's leader.
-        self._leader = KeyValue(name=kv._name, stream=kv._stream, pre=kv._pre, js=kv._js,
-                                direct=False)  # fmt: skip
+        self._leader = KeyValue(
+            name=spec.name, stream=spec.stream, pre=spec.subject(""), js=bus._js, direct=False
+        )
         self.spec = spec
         self.erasable = erasable
 
@@ -89,8 +90,9 @@ class Bucket:
         may already be on their way: under load a listing came back empty.)"""
         out: list[Entry] = []
         prefix = len(self.spec.subject(""))
-        reads = self._bus.read_subject(self.spec.stream, self.spec.subject(pattern),
-                                       last_per_subject=True)  # fmt: skip
+        reads = self._bus.read_subject(
+            self.spec.stream, self.spec.subject(pattern), last_per_subject=True
+        )
         async with contextlib.aclosing(reads):
             async for msg in reads:
                 if _deleted(msg.headers):
@@ -124,5 +126,6 @@ class Bucket:
         """Overwrite every revision of ``key`` before ``keep_after``; how many."""
         if not self.erasable:
             return 0
-        return await self._bus.erase_subject(self.spec.stream, self.spec.subject(key),
-                                              keep_after=keep_after)  # fmt: skip
+        return await self._bus.erase_subject(
+            self.spec.stream, self.spec.subject(key), keep_after=keep_after
+        )

@@ -117,11 +117,21 @@ class Provisioning(Consuming):
         return Bucket(self, kv, spec, erasable=False)
 
     async def stream_names(self, subject: str) -> list[str]:
-        """The streams whose subjects overlap ``subject`` (a pattern)."""
-        prefix = self._js._prefix
-        body = json.dumps({"subject": subject}).encode()
-        answer = await self._js._api_request(f"{prefix}.STREAM.NAMES", body, timeout=5.0)
-        return sorted(answer.get("streams") or [])
+        """The streams whose subjects overlap ``subject`` (a pattern), every
+        page of them (JetStream answers up to 1,024 names a request). nats-py
+        has no public call for it (``find_stream_name_by_subject`` keeps the
+        first), so it is the plain API request."""
+        names: list[str] = []
+        while True:
+            body = json.dumps({"subject": subject, "offset": len(names)}).encode()
+            msg = await self._nc.request(f"{self._api_prefix}.STREAM.NAMES", body, timeout=5.0)
+            answer = json.loads(msg.data)
+            if "error" in answer:
+                raise nats.js.errors.APIError.from_error(answer["error"])
+            page = answer.get("streams") or []
+            names += page
+            if not page or len(names) >= answer.get("total", 0):
+                return sorted(names)
 
     async def _ensure_erasable_bucket(self, spec: BucketSpec) -> tuple[KeyValue, bool]:
         """The bucket's KV, and whether its stream allows deletes."""

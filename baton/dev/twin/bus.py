@@ -256,7 +256,11 @@ class TwinBus(Bus):
     async def flush(self, timeout: int = 2) -> None:
         pass
 
-    async def close(self) -> None:
+    @property
+    def connected(self) -> bool:
+        return not self.closed
+
+    async def close(self, *, flush: bool = True) -> None:
         self.stop()
         self.closed = True
         self._wake()
