@@ -47,7 +47,8 @@ from .delivery import Delivery, _KeepAlive
 log = structlog.get_logger("baton.bus")
 
 EXPIRES = 30.0  # seconds a pull request stays open on the server
-HEARTBEAT = 5.0  # the server's idle heartbeat on an open request
+HEARTBEAT = 2.0  # the server's idle heartbeat on an open request (one message per
+# idle request every 2 s, against a request and its 408 every second before)
 CHECK_EVERY = 1.0  # the loop looks for a reconnect or lost heartbeats this often
 MAX_BATCH = 256  # no request asks for more, whatever the room
 HDR_STATUS = "Status"
@@ -113,7 +114,7 @@ class PullStream:
         reconnects = self._nc.stats["reconnects"]
         if reconnects != self._reconnects:
             self._reconnects, reason = reconnects, "reconnected"
-        elif self.outstanding and time.monotonic() - self._heard > 2 * HEARTBEAT + 1:
+        elif self.outstanding and time.monotonic() - self._heard > 2 * HEARTBEAT + 0.5:
             reason = "heartbeat_missed"
         elif self.failure:
             reason, self.failure = self.failure, ""
