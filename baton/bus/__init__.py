@@ -12,10 +12,10 @@ this module's ``__all__``, pinned by ``tests/test_bus_surface.py``.
   OpenTelemetry's propagator: ``baton.tracing``); every handler (``consume``,
   ``serve``) runs in the trace context of the message it handles
   (``messaging.py``).
-* ``Bus.consume`` — a pull loop that fetches in batches with a short timeout,
-  runs handlers concurrently, keeps long handlers alive with ``in_progress``,
-  and turns each handler's outcome into ack / nak-with-delay / term
-  (``consume.py``; the rule: ``outcomes.settlement``).
+* ``Bus.consume`` — a pull loop that keeps one pull request open for its free
+  room (slots and gate; ``pull.py``), runs handlers concurrently, keeps long
+  handlers alive with ``in_progress``, and turns each handler's outcome into
+  ack / nak-with-delay / term (``consume.py``; the rule: ``outcomes.settlement``).
 * ``Bus.request`` / ``subscribe`` / ``notify`` / ``serve`` — core NATS, typed
   replies (``messaging.py``).
 * ``Bus.ordered`` / ``read_subject`` — replay a stream (and follow it live);

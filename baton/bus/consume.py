@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
+import nats.errors
 import structlog
 
 from baton import tracing
@@ -18,6 +19,7 @@ from .delivery import HDR_DLQ_REASON, HDR_DLQ_SUBJECT, Delivery, Gate, Handler, 
 from .errors import BusClosed
 from .messaging import Messaging
 from .outcomes import Outcome, settlement
+from .pull import CHECK_EVERY, MAX_BATCH, PullStream
 
 log = structlog.get_logger("baton.bus")
 
@@ -26,13 +28,17 @@ class Consuming(Messaging):
     """Pull loops and settlement (part of ``Bus``)."""
 
     async def puller(self, spec: ConsumerSpec) -> Puller:
+        self._register(spec)
+        sub = await self._js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+        return Puller(spec=spec, sub=sub)
+
+    @staticmethod
+    def _register(spec: ConsumerSpec) -> None:
         # Series exist from the start, so the first dead letter is an increase.
         register(DEAD_LETTERS, MESSAGES_HANDLED)
         DEAD_LETTERS.labels(spec.durable)
         for outcome in ("ack", "nak", "term"):
             MESSAGES_HANDLED.labels(spec.durable, outcome)
-        sub = await self._js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
-        return Puller(spec=spec, sub=sub)
 
     async def settle(self, spec: ConsumerSpec, delivery: Delivery, handler: Handler) -> None:
         """Run ``handler`` on one delivery and settle it by outcome."""
@@ -126,13 +132,114 @@ class Consuming(Messaging):
         idle_timeout: float = 1.0,
     ) -> None:
         """Pull and handle messages until ``stop()`` (or ``until()``, asked
-        when a fetch comes back empty); at most ``concurrency`` handlers run at
+        when nothing arrived for ``fetch_timeout`` with handlers running, or
+        ``idle_timeout`` without); at most ``concurrency`` handlers run at
         once, and no more are taken than ``gate.room()`` allows (a shut gate is
         waited on). ``running``: the handler tasks, in a set the caller may
         share between loops. ``finish``: in-flight handlers finish before it
-        returns (False: the caller drains them)."""
-        puller = await self.puller(spec)
+        returns (False: the caller drains them). One pull request stays open
+        for the free room (``baton.bus.pull``)."""
         running = set() if running is None else running
+        loop = self._consume_live if self._LIVE_PULL else self._consume_fetching
+        try:
+            await loop(spec, handler, concurrency, gate, running, until, fetch_timeout,
+                       idle_timeout)  # fmt: skip
+        finally:
+            if finish and running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    _LIVE_PULL = True  # False: a bus without nats-py underneath (the twin) fetches
+
+    def _start(self, spec: ConsumerSpec, d: Delivery, handler: Handler, gate: Gate | None,
+               running: set[asyncio.Task[None]], done: Callable[[asyncio.Task[None]], None]
+               ) -> None:  # fmt: skip
+        if gate is not None:
+            gate.took(d)
+        task = asyncio.create_task(self.settle(spec, d, handler))
+        running.add(task)
+        task.add_done_callback(done)
+
+    async def _consume_live(
+        self, spec: ConsumerSpec, handler: Handler, concurrency: int, gate: Gate | None,
+        running: set[asyncio.Task[None]], until: Callable[[], bool] | None,
+        fetch_timeout: float, idle_timeout: float,
+    ) -> None:  # fmt: skip
+        self._register(spec)
+        wake = asyncio.Event()
+        stream = PullStream(self._nc, self._js._prefix, spec, wake.set)
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        stopper.add_done_callback(lambda _: wake.set())
+        gating: list[asyncio.Task[None]] = []  # a gate.wait() in progress
+
+        def done(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            wake.set()
+
+        def gate_waited(task: asyncio.Task[None]) -> None:
+            gating.clear()
+            wake.set()
+
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await stream.open()
+                    break
+                except nats.errors.ConnectionClosedError:
+                    return
+                except Exception as exc:
+                    log.warning("fetch_failed", consumer=spec.durable, error=repr(exc))
+                    await asyncio.sleep(0.5)
+            while not self._stopping.is_set() and not self._nc.is_closed:
+                wake.clear()
+                reason = stream.lost()
+                if reason:
+                    log.info("pull_reissued", consumer=spec.durable, reason=reason)
+                    if reason not in ("reconnected", "heartbeat_missed"):
+                        await asyncio.sleep(0.5)  # e.g. 409 Consumer Deleted: not in a spin
+                slots = concurrency - len(running)
+                room = slots if gate is None else min(slots, gate.room())
+                while stream.ready and room > 0:  # hand over what arrived
+                    self._start(spec, stream.take(), handler, gate, running, done)
+                    slots -= 1
+                    room = slots if gate is None else min(slots, gate.room())
+                for d in stream.ready:  # no room for these yet
+                    stream.hold(d)
+                if stream.ready and stream.outstanding:  # the room shrank under a request
+                    with contextlib.suppress(Exception):
+                        await stream.cancel()
+                free = min(room, MAX_BATCH) - stream.outstanding - len(stream.ready)
+                if free > 0 and free >= stream.outstanding:  # top up by half the room or more
+                    try:
+                        await stream.request(free)
+                    except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
+                        break
+                    except Exception as exc:  # reconnecting, buffer full: try again shortly
+                        log.warning("fetch_failed", consumer=spec.durable, error=repr(exc))
+                        await asyncio.sleep(0.5)
+                        continue
+                elif gate is not None and room <= 0 < slots and not gating:  # the gate is shut
+                    gating.append(asyncio.create_task(gate.wait()))
+                    gating[0].add_done_callback(gate_waited)
+                arrived = stream.arrived
+                timeout = fetch_timeout if running else idle_timeout
+                with contextlib.suppress(TimeoutError):  # a local timer: look at reconnects
+                    async with asyncio.timeout(CHECK_EVERY if until is None else timeout):
+                        await wake.wait()
+                if until is not None and stream.arrived == arrived and not stream.ready and until():
+                    break
+        finally:
+            stopper.cancel()
+            for task in gating:
+                task.cancel()
+            await stream.close()
+
+    async def _consume_fetching(
+        self, spec: ConsumerSpec, handler: Handler, concurrency: int, gate: Gate | None,
+        running: set[asyncio.Task[None]], until: Callable[[], bool] | None,
+        fetch_timeout: float, idle_timeout: float,
+    ) -> None:  # fmt: skip
+        """The loop over ``Puller.fetch``, for a bus whose puller only fetches."""
+        puller = await self.puller(spec)
         while not self._stopping.is_set():
             room = concurrency - len(running)
             if room <= 0:  # every slot taken: wait for a handler to end
@@ -155,10 +262,4 @@ class Consuming(Messaging):
             if not batch and until is not None and until():
                 break
             for d in batch:
-                if gate is not None:
-                    gate.took(d)
-                task = asyncio.create_task(self.settle(spec, d, handler))
-                running.add(task)
-                task.add_done_callback(running.discard)
-        if finish and running:
-            await asyncio.gather(*running, return_exceptions=True)
+                self._start(spec, d, handler, gate, running, running.discard)

@@ -48,6 +48,8 @@ class _Unplugged:
 class TwinBus(Bus):
     """``Bus`` in memory: see the module's docstring for what it simulates."""
 
+    _LIVE_PULL = False  # its pull loop is the one over Puller.fetch
+
     def __init__(self) -> None:
         super().__init__(cast(Any, _Unplugged()), js=cast(Any, _Unplugged()))
         self.streams: dict[str, _Stream] = {}

@@ -1,0 +1,207 @@
+"""``Bus.consume`` keeps one pull request open per consumer (``baton.bus.pull``):
+an idle loop does not re-ask every second, no more is asked for than the loop
+may take (its slots, its gate), a restarted nats-server is survived, and a
+stopped loop leaves nothing reserved on the server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from baton.bus import Bus, Delivery, connect
+from baton.dev.testing import http_json, secure_nats, uid
+from baton.natsd import NatsServer, free_port
+from proto.streams import ConsumerSpec, StreamSpec
+
+
+@pytest.fixture
+def mon_nats(tmp_path: Path) -> Iterator[NatsServer]:
+    """A private nats-server with its monitoring port (``/connz``)."""
+    server = secure_nats(tmp_path / "nats", encrypt=False, monitor_port=free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def bus(mon_nats: NatsServer) -> AsyncIterator[Bus]:
+    b = await connect(mon_nats.url, name="pull-test")
+    yield b
+    await b.close()
+
+
+async def _queue(bus: Bus, ack_wait: float = 30.0) -> tuple[ConsumerSpec, str]:
+    name = uid("PULL").replace("-", "_").upper()
+    subject = name.lower()
+    stream = StreamSpec(name=name, subjects=(f"{subject}.>",), retention="workqueue",
+                        duplicate_window=5.0)  # fmt: skip
+    spec = ConsumerSpec(stream=name, durable="c", filter_subject=f"{subject}.>",
+                        ack_wait=ack_wait, max_deliver=5)  # fmt: skip
+    await bus.provision(streams=[stream], consumers=[spec])
+    return spec, f"{subject}.x"
+
+
+def _in_msgs(server: NatsServer, name: str) -> int:
+    """Messages the server received from the connection called ``name``."""
+    conns = http_json(f"http://127.0.0.1:{server.monitor_port}/connz?limit=1024")["connections"]
+    return sum(c["in_msgs"] for c in conns if c.get("name") == name)
+
+
+async def _stop(bus: Bus, loop: asyncio.Task[None]) -> None:
+    bus.stop()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(loop, 10)
+
+
+async def test_an_idle_consumer_keeps_one_request_open(mon_nats: NatsServer, bus: Bus) -> None:
+    spec, subject = await _queue(bus)
+    idle = await connect(mon_nats.url, name="pull-idle")
+    got: list[float] = []
+    try:
+        loop = asyncio.create_task(idle.consume(spec, lambda d: _note(got)))
+        await asyncio.sleep(1.0)
+        before = _in_msgs(mon_nats, "pull-idle")
+        await asyncio.sleep(6.0)
+        asked = _in_msgs(mon_nats, "pull-idle") - before
+        assert asked <= 1  # fetch() asked ~6 times here (one request per idle second)
+        assert await _delivered_in(bus, subject, got) < 1.0  # the open request delivers at once
+        await _stop(idle, loop)
+    finally:
+        await idle.close()
+
+
+async def _note(got: list[float]) -> None:
+    got.append(time.monotonic())
+
+
+async def _delivered_in(bus: Bus, subject: str, got: list[float]) -> float:
+    """Publish one message; seconds until a loop noting into ``got`` had it
+    (inf: not within 2 s)."""
+    sent = time.monotonic()
+    await bus.publish(subject, b"x")
+    for _ in range(100):
+        if got:
+            return got[0] - sent
+        await asyncio.sleep(0.02)
+    return float("inf")
+
+
+async def test_no_more_is_delivered_than_the_loop_has_slots_for(bus: Bus) -> None:
+    spec, subject = await _queue(bus)
+    for i in range(10):
+        await bus.publish(subject, str(i).encode())
+    done: list[bytes] = []
+
+    async def slow(d: Delivery) -> None:
+        await asyncio.sleep(0.3)
+        done.append(d.data)
+
+    loop = asyncio.create_task(bus.consume(spec, slow, concurrency=2))
+    most = 0
+    while len(done) < 10:
+        info = await bus._js.consumer_info(spec.stream, spec.durable)
+        most = max(most, info.num_ack_pending)
+        assert info.num_waiting <= 2  # no pile of requests either
+        await asyncio.sleep(0.05)
+    await _stop(bus, loop)
+    assert most == 2 and sorted(done) == [str(i).encode() for i in range(10)]
+
+
+class _Gate:
+    """A gate whose room the test sets (and may shrink while a request is open)."""
+
+    def __init__(self, room: int) -> None:
+        self.limit, self.taken = room, 0
+        self.changed = asyncio.Event()
+
+    def room(self) -> int:
+        return self.limit - self.taken
+
+    async def wait(self) -> None:
+        self.changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.changed.wait(), 1.0)
+
+    def took(self, delivery: Delivery) -> None:
+        self.taken += 1
+
+    def release(self) -> None:
+        self.taken -= 1
+        self.changed.set()
+
+
+async def test_a_gate_that_shrinks_under_an_open_request_is_never_exceeded(bus: Bus) -> None:
+    spec, subject = await _queue(bus, ack_wait=2.0)
+    gate = _Gate(5)
+    running, most, done = 0, 0, []
+
+    async def handle(d: Delivery) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(1.0)  # longer than ack_wait / 3: held ones need keeping alive
+        running -= 1
+        done.append(d.data)
+        gate.release()
+
+    loop = asyncio.create_task(bus.consume(spec, handle, gate=gate))
+    await asyncio.sleep(0.5)  # a request for 5 is open
+    gate.limit = 1  # e.g. another tenant borrowed the rest
+    for i in range(3):
+        await bus.publish(subject, str(i).encode())
+    await asyncio.sleep(0.5)  # one runs, the rest are held and the open request withdrawn
+    for i in range(3, 6):
+        await bus.publish(subject, str(i).encode())
+    await asyncio.sleep(0.3)
+    info = await bus._js.consumer_info(spec.stream, spec.durable)
+    # One runs, at most two are held (those on their way when the request was
+    # withdrawn): a request left open would have taken all 5 it asked for.
+    assert info.num_ack_pending <= 3 and info.num_pending >= 3
+    for _ in range(300):
+        if len(done) == 6:
+            break
+        await asyncio.sleep(0.05)
+    await _stop(bus, loop)
+    assert most == 1 and sorted(done) == [str(i).encode() for i in range(6)]
+    info = await bus._js.consumer_info(spec.stream, spec.durable)
+    assert info.num_redelivered == 0  # the held ones were kept alive, not redelivered
+
+
+async def test_the_loop_asks_again_after_nats_restarts(mon_nats: NatsServer, bus: Bus) -> None:
+    spec, subject = await _queue(bus)
+    got: list[float] = []
+    loop = asyncio.create_task(bus.consume(spec, lambda d: _note(got)))
+    await asyncio.sleep(0.5)
+    mon_nats.restart()  # same port, same store; the open request is forgotten
+    for _ in range(100):
+        with contextlib.suppress(Exception):
+            await bus.publish(subject, b"after", msg_id="after-1")
+            break
+        await asyncio.sleep(0.2)
+    for _ in range(100):
+        if got:
+            break
+        await asyncio.sleep(0.05)
+    await _stop(bus, loop)
+    assert len(got) == 1
+
+
+async def test_a_stopped_loop_leaves_nothing_reserved(mon_nats: NatsServer, bus: Bus) -> None:
+    spec, subject = await _queue(bus)  # ack_wait 30 s: a stranded message would wait that long
+    first = await connect(mon_nats.url, name="pull-first")
+    try:
+        loop = asyncio.create_task(first.consume(spec, lambda d: _note([])))
+        await asyncio.sleep(0.5)
+        await _stop(first, loop)  # its connection stays open
+        got: list[float] = []
+        other = asyncio.create_task(bus.consume(spec, lambda d: _note(got)))
+        await asyncio.sleep(0.3)
+        took = await _delivered_in(bus, subject, got)
+        await _stop(bus, other)
+        assert took < 1.0
+    finally:
+        await first.close()
