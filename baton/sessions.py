@@ -49,11 +49,26 @@ class SessionKeys:
     (key -> tenant or ``*``)."""
 
     def __init__(self, api_keys: Mapping[str, str]) -> None:
-        self._by_id = {key_id(k): (k, scope) for k, scope in api_keys.items()}
+        """``api_keys``: the live mapping (the orchestrator withdraws a key
+        from it when the registry rotates or deletes its tenant: that key's
+        sessions end with it). Digests (``sha256:``) open no session: the
+        key itself, which signs them, is not known."""
+        self._keys = api_keys
+        self._ids: dict[str, str] = {}  # key id -> key, for every key seen
+
+    def _found(self, kid: str) -> tuple[str, str] | None:
+        """The key of that id and its scope, while it is configured."""
+        if kid not in self._ids:  # index the keys not indexed yet
+            for k in self._keys:
+                if not k.startswith("sha256:"):
+                    self._ids.setdefault(key_id(k), k)
+        key = self._ids.get(kid)
+        scope = self._keys.get(key) if key is not None else None
+        return (key, scope) if key is not None and scope is not None else None
 
     def scope_of(self, key: str) -> str | None:
         """The scope of an API key (None: not a configured key)."""
-        found = self._by_id.get(key_id(key))
+        found = self._found(key_id(key))
         return found[1] if found is not None and hmac.compare_digest(found[0], key) else None
 
     @staticmethod
@@ -80,7 +95,7 @@ class SessionKeys:
         if len(parts) != 6 or parts[0] != kind:
             return None
         _, kid, scope, nonce, expires, sig = parts
-        found = self._by_id.get(kid)
+        found = self._found(kid)
         if found is None or found[1] != scope or not expires.isdigit():
             return None
         body = ".".join(parts[:5]).encode()
@@ -91,11 +106,14 @@ class SessionKeys:
 
     def key_of(self, grant: Grant) -> str:
         """The API key a verified grant stands for."""
-        return self._by_id[grant.key_id][0]
+        found = self._found(grant.key_id)
+        if found is None:
+            raise KeyError("the key was withdrawn")
+        return found[0]
 
     def csrf(self, grant: Grant) -> str:
         """The CSRF token of a session."""
-        key = self._by_id[grant.key_id][0]
+        key = self.key_of(grant)
         return _b64(hmac.new(self._secret(key), f"csrf.{grant.nonce}".encode(),
                              hashlib.sha256).digest())  # fmt: skip
 

@@ -39,6 +39,19 @@ def test_a_forged_or_altered_token_or_one_whose_key_went_is_refused() -> None:
     assert SessionKeys(dict(KEYS)).verify(token, "session", 10.0) is not None  # a replica
 
 
+def test_a_key_withdrawn_at_run_time_ends_its_sessions() -> None:
+    """The orchestrator withdraws a tenant's configured key when the
+    registry rotates or deletes the tenant: its console sessions go with it."""
+    live = dict(KEYS)
+    keys = SessionKeys(live)
+    token = keys.issue("bk-acme", "session", nonce="n1", expires=1000.0)
+    assert keys.verify(token, "session", now=10.0) is not None
+    del live["bk-acme"]
+    live["sha256:" + "0" * 64] = "acme"  # its new key's digest opens no session
+    assert keys.verify(token, "session", now=10.0) is None
+    assert keys.scope_of("bk-acme") is None
+
+
 def test_the_csrf_token_belongs_to_one_session() -> None:
     keys = SessionKeys(KEYS)
     a = keys.verify(keys.issue("bk-acme", "session", nonce="a", expires=99), "session", 1)
