@@ -524,10 +524,16 @@ def tenant_where(tenant: str, data_dir: DataDir = Path(".data"), nats_url: Tenan
         return
     print(f"{tenant}: region {doc['region'] or '(none: anywhere)'}")
     for row in doc["streams"]:
-        servers = ", ".join(f"{s['name']} [{' '.join(s['tags']) or 'untagged'}]"
-                            for s in row["servers"])  # fmt: skip
-        placement = " ".join(row["placement"]) or "-"
-        print(f"{row['account']}\t{row['stream']}\tplacement {placement}\t{servers}")
+        print(_where_row(row))
+    for row in doc.get("context", []):  # its history and attachments: the store's pair
+        print(_where_row(row) + "\t(context store; shared)")
+
+
+def _where_row(row: dict[str, Any]) -> str:
+    servers = ", ".join(f"{s['name']} [{' '.join(s['tags']) or 'untagged'}]"
+                        for s in row["servers"]) or "(not made yet)"  # fmt: skip
+    placement = " ".join(row["placement"]) or "-"
+    return f"{row['account']}\t{row['stream']}\tplacement {placement}\t{servers}"
 
 
 # ``baton tenant <op> TENANT``: ``TenantAdmin.<op>(tenant)``; help; what it prints.

@@ -370,7 +370,9 @@ class TenantAdmin:
         assert self.op is not None and self.sys is not None
         replicas = await residency.where(self.op, tenant)
         tags = await residency.server_tags(self.sys)
-        return residency.report(tenant, await self.region(tenant), replicas, tags)
+        region = await self.region(tenant)
+        context = await residency.context_where(self.op, region)
+        return residency.report(tenant, region, replicas, tags, context)
 
     # -- pushes ------------------------------------------------------------------
 

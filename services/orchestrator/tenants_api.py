@@ -113,7 +113,8 @@ def add_tenant_routes(
     @app.get("/v1/tenants/{tenant}/where", dependencies=[Depends(operator)], responses=RESPONSES)
     async def tenant_where(tenant: str) -> dict[str, Any]:
         """Where the tenant's data lives: each of its streams, its placement
-        tags and the servers (with their tags) holding its replicas."""
+        tags and the servers (with their tags) holding its replicas; and
+        (``context``) the context store's stream pair its history is in."""
         t = checked(tenant)
         result: dict[str, Any] = await run(lambda a: a.residency(t))
         return result
