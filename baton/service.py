@@ -156,7 +156,8 @@ def caller_scope(
     ) -> str | None:
         refuse_cross_site(request)
         key = credentials.credentials.strip() if credentials else ""
-        tenant = api_keys.get(key) if key else None
+        # (a presented "sha256:..." is a digest, not a key: never looked up as one)
+        tenant = api_keys.get(key) if key and not key.startswith("sha256:") else None
         if tenant is None and key:  # a tenant created at run time (baton.tenants)
             tenant = api_keys.get("sha256:" + hashlib.sha256(key.encode()).hexdigest())
         cookie = request.cookies.get(S.COOKIE)

@@ -7,12 +7,14 @@ the raw store, one audit record)."""
 from __future__ import annotations
 
 import asyncio
+import http.cookies
 import json
 import os
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ import nats.errors
 import pytest
 
 from baton import audit
+from baton import sessions as S
 from baton.bus import Bus, connect
 from baton.dev.testing import Client, LocalStack, connect_nats, http_get, secure_nats, uid
 from baton.natsd import NatsServer
@@ -271,11 +274,44 @@ def _http(url: str, key: str, body: dict[str, Any] | None = None,
         return e.code, json.loads(e.read())
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any) -> None:
+        return None
+
+
+def _console_login(url: str, key: str) -> str:
+    """Log in to the run console at ``url`` by a login link for ``key``
+    (``baton console``'s way); returns the session cookie."""
+    status, doc = _http(f"{url}/ui/login-link", key, {})
+    assert status == 200 and doc["path"].startswith("/ui/login?token="), doc
+    token = doc["path"].split("token=", 1)[1]
+    with urllib.request.urlopen(f"{url}{doc['path']}", timeout=10) as r:  # the link's page
+        assert b"Continue" in r.read()
+    form = urllib.parse.urlencode({"token": token}).encode()
+    try:
+        urllib.request.build_opener(_NoRedirect).open(f"{url}/ui/login", form, timeout=10)
+        raise AssertionError("no redirect")
+    except urllib.error.HTTPError as e:
+        assert e.code == 303 and e.headers["Location"] == "/ui/", (e.code, e.headers)
+        cookie = http.cookies.SimpleCookie(e.headers["Set-Cookie"])[S.COOKIE]
+    return f"{S.COOKIE}={cookie.value}"
+
+
+def _with_cookie(url: str, cookie: str) -> tuple[int, Any]:
+    req = urllib.request.Request(url, headers={"Cookie": cookie})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
 async def _until_status(urls: list[str], key: str, want: int, what: str) -> float:
-    """Seconds until every one of ``urls`` answers ``key`` with ``want``."""
+    """Seconds until every one of ``urls`` answers ``key`` (or, one
+    starting with ``baton_session=``, that session cookie) with ``want``."""
     started = time.monotonic()
     while True:
-        got = [_http(u, key)[0] for u in urls]
+        got = [(_with_cookie if key.startswith(S.COOKIE) else _http)(u, key)[0] for u in urls]
         if all(g == want for g in got):
             return time.monotonic() - started
         assert time.monotonic() - started < 10, f"{what}: {got}, not {want}"
@@ -326,6 +362,15 @@ async def test_a_created_tenants_http_key_follows_its_lifecycle_on_every_replica
         status, body = _http(f"{a.url}/v1/tenants", key)  # the operator's API only
         assert status == 403 and body["error"]["code"] == "forbidden", body
 
+        # Its key (only its digest is known) opens a console session, valid on both replicas.
+        session = _console_login(a.url, key)
+        for url in (a.url, b.url):
+            status, me = _with_cookie(f"{url}/ui/session", session)
+            assert status == 200 and me["scope"] == "keyco" and me["tenants"] == ["keyco"], me
+            status, page = _with_cookie(f"{url}/v1/tasks", session)
+            assert status == 200, page
+            assert [t["task_id"] for t in page["tasks"]] == [accepted["task_id"]], page
+
         # Rotation: the old key refused on both replicas, the new one accepted.
         status, rotated = _http(f"{a.url}/v1/tenants/keyco/rotate", operator, {})
         assert status == 200 and rotated["api_key"] != key, rotated
@@ -333,6 +378,9 @@ async def test_a_created_tenants_http_key_follows_its_lifecycle_on_every_replica
         took = await _until_status(urls, key, 401, "old key after rotate")
         print(f"\nrotate -> old key refused on both replicas and the store after "
               f"{took * 1000:.0f} ms")  # fmt: skip
+        # ... and the console session it opened, on both replicas
+        await _until_status([f"{u}/{p}" for u in (a.url, b.url) for p in ("ui/session", "v1/tasks")],
+                            session, 401, "the old key's session after rotate")  # fmt: skip
         status, body = _http(task, key)
         assert body["error"]["code"] == "unauthorized", body
         new = rotated["api_key"]
@@ -347,9 +395,12 @@ async def test_a_created_tenants_http_key_follows_its_lifecycle_on_every_replica
         assert _http(task_c, key)[0] == 401
 
         # Suspended: refused with the one error body, data kept (the operator reads it).
+        session = _console_login(c.url, new)  # the new key's session
+        assert _with_cookie(f"{a.url}/v1/tasks", session)[0] == 200
         assert _http(f"{a.url}/v1/tenants/keyco/suspend", operator, {})[0] == 200
         urls = [task_a, task_c, stats]
         await _until_status(urls, new, 403, "suspended")
+        await _until_status([task_a, task_c], session, 403, "suspended (session)")
         status, body = _http(task_c, new)
         assert body["error"]["code"] == "tenant_suspended" and body["error"]["type"], body
         assert _http(f"{task_c}?tenant=keyco", operator)[1]["status"] == "completed"
@@ -359,6 +410,7 @@ async def test_a_created_tenants_http_key_follows_its_lifecycle_on_every_replica
         # Deleted: refused (unknown key) everywhere.
         assert _http(f"{a.url}/v1/tenants/keyco", operator, method="DELETE")[0] == 200
         await _until_status(urls, new, 401, "deleted")
+        await _until_status([task_a, task_c], session, 401, "deleted (session)")
         assert _http(f"{a.url}/v1/tasks", acme)[0] == 200  # the other tenant's key still works
         for secret in (key, new):  # in no log (retired replicas' too), no file
             assert not _stored_anywhere(stack.workdir, secret)
