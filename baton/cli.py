@@ -486,11 +486,20 @@ def tenant_create(tenant: str, data_dir: DataDir = Path(".data"),
                   region: Annotated[str | None, typer.Option(
                       help="Keep its data on servers tagged region:<REGION>")] = None,
                   ) -> None:  # fmt: skip
-    """Create a tenant on the running stack; prints its .creds file once it can submit."""
+    """Create a tenant on the running stack; once it can submit, prints its .creds
+    file, then its HTTP API key: shown this once, only its sha256 is kept."""
     _id(tenant, "tenant")
     if region is not None:
         _id(region, "region")
-    print(_tenant_op(data_dir, nats_url, lambda admin: admin.create(tenant, region)))
+    _print_made(_tenant_op(data_dir, nats_url, lambda admin: admin.create(tenant, region)))
+
+
+def _print_made(made: Any) -> None:
+    """A created or rotated tenant's ``.creds`` path and API key (one line each)."""
+    print(made.creds)
+    print(made.api_key)
+    print("(the second line is the tenant's HTTP API key: shown once, not stored; "
+          "pass it as --api-key / BATON_API_KEY)", file=sys.stderr)  # fmt: skip
 
 
 @tenant_app.command("region")
@@ -515,10 +524,16 @@ def tenant_where(tenant: str, data_dir: DataDir = Path(".data"), nats_url: Tenan
         return
     print(f"{tenant}: region {doc['region'] or '(none: anywhere)'}")
     for row in doc["streams"]:
-        servers = ", ".join(f"{s['name']} [{' '.join(s['tags']) or 'untagged'}]"
-                            for s in row["servers"])  # fmt: skip
-        placement = " ".join(row["placement"]) or "-"
-        print(f"{row['account']}\t{row['stream']}\tplacement {placement}\t{servers}")
+        print(_where_row(row))
+    for row in doc.get("context", []):  # its history and attachments: the store's pair
+        print(_where_row(row) + "\t(context store; shared)")
+
+
+def _where_row(row: dict[str, Any]) -> str:
+    servers = ", ".join(f"{s['name']} [{' '.join(s['tags']) or 'untagged'}]"
+                        for s in row["servers"]) or "(not made yet)"  # fmt: skip
+    placement = " ".join(row["placement"]) or "-"
+    return f"{row['account']}\t{row['stream']}\tplacement {placement}\t{servers}"
 
 
 # ``baton tenant <op> TENANT``: ``TenantAdmin.<op>(tenant)``; help; what it prints.
@@ -526,7 +541,8 @@ _TENANT_OPS = [
     ("suspend", "Refuse the tenant's new tasks (failed: tenant_suspended); its data and running "
      "tasks stay.", "{t}: suspended"),
     ("resume", "Accept the suspended tenant's tasks again.", "{t}: active"),
-    ("rotate", "New .creds for the tenant; the server refuses the old one from now on.", "{out}"),
+    ("rotate", "New .creds and HTTP API key for the tenant (printed as by create); the "
+     "old ones are refused from now on.", ""),
     ("delete", "Erase the tenant's data everywhere (audited), then revoke its credentials.",
      "{t}: {out} sessions erased, credentials revoked, tenant deleted"),
 ]  # fmt: skip
@@ -536,7 +552,10 @@ def _tenant_command(op: str, doc: str, said: str) -> None:
     def run(tenant: str, data_dir: DataDir = Path(".data"), nats_url: TenantNats = None) -> None:
         _id(tenant, "tenant")
         out = _tenant_op(data_dir, nats_url, lambda admin: getattr(admin, op)(tenant))
-        print(said.format(t=tenant, out=out))
+        if said:
+            print(said.format(t=tenant, out=out))
+        else:
+            _print_made(out)
 
     run.__doc__ = doc
     tenant_app.command(op)(run)
@@ -560,14 +579,17 @@ def tenant_list(data_dir: DataDir = Path(".data"), nats_url: TenantNats = None,
 
 @tenant_app.command("key")
 def tenant_key(tenant: str, data_dir: DataDir = Path(".data")) -> None:
-    """Print the tenant's HTTP API key (a bearer key, written by `baton up`)."""
+    """Print the HTTP API key `baton up` wrote for a tenant of BATON_TENANTS (a bearer
+    key; a tenant created at run time has its key shown once, by create or rotate)."""
     from baton.credentials import key_path
 
     _id(tenant, "tenant")
     key = _stored_key(data_dir, tenant)
     if key is None:
         fail(f"no API key for tenant {tenant!r} at {key_path(data_dir, tenant)}: start the "
-             "stack with BATON_TENANTS including it (`make up`)", EXIT_USAGE)  # fmt: skip
+             "stack with BATON_TENANTS including it (`make up`); a tenant created or rotated "
+             "at run time had its key printed once (`baton tenant rotate` issues another)",
+             EXIT_USAGE)  # fmt: skip
     print(key)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from baton import accounts
-from baton.bus import Bus
+from baton.bus import Bus, NotFound
 from proto import streams
 
 
@@ -81,11 +81,35 @@ async def where(op_bus: Bus, tenant: str) -> tuple[Replica, ...]:
     return tuple(out)
 
 
+async def context_where(op_bus: Bus, region: str) -> tuple[Replica, ...]:
+    """The context store's stream pair holding the tenant's history and
+    attachments (``proto.streams.context_home``): its region's
+    ``BATON_CONTEXT_IN_<r>`` pair, shared by that region's tenants, or the
+    shared ``BATON_CONTEXT`` pair. A pair the store has not made yet (no
+    store has served the region) has no servers."""
+    home = streams.context_home(region)
+    out = []
+    for spec in (home.log, home.attachments):
+        try:
+            info = await op_bus.stream_info(spec.name)
+            out.append(Replica(spec.name, accounts.BATON_ACCOUNT, info.placement_tags,
+                               info.servers))  # fmt: skip
+        except NotFound:
+            out.append(Replica(spec.name, accounts.BATON_ACCOUNT, spec.placement_tags, ()))
+    return tuple(out)
+
+
 def report(tenant: str, region: str, replicas: tuple[Replica, ...],
-           tags: dict[str, tuple[str, ...]]) -> dict[str, Any]:  # fmt: skip
+           tags: dict[str, tuple[str, ...]],
+           context: tuple[Replica, ...] = ()) -> dict[str, Any]:  # fmt: skip
     """The document ``baton tenant where --json`` prints and ``GET
-    /v1/tenants/<t>/where`` answers."""
-    rows = [{"stream": r.stream, "account": r.account, "placement": list(r.placement_tags),
-             "servers": [{"name": s, "tags": list(tags.get(s, ()))} for s in r.servers]}
-            for r in replicas]  # fmt: skip
-    return {"tenant": tenant, "region": region or None, "streams": rows}
+    /v1/tenants/<t>/where`` answers: ``streams``, the tenant's own;
+    ``context``, the context store's pair its history is in (shared)."""
+
+    def rows(replicas: tuple[Replica, ...]) -> list[dict[str, Any]]:
+        return [{"stream": r.stream, "account": r.account, "placement": list(r.placement_tags),
+                 "servers": [{"name": s, "tags": list(tags.get(s, ()))} for s in r.servers]}
+                for r in replicas]  # fmt: skip
+
+    return {"tenant": tenant, "region": region or None, "streams": rows(replicas),
+            "context": rows(context)}  # fmt: skip

@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Container, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,10 +33,11 @@ from baton import http_errors, logs, tracing
 from baton import sessions as S
 from baton.bus import Bus, connect, tls_context
 from baton.credentials import OPERATOR_SCOPE
-from baton.http_errors import ErrorBody, ErrorDetail
+from baton.http_errors import ApiError, ErrorBody, ErrorDetail
 from baton.metrics import mount_metrics
 from baton.settings import CommonSettings
 from baton.urls import redact
+from proto.errors import ErrorCode
 
 log = structlog.get_logger("baton.service")
 
@@ -122,7 +123,9 @@ def refuse_cross_site(request: Request) -> None:
 
 
 def caller_scope(
-    api_keys: dict[str, str], sessions: S.SessionKeys | None = None
+    api_keys: dict[str, str],
+    sessions: S.SessionKeys | None = None,
+    suspended: Container[str] = frozenset(),
 ) -> Callable[..., str | None]:
     """A FastAPI dependency: the tenant the caller's bearer key belongs to.
 
@@ -135,6 +138,8 @@ def caller_scope(
     stands for the key that opened it; a state-changing call with it needs
     the session's CSRF token in ``X-Baton-CSRF``. Every state-changing call
     a browser sends from another origin is refused (``refuse_cross_site``).
+    A key (or session) of a tenant in ``suspended`` (the registry's, kept
+    live by the orchestrator) is refused with 403 ``tenant_suspended``.
     """
     if not api_keys:
 
@@ -155,7 +160,8 @@ def caller_scope(
     ) -> str | None:
         refuse_cross_site(request)
         key = credentials.credentials.strip() if credentials else ""
-        tenant = api_keys.get(key) if key else None
+        # (a presented "sha256:..." is a digest, not a key: never looked up as one)
+        tenant = api_keys.get(key) if key and not key.startswith("sha256:") else None
         if tenant is None and key:  # a tenant created at run time (baton.tenants)
             tenant = api_keys.get("sha256:" + hashlib.sha256(key.encode()).hexdigest())
         cookie = request.cookies.get(S.COOKIE)
@@ -173,6 +179,8 @@ def caller_scope(
                 "a valid API key is required (Authorization: Bearer ...)",
                 headers={"WWW-Authenticate": "Bearer"},
             )
+        if tenant in suspended:
+            raise ApiError(ErrorCode.TENANT_SUSPENDED, f"tenant {tenant!r} is suspended")
         return None if tenant == OPERATOR_SCOPE else tenant
 
     return scope

@@ -65,6 +65,20 @@ def key_digest(api_key: str) -> str:
     return "sha256:" + hashlib.sha256(api_key.encode()).hexdigest()
 
 
+def new_api_key() -> str:
+    """A fresh HTTP API key for a tenant (shown once; the registry keeps its digest)."""
+    return f"bk-{new_secret()}"
+
+
+@dataclass(frozen=True)
+class Created:
+    """What creating or rotating a tenant hands out: its ``.creds`` file and
+    its HTTP API key, which exists nowhere else (only its digest is kept)."""
+
+    creds: Path
+    api_key: str = dataclasses.field(repr=False)
+
+
 @dataclass(frozen=True)
 class TenantState:
     tenant: str
@@ -91,6 +105,34 @@ class TenantState:
         return cls(tenant, state if state in STATES else ACTIVE, float(doc.get("changed_at", 0)),
                    str(doc.get("api_key", "")), str(doc.get("region") or ""),
                    str(doc.get("account") or ""))  # fmt: skip
+
+
+def withdraw_keys(api_keys: dict[str, str] | None, tenant: str, *, configured: bool) -> None:
+    """Stop accepting ``tenant``'s HTTP API keys issued through the
+    registry (``sha256:`` digests); ``configured``: its BATON_API_KEYS key
+    too (the registry holds a newer key for it — a rotation — or it is
+    deleted): from then on the registry alone decides the tenant's key."""
+    if not api_keys:
+        return
+    for k in [k for k, v in api_keys.items()
+              if v == tenant and (configured or k.startswith("sha256:"))]:  # fmt: skip
+        del api_keys[k]
+
+
+def apply_keys(api_keys: dict[str, str], suspended: set[str], entry: TenantState) -> None:
+    """A service's live HTTP API keys (with keys on) after one registry
+    entry: its digest is the tenant's key (a configured one withdrawn), a
+    suspended tenant's key refused by ``caller_scope`` (403), a deleted
+    tenant's keys all withdrawn. (The orchestrator's own follow adds a
+    run-time tenant's key once it serves the tenant.)"""
+    t, deleted = entry.tenant, entry.state == DELETED
+    withdraw_keys(api_keys, t, configured=bool(entry.api_key) or deleted)
+    if entry.state == SUSPENDED:
+        suspended.add(t)
+    else:
+        suspended.discard(t)
+    if entry.api_key and not deleted:
+        api_keys[entry.api_key] = t
 
 
 async def read_registry(bus: Bus) -> dict[str, TenantState]:
@@ -265,14 +307,20 @@ class TenantAdmin:
                 out[entry.key] = TenantState.decode(entry.key, entry.value).state
         return {t: s for t, s in sorted(out.items()) if s != DELETED}
 
-    async def _set(self, tenant: str, state: str, region: str | None = None) -> None:
+    async def _set(
+        self, tenant: str, state: str, region: str | None = None, digest: str | None = None
+    ) -> None:
         """Record ``state``; the region stays what it was unless given, so
-        do the API key's digest and the account when this admin lacks them."""
+        do the API key's digest (unless ``digest``: a key just issued) and
+        the account when this admin lacks them. A tenant of BATON_TENANTS
+        never given a key here keeps the digest of its configured key."""
         assert self.op is not None
         kv = await self._registry()
         before = (await read_registry(self.op)).get(tenant)
-        key = self.creds.api_keys.get(tenant)
-        digest = key_digest(key) if key else (before.api_key if before else "")
+        if digest is None:
+            digest = before.api_key if before is not None and before.state != DELETED else ""
+        if not digest and (static := self.creds.api_keys.get(tenant)):
+            digest = key_digest(static)
         if region is None:
             region = before.region if before is not None and before.state != DELETED else ""
         account = self.creds.nkeys.get(f"account:{tenant}")
@@ -322,7 +370,9 @@ class TenantAdmin:
         assert self.op is not None and self.sys is not None
         replicas = await residency.where(self.op, tenant)
         tags = await residency.server_tags(self.sys)
-        return residency.report(tenant, await self.region(tenant), replicas, tags)
+        region = await self.region(tenant)
+        context = await residency.context_where(self.op, region)
+        return residency.report(tenant, region, replicas, tags, context)
 
     # -- pushes ------------------------------------------------------------------
 
@@ -380,10 +430,11 @@ class TenantAdmin:
 
     # -- steps -------------------------------------------------------------------
 
-    async def create(self, tenant: str, region: str | None = None) -> Path:
-        """A new tenant: its account, its ``.creds``, URL and API key files,
-        BATON's import of its JetStream API, then the registry entry (with
-        its ``region``: the orchestrator places its streams there)."""
+    async def create(self, tenant: str, region: str | None = None) -> Created:
+        """A new tenant: its account, its ``.creds`` and URL files, BATON's
+        import of its JetStream API, then the registry entry (with its
+        ``region``: the orchestrator places its streams there, and with the
+        digest of a fresh HTTP API key, returned here and stored nowhere)."""
         accounts.check_tenant(tenant)
         if _revoking(tenant) in self.creds.nkeys:
             raise TenantError(f"tenant {tenant!r} is not deleted yet: run its delete again")
@@ -399,7 +450,7 @@ class TenantAdmin:
             if tenant in self.creds.deleted:  # made anew: a restart keeps it from now on
                 self.creds.deleted.remove(tenant)
             self.creds.add_nkeys([*account_tenants(self.creds), tenant])
-            self.creds.api_keys.setdefault(tenant, f"bk-{new_secret()}")
+            self.creds.api_keys.pop(tenant, None)  # (an older version stored it)
             self.creds.nkeys[marker] = str(int(time.time()))
             self.creds.save()
         # Each step is idempotent: a call that failed (a push timed out in an
@@ -408,11 +459,12 @@ class TenantAdmin:
         await self._push_baton()
         self._write_files(tenant)
         self._add_region(region)
-        await self._set(tenant, ACTIVE, region or "")
+        api_key = new_api_key()  # (a create resumed issues another: the first was never shown)
+        await self._set(tenant, ACTIVE, region or "", digest=key_digest(api_key))
         del self.creds.nkeys[marker]
         self.creds.save()
         await self.wait_served(tenant)
-        return creds_path(self.data_dir, tenant)
+        return Created(creds_path(self.data_dir, tenant), api_key)
 
     async def wait_served(self, tenant: str, timeout: float = 30.0) -> None:
         """Until the orchestrator serves ``tenant``: its task stream and
@@ -440,7 +492,6 @@ class TenantAdmin:
         write_private(creds_path(self.data_dir, tenant),
                       accounts.user_creds(keys, tenant, account_tenants(self.creds)))  # fmt: skip
         write_private(self.data_dir / "tenants" / f"{tenant}.url", self.address + "\n")
-        write_private(key_path(self.data_dir, tenant), self.creds.api_keys[tenant] + "\n")
 
     async def _delete_streams(self, tenant: str) -> None:
         """Delete the streams only ``tenant``'s data lives in (its task
@@ -533,9 +584,11 @@ class TenantAdmin:
         await self._known(tenant)
         await self._set(tenant, ACTIVE)
 
-    async def rotate(self, tenant: str) -> Path:
-        """A new user nkey and ``.creds``; the old user revoked (refused by the server)."""
-        await self._known(tenant, signs=True)
+    async def rotate(self, tenant: str) -> Created:
+        """A new user nkey and ``.creds``, the old user revoked (refused by
+        the server); then a new HTTP API key, whose digest replaces the old
+        one's in the registry (every orchestrator refuses the old key)."""
+        state = await self._known(tenant, signs=True)
         old = self.creds.keys().users[tenant].public
         revoked = _revocations(self.creds, tenant)
         revoked[old] = int(time.time()) + 1  # every JWT of that key, issued up to now
@@ -544,7 +597,11 @@ class TenantAdmin:
         self.creds.save()
         await self._push_tenant(tenant)
         self._write_files(tenant)
-        return creds_path(self.data_dir, tenant)
+        api_key = new_api_key()
+        await self._set(tenant, state, digest=key_digest(api_key))
+        # A BATON_TENANTS tenant's configured key (``baton up``'s file) is refused from now on.
+        key_path(self.data_dir, tenant).unlink(missing_ok=True)
+        return Created(creds_path(self.data_dir, tenant), api_key)
 
     async def delete(self, tenant: str) -> int:
         """Erase the tenant's data, then refuse its credentials and forget

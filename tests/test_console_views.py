@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from baton.sessions import SessionKeys, same_origin
+import pytest
+from fastapi import HTTPException
+from fastapi.security import HTTPAuthorizationCredentials
+from starlette.requests import Request
+
+from baton.service import caller_scope
+from baton.sessions import SessionKeys, key_id, same_origin
+from baton.tenants import key_digest
 from proto.errors import ErrorCode
 from proto.messages import ErrorInfo, InferenceJob
 from services.orchestrator import transitions as T
@@ -37,6 +44,75 @@ def test_a_forged_or_altered_token_or_one_whose_key_went_is_refused() -> None:
     assert SessionKeys({"bk-op": "*"}).verify(token, "session", 10.0) is None  # key removed
     assert SessionKeys({"bk-acme": "globex"}).verify(token, "session", 10.0) is None  # moved
     assert SessionKeys(dict(KEYS)).verify(token, "session", 10.0) is not None  # a replica
+
+
+def test_a_key_withdrawn_at_run_time_ends_its_sessions() -> None:
+    """The orchestrator withdraws a tenant's configured key when the
+    registry rotates or deletes the tenant: its console sessions go with it."""
+    live = dict(KEYS)
+    keys = SessionKeys(live)
+    token = keys.issue("bk-acme", "session", nonce="n1", expires=1000.0)
+    assert keys.verify(token, "session", now=10.0) is not None
+    del live["bk-acme"]
+    live[key_digest("bk-acme2")] = "acme"  # its new key, known by its digest
+    assert keys.verify(token, "session", now=10.0) is None
+    assert keys.scope_of("bk-acme") is None
+    assert keys.verify(keys.issue("bk-acme2", "session", nonce="n2", expires=1000.0),
+                       "session", now=10.0) is not None  # fmt: skip
+
+
+def test_a_key_known_only_by_its_digest_opens_a_session_like_a_configured_one() -> None:
+    """A tenant created at run time: the registry (and so the live keys)
+    holds only ``sha256:<hex>`` of its key; a replica with only the digest
+    verifies what another issued, and the configured keys' tokens still work."""
+    live = {**KEYS, key_digest("bk-globex"): "globex"}
+    keys = SessionKeys(live)
+    assert keys.scope_of("bk-globex") == "globex"
+    assert keys.scope_of(key_digest("bk-globex")) is None  # the digest is not the key
+    assert keys.scope_of("bk-globe") is None
+    login = keys.issue("bk-globex", "login", nonce="l1", expires=1000.0)
+    link = keys.verify(login, "login", now=10.0)
+    assert link is not None and link.scope == "globex" and link.key_id == key_id("bk-globex")
+    token = keys.issue_for(link.key_id, "session", nonce="n1", expires=1000.0,
+                           scope=link.scope)  # no key needed  # fmt: skip
+    with pytest.raises(KeyError):  # not for another scope than the grant's
+        keys.issue_for(link.key_id, "session", nonce="n1", expires=1000.0, scope="*")
+    grant = SessionKeys({key_digest("bk-globex"): "globex"}).verify(token, "session", 10.0)
+    assert grant is not None and grant.scope == "globex"
+    csrf = keys.csrf(grant)
+    assert keys.csrf_ok(grant, csrf) and not keys.csrf_ok(grant, "x")
+    # the same key configured in plaintext signs the same tokens
+    assert SessionKeys({"bk-globex": "globex"}).verify(token, "session", 10.0) == grant
+    kind, kid, scope, nonce, expires, sig = token.split(".")
+    for bad in (f"{kind}.{kid}.*.{nonce}.{expires}.{sig}",
+                f"{kind}.{kid}.{scope}.{nonce}.9999999.{sig}",
+                f"{kind}.{kid}.{scope}.{nonce}.{expires}.{sig[:-2]}AA",
+                f"{kind}.{kid[:-1]}0.{scope}.{nonce}.{expires}.{sig}"):  # fmt: skip
+        assert keys.verify(bad, "session", now=10.0) is None, bad
+    op = keys.issue("bk-op", "session", nonce="o", expires=1000.0)  # a configured key's
+    assert keys.verify(op, "session", now=10.0) is not None
+    del live[key_digest("bk-globex")]  # rotated or deleted: withdrawn
+    assert keys.verify(token, "session", now=10.0) is None
+    assert not keys.csrf_ok(grant, csrf)  # nor its CSRF token
+    with pytest.raises(KeyError):
+        keys.issue_for(link.key_id, "session", nonce="n2", expires=1000.0)
+    assert keys.scope_of("bk-globex") is None
+    assert keys.verify(op, "session", now=10.0) is not None  # other keys' sessions stay
+
+
+def test_a_digest_presented_as_a_bearer_key_is_refused() -> None:
+    """Whoever reads a digest in the registry does not hold the key: the
+    HTTP API refuses ``Authorization: Bearer sha256:<hex>``."""
+    scope = caller_scope({key_digest("bk-globex"): "globex"})
+    request = Request({"type": "http", "method": "GET", "headers": [], "path": "/v1/tasks"})
+
+    def bearer(key: str) -> HTTPAuthorizationCredentials:
+        return HTTPAuthorizationCredentials(scheme="Bearer", credentials=key)
+
+    assert scope(request, bearer("bk-globex")) == "globex"
+    with pytest.raises(HTTPException) as refused:
+        scope(request, bearer(key_digest("bk-globex")))
+    assert refused.value.status_code == 401
 
 
 def test_the_csrf_token_belongs_to_one_session() -> None:

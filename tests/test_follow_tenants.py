@@ -15,7 +15,7 @@ import pytest
 
 from baton.bus import connect
 from baton.natsd import NatsServer
-from baton.tenants import ACTIVE, DELETED, TenantState, key_digest
+from baton.tenants import ACTIVE, DELETED, SUSPENDED, TenantState, apply_keys, key_digest
 from proto import streams
 from services.orchestrator import service
 
@@ -64,3 +64,55 @@ async def test_a_new_tenant_is_served_after_many_failed_tries_and_a_deleted_one_
         follow.cancel()
         await asyncio.gather(follow, return_exceptions=True)
         await bus.close()
+
+
+async def test_the_registry_decides_a_tenants_http_key_once_it_holds_one(
+    own_nats: NatsServer,
+) -> None:
+    """A tenant of BATON_TENANTS keeps its configured key until the registry
+    holds a key for it (a rotation): from then on that one alone; a
+    suspended tenant's key stays known (the API refuses it with 403
+    ``tenant_suspended``), a deleted tenant's keys are all withdrawn."""
+    bus = await connect(own_nats.url, name="follow-keys")
+    kv = await bus.ensure_bucket(streams.TENANTS)
+    known: set[str] = {"acme"}
+    api_keys = {"bk-operator": "*", "bk-acme": "acme"}
+
+    async def add(t: str, region: str) -> None:
+        known.add(t)
+
+    intake = SimpleNamespace(suspended=set())
+    follow = asyncio.create_task(
+        service.follow_tenants(bus, intake, known, add, lambda: None, api_keys)  # type: ignore[arg-type]
+    )
+    try:
+        await kv.put("acme", TenantState("acme", ACTIVE, time.time()).encode())
+        await asyncio.sleep(0.3)
+        assert api_keys == {"bk-operator": "*", "bk-acme": "acme"}  # no key recorded: kept
+        rotated = key_digest("bk-rotated")
+        await kv.put("acme", TenantState("acme", ACTIVE, time.time(), rotated).encode())
+        await _until(lambda: api_keys == {"bk-operator": "*", rotated: "acme"})
+        await kv.put("acme", TenantState("acme", SUSPENDED, time.time(), rotated).encode())
+        await _until(lambda: "acme" in intake.suspended)
+        assert api_keys == {"bk-operator": "*", rotated: "acme"}
+        await kv.put("acme", TenantState("acme", DELETED, time.time()).encode())
+        await _until(lambda: api_keys == {"bk-operator": "*"})
+    finally:
+        follow.cancel()
+        await asyncio.gather(follow, return_exceptions=True)
+        await bus.close()
+
+
+def test_a_services_keys_follow_each_registry_entry() -> None:
+    """``apply_keys`` (the context store's follow): a configured key until the
+    registry holds one, then the registry's; suspended marked; deleted gone."""
+    keys, suspended = {"bk-op": "*", "bk-acme": "acme"}, set[str]()
+    apply_keys(keys, suspended, TenantState("acme", ACTIVE, 1.0))
+    assert keys == {"bk-op": "*", "bk-acme": "acme"}
+    new = key_digest("bk-new")
+    apply_keys(keys, suspended, TenantState("acme", SUSPENDED, 2.0, new))
+    assert keys == {"bk-op": "*", new: "acme"} and suspended == {"acme"}
+    apply_keys(keys, suspended, TenantState("acme", ACTIVE, 3.0, new))
+    assert suspended == set()
+    apply_keys(keys, suspended, TenantState("acme", DELETED, 4.0))
+    assert keys == {"bk-op": "*"}

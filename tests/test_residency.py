@@ -106,9 +106,17 @@ async def test_a_tenant_of_region_eu_keeps_every_stream_on_eu_servers(
         assert len(row["servers"]) == REPLICAS, row
         for server in row["servers"]:
             assert server["tags"] == ["region:eu"], row
+    # Its history and attachments: the context store's pair of region eu.
+    assert [r["stream"] for r in doc["context"]] == ["BATON_CONTEXT_IN_eu",
+                                                     "BATON_CONTEXT_ATTACHMENTS_IN_eu"]  # fmt: skip
+    for row in doc["context"]:
+        assert row["account"] == "BATON" and row["placement"] == ["region:eu"], row
+        assert {s["name"] for s in row["servers"]} <= {"n1", "n2"}, row
+    assert doc["context"][0]["servers"], doc["context"]  # its history is there
     text = _where(cluster, "euco", text=True)
     print(text)
-    assert text.startswith("euco: region eu\n") and text.count("placement region:eu") == 3
+    assert text.startswith("euco: region eu\n") and text.count("placement region:eu") == 5
+    assert "BATON_CONTEXT_IN_eu" in text and text.count("(context store; shared)") == 2
     # The check above can fail: the shared streams are placed anywhere,
     # the us server among them.
     everywhere = set().union(*(_held(cluster, baton, s.name) for s in streams.ORCHESTRATOR_STREAMS))
@@ -121,6 +129,7 @@ async def test_a_tenant_without_a_region_is_placed_as_before(
     doc = _where(cluster, "acme")
     assert doc["region"] is None
     assert len(doc["streams"]) == 3
+    assert [r["stream"] for r in doc["context"]] == ["BATON_CONTEXT", "BATON_CONTEXT_ATTACHMENTS"]
     for row in doc["streams"]:
         assert row["placement"] == [], row
         assert len(row["servers"]) == REPLICAS, row

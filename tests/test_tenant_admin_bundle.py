@@ -122,6 +122,9 @@ async def test_the_bundle_alone_creates_suspends_rotates_and_deletes_a_tenant(
     base = f"{stack.orchestrator.url}/v1/tenants"
     status, body = _call(base, {"tenant": "bundleco"})
     assert status == 201, body
+    # Its HTTP API key is answered once: the pod's copy of the bundle keeps none.
+    assert body["api_key"].startswith("bk-")
+    assert not [p for p in bundle.rglob("*") if p.is_file() and body["api_key"] in p.read_text()]
     creds = tmp_path / "bundleco.creds"
     creds.write_text(body["creds"])
     done = await _chat(server, creds, "bundleco")  # submits, reads its own events

@@ -7,12 +7,14 @@ the raw store, one audit record)."""
 from __future__ import annotations
 
 import asyncio
+import http.cookies
 import json
 import os
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,10 +25,11 @@ import nats.errors
 import pytest
 
 from baton import audit
+from baton import sessions as S
 from baton.bus import Bus, connect
 from baton.dev.testing import Client, LocalStack, connect_nats, http_get, secure_nats, uid
 from baton.natsd import NatsServer
-from baton.tenants import TenantAdmin, TenantError
+from baton.tenants import TenantAdmin, TenantError, key_digest, read_registry
 from tests.ctx import raw_store_contains
 
 pytestmark = pytest.mark.timeout(240)
@@ -89,8 +92,11 @@ async def test_a_tenant_created_with_the_cli_runs_a_task_within_seconds(
     started = time.monotonic()
     out = _cli(server, "create", "clico")
     assert out.returncode == 0, out.stderr
-    creds = Path(out.stdout.strip())
+    path, key = out.stdout.splitlines()
+    creds = Path(path)
     assert creds == server.creds_for("clico") and creds.stat().st_mode & 0o777 == 0o600
+    assert key.startswith("bk-") and "shown once" in out.stderr, out
+    assert not _stored_anywhere(server.store_dir, key)  # printed once, its digest kept
     done = await _chat(server, "clico")
     took = time.monotonic() - started
     assert done["type"] == "completed", done
@@ -186,6 +192,8 @@ async def test_rotation_makes_the_server_refuse_the_old_creds(
                               closed_cb=on_closed)  # fmt: skip
     out = _cli(server, "rotate", "rotco")
     assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == str(server.creds_for("rotco")), out.stdout
+    assert out.stdout.splitlines()[1].startswith("bk-"), out.stdout
     await asyncio.wait_for(closed.wait(), 5)  # the live connection of the old user
     with pytest.raises(nats.errors.Error, match="Authorization Violation"):
         await nats.connect(server.address, user_credentials=str(old), allow_reconnect=False,
@@ -248,44 +256,169 @@ async def test_the_operator_http_api_creates_a_tenant_that_runs_a_task(
         assert json.loads(r.read())["tenants"]["httpco"] == "suspended"
 
 
-async def test_a_created_tenants_http_key_works_at_once_on_a_running_orchestrator(
+def _stored_anywhere(root: Path, secret: str) -> list[Path]:
+    """The files under ``root`` holding ``secret`` (the data dir, logs)."""
+    return [p for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+def _http(url: str, key: str, body: dict[str, Any] | None = None,
+          method: str | None = None) -> tuple[int, Any]:  # fmt: skip
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data, method=method or ("POST" if data else "GET"),
+                                 headers={"Authorization": f"Bearer {key}",
+                                          "Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any) -> None:
+        return None
+
+
+def _console_login(url: str, key: str) -> str:
+    """Log in to the run console at ``url`` by a login link for ``key``
+    (``baton console``'s way); returns the session cookie."""
+    status, doc = _http(f"{url}/ui/login-link", key, {})
+    assert status == 200 and doc["path"].startswith("/ui/login?token="), doc
+    token = doc["path"].split("token=", 1)[1]
+    with urllib.request.urlopen(f"{url}{doc['path']}", timeout=10) as r:  # the link's page
+        assert b"Continue" in r.read()
+    form = urllib.parse.urlencode({"token": token}).encode()
+    try:
+        urllib.request.build_opener(_NoRedirect).open(f"{url}/ui/login", form, timeout=10)
+        raise AssertionError("no redirect")
+    except urllib.error.HTTPError as e:
+        assert e.code == 303 and e.headers["Location"] == "/ui/", (e.code, e.headers)
+        cookie = http.cookies.SimpleCookie(e.headers["Set-Cookie"])[S.COOKIE]
+    return f"{S.COOKIE}={cookie.value}"
+
+
+def _with_cookie(url: str, cookie: str) -> tuple[int, Any]:
+    req = urllib.request.Request(url, headers={"Cookie": cookie})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+async def _until_status(urls: list[str], key: str, want: int, what: str) -> float:
+    """Seconds until every one of ``urls`` answers ``key`` (or, one
+    starting with ``baton_session=``, that session cookie) with ``want``."""
+    started = time.monotonic()
+    while True:
+        got = [(_with_cookie if key.startswith(S.COOKIE) else _http)(u, key)[0] for u in urls]
+        if all(g == want for g in got):
+            return time.monotonic() - started
+        assert time.monotonic() - started < 10, f"{what}: {got}, not {want}"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_created_tenants_http_key_follows_its_lifecycle_on_every_replica(
     server: NatsServer, stack: LocalStack, admin: TenantAdmin
 ) -> None:
-    """With API keys on, the key `create` writes (tenants/<t>.key) is accepted
-    by the running orchestrator (the registry carries its digest), for its
-    own tenant only; deletion withdraws it."""
-    operator = uid("bk-op")
-    orch = stack.service("orchestrator", BATON_API_KEYS=json.dumps({operator: "*"}),
-                         BATON_ALLOW_NO_API_KEYS="false").wait_ready()  # fmt: skip
+    """With API keys on, on two orchestrator replicas and a restart: the key
+    ``POST /v1/tenants`` answers (once; only its digest is in the registry)
+    submits and reads its tenant's task, on either replica; another tenant's
+    key cannot read it; ``rotate`` refuses the old key and accepts the new
+    one; ``suspend`` refuses it (403 ``tenant_suspended``), ``delete`` (401).
+    No key reaches a log or a file."""
+    operator, acme = uid("bk-op"), uid("bk-acme")
+    keys = {"BATON_API_KEYS": json.dumps({operator: "*", acme: "acme"}),
+            "BATON_ALLOW_NO_API_KEYS": "false"}  # fmt: skip
+    a = stack.service("orchestrator", **keys)
+    b = stack.service("orchestrator", **keys)
+    store = stack.service("context-store", **keys)  # its HTTP API follows the registry too
+    c = None
     try:
-        await admin.create("keyco")
-        key = (server.store_dir / "tenants" / "keyco.key").read_text().strip()
+        a.wait_ready()
+        b.wait_ready()
+        store.wait_ready()
+        stats = f"{store.url}/v1/tenants/keyco/stats"
+        status, made = _http(f"{a.url}/v1/tenants", operator, {"tenant": "keyco"})
+        assert status == 201, made
+        key = made["api_key"]
+        assert key.startswith("bk-") and "creds" in made
+        entry = (await read_registry(admin.op))["keyco"]  # type: ignore[arg-type]
+        assert entry.api_key == key_digest(key)
+        assert not _stored_anywhere(server.store_dir, key)
 
-        def get(path: str, k: str) -> int:
-            req = urllib.request.Request(
-                f"{orch.url}{path}", headers={"Authorization": f"Bearer {k}"}
-            )
-            try:
-                with urllib.request.urlopen(req, timeout=10) as r:
-                    return int(r.status)
-            except urllib.error.HTTPError as e:
-                return e.code
+        # Its key submits and reads its task, on either replica.
+        await _until_status([f"{a.url}/v1/tasks", f"{b.url}/v1/tasks", stats], key, 200, "new key")
+        status, accepted = _http(f"{a.url}/v1/tasks", key, {"workflow": "chat", "input": "hi"})
+        assert status == 202 and accepted["tenant"] == "keyco", accepted
+        task = f"{b.url}/v1/tasks/{accepted['task_id']}"
+        task_a = task.replace(b.url, a.url)
+        deadline = time.monotonic() + 30
+        while (doc := _http(task, key))[1].get("status") != "completed":
+            assert time.monotonic() < deadline, doc
+            await asyncio.sleep(0.2)
+        status, body = _http(task, acme)  # another tenant's key
+        assert status == 404 and body["error"]["code"] == "unknown_task", body
+        status, body = _http(f"{a.url}/v1/tenants", key)  # the operator's API only
+        assert status == 403 and body["error"]["code"] == "forbidden", body
 
-        deadline = time.monotonic() + 10
-        while get("/v1/tasks", key) != 200:
-            assert time.monotonic() < deadline, "the new tenant's key was never accepted"
-            await asyncio.sleep(0.2)
-        assert get("/v1/tenants", key) == 403  # the operator's API only
-        assert get("/v1/tenants", operator) == 200
-        await admin.delete("keyco")
-        deadline = time.monotonic() + 10
-        while get("/v1/tasks", key) != 401:
-            assert time.monotonic() < deadline, (
-                f"a deleted tenant key still works: {get('/v1/tasks', key)}"
-            )
-            await asyncio.sleep(0.2)
+        # Its key (only its digest is known) opens a console session, valid on both replicas.
+        session = _console_login(a.url, key)
+        for url in (a.url, b.url):
+            status, me = _with_cookie(f"{url}/ui/session", session)
+            assert status == 200 and me["scope"] == "keyco" and me["tenants"] == ["keyco"], me
+            status, page = _with_cookie(f"{url}/v1/tasks", session)
+            assert status == 200, page
+            assert [t["task_id"] for t in page["tasks"]] == [accepted["task_id"]], page
+
+        # Rotation: the old key refused on both replicas, the new one accepted.
+        status, rotated = _http(f"{a.url}/v1/tenants/keyco/rotate", operator, {})
+        assert status == 200 and rotated["api_key"] != key, rotated
+        urls = [task, task_a, stats]
+        took = await _until_status(urls, key, 401, "old key after rotate")
+        print(f"\nrotate -> old key refused on both replicas and the store after "
+              f"{took * 1000:.0f} ms")  # fmt: skip
+        # ... and the console session it opened, on both replicas
+        await _until_status([f"{u}/{p}" for u in (a.url, b.url) for p in ("ui/session", "v1/tasks")],
+                            session, 401, "the old key's session after rotate")  # fmt: skip
+        status, body = _http(task, key)
+        assert body["error"]["code"] == "unauthorized", body
+        new = rotated["api_key"]
+        await _until_status(urls, new, 200, "new key after rotate")
+        assert not _stored_anywhere(server.store_dir, new)
+
+        # A restarted replica knows the new key from the registry alone.
+        stack.retire(b)
+        c = stack.service("orchestrator", **keys).wait_ready()
+        task_c, b = task.replace(b.url, c.url), None
+        await _until_status([task_c], new, 200, "new key after a restart")
+        assert _http(task_c, key)[0] == 401
+
+        # Suspended: refused with the one error body, data kept (the operator reads it).
+        session = _console_login(c.url, new)  # the new key's session
+        assert _with_cookie(f"{a.url}/v1/tasks", session)[0] == 200
+        assert _http(f"{a.url}/v1/tenants/keyco/suspend", operator, {})[0] == 200
+        urls = [task_a, task_c, stats]
+        await _until_status(urls, new, 403, "suspended")
+        await _until_status([task_a, task_c], session, 403, "suspended (session)")
+        status, body = _http(task_c, new)
+        assert body["error"]["code"] == "tenant_suspended" and body["error"]["type"], body
+        assert _http(f"{task_c}?tenant=keyco", operator)[1]["status"] == "completed"
+        assert _http(f"{a.url}/v1/tenants/keyco/resume", operator, {})[0] == 200
+        await _until_status(urls, new, 200, "resumed")
+
+        # Deleted: refused (unknown key) everywhere.
+        assert _http(f"{a.url}/v1/tenants/keyco", operator, method="DELETE")[0] == 200
+        await _until_status(urls, new, 401, "deleted")
+        await _until_status([task_a, task_c], session, 401, "deleted (session)")
+        assert _http(f"{a.url}/v1/tasks", acme)[0] == 200  # the other tenant's key still works
+        for secret in (key, new):  # in no log (retired replicas' too), no file
+            assert not _stored_anywhere(stack.workdir, secret)
+            assert not _stored_anywhere(server.store_dir, secret)
     finally:
-        stack.retire(orch)
+        for p in (a, b, c, store):
+            if p is not None:
+                stack.retire(p)
 
 
 async def test_a_create_that_failed_half_way_is_finished_by_the_next_call(

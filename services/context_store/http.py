@@ -11,6 +11,7 @@ asked: ``operator``, ``tenant:<id>``, or ``anonymous`` (no keys configured).
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Any
 
 import msgspec
@@ -41,9 +42,11 @@ def _scope(tenant: str, session: str | None, caller: str | None) -> None:
         raise ApiError(ErrorCode.FORBIDDEN, "this caller may not read another tenant's data")
 
 
-def http_app(health: Health, admin: Admin, api_keys: dict[str, str]) -> FastAPI:
+def http_app(
+    health: Health, admin: Admin, api_keys: dict[str, str], suspended: Container[str] = ()
+) -> FastAPI:
     app = health_app("Baton context store", health)
-    scope = caller_scope(api_keys)
+    scope = caller_scope(api_keys, suspended=suspended)
 
     def actor(caller: str | None) -> str:
         if caller is not None:

@@ -46,6 +46,8 @@ class TenantRegions:
         self._refresh = False  # a new region needs the re-issued .creds (after start)
         self._early: dict[str, asyncio.Task[None]] = {}  # provisioning as the registry names it
         self.on_moved: Callable[[str], None] = lambda tenant: None
+        # Each registry entry as read (the store's HTTP API keys follow it).
+        self.on_entry: Callable[[TenantState], None] = lambda entry: None
 
     async def _registry(self) -> Bucket | None:
         """The registry bucket, or None while there is none (then no tenant
@@ -60,7 +62,9 @@ class TenantRegions:
         kv = await self._registry()
         for e in await kv.entries() if kv is not None else []:
             if e.value and not e.deleted:
-                self._region[e.key] = TenantState.decode(e.key, e.value).region
+                entry = TenantState.decode(e.key, e.value)
+                self._region[e.key] = entry.region
+                self.on_entry(entry)
         for region in sorted(set(self._region.values()) - self._ready):
             try:
                 await self._provision(region)
@@ -146,6 +150,7 @@ class TenantRegions:
                     if e.deleted or not e.value:
                         continue
                     state = TenantState.decode(e.key, e.value)
+                    self.on_entry(state)
                     region = "" if state.state == DELETED else state.region
                     self._set(e.key, region)
                     if region not in self._ready:

@@ -146,9 +146,11 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
     app = health_app("Baton orchestrator", health)
     # The run console's browser sessions stand for the API keys that opened them.
     sessions = SessionKeys(settings.api_keys) if settings.api_keys else None
+    # A suspended tenant's key is refused (403 tenant_suspended) on every route.
+    key_scope = caller_scope(settings.api_keys, sessions, svc.room.suspended)
 
     def tenant_of(
-        scope: str | None = Depends(caller_scope(settings.api_keys, sessions)),
+        scope: str | None = Depends(key_scope),
         tenant: str | None = Query(default=None, description="Without API keys: the tenant."),
     ) -> str | None:
         """A scoped key decides the tenant; unrestricted callers name it."""
@@ -379,6 +381,6 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
     from .tenants_api import add_tenant_routes
 
     add_routes(app, settings, svc, tenant_of)
-    add_tenant_routes(app, settings, caller_scope(settings.api_keys, sessions))
+    add_tenant_routes(app, settings, key_scope)
     add_console(app, settings, svc, tenant_of, known, sessions)
     return app

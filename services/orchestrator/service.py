@@ -25,6 +25,7 @@ from baton.tenants import (
     is_bundle,
     read_registry,
     reissue_orchestrator,
+    withdraw_keys,
 )
 from baton.urls import split_creds
 from proto import streams, subjects
@@ -97,6 +98,7 @@ async def follow_tenants(
     ``reissue``: re-issue this orchestrator's own ``.creds`` for these
     tenants (True when it changed it), when it holds a tenant-admin bundle."""
     kv = await bus.ensure_bucket(streams.TENANTS)
+    keys_on = bool(api_keys)  # (emptied by withdrawals, it stays on)
     started = time.time()
     listed: set[str] = set()  # every tenant the registry has, not deleted
     adding: dict[str, asyncio.Task[None]] = {}
@@ -129,7 +131,7 @@ async def follow_tenants(
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, ADD_RETRY[1])
         key = latest_key.get(t)
-        if api_keys and key:
+        if keys_on and api_keys is not None and key:
             api_keys[key] = t  # accepted once the tenant is served
         log.info("tenant_served", tenant=t, attempts=attempt + 1)
 
@@ -144,9 +146,9 @@ async def follow_tenants(
                     listed.discard(t)
                 else:
                     listed.add(t)
-                if api_keys:  # keys on: withdraw the tenant's key (added back below)
-                    for k in [k for k, v in api_keys.items() if v == t and k.startswith("sha256:")]:
-                        del api_keys[k]
+                if keys_on:  # withdraw the tenant's key (added back below)
+                    withdraw_keys(api_keys, t, configured=bool(entry_state.api_key)
+                                  or state == DELETED)  # fmt: skip
                 latest_key[t] = entry_state.api_key
                 if state == DELETED:
                     if (pending := adding.pop(t, None)) is not None:
@@ -160,6 +162,8 @@ async def follow_tenants(
                     intake.suspended.add(t)
                 else:
                     intake.suspended.discard(t)
+                if keys_on and api_keys is not None and entry_state.api_key and t in known:
+                    api_keys[entry_state.api_key] = t  # (no await since its withdrawal)
                 if t not in known and (t not in adding or adding[t].done()):
                     adding[t] = asyncio.create_task(
                         serve(t, entry_state.changed_at >= started, entry_state.region)
@@ -170,8 +174,6 @@ async def follow_tenants(
                     except Exception as exc:  # the registry keeps the region: a restart retries
                         log.error("tenant_place_failed", tenant=t, region=entry_state.region,
                                   error=repr(exc))  # fmt: skip
-                if api_keys and entry_state.api_key and t in known:
-                    api_keys[entry_state.api_key] = t
                 log.info("tenant_state", tenant=t, state=state)
         except asyncio.CancelledError:
             for task in adding.values():
@@ -202,6 +204,12 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
         else:
             tenants.append(t)
     regions = {t: entry.region for t, entry in recorded.items() if entry.region}
+    keys_on = bool(settings.api_keys)
+    for t, entry in recorded.items():  # before the HTTP API answers: a rotated key is refused
+        if keys_on and (entry.api_key or entry.state == DELETED):
+            withdraw_keys(settings.api_keys, t, configured=True)
+            if entry.api_key and entry.state != DELETED and t in tenants:
+                settings.api_keys[entry.api_key] = t  # served from the start
     own = {t: streams.tenant_streams(t, regions.get(t)) for t in tenants}
     # Every pool a step may be placed on has its consumer before any worker
     # of it ever ran: a job sent to a pool at zero is its backlog, which is

@@ -92,11 +92,14 @@ def add_tenant_routes(
 
     @app.post("/v1/tenants", status_code=201, dependencies=[Depends(operator)], responses=RESPONSES)
     async def create_tenant(body: TenantIn) -> dict[str, Any]:
-        """Create a tenant; answers once it can submit, with its .creds text."""
+        """Create a tenant; answers once it can submit, with its .creds text
+        and its HTTP API key (``api_key``: shown this once, only its sha256
+        is kept)."""
         t = checked(body.tenant)
         region = None if body.region is None else checked(body.region, "region")
-        path = await run(lambda a: a.create(t, region))
-        return {"tenant": t, "state": "active", "region": region, "creds": path.read_text()}
+        made = await run(lambda a: a.create(t, region))
+        return {"tenant": t, "state": "active", "region": region,
+                "creds": made.creds.read_text(), "api_key": made.api_key}  # fmt: skip
 
     @app.put("/v1/tenants/{tenant}/region", dependencies=[Depends(operator)], responses=RESPONSES)
     async def set_region(tenant: str, body: RegionIn) -> dict[str, Any]:
@@ -110,7 +113,8 @@ def add_tenant_routes(
     @app.get("/v1/tenants/{tenant}/where", dependencies=[Depends(operator)], responses=RESPONSES)
     async def tenant_where(tenant: str) -> dict[str, Any]:
         """Where the tenant's data lives: each of its streams, its placement
-        tags and the servers (with their tags) holding its replicas."""
+        tags and the servers (with their tags) holding its replicas; and
+        (``context``) the context store's stream pair its history is in."""
         t = checked(tenant)
         result: dict[str, Any] = await run(lambda a: a.residency(t))
         return result
@@ -118,7 +122,9 @@ def add_tenant_routes(
     @app.post("/v1/tenants/{tenant}/{action}", dependencies=[Depends(operator)],
               responses=RESPONSES)  # fmt: skip
     async def change_tenant(tenant: str, action: str) -> dict[str, Any]:
-        """``suspend``, ``resume`` or ``rotate`` (answers the new .creds text)."""
+        """``suspend`` (its API key refused with 403 ``tenant_suspended``),
+        ``resume`` or ``rotate``: new .creds and a new HTTP API key (answers
+        both, the key this once); the old ones are refused."""
         t = checked(tenant)
         if action == "suspend":
             await run(lambda a: a.suspend(t))
@@ -127,13 +133,13 @@ def add_tenant_routes(
             await run(lambda a: a.resume(t))
             return {"tenant": t, "state": "active"}
         if action == "rotate":
-            path = await run(lambda a: a.rotate(t))
-            return {"tenant": t, "state": "active", "creds": path.read_text()}
+            made = await run(lambda a: a.rotate(t))
+            return {"tenant": t, "creds": made.creds.read_text(), "api_key": made.api_key}
         raise ApiError(ErrorCode.INVALID_FIELD, f"no action {action!r}", param="action")
 
     @app.delete("/v1/tenants/{tenant}", dependencies=[Depends(operator)], responses=RESPONSES)
     async def delete_tenant(tenant: str) -> dict[str, Any]:
-        """Erase the tenant's data (audited) and revoke its credentials."""
+        """Erase the tenant's data (audited) and revoke its credentials and API key."""
         t = checked(tenant)
         sessions = await run(lambda a: a.delete(t))
         return {"tenant": t, "state": "deleted", "sessions_erased": sessions}

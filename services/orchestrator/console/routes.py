@@ -82,10 +82,15 @@ def add_routes(
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="console-static")
     bearer = HTTPBearer(auto_error=False)
 
-    def cookie_for(request: Request, response: Response, key: str, now: float) -> None:
+    def cookie_for(request: Request, response: Response, kid: str, scope: str,
+                   now: float) -> None:  # fmt: skip
+        """Set a session cookie for the key of id ``kid`` and its ``scope`` (a
+        verified key's or grant's: a key known only by its digest opens a
+        session too)."""
         assert sessions is not None
         expires = now + settings.console_session_ttl
-        token = sessions.issue(key, "session", nonce=secrets.token_urlsafe(12), expires=expires)
+        token = sessions.issue_for(kid, "session", nonce=secrets.token_urlsafe(12),
+                                   expires=expires, scope=scope)  # fmt: skip
         secure = settings.console_secure_cookie or request.url.scheme == "https"
         response.set_cookie(S.COOKIE, token, max_age=int(settings.console_session_ttl),
                             path="/", httponly=True, samesite="strict", secure=secure)  # fmt: skip
@@ -142,7 +147,10 @@ def add_routes(
         if not await audit.record(bus, rec, msg_id=keys.console_login(grant.nonce)):
             return RedirectResponse("/ui/?login=used", status_code=303)
         response = RedirectResponse("/ui/", status_code=303)
-        cookie_for(request, response, sessions.key_of(grant), now)
+        try:
+            cookie_for(request, response, grant.key_id, grant.scope, now)
+        except KeyError:  # its key was withdrawn since the token was verified
+            return RedirectResponse("/ui/?login=expired", status_code=303)
         return response
 
     @app.post("/ui/login", include_in_schema=False)
@@ -157,10 +165,11 @@ def add_routes(
         if token:
             return await by_link(request, token)
         key = (form.get("key") or [""])[0].strip()
-        if sessions.scope_of(key) is None:
+        scope = sessions.scope_of(key)
+        if scope is None:
             return RedirectResponse("/ui/?login=refused", status_code=303)
         response = RedirectResponse("/ui/", status_code=303)
-        cookie_for(request, response, key, time.time())
+        cookie_for(request, response, S.key_id(key), scope, time.time())
         return response
 
     @app.post("/ui/logout", include_in_schema=False)
