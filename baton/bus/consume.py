@@ -166,7 +166,7 @@ class Consuming(Messaging):
     ) -> None:  # fmt: skip
         self._register(spec)
         wake = asyncio.Event()
-        stream = PullStream(self._nc, self._js._prefix, spec, wake.set)
+        stream = PullStream(self._nc, self._api_prefix, spec, wake.set)
         stopper = asyncio.ensure_future(self._stopping.wait())
         stopper.add_done_callback(lambda _: wake.set())
         gating: list[asyncio.Task[None]] = []  # a gate.wait() in progress
