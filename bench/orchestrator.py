@@ -50,7 +50,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
-from baton.dev.testing import LocalStack, connect_nats, secure_nats, uid
+from baton.dev.testing import LocalStack, connect_nats, metric, secure_nats, uid
 from baton.natsd import free_port
 from bench.hops import HopTap
 from bench.stats import cpu_seconds, pct
@@ -82,6 +82,7 @@ GOAL_RSS_MIB = 2.0
 GOAL_RATIO_P50 = 4.0
 GOAL_MESSAGES = 12  # NATS messages per step, all service connections, both ways
 GOAL_ROUND_TRIPS = 5  # sequential round trips per model step (bench/hops.py)
+RARE_CONFLICTS = 0.05  # run-state compare-and-set conflicts per step: "rare" (#23)
 HOP_FIGURES = ("sequential", "round_trips", "deliveries")
 RUN_TIMEOUT = 30.0  # one research run, sequential
 BURST_TIMEOUT = 60.0  # one round of concurrent runs
@@ -313,6 +314,18 @@ async def _sequential(
     return done
 
 
+async def conflicts(url: str) -> float:
+    """Run-state writes of ``research`` runs that lost their compare-and-set
+    so far (the orchestrator's ``baton_run_write_conflicts_total``)."""
+    name, wf = "baton_run_write_conflicts_total", WORKFLOW
+    return await asyncio.to_thread(metric, url, name, workflow=wf)
+
+
+def _contention(runs: int, steps: int, lost: float) -> dict[str, Any]:
+    return {"conflicts": int(lost), "conflicts_per_run": round(lost / max(1, runs), 3),
+            "conflicts_per_step": round(lost / max(1, steps), 4)}  # fmt: skip
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -346,12 +359,14 @@ async def _burst(
             return task_id, end["type"]
 
     msgs0 = await asyncio.to_thread(_messages, monitor)
+    lost0 = await conflicts(runner.url)
     cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
     t0 = time.perf_counter()
     ends = await asyncio.gather(*(one(i) for i in range(total)))
     wall = time.perf_counter() - t0
     cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
     msgs1 = await asyncio.to_thread(_messages, monitor)
+    lost = await conflicts(runner.url) - lost0  # counted before each run's terminal event
     states = [await runner.state(t) for t, _ in ends]
     steps = sum(len(s.get("steps", {})) for s in states)
     baton = sum(v for k, v in cpu.items() if k != "nats-server")
@@ -364,6 +379,7 @@ async def _burst(
         "steps_per_s": round(steps / wall, 1),
         "runs_per_s": round(total / wall, 2),
         "cpu_ms_per_step": {k: round(v / steps * 1e3, 3) for k, v in cpu.items()},
+        **_contention(total, steps, lost),
         "loadavg_1m": round(os.getloadavg()[0], 2),  # the box is shared: context for the CPU
         "cpu_ms_per_step_services": round(baton / steps * 1e3, 3),
         "cpu_ms_per_step_with_nats": round(sum(cpu.values()) / steps * 1e3, 3),
@@ -501,7 +517,9 @@ async def _main(work: Path) -> dict[str, Any]:
             await prim.rtt_chunk(min(rtt_chunk, RTT_SAMPLES - len(prim.rtt)))
             await prim.js_chunk(min(js_chunk, PRIMITIVE_SAMPLES - len(prim.js_publish)))
 
+        lost0 = await conflicts(stack.orchestrator.url)
         seq = await _sequential(runner, SEQUENTIAL_RUNS, interleave, 0)
+        seq_lost = await conflicts(stack.orchestrator.url) - lost0
         step_s = _step_latencies(seq)
         step_ms, rtt_us = _q(step_s, 1e3, 2), _q(prim.rtt, 1e6)
 
@@ -570,6 +588,11 @@ async def _main(work: Path) -> dict[str, Any]:
             "kv_get": _q(prim.kv_get, 1e6),
             "kv_update_cas": _q(prim.kv_update, 1e6),
         },
+        "sequential_contention": _contention(
+            len(seq), sum(len(s["steps"]) for _, s, _ in seq), seq_lost
+        ),
+        "conflicts_per_step": round(statistics.median(b["conflicts_per_step"] for b in bursts), 4),
+        "conflicts_per_run": round(statistics.median(b["conflicts_per_run"] for b in bursts), 3),
         "between_steps_ms": _q(_between_steps(seq), 1e3, 2),
         "run_ms": _q([w for _, _, w in seq], 1e3, 1),
         "breakdown_runs": len(tapped),
@@ -760,6 +783,16 @@ def _peer_rows(r: dict[str, Any]) -> list[str]:
         rows.append(f"| NATS messages per step, sent / received (round 1) | {total:.0f} in all:"
                     f" {parts} | ≤ {GOAL_MESSAGES}: {_met(total <= GOAL_MESSAGES, f'{total:.0f}')}"
                     " |")  # fmt: skip
+    lone = r.get("sequential_contention")
+    if lone is not None:
+        rounds = ", ".join(f"{b['conflicts_per_step']:.3f}" for b in r["bursts"])
+        worst = max(lone["conflicts_per_step"], r["conflicts_per_step"])
+        rows.append(f"| run-state compare-and-set conflicts per `research` run (per step): one"
+                    f" run at a time; {CONCURRENT} in flight, median of rounds |"
+                    f" {lone['conflicts_per_run']:.2f} ({lone['conflicts_per_step']:.3f});"
+                    f" {r['conflicts_per_run']:.2f} ({r['conflicts_per_step']:.3f}; rounds"
+                    f" {rounds}) | rare, ≤ {RARE_CONFLICTS} per step:"
+                    f" {_met(worst <= RARE_CONFLICTS, f'{worst:.3f}')} |")  # fmt: skip
     seq = r.get("hops_sequential")
     if seq:
         rt, dl, p50 = r["hops_round_trips"], r["hops_deliveries"], seq["p50"]

@@ -5,6 +5,7 @@ bus contract against a real nats-server (``tests/test_bus_twin.py``)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import msgpack
@@ -150,6 +151,40 @@ async def test_a_write_that_loses_its_compare_and_set_is_counted_and_decided_aga
     await shell.handle(RESULTS)  # the answer's write loses once, is decided again
     shell.kv.before_write = None
     assert raced and conflicts._value.get() == before + 1
+    await shell.settle_all()
+    assert [e["type"] for e in shell.events(task_id)][-1] == "completed"
+
+
+async def test_parallel_branches_answering_together_are_stored_one_after_the_other() -> None:
+    """#23: a ``research`` round's two branches answer at once; this replica
+    decides and stores them one at a time (the second on the first's stored
+    snapshot), so neither write loses its compare-and-set. (Counted on real
+    processes by `python -m bench orchestrator` and `python -m bench conflicts`.)"""
+    shell = await Shell.start(WORKFLOWS)
+    update = shell.kv.update
+
+    async def slow_update(key: str, value: bytes, last: int) -> int:
+        await asyncio.sleep(0)  # a real write is a round trip: others run meanwhile
+        return await update(key, value, last)
+
+    shell.kv.update = slow_update  # type: ignore[method-assign]
+    conflicts = RUN_CONFLICTS.labels("research")
+    before, refused = conflicts._value.get(), shell.kv.conflicts
+    task_id = uid()
+    await shell.submit("research", task_id)
+    assert await shell.handle(TASKS)  # the plan dispatched
+    assert await shell.work() is not None
+    assert await shell.handle(RESULTS)  # the plan recorded: both branches dispatched
+    branches = [await shell.work(), await shell.work()]
+    assert all(j is not None and ".gather." in j.step for j in branches), branches
+    assert len(shell.twin.ready(RESULTS)) == 2
+    handled = await asyncio.gather(shell.handle(RESULTS, pick=0), shell.handle(RESULTS, pick=1))
+    assert handled == [True, True]
+    assert conflicts._value.get() == before and shell.kv.conflicts == refused
+    run = await shell.run(task_id)
+    assert run is not None
+    assert sorted(st.status for k, st in run.steps.items() if ".gather." in k) == ["done"] * 2
+    assert len(shell.conductors[0].locks) == 0  # no lock kept for a run nobody handles
     await shell.settle_all()
     assert [e["type"] for e in shell.events(task_id)][-1] == "completed"
 

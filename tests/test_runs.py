@@ -18,7 +18,7 @@ from baton.natsd import NatsServer
 from proto import codec
 from proto.streams import RUNS, BucketSpec
 from services.orchestrator.runkeys import is_sealed, key_entry, new_key, seal, unseal
-from services.orchestrator.runs import RunConflict, RunStore
+from services.orchestrator.runs import RunConflict, RunLocks, RunStore
 from services.orchestrator.state import ERASED, RunState
 from tests.ctx import raw_store_contains
 
@@ -61,6 +61,31 @@ async def test_a_write_against_a_stale_revision_conflicts(store: RunStore) -> No
     with pytest.raises(RunConflict):
         await store.write(run, snap.revision)
     assert store.cached("acme", run.task_id) is None
+
+
+async def test_a_run_is_held_by_one_transition_at_a_time_and_no_lock_outlives_use() -> None:
+    """``RunLocks`` (the conductor's, #23): transitions of one run wait for
+    each other, another run's do not, and a lock nobody holds or waits for
+    is dropped (memory follows the runs being handled, not the runs seen)."""
+    locks, order = RunLocks(), []
+
+    async def transition(key: str, name: str, fail: bool = False) -> None:
+        async with locks.hold(key):
+            order.append(f"{name}+")
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            order.append(f"{name}-")
+            if fail:
+                raise RuntimeError(name)
+
+    got = await asyncio.gather(
+        transition("acme.a", "a1", fail=True), transition("acme.a", "a2"),
+        transition("acme.b", "b1"), return_exceptions=True,
+    )  # fmt: skip
+    assert isinstance(got[0], RuntimeError) and got[1:] == [None, None]
+    assert order.index("a2+") > order.index("a1-")  # after the first, though it failed
+    assert order.index("b1+") < order.index("a1-")  # another run's is not held up
+    assert len(locks) == 0
 
 
 def test_a_sealed_entry_opens_only_with_its_key_as_its_run() -> None:

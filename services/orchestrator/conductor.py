@@ -50,9 +50,9 @@ from .answers import AnswerLengths
 from .inflight import InFlight
 from .poolview import PoolView
 from .routing import HeartbeatTracker, Router
-from .runs import RunConflict, RunStore
+from .runs import RunConflict, RunLocks, RunStore
 from .settings import OrchestratorSettings
-from .state import RunState, StepState
+from .state import RunState, StepState, run_key
 from .toolcatalog import ToolCatalogs
 from .warming import Warming
 from .workflows import GraphWorkflow
@@ -130,6 +130,7 @@ class Conductor:
         self.check_limits = check_limits
         self.on_changed = on_changed
         self.in_flight = InFlight()
+        self.locks = RunLocks()  # one transition of a run at a time, per replica
         m.STEPS_IN_FLIGHT.set_function(self.in_flight.total)
 
     # -- the shell ---------------------------------------------------------
@@ -143,7 +144,34 @@ class Conductor:
     ) -> T.Transition | None:
         """Load, decide, store once, perform the effects. None: no such run.
         ``new``: the run is expected not to exist (no read before the create).
-        A decision that changes nothing is trusted only on a fresh read."""
+        A decision that changes nothing is trusted only on a fresh read.
+
+        This replica's transitions of one run are decided and stored one at a
+        time (``RunLocks``): a run's parallel branches answering together
+        would otherwise both decide on the snapshot in the cache and the
+        second write would lose its compare-and-set; in turn, the second
+        decides on the snapshot the first stored. The compare-and-set still
+        guards the write (other replicas). The lock is held over the effects
+        too, so this replica publishes a run's events in the order it stored
+        them; not over the pre-warms that follow (best effort)."""
+        async with self.locks.hold(run_key(tenant, task_id)):
+            out = await self._store(tenant, task_id, decide, new)
+            if out is None:
+                return None
+            await self._perform(out.run, out.effects)
+        try:
+            await self.warming.after(out.run, out.effects)
+        except Exception as exc:  # best effort: never in the run's way
+            log.warning("prewarm_failed", error=repr(exc))
+        if out.run.terminal:
+            self.runs.forget(tenant, task_id)  # read afresh if ever needed again
+        return out
+
+    async def _store(
+        self, tenant: str, task_id: str, decide: Decide, new: bool
+    ) -> T.Transition | None:
+        """``_apply``'s decision and its one compare-and-set (a conflict
+        re-reads and decides again)."""
         ctx: dict[str, Any] = {}
         snap = self.runs.cached(tenant, task_id)
         fresh = False
@@ -184,13 +212,6 @@ class Conductor:
                 self._observe(old, out.run)
                 if tracing.enabled():
                     tracing.record(spans.closed(old, out.run, now))
-            await self._perform(out.run, out.effects)
-            try:
-                await self.warming.after(out.run, out.effects)
-            except Exception as exc:  # best effort: never in the run's way
-                log.warning("prewarm_failed", error=repr(exc))
-            if out.run.terminal:
-                self.runs.forget(tenant, task_id)  # read afresh if ever needed again
             return out
         raise RunConflict(f"{tenant}.{task_id}")
 

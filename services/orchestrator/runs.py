@@ -10,7 +10,10 @@ ids only), stored in the clear.
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from baton.bus import Bucket, WrongLastSequence
 from proto import codec
@@ -21,6 +24,31 @@ from .state import ERASED, RunState, run_key
 
 class RunConflict(Exception):
     """The run changed under us too many times."""
+
+
+class RunLocks:
+    """One lock per run key, kept while a transition holds or waits for it
+    (so memory follows the runs being handled now, not the runs seen)."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[asyncio.Lock, int]] = {}  # key -> (lock, holders + waiters)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._held.get(key) or (asyncio.Lock(), 0)
+        self._held[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            users = self._held[key][1] - 1
+            if users:
+                self._held[key] = (lock, users)
+            else:
+                del self._held[key]
 
 
 class Snapshot:
