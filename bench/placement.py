@@ -18,7 +18,11 @@ prompt), and the whole run is made in each mode, interleaved over
 nothing learnt): ``max_tokens`` predicts every answer at its cap (the
 prediction before issue 20's learnt lengths, ``BATON_LEARN_ANSWERS=false``);
 ``learnt`` at the agent's learnt length (the default: the 0.8 quantile of
-its last answers once 5 are seen); ``learnt_median`` the same at the median.
+its last answers once 5 are seen), sharing the engine with the steps
+already placed while their predicted runs overlap its own (the default);
+``learnt_count`` the same with every sequence counted sharing its whole run
+(``BATON_SHARE_BY_OVERLAP=false``, the sharing model before);
+``learnt_median`` as ``learnt`` at the median.
 
     python -m bench placement          # writes bench/results/placement.json
 
@@ -43,6 +47,7 @@ TRICKLE = (12, 0.3)  # tasks, seconds between two (their rows: wave 0)
 ANSWER, SPREAD = 32, 0.25  # the agent's answers: tokens, +- fraction
 ROUNDS = 2
 MODES = {"max_tokens": {"BATON_LEARN_ANSWERS": "false"},
+         "learnt_count": {"BATON_SHARE_BY_OVERLAP": "false"},
          "learnt": {},
          "learnt_median": {"BATON_ANSWER_QUANTILE": "0.5"}}  # fmt: skip
 LENGTHS = (20, 150, 450)  # words of the input: ~30, ~200, ~600 tokens by the 4-bytes estimate
@@ -87,6 +92,7 @@ async def _task(client: Client, text: str, wave: int) -> dict[str, Any]:
         "completion_tokens": (done.get("usage") or {}).get("completion_tokens", 0),
         "gpu_seconds": (done.get("usage") or {}).get("gpu_seconds", 0.0),
         "waited_s": phases.get("queue", 0.0) + phases.get("admission", 0.0),
+        "ran_s": phases.get("prefill", 0.0) + phases.get("decode", 0.0),
     }
 
 
@@ -147,6 +153,14 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     gpu = [r["gpu_seconds"] / r["predicted"]["gpu_seconds"] - 1.0 for r in ok]
     wait = [r["waited_s"] - r["predicted"]["wait_s"] for r in ok]
     absg = [abs(e) for e in gpu]
+    # The sharing alone, apart from the answer length: the sequences the step
+    # was predicted to share its engine with (predicted run / GPU-seconds)
+    # against those it shared it with (its run / GPU-seconds charged).
+    shared = [
+        abs(r["predicted"]["run_s"] / r["predicted"]["gpu_seconds"]
+            / (r["ran_s"] / r["gpu_seconds"]) - 1.0)
+        for r in done if r.get("ran_s", 0) > 0 and r["gpu_seconds"] > 0
+    ]  # fmt: skip
     absw = [abs(e) for e in wait]
     alone = [abs(e) for e, r in zip(gpu, ok, strict=True) if r["wave"] == 1]
     burst = [abs(e) for e, r in zip(gpu, ok, strict=True) if r["wave"] > 1]
@@ -167,6 +181,8 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "alone_abs_error_p90": round(pct(alone, 0.9), 3) if alone else None,
         "burst_abs_error_p90": round(pct(burst, 0.9), 3) if burst else None,
         "within_20pct": round(sum(e <= 0.2 for e in absg) / max(1, len(absg)), 3),
+        "sharing_abs_error_p50": round(pct(shared, 0.5), 3) if shared else None,
+        "sharing_abs_error_p90": round(pct(shared, 0.9), 3) if shared else None,
         "queue_wait_abs_error_p50_s": round(pct(absw, 0.5), 3),
         "queue_wait_abs_error_p90_s": round(pct(absw, 0.9), 3),
         "mean_gpu_seconds": round(sum(r["gpu_seconds"] for r in ok) / max(1, len(ok)), 3),
@@ -211,7 +227,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"| {m['within_20pct']:.0%} | {m['gpu_seconds_error_p50']:+.1%} "
         f"| {m.get('output_tokens_predicted_p50')} / {m.get('output_tokens_actual_p50')} "
         f"| {m['queue_wait_abs_error_p50_s']:.2f} / {m['queue_wait_abs_error_p90_s']:.2f} s "
-        f"| {_pct_or_dash(m.get('trickle_gpu_seconds_abs_error_p90'))} |"
+        f"| {_pct_or_dash(m.get('trickle_gpu_seconds_abs_error_p90'))} "
+        f"| {_pct_or_dash(m.get('sharing_abs_error_p50'))} / "
+        f"{_pct_or_dash(m.get('sharing_abs_error_p90'))} |"
         for name, m in modes.items()
     ]
     goal = "met" if r["gpu_seconds_abs_error_p90"] <= 0.2 else "missed"
@@ -227,12 +245,16 @@ def markdown(r: dict[str, Any]) -> str:
         "usage against the `prediction` on its `started` event). Modes: `max_tokens` predicts "
         "every answer at its cap (`BATON_LEARN_ANSWERS=false`, the prediction before learnt "
         "answer lengths); `learnt` at the agent's learnt length (default: the 0.8 quantile of "
-        "its last 64 answers, once 5 are seen); `learnt_median` at their median.",
+        "its last 64 answers, once 5 are seen), sharing the engine with the steps placed "
+        "before it while their predicted runs overlap its own (default); `learnt_count` the "
+        "same with every sequence ahead counted as sharing its whole run "
+        "(`BATON_SHARE_BY_OVERLAP=false`, the sharing model before); `learnt_median` as "
+        "`learnt` at the median answer.",
         "",
         "| mode | GPU-s p50 abs error | p90 abs error | within ±20% | median signed error "
         "| answer tokens predicted / actual (p50) | queue wait abs error p50 / p90 "
-        "| trickle GPU-s p90 abs error |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| trickle GPU-s p90 abs error | sharing abs error p50 / p90 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *rows,
         "",
         f"Goal (within ±20% GPU-seconds at p90), default `learnt` mode: **{goal}** "
@@ -241,6 +263,12 @@ def markdown(r: dict[str, Any]) -> str:
         f"error of steps sent alone: {r.get('alone_abs_error_p90')}; in waves of 4 and 12: "
         f"{r.get('burst_abs_error_p90')}.",
         *_trickle(r),
+        "",
+        "Sharing error (a diagnostic, waves and trickle together): the sequences a step was "
+        "predicted to share its engine with (predicted run / predicted GPU-seconds) against "
+        "those it shared it with (its prefill + decode / GPU-seconds charged) - 1: about the "
+        "GPU-seconds error the step would have with its run time (answer length, speeds) "
+        "predicted exactly.",
     ])  # fmt: skip
 
 

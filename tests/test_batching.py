@@ -11,7 +11,13 @@ import pytest
 
 from proto.messages import Heartbeat, Phases, PoolPrediction, Timing, Usage
 from services.orchestrator import poolview
-from services.orchestrator.batching import SlowdownFit, decode_speed, queue_wait, share
+from services.orchestrator.batching import (
+    SlowdownFit,
+    decode_speed,
+    overlap,
+    queue_wait,
+    share,
+)
 from services.orchestrator.pools import Catalogue, PoolSpec
 from services.orchestrator.poolview import PoolView
 from services.orchestrator.routing import HeartbeatTracker
@@ -64,6 +70,68 @@ def test_sequences_sharing_an_engine_decode_slower_by_the_measured_slowdown() ->
     slowed = predict(NEED, POOL, PoolNow(ready=1, running=5, decode_tps=50, decode_slowdown=0.1))
     assert slowed.run_s == pytest.approx(200 / 1000 + 96 / (50 / 1.5))
     assert slowed.gpu_seconds == pytest.approx(slowed.run_s / 6)
+
+
+def test_a_step_alone_is_charged_its_whole_run() -> None:
+    alone = overlap(0.0, 2.0, (), slots=8)
+    assert (alone.gpu_seconds, alone.mean_concurrency) == (2.0, 1.0)
+    # Spans that ended before it, or begin after it, do not share it.
+    apart = overlap(0.0, 2.0, ((-3.0, -0.5), (2.0, 4.0)), slots=8)
+    assert apart.gpu_seconds == pytest.approx(2.0)
+    assert predict(NEED, POOL, PoolNow(ready=1, spans=((-3.0, -0.5),))).gpu_seconds == (
+        pytest.approx(RUN_ALONE)
+    )
+
+
+def test_a_step_joining_three_that_end_soon_pays_the_engine_alone_after_them() -> None:
+    ends = (0.2, 0.3, 0.4)
+    spans = tuple((-1.0, e) for e in ends)
+    got = overlap(0.0, 2.0, spans, slots=8)
+    # Four share it for 0.2 s, three for 0.1 s, two for 0.1 s, then it runs alone.
+    assert got.gpu_seconds == pytest.approx(0.2 / 4 + 0.1 / 3 + 0.1 / 2 + 1.6)
+    assert got.mean_concurrency == pytest.approx((0.2 * 4 + 0.1 * 3 + 0.1 * 2 + 1.6) / 2.0)
+    step = predict(NEED, POOL, PoolNow(ready=1, running=3, frees_in=ends, spans=spans))
+    assert step.gpu_seconds == pytest.approx(0.2 / 4 + 0.1 / 3 + 0.1 / 2 + (RUN_ALONE - 0.4))
+    # Counted, not timed (the old model): a quarter of its run.
+    counted = predict(NEED, POOL, PoolNow(ready=1, running=3, frees_in=ends))
+    assert counted.gpu_seconds == pytest.approx(RUN_ALONE / 4)
+
+
+def test_a_step_joining_three_longer_ones_shares_its_whole_run() -> None:
+    spans = ((-1.0, 5.0), (-0.5, 6.0), (0.0, 7.0))
+    assert overlap(0.0, 2.0, spans, slots=8).gpu_seconds == pytest.approx(2.0 / 4)
+    step = predict(NEED, POOL, PoolNow(ready=1, running=3, frees_in=(5.0, 6.0, 7.0), spans=spans))
+    assert step.gpu_seconds == pytest.approx(RUN_ALONE / 4)
+    # The steps known to follow it share it all along, on top; never beyond the slots.
+    more = predict(NEED, POOL, PoolNow(ready=1, running=3, arriving=2, spans=spans))
+    assert more.gpu_seconds == pytest.approx(RUN_ALONE / 6)
+    full = predict(NEED, POOL, PoolNow(ready=1, running=3, arriving=20, spans=spans))
+    assert full.gpu_seconds == pytest.approx(RUN_ALONE / 8)
+
+
+def test_a_queued_step_shares_with_what_still_runs_once_it_starts() -> None:
+    # 8 slots full, each ending at 1.0 .. 1.7 s: the ninth starts at 1.0 s
+    # beside the seven left, which leave one by one; the two behind it stay.
+    spans = tuple((-0.5, 1.0 + 0.1 * i) for i in range(8))
+    ends = tuple(e for _, e in spans)
+    got = predict(NEED, POOL, PoolNow(ready=1, running=8, arriving=2, frees_in=ends, spans=spans))
+    assert got.wait_s == pytest.approx(1.0)
+    left = sum(0.1 / min(8, 3 + k) for k in range(7, 0, -1))
+    assert got.gpu_seconds == pytest.approx(left + (RUN_ALONE - 0.7) / 3)
+    # Two workers split the spans between them.
+    two = overlap(0.0, 2.0, ((-1.0, 5.0),) * 4, slots=8, workers=2)
+    assert two.gpu_seconds == pytest.approx(2.0 / 3)
+
+
+def test_decode_slows_with_the_mean_batch_over_the_steps_run() -> None:
+    # Three ending at once at 0.5 s: the mean batch settles between 1 and 4.
+    spans = ((-1.0, 0.5),) * 3
+    got = predict(NEED, POOL, PoolNow(ready=1, running=3, decode_tps=50, decode_slowdown=0.1,
+                                      frees_in=(0.5,) * 3, spans=spans))  # fmt: skip
+    assert 200 / 1000 + 96 / 50 < got.run_s < 200 / 1000 + 96 / (50 / 1.3)
+    mean = (0.5 * 4 + (got.run_s - 0.5)) / got.run_s
+    assert got.run_s == pytest.approx(200 / 1000 + 96 / decode_speed(50, 0.1, mean), rel=0.02)
+    assert got.gpu_seconds == pytest.approx(0.5 / 4 + got.run_s - 0.5)
 
 
 def test_a_queued_step_waits_until_the_slot_it_takes_frees() -> None:
@@ -124,6 +192,26 @@ def test_the_pool_view_sees_a_burst_arrive_and_when_its_placed_steps_end() -> No
     view._stream["acme"] = (3, 6, time.time() - poolview.BEHIND_FRESH_S - 1)
     assert view.look("small")[1].arriving == 2
     assert now.decode_tps == 40.0 and now.decode_slowdown == 0.0  # the heartbeat's, until fitted
+
+
+def test_the_prediction_runs_at_the_speeds_the_workers_measured() -> None:
+    view, hb = _view()
+    hb.last[("small", "w1")].prefill_tps = 4000.0  # the catalogue says 1000, decode 50
+    spec, now = view.look("small")
+    assert (now.prefill_tps, now.decode_tps) == (4000.0, 40.0)
+    assert predict(NEED, spec, now).run_s == pytest.approx(200 / 4000 + 96 / 40)
+
+
+def test_the_pool_view_times_its_placed_steps_for_the_overlap() -> None:
+    view, _ = _view()
+    t0 = time.time()
+    view.changed(None, _run("t1", 1, t0 - 1.0, 2.0))
+    _, now = view.look("small")
+    ((begin, end),) = now.spans
+    assert begin == pytest.approx(-1.0, abs=0.1) and end == pytest.approx(1.0, abs=0.1)
+    view.overlap = False  # BATON_SHARE_BY_OVERLAP=false: counted only
+    _, now = view.look("small")
+    assert now.spans == () and now.frees_in[0] == pytest.approx(1.0, abs=0.1)
 
 
 def test_the_pool_view_fits_the_slowdown_from_the_steps_that_finished() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +25,49 @@ def share(slots: int, ahead: float, behind: float) -> Share:
     batch = int(max(0.0, ahead) // slots)
     total = max(0.0, ahead) + 1.0 + max(0.0, behind)
     return Share(batch, max(1.0, min(float(slots), total - batch * slots)))
+
+
+@dataclass(frozen=True, slots=True)
+class Overlap:
+    gpu_seconds: float  # the step's share of engine time over its run
+    mean_concurrency: float  # sequences on the engine, itself included, averaged over its run
+
+
+def overlap(
+    start: float,
+    run_s: float,
+    spans: Sequence[tuple[float, float]],
+    *,
+    slots: int,
+    workers: int = 1,
+    company: float = 1.0,
+) -> Overlap:
+    """A step running from ``start`` for ``run_s`` seconds, sharing its
+    engine in time: ``spans`` are when the other sequences whose ends are
+    predicted run (seconds from now, ``[begin, end)``, pool-wide: split
+    among ``workers``); ``company`` (itself included) the sequences present
+    all along whose ends are not known (the steps known to follow it,
+    another replica's). At each moment ``n = min(slots, company + known
+    spans covering it / workers)``; the step is charged ``dt / n`` (as a
+    worker's ``GpuClock`` charges), so a step that outlives the others
+    pays the engine alone once they left."""
+    slots = max(1, slots)
+    workers = max(1, workers)
+    end = start + max(0.0, run_s)
+    if run_s <= 0:
+        return Overlap(0.0, max(1.0, min(float(slots), company)))
+    cuts = {start, end}
+    for b, e in spans:
+        cuts.update(x for x in (b, e) if start < x < end)
+    edges = sorted(cuts)
+    gpu = weighted = 0.0
+    for lo, hi in pairwise(edges):
+        mid = (lo + hi) / 2.0
+        known = sum(1 for b, e in spans if b <= mid < e)
+        n = max(1.0, min(float(slots), company + known / workers))
+        gpu += (hi - lo) / n
+        weighted += (hi - lo) * n
+    return Overlap(gpu, weighted / run_s)
 
 
 def decode_speed(alone_tps: float, slowdown: float, concurrency: float) -> float:

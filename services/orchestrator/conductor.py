@@ -108,7 +108,9 @@ class Conductor:
         self.s = settings
         self.tools = ToolCatalogs()
         self.pools = pools or PoolView(settings.catalogue, self.router.heartbeats,
-                                       stale_after=settings.route_stale_after)  # fmt: skip
+                                       stale_after=settings.route_stale_after,
+                                       overlap=settings.share_by_overlap,
+                                       clock=clock)  # fmt: skip
         # The answer lengths of the agents, learnt from the steps this replica stores.
         self.answers = AnswerLengths(quantile=settings.answer_quantile,
                                      min_seen=settings.answer_min_seen)  # fmt: skip

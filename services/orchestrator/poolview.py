@@ -56,15 +56,21 @@ class PoolView:
         heartbeats: HeartbeatTracker,
         *,
         stale_after: float = 6.0,
+        overlap: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.catalogue = catalogue
         self.heartbeats = heartbeats
         self.stale_after = stale_after
+        # Predict a step's share of its engine from when the steps placed
+        # there run (False: from their count, as if they ran all along).
+        self.overlap = overlap
+        self.clock = clock  # the clock the steps' dispatch times are stamped with
         self.backlog: dict[str, int] = {}  # jobs waiting on each pool's consumer
         # Steps this replica placed on each pool and has no answer for yet,
-        # with when each is predicted to end: a burst dispatched between two
-        # heartbeats is seen at once.
-        self.placed: dict[str, dict[tuple[str, str, str], float]] = {}
+        # with when each is predicted to start and end: a burst dispatched
+        # between two heartbeats is seen at once.
+        self.placed: dict[str, dict[tuple[str, str, str], tuple[float, float]]] = {}
         # Tasks taken from their stream and not placed yet, by (tenant, stream
         # seq); and per tenant the newest task's count of tasks behind it.
         self._taken: set[tuple[str, int]] = set()
@@ -163,8 +169,9 @@ class PoolView:
         spec = self.catalogue.spec(pool)
         # What the heartbeats and the queue say, or what this replica placed
         # since, whichever is more (slots filled first, the rest queued).
-        ends = sorted(self.placed.get(pool, {}).values())
-        mine = len(ends)
+        placed = sorted(self.placed.get(pool, {}).values(), key=lambda span: span[1])
+        mine = len(placed)
+        at = self.clock()
         slots = max(1, ready) * spec.max_seqs
         # The queue's count (pending + unacknowledged) holds the jobs its
         # workers are running (acked when they end): the rest wait.
@@ -182,20 +189,22 @@ class PoolView:
             decode_tps=fit[0] if fit is not None else decode_tps,
             decode_slowdown=fit[1] if fit is not None else 0.0,
             arriving=arriving,
-            frees_in=tuple(e - now for e in ends),
+            frees_in=tuple(e - at for _, e in placed),
+            spans=tuple((b - at, e - at) for b, e in placed) if self.overlap else (),
         )
         return spec, state
 
 
-def _active(run: RunState) -> dict[str, dict[tuple[str, str, str], float]]:
+def _active(run: RunState) -> dict[str, dict[tuple[str, str, str], tuple[float, float]]]:
     """A run's model steps waiting for an answer, by pool: when each is
-    predicted to end (dispatch + predicted wait and run)."""
-    out: dict[str, dict[tuple[str, str, str], float]] = {}
+    predicted to start (dispatch + predicted wait) and end (+ predicted run)."""
+    out: dict[str, dict[tuple[str, str, str], tuple[float, float]]] = {}
     if run.terminal:
         return out
     for step, st in run.steps.items():
         if st.status == "dispatched" and not st.input:
             p = st.prediction
-            end = st.dispatched_at + (p.wait_s + p.run_s if p is not None else 0.0)
-            out.setdefault(st.pool, {})[(run.tenant, run.task_id, step)] = end
+            begin = st.dispatched_at + (p.wait_s if p is not None else 0.0)
+            end = begin + (p.run_s if p is not None else 0.0)
+            out.setdefault(st.pool, {})[(run.tenant, run.task_id, step)] = (begin, end)
     return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .batching import decode_speed, queue_wait, share
+from .batching import Overlap, decode_speed, overlap, queue_wait, share
 from .pools import PoolSpec
 
 Reason = Literal[
@@ -71,6 +71,11 @@ class PoolNow:
     # Seconds from now until each sequence this replica placed on the pool
     # and has no answer for is predicted to end, ascending.
     frees_in: tuple[float, ...] = ()
+    # When each of those runs, ``(begin, end)`` in seconds from now (begin
+    # after now: queued): the step is predicted to share the engine only
+    # while they overlap it (``batching.overlap``). Empty: every sequence
+    # counted is taken to share the whole of its run.
+    spans: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,14 +123,17 @@ def predict(need: StepNeed, spec: PoolSpec, now: PoolNow) -> Prediction:
     # The workers that will serve the queue (the starting ones when none is ready).
     workers = now.ready or max(1, now.starting)
     ahead = now.running + now.backlog
-    shared = share(per_worker, ahead / workers, now.arriving / workers)
+    # The sequences whose run this replica predicted share the step's engine
+    # only while they overlap it; the rest (another replica's, those known
+    # to follow) all along.
+    unknown = max(0, ahead - len(now.spans))
+    shared = share(per_worker, unknown / workers, now.arriving / workers)
 
     def run_with(n: float) -> float:
         return uncached / prefill + need.expected_output / decode_speed(
             decode, now.decode_slowdown, n
         )
 
-    run_s = run_with(shared.concurrency)
     wait_s = 0.0
     if cold:
         # To be woken by the backlog: one cold start; already starting: the rest of one.
@@ -134,7 +142,19 @@ def predict(need: StepNeed, spec: PoolSpec, now: PoolNow) -> Prediction:
             wait_s = min(wait_s, max(0.0, now.ready_in_s))
     # The sequences ahead run in full batches.
     wait_s += queue_wait(per_worker * workers, ahead, run_with(per_worker), now.frees_in)
-    gpu_seconds = run_s / shared.concurrency
+    if now.spans:
+        # Decode slows with the batch: the run at the batch it meets, then
+        # at the mean batch over that run (twice: it settles).
+        def over(run: float) -> Overlap:
+            return overlap(wait_s, run, now.spans, slots=per_worker, workers=workers,
+                           company=shared.concurrency)  # fmt: skip
+
+        met = over(run_with(shared.concurrency)).mean_concurrency
+        run_s = run_with(over(run_with(met)).mean_concurrency)
+        gpu_seconds = over(run_s).gpu_seconds
+    else:
+        run_s = run_with(shared.concurrency)
+        gpu_seconds = run_s / shared.concurrency
     return Prediction(
         pool=spec.name,
         kv_tokens=need.kv_tokens,

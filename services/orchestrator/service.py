@@ -253,7 +253,8 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
     hb = HeartbeatTracker()
     router = Router(hb, enabled=settings.cache_routing, stale_after=settings.route_stale_after,
                     max_load=settings.route_max_load)  # fmt: skip
-    pool_view = PoolView(settings.catalogue, hb, stale_after=settings.route_stale_after)
+    pool_view = PoolView(settings.catalogue, hb, stale_after=settings.route_stale_after,
+                         overlap=settings.share_by_overlap)  # fmt: skip
     # The fair gate lends idle shares out as far as the live workers hold them.
     lend = pool_view.room if settings.fair_lend else None
     # ... less what the other replicas' runs hold, split between the replicas.

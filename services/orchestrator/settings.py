@@ -59,6 +59,11 @@ class OrchestratorSettings(CommonSettings):
     # answers, an upper quantile; max_tokens until answer_min_seen are known
     # and never above it); off: from max_tokens. KV need always counts max_tokens.
     learn_answers: bool = True
+    # Predict a step's share of its engine from when the steps this replica
+    # placed there are predicted to run (a step that outlives them pays the
+    # engine alone once they end); off: from their count, as if they shared
+    # its whole run.
+    share_by_overlap: bool = True
     # The quantile of an agent's last answers predicted (nearest rank).
     answer_quantile: float = Field(default=0.8, gt=0.0, le=1.0)
     # Answers of an agent seen before its learnt length is used.
