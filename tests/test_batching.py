@@ -252,7 +252,10 @@ async def test_a_conductor_places_a_bursts_first_task_seeing_the_tasks_behind_it
     for task_id in ("t0", "t1", "t2"):
         assert await shell.handle(TASKS)
         p = _predicted(shell, task_id)
-        assert p["gpu_seconds"] == pytest.approx(p["run_s"] / 3, rel=0.01), task_id
+        # rel 5%: the three are placed some milliseconds apart on the twin's
+        # real clock, and the overlap model charges a later one that time alone
+        # (measured 1.6% on a loaded box); a half or a whole engine is far off.
+        assert p["gpu_seconds"] == pytest.approx(p["run_s"] / 3, rel=0.05), task_id
     # Once the burst is answered, a task alone is charged the engine alone.
     await shell.settle_all()
     await shell.submit("ask", "t3")
