@@ -387,6 +387,31 @@ async def test_provisioning_retries_the_update_after_a_create_that_found_the_str
     assert calls == ["add", "update", "add", "update"]
 
 
+async def test_opening_a_bucket_waits_out_jetstream_without_a_leader() -> None:
+    """A service opens the tenant registry as it starts: a timeout while the
+    cluster elects (seen in the chaos tier: a context store restarted during
+    a cluster restart exited 1) is retried; a missing bucket is None at once."""
+    import nats.errors
+    import nats.js.errors
+
+    calls: list[str] = []
+
+    class Js:
+        async def key_value(self, name: str) -> object:
+            calls.append(name)
+            if name == "missing":
+                raise nats.js.errors.NotFoundError
+            if len(calls) <= 2:
+                raise nats.errors.TimeoutError
+            return object()
+
+    bus = Bus(None, js=Js())  # type: ignore[arg-type]
+    assert await bus.open_bucket(BucketSpec("registry")) is not None
+    assert calls == ["registry"] * 3
+    assert await bus.open_bucket(BucketSpec("missing")) is None
+    assert calls[3:] == ["missing"]
+
+
 async def test_stream_names_finds_the_overlapping_streams(bus: Bus) -> None:
     region = uid("R")
     names = sorted(uid("S") for _ in range(3))

@@ -109,9 +109,12 @@ class Provisioning(Consuming):
 
     async def open_bucket(self, spec: BucketSpec) -> Bucket | None:
         """The KV bucket if it exists (None if not), without creating it: for
-        an identity that may read a bucket but not define it."""
+        an identity that may read a bucket but not define it. A service opens
+        it as it starts, so JetStream briefly without a leader is waited out
+        as provisioning does (a context store restarted during a cluster
+        restart exited on its timeout)."""
         try:
-            kv: KeyValue = await self._js.key_value(spec.name)
+            kv: KeyValue = await _retry_store_race(lambda: self._js.key_value(spec.name))
         except nats.js.errors.NotFoundError:
             return None
         return Bucket(self, kv, spec, erasable=False)
