@@ -96,8 +96,15 @@ def test_parallel_streams_side_by_side_and_cancel_from_the_page(
             "s => (document.querySelector(`pre[data-stream='${s}']`)?.textContent || '').length > 20",
             arg=step,
         )  # fmt: skip
-    a = page.locator("[data-stream-box='r1.fan.alpha']").bounding_box()
-    b = page.locator("[data-stream-box='r1.fan.beta']").bounding_box()
+    # Both boxes measured in one frame: a refresh redraws them, so two
+    # separate lookups could each meet a box about to be replaced.
+    a, b = page.evaluate(
+        """() => ['r1.fan.alpha', 'r1.fan.beta'].map((s) => {
+            const r = document.querySelector(`[data-stream-box='${s}']`).getBoundingClientRect();
+            return { x: r.x, y: r.y, width: r.width };
+        })"""
+    )
+    assert a["width"] > 0 and b["width"] > 0
     assert abs(a["y"] - b["y"]) < 2 and a["x"] != b["x"]  # side by side
     shot(page, "parallel-streams")
     shown = {s: page.locator(f"pre[data-stream='{s}']").inner_text()
