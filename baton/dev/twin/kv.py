@@ -67,7 +67,9 @@ class TwinBucket(Bucket):
         self._check(key, None)
         return self._store(key, value)
 
-    async def entries(self, pattern: str = ">", *, limit: int = 10_000) -> list[Entry]:
+    async def entries(
+        self, pattern: str = ">", *, limit: int = 10_000, patient: bool = False
+    ) -> list[Entry]:
         newest = [revs[-1] for k, revs in sorted(self.history.items()) if matches(pattern, k)]
         return [e for e in newest if not e.deleted][:limit]
 
