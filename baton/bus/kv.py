@@ -128,11 +128,6 @@ class Bucket:
         finally:
             await watcher.stop()
 
-    async def erase_revision(self, revision: int) -> None:
-        """Overwrite a replaced revision in the raw store (no-op if not erasable)."""
-        if self.erasable:
-            await self._bus.erase_messages(self.spec.stream, [revision])
-
     async def erase_history(self, key: str, *, keep_after: int) -> int:
         """Overwrite every revision of ``key`` before ``keep_after``; how many."""
         if not self.erasable:

@@ -77,11 +77,6 @@ class TwinBucket(Bucket):
         raise NotImplementedError("the bus twin does not simulate KV watches")
         yield  # pragma: no cover  (an async generator, as Bucket.follow)
 
-    async def erase_revision(self, revision: int) -> None:
-        if self.erasable:
-            for revs in self.history.values():
-                revs[:] = [e for e in revs if e.revision != revision or e is revs[-1]]
-
     async def erase_history(self, key: str, *, keep_after: int) -> int:
         if not self.erasable:
             return 0
