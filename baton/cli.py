@@ -41,8 +41,9 @@ _HELP = "\b\n" + __doc__.split("\n\n", 1)[1]  # \b: click keeps the lines as wri
 app = typer.Typer(help=_HELP, no_args_is_help=True, add_completion=False,
                   rich_markup_mode=None, pretty_exceptions_enable=False)  # fmt: skip
 model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
-workflows_app = typer.Typer(help="The workflows served, or `check FILE`.",
-                            invoke_without_command=True)  # fmt: skip
+workflows_app = typer.Typer(
+    help="The workflows served, or `check FILE`.", invoke_without_command=True
+)
 tenant_app = typer.Typer(help="Tenants: create, suspend, resume, rotate, delete, list; "
                          "their credentials.", no_args_is_help=True)  # fmt: skip
 dlq_app = typer.Typer(help="Dead letters in BATON_DLQ: list, replay, purge.", no_args_is_help=True)
@@ -73,8 +74,9 @@ DataDir = Annotated[Path, typer.Option("--data-dir", envvar="BATON_DATA_DIR",
 NatsUrl = Annotated[str | None, typer.Option(
     "--nats-url", envvar=["BATON_NATS_URL", "NATS_URL"], show_default=False,
     help="NATS URL; default: <data-dir>/operator.url written by `baton up`")]  # fmt: skip
-ApiUrl = Annotated[str, typer.Option("--api-url", envvar="BATON_API_URL",
-                                     help="The orchestrator's HTTP API")]  # fmt: skip
+ApiUrl = Annotated[
+    str, typer.Option("--api-url", envvar="BATON_API_URL", help="The orchestrator's HTTP API")
+]
 ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="BATON_API_KEY",
                                             help="Bearer API key", show_default=False)]  # fmt: skip
 
@@ -476,8 +478,9 @@ def _tenant_op(data_dir: Path, nats_url: str | None, work: Any) -> Any:
 
 
 Region = Annotated[str, typer.Argument(callback=_valid("region"))]
-TenantNats = Annotated[str | None, typer.Option(
-    "--nats-url", help="NATS address; default: <data-dir>/operator.url")]  # fmt: skip
+TenantNats = Annotated[
+    str | None, typer.Option("--nats-url", help="NATS address; default: <data-dir>/operator.url")
+]
 
 
 @tenant_app.command("create")
@@ -562,8 +565,9 @@ for _op in _TENANT_OPS:
 
 
 @tenant_app.command("list")
-def tenant_list(data_dir: DataDir = Path(".data"), nats_url: TenantNats = None,
-                json_out: Json = False) -> None:  # fmt: skip
+def tenant_list(
+    data_dir: DataDir = Path(".data"), nats_url: TenantNats = None, json_out: Json = False
+) -> None:
     """Every tenant and its state (active, suspended)."""
     states = _tenant_op(data_dir, nats_url, lambda admin: admin.list())
     if json_out:
@@ -608,11 +612,12 @@ def nats(data_dir: DataDir = Path(".data"), port: int = 4222) -> None:
 def nats_auth(
     out: Annotated[Path, typer.Argument(help="Where to write (keys kept there across runs)")],
     tenants: Annotated[str, typer.Option(envvar="BATON_TENANTS", help="Tenant ids, a,b")] = "acme",
-    resolver_dir: Annotated[str, typer.Option(help="The resolver's directory, on the server")]
-    = "/data/jwt",
+    resolver_dir: Annotated[
+        str, typer.Option(help="The resolver's directory, on the server")
+    ] = "/data/jwt",
     host: Annotated[str, typer.Option(help="The server's host, for the URL files")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="The server's port, for the URL files")] = 4222,
-) -> None:  # fmt: skip
+) -> None:
     """Operator-mode NATS for compose and Kubernetes, the same as `baton up`
     runs: OUT/nats/auth.conf for the server to include, every identity's
     .creds (services: OUT/secrets/creds/, tenants: OUT/tenants/), all 0600."""
@@ -635,8 +640,9 @@ def nats_auth(
 
 # -- dead letters (the logic is baton/dlq.py) ---------------------------------
 
-Consumer = Annotated[str | None, typer.Option("--consumer", help="Only this consumer's",
-                                              callback=_valid("consumer"))]  # fmt: skip
+Consumer = Annotated[
+    str | None, typer.Option("--consumer", help="Only this consumer's", callback=_valid("consumer"))
+]
 
 
 @dlq_app.command("list")
@@ -660,8 +666,9 @@ def dlq_list(
 def dlq_replay(
     seqs: Annotated[list[int] | None, typer.Argument(help="DLQ sequences (see list)")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every letter (of --consumer)")] = False,
-    consumer: Consumer = None, nats_url: NatsUrl = None,
-) -> None:  # fmt: skip
+    consumer: Consumer = None,
+    nats_url: NatsUrl = None,
+) -> None:
     """Publish letters back where they were consumed from, then drop them (a
     tenant's task that already ended is refused and kept)."""
     from baton import dlq
