@@ -86,8 +86,10 @@ def _valid(what: str) -> Any:
     return lambda value: _id(value, what)
 
 
-Tenant = Annotated[str | None, typer.Option("--tenant", help="Tenant (or from the API key)",
-                                            callback=_valid("tenant"))]  # fmt: skip
+Tenant = Annotated[
+    str | None,
+    typer.Option("--tenant", help="Tenant (or from the API key)", callback=_valid("tenant")),
+]
 TenantName = Annotated[str, typer.Argument(callback=_valid("tenant"))]
 TaskId = Annotated[str, typer.Argument(callback=_valid("task id"))]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
