@@ -305,8 +305,9 @@ def to_conf(value: Any, indent: int = 0) -> str:
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, Mapping):
-        body = "".join(f"{pad}{json.dumps(str(k))}: {to_conf(v, indent + 1)}\n"
-                       for k, v in value.items())  # fmt: skip
+        body = "".join(
+            f"{pad}{json.dumps(str(k))}: {to_conf(v, indent + 1)}\n" for k, v in value.items()
+        )
         return "{\n" + body + "  " * indent + "}"
     if isinstance(value, list | tuple):
         body = "".join(f"{pad}{to_conf(v, indent + 1)}\n" for v in value)

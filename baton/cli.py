@@ -41,8 +41,9 @@ _HELP = "\b\n" + __doc__.split("\n\n", 1)[1]  # \b: click keeps the lines as wri
 app = typer.Typer(help=_HELP, no_args_is_help=True, add_completion=False,
                   rich_markup_mode=None, pretty_exceptions_enable=False)  # fmt: skip
 model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
-workflows_app = typer.Typer(help="The workflows served, or `check FILE`.",
-                            invoke_without_command=True)  # fmt: skip
+workflows_app = typer.Typer(
+    help="The workflows served, or `check FILE`.", invoke_without_command=True
+)
 tenant_app = typer.Typer(help="Tenants: create, suspend, resume, rotate, delete, list; "
                          "their credentials.", no_args_is_help=True)  # fmt: skip
 dlq_app = typer.Typer(help="Dead letters in BATON_DLQ: list, replay, purge.", no_args_is_help=True)
@@ -73,11 +74,24 @@ DataDir = Annotated[Path, typer.Option("--data-dir", envvar="BATON_DATA_DIR",
 NatsUrl = Annotated[str | None, typer.Option(
     "--nats-url", envvar=["BATON_NATS_URL", "NATS_URL"], show_default=False,
     help="NATS URL; default: <data-dir>/operator.url written by `baton up`")]  # fmt: skip
-ApiUrl = Annotated[str, typer.Option("--api-url", envvar="BATON_API_URL",
-                                     help="The orchestrator's HTTP API")]  # fmt: skip
+ApiUrl = Annotated[
+    str, typer.Option("--api-url", envvar="BATON_API_URL", help="The orchestrator's HTTP API")
+]
 ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="BATON_API_KEY",
                                             help="Bearer API key", show_default=False)]  # fmt: skip
-Tenant = Annotated[str | None, typer.Option("--tenant", help="Tenant (or from the API key)")]
+
+
+def _valid(what: str) -> Any:
+    """An option's or argument's callback: an invalid ``what`` is refused (``_id``)."""
+    return lambda value: _id(value, what)
+
+
+Tenant = Annotated[
+    str | None,
+    typer.Option("--tenant", help="Tenant (or from the API key)", callback=_valid("tenant")),
+]
+TenantName = Annotated[str, typer.Argument(callback=_valid("tenant"))]
+TaskId = Annotated[str, typer.Argument(callback=_valid("task id"))]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 
 
@@ -119,6 +133,20 @@ def _operator_url() -> str:
                        "(`make up`) or pass --nats-url")  # fmt: skip
 
 
+def _with_bus(url: str | None, work: Any) -> Any:
+    """``work(bus)``'s answer, on a bus connected for it (``url``: default
+    the operator's) and closed after."""
+
+    async def go() -> Any:
+        bus = await _connect(url)
+        try:
+            return await work(bus)
+        finally:
+            await bus.close()
+
+    return asyncio.run(go())
+
+
 async def _connect(url: str | None) -> Any:
     from baton.bus import BusUnavailable, connect
 
@@ -133,11 +161,13 @@ async def _connect(url: str | None) -> Any:
 
 @app.command()
 def submit(
-    workflow: str,
+    workflow: Annotated[str, typer.Argument(callback=_valid("workflow"))],
     input: str,
-    tenant: Annotated[str, typer.Option("--tenant", help="Tenant the task belongs to")],
-    session: Annotated[str | None, typer.Option(help="Continue this session")] = None,
-    task_id: Annotated[str | None, typer.Option("--task-id")] = None,
+    tenant: Annotated[str, typer.Option("--tenant", help="Tenant the task belongs to",
+                                        callback=_valid("tenant"))],
+    session: Annotated[str | None, typer.Option(help="Continue this session",
+                                                callback=_valid("session"))] = None,
+    task_id: Annotated[str | None, typer.Option("--task-id", callback=_valid("task id"))] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Token budget of the task")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the end")] = 300.0,
     nats_url: Annotated[
@@ -150,11 +180,8 @@ def submit(
     plain: Annotated[bool, typer.Option("--plain", help="No live display")] = False,
 ) -> None:  # fmt: skip
     """Publish a task and stream its tokens and steps until it ends."""
-    _id(workflow, "workflow")
-    _id(tenant, "tenant")
     url = nats_url or _tenant_url(data_dir, tenant)
-    _id(session, "session")
-    task_id = _id(task_id, "task id") or uuid.uuid4().hex
+    task_id = task_id or uuid.uuid4().hex
     body: dict[str, Any] = {"tenant": tenant, "input": input, "task_id": task_id}
     if session:
         body["session"] = session
@@ -164,37 +191,24 @@ def submit(
     _probe(url, 3.0)  # before the heavy imports: a dead URL fails in seconds
     from baton.submit import submit as run_submit
 
-    async def go() -> int:
-        bus = await _connect(url)
-        try:
-            return await run_submit(bus, workflow, body, mode=mode, timeout=timeout)
-        finally:
-            await bus.close()
-
-    raise typer.Exit(asyncio.run(go()))
+    raise typer.Exit(
+        _with_bus(url, lambda bus: run_submit(bus, workflow, body, mode=mode, timeout=timeout))
+    )
 
 
 @app.command()
 def audit(
     tenant: Tenant = None,
-    action: Annotated[str | None, typer.Option(help="e.g. erase_session")] = None,
+    action: Annotated[
+        str | None, typer.Option(help="e.g. erase_session", callback=_valid("action"))
+    ] = None,
     last: Annotated[int, typer.Option(help="The newest N records")] = 100,
     nats_url: NatsUrl = None,
 ) -> None:
     """Print the audit trail as JSON lines, oldest first (an operator's NATS URL)."""
     from baton.audit import print_trail
 
-    _id(tenant, "tenant")
-    _id(action, "action")
-
-    async def go() -> None:
-        bus = await _connect(nats_url)
-        try:
-            await print_trail(bus, tenant=tenant, action=action, last=last)
-        finally:
-            await bus.close()
-
-    asyncio.run(go())
+    _with_bus(nats_url, lambda bus: print_trail(bus, tenant=tenant, action=action, last=last))
 
 
 # -- HTTP API --------------------------------------------------------------
@@ -245,15 +259,13 @@ def _print_json(doc: Any) -> None:
 
 @app.command()
 def status(
-    task_id: str, tenant: Tenant = None, api_url: ApiUrl = DEFAULT_API_URL,
+    task_id: TaskId, tenant: Tenant = None, api_url: ApiUrl = DEFAULT_API_URL,
     api_key: ApiKey = None, json_out: Json = False,
 ) -> None:  # fmt: skip
     """A task's status, steps, usage and output."""
     from rich.console import Console
     from rich.table import Table
 
-    _id(task_id, "task id")
-    _id(tenant, "tenant")
     doc = _api("GET", api_url, f"/v1/tasks/{task_id}", api_key, {"tenant": tenant})
     if json_out:
         return _print_json(doc)
@@ -276,12 +288,10 @@ def status(
 
 @app.command()
 def cancel(
-    task_id: str, tenant: Tenant = None, api_url: ApiUrl = DEFAULT_API_URL,
+    task_id: TaskId, tenant: Tenant = None, api_url: ApiUrl = DEFAULT_API_URL,
     api_key: ApiKey = None, json_out: Json = False,
 ) -> None:  # fmt: skip
     """Cancel a task; its in-flight generations are aborted."""
-    _id(task_id, "task id")
-    _id(tenant, "tenant")
     doc = _api("POST", api_url, f"/v1/tasks/{task_id}/cancel", api_key, {"tenant": tenant})
     if json_out:
         return _print_json(doc)
@@ -290,19 +300,17 @@ def cancel(
 
 @app.command()
 def fork(
-    task_id: str,
+    task_id: TaskId,
     step: Annotated[str, typer.Argument(help="A finished step of the task, e.g. r1.validate")],
     input: Annotated[str | None, typer.Option("--input", help="The step's edited input: from "
                      "the first step it replaces the task's; else the step reads it last")] = None,
-    new_task_id: Annotated[str | None, typer.Option("--task-id", help="The new task's id")] = None,
+    new_task_id: Annotated[str | None, typer.Option("--task-id", help="The new task's id",
+                                                    callback=_valid("task id"))] = None,
     tenant: Tenant = None, api_url: ApiUrl = DEFAULT_API_URL, api_key: ApiKey = None,
     json_out: Json = False,
 ) -> None:  # fmt: skip
     """Run a task again from one of its finished steps, as a new task (the
     steps before it are carried over, not run again; the task is untouched)."""
-    _id(task_id, "task id")
-    _id(tenant, "tenant")
-    _id(new_task_id, "task id")
     body: dict[str, Any] = {"step": step, "input": input, "task_id": new_task_id}
     doc = _api("POST", api_url, f"/v1/tasks/{task_id}/fork", api_key, {"tenant": tenant},
                {k: v for k, v in body.items() if v is not None})  # fmt: skip
@@ -319,7 +327,6 @@ def console(
     """Print a one-time login link to the run console (/ui/), valid for
     about 45 s: the tenant's (its key `baton up` wrote), or without --tenant
     the operator's, who sees every tenant."""
-    _id(tenant, "tenant")
     doc = _api("POST", api_url, "/ui/login-link", api_key, {"tenant": tenant})
     print(f"{api_url.rstrip('/')}{doc['path']}")
 
@@ -327,7 +334,7 @@ def console(
 @app.command()
 def tasks(
     tenant: Tenant = None, status: Annotated[str | None, typer.Option()] = None,
-    workflow: Annotated[str | None, typer.Option()] = None,
+    workflow: Annotated[str | None, typer.Option(callback=_valid("workflow"))] = None,
     since: Annotated[str | None, typer.Option(help="ISO 8601 or epoch seconds")] = None,
     limit: Annotated[int, typer.Option()] = 20,
     cursor: Annotated[str | None, typer.Option()] = None,
@@ -339,8 +346,6 @@ def tasks(
     from rich.console import Console
     from rich.table import Table
 
-    _id(tenant, "tenant")
-    _id(workflow, "workflow")
     params = {"tenant": tenant, "status": status, "workflow": workflow, "since": since,
               "limit": limit, "cursor": cursor}  # fmt: skip
     doc = _api("GET", api_url, "/v1/tasks", api_key, params)
@@ -432,20 +437,18 @@ def _tenant_url(data_dir: Path, tenant: str) -> str:
 
 
 @tenant_app.command("url")
-def tenant_url(tenant: str, data_dir: DataDir = Path(".data")) -> None:
+def tenant_url(tenant: TenantName, data_dir: DataDir = Path(".data")) -> None:
     """Print the tenant's NATS address (connect with it and `baton tenant creds`)."""
     from baton.urls import split_creds
 
-    _id(tenant, "tenant")
     print(split_creds(_tenant_url(data_dir, tenant))[0])
 
 
 @tenant_app.command("creds")
-def tenant_creds(tenant: str, data_dir: DataDir = Path(".data")) -> None:
+def tenant_creds(tenant: TenantName, data_dir: DataDir = Path(".data")) -> None:
     """Print the path of the tenant's standard NATS .creds file (user JWT + nkey seed)."""
     from baton.credentials import creds_path
 
-    _id(tenant, "tenant")
     path = creds_path(data_dir, tenant)
     if not path.exists():
         fail(f"no .creds for tenant {tenant!r} at {path}: start the stack with BATON_TENANTS "
@@ -476,21 +479,21 @@ def _tenant_op(data_dir: Path, nats_url: str | None, work: Any) -> Any:
         fail(f"cannot administer tenants at {address}: {exc}", EXIT_UNREACHABLE)
 
 
-TenantNats = Annotated[str | None, typer.Option(
-    "--nats-url", help="NATS address; default: <data-dir>/operator.url")]  # fmt: skip
+Region = Annotated[str, typer.Argument(callback=_valid("region"))]
+TenantNats = Annotated[
+    str | None, typer.Option("--nats-url", help="NATS address; default: <data-dir>/operator.url")
+]
 
 
 @tenant_app.command("create")
-def tenant_create(tenant: str, data_dir: DataDir = Path(".data"),
+def tenant_create(tenant: TenantName, data_dir: DataDir = Path(".data"),
                   nats_url: TenantNats = None,
                   region: Annotated[str | None, typer.Option(
-                      help="Keep its data on servers tagged region:<REGION>")] = None,
+                      help="Keep its data on servers tagged region:<REGION>",
+                      callback=_valid("region"))] = None,
                   ) -> None:  # fmt: skip
     """Create a tenant on the running stack; once it can submit, prints its .creds
     file, then its HTTP API key: shown this once, only its sha256 is kept."""
-    _id(tenant, "tenant")
-    if region is not None:
-        _id(region, "region")
     _print_made(_tenant_op(data_dir, nats_url, lambda admin: admin.create(tenant, region)))
 
 
@@ -503,21 +506,18 @@ def _print_made(made: Any) -> None:
 
 
 @tenant_app.command("region")
-def tenant_region(tenant: str, region: str, data_dir: DataDir = Path(".data"),
+def tenant_region(tenant: TenantName, region: Region, data_dir: DataDir = Path(".data"),
                   nats_url: TenantNats = None) -> None:  # fmt: skip
     """Keep an existing tenant's data on servers tagged region:<REGION> (its streams move);
     refused (exit 2) for a tenant that has history or attachments: they are not migrated."""
-    _id(tenant, "tenant")
-    _id(region, "region")
     _tenant_op(data_dir, nats_url, lambda admin: admin.set_region(tenant, region))
     print(f"{tenant}: region {region} (its streams move there; see `baton tenant where {tenant}`)")
 
 
 @tenant_app.command("where")
-def tenant_where(tenant: str, data_dir: DataDir = Path(".data"), nats_url: TenantNats = None,
+def tenant_where(tenant: TenantName, data_dir: DataDir = Path(".data"), nats_url: TenantNats = None,
                  json_out: Json = False) -> None:  # fmt: skip
     """On which servers each of the tenant's streams keeps its replicas (leader first)."""
-    _id(tenant, "tenant")
     doc = _tenant_op(data_dir, nats_url, lambda admin: admin.residency(tenant))
     if json_out:
         _print_json(doc)
@@ -549,8 +549,9 @@ _TENANT_OPS = [
 
 
 def _tenant_command(op: str, doc: str, said: str) -> None:
-    def run(tenant: str, data_dir: DataDir = Path(".data"), nats_url: TenantNats = None) -> None:
-        _id(tenant, "tenant")
+    def run(
+        tenant: TenantName, data_dir: DataDir = Path(".data"), nats_url: TenantNats = None
+    ) -> None:
         out = _tenant_op(data_dir, nats_url, lambda admin: getattr(admin, op)(tenant))
         if said:
             print(said.format(t=tenant, out=out))
@@ -566,8 +567,9 @@ for _op in _TENANT_OPS:
 
 
 @tenant_app.command("list")
-def tenant_list(data_dir: DataDir = Path(".data"), nats_url: TenantNats = None,
-                json_out: Json = False) -> None:  # fmt: skip
+def tenant_list(
+    data_dir: DataDir = Path(".data"), nats_url: TenantNats = None, json_out: Json = False
+) -> None:
     """Every tenant and its state (active, suspended)."""
     states = _tenant_op(data_dir, nats_url, lambda admin: admin.list())
     if json_out:
@@ -578,12 +580,11 @@ def tenant_list(data_dir: DataDir = Path(".data"), nats_url: TenantNats = None,
 
 
 @tenant_app.command("key")
-def tenant_key(tenant: str, data_dir: DataDir = Path(".data")) -> None:
+def tenant_key(tenant: TenantName, data_dir: DataDir = Path(".data")) -> None:
     """Print the HTTP API key `baton up` wrote for a tenant of BATON_TENANTS (a bearer
     key; a tenant created at run time has its key shown once, by create or rotate)."""
     from baton.credentials import key_path
 
-    _id(tenant, "tenant")
     key = _stored_key(data_dir, tenant)
     if key is None:
         fail(f"no API key for tenant {tenant!r} at {key_path(data_dir, tenant)}: start the "
@@ -613,11 +614,12 @@ def nats(data_dir: DataDir = Path(".data"), port: int = 4222) -> None:
 def nats_auth(
     out: Annotated[Path, typer.Argument(help="Where to write (keys kept there across runs)")],
     tenants: Annotated[str, typer.Option(envvar="BATON_TENANTS", help="Tenant ids, a,b")] = "acme",
-    resolver_dir: Annotated[str, typer.Option(help="The resolver's directory, on the server")]
-    = "/data/jwt",
+    resolver_dir: Annotated[
+        str, typer.Option(help="The resolver's directory, on the server")
+    ] = "/data/jwt",
     host: Annotated[str, typer.Option(help="The server's host, for the URL files")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="The server's port, for the URL files")] = 4222,
-) -> None:  # fmt: skip
+) -> None:
     """Operator-mode NATS for compose and Kubernetes, the same as `baton up`
     runs: OUT/nats/auth.conf for the server to include, every identity's
     .creds (services: OUT/secrets/creds/, tenants: OUT/tenants/), all 0600."""
@@ -640,18 +642,9 @@ def nats_auth(
 
 # -- dead letters (the logic is baton/dlq.py) ---------------------------------
 
-Consumer = Annotated[str | None, typer.Option("--consumer", help="Only this consumer's")]
-
-
-def _dlq(nats_url: str | None, work: Any) -> Any:
-    async def go() -> Any:
-        bus = await _connect(nats_url)
-        try:
-            return await work(bus)
-        finally:
-            await bus.close()
-
-    return asyncio.run(go())
+Consumer = Annotated[
+    str | None, typer.Option("--consumer", help="Only this consumer's", callback=_valid("consumer"))
+]
 
 
 @dlq_app.command("list")
@@ -662,8 +655,7 @@ def dlq_list(
     """Dead letters, oldest first: sequence, consumer, original subject, reason."""
     from baton import dlq
 
-    _id(consumer, "consumer")
-    letters = _dlq(nats_url, lambda bus: dlq.list_letters(bus, consumer=consumer, limit=limit))
+    letters = _with_bus(nats_url, lambda bus: dlq.list_letters(bus, consumer=consumer, limit=limit))
     if json_out:
         return _print_json([x.as_dict() for x in letters])
     if not letters:
@@ -676,13 +668,13 @@ def dlq_list(
 def dlq_replay(
     seqs: Annotated[list[int] | None, typer.Argument(help="DLQ sequences (see list)")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every letter (of --consumer)")] = False,
-    consumer: Consumer = None, nats_url: NatsUrl = None,
-) -> None:  # fmt: skip
+    consumer: Consumer = None,
+    nats_url: NatsUrl = None,
+) -> None:
     """Publish letters back where they were consumed from, then drop them (a
     tenant's task that already ended is refused and kept)."""
     from baton import dlq
 
-    _id(consumer, "consumer")
     if not seqs and not all_:
         fail("name the sequences to replay, or --all", EXIT_USAGE)
 
@@ -692,7 +684,7 @@ def dlq_replay(
             todo = [x.seq for x in await dlq.list_letters(bus, consumer=consumer, limit=100_000)]
         return await dlq.replay(bus, todo)
 
-    outcomes = _dlq(nats_url, work)
+    outcomes = _with_bus(nats_url, work)
     for seq, outcome in outcomes:
         print(f"{seq:>8}  {outcome}")
     refused = sum(1 for _, outcome in outcomes if outcome.startswith(dlq.REFUSED))
@@ -709,10 +701,9 @@ def dlq_purge(
     """Delete every dead letter (of --consumer)."""
     from baton import dlq
 
-    _id(consumer, "consumer")
     if not yes:
         fail("purge deletes dead letters for good: add --yes", EXIT_USAGE)
-    n = _dlq(nats_url, lambda bus: dlq.purge(bus, consumer=consumer))
+    n = _with_bus(nats_url, lambda bus: dlq.purge(bus, consumer=consumer))
     print(f"purged {n} dead letter(s)")
 
 

@@ -176,8 +176,9 @@ class Credentials:
     def tenants(self) -> list[str]:
         """Every tenant with an account key (created at start or at run time)."""
         skip = {f"account:{accounts.BATON_ACCOUNT}", f"account:{accounts.SYSTEM_ACCOUNT}"}
-        return sorted(k.split(":", 1)[1] for k in self.nkeys
-                      if k.startswith("account:") and k not in skip)  # fmt: skip
+        return sorted(
+            k.split(":", 1)[1] for k in self.nkeys if k.startswith("account:") and k not in skip
+        )
 
     def revocations(self, account: str) -> dict[str, int]:
         """User public key -> revoked-at (unix s) of ``account``'s JWT."""
@@ -188,8 +189,9 @@ class Credentials:
         """The deployment's nkeys (operator, accounts, users)."""
 
         def pick(prefix: str) -> dict[str, jwt.Key]:
-            return {k[len(prefix):]: jwt.Key(v) for k, v in self.nkeys.items()
-                    if k.startswith(prefix)}  # fmt: skip
+            return {
+                k[len(prefix) :]: jwt.Key(v) for k, v in self.nkeys.items() if k.startswith(prefix)
+            }
 
         operator = self.nkeys.get("operator")
         publics = {k[len("public:account:"):]: v for k, v in self.nkeys.items()
@@ -347,8 +349,9 @@ def write_deployment(
     tenants = creds.live(list(dict.fromkeys([*tenants, *creds.tenants()])))
     out = {f"{identity}.creds": path for identity, path in creds.write_creds(tenants).items()}
     revocations = {t: creds.revocations(t) for t in tenants}
-    conf = accounts.operator_auth(tenants, creds.keys(), resolver_dir=resolver_dir,
-                                  revocations=revocations)  # fmt: skip
+    conf = accounts.operator_auth(
+        tenants, creds.keys(), resolver_dir=resolver_dir, revocations=revocations
+    )
     write_private(data_dir / AUTH_CONF, AUTH_HEADER + accounts.to_conf_entries(conf))
     out["auth.conf"] = data_dir / AUTH_CONF
     urls = creds.write_urls(data_dir, tenants, host, port)

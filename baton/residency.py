@@ -92,8 +92,9 @@ async def context_where(op_bus: Bus, region: str) -> tuple[Replica, ...]:
     for spec in (home.log, home.attachments):
         try:
             info = await op_bus.stream_info(spec.name)
-            out.append(Replica(spec.name, accounts.BATON_ACCOUNT, info.placement_tags,
-                               info.servers))  # fmt: skip
+            out.append(
+                Replica(spec.name, accounts.BATON_ACCOUNT, info.placement_tags, info.servers)
+            )
         except NotFound:
             out.append(Replica(spec.name, accounts.BATON_ACCOUNT, spec.placement_tags, ()))
     return tuple(out)

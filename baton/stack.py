@@ -189,8 +189,9 @@ class Stack:
     def busy_ports(self) -> list[tuple[int, str, str | None]]:
         """The ports of ``ports()`` a server could not bind on 127.0.0.1 now,
         with what binds it here and who holds it (when it can be told)."""
-        return [(port, what, port_holder(port)) for port, what in self.ports()
-                if not port_free(port)]  # fmt: skip
+        return [
+            (port, what, port_holder(port)) for port, what in self.ports() if not port_free(port)
+        ]
 
     def start(self) -> str:
         """Start NATS (unless ``nats_url``) and the services; returns the
@@ -224,10 +225,11 @@ class Stack:
                  accounts.INFERENCE_WORKER: self.http_port + 2,
                  accounts.TOOL_WORKER: self.http_port + 3}  # fmt: skip
         self.services = [
-            ServiceProcess(name, {**base, "BATON_NATS_URL": urls[name]}, ports[name],
-                           die_with_parent=True).start()
+            ServiceProcess(
+                name, {**base, "BATON_NATS_URL": urls[name]}, ports[name], die_with_parent=True
+            ).start()
             for name in MODULES
-        ]  # fmt: skip
+        ]
         return url
 
     def wait_ready(self, stopping: Callable[[], bool] = lambda: False) -> None:

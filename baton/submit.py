@@ -90,8 +90,9 @@ class TaskView:
 
         icon = {"started": ("⋯", "yellow"), "done": ("✓", "green"), "failed": ("✗", "red"),
                 "waiting_input": ("?", "cyan")}  # fmt: skip
-        lines: list[Any] = [Text.assemble((f"{self.workflow} ", "bold"), "task ",
-                                          (self.task_id, "cyan"))]  # fmt: skip
+        lines: list[Any] = [
+            Text.assemble((f"{self.workflow} ", "bold"), "task ", (self.task_id, "cyan"))
+        ]
         for step_id, v in self.steps.items():
             status = v.status
             if isinstance(self.end, Failed) and status == "started":
@@ -244,8 +245,9 @@ async def submit(
             known = view.steps.get(item.step)
             # Another attempt after one that ended is the step's next model
             # turn (after tool calls); before it ended, a generation over.
-            again = (known is not None and known.attempt not in ("", item.attempt)
-                     and not known.closed)  # fmt: skip
+            again = (
+                known is not None and known.attempt not in ("", item.attempt) and not known.closed
+            )
             view.on_delta(item)
             if plain is not None:
                 plain.delta(item, again)

@@ -139,7 +139,7 @@ async def read_registry(bus: Bus) -> dict[str, TenantState]:
     """Every tenant the registry records (deleted ones included)."""
     kv = await bus.ensure_bucket(streams.TENANTS)
     return {e.key: TenantState.decode(e.key, e.value)
-            for e in await kv.entries() if e.value and not e.deleted}  # fmt: skip
+            for e in await kv.entries(patient=True) if e.value and not e.deleted}  # fmt: skip
 
 
 def account_tenants(creds: Credentials) -> list[str]:

@@ -286,8 +286,9 @@ def span(
                            links=[Link(sc) for sc in links],
                            record_exception=False, set_status_on_exception=False)  # fmt: skip
     try:
-        with trace.use_span(s, end_on_exit=False, record_exception=False,
-                            set_status_on_exception=False):  # fmt: skip
+        with trace.use_span(
+            s, end_on_exit=False, record_exception=False, set_status_on_exception=False
+        ):
             yield s
     except benign as exc:
         s.set_attribute("baton.outcome", type(exc).__name__.lower())

@@ -424,9 +424,10 @@ def direct_owner(description: str | None) -> tuple[str, str] | None:
 RUNS = BucketSpec(name="baton-runs", history=1, erasable=True,
                   description="Durable run state per task, and its key.")  # fmt: skip
 TENANTS = BucketSpec(
-    name="baton-tenants", history=1,
+    name="baton-tenants",
+    history=1,
     description="The tenant registry: each tenant's state (active, suspended, deleted).",
-)  # fmt: skip
+)
 TOOL_CATALOG = BucketSpec(
     name="baton-tools", history=1, description="The tools each tool pool serves, by pool."
 )

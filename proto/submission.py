@@ -62,8 +62,9 @@ class RateLimited(TaskRejected):
     def __init__(
         self, message: str, *, retry_after: float, tenant: str, task_id: str, session: str
     ) -> None:
-        super().__init__(ErrorCode.RATE_LIMITED, message, tenant=tenant, task_id=task_id,
-                         session=session)  # fmt: skip
+        super().__init__(
+            ErrorCode.RATE_LIMITED, message, tenant=tenant, task_id=task_id, session=session
+        )
         self.retry_after = retry_after
 
 

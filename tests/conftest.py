@@ -61,3 +61,23 @@ def own_nats(tmp_path: Path) -> Iterator[NatsServer]:
     server = secure_nats(tmp_path / "nats", encrypt=False).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def own_stack(own_nats: NatsServer, tmp_path: Path) -> Iterator[LocalStack]:
+    """A stack on ``own_nats``, nothing started yet (the test starts what it
+    needs: ``LocalStack.start``), stopped after."""
+    s = LocalStack(own_nats, tmp_path / "s")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A test module's own nats-server in operator mode with tenant ``acme``
+    (the tenant-admin tests': tenants are made and deleted on it). Unencrypted:
+    deletion is checked against the raw files."""
+    s = secure_nats(tmp_path_factory.mktemp("tenancy") / "nats", ("acme",), encrypt=False)
+    s.start()
+    yield s
+    s.stop()

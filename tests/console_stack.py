@@ -104,16 +104,11 @@ def _json(raw: bytes) -> Any:
 
 
 def start_console_env(tmp: Path) -> Iterator[ConsoleEnv]:
-    flows = tmp / "workflows"
-    flows.mkdir()
-    for name, text in WORKFLOWS.items():
-        (flows / name).write_text(text)
     keys = {"acme": f"bk-{uid()}", "globex": f"bk-{uid()}", "*": f"bk-{uid()}"}
     api_keys = json.dumps({key: tenant for tenant, key in keys.items()})
     server = secure_nats(tmp / "nats", encrypt=False).start()
-    stack = LocalStack(server, tmp / "stack",
-                       env={"BATON_WORKFLOWS_DIR": str(flows), "BATON_API_KEYS": api_keys})  # fmt: skip
-    stack.start(tool_workers=1)
+    stack = LocalStack(server, tmp / "stack", env={"BATON_API_KEYS": api_keys})
+    stack.start(tool_workers=1, workflows=WORKFLOWS)
     refusing = RefusingModelServer()
     stack.worker(BATON_POOL="slow", BATON_SIM_DECODE_TPS="40").wait_ready()
     refusing_worker(stack, refusing).wait_ready()

@@ -32,6 +32,14 @@ from baton.natsd import NatsServer, free_port
 MCP_SERVER = Path(__file__).parent / "fixtures" / "mcp_server.py"
 
 
+def one_step(name: str, **agent: Any) -> str:
+    """Workflow ``name``: one step, ``answer``, by a brief ``assistant`` with
+    ``agent``'s fields (``max_tokens``, ``pool`` ...). JSON, which is YAML."""
+    assistant = {"role": "assistant", "system": "You answer briefly.", **agent}
+    steps = [{"id": "answer", "agent": "assistant"}]
+    return json.dumps({"name": name, "agents": {"assistant": assistant}, "steps": steps})
+
+
 def docker_available() -> bool:
     if shutil.which("docker") is None:
         return False

@@ -7,42 +7,26 @@ KV need still counts ``max_tokens``."""
 
 from __future__ import annotations
 
-import json
-import textwrap
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from baton.dev.testing import Client, LocalStack, uid
-from baton.natsd import NatsServer
+from tests.harness import one_step
 
-WORKFLOW = textwrap.dedent("""\
-    name: ask
-    agents:
-      assistant: {role: assistant, system: You answer briefly., max_tokens: 64, pool: small}
-    steps:
-      - {id: answer, agent: assistant}
-    """)
+WORKFLOW = one_step("ask", max_tokens=64, pool="small")
 POOLS = {"small": {"max_model_len": 2048, "prefill_tps": 20000, "decode_tps": 400}}
 
 
 @pytest.fixture
-def short_answers(own_nats: NatsServer, tmp_path: Path) -> Iterator[LocalStack]:
-    flows = tmp_path / "workflows"
-    flows.mkdir()
-    (flows / "ask.yaml").write_text(WORKFLOW)
-    s = LocalStack(own_nats, tmp_path / "s")
-    s.workdir.mkdir(parents=True)
-    s.service("context-store").wait_ready()
-    s.service("orchestrator", BATON_WORKFLOWS_DIR=str(flows), BATON_POOLS=json.dumps(POOLS),
-              BATON_ANSWER_MIN_SEEN="3").wait_ready()  # fmt: skip
-    s.worker(
+def short_answers(own_stack: LocalStack) -> LocalStack:
+    own_stack.start(
+        workers=0, workflows={"ask.yaml": WORKFLOW}, pools=POOLS, BATON_ANSWER_MIN_SEEN="3"
+    )
+    own_stack.worker(
         BATON_POOL="small", BATON_MAX_MODEL_LEN="2048", BATON_SIM_ANSWER_TOKENS="12"
     ).wait_ready()
-    yield s
-    s.stop()
+    return own_stack
 
 
 async def _step(client: Client, text: str) -> tuple[dict[str, Any], dict[str, Any]]:

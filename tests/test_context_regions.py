@@ -2,14 +2,18 @@
 regions.py``), against a stand-in for the bus: a tenant's region is read from
 the registry before its first use, a region's pair is provisioned once (after
 the store reconnected with its re-issued ``.creds`` when the region is new
-since it started), and a move drops what the store cached for the tenant."""
+since it started), and a move drops what the store cached for the tenant.
+The registry listing a service starts with waits out JetStream without a
+leader (a scripted JetStream)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from baton.bus import Entry
-from baton.tenants import TenantState
+import nats.errors
+
+from baton.bus import Bus, Entry
+from baton.tenants import TenantState, read_registry
 from proto import streams
 from services.context_store.regions import TenantRegions
 
@@ -26,7 +30,7 @@ class _Registry:
         value = self.entries_.get(key)
         return None if value is None else Entry(key, value, 1)
 
-    async def entries(self) -> list[Entry]:
+    async def entries(self, patient: bool = False) -> list[Entry]:
         return [Entry(k, v, 1) for k, v in self.entries_.items()]
 
 
@@ -83,3 +87,42 @@ async def test_a_moved_tenant_is_forgotten_and_no_registry_means_the_shared_pair
     await bare.start()
     assert await bare.home("acme") is streams.SHARED_CONTEXT
     assert await TenantRegions(None).home("acme") is streams.SHARED_CONTEXT
+
+
+async def test_the_registry_listing_a_service_starts_with_waits_out_jetstream_without_a_leader() -> (
+    None
+):
+    """The context store (``TenantRegions.start``) and the orchestrator
+    (``read_registry``) list the tenant registry as they start: a timeout
+    while the cluster elects is retried, as opening the bucket is (without
+    it the service exits 1 and a cluster restart stops it)."""
+    reads: list[str] = []
+
+    class Sub:
+        async def consumer_info(self) -> Any:
+            return type("Info", (), {"name": "c", "num_pending": 0})
+
+        async def unsubscribe(self) -> None:
+            pass
+
+    class Js:
+        async def key_value(self, name: str) -> object:
+            return object()
+
+        async def create_key_value(self, **kw: Any) -> object:
+            return object()
+
+        async def pull_subscribe(self, subject: str, **kw: Any) -> Sub:
+            reads.append(subject)
+            if len(reads) % 3:  # two timeouts, then the listing
+                raise nats.errors.TimeoutError
+            return Sub()
+
+        async def delete_consumer(self, stream: str, name: str) -> None:
+            pass
+
+    bus = Bus(None, js=Js())  # type: ignore[arg-type]
+    await TenantRegions(bus).start()
+    assert reads == [streams.TENANTS.subject(">")] * 3
+    assert await read_registry(bus) == {}
+    assert len(reads) == 6

@@ -56,12 +56,8 @@ steps:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     tmp = tmp_path_factory.mktemp("input")
-    flows = tmp / "workflows"
-    flows.mkdir()
-    for name, text in WORKFLOWS.items():
-        (flows / name).write_text(text)
     server = secure_nats(tmp / "nats", encrypt=False).start()
-    stack = LocalStack(server, tmp / "stack", env={"BATON_WORKFLOWS_DIR": str(flows)}).start()
+    stack = LocalStack(server, tmp / "stack").start(workflows=WORKFLOWS)
     yield stack
     stack.stop()
     server.stop()

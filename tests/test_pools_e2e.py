@@ -8,29 +8,15 @@ completes; a step that fits no pool fails at once."""
 from __future__ import annotations
 
 import asyncio
-import json
-import textwrap
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from baton.dev.testing import Client, LocalStack, metric, uid
-from baton.natsd import NatsServer
+from tests.harness import one_step
 
-WORKFLOW = textwrap.dedent("""\
-    name: ask
-    agents:
-      assistant:
-        role: assistant
-        system: You answer briefly.
-        max_tokens: 32
-        pools: [small, large]
-    steps:
-      - {id: answer, agent: assistant}
-    """)
+WORKFLOW = one_step("ask", max_tokens=32, pools=["small", "large"])
 # The small pool's entry says 4096; its worker serves 1024 (drift, and a
 # step placed there that its worker cannot hold).
 POOLS = {
@@ -42,19 +28,13 @@ POOLS = {
 
 
 @pytest.fixture
-def two_pools(own_nats: NatsServer, tmp_path: Path) -> Iterator[LocalStack]:
-    flows = tmp_path / "workflows"
-    flows.mkdir()
-    (flows / "ask.yaml").write_text(WORKFLOW)
-    s = LocalStack(own_nats, tmp_path / "s")
-    s.workdir.mkdir(parents=True)
-    s.service("context-store").wait_ready()
-    s.service("orchestrator", BATON_WORKFLOWS_DIR=str(flows), BATON_POOLS=json.dumps(POOLS),
-              BATON_PENDING_POLL_INTERVAL="0.5").wait_ready()  # fmt: skip
+def two_pools(own_stack: LocalStack) -> LocalStack:
+    s = own_stack.start(
+        workers=0, workflows={"ask.yaml": WORKFLOW}, pools=POOLS, BATON_PENDING_POLL_INTERVAL="0.5"
+    )
     s.worker(BATON_POOL="small", BATON_MAX_MODEL_LEN="1024").wait_ready()
     s.worker(BATON_POOL="large", BATON_MAX_MODEL_LEN="8192").wait_ready()
-    yield s
-    s.stop()
+    return s
 
 
 def _steps(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -104,29 +84,16 @@ async def test_steps_go_to_the_pool_that_holds_them_cheapest_first(
     assert metric(url, "baton_pool_decisions_total", chosen="none", reason="too_long") == 1
 
 
-COLD_WORKFLOW = textwrap.dedent("""\
-    name: wake
-    agents:
-      assistant: {role: assistant, system: You answer briefly., max_tokens: 16, pool: cold}
-    steps:
-      - {id: answer, agent: assistant}
-    """)
+COLD_WORKFLOW = one_step("wake", max_tokens=16, pool="cold")
 COLD = {"cold": {"cold_start_s": 20, "prefill_tps": 20000, "decode_tps": 400}}
 
 
 @pytest.fixture
-def pool_at_zero(own_nats: NatsServer, tmp_path: Path) -> Iterator[LocalStack]:
+def pool_at_zero(own_stack: LocalStack) -> LocalStack:
     """An orchestrator whose pool ``cold`` has no worker (scaled to zero)."""
-    flows = tmp_path / "workflows"
-    flows.mkdir()
-    (flows / "wake.yaml").write_text(COLD_WORKFLOW)
-    s = LocalStack(own_nats, tmp_path / "s")
-    s.workdir.mkdir(parents=True)
-    s.service("context-store").wait_ready()
-    s.service("orchestrator", BATON_WORKFLOWS_DIR=str(flows), BATON_POOLS=json.dumps(COLD),
-              BATON_STEP_TIMEOUT="5").wait_ready()  # fmt: skip
-    yield s
-    s.stop()
+    return own_stack.start(
+        workers=0, workflows={"wake.yaml": COLD_WORKFLOW}, pools=COLD, BATON_STEP_TIMEOUT="5"
+    )
 
 
 async def test_a_pool_at_zero_holds_the_step_until_a_worker_starts(

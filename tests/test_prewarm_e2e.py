@@ -44,26 +44,16 @@ ASK = FLOW.replace("name: relay", "name: review").replace(
 
 @pytest.fixture
 def relay(own_nats: NatsServer, tmp_path: Path) -> Iterator[LocalStack]:
-    flows = tmp_path / "workflows"
-    flows.mkdir()
-    (flows / "relay.yaml").write_text(FLOW)
-    (flows / "review.yaml").write_text(ASK)
     # Slow decoding: the first step runs long enough for its follower's warm.
     s = LocalStack(own_nats, tmp_path / "s", env={"BATON_SIM_DECODE_TPS": "80"})
-    yield two_workers(s, flows)
+    yield two_workers(s, {"relay.yaml": FLOW, "review.yaml": ASK})
     s.stop()
 
 
-def two_workers(s: LocalStack, flows: Path) -> LocalStack:
-    """``s`` started: a context store, an orchestrator running ``flows``
+def two_workers(s: LocalStack, workflows: dict[str, str]) -> LocalStack:
+    """``s`` started: a context store, an orchestrator running ``workflows``
     that keeps waits warm every 0.5 s, and two simulator workers."""
-    s.workdir.mkdir(parents=True)
-    s.service("context-store").wait_ready()
-    s.service("orchestrator", BATON_WORKFLOWS_DIR=str(flows),
-              BATON_PREWARM_KEEP_EVERY="0.5").wait_ready()  # fmt: skip
-    s.worker().wait_ready()
-    s.worker().wait_ready()
-    return s
+    return s.start(workers=2, workflows=workflows, BATON_PREWARM_KEEP_EVERY="0.5")
 
 
 async def both_workers(relay: LocalStack) -> list[ServiceProcess]:
@@ -158,9 +148,7 @@ async def test_across_an_input_wait_the_step_after_is_kept_warm_and_runs_there(
 async def test_while_a_slow_tool_runs_the_steps_own_prefix_is_kept_warm_where_it_ran(
     own_nats: NatsServer, tmp_path: Path, own_client: Client
 ) -> None:
-    flows = tmp_path / "workflows"
-    flows.mkdir()
-    (flows / "slow.yaml").write_text(
+    slow = (
         "name: slow\nagents:\n  a:\n    role: a\n    system: You wait, then answer.\n"
         "    max_tokens: 8\n    tools: [mcp.web.pause]\nsteps:\n  - id: go\n    agent: a\n"
     )
@@ -168,7 +156,7 @@ async def test_while_a_slow_tool_runs_the_steps_own_prefix_is_kept_warm_where_it
     servers = json.dumps({"web": {"url": mcp.enter_context(mcp_http_server())}})
     s = LocalStack(own_nats, tmp_path / "s", env={"BATON_MCP_SERVERS": servers})
     try:
-        two_workers(s, flows).tool_worker().wait_ready()
+        two_workers(s, {"slow.yaml": slow}).tool_worker().wait_ready()
         url = s.orchestrator.url
         workers = await both_workers(s)
         task_id = uid()

@@ -23,19 +23,11 @@ import pytest
 
 from baton import accounts, jwt
 from baton.credentials import ADMIN_BUNDLE, SECRETS_FILE, Credentials
-from baton.dev.testing import Client, LocalStack, secure_nats, uid
+from baton.dev.testing import Client, LocalStack, uid
 from baton.natsd import NatsServer
 from baton.tenants import AdminKeysError, TenantAdmin
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    s = secure_nats(tmp_path_factory.mktemp("bundle") / "nats", ("acme",), encrypt=False)
-    s.start()
-    yield s
-    s.stop()
 
 
 @pytest.fixture(scope="module")

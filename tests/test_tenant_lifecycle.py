@@ -27,21 +27,12 @@ import pytest
 from baton import audit
 from baton import sessions as S
 from baton.bus import Bus, connect
-from baton.dev.testing import Client, LocalStack, connect_nats, http_get, secure_nats, uid
+from baton.dev.testing import Client, LocalStack, connect_nats, http_get, uid
 from baton.natsd import NatsServer
 from baton.tenants import TenantAdmin, TenantError, key_digest, read_registry
 from tests.ctx import raw_store_contains
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    # Unencrypted: deletion is checked against the raw files.
-    s = secure_nats(tmp_path_factory.mktemp("tenancy") / "nats", ("acme",), encrypt=False)
-    s.start()
-    yield s
-    s.stop()
 
 
 @pytest.fixture(scope="module")

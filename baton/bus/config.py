@@ -88,8 +88,8 @@ PROVISION_PATIENCE = 60.0  # seconds
 
 async def _retry_store_race(op: Callable[[], Awaitable[Any]]) -> Any:
     """Run the provisioning step ``op`` (the whole step: a create and the
-    update or lookup that follows it), again while JetStream is briefly
-    unavailable or its store races."""
+    update or lookup that follows it; or a listing a service starts with),
+    again while JetStream is briefly unavailable or its store races."""
     deadline = time.monotonic() + PROVISION_PATIENCE
     attempt = 0
     while True:

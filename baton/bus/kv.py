@@ -13,6 +13,7 @@ from nats.js.kv import KeyValue
 
 from proto.streams import BucketSpec
 
+from .config import _retry_store_race
 from .errors import _translated
 
 if TYPE_CHECKING:
@@ -83,11 +84,21 @@ class Bucket:
     async def put(self, key: str, value: bytes) -> int:
         return int(await self._kv.put(key, value))
 
-    async def entries(self, pattern: str = ">", *, limit: int = 10_000) -> list[Entry]:
+    async def entries(
+        self, pattern: str = ">", *, limit: int = 10_000, patient: bool = False
+    ) -> list[Entry]:
         """The newest entry of every key matching ``pattern`` (at most
         ``limit``; no deleted ones), read through a pull consumer. (nats-py's
         watch says "all delivered" from a pending count taken while messages
-        may already be on their way: under load a listing came back empty.)"""
+        may already be on their way: under load a listing came back empty.)
+        ``patient``: a read a service starts with, so JetStream briefly
+        without a leader is waited out as opening the bucket is; a request's
+        read fails at once instead."""
+        if patient:
+            listed: list[Entry] = await _retry_store_race(
+                lambda: self.entries(pattern, limit=limit)
+            )
+            return listed
         out: list[Entry] = []
         prefix = len(self.spec.subject(""))
         reads = self._bus.read_subject(
@@ -116,11 +127,6 @@ class Bucket:
                 yield Entry(e.key, e.value or b"", e.revision or 0, e.operation is not None)
         finally:
             await watcher.stop()
-
-    async def erase_revision(self, revision: int) -> None:
-        """Overwrite a replaced revision in the raw store (no-op if not erasable)."""
-        if self.erasable:
-            await self._bus.erase_messages(self.spec.stream, [revision])
 
     async def erase_history(self, key: str, *, keep_after: int) -> int:
         """Overwrite every revision of ``key`` before ``keep_after``; how many."""

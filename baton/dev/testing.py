@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -162,9 +163,30 @@ class LocalStack:
         self.procs.append(proc)
         return proc
 
-    def start(self, workers: int = 1, tool_workers: int = 0) -> LocalStack:
+    def start(
+        self,
+        workers: int = 1,
+        tool_workers: int = 0,
+        *,
+        workflows: Mapping[str, str] | None = None,
+        pools: Mapping[str, Mapping[str, float]] | None = None,
+        **orchestrator_env: str,
+    ) -> LocalStack:
+        """A context store, an orchestrator, ``workers`` simulator workers and
+        ``tool_workers`` tool workers, all ready. Every orchestrator of the
+        stack (this one and any started later) runs ``workflows`` (file name
+        -> YAML) besides the built-in ones and places on the ``pools``
+        catalogue; this one also has ``orchestrator_env``."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        started = [self.service("context-store"), self.service("orchestrator")]
+        if workflows:
+            flows = self.workdir / "workflows"
+            flows.mkdir(exist_ok=True)
+            for name, text in workflows.items():
+                (flows / name).write_text(text)
+            self.env["BATON_WORKFLOWS_DIR"] = str(flows)
+        if pools is not None:
+            self.env["BATON_POOLS"] = json.dumps(pools)
+        started = [self.service("context-store"), self.service("orchestrator", **orchestrator_env)]
         started += [self.worker() for _ in range(workers)]
         started += [self.tool_worker() for _ in range(tool_workers)]
         for p in started:

@@ -132,8 +132,9 @@ class TraceReceiver:
         while not any(s.name == name for s in self.trace(trace_id)):
             if time.monotonic() > deadline:
                 names = sorted({s.name for s in self.trace(trace_id)})
-                raise TimeoutError(f"no span {name!r} in trace {trace_id} within {timeout}s; "
-                                   f"got {names}")  # fmt: skip
+                raise TimeoutError(
+                    f"no span {name!r} in trace {trace_id} within {timeout}s; got {names}"
+                )
             time.sleep(0.1)
         time.sleep(1.0)  # other services' batches of the same trace
         return self.trace(trace_id)

@@ -104,8 +104,9 @@ class Admin:
         erased: list[str] = []
         if req.session is None:
             for home in await self.regions.homes():  # wherever it lived, before a move
-                sessions, records = await erase_matching(self.bus, home.log.name,
-                                                         home.log_pattern(req.tenant))  # fmt: skip
+                sessions, records = await erase_matching(
+                    self.bus, home.log.name, home.log_pattern(req.tenant)
+                )
                 reply.sessions += sessions
                 reply.records += records
                 reply.attachments += await attachments.erase(self.bus, home, req.tenant)

@@ -21,8 +21,9 @@ class AttachmentExists(Exception):
     pass
 
 
-async def put(bus: Bus, home: ContextHome, tenant: str, session: str, name: str, data: bytes,
-              media_type: str) -> None:  # fmt: skip
+async def put(
+    bus: Bus, home: ContextHome, tenant: str, session: str, name: str, data: bytes, media_type: str
+) -> None:
     """Store an attachment once. Raises ``AttachmentExists`` for a taken name."""
     try:
         await bus.publish_if_last(home.attachment_subject(tenant, session, name), data, 0,
@@ -49,6 +50,7 @@ async def count(bus: Bus, home: ContextHome, tenant: str, session: str | None = 
 
 async def erase(bus: Bus, home: ContextHome, tenant: str, session: str | None = None) -> int:
     """Erase a session's attachments (every session's when ``session`` is None)."""
-    erased, _ = await erase_matching(bus, home.attachments.name,
-                                     home.attachment_pattern(tenant, session))  # fmt: skip
+    erased, _ = await erase_matching(
+        bus, home.attachments.name, home.attachment_pattern(tenant, session)
+    )
     return erased

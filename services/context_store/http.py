@@ -66,8 +66,9 @@ def http_app(
         caller: str | None = Depends(scope),
     ) -> dict[str, Any]:  # fmt: skip
         _scope(tenant, session, caller)
-        got = await call(admin.get, ContextGet(tenant=tenant, session=session, start=start,
-                                                 limit=limit))  # fmt: skip
+        got = await call(
+            admin.get, ContextGet(tenant=tenant, session=session, start=start, limit=limit)
+        )
         got.pop("ref", None)  # refs are for services, not operators
         stats = await call(admin.stats, ContextStats(tenant=tenant, session=session))
         return {"tenant": tenant, "session": session, "tokens_estimate": stats["tokens"], **got}

@@ -60,7 +60,7 @@ class TenantRegions:
         """Provision the pair of every region the registry names (the
         ``.creds`` this process connected with cover them)."""
         kv = await self._registry()
-        for e in await kv.entries() if kv is not None else []:
+        for e in await kv.entries(patient=True) if kv is not None else []:
             if e.value and not e.deleted:
                 entry = TenantState.decode(e.key, e.value)
                 self._region[e.key] = entry.region

@@ -163,8 +163,9 @@ def build_store(
     bus: Bus, settings: ContextStoreSettings, regions: TenantRegions | None = None
 ) -> tuple[ContextStore, Admin]:
     counter = TokenCounter(settings.tokenizer)
-    history = HistoryStore(bus, cached_sessions=settings.cached_sessions, count=counter.count,
-                           regions=regions)  # fmt: skip
+    history = HistoryStore(
+        bus, cached_sessions=settings.cached_sessions, count=counter.count, regions=regions
+    )
     history.regions.on_moved = history.forget
     store = ContextStore(
         bus, history, RefSigner(settings.signing_key()), counter, settings.default_budget_tokens

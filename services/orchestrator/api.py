@@ -239,8 +239,9 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         await known(task_id, tenant, grace=2.0)
 
         async def stream() -> AsyncIterator[ServerSentEvent]:
-            async for item in replay_events(bus, tenant, task_id, follow=True, start_seq=start,
-                                            timeout=settings.follow_timeout):  # fmt: skip
+            async for item in replay_events(
+                bus, tenant, task_id, follow=True, start_seq=start, timeout=settings.follow_timeout
+            ):
                 doc = as_dict(item)
                 yield ServerSentEvent(data=json.dumps(doc), event=doc["type"], id=str(item.seq))
 
@@ -296,8 +297,9 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         answer = InputAnswer(answer=body.answer, step=body.step)
         why = answer_refusal(answer, tenant)
         if why is not None:
-            raise ApiError(why[0], why[1], param="step" if why[0] == ErrorCode.INVALID_FIELD
-                           else "answer")  # fmt: skip
+            raise ApiError(
+                why[0], why[1], param="step" if why[0] == ErrorCode.INVALID_FIELD else "answer"
+            )
         step = waiting_step(run, body.step)
         if step is None:
             at = f" at {body.step}" if body.step else ""
@@ -305,8 +307,9 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         answer.step = step
         subject = subjects.tenant_input(tenant, task_id)
         # The step names the answer: a retried POST is de-duplicated by the stream.
-        await bus.publish(subject, answer, msg_id=keys.input_message(task_id, step),
-                          task_id=task_id)  # fmt: skip
+        await bus.publish(
+            subject, answer, msg_id=keys.input_message(task_id, step), task_id=task_id
+        )
         return InputAccepted(task_id=task_id, step=step, subject=subject)
 
     @app.post("/v1/tasks/{task_id}/fork", response_model=ForkAccepted, **_ACCEPTED)
@@ -330,20 +333,23 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
         if why is not None:
             raise ApiError(ErrorCode.INVALID_FIELD, why, param="step")
         await svc._within_limits(bus, tenant)
-        req = NewFork(new_id, new_id, body.step, body.input,
-                      trace=tracing.traceparent(tracing.current()))  # fmt: skip
+        req = NewFork(
+            new_id, new_id, body.step, body.input, trace=tracing.traceparent(tracing.current())
+        )
         out = await svc.conductor.fork(source, req)
         if out.note == "duplicate_task":
-            raise ApiError(ErrorCode.CONFLICT, f"task {new_id!r} exists and is not this fork",
-                           param="task_id")  # fmt: skip
+            raise ApiError(
+                ErrorCode.CONFLICT, f"task {new_id!r} exists and is not this fork", param="task_id"
+            )
         run = out.run
         carried = [k for k, st in run.steps.items() if st.carried]
         resumed = out.note == "resumed"
         return ForkAccepted.of(tenant, run.task_id, run.session, run.workflow, resumed,
                                forked_from=task_id, step=body.step, carried=carried)  # fmt: skip
 
-    @app.post("/v1/documents", status_code=201, response_model=DocumentStored,
-              responses=ERROR_RESPONSES)  # fmt: skip
+    @app.post(
+        "/v1/documents", status_code=201, response_model=DocumentStored, responses=ERROR_RESPONSES
+    )
     async def documents(
         body: DocumentIn, tenant: str | None = Depends(tenant_of)
     ) -> DocumentStored:
@@ -355,8 +361,9 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
             raise ApiError(ErrorCode.MISSING_FIELD, _NO_TENANT, param="tenant")
         doc_id = body.doc_id or uuid.uuid4().hex
         require_ids(tenant=tenant, doc_id=doc_id)
-        doc = DocumentPut(tenant=tenant, doc_id=doc_id, text=body.text, title=body.title,
-                          metadata=body.metadata)  # fmt: skip
+        doc = DocumentPut(
+            tenant=tenant, doc_id=doc_id, text=body.text, title=body.title, metadata=body.metadata
+        )
         try:
             seq = await put_document(bus, doc)
         except DocumentTooLarge as exc:

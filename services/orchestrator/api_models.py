@@ -102,8 +102,9 @@ class StepOut(BaseModel):
     deadline: float = Field(default=0.0, description="When the current wait times out.")
     input: bool = Field(default=False, description="An input step (waits for a human).")
     answered_by: str = Field(default="", description="An input step's answer: human | default.")
-    context: ContextAt | None = Field(default=None, description="The context the step started "
-                                      "from (where a fork from it starts).")  # fmt: skip
+    context: ContextAt | None = Field(
+        default=None, description="The context the step started from (where a fork from it starts)."
+    )
     carried: bool = Field(default=False, description="A forked run's step carried over from the "
                           "run it was forked from (not run again).")  # fmt: skip
 

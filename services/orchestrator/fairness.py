@@ -165,8 +165,9 @@ class FairGate:
         if self.policy == "count":
             return self.share_of(tenant) - len(active) - len(reserved)
         typical = self.typical(tenant)
-        return token_room(self.limit(tenant), self.held(tenant), typical,
-                          idle=not active and not reserved)  # fmt: skip
+        return token_room(
+            self.limit(tenant), self.held(tenant), typical, idle=not active and not reserved
+        )
 
     def limit(self, tenant: str) -> int:
         """Tokens the tenant may hold now: its share, or with lending its

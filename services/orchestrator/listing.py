@@ -57,11 +57,12 @@ def page_runs(
     """
     after = decode_cursor(cursor) if cursor else None
     chosen = [
-        r for r in runs
+        r
+        for r in runs
         if (status is None or r.status == status)
         and (workflow is None or r.workflow == workflow)
         and (since is None or r.created_at >= since)
-    ]  # fmt: skip
+    ]
     chosen.sort(key=lambda r: (-r.created_at, r.task_id))
     if after is not None:
         key = (-after[0], after[1])

@@ -182,8 +182,9 @@ def add_routes(
                            "with text", param="messages")  # fmt: skip
         for m in body.messages:
             if m.role not in ROLES:
-                raise ApiError(ErrorCode.INVALID_FIELD, f"unknown role {m.role!r}",
-                               param="messages")  # fmt: skip
+                raise ApiError(
+                    ErrorCode.INVALID_FIELD, f"unknown role {m.role!r}", param="messages"
+                )
         task_id = uuid.uuid4().hex
         session = body.baton_session or body.session
         raw: dict[str, Any] = {"tenant": tenant, "input": last.text(), "task_id": task_id,

@@ -127,8 +127,9 @@ def decide(
         # The session grows by this step's answer first.
         need = replace(need, prompt_tokens=need.prompt_tokens + st.max_tokens)
         pool = placement.place(need, agent.eligible, agent.latency_target, rules.pools).pool or pool
-    worker, skip = worker_for(heartbeats, pool, now, preferred=prefer(pool),
-                              stale_after=stale_after, max_load=max_load)  # fmt: skip
+    worker, skip = worker_for(
+        heartbeats, pool, now, preferred=prefer(pool), stale_after=stale_after, max_load=max_load
+    )
     if worker is None:
         assert skip is not None
         return skip
@@ -157,8 +158,9 @@ def own(
     st = run.steps.get(step)
     if run.terminal or st is None or st.status != "tools" or st.ref is None or not st.worker:
         return "no_next"
-    worker, skip = worker_for(heartbeats, st.pool, now, preferred=st.worker,
-                              stale_after=stale_after, max_load=max_load)  # fmt: skip
+    worker, skip = worker_for(
+        heartbeats, st.pool, now, preferred=st.worker, stale_after=stale_after, max_load=max_load
+    )
     if worker != st.worker:
         return skip or "no_worker"
     tools, choice = rules.offered(run, st.agent, st)

@@ -33,8 +33,9 @@ class ReplicaLoads:
     """The peers' last beacons and this replica's own (``view``: what the
     fair gate needs); ``now`` is a monotonic clock, a parameter for tests."""
 
-    def __init__(self, replica: str, every: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self, replica: str, every: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.replica, self.every, self.clock = replica, every, clock
         self.peers: dict[str, tuple[ReplicaLoad, float]] = {}  # replica -> (beacon, heard at)
         self.here = 0.0  # tokens this replica held at its last beacon
@@ -42,8 +43,9 @@ class ReplicaLoads:
     def beacon(self, held: float) -> ReplicaLoad:
         """This replica's beacon, holding ``held`` tokens now."""
         self.here = held
-        return ReplicaLoad(replica=self.replica, held_tokens=round(held), every=self.every,
-                           at=time.time())  # fmt: skip
+        return ReplicaLoad(
+            replica=self.replica, held_tokens=round(held), every=self.every, at=time.time()
+        )
 
     def heard(self, load: ReplicaLoad, subject: str) -> None:
         """A beacon: a peer's is kept, this replica's own (or one whose

@@ -27,8 +27,9 @@ def task_root(tenant: str, task_id: str, caller: SpanContext | None) -> SpanCont
     and no caller sent a context: then nothing is propagated at all."""
     if caller is None and not tracing.enabled():
         return None
-    trace_id = caller.trace_id if caller is not None else tracing.derived_id(tenant, task_id,
-                                                                            bits=128)  # fmt: skip
+    trace_id = (
+        caller.trace_id if caller is not None else tracing.derived_id(tenant, task_id, bits=128)
+    )
     sampled = tracing.root_sampled(trace_id, caller, "invoke_workflow")
     return tracing.span_context(trace_id, tracing.derived_id(tenant, task_id), sampled=sampled)
 

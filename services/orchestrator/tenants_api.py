@@ -63,8 +63,9 @@ def add_tenant_routes(
                            "is off (use `baton tenant`)", status=404)  # fmt: skip
         address = split_creds(settings.nats_url)[0]
         try:
-            async with TenantAdmin(settings.tenant_admin_dir, address,
-                                   replicas=settings.stream_replicas) as admin:  # fmt: skip
+            async with TenantAdmin(
+                settings.tenant_admin_dir, address, replicas=settings.stream_replicas
+            ) as admin:
                 return await work(admin)
         except RegionError as exc:
             raise ApiError(ErrorCode.INVALID_FIELD, str(exc), param="region") from exc
@@ -119,8 +120,9 @@ def add_tenant_routes(
         result: dict[str, Any] = await run(lambda a: a.residency(t))
         return result
 
-    @app.post("/v1/tenants/{tenant}/{action}", dependencies=[Depends(operator)],
-              responses=RESPONSES)  # fmt: skip
+    @app.post(
+        "/v1/tenants/{tenant}/{action}", dependencies=[Depends(operator)], responses=RESPONSES
+    )
     async def change_tenant(tenant: str, action: str) -> dict[str, Any]:
         """``suspend`` (its API key refused with 403 ``tenant_suspended``),
         ``resume`` or ``rotate``: new .creds and a new HTTP API key (answers

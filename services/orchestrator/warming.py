@@ -128,8 +128,9 @@ class Warming:
             log.warning("prewarm_not_sent", step=out.job.step, error=repr(exc))
             return False
         m.PREWARMS.labels(outcome).inc()
-        log.info("prewarm_sent", step=out.job.step, pool=out.pool, worker=out.worker,
-                 outcome=outcome)  # fmt: skip
+        log.info(
+            "prewarm_sent", step=out.job.step, pool=out.pool, worker=out.worker, outcome=outcome
+        )
         if own:
             return True
         self.router.warmed(out.job.job_id, out.pool, out.worker)

@@ -18,8 +18,6 @@ simulator (tests/test_scheduling.py, tests/test_pools_e2e.py).
 from __future__ import annotations
 
 import asyncio
-import json
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,20 +29,11 @@ import pytest
 from baton.dev.testing import Client, LocalStack, http_json, metric, uid
 from baton.natsd import NatsServer
 from baton.stack import ServiceProcess
+from tests.harness import one_step
 
 pytestmark = pytest.mark.vllm
 
-WORKFLOW = textwrap.dedent("""\
-    name: ask
-    agents:
-      assistant:
-        role: assistant
-        system: You answer briefly.
-        max_tokens: 16
-        pools: [small, large]
-    steps:
-      - {id: answer, agent: assistant}
-    """)
+WORKFLOW = one_step("ask", max_tokens=16, pools=["small", "large"])
 # The tiny model's KV: 2 layers x (K, V) x 4 heads x 64 x 2 bytes = 2 KiB a token.
 ENGINES = {
     "small": {"BATON_MAX_MODEL_LEN": "512", "BATON_KV_CACHE_MEMORY_BYTES": str(2 * 2**20),
@@ -77,17 +66,11 @@ def _worker(stack: LocalStack, pool: str) -> tuple[str, ServiceProcess]:
 def two_pools(
     own_nats: NatsServer, tmp_path: Path, tiny_model_dir: Path
 ) -> Iterator[tuple[LocalStack, dict[str, tuple[str, ServiceProcess]]]]:
-    flows = tmp_path / "workflows"
-    flows.mkdir()
-    (flows / "ask.yaml").write_text(WORKFLOW)
     s = LocalStack(own_nats, tmp_path / "s", env={
         "BATON_ENGINE": "vllm", "BATON_MODEL": str(tiny_model_dir), "HF_HUB_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1"})  # fmt: skip
-    s.workdir.mkdir(parents=True)
     try:
-        s.service("context-store").wait_ready()
-        s.service("orchestrator", BATON_WORKFLOWS_DIR=str(flows),
-                  BATON_POOLS=json.dumps(POOLS)).wait_ready()  # fmt: skip
+        s.start(workers=0, workflows={"ask.yaml": WORKFLOW}, pools=POOLS)
         workers = {pool: _worker(s, pool) for pool in ("small", "large")}
         for _, proc in workers.values():  # both engines load at once
             proc.wait_ready(START_S)

@@ -67,18 +67,15 @@ class TwinBucket(Bucket):
         self._check(key, None)
         return self._store(key, value)
 
-    async def entries(self, pattern: str = ">", *, limit: int = 10_000) -> list[Entry]:
+    async def entries(
+        self, pattern: str = ">", *, limit: int = 10_000, patient: bool = False
+    ) -> list[Entry]:
         newest = [revs[-1] for k, revs in sorted(self.history.items()) if matches(pattern, k)]
         return [e for e in newest if not e.deleted][:limit]
 
     async def follow(self, *, inactive_threshold: float = 30.0) -> AsyncIterator[Entry]:
         raise NotImplementedError("the bus twin does not simulate KV watches")
         yield  # pragma: no cover  (an async generator, as Bucket.follow)
-
-    async def erase_revision(self, revision: int) -> None:
-        if self.erasable:
-            for revs in self.history.values():
-                revs[:] = [e for e in revs if e.revision != revision or e is revs[-1]]
 
     async def erase_history(self, key: str, *, keep_after: int) -> int:
         if not self.erasable:

@@ -82,15 +82,15 @@ def add_routes(
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="console-static")
     bearer = HTTPBearer(auto_error=False)
 
-    def cookie_for(request: Request, response: Response, kid: str, scope: str,
-                   now: float) -> None:  # fmt: skip
+    def cookie_for(request: Request, response: Response, kid: str, scope: str, now: float) -> None:
         """Set a session cookie for the key of id ``kid`` and its ``scope`` (a
         verified key's or grant's: a key known only by its digest opens a
         session too)."""
         assert sessions is not None
         expires = now + settings.console_session_ttl
-        token = sessions.issue_for(kid, "session", nonce=secrets.token_urlsafe(12),
-                                   expires=expires, scope=scope)  # fmt: skip
+        token = sessions.issue_for(
+            kid, "session", nonce=secrets.token_urlsafe(12), expires=expires, scope=scope
+        )
         secure = settings.console_secure_cookie or request.url.scheme == "https"
         response.set_cookie(S.COOKIE, token, max_age=int(settings.console_session_ttl),
                             path="/", httponly=True, samesite="strict", secure=secure)  # fmt: skip
@@ -256,12 +256,14 @@ def add_routes(
         run = await known(task_id, tenant)
         st = run.steps.get(step)
         if st is None or st.origin is None:
-            raise ApiError(ErrorCode.INVALID_FIELD, f"no context recorded for step {step!r}",
-                           param="step")  # fmt: skip
+            raise ApiError(
+                ErrorCode.INVALID_FIELD, f"no context recorded for step {step!r}", param="step"
+            )
         req = WindowRequest(tenant=tenant, ref=st.origin, budget_tokens=st.context_budget)
         try:
-            reply = await bus.request(subjects.context_api("window", tenant), req, WindowReply,
-                                      task_id=task_id)  # fmt: skip
+            reply = await bus.request(
+                subjects.context_api("window", tenant), req, WindowReply, task_id=task_id
+            )
         except TimeoutError as exc:
             why = "the context store did not answer"
             raise ApiError(ErrorCode.CONTEXT_UNAVAILABLE, why) from exc

@@ -36,8 +36,9 @@ def _phases(st: StepState, start: float, end: float) -> tuple[list[dict[str, Any
     return bars, True
 
 
-def _step(run: RunState, step_id: str, st: StepState, started: float, now: float,
-          t0: float) -> dict[str, Any]:  # fmt: skip
+def _step(
+    run: RunState, step_id: str, st: StepState, started: float, now: float, t0: float
+) -> dict[str, Any]:
     queued = st.timing.queued_at if st.timing is not None else 0.0
     start = queued or started or st.dispatched_at
     running = st.status in ("dispatched", "tools", "waiting_input") and not run.terminal
@@ -84,8 +85,9 @@ def _step(run: RunState, step_id: str, st: StepState, started: float, now: float
 
 def _where(st: StepState) -> dict[str, Any] | None:
     """Where the step's context is: session and version (not the signed ref)."""
-    return None if st.origin is None else {"session": st.origin.session,
-                                           "version": st.origin.version}  # fmt: skip
+    return (
+        None if st.origin is None else {"session": st.origin.session, "version": st.origin.version}
+    )
 
 
 def graph_view(spec: WorkflowSpec, run: RunState) -> dict[str, Any]:

@@ -58,8 +58,9 @@ class McpServer:
         from mcp.client.stdio import StdioServerParameters
 
         command = [str(c) for c in self.config["command"]]
-        return StdioServerParameters(command=command[0], args=command[1:],
-                                     env=self.config.get("env"))  # fmt: skip
+        return StdioServerParameters(
+            command=command[0], args=command[1:], env=self.config.get("env")
+        )
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._hold())

@@ -366,10 +366,12 @@ class PythonTool:
                 sandbox = await spare
         if sandbox is not None:
             with contextlib.suppress(BrokenPipeError):  # it died waiting: start one
-                return await asyncio.to_thread(run_in, sandbox, code, self.limits, timeout, stop,
-                                               spare=True)  # fmt: skip
-        return await asyncio.to_thread(run_sandboxed, code, self.limits, slot, timeout,
-                                       self.cgroups.get(slot), stop)  # fmt: skip
+                return await asyncio.to_thread(
+                    run_in, sandbox, code, self.limits, timeout, stop, spare=True
+                )
+        return await asyncio.to_thread(
+            run_sandboxed, code, self.limits, slot, timeout, self.cgroups.get(slot), stop
+        )
 
     async def run(self, args: dict[str, Any], ctx: CallContext) -> ToolOutput:
         if not available():
@@ -416,8 +418,9 @@ class PythonTool:
                 "SIGKILL": "killed (CPU time limit or out of memory)",
                 "SIGXFSZ": f"file size limit ({self.limits.file_bytes} bytes) exceeded",
             }.get(sig, f"killed by {sig}")
-            raise ToolError(ErrorCode.TOOL_FAILED, f"{why}; stderr: {_tail(r.stderr, 500)}",
-                            cpu_seconds=cpu)  # fmt: skip
+            raise ToolError(
+                ErrorCode.TOOL_FAILED, f"{why}; stderr: {_tail(r.stderr, 500)}", cpu_seconds=cpu
+            )
         if r.returncode != 0:
             raise ToolError(
                 ErrorCode.TOOL_FAILED,
