@@ -99,13 +99,14 @@ def open_keys(creds: Credentials, tenant: str, sealed: str) -> dict[str, str]:
     """The secrets-file entries (``account:<t>``, ...) sealed in a registry entry.
 
     Raises:
-        TenantError: they do not open with this deployment's signing key.
+        KeysElsewhere: they do not open with this deployment's signing key
+            (sealed under another one: rotated since).
     """
     try:
         raw = sealing.unseal(sealing_key(creds), f"baton-tenant:{tenant}",
                              base64.b64decode(sealed))  # fmt: skip
     except (ValueError, CryptoError) as exc:
-        raise TenantError(f"the registry's keys of tenant {tenant!r} do not open with this "
+        raise KeysElsewhere(f"the registry's keys of tenant {tenant!r} do not open with this "
                           "deployment's operator signing key") from exc  # fmt: skip
     return {f"{f}:{tenant}": str(v) for f, v in json.loads(raw).items() if f in _KEY_FIELDS}
 

@@ -26,7 +26,14 @@ from baton.bus import connect
 from baton.credentials import ADMIN_BUNDLE, SECRETS_FILE, Credentials
 from baton.dev.testing import Client, LocalStack, secure_nats, uid
 from baton.natsd import NatsServer
-from baton.tenants import AdminKeysError, TenantAdmin, read_registry
+from baton.tenants import (
+    AdminKeysError,
+    KeysElsewhere,
+    TenantAdmin,
+    open_keys,
+    read_registry,
+    seal_keys,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -178,6 +185,26 @@ async def test_the_bundle_alone_creates_suspends_rotates_and_deletes_a_tenant(
     assert status == 200 and "bundleco" not in body["tenants"] and "acme" in body["tenants"]
     # The deployment's own tenant still runs: BATON kept its imports.
     assert (await _chat(server, server.creds_for("acme"), "acme"))["type"] == "completed"
+
+
+def test_a_tenants_sealed_keys_open_only_with_the_deployments_signing_key_and_name(
+    tmp_path: Path,
+) -> None:
+    """What the registry entry carries: the tenant's seeds and revocations,
+    opened by any holder of the operator's signing key (the full keys, any
+    copy of the bundle) for that tenant only."""
+    full = Credentials.load_or_create(tmp_path / "full", ["acme"])
+    full.nkeys["revocations:acme"] = json.dumps({"UOLD": 1})
+    sealed = seal_keys(full, "acme")
+    assert not any(v in sealed for k, v in full.nkeys.items() if k.endswith(":acme"))
+    full.write_admin_bundle(tmp_path / "bundle", ["acme"])
+    bundle = Credentials.load_or_create(tmp_path / "bundle", [])
+    mine = {k: v for k, v in full.nkeys.items() if k.endswith(":acme")}
+    assert open_keys(bundle, "acme", sealed) == mine
+    with pytest.raises(KeysElsewhere):
+        open_keys(bundle, "beta", sealed)  # another tenant's entry
+    with pytest.raises(KeysElsewhere):
+        open_keys(Credentials.load_or_create(tmp_path / "other", []), "acme", sealed)
 
 
 async def test_a_directory_without_the_signing_keys_is_refused(
