@@ -501,7 +501,8 @@ def _print_made(made: Any) -> None:
     """A created or rotated tenant's ``.creds`` path and API key (one line each)."""
     print(made.creds)
     print(made.api_key)
-    print("(the second line is the tenant's HTTP API key: shown once, not stored; "
+    kept = f"kept in {made.key_file}" if made.key_file else "shown once, not stored"
+    print(f"(the second line is the tenant's HTTP API key: {kept}; "
           "pass it as --api-key / BATON_API_KEY)", file=sys.stderr)  # fmt: skip
 
 
@@ -588,8 +589,8 @@ def tenant_key(tenant: TenantName, data_dir: DataDir = Path(".data")) -> None:
     key = _stored_key(data_dir, tenant)
     if key is None:
         fail(f"no API key for tenant {tenant!r} at {key_path(data_dir, tenant)}: start the "
-             "stack with BATON_TENANTS including it (`make up`); a tenant created or rotated "
-             "at run time had its key printed once (`baton tenant rotate` issues another)",
+             "stack with BATON_TENANTS including it (`make up`); a tenant created at run time "
+             "had its key printed once (`baton tenant rotate` issues another)",
              EXIT_USAGE)  # fmt: skip
     print(key)
 
@@ -619,6 +620,14 @@ def nats_auth(
     ] = "/data/jwt",
     host: Annotated[str, typer.Option(help="The server's host, for the URL files")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="The server's port, for the URL files")] = 4222,
+    regions: Annotated[
+        str,
+        typer.Option(
+            envvar="BATON_REGIONS",
+            help="Regions tenants may be created in at run time, a,b: the context store's "
+            ".creds names their streams from the start",
+        ),
+    ] = "",
 ) -> None:
     """Operator-mode NATS for compose and Kubernetes, the same as `baton up`
     runs: OUT/nats/auth.conf for the server to include, every identity's
@@ -629,10 +638,14 @@ def nats_auth(
         ids = parse_tenants(tenants)
     except ValueError as exc:
         fail(str(exc), EXIT_USAGE)
+    wanted = [r.strip() for r in regions.split(",") if r.strip()]
+    for region in wanted:
+        _id(region, "region")
     from baton import accounts
     from baton.credentials import Credentials, write_deployment
 
-    written = write_deployment(out, ids, resolver_dir=resolver_dir, host=host, port=port)
+    written = write_deployment(out, ids, resolver_dir=resolver_dir, host=host, port=port,
+                               regions=wanted)  # fmt: skip
     for what, path in written.items():
         print(f"{what}\t{path}")
     # What the server's monitoring (/jsz, KEDA's `account`) calls the account.

@@ -223,7 +223,7 @@ class Credentials:
                     nkeys[k] = self.nkeys[k]
         bundle = Credentials(api_keys={t: self.api_keys[t] for t in tenants if t in self.api_keys},
                              nkeys=nkeys, deleted=list(self.deleted), data_dir=Path(dest),
-                             bundle=True)  # fmt: skip
+                             regions=list(self.regions), bundle=True)  # fmt: skip
         bundle.save()
         out = {"nats.json": Path(dest) / SECRETS_FILE}
         for user in (accounts.SYSTEM_USER, accounts.ORCHESTRATOR):
@@ -259,6 +259,10 @@ class Credentials:
         for tenant, key in dict(doc.get("api_keys", {})).items():
             if tenant not in self.deleted and self.api_keys.get(tenant) != key:
                 self.api_keys[tenant] = key
+                changed = True
+        for region in doc.get("regions", []):  # a region first given through the bundle
+            if region not in self.regions:
+                self.regions.append(region)
                 changed = True
         if changed:
             self.save()
@@ -334,6 +338,7 @@ def write_deployment(
     resolver_dir: str,
     host: str = "127.0.0.1",
     port: int = 4222,
+    regions: Sequence[str] = (),
 ) -> dict[str, Path]:
     """What compose and Kubernetes run NATS in operator mode with, written
     under ``data_dir`` the way ``baton up`` writes its own: the keys
@@ -341,10 +346,17 @@ def write_deployment(
     keeps accounts in ``resolver_dir``, a path on the server), every
     identity's ``.creds`` and the tenants' and operator's URLs (``host``,
     ``port``: the server as clients outside reach it). Returns what -> file.
-    A deleted tenant (``baton tenant delete``) is left out."""
+    A deleted tenant (``baton tenant delete``) is left out. ``regions``:
+    regions declared ahead (``BATON_REGIONS``): the context store's
+    ``.creds`` names their streams from the start, so a tenant created at
+    run time in one of them needs nothing rendered again (recorded; the
+    list never shrinks)."""
     data_dir = Path(data_dir)
     creds = Credentials.load_or_create(data_dir, tenants)
     creds.adopt(data_dir / ADMIN_BUNDLE)  # tenants created or deleted through /v1/tenants
+    if new := [r for r in regions if r not in creds.regions]:
+        creds.regions.extend(new)
+        creds.save()
     # Every tenant with keys: one made at run time stays in BATON's imports.
     tenants = creds.live(list(dict.fromkeys([*tenants, *creds.tenants()])))
     out = {f"{identity}.creds": path for identity, path in creds.write_creds(tenants).items()}

@@ -6,19 +6,22 @@ regions: "Residency"."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hashlib
+import hmac
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import structlog
+from nacl.exceptions import CryptoError
 
-from baton import accounts, jwt, residency
+from baton import accounts, jwt, residency, sealing
 from baton.bus import Bus, connect
 from baton.credentials import (
     SECRETS_FILE,
@@ -70,6 +73,44 @@ def new_api_key() -> str:
     return f"bk-{new_secret()}"
 
 
+_KEY_FIELDS: Final = ("account", "user", "revocations")
+"""A tenant's entries of the secrets file that its registry entry carries sealed."""
+
+
+def sealing_key(creds: Credentials) -> bytes:
+    """The key the registry's tenant keys are sealed under: derived from the
+    operator's signing key, which the full keys and every copy of the
+    tenant-admin bundle hold (and which can sign any account already)."""
+    seed = creds.nkeys[f"signing:{accounts.OPERATOR_SIGNER}"]
+    return hmac.new(seed.encode(), b"baton-tenant-keys-v1", hashlib.sha256).digest()
+
+
+def seal_keys(creds: Credentials, tenant: str) -> str:
+    """``tenant``'s seeds and revocations from ``creds``, sealed for its
+    registry entry ("" when ``creds`` lacks its account key)."""
+    found = {f: creds.nkeys[f"{f}:{tenant}"] for f in _KEY_FIELDS if f"{f}:{tenant}" in creds.nkeys}
+    if "account" not in found:
+        return ""
+    raw = sealing.seal(sealing_key(creds), f"baton-tenant:{tenant}", json.dumps(found).encode())
+    return base64.b64encode(raw).decode()
+
+
+def open_keys(creds: Credentials, tenant: str, sealed: str) -> dict[str, str]:
+    """The secrets-file entries (``account:<t>``, ...) sealed in a registry entry.
+
+    Raises:
+        KeysElsewhere: they do not open with this deployment's signing key
+            (sealed under another one: rotated since).
+    """
+    try:
+        raw = sealing.unseal(sealing_key(creds), f"baton-tenant:{tenant}",
+                             base64.b64decode(sealed))  # fmt: skip
+    except (ValueError, CryptoError) as exc:
+        raise KeysElsewhere(f"the registry's keys of tenant {tenant!r} do not open with this "
+                          "deployment's operator signing key") from exc  # fmt: skip
+    return {f"{f}:{tenant}": str(v) for f, v in json.loads(raw).items() if f in _KEY_FIELDS}
+
+
 @dataclass(frozen=True)
 class Created:
     """What creating or rotating a tenant hands out: its ``.creds`` file and
@@ -77,6 +118,9 @@ class Created:
 
     creds: Path
     api_key: str = dataclasses.field(repr=False)
+    # Where the key is kept too: a BATON_TENANTS tenant rotated in ``baton
+    # up``'s data dir (its ``tenants/<t>.key``); None: shown once only.
+    key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -92,10 +136,16 @@ class TenantState:
     # JetStream API by it, so an admin that lacks the tenant's keys (another
     # orchestrator replica's bundle copy) re-issues BATON without dropping it.
     account: str = ""
+    # The tenant's account and user seeds and its revocations, sealed
+    # (``seal_keys``) under a key derived from the operator's signing key:
+    # any orchestrator replica (any copy of the tenant-admin bundle) opens
+    # them to rotate the tenant; every other reader of the registry sees
+    # ciphertext. docs/security.md, "Tenants at run time".
+    keys: str = dataclasses.field(default="", repr=False)
 
     def encode(self) -> bytes:
         doc = {"state": self.state, "changed_at": self.changed_at, "api_key": self.api_key,
-               "region": self.region, "account": self.account}  # fmt: skip
+               "region": self.region, "account": self.account, "keys": self.keys}  # fmt: skip
         return json.dumps(doc).encode()
 
     @classmethod
@@ -104,35 +154,52 @@ class TenantState:
         state = doc.get("state")
         return cls(tenant, state if state in STATES else ACTIVE, float(doc.get("changed_at", 0)),
                    str(doc.get("api_key", "")), str(doc.get("region") or ""),
-                   str(doc.get("account") or ""))  # fmt: skip
+                   str(doc.get("account") or ""), str(doc.get("keys") or ""))  # fmt: skip
 
 
-def withdraw_keys(api_keys: dict[str, str] | None, tenant: str, *, configured: bool) -> None:
-    """Stop accepting ``tenant``'s HTTP API keys issued through the
-    registry (``sha256:`` digests); ``configured``: its BATON_API_KEYS key
-    too (the registry holds a newer key for it — a rotation — or it is
-    deleted): from then on the registry alone decides the tenant's key."""
-    if not api_keys:
-        return
-    for k in [k for k, v in api_keys.items()
-              if v == tenant and (configured or k.startswith("sha256:"))]:  # fmt: skip
-        del api_keys[k]
+def live_keys(
+    tenant: str, configured: Mapping[str, str], entry: TenantState | None, *, served: bool = True
+) -> dict[str, str]:
+    """The HTTP API keys a service accepts for ``tenant`` (key or
+    ``sha256:`` digest -> tenant): the one rule every service follows.
+
+    ``configured``: the service's BATON_API_KEYS as started (empty: keys
+    off, so none); ``entry``: the tenant's registry entry (None: not in
+    the registry). A deleted tenant has none; once the registry holds a
+    key digest for it (created at run time, or rotated), that digest alone
+    — accepted once this service ``served`` the tenant — else its
+    configured keys. A suspended tenant keeps its keys: ``caller_scope``
+    refuses them with 403 ``tenant_suspended`` (``TenantKeys.suspended``)."""
+    if not configured or (entry is not None and entry.state == DELETED):
+        return {}
+    if entry is not None and entry.api_key:
+        return {entry.api_key: tenant} if served else {}
+    return {k: t for k, t in configured.items() if t == tenant}
 
 
-def apply_keys(api_keys: dict[str, str], suspended: set[str], entry: TenantState) -> None:
-    """A service's live HTTP API keys (with keys on) after one registry
-    entry: its digest is the tenant's key (a configured one withdrawn), a
-    suspended tenant's key refused by ``caller_scope`` (403), a deleted
-    tenant's keys all withdrawn. (The orchestrator's own follow adds a
-    run-time tenant's key once it serves the tenant.)"""
-    t, deleted = entry.tenant, entry.state == DELETED
-    withdraw_keys(api_keys, t, configured=bool(entry.api_key) or deleted)
-    if entry.state == SUSPENDED:
-        suspended.add(t)
-    else:
-        suspended.discard(t)
-    if entry.api_key and not deleted:
-        api_keys[entry.api_key] = t
+class TenantKeys:
+    """A service's live HTTP API keys and suspended tenants, kept by
+    ``live_keys`` as the registry's entries arrive."""
+
+    def __init__(self, api_keys: dict[str, str], suspended: set[str]) -> None:
+        """``api_keys``: the mapping the HTTP API reads (changed in place);
+        ``suspended``: the set it refuses (403)."""
+        self.api_keys = api_keys
+        self.configured = dict(api_keys)
+        self.suspended = suspended
+
+    def apply(self, entry: TenantState, *, served: bool = True) -> None:
+        t = entry.tenant
+        if entry.state == SUSPENDED:
+            self.suspended.add(t)
+        else:
+            self.suspended.discard(t)
+        if not self.configured:
+            return
+        live = live_keys(t, self.configured, entry, served=served)
+        for k in [k for k, v in self.api_keys.items() if v == t and k not in live]:
+            del self.api_keys[k]
+        self.api_keys.update(live)
 
 
 async def read_registry(bus: Bus) -> dict[str, TenantState]:
@@ -308,12 +375,19 @@ class TenantAdmin:
         return {t: s for t, s in sorted(out.items()) if s != DELETED}
 
     async def _set(
-        self, tenant: str, state: str, region: str | None = None, digest: str | None = None
+        self,
+        tenant: str,
+        state: str,
+        region: str | None = None,
+        digest: str | None = None,
+        keys: str | None = None,
     ) -> None:
         """Record ``state``; the region stays what it was unless given, so
-        do the API key's digest (unless ``digest``: a key just issued) and
-        the account when this admin lacks them. A tenant of BATON_TENANTS
-        never given a key here keeps the digest of its configured key."""
+        do the API key's digest (unless ``digest``: a key just issued), the
+        account when this admin lacks it, and the sealed keys (unless
+        ``keys``: just made or rotated; an entry without any gets this
+        admin's). A tenant of BATON_TENANTS never given a key here keeps the
+        digest of its configured key."""
         assert self.op is not None
         kv = await self._registry()
         before = (await read_registry(self.op)).get(tenant)
@@ -325,9 +399,12 @@ class TenantAdmin:
             region = before.region if before is not None and before.state != DELETED else ""
         account = self.creds.nkeys.get(f"account:{tenant}")
         public = jwt.Key(account).public if account else (before.account if before else "")
+        if keys is None:
+            keys = before.keys if before is not None and before.state != DELETED else ""
+            keys = keys or seal_keys(self.creds, tenant)
         if state == DELETED:
-            digest = ""
-        entry = TenantState(tenant, state, time.time(), digest, region, public)
+            digest = keys = ""
+        entry = TenantState(tenant, state, time.time(), digest, region, public, keys)
         await kv.put(tenant, entry.encode())
 
     async def _accounts(self) -> dict[str, str]:
@@ -460,7 +537,8 @@ class TenantAdmin:
         self._write_files(tenant)
         self._add_region(region)
         api_key = new_api_key()  # (a create resumed issues another: the first was never shown)
-        await self._set(tenant, ACTIVE, region or "", digest=key_digest(api_key))
+        await self._set(tenant, ACTIVE, region or "", digest=key_digest(api_key),
+                        keys=seal_keys(self.creds, tenant))  # fmt: skip
         del self.creds.nkeys[marker]
         self.creds.save()
         await self.wait_served(tenant)
@@ -520,16 +598,34 @@ class TenantAdmin:
         state = await self.state(tenant)
         if state is None:
             raise TenantError(f"no tenant {tenant!r}")
+        if signs:
+            await self._adopt(tenant)
         if f"account:{tenant}" not in self.creds.nkeys:
             if signs:
                 raise KeysElsewhere(
-                    f"the keys of tenant {tenant!r} are not in {self.data_dir}: it was created "
-                    "through another copy of the tenant-admin bundle (another orchestrator "
-                    "replica's, or before this one restarted); rotate it where they are"
+                    f"the keys of tenant {tenant!r} are neither in {self.data_dir} nor sealed in "
+                    "its registry entry (it was created by an older version through another "
+                    "copy of the tenant-admin bundle); rotate it where they are"
                 )
             if tenant not in await self._accounts():
                 raise TenantError(f"no tenant {tenant!r}")
         return state
+
+    async def _adopt(self, tenant: str) -> None:
+        """Take the tenant's keys from its registry entry, where they are
+        sealed: they are the latest (another replica may have created or
+        rotated the tenant; a pod's copy of the bundle forgets at a restart)."""
+        assert self.op is not None
+        entry = (await read_registry(self.op)).get(tenant)
+        if entry is None or entry.state == DELETED or not entry.keys:
+            return  # (an entry of an older version: this admin's own keys, if any)
+        opened = open_keys(self.creds, tenant, entry.keys)
+        if all(self.creds.nkeys.get(k) == v for k, v in opened.items()):
+            return
+        for field in _KEY_FIELDS:
+            self.creds.nkeys.pop(f"{field}:{tenant}", None)
+        self.creds.nkeys.update(opened)
+        self.creds.save()
 
     async def set_region(self, tenant: str, region: str) -> None:
         """Give a tenant (one of BATON_TENANTS, or one created without) a
@@ -598,10 +694,26 @@ class TenantAdmin:
         await self._push_tenant(tenant)
         self._write_files(tenant)
         api_key = new_api_key()
-        await self._set(tenant, state, digest=key_digest(api_key))
-        # A BATON_TENANTS tenant's configured key (``baton up``'s file) is refused from now on.
-        key_path(self.data_dir, tenant).unlink(missing_ok=True)
-        return Created(creds_path(self.data_dir, tenant), api_key)
+        await self._set(tenant, state, digest=key_digest(api_key),
+                        keys=seal_keys(self.creds, tenant))  # fmt: skip
+        kept = self._replace_configured_key(tenant, api_key)
+        return Created(creds_path(self.data_dir, tenant), api_key, kept)
+
+    def _replace_configured_key(self, tenant: str, api_key: str) -> Path | None:
+        """A BATON_TENANTS tenant's configured key is refused from now on.
+        In ``baton up``'s data dir, which keeps that key (its secrets file
+        and ``tenants/<t>.key``), the new key replaces it: a ``baton up``
+        restarted configures the key the registry accepts, never the refused
+        one. A tenant-admin bundle (a pod's copy) keeps no key: its file
+        goes. Returns the key's file, when kept."""
+        path = key_path(self.data_dir, tenant)
+        if self.creds.bundle or tenant not in self.creds.api_keys:
+            path.unlink(missing_ok=True)
+            return None
+        self.creds.api_keys[tenant] = api_key
+        self.creds.save()
+        write_private(path, api_key + "\n")
+        return path
 
     async def delete(self, tenant: str) -> int:
         """Erase the tenant's data, then refuse its credentials and forget

@@ -15,7 +15,15 @@ import pytest
 
 from baton.bus import connect
 from baton.natsd import NatsServer
-from baton.tenants import ACTIVE, DELETED, SUSPENDED, TenantState, apply_keys, key_digest
+from baton.tenants import (
+    ACTIVE,
+    DELETED,
+    SUSPENDED,
+    TenantKeys,
+    TenantState,
+    key_digest,
+    live_keys,
+)
 from proto import streams
 from services.orchestrator import service
 
@@ -44,8 +52,9 @@ async def test_a_new_tenant_is_served_after_many_failed_tries_and_a_deleted_one_
         known.add(t)
 
     intake = SimpleNamespace(suspended=set())
+    keys = TenantKeys(api_keys, intake.suspended)
     follow = asyncio.create_task(
-        service.follow_tenants(bus, intake, known, add, lambda: None, api_keys)  # type: ignore[arg-type]
+        service.follow_tenants(bus, intake, known, add, lambda: None, keys)  # type: ignore[arg-type]
     )
     try:
         now = time.time()
@@ -82,8 +91,9 @@ async def test_the_registry_decides_a_tenants_http_key_once_it_holds_one(
         known.add(t)
 
     intake = SimpleNamespace(suspended=set())
+    keys = TenantKeys(api_keys, intake.suspended)
     follow = asyncio.create_task(
-        service.follow_tenants(bus, intake, known, add, lambda: None, api_keys)  # type: ignore[arg-type]
+        service.follow_tenants(bus, intake, known, add, lambda: None, keys)  # type: ignore[arg-type]
     )
     try:
         await kv.put("acme", TenantState("acme", ACTIVE, time.time()).encode())
@@ -103,16 +113,42 @@ async def test_the_registry_decides_a_tenants_http_key_once_it_holds_one(
         await bus.close()
 
 
+def test_live_keys_is_the_one_rule_for_a_tenants_http_keys() -> None:
+    """``live_keys`` (every service's rule, no broker): a configured key until
+    the registry holds a digest, then that digest alone, and only once the
+    tenant is served; a suspended tenant keeps its key (the API answers 403);
+    a deleted one has none; with keys off, none is ever added."""
+    configured = {"bk-op": "*", "bk-acme": "acme", "bk-acme2": "acme", "bk-beta": "beta"}
+    new = key_digest("bk-new")
+    assert live_keys("acme", configured, None) == {"bk-acme": "acme", "bk-acme2": "acme"}
+    assert live_keys("acme", configured, TenantState("acme", ACTIVE, 1.0)) == {
+        "bk-acme": "acme", "bk-acme2": "acme"}  # fmt: skip
+    assert live_keys("acme", configured, TenantState("acme", ACTIVE, 2.0, new)) == {new: "acme"}
+    assert live_keys("acme", configured, TenantState("acme", SUSPENDED, 3.0, new)) == {new: "acme"}
+    assert live_keys("acme", configured, TenantState("acme", ACTIVE, 2.0, new), served=False) == {}
+    assert live_keys("acme", configured, TenantState("acme", DELETED, 4.0)) == {}
+    assert live_keys("acme", configured, TenantState("acme", DELETED, 4.0, new)) == {}
+    assert live_keys("keyco", {}, TenantState("keyco", ACTIVE, 5.0, new)) == {}  # keys off
+
+
 def test_a_services_keys_follow_each_registry_entry() -> None:
-    """``apply_keys`` (the context store's follow): a configured key until the
-    registry holds one, then the registry's; suspended marked; deleted gone."""
+    """``TenantKeys.apply`` (every service's follow): the live mapping the
+    HTTP API reads changed in place by ``live_keys``; suspended marked."""
     keys, suspended = {"bk-op": "*", "bk-acme": "acme"}, set[str]()
-    apply_keys(keys, suspended, TenantState("acme", ACTIVE, 1.0))
+    tk = TenantKeys(keys, suspended)
+    tk.apply(TenantState("acme", ACTIVE, 1.0))
     assert keys == {"bk-op": "*", "bk-acme": "acme"}
     new = key_digest("bk-new")
-    apply_keys(keys, suspended, TenantState("acme", SUSPENDED, 2.0, new))
+    tk.apply(TenantState("acme", SUSPENDED, 2.0, new))
     assert keys == {"bk-op": "*", new: "acme"} and suspended == {"acme"}
-    apply_keys(keys, suspended, TenantState("acme", ACTIVE, 3.0, new))
+    tk.apply(TenantState("acme", ACTIVE, 3.0, new))
     assert suspended == set()
-    apply_keys(keys, suspended, TenantState("acme", DELETED, 4.0))
+    tk.apply(TenantState("acme", DELETED, 4.0))
     assert keys == {"bk-op": "*"}
+    tk.apply(TenantState("keyco", ACTIVE, 5.0, key_digest("bk-k")), served=False)
+    assert keys == {"bk-op": "*"}  # not served yet
+    tk.apply(TenantState("keyco", ACTIVE, 5.0, key_digest("bk-k")))
+    assert keys == {"bk-op": "*", key_digest("bk-k"): "keyco"}
+    off, none = {}, set[str]()
+    TenantKeys(off, none).apply(TenantState("keyco", SUSPENDED, 6.0, key_digest("bk-k")))
+    assert off == {} and none == {"keyco"}  # keys off stay off

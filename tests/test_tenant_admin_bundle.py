@@ -22,10 +22,18 @@ import nats.errors
 import pytest
 
 from baton import accounts, jwt
+from baton.bus import connect
 from baton.credentials import ADMIN_BUNDLE, SECRETS_FILE, Credentials
 from baton.dev.testing import Client, LocalStack, uid
 from baton.natsd import NatsServer
-from baton.tenants import AdminKeysError, TenantAdmin
+from baton.tenants import (
+    AdminKeysError,
+    KeysElsewhere,
+    TenantAdmin,
+    open_keys,
+    read_registry,
+    seal_keys,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -77,6 +85,12 @@ async def _chat(server: NatsServer, creds: Path, tenant: str) -> dict[str, Any]:
         return await client.run("chat", {"tenant": tenant, "input": "hi", "task_id": uid()})
     finally:
         await client.close()
+
+
+async def _refused(server: NatsServer, creds: Path) -> None:
+    with pytest.raises((nats.errors.Error, asyncio.TimeoutError)):
+        await nats.connect(server.address, user_credentials=str(creds), allow_reconnect=False,
+                           connect_timeout=2)  # fmt: skip
 
 
 def test_the_bundle_holds_no_identity_key_of_the_operator_baton_or_sys(
@@ -165,6 +179,26 @@ async def test_the_bundle_alone_creates_suspends_rotates_and_deletes_a_tenant(
     assert (await _chat(server, server.creds_for("acme"), "acme"))["type"] == "completed"
 
 
+def test_a_tenants_sealed_keys_open_only_with_the_deployments_signing_key_and_name(
+    tmp_path: Path,
+) -> None:
+    """What the registry entry carries: the tenant's seeds and revocations,
+    opened by any holder of the operator's signing key (the full keys, any
+    copy of the bundle) for that tenant only."""
+    full = Credentials.load_or_create(tmp_path / "full", ["acme"])
+    full.nkeys["revocations:acme"] = json.dumps({"UOLD": 1})
+    sealed = seal_keys(full, "acme")
+    assert not any(v in sealed for k, v in full.nkeys.items() if k.endswith(":acme"))
+    full.write_admin_bundle(tmp_path / "bundle", ["acme"])
+    bundle = Credentials.load_or_create(tmp_path / "bundle", [])
+    mine = {k: v for k, v in full.nkeys.items() if k.endswith(":acme")}
+    assert open_keys(bundle, "acme", sealed) == mine
+    with pytest.raises(KeysElsewhere):
+        open_keys(bundle, "beta", sealed)  # another tenant's entry
+    with pytest.raises(KeysElsewhere):
+        open_keys(Credentials.load_or_create(tmp_path / "other", []), "acme", sealed)
+
+
 async def test_a_directory_without_the_signing_keys_is_refused(
     server: NatsServer, bundle: Path, tmp_path: Path
 ) -> None:
@@ -188,7 +222,9 @@ async def test_a_replica_with_its_own_copy_of_the_bundle_follows_and_keeps_the_o
     pods copy it from the Secret): a tenant created through one is served by
     the other, which re-issues its own .creds; a tenant created through the
     other keeps the first one in BATON's imports (its account key is in the
-    registry); the other can delete it but not rotate it (its keys are not there)."""
+    registry); the other rotates it (its keys are sealed in the registry
+    entry, which a pod that did not create it, or restarted, opens) and
+    deletes it."""
     copy = tmp_path / "pod-b"
     shutil.copytree(server.store_dir / ADMIN_BUNDLE, copy)
     own = copy / "secrets" / "creds" / f"{accounts.ORCHESTRATOR}.creds"
@@ -215,13 +251,35 @@ async def test_a_replica_with_its_own_copy_of_the_bundle_follows_and_keeps_the_o
         assert {"js-acme", "js-replica", "js-replicb"} <= imported, imported
         assert (await _chat(server, first, "replica"))["type"] == "completed"
         assert (await _chat(server, second, "replicb"))["type"] == "completed"
+        # B did not make it (nor does a restarted pod keep it): it rotates it
+        # with the keys sealed in the registry entry.
         status, body = _call(f"{b_url}/replica/rotate", {})
-        assert status == 409 and "keys of tenant" in body["error"]["message"], body
+        assert status == 200, body
+        await _refused(server, first)
+        by_b = tmp_path / "replica-b.creds"
+        by_b.write_text(body["creds"])
+        assert (await _chat(server, by_b, "replica"))["type"] == "completed"
+        # A rotates it next with the registry's keys, not its own stale copy:
+        # B's user is refused as well as the first one.
+        status, body = _call(f"{a_url}/replica/rotate", {})
+        assert status == 200, body
+        await _refused(server, by_b)
+        await _refused(server, first)
+        by_a = tmp_path / "replica-a.creds"
+        by_a.write_text(body["creds"])
+        assert (await _chat(server, by_a, "replica"))["type"] == "completed"
+        # The registry holds them sealed: no seed of the tenant in the clear.
+        seeds = [v for k, v in Credentials.load_or_create(copy, []).nkeys.items()
+                 if k.endswith(":replica") and v.startswith("S")]  # fmt: skip
+        bus = await connect(server.url, name="test-registry")
+        try:
+            entry = (await read_registry(bus))["replica"]
+        finally:
+            await bus.close()
+        assert seeds and entry.keys and not any(seed in entry.encode().decode() for seed in seeds)
         status, body = _call(f"{b_url}/replica", method="DELETE")
         assert status == 200, body
-        with pytest.raises((nats.errors.Error, asyncio.TimeoutError)):
-            await nats.connect(server.address, user_credentials=str(first),
-                               allow_reconnect=False, connect_timeout=2)  # fmt: skip
+        await _refused(server, by_a)
         assert (await _chat(server, second, "replicb"))["type"] == "completed"
     finally:
         stack.retire(b)

@@ -288,6 +288,16 @@ def _console_login(url: str, key: str) -> str:
     return f"{S.COOKIE}={cookie.value}"
 
 
+def _form(url: str, form: bytes) -> tuple[int, Any]:
+    """POST a console form, not following its redirect: (status, JSON body or None)."""
+    try:
+        with urllib.request.build_opener(_NoRedirect).open(url, form, timeout=10) as r:
+            return r.status, None
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        return e.code, json.loads(body) if e.code != 303 else None
+
+
 def _with_cookie(url: str, cookie: str) -> tuple[int, Any]:
     req = urllib.request.Request(url, headers={"Cookie": cookie})
     try:
@@ -387,6 +397,7 @@ async def test_a_created_tenants_http_key_follows_its_lifecycle_on_every_replica
 
         # Suspended: refused with the one error body, data kept (the operator reads it).
         session = _console_login(c.url, new)  # the new key's session
+        early = _http(f"{c.url}/ui/login-link", new, {})[1]["path"]  # used once suspended
         assert _with_cookie(f"{a.url}/v1/tasks", session)[0] == 200
         assert _http(f"{a.url}/v1/tenants/keyco/suspend", operator, {})[0] == 200
         urls = [task_a, task_c, stats]
@@ -394,6 +405,16 @@ async def test_a_created_tenants_http_key_follows_its_lifecycle_on_every_replica
         await _until_status([task_a, task_c], session, 403, "suspended (session)")
         status, body = _http(task_c, new)
         assert body["error"]["code"] == "tenant_suspended" and body["error"]["type"], body
+        # ... and no console login hands it a session (its calls would all be 403).
+        for url in (a.url, c.url):
+            status, body = _http(f"{url}/ui/login-link", new, {})
+            assert status == 403 and body["error"]["code"] == "tenant_suspended", body
+            form = urllib.parse.urlencode({"key": new}).encode()
+            status, body = _form(f"{url}/ui/login", form)
+            assert status == 403 and body["error"]["code"] == "tenant_suspended", body
+        token = urllib.parse.urlencode({"token": early.split("token=", 1)[1]}).encode()
+        status, body = _form(f"{c.url}/ui/login", token)
+        assert status == 403 and body["error"]["code"] == "tenant_suspended", body
         assert _http(f"{task_c}?tenant=keyco", operator)[1]["status"] == "completed"
         assert _http(f"{a.url}/v1/tenants/keyco/resume", operator, {})[0] == 200
         await _until_status(urls, new, 200, "resumed")

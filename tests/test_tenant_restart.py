@@ -4,7 +4,10 @@ nats-server in operator mode, the services), the real ``baton tenant
 delete``. After the restart its old ``.creds`` are refused, no account JWT
 of it is in the resolver, none of its streams exists (on the server or in the
 store's files), ``baton up`` says it skipped it, and an orchestrator started
-with it in BATON_TENANTS skips it too (the registry's tombstone)."""
+with it in BATON_TENANTS skips it too (the registry's tombstone). A tenant
+of BATON_TENANTS rotated with ``baton tenant rotate`` keeps its new HTTP API
+key across the restart: ``tenants/<t>.key`` holds it and it is accepted, the
+refused old key is never written back."""
 
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from baton.dev.testing import TEST_ENV, Client, uid
 from baton.stack import ServiceProcess
 from baton.urls import with_creds
 from proto import streams
-from tests.test_stack import Up, baton_up
+from tests.test_stack import Up, _get, baton_up
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -43,7 +46,7 @@ def _stream_dirs(store: Path) -> dict[str, set[str]]:
     return out
 
 
-async def test_a_deleted_tenant_stays_deleted_when_baton_up_restarts(
+async def test_a_deleted_tenant_stays_deleted_and_a_rotated_key_stays_new_across_baton_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("BATON_TENANTS", "acme,doomed")
@@ -73,6 +76,15 @@ async def test_a_deleted_tenant_stays_deleted_when_baton_up_restarts(
         stdout, stderr = await asyncio.wait_for(out.communicate(), 90)
         assert out.returncode == 0, stderr.decode()
         assert b"tenant deleted" in stdout
+        old_key = (data / "tenants" / "acme.key").read_text().strip()
+        out = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "baton.cli", "tenant", "rotate", "acme", "--data-dir", str(data),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(out.communicate(), 90)
+        assert out.returncode == 0, stderr.decode()
+        new_key = stdout.decode().splitlines()[1]
+        assert new_key.startswith("bk-") and new_key != old_key
         _stop(up)
     with baton_up(data, nats_port=up.nats_port) as again:
         again.wait_for("baton: try:")
@@ -120,6 +132,11 @@ async def test_a_deleted_tenant_stays_deleted_when_baton_up_restarts(
         finally:
             await client.close()
         assert done["type"] == "completed", done
+        # The rotated key is the one configured and written, the old one refused.
+        assert (data / "tenants" / "acme.key").read_text().strip() == new_key
+        tasks = f"http://127.0.0.1:{again.http_port}/v1/tasks"
+        assert _get(tasks, new_key)[0] == 200
+        assert _get(tasks, old_key)[0] == 401
         said = [ln for ln in again.lines if "doomed" in ln]
         assert any("was deleted" in ln and "skipped" in ln for ln in said), again.lines
         _stop(again)

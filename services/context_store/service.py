@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Any
 
 import msgspec
@@ -22,7 +21,7 @@ import structlog
 from baton import tracing
 from baton.bus import TRANSIENT, Bus, Request
 from baton.service import Health, ServiceApp
-from baton.tenants import apply_keys
+from baton.tenants import TenantKeys
 from proto import codec, subjects
 from proto.context_api import ENDPOINTS
 from proto.errors import ErrorCode
@@ -179,8 +178,8 @@ async def start(bus: Bus, settings: ContextStoreSettings, health: Health) -> Ser
     # Each region's own pair, for the regions the tenant registry names.
     regions = TenantRegions(bus)
     suspended: set[str] = set()  # the registry's; their keys are refused (403)
-    if settings.api_keys:  # keys on: a run-time tenant's key, rotated, suspended, deleted
-        regions.on_entry = partial(apply_keys, settings.api_keys, suspended)
+    # A run-time tenant's key, rotated, suspended, deleted (``live_keys``).
+    regions.on_entry = TenantKeys(settings.api_keys, suspended).apply
     await regions.start()
     store, admin = build_store(bus, settings, regions)
     app = http_app(health, admin, settings.api_keys, suspended)

@@ -3,48 +3,18 @@ sealed with a key of its own (the entry ``<tenant>.<task_id>.key``, written
 once; listings of ``<tenant>.*`` do not see it), so erasing a task destroys
 one key instead of erasing every revision its steps replaced
 (docs/architecture.md, "Streams, consumers, buckets"). Sealing is
-XChaCha20-Poly1305 (PyNaCl, which nkeys brings): a random 24-byte nonce per
-write, the run's key as associated data, so a sealed entry cannot be passed
-off as another task's."""
+``baton.sealing`` (XChaCha20-Poly1305): a random 24-byte nonce per write,
+the run's key as associated data, so a sealed entry cannot be passed off as
+another task's."""
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 
-from nacl.bindings import (
-    crypto_aead_xchacha20poly1305_ietf_decrypt,
-    crypto_aead_xchacha20poly1305_ietf_encrypt,
-    crypto_aead_xchacha20poly1305_ietf_KEYBYTES,
-    crypto_aead_xchacha20poly1305_ietf_NPUBBYTES,
-)
-
 from baton.bus import Bucket, WrongLastSequence
+from baton.sealing import KEY_BYTES, SEALED, is_sealed, new_key, seal, unseal
 
-SEALED = b"\x01"  # never the first byte of a msgpack map (a plain entry)
-_NONCE = crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
-KEY_BYTES = crypto_aead_xchacha20poly1305_ietf_KEYBYTES
-
-
-def new_key() -> bytes:
-    return os.urandom(KEY_BYTES)
-
-
-def seal(key: bytes, run_key: str, data: bytes) -> bytes:
-    nonce = os.urandom(_NONCE)
-    box = crypto_aead_xchacha20poly1305_ietf_encrypt(data, run_key.encode(), nonce, key)
-    return SEALED + nonce + box
-
-
-def is_sealed(value: bytes) -> bool:
-    return value[:1] == SEALED
-
-
-def unseal(key: bytes, run_key: str, value: bytes) -> bytes:
-    """The plain entry; raises ``nacl.exceptions.CryptoError`` for a wrong
-    key, another run's entry or a changed byte."""
-    nonce, box = value[1 : 1 + _NONCE], value[1 + _NONCE :]
-    return crypto_aead_xchacha20poly1305_ietf_decrypt(box, run_key.encode(), nonce, key)
+__all__ = ["KEY_BYTES", "SEALED", "RunKeys", "is_sealed", "key_entry", "new_key", "seal", "unseal"]
 
 
 def key_entry(run_key: str) -> str:

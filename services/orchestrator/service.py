@@ -20,12 +20,11 @@ from baton.service import Health, ServiceApp
 from baton.settings import default_worker_id
 from baton.tenants import (
     DELETED,
-    SUSPENDED,
+    TenantKeys,
     TenantState,
     is_bundle,
     read_registry,
     reissue_orchestrator,
-    withdraw_keys,
 )
 from baton.urls import split_creds
 from proto import streams, subjects
@@ -86,7 +85,7 @@ async def follow_tenants(
     known: set[str],
     add: Callable[[str, str], Awaitable[None]],
     changed: Callable[[], None] = lambda: None,
-    api_keys: dict[str, str] | None = None,
+    keys: TenantKeys | None = None,
     drop: Callable[[str], None] = lambda t: None,
     place: Callable[[str, str], Awaitable[None]] | None = None,
     reissue: Callable[[set[str]], bool] | None = None,
@@ -96,13 +95,16 @@ async def follow_tenants(
     tasks (``tenant_suspended``), a deleted one forgotten; a served tenant's
     region is handed to ``place`` (its streams moved when it changed).
     ``reissue``: re-issue this orchestrator's own ``.creds`` for these
-    tenants (True when it changed it), when it holds a tenant-admin bundle."""
+    tenants (True when it changed it), when it holds a tenant-admin bundle.
+    ``keys``: the HTTP API's keys and suspended tenants (``live_keys``; a
+    tenant's registry key accepted once it is served); without, the
+    intake's suspended set alone."""
     kv = await bus.ensure_bucket(streams.TENANTS)
-    keys_on = bool(api_keys)  # (emptied by withdrawals, it stays on)
+    keys = keys or TenantKeys({}, intake.suspended)
     started = time.time()
     listed: set[str] = set()  # every tenant the registry has, not deleted
     adding: dict[str, asyncio.Task[None]] = {}
-    latest_key: dict[str, str | None] = {}  # a rotation while the tenant is being served
+    latest: dict[str, TenantState] = {}  # a rotation while the tenant is being served
 
     async def serve(t: str, fresh: bool, region: str) -> None:
         """Provision and serve ``t`` until it is served: its permissions come
@@ -130,9 +132,7 @@ async def follow_tenants(
                 fresh = False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, ADD_RETRY[1])
-        key = latest_key.get(t)
-        if keys_on and api_keys is not None and key:
-            api_keys[key] = t  # accepted once the tenant is served
+        keys.apply(latest[t])  # its key accepted once the tenant is served
         log.info("tenant_served", tenant=t, attempts=attempt + 1)
 
     while True:
@@ -142,28 +142,17 @@ async def follow_tenants(
                     continue
                 entry_state = TenantState.decode(entry.key, entry.value)
                 t, state = entry.key, entry_state.state
+                latest[t] = entry_state
+                keys.apply(entry_state, served=t in known)
                 if state == DELETED:
                     listed.discard(t)
-                else:
-                    listed.add(t)
-                if keys_on:  # withdraw the tenant's key (added back below)
-                    withdraw_keys(api_keys, t, configured=bool(entry_state.api_key)
-                                  or state == DELETED)  # fmt: skip
-                latest_key[t] = entry_state.api_key
-                if state == DELETED:
                     if (pending := adding.pop(t, None)) is not None:
                         pending.cancel()
                     drop(t)
                     known.discard(t)
-                    intake.suspended.discard(t)
                     changed()
                     continue
-                if state == SUSPENDED:
-                    intake.suspended.add(t)
-                else:
-                    intake.suspended.discard(t)
-                if keys_on and api_keys is not None and entry_state.api_key and t in known:
-                    api_keys[entry_state.api_key] = t  # (no await since its withdrawal)
+                listed.add(t)
                 if t not in known and (t not in adding or adding[t].done()):
                     adding[t] = asyncio.create_task(
                         serve(t, entry_state.changed_at >= started, entry_state.region)
@@ -204,12 +193,6 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
         else:
             tenants.append(t)
     regions = {t: entry.region for t, entry in recorded.items() if entry.region}
-    keys_on = bool(settings.api_keys)
-    for t, entry in recorded.items():  # before the HTTP API answers: a rotated key is refused
-        if keys_on and (entry.api_key or entry.state == DELETED):
-            withdraw_keys(settings.api_keys, t, configured=True)
-            if entry.api_key and entry.state != DELETED and t in tenants:
-                settings.api_keys[entry.api_key] = t  # served from the start
     own = {t: streams.tenant_streams(t, regions.get(t)) for t in tenants}
     # Every pool a step may be placed on has its consumer before any worker
     # of it ever ran: a job sent to a pool at zero is its backlog, which is
@@ -261,6 +244,10 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
     peers = ReplicaLoads(default_worker_id(), settings.replica_load_every)
     room = TenantRoom(Limiter(settings.default_limits, settings.tenant_limits),
                       settings.fair_policy, lend, peers.view)  # fmt: skip
+    # Before the HTTP API answers: a rotated key is refused, a suspended tenant too.
+    keys = TenantKeys(settings.api_keys, room.suspended)
+    for t, entry in recorded.items():
+        keys.apply(entry, served=t in tenants)
     conductor = Conductor(bus, runs, workflows, settings, router, check_limits=room.check,
                           on_changed=room.changed, pools=pool_view)  # fmt: skip
     intake = Intake(bus, conductor, room)
@@ -334,7 +321,7 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
         tool_watch = asyncio.create_task(conductor.tools.watch(catalog))
         reconciler = asyncio.create_task(intake.reconcile())
         registry = asyncio.create_task(
-            follow_tenants(bus, intake, known, add_tenant, api_keys=settings.api_keys,
+            follow_tenants(bus, intake, known, add_tenant, keys=keys,
                            drop=drop_tenant, place=place_tenant, reissue=own_creds())
         )  # fmt: skip
         in_flight = asyncio.create_task(

@@ -243,6 +243,34 @@ def test_nats_auth_takes_back_what_the_bundle_changed_at_run_time(tmp_path):
     assert f"account:{ids[-1]}" not in again["nkeys"]
 
 
+def test_regions_declared_ahead_need_no_new_creds_when_a_tenant_is_made_in_one(tmp_path):
+    """`baton nats-auth --regions eu` (BATON_REGIONS): the context store's
+    .creds names the eu streams from the start, the bundle knows the region
+    (a tenant created in it through /v1/tenants re-issues nothing); a region
+    first given through the bundle is taken back by the next nats-auth."""
+    from baton import jwt
+    from baton.tenants import TenantAdmin
+    from proto import streams
+
+    args = ["nats-auth", str(tmp_path), "--tenants", ",".join(tenants()), "--regions", "eu"]
+    assert baton_cli(args) == 0
+    store = creds_path(tmp_path, accounts.CONTEXT_STORE)
+    perms = json.dumps(jwt.decode(jwt.creds_jwt(store.read_text()))["nats"])
+    assert streams.context_home("eu").log.name in perms, perms
+    assert streams.context_home("us").log.name not in perms
+    admin = TenantAdmin(tmp_path / ADMIN_BUNDLE, "nats://127.0.0.1:1")
+    assert admin.creds.regions == ["eu"]
+    before = (tmp_path / ADMIN_BUNDLE / SECRETS_FILE).read_text()
+    admin._add_region("eu")  # (what create --region eu does): nothing to record or re-issue
+    assert (tmp_path / ADMIN_BUNDLE / SECRETS_FILE).read_text() == before
+    admin._add_region("us")  # a region not declared: recorded in the bundle ...
+    assert baton_cli(["nats-auth", str(tmp_path), "--tenants", ",".join(tenants())]) == 0
+    perms = json.dumps(jwt.decode(jwt.creds_jwt(store.read_text()))["nats"])
+    for region in ("eu", "us"):  # ... and the next nats-auth renders it
+        assert streams.context_home(region).log.name in perms, region
+    assert baton_cli([*args[:4], "--regions", "e u"]) == 2  # not a valid id
+
+
 # -- the real nats-server on the rendered Kubernetes config -----------------
 
 

@@ -95,6 +95,12 @@ def add_routes(
         response.set_cookie(S.COOKIE, token, max_age=int(settings.console_session_ttl),
                             path="/", httponly=True, samesite="strict", secure=secure)  # fmt: skip
 
+    def refuse_suspended(scope: str) -> None:
+        """A suspended tenant gets no console session (every call of one
+        would be refused): 403 ``tenant_suspended``, as on every route."""
+        if scope in svc.room.suspended:
+            raise ApiError(ErrorCode.TENANT_SUSPENDED, f"tenant {scope!r} is suspended")
+
     @app.get("/ui", include_in_schema=False)
     def ui_root() -> RedirectResponse:
         return RedirectResponse("/ui/", status_code=308)
@@ -111,8 +117,10 @@ def add_routes(
         if sessions is None:  # no keys: the console is open, like the API
             return {"path": "/ui/", "expires_at": None}
         key = creds.credentials.strip() if creds else ""
-        if sessions.scope_of(key) is None:
+        scope = sessions.scope_of(key)
+        if scope is None:
             raise HTTPException(401, "a valid API key is required (Authorization: Bearer ...)")
+        refuse_suspended(scope)
         expires = time.time() + settings.console_login_ttl
         token = sessions.issue(key, "login", nonce=secrets.token_urlsafe(16), expires=expires)
         return {"path": f"/ui/login?token={token}", "expires_at": expires}
@@ -139,6 +147,7 @@ def add_routes(
         grant = sessions.verify(token, "login", now)
         if grant is None:
             return RedirectResponse("/ui/?login=expired", status_code=303)
+        refuse_suspended(grant.scope)  # (a link handed out before the suspension)
         bus = svc.bus
         tenant = None if grant.scope == OPERATOR_SCOPE else grant.scope
         actor = "operator" if tenant is None else f"tenant:{tenant}"
@@ -168,6 +177,7 @@ def add_routes(
         scope = sessions.scope_of(key)
         if scope is None:
             return RedirectResponse("/ui/?login=refused", status_code=303)
+        refuse_suspended(scope)
         response = RedirectResponse("/ui/", status_code=303)
         cookie_for(request, response, S.key_id(key), scope, time.time())
         return response
