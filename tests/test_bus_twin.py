@@ -2,18 +2,21 @@
 here runs the same body against the twin and against a real nats-server, so
 what the shells' tests rely on in the twin — msg-id de-duplication, KV
 compare-and-set, nak with delay, redelivery up to ``max_deliver``, term,
-ack — is what NATS does. A twin is never the only thing a behaviour is
+ack, and how a pull request is answered (the pull loop's one wire) — is
+what NATS does. A twin is never the only thing a behaviour is
 tested against."""
 
 from __future__ import annotations
 
 import ast
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from nats.aio.msg import Msg
 
 from baton.bus import Bus, Delivery, Nak, Term, WrongLastSequence, connect
 from baton.dev.testing import uid
@@ -174,6 +177,71 @@ async def test_an_erased_delivery_is_settled_without_an_ack(
     await past_ack_wait()
     await _handle_until(door, spec, handler, lambda: True)
     assert seen[2:] == [(b"c", 1)] and acks == [b"c"]
+
+
+async def _pass(door: Bus, seconds: float) -> None:
+    """Let ``seconds`` pass: the twin's clock moves on at once, a real server's is waited out."""
+    if isinstance(door, TwinBus):
+        door.advance(seconds)
+        await asyncio.sleep(0.01)  # the inbox's task hands over what arrived
+    else:
+        await asyncio.sleep(seconds)
+
+
+async def test_a_pull_request_is_answered_as_nats_server_answers_it(door: Bus) -> None:
+    """What ``Bus.consume``'s pull loop (``baton.bus.pull``) hears on its
+    inbox: messages as they come, a 100 heartbeat per idle interval, a 408
+    at expiry carrying what was not delivered; a full batch ends in silence;
+    a request whose inbox nobody listens on any more is dropped; a request
+    to no consumer is a 503."""
+    spec, subject = await _queue(door)
+    nc = door._nc
+    heard: list[tuple[str, str]] = []
+
+    async def on(msg: Msg) -> None:
+        h = msg.headers or {}
+        said = (h.get("Status", msg.data.decode()), h.get("Nats-Pending-Messages", ""))
+        if not heard or said != heard[-1] or said[0] != "100":  # heartbeats: once a row
+            heard.append(said)
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=on)
+
+    async def ask(batch: int, expires: float, beat: float = 0.0, durable: str = spec.durable,
+                  reply: str = inbox) -> None:  # fmt: skip
+        body = {"batch": batch, "expires": int(expires * 1e9), "idle_heartbeat": int(beat * 1e9)}
+        await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{durable}",
+                         json.dumps(body).encode(), reply=reply)  # fmt: skip
+        await door.flush()
+
+    await ask(3, expires=1.0, beat=0.3)
+    await door.publish(subject, b"a")
+    await _pass(door, 0.1)
+    assert heard == [("a", "")]
+    await _pass(door, 0.35)
+    assert heard == [("a", ""), ("100", "")]
+    await _pass(door, 0.65)
+    assert heard == [("a", ""), ("100", ""), ("408", "2")]
+
+    heard.clear()
+    await door.publish(subject, b"b")
+    await door.publish(subject, b"c")
+    await ask(2, expires=0.3)
+    await _pass(door, 0.5)
+    assert heard == [("b", ""), ("c", "")]  # the batch is full: no 408
+
+    heard.clear()
+    await ask(1, expires=5.0)
+    await sub.drain()  # the request's inbox has no listener now
+    await door.publish(subject, b"d")
+    other = nc.new_inbox()
+    await nc.subscribe(other, cb=on)
+    await ask(1, expires=5.0, reply=other)
+    await _pass(door, 0.1)
+    assert heard == [("d", "")]  # the new request took it, not the dropped one
+    await ask(1, expires=1.0, durable="nobody", reply=other)
+    await _pass(door, 0.1)
+    assert heard[1][0] == "503"
 
 
 async def test_a_typed_subscription_and_a_request_reach_their_handlers(door: Bus) -> None:

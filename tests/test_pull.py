@@ -1,7 +1,9 @@
 """``Bus.consume`` keeps one pull request open per consumer (``baton.bus.pull``):
 an idle loop does not re-ask every second, no more is asked for than the loop
-may take (its slots, its gate), a restarted nats-server is survived, and a
-stopped loop leaves nothing reserved on the server."""
+may take (its slots, its gate), a restarted nats-server is survived, a request
+lost without a word is noticed by its missing heartbeats, a request the server
+ends (409) is asked again without spinning, and a stopped loop leaves nothing
+reserved on the server."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from baton.bus import Bus, Delivery, connect
 from baton.dev.testing import http_json, secure_nats, uid
@@ -205,3 +208,138 @@ async def test_a_stopped_loop_leaves_nothing_reserved(mon_nats: NatsServer, bus:
         assert took < 1.0
     finally:
         await first.close()
+
+
+class _LossyRelay:
+    """A TCP relay in front of nats-server that, while ``losing``, drops the
+    pull requests (``CONSUMER.MSG.NEXT``) a client sends — as a server shedding
+    JetStream API requests under load does: the server never hears them, so
+    it never answers, not even with a heartbeat."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream, self.losing, self.lost = upstream, False, 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _relay(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection("127.0.0.1", self.upstream)
+        for pipe in (self._down(sr, cw), self._up(cr, sw)):
+            task = asyncio.create_task(pipe)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _down(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        w.close()
+
+    async def _up(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        """Client to server, one protocol operation at a time."""
+        with contextlib.suppress(Exception):
+            while line := await r.readuntil(b"\r\n"):
+                op = line.split(b" ", 1)[0].upper()
+                if op in (b"PUB", b"HPUB"):  # ... <total size>\r\n<payload>\r\n
+                    line += await r.readexactly(int(line.split()[-1]) + 2)
+                    if self.losing and b".CONSUMER.MSG.NEXT." in line.split(b"\r\n", 1)[0]:
+                        self.lost += 1
+                        continue
+                w.write(line)
+                await w.drain()
+        w.close()
+
+    async def close(self) -> None:
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+
+async def test_a_request_lost_without_a_word_is_asked_again_when_its_heartbeats_stop(
+    mon_nats: NatsServer, bus: Bus
+) -> None:
+    """The server never heard the loop's request: no message, no heartbeat,
+    no 408 comes. Two missed heartbeats later the loop asks again, and every
+    message is handled once (without this, the loop would wait forever on a
+    request it believes open)."""
+    spec, subject = await _queue(bus)
+    relay = _LossyRelay(mon_nats.port)
+    port = await relay.start()
+    lossy = await connect(mon_nats.url.replace(f":{mon_nats.port}", f":{port}"), name="pull-lossy")
+    handled: list[bytes] = []
+
+    async def handle(d: Delivery) -> None:
+        handled.append(d.data)
+
+    try:
+        relay.losing = True
+        with structlog.testing.capture_logs() as logs:
+            loop = asyncio.create_task(lossy.consume(spec, handle))
+            await asyncio.sleep(0.5)
+            relay.losing = False  # the next request gets through
+            for i in range(5):
+                await bus.publish(subject, b"%d" % i)
+            await asyncio.sleep(1.0)
+            assert relay.lost >= 1 and handled == []  # its request is gone
+            for _ in range(100):  # heartbeats every 2 s: missed for 4.5 s
+                if len(handled) == 5:
+                    break
+                await asyncio.sleep(0.1)
+            for i in range(5, 8):  # and the loop goes on
+                await bus.publish(subject, b"%d" % i)
+            for _ in range(50):
+                if len(handled) == 8:
+                    break
+                await asyncio.sleep(0.05)
+            await _stop(lossy, loop)
+    finally:
+        await lossy.close()
+        await relay.close()
+    assert sorted(handled) == [b"%d" % i for i in range(8)]
+    info = await bus._js.consumer_info(spec.stream, spec.durable)
+    assert info.num_redelivered == 0 and info.num_ack_pending == 0
+    reissued = [e for e in logs if e["event"] == "pull_reissued"]
+    assert [e["reason"] for e in reissued] == ["heartbeat_missed"]
+
+
+async def test_a_request_the_server_ends_is_asked_again_without_spinning(
+    mon_nats: NatsServer, bus: Bus
+) -> None:
+    """The consumer is deleted under the loop's open request (409 Consumer
+    Deleted), then, while it is gone, every request is refused (503); once
+    it is back the loop takes what comes, at once. Each refusal is logged and
+    waited on: no request storm."""
+    spec, subject = await _queue(bus)
+    loop_bus = await connect(mon_nats.url, name="pull-ended")
+    handled: list[bytes] = []
+
+    async def handle(d: Delivery) -> None:
+        handled.append(d.data)
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            loop = asyncio.create_task(loop_bus.consume(spec, handle))
+            await asyncio.sleep(0.5)
+            before = _in_msgs(mon_nats, "pull-ended")
+            await bus.delete_consumer(spec)
+            await asyncio.sleep(2.0)
+            asked = _in_msgs(mon_nats, "pull-ended") - before
+            await bus.ensure_consumer(spec)
+            sent = time.monotonic()
+            await bus.publish(subject, b"back")
+            for _ in range(100):
+                if handled:
+                    break
+                await asyncio.sleep(0.02)
+            took = time.monotonic() - sent
+            await _stop(loop_bus, loop)
+    finally:
+        await loop_bus.close()
+    reasons = [e["reason"] for e in logs if e["event"] == "pull_reissued"]
+    assert reasons[0].startswith("409 Consumer Deleted") and len(reasons) >= 2
+    assert asked <= 6  # about one request per 0.5 s while refused, not a spin
+    assert handled == [b"back"] and took < 1.5  # before heartbeats would have been missed

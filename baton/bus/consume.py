@@ -16,7 +16,6 @@ from proto import keys, subjects
 from proto.streams import ConsumerSpec
 
 from .delivery import HDR_DLQ_REASON, HDR_DLQ_SUBJECT, Delivery, Gate, Handler, Puller, _KeepAlive
-from .errors import BusClosed
 from .messaging import Messaging
 from .outcomes import Outcome, settlement
 from .pull import CHECK_EVERY, MAX_BATCH, PullStream
@@ -140,15 +139,12 @@ class Consuming(Messaging):
         returns (False: the caller drains them). One pull request stays open
         for the free room (``baton.bus.pull``)."""
         running = set() if running is None else running
-        loop = self._consume_live if self._LIVE_PULL else self._consume_fetching
         try:
-            await loop(spec, handler, concurrency, gate, running, until, fetch_timeout,
-                       idle_timeout)  # fmt: skip
+            await self._consume_live(spec, handler, concurrency, gate, running, until,
+                                     fetch_timeout, idle_timeout)  # fmt: skip
         finally:
             if finish and running:
                 await asyncio.gather(*running, return_exceptions=True)
-
-    _LIVE_PULL = True  # False: a bus without nats-py underneath (the twin) fetches
 
     def _start(self, spec: ConsumerSpec, d: Delivery, handler: Handler, gate: Gate | None,
                running: set[asyncio.Task[None]], done: Callable[[asyncio.Task[None]], None]
@@ -232,34 +228,3 @@ class Consuming(Messaging):
             for task in gating:
                 task.cancel()
             await stream.close()
-
-    async def _consume_fetching(
-        self, spec: ConsumerSpec, handler: Handler, concurrency: int, gate: Gate | None,
-        running: set[asyncio.Task[None]], until: Callable[[], bool] | None,
-        fetch_timeout: float, idle_timeout: float,
-    ) -> None:  # fmt: skip
-        """The loop over ``Puller.fetch``, for a bus whose puller only fetches."""
-        puller = await self.puller(spec)
-        while not self._stopping.is_set():
-            room = concurrency - len(running)
-            if room <= 0:  # every slot taken: wait for a handler to end
-                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                continue
-            if gate is not None:
-                room = min(room, gate.room())
-                if room <= 0:  # slots free, the gate shut
-                    await gate.wait()
-                    continue
-            try:
-                # Busy: batches with short waits, so finished slots refill
-                # quickly. Idle: one message with a long wait (see Puller.fetch).
-                if running:
-                    batch = await puller.fetch(room, fetch_timeout)
-                else:
-                    batch = await puller.fetch(1, idle_timeout)
-            except BusClosed:
-                break
-            if not batch and until is not None and until():
-                break
-            for d in batch:
-                self._start(spec, d, handler, gate, running, running.discard)

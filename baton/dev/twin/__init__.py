@@ -9,8 +9,8 @@ look-alike: ``TwinBus`` subclasses ``Bus`` and ``TwinBucket`` subclasses
 is handed the real ``Delivery`` (around a message in nats-py's own shape), and
 the pull loop and its settlement are the real ones, inherited: ``Bus.consume``
 -> ``settle`` -> ``outcomes.settlement`` -> ack / nak / term / dead letter.
-In parts: ``streams`` (streams, consumers, the delivered message), ``kv``
-(``TwinBucket``), ``bus`` (``TwinBus``).
+In parts: ``streams`` (streams, consumers, the delivered message), ``client``
+(pull requests, inboxes), ``kv`` (``TwinBucket``), ``bus`` (``TwinBus``).
 
 Simulated (each pinned against a real nats-server by ``tests/test_bus_twin.py``):
 
@@ -20,6 +20,12 @@ Simulated (each pinned against a real nats-server by ``tests/test_bus_twin.py``)
   ``term``; an unsettled delivery redelivered after ``ack_wait`` (extended by
   ``in_progress``); no redelivery past ``max_deliver``; a message deleted
   (``erase_messages``) while out or due again is settled, as by an ack.
+* Pull requests, the one wire of ``Bus.consume``'s loop: the twin's stand-in
+  for nats-py's client (``client``) takes an inbox and the request nats-py
+  would publish, and answers as nats-server does — messages as they come, a
+  100 heartbeat per idle interval, a 408 with what is left at expiry, nothing
+  once the batch is full, a request dropped once its inbox has no listener,
+  a 503 with no consumer.
 * KV (``ensure_bucket``): revisions, ``create`` / ``update`` compare-and-set
   (``WrongLastSequence``), and ``before_write``, a hook to inject a race
   (another replica writing between a read and a write).
@@ -28,10 +34,11 @@ Simulated (each pinned against a real nats-server by ``tests/test_bus_twin.py``)
   None: ``TimeoutError`` at once, the timeout is not waited out).
 
 Not simulated (a call raises ``NotImplementedError``: test it on a real
-server): stream reads and replays (but ``last_msg``), ``publish_if_last``, KV watches, accounts,
-``max_ack_pending``, lagging replicas. Time: the twin's clock is the wall
-clock plus ``advance()``'s skew, which moves nak delays, ack waits and the
-de-duplication window without waiting.
+server): stream reads and replays (but ``last_msg``), ``publish_if_last``, KV watches
+(none of the shells follows a bucket), accounts, ``max_ack_pending``, ``max_waiting``,
+reconnects, lagging replicas. Time: the twin's clock is the wall clock plus
+``advance()``'s skew, which moves nak delays, ack waits, pull request expiry and
+heartbeats and the de-duplication window without waiting.
 
 Tests drive it two ways: the real loops (``consume``), or one delivery at a
 time in an order they choose (``deliver``; ``ready`` lists what may come).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar, cast
@@ -17,7 +16,6 @@ from baton.bus import (
     Handler,
     Message,
     Published,
-    Puller,
     Request,
     Responder,
     Subscription,
@@ -28,37 +26,27 @@ from baton.metrics import UNDECODABLE
 from proto import codec
 from proto.streams import BucketSpec, ConsumerSpec, StreamSpec
 
+from .client import _Client, _Unplugged
 from .kv import TwinBucket
-from .streams import _Consumer, _Stored, _Stream, _TwinPuller, matches
+from .streams import _Consumer, _Stored, _Stream, matches
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-class _Unplugged:
-    """Stands where ``Bus`` keeps nats-py's client: any use names what the
-    twin does not simulate."""
-
-    def __getattr__(self, name: str) -> Any:
-        raise NotImplementedError(
-            f"the bus twin does not simulate nats-py's {name!r}: test this on a real nats-server"
-        )
-
-
 class TwinBus(Bus):
     """``Bus`` in memory: see the module's docstring for what it simulates."""
 
-    _LIVE_PULL = False  # its pull loop is the one over Puller.fetch
-
     def __init__(self) -> None:
-        super().__init__(cast(Any, _Unplugged()), js=cast(Any, _Unplugged()))
+        self.link = _Client(self)  # what the pull loop uses of nats-py's client
+        super().__init__(cast(Any, self.link), js=cast(Any, _Unplugged()))
         self.streams: dict[str, _Stream] = {}
         self.durables: dict[str, _Consumer] = {}  # by durable name (unique in the twin)
         self.buckets: dict[str, TwinBucket] = {}
         self._subs: list[tuple[str, Callable[[Message], Awaitable[None]]]] = []
         self._responders: list[tuple[str, Responder]] = []
         self._skew = 0.0
-        self._event = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
         self.closed = False
         # Called with each JetStream publish's subject before it is stored: a
         # test raises there to lose an effect (a crash after a stored change).
@@ -76,12 +64,15 @@ class TwinBus(Bus):
         self._wake()
 
     def _wake(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
-
-    async def _changed(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout)
+        """Something changed (a publish, a settlement, the clock): answer the
+        waiting pull requests, and look again when the next one is due."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        due = [t for c in self.durables.values() if (t := c.serve()) is not None]
+        if due:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(max(0.001, min(due) - self.now()), self._wake)
 
     # -- provisioning ------------------------------------------------------------
 
@@ -135,11 +126,6 @@ class TwinBus(Bus):
         self._wake()
         await self._fan_out(Message(subject, data, dict(stored.headers), stored.seq, now))
         return Published(stream.spec.name, stored.seq, False)
-
-    async def puller(self, spec: ConsumerSpec) -> Puller:
-        if spec.durable not in self.durables:
-            await self.ensure_consumer(spec)
-        return _TwinPuller(self.durables[spec.durable])
 
     def ready(self, durable: str) -> list[int]:
         """Stream sequences the consumer may be handed now, oldest first."""
@@ -251,10 +237,6 @@ class TwinBus(Bus):
 
     # -- lifecycle -----------------------------------------------------------------
 
-    def stop(self) -> None:
-        super().stop()
-        self._wake()  # a fetch waiting for messages looks again, and sees the stop
-
     async def flush(self, timeout: int = 2) -> None:
         pass
 
@@ -265,4 +247,6 @@ class TwinBus(Bus):
     async def close(self, *, flush: bool = True) -> None:
         self.stop()
         self.closed = True
-        self._wake()
+        self.link.close()
+        if self._timer is not None:
+            self._timer.cancel()

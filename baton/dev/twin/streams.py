@@ -1,17 +1,17 @@
 """The twin's JetStream: streams (msg-id de-duplication), durable pull
-consumers (ack, nak with delay, term, ack wait, ``max_deliver``), and the
-message in nats-py's shape that the real ``Delivery`` wraps."""
+consumers (ack, nak with delay, term, ack wait, ``max_deliver``, the pull
+requests waiting on them), and the message in nats-py's shape that the real
+``Delivery`` wraps."""
 
 from __future__ import annotations
 
 import datetime
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from nats.aio.msg import Msg
 
-from baton.bus import BusClosed, Delivery, Puller
+from baton.bus import Delivery
 from proto.streams import ConsumerSpec, StreamSpec
 
 if TYPE_CHECKING:
@@ -46,6 +46,17 @@ class _Stream:
     last: int = 0
 
 
+@dataclass
+class _Pull:
+    """A pull request (``CONSUMER.MSG.NEXT``) waiting on a consumer; times on the twin's clock."""
+
+    inbox: str
+    left: int  # messages still to deliver
+    expires: float  # inf: never
+    beat: float  # idle heartbeat interval (0: none)
+    beat_at: float
+
+
 class _Consumer:
     """A durable pull consumer's state: where it is in the stream, what is
     out (with its ack deadline), what waits to come again (and when)."""
@@ -56,6 +67,7 @@ class _Consumer:
         self.again: dict[int, float] = {}  # seq -> redelivered from then
         self.count: dict[int, int] = {}  # seq -> deliveries so far
         self.settled: dict[int, str] = {}  # seq -> ack | term | exhausted | erased
+        self.waiting: list[_Pull] = []  # open pull requests, oldest first
 
     def _expire(self, now: float) -> None:
         for seq, deadline in list(self.out.items()):
@@ -88,7 +100,41 @@ class _Consumer:
         times = [*self.again.values(), *self.out.values()]
         return min(times) if times else None
 
+    def serve(self) -> float | None:
+        """Answer the waiting pull requests as nats-server does (pinned by
+        tests/test_bus_twin.py): what is ready goes to the oldest request
+        first; a request is done once its batch is delivered (nothing is
+        said), ends with a 408 carrying ``Nats-Pending-Messages`` when it
+        expires, hears a 100 heartbeat after each idle interval, and is
+        dropped once nobody listens on its inbox. Returns when (twin's
+        clock) there may be something to do again (None: nothing waits)."""
+        link, now = self.twin.link, self.twin.now()
+        ready = self.ready() if self.waiting else []
+        for r in list(self.waiting):
+            if not link.listens(r.inbox):
+                self.waiting.remove(r)
+                continue
+            while r.left and ready:
+                link.deliver(r.inbox, self._wire(ready.pop(0)))
+                r.left, r.beat_at = r.left - 1, now + r.beat
+            if not r.left:
+                self.waiting.remove(r)
+            elif r.expires <= now:
+                self.waiting.remove(r)
+                link.status(r.inbox, "408", "Request Timeout", pending=r.left)
+            elif r.beat and r.beat_at <= now:
+                link.status(r.inbox, "100", "Idle Heartbeat")
+                r.beat_at = now + r.beat
+        if not self.waiting:
+            return None
+        times = [t for r in self.waiting for t in (r.expires, r.beat_at if r.beat else now)]
+        times += [*self.again.values(), *self.out.values()]
+        return min((t for t in times if t > now), default=None)
+
     def take(self, seq: int) -> Delivery:
+        return Delivery(self._wire(seq))
+
+    def _wire(self, seq: int) -> _Wire:
         m = self.stream.msgs[seq]
         self.again.pop(seq, None)
         self.count[seq] = self.count.get(seq, 0) + 1
@@ -101,7 +147,7 @@ class _Consumer:
             stream=self.spec.stream,
             consumer=self.spec.durable,
         )
-        return Delivery(_Wire(self, seq, m, meta))
+        return _Wire(self, seq, m, meta)
 
     def settle(self, seq: int, how: str, delay: float = 0.0) -> None:
         if self.out.pop(seq, None) is None:
@@ -155,33 +201,3 @@ class _Wire(Msg):
 
     async def in_progress(self) -> None:
         self._consumer.settle(self._seq, "progress")
-
-
-class _TwinPuller(Puller):
-    __slots__ = ("_consumer",)
-
-    def __init__(self, consumer: _Consumer) -> None:
-        super().__init__(consumer.spec, cast(Any, None))
-        self._consumer = consumer
-
-    async def fetch(self, n: int, timeout: float) -> list[Delivery]:
-        twin = self._consumer.twin
-        deadline = time.monotonic() + timeout
-        while True:
-            if twin.closed:
-                raise BusClosed("the bus twin is closed")
-            if twin.stopping:
-                return []
-            ready = self._consumer.ready()
-            if ready:
-                return [self._consumer.take(s) for s in ready[: max(1, n)]]
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return []
-            due = self._consumer.next_due()
-            if due is not None:
-                left = min(left, max(0.001, due - twin.now()))
-            await twin._changed(left)
-
-    async def stop(self) -> None:
-        pass
