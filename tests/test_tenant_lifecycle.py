@@ -289,13 +289,14 @@ def _console_login(url: str, key: str) -> str:
 
 
 def _form(url: str, form: bytes) -> tuple[int, Any]:
-    """POST a console form, not following its redirect: (status, JSON body or None)."""
+    """POST a console form, not following its redirect: (status, JSON body,
+    or the redirect's location)."""
     try:
         with urllib.request.build_opener(_NoRedirect).open(url, form, timeout=10) as r:
             return r.status, None
     except urllib.error.HTTPError as e:
         body = e.read()
-        return e.code, json.loads(body) if e.code != 303 else None
+        return e.code, json.loads(body) if e.code != 303 else e.headers["Location"]
 
 
 def _with_cookie(url: str, cookie: str) -> tuple[int, Any]:
@@ -409,12 +410,11 @@ async def test_a_created_tenants_http_key_follows_its_lifecycle_on_every_replica
         for url in (a.url, c.url):
             status, body = _http(f"{url}/ui/login-link", new, {})
             assert status == 403 and body["error"]["code"] == "tenant_suspended", body
+            # The forms a person fills in: back to the login page, which says why.
             form = urllib.parse.urlencode({"key": new}).encode()
-            status, body = _form(f"{url}/ui/login", form)
-            assert status == 403 and body["error"]["code"] == "tenant_suspended", body
+            assert _form(f"{url}/ui/login", form) == (303, "/ui/?login=suspended")
         token = urllib.parse.urlencode({"token": early.split("token=", 1)[1]}).encode()
-        status, body = _form(f"{c.url}/ui/login", token)
-        assert status == 403 and body["error"]["code"] == "tenant_suspended", body
+        assert _form(f"{c.url}/ui/login", token) == (303, "/ui/?login=suspended")
         assert _http(f"{task_c}?tenant=keyco", operator)[1]["status"] == "completed"
         assert _http(f"{a.url}/v1/tenants/keyco/resume", operator, {})[0] == 200
         await _until_status(urls, new, 200, "resumed")

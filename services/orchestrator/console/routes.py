@@ -147,7 +147,8 @@ def add_routes(
         grant = sessions.verify(token, "login", now)
         if grant is None:
             return RedirectResponse("/ui/?login=expired", status_code=303)
-        refuse_suspended(grant.scope)  # (a link handed out before the suspension)
+        if grant.scope in svc.room.suspended:  # a link handed out before the suspension
+            return RedirectResponse("/ui/?login=suspended", status_code=303)
         bus = svc.bus
         tenant = None if grant.scope == OPERATOR_SCOPE else grant.scope
         actor = "operator" if tenant is None else f"tenant:{tenant}"
@@ -177,7 +178,8 @@ def add_routes(
         scope = sessions.scope_of(key)
         if scope is None:
             return RedirectResponse("/ui/?login=refused", status_code=303)
-        refuse_suspended(scope)
+        if scope in svc.room.suspended:  # a form: the page says why, as for a bad key
+            return RedirectResponse("/ui/?login=suspended", status_code=303)
         response = RedirectResponse("/ui/", status_code=303)
         cookie_for(request, response, S.key_id(key), scope, time.time())
         return response

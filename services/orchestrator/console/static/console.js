@@ -95,6 +95,7 @@ function renderLogin() {
     refused: "That key is not one of this orchestrator's API keys.",
     expired: "That login link has expired or is not valid: ask for a new one (baton console).",
     used: "That login link was used already: ask for a new one (baton console).",
+    suspended: "This tenant is suspended: ask the operator to resume it.",
   };
   app.replaceChildren(h("section", { class: "login" },
     h("h1", {}, "Log in to the run console"),
