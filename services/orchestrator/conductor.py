@@ -366,8 +366,8 @@ class Conductor:
 
     # -- tasks -------------------------------------------------------------
 
-    async def admit(self, d: Delivery) -> T.NewTask:
-        """Intake: the task message as an admitted task, or a rejection
+    async def accept(self, d: Delivery) -> T.NewTask:
+        """Intake: the task message as an accepted task, or a rejection
         answered with a ``failed`` event (then terminated, not redelivered)."""
         tenant, workflow = subjects.task_origin(d.subject)
         try:
@@ -440,7 +440,7 @@ class Conductor:
         # Until its run is stored, the task is one the pools will see arrive.
         self.pools.taken(tenant, d.stream_seq, d.pending)
         try:
-            task = await self.admit(d)
+            task = await self.accept(d)
             structlog.contextvars.bind_contextvars(task_id=task.task_id, tenant=task.tenant)
             rules = self.rules
             if rules.pools is not None:  # its placement sees the tasks behind it, not itself

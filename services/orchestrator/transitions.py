@@ -234,7 +234,7 @@ class Rules:
 
 @dataclass(frozen=True, slots=True)
 class NewTask:
-    """An admitted task, as the run-creating message."""
+    """An accepted task, as the run-creating message."""
 
     tenant: str
     task_id: str
