@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from baton.bus import Delivery, Nak
 from proto import keys, subjects
 from proto.errors import ErrorCode
-from proto.limits import MAX_INPUT_BYTES
 from proto.messages import ContextRef, InferenceJob, InferenceResult, InputAnswer, Step, Usage
+from proto.sizes import MAX_INPUT_BYTES
 from services.orchestrator import transitions as T
 from services.orchestrator.state import RunState
 from services.orchestrator.workflows import GraphWorkflow, parse

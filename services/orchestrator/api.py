@@ -33,8 +33,8 @@ from baton.service import Health, caller_scope, health_app
 from baton.sessions import SessionKeys
 from proto import codec, keys, streams, subjects
 from proto.errors import ErrorCode
-from proto.limits import MAX_INPUT_BYTES
 from proto.messages import DocumentPut, InputAnswer, TaskSubmit
+from proto.sizes import MAX_INPUT_BYTES
 from proto.submission import TaskRejected, parse_task
 
 from .api_models import (

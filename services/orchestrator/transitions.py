@@ -18,7 +18,6 @@ from typing import Final, Literal
 
 from proto import codec, keys
 from proto.errors import ErrorCode
-from proto.limits import MAX_INPUT_BYTES
 from proto.messages import (
     Accepted,
     Budget,
@@ -38,6 +37,7 @@ from proto.messages import (
     ToolSpec,
     Usage,
 )
+from proto.sizes import MAX_INPUT_BYTES
 from proto.tools import BUILTIN_SPECS
 
 from . import placement, waterfall
