@@ -1,19 +1,25 @@
 """The one client of the context store's request-reply API, for every
-service that handles a JetStream message (the conductor, the inference
-worker, the tool worker): the op's subject, its typed reply (from the
-contract table, ``proto/context_api.py``) and one policy for a store that
-does not answer in time: ``Nak(NAK_DELAY, backoff=True)``, so the message is
-redelivered when a store replica may be back (every op is idempotent) and
-later at each further delivery (1, 2, 4, 8 s...); a flat second used up an
-inference job's five deliveries while a store restarted (the chaos tier)."""
+service: the op's subject, its typed reply (from the contract table,
+``proto/context_api.py``), one ``TIMEOUT``, and one policy for a store that
+does not answer in time, by what is waiting for it:
+
+* a JetStream message (the conductor, the inference worker, the tool
+  worker; ``call``): ``Nak(NAK_DELAY, backoff=True)``, so the message is
+  redelivered when a store replica may be back (every op is idempotent) and
+  later at each further delivery (1, 2, 4, 8 s...); a flat second used up an
+  inference job's five deliveries while a store restarted (the chaos tier);
+* an HTTP request (the OpenAI route's seed, the console; ``ask``): the
+  error ``context_unavailable`` (503), which its client may retry."""
 
 from __future__ import annotations
 
 from typing import Final, Protocol, TypeVar
 
 from baton.bus import TRANSIENT, Bus, Nak
+from baton.http_errors import ApiError
 from proto import subjects
 from proto.context_api import Endpoint
+from proto.errors import ErrorCode
 
 
 class _Request(Protocol):
@@ -42,3 +48,16 @@ async def call(bus: Bus, endpoint: Endpoint[Q, P], request: Q, *, task_id: str |
                                  endpoint.reply, timeout=TIMEOUT, task_id=task_id)  # fmt: skip
     except UNANSWERED as exc:
         raise Nak(NAK_DELAY, f"context store did not answer {endpoint.op}", backoff=True) from exc
+
+
+async def ask(bus: Bus, endpoint: Endpoint[Q, P], request: Q, *, task_id: str | None = None) -> P:
+    """``call`` for an HTTP handler: the same request and reply.
+
+    Raises:
+        ApiError: ``context_unavailable`` (503) when no store answered within
+            ``TIMEOUT`` (or none is subscribed, or NATS is reconnecting).
+    """
+    try:
+        return await call(bus, endpoint, request, task_id=task_id)
+    except Nak as exc:
+        raise ApiError(ErrorCode.CONTEXT_UNAVAILABLE, str(exc.reason)) from exc

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from baton.bus import Bus
 from proto import subjects
-from proto.limits import document_too_large
 from proto.messages import DocumentPut
+from proto.sizes import document_too_large
 
 
 class DocumentTooLarge(ValueError):

@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from baton.bus import Bus, Message, Subscription
+from baton.bus import Bus, Subscription
 from proto import codec, subjects
 from proto.messages import Accepted, Completed, Failed, Step, TaskEvent, TokenDelta
 
@@ -217,14 +217,12 @@ async def submit(
     tenant, task_id = body["tenant"], body["task_id"]
     queue: asyncio.Queue[TaskEvent | TokenDelta] = asyncio.Queue()
 
-    async def on_event(msg: Message) -> None:
-        await queue.put(codec.decode(msg.data, TaskEvent))  # type: ignore[arg-type]
+    async def arrived(body: TaskEvent | TokenDelta, _: str) -> None:
+        await queue.put(body)
 
-    async def on_token(msg: Message) -> None:
-        await queue.put(codec.decode(msg.data, TokenDelta))
-
-    subs = [await bus.subscribe_raw(subjects.event(tenant, task_id), on_event),
-            await bus.subscribe_raw(subjects.tokens(tenant, task_id), on_token)]  # fmt: skip
+    event_type: Any = TaskEvent  # a union of Structs: what the typed subscription decodes
+    subs = [await bus.subscribe(subjects.event(tenant, task_id), event_type, arrived),
+            await bus.subscribe(subjects.tokens(tenant, task_id), TokenDelta, arrived)]  # fmt: skip
     await bus.flush()
     await bus.publish(subjects.task(workflow), codec.encode(body), msg_id=task_id)
     if mode == "auto":

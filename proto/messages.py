@@ -88,7 +88,7 @@ class ErrorInfo(msgspec.Struct, omit_defaults=True, kw_only=True):
     code: ErrorCode
     message: str
     layer: Layer
-    # rate_limited: seconds after which the same request may be admitted.
+    # rate_limited: seconds after which the same request may be accepted.
     retry_after: float | None = None
 
     @classmethod

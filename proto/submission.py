@@ -19,9 +19,9 @@ from proto.codec import TooDeep, convert, decode_any
 from proto.errors import ErrorCode
 from proto.ids import is_valid_id
 from proto.jsonvalue import json_problem
-from proto.limits import MAX_INPUT_BYTES, MAX_METADATA_KEYS, MAX_OUTPUT_TOKENS, MAX_TASK_BYTES
 from proto.messages import Budget, TaskSubmit
 from proto.nesting import NestingError, scan
+from proto.sizes import MAX_INPUT_BYTES, MAX_METADATA_KEYS, MAX_OUTPUT_TOKENS, MAX_TASK_BYTES
 
 _MISSING = re.compile(r"missing required field `(\w+)`")
 

@@ -90,3 +90,15 @@ def test_the_streams_table_is_every_stream_the_code_defines() -> None:
     defined = {spec.name for spec in streams.ALL_STREAMS} | {f"{streams.TASKS_PREFIX}<tenant>"}
     defined |= {f"{streams.CONTEXT_IN}<region>", f"{streams.CONTEXT_ATTACHMENTS_IN}<region>"}
     assert names == defined
+
+
+def test_the_doc_names_every_module_of_the_door_and_no_other() -> None:
+    """The Services section lists ``baton/bus/``'s modules, one concern each:
+    a module added, split or removed is named there too."""
+    text = section("Services")
+    start = text.index("of one concern a module (")
+    listed = set(re.findall(r"`(\w+)`", text[start : text.index("whose public surface", start)]))
+    modules = {p.stem for p in (ROOT / "baton" / "bus").glob("*.py") if p.stem != "__init__"}
+    assert modules <= listed, f"modules the doc does not name: {sorted(modules - listed)}"
+    named = {n for n in listed if n.islower()}  # the types it hands back are capitalised
+    assert named <= modules, f"modules the doc names that do not exist: {sorted(named - modules)}"

@@ -11,10 +11,12 @@ import pytest
 from baton import context_client
 from baton.bus import Bus, Nak, Request, connect
 from baton.dev.testing import uid
+from baton.http_errors import ApiError
 from baton.natsd import NatsServer
 from proto import asyncapi, subjects
-from proto.context_api import ENDPOINTS, WINDOW
-from proto.messages import ContextRef, WindowReply, WindowRequest
+from proto.context_api import APPEND, ENDPOINTS, WINDOW
+from proto.errors import ErrorCode
+from proto.messages import ContextAppend, ContextRef, WindowReply, WindowRequest
 from services.context_store.service import REQUEST_TYPES
 
 
@@ -64,3 +66,17 @@ async def test_a_store_that_does_not_answer_is_a_nak(
     with pytest.raises(Nak) as nak:
         await context_client.call(bus, WINDOW, _window(uid("t")))
     assert nak.value.delay == context_client.NAK_DELAY and nak.value.backoff
+
+
+async def test_a_store_that_does_not_answer_an_http_caller_is_context_unavailable(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same table and timeout behind an HTTP route: a 503 its client may
+    retry, never a 500 (the OpenAI route's seed let the timeout escape)."""
+    monkeypatch.setattr(context_client, "TIMEOUT", 0.2)
+    with pytest.raises(ApiError) as refused:
+        await context_client.ask(
+            bus, APPEND, ContextAppend(tenant=uid("t"), session="s", msg_id="m", messages=[])
+        )
+    assert refused.value.code == ErrorCode.CONTEXT_UNAVAILABLE
+    assert refused.value.status_code == 503

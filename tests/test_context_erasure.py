@@ -16,7 +16,6 @@ from baton.bus import Bus, connect
 from baton.dev.testing import Client, LocalStack, uid
 from baton.natsd import NatsServer
 from proto import codec, subjects
-from proto.limits import MAX_SERVICE_MESSAGE_BYTES
 from proto.messages import (
     ContextAttach,
     ContextDelete,
@@ -25,6 +24,7 @@ from proto.messages import (
     ContextStats,
     InferenceJob,
 )
+from proto.sizes import MAX_SERVICE_MESSAGE_BYTES
 from tests.ctx import append, ask, raw_store_contains, window
 
 

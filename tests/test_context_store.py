@@ -9,7 +9,6 @@ from typing import Any
 from baton.bus import Bus
 from baton.dev.testing import uid
 from proto import codec, subjects
-from proto.limits import MAX_ATTACHMENT_BYTES, MAX_CONTEXT_MESSAGE_BYTES
 from proto.messages import (
     ChatMessage,
     ContextAppend,
@@ -23,6 +22,7 @@ from proto.messages import (
     ContextSummarize,
     WindowReply,
 )
+from proto.sizes import MAX_ATTACHMENT_BYTES, MAX_CONTEXT_MESSAGE_BYTES
 from services.context_store.tokens import estimate_tokens
 from tests.ctx import append, ask, conversation, window
 

@@ -12,7 +12,7 @@ from typing import Any
 import msgpack
 
 from baton.dev.testing import Client, LocalStack, http_get, metric, uid
-from proto.limits import MAX_INPUT_BYTES
+from proto.sizes import MAX_INPUT_BYTES
 from tests.harness import http_post
 
 

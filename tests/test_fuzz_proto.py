@@ -1,5 +1,5 @@
 """Property-based fuzzing of the pure decoding paths (no broker): the nesting
-scan against msgspec, and task admission against hostile bodies. Every input
+scan against msgspec, and task validation against hostile bodies. Every input
 either decodes or is refused with a specific code; nothing else escapes.
 
 Counts per entry point are printed (``-s``) and bounded by ``max_examples``;
@@ -201,7 +201,7 @@ def test_a_typical_job_scans_in_microseconds() -> None:
     assert (time.perf_counter() - t0) / n < 200e-6
 
 
-# -- task admission ------------------------------------------------------------
+# -- task validation -----------------------------------------------------------
 
 ids = st.from_regex(r"\A[A-Za-z0-9_-]{1,64}\Z")
 bad_ids = st.one_of(

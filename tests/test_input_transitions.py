@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 from baton.bus import Delivery, Nak
 from proto import keys, subjects
+from proto.errors import ErrorCode
 from proto.messages import ContextRef, InferenceJob, InferenceResult, InputAnswer, Step, Usage
+from proto.sizes import MAX_INPUT_BYTES
 from services.orchestrator import transitions as T
 from services.orchestrator.state import RunState
 from services.orchestrator.workflows import GraphWorkflow, parse
@@ -295,3 +297,27 @@ def test_a_watchdog_sleeps_past_the_cap_only_when_no_new_deadline_can_come_soone
     timed = long.replace("system: You write.}", "system: You write., timeout: 400}")
     assert rules(timed, 1200.0).timer_sleep() == 400.0  # the writer's own
     assert RULES.timer_sleep() == T.MAX_TIMER_SLEEP  # inputs of 10 s: the cap stands
+
+
+def test_an_answer_that_no_run_could_take_is_refused_by_the_decision() -> None:
+    """Whatever the run's state: another tenant's, an oversized, or one naming
+    no step id is refused here (the conductor drops it, the HTTP API answers
+    the code), so both refuse alike."""
+
+    def refused(**kw: Any) -> ErrorCode | None:
+        why = T.answer_refusal(InputAnswer(**{"answer": "yes", **kw}), "t1")
+        return None if why is None else why[0]
+
+    assert refused() is None and refused(tenant="t1", step="r0.confirm") is None
+    assert refused(tenant="t2") == ErrorCode.FORBIDDEN
+    assert refused(answer="x" * (MAX_INPUT_BYTES + 1)) == ErrorCode.INPUT_TOO_LARGE
+    assert refused(step="confirm") == ErrorCode.INVALID_FIELD
+
+
+def test_a_watchdog_sleeps_until_due_and_never_spins_after_a_look() -> None:
+    assert T.still_asleep(due=110.0, now=100.0, longest=300.0) == 10.0
+    assert T.still_asleep(due=1000.0, now=100.0, longest=300.0) == 300.0
+    assert T.still_asleep(due=100.0, now=100.0, longest=300.0) is None
+    assert T.next_look(wake_at=90.0, now=100.0, longest=300.0) == T.MIN_TIMER_SLEEP
+    assert T.next_look(wake_at=110.0, now=100.0, longest=300.0) == 10.0
+    assert T.next_look(wake_at=1000.0, now=100.0, longest=300.0) == 300.0

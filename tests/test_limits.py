@@ -1,4 +1,4 @@
-"""Admission limits and the fair-dispatch gate as pure decisions: no broker,
+"""Tenant limits and the fair-dispatch gate as pure decisions: no broker,
 the clock passed in."""
 
 from __future__ import annotations

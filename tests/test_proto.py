@@ -11,7 +11,6 @@ from proto import codec, subjects
 from proto.asyncapi import DOCUMENT_PATH, build
 from proto.errors import LAYER_OF, ErrorCode
 from proto.ids import is_valid_id
-from proto.limits import MAX_DOCUMENT_BYTES, MAX_INPUT_BYTES, document_too_large
 from proto.messages import (
     Completed,
     ContextRef,
@@ -22,6 +21,7 @@ from proto.messages import (
     TaskSubmit,
     Usage,
 )
+from proto.sizes import MAX_DOCUMENT_BYTES, MAX_INPUT_BYTES, document_too_large
 from proto.submission import TaskRejected, parse_task
 
 KNOWN = frozenset({"chat", "research"})

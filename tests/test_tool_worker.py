@@ -12,8 +12,8 @@ from baton.bus import Bus
 from baton.dev.testing import LocalStack, metric, uid
 from baton.documents import put_document
 from proto import keys, subjects
-from proto.limits import INLINE_TOOL_RESULT_BYTES
 from proto.messages import ContextGet, DocumentPut, GetReply
+from proto.sizes import INLINE_TOOL_RESULT_BYTES
 from tests.ctx import ask
 from tests.tools import call_tool, publish_tool_job, session_with_call
 

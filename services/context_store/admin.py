@@ -15,7 +15,6 @@ import structlog
 from baton import audit
 from proto import subjects
 from proto.errors import ErrorCode
-from proto.limits import MAX_ATTACHMENT_BYTES, MAX_FORK_DEPTH, MAX_GET_PAGE
 from proto.messages import (
     AttachReply,
     ContextAttach,
@@ -29,6 +28,7 @@ from proto.messages import (
     SessionsErased,
     StatsReply,
 )
+from proto.sizes import MAX_ATTACHMENT_BYTES, MAX_FORK_DEPTH, MAX_GET_PAGE
 from proto.streams import DOCUMENTS, ContextHome
 
 from . import attachments

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 from baton.bus import Bus
 from proto.errors import ErrorCode
-from proto.limits import MAX_CONTEXT_MESSAGE_BYTES, MAX_CONTEXT_RECORD_BYTES, MAX_FORK_DEPTH
 from proto.messages import (
     ChatMessage,
     ContextAppend,
@@ -26,6 +25,7 @@ from proto.messages import (
     WindowReply,
     WindowRequest,
 )
+from proto.sizes import MAX_CONTEXT_MESSAGE_BYTES, MAX_CONTEXT_RECORD_BYTES, MAX_FORK_DEPTH
 
 from .errors import ContextError
 from .history import HistoryStore, Session

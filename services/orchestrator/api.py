@@ -33,8 +33,8 @@ from baton.service import Health, caller_scope, health_app
 from baton.sessions import SessionKeys
 from proto import codec, keys, streams, subjects
 from proto.errors import ErrorCode
-from proto.limits import MAX_INPUT_BYTES
 from proto.messages import DocumentPut, InputAnswer, TaskSubmit
+from proto.sizes import MAX_INPUT_BYTES
 from proto.submission import TaskRejected, parse_task
 
 from .api_models import (
@@ -54,14 +54,14 @@ from .api_models import (
     WorkflowOut,
     run_doc,
 )
-from .conductor import Conductor, answer_refusal
+from .conductor import Conductor
 from .follow import as_dict, follow_task, replay_events
 from .intake import TenantRoom
 from .listing import BadCursor, page_runs
 from .runs import RunStore
 from .settings import OrchestratorSettings
 from .state import ERASED, RunState
-from .transitions import NewFork, fork_refusal, waiting_step
+from .transitions import NewFork, answer_refusal, fork_refusal, waiting_step
 from .workflows import WorkflowSpec
 
 _NO_TENANT = "tenant is required (query parameter or API key)"

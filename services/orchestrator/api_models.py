@@ -192,7 +192,7 @@ class WorkflowList(BaseModel):
 
 def run_doc(run: RunState) -> dict[str, Any]:
     """A run as plain data, without the signed refs (they are for services).
-    Metadata that JSON cannot hold (stored before admission refused it) is
+    Metadata that JSON cannot hold (stored before validation refused it) is
     shown as a placeholder: one such task never fails a listing."""
     doc: dict[str, Any] = msgspec.to_builtins(msgspec.structs.replace(run, metadata={}))
     doc["metadata"] = json_safe(run.metadata)

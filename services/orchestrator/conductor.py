@@ -22,7 +22,6 @@ from proto import codec, keys, subjects
 from proto import context_api as ctxapi
 from proto.errors import ErrorCode
 from proto.ids import is_valid_id
-from proto.limits import MAX_INPUT_BYTES
 from proto.messages import (
     PHASES,
     Cancel,
@@ -56,7 +55,6 @@ from .state import RunState, StepState, run_key
 from .toolcatalog import ToolCatalogs
 from .warming import Warming
 from .workflows import GraphWorkflow
-from .workflows.graph import is_step_id
 
 log = structlog.get_logger("orchestrator")
 
@@ -368,8 +366,8 @@ class Conductor:
 
     # -- tasks -------------------------------------------------------------
 
-    async def admit(self, d: Delivery) -> T.NewTask:
-        """Intake: the task message as an admitted task, or a rejection
+    async def accept(self, d: Delivery) -> T.NewTask:
+        """Intake: the task message as an accepted task, or a rejection
         answered with a ``failed`` event (then terminated, not redelivered)."""
         tenant, workflow = subjects.task_origin(d.subject)
         try:
@@ -442,7 +440,7 @@ class Conductor:
         # Until its run is stored, the task is one the pools will see arrive.
         self.pools.taken(tenant, d.stream_seq, d.pending)
         try:
-            task = await self.admit(d)
+            task = await self.accept(d)
             structlog.contextvars.bind_contextvars(task_id=task.task_id, tenant=task.tenant)
             rules = self.rules
             if rules.pools is not None:  # its placement sees the tasks behind it, not itself
@@ -516,9 +514,9 @@ class Conductor:
         """A run's watchdog: asleep until due (nak with the delay); then retry
         or fail the overdue steps, and sleep until the next deadline."""
         t = d.decode(RunTimer)
-        left = t.due - self.clock()
-        if left > 0:
-            raise Nak(min(left, self._timer_sleep), "not due")
+        asleep = T.still_asleep(t.due, self.clock(), self._timer_sleep)
+        if asleep is not None:
+            raise Nak(asleep, "not due")
         structlog.contextvars.bind_contextvars(task_id=t.task_id, tenant=t.tenant)
         with spans.hop("baton.timers", t.tenant, t.task_id):
             out = await self._apply(
@@ -531,7 +529,7 @@ class Conductor:
             return
         if out.changed and out.note != T.INPUT_DEFAULT:
             log.warning("step_timeout", status=out.run.status)
-        raise Nak(min(max(0.05, out.wake_at - self.clock()), self._timer_sleep), "watching")
+        raise Nak(T.next_look(out.wake_at, self.clock(), self._timer_sleep), "watching")
 
     # -- human input -------------------------------------------------------
 
@@ -550,7 +548,7 @@ class Conductor:
             m.INPUT_ANSWERS.labels("bad_encoding").inc()
             log.warning("input_answer_rejected", code="bad_encoding", reason=str(exc))
             raise Term("undecodable answer", dead_letter=False) from exc
-        why = answer_refusal(body, tenant)
+        why = T.answer_refusal(body, tenant)
         if why is not None:
             m.INPUT_ANSWERS.labels(str(why[0])).inc()
             log.warning("input_answer_rejected", code=str(why[0]), reason=why[1])
@@ -625,17 +623,6 @@ class Conductor:
         None when there is no such run."""
         out = await self._apply(tenant, task_id, lambda run, now, ctx: T.cancel(_must(run), now))
         return out.run if out is not None else None
-
-
-def answer_refusal(body: InputAnswer, tenant: str) -> tuple[ErrorCode, str] | None:
-    """Why an answer cannot be taken whatever the run's state (None: it can)."""
-    if body.tenant is not None and body.tenant != tenant:
-        return ErrorCode.FORBIDDEN, "the answer names another tenant than its publisher"
-    if len(body.answer.encode()) > MAX_INPUT_BYTES:
-        return ErrorCode.INPUT_TOO_LARGE, f"an answer is at most {MAX_INPUT_BYTES} bytes"
-    if body.step is not None and not is_step_id(body.step):
-        return ErrorCode.INVALID_FIELD, "step is not a step id (r<round>.<step>)"
-    return None
 
 
 def _must(run: RunState | None) -> RunState:

@@ -1,4 +1,4 @@
-"""Per-tenant admission limits as pure decisions (no I/O, no clock: every call
+"""Per-tenant limits as pure decisions (no I/O, no clock: every call
 is given ``now``); what they are and how a refusal looks: docs/reliability.md,
 "Fair sharing between tenants", and ``BATON_DEFAULT_LIMITS`` in docs/settings.md.
 
@@ -176,7 +176,7 @@ class Limiter:
     def check(
         self, tenant: str, *, seq: int, pending: int, active: int, submitted_at: float, now: float
     ) -> Refusal | None:
-        """Admit (None, counting the task) or refuse the task at stream
+        """Accept (None, counting the task) or refuse the task at stream
         sequence ``seq`` that reached intake ``now``; ``pending`` newer
         tasks wait behind it, ``active`` of the tenant's tasks run."""
         lim = self.of(tenant)

@@ -51,7 +51,7 @@ GPU_SECONDS = Counter(
 )
 ROUTING = Counter("baton_routing_decisions", "Where steps were sent.", ["decision"])
 RESUMED = Counter("baton_runs_resumed", "Runs picked up again after a crash or redelivery.")
-REJECTED = Counter("baton_rejected_tasks", "Tasks refused at admission, by error code.", ["code"])
+REJECTED = Counter("baton_rejected_tasks", "Tasks refused at intake, by error code.", ["code"])
 INPUT_ANSWERS = Counter(
     "baton_input_answers",
     "Answers to input steps by outcome (taken, already_answered, not_waiting, finished, ...).",

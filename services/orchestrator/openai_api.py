@@ -14,11 +14,13 @@ from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from baton import context_client as context
 from baton import tracing
 from baton.http_errors import ERROR_RESPONSES, STATUS_OF, ApiError, error_body, require_ids
-from proto import keys, subjects
+from proto import keys
+from proto.context_api import APPEND
 from proto.errors import ErrorCode
-from proto.messages import ChatMessage, Completed, ContextAppend, ContextAppendReply, Failed, Step
+from proto.messages import ChatMessage, Completed, ContextAppend, Failed, Step
 
 from .follow import follow_task
 from .settings import OrchestratorSettings
@@ -144,12 +146,9 @@ def add_routes(
         bus = svc.bus
         messages = [ChatMessage(role=m.role if m.role != "developer" else "system",
                                 content=m.text(), name=m.name) for m in history]  # fmt: skip
-        reply = await bus.request(
-            subjects.context_api("append", tenant),
-            ContextAppend(tenant=tenant, session=session, msg_id=keys.seed(task_id),
-                          messages=messages),
-            ContextAppendReply, task_id=task_id,
-        )  # fmt: skip
+        append = ContextAppend(tenant=tenant, session=session, msg_id=keys.seed(task_id),
+                               messages=messages)  # fmt: skip
+        reply = await context.ask(bus, APPEND, append, task_id=task_id)
         if reply.error is not None:
             raise ApiError(ErrorCode(reply.error.code), reply.error.message)
 

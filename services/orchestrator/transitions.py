@@ -28,6 +28,7 @@ from proto.messages import (
     Failed,
     InferenceJob,
     InferenceResult,
+    InputAnswer,
     Step,
     StepEventStatus,
     TaskEvent,
@@ -36,16 +37,19 @@ from proto.messages import (
     ToolSpec,
     Usage,
 )
+from proto.sizes import MAX_INPUT_BYTES
 from proto.tools import BUILTIN_SPECS
 
 from . import placement, waterfall
 from .state import ERASED, CallState, RunState, StepState
 from .workflows import Done, GraphWorkflow, StepPlan
+from .workflows.graph import is_step_id
 
 MIN_STEP_TOKENS = 32  # below this share of the budget, a step is not worth dispatching
 # A watchdog sleeps at most this long between looks, unless every deadline a
 # transition can set lies further ahead (``Rules.timer_sleep``).
 MAX_TIMER_SLEEP = 300.0
+MIN_TIMER_SLEEP = 0.05  # ...and at least this long, once it has looked
 INPUT_DEFAULT: Final = "input_default"  # a timer's note: an input step took its default answer
 NOT_A_RUN: Final = "not_a_workflow_run"  # a rejected task's claim on its id: nothing to advance
 # Why a transition changed nothing (or, for INPUT_DEFAULT, how it did): the
@@ -230,7 +234,7 @@ class Rules:
 
 @dataclass(frozen=True, slots=True)
 class NewTask:
-    """An admitted task, as the run-creating message."""
+    """An accepted task, as the run-creating message."""
 
     tenant: str
     task_id: str
@@ -910,6 +914,20 @@ def tool_result(
     return Transition(run, True, effects)
 
 
+def still_asleep(due: float, now: float, longest: float) -> float | None:
+    """A watchdog due at ``due``: the delay to sleep for again (at most
+    ``longest``, ``Rules.timer_sleep``), or None once it is due."""
+    left = due - now
+    return min(left, longest) if left > 0 else None
+
+
+def next_look(wake_at: float, now: float, longest: float) -> float:
+    """After a look, the delay until the next one (``Transition.wake_at``):
+    at most ``longest``, and never below ``MIN_TIMER_SLEEP`` (a deadline
+    already past is looked at again soon, not at once in a loop)."""
+    return min(max(MIN_TIMER_SLEEP, wake_at - now), longest)
+
+
 def timer(run: RunState, rules: Rules, now: float, ctx: Ctx | None = None) -> Verdict:
     """The watchdog looks at the run: a step past its deadline is dispatched
     again (up to ``step_retries`` times), then the run fails with
@@ -1029,6 +1047,18 @@ def _take_answer(
     if isinstance(more, Need):
         return more
     return Transition(run, True, effects + more)
+
+
+def answer_refusal(body: InputAnswer, tenant: str) -> tuple[ErrorCode, str] | None:
+    """Why an answer cannot be taken whatever the run's state (None: it can):
+    the conductor drops it (counted), the HTTP API refuses it with the code."""
+    if body.tenant is not None and body.tenant != tenant:
+        return ErrorCode.FORBIDDEN, "the answer names another tenant than its publisher"
+    if len(body.answer.encode()) > MAX_INPUT_BYTES:
+        return ErrorCode.INPUT_TOO_LARGE, f"an answer is at most {MAX_INPUT_BYTES} bytes"
+    if body.step is not None and not is_step_id(body.step):
+        return ErrorCode.INVALID_FIELD, "step is not a step id (r<round>.<step>)"
+    return None
 
 
 def answer(run: RunState, msg: NewAnswer, rules: Rules, now: float, ctx: Ctx) -> Verdict:

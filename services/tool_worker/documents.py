@@ -18,8 +18,8 @@ import structlog
 
 from baton.bus import Bus, Message, Subscription
 from proto import codec, subjects
-from proto.limits import document_too_large
 from proto.messages import DocumentPut, DocumentsErased
+from proto.sizes import document_too_large
 from proto.streams import DOCUMENTS
 
 from .tools.search import SearchIndex

@@ -24,7 +24,6 @@ from proto import codec, keys, subjects
 from proto import context_api as ctxapi
 from proto.context_api import Endpoint
 from proto.errors import ErrorCode
-from proto.limits import INLINE_TOOL_RESULT_BYTES, MAX_TOOL_OUTPUT_BYTES
 from proto.messages import (
     Cancel,
     ChatMessage,
@@ -37,6 +36,7 @@ from proto.messages import (
     ToolResult,
     WindowRequest,
 )
+from proto.sizes import INLINE_TOOL_RESULT_BYTES, MAX_TOOL_OUTPUT_BYTES
 from proto.streams import DOCUMENTS, TOOL_CATALOG, TOOL_RESULTS, TOOLS, tool_consumer
 from proto.tools import INVALID_CALL
 

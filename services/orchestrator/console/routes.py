@@ -27,15 +27,16 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from baton import audit
+from baton import audit, context_client
 from baton import sessions as S
 from baton.bus import Message
 from baton.credentials import OPERATOR_SCOPE
 from baton.http_errors import ApiError, require_ids
 from baton.service import refuse_cross_site
 from proto import keys, subjects
+from proto.context_api import WINDOW
 from proto.errors import ErrorCode
-from proto.messages import WindowReply, WindowRequest
+from proto.messages import WindowRequest
 
 from ..api_models import TaskSummary, run_doc
 from ..follow import as_dict, replay_events
@@ -272,13 +273,7 @@ def add_routes(
                 ErrorCode.INVALID_FIELD, f"no context recorded for step {step!r}", param="step"
             )
         req = WindowRequest(tenant=tenant, ref=st.origin, budget_tokens=st.context_budget)
-        try:
-            reply = await bus.request(
-                subjects.context_api("window", tenant), req, WindowReply, task_id=task_id
-            )
-        except TimeoutError as exc:
-            why = "the context store did not answer"
-            raise ApiError(ErrorCode.CONTEXT_UNAVAILABLE, why) from exc
+        reply = await context_client.ask(bus, WINDOW, req, task_id=task_id)
         if reply.error is not None:
             raise ApiError(reply.error.code, reply.error.message)
         doc = {"session": st.origin.session, "version": st.origin.version,

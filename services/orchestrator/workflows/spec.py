@@ -11,7 +11,7 @@ import msgspec
 import yaml
 
 from proto.ids import ID_PATTERN, is_valid_id
-from proto.limits import MAX_INPUT_BYTES, MAX_OUTPUT_TOKENS
+from proto.sizes import MAX_INPUT_BYTES, MAX_OUTPUT_TOKENS
 from proto.tools import TOOL_CHOICES, check_tool_name
 
 DONE = "done"

@@ -1,4 +1,6 @@
-"""Size limits of the v1 contract. Every service enforces the same numbers."""
+"""Size limits of the v1 contract (bytes, counts, depths). Every service
+enforces the same numbers. Not the tenants' rate limits: those are
+``services/orchestrator/limits.py``."""
 
 from __future__ import annotations
 
