@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
+from types import SimpleNamespace
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -115,6 +117,27 @@ def test_a_result_is_recorded_and_the_fan_out_dispatched_in_one_change() -> None
     assert T.in_flight(out.run) == 2
 
 
+def test_a_late_duplicate_result_replays_nothing_so_no_event_is_stored_twice() -> None:
+    """A result for a step already recorded that is not a redelivery (a
+    retried job answering twice, minutes later on a finished run) changes
+    nothing and publishes nothing: past the events' de-duplication window a
+    replay would store ``accepted`` and ``started`` a second time."""
+    run = decide(T.start, None, new_task(workflow="chat"), RULES, now=1.0).run  # type: ignore[union-attr]
+    (job,) = jobs(T.replay(run, RULES, 1.0))
+    done = decide(T.result, run, reply(job), RULES, now=2.0)
+    assert isinstance(done, T.Transition) and done.run.terminal
+    late = decide(T.result, done.run, reply(job), RULES, now=300.0)
+    assert isinstance(late, T.Transition) and not late.changed and late.effects == []
+    call = SimpleNamespace(call_id=f"{job.job_id}.c0", task_id=job.task_id, tenant=job.tenant,
+                           session=job.session, step=job.step, tool="search")  # fmt: skip
+    tool_late = T.tool_result(done.run, _tool_result(call), RULES, 300.0)
+    assert isinstance(tool_late, T.Transition) and tool_late.effects == []
+    # The same message redelivered (a crash after storing it) replays the state.
+    again = decide(functools.partial(T.result, redelivered=True), done.run, reply(job), RULES,
+                   now=300.0)  # fmt: skip
+    assert "completed" in events(again.effects)  # type: ignore[union-attr]
+
+
 def test_a_redelivered_result_on_an_advanced_run_redispatches_the_next_steps() -> None:
     """The stranded run: the change was stored, the dispatch was lost."""
     run = decide(T.start, None, new_task(), RULES, now=1.0).run  # type: ignore[union-attr]
@@ -122,7 +145,8 @@ def test_a_redelivered_result_on_an_advanced_run_redispatches_the_next_steps() -
     advanced = decide(T.result, run, reply(plan), RULES, now=2.0)
     assert isinstance(advanced, T.Transition)
     stored = advanced.run  # ...and then the process died: no effect performed
-    again = decide(T.result, stored, reply(plan), RULES, now=3.0)
+    redelivered = functools.partial(T.result, redelivered=True)
+    again = decide(redelivered, stored, reply(plan), RULES, now=3.0)
     assert isinstance(again, T.Transition) and not again.changed
     assert sorted(j.step for j in jobs(again.effects)) == [
         "r1.gather.coding",

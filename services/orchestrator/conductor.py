@@ -466,6 +466,7 @@ class Conductor:
     async def on_result(self, d: Delivery) -> None:
         received = self.clock()
         res = d.decode(InferenceResult)  # undecodable: dead-lettered by the transport
+        again = d.num_delivered > 1
         structlog.contextvars.bind_contextvars(task_id=res.task_id, tenant=res.tenant)
         if not (is_valid_id(res.tenant) and is_valid_id(res.task_id)):
             raise Term("result with invalid ids")
@@ -480,7 +481,7 @@ class Conductor:
                 return T.Transition(r, False, note=T.NOT_A_RUN)
             if res.warm:  # a pre-warm's GPU time, charged to the run
                 return T.warmed(r, res, self.rules)
-            return T.result(r, res, self.rules, now, ctx, received)
+            return T.result(r, res, self.rules, now, ctx, received, redelivered=again)
 
         with spans.hop("baton.results", res.tenant, res.task_id):
             out = await self._apply(res.tenant, res.task_id, decide)
@@ -503,7 +504,9 @@ class Conductor:
             out = await self._apply(
                 res.tenant,
                 res.task_id,
-                lambda run, now, ctx: T.tool_result(_must(run), res, self.rules, now, received),
+                lambda run, now, ctx: T.tool_result(
+                    _must(run), res, self.rules, now, received, redelivered=d.num_delivered > 1
+                ),
             )
         if out is None:
             raise Term(f"tool result for unknown run {res.tenant}.{res.task_id}")

@@ -730,23 +730,28 @@ def result(
     now: float,
     ctx: Ctx,
     received: float | None = None,
+    *,
+    redelivered: bool = False,
 ) -> Verdict:
     """A step's answer (or error): record it and advance — dispatch what
     follows, or finish — all in the one state change. A result for a step
-    already answered (a redelivery, a retried job answering twice) changes
-    nothing and replays the state, so a crash between storing a change and
-    performing its effects never strands the run. ``received``: when the
-    answer arrived (the step's end), before any context op the decision
-    needed; default ``now``."""
+    already answered changes nothing. ``redelivered``: the same message
+    again (a crash after storing its change): the stored state's effects are
+    replayed, so the run is never stranded; a late duplicate (a retried job
+    answering twice) replays nothing, so it cannot republish the run's events
+    after their de-duplication window. ``received``: when the answer arrived
+    (the step's end), before any context op the decision needed; default
+    ``now``."""
     run = _copy(run)
     st = run.steps.get(res.step)
     if st is None and not run.terminal:
         return Defer(0.5, f"step {res.step} not recorded yet")
+    again = replay(run, rules, now) if redelivered else []
     if run.terminal or st is None or st.status != "dispatched":
-        return Transition(run, False, replay(run, rules, now), note="already_recorded")
+        return Transition(run, False, again, note="already_recorded")
     if res.job_id != keys.job_turn(keys.job(run.tenant, run.task_id, res.step), st.turn):
         # An earlier turn's answer delivered again: that turn is recorded.
-        return Transition(run, False, replay(run, rules, now), note="already_recorded")
+        return Transition(run, False, again, note="already_recorded")
     end = now if received is None else received
     st.timing = waterfall.add_turn(st.timing, waterfall.arrived(res.timing, end), end)
     if res.error is not None:
@@ -868,7 +873,13 @@ def _call_tools(run: RunState, rules: Rules, now: float, res: InferenceResult) -
 
 
 def tool_result(
-    run: RunState, res: ToolResult, rules: Rules, now: float, received: float | None = None
+    run: RunState,
+    res: ToolResult,
+    rules: Rules,
+    now: float,
+    received: float | None = None,
+    *,
+    redelivered: bool = False,
 ) -> Verdict:
     """A tool call's result: record it (its CPU time into usage and cost);
     once every call of the turn is answered, the model goes again on the
@@ -883,7 +894,8 @@ def tool_result(
     if call is None and not run.terminal:
         return Defer(0.5, f"tool call {res.call_id} not recorded yet")
     if run.terminal or st is None or call is None or call.status != "dispatched":
-        return Transition(run, False, replay(run, rules, now), note="already_recorded")
+        effects = replay(run, rules, now) if redelivered else []  # as ``result``
+        return Transition(run, False, effects, note="already_recorded")
     call.status, call.outcome, call.preview = "done", res.outcome, res.preview[:512]
     call.cpu_seconds, call.seconds, call.ref = res.cpu_seconds, res.seconds, res.ref
     end = now if received is None else received
