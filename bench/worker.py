@@ -72,6 +72,12 @@ def _cpu() -> dict[str, float]:
     return out
 
 
+def _decoded(engine: VLLMEngine) -> tuple[float, float]:
+    """(tokens generated, engine steps that generated) so far."""
+    extra = engine.stats().extra
+    return extra["generation_tokens"], extra["decode_steps"]
+
+
 def _spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {k: round(after[k] - before.get(k, 0.0), 3) for k in after}
 
@@ -184,6 +190,9 @@ async def _main(work: Path) -> dict[str, Any]:
         cpu_baton: list[dict[str, float]] = []
         cpu_streamed: list[dict[str, float]] = []  # vLLM direct, reading every delta
         deltas: list[int] = []  # token deltas stored in BATON_TOKENS per Baton side
+        # Sequences decoded per engine step (tokens generated / steps that
+        # generated), per side: the engine's CPU per token follows 1 / batch.
+        batch: dict[str, list[float]] = {"direct": [], "streamed": [], "baton": []}
         async with inprocess_worker(server.url, engine):
             operator = await Client.connect(server.url)
             client = await operator.follow("acme")
@@ -196,7 +205,7 @@ async def _main(work: Path) -> dict[str, Any]:
             for i in range(ROUNDS):  # interleaved so drift hits both; order alternates
                 sides = ("direct", "streamed", "baton")
                 for side in sides if i % 2 == 0 else sides[::-1]:
-                    c0 = _cpu()
+                    c0, e0 = _cpu(), _decoded(engine)
                     if side == "direct":
                         d_wall, d_tok = await _direct(engine, prompts, WAVES)
                         cpu_direct.append(_spent(c0, _cpu()))
@@ -208,6 +217,8 @@ async def _main(work: Path) -> dict[str, Any]:
                         b_wall, b_tok = await _baton(client, prompts, WAVES)
                         cpu_baton.append(_spent(c0, _cpu()))
                         deltas.append(await stored() - seq0)
+                    e1 = _decoded(engine)
+                    batch[side].append((e1[0] - e0[0]) / max(1.0, e1[1] - e0[1]))
                 b_one, _ = await _baton(client, prompts)
                 s_wall, _ = await _baton(client, prompts[:1])
                 assert d_tok == b_tok == s_tok, (d_tok, b_tok, s_tok)  # the same work, each side
@@ -256,6 +267,7 @@ async def _main(work: Path) -> dict[str, Any]:
         "ratio_last_over_first": round(ratios[-1] / ratios[0], 3),
         "wall_ratio_32_vs_1": round(ratio_32_1, 2),
         "deltas_per_1k_tokens": round(median(deltas) * 1000 / tokens, 1),
+        "decode_batch": {k: round(median(v), 1) for k, v in batch.items()},
         "cpu_ms_per_1k_tokens": {
             "direct": per_1k(cpu_direct),
             "baton": per_1k(cpu_baton),
@@ -342,6 +354,13 @@ def markdown(r: dict[str, Any]) -> str:
             [f"| token deltas stored per 1,000 tokens (median of rounds) | "
              f"{r['deltas_per_1k_tokens']} | reported |"]
             if "deltas_per_1k_tokens" in r
+            else []
+        ),
+        *(
+            ["| sequences per engine decode step, direct / direct streamed / through Baton "
+             f"(median of rounds) | {b_['direct']} / {b_['streamed']} / {b_['baton']} | "
+             "reported |"]
+            if (b_ := r.get("decode_batch")) is not None
             else []
         ),
         *cpu_lines,
