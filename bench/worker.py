@@ -291,9 +291,9 @@ def markdown(r: dict[str, Any]) -> str:
         cpu_lines = [
             "",
             "CPU per 1,000 generated tokens, by process (median of rounds, from /proc; "
-            "vLLM binds its engine to one core and leaves the other to everything else; "
-            "direct reads each generation's final output only, direct streamed every delta "
-            "as it comes, as Baton's worker does):",
+            "vLLM binds its model worker to one core and leaves the other to its engine "
+            "core's scheduler and everything else; direct reads each generation's final "
+            "output only, direct streamed every delta as it comes, as Baton's worker does):",
             "",
             "| process | direct, ms | direct streamed, ms | through Baton, ms |",
             "| --- | ---: | ---: | ---: |",
@@ -307,8 +307,7 @@ def markdown(r: dict[str, Any]) -> str:
             f"Beside the engine, the path through Baton spends {extra:.0f} ms more CPU per "
             "1,000 tokens than vLLM direct (the worker's token streaming, window and answer "
             "requests, the orchestrator's steps, NATS). Here that CPU shares the one core "
-            "vLLM leaves free with vLLM's own front end, so with the tiny model (~12k tok/s "
-            "on a quiet box, 32 x 128 tokens in ~0.3 s) it bounds the ratio.",
+            "vLLM leaves free with vLLM's own front end and its engine core's scheduler.",
         ]
         if streamed:
             more = sum(cpu["baton"].get(k, 0.0) - streamed.get(k, 0.0) for k in beside)
@@ -316,6 +315,23 @@ def markdown(r: dict[str, Any]) -> str:
                 "",
                 f"Against vLLM streamed (reading every delta, as a streaming server must), "
                 f"Baton spends {more:.0f} ms more per 1,000 tokens beside the engine.",
+            ]
+        batch = r.get("decode_batch")
+        if batch is not None:
+            cpu_lines += [
+                "",
+                "The engine core's own CPU per token follows its batch: through Baton it "
+                f"decodes {batch['baton']} sequences per step against {batch['direct']} direct. "
+                "A slot is out of the engine for its task's whole round trip between two "
+                "generations (task → orchestrator → job at the worker → window → admission, "
+                "then answer → result → orchestrator → completed → next task), while direct "
+                "resubmits at once; a tiny model's step costs about the same whatever the "
+                "batch, and the engine core's scheduler spins (`sched_yield`) while each step "
+                "computes, so fewer sequences per step is more engine CPU per token. The "
+                "throughput ratio tracks the batch ratio (here "
+                f"{batch['baton'] / batch['direct']:.2f} against "
+                f"{r['throughput_ratio_baton_vs_direct']:.2f}): the round trip between "
+                "generations, not the worker's per-token work, bounds it.",
             ]
     rounds = (
         f"{r['rounds']} rounds, each side a closed loop of {r['tasks_per_slot_per_side']} "
