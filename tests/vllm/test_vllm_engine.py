@@ -50,6 +50,11 @@ async def _run(engine: VLLMEngine, req: GenerationRequest) -> tuple[str, Generat
     return "".join(parts), final
 
 
+def _decoded(engine: VLLMEngine) -> tuple[float, float]:
+    """(tokens generated, engine steps that generated tokens) so far."""
+    return engine.stats().extra["generation_tokens"], engine.stats().extra["decode_steps"]
+
+
 def _req(content: str, max_tokens: int) -> GenerationRequest:
     return GenerationRequest(
         request_id=f"t-{uuid.uuid4().hex}",
@@ -112,15 +117,19 @@ async def test_concurrent_generations_batch(vllm_engine: VLLMEngine) -> None:
     max_tokens = 64
     await _run(vllm_engine, _req(f"warm-up {tag}", 8))
 
-    t0 = time.perf_counter()
+    t0, s0 = time.perf_counter(), _decoded(vllm_engine)
     sequential = [await _run(vllm_engine, _req(f"seq {tag} {i}", max_tokens)) for i in range(16)]
-    t_seq = time.perf_counter() - t0
+    t_seq, s1 = time.perf_counter() - t0, _decoded(vllm_engine)
 
     t0 = time.perf_counter()
     gathered = await asyncio.gather(
         *(_run(vllm_engine, _req(f"par {tag} {i}", max_tokens)) for i in range(16))
     )
-    t_par = time.perf_counter() - t0
+    t_par, s2 = time.perf_counter() - t0, _decoded(vllm_engine)
+    # Sequences per decode step, from the engine's own step reports: one at a
+    # time, then many.
+    assert (s1[0] - s0[0]) / (s1[1] - s0[1]) == pytest.approx(1.0, abs=0.1)
+    assert (s2[0] - s1[0]) / (s2[1] - s1[1]) > 4
 
     seq_tokens = sum(f.completion_tokens for _, f in sequential)
     par_tokens = sum(f.completion_tokens for _, f in gathered)

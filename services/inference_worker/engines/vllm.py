@@ -107,6 +107,7 @@ class _Counters:
     waiting: int = 0
     prompt_tokens_computed: int = 0
     generation_tokens: int = 0
+    decode_steps: int = 0  # engine steps that generated tokens: the mean batch is tokens / steps
 
     def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
         if scheduler_stats is not None:
@@ -121,7 +122,9 @@ class _Counters:
         if iteration_stats is not None:
             self.preemptions += int(iteration_stats.num_preempted_reqs)
             self.prompt_tokens_computed += int(iteration_stats.prompt_token_stats.computed)
-            self.generation_tokens += int(iteration_stats.num_generation_tokens)
+            generated = int(iteration_stats.num_generation_tokens)
+            self.generation_tokens += generated
+            self.decode_steps += generated > 0
 
 
 def _capacity_of(config: Any) -> EngineCapacity:
@@ -483,5 +486,6 @@ class VLLMEngine:
             extra={
                 "prompt_tokens_computed": float(c.prompt_tokens_computed),
                 "generation_tokens": float(c.generation_tokens),
+                "decode_steps": float(c.decode_steps),
             },
         )
