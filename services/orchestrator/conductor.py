@@ -110,6 +110,7 @@ class Conductor:
         self.pools = pools or PoolView(settings.catalogue, self.router.heartbeats,
                                        stale_after=settings.route_stale_after,
                                        overlap=settings.share_by_overlap,
+                                       reconcile_counts=settings.reconcile_counts,
                                        clock=clock)  # fmt: skip
         # The answer lengths of the agents, learnt from the steps this replica stores.
         self.answers = AnswerLengths(quantile=settings.answer_quantile,

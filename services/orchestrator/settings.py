@@ -64,6 +64,12 @@ class OrchestratorSettings(CommonSettings):
     # engine alone once they end); off: from their count, as if they shared
     # its whole run.
     share_by_overlap: bool = True
+    # Reconcile a pool's counts, read up to an interval ago (a worker's
+    # heartbeat, the pool's polled queue), with what this replica knows
+    # since: the steps it saw answered after a reading are out of it, and the
+    # steps it placed before the queue was read are not counted twice; off:
+    # the counts as read.
+    reconcile_counts: bool = True
     # The quantile of an agent's last answers predicted (nearest rank).
     answer_quantile: float = Field(default=0.8, gt=0.0, le=1.0)
     # Answers of an agent seen before its learnt length is used.
