@@ -56,7 +56,8 @@ class OrchestratorSettings(CommonSettings):
     prewarm_keep_every: float = 20.0
     # Predict a step's run time, GPU-seconds and cost from the answer length
     # its agent is learnt to give (this replica's memory of its last 64
-    # answers, an upper quantile; max_tokens until answer_min_seen are known
+    # answers, an upper quantile: the longest while few are known; max_tokens
+    # until answer_min_seen are known
     # and never above it); off: from max_tokens. KV need always counts max_tokens.
     learn_answers: bool = True
     # Predict a step's share of its engine from when the steps this replica
@@ -73,7 +74,7 @@ class OrchestratorSettings(CommonSettings):
     # The quantile of an agent's last answers predicted (nearest rank).
     answer_quantile: float = Field(default=0.8, gt=0.0, le=1.0)
     # Answers of an agent seen before its learnt length is used.
-    answer_min_seen: int = Field(default=5, ge=1, le=64)
+    answer_min_seen: int = Field(default=1, ge=1, le=64)
     # A step with no answer after step_timeout is dispatched again, up to
     # step_retries times, then the run fails with step_timeout. Generous by
     # default: a GPU pool scaled to zero needs minutes to wake.
