@@ -329,3 +329,11 @@ def test_a_step_placed_before_the_queue_was_read_is_not_counted_twice() -> None:
     view.polled("small", 1, at=t0 - 0.1)
     _, now = view.look("small")
     assert now.running + now.backlog == 2
+
+
+def test_the_ends_remembered_are_only_those_a_reading_still_in_use_can_hold() -> None:
+    view, _ = _view()
+    t0 = time.time()
+    view.finished(_answered("gone", t0 - 60.0))  # a worker since scaled away
+    view.finished(_answered("w1", t0))
+    assert list(view._ended) == [("small", "w1")]

@@ -160,10 +160,17 @@ class PoolView:
         time over the GPU-seconds its worker charged it)."""
         t, u = st.timing, st.usage
         if t is not None and t.finished_at > 0 and st.worker:
-            ends = self._ended.setdefault((st.pool, st.worker), deque())
-            ends.append(t.finished_at - t.phases.record)  # before storing the answer
-            while ends and ends[0] < t.finished_at - max(self.stale_after, BEHIND_FRESH_S):
-                ends.popleft()
+            self._ended.setdefault((st.pool, st.worker), deque()).append(
+                t.finished_at - t.phases.record  # the generation's end, before storing it
+            )
+            # Only readings younger than stale_after are used: older ends (and
+            # workers gone) are forgotten.
+            horizon = t.finished_at - max(self.stale_after, BEHIND_FRESH_S)
+            for key, ends in list(self._ended.items()):
+                while ends and ends[0] < horizon:
+                    ends.popleft()
+                if not ends:
+                    del self._ended[key]
         if t is None or st.turn or u.gpu_seconds <= 0 or u.completion_tokens < 8:
             return  # tool turns add up several generations: no one batch size
         if t.phases.decode <= 0:
