@@ -248,7 +248,8 @@ def run(work: Path) -> dict[str, Any]:
             rows[name] += asyncio.run(_main(work / f"{name}-{i}", env))
     modes = {name: summary(r) for name, r in rows.items()}
     out = {k: v for k, v in modes["learnt"].items() if k != "rows"}
-    out |= {"answer_tokens": ANSWER, "answer_spread": SPREAD, "rounds": ROUNDS, "modes": modes}
+    out |= {"answer_tokens": ANSWER, "answer_spread": SPREAD, "rounds": ROUNDS, "modes": modes,
+            "mode_text": {m: MODE_TEXT[m] for m in MODES}}  # fmt: skip
     return out
 
 
@@ -306,7 +307,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"(±{r.get('answer_spread', 0):.0%}, drawn from the prompt). Error = actual / "
         "predicted GPU-seconds - 1 (the step's `done` "
         "usage against the `prediction` on its `started` event). Modes: "
-        + "; ".join(f"`{m}` {MODE_TEXT.get(m, '')}" for m in modes) + ".",
+        + "; ".join(f"`{m}` {r.get('mode_text', MODE_TEXT).get(m, '')}" for m in modes) + ".",
         "",
         *table(modes),
         "",

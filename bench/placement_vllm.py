@@ -125,6 +125,7 @@ async def _main(work: Path) -> dict[str, Any]:
                                                  "max_seqs", "max_model_len", "engine")},
         "catalogue": POOLS["cpu"],
         "modes": modes,
+        "mode_text": {m: MODE_TEXT[m] for m in MODES},
     }  # fmt: skip
     return out
 
@@ -174,7 +175,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"{r['catalogue']['decode_tps']} tok/s; the worker measured (its last heartbeat) "
         f"{ms['prefill_tps']} / {ms['decode_tps']} tok/s per sequence, {ms['kv_tokens']} KV "
         f"tokens, {ms['max_seqs']} slots. Columns as in the simulator's table above. Modes: "
-        + "; ".join(f"`{m}` {MODE_TEXT.get(m, '')}" for m in r["modes"]) + ".",
+        + "; ".join(f"`{m}` {r.get('mode_text', MODE_TEXT).get(m, '')}" for m in r["modes"])
+        + ".",
         "",
         *table(r["modes"]),
         "",
