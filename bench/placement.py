@@ -51,7 +51,8 @@ ROUNDS = 2
 # The two fixes of the prediction measured against what came before,
 # together and apart (docs/scheduling.md): counts read before an answer
 # discounted, the learnt length used from the first answer seen.
-BEFORE = {"BATON_RECONCILE_COUNTS": "false", "BATON_ANSWER_MIN_SEEN": "5"}
+BEFORE = {"BATON_RECONCILE_COUNTS": "false", "BATON_ANSWER_MIN_SEEN": "5",
+          "BATON_SPEEDS_FROM_STEPS": "false"}  # fmt: skip
 MODES = {"before": BEFORE,
          "learnt_as_read": {"BATON_RECONCILE_COUNTS": "false"},
          "learnt_min5": {"BATON_ANSWER_MIN_SEEN": "5"},
@@ -258,12 +259,14 @@ MODE_TEXT = {
     "its last 64 answers, from the first seen), sharing the engine with the steps placed "
     "before it while their predicted runs overlap its own, from the pool's counts "
     "(heartbeats, polled queue) reconciled with the answers and placements seen since they "
-    "were read",
+    "were read, at prefill and decode speeds fitted from the steps seen finish",
     "learnt_as_read": "the same from the counts as read (`BATON_RECONCILE_COUNTS=false`)",
     "learnt_min5": "the same predicting `max_tokens` until 5 answers are seen "
     "(`BATON_ANSWER_MIN_SEEN=5`)",
-    "before": "both: counts as read, `max_tokens` until 5 answers (the prediction before "
-    "these two changes)",
+    "before": "all three off: counts as read, `max_tokens` until 5 answers, speeds from the "
+    "heartbeats (the prediction before these changes)",
+    "learnt_hb_speeds": "as `learnt` with the speeds of the heartbeats, the decode slowdown "
+    "fitted once steps spread over batch sizes (`BATON_SPEEDS_FROM_STEPS=false`)",
     "learnt_median": "as `learnt` at the median answer (`BATON_ANSWER_QUANTILE=0.5`)",
     # Modes of earlier runs (their JSON), described as they were then.
     "max_tokens": "every answer at its cap (`BATON_LEARN_ANSWERS=false`)",

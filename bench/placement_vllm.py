@@ -37,7 +37,11 @@ ROUNDS = int(os.environ.get("BATON_BENCH_ROUNDS", "2"))
 WAVES = (1, 1, 1, 4, 4, 8)
 TRICKLE = (8, 0.6)  # tasks, seconds between two
 SLOTS = 8
-MODES: dict[str, dict[str, str]] = {"before": BEFORE, "learnt": {}}
+MODES: dict[str, dict[str, str]] = {
+    "before": BEFORE,
+    "learnt_hb_speeds": {"BATON_SPEEDS_FROM_STEPS": "false"},
+    "learnt": {},
+}
 WORKFLOW = textwrap.dedent("""\
     name: ask
     agents:

@@ -146,7 +146,13 @@ def test_the_slowdown_is_fitted_from_steps_at_several_batch_sizes() -> None:
     fit = SlowdownFit()
     for _ in range(10):
         fit.observe(1.0, 50.0)
-    assert fit.estimate() is None  # one batch size says nothing of the slope
+    # One batch size says nothing of the slope; alone, it says the speed alone.
+    assert fit.estimate() == pytest.approx((50.0, 0.0))
+    assert SlowdownFit(alone=False).estimate() is None
+    batched = SlowdownFit()
+    for _ in range(10):
+        batched.observe(4.0, 20.0)
+    assert batched.estimate() is None  # a batch of 4's speed is not the speed alone
     for n in (1, 2, 4, 8, 3, 6):
         fit.observe(n, decode_speed(50.0, 0.2, n))
     got = fit.estimate()
@@ -337,3 +343,24 @@ def test_the_ends_remembered_are_only_those_a_reading_still_in_use_can_hold() ->
     view.finished(_answered("gone", t0 - 60.0))  # a worker since scaled away
     view.finished(_answered("w1", t0))
     assert list(view._ended) == [("small", "w1")]
+
+
+def test_the_pool_view_predicts_prefill_and_decode_from_the_steps_it_saw() -> None:
+    # The heartbeat's averages mix batch sizes (40 decode tok/s here); two
+    # steps seen alone decoded at 80 and prefilled 400 tokens at 2000 tok/s.
+    view, hb = _view()
+    hb.last[("small", "w1")].prefill_tps = 500.0
+    for _ in range(2):
+        st = StepState(agent="a", pool="small", session="s", status="done",
+                       usage=Usage(prompt_tokens=400, completion_tokens=65,
+                                   gpu_seconds=0.2 + 64 / 80),
+                       timing=Timing(phases=Phases(prefill=0.2, decode=64 / 80)))  # fmt: skip
+        view.finished(st)
+    _, now = view.look("small")
+    assert (now.prefill_tps, now.decode_tps) == (pytest.approx(2000.0), pytest.approx(80.0))
+    view.speeds_from_steps = False  # BATON_SPEEDS_FROM_STEPS=false: the heartbeat's
+    view._fits.clear()
+    view._prefill_fits.clear()
+    view.finished(st)
+    _, now = view.look("small")
+    assert (now.prefill_tps, now.decode_tps) == (500.0, 40.0)

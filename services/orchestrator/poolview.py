@@ -59,6 +59,7 @@ class PoolView:
         stale_after: float = 6.0,
         overlap: bool = True,
         reconcile_counts: bool = True,
+        speeds_from_steps: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.catalogue = catalogue
@@ -71,6 +72,10 @@ class PoolView:
         # Reconcile the heartbeats' and the queue's counts with what this
         # replica saw since they were read (False: the counts as read).
         self.reconcile_counts = reconcile_counts
+        # Prefill and decode speeds fitted from the steps seen finish, the
+        # speed alone from the first steps that ran alone (False: decode
+        # only, once steps spread over batch sizes; else the heartbeats').
+        self.speeds_from_steps = speeds_from_steps
         self.backlog: dict[str, int] = {}  # jobs waiting on each pool's consumer
         self._polled: dict[str, float] = {}  # when each pool's backlog was read
         # When the generations of the steps answered here ended (the worker's
@@ -84,7 +89,8 @@ class PoolView:
         # seq); and per tenant the newest task's count of tasks behind it.
         self._taken: set[tuple[str, int]] = set()
         self._stream: dict[str, tuple[int, int, float]] = {}  # tenant: seq, behind, when
-        self._fits: dict[str, SlowdownFit] = {}
+        self._fits: dict[str, SlowdownFit] = {}  # decode
+        self._prefill_fits: dict[str, SlowdownFit] = {}
         self._drifting: set[tuple[str, str, str]] = set()  # (pool, worker, figure)
         heartbeats.listeners.append(self.check_drift)
 
@@ -176,8 +182,13 @@ class PoolView:
         if t.phases.decode <= 0:
             return
         ran = t.phases.prefill + t.phases.decode
-        fit = self._fits.setdefault(st.pool, SlowdownFit())
+        alone = self.speeds_from_steps
+        fit = self._fits.setdefault(st.pool, SlowdownFit(alone=alone))
         fit.observe(ran / u.gpu_seconds, (u.completion_tokens - 1) / t.phases.decode)
+        prefilled = u.prompt_tokens - st.cached_tokens
+        if alone and prefilled >= 16 and t.phases.prefill > 0:
+            fit = self._prefill_fits.setdefault(st.pool, SlowdownFit())
+            fit.observe(ran / u.gpu_seconds, prefilled / t.phases.prefill)
 
     def looking_from(self, tenant: str, seq: int) -> Callable[[str], tuple[PoolSpec, PoolNow]]:
         """``look`` for placing the first steps of the task ``(tenant, seq)``:
@@ -230,13 +241,16 @@ class PoolView:
         behind = sum(b for _, b, at in self._stream.values() if now - at <= BEHIND_FRESH_S)
         arriving = len(self._taken - {exclude}) + behind
         fit = self._fits[pool].estimate() if pool in self._fits else None
+        pfit = self._prefill_fits[pool].estimate() if pool in self._prefill_fits else None
         decode_tps = statistics.median(decode) if decode else None
+        prefill_tps = statistics.median(prefill) if prefill else None
         state = PoolNow(
             ready=ready,
             starting=starting,
             running=running,
             backlog=queued,
-            prefill_tps=statistics.median(prefill) if prefill else None,
+            prefill_tps=pfit[0] if pfit is not None else prefill_tps,
+            prefill_slowdown=pfit[1] if pfit is not None else 0.0,
             decode_tps=fit[0] if fit is not None else decode_tps,
             decode_slowdown=fit[1] if fit is not None else 0.0,
             arriving=arriving,

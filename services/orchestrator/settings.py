@@ -71,6 +71,11 @@ class OrchestratorSettings(CommonSettings):
     # steps it placed before the queue was read are not counted twice; off:
     # the counts as read.
     reconcile_counts: bool = True
+    # Predict a pool's prefill and decode speeds from the steps this replica
+    # saw finish (per sequence, against the batch they shared; the speed alone
+    # from steps that ran alone until batch sizes spread); off: decode only,
+    # once they spread, else the workers' heartbeats (their recent average).
+    speeds_from_steps: bool = True
     # The quantile of an agent's last answers predicted (nearest rank).
     answer_quantile: float = Field(default=0.8, gt=0.0, le=1.0)
     # Answers of an agent seen before its learnt length is used.
