@@ -20,8 +20,8 @@ from bench import RESULTS
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 ORDER = ["worker", "model", "context", "orchestrator", "conflicts", "routing", "tokens", "tools",
-         "auth", "security", "fairness", "fairwork", "scaling", "placement", "prewarm",
-         "coldstart", "tracing", "console"]  # fmt: skip
+         "auth", "security", "fairness", "fairwork", "scaling", "placement", "placement_vllm",
+         "prewarm", "coldstart", "tracing", "console"]  # fmt: skip
 
 HEADER = """# Benchmarks
 

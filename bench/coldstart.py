@@ -38,10 +38,10 @@ import msgpack
 
 from baton.dev.testing import Client, LocalStack, secure_nats, uid
 from baton.stack import ServiceProcess
+from bench import default_model, vllm_env
 from bench.stats import median
 from proto.streams import direct_consumer
 
-ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = int(os.environ.get("BATON_BENCH_ROUNDS", "2"))
 POOL = "cold"
 FLOW = textwrap.dedent(f"""\
@@ -126,18 +126,12 @@ async def _round(stack: LocalStack, client: Client) -> dict[str, float]:
 
 
 async def _main(work: Path) -> dict[str, Any]:
-    from baton.models import build_default_model, default_model_dir
-
-    data_dir = Path(os.environ.get("BATON_DATA_DIR", ROOT / ".data"))
-    model = build_default_model(default_model_dir(data_dir))
+    model = default_model()
     flows = work / "workflows"
     flows.mkdir()
     (flows / "ask.yaml").write_text(FLOW)
     server = secure_nats(work / "nats").start()
-    stack = LocalStack(server, work / "stack", env={
-        "BATON_ENGINE": "vllm", "BATON_MODEL": str(model), "HF_HUB_OFFLINE": "1",
-        "VLLM_NO_USAGE_STATS": "1", "BATON_HEARTBEAT_INTERVAL": "0.5",
-    })  # fmt: skip
+    stack = LocalStack(server, work / "stack", env=vllm_env(model))
     stack.workdir.mkdir(parents=True, exist_ok=True)
     rounds = []
     try:

@@ -15,14 +15,15 @@ The simulated agent answers short (about ``ANSWER`` tokens of its
 ``max_tokens`` 96, spread +-``SPREAD``, as the sim draws it from the
 prompt), and the whole run is made in each mode, interleaved over
 ``ROUNDS`` rounds, each on a fresh stack (an orchestrator starts with
-nothing learnt): ``max_tokens`` predicts every answer at its cap (the
-prediction before issue 20's learnt lengths, ``BATON_LEARN_ANSWERS=false``);
-``learnt`` at the agent's learnt length (the default: the 0.8 quantile of
-its last answers once 5 are seen), sharing the engine with the steps
-already placed while their predicted runs overlap its own (the default);
-``learnt_count`` the same with every sequence counted sharing its whole run
-(``BATON_SHARE_BY_OVERLAP=false``, the sharing model before);
-``learnt_median`` as ``learnt`` at the median.
+nothing learnt): ``learnt`` (the default) predicts at the agent's learnt
+answer length (the 0.8 quantile of its last answers, from the first one
+seen), sharing the engine with the steps already placed while their
+predicted runs overlap its own, from the pool's counts reconciled with
+what the orchestrator saw since they were read; ``learnt_as_read`` the
+same from the counts as read (``BATON_RECONCILE_COUNTS=false``);
+``learnt_min5`` with ``max_tokens`` until 5 answers are seen
+(``BATON_ANSWER_MIN_SEEN=5``); ``before`` both (the prediction before
+these two); ``learnt_median`` as ``learnt`` at the median.
 
     python -m bench placement          # writes bench/results/placement.json
 
@@ -36,6 +37,7 @@ import asyncio
 import json
 import os
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +48,14 @@ WAVES = (1, 1, 1, 4, 4, 12, 12)
 TRICKLE = (12, 0.3)  # tasks, seconds between two (their rows: wave 0)
 ANSWER, SPREAD = 32, 0.25  # the agent's answers: tokens, +- fraction
 ROUNDS = 2
-MODES = {"max_tokens": {"BATON_LEARN_ANSWERS": "false"},
-         "learnt_count": {"BATON_SHARE_BY_OVERLAP": "false"},
+# The two fixes of the prediction measured against what came before,
+# together and apart (docs/scheduling.md): counts read before an answer
+# discounted, the learnt length used from the first answer seen.
+BEFORE = {"BATON_RECONCILE_COUNTS": "false", "BATON_ANSWER_MIN_SEEN": "5",
+          "BATON_SPEEDS_FROM_STEPS": "false"}  # fmt: skip
+MODES = {"before": BEFORE,
+         "learnt_as_read": {"BATON_RECONCILE_COUNTS": "false"},
+         "learnt_min5": {"BATON_ANSWER_MIN_SEEN": "5"},
          "learnt": {},
          "learnt_median": {"BATON_ANSWER_QUANTILE": "0.5"}}  # fmt: skip
 LENGTHS = (20, 150, 450)  # words of the input: ~30, ~200, ~600 tokens by the 4-bytes estimate
@@ -96,6 +104,43 @@ async def _task(client: Client, text: str, wave: int) -> dict[str, Any]:
     }
 
 
+def text(i: int) -> str:
+    """The ``i``-th task's input (``LENGTHS`` in turn; ``i < 0``: a warm-up's)."""
+    if i < 0:
+        return "warm up " + "word " * LENGTHS[-1 - i]
+    return f"[{i}] " + "word " * LENGTHS[i % len(LENGTHS)]
+
+
+async def drive(
+    client: Client,
+    waves: tuple[int, ...],
+    trickle: tuple[int, float],
+    settle: float = 0.6,
+    make: Callable[[int], str] = text,
+) -> list[dict[str, Any]]:
+    """The load: a warm-up of ``len(LENGTHS)`` tasks (the workers measure
+    their speeds on a few generations; the orchestrator learns from them),
+    the ``waves`` of tasks at once (``settle`` s apart: the next wave sees
+    the pools settle), then the ``trickle`` (tasks, seconds between two; its
+    rows are wave 0). ``make(i)``: the ``i``-th task's input."""
+    for n in range(len(LENGTHS)):
+        await _task(client, make(-1 - n), 1)
+    await asyncio.sleep(1.0)
+    rows: list[dict[str, Any]] = []
+    i = 0
+    for wave in waves:
+        rows += await asyncio.gather(*(_task(client, make(i + k), wave) for k in range(wave)))
+        i += wave
+        await asyncio.sleep(settle)
+    tasks = []
+    for _ in range(trickle[0]):
+        tasks.append(asyncio.create_task(_task(client, make(i), 0)))
+        i += 1
+        await asyncio.sleep(trickle[1])
+    rows += await asyncio.gather(*tasks)
+    return rows
+
+
 async def _main(work: Path, mode: dict[str, str]) -> list[dict[str, Any]]:
     flows = work / "workflows"
     flows.mkdir(parents=True)
@@ -114,25 +159,7 @@ async def _main(work: Path, mode: dict[str, str]) -> list[dict[str, Any]]:
                          BATON_SIM_ANSWER_SPREAD=str(SPREAD), **env).wait_ready()  # fmt: skip
         client = await Client.connect(server.url)
         await asyncio.sleep(1.5)  # heartbeats in
-        # Warm-up: the workers measure their speeds on a few generations.
-        for n in LENGTHS:
-            await _task(client, "warm up " + "word " * n, 1)
-        await asyncio.sleep(1.0)
-        i = 0
-        for wave in WAVES:
-            texts = []
-            for _ in range(wave):
-                texts.append(f"[{i}] " + "word " * LENGTHS[i % len(LENGTHS)])
-                i += 1
-            rows += await asyncio.gather(*(_task(client, t, wave) for t in texts))
-            await asyncio.sleep(0.6)  # the next wave sees the pools settle
-        trickle = []
-        for _ in range(TRICKLE[0]):
-            text = f"[{i}] " + "word " * LENGTHS[i % len(LENGTHS)]
-            trickle.append(asyncio.create_task(_task(client, text, 0)))
-            i += 1
-            await asyncio.sleep(TRICKLE[1])
-        rows += await asyncio.gather(*trickle)
+        rows = await drive(client, WAVES, TRICKLE)
         await client.close()
     finally:
         stack.stop()
@@ -146,7 +173,13 @@ def _errors(ok: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
     return gpu, [abs(r["waited_s"] - r["predicted"]["wait_s"]) for r in ok]
 
 
-def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def summary(
+    rows: list[dict[str, Any]],
+    machine: str = f"{os.cpu_count()} cores, simulator engines, 2 pools x 1 worker",
+    waves: tuple[int, ...] = WAVES,
+    trickle: tuple[int, float] = TRICKLE,
+) -> dict[str, Any]:
+    """Prediction errors of the finished steps of ``rows`` (``_task``'s)."""
     done = [r for r in rows if r["ok"] and r["predicted"]["gpu_seconds"] > 0]
     ok = [r for r in done if r["wave"] > 0]  # the waves; the trickle apart
     tg, tw = _errors([r for r in done if r["wave"] == 0])
@@ -170,10 +203,10 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for r in ok:
         by_pool[f"{r['pool']}/{r['reason']}"] = by_pool.get(f"{r['pool']}/{r['reason']}", 0) + 1
     return {
-        "machine": f"{os.cpu_count()} cores, simulator engines, 2 pools x 1 worker",
+        "machine": machine,
         "steps": len([r for r in rows if r["wave"] > 0]),
         "completed": len(ok),
-        "waves": list(WAVES),
+        "waves": list(waves),
         "placements": by_pool,
         "gpu_seconds_abs_error_p50": round(pct(absg, 0.5), 3),
         "gpu_seconds_abs_error_p90": round(pct(absg, 0.9), 3),
@@ -189,7 +222,7 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "learnt_steps": sum(bool(r["predicted"].get("learnt")) for r in ok),
         "output_tokens_predicted_p50": pct(said, 0.5) if said else None,
         "output_tokens_actual_p50": pct(answered, 0.5) if answered else None,
-        "trickle": list(TRICKLE),
+        "trickle": list(trickle),
         "trickle_completed": len(tg),
         "trickle_gpu_seconds_abs_error_p50": round(pct(tg, 0.5), 3) if tg else None,
         "trickle_gpu_seconds_abs_error_p90": round(pct(tg, 0.9), 3) if tg else None,
@@ -214,14 +247,37 @@ def run(work: Path) -> dict[str, Any]:
     for i in range(ROUNDS):
         for name, env in MODES.items():  # interleaved: each round runs every mode
             rows[name] += asyncio.run(_main(work / f"{name}-{i}", env))
-    modes = {name: _summary(r) for name, r in rows.items()}
+    modes = {name: summary(r) for name, r in rows.items()}
     out = {k: v for k, v in modes["learnt"].items() if k != "rows"}
-    out |= {"answer_tokens": ANSWER, "answer_spread": SPREAD, "rounds": ROUNDS, "modes": modes}
+    out |= {"answer_tokens": ANSWER, "answer_spread": SPREAD, "rounds": ROUNDS, "modes": modes,
+            "mode_text": {m: MODE_TEXT[m] for m in MODES}}  # fmt: skip
     return out
 
 
-def markdown(r: dict[str, Any]) -> str:
-    modes = r.get("modes") or {"learnt": r}
+MODE_TEXT = {
+    "learnt": "(default) predicts at the agent's learnt answer length (the 0.8 quantile of "
+    "its last 64 answers, from the first seen), sharing the engine with the steps placed "
+    "before it while their predicted runs overlap its own, from the pool's counts "
+    "(heartbeats, polled queue) reconciled with the answers and placements seen since they "
+    "were read, at prefill and decode speeds fitted from the steps seen finish",
+    "learnt_as_read": "the same from the counts as read (`BATON_RECONCILE_COUNTS=false`)",
+    "learnt_min5": "the same predicting `max_tokens` until 5 answers are seen "
+    "(`BATON_ANSWER_MIN_SEEN=5`)",
+    "before": "all three off: counts as read, `max_tokens` until 5 answers, speeds from the "
+    "heartbeats (the prediction before these changes)",
+    "learnt_hb_speeds": "as `learnt` with the speeds of the heartbeats, the decode slowdown "
+    "fitted once steps spread over batch sizes (`BATON_SPEEDS_FROM_STEPS=false`)",
+    "learnt_median": "as `learnt` at the median answer (`BATON_ANSWER_QUANTILE=0.5`)",
+    # Modes of earlier runs (their JSON), described as they were then.
+    "max_tokens": "every answer at its cap (`BATON_LEARN_ANSWERS=false`)",
+    "learnt_count": "every sequence ahead counted as sharing the step's whole run "
+    "(`BATON_SHARE_BY_OVERLAP=false`)",
+}
+"""What each mode predicts with (docs/benchmarks.md)."""
+
+
+def table(modes: dict[str, dict[str, Any]]) -> list[str]:
+    """The modes' errors, a markdown table's lines."""
     rows = [
         f"| {name} | {m['gpu_seconds_abs_error_p50']:.1%} | {m['gpu_seconds_abs_error_p90']:.1%} "
         f"| {m['within_20pct']:.0%} | {m['gpu_seconds_error_p50']:+.1%} "
@@ -232,6 +288,17 @@ def markdown(r: dict[str, Any]) -> str:
         f"{_pct_or_dash(m.get('sharing_abs_error_p90'))} |"
         for name, m in modes.items()
     ]
+    return [
+        "| mode | GPU-s p50 abs error | p90 abs error | within ±20% | median signed error "
+        "| answer tokens predicted / actual (p50) | queue wait abs error p50 / p90 "
+        "| trickle GPU-s p90 abs error | sharing abs error p50 / p90 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *rows,
+    ]
+
+
+def markdown(r: dict[str, Any]) -> str:
+    modes = r.get("modes") or {"learnt": r}
     goal = "met" if r["gpu_seconds_abs_error_p90"] <= 0.2 else "missed"
     return "\n".join([
         "## Step prediction error (`python -m bench placement`)",
@@ -242,24 +309,14 @@ def markdown(r: dict[str, Any]) -> str:
         f"simulator answers about {r.get('answer_tokens')} tokens "
         f"(±{r.get('answer_spread', 0):.0%}, drawn from the prompt). Error = actual / "
         "predicted GPU-seconds - 1 (the step's `done` "
-        "usage against the `prediction` on its `started` event). Modes: `max_tokens` predicts "
-        "every answer at its cap (`BATON_LEARN_ANSWERS=false`, the prediction before learnt "
-        "answer lengths); `learnt` at the agent's learnt length (default: the 0.8 quantile of "
-        "its last 64 answers, once 5 are seen), sharing the engine with the steps placed "
-        "before it while their predicted runs overlap its own (default); `learnt_count` the "
-        "same with every sequence ahead counted as sharing its whole run "
-        "(`BATON_SHARE_BY_OVERLAP=false`, the sharing model before); `learnt_median` as "
-        "`learnt` at the median answer.",
+        "usage against the `prediction` on its `started` event). Modes: "
+        + "; ".join(f"`{m}` {r.get('mode_text', MODE_TEXT).get(m, '')}" for m in modes) + ".",
         "",
-        "| mode | GPU-s p50 abs error | p90 abs error | within ±20% | median signed error "
-        "| answer tokens predicted / actual (p50) | queue wait abs error p50 / p90 "
-        "| trickle GPU-s p90 abs error | sharing abs error p50 / p90 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        *rows,
+        *table(modes),
         "",
         f"Goal (within ±20% GPU-seconds at p90), default `learnt` mode: **{goal}** "
         f"({r['gpu_seconds_abs_error_p90']:.1%}; {r.get('learnt_steps')} of {r['completed']} "
-        f"steps predicted from a learnt length, the others before 5 answers were seen). p90 abs "
+        f"steps predicted from a learnt length, the others before any answer was seen). p90 abs "
         f"error of steps sent alone: {r.get('alone_abs_error_p90')}; in waves of 4 and 12: "
         f"{r.get('burst_abs_error_p90')}.",
         *_trickle(r),

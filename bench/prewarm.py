@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from baton.dev.testing import Client, LocalStack, http_json, metric, secure_nats, uid
+from bench import default_model, vllm_env
 from bench.stats import median
 
-ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = int(os.environ.get("BATON_BENCH_ROUNDS", "2"))
 TASKS = 6  # per mode and round, one after the other
 RULE = "keep the author's meaning, cut filler, prefer short words, keep numbers and names"
@@ -140,20 +140,13 @@ def _summary(tasks: list[dict[str, Any]], sent: int) -> dict[str, Any]:
 
 
 async def _main(work: Path) -> dict[str, Any]:
-    from baton.models import build_default_model, default_model_dir
-
-    data_dir = Path(os.environ.get("BATON_DATA_DIR", ROOT / ".data"))
-    model = default_model_dir(data_dir)
-    build_default_model(model)
+    model = default_model()
     flows = work / "workflows"
     flows.mkdir()
     for name, text in FLOWS.items():
         (flows / f"{name}.yaml").write_text(text)
     server = secure_nats(work / "nats").start()
-    stack = LocalStack(server, work / "stack", env={
-        "BATON_ENGINE": "vllm", "BATON_MODEL": str(model), "HF_HUB_OFFLINE": "1",
-        "VLLM_NO_USAGE_STATS": "1", "BATON_HEARTBEAT_INTERVAL": "0.5",
-    })  # fmt: skip
+    stack = LocalStack(server, work / "stack", env=vllm_env(model))
     stack.workdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[bool, Any]] = {wf: {True: [], False: []} for wf in FLOWS}
     sent = {True: 0, False: 0}

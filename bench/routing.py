@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from baton.dev.testing import Client, LocalStack, metric, secure_nats, uid
+from bench import vllm_env
 
 SESSIONS = 20
 TURNS = 4
@@ -66,10 +67,7 @@ async def _main(work: Path) -> dict[str, Any]:
 
     model = build_tiny_model(work / "tiny")
     server = secure_nats(work / "nats").start()
-    stack = LocalStack(server, work / "stack", env={
-        "BATON_ENGINE": "vllm", "BATON_MODEL": str(model), "HF_HUB_OFFLINE": "1",
-        "VLLM_NO_USAGE_STATS": "1", "BATON_HEARTBEAT_INTERVAL": "0.5",
-    })  # fmt: skip
+    stack = LocalStack(server, work / "stack", env=vllm_env(model))
     stack.workdir.mkdir(parents=True, exist_ok=True)
     try:
         stack.service("context-store").wait_ready()

@@ -146,7 +146,13 @@ def test_the_slowdown_is_fitted_from_steps_at_several_batch_sizes() -> None:
     fit = SlowdownFit()
     for _ in range(10):
         fit.observe(1.0, 50.0)
-    assert fit.estimate() is None  # one batch size says nothing of the slope
+    # One batch size says nothing of the slope; alone, it says the speed alone.
+    assert fit.estimate() == pytest.approx((50.0, 0.0))
+    assert SlowdownFit(alone=False).estimate() is None
+    batched = SlowdownFit()
+    for _ in range(10):
+        batched.observe(4.0, 20.0)
+    assert batched.estimate() is None  # a batch of 4's speed is not the speed alone
     for n in (1, 2, 4, 8, 3, 6):
         fit.observe(n, decode_speed(50.0, 0.2, n))
     got = fit.estimate()
@@ -274,3 +280,87 @@ def test_the_jobs_a_pools_workers_run_are_not_counted_again_as_its_queue() -> No
     assert (now.running, now.backlog) == (4, 1)
     shared = predict(NEED, POOL, now)
     assert shared.wait_s == 0 and shared.gpu_seconds == pytest.approx(shared.run_s / 6)
+
+
+def _answered(worker: str, generation_end: float) -> StepState:
+    """A step answered by ``worker``, its generation ended at ``generation_end``."""
+    return StepState(agent="a", pool="small", session="s", status="done", worker=worker,
+                     usage=Usage(completion_tokens=2, gpu_seconds=0.1),
+                     timing=Timing(finished_at=generation_end + 0.05,
+                                   phases=Phases(decode=0.5, record=0.05)))  # fmt: skip
+
+
+def test_the_steps_answered_since_a_heartbeat_or_a_queue_reading_are_out_of_its_counts() -> None:
+    # A heartbeat and the queue's count were read at t0, when four ran; two
+    # of them have been answered since: two run, and none waits.
+    view, hb = _view()
+    t0 = time.time() - 0.3
+    beat = hb.last[("small", "w1")]
+    beat.inflight, beat.ts = 4, t0
+    view.polled("small", 4, at=t0)
+    view.finished(_answered("w1", t0 - 0.1))  # ended before the readings: they did not count it
+    view.finished(_answered("w1", t0 + 0.1))
+    view.finished(_answered("w1", t0 + 0.2))
+    view.finished(_answered("w2", t0 + 0.2))  # another worker's: not in w1's heartbeat
+    _, now = view.look("small")
+    assert (now.running, now.backlog) == (2, 0)
+    # BATON_RECONCILE_COUNTS=false: the counts as read (the queue's holds the running).
+    view.reconcile_counts = False
+    _, now = view.look("small")
+    assert (now.running, now.backlog) == (4, 0)
+    # A queue read after the answers counts what it counts.
+    view.reconcile_counts = True
+    view.polled("small", 5, at=t0 + 0.25)
+    _, now = view.look("small")
+    assert (now.running, now.backlog) == (2, 3)
+
+
+def test_a_step_placed_before_the_queue_was_read_is_not_counted_twice() -> None:
+    # Placed, in the queue's count, not yet in a heartbeat: one sequence ahead.
+    view, _ = _view()
+    t0 = time.time()
+    view.changed(None, _run("t1", 1, t0 - 0.2, 2.0))
+    view.polled("small", 1, at=t0 - 0.1)
+    _, now = view.look("small")
+    assert now.running + now.backlog == 1
+    # Another replica's job in the count besides it is.
+    view.polled("small", 2, at=t0 - 0.1)
+    _, now = view.look("small")
+    assert now.running + now.backlog == 2
+    # A reading from before the step was placed does not hold it.
+    view.polled("small", 1, at=t0 - 0.3)
+    _, now = view.look("small")
+    assert now.running + now.backlog == 2
+    view.reconcile_counts = False  # as read: the placed step and the count's one
+    view.polled("small", 1, at=t0 - 0.1)
+    _, now = view.look("small")
+    assert now.running + now.backlog == 2
+
+
+def test_the_ends_remembered_are_only_those_a_reading_still_in_use_can_hold() -> None:
+    view, _ = _view()
+    t0 = time.time()
+    view.finished(_answered("gone", t0 - 60.0))  # a worker since scaled away
+    view.finished(_answered("w1", t0))
+    assert list(view._ended) == [("small", "w1")]
+
+
+def test_the_pool_view_predicts_prefill_and_decode_from_the_steps_it_saw() -> None:
+    # The heartbeat's averages mix batch sizes (40 decode tok/s here); two
+    # steps seen alone decoded at 80 and prefilled 400 tokens at 2000 tok/s.
+    view, hb = _view()
+    hb.last[("small", "w1")].prefill_tps = 500.0
+    for _ in range(2):
+        st = StepState(agent="a", pool="small", session="s", status="done",
+                       usage=Usage(prompt_tokens=400, completion_tokens=65,
+                                   gpu_seconds=0.2 + 64 / 80),
+                       timing=Timing(phases=Phases(prefill=0.2, decode=64 / 80)))  # fmt: skip
+        view.finished(st)
+    _, now = view.look("small")
+    assert (now.prefill_tps, now.decode_tps) == (pytest.approx(2000.0), pytest.approx(80.0))
+    view.speeds_from_steps = False  # BATON_SPEEDS_FROM_STEPS=false: the heartbeat's
+    view._fits.clear()
+    view._prefill_fits.clear()
+    view.finished(st)
+    _, now = view.look("small")
+    assert (now.prefill_tps, now.decode_tps) == (500.0, 40.0)

@@ -29,7 +29,7 @@ class AnswerLengths:
         self,
         *,
         quantile: float = 0.8,
-        min_seen: int = 5,
+        min_seen: int = 1,
         window: int = 64,
         max_keys: int = 4096,
     ) -> None:

@@ -91,6 +91,11 @@ def queue_wait(slots: int, ahead: int, run_s: float, frees_in: Sequence[float] =
     return known + (k - len(frees_in) + 1) * run_s / slots
 
 
+ALONE_BATCH = 1.25
+"""Steps whose mean batch (sequences sharing the engine, themselves
+included) is at most this ran about alone: their speed is the speed alone."""
+
+
 class SlowdownFit:
     """Per-sequence decode speed against the sequences sharing the engine,
     fitted from finished steps: ``1 / speed = a + b x (n - 1)``, so a
@@ -99,10 +104,19 @@ class SlowdownFit:
     exponentially decaying window (``weight`` per new step), so the fit
     follows the engine as it is now."""
 
-    def __init__(self, weight: float = 0.05, min_spread: float = 0.5, min_steps: int = 4) -> None:
+    def __init__(
+        self,
+        weight: float = 0.05,
+        min_spread: float = 0.5,
+        min_steps: int = 4,
+        alone: bool = True,
+    ) -> None:
         self.weight = weight
         self.min_spread = min_spread  # of n: one batch size alone says nothing of the slope
         self.min_steps = min_steps
+        # Before a slope can be told, steps that ran (about) alone tell the
+        # speed alone (False: nothing until the slope).
+        self.alone = alone
         self.steps = 0
         self._s = self._x = self._y = self._xx = self._xy = 0.0
 
@@ -121,12 +135,16 @@ class SlowdownFit:
 
     def estimate(self) -> tuple[float, float] | None:
         """``(alone_tps, slowdown)``, or None until the steps seen spread over
-        enough batch sizes to tell a slope."""
-        if self.steps < self.min_steps:
+        enough batch sizes to tell a slope — except that steps seen about
+        alone (a mean batch within ``ALONE_BATCH`` of one) tell the speed
+        alone, with no slowdown known yet."""
+        if self.steps == 0:
             return None
         mx, my = self._x / self._s, self._y / self._s
         var = self._xx / self._s - mx * mx
-        if var < self.min_spread**2:
+        if self.steps < self.min_steps or var < self.min_spread**2:
+            if self.alone and mx <= ALONE_BATCH - 1.0 and my > 0:
+                return 1.0 / my, 0.0
             return None
         b = max(0.0, (self._xy / self._s - mx * my) / var)
         a = my - b * mx

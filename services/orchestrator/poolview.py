@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 
 import structlog
@@ -57,6 +58,8 @@ class PoolView:
         *,
         stale_after: float = 6.0,
         overlap: bool = True,
+        reconcile_counts: bool = True,
+        speeds_from_steps: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.catalogue = catalogue
@@ -66,16 +69,28 @@ class PoolView:
         # there run (False: from their count, as if they ran all along).
         self.overlap = overlap
         self.clock = clock  # the clock the steps' dispatch times are stamped with
+        # Reconcile the heartbeats' and the queue's counts with what this
+        # replica saw since they were read (False: the counts as read).
+        self.reconcile_counts = reconcile_counts
+        # Prefill and decode speeds fitted from the steps seen finish, the
+        # speed alone from the first steps that ran alone (False: decode
+        # only, once steps spread over batch sizes; else the heartbeats').
+        self.speeds_from_steps = speeds_from_steps
         self.backlog: dict[str, int] = {}  # jobs waiting on each pool's consumer
+        self._polled: dict[str, float] = {}  # when each pool's backlog was read
+        # When the generations of the steps answered here ended (the worker's
+        # clock), per (pool, worker), the last ``stale_after`` seconds' worth.
+        self._ended: dict[tuple[str, str], deque[float]] = {}
         # Steps this replica placed on each pool and has no answer for yet,
-        # with when each is predicted to start and end: a burst dispatched
-        # between two heartbeats is seen at once.
-        self.placed: dict[str, dict[tuple[str, str, str], tuple[float, float]]] = {}
+        # with when each was dispatched and is predicted to start and end: a
+        # burst dispatched between two heartbeats is seen at once.
+        self.placed: dict[str, dict[tuple[str, str, str], tuple[float, float, float]]] = {}
         # Tasks taken from their stream and not placed yet, by (tenant, stream
         # seq); and per tenant the newest task's count of tasks behind it.
         self._taken: set[tuple[str, int]] = set()
         self._stream: dict[str, tuple[int, int, float]] = {}  # tenant: seq, behind, when
-        self._fits: dict[str, SlowdownFit] = {}
+        self._fits: dict[str, SlowdownFit] = {}  # decode
+        self._prefill_fits: dict[str, SlowdownFit] = {}
         self._drifting: set[tuple[str, str, str]] = set()  # (pool, worker, figure)
         heartbeats.listeners.append(self.check_drift)
 
@@ -131,17 +146,49 @@ class PoolView:
     def handled(self, tenant: str, seq: int) -> None:
         self._taken.discard((tenant, seq))
 
+    def polled(self, pool: str, pending: int, at: float | None = None) -> None:
+        """The pool's queue read (pending + unacknowledged jobs), ``at`` then."""
+        self.backlog[pool] = pending
+        self._polled[pool] = self.clock() if at is None else at
+
+    def _answered_since(self, pool: str, worker: str | None, since: float) -> int:
+        """Generations on ``pool`` (on ``worker``; None: any) answered here
+        that ended after ``since``: a reading made then still counted them."""
+        return sum(
+            sum(1 for t in ends if t > since)
+            for (p, w), ends in self._ended.items()
+            if p == pool and (worker is None or w == worker)
+        )
+
     def finished(self, st: StepState) -> None:
-        """A step answered: how fast it decoded, and beside how many others
-        (its run time over the GPU-seconds its worker charged it)."""
+        """A step answered: when its generation ended (out of the counts read
+        before), how fast it decoded, and beside how many others (its run
+        time over the GPU-seconds its worker charged it)."""
         t, u = st.timing, st.usage
+        if t is not None and t.finished_at > 0 and st.worker:
+            self._ended.setdefault((st.pool, st.worker), deque()).append(
+                t.finished_at - t.phases.record  # the generation's end, before storing it
+            )
+            # Only readings younger than stale_after are used: older ends (and
+            # workers gone) are forgotten.
+            horizon = t.finished_at - max(self.stale_after, BEHIND_FRESH_S)
+            for key, ends in list(self._ended.items()):
+                while ends and ends[0] < horizon:
+                    ends.popleft()
+                if not ends:
+                    del self._ended[key]
         if t is None or st.turn or u.gpu_seconds <= 0 or u.completion_tokens < 8:
             return  # tool turns add up several generations: no one batch size
         if t.phases.decode <= 0:
             return
         ran = t.phases.prefill + t.phases.decode
-        fit = self._fits.setdefault(st.pool, SlowdownFit())
+        alone = self.speeds_from_steps
+        fit = self._fits.setdefault(st.pool, SlowdownFit(alone=alone))
         fit.observe(ran / u.gpu_seconds, (u.completion_tokens - 1) / t.phases.decode)
+        prefilled = u.prompt_tokens - st.cached_tokens
+        if alone and prefilled >= 16 and t.phases.prefill > 0:
+            fit = self._prefill_fits.setdefault(st.pool, SlowdownFit())
+            fit.observe(ran / u.gpu_seconds, prefilled / t.phases.prefill)
 
     def looking_from(self, tenant: str, seq: int) -> Callable[[str], tuple[PoolSpec, PoolNow]]:
         """``look`` for placing the first steps of the task ``(tenant, seq)``:
@@ -151,17 +198,19 @@ class PoolView:
     def look(self, pool: str, exclude: tuple[str, int] | None = None) -> tuple[PoolSpec, PoolNow]:
         """The pool's catalogue entry and its state now."""
         now = time.time()
-        ready = starting = running = 0
+        ready = starting = running = beating = 0
         prefill: list[float] = []
         decode: list[float] = []
-        for (p, _), hb in self.heartbeats.last.items():
+        for (p, w), hb in self.heartbeats.last.items():
             if p != pool or hb.leaving or now - hb.ts > self.stale_after:
                 continue
             if not hb.ready:
                 starting += 1
                 continue
             ready += 1
-            running += hb.inflight
+            # A heartbeat is up to an interval old: what ended since is gone.
+            beating += hb.inflight
+            running += max(0, hb.inflight - self._answered_since(pool, w, hb.ts))
             if hb.prefill_tps > 0:
                 prefill.append(hb.prefill_tps)
             if hb.decode_tps > 0:
@@ -169,36 +218,57 @@ class PoolView:
         spec = self.catalogue.spec(pool)
         # What the heartbeats and the queue say, or what this replica placed
         # since, whichever is more (slots filled first, the rest queued).
-        placed = sorted(self.placed.get(pool, {}).values(), key=lambda span: span[1])
+        placed = sorted(self.placed.get(pool, {}).values(), key=lambda span: span[2])
         mine = len(placed)
         at = self.clock()
         slots = max(1, ready) * spec.max_seqs
         # The queue's count (pending + unacknowledged) holds the jobs its
-        # workers are running (acked when they end): the rest wait.
-        queued = max(0, self.backlog.get(pool, 0) - running)
+        # workers are running (acked when they end) and the steps this replica
+        # placed before it was read: the rest are another replica's.
+        polled = self.backlog.get(pool, 0)
+        read_at = self._polled.get(pool)
+        backlog = polled
+        if read_at is not None:
+            backlog = max(0, polled - self._answered_since(pool, None, read_at))
+        stale = (beating - running, polled - backlog)  # answered since they were read
+        if self.reconcile_counts:
+            known = sum(1 for d, _, _ in placed if read_at is not None and d <= read_at)
+            running = max(running, min(mine, slots))
+            queued = max(0, mine + max(0, backlog - known) - running)
+        else:  # as read, the queue's count holding this replica's steps besides
+            running = max(beating, min(mine, slots))
+            queued = max(0, polled - beating, mine - slots)
         behind = sum(b for _, b, at in self._stream.values() if now - at <= BEHIND_FRESH_S)
         arriving = len(self._taken - {exclude}) + behind
         fit = self._fits[pool].estimate() if pool in self._fits else None
+        pfit = self._prefill_fits[pool].estimate() if pool in self._prefill_fits else None
         decode_tps = statistics.median(decode) if decode else None
+        prefill_tps = statistics.median(prefill) if prefill else None
         state = PoolNow(
             ready=ready,
             starting=starting,
-            running=max(running, min(mine, slots)),
-            backlog=max(queued, mine - slots),
-            prefill_tps=statistics.median(prefill) if prefill else None,
+            running=running,
+            backlog=queued,
+            prefill_tps=pfit[0] if pfit is not None else prefill_tps,
+            prefill_slowdown=pfit[1] if pfit is not None else 0.0,
             decode_tps=fit[0] if fit is not None else decode_tps,
             decode_slowdown=fit[1] if fit is not None else 0.0,
             arriving=arriving,
-            frees_in=tuple(e - at for _, e in placed),
-            spans=tuple((b - at, e - at) for b, e in placed) if self.overlap else (),
+            frees_in=tuple(e - at for _, _, e in placed),
+            spans=tuple((b - at, e - at) for _, b, e in placed) if self.overlap else (),
         )
+        # What the sequences ahead were made of (docs/scheduling.md, "The prediction").
+        log.debug("pool_look", pool=pool, heartbeats=beating, polled=polled, stale=stale,
+                  reconciled=self.reconcile_counts, queued=queued, placed=mine,
+                  arriving=arriving, ahead=state.running + state.backlog)  # fmt: skip
         return spec, state
 
 
-def _active(run: RunState) -> dict[str, dict[tuple[str, str, str], tuple[float, float]]]:
-    """A run's model steps waiting for an answer, by pool: when each is
-    predicted to start (dispatch + predicted wait) and end (+ predicted run)."""
-    out: dict[str, dict[tuple[str, str, str], tuple[float, float]]] = {}
+def _active(run: RunState) -> dict[str, dict[tuple[str, str, str], tuple[float, float, float]]]:
+    """A run's model steps waiting for an answer, by pool: when each was
+    dispatched and is predicted to start (dispatch + predicted wait) and end
+    (+ predicted run)."""
+    out: dict[str, dict[tuple[str, str, str], tuple[float, float, float]]] = {}
     if run.terminal:
         return out
     for step, st in run.steps.items():
@@ -206,5 +276,6 @@ def _active(run: RunState) -> dict[str, dict[tuple[str, str, str], tuple[float, 
             p = st.prediction
             begin = st.dispatched_at + (p.wait_s if p is not None else 0.0)
             end = begin + (p.run_s if p is not None else 0.0)
-            out.setdefault(st.pool, {})[(run.tenant, run.task_id, step)] = (begin, end)
+            key = (run.tenant, run.task_id, step)
+            out.setdefault(st.pool, {})[key] = (st.dispatched_at, begin, end)
     return out

@@ -65,6 +65,7 @@ class PoolNow:
     prefill_tps: float | None = None
     decode_tps: float | None = None
     decode_slowdown: float = 0.0  # per other sequence in the batch (batching.SlowdownFit)
+    prefill_slowdown: float = 0.0  # the same, of a sequence's prefill
     # Steps known to follow this one (tasks taken or waiting in the task
     # stream, not placed yet): they will share the engine with it.
     arriving: int = 0
@@ -130,8 +131,8 @@ def predict(need: StepNeed, spec: PoolSpec, now: PoolNow) -> Prediction:
     shared = share(per_worker, unknown / workers, now.arriving / workers)
 
     def run_with(n: float) -> float:
-        return uncached / prefill + need.expected_output / decode_speed(
-            decode, now.decode_slowdown, n
+        return uncached / decode_speed(prefill, now.prefill_slowdown, n) + (
+            need.expected_output / decode_speed(decode, now.decode_slowdown, n)
         )
 
     wait_s = 0.0

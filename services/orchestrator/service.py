@@ -74,7 +74,7 @@ async def _watch_backlog(
                 pending = await bus.pending(spec)
                 m.PENDING.labels(spec.stream, spec.durable).set(pending)
                 if spec.durable in workers:  # the scheduler's view of the pool's queue
-                    view.backlog[workers[spec.durable]] = pending
+                    view.polled(workers[spec.durable], pending)
         hb.export()
         await asyncio.sleep(settings.pending_poll_interval)
 
@@ -237,7 +237,9 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
     router = Router(hb, enabled=settings.cache_routing, stale_after=settings.route_stale_after,
                     max_load=settings.route_max_load)  # fmt: skip
     pool_view = PoolView(settings.catalogue, hb, stale_after=settings.route_stale_after,
-                         overlap=settings.share_by_overlap)  # fmt: skip
+                         overlap=settings.share_by_overlap,
+                         reconcile_counts=settings.reconcile_counts,
+                         speeds_from_steps=settings.speeds_from_steps)  # fmt: skip
     # The fair gate lends idle shares out as far as the live workers hold them.
     lend = pool_view.room if settings.fair_lend else None
     # ... less what the other replicas' runs hold, split between the replicas.

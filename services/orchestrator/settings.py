@@ -56,7 +56,8 @@ class OrchestratorSettings(CommonSettings):
     prewarm_keep_every: float = 20.0
     # Predict a step's run time, GPU-seconds and cost from the answer length
     # its agent is learnt to give (this replica's memory of its last 64
-    # answers, an upper quantile; max_tokens until answer_min_seen are known
+    # answers, an upper quantile: the longest while few are known; max_tokens
+    # until answer_min_seen are known
     # and never above it); off: from max_tokens. KV need always counts max_tokens.
     learn_answers: bool = True
     # Predict a step's share of its engine from when the steps this replica
@@ -64,10 +65,21 @@ class OrchestratorSettings(CommonSettings):
     # engine alone once they end); off: from their count, as if they shared
     # its whole run.
     share_by_overlap: bool = True
+    # Reconcile a pool's counts, read up to an interval ago (a worker's
+    # heartbeat, the pool's polled queue), with what this replica knows
+    # since: the steps it saw answered after a reading are out of it, and the
+    # steps it placed before the queue was read are not counted twice; off:
+    # the counts as read.
+    reconcile_counts: bool = True
+    # Predict a pool's prefill and decode speeds from the steps this replica
+    # saw finish (per sequence, against the batch they shared; the speed alone
+    # from steps that ran alone until batch sizes spread); off: decode only,
+    # once they spread, else the workers' heartbeats (their recent average).
+    speeds_from_steps: bool = True
     # The quantile of an agent's last answers predicted (nearest rank).
     answer_quantile: float = Field(default=0.8, gt=0.0, le=1.0)
     # Answers of an agent seen before its learnt length is used.
-    answer_min_seen: int = Field(default=5, ge=1, le=64)
+    answer_min_seen: int = Field(default=1, ge=1, le=64)
     # A step with no answer after step_timeout is dispatched again, up to
     # step_retries times, then the run fails with step_timeout. Generous by
     # default: a GPU pool scaled to zero needs minutes to wake.

@@ -894,8 +894,8 @@ def tool_result(
     if call is None and not run.terminal:
         return Defer(0.5, f"tool call {res.call_id} not recorded yet")
     if run.terminal or st is None or call is None or call.status != "dispatched":
-        effects = replay(run, rules, now) if redelivered else []  # as ``result``
-        return Transition(run, False, effects, note="already_recorded")
+        again = replay(run, rules, now) if redelivered else []  # as ``result``
+        return Transition(run, False, again, note="already_recorded")
     call.status, call.outcome, call.preview = "done", res.outcome, res.preview[:512]
     call.cpu_seconds, call.seconds, call.ref = res.cpu_seconds, res.seconds, res.ref
     end = now if received is None else received

@@ -9,10 +9,12 @@ Which process ran a step is checked three ways: the step's ``pool`` on its
 events, the worker id the orchestrator recorded from the result (the task's
 ``steps``), and each worker's own job counter.
 
-Spill-over of a saturated pool is not here: on this box the tiny model
-decodes a step in well under a second, so a backlog that makes the cheap
-pool miss a target is a race with the heartbeats; it is tested on the
-simulator (tests/test_scheduling.py, tests/test_pools_e2e.py).
+A step whose agent has a latency target spills over to the dearer pool
+while the cheap one is at zero (its cold start would miss the target), on
+the same engines. Spill-over of a saturated pool is not here: on this box
+the tiny model decodes a step in well under a second, so a target between
+one run and two is a matter of milliseconds; it is tested on the simulator
+(tests/test_scheduling.py, tests/test_pools_e2e.py).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from tests.harness import one_step
 pytestmark = pytest.mark.vllm
 
 WORKFLOW = one_step("ask", max_tokens=16, pools=["small", "large"])
+# The same agent, in a hurry: a cold start of the cheap pool misses its target.
+SOON = one_step("soon", max_tokens=16, pools=["small", "large"], latency_target=30)
 # The tiny model's KV: 2 layers x (K, V) x 4 heads x 64 x 2 bytes = 2 KiB a token.
 ENGINES = {
     "small": {"BATON_MAX_MODEL_LEN": "512", "BATON_KV_CACHE_MEMORY_BYTES": str(2 * 2**20),
@@ -70,7 +74,7 @@ def two_pools(
         "BATON_ENGINE": "vllm", "BATON_MODEL": str(tiny_model_dir), "HF_HUB_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1"})  # fmt: skip
     try:
-        s.start(workers=0, workflows={"ask.yaml": WORKFLOW}, pools=POOLS)
+        s.start(workers=0, workflows={"ask.yaml": WORKFLOW, "soon.yaml": SOON}, pools=POOLS)
         workers = {pool: _worker(s, pool) for pool in ("small", "large")}
         for _, proc in workers.values():  # both engines load at once
             proc.wait_ready(START_S)
@@ -93,10 +97,12 @@ async def _heartbeats(client: Client, seconds: float) -> dict[str, dict[str, Any
     return seen
 
 
-async def _run(client: Client, text: str, timeout: float = 60) -> tuple[str, list[dict[str, Any]]]:
+async def _run(
+    client: Client, text: str, timeout: float = 60, workflow: str = "ask"
+) -> tuple[str, list[dict[str, Any]]]:
     task_id = uid()
     body = {"tenant": "initech", "input": text, "task_id": task_id}
-    await client.publish("ask", body, msg_id=task_id)
+    await client.publish(workflow, body, msg_id=task_id)
     return task_id, await client.events("initech", task_id, timeout=timeout)
 
 
@@ -194,6 +200,15 @@ async def test_two_vllm_pools_place_by_context_and_hold_a_step_for_a_pool_at_zer
     waiting = events[-1]
     assert waiting["pool"] == "small" and waiting["estimate_s"] == COLD_START_S
     assert metric(url, "baton_steps_waiting_capacity_total", pool="small") == 1
+    # An agent with a 30 s target does not wait for the cold start: it
+    # spills over to the dearer pool, which is warm, and is answered there.
+    soon, events = await _run(own_client, "hello soon", workflow="soon")
+    assert events[-1]["type"] == "completed", events[-1]
+    started, done = (e for e in events if e["type"] == "step")
+    assert (started["pool"], started["pool_reason"]) == ("large", "spill_cold")
+    assert _step(url, soon)["worker"] == large_id
+    assert metric(url, "baton_pool_decisions_total", chosen="large", reason="spill_cold") == 1
+    assert _done(large, "large") == 2
     # ... until a new worker of the pool starts (a whole vLLM load), and runs
     # there: no retry, no failure, the large pool untouched.
     # Its engine boots off the worker's event loop: it heartbeats while loading.
@@ -210,6 +225,6 @@ async def test_two_vllm_pools_place_by_context_and_hold_a_step_for_a_pool_at_zer
     step = _step(url, task)
     assert step["worker"] == new_id and step["attempt"] == 1 and step["pool"] == "small"
     assert events[-2]["phases"]["queue"] > 2  # it waited for the engine to load
-    assert (_done(new, "small"), _done(large, "large")) == (1, 1)
+    assert (_done(new, "small"), _done(large, "large")) == (1, 2)
     assert metric(url, "baton_tasks_total", workflow="ask", outcome="completed") == 3
     assert metric(url, "baton_tasks_total", workflow="ask", outcome="failed") == 1
