@@ -14,9 +14,12 @@ import asyncio
 import dataclasses
 import functools
 import itertools
+import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -483,3 +486,65 @@ def test_a_replay_while_waiting_for_tools_republishes_the_unanswered_calls() -> 
     assert [e.job.call_id for e in resent] == ["acme.t1.r1.gather.coding.t0c1"]
     assert resent[0].msg_id.endswith("#2")
     assert resent[0].job.attempt == 2  # its result is a new message too (keys.tool_result)
+
+
+CODER = textwrap.dedent("""\
+    name: coder
+    agents:
+      coder: {role: coder, system: You code., max_tokens: 64, tools: [python, search],
+              tool_choice: required}
+    steps:
+      - {id: code, agent: coder}
+    """)
+
+
+def _catalog(*names: str) -> Any:
+    """A tool catalog serving ``names`` (what ``Rules.tool_spec`` reads)."""
+    from proto.messages import ToolSpec
+
+    return {n: ToolSpec(name=n, description=f"{n} v1") for n in names}.get
+
+
+def test_a_steps_offered_tools_are_frozen_at_dispatch_whatever_the_catalog_becomes(
+    tmp_path: Path,
+) -> None:
+    from proto.messages import ToolCall
+
+    (tmp_path / "coder.yaml").write_text(CODER)
+    flows = {n: GraphWorkflow(s) for n, s in load_dir(tmp_path).items()}
+    before = T.Rules(flows, step_timeout=10.0, step_retries=1, tool_spec=_catalog("python"))
+    task = new_task("coder")
+    run = decide(T.start, None, task, before, now=0.0).run  # type: ignore[union-attr]
+    [first] = jobs(T.replay(run, before, 0.0))
+    assert [t.name for t in first.tools] == ["python"] and first.tool_choice == "required"
+    # The catalog changes: search starts being served. The step's later jobs
+    # still offer what its first did.
+    after = dataclasses.replace(before, tool_spec=_catalog("python", "search"))
+    retry = T.timer(run, after, 10.5)
+    [again] = jobs(retry.effects)
+    assert again.attempt == 2 and [t.name for t in again.tools] == ["python"]
+    assert [t.name for t in jobs(T.replay(run, after, 1.0))[0].tools] == ["python"]
+    calls = [ToolCall(id="c0", name="python", arguments="{}")]
+    out = T.result(run, reply(first, output="", tool_calls=calls), after, 1.0, {})
+    assert isinstance(out, T.Transition)
+    [tool_job] = [e.job for e in out.effects if isinstance(e, T.DispatchTool)]
+    turn = T.tool_result(out.run, _tool_result(tool_job), after, 2.0)
+    assert isinstance(turn, T.Transition)
+    [second] = jobs(turn.effects)
+    assert second.job_id.endswith("~1") and [t.name for t in second.tools] == ["python"]
+    assert second.tool_choice == "required"
+    # The frozen choice holds too: dispatched with none of its tools served,
+    # the step answers without tools on every attempt.
+    bare = dataclasses.replace(before, tool_spec=_catalog())
+    unserved = decide(T.start, None, task, bare, now=0.0).run  # type: ignore[union-attr]
+    [retried] = jobs(T.timer(unserved, after, 10.5).effects)
+    assert retried.tools == [] and retried.tool_choice == "none"
+    # A run stored before steps froze their tools (no such fields) decodes and
+    # offers the catalog as it is now.
+    step = msgspec.structs.replace(run.steps["r1.code"], tools=None, tool_choice="")
+    stored = codec.encode(msgspec.structs.replace(run, steps={"r1.code": step}))
+    assert b"tool_choice" not in stored
+    legacy = codec.decode(stored, RunState)
+    [now_job] = jobs(T.replay(legacy, after, 1.0))
+    assert [t.name for t in now_job.tools] == ["python", "search"]
+    assert now_job.tool_choice == "required"

@@ -120,7 +120,7 @@ def decide(
     agent = wf.agents[plan.agent]
     cap = min(agent.max_tokens, run.max_tokens or agent.max_tokens)
     nxt = StepState(agent=plan.agent, pool=agent.pool, session=plan.session, max_tokens=cap)
-    tools, choice = rules.offered(run, plan.agent, nxt)
+    tools, choice = rules.offered(run, nxt)
     pool = agent.pool
     if rules.pools is not None:
         need = placement.step_need(run, agent, nxt, tools, rules.answer(run.workflow, plan.agent))
@@ -163,7 +163,7 @@ def own(
     )
     if worker != st.worker:
         return skip or "no_worker"
-    tools, choice = rules.offered(run, st.agent, st)
+    tools, choice = rules.offered(run, st)
     system = rules.workflows[run.workflow].agents[st.agent].system
     turn = f"{step}.t{st.turn}"  # the turn the calls came from: one id per refresh of it
     job_id = keys.warm(run.tenant, run.task_id, turn, refresh)

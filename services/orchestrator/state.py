@@ -68,6 +68,12 @@ class StepState(msgspec.Struct, omit_defaults=True, kw_only=True):
     pool_reason: str = ""
     prediction: PoolPrediction | None = None
     moves: int = 0  # dispatches to a larger pool after prompt_too_long (not retries)
+    # The tools its model turns are offered, by name, and the tool choice:
+    # frozen at its first dispatch, so a retry, its next turn, a move or a
+    # replay offers what the first attempt did whatever the catalog became.
+    # None: a run stored before steps froze them (the catalog as it is now).
+    tools: list[str] | None = None
+    tool_choice: str = ""
     # Placed on a pool with no ready worker (scaled to zero, or loading): the
     # seconds it was expected to wait for one (its ``waiting_capacity``
     # event); its deadline runs from then. 0: a worker was ready.

@@ -222,14 +222,28 @@ class Rules:
         """How many more tool calls the step may make (its agent's ``max_tool_calls``)."""
         return self.workflows[run.workflow].agents[st.agent].max_tool_calls - len(st.calls)
 
-    def offered(self, run: RunState, agent: str, st: StepState) -> tuple[list[ToolSpec], str]:
-        """The tools a step's next model turn is offered, and the choice; none
-        once the step made ``max_tool_calls`` calls (the model must answer)."""
-        spec = self.workflows[run.workflow].agents[agent]
-        if not spec.tools or spec.tool_choice == "none" or self.tool_room(run, st) <= 0:
+    def tools_now(self, workflow: str, agent: str) -> tuple[list[str], str]:
+        """The tools an agent is offered with the catalog as it is now, by
+        name, and the choice: what a step freezes at its first dispatch."""
+        spec = self.workflows[workflow].agents[agent]
+        if not spec.tools or spec.tool_choice == "none":
             return [], "none"
-        tools = [t for t in (self.tool_spec(n) for n in spec.tools) if t is not None]
-        return tools, spec.tool_choice if tools else "none"
+        names = [n for n in spec.tools if self.tool_spec(n) is not None]
+        return names, spec.tool_choice if names else "none"
+
+    def offered(self, run: RunState, st: StepState) -> tuple[list[ToolSpec], str]:
+        """The tools a step's next model turn is offered, and the choice: those
+        frozen into the step at its first dispatch (a tool whose pools have
+        all withdrawn it since is left out: nobody would run its calls); none
+        once the step made ``max_tool_calls`` calls (the model must answer)."""
+        if self.tool_room(run, st) <= 0:
+            return [], "none"
+        if st.tools is None:  # stored before steps froze their tools
+            names, choice = self.tools_now(run.workflow, st.agent)
+        else:
+            names, choice = st.tools, st.tool_choice
+        tools = [t for t in (self.tool_spec(n) for n in names) if t is not None]
+        return tools, choice if tools else "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,7 +376,7 @@ def _job(run: RunState, rules: Rules, now: float, step: str, st: StepState) -> D
     assert st.ref is not None
     wf = rules.workflows[run.workflow]
     agent = wf.agents[st.agent]
-    tools, choice = rules.offered(run, st.agent, st)
+    tools, choice = rules.offered(run, st)
     job = InferenceJob(
         job_id=keys.job_turn(keys.job(run.tenant, run.task_id, step), st.turn),
         task_id=run.task_id,
@@ -557,9 +571,10 @@ def _dispatch(
             timing=waterfall.begun(now),
             origin=ref,
         )
+        st.tools, st.tool_choice = rules.tools_now(run.workflow, p.agent)
         run.steps[p.step_id] = st
         if rules.pools is not None:
-            tools, _ = rules.offered(run, p.agent, st)
+            tools, _ = rules.offered(run, st)
             need = placement.step_need(run, agent, st, tools, rules.answer(run.workflow, p.agent))
             decision = placement.place(need, agent.eligible, agent.latency_target, rules.pools)
             chosen = decision.chosen
@@ -770,7 +785,7 @@ def result(
     st.usage, st.worker, st.cost_usd = st.usage + res.usage, res.worker, st.cost_usd + cost
     st.cached_tokens, st.ref = res.cached_tokens, res.ref or st.ref
     if st.session == run.session:  # the session grew by this turn, as the engine counted it
-        tools, _ = rules.offered(run, st.agent, st)
+        tools, _ = rules.offered(run, st)
         seen = res.usage.prompt_tokens + res.usage.completion_tokens
         fixed = placement.fixed_tokens(rules.workflows[run.workflow].agents[st.agent], tools)
         run.context_tokens = max(run.context_tokens, seen - fixed)
@@ -831,7 +846,7 @@ def _move(
     )
     if not too_long or rules.pools is None or len(agent.eligible) < 2:
         return None
-    tools, _ = rules.offered(run, st.agent, st)
+    tools, _ = rules.offered(run, st)
     need = placement.step_need(run, agent, st, tools, rules.answer(run.workflow, st.agent))
     decision = placement.move(need, agent.eligible, st.pool, rules.pools)
     chosen = decision.chosen
