@@ -179,6 +179,41 @@ async def test_an_erased_delivery_is_settled_without_an_ack(
     assert seen[2:] == [(b"c", 1)] and acks == [b"c"]
 
 
+async def _waited(cond) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(200):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not within 2 s")
+
+
+async def test_stopping_a_loops_handle_ends_that_loop_alone(door: Bus) -> None:
+    spec, subject = await _queue(door)
+    other_spec, other_subject = await _queue(door)
+    got: list[bytes] = []
+    other: list[bytes] = []
+
+    async def into(seen: list[bytes], d: Delivery) -> None:
+        seen.append(d.data)
+
+    first = door.consume(spec, lambda d: into(got, d))
+    beside = door.consume(other_spec, lambda d: into(other, d))
+    await door.publish(subject, b"1")
+    await _waited(lambda: got == [b"1"])
+    first.stop()
+    await asyncio.wait_for(first, 5)  # ended: awaiting it returns
+    await door.publish(subject, b"2")
+    await door.publish(other_subject, b"x")
+    await _waited(lambda: other == [b"x"])  # the other loop goes on
+    await asyncio.sleep(0.1)
+    assert got == [b"1"]  # the stopped one takes nothing more
+    second = door.consume(spec, lambda d: into(got, d))
+    await _waited(lambda: got == [b"1", b"2"])  # what it left is there for the next loop
+    second.stop()
+    beside.stop()
+    await asyncio.wait_for(asyncio.gather(second, beside), 5)
+
+
 async def _pass(door: Bus, seconds: float) -> None:
     """Let ``seconds`` pass: the twin's clock moves on at once, a real server's is waited out."""
     if isinstance(door, TwinBus):

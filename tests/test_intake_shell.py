@@ -6,11 +6,11 @@ conductor's hooks that free a slot when a run ends. On real processes:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from baton.bus import Consumption
 from proto.streams import task_consumer
 from services.orchestrator.conductor import Conductor
 from services.orchestrator.intake import Intake, TenantRoom
@@ -26,22 +26,19 @@ async def shell() -> AsyncIterator[Shell]:
     s.twin.stop()
 
 
-async def _pulling(shell: Shell, limits: TenantLimits) -> asyncio.Task[None]:
+async def _pulling(shell: Shell, limits: TenantLimits) -> Consumption:
     room = TenantRoom(Limiter(TenantLimits(), {TENANT: limits}), "count")
     old = shell.conductors[0]  # the same replica, built with the tenant's room
     c = shell.conductors[0] = Conductor(shell.twin, old.runs, old.workflows, old.s,
                                         clock=old.clock, check_limits=room.check,
                                         on_changed=room.changed)  # fmt: skip
     intake = Intake(shell.twin, c, room)
-    return asyncio.create_task(intake.run_tenant(task_consumer(TENANT), TENANT, concurrency=8))
+    return intake.run_tenant(task_consumer(TENANT), TENANT, concurrency=8)
 
 
-async def _stop(shell: Shell, loop: asyncio.Task[None]) -> None:
-    """Stop pulling (a loop waiting at a shut gate would look again within a second)."""
-    shell.twin.stop()
-    loop.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await loop
+async def _stop(shell: Shell, loop: Consumption) -> None:
+    loop.stop()
+    await asyncio.wait_for(loop, 5)
 
 
 def _types(shell: Shell, task_id: str) -> list[str]:

@@ -3,7 +3,7 @@ an idle loop does not re-ask every second, no more is asked for than the loop
 may take (its slots, its gate), a restarted nats-server is survived, a request
 lost without a word is noticed by its missing heartbeats, a request the server
 ends (409) is asked again without spinning, and a stopped loop leaves nothing
-reserved on the server."""
+reserved on the server; stopping one loop's handle ends that loop alone."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from baton.bus import Bus, Delivery, connect
+from baton.bus import Bus, Consumption, Delivery, connect
 from baton.dev.testing import http_json, secure_nats, uid
 from baton.natsd import NatsServer, free_port
 from proto.streams import ConsumerSpec, StreamSpec
@@ -54,7 +54,7 @@ def _in_msgs(server: NatsServer, name: str) -> int:
     return sum(c["in_msgs"] for c in conns if c.get("name") == name)
 
 
-async def _stop(bus: Bus, loop: asyncio.Task[None]) -> None:
+async def _stop(bus: Bus, loop: Consumption) -> None:
     bus.stop()
     with contextlib.suppress(Exception):
         await asyncio.wait_for(loop, 10)
@@ -65,7 +65,7 @@ async def test_an_idle_consumer_keeps_one_request_open(mon_nats: NatsServer, bus
     idle = await connect(mon_nats.url, name="pull-idle")
     got: list[float] = []
     try:
-        loop = asyncio.create_task(idle.consume(spec, lambda d: _note(got)))
+        loop = idle.consume(spec, lambda d: _note(got))
         await asyncio.sleep(1.0)
         before = _in_msgs(mon_nats, "pull-idle")
         await asyncio.sleep(6.0)
@@ -103,7 +103,7 @@ async def test_no_more_is_delivered_than_the_loop_has_slots_for(bus: Bus) -> Non
         await asyncio.sleep(0.3)
         done.append(d.data)
 
-    loop = asyncio.create_task(bus.consume(spec, slow, concurrency=2))
+    loop = bus.consume(spec, slow, concurrency=2)
     most = 0
     while len(done) < 10:
         info = await bus._js.consumer_info(spec.stream, spec.durable)
@@ -151,7 +151,7 @@ async def test_a_gate_that_shrinks_under_an_open_request_is_never_exceeded(bus: 
         done.append(d.data)
         gate.release()
 
-    loop = asyncio.create_task(bus.consume(spec, handle, gate=gate))
+    loop = bus.consume(spec, handle, gate=gate)
     await asyncio.sleep(0.5)  # a request for 5 is open
     gate.limit = 1  # e.g. another tenant borrowed the rest
     for i in range(3):
@@ -177,7 +177,7 @@ async def test_a_gate_that_shrinks_under_an_open_request_is_never_exceeded(bus: 
 async def test_the_loop_asks_again_after_nats_restarts(mon_nats: NatsServer, bus: Bus) -> None:
     spec, subject = await _queue(bus)
     got: list[float] = []
-    loop = asyncio.create_task(bus.consume(spec, lambda d: _note(got)))
+    loop = bus.consume(spec, lambda d: _note(got))
     await asyncio.sleep(0.5)
     mon_nats.restart()  # same port, same store; the open request is forgotten
     for _ in range(100):
@@ -197,17 +197,67 @@ async def test_a_stopped_loop_leaves_nothing_reserved(mon_nats: NatsServer, bus:
     spec, subject = await _queue(bus)  # ack_wait 30 s: a stranded message would wait that long
     first = await connect(mon_nats.url, name="pull-first")
     try:
-        loop = asyncio.create_task(first.consume(spec, lambda d: _note([])))
+        loop = first.consume(spec, lambda d: _note([]))
         await asyncio.sleep(0.5)
         await _stop(first, loop)  # its connection stays open
         got: list[float] = []
-        other = asyncio.create_task(bus.consume(spec, lambda d: _note(got)))
+        other = bus.consume(spec, lambda d: _note(got))
         await asyncio.sleep(0.3)
         took = await _delivered_in(bus, subject, got)
         await _stop(bus, other)
         assert took < 1.0
     finally:
         await first.close()
+
+
+async def test_stopping_a_handle_ends_that_loop_alone(bus: Bus) -> None:
+    """``stop()`` on one loop's handle: its open pull request is withdrawn (what
+    comes next goes to another loop at once, not to a request nobody reads
+    for ack_wait, 30 s), its handler in flight finishes and is acked, and a
+    loop on another consumer of the same bus goes on."""
+    spec, subject = await _queue(bus)
+    other_spec, other_subject = await _queue(bus)
+    release = asyncio.Event()
+    first: list[bytes] = []
+
+    async def held(d: Delivery) -> None:
+        first.append(d.data)
+        await release.wait()
+
+    later: list[float] = []
+    other: list[float] = []
+    a = bus.consume(spec, held, concurrency=4)  # one in flight, a request for 3 open
+    c = bus.consume(other_spec, lambda d: _note(other))
+    await bus.publish(subject, b"first")
+    for _ in range(100):
+        if first:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)
+    a.stop()
+    await asyncio.sleep(0.3)
+    for i in range(3):
+        await bus.publish(subject, f"later-{i}".encode())
+    await asyncio.sleep(0.3)
+    assert first == [b"first"]  # nothing more reached the stopped loop
+    assert not a.task.done()  # awaiting it waits for its handler  # type: ignore[union-attr]
+    b = bus.consume(spec, lambda d: _note(later))
+    for _ in range(100):
+        if len(later) == 3:
+            break
+        await asyncio.sleep(0.02)
+    assert len(later) == 3  # within 2 s: none stranded on the stopped loop's request
+    assert await _delivered_in(bus, other_subject, other) < 1.0  # the other consumer goes on
+    release.set()
+    await asyncio.wait_for(a, 5)
+    for _ in range(50):  # every message acked (the first by the stopped loop), none again
+        info = await bus._js.consumer_info(spec.stream, spec.durable)
+        if info.num_pending == info.num_ack_pending == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert (info.num_pending, info.num_ack_pending, len(first), len(later)) == (0, 0, 1, 3)
+    await _stop(bus, b)
+    await asyncio.wait_for(c, 5)
 
 
 class _LossyRelay:
@@ -278,7 +328,7 @@ async def test_a_request_lost_without_a_word_is_asked_again_when_its_heartbeats_
     try:
         relay.losing = True
         with structlog.testing.capture_logs() as logs:
-            loop = asyncio.create_task(lossy.consume(spec, handle))
+            loop = lossy.consume(spec, handle)
             await asyncio.sleep(0.5)
             relay.losing = False  # the next request gets through
             for i in range(5):
@@ -322,7 +372,7 @@ async def test_a_request_the_server_ends_is_asked_again_without_spinning(
 
     try:
         with structlog.testing.capture_logs() as logs:
-            loop = asyncio.create_task(loop_bus.consume(spec, handle))
+            loop = loop_bus.consume(spec, handle)
             await asyncio.sleep(0.5)
             before = _in_msgs(mon_nats, "pull-ended")
             await bus.delete_consumer(spec)

@@ -52,7 +52,7 @@ async def _work_stream(bus: Bus, max_deliver: int = 3) -> tuple[str, ConsumerSpe
 
 
 async def _run_until(bus: Bus, consumer: ConsumerSpec, handler, done: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
-    task = asyncio.create_task(bus.consume(consumer, handler))
+    task = bus.consume(consumer, handler)
     try:
         await asyncio.wait_for(done.wait(), 20)
     finally:

@@ -16,6 +16,8 @@ this module's ``__all__``, pinned by ``tests/test_bus_surface.py``.
   room (slots and gate; ``pull.py``), runs handlers concurrently, keeps long
   handlers alive with ``in_progress``, and turns each handler's outcome into
   ack / nak-with-delay / term (``consume.py``; the rule: ``outcomes.settlement``).
+  It returns a ``Consumption``: ``stop()`` ends that loop alone, awaiting it
+  waits until it has ended.
 * ``Bus.request`` / ``subscribe`` / ``notify`` / ``serve`` — core NATS, typed
   replies (``messaging.py``).
 * ``Bus.ordered`` / ``read_subject`` — replay a stream (and follow it live);
@@ -46,6 +48,7 @@ erasure that succeeded is the ack (JetStream settles a deleted message).
 
 from .client import Bus
 from .connection import connect, tls_context
+from .consume import Consumption
 from .delivery import (
     HDR_DLQ_REASON,
     HDR_DLQ_SUBJECT,
@@ -87,6 +90,7 @@ __all__ = [
     "BusClosed",
     "BusUnavailable",
     "Consumer",
+    "Consumption",
     "Delivery",
     "Entry",
     "Gate",

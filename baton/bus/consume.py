@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from typing import Any
 
 import nats.errors
 import structlog
@@ -21,6 +22,26 @@ from .outcomes import Outcome, settlement
 from .pull import CHECK_EVERY, MAX_BATCH, PullStream
 
 log = structlog.get_logger("baton.bus")
+
+
+class Consumption:
+    """One running pull loop, as ``Bus.consume`` returns it: ``stop()`` ends
+    this loop alone; awaiting it waits until the loop has ended (with
+    ``finish``, its handlers too) and raises what ended it."""
+
+    def __init__(self) -> None:
+        self.stopping = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def stop(self) -> None:
+        """Stop pulling: the open pull request is withdrawn and what arrived
+        but was not handed over is naked (redelivered); handlers in flight
+        go on (``finish``)."""
+        self.stopping.set()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        assert self.task is not None
+        return self.task.__await__()
 
 
 class Consuming(Messaging):
@@ -117,7 +138,7 @@ class Consuming(Messaging):
         except Exception as exc:  # the DLQ copy is best effort; the term stands
             log.warning("dead_letter_copy_failed", error=repr(exc))
 
-    async def consume(
+    def consume(
         self,
         spec: ConsumerSpec,
         handler: Handler,
@@ -129,22 +150,21 @@ class Consuming(Messaging):
         finish: bool = True,
         fetch_timeout: float = 0.05,
         idle_timeout: float = 1.0,
-    ) -> None:
-        """Pull and handle messages until ``stop()`` (or ``until()``, asked
-        when nothing arrived for ``fetch_timeout`` with handlers running, or
-        ``idle_timeout`` without); at most ``concurrency`` handlers run at
-        once, and no more are taken than ``gate.room()`` allows (a shut gate is
-        waited on). ``running``: the handler tasks, in a set the caller may
-        share between loops. ``finish``: in-flight handlers finish before it
-        returns (False: the caller drains them). One pull request stays open
-        for the free room (``baton.bus.pull``)."""
-        running = set() if running is None else running
-        try:
-            await self._consume_live(spec, handler, concurrency, gate, running, until,
-                                     fetch_timeout, idle_timeout)  # fmt: skip
-        finally:
-            if finish and running:
-                await asyncio.gather(*running, return_exceptions=True)
+    ) -> Consumption:
+        """Start a loop that pulls and handles messages until its handle's
+        ``stop()`` or the bus's (or ``until()``, asked when nothing arrived
+        for ``fetch_timeout`` with handlers running, or ``idle_timeout``
+        without: a drain); at most ``concurrency`` handlers run at once, and
+        no more are taken than ``gate.room()`` allows (a shut gate is waited
+        on). ``running``: the handler tasks, in a set the caller may share
+        between loops. ``finish``: in-flight handlers finish before the loop
+        ends (False: the caller drains them). One pull request stays open for
+        the free room (``baton.bus.pull``)."""
+        handle = Consumption()
+        handle.task = asyncio.create_task(self._consume(
+            spec, handler, concurrency, gate, set() if running is None else running, until,
+            finish, fetch_timeout, idle_timeout, handle.stopping))  # fmt: skip
+        return handle
 
     def _start(self, spec: ConsumerSpec, d: Delivery, handler: Handler, gate: Gate | None,
                running: set[asyncio.Task[None]], done: Callable[[asyncio.Task[None]], None]
@@ -155,16 +175,21 @@ class Consuming(Messaging):
         running.add(task)
         task.add_done_callback(done)
 
-    async def _consume_live(
+    async def _consume(
         self, spec: ConsumerSpec, handler: Handler, concurrency: int, gate: Gate | None,
-        running: set[asyncio.Task[None]], until: Callable[[], bool] | None,
-        fetch_timeout: float, idle_timeout: float,
+        running: set[asyncio.Task[None]], until: Callable[[], bool] | None, finish: bool,
+        fetch_timeout: float, idle_timeout: float, stopping: asyncio.Event,
     ) -> None:  # fmt: skip
         self._register(spec)
         wake = asyncio.Event()
         stream = PullStream(self._nc, self._api_prefix, spec, wake.set)
-        stopper = asyncio.ensure_future(self._stopping.wait())
-        stopper.add_done_callback(lambda _: wake.set())
+        stoppers = [asyncio.ensure_future(e.wait()) for e in (self._stopping, stopping)]
+        for stopper in stoppers:
+            stopper.add_done_callback(lambda _: wake.set())
+
+        def stopped() -> bool:
+            return self._stopping.is_set() or stopping.is_set()
+
         gating: list[asyncio.Task[None]] = []  # a gate.wait() in progress
 
         def done(task: asyncio.Task[None]) -> None:
@@ -176,7 +201,7 @@ class Consuming(Messaging):
             wake.set()
 
         try:
-            while not self._stopping.is_set():
+            while not stopped():
                 try:
                     await stream.open()
                     break
@@ -185,7 +210,7 @@ class Consuming(Messaging):
                 except Exception as exc:
                     log.warning("fetch_failed", consumer=spec.durable, error=repr(exc))
                     await asyncio.sleep(0.5)
-            while not self._stopping.is_set() and not self._nc.is_closed:
+            while not stopped() and not self._nc.is_closed:
                 wake.clear()
                 reason = stream.lost()
                 if reason:
@@ -224,7 +249,8 @@ class Consuming(Messaging):
                 if until is not None and stream.arrived == arrived and not stream.ready and until():
                     break
         finally:
-            stopper.cancel()
-            for task in gating:
+            for task in (*stoppers, *gating):
                 task.cancel()
             await stream.close()
+            if finish and running:
+                await asyncio.gather(*running, return_exceptions=True)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import structlog
 
-from baton.bus import Bus, Delivery
+from baton.bus import Bus, Consumption, Delivery
 from proto.errors import ErrorCode
 from proto.messages import TaskSubmit
 from proto.streams import ConsumerSpec
@@ -150,10 +150,10 @@ class Intake:
             else:
                 self.gate.adopt(tenant, seq, started, time.time())
 
-    async def run_tenant(self, spec: ConsumerSpec, tenant: str, *, concurrency: int) -> None:
-        """Pull ``tenant``'s tasks until the bus stops; in-flight handlers
-        finish before it returns."""
-        await self.bus.consume(
+    def run_tenant(self, spec: ConsumerSpec, tenant: str, *, concurrency: int) -> Consumption:
+        """Pull ``tenant``'s tasks until the bus or the handle stops;
+        in-flight handlers finish before the loop ends."""
+        return self.bus.consume(
             spec, lambda d: self._handle(tenant, d), concurrency=concurrency,
             gate=_TenantGate(self.gate, tenant), fetch_timeout=FETCH_BUSY, idle_timeout=FETCH_IDLE,
         )  # fmt: skip

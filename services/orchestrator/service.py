@@ -14,7 +14,7 @@ from pathlib import Path
 import structlog
 
 from baton.accounts import TENANT_STREAMS, tenant_api_prefix
-from baton.bus import Bus
+from baton.bus import Bus, Consumption
 from baton.dlq import MaxDeliveryWatch
 from baton.service import Health, ServiceApp
 from baton.settings import default_worker_id
@@ -267,12 +267,12 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
     await MaxDeliveryWatch(bus, [(c.stream, c.durable) for c in watched]).start()
     app = build_app(settings, health, Services(bus, runs, conductor, room, specs, known))
     catalog = await bus.ensure_bucket(streams.TOOL_CATALOG)
-    loops: dict[str, list[asyncio.Task[None]]] = {}  # per tenant added at run time
+    loops: dict[str, list[Consumption]] = {}  # per tenant added at run time
 
     def drop_tenant(t: str) -> None:
         """A deleted tenant: stop pulling its (erased) task stream."""
         for loop in loops.pop(t, []):
-            loop.cancel()
+            loop.stop()
 
     async def add_tenant(t: str, region: str) -> None:
         """A tenant created at run time: its streams (in its region) and
@@ -287,11 +287,9 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
         known.add(t)
         placed[t] = region
         loops[t] = [
-            asyncio.create_task(intake.run_tenant(
-                streams.task_consumer(t), t, concurrency=settings.task_concurrency)),
-            asyncio.create_task(
-                bus.consume(streams.input_consumer(t), conductor.on_input, concurrency=4)),
-        ]  # fmt: skip
+            intake.run_tenant(streams.task_consumer(t), t, concurrency=settings.task_concurrency),
+            bus.consume(streams.input_consumer(t), conductor.on_input, concurrency=4),
+        ]
         log.info("tenant_added", tenant=t, region=region or None)
 
     def own_creds() -> Callable[[set[str]], bool] | None:
