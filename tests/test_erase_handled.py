@@ -37,7 +37,7 @@ async def test_handled_messages_are_overwritten_only_with_erase_handled(
                 if b"TERMED" in d.data:
                     raise Term("poison", dead_letter=False)
 
-            loop = bus.consume(spec, handle, idle_timeout=0.2)
+            loop = bus.consume(spec, handle)
             for _ in range(50):
                 info = await bus._js.stream_info(name)
                 if info.state.messages == 1:

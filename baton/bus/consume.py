@@ -146,24 +146,19 @@ class Consuming(Messaging):
         concurrency: int = 64,
         gate: Gate | None = None,
         running: set[asyncio.Task[None]] | None = None,
-        until: Callable[[], bool] | None = None,
         finish: bool = True,
-        fetch_timeout: float = 0.05,
-        idle_timeout: float = 1.0,
     ) -> Consumption:
         """Start a loop that pulls and handles messages until its handle's
-        ``stop()`` or the bus's (or ``until()``, asked when nothing arrived
-        for ``fetch_timeout`` with handlers running, or ``idle_timeout``
-        without: a drain); at most ``concurrency`` handlers run at once, and
-        no more are taken than ``gate.room()`` allows (a shut gate is waited
-        on). ``running``: the handler tasks, in a set the caller may share
+        ``stop()`` or the bus's; at most ``concurrency`` handlers run at once,
+        and no more are taken than ``gate.room()`` allows (a shut gate is
+        waited on). ``running``: the handler tasks, in a set the caller may share
         between loops. ``finish``: in-flight handlers finish before the loop
         ends (False: the caller drains them). One pull request stays open for
         the free room (``baton.bus.pull``)."""
         handle = Consumption()
         handle.task = asyncio.create_task(self._consume(
-            spec, handler, concurrency, gate, set() if running is None else running, until,
-            finish, fetch_timeout, idle_timeout, handle.stopping))  # fmt: skip
+            spec, handler, concurrency, gate, set() if running is None else running, finish,
+            handle.stopping))  # fmt: skip
         return handle
 
     def _start(self, spec: ConsumerSpec, d: Delivery, handler: Handler, gate: Gate | None,
@@ -177,8 +172,7 @@ class Consuming(Messaging):
 
     async def _consume(
         self, spec: ConsumerSpec, handler: Handler, concurrency: int, gate: Gate | None,
-        running: set[asyncio.Task[None]], until: Callable[[], bool] | None, finish: bool,
-        fetch_timeout: float, idle_timeout: float, stopping: asyncio.Event,
+        running: set[asyncio.Task[None]], finish: bool, stopping: asyncio.Event,
     ) -> None:  # fmt: skip
         self._register(spec)
         wake = asyncio.Event()
@@ -241,13 +235,9 @@ class Consuming(Messaging):
                 elif gate is not None and room <= 0 < slots and not gating:  # the gate is shut
                     gating.append(asyncio.create_task(gate.wait()))
                     gating[0].add_done_callback(gate_waited)
-                arrived = stream.arrived
-                timeout = fetch_timeout if running else idle_timeout
                 with contextlib.suppress(TimeoutError):  # a local timer: look at reconnects
-                    async with asyncio.timeout(CHECK_EVERY if until is None else timeout):
+                    async with asyncio.timeout(CHECK_EVERY):
                         await wake.wait()
-                if until is not None and stream.arrived == arrived and not stream.ready and until():
-                    break
         finally:
             for task in (*stoppers, *gating):
                 task.cancel()

@@ -66,7 +66,6 @@ class PullStream:
         self.ready: deque[Delivery] = deque()  # delivered, not yet handed over
         self.outstanding = 0  # asked for and not yet delivered (nor ended)
         self.requests = 0  # pull requests sent (tests and benchmarks read it)
-        self.arrived = 0  # deliveries received
         self.failure = ""  # a status that ended requests without a count
         self._nc = nc
         self._next = f"{api_prefix}.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}"
@@ -87,7 +86,6 @@ class PullStream:
         status = headers.get(HDR_STATUS) if headers else None
         if not status:
             self.outstanding = max(0, self.outstanding - 1)
-            self.arrived += 1
             self.ready.append(Delivery(msg))
         elif status == "100":  # idle heartbeat: the request is alive
             return

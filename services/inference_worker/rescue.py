@@ -12,22 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import structlog
 
-from baton.bus import Bus
+from baton.bus import Bus, Consumption
 from proto.messages import Heartbeat
 from proto.streams import JOBS, ConsumerSpec, direct_owner
 
-# Pull ``spec`` until the callable says stop (checked when a fetch is empty).
-Pull = Callable[[ConsumerSpec, Callable[[], bool]], Awaitable[None]]
+# Start pulling ``spec`` (the worker's own loop).
+Pull = Callable[[ConsumerSpec], Consumption]
 
 log = structlog.get_logger("inference_worker.rescue")
-
-
-def never() -> bool:
-    return False
 
 
 class Peers:
@@ -100,12 +96,19 @@ class Rescuer:
 
     async def _drain(self, spec: ConsumerSpec, owner: str) -> None:
         log.info("rescuing_jobs", owner=owner, consumer=spec.durable)
+        loop = self.pull(spec)
         try:
-            await self.pull(spec, lambda: True)
+            # Dry: nothing waiting and nothing held (by this worker, or the dead one).
+            while not self.bus.stopping and await self.bus.pending(spec) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.bus.wait_stopped(), self.every)
+            loop.stop()
+            await loop
             await self.delete_if_empty(spec)
         except Exception as exc:  # another peer deleted it first, most likely
             log.info("rescue_ended", owner=owner, reason=repr(exc))
         finally:
+            loop.stop()
             self.active.discard(spec.durable)
 
     async def delete_if_empty(self, spec: ConsumerSpec) -> bool:

@@ -17,11 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import Callable
 
 import structlog
 
-from baton.bus import Bus, Delivery
+from baton.bus import Bus, Consumption, Delivery
 from baton.service import Health
 from proto import subjects
 from proto.messages import Cancel, Heartbeat
@@ -34,7 +33,7 @@ from .gpu import GpuMonitor
 from .gpuclock import GpuClock
 from .heartbeat import Beacon, Speeds, WarmSessions
 from .jobs import JobHandler
-from .rescue import Peers, Rescuer, never
+from .rescue import Peers, Rescuer
 from .settings import WorkerSettings
 from .supervisor import EngineSupervisor
 from .tokens import TokenPublisher
@@ -131,17 +130,16 @@ class Worker:
     def _admitted(self) -> None:
         self.waiting -= 1
 
-    async def pull(self, spec: ConsumerSpec, until: Callable[[], bool] = never) -> None:
-        """Fetch from ``spec`` while there is headroom, until the bus stops
-        (or ``until()`` says so, checked when a fetch comes back empty). Every
-        pull loop of the worker shares one admission budget and one set of
-        handler tasks (drained by ``_drain``)."""
+    def pull(self, spec: ConsumerSpec) -> Consumption:
+        """Fetch from ``spec`` while there is headroom, until the bus or the
+        handle stops. Every pull loop of the worker shares one admission
+        budget and one set of handler tasks (drained by ``_drain``)."""
 
         async def handle(d: Delivery) -> None:
             await self.jobs.handle(d, self._admitted)
 
-        await self.bus.consume(spec, handle, concurrency=sys.maxsize, gate=_Headroom(self),
-                          running=self._tasks, until=until, finish=False)  # fmt: skip
+        return self.bus.consume(spec, handle, concurrency=sys.maxsize, gate=_Headroom(self),
+                                running=self._tasks, finish=False)  # fmt: skip
 
     async def _drain(self) -> None:
         """After SIGTERM: let in-flight jobs finish within the grace period,

@@ -36,8 +36,7 @@ INPUTS_KEEP = 65_536  # input sizes noted for runs not started yet (bounded)
 
 log = structlog.get_logger("orchestrator")
 
-FETCH_BUSY = 0.05  # seconds: a batch's wait while handlers run
-FETCH_IDLE = 1.0  # seconds: one message's wait when nothing runs
+FETCH_IDLE = 1.0  # seconds: a shut gate looks again this often
 RECONCILE_EVERY = 2.0  # seconds between looks at runs held for long
 RECONCILE_AFTER = 5.0  # seconds a run is held before it is looked up
 
@@ -155,7 +154,7 @@ class Intake:
         in-flight handlers finish before the loop ends."""
         return self.bus.consume(
             spec, lambda d: self._handle(tenant, d), concurrency=concurrency,
-            gate=_TenantGate(self.gate, tenant), fetch_timeout=FETCH_BUSY, idle_timeout=FETCH_IDLE,
+            gate=_TenantGate(self.gate, tenant),
         )  # fmt: skip
 
     async def reconcile(self) -> None:
