@@ -28,9 +28,9 @@ MAX_MODULE_LINES = 450
 PUBLIC = {
     "DIRECT_LOOKUPS", "HDR_DLQ_REASON", "HDR_DLQ_SUBJECT", "HDR_EXPECTED_LAST_SUBJECT_SEQ",
     "HDR_MSG_ID", "HDR_TASK_ID", "HDR_TRACEPARENT", "TRANSIENT",
-    "Bucket", "Bus", "BusClosed", "BusUnavailable", "Consumer", "Consumption", "Delivery", "Entry", "Gate",
-    "Handler", "Message", "Nak", "NotFound", "Outcome", "Published", "Puller", "Request",
-    "Responder", "Settlement", "StreamState", "Subscription", "Term", "TransportError",
+    "Bucket", "Bus", "BusClosed", "BusUnavailable", "Consumer", "Consumption", "Delivery",
+    "Entry", "Gate", "Handler", "Message", "Nak", "NotFound", "Outcome", "Published", "Puller",
+    "Request", "Responder", "Settlement", "StreamState", "Subscription", "Term", "TransportError",
     "WrongLastSequence", "connect", "settlement", "tls_context",
 }  # fmt: skip
 
