@@ -29,6 +29,7 @@ from proto.streams import JOBS, RESULTS, TOKENS, ConsumerSpec, direct_consumer, 
 
 from . import metrics as m
 from .admission import Admission
+from .deltas import TokenPublisher
 from .engines.base import Engine
 from .gpu import GpuMonitor
 from .gpuclock import GpuClock
@@ -37,7 +38,6 @@ from .jobs import JobHandler
 from .rescue import Peers, Rescuer, never
 from .settings import WorkerSettings
 from .supervisor import EngineSupervisor
-from .tokens import TokenPublisher
 
 log = structlog.get_logger("inference_worker")
 
