@@ -21,8 +21,8 @@ import msgpack
 from baton.dev.inprocess import inprocess_worker
 from baton.dev.testing import Client, LocalStack, secure_nats, uid
 from bench.stats import median
+from services.inference_worker.deltas import STREAMS_PER_BASE
 from services.inference_worker.engines.vllm import VLLMEngine
-from services.inference_worker.tokens import STREAMS_PER_BASE
 
 CONCURRENCY = 32
 ROUNDS = 6

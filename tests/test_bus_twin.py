@@ -321,7 +321,7 @@ SHELLS = (
     "services/orchestrator/intake.py",
     "services/orchestrator/runs.py",
     "services/inference_worker/jobs.py",
-    "services/inference_worker/tokens.py",
+    "services/inference_worker/deltas.py",
     "baton/context_client.py",
 )
 # The real Bus's own logic, inherited by the twin and run on it as it is.

@@ -204,3 +204,23 @@ async def test_a_far_watchdog_sleeps_to_its_due_time_in_one_nak() -> None:
     assert await shell.handle(TIMERS)  # the deadline: the step is dispatched again
     run = await shell.run("t1")
     assert run is not None and run.steps["r1.wait"].attempt == 2
+
+
+async def test_a_task_id_has_one_terminal_event_whichever_copy_comes_first() -> None:
+    """A bad copy of a known task says nothing; a good copy of a refused task
+    runs nothing (on real processes: ``tests/test_fuzz_bus.py``)."""
+    shell = await Shell.start(WORKFLOWS)
+    good_first, bad_first = uid(), uid()
+    bad = {"max_usd": math.nan}
+    for n, (task_id, budget) in enumerate([(good_first, None), (good_first, bad),
+                                           (bad_first, bad), (bad_first, None)]):  # fmt: skip
+        body = {"tenant": TENANT, "task_id": task_id, "input": "x"}
+        if budget is not None:
+            body["budget"] = budget
+        await shell.twin.publish(subjects.tenant_task(TENANT, "chat"), msgpack.packb(body),
+                                 msg_id=f"{task_id}-{n}")  # fmt: skip
+        await shell.settle_all()
+    assert [e["type"] for e in shell.events(good_first)][-1] == "completed"
+    assert "failed" not in [e["type"] for e in shell.events(good_first)]
+    [failed] = shell.events(bad_first)
+    assert failed["type"] == "failed" and failed["error"]["code"] == "invalid_field"

@@ -23,7 +23,7 @@ from proto.messages import (
     WindowReply,
 )
 from proto.sizes import MAX_ATTACHMENT_BYTES, MAX_CONTEXT_MESSAGE_BYTES
-from services.context_store.tokens import estimate_tokens
+from services.context_store.counting import estimate_tokens
 from tests.ctx import append, ask, conversation, window
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from proto.messages import ChatMessage, Summary
-from services.context_store.tokens import MESSAGE_OVERHEAD, TokenCounter, estimate_tokens
+from services.context_store.counting import MESSAGE_OVERHEAD, TokenCounter, estimate_tokens
 from services.context_store.window import BudgetTooSmall, build_window
 
 

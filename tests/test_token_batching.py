@@ -14,7 +14,7 @@ import msgpack
 import pytest
 
 from baton.dev.testing import Client, LocalStack, secure_nats, uid
-from services.inference_worker.tokens import DEFAULT_CEILING, STREAMS_PER_BASE, batch_interval
+from services.inference_worker.deltas import DEFAULT_CEILING, STREAMS_PER_BASE, batch_interval
 
 BASE = 0.03  # BATON_TOKEN_INTERVAL's default
 TPS = 400  # a 128-token answer takes ~0.32 s: ~11 base intervals

@@ -35,6 +35,7 @@ from proto.messages import (
     Step,
     Usage,
 )
+from proto.submission import RateLimited
 from services.orchestrator import transitions as T
 from services.orchestrator.pools import Catalogue
 from services.orchestrator.scheduling import PoolNow
@@ -259,6 +260,27 @@ def test_a_rejected_tasks_claim_replays_nothing_whatever_message_finds_it() -> N
     answered = T.answer(claim, T.NewAnswer("yes", redelivered=True), RULES, 2.0, {})
     assert isinstance(answered, T.Transition) and answered.effects == []
     assert answered.note == "finished"
+
+
+def test_a_rejection_claims_a_free_id_and_says_nothing_about_a_copy_of_a_known_task() -> None:
+    """A refused task claims its id as a failed run with its one ``failed``
+    event; found again (its own message, redelivered) it says ``failed``
+    again without a new claim; a run of another message means it is a copy
+    of a known task: no claim, no event."""
+    r = RateLimited("over the limit", retry_after=2.5, tenant="acme", task_id="t1", session="s1")
+    first = T.reject(None, r, 7, 1.0)
+    claim = first.run
+    assert first.changed and claim.status == "failed" and claim.workflow == ""
+    assert (claim.tenant, claim.task_id, claim.session, claim.task_seq) == ("acme", "t1", "s1", 7)
+    assert claim.error == ErrorInfo.of(ErrorCode.RATE_LIMITED, "over the limit", 2.5)
+    assert events(first.effects) == ["failed"]
+    [said] = first.effects
+    assert isinstance(said, T.Emit) and said.key == keys.FAILED and said.event.ts == 1.0
+    again = T.reject(claim, r, 7, 2.0)
+    assert not again.changed and again.run is claim and events(again.effects) == ["failed"]
+    known = msgspec.structs.replace(claim, workflow="research", status="running", task_seq=3)
+    copy = T.reject(known, r, 7, 2.0)
+    assert not copy.changed and copy.effects == [] and copy.note == "duplicate_task"
 
 
 # -- any interleaving, on the real shell ------------------------------------

@@ -43,13 +43,13 @@ from proto.streams import (
     worker_consumer,
 )
 from services.inference_worker.admission import Admission
+from services.inference_worker.deltas import TokenPublisher
 from services.inference_worker.engines.sim import SimEngine
 from services.inference_worker.gpuclock import GpuClock
 from services.inference_worker.heartbeat import WarmSessions
 from services.inference_worker.jobs import JobHandler
 from services.inference_worker.settings import WorkerSettings
 from services.inference_worker.supervisor import EngineSupervisor
-from services.inference_worker.tokens import TokenPublisher
 from services.orchestrator.conductor import Conductor
 from services.orchestrator.runkeys import is_sealed, key_entry, unseal
 from services.orchestrator.runs import RunStore

@@ -37,8 +37,8 @@ from baton.bus import Bus, WrongLastSequence
 from proto import codec
 from proto.messages import ChatMessage, ForkOrigin, StoredAppend, Summary
 
+from .counting import estimate_tokens
 from .regions import TenantRegions
-from .tokens import estimate_tokens
 
 log = structlog.get_logger("context_store.history")
 

@@ -30,6 +30,7 @@ from proto.messages import ContextInvalidate
 from proto.streams import AUDIT, CONTEXT, CONTEXT_ATTACHMENTS, DOCUMENTS, ERASURES
 
 from .admin import Admin
+from .counting import TokenCounter
 from .errors import ContextError
 from .history import HistoryStore
 from .http import http_app
@@ -39,7 +40,6 @@ from .regions import TenantRegions
 from .retention import Retention, run_sweeper
 from .settings import ContextStoreSettings
 from .store import ContextStore
-from .tokens import TokenCounter
 
 log = structlog.get_logger("context_store")
 

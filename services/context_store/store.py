@@ -27,10 +27,10 @@ from proto.messages import (
 )
 from proto.sizes import MAX_CONTEXT_MESSAGE_BYTES, MAX_CONTEXT_RECORD_BYTES, MAX_FORK_DEPTH
 
+from .counting import TokenCounter
 from .errors import ContextError
 from .history import HistoryStore, Session
 from .refs import RefSigner
-from .tokens import TokenCounter
 from .window import BudgetTooSmall, build_window
 
 STRATEGIES = ("newest", "summary_tail")

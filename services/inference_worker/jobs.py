@@ -43,12 +43,12 @@ from proto.messages import (
 from . import metrics as m
 from . import spans
 from .attempts import Attempts
+from .deltas import TokenPublisher, TokenSink
 from .engines.base import EngineDead, EngineOOM, GenerationRequest, PromptTooLong, with_system
 from .engines.toolcalls import tools_in_use
 from .gpuclock import GpuClock
 from .heartbeat import Speeds, WarmSessions
 from .supervisor import EngineSupervisor, Flight
-from .tokens import TokenPublisher, TokenSink
 from .warm import prewarm
 
 log = structlog.get_logger("inference_worker")

@@ -28,6 +28,7 @@ from proto.streams import JOBS, RESULTS, TOKENS, ConsumerSpec, direct_consumer, 
 
 from . import metrics as m
 from .admission import Admission
+from .deltas import TokenPublisher
 from .engines.base import Engine
 from .gpu import GpuMonitor
 from .gpuclock import GpuClock
@@ -36,7 +37,6 @@ from .jobs import JobHandler
 from .rescue import Peers, Rescuer
 from .settings import WorkerSettings
 from .supervisor import EngineSupervisor
-from .tokens import TokenPublisher
 
 log = structlog.get_logger("inference_worker")
 

@@ -29,7 +29,6 @@ from proto.messages import (
     ContextAppendReply,
     ContextFork,
     ErrorInfo,
-    Failed,
     ForkReply,
     InferenceResult,
     InputAnswer,
@@ -407,34 +406,18 @@ class Conductor:
             log.warning("task_rejected_unaddressable", code=str(r.code), reason=r.message)
             return
         assert r.tenant is not None and r.task_id is not None
-        error = ErrorInfo.of(r.code, r.message, r.retry_after)
-        # The rejection claims the task id as a failed run: a task id has one
-        # terminal event, whichever of a bad and a good copy comes first.
-        claim = RunState(tenant=r.tenant, task_id=r.task_id, session=r.session or "",
-                         workflow="", task_seq=seq, status="failed", error=error,
-                         created_at=self.clock(), updated_at=self.clock())  # fmt: skip
+        now = self.clock()
+        out = T.reject(None, r, seq, now)
         try:
-            await self.runs.write(claim, None)
+            await self.runs.write(out.run, None)
         except RunConflict:
-            known = await self.runs.get(r.tenant, r.task_id)
-            if known is not None and known.task_seq != seq:
-                log.info("rejected_copy_of_known_task", code=str(r.code), task_id=r.task_id)
-                return
+            out = T.reject(await self.runs.get(r.tenant, r.task_id), r, seq, now)
+        if out.note == "duplicate_task":
+            log.info("rejected_copy_of_known_task", code=str(r.code), task_id=r.task_id)
+            return
         m.TASKS.labels(workflow if workflow in self._known else "unknown", "rejected").inc()
         log.info("task_rejected", code=str(r.code), reason=r.message, task_id=r.task_id)
-        event = Failed(
-            task_id=r.task_id,
-            tenant=r.tenant,
-            session=r.session or "",
-            ts=self.clock(),
-            error=error,
-        )
-        await self.bus.publish(
-            subjects.event(r.tenant, r.task_id),
-            event,
-            msg_id=keys.event(r.tenant, r.task_id, keys.FAILED),
-            task_id=r.task_id,
-        )
+        await self._perform(out.run, out.effects)
 
     async def on_task(self, d: Delivery) -> RunState:
         """Start (or resume) the task's run; returns the run as stored."""

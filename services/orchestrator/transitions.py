@@ -38,6 +38,7 @@ from proto.messages import (
     Usage,
 )
 from proto.sizes import MAX_INPUT_BYTES
+from proto.submission import TaskRejected
 from proto.tools import BUILTIN_SPECS
 
 from . import placement, waterfall
@@ -639,6 +640,28 @@ def start(run: RunState | None, task: NewTask, rules: Rules, now: float, ctx: Ct
     if look is not None:
         effects.append(Watch(look))
     return Transition(run, True, effects)
+
+
+def reject(run: RunState | None, r: TaskRejected, seq: int, now: float) -> Transition:
+    """A task refused at intake (``r`` names its tenant and task id), the
+    message at stream sequence ``seq``; ``run``: what its id holds. The
+    rejection claims the id as a failed run of no workflow (to store when
+    ``changed``), so a task id has one terminal event, whichever of a bad and
+    a good copy comes first. A run of another message means this one is a
+    copy of a known task: nothing to say (``duplicate_task``). Otherwise (no
+    run, or this message's own, redelivered) the ``failed`` event goes out."""
+    assert r.tenant is not None and r.task_id is not None, "an unaddressable rejection"
+    if run is not None and run.task_seq != seq:
+        return Transition(run, False, note="duplicate_task")
+    error = ErrorInfo.of(r.code, r.message, r.retry_after)
+    session = r.session or ""
+    failed = Failed(task_id=r.task_id, tenant=r.tenant, session=session, ts=now, error=error)
+    if run is not None:
+        return Transition(run, False, [Emit(keys.FAILED, failed)], note="rejected")
+    claim = RunState(tenant=r.tenant, task_id=r.task_id, session=session, workflow="",
+                     task_seq=seq, status="failed", error=error, created_at=now,
+                     updated_at=now)  # fmt: skip
+    return Transition(claim, True, [Emit(keys.FAILED, failed)], note="rejected")
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from baton.bus import Bus
 from proto import keys, subjects
 from proto.messages import InferenceJob, TokenDelta
 
-log = structlog.get_logger("inference_worker.tokens")
+log = structlog.get_logger("inference_worker.deltas")
 
 _PUBLISH_ATTEMPTS = 3
 # Open streams a tick of the base interval serves. Each delta costs ~80 µs in
