@@ -4,11 +4,22 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from baton.bus import Bus, connect
 from baton.dev.testing import Client, LocalStack, secure_nats
 from baton.natsd import NatsServer
 from tests.harness import nats_source
+
+
+@pytest.fixture(autouse=True)
+def _structlog_as_found() -> Iterator[None]:
+    """Each test leaves structlog as it found it. A test that runs the CLI
+    in-process (its ``main`` filters out everything below ERROR) would
+    otherwise silence the info logs later tests read (``capture_logs``)."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture(scope="session")
