@@ -76,6 +76,11 @@ async def test_a_deleted_tenant_stays_deleted_and_a_rotated_key_stays_new_across
         stdout, stderr = await asyncio.wait_for(out.communicate(), 90)
         assert out.returncode == 0, stderr.decode()
         assert b"tenant deleted" in stdout
+        # The orchestrator stops the loops it ran for it since its start
+        # (left running, they would ask the deleted stream forever).
+        up.wait_for('"tenant_loops_stopped"')
+        (stopped,) = [ln for ln in up.lines if '"tenant_loops_stopped"' in ln]
+        assert '"tenant": "doomed"' in stopped and '"loops": 2' in stopped, stopped
         old_key = (data / "tenants" / "acme.key").read_text().strip()
         out = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "baton.cli", "tenant", "rotate", "acme", "--data-dir", str(data),

@@ -267,12 +267,22 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
     await MaxDeliveryWatch(bus, [(c.stream, c.durable) for c in watched]).start()
     app = build_app(settings, health, Services(bus, runs, conductor, room, specs, known))
     catalog = await bus.ensure_bucket(streams.TOOL_CATALOG)
-    loops: dict[str, list[Consumption]] = {}  # per tenant added at run time
+    loops: dict[str, list[Consumption]] = {}  # per served tenant
+
+    def start_loops(t: str) -> list[Consumption]:
+        """A tenant's task and input loops, recorded so deleting it stops them."""
+        loops[t] = [
+            intake.run_tenant(streams.task_consumer(t), t, concurrency=settings.task_concurrency),
+            bus.consume(streams.input_consumer(t), conductor.on_input, concurrency=4),
+        ]
+        return loops[t]
 
     def drop_tenant(t: str) -> None:
         """A deleted tenant: stop pulling its (erased) task stream."""
-        for loop in loops.pop(t, []):
+        stopped = loops.pop(t, [])
+        for loop in stopped:
             loop.stop()
+        log.info("tenant_loops_stopped", tenant=t, loops=len(stopped))
 
     async def add_tenant(t: str, region: str) -> None:
         """A tenant created at run time: its streams (in its region) and
@@ -286,10 +296,7 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
             await bus.account(tenant_api_prefix(t)).ensure_stream(spec)
         known.add(t)
         placed[t] = region
-        loops[t] = [
-            intake.run_tenant(streams.task_consumer(t), t, concurrency=settings.task_concurrency),
-            bus.consume(streams.input_consumer(t), conductor.on_input, concurrency=4),
-        ]
+        start_loops(t)
         log.info("tenant_added", tenant=t, region=region or None)
 
     def own_creds() -> Callable[[set[str]], bool] | None:
@@ -332,16 +339,7 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
         health.ready, health.reason = True, "serving"
         try:
             await asyncio.gather(
-                *(
-                    intake.run_tenant(
-                        streams.task_consumer(t), t, concurrency=settings.task_concurrency
-                    )
-                    for t in tenants
-                ),
-                *(
-                    bus.consume(streams.input_consumer(t), conductor.on_input, concurrency=4)
-                    for t in tenants
-                ),
+                *(loop for t in tenants for loop in start_loops(t)),
                 bus.consume(streams.ORCHESTRATOR_TIMERS, conductor.on_timer, concurrency=64),
                 bus.consume(streams.ORCHESTRATOR_ERASURES, eraser.on_erasure, concurrency=4),
                 bus.consume(streams.ORCHESTRATOR_DEAD_TASKS, conductor.on_dead_task, concurrency=4),
