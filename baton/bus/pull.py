@@ -92,7 +92,8 @@ class PullStream:
         elif headers and HDR_PENDING in headers:  # 408 expired, 409 ended: n undelivered
             self.outstanding = max(0, self.outstanding - int(headers[HDR_PENDING]))
         else:  # e.g. 409 Consumer Deleted / Exceeded MaxWaiting, 400
-            self.failure = f"{status} {headers.get(HDR_DESCRIPTION, '') if headers else ''}"
+            description = headers.get(HDR_DESCRIPTION, "") if headers else ""
+            self.failure = " ".join(f"{status} {description}".split())  # one line in the log
         self._wake()
 
     async def request(self, n: int) -> None:

@@ -16,6 +16,7 @@ from tests.browser.conftest import shot
 from tests.console_stack import ConsoleEnv
 
 RESEARCH = "compare two sorting algorithms"  # the simulated validator accepts it
+REDRAWN = "() => document.querySelector('#waterfall') !== window.drawn"
 
 
 def _open_task(page: Any, task_id: str) -> None:
@@ -31,6 +32,12 @@ def _status(page: Any, status: str, timeout: float = 60_000) -> None:
              && document.querySelector('#task-status')?.textContent === s""", arg=status,
         timeout=timeout,
     )  # fmt: skip
+
+
+def _redrawn(page: Any) -> None:
+    """Wait for the task page's next redraw (a refresh replaces the waterfall)."""
+    page.evaluate("window.drawn = document.querySelector('#waterfall')")
+    page.wait_for_function(REDRAWN, timeout=15_000)
 
 
 def test_the_live_list_shows_a_research_task_and_the_waterfall_every_step_by_agent(
@@ -107,6 +114,11 @@ def test_parallel_streams_side_by_side_and_cancel_from_the_page(
     assert a["width"] > 0 and b["width"] > 0
     assert abs(a["y"] - b["y"]) < 2 and a["x"] != b["x"]  # side by side
     shot(page, "parallel-streams")
+    # A redraw keeps the boxes (a reader's scroll in them), redrawing only their heads.
+    box = "document.querySelector(\"[data-stream-box='r1.fan.alpha']\")"
+    page.evaluate(f"window.box = {box}")
+    _redrawn(page)
+    assert page.evaluate(f"{box} === window.box")
     shown = {s: page.locator(f"pre[data-stream='{s}']").inner_text()
              for s in ("r1.fan.alpha", "r1.fan.beta")}  # fmt: skip
     page.click("#cancel")
@@ -139,6 +151,11 @@ def test_an_input_step_is_answered_from_the_page(env: ConsoleEnv, browser_for: A
     _open_task(page, task_id)
     assert "Ship this draft?" in page.locator(".answer").inner_text()
     page.fill("#answer", "yes, ship it")
+    # The page redraws every 2 s while the task runs: what was typed, and the
+    # caret, survive it (they used to be wiped).
+    _redrawn(page)
+    assert page.input_value("#answer") == "yes, ship it"
+    assert page.evaluate("document.activeElement.id") == "answer"
     page.click("#answer-send")
     _status(page, "completed")
     doc = env.wait("acme", task_id, lambda d: d["status"] == "completed")

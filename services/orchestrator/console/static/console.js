@@ -259,9 +259,38 @@ function drawTask() {
   parts.push(h("div", { id: "detail-slot" }));
   parts.push(h("h2", {}, "Token streams"), h("div", { class: "streams", id: "streams" }));
   if (v.output) parts.push(h("h2", {}, "Output"), h("div", { class: "output", id: "output" }, v.output));
+  const kept = keepWhatIsOpen();
   app.replaceChildren(...parts);
+  if (kept.streams) document.getElementById("streams").replaceWith(kept.streams);
   drawStreams();
   if (task.open) openStep(task.open);
+  kept.restore();
+}
+
+// A redraw (every step event, every 2 s while running) must not take away
+// what a person is doing: text typed but not sent (the answer, a fork's
+// input), the caret, a context window opened, the stream boxes (their scroll).
+function keepWhatIsOpen() {
+  const key = (el) => `${el.closest("[data-step]")?.dataset.step || ""}|${el.id || el.className}`;
+  const typed = [...app.querySelectorAll("textarea, input")].filter((el) => el.value)
+    .map((el) => ({ key: key(el), value: el.value, focused: document.activeElement === el, start: el.selectionStart, end: el.selectionEnd }));
+  const context = document.getElementById("context");
+  const shown = context && context.childNodes.length ? { step: task.open, nodes: [...context.childNodes] } : null;
+  const streams = document.getElementById("streams");
+  return {
+    streams,
+    restore() {
+      const fresh = new Map([...app.querySelectorAll("textarea, input")].map((el) => [key(el), el]));
+      for (const t of typed) {
+        const el = fresh.get(t.key);
+        if (!el || el.value) continue;
+        el.value = t.value;
+        if (t.focused) { el.focus(); el.setSelectionRange(t.start, t.end); }
+      }
+      const box = document.getElementById("context");
+      if (shown && box && task.open === shown.step) box.replaceChildren(...shown.nodes);
+    },
+  };
 }
 
 function drawGraph(v) {
@@ -323,11 +352,17 @@ function drawStreams() {
   const order = task.view.steps.map((s) => s.id);
   const ids = [...task.text.keys()].sort((a, b) => order.indexOf(a) - order.indexOf(b));
   const running = new Set(task.view.steps.filter((s) => s.running).map((s) => s.id));
-  slot.replaceChildren(...ids.map((id) => {
+  const boxes = new Map([...slot.querySelectorAll("[data-stream-box]")].map((b) => [b.dataset.streamBox, b]));
+  slot.replaceChildren(...ids.map((id) => {  // a box already drawn is kept (its scroll), only its head redrawn
     const s = task.text.get(id);
-    return h("div", { class: "stream", "data-stream-box": id },
-      h("h3", {}, `${id} · ${s.agent}`, running.has(id) ? h("span", { class: "badge live" }, "live") : null),
-      h("pre", { "data-stream": id, "data-attempt": s.attempt }, s.text));
+    const head = h("h3", {}, `${id} · ${s.agent}`, running.has(id) ? h("span", { class: "badge live" }, "live") : null);
+    const box = boxes.get(id);
+    const pre = box && box.querySelector("pre");
+    if (pre && pre.dataset.attempt === s.attempt && pre.textContent === s.text) {
+      box.querySelector("h3").replaceWith(head);
+      return box;
+    }
+    return h("div", { class: "stream", "data-stream-box": id }, head, h("pre", { "data-stream": id, "data-attempt": s.attempt }, s.text));
   }));
   if (!ids.length) slot.append(h("p", { class: "muted" }, "No tokens streamed yet."));
 }
