@@ -22,7 +22,7 @@ import structlog
 from nacl.exceptions import CryptoError
 
 from baton import accounts, jwt, residency, sealing
-from baton.bus import Bus, connect
+from baton.bus import Bucket, Bus, WrongLastSequence, connect
 from baton.credentials import (
     SECRETS_FILE,
     Credentials,
@@ -47,8 +47,10 @@ class TenantError(RuntimeError):
 
 
 class TenantConflict(TenantError):
-    """A step the tenant's state forbids: a tenant that has history or
-    attachments is not moved to another region (HTTP 409)."""
+    """A step the tenant's state forbids (a tenant that has history or
+    attachments is not moved to another region), or one another replica's
+    step overtook (a rotation whose registry entry changed meanwhile): HTTP
+    409, the CLI exits non-zero."""
 
 
 class TenantUnavailable(TenantError):
@@ -302,6 +304,17 @@ def _revocations(creds: Credentials, account: str) -> dict[str, int]:
     return creds.revocations(account)
 
 
+_SET_ATTEMPTS: Final = 5
+"""Registry writes a step makes again from the fresh entry before giving up."""
+
+
+def _overtaken(tenant: str) -> TenantConflict:
+    return TenantConflict(
+        f"tenant {tenant!r} changed while this step ran (another replica rotated, suspended or "
+        "deleted it): nothing was changed here; read its state and run the step again"
+    )
+
+
 class TenantAdmin:
     """Lifecycle steps against the server at ``address`` (``nats://host:port``)."""
 
@@ -360,9 +373,17 @@ class TenantAdmin:
 
     # -- the registry ----------------------------------------------------------
 
-    async def _registry(self) -> Any:
+    async def _registry(self) -> Bucket:
         assert self.op is not None
         return await self.op.ensure_bucket(streams.TENANTS)
+
+    async def _entry(self, tenant: str) -> tuple[TenantState | None, int]:
+        """The tenant's registry entry as the stream's leader has it now,
+        and its revision (0: none): what a compare-and-set names."""
+        found = await (await self._registry()).get(tenant, consistent=True)
+        if found is None:
+            return None, 0
+        return TenantState.decode(tenant, found.value), found.revision
 
     async def list(self) -> dict[str, str]:
         """tenant -> state, for every tenant the registry or the keys know."""
@@ -381,31 +402,66 @@ class TenantAdmin:
         region: str | None = None,
         digest: str | None = None,
         keys: str | None = None,
+        *,
+        expect: int | None = None,
     ) -> None:
         """Record ``state``; the region stays what it was unless given, so
         do the API key's digest (unless ``digest``: a key just issued), the
         account when this admin lacks it, and the sealed keys (unless
         ``keys``: just made or rotated; an entry without any gets this
         admin's). A tenant of BATON_TENANTS never given a key here keeps the
-        digest of its configured key."""
-        assert self.op is not None
+        digest of its configured key.
+
+        A compare-and-set on the revision read: a write another replica's
+        overtook is made again from the fresh entry (suspend, resume, a
+        region, delete: what they keep is read again). ``expect``: the
+        revision the step was built on (a rotation's keys); a registry that
+        moved on since is a conflict, as is a write that loses.
+
+        Raises:
+            TenantConflict: ``expect`` is stale, or the entry kept changing.
+        """
         kv = await self._registry()
-        before = (await read_registry(self.op)).get(tenant)
+        for _ in range(_SET_ATTEMPTS):
+            before, revision = await self._entry(tenant)
+            if expect is not None and revision != expect:
+                raise _overtaken(tenant)
+            entry = self._merged(tenant, state, before, region, digest, keys)
+            try:
+                if revision:
+                    await kv.update(tenant, entry.encode(), revision)
+                else:
+                    await kv.create(tenant, entry.encode())
+                return
+            except WrongLastSequence:
+                if expect is not None:
+                    raise _overtaken(tenant) from None
+        raise _overtaken(tenant)
+
+    def _merged(
+        self,
+        tenant: str,
+        state: str,
+        before: TenantState | None,
+        region: str | None,
+        digest: str | None,
+        keys: str | None,
+    ) -> TenantState:
+        """The entry ``_set`` writes over ``before``."""
+        kept = before if before is not None and before.state != DELETED else None
         if digest is None:
-            digest = before.api_key if before is not None and before.state != DELETED else ""
+            digest = kept.api_key if kept else ""
         if not digest and (static := self.creds.api_keys.get(tenant)):
             digest = key_digest(static)
         if region is None:
-            region = before.region if before is not None and before.state != DELETED else ""
+            region = kept.region if kept else ""
         account = self.creds.nkeys.get(f"account:{tenant}")
         public = jwt.Key(account).public if account else (before.account if before else "")
         if keys is None:
-            keys = before.keys if before is not None and before.state != DELETED else ""
-            keys = keys or seal_keys(self.creds, tenant)
+            keys = (kept.keys if kept else "") or seal_keys(self.creds, tenant)
         if state == DELETED:
             digest = keys = ""
-        entry = TenantState(tenant, state, time.time(), digest, region, public, keys)
-        await kv.put(tenant, entry.encode())
+        return TenantState(tenant, state, time.time(), digest, region, public, keys)
 
     async def _accounts(self) -> dict[str, str]:
         """Every live tenant's account public key: from this admin's keys,
@@ -589,7 +645,8 @@ class TenantAdmin:
 
     async def _known(self, tenant: str, *, signs: bool = False) -> str:
         """The tenant's state. ``signs``: the step signs for the tenant's
-        account (a rotation), so this admin must hold its key.
+        account (a rotation), so this admin must hold its key (``_adopt``
+        it first).
 
         Raises:
             TenantError: no such tenant.
@@ -598,8 +655,6 @@ class TenantAdmin:
         state = await self.state(tenant)
         if state is None:
             raise TenantError(f"no tenant {tenant!r}")
-        if signs:
-            await self._adopt(tenant)
         if f"account:{tenant}" not in self.creds.nkeys:
             if signs:
                 raise KeysElsewhere(
@@ -611,21 +666,23 @@ class TenantAdmin:
                 raise TenantError(f"no tenant {tenant!r}")
         return state
 
-    async def _adopt(self, tenant: str) -> None:
+    async def _adopt(self, tenant: str) -> int:
         """Take the tenant's keys from its registry entry, where they are
         sealed: they are the latest (another replica may have created or
-        rotated the tenant; a pod's copy of the bundle forgets at a restart)."""
-        assert self.op is not None
-        entry = (await read_registry(self.op)).get(tenant)
+        rotated the tenant; a pod's copy of the bundle forgets at a restart).
+        Returns the entry's revision (0: none), which a step built on these
+        keys expects to overwrite."""
+        entry, revision = await self._entry(tenant)
         if entry is None or entry.state == DELETED or not entry.keys:
-            return  # (an entry of an older version: this admin's own keys, if any)
+            return revision  # (an entry of an older version: this admin's own keys, if any)
         opened = open_keys(self.creds, tenant, entry.keys)
         if all(self.creds.nkeys.get(k) == v for k, v in opened.items()):
-            return
+            return revision
         for field in _KEY_FIELDS:
             self.creds.nkeys.pop(f"{field}:{tenant}", None)
         self.creds.nkeys.update(opened)
         self.creds.save()
+        return revision
 
     async def set_region(self, tenant: str, region: str) -> None:
         """Give a tenant (one of BATON_TENANTS, or one created without) a
@@ -681,21 +738,38 @@ class TenantAdmin:
         await self._set(tenant, ACTIVE)
 
     async def rotate(self, tenant: str) -> Created:
-        """A new user nkey and ``.creds``, the old user revoked (refused by
-        the server); then a new HTTP API key, whose digest replaces the old
-        one's in the registry (every orchestrator refuses the old key)."""
+        """A new user nkey and a new HTTP API key, recorded in the registry
+        by a compare-and-set on the entry the tenant's keys were read from:
+        of two replicas rotating at once, one wins and the other changes
+        nothing (``TenantConflict``), so one set of keys is live. Then the
+        old user is revoked (refused by the server) and the ``.creds``
+        written; every orchestrator refuses the old key. (A push that fails
+        is finished by rotating again: the registry's keys revoke the old
+        user too.)
+
+        Raises:
+            TenantConflict: another step changed the tenant meanwhile.
+        """
+        revision = await self._adopt(tenant)
         state = await self._known(tenant, signs=True)
+        fields = (f"revocations:{tenant}", f"user:{tenant}")
+        before = {k: self.creds.nkeys[k] for k in fields if k in self.creds.nkeys}
         old = self.creds.keys().users[tenant].public
         revoked = _revocations(self.creds, tenant)
         revoked[old] = int(time.time()) + 1  # every JWT of that key, issued up to now
         self.creds.nkeys[f"revocations:{tenant}"] = json.dumps(revoked)
         self.creds.nkeys[f"user:{tenant}"] = jwt.new_seed(jwt.USER)
+        api_key, sealed = new_api_key(), seal_keys(self.creds, tenant)
+        try:
+            await self._set(tenant, state, digest=key_digest(api_key), keys=sealed, expect=revision)
+        except BaseException:  # this admin's keys stay the ones it read
+            for k in fields:
+                self.creds.nkeys.pop(k, None)
+            self.creds.nkeys.update(before)
+            raise
         self.creds.save()
         await self._push_tenant(tenant)
         self._write_files(tenant)
-        api_key = new_api_key()
-        await self._set(tenant, state, digest=key_digest(api_key),
-                        keys=seal_keys(self.creds, tenant))  # fmt: skip
         kept = self._replace_configured_key(tenant, api_key)
         return Created(creds_path(self.data_dir, tenant), api_key, kept)
 
