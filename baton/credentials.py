@@ -71,6 +71,10 @@ def new_secret(nbytes: int = 24) -> str:
     return "s" + secrets.token_hex(nbytes)
 
 
+_SAVED = ("cipher_key", "api_keys", "nkeys", "deleted", "regions", "bundle")
+"""The fields of ``Credentials`` its secrets file keeps."""
+
+
 @dataclass
 class Credentials:
     """The nkeys of the operator, accounts and users, the JetStream
@@ -102,12 +106,7 @@ class Credentials:
         creds = cls()
         if path.exists():
             doc = json.loads(path.read_text())
-            creds = cls(cipher_key=doc.get("cipher_key", ""),
-                        api_keys=dict(doc.get("api_keys", {})),
-                        nkeys=dict(doc.get("nkeys", {})),
-                        deleted=list(doc.get("deleted", [])),
-                        regions=list(doc.get("regions", [])),
-                        bundle=bool(doc.get("bundle")))  # fmt: skip
+            creds = cls(**{f: doc[f] for f in _SAVED if f in doc})
         creds.data_dir = Path(data_dir)
         tenants = creds.live(tenants)
         changed = creds.add_nkeys(tenants)
@@ -133,10 +132,8 @@ class Credentials:
     def save(self) -> None:
         """Rewrite the secrets file (0600)."""
         assert self.data_dir is not None
-        body: dict[str, object] = {"cipher_key": self.cipher_key,
-                                   "api_keys": self.api_keys, "nkeys": self.nkeys,
-                                   "deleted": sorted(set(self.deleted)),
-                                   "regions": sorted(set(self.regions))}  # fmt: skip
+        body = {f: getattr(self, f) for f in ("cipher_key", "api_keys", "nkeys")}
+        body |= {"deleted": sorted(set(self.deleted)), "regions": sorted(set(self.regions))}
         if self.bundle:
             body = {"bundle": True, **body}
             del body["cipher_key"]

@@ -105,11 +105,10 @@ def open_keys(creds: Credentials, tenant: str, sealed: str) -> dict[str, str]:
             (sealed under another one: rotated since).
     """
     try:
-        raw = sealing.unseal(sealing_key(creds), f"baton-tenant:{tenant}",
-                             base64.b64decode(sealed))  # fmt: skip
+        raw = sealing.unseal(sealing_key(creds), f"baton-tenant:{tenant}", base64.b64decode(sealed))
     except (ValueError, CryptoError) as exc:
-        raise KeysElsewhere(f"the registry's keys of tenant {tenant!r} do not open with this "
-                          "deployment's operator signing key") from exc  # fmt: skip
+        why = "do not open with this deployment's operator signing key"
+        raise KeysElsewhere(f"the registry's keys of tenant {tenant!r} {why}") from exc
     return {f"{f}:{tenant}": str(v) for f, v in json.loads(raw).items() if f in _KEY_FIELDS}
 
 
@@ -146,17 +145,19 @@ class TenantState:
     keys: str = dataclasses.field(default="", repr=False)
 
     def encode(self) -> bytes:
-        doc = {"state": self.state, "changed_at": self.changed_at, "api_key": self.api_key,
-               "region": self.region, "account": self.account, "keys": self.keys}  # fmt: skip
+        doc = dataclasses.asdict(self)
+        del doc["tenant"]  # the entry's key
         return json.dumps(doc).encode()
 
     @classmethod
     def decode(cls, tenant: str, value: bytes) -> TenantState:
         doc = json.loads(value)
-        state = doc.get("state")
-        return cls(tenant, state if state in STATES else ACTIVE, float(doc.get("changed_at", 0)),
-                   str(doc.get("api_key", "")), str(doc.get("region") or ""),
-                   str(doc.get("account") or ""), str(doc.get("keys") or ""))  # fmt: skip
+        state = doc.get("state") if doc.get("state") in STATES else ACTIVE
+        api_key, region, account, keys = (str(doc.get(f) or "") for f in _TEXT_FIELDS)
+        return cls(tenant, state, float(doc.get("changed_at", 0)), api_key, region, account, keys)
+
+
+_TEXT_FIELDS: Final = ("api_key", "region", "account", "keys")
 
 
 def live_keys(
@@ -207,8 +208,8 @@ class TenantKeys:
 async def read_registry(bus: Bus) -> dict[str, TenantState]:
     """Every tenant the registry records (deleted ones included)."""
     kv = await bus.ensure_bucket(streams.TENANTS)
-    return {e.key: TenantState.decode(e.key, e.value)
-            for e in await kv.entries(patient=True) if e.value and not e.deleted}  # fmt: skip
+    entries = await kv.entries(patient=True)
+    return {e.key: TenantState.decode(e.key, e.value) for e in entries if e.value and not e.deleted}
 
 
 def account_tenants(creds: Credentials) -> list[str]:
@@ -251,20 +252,23 @@ def check_admin_dir(data_dir: Path) -> Path:
     nkeys = doc.get("nkeys") or {}
     if not doc.get("bundle"):
         if "operator" not in nkeys:
-            raise AdminKeysError(f"{path} holds neither the operator's key "
-                                 "nor a tenant-admin bundle")  # fmt: skip
+            raise AdminKeysError(
+                f"{path} holds neither the operator's key nor a tenant-admin bundle"
+            )
         return Path(data_dir)
-    wanted = {f"signing:{accounts.OPERATOR_SIGNER}": "the operator's signing key",
-              f"signing:{accounts.BATON_ACCOUNT}": "BATON's signing key",
-              f"public:account:{accounts.BATON_ACCOUNT}": "BATON's public key",
-              f"user:{accounts.ORCHESTRATOR}": "the orchestrator's nkey"}  # fmt: skip
+    wanted = {
+        f"signing:{accounts.OPERATOR_SIGNER}": "the operator's signing key",
+        f"signing:{accounts.BATON_ACCOUNT}": "BATON's signing key",
+        f"public:account:{accounts.BATON_ACCOUNT}": "BATON's public key",
+        f"user:{accounts.ORCHESTRATOR}": "the orchestrator's nkey",
+    }
     missing = [what for k, what in wanted.items() if k not in nkeys]
     system = creds_path(Path(data_dir), accounts.SYSTEM_USER)
     if not system.exists():
         missing.append(f"the system user's .creds ({system})")
     if missing:
-        raise AdminKeysError(f"the tenant-admin bundle {data_dir} lacks {', '.join(missing)}: "
-                          "write it again with `baton nats-auth`")  # fmt: skip
+        lacks = f"the tenant-admin bundle {data_dir} lacks {', '.join(missing)}"
+        raise AdminKeysError(f"{lacks}: write it again with `baton nats-auth`")
     return Path(data_dir)
 
 
@@ -337,14 +341,15 @@ class TenantAdmin:
         self._admin_creds: Path | None = None
 
     async def __aenter__(self) -> TenantAdmin:
-        self.sys = await connect(self.address, name="baton-tenant-admin-sys",
-                                 creds=self.creds.creds_path(accounts.SYSTEM_USER))  # fmt: skip
+        sys_creds = self.creds.creds_path(accounts.SYSTEM_USER)
+        self.sys = await connect(self.address, name="baton-tenant-admin-sys", creds=sys_creds)
         op_creds = self.creds.creds_path(accounts.OPERATOR)
         if self.creds.bundle:  # no operator .creds in a bundle: a user of its own
             op_creds = self._admin_creds = self._mint_admin_user()
         try:
-            self.op = await connect(self.address, name="baton-tenant-admin",
-                                    replicas=self.replicas, creds=op_creds)  # fmt: skip
+            self.op = await connect(
+                self.address, name="baton-tenant-admin", replicas=self.replicas, creds=op_creds
+            )
         except BaseException:
             await self.__aexit__()
             raise
@@ -543,11 +548,12 @@ class TenantAdmin:
         self.creds.save()
         keys = self.creds.keys()
         if accounts.CONTEXT_STORE not in keys.users:  # a tenant-admin bundle
-            log.warning("context_store_creds_not_reissued", region=region,
-                        detail="render the store's .creds again and restart it")  # fmt: skip
+            again = "render the store's .creds again and restart it"
+            log.warning("context_store_creds_not_reissued", region=region, detail=again)
             return
-        store = accounts.user_creds(keys, accounts.CONTEXT_STORE,
-                                    account_tenants(self.creds), self.creds.regions)  # fmt: skip
+        store = accounts.user_creds(
+            keys, accounts.CONTEXT_STORE, account_tenants(self.creds), self.creds.regions
+        )
         write_private(self.creds.creds_path(accounts.CONTEXT_STORE), store)
 
     async def _push_baton(self) -> None:
@@ -556,9 +562,10 @@ class TenantAdmin:
         permissions for them: the orchestrator reconnects with it when the
         registry tells it of the change (nats-py re-reads the file)."""
         keys, tenants = await self._keys()
-        write_private(self.creds.creds_path(accounts.ORCHESTRATOR),
-                      accounts.user_creds(keys, accounts.ORCHESTRATOR, tenants,
-                                          self.creds.regions))  # fmt: skip
+        write_private(
+            self.creds.creds_path(accounts.ORCHESTRATOR),
+            accounts.user_creds(keys, accounts.ORCHESTRATOR, tenants, self.creds.regions),
+        )
         await self._push(accounts.baton_account_jwt(keys, tenants))
 
     # -- steps -------------------------------------------------------------------
@@ -593,8 +600,8 @@ class TenantAdmin:
         self._write_files(tenant)
         self._add_region(region)
         api_key = new_api_key()  # (a create resumed issues another: the first was never shown)
-        await self._set(tenant, ACTIVE, region or "", digest=key_digest(api_key),
-                        keys=seal_keys(self.creds, tenant))  # fmt: skip
+        sealed = seal_keys(self.creds, tenant)
+        await self._set(tenant, ACTIVE, region or "", digest=key_digest(api_key), keys=sealed)
         del self.creds.nkeys[marker]
         self.creds.save()
         await self.wait_served(tenant)
@@ -622,9 +629,8 @@ class TenantAdmin:
         raise TenantError(f"no orchestrator served tenant {tenant!r} within {timeout:g} s")
 
     def _write_files(self, tenant: str) -> None:
-        keys = self.creds.keys()
-        write_private(creds_path(self.data_dir, tenant),
-                      accounts.user_creds(keys, tenant, account_tenants(self.creds)))  # fmt: skip
+        user = accounts.user_creds(self.creds.keys(), tenant, account_tenants(self.creds))
+        write_private(creds_path(self.data_dir, tenant), user)
         write_private(self.data_dir / "tenants" / f"{tenant}.url", self.address + "\n")
 
     async def _delete_streams(self, tenant: str) -> None:
@@ -640,8 +646,9 @@ class TenantAdmin:
             try:
                 await bus.delete_stream(spec.name)
             except Exception as exc:  # a fault, its account unreachable: the revocation goes on
-                log.warning("tenant_stream_not_deleted", tenant=tenant, stream=spec.name,
-                            error=repr(exc))  # fmt: skip
+                log.warning(
+                    "tenant_stream_not_deleted", tenant=tenant, stream=spec.name, error=repr(exc)
+                )
 
     async def _known(self, tenant: str, *, signs: bool = False) -> str:
         """The tenant's state. ``signs``: the step signs for the tenant's
@@ -713,15 +720,15 @@ class TenantAdmin:
         old region: suspend the tenant first to rule that out.)"""
         assert self.op is not None
         try:
-            reply = await self.op.request(subjects.context_api("stats", tenant),
-                                          ContextStats(tenant=tenant), StatsReply,
-                                          timeout=10.0)  # fmt: skip
+            to = subjects.context_api("stats", tenant)
+            reply = await self.op.request(to, ContextStats(tenant=tenant), StatsReply, timeout=10.0)
         except Exception as exc:
-            raise TenantUnavailable(f"cannot tell whether tenant {tenant!r} has history: the "
-                                    f"context store did not answer ({exc!r})") from exc  # fmt: skip
+            why = f"the context store did not answer ({exc!r})"
+            raise TenantUnavailable(f"cannot tell whether {tenant!r} has history: {why}") from exc
         if reply.error is not None:
-            raise TenantUnavailable(f"the context store could not count {tenant!r}'s history: "
-                                    f"{reply.error.message}")  # fmt: skip
+            raise TenantUnavailable(
+                f"the context store could not count {tenant!r}'s history: {reply.error.message}"
+            )
         if reply.sessions or reply.attachments:
             raise TenantConflict(
                 f"tenant {tenant!r} has {reply.sessions} session(s) and {reply.attachments} "
@@ -805,9 +812,8 @@ class TenantAdmin:
             await self._known(tenant)
             account = (await self._accounts())[tenant]
             assert self.op is not None
-            reply = await self.op.request(subjects.context_api("delete", tenant),
-                                          ContextDelete(tenant=tenant), DeleteReply,
-                                          timeout=60.0)  # fmt: skip
+            to, erase = subjects.context_api("delete", tenant), ContextDelete(tenant=tenant)
+            reply = await self.op.request(to, erase, DeleteReply, timeout=60.0)
             if reply.error is not None:
                 raise TenantError(f"the context store did not erase {tenant!r}: {reply.error}")
             sessions = int(reply.sessions or 0)
@@ -831,13 +837,13 @@ class TenantAdmin:
         kept = self.creds.nkeys[marker]  # a public key (a seed, by an older version)
         subject = jwt.Key(kept).public if kept.startswith("S") else kept
         revoked = {"*": int(time.time()) + 1}
-        tombstone = jwt.account_jwt(self.creds.keys().operator_signer(), subject, tenant,
-                                    suspended=True, revocations=revoked)  # fmt: skip
+        signer = self.creds.keys().operator_signer()
+        tombstone = jwt.account_jwt(signer, subject, tenant, suspended=True, revocations=revoked)
         await self._push(tombstone, attempts=5)
         del self.creds.nkeys[marker]
         self.creds.save()
         await self._push_baton()
-        for path in (creds_path(self.data_dir, tenant), key_path(self.data_dir, tenant),
-                     self.data_dir / "tenants" / f"{tenant}.url"):  # fmt: skip
+        url = self.data_dir / "tenants" / f"{tenant}.url"
+        for path in (creds_path(self.data_dir, tenant), key_path(self.data_dir, tenant), url):
             path.unlink(missing_ok=True)
         return sessions

@@ -146,8 +146,9 @@ def add_routes(
         bus = svc.bus
         messages = [ChatMessage(role=m.role if m.role != "developer" else "system",
                                 content=m.text(), name=m.name) for m in history]  # fmt: skip
-        append = ContextAppend(tenant=tenant, session=session, msg_id=keys.seed(task_id),
-                               messages=messages)  # fmt: skip
+        append = ContextAppend(
+            tenant=tenant, session=session, msg_id=keys.seed(task_id), messages=messages
+        )
         reply = await context.ask(bus, APPEND, append, task_id=task_id)
         if reply.error is not None:
             raise ApiError(ErrorCode(reply.error.code), reply.error.message)

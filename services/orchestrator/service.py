@@ -187,9 +187,8 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
     tenants = []
     for t in settings.tenant_ids:
         if t in recorded and recorded[t].state == DELETED:
-            log.warning("tenant_deleted_skipped", tenant=t,
-                        reason="deleted by `baton tenant delete`; `baton tenant create` makes "
-                        "it anew")  # fmt: skip
+            anew = "deleted by `baton tenant delete`; `baton tenant create` makes it anew"
+            log.warning("tenant_deleted_skipped", tenant=t, reason=anew)
         else:
             tenants.append(t)
     regions = {t: entry.region for t, entry in recorded.items() if entry.region}
@@ -323,8 +322,9 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
         log.info("tenant_placed", tenant=t, region=region)
 
     async def run() -> None:
-        watcher = asyncio.create_task(_watch_backlog(bus, settings, hb, conductor.pools, known,
-                                                    conductor.tools.pools))  # fmt: skip
+        watcher = asyncio.create_task(
+            _watch_backlog(bus, settings, hb, conductor.pools, known, conductor.tools.pools)
+        )
         tool_watch = asyncio.create_task(conductor.tools.watch(catalog))
         reconciler = asyncio.create_task(intake.reconcile())
         registry = asyncio.create_task(
