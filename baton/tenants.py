@@ -207,8 +207,8 @@ class TenantKeys:
 
 async def read_registry(bus: Bus) -> dict[str, TenantState]:
     """Every tenant the registry records (deleted ones included)."""
-    kv = await bus.ensure_bucket(streams.TENANTS)
-    entries = await kv.entries(patient=True)
+    registry = await bus.ensure_bucket(streams.TENANTS)
+    entries = await registry.entries(patient=True)
     return {e.key: TenantState.decode(e.key, e.value) for e in entries if e.value and not e.deleted}
 
 
@@ -392,10 +392,10 @@ class TenantAdmin:
 
     async def list(self) -> dict[str, str]:
         """tenant -> state, for every tenant the registry or the keys know."""
-        kv = await self._registry()
+        registry = await self._registry()
         made = [t for t in account_tenants(self.creds) if _creating(t) not in self.creds.nkeys]
         out = dict.fromkeys(made, ACTIVE)
-        for entry in await kv.entries():
+        for entry in await registry.entries():
             if entry.value and not entry.deleted:
                 out[entry.key] = TenantState.decode(entry.key, entry.value).state
         return {t: s for t, s in sorted(out.items()) if s != DELETED}
@@ -426,7 +426,7 @@ class TenantAdmin:
         Raises:
             TenantConflict: ``expect`` is stale, or the entry kept changing.
         """
-        kv = await self._registry()
+        registry = await self._registry()
         for _ in range(_SET_ATTEMPTS):
             before, revision = await self._entry(tenant)
             if expect is not None and revision != expect:
@@ -434,9 +434,9 @@ class TenantAdmin:
             entry = self._merged(tenant, state, before, region, digest, keys)
             try:
                 if revision:
-                    await kv.update(tenant, entry.encode(), revision)
+                    await registry.update(tenant, entry.encode(), revision)
                 else:
-                    await kv.create(tenant, entry.encode())
+                    await registry.create(tenant, entry.encode())
                 return
             except WrongLastSequence:
                 if expect is not None:

@@ -146,7 +146,7 @@ class StreamReads(BusCore):
         ))  # fmt: skip
 
     # -- erasure from the raw store ------------------------------------------
-    # A purge, a work queue's ack, or a KV revision replaced under its history
+    # A purge, a work queue's ack, or a bucket revision replaced under its history
     # limit only unlink a message: its bytes stay in the block file until the
     # server compacts the block (never, for the last one). STREAM.MSG.DELETE
     # without no_erase overwrites them. So erasure deletes message by message

@@ -99,7 +99,7 @@ async def follow_tenants(
     ``keys``: the HTTP API's keys and suspended tenants (``live_keys``; a
     tenant's registry key accepted once it is served); without, the
     intake's suspended set alone."""
-    kv = await bus.ensure_bucket(streams.TENANTS)
+    registry = await bus.ensure_bucket(streams.TENANTS)
     keys = keys or TenantKeys({}, intake.suspended)
     started = time.time()
     listed: set[str] = set()  # every tenant the registry has, not deleted
@@ -137,7 +137,7 @@ async def follow_tenants(
 
     while True:
         try:
-            async for entry in kv.follow(inactive_threshold=30.0):
+            async for entry in registry.follow(inactive_threshold=30.0):
                 if entry.deleted or not entry.value:
                     continue
                 entry_state = TenantState.decode(entry.key, entry.value)
