@@ -503,8 +503,10 @@ def operator_auth(
         raise ValueError("tenant ids must be unique")
     if keys.operator is None:
         raise MissingKey("the server's configuration needs the operator's identity key")
-    preload = {keys.account(SYSTEM_ACCOUNT): system_account_jwt(keys),
-               keys.account(BATON_ACCOUNT): baton_account_jwt(keys, tenants)}  # fmt: skip
+    preload = {
+        keys.account(SYSTEM_ACCOUNT): system_account_jwt(keys),
+        keys.account(BATON_ACCOUNT): baton_account_jwt(keys, tenants),
+    }
     for t in tenants:
         preload[keys.account(t)] = tenant_account_jwt(
             keys, t, revocations=(revocations or {}).get(t)

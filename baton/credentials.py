@@ -208,8 +208,10 @@ class Credentials:
         made at run time are adopted first (``adopt``). Returns what -> file."""
         keys = self.keys()
         assert keys.operator is not None, "a bundle is written from the full keys"
-        nkeys = {f"signing:{h}": self.nkeys[f"signing:{h}"]
-                 for h in (accounts.OPERATOR_SIGNER, accounts.BATON_ACCOUNT)}  # fmt: skip
+        nkeys = {
+            f"signing:{h}": self.nkeys[f"signing:{h}"]
+            for h in (accounts.OPERATOR_SIGNER, accounts.BATON_ACCOUNT)
+        }
         for name in (accounts.BATON_ACCOUNT, accounts.SYSTEM_ACCOUNT):
             nkeys[f"public:account:{name}"] = keys.account(name)
         for user in (accounts.SYSTEM_USER, accounts.ORCHESTRATOR):

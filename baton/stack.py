@@ -180,9 +180,9 @@ class Stack:
         self.skipped = [t for t in self.tenants if t not in creds.live(self.tenants)]
         self.tenants = creds.live(self.tenants)
         if not self.tenants:
-            raise RuntimeError(f"every tenant of BATON_TENANTS ({', '.join(self.skipped)}) was "
-                               "deleted (`baton tenant delete`): list another, or make one "
-                               "anew with `baton tenant create`")  # fmt: skip
+            gone = f"every tenant of BATON_TENANTS ({', '.join(self.skipped)}) was deleted"
+            anew = "list another, or make one anew with `baton tenant create`"
+            raise RuntimeError(f"{gone} (`baton tenant delete`): {anew}")
 
     def _starting(self, url: str) -> list[str]:
         """What ``run_forever`` says while the services start."""

@@ -82,11 +82,9 @@ class GraphWorkflow:
         route = self._steps[sid].route
         if route is None:
             return None
-        return json.dumps({
-            "type": "object",
-            "properties": {route.field: {"type": "string", "enum": sorted(route.choices)}},
-            "required": [route.field],
-        })  # fmt: skip
+        choice = {"type": "string", "enum": sorted(route.choices)}
+        schema = {"type": "object", "properties": {route.field: choice}, "required": [route.field]}
+        return json.dumps(schema)
 
     def input_spec(self, step_id: str) -> InputSpec | None:
         """The ``input`` of an input step (None for an agent's step)."""
