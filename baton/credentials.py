@@ -156,8 +156,11 @@ class Credentials:
         none; True when one was added. A bundle gets only tenants' keys."""
         wanted: dict[str, str] = {}
         if not self.bundle:
-            wanted = {"operator": jwt.OPERATOR, f"signing:{accounts.OPERATOR_SIGNER}": jwt.OPERATOR,
-                      f"signing:{accounts.BATON_ACCOUNT}": jwt.ACCOUNT}  # fmt: skip
+            wanted = {
+                "operator": jwt.OPERATOR,
+                f"signing:{accounts.OPERATOR_SIGNER}": jwt.OPERATOR,
+                f"signing:{accounts.BATON_ACCOUNT}": jwt.ACCOUNT,
+            }
             for name in (accounts.BATON_ACCOUNT, accounts.SYSTEM_ACCOUNT):
                 wanted[f"account:{name}"] = jwt.ACCOUNT
             for identity in accounts.identities([]):
@@ -185,16 +188,16 @@ class Credentials:
     def keys(self) -> accounts.Keys:
         """The deployment's nkeys (operator, accounts, users)."""
 
-        def pick(prefix: str) -> dict[str, jwt.Key]:
-            return {
-                k[len(prefix) :]: jwt.Key(v) for k, v in self.nkeys.items() if k.startswith(prefix)
-            }
+        def under(p: str) -> dict[str, str]:
+            return {k.removeprefix(p): v for k, v in self.nkeys.items() if k.startswith(p)}
+
+        def pick(p: str) -> dict[str, jwt.Key]:
+            return {name: jwt.Key(seed) for name, seed in under(p).items()}
 
         operator = self.nkeys.get("operator")
-        publics = {k[len("public:account:"):]: v for k, v in self.nkeys.items()
-                   if k.startswith("public:account:")}  # fmt: skip
-        return accounts.Keys(jwt.Key(operator) if operator else None, pick("account:"),
-                             pick("user:"), pick("signing:"), publics)  # fmt: skip
+        ident = jwt.Key(operator) if operator else None
+        accts, users, signing = pick("account:"), pick("user:"), pick("signing:")
+        return accounts.Keys(ident, accts, users, signing, under("public:account:"))
 
     def write_admin_bundle(self, dest: Path, tenants: Sequence[str]) -> dict[str, Path]:
         """The tenant-admin bundle at ``dest``: what the tenant lifecycle

@@ -207,8 +207,11 @@ class Stack:
 
     def ports(self) -> list[tuple[int, str]]:
         """Every port this stack binds, with what binds it."""
-        ours = [(self.http_port, "orchestrator HTTP"), (self.http_port + 1, "context-store HTTP"),
-                (self.http_port + 2, "inference-worker HTTP")]  # fmt: skip
+        ours = [
+            (self.http_port, "orchestrator HTTP"),
+            (self.http_port + 1, "context-store HTTP"),
+            (self.http_port + 2, "inference-worker HTTP"),
+        ]
         if self.nats_url is None:
             ours = [(self.nats_port, "NATS"), (self.monitor_port, "NATS monitoring"), *ours]
         return ours
@@ -248,9 +251,12 @@ class Stack:
         else:  # the caller's NATS, one identity for every service
             url = self.nats_url
             urls = dict.fromkeys(MODULES, url)
-        ports = {accounts.ORCHESTRATOR: self.http_port, accounts.CONTEXT_STORE: self.http_port + 1,
-                 accounts.INFERENCE_WORKER: self.http_port + 2,
-                 accounts.TOOL_WORKER: self.http_port + 3}  # fmt: skip
+        ports = {
+            accounts.ORCHESTRATOR: self.http_port,
+            accounts.CONTEXT_STORE: self.http_port + 1,
+            accounts.INFERENCE_WORKER: self.http_port + 2,
+            accounts.TOOL_WORKER: self.http_port + 3,
+        }
         self.services = [
             ServiceProcess(
                 name, {**base, "BATON_NATS_URL": urls[name]}, ports[name], die_with_parent=True

@@ -131,8 +131,11 @@ class GraphWorkflow:
     def _output(self, run: RunState, fallback: str) -> str:
         if self.spec.output is None:
             return fallback
-        done = [(k, s) for k, s in run.steps.items()
-                if s.status == "done" and parse_step_id(k)[1] == self.spec.output]  # fmt: skip
+        done = [
+            (k, s)
+            for k, s in run.steps.items()
+            if s.status == "done" and parse_step_id(k)[1] == self.spec.output
+        ]
         return max(done, key=lambda kv: parse_step_id(kv[0])[0])[1].output if done else fallback
 
     def foreseen(self, run: RunState, step_id: str) -> StepPlan | None:
