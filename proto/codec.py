@@ -72,7 +72,7 @@ def convert(raw: Any, type_: type[T]) -> T:
 
 
 def decode_own(data: bytes, type_: type[T]) -> T:
-    """Decode bytes Baton itself encoded and stored (a run's state in KV),
+    """Decode bytes Baton itself encoded and stored (a run's state in its bucket),
     never input from outside: the nesting scan, a pure-Python pass over every
     item, is skipped (it was most of the cost of reading a run)."""
     decoder: msgspec.msgpack.Decoder[T] = _decoder(type_)  # type: ignore[arg-type]

@@ -179,13 +179,13 @@ class Accepted(_Event, tag="accepted"):
 
 class PoolPrediction(msgspec.Struct, omit_defaults=True, kw_only=True):
     """What the orchestrator predicted of a model step on the pool it chose,
-    before dispatch (services/orchestrator/scheduling.py): the KV tokens it
+    before dispatch (services/orchestrator/scheduling.py): the KV-cache tokens it
     needs (window + ``max_tokens``), the seconds it waits for a slot (a cold
     start included when the pool is at zero), runs, the GPU-seconds it is
     charged and their cost. ``output_tokens``: the answer length the run
     time was predicted with; ``learnt``: from the agent's past answers (an
     upper quantile, at most ``max_tokens``), else ``max_tokens`` itself (the
-    KV need always counts ``max_tokens``)."""
+    KV-cache need always counts ``max_tokens``)."""
 
     kv_tokens: int
     wait_s: float
@@ -699,7 +699,7 @@ class AuditRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
 
 
 class ToolCatalog(msgspec.Struct, omit_defaults=True, kw_only=True):
-    """KV ``baton-tools`` entry ``<pool>``: the tools a tool pool serves, as
+    """Bucket ``baton-tools`` entry ``<pool>``: the tools a tool pool serves, as
     its workers last wrote them (the orchestrator offers these to models)."""
 
     pool: str

@@ -1,4 +1,4 @@
-"""Stream, consumer and KV bucket definitions (pure data; the transport
+"""Stream, consumer and bucket definitions (pure data; the transport
 turns them into JetStream configuration)."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class BucketSpec:
     history: int = 1
     ttl: float = 0.0
     description: str = ""
-    # Entries can be erased from the raw store: deletes allowed on the KV's
+    # Entries can be erased from the raw store: deletes allowed on the bucket's
     # stream, and the history kept long enough that no revision is ever
     # dropped by the history limit (which unlinks without overwriting).
     erasable: bool = False
@@ -119,7 +119,7 @@ def task_consumer(tenant: str) -> ConsumerSpec:
         # whose ack was lost in a NATS restart, comes back this soon (a live
         # handler extends it with in_progress every ack_wait / 3).
         ack_wait=10.0,
-        # Intake needs the run store: a KV leader election (15-20 s seen in the
+        # Intake needs the run store: a bucket's leader election (15-20 s seen in the
         # chaos tier) must not use up the deliveries. The back-off (0.5 s
         # doubling, at most 30 s) over 10 deliveries waits ~2 min; a poison
         # task is terminated on its first delivery whatever this says.
@@ -304,7 +304,7 @@ TENANT_TOKENS = StreamSpec(
 def tenant_streams(tenant: str, region: str | None = None) -> tuple[StreamSpec, ...]:
     """Every stream that holds only ``tenant``'s data, placed in its region:
     its task stream (in BATON's account), then its account's own copies of
-    its events and tokens. (No KV bucket is per tenant: the run store, the
+    its events and tokens. (No bucket is per tenant: the run store, the
     registry and the shared streams are one for all, ``docs/security.md``.)"""
     return tuple(placed(s, region) for s in (tenant_tasks(tenant), TENANT_EVENTS, TENANT_TOKENS))
 

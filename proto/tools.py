@@ -63,8 +63,8 @@ def check_tool_name(name: str, mcp_servers: set[str] | frozenset[str]) -> str | 
         return None
     parts = mcp_parts(name)
     if parts is None:
-        return (f"unknown tool {name!r}: built-in tools are {sorted(BUILTIN_TOOLS)}, "
-                "MCP tools are mcp.<server>.<tool>")  # fmt: skip
+        mcp = "MCP tools are mcp.<server>.<tool>"
+        return f"unknown tool {name!r}: built-in tools are {sorted(BUILTIN_TOOLS)}, {mcp}"
     if parts[0] not in mcp_servers:
         return f"tool {name!r} names MCP server {parts[0]!r}, which BATON_MCP_SERVERS does not"
     return None

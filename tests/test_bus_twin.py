@@ -331,12 +331,12 @@ INHERITED = {"consume", "settle", "dead_letter", "erase", "provision", "stop", "
 
 def _door_uses(path: Path) -> set[str]:
     """Attributes the module reads off a bus or a KV bucket (``bus.X``,
-    ``self.bus.X``, ``self.kv.X``)."""
+    ``self.bus.X``, ``self.bucket.X``)."""
     used = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Attribute):
             owner = ast.unparse(node.value)
-            if owner in ("bus", "self.bus", "self.kv"):
+            if owner in ("bus", "self.bus", "self.bucket"):
                 used.add(node.attr)
     return used
 

@@ -108,9 +108,9 @@ async def test_entries_are_sealed_and_a_destroyed_key_leaves_no_revision_readabl
     snap = await store.write(run, None)
     run.output = secret
     snap = await store.write(run, snap.revision)
-    stored = await store.kv.get(run.key)
+    stored = await store.bucket.get(run.key)
     assert stored is not None and is_sealed(stored.value) and secret.encode() not in stored.value
-    other = RunStore(store.kv)  # another replica: reads the key from the bucket
+    other = RunStore(store.bucket)  # another replica: reads the key from the bucket
     got = await other.get("acme", run.task_id)
     assert got is not None and got.output == secret
     assert [r.output for r in await other.list("acme")].count(secret) == 1
@@ -118,12 +118,12 @@ async def test_entries_are_sealed_and_a_destroyed_key_leaves_no_revision_readabl
     run.status, run.output = ERASED, ""
     await store.write(run, snap.revision)
     assert await store.keys.destroy(run.key) == 1
-    assert await store.kv.get(key_entry(run.key)) is None
-    assert await RunStore(store.kv).keys.get(run.key) is None
+    assert await store.bucket.get(key_entry(run.key)) is None
+    assert await RunStore(store.bucket).keys.get(run.key) is None
     with pytest.raises(CryptoError):  # the revision with the output, its key gone
         unseal(new_key(), run.key, stored.value)
     # A replica that reads a sealed revision (a lagging one) sees the tombstone.
-    gone = codec.decode(await RunStore(store.kv).plain(run.key, stored.value), RunState)
+    gone = codec.decode(await RunStore(store.bucket).plain(run.key, stored.value), RunState)
     assert (gone.status, gone.output) == (ERASED, "")
 
 

@@ -4,7 +4,7 @@ this module's ``__all__``, pinned by ``tests/test_bus_surface.py``.
 
 * ``connect`` — connect with reconnect, or raise ``BusUnavailable`` clearly
   (``connection.py``; the coalescing socket writer: ``flusher.py``).
-* ``Bus.provision`` — create/update streams, consumers and KV buckets
+* ``Bus.provision`` — create/update streams, consumers and buckets
   idempotently, retrying JetStream's transient "error creating store"
   (``provision.py``, configurations in ``config.py``).
 * ``Bus.publish`` — JetStream publish with ``Nats-Msg-Id``, ``Baton-Task-Id``
@@ -26,8 +26,8 @@ this module's ``__all__``, pinned by ``tests/test_bus_surface.py``.
   ``stream_info``, ``subjects``, ``get_msg``, ``last_msg``, ``publish_if_last``,
   ``purge``; ``erase_messages`` / ``erase_subject`` overwrite the raw store
   (``streams.py``).
-* ``Bucket`` (from ``Bus.ensure_bucket``) — KV reads, compare-and-set writes,
-  watches, erasure of replaced revisions (``kv.py``).
+* ``Bucket`` (from ``Bus.ensure_bucket``) — reads, compare-and-set writes,
+  watches, erasure of replaced revisions (``bucket.py``).
 * ``Bus.account(prefix)`` — the same helpers on another account's JetStream.
 
 Errors callers act on arrive as ``NotFound``, ``WrongLastSequence``,
@@ -46,6 +46,7 @@ On a consumer with ``erase_handled`` the message is erased first, and an
 erasure that succeeded is the ack (JetStream settles a deleted message).
 """
 
+from .bucket import Bucket, Entry
 from .client import Bus
 from .connection import connect, tls_context
 from .consume import Consumption
@@ -71,7 +72,6 @@ from .errors import (
     TransportError,
     WrongLastSequence,
 )
-from .kv import Bucket, Entry
 from .outcomes import Nak, Outcome, Settlement, Term, settlement
 from .streams import DIRECT_LOOKUPS
 from .types import Consumer, Message, Published, StreamState, Subscription

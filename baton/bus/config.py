@@ -1,4 +1,4 @@
-"""Streams, consumers and KV buckets as nats-py configurations (from the
+"""Streams, consumers and buckets as nats-py configurations (from the
 pure specs in ``proto/streams.py``), and the retry of a provisioning step
 while JetStream elects a leader or its store races."""
 
@@ -48,7 +48,7 @@ def _stream_config(spec: StreamSpec, replicas: int) -> api.StreamConfig:
 
 
 def _bucket_config(spec: BucketSpec, replicas: int, tags: tuple[str, ...] = ()) -> api.StreamConfig:
-    """The stream of an erasable KV bucket: nats-py's own KV settings except
+    """The stream of an erasable bucket: nats-py's own bucket settings except
     that messages may be deleted (which ``create_key_value`` forbids, and a
     stream can never be changed to allow later)."""
     return api.StreamConfig(

@@ -117,8 +117,8 @@ class Consuming(Messaging):
             else:
                 await self.dead_letter(spec, delivery, s.reason)
         finally:
-            MESSAGES_HANDLED.labels(spec.durable, "nak" if s.action == "nak" else
-                                    "ack" if s.action == "ack" else "term").inc()  # fmt: skip
+            outcome = s.action if s.action in ("ack", "nak") else "term"
+            MESSAGES_HANDLED.labels(spec.durable, outcome).inc()
 
     async def dead_letter(self, spec: ConsumerSpec, delivery: Delivery, reason: str) -> None:
         """Terminate ``delivery`` and keep a copy on ``baton.dlq.<consumer>``."""

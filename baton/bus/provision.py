@@ -1,4 +1,4 @@
-"""Provisioning: create or update streams, consumers and KV buckets,
+"""Provisioning: create or update streams, consumers and buckets,
 idempotently, from every replica."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from nats.js.kv import KeyValue
 
 from proto.streams import BucketSpec, ConsumerSpec, StreamSpec, placed, region_tags
 
+from .bucket import Bucket
 from .config import (
     _STREAM_EXISTS_ERR,
     _bucket_config,
@@ -21,7 +22,6 @@ from .config import (
     _stream_config,
 )
 from .consume import Consuming
-from .kv import Bucket
 
 log = structlog.get_logger("baton.bus")
 
@@ -65,7 +65,7 @@ class Provisioning(Consuming):
         await _retry_store_race(lambda: self._js.add_consumer(spec.stream, config))
 
     async def ensure_bucket(self, spec: BucketSpec) -> Bucket:
-        """Create the KV bucket if missing; ``spec.erasable``: with deletes
+        """Create the bucket if missing; ``spec.erasable``: with deletes
         allowed on its stream, so replaced revisions can be erased."""
         if spec.erasable:
             kv, erasable = await self._ensure_erasable_bucket(spec)
@@ -108,7 +108,7 @@ class Provisioning(Consuming):
         log.info("bucket_placed", bucket=spec.name, tags=tags)
 
     async def open_bucket(self, spec: BucketSpec) -> Bucket | None:
-        """The KV bucket if it exists (None if not), without creating it: for
+        """The bucket if it exists (None if not), without creating it: for
         an identity that may read a bucket but not define it. A service opens
         it as it starts, so JetStream briefly without a leader is waited out
         as provisioning does (a context store restarted during a cluster
@@ -137,7 +137,7 @@ class Provisioning(Consuming):
                 return sorted(names)
 
     async def _ensure_erasable_bucket(self, spec: BucketSpec) -> tuple[KeyValue, bool]:
-        """The bucket's KV, and whether its stream allows deletes."""
+        """The bucket's nats-py handle, and whether its stream allows deletes."""
         config = _bucket_config(spec, self.replicas, region_tags(self.home_region))
 
         async def ensure() -> tuple[KeyValue, bool]:
@@ -150,7 +150,7 @@ class Provisioning(Consuming):
                 info = await self._js.stream_info(spec.stream)
                 if info.config.deny_delete:
                     # Created before erasure support: deletes can never be allowed
-                    # on it. It keeps working; erasure falls back to KV purges.
+                    # on it. It keeps working; erasure falls back to purges.
                     log.warning("bucket_not_erasable", bucket=spec.name)
                     erasable = False
                 else:

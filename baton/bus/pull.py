@@ -60,8 +60,9 @@ class PullStream:
     """One consumer's inbox and its open pull requests. ``wake`` is called
     whenever something arrives that the loop should look at."""
 
-    def __init__(self, nc: NATS, api_prefix: str, spec: ConsumerSpec,
-                 wake: Callable[[], None]) -> None:  # fmt: skip
+    def __init__(
+        self, nc: NATS, api_prefix: str, spec: ConsumerSpec, wake: Callable[[], None]
+    ) -> None:
         self.spec = spec
         self.ready: deque[Delivery] = deque()  # delivered, not yet handed over
         self.outstanding = 0  # asked for and not yet delivered (nor ended)

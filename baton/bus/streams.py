@@ -141,12 +141,13 @@ class StreamReads(BusCore):
             deliver_policy=api.DeliverPolicy.NEW if new else policy,
             opt_start_seq=start_seq or None,
         )
-        return Subscription(await self._js.subscribe(
+        sub = await self._js.subscribe(
             subject, stream=stream, ordered_consumer=True, config=config, cb=callback(cb)
-        ))  # fmt: skip
+        )
+        return Subscription(sub)
 
     # -- erasure from the raw store ------------------------------------------
-    # A purge, a work queue's ack, or a KV revision replaced under its history
+    # A purge, a work queue's ack, or a bucket revision replaced under its history
     # limit only unlink a message: its bytes stay in the block file until the
     # server compacts the block (never, for the last one). STREAM.MSG.DELETE
     # without no_erase overwrites them. So erasure deletes message by message

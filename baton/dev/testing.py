@@ -303,9 +303,10 @@ class Client:
         """Replay a task's events from the start until a terminal one."""
         got: list[dict[str, Any]] = []
         sub = await self.js.subscribe(
-            f"baton.events.{tenant}.{task_id}", ordered_consumer=True,
+            f"baton.events.{tenant}.{task_id}",
+            ordered_consumer=True,
             config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-        )  # fmt: skip
+        )
         try:
             async with asyncio.timeout(timeout):
                 while True:
@@ -360,8 +361,9 @@ class Follower:
             if fut is not None and not fut.done():
                 fut.set_result(ev)
 
-    async def run(self, workflow: str, body: dict[str, Any], *, timeout: float = 30.0
-                  ) -> dict[str, Any]:  # fmt: skip
+    async def run(
+        self, workflow: str, body: dict[str, Any], *, timeout: float = 30.0
+    ) -> dict[str, Any]:
         """Submit (``body["tenant"]`` is the follower's) and return the terminal event."""
         task_id = body["task_id"]
         fut = asyncio.get_running_loop().create_future()

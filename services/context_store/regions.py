@@ -1,5 +1,5 @@
 """Where each tenant's histories and attachments live: its region, read from
-the tenant registry (KV ``baton-tenants``, written by ``baton tenant``) and
+the tenant registry (bucket ``baton-tenants``, written by ``baton tenant``) and
 followed as it changes, mapped to streams and subjects by
 ``proto.streams.context_home`` — the one map every part of the store uses.
 
@@ -59,8 +59,8 @@ class TenantRegions:
     async def start(self) -> None:
         """Provision the pair of every region the registry names (the
         ``.creds`` this process connected with cover them)."""
-        kv = await self._registry()
-        for e in await kv.entries(patient=True) if kv is not None else []:
+        registry = await self._registry()
+        for e in await registry.entries(patient=True) if registry is not None else []:
             if e.value and not e.deleted:
                 entry = TenantState.decode(e.key, e.value)
                 self._region[e.key] = entry.region
@@ -88,8 +88,8 @@ class TenantRegions:
         """The tenant's region ("" for none), from the registry on first sight."""
         region = self._region.get(tenant)
         if region is None:
-            kv = await self._registry()
-            entry = await kv.get(tenant) if kv is not None else None
+            registry = await self._registry()
+            entry = await registry.get(tenant) if registry is not None else None
             state = TenantState.decode(tenant, entry.value) if entry is not None else None
             region = state.region if state is not None and state.state != DELETED else ""
             self._region.setdefault(tenant, region)
@@ -142,11 +142,11 @@ class TenantRegions:
         """Follow the registry until cancelled: each tenant's region as it changes."""
         while True:
             try:
-                kv = await self._registry()
-                if kv is None:
+                registry = await self._registry()
+                if registry is None:
                     await asyncio.sleep(WATCH_RETRY)
                     continue
-                async for e in kv.follow(inactive_threshold=30.0):
+                async for e in registry.follow(inactive_threshold=30.0):
                     if e.deleted or not e.value:
                         continue
                     state = TenantState.decode(e.key, e.value)

@@ -1,8 +1,8 @@
-"""KV-aware admission: how many jobs the worker may hold and run at once,
+"""KV-cache-aware admission: how many jobs the worker may hold and run at once,
 and which waiting job goes next.
 
-Headroom is counted in KV tokens (prompt + ``max_tokens`` of every admitted
-job against the engine's KV capacity times a safety margin) and in sequence
+Headroom is counted in KV-cache tokens (prompt + ``max_tokens`` of every admitted
+job against the engine's KV-cache capacity times a safety margin) and in sequence
 slots (``max_num_seqs``), never as a fixed concurrency. A job larger than the
 whole budget (but within the context length) runs alone rather than never.
 

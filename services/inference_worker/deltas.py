@@ -119,8 +119,9 @@ class _Stream:
             msg_id = keys.token_delta(self.job.job_id, self.attempt, self.index)
             for attempt in range(_PUBLISH_ATTEMPTS):
                 try:
-                    await self.bus.publish(self.subject, delta, msg_id=msg_id,
-                                           task_id=self.job.task_id)  # fmt: skip
+                    await self.bus.publish(
+                        self.subject, delta, msg_id=msg_id, task_id=self.job.task_id
+                    )
                     break
                 except Exception as exc:
                     if attempt == _PUBLISH_ATTEMPTS - 1:

@@ -59,11 +59,13 @@ PREEMPTIONS = Counter("baton_worker_preemptions", "Engine preemptions.", ["pool"
 INFLIGHT = Gauge("baton_worker_inflight_jobs", "Jobs held by the worker.", ["pool", "worker"])
 ADMITTED_TOKENS = Gauge(
     "baton_worker_admitted_tokens",
-    "KV tokens promised to admitted jobs (prompt + max_tokens).",
+    "KV-cache tokens promised to admitted jobs (prompt + max_tokens).",
     ["pool", "worker"],
 )
 KV_CAPACITY = Gauge(
-    "baton_worker_kv_capacity_tokens", "The engine's KV capacity in tokens.", ["pool", "worker"]
+    "baton_worker_kv_capacity_tokens",
+    "The engine's KV-cache capacity in tokens.",
+    ["pool", "worker"],
 )
 OOM = Counter("baton_worker_oom", "Out-of-memory faults of the engine.", ["pool"])
 ENGINE_RESTARTS = Counter("baton_worker_engine_restarts", "Engine restarts.", ["pool"])

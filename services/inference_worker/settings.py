@@ -48,9 +48,9 @@ class WorkerSettings(CommonSettings):
     quantization: str | None = None
     # Weight and activation dtype; unset = auto on GPU, bfloat16 on CPU.
     dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] | None = None
-    # Tokens per KV block (a multiple of 32 on CPU; only full blocks are prefix-cached).
+    # Tokens per KV-cache block (a multiple of 32 on CPU; only full blocks are prefix-cached).
     block_size: int | None = None
-    # Reuse the KV blocks of a prompt prefix already computed.
+    # Reuse the KV-cache blocks of a prompt prefix already computed.
     enable_prefix_caching: bool | None = None
     # True = no CUDA graphs (eager mode): faster start, slower decode.
     enforce_eager: bool | None = None
@@ -62,7 +62,7 @@ class WorkerSettings(CommonSettings):
     # "auto": the CPU profile when vLLM runs on CPU; "none": never.
     vllm_profile: Literal["auto", "none"] = "auto"
 
-    # Admission: fraction of the engine's KV tokens the worker may promise.
+    # Admission: fraction of the engine's KV-cache tokens the worker may promise.
     kv_headroom: float = 0.9
     # Jobs fetched from NATS in one pull, at most.
     max_fetch: int = 32
@@ -85,7 +85,7 @@ class WorkerSettings(CommonSettings):
     sim_prefill_tps: float = 20_000.0
     # Simulator: tokens generated per second, per sequence.
     sim_decode_tps: float = 400.0
-    # Simulator: KV capacity in tokens.
+    # Simulator: KV-cache capacity in tokens.
     sim_kv_tokens: int = 65_536
     # Simulator: seconds its engine takes to load (a model's weights would).
     sim_load_seconds: float = 0.0

@@ -1,4 +1,4 @@
-"""The inference worker: pull jobs while there is KV headroom, run them
+"""The inference worker: pull jobs while there is KV-cache headroom, run them
 concurrently on the engine, append each answer to the context store and
 publish a small result.
 

@@ -4,7 +4,7 @@ Pure (no clock, no I/O): ``AnswerLengths`` keeps, per key (a workflow's
 agent), the ``completion_tokens`` of its last ``window`` answered steps and
 answers an upper quantile of them. The scheduler predicts a step's run time,
 GPU-seconds and cost from it (``StepNeed.expected_output``) instead of the
-worst case ``max_tokens``; the KV a step reserves and every fit stay on
+worst case ``max_tokens``; the KV cache a step reserves and every fit stay on
 ``max_tokens`` (an answer longer than expected costs time, never an OOM).
 
 Conservative: ``None`` (the caller predicts ``max_tokens``) until

@@ -69,8 +69,10 @@ _SSE_DOC: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "An event stream"}
 }
 # Route options shared by the routes of one kind (each also answers the one error body).
-_SSE: dict[str, Any] = {"response_class": EventSourceResponse,
-                        "responses": {**_SSE_DOC, **ERROR_RESPONSES}}  # fmt: skip
+_SSE: dict[str, Any] = {
+    "response_class": EventSourceResponse,
+    "responses": {**_SSE_DOC, **ERROR_RESPONSES},
+}
 _ACCEPTED: dict[str, Any] = {"status_code": 202, "responses": ERROR_RESPONSES}
 
 
@@ -209,8 +211,10 @@ def build_app(settings: OrchestratorSettings, health: Health, svc: Services) -> 
                              cursor=cursor)  # fmt: skip
         except BadCursor as exc:
             raise ApiError(ErrorCode.INVALID_FIELD, str(exc), param="cursor") from exc
-        return TaskPage(tasks=[TaskSummary.model_validate(run_doc(r)) for r in page.runs],
-                        next_cursor=page.next_cursor)  # fmt: skip
+        return TaskPage(
+            tasks=[TaskSummary.model_validate(run_doc(r)) for r in page.runs],
+            next_cursor=page.next_cursor,
+        )
 
     @app.get("/v1/tasks/{task_id}", response_model=TaskStatus, responses=ERROR_RESPONSES)
     async def status(task_id: str, tenant: str | None = Depends(tenant_of)) -> TaskStatus:

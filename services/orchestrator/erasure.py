@@ -157,7 +157,7 @@ class TaskEraser:
         latest: dict[str, RunState] = {}
         pattern = RUNS.subject(f"{tenant}.*")
         async for msg in self.bus.read_subject(RUNS.stream, pattern):
-            if not msg.data:  # a KV delete or purge marker
+            if not msg.data:  # a bucket's delete or purge marker
                 continue
             try:
                 key = msg.subject.removeprefix(RUNS.subject(""))
@@ -183,7 +183,7 @@ class TaskEraser:
                     snap = await self.runs.write(run, snap.revision)
                 except RunConflict:
                     continue  # advanced meanwhile: strip the newer state
-            counts["run_revisions"] += await self.runs.kv.erase_history(
+            counts["run_revisions"] += await self.runs.bucket.erase_history(
                 run_key(tenant, task_id), keep_after=snap.revision
             )
             # The revisions the run's updates replaced are ciphertext under this key.

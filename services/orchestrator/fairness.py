@@ -115,9 +115,9 @@ def allowance(share: int, others: Iterable[tuple[int, float]], pool: PoolRoom,
     """Tokens a tenant may hold, lending included: its ``share``, plus the
     idle part of each other tenant's — ``others`` as ``(share, held)`` on
     this replica —, as far as this replica's part of the pool holds it once
-    the others' work is counted. The pool: its KV tokens, and its sequence
+    the others' work is counted. The pool: its KV-cache tokens, and its sequence
     slots filled with the tenant's ``typical`` runs (a pool of 64 slots runs
-    64 chats however much KV is free; more would queue in the shared job
+    64 chats however much KV cache is free; more would queue in the shared job
     queue, ahead of any other tenant's job). This replica's part: what it
     held plus ``1/count`` of what all the ``replicas`` leave free (alone:
     all of it). Never less than ``share``: a tenant's own share is never

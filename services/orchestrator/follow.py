@@ -84,8 +84,9 @@ async def follow_task(
         await queue.put(_token(msg))
 
     ev_sub = await bus.ordered(subjects.event(tenant, task_id), start_seq=events_from, cb=on_event)
-    tok_sub = await bus.ordered(subjects.tokens(tenant, task_id), start_seq=tokens_from,
-                                cb=on_token)  # fmt: skip
+    tok_sub = await bus.ordered(
+        subjects.tokens(tenant, task_id), start_seq=tokens_from, cb=on_token
+    )
     last_token = tokens_from - 1
     try:
         while True:

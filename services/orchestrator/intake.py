@@ -117,8 +117,11 @@ class TenantRoom:
         and the longest step so far (that step's prompt and answer)."""
         history = max((s.usage.total_tokens for s in run.steps.values()), default=0)
         history = max(history, self._inputs.get((run.tenant, run.task_id), 0))
-        steps = [(s.context_budget, s.max_tokens) for s in run.steps.values()
-                 if s.status in ("dispatched", "tools")]  # fmt: skip
+        steps = [
+            (s.context_budget, s.max_tokens)
+            for s in run.steps.values()
+            if s.status in ("dispatched", "tools")
+        ]
         return run_load(steps, history)
 
 

@@ -133,8 +133,10 @@ def add_routes(
     app: FastAPI, settings: OrchestratorSettings, svc: Any, tenant_of: Callable[..., str | None]
 ) -> None:
     def models_list() -> list[ModelOut]:
-        return [ModelOut(id=s.name, description=s.description)
-                for s in sorted(svc.workflows.values(), key=lambda s: s.name)]  # fmt: skip
+        return [
+            ModelOut(id=s.name, description=s.description)
+            for s in sorted(svc.workflows.values(), key=lambda s: s.name)
+        ]
 
     @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, tags=["openai"])
     def models(_: str | None = Depends(tenant_of)) -> ModelList:
@@ -146,8 +148,9 @@ def add_routes(
         bus = svc.bus
         messages = [ChatMessage(role=m.role if m.role != "developer" else "system",
                                 content=m.text(), name=m.name) for m in history]  # fmt: skip
-        append = ContextAppend(tenant=tenant, session=session, msg_id=keys.seed(task_id),
-                               messages=messages)  # fmt: skip
+        append = ContextAppend(
+            tenant=tenant, session=session, msg_id=keys.seed(task_id), messages=messages
+        )
         reply = await context.ask(bus, APPEND, append, task_id=task_id)
         if reply.error is not None:
             raise ApiError(ErrorCode(reply.error.code), reply.error.message)
@@ -170,9 +173,8 @@ def add_routes(
         spec = svc.workflows.get(body.model)
         if spec is None:
             names = ", ".join(m.id for m in models_list())
-            raise ApiError(ErrorCode.UNKNOWN_WORKFLOW,
-                           f"The model {body.model!r} does not exist. Models: {names}",
-                           param="model")  # fmt: skip
+            unknown = f"The model {body.model!r} does not exist. Models: {names}"
+            raise ApiError(ErrorCode.UNKNOWN_WORKFLOW, unknown, param="model")
         if body.n != 1:
             raise ApiError(ErrorCode.INVALID_FIELD, "only n=1 is supported", param="n")
         last = body.messages[-1]

@@ -91,8 +91,9 @@ class Catalogue:
         if found is not None:
             return found
         price = self.default_price.get(name, self.default_price.get("default", 0.0))
-        return PoolSpec(name=name, usd_per_gpu_hour=price, max_model_len=UNLISTED_MODEL_LEN,
-                        listed=False)  # fmt: skip
+        return PoolSpec(
+            name=name, usd_per_gpu_hour=price, max_model_len=UNLISTED_MODEL_LEN, listed=False
+        )
 
     def listed(self, name: str) -> bool:
         return name in self.pools

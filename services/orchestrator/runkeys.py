@@ -26,8 +26,8 @@ class RunKeys:
     """The runs' keys in the runs bucket, cached (a key never changes until
     it is destroyed)."""
 
-    def __init__(self, kv: Bucket, *, cached: int = 16_384) -> None:
-        self.kv = kv
+    def __init__(self, bucket: Bucket, *, cached: int = 16_384) -> None:
+        self.bucket = bucket
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cached = cached
 
@@ -42,7 +42,7 @@ class RunKeys:
         """The run's key (None: never made, or destroyed)."""
         if (key := self._cache.get(run_key)) is not None:
             return key
-        entry = await self.kv.get(key_entry(run_key), consistent=True)
+        entry = await self.bucket.get(key_entry(run_key), consistent=True)
         return self._remember(run_key, entry.value) if entry is not None else None
 
     def cached(self, run_key: str) -> bytes | None:
@@ -50,7 +50,7 @@ class RunKeys:
 
     async def load(self, tenant: str) -> None:
         """Every key of ``tenant``'s runs, in one listing."""
-        for entry in await self.kv.entries(key_entry(f"{tenant}.*"), limit=1_000_000):
+        for entry in await self.bucket.entries(key_entry(f"{tenant}.*"), limit=1_000_000):
             self._remember(entry.key.removesuffix(".key"), entry.value)
 
     async def get_or_create(self, run_key: str) -> bytes:
@@ -58,9 +58,9 @@ class RunKeys:
             return key
         key = new_key()
         try:
-            await self.kv.create(key_entry(run_key), key)
+            await self.bucket.create(key_entry(run_key), key)
         except WrongLastSequence:  # another replica made it first
-            entry = await self.kv.get(key_entry(run_key), consistent=True)
+            entry = await self.bucket.get(key_entry(run_key), consistent=True)
             assert entry is not None
             key = entry.value
         return self._remember(run_key, key)
@@ -69,4 +69,4 @@ class RunKeys:
         """Overwrite the run's key in the raw store: every sealed revision of
         the run is unreadable from now on. How many key messages were erased."""
         self._cache.pop(run_key, None)
-        return await self.kv.erase_history(key_entry(run_key), keep_after=2**63)
+        return await self.bucket.erase_history(key_entry(run_key), keep_after=2**63)

@@ -1,4 +1,4 @@
-"""Durable run state: one KV entry per task in bucket ``baton-runs``, key
+"""Durable run state: one entry per task in bucket ``baton-runs``, key
 ``<tenant>.<task_id>``, updated step by step with compare-and-set so several
 orchestrator replicas can advance the same run safely.
 
@@ -52,7 +52,7 @@ class RunLocks:
 
 
 class Snapshot:
-    """A run as stored: its encoded state and the KV revision it has."""
+    """A run as stored: its encoded state and the revision it has."""
 
     __slots__ = ("_state", "data", "revision")
 
@@ -87,9 +87,9 @@ class RunStore:
     last snapshot each unfinished run was read or written at. The cache only
     saves reads: a write against a stale revision fails and the caller re-reads."""
 
-    def __init__(self, kv: Bucket, *, cached: int = 4096) -> None:
-        self.kv = kv
-        self.keys = RunKeys(kv)
+    def __init__(self, bucket: Bucket, *, cached: int = 4096) -> None:
+        self.bucket = bucket
+        self.keys = RunKeys(bucket)
         self._cache: OrderedDict[str, Snapshot] = OrderedDict()
         self._cached = cached
 
@@ -129,7 +129,7 @@ class RunStore:
         (the conductor's reads, about to write; not the API's). ``consistent``:
         asked of the stream's leader, not whichever replica answers a direct get."""
         key = run_key(tenant, task_id)
-        entry = await self.kv.get(key, consistent=consistent)
+        entry = await self.bucket.get(key, consistent=consistent)
         if entry is None:
             return self._remember(key, None)
         snap = Snapshot(await self.plain(key, entry.value), entry.revision)
@@ -137,7 +137,7 @@ class RunStore:
 
     async def revision(self, key: str) -> int | None:
         """The stored revision of run ``key`` (None: no such run); no decode."""
-        entry = await self.kv.get(key)
+        entry = await self.bucket.get(key)
         return entry.revision if entry is not None else None
 
     async def get(self, tenant: str, task_id: str) -> RunState | None:
@@ -159,9 +159,9 @@ class RunStore:
             stored = seal(await self.keys.get_or_create(run.key), run.key, data)
         try:
             if revision is None:
-                new = await self.kv.create(run.key, stored)
+                new = await self.bucket.create(run.key, stored)
             else:
-                new = await self.kv.update(run.key, stored, last=revision)
+                new = await self.bucket.update(run.key, stored, last=revision)
         except WrongLastSequence as exc:
             self._cache.pop(run.key, None)
             raise RunConflict(run.key) from exc
@@ -177,7 +177,7 @@ class RunStore:
     async def list(self, tenant: str, *, limit: int = 10_000) -> list[RunState]:
         """The latest state of every run of ``tenant`` (at most ``limit``),
         read in one pass of a watcher over ``<tenant>.*``."""
-        entries = await self.kv.entries(f"{tenant}.*", limit=limit)
+        entries = await self.bucket.entries(f"{tenant}.*", limit=limit)
         if sum(map(is_sealed, (e.value for e in entries))) > 1:
             await self.keys.load(tenant)  # one listing, not a read per run
         return [codec.decode(await self.plain(e.key, e.value), RunState) for e in entries]

@@ -1,4 +1,4 @@
-"""Where a model step runs: predict its KV need, wait, run time and cost on
+"""Where a model step runs: predict its KV-cache need, wait, run time and cost on
 each pool that may serve it, and pick the cheapest that meets its target.
 
 Pure (no clock, no I/O): given the step's need, the pool catalogue
@@ -34,10 +34,10 @@ class StepNeed:
     prompt_tokens: int  # the window plus the offered tools, as the engine counts them
     max_tokens: int
     # Tokens it will likely generate (<= max_tokens): run time, GPU-seconds
-    # and cost are predicted from it; KV and fits from ``max_tokens``.
+    # and cost are predicted from it; KV cache and fits from ``max_tokens``.
     expected_output: int
     # Prompt tokens already prefilled on the pool (a pre-warmed prefix): set
-    # per pool by the caller; they take KV but no prefill time.
+    # per pool by the caller; they take KV cache but no prefill time.
     cached_tokens: int = 0
     # The shortest prompt the step can run with (its system prompt, offered
     # tools and newest message: a worker cuts older turns to fit); 0 = the
@@ -118,7 +118,7 @@ def predict(need: StepNeed, spec: PoolSpec, now: PoolNow) -> Prediction:
     # A window longer than the pool holds is cut by its worker to fit.
     prompt = min(need.prompt_tokens, max(need.floor_tokens, spec.max_model_len - need.max_tokens))
     uncached = max(0, prompt - need.cached_tokens)
-    # A worker runs as many sequences as it has slots and KV for.
+    # A worker runs as many sequences as it has slots and KV cache for.
     per_worker = max(1, min(spec.max_seqs, spec.kv_tokens // max(1, prompt + need.max_tokens)))
     cold = now.ready == 0
     # The workers that will serve the queue (the starting ones when none is ready).

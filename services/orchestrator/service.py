@@ -99,7 +99,7 @@ async def follow_tenants(
     ``keys``: the HTTP API's keys and suspended tenants (``live_keys``; a
     tenant's registry key accepted once it is served); without, the
     intake's suspended set alone."""
-    kv = await bus.ensure_bucket(streams.TENANTS)
+    registry = await bus.ensure_bucket(streams.TENANTS)
     keys = keys or TenantKeys({}, intake.suspended)
     started = time.time()
     listed: set[str] = set()  # every tenant the registry has, not deleted
@@ -137,7 +137,7 @@ async def follow_tenants(
 
     while True:
         try:
-            async for entry in kv.follow(inactive_threshold=30.0):
+            async for entry in registry.follow(inactive_threshold=30.0):
                 if entry.deleted or not entry.value:
                     continue
                 entry_state = TenantState.decode(entry.key, entry.value)
@@ -187,9 +187,8 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
     tenants = []
     for t in settings.tenant_ids:
         if t in recorded and recorded[t].state == DELETED:
-            log.warning("tenant_deleted_skipped", tenant=t,
-                        reason="deleted by `baton tenant delete`; `baton tenant create` makes "
-                        "it anew")  # fmt: skip
+            anew = "deleted by `baton tenant delete`; `baton tenant create` makes it anew"
+            log.warning("tenant_deleted_skipped", tenant=t, reason=anew)
         else:
             tenants.append(t)
     regions = {t: entry.region for t, entry in recorded.items() if entry.region}
@@ -323,8 +322,9 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
         log.info("tenant_placed", tenant=t, region=region)
 
     async def run() -> None:
-        watcher = asyncio.create_task(_watch_backlog(bus, settings, hb, conductor.pools, known,
-                                                    conductor.tools.pools))  # fmt: skip
+        watcher = asyncio.create_task(
+            _watch_backlog(bus, settings, hb, conductor.pools, known, conductor.tools.pools)
+        )
         tool_watch = asyncio.create_task(conductor.tools.watch(catalog))
         reconciler = asyncio.create_task(intake.reconcile())
         registry = asyncio.create_task(

@@ -39,16 +39,16 @@ class OrchestratorSettings(CommonSettings):
     # Extra workflow files (*.yaml); a name here overrides a built-in one.
     workflows_dir: Path | None = None
     # Cache-aware routing: a session's step goes to the worker that served it
-    # last while its heartbeat is fresh and its admitted KV is below max_load.
+    # last while its heartbeat is fresh and its admitted KV cache is below max_load.
     cache_routing: bool = True
     # Seconds after its last heartbeat a worker stops being a routing target.
     route_stale_after: float = 6.0
-    # Admitted-KV fraction above which a session's step goes to any worker.
+    # Admitted KV-cache fraction above which a session's step goes to any worker.
     route_max_load: float = 0.8
     # Pre-warm from the workflow graph: while a step runs, prefill the step
     # that follows it on the worker that will serve it (needs cache_routing).
     prewarm: bool = True
-    # Admitted-KV fraction above which a worker is not pre-warmed.
+    # Admitted KV-cache fraction above which a worker is not pre-warmed.
     prewarm_max_load: float = 0.5
     # While an input step waits (or a model turn's tool calls are out), warm
     # the step after it (the step itself) again this often (seconds) so its
@@ -58,7 +58,7 @@ class OrchestratorSettings(CommonSettings):
     # its agent is learnt to give (this replica's memory of its last 64
     # answers, an upper quantile: the longest while few are known; max_tokens
     # until answer_min_seen are known
-    # and never above it); off: from max_tokens. KV need always counts max_tokens.
+    # and never above it); off: from max_tokens. KV-cache need always counts max_tokens.
     learn_answers: bool = True
     # Predict a step's share of its engine from when the steps this replica
     # placed there are predicted to run (a step that outlives them pays the

@@ -118,7 +118,7 @@ def _step(run: RunState, step_id: str, st: StepState, root: SpanContext, now: fl
         attrs["baton.answered_by"] = st.answered_by
     else:
         name = f"invoke_agent {st.agent}"
-        attrs.update({
+        attrs |= {
             "gen_ai.operation.name": "invoke_agent",
             "gen_ai.agent.name": st.agent,
             "gen_ai.usage.input_tokens": st.usage.prompt_tokens,
@@ -126,7 +126,7 @@ def _step(run: RunState, step_id: str, st: StepState, root: SpanContext, now: fl
             "baton.pool": st.pool,
             "baton.gpu_seconds": st.usage.gpu_seconds,
             "baton.cost_usd": st.cost_usd,
-        })  # fmt: skip
+        }
         if st.max_tokens:
             attrs["gen_ai.request.max_tokens"] = st.max_tokens
         if st.worker:

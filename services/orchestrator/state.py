@@ -1,4 +1,4 @@
-"""A run's state as stored in KV (``baton-runs``): the types every decision
+"""A run's state as stored in bucket ``baton-runs``: the types every decision
 reads and writes. Pure: msgspec and ``proto`` only, no bus, no clock — the
 decision modules (``transitions.py``, ``workflows/``) import it, and
 ``tests/test_fences.py`` keeps it that way. ``runs.py`` stores it.

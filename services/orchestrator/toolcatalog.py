@@ -1,6 +1,6 @@
 """The tools the orchestrator can offer models, as the tool pools publish
-them in KV ``baton-tools``
-(``ToolCatalog`` per pool), followed with a KV watch so a pool that starts
+them in bucket ``baton-tools``
+(``ToolCatalog`` per pool), followed with a bucket watch so a pool that starts
 is offered at once."""
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ class ToolCatalogs:
                 specs.setdefault(name, t)
         self._specs = specs
 
-    async def watch(self, kv: Bucket) -> None:
+    async def watch(self, bucket: Bucket) -> None:
         """Follow every pool's entry (the current ones first, then changes)."""
         while True:
             try:
-                async for entry in kv.follow(inactive_threshold=WATCH_INACTIVE):
+                async for entry in bucket.follow(inactive_threshold=WATCH_INACTIVE):
                     catalog = None
                     if entry.value and not entry.deleted:
                         with contextlib.suppress(codec.DecodeError):

@@ -33,8 +33,10 @@ def finished(result: ToolResult) -> None:
     and the span's error (layer ``tool``)."""
     if not tracing.enabled():
         return
-    attrs: dict[str, Any] = {"baton.outcome": result.outcome,
-                             "baton.cpu_seconds": result.cpu_seconds}  # fmt: skip
+    attrs: dict[str, Any] = {
+        "baton.outcome": result.outcome,
+        "baton.cpu_seconds": result.cpu_seconds,
+    }
     if result.reused:
         attrs["baton.reused"] = True
     err = result.error

@@ -134,12 +134,12 @@ class ToolWorker:
                 log.warning("tool_schema_invalid", tool=name, error=exc.message)
 
     async def publish_catalog(self) -> None:
-        kv = await self.bus.ensure_bucket(TOOL_CATALOG)
+        bucket = await self.bus.ensure_bucket(TOOL_CATALOG)
         specs = [spec_of(t) for _, t in sorted(self.tools.items())]
         catalog = ToolCatalog(
             pool=self.s.pool, worker=self.s.worker_id, ts=time.time(), tools=specs
         )
-        await kv.put(self.s.pool, codec.encode(catalog))
+        await bucket.put(self.s.pool, codec.encode(catalog))
 
     # -- lifecycle ---------------------------------------------------------
 

@@ -10,7 +10,7 @@ is handed the real ``Delivery`` (around a message in nats-py's own shape), and
 the pull loop and its settlement are the real ones, inherited: ``Bus.consume``
 -> ``settle`` -> ``outcomes.settlement`` -> ack / nak / term / dead letter.
 In parts: ``streams`` (streams, consumers, the delivered message), ``client``
-(pull requests, inboxes), ``kv`` (``TwinBucket``), ``bus`` (``TwinBus``).
+(pull requests, inboxes), ``bucket`` (``TwinBucket``), ``bus`` (``TwinBus``).
 
 Simulated (each pinned against a real nats-server by ``tests/test_bus_twin.py``):
 
@@ -26,7 +26,7 @@ Simulated (each pinned against a real nats-server by ``tests/test_bus_twin.py``)
   100 heartbeat per idle interval, a 408 with what is left at expiry, nothing
   once the batch is full, a request dropped once its inbox has no listener,
   a 503 with no consumer.
-* KV (``ensure_bucket``): revisions, ``create`` / ``update`` compare-and-set
+* buckets (``ensure_bucket``): revisions, ``create`` / ``update`` compare-and-set
   (``WrongLastSequence``), and ``before_write``, a hook to inject a race
   (another replica writing between a read and a write).
 * Core NATS: ``notify`` / typed ``subscribe``; ``serve`` / ``request`` (no
@@ -34,7 +34,7 @@ Simulated (each pinned against a real nats-server by ``tests/test_bus_twin.py``)
   None: ``TimeoutError`` at once, the timeout is not waited out).
 
 Not simulated (a call raises ``NotImplementedError``: test it on a real
-server): stream reads and replays (but ``last_msg``), ``publish_if_last``, KV watches
+server): stream reads and replays (but ``last_msg``), ``publish_if_last``, bucket watches
 (none of the shells follows a bucket), accounts, ``max_ack_pending``, ``max_waiting``,
 reconnects, lagging replicas. Time: the twin's clock is the wall clock plus
 ``advance()``'s skew, which moves nak delays, ack waits, pull request expiry and
@@ -44,8 +44,8 @@ Tests drive it two ways: the real loops (``consume``), or one delivery at a
 time in an order they choose (``deliver``; ``ready`` lists what may come).
 """
 
+from .bucket import TwinBucket
 from .bus import TwinBus
-from .kv import TwinBucket
 from .streams import matches
 
 __all__ = ["TwinBucket", "TwinBus", "matches"]

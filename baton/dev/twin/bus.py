@@ -26,8 +26,8 @@ from baton.metrics import UNDECODABLE
 from proto import codec
 from proto.streams import BucketSpec, ConsumerSpec, StreamSpec
 
+from .bucket import TwinBucket
 from .client import _Client, _Unplugged
-from .kv import TwinBucket
 from .streams import _Consumer, _Stored, _Stream, matches
 
 T = TypeVar("T")

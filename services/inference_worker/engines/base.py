@@ -48,7 +48,7 @@ class EngineError(Exception):
 
 
 class EngineOOM(EngineError):
-    """The accelerator (or the simulated KV pool) ran out of memory."""
+    """The accelerator (or the simulated KV cache) ran out of memory."""
 
 
 class EngineDead(EngineError):
@@ -137,7 +137,7 @@ class Engine(Protocol):
         """Release the engine (idempotent)."""
 
     def capacity(self) -> EngineCapacity:
-        """KV tokens, sequence slots and context length. Valid after ``start``."""
+        """KV-cache tokens, sequence slots and context length. Valid after ``start``."""
 
     def count_prompt_tokens(
         self, messages: list[ChatMessage], tools: Sequence[ToolSpec] = ()

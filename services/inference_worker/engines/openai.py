@@ -86,7 +86,7 @@ def _chars(messages: list[ChatMessage], tools: Sequence[ToolSpec]) -> int:
 def parse_vllm_metrics(text: str) -> EngineStats:
     """Read the ``vllm:*`` samples Baton uses from Prometheus exposition text,
     summed over label sets (several engines behind one server add up; the
-    KV-usage gauge is averaged)."""
+    KV-cache usage gauge is averaged)."""
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     for family in text_string_to_metric_families(text):

@@ -1,7 +1,7 @@
 """The simulator engine: named as one, for laptops and fast tests.
 
 It models what admission control cares about — prefill and decode time, a
-KV-token budget it refuses to exceed (raising ``EngineOOM`` as a GPU would),
+KV-cache token budget it refuses to exceed (raising ``EngineOOM`` as a GPU would),
 continuous batching (concurrent requests do not slow each other) — and emits
 deterministic text, up to ``max_tokens`` (or about ``answer_tokens``, when
 set: an agent that answers short). Fault injection: ``inject_oom(n)`` makes the next ``n``

@@ -129,7 +129,7 @@ class _Counters:
 
 def _capacity_of(config: Any) -> EngineCapacity:
     """From the engine's ``VllmConfig`` after start: the engine core reports
-    the KV blocks it allocated during the handshake."""
+    the KV-cache blocks it allocated during the handshake."""
     blocks = int(config.cache_config.num_gpu_blocks or 0)
     return EngineCapacity(
         kv_tokens=blocks * int(config.cache_config.block_size),
@@ -321,7 +321,7 @@ class VLLMEngine:
     # ------------------------------------------------------------ interface
 
     def capacity(self) -> EngineCapacity:
-        """KV tokens (allocated blocks x block size), sequence slots and
+        """KV-cache tokens (allocated blocks x block size), sequence slots and
         context length, as the engine actually configured them."""
         if self._capacity is None:
             raise EngineError("engine not started")
@@ -473,7 +473,7 @@ class VLLMEngine:
         and hits are cumulative token counts, ``kv_usage`` (0..1), ``running``
         and ``waiting`` are gauges from the latest scheduler step. The engine
         core sends no report once idle, so with no unfinished request the
-        gauges read 0 (all KV blocks are free then; cached ones count as free)."""
+        gauges read 0 (all KV-cache blocks are free then; cached ones count as free)."""
         c = self._counters
         idle = self._engine is None or self._engine.get_num_unfinished_requests() == 0
         return EngineStats(

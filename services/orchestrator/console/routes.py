@@ -96,11 +96,12 @@ def add_routes(
         response.set_cookie(S.COOKIE, token, max_age=int(settings.console_session_ttl),
                             path="/", httponly=True, samesite="strict", secure=secure)  # fmt: skip
 
-    def refuse_suspended(scope: str) -> None:
+    def suspended(scope: str) -> bool:
         """A suspended tenant gets no console session (every call of one
-        would be refused): 403 ``tenant_suspended``, as on every route."""
-        if scope in svc.room.suspended:
-            raise ApiError(ErrorCode.TENANT_SUSPENDED, f"tenant {scope!r} is suspended")
+        would be refused): a key's request is answered 403
+        ``tenant_suspended``, as on every route; a link or a form goes back
+        to the page, which says why."""
+        return scope in svc.room.suspended
 
     @app.get("/ui", include_in_schema=False)
     def ui_root() -> RedirectResponse:
@@ -121,7 +122,8 @@ def add_routes(
         scope = sessions.scope_of(key)
         if scope is None:
             raise HTTPException(401, "a valid API key is required (Authorization: Bearer ...)")
-        refuse_suspended(scope)
+        if suspended(scope):
+            raise ApiError(ErrorCode.TENANT_SUSPENDED, f"tenant {scope!r} is suspended")
         expires = time.time() + settings.console_login_ttl
         token = sessions.issue(key, "login", nonce=secrets.token_urlsafe(16), expires=expires)
         return {"path": f"/ui/login?token={token}", "expires_at": expires}
@@ -148,7 +150,7 @@ def add_routes(
         grant = sessions.verify(token, "login", now)
         if grant is None:
             return RedirectResponse("/ui/?login=expired", status_code=303)
-        if grant.scope in svc.room.suspended:  # a link handed out before the suspension
+        if suspended(grant.scope):  # a link handed out before the suspension
             return RedirectResponse("/ui/?login=suspended", status_code=303)
         bus = svc.bus
         tenant = None if grant.scope == OPERATOR_SCOPE else grant.scope
@@ -179,7 +181,7 @@ def add_routes(
         scope = sessions.scope_of(key)
         if scope is None:
             return RedirectResponse("/ui/?login=refused", status_code=303)
-        if scope in svc.room.suspended:  # a form: the page says why, as for a bad key
+        if suspended(scope):  # a form: the page says why, as for a bad key
             return RedirectResponse("/ui/?login=suspended", status_code=303)
         response = RedirectResponse("/ui/", status_code=303)
         cookie_for(request, response, S.key_id(key), scope, time.time())

@@ -127,9 +127,11 @@ def task_view(
     JSON (``started`` times of steps recorded without timing fields come
     from them); ``spec`` None: a workflow this orchestrator no longer has
     (the steps are drawn, the graph is not)."""
-    started = {e["step"]: e["ts"] for e in events
-               if e.get("type") == "step" and e.get("status") == "started"
-               and not e.get("call")}  # fmt: skip
+    started = {
+        e["step"]: e["ts"]
+        for e in events
+        if e.get("type") == "step" and e.get("status") == "started" and not e.get("call")
+    }
     t0 = run.created_at or min((s.dispatched_at for s in run.steps.values()), default=now)
     wf = GraphWorkflow(spec) if spec is not None else None
     ids = sorted(run.steps, key=lambda k: _order(wf, k)) if wf else sorted(run.steps)

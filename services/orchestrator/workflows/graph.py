@@ -82,11 +82,9 @@ class GraphWorkflow:
         route = self._steps[sid].route
         if route is None:
             return None
-        return json.dumps({
-            "type": "object",
-            "properties": {route.field: {"type": "string", "enum": sorted(route.choices)}},
-            "required": [route.field],
-        })  # fmt: skip
+        choice = {"type": "string", "enum": sorted(route.choices)}
+        schema = {"type": "object", "properties": {route.field: choice}, "required": [route.field]}
+        return json.dumps(schema)
 
     def input_spec(self, step_id: str) -> InputSpec | None:
         """The ``input`` of an input step (None for an agent's step)."""
@@ -133,8 +131,11 @@ class GraphWorkflow:
     def _output(self, run: RunState, fallback: str) -> str:
         if self.spec.output is None:
             return fallback
-        done = [(k, s) for k, s in run.steps.items()
-                if s.status == "done" and parse_step_id(k)[1] == self.spec.output]  # fmt: skip
+        done = [
+            (k, s)
+            for k, s in run.steps.items()
+            if s.status == "done" and parse_step_id(k)[1] == self.spec.output
+        ]
         return max(done, key=lambda kv: parse_step_id(kv[0])[0])[1].output if done else fallback
 
     def foreseen(self, run: RunState, step_id: str) -> StepPlan | None:

@@ -30,7 +30,7 @@ class AgentSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tool_choice: str = "auto"  # auto | required | none
     tool_pool: str = "default"  # the tool worker pool its calls go to
     # Pools its steps may run on, in order of preference (pools serving one
-    # model family): each step goes to the cheapest that holds its KV and
+    # model family): each step goes to the cheapest that holds its KV cache and
     # meets latency_target (docs/scheduling.md). Empty: `pool` alone.
     pools: list[str] = []
     latency_target: float | None = None  # seconds from dispatch to answer, if any

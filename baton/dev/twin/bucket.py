@@ -1,4 +1,4 @@
-"""The twin's KV bucket: revisions, compare-and-set, an injectable race."""
+"""The twin's bucket: revisions, compare-and-set, an injectable race."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .streams import matches
 
 
 class TwinBucket(Bucket):
-    """A KV bucket in memory: revisions and compare-and-set, as ``Bucket``."""
+    """A bucket in memory: revisions and compare-and-set, as ``Bucket``."""
 
     def __init__(self, spec: BucketSpec) -> None:  # no nats-py KeyValue behind it
         self.spec = spec
@@ -74,7 +74,7 @@ class TwinBucket(Bucket):
         return [e for e in newest if not e.deleted][:limit]
 
     async def follow(self, *, inactive_threshold: float = 30.0) -> AsyncIterator[Entry]:
-        raise NotImplementedError("the bus twin does not simulate KV watches")
+        raise NotImplementedError("the bus twin does not simulate bucket watches")
         yield  # pragma: no cover  (an async generator, as Bucket.follow)
 
     async def erase_history(self, key: str, *, keep_after: int) -> int:

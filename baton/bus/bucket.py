@@ -1,4 +1,4 @@
-"""A KV bucket through the bus: reads, compare-and-set writes, watches,
+"""A bucket through the bus: reads, compare-and-set writes, watches,
 and erasure of replaced revisions from the raw store."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _deleted(headers: Mapping[str, str]) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One KV entry as stored: ``deleted`` for a delete or purge marker."""
+    """One bucket entry as stored: ``deleted`` for a delete or purge marker."""
 
     key: str
     value: bytes
@@ -37,7 +37,7 @@ class Entry:
 
 
 class Bucket:
-    """A KV bucket through the transport: reads, compare-and-set writes,
+    """A bucket through the transport: reads, compare-and-set writes,
     watches, and (``erasable``) erasure of replaced revisions from the raw store."""
 
     def __init__(self, bus: StreamReads, kv: KeyValue, spec: BucketSpec, *, erasable: bool) -> None:
