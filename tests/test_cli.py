@@ -55,6 +55,9 @@ def _startup() -> float:
     return time.monotonic() - t0
 
 
+GIVES_UP_WITHIN = 20.0  # seconds beside the start-up; the retries it replaced take 120
+
+
 async def test_an_unreachable_nats_url_fails_fast_with_one_line_naming_it() -> None:
     port = free_port()
     url = f"nats://someone:s3cret@127.0.0.1:{port}"
@@ -63,9 +66,9 @@ async def test_an_unreachable_nats_url_fails_fast_with_one_line_naming_it() -> N
     r = baton("submit", "chat", "x", "--tenant", "acme", "--nats-url", url, timeout=30)
     took = time.monotonic() - t0
     assert r.returncode == 3
-    # The probe gives up after 3 s; allow 1.5 s beside the start-up just measured
-    # (nats-py's own connect retries would take 2 s x 60 here).
-    assert took - start <= 4.5, (took, start)
+    # The probe gives up after 3 s; nats-py's own connect retries would take
+    # 2 s x 60 here. The bound tells those apart on a loaded box (4.5 s did not).
+    assert took - start <= GIVES_UP_WITHIN, (took, start)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert f"nats://someone:***@127.0.0.1:{port}" in lines[0] and "s3cret" not in r.stderr
@@ -78,7 +81,7 @@ async def test_an_unreachable_nats_url_fails_fast_with_one_line_naming_it() -> N
         t0 = time.monotonic()
         r = baton("submit", "chat", "x", "--tenant", "acme", "--nats-url", url, timeout=30)
         took = time.monotonic() - t0
-    assert r.returncode == 3 and took - start <= 4.5, (r.stderr, took, start)
+    assert r.returncode == 3 and took - start <= GIVES_UP_WITHIN, (r.stderr, took, start)
     assert len(r.stderr.strip().splitlines()) == 1 and url in r.stderr
 
 
