@@ -46,19 +46,19 @@ def _owner(inbox: str) -> str:
 
 
 def _consumer_owner(consumer: str) -> str:
-    """The service pulling ``consumer``; a name no service's (a stream's
-    source copying events into a tenant's account) is the server's own."""
+    """The service pulling ``consumer``; "?" for an ephemeral one (an
+    ordered replay: its name does not say whose)."""
     for prefix, service in CONSUMERS:
         if consumer.startswith(prefix):
             return service
-    return SERVER
+    return "?"
 
 
 def _kind(consumer: str) -> str:
     """A consumer as a kind: a worker's direct consumer by its role, not its hash."""
     if consumer.startswith("direct-"):
         return "direct-<worker>"
-    return consumer if _consumer_owner(consumer) != SERVER else "<stream source>"
+    return consumer if _consumer_owner(consumer) != "?" else "<ephemeral>"
 
 
 def _stream(name: str) -> str:
