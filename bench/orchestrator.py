@@ -807,8 +807,9 @@ def _peer_rows(r: dict[str, Any]) -> list[str]:
                     " |")  # fmt: skip
     kinds = r.get("messages_by_kind") or {}
     if kinds:
-        rows.append("| the same by kind, sent + received per step (one more round, every message"
-                    f" tapped: `bench/tally.py`) | {_top_kinds(kinds)} | |")  # fmt: skip
+        rows.append("| what a step's messages are, per step (one more round, every message"
+                    f" tapped: `bench/tally.py`; JSON `messages_by_kind`) | {_top_kinds(kinds)}"
+                    " | |")  # fmt: skip
     lone = r.get("sequential_contention")
     if lone is not None:
         rounds = ", ".join(f"{b['conflicts_per_step']:.3f}" for b in r["bursts"])
@@ -847,14 +848,14 @@ def _peer_rows(r: dict[str, Any]) -> list[str]:
 
 
 def _top_kinds(kinds: dict[str, Any], n: int = 6) -> str:
-    """Each service's ``n`` biggest kinds, sent and received together."""
+    """Each service's ``n`` biggest kinds of what it sends (each request's
+    reply and each publish's ack come back as many)."""
     parts = []
     for name, row in kinds.items():
-        both: Counter[str] = Counter(row["sent_by_kind"]) + Counter(row["received_by_kind"])
         if name == SERVER:  # the mirror image of the services' rows
             continue
-        top = ", ".join(f"{k} {v:.2f}" for k, v in both.most_common(n))
-        parts.append(f"{name} {row['sent'] + row['received']:.1f}: {top}")
+        top = ", ".join(f"{k} {v:.2f}" for k, v in list(row["sent_by_kind"].items())[:n])
+        parts.append(f"{name} sends {row['sent']:.1f} ({top}), receives {row['received']:.1f}")
     return "; ".join(parts)
 
 
