@@ -54,6 +54,7 @@ from baton.dev.testing import LocalStack, connect_nats, metric, secure_nats, uid
 from baton.natsd import free_port
 from bench.hops import HopTap
 from bench.stats import cpu_seconds, pct
+from bench.tally import SERVER, KindTap
 from proto import codec
 from proto.messages import ContextAppend, InferenceJob, InferenceResult, WindowRequest
 
@@ -75,6 +76,7 @@ RSS_STEPS = 10_000  # with --long (BATON_BENCH_LONG=1): 50,000
 RSS_STEPS_LONG = 50_000
 RSS_TIMEOUT = 600.0
 SERVICE_CONNECTIONS = ("orchestrator", "context-store", "inference-worker")  # NATS names
+TALLIED = (*SERVICE_CONNECTIONS, SERVER)
 GOAL_VS_SQLITE = 2.0
 GOAL_VS_MEMORY = 1.0
 GOAL_CPU_MS = 1.5
@@ -345,10 +347,16 @@ def _messages(monitor: int | None) -> dict[str, tuple[int, int]]:
 
 
 async def _burst(
-    runner: Runner, total: int, offset: int, pids: dict[str, int], monitor: int | None = None
+    runner: Runner,
+    total: int,
+    offset: int,
+    pids: dict[str, int],
+    monitor: int | None = None,
+    tap: KindTap | None = None,
 ) -> dict[str, Any]:
     """``total`` runs, ``CONCURRENT`` in flight at once; CPU seconds of each
-    process in ``pids`` over the same window."""
+    process in ``pids`` over the same window. ``tap``: every message sorted
+    by kind too (its own CPU then shares the box: not a measured round)."""
     slots = asyncio.Semaphore(CONCURRENT)
     deadline = time.monotonic() + BURST_TIMEOUT
 
@@ -359,12 +367,17 @@ async def _burst(
             return task_id, end["type"]
 
     msgs0 = await asyncio.to_thread(_messages, monitor)
+    if tap is not None:
+        await tap.start(runner.nc)
     lost0 = await conflicts(runner.url)
     cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
     t0 = time.perf_counter()
     ends = await asyncio.gather(*(one(i) for i in range(total)))
     wall = time.perf_counter() - t0
     cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    if tap is not None:
+        await runner.nc.flush()
+        await tap.stop()
     msgs1 = await asyncio.to_thread(_messages, monitor)
     lost = await conflicts(runner.url) - lost0  # counted before each run's terminal event
     states = [await runner.state(t) for t, _ in ends]
@@ -389,6 +402,8 @@ async def _burst(
             for name in msgs1
             if name in msgs0 and name in SERVICE_CONNECTIONS
         },
+        # nats-server's row: the mirror image of the services' (a check on the tap)
+        **({"messages_by_kind": tap.per_step(steps, TALLIED)} if tap else {}),
     }
 
 
@@ -555,6 +570,9 @@ async def _main(work: Path) -> dict[str, Any]:
             if peer_missing is None:
                 peers.append({mode: await _peer(mode, work) for mode in PEER_RUNS})
 
+        # Which messages make a step: one more round, every message tapped.
+        tallied = await _burst(runner, BURST_RUNS, 40_000, pids, monitor, KindTap())
+
         # 4. The orchestrator's memory as steps accumulate.
         rss_steps = RSS_STEPS_LONG if os.environ.get("BATON_BENCH_LONG") == "1" else RSS_STEPS
         rss = await _rss_curve(runner, stack.orchestrator.proc.pid, rss_steps)  # type: ignore[union-attr]
@@ -603,6 +621,10 @@ async def _main(work: Path) -> dict[str, Any]:
         **{f"hops_{k}": _q([float(h[k]) for h in hops], 1.0, 1) for k in HOP_FIGURES},
         "concurrent": CONCURRENT,
         "bursts": bursts,
+        # one more round with every message tapped: which messages make a step
+        # (bench/tally.py), beside /connz's totals for the same round
+        "messages_by_kind": tallied["messages_by_kind"],
+        "messages_tallied_round": tallied["messages_per_step"],
         "steps_per_s": round(statistics.median(b["steps_per_s"] for b in bursts), 1),
         "cpu_ms_per_step": round(
             statistics.median(b["cpu_ms_per_step_services"] for b in bursts), 3
@@ -783,6 +805,11 @@ def _peer_rows(r: dict[str, Any]) -> list[str]:
         rows.append(f"| NATS messages per step, sent / received (round 1) | {total:.0f} in all:"
                     f" {parts} | ≤ {GOAL_MESSAGES}: {_met(total <= GOAL_MESSAGES, f'{total:.0f}')}"
                     " |")  # fmt: skip
+    kinds = r.get("messages_by_kind") or {}
+    if kinds:
+        rows.append("| what a step's messages are, per step (one more round, every message"
+                    f" tapped: `bench/tally.py`; JSON `messages_by_kind`) | {_top_kinds(kinds)}"
+                    " | |")  # fmt: skip
     lone = r.get("sequential_contention")
     if lone is not None:
         rounds = ", ".join(f"{b['conflicts_per_step']:.3f}" for b in r["bursts"])
@@ -818,6 +845,18 @@ def _peer_rows(r: dict[str, Any]) -> list[str]:
                     f" flat ± {GOAL_RSS_MIB:.0f} MiB: {_met(ok, f'{growth:+.1f} MiB')}"
                     " |")  # fmt: skip
     return rows
+
+
+def _top_kinds(kinds: dict[str, Any], n: int = 6) -> str:
+    """Each service's ``n`` biggest kinds of what it sends (each request's
+    reply and each publish's ack come back as many)."""
+    parts = []
+    for name, row in kinds.items():
+        if name == SERVER:  # the mirror image of the services' rows
+            continue
+        top = ", ".join(f"{k} {v:.2f}" for k, v in list(row["sent_by_kind"].items())[:n])
+        parts.append(f"{name} sends {row['sent']:.1f} ({top}), receives {row['received']:.1f}")
+    return "; ".join(parts)
 
 
 def _peer_notes(r: dict[str, Any]) -> list[str]:
