@@ -12,7 +12,7 @@ import pytest
 from msgspec.structs import replace
 
 from baton.dev.twin import TwinBus
-from proto import streams
+from proto import keys, streams
 from proto.messages import Heartbeat, InferenceResult, ToolCall, Usage
 from services.orchestrator import prewarm
 from services.orchestrator import transitions as T
@@ -320,3 +320,70 @@ async def test_the_shell_keeps_a_tool_wait_warm_until_its_calls_are_answered(
     hbt.last = beats(hb("w1", pool, ts=NOW + 9))
     assert await warming.refresh(0.5, now=NOW + 9) == 0
     assert warming.kept == {}
+
+
+def test_a_fan_out_that_follows_warms_each_branchs_first_step(rules: T.Rules) -> None:
+    run = started(rules, "research")
+    wf = rules.workflows["research"]
+    # No one step follows the plan: a fan-out does, each branch on its fork.
+    ok = beats(hb("w1", pool="default", admitted=300), hb("w2", pool="default"))
+    assert prewarm.decide(run, rules, "r1.plan", ok, NOW) == "no_next"
+    plans = wf.branches_after(run, "r1.plan")
+    assert [(p.step_id, p.agent) for p in plans] == [
+        ("r1.gather.retrieval", "retrieval"),
+        ("r1.gather.coding", "coding"),
+    ]
+    assert [p.session for p in plans] == [keys.fork_session("acme", "t1", p.step_id) for p in plans]
+    # After a branch, the validator (routed) or a linear step: no fan-out.
+    assert wf.branches_after(run, "r1.gather.coding") == []
+    assert wf.branches_after(run, "r1.validate") == []
+    warms = prewarm.branches(run, rules, "r1.plan", ok, NOW)
+    assert isinstance(warms, list)
+    assert [(w.job.step, w.job.agent, w.pool, w.worker) for w in warms] == [
+        ("r1.gather.retrieval", "retrieval", "default", "w2"),
+        ("r1.gather.coding", "coding", "default", "w2"),
+    ]
+    for w in warms:
+        # The branch agent's prompt over the session as it is now: what its fork starts from.
+        job = w.job
+        assert job.warm and job.max_tokens == 1 and job.ref == run.steps["r1.plan"].ref
+        assert job.system == wf.agents[job.agent].system
+        assert [t.name for t in job.tools] == wf.agents[job.agent].tools
+        assert w.msg_id == job.job_id == f"acme.t1.{job.step}.warm"
+    # Once per fan-out, one warm in flight, none under pressure or without a worker.
+    sent = prewarm.LastWarm("r1.gather.coding", NOW)
+    assert prewarm.branches(run, rules, "r1.plan", ok, NOW + 1, last=sent) == "already"
+    other = prewarm.LastWarm("r1.other", NOW - 5)
+    assert prewarm.branches(run, rules, "r1.plan", ok, NOW, last=other) == "in_flight"
+    full = beats(hb("w1", pool="default", admitted=600))
+    assert prewarm.branches(run, rules, "r1.plan", full, NOW) == "pressure"
+    assert prewarm.branches(run, rules, "r1.plan", beats(hb("w1")), NOW) == "no_worker"
+    # Dispatched: nothing left to warm.
+    [job] = jobs(T.replay(run, rules, NOW))
+    out = decide(T.result, run, reply(job), rules, now=NOW + 1)
+    assert isinstance(out, T.Transition) and "r1.gather.coding" in out.run.steps
+    assert prewarm.branches(out.run, rules, "r1.plan", ok, NOW + 1) == "already"
+    # A linear follower is ``decide``'s, not a fan-out.
+    relay = started(rules)
+    assert prewarm.branches(relay, rules, "r1.draft", beats(hb("w1")), NOW) == "no_next"
+
+
+async def test_the_shell_warms_the_branches_and_routes_each_where_it_was_warmed(
+    rules: T.Rules,
+) -> None:
+    out = decide(T.start, None, T.NewTask(tenant="acme", task_id="t1", session="t1",
+                                          workflow="research", seq=1, input="hi"), rules, now=NOW)  # fmt: skip
+    assert isinstance(out, T.Transition)
+    twin = TwinBus()
+    await twin.provision(streams=[streams.JOBS])
+    hbt = HeartbeatTracker()
+    hbt.last = beats(hb("w1", pool="default", admitted=300, ts=10**10),
+                     hb("w2", pool="default", ts=10**10))  # fmt: skip
+    router = Router(hbt)
+    warming = Warming(twin, router, rules, RunStore(await twin.ensure_bucket(streams.RUNS)))
+    await warming.after(out.run, out.effects)  # the plan dispatched
+    assert warming.last[out.run.key].step in ("r1.gather.retrieval", "r1.gather.coding")
+    for branch in ("retrieval", "coding"):
+        step = f"r1.gather.{branch}"
+        fork = keys.fork_session("acme", "t1", step)
+        assert router.choose("acme", fork, "default", keys.warm("acme", "t1", step)) == "w2"

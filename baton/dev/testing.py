@@ -36,7 +36,7 @@ from baton.credentials import Credentials
 from baton.natsd import NatsServer, ServerAuth
 from baton.stack import MODULES, ServiceProcess
 from baton.urls import split_creds
-from proto import subjects
+from proto import codec, subjects
 from proto.messages import (
     ChatMessage,
     ContextAppend,
@@ -433,6 +433,18 @@ async def submit_job(
     )  # fmt: skip
     await bus.publish(subjects.job(pool), job, msg_id=job.job_id, task_id=job.task_id)
     return job
+
+
+async def next_turns(sub: Any, n: int, timeout: float = 600.0) -> list[InferenceResult]:
+    """The next ``n`` model turns' results on ``sub``, a core subscription to
+    a task's results (``subjects.result``); a warm's result is not a turn."""
+    got: list[InferenceResult] = []
+    async with asyncio.timeout(timeout):
+        while len(got) < n:
+            res = codec.decode((await sub.next_msg(timeout=timeout)).data, InferenceResult)
+            if not res.warm:
+                got.append(res)
+    return got
 
 
 async def collect_results(bus: Bus, tenant: str, n: int, timeout: float) -> list[InferenceResult]:

@@ -20,13 +20,14 @@ from proto.messages import ContextRef, Heartbeat, InferenceJob, ToolSpec
 from . import placement
 from .state import RunState, StepState
 from .transitions import Rules
+from .workflows.graph import StepPlan
 
 IN_FLIGHT_S = 30.0
 """A warm gets no answer: it counts as in flight this long after it was
 sent, or until the step it warmed is dispatched."""
 
 Skip = Literal[
-    "no_next",  # nothing known follows (the answer decides, fan-out, input, end)
+    "no_next",  # nothing known follows (the answer decides, input, end; a fan-out: ``branches``)
     "already",  # the step that follows was warmed before
     "in_flight",  # the run's last warm is still in flight
     "no_worker",  # no ready worker on the pool the next step goes to
@@ -101,22 +102,78 @@ def decide(
     worker of ``pool`` holding the session, if any (the router's choice; a
     read of memory). ``refresh`` n > 0: the n-th warm again of a step that
     has not started (``last`` is then that step's warm)."""
-    if run.terminal:
-        return "no_next"
-    st = run.steps.get(step)
-    wf = rules.workflows.get(run.workflow)
-    if st is None or wf is None or st.ref is None or st.session != run.session:
-        return "no_next"
-    plan = wf.foreseen(run, step)
-    if plan is None:
+    st = _on_session(run, rules, step)
+    plan = rules.workflows[run.workflow].foreseen(run, step) if st is not None else None
+    if st is None or plan is None:
         return "no_next"
     if plan.step_id in run.steps:
         return "already"
     if not refresh:
-        if last is not None and last.step == plan.step_id:
-            return "already"
-        if last is not None and last.step not in run.steps and now - last.at < IN_FLIGHT_S:
-            return "in_flight"
+        skip = _last_warm(run, {plan.step_id}, last, now)
+        if skip is not None:
+            return skip
+    return _warm_for(run, rules, st, plan, heartbeats, now, prefer=prefer,
+                     stale_after=stale_after, max_load=max_load, refresh=refresh)  # fmt: skip
+
+
+def branches(
+    run: RunState, rules: Rules, step: str, heartbeats: Mapping[tuple[str, str], Heartbeat],
+    now: float, *, last: LastWarm | None = None,
+    prefer: Callable[[str], str | None] = lambda pool: None, stale_after: float = 6.0,
+    max_load: float = 0.5,
+) -> list[Warm] | Skip:  # fmt: skip
+    """As ``decide`` when a fan-out follows ``step``: a warm of each
+    branch's first step, known at dispatch (its agent's system prompt over
+    the session as it is now, the prefix of the fork the branch will get),
+    each on the worker of its own pool. A branch with no worker to warm is
+    left out; all left out: the first one's reason. The run's last warm is
+    then one of the branches (they are dispatched together)."""
+    st = _on_session(run, rules, step)
+    plans = rules.workflows[run.workflow].branches_after(run, step) if st is not None else []
+    if st is None or not plans:
+        return "no_next"
+    ids = {p.step_id for p in plans}
+    if ids & run.steps.keys():
+        return "already"
+    skip = _last_warm(run, ids, last, now)
+    if skip is not None:
+        return skip
+    outs = [_warm_for(run, rules, st, p, heartbeats, now, prefer=prefer, stale_after=stale_after,
+                      max_load=max_load) for p in plans]  # fmt: skip
+    warms = [o for o in outs if isinstance(o, Warm)]
+    return warms or next(o for o in outs if isinstance(o, str))
+
+
+def _on_session(run: RunState, rules: Rules, step: str) -> StepState | None:
+    """``step`` if what follows it can be warmed from it: the run goes on
+    (its workflow known), and the step works on the run's session with its
+    window known."""
+    st = run.steps.get(step)
+    if run.terminal or run.workflow not in rules.workflows or st is None:
+        return None
+    return st if st.ref is not None and st.session == run.session else None
+
+
+def _last_warm(run: RunState, steps: set[str], last: LastWarm | None, now: float) -> Skip | None:
+    """``already`` when the run's last warm was of one of ``steps``;
+    ``in_flight`` while it was of another step, not dispatched yet and sent
+    less than ``IN_FLIGHT_S`` ago."""
+    if last is not None and last.step in steps:
+        return "already"
+    if last is not None and last.step not in run.steps and now - last.at < IN_FLIGHT_S:
+        return "in_flight"
+    return None
+
+
+def _warm_for(
+    run: RunState, rules: Rules, st: StepState, plan: StepPlan,
+    heartbeats: Mapping[tuple[str, str], Heartbeat], now: float, *,
+    prefer: Callable[[str], str | None], stale_after: float, max_load: float, refresh: int = 0,
+) -> Warm | Skip:  # fmt: skip
+    """The warm of ``plan``'s step, to follow ``st`` (running on the
+    session's window ``st.ref``), on its pool's worker; or why not."""
+    assert st.ref is not None
+    wf = rules.workflows[run.workflow]
     agent = wf.agents[plan.agent]
     cap = min(agent.max_tokens, run.max_tokens or agent.max_tokens)
     nxt = StepState(agent=plan.agent, pool=agent.pool, session=plan.session, max_tokens=cap)

@@ -1,10 +1,11 @@
 """The shell of pre-warming (``prewarm.py`` decides): publish the warm of the
-step that follows on the chosen worker's own subject, tell the router to send
-that step there, and while an input step waits or a model turn's tool calls
-are out re-send a warm (``keep``; docs/scheduling.md, "Kept warm across a
-wait"). Best effort: a warm that cannot be published is logged and forgotten.
-Each run's last warm is remembered (bounded; forgotten when the run ends): one
-warm in flight at most."""
+step that follows (or of each branch of a fan-out that follows) on the
+chosen worker's own subject, tell the router to send that step there, and
+while an input step waits or a model turn's tool calls are out re-send a
+warm (``keep``; docs/scheduling.md, "Kept warm across a wait"). Best
+effort: a warm that cannot be published is logged and forgotten. Each run's
+last warm is remembered (bounded; forgotten when the run ends): one warm in
+flight at most (a fan-out's warms count as one)."""
 
 from __future__ import annotations
 
@@ -97,9 +98,15 @@ class Warming:
         def prefer(pool: str) -> str | None:
             return self.router.choose(run.tenant, run.session, pool)
 
-        out = prewarm.decide(run, self.rules, step, self.router.heartbeats.last, now,
-                             last=self.last.get(run.key), prefer=prefer,
+        hbs, last = self.router.heartbeats.last, self.last.get(run.key)
+        out = prewarm.decide(run, self.rules, step, hbs, now, last=last, prefer=prefer,
                              stale_after=self.stale_after, max_load=self.max_load)  # fmt: skip
+        if out == "no_next":  # a fan-out may follow: each branch warmed once (not kept)
+            fan = prewarm.branches(run, self.rules, step, hbs, now, last=last,
+                                   prefer=prefer, stale_after=self.stale_after,
+                                   max_load=self.max_load)  # fmt: skip
+            for each in fan if isinstance(fan, list) else [fan]:
+                await self._send(run, each, now, "sent")
         st = run.steps[step]
         if await self._send(run, out, now, "sent") and st.input:
             assert isinstance(out, prewarm.Warm)

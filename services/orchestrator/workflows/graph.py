@@ -138,13 +138,10 @@ class GraphWorkflow:
         ]
         return max(done, key=lambda kv: parse_step_id(kv[0])[0])[1].output if done else fallback
 
-    def foreseen(self, run: RunState, step_id: str) -> StepPlan | None:
-        """The one model step that will follow ``step_id`` whatever it
-        answers, before it answers: its step runs one agent (or asks a
-        human) without a route, and the next step in order runs one agent.
-        None when what follows depends on the answer, fans out, asks a
-        human, ends the run or waits for other branches (``step_id`` is a
-        parallel branch)."""
+    def _following(self, step_id: str) -> tuple[int, StepSpec] | None:
+        """The step that will follow ``step_id`` whatever it answers (its
+        round and spec): ``step_id`` runs one agent (or asks a human) without
+        a route and is not a parallel branch, and a step comes after it."""
         round_, sid, branch = parse_step_id(step_id)
         step = self._steps.get(sid)
         if branch is not None or step is None or step.route is not None:
@@ -154,10 +151,30 @@ class GraphWorkflow:
         index = self._order.index(sid) + 1
         if index >= len(self._order):
             return None
-        nxt = self._steps[self._order[index]]
+        return round_, self._steps[self._order[index]]
+
+    def foreseen(self, run: RunState, step_id: str) -> StepPlan | None:
+        """The one model step that will follow ``step_id`` whatever it
+        answers, before it answers (``_following``) when it runs one agent.
+        None when what follows depends on the answer, fans out
+        (``branches_after``), asks a human, ends the run or waits for other
+        branches (``step_id`` is a parallel branch)."""
+        following = self._following(step_id)
+        if following is None:
+            return None
+        round_, nxt = following
         if nxt.agent is None:  # parallel or input
             return None
         return StepPlan(f"r{round_}.{nxt.id}", nxt.agent, run.session)
+
+    def branches_after(self, run: RunState, step_id: str) -> list[StepPlan]:
+        """The branches of the fan-out that will follow ``step_id`` whatever
+        it answers (``_following`` is a parallel step), each on the fork of
+        the run's session it will get; empty when no fan-out follows."""
+        following = self._following(step_id)
+        if following is None or not following[1].parallel:
+            return []
+        return self._plans(following[0], following[1], run)
 
     def advance(self, run: RunState, finished: str) -> Next:
         """What follows ``finished`` (which is recorded as done in ``run``).
