@@ -126,8 +126,7 @@ class SlowdownFit:
         The step weighs by its tokens when they are given (the prefill fit):
         the speed alone is then total tokens over total seconds, as a long
         prompt runs, not the mean of short prompts' speeds, which a request's
-        fixed cost drags down (on vLLM-CPU a ~750-token prefill was predicted
-        at the speed of ~55-token ones, ~70% too long)."""
+        fixed cost to its first token drags down."""
         if decode_tps <= 0 or not math.isfinite(decode_tps) or not concurrency >= 1.0:
             return
         if not tokens > 0:
