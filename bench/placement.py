@@ -10,6 +10,8 @@ lengths (~100 to ~1,800 tokens) arrive in waves of 1, 4 and 12 at once, so
 the engines are shared and the queues fill. Then a trickle: 12 tasks one
 every 0.3 s (a quarter of a run), so each step shares its engine with steps
 that arrive after it was placed — reported on its own, apart from the waves.
+Beside the errors, two bounds: the error had the answer length been known
+(``oracle``) and what any guess of the length errs by (``length_floor``).
 
 The simulated agent answers short (about ``ANSWER`` tokens of its
 ``max_tokens`` 96, spread +-``SPREAD``, as the sim draws it from the
@@ -23,7 +25,9 @@ what the orchestrator saw since they were read; ``learnt_as_read`` the
 same from the counts as read (``BATON_RECONCILE_COUNTS=false``);
 ``learnt_min5`` with ``max_tokens`` until 5 answers are seen
 (``BATON_ANSWER_MIN_SEEN=5``); ``before`` both (the prediction before
-these two); ``learnt_median`` as ``learnt`` at the median.
+these two); ``learnt_agentwide`` from all the agent's answers whatever the
+prompt's length (``BATON_ANSWER_PROMPT_NEAR=1.0``); ``learnt_median`` as
+``learnt`` at the median.
 
     python -m bench placement          # writes bench/results/placement.json
 
@@ -57,6 +61,7 @@ MODES = {"before": BEFORE,
          "learnt_as_read": {"BATON_RECONCILE_COUNTS": "false"},
          "learnt_min5": {"BATON_ANSWER_MIN_SEEN": "5"},
          "learnt": {},
+         "learnt_agentwide": {"BATON_ANSWER_PROMPT_NEAR": "1.0"},
          "learnt_median": {"BATON_ANSWER_QUANTILE": "0.5"}}  # fmt: skip
 LENGTHS = (20, 150, 450)  # words of the input: ~30, ~200, ~600 tokens by the 4-bytes estimate
 WORKFLOW = textwrap.dedent("""\
@@ -101,6 +106,7 @@ async def _task(client: Client, text: str, wave: int) -> dict[str, Any]:
         "gpu_seconds": (done.get("usage") or {}).get("gpu_seconds", 0.0),
         "waited_s": phases.get("queue", 0.0) + phases.get("admission", 0.0),
         "ran_s": phases.get("prefill", 0.0) + phases.get("decode", 0.0),
+        "decode_s": phases.get("decode", 0.0),
     }
 
 
@@ -173,6 +179,30 @@ def _errors(ok: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
     return gpu, [abs(r["waited_s"] - r["predicted"]["wait_s"]) for r in ok]
 
 
+def oracle(r: dict[str, Any]) -> float | None:
+    """The step's GPU-seconds error had its answer length been known: the
+    predicted GPU-seconds with their decode part (the step's decode share of
+    its run) rescaled by actual / predicted answer tokens. What remains is
+    the sharing and the speeds."""
+    said, ran = r["predicted"].get("output_tokens", 0), r.get("ran_s", 0.0)
+    if said <= 0 or ran <= 0 or r["gpu_seconds"] <= 0:
+        return None
+    d = r.get("decode_s", 0.0) / ran
+    known = r["predicted"]["gpu_seconds"] * (1.0 + d * (r["completion_tokens"] / said - 1.0))
+    return abs(r["gpu_seconds"] / known - 1.0) if known > 0 else None
+
+
+def length_floor(lengths: list[int], q: float = 0.9) -> float | None:
+    """The ``q`` quantile of |answer / guess - 1| for the best single guess:
+    what any prediction of the answer length that cannot tell these answers
+    apart errs by (the simulator draws them +-``SPREAD`` of ``ANSWER``, from
+    a hash of the prompt)."""
+    if not lengths:
+        return None
+    guesses = range(min(lengths), max(lengths) + 1)
+    return min(pct([abs(n / c - 1.0) for n in lengths], q) for c in guesses)
+
+
 def summary(
     rows: list[dict[str, Any]],
     machine: str = f"{os.cpu_count()} cores, simulator engines, 2 pools x 1 worker",
@@ -194,6 +224,8 @@ def summary(
             / (r["ran_s"] / r["gpu_seconds"]) - 1.0)
         for r in done if r.get("ran_s", 0) > 0 and r["gpu_seconds"] > 0
     ]  # fmt: skip
+    known = [e for e in map(oracle, done) if e is not None]
+    floor = length_floor([r["completion_tokens"] for r in done if r["completion_tokens"] > 0])
     absw = [abs(e) for e in wait]
     alone = [abs(e) for e, r in zip(gpu, ok, strict=True) if r["wave"] == 1]
     burst = [abs(e) for e, r in zip(gpu, ok, strict=True) if r["wave"] > 1]
@@ -216,6 +248,10 @@ def summary(
         "within_20pct": round(sum(e <= 0.2 for e in absg) / max(1, len(absg)), 3),
         "sharing_abs_error_p50": round(pct(shared, 0.5), 3) if shared else None,
         "sharing_abs_error_p90": round(pct(shared, 0.9), 3) if shared else None,
+        # Bounds, waves and trickle together: the error with the answer
+        # length known exactly, and what a length guess errs by at best.
+        "oracle_abs_error_p90": round(pct(known, 0.9), 3) if known else None,
+        "answer_length_floor_p90": round(floor, 3) if floor is not None else None,
         "queue_wait_abs_error_p50_s": round(pct(absw, 0.5), 3),
         "queue_wait_abs_error_p90_s": round(pct(absw, 0.9), 3),
         "mean_gpu_seconds": round(sum(r["gpu_seconds"] for r in ok) / max(1, len(ok)), 3),
@@ -227,7 +263,8 @@ def summary(
         "trickle_gpu_seconds_abs_error_p50": round(pct(tg, 0.5), 3) if tg else None,
         "trickle_gpu_seconds_abs_error_p90": round(pct(tg, 0.9), 3) if tg else None,
         "trickle_queue_wait_abs_error_p90_s": round(pct(tw, 0.9), 3) if tw else None,
-        # Each step: pool, wave, predicted and actual GPU-seconds, predicted and actual wait.
+        # Each step: pool, wave, predicted and actual GPU-seconds, predicted
+        # and actual wait, predicted and actual answer tokens.
         "rows": [
             [
                 r["pool"],
@@ -236,6 +273,8 @@ def summary(
                 round(r["gpu_seconds"], 4),
                 r["predicted"]["wait_s"],
                 round(r["waited_s"], 3),
+                r["predicted"].get("output_tokens", 0),
+                r["completion_tokens"],
             ]
             for r in rows
         ],
@@ -256,7 +295,8 @@ def run(work: Path) -> dict[str, Any]:
 
 MODE_TEXT = {
     "learnt": "(default) predicts at the agent's learnt answer length (the 0.8 quantile of "
-    "its last 64 answers, from the first seen), sharing the engine with the steps placed "
+    "its last 64 answers to prompts within 1.5x as long as the step's once two are known, "
+    "else of all of them; from the first seen), sharing the engine with the steps placed "
     "before it while their predicted runs overlap its own, from the pool's counts "
     "(heartbeats, polled queue) reconciled with the answers and placements seen since they "
     "were read, at prefill and decode speeds fitted from the steps seen finish",
@@ -268,6 +308,9 @@ MODE_TEXT = {
     "learnt_hb_speeds": "as `learnt` with the speeds of the heartbeats, the decode slowdown "
     "fitted once steps spread over batch sizes (`BATON_SPEEDS_FROM_STEPS=false`)",
     "learnt_median": "as `learnt` at the median answer (`BATON_ANSWER_QUANTILE=0.5`)",
+    "learnt_agentwide": "as `learnt` from all the agent's answers, whatever the step's prompt "
+    "length (`BATON_ANSWER_PROMPT_NEAR=1.0`; the prediction before answers were conditioned "
+    "on the prompt)",
     # Modes of earlier runs (their JSON), described as they were then.
     "max_tokens": "every answer at its cap (`BATON_LEARN_ANSWERS=false`)",
     "learnt_count": "every sequence ahead counted as sharing the step's whole run "
@@ -285,14 +328,17 @@ def table(modes: dict[str, dict[str, Any]]) -> list[str]:
         f"| {m['queue_wait_abs_error_p50_s']:.2f} / {m['queue_wait_abs_error_p90_s']:.2f} s "
         f"| {_pct_or_dash(m.get('trickle_gpu_seconds_abs_error_p90'))} "
         f"| {_pct_or_dash(m.get('sharing_abs_error_p50'))} / "
-        f"{_pct_or_dash(m.get('sharing_abs_error_p90'))} |"
+        f"{_pct_or_dash(m.get('sharing_abs_error_p90'))} "
+        f"| {_pct_or_dash(m.get('oracle_abs_error_p90'))} / "
+        f"{_pct_or_dash(m.get('answer_length_floor_p90'))} |"
         for name, m in modes.items()
     ]
     return [
         "| mode | GPU-s p50 abs error | p90 abs error | within ±20% | median signed error "
         "| answer tokens predicted / actual (p50) | queue wait abs error p50 / p90 "
-        "| trickle GPU-s p90 abs error | sharing abs error p50 / p90 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| trickle GPU-s p90 abs error | sharing abs error p50 / p90 "
+        "| p90 with the answer length known / length floor |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *rows,
     ]
 
@@ -326,6 +372,17 @@ def markdown(r: dict[str, Any]) -> str:
         "those it shared it with (its prefill + decode / GPU-seconds charged) - 1: about the "
         "GPU-seconds error the step would have with its run time (answer length, speeds) "
         "predicted exactly.",
+        "",
+        "Bounds (waves and trickle together): *p90 with the answer length known* is the "
+        "GPU-seconds error had each step's answer length been predicted exactly (its "
+        "prediction's decode part, the step's decode share of its run, rescaled by actual / "
+        "predicted tokens; what is left is sharing and speeds); the *length floor* is the p90 "
+        "of |answer / guess - 1| for the best single guess of the answers' lengths: what a "
+        "length prediction that cannot tell them apart errs by on the decode part. The "
+        f"simulator draws each answer uniformly within ±{r.get('answer_spread', 0):.0%} of "
+        f"{r.get('answer_tokens')} tokens from a hash of the prompt, so no predictor tells "
+        "them apart: a step's GPU-seconds error is bounded below by about its decode share "
+        "times that floor.",
     ])  # fmt: skip
 
 

@@ -39,7 +39,7 @@ TRICKLE = (8, 0.6)  # tasks, seconds between two
 SLOTS = 8
 MODES: dict[str, dict[str, str]] = {
     "before": BEFORE,
-    "learnt_hb_speeds": {"BATON_SPEEDS_FROM_STEPS": "false"},
+    "learnt_agentwide": {"BATON_ANSWER_PROMPT_NEAR": "1.0"},
     "learnt": {},
 }
 WORKFLOW = textwrap.dedent("""\

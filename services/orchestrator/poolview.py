@@ -188,7 +188,7 @@ class PoolView:
         prefilled = u.prompt_tokens - st.cached_tokens
         if alone and prefilled >= 16 and t.phases.prefill > 0:
             fit = self._prefill_fits.setdefault(st.pool, SlowdownFit())
-            fit.observe(ran / u.gpu_seconds, prefilled / t.phases.prefill)
+            fit.observe(ran / u.gpu_seconds, prefilled / t.phases.prefill, tokens=prefilled)
 
     def looking_from(self, tenant: str, seq: int) -> Callable[[str], tuple[PoolSpec, PoolNow]]:
         """``look`` for placing the first steps of the task ``(tenant, seq)``:

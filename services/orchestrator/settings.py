@@ -80,6 +80,11 @@ class OrchestratorSettings(CommonSettings):
     answer_quantile: float = Field(default=0.8, gt=0.0, le=1.0)
     # Answers of an agent seen before its learnt length is used.
     answer_min_seen: int = Field(default=1, ge=1, le=64)
+    # A step is predicted from the answers to prompts within this factor of
+    # its own prompt's length (once two are known), else from all its
+    # agent's: an agent answers a short note shorter than a long one.
+    # 1.0: from all its agent's answers, whatever the prompt.
+    answer_prompt_near: float = Field(default=1.5, ge=1.0, le=16.0)
     # A step with no answer after step_timeout is dispatched again, up to
     # step_retries times, then the run fails with step_timeout. Generous by
     # default: a GPU pool scaled to zero needs minutes to wake.

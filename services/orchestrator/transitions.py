@@ -198,8 +198,9 @@ class Rules:
     # read of memory). None: a step runs on its agent's first pool, unweighed.
     pools: placement.Look | None = None
     # The answer length an agent is expected to give (workflow, agent):
-    # learnt from its steps (answers.AnswerLengths.expect); None: max_tokens.
-    answer: Callable[[str, str], int | None] = lambda workflow, agent: None
+    # learnt from its steps, by prompt length (answers.AnswerLengths.expecting);
+    # None: max_tokens.
+    answer: Callable[[str, str], placement.Learnt] = lambda workflow, agent: None
 
     def timeout(self, run: RunState, agent: str) -> float:
         return self.workflows[run.workflow].agents[agent].timeout or self.step_timeout
