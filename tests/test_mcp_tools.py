@@ -53,7 +53,9 @@ async def test_every_mcp_tool_is_offered_with_its_input_schema(
     catalog = codec.decode((await kv.get(pool)).value, ToolCatalog)
     tools = {t.name: t for t in catalog.tools}
     names = {
-        f"mcp.{server}.{tool}" for server in ("web", "local") for tool in ("add", "define", "pause")
+        f"mcp.{server}.{tool}"
+        for server in ("web", "local")
+        for tool in ("add", "define", "pause", "lookup")
     }
     assert set(tools) == names
     schema = json.loads(tools["mcp.web.add"].parameters)

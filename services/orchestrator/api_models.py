@@ -125,6 +125,11 @@ class TaskSummary(BaseModel):
 
 
 class TaskStatus(TaskSummary):
+    prewarm_cost_usd: float = Field(
+        default=0.0,
+        description="Of cost_usd: the pre-warms run for this task (prefills ahead of a step, "
+        "docs/scheduling.md), in no step's cost. The steps' costs plus this make cost_usd.",
+    )
     output: str = ""
     budget: BudgetIn | None = None
     max_tokens: int | None = None
@@ -204,6 +209,7 @@ def run_doc(run: RunState) -> dict[str, Any]:
         for call in st.get("calls", {}).values():
             call.pop("ref", None)
     doc.pop("task_seq", None)
+    doc["prewarm_cost_usd"] = sum(doc.pop("warms", {}).values())  # by warm job id: internal
     return doc
 
 
