@@ -1,6 +1,9 @@
 """The worker's ``chat <model>`` span (OpenTelemetry GenAI conventions): one
 per delivery of a job, from its window request to its result, in the
-context of the step's ``invoke_agent`` span the job was published in."""
+context of the step's ``invoke_agent`` span the job was published in. A
+pre-warm (a prefill for a step to come) is a ``prewarm <model>`` span
+instead, under the span that decided it (the orchestrator's handling of the
+step before): it is not the step's chat, and runs before the step exists."""
 
 from __future__ import annotations
 
@@ -42,9 +45,12 @@ def chat(job: InferenceJob, s: WorkerSettings) -> AbstractContextManager[Any]:
     }
     if job.seed is not None:
         attrs["gen_ai.request.seed"] = job.seed
+    if job.warm:
+        attrs["baton.warm"] = True
     # In-process engines run the model here; the openai engine calls a server.
     kind = SpanKind.CLIENT if s.engine == "openai" else SpanKind.INTERNAL
-    return tracing.span(f"chat {model}", kind=kind, attributes=attrs, layer="inference")
+    name = f"prewarm {model}" if job.warm else f"chat {model}"
+    return tracing.span(name, kind=kind, attributes=attrs, layer="inference")
 
 
 def answered(result: InferenceResult) -> None:
