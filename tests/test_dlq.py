@@ -109,6 +109,17 @@ async def test_a_message_out_of_deliveries_is_counted_copied_and_replayable(
     await js.purge_stream(name, subject=subject)
 
 
+async def _dead_task_handled(client: Client, seq: int) -> None:
+    """Once the orchestrator settled BATON_DLQ's letter ``seq`` (its handler
+    publishes what it publishes before the ack)."""
+    for _ in range(300):
+        info = await client.js.consumer_info("BATON_DLQ", "orchestrator-dead-tasks")
+        if info.ack_floor.stream_seq >= seq:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"dead letter {seq} never handled")
+
+
 async def test_a_dead_lettered_task_ends_failed_for_its_tenant_and_stays_replayable(
     stack: LocalStack, client: Client, nats_url: str
 ) -> None:
@@ -150,9 +161,10 @@ async def test_a_dead_lettered_task_ends_failed_for_its_tenant_and_stays_replaya
         after = await watcher.nc.subscribe(f"baton.events.{tenant}.{done['task_id']}")
         await watcher.nc.flush()
         headers[HDR_TASK_ID] = done["task_id"]
-        await client.js.publish("baton.dlq.orchestrator-tasks", body, headers=headers)
+        late = await client.js.publish("baton.dlq.orchestrator-tasks", body, headers=headers)
+        await _dead_task_handled(client, late.seq)  # its event, had it one, is out
         with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
-            extra = await after.next_msg(timeout=2)
+            extra = await after.next_msg(timeout=0.5)
             raise AssertionError(f"a finished task got another event: {extra.data!r}")
     finally:
         await watcher.close()

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
-from baton.dev.testing import Client, LocalStack, metric, uid
+from baton.dev.testing import Client, LocalStack, metric, secure_nats, uid
 from tests.harness import one_step
 
 WORKFLOW = one_step("ask", max_tokens=32, pools=["small", "large"])
@@ -88,21 +89,37 @@ COLD_WORKFLOW = one_step("wake", max_tokens=16, pool="cold")
 COLD = {"cold": {"cold_start_s": 20, "prefill_tps": 20000, "decode_tps": 400}}
 
 
+@pytest.fixture(scope="module")
+def pool_at_zero(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """An orchestrator whose pool ``cold`` has no worker (scaled to zero), on
+    a nats-server of its own; the module's tests share it (each starts
+    workers of its own pool, ``cold`` or ``slow``, and reads only those)."""
+    tmp = tmp_path_factory.mktemp("pool-at-zero")
+    server = secure_nats(tmp / "nats", encrypt=False).start()
+    stack = LocalStack(server, tmp / "s")
+    try:
+        yield stack.start(
+            workers=0, workflows={"wake.yaml": COLD_WORKFLOW}, pools=COLD, BATON_STEP_TIMEOUT="5"
+        )
+    finally:
+        stack.stop()
+        server.stop()
+
+
 @pytest.fixture
-def pool_at_zero(own_stack: LocalStack) -> LocalStack:
-    """An orchestrator whose pool ``cold`` has no worker (scaled to zero)."""
-    return own_stack.start(
-        workers=0, workflows={"wake.yaml": COLD_WORKFLOW}, pools=COLD, BATON_STEP_TIMEOUT="5"
-    )
+async def zero_client(pool_at_zero: LocalStack) -> AsyncIterator[Client]:
+    c = await Client.connect(pool_at_zero.nats_url)
+    yield c
+    await c.close()
 
 
 async def test_a_pool_at_zero_holds_the_step_until_a_worker_starts(
-    pool_at_zero: LocalStack, own_client: Client
+    pool_at_zero: LocalStack, zero_client: Client
 ) -> None:
     url = pool_at_zero.orchestrator.url
     body = {"tenant": "initech", "input": "hello", "task_id": uid()}
-    await own_client.publish("wake", body, msg_id=body["task_id"])
-    events = await own_client.events("initech", body["task_id"], timeout=3, until_terminal=False)
+    await zero_client.publish("wake", body, msg_id=body["task_id"])
+    events = await zero_client.events("initech", body["task_id"], timeout=3, until_terminal=False)
     steps = [e for e in events if e["type"] == "step"]
     assert [e["status"] for e in steps] == ["started", "waiting_capacity"], events
     assert steps[1]["estimate_s"] == 20 and steps[1]["pool"] == "cold"
@@ -122,7 +139,7 @@ async def test_a_pool_at_zero_holds_the_step_until_a_worker_starts(
     # deadline ran from the cold start's estimate, nothing failed or retried.
     await asyncio.sleep(3)
     pool_at_zero.worker(BATON_POOL="cold", BATON_SIM_LOAD_SECONDS="1.5")
-    events = await own_client.events("initech", body["task_id"], timeout=30)
+    events = await zero_client.events("initech", body["task_id"], timeout=30)
     assert events[-1]["type"] == "completed", events[-1]
     steps = [e for e in events if e["type"] == "step"]
     assert [e["status"] for e in steps] == ["started", "waiting_capacity", "done"]
@@ -131,7 +148,7 @@ async def test_a_pool_at_zero_holds_the_step_until_a_worker_starts(
 
 
 async def test_a_starting_worker_has_its_consumers_before_its_engine_loads(
-    pool_at_zero: LocalStack, own_client: Client
+    pool_at_zero: LocalStack, zero_client: Client
 ) -> None:
     """No delivery is wasted on a worker that is still loading: its pool's
     and its own consumers exist (and the pool's backlog keeps counting)
@@ -142,12 +159,12 @@ async def test_a_starting_worker_has_its_consumers_before_its_engine_loads(
     info = None
     for _ in range(40):
         try:
-            info = await own_client.js.consumer_info("BATON_JOBS", "worker-slow")
+            info = await zero_client.js.consumer_info("BATON_JOBS", "worker-slow")
             break
         except Exception:
             await asyncio.sleep(0.1)
     assert info is not None and info.config.filter_subject == "baton.jobs.slow"
-    direct = [c.config.description for c in await own_client.js.consumers_info("BATON_JOBS")]
+    direct = [c.config.description for c in await zero_client.js.consumers_info("BATON_JOBS")]
     assert f"direct:slow:{wid}" in direct
     with pytest.raises(OSError):  # still loading: not ready
         urllib.request.urlopen(f"{worker.url}/readyz", timeout=1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -268,7 +269,8 @@ async def test_a_running_task_erased_mid_flight_publishes_nothing_more(
         secret = uid("INFLIGHT")
         await client.publish("lonely", {"tenant": tenant, "input": secret, "task_id": task_id,
                                         "session": session, "metadata": {"m": secret}})  # fmt: skip
-        started = await client.events(tenant, task_id, timeout=2, until_terminal=False)
+        started = await client.events(tenant, task_id, timeout=2, until_terminal=False,
+                                      until=lambda got: len(got) >= 2)  # fmt: skip
         assert [e["type"] for e in started] == ["accepted", "step"]
         assert (
             await ask(bus, "delete", ContextDelete(tenant=tenant, session=session))
@@ -276,7 +278,9 @@ async def test_a_running_task_erased_mid_flight_publishes_nothing_more(
         await _until_erased(stack, bus, tenant, [task_id])
         [rec] = await audit.read(bus, tenant=tenant, action=audit.ERASE_TASKS)
         assert rec.detail["running"] == 1 and rec.detail["tasks"] == 1
-        await asyncio.sleep(7)  # past both step timeouts: the watchdog finds a tombstone
+        # Past both step timeouts (2 x 3 s from the dispatch) and a second:
+        # the watchdog finds a tombstone.
+        await asyncio.sleep(max(0.0, started[-1]["ts"] + 7 - time.time()))
         assert await client.events(tenant, task_id, timeout=1, until_terminal=False) == []
         [entry] = await _kv_entries(bus, tenant, task_id)
         assert entry.status == "erased" and entry.metadata == {}
