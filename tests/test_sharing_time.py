@@ -163,3 +163,22 @@ def test_the_pool_view_fits_the_prefill_by_tokens_from_the_steps_it_saw_alone() 
     assert got[:2] == pytest.approx((0.1, 1 / 600), rel=0.02) and 65 < got[2] < 770
     view.prefill_by_tokens = False  # BATON_PREFILL_BY_TOKENS=false: by speed
     assert view.look("cpu")[1].prefill_by_tokens is None
+
+
+def test_how_much_of_a_batchs_prefills_a_step_waits_for_is_measured() -> None:
+    # vLLM on one device runs a batch's prefills one after the other: in a
+    # batch of 8, a step's first token comes after them all. The simulator
+    # runs them side by side: after its own.
+    def fitted(serial: bool) -> PrefillFit:
+        fit = PrefillFit()
+        for n in (65, 260, 770):
+            fit.observe(1.0, n, seconds(n))
+        assert fit.batch_share() == 1.0  # no batch seen yet: one after the other
+        for _ in range(5):
+            for n in (65, 260, 770):
+                others = 7 * fit.typical_tokens / 600 if serial else 0.0
+                fit.observe(8.0, n, seconds(n) + others)
+        return fit
+
+    assert fitted(serial=True).batch_share() > 0.8
+    assert fitted(serial=False).batch_share() == 0.0

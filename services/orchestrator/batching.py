@@ -165,11 +165,12 @@ class PrefillFit:
     (least squares, exponentially decaying, as ``SlowdownFit``): ``fixed``
     is a request's cost to its first token whatever its prompt, ``per_token``
     the engine's work per prompt token. Alone, a step's time to its first
-    token is all its own; in a batch it also waits for the others' prefills,
-    which is why only steps alone are fitted. It also keeps the prompt
-    tokens a step of the pool prefills, typically (an exponential average
-    over every step seen): the prefills of the steps that share a step's
-    engine, whose prompts are not known when it is placed."""
+    token is all its own. It also keeps the prompt tokens a step of the pool
+    typically prefills (an exponential average over every step seen) and,
+    from the steps seen in a batch, how much of the others' prefills a
+    step's first token waits for (``batch_share``: 1 on an engine that runs
+    the batch's prefills one after the other, as vLLM on one device does, 0
+    on one that runs them side by side, as the simulator does)."""
 
     def __init__(self, weight: float = 0.05, min_spread: float = 32.0) -> None:
         self.weight = weight
@@ -177,17 +178,26 @@ class PrefillFit:
         self.steps = 0
         self.typical_tokens = 0.0
         self._s = self._x = self._y = self._xx = self._xy = 0.0
+        self._bx = self._bxx = 0.0  # the batched steps: others' prefills, against the wait
 
     def observe(self, concurrency: float, tokens: float, seconds: float) -> None:
         """One finished step: the mean sequences sharing its engine, the
         prompt tokens it prefilled and its time to its first token."""
         if not tokens > 0 or not seconds > 0 or not math.isfinite(seconds):
             return
+        keep = 1.0 - self.weight
+        if concurrency > ALONE_BATCH:
+            got = self.estimate()
+            if got is not None and self.typical_tokens > 0:
+                fixed, per_token = got
+                others = (concurrency - 1.0) * self.typical_tokens * per_token
+                waited = seconds - fixed - per_token * tokens
+                self._bx = keep * self._bx + others * waited
+                self._bxx = keep * self._bxx + others * others
         t = self.typical_tokens
         self.typical_tokens = tokens if t <= 0 else t + 4 * self.weight * (tokens - t)
         if not concurrency <= ALONE_BATCH:
             return
-        keep = 1.0 - self.weight
         self._s = keep * self._s + 1.0
         self._x = keep * self._x + tokens
         self._y = keep * self._y + seconds
@@ -210,6 +220,13 @@ class PrefillFit:
         if a < 0:
             return 0.0, self._xy / self._xx
         return a, b
+
+    def batch_share(self) -> float:
+        """The part of each other sequence's (typical) prefill a step's first
+        token waits for in a batch, 0 to 1; 1 until steps in a batch are seen."""
+        if self._bxx <= 0:
+            return 1.0
+        return min(1.0, max(0.0, self._bx / self._bxx))
 
 
 JOINED_AFTER_S = 0.25

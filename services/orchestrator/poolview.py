@@ -267,7 +267,8 @@ class PoolView:
         if self.prefill_by_tokens and pool in self._prefill_costs:
             cost = self._prefill_costs[pool]
             got = cost.estimate()
-            by_tokens = (*got, cost.typical_tokens) if got is not None else None
+            if got is not None:
+                by_tokens = (*got, cost.typical_tokens * cost.batch_share())
         decode_tps = statistics.median(decode) if decode else None
         prefill_tps = statistics.median(prefill) if prefill else None
         state = PoolNow(

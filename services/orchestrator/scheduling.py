@@ -66,10 +66,12 @@ class PoolNow:
     decode_tps: float | None = None
     decode_slowdown: float = 0.0  # per other sequence in the batch (batching.SlowdownFit)
     prefill_slowdown: float = 0.0  # the same, of a sequence's prefill
-    # A prefill's cost by its tokens (``batching.PrefillFit``: ``fixed_s`` +
+    # A prefill's cost by its tokens (``batching.PrefillFit``): ``fixed_s`` +
     # ``per_token_s`` x tokens, fitted from steps alone, and the prompt
-    # tokens a step of the pool typically prefills); None: by speed
-    # (``prefill_tps`` slowed by the batch, as above).
+    # tokens of each other sequence sharing the engine that the step's run
+    # holds (the pool's typical prompt, as far as the engine runs the
+    # batch's prefills one after the other); None: by speed (``prefill_tps``
+    # slowed by the batch, as above).
     prefill_by_tokens: tuple[float, float, float] | None = None
     # Steps known to follow this one (tasks taken or waiting in the task
     # stream, not placed yet): they will share the engine with it.
@@ -141,9 +143,9 @@ def predict(need: StepNeed, spec: PoolSpec, now: PoolNow) -> Prediction:
 
     # By tokens: the step's prefill costs the engine ``fixed + per_token x
     # its tokens``, and each of the n - 1 sequences sharing its engine
-    # brings a prefill of the pool's typical prompt, run while the step is
-    # on the engine: its run holds them all, and the clock splits them
-    # equally ("What GPU-seconds means").
+    # brings a prefill (``typical`` tokens) run while the step is on the
+    # engine: its run holds them all, and the clock splits them equally
+    # ("What GPU-seconds means").
     by_tokens = now.prefill_by_tokens
 
     def run_with(n: float) -> float:
