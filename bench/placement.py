@@ -18,16 +18,13 @@ The simulated agent answers short (about ``ANSWER`` tokens of its
 prompt), and the whole run is made in each mode, interleaved over
 ``ROUNDS`` rounds, each on a fresh stack (an orchestrator starts with
 nothing learnt): ``learnt`` (the default) predicts at the agent's learnt
-answer length (the 0.8 quantile of its last answers, from the first one
-seen), sharing the engine with the steps already placed while their
-predicted runs overlap its own, from the pool's counts reconciled with
-what the orchestrator saw since they were read; ``learnt_as_read`` the
-same from the counts as read (``BATON_RECONCILE_COUNTS=false``);
-``learnt_min5`` with ``max_tokens`` until 5 answers are seen
-(``BATON_ANSWER_MIN_SEEN=5``); ``before`` both (the prediction before
-these two); ``learnt_agentwide`` from all the agent's answers whatever the
-prompt's length (``BATON_ANSWER_PROMPT_NEAR=1.0``); ``learnt_median`` as
-``learnt`` at the median.
+answer length, sharing the engine with the steps already placed while
+their predicted runs overlap its own and with the steps expected to join
+it (``BATON_EXPECT_ARRIVALS``), its prefill by its tokens
+(``BATON_PREFILL_BY_TOKENS``); ``by_speed`` with neither (the prediction
+before them), ``by_tokens`` and ``arrivals`` with one each. Modes of
+earlier runs (counts as read, answers learnt from 5, the median answer)
+are described in ``MODE_TEXT`` and docs/scheduling.md.
 
     python -m bench placement          # writes bench/results/placement.json
 
@@ -52,20 +49,13 @@ WAVES = (1, 1, 1, 4, 4, 12, 12)
 TRICKLE = (12, 0.3)  # tasks, seconds between two (their rows: wave 0)
 ANSWER, SPREAD = 32, 0.25  # the agent's answers: tokens, +- fraction
 ROUNDS = 2
-# The two fixes of the prediction measured against what came before,
-# together and apart (docs/scheduling.md): counts read before an answer
-# discounted, the learnt length used from the first answer seen.
 # The time model under sharing (prefill by tokens, arrivals expected) against
 # the one before it (``by_speed``), together and apart.
 BY_SPEED = {"BATON_PREFILL_BY_TOKENS": "false", "BATON_EXPECT_ARRIVALS": "false"}
-BEFORE = {"BATON_RECONCILE_COUNTS": "false", "BATON_ANSWER_MIN_SEEN": "5",
-          "BATON_SPEEDS_FROM_STEPS": "false"} | BY_SPEED  # fmt: skip
-MODES = {"before": BEFORE,
-         "by_speed": BY_SPEED,
+MODES = {"by_speed": BY_SPEED,
          "by_tokens": {"BATON_EXPECT_ARRIVALS": "false"},
          "arrivals": {"BATON_PREFILL_BY_TOKENS": "false"},
-         "learnt": {},
-         "learnt_median": {"BATON_ANSWER_QUANTILE": "0.5"}}  # fmt: skip
+         "learnt": {}}  # fmt: skip
 if only := os.environ.get("BATON_BENCH_MODES"):  # a subset, to study one
     MODES = {m: MODES[m] for m in only.split(",")}
 LENGTHS = (20, 150, 450)  # words of the input: ~30, ~200, ~600 tokens by the 4-bytes estimate
