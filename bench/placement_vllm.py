@@ -172,7 +172,7 @@ def markdown(r: dict[str, Any]) -> str:
         "interleaved, each on a fresh orchestrator, one worker throughout. The catalogue "
         f"states prefill / decode {r['catalogue']['prefill_tps']} / "
         f"{r['catalogue']['decode_tps']} tok/s; the worker measured (its last heartbeat) "
-        f"{ms['prefill_tps']} / {ms['decode_tps']} tok/s per sequence, {ms['kv_tokens']} KV "
+        f"{ms['prefill_tps']} / {ms['decode_tps']} tok/s per sequence, {ms['kv_tokens']} KV-cache "
         f"tokens, {ms['max_seqs']} slots. Columns as in the simulator's table above. Modes: "
         + "; ".join(f"`{m}` {r.get('mode_text', MODE_TEXT).get(m, '')}" for m in r["modes"])
         + ".",
