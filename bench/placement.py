@@ -18,16 +18,13 @@ The simulated agent answers short (about ``ANSWER`` tokens of its
 prompt), and the whole run is made in each mode, interleaved over
 ``ROUNDS`` rounds, each on a fresh stack (an orchestrator starts with
 nothing learnt): ``learnt`` (the default) predicts at the agent's learnt
-answer length (the 0.8 quantile of its last answers, from the first one
-seen), sharing the engine with the steps already placed while their
-predicted runs overlap its own, from the pool's counts reconciled with
-what the orchestrator saw since they were read; ``learnt_as_read`` the
-same from the counts as read (``BATON_RECONCILE_COUNTS=false``);
-``learnt_min5`` with ``max_tokens`` until 5 answers are seen
-(``BATON_ANSWER_MIN_SEEN=5``); ``before`` both (the prediction before
-these two); ``learnt_agentwide`` from all the agent's answers whatever the
-prompt's length (``BATON_ANSWER_PROMPT_NEAR=1.0``); ``learnt_median`` as
-``learnt`` at the median.
+answer length, sharing the engine with the steps already placed while
+their predicted runs overlap its own and with the steps expected to join
+it (``BATON_EXPECT_ARRIVALS``), its prefill by its tokens
+(``BATON_PREFILL_BY_TOKENS``); ``by_speed`` with neither (the prediction
+before them), ``by_tokens`` and ``arrivals`` with one each. Modes of
+earlier runs (counts as read, answers learnt from 5, the median answer)
+are described in ``MODE_TEXT`` and docs/scheduling.md.
 
     python -m bench placement          # writes bench/results/placement.json
 
@@ -52,17 +49,15 @@ WAVES = (1, 1, 1, 4, 4, 12, 12)
 TRICKLE = (12, 0.3)  # tasks, seconds between two (their rows: wave 0)
 ANSWER, SPREAD = 32, 0.25  # the agent's answers: tokens, +- fraction
 ROUNDS = 2
-# The two fixes of the prediction measured against what came before,
-# together and apart (docs/scheduling.md): counts read before an answer
-# discounted, the learnt length used from the first answer seen.
-BEFORE = {"BATON_RECONCILE_COUNTS": "false", "BATON_ANSWER_MIN_SEEN": "5",
-          "BATON_SPEEDS_FROM_STEPS": "false"}  # fmt: skip
-MODES = {"before": BEFORE,
-         "learnt_as_read": {"BATON_RECONCILE_COUNTS": "false"},
-         "learnt_min5": {"BATON_ANSWER_MIN_SEEN": "5"},
-         "learnt": {},
-         "learnt_agentwide": {"BATON_ANSWER_PROMPT_NEAR": "1.0"},
-         "learnt_median": {"BATON_ANSWER_QUANTILE": "0.5"}}  # fmt: skip
+# The time model under sharing (prefill by tokens, arrivals expected) against
+# the one before it (``by_speed``), together and apart.
+BY_SPEED = {"BATON_PREFILL_BY_TOKENS": "false", "BATON_EXPECT_ARRIVALS": "false"}
+MODES = {"by_speed": BY_SPEED,
+         "by_tokens": {"BATON_EXPECT_ARRIVALS": "false"},
+         "arrivals": {"BATON_PREFILL_BY_TOKENS": "false"},
+         "learnt": {}}  # fmt: skip
+if only := os.environ.get("BATON_BENCH_MODES"):  # a subset, to study one
+    MODES = {m: MODES[m] for m in only.split(",")}
 LENGTHS = (20, 150, 450)  # words of the input: ~30, ~200, ~600 tokens by the 4-bytes estimate
 WORKFLOW = textwrap.dedent("""\
     name: ask
@@ -107,6 +102,8 @@ async def _task(client: Client, text: str, wave: int) -> dict[str, Any]:
         "waited_s": phases.get("queue", 0.0) + phases.get("admission", 0.0),
         "ran_s": phases.get("prefill", 0.0) + phases.get("decode", 0.0),
         "decode_s": phases.get("decode", 0.0),
+        "prefill_s": phases.get("prefill", 0.0),
+        "prompt_tokens": (done.get("usage") or {}).get("prompt_tokens", 0),
     }
 
 
@@ -287,7 +284,7 @@ def run(work: Path) -> dict[str, Any]:
         for name, env in MODES.items():  # interleaved: each round runs every mode
             rows[name] += asyncio.run(_main(work / f"{name}-{i}", env))
     modes = {name: summary(r) for name, r in rows.items()}
-    out = {k: v for k, v in modes["learnt"].items() if k != "rows"}
+    out = {k: v for k, v in modes.get("learnt", next(iter(modes.values()))).items() if k != "rows"}
     out |= {"answer_tokens": ANSWER, "answer_spread": SPREAD, "rounds": ROUNDS, "modes": modes,
             "mode_text": {m: MODE_TEXT[m] for m in MODES}}  # fmt: skip
     return out
@@ -299,12 +296,20 @@ MODE_TEXT = {
     "else of all of them; from the first seen), sharing the engine with the steps placed "
     "before it while their predicted runs overlap its own, from the pool's counts "
     "(heartbeats, polled queue) reconciled with the answers and placements seen since they "
-    "were read, at prefill and decode speeds fitted from the steps seen finish",
+    "were read, at prefill and decode speeds fitted from the steps seen finish, the prefill "
+    "by its tokens (a fixed cost + per token, fitted from steps alone, with the pool's "
+    "typical prefill for each sequence sharing it) and steps expected to join at the rate "
+    "they joined running batches lately",
+    "by_speed": "as `learnt` with the prefill at a speed slowed by the batch and no arrivals "
+    "expected (`BATON_PREFILL_BY_TOKENS=false`, `BATON_EXPECT_ARRIVALS=false`: the "
+    "prediction before this change)",
+    "by_tokens": "as `learnt` with no arrivals expected (`BATON_EXPECT_ARRIVALS=false`)",
+    "arrivals": "as `learnt` with the prefill by speed (`BATON_PREFILL_BY_TOKENS=false`)",
     "learnt_as_read": "the same from the counts as read (`BATON_RECONCILE_COUNTS=false`)",
     "learnt_min5": "the same predicting `max_tokens` until 5 answers are seen "
     "(`BATON_ANSWER_MIN_SEEN=5`)",
-    "before": "all three off: counts as read, `max_tokens` until 5 answers, speeds from the "
-    "heartbeats (the prediction before these changes)",
+    "before": "all off: counts as read, `max_tokens` until 5 answers, speeds from the "
+    "heartbeats, as `by_speed` (the prediction before the changes of issue 20)",
     "learnt_hb_speeds": "as `learnt` with the speeds of the heartbeats, the decode slowdown "
     "fitted once steps spread over batch sizes (`BATON_SPEEDS_FROM_STEPS=false`)",
     "learnt_median": "as `learnt` at the median answer (`BATON_ANSWER_QUANTILE=0.5`)",

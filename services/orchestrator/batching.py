@@ -157,3 +157,110 @@ class SlowdownFit:
         if a <= 0:
             return None
         return 1.0 / a, b / a
+
+
+class PrefillFit:
+    """A prefill's engine time against the prompt tokens it prefills, fitted
+    from steps that ran about alone: ``seconds = fixed + per_token x tokens``
+    (least squares, exponentially decaying, as ``SlowdownFit``): ``fixed``
+    is a request's cost to its first token whatever its prompt, ``per_token``
+    the engine's work per prompt token. Alone, a step's time to its first
+    token is all its own. It also keeps the prompt tokens a step of the pool
+    typically prefills (an exponential average over every step seen) and,
+    from the steps seen in a batch, how much of the others' prefills a
+    step's first token waits for (``batch_share``: 1 on an engine that runs
+    the batch's prefills one after the other, as vLLM on one device does, 0
+    on one that runs them side by side, as the simulator does)."""
+
+    def __init__(self, weight: float = 0.05, min_spread: float = 32.0) -> None:
+        self.weight = weight
+        self.min_spread = min_spread  # tokens: one prompt length alone tells no slope
+        self.steps = 0
+        self.typical_tokens = 0.0
+        self._s = self._x = self._y = self._xx = self._xy = 0.0
+        self._bx = self._bxx = 0.0  # the batched steps: others' prefills, against the wait
+
+    def observe(self, concurrency: float, tokens: float, seconds: float) -> None:
+        """One finished step: the mean sequences sharing its engine, the
+        prompt tokens it prefilled and its time to its first token."""
+        if not tokens > 0 or not seconds > 0 or not math.isfinite(seconds):
+            return
+        keep = 1.0 - self.weight
+        if concurrency > ALONE_BATCH:
+            got = self.estimate()
+            if got is not None and self.typical_tokens > 0:
+                fixed, per_token = got
+                others = (concurrency - 1.0) * self.typical_tokens * per_token
+                waited = seconds - fixed - per_token * tokens
+                self._bx = keep * self._bx + others * waited
+                self._bxx = keep * self._bxx + others * others
+        t = self.typical_tokens
+        self.typical_tokens = tokens if t <= 0 else t + 4 * self.weight * (tokens - t)
+        if not concurrency <= ALONE_BATCH:
+            return
+        self._s = keep * self._s + 1.0
+        self._x = keep * self._x + tokens
+        self._y = keep * self._y + seconds
+        self._xx = keep * self._xx + tokens * tokens
+        self._xy = keep * self._xy + tokens * seconds
+        self.steps += 1
+
+    def estimate(self) -> tuple[float, float] | None:
+        """``(fixed_s, per_token_s)``, or None until steps alone spread over
+        prompt lengths. Neither is negative: a negative intercept (noise)
+        is refitted through the origin."""
+        if self.steps < 2:
+            return None
+        mx, my = self._x / self._s, self._y / self._s
+        var = self._xx / self._s - mx * mx
+        if var < self.min_spread**2:
+            return None
+        b = max(0.0, (self._xy / self._s - mx * my) / var)
+        a = my - b * mx
+        if a < 0:
+            return 0.0, self._xy / self._xx
+        return a, b
+
+    def batch_share(self) -> float:
+        """The part of each other sequence's (typical) prefill a step's first
+        token waits for in a batch, 0 to 1; 1 until steps in a batch are seen."""
+        if self._bxx <= 0:
+            return 1.0
+        return min(1.0, max(0.0, self._bx / self._bxx))
+
+
+JOINED_AFTER_S = 0.25
+"""A step placed on a pool where a step placed before it had been running
+this long joined a running batch: it arrived during a run, not with it
+(the steps of one burst are placed milliseconds apart)."""
+
+
+def arrival_rate(joins: Sequence[float], now: float, horizon: float = 20.0) -> float:
+    """Steps per second joining a pool's running batches, from the times
+    (``now``'s clock) the recent ones did: ``(k - 1) / (last - first)``
+    over those within ``horizon``, at least three. 0 when fewer joined, or
+    when none came for twice the gap seen (the stream of arrivals ended):
+    steps arriving in closed waves, each after the last one ended, never
+    join, and nothing is expected to follow them."""
+    recent = [t for t in joins if 0.0 <= now - t <= horizon]
+    if len(recent) < 3:
+        return 0.0
+    span = recent[-1] - recent[0]
+    if span <= 0:
+        return 0.0
+    rate = (len(recent) - 1) / span
+    return 0.0 if now - recent[-1] > 2.0 / rate else rate
+
+
+def expected_arrivals(
+    rate: float, start: float, run_s: float, limit: int
+) -> tuple[tuple[float, float], ...]:
+    """The steps expected to join a step's engine while it runs (from
+    ``start`` for ``run_s``), arriving at ``rate`` per second and each
+    running as long as it (one like it): spans as ``overlap`` takes them,
+    at most ``limit`` (the pool's slots)."""
+    if rate <= 0 or run_s <= 0:
+        return ()
+    gap = 1.0 / rate
+    count = min(limit, int(run_s / gap))
+    return tuple((start + k * gap, start + k * gap + run_s) for k in range(1, count + 1))

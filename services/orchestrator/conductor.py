@@ -109,6 +109,8 @@ class Conductor:
                                        overlap=settings.share_by_overlap,
                                        reconcile_counts=settings.reconcile_counts,
                                        speeds_from_steps=settings.speeds_from_steps,
+                                       prefill_by_tokens=settings.prefill_by_tokens,
+                                       expect_arrivals=settings.expect_arrivals,
                                        clock=clock)  # fmt: skip
         # The answer lengths of the agents, learnt from the steps this replica stores.
         self.answers = AnswerLengths(quantile=settings.answer_quantile,

@@ -19,7 +19,7 @@ import structlog
 from proto.messages import Heartbeat
 
 from . import metrics as m
-from .batching import SlowdownFit
+from .batching import JOINED_AFTER_S, PrefillFit, SlowdownFit, arrival_rate
 from .fairness import PoolRoom
 from .pools import Catalogue, PoolSpec, drifts
 from .routing import HeartbeatTracker
@@ -60,6 +60,8 @@ class PoolView:
         overlap: bool = True,
         reconcile_counts: bool = True,
         speeds_from_steps: bool = True,
+        prefill_by_tokens: bool = True,
+        expect_arrivals: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.catalogue = catalogue
@@ -76,6 +78,15 @@ class PoolView:
         # speed alone from the first steps that ran alone (False: decode
         # only, once steps spread over batch sizes; else the heartbeats').
         self.speeds_from_steps = speeds_from_steps
+        # A prefill's cost by its prompt tokens (a fixed cost + per token,
+        # from steps seen alone; the step pays its own prefill's work) rather
+        # than at a speed slowed by the batch (False).
+        self.prefill_by_tokens = prefill_by_tokens
+        # Expect steps to join a step's batch while it runs at the rate they
+        # joined running batches lately (False: only those known).
+        self.expect_arrivals = expect_arrivals
+        # When this replica's steps joined each pool's running batches.
+        self._joins: dict[str, deque[float]] = {}
         self.backlog: dict[str, int] = {}  # jobs waiting on each pool's consumer
         self._polled: dict[str, float] = {}  # when each pool's backlog was read
         # When the generations of the steps answered here ended (the worker's
@@ -91,6 +102,7 @@ class PoolView:
         self._stream: dict[str, tuple[int, int, float]] = {}  # tenant: seq, behind, when
         self._fits: dict[str, SlowdownFit] = {}  # decode
         self._prefill_fits: dict[str, SlowdownFit] = {}
+        self._prefill_costs: dict[str, PrefillFit] = {}
         self._drifting: set[tuple[str, str, str]] = set()  # (pool, worker, figure)
         heartbeats.listeners.append(self.check_drift)
 
@@ -119,7 +131,14 @@ class PoolView:
             for key in keys:
                 mine.pop(key, None)
         for pool, keys in (_active(new) if new is not None else {}).items():
-            self.placed.setdefault(pool, {}).update(keys)
+            mine = self.placed.setdefault(pool, {})
+            for key, (dispatched, _, _) in keys.items():
+                # Placed while a step placed before it had been running: it joined.
+                if key not in mine and any(
+                    b <= dispatched - JOINED_AFTER_S for _, b, _ in mine.values()
+                ):
+                    self._joins.setdefault(pool, deque(maxlen=64)).append(dispatched)
+            mine.update(keys)
         if old is None and new is not None:  # a new run: its task is placed
             self._taken.discard((new.tenant, new.task_seq))
 
@@ -189,6 +208,8 @@ class PoolView:
         if alone and prefilled >= 16 and t.phases.prefill > 0:
             fit = self._prefill_fits.setdefault(st.pool, SlowdownFit())
             fit.observe(ran / u.gpu_seconds, prefilled / t.phases.prefill, tokens=prefilled)
+            cost = self._prefill_costs.setdefault(st.pool, PrefillFit())
+            cost.observe(ran / u.gpu_seconds, prefilled, t.phases.prefill)
 
     def looking_from(self, tenant: str, seq: int) -> Callable[[str], tuple[PoolSpec, PoolNow]]:
         """``look`` for placing the first steps of the task ``(tenant, seq)``:
@@ -242,6 +263,12 @@ class PoolView:
         arriving = len(self._taken - {exclude}) + behind
         fit = self._fits[pool].estimate() if pool in self._fits else None
         pfit = self._prefill_fits[pool].estimate() if pool in self._prefill_fits else None
+        by_tokens = None
+        if self.prefill_by_tokens and pool in self._prefill_costs:
+            cost = self._prefill_costs[pool]
+            got = cost.estimate()
+            if got is not None:
+                by_tokens = (*got, cost.typical_tokens * cost.batch_share())
         decode_tps = statistics.median(decode) if decode else None
         prefill_tps = statistics.median(prefill) if prefill else None
         state = PoolNow(
@@ -251,11 +278,15 @@ class PoolView:
             backlog=queued,
             prefill_tps=pfit[0] if pfit is not None else prefill_tps,
             prefill_slowdown=pfit[1] if pfit is not None else 0.0,
+            prefill_by_tokens=by_tokens,
             decode_tps=fit[0] if fit is not None else decode_tps,
             decode_slowdown=fit[1] if fit is not None else 0.0,
             arriving=arriving,
             frees_in=tuple(e - at for _, _, e in placed),
             spans=tuple((b - at, e - at) for _, b, e in placed) if self.overlap else (),
+            arrival_rate=arrival_rate(self._joins.get(pool, ()), at)
+            if self.overlap and self.expect_arrivals
+            else 0.0,
         )
         # What the sequences ahead were made of (docs/scheduling.md, "The prediction").
         log.debug("pool_look", pool=pool, heartbeats=beating, polled=polled, stale=stale,

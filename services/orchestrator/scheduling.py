@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .batching import Overlap, decode_speed, overlap, queue_wait, share
+from .batching import Overlap, decode_speed, expected_arrivals, overlap, queue_wait, share
 from .pools import PoolSpec
 
 Reason = Literal[
@@ -66,6 +66,13 @@ class PoolNow:
     decode_tps: float | None = None
     decode_slowdown: float = 0.0  # per other sequence in the batch (batching.SlowdownFit)
     prefill_slowdown: float = 0.0  # the same, of a sequence's prefill
+    # A prefill's cost by its tokens (``batching.PrefillFit``): ``fixed_s`` +
+    # ``per_token_s`` x tokens, fitted from steps alone, and the prompt
+    # tokens of each other sequence sharing the engine that the step's run
+    # holds (the pool's typical prompt, as far as the engine runs the
+    # batch's prefills one after the other); None: by speed (``prefill_tps``
+    # slowed by the batch, as above).
+    prefill_by_tokens: tuple[float, float, float] | None = None
     # Steps known to follow this one (tasks taken or waiting in the task
     # stream, not placed yet): they will share the engine with it.
     arriving: int = 0
@@ -77,6 +84,10 @@ class PoolNow:
     # while they overlap it (``batching.overlap``). Empty: every sequence
     # counted is taken to share the whole of its run.
     spans: tuple[tuple[float, float], ...] = ()
+    # Steps per second joining the pool's running batches lately
+    # (``batching.arrival_rate``): the step expects as many to join it
+    # while it runs (with ``spans`` only). 0: none foreseen.
+    arrival_rate: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,10 +141,20 @@ def predict(need: StepNeed, spec: PoolSpec, now: PoolNow) -> Prediction:
     unknown = max(0, ahead - len(now.spans))
     shared = share(per_worker, unknown / workers, now.arriving / workers)
 
+    # By tokens: the step's prefill costs the engine ``fixed + per_token x
+    # its tokens``, and each of the n - 1 sequences sharing its engine
+    # brings a prefill (``typical`` tokens) run while the step is on the
+    # engine: its run holds them all, and the clock splits them equally
+    # ("What GPU-seconds means").
+    by_tokens = now.prefill_by_tokens
+
     def run_with(n: float) -> float:
-        return uncached / decode_speed(prefill, now.prefill_slowdown, n) + (
-            need.expected_output / decode_speed(decode, now.decode_slowdown, n)
-        )
+        if by_tokens is not None:
+            fixed, per_token, typical = by_tokens
+            first = fixed + per_token * (uncached + max(0.0, n - 1.0) * typical)
+        else:
+            first = uncached / decode_speed(prefill, now.prefill_slowdown, n)
+        return first + need.expected_output / decode_speed(decode, now.decode_slowdown, n)
 
     wait_s = 0.0
     if cold:
@@ -143,11 +164,12 @@ def predict(need: StepNeed, spec: PoolSpec, now: PoolNow) -> Prediction:
             wait_s = min(wait_s, max(0.0, now.ready_in_s))
     # The sequences ahead run in full batches.
     wait_s += queue_wait(per_worker * workers, ahead, run_with(per_worker), now.frees_in)
-    if now.spans:
+    if now.spans or now.arrival_rate > 0:
         # Decode slows with the batch: the run at the batch it meets, then
         # at the mean batch over that run (twice: it settles).
         def over(run: float) -> Overlap:
-            return overlap(wait_s, run, now.spans, slots=per_worker, workers=workers,
+            joining = expected_arrivals(now.arrival_rate, wait_s, run, per_worker * workers)
+            return overlap(wait_s, run, now.spans + joining, slots=per_worker, workers=workers,
                            company=shared.concurrency)  # fmt: skip
 
         met = over(run_with(shared.concurrency)).mean_concurrency

@@ -238,7 +238,9 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
     pool_view = PoolView(settings.catalogue, hb, stale_after=settings.route_stale_after,
                          overlap=settings.share_by_overlap,
                          reconcile_counts=settings.reconcile_counts,
-                         speeds_from_steps=settings.speeds_from_steps)  # fmt: skip
+                         speeds_from_steps=settings.speeds_from_steps,
+                         prefill_by_tokens=settings.prefill_by_tokens,
+                         expect_arrivals=settings.expect_arrivals)  # fmt: skip
     # The fair gate lends idle shares out as far as the live workers hold them.
     lend = pool_view.room if settings.fair_lend else None
     # ... less what the other replicas' runs hold, split between the replicas.

@@ -76,6 +76,16 @@ class OrchestratorSettings(CommonSettings):
     # from steps that ran alone until batch sizes spread); off: decode only,
     # once they spread, else the workers' heartbeats (their recent average).
     speeds_from_steps: bool = True
+    # Predict a step's prefill by its prompt tokens (a fixed cost + a cost
+    # per token, fitted from steps seen alone), the step paying its own
+    # prefill's engine time whatever the batch; off: at a prefill speed
+    # slowed by the batch, the step paying a share of it.
+    prefill_by_tokens: bool = True
+    # Expect steps to join a step's batch while it runs, at the rate steps
+    # joined the pool's running batches lately (a trickle of tasks; closed
+    # waves, each after the last ended, never join); off: only the steps
+    # known (placed, taken or waiting in the task stream) share it.
+    expect_arrivals: bool = True
     # The quantile of an agent's last answers predicted (nearest rank).
     answer_quantile: float = Field(default=0.8, gt=0.0, le=1.0)
     # Answers of an agent seen before its learnt length is used.
