@@ -79,7 +79,7 @@ async def test_one_generation_sends_deltas_by_time_not_by_token(stack: LocalStac
     ds = deltas[done[0]["task_id"]]
     tokens = done[0]["usage"]["completion_tokens"]
     assert tokens == 128
-    # The first text, one per tick while it generates, the final one.
+    # One per tick while it generates (the first text waits for one), the final one.
     assert len(ds) <= 3 + _duration(ds) / BASE, (len(ds), _duration(ds))
     assert 3 <= len(ds) <= tokens / 6, len(ds)  # live, yet many tokens to a delta
 

@@ -10,9 +10,12 @@ interval grows with the number of open streams (``base`` up to
 ``STREAMS_PER_BASE`` streams, then in proportion, capped at ``ceiling``),
 so a worker sends at most about ``STREAMS_PER_BASE / base`` deltas a second
 (133 at 30 ms) until the cap, whatever the engine's speed: the number of
-messages follows time, never token count. A generation's first text goes out
-at once (the reader sees the answer start), every later one waits for the
-tick. Publishing never blocks the generation. Each delta's ``Nats-Msg-Id`` is
+messages follows time, never token count. A generation's first text waits
+for the next tick like the rest (at most one interval: 30 ms with one stream
+open), so an answer generated whole within one interval, as the simulator's
+or a short one, is one delta, the final one, instead of a first delta and a
+final one (the simulator's steps sent 2.0 each). Publishing never blocks the
+generation. Each delta's ``Nats-Msg-Id`` is
 ``<job_id>#<attempt>.<index>`` (``keys.token_delta``): a publish retried
 after a lost ack is stored once; one delta per generation is in flight at a
 time, so a generation's deltas are stored in ``index`` order.
@@ -96,8 +99,6 @@ class _Stream:
         if text and not self.closed:
             if not self.pending:
                 self.since = time.time()
-                if self.index == 0 and self.flushing is None:  # the answer starts: now
-                    self.owner.flush_soon(self)
             self.pending.append(text)
 
     def due(self) -> bool:
@@ -191,14 +192,6 @@ class TokenPublisher:
 
     def forget(self, stream: _Stream) -> None:
         self.streams.pop(id(stream), None)
-
-    def flush_soon(self, stream: _Stream) -> None:
-        """Publish ``stream``'s pending text now rather than at the next tick."""
-        asyncio.get_running_loop().call_soon(self._start_if_due, stream)
-
-    def _start_if_due(self, stream: _Stream) -> None:
-        if not stream.closed and stream.due():
-            stream.start_flush()
 
     def current_interval(self) -> float:
         return batch_interval(self.interval, len(self.streams), self.ceiling)

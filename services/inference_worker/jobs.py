@@ -257,7 +257,7 @@ class JobHandler:
         ended = False
         tokens = self.tokens.open(job, attempt=f"{d.stream_seq}.{d.num_delivered}")
         ttft, itl = self._latency
-        texts = 0  # chunks with text: tokens, for vllm and sim
+        texts = 0  # chunks with text (vLLM hands over several tokens to a chunk)
         stream_end = 0.0
         try:
             request = GenerationRequest(
@@ -307,8 +307,11 @@ class JobHandler:
             raise Nak(
                 self.s.oom_retry_delay, "generation interrupted by an engine restart", backoff=True
             )
-        if texts > 1:  # one observation per generation keeps the token loop cheap
-            itl.observe((stream_end - watch.first_token_at) / (texts - 1))
+        # One observation per generation keeps the token loop cheap; tokens,
+        # not chunks, divide the decode time (the engine's count, if it has one).
+        gaps = (final.completion_tokens or texts) - 1
+        if texts and gaps > 0:
+            itl.observe((stream_end - watch.first_token_at) / gaps)
         if texts:
             self.speeds.observe(
                 final.prompt_tokens - final.cached_tokens,
