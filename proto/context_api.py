@@ -31,6 +31,10 @@ class Endpoint(Generic[Q, P]):
 # fmt: off
 APPEND: Final = Endpoint("append", msg.ContextAppend, msg.ContextAppendReply,
                          "Request-reply: append to a session; the reply carries a signed ref.")
+ANSWER: Final = Endpoint("answer", msg.ContextAnswer, msg.ContextAppendReply,
+                         "Request-reply: append a job's answer and publish its result; the reply "
+                         "to a stored answer is JetStream's ack of the result, a refusal the "
+                         "store's.")
 WINDOW: Final = Endpoint("window", msg.WindowRequest, msg.WindowReply,
                          "Request-reply: resolve a signed ref into a token-budgeted window.")
 GET: Final = Endpoint("get", msg.ContextGet, msg.GetReply,
@@ -49,6 +53,6 @@ STATS: Final = Endpoint("stats", msg.ContextStats, msg.StatsReply,
 
 # Every op, in the order the AsyncAPI document lists them.
 ENDPOINTS: Final[dict[str, Endpoint[Any, Any]]] = {
-    e.op: e for e in (APPEND, WINDOW, GET, FORK, SUMMARIZE, ATTACH, DELETE, STATS)
+    e.op: e for e in (APPEND, ANSWER, WINDOW, GET, FORK, SUMMARIZE, ATTACH, DELETE, STATS)
 }
 assert set(ENDPOINTS) == set(CONTEXT_OPS)

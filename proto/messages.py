@@ -597,6 +597,27 @@ class InferenceResult(msgspec.Struct, omit_defaults=True, kw_only=True):
     pool: str = ""
 
 
+class ContextAnswer(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A job's answer and its result, in one request (``baton.ctx.answer.<tenant>``):
+    the store appends ``answer`` to ``result.session`` under
+    ``keys.answer(result.job_id)`` (idempotent; ``base`` as for
+    ``ContextAppend``) and, at the same time, publishes ``last_delta`` (the
+    generation's final token delta, ``Nats-Msg-Id`` ``keys.token_delta``)
+    on ``baton.tokens.<tenant>.<task_id>``; then it publishes ``result``,
+    its ``ref`` the answer's, on ``baton.results.<tenant>.<task_id>``
+    (``Nats-Msg-Id`` ``keys.result(job_id, attempt)``) with the request's own
+    reply subject: JetStream's ack of the result is the reply. A refusal is
+    a ``ContextAppendReply`` with ``error``; no reply in time means "ask
+    again" (every part is idempotent)."""
+
+    tenant: Id
+    answer: ChatMessage
+    result: InferenceResult
+    base: ContextRef | None = None
+    attempt: int = 1
+    last_delta: TokenDelta | None = None
+
+
 class Heartbeat(msgspec.Struct, omit_defaults=True, kw_only=True):
     """Core NATS ``baton.workers.heartbeat.<pool>.<worker>``, every few seconds."""
 
