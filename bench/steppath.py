@@ -21,12 +21,15 @@ import asyncio
 import contextlib
 import os
 import statistics
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client as NATS
 
+from baton.credentials import Credentials
 from baton.dev.testing import LocalStack, connect_nats, secure_nats
 from baton.natsd import NatsServer, free_port
 from bench.hops import HopTap
@@ -69,7 +72,9 @@ class Side:
 
     async def start(self, work: Path) -> None:
         self.monitor = free_port()
-        self.server = secure_nats(work / self.label / "nats", monitor_port=self.monitor).start()
+        self.server = secure_nats(work / self.label / "nats", monitor_port=self.monitor)
+        _configured_by(self.server, self.root)
+        self.server.start()
         env = {**ENV, "PYTHONPATH": str(self.root)}
         self.stack = LocalStack(self.server, work / self.label / "stack", env=env)
         await asyncio.to_thread(self.stack.start, 1)
@@ -128,6 +133,26 @@ class Side:
             "rounds": self.rounds,
             "messages_by_kind": self.tallied.get("messages_by_kind", {}),
         }
+
+
+def _configured_by(server: NatsServer, root: Path) -> None:
+    """Have ``root``'s code write ``server``'s configuration and ``.creds``:
+    each service identity's permissions are its checkout's (a change may
+    move one), the keys the same files this process reads."""
+    code = (
+        "import sys; from pathlib import Path; from baton.dev.testing import secure_nats; "
+        "s = secure_nats(Path(sys.argv[1]), monitor_port=int(sys.argv[3])); "
+        "s.port = int(sys.argv[2]); s._write_config()"
+    )
+
+    def write() -> None:
+        args = [str(server.store_dir), str(server.port), str(server.monitor_port)]
+        subprocess.run([sys.executable, "-c", code, *args], check=True, cwd=server.store_dir,
+                       env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
+        assert server.auth is not None and server.auth.credentials.data_dir is not None
+        server.auth.credentials = Credentials.load_or_create(server.auth.credentials.data_dir, [])
+
+    server._write_config = write  # type: ignore[method-assign]
 
 
 async def _main(work: Path) -> dict[str, Any]:
