@@ -119,8 +119,11 @@ class Side:
             return round(statistics.median(r[key] for r in self.rounds), 3)
 
         per_round = [sum(a + b for a, b in r["messages_per_step"].values()) for r in self.rounds]
+        git = ["git", "-C", str(self.root), "rev-parse", "--short", "HEAD"]
+        head = subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
         return {
             "checkout": str(self.root),
+            "commit": head,
             "hops_steps": len(self.hops),
             **{f"hops_{k}": _q([float(h[k]) for h in self.hops], 1.0, 1) for k in HOP_FIGURES},
             "messages_per_step": round(statistics.median(per_round), 1),
@@ -209,7 +212,8 @@ def markdown(r: dict[str, Any]) -> str:
         msgs = ", ".join(f"{x:.1f}" for x in s["messages_per_step_rounds"])
         cpu = ", ".join(f"{x:.2f}" for x in s["cpu_ms_per_step_rounds"])
         rows.append(
-            f"| {label} (`{Path(s['checkout']).name}`) | {s['messages_per_step']:.1f} ({msgs}) |"
+            f"| {label} (`{Path(s['checkout']).name}` at {s.get('commit') or '?'}) |"
+            f" {s['messages_per_step']:.1f} ({msgs}) |"
             f" {seq['p50']:.0f} ({seq['mean']:.1f}; {s['hops_steps']}) |"
             f" {s['cpu_ms_per_step']:.2f} ms ({s['cpu_ms_per_step_with_nats']:.2f} ms; {cpu}) |"
             f" {s['steps_per_s']:.0f} |"
