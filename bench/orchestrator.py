@@ -245,7 +245,8 @@ class Taps:
         async def on_append(msg: Msg) -> None:
             now = time.time()
             req = codec.decode(msg.data, ContextAnswer)
-            self.append_seen.setdefault(req.result.job_id, now)
+            if req.result is not None:  # a model step's answer, not a tool's output
+                self.append_seen.setdefault(req.result.job_id, now)
 
         return [
             await nc.subscribe("baton.jobs.>", cb=on_job),

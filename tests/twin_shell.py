@@ -13,6 +13,7 @@ from baton.bus import Delivery, Request
 from baton.dev.twin import TwinBucket, TwinBus
 from baton.service import Health
 from proto import codec, keys, subjects
+from proto.context_api import answer_target
 from proto.messages import (
     Budget,
     ChatMessage,
@@ -83,16 +84,15 @@ class _ContextStore:
             return self._append(codec.decode(req.data, ContextAppend))
         if op == "answer":  # the answer appended, its last delta then its result published
             q = codec.decode(req.data, ContextAnswer)
-            res = q.result
-            res.ref = self._append(ContextAppend(tenant=q.tenant, session=res.session,
-                                                 msg_id=keys.answer(res.job_id),
-                                                 messages=[q.answer], base=q.base)).ref  # fmt: skip
-            if q.last_delta is not None:
-                d = q.last_delta
-                await self.bus.publish(subjects.tokens(q.tenant, res.task_id), d,
-                                       msg_id=keys.token_delta(res.job_id, d.attempt, d.index))  # fmt: skip
-            await self.bus.publish_for(subjects.result(q.tenant, res.task_id), res, reply=req.reply,
-                                       msg_id=keys.result(res.job_id, q.attempt))  # fmt: skip
+            t = answer_target(q)
+            t.result.ref = self._append(ContextAppend(tenant=q.tenant, session=t.session,
+                                                      msg_id=t.append_id, messages=[q.answer],
+                                                      base=q.base)).ref  # fmt: skip
+            if q.last_delta is not None and q.result is not None:
+                d, job_id = q.last_delta, q.result.job_id
+                await self.bus.publish(subjects.tokens(q.tenant, t.task_id), d,
+                                       msg_id=keys.token_delta(job_id, d.attempt, d.index))  # fmt: skip
+            await self.bus.publish_for(t.subject, t.result, reply=req.reply, msg_id=t.result_id)
             return None
         if op == "window":
             w = codec.decode(req.data, WindowRequest)

@@ -23,7 +23,7 @@ from baton.bus import TRANSIENT, Bus, Request
 from baton.service import Health, ServiceApp
 from baton.tenants import TenantKeys
 from proto import codec, keys, subjects
-from proto.context_api import ANSWER, ENDPOINTS
+from proto.context_api import ANSWER, ENDPOINTS, AnswerTarget, answer_target
 from proto.errors import ErrorCode
 from proto.ids import is_valid_id
 from proto.messages import ContextAnswer, ContextAppendReply, ContextInvalidate
@@ -140,9 +140,9 @@ class ContextEndpoints:
             # before the result: a reader that stops at the task's end event
             # has every delta (``follow.py``).
             reply, _ = await asyncio.gather(self._retrying(op, req), self._publish_delta(req))
-            if reply.error is not None:
-                return reply
-            return await self._publish_result(req, reply_to)
+            if reply.error is not None or (reply.duplicate and req.tool_result is not None):
+                return reply  # a tool's output stored before: its worker republishes that one
+            return await self._publish_result(answer_target(req), reply_to)
         except ContextError as exc:
             return reply_type(error=exc.info())
         except msgspec.DecodeError as exc:
@@ -155,13 +155,15 @@ class ContextEndpoints:
             return reply_type(error=err.info())
 
     async def _publish_delta(self, req: ContextAnswer) -> None:
-        """The generation's final token delta, if any. Best effort, as every
+        """A model step's final token delta, if any. Best effort, as every
         delta: one that cannot be stored leaves the stream short of the
         answer's end (readers have the answer from the events), never the
         answer unstored."""
         delta, res = req.last_delta, req.result
+        if delta is None or res is None:
+            return
         mine = (req.tenant, res.task_id)  # the subject's tenant (checked by ``dispatch``)
-        if delta is None or (delta.tenant, delta.task_id) != mine or res.tenant != req.tenant:
+        if (delta.tenant, delta.task_id) != mine or res.tenant != req.tenant:
             return
         msg_id = keys.token_delta(res.job_id, delta.attempt, delta.index)
         try:
@@ -170,20 +172,21 @@ class ContextEndpoints:
         except Exception as exc:
             log.warning("token_publish_failed", error=repr(exc), step=delta.step)
 
-    async def _publish_result(self, req: ContextAnswer, reply_to: str) -> ContextAppendReply | None:
+    async def _publish_result(
+        self, target: AnswerTarget, reply_to: str
+    ) -> ContextAppendReply | None:
         """The answer is stored: publish its result (``ref`` set by
         ``store.answer``) for the orchestrator, with ``reply_to`` — the
         worker's inbox — as the reply subject, so JetStream's ack of the
         result reaches the worker without a reply from here: one publish
         fewer, and one hop fewer before the orchestrator has the result."""
-        res = req.result
-        subject = subjects.result(res.tenant, res.task_id)
-        msg_id = keys.result(res.job_id, req.attempt)
+        res, task_id = target.result, target.task_id
         if not reply_to:  # no one waits for the ack: wait for it here
-            await self.store.bus.publish(subject, res, msg_id=msg_id, task_id=res.task_id)
+            await self.store.bus.publish(target.subject, res, msg_id=target.result_id,
+                                         task_id=task_id)  # fmt: skip
             return ContextAppendReply(ref=res.ref)
-        await self.store.bus.publish_for(subject, res, reply=reply_to, msg_id=msg_id,
-                                         task_id=res.task_id)  # fmt: skip
+        await self.store.bus.publish_for(target.subject, res, reply=reply_to,
+                                         msg_id=target.result_id, task_id=task_id)  # fmt: skip
         return None
 
     async def _retrying(self, op: str, req: Any) -> Any:

@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from baton.bus import Bus
-from proto import keys
+from proto.context_api import answer_target
 from proto.errors import ErrorCode
-from proto.ids import is_valid_id
 from proto.messages import (
     ChatMessage,
     ContextAnswer,
@@ -176,23 +175,23 @@ class ContextStore:
         return ContextAppendReply(ref=ref, length=s.length, duplicate=dup)
 
     async def answer(self, req: ContextAnswer) -> ContextAppendReply:
-        """Append a job's answer (``ContextAnswer``) and set its result's
+        """Append a worker's answer (``ContextAnswer``) and set its result's
         ``ref``; the NATS side publishes the result (``service.py``).
 
         Raises:
-            ContextError: ``bad_request`` for a result of another tenant, or
-                one that is an error (nothing to append); else as ``append``.
+            ContextError: ``bad_request`` for a request ``answer_target``
+                refuses (a result of another tenant, an error to append);
+                else as ``append``.
         """
-        res = req.result
-        if res.tenant != req.tenant or res.error is not None or res.warm:
-            raise ContextError(ErrorCode.BAD_REQUEST, "an answer needs its tenant's answer")
-        if not (is_valid_id(res.session) and is_valid_id(res.task_id)):
-            raise ContextError(ErrorCode.BAD_REQUEST, "the result's session or task is not an id")
-        append = ContextAppend(tenant=req.tenant, session=res.session,
-                               msg_id=keys.answer(res.job_id), messages=[req.answer],
+        try:
+            target = answer_target(req)
+        except ValueError as exc:
+            raise ContextError(ErrorCode.BAD_REQUEST, str(exc)) from exc
+        append = ContextAppend(tenant=req.tenant, session=target.session,
+                               msg_id=target.append_id, messages=[req.answer],
                                base=req.base)  # fmt: skip
         reply = await self.append(append)
-        res.ref = reply.ref
+        target.result.ref = reply.ref
         return reply
 
     async def summarize(self, req: ContextSummarize) -> ContextAppendReply:
