@@ -55,10 +55,12 @@ async def call(bus: Bus, endpoint: Endpoint[Q, P], request: Q, *, task_id: str |
 async def answer(
     bus: Bus, request: ContextAnswer, *, task_id: str | None = None
 ) -> ContextAppendReply:
-    """Store a job's answer and publish its result (``ContextAnswer``). The
-    reply is JetStream's ack of the result (JSON; the store's own replies
-    are msgpack, never ``{``): an empty ``ContextAppendReply`` then, or the
-    store's refusal (its ``error`` set).
+    """Store a job's answer or a tool call's output and publish its result
+    (``ContextAnswer``). The reply is JetStream's ack of the result (JSON;
+    the store's own replies are msgpack, never ``{``): an empty
+    ``ContextAppendReply`` then, or the store's own reply: its refusal
+    (``error`` set), or a tool output stored before (``duplicate``, its
+    ``ref``; nothing published).
 
     Raises:
         Nak: no answer within ``TIMEOUT`` (nor a store subscribed, or NATS
