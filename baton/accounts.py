@@ -205,6 +205,11 @@ def service_roles(tenants: Sequence[str], regions: Sequence[str] = ()) -> dict[s
                 f"{streams.regional_root('*', subjects.CONTEXT_LOG)}.>",
                 f"{streams.regional_root('*', subjects.CONTEXT_ATTACHMENTS)}.>",
                 f"{subjects.CONTEXT_INVALIDATE}.>",
+                # a job's result and last token delta, a tool call's result,
+                # each with its answer (``answer``)
+                f"{subjects.RESULTS}.>",
+                f"{subjects.TOKENS}.>",
+                f"{subjects.TOOL_RESULTS}.>",
                 f"{subjects.DEAD_LETTERS}.>",
                 f"{subjects.ERASED}.>",
                 f"{subjects.AUDIT}.>",
@@ -232,7 +237,7 @@ def service_roles(tenants: Sequence[str], regions: Sequence[str] = ()) -> dict[s
                 f"{subjects.JOBS}.>",  # forwards prompts too long for its pool
                 f"{subjects.HEARTBEATS}.>",
                 f"{subjects.DEAD_LETTERS}.>",
-                *_ctx("window", "append"),
+                *_ctx("window", "answer"),
             ),
             subscribe=(f"{subjects.CANCEL}.>", f"{subjects.HEARTBEATS}.>"),
             streams=(
@@ -245,9 +250,9 @@ def service_roles(tenants: Sequence[str], regions: Sequence[str] = ()) -> dict[s
         TOOL_WORKER: Role(
             TOOL_WORKER,
             publish=(
-                f"{subjects.TOOL_RESULTS}.>",
+                f"{subjects.TOOL_RESULTS}.>",  # a result stored before, again
                 f"{subjects.DEAD_LETTERS}.>",
-                *_ctx("window", "append", "attach"),
+                *_ctx("window", "answer", "attach"),
             ),
             subscribe=(f"{subjects.DOCUMENTS_ERASED}.*", f"{subjects.CANCEL}.>"),
             streams=(

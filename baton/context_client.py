@@ -13,13 +13,15 @@ does not answer in time, by what is waiting for it:
 
 from __future__ import annotations
 
+import json
 from typing import Final, Protocol, TypeVar
 
 from baton.bus import TRANSIENT, Bus, Nak
 from baton.http_errors import ApiError
-from proto import subjects
-from proto.context_api import Endpoint
+from proto import codec, subjects
+from proto.context_api import ANSWER, Endpoint
 from proto.errors import ErrorCode
+from proto.messages import ContextAnswer, ContextAppendReply
 
 
 class _Request(Protocol):
@@ -48,6 +50,35 @@ async def call(bus: Bus, endpoint: Endpoint[Q, P], request: Q, *, task_id: str |
                                  endpoint.reply, timeout=TIMEOUT, task_id=task_id)  # fmt: skip
     except UNANSWERED as exc:
         raise Nak(NAK_DELAY, f"context store did not answer {endpoint.op}", backoff=True) from exc
+
+
+async def answer(
+    bus: Bus, request: ContextAnswer, *, task_id: str | None = None
+) -> ContextAppendReply:
+    """Store a job's answer or a tool call's output and publish its result
+    (``ContextAnswer``). The reply is JetStream's ack of the result (JSON;
+    the store's own replies are msgpack, never ``{``): an empty
+    ``ContextAppendReply`` then, or the store's own reply: its refusal
+    (``error`` set), or a tool output stored before (``duplicate``, its
+    ``ref``; nothing published).
+
+    Raises:
+        Nak: no answer within ``TIMEOUT`` (nor a store subscribed, or NATS
+            reconnecting), or JetStream refused the result: every part is
+            idempotent, so the job's redelivery asks again.
+    """
+    subject = subjects.context_api(ANSWER.op, request.tenant)
+    try:
+        data = await bus.request_raw(subject, codec.encode(request), timeout=TIMEOUT,
+                                     task_id=task_id)  # fmt: skip
+    except UNANSWERED as exc:
+        raise Nak(NAK_DELAY, "the answer's result was not acked", backoff=True) from exc
+    if data[:1] != b"{":
+        return codec.decode(data, ContextAppendReply)
+    ack = json.loads(data)
+    if "error" in ack:
+        raise Nak(NAK_DELAY, f"the answer's result was refused: {ack['error']}", backoff=True)
+    return ContextAppendReply()
 
 
 async def ask(bus: Bus, endpoint: Endpoint[Q, P], request: Q, *, task_id: str | None = None) -> P:

@@ -19,9 +19,9 @@ from bench import RESULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
-ORDER = ["worker", "model", "context", "orchestrator", "conflicts", "routing", "tokens", "tools",
-         "auth", "security", "fairness", "fairwork", "scaling", "placement", "placement_vllm",
-         "prewarm", "coldstart", "tracing", "console"]  # fmt: skip
+ORDER = ["worker", "model", "context", "orchestrator", "steppath", "conflicts", "routing", "tokens",
+         "tools", "toolpath", "auth", "security", "fairness", "fairwork", "scaling", "placement",
+         "placement_vllm", "prewarm", "coldstart", "tracing", "console"]  # fmt: skip
 
 HEADER = """# Benchmarks
 

@@ -95,7 +95,10 @@ def _round_trips(seen: list[tuple[float, str, str]]) -> list[Trip]:
         if subject in open_:
             trips.append((open_.pop(subject), t, subject.split(".", 1)[0]))
         if reply.startswith(SERVICE_INBOX) and not subject.startswith(PULL):
-            open_[reply] = t
+            # A request answered by a publish with the asker's inbox as its
+            # reply (the context store's ``answer``) is one round trip: from
+            # the request to the ack the asker waits for.
+            open_.setdefault(reply, t)
     return trips
 
 

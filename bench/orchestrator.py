@@ -56,7 +56,7 @@ from bench.hops import HopTap
 from bench.stats import cpu_seconds, pct
 from bench.tally import SERVER, KindTap
 from proto import codec
-from proto.messages import ContextAppend, InferenceJob, InferenceResult, WindowRequest
+from proto.messages import ContextAnswer, InferenceJob, InferenceResult, WindowRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = "research"
@@ -106,9 +106,10 @@ ENV = {
 STEP_INCLUDES = (
     "the orchestrator's compare-and-set of the run state recording the dispatch, its "
     "`step started` event and the job publish (JetStream, acked), the worker's pull, "
-    "its context-window request, the simulator (zero latency), the answer's append to "
-    "the context store, the result publish, the orchestrator's pull of the result and "
-    "its KV reads up to the compare-and-set that records it"
+    "its context-window request, the simulator (zero latency), the worker's `answer` "
+    "request (the context store appends the answer, publishes the last token delta and "
+    "then the result), the orchestrator's pull of the result and its KV reads up to the "
+    "compare-and-set that records it"
 )
 
 
@@ -243,15 +244,15 @@ class Taps:
 
         async def on_append(msg: Msg) -> None:
             now = time.time()
-            req = codec.decode(msg.data, ContextAppend)
-            if req.msg_id.endswith(":out"):
-                self.append_seen.setdefault(req.msg_id.removesuffix(":out"), now)
+            req = codec.decode(msg.data, ContextAnswer)
+            if req.result is not None:  # a model step's answer, not a tool's output
+                self.append_seen.setdefault(req.result.job_id, now)
 
         return [
             await nc.subscribe("baton.jobs.>", cb=on_job),
             await nc.subscribe(f"baton.results.{tenant}.>", cb=on_result),
             await nc.subscribe(f"baton.ctx.window.{tenant}", cb=on_window),
-            await nc.subscribe(f"baton.ctx.append.{tenant}", cb=on_append),
+            await nc.subscribe(f"baton.ctx.answer.{tenant}", cb=on_append),
         ]
 
     def segments(self, tenant: str, task_id: str, steps: dict[str, Any]) -> list[dict[str, float]]:
@@ -282,8 +283,8 @@ SEGMENTS = {
     "to_worker": "JetStream delivery to the worker's pull, until its window request",
     "window": "context window round trip (+ admission) until generation starts",
     "engine": "simulator generation (zero latency)",
-    "append": "generation end until the answer's append request",
-    "result": "append round trip + result publish",
+    "append": "generation end until the worker's `answer` request",
+    "result": "the store's append (and last delta), then its result publish",
     "record": "orchestrator: result pull, run-state KV reads, until recorded",
 }
 
@@ -677,8 +678,9 @@ def run(work: Path) -> dict[str, Any]:
 
 HOPS = (
     "run-state CAS, then the `step started` event and the job publish together (orchestrator,"
-    " their acks awaited at once); JetStream delivery, window request, append request (itself"
-    " a JetStream publish in the context store), result publish (worker); JetStream delivery,"
+    " their acks awaited at once); JetStream delivery, window request, `answer` request (worker;"
+    " in the context store the answer's append and the last token delta's publish together,"
+    " then the result's publish, whose ack is the worker's reply); JetStream delivery,"
     " run-state CAS (orchestrator; its KV reads come from its cache when it wrote the run last)"
 )
 
@@ -744,7 +746,10 @@ def markdown(r: dict[str, Any]) -> str:
         f" Between the last answer recorded and the next dispatch the orchestrator spends"
         f" another {r['between_steps_ms']['p50']:.2f} ms (p50), outside the step figure.",
         "",
-        f"A step is about nine hops in sequence, each at least one round trip: {HOPS}."
+        f"A step is about nine hops in sequence, each at least one round trip: {HOPS}"
+        f" (this section's figures were measured {r.get('measured_at', '')}; the short round"
+        " below, `python -m bench steppath`, measures the path as it is now beside another"
+        " checkout's)."
         " Measured in the same run from the benchmark process: a JetStream publish with its"
         f" ack p50 {p['js_publish_acked']['p50']:.0f} µs, a KV get"
         f" {p['kv_get']['p50']:.0f} µs, a KV compare-and-set"

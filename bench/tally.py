@@ -122,6 +122,12 @@ class KindTap:
         elif subject.startswith("baton.ctx.") and reply:
             op = subject.split(".")[2]
             self._request(msg, f"ctx request {op}", "context-store", f"ctx reply {op}")
+        elif subject.startswith("baton.") and reply in self._open:
+            # Published by a request's answerer with the asker's inbox as its
+            # reply (the context store's ``answer``): JetStream acks the asker.
+            root = _root(subject)
+            self._count(self._open[reply][1], (SERVER,), f"publish {root}")
+            self._open[reply] = (f"publish ack {root}", SERVER)
         elif subject.startswith("baton.") and reply.startswith(INBOX):
             root = _root(subject)
             self._request(msg, f"publish {root}", SERVER, f"publish ack {root}")

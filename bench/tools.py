@@ -3,8 +3,9 @@ context store and tool worker processes.
 
 1. Overhead of one tool call through the bus — ToolJob published, the tool
    worker (a first delivery: no stored-result look-up) checks the arguments,
-   runs ``search`` (SQLite FTS5, after its index caught up), appends the tool
-   message and publishes the ToolResult, seen by the caller — against
+   runs ``search`` (SQLite FTS5, after its index caught up), has the context
+   store append the tool message and publish the ToolResult (one ``answer``
+   request), seen by the caller — against
    calling the same ``SearchTool.run`` in-process on an index of the same
    documents. Rounds interleave the two; the overhead is the p50 difference.
 2. 64 parallel ``python`` calls (each sleeps 200 ms in the sandbox: a call

@@ -754,6 +754,34 @@ class ToolResult(msgspec.Struct, omit_defaults=True, kw_only=True):
     error: ErrorInfo | None = None
 
 
+class ContextAnswer(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A worker's answer and its result, in one request
+    (``baton.ctx.answer.<tenant>``), ``result`` (a model step's) or
+    ``tool_result`` (a tool call's), exactly one, naming the subject's tenant
+    (``context_api.answer_target``). The store appends ``answer`` to the
+    result's session, idempotently: under ``keys.answer(job_id)`` (``base``
+    as for ``ContextAppend``), or ``keys.tool_output(call_id)``. With a
+    model step's result it publishes ``last_delta`` (the generation's final
+    token delta, ``Nats-Msg-Id`` ``keys.token_delta``) on
+    ``baton.tokens.<tenant>.<task_id>`` at the same time. Then it publishes
+    the result, its ``ref`` the answer's, on ``baton.results.<tenant>.<task_id>``
+    (``keys.result(job_id, attempt)``) or ``baton.toolresults.<tenant>.<task_id>``
+    (``keys.tool_result(call_id, attempt)``) with the request's own reply
+    subject: JetStream's ack of the result is the reply. A tool's output
+    stored already (another run's, maybe) is not published: the reply is a
+    ``ContextAppendReply`` with ``duplicate`` and its ``ref``, and the worker
+    republishes what is stored. A refusal is a ``ContextAppendReply`` with
+    ``error``; no reply in time means "ask again" (every part is idempotent)."""
+
+    tenant: Id
+    answer: ChatMessage
+    result: InferenceResult | None = None
+    tool_result: ToolResult | None = None
+    base: ContextRef | None = None
+    attempt: int = 1
+    last_delta: TokenDelta | None = None
+
+
 class DocumentPut(msgspec.Struct, omit_defaults=True, kw_only=True):
     """Body of ``baton.docs.<tenant>.<doc_id>`` (stream ``BATON_DOCUMENTS``):
     a document the ``search`` tool indexes for its tenant. A second put under

@@ -33,7 +33,7 @@ DOCUMENTS_ERASED: Final = "baton.docserased"
 INPUT: Final = "baton.input"
 
 CONTEXT_OPS: Final = (
-    "append", "window", "get", "fork", "delete", "stats", "summarize", "attach",
+    "append", "answer", "window", "get", "fork", "delete", "stats", "summarize", "attach",
 )  # fmt: skip
 
 

@@ -81,3 +81,21 @@ def test_per_step_divides_and_sorts_by_count() -> None:
         "received": 2.0,
         "received_by_kind": {"ctx request window": 2.0},
     }
+
+
+def test_a_publish_answering_a_request_counts_for_the_answerer_and_acks_the_asker() -> None:
+    # The context store's ``answer``: it publishes the job's result with the
+    # worker's inbox as the reply subject, and JetStream's ack is the reply.
+    tap = KindTap()
+    for msg in (
+        Seen("baton.ctx.answer.acme", "_INBOX_inference-worker.b.2"),
+        Seen("baton.ctxlog.acme.s1", "_INBOX_context-store.c.1"),
+        Seen("_INBOX_context-store.c.1"),  # the answer's append, stored
+        Seen("baton.results.acme.t1", "_INBOX_inference-worker.b.2"),
+        Seen("_INBOX_inference-worker.b.2"),  # JetStream's ack of the result
+    ):
+        tap.see(msg)  # type: ignore[arg-type]
+    assert tap.sent["inference-worker"] == {"ctx request answer": 1}
+    assert tap.received["inference-worker"] == {"publish ack baton.results": 1}
+    assert tap.sent["context-store"] == {"publish baton.ctxlog": 1, "publish baton.results": 1}
+    assert tap.received["context-store"] == {"ctx request answer": 1, "publish ack baton.ctxlog": 1}

@@ -13,10 +13,20 @@ from baton.bus import Bus, Nak, Request, connect
 from baton.dev.testing import uid
 from baton.http_errors import ApiError
 from baton.natsd import NatsServer
-from proto import asyncapi, subjects
+from proto import asyncapi, codec, subjects
 from proto.context_api import APPEND, ENDPOINTS, WINDOW
 from proto.errors import ErrorCode
-from proto.messages import ContextAppend, ContextRef, WindowReply, WindowRequest
+from proto.messages import (
+    ChatMessage,
+    ContextAnswer,
+    ContextAppend,
+    ContextAppendReply,
+    ContextRef,
+    ErrorInfo,
+    InferenceResult,
+    WindowReply,
+    WindowRequest,
+)
 from services.context_store.service import REQUEST_TYPES
 
 
@@ -80,3 +90,25 @@ async def test_a_store_that_does_not_answer_an_http_caller_is_context_unavailabl
         )
     assert refused.value.code == ErrorCode.CONTEXT_UNAVAILABLE
     assert refused.value.status_code == 503
+
+
+async def test_an_answer_is_acked_by_jetstream_or_refused_by_the_store(bus: Bus) -> None:
+    tenant = uid("t")
+    gone = ContextAppendReply(error=ErrorInfo.of(ErrorCode.UNKNOWN_SESSION, "erased"))
+    replies = [b'{"stream":"BATON_RESULTS","seq":7}', codec.encode(gone),
+               b'{"error":{"code":503,"description":"no leader"}}']  # fmt: skip
+
+    async def answer(req: Request) -> bytes:
+        return replies.pop(0)
+
+    await bus.serve([subjects.context_api("answer", tenant)], answer)
+    await bus.flush()
+    res = InferenceResult(job_id="j", task_id="t", tenant=tenant, session="s", step="a", worker="w")
+    req = ContextAnswer(
+        tenant=tenant, answer=ChatMessage(role="assistant", content="x"), result=res
+    )
+    assert (await context_client.answer(bus, req)).error is None  # the result's ack
+    refused = await context_client.answer(bus, req)
+    assert refused.error is not None and refused.error.code == ErrorCode.UNKNOWN_SESSION
+    with pytest.raises(Nak):  # JetStream refused the result: the job asks again later
+        await context_client.answer(bus, req)

@@ -230,3 +230,15 @@ def test_generated_secrets_never_start_with_a_digit() -> None:
     from baton.credentials import new_secret
 
     assert all(new_secret()[0].isalpha() for _ in range(200))
+
+
+async def test_a_tool_worker_stores_its_output_only_through_the_answer_op(
+    stack: LocalStack,
+) -> None:
+    """Its output and result go in one ``answer`` request: no ``append``."""
+    worker = await Hostile().connect(stack.url_for("tool-worker"))
+    try:
+        await worker.nc.publish(f"baton.ctx.append.{VICTIM}", b"x")
+        assert await worker.said(f'publish to "baton.ctx.append.{VICTIM}"')
+    finally:
+        await worker.nc.close()

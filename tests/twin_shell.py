@@ -13,9 +13,11 @@ from baton.bus import Delivery, Request
 from baton.dev.twin import TwinBucket, TwinBus
 from baton.service import Health
 from proto import codec, keys, subjects
+from proto.context_api import answer_target
 from proto.messages import (
     Budget,
     ChatMessage,
+    ContextAnswer,
     ContextAppend,
     ContextAppendReply,
     ContextFork,
@@ -69,7 +71,8 @@ class _ContextStore:
     it), forks and windows (a session's messages; ``existing``: the answer
     already appended under ``done_msg_id``). Refs are not signed."""
 
-    def __init__(self) -> None:
+    def __init__(self, bus: TwinBus) -> None:
+        self.bus = bus
         self.versions: dict[str, int] = {}
         self.appends: dict[str, ContextAppend] = {}  # by msg id: the first one stored
         self.refs: dict[str, ContextRef] = {}  # by msg id: the ref its append returned
@@ -78,14 +81,19 @@ class _ContextStore:
     async def __call__(self, req: Request) -> Any:
         op = req.subject.split(".")[2]
         if op == "append":
-            a = codec.decode(req.data, ContextAppend)
-            if a.msg_id not in self.appends:
-                self.appends[a.msg_id] = a
-                self.sessions.setdefault(a.session, []).extend(a.messages)
-                self.versions[a.session] = self.versions.get(a.session, 0) + len(a.messages)
-                self.refs[a.msg_id] = ContextRef(a.tenant, a.session, self.versions[a.session],
-                                                 b"sig")  # fmt: skip
-            return ContextAppendReply(ref=self.refs[a.msg_id])
+            return self._append(codec.decode(req.data, ContextAppend))
+        if op == "answer":  # the answer appended, its last delta then its result published
+            q = codec.decode(req.data, ContextAnswer)
+            t = answer_target(q)
+            t.result.ref = self._append(ContextAppend(tenant=q.tenant, session=t.session,
+                                                      msg_id=t.append_id, messages=[q.answer],
+                                                      base=q.base)).ref  # fmt: skip
+            if q.last_delta is not None and q.result is not None:
+                d, job_id = q.last_delta, q.result.job_id
+                await self.bus.publish(subjects.tokens(q.tenant, t.task_id), d,
+                                       msg_id=keys.token_delta(job_id, d.attempt, d.index))  # fmt: skip
+            await self.bus.publish_for(t.subject, t.result, reply=req.reply, msg_id=t.result_id)
+            return None
         if op == "window":
             w = codec.decode(req.data, WindowRequest)
             done = self.appends.get(w.done_msg_id or "")
@@ -95,6 +103,15 @@ class _ContextStore:
             return WindowReply(messages=msgs, tokens=sum(len(m.content) // 4 + 1 for m in msgs))
         f = codec.decode(req.data, ContextFork)
         return ForkReply(ref=ContextRef(f.tenant, f.child, f.upto or f.ref.version, b"sig"))
+
+    def _append(self, a: ContextAppend) -> ContextAppendReply:
+        if a.msg_id not in self.appends:
+            self.appends[a.msg_id] = a
+            self.sessions.setdefault(a.session, []).extend(a.messages)
+            self.versions[a.session] = self.versions.get(a.session, 0) + len(a.messages)
+            self.refs[a.msg_id] = ContextRef(a.tenant, a.session, self.versions[a.session],
+                                             b"sig")  # fmt: skip
+        return ContextAppendReply(ref=self.refs[a.msg_id])
 
 
 @dataclass
@@ -120,8 +137,8 @@ class Shell:
         s = OrchestratorSettings(**settings)
         conductors = [Conductor(twin, RunStore(kv), workflows, s, clock=twin.now)
                       for _ in range(replicas)]  # fmt: skip
-        store = _ContextStore()
-        ops = ("append", "fork", "window")
+        store = _ContextStore(twin)
+        ops = ("append", "answer", "fork", "window")
         await twin.serve([f"{subjects.CONTEXT_API}.{op}.*" for op in ops], store)
         return cls(twin, kv, conductors, store)
 

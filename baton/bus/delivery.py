@@ -172,6 +172,7 @@ class Request:
     subject: str
     data: bytes
     headers: dict[str, str]
+    reply: str = ""  # the asker's inbox ("" when it asked for no reply)
 
     @property
     def task_id(self) -> str | None:

@@ -43,6 +43,18 @@ class Messaging(StreamReads):
         ack = await self._js.publish(subject, payload, headers=_headers(msg_id, task_id, headers))
         return Published(ack.stream, ack.seq, bool(ack.duplicate))
 
+    async def publish_for(
+        self, subject: str, body: Any, *, reply: str, msg_id: str, task_id: str | None = None
+    ) -> None:
+        """JetStream publish whose ack goes to ``reply``, a request's asker,
+        not to this service: a request answered by storing a message (the
+        context store's ``answer``: the worker learns from JetStream itself
+        that its result is stored). Not awaited: the asker's timeout covers
+        a publish lost on the way."""
+        payload = body if isinstance(body, bytes) else codec.encode(body)
+        await self._nc.publish(subject, payload, reply=reply,
+                               headers=_headers(msg_id, task_id, None))  # fmt: skip
+
     async def subscribe(
         self, subject: str, type_: type[T], handler: Listener[T], *, queue: str = ""
     ) -> Subscription:
@@ -95,7 +107,7 @@ class Messaging(StreamReads):
         running: set[asyncio.Task[None]] = set()
 
         async def answer(msg: Msg) -> None:
-            request = Request(msg.subject, msg.data, msg.headers or {})
+            request = Request(msg.subject, msg.data, msg.headers or {}, msg.reply or "")
             try:
                 with (
                     tracing.continued(request.headers),
@@ -138,10 +150,14 @@ class Messaging(StreamReads):
         )
         return codec.decode(msg.data, reply_type)
 
-    async def request_raw(self, subject: str, payload: bytes, *, timeout: float = 5.0) -> bytes:
+    async def request_raw(
+        self, subject: str, payload: bytes, *, timeout: float = 5.0, task_id: str | None = None
+    ) -> bytes:
         """Core request-reply with bytes both ways (NATS's own JSON APIs,
-        e.g. ``$SYS.REQ.CLAIMS.UPDATE``)."""
-        msg = await self._nc.request(subject, payload, timeout=timeout)
+        e.g. ``$SYS.REQ.CLAIMS.UPDATE``; a reply that may be one of two
+        kinds, the context store's ``answer``)."""
+        headers = _headers(None, task_id, None) if task_id else None
+        msg = await self._nc.request(subject, payload, timeout=timeout, headers=headers)
         return bytes(msg.data)
 
     async def gather_raw(

@@ -22,11 +22,11 @@ from baton import tracing
 from baton.bus import TRANSIENT, Bus, Request
 from baton.service import Health, ServiceApp
 from baton.tenants import TenantKeys
-from proto import codec, subjects
-from proto.context_api import ENDPOINTS
+from proto import codec, keys, subjects
+from proto.context_api import ANSWER, ENDPOINTS, AnswerTarget, answer_target
 from proto.errors import ErrorCode
 from proto.ids import is_valid_id
-from proto.messages import ContextInvalidate
+from proto.messages import ContextAnswer, ContextAppendReply, ContextInvalidate
 from proto.streams import AUDIT, CONTEXT, CONTEXT_ATTACHMENTS, DOCUMENTS, ERASURES
 
 from .admin import Admin
@@ -63,6 +63,7 @@ REQUEST_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
 def handlers(store: ContextStore, admin: Admin) -> dict[str, Callable[[Any], Awaitable[Any]]]:
     return {
         "append": store.append,
+        "answer": store.answer,
         "window": store.window,
         "fork": store.fork,
         "summarize": store.summarize,
@@ -106,12 +107,14 @@ class ContextEndpoints:
                 ),
             ):
                 try:
-                    reply = await self.dispatch(op, tenant, req.data)
+                    reply = await self.dispatch(op, tenant, req.data, req.reply)
                 except Unavailable:
                     # No answer: the caller's timeout retries it (a nak), where
                     # "context_unavailable" would fail its task for good.
                     outcome = "unanswered"
                     tracing.set_attributes({}, ("unanswered", "JetStream unavailable", "context"))
+                    return None
+                if reply is None:  # JetStream's ack of the published result answers
                     return None
                 if reply.error is not None:
                     outcome = reply.error.code
@@ -122,14 +125,24 @@ class ContextEndpoints:
             CONTEXT_REQUESTS.labels(op, outcome).inc()
             CONTEXT_REQUEST_SECONDS.labels(op).observe(time.perf_counter() - started)
 
-    async def dispatch(self, op: str, tenant: str, data: bytes) -> Any:
-        """Decode, check the tenant, run the op; every failure becomes a reply."""
+    async def dispatch(self, op: str, tenant: str, data: bytes, reply_to: str = "") -> Any:
+        """Decode, check the tenant, run the op; every failure becomes a reply.
+        None: an ``answer`` whose result was published with ``reply_to`` as
+        its reply subject (JetStream's ack of it is the reply)."""
         req_type, reply_type = REQUEST_TYPES[op]
         try:
             req = codec.decode(data, req_type)
             if not is_valid_id(tenant) or req.tenant != tenant:
                 raise ContextError(ErrorCode.FORBIDDEN, "the body's tenant is not the subject's")
-            return await self._retrying(op, req)
+            if op != ANSWER.op:
+                return await self._retrying(op, req)
+            # The answer's append and its last token delta at once, both
+            # before the result: a reader that stops at the task's end event
+            # has every delta (``follow.py``).
+            reply, _ = await asyncio.gather(self._retrying(op, req), self._publish_delta(req))
+            if reply.error is not None or (reply.duplicate and req.tool_result is not None):
+                return reply  # a tool's output stored before: its worker republishes that one
+            return await self._publish_result(answer_target(req), reply_to)
         except ContextError as exc:
             return reply_type(error=exc.info())
         except msgspec.DecodeError as exc:
@@ -140,6 +153,41 @@ class ContextEndpoints:
             log.exception("context_request_failed")
             err = ContextError(ErrorCode.CONTEXT_UNAVAILABLE, type(exc).__name__)
             return reply_type(error=err.info())
+
+    async def _publish_delta(self, req: ContextAnswer) -> None:
+        """A model step's final token delta, if any. Best effort, as every
+        delta: one that cannot be stored leaves the stream short of the
+        answer's end (readers have the answer from the events), never the
+        answer unstored."""
+        delta, res = req.last_delta, req.result
+        if delta is None or res is None:
+            return
+        mine = (req.tenant, res.task_id)  # the subject's tenant (checked by ``dispatch``)
+        if (delta.tenant, delta.task_id) != mine or res.tenant != req.tenant:
+            return
+        msg_id = keys.token_delta(res.job_id, delta.attempt, delta.index)
+        try:
+            await self.store.bus.publish(subjects.tokens(req.tenant, res.task_id), delta,
+                                         msg_id=msg_id, task_id=res.task_id)  # fmt: skip
+        except Exception as exc:
+            log.warning("token_publish_failed", error=repr(exc), step=delta.step)
+
+    async def _publish_result(
+        self, target: AnswerTarget, reply_to: str
+    ) -> ContextAppendReply | None:
+        """The answer is stored: publish its result (``ref`` set by
+        ``store.answer``) for the orchestrator, with ``reply_to`` — the
+        worker's inbox — as the reply subject, so JetStream's ack of the
+        result reaches the worker without a reply from here: one publish
+        fewer, and one hop fewer before the orchestrator has the result."""
+        res, task_id = target.result, target.task_id
+        if not reply_to:  # no one waits for the ack: wait for it here
+            await self.store.bus.publish(target.subject, res, msg_id=target.result_id,
+                                         task_id=task_id)  # fmt: skip
+            return ContextAppendReply(ref=res.ref)
+        await self.store.bus.publish_for(target.subject, res, reply=reply_to,
+                                         msg_id=target.result_id, task_id=task_id)  # fmt: skip
+        return None
 
     async def _retrying(self, op: str, req: Any) -> Any:
         """Run the op; a transient JetStream failure (a stream leader being

@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from baton.bus import Bus
+from proto.context_api import answer_target
 from proto.errors import ErrorCode
 from proto.messages import (
     ChatMessage,
+    ContextAnswer,
     ContextAppend,
     ContextAppendReply,
     ContextFork,
@@ -171,6 +173,26 @@ class ContextStore:
         s, version, dup = await self.history.write(req.tenant, req.session, req.msg_id, build)
         ref = self.signer.sign(req.tenant, req.session, version, s.incarnation)
         return ContextAppendReply(ref=ref, length=s.length, duplicate=dup)
+
+    async def answer(self, req: ContextAnswer) -> ContextAppendReply:
+        """Append a worker's answer (``ContextAnswer``) and set its result's
+        ``ref``; the NATS side publishes the result (``service.py``).
+
+        Raises:
+            ContextError: ``bad_request`` for a request ``answer_target``
+                refuses (a result of another tenant, an error to append);
+                else as ``append``.
+        """
+        try:
+            target = answer_target(req)
+        except ValueError as exc:
+            raise ContextError(ErrorCode.BAD_REQUEST, str(exc)) from exc
+        append = ContextAppend(tenant=req.tenant, session=target.session,
+                               msg_id=target.append_id, messages=[req.answer],
+                               base=req.base)  # fmt: skip
+        reply = await self.append(append)
+        target.result.ref = reply.ref
+        return reply
 
     async def summarize(self, req: ContextSummarize) -> ContextAppendReply:
         _check_sizes([ChatMessage(role="system", content=req.content)])

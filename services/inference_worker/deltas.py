@@ -20,10 +20,12 @@ generation. Each delta's ``Nats-Msg-Id`` is
 after a lost ack is stored once; one delta per generation is in flight at a
 time, so a generation's deltas are stored in ``index`` order.
 
-``close(final=True)`` flushes the rest with ``final`` set; the worker awaits
-it together with the answer's append and before it publishes the result, so
-the deltas of a step's attempt are in the stream before its ``step done``
+``take_final()`` ends a generation whose answer will be stored: the rest
+goes, with ``final`` set, into the worker's ``ContextAnswer``, and the
+context store publishes it beside the answer's append and before the result,
+so the deltas of a step's attempt are in the stream before its ``step done``
 event (which follows the result) and concatenate to the stored text.
+``close`` ends any other generation.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class TokenSink(Protocol):
 
     async def close(self, *, final: bool) -> None: ...
 
+    async def take_final(self) -> TokenDelta | None: ...
+
 
 class _Off:
     """Streaming disabled: a sink that drops everything."""
@@ -75,6 +79,9 @@ class _Off:
 
     async def close(self, *, final: bool) -> None:
         pass
+
+    async def take_final(self) -> TokenDelta | None:
+        return None
 
 
 class _Stream:
@@ -109,14 +116,9 @@ class _Stream:
         async with self._lock:
             if (not self.pending and not final) or self.failed:
                 return
-            text = "".join(self.pending)
-            self.pending.clear()
             since = self.since
-            delta = TokenDelta(
-                task_id=self.job.task_id, tenant=self.job.tenant, step=self.job.step,
-                agent=self.job.agent, attempt=self.attempt, index=self.index,
-                offset=self.offset, text=text, final=final, ts=time.time(),
-            )  # fmt: skip
+            delta = self._next(final)
+            text = delta.text
             msg_id = keys.token_delta(self.job.job_id, self.attempt, self.index)
             for attempt in range(_PUBLISH_ATTEMPTS):
                 try:
@@ -136,6 +138,34 @@ class _Stream:
             self.offset += len(text)
             if text and self.owner.lag is not None:
                 self.owner.lag.observe(time.time() - since)
+
+    def _next(self, final: bool) -> TokenDelta:
+        """The pending text as the next delta (taken from ``pending``)."""
+        text = "".join(self.pending)
+        self.pending.clear()
+        return TokenDelta(
+            task_id=self.job.task_id, tenant=self.job.tenant, step=self.job.step,
+            agent=self.job.agent, attempt=self.attempt, index=self.index,
+            offset=self.offset, text=text, final=final, ts=time.time(),
+        )  # fmt: skip
+
+    async def take_final(self) -> TokenDelta | None:
+        """Stop, and return what is left as the final delta, unpublished: the
+        context store publishes it beside the answer (``ContextAnswer``).
+        None when this generation's deltas failed (a hole would break
+        concatenation)."""
+        self.closed = True
+        self.owner.forget(self)
+        if self.flushing is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.flushing)
+        async with self._lock:
+            if self.failed:
+                return None
+            delta = self._next(final=True)
+            self.index += 1
+            self.offset += len(delta.text)
+            return delta
 
     def start_flush(self) -> None:
         task = asyncio.create_task(self._flush(final=False))

@@ -3,8 +3,9 @@
 1. resolve the job's signed ref into a token-budgeted window (context store);
    if the answer is already stored (a redelivery), republish it instead;
 2. wait for admission (KV tokens + sequence slot), then stream the generation;
-3. append the answer under ``keys.answer(job_id)`` (idempotent) and publish
-   the result under ``keys.result(job_id, attempt)`` (de-duplicated by JetStream).
+3. ask the context store to append the answer under ``keys.answer(job_id)``
+   (idempotent) and publish the result under ``keys.result(job_id, attempt)``
+   (de-duplicated by JetStream): one request, acked by JetStream itself.
 
 An engine fault naks the job (the supervisor restarts the engine); a
 cancelled task's generation is aborted and answered with ``cancelled``.
@@ -30,8 +31,7 @@ from proto.errors import ErrorCode
 from proto.messages import (
     Cancel,
     ChatMessage,
-    ContextAppend,
-    ContextAppendReply,
+    ContextAnswer,
     ErrorInfo,
     InferenceJob,
     InferenceResult,
@@ -63,7 +63,7 @@ class _Generated:
     cached_tokens: int
     started: float
     tool_calls: list[ToolCall]
-    tokens: TokenSink  # still open: its final delta goes out with the append
+    tokens: TokenSink  # still open: its final delta goes out with the answer
 
 
 class JobHandler:
@@ -196,44 +196,34 @@ class JobHandler:
             await self.admission.release(need, job.tenant)
         if outcome is None:  # cancelled, or refused by the engine: result already sent
             return
-        answer = [ChatMessage(role="assistant", content=outcome.output, name=job.agent,
-                              tool_calls=outcome.tool_calls)]  # fmt: skip
-        append = context.call(
-            bus,
-            ctxapi.APPEND,
-            ContextAppend(
-                tenant=job.tenant,
-                session=job.session,
-                msg_id=out_id,
-                messages=answer,
-                base=job.ref if job.ref.session == job.session else None,
+        published = job.published_at or d.published_at
+        result = self._result(job, watch, output=outcome.output, tool_calls=outcome.tool_calls,
+                              usage=outcome.usage, cached_tokens=outcome.cached_tokens,
+                              queue_seconds=max(0.0, outcome.started - published))  # fmt: skip
+        # One request stores the answer, its last token delta and the result:
+        # the store appends the answer and publishes the delta together, then
+        # the result (its ref set) with this request's reply subject, so
+        # JetStream's ack of the result is the reply (``ContextAnswer``).
+        answering = ContextAnswer(
+            tenant=job.tenant,
+            answer=ChatMessage(
+                role="assistant",
+                content=outcome.output,
+                name=job.agent,
+                tool_calls=outcome.tool_calls,
             ),
-            task_id=job.task_id,
+            result=result,
+            attempt=job.attempt,
+            base=job.ref if job.ref.session == job.session else None,
+            last_delta=await outcome.tokens.take_final(),
         )
-        # The last token delta and the answer go out together: both only have
-        # to precede the result (the orchestrator's `step done` follows it).
-        flush = outcome.tokens.close(final=True)
-        reply: ContextAppendReply
-        reply, _ = await asyncio.gather(append, flush)
+        spans.answered(result)
+        reply = await context.answer(bus, answering, task_id=job.task_id)
         if reply.error is not None and reply.error.code == ErrorCode.UNKNOWN_SESSION:
             raise Term("the session was erased while the answer was generated", dead_letter=False)
         if reply.error is not None:
             raise Nak(1.0, f"context append failed: {reply.error.code}")
         self.warm.touch(f"{job.tenant}.{job.session}")
-        published = job.published_at or d.published_at
-        await self._publish(
-            job,
-            self._result(
-                job,
-                watch,
-                ref=reply.ref,
-                output=outcome.output,
-                tool_calls=outcome.tool_calls,
-                usage=outcome.usage,
-                cached_tokens=outcome.cached_tokens,
-                queue_seconds=max(0.0, outcome.started - published),
-            ),
-        )
         m.JOBS.labels(self.pool, "completed").inc()
         m.JOB_LATENCY.labels(self.pool).observe(time.time() - published)
 
@@ -291,8 +281,8 @@ class JobHandler:
         finally:
             stream_end = watch.lap("decode" if texts else "prefill")
             # A generation whose answer will be stored keeps its sink open: the
-            # last delta goes out beside the answer's append (``_run``). Any
-            # other ends its deltas here, without a final one.
+            # last delta goes out with the answer (``_run``). Any other ends
+            # its deltas here, without a final one.
             complete = final is not None and not flight.cancelled and flight.epoch == sup.epoch
             if not (complete and ended):
                 await tokens.close(final=False)

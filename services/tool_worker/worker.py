@@ -27,7 +27,7 @@ from proto.errors import ErrorCode
 from proto.messages import (
     Cancel,
     ChatMessage,
-    ContextAppend,
+    ContextAnswer,
     ContextAttach,
     ContextRef,
     ErrorInfo,
@@ -237,13 +237,17 @@ class ToolWorker:
         content, attachment = await self._fit(job, outcome)
         message = ChatMessage(role="tool", content=content, name=job.tool,
                               tool_call_id=job.tool_call_id or job.call_id)  # fmt: skip
-        ref, duplicate = await self._append(job, out_id, message)
+        result = self._result(job, None, message, outcome, watch, attachment=attachment)
+        stored = await self._answer(job, message, result)
+        if stored is None:  # stored, and its result published by the store
+            return
         # A result stored before after all (a dispatch republished past the
         # stream's de-duplication window): the history holds that one, so
         # that one is published.
-        if duplicate and await self._republish_stored(job, out_id, watch):
+        if await self._republish_stored(job, out_id, watch):
             return
-        await self._publish(job, ref, message, outcome, watch, attachment=attachment)
+        result.ref = stored
+        await self._publish(job, result)
 
     async def _republish_stored(self, job: ToolJob, out_id: str, watch: Stopwatch) -> bool:
         """Publish the call's stored result again, if the session holds one."""
@@ -255,7 +259,9 @@ class ToolWorker:
         ref, message = stored
         m.CALLS.labels(job.tool, "reused").inc()
         log.info("tool_result_reused")
-        await self._publish(job, ref, message, CallOutput(message.content), watch, reused=True)
+        await self._publish(
+            job, self._result(job, ref, message, CallOutput(message.content), watch, reused=True)
+        )
         return True
 
     async def execute(self, job: ToolJob) -> CallOutput:
@@ -336,22 +342,23 @@ class ToolWorker:
             return None
         return reply.existing_ref, reply.existing
 
-    async def _append(
-        self, job: ToolJob, out_id: str, message: ChatMessage
-    ) -> tuple[ContextRef | None, bool]:
-        """Append the tool message; returns its ref and whether it was there already."""
-        reply = await self._context(
-            ctxapi.APPEND,
-            ContextAppend(tenant=job.tenant, session=job.session, msg_id=out_id,
-                          messages=[message]), job,
-        )  # fmt: skip
+    async def _answer(
+        self, job: ToolJob, message: ChatMessage, result: ToolResult
+    ) -> ContextRef | None:
+        """Have the context store append the tool message and publish
+        ``result`` (one request, acked by JetStream: ``ContextAnswer``).
+        Returns None then, or, when the call's output was stored before, the
+        ref the store returned for it (nothing published)."""
+        body = ContextAnswer(tenant=job.tenant, answer=message, tool_result=result,
+                             attempt=job.attempt)  # fmt: skip
+        reply = await context.answer(self.bus, body, task_id=job.task_id)
         if reply.error is not None:
             if reply.error.code == ErrorCode.CONTEXT_UNAVAILABLE:
                 raise Nak(1.0, f"context append failed: {reply.error.code}")
             raise Term(f"context append refused: {reply.error.code}: {reply.error.message}")
-        return reply.ref, reply.duplicate
+        return reply.ref if reply.duplicate else None
 
-    async def _publish(
+    def _result(
         self,
         job: ToolJob,
         ref: ContextRef | None,
@@ -361,7 +368,7 @@ class ToolWorker:
         *,
         reused: bool = False,
         attachment: str | None = None,
-    ) -> None:
+    ) -> ToolResult:
         watch.lap("record")
         error = outcome.error
         if reused and message.content.startswith('{"error"'):
@@ -376,6 +383,10 @@ class ToolWorker:
             reused=reused, timing=watch.timing(), error=error,
         )  # fmt: skip
         spans.finished(result)
+        return result
+
+    async def _publish(self, job: ToolJob, result: ToolResult) -> None:
+        """A result stored before, published again (its ``ref`` the stored one)."""
         subject = subjects.tool_result(job.tenant, job.task_id)
         msg_id = keys.tool_result(job.call_id, job.attempt)
         await self.bus.publish(subject, result, msg_id=msg_id, task_id=job.task_id)

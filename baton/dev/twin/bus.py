@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar, cast
@@ -45,6 +46,8 @@ class TwinBus(Bus):
         self.buckets: dict[str, TwinBucket] = {}
         self._subs: list[tuple[str, Callable[[Message], Awaitable[None]]]] = []
         self._responders: list[tuple[str, Responder]] = []
+        self._acks: dict[str, bytes] = {}  # inbox -> JetStream's ack of a ``publish_for``
+        self._inboxes = 0
         self._skew = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self.closed = False
@@ -234,6 +237,31 @@ class TwinBus(Bus):
         if reply is None:
             raise TimeoutError(f"no reply on {subject}")
         return codec.decode(reply if isinstance(reply, bytes) else codec.encode(reply), reply_type)
+
+    async def request_raw(
+        self, subject: str, payload: bytes, *, timeout: float = 5.0, task_id: str | None = None
+    ) -> bytes:
+        """A request whose reply may be JetStream's ack of a message its
+        responder published with ``publish_for`` (the store's ``answer``)."""
+        responder = next((r for p, r in self._responders if matches(p, subject)), None)
+        if responder is None:
+            raise nats.errors.NoRespondersError
+        self._inboxes += 1
+        inbox = f"_INBOX.twin.request.{self._inboxes}"
+        reply = await responder(Request(subject, payload, _headers(None, task_id, None), inbox))
+        if reply is None:
+            ack = self._acks.pop(inbox, None)
+            if ack is None:
+                raise TimeoutError(f"no reply on {subject}")
+            return ack
+        return reply if isinstance(reply, bytes) else codec.encode(reply)
+
+    async def publish_for(
+        self, subject: str, body: Any, *, reply: str, msg_id: str, task_id: str | None = None
+    ) -> None:
+        p = await self.publish(subject, body, msg_id=msg_id, task_id=task_id)
+        ack = {"stream": p.stream, "seq": p.seq, **({"duplicate": True} if p.duplicate else {})}
+        self._acks[reply] = json.dumps(ack).encode()
 
     # -- lifecycle -----------------------------------------------------------------
 
