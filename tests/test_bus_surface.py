@@ -39,7 +39,7 @@ BUS_METHODS = {
     "provision", "ensure_stream", "ensure_consumer", "ensure_bucket", "reaches_account",
     "delete_stream", "open_bucket", "stream_names",
     # sending
-    "publish", "notify", "request", "request_raw", "gather_raw", "serve", "subscribe", "subscribe_raw",
+    "publish", "publish_for", "notify", "request", "request_raw", "gather_raw", "serve", "subscribe", "subscribe_raw",
     # consuming
     "consume", "puller", "settle", "erase", "dead_letter",
     "stop", "stopping", "connected", "wait_stopped", "flush", "close", "refresh_credentials",

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from prometheus_client import CollectorRegistry, Histogram
+
 from baton.dev.twin import TwinBus
 from proto import codec
 from proto.messages import ContextRef, InferenceJob, TokenDelta
@@ -60,3 +62,14 @@ async def test_a_longer_answers_first_text_goes_out_within_about_one_interval() 
     got = _deltas(twin)
     assert "".join(d.text for d in got) == "first then the rest" and got[-1].final
     assert [d.index for d in got] == list(range(len(got)))
+
+
+async def test_a_final_delta_taken_for_the_store_observes_its_lag() -> None:
+    registry = CollectorRegistry()
+    lag = Histogram("lag_seconds", "a delta's lag", registry=registry)
+    sink = TokenPublisher(await _twin(), BASE, lag=lag).open(_job(), attempt="1.1")
+    sink.add("a whole answer")
+    delta = await sink.take_final()
+    assert delta is not None and delta.final and delta.text == "a whole answer"
+    # The answer's only delta leaves with the answer, not through a flush.
+    assert registry.get_sample_value("lag_seconds_count") == 1

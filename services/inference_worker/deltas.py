@@ -162,9 +162,14 @@ class _Stream:
         async with self._lock:
             if self.failed:
                 return None
+            since = self.since
             delta = self._next(final=True)
             self.index += 1
             self.offset += len(delta.text)
+            # Its lag as it leaves for the store (which publishes it at once):
+            # an answer whole within one tick has no other delta to observe.
+            if delta.text and self.owner.lag is not None:
+                self.owner.lag.observe(time.time() - since)
             return delta
 
     def start_flush(self) -> None:
