@@ -34,15 +34,15 @@ def seconds(tokens: int) -> float:
 
 
 def test_a_prefill_is_fitted_by_its_tokens_from_steps_alone() -> None:
-    fit = PrefillFit(batched=False)  # BATON_PREFILL_FIT_BATCHED=false: alone only
+    fit = PrefillFit()
     assert fit.estimate() is None
     for _ in range(3):
         for n in (65, 260, 770):
             fit.observe(1.0, n, seconds(n))
     fixed, per_token = fit.estimate() or (0.0, 0.0)
     assert fixed == pytest.approx(0.1, rel=0.02) and per_token == pytest.approx(1 / 600, rel=0.02)
-    # In a batch a step's first token waits for the others' prefills: not
-    # fitted (alone only), but its prompt tells the pool's typical one.
+    # In a batch a step's first token waits for the others' prefills: not fitted,
+    # but its prompt tells the pool's typical one.
     fit.observe(8.0, 800, 5.0)
     assert fit.estimate() == pytest.approx((fixed, per_token))
     assert 260 < fit.typical_tokens <= 800
@@ -182,67 +182,3 @@ def test_how_much_of_a_batchs_prefills_a_step_waits_for_is_measured() -> None:
 
     assert fitted(serial=True).batch_share() > 0.8
     assert fitted(serial=False).batch_share() == 0.0
-
-
-def test_steps_seen_in_a_batch_correct_a_per_token_cost_fitted_from_few_alone() -> None:
-    # The first steps alone say 1.7 ms per prompt token (on vLLM-CPU, the
-    # steps before a bench records any), then waves of 8 on an engine that
-    # runs their prefills one after the other take 0.5 ms per token: each
-    # step's first token after its own prefill and the 7 others'.
-    def engine(tokens: float) -> float:
-        return 0.05 + tokens * 0.0005
-
-    def fitted(batched: bool) -> PrefillFit:
-        fit = PrefillFit(batched=batched)
-        for n in (65, 260, 770):
-            fit.observe(1.0, n, 0.05 + n * 0.0017)
-        for _ in range(6):
-            for n in (65, 260, 770, 65, 260, 770, 65, 260):
-                fit.observe(8.0, n, engine(n + 7 * fit.typical_tokens))
-        return fit
-
-    alone = fitted(batched=False)
-    assert (alone.estimate() or (0.0, 0.0))[1] == pytest.approx(0.0017, rel=0.02)
-    got = fitted(batched=True)
-    assert got.batch_share() > 0.8
-    assert (got.estimate() or (0.0, 1.0))[1] < 0.0008
-    # The batch's whole prefill, as a step of the next wave is predicted it
-    # ("Prefill by tokens"): within 25% with the batches fitted.
-    fixed, per_token = got.estimate() or (0.0, 0.0)
-    typical = got.typical_tokens * got.batch_share()
-    assert fixed + per_token * (65 + 7 * typical) == pytest.approx(
-        engine(65 + 7 * got.typical_tokens), rel=0.25
-    )
-
-
-def test_an_engine_that_prefills_side_by_side_keeps_its_fit_from_steps_alone() -> None:
-    # The simulator: a step's first token after its own prefill, whatever
-    # the batch. Its batched steps say nothing of the tokens of the others.
-    fit = PrefillFit()
-    for n in (65, 260, 770):
-        fit.observe(1.0, n, seconds(n))
-    for _ in range(4):
-        for n in (65, 260, 770):
-            fit.observe(8.0, n, seconds(n))
-    assert fit.batch_share() == 0.0
-    assert fit.estimate() == pytest.approx((0.1, 1 / 600), rel=0.02)
-
-
-def test_the_pool_view_fits_the_prefill_from_batched_steps_unless_told_not_to() -> None:
-    def fed(batched: bool) -> tuple[float, float, float] | None:
-        view = _view()
-        view.prefill_fit_batched = batched  # BATON_PREFILL_FIT_BATCHED
-        for prompt, conc, first in [(65, 1, 0.16), (260, 1, 0.49), (770, 1, 1.36)] + [
-            (p, 8, 1.2) for p in (65, 260, 770) * 4
-        ]:
-            st = StepState(agent="a", pool="cpu", session="s", status="done",
-                           usage=Usage(prompt_tokens=prompt, completion_tokens=64,
-                                       gpu_seconds=(first + 2.0) / conc),
-                           timing=Timing(phases=Phases(prefill=first, decode=2.0)))  # fmt: skip
-            view.finished(st)
-        return view.look("cpu")[1].prefill_by_tokens
-
-    alone, batched = fed(False), fed(True)
-    assert alone is not None and batched is not None
-    assert alone[1] == pytest.approx(0.0017, rel=0.05)
-    assert batched[1] < 0.6 * alone[1]

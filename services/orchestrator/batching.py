@@ -159,12 +159,6 @@ class SlowdownFit:
         return 1.0 / a, b / a
 
 
-SERIAL_SHARE = 0.1
-"""An engine whose steps in a batch wait for at least this part of the
-others' prefills (``PrefillFit.batch_share``) runs them one after the
-other; one that runs them side by side waits for none of them."""
-
-
 class PrefillFit:
     """A prefill's engine time against the prompt tokens it prefills, fitted
     from steps that ran about alone: ``seconds = fixed + per_token x tokens``
@@ -176,22 +170,11 @@ class PrefillFit:
     from the steps seen in a batch, how much of the others' prefills a
     step's first token waits for (``batch_share``: 1 on an engine that runs
     the batch's prefills one after the other, as vLLM on one device does, 0
-    on one that runs them side by side, as the simulator does).
+    on one that runs them side by side, as the simulator does)."""
 
-    ``batched``: on an engine seen to run a batch's prefills one after the
-    other (``batch_share`` at least ``SERIAL_SHARE``), a step seen in a
-    batch is fitted too, its time to its first token against the tokens
-    prefilled up to it: its own and the others' (``(n - 1) x typical``).
-    The slope then follows the batches as well as the few steps alone; the
-    share, measured against a slope fitted too steep, reads low, and comes
-    back as the slope does."""
-
-    def __init__(
-        self, weight: float = 0.05, min_spread: float = 32.0, batched: bool = True
-    ) -> None:
+    def __init__(self, weight: float = 0.05, min_spread: float = 32.0) -> None:
         self.weight = weight
         self.min_spread = min_spread  # tokens: one prompt length alone tells no slope
-        self.batched = batched
         self.steps = 0
         self.typical_tokens = 0.0
         self._s = self._x = self._y = self._xx = self._xy = 0.0
@@ -203,28 +186,23 @@ class PrefillFit:
         if not tokens > 0 or not seconds > 0 or not math.isfinite(seconds):
             return
         keep = 1.0 - self.weight
-        waited_for = tokens  # the prompt tokens its first token waited for
         if concurrency > ALONE_BATCH:
             got = self.estimate()
-            ahead = (concurrency - 1.0) * self.typical_tokens  # the others' prefills
-            waited_for = -1.0  # not fitted
-            if got is not None and ahead > 0:
+            if got is not None and self.typical_tokens > 0:
                 fixed, per_token = got
-                others = ahead * per_token
+                others = (concurrency - 1.0) * self.typical_tokens * per_token
                 waited = seconds - fixed - per_token * tokens
                 self._bx = keep * self._bx + others * waited
                 self._bxx = keep * self._bxx + others * others
-                if self.batched and self.batch_share() >= SERIAL_SHARE:
-                    waited_for = tokens + ahead
         t = self.typical_tokens
         self.typical_tokens = tokens if t <= 0 else t + 4 * self.weight * (tokens - t)
-        if waited_for <= 0:
+        if not concurrency <= ALONE_BATCH:
             return
         self._s = keep * self._s + 1.0
-        self._x = keep * self._x + waited_for
+        self._x = keep * self._x + tokens
         self._y = keep * self._y + seconds
-        self._xx = keep * self._xx + waited_for * waited_for
-        self._xy = keep * self._xy + waited_for * seconds
+        self._xx = keep * self._xx + tokens * tokens
+        self._xy = keep * self._xy + tokens * seconds
         self.steps += 1
 
     def estimate(self) -> tuple[float, float] | None:

@@ -110,7 +110,6 @@ class Conductor:
                                        reconcile_counts=settings.reconcile_counts,
                                        speeds_from_steps=settings.speeds_from_steps,
                                        prefill_by_tokens=settings.prefill_by_tokens,
-                                       prefill_fit_batched=settings.prefill_fit_batched,
                                        expect_arrivals=settings.expect_arrivals,
                                        clock=clock)  # fmt: skip
         # The answer lengths of the agents, learnt from the steps this replica stores.

@@ -61,7 +61,6 @@ class PoolView:
         reconcile_counts: bool = True,
         speeds_from_steps: bool = True,
         prefill_by_tokens: bool = True,
-        prefill_fit_batched: bool = True,
         expect_arrivals: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -83,9 +82,6 @@ class PoolView:
         # from steps seen alone; the step pays its own prefill's work) rather
         # than at a speed slowed by the batch (False).
         self.prefill_by_tokens = prefill_by_tokens
-        # ... its cost per token fitted from the steps seen in a batch too
-        # (False: from the steps seen alone).
-        self.prefill_fit_batched = prefill_fit_batched
         # Expect steps to join a step's batch while it runs at the rate they
         # joined running batches lately (False: only those known).
         self.expect_arrivals = expect_arrivals
@@ -212,9 +208,7 @@ class PoolView:
         if alone and prefilled >= 16 and t.phases.prefill > 0:
             fit = self._prefill_fits.setdefault(st.pool, SlowdownFit())
             fit.observe(ran / u.gpu_seconds, prefilled / t.phases.prefill, tokens=prefilled)
-            cost = self._prefill_costs.setdefault(
-                st.pool, PrefillFit(batched=self.prefill_fit_batched)
-            )
+            cost = self._prefill_costs.setdefault(st.pool, PrefillFit())
             cost.observe(ran / u.gpu_seconds, prefilled, t.phases.prefill)
 
     def looking_from(self, tenant: str, seq: int) -> Callable[[str], tuple[PoolSpec, PoolNow]]:

@@ -240,7 +240,6 @@ async def start(bus: Bus, settings: OrchestratorSettings, health: Health) -> Ser
                          reconcile_counts=settings.reconcile_counts,
                          speeds_from_steps=settings.speeds_from_steps,
                          prefill_by_tokens=settings.prefill_by_tokens,
-                         prefill_fit_batched=settings.prefill_fit_batched,
                          expect_arrivals=settings.expect_arrivals)  # fmt: skip
     # The fair gate lends idle shares out as far as the live workers hold them.
     lend = pool_view.room if settings.fair_lend else None

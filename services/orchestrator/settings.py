@@ -81,11 +81,6 @@ class OrchestratorSettings(CommonSettings):
     # prefill's engine time whatever the batch; off: at a prefill speed
     # slowed by the batch, the step paying a share of it.
     prefill_by_tokens: bool = True
-    # Fit the prefill's cost per token from the steps seen in a batch too
-    # (their time to the first token against their own tokens and their
-    # share of the others'), on an engine seen to run a batch's prefills one
-    # after the other; off: from the steps seen alone only.
-    prefill_fit_batched: bool = True
     # Expect steps to join a step's batch while it runs, at the rate steps
     # joined the pool's running batches lately (a trickle of tasks; closed
     # waves, each after the last ended, never join); off: only the steps
