@@ -21,12 +21,10 @@ nothing learnt): ``learnt`` (the default) predicts at the agent's learnt
 answer length, sharing the engine with the steps already placed while
 their predicted runs overlap its own and with the steps expected to join
 it (``BATON_EXPECT_ARRIVALS``), its prefill by its tokens
-(``BATON_PREFILL_BY_TOKENS``), the cost per token fitted from the steps in
-a batch too (``BATON_PREFILL_FIT_BATCHED``); ``alone_fit`` from the steps
-alone only (the prediction before that), ``by_speed`` with none of the
-three (the prediction before the time model under sharing). Modes of
+(``BATON_PREFILL_BY_TOKENS``); ``by_speed`` with neither (the prediction
+before them), ``by_tokens`` and ``arrivals`` with one each. Modes of
 earlier runs (counts as read, answers learnt from 5, the median answer,
-prefill by tokens or arrivals alone) are described in ``MODE_TEXT`` and
+the batched prefill fit) are described in ``MODE_TEXT`` and
 docs/scheduling.md.
 
     python -m bench placement          # writes bench/results/placement.json
@@ -55,11 +53,9 @@ ROUNDS = 2
 # The time model under sharing (prefill by tokens, arrivals expected) against
 # the one before it (``by_speed``), together and apart.
 BY_SPEED = {"BATON_PREFILL_BY_TOKENS": "false", "BATON_EXPECT_ARRIVALS": "false"}
-# The prefill's cost per token fitted from the steps seen alone only (the
-# model before the batched steps were fitted too).
-ALONE_FIT = {"BATON_PREFILL_FIT_BATCHED": "false"}
 MODES = {"by_speed": BY_SPEED,
-         "alone_fit": ALONE_FIT,
+         "by_tokens": {"BATON_EXPECT_ARRIVALS": "false"},
+         "arrivals": {"BATON_PREFILL_BY_TOKENS": "false"},
          "learnt": {}}  # fmt: skip
 if only := os.environ.get("BATON_BENCH_MODES"):  # a subset, to study one
     MODES = {m: MODES[m] for m in only.split(",")}
@@ -302,16 +298,16 @@ MODE_TEXT = {
     "before it while their predicted runs overlap its own, from the pool's counts "
     "(heartbeats, polled queue) reconciled with the answers and placements seen since they "
     "were read, at prefill and decode speeds fitted from the steps seen finish, the prefill "
-    "by its tokens (a fixed cost + per token, fitted from steps alone and, on an engine that "
-    "runs a batch's prefills one after the other, from steps in a batch against their own "
-    "tokens and the others', with the pool's typical prefill for each sequence sharing it) "
-    "and steps expected to join at the rate they joined running batches lately",
+    "by its tokens (a fixed cost + per token, fitted from steps alone, with the pool's "
+    "typical prefill for each sequence sharing it) and steps expected to join at the rate "
+    "they joined running batches lately",
     "by_speed": "as `learnt` with the prefill at a speed slowed by the batch and no arrivals "
     "expected (`BATON_PREFILL_BY_TOKENS=false`, `BATON_EXPECT_ARRIVALS=false`: the "
     "prediction before this change)",
-    "alone_fit": "as `learnt` with the prefill's cost per token fitted from the steps seen "
-    "alone only (`BATON_PREFILL_FIT_BATCHED=false`: the prediction before the batched steps "
-    "were fitted too)",
+    "batched_fit": "as `learnt` with the prefill's cost per token fitted from the steps seen "
+    "in a batch too, on an engine that runs a batch's prefills one after the other (each "
+    "one's time to its first token against its tokens and the others' typical ones; "
+    "measured once, no gain: not kept)",
     "by_tokens": "as `learnt` with no arrivals expected (`BATON_EXPECT_ARRIVALS=false`)",
     "arrivals": "as `learnt` with the prefill by speed (`BATON_PREFILL_BY_TOKENS=false`)",
     "learnt_as_read": "the same from the counts as read (`BATON_RECONCILE_COUNTS=false`)",
@@ -380,6 +376,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"error of steps sent alone: {r.get('alone_abs_error_p90')}; in waves of 4 and 12: "
         f"{r.get('burst_abs_error_p90')}.",
         *_trickle(r),
+        *relabelled(r),
         "",
         "Sharing error (a diagnostic, waves and trickle together): the sequences a step was "
         "predicted to share its engine with (predicted run / predicted GPU-seconds) against "
@@ -398,6 +395,11 @@ def markdown(r: dict[str, Any]) -> str:
         "them apart: a step's GPU-seconds error is bounded below by about its decode share "
         "times that floor.",
     ])  # fmt: skip
+
+
+def relabelled(r: dict[str, Any]) -> list[str]:
+    """The note of a run whose modes were renamed after it (a setting reverted since)."""
+    return ["", r["relabelled"]] if r.get("relabelled") else []
 
 
 def _pct_or_dash(v: float | None) -> str:
