@@ -23,8 +23,9 @@ their predicted runs overlap its own and with the steps expected to join
 it (``BATON_EXPECT_ARRIVALS``), its prefill by its tokens
 (``BATON_PREFILL_BY_TOKENS``); ``by_speed`` with neither (the prediction
 before them), ``by_tokens`` and ``arrivals`` with one each. Modes of
-earlier runs (counts as read, answers learnt from 5, the median answer)
-are described in ``MODE_TEXT`` and docs/scheduling.md.
+earlier runs (counts as read, answers learnt from 5, the median answer,
+the batched prefill fit) are described in ``MODE_TEXT`` and
+docs/scheduling.md.
 
     python -m bench placement          # writes bench/results/placement.json
 
@@ -303,6 +304,10 @@ MODE_TEXT = {
     "by_speed": "as `learnt` with the prefill at a speed slowed by the batch and no arrivals "
     "expected (`BATON_PREFILL_BY_TOKENS=false`, `BATON_EXPECT_ARRIVALS=false`: the "
     "prediction before this change)",
+    "batched_fit": "as `learnt` with the prefill's cost per token fitted from the steps seen "
+    "in a batch too, on an engine that runs a batch's prefills one after the other (each "
+    "one's time to its first token against its tokens and the others' typical ones; "
+    "measured once, no gain: not kept)",
     "by_tokens": "as `learnt` with no arrivals expected (`BATON_EXPECT_ARRIVALS=false`)",
     "arrivals": "as `learnt` with the prefill by speed (`BATON_PREFILL_BY_TOKENS=false`)",
     "learnt_as_read": "the same from the counts as read (`BATON_RECONCILE_COUNTS=false`)",
@@ -371,6 +376,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"error of steps sent alone: {r.get('alone_abs_error_p90')}; in waves of 4 and 12: "
         f"{r.get('burst_abs_error_p90')}.",
         *_trickle(r),
+        *relabelled(r),
         "",
         "Sharing error (a diagnostic, waves and trickle together): the sequences a step was "
         "predicted to share its engine with (predicted run / predicted GPU-seconds) against "
@@ -389,6 +395,11 @@ def markdown(r: dict[str, Any]) -> str:
         "them apart: a step's GPU-seconds error is bounded below by about its decode share "
         "times that floor.",
     ])  # fmt: skip
+
+
+def relabelled(r: dict[str, Any]) -> list[str]:
+    """The note of a run whose modes were renamed after it (a setting reverted since)."""
+    return ["", r["relabelled"]] if r.get("relabelled") else []
 
 
 def _pct_or_dash(v: float | None) -> str:

@@ -12,7 +12,10 @@ placement``'s, smaller (a few minutes on 2 cores): a warm-up, waves of 1,
 a short question about a note of ~30, ~200 or ~600 tokens.
 
 Modes (``MODES``) run interleaved over ``ROUNDS`` rounds on the same worker
-(its engine loads once), each on a fresh orchestrator (nothing learnt).
+(its engine loads once), each on a fresh orchestrator (nothing learnt) and
+with notes of its own: vLLM's prefix cache serves no run another's prompts
+(before, every run but the first found its notes cached and prefilled
+almost nothing).
 
     python -m bench placement_vllm     # writes bench/results/placement_vllm.json
 """
@@ -23,6 +26,7 @@ import asyncio
 import json
 import os
 import textwrap
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +69,16 @@ TOPICS = ("the harbour", "the orchard", "the library", "the bridge", "the bakery
 SENTENCE = "The committee of {t} met, counted {a} visitors and {b} repairs, and chose a date. "
 
 
-def note(i: int) -> str:
-    """The ``i``-th task's input: a note of ``LENGTHS`` words in turn and a question."""
+def note(i: int, run: str = "") -> str:
+    """The ``i``-th task's input: a note of ``LENGTHS`` words in turn and a
+    question. ``run`` (a mode's run, one per round) heads the note: the
+    worker's engine serves every mode, and vLLM's prefix cache would serve
+    a note another mode's run sent already (its prefill all but free),
+    where distinct tasks' notes would not be."""
     n = LENGTHS[(-1 - i) if i < 0 else i % len(LENGTHS)]
     topic, k = TOPICS[i % len(TOPICS)], abs(i)
     body = "".join(SENTENCE.format(t=topic, a=k * 7 + j, b=j) for j in range(max(1, n // 14)))
-    return f"Note {i} on {topic}. {body}\nWhat is the note about, and what was decided?"
+    return f"Note {run}{i} on {topic}. {body}\nWhat is the note about, and what was decided?"
 
 
 async def _mode(
@@ -82,7 +90,8 @@ async def _mode(
     await asyncio.to_thread(orch.wait_ready, 60)
     await asyncio.sleep(1.5)  # heartbeats in: the worker is known ready
     try:
-        return await drive(client, WAVES, TRICKLE, settle=1.0, make=note)
+        run = uuid.uuid4().hex[:6]  # this mode's run: its notes are its own
+        return await drive(client, WAVES, TRICKLE, settle=1.0, make=lambda i: note(i, run))
     finally:
         orch.terminate()
         stack.procs.remove(orch)
@@ -159,7 +168,7 @@ def run(work: Path) -> dict[str, Any]:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    from bench.placement import table
+    from bench.placement import relabelled, table
 
     goal = "met" if r["gpu_seconds_abs_error_p90"] <= 0.2 else "missed"
     ms = r["measured"]
@@ -186,6 +195,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"{r.get('burst_abs_error_p90')}; trickle: "
         f"{r.get('trickle_gpu_seconds_abs_error_p90')}.",
         *_rounds(r),
+        *relabelled(r),
     ])  # fmt: skip
 
 
