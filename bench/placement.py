@@ -355,7 +355,9 @@ def table(modes: dict[str, dict[str, Any]]) -> list[str]:
 
 def markdown(r: dict[str, Any]) -> str:
     modes = r.get("modes") or {"learnt": r}
-    goal = "met" if r["gpu_seconds_abs_error_p90"] <= 0.2 else "missed"
+    # Met only if the trickle's steps are within it too (the headline is the waves').
+    trickle = r.get("trickle_gpu_seconds_abs_error_p90") or 0.0
+    goal = "met" if max(r["gpu_seconds_abs_error_p90"], trickle) <= 0.2 else "missed"
     return "\n".join([
         "## Step prediction error (`python -m bench placement`)",
         "",

@@ -170,7 +170,9 @@ def run(work: Path) -> dict[str, Any]:
 def markdown(r: dict[str, Any]) -> str:
     from bench.placement import relabelled, table
 
-    goal = "met" if r["gpu_seconds_abs_error_p90"] <= 0.2 else "missed"
+    # Met only if the trickle's steps are within it too (the headline is the waves').
+    trickle = r.get("trickle_gpu_seconds_abs_error_p90") or 0.0
+    goal = "met" if max(r["gpu_seconds_abs_error_p90"], trickle) <= 0.2 else "missed"
     ms = r["measured"]
     return "\n".join([
         "## Step prediction error on real vLLM-CPU (`python -m bench placement_vllm`)",
